@@ -1,0 +1,15 @@
+//! Types and constants shared by the lb XDP program (`lb-ebpf`) and its agent (`lb-userspace`).
+//!
+//! Everything stored in a BPF map is defined here once, `#[repr(C)]`, `Copy` and free of implicit
+//! padding, with its size asserted at compile time, so that both sides agree on every byte.
+//! Fields that hold packet data (addresses, ports) are in network byte order and say so.
+#![no_std]
+
+pub mod hash;
+pub mod maps;
+pub mod stats;
+pub mod types;
+
+pub use hash::{flow_hash, maglev_slot, source_hash};
+pub use stats::{Counter, TrafficStats};
+pub use types::*;

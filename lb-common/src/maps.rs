@@ -1,0 +1,53 @@
+//! Map names, default sizes and limits, used by both the program and the agent.
+//!
+//! Sizes marked "set at load time" are only defaults: the agent overrides them with
+//! `EbpfLoader::set_max_entries` before loading, so the object file never needs rebuilding.
+
+/// VIP table: [`crate::VipKey`] -> [`crate::VipValue`].
+pub const VIPS: &str = "LB_VIPS";
+/// Addresses that carry at least one VIP: [`crate::VipAddr`] -> number of VIPs on it.
+/// Consulted only for packets that cannot be balanced (fragments, malformed L4), to drop the
+/// ones aimed at a VIP address instead of handing them to the kernel.
+pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
+/// All Maglev tables, one after another: slot `s` of VIP id `v` is entry `v * M + s` and holds a
+/// backend id ([`crate::NO_BACKEND`] when the VIP has none).
+pub const RING: &str = "LB_RING";
+/// Backend id -> [`crate::Backend`].
+pub const BACKENDS: &str = "LB_BACKENDS";
+/// Established flows: [`crate::FlowKey`] -> [`crate::FlowValue`] (LRU).
+pub const FLOWS: &str = "LB_FLOWS";
+/// Client-IP session affinity: [`crate::AffinityKey`] -> [`crate::AffinityValue`] (LRU).
+pub const AFFINITY: &str = "LB_AFFINITY";
+/// Node settings, one entry: [`crate::NodeConfig`].
+pub const NODE: &str = "LB_NODE";
+/// Global per-CPU counters, indexed by [`crate::Counter`].
+pub const STATS: &str = "LB_STATS";
+/// Per-VIP per-CPU [`crate::TrafficStats`], indexed by VIP id.
+pub const VIP_STATS: &str = "LB_VIP_STATS";
+/// Per-backend per-CPU [`crate::TrafficStats`], indexed by backend id.
+pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// Egress interfaces for `XDP_REDIRECT`: ifindex -> ifindex (devmap hash).
+pub const TX_PORTS: &str = "LB_TX_PORTS";
+
+/// Name of the read-only global holding the Maglev table size M (set at load time).
+pub const GLOBAL_MAGLEV_M: &str = "LB_MAGLEV_M";
+
+/// Default Maglev table size: prime, and large enough for 1 % balance with up to 655 backends.
+pub const DEFAULT_MAGLEV_M: u32 = 65_537;
+/// Default number of VIPs (set at load time). The ring holds `max_vips * M` slots.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Default number of backend ids (set at load time).
+pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
+/// Default flow-table size (set at load time).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Default affinity-table size (set at load time).
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 16;
+/// Default size of the VIP-address set (set at load time, with the VIP table).
+pub const DEFAULT_VIP_ENTRIES: u32 = 1_024;
+/// Egress interfaces the devmap can hold.
+pub const MAX_TX_PORTS: u32 = 256;
+
+/// IPv6 extension headers the parser walks through before giving up on finding TCP or UDP.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// Hop limit / TTL of the outer header written on encapsulation.
+pub const OUTER_TTL: u8 = 64;

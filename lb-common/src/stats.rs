@@ -1,0 +1,126 @@
+//! Counters.
+//!
+//! Every packet the program sees ends in exactly one *verdict* counter, so the verdicts add up to
+//! [`Counter::Packets`]; the *event* counters say what happened on the way (a flow-table hit, a
+//! fragment seen, ...) and add up to nothing in particular.
+
+use core::mem::size_of;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident = $label:literal, $verdict:literal;)*) => {
+        /// Index of a global counter in the per-CPU stats array.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Counter {
+            $($(#[doc = $doc])* $name,)*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable snake_case name, used by `lb stats`, JSON output and Prometheus.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+
+            /// Whether this counter is a final verdict (one per packet).
+            pub const fn is_verdict(self) -> bool {
+                match self { $(Counter::$name => $verdict,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Every packet the program ran on.
+    Packets = "packets", false;
+
+    // Verdicts.
+    /// Passed untouched: not IP, not TCP/UDP, or no VIP matches.
+    PassNotForVip = "pass_not_for_vip", true;
+    /// Passed untouched: truncated or malformed, and not aimed at a VIP address.
+    PassMalformed = "pass_malformed", true;
+    /// Dropped: truncated or malformed L4 header aimed at a VIP address.
+    DropMalformed = "drop_malformed", true;
+    /// Dropped: an IP fragment aimed at a VIP address (later fragments carry no ports, so the
+    /// datagram could not be kept on one backend).
+    DropFragment = "drop_fragment", true;
+    /// Dropped: the VIP has no backend (or its slot points at a removed one).
+    DropNoBackend = "drop_no_backend", true;
+    /// Dropped: the VIP's forwarding mode is not supported by this program.
+    DropUnsupportedMode = "drop_unsupported_mode", true;
+    /// Dropped: no outer source address is configured for the backend's family.
+    DropNoSourceAddress = "drop_no_source_address", true;
+    /// Dropped: the packet could not be grown for encapsulation.
+    DropEncapFailed = "drop_encap_failed", true;
+    /// Dropped: the encapsulated packet exceeds the egress MTU.
+    DropTooBig = "drop_too_big", true;
+    /// Dropped: no route to the backend (unreachable, blackhole, prohibited, forwarding off).
+    DropFibFailed = "drop_fib_failed", true;
+    /// Encapsulated and passed to the kernel: the backend's next hop has no neighbour entry yet.
+    PassNoNeighbour = "pass_no_neighbour", true;
+    /// Encapsulated and passed to the kernel: the backend address is local to this node.
+    PassLocalBackend = "pass_local_backend", true;
+    /// Encapsulated and sent back out of the interface it came in on.
+    Tx = "tx", true;
+    /// Encapsulated and redirected to another interface.
+    Redirect = "redirect", true;
+    /// Encapsulated and passed to the kernel: the egress interface is not in the devmap.
+    PassNoTxPort = "pass_no_tx_port", true;
+
+    // Events.
+    /// IPv4 or IPv6 fragment seen (to any address).
+    Fragments = "fragments", false;
+    /// IPv6 packet with more extension headers than the parser walks.
+    Ipv6ExtLimit = "ipv6_ext_limit", false;
+    /// Packet matched a VIP.
+    VipPackets = "vip_packets", false;
+    /// Flow-table hit that was followed.
+    FlowHits = "flow_hits", false;
+    /// Flow-table hit whose backend is gone (or belongs to another VIP): balanced afresh.
+    FlowStale = "flow_stale", false;
+    /// UDP flow-table hit older than the idle timeout: balanced afresh.
+    FlowIdleExpired = "flow_idle_expired", false;
+    /// Session-affinity hit that was followed.
+    AffinityHits = "affinity_hits", false;
+    /// Session-affinity entry found but older than the VIP's timeout: replaced.
+    AffinityExpired = "affinity_expired", false;
+    /// Backend chosen by Maglev.
+    MaglevLookups = "maglev_lookups", false;
+    /// New flow recorded in the flow table.
+    NewFlows = "new_flows", false;
+    /// Flow table update failed.
+    FlowInsertFailed = "flow_insert_failed", false;
+    /// TCP packet without SYN that missed the flow table (mid-stream after a failover or restart).
+    NonSynMiss = "non_syn_miss", false;
+}
+
+/// Per-VIP and per-backend traffic, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TrafficStats {
+    pub packets: u64,
+    /// Frame bytes as received (before encapsulation).
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+const _: () = assert!(size_of::<TrafficStats>() == 24);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_names_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} is out of place");
+            for d in &Counter::ALL[..i] {
+                assert_ne!(c.name(), d.name(), "two counters named {}", c.name());
+            }
+        }
+        assert!(Counter::ALL.iter().filter(|c| c.is_verdict()).count() > 10);
+    }
+}

@@ -1,0 +1,203 @@
+//! Keys and values of the lb maps.
+//!
+//! Addresses are 16 bytes for both families: an IPv4 address fills the first four bytes and the
+//! other twelve are zero, so one key type serves both. All address and port fields are in network
+//! byte order; every other integer is in host byte order.
+
+use core::mem::size_of;
+
+/// Address family of an IPv4 address in lb's own keys (not the kernel's `AF_INET`).
+pub const FAMILY_V4: u8 = 4;
+/// Address family of an IPv6 address in lb's own keys (not the kernel's `AF_INET6`).
+pub const FAMILY_V6: u8 = 6;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A ring slot with no backend behind it: packets that land there are dropped and counted.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `VipValue::flags`: hash on the source address only (instead of the 5-tuple), so all of a
+/// client's connections land on one backend even without an affinity timeout.
+pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+
+/// `VipValue::mode`: encapsulate (IPIP / IP6IP6) for direct server return.
+pub const MODE_DSR: u32 = 0;
+/// `VipValue::mode`: rewrite addresses and ports (DNAT + SNAT).
+pub const MODE_NAT: u32 = 1;
+
+/// `Backend::flags`: the id is in use. An entry without it is treated as absent, since array map
+/// entries can't be deleted.
+pub const BACKEND_F_LIVE: u8 = 1 << 0;
+
+/// `NodeConfig::flags`: `src_v4` is set.
+pub const NODE_F_SRC_V4: u32 = 1 << 0;
+/// `NodeConfig::flags`: `src_v6` is set.
+pub const NODE_F_SRC_V6: u32 = 1 << 1;
+
+/// What a VIP is: the destination (address, port, protocol) a packet must match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// How a VIP is served.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipValue {
+    /// Index of the VIP's Maglev table in the ring and of its counters.
+    pub id: u32,
+    /// `VIP_F_*`.
+    pub flags: u32,
+    /// Client-IP session affinity timeout in seconds; 0 disables affinity.
+    pub affinity_timeout_s: u32,
+    /// `MODE_DSR` or `MODE_NAT`.
+    pub mode: u32,
+}
+
+/// An address that carries at least one VIP (any port, any protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipAddr {
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a backend id sends packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Network byte order. Destination port in NAT mode (0: keep the VIP's port); unused in DSR.
+    pub port: u16,
+    pub family: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
+}
+
+/// A connection as the load balancer sees it (client -> VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Client address, network byte order.
+    pub src: [u8; 16],
+    /// VIP address, network byte order.
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The backend an established flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    /// The VIP the flow was balanced for: an entry left behind by a removed VIP whose id was
+    /// reused is not followed.
+    pub vip_id: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when a UDP packet last used the entry;
+    /// the time of creation for TCP, which is not refreshed (an LRU keeps live TCP flows).
+    pub last_seen_ns: u64,
+}
+
+/// Session-affinity key: one client address on one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// Client address, network byte order.
+    pub addr: [u8; 16],
+    pub vip_id: u32,
+}
+
+/// Session-affinity value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC_COARSE of the last new connection that used the entry. The entry is
+    /// ignored (and replaced) once it is older than the VIP's timeout.
+    pub last_seen_ns: u64,
+}
+
+/// Settings of this node that the program needs per packet. One entry, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// Outer source for IP6IP6 / IPv4-in-IPv6, network byte order.
+    pub src_v6: [u8; 16],
+    /// Outer source for IPIP / IPv6-in-IPv4, network byte order.
+    pub src_v4: [u8; 4],
+    /// `NODE_F_*`.
+    pub flags: u32,
+    /// A UDP flow idle for longer than this is balanced afresh; 0 keeps UDP flows until the LRU
+    /// evicts them.
+    pub udp_idle_timeout_ns: u64,
+}
+
+macro_rules! assert_size {
+    ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
+}
+
+// Sizes are the sum of the fields: no implicit padding anywhere.
+assert_size!(
+    VipKey => 20,
+    VipValue => 16,
+    VipAddr => 20,
+    Backend => 20,
+    FlowKey => 40,
+    FlowValue => 16,
+    AffinityKey => 20,
+    AffinityValue => 16,
+    NodeConfig => 32,
+);
+
+impl VipKey {
+    /// The address part of this VIP, for the VIP-address set.
+    pub const fn vip_addr(&self) -> VipAddr {
+        VipAddr {
+            addr: self.addr,
+            family: self.family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl Backend {
+    pub const fn is_live(&self) -> bool {
+        self.flags & BACKEND_F_LIVE != 0
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, and
+    // have no implicit padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for VipAddr {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for crate::TrafficStats {}
+}

@@ -1,0 +1,190 @@
+//! Encapsulation for direct server return, and the route lookup that sends the result on its way.
+//!
+//! The inner IP packet is kept byte for byte; any VLAN tag is dropped and a new Ethernet header
+//! and an outer IPv4 (IPIP, or IPv6-in-IPv4) or IPv6 (IP6IP6, or IPv4-in-IPv6) header are put in
+//! front of it. The outer family is the backend's. `bpf_fib_lookup` on the outer destination then
+//! gives the egress interface and the MAC addresses, and checks the egress MTU.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, Counter, FAMILY_V4, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, flow_hash,
+    maps::OUTER_TTL,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    LB_TX_PORTS,
+    parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const IPV4_DF: u16 = 0x4000;
+
+/// What to do with a packet, and which verdict counter says so.
+pub struct Verdict {
+    pub counter: Counter,
+    pub action: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn new(counter: Counter, action: u32) -> Self {
+        Self { counter, action }
+    }
+}
+
+/// Encapsulates the packet towards `backend` and forwards it.
+#[inline(always)]
+pub fn encap_and_forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    node: &NodeConfig,
+) -> Verdict {
+    let outer_v4 = backend.family == FAMILY_V4;
+    let (outer_len, has_src) = if outer_v4 {
+        (Ipv4Hdr::LEN, node.flags & NODE_F_SRC_V4 != 0)
+    } else {
+        (Ipv6Hdr::LEN, node.flags & NODE_F_SRC_V6 != 0)
+    };
+    if !has_src {
+        return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
+    }
+    let total_len = outer_len + pkt.ip_len;
+    if total_len > u16::MAX as usize {
+        return Verdict::new(Counter::DropTooBig, xdp_action::XDP_DROP);
+    }
+    // Keep the MAC addresses as received: if the kernel gets the packet after all (no neighbour
+    // yet, local backend), it only accepts frames addressed to this host.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+    };
+    let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let inner_proto = if pkt.key.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+
+    // Grow the headroom by the outer header, less the VLAN tag we drop.
+    let grow = outer_len as i32 - (pkt.l3_off - EthHdr::LEN) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+    };
+    let eth = unsafe { &mut *eth };
+    eth.dst_addr = rx_dst;
+    eth.src_addr = rx_src;
+
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_1.tot_len = total_len as u16;
+    fib.l4_protocol = inner_proto;
+    if outer_v4 {
+        eth.ether_type = ETH_P_IP.to_be();
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+            return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+        };
+        let ip = unsafe { &mut *ip };
+        ip.vihl = 0x45;
+        ip.tos = pkt.tos;
+        ip.tot_len = (total_len as u16).to_be_bytes();
+        ip.id = [0, 0];
+        ip.frags = IPV4_DF.to_be_bytes();
+        ip.ttl = OUTER_TTL;
+        ip.proto = inner_proto;
+        ip.check = [0, 0];
+        ip.src_addr = node.src_v4;
+        ip.dst_addr = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        ip.check = ipv4_checksum(ip).to_be_bytes();
+
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = pkt.tos;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    } else {
+        eth.ether_type = ETH_P_IPV6.to_be();
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+            return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+        };
+        let ip = unsafe { &mut *ip };
+        // Version 6, the inner traffic class, and a flow label from the flow hash so that ECMP
+        // and RSS downstream can spread flows (RFC 6438).
+        let label = flow_hash(&pkt.key) & 0x000f_ffff;
+        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
+        ip.vcf = vcf.to_be_bytes();
+        ip.payload_len = (pkt.ip_len as u16).to_be_bytes();
+        ip.next_hdr = inner_proto;
+        ip.hop_limit = OUTER_TTL;
+        ip.src_addr = node.src_v6;
+        ip.dst_addr = backend.addr;
+
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
+        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(node.src_v6) };
+        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
+    }
+
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            return Verdict::new(Counter::PassNoNeighbour, xdp_action::XDP_PASS);
+        }
+        BPF_FIB_LKUP_RET_NOT_FWDED => {
+            return Verdict::new(Counter::PassLocalBackend, xdp_action::XDP_PASS);
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            return Verdict::new(Counter::DropTooBig, xdp_action::XDP_DROP);
+        }
+        _ => return Verdict::new(Counter::DropFibFailed, xdp_action::XDP_DROP),
+    }
+    eth.dst_addr = fib.dmac;
+    eth.src_addr = fib.smac;
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        return Verdict::new(Counter::Tx, xdp_action::XDP_TX);
+    }
+    match LB_TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+        Ok(action) => Verdict::new(Counter::Redirect, action),
+        Err(_) => {
+            eth.dst_addr = rx_dst;
+            eth.src_addr = rx_src;
+            Verdict::new(Counter::PassNoTxPort, xdp_action::XDP_PASS)
+        }
+    }
+}
+
+/// RFC 1071 checksum of a 20-byte IPv4 header (no options), `check` zeroed by the caller.
+#[inline(always)]
+fn ipv4_checksum(ip: &Ipv4Hdr) -> u16 {
+    let words = unsafe { &*(ip as *const Ipv4Hdr as *const [[u8; 2]; 10]) };
+    let mut sum = 0u32;
+    for w in words {
+        sum += u16::from_be_bytes(*w) as u32;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

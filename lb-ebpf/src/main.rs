@@ -1,0 +1,160 @@
+//! The lb XDP program: balances packets for VIPs across backends chosen by weighted Maglev.
+//!
+//! Per packet: parse ([`parse`]), look the destination up in the VIP table, choose a backend
+//! ([`select`]: flow table, then session affinity, then Maglev), encapsulate and forward
+//! ([`forward`]). Everything else passes untouched. Every packet ends in exactly one verdict
+//! counter; nothing is logged per packet.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod select;
+
+#[cfg(target_arch = "bpf")]
+pub use program::*;
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{
+        Global,
+        bindings::xdp_action,
+        macros::{map, xdp},
+        maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+        programs::XdpContext,
+    };
+    use lb_common::{
+        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, MODE_DSR, NodeConfig,
+        TrafficStats, VipAddr, VipKey, VipValue, maps::*,
+    };
+
+    use crate::{
+        forward::{Verdict, encap_and_forward},
+        parse::{Parsed, parse},
+        select::select,
+    };
+
+    /// Maglev table size M, fixed when the agent loads the program (a constant to the verifier).
+    #[unsafe(no_mangle)]
+    pub static LB_MAGLEV_M: Global<u32> = Global::new(DEFAULT_MAGLEV_M);
+
+    #[map]
+    pub static LB_VIPS: HashMap<VipKey, VipValue> =
+        HashMap::with_max_entries(DEFAULT_VIP_ENTRIES, 0);
+    #[map]
+    pub static LB_VIP_ADDRS: HashMap<VipAddr, u32> =
+        HashMap::with_max_entries(DEFAULT_VIP_ENTRIES, 0);
+    #[map]
+    pub static LB_RING: Array<u32> =
+        Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, 0);
+    #[map]
+    pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+        LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+    #[map]
+    pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+        LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+    #[map]
+    pub static LB_NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+    #[map]
+    pub static LB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+    #[map]
+    pub static LB_VIP_STATS: PerCpuArray<TrafficStats> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+    #[map]
+    pub static LB_BACKEND_STATS: PerCpuArray<TrafficStats> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+    #[inline(always)]
+    pub fn count(c: Counter) {
+        if let Some(n) = LB_STATS.get_ptr_mut(c as u32) {
+            unsafe { *n += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn account(map: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, new_flow: bool) {
+        if let Some(s) = map.get_ptr_mut(index) {
+            let s = unsafe { &mut *s };
+            s.packets += 1;
+            s.bytes += bytes;
+            s.new_flows += new_flow as u64;
+        }
+    }
+
+    #[xdp]
+    pub fn lb(ctx: XdpContext) -> u32 {
+        count(Counter::Packets);
+        let verdict = process(&ctx);
+        count(verdict.counter);
+        verdict.action
+    }
+
+    #[inline(always)]
+    fn process(ctx: &XdpContext) -> Verdict {
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+        let pkt = match parse(ctx, count) {
+            Parsed::Packet(p) => p,
+            Parsed::NotForUs => return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS),
+            Parsed::Malformed => return Verdict::new(Counter::PassMalformed, xdp_action::XDP_PASS),
+            Parsed::Unbalanceable { dst, why } => {
+                // Aimed at a VIP address: dropping is honest, the kernel could only misroute it.
+                return if unsafe { LB_VIP_ADDRS.get(&dst) }.is_some() {
+                    Verdict::new(why, xdp_action::XDP_DROP)
+                } else if why == Counter::DropFragment {
+                    Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
+                } else {
+                    Verdict::new(Counter::PassMalformed, xdp_action::XDP_PASS)
+                };
+            }
+        };
+        let vip_key = VipKey {
+            addr: pkt.key.dst,
+            port: pkt.key.dst_port,
+            proto: pkt.key.proto,
+            family: pkt.key.family,
+        };
+        let Some(vip) = (unsafe { LB_VIPS.get(&vip_key) }) else {
+            return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
+        };
+        let vip = *vip;
+        count(Counter::VipPackets);
+        let Some(node) = LB_NODE.get(0) else {
+            return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
+        };
+        let choice = match select(&pkt.key, &vip, pkt.syn, node.udp_idle_timeout_ns) {
+            Ok(c) => c,
+            Err(counter) => {
+                account(&LB_VIP_STATS, vip.id, bytes, false);
+                return Verdict::new(counter, xdp_action::XDP_DROP);
+            }
+        };
+        account(&LB_VIP_STATS, vip.id, bytes, choice.new_flow);
+        account(&LB_BACKEND_STATS, choice.backend_id, bytes, choice.new_flow);
+        if vip.mode != MODE_DSR {
+            return Verdict::new(Counter::DropUnsupportedMode, xdp_action::XDP_DROP);
+        }
+        encap_and_forward(ctx, &pkt, unsafe { &*choice.backend }, node)
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("lb-ebpf is an XDP program: it is built for the BPF target by lb-userspace's build script");
+}

@@ -1,0 +1,2 @@
+//! The lb agent: loads the XDP program and owns its maps.
+pub mod program;
