@@ -14,8 +14,14 @@ const SEED: u32 = 0x6c62_7631; // "lbv1"
 
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -112,9 +118,32 @@ mod tests {
         assert_eq!(maglev_slot(u32::MAX, m), m - 1);
         let mut hits = [0u32; 16];
         for p in 0..16_000u16 {
-            let s = source_hash(&[192, 168, (p >> 8) as u8, p as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], FAMILY_V4);
+            let s = source_hash(
+                &[
+                    192,
+                    168,
+                    (p >> 8) as u8,
+                    p as u8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                FAMILY_V4,
+            );
             hits[(maglev_slot(s, 16)) as usize] += 1;
         }
-        assert!(hits.iter().all(|&n| (800..1200).contains(&n)), "uneven: {hits:?}");
+        assert!(
+            hits.iter().all(|&n| (800..1200).contains(&n)),
+            "uneven: {hits:?}"
+        );
     }
 }

@@ -110,7 +110,12 @@ pub fn encap_and_forward(
         ip.proto = inner_proto;
         ip.check = [0, 0];
         ip.src_addr = node.src_v4;
-        ip.dst_addr = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        ip.dst_addr = [
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ];
         ip.check = ipv4_checksum(ip).to_be_bytes();
 
         fib.family = AF_INET;
@@ -136,8 +141,10 @@ pub fn encap_and_forward(
 
         fib.family = AF_INET6;
         fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
-        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(node.src_v6) };
-        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
+        fib.__bindgen_anon_3.ipv6_src =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(node.src_v6) };
+        fib.__bindgen_anon_4.ipv6_dst =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
     }
 
     let rc = unsafe {

@@ -156,5 +156,7 @@ mod program {
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("lb-ebpf is an XDP program: it is built for the BPF target by lb-userspace's build script");
+    eprintln!(
+        "lb-ebpf is an XDP program: it is built for the BPF target by lb-userspace's build script"
+    );
 }

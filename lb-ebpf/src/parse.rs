@@ -65,7 +65,10 @@ pub enum Parsed {
     Malformed,
     /// A valid IP header to `dst` whose packet can't be balanced (`why` is the verdict to give if
     /// `dst` carries a VIP: `DropFragment` or `DropMalformed`).
-    Unbalanceable { dst: VipAddr, why: Counter },
+    Unbalanceable {
+        dst: VipAddr,
+        why: Counter,
+    },
 }
 
 #[inline(always)]
@@ -103,7 +106,10 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, frame_len: usize, count: impl Fn(Co
     let ip = unsafe { &*ip };
     let hdr_len = ((ip.vihl & 0x0f) as usize) * 4;
     let ip_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || hdr_len < Ipv4Hdr::LEN || ip_len < hdr_len || l3_off + ip_len > frame_len
+    if ip.vihl >> 4 != 4
+        || hdr_len < Ipv4Hdr::LEN
+        || ip_len < hdr_len
+        || l3_off + ip_len > frame_len
     {
         return Parsed::Malformed;
     }

@@ -36,7 +36,10 @@ impl Default for Sizes {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{max_vips} VIPs x a table of {maglev_m} slots does not fit one BPF array (at most {} slots)", u32::MAX)]
+    #[error(
+        "{max_vips} VIPs x a table of {maglev_m} slots does not fit one BPF array (at most {} slots)",
+        u32::MAX
+    )]
     RingTooLarge { max_vips: u32, maglev_m: u32 },
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
@@ -78,13 +81,13 @@ pub fn load(sizes: &Sizes, pin_dir: Option<PathBuf>) -> Result<Ebpf, LoadError> 
     let ring = sizes.check()?;
     let mut loader = EbpfLoader::new();
     loader
-        .set_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
-        .set_max_entries(maps::RING, ring)
-        .set_max_entries(maps::VIP_STATS, sizes.max_vips)
-        .set_max_entries(maps::BACKENDS, sizes.max_backends)
-        .set_max_entries(maps::BACKEND_STATS, sizes.max_backends)
-        .set_max_entries(maps::FLOWS, sizes.flow_entries)
-        .set_max_entries(maps::AFFINITY, sizes.affinity_entries);
+        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
+        .map_max_entries(maps::RING, ring)
+        .map_max_entries(maps::VIP_STATS, sizes.max_vips)
+        .map_max_entries(maps::BACKENDS, sizes.max_backends)
+        .map_max_entries(maps::BACKEND_STATS, sizes.max_backends)
+        .map_max_entries(maps::FLOWS, sizes.flow_entries)
+        .map_max_entries(maps::AFFINITY, sizes.affinity_entries);
     if let Some(dir) = pin_dir {
         loader.default_map_pin_directory(dir);
     }

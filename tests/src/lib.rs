@@ -1,0 +1,39 @@
+//! Test support for lb: a packet builder, network namespaces that clean up after themselves, and a
+//! harness that loads the XDP program and runs frames through it with `BPF_PROG_TEST_RUN`.
+//!
+//! The tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for namespaces); [`require_root`]
+//! fails them with a message saying so rather than letting them pass without running.
+
+pub mod harness;
+pub mod netns;
+pub mod packet;
+
+/// Fails the calling test, with the reason, unless it runs as root.
+pub fn require_root() {
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test loads an XDP program and creates network namespaces: it needs root \
+         (run it through `cargo xtask test`, which CI runs as root)"
+    );
+}
+
+/// Formats a frame as hex, 16 bytes a line (the first 160 bytes), for assertion messages.
+pub fn hex(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(160)];
+    let more = if bytes.len() > shown.len() {
+        format!("\n... {} bytes in all", bytes.len())
+    } else {
+        String::new()
+    };
+    shown
+        .chunks(16)
+        .enumerate()
+        .map(|(i, c)| {
+            let h: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}: {}", i * 16, h.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + &more
+}

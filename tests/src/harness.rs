@@ -1,0 +1,367 @@
+//! Loads the lb program, fills its maps directly, and runs frames through it.
+//!
+//! Maps are written here by hand, not by the agent: these tests pin down what the *program* does
+//! with a given map state.
+
+use std::{collections::HashMap as StdHashMap, net::IpAddr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    AffinityKey, AffinityValue, BACKEND_F_LIVE, Backend, Counter, FlowKey, FlowValue, NO_BACKEND,
+    NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VipAddr, VipKey, VipValue, maps,
+};
+use lb_userspace::program::{self, Sizes};
+
+use crate::{
+    netns::NetNs,
+    packet::{Pkt, addr16},
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub fn action_name(a: u32) -> &'static str {
+    match a {
+        XDP_ABORTED => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "unknown action",
+    }
+}
+
+/// What one run of the program gave.
+#[derive(Debug)]
+pub struct Run {
+    pub action: u32,
+    pub output: Vec<u8>,
+}
+
+/// The loaded program and typed access to its maps.
+pub struct Lb {
+    pub ebpf: Ebpf,
+    pub sizes: Sizes,
+}
+
+impl Lb {
+    pub fn load(sizes: Sizes) -> Self {
+        crate::require_root();
+        let ebpf = program::load(&sizes, None)
+            .unwrap_or_else(|e| panic!("loading lb: {}", error_chain(&e)));
+        Self { ebpf, sizes }
+    }
+
+    fn map(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("no map {name}"))
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.map(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn array<V: aya::Pod>(&mut self, name: &str) -> Array<&mut MapData, V> {
+        Array::try_from(self.map(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    pub fn set_node(
+        &mut self,
+        src_v4: Option<&str>,
+        src_v6: Option<&str>,
+        udp_idle_timeout_ns: u64,
+    ) {
+        let mut node = NodeConfig {
+            udp_idle_timeout_ns,
+            ..Default::default()
+        };
+        if let Some(a) = src_v4 {
+            node.src_v4 = a.parse::<std::net::Ipv4Addr>().unwrap().octets();
+            node.flags |= NODE_F_SRC_V4;
+        }
+        if let Some(a) = src_v6 {
+            node.src_v6 = a.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            node.flags |= NODE_F_SRC_V6;
+        }
+        self.array::<NodeConfig>(maps::NODE)
+            .set(0, node, 0)
+            .expect("writing node config");
+    }
+
+    /// Adds a VIP (and its address to the VIP-address set).
+    pub fn add_vip(&mut self, key: VipKey, value: VipValue) {
+        self.hash::<VipKey, VipValue>(maps::VIPS)
+            .insert(key, value, 0)
+            .expect("writing VIP");
+        self.hash::<VipAddr, u32>(maps::VIP_ADDRS)
+            .insert(key.vip_addr(), 1, 0)
+            .expect("writing VIP address");
+    }
+
+    pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {
+        let a: IpAddr = addr.parse().unwrap();
+        let b = Backend {
+            addr: addr16(a),
+            port: 0,
+            family: if a.is_ipv4() {
+                lb_common::FAMILY_V4
+            } else {
+                lb_common::FAMILY_V6
+            },
+            flags: if live { BACKEND_F_LIVE } else { 0 },
+        };
+        self.array::<Backend>(maps::BACKENDS)
+            .set(id, b, 0)
+            .expect("writing backend");
+    }
+
+    /// Fills VIP `vip_id`'s table: slot `s` gets `f(s)`.
+    pub fn set_ring(&mut self, vip_id: u32, f: impl Fn(u32) -> u32) {
+        let m = self.sizes.maglev_m;
+        let mut ring = self.array::<u32>(maps::RING);
+        for s in 0..m {
+            ring.set(vip_id * m + s, f(s), 0)
+                .expect("writing ring slot");
+        }
+    }
+
+    pub fn clear_ring(&mut self, vip_id: u32) {
+        self.set_ring(vip_id, |_| NO_BACKEND);
+    }
+
+    /// The slot a flow hashes to, and the backend there.
+    pub fn ring_backend(&mut self, vip_id: u32, hash: u32) -> u32 {
+        let m = self.sizes.maglev_m;
+        let slot = lb_common::maglev_slot(hash, m);
+        self.array::<u32>(maps::RING)
+            .get(&(vip_id * m + slot), 0)
+            .expect("reading ring")
+    }
+
+    pub fn add_tx_port(&mut self, ifindex: u32) {
+        let mut m: DevMapHash<_> = DevMapHash::try_from(self.map(maps::TX_PORTS)).unwrap();
+        m.insert(ifindex, ifindex, None, 0).expect("writing devmap");
+    }
+
+    pub fn flow(&mut self, key: &FlowKey) -> Option<FlowValue> {
+        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
+            .get(key, 0)
+            .ok()
+    }
+
+    pub fn set_flow(&mut self, key: FlowKey, value: FlowValue) {
+        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
+            .insert(key, value, 0)
+            .expect("writing flow");
+    }
+
+    pub fn affinity(&mut self, key: &AffinityKey) -> Option<AffinityValue> {
+        self.hash::<AffinityKey, AffinityValue>(maps::AFFINITY)
+            .get(key, 0)
+            .ok()
+    }
+
+    pub fn set_affinity(&mut self, key: AffinityKey, value: AffinityValue) {
+        self.hash::<AffinityKey, AffinityValue>(maps::AFFINITY)
+            .insert(key, value, 0)
+            .expect("writing affinity");
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn counters(&mut self) -> StdHashMap<Counter, u64> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                (
+                    c,
+                    stats
+                        .get(&(c as u32), 0)
+                        .expect("reading stats")
+                        .iter()
+                        .sum(),
+                )
+            })
+            .collect()
+    }
+
+    /// Runs `frame` through the program once, as if received on `ingress_ifindex` (0: loopback
+    /// of the calling thread's namespace).
+    pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Run {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(program::PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        if ingress_ifindex != 0 {
+            opts.ctx_in = Some(&ctx);
+        }
+        let r = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {}", error_chain(&e)));
+        out.truncate(r.data_size_out as usize);
+        Run {
+            action: r.return_value,
+            output: out,
+        }
+    }
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// MACs and addresses of [`FibNet`].
+pub mod net {
+    /// The load balancer's uplink (where VIP traffic arrives).
+    pub const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    pub const LB1_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
+    pub const LB2_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 0x01];
+    /// Next hop for backends reached back out of the uplink.
+    pub const GW0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+    /// Next hop for backends behind lb1.
+    pub const GW1_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0xfe];
+    pub const NODE_V4: &str = "10.0.0.1";
+    pub const NODE_V6: &str = "fd00::1";
+
+    /// Backends by how the route lookup treats them.
+    pub const TX_V4: &str = "10.1.0.1";
+    pub const TX_V4_B: &str = "10.1.0.2";
+    pub const TX_V6: &str = "fd01::1";
+    pub const TX_V6_B: &str = "fd01::2";
+    pub const REDIRECT_V4: &str = "10.2.0.1";
+    pub const REDIRECT_V6: &str = "fd02::1";
+    pub const NO_NEIGH_V4: &str = "10.3.0.1";
+    pub const NO_NEIGH_V6: &str = "fd03::1";
+    pub const UNREACHABLE_V4: &str = "10.4.0.1";
+    pub const UNREACHABLE_V6: &str = "fd04::1";
+    pub const LOCAL_V4: &str = "10.5.0.1";
+    /// Behind lb1 on a route with MTU 600 (v4) / 1280 (v6).
+    pub const SMALL_MTU_V4: &str = "10.6.0.1";
+    pub const SMALL_MTU_V6: &str = "fd06::1";
+    /// Behind lb2, which is not in the devmap.
+    pub const NO_TX_PORT_V4: &str = "10.7.0.1";
+}
+
+/// A namespace laid out so that each way the route lookup can end has a backend address:
+///
+/// ```text
+///  lb0 (uplink, ingress)  10.0.0.1/24 fd00::1/64   gw 10.0.0.2 / fd00::2 (neighbour known)
+///  lb1 (in the devmap)    10.0.1.1/24 fd00:1::1/64 gw 10.0.1.2 / fd00:1::2
+///  lb2 (not in devmap)    10.0.2.1/24 fd00:2::1/64 gw 10.0.2.2 / fd00:2::2
+///  10.1/16  fd01::/64  via lb0's gw      -> XDP_TX
+///  10.2/16  fd02::/64  via lb1's gw      -> XDP_REDIRECT
+///  10.3/16  fd03::/64  via 10.0.0.3 / fd00::3, no neighbour entry -> pass
+///  10.4/16  fd04::/64  unreachable       -> drop
+///  10.5.0.1 on lo                        -> local, pass
+///  10.6/16  fd06::/64  via lb1's gw, mtu 600 / 1280
+///  10.7/16             via lb2's gw      -> no devmap entry, pass
+/// ```
+pub struct FibNet {
+    pub ns: NetNs,
+    pub lb0: u32,
+    pub lb1: u32,
+    pub lb2: u32,
+}
+
+impl FibNet {
+    pub fn new(tag: &str) -> Self {
+        let ns = NetNs::new(tag);
+        ns.script(
+            "link add lb0 address 02:00:00:00:00:01 type veth peer name up0 address 02:00:00:00:00:02
+             link add lb1 address 02:00:00:00:01:01 type veth peer name dn1 address 02:00:00:00:01:02
+             link add lb2 address 02:00:00:00:02:01 type veth peer name dn2 address 02:00:00:00:02:02
+             link set lb0 up
+             link set up0 up
+             link set lb1 up
+             link set dn1 up
+             link set lb2 up
+             link set dn2 up
+             addr add 10.0.0.1/24 dev lb0
+             addr add fd00::1/64 dev lb0 nodad
+             addr add 10.0.1.1/24 dev lb1
+             addr add fd00:1::1/64 dev lb1 nodad
+             addr add 10.0.2.1/24 dev lb2
+             addr add fd00:2::1/64 dev lb2 nodad
+             addr add 10.5.0.1/32 dev lo
+             neigh replace 10.0.0.2 lladdr 02:00:00:00:00:fe dev lb0 nud permanent
+             neigh replace fd00::2 lladdr 02:00:00:00:00:fe dev lb0 nud permanent
+             neigh replace 10.0.1.2 lladdr 02:00:00:00:01:fe dev lb1 nud permanent
+             neigh replace fd00:1::2 lladdr 02:00:00:00:01:fe dev lb1 nud permanent
+             neigh replace 10.0.2.2 lladdr 02:00:00:00:02:fe dev lb2 nud permanent
+             neigh replace fd00:2::2 lladdr 02:00:00:00:02:fe dev lb2 nud permanent
+             route add 10.1.0.0/16 via 10.0.0.2 dev lb0
+             route add fd01::/64 via fd00::2 dev lb0
+             route add 10.2.0.0/16 via 10.0.1.2 dev lb1
+             route add fd02::/64 via fd00:1::2 dev lb1
+             route add 10.3.0.0/16 via 10.0.0.3 dev lb0
+             route add fd03::/64 via fd00::3 dev lb0
+             route add unreachable 10.4.0.0/16
+             route add unreachable fd04::/64
+             route add 10.6.0.0/16 via 10.0.1.2 dev lb1 mtu lock 600
+             route add fd06::/64 via fd00:1::2 dev lb1 mtu lock 1280
+             route add 10.7.0.0/16 via 10.0.2.2 dev lb2",
+        );
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        let (lb0, lb1, lb2) = (ns.ifindex("lb0"), ns.ifindex("lb1"), ns.ifindex("lb2"));
+        Self { ns, lb0, lb1, lb2 }
+    }
+}
+
+/// Builds a [`VipKey`].
+pub fn vip_key(addr: &str, port: u16, proto: u8) -> VipKey {
+    let a: IpAddr = addr.parse().unwrap();
+    VipKey {
+        addr: addr16(a),
+        port: port.to_be(),
+        proto,
+        family: if a.is_ipv4() {
+            lb_common::FAMILY_V4
+        } else {
+            lb_common::FAMILY_V6
+        },
+    }
+}
+
+/// Affinity key of a packet's client on `vip_id`.
+pub fn affinity_key(pkt: &Pkt, vip_id: u32) -> AffinityKey {
+    AffinityKey {
+        addr: addr16(pkt.src),
+        vip_id,
+    }
+}
+
+/// Sum of the verdict counters, which must equal `packets`.
+pub fn verdict_sum(c: &StdHashMap<Counter, u64>) -> u64 {
+    Counter::ALL
+        .iter()
+        .filter(|c| c.is_verdict())
+        .map(|k| c[k])
+        .sum()
+}

@@ -1,0 +1,127 @@
+//! Network namespaces made by a test and removed when it ends, even if it panics.
+//!
+//! Only addresses inside these namespaces are used; nothing is sent anywhere else.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` with `args`, panicking with its output if it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// A fresh namespace named `lbt-<pid>-<n>-<tag>`, with loopback up.
+    pub fn new(tag: &str) -> Self {
+        crate::require_root();
+        let name = format!(
+            "lbt-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n <ns> args`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Runs a whitespace-separated list of `ip` commands, one per line, in this namespace.
+    pub fn script(&self, lines: &str) {
+        for line in lines
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            self.ip(&args);
+        }
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ])
+            .output()
+            .expect("running sysctl");
+        assert!(
+            out.status.success(),
+            "sysctl {key}={value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The index of interface `dev` in this namespace.
+    pub fn ifindex(&self, dev: &str) -> u32 {
+        self.run(|| {
+            let name = std::ffi::CString::new(dev).unwrap();
+            let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(i, 0, "no interface {dev}");
+            i
+        })
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, and returns its result (or resumes
+    /// its panic). BPF objects are per process, so maps and programs loaded elsewhere work here.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "setns into {path}: {}",
+                    std::io::Error::last_os_error()
+                );
+                f()
+            });
+            match h.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

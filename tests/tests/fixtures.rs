@@ -1,0 +1,540 @@
+//! Packet fixtures: each runs one frame through the XDP program with `BPF_PROG_TEST_RUN` and
+//! checks the action, the exact output bytes and the verdict counter.
+//!
+//! All of them run inside a namespace ([`FibNet`]) whose routes give each backend address a known
+//! fate in `bpf_fib_lookup`, so the MAC addresses in the expected output are fixed, and so the
+//! TX, redirect, no-neighbour, local, MTU and unreachable paths all run for real on veth pairs.
+
+use std::net::IpAddr;
+
+use lb_common::{
+    Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, MODE_NAT, VIP_F_HASH_SRC_ONLY, VipValue,
+};
+use lb_tests::{
+    harness::{
+        self, FibNet, Lb, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, net::*, vip_key,
+    },
+    hex,
+    packet::{self, L4, Pkt, TCP_ACK, ext},
+};
+use lb_userspace::program::Sizes;
+
+/// Maglev table size for these tests: prime, small enough to fill quickly.
+const M: u32 = 1009;
+
+/// What the program should make of one frame.
+struct Fixture {
+    desc: &'static str,
+    input: Vec<u8>,
+    action: u32,
+    /// Expected output frame, byte for byte.
+    output: Vec<u8>,
+    verdict: Counter,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The frame `pkt` becomes when encapsulated to `backend` and sent to next hop `gw` from `dev`.
+fn encap(pkt: &Pkt, backend: &str, gw: [u8; 6], dev: [u8; 6]) -> Vec<u8> {
+    let b = ip(backend);
+    let src = if b.is_ipv4() { NODE_V4 } else { NODE_V6 };
+    packet::encapsulated(pkt, gw, dev, ip(src), b)
+}
+
+/// Encapsulated but handed to the kernel: the MACs stay as received.
+fn encap_kept_macs(pkt: &Pkt, backend: &str) -> Vec<u8> {
+    encap(pkt, backend, pkt.eth_dst, pkt.eth_src)
+}
+
+fn untouched(desc: &'static str, pkt: &Pkt, action: u32, verdict: Counter) -> Fixture {
+    raw(desc, pkt.frame(), action, verdict)
+}
+
+fn raw(desc: &'static str, frame: Vec<u8>, action: u32, verdict: Counter) -> Fixture {
+    Fixture {
+        desc,
+        output: frame.clone(),
+        input: frame,
+        action,
+        verdict,
+    }
+}
+
+fn tx(desc: &'static str, pkt: Pkt, backend: &str) -> Fixture {
+    Fixture {
+        desc,
+        input: pkt.frame(),
+        action: XDP_TX,
+        output: encap(&pkt, backend, GW0_MAC, LB0_MAC),
+        verdict: Counter::Tx,
+    }
+}
+
+struct Vip {
+    addr: &'static str,
+    port: u16,
+    proto: u8,
+    flags: u32,
+    mode: u32,
+    /// Every slot of the VIP's table points at this backend id (None: no backends).
+    backend: Option<u32>,
+}
+
+const V4: &str = "192.0.2.10";
+const V6: &str = "2001:db8::10";
+const CLIENT4: &str = "198.51.100.7";
+const CLIENT6: &str = "2001:db8:c::7";
+
+/// Backend ids used by the fixtures.
+const BACKENDS: &[(u32, &str)] = &[
+    (1, TX_V4),
+    (2, TX_V4_B),
+    (3, TX_V6),
+    (4, REDIRECT_V4),
+    (5, REDIRECT_V6),
+    (6, NO_NEIGH_V4),
+    (7, NO_NEIGH_V6),
+    (8, UNREACHABLE_V4),
+    (9, LOCAL_V4),
+    (10, SMALL_MTU_V4),
+    (11, NO_TX_PORT_V4),
+    (12, SMALL_MTU_V6),
+    (13, UNREACHABLE_V6),
+];
+
+fn vips() -> Vec<Vip> {
+    let v = |addr, port, proto, backend| Vip {
+        addr,
+        port,
+        proto,
+        flags: 0,
+        mode: MODE_DSR,
+        backend,
+    };
+    vec![
+        v(V4, 80, IPPROTO_TCP, Some(1)),             // 0
+        v(V4, 53, IPPROTO_UDP, Some(1)),             // 1
+        v(V6, 80, IPPROTO_TCP, Some(3)),             // 2
+        v(V6, 53, IPPROTO_UDP, Some(3)),             // 3
+        v("192.0.2.11", 80, IPPROTO_TCP, Some(3)),   // 4: IPv4 in IPv6
+        v("2001:db8::11", 80, IPPROTO_TCP, Some(1)), // 5: IPv6 in IPv4
+        v("192.0.2.12", 80, IPPROTO_TCP, Some(4)),   // 6
+        v("2001:db8::12", 80, IPPROTO_TCP, Some(5)), // 7
+        v("192.0.2.13", 80, IPPROTO_TCP, Some(6)),   // 8
+        v("2001:db8::13", 80, IPPROTO_TCP, Some(7)), // 9
+        v("192.0.2.14", 80, IPPROTO_TCP, Some(8)),   // 10
+        v("192.0.2.15", 80, IPPROTO_TCP, Some(9)),   // 11
+        v("192.0.2.16", 80, IPPROTO_TCP, Some(10)),  // 12
+        v("192.0.2.17", 80, IPPROTO_TCP, Some(11)),  // 13
+        v("192.0.2.18", 80, IPPROTO_TCP, None),      // 14: no backends
+        Vip {
+            mode: MODE_NAT,
+            ..v("192.0.2.19", 80, IPPROTO_TCP, Some(1))
+        }, // 15
+        v("2001:db8::16", 80, IPPROTO_TCP, Some(12)), // 16
+        Vip {
+            flags: VIP_F_HASH_SRC_ONLY,
+            ..v("192.0.2.20", 80, IPPROTO_TCP, Some(2))
+        }, // 17
+        v("2001:db8::14", 80, IPPROTO_TCP, Some(13)), // 18
+    ]
+}
+
+/// Loads the program with the VIPs and backends above. Call it inside `net`'s namespace: the
+/// devmap resolves interface indexes there.
+fn setup(net: &FibNet) -> Lb {
+    let mut lb = Lb::load(Sizes {
+        maglev_m: M,
+        max_vips: 32,
+        max_backends: 64,
+        flow_entries: 4096,
+        affinity_entries: 1024,
+    });
+    lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
+    for &(id, addr) in BACKENDS {
+        lb.set_backend(id, addr, true);
+    }
+    for (id, v) in vips().into_iter().enumerate() {
+        let id = id as u32;
+        lb.add_vip(
+            vip_key(v.addr, v.port, v.proto),
+            VipValue {
+                id,
+                flags: v.flags,
+                affinity_timeout_s: 0,
+                mode: v.mode,
+            },
+        );
+        match v.backend {
+            Some(b) => lb.set_ring(id, |_| b),
+            None => lb.clear_ring(id),
+        }
+    }
+    lb.add_tx_port(net.lb1);
+    lb
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let to = LB0_MAC;
+    let syn4 = Pkt::tcp(CLIENT4, 40000, V4, 80, to);
+    let syn6 = Pkt::tcp(CLIENT6, 40000, V6, 80, to);
+    let big = |p: Pkt, n: usize| p.with(|p| p.payload = vec![0x5a; n]);
+    let mut f = vec![
+        tx(
+            "IPv4 TCP SYN to a VIP: IPIP to its backend, back out of the uplink",
+            syn4.clone(),
+            TX_V4,
+        ),
+        tx(
+            "IPv4 UDP to a VIP",
+            Pkt::udp(CLIENT4, 5353, V4, 53, to),
+            TX_V4,
+        ),
+        tx("IPv6 TCP SYN to a VIP: IP6IP6", syn6.clone(), TX_V6),
+        tx(
+            "IPv6 UDP to a VIP",
+            Pkt::udp(CLIENT6, 5353, V6, 53, to),
+            TX_V6,
+        ),
+        tx(
+            "IPv4 VIP with an IPv6 backend: IPv4 in IPv6",
+            Pkt::tcp(CLIENT4, 40000, "192.0.2.11", 80, to),
+            TX_V6,
+        ),
+        tx(
+            "IPv6 VIP with an IPv4 backend: IPv6 in IPv4",
+            Pkt::tcp(CLIENT6, 40000, "2001:db8::11", 80, to),
+            TX_V4,
+        ),
+        tx(
+            "TCP without SYN that misses the flow table still goes to its Maglev backend",
+            Pkt::tcp(CLIENT4, 40001, V4, 80, to).with(|p| p.l4 = L4::Tcp { flags: TCP_ACK }),
+            TX_V4,
+        ),
+        tx(
+            "802.1Q tagged frame: balanced, tag dropped from the encapsulated frame",
+            syn4.clone().with(|p| p.vlan = Some(0x0064)),
+            TX_V4,
+        ),
+        tx(
+            "IPv4 options are skipped and kept in the inner packet",
+            syn4.clone()
+                .with(|p| p.v4_options = vec![0x01, 0x01, 0x01, 0x00, 0x94, 0x04, 0x00, 0x00]),
+            TX_V4,
+        ),
+        tx(
+            "IPv4 with the largest header (40 bytes of options)",
+            syn4.clone().with(|p| p.v4_options = vec![0x01; 40]),
+            TX_V4,
+        ),
+        tx(
+            "DSCP and ECN are copied to the outer header",
+            syn4.clone().with(|p| p.tos = 0xb9),
+            TX_V4,
+        ),
+        tx(
+            "IPv6 traffic class is copied",
+            syn6.clone().with(|p| p.tos = 0xb9),
+            TX_V6,
+        ),
+        tx(
+            "Ethernet padding after a short IPv4 packet is carried but not counted in lengths",
+            Pkt::udp(CLIENT4, 5353, V4, 53, to).with(|p| {
+                p.payload = vec![1];
+                p.trailer = vec![0; 60 - 14 - 29];
+            }),
+            TX_V4,
+        ),
+        tx(
+            "IPv6 hop-by-hop and destination options are walked",
+            syn6.clone()
+                .with(|p| p.v6_ext = vec![ext::hop_by_hop(), ext::dest_opts()]),
+            TX_V6,
+        ),
+        tx(
+            "IPv6 authentication header is walked",
+            syn6.clone()
+                .with(|p| p.v6_ext = vec![ext::dest_opts(), ext::ah()]),
+            TX_V6,
+        ),
+        tx(
+            "IPv6 atomic fragment (offset 0, no M flag) is not a fragment",
+            Pkt::udp(CLIENT6, 5353, V6, 53, to).with(|p| p.v6_ext = vec![ext::fragment(0, false)]),
+            TX_V6,
+        ),
+        tx(
+            "a VIP hashing on source address",
+            Pkt::tcp(CLIENT4, 40000, "192.0.2.20", 80, to),
+            TX_V4_B,
+        ),
+    ];
+    let redirect4 = Pkt::tcp(CLIENT4, 40000, "192.0.2.12", 80, to);
+    let redirect6 = Pkt::tcp(CLIENT6, 40000, "2001:db8::12", 80, to);
+    let no_neigh4 = Pkt::tcp(CLIENT4, 40000, "192.0.2.13", 80, to);
+    let no_neigh6 = Pkt::tcp(CLIENT6, 40000, "2001:db8::13", 80, to);
+    let unreachable4 = Pkt::tcp(CLIENT4, 40000, "192.0.2.14", 80, to);
+    let unreachable6 = Pkt::tcp(CLIENT6, 40000, "2001:db8::14", 80, to);
+    let local = Pkt::tcp(CLIENT4, 40000, "192.0.2.15", 80, to);
+    let small_ok = Pkt::tcp(CLIENT4, 40000, "192.0.2.16", 80, to);
+    let too_big = big(Pkt::tcp(CLIENT4, 40001, "192.0.2.16", 80, to), 600);
+    let too_big6 = big(Pkt::tcp(CLIENT6, 40001, "2001:db8::16", 80, to), 1250);
+    let fits6 = big(Pkt::tcp(CLIENT6, 40002, "2001:db8::16", 80, to), 1180);
+    let no_port = Pkt::tcp(CLIENT4, 40000, "192.0.2.17", 80, to);
+    let redirect = |desc, p: &Pkt, backend, gw| Fixture {
+        desc,
+        input: p.frame(),
+        action: XDP_REDIRECT,
+        output: encap(p, backend, gw, LB1_MAC),
+        verdict: Counter::Redirect,
+    };
+    let kept = |desc, p: &Pkt, backend, action, verdict| Fixture {
+        desc,
+        input: p.frame(),
+        action,
+        output: encap_kept_macs(p, backend),
+        verdict,
+    };
+    f.extend([
+        redirect("backend behind another interface: redirect through the devmap", &redirect4, REDIRECT_V4, GW1_MAC),
+        redirect("IPv6 backend behind another interface: redirect", &redirect6, REDIRECT_V6, GW1_MAC),
+        kept("next hop without a neighbour entry: encapsulated, passed to the kernel with the received MACs", &no_neigh4, NO_NEIGH_V4, XDP_PASS, Counter::PassNoNeighbour),
+        kept("IPv6 next hop without a neighbour entry: passed", &no_neigh6, NO_NEIGH_V6, XDP_PASS, Counter::PassNoNeighbour),
+        kept("unreachable backend: dropped", &unreachable4, UNREACHABLE_V4, XDP_DROP, Counter::DropFibFailed),
+        kept("unreachable IPv6 backend: dropped", &unreachable6, UNREACHABLE_V6, XDP_DROP, Counter::DropFibFailed),
+        kept("backend address local to this node: passed", &local, LOCAL_V4, XDP_PASS, Counter::PassLocalBackend),
+        redirect("small packet on a route with MTU 600: fits", &small_ok, SMALL_MTU_V4, GW1_MAC),
+        kept("encapsulated packet over the route MTU (600): dropped", &too_big, SMALL_MTU_V4, XDP_DROP, Counter::DropTooBig),
+        kept("IPv6 encapsulated packet over the route MTU (1280): dropped", &too_big6, SMALL_MTU_V6, XDP_DROP, Counter::DropTooBig),
+        redirect("IPv6 encapsulated packet of exactly the route MTU (1280): fits", &fits6, SMALL_MTU_V6, GW1_MAC),
+        kept("egress interface not in the devmap: passed with the received MACs", &no_port, NO_TX_PORT_V4, XDP_PASS, Counter::PassNoTxPort),
+    ]);
+
+    // Not balanced.
+    let trunc = |p: &Pkt, cut: usize| {
+        let mut b = p.frame();
+        b.truncate(b.len() - cut);
+        b
+    };
+    let arp = {
+        let mut b = vec![0xff; 6];
+        b.extend_from_slice(&packet::ROUTER_MAC);
+        b.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        b.extend_from_slice(&packet::ROUTER_MAC);
+        b.extend_from_slice(&[198, 51, 100, 1, 0, 0, 0, 0, 0, 0, 192, 0, 2, 10]);
+        b
+    };
+    let mut bad_ihl = syn4.frame();
+    bad_ihl[14] = 0x44;
+    let mut long_tot_len = syn4.frame();
+    long_tot_len[16..18].copy_from_slice(&2000u16.to_be_bytes());
+    let mut bad_doff = syn4.frame();
+    bad_doff[14 + 20 + 12] = 0x40;
+    // IPv4 packet whose total length covers only 10 bytes of TCP header.
+    let short = |dst: &str| {
+        let mut b = Pkt::tcp(CLIENT4, 40000, dst, 80, to)
+            .with(|p| p.payload.clear())
+            .frame();
+        b.truncate(14 + 20 + 10);
+        b[16..18].copy_from_slice(&30u16.to_be_bytes());
+        b
+    };
+    let short_tcp = short(V4);
+    let short_tcp_no_vip = short("203.0.113.1");
+    let mut short_v6_payload = syn6.frame();
+    short_v6_payload[18..20].copy_from_slice(&10u16.to_be_bytes());
+    f.extend([
+        untouched(
+            "TCP to an address that carries no VIP: passed",
+            &Pkt::tcp(CLIENT4, 40000, "203.0.113.1", 80, to),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "VIP address, port with no VIP: passed",
+            &Pkt::tcp(CLIENT4, 40000, V4, 443, to),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "VIP address and port, other protocol: passed",
+            &Pkt::udp(CLIENT4, 40000, V4, 80, to),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "ICMP to a VIP address: passed",
+            &syn4.clone().with(|p| p.l4 = L4::Other(1)),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        raw("ARP: passed", arp, XDP_PASS, Counter::PassNotForVip),
+        untouched(
+            "IPv6 to no VIP: passed",
+            &Pkt::tcp(CLIENT6, 40000, "2001:db8::99", 80, to),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "VIP with no backends: dropped",
+            &Pkt::tcp(CLIENT4, 40000, "192.0.2.18", 80, to),
+            XDP_DROP,
+            Counter::DropNoBackend,
+        ),
+        untouched(
+            "VIP in a forwarding mode this program lacks: dropped",
+            &Pkt::tcp(CLIENT4, 40000, "192.0.2.19", 80, to),
+            XDP_DROP,
+            Counter::DropUnsupportedMode,
+        ),
+        untouched(
+            "IPv4 first fragment to a VIP address: dropped",
+            &syn4.clone().with(|p| p.v4_frag = (true, 0)),
+            XDP_DROP,
+            Counter::DropFragment,
+        ),
+        untouched(
+            "IPv4 later fragment to a VIP address: dropped",
+            &Pkt::udp(CLIENT4, 1, V4, 53, to).with(|p| p.v4_frag = (false, 185)),
+            XDP_DROP,
+            Counter::DropFragment,
+        ),
+        untouched(
+            "IPv4 fragment to no VIP address: passed",
+            &Pkt::udp(CLIENT4, 1, "203.0.113.1", 53, to).with(|p| p.v4_frag = (true, 0)),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "IPv6 fragment to a VIP address: dropped",
+            &Pkt::udp(CLIENT6, 5353, V6, 53, to).with(|p| p.v6_ext = vec![ext::fragment(0, true)]),
+            XDP_DROP,
+            Counter::DropFragment,
+        ),
+        untouched(
+            "IPv6 later fragment to no VIP address: passed",
+            &Pkt::udp(CLIENT6, 5353, "2001:db8::99", 53, to)
+                .with(|p| p.v6_ext = vec![ext::fragment(100, false)]),
+            XDP_PASS,
+            Counter::PassNotForVip,
+        ),
+        untouched(
+            "IPv6 with more extension headers than the parser walks, to a VIP address: dropped",
+            &syn6.clone().with(|p| {
+                p.v6_ext = vec![
+                    ext::hop_by_hop(),
+                    ext::dest_opts(),
+                    ext::dest_opts(),
+                    ext::dest_opts(),
+                    ext::dest_opts(),
+                    ext::dest_opts(),
+                    ext::dest_opts(),
+                ]
+            }),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "frame cut short of its IPv4 total length: passed as malformed",
+            trunc(&syn4.clone().with(|p| p.payload.clear()), 1),
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "TCP header cut short inside a consistent IPv4 packet, to a VIP: dropped",
+            short_tcp,
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "TCP header cut short, to no VIP address: passed as malformed",
+            short_tcp_no_vip,
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "TCP data offset below 5, to a VIP: dropped",
+            bad_doff,
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv4 header length 16 bytes: passed as malformed",
+            bad_ihl,
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "IPv4 total length beyond the frame: passed as malformed",
+            long_tot_len,
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "IPv6 payload length too short for the TCP header, to a VIP: dropped",
+            short_v6_payload,
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "bare Ethernet header saying IPv4: passed as malformed",
+            syn4.frame()[..14].to_vec(),
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "VLAN tag cut short: passed as malformed",
+            syn4.clone().with(|p| p.vlan = Some(7)).frame()[..16].to_vec(),
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+    ]);
+    f
+}
+
+#[test]
+fn packet_fixtures() {
+    let net = FibNet::new("fixtures");
+    let fixtures = fixtures();
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        for fx in &fixtures {
+            let before = lb.counters();
+            let run = lb.run(&fx.input, ingress);
+            let after = lb.counters();
+            assert_eq!(
+                action_name(run.action),
+                action_name(fx.action),
+                "{}: wrong action\ninput:\n{}\noutput:\n{}",
+                fx.desc,
+                hex(&fx.input),
+                hex(&run.output)
+            );
+            assert!(
+                run.output == fx.output,
+                "{}: wrong output\nexpected:\n{}\ngot:\n{}",
+                fx.desc,
+                hex(&fx.output),
+                hex(&run.output)
+            );
+            let delta = |c: Counter| after[&c] - before[&c];
+            assert_eq!(
+                delta(fx.verdict),
+                1,
+                "{}: verdict counter {} not counted once",
+                fx.desc,
+                fx.verdict.name()
+            );
+            assert_eq!(delta(Counter::Packets), 1, "{}", fx.desc);
+            assert_eq!(
+                harness::verdict_sum(&after),
+                after[&Counter::Packets],
+                "{}: verdicts do not add up",
+                fx.desc
+            );
+        }
+    });
+    eprintln!("{} packet fixtures passed", fixtures.len());
+}
