@@ -8,6 +8,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod decap;
+#[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -94,6 +96,19 @@ mod program {
         let verdict = process(&ctx);
         count(verdict.counter);
         verdict.action
+    }
+
+    /// Passes everything. Attached to the peers of veths that `lb` transmits or redirects into:
+    /// a veth only accepts XDP frames when its peer runs NAPI, which an XDP program turns on.
+    #[xdp]
+    pub fn lb_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    /// Decapsulates tunnelled packets on a DSR backend (see [`crate::decap`]).
+    #[xdp]
+    pub fn lb_decap(ctx: XdpContext) -> u32 {
+        crate::decap::decap(&ctx)
     }
 
     #[inline(always)]

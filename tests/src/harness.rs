@@ -196,6 +196,12 @@ impl Lb {
     /// Runs `frame` through the program once, as if received on `ingress_ifindex` (0: loopback
     /// of the calling thread's namespace).
     pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Run {
+        self.run_program(program::PROGRAM, frame, ingress_ifindex)
+    }
+
+    /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
+    /// first if needed.
+    pub fn run_program(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Run {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -203,10 +209,14 @@ impl Lb {
         let mut out = vec![0u8; frame.len() + 256];
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(program::PROGRAM)
-            .unwrap()
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
             .try_into()
             .unwrap();
+        if prog.fd().is_err() {
+            prog.load()
+                .unwrap_or_else(|e| panic!("loading {name}: {}", error_chain(&e)));
+        }
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);

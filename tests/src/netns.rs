@@ -25,6 +25,22 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// Deletes every namespace this process made (for a Ctrl-C handler, where destructors don't run).
+pub fn remove_all_of_this_process() {
+    let prefix = format!("lbt-{}-", std::process::id());
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with(&prefix))
+            {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
 /// A network namespace, deleted (with every interface in it) on drop.
 pub struct NetNs {
     pub name: String,
@@ -64,24 +80,25 @@ impl NetNs {
         }
     }
 
-    /// Sets a sysctl inside the namespace.
-    pub fn sysctl(&self, key: &str, value: &str) {
+    /// Runs a command inside the namespace, panicking with its output if it fails.
+    pub fn exec(&self, program: &str, args: &[&str]) {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ])
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
             .output()
-            .expect("running sysctl");
+            .unwrap_or_else(|e| panic!("running {program}: {e}"));
         assert!(
             out.status.success(),
-            "sysctl {key}={value}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "{program} {} in {}: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
         );
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
     }
 
     /// The index of interface `dev` in this namespace.

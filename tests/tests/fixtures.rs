@@ -538,3 +538,77 @@ fn packet_fixtures() {
     });
     eprintln!("{} packet fixtures passed", fixtures.len());
 }
+
+/// `lb_decap`, the backends' decapsulation program: the output of `lb` goes in, the client's
+/// packet comes out, with the MACs it arrived with.
+#[test]
+fn decap_fixtures() {
+    let net = FibNet::new("decap");
+    let to = [0x02, 0, 0, 0, 0, 0x42];
+    let from = GW0_MAC;
+    let cases: Vec<(&str, Pkt, &str, &str)> = vec![
+        ("IPIP", Pkt::tcp(CLIENT4, 40000, V4, 80, to), NODE_V4, TX_V4),
+        (
+            "IPv6 in IPv4",
+            Pkt::tcp(CLIENT6, 40000, V6, 80, to),
+            NODE_V4,
+            TX_V4,
+        ),
+        (
+            "IP6IP6",
+            Pkt::udp(CLIENT6, 40000, V6, 53, to),
+            NODE_V6,
+            TX_V6,
+        ),
+        (
+            "IPv4 in IPv6",
+            Pkt::udp(CLIENT4, 40000, V4, 53, to).with(|p| p.v4_options = vec![1; 4]),
+            NODE_V6,
+            TX_V6,
+        ),
+    ];
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        for (desc, inner, outer_src, backend) in &cases {
+            let input = packet::encapsulated(inner, to, from, ip(outer_src), ip(backend));
+            let mut want = inner.clone();
+            want.eth_dst = to;
+            want.eth_src = from;
+            let run = lb.run_program("lb_decap", &input, net.lb0);
+            assert_eq!(action_name(run.action), action_name(XDP_PASS), "{desc}");
+            assert!(
+                run.output == want.frame(),
+                "{desc}: expected\n{}\ngot\n{}",
+                hex(&want.frame()),
+                hex(&run.output)
+            );
+        }
+        // Not tunnelled, or a tunnel header it does not handle: untouched.
+        let plain = Pkt::tcp(CLIENT4, 40000, V4, 80, to).frame();
+        let mut options = packet::encapsulated(
+            &Pkt::tcp(CLIENT4, 1, V4, 80, to),
+            to,
+            from,
+            ip(NODE_V4),
+            ip(TX_V4),
+        );
+        options[14] = 0x46; // outer IPv4 header claims options
+        let mut fragment = packet::encapsulated(
+            &Pkt::tcp(CLIENT4, 1, V4, 80, to),
+            to,
+            from,
+            ip(NODE_V4),
+            ip(TX_V4),
+        );
+        fragment[20] |= 0x20; // outer more-fragments
+        for (desc, frame) in [
+            ("plain TCP", plain),
+            ("outer header with options", options),
+            ("outer fragment", fragment),
+        ] {
+            let run = lb.run_program("lb_decap", &frame, net.lb0);
+            assert_eq!(run.action, XDP_PASS, "{desc}");
+            assert!(run.output == frame, "{desc}: changed\n{}", hex(&run.output));
+        }
+    });
+}

@@ -1,1 +1,230 @@
-fn main() {}
+//! Build and test orchestration for lb: `cargo xtask <command>`.
+//!
+//! xtask depends on nothing that needs the BPF toolchain, so that `cargo xtask setup` can build
+//! and run on a machine that does not have it yet.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and demo tasks for lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks to build and test lb (idempotent), and mount bpffs.
+    Setup,
+    /// Run setup, the lints (rustfmt, clippy) and the whole test suite. Needs root.
+    Test {
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run setup, then a live demo in network namespaces on this machine. Needs root.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Test { no_lint, args } => {
+            setup()?;
+            require_root("the tests load XDP programs and create network namespaces")?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
+        }
+        Cmd::Demo => {
+            setup()?;
+            require_root("the demo attaches XDP programs inside network namespaces")?;
+            run(cargo().args([
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "lb-tests",
+                "--bin",
+                "lb-demo",
+            ]))
+        }
+    }
+}
+
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "ethtool",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Installs only what is missing, saying what it checked and what it did.
+fn setup() -> Result<()> {
+    // The eBPF crate is built by nightly with -Z build-std=core, which needs nightly's rust-src.
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("listing nightly's components (is the nightly toolchain installed?)")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        say("nightly rust-src: present");
+    } else {
+        say("nightly rust-src: missing, installing");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        say(&format!(
+            "Debian packages ({}): present",
+            APT_PACKAGES.join(", ")
+        ));
+    } else {
+        say(&format!(
+            "Debian packages missing: {}; installing",
+            missing.join(", ")
+        ));
+        require_root("installing Debian packages")?;
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    match output(Command::new("bpf-linker").arg("--version")) {
+        Ok(v) => say(&format!("bpf-linker: present ({})", v.trim())),
+        Err(_) => {
+            say(&format!(
+                "bpf-linker: missing, building {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
+            ));
+            run(cargo()
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX))?;
+        }
+    }
+
+    let bpffs = Path::new("/sys/fs/bpf");
+    if is_bpffs_mounted(bpffs)? {
+        say("bpffs: mounted at /sys/fs/bpf");
+    } else if is_root() {
+        say("bpffs: not mounted, mounting at /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(bpffs))?;
+    } else {
+        say("bpffs: not mounted (run setup as root to mount it; pinning needs it)");
+    }
+    Ok(())
+}
+
+fn is_bpffs_mounted(at: &Path) -> Result<bool> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && Path::new(f[1]) == at && f[2] == "bpf"
+    }))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .map(|s| s.contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // /proc/self/status has "Uid: real effective saved fs"; avoids a libc dependency for one call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("this needs root: {why}");
+    }
+    Ok(())
+}
+
+fn say(msg: &str) {
+    eprintln!("[xtask] {msg}");
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
