@@ -120,7 +120,7 @@ mod program {
             Parsed::Malformed => return Verdict::new(Counter::PassMalformed, xdp_action::XDP_PASS),
             Parsed::Unbalanceable { dst, why } => {
                 // Aimed at a VIP address: dropping is honest, the kernel could only misroute it.
-                return if unsafe { LB_VIP_ADDRS.get(&dst) }.is_some() {
+                return if unsafe { LB_VIP_ADDRS.get(dst) }.is_some() {
                     Verdict::new(why, xdp_action::XDP_DROP)
                 } else if why == Counter::DropFragment {
                     Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
@@ -135,7 +135,7 @@ mod program {
             proto: pkt.key.proto,
             family: pkt.key.family,
         };
-        let Some(vip) = (unsafe { LB_VIPS.get(&vip_key) }) else {
+        let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
             return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
         };
         let vip = *vip;

@@ -83,7 +83,7 @@ pub fn select(
         };
         let timeout_ns = vip.affinity_timeout_s as u64 * NS_PER_SEC;
         let mut hit = None;
-        if let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
+        if let Some(a) = LB_AFFINITY.get_ptr_mut(akey) {
             let a = unsafe { &mut *a };
             if t.wrapping_sub(a.last_seen_ns) <= timeout_ns {
                 if let Some(b) = live_backend(a.backend_id) {
@@ -105,7 +105,7 @@ pub fn select(
                     last_seen_ns: t,
                 };
                 // An affinity table that is full evicts its oldest entry (LRU): nothing to count.
-                let _ = LB_AFFINITY.insert(&akey, &value, 0);
+                let _ = LB_AFFINITY.insert(akey, value, 0);
                 chosen
             }
         }
@@ -118,7 +118,7 @@ pub fn select(
         vip_id: vip.id,
         last_seen_ns: t,
     };
-    if LB_FLOWS.insert(key, &value, 0).is_ok() {
+    if LB_FLOWS.insert(key, value, 0).is_ok() {
         count(Counter::NewFlows);
     } else {
         count(Counter::FlowInsertFailed);

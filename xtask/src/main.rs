@@ -51,6 +51,22 @@ fn main() -> Result<()> {
                     "-D",
                     "warnings",
                 ]))?;
+                // The XDP code only exists for the BPF target: lint it there too. (Plain
+                // `cargo`, not $CARGO, so that rustup honours `+nightly`.)
+                run(Command::new("cargo").current_dir(workspace_root()).args([
+                    "+nightly",
+                    "clippy",
+                    "--package",
+                    "lb-ebpf",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
             }
             run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
         }
