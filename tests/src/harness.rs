@@ -199,14 +199,8 @@ impl Lb {
         self.run_program(program::PROGRAM, frame, ingress_ifindex)
     }
 
-    /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
-    /// first if needed.
-    pub fn run_program(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Run {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
+    /// The object's XDP program `name`, loaded (verified) if it was not yet.
+    pub fn xdp(&mut self, name: &str) -> &mut Xdp {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(name)
@@ -217,6 +211,18 @@ impl Lb {
             prog.load()
                 .unwrap_or_else(|e| panic!("loading {name}: {}", error_chain(&e)));
         }
+        prog
+    }
+
+    /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
+    /// first if needed.
+    pub fn run_program(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Run {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.xdp(name);
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);

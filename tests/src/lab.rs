@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::XdpMode;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, VipValue};
 use lb_userspace::program::Sizes;
 
@@ -285,22 +285,14 @@ impl Default for MiniLab {
 }
 
 fn attach(lb: &mut Lb, program: &str, dev: &str) {
-    let prog: &mut Xdp = lb
-        .ebpf
-        .program_mut(program)
-        .unwrap_or_else(|| panic!("no program {program}"))
-        .try_into()
-        .unwrap();
-    if prog.fd().is_err() {
-        prog.load()
-            .unwrap_or_else(|e| panic!("loading {program}: {e}"));
-    }
-    prog.attach(dev, XdpMode::Driver).unwrap_or_else(|e| {
-        panic!(
-            "attaching {program} to {dev}: {}",
-            crate::harness::error_chain(&e)
-        )
-    });
+    lb.xdp(program)
+        .attach(dev, XdpMode::Driver)
+        .unwrap_or_else(|e| {
+            panic!(
+                "attaching {program} to {dev}: {}",
+                crate::harness::error_chain(&e)
+            )
+        });
 }
 
 impl Drop for MiniLab {

@@ -585,21 +585,18 @@ fn decap_fixtures() {
         }
         // Not tunnelled, or a tunnel header it does not handle: untouched.
         let plain = Pkt::tcp(CLIENT4, 40000, V4, 80, to).frame();
-        let mut options = packet::encapsulated(
-            &Pkt::tcp(CLIENT4, 1, V4, 80, to),
-            to,
-            from,
-            ip(NODE_V4),
-            ip(TX_V4),
-        );
+        let ipip = || {
+            packet::encapsulated(
+                &Pkt::tcp(CLIENT4, 1, V4, 80, to),
+                to,
+                from,
+                ip(NODE_V4),
+                ip(TX_V4),
+            )
+        };
+        let mut options = ipip();
         options[14] = 0x46; // outer IPv4 header claims options
-        let mut fragment = packet::encapsulated(
-            &Pkt::tcp(CLIENT4, 1, V4, 80, to),
-            to,
-            from,
-            ip(NODE_V4),
-            ip(TX_V4),
-        );
+        let mut fragment = ipip();
         fragment[20] |= 0x20; // outer more-fragments
         for (desc, frame) in [
             ("plain TCP", plain),
