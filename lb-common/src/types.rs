@@ -75,7 +75,7 @@ pub struct VipAddr {
 
 /// Where a backend id sends packets.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     /// Network byte order; IPv4 in the first four bytes.
     pub addr: [u8; 16],

@@ -1,3 +1,6 @@
 //! The lb agent: loads the XDP program and owns its maps.
+pub mod dataplane;
 pub mod maglev;
+pub mod model;
+pub mod plan;
 pub mod program;

@@ -1,0 +1,152 @@
+//! The desired state: what the load balancer should do, whichever source (config file or
+//! Kubernetes) it came from. Sources build a [`Desired`]; the planner turns it into map writes.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use lb_common::{FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, VipKey};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How packets reach a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Encapsulated (IPIP / IP6IP6); the backend answers the client directly.
+    #[default]
+    Dsr,
+    /// Addresses and ports rewritten; replies come back through the load balancer.
+    Nat,
+}
+
+/// What the flow hash covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashOn {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// The client address alone: a client's connections share a backend.
+    SourceIp,
+}
+
+/// A VIP and the backends behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSpec {
+    /// For people: shown by the CLI and in metrics.
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub hash: HashOn,
+    /// Client-IP session affinity timeout in seconds (0: none).
+    pub affinity_timeout_s: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// A backend of a VIP, with the weight it should get now (0 drains it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// Backend port in NAT mode (0: the VIP's port). Always 0 in DSR.
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// Node settings the program needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    pub udp_idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub node: NodeSpec,
+    pub vips: Vec<VipSpec>,
+}
+
+/// An address in lb's 16-byte form and its family.
+pub fn addr16(a: IpAddr) -> ([u8; 16], u8) {
+    match a {
+        IpAddr::V4(a) => {
+            let mut out = [0; 16];
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// The address an lb key holds.
+pub fn ip_of(addr: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+impl VipSpec {
+    pub fn key(&self) -> VipKey {
+        let (addr, family) = addr16(self.address);
+        VipKey {
+            addr,
+            port: self.port.to_be(),
+            proto: self.protocol.number(),
+            family,
+        }
+    }
+
+    /// `address:port/protocol`, as the CLI prints VIPs.
+    pub fn label(&self) -> String {
+        vip_label(&self.key())
+    }
+}
+
+/// `192.0.2.1:80/tcp` or `[2001:db8::1]:80/tcp`.
+pub fn vip_label(k: &VipKey) -> String {
+    let proto =
+        Protocol::from_number(k.proto).map_or_else(|| k.proto.to_string(), |p| p.to_string());
+    let port = u16::from_be(k.port);
+    match ip_of(&k.addr, k.family) {
+        IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+    }
+}

@@ -1,0 +1,613 @@
+//! Planning: (what the maps hold, what they should hold) -> the writes that differ, in an order
+//! that is safe for packets in flight.
+//!
+//! Pure: no aya here. The order guarantees that between any two writes every ring slot points
+//! at a live backend (or at none): backends are published before any slot points at them, slots
+//! are rewritten before a backend they pointed at is removed, and a new VIP's table is written
+//! before the VIP itself. A resync with nothing changed plans no write at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{
+    BACKEND_F_LIVE, Backend, FAMILY_V4, FAMILY_V6, MODE_DSR, MODE_NAT, NO_BACKEND, NODE_F_SRC_V4,
+    NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
+};
+
+use crate::{
+    maglev::{self, Entry, MaglevError},
+    model::{Desired, HashOn, Mode, addr16},
+};
+
+/// What the maps hold (or, for the in-memory dataplane, what they would hold).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub node: NodeConfig,
+    pub vips: BTreeMap<VipKey, VipValue>,
+    pub vip_addrs: BTreeMap<VipAddr, u32>,
+    /// Live backends only.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Tables of the VIP ids in `vips`.
+    pub rings: BTreeMap<u32, Vec<u32>>,
+}
+
+/// Sizes fixed at load time that a plan must fit in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub maglev_m: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Node(NodeConfig),
+    /// Publish (or update) a backend id.
+    Backend {
+        id: u32,
+        backend: Backend,
+    },
+    /// Retire a backend id (flags cleared: array entries can't be deleted).
+    RemoveBackend {
+        id: u32,
+    },
+    VipAddr {
+        addr: VipAddr,
+        count: u32,
+    },
+    RemoveVipAddr {
+        addr: VipAddr,
+    },
+    /// Set ring slots of one VIP id: (slot, backend id) pairs.
+    Slots {
+        vip_id: u32,
+        slots: Vec<(u32, u32)>,
+    },
+    Vip {
+        key: VipKey,
+        value: VipValue,
+    },
+    RemoveVip {
+        key: VipKey,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub writes: Vec<Write>,
+}
+
+impl Plan {
+    /// Map entries written, counting each ring slot.
+    pub fn write_count(&self) -> usize {
+        self.writes
+            .iter()
+            .map(|w| match w {
+                Write::Slots { slots, .. } => slots.len(),
+                _ => 1,
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{wanted} VIPs, but the program was loaded for at most {max}")]
+    TooManyVips { wanted: usize, max: u32 },
+    #[error("{wanted} distinct backends, but the program was loaded for at most {max}")]
+    TooManyBackends { wanted: usize, max: u32 },
+    #[error("VIP {vip}: {source}")]
+    Maglev {
+        vip: String,
+        #[source]
+        source: MaglevError,
+    },
+    #[error("VIP {0} is listed twice")]
+    DuplicateVip(String),
+}
+
+/// A backend's identity: the same address and port is the same backend (one id), whichever
+/// VIPs it serves.
+fn backend_of(address: std::net::IpAddr, port: u16) -> Backend {
+    let (addr, family) = addr16(address);
+    Backend {
+        addr,
+        port: port.to_be(),
+        family,
+        flags: BACKEND_F_LIVE,
+    }
+}
+
+/// Key bytes Maglev hashes for a backend: family, address, port. The same on every node.
+fn maglev_key(b: &Backend) -> Vec<u8> {
+    let mut k = Vec::with_capacity(19);
+    k.push(b.family);
+    k.extend_from_slice(&b.addr);
+    k.extend_from_slice(&b.port.to_ne_bytes());
+    k
+}
+
+fn node_config(d: &Desired) -> NodeConfig {
+    let mut n = NodeConfig {
+        udp_idle_timeout_ns: d.node.udp_idle_timeout.as_nanos().min(u64::MAX as u128) as u64,
+        ..Default::default()
+    };
+    if let Some(a) = d.node.source_v4 {
+        n.src_v4 = a.octets();
+        n.flags |= NODE_F_SRC_V4;
+    }
+    if let Some(a) = d.node.source_v6 {
+        n.src_v6 = a.octets();
+        n.flags |= NODE_F_SRC_V6;
+    }
+    n
+}
+
+/// Lowest ids not in `used`.
+fn free_ids(used: &BTreeSet<u32>) -> impl Iterator<Item = u32> + '_ {
+    (0u32..).filter(|i| !used.contains(i))
+}
+
+/// Plans the writes that turn `current` into `desired`, and returns the state they lead to.
+pub fn plan(
+    current: &State,
+    desired: &Desired,
+    limits: Limits,
+) -> Result<(Plan, State), PlanError> {
+    let m = limits.maglev_m;
+    let mut seen = BTreeSet::new();
+    for v in &desired.vips {
+        if !seen.insert(v.key()) {
+            return Err(PlanError::DuplicateVip(v.label()));
+        }
+    }
+    if desired.vips.len() > limits.max_vips as usize {
+        return Err(PlanError::TooManyVips {
+            wanted: desired.vips.len(),
+            max: limits.max_vips,
+        });
+    }
+
+    // Backend ids: keep the id of every backend that stays; new ones take the lowest ids that
+    // are neither in use nor being retired now (a flow still pinned to a retired id must not
+    // land on a newcomer).
+    let by_identity: BTreeMap<Backend, u32> =
+        current.backends.iter().map(|(id, b)| (*b, *id)).collect();
+    let wanted: BTreeSet<Backend> = desired
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| backend_of(b.address, b.port)))
+        .collect();
+    if wanted.len() > limits.max_backends as usize {
+        return Err(PlanError::TooManyBackends {
+            wanted: wanted.len(),
+            max: limits.max_backends,
+        });
+    }
+    let used: BTreeSet<u32> = current.backends.keys().copied().collect();
+    let mut fresh = free_ids(&used);
+    let mut ids: BTreeMap<Backend, u32> = BTreeMap::new();
+    for b in &wanted {
+        let id = match by_identity.get(b) {
+            Some(id) => *id,
+            None => fresh.next().expect("ids are unbounded"),
+        };
+        ids.insert(*b, id);
+    }
+    if let Some(over) = ids.values().find(|&&id| id >= limits.max_backends) {
+        // Only possible when ids of retired backends are still taken: retire first, retry.
+        return Err(PlanError::TooManyBackends {
+            wanted: *over as usize + 1,
+            max: limits.max_backends,
+        });
+    }
+
+    // VIP ids, the same way.
+    let used_vip_ids: BTreeSet<u32> = current.vips.values().map(|v| v.id).collect();
+    let mut fresh_vip = free_ids(&used_vip_ids);
+    let mut next = State {
+        node: node_config(desired),
+        ..Default::default()
+    };
+    for v in &desired.vips {
+        let key = v.key();
+        let id = match current.vips.get(&key) {
+            Some(old) => old.id,
+            None => fresh_vip.next().expect("ids are unbounded"),
+        };
+        if id >= limits.max_vips {
+            return Err(PlanError::TooManyVips {
+                wanted: id as usize + 1,
+                max: limits.max_vips,
+            });
+        }
+        let value = VipValue {
+            id,
+            flags: if v.hash == HashOn::SourceIp {
+                VIP_F_HASH_SRC_ONLY
+            } else {
+                0
+            },
+            affinity_timeout_s: v.affinity_timeout_s,
+            mode: match v.mode {
+                Mode::Dsr => MODE_DSR,
+                Mode::Nat => MODE_NAT,
+            },
+        };
+        let keys: Vec<(Vec<u8>, u32, u32)> = v
+            .backends
+            .iter()
+            .map(|b| {
+                let be = backend_of(b.address, b.port);
+                (maglev_key(&be), b.weight, ids[&be])
+            })
+            .collect();
+        let entries: Vec<Entry<'_>> = keys
+            .iter()
+            .map(|(k, w, id)| Entry {
+                key: k,
+                weight: *w,
+                value: *id,
+            })
+            .collect();
+        let ring = maglev::build(&entries, m, NO_BACKEND).map_err(|source| PlanError::Maglev {
+            vip: v.label(),
+            source,
+        })?;
+        next.vips.insert(key, value);
+        *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
+        next.rings.insert(id, ring);
+    }
+    next.backends = ids.iter().map(|(b, id)| (*id, *b)).collect();
+
+    Ok((diff(current, &next), next))
+}
+
+/// The writes from `cur` to `next`, safely ordered.
+fn diff(cur: &State, next: &State) -> Plan {
+    let mut w = Vec::new();
+    if cur.node != next.node {
+        w.push(Write::Node(next.node));
+    }
+    // 1. Publish new or changed backends.
+    for (id, b) in &next.backends {
+        if cur.backends.get(id) != Some(b) {
+            w.push(Write::Backend {
+                id: *id,
+                backend: *b,
+            });
+        }
+    }
+    // 2. Addresses that gain VIPs.
+    for (a, n) in &next.vip_addrs {
+        if cur.vip_addrs.get(a) != Some(n) {
+            w.push(Write::VipAddr {
+                addr: *a,
+                count: *n,
+            });
+        }
+    }
+    // 3. Tables: only the slots that differ (all of them for a VIP id new to the maps).
+    for (id, ring) in &next.rings {
+        let slots: Vec<(u32, u32)> = match cur.rings.get(id) {
+            Some(old) if old.len() == ring.len() => ring
+                .iter()
+                .zip(old)
+                .enumerate()
+                .filter(|(_, (n, o))| n != o)
+                .map(|(s, (n, _))| (s as u32, *n))
+                .collect(),
+            _ => ring
+                .iter()
+                .enumerate()
+                .map(|(s, n)| (s as u32, *n))
+                .collect(),
+        };
+        if !slots.is_empty() {
+            w.push(Write::Slots { vip_id: *id, slots });
+        }
+    }
+    // 4. VIPs: new and changed ones now that their tables are in place; then removals.
+    for (k, v) in &next.vips {
+        if cur.vips.get(k) != Some(v) {
+            w.push(Write::Vip { key: *k, value: *v });
+        }
+    }
+    for k in cur.vips.keys().filter(|k| !next.vips.contains_key(k)) {
+        w.push(Write::RemoveVip { key: *k });
+    }
+    for a in cur
+        .vip_addrs
+        .keys()
+        .filter(|a| !next.vip_addrs.contains_key(a))
+    {
+        w.push(Write::RemoveVipAddr { addr: *a });
+    }
+    // 5. Retire backends no table points at any more.
+    for id in cur
+        .backends
+        .keys()
+        .filter(|id| !next.backends.contains_key(id))
+    {
+        w.push(Write::RemoveBackend { id: *id });
+    }
+    Plan { writes: w }
+}
+
+/// Applies one write to a [`State`] (the in-memory dataplane, and tests of ordering).
+pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
+    match w {
+        Write::Node(n) => s.node = *n,
+        Write::Backend { id, backend } => {
+            s.backends.insert(*id, *backend);
+        }
+        Write::RemoveBackend { id } => {
+            s.backends.remove(id);
+        }
+        Write::VipAddr { addr, count } => {
+            s.vip_addrs.insert(*addr, *count);
+        }
+        Write::RemoveVipAddr { addr } => {
+            s.vip_addrs.remove(addr);
+        }
+        Write::Slots { vip_id, slots } => {
+            let ring = s
+                .rings
+                .entry(*vip_id)
+                .or_insert_with(|| vec![NO_BACKEND; m as usize]);
+            for (slot, b) in slots {
+                ring[*slot as usize] = *b;
+            }
+        }
+        Write::Vip { key, value } => {
+            s.vips.insert(*key, *value);
+        }
+        Write::RemoveVip { key } => {
+            s.vips.remove(key);
+        }
+    }
+}
+
+/// Whether a family byte is one lb knows.
+pub fn known_family(f: u8) -> bool {
+    f == FAMILY_V4 || f == FAMILY_V6
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use super::*;
+    use crate::model::{BackendSpec, Protocol, VipSpec};
+
+    const LIMITS: Limits = Limits {
+        maglev_m: 1009,
+        max_vips: 16,
+        max_backends: 64,
+    };
+
+    fn vip(addr: &str, backends: &[(&str, u32)]) -> VipSpec {
+        VipSpec {
+            name: addr.into(),
+            address: addr.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            mode: Mode::Dsr,
+            hash: HashOn::FiveTuple,
+            affinity_timeout_s: 0,
+            backends: backends
+                .iter()
+                .map(|(a, w)| BackendSpec {
+                    address: a.parse::<IpAddr>().unwrap(),
+                    port: 0,
+                    weight: *w,
+                })
+                .collect(),
+        }
+    }
+
+    fn desired(vips: Vec<VipSpec>) -> Desired {
+        Desired {
+            node: crate::model::NodeSpec {
+                source_v4: Some("10.0.0.1".parse().unwrap()),
+                ..Default::default()
+            },
+            vips,
+        }
+    }
+
+    /// Every slot of every VIP visible to the program points at a live backend or at none.
+    fn consistent(s: &State) -> Result<(), String> {
+        for (k, v) in &s.vips {
+            let ring = s
+                .rings
+                .get(&v.id)
+                .ok_or(format!("VIP {k:?} has no table"))?;
+            if let Some(b) = ring
+                .iter()
+                .find(|b| **b != NO_BACKEND && !s.backends.contains_key(b))
+            {
+                return Err(format!("VIP id {} points at missing backend {b}", v.id));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(s: &mut State, p: &Plan) {
+        for w in &p.writes {
+            apply_to_state(s, w, LIMITS.maglev_m);
+            consistent(s).unwrap_or_else(|e| panic!("after {w:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unchanged_state_plans_nothing() {
+        let d = desired(vec![
+            vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 2)]),
+            vip("192.0.2.2", &[("10.1.0.1", 1)]),
+        ]);
+        let (p, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        assert!(p.write_count() > 2 * 1009, "first sync writes both tables");
+        let mut s = State::default();
+        apply(&mut s, &p);
+        assert_eq!(s, next, "applying the plan gives the planned state");
+        let (again, _) = plan(&s, &d, LIMITS).unwrap();
+        assert!(again.is_empty(), "resync wrote {:?}", again.writes);
+    }
+
+    #[test]
+    fn one_backend_change_touches_only_its_slots() {
+        let before = desired(vec![
+            vip(
+                "192.0.2.1",
+                &[("10.1.0.1", 1), ("10.1.0.2", 1), ("10.1.0.3", 1)],
+            ),
+            vip("192.0.2.2", &[("10.1.0.9", 1)]),
+        ]);
+        let (p, s) = plan(&State::default(), &before, LIMITS).unwrap();
+        let mut cur = State::default();
+        apply(&mut cur, &p);
+        assert_eq!(cur, s);
+        let removed_id = cur
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr[..4] == [10, 1, 0, 3])
+            .map(|(id, _)| *id)
+            .unwrap();
+        let held = cur.rings[&0].iter().filter(|&&b| b == removed_id).count();
+
+        let after = desired(vec![
+            vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]),
+            vip("192.0.2.2", &[("10.1.0.9", 1)]),
+        ]);
+        let (p, _) = plan(&cur, &after, LIMITS).unwrap();
+        let slot_writes: Vec<_> = p
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::Slots { .. }))
+            .collect();
+        assert_eq!(
+            slot_writes.len(),
+            1,
+            "only the changed VIP's table: {slot_writes:?}"
+        );
+        let Write::Slots { vip_id, slots } = slot_writes[0] else {
+            unreachable!()
+        };
+        assert_eq!(*vip_id, 0);
+        // Maglev moves the removed backend's slots and a few more; never the whole table.
+        assert!(
+            slots.len() >= held && slots.len() < 2 * held,
+            "{} slots rewritten for {held} held",
+            slots.len()
+        );
+        assert_eq!(
+            p.writes.last(),
+            Some(&Write::RemoveBackend { id: removed_id }),
+            "retire last"
+        );
+        assert_eq!(p.write_count(), slots.len() + 1);
+        apply(&mut cur, &p);
+    }
+
+    #[test]
+    fn ids_are_kept_and_not_reused_at_once() {
+        let (p, s1) = plan(
+            &State::default(),
+            &desired(vec![vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)])]),
+            LIMITS,
+        )
+        .unwrap();
+        let mut cur = State::default();
+        apply(&mut cur, &p);
+        let id_of = |s: &State, last: u8| {
+            s.backends
+                .iter()
+                .find(|(_, b)| b.addr[3] == last)
+                .map(|(i, _)| *i)
+        };
+        let (p, s2) = plan(
+            &cur,
+            &desired(vec![vip("192.0.2.1", &[("10.1.0.2", 1), ("10.1.0.3", 1)])]),
+            LIMITS,
+        )
+        .unwrap();
+        assert_eq!(
+            id_of(&s1, 2),
+            id_of(&s2, 2),
+            "a backend that stays keeps its id"
+        );
+        assert_ne!(
+            id_of(&s2, 3),
+            id_of(&s1, 1),
+            "a newcomer took the id being retired"
+        );
+        apply(&mut cur, &p);
+    }
+
+    /// Random walks between desired states: after every single write, no table points at a
+    /// backend that is not there, and the end state is the planned one.
+    #[test]
+    fn every_intermediate_state_is_safe() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let pool: Vec<String> = (1..=12).map(|i| format!("10.1.0.{i}")).collect();
+        let vips = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "2001:db8::1"];
+        let mut cur = State::default();
+        for round in 0..60 {
+            let mut specs = Vec::new();
+            for v in vips {
+                if !rng.random_bool(0.8) {
+                    continue;
+                }
+                let mut bs: Vec<(&str, u32)> = Vec::new();
+                for b in &pool {
+                    if rng.random_bool(0.4) {
+                        bs.push((b.as_str(), rng.random_range(0..4)));
+                    }
+                }
+                specs.push(vip(v, &bs));
+            }
+            let d = desired(specs);
+            let (p, next) = plan(&cur, &d, LIMITS).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            apply(&mut cur, &p);
+            assert_eq!(cur.vips, next.vips, "round {round}");
+            assert_eq!(cur.backends, next.backends, "round {round}");
+            for (k, v) in &next.vips {
+                assert_eq!(
+                    cur.rings[&v.id], next.rings[&v.id],
+                    "round {round}: table of {k:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn limits_and_duplicates_are_errors() {
+        let many: Vec<VipSpec> = (0..17).map(|i| vip(&format!("192.0.2.{i}"), &[])).collect();
+        assert!(matches!(
+            plan(&State::default(), &desired(many), LIMITS),
+            Err(PlanError::TooManyVips { .. })
+        ));
+        let dup = vec![vip("192.0.2.1", &[]), vip("192.0.2.1", &[])];
+        assert!(matches!(
+            plan(&State::default(), &desired(dup), LIMITS),
+            Err(PlanError::DuplicateVip(_))
+        ));
+        let lots: Vec<(String, u32)> = (0..65).map(|i| (format!("10.2.0.{i}"), 1)).collect();
+        let refs: Vec<(&str, u32)> = lots.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        assert!(matches!(
+            plan(
+                &State::default(),
+                &desired(vec![vip("192.0.2.1", &refs)]),
+                LIMITS
+            ),
+            Err(PlanError::TooManyBackends { .. })
+        ));
+    }
+}
