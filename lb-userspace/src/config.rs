@@ -1,0 +1,1013 @@
+//! The config file of a bare-host agent: node settings, VIPs, backends and health checks.
+//!
+//! Parsing is in two steps. serde reads the YAML into loosely typed `Raw*` structs (unknown keys
+//! are errors, so a typo is not silently ignored); then [`validate`] checks every field and
+//! reports *every* problem with its path (`vips[2].backends[0].weight: must be 0..=65535`), and
+//! only a config without problems becomes a [`Config`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    maglev,
+    model::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
+    program::Sizes,
+};
+
+/// One thing wrong with a config, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid lb config: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver: the fast path.
+    Native,
+    /// In the kernel's generic hook: works on any interface, slower.
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    Tcp,
+    /// GET `path`; a status in `statuses` (default: 200..=399) is a success.
+    Http {
+        path: String,
+        statuses: Vec<u16>,
+    },
+}
+
+/// Active health checking of a VIP's backends, in the spirit of Kong's active checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port to probe (default: the VIP's port).
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub sizes: Sizes,
+    pub metrics_listen: Option<SocketAddr>,
+    pub spec: NodeSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipConfig {
+    /// The VIP with its configured weights (health may lower them to 0).
+    pub spec: VipSpec,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeSettings,
+    pub vips: Vec<VipConfig>,
+    /// Things that work but may not be what was meant (a small table, say).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        validate(&raw).map_err(|problems| ConfigError::Invalid {
+            path: origin.to_string(),
+            problems,
+        })
+    }
+
+    /// The desired state with the configured weights.
+    pub fn desired(&self) -> Desired {
+        Desired {
+            node: self.node.spec.clone(),
+            vips: self.vips.iter().map(|v| v.spec.clone()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node: RawNode,
+    #[serde(default)]
+    pub vips: Vec<RawVip>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<String>,
+    pub source_v4: Option<String>,
+    pub source_v6: Option<String>,
+    pub table_size: Option<i64>,
+    pub max_vips: Option<i64>,
+    pub max_backends: Option<i64>,
+    pub flow_table_size: Option<i64>,
+    pub affinity_table_size: Option<i64>,
+    pub udp_idle_timeout: Option<String>,
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVip {
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    pub mode: Option<String>,
+    pub hash: Option<String>,
+    pub affinity_timeout: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: Option<String>,
+    pub port: Option<i64>,
+    pub weight: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub port: Option<i64>,
+    pub path: Option<String>,
+    pub http_statuses: Option<Vec<i64>>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<i64>,
+    pub unhealthy_threshold: Option<i64>,
+}
+
+/// Collects problems while checking fields.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn bad(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn int(
+        &mut self,
+        path: &str,
+        v: Option<i64>,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
+        let v = v.unwrap_or(default);
+        if !range.contains(&v) {
+            self.bad(path, format!("must be {}..={}", range.start(), range.end()));
+            return default;
+        }
+        v
+    }
+
+    fn duration(&mut self, path: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
+                self.bad(
+                    path,
+                    format!("not a duration ({e}); write it like 2s, 500ms or 1h"),
+                );
+                default
+            }),
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        path: &str,
+        v: Option<&str>,
+        default: T,
+        options: &[(&str, T)],
+    ) -> T {
+        let Some(s) = v else { return default };
+        match options.iter().find(|(name, _)| *name == s) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.bad(
+                    path,
+                    format!("must be one of {}, not {s:?}", names.join(", ")),
+                );
+                default
+            }
+        }
+    }
+}
+
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same ceiling Kubernetes puts on ClientIP affinity.
+pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// Checks a raw config, returning every problem found.
+pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+    let mut warnings = Vec::new();
+    let n = &raw.node;
+
+    if n.interfaces.is_empty() {
+        c.bad(
+            "node.interfaces",
+            "at least one interface is needed (where VIP traffic arrives)",
+        );
+    }
+    let mut seen_if = BTreeSet::new();
+    for (i, name) in n.interfaces.iter().enumerate() {
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', ' ', '\t'])
+            || name == "."
+            || name == ".."
+        {
+            c.bad(
+                format!("node.interfaces[{i}]"),
+                format!("{name:?} is not a valid interface name"),
+            );
+        } else if !seen_if.insert(name) {
+            c.bad(
+                format!("node.interfaces[{i}]"),
+                format!("{name:?} is listed twice"),
+            );
+        }
+    }
+    let xdp_mode = c.choice(
+        "node.xdp_mode",
+        n.xdp_mode.as_deref(),
+        XdpMode::Native,
+        &[("native", XdpMode::Native), ("generic", XdpMode::Generic)],
+    );
+    let source_v4 = n.source_v4.as_deref().and_then(|s| {
+        s.parse::<Ipv4Addr>()
+            .map_err(|_| c.bad("node.source_v4", format!("{s:?} is not an IPv4 address")))
+            .ok()
+    });
+    let source_v6 = n.source_v6.as_deref().and_then(|s| {
+        s.parse::<Ipv6Addr>()
+            .map_err(|_| c.bad("node.source_v6", format!("{s:?} is not an IPv6 address")))
+            .ok()
+    });
+    let defaults = Sizes::default();
+    let table_size = c.int(
+        "node.table_size",
+        n.table_size,
+        defaults.maglev_m as i64,
+        2..=(1 << 24),
+    ) as u32;
+    if !maglev::is_prime(table_size) {
+        c.bad("node.table_size", format!("{table_size} is not prime (Maglev needs a prime table size, e.g. 65537, 131071, 1000003)"));
+    }
+    let max_vips = c.int(
+        "node.max_vips",
+        n.max_vips,
+        defaults.max_vips as i64,
+        1..=65_535,
+    ) as u32;
+    if (max_vips as u64) * (table_size as u64) > (1u64 << 31) {
+        c.bad("node.max_vips", format!("{max_vips} VIPs x {table_size} slots is more than one BPF array can hold (2^31 slots)"));
+    }
+    let max_backends = c.int(
+        "node.max_backends",
+        n.max_backends,
+        defaults.max_backends as i64,
+        1..=(1 << 20),
+    ) as u32;
+    let flow_entries = c.int(
+        "node.flow_table_size",
+        n.flow_table_size,
+        defaults.flow_entries as i64,
+        1..=(1 << 27),
+    ) as u32;
+    let affinity_entries = c.int(
+        "node.affinity_table_size",
+        n.affinity_table_size,
+        defaults.affinity_entries as i64,
+        1..=(1 << 27),
+    ) as u32;
+    let udp_idle_timeout = c.duration(
+        "node.udp_idle_timeout",
+        n.udp_idle_timeout.as_deref(),
+        DEFAULT_UDP_IDLE_TIMEOUT,
+    );
+    let metrics_listen = n.metrics_listen.as_deref().and_then(|s| {
+        s.parse::<SocketAddr>()
+            .map_err(|_| {
+                c.bad(
+                    "node.metrics_listen",
+                    format!("{s:?} is not an address:port (e.g. 127.0.0.1:9435)"),
+                )
+            })
+            .ok()
+    });
+
+    if raw.vips.len() > max_vips as usize {
+        c.bad(
+            "vips",
+            format!(
+                "{} VIPs, more than node.max_vips ({max_vips})",
+                raw.vips.len()
+            ),
+        );
+    }
+    let mut vips = Vec::new();
+    let mut seen_vips: BTreeMap<(IpAddr, u16, Protocol), usize> = BTreeMap::new();
+    let mut all_backends = BTreeSet::new();
+    for (i, v) in raw.vips.iter().enumerate() {
+        let p = format!("vips[{i}]");
+        let address = match v.address.as_deref() {
+            None => {
+                c.bad(format!("{p}.address"), "missing");
+                None
+            }
+            Some(s) => s
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    c.bad(
+                        format!("{p}.address"),
+                        format!("{s:?} is not an IP address"),
+                    )
+                })
+                .ok(),
+        };
+        let port = match v.port {
+            None => {
+                c.bad(format!("{p}.port"), "missing");
+                0
+            }
+            Some(_) => c.int(&format!("{p}.port"), v.port, 0, 1..=65_535) as u16,
+        };
+        let protocol = match v.protocol.as_deref() {
+            None => {
+                c.bad(format!("{p}.protocol"), "missing (tcp or udp)");
+                Protocol::Tcp
+            }
+            s => c.choice(
+                &format!("{p}.protocol"),
+                s,
+                Protocol::Tcp,
+                &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+            ),
+        };
+        let mode = c.choice(
+            &format!("{p}.mode"),
+            v.mode.as_deref(),
+            Mode::Dsr,
+            &[("dsr", Mode::Dsr), ("nat", Mode::Nat)],
+        );
+        if mode == Mode::Nat {
+            c.bad(format!("{p}.mode"), "nat is not supported yet (only dsr)");
+        }
+        let hash = c.choice(
+            &format!("{p}.hash"),
+            v.hash.as_deref(),
+            HashOn::FiveTuple,
+            &[
+                ("five-tuple", HashOn::FiveTuple),
+                ("source-ip", HashOn::SourceIp),
+            ],
+        );
+        let affinity = c.duration(
+            &format!("{p}.affinity_timeout"),
+            v.affinity_timeout.as_deref(),
+            Duration::ZERO,
+        );
+        if affinity > MAX_AFFINITY_TIMEOUT {
+            c.bad(format!("{p}.affinity_timeout"), "at most 24h (86400s)");
+        } else if affinity.subsec_nanos() != 0 {
+            c.bad(format!("{p}.affinity_timeout"), "must be whole seconds");
+        }
+        if let Some(a) = address {
+            if let Some(first) = seen_vips.insert((a, port, protocol), i) {
+                c.bad(
+                    p.clone(),
+                    format!("same address, port and protocol as vips[{first}]"),
+                );
+            }
+        }
+
+        let mut backends = Vec::new();
+        let mut seen_b = BTreeMap::new();
+        for (j, b) in v.backends.iter().enumerate() {
+            let bp = format!("{p}.backends[{j}]");
+            let Some(s) = b.address.as_deref() else {
+                c.bad(format!("{bp}.address"), "missing");
+                continue;
+            };
+            let Ok(addr) = s.parse::<IpAddr>() else {
+                c.bad(
+                    format!("{bp}.address"),
+                    format!("{s:?} is not an IP address"),
+                );
+                continue;
+            };
+            match addr {
+                IpAddr::V4(_) if source_v4.is_none() && n.source_v4.is_none() => c.bad(
+                    format!("{bp}.address"),
+                    "an IPv4 backend needs node.source_v4 (the outer source address)",
+                ),
+                IpAddr::V6(_) if source_v6.is_none() && n.source_v6.is_none() => c.bad(
+                    format!("{bp}.address"),
+                    "an IPv6 backend needs node.source_v6 (the outer source address)",
+                ),
+                _ => {}
+            }
+            if let Some(first) = seen_b.insert(addr, j) {
+                c.bad(
+                    format!("{bp}.address"),
+                    format!("{addr} is already backends[{first}]"),
+                );
+            }
+            if b.port.is_some() && mode == Mode::Dsr {
+                c.bad(
+                    format!("{bp}.port"),
+                    "only NAT mode maps ports; a DSR backend serves the VIP's port",
+                );
+            }
+            let weight = c.int(&format!("{bp}.weight"), b.weight, 100, 0..=65_535) as u32;
+            all_backends.insert(addr);
+            backends.push(BackendSpec {
+                address: addr,
+                port: 0,
+                weight,
+            });
+        }
+        match maglev::check_size(table_size, backends.len()) {
+            Ok(Some(w)) => warnings.push(format!("{p}: {w}")),
+            Ok(None) => {}
+            Err(maglev::MaglevError::TooSmall { .. }) => c.bad(
+                format!("{p}.backends"),
+                format!(
+                    "{} backends do not fit a table of {table_size} slots",
+                    backends.len()
+                ),
+            ),
+            Err(_) => {} // not prime: reported on node.table_size
+        }
+
+        let health_check = v
+            .health_check
+            .as_ref()
+            .map(|h| check_health(&mut c, &format!("{p}.health_check"), h, port));
+        if let Some(address) = address {
+            vips.push(VipConfig {
+                spec: VipSpec {
+                    name: v.name.clone().unwrap_or_else(|| format!("vip{i}")),
+                    address,
+                    port,
+                    protocol,
+                    mode,
+                    hash,
+                    affinity_timeout_s: affinity.as_secs() as u32,
+                    backends,
+                },
+                health_check,
+            });
+        }
+    }
+    if all_backends.len() > max_backends as usize {
+        c.bad(
+            "vips",
+            format!(
+                "{} distinct backends, more than node.max_backends ({max_backends})",
+                all_backends.len()
+            ),
+        );
+    }
+
+    if !c.problems.is_empty() {
+        return Err(c.problems);
+    }
+    Ok(Config {
+        node: NodeSettings {
+            interfaces: n.interfaces.clone(),
+            xdp_mode,
+            sizes: Sizes {
+                maglev_m: table_size,
+                max_vips,
+                max_backends,
+                flow_entries,
+                affinity_entries,
+            },
+            metrics_listen,
+            spec: NodeSpec {
+                source_v4,
+                source_v6,
+                udp_idle_timeout,
+            },
+        },
+        vips,
+        warnings,
+    })
+}
+
+fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck, vip_port: u16) -> HealthCheck {
+    let http = c.choice(
+        &format!("{p}.type"),
+        h.kind.as_deref().or(Some("tcp")),
+        false,
+        &[("tcp", false), ("http", true)],
+    );
+    let port = c.int(
+        &format!("{p}.port"),
+        h.port,
+        vip_port.max(1) as i64,
+        1..=65_535,
+    ) as u16;
+    let interval = c.duration(
+        &format!("{p}.interval"),
+        h.interval.as_deref(),
+        Duration::from_secs(5),
+    );
+    let timeout = c.duration(
+        &format!("{p}.timeout"),
+        h.timeout.as_deref(),
+        Duration::from_secs(1),
+    );
+    if interval.is_zero() {
+        c.bad(format!("{p}.interval"), "must be more than 0");
+    }
+    if timeout.is_zero() {
+        c.bad(format!("{p}.timeout"), "must be more than 0");
+    } else if timeout > interval {
+        c.bad(
+            format!("{p}.timeout"),
+            "must not be longer than the interval",
+        );
+    }
+    let healthy_threshold = c.int(
+        &format!("{p}.healthy_threshold"),
+        h.healthy_threshold,
+        2,
+        1..=255,
+    ) as u32;
+    let unhealthy_threshold = c.int(
+        &format!("{p}.unhealthy_threshold"),
+        h.unhealthy_threshold,
+        3,
+        1..=255,
+    ) as u32;
+    let kind = if http {
+        let path = h.path.clone().unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') {
+            c.bad(format!("{p}.path"), "must start with /");
+        }
+        let statuses = match &h.http_statuses {
+            None => (200..=399).collect(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    c.int(&format!("{p}.http_statuses[{i}]"), Some(*s), 200, 100..=599) as u16
+                })
+                .collect(),
+        };
+        CheckKind::Http { path, statuses }
+    } else {
+        if h.path.is_some() {
+            c.bad(format!("{p}.path"), "only http checks have a path");
+        }
+        if h.http_statuses.is_some() {
+            c.bad(
+                format!("{p}.http_statuses"),
+                "only http checks have statuses",
+            );
+        }
+        CheckKind::Tcp
+    };
+    HealthCheck {
+        kind,
+        port,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node:
+  interfaces: [eth0]
+  source_v4: 10.0.0.1
+  source_v6: fd00::1
+  table_size: 65537
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.1.0.1, weight: 200 }
+      - { address: 10.1.0.2, weight: 100 }
+      - { address: fd01::3, weight: 0 }
+    health_check: { type: http, path: /healthz, interval: 2s, timeout: 500ms }
+  - address: 192.0.2.10
+    port: 53
+    protocol: udp
+    hash: source-ip
+    affinity_timeout: 10m
+    backends: [{ address: 10.1.0.1 }]
+"#;
+
+    /// Parses GOOD with `edit` applied (a line replaced) and returns its problems as strings.
+    fn problems(edit: impl Fn(String) -> String) -> Vec<String> {
+        match Config::parse(&edit(GOOD.to_string()), "test.yaml") {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            Err(e) => vec![format!("parse: {e}")],
+        }
+    }
+
+    fn replace(from: &'static str, to: &'static str) -> impl Fn(String) -> String {
+        move |s| {
+            assert!(
+                s.contains(from),
+                "test edits a line that is not there: {from}"
+            );
+            s.replacen(from, to, 1)
+        }
+    }
+
+    #[test]
+    fn the_sample_is_valid_and_means_what_it_says() {
+        let c = Config::parse(GOOD, "test.yaml").unwrap();
+        assert_eq!(c.node.interfaces, ["eth0"]);
+        assert_eq!(c.node.sizes.maglev_m, 65_537);
+        assert_eq!(c.vips.len(), 2);
+        let web = &c.vips[0];
+        assert_eq!(web.spec.name, "web");
+        assert_eq!(
+            web.spec
+                .backends
+                .iter()
+                .map(|b| b.weight)
+                .collect::<Vec<_>>(),
+            [200, 100, 0]
+        );
+        let h = web.health_check.as_ref().unwrap();
+        assert_eq!(
+            h.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                statuses: (200..=399).collect()
+            }
+        );
+        assert_eq!(
+            (h.interval, h.timeout, h.port),
+            (Duration::from_secs(2), Duration::from_millis(500), 80)
+        );
+        assert_eq!(c.vips[1].spec.hash, HashOn::SourceIp);
+        assert_eq!(c.vips[1].spec.affinity_timeout_s, 600);
+        assert_eq!(c.vips[1].spec.backends[0].weight, 100, "default weight");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // And the repository's sample config too.
+        let sample = include_str!("../../lb.example.yaml");
+        Config::parse(sample, "lb.example.yaml").unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[test]
+    fn every_validation_error_names_its_path() {
+        let cases: Vec<(Box<dyn Fn(String) -> String>, &str)> = vec![
+            (
+                Box::new(replace("interfaces: [eth0]", "interfaces: []")),
+                "node.interfaces: at least one interface",
+            ),
+            (
+                Box::new(replace("interfaces: [eth0]", "interfaces: [eth0, eth0]")),
+                "node.interfaces[1]: \"eth0\" is listed twice",
+            ),
+            (
+                Box::new(replace("interfaces: [eth0]", "interfaces: [\"a/b\"]")),
+                "node.interfaces[0]: \"a/b\" is not a valid interface name",
+            ),
+            (
+                Box::new(replace("  table_size: 65537", "  table_size: 65536")),
+                "node.table_size: 65536 is not prime",
+            ),
+            (
+                Box::new(replace("  table_size: 65537", "  table_size: 0")),
+                "node.table_size: must be 2..=16777216",
+            ),
+            (
+                Box::new(replace("source_v4: 10.0.0.1", "source_v4: fd00::9")),
+                "node.source_v4: \"fd00::9\" is not an IPv4 address",
+            ),
+            (
+                Box::new(replace("source_v6: fd00::1", "source_v6: 10.0.0.9")),
+                "node.source_v6: \"10.0.0.9\" is not an IPv6 address",
+            ),
+            (
+                Box::new(replace("  source_v6: fd00::1\n", "")),
+                "vips[0].backends[2].address: an IPv6 backend needs node.source_v6",
+            ),
+            (
+                Box::new(replace("  source_v4: 10.0.0.1\n", "")),
+                "vips[0].backends[0].address: an IPv4 backend needs node.source_v4",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  xdp_mode: fast",
+                )),
+                "node.xdp_mode: must be one of native, generic, not \"fast\"",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  max_vips: 1",
+                )),
+                "vips: 2 VIPs, more than node.max_vips (1)",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  max_vips: 40000",
+                )),
+                "node.max_vips: 40000 VIPs x 65537 slots is more than one BPF array can hold",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  max_backends: 2",
+                )),
+                "vips: 3 distinct backends, more than node.max_backends (2)",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  flow_table_size: 0",
+                )),
+                "node.flow_table_size: must be 1..=134217728",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  udp_idle_timeout: soon",
+                )),
+                "node.udp_idle_timeout: not a duration",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  metrics_listen: localhost",
+                )),
+                "node.metrics_listen: \"localhost\" is not an address:port",
+            ),
+            (
+                Box::new(replace(
+                    "address: 192.0.2.10\n    port: 80",
+                    "address: 192.0.2.300\n    port: 80",
+                )),
+                "vips[0].address: \"192.0.2.300\" is not an IP address",
+            ),
+            (
+                Box::new(replace("    port: 80\n", "    port: 0\n")),
+                "vips[0].port: must be 1..=65535",
+            ),
+            (
+                Box::new(replace("    port: 80\n", "")),
+                "vips[0].port: missing",
+            ),
+            (
+                Box::new(replace("    protocol: tcp", "    protocol: sctp")),
+                "vips[0].protocol: must be one of tcp, udp, not \"sctp\"",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: tcp",
+                    "    protocol: tcp\n    mode: nat",
+                )),
+                "vips[0].mode: nat is not supported yet",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: tcp",
+                    "    protocol: tcp\n    mode: maybe",
+                )),
+                "vips[0].mode: must be one of dsr, nat",
+            ),
+            (
+                Box::new(replace("hash: source-ip", "hash: random")),
+                "vips[1].hash: must be one of five-tuple, source-ip",
+            ),
+            (
+                Box::new(replace("affinity_timeout: 10m", "affinity_timeout: 2d")),
+                "vips[1].affinity_timeout: at most 24h",
+            ),
+            (
+                Box::new(replace("affinity_timeout: 10m", "affinity_timeout: 1500ms")),
+                "vips[1].affinity_timeout: must be whole seconds",
+            ),
+            (
+                Box::new(|s: String| {
+                    s.replace("    port: 53\n", "    port: 80\n")
+                        .replace("protocol: udp", "protocol: tcp")
+                }),
+                "parse-free",
+            ),
+            (
+                Box::new(replace("weight: 200", "weight: 70000")),
+                "vips[0].backends[0].weight: must be 0..=65535",
+            ),
+            (
+                Box::new(replace("weight: 200", "weight: -1")),
+                "vips[0].backends[0].weight: must be 0..=65535",
+            ),
+            (
+                Box::new(replace("address: 10.1.0.2", "address: 10.1.0.1")),
+                "vips[0].backends[1].address: 10.1.0.1 is already backends[0]",
+            ),
+            (
+                Box::new(replace("address: 10.1.0.2", "address: backend-2")),
+                "vips[0].backends[1].address: \"backend-2\" is not an IP address",
+            ),
+            (
+                Box::new(replace(
+                    "{ address: 10.1.0.2, weight: 100 }",
+                    "{ address: 10.1.0.2, port: 8080 }",
+                )),
+                "vips[0].backends[1].port: only NAT mode maps ports",
+            ),
+            (
+                Box::new(replace("  table_size: 65537", "  table_size: 2")),
+                "vips[0].backends: 3 backends do not fit a table of 2 slots",
+            ),
+            (
+                Box::new(replace("type: http,", "type: grpc,")),
+                "vips[0].health_check.type: must be one of tcp, http",
+            ),
+            (
+                Box::new(replace("path: /healthz", "path: healthz")),
+                "vips[0].health_check.path: must start with /",
+            ),
+            (
+                Box::new(replace(
+                    "type: http, path: /healthz,",
+                    "type: tcp, path: /healthz,",
+                )),
+                "vips[0].health_check.path: only http checks have a path",
+            ),
+            (
+                Box::new(replace("interval: 2s", "interval: 0s")),
+                "vips[0].health_check.interval: must be more than 0",
+            ),
+            (
+                Box::new(replace("timeout: 500ms", "timeout: 3s")),
+                "vips[0].health_check.timeout: must not be longer than the interval",
+            ),
+            (
+                Box::new(replace(
+                    "timeout: 500ms",
+                    "timeout: 500ms, unhealthy_threshold: 0",
+                )),
+                "vips[0].health_check.unhealthy_threshold: must be 1..=255",
+            ),
+            (
+                Box::new(replace(
+                    "timeout: 500ms",
+                    "timeout: 500ms, healthy_threshold: 300",
+                )),
+                "vips[0].health_check.healthy_threshold: must be 1..=255",
+            ),
+            (
+                Box::new(replace(
+                    "timeout: 500ms",
+                    "timeout: 500ms, http_statuses: [200, 700]",
+                )),
+                "vips[0].health_check.http_statuses[1]: must be 100..=599",
+            ),
+            (
+                Box::new(replace("timeout: 500ms", "timeout: 500ms, port: 70000")),
+                "vips[0].health_check.port: must be 1..=65535",
+            ),
+        ];
+        for (edit, want) in cases {
+            let got = problems(edit);
+            if want == "parse-free" {
+                // Two VIPs on one address, port and protocol.
+                assert!(
+                    got.iter()
+                        .any(|p| p == "vips[1]: same address, port and protocol as vips[0]"),
+                    "{got:?}"
+                );
+                continue;
+            }
+            assert!(
+                got.iter().any(|p| p.starts_with(want)),
+                "expected a problem starting {want:?}, got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let got = problems(|s| {
+            s.replace("weight: 200", "weight: 70000")
+                .replace("protocol: tcp", "protocol: x")
+                .replace("table_size: 65537", "table_size: 10")
+        });
+        assert!(got.len() >= 3, "{got:?}");
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_are_errors() {
+        for bad in [
+            "node: [",
+            "node:\n  interfaces: [eth0]\n  colour: blue\n",
+            "node:\n  interfaces: [eth0]\nvips:\n  - adress: 192.0.2.1\n",
+        ] {
+            match Config::parse(bad, "bad.yaml") {
+                Err(ConfigError::Parse { message, .. }) => assert!(!message.is_empty()),
+                other => panic!("{bad:?}: expected a parse error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn small_tables_warn() {
+        let c = Config::parse(&GOOD.replace("table_size: 65537", "table_size: 251"), "t").unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("vips[0]: table size 251 is below 100 slots")),
+            "{:?}",
+            c.warnings
+        );
+    }
+}
