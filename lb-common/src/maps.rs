@@ -29,6 +29,30 @@ pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 /// Egress interfaces for `XDP_REDIRECT`: ifindex -> ifindex (devmap hash).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
 
+/// What the pinned maps were created for: [`crate::LayoutMeta`], one entry. Not used by the
+/// program; the agent writes and checks it.
+pub const META: &str = "LB_META";
+
+/// Every map, for pinning.
+pub const ALL: &[&str] = &[
+    VIPS,
+    VIP_ADDRS,
+    RING,
+    BACKENDS,
+    FLOWS,
+    AFFINITY,
+    NODE,
+    STATS,
+    VIP_STATS,
+    BACKEND_STATS,
+    TX_PORTS,
+    META,
+];
+
+/// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of
+/// memory stores rather than one syscall per slot.
+pub const RING_FLAGS: u32 = 1 << 10;
+
 /// Name of the read-only global holding the Maglev table size M (set at load time).
 pub const GLOBAL_MAGLEV_M: &str = "LB_MAGLEV_M";
 

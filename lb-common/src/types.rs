@@ -151,6 +151,24 @@ pub struct NodeConfig {
     pub udp_idle_timeout_ns: u64,
 }
 
+/// What a set of pinned maps was created for. Written once when the maps are created; an agent
+/// that finds pins checks it before reusing them, so maps of another layout or size are refused
+/// instead of silently misread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LayoutMeta {
+    /// [`LAYOUT_VERSION`] of the lb that created the maps.
+    pub version: u32,
+    pub maglev_m: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_entries: u32,
+    pub affinity_entries: u32,
+}
+
+/// Bumped whenever a map's key or value layout, or a map's meaning, changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
 }
@@ -166,6 +184,7 @@ assert_size!(
     AffinityKey => 20,
     AffinityValue => 16,
     NodeConfig => 32,
+    LayoutMeta => 24,
 );
 
 impl VipKey {
@@ -199,5 +218,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for LayoutMeta {}
     unsafe impl aya::Pod for crate::TrafficStats {}
 }

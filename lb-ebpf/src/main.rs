@@ -29,8 +29,8 @@ mod program {
         programs::XdpContext,
     };
     use lb_common::{
-        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, MODE_DSR, NodeConfig,
-        TrafficStats, VipAddr, VipKey, VipValue, maps::*,
+        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, LayoutMeta, MODE_DSR,
+        NodeConfig, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
     };
 
     use crate::{
@@ -51,7 +51,7 @@ mod program {
         HashMap::with_max_entries(DEFAULT_VIP_ENTRIES, 0);
     #[map]
     pub static LB_RING: Array<u32> =
-        Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, 0);
+        Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, RING_FLAGS);
     #[map]
     pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
@@ -70,6 +70,8 @@ mod program {
     #[map]
     pub static LB_BACKEND_STATS: PerCpuArray<TrafficStats> =
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_META: Array<LayoutMeta> = Array::with_max_entries(1, 0);
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 

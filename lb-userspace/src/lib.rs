@@ -1,4 +1,5 @@
 //! The lb agent: loads the XDP program and owns its maps.
+pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod maglev;

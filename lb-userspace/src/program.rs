@@ -1,15 +1,27 @@
-//! The embedded XDP object, and loading it with this node's sizes.
+//! The embedded XDP object, loading it with this node's sizes, and its pinned maps.
+//!
+//! With a pin directory, every map is pinned there by name (`<dir>/LB_FLOWS`, ...) and re-used
+//! if already pinned, so a restarted agent keeps the flow table, the counters and everything
+//! else. Before re-using pins, their `LB_META` is checked: maps made by another layout version or
+//! for other sizes are refused with an error saying how to start over.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use aya::{Ebpf, EbpfLoader, programs::Xdp};
-use lb_common::maps;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData},
+    programs::Xdp,
+};
+use lb_common::{LAYOUT_VERSION, LayoutMeta, maps};
 
 /// The XDP program object, built by `build.rs` from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb";
+
+/// Where an agent pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 /// Sizes fixed when the program is loaded. Changing any of them means loading afresh.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,26 +46,36 @@ impl Default for Sizes {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error(
-        "{max_vips} VIPs x a table of {maglev_m} slots does not fit one BPF array (at most {} slots)",
-        u32::MAX
-    )]
-    RingTooLarge { max_vips: u32, maglev_m: u32 },
-    #[error("{what} must be at least 1")]
-    Zero { what: &'static str },
-    #[error("loading the lb XDP object")]
-    Object(#[source] aya::EbpfError),
-    #[error("the lb XDP object has no program named {PROGRAM}")]
-    NoProgram,
-    #[error("the program in the lb XDP object is not an XDP program")]
-    NotXdp(#[source] aya::programs::ProgramError),
-    #[error("verifying and loading the lb XDP program")]
-    Verify(#[source] aya::programs::ProgramError),
-}
-
 impl Sizes {
+    pub fn meta(&self) -> LayoutMeta {
+        LayoutMeta {
+            version: LAYOUT_VERSION,
+            maglev_m: self.maglev_m,
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            flow_entries: self.flow_entries,
+            affinity_entries: self.affinity_entries,
+        }
+    }
+
+    pub fn from_meta(m: &LayoutMeta) -> Self {
+        Self {
+            maglev_m: m.maglev_m,
+            max_vips: m.max_vips,
+            max_backends: m.max_backends,
+            flow_entries: m.flow_entries,
+            affinity_entries: m.affinity_entries,
+        }
+    }
+
+    pub fn limits(&self) -> crate::plan::Limits {
+        crate::plan::Limits {
+            maglev_m: self.maglev_m,
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+        }
+    }
+
     fn check(&self) -> Result<u32, LoadError> {
         for (what, n) in [
             ("maglev_m", self.maglev_m),
@@ -75,9 +97,102 @@ impl Sizes {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "{max_vips} VIPs x a table of {maglev_m} slots does not fit one BPF array (at most {} slots)",
+        u32::MAX
+    )]
+    RingTooLarge { max_vips: u32, maglev_m: u32 },
+    #[error("{what} must be at least 1")]
+    Zero { what: &'static str },
+    #[error(
+        "the maps pinned in {dir} were made {found}, not for this agent ({wanted:?}); \
+         `lb down --pin-dir {dir}` removes them (and with them the flow table), or keep the sizes they were made for"
+    )]
+    Incompatible {
+        dir: String,
+        found: String,
+        wanted: Sizes,
+    },
+    #[error("reading the pinned {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("loading the lb XDP object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the lb XDP object has no program named {PROGRAM}")]
+    NoProgram,
+    #[error("the program in the lb XDP object is not an XDP program")]
+    NotXdp(#[source] aya::programs::ProgramError),
+    #[error("verifying and loading the lb XDP program")]
+    Verify(#[source] aya::programs::ProgramError),
+    #[error("writing {what}")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Opens a pinned map.
+pub fn open_pinned(dir: &Path, name: &str) -> Result<Map, LoadError> {
+    let path = dir.join(name);
+    let pin = |source| LoadError::Pin {
+        path: path.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(pin)?;
+    Map::from_map_data(data).map_err(pin)
+}
+
+/// The layout recorded in `dir`, if it holds lb pins at all.
+pub fn pinned_meta(dir: &Path) -> Result<Option<LayoutMeta>, LoadError> {
+    if !dir.join(maps::META).exists() {
+        return Ok(None);
+    }
+    let map = open_pinned(dir, maps::META)?;
+    let arr: Array<_, LayoutMeta> = Array::try_from(map).map_err(|source| LoadError::Pin {
+        path: dir.join(maps::META).display().to_string(),
+        source,
+    })?;
+    arr.get(&0, 0).map(Some).map_err(|source| LoadError::Pin {
+        path: dir.join(maps::META).display().to_string(),
+        source,
+    })
+}
+
+/// Checks that the pins in `dir` (if any) were made for `sizes` by this layout version.
+fn check_pins(dir: &Path, sizes: &Sizes) -> Result<(), LoadError> {
+    let incompatible = |found: String| LoadError::Incompatible {
+        dir: dir.display().to_string(),
+        found,
+        wanted: sizes.clone(),
+    };
+    match pinned_meta(dir)? {
+        Some(m) if m == sizes.meta() => Ok(()),
+        Some(m) if m.version != LAYOUT_VERSION => {
+            Err(incompatible(format!("by layout version {}", m.version)))
+        }
+        Some(m) => Err(incompatible(format!(
+            "for other sizes ({:?})",
+            Sizes::from_meta(&m)
+        ))),
+        None => match maps::ALL.iter().find(|n| dir.join(n).exists()) {
+            Some(n) => Err(incompatible(format!(
+                "without a layout record ({n} is pinned but {} is not)",
+                maps::META
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
 /// Loads the object with `sizes` and verifies the XDP program (it is not attached).
-/// With `pin_dir`, maps are pinned there by name, or re-used if already pinned.
-pub fn load(sizes: &Sizes, pin_dir: Option<PathBuf>) -> Result<Ebpf, LoadError> {
+/// With `pin_dir`, maps are pinned there by name, or re-used if already pinned and compatible.
+pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let ring = sizes.check()?;
     let mut loader = EbpfLoader::new();
     loader
@@ -88,10 +203,30 @@ pub fn load(sizes: &Sizes, pin_dir: Option<PathBuf>) -> Result<Ebpf, LoadError> 
         .map_max_entries(maps::BACKEND_STATS, sizes.max_backends)
         .map_max_entries(maps::FLOWS, sizes.flow_entries)
         .map_max_entries(maps::AFFINITY, sizes.affinity_entries);
-    if let Some(dir) = pin_dir {
-        loader.default_map_pin_directory(dir);
+    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => {
+            check_pins(dir, sizes)?;
+            maps::ALL.iter().map(|n| (*n, dir.join(n))).collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
+    if pin_dir.is_some() {
+        let map = ebpf.map_mut(maps::META).ok_or(LoadError::NoProgram)?;
+        let mut meta: Array<_, LayoutMeta> =
+            Array::try_from(map).map_err(|source| LoadError::Write {
+                what: "the layout record",
+                source,
+            })?;
+        meta.set(0, sizes.meta(), 0)
+            .map_err(|source| LoadError::Write {
+                what: "the layout record",
+                source,
+            })?;
+    }
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .ok_or(LoadError::NoProgram)?

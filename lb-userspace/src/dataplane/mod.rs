@@ -1,6 +1,7 @@
 //! Where map writes go: the kernel ([`aya::AyaDataplane`]) or memory ([`memory::MemoryDataplane`],
 //! for tests). The agent talks to the trait only.
 
+pub mod kernel;
 pub mod memory;
 
 use crate::plan::{Limits, Plan, State, Write};

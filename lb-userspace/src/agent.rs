@@ -1,0 +1,247 @@
+//! The agent's core: holds the config, the health of every checked backend and what the maps
+//! hold, and reconciles the maps whenever one of them changes. Generic over [`Dataplane`], so
+//! it runs the same against the kernel and against memory.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::VipKey;
+
+use crate::{
+    config::Config,
+    dataplane::{Dataplane, DataplaneError},
+    model::Desired,
+    plan::{Plan, PlanError, State, plan},
+    program::Sizes,
+};
+
+/// A backend of a VIP, as health checking tracks it.
+pub type Target = (VipKey, IpAddr);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "the new config changes sizes fixed at load time ({old:?} -> {new:?}); they apply only to a fresh start \
+         (`lb down`, then `lb run`), so the config was not applied"
+    )]
+    SizesChanged { old: Sizes, new: Sizes },
+    #[error("planning the map writes")]
+    Plan(#[from] PlanError),
+    #[error("writing the maps")]
+    Dataplane(#[from] DataplaneError),
+}
+
+pub struct Agent<D> {
+    pub dp: D,
+    config: Config,
+    /// Backends found unhealthy by their checks (absent: healthy or unchecked).
+    unhealthy: BTreeMap<Target, ()>,
+    current: State,
+}
+
+impl<D: Dataplane> Agent<D> {
+    /// Adopts what the maps hold now (a restart keeps flows, counters and ids) and applies
+    /// `config`.
+    pub fn start(dp: D, config: Config) -> Result<(Self, Plan), AgentError> {
+        let current = dp.read()?;
+        let mut agent = Self {
+            dp,
+            config,
+            unhealthy: BTreeMap::new(),
+            current,
+        };
+        let plan = agent.reconcile()?;
+        Ok((agent, plan))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn state(&self) -> &State {
+        &self.current
+    }
+
+    pub fn is_healthy(&self, t: &Target) -> bool {
+        !self.unhealthy.contains_key(t)
+    }
+
+    /// The desired state: configured weights, 0 for unhealthy backends.
+    pub fn desired(&self) -> Desired {
+        let mut d = self.config.desired();
+        for v in &mut d.vips {
+            let key = v.key();
+            for b in &mut v.backends {
+                if self.unhealthy.contains_key(&(key, b.address)) {
+                    b.weight = 0;
+                }
+            }
+        }
+        d
+    }
+
+    /// Plans and applies whatever differs between the maps and the desired state.
+    pub fn reconcile(&mut self) -> Result<Plan, AgentError> {
+        let (plan, next) = plan(&self.current, &self.desired(), self.dp.limits())?;
+        if let Err(e) = self.dp.apply(&plan) {
+            // Some writes may have landed (every prefix of a plan is safe): learn what did.
+            self.current = self.dp.read().unwrap_or_else(|_| self.current.clone());
+            return Err(e.into());
+        }
+        self.current = next;
+        Ok(plan)
+    }
+
+    /// Switches to a new config, or refuses it and keeps the old one serving.
+    pub fn replace_config(&mut self, new: Config) -> Result<Plan, AgentError> {
+        if new.node.sizes != self.config.node.sizes {
+            return Err(AgentError::SizesChanged {
+                old: self.config.node.sizes.clone(),
+                new: new.node.sizes.clone(),
+            });
+        }
+        // Plan before committing to it: a config the planner rejects changes nothing.
+        let old = std::mem::replace(&mut self.config, new);
+        match self.reconcile() {
+            Ok(p) => {
+                // Forget the health of backends that are gone.
+                let live: Vec<Target> = self
+                    .config
+                    .vips
+                    .iter()
+                    .flat_map(|v| {
+                        v.spec
+                            .backends
+                            .iter()
+                            .map(move |b| (v.spec.key(), b.address))
+                    })
+                    .collect();
+                self.unhealthy.retain(|t, _| live.contains(t));
+                Ok(p)
+            }
+            Err(e @ AgentError::Plan(_)) => {
+                self.config = old;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a health transition and reconciles if it changes anything.
+    pub fn set_health(&mut self, target: Target, healthy: bool) -> Result<Plan, AgentError> {
+        let changed = if healthy {
+            self.unhealthy.remove(&target).is_some()
+        } else {
+            self.unhealthy.insert(target, ()).is_none()
+        };
+        if changed {
+            self.reconcile()
+        } else {
+            Ok(Plan::default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, dataplane::memory::MemoryDataplane, plan::Write};
+
+    const CONFIG: &str = r#"
+node:
+  interfaces: [eth0]
+  source_v4: 10.0.0.1
+  table_size: 1009
+  max_vips: 4
+  max_backends: 8
+vips:
+  - address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.1.0.1, weight: 1 }
+      - { address: 10.1.0.2, weight: 1 }
+"#;
+
+    fn agent() -> Agent<MemoryDataplane> {
+        let c = Config::parse(CONFIG, "t").unwrap();
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        Agent::start(dp, c).unwrap().0
+    }
+
+    fn slots_of(a: &Agent<MemoryDataplane>, last_octet: u8) -> usize {
+        let id = a
+            .state()
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr[3] == last_octet)
+            .map(|(i, _)| *i);
+        a.state().rings[&0]
+            .iter()
+            .filter(|&&b| Some(b) == id)
+            .count()
+    }
+
+    #[test]
+    fn unhealthy_backend_gets_weight_zero_until_healthy_again() {
+        let mut a = agent();
+        let key = a.config().vips[0].spec.key();
+        assert!(slots_of(&a, 1) > 400);
+        let p = a
+            .set_health((key, "10.1.0.1".parse().unwrap()), false)
+            .unwrap();
+        assert!(!p.is_empty());
+        assert_eq!(slots_of(&a, 1), 0, "unhealthy backend still holds slots");
+        assert_eq!(slots_of(&a, 2), 1009);
+        assert!(
+            a.set_health((key, "10.1.0.1".parse().unwrap()), false)
+                .unwrap()
+                .is_empty(),
+            "no change, no writes"
+        );
+        a.set_health((key, "10.1.0.1".parse().unwrap()), true)
+            .unwrap();
+        assert!(slots_of(&a, 1) > 400);
+    }
+
+    #[test]
+    fn restart_adopts_the_maps_and_writes_nothing() {
+        let a = agent();
+        let c = a.config().clone();
+        let dp = a.dp; // the maps survive the agent
+        let (b, plan) = Agent::start(dp, c).unwrap();
+        assert!(
+            plan.is_empty(),
+            "a restart with the same config wrote {:?}",
+            plan.writes
+        );
+        assert_eq!(
+            b.dp.log
+                .iter()
+                .filter(|w| matches!(w, Write::Slots { .. }))
+                .count(),
+            1,
+            "only the first start wrote tables"
+        );
+    }
+
+    #[test]
+    fn a_config_that_cannot_be_planned_or_resized_changes_nothing() {
+        let mut a = agent();
+        let before = a.state().clone();
+        let writes = a.dp.log.len();
+        let bigger =
+            Config::parse(&CONFIG.replace("table_size: 1009", "table_size: 1013"), "t").unwrap();
+        assert!(matches!(
+            a.replace_config(bigger),
+            Err(AgentError::SizesChanged { .. })
+        ));
+        let too_many = CONFIG.replace("max_backends: 8", "max_backends: 1");
+        assert!(
+            Config::parse(&too_many, "t").is_err(),
+            "validation catches it first"
+        );
+        assert_eq!(a.state(), &before);
+        assert_eq!(a.dp.log.len(), writes);
+        assert_eq!(a.config().node.sizes.maglev_m, 1009);
+    }
+}

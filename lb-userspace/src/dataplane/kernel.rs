@@ -1,0 +1,242 @@
+//! The dataplane in the kernel: the loaded program's maps.
+
+use std::{os::fd::AsRawFd, ptr::NonNull};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData},
+};
+use lb_common::{Backend, NodeConfig, VipAddr, VipKey, VipValue, maps};
+
+use super::{Dataplane, DataplaneError};
+use crate::{
+    plan::{Limits, State, Write, known_family},
+    program::Sizes,
+};
+
+/// The ring array mapped into this process: slot writes are memory stores.
+struct Ring {
+    ptr: NonNull<u32>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is only touched through &self / &mut self of the dataplane that owns it.
+unsafe impl Send for Ring {}
+
+impl Ring {
+    fn map(map: &MapData, len: usize) -> std::io::Result<Self> {
+        let page = 4096usize;
+        let bytes = (len * 4).div_ceil(page) * page;
+        let fd = map.fd().as_fd_raw();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 values, shared with the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
+            len,
+            bytes,
+        })
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        assert!(i < self.len);
+        // SAFETY: in bounds of the mapping; aligned u32 loads race benignly with the program.
+        unsafe { self.ptr.as_ptr().add(i).read_volatile() }
+    }
+
+    fn set(&mut self, i: usize, v: u32) {
+        assert!(i < self.len);
+        // SAFETY: as above; an aligned 4-byte store is atomic, so the program sees old or new.
+        unsafe { self.ptr.as_ptr().add(i).write_volatile(v) }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+trait RawFd {
+    fn as_fd_raw(&self) -> i32;
+}
+
+impl RawFd for aya::maps::MapFd {
+    fn as_fd_raw(&self) -> i32 {
+        use std::os::fd::AsFd;
+        self.as_fd().as_raw_fd()
+    }
+}
+
+pub struct KernelDataplane {
+    pub ebpf: Ebpf,
+    sizes: Sizes,
+    ring: Ring,
+}
+
+fn io(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl KernelDataplane {
+    /// Wraps a loaded program (see [`crate::program::load`]).
+    pub fn new(ebpf: Ebpf, sizes: Sizes) -> Result<Self, DataplaneError> {
+        let read_err = |source| DataplaneError::Read {
+            what: "the ring".into(),
+            source,
+        };
+        let map = ebpf
+            .map(maps::RING)
+            .ok_or_else(|| read_err(io("no LB_RING map")))?;
+        let Map::Array(data) = map else {
+            return Err(read_err(io("LB_RING is not an array")));
+        };
+        let ring = Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize).map_err(read_err)?;
+        Ok(Self { ebpf, sizes, ring })
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| DataplaneError::Write {
+                what: name.into(),
+                source: io("no such map"),
+            })
+    }
+
+    fn map(&self, name: &str) -> Result<&Map, DataplaneError> {
+        self.ebpf.map(name).ok_or_else(|| DataplaneError::Read {
+            what: name.into(),
+            source: io("no such map"),
+        })
+    }
+}
+
+fn werr(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let what = what.into();
+    move |e| DataplaneError::Write {
+        what,
+        source: io(e),
+    }
+}
+
+fn rerr(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    let what = what.into();
+    move |e| DataplaneError::Read {
+        what,
+        source: io(e),
+    }
+}
+
+impl Dataplane for KernelDataplane {
+    fn limits(&self) -> Limits {
+        self.sizes.limits()
+    }
+
+    fn read(&self) -> Result<State, DataplaneError> {
+        let mut s = State::default();
+        let node: Array<_, NodeConfig> =
+            Array::try_from(self.map(maps::NODE)?).map_err(rerr(maps::NODE))?;
+        s.node = node.get(&0, 0).map_err(rerr(maps::NODE))?;
+        let vips: HashMap<_, VipKey, VipValue> =
+            HashMap::try_from(self.map(maps::VIPS)?).map_err(rerr(maps::VIPS))?;
+        for kv in vips.iter() {
+            let (k, v) = kv.map_err(rerr(maps::VIPS))?;
+            s.vips.insert(k, v);
+        }
+        let addrs: HashMap<_, VipAddr, u32> =
+            HashMap::try_from(self.map(maps::VIP_ADDRS)?).map_err(rerr(maps::VIP_ADDRS))?;
+        for kv in addrs.iter() {
+            let (k, v) = kv.map_err(rerr(maps::VIP_ADDRS))?;
+            s.vip_addrs.insert(k, v);
+        }
+        let backends: Array<_, Backend> =
+            Array::try_from(self.map(maps::BACKENDS)?).map_err(rerr(maps::BACKENDS))?;
+        for (id, b) in backends.iter().enumerate() {
+            let b = b.map_err(rerr(maps::BACKENDS))?;
+            if b.is_live() && known_family(b.family) {
+                s.backends.insert(id as u32, b);
+            }
+        }
+        let m = self.sizes.maglev_m as usize;
+        for v in s.vips.values() {
+            let base = v.id as usize * m;
+            if v.id < self.sizes.max_vips {
+                s.rings
+                    .insert(v.id, (base..base + m).map(|i| self.ring.get(i)).collect());
+            }
+        }
+        Ok(s)
+    }
+
+    fn write(&mut self, w: &Write) -> Result<(), DataplaneError> {
+        match w {
+            Write::Node(n) => {
+                let mut a: Array<_, NodeConfig> =
+                    Array::try_from(self.map_mut(maps::NODE)?).map_err(werr(maps::NODE))?;
+                a.set(0, n, 0).map_err(werr(maps::NODE))
+            }
+            Write::Backend { id, backend } => {
+                let mut a: Array<_, Backend> =
+                    Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(werr(maps::BACKENDS))?;
+                a.set(*id, backend, 0)
+                    .map_err(werr(format!("backend {id}")))
+            }
+            Write::RemoveBackend { id } => {
+                let mut a: Array<_, Backend> =
+                    Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(werr(maps::BACKENDS))?;
+                a.set(*id, Backend::default(), 0)
+                    .map_err(werr(format!("backend {id}")))
+            }
+            Write::VipAddr { addr, count } => {
+                let mut h: HashMap<_, VipAddr, u32> =
+                    HashMap::try_from(self.map_mut(maps::VIP_ADDRS)?)
+                        .map_err(werr(maps::VIP_ADDRS))?;
+                h.insert(addr, count, 0).map_err(werr(maps::VIP_ADDRS))
+            }
+            Write::RemoveVipAddr { addr } => {
+                let mut h: HashMap<_, VipAddr, u32> =
+                    HashMap::try_from(self.map_mut(maps::VIP_ADDRS)?)
+                        .map_err(werr(maps::VIP_ADDRS))?;
+                h.remove(addr).map_err(werr(maps::VIP_ADDRS))
+            }
+            Write::Slots { vip_id, slots } => {
+                let m = self.sizes.maglev_m as usize;
+                if *vip_id >= self.sizes.max_vips {
+                    return Err(DataplaneError::Write {
+                        what: format!("table of VIP id {vip_id}"),
+                        source: io("beyond max_vips"),
+                    });
+                }
+                for (slot, b) in slots {
+                    self.ring.set(*vip_id as usize * m + *slot as usize, *b);
+                }
+                Ok(())
+            }
+            Write::Vip { key, value } => {
+                let mut h: HashMap<_, VipKey, VipValue> =
+                    HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
+                h.insert(key, value, 0)
+                    .map_err(werr(crate::model::vip_label(key)))
+            }
+            Write::RemoveVip { key } => {
+                let mut h: HashMap<_, VipKey, VipValue> =
+                    HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
+                h.remove(key).map_err(werr(crate::model::vip_label(key)))
+            }
+        }
+    }
+}
