@@ -40,8 +40,9 @@ pub struct Agent<D> {
 
 impl<D: Dataplane> Agent<D> {
     /// Adopts what the maps hold now (a restart keeps flows, counters and ids) and applies
-    /// `config`.
-    pub fn start(dp: D, config: Config) -> Result<(Self, Plan), AgentError> {
+    /// `config`, with the backends in `unhealthy` (as a previous agent left them) at weight 0
+    /// until their checks say otherwise.
+    pub fn start(dp: D, config: Config, unhealthy: &[Target]) -> Result<(Self, Plan), AgentError> {
         let current = dp.read()?;
         let mut agent = Self {
             dp,
@@ -49,6 +50,12 @@ impl<D: Dataplane> Agent<D> {
             unhealthy: BTreeMap::new(),
             current,
         };
+        let checked = agent.checked_targets();
+        agent.unhealthy = unhealthy
+            .iter()
+            .filter(|t| checked.contains(t))
+            .map(|t| (*t, ()))
+            .collect();
         let plan = agent.reconcile()?;
         Ok((agent, plan))
     }
@@ -103,19 +110,17 @@ impl<D: Dataplane> Agent<D> {
         let old = std::mem::replace(&mut self.config, new);
         match self.reconcile() {
             Ok(p) => {
-                // Forget the health of backends that are gone.
-                let live: Vec<Target> = self
-                    .config
-                    .vips
-                    .iter()
-                    .flat_map(|v| {
-                        v.spec
-                            .backends
-                            .iter()
-                            .map(move |b| (v.spec.key(), b.address))
-                    })
-                    .collect();
-                self.unhealthy.retain(|t, _| live.contains(t));
+                // Forget the health of backends that are gone or no longer checked, and apply
+                // what that changes.
+                let checked = self.checked_targets();
+                let before = self.unhealthy.len();
+                self.unhealthy.retain(|t, _| checked.contains(t));
+                if self.unhealthy.len() != before {
+                    let more = self.reconcile()?;
+                    return Ok(Plan {
+                        writes: p.writes.into_iter().chain(more.writes).collect(),
+                    });
+                }
                 Ok(p)
             }
             Err(e @ AgentError::Plan(_)) => {
@@ -124,6 +129,21 @@ impl<D: Dataplane> Agent<D> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Every (VIP, backend) that has a health check.
+    pub fn checked_targets(&self) -> Vec<Target> {
+        self.config
+            .vips
+            .iter()
+            .filter(|v| v.health_check.is_some())
+            .flat_map(|v| {
+                v.spec
+                    .backends
+                    .iter()
+                    .map(move |b| (v.spec.key(), b.address))
+            })
+            .collect()
     }
 
     /// Records a health transition and reconciles if it changes anything.
@@ -165,7 +185,7 @@ vips:
     fn agent() -> Agent<MemoryDataplane> {
         let c = Config::parse(CONFIG, "t").unwrap();
         let dp = MemoryDataplane::new(c.node.sizes.limits());
-        Agent::start(dp, c).unwrap().0
+        Agent::start(dp, c, &[]).unwrap().0
     }
 
     fn slots_of(a: &Agent<MemoryDataplane>, last_octet: u8) -> usize {
@@ -204,11 +224,38 @@ vips:
     }
 
     #[test]
+    fn dropping_a_health_check_restores_the_weights() {
+        let c = Config::parse(
+            &CONFIG.replace(
+                "      - { address: 10.1.0.2, weight: 1 }\n",
+                "      - { address: 10.1.0.2, weight: 1 }\n    health_check: { type: tcp }\n",
+            ),
+            "t",
+        )
+        .unwrap();
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let key = c.vips[0].spec.key();
+        let dead = (key, "10.1.0.1".parse().unwrap());
+        let (mut a, _) = Agent::start(dp, c, &[dead]).unwrap();
+        assert_eq!(
+            slots_of(&a, 1),
+            0,
+            "health carried over from a previous agent"
+        );
+        a.replace_config(Config::parse(CONFIG, "t").unwrap())
+            .unwrap();
+        assert!(
+            slots_of(&a, 1) > 400,
+            "an unchecked backend stayed at weight 0"
+        );
+    }
+
+    #[test]
     fn restart_adopts_the_maps_and_writes_nothing() {
         let a = agent();
         let c = a.config().clone();
         let dp = a.dp; // the maps survive the agent
-        let (b, plan) = Agent::start(dp, c).unwrap();
+        let (b, plan) = Agent::start(dp, c, &[]).unwrap();
         assert!(
             plan.is_empty(),
             "a restart with the same config wrote {:?}",

@@ -1,8 +1,30 @@
-//! The lb agent: loads the XDP program and owns its maps.
+//! The lb agent: loads the XDP program and owns its maps, and the `lb` command line.
+//!
+//! Pure parts (no kernel): [`maglev`], [`plan`], [`config`], [`model`], [`agent`] over the
+//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`inspect`],
+//! [`run`].
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod inspect;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod program;
+pub mod ring;
+pub mod run;
+
+/// An error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

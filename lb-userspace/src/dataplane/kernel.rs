@@ -1,10 +1,8 @@
 //! The dataplane in the kernel: the loaded program's maps.
 
-use std::{os::fd::AsRawFd, ptr::NonNull};
-
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, HashMap, Map},
 };
 use lb_common::{Backend, NodeConfig, VipAddr, VipKey, VipValue, maps};
 
@@ -12,74 +10,8 @@ use super::{Dataplane, DataplaneError};
 use crate::{
     plan::{Limits, State, Write, known_family},
     program::Sizes,
+    ring::Ring,
 };
-
-/// The ring array mapped into this process: slot writes are memory stores.
-struct Ring {
-    ptr: NonNull<u32>,
-    len: usize,
-    bytes: usize,
-}
-
-// SAFETY: the mapping is only touched through &self / &mut self of the dataplane that owns it.
-unsafe impl Send for Ring {}
-
-impl Ring {
-    fn map(map: &MapData, len: usize) -> std::io::Result<Self> {
-        let page = 4096usize;
-        let bytes = (len * 4).div_ceil(page) * page;
-        let fd = map.fd().as_fd_raw();
-        // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 values, shared with the kernel.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Self {
-            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
-            len,
-            bytes,
-        })
-    }
-
-    fn get(&self, i: usize) -> u32 {
-        assert!(i < self.len);
-        // SAFETY: in bounds of the mapping; aligned u32 loads race benignly with the program.
-        unsafe { self.ptr.as_ptr().add(i).read_volatile() }
-    }
-
-    fn set(&mut self, i: usize, v: u32) {
-        assert!(i < self.len);
-        // SAFETY: as above; an aligned 4-byte store is atomic, so the program sees old or new.
-        unsafe { self.ptr.as_ptr().add(i).write_volatile(v) }
-    }
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-trait RawFd {
-    fn as_fd_raw(&self) -> i32;
-}
-
-impl RawFd for aya::maps::MapFd {
-    fn as_fd_raw(&self) -> i32 {
-        use std::os::fd::AsFd;
-        self.as_fd().as_raw_fd()
-    }
-}
 
 pub struct KernelDataplane {
     pub ebpf: Ebpf,
@@ -104,7 +36,8 @@ impl KernelDataplane {
         let Map::Array(data) = map else {
             return Err(read_err(io("LB_RING is not an array")));
         };
-        let ring = Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize).map_err(read_err)?;
+        let ring =
+            Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize, true).map_err(read_err)?;
         Ok(Self { ebpf, sizes, ring })
     }
 

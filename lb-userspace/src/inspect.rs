@@ -1,0 +1,191 @@
+//! Read-only views of a running agent's pinned maps, for `lb stats`, `lb backends`, `lb flows`,
+//! `lb explain` and the Prometheus metrics. Another process may be writing them meanwhile:
+//! every read is a snapshot of one entry.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, NodeConfig, TrafficStats,
+    VipKey, VipValue, maps,
+};
+
+use crate::{
+    program::{LoadError, Sizes, open_pinned, pinned_meta},
+    ring::Ring,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("no lb maps are pinned in {0} (is `lb run` running, with the same --pin-dir?)")]
+    NotRunning(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("reading {what}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("mapping the ring")]
+    Ring(#[source] std::io::Error),
+}
+
+fn merr(what: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
+    move |source| InspectError::Map { what, source }
+}
+
+/// The pinned maps of one agent.
+pub struct Pinned {
+    pub sizes: Sizes,
+    stats: PerCpuArray<MapData, u64>,
+    vip_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    node: Array<MapData, NodeConfig>,
+    ring: Ring,
+}
+
+impl Pinned {
+    pub fn open(dir: &Path) -> Result<Self, InspectError> {
+        let meta =
+            pinned_meta(dir)?.ok_or_else(|| InspectError::NotRunning(dir.display().to_string()))?;
+        let sizes = Sizes::from_meta(&meta);
+        let open = |name| open_pinned(dir, name);
+        let ring_map = open(maps::RING)?;
+        let Map::Array(ring_data) = &ring_map else {
+            return Err(InspectError::Ring(std::io::Error::other(
+                "LB_RING is not an array",
+            )));
+        };
+        let ring = Ring::map(ring_data, (sizes.max_vips * sizes.maglev_m) as usize, false)
+            .map_err(InspectError::Ring)?;
+        Ok(Self {
+            stats: PerCpuArray::try_from(open(maps::STATS)?).map_err(merr("stats"))?,
+            vip_stats: PerCpuArray::try_from(open(maps::VIP_STATS)?).map_err(merr("VIP stats"))?,
+            backend_stats: PerCpuArray::try_from(open(maps::BACKEND_STATS)?)
+                .map_err(merr("backend stats"))?,
+            vips: HashMap::try_from(open(maps::VIPS)?).map_err(merr("VIPs"))?,
+            backends: Array::try_from(open(maps::BACKENDS)?).map_err(merr("backends"))?,
+            flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
+            affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
+            node: Array::try_from(open(maps::NODE)?).map_err(merr("node"))?,
+            ring,
+            sizes,
+        })
+    }
+
+    /// Global counters, summed over CPUs, in [`Counter`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, InspectError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                Ok((
+                    c,
+                    self.stats
+                        .get(&(c as u32), 0)
+                        .map_err(merr("stats"))?
+                        .iter()
+                        .sum(),
+                ))
+            })
+            .collect()
+    }
+
+    fn sum(
+        map: &PerCpuArray<MapData, TrafficStats>,
+        id: u32,
+        what: &'static str,
+    ) -> Result<TrafficStats, InspectError> {
+        let per_cpu = map.get(&id, 0).map_err(merr(what))?;
+        Ok(per_cpu
+            .iter()
+            .fold(TrafficStats::default(), |a, s| TrafficStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
+    }
+
+    pub fn vip_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
+        Self::sum(&self.vip_stats, id, "VIP stats")
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
+        Self::sum(&self.backend_stats, id, "backend stats")
+    }
+
+    /// VIPs, ordered by key.
+    pub fn vips(&self) -> Result<BTreeMap<VipKey, VipValue>, InspectError> {
+        self.vips
+            .iter()
+            .map(|kv| kv.map_err(merr("VIPs")))
+            .collect()
+    }
+
+    /// Live backends by id.
+    pub fn backends(&self) -> Result<BTreeMap<u32, Backend>, InspectError> {
+        let mut out = BTreeMap::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(merr("backends"))?;
+            if b.is_live() {
+                out.insert(id as u32, b);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id, 0).ok().filter(|b| b.is_live())
+    }
+
+    /// Slot -> backend id of one VIP's table.
+    pub fn ring_slot(&self, vip_id: u32, slot: u32) -> u32 {
+        self.ring
+            .get((vip_id * self.sizes.maglev_m + slot) as usize)
+    }
+
+    /// How many slots each backend id holds in one VIP's table.
+    pub fn slot_counts(&self, vip_id: u32) -> BTreeMap<u32, u32> {
+        let mut out = BTreeMap::new();
+        for s in 0..self.sizes.maglev_m {
+            *out.entry(self.ring_slot(vip_id, s)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Up to `limit` flow entries (the table is an LRU: order means nothing).
+    pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
+        self.flows
+            .iter()
+            .take(limit)
+            .map(|kv| kv.map_err(merr("flows")))
+            .collect()
+    }
+
+    pub fn flow(&self, k: &FlowKey) -> Option<FlowValue> {
+        self.flows.get(k, 0).ok()
+    }
+
+    pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {
+        self.affinity.get(k, 0).ok()
+    }
+
+    pub fn node(&self) -> Result<NodeConfig, InspectError> {
+        self.node.get(&0, 0).map_err(merr("node"))
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE now, the clock the program stamps entries with.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics, read from the pinned maps at each scrape (so they are the same numbers
+//! `lb stats` shows), plus the agent's own: reloads, health.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::{inspect::Pinned, model::vip_label};
+
+/// Counters the agent itself keeps.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    pub map_writes: AtomicU64,
+    /// (VIP label, backend address) -> healthy, for every checked backend.
+    pub health: Mutex<Vec<(String, String, bool)>>,
+}
+
+struct MapsCollector {
+    pinned: Mutex<Pinned>,
+    agent: Arc<AgentMetrics>,
+}
+
+impl std::fmt::Debug for MapsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapsCollector")
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&str, String)>, u64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, v) in rows {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for MapsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = self.pinned.lock().map_err(|_| std::fmt::Error)?;
+        let counters = p.counters().map_err(|_| std::fmt::Error)?;
+        let rows: Vec<_> = counters
+            .iter()
+            .map(|(c, v)| (vec![("counter", c.name().to_string())], *v))
+            .collect();
+        counter(
+            &mut enc,
+            "lb_packets",
+            "Packets by outcome (verdicts) and event, from the XDP program",
+            &rows,
+        )?;
+
+        let vips = p.vips().map_err(|_| std::fmt::Error)?;
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        let mut flows = Vec::new();
+        for (k, v) in &vips {
+            let s = p.vip_stats(v.id).map_err(|_| std::fmt::Error)?;
+            let l = vec![("vip", vip_label(k))];
+            packets.push((l.clone(), s.packets));
+            bytes.push((l.clone(), s.bytes));
+            flows.push((l, s.new_flows));
+        }
+        counter(&mut enc, "lb_vip_packets", "Packets per VIP", &packets)?;
+        counter(
+            &mut enc,
+            "lb_vip_bytes",
+            "Bytes per VIP (as received)",
+            &bytes,
+        )?;
+        counter(&mut enc, "lb_vip_new_flows", "New flows per VIP", &flows)?;
+
+        let (mut packets, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, b) in p.backends().map_err(|_| std::fmt::Error)? {
+            let s = p.backend_stats(id).map_err(|_| std::fmt::Error)?;
+            let l = vec![(
+                "backend",
+                crate::model::ip_of(&b.addr, b.family).to_string(),
+            )];
+            packets.push((l.clone(), s.packets));
+            bytes.push((l.clone(), s.bytes));
+            flows.push((l, s.new_flows));
+        }
+        counter(
+            &mut enc,
+            "lb_backend_packets",
+            "Packets per backend",
+            &packets,
+        )?;
+        counter(
+            &mut enc,
+            "lb_backend_bytes",
+            "Bytes per backend (as received)",
+            &bytes,
+        )?;
+        counter(
+            &mut enc,
+            "lb_backend_new_flows",
+            "New flows per backend",
+            &flows,
+        )?;
+
+        let a = &self.agent;
+        counter(
+            &mut enc,
+            "lb_config_reloads",
+            "Config reloads applied",
+            &[(vec![], a.reloads_ok.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            &mut enc,
+            "lb_config_reloads_rejected",
+            "Config reloads refused (the previous config kept serving)",
+            &[(vec![], a.reloads_rejected.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            &mut enc,
+            "lb_map_writes",
+            "Map entries written by the agent",
+            &[(vec![], a.map_writes.load(Ordering::Relaxed))],
+        )?;
+        let health = a.health.lock().map_err(|_| std::fmt::Error)?;
+        let mut m = enc.encode_descriptor(
+            "lb_backend_healthy",
+            "1 if the backend passes its health check",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (vip, backend, ok) in health.iter() {
+            let labels = vec![
+                ("vip".to_string(), vip.clone()),
+                ("backend".to_string(), backend.clone()),
+            ];
+            ConstGauge::new(*ok as i64).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A registry whose scrape reads `pinned`.
+pub fn registry(pinned: Pinned, agent: Arc<AgentMetrics>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(MapsCollector {
+        pinned: Mutex::new(pinned),
+        agent,
+    }));
+    r
+}
+
+/// Serves `/metrics` on `addr` until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std::io::Result<()> {
+    let registry = Arc::new(registry);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response_parts(),
+                    Err(_) => (
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        "encoding metrics failed".to_string(),
+                    )
+                        .into_response_parts(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+trait IntoParts {
+    fn into_response_parts(self) -> axum::response::Response;
+}
+
+impl<T: axum::response::IntoResponse> IntoParts for T {
+    fn into_response_parts(self) -> axum::response::Response {
+        self.into_response()
+    }
+}

@@ -1,0 +1,449 @@
+//! `lb run`: the agent's event loop on a bare host.
+//!
+//! Starts from the config (a config with problems at startup is an error: there is no last good
+//! state to keep), adopts or creates the pinned maps, reconciles, attaches the program to the
+//! configured interfaces (re-using pinned links), then reacts to health transitions, SIGHUP and
+//! changes of the config file. A new config with problems is logged and refused; the previous one
+//! keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
+//! maps pinned: traffic keeps flowing, and the next agent adopts them. `lb down` removes them.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{
+    Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+use notify::Watcher as _;
+use serde::Serialize;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    agent::{Agent, Target},
+    config::{Config, NodeSettings, XdpMode as ModeSetting},
+    dataplane::kernel::KernelDataplane,
+    health,
+    inspect::Pinned,
+    metrics::{self, AgentMetrics},
+    program::{self, PROGRAM},
+};
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
+    pin_dir.join(format!("link-{ifname}"))
+}
+
+/// Interfaces with a pinned link in `pin_dir`.
+pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(pin_dir) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("link-")
+                .map(|i| (i.to_string(), e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Attaches the program to `ifname`: swaps it into the pinned link if there is one (atomically:
+/// traffic never sees no program), or attaches afresh and pins the link.
+fn attach(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: ModeSetting) -> Result<()> {
+    let path = link_pin(pin_dir, ifname);
+    let prog: &mut Xdp = dp
+        .ebpf
+        .program_mut(PROGRAM)
+        .context("no lb program")?
+        .try_into()?;
+    let id = if path.exists() {
+        // aya hands out a pinned link only by unpinning it; it is re-pinned right below, and the
+        // kernel keeps it attached meanwhile through our descriptor.
+        let fd: FdLink = PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening the pinned link {}", path.display()))?
+            .unpin()
+            .with_context(|| format!("taking over {}", path.display()))?;
+        let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+        prog.attach_to_link(link)
+            .with_context(|| format!("replacing the program attached to {ifname}"))?
+    } else {
+        let mode = match mode {
+            ModeSetting::Native => XdpMode::Driver,
+            ModeSetting::Generic => XdpMode::Skb,
+        };
+        prog.attach(ifname, mode)
+            .with_context(|| format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)"))?
+    };
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .context("the XDP link is not a bpf_link (kernel too old?)")?;
+    link.pin(&path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(())
+}
+
+fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    let path = link_pin(pin_dir, ifname);
+    let link =
+        PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    drop(
+        link.unpin()
+            .with_context(|| format!("removing {}", path.display()))?,
+    );
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface named {name}"),
+        i => Ok(i),
+    }
+}
+
+/// Makes the attached interfaces what `node` lists: attach new ones, detach dropped ones, keep
+/// the devmap (redirect targets) in step. Also lets the kernel forward encapsulated packets
+/// whose source is this node while a backend's neighbour is unknown (accept_local).
+fn sync_interfaces(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Result<()> {
+    let wanted: BTreeSet<&str> = node.interfaces.iter().map(String::as_str).collect();
+    for (ifname, _) in pinned_links(pin_dir) {
+        if !wanted.contains(ifname.as_str()) {
+            detach(pin_dir, &ifname)?;
+            info!(interface = %ifname, "detached");
+        }
+    }
+    for ifname in &node.interfaces {
+        let index = ifindex(ifname)?;
+        attach(dp, pin_dir, ifname, node.xdp_mode)?;
+        let map = dp
+            .ebpf
+            .map_mut(lb_common::maps::TX_PORTS)
+            .context("no devmap")?;
+        let mut ports: aya::maps::DevMapHash<_> = aya::maps::DevMapHash::try_from(map)?;
+        ports
+            .insert(index, index, None, 0)
+            .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
+        let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+        if std::fs::read_to_string(&sysctl)
+            .map(|v| v.trim() != "1")
+            .unwrap_or(false)
+        {
+            match std::fs::write(&sysctl, "1") {
+                Ok(()) => {
+                    info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
+                }
+                Err(e) => {
+                    warn!(interface = %ifname, "could not set accept_local=1 ({e}): packets to backends with no neighbour entry yet will be dropped until it is resolved")
+                }
+            }
+        }
+        info!(interface = %ifname, index, "attached");
+    }
+    Ok(())
+}
+
+/// What `lb backends` reads besides the maps: configured weights and health.
+#[derive(Serialize, serde::Deserialize, Default, Debug)]
+pub struct Status {
+    pub config: String,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct VipStatus {
+    pub name: String,
+    pub vip: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+    /// None: not health checked.
+    pub healthy: Option<bool>,
+}
+
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+pub fn read_status(state_dir: &Path) -> Option<Status> {
+    std::fs::read(status_path(state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetrics) -> Result<()> {
+    let c = agent.config();
+    let mut health_rows = Vec::new();
+    let status = Status {
+        config: opts.config.display().to_string(),
+        vips: c
+            .vips
+            .iter()
+            .map(|v| VipStatus {
+                name: v.spec.name.clone(),
+                vip: v.spec.label(),
+                backends: v
+                    .spec
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let healthy = v
+                            .health_check
+                            .as_ref()
+                            .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
+                        if let Some(h) = healthy {
+                            health_rows.push((v.spec.label(), b.address.to_string(), h));
+                        }
+                        BackendStatus {
+                            address: b.address.to_string(),
+                            weight: b.weight,
+                            healthy,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    *m.health.lock().expect("health lock") = health_rows;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    let path = status_path(&opts.state_dir);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&status)?)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Watches the config file's directory (editors replace files rather than write them) and sends
+/// a unit whenever the file may have changed.
+fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
+    let file = path.file_name().map(|f| f.to_owned());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            if ev.paths.iter().any(|p| p.file_name() == file.as_deref()) && !ev.kind.is_access() {
+                let _ = tx.try_send(());
+            }
+        }
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    w.watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(w)
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let config = Config::load(&opts.config)?;
+    for w in &config.warnings {
+        warn!("{w}");
+    }
+    std::fs::create_dir_all(&opts.pin_dir).with_context(|| {
+        format!(
+            "creating {} (is bpffs mounted at /sys/fs/bpf? `mount -t bpf bpf /sys/fs/bpf`)",
+            opts.pin_dir.display()
+        )
+    })?;
+    let sizes = config.node.sizes.clone();
+    let adopted = program::pinned_meta(&opts.pin_dir)?.is_some();
+    let ebpf = program::load(&sizes, Some(&opts.pin_dir))?;
+    let dp = KernelDataplane::new(ebpf, sizes)?;
+    // Health as the previous agent left it, so a restart does not send new flows to a backend
+    // known to be down while its checks warm up.
+    let unhealthy: Vec<Target> = read_status(&opts.state_dir)
+        .map(|s| {
+            s.vips
+                .iter()
+                .filter_map(|v| {
+                    config
+                        .vips
+                        .iter()
+                        .find(|c| c.spec.label() == v.vip)
+                        .map(|c| (c.spec.key(), v))
+                })
+                .flat_map(|(key, v)| {
+                    v.backends
+                        .iter()
+                        .filter(|b| b.healthy == Some(false))
+                        .filter_map(move |b| b.address.parse().ok().map(|a| (key, a)))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut agent, plan) = Agent::start(dp, config, &unhealthy).context("applying the config")?;
+    info!(
+        pins = %opts.pin_dir.display(),
+        adopted,
+        writes = plan.write_count(),
+        "{} the maps and applied {}",
+        if adopted { "adopted" } else { "created" },
+        opts.config.display()
+    );
+    let m = Arc::new(AgentMetrics::default());
+    m.map_writes
+        .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+    let node = agent.config().node.clone();
+    sync_interfaces(&mut agent.dp, &opts.pin_dir, &node)?;
+    write_status(&opts, &agent, &m)?;
+
+    let metrics_task = match agent.config().node.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            info!(%addr, "serving metrics at /metrics");
+            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
+            Some(tokio::spawn(metrics::serve(listener, registry)))
+        }
+        None => None,
+    };
+
+    let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
+    let mut checks = health::spawn(
+        agent.config(),
+        |t: &Target| agent.is_healthy(t),
+        htx.clone(),
+    );
+    let (ftx, mut frx) = mpsc::channel::<()>(8);
+    let _watcher = watch(&opts.config, ftx)?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    info!(
+        "running; SIGHUP or saving {} reloads it",
+        opts.config.display()
+    );
+
+    loop {
+        let reload = tokio::select! {
+            Some(t) = hrx.recv() => {
+                let (key, addr) = t.target;
+                let vip = crate::model::vip_label(&key);
+                match agent.set_health(t.target, t.healthy) {
+                    Ok(p) => {
+                        m.map_writes.fetch_add(p.write_count() as u64, Ordering::Relaxed);
+                        if t.healthy {
+                            info!(%vip, backend = %addr, writes = p.write_count(), "backend healthy again: {}", t.reason);
+                        } else {
+                            warn!(%vip, backend = %addr, writes = p.write_count(), "backend unhealthy, weight 0 until it recovers: {}", t.reason);
+                        }
+                    }
+                    Err(e) => error!(%vip, backend = %addr, "applying a health change failed: {}", crate::error_chain(&e)),
+                }
+                false
+            }
+            _ = hup.recv() => { info!("SIGHUP: reloading"); true }
+            Some(()) = frx.recv() => {
+                // Coalesce the burst of events one save makes.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while frx.try_recv().is_ok() {}
+                info!("{} changed: reloading", opts.config.display());
+                true
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        if reload {
+            match Config::load(&opts.config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    let interfaces_changed = c.node.interfaces != agent.config().node.interfaces
+                        || c.node.xdp_mode != agent.config().node.xdp_mode;
+                    let p = agent.replace_config(c)?;
+                    Ok((p, interfaces_changed))
+                }) {
+                Ok((p, interfaces_changed)) => {
+                    for w in &agent.config().warnings {
+                        warn!("{w}");
+                    }
+                    if interfaces_changed {
+                        let node = agent.config().node.clone();
+                        if let Err(e) = sync_interfaces(&mut agent.dp, &opts.pin_dir, &node) {
+                            error!("changing interfaces: {e:#}");
+                        }
+                    }
+                    for c in checks.drain(..) {
+                        c.abort();
+                    }
+                    checks = health::spawn(
+                        agent.config(),
+                        |t: &Target| agent.is_healthy(t),
+                        htx.clone(),
+                    );
+                    m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    m.map_writes
+                        .fetch_add(p.write_count() as u64, Ordering::Relaxed);
+                    info!(writes = p.write_count(), "config applied");
+                }
+                Err(e) => {
+                    m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                    error!("config rejected, the previous config keeps serving: {e:#}");
+                }
+            }
+        }
+        if let Err(e) = write_status(&opts, &agent, &m) {
+            warn!("writing the status file: {e:#}");
+        }
+    }
+    for c in checks {
+        c.abort();
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    info!(
+        "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
+        opts.pin_dir.display()
+    );
+    Ok(())
+}
+
+/// `lb down`: detaches the program from every interface it was pinned to and removes the pins.
+pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for (ifname, _) in pinned_links(pin_dir) {
+        detach(pin_dir, &ifname)?;
+        done.push(format!("detached from {ifname}"));
+    }
+    for name in lb_common::maps::ALL {
+        let p = pin_dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            done.push(format!("removed {}", p.display()));
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir(pin_dir).with_context(|| {
+            format!(
+                "removing {} (something else is pinned there?)",
+                pin_dir.display()
+            )
+        })?;
+    }
+    let _ = std::fs::remove_file(status_path(state_dir));
+    Ok(done)
+}
