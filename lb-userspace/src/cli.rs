@@ -404,10 +404,10 @@ fn flows(p: &Pinned, vip: Option<SocketAddr>, limit: usize, as_json: bool) -> Re
     let now = monotonic_coarse_ns();
     let mut rows = Vec::new();
     for (k, v) in p.flows(usize::MAX)? {
-        if let Some(want) = vip {
-            if ip_of(&k.dst, k.family) != want.ip() || u16::from_be(k.dst_port) != want.port() {
-                continue;
-            }
+        if let Some(want) = vip
+            && (ip_of(&k.dst, k.family) != want.ip() || u16::from_be(k.dst_port) != want.port())
+        {
+            continue;
         }
         if rows.len() == limit {
             break;

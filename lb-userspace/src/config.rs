@@ -447,13 +447,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         } else if affinity.subsec_nanos() != 0 {
             c.bad(format!("{p}.affinity_timeout"), "must be whole seconds");
         }
-        if let Some(a) = address {
-            if let Some(first) = seen_vips.insert((a, port, protocol), i) {
-                c.bad(
-                    p.clone(),
-                    format!("same address, port and protocol as vips[{first}]"),
-                );
-            }
+        if let Some(first) = address.and_then(|a| seen_vips.insert((a, port, protocol), i)) {
+            c.bad(
+                p.clone(),
+                format!("same address, port and protocol as vips[{first}]"),
+            );
         }
 
         let mut backends = Vec::new();
@@ -743,7 +741,8 @@ vips:
 
     #[test]
     fn every_validation_error_names_its_path() {
-        let cases: Vec<(Box<dyn Fn(String) -> String>, &str)> = vec![
+        type Edit = Box<dyn Fn(String) -> String>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(replace("interfaces: [eth0]", "interfaces: []")),
                 "node.interfaces: at least one interface",

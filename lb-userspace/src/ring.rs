@@ -1,5 +1,8 @@
 //! The Maglev ring array (`BPF_F_MMAPABLE`) mapped into this process: reading or rewriting a
 //! table is a run of memory accesses instead of one syscall per slot.
+//!
+//! The kernel stores array elements at 8-byte strides (`round_up(value_size, 8)`), so slot `i`
+//! (a `u32`) is the first four bytes of the 8-byte element `i`.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -8,8 +11,11 @@ use std::{
 
 use aya::maps::MapData;
 
+/// Bytes between consecutive elements of a BPF array, whatever the value size (up to 8).
+const STRIDE: usize = 8;
+
 pub struct Ring {
-    ptr: NonNull<u32>,
+    ptr: NonNull<u8>,
     len: usize,
     bytes: usize,
     writable: bool,
@@ -23,7 +29,7 @@ impl Ring {
     /// Maps the first `len` slots of `map` (read-only unless `writable`).
     pub fn map(map: &MapData, len: usize, writable: bool) -> std::io::Result<Self> {
         let page = 4096usize;
-        let bytes = (len * 4).div_ceil(page) * page;
+        let bytes = (len * STRIDE).div_ceil(page) * page;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -46,14 +52,26 @@ impl Ring {
     pub fn get(&self, i: usize) -> u32 {
         assert!(i < self.len, "slot {i} beyond the ring's {}", self.len);
         // SAFETY: in bounds; an aligned u32 load races benignly with the program's reads.
-        unsafe { self.ptr.as_ptr().add(i).read_volatile() }
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(i * STRIDE)
+                .cast::<u32>()
+                .read_volatile()
+        }
     }
 
     pub fn set(&mut self, i: usize, v: u32) {
         assert!(self.writable, "ring mapped read-only");
         assert!(i < self.len, "slot {i} beyond the ring's {}", self.len);
         // SAFETY: in bounds; an aligned 4-byte store is atomic: the program sees old or new.
-        unsafe { self.ptr.as_ptr().add(i).write_volatile(v) }
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(i * STRIDE)
+                .cast::<u32>()
+                .write_volatile(v)
+        }
     }
 }
 

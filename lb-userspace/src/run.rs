@@ -242,10 +242,11 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
 fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
     let file = path.file_name().map(|f| f.to_owned());
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            if ev.paths.iter().any(|p| p.file_name() == file.as_deref()) && !ev.kind.is_access() {
-                let _ = tx.try_send(());
-            }
+        if let Ok(ev) = ev
+            && ev.paths.iter().any(|p| p.file_name() == file.as_deref())
+            && !ev.kind.is_access()
+        {
+            let _ = tx.try_send(());
         }
     })?;
     let dir = path

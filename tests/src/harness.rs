@@ -59,6 +59,19 @@ impl Lb {
         Self { ebpf, sizes }
     }
 
+    /// Loads another copy of the program on the maps an agent pinned in `pin_dir`: frames run
+    /// through it meet exactly the state the agent wrote.
+    pub fn adopt(pin_dir: &std::path::Path) -> Self {
+        crate::require_root();
+        let meta = program::pinned_meta(pin_dir)
+            .unwrap_or_else(|e| panic!("reading pins: {}", error_chain(&e)))
+            .unwrap_or_else(|| panic!("nothing pinned in {}", pin_dir.display()));
+        let sizes = Sizes::from_meta(&meta);
+        let ebpf = program::load(&sizes, Some(pin_dir))
+            .unwrap_or_else(|e| panic!("loading lb on the pins: {}", error_chain(&e)));
+        Self { ebpf, sizes }
+    }
+
     fn map(&mut self, name: &str) -> &mut aya::maps::Map {
         self.ebpf
             .map_mut(name)

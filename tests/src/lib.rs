@@ -4,6 +4,7 @@
 //! The tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for namespaces); [`require_root`]
 //! fails them with a message saying so rather than letting them pass without running.
 
+pub mod agent;
 pub mod harness;
 pub mod lab;
 pub mod netns;

@@ -1,0 +1,195 @@
+//! Running the real `lb` binary as an agent in a test namespace, as a separate process (so it
+//! can be killed with SIGKILL), with pins in a directory of its own that is removed afterwards.
+
+use std::{
+    fs::File,
+    io::Read as _,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use crate::netns::NetNs;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A pin directory on bpffs and a state directory, both removed on drop (after `lb down`).
+pub struct Dirs {
+    pub pins: PathBuf,
+    pub state: PathBuf,
+    pub bin: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(bin: &Path, tag: &str) -> Self {
+        crate::require_root();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{n}-{tag}", std::process::id()));
+        let state = std::env::temp_dir().join(format!("lbt-{}-{n}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        assert!(
+            Path::new("/sys/fs/bpf").join(".").exists(),
+            "bpffs is not mounted at /sys/fs/bpf (cargo xtask setup mounts it)"
+        );
+        Self {
+            pins,
+            state,
+            bin: bin.to_path_buf(),
+        }
+    }
+
+    /// Runs `lb <args>` against these directories (in the caller's namespace) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("running lb")
+    }
+
+    /// `lb <args> --json`, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "lb {}: {}",
+            all.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lb {}: not JSON ({e}): {}",
+                all.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.state.join("lb.yaml")
+    }
+
+    pub fn write_config(&self, text: &str) {
+        // Write then rename, as editors do, so the agent never reads half a file.
+        let tmp = self.state.join("lb.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = lb_userspace::run::down(&self.pins, &self.state);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// An `lb run` process inside a namespace. Killed (SIGKILL) on drop if still running.
+pub struct Agent {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `lb run` in `ns` with the config already written to `dirs`.
+    pub fn start(ns: &NetNs, dirs: &Dirs) -> Self {
+        let log = dirs.state.join(format!(
+            "agent-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let out = File::create(&log).unwrap();
+        let netns =
+            File::open(format!("/var/run/netns/{}", ns.name)).expect("opening the namespace");
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(&dirs.bin);
+        cmd.arg("--pin-dir")
+            .arg(&dirs.pins)
+            .arg("--state-dir")
+            .arg(&dirs.state)
+            .arg("run")
+            .arg("--config")
+            .arg(dirs.config_path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(out);
+        // SAFETY: setns is async-signal-safe; only the network namespace changes (not the mount
+        // namespace, so /sys/fs/bpf stays the host's).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("starting lb run");
+        drop(netns);
+        Self { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        let _ = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
+        s
+    }
+
+    /// Waits until the log has `n` lines containing `needle`; panics with the log if it doesn't
+    /// come within `timeout` or the agent exits.
+    pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let text = self.log_text();
+            if text.lines().filter(|l| l.contains(needle)).count() >= n {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the agent exited ({status}) before logging {needle:?}:\n{text}");
+            }
+            if start.elapsed() > timeout {
+                panic!("no {needle:?} (x{n}) in the agent's log within {timeout:?}:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
+    pub fn hup(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+    }
+
+    /// Waits for the process to exit by itself (within `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,454 @@
+//! The agent as people run it: `lb run` in a namespace, as its own process, driven through its
+//! config file, signals and CLI, and checked through the pinned maps and packets run through the
+//! program on those maps.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, TcpListener},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU16, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_common::Counter;
+use lb_tests::{
+    agent::{Agent, Dirs},
+    harness::{FibNet, Lb, XDP_TX, action_name, net::*},
+    netns::NetNs,
+    packet::{L4, Pkt, TCP_ACK},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+const T: Duration = Duration::from_secs(20);
+
+fn config(backends: &[(&str, u32)], extra_vips: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("      - {{ address: {a}, weight: {w} }}"))
+        .collect();
+    format!(
+        "node:
+  interfaces: [lb0]
+  source_v4: 10.0.0.1
+  source_v6: fd00::1
+  table_size: 1009
+  max_vips: 8
+  max_backends: 32
+  flow_table_size: 65536
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+{}
+{extra_vips}",
+        list.join("\n")
+    )
+}
+
+/// Runs `pkt` through the program on the agent's maps; returns the outer destination.
+fn send(lb: &mut Lb, pkt: &Pkt, ingress: u32) -> IpAddr {
+    let run = lb.run(&pkt.frame(), ingress);
+    assert_eq!(action_name(run.action), action_name(XDP_TX));
+    IpAddr::from(<[u8; 4]>::try_from(&run.output[30..34]).unwrap())
+}
+
+fn syn(i: u32) -> Pkt {
+    Pkt::tcp(
+        &format!("198.51.{}.{}", 100 + i / 200, 1 + i % 200),
+        20000 + (i % 1000) as u16,
+        "192.0.2.10",
+        80,
+        LB0_MAC,
+    )
+}
+
+fn slots(dirs: &Dirs) -> BTreeMap<String, u64> {
+    let v = dirs.json(&["backends"]);
+    v[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["slots"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_agent_programs_the_maps_and_packets_follow_them() {
+    let net = FibNet::new("agent");
+    let dirs = Dirs::new(Path::new(BIN), "agent");
+    dirs.write_config(&config(&[(TX_V4, 200), (TX_V4_B, 100)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+
+    let s = slots(&dirs);
+    assert_eq!(s[TX_V4] + s[TX_V4_B], 1009, "{s:?}");
+    assert!(
+        (s[TX_V4] as i64 - 673).abs() <= 2,
+        "weights 200:100 over 1009 slots: {s:?}"
+    );
+
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        let mut got: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        for i in 0..300 {
+            *got.entry(send(&mut lb, &syn(i), net.lb0)).or_insert(0) += 1;
+        }
+        // `lb explain` (another process, reading the pinned maps) agrees with the program.
+        for i in [0, 7, 42, 299] {
+            let p = syn(i);
+            let e = dirs.json(&[
+                "explain",
+                &format!("{}:{}", p.src, p.sport),
+                "192.0.2.10:80",
+                "tcp",
+            ]);
+            assert_eq!(e["by"], "flow", "{e}");
+            assert_eq!(
+                e["backend"].as_str().unwrap().parse::<IpAddr>().unwrap(),
+                send(&mut lb, &p, net.lb0),
+                "{e}"
+            );
+        }
+        let fresh = syn(5000);
+        let e = dirs.json(&[
+            "explain",
+            &format!("{}:{}", fresh.src, fresh.sport),
+            "192.0.2.10:80",
+            "tcp",
+        ]);
+        assert_eq!(e["by"], "maglev", "{e}");
+        assert_eq!(
+            e["backend"].as_str().unwrap().parse::<IpAddr>().unwrap(),
+            send(&mut lb, &fresh, net.lb0),
+            "{e}"
+        );
+
+        let a = got[&TX_V4.parse::<IpAddr>().unwrap()] as f64;
+        assert!(
+            (a / 300.0 - 2.0 / 3.0).abs() < 0.1,
+            "300 flows split {got:?}"
+        );
+        let stats = dirs.json(&["stats"]);
+        assert!(stats["global"]["tx"].as_u64().unwrap() >= 300, "{stats}");
+        assert!(
+            stats["global"]["new_flows"].as_u64().unwrap() >= 301,
+            "{stats}"
+        );
+        let flows = dirs.json(&["flows", "--limit", "1000"]);
+        assert!(
+            flows.as_array().unwrap().len() >= 301,
+            "flows listed: {}",
+            flows.as_array().unwrap().len()
+        );
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
+    let net = FibNet::new("restart");
+    let dirs = Dirs::new(Path::new(BIN), "restart");
+    let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], "");
+    dirs.write_config(&cfg);
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let flows: Vec<(Pkt, IpAddr)> = net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        (0..100)
+            .map(|i| (syn(i), send(&mut lb, &syn(i), net.lb0)))
+            .collect()
+    });
+    let xdp_prog = |ns: &NetNs| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns.name, "-d", "link", "show", "lb0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("prog/xdp id ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(str::to_string)
+    };
+    let attached = xdp_prog(&net.ns).expect("program attached to lb0");
+
+    agent.kill9();
+    assert_eq!(
+        xdp_prog(&net.ns).as_deref(),
+        Some(attached.as_str()),
+        "kill -9 detached the program"
+    );
+    assert!(dirs.pins.join("link-lb0").exists() && dirs.pins.join("LB_FLOWS").exists());
+
+    // Same config: the new agent adopts everything and writes nothing.
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let log = agent.log_text();
+    assert!(
+        log.contains("adopted the maps") && log.contains("writes=0"),
+        "{log}"
+    );
+    let swapped = xdp_prog(&net.ns).expect("still attached");
+    assert_ne!(
+        swapped, attached,
+        "the restarted agent should swap in its own program"
+    );
+    agent.kill9();
+
+    // A third backend changes the table; established flows keep their backends.
+    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1), (NO_NEIGH_V4, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        let before = lb.counters();
+        for (p, backend) in &flows {
+            let ack = p.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+            assert_eq!(
+                send(&mut lb, &ack, net.lb0),
+                *backend,
+                "a flow changed backend across the restart"
+            );
+        }
+        let after = lb.counters();
+        assert_eq!(
+            after[&Counter::FlowHits] - before[&Counter::FlowHits],
+            100,
+            "not all from the flow table"
+        );
+        let moved = (100..400).filter(|&i| {
+            let p = syn(i);
+            lb.run(&p.frame(), net.lb0).output[30..34]
+                == NO_NEIGH_V4.parse::<std::net::Ipv4Addr>().unwrap().octets()
+        });
+        assert!(moved.count() > 50, "new flows do not reach the new backend");
+    });
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn a_bad_config_changes_nothing_and_a_good_one_applies() {
+    let net = FibNet::new("reload");
+    let dirs = Dirs::new(Path::new(BIN), "reload");
+    dirs.write_config(&config(&[(TX_V4, 2), (TX_V4_B, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let before = dirs.json(&["backends"]);
+
+    dirs.write_config(&config(&[(TX_V4, 70000), (TX_V4_B, 1)], ""));
+    agent.wait_for("config rejected", 1, T);
+    assert!(
+        agent
+            .log_text()
+            .contains("vips[0].backends[0].weight: must be 0..=65535"),
+        "{}",
+        agent.log_text()
+    );
+    agent.hup();
+    agent.wait_for("config rejected", 2, T);
+    dirs.write_config("node: [");
+    agent.wait_for("config rejected", 3, T);
+    assert_eq!(
+        dirs.json(&["backends"]),
+        before,
+        "a rejected config changed the maps"
+    );
+
+    let extra = "  - address: 192.0.2.11\n    port: 53\n    protocol: udp\n    backends: [{ address: 10.1.0.1 }]\n";
+    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1)], extra));
+    agent.wait_for("config applied", 1, T);
+    let after = dirs.json(&["backends"]);
+    assert_eq!(after.as_array().unwrap().len(), 2, "{after}");
+    let s = slots(&dirs);
+    assert!(
+        (s[TX_V4] as i64 - 505).abs() <= 2,
+        "new weights not applied: {s:?}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn pins_of_other_sizes_are_refused_and_down_removes_everything() {
+    let net = FibNet::new("down");
+    let dirs = Dirs::new(Path::new(BIN), "down");
+    dirs.write_config(&config(&[(TX_V4, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert!(
+        dirs.pins.join("LB_RING").exists(),
+        "SIGTERM must leave the pins"
+    );
+
+    dirs.write_config(&config(&[(TX_V4, 1)], "").replace("table_size: 1009", "table_size: 1013"));
+    let mut refused = Agent::start(&net.ns, &dirs);
+    let status = refused
+        .wait_exit(T)
+        .expect("the agent should refuse and exit");
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("for other sizes") && log.contains("lb down"),
+        "{log}"
+    );
+
+    let out = dirs.cli(&["down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached from lb0"));
+    assert!(!dirs.pins.exists(), "pins left behind");
+    let shown = std::process::Command::new("ip")
+        .args(["-n", &net.ns.name, "-d", "link", "show", "lb0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&shown.stdout).contains("prog/xdp"),
+        "still attached after lb down"
+    );
+}
+
+/// A TCP listener or HTTP responder on a loopback address of the namespace, for health checks.
+struct Server {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves on `addr:port`; with `status`, answers HTTP with its current value.
+    fn start(ns: &NetNs, addr: &str, port: u16, status: Option<Arc<AtomicU16>>) -> Self {
+        let l =
+            ns.run(|| TcpListener::bind((addr.parse::<IpAddr>().unwrap(), port)).expect("bind"));
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        if let Some(st) = &status {
+                            c.set_nonblocking(false).unwrap();
+                            c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                            let mut buf = [0u8; 1024];
+                            let _ = c.read(&mut buf);
+                            let code = st.load(Ordering::Relaxed);
+                            let _ = write!(
+                                c,
+                                "HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                            );
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn health_checks_take_failing_backends_out_and_put_them_back() {
+    let net = FibNet::new("health");
+    for a in ["10.9.0.1", "10.9.0.2", "10.9.0.3", "10.9.0.4"] {
+        net.ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+    let dirs = Dirs::new(Path::new(BIN), "health");
+    let check = "interval: 200ms, timeout: 150ms, healthy_threshold: 1, unhealthy_threshold: 2";
+    let extra = format!(
+        "    health_check: {{ type: tcp, port: 8080, {check} }}
+  - name: api
+    address: 192.0.2.11
+    port: 80
+    protocol: tcp
+    backends: [{{ address: 10.9.0.3 }}, {{ address: 10.9.0.4 }}]
+    health_check: {{ type: http, port: 8081, path: /healthz, {check} }}
+"
+    );
+    dirs.write_config(&config(&[("10.9.0.1", 1), ("10.9.0.2", 1)], &extra));
+    let tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
+    let _tcp2 = Server::start(&net.ns, "10.9.0.2", 8080, None);
+    let status3 = Arc::new(AtomicU16::new(200));
+    let _http3 = Server::start(&net.ns, "10.9.0.3", 8081, Some(status3.clone()));
+    let _http4 = Server::start(
+        &net.ns,
+        "10.9.0.4",
+        8081,
+        Some(Arc::new(AtomicU16::new(204))),
+    );
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        !agent.log_text().contains("unhealthy"),
+        "healthy servers reported unhealthy:\n{}",
+        agent.log_text()
+    );
+
+    let health = |vip: usize, addr: &str| -> (String, u64) {
+        let v = dirs.json(&["backends"]);
+        let b = v[vip]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not listed: {v}"));
+        (
+            b["health"].as_str().unwrap().to_string(),
+            b["slots"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(health(0, "10.9.0.1").0, "healthy");
+
+    // TCP: stop the server (connections refused).
+    drop(tcp1);
+    agent.wait_for("backend unhealthy", 1, T);
+    assert_eq!(health(0, "10.9.0.1"), ("unhealthy".into(), 0));
+    assert_eq!(
+        health(0, "10.9.0.2").1,
+        1009,
+        "the healthy backend should take every slot"
+    );
+    // HTTP: answer 500.
+    status3.store(500, Ordering::Relaxed);
+    agent.wait_for("backend unhealthy", 2, T);
+    assert!(
+        agent.log_text().contains("status 500"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(health(1, "10.9.0.3"), ("unhealthy".into(), 0));
+    // Both recover.
+    let _tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
+    status3.store(200, Ordering::Relaxed);
+    agent.wait_for("backend healthy again", 2, T);
+    let (h, s) = health(0, "10.9.0.1");
+    assert!(h == "healthy" && s > 400, "10.9.0.1 is {h} with {s} slots");
+    let (h, s) = health(1, "10.9.0.3");
+    assert!(h == "healthy" && s > 400, "10.9.0.3 is {h} with {s} slots");
+    assert_eq!(agent.stop().code(), Some(0));
+}
