@@ -284,6 +284,28 @@ mod tests {
         }
     }
 
+    /// Balance as the Maglev paper reports it: the largest share over the mean share, equal weights.
+    #[test]
+    fn balance_for_10_100_1000_backends() {
+        for n in [10usize, 100, 1000] {
+            let k = keys(n);
+            let t = build(&entries(&k, &vec![1; n]), M, EMPTY).unwrap();
+            let s = shares(&t);
+            let max = *s.values().max().unwrap() as f64;
+            let min = *s.values().min().unwrap() as f64;
+            let mean = M as f64 / n as f64;
+            eprintln!(
+                "M={M} N={n}: largest share / mean = {:.4}, smallest / mean = {:.4}",
+                max / mean,
+                min / mean
+            );
+            assert!(
+                max - mean <= 1.0 && mean - min <= 1.0,
+                "N={n}: slots {min}..{max} around {mean:.1}"
+            );
+        }
+    }
+
     #[test]
     fn build_time_for_1000_backends() {
         let k = keys(1000);

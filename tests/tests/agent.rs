@@ -87,7 +87,12 @@ fn slots(dirs: &Dirs) -> BTreeMap<String, u64> {
 fn the_agent_programs_the_maps_and_packets_follow_them() {
     let net = FibNet::new("agent");
     let dirs = Dirs::new(Path::new(BIN), "agent");
-    dirs.write_config(&config(&[(TX_V4, 200), (TX_V4_B, 100)], ""));
+    let sticky = "  - name: sticky\n    address: 192.0.2.11\n    port: 80\n    protocol: tcp\n    affinity_timeout: 1h\n    backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }]\n";
+    let cfg = config(&[(TX_V4, 200), (TX_V4_B, 100)], sticky).replace(
+        "  flow_table_size: 65536",
+        "  flow_table_size: 65536\n  metrics_listen: 127.0.0.1:19435",
+    );
+    dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_for("running", 1, T);
 
@@ -300,6 +305,24 @@ fn pins_of_other_sizes_are_refused_and_down_removes_everything() {
     assert!(
         log.contains("for other sizes") && log.contains("lb down"),
         "{log}"
+    );
+
+    // Pins made by another layout version are refused too.
+    {
+        let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
+        let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
+            aya::maps::Array::try_from(map).unwrap();
+        let mut m = meta.get(&0, 0).unwrap();
+        m.version = 999;
+        meta.set(0, m, 0).unwrap();
+    }
+    dirs.write_config(&config(&[(TX_V4, 1)], ""));
+    let mut refused = Agent::start(&net.ns, &dirs);
+    assert!(!refused.wait_exit(T).expect("refuse and exit").success());
+    assert!(
+        refused.log_text().contains("by layout version 999"),
+        "{}",
+        refused.log_text()
     );
 
     let out = dirs.cli(&["down"]);
