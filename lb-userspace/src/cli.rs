@@ -49,9 +49,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: load (or adopt) the program and its pinned maps, apply the config, attach
-    /// to the configured interfaces, run health checks, reload on SIGHUP or when the file changes.
-    /// A config with problems is refused and the previous one keeps serving. Needs root.
+    /// Run the agent (needs root).
+    ///
+    /// Loads (or adopts) the program and its pinned maps, applies the config, attaches to the
+    /// configured interfaces, runs health checks, and reloads on SIGHUP or when the file changes.
+    /// A config with problems is refused and the previous one keeps serving. On SIGTERM the agent
+    /// exits and traffic keeps flowing; `lb down` stops it.
     Run {
         /// The config file (YAML; see lb.example.yaml).
         #[arg(long, short)]
@@ -61,6 +64,7 @@ enum Command {
     Down,
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
+        /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
         /// Print rates per second every SECONDS instead.
@@ -69,6 +73,7 @@ enum Command {
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
     Backends {
+        /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -79,6 +84,7 @@ enum Command {
         vip: Option<SocketAddr>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -90,11 +96,13 @@ enum Command {
         destination: SocketAddr,
         /// tcp or udp.
         protocol: Protocol,
+        /// Print JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
-    /// Load and verify the XDP program with the given sizes, without attaching it: tells whether
-    /// this kernel can run lb. Needs root.
+    /// Check that this kernel can run lb (needs root).
+    ///
+    /// Loads and verifies the XDP program with the given sizes, without attaching it.
     Check {
         #[arg(long, default_value_t = maps::DEFAULT_MAGLEV_M)]
         table_size: u32,
