@@ -456,9 +456,18 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
         1009,
         "the healthy backend should take every slot"
     );
+    // A restarted agent remembers: the dead backend gets no slot while its checks warm up.
+    agent.kill9();
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(
+        health(0, "10.9.0.1"),
+        ("unhealthy".into(), 0),
+        "health forgotten across a restart"
+    );
     // HTTP: answer 500.
     status3.store(500, Ordering::Relaxed);
-    agent.wait_for("backend unhealthy", 2, T);
+    agent.wait_for("backend unhealthy", 1, T); // (this agent's own log)
     assert!(
         agent.log_text().contains("status 500"),
         "{}",
