@@ -1,0 +1,410 @@
+//! The lab: a small data centre in network namespaces, for end-to-end tests and the demo.
+//!
+//! ```text
+//!  client ── router ──┬── lb        (the agent; XDP on eth0)
+//!  10.10.0.2-9        ├── b1 10.20.0.11  ┐
+//!  fd10::2-9          ├── b2 10.20.0.12  ├ TCP/UDP servers on the VIPs (loopback),
+//!                     └── b3 10.20.0.13  ┘ lb_decap on eth0, answer the client directly
+//!            fabric: bridge br0 in the router namespace, 10.20.0.0/24, fd20::/64, MTU 1600
+//! ```
+//!
+//! The router sends VIP traffic (192.0.2.0/24, 2001:db8::/64) to the load balancer, which
+//! encapsulates it back onto the fabric (`XDP_TX`) to a backend; the backend's reply goes to the
+//! router and on to the client. The fabric's MTU leaves room for the outer header, as real fabrics
+//! do with jumbo frames. Only addresses inside these namespaces are used; everything is removed
+//! on drop (and by [`crate::netns::remove_all_of_this_process`] on Ctrl-C).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use lb_userspace::program::Sizes;
+
+use crate::{harness::Lb, netns::NetNs};
+
+/// (name, IPv4, IPv6) of each backend.
+pub const BACKENDS: [(&str, &str, &str); 3] = [
+    ("b1", "10.20.0.11", "fd20::11"),
+    ("b2", "10.20.0.12", "fd20::12"),
+    ("b3", "10.20.0.13", "fd20::13"),
+];
+/// Client addresses (v4, v6).
+pub const CLIENTS: usize = 8;
+pub const LB_V4: &str = "10.20.0.2";
+pub const LB_V6: &str = "fd20::2";
+/// The VIPs every backend serves (TCP and UDP, port 80; 8080 for a second service).
+pub const VIPS_V4: [&str; 3] = ["192.0.2.10", "192.0.2.20", "192.0.2.30"];
+pub const VIPS_V6: [&str; 1] = ["2001:db8::10"];
+pub const PORTS: [u16; 2] = [80, 8080];
+
+pub fn client_v4(i: usize) -> IpAddr {
+    format!("10.10.0.{}", 2 + i).parse().unwrap()
+}
+
+pub fn client_v6(i: usize) -> IpAddr {
+    format!("fd10::{}", 2 + i).parse().unwrap()
+}
+
+pub struct Lab {
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub backends: Vec<(String, NetNs)>,
+    pub router: NetNs,
+    /// Holds the decapsulation programs attached on the backends.
+    _decap: Lb,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    /// Per backend, how many TCP connections it accepted.
+    pub accepted: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let router = NetNs::new("router");
+        let client = NetNs::new("client");
+        let lb = NetNs::new("lb");
+        let backends: Vec<(String, NetNs)> = BACKENDS.iter().map(|(n, _, _)| (n.to_string(), NetNs::new(n))).collect();
+
+        // client <-> router
+        crate::netns::ip(&["link", "add", "c0", "netns", &client.name, "type", "veth", "peer", "name", "r0", "netns", &router.name]);
+        router.script(
+            "link add br0 type bridge
+             link set br0 mtu 1600
+             link set br0 up
+             addr add 10.20.0.1/24 dev br0
+             addr add fd20::1/64 dev br0 nodad
+             addr add 10.10.0.1/24 dev r0
+             addr add fd10::1/64 dev r0 nodad
+             link set r0 up
+             route add 192.0.2.0/24 via 10.20.0.2
+             route add 2001:db8::/64 via fd20::2",
+        );
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+
+        let mut c = "link set c0 up\n".to_string();
+        for i in 0..CLIENTS {
+            c.push_str(&format!("addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n", client_v4(i), client_v6(i)));
+        }
+        c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
+        client.script(&c);
+        // veths leave checksums for "hardware"; XDP transmit loses that promise (see README).
+        client.exec("ethtool", &["-K", "c0", "tx", "off"]);
+
+        // Fabric ports: lb and backends.
+        let attach_fabric = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
+            crate::netns::ip(&["link", "add", "eth0", "netns", &ns.name, "mtu", "1600", "type", "veth", "peer", "name", port, "netns", &router.name, "mtu", "1600"]);
+            router.ip(&["link", "set", port, "master", "br0"]);
+            router.ip(&["link", "set", port, "up"]);
+            ns.script(&format!(
+                "addr add {v4}/24 dev eth0
+                 addr add {v6}/64 dev eth0 nodad
+                 link set eth0 up
+                 route add default via 10.20.0.1
+                 route add default via fd20::1"
+            ));
+        };
+        attach_fabric(&lb, "p-lb", LB_V4, LB_V6);
+        lb.sysctl("net.ipv4.ip_forward", "1");
+        lb.sysctl("net.ipv6.conf.all.forwarding", "1");
+        lb.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        lb.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
+        for ((_, ns), (name, v4, v6)) in backends.iter().zip(BACKENDS) {
+            attach_fabric(ns, &format!("p-{name}"), v4, v6);
+            for v in VIPS_V4 {
+                ns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"]);
+            }
+            for v in VIPS_V6 {
+                ns.ip(&["addr", "add", &format!("{v}/128"), "dev", "lo"]);
+            }
+            for k in ["all", "default", "eth0", "lo"] {
+                ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
+            }
+        }
+
+        // Backends decapsulate with lb's XDP decap program (no tunnel devices on this kernel).
+        let mut decap = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: 1,
+            max_backends: 1,
+            flow_entries: 1,
+            affinity_entries: 1,
+        });
+        for (_, ns) in &backends {
+            ns.run(|| {
+                decap.xdp("lb_decap").attach("eth0", XdpMode::Driver).expect("attaching lb_decap");
+            });
+        }
+        // XDP_TX out of the lb's eth0 lands on p-lb, which must run NAPI to take XDP frames: an
+        // XDP program turns it on (GRO alone did not, here).
+        router.run(|| {
+            decap.xdp("lb_pass").attach("p-lb", XdpMode::Driver).expect("attaching lb_pass");
+        });
+
+        let mut lab = Self {
+            client,
+            lb,
+            backends,
+            router,
+            _decap: decap,
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+            accepted: Arc::default(),
+        };
+        lab.start_servers();
+        lab
+    }
+
+    /// TCP: on accept, the server writes its name and a newline, then echoes everything until EOF.
+    /// UDP: answers every datagram with its name.
+    fn start_servers(&mut self) {
+        for (name, ns) in &self.backends {
+            let addrs: Vec<IpAddr> = VIPS_V4.iter().chain(VIPS_V6.iter()).map(|a| a.parse().unwrap()).collect();
+            for addr in addrs {
+                for port in PORTS {
+                    let sa = SocketAddr::new(addr, port);
+                    let (tcp, udp) = ns.run(|| (TcpListener::bind(sa).expect("bind tcp"), UdpSocket::bind(sa).expect("bind udp")));
+                    tcp.set_nonblocking(true).unwrap();
+                    udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                    let (stop, name, accepted) = (self.stop.clone(), name.clone(), self.accepted.clone());
+                    self.servers.push(std::thread::spawn(move || {
+                        let mut buf = [0u8; 2048];
+                        while !stop.load(Ordering::Relaxed) {
+                            match tcp.accept() {
+                                Ok((s, _)) => {
+                                    *accepted.lock().unwrap().entry(name.clone()).or_insert(0) += 1;
+                                    let (name, stop) = (name.clone(), stop.clone());
+                                    std::thread::spawn(move || echo(s, &name, &stop));
+                                }
+                                Err(_) => {
+                                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                                        if n > 0 {
+                                            let _ = udp.send_to(name.as_bytes(), from);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }));
+                }
+            }
+        }
+    }
+
+    /// One TCP connection from client `c` to `vip:port`: which backend answered, or the error.
+    pub fn connect(&self, c: IpAddr, vip: SocketAddr) -> Result<String, String> {
+        self.client.run(|| who_tcp(c, vip))
+    }
+
+    /// `n` connections, round-robin over `clients` client addresses; returns who answered how often.
+    pub fn tcp_tally(&self, vip: SocketAddr, n: usize, clients: usize) -> BTreeMap<String, usize> {
+        self.client.run(|| {
+            let mut t = BTreeMap::new();
+            for i in 0..n {
+                let c = if vip.is_ipv4() { client_v4(i % clients) } else { client_v6(i % clients) };
+                let who = who_tcp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
+                *t.entry(who).or_insert(0) += 1;
+            }
+            t
+        })
+    }
+
+    pub fn udp_tally(&self, vip: SocketAddr, n: usize, clients: usize) -> BTreeMap<String, usize> {
+        self.client.run(|| {
+            let mut t = BTreeMap::new();
+            for i in 0..n {
+                let c = if vip.is_ipv4() { client_v4(i % clients) } else { client_v6(i % clients) };
+                let who = who_udp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
+                *t.entry(who).or_insert(0) += 1;
+            }
+            t
+        })
+    }
+
+    /// Opens `n` long-lived connections that keep sending and checking echoes until stopped.
+    pub fn streams(&self, vip: SocketAddr, n: usize) -> Vec<Stream> {
+        (0..n)
+            .map(|i| {
+                let c = if vip.is_ipv4() { client_v4(i % CLIENTS) } else { client_v6(i % CLIENTS) };
+                let s = self.client.run(|| open(c, vip)).unwrap_or_else(|e| panic!("opening stream {i}: {e}"));
+                Stream::start(s)
+            })
+            .collect()
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.servers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
+    s.set_nonblocking(false).unwrap();
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn bind_from(c: IpAddr) -> std::io::Result<std::net::TcpStream> {
+    // std has no bind-before-connect for TCP: go through a socket2-free path with libc.
+    let domain = if c.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket calls on a descriptor we own; on error it is closed.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let (sa, len) = sockaddr(SocketAddr::new(c, 0));
+        if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific part.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// Connects from client address `c` to `vip` (with a timeout).
+fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = bind_from(c)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    let (sa, len) = sockaddr(vip);
+    s.set_write_timeout(Some(Duration::from_secs(3)))?;
+    // SAFETY: connecting our own socket (blocking; SO_SNDTIMEO bounds it).
+    if unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok(s)
+}
+
+fn who_tcp(c: IpAddr, vip: SocketAddr) -> Result<String, String> {
+    let s = open(c, vip).map_err(|e| format!("connect: {}", e.kind()))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(|e| format!("read: {}", e.kind()))?;
+    Ok(line.trim().to_string())
+}
+
+fn who_udp(c: IpAddr, vip: SocketAddr) -> Result<String, String> {
+    let s = UdpSocket::bind(SocketAddr::new(c, 0)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..4 {
+        s.send_to(b"who?", vip).map_err(|e| e.to_string())?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    Err("no answer".into())
+}
+
+/// A long-lived connection that sends a numbered line every 20 ms and checks each echo.
+pub struct Stream {
+    pub backend: String,
+    stop: Arc<AtomicBool>,
+    pub exchanged: Arc<AtomicU64>,
+    handle: Option<JoinHandle<Option<String>>>,
+}
+
+impl Stream {
+    fn start(s: TcpStream) -> Self {
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut backend = String::new();
+        reader.read_line(&mut backend).expect("reading the backend's name");
+        let backend = backend.trim().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let exchanged = Arc::new(AtomicU64::new(0));
+        let (st, ex) = (stop.clone(), exchanged.clone());
+        let mut w = s;
+        let handle = std::thread::spawn(move || {
+            let mut n = 0u64;
+            let started = Instant::now();
+            while !st.load(Ordering::Relaxed) {
+                let msg = format!("{n} {}\n", "x".repeat(1400 + (n % 100) as usize));
+                if let Err(e) = w.write_all(msg.as_bytes()) {
+                    return Some(format!("write after {n} exchanges ({:?}): {e}", started.elapsed()));
+                }
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => return Some(format!("closed by the peer after {n} exchanges")),
+                    Ok(_) if line == msg => {}
+                    Ok(_) => return Some(format!("wrong echo after {n} exchanges")),
+                    Err(e) => return Some(format!("read after {n} exchanges ({:?}): {e}", started.elapsed())),
+                }
+                n += 1;
+                ex.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        });
+        Self { backend, stop, exchanged, handle: Some(handle) }
+    }
+
+    /// Stops the stream: `None` if it never broke, else what happened.
+    pub fn finish(mut self) -> Option<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
