@@ -72,10 +72,26 @@ impl Lab {
         let router = NetNs::new("router");
         let client = NetNs::new("client");
         let lb = NetNs::new("lb");
-        let backends: Vec<(String, NetNs)> = BACKENDS.iter().map(|(n, _, _)| (n.to_string(), NetNs::new(n))).collect();
+        let backends: Vec<(String, NetNs)> = BACKENDS
+            .iter()
+            .map(|(n, _, _)| (n.to_string(), NetNs::new(n)))
+            .collect();
 
         // client <-> router
-        crate::netns::ip(&["link", "add", "c0", "netns", &client.name, "type", "veth", "peer", "name", "r0", "netns", &router.name]);
+        crate::netns::ip(&[
+            "link",
+            "add",
+            "c0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
         router.script(
             "link add br0 type bridge
              link set br0 mtu 1600
@@ -93,7 +109,11 @@ impl Lab {
 
         let mut c = "link set c0 up\n".to_string();
         for i in 0..CLIENTS {
-            c.push_str(&format!("addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n", client_v4(i), client_v6(i)));
+            c.push_str(&format!(
+                "addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n",
+                client_v4(i),
+                client_v6(i)
+            ));
         }
         c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
         client.script(&c);
@@ -102,7 +122,24 @@ impl Lab {
 
         // Fabric ports: lb and backends.
         let attach_fabric = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
-            crate::netns::ip(&["link", "add", "eth0", "netns", &ns.name, "mtu", "1600", "type", "veth", "peer", "name", port, "netns", &router.name, "mtu", "1600"]);
+            crate::netns::ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &ns.name,
+                "mtu",
+                "1600",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &router.name,
+                "mtu",
+                "1600",
+            ]);
             router.ip(&["link", "set", port, "master", "br0"]);
             router.ip(&["link", "set", port, "up"]);
             ns.script(&format!(
@@ -141,13 +178,19 @@ impl Lab {
         });
         for (_, ns) in &backends {
             ns.run(|| {
-                decap.xdp("lb_decap").attach("eth0", XdpMode::Driver).expect("attaching lb_decap");
+                decap
+                    .xdp("lb_decap")
+                    .attach("eth0", XdpMode::Driver)
+                    .expect("attaching lb_decap");
             });
         }
         // XDP_TX out of the lb's eth0 lands on p-lb, which must run NAPI to take XDP frames: an
         // XDP program turns it on (GRO alone did not, here).
         router.run(|| {
-            decap.xdp("lb_pass").attach("p-lb", XdpMode::Driver).expect("attaching lb_pass");
+            decap
+                .xdp("lb_pass")
+                .attach("p-lb", XdpMode::Driver)
+                .expect("attaching lb_pass");
         });
 
         let mut lab = Self {
@@ -168,14 +211,25 @@ impl Lab {
     /// UDP: answers every datagram with its name.
     fn start_servers(&mut self) {
         for (name, ns) in &self.backends {
-            let addrs: Vec<IpAddr> = VIPS_V4.iter().chain(VIPS_V6.iter()).map(|a| a.parse().unwrap()).collect();
+            let addrs: Vec<IpAddr> = VIPS_V4
+                .iter()
+                .chain(VIPS_V6.iter())
+                .map(|a| a.parse().unwrap())
+                .collect();
             for addr in addrs {
                 for port in PORTS {
                     let sa = SocketAddr::new(addr, port);
-                    let (tcp, udp) = ns.run(|| (TcpListener::bind(sa).expect("bind tcp"), UdpSocket::bind(sa).expect("bind udp")));
+                    let (tcp, udp) = ns.run(|| {
+                        (
+                            TcpListener::bind(sa).expect("bind tcp"),
+                            UdpSocket::bind(sa).expect("bind udp"),
+                        )
+                    });
                     tcp.set_nonblocking(true).unwrap();
-                    udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-                    let (stop, name, accepted) = (self.stop.clone(), name.clone(), self.accepted.clone());
+                    udp.set_read_timeout(Some(Duration::from_millis(20)))
+                        .unwrap();
+                    let (stop, name, accepted) =
+                        (self.stop.clone(), name.clone(), self.accepted.clone());
                     self.servers.push(std::thread::spawn(move || {
                         let mut buf = [0u8; 2048];
                         while !stop.load(Ordering::Relaxed) {
@@ -210,7 +264,11 @@ impl Lab {
         self.client.run(|| {
             let mut t = BTreeMap::new();
             for i in 0..n {
-                let c = if vip.is_ipv4() { client_v4(i % clients) } else { client_v6(i % clients) };
+                let c = if vip.is_ipv4() {
+                    client_v4(i % clients)
+                } else {
+                    client_v6(i % clients)
+                };
                 let who = who_tcp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
                 *t.entry(who).or_insert(0) += 1;
             }
@@ -222,7 +280,11 @@ impl Lab {
         self.client.run(|| {
             let mut t = BTreeMap::new();
             for i in 0..n {
-                let c = if vip.is_ipv4() { client_v4(i % clients) } else { client_v6(i % clients) };
+                let c = if vip.is_ipv4() {
+                    client_v4(i % clients)
+                } else {
+                    client_v6(i % clients)
+                };
                 let who = who_udp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
                 *t.entry(who).or_insert(0) += 1;
             }
@@ -234,8 +296,15 @@ impl Lab {
     pub fn streams(&self, vip: SocketAddr, n: usize) -> Vec<Stream> {
         (0..n)
             .map(|i| {
-                let c = if vip.is_ipv4() { client_v4(i % CLIENTS) } else { client_v6(i % CLIENTS) };
-                let s = self.client.run(|| open(c, vip)).unwrap_or_else(|e| panic!("opening stream {i}: {e}"));
+                let c = if vip.is_ipv4() {
+                    client_v4(i % CLIENTS)
+                } else {
+                    client_v6(i % CLIENTS)
+                };
+                let s = self
+                    .client
+                    .run(|| open(c, vip))
+                    .unwrap_or_else(|e| panic!("opening stream {i}: {e}"));
                 Stream::start(s)
             })
             .collect()
@@ -272,7 +341,11 @@ fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -280,7 +353,11 @@ fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
 
 fn bind_from(c: IpAddr) -> std::io::Result<std::net::TcpStream> {
     // std has no bind-before-connect for TCP: go through a socket2-free path with libc.
-    let domain = if c.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if c.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket calls on a descriptor we own; on error it is closed.
     unsafe {
         let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
@@ -304,7 +381,9 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: v.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -316,7 +395,9 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: v.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v.ip().octets(),
+                },
                 sin6_scope_id: 0,
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
@@ -343,13 +424,16 @@ fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
 fn who_tcp(c: IpAddr, vip: SocketAddr) -> Result<String, String> {
     let s = open(c, vip).map_err(|e| format!("connect: {}", e.kind()))?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(|e| format!("read: {}", e.kind()))?;
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {}", e.kind()))?;
     Ok(line.trim().to_string())
 }
 
 fn who_udp(c: IpAddr, vip: SocketAddr) -> Result<String, String> {
     let s = UdpSocket::bind(SocketAddr::new(c, 0)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut buf = [0u8; 64];
     for _ in 0..4 {
         s.send_to(b"who?", vip).map_err(|e| e.to_string())?;
@@ -372,7 +456,9 @@ impl Stream {
     fn start(s: TcpStream) -> Self {
         let mut reader = BufReader::new(s.try_clone().unwrap());
         let mut backend = String::new();
-        reader.read_line(&mut backend).expect("reading the backend's name");
+        reader
+            .read_line(&mut backend)
+            .expect("reading the backend's name");
         let backend = backend.trim().to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let exchanged = Arc::new(AtomicU64::new(0));
@@ -384,14 +470,22 @@ impl Stream {
             while !st.load(Ordering::Relaxed) {
                 let msg = format!("{n} {}\n", "x".repeat(1400 + (n % 100) as usize));
                 if let Err(e) = w.write_all(msg.as_bytes()) {
-                    return Some(format!("write after {n} exchanges ({:?}): {e}", started.elapsed()));
+                    return Some(format!(
+                        "write after {n} exchanges ({:?}): {e}",
+                        started.elapsed()
+                    ));
                 }
                 let mut line = String::new();
                 match reader.read_line(&mut line) {
                     Ok(0) => return Some(format!("closed by the peer after {n} exchanges")),
                     Ok(_) if line == msg => {}
                     Ok(_) => return Some(format!("wrong echo after {n} exchanges")),
-                    Err(e) => return Some(format!("read after {n} exchanges ({:?}): {e}", started.elapsed())),
+                    Err(e) => {
+                        return Some(format!(
+                            "read after {n} exchanges ({:?}): {e}",
+                            started.elapsed()
+                        ));
+                    }
                 }
                 n += 1;
                 ex.store(n, Ordering::Relaxed);
@@ -399,7 +493,12 @@ impl Stream {
             }
             None
         });
-        Self { backend, stop, exchanged, handle: Some(handle) }
+        Self {
+            backend,
+            stop,
+            exchanged,
+            handle: Some(handle),
+        }
     }
 
     /// Stops the stream: `None` if it never broke, else what happened.

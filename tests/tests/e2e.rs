@@ -1,12 +1,7 @@
 //! End to end: real connections from a client through a router and the load balancer (the real
 //! `lb` agent, XDP on its uplink) to three DSR backends, in the lab of [`lb_tests::dc`].
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::Path,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
@@ -33,12 +28,27 @@ vips:
     )
 }
 
-fn vip(addr: &str, port: u16, proto: &str, extra: &str, backends: &[(usize, u32)], v6: bool) -> String {
+fn vip(
+    addr: &str,
+    port: u16,
+    proto: &str,
+    extra: &str,
+    backends: &[(usize, u32)],
+    v6: bool,
+) -> String {
     let list: Vec<String> = backends
         .iter()
-        .map(|(i, w)| format!("      - {{ address: {}, weight: {w} }}", if v6 { BACKENDS[*i].2 } else { BACKENDS[*i].1 }))
+        .map(|(i, w)| {
+            format!(
+                "      - {{ address: {}, weight: {w} }}",
+                if v6 { BACKENDS[*i].2 } else { BACKENDS[*i].1 }
+            )
+        })
         .collect();
-    format!("  - address: {addr}\n    port: {port}\n    protocol: {proto}\n{extra}    backends:\n{}\n", list.join("\n"))
+    format!(
+        "  - address: {addr}\n    port: {port}\n    protocol: {proto}\n{extra}    backends:\n{}\n",
+        list.join("\n")
+    )
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -51,7 +61,10 @@ fn share(t: &BTreeMap<String, usize>, who: &str) -> f64 {
 }
 
 fn errors(t: &BTreeMap<String, usize>) -> usize {
-    t.iter().filter(|(k, _)| k.starts_with("error")).map(|(_, v)| v).sum()
+    t.iter()
+        .filter(|(k, _)| k.starts_with("error"))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 struct Setup {
@@ -88,10 +101,255 @@ fn tcp_and_udp_over_ipv4_and_ipv6() {
     ] {
         assert_eq!(errors(&t), 0, "{what}: failures: {t:?}");
         for b in ["b1", "b2", "b3"] {
-            assert!(share(&t, b) > 0.2, "{what}: {b} got {:.1} %: {t:?}", share(&t, b) * 100.0);
+            assert!(
+                share(&t, b) > 0.2,
+                "{what}: {b} got {:.1} %: {t:?}",
+                share(&t, b) * 100.0
+            );
         }
     }
     let stats = s.dirs.json(&["stats"]);
     assert!(stats["global"]["tx"].as_u64().unwrap() > 1000, "{stats}");
     drop(s);
+}
+
+const WEB: &str = "192.0.2.10:80";
+
+fn web(backends: &[(usize, u32)]) -> String {
+    vip("192.0.2.10", 80, "tcp", "", backends, false)
+}
+
+/// Finishes `streams`; returns (broken descriptions, per-backend count of healthy streams).
+fn finish(streams: Vec<lb_tests::dc::Stream>) -> (Vec<String>, BTreeMap<String, usize>) {
+    let mut broken = Vec::new();
+    let mut ok = BTreeMap::new();
+    for s in streams {
+        let b = s.backend.clone();
+        let n = s.exchanged.load(std::sync::atomic::Ordering::Relaxed);
+        match s.finish() {
+            None => *ok.entry(b).or_insert(0) += 1,
+            Some(e) => broken.push(format!("{b} (after {n}): {e}")),
+        }
+    }
+    (broken, ok)
+}
+
+fn by_backend(streams: &[lb_tests::dc::Stream]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in streams {
+        *m.entry(s.backend.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn weights_200_100_give_two_to_one() {
+    let s = setup("weights", &web(&[(0, 200), (1, 100)]));
+    let n = 3000;
+    let t = s.lab.tcp_tally(sa(WEB), n, 8);
+    assert_eq!(errors(&t), 0, "failures: {t:?}");
+    let b1 = share(&t, "b1");
+    assert!(
+        (b1 - 2.0 / 3.0).abs() <= 0.03,
+        "b1 got {:.2} % of {n} connections (want 66.67 +- 3): {t:?}",
+        b1 * 100.0
+    );
+    assert_eq!(t.get("b3"), None, "b3 is not a backend of this VIP: {t:?}");
+}
+
+#[test]
+fn affinity_holds_a_client_until_the_timeout() {
+    let s = setup(
+        "affinity",
+        &vip(
+            "192.0.2.10",
+            80,
+            "tcp",
+            "    affinity_timeout: 1s\n",
+            &[(0, 1), (1, 1), (2, 1)],
+            false,
+        ),
+    );
+    // Each client, many connections (new source ports): one backend per client.
+    let mut pinned = BTreeMap::new();
+    for c in 0..8 {
+        let client = lb_tests::dc::client_v4(c);
+        let got: Vec<String> = (0..25)
+            .map(|_| s.lab.connect(client, sa(WEB)).expect("connection"))
+            .collect();
+        let first = got[0].clone();
+        assert!(
+            got.iter().all(|b| *b == first),
+            "client {client} was spread: {got:?}"
+        );
+        pinned.insert(client, first);
+    }
+    let used: std::collections::BTreeSet<_> = pinned.values().collect();
+    assert!(
+        used.len() >= 2,
+        "8 clients all pinned to one backend: {pinned:?}"
+    );
+    // Past the timeout the entries expire and are replaced on the next connection.
+    std::thread::sleep(Duration::from_millis(2300));
+    for c in 0..8 {
+        s.lab
+            .connect(lb_tests::dc::client_v4(c), sa(WEB))
+            .expect("connection");
+    }
+    let stats = s.dirs.json(&["stats"]);
+    assert_eq!(
+        stats["global"]["affinity_expired"].as_u64(),
+        Some(8),
+        "expired entries: {}",
+        stats["global"]
+    );
+    assert!(
+        stats["global"]["affinity_hits"].as_u64().unwrap() >= 8 * 24,
+        "{}",
+        stats["global"]
+    );
+}
+
+#[test]
+fn removing_a_backend_moves_only_its_connections() {
+    let mut s = setup("remove", &web(&[(0, 1), (1, 1), (2, 1)]));
+    let streams = s.lab.streams(sa(WEB), 30);
+    let before = by_backend(&streams);
+    assert!(before.len() == 3, "streams on {before:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    s.dirs.write_config(&config(&web(&[(0, 1), (1, 1)])));
+    s.agent.wait_for("config applied", 1, T);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = s.lab.tcp_tally(sa(WEB), 300, 8);
+    let (broken, ok) = finish(streams);
+    let broken_elsewhere: Vec<&String> = broken.iter().filter(|b| !b.starts_with("b3")).collect();
+    assert!(
+        broken_elsewhere.is_empty(),
+        "streams to remaining backends broke: {broken_elsewhere:?} (healthy: {ok:?}, before: {before:?})"
+    );
+    assert_eq!(ok.get("b1"), before.get("b1"), "b1's streams: {ok:?}");
+    assert_eq!(ok.get("b2"), before.get("b2"), "b2's streams: {ok:?}");
+    assert_eq!(
+        t.get("b3"),
+        None,
+        "new connections still reach the removed backend: {t:?}"
+    );
+    assert_eq!(errors(&t), 0, "{t:?}");
+}
+
+#[test]
+fn adding_a_backend_moves_no_established_connection() {
+    let mut s = setup("add", &web(&[(0, 1), (1, 1)]));
+    let streams = s.lab.streams(sa(WEB), 30);
+    let before = by_backend(&streams);
+    std::thread::sleep(Duration::from_millis(300));
+    s.dirs
+        .write_config(&config(&web(&[(0, 1), (1, 1), (2, 1)])));
+    s.agent.wait_for("config applied", 1, T);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = s.lab.tcp_tally(sa(WEB), 300, 8);
+    let (broken, ok) = finish(streams);
+    assert!(
+        broken.is_empty(),
+        "established connections broke: {broken:?} (before: {before:?})"
+    );
+    assert_eq!(ok, before);
+    assert!(
+        share(&t, "b3") > 0.2,
+        "the new backend gets {:.1} % of new connections: {t:?}",
+        share(&t, "b3") * 100.0
+    );
+}
+
+#[test]
+fn kill9_and_restart_breaks_no_stream() {
+    let mut s = setup("kill9", &web(&[(0, 1), (1, 1), (2, 1)]));
+    let streams = s.lab.streams(sa(WEB), 30);
+    let before = by_backend(&streams);
+    std::thread::sleep(Duration::from_millis(300));
+    s.agent.kill9();
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = s.lab.tcp_tally(sa(WEB), 60, 8);
+    assert_eq!(
+        errors(&during),
+        0,
+        "new connections failed with no agent running: {during:?}"
+    );
+    let mut agent = Agent::start(&s.lab.lb, &s.dirs);
+    agent.wait_for("running", 1, T);
+    std::thread::sleep(Duration::from_millis(1000));
+    let (broken, ok) = finish(streams);
+    assert!(
+        broken.is_empty(),
+        "{} of 30 streams broke across kill -9 and restart: {broken:?}",
+        broken.len()
+    );
+    assert_eq!(ok, before);
+    assert!(
+        agent.log_text().contains("writes=0"),
+        "the restart rewrote maps:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn an_invalid_reload_under_traffic_changes_nothing() {
+    let mut s = setup("badreload", &web(&[(0, 2), (1, 1), (2, 1)]));
+    let streams = s.lab.streams(sa(WEB), 20);
+    let tables = |d: &Dirs| -> Vec<(String, u64, u64)> {
+        d.json(&["backends"])[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap().to_string(),
+                    b["weight"].as_u64().unwrap(),
+                    b["slots"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let slots = tables(&s.dirs);
+    s.dirs
+        .write_config(&config(&web(&[(0, 2), (1, 1), (2, 99999)])));
+    s.agent.wait_for("config rejected", 1, T);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = s.lab.tcp_tally(sa(WEB), 200, 8);
+    let (broken, _) = finish(streams);
+    assert!(broken.is_empty(), "streams broke: {broken:?}");
+    assert_eq!(errors(&t), 0, "{t:?}");
+    assert_eq!(
+        tables(&s.dirs),
+        slots,
+        "the rejected config changed weights or tables"
+    );
+}
+
+#[test]
+fn draining_keeps_established_connections_and_takes_no_new_ones() {
+    let mut s = setup("drain", &web(&[(0, 1), (1, 1), (2, 1)]));
+    let streams = s.lab.streams(sa(WEB), 30);
+    let before = by_backend(&streams);
+    assert!(
+        before.get("b3").copied().unwrap_or(0) > 0,
+        "no stream on b3 to drain: {before:?}"
+    );
+    s.dirs
+        .write_config(&config(&web(&[(0, 1), (1, 1), (2, 0)])));
+    s.agent.wait_for("config applied", 1, T);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = s.lab.tcp_tally(sa(WEB), 300, 8);
+    let (broken, ok) = finish(streams);
+    assert!(
+        broken.is_empty(),
+        "streams broke while draining: {broken:?}"
+    );
+    assert_eq!(ok, before, "streams per backend");
+    assert_eq!(
+        t.get("b3"),
+        None,
+        "a draining backend got new connections: {t:?}"
+    );
+    assert_eq!(errors(&t), 0, "{t:?}");
 }
