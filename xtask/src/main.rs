@@ -73,15 +73,27 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             require_root("the demo attaches XDP programs inside network namespaces")?;
+            // The demo runs the real agent binary, built like any user would build it.
             run(cargo().args([
-                "run",
+                "build",
                 "--release",
                 "--quiet",
                 "--package",
-                "lb-tests",
+                "lb-userspace",
                 "--bin",
-                "lb-demo",
-            ]))
+                "lb",
+            ]))?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    "lb-tests",
+                    "--bin",
+                    "lb-demo",
+                ])
+                .env("LB_BIN", workspace_root().join("target/release/lb")))
         }
     }
 }

@@ -1,72 +1,147 @@
-//! `cargo xtask demo`: the XDP program balancing real connections between namespaces on this
-//! machine. Builds the small lab, sends TCP and UDP over IPv4 and IPv6, shows who answered and
-//! what the program counted, and removes everything it made (also on Ctrl-C).
+//! `cargo xtask demo`: lb in a small data centre made of network namespaces on this machine.
+//!
+//! Builds the lab (client, router, load balancer, three backends), starts the real agent
+//! (`LB_BIN`, default `target/release/lb`) with the config below, opens a few thousand
+//! connections, shows who served them, shows a client kept on one backend by session affinity,
+//! prints `lb backends` and `lb stats`, and removes everything it made (also on Ctrl-C).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
 
-use lb_common::Counter;
 use lb_tests::{
-    lab::{self, MiniLab},
+    agent::{Agent, Dirs},
+    dc::{self, Lab},
     netns,
 };
 
-fn bars(title: &str, tally: &BTreeMap<String, usize>) {
+const CONFIG: &str = "node:
+  interfaces: [eth0]          # the load balancer's uplink
+  source_v4: 10.20.0.2        # outer source of encapsulated packets
+  source_v6: fd20::2
+  table_size: 65537
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.20.0.11, weight: 200 }   # b1
+      - { address: 10.20.0.12, weight: 100 }   # b2
+      - { address: 10.20.0.13, weight: 100 }   # b3
+  - name: sticky
+    address: 192.0.2.20
+    port: 80
+    protocol: tcp
+    affinity_timeout: 10m      # each client stays on one backend
+    backends:
+      - { address: 10.20.0.11 }
+      - { address: 10.20.0.12 }
+      - { address: 10.20.0.13 }
+";
+
+static PINS: OnceLock<Mutex<Option<(PathBuf, PathBuf)>>> = OnceLock::new();
+
+fn bars(title: &str, tally: &BTreeMap<String, usize>, expect: &[(&str, f64)]) {
     let total: usize = tally.values().sum();
-    println!("\n{title} ({total} requests)");
+    println!("\n{title} ({total} connections)");
     for (who, n) in tally {
         let share = *n as f64 / total.max(1) as f64;
+        let want = expect
+            .iter()
+            .find(|(b, _)| b == who)
+            .map(|(_, w)| format!("  (weight share {:.1}%)", w * 100.0))
+            .unwrap_or_default();
         println!(
-            "  {who:<8} {:>5.1}% {:<40} {n}",
+            "  {who:<4} {:>5.1}% {:<50} {n}{want}",
             share * 100.0,
-            "█".repeat((share * 40.0).round() as usize)
+            "█".repeat((share * 50.0).round() as usize)
         );
     }
 }
 
 fn main() {
+    let bin = std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/lb"));
+    assert!(
+        bin.exists(),
+        "no lb binary at {} (cargo xtask demo builds it; or set LB_BIN)",
+        bin.display()
+    );
+    PINS.set(Mutex::new(None)).unwrap();
     ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: removing the lab's namespaces");
+        eprintln!("\ninterrupted: removing the lab");
+        if let Some((pins, state)) = PINS
+            .get()
+            .and_then(|p| p.lock().ok())
+            .and_then(|p| p.clone())
+        {
+            let _ = lb_userspace::run::down(&pins, &state);
+            let _ = std::fs::remove_dir_all(state);
+        }
         netns::remove_all_of_this_process();
         std::process::exit(130);
     })
     .expect("installing the Ctrl-C handler");
 
-    println!("Building the lab: client, load balancer (XDP on its uplink), backends b1 and b2.");
     println!(
-        "b2 shares the client's segment (XDP_TX); b1 sits behind a second interface (XDP_REDIRECT)."
+        "Building the lab: a client (8 addresses), a router, the load balancer, backends b1 b2 b3."
     );
+    let lab = Lab::new();
+    let dirs = Dirs::new(&bin, "demo");
+    *PINS.get().unwrap().lock().unwrap() = Some((dirs.pins.clone(), dirs.state.clone()));
+    dirs.write_config(CONFIG);
     println!(
-        "Backends decapsulate with lb's XDP decap program and answer the client directly (DSR)."
+        "Starting the agent ({}) with this config:\n\n{CONFIG}",
+        bin.display()
     );
-    let mut lab = MiniLab::new();
-    let n = 500;
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_for("running", 1, Duration::from_secs(20));
+
+    let web: SocketAddr = "192.0.2.10:80".parse().unwrap();
+    let t = lab.tcp_tally(web, 3000, dc::CLIENTS);
     bars(
-        &format!("TCP connections to {}:{}", lab::VIP4, lab::PORT),
-        &lab.tcp_tally(lab::VIP4, n),
-    );
-    bars(
-        &format!("UDP requests to {}:{}", lab::VIP4, lab::PORT),
-        &lab.udp_tally(lab::VIP4, n),
-    );
-    bars(
-        &format!("TCP connections to [{}]:{}", lab::VIP6, lab::PORT),
-        &lab.tcp_tally(lab::VIP6, n),
-    );
-    bars(
-        &format!("UDP requests to [{}]:{}", lab::VIP6, lab::PORT),
-        &lab.udp_tally(lab::VIP6, n),
+        "web 192.0.2.10:80, weights 200:100:100",
+        &t,
+        &[("b1", 0.5), ("b2", 0.25), ("b3", 0.25)],
     );
 
-    let c = lab.lb.counters();
-    println!("\nWhat the XDP program counted (every packet ends in exactly one verdict):");
-    for k in Counter::ALL.iter().filter(|k| c[k] > 0) {
+    let sticky: SocketAddr = "192.0.2.20:80".parse().unwrap();
+    println!("\nsticky 192.0.2.20:80 (affinity 10m): 20 connections from each of three clients");
+    for c in 0..3 {
+        let client = dc::client_v4(c);
+        let got: Vec<String> = (0..20)
+            .map(|_| {
+                lab.connect(client, sticky)
+                    .unwrap_or_else(|e| format!("error: {e}"))
+            })
+            .collect();
+        let mut distinct: Vec<&String> = got.iter().collect();
+        distinct.dedup();
         println!(
-            "  {:<22} {:>8}{}",
-            k.name(),
-            c[k],
-            if k.is_verdict() { "  (verdict)" } else { "" }
+            "  client {client:<10} -> {} ({} connections, {})",
+            got[0],
+            got.len(),
+            if distinct.len() == 1 {
+                "always the same backend"
+            } else {
+                "SPREAD"
+            }
         );
     }
+
+    for cmd in [&["backends"][..], &["stats"][..]] {
+        println!("\n$ lb {}", cmd.join(" "));
+        let out = dirs.cli(cmd);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    agent.stop();
+    drop(dirs);
     drop(lab);
-    println!("\nLab removed.");
+    println!("\nLab removed: no namespace, link or pin is left.");
 }
