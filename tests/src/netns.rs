@@ -25,6 +25,41 @@ pub fn ip(args: &[&str]) {
     );
 }
 
+/// Whether the process that made a resource named `lbt-<pid>-...` is gone.
+fn owner_is_dead(name: &str) -> bool {
+    name.strip_prefix("lbt-")
+        .and_then(|r| r.split('-').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .is_some_and(|pid| {
+            pid != std::process::id() as i32
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+}
+
+/// Removes namespaces and pins left by test processes that died without cleaning up (a killed
+/// `cargo test`, whose destructors never ran). Runs once per process.
+pub fn sweep_leftovers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(name) = line.split_whitespace().next().filter(|n| owner_is_dead(n)) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if owner_is_dead(&name) {
+                    let _ =
+                        lb_userspace::run::down(&e.path(), std::path::Path::new("/nonexistent"));
+                }
+            }
+        }
+    });
+}
+
 /// Deletes every namespace this process made (for a Ctrl-C handler, where destructors don't run).
 pub fn remove_all_of_this_process() {
     let prefix = format!("lbt-{}-", std::process::id());
@@ -50,6 +85,7 @@ impl NetNs {
     /// A fresh namespace named `lbt-<pid>-<n>-<tag>`, with loopback up.
     pub fn new(tag: &str) -> Self {
         crate::require_root();
+        sweep_leftovers();
         let name = format!(
             "lbt-{}-{}-{tag}",
             std::process::id(),

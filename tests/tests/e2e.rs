@@ -149,6 +149,10 @@ fn weights_200_100_give_two_to_one() {
     let t = s.lab.tcp_tally(sa(WEB), n, 8);
     assert_eq!(errors(&t), 0, "failures: {t:?}");
     let b1 = share(&t, "b1");
+    eprintln!(
+        "weights 200:100 over {n} connections: {t:?} -> b1 {:.2} %",
+        b1 * 100.0
+    );
     assert!(
         (b1 - 2.0 / 3.0).abs() <= 0.03,
         "b1 got {:.2} % of {n} connections (want 66.67 +- 3): {t:?}",
@@ -184,6 +188,7 @@ fn affinity_holds_a_client_until_the_timeout() {
         );
         pinned.insert(client, first);
     }
+    eprintln!("affinity: 8 clients x 25 connections, each on one backend: {pinned:?}");
     let used: std::collections::BTreeSet<_> = pinned.values().collect();
     assert!(
         used.len() >= 2,
@@ -222,6 +227,10 @@ fn removing_a_backend_moves_only_its_connections() {
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
+    eprintln!(
+        "remove b3: streams before {before:?}, unbroken after {ok:?}, broken {}; new connections {t:?}",
+        broken.len()
+    );
     let broken_elsewhere: Vec<&String> = broken.iter().filter(|b| !b.starts_with("b3")).collect();
     assert!(
         broken_elsewhere.is_empty(),
@@ -249,6 +258,10 @@ fn adding_a_backend_moves_no_established_connection() {
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
+    eprintln!(
+        "adding_a_backend_moves_no_established_connection: streams before {before:?}, unbroken after {ok:?}, broken {}, new connections {t:?}",
+        broken.len()
+    );
     assert!(
         broken.is_empty(),
         "established connections broke: {broken:?} (before: {before:?})"
@@ -279,6 +292,10 @@ fn kill9_and_restart_breaks_no_stream() {
     agent.wait_for("running", 1, T);
     std::thread::sleep(Duration::from_millis(1000));
     let (broken, ok) = finish(streams);
+    eprintln!(
+        "kill9_and_restart_breaks_no_stream: streams before {before:?}, unbroken after {ok:?}, broken {}, connections with no agent {during:?}",
+        broken.len()
+    );
     assert!(
         broken.is_empty(),
         "{} of 30 streams broke across kill -9 and restart: {broken:?}",
@@ -341,6 +358,10 @@ fn draining_keeps_established_connections_and_takes_no_new_ones() {
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
+    eprintln!(
+        "draining_keeps_established_connections_and_takes_no_new_ones: streams before {before:?}, unbroken after {ok:?}, broken {}, new connections {t:?}",
+        broken.len()
+    );
     assert!(
         broken.is_empty(),
         "streams broke while draining: {broken:?}"
