@@ -240,10 +240,10 @@ impl Lab {
                                     std::thread::spawn(move || echo(s, &name, &stop));
                                 }
                                 Err(_) => {
-                                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                                        if n > 0 {
-                                            let _ = udp.send_to(name.as_bytes(), from);
-                                        }
+                                    if let Ok((n, from)) = udp.recv_from(&mut buf)
+                                        && n > 0
+                                    {
+                                        let _ = udp.send_to(name.as_bytes(), from);
                                     }
                                 }
                             }
@@ -259,24 +259,23 @@ impl Lab {
         self.client.run(|| who_tcp(c, vip))
     }
 
-    /// `n` connections, round-robin over `clients` client addresses; returns who answered how often.
+    /// `n` TCP connections, round-robin over `clients` client addresses; who answered how often.
     pub fn tcp_tally(&self, vip: SocketAddr, n: usize, clients: usize) -> BTreeMap<String, usize> {
-        self.client.run(|| {
-            let mut t = BTreeMap::new();
-            for i in 0..n {
-                let c = if vip.is_ipv4() {
-                    client_v4(i % clients)
-                } else {
-                    client_v6(i % clients)
-                };
-                let who = who_tcp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
-                *t.entry(who).or_insert(0) += 1;
-            }
-            t
-        })
+        self.tally(vip, n, clients, who_tcp)
     }
 
+    /// `n` UDP requests, each from a new socket; who answered how often.
     pub fn udp_tally(&self, vip: SocketAddr, n: usize, clients: usize) -> BTreeMap<String, usize> {
+        self.tally(vip, n, clients, who_udp)
+    }
+
+    fn tally(
+        &self,
+        vip: SocketAddr,
+        n: usize,
+        clients: usize,
+        who: fn(IpAddr, SocketAddr) -> Result<String, String>,
+    ) -> BTreeMap<String, usize> {
         self.client.run(|| {
             let mut t = BTreeMap::new();
             for i in 0..n {
@@ -285,8 +284,8 @@ impl Lab {
                 } else {
                     client_v6(i % clients)
                 };
-                let who = who_udp(c, vip).unwrap_or_else(|e| format!("error: {e}"));
-                *t.entry(who).or_insert(0) += 1;
+                let answer = who(c, vip).unwrap_or_else(|e| format!("error: {e}"));
+                *t.entry(answer).or_insert(0) += 1;
             }
             t
         })
