@@ -10,7 +10,7 @@ use crate::{
     config::Config,
     dataplane::{Dataplane, DataplaneError},
     model::Desired,
-    plan::{Plan, PlanError, State, plan},
+    plan::{Plan, PlanError, State, TableCache, plan_cached},
     program::Sizes,
 };
 
@@ -36,6 +36,7 @@ pub struct Agent<D> {
     /// Backends found unhealthy by their checks (absent: healthy or unchecked).
     unhealthy: BTreeMap<Target, ()>,
     current: State,
+    tables: TableCache,
 }
 
 impl<D: Dataplane> Agent<D> {
@@ -49,6 +50,7 @@ impl<D: Dataplane> Agent<D> {
             config,
             unhealthy: BTreeMap::new(),
             current,
+            tables: TableCache::default(),
         };
         let checked = agent.checked_targets();
         agent.unhealthy = unhealthy
@@ -88,7 +90,12 @@ impl<D: Dataplane> Agent<D> {
 
     /// Plans and applies whatever differs between the maps and the desired state.
     pub fn reconcile(&mut self) -> Result<Plan, AgentError> {
-        let (plan, next) = plan(&self.current, &self.desired(), self.dp.limits())?;
+        let (plan, next) = plan_cached(
+            &self.current,
+            &self.desired(),
+            self.dp.limits(),
+            &mut self.tables,
+        )?;
         if let Err(e) = self.dp.apply(&plan) {
             // Some writes may have landed (every prefix of a plan is safe): learn what did.
             self.current = self.dp.read().unwrap_or_else(|_| self.current.clone());

@@ -152,12 +152,67 @@ fn free_ids(used: &BTreeSet<u32>) -> impl Iterator<Item = u32> + '_ {
     (0u32..).filter(|i| !used.contains(i))
 }
 
+/// Maglev tables already built, by their exact inputs (entries in canonical order, and size), so
+/// that a reconcile rebuilds only the tables of VIPs whose backends or weights changed: one
+/// health flap among a thousand VIPs costs one table, not a thousand.
+#[derive(Debug, Default)]
+pub struct TableCache {
+    tables: std::collections::HashMap<TableInputs, Vec<u32>>,
+}
+
+/// (backend key, weight, id) in canonical order, and the table size.
+type TableInputs = (Vec<(Vec<u8>, u32, u32)>, u32);
+
+impl TableCache {
+    fn get_or_build(
+        &mut self,
+        vip: &str,
+        mut entries: Vec<(Vec<u8>, u32, u32)>,
+        m: u32,
+        used: &mut Vec<TableInputs>,
+    ) -> Result<Vec<u32>, PlanError> {
+        entries.sort();
+        let key = (entries, m);
+        used.push(key.clone());
+        if let Some(t) = self.tables.get(&key) {
+            return Ok(t.clone());
+        }
+        let refs: Vec<Entry<'_>> = key
+            .0
+            .iter()
+            .map(|(k, w, id)| Entry {
+                key: k,
+                weight: *w,
+                value: *id,
+            })
+            .collect();
+        let table = maglev::build(&refs, m, NO_BACKEND).map_err(|source| PlanError::Maglev {
+            vip: vip.to_string(),
+            source,
+        })?;
+        self.tables.insert(key, table.clone());
+        Ok(table)
+    }
+}
+
 /// Plans the writes that turn `current` into `desired`, and returns the state they lead to.
 pub fn plan(
     current: &State,
     desired: &Desired,
     limits: Limits,
 ) -> Result<(Plan, State), PlanError> {
+    plan_cached(current, desired, limits, &mut TableCache::default())
+}
+
+/// [`plan`], re-using the tables in `cache` whose inputs did not change (and keeping only the
+/// tables this plan used).
+pub fn plan_cached(
+    current: &State,
+    desired: &Desired,
+    limits: Limits,
+    cache: &mut TableCache,
+) -> Result<(Plan, State), PlanError> {
+    let mut tables_used = Vec::new();
     let m = limits.maglev_m;
     let mut seen = BTreeSet::new();
     for v in &desired.vips {
@@ -238,7 +293,7 @@ pub fn plan(
                 Mode::Nat => MODE_NAT,
             },
         };
-        let keys: Vec<(Vec<u8>, u32, u32)> = v
+        let entries: Vec<(Vec<u8>, u32, u32)> = v
             .backends
             .iter()
             .map(|b| {
@@ -246,23 +301,14 @@ pub fn plan(
                 (maglev_key(&be), b.weight, ids[&be])
             })
             .collect();
-        let entries: Vec<Entry<'_>> = keys
-            .iter()
-            .map(|(k, w, id)| Entry {
-                key: k,
-                weight: *w,
-                value: *id,
-            })
-            .collect();
-        let ring = maglev::build(&entries, m, NO_BACKEND).map_err(|source| PlanError::Maglev {
-            vip: v.label(),
-            source,
-        })?;
+        let ring = cache.get_or_build(&v.label(), entries, m, &mut tables_used)?;
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
     }
     next.backends = ids.iter().map(|(b, id)| (*id, *b)).collect();
+    let tables_used: std::collections::HashSet<_> = tables_used.into_iter().collect();
+    cache.tables.retain(|k, _| tables_used.contains(k));
 
     Ok((diff(current, &next), next))
 }
@@ -584,6 +630,27 @@ mod tests {
                     "round {round}: table of {k:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_cache_gives_the_same_plans_and_keeps_only_live_tables() {
+        let a = desired(vec![
+            vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]),
+            vip("192.0.2.2", &[("10.1.0.3", 1)]),
+        ]);
+        let b = desired(vec![
+            vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 0)]),
+            vip("192.0.2.2", &[("10.1.0.3", 1)]),
+        ]);
+        let mut cache = TableCache::default();
+        let mut cur = State::default();
+        for d in [&a, &b, &a, &a] {
+            let (p1, n1) = plan(&cur, d, LIMITS).unwrap();
+            let (p2, n2) = plan_cached(&cur, d, LIMITS, &mut cache).unwrap();
+            assert_eq!((p1, &n1), (p2, &n2));
+            assert_eq!(cache.tables.len(), 2, "one table per VIP in use");
+            cur = n1;
         }
     }
 
