@@ -107,6 +107,13 @@ mod program {
         xdp_action::XDP_PASS
     }
 
+    /// The benchmarks' floor: parses Ethernet, IPv4 and TCP with the same bounds checks as `lb`,
+    /// then transmits. Anything a load balancer must do costs at least this.
+    #[xdp]
+    pub fn lb_floor(ctx: XdpContext) -> u32 {
+        crate::parse::floor(&ctx)
+    }
+
     /// Decapsulates tunnelled packets on a DSR backend (see [`crate::decap`]).
     #[xdp]
     pub fn lb_decap(ctx: XdpContext) -> u32 {

@@ -268,3 +268,27 @@ fn parse_l4(
         syn,
     })
 }
+
+/// See `lb_floor`: Ethernet, IPv4 (any header length), TCP, then `XDP_TX`; `XDP_PASS` otherwise.
+#[inline(always)]
+pub fn floor(ctx: &XdpContext) -> u32 {
+    use aya_ebpf::bindings::xdp_action;
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return xdp_action::XDP_PASS;
+    };
+    let ip = unsafe { &*ip };
+    let hdr_len = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.proto != IPPROTO_TCP || hdr_len < Ipv4Hdr::LEN {
+        return xdp_action::XDP_PASS;
+    }
+    match ptr_at::<[u8; TCP_HDR_LEN]>(ctx, EthHdr::LEN + hdr_len) {
+        Some(_) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_PASS,
+    }
+}

@@ -43,6 +43,8 @@ pub fn action_name(a: u32) -> &'static str {
 pub struct Run {
     pub action: u32,
     pub output: Vec<u8>,
+    /// Run time of the program as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 /// The loaded program and typed access to its maps.
@@ -249,6 +251,7 @@ impl Lb {
         Run {
             action: r.return_value,
             output: out,
+            duration: r.duration,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! fails them with a message saying so rather than letting them pass without running.
 
 pub mod agent;
+pub mod bench;
 pub mod dc;
 pub mod harness;
 pub mod lab;

@@ -33,6 +33,12 @@ enum Cmd {
     },
     /// Run setup, then a live demo in network namespaces on this machine. Needs root.
     Demo,
+    /// Run setup, then the benchmarks: prints a table, writes target/bench/results.json. Needs root.
+    Bench {
+        /// A small, quick run (what the test suite runs).
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,6 +75,24 @@ fn main() -> Result<()> {
                 ]))?;
             }
             run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
+        }
+        Cmd::Bench { smoke } => {
+            setup()?;
+            require_root("the benchmarks load XDP programs")?;
+            let mut c = cargo();
+            c.args([
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "lb-tests",
+                "--bin",
+                "lb-bench",
+            ]);
+            if smoke {
+                c.args(["--", "--smoke"]);
+            }
+            run(&mut c)
         }
         Cmd::Demo => {
             setup()?;
