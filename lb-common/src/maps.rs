@@ -71,6 +71,11 @@ pub const DEFAULT_VIP_ENTRIES: u32 = 1_024;
 /// Egress interfaces the devmap can hold.
 pub const MAX_TX_PORTS: u32 = 256;
 
+/// Bytes of the benchmark generator's template frame (`lb_gen`).
+pub const GEN_FRAME_LEN: usize = 64;
+/// The generator's template map (benchmarks only; never pinned).
+pub const GEN_FRAME: &str = "LB_GEN_FRAME";
+
 /// IPv6 extension headers the parser walks through before giving up on finding TCP or UDP.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// Hop limit / TTL of the outer header written on encapsulation.

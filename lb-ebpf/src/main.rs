@@ -114,6 +114,28 @@ mod program {
         crate::parse::floor(&ctx)
     }
 
+    /// Template frame for `lb_gen` (benchmarks only; never pinned).
+    #[map]
+    pub static LB_GEN_FRAME: Array<[u8; GEN_FRAME_LEN]> = Array::with_max_entries(1, 0);
+
+    /// The benchmarks' traffic generator for live-frames mode: overwrites the first
+    /// `GEN_FRAME_LEN` bytes of the frame with the template and transmits it. Recycled pages come
+    /// back holding whatever the receiver made of them (an encapsulated packet), so the template
+    /// is restored every time.
+    #[xdp]
+    pub fn lb_gen(ctx: XdpContext) -> u32 {
+        let Some(tpl) = LB_GEN_FRAME.get(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        match crate::parse::ptr_at::<[u8; GEN_FRAME_LEN]>(&ctx, 0) {
+            Some(p) => {
+                unsafe { *p = *tpl };
+                xdp_action::XDP_TX
+            }
+            None => xdp_action::XDP_ABORTED,
+        }
+    }
+
     /// Decapsulates tunnelled packets on a DSR backend (see [`crate::decap`]).
     #[xdp]
     pub fn lb_decap(ctx: XdpContext) -> u32 {

@@ -229,6 +229,45 @@ impl Lb {
         prog
     }
 
+    /// Sets the template `lb_gen` restores into every frame it transmits.
+    pub fn set_gen_frame(&mut self, frame: &[u8]) {
+        let mut tpl = [0u8; maps::GEN_FRAME_LEN];
+        assert_eq!(
+            frame.len(),
+            tpl.len(),
+            "the generator's frames are {} bytes",
+            tpl.len()
+        );
+        tpl.copy_from_slice(frame);
+        let mut a: Array<_, [u8; maps::GEN_FRAME_LEN]> =
+            Array::try_from(self.map(maps::GEN_FRAME)).unwrap();
+        a.set(0, tpl, 0).expect("writing the generator template");
+    }
+
+    /// Runs `program` on `frame` `repeat` times in the kernel's live-frames mode
+    /// (`BPF_F_TEST_XDP_LIVE_FRAMES`): `XDP_TX` and `XDP_REDIRECT` frames really leave through
+    /// `ingress_ifindex`. Returns the kernel's time per frame.
+    pub fn run_live(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> std::time::Duration {
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let prog = self.xdp(program);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat;
+        opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
+        prog.test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
+            .duration
+    }
+
     /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
     /// first if needed.
     pub fn run_program(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Run {

@@ -28,6 +28,13 @@ fn bench_smoke() {
     ] {
         assert!(f[case]["not_applicable"].is_string(), "{case}");
     }
+    for k in ["lb_established_v4", "floor"] {
+        assert!(
+            v["forwarding_rate"][k]["pps"].as_u64().unwrap() > 0,
+            "{}",
+            v["forwarding_rate"]
+        );
+    }
     for n in ["n10", "n100", "n1000"] {
         assert!(
             v["maglev"][n]["build_ms"].as_f64().is_some(),
