@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{Counter, IPPROTO_TCP, MODE_DSR, VipValue};
+use lb_common::{Counter, IPPROTO_TCP, MODE_DSR, MODE_NAT, VipValue};
 use lb_userspace::{
     dataplane::{Dataplane, kernel::KernelDataplane},
     maglev,
@@ -18,7 +18,7 @@ use lb_userspace::{
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{FibNet, Lb, XDP_PASS, XDP_TX, net::*, vip_key},
+    harness::{FibNet, Lb, XDP_DROP, XDP_PASS, XDP_TX, net::*, vip_key},
     packet::{L4, Pkt, TCP_ACK},
 };
 
@@ -109,7 +109,7 @@ pub fn fastpath(opts: &Options) -> Value {
         let m = 65_537;
         let mut lb = Lb::load(Sizes {
             maglev_m: m,
-            max_vips: 4,
+            max_vips: 8,
             max_backends: 256,
             flow_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
             affinity_entries: 1 << 16,
@@ -133,6 +133,14 @@ pub fn fastpath(opts: &Options) -> Value {
             lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode: MODE_DSR });
             lb.set_ring(id, |s| t[s as usize]);
         }
+        // Breakdown VIPs: one that stops before encapsulation (a NAT VIP, which this program
+        // drops after selection), one whose backend's route lookup fails (encapsulation and a
+        // route lookup, no neighbour, no transmit).
+        lb.set_backend(200, UNREACHABLE_V4, true);
+        lb.add_vip(vip_key("192.0.2.12", 80, IPPROTO_TCP), VipValue { id: 3, flags: 0, affinity_timeout_s: 0, mode: MODE_NAT });
+        lb.set_ring(3, |s| t4[s as usize]);
+        lb.add_vip(vip_key("192.0.2.13", 80, IPPROTO_TCP), VipValue { id: 4, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR });
+        lb.set_ring(4, |_| 200);
         let octets = |v: &[String]| -> Vec<[u8; 4]> { v.iter().map(|a| a.parse::<std::net::Ipv4Addr>().unwrap().octets()).collect() };
         let b4 = octets(&v4_backends);
 
@@ -146,6 +154,10 @@ pub fn fastpath(opts: &Options) -> Value {
             assert_eq!(r.action, XDP_TX, "creating established flow {k}");
         }
         let one4 = ack(syn("198.51.100.1", 1111, "192.0.2.10")).frame();
+        let sel4 = ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame();
+        let fib4 = ack(syn("198.51.100.1", 1111, "192.0.2.13")).frame();
+        lb.run(&syn("198.51.100.1", 1111, "192.0.2.12").frame(), ingress);
+        lb.run(&syn("198.51.100.1", 1111, "192.0.2.13").frame(), ingress);
         let one6 = ack(Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC)).frame();
         lb.run(&syn("198.51.100.1", 1111, "192.0.2.10").frame(), ingress);
         lb.run(&Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC).frame(), ingress);
@@ -185,6 +197,8 @@ pub fn fastpath(opts: &Options) -> Value {
                 v6_outer: false,
             },
             Case { name: "v6_tcp_established_1flow", program: "lb", frame: Box::new({ let f = one6.clone(); move |_| f.clone() }), action: XDP_TX, backends: vec![], v6_outer: true },
+            Case { name: "breakdown_established_no_encap", program: "lb", frame: Box::new(move |_| sel4.clone()), action: XDP_DROP, backends: vec![], v6_outer: false },
+            Case { name: "breakdown_established_encap_fib_fails", program: "lb", frame: Box::new(move |_| fib4.clone()), action: XDP_DROP, backends: vec![], v6_outer: false },
         ];
 
         let mut rounds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
@@ -217,7 +231,9 @@ pub fn fastpath(opts: &Options) -> Value {
         // The cases must have taken the paths they are named for.
         let est_calls = (est_per_round * opts.rounds) as u64;
         let one_calls = (per_round * opts.rounds) as u64;
-        assert_eq!(d(Counter::FlowHits), est_calls + 2 * one_calls, "established cases did not all hit the flow table");
+        assert_eq!(d(Counter::FlowHits), est_calls + 4 * one_calls, "established cases did not all hit the flow table");
+        assert_eq!(d(Counter::DropUnsupportedMode), one_calls, "no-encap breakdown case");
+        assert_eq!(d(Counter::DropFibFailed), one_calls, "failed-route breakdown case");
         assert_eq!(d(Counter::AffinityHits), one_calls, "affinity case did not hit affinity");
         assert_eq!(d(Counter::MaglevLookups), one_calls, "new-flow case did not go through Maglev");
 
