@@ -6,7 +6,10 @@
 //! are rewritten before a backend they pointed at is removed, and a new VIP's table is written
 //! before the VIP itself. A resync with nothing changed plans no write at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use lb_common::{
     BACKEND_F_LIVE, Backend, FAMILY_V4, FAMILY_V6, MODE_DSR, MODE_NAT, NO_BACKEND, NODE_F_SRC_V4,
@@ -26,8 +29,9 @@ pub struct State {
     pub vip_addrs: BTreeMap<VipAddr, u32>,
     /// Live backends only.
     pub backends: BTreeMap<u32, Backend>,
-    /// Tables of the VIP ids in `vips`.
-    pub rings: BTreeMap<u32, Vec<u32>>,
+    /// Tables of the VIP ids in `vips`. Shared with the planner's cache: an unchanged table is
+    /// one allocation, and recognised without comparing its slots.
+    pub rings: BTreeMap<u32, Arc<Vec<u32>>>,
 }
 
 /// Sizes fixed at load time that a plan must fit in.
@@ -157,7 +161,7 @@ fn free_ids(used: &BTreeSet<u32>) -> impl Iterator<Item = u32> + '_ {
 /// health flap among a thousand VIPs costs one table, not a thousand.
 #[derive(Debug, Default)]
 pub struct TableCache {
-    tables: std::collections::HashMap<TableInputs, Vec<u32>>,
+    tables: std::collections::HashMap<TableInputs, Arc<Vec<u32>>>,
 }
 
 /// (backend key, weight, id) in canonical order, and the table size.
@@ -170,12 +174,12 @@ impl TableCache {
         mut entries: Vec<(Vec<u8>, u32, u32)>,
         m: u32,
         used: &mut Vec<TableInputs>,
-    ) -> Result<Vec<u32>, PlanError> {
+    ) -> Result<Arc<Vec<u32>>, PlanError> {
         entries.sort();
         let key = (entries, m);
         used.push(key.clone());
         if let Some(t) = self.tables.get(&key) {
-            return Ok(t.clone());
+            return Ok(Arc::clone(t));
         }
         let refs: Vec<Entry<'_>> = key
             .0
@@ -190,7 +194,8 @@ impl TableCache {
             vip: vip.to_string(),
             source,
         })?;
-        self.tables.insert(key, table.clone());
+        let table = Arc::new(table);
+        self.tables.insert(key, Arc::clone(&table));
         Ok(table)
     }
 }
@@ -340,9 +345,11 @@ fn diff(cur: &State, next: &State) -> Plan {
     // 3. Tables: only the slots that differ (all of them for a VIP id new to the maps).
     for (id, ring) in &next.rings {
         let slots: Vec<(u32, u32)> = match cur.rings.get(id) {
+            // The very table the maps were written from last time: nothing to compare.
+            Some(old) if Arc::ptr_eq(old, ring) => continue,
             Some(old) if old.len() == ring.len() => ring
                 .iter()
-                .zip(old)
+                .zip(old.iter())
                 .enumerate()
                 .filter(|(_, (n, o))| n != o)
                 .map(|(s, (n, _))| (s as u32, *n))
@@ -401,10 +408,11 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
             s.vip_addrs.remove(addr);
         }
         Write::Slots { vip_id, slots } => {
-            let ring = s
-                .rings
-                .entry(*vip_id)
-                .or_insert_with(|| vec![NO_BACKEND; m as usize]);
+            let ring = Arc::make_mut(
+                s.rings
+                    .entry(*vip_id)
+                    .or_insert_with(|| Arc::new(vec![NO_BACKEND; m as usize])),
+            );
             for (slot, b) in slots {
                 ring[*slot as usize] = *b;
             }
@@ -643,15 +651,20 @@ mod tests {
             vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 0)]),
             vip("192.0.2.2", &[("10.1.0.3", 1)]),
         ]);
+        // The cached planner carries its own state, so unchanged tables are the same allocation
+        // and its shortcut (no slot comparison) runs; its plans must equal the full comparison's.
         let mut cache = TableCache::default();
-        let mut cur = State::default();
-        for d in [&a, &b, &a, &a] {
-            let (p1, n1) = plan(&cur, d, LIMITS).unwrap();
-            let (p2, n2) = plan_cached(&cur, d, LIMITS, &mut cache).unwrap();
-            assert_eq!((p1, &n1), (p2, &n2));
+        let (mut plain, mut cached) = (State::default(), State::default());
+        for d in [&a, &b, &a, &a, &b] {
+            let (p1, n1) = plan(&plain, d, LIMITS).unwrap();
+            let (p2, n2) = plan_cached(&cached, d, LIMITS, &mut cache).unwrap();
+            assert_eq!((&p1, &n1), (&p2, &n2));
             assert_eq!(cache.tables.len(), 2, "one table per VIP in use");
-            cur = n1;
+            plain = n1;
+            cached = n2;
         }
+        let (again, _) = plan_cached(&cached, &b, LIMITS, &mut cache).unwrap();
+        assert!(again.is_empty());
     }
 
     #[test]

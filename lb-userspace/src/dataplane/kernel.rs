@@ -108,8 +108,10 @@ impl Dataplane for KernelDataplane {
         for v in s.vips.values() {
             let base = v.id as usize * m;
             if v.id < self.sizes.max_vips {
-                s.rings
-                    .insert(v.id, (base..base + m).map(|i| self.ring.get(i)).collect());
+                s.rings.insert(
+                    v.id,
+                    std::sync::Arc::new((base..base + m).map(|i| self.ring.get(i)).collect()),
+                );
             }
         }
         Ok(s)
