@@ -2,7 +2,7 @@
 //! transitions, after `healthy_threshold` consecutive successes or `unhealthy_threshold`
 //! consecutive failures (Kong's active checks work the same way). A backend starts healthy.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::mpsc, task::JoinHandle, time};
 
@@ -141,17 +141,10 @@ pub fn spawn(
     tasks
 }
 
-/// The shortest check interval configured (to bound how long tests wait).
-pub fn shortest_interval(config: &Config) -> Option<Duration> {
-    config
-        .vips
-        .iter()
-        .filter_map(|v| v.health_check.as_ref().map(|h| h.interval))
-        .min()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn check(h: u32, u: u32) -> HealthCheck {

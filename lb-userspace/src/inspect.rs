@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, NodeConfig, TrafficStats,
-    VipKey, VipValue, maps,
+    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, TrafficStats, VipKey,
+    VipValue, maps,
 };
 
 use crate::{
@@ -45,7 +45,6 @@ pub struct Pinned {
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    node: Array<MapData, NodeConfig>,
     ring: Ring,
 }
 
@@ -72,7 +71,6 @@ impl Pinned {
             backends: Array::try_from(open(maps::BACKENDS)?).map_err(merr("backends"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
-            node: Array::try_from(open(maps::NODE)?).map_err(merr("node"))?,
             ring,
             sizes,
         })
@@ -172,10 +170,6 @@ impl Pinned {
 
     pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {
         self.affinity.get(k, 0).ok()
-    }
-
-    pub fn node(&self) -> Result<NodeConfig, InspectError> {
-        self.node.get(&0, 0).map_err(merr("node"))
     }
 }
 
