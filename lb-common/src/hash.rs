@@ -72,6 +72,20 @@ pub const fn source_hash(src: &[u8; 16], family: u8) -> u32 {
     finish(h, if family == FAMILY_V4 { 4 } else { 16 })
 }
 
+/// Source ports NAT mode tries for one flow before giving up (and counting it).
+pub const NAT_PORT_PROBES: u32 = 8;
+
+/// The `i`-th source port NAT mode tries for a flow with hash `hash`, in `min..=max`: the same
+/// on every node and every run, so a flow's translation is predictable (`lb explain`) and tests
+/// can aim two flows at one port.
+#[inline(always)]
+pub const fn nat_port_candidate(hash: u32, i: u32, min: u16, max: u16) -> u16 {
+    let span = (max as u32).saturating_sub(min as u32) + 1;
+    // Each probe rehashes, so two flows that collide on one port go separate ways after.
+    let h = finish(hash ^ i.wrapping_mul(0x9e37_79b9), 4);
+    min + maglev_slot(h, span) as u16
+}
+
 /// The Maglev slot (in `0..m`) a hash selects. Multiply-shift instead of `%`: uniform over `0..m`
 /// for a uniform 32-bit hash, and a multiplication is cheaper than a division in the fast path.
 #[inline(always)]

@@ -10,6 +10,6 @@ pub mod maps;
 pub mod stats;
 pub mod types;
 
-pub use hash::{flow_hash, maglev_slot, source_hash};
+pub use hash::{NAT_PORT_PROBES, flow_hash, maglev_slot, nat_port_candidate, source_hash};
 pub use stats::{Counter, TrafficStats};
 pub use types::*;

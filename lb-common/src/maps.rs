@@ -26,6 +26,23 @@ pub const STATS: &str = "LB_STATS";
 pub const VIP_STATS: &str = "LB_VIP_STATS";
 /// Per-backend per-CPU [`crate::TrafficStats`], indexed by backend id.
 pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// NAT mode, forward: [`crate::FlowKey`] as the client sent it -> [`crate::NatFlow`] (LRU).
+pub const NAT: &str = "LB_NAT";
+/// NAT mode, reverse: [`crate::FlowKey`] of a reply (backend -> node) -> [`crate::NatReverse`]
+/// (LRU). Its existence is what makes a NAT source port taken.
+pub const NAT_REV: &str = "LB_NAT_REV";
+/// Passive health per backend id: [`crate::PassiveHealth`] (shared, not per CPU).
+pub const BACKEND_PASSIVE: &str = "LB_BACKEND_PASSIVE";
+/// Tail-call targets of `lb`: [`NAT_PROG_INDEX`] holds `lb_nat`. Pinned, so its entries
+/// outlive the agent that wrote them.
+pub const PROGS: &str = "LB_PROGS";
+/// Per-CPU [`crate::NatJob`] passed from `lb` to `lb_nat`. Pinned, so that while a restarted
+/// agent swaps programs, an old `lb` and a new `lb_nat` still share it.
+pub const NAT_JOB: &str = "LB_NAT_JOB";
+/// Index of `lb_nat` in [`PROGS`].
+pub const NAT_PROG_INDEX: u32 = 0;
+/// Name of the NAT program in the object.
+pub const NAT_PROGRAM: &str = "lb_nat";
 /// Egress interfaces for `XDP_REDIRECT`: ifindex -> ifindex (devmap hash).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
 
@@ -45,6 +62,11 @@ pub const ALL: &[&str] = &[
     STATS,
     VIP_STATS,
     BACKEND_STATS,
+    NAT,
+    NAT_REV,
+    BACKEND_PASSIVE,
+    PROGS,
+    NAT_JOB,
     TX_PORTS,
     META,
 ];
@@ -66,6 +88,12 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 /// Default affinity-table size (set at load time).
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 16;
+/// Default size of each NAT table (forward and reverse; set at load time).
+pub const DEFAULT_NAT_ENTRIES: u32 = 1 << 18;
+/// Default NAT source ports: below Linux's default ephemeral range (32768-60999), so the
+/// node's own connections never collide with translated ones.
+pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;
+pub const DEFAULT_NAT_PORT_MAX: u16 = 32767;
 /// Default size of the VIP-address set (set at load time, with the VIP table).
 pub const DEFAULT_VIP_ENTRIES: u32 = 1_024;
 /// Egress interfaces the devmap can hold.
@@ -78,5 +106,9 @@ pub const GEN_FRAME: &str = "LB_GEN_FRAME";
 
 /// IPv6 extension headers the parser walks through before giving up on finding TCP or UDP.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// Default grace time of a closed TCP translation, in seconds.
+pub const DEFAULT_NAT_CLOSE_GRACE_S: u64 = 10;
+/// Default time after which an unanswered SYN counts as a failure, in seconds.
+pub const DEFAULT_SYN_TIMEOUT_S: u64 = 2;
 /// Hop limit / TTL of the outer header written on encapsulation.
 pub const OUTER_TTL: u8 = 64;

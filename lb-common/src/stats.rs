@@ -49,25 +49,34 @@ counters! {
     DropFragment = "drop_fragment", true;
     /// Dropped: the VIP has no backend (or its slot points at a removed one).
     DropNoBackend = "drop_no_backend", true;
-    /// Dropped: the VIP's forwarding mode is not supported by this program.
-    DropUnsupportedMode = "drop_unsupported_mode", true;
     /// Dropped: no outer source address is configured for the backend's family.
     DropNoSourceAddress = "drop_no_source_address", true;
     /// Dropped: the packet could not be grown for encapsulation.
     DropEncapFailed = "drop_encap_failed", true;
     /// Dropped: the encapsulated packet exceeds the egress MTU.
     DropTooBig = "drop_too_big", true;
-    /// Dropped: no route to the backend (unreachable, blackhole, prohibited, forwarding off).
+    /// Dropped: no route to the backend (or, for a NAT reply, the client): unreachable,
+    /// blackhole, prohibited, forwarding off.
     DropFibFailed = "drop_fib_failed", true;
-    /// Encapsulated and passed to the kernel: the backend's next hop has no neighbour entry yet.
+    /// Dropped: the VIP is in NAT mode but the NAT program is not installed (tail call failed).
+    DropNatUnavailable = "drop_nat_unavailable", true;
+    /// Dropped: NAT mode found no free source port towards the backend within its probes.
+    DropNatPortsExhausted = "drop_nat_ports_exhausted", true;
+    /// Passed to the kernel untranslated: NAT mode would forward it, but its TTL / hop limit is
+    /// spent (the kernel answers with ICMP time exceeded).
+    PassTtlExceeded = "pass_ttl_exceeded", true;
+    /// Encapsulated or translated, and passed to the kernel: the next hop has no neighbour
+    /// entry yet.
     PassNoNeighbour = "pass_no_neighbour", true;
-    /// Encapsulated and passed to the kernel: the backend address is local to this node.
+    /// Encapsulated or translated, and passed to the kernel: the destination is local to this
+    /// node.
     PassLocalBackend = "pass_local_backend", true;
-    /// Encapsulated and sent back out of the interface it came in on.
+    /// Encapsulated or translated, and sent back out of the interface it came in on.
     Tx = "tx", true;
-    /// Encapsulated and redirected to another interface.
+    /// Encapsulated or translated, and redirected to another interface.
     Redirect = "redirect", true;
-    /// Encapsulated and passed to the kernel: the egress interface is not in the devmap.
+    /// Encapsulated or translated, and passed to the kernel: the egress interface is not in the
+    /// devmap.
     PassNoTxPort = "pass_no_tx_port", true;
 
     // Events.
@@ -95,6 +104,26 @@ counters! {
     FlowInsertFailed = "flow_insert_failed", false;
     /// TCP packet without SYN that missed the flow table (mid-stream after a failover or restart).
     NonSynMiss = "non_syn_miss", false;
+    /// NAT mode: a new translation (a source port taken towards a backend).
+    NatNew = "nat_new", false;
+    /// NAT mode: a packet translated towards a backend.
+    NatForward = "nat_forward", false;
+    /// NAT mode: a reply translated back towards its client.
+    NatReverse = "nat_reverse", false;
+    /// NAT mode: a source port probe found the port taken by a live flow.
+    NatPortCollisions = "nat_port_collisions", false;
+    /// NAT mode: a reply matched a translation that is over or was replaced: passed untouched.
+    NatReverseStale = "nat_reverse_stale", false;
+    /// NAT mode: writing a translation failed.
+    NatInsertFailed = "nat_insert_failed", false;
+    /// NAT mode: a TCP translation closed (both FINs, or an RST).
+    NatClosed = "nat_closed", false;
+    /// Passive health: a connection attempt answered by an RST.
+    NatRefused = "nat_refused", false;
+    /// Passive health: a connection attempt answered by ICMP destination unreachable.
+    NatUnreachable = "nat_unreachable", false;
+    /// Passive health: a SYN retransmitted after the SYN timeout without an answer.
+    NatSynTimeouts = "nat_syn_timeouts", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.

@@ -146,9 +146,122 @@ pub struct NodeConfig {
     pub src_v4: [u8; 4],
     /// `NODE_F_*`.
     pub flags: u32,
-    /// A UDP flow idle for longer than this is balanced afresh; 0 keeps UDP flows until the LRU
-    /// evicts them.
+    /// A UDP flow idle for longer than this is balanced afresh (and in NAT mode its translation
+    /// freed); 0 keeps UDP flows until the LRU evicts them.
     pub udp_idle_timeout_ns: u64,
+    /// NAT mode: source ports handed out to translated flows, `nat_port_min..=nat_port_max`,
+    /// host byte order. Keep them out of the node's own ephemeral range.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad: u32,
+    /// NAT mode: how long a TCP translation lives on after both FINs or an RST (late
+    /// retransmissions and the final ACK still get through), before its port can be reused.
+    pub nat_close_grace_ns: u64,
+    /// NAT mode: a SYN still unanswered after this long counts as a failed connection attempt
+    /// to its backend (seen when the client retransmits it).
+    pub syn_timeout_ns: u64,
+}
+
+/// `NatFlow::state`: the client sent a FIN.
+pub const NAT_S_FIN_CLIENT: u16 = 1 << 0;
+/// `NatFlow::state`: the backend sent a FIN.
+pub const NAT_S_FIN_BACKEND: u16 = 1 << 1;
+/// `NatFlow::state`: either side sent an RST.
+pub const NAT_S_RST: u16 = 1 << 2;
+/// `NatFlow::state`: the backend answered (anything but an RST).
+pub const NAT_S_ANSWERED: u16 = 1 << 3;
+/// `NatFlow::state`: the attempt already counted as a failure (RST, ICMP, or SYN timeout).
+pub const NAT_S_FAILED: u16 = 1 << 4;
+
+/// A translated flow, keyed by its [`FlowKey`] as the client sent it (client -> VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatFlow {
+    pub backend_id: u32,
+    pub vip_id: u32,
+    /// The node's source port towards the backend, network byte order.
+    pub nat_port: u16,
+    /// `NAT_S_*`.
+    pub state: u16,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC_COARSE when the translation was made (the SYN, for TCP).
+    pub created_ns: u64,
+    /// UDP: when a packet last used it. TCP: when it closed (both FINs, or an RST).
+    pub last_ns: u64,
+}
+
+/// The way back: keyed by the reply's [`FlowKey`] (backend -> node address and NAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatReverse {
+    /// The flow as the client sent it: where to send the reply, and the [`NatFlow`] key.
+    pub client: FlowKey,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Passive health of one backend id, from the replies NAT mode sees. Shared by all CPUs
+/// (updated atomically, once per connection attempt, not per packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PassiveHealth {
+    /// Connection attempts the backend answered.
+    pub answered: u64,
+    /// Connection attempts answered by an RST.
+    pub refused: u64,
+    /// Connection attempts answered by ICMP destination unreachable.
+    pub unreachable: u64,
+    /// SYNs still unanswered after `NodeConfig::syn_timeout_ns`.
+    pub syn_timeouts: u64,
+    /// Failures since the last answer (the agent resets it when it brings a backend back).
+    pub consecutive_failures: u64,
+}
+
+/// `NatJob::kind`: translate a client's packet towards `backend_id`.
+pub const NAT_JOB_FORWARD: u8 = 1;
+/// `NatJob::kind`: translate a reply to the node back to its client.
+pub const NAT_JOB_REVERSE: u8 = 2;
+/// `NatJob::kind`: read an ICMP error sent to the node.
+pub const NAT_JOB_ICMP: u8 = 3;
+
+/// What `lb` hands the NAT program when it tail-calls it (per-CPU scratch: a tail call starts
+/// with a fresh stack, which is why NAT runs as a program of its own).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatJob {
+    /// The packet's flow (for ICMP: only `dst` and `family`).
+    pub key: FlowKey,
+    /// `NAT_JOB_*`.
+    pub kind: u8,
+    pub tos: u8,
+    pub tcp_flags: u8,
+    pub _pad: u8,
+    pub l3_off: u16,
+    pub l4_off: u16,
+    pub ip_len: u32,
+    pub vip_id: u32,
+    pub backend_id: u32,
+    pub _pad2: u32,
+}
+
+impl NatFlow {
+    /// Whether both FINs or an RST went by.
+    pub const fn closed(&self) -> bool {
+        self.state & NAT_S_RST != 0
+            || self.state & (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND)
+                == (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND)
+    }
+
+    /// Whether the translation is over (closed and past the grace time, or UDP and idle), so
+    /// its entries may be reused.
+    pub const fn expired(&self, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {
+        if proto == IPPROTO_UDP {
+            node.udp_idle_timeout_ns != 0
+                && now_ns.wrapping_sub(self.last_ns) > node.udp_idle_timeout_ns
+        } else {
+            self.closed() && now_ns.wrapping_sub(self.last_ns) > node.nat_close_grace_ns
+        }
+    }
 }
 
 /// What a set of pinned maps was created for. Written once when the maps are created; an agent
@@ -164,10 +277,12 @@ pub struct LayoutMeta {
     pub max_backends: u32,
     pub flow_entries: u32,
     pub affinity_entries: u32,
+    pub nat_entries: u32,
+    pub _pad: u32,
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -183,8 +298,12 @@ assert_size!(
     FlowValue => 16,
     AffinityKey => 20,
     AffinityValue => 16,
-    NodeConfig => 32,
-    LayoutMeta => 24,
+    NodeConfig => 56,
+    NatFlow => 32,
+    NatReverse => 48,
+    PassiveHealth => 40,
+    NatJob => 64,
+    LayoutMeta => 32,
 );
 
 impl VipKey {
@@ -219,5 +338,9 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LayoutMeta {}
+    unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for NatReverse {}
+    unsafe impl aya::Pod for PassiveHealth {}
+    unsafe impl aya::Pod for NatJob {}
     unsafe impl aya::Pod for crate::TrafficStats {}
 }

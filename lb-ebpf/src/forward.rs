@@ -33,16 +33,27 @@ const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const IPV4_DF: u16 = 0x4000;
 
-/// What to do with a packet, and which verdict counter says so.
-pub struct Verdict {
-    pub counter: Counter,
-    pub action: u32,
-}
+/// What to do with a packet (an XDP action), and which verdict counter says so. One register
+/// wide, so BPF subprograms can return it (they can't return structs).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Verdict(u64);
 
 impl Verdict {
     #[inline(always)]
     pub const fn new(counter: Counter, action: u32) -> Self {
-        Self { counter, action }
+        Self(((counter as u64) << 32) | action as u64)
+    }
+
+    #[inline(always)]
+    pub const fn action(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// The counter's index in `LB_STATS`.
+    #[inline(always)]
+    pub const fn counter(self) -> u32 {
+        (self.0 >> 32) as u32
     }
 }
 
@@ -147,10 +158,19 @@ pub fn encap_and_forward(
             unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
     }
 
+    route(ctx, &mut fib, rx_dst, rx_src)
+}
+
+/// Routes the packet now in the frame (Ethernet header at 0; `fib` filled in by the caller)
+/// with `bpf_fib_lookup`, writes the MAC addresses and transmits or redirects it. When XDP can't
+/// (no neighbour yet, local destination, egress outside the devmap) the packet goes to the
+/// kernel with the MAC addresses it came with, `rx_dst` and `rx_src`.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8; 6]) -> Verdict {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
-            &mut fib,
+            fib,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
@@ -168,6 +188,10 @@ pub fn encap_and_forward(
         }
         _ => return Verdict::new(Counter::DropFibFailed, xdp_action::XDP_DROP),
     }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
+    };
+    let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
     if fib.ifindex == ctx.ingress_ifindex() as u32 {
@@ -181,6 +205,36 @@ pub fn encap_and_forward(
             Verdict::new(Counter::PassNoTxPort, xdp_action::XDP_PASS)
         }
     }
+}
+
+/// Route-lookup parameters for a packet of `tot_len` bytes from `src` to `dst` (IPv4 in the
+/// first four bytes when `v4`), entering on the ingress interface.
+#[inline(always)]
+pub fn fib_params(
+    ctx: &XdpContext,
+    v4: bool,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tos: u8,
+    l4_protocol: u8,
+    tot_len: u16,
+) -> FibParams {
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    fib.l4_protocol = l4_protocol;
+    if v4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = tos;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_2.flowinfo = ((tos as u32) << 20).to_be();
+        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*src) };
+        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*dst) };
+    }
+    fib
 }
 
 /// RFC 1071 checksum of a 20-byte IPv4 header (no options), `check` zeroed by the caller.

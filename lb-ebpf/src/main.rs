@@ -6,11 +6,16 @@
 //! counter; nothing is logged per packet.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds for passive health counters (see `nat::bump`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod decap;
 #[cfg(target_arch = "bpf")]
 mod forward;
+#[cfg(target_arch = "bpf")]
+mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
@@ -25,17 +30,19 @@ mod program {
         Global,
         bindings::xdp_action,
         macros::{map, xdp},
-        maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+        maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
     use lb_common::{
-        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, LayoutMeta, MODE_DSR,
-        NodeConfig, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
+        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, LayoutMeta, MODE_NAT,
+        NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NodeConfig,
+        PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
     };
 
     use crate::{
         forward::{Verdict, encap_and_forward},
-        parse::{Parsed, parse},
+        nat::is_node_addr,
+        parse::{Packet, Parsed, parse},
         select::select,
     };
 
@@ -60,6 +67,19 @@ mod program {
     #[map]
     pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
         LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+    #[map]
+    pub static LB_NAT: LruHashMap<FlowKey, NatFlow> =
+        LruHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+    #[map]
+    pub static LB_NAT_REV: LruHashMap<FlowKey, NatReverse> =
+        LruHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+    #[map]
+    pub static LB_BACKEND_PASSIVE: Array<PassiveHealth> =
+        Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+    #[map]
+    pub static LB_NAT_JOB: PerCpuArray<NatJob> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     pub static LB_NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
     #[map]
@@ -96,8 +116,48 @@ mod program {
     pub fn lb(ctx: XdpContext) -> u32 {
         count(Counter::Packets);
         let verdict = process(&ctx);
-        count(verdict.counter);
-        verdict.action
+        if let Some(n) = LB_STATS.get_ptr_mut(verdict.counter()) {
+            unsafe { *n += 1 };
+        }
+        verdict.action()
+    }
+
+    /// NAT mode (see [`crate::nat`]): `lb` tail-calls it with a [`NatJob`] in `LB_NAT_JOB`.
+    #[xdp]
+    pub fn lb_nat(ctx: XdpContext) -> u32 {
+        let verdict = crate::nat::run(&ctx);
+        if let Some(n) = LB_STATS.get_ptr_mut(verdict.counter()) {
+            unsafe { *n += 1 };
+        }
+        verdict.action()
+    }
+
+    /// Hands the packet to `lb_nat`; returns only if that program is not installed.
+    #[inline(always)]
+    fn tail_call_nat(ctx: &XdpContext, job: NatJob) {
+        if let Some(j) = LB_NAT_JOB.get_ptr_mut(0) {
+            unsafe {
+                *j = job;
+                LB_PROGS.tail_call(ctx, NAT_PROG_INDEX);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn job(kind: u8, pkt: &Packet, vip_id: u32, backend_id: u32) -> NatJob {
+        NatJob {
+            key: pkt.key,
+            kind,
+            tos: pkt.tos,
+            tcp_flags: pkt.tcp_flags,
+            _pad: 0,
+            l3_off: pkt.l3_off as u16,
+            l4_off: pkt.l4_off as u16,
+            ip_len: pkt.ip_len as u32,
+            vip_id,
+            backend_id,
+            _pad2: 0,
+        }
     }
 
     /// Passes everything. Attached to the peers of veths that `lb` transmits or redirects into:
@@ -148,6 +208,27 @@ mod program {
         let pkt = match parse(ctx, count) {
             Parsed::Packet(p) => p,
             Parsed::NotForUs => return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS),
+            Parsed::Icmp(icmp) => {
+                if let Some(node) = LB_NODE.get(0)
+                    && is_node_addr(node, &icmp.dst.addr, icmp.dst.family)
+                {
+                    let key = FlowKey {
+                        dst: icmp.dst.addr,
+                        family: icmp.dst.family,
+                        ..Default::default()
+                    };
+                    tail_call_nat(
+                        ctx,
+                        NatJob {
+                            key,
+                            kind: NAT_JOB_ICMP,
+                            l4_off: icmp.l4_off as u16,
+                            ..Default::default()
+                        },
+                    );
+                }
+                return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
+            }
             Parsed::Malformed => return Verdict::new(Counter::PassMalformed, xdp_action::XDP_PASS),
             Parsed::Unbalanceable { dst, why } => {
                 // Aimed at a VIP address: dropping is honest, the kernel could only misroute it.
@@ -167,6 +248,12 @@ mod program {
             family: pkt.key.family,
         };
         let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
+            // Not for a VIP; in NAT mode it may be a backend's reply to the node.
+            if let Some(node) = LB_NODE.get(0)
+                && is_node_addr(node, &pkt.key.dst, pkt.key.family)
+            {
+                tail_call_nat(ctx, job(NAT_JOB_REVERSE, &pkt, 0, 0));
+            }
             return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
         };
         let vip = *vip;
@@ -183,8 +270,9 @@ mod program {
         };
         account(&LB_VIP_STATS, vip.id, bytes, choice.new_flow);
         account(&LB_BACKEND_STATS, choice.backend_id, bytes, choice.new_flow);
-        if vip.mode != MODE_DSR {
-            return Verdict::new(Counter::DropUnsupportedMode, xdp_action::XDP_DROP);
+        if vip.mode == MODE_NAT {
+            tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.backend_id));
+            return Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
         }
         encap_and_forward(ctx, &pkt, unsafe { &*choice.backend }, node)
     }

@@ -31,7 +31,11 @@ const IPPROTO_DSTOPTS: u8 = 60;
 const IPV4_MF_OR_OFFSET: u16 = 0x3fff;
 /// IPv6 fragment header: offset and M flag. Offset 0 without M is an atomic fragment (RFC 6946).
 const IPV6_FRAG_OFFSET_OR_M: u16 = 0xfff9;
-const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 const TCP_HDR_LEN: usize = 20;
 
 /// A pointer to a `T` at `off` bytes into the frame, if the frame is long enough to hold it.
@@ -51,16 +55,28 @@ pub struct Packet {
     pub l3_off: usize,
     /// Length of the IP packet by its own header (the frame may carry trailing padding).
     pub ip_len: usize,
+    /// Offset of the TCP or UDP header.
+    pub l4_off: usize,
     /// IPv4 TOS or IPv6 traffic class (DSCP and ECN), copied to the outer header.
     pub tos: u8,
     /// TCP with SYN set.
     pub syn: bool,
+    /// TCP flags (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+/// An ICMP (IPv4) or ICMPv6 (IPv6) message: NAT mode reads the errors backends send.
+pub struct Icmp {
+    pub dst: VipAddr,
+    pub l4_off: usize,
 }
 
 pub enum Parsed {
     Packet(Packet),
-    /// Not IP, or IP but neither TCP nor UDP: none of lb's business.
+    /// Not IP, or IP but neither TCP, UDP nor ICMP: none of lb's business.
     NotForUs,
+    /// ICMP for IPv4, ICMPv6 for IPv6.
+    Icmp(Icmp),
     /// The L2 or L3 header is truncated or invalid: we can't even trust the destination.
     Malformed,
     /// A valid IP header to `dst` whose packet can't be balanced (`why` is the verdict to give if
@@ -233,7 +249,7 @@ fn parse_l4(
         dst,
         why: Counter::DropMalformed,
     };
-    let mut syn = false;
+    let mut tcp_flags = 0;
     match key.proto {
         IPPROTO_TCP => {
             let Some(tcp) = ptr_at::<[u8; TCP_HDR_LEN]>(ctx, l4_off) else {
@@ -245,7 +261,7 @@ fn parse_l4(
             }
             key.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
             key.dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
-            syn = tcp[13] & TCP_FLAG_SYN != 0;
+            tcp_flags = tcp[13];
         }
         IPPROTO_UDP => {
             let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
@@ -258,14 +274,20 @@ fn parse_l4(
             key.src_port = u16::from_ne_bytes(udp.src);
             key.dst_port = u16::from_ne_bytes(udp.dst);
         }
+        IPPROTO_ICMP if key.family == FAMILY_V4 => return Parsed::Icmp(Icmp { dst, l4_off }),
+        IPPROTO_ICMPV6 if key.family == FAMILY_V6 => {
+            return Parsed::Icmp(Icmp { dst, l4_off });
+        }
         _ => return Parsed::NotForUs,
     }
     Parsed::Packet(Packet {
         key,
         l3_off,
         ip_len,
+        l4_off,
         tos,
-        syn,
+        syn: tcp_flags & TCP_FLAG_SYN != 0,
+        tcp_flags,
     })
 }
 

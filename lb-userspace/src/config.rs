@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::{
     maglev,
-    model::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
+    model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
     program::Sizes,
 };
 
@@ -93,11 +93,23 @@ pub struct NodeSettings {
     pub spec: NodeSpec,
 }
 
+/// Passive health checking (NAT mode, TCP): the data path counts failed connection attempts
+/// per backend (answered by RST or ICMP unreachable, or SYNs unanswered past
+/// `node.syn_timeout`); after `failures` in a row the backend gets weight 0, and every
+/// `recheck_interval` a TCP connect probe (of up to `timeout`) checks whether it is back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub failures: u32,
+    pub recheck_interval: Duration,
+    pub timeout: Duration,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
     /// The VIP with its configured weights (health may lower them to 0).
     pub spec: VipSpec,
     pub health_check: Option<HealthCheck>,
+    pub passive_health: Option<PassiveHealth>,
 }
 
 /// A validated config.
@@ -163,6 +175,10 @@ pub struct RawNode {
     pub affinity_table_size: Option<i64>,
     pub udp_idle_timeout: Option<String>,
     pub metrics_listen: Option<String>,
+    pub nat_table_size: Option<i64>,
+    pub nat_port_range: Option<String>,
+    pub nat_close_grace: Option<String>,
+    pub syn_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +194,15 @@ pub struct RawVip {
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     pub health_check: Option<RawHealthCheck>,
+    pub passive_health: Option<RawPassiveHealth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassiveHealth {
+    pub failures: Option<i64>,
+    pub recheck_interval: Option<String>,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,6 +385,43 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         n.udp_idle_timeout.as_deref(),
         DEFAULT_UDP_IDLE_TIMEOUT,
     );
+    let nat_entries = c.int(
+        "node.nat_table_size",
+        n.nat_table_size,
+        defaults.nat_entries as i64,
+        1..=(1 << 27),
+    ) as u32;
+    let mut nat = NatSpec::default();
+    if let Some(r) = n.nat_port_range.as_deref() {
+        match r
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+        {
+            Some((lo, hi)) if (1..=hi).contains(&lo) => {
+                nat.port_min = lo;
+                nat.port_max = hi;
+            }
+            _ => c.bad(
+                "node.nat_port_range",
+                format!(
+                    "{r:?} is not a port range like 1024-32767 (first <= last, both 1..=65535)"
+                ),
+            ),
+        }
+    }
+    nat.close_grace = c.duration(
+        "node.nat_close_grace",
+        n.nat_close_grace.as_deref(),
+        nat.close_grace,
+    );
+    nat.syn_timeout = c.duration(
+        "node.syn_timeout",
+        n.syn_timeout.as_deref(),
+        nat.syn_timeout,
+    );
+    if nat.syn_timeout.is_zero() {
+        c.bad("node.syn_timeout", "must be more than 0");
+    }
     let metrics_listen = n.metrics_listen.as_deref().and_then(|s| {
         s.parse::<SocketAddr>()
             .map_err(|_| {
@@ -425,9 +487,6 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             Mode::Dsr,
             &[("dsr", Mode::Dsr), ("nat", Mode::Nat)],
         );
-        if mode == Mode::Nat {
-            c.bad(format!("{p}.mode"), "nat is not supported yet (only dsr)");
-        }
         let hash = c.choice(
             &format!("{p}.hash"),
             v.hash.as_deref(),
@@ -480,6 +539,15 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 ),
                 _ => {}
             }
+            if mode == Mode::Nat
+                && let Some(vip) = address
+                && vip.is_ipv4() != addr.is_ipv4()
+            {
+                c.bad(
+                    format!("{bp}.address"),
+                    "NAT mode does not translate between IPv4 and IPv6: a NAT VIP's backends are of its family",
+                );
+            }
             if let Some(first) = seen_b.insert(addr, j) {
                 c.bad(
                     format!("{bp}.address"),
@@ -492,11 +560,17 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                     "only NAT mode maps ports; a DSR backend serves the VIP's port",
                 );
             }
+            let bport = match b.port {
+                Some(_) if mode == Mode::Nat => {
+                    c.int(&format!("{bp}.port"), b.port, 0, 1..=65_535) as u16
+                }
+                _ => 0,
+            };
             let weight = c.int(&format!("{bp}.weight"), b.weight, 100, 0..=65_535) as u32;
-            all_backends.insert(addr);
+            all_backends.insert((addr, bport));
             backends.push(BackendSpec {
                 address: addr,
-                port: 0,
+                port: bport,
                 weight,
             });
         }
@@ -517,6 +591,47 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             .health_check
             .as_ref()
             .map(|h| check_health(&mut c, &format!("{p}.health_check"), h, port));
+        let passive_health = v.passive_health.as_ref().map(|h| {
+            let pp = format!("{p}.passive_health");
+            if mode != Mode::Nat {
+                c.bad(
+                    pp.clone(),
+                    "needs mode: nat (only NAT mode sees the backends' replies)",
+                );
+            } else if protocol != Protocol::Tcp {
+                c.bad(
+                    pp.clone(),
+                    "needs protocol: tcp (UDP has no connection attempts to judge); use health_check",
+                );
+            }
+            let failures = c.int(&format!("{pp}.failures"), h.failures, 5, 1..=10_000) as u32;
+            let recheck_interval = c.duration(
+                &format!("{pp}.recheck_interval"),
+                h.recheck_interval.as_deref(),
+                Duration::from_secs(10),
+            );
+            let timeout = c.duration(
+                &format!("{pp}.timeout"),
+                h.timeout.as_deref(),
+                Duration::from_secs(1),
+            );
+            if recheck_interval.is_zero() {
+                c.bad(format!("{pp}.recheck_interval"), "must be more than 0");
+            }
+            if timeout.is_zero() {
+                c.bad(format!("{pp}.timeout"), "must be more than 0");
+            } else if timeout > recheck_interval {
+                c.bad(
+                    format!("{pp}.timeout"),
+                    "must not be longer than the recheck interval",
+                );
+            }
+            PassiveHealth {
+                failures,
+                recheck_interval,
+                timeout,
+            }
+        });
         if let Some(address) = address {
             vips.push(VipConfig {
                 spec: VipSpec {
@@ -530,6 +645,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                     backends,
                 },
                 health_check,
+                passive_health,
             });
         }
     }
@@ -556,12 +672,14 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 max_backends,
                 flow_entries,
                 affinity_entries,
+                nat_entries,
             },
             metrics_listen,
             spec: NodeSpec {
                 source_v4,
                 source_v6,
                 udp_idle_timeout,
+                nat,
             },
         },
         vips,
@@ -852,7 +970,80 @@ vips:
                     "    protocol: tcp",
                     "    protocol: tcp\n    mode: nat",
                 )),
-                "vips[0].mode: nat is not supported yet",
+                "vips[0].backends[2].address: NAT mode does not translate between IPv4 and IPv6",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  nat_port_range: 4000-3000",
+                )),
+                "node.nat_port_range: \"4000-3000\" is not a port range",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  nat_port_range: 0-3000",
+                )),
+                "node.nat_port_range: \"0-3000\" is not a port range",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  syn_timeout: 0s",
+                )),
+                "node.syn_timeout: must be more than 0",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  nat_close_grace: later",
+                )),
+                "node.nat_close_grace: not a duration",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: tcp",
+                    "    protocol: tcp\n    passive_health: { failures: 3 }",
+                )),
+                "vips[0].passive_health: needs mode: nat",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: udp",
+                    "    protocol: udp\n    mode: nat\n    passive_health: {}",
+                )),
+                "vips[1].passive_health: needs protocol: tcp",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: udp",
+                    "    protocol: udp\n    mode: nat\n    passive_health: { failures: 0 }",
+                )),
+                "vips[1].passive_health.failures: must be 1..=10000",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: udp",
+                    "    protocol: udp\n    mode: nat\n    passive_health: { recheck_interval: 1s, timeout: 2s }",
+                )),
+                "vips[1].passive_health.timeout: must not be longer than the recheck interval",
+            ),
+            (
+                Box::new(replace(
+                    "    protocol: udp",
+                    "    protocol: udp\n    mode: nat",
+                )),
+                "ok",
+            ),
+            (
+                Box::new(|s: String| {
+                    s.replace("    protocol: udp", "    protocol: udp\n    mode: nat")
+                        .replace(
+                            "[{ address: 10.1.0.1 }]",
+                            "[{ address: 10.1.0.1, port: 0 }]",
+                        )
+                }),
+                "vips[1].backends[0].port: must be 1..=65535",
             ),
             (
                 Box::new(replace(
@@ -958,6 +1149,10 @@ vips:
         ];
         for (edit, want) in cases {
             let got = problems(edit);
+            if want == "ok" {
+                assert!(got.is_empty(), "{got:?}");
+                continue;
+            }
             if want == "parse-free" {
                 // Two VIPs on one address, port and protocol.
                 assert!(
@@ -972,6 +1167,46 @@ vips:
                 "expected a problem starting {want:?}, got {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn nat_vips_map_ports_and_take_node_nat_settings() {
+        let text = GOOD
+            .replace(
+                "  table_size: 65537",
+                "  table_size: 65537\n  nat_port_range: 2000-2999\n  nat_close_grace: 3s\n  syn_timeout: 1500ms\n  nat_table_size: 4096",
+            )
+            .replace(
+                "    protocol: udp",
+                "    protocol: udp\n    mode: nat",
+            )
+            .replace("[{ address: 10.1.0.1 }]", "[{ address: 10.1.0.1, port: 5353 }, { address: 10.1.0.2 }]");
+        let c = Config::parse(&text, "t").unwrap();
+        let dns = &c.vips[1].spec;
+        assert_eq!(dns.mode, Mode::Nat);
+        assert_eq!(
+            dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+            [5353, 0],
+            "an unset port keeps the VIP's"
+        );
+        let nat = &c.node.spec.nat;
+        assert_eq!((nat.port_min, nat.port_max), (2000, 2999));
+        assert_eq!(nat.close_grace, Duration::from_secs(3));
+        assert_eq!(nat.syn_timeout, Duration::from_millis(1500));
+        assert_eq!(c.node.sizes.nat_entries, 4096);
+
+        let passive = GOOD
+            .replace("    protocol: tcp", "    protocol: tcp\n    mode: nat\n    passive_health: { failures: 4, recheck_interval: 3s }")
+            .replace("      - { address: fd01::3, weight: 0 }\n", "");
+        let c = Config::parse(&passive, "t").unwrap();
+        assert_eq!(
+            c.vips[0].passive_health,
+            Some(PassiveHealth {
+                failures: 4,
+                recheck_interval: Duration::from_secs(3),
+                timeout: Duration::from_secs(1),
+            })
+        );
     }
 
     #[test]

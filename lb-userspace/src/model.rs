@@ -103,9 +103,36 @@ pub struct BackendSpec {
 /// Node settings the program needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSpec {
+    /// Outer source of IPv4 tunnels (DSR), and the source NAT address of IPv4 VIPs.
     pub source_v4: Option<Ipv4Addr>,
+    /// Outer source of IPv6 tunnels (DSR), and the source NAT address of IPv6 VIPs.
     pub source_v6: Option<Ipv6Addr>,
     pub udp_idle_timeout: Duration,
+    #[serde(default)]
+    pub nat: NatSpec,
+}
+
+/// How NAT mode hands out source ports and ends translations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatSpec {
+    /// Source ports towards backends, `port_min..=port_max`.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// How long a closed TCP translation lingers before its port is free again.
+    pub close_grace: Duration,
+    /// An unanswered SYN older than this counts as a failed connection attempt.
+    pub syn_timeout: Duration,
+}
+
+impl Default for NatSpec {
+    fn default() -> Self {
+        Self {
+            port_min: lb_common::maps::DEFAULT_NAT_PORT_MIN,
+            port_max: lb_common::maps::DEFAULT_NAT_PORT_MAX,
+            close_grace: Duration::from_secs(lb_common::maps::DEFAULT_NAT_CLOSE_GRACE_S),
+            syn_timeout: Duration::from_secs(lb_common::maps::DEFAULT_SYN_TIMEOUT_S),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

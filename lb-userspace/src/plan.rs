@@ -135,9 +135,17 @@ fn maglev_key(b: &Backend) -> Vec<u8> {
     k
 }
 
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
 fn node_config(d: &Desired) -> NodeConfig {
     let mut n = NodeConfig {
-        udp_idle_timeout_ns: d.node.udp_idle_timeout.as_nanos().min(u64::MAX as u128) as u64,
+        udp_idle_timeout_ns: nanos(d.node.udp_idle_timeout),
+        nat_port_min: d.node.nat.port_min,
+        nat_port_max: d.node.nat.port_max,
+        nat_close_grace_ns: nanos(d.node.nat.close_grace),
+        syn_timeout_ns: nanos(d.node.nat.syn_timeout),
         ..Default::default()
     };
     if let Some(a) = d.node.source_v4 {

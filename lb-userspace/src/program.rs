@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData},
+    maps::{Array, Map, MapData, ProgramArray},
     programs::Xdp,
 };
 use lb_common::{LAYOUT_VERSION, LayoutMeta, maps};
@@ -32,6 +32,8 @@ pub struct Sizes {
     pub max_backends: u32,
     pub flow_entries: u32,
     pub affinity_entries: u32,
+    /// Size of each NAT table (forward and reverse).
+    pub nat_entries: u32,
 }
 
 impl Default for Sizes {
@@ -42,6 +44,7 @@ impl Default for Sizes {
             max_backends: maps::DEFAULT_MAX_BACKENDS,
             flow_entries: maps::DEFAULT_FLOW_ENTRIES,
             affinity_entries: maps::DEFAULT_AFFINITY_ENTRIES,
+            nat_entries: maps::DEFAULT_NAT_ENTRIES,
         }
     }
 }
@@ -55,6 +58,8 @@ impl Sizes {
             max_backends: self.max_backends,
             flow_entries: self.flow_entries,
             affinity_entries: self.affinity_entries,
+            nat_entries: self.nat_entries,
+            _pad: 0,
         }
     }
 
@@ -65,6 +70,7 @@ impl Sizes {
             max_backends: m.max_backends,
             flow_entries: m.flow_entries,
             affinity_entries: m.affinity_entries,
+            nat_entries: m.nat_entries,
         }
     }
 
@@ -83,6 +89,7 @@ impl Sizes {
             ("max_backends", self.max_backends),
             ("flow_entries", self.flow_entries),
             ("affinity_entries", self.affinity_entries),
+            ("nat_entries", self.nat_entries),
         ] {
             if n == 0 {
                 return Err(LoadError::Zero { what });
@@ -129,6 +136,8 @@ pub enum LoadError {
     NotXdp(#[source] aya::programs::ProgramError),
     #[error("verifying and loading the lb XDP program")]
     Verify(#[source] aya::programs::ProgramError),
+    #[error("installing the NAT program")]
+    Install(#[source] std::io::Error),
     #[error("writing {what}")]
     Write {
         what: &'static str,
@@ -202,7 +211,10 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         .map_max_entries(maps::BACKENDS, sizes.max_backends)
         .map_max_entries(maps::BACKEND_STATS, sizes.max_backends)
         .map_max_entries(maps::FLOWS, sizes.flow_entries)
-        .map_max_entries(maps::AFFINITY, sizes.affinity_entries);
+        .map_max_entries(maps::AFFINITY, sizes.affinity_entries)
+        .map_max_entries(maps::NAT, sizes.nat_entries)
+        .map_max_entries(maps::NAT_REV, sizes.nat_entries)
+        .map_max_entries(maps::BACKEND_PASSIVE, sizes.max_backends);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             check_pins(dir, sizes)?;
@@ -233,5 +245,32 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         .try_into()
         .map_err(LoadError::NotXdp)?;
     prog.load().map_err(LoadError::Verify)?;
+    install_nat(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// Loads `lb_nat` and puts it where `lb` tail-calls it.
+fn install_nat(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let nat: &mut Xdp = ebpf
+        .program_mut(maps::NAT_PROGRAM)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(LoadError::NotXdp)?;
+    nat.load().map_err(LoadError::Verify)?;
+    let fd = nat
+        .fd()
+        .map_err(LoadError::Verify)?
+        .try_clone()
+        .map_err(|e| LoadError::Install(e.into()))?;
+    let map = ebpf.map_mut(maps::PROGS).ok_or(LoadError::NoProgram)?;
+    let mut progs = ProgramArray::try_from(map).map_err(|source| LoadError::Write {
+        what: "the tail-call table",
+        source,
+    })?;
+    progs
+        .set(maps::NAT_PROG_INDEX, &fd, 0)
+        .map_err(|source| LoadError::Write {
+            what: "the tail-call table",
+            source,
+        })
 }

@@ -175,6 +175,7 @@ impl Lab {
             max_backends: 1,
             flow_entries: 1,
             affinity_entries: 1,
+            nat_entries: 1,
         });
         for (_, ns) in &backends {
             ns.run(|| {

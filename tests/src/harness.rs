@@ -12,7 +12,8 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityValue, BACKEND_F_LIVE, Backend, Counter, FlowKey, FlowValue, NO_BACKEND,
-    NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VipAddr, VipKey, VipValue, maps,
+    NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, VipKey,
+    VipValue, maps,
 };
 use lb_userspace::program::{self, Sizes};
 
@@ -96,6 +97,10 @@ impl Lb {
     ) {
         let mut node = NodeConfig {
             udp_idle_timeout_ns,
+            nat_port_min: maps::DEFAULT_NAT_PORT_MIN,
+            nat_port_max: maps::DEFAULT_NAT_PORT_MAX,
+            nat_close_grace_ns: maps::DEFAULT_NAT_CLOSE_GRACE_S * 1_000_000_000,
+            syn_timeout_ns: maps::DEFAULT_SYN_TIMEOUT_S * 1_000_000_000,
             ..Default::default()
         };
         if let Some(a) = src_v4 {
@@ -111,6 +116,48 @@ impl Lb {
             .expect("writing node config");
     }
 
+    /// Changes NAT settings of the node config `set_node` wrote.
+    pub fn set_nat(
+        &mut self,
+        port_min: u16,
+        port_max: u16,
+        close_grace_ns: u64,
+        syn_timeout_ns: u64,
+    ) {
+        let mut a = self.array::<NodeConfig>(maps::NODE);
+        let mut node = a.get(&0, 0).expect("reading node config");
+        node.nat_port_min = port_min;
+        node.nat_port_max = port_max;
+        node.nat_close_grace_ns = close_grace_ns;
+        node.syn_timeout_ns = syn_timeout_ns;
+        a.set(0, node, 0).expect("writing node config");
+    }
+
+    pub fn node(&mut self) -> NodeConfig {
+        self.array::<NodeConfig>(maps::NODE)
+            .get(&0, 0)
+            .expect("reading node config")
+    }
+
+    /// A NAT translation by the client's flow.
+    pub fn nat_flow(&mut self, key: &FlowKey) -> Option<NatFlow> {
+        self.hash::<FlowKey, NatFlow>(maps::NAT).get(key, 0).ok()
+    }
+
+    /// A NAT reverse entry by the reply's flow.
+    pub fn nat_reverse(&mut self, key: &FlowKey) -> Option<NatReverse> {
+        self.hash::<FlowKey, NatReverse>(maps::NAT_REV)
+            .get(key, 0)
+            .ok()
+    }
+
+    /// Passive health counters of a backend id.
+    pub fn passive(&mut self, id: u32) -> PassiveHealth {
+        self.array::<PassiveHealth>(maps::BACKEND_PASSIVE)
+            .get(&id, 0)
+            .expect("reading passive health")
+    }
+
     /// Adds a VIP (and its address to the VIP-address set).
     pub fn add_vip(&mut self, key: VipKey, value: VipValue) {
         self.hash::<VipKey, VipValue>(maps::VIPS)
@@ -122,10 +169,15 @@ impl Lb {
     }
 
     pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {
+        self.set_backend_port(id, addr, 0, live);
+    }
+
+    /// A backend with a NAT-mode port (0: the VIP's).
+    pub fn set_backend_port(&mut self, id: u32, addr: &str, port: u16, live: bool) {
         let a: IpAddr = addr.parse().unwrap();
         let b = Backend {
             addr: addr16(a),
-            port: 0,
+            port: port.to_be(),
             family: if a.is_ipv4() {
                 lb_common::FAMILY_V4
             } else {
@@ -386,7 +438,9 @@ impl FibNet {
              route add unreachable fd04::/64
              route add 10.6.0.0/16 via 10.0.1.2 dev lb1 mtu lock 600
              route add fd06::/64 via fd00:1::2 dev lb1 mtu lock 1280
-             route add 10.7.0.0/16 via 10.0.2.2 dev lb2",
+             route add 10.7.0.0/16 via 10.0.2.2 dev lb2
+             route add 198.51.100.0/24 via 10.0.0.2 dev lb0
+             route add 2001:db8:c::/64 via fd00::2 dev lb0",
         );
         ns.sysctl("net.ipv4.ip_forward", "1");
         ns.sysctl("net.ipv6.conf.all.forwarding", "1");

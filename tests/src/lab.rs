@@ -134,6 +134,7 @@ impl MiniLab {
             max_backends: 16,
             flow_entries: 65536,
             affinity_entries: 1024,
+            nat_entries: 1024,
         });
         lb.set_node(Some("10.10.0.1"), Some("fd10::1"), 0);
         for (i, (_, v4, v6)) in BACKENDS.iter().enumerate() {

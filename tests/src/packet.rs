@@ -50,6 +50,10 @@ pub struct Pkt {
     pub payload: Vec<u8>,
     /// Bytes after the IP packet (Ethernet padding).
     pub trailer: Vec<u8>,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IPv4 UDP only: false sends no checksum (zero).
+    pub udp_checksum: bool,
 }
 
 fn parse_ip(s: &str) -> IpAddr {
@@ -73,6 +77,8 @@ impl Pkt {
             v6_ext: vec![],
             payload: b"hello lb".to_vec(),
             trailer: vec![],
+            ttl: 64,
+            udp_checksum: true,
         }
     }
 
@@ -148,9 +154,11 @@ impl Pkt {
                 let mut h =
                     UdpHeader::without_ipv4_checksum(self.sport, self.dport, self.payload.len())
                         .unwrap();
-                h.checksum = h
-                    .calc_checksum_ipv4_raw(s.octets(), d.octets(), &self.payload)
-                    .unwrap();
+                if self.udp_checksum {
+                    h.checksum = h
+                        .calc_checksum_ipv4_raw(s.octets(), d.octets(), &self.payload)
+                        .unwrap();
+                }
                 out.extend_from_slice(&h.to_bytes());
             }
             (L4::Udp, IpAddr::V6(s), IpAddr::V6(d)) => {
@@ -175,7 +183,8 @@ impl Pkt {
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let mut h =
-                    Ipv4Header::new(0, 64, IpNumber(self.proto()), s.octets(), d.octets()).unwrap();
+                    Ipv4Header::new(0, self.ttl, IpNumber(self.proto()), s.octets(), d.octets())
+                        .unwrap();
                 h.options = Ipv4Options::try_from(&self.v4_options[..])
                     .expect("ipv4 options: a multiple of 4 bytes, at most 40");
                 h.set_payload_len(l4.len()).unwrap();
@@ -208,7 +217,7 @@ impl Pkt {
                     next_header: IpNumber(
                         self.v6_ext.first().map(|(t, _)| *t).unwrap_or(self.proto()),
                     ),
-                    hop_limit: 64,
+                    hop_limit: self.ttl,
                     source: s.octets(),
                     destination: d.octets(),
                 };

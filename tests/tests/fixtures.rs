@@ -7,9 +7,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::{
-    Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, MODE_NAT, VIP_F_HASH_SRC_ONLY, VipValue,
-};
+use lb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, VIP_F_HASH_SRC_ONLY, VipValue};
 use lb_tests::{
     harness::{
         self, FibNet, Lb, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, net::*, vip_key,
@@ -114,25 +112,22 @@ fn vips() -> Vec<Vip> {
         backend,
     };
     vec![
-        v(V4, 80, IPPROTO_TCP, Some(1)),             // 0
-        v(V4, 53, IPPROTO_UDP, Some(1)),             // 1
-        v(V6, 80, IPPROTO_TCP, Some(3)),             // 2
-        v(V6, 53, IPPROTO_UDP, Some(3)),             // 3
-        v("192.0.2.11", 80, IPPROTO_TCP, Some(3)),   // 4: IPv4 in IPv6
-        v("2001:db8::11", 80, IPPROTO_TCP, Some(1)), // 5: IPv6 in IPv4
-        v("192.0.2.12", 80, IPPROTO_TCP, Some(4)),   // 6
-        v("2001:db8::12", 80, IPPROTO_TCP, Some(5)), // 7
-        v("192.0.2.13", 80, IPPROTO_TCP, Some(6)),   // 8
-        v("2001:db8::13", 80, IPPROTO_TCP, Some(7)), // 9
-        v("192.0.2.14", 80, IPPROTO_TCP, Some(8)),   // 10
-        v("192.0.2.15", 80, IPPROTO_TCP, Some(9)),   // 11
-        v("192.0.2.16", 80, IPPROTO_TCP, Some(10)),  // 12
-        v("192.0.2.17", 80, IPPROTO_TCP, Some(11)),  // 13
-        v("192.0.2.18", 80, IPPROTO_TCP, None),      // 14: no backends
-        Vip {
-            mode: MODE_NAT,
-            ..v("192.0.2.19", 80, IPPROTO_TCP, Some(1))
-        }, // 15
+        v(V4, 80, IPPROTO_TCP, Some(1)),              // 0
+        v(V4, 53, IPPROTO_UDP, Some(1)),              // 1
+        v(V6, 80, IPPROTO_TCP, Some(3)),              // 2
+        v(V6, 53, IPPROTO_UDP, Some(3)),              // 3
+        v("192.0.2.11", 80, IPPROTO_TCP, Some(3)),    // 4: IPv4 in IPv6
+        v("2001:db8::11", 80, IPPROTO_TCP, Some(1)),  // 5: IPv6 in IPv4
+        v("192.0.2.12", 80, IPPROTO_TCP, Some(4)),    // 6
+        v("2001:db8::12", 80, IPPROTO_TCP, Some(5)),  // 7
+        v("192.0.2.13", 80, IPPROTO_TCP, Some(6)),    // 8
+        v("2001:db8::13", 80, IPPROTO_TCP, Some(7)),  // 9
+        v("192.0.2.14", 80, IPPROTO_TCP, Some(8)),    // 10
+        v("192.0.2.15", 80, IPPROTO_TCP, Some(9)),    // 11
+        v("192.0.2.16", 80, IPPROTO_TCP, Some(10)),   // 12
+        v("192.0.2.17", 80, IPPROTO_TCP, Some(11)),   // 13
+        v("192.0.2.18", 80, IPPROTO_TCP, None),       // 14: no backends
+        v("192.0.2.19", 80, IPPROTO_TCP, Some(1)),    // 15 (NAT mode: see tests/nat.rs)
         v("2001:db8::16", 80, IPPROTO_TCP, Some(12)), // 16
         Vip {
             flags: VIP_F_HASH_SRC_ONLY,
@@ -151,6 +146,7 @@ fn setup(net: &FibNet) -> Lb {
         max_backends: 64,
         flow_entries: 4096,
         affinity_entries: 1024,
+        nat_entries: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
     for &(id, addr) in BACKENDS {
@@ -381,12 +377,6 @@ fn fixtures() -> Vec<Fixture> {
             &Pkt::tcp(CLIENT4, 40000, "192.0.2.18", 80, to),
             XDP_DROP,
             Counter::DropNoBackend,
-        ),
-        untouched(
-            "VIP in a forwarding mode this program lacks: dropped",
-            &Pkt::tcp(CLIENT4, 40000, "192.0.2.19", 80, to),
-            XDP_DROP,
-            Counter::DropUnsupportedMode,
         ),
         untouched(
             "IPv4 first fragment to a VIP address: dropped",

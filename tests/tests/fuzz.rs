@@ -20,6 +20,7 @@ fn load(net: &FibNet) -> Lb {
         max_backends: 16,
         flow_entries: 1024,
         affinity_entries: 256,
+        nat_entries: 256,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 1_000_000_000);
     for (id, a) in [

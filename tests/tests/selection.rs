@@ -34,6 +34,7 @@ fn load(affinity_timeout_s: u32, flags: u32, proto: u8, udp_idle_timeout_ns: u64
         max_backends: 16,
         flow_entries: 4096,
         affinity_entries: 1024,
+        nat_entries: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), udp_idle_timeout_ns);
     for (id, addr) in BACKENDS {

@@ -1,0 +1,587 @@
+//! NAT mode: DNAT + SNAT towards the backend, and the reverse translation of its replies.
+//!
+//! A client's packet to a NAT VIP leaves with the node's address and a NAT source port as its
+//! source and the backend's address and port as its destination; the backend answers the node,
+//! and the reply leaves with the VIP as its source and the client as its destination. Two LRU
+//! maps hold each translation: `LB_NAT` by the client's flow, `LB_NAT_REV` by the reply's. A
+//! reverse entry is what makes a NAT port taken, so ports are unique per backend address and
+//! port. Checksums are updated incrementally (RFC 1624); an IPv4 UDP checksum of zero ("none")
+//! stays zero. The reply path also sees how backends answer connection attempts, which feeds
+//! passive health (`LB_BACKEND_PASSIVE`).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{
+    Backend, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD, NAT_JOB_ICMP,
+    NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_RST,
+    NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr,
+    flow_hash, nat_port_candidate,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    LB_BACKEND_PASSIVE, LB_BACKENDS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE, count,
+    forward::{Verdict, fib_params, route},
+    parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
+};
+
+const TCP_CHECK_OFF: usize = 16;
+const UDP_CHECK_OFF: usize = 6;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+
+/// Upper bound of the L4 offset a job may carry (the verifier wants packet offsets bounded).
+const MAX_L4_OFF: u16 = 0x0fff;
+
+/// `lb_nat`: does the job `lb` left in `LB_NAT_JOB`.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> Verdict {
+    let unavailable = Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
+    let Some(job) = LB_NAT_JOB.get_ptr(0) else {
+        return unavailable;
+    };
+    let job = unsafe { &*job };
+    let Some(node) = LB_NODE.get(0) else {
+        return unavailable;
+    };
+    let (l3_off, l4_off) = (job.l3_off, job.l4_off);
+    if l4_off > MAX_L4_OFF || l3_off > l4_off || job.ip_len > 0xffff {
+        return Verdict::new(Counter::DropMalformed, xdp_action::XDP_DROP);
+    }
+    match job.kind {
+        NAT_JOB_ICMP => {
+            let icmp = Icmp {
+                dst: VipAddr {
+                    addr: job.key.dst,
+                    family: job.key.family,
+                    _pad: [0; 3],
+                },
+                l4_off: l4_off as usize,
+            };
+            nat_icmp(ctx, &icmp);
+            Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
+        }
+        kind => {
+            let pkt = Packet {
+                key: job.key,
+                l3_off: l3_off as usize,
+                ip_len: job.ip_len as usize,
+                l4_off: l4_off as usize,
+                tos: job.tos,
+                syn: job.tcp_flags & TCP_FLAG_SYN != 0,
+                tcp_flags: job.tcp_flags,
+            };
+            if kind == NAT_JOB_FORWARD {
+                nat_forward(ctx, &pkt, job.vip_id, job.backend_id, node)
+            } else {
+                nat_reverse(ctx, &pkt, node)
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Equality of flow keys without `bcmp`, which the BPF target lacks.
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    let a: [u64; 5] = unsafe { core::mem::transmute(*a) };
+    let b: [u64; 5] = unsafe { core::mem::transmute(*b) };
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+}
+
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let a: [u64; 2] = unsafe { core::mem::transmute(*a) };
+    let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
+    a[0] == b[0] && a[1] == b[1]
+}
+
+/// The node's NAT source address for `family`, if configured.
+#[inline(always)]
+pub fn node_addr(node: &NodeConfig, family: u8) -> Option<[u8; 16]> {
+    if family == FAMILY_V4 {
+        if node.flags & NODE_F_SRC_V4 == 0 {
+            return None;
+        }
+        let a = node.src_v4;
+        Some([a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    } else if node.flags & NODE_F_SRC_V6 != 0 {
+        Some(node.src_v6)
+    } else {
+        None
+    }
+}
+
+/// Whether `dst` is the node's NAT address of its family: only then can a packet be a reply.
+#[inline(always)]
+pub fn is_node_addr(node: &NodeConfig, dst: &[u8; 16], family: u8) -> bool {
+    match node_addr(node, family) {
+        Some(a) => same_addr(&a, dst),
+        None => false,
+    }
+}
+
+enum Signal {
+    Answered,
+    Refused,
+    Unreachable,
+    SynTimeout,
+}
+
+/// An atomic add (`lock xadd` in BPF): the BPF target has no `AtomicU64::fetch_add`.
+#[inline(always)]
+fn bump(p: *mut u64) {
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+}
+
+/// Records a passive health signal for `backend_id`.
+#[inline(always)]
+fn signal(backend_id: u32, s: Signal) {
+    let Some(p) = LB_BACKEND_PASSIVE.get_ptr_mut(backend_id) else {
+        return;
+    };
+    let p: *mut PassiveHealth = p;
+    unsafe {
+        match s {
+            Signal::Answered => {
+                bump(&raw mut (*p).answered);
+                if (*p).consecutive_failures != 0 {
+                    (*p).consecutive_failures = 0;
+                }
+                return;
+            }
+            Signal::Refused => {
+                count(Counter::NatRefused);
+                bump(&raw mut (*p).refused);
+            }
+            Signal::Unreachable => {
+                count(Counter::NatUnreachable);
+                bump(&raw mut (*p).unreachable);
+            }
+            Signal::SynTimeout => {
+                count(Counter::NatSynTimeouts);
+                bump(&raw mut (*p).syn_timeouts);
+            }
+        }
+        bump(&raw mut (*p).consecutive_failures);
+    }
+}
+
+/// Marks a connection attempt failed, once.
+#[inline(always)]
+fn fail(n: &mut NatFlow, s: Signal) {
+    if n.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
+        n.state |= NAT_S_FAILED;
+        signal(n.backend_id, s);
+    }
+}
+
+#[inline(always)]
+fn close(n: &mut NatFlow, bit: u16, t: u64) {
+    let was = n.closed();
+    n.state |= bit;
+    if !was && n.closed() {
+        n.last_ns = t;
+        count(Counter::NatClosed);
+    }
+}
+
+/// Whether the reverse entry `r` (at `rkey`) no longer belongs to a live translation.
+#[inline(always)]
+fn stale(r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
+    let client = r.client;
+    match unsafe { LB_NAT.get(&client) } {
+        None => true,
+        Some(f) => {
+            f.nat_port != rkey.dst_port
+                || f.backend_id != r.backend_id
+                || f.expired(rkey.proto, t, node)
+        }
+    }
+}
+
+/// Takes a NAT source port towards (`backend`, `bport`) for `key` and records the translation.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn allocate(
+    key: &FlowKey,
+    vip_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+    bport: u16,
+    src: &[u8; 16],
+    t: u64,
+    node: &NodeConfig,
+) -> Option<u16> {
+    let hash = flow_hash(key);
+    let mut rkey = FlowKey {
+        src: backend.addr,
+        dst: *src,
+        src_port: bport,
+        dst_port: 0,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    let rev = NatReverse {
+        client: *key,
+        backend_id,
+        _pad: 0,
+    };
+    for i in 0..NAT_PORT_PROBES {
+        let port = nat_port_candidate(hash, i, node.nat_port_min, node.nat_port_max).to_be();
+        rkey.dst_port = port;
+        // BPF_NOEXIST on a free port, so two CPUs can't both take it; BPF_ANY over an entry
+        // that is ours already or whose translation is over.
+        let flags = match unsafe { LB_NAT_REV.get(&rkey) } {
+            None => 1,
+            Some(r) if same_flow(&r.client, key) || stale(r, &rkey, t, node) => 0,
+            Some(_) => {
+                count(Counter::NatPortCollisions);
+                continue;
+            }
+        };
+        if LB_NAT_REV.insert(&rkey, &rev, flags).is_err() {
+            count(Counter::NatPortCollisions);
+            continue;
+        }
+        let flow = NatFlow {
+            backend_id,
+            vip_id,
+            nat_port: port,
+            state: 0,
+            _pad: 0,
+            created_ns: t,
+            last_ns: t,
+        };
+        if LB_NAT.insert(key, &flow, 0).is_err() {
+            count(Counter::NatInsertFailed);
+        }
+        count(Counter::NatNew);
+        return Some(port);
+    }
+    None
+}
+
+/// Translates a client's packet to a NAT VIP towards `backend` and forwards it.
+///
+#[inline(always)]
+fn nat_forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip_id: u32,
+    backend_id: u32,
+    node: &NodeConfig,
+) -> Verdict {
+    let key = &pkt.key;
+    let Some(backend) = LB_BACKENDS.get(backend_id) else {
+        return Verdict::new(Counter::DropNoBackend, xdp_action::XDP_DROP);
+    };
+    let Some(src) = node_addr(node, key.family) else {
+        return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
+    };
+    if backend.family != key.family {
+        // The agent refuses such configs: NAT does not translate between families.
+        return Verdict::new(Counter::DropNoBackend, xdp_action::XDP_DROP);
+    }
+    let bport = if backend.port != 0 {
+        backend.port
+    } else {
+        key.dst_port
+    };
+    let tcp = key.proto == IPPROTO_TCP;
+    let t = now();
+    let mut port = None;
+    if let Some(n) = LB_NAT.get_ptr_mut(key) {
+        let n = unsafe { &mut *n };
+        let reopened = tcp && pkt.syn && n.closed();
+        if n.backend_id == backend_id
+            && n.vip_id == vip_id
+            && !reopened
+            && !n.expired(key.proto, t, node)
+        {
+            if tcp {
+                let f = pkt.tcp_flags;
+                if f & TCP_FLAG_RST != 0 {
+                    close(n, NAT_S_RST, t);
+                } else if f & TCP_FLAG_FIN != 0 {
+                    close(n, NAT_S_FIN_CLIENT, t);
+                } else if f & TCP_FLAG_SYN != 0
+                    && t.wrapping_sub(n.created_ns) > node.syn_timeout_ns
+                {
+                    fail(n, Signal::SynTimeout);
+                }
+            } else {
+                n.last_ns = t;
+            }
+            port = Some(n.nat_port);
+        }
+    }
+    let port = match port {
+        Some(p) => p,
+        None => match allocate(key, vip_id, backend_id, backend, bport, &src, t, node) {
+            Some(p) => p,
+            None => {
+                return Verdict::new(Counter::DropNatPortsExhausted, xdp_action::XDP_DROP);
+            }
+        },
+    };
+    count(Counter::NatForward);
+    rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport))
+}
+
+/// Translates a reply from a backend back towards its client, if `pkt` is one; passes it
+/// untouched (`pass_not_for_vip`) if not.
+#[inline(always)]
+fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
+    let key = &pkt.key;
+    let not_ours = Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
+    let Some(r) = (unsafe { LB_NAT_REV.get(key) }) else {
+        return not_ours;
+    };
+    let client = r.client;
+    let backend_id = r.backend_id;
+    let t = now();
+    let n = LB_NAT.get_ptr_mut(&client);
+    let n = match n {
+        Some(n)
+            if unsafe {
+                (*n).nat_port == key.dst_port
+                    && (*n).backend_id == backend_id
+                    && !(*n).expired(key.proto, t, node)
+            } =>
+        unsafe { &mut *n },
+        _ => {
+            count(Counter::NatReverseStale);
+            return not_ours;
+        }
+    };
+    let f = pkt.tcp_flags;
+    if key.proto == IPPROTO_TCP && f & TCP_FLAG_RST != 0 {
+        fail(n, Signal::Refused);
+        close(n, NAT_S_RST, t);
+    } else {
+        if n.state & NAT_S_ANSWERED == 0 {
+            n.state |= NAT_S_ANSWERED;
+            signal(backend_id, Signal::Answered);
+        }
+        if key.proto == IPPROTO_UDP {
+            n.last_ns = t;
+        } else if f & TCP_FLAG_FIN != 0 {
+            close(n, NAT_S_FIN_BACKEND, t);
+        }
+    }
+    count(Counter::NatReverse);
+    rewrite_and_route(
+        ctx,
+        pkt,
+        &client.dst,
+        &client.src,
+        ports(client.dst_port, client.src_port),
+    )
+}
+
+/// Reads an ICMP destination-unreachable error sent to the node about a translated packet, and
+/// counts it against the backend if it answers a connection attempt. The message itself passes
+/// to the kernel untouched.
+#[inline(always)]
+fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
+    let Some(h) = ptr_at::<[u8; 8]>(ctx, icmp.l4_off) else {
+        return;
+    };
+    let ty = unsafe { (*h)[0] };
+    let inner = icmp.l4_off + 8;
+    let (src, dst, proto, l4) = if icmp.dst.family == FAMILY_V4 {
+        if ty != ICMP_DEST_UNREACH {
+            return;
+        }
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
+            return;
+        };
+        let ip = unsafe { &*ip };
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return;
+        }
+        let s = ip.src_addr;
+        let d = ip.dst_addr;
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[..4].copy_from_slice(&s);
+        dst[..4].copy_from_slice(&d);
+        (src, dst, ip.proto, inner + ihl)
+    } else {
+        if ty != ICMPV6_DEST_UNREACH {
+            return;
+        }
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
+            return;
+        };
+        let ip = unsafe { &*ip };
+        (ip.src_addr, ip.dst_addr, ip.next_hdr, inner + Ipv6Hdr::LEN)
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return;
+    }
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4) else {
+        return;
+    };
+    let ports = unsafe { *ports };
+    // The quoted packet went node -> backend; its reply's key is the other way round.
+    let rkey = FlowKey {
+        src: dst,
+        dst: src,
+        src_port: u16::from_ne_bytes([ports[2], ports[3]]),
+        dst_port: u16::from_ne_bytes([ports[0], ports[1]]),
+        proto,
+        family: icmp.dst.family,
+        _pad: [0; 2],
+    };
+    let Some(r) = (unsafe { LB_NAT_REV.get(&rkey) }) else {
+        return;
+    };
+    let client = r.client;
+    if let Some(n) = LB_NAT.get_ptr_mut(&client) {
+        let n = unsafe { &mut *n };
+        if n.nat_port == rkey.dst_port {
+            fail(n, Signal::Unreachable);
+        }
+    }
+}
+
+/// One's-complement sum folded to 16 bits.
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// The one's-complement change from `old` to `new` (`N` a multiple of 4), added to `seed`
+/// (RFC 1624, eqn. 3). The kernel's `bpf_csum_diff` does the sum: written out, LLVM vectorises
+/// it into more stack than BPF has. Sums are in load order (little-endian words), as are the
+/// checksums they update.
+#[inline(always)]
+fn diff<const N: usize>(old: *const [u8; N], new: *const [u8; N], seed: u32) -> u32 {
+    unsafe { bpf_csum_diff(old as *mut u32, N as u32, new as *mut u32, N as u32, seed) as u32 }
+}
+
+/// A checksum updated by the changes summed in `acc`.
+#[inline(always)]
+fn updated(check: [u8; 2], acc: u32) -> [u8; 2] {
+    (!fold((!u16::from_ne_bytes(check)) as u32 + fold(acc) as u32)).to_ne_bytes()
+}
+
+/// Source and destination port (network byte order) as the four bytes of an L4 header.
+#[inline(always)]
+fn ports(src: u16, dst: u16) -> [u8; 4] {
+    let (s, d) = (src.to_ne_bytes(), dst.to_ne_bytes());
+    [s[0], s[1], d[0], d[1]]
+}
+
+/// Rewrites the source address to `new_src`, the destination to `new_dst` and the ports to
+/// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result.
+#[inline(always)]
+fn rewrite_and_route(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new_src: &[u8; 16],
+    new_dst: &[u8; 16],
+    new_ports: [u8; 4],
+) -> Verdict {
+    let bad = Verdict::new(Counter::DropMalformed, xdp_action::XDP_DROP);
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return bad;
+    };
+    let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let v4 = pkt.key.family == FAMILY_V4;
+    // Changes to the pseudo-header (addresses), shared by the IP and L4 checksums.
+    let addrs;
+    if v4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else {
+            return bad;
+        };
+        let ip = unsafe { &mut *ip };
+        if ip.ttl <= 1 {
+            return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
+        }
+        let s = [new_src[0], new_src[1], new_src[2], new_src[3]];
+        let d = [new_dst[0], new_dst[1], new_dst[2], new_dst[3]];
+        addrs = diff(&ip.dst_addr, &d, diff(&ip.src_addr, &s, 0));
+        let ttl_proto = [ip.ttl, ip.proto];
+        let acc = addrs
+            + (!u16::from_ne_bytes(ttl_proto)) as u32
+            + u16::from_ne_bytes([ip.ttl - 1, ip.proto]) as u32;
+        ip.ttl -= 1;
+        ip.src_addr = s;
+        ip.dst_addr = d;
+        ip.check = updated(ip.check, acc);
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
+            return bad;
+        };
+        let ip = unsafe { &mut *ip };
+        if ip.hop_limit <= 1 {
+            return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
+        }
+        addrs = diff(&ip.dst_addr, new_dst, diff(&ip.src_addr, new_src, 0));
+        ip.hop_limit -= 1;
+        ip.src_addr = *new_src;
+        ip.dst_addr = *new_dst;
+    }
+
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else {
+        return bad;
+    };
+    let acc = diff(ports, &new_ports, addrs);
+    unsafe { *ports = new_ports };
+    if pkt.key.proto == IPPROTO_TCP {
+        let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + TCP_CHECK_OFF) else {
+            return bad;
+        };
+        unsafe { *c = updated(*c, acc) };
+    } else {
+        let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + UDP_CHECK_OFF) else {
+            return bad;
+        };
+        let c = unsafe { &mut *c };
+        // IPv4 UDP may go without a checksum (zero) and stays so; a computed zero is sent as
+        // all ones (RFC 768).
+        if !(v4 && *c == [0, 0]) {
+            let v = updated(*c, acc);
+            *c = if v == [0, 0] { [0xff, 0xff] } else { v };
+        }
+    }
+
+    let tot_len = pkt.ip_len as u16;
+    let tos = pkt.tos;
+    let proto = pkt.key.proto;
+    if pkt.l3_off != EthHdr::LEN {
+        // Drop the VLAN tag: the inner EtherType ends up right behind the MAC addresses.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (pkt.l3_off - EthHdr::LEN) as i32) } != 0 {
+            return bad;
+        }
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return bad;
+        };
+        unsafe {
+            (*eth).dst_addr = rx_dst;
+            (*eth).src_addr = rx_src;
+        }
+    }
+    let mut fib = fib_params(ctx, v4, new_src, new_dst, tos, proto, tot_len);
+    route(ctx, &mut fib, rx_dst, rx_src)
+}

@@ -1,0 +1,614 @@
+//! NAT mode fixtures: client packets translated towards backends and replies translated back,
+//! byte for byte, with `BPF_PROG_TEST_RUN` in a [`FibNet`] namespace (clients sit behind the
+//! uplink, so replies leave with `XDP_TX`).
+//!
+//! Every expected frame is built from scratch by the test's packet builder, whose IP, TCP and UDP
+//! checksums etherparse computes over the whole packet: the program's incremental updates must
+//! land on exactly those values.
+
+use std::{thread::sleep, time::Duration};
+
+use lb_common::{
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, VipValue, flow_hash,
+    maps, nat_port_candidate,
+};
+use lb_tests::{
+    harness::{FibNet, Lb, Run, XDP_DROP, XDP_PASS, XDP_TX, action_name, net::*, vip_key},
+    hex,
+    packet::{L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+use lb_userspace::program::Sizes;
+
+const V4: &str = "192.0.2.10";
+const V6: &str = "2001:db8::10";
+const CLIENT4: &str = "198.51.100.7";
+const CLIENT6: &str = "2001:db8:c::7";
+
+/// Backend ids: (id, address, NAT port; 0 keeps the VIP's port).
+const B4_MAPPED: (u32, &str, u16) = (1, TX_V4, 8080);
+const B4: (u32, &str, u16) = (2, TX_V4_B, 0);
+const B6_MAPPED: (u32, &str, u16) = (3, TX_V6, 8443);
+const B6: (u32, &str, u16) = (4, TX_V6_B, 0);
+
+fn setup() -> Lb {
+    let mut lb = Lb::load(Sizes {
+        maglev_m: 13,
+        max_vips: 8,
+        max_backends: 8,
+        flow_entries: 1024,
+        affinity_entries: 64,
+        nat_entries: 1024,
+    });
+    lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
+    for (id, addr, port) in [B4_MAPPED, B4, B6_MAPPED, B6] {
+        lb.set_backend_port(id, addr, port, true);
+    }
+    for (id, (addr, port, proto, backend)) in [
+        (V4, 80, IPPROTO_TCP, B4_MAPPED.0),
+        (V4, 53, IPPROTO_UDP, B4.0),
+        (V6, 443, IPPROTO_TCP, B6_MAPPED.0),
+        (V6, 53, IPPROTO_UDP, B6.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        lb.add_vip(
+            vip_key(addr, port, proto),
+            VipValue {
+                id: id as u32,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+            },
+        );
+        lb.set_ring(id as u32, |_| backend);
+    }
+    lb
+}
+
+/// The NAT port the program picks first for `pkt`'s flow.
+fn first_port(lb: &mut Lb, pkt: &Pkt) -> u16 {
+    let n = lb.node();
+    nat_port_candidate(
+        flow_hash(&pkt.flow_key()),
+        0,
+        n.nat_port_min,
+        n.nat_port_max,
+    )
+}
+
+fn node_of(pkt: &Pkt) -> &'static str {
+    if pkt.src.is_ipv4() { NODE_V4 } else { NODE_V6 }
+}
+
+/// What `pkt` becomes on its way to `backend:bport` from the node's `nat_port`.
+fn translated(pkt: &Pkt, nat_port: u16, backend: &str, bport: u16) -> Pkt {
+    let mut out = pkt.clone();
+    out.eth_dst = GW0_MAC;
+    out.eth_src = LB0_MAC;
+    out.vlan = None;
+    out.src = node_of(pkt).parse().unwrap();
+    out.sport = nat_port;
+    out.dst = backend.parse().unwrap();
+    out.dport = bport;
+    out.ttl = pkt.ttl - 1;
+    out
+}
+
+/// The backend's answer to `sent` (a translated packet), as it arrives at the load balancer.
+fn reply_to(sent: &Pkt, l4: L4) -> Pkt {
+    let mut r = sent.clone();
+    r.eth_dst = LB0_MAC;
+    r.eth_src = GW0_MAC;
+    (r.src, r.dst) = (sent.dst, sent.src);
+    (r.sport, r.dport) = (sent.dport, sent.sport);
+    r.l4 = l4;
+    r.ttl = 64;
+    r.payload = b"reply from the backend".to_vec();
+    r
+}
+
+/// What a reply becomes on its way back to the client of `client_pkt`.
+fn restored(reply: &Pkt, client_pkt: &Pkt) -> Pkt {
+    let mut out = reply.clone();
+    out.eth_dst = GW0_MAC;
+    out.eth_src = LB0_MAC;
+    out.src = client_pkt.dst;
+    out.sport = client_pkt.dport;
+    out.dst = client_pkt.src;
+    out.dport = client_pkt.sport;
+    out.ttl = reply.ttl - 1;
+    out
+}
+
+fn expect(lb: &mut Lb, ingress: u32, desc: &str, input: &Pkt, action: u32, output: &[u8]) -> Run {
+    let r = lb.run(&input.frame(), ingress);
+    assert_eq!(
+        r.action,
+        action,
+        "{desc}: action {} instead of {}",
+        action_name(r.action),
+        action_name(action)
+    );
+    assert_eq!(
+        hex(&r.output),
+        hex(output),
+        "{desc}: output differs (got, expected)"
+    );
+    r
+}
+
+fn delta(lb: &mut Lb, before: &std::collections::HashMap<Counter, u64>, c: Counter) -> u64 {
+    lb.counters()[&c] - before[&c]
+}
+
+#[test]
+fn both_directions_are_translated_with_correct_checksums() {
+    let net = FibNet::new("nat-fix");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let to = LB0_MAC;
+        let cases: Vec<(&str, Pkt, (u32, &str, u16), L4)> = vec![
+            (
+                "IPv4 TCP, port 80 mapped to 8080",
+                Pkt::tcp(CLIENT4, 40000, V4, 80, to),
+                B4_MAPPED,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            ),
+            (
+                "IPv4 UDP, VIP port kept",
+                Pkt::udp(CLIENT4, 5353, V4, 53, to),
+                B4,
+                L4::Udp,
+            ),
+            (
+                "IPv4 UDP without checksum: stays without",
+                Pkt::udp(CLIENT4, 5354, V4, 53, to).with(|p| p.udp_checksum = false),
+                B4,
+                L4::Udp,
+            ),
+            (
+                "IPv4 TCP behind a VLAN tag, odd payload, TOS: tag dropped, TOS kept",
+                Pkt::tcp(CLIENT4, 40001, V4, 80, to).with(|p| {
+                    p.vlan = Some(7);
+                    p.tos = 0xb8;
+                    p.payload = b"odd".to_vec();
+                }),
+                B4_MAPPED,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            ),
+            (
+                "IPv4 TCP with IP options",
+                Pkt::tcp(CLIENT4, 40002, V4, 80, to).with(|p| p.v4_options = vec![1, 1, 1, 0]),
+                B4_MAPPED,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            ),
+            (
+                "IPv6 TCP, port 443 mapped to 8443",
+                Pkt::tcp(CLIENT6, 40000, V6, 443, to),
+                B6_MAPPED,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            ),
+            (
+                "IPv6 UDP, VIP port kept",
+                Pkt::udp(CLIENT6, 5353, V6, 53, to),
+                B6,
+                L4::Udp,
+            ),
+        ];
+        for (desc, pkt, (_, backend, bport), reply_l4) in cases {
+            let before = lb.counters();
+            let port = first_port(&mut lb, &pkt);
+            let bport = if bport == 0 { pkt.dport } else { bport };
+            let out = translated(&pkt, port, backend, bport);
+            let mut expected_out = out.clone();
+            if pkt.vlan.is_some() {
+                expected_out.vlan = None;
+            }
+            expect(&mut lb, ingress, desc, &pkt, XDP_TX, &expected_out.frame());
+            assert_eq!(delta(&mut lb, &before, Counter::NatNew), 1, "{desc}");
+            assert_eq!(delta(&mut lb, &before, Counter::NatForward), 1, "{desc}");
+            assert_eq!(delta(&mut lb, &before, Counter::Tx), 1, "{desc}");
+
+            // The reply goes back to the client, from the VIP.
+            let reply =
+                reply_to(&out, reply_l4.clone()).with(|r| r.udp_checksum = pkt.udp_checksum);
+            let back = restored(&reply, &pkt);
+            expect(
+                &mut lb,
+                ingress,
+                &format!("{desc}: reply"),
+                &reply,
+                XDP_TX,
+                &back.frame(),
+            );
+            assert_eq!(delta(&mut lb, &before, Counter::NatReverse), 1, "{desc}");
+
+            // An established packet reuses the translation.
+            let again = pkt.clone().with(|p| {
+                p.l4 = match p.l4 {
+                    L4::Tcp { .. } => L4::Tcp { flags: TCP_ACK },
+                    ref l => l.clone(),
+                };
+                p.payload = b"more".to_vec();
+            });
+            let out2 = translated(&again, port, backend, bport);
+            expect(
+                &mut lb,
+                ingress,
+                &format!("{desc}: next packet"),
+                &again,
+                XDP_TX,
+                &out2.frame(),
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatNew),
+                1,
+                "{desc}: a second translation"
+            );
+        }
+        let c = lb.counters();
+        let verdicts: u64 = Counter::ALL
+            .iter()
+            .filter(|c| c.is_verdict())
+            .map(|v| c[v])
+            .sum();
+        assert_eq!(
+            verdicts,
+            c[&Counter::Packets],
+            "verdicts do not add up to packets"
+        );
+    });
+}
+
+#[test]
+fn colliding_flows_get_distinct_ports_and_exhaustion_is_counted() {
+    let net = FibNet::new("nat-coll");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // Two clients whose flows want the same first port.
+        let a = Pkt::tcp(CLIENT4, 40000, V4, 80, LB0_MAC);
+        let pa = first_port(&mut lb, &a);
+        let b = (1..=254u16)
+            .flat_map(|h| (40001..41000).map(move |p| (h, p)))
+            .map(|(h, p)| Pkt::tcp(&format!("198.51.100.{h}"), p, V4, 80, LB0_MAC))
+            .find(|b| first_port(&mut lb, b) == pa)
+            .expect("two flows with one first port");
+        expect(
+            &mut lb,
+            ingress,
+            "first flow",
+            &a,
+            XDP_TX,
+            &translated(&a, pa, TX_V4, 8080).frame(),
+        );
+        let before = lb.counters();
+        let n = lb.node();
+        let h = flow_hash(&b.flow_key());
+        let pb = (1..NAT_PORT_PROBES)
+            .map(|i| nat_port_candidate(h, i, n.nat_port_min, n.nat_port_max))
+            .find(|p| *p != pa)
+            .unwrap();
+        expect(
+            &mut lb,
+            ingress,
+            "colliding flow",
+            &b,
+            XDP_TX,
+            &translated(&b, pb, TX_V4, 8080).frame(),
+        );
+        assert!(delta(&mut lb, &before, Counter::NatPortCollisions) >= 1);
+        // Both replies find their own client.
+        let ra = reply_to(
+            &translated(&a, pa, TX_V4, 8080),
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        let rb = reply_to(
+            &translated(&b, pb, TX_V4, 8080),
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "reply a",
+            &ra,
+            XDP_TX,
+            &restored(&ra, &a).frame(),
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "reply b",
+            &rb,
+            XDP_TX,
+            &restored(&rb, &b).frame(),
+        );
+        // The same port towards another backend is no collision: ports are per backend.
+        let udp = Pkt::udp(CLIENT4, 40000, V4, 53, LB0_MAC);
+        let pu = first_port(&mut lb, &udp);
+        expect(
+            &mut lb,
+            ingress,
+            "other backend",
+            &udp,
+            XDP_TX,
+            &translated(&udp, pu, TX_V4_B, 53).frame(),
+        );
+
+        // One port only: a second live flow to the backend finds none.
+        lb.set_nat(20000, 20000, 10_000_000_000, 2_000_000_000);
+        let c = Pkt::tcp("198.51.100.8", 1000, V4, 80, LB0_MAC);
+        expect(
+            &mut lb,
+            ingress,
+            "takes the only port",
+            &c,
+            XDP_TX,
+            &translated(&c, 20000, TX_V4, 8080).frame(),
+        );
+        let d = Pkt::tcp("198.51.100.9", 1000, V4, 80, LB0_MAC);
+        let before = lb.counters();
+        expect(&mut lb, ingress, "no port left", &d, XDP_DROP, &d.frame());
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatPortsExhausted), 1);
+        assert_eq!(
+            delta(&mut lb, &before, Counter::NatPortCollisions),
+            NAT_PORT_PROBES as u64
+        );
+        // Once the first one closes (RST) and its grace time is over, the port is free again.
+        lb.set_nat(20000, 20000, 1_000_000, 2_000_000_000);
+        let rst = c.clone().with(|p| {
+            p.l4 = L4::Tcp {
+                flags: TCP_RST | TCP_ACK,
+            }
+        });
+        expect(
+            &mut lb,
+            ingress,
+            "RST from the client",
+            &rst,
+            XDP_TX,
+            &translated(&rst, 20000, TX_V4, 8080).frame(),
+        );
+        sleep(Duration::from_millis(30));
+        expect(
+            &mut lb,
+            ingress,
+            "port reused after the grace time",
+            &d,
+            XDP_TX,
+            &translated(&d, 20000, TX_V4, 8080).frame(),
+        );
+        // The port's replies are d's now.
+        let rd = reply_to(
+            &translated(&d, 20000, TX_V4, 8080),
+            L4::Tcp { flags: TCP_ACK },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "reply on the reused port",
+            &rd,
+            XDP_TX,
+            &restored(&rd, &d).frame(),
+        );
+    });
+}
+
+#[test]
+fn unknown_and_closed_replies_pass_untouched() {
+    let net = FibNet::new("nat-unk");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let stray = Pkt::tcp(TX_V4, 8080, NODE_V4, 20001, LB0_MAC)
+            .with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+        let before = lb.counters();
+        let r = lb.run(&stray.frame(), ingress);
+        assert_eq!((r.action, hex(&r.output)), (XDP_PASS, hex(&stray.frame())));
+        assert_eq!(delta(&mut lb, &before, Counter::PassNotForVip), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::NatReverse), 0);
+
+        // Both FINs close a translation; after the grace time replies no longer match it.
+        lb.set_nat(1024, 32767, 1_000_000, 2_000_000_000);
+        let syn = Pkt::tcp(CLIENT4, 41000, V4, 80, LB0_MAC);
+        let port = first_port(&mut lb, &syn);
+        let out = translated(&syn, port, TX_V4, 8080);
+        expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+        let fin = syn.clone().with(|p| {
+            p.l4 = L4::Tcp {
+                flags: TCP_FIN | TCP_ACK,
+            }
+        });
+        expect(
+            &mut lb,
+            ingress,
+            "client FIN",
+            &fin,
+            XDP_TX,
+            &translated(&fin, port, TX_V4, 8080).frame(),
+        );
+        let before = lb.counters();
+        let bfin = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_FIN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "backend FIN",
+            &bfin,
+            XDP_TX,
+            &restored(&bfin, &syn).frame(),
+        );
+        assert_eq!(delta(&mut lb, &before, Counter::NatClosed), 1);
+        sleep(Duration::from_millis(30));
+        let late = reply_to(&out, L4::Tcp { flags: TCP_ACK });
+        let before = lb.counters();
+        let r = lb.run(&late.frame(), ingress);
+        assert_eq!((r.action, hex(&r.output)), (XDP_PASS, hex(&late.frame())));
+        assert_eq!(delta(&mut lb, &before, Counter::NatReverseStale), 1);
+        // A new SYN on the same 5-tuple opens a new translation.
+        let before = lb.counters();
+        expect(&mut lb, ingress, "reopened", &syn, XDP_TX, &out.frame());
+        assert_eq!(delta(&mut lb, &before, Counter::NatNew), 1);
+
+        // No NAT program installed: NAT VIPs drop (and say why), everything else still works.
+        lb.ebpf
+            .map_mut(maps::PROGS)
+            .map(|m| {
+                aya::maps::ProgramArray::try_from(m)
+                    .unwrap()
+                    .clear_index(&0)
+                    .unwrap()
+            })
+            .unwrap();
+        let before = lb.counters();
+        let r = lb.run(&syn.frame(), ingress);
+        assert_eq!(r.action, XDP_DROP);
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatUnavailable), 1);
+    });
+}
+
+/// An ICMP destination unreachable from `from` quoting the translated packet `quoted`.
+fn icmp_unreachable(from: &str, quoted: &Pkt) -> Pkt {
+    let inner = quoted.ip_bytes();
+    let v4 = quoted.src.is_ipv4();
+    let mut body = if v4 {
+        vec![3, 3, 0, 0, 0, 0, 0, 0]
+    } else {
+        vec![1, 4, 0, 0, 0, 0, 0, 0]
+    };
+    body.extend_from_slice(&inner[..inner.len().min(if v4 { 28 } else { 48 })]);
+    let mut p = Pkt::udp(from, 0, node_of(quoted), 0, LB0_MAC);
+    p.l4 = L4::Other(if v4 { 1 } else { 58 });
+    p.payload = body;
+    p
+}
+
+#[test]
+fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
+    let net = FibNet::new("nat-pass");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let id = B4_MAPPED.0;
+        let attempt = |lb: &mut Lb, sport: u16| {
+            let syn = Pkt::tcp(CLIENT4, sport, V4, 80, LB0_MAC);
+            let port = first_port(lb, &syn);
+            let out = translated(&syn, port, TX_V4, 8080);
+            expect(lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+            (syn, out)
+        };
+
+        // Refused: the backend answers the SYN with an RST (which still goes to the client).
+        let (syn, out) = attempt(&mut lb, 42000);
+        let rst = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_RST | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "RST",
+            &rst,
+            XDP_TX,
+            &restored(&rst, &syn).frame(),
+        );
+        let p = lb.passive(id);
+        assert_eq!((p.refused, p.consecutive_failures, p.answered), (1, 1, 0));
+
+        // Unreachable: an ICMP error about the translated SYN; it passes to the kernel as is.
+        let (_, out) = attempt(&mut lb, 42001);
+        let icmp = icmp_unreachable(TX_V4, &out);
+        let r = lb.run(&icmp.frame(), ingress);
+        assert_eq!((r.action, hex(&r.output)), (XDP_PASS, hex(&icmp.frame())));
+        let p = lb.passive(id);
+        assert_eq!((p.unreachable, p.consecutive_failures), (1, 2));
+        // The same error again does not count twice for one attempt.
+        lb.run(&icmp.frame(), ingress);
+        assert_eq!(lb.passive(id).consecutive_failures, 2);
+
+        // SYN timeout: the client retransmits a SYN nobody answered for longer than the bound.
+        lb.set_nat(1024, 32767, 10_000_000_000, 5_000_000);
+        let (syn, out) = attempt(&mut lb, 42002);
+        sleep(Duration::from_millis(30));
+        expect(
+            &mut lb,
+            ingress,
+            "retransmitted SYN",
+            &syn,
+            XDP_TX,
+            &out.frame(),
+        );
+        let p = lb.passive(id);
+        assert_eq!((p.syn_timeouts, p.consecutive_failures), (1, 3));
+
+        // An answer resets the streak.
+        let (syn, out) = attempt(&mut lb, 42003);
+        let synack = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "SYN-ACK",
+            &synack,
+            XDP_TX,
+            &restored(&synack, &syn).frame(),
+        );
+        let p = lb.passive(id);
+        assert_eq!((p.answered, p.consecutive_failures), (1, 0));
+        // An RST after the answer is a normal close, not a failure.
+        let rst = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_RST | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "late RST",
+            &rst,
+            XDP_TX,
+            &restored(&rst, &syn).frame(),
+        );
+        assert_eq!(lb.passive(id).refused, 1);
+
+        // IPv6: ICMPv6 destination unreachable.
+        let syn6 = Pkt::tcp(CLIENT6, 42000, V6, 443, LB0_MAC);
+        let port = first_port(&mut lb, &syn6);
+        let out6 = translated(&syn6, port, TX_V6, 8443);
+        expect(&mut lb, ingress, "SYN v6", &syn6, XDP_TX, &out6.frame());
+        let before = lb.counters();
+        lb.run(&icmp_unreachable(TX_V6, &out6).frame(), ingress);
+        assert_eq!(lb.passive(B6_MAPPED.0).unreachable, 1);
+        assert_eq!(delta(&mut lb, &before, Counter::NatUnreachable), 1);
+        let fk: FlowKey = syn6.flow_key();
+        assert!(
+            lb.nat_flow(&fk).is_some(),
+            "translation recorded by client flow"
+        );
+    });
+}
