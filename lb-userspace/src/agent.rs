@@ -2,14 +2,17 @@
 //! hold, and reconciles the maps whenever one of them changes. Generic over [`Dataplane`], so
 //! it runs the same against the kernel and against memory.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_common::VipKey;
 
 use crate::{
-    config::Config,
+    config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
-    model::Desired,
+    model::{Desired, addr16},
     plan::{Plan, PlanError, State, TableCache, plan_cached},
     program::Sizes,
 };
@@ -35,6 +38,8 @@ pub struct Agent<D> {
     config: Config,
     /// Backends found unhealthy by their checks (absent: healthy or unchecked).
     unhealthy: BTreeMap<Target, ()>,
+    /// Backends taken out by passive health checking (NAT mode).
+    passive_out: BTreeSet<Target>,
     current: State,
     tables: TableCache,
 }
@@ -49,6 +54,7 @@ impl<D: Dataplane> Agent<D> {
             dp,
             config,
             unhealthy: BTreeMap::new(),
+            passive_out: BTreeSet::new(),
             current,
             tables: TableCache::default(),
         };
@@ -74,13 +80,19 @@ impl<D: Dataplane> Agent<D> {
         !self.unhealthy.contains_key(t)
     }
 
+    /// Whether passive health checking took `t` out.
+    pub fn is_passive_out(&self, t: &Target) -> bool {
+        self.passive_out.contains(t)
+    }
+
     /// The desired state: configured weights, 0 for unhealthy backends.
     pub fn desired(&self) -> Desired {
         let mut d = self.config.desired();
         for v in &mut d.vips {
             let key = v.key();
             for b in &mut v.backends {
-                if self.unhealthy.contains_key(&(key, b.address)) {
+                let t = (key, b.address);
+                if self.unhealthy.contains_key(&t) || self.passive_out.contains(&t) {
                     b.weight = 0;
                 }
             }
@@ -120,9 +132,12 @@ impl<D: Dataplane> Agent<D> {
                 // Forget the health of backends that are gone or no longer checked, and apply
                 // what that changes.
                 let checked = self.checked_targets();
-                let before = self.unhealthy.len();
+                let passive: BTreeSet<Target> =
+                    self.passive_targets().into_iter().map(|p| p.target).collect();
+                let before = self.unhealthy.len() + self.passive_out.len();
                 self.unhealthy.retain(|t, _| checked.contains(t));
-                if self.unhealthy.len() != before {
+                self.passive_out.retain(|t| passive.contains(t));
+                if self.unhealthy.len() + self.passive_out.len() != before {
                     let more = self.reconcile()?;
                     return Ok(Plan {
                         writes: p.writes.into_iter().chain(more.writes).collect(),
@@ -153,6 +168,48 @@ impl<D: Dataplane> Agent<D> {
             .collect()
     }
 
+    /// Every (VIP, backend) under passive health checking, with the backend id it has now.
+    pub fn passive_targets(&self) -> Vec<PassiveTarget> {
+        let mut out = Vec::new();
+        for v in &self.config.vips {
+            let Some(check) = &v.passive_health else {
+                continue;
+            };
+            let key = v.spec.key();
+            for b in &v.spec.backends {
+                let (addr, family) = addr16(b.address);
+                let id = self
+                    .current
+                    .backends
+                    .iter()
+                    .find(|(_, x)| x.addr == addr && x.family == family && x.port == b.port.to_be())
+                    .map(|(id, _)| *id);
+                let port = if b.port == 0 { v.spec.port } else { b.port };
+                out.push(PassiveTarget {
+                    target: (key, b.address),
+                    id,
+                    probe: SocketAddr::new(b.address, port),
+                    check: check.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Takes a backend out (weight 0) or brings it back, for passive health checking.
+    pub fn set_passive_out(&mut self, target: Target, out: bool) -> Result<Plan, AgentError> {
+        let changed = if out {
+            self.passive_out.insert(target)
+        } else {
+            self.passive_out.remove(&target)
+        };
+        if changed {
+            self.reconcile()
+        } else {
+            Ok(Plan::default())
+        }
+    }
+
     /// Records a health transition and reconciles if it changes anything.
     pub fn set_health(&mut self, target: Target, healthy: bool) -> Result<Plan, AgentError> {
         let changed = if healthy {
@@ -166,6 +223,17 @@ impl<D: Dataplane> Agent<D> {
             Ok(Plan::default())
         }
     }
+}
+
+/// A backend of a VIP with passive health checking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassiveTarget {
+    pub target: Target,
+    /// Its backend id in the maps (None while it has none, e.g. at weight 0 before start).
+    pub id: Option<u32>,
+    /// Where the recheck probe connects: the backend's address and port.
+    pub probe: SocketAddr,
+    pub check: PassiveHealth,
 }
 
 #[cfg(test)]

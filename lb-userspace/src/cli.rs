@@ -342,18 +342,40 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
                 Some(id) => Some(p.backend_stats(id)?),
                 None => None,
             };
+            let passive = match id {
+                Some(id) if v.mode == lb_common::MODE_NAT => Some(p.passive(id)?),
+                _ => None,
+            };
+            let health = cfg.map(|c| {
+                if c.passive_out {
+                    "out-passive"
+                } else {
+                    match c.healthy {
+                        None => "unchecked",
+                        Some(true) => "healthy",
+                        Some(false) => "unhealthy",
+                    }
+                }
+            });
             rows.push(json!({
                 "address": addr,
                 "id": id,
                 "weight": cfg.map(|c| c.weight),
-                "health": cfg.map(|c| match c.healthy { None => "unchecked", Some(true) => "healthy", Some(false) => "unhealthy" }),
+                "health": health,
                 "slots": slots,
                 "share": slots as f64 / m,
                 "packets": traffic.map(|t| t.packets),
                 "new_flows": traffic.map(|t| t.new_flows),
+                "passive": passive.map(|h| json!({
+                    "answered": h.answered,
+                    "refused": h.refused,
+                    "unreachable": h.unreachable,
+                    "syn_timeouts": h.syn_timeouts,
+                    "consecutive_failures": h.consecutive_failures,
+                })),
             }));
         }
-        out.push(json!({"vip": label, "name": st.map(|s| s.name.clone()), "id": v.id, "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0), "backends": rows}));
+        out.push(json!({"vip": label, "name": st.map(|s| s.name.clone()), "id": v.id, "mode": if v.mode == lb_common::MODE_NAT { "nat" } else { "dsr" }, "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0), "backends": rows}));
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -367,15 +389,16 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
     }
     for v in &out {
         println!(
-            "{} {}",
+            "{} {} [{}]",
             v["vip"].as_str().unwrap_or(""),
             v["name"]
                 .as_str()
                 .map(|n| format!("({n})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            v["mode"].as_str().unwrap_or("")
         );
         println!(
-            "  {:<28} {:>7} {:<10} {:>8} {:>8} {:>12} {:>10}",
+            "  {:<28} {:>7} {:<11} {:>8} {:>8} {:>12} {:>10}",
             "BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS", "NEW FLOWS"
         );
         for b in v["backends"].as_array().into_iter().flatten() {
@@ -386,8 +409,17 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
                     x.to_string().trim_matches('"').to_string()
                 }
             };
+            let passive = &b["passive"];
+            let passive = if passive.is_null() {
+                String::new()
+            } else {
+                format!(
+                    "  attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} failures in a row",
+                    passive["answered"], passive["refused"], passive["unreachable"], passive["syn_timeouts"], passive["consecutive_failures"]
+                )
+            };
             println!(
-                "  {:<28} {:>7} {:<10} {:>8} {:>7.2}% {:>12} {:>10}",
+                "  {:<28} {:>7} {:<11} {:>8} {:>7.2}% {:>12} {:>10}{passive}",
                 opt(&b["address"]),
                 opt(&b["weight"]),
                 opt(&b["health"]),
@@ -587,6 +619,36 @@ fn explain(
             json!({"verdict": "forward", "by": "maglev", "hash": hash, "slot": slot, "backend": describe(id), "backend_id": id}),
         )
     })()?;
+    let mut result = result;
+    if let Some(vip) = p.vips()?.get(&vkey)
+        && vip.mode == lb_common::MODE_NAT
+        && let Some(sport) = sport
+    {
+        let key = FlowKey {
+            src: addr16(src).0,
+            dst: daddr,
+            src_port: sport.to_be(),
+            dst_port: dst.port().to_be(),
+            proto: proto.number(),
+            family,
+            _pad: [0; 2],
+        };
+        match p.nat(&key) {
+            Some(n) => {
+                steps.push(format!(
+                    "nat: translated with source port {} towards backend {}{}",
+                    u16::from_be(n.nat_port),
+                    describe(n.backend_id),
+                    if n.closed() { " (closed)" } else { "" }
+                ));
+                result["nat_port"] = json!(u16::from_be(n.nat_port));
+            }
+            None => steps.push(
+                "nat: no translation yet (the first packet takes a source port from the flow hash)"
+                    .into(),
+            ),
+        }
+    }
     if as_json {
         let mut r = result;
         r["vip"] = vip_json(&vkey);

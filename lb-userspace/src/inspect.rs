@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, TrafficStats, VipKey,
-    VipValue, maps,
+    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, NatFlow, PassiveHealth,
+    TrafficStats, VipKey, VipValue, maps,
 };
 
 use crate::{
@@ -45,6 +45,8 @@ pub struct Pinned {
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    nat: HashMap<MapData, FlowKey, NatFlow>,
+    passive: Array<MapData, PassiveHealth>,
     ring: Ring,
 }
 
@@ -71,6 +73,9 @@ impl Pinned {
             backends: Array::try_from(open(maps::BACKENDS)?).map_err(merr("backends"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
+            nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
+            passive: Array::try_from(open(maps::BACKEND_PASSIVE)?)
+                .map_err(merr("passive health"))?,
             ring,
             sizes,
         })
@@ -114,6 +119,16 @@ impl Pinned {
 
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
         Self::sum(&self.backend_stats, id, "backend stats")
+    }
+
+    /// Passive health counters of a backend id (NAT mode).
+    pub fn passive(&self, id: u32) -> Result<PassiveHealth, InspectError> {
+        self.passive.get(&id, 0).map_err(merr("passive health"))
+    }
+
+    /// The NAT translation of a client flow, if any.
+    pub fn nat(&self, k: &FlowKey) -> Option<NatFlow> {
+        self.nat.get(k, 0).ok()
     }
 
     /// VIPs, ordered by key.

@@ -36,6 +36,15 @@ impl std::fmt::Debug for MapsCollector {
     }
 }
 
+/// `address` or `address:port` (NAT backends with their own port).
+fn backend_label(b: &lb_common::Backend) -> String {
+    let ip = crate::model::ip_of(&b.addr, b.family);
+    match u16::from_be(b.port) {
+        0 => ip.to_string(),
+        port => std::net::SocketAddr::new(ip, port).to_string(),
+    }
+}
+
 fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -94,15 +103,43 @@ impl Collector for MapsCollector {
         counter(&mut enc, "lb_vip_new_flows", "New flows per VIP", &flows)?;
 
         let (mut packets, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
+        let mut attempts = Vec::new();
+        let mut streaks = Vec::new();
         for (id, b) in p.backends().map_err(|_| std::fmt::Error)? {
             let s = p.backend_stats(id).map_err(|_| std::fmt::Error)?;
-            let l = vec![(
-                "backend",
-                crate::model::ip_of(&b.addr, b.family).to_string(),
-            )];
+            let l = vec![("backend", backend_label(&b))];
             packets.push((l.clone(), s.packets));
             bytes.push((l.clone(), s.bytes));
-            flows.push((l, s.new_flows));
+            flows.push((l.clone(), s.new_flows));
+            let h = p.passive(id).map_err(|_| std::fmt::Error)?;
+            for (outcome, n) in [
+                ("answered", h.answered),
+                ("refused", h.refused),
+                ("unreachable", h.unreachable),
+                ("syn_timeout", h.syn_timeouts),
+            ] {
+                let mut l = l.clone();
+                l.push(("outcome", outcome.to_string()));
+                attempts.push((l, n));
+            }
+            streaks.push((l, h.consecutive_failures));
+        }
+        counter(
+            &mut enc,
+            "lb_backend_connection_attempts",
+            "NAT mode: connection attempts per backend by how the backend answered (passive health)",
+            &attempts,
+        )?;
+        let mut g = enc.encode_descriptor(
+            "lb_backend_consecutive_failures",
+            "NAT mode: failed connection attempts since the backend last answered one",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (l, n) in &streaks {
+            let labels: Vec<(String, String)> =
+                l.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            ConstGauge::new(*n as i64).encode(g.encode_family(&labels)?)?;
         }
         counter(
             &mut enc,

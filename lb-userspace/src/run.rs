@@ -8,7 +8,7 @@
 //! maps pinned: traffic keeps flowing, and the next agent adopts them. `lb down` removes them.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -162,6 +162,117 @@ fn sync_interfaces(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings
     Ok(())
 }
 
+/// Passive health checking: watches each checked backend's failure streak in the maps, takes
+/// it out at the threshold, and probes it back in.
+#[derive(Default)]
+struct Passive {
+    /// Targets out, and when to probe them next.
+    next_probe: BTreeMap<Target, tokio::time::Instant>,
+    probing: BTreeSet<Target>,
+}
+
+impl Passive {
+    /// One look at the counters; true if anything changed.
+    fn round(
+        &mut self,
+        agent: &mut Agent<KernelDataplane>,
+        tx: &mpsc::Sender<(Target, Result<(), String>)>,
+        m: &AgentMetrics,
+    ) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut changed = false;
+        let targets = agent.passive_targets();
+        self.next_probe
+            .retain(|t, _| targets.iter().any(|p| &p.target == t));
+        for pt in targets {
+            let t = pt.target;
+            if agent.is_passive_out(&t) {
+                let due = self.next_probe.get(&t).is_none_or(|at| *at <= now);
+                if due && self.probing.insert(t) {
+                    let (tx, addr, timeout) = (tx.clone(), pt.probe, pt.check.timeout);
+                    tokio::spawn(async move {
+                        let r = match tokio::time::timeout(
+                            timeout,
+                            tokio::net::TcpStream::connect(addr),
+                        )
+                        .await
+                        {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(format!("tcp connect to {addr}: {e}")),
+                            Err(_) => Err(format!("tcp connect to {addr}: no answer within {timeout:?}")),
+                        };
+                        let _ = tx.send((t, r)).await;
+                    });
+                }
+                continue;
+            }
+            let Some(id) = pt.id else { continue };
+            let p = match agent.dp.passive(id) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("reading passive health: {}", crate::error_chain(&e));
+                    continue;
+                }
+            };
+            if p.consecutive_failures >= pt.check.failures as u64 {
+                let vip = crate::model::vip_label(&t.0);
+                match agent.set_passive_out(t, true) {
+                    Ok(plan) => {
+                        m.map_writes.fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+                        warn!(
+                            %vip, backend = %t.1, refused = p.refused, unreachable = p.unreachable,
+                            syn_timeouts = p.syn_timeouts,
+                            "backend failed {} connection attempts in a row (passive health): weight 0, probing it every {:?}",
+                            p.consecutive_failures, pt.check.recheck_interval
+                        );
+                        self.next_probe.insert(t, now + pt.check.recheck_interval);
+                        changed = true;
+                    }
+                    Err(e) => error!(%vip, backend = %t.1, "taking a backend out failed: {}", crate::error_chain(&e)),
+                }
+            }
+        }
+        changed
+    }
+
+    /// A recheck probe's result: back in on success, probe again later on failure.
+    fn probed(
+        &mut self,
+        agent: &mut Agent<KernelDataplane>,
+        t: Target,
+        result: Result<(), String>,
+        m: &AgentMetrics,
+    ) {
+        self.probing.remove(&t);
+        let Some(pt) = agent.passive_targets().into_iter().find(|p| p.target == t) else {
+            return;
+        };
+        let vip = crate::model::vip_label(&t.0);
+        match result {
+            Ok(()) => {
+                if let Some(id) = pt.id
+                    && let Err(e) = agent.dp.reset_passive_streak(id)
+                {
+                    warn!(%vip, backend = %t.1, "resetting the failure streak: {}", crate::error_chain(&e));
+                }
+                match agent.set_passive_out(t, false) {
+                    Ok(plan) => {
+                        m.map_writes.fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+                        info!(%vip, backend = %t.1, "backend answers again (passive health recheck): back in");
+                    }
+                    Err(e) => error!(%vip, backend = %t.1, "bringing a backend back failed: {}", crate::error_chain(&e)),
+                }
+                self.next_probe.remove(&t);
+            }
+            Err(reason) => {
+                info!(%vip, backend = %t.1, "still out: {reason}");
+                self.next_probe
+                    .insert(t, tokio::time::Instant::now() + pt.check.recheck_interval);
+            }
+        }
+    }
+}
+
 /// What `lb backends` reads besides the maps: configured weights and health.
 #[derive(Serialize, serde::Deserialize, Default, Debug)]
 pub struct Status {
@@ -182,6 +293,9 @@ pub struct BackendStatus {
     pub weight: u32,
     /// None: not health checked.
     pub healthy: Option<bool>,
+    /// Taken out by passive health checking (NAT mode).
+    #[serde(default)]
+    pub passive_out: bool,
 }
 
 pub fn status_path(state_dir: &Path) -> PathBuf {
@@ -221,6 +335,7 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
                             address: b.address.to_string(),
                             weight: b.weight,
                             healthy,
+                            passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
                         }
                     })
                     .collect(),
@@ -329,6 +444,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         |t: &Target| agent.is_healthy(t),
         htx.clone(),
     );
+    let (ptx, mut prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
+    let mut passive = Passive::default();
+    let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (ftx, mut frx) = mpsc::channel::<()>(8);
     let _watcher = watch(&opts.config, ftx)?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -355,6 +474,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                     Err(e) => error!(%vip, backend = %addr, "applying a health change failed: {}", crate::error_chain(&e)),
                 }
+                false
+            }
+            _ = passive_tick.tick() => {
+                if !passive.round(&mut agent, &ptx, &m) {
+                    continue;
+                }
+                false
+            }
+            Some((target, result)) = prx.recv() => {
+                passive.probed(&mut agent, target, result, &m);
                 false
             }
             _ = hup.recv() => { info!("SIGHUP: reloading"); true }

@@ -4,7 +4,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map},
 };
-use lb_common::{Backend, NodeConfig, VipAddr, VipKey, VipValue, maps};
+use lb_common::{Backend, NodeConfig, PassiveHealth, VipAddr, VipKey, VipValue, maps};
 
 use super::{Dataplane, DataplaneError};
 use crate::{
@@ -48,6 +48,26 @@ impl KernelDataplane {
                 what: name.into(),
                 source: io("no such map"),
             })
+    }
+
+    /// Passive health counters of backend `id` (NAT mode).
+    pub fn passive(&self, id: u32) -> Result<PassiveHealth, DataplaneError> {
+        let a: Array<_, PassiveHealth> = Array::try_from(self.map(maps::BACKEND_PASSIVE)?)
+            .map_err(rerr(maps::BACKEND_PASSIVE))?;
+        a.get(&id, 0).map_err(rerr(format!("passive health of backend {id}")))
+    }
+
+    /// Starts backend `id`'s failure streak afresh (when it is brought back in).
+    pub fn reset_passive_streak(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let mut a: Array<_, PassiveHealth> =
+            Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
+                .map_err(werr(maps::BACKEND_PASSIVE))?;
+        let mut p = a
+            .get(&id, 0)
+            .map_err(werr(format!("passive health of backend {id}")))?;
+        p.consecutive_failures = 0;
+        a.set(id, p, 0)
+            .map_err(werr(format!("passive health of backend {id}")))
     }
 
     fn map(&self, name: &str) -> Result<&Map, DataplaneError> {
@@ -134,7 +154,13 @@ impl Dataplane for KernelDataplane {
                 let mut a: Array<_, Backend> =
                     Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(werr(maps::BACKENDS))?;
                 a.set(*id, Backend::default(), 0)
-                    .map_err(werr(format!("backend {id}")))
+                    .map_err(werr(format!("backend {id}")))?;
+                // The id's next backend starts with clean passive health.
+                let mut p: Array<_, PassiveHealth> =
+                    Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
+                        .map_err(werr(maps::BACKEND_PASSIVE))?;
+                p.set(*id, PassiveHealth::default(), 0)
+                    .map_err(werr(format!("passive health of backend {id}")))
             }
             Write::VipAddr { addr, count } => {
                 let mut h: HashMap<_, VipAddr, u32> =
