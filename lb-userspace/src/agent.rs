@@ -132,8 +132,11 @@ impl<D: Dataplane> Agent<D> {
                 // Forget the health of backends that are gone or no longer checked, and apply
                 // what that changes.
                 let checked = self.checked_targets();
-                let passive: BTreeSet<Target> =
-                    self.passive_targets().into_iter().map(|p| p.target).collect();
+                let passive: BTreeSet<Target> = self
+                    .passive_targets()
+                    .into_iter()
+                    .map(|p| p.target)
+                    .collect();
                 let before = self.unhealthy.len() + self.passive_out.len();
                 self.unhealthy.retain(|t, _| checked.contains(t));
                 self.passive_out.retain(|t| passive.contains(t));

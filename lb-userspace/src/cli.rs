@@ -332,8 +332,14 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
             }
         }
         if let Some(st) = st {
+            let all = p.backends()?;
             for b in &st.backends {
-                addrs.entry(b.address.clone()).or_insert((None, 0));
+                // Still known by id (weight 0 keeps its id), just holding no slot.
+                let id = all
+                    .iter()
+                    .find(|(_, x)| ip_of(&x.addr, x.family).to_string() == b.address)
+                    .map(|(id, _)| *id);
+                addrs.entry(b.address.clone()).or_insert((id, 0));
             }
         }
         for (addr, (id, slots)) in addrs {
@@ -415,7 +421,11 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
             } else {
                 format!(
                     "  attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} failures in a row",
-                    passive["answered"], passive["refused"], passive["unreachable"], passive["syn_timeouts"], passive["consecutive_failures"]
+                    passive["answered"],
+                    passive["refused"],
+                    passive["unreachable"],
+                    passive["syn_timeouts"],
+                    passive["consecutive_failures"]
                 )
             };
             println!(

@@ -199,7 +199,9 @@ impl Passive {
                         {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err(e)) => Err(format!("tcp connect to {addr}: {e}")),
-                            Err(_) => Err(format!("tcp connect to {addr}: no answer within {timeout:?}")),
+                            Err(_) => Err(format!(
+                                "tcp connect to {addr}: no answer within {timeout:?}"
+                            )),
                         };
                         let _ = tx.send((t, r)).await;
                     });
@@ -218,7 +220,8 @@ impl Passive {
                 let vip = crate::model::vip_label(&t.0);
                 match agent.set_passive_out(t, true) {
                     Ok(plan) => {
-                        m.map_writes.fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+                        m.map_writes
+                            .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
                         warn!(
                             %vip, backend = %t.1, refused = p.refused, unreachable = p.unreachable,
                             syn_timeouts = p.syn_timeouts,
@@ -228,7 +231,9 @@ impl Passive {
                         self.next_probe.insert(t, now + pt.check.recheck_interval);
                         changed = true;
                     }
-                    Err(e) => error!(%vip, backend = %t.1, "taking a backend out failed: {}", crate::error_chain(&e)),
+                    Err(e) => {
+                        error!(%vip, backend = %t.1, "taking a backend out failed: {}", crate::error_chain(&e))
+                    }
                 }
             }
         }
@@ -257,10 +262,13 @@ impl Passive {
                 }
                 match agent.set_passive_out(t, false) {
                     Ok(plan) => {
-                        m.map_writes.fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+                        m.map_writes
+                            .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
                         info!(%vip, backend = %t.1, "backend answers again (passive health recheck): back in");
                     }
-                    Err(e) => error!(%vip, backend = %t.1, "bringing a backend back failed: {}", crate::error_chain(&e)),
+                    Err(e) => {
+                        error!(%vip, backend = %t.1, "bringing a backend back failed: {}", crate::error_chain(&e))
+                    }
                 }
                 self.next_probe.remove(&t);
             }

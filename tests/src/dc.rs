@@ -311,6 +311,99 @@ impl Lab {
     }
 }
 
+/// Plain servers for NAT mode: on each backend, TCP and UDP on the backend's own addresses
+/// (IPv4 and IPv6) at one port, answering like the VIP servers. Nothing NAT-specific on the
+/// backends: no VIP on loopback, no tunnel; they answer the load balancer's address, which
+/// routes back through it. A backend's TCP server can be taken down (its port then refuses every
+/// SYN with an RST) and brought back.
+pub struct NatServers {
+    stop: Arc<AtomicBool>,
+    down: BTreeMap<String, Arc<AtomicBool>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl NatServers {
+    pub fn start(lab: &Lab, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut down = BTreeMap::new();
+        let mut threads = Vec::new();
+        for ((name, ns), (_, v4, v6)) in lab.backends.iter().zip(BACKENDS) {
+            // veths leave checksums to "hardware", which XDP forwarding skips (see README).
+            ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+            let flag = Arc::new(AtomicBool::new(false));
+            down.insert(name.clone(), flag.clone());
+            for a in [v4, v6] {
+                let sa = SocketAddr::new(a.parse().unwrap(), port);
+                let udp = ns.run(|| UdpSocket::bind(sa).expect("bind udp"));
+                udp.set_read_timeout(Some(Duration::from_millis(20)))
+                    .unwrap();
+                let (stop_u, name_u) = (stop.clone(), name.clone());
+                threads.push(std::thread::spawn(move || {
+                    let (stop, name) = (stop_u, name_u);
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = udp.recv_from(&mut buf)
+                            && n > 0
+                        {
+                            let _ = udp.send_to(name.as_bytes(), from);
+                        }
+                    }
+                }));
+                let netns = ns.name.clone();
+                let (stop, name, flag) = (stop.clone(), name.clone(), flag.clone());
+                let listen = move || TcpListener::bind(sa).expect("bind tcp");
+                let (ready_tx, ready) = std::sync::mpsc::channel();
+                threads.push(std::thread::spawn(move || {
+                    crate::netns::enter(&netns);
+                    let mut tcp = Some(listen());
+                    let _ = ready_tx.send(());
+                    while !stop.load(Ordering::Relaxed) {
+                        if flag.load(Ordering::Relaxed) {
+                            tcp = None; // closed: the kernel answers SYNs with RST
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                        let l = tcp.get_or_insert_with(|| {
+                            let l = listen();
+                            l.set_nonblocking(true).unwrap();
+                            l
+                        });
+                        l.set_nonblocking(true).unwrap();
+                        match l.accept() {
+                            Ok((s, _)) => {
+                                let (name, stop) = (name.clone(), stop.clone());
+                                std::thread::spawn(move || echo(s, &name, &stop));
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                        }
+                    }
+                }));
+                ready.recv().expect("TCP server started");
+            }
+        }
+        Self {
+            stop,
+            down,
+            threads,
+        }
+    }
+
+    /// Takes backend `name`'s TCP server down (every SYN refused) or brings it back.
+    pub fn set_down(&self, name: &str, down: bool) {
+        self.down[name].store(down, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for NatServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
 impl Default for Lab {
     fn default() -> Self {
         Self::new()

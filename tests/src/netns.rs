@@ -171,6 +171,19 @@ impl NetNs {
     }
 }
 
+/// Moves the calling thread into namespace `name` for good (for threads that live there).
+pub fn enter(name: &str) {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {path}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

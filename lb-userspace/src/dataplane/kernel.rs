@@ -54,14 +54,14 @@ impl KernelDataplane {
     pub fn passive(&self, id: u32) -> Result<PassiveHealth, DataplaneError> {
         let a: Array<_, PassiveHealth> = Array::try_from(self.map(maps::BACKEND_PASSIVE)?)
             .map_err(rerr(maps::BACKEND_PASSIVE))?;
-        a.get(&id, 0).map_err(rerr(format!("passive health of backend {id}")))
+        a.get(&id, 0)
+            .map_err(rerr(format!("passive health of backend {id}")))
     }
 
     /// Starts backend `id`'s failure streak afresh (when it is brought back in).
     pub fn reset_passive_streak(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let mut a: Array<_, PassiveHealth> =
-            Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
-                .map_err(werr(maps::BACKEND_PASSIVE))?;
+        let mut a: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
+            .map_err(werr(maps::BACKEND_PASSIVE))?;
         let mut p = a
             .get(&id, 0)
             .map_err(werr(format!("passive health of backend {id}")))?;
