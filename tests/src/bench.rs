@@ -134,9 +134,10 @@ pub fn fastpath(opts: &Options) -> Value {
             lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode: MODE_DSR });
             lb.set_ring(id, |s| t[s as usize]);
         }
-        // Breakdown VIPs: one that stops before encapsulation (a NAT VIP, which this program
-        // drops after selection), one whose backend's route lookup fails (encapsulation and a
-        // route lookup, no neighbour, no transmit).
+        // A NAT VIP on the same 100 backends (NAT ports 1024-65535: 100 x 64k translations), and
+        // a breakdown VIP whose backend's route lookup fails (encapsulation and a route lookup,
+        // no neighbour, no transmit).
+        lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
         lb.set_backend(200, UNREACHABLE_V4, true);
         lb.add_vip(vip_key("192.0.2.12", 80, IPPROTO_TCP), VipValue { id: 3, flags: 0, affinity_timeout_s: 0, mode: MODE_NAT });
         lb.set_ring(3, |s| t4[s as usize]);
@@ -155,7 +156,7 @@ pub fn fastpath(opts: &Options) -> Value {
             assert_eq!(r.action, XDP_TX, "creating established flow {k}");
         }
         let one4 = ack(syn("198.51.100.1", 1111, "192.0.2.10")).frame();
-        let sel4 = ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame();
+        let nat4 = ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame();
         let fib4 = ack(syn("198.51.100.1", 1111, "192.0.2.13")).frame();
         lb.run(&syn("198.51.100.1", 1111, "192.0.2.12").frame(), ingress);
         lb.run(&syn("198.51.100.1", 1111, "192.0.2.13").frame(), ingress);
@@ -168,6 +169,15 @@ pub fn fastpath(opts: &Options) -> Value {
             lb.run(&syn(&v4(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 1)) + c as u32), 1, "192.0.2.11").frame(), ingress);
         }
 
+        // The NAT flow's reply: from its backend to the node's NAT port.
+        let nat_key = syn("198.51.100.1", 1111, "192.0.2.12").flow_key();
+        let nat = lb.nat_flow(&nat_key).expect("the NAT flow was translated");
+        let nat_backend = b4[nat.backend_id as usize];
+        let nat_reply = Pkt::tcp(&std::net::Ipv4Addr::from(nat_backend).to_string(), 80, NODE_V4, u16::from_be(nat.nat_port), LB0_MAC)
+            .with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
+            .frame();
+        let nat_new_base = u32::from(std::net::Ipv4Addr::new(100, 112, 0, 0));
+        let template_nat_new = syn("100.112.0.0", 40000, "192.0.2.12").frame();
         let template_new = syn("100.96.0.0", 40000, "192.0.2.10").frame();
         let template_est = ack(syn("100.64.0.0", 40000, "192.0.2.10")).frame();
         let template_aff = syn("198.18.0.1", 1000, "192.0.2.11").frame();
@@ -198,7 +208,9 @@ pub fn fastpath(opts: &Options) -> Value {
                 v6_outer: false,
             },
             Case { name: "v6_tcp_established_1flow", program: "lb", frame: Box::new({ let f = one6.clone(); move |_| f.clone() }), action: XDP_TX, backends: vec![], v6_outer: true },
-            Case { name: "breakdown_established_no_encap", program: "lb", frame: Box::new(move |_| sel4.clone()), action: XDP_DROP, backends: vec![], v6_outer: false },
+            Case { name: "v4_nat_established_1flow", program: "lb", frame: Box::new(move |_| nat4.clone()), action: XDP_TX, backends: b4.clone(), v6_outer: false },
+            Case { name: "v4_nat_new_flow", program: "lb", frame: Box::new(move |k| with_src(&template_nat_new, nat_new_base + k as u32)), action: XDP_TX, backends: b4.clone(), v6_outer: false },
+            Case { name: "v4_nat_reply", program: "lb", frame: Box::new(move |_| nat_reply.clone()), action: XDP_TX, backends: vec![[198, 51, 100, 1]], v6_outer: false },
             Case { name: "breakdown_established_encap_fib_fails", program: "lb", frame: Box::new(move |_| fib4.clone()), action: XDP_DROP, backends: vec![], v6_outer: false },
         ];
 
@@ -234,8 +246,11 @@ pub fn fastpath(opts: &Options) -> Value {
         let one_calls = (per_round * opts.rounds) as u64;
         assert_eq!(d(Counter::FlowHits), est_calls + 4 * one_calls, "established cases did not all hit the flow table");
         assert_eq!(d(Counter::DropFibFailed), one_calls, "failed-route breakdown case");
+        assert_eq!(d(Counter::NatForward), 2 * one_calls, "NAT cases did not all translate");
+        assert_eq!(d(Counter::NatNew), one_calls, "NAT new-flow case did not make new translations");
+        assert_eq!(d(Counter::NatReverse), one_calls, "NAT reply case did not translate back");
         assert_eq!(d(Counter::AffinityHits), one_calls, "affinity case did not hit affinity");
-        assert_eq!(d(Counter::MaglevLookups), one_calls, "new-flow case did not go through Maglev");
+        assert_eq!(d(Counter::MaglevLookups), 2 * one_calls, "new-flow cases (DSR, NAT) did not go through Maglev");
 
         let floor = {
             let mut v = rounds["floor"].clone();
@@ -250,9 +265,6 @@ pub fn fastpath(opts: &Options) -> Value {
                 name.to_string(),
                 json!({"ns": med, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": med as f64 / floor.max(1) as f64}),
             );
-        }
-        for nat in ["v4_nat_new_flow", "v4_nat_established_1flow", "v4_nat_reply"] {
-            out.insert(nat.into(), json!({"not_applicable": "NAT mode is not implemented yet (issue 5)"}));
         }
         out.insert(
             "method".into(),
