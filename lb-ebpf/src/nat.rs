@@ -203,7 +203,7 @@ fn close(n: &mut NatFlow, bit: u16, t: u64) {
 #[inline(always)]
 fn stale(r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
     let client = r.client;
-    match unsafe { LB_NAT.get(&client) } {
+    match unsafe { LB_NAT.get(client) } {
         None => true,
         Some(f) => {
             f.nat_port != rkey.dst_port
@@ -246,7 +246,7 @@ fn allocate(
         rkey.dst_port = port;
         // BPF_NOEXIST on a free port, so two CPUs can't both take it; BPF_ANY over an entry
         // that is ours already or whose translation is over.
-        let flags = match unsafe { LB_NAT_REV.get(&rkey) } {
+        let flags = match unsafe { LB_NAT_REV.get(rkey) } {
             None => 1,
             Some(r) if same_flow(&r.client, key) || stale(r, &rkey, t, node) => 0,
             Some(_) => {
@@ -254,7 +254,7 @@ fn allocate(
                 continue;
             }
         };
-        if LB_NAT_REV.insert(&rkey, &rev, flags).is_err() {
+        if LB_NAT_REV.insert(rkey, rev, flags).is_err() {
             count(Counter::NatPortCollisions);
             continue;
         }
@@ -267,7 +267,7 @@ fn allocate(
             created_ns: t,
             last_ns: t,
         };
-        if LB_NAT.insert(key, &flow, 0).is_err() {
+        if LB_NAT.insert(key, flow, 0).is_err() {
             count(Counter::NatInsertFailed);
         }
         count(Counter::NatNew);
@@ -355,7 +355,7 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     let client = r.client;
     let backend_id = r.backend_id;
     let t = now();
-    let n = LB_NAT.get_ptr_mut(&client);
+    let n = LB_NAT.get_ptr_mut(client);
     let n = match n {
         Some(n)
             if unsafe {
@@ -450,11 +450,11 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
         family: icmp.dst.family,
         _pad: [0; 2],
     };
-    let Some(r) = (unsafe { LB_NAT_REV.get(&rkey) }) else {
+    let Some(r) = (unsafe { LB_NAT_REV.get(rkey) }) else {
         return;
     };
     let client = r.client;
-    if let Some(n) = LB_NAT.get_ptr_mut(&client) {
+    if let Some(n) = LB_NAT.get_ptr_mut(client) {
         let n = unsafe { &mut *n };
         if n.nat_port == rkey.dst_port {
             fail(n, Signal::Unreachable);

@@ -261,7 +261,7 @@ fn install_nat(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         .fd()
         .map_err(LoadError::Verify)?
         .try_clone()
-        .map_err(|e| LoadError::Install(e.into()))?;
+        .map_err(LoadError::Install)?;
     let map = ebpf.map_mut(maps::PROGS).ok_or(LoadError::NoProgram)?;
     let mut progs = ProgramArray::try_from(map).map_err(|source| LoadError::Write {
         what: "the tail-call table",

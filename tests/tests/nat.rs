@@ -138,6 +138,9 @@ fn expect(lb: &mut Lb, ingress: u32, desc: &str, input: &Pkt, action: u32, outpu
     r
 }
 
+/// (description, client packet, backend, the backend's reply).
+type Case = (&'static str, Pkt, (u32, &'static str, u16), L4);
+
 fn delta(lb: &mut Lb, before: &std::collections::HashMap<Counter, u64>, c: Counter) -> u64 {
     lb.counters()[&c] - before[&c]
 }
@@ -149,7 +152,7 @@ fn both_directions_are_translated_with_correct_checksums() {
     net.ns.run(|| {
         let mut lb = setup();
         let to = LB0_MAC;
-        let cases: Vec<(&str, Pkt, (u32, &str, u16), L4)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "IPv4 TCP, port 80 mapped to 8080",
                 Pkt::tcp(CLIENT4, 40000, V4, 80, to),
