@@ -113,6 +113,8 @@ enum Command {
         #[arg(long, default_value_t = maps::DEFAULT_FLOW_ENTRIES)]
         flow_entries: u32,
     },
+    /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
+    Crd,
 }
 
 /// Runs the CLI with the process's arguments.
@@ -171,6 +173,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             protocol,
             json,
         } => explain(&Pinned::open(&pins)?, &source, destination, protocol, json),
+        Command::Crd => {
+            print!("{}", crate::k8s::policy::crd_yaml());
+            Ok(())
+        }
         Command::Check {
             table_size,
             max_vips,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataplane;
 pub mod health;
 pub mod inspect;
+pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

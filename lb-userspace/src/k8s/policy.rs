@@ -1,0 +1,206 @@
+//! `UpstreamPolicy` (`lb.dev/v1alpha1`): how lb balances a Service, attached to it by the
+//! annotation `lb.dev/upstream-policy: <name>`. Modelled on Kong's `KongUpstreamPolicy`: the same
+//! field names and values, so a policy written for Kong reads the same here. Values Kong accepts
+//! that an L4 balancer cannot honour (header, cookie or path hashing, least connections, ...)
+//! are accepted by the schema and reported in the policy's status instead of being refused by
+//! the API server, so the reason reaches the user.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The annotation that attaches a policy (in the Service's namespace) to a Service.
+pub const POLICY_ANNOTATION: &str = "lb.dev/upstream-policy";
+
+/// How lb balances the Services that name this policy.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "lb.dev",
+    version = "v1alpha1",
+    kind = "UpstreamPolicy",
+    namespaced,
+    status = "UpstreamPolicyStatus",
+    shortname = "lbup",
+    printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.algorithm"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamPolicySpec {
+    /// `consistent-hashing` or `round-robin` (both weighted Maglev; round-robin hashes the
+    /// 5-tuple). Kong's other algorithms are reported as not supported in the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<Algorithm>,
+    /// What consistent hashing hashes. At L4 only `input: ip` (the client address) can be seen;
+    /// without `hashOn` the 5-tuple is hashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashInput>,
+    /// Used when `hashOn` names something L4 cannot see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on_fallback: Option<HashInput>,
+    /// Maglev table size: a prime (65537 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthchecks: Option<Healthchecks>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    RoundRobin,
+    ConsistentHashing,
+    LeastConnections,
+    Latency,
+    StickySessions,
+}
+
+/// One thing to hash on; set exactly one field.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HashInput {
+    /// `ip` (the client address), or Kong's `consumer` / `path` (not visible at L4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<HashInputKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_arg: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_capture: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HashInputKind {
+    Ip,
+    Consumer,
+    Path,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Healthchecks {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveHealthcheck>,
+    /// NAT mode's signals: connection attempts refused, unreachable or unanswered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive: Option<PassiveHealthcheck>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveHealthcheck {
+    /// `tcp` or `http` (Kong's `https`, `grpc`, `grpcs` are reported as not supported).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    /// Seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<ActiveHealthy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<ActiveUnhealthy>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveHealthy {
+    /// Seconds between probes of a healthy backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_statuses: Option<Vec<u16>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveUnhealthy {
+    /// Seconds between probes of an unhealthy backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_statuses: Option<Vec<u16>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassiveHealthcheck {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<PassiveUnhealthy>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassiveUnhealthy {
+    /// Connection attempts refused (RST) or unreachable (ICMP) in a row that take a backend out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_failures: Option<u32>,
+    /// SYNs unanswered in a row that take a backend out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<u32>,
+}
+
+/// `Accepted` (the spec makes sense at L4, possibly with a fallback) and `Programmed` (in the
+/// maps), each with a reason and a message.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamPolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD as YAML, as `lb crd` prints it and `deploy/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    serde_saphyr::to_string(&UpstreamPolicy::crd()).expect("the CRD serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kong_style_policy_reads_back() {
+        let p: UpstreamPolicySpec = serde_json::from_value(serde_json::json!({
+            "algorithm": "consistent-hashing",
+            "hashOn": { "header": "x-user" },
+            "hashOnFallback": { "input": "ip" },
+            "slots": 65537,
+            "healthchecks": {
+                "active": { "type": "http", "httpPath": "/healthz", "healthy": { "interval": 5, "successes": 2 } },
+                "passive": { "unhealthy": { "tcpFailures": 3, "timeouts": 2 } }
+            }
+        }))
+        .unwrap();
+        assert_eq!(p.algorithm, Some(Algorithm::ConsistentHashing));
+        assert_eq!(p.hash_on.unwrap().header.as_deref(), Some("x-user"));
+        assert_eq!(p.hash_on_fallback.unwrap().input, Some(HashInputKind::Ip));
+        let h = p.healthchecks.unwrap();
+        assert_eq!(h.passive.unwrap().unhealthy.unwrap().tcp_failures, Some(3));
+        assert_eq!(h.active.unwrap().kind.as_deref(), Some("http"));
+    }
+
+    #[test]
+    fn the_checked_in_crd_is_what_lb_crd_prints() {
+        let checked_in = include_str!("../../../deploy/crd.yaml");
+        assert_eq!(
+            checked_in,
+            crd_yaml(),
+            "deploy/crd.yaml is stale: regenerate it with `lb crd > deploy/crd.yaml`"
+        );
+    }
+}
