@@ -66,14 +66,10 @@ pub fn encap_and_forward(
     node: &NodeConfig,
 ) -> Verdict {
     let outer_v4 = backend.family == FAMILY_V4;
-    let (outer_len, has_src) = if outer_v4 {
-        (Ipv4Hdr::LEN, node.flags & NODE_F_SRC_V4 != 0)
-    } else {
-        (Ipv6Hdr::LEN, node.flags & NODE_F_SRC_V6 != 0)
-    };
-    if !has_src {
+    let outer_len = if outer_v4 { Ipv4Hdr::LEN } else { Ipv6Hdr::LEN };
+    let Some(src) = node_addr(node, backend.family) else {
         return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
-    }
+    };
     let total_len = outer_len + pkt.ip_len;
     if total_len > u16::MAX as usize {
         return Verdict::new(Counter::DropTooBig, xdp_action::XDP_DROP);
@@ -102,10 +98,7 @@ pub fn encap_and_forward(
     eth.dst_addr = rx_dst;
     eth.src_addr = rx_src;
 
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_1.tot_len = total_len as u16;
-    fib.l4_protocol = inner_proto;
+    let mut flowinfo = 0;
     if outer_v4 {
         eth.ether_type = ETH_P_IP.to_be();
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
@@ -128,11 +121,6 @@ pub fn encap_and_forward(
             backend.addr[3],
         ];
         ip.check = ipv4_checksum(ip).to_be_bytes();
-
-        fib.family = AF_INET;
-        fib.__bindgen_anon_2.tos = pkt.tos;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
     } else {
         eth.ether_type = ETH_P_IPV6.to_be();
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
@@ -149,16 +137,40 @@ pub fn encap_and_forward(
         ip.hop_limit = OUTER_TTL;
         ip.src_addr = node.src_v6;
         ip.dst_addr = backend.addr;
-
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
-        fib.__bindgen_anon_3.ipv6_src =
-            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(node.src_v6) };
-        fib.__bindgen_anon_4.ipv6_dst =
-            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(backend.addr) };
+        flowinfo = vcf & 0x0fff_ffff;
     }
 
+    let mut fib = fib_params(
+        ctx,
+        outer_v4,
+        &src,
+        &backend.addr,
+        pkt.tos,
+        inner_proto,
+        total_len as u16,
+    );
+    if !outer_v4 {
+        // With the flow label, so a route lookup that uses it sees the packet's own.
+        fib.__bindgen_anon_2.flowinfo = flowinfo.to_be();
+    }
     route(ctx, &mut fib, rx_dst, rx_src)
+}
+
+/// This node's source address for `family` (IPv4 in the first four bytes), if configured: the
+/// outer source of tunnels (DSR) and the translated source (NAT).
+#[inline(always)]
+pub fn node_addr(node: &NodeConfig, family: u8) -> Option<[u8; 16]> {
+    if family == FAMILY_V4 {
+        if node.flags & NODE_F_SRC_V4 == 0 {
+            return None;
+        }
+        let a = node.src_v4;
+        Some([a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    } else if node.flags & NODE_F_SRC_V6 != 0 {
+        Some(node.src_v6)
+    } else {
+        None
+    }
 }
 
 /// Routes the packet now in the frame (Ethernet header at 0; `fib` filled in by the caller)

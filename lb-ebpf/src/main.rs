@@ -115,7 +115,12 @@ mod program {
     #[xdp]
     pub fn lb(ctx: XdpContext) -> u32 {
         count(Counter::Packets);
-        let verdict = process(&ctx);
+        finish(process(&ctx))
+    }
+
+    /// Counts the verdict and returns its action.
+    #[inline(always)]
+    fn finish(verdict: Verdict) -> u32 {
         if let Some(n) = LB_STATS.get_ptr_mut(verdict.counter()) {
             unsafe { *n += 1 };
         }
@@ -125,11 +130,7 @@ mod program {
     /// NAT mode (see [`crate::nat`]): `lb` tail-calls it with a [`NatJob`] in `LB_NAT_JOB`.
     #[xdp]
     pub fn lb_nat(ctx: XdpContext) -> u32 {
-        let verdict = crate::nat::run(&ctx);
-        if let Some(n) = LB_STATS.get_ptr_mut(verdict.counter()) {
-            unsafe { *n += 1 };
-        }
-        verdict.action()
+        finish(crate::nat::run(&ctx))
     }
 
     /// Hands the packet to `lb_nat`; returns only if that program is not installed.

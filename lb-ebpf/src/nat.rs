@@ -20,8 +20,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD, NAT_JOB_ICMP,
     NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_RST,
-    NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr,
-    flow_hash, nat_port_candidate,
+    NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, flow_hash, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -30,7 +29,7 @@ use network_types::{
 
 use crate::{
     LB_BACKEND_PASSIVE, LB_BACKENDS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE, count,
-    forward::{Verdict, fib_params, route},
+    forward::{Verdict, fib_params, node_addr, route},
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
 };
 
@@ -109,22 +108,6 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     a[0] == b[0] && a[1] == b[1]
 }
 
-/// The node's NAT source address for `family`, if configured.
-#[inline(always)]
-pub fn node_addr(node: &NodeConfig, family: u8) -> Option<[u8; 16]> {
-    if family == FAMILY_V4 {
-        if node.flags & NODE_F_SRC_V4 == 0 {
-            return None;
-        }
-        let a = node.src_v4;
-        Some([a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
-    } else if node.flags & NODE_F_SRC_V6 != 0 {
-        Some(node.src_v6)
-    } else {
-        None
-    }
-}
-
 /// Whether `dst` is the node's NAT address of its family: only then can a packet be a reply.
 #[inline(always)]
 pub fn is_node_addr(node: &NodeConfig, dst: &[u8; 16], family: u8) -> bool {
@@ -199,17 +182,20 @@ fn close(n: &mut NatFlow, bit: u16, t: u64) {
     }
 }
 
+/// Whether `f` is the live translation behind the reverse entry for `backend_id` at `rkey`
+/// (not replaced by another port or backend, not over).
+#[inline(always)]
+fn serves(f: &NatFlow, backend_id: u32, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
+    f.nat_port == rkey.dst_port && f.backend_id == backend_id && !f.expired(rkey.proto, t, node)
+}
+
 /// Whether the reverse entry `r` (at `rkey`) no longer belongs to a live translation.
 #[inline(always)]
 fn stale(r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
     let client = r.client;
     match unsafe { LB_NAT.get(client) } {
         None => true,
-        Some(f) => {
-            f.nat_port != rkey.dst_port
-                || f.backend_id != r.backend_id
-                || f.expired(rkey.proto, t, node)
-        }
+        Some(f) => !serves(f, r.backend_id, rkey, t, node),
     }
 }
 
@@ -319,9 +305,7 @@ fn nat_forward(
                     close(n, NAT_S_RST, t);
                 } else if f & TCP_FLAG_FIN != 0 {
                     close(n, NAT_S_FIN_CLIENT, t);
-                } else if f & TCP_FLAG_SYN != 0
-                    && t.wrapping_sub(n.created_ns) > node.syn_timeout_ns
-                {
+                } else if pkt.syn && t.wrapping_sub(n.created_ns) > node.syn_timeout_ns {
                     fail(n, Signal::SynTimeout);
                 }
             } else {
@@ -355,15 +339,8 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     let client = r.client;
     let backend_id = r.backend_id;
     let t = now();
-    let n = LB_NAT.get_ptr_mut(client);
-    let n = match n {
-        Some(n)
-            if unsafe {
-                (*n).nat_port == key.dst_port
-                    && (*n).backend_id == backend_id
-                    && !(*n).expired(key.proto, t, node)
-            } =>
-        unsafe { &mut *n },
+    let n = match LB_NAT.get_ptr_mut(client) {
+        Some(n) if serves(unsafe { &*n }, backend_id, key, t, node) => unsafe { &mut *n },
         _ => {
             count(Counter::NatReverseStale);
             return not_ours;

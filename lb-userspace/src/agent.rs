@@ -7,13 +7,13 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::VipKey;
+use lb_common::{Backend, VipKey};
 
 use crate::{
     config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
-    model::{Desired, addr16},
-    plan::{Plan, PlanError, State, TableCache, plan_cached},
+    model::Desired,
+    plan::{Plan, PlanError, State, TableCache, backend_of, plan_cached},
     program::Sizes,
 };
 
@@ -174,19 +174,21 @@ impl<D: Dataplane> Agent<D> {
     /// Every (VIP, backend) under passive health checking, with the backend id it has now.
     pub fn passive_targets(&self) -> Vec<PassiveTarget> {
         let mut out = Vec::new();
+        let mut ids: Option<BTreeMap<Backend, u32>> = None;
         for v in &self.config.vips {
             let Some(check) = &v.passive_health else {
                 continue;
             };
-            let key = v.spec.key();
-            for b in &v.spec.backends {
-                let (addr, family) = addr16(b.address);
-                let id = self
-                    .current
+            let ids = ids.get_or_insert_with(|| {
+                self.current
                     .backends
                     .iter()
-                    .find(|(_, x)| x.addr == addr && x.family == family && x.port == b.port.to_be())
-                    .map(|(id, _)| *id);
+                    .map(|(id, b)| (*b, *id))
+                    .collect()
+            });
+            let key = v.spec.key();
+            for b in &v.spec.backends {
+                let id = ids.get(&backend_of(b.address, b.port)).copied();
                 let port = if b.port == 0 { v.spec.port } else { b.port };
                 out.push(PassiveTarget {
                     target: (key, b.address),

@@ -116,7 +116,7 @@ pub enum PlanError {
 
 /// A backend's identity: the same address and port is the same backend (one id), whichever
 /// VIPs it serves.
-fn backend_of(address: std::net::IpAddr, port: u16) -> Backend {
+pub fn backend_of(address: std::net::IpAddr, port: u16) -> Backend {
     let (addr, family) = addr16(address);
     Backend {
         addr,

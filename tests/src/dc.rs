@@ -46,6 +46,20 @@ pub const VIPS_V4: [&str; 3] = ["192.0.2.10", "192.0.2.20", "192.0.2.30"];
 pub const VIPS_V6: [&str; 1] = ["2001:db8::10"];
 pub const PORTS: [u16; 2] = [80, 8080];
 
+/// The share of answers in a tally (from [`Lab::tcp_tally`] and friends) that came from `who`.
+pub fn share(t: &BTreeMap<String, usize>, who: &str) -> f64 {
+    let total: usize = t.values().sum();
+    *t.get(who).unwrap_or(&0) as f64 / total.max(1) as f64
+}
+
+/// How many attempts in a tally failed.
+pub fn errors(t: &BTreeMap<String, usize>) -> usize {
+    t.iter()
+        .filter(|(k, _)| k.starts_with("error"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 pub fn client_v4(i: usize) -> IpAddr {
     format!("10.10.0.{}", 2 + i).parse().unwrap()
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, LB_V4, LB_V6, Lab},
+    dc::{BACKENDS, LB_V4, LB_V6, Lab, errors, share},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -53,18 +53,6 @@ fn vip(
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn share(t: &BTreeMap<String, usize>, who: &str) -> f64 {
-    let total: usize = t.values().sum();
-    *t.get(who).unwrap_or(&0) as f64 / total.max(1) as f64
-}
-
-fn errors(t: &BTreeMap<String, usize>) -> usize {
-    t.iter()
-        .filter(|(k, _)| k.starts_with("error"))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 struct Setup {

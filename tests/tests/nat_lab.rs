@@ -2,11 +2,11 @@
 //! UDP servers listening on the backends' own addresses (no VIP on loopback, no tunnel), on a
 //! port other than the VIP's. Replies come back through the load balancer.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, LB_V4, LB_V6, Lab, NatServers, client_v4},
+    dc::{BACKENDS, LB_V4, LB_V6, Lab, NatServers, client_v4, errors, share},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -28,18 +28,6 @@ fn nat_vip(addr: &str, port: u16, proto: &str, extra: &str, weights: [u32; 3], v
         "  - address: {addr}\n    port: {port}\n    protocol: {proto}\n    mode: nat\n{extra}    backends:\n{}\n",
         list.join("\n")
     )
-}
-
-fn share(t: &BTreeMap<String, usize>, who: &str) -> f64 {
-    let total: usize = t.values().sum();
-    *t.get(who).unwrap_or(&0) as f64 / total.max(1) as f64
-}
-
-fn errors(t: &BTreeMap<String, usize>) -> usize {
-    t.iter()
-        .filter(|(k, _)| k.starts_with("error"))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 fn sa(s: &str) -> SocketAddr {
