@@ -28,7 +28,7 @@ use network_types::{
 };
 
 use crate::{
-    LB_BACKEND_PASSIVE, LB_BACKENDS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE, count,
+    LB_BACKEND_PASSIVE, LB_BACKENDS, LB_FLOWS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE, count,
     forward::{Verdict, fib_params, node_addr, route},
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
 };
@@ -169,6 +169,17 @@ fn fail(n: &mut NatFlow, s: Signal) {
     if n.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
         n.state |= NAT_S_FAILED;
         signal(n.backend_id, s);
+    }
+}
+
+/// A connection attempt the backend turned away (RST, ICMP unreachable) leaves no connection
+/// to keep on it: forget the flow's backend, so the client's next SYN on the same 5-tuple (a
+/// refused port is free for reuse at once) is balanced afresh, away from a backend taken out.
+#[inline(always)]
+fn refused(n: &mut NatFlow, s: Signal, client: &FlowKey) {
+    if n.state & NAT_S_ANSWERED == 0 {
+        fail(n, s);
+        let _ = LB_FLOWS.remove(client);
     }
 }
 
@@ -348,7 +359,7 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     };
     let f = pkt.tcp_flags;
     if key.proto == IPPROTO_TCP && f & TCP_FLAG_RST != 0 {
-        fail(n, Signal::Refused);
+        refused(n, Signal::Refused, &client);
         close(n, NAT_S_RST, t);
     } else {
         if n.state & NAT_S_ANSWERED == 0 {
@@ -434,7 +445,7 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
     if let Some(n) = LB_NAT.get_ptr_mut(client) {
         let n = unsafe { &mut *n };
         if n.nat_port == rkey.dst_port {
-            fail(n, Signal::Unreachable);
+            refused(n, Signal::Unreachable, &client);
         }
     }
 }

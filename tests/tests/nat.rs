@@ -537,12 +537,20 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
         );
         let p = lb.passive(id);
         assert_eq!((p.refused, p.consecutive_failures, p.answered), (1, 1, 0));
+        assert!(
+            lb.flow(&syn.flow_key()).is_none(),
+            "a refused attempt keeps its flow pinned to the backend"
+        );
 
         // Unreachable: an ICMP error about the translated SYN; it passes to the kernel as is.
         let (_, out) = attempt(&mut lb, 42001);
         let icmp = icmp_unreachable(TX_V4, &out);
         let r = lb.run(&icmp.frame(), ingress);
         assert_eq!((r.action, hex(&r.output)), (XDP_PASS, hex(&icmp.frame())));
+        assert!(
+            lb.flow(&Pkt::tcp(CLIENT4, 42001, V4, 80, LB0_MAC).flow_key())
+                .is_none()
+        );
         let p = lb.passive(id);
         assert_eq!((p.unreachable, p.consecutive_failures), (1, 2));
         // The same error again does not count twice for one attempt.
