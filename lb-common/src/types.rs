@@ -61,6 +61,21 @@ pub struct VipValue {
     pub affinity_timeout_s: u32,
     /// `MODE_DSR` or `MODE_NAT`.
     pub mode: u32,
+    /// Size of the VIP's Maglev table (a prime); 0 (or anything above the node's table size,
+    /// which is the room each VIP has in the ring) means the node's table size.
+    pub table_size: u32,
+}
+
+impl VipValue {
+    /// The VIP's Maglev table size, given the node's (`maglev_m`).
+    #[inline(always)]
+    pub const fn table_size_of(&self, maglev_m: u32) -> u32 {
+        if self.table_size == 0 || self.table_size > maglev_m {
+            maglev_m
+        } else {
+            self.table_size
+        }
+    }
 }
 
 /// An address that carries at least one VIP (any port, any protocol).
@@ -282,7 +297,7 @@ pub struct LayoutMeta {
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -291,7 +306,7 @@ macro_rules! assert_size {
 // Sizes are the sum of the fields: no implicit padding anywhere.
 assert_size!(
     VipKey => 20,
-    VipValue => 16,
+    VipValue => 20,
     VipAddr => 20,
     Backend => 20,
     FlowKey => 40,

@@ -138,7 +138,10 @@ fn maglev(key: &FlowKey, vip: &VipValue) -> Result<(u32, *const Backend), Counte
     } else {
         flow_hash(key)
     };
-    let slot = vip.id.wrapping_mul(m).wrapping_add(maglev_slot(hash, m));
+    let slot = vip
+        .id
+        .wrapping_mul(m)
+        .wrapping_add(maglev_slot(hash, vip.table_size_of(m)));
     let id = *LB_RING.get(slot).ok_or(Counter::DropNoBackend)?;
     if id == NO_BACKEND {
         return Err(Counter::DropNoBackend);

@@ -318,11 +318,11 @@ fn watch_stats(p: &Pinned, every: Duration) -> Result<()> {
 
 fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()> {
     let status: Option<Status> = run::read_status(state_dir);
-    let m = p.sizes.maglev_m as f64;
     let mut out = Vec::new();
     for (k, v) in p.vips()? {
         let label = vip_label(&k);
-        let counts = p.slot_counts(v.id);
+        let m = p.table_size(&v) as f64;
+        let counts = p.slot_counts(&v);
         let st = status
             .as_ref()
             .and_then(|s| s.vips.iter().find(|x| x.vip == label));
@@ -610,7 +610,8 @@ fn explain(
         } else {
             flow_hash(&key)
         };
-        let slot = maglev_slot(hash, p.sizes.maglev_m);
+        let table_size = p.table_size(&vip);
+        let slot = maglev_slot(hash, table_size);
         let id = p.ring_slot(vip.id, slot);
         steps.push(format!(
             "maglev: hash({}) = {hash:#010x} -> slot {slot} of {} -> {}",
@@ -619,7 +620,7 @@ fn explain(
             } else {
                 "5-tuple"
             },
-            p.sizes.maglev_m,
+            table_size,
             if id == NO_BACKEND {
                 "no backend: dropped".to_string()
             } else {

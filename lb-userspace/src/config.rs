@@ -191,6 +191,7 @@ pub struct RawVip {
     pub mode: Option<String>,
     pub hash: Option<String>,
     pub affinity_timeout: Option<String>,
+    pub table_size: Option<i64>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     pub health_check: Option<RawHealthCheck>,
@@ -574,6 +575,23 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 weight,
             });
         }
+        // A VIP may have a smaller table of its own (a prime no larger than the node's).
+        let vip_table = v.table_size.map(|t| {
+            let t = c.int(
+                &format!("{p}.table_size"),
+                Some(t),
+                table_size as i64,
+                1..=table_size as i64,
+            ) as u32;
+            if !maglev::is_prime(t) {
+                c.bad(
+                    format!("{p}.table_size"),
+                    format!("{t} is not prime (Maglev needs a prime table size)"),
+                );
+            }
+            t
+        });
+        let table_size = vip_table.unwrap_or(table_size);
         match maglev::check_size(table_size, backends.len()) {
             Ok(Some(w)) => warnings.push(format!("{p}: {w}")),
             Ok(None) => {}
@@ -584,7 +602,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                     backends.len()
                 ),
             ),
-            Err(_) => {} // not prime: reported on node.table_size
+            Err(_) => {} // not prime: reported on node.table_size or the VIP's
         }
 
         let health_check = v
@@ -642,6 +660,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                     mode,
                     hash,
                     affinity_timeout_s: affinity.as_secs() as u32,
+                    table_size: vip_table,
                     backends,
                 },
                 health_check,
@@ -956,6 +975,20 @@ vips:
             (
                 Box::new(replace("    port: 80\n", "    port: 0\n")),
                 "vips[0].port: must be 1..=65535",
+            ),
+            (
+                Box::new(replace(
+                    "    port: 80\n",
+                    "    port: 80\n    table_size: 1000\n",
+                )),
+                "vips[0].table_size: 1000 is not prime",
+            ),
+            (
+                Box::new(replace(
+                    "    port: 80\n",
+                    "    port: 80\n    table_size: 65539\n",
+                )),
+                "vips[0].table_size: must be 1..=65537",
             ),
             (
                 Box::new(replace("    port: 80\n", "")),

@@ -161,11 +161,16 @@ impl Pinned {
             .get((vip_id * self.sizes.maglev_m + slot) as usize)
     }
 
+    /// The size of a VIP's table.
+    pub fn table_size(&self, vip: &VipValue) -> u32 {
+        vip.table_size_of(self.sizes.maglev_m)
+    }
+
     /// How many slots each backend id holds in one VIP's table.
-    pub fn slot_counts(&self, vip_id: u32) -> BTreeMap<u32, u32> {
+    pub fn slot_counts(&self, vip: &VipValue) -> BTreeMap<u32, u32> {
         let mut out = BTreeMap::new();
-        for s in 0..self.sizes.maglev_m {
-            *out.entry(self.ring_slot(vip_id, s)).or_insert(0) += 1;
+        for s in 0..self.table_size(vip) {
+            *out.entry(self.ring_slot(vip.id, s)).or_insert(0) += 1;
         }
         out
     }

@@ -88,6 +88,9 @@ pub struct VipSpec {
     pub hash: HashOn,
     /// Client-IP session affinity timeout in seconds (0: none).
     pub affinity_timeout_s: u32,
+    /// Maglev table size, a prime no larger than the node's (None: the node's).
+    #[serde(default)]
+    pub table_size: Option<u32>,
     pub backends: Vec<BackendSpec>,
 }
 

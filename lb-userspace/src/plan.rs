@@ -110,6 +110,10 @@ pub enum PlanError {
         #[source]
         source: MaglevError,
     },
+    #[error(
+        "VIP {vip}: a table of {size} slots does not fit the {max} each VIP has (the node's table_size, fixed at load time)"
+    )]
+    TableTooLarge { vip: String, size: u32, max: u32 },
     #[error("VIP {0} is listed twice")]
     DuplicateVip(String),
 }
@@ -293,6 +297,14 @@ pub fn plan_cached(
                 max: limits.max_vips,
             });
         }
+        let vip_m = v.table_size.unwrap_or(m);
+        if vip_m > m {
+            return Err(PlanError::TableTooLarge {
+                vip: v.label(),
+                size: vip_m,
+                max: m,
+            });
+        }
         let value = VipValue {
             id,
             flags: if v.hash == HashOn::SourceIp {
@@ -305,6 +317,7 @@ pub fn plan_cached(
                 Mode::Dsr => MODE_DSR,
                 Mode::Nat => MODE_NAT,
             },
+            table_size: vip_m,
         };
         let entries: Vec<(Vec<u8>, u32, u32)> = v
             .backends
@@ -314,7 +327,7 @@ pub fn plan_cached(
                 (maglev_key(&be), b.weight, ids[&be])
             })
             .collect();
-        let ring = cache.get_or_build(&v.label(), entries, m, &mut tables_used)?;
+        let ring = cache.get_or_build(&v.label(), entries, vip_m, &mut tables_used)?;
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
@@ -422,10 +435,20 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
                     .or_insert_with(|| Arc::new(vec![NO_BACKEND; m as usize])),
             );
             for (slot, b) in slots {
+                if ring.len() <= *slot as usize {
+                    ring.resize(*slot as usize + 1, NO_BACKEND); // a table growing
+                }
                 ring[*slot as usize] = *b;
             }
         }
         Write::Vip { key, value } => {
+            // The table is the VIP's size from now on (what a reader of the maps would see).
+            if let Some(ring) = s.rings.get_mut(&value.id) {
+                let len = value.table_size_of(m) as usize;
+                if ring.len() != len {
+                    Arc::make_mut(ring).resize(len, NO_BACKEND);
+                }
+            }
             s.vips.insert(*key, *value);
         }
         Write::RemoveVip { key } => {
@@ -463,6 +486,7 @@ mod tests {
             mode: Mode::Dsr,
             hash: HashOn::FiveTuple,
             affinity_timeout_s: 0,
+            table_size: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec {
@@ -696,6 +720,57 @@ mod tests {
                 LIMITS
             ),
             Err(PlanError::TooManyBackends { .. })
+        ));
+    }
+
+    #[test]
+    fn a_vip_can_have_a_smaller_table_and_change_its_size() {
+        let mut small = vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]);
+        small.table_size = Some(251);
+        let (p, next) = plan(&State::default(), &desired(vec![small.clone()]), LIMITS).unwrap();
+        let v = *next.vips.values().next().unwrap();
+        assert_eq!(v.table_size, 251);
+        assert_eq!(next.rings[&v.id].len(), 251);
+        let slots: usize = p
+            .writes
+            .iter()
+            .map(|w| match w {
+                Write::Slots { slots, .. } => slots.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(slots, 251, "only the VIP's own table is written");
+        let mut s = State::default();
+        apply(&mut s, &p);
+        assert_eq!(s, next);
+
+        // Growing it to the node's size rewrites the table, and the state read back agrees.
+        let mut grown = small.clone();
+        grown.table_size = None;
+        let (p, next) = plan(&s, &desired(vec![grown]), LIMITS).unwrap();
+        assert_eq!(next.rings[&v.id].len(), 1009);
+        apply(&mut s, &p);
+        assert_eq!(s, next);
+        // And shrinking it back.
+        let (p, next) = plan(&s, &desired(vec![small.clone()]), LIMITS).unwrap();
+        apply(&mut s, &p);
+        assert_eq!(s, next);
+        assert!(
+            plan(&s, &desired(vec![small.clone()]), LIMITS)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+
+        let mut big = small;
+        big.table_size = Some(1013);
+        assert!(matches!(
+            plan(&s, &desired(vec![big]), LIMITS),
+            Err(PlanError::TableTooLarge {
+                size: 1013,
+                max: 1009,
+                ..
+            })
         ));
     }
 }

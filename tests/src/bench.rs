@@ -131,7 +131,7 @@ pub fn fastpath(opts: &Options) -> Value {
         };
         let (t4, t6) = (table(0), table(100));
         for (id, addr, t, affinity) in [(0, "192.0.2.10", &t4, 0), (1, "2001:db8::10", &t6, 0), (2, "192.0.2.11", &t4, 3600)] {
-            lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode: MODE_DSR });
+            lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode: MODE_DSR, table_size: 0 });
             lb.set_ring(id, |s| t[s as usize]);
         }
         // A NAT VIP on the same 100 backends (NAT ports 1024-65535: 100 x 64k translations), and
@@ -139,9 +139,9 @@ pub fn fastpath(opts: &Options) -> Value {
         // no neighbour, no transmit).
         lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
         lb.set_backend(200, UNREACHABLE_V4, true);
-        lb.add_vip(vip_key("192.0.2.12", 80, IPPROTO_TCP), VipValue { id: 3, flags: 0, affinity_timeout_s: 0, mode: MODE_NAT });
+        lb.add_vip(vip_key("192.0.2.12", 80, IPPROTO_TCP), VipValue { id: 3, flags: 0, affinity_timeout_s: 0, mode: MODE_NAT, table_size: 0 });
         lb.set_ring(3, |s| t4[s as usize]);
-        lb.add_vip(vip_key("192.0.2.13", 80, IPPROTO_TCP), VipValue { id: 4, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR });
+        lb.add_vip(vip_key("192.0.2.13", 80, IPPROTO_TCP), VipValue { id: 4, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR, table_size: 0 });
         lb.set_ring(4, |_| 200);
         let octets = |v: &[String]| -> Vec<[u8; 4]> { v.iter().map(|a| a.parse::<std::net::Ipv4Addr>().unwrap().octets()).collect() };
         let b4 = octets(&v4_backends);
@@ -304,7 +304,7 @@ pub fn forwarding_rate(opts: &Options) -> Value {
         let mut lb = Lb::load(Sizes { maglev_m: 1009, max_vips: 2, max_backends: 8, flow_entries: 1024, affinity_entries: 64, nat_entries: 64 });
         lb.set_node(Some(NODE_V4), None, 0);
         lb.set_backend(0, TX_V4, true);
-        lb.add_vip(vip_key("192.0.2.10", 80, IPPROTO_TCP), VipValue { id: 0, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR });
+        lb.add_vip(vip_key("192.0.2.10", 80, IPPROTO_TCP), VipValue { id: 0, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR, table_size: 0 });
         lb.set_ring(0, |_| 0);
         let up0 = net.ns.ifindex("up0");
         lb.xdp("lb_pass").attach("up0", aya::programs::XdpMode::Driver).expect("attaching lb_pass to up0");
@@ -468,6 +468,7 @@ pub fn control_plane(opts: &Options) -> Value {
         mode: Mode::Dsr,
         hash: HashOn::FiveTuple,
         affinity_timeout_s: 0,
+        table_size: None,
         backends: (0..opts.backends_per_vip)
             .map(|b| BackendSpec {
                 address: IpAddr::from(std::net::Ipv4Addr::from(

@@ -158,6 +158,7 @@ impl MiniLab {
                     flags: 0,
                     affinity_timeout_s: 0,
                     mode: MODE_DSR,
+                    table_size: 0,
                 },
             );
             lb.set_ring(id, |s| base + s % 2);

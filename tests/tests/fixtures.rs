@@ -161,6 +161,7 @@ fn setup(net: &FibNet) -> Lb {
                 flags: v.flags,
                 affinity_timeout_s: 0,
                 mode: v.mode,
+                table_size: 0,
             },
         );
         match v.backend {

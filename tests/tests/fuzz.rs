@@ -47,6 +47,7 @@ fn load(net: &FibNet) -> Lb {
                 flags,
                 affinity_timeout_s: affinity,
                 mode: MODE_DSR,
+                table_size: 0,
             },
         );
         lb.set_ring(id as u32, |s| 1 + s % 6);

@@ -59,6 +59,7 @@ fn setup() -> Lb {
                 flags: 0,
                 affinity_timeout_s: 0,
                 mode: MODE_NAT,
+                table_size: 0,
             },
         );
         lb.set_ring(id as u32, |_| backend);

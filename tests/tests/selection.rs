@@ -47,6 +47,7 @@ fn load(affinity_timeout_s: u32, flags: u32, proto: u8, udp_idle_timeout_ns: u64
             flags,
             affinity_timeout_s,
             mode: MODE_DSR,
+            table_size: 0,
         },
     );
     // Slots cycle through the four backends, so neighbouring hashes land on different ones.
@@ -326,5 +327,38 @@ fn idle_udp_flow_is_balanced_afresh() {
             lb.counters()[&Counter::FlowIdleExpired] - before[&Counter::FlowIdleExpired],
             1
         );
+    });
+}
+
+#[test]
+fn a_vip_with_its_own_table_size_hashes_into_that_many_slots() {
+    let net = FibNet::new("vipsize");
+    net.ns.run(|| {
+        let mut lb = load(0, 0, IPPROTO_TCP, 0);
+        const SMALL: u32 = 7;
+        lb.add_vip(
+            vip_key(VIP, 80, IPPROTO_TCP),
+            VipValue {
+                id: 0,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_DSR,
+                table_size: SMALL,
+            },
+        );
+        // The VIP's 7 slots hold backends 1..=3; the rest of its room in the ring holds 4,
+        // which a program hashing into the node's 1009 slots would pick for most flows.
+        lb.set_ring(0, |s| if s < SMALL { 1 + s % 3 } else { 4 });
+        let mut seen = [0u32; 5];
+        for i in 0..200 {
+            let pkt = Pkt::tcp(&client(i), 20000 + i as u16, VIP, 80, LB0_MAC);
+            let slot = lb_common::maglev_slot(flow_hash(&pkt.flow_key()), SMALL);
+            let want = 1 + slot % 3;
+            let got = send(&mut lb, &pkt, net.lb0);
+            assert_eq!(got, want, "packet {i}: slot {slot} of {SMALL} holds {want}");
+            seen[got as usize] += 1;
+        }
+        assert_eq!(seen[4], 0);
+        assert!(seen[1..4].iter().all(|&n| n > 30), "spread {seen:?}");
     });
 }

@@ -127,10 +127,11 @@ impl Dataplane for KernelDataplane {
         let m = self.sizes.maglev_m as usize;
         for v in s.vips.values() {
             let base = v.id as usize * m;
+            let len = v.table_size_of(m as u32) as usize;
             if v.id < self.sizes.max_vips {
                 s.rings.insert(
                     v.id,
-                    std::sync::Arc::new((base..base + m).map(|i| self.ring.get(i)).collect()),
+                    std::sync::Arc::new((base..base + len).map(|i| self.ring.get(i)).collect()),
                 );
             }
         }
