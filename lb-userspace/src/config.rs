@@ -74,7 +74,7 @@ pub enum CheckKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub kind: CheckKind,
-    /// Port to probe (default: the VIP's port).
+    /// Port to probe; 0: the backend's port (NAT), else the VIP's.
     pub port: u16,
     pub interval: Duration,
     pub timeout: Duration,
@@ -91,6 +91,17 @@ pub struct NodeSettings {
     pub sizes: Sizes,
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
+}
+
+impl HealthCheck {
+    /// Where probes of `backend` of `vip` connect.
+    pub fn port_for(&self, vip: &VipSpec, backend: &BackendSpec) -> u16 {
+        match (self.port, backend.port) {
+            (0, 0) => vip.port,
+            (0, p) => p,
+            (p, _) => p,
+        }
+    }
 }
 
 /// Passive health checking (NAT mode, TCP): the data path counts failed connection attempts
@@ -608,7 +619,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         let health_check = v
             .health_check
             .as_ref()
-            .map(|h| check_health(&mut c, &format!("{p}.health_check"), h, port));
+            .map(|h| check_health(&mut c, &format!("{p}.health_check"), h));
         let passive_health = v.passive_health.as_ref().map(|h| {
             let pp = format!("{p}.passive_health");
             if mode != Mode::Nat {
@@ -706,19 +717,17 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     })
 }
 
-fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck, vip_port: u16) -> HealthCheck {
+fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
     let http = c.choice(
         &format!("{p}.type"),
         h.kind.as_deref().or(Some("tcp")),
         false,
         &[("tcp", false), ("http", true)],
     );
-    let port = c.int(
-        &format!("{p}.port"),
-        h.port,
-        vip_port.max(1) as i64,
-        1..=65_535,
-    ) as u16;
+    let port = match h.port {
+        None => 0,
+        Some(_) => c.int(&format!("{p}.port"), h.port, 1, 1..=65_535) as u16,
+    };
     let interval = c.duration(
         &format!("{p}.interval"),
         h.interval.as_deref(),
@@ -864,8 +873,13 @@ vips:
             }
         );
         assert_eq!(
-            (h.interval, h.timeout, h.port),
-            (Duration::from_secs(2), Duration::from_millis(500), 80)
+            (h.interval, h.timeout),
+            (Duration::from_secs(2), Duration::from_millis(500))
+        );
+        assert_eq!(
+            h.port_for(&web.spec, &web.spec.backends[0]),
+            80,
+            "probes go to the VIP's port by default"
         );
         assert_eq!(c.vips[1].spec.hash, HashOn::SourceIp);
         assert_eq!(c.vips[1].spec.affinity_timeout_s, 600);
@@ -1221,6 +1235,22 @@ vips:
             dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
             [5353, 0],
             "an unset port keeps the VIP's"
+        );
+        let check = HealthCheck {
+            kind: CheckKind::Tcp,
+            port: 0,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        };
+        assert_eq!(
+            dns.backends
+                .iter()
+                .map(|b| check.port_for(dns, b))
+                .collect::<Vec<_>>(),
+            [5353, 53],
+            "health checks probe the port each backend serves on"
         );
         let nat = &c.node.spec.nat;
         assert_eq!((nat.port_min, nat.port_max), (2000, 2999));

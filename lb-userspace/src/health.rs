@@ -111,7 +111,7 @@ pub fn spawn(
         };
         for b in &v.spec.backends {
             let target: Target = (v.spec.key(), b.address);
-            let addr = SocketAddr::new(b.address, check.port);
+            let addr = SocketAddr::new(b.address, check.port_for(&v.spec, b));
             let mut tracker = Tracker::new(healthy(&target), check);
             let (check, client, tx) = (check.clone(), client.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {
