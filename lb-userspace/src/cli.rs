@@ -610,7 +610,7 @@ fn explain(
         } else {
             flow_hash(&key)
         };
-        let table_size = p.table_size(&vip);
+        let table_size = p.table_size(vip);
         let slot = maglev_slot(hash, table_size);
         let id = p.ring_slot(vip.id, slot);
         steps.push(format!(

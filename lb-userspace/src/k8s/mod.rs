@@ -1,4 +1,5 @@
-//! Kubernetes as a source of desired state (issue 6, in progress): so far the policy resource's
-//! types and its CRD.
+//! Kubernetes as a source of desired state: Services, EndpointSlices and `UpstreamPolicy`
+//! objects become the same VIPs a config file describes.
 
 pub mod policy;
+pub mod translate;

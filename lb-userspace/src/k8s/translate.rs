@@ -1,0 +1,1168 @@
+//! Kubernetes objects -> the same [`VipConfig`]s a config file gives: one model, two sources.
+//!
+//! Pure and deterministic: the output depends only on the objects (in any order), the class,
+//! the node's name (for `externalTrafficPolicy: Local`) and its table size, so every node builds
+//! byte-identical Maglev tables from the same objects. The only memory is the last accepted
+//! effect of each policy, so a policy edited into something invalid keeps serving its Services
+//! with what it said before.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::ResourceExt as _;
+
+use super::policy::{
+    Algorithm, HashInput, HashInputKind, POLICY_ANNOTATION, UpstreamPolicy, UpstreamPolicySpec,
+};
+use crate::{
+    config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
+    maglev,
+    model::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
+};
+
+/// The label that puts a Service in an lb instance's care: `lb.dev/class: <class>`.
+pub const CLASS_LABEL: &str = "lb.dev/class";
+/// The class an agent serves unless told otherwise.
+pub const DEFAULT_CLASS: &str = "default";
+/// Kubernetes' default ClientIP affinity timeout.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `namespace/name`.
+pub type ObjectKey = (String, String);
+
+/// What the translation needs to know about this node.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub class: String,
+    pub node_name: String,
+    /// The node's Maglev table size: the largest `slots` a policy may ask for.
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+}
+
+/// The objects, as the watchers hold them.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub policies: Vec<UpstreamPolicy>,
+}
+
+/// How a policy changes the VIPs of its Services.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Effect {
+    pub hash: HashOn,
+    pub table_size: Option<u32>,
+    pub health_check: Option<HealthCheck>,
+    pub passive_health: Option<PassiveHealth>,
+}
+
+/// A status condition to publish: `type`, `status`, `reason`, `message`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub kind: &'static str,
+    pub ok: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A policy's verdict: its `Accepted` condition and the generation it judged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    pub generation: Option<i64>,
+    pub accepted: Cond,
+    /// Services (`namespace/name`) that name it.
+    pub services: Vec<String>,
+}
+
+/// An event to record on a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceEvent {
+    pub service: ObjectKey,
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub vips: Vec<VipConfig>,
+    pub policies: BTreeMap<ObjectKey, PolicyVerdict>,
+    pub events: Vec<ServiceEvent>,
+    /// Objects that could not be used at all, and why (for the log).
+    pub skipped: Vec<String>,
+}
+
+/// Keeps the last accepted effect of every policy between translations.
+#[derive(Debug, Default)]
+pub struct Translator {
+    last_good: BTreeMap<ObjectKey, Effect>,
+}
+
+fn key_of(ns: Option<String>, name: String) -> ObjectKey {
+    (ns.unwrap_or_default(), name)
+}
+
+fn label(k: &ObjectKey) -> String {
+    format!("{}/{}", k.0, k.1)
+}
+
+fn cond(kind: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Cond {
+    Cond {
+        kind,
+        ok,
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+/// Judges a policy: its effect and what to say about it, or why it cannot be applied
+/// (`reason`, `message`).
+pub fn evaluate(
+    spec: &UpstreamPolicySpec,
+    table_size: u32,
+) -> Result<(Effect, Vec<String>), (&'static str, String)> {
+    let mut notes = Vec::new();
+    let algorithm = spec.algorithm.unwrap_or(Algorithm::RoundRobin);
+    let name = serde_json::to_value(algorithm)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    match algorithm {
+        Algorithm::RoundRobin | Algorithm::ConsistentHashing => {}
+        _ => {
+            return Err((
+                "UnsupportedAlgorithm",
+                format!(
+                    "algorithm {name} is not supported yet: lb balances by weighted Maglev hashing \
+                     (consistent-hashing, or round-robin over the 5-tuple)"
+                ),
+            ));
+        }
+    }
+    let hashing = spec.algorithm == Some(Algorithm::ConsistentHashing)
+        || (spec.algorithm.is_none() && spec.hash_on.is_some());
+    let mut effect = Effect::default();
+    if hashing {
+        effect.hash = match spec.hash_on.as_ref().map(hash_input) {
+            None => HashOn::FiveTuple,
+            Some(Err(e)) => return Err(("InvalidHashOn", format!("hashOn: {e}"))),
+            Some(Ok(Ok(h))) => h,
+            Some(Ok(Err(unseen))) => match spec.hash_on_fallback.as_ref().map(hash_input) {
+                Some(Ok(Ok(h))) => {
+                    notes.push(format!(
+                        "hashOn {unseen} cannot be seen at L4: hashing on hashOnFallback (the client address)"
+                    ));
+                    h
+                }
+                Some(Err(e)) => {
+                    return Err(("InvalidHashOn", format!("hashOnFallback: {e}")));
+                }
+                Some(Ok(Err(also))) => {
+                    return Err((
+                        "NoUsableHash",
+                        format!(
+                            "hashOn {unseen} cannot be seen at L4, nor can hashOnFallback {also}: \
+                             use input: ip (or no hashOn, for the 5-tuple)"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err((
+                        "NoUsableHash",
+                        format!(
+                            "hashOn {unseen} cannot be seen at L4 and there is no hashOnFallback: \
+                             add hashOnFallback: {{input: ip}}"
+                        ),
+                    ));
+                }
+            },
+        };
+    } else if spec.hash_on.is_some() || spec.hash_on_fallback.is_some() {
+        notes.push(format!(
+            "hashOn applies to consistent-hashing only: {name} hashes the 5-tuple"
+        ));
+    }
+    if let Some(slots) = spec.slots {
+        if !maglev::is_prime(slots) {
+            return Err((
+                "InvalidSlots",
+                format!(
+                    "slots {slots} is not prime: Maglev needs a prime table size (e.g. 10007, 65537)"
+                ),
+            ));
+        }
+        if slots > table_size {
+            return Err((
+                "InvalidSlots",
+                format!(
+                    "slots {slots} is more than the {table_size} slots each VIP has on this node (node.table_size)"
+                ),
+            ));
+        }
+        effect.table_size = Some(slots);
+    }
+    if let Some(h) = &spec.healthchecks {
+        if let Some(a) = &h.active {
+            effect.health_check = Some(active_check(a)?);
+        }
+        if let Some(p) = h.passive.as_ref().and_then(|p| p.unhealthy.as_ref()) {
+            // One streak of failures of any kind in the data path: the lower threshold trips it.
+            let failures = [p.tcp_failures, p.timeouts]
+                .into_iter()
+                .flatten()
+                .filter(|n| *n > 0)
+                .min();
+            effect.passive_health = failures.map(|failures| PassiveHealth {
+                failures,
+                recheck_interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+            });
+        }
+    }
+    Ok((effect, notes))
+}
+
+/// Ok(Ok(hash)) if L4 can hash on it, Ok(Err(what)) if it names something L4 cannot see,
+/// Err if it is not one thing.
+fn hash_input(h: &HashInput) -> Result<Result<HashOn, String>, String> {
+    let mut set = Vec::new();
+    if let Some(i) = h.input {
+        set.push(match i {
+            HashInputKind::Ip => Ok(HashOn::SourceIp),
+            HashInputKind::Consumer => Err("input: consumer".to_string()),
+            HashInputKind::Path => Err("input: path".to_string()),
+        });
+    }
+    for (field, v) in [
+        ("header", &h.header),
+        ("cookie", &h.cookie),
+        ("queryArg", &h.query_arg),
+        ("uriCapture", &h.uri_capture),
+    ] {
+        if let Some(v) = v {
+            set.push(Err(format!("{field} {v:?}")));
+        }
+    }
+    if h.cookie_path.is_some() && h.cookie.is_none() {
+        return Err("cookiePath needs cookie".into());
+    }
+    match set.len() {
+        1 => Ok(set.pop().expect("one")),
+        0 => Err("set one of input, header, cookie, queryArg, uriCapture".into()),
+        _ => Err("set only one of input, header, cookie, queryArg, uriCapture".into()),
+    }
+}
+
+fn active_check(
+    a: &super::policy::ActiveHealthcheck,
+) -> Result<HealthCheck, (&'static str, String)> {
+    let kind = match a.kind.as_deref().unwrap_or("http") {
+        "tcp" => CheckKind::Tcp,
+        "http" => CheckKind::Http {
+            path: a.http_path.clone().unwrap_or_else(|| "/".into()),
+            statuses: a
+                .healthy
+                .as_ref()
+                .and_then(|h| h.http_statuses.clone())
+                .unwrap_or_else(|| (200..=399).collect()),
+        },
+        other => {
+            return Err((
+                "UnsupportedHealthcheck",
+                format!("healthchecks.active.type {other} is not supported: use tcp or http"),
+            ));
+        }
+    };
+    if let CheckKind::Http { path, .. } = &kind
+        && !path.starts_with('/')
+    {
+        return Err((
+            "InvalidHealthcheck",
+            format!("healthchecks.active.httpPath {path:?} must start with /"),
+        ));
+    }
+    let secs = |s: Option<u32>, default: u64| Duration::from_secs(s.map_or(default, u64::from));
+    let interval = a
+        .healthy
+        .as_ref()
+        .and_then(|h| h.interval)
+        .or(a.unhealthy.as_ref().and_then(|u| u.interval))
+        .filter(|i| *i > 0);
+    let interval = secs(interval, 5);
+    let timeout = secs(a.timeout.filter(|t| *t > 0), 1).min(interval);
+    let unhealthy = a.unhealthy.as_ref().and_then(|u| {
+        [u.tcp_failures, u.http_failures, u.timeouts]
+            .into_iter()
+            .flatten()
+            .filter(|n| *n > 0)
+            .min()
+    });
+    Ok(HealthCheck {
+        kind,
+        port: 0,
+        interval,
+        timeout,
+        healthy_threshold: a
+            .healthy
+            .as_ref()
+            .and_then(|h| h.successes)
+            .filter(|n| *n > 0)
+            .unwrap_or(2)
+            .min(255),
+        unhealthy_threshold: unhealthy.unwrap_or(3).min(255),
+    })
+}
+
+/// The Service port's protocol, if lb balances it.
+fn protocol_of(p: &ServicePort) -> Result<Protocol, String> {
+    match p.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(other.to_string()),
+    }
+}
+
+/// Where the endpoints of `slice` serve the Service port `sp`, if they do.
+fn endpoint_port(slice: &EndpointSlice, sp: &ServicePort, proto: &str) -> Option<u16> {
+    let name = sp.name.as_deref().unwrap_or("");
+    let found = slice.ports.iter().flatten().find(|p| {
+        p.name.as_deref().unwrap_or("") == name && p.protocol.as_deref().unwrap_or("TCP") == proto
+    });
+    match (found.and_then(|p| p.port), &sp.target_port) {
+        (Some(p), _) => u16::try_from(p).ok().filter(|p| *p > 0),
+        // A slice that lists no port for it: a numeric targetPort still says where.
+        (None, Some(IntOrString::Int(p))) if found.is_some() || slice.ports.is_none() => {
+            u16::try_from(*p).ok().filter(|p| *p > 0)
+        }
+        (None, None) if slice.ports.is_none() => u16::try_from(sp.port).ok(),
+        _ => None,
+    }
+}
+
+impl Translator {
+    pub fn translate(&mut self, objects: &Objects, settings: &Settings) -> Translation {
+        let mut out = Translation::default();
+
+        // Policies first: their verdicts, and the effect each one has now.
+        let mut effects: BTreeMap<ObjectKey, Option<Effect>> = BTreeMap::new();
+        let mut policies: Vec<&UpstreamPolicy> = objects.policies.iter().collect();
+        policies.sort_by_key(|p| key_of(p.namespace(), p.name_any()));
+        let mut seen_policies = BTreeSet::new();
+        for p in policies {
+            let key = key_of(p.namespace(), p.name_any());
+            seen_policies.insert(key.clone());
+            let (accepted, effect) = match evaluate(&p.spec, settings.table_size) {
+                Ok((effect, notes)) => {
+                    self.last_good.insert(key.clone(), effect.clone());
+                    let (reason, message) = if notes.is_empty() {
+                        (
+                            "Accepted",
+                            "the policy applies at L4 as written".to_string(),
+                        )
+                    } else {
+                        ("AcceptedWithFallback", notes.join("; "))
+                    };
+                    (cond("Accepted", true, reason, message), Some(effect))
+                }
+                Err((reason, message)) => {
+                    let kept = self.last_good.get(&key).cloned();
+                    let message = if kept.is_some() {
+                        format!("{message}; its Services keep the last accepted version")
+                    } else {
+                        format!("{message}; its Services use the defaults")
+                    };
+                    (cond("Accepted", false, reason, message), kept)
+                }
+            };
+            effects.insert(key.clone(), effect);
+            out.policies.insert(
+                key,
+                PolicyVerdict {
+                    generation: p.metadata.generation,
+                    accepted,
+                    services: Vec::new(),
+                },
+            );
+        }
+        // A deleted policy's memory goes with it.
+        self.last_good.retain(|k, _| seen_policies.contains(k));
+
+        // Slices by Service.
+        let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in &objects.slices {
+            let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) else {
+                continue;
+            };
+            slices
+                .entry((s.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
+        }
+        for v in slices.values_mut() {
+            v.sort_by_key(|s| s.name_any());
+        }
+
+        let mut services: Vec<&Service> = objects
+            .services
+            .iter()
+            .filter(|s| s.labels().get(CLASS_LABEL) == Some(&settings.class))
+            .collect();
+        services.sort_by_key(|s| key_of(s.namespace(), s.name_any()));
+        let mut taken: BTreeMap<lb_common::VipKey, String> = BTreeMap::new();
+        let mut all_backends: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+        for svc in services {
+            let skey = key_of(svc.namespace(), svc.name_any());
+            let mut event = |warning: bool, reason: &str, message: String| {
+                out.events.push(ServiceEvent {
+                    service: skey.clone(),
+                    warning,
+                    reason: reason.into(),
+                    message,
+                })
+            };
+            let Some(spec) = &svc.spec else { continue };
+
+            // Its policy.
+            let effect = match svc.annotations().get(POLICY_ANNOTATION) {
+                None => Effect::default(),
+                Some(name) => {
+                    let pkey = (skey.0.clone(), name.clone());
+                    match (effects.get(&pkey), out.policies.get_mut(&pkey)) {
+                        (Some(e), Some(verdict)) => {
+                            verdict.services.push(label(&skey));
+                            if !verdict.accepted.ok {
+                                event(
+                                    true,
+                                    "PolicyRejected",
+                                    format!("UpstreamPolicy {name}: {}", verdict.accepted.message),
+                                );
+                            }
+                            e.clone().unwrap_or_default()
+                        }
+                        _ => {
+                            event(
+                                true,
+                                "PolicyNotFound",
+                                format!(
+                                    "UpstreamPolicy {name} (annotation {POLICY_ANNOTATION}) does not exist in namespace {}: using the defaults",
+                                    skey.0
+                                ),
+                            );
+                            Effect::default()
+                        }
+                    }
+                }
+            };
+
+            // Its addresses: load-balancer ingress IPs and external IPs.
+            let mut addresses = BTreeSet::new();
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref());
+            let from_lb = (spec.type_.as_deref() == Some("LoadBalancer"))
+                .then_some(ingress)
+                .flatten()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.clone());
+            for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) => {
+                        addresses.insert(ip);
+                    }
+                    Err(_) => event(
+                        true,
+                        "InvalidAddress",
+                        format!("{a:?} is not an IP address: skipped"),
+                    ),
+                }
+            }
+            if addresses.is_empty() {
+                continue;
+            }
+            let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |t| t.max(1) as u32);
+                t.min(MAX_AFFINITY_TIMEOUT.as_secs() as u32)
+            } else {
+                0
+            };
+            let local = spec.external_traffic_policy.as_deref() == Some("Local");
+            let no_slices = Vec::new();
+            let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
+
+            let mut svc_vips = Vec::new();
+            for sp in spec.ports.iter().flatten() {
+                let proto = match protocol_of(sp) {
+                    Ok(p) => p,
+                    Err(other) => {
+                        event(
+                            true,
+                            "UnsupportedProtocol",
+                            format!(
+                                "port {}: protocol {other} is not balanced by lb (TCP and UDP are)",
+                                sp.port
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
+                    event(
+                        true,
+                        "InvalidPort",
+                        format!("port {} is not a port: skipped", sp.port),
+                    );
+                    continue;
+                };
+                let proto_name = sp.protocol.as_deref().unwrap_or("TCP");
+                for addr in &addresses {
+                    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+                    // (address, port) -> weight; an endpoint in two slices counts once, the
+                    // more alive of the two.
+                    let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+                    for slice in svc_slices.iter().filter(|s| s.address_type == family) {
+                        let Some(bport) = endpoint_port(slice, sp, proto_name) else {
+                            continue;
+                        };
+                        for ep in slice.endpoints.iter().flatten() {
+                            if local && ep.node_name.as_deref() != Some(settings.node_name.as_str())
+                            {
+                                continue;
+                            }
+                            let c = ep.conditions.clone().unwrap_or_default();
+                            let ready = c.ready.unwrap_or(true);
+                            let serving = c.serving.unwrap_or(ready);
+                            let terminating = c.terminating.unwrap_or(false);
+                            let weight = if ready && !terminating {
+                                1
+                            } else if serving && terminating {
+                                0 // draining: established flows stay, no new ones
+                            } else {
+                                continue;
+                            };
+                            for a in &ep.addresses {
+                                let Ok(ip) = a.parse::<IpAddr>() else {
+                                    out.skipped.push(format!(
+                                        "EndpointSlice {}/{}: {a:?} is not an IP address",
+                                        skey.0,
+                                        slice.name_any()
+                                    ));
+                                    continue;
+                                };
+                                if ip.is_ipv4() != addr.is_ipv4() {
+                                    continue;
+                                }
+                                let w = backends.entry((ip, bport)).or_insert(0);
+                                *w = (*w).max(weight);
+                            }
+                        }
+                    }
+                    let spec_backends: Vec<BackendSpec> = backends
+                        .into_iter()
+                        .map(|((address, port), weight)| BackendSpec {
+                            address,
+                            port,
+                            weight,
+                        })
+                        .collect();
+                    let vip = VipSpec {
+                        name: match &sp.name {
+                            Some(n) if !n.is_empty() => format!("{}/{}:{n}", skey.0, skey.1),
+                            _ => format!("{}/{}", skey.0, skey.1),
+                        },
+                        address: *addr,
+                        port,
+                        protocol: proto,
+                        mode: Mode::Nat,
+                        hash: effect.hash,
+                        affinity_timeout_s,
+                        table_size: effect.table_size,
+                        backends: spec_backends,
+                    };
+                    let m = effect.table_size.unwrap_or(settings.table_size);
+                    if vip.backends.len() > m as usize {
+                        event(
+                            true,
+                            "TooManyEndpoints",
+                            format!(
+                                "{}: {} endpoints do not fit a table of {m} slots: VIP not served",
+                                vip.label(),
+                                vip.backends.len()
+                            ),
+                        );
+                        continue;
+                    }
+                    let passive_health = effect
+                        .passive_health
+                        .clone()
+                        .filter(|_| proto == Protocol::Tcp);
+                    svc_vips.push(VipConfig {
+                        spec: vip,
+                        health_check: effect.health_check.clone(),
+                        passive_health,
+                    });
+                }
+            }
+
+            // Claim the VIPs, first come (in namespace/name order) first served, within the
+            // sizes the program was loaded with.
+            let mut mine = Vec::new();
+            for v in svc_vips {
+                let k = v.spec.key();
+                if let Some(owner) = taken.get(&k) {
+                    event(
+                        true,
+                        "AddressConflict",
+                        format!(
+                            "{} is already served for Service {owner}: not served for this one",
+                            v.spec.label()
+                        ),
+                    );
+                    continue;
+                }
+                mine.push(v);
+            }
+            let new_backends: BTreeSet<(IpAddr, u16)> = mine
+                .iter()
+                .flat_map(|v| v.spec.backends.iter().map(|b| (b.address, b.port)))
+                .filter(|b| !all_backends.contains(b))
+                .collect();
+            if out.vips.len() + mine.len() > settings.max_vips as usize
+                || all_backends.len() + new_backends.len() > settings.max_backends as usize
+            {
+                if !mine.is_empty() {
+                    event(
+                        true,
+                        "CapacityExceeded",
+                        format!(
+                            "{} VIP(s) with {} new backend(s) do not fit this node's max_vips {} / max_backends {}: not served",
+                            mine.len(),
+                            new_backends.len(),
+                            settings.max_vips,
+                            settings.max_backends
+                        ),
+                    );
+                }
+                continue;
+            }
+            for v in &mine {
+                taken.insert(v.spec.key(), label(&skey));
+            }
+            all_backends.extend(new_backends);
+            out.vips.extend(mine);
+        }
+        out.events.sort();
+        out.events.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            class: DEFAULT_CLASS.into(),
+            node_name: "node-a".into(),
+            table_size: 1009,
+            max_vips: 64,
+            max_backends: 64,
+        }
+    }
+
+    fn service(name: &str, extra: Value) -> Service {
+        let mut v = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "namespace": "shop", "name": name, "labels": { CLASS_LABEL: DEFAULT_CLASS } },
+            "spec": {
+                "type": "LoadBalancer",
+                "ports": [
+                    { "name": "http", "port": 80, "targetPort": "web", "protocol": "TCP" },
+                    { "name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP" }
+                ]
+            },
+            "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.10" }, { "ip": "2001:db8::10" } ] } }
+        });
+        merge(&mut v, extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn merge(a: &mut Value, b: Value) {
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    if v.is_null() {
+                        a.remove(&k);
+                    } else {
+                        merge(a.entry(k).or_insert(Value::Null), v);
+                    }
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    /// Endpoints as (address, node, ready, serving, terminating).
+    fn slice(
+        svc: &str,
+        name: &str,
+        family: &str,
+        eps: &[(&str, &str, bool, bool, bool)],
+    ) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "namespace": "shop", "name": name, "labels": { SERVICE_NAME_LABEL: svc } },
+            "addressType": family,
+            "ports": [ { "name": "http", "port": 8080, "protocol": "TCP" }, { "name": "dns", "port": 5353, "protocol": "UDP" } ],
+            "endpoints": eps.iter().map(|(a, node, r, s, t)| json!({
+                "addresses": [a], "nodeName": node,
+                "conditions": { "ready": r, "serving": s, "terminating": t }
+            })).collect::<Vec<_>>()
+        }))
+        .unwrap()
+    }
+
+    fn policy(name: &str, spec: Value) -> UpstreamPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
+            "metadata": { "namespace": "shop", "name": name, "generation": 3 },
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn objects() -> Objects {
+        Objects {
+            services: vec![service("web", json!({}))],
+            slices: vec![
+                slice(
+                    "web",
+                    "web-v4a",
+                    "IPv4",
+                    &[
+                        ("10.0.1.1", "node-a", true, true, false),
+                        ("10.0.1.2", "node-b", true, true, false),
+                    ],
+                ),
+                slice(
+                    "web",
+                    "web-v4b",
+                    "IPv4",
+                    &[
+                        ("10.0.1.3", "node-b", false, true, true),   // draining
+                        ("10.0.1.4", "node-a", false, false, false), // not ready
+                        ("10.0.1.1", "node-a", true, true, false),   // also in web-v4a
+                    ],
+                ),
+                slice(
+                    "web",
+                    "web-v6",
+                    "IPv6",
+                    &[("fd00::1", "node-b", true, true, false)],
+                ),
+            ],
+            policies: vec![],
+        }
+    }
+
+    fn vip<'a>(t: &'a Translation, label: &str) -> &'a VipConfig {
+        t.vips
+            .iter()
+            .find(|v| v.spec.label() == label)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no VIP {label} in {:?}",
+                    t.vips.iter().map(|v| v.spec.label()).collect::<Vec<_>>()
+                )
+            })
+    }
+
+    fn backends(v: &VipConfig) -> Vec<(String, u16, u32)> {
+        v.spec
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.port, b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn a_dual_stack_service_becomes_one_nat_vip_per_address_port_and_protocol() {
+        let t = Translator::default().translate(&objects(), &settings());
+        assert_eq!(t.vips.len(), 4, "2 addresses x 2 ports");
+        let http = vip(&t, "192.0.2.10:80/tcp");
+        assert_eq!(http.spec.name, "shop/web:http");
+        assert_eq!(http.spec.mode, Mode::Nat);
+        assert_eq!(http.spec.hash, HashOn::FiveTuple);
+        assert_eq!(http.spec.affinity_timeout_s, 0);
+        assert_eq!(
+            backends(http),
+            [
+                ("10.0.1.1".into(), 8080, 1),
+                ("10.0.1.2".into(), 8080, 1),
+                ("10.0.1.3".into(), 8080, 0),
+            ],
+            "ready endpoints active, the terminating one draining, the unready one gone, \
+             the named target port resolved through the slices"
+        );
+        assert_eq!(
+            backends(vip(&t, "192.0.2.10:53/udp")),
+            [
+                ("10.0.1.1".into(), 5353, 1),
+                ("10.0.1.2".into(), 5353, 1),
+                ("10.0.1.3".into(), 5353, 0),
+            ]
+        );
+        assert_eq!(
+            backends(vip(&t, "[2001:db8::10]:80/tcp")),
+            [("fd00::1".into(), 8080, 1)],
+            "IPv6 addresses take the IPv6 slices"
+        );
+        assert!(t.events.is_empty(), "{:?}", t.events);
+    }
+
+    #[test]
+    fn class_label_external_ips_and_addresses() {
+        let mut o = objects();
+        o.services = vec![
+            service(
+                "other",
+                json!({ "metadata": { "labels": { CLASS_LABEL: "someone-else" } } }),
+            ),
+            service(
+                "ext",
+                json!({ "spec": { "type": "ClusterIP", "externalIPs": ["198.51.100.7", "not-an-ip"] } }),
+            ),
+            service("pending", json!({ "status": null })),
+        ];
+        let t = Translator::default().translate(&o, &settings());
+        let labels: Vec<String> = t.vips.iter().map(|v| v.spec.label()).collect();
+        assert_eq!(
+            labels,
+            ["198.51.100.7:80/tcp", "198.51.100.7:53/udp"],
+            "another class is ignored, a ClusterIP Service's load-balancer status is not an address, \
+             a LoadBalancer without ingress has none yet"
+        );
+        assert_eq!(t.events.len(), 1);
+        assert_eq!(t.events[0].reason, "InvalidAddress");
+        assert!(t.events[0].message.contains("not-an-ip"));
+    }
+
+    #[test]
+    fn session_affinity_and_external_traffic_policy() {
+        let mut o = objects();
+        o.services = vec![
+            service(
+                "web",
+                json!({ "spec": { "sessionAffinity": "ClientIP", "externalTrafficPolicy": "Local" } }),
+            ),
+            service(
+                "timed",
+                json!({
+                    "spec": { "sessionAffinity": "ClientIP", "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 600 } } },
+                    "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.11" } ] } }
+                }),
+            ),
+        ];
+        let t = Translator::default().translate(&o, &settings());
+        let web = vip(&t, "192.0.2.10:80/tcp");
+        assert_eq!(web.spec.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
+        assert_eq!(
+            backends(web),
+            [("10.0.1.1".into(), 8080, 1)],
+            "Local: only this node's endpoints"
+        );
+        assert!(
+            vip(&t, "[2001:db8::10]:80/tcp").spec.backends.is_empty(),
+            "Local with no endpoint here: the VIP exists and drops (counted)"
+        );
+        assert_eq!(vip(&t, "192.0.2.11:80/tcp").spec.affinity_timeout_s, 600);
+    }
+
+    fn with_policy(spec: Value) -> (Objects, Translation) {
+        let mut o = objects();
+        o.services = vec![service(
+            "web",
+            json!({ "metadata": { "annotations": { POLICY_ANNOTATION: "p" } } }),
+        )];
+        o.policies = vec![policy("p", spec)];
+        let t = Translator::default().translate(&o, &settings());
+        (o, t)
+    }
+
+    #[test]
+    fn policies_hash_on_the_client_address_or_fall_back_to_it() {
+        let (_, t) = with_policy(
+            json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 251 }),
+        );
+        let v = vip(&t, "192.0.2.10:80/tcp");
+        assert_eq!(
+            (v.spec.hash, v.spec.table_size),
+            (HashOn::SourceIp, Some(251))
+        );
+        let verdict = &t.policies[&("shop".into(), "p".into())];
+        assert!(verdict.accepted.ok);
+        assert_eq!(verdict.accepted.reason, "Accepted");
+        assert_eq!(verdict.services, ["shop/web"]);
+        assert_eq!(verdict.generation, Some(3));
+
+        let (_, t) = with_policy(
+            json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" } }),
+        );
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.hash, HashOn::SourceIp);
+        let a = &t.policies[&("shop".into(), "p".into())].accepted;
+        assert!(a.ok);
+        assert_eq!(a.reason, "AcceptedWithFallback");
+        assert!(
+            a.message.contains("header \"x-user\" cannot be seen at L4"),
+            "{}",
+            a.message
+        );
+        assert!(t.events.is_empty());
+    }
+
+    #[test]
+    fn an_unusable_policy_is_rejected_with_its_reason_and_the_service_keeps_serving() {
+        for (spec, reason, says) in [
+            (
+                json!({ "algorithm": "consistent-hashing", "hashOn": { "cookie": "session" } }),
+                "NoUsableHash",
+                "no hashOnFallback",
+            ),
+            (
+                json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "a" }, "hashOnFallback": { "input": "path" } }),
+                "NoUsableHash",
+                "nor can hashOnFallback input: path",
+            ),
+            (
+                json!({ "slots": 1000 }),
+                "InvalidSlots",
+                "slots 1000 is not prime",
+            ),
+            (
+                json!({ "slots": 65537 }),
+                "InvalidSlots",
+                "more than the 1009 slots",
+            ),
+            (
+                json!({ "algorithm": "least-connections" }),
+                "UnsupportedAlgorithm",
+                "least-connections is not supported yet",
+            ),
+            (
+                json!({ "healthchecks": { "active": { "type": "grpc" } } }),
+                "UnsupportedHealthcheck",
+                "grpc",
+            ),
+            (
+                json!({ "hashOn": { "header": "a", "input": "ip" } }),
+                "InvalidHashOn",
+                "only one",
+            ),
+        ] {
+            let (_, t) = with_policy(spec.clone());
+            let a = &t.policies[&("shop".into(), "p".into())].accepted;
+            assert!(!a.ok, "{spec} accepted");
+            assert_eq!(a.reason, reason, "{spec}");
+            assert!(a.message.contains(says), "{spec}: {}", a.message);
+            assert!(
+                a.message.ends_with("its Services use the defaults"),
+                "{}",
+                a.message
+            );
+            let v = vip(&t, "192.0.2.10:80/tcp");
+            assert_eq!((v.spec.hash, v.spec.table_size), (HashOn::FiveTuple, None));
+            assert_eq!(v.spec.backends.len(), 3, "the Service is served regardless");
+            assert_eq!(t.events.len(), 1);
+            assert_eq!(t.events[0].reason, "PolicyRejected");
+            assert!(t.events[0].message.contains(says));
+        }
+    }
+
+    #[test]
+    fn a_policy_edited_into_something_invalid_keeps_its_last_accepted_effect() {
+        let (mut o, _) = with_policy(json!({}));
+        let mut tr = Translator::default();
+        o.policies = vec![policy(
+            "p",
+            json!({ "hashOn": { "input": "ip" }, "slots": 251 }),
+        )];
+        let t = tr.translate(&o, &settings());
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, Some(251));
+        o.policies = vec![policy(
+            "p",
+            json!({ "hashOn": { "input": "ip" }, "slots": 250 }),
+        )];
+        let t = tr.translate(&o, &settings());
+        let v = vip(&t, "192.0.2.10:80/tcp");
+        assert_eq!(
+            (v.spec.hash, v.spec.table_size),
+            (HashOn::SourceIp, Some(251))
+        );
+        assert!(
+            t.policies[&("shop".into(), "p".into())]
+                .accepted
+                .message
+                .ends_with("keep the last accepted version")
+        );
+        // Deleted, then back invalid: nothing to keep any more.
+        o.policies.clear();
+        let t = tr.translate(&o, &settings());
+        assert_eq!(t.events[0].reason, "PolicyNotFound");
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, None);
+        o.policies = vec![policy("p", json!({ "slots": 250 }))];
+        let t = tr.translate(&o, &settings());
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, None);
+    }
+
+    #[test]
+    fn health_checks_map_to_the_agents_checks() {
+        let (_, t) = with_policy(json!({ "healthchecks": {
+            "active": { "type": "http", "httpPath": "/healthz", "timeout": 2,
+                        "healthy": { "interval": 5, "successes": 2, "httpStatuses": [200, 204] },
+                        "unhealthy": { "httpFailures": 4, "timeouts": 3 } },
+            "passive": { "unhealthy": { "tcpFailures": 5, "timeouts": 2 } } } }));
+        let http = vip(&t, "192.0.2.10:80/tcp");
+        let h = http.health_check.as_ref().unwrap();
+        assert_eq!(
+            h.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                statuses: vec![200, 204]
+            }
+        );
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (2, 3));
+        assert_eq!(
+            h.port_for(&http.spec, &http.spec.backends[0]),
+            8080,
+            "probes the pod's port"
+        );
+        assert_eq!(http.passive_health.as_ref().unwrap().failures, 2);
+        assert!(
+            vip(&t, "192.0.2.10:53/udp").passive_health.is_none(),
+            "UDP has no connection attempts"
+        );
+    }
+
+    #[test]
+    fn conflicts_and_capacity_are_events_not_failures() {
+        let mut o = objects();
+        o.services.push(service("web-copy", json!({})));
+        let t = Translator::default().translate(&o, &settings());
+        assert_eq!(t.vips.len(), 4);
+        assert!(
+            t.vips.iter().all(|v| v.spec.name.starts_with("shop/web:")),
+            "the first by name wins"
+        );
+        assert_eq!(t.events.len(), 4);
+        assert!(
+            t.events
+                .iter()
+                .all(|e| e.service.1 == "web-copy" && e.reason == "AddressConflict")
+        );
+
+        let t = Translator::default().translate(
+            &objects(),
+            &Settings {
+                max_vips: 3,
+                ..settings()
+            },
+        );
+        assert!(t.vips.is_empty(), "a Service is served whole or not at all");
+        assert_eq!(t.events[0].reason, "CapacityExceeded");
+    }
+
+    #[test]
+    fn every_node_builds_the_same_tables_from_the_same_objects_in_any_order() {
+        use crate::{
+            model::Desired,
+            plan::{Limits, State, plan},
+        };
+        let mut a = objects();
+        a.services.push(service(
+            "api",
+            json!({ "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.20" } ] } } }),
+        ));
+        let mut b = a.clone();
+        b.services.reverse();
+        b.slices.reverse();
+        for s in &mut b.slices {
+            if let Some(eps) = s.endpoints.as_mut() {
+                eps.reverse();
+            }
+        }
+        let limits = Limits {
+            maglev_m: 1009,
+            max_vips: 64,
+            max_backends: 64,
+        };
+        let tables = |o: &Objects, node: &str| {
+            let t = Translator::default().translate(
+                o,
+                &Settings {
+                    node_name: node.into(),
+                    ..settings()
+                },
+            );
+            let d = Desired {
+                node: Default::default(),
+                vips: t.vips.into_iter().map(|v| v.spec).collect(),
+            };
+            plan(&State::default(), &d, limits).unwrap().1
+        };
+        let (sa, sb) = (tables(&a, "node-a"), tables(&b, "node-b"));
+        assert_eq!(sa.vips, sb.vips);
+        assert_eq!(sa.backends, sb.backends);
+        assert_eq!(sa.rings, sb.rings, "Maglev tables differ between nodes");
+    }
+
+    #[test]
+    fn a_service_means_what_the_same_config_file_vip_means() {
+        let t = Translator::default().translate(&objects(), &settings());
+        let from_k8s = vip(&t, "192.0.2.10:80/tcp");
+        let file = crate::config::Config::parse(
+            r#"
+node: { interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }
+vips:
+  - name: shop/web:http
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    mode: nat
+    backends:
+      - { address: 10.0.1.1, port: 8080, weight: 1 }
+      - { address: 10.0.1.2, port: 8080, weight: 1 }
+      - { address: 10.0.1.3, port: 8080, weight: 0 }
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(&file.vips[0], from_k8s);
+    }
+}
