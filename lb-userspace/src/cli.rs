@@ -56,9 +56,21 @@ enum Command {
     /// A config with problems is refused and the previous one keeps serving. On SIGTERM the agent
     /// exits and traffic keeps flowing; `lb down` stops it.
     Run {
-        /// The config file (YAML; see lb.example.yaml).
+        /// The config file (YAML; see lb.example.yaml). With --kubernetes it holds the node
+        /// settings only.
         #[arg(long, short)]
         config: PathBuf,
+        /// Take VIPs from Kubernetes: Services labelled `lb.dev/class: <class>`, their
+        /// EndpointSlices and UpstreamPolicies (in-cluster config, or KUBECONFIG).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The class of Services this agent serves (with --kubernetes).
+        #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
+        class: String,
+        /// This node's name, for externalTrafficPolicy: Local (with --kubernetes; the
+        /// DaemonSet sets it from the downward API).
+        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        node_name: Option<String>,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     Down,
@@ -143,11 +155,28 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<()> {
     let pins = cli.pin_dir;
     match cli.command {
-        Command::Run { config } => tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
+        Command::Run {
             config,
-            pin_dir: pins,
-            state_dir: cli.state_dir,
-        })),
+            kubernetes,
+            class,
+            node_name,
+        } => {
+            let kubernetes = match (kubernetes, node_name) {
+                (false, _) => None,
+                (true, Some(node_name)) if !node_name.is_empty() => {
+                    Some(crate::k8s::KubeOptions { class, node_name })
+                }
+                (true, _) => bail!(
+                    "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
+                ),
+            };
+            tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
+                config,
+                pin_dir: pins,
+                state_dir: cli.state_dir,
+                kubernetes,
+            }))
+        }
         Command::Down => {
             let done = run::down(&pins, &cli.state_dir)?;
             if done.is_empty() {
@@ -387,7 +416,7 @@ fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()
                 })),
             }));
         }
-        out.push(json!({"vip": label, "name": st.map(|s| s.name.clone()), "id": v.id, "mode": if v.mode == lb_common::MODE_NAT { "nat" } else { "dsr" }, "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0), "backends": rows}));
+        out.push(json!({"vip": label, "name": st.map(|s| s.name.clone()), "id": v.id, "table_size": m as u32, "mode": if v.mode == lb_common::MODE_NAT { "nat" } else { "dsr" }, "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0), "backends": rows}));
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -21,6 +21,8 @@ pub struct AgentMetrics {
     pub reloads_ok: AtomicU64,
     pub reloads_rejected: AtomicU64,
     pub map_writes: AtomicU64,
+    /// The maps hold the first desired state and the program is attached (`/readyz`).
+    pub ready: std::sync::atomic::AtomicBool,
     /// (VIP label, backend address) -> healthy, for every checked backend.
     pub health: Mutex<Vec<(String, String, bool)>>,
 }
@@ -208,32 +210,53 @@ pub fn registry(pinned: Pinned, agent: Arc<AgentMetrics>) -> Registry {
 }
 
 /// Serves `/metrics` on `addr` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std::io::Result<()> {
+/// Serves `/metrics`, and for probes `/healthz` (the agent answers) and `/readyz` (the maps hold
+/// the desired state and the program is attached).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    agent: Arc<AgentMetrics>,
+) -> std::io::Result<()> {
     let registry = Arc::new(registry);
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                        .into_response_parts(),
-                    Err(_) => (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-                        "encoding metrics failed".to_string(),
-                    )
-                        .into_response_parts(),
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = agent.ready.load(std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            body,
+                        )
+                            .into_response_parts(),
+                        Err(_) => (
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            "encoding metrics failed".to_string(),
+                        )
+                            .into_response_parts(),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }
 

@@ -30,10 +30,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{Agent, Target},
-    config::{Config, NodeSettings, XdpMode as ModeSetting},
+    config::{Config, NodeSettings, VipConfig, XdpMode as ModeSetting},
     dataplane::kernel::KernelDataplane,
     health,
     inspect::Pinned,
+    k8s::{Kube, KubeOptions, translate::Settings},
     metrics::{self, AgentMetrics},
     program::{self, PROGRAM},
 };
@@ -42,6 +43,41 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Take the VIPs from Kubernetes (the config file then holds node settings only).
+    pub kubernetes: Option<KubeOptions>,
+}
+
+/// The config the agent serves: the file's node settings, with the file's VIPs or, under
+/// Kubernetes, the cluster's.
+fn compose(file: &Config, kube: Option<&[VipConfig]>) -> Config {
+    match kube {
+        None => file.clone(),
+        Some(vips) => Config {
+            node: file.node.clone(),
+            vips: vips.to_vec(),
+            warnings: file.warnings.clone(),
+        },
+    }
+}
+
+/// Loads the config file; under Kubernetes it must not list VIPs (they come from the cluster).
+fn load_file(opts: &RunOptions) -> Result<Config> {
+    let c = Config::load(&opts.config)?;
+    if opts.kubernetes.is_some() && !c.vips.is_empty() {
+        bail!(
+            "{} lists {} VIP(s), but with --kubernetes VIPs come from Services: keep only `node:` in it",
+            opts.config.display(),
+            c.vips.len()
+        );
+    }
+    Ok(c)
+}
+
+/// What woke the loop up.
+enum Reload {
+    No,
+    File,
+    Kube,
 }
 
 fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
@@ -382,8 +418,8 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let config = Config::load(&opts.config)?;
-    for w in &config.warnings {
+    let mut file = load_file(&opts)?;
+    for w in &file.warnings {
         warn!("{w}");
     }
     std::fs::create_dir_all(&opts.pin_dir).with_context(|| {
@@ -392,10 +428,43 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             opts.pin_dir.display()
         )
     })?;
-    let sizes = config.node.sizes.clone();
+    let sizes = file.node.sizes.clone();
     let adopted = program::pinned_meta(&opts.pin_dir)?.is_some();
     let ebpf = program::load(&sizes, Some(&opts.pin_dir))?;
-    let dp = KernelDataplane::new(ebpf, sizes)?;
+    let dp = KernelDataplane::new(ebpf, sizes.clone())?;
+    let m = Arc::new(AgentMetrics::default());
+    let metrics_task = match file.node.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
+            Some(tokio::spawn(metrics::serve(listener, registry, m.clone())))
+        }
+        None => None,
+    };
+    // Under Kubernetes, nothing is written before the first full list of every resource: the
+    // maps a previous agent left keep serving meanwhile.
+    let (ktx, mut krx) = mpsc::channel::<()>(1);
+    let mut kube = match &opts.kubernetes {
+        Some(k) => {
+            let settings = Settings {
+                class: k.class.clone(),
+                node_name: k.node_name.clone(),
+                table_size: sizes.maglev_m,
+                max_vips: sizes.max_vips,
+                max_backends: sizes.max_backends,
+            };
+            let kube = Kube::start(k, settings, ktx).await?;
+            info!(class = %k.class, node = %k.node_name, "waiting for the first list of Services, EndpointSlices and UpstreamPolicies");
+            kube.ready().await;
+            Some(kube)
+        }
+        None => None,
+    };
+    let k8s_vips = kube.as_mut().map(|k| k.translate());
+    let config = compose(&file, k8s_vips.as_deref());
     // Health as the previous agent left it, so a restart does not send new flows to a backend
     // known to be down while its checks warm up.
     let unhealthy: Vec<Target> = read_status(&opts.state_dir)
@@ -423,28 +492,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         pins = %opts.pin_dir.display(),
         adopted,
         writes = plan.write_count(),
-        "{} the maps and applied {}",
+        vips = agent.config().vips.len(),
+        "{} the maps and applied {}{}",
         if adopted { "adopted" } else { "created" },
-        opts.config.display()
+        opts.config.display(),
+        if kube.is_some() { " and the cluster's Services" } else { "" }
     );
-    let m = Arc::new(AgentMetrics::default());
+    if let Some(k) = &mut kube {
+        k.report(&Ok(()));
+    }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
     let node = agent.config().node.clone();
     sync_interfaces(&mut agent.dp, &opts.pin_dir, &node)?;
     write_status(&opts, &agent, &m)?;
-
-    let metrics_task = match agent.config().node.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening for metrics on {addr}"))?;
-            info!(%addr, "serving metrics at /metrics");
-            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
-            Some(tokio::spawn(metrics::serve(listener, registry)))
-        }
-        None => None,
-    };
+    m.ready.store(true, Ordering::Relaxed);
 
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::spawn(
@@ -482,38 +544,59 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     }
                     Err(e) => error!(%vip, backend = %addr, "applying a health change failed: {}", crate::error_chain(&e)),
                 }
-                false
+                Reload::No
             }
             _ = passive_tick.tick() => {
                 if !passive.round(&mut agent, &ptx, &m) {
                     continue;
                 }
-                false
+                Reload::No
             }
             Some((target, result)) = prx.recv() => {
                 passive.probed(&mut agent, target, result, &m);
-                false
+                Reload::No
             }
-            _ = hup.recv() => { info!("SIGHUP: reloading"); true }
+            _ = hup.recv() => { info!("SIGHUP: reloading"); Reload::File }
             Some(()) = frx.recv() => {
                 // Coalesce the burst of events one save makes.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 while frx.try_recv().is_ok() {}
                 info!("{} changed: reloading", opts.config.display());
-                true
+                Reload::File
+            }
+            Some(()) = krx.recv() => {
+                // Coalesce a burst of watch events (a rollout changes many slices at once).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while krx.try_recv().is_ok() {}
+                Reload::Kube
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        if reload {
-            match Config::load(&opts.config)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| {
-                    let interfaces_changed = c.node.interfaces != agent.config().node.interfaces
-                        || c.node.xdp_mode != agent.config().node.xdp_mode;
-                    let p = agent.replace_config(c)?;
-                    Ok((p, interfaces_changed))
-                }) {
+        let next = match reload {
+            Reload::No => None,
+            Reload::File => Some(load_file(&opts).map(|f| {
+                let c = compose(&f, kube.as_ref().map(|k| &k.last.vips[..]));
+                file = f;
+                c
+            })),
+            Reload::Kube => kube.as_mut().map(|k| {
+                let vips = k.translate();
+                Ok(compose(&file, Some(&vips)))
+            }),
+        };
+        if let Some(next) = next {
+            let from_kube = matches!(reload, Reload::Kube);
+            let result = next.and_then(|c| {
+                let interfaces_changed = c.node.interfaces != agent.config().node.interfaces
+                    || c.node.xdp_mode != agent.config().node.xdp_mode;
+                let p = agent.replace_config(c)?;
+                Ok((p, interfaces_changed))
+            });
+            if let Some(k) = &mut kube {
+                k.report(&result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+            }
+            match result {
                 Ok((p, interfaces_changed)) => {
                     for w in &agent.config().warnings {
                         warn!("{w}");
@@ -535,11 +618,29 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
-                    info!(writes = p.write_count(), "config applied");
+                    if !from_kube || !p.is_empty() {
+                        info!(
+                            writes = p.write_count(),
+                            vips = agent.config().vips.len(),
+                            "{} applied",
+                            if from_kube {
+                                "cluster change"
+                            } else {
+                                "config"
+                            }
+                        );
+                    }
                 }
                 Err(e) => {
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                    error!("config rejected, the previous config keeps serving: {e:#}");
+                    error!(
+                        "{} rejected, the previous state keeps serving: {e:#}",
+                        if from_kube {
+                            "cluster change"
+                        } else {
+                            "config"
+                        }
+                    );
                 }
             }
         }

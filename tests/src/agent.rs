@@ -100,6 +100,11 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb run` in `ns` with the config already written to `dirs`.
     pub fn start(ns: &NetNs, dirs: &Dirs) -> Self {
+        Self::start_with(ns, dirs, &[], &[])
+    }
+
+    /// [`Agent::start`] with more arguments to `lb run` and more environment.
+    pub fn start_with(ns: &NetNs, dirs: &Dirs, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = dirs.state.join(format!(
             "agent-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -116,6 +121,8 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(dirs.config_path())
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

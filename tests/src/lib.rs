@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bench;
 pub mod dc;
 pub mod harness;
+pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 pub mod packet;

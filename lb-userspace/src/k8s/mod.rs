@@ -2,4 +2,7 @@
 //! objects become the same VIPs a config file describes.
 
 pub mod policy;
+pub mod source;
 pub mod translate;
+
+pub use source::{Kube, KubeOptions};

@@ -1,0 +1,332 @@
+//! The agent's view of the cluster: three reflectors (Services of its class, EndpointSlices that
+//! belong to a Service, UpstreamPolicies), the translation of what they hold, and what the agent
+//! reports back (policy status conditions, Events on Services).
+//!
+//! The watchers run over `DynamicObject`s and each object is decoded on its own, so one object
+//! that does not decode (a malformed object) is logged and skipped instead of stalling its whole
+//! watch stream.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    policy::UpstreamPolicy,
+    translate::{CLASS_LABEL, Cond, Objects, ServiceEvent, Settings, Translation, Translator},
+};
+use crate::config::VipConfig;
+
+/// What `lb run --kubernetes` was told.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// Serve Services labelled `lb.dev/class: <class>`.
+    pub class: String,
+    /// This node (downward API), for `externalTrafficPolicy: Local`.
+    pub node_name: String,
+}
+
+pub struct Kube {
+    client: Client,
+    services: Store<DynamicObject>,
+    slices: Store<DynamicObject>,
+    policies: Store<DynamicObject>,
+    tasks: Vec<JoinHandle<()>>,
+    translator: Translator,
+    settings: Settings,
+    recorder: Recorder,
+    /// The translation the maps were last asked to hold.
+    pub last: Translation,
+    /// Events already recorded (recorded again only after they stop and recur).
+    published: BTreeSet<ServiceEvent>,
+    /// Malformed objects already logged.
+    skipped: BTreeSet<String>,
+}
+
+fn watch(
+    client: &Client,
+    ar: ApiResource,
+    config: watcher::Config,
+    tx: mpsc::Sender<()>,
+) -> (Store<DynamicObject>, JoinHandle<()>) {
+    let writer = Writer::new(ar.clone());
+    let store = writer.as_reader();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+    let kind = ar.kind.clone();
+    let task = tokio::spawn(async move {
+        let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+        futures::pin_mut!(stream);
+        let mut failing = false;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    if failing {
+                        info!(%kind, "watching again");
+                        failing = false;
+                    }
+                    let _ = tx.try_send(());
+                }
+                Err(e) => {
+                    // The store keeps the last state; the watcher relists when it can.
+                    warn!(%kind, "watch failed, retrying (the last state keeps serving): {}", crate::error_chain(&e));
+                    failing = true;
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+impl Kube {
+    /// Connects (in-cluster config, or KUBECONFIG / ~/.kube/config) and starts watching; every
+    /// change sends a unit on `changed`.
+    pub async fn start(
+        opts: &KubeOptions,
+        settings: Settings,
+        changed: mpsc::Sender<()>,
+    ) -> Result<Self> {
+        let client = Client::try_default().await.context(
+            "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
+        )?;
+        let (services, t1) = watch(
+            &client,
+            ApiResource::erase::<Service>(&()),
+            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class)),
+            changed.clone(),
+        );
+        let (slices, t2) = watch(
+            &client,
+            ApiResource::erase::<EndpointSlice>(&()),
+            watcher::Config::default().labels("kubernetes.io/service-name"),
+            changed.clone(),
+        );
+        let (policies, t3) = watch(
+            &client,
+            ApiResource::erase::<UpstreamPolicy>(&()),
+            watcher::Config::default(),
+            changed,
+        );
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "lb".into(),
+                instance: Some(opts.node_name.clone()),
+            },
+        );
+        Ok(Self {
+            client,
+            services,
+            slices,
+            policies,
+            tasks: vec![t1, t2, t3],
+            translator: Translator::default(),
+            settings,
+            recorder,
+            last: Translation::default(),
+            published: BTreeSet::new(),
+            skipped: BTreeSet::new(),
+        })
+    }
+
+    /// Waits until all three watchers have listed once.
+    pub async fn ready(&self) {
+        for (what, s) in [
+            ("Services", &self.services),
+            ("EndpointSlices", &self.slices),
+            ("UpstreamPolicies", &self.policies),
+        ] {
+            if s.wait_until_ready().await.is_err() {
+                warn!("the {what} watcher ended before its first list");
+            }
+        }
+    }
+
+    fn decode<K: DeserializeOwned>(&mut self, store: &Store<DynamicObject>, kind: &str) -> Vec<K> {
+        let mut out = Vec::new();
+        for o in store.state() {
+            let name = format!(
+                "{kind} {}/{}",
+                o.namespace().unwrap_or_default(),
+                o.name_any()
+            );
+            match serde_json::to_value(&*o).and_then(serde_json::from_value::<K>) {
+                Ok(k) => out.push(k),
+                Err(e) => {
+                    let msg = format!("{name} is malformed and skipped: {e}");
+                    if self.skipped.insert(msg.clone()) {
+                        warn!("{msg}");
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Translates what the watchers hold now; the VIPs to serve.
+    pub fn translate(&mut self) -> Vec<VipConfig> {
+        let services = self.services.clone();
+        let slices = self.slices.clone();
+        let policies = self.policies.clone();
+        let objects = Objects {
+            services: self.decode(&services, "Service"),
+            slices: self.decode(&slices, "EndpointSlice"),
+            policies: self.decode(&policies, "UpstreamPolicy"),
+        };
+        let t = self.translator.translate(&objects, &self.settings);
+        for s in &t.skipped {
+            if self.skipped.insert(s.clone()) {
+                warn!("{s}");
+            }
+        }
+        self.last = t;
+        self.last.vips.clone()
+    }
+
+    /// Reports the outcome of applying the last translation: policy conditions (patched only
+    /// when they change) and new Events on Services. Runs in the background.
+    pub fn report(&mut self, applied: &std::result::Result<(), String>) {
+        // Events: those not recorded yet.
+        let now: BTreeSet<ServiceEvent> = self.last.events.iter().cloned().collect();
+        let services = self.services.state();
+        for e in now.difference(&self.published) {
+            let Some(svc) = services.iter().find(|s| {
+                s.namespace().as_deref() == Some(&e.service.0) && s.name_any() == e.service.1
+            }) else {
+                continue;
+            };
+            let mut reference = svc.object_ref(&ApiResource::erase::<Service>(&()));
+            reference.api_version = Some("v1".into());
+            let ev = Event {
+                type_: if e.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: e.reason.clone(),
+                note: Some(e.message.clone()),
+                action: "Balancing".into(),
+                secondary: None,
+            };
+            let recorder = self.recorder.clone();
+            let what = format!("{}/{} {}", e.service.0, e.service.1, e.reason);
+            warn!(service = %format!("{}/{}", e.service.0, e.service.1), reason = %e.reason, "{}", e.message);
+            tokio::spawn(async move {
+                if let Err(err) = recorder.publish(&ev, &reference).await {
+                    warn!("recording the event {what}: {}", crate::error_chain(&err));
+                }
+            });
+        }
+        self.published = now;
+
+        // Policy conditions.
+        let policies = self.policies.state();
+        for ((ns, name), verdict) in &self.last.policies {
+            let programmed = match (verdict.accepted.ok, applied, verdict.services.is_empty()) {
+                (_, Err(e), _) => Cond {
+                    kind: "Programmed",
+                    ok: false,
+                    reason: "ApplyFailed".into(),
+                    message: format!("the maps could not be written: {e}"),
+                },
+                (_, Ok(()), true) => Cond {
+                    kind: "Programmed",
+                    ok: false,
+                    reason: "NoServices".into(),
+                    message: format!(
+                        "no Service of class {:?} names this policy ({} annotation)",
+                        self.settings.class,
+                        super::policy::POLICY_ANNOTATION
+                    ),
+                },
+                (true, Ok(()), false) => Cond {
+                    kind: "Programmed",
+                    ok: true,
+                    reason: "Programmed".into(),
+                    message: format!("in the maps for {}", verdict.services.join(", ")),
+                },
+                (false, Ok(()), false) => Cond {
+                    kind: "Programmed",
+                    ok: false,
+                    reason: "Rejected".into(),
+                    message: "this version is not in the maps (see Accepted)".into(),
+                },
+            };
+            let current = policies
+                .iter()
+                .find(|p| p.namespace().as_deref() == Some(ns.as_str()) && &p.name_any() == name)
+                .and_then(|p| p.data.pointer("/status/conditions").cloned())
+                .unwrap_or(json!([]));
+            let mut changed = false;
+            let conditions: Vec<serde_json::Value> = [&verdict.accepted, &programmed]
+                .into_iter()
+                .map(|c| {
+                    let status = if c.ok { "True" } else { "False" };
+                    let old = current
+                        .as_array()
+                        .and_then(|a| a.iter().find(|o| o["type"] == c.kind));
+                    let same = |f: &str, v: serde_json::Value| old.is_some_and(|o| o[f] == v);
+                    if !(same("status", json!(status))
+                        && same("reason", json!(c.reason))
+                        && same("message", json!(c.message))
+                        && same("observedGeneration", json!(verdict.generation)))
+                    {
+                        changed = true;
+                    }
+                    let since = old
+                        .filter(|o| o["status"] == status)
+                        .map(|o| o["lastTransitionTime"].clone())
+                        .unwrap_or_else(|| {
+                            json!(
+                                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                                    .to_string()
+                            )
+                        });
+                    json!({
+                        "type": c.kind, "status": status, "reason": c.reason, "message": c.message,
+                        "observedGeneration": verdict.generation, "lastTransitionTime": since,
+                    })
+                })
+                .collect();
+            if !changed {
+                continue;
+            }
+            let api: Api<UpstreamPolicy> = Api::namespaced(self.client.clone(), ns);
+            let (name, ns) = (name.clone(), ns.clone());
+            tokio::spawn(async move {
+                let patch = json!({ "status": { "conditions": conditions } });
+                if let Err(e) = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    warn!(
+                        "updating the status of UpstreamPolicy {ns}/{name}: {}",
+                        crate::error_chain(&e)
+                    );
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

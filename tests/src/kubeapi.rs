@@ -1,0 +1,501 @@
+//! A small stand-in for the Kubernetes API server, enough for kube-rs's client, watcher and
+//! reflector to run unmodified over a real HTTP connection: list and watch (resourceVersion,
+//! label selectors, ADDED/MODIFIED/DELETED, bookmarks, `410 Gone` for a version that has been
+//! compacted away) for Services, EndpointSlices and UpstreamPolicies; merge-patching a policy's
+//! status; creating and patching Events. Tests change objects through [`FakeApi`] and read back
+//! what the agent wrote.
+//!
+//! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
+//! closes) and [`FakeApi::start`] brings it back with the same objects.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{Request, State as Extract},
+    http::{Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// The resources served: (plural, apiVersion, kind, path prefix).
+const RESOURCES: [(&str, &str, &str, &str); 3] = [
+    ("services", "v1", "Service", "/api/v1"),
+    (
+        "endpointslices",
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+        "/apis/discovery.k8s.io/v1",
+    ),
+    (
+        "upstreampolicies",
+        "lb.dev/v1alpha1",
+        "UpstreamPolicy",
+        "/apis/lb.dev/v1alpha1",
+    ),
+];
+
+fn resource_of_kind(kind: &str) -> &'static str {
+    RESOURCES
+        .iter()
+        .find(|r| r.2 == kind)
+        .unwrap_or_else(|| panic!("the fake API server does not serve {kind}"))
+        .0
+}
+
+fn resource(plural: &str) -> (&'static str, &'static str, &'static str, &'static str) {
+    *RESOURCES
+        .iter()
+        .find(|r| r.0 == plural)
+        .expect("known resource")
+}
+
+/// (resource, namespace, name)
+type Key = (String, String, String);
+
+struct Change {
+    rv: u64,
+    resource: String,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+struct Watcher {
+    resource: String,
+    selector: Option<String>,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+pub struct State {
+    rv: u64,
+    /// A watch from a version below this gets 410 Gone.
+    oldest: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<Change>,
+    watchers: Vec<Watcher>,
+    /// `METHOD path?query -> status`, every request in order.
+    pub requests: Vec<String>,
+    /// (policy `namespace/name`, the merge patch) of every status patch.
+    pub status_patches: Vec<(String, Value)>,
+    /// Every Event created or patched.
+    pub events: Vec<Value>,
+}
+
+/// `k=v` and `k` (exists) terms, comma-separated, all of which must hold.
+fn selects(selector: Option<&str>, obj: &Value) -> bool {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let labels = &obj["metadata"]["labels"];
+    sel.split(',').all(|term| match term.split_once('=') {
+        Some((k, v)) => labels[k.trim_end_matches('=')].as_str() == Some(v),
+        None => labels.get(term).is_some(),
+    })
+}
+
+fn line(kind: &str, object: &Value) -> Bytes {
+    let mut s = serde_json::to_vec(&json!({ "type": kind, "object": object })).unwrap();
+    s.push(b'\n');
+    Bytes::from(s)
+}
+
+/// The watch event `change` is for a watcher with `selector`, if any.
+fn event_for(change: &Change, selector: Option<&str>) -> Option<Bytes> {
+    let was = change.old.as_ref().is_some_and(|o| selects(selector, o));
+    match &change.new {
+        Some(n) if selects(selector, n) => Some(line(if was { "MODIFIED" } else { "ADDED" }, n)),
+        Some(n) if was => Some(line("DELETED", n)),
+        None if was => {
+            let mut gone = change.old.clone().unwrap();
+            gone["metadata"]["resourceVersion"] = json!(change.rv.to_string());
+            Some(line("DELETED", &gone))
+        }
+        _ => None,
+    }
+}
+
+fn merge(a: &mut Value, b: &Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                if v.is_null() {
+                    a.remove(k);
+                } else {
+                    merge(a.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+impl State {
+    fn key(obj: &Value) -> Key {
+        let kind = obj["kind"].as_str().expect("objects have a kind");
+        (
+            resource_of_kind(kind).into(),
+            obj["metadata"]["namespace"].as_str().unwrap_or("").into(),
+            obj["metadata"]["name"]
+                .as_str()
+                .expect("objects have a name")
+                .into(),
+        )
+    }
+
+    fn record(&mut self, resource: String, old: Option<Value>, new: Option<Value>, notify: bool) {
+        let change = Change {
+            rv: self.rv,
+            resource,
+            old,
+            new,
+        };
+        if notify {
+            self.watchers.retain(|w| {
+                w.resource != change.resource
+                    || match event_for(&change, w.selector.as_deref()) {
+                        Some(l) => w.tx.send(l).is_ok(),
+                        None => true,
+                    }
+            });
+        }
+        self.history.push(change);
+    }
+
+    fn put(&mut self, mut obj: Value, notify: bool) {
+        let key = Self::key(&obj);
+        self.rv += 1;
+        let old = self.objects.get(&key).cloned();
+        let generation = match &old {
+            Some(o) if o["spec"] == obj["spec"] => {
+                o["metadata"]["generation"].as_i64().unwrap_or(1)
+            }
+            Some(o) => o["metadata"]["generation"].as_i64().unwrap_or(1) + 1,
+            None => 1,
+        };
+        let meta = &mut obj["metadata"];
+        meta["resourceVersion"] = json!(self.rv.to_string());
+        meta["generation"] = json!(generation);
+        if meta.get("uid").is_none() {
+            meta["uid"] = json!(format!("uid-{}-{}-{}", key.0, key.1, key.2));
+        }
+        self.objects.insert(key.clone(), obj.clone());
+        self.record(key.0, old, Some(obj), notify);
+    }
+
+    fn remove(&mut self, key: &Key, notify: bool) {
+        if let Some(old) = self.objects.remove(key) {
+            self.rv += 1;
+            self.record(key.0.clone(), Some(old), None, notify);
+        }
+    }
+}
+
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    pub addr: SocketAddr,
+}
+
+impl FakeApi {
+    /// Serves on `listener` (bind it in the namespace the agent runs in).
+    pub fn new(listener: std::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let mut api = Self {
+            state: Arc::default(),
+            runtime: None,
+            addr,
+        };
+        api.start(listener);
+        api
+    }
+
+    /// (Re)starts serving the same objects on `listener`.
+    pub fn start(&mut self, listener: std::net::TcpListener) {
+        assert!(self.runtime.is_none(), "already serving");
+        listener.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = self.state.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = axum::Router::new().fallback(handle).with_state(state);
+            let _ = axum::serve(listener, app).await;
+        });
+        self.runtime = Some(rt);
+    }
+
+    /// Goes away: the listener and every connection close.
+    pub fn stop(&mut self) {
+        self.lock().watchers.clear();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Creates or replaces an object (its `kind` says which resource).
+    pub fn apply(&self, obj: Value) {
+        self.lock().put(obj, true);
+    }
+
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        let key = (resource_of_kind(kind).into(), namespace.into(), name.into());
+        self.lock().remove(&key, true);
+    }
+
+    /// Changes objects without telling the watchers, then compacts history past those changes
+    /// and closes every watch: the watchers resume from versions that are gone, get `410 Gone`
+    /// and must list again to see the changes.
+    pub fn expire(&self, changes: impl FnOnce(&mut dyn FnMut(Value))) {
+        let mut s = self.lock();
+        changes(&mut |obj| s.put(obj, false));
+        s.oldest = s.rv;
+        s.history.clear();
+        s.watchers.clear();
+    }
+
+    /// Sends a bookmark with the current version to every watch.
+    pub fn bookmark(&self) {
+        let mut s = self.lock();
+        let rv = s.rv;
+        s.watchers.retain(|w| {
+            let (_, api_version, kind, _) = resource(&w.resource);
+            let obj = json!({ "apiVersion": api_version, "kind": kind, "metadata": { "resourceVersion": rv.to_string() } });
+            w.tx.send(line("BOOKMARK", &obj)).is_ok()
+        });
+    }
+
+    /// Requests so far whose line contains `needle`.
+    pub fn requests(&self, needle: &str) -> Vec<String> {
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// A kubeconfig that points at this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: http://{}
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: nobody
+    namespace: default
+current-context: fake
+users:
+- name: nobody
+  user: {{}}
+",
+            self.addr
+        )
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code.as_u16() })
+        .to_string(),
+    )
+        .into_response()
+}
+
+fn ok_json(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(Extract(state): Extract<Arc<Mutex<State>>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let line = format!("{method} {}", req.uri());
+    let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .unwrap_or_default();
+    let resp = respond(&state, &method, &path, &query, &body);
+    state
+        .lock()
+        .unwrap()
+        .requests
+        .push(format!("{line} -> {}", resp.status().as_u16()));
+    resp
+}
+
+fn respond(
+    state: &Arc<Mutex<State>>,
+    method: &Method,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    body: &[u8],
+) -> Response {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Cluster-wide list and watch of a served resource.
+    if method == Method::GET
+        && let Some(&(plural, api_version, kind, _)) = RESOURCES
+            .iter()
+            .find(|r| path == format!("{}/{}", r.3, r.0))
+    {
+        let selector = query.get("labelSelector").cloned();
+        let mut s = state.lock().unwrap();
+        if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
+            let from: u64 = query
+                .get("resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let (tx, rx) = mpsc::unbounded_channel();
+            if from < s.oldest {
+                // What the API server does: a watch ERROR event, then the end of the stream.
+                let err = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {from} ({})", s.oldest), "reason": "Expired", "code": 410 });
+                let _ = tx.send(line("ERROR", &err));
+                drop(tx);
+            } else {
+                for c in s
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > from && c.resource == plural)
+                {
+                    if let Some(l) = event_for(c, selector.as_deref()) {
+                        let _ = tx.send(l);
+                    }
+                }
+                if query.get("allowWatchBookmarks").map(String::as_str) == Some("true") {
+                    let obj = json!({ "apiVersion": api_version, "kind": kind, "metadata": { "resourceVersion": s.rv.to_string() } });
+                    let _ = tx.send(line("BOOKMARK", &obj));
+                }
+                s.watchers.push(Watcher {
+                    resource: plural.into(),
+                    selector,
+                    tx,
+                });
+            }
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+            });
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        let items: Vec<Value> = s
+            .objects
+            .iter()
+            .filter(|(k, o)| k.0 == plural && selects(selector.as_deref(), o))
+            .map(|(_, o)| o.clone())
+            .collect();
+        return ok_json(
+            StatusCode::OK,
+            &json!({ "apiVersion": api_version, "kind": format!("{kind}List"),
+                     "metadata": { "resourceVersion": s.rv.to_string() }, "items": items }),
+        );
+    }
+    // PATCH /apis/lb.dev/v1alpha1/namespaces/{ns}/upstreampolicies/{name}/status
+    if method == Method::PATCH
+        && let [
+            "apis",
+            "lb.dev",
+            "v1alpha1",
+            "namespaces",
+            ns,
+            "upstreampolicies",
+            name,
+            "status",
+        ] = segs[..]
+    {
+        let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+        };
+        let mut s = state.lock().unwrap();
+        let key: Key = ("upstreampolicies".into(), ns.into(), name.into());
+        let Some(mut obj) = s.objects.get(&key).cloned() else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("upstreampolicies.lb.dev \"{name}\" not found"),
+            );
+        };
+        s.status_patches
+            .push((format!("{ns}/{name}"), patch.clone()));
+        if let Some(st) = patch.get("status") {
+            merge(&mut obj, &json!({ "status": st }));
+        }
+        s.put(obj, true);
+        let obj = s.objects[&key].clone();
+        return ok_json(StatusCode::OK, &obj);
+    }
+    // Events: POST .../namespaces/{ns}/events, PATCH .../namespaces/{ns}/events/{name}
+    if let [
+        "apis",
+        "events.k8s.io",
+        "v1",
+        "namespaces",
+        _ns,
+        "events",
+        rest @ ..,
+    ] = &segs[..]
+    {
+        let Ok(mut ev) = serde_json::from_slice::<Value>(body) else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+        };
+        let mut s = state.lock().unwrap();
+        s.rv += 1;
+        if ev.get("metadata").is_none() {
+            ev["metadata"] = json!({});
+        }
+        ev["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        if let [name] = rest {
+            ev["metadata"]["name"] = json!(name);
+        }
+        s.events.push(ev.clone());
+        let code = if method == Method::POST {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        return ok_json(code, &ev);
+    }
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("the fake API server does not serve {method} {path}"),
+    )
+}

@@ -1,0 +1,533 @@
+//! `lb run --kubernetes` against a fake API server: kube-rs's client, watchers and reflectors
+//! run unmodified over a real connection; the agent programs real maps; packets run through the
+//! program on those maps (BPF_PROG_TEST_RUN) reach the pods' addresses and ports.
+//!
+//! One agent, one story, checked at each step through `lb backends --json`, the fake server's
+//! record of status patches and Events, the agent's log, and packets.
+
+use std::{
+    net::{IpAddr, TcpListener},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_common::Counter;
+use lb_tests::{
+    agent::{Agent, Dirs},
+    harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
+    kubeapi::FakeApi,
+    packet::{L4, Pkt, TCP_ACK},
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+const T: Duration = Duration::from_secs(30);
+const V4: &str = "192.0.2.10";
+const V6: &str = "2001:db8::10";
+
+const NODE_CONFIG: &str = "node:
+  interfaces: [lb0]
+  source_v4: 10.0.0.1
+  source_v6: fd00::1
+  table_size: 1009
+  max_vips: 16
+  max_backends: 32
+  flow_table_size: 65536
+  nat_table_size: 4096
+";
+
+fn service(name: &str, extra: Value) -> Value {
+    let mut v = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "namespace": "shop", "name": name, "labels": { "lb.dev/class": "default" },
+                      "annotations": { "lb.dev/upstream-policy": "sticky" } },
+        "spec": {
+            "type": "LoadBalancer",
+            "ports": [
+                { "name": "http", "port": 80, "targetPort": "web", "protocol": "TCP" },
+                { "name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP" }
+            ]
+        },
+        "status": { "loadBalancer": { "ingress": [ { "ip": V4 }, { "ip": V6 } ] } }
+    });
+    merge(&mut v, extra);
+    v
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                if v.is_null() {
+                    a.remove(&k);
+                } else {
+                    merge(a.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// Endpoints as (address, node, ready, serving, terminating).
+fn slice(name: &str, family: &str, eps: &[(&str, &str, bool, bool, bool)]) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "namespace": "shop", "name": name, "labels": { "kubernetes.io/service-name": "web" } },
+        "addressType": family,
+        "ports": [ { "name": "http", "port": 8080, "protocol": "TCP" }, { "name": "dns", "port": 5353, "protocol": "UDP" } ],
+        "endpoints": eps.iter().map(|(a, node, r, s, t)| json!({
+            "addresses": [a], "nodeName": node, "conditions": { "ready": r, "serving": s, "terminating": t }
+        })).collect::<Vec<_>>()
+    })
+}
+
+fn policy(spec: Value) -> Value {
+    json!({ "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
+            "metadata": { "namespace": "shop", "name": "sticky" }, "spec": spec })
+}
+
+/// Fields drop in order: the agent first, the namespace last.
+struct World {
+    agent: Agent,
+    /// The program, loaded once on the agent's pinned maps.
+    lb: Option<Lb>,
+    api: FakeApi,
+    dirs: Dirs,
+    net: FibNet,
+}
+
+impl World {
+    /// `lb backends --json` once the agent's maps satisfy `pred`.
+    fn wait(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let out = self.dirs.cli(&["backends", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if pred(&v) {
+                return v;
+            }
+            if start.elapsed() > T {
+                panic!(
+                    "waiting for {what}: the maps still show\n{v:#}\nagent log:\n{}",
+                    self.agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_api(&self, what: &str, pred: impl Fn(&lb_tests::kubeapi::State) -> bool) {
+        let start = Instant::now();
+        while !pred(&self.api.lock()) {
+            assert!(
+                start.elapsed() < T,
+                "waiting for {what}; agent log:\n{}",
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Where a packet goes: (action, destination address, destination port).
+    fn send(&mut self, pkt: &Pkt) -> (u32, Option<(IpAddr, u16)>) {
+        let lb0 = self.net.lb0;
+        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
+        self.net.ns.run(|| {
+            let lb = slot.get_or_insert_with(|| Lb::adopt(pins));
+            let run = lb.run(&pkt.frame(), lb0);
+            let out = &run.output;
+            let dst =
+                (run.action == XDP_TX).then(|| match u16::from_be_bytes([out[12], out[13]]) {
+                    0x0800 => (
+                        IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),
+                        u16::from_be_bytes([out[36], out[37]]),
+                    ),
+                    _ => (
+                        IpAddr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()),
+                        u16::from_be_bytes([out[56], out[57]]),
+                    ),
+                });
+            (run.action, dst)
+        })
+    }
+
+    fn pod_of(&mut self, pkt: &Pkt) -> (IpAddr, u16) {
+        let (action, dst) = self.send(pkt);
+        assert_eq!(
+            action_name(action),
+            action_name(XDP_TX),
+            "{pkt:?}; agent log:\n{}",
+            self.agent.log_text()
+        );
+        dst.unwrap()
+    }
+
+    fn counter(&mut self, c: Counter) -> u64 {
+        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
+        self.net
+            .ns
+            .run(|| slot.get_or_insert_with(|| Lb::adopt(pins)).counters()[&c])
+    }
+}
+
+fn vip<'a>(v: &'a Value, label: &str) -> Option<&'a Value> {
+    v.as_array()?.iter().find(|x| x["vip"] == label)
+}
+
+/// (address, weight, slots) of a VIP's backends.
+fn rows(v: &Value, label: &str) -> Vec<(String, u64, u64)> {
+    vip(v, label)
+        .map(|x| {
+            x["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap().to_string(),
+                        b["weight"].as_u64().unwrap_or(u64::MAX),
+                        b["slots"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn client(i: u32, port: u16) -> Pkt {
+    Pkt::tcp(
+        &format!("198.51.100.{}", 1 + i % 250),
+        port,
+        V4,
+        80,
+        LB0_MAC,
+    )
+}
+
+/// The last condition of `kind` the agent patched into the policy's status.
+fn condition(api: &lb_tests::kubeapi::State, kind: &str) -> Option<Value> {
+    api.status_patches.iter().rev().find_map(|(_, p)| {
+        p["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == kind)
+            .cloned()
+    })
+}
+
+fn events(api: &lb_tests::kubeapi::State, reason: &str) -> Vec<Value> {
+    api.events
+        .iter()
+        .filter(|e| e["reason"] == reason)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_agent_serves_the_clusters_services_and_follows_every_change() {
+    let net = FibNet::new("k8s");
+    let dirs = Dirs::new(Path::new(BIN), "k8s");
+    dirs.write_config(NODE_CONFIG);
+    let bind = || net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let api = FakeApi::new(bind());
+    let port = api.addr.port();
+
+    // The cluster before the agent starts.
+    api.apply(service("web", json!({})));
+    api.apply(service(
+        "elsewhere",
+        json!({ "metadata": { "labels": { "lb.dev/class": "another-lb" } },
+                "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.99" } ] } } }),
+    ));
+    api.apply(service(
+        "broken",
+        json!({ "spec": { "ports": "eighty" }, "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.98" } ] } } }),
+    ));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[
+            (TX_V4, "node-a", true, true, false),
+            (TX_V4_B, "node-b", true, true, false),
+        ],
+    ));
+    api.apply(slice(
+        "web-v6",
+        "IPv6",
+        &[(TX_V6, "node-b", true, true, false)],
+    ));
+    api.apply(policy(
+        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" } }),
+    ));
+
+    let kubeconfig = dirs.state.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let agent = Agent::start_with(
+        &net.ns,
+        &dirs,
+        &["--kubernetes"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "node-a"),
+        ],
+    );
+    let mut w = World {
+        net,
+        dirs,
+        api,
+        agent,
+        lb: None,
+    };
+    w.agent.wait_for("running", 1, T);
+
+    // 1. Initial sync: 2 addresses x 2 ports, NAT to the pods' port; other classes ignored,
+    //    the malformed Service skipped and named in the log.
+    let v = w.wait("the initial sync", |v| {
+        rows(v, &format!("{V4}:80/tcp")).len() == 2
+    });
+    let labels: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["vip"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 4, "{labels:?}");
+    for l in [
+        format!("{V4}:80/tcp"),
+        format!("{V4}:53/udp"),
+        format!("[{V6}]:80/tcp"),
+        format!("[{V6}]:53/udp"),
+    ] {
+        assert!(labels.contains(&l.as_str()), "{l} missing from {labels:?}");
+        assert_eq!(vip(&v, &l).unwrap()["mode"], "nat");
+        assert_eq!(
+            vip(&v, &l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .split(':')
+                .next(),
+            Some("shop/web")
+        );
+    }
+    let log = w.agent.log_text();
+    assert!(
+        log.contains("Service shop/broken is malformed and skipped"),
+        "{log}"
+    );
+    assert!(
+        !w.api.requests("/api/v1/services?").is_empty()
+            && w.api
+                .requests("/api/v1/services?")
+                .iter()
+                .all(|r| r.contains("labelSelector=lb.dev%2Fclass%3Ddefault")),
+        "Services are filtered by the API server: {:?}",
+        w.api.requests("/api/v1/services")
+    );
+
+    // Packets reach the pods' addresses at their port (8080: the named target port); the
+    // policy hashes on the client address, so one client's connections share a pod.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let first = w.pod_of(&client(i, 10000));
+        assert_eq!(first.1, 8080);
+        assert!([TX_V4, TX_V4_B].contains(&first.0.to_string().as_str()));
+        for sport in [10001, 10002, 10003] {
+            assert_eq!(w.pod_of(&client(i, sport)), first, "client {i} moved");
+        }
+        seen.insert(first.0);
+    }
+    assert_eq!(seen.len(), 2, "both pods get clients");
+    let v6 = Pkt::udp("2001:db8:c::7", 4000, V6, 53, LB0_MAC);
+    assert_eq!(w.pod_of(&v6), (TX_V6.parse().unwrap(), 5353));
+    w.wait_api("the policy's status", |s| {
+        condition(s, "Accepted").is_some_and(|c| c["status"] == "True")
+            && condition(s, "Programmed").is_some_and(|c| c["status"] == "True")
+    });
+
+    // 2. TX_V4_B starts terminating: it drains (weight 0, no slots), its established flows stay.
+    let mut on_b = None;
+    for i in 100..200 {
+        if w.pod_of(&client(i, 20000)).0.to_string() == TX_V4_B {
+            on_b = Some(client(i, 20000));
+            break;
+        }
+    }
+    let on_b = on_b.expect("some client lands on TX_V4_B");
+    w.api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[
+            (TX_V4, "node-a", true, true, false),
+            (TX_V4_B, "node-b", false, true, true),
+        ],
+    ));
+    w.wait("TX_V4_B draining", |v| {
+        rows(v, &format!("{V4}:80/tcp")).contains(&(TX_V4_B.into(), 0, 0))
+    });
+    let established = on_b.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+    assert_eq!(
+        w.pod_of(&established).0.to_string(),
+        TX_V4_B,
+        "an established flow stays on its draining pod"
+    );
+    for i in 300..330 {
+        assert_eq!(
+            w.pod_of(&client(i, 30000)).0.to_string(),
+            TX_V4,
+            "new flows avoid the draining pod"
+        );
+    }
+
+    // 3. The policy turns unusable: rejected with its reason, an Event on the Service, and the
+    //    Service keeps the last accepted version (client-address hashing); then slots.
+    w.api.apply(policy(
+        json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" } }),
+    ));
+    w.wait_api("the rejection", |s| {
+        condition(s, "Accepted")
+            .is_some_and(|c| c["status"] == "False" && c["reason"] == "NoUsableHash")
+            && !events(s, "PolicyRejected").is_empty()
+    });
+    {
+        let s = w.api.lock();
+        let e = &events(&s, "PolicyRejected")[0];
+        assert_eq!(e["regarding"]["name"], "web", "{e}");
+        assert_eq!(e["type"], "Warning");
+        assert!(
+            e["note"]
+                .as_str()
+                .unwrap()
+                .contains("header \"x-user\" cannot be seen at L4"),
+            "{e}"
+        );
+        assert_eq!(condition(&s, "Programmed").unwrap()["reason"], "Rejected");
+    }
+    let c = client(7, 1111);
+    let pod = w.pod_of(&c);
+    assert_eq!(
+        w.pod_of(&c.clone().with(|p| p.sport = 2222)),
+        pod,
+        "still hashing on the client address"
+    );
+    w.api.apply(policy(
+        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 1000 }),
+    ));
+    w.wait_api("the slots rejection", |s| {
+        condition(s, "Accepted").is_some_and(|c| {
+            c["reason"] == "InvalidSlots"
+                && c["message"].as_str().unwrap().contains("1000 is not prime")
+        })
+    });
+    w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));
+    let v = w.wait("a 251-slot table", |v| {
+        vip(v, &format!("{V4}:80/tcp")).is_some_and(|x| x["table_size"] == 251)
+    });
+    assert_eq!(
+        rows(&v, &format!("{V4}:80/tcp"))
+            .iter()
+            .map(|r| r.2)
+            .sum::<u64>(),
+        251
+    );
+    w.wait_api("the fallback acceptance", |s| {
+        condition(s, "Accepted")
+            .is_some_and(|c| c["status"] == "True" && c["reason"] == "AcceptedWithFallback")
+    });
+
+    // 4. externalTrafficPolicy: Local: only this node's pods; the IPv6 pod is on node-b, so
+    //    the IPv6 VIPs have none and drop (counted).
+    w.api.apply(service(
+        "web",
+        json!({ "spec": { "externalTrafficPolicy": "Local" } }),
+    ));
+    w.wait("Local endpoints only", |v| {
+        rows(v, &format!("{V4}:80/tcp")) == [(TX_V4.to_string(), 1, 251)]
+            && rows(v, &format!("[{V6}]:53/udp")).is_empty()
+    });
+    let before = w.counter(Counter::DropNoBackend);
+    assert_eq!(
+        action_name(w.send(&v6.clone().with(|p| p.sport = 4001)).0),
+        action_name(XDP_DROP)
+    );
+    assert_eq!(w.counter(Counter::DropNoBackend), before + 1);
+
+    // 5. Changes the watchers never see (compacted away): 410 Gone, relist, and the agent
+    //    catches up.
+    w.api.expire(|apply| {
+        apply(service("web", json!({})));
+        apply(slice(
+            "web-v4",
+            "IPv4",
+            &[
+                (TX_V4, "node-a", true, true, false),
+                (TX_V4_B, "node-b", true, true, false),
+            ],
+        ));
+    });
+    w.wait("the relist after 410", |v| {
+        rows(v, &format!("{V4}:80/tcp")).len() == 2 && rows(v, &format!("[{V6}]:53/udp")).len() == 1
+    });
+    assert!(
+        w.api
+            .requests(" -> 200")
+            .iter()
+            .any(|r| r.contains("watch=true")),
+        "watches were made"
+    );
+    let lists = w
+        .api
+        .requests("GET /api/v1/services?")
+        .iter()
+        .filter(|r| !r.contains("watch="))
+        .count();
+    assert!(
+        lists >= 2,
+        "the Services were listed again after 410: {:?}",
+        w.api.requests("services")
+    );
+
+    // 6. The API server goes away: the agent keeps serving the last state, and resyncs when it
+    //    comes back (with changes made meanwhile).
+    w.api.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        w.pod_of(&v6.clone().with(|p| p.sport = 4002)),
+        (TX_V6.parse().unwrap(), 5353),
+        "serving while the API server is away"
+    );
+    w.agent.wait_for("Connection refused", 1, T);
+    w.api.expire(|apply| {
+        apply(slice(
+            "web-v4",
+            "IPv4",
+            &[(TX_V4_B, "node-b", true, true, false)],
+        ));
+    });
+    w.api.start(
+        w.net
+            .ns
+            .run(|| TcpListener::bind(("127.0.0.1", port)).unwrap()),
+    );
+    w.wait("the resync after the outage", |v| {
+        rows(v, &format!("{V4}:80/tcp")) == [(TX_V4_B.to_string(), 1, 251)]
+    });
+    w.api.bookmark();
+
+    // 7. Deletes: the policy (an Event; the defaults), then the slice, then the Service.
+    w.api.delete("UpstreamPolicy", "shop", "sticky");
+    w.wait("the default table size", |v| {
+        vip(v, &format!("{V4}:80/tcp")).is_some_and(|x| x["table_size"] == 1009)
+    });
+    w.wait_api("PolicyNotFound", |s| {
+        !events(s, "PolicyNotFound").is_empty()
+    });
+    w.api.delete("EndpointSlice", "shop", "web-v4");
+    w.wait("no IPv4 pods", |v| {
+        vip(v, &format!("{V4}:80/tcp")).is_some() && rows(v, &format!("{V4}:80/tcp")).is_empty()
+    });
+    w.api.delete("Service", "shop", "web");
+    w.wait("no VIPs", |v| v.as_array().is_some_and(|a| a.is_empty()));
+    let log = w.agent.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
