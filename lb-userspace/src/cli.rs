@@ -71,6 +71,10 @@ enum Command {
         /// DaemonSet sets it from the downward API).
         #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
         node_name: Option<String>,
+        /// This node's addresses, comma-separated (one IPv4, one IPv6), in place of the
+        /// config's node.source_v4 / source_v6 (a DaemonSet sets HOST_IPS from status.hostIPs).
+        #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
+        source: Vec<std::net::IpAddr>,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     Down,
@@ -160,6 +164,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             kubernetes,
             class,
             node_name,
+            source,
         } => {
             let kubernetes = match (kubernetes, node_name) {
                 (false, _) => None,
@@ -175,6 +180,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 pin_dir: pins,
                 state_dir: cli.state_dir,
                 kubernetes,
+                sources: source,
             }))
         }
         Command::Down => {

@@ -45,6 +45,9 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Take the VIPs from Kubernetes (the config file then holds node settings only).
     pub kubernetes: Option<KubeOptions>,
+    /// This node's addresses (IPv4 and/or IPv6): the DSR outer source and NAT source, in place
+    /// of the file's `source_v4` / `source_v6` (a DaemonSet gets them from `status.hostIPs`).
+    pub sources: Vec<std::net::IpAddr>,
 }
 
 /// The config the agent serves: the file's node settings, with the file's VIPs or, under
@@ -62,7 +65,13 @@ fn compose(file: &Config, kube: Option<&[VipConfig]>) -> Config {
 
 /// Loads the config file; under Kubernetes it must not list VIPs (they come from the cluster).
 fn load_file(opts: &RunOptions) -> Result<Config> {
-    let c = Config::load(&opts.config)?;
+    let mut c = Config::load(&opts.config)?;
+    for a in &opts.sources {
+        match a {
+            std::net::IpAddr::V4(a) => c.node.spec.source_v4 = Some(*a),
+            std::net::IpAddr::V6(a) => c.node.spec.source_v6 = Some(*a),
+        }
+    }
     if opts.kubernetes.is_some() && !c.vips.is_empty() {
         bail!(
             "{} lists {} VIP(s), but with --kubernetes VIPs come from Services: keep only `node:` in it",

@@ -105,6 +105,18 @@ impl Agent {
 
     /// [`Agent::start`] with more arguments to `lb run` and more environment.
     pub fn start_with(ns: &NetNs, dirs: &Dirs, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_under(ns, dirs, &[], args, env)
+    }
+
+    /// [`Agent::start_with`], run by `wrapper` (a command and its arguments, to which the lb
+    /// binary and its arguments are appended), e.g. capsh.
+    pub fn start_under(
+        ns: &NetNs,
+        dirs: &Dirs,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = dirs.state.join(format!(
             "agent-{}.log",
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -113,7 +125,14 @@ impl Agent {
         let netns =
             File::open(format!("/var/run/netns/{}", ns.name)).expect("opening the namespace");
         let fd = netns.as_raw_fd();
-        let mut cmd = Command::new(&dirs.bin);
+        let mut cmd = match wrapper {
+            [] => Command::new(&dirs.bin),
+            [program, rest @ ..] => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&dirs.bin);
+                c
+            }
+        };
         cmd.arg("--pin-dir")
             .arg(&dirs.pins)
             .arg("--state-dir")
@@ -140,6 +159,10 @@ impl Agent {
         let child = cmd.spawn().expect("starting lb run");
         drop(netns);
         Self { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

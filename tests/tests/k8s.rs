@@ -224,13 +224,90 @@ fn events(api: &lb_tests::kubeapi::State, reason: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The namespace, the fake API server and the agent's directories, without the agent.
+fn setup(tag: &str) -> (FibNet, FakeApi, Dirs) {
+    let net = FibNet::new(tag);
+    let dirs = Dirs::new(Path::new(BIN), tag);
+    dirs.write_config(NODE_CONFIG);
+    let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
+    std::fs::write(dirs.state.join("kubeconfig"), api.kubeconfig()).unwrap();
+    (net, api, dirs)
+}
+
+/// Starts `lb run --kubernetes` as node-a, under `wrapper` if not empty.
+fn start_agent(net: &FibNet, dirs: &Dirs, wrapper: &[&str]) -> Agent {
+    let kubeconfig = dirs.state.join("kubeconfig");
+    Agent::start_under(
+        &net.ns,
+        dirs,
+        wrapper,
+        &["--kubernetes"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "node-a"),
+        ],
+    )
+}
+
+/// The ClusterRole's rules as (API group, resource, verb).
+fn granted() -> Vec<(String, String, String)> {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml"))
+            .unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let mut out = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.push((
+                        g.as_str().unwrap().into(),
+                        r.as_str().unwrap().into(),
+                        v.as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What RBAC calls a request the fake server logged ("GET /api/v1/services?... -> 200").
+fn rbac_of(request: &str) -> (String, String, String) {
+    let (method, rest) = request.split_once(' ').unwrap();
+    let uri = rest.split(' ').next().unwrap();
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, tail) = match segs[0] {
+        "api" => ("", &segs[2..]),
+        _ => (segs[1], &segs[3..]),
+    };
+    let tail = match tail {
+        ["namespaces", _, rest @ ..] => rest,
+        t => t,
+    };
+    let resource = match tail {
+        [r] | [r, _] => r.to_string(),
+        [r, _, sub] => format!("{r}/{sub}"),
+        _ => panic!("unexpected path {path}"),
+    };
+    let verb = match method {
+        "GET" if query.contains("watch=true") || query.contains("watch=1") => "watch",
+        "GET" if tail.len() == 1 => "list",
+        "GET" => "get",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        m => panic!("unexpected method {m}"),
+    };
+    (group.into(), resource, verb.into())
+}
+
 #[test]
 fn the_agent_serves_the_clusters_services_and_follows_every_change() {
-    let net = FibNet::new("k8s");
-    let dirs = Dirs::new(Path::new(BIN), "k8s");
-    dirs.write_config(NODE_CONFIG);
-    let bind = || net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap());
-    let api = FakeApi::new(bind());
+    let (net, api, dirs) = setup("k8s");
     let port = api.addr.port();
 
     // The cluster before the agent starts.
@@ -261,17 +338,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" } }),
     ));
 
-    let kubeconfig = dirs.state.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let agent = Agent::start_with(
-        &net.ns,
-        &dirs,
-        &["--kubernetes"],
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("NODE_NAME", "node-a"),
-        ],
-    );
+    let agent = start_agent(&net, &dirs, &[]);
     let mut w = World {
         net,
         dirs,
@@ -530,4 +597,140 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
     w.wait("no VIPs", |v| v.as_array().is_some_and(|a| a.is_empty()));
     let log = w.agent.log_text();
     assert!(!log.contains("panicked"), "{log}");
+
+    // Least rights: every request the agent made is one deploy/rbac.yaml grants, and every
+    // resource it grants was used.
+    let granted = granted();
+    let made: Vec<(String, String, String)> =
+        w.api.requests(" -> ").iter().map(|r| rbac_of(r)).collect();
+    for m in &made {
+        assert!(
+            granted.contains(m),
+            "the agent made a request RBAC does not grant: {m:?}"
+        );
+    }
+    for (g, r, _) in &granted {
+        assert!(
+            made.iter().any(|m| &m.0 == g && &m.1 == r),
+            "deploy/rbac.yaml grants {g}/{r}, which the agent never used"
+        );
+    }
+}
+
+/// The Linux capability numbers of `CAP_*` names.
+fn cap_number(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "SYS_ADMIN" => 21,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("no number for CAP_{other} here"),
+    }
+}
+
+/// `capsh` arguments that leave exactly `keep` (bounding set, hence effective for root).
+fn capsh_keeping(keep: &[String]) -> Vec<String> {
+    let print = std::process::Command::new("capsh")
+        .arg("--print")
+        .output()
+        .expect("capsh (cargo xtask setup installs libcap2-bin)");
+    let text = String::from_utf8_lossy(&print.stdout);
+    let bounding = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Bounding set ="))
+        .expect("capsh --print shows the bounding set");
+    let keep: Vec<String> = keep
+        .iter()
+        .map(|k| format!("cap_{}", k.to_lowercase()))
+        .collect();
+    let drop: Vec<&str> = bounding
+        .split(',')
+        .filter(|c| !keep.iter().any(|k| k == c))
+        .collect();
+    vec![
+        "capsh".into(),
+        format!("--drop={}", drop.join(",")),
+        "--".into(),
+        "-c".into(),
+        "exec \"$@\"".into(),
+        "lb".into(),
+    ]
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml"),
+    )
+    .unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let caps: Vec<String> =
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+    assert!(!caps.contains(&"SYS_ADMIN".to_string()), "{caps:?}");
+
+    // Exactly those: the agent loads, attaches and serves.
+    let (net, api, dirs) = setup("caps");
+    api.apply(service("web", json!({})));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let wrapper = capsh_keeping(&caps);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = start_agent(&net, &dirs, &wrapper);
+    let mut w = World {
+        agent,
+        lb: None,
+        api,
+        dirs,
+        net,
+    };
+    w.agent.wait_for("attached", 1, T);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.agent.pid())).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    let want: u64 = caps.iter().map(|c| 1u64 << cap_number(c)).sum();
+    assert_eq!(
+        u64::from_str_radix(eff, 16).unwrap(),
+        want,
+        "the agent runs with exactly {caps:?}"
+    );
+    w.agent.wait_for("running", 1, T);
+    w.wait("the VIP", |v| rows(v, &format!("{V4}:80/tcp")).len() == 1);
+    assert_eq!(w.pod_of(&client(1, 5555)), (TX_V4.parse().unwrap(), 8080));
+    drop(w);
+
+    // Without any one of them, it cannot.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let (net, api, dirs) = setup("caps");
+        api.apply(service("web", json!({})));
+        let wrapper = capsh_keeping(&fewer);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let mut agent = start_agent(&net, &dirs, &wrapper);
+        let exit = agent.wait_exit(T).unwrap_or_else(|| {
+            panic!(
+                "without CAP_{missing} the agent still runs:
+{}",
+                agent.log_text()
+            )
+        });
+        assert!(!exit.success());
+        let log = agent.log_text();
+        assert!(
+            log.contains("Operation not permitted") || log.contains("Permission denied"),
+            "without CAP_{missing}: {log}"
+        );
+        drop((agent, api, dirs, net));
+    }
 }

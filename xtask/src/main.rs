@@ -21,7 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks to build and test lb (idempotent), and mount bpffs.
-    Setup,
+    Setup {
+        /// Only what building needs (for the container image): no test tools, no bpffs.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Run setup, the lints (rustfmt, clippy) and the whole test suite. Needs root.
     Test {
         /// Skip rustfmt and clippy.
@@ -43,9 +47,9 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup(),
+        Cmd::Setup { build_only } => setup(build_only),
         Cmd::Test { no_lint, args } => {
-            setup()?;
+            setup(false)?;
             require_root("the tests load XDP programs and create network namespaces")?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -77,7 +81,7 @@ fn main() -> Result<()> {
             run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
         }
         Cmd::Bench { smoke } => {
-            setup()?;
+            setup(false)?;
             require_root("the benchmarks load XDP programs")?;
             let mut c = cargo();
             c.args([
@@ -95,7 +99,7 @@ fn main() -> Result<()> {
             run(&mut c)
         }
         Cmd::Demo => {
-            setup()?;
+            setup(false)?;
             require_root("the demo attaches XDP programs inside network namespaces")?;
             // The demo runs the real agent binary, built like any user would build it.
             run(cargo().args([
@@ -122,19 +126,28 @@ fn main() -> Result<()> {
     }
 }
 
+/// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
+/// under it) and Python's venv (for kubernetes-validate).
+const TEST_APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "libcap2-bin", "python3-venv"];
+/// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Where `cargo xtask setup` puts kubernetes-validate.
+fn tools_venv() -> PathBuf {
+    workspace_root().join("target/tools/venv")
+}
+
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    "iproute2",
-    "ethtool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Installs only what is missing, saying what it checked and what it did.
-fn setup() -> Result<()> {
+fn setup(build_only: bool) -> Result<()> {
     // The eBPF crate is built by nightly with -Z build-std=core, which needs nightly's rust-src.
     let installed = output(Command::new("rustup").args([
         "component",
@@ -157,16 +170,16 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
+    let wanted: &[&str] = if build_only { &[] } else { TEST_APT_PACKAGES };
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(wanted)
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
     if missing.is_empty() {
-        say(&format!(
-            "Debian packages ({}): present",
-            APT_PACKAGES.join(", ")
-        ));
+        let all: Vec<&str> = APT_PACKAGES.iter().chain(wanted).copied().collect();
+        say(&format!("Debian packages ({}): present", all.join(", ")));
     } else {
         say(&format!(
             "Debian packages missing: {}; installing",
@@ -197,6 +210,29 @@ fn setup() -> Result<()> {
                     "llvm-22",
                 ])
                 .env("LLVM_PREFIX", LLVM_PREFIX))?;
+        }
+    }
+
+    if build_only {
+        return Ok(());
+    }
+
+    let validator = tools_venv().join("bin/kubernetes-validate");
+    match output(Command::new(&validator).arg("--version")) {
+        Ok(v) => say(&format!("kubernetes-validate: present ({})", v.trim())),
+        Err(_) => {
+            say(&format!(
+                "kubernetes-validate: missing, installing {KUBERNETES_VALIDATE} into {}",
+                tools_venv().display()
+            ));
+            run(Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(tools_venv()))?;
+            run(Command::new(tools_venv().join("bin/pip")).args([
+                "install",
+                "--quiet",
+                KUBERNETES_VALIDATE,
+            ]))?;
         }
     }
 
