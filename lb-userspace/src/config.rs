@@ -60,7 +60,7 @@ pub enum XdpMode {
     Generic,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,
     /// GET `path`; a status in `statuses` (default: 200..=399) is a success.
@@ -71,7 +71,7 @@ pub enum CheckKind {
 }
 
 /// Active health checking of a VIP's backends, in the spirit of Kong's active checks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
     pub kind: CheckKind,
     /// Port to probe; 0: the backend's port (NAT), else the VIP's.

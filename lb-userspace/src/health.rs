@@ -93,52 +93,105 @@ impl Tracker {
     }
 }
 
-/// Starts a checking task for every backend of every VIP with a health check. `healthy` gives
-/// each target's current health (so a reload doesn't forget it). Abort the handles to stop.
-pub fn spawn(
-    config: &Config,
-    healthy: impl Fn(&Target) -> bool,
+/// What one checking task probes.
+type CheckKey = (Target, SocketAddr, HealthCheck);
+
+/// The running checks, one task per (VIP, backend). A reload keeps the tasks whose check is
+/// unchanged (their probe rhythm and streaks go on), stops the others and starts new ones: a
+/// cluster whose endpoints change every few seconds still gets its backends judged.
+pub struct Checks {
+    tasks: std::collections::HashMap<CheckKey, JoinHandle<()>>,
+    client: reqwest::Client,
     tx: mpsc::Sender<Transition>,
-) -> Vec<JoinHandle<()>> {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("building the HTTP client");
-    let mut tasks = Vec::new();
-    for v in &config.vips {
-        let Some(check) = &v.health_check else {
-            continue;
-        };
-        for b in &v.spec.backends {
-            let target: Target = (v.spec.key(), b.address);
-            let addr = SocketAddr::new(b.address, check.port_for(&v.spec, b));
-            let mut tracker = Tracker::new(healthy(&target), check);
-            let (check, client, tx) = (check.clone(), client.clone(), tx.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut tick = time::interval(check.interval);
-                tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let result = probe(&check, addr, &client).await;
-                    if let Some(h) = tracker.record(result.is_ok()) {
-                        let reason = result.err().unwrap_or_else(|| "probes succeed".into());
-                        if tx
-                            .send(Transition {
-                                target,
-                                healthy: h,
-                                reason,
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }));
+}
+
+impl Checks {
+    pub fn new(tx: mpsc::Sender<Transition>) -> Self {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("building the HTTP client");
+        Self {
+            tasks: Default::default(),
+            client,
+            tx,
         }
     }
-    tasks
+
+    /// Makes the running checks those of `config`; `healthy` gives each new target's current
+    /// health (so a reload doesn't forget it).
+    pub fn sync(&mut self, config: &Config, healthy: impl Fn(&Target) -> bool) {
+        let mut wanted = std::collections::HashSet::new();
+        for v in &config.vips {
+            let Some(check) = &v.health_check else {
+                continue;
+            };
+            for b in &v.spec.backends {
+                let target: Target = (v.spec.key(), b.address);
+                let addr = SocketAddr::new(b.address, check.port_for(&v.spec, b));
+                wanted.insert((target, addr, check.clone()));
+            }
+        }
+        self.tasks.retain(|k, task| {
+            let keep = wanted.contains(k);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for key in wanted {
+            if !self.tasks.contains_key(&key) {
+                let task = spawn_one(&key, healthy(&key.0), &self.client, &self.tx);
+                self.tasks.insert(key, task);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for t in self.tasks.values() {
+            t.abort();
+        }
+    }
+}
+
+fn spawn_one(
+    key: &CheckKey,
+    healthy: bool,
+    client: &reqwest::Client,
+    tx: &mpsc::Sender<Transition>,
+) -> JoinHandle<()> {
+    let (target, addr, check) = key.clone();
+    let mut tracker = Tracker::new(healthy, &check);
+    let (client, tx) = (client.clone(), tx.clone());
+    tokio::spawn(async move {
+        let mut tick = time::interval(check.interval);
+        tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let result = probe(&check, addr, &client).await;
+            if let Some(h) = tracker.record(result.is_ok()) {
+                let reason = result.err().unwrap_or_else(|| "probes succeed".into());
+                let t = Transition {
+                    target,
+                    healthy: h,
+                    reason,
+                };
+                if tx.send(t).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -170,5 +223,42 @@ mod tests {
         assert_eq!(t.record(false), None, "already unhealthy");
         assert_eq!(t.record(true), None);
         assert_eq!(t.record(true), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_unchanged_checks_running() {
+        let text = |port: u16| {
+            format!(
+                "node: {{ interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }}
+vips:
+  - {{ address: 192.0.2.1, port: 80, protocol: tcp, backends: [{{ address: 10.1.0.1 }}, {{ address: 10.1.0.2 }}],
+      health_check: {{ type: tcp, port: {port}, interval: 1h, timeout: 1s }} }}
+"
+            )
+        };
+        let (tx, _rx) = mpsc::channel(8);
+        let mut checks = Checks::new(tx);
+        let c = Config::parse(&text(81), "t").unwrap();
+        checks.sync(&c, |_| true);
+        assert_eq!(checks.len(), 2);
+        let ids: Vec<_> = checks.tasks.values().map(|t| t.id()).collect();
+        checks.sync(&c, |_| true);
+        let again: Vec<_> = checks.tasks.values().map(|t| t.id()).collect();
+        assert_eq!(
+            ids.iter().collect::<std::collections::BTreeSet<_>>(),
+            again.iter().collect(),
+            "same checks, same tasks"
+        );
+        checks.sync(&Config::parse(&text(82), "t").unwrap(), |_| true);
+        assert_eq!(checks.len(), 2);
+        assert!(
+            checks.tasks.values().all(|t| !ids.contains(&t.id())),
+            "a changed check restarts"
+        );
+        checks.sync(
+            &Config::parse("node: { interfaces: [eth0], table_size: 1009 }", "t").unwrap(),
+            |_| true,
+        );
+        assert!(checks.is_empty());
     }
 }

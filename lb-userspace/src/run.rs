@@ -464,6 +464,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 table_size: sizes.maglev_m,
                 max_vips: sizes.max_vips,
                 max_backends: sizes.max_backends,
+                source_v4: file.node.spec.source_v4.is_some(),
+                source_v6: file.node.spec.source_v6.is_some(),
             };
             let kube = Kube::start(k, settings, ktx).await?;
             info!(class = %k.class, node = %k.node_name, "waiting for the first list of Services, EndpointSlices and UpstreamPolicies");
@@ -518,11 +520,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     m.ready.store(true, Ordering::Relaxed);
 
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
-    let mut checks = health::spawn(
-        agent.config(),
-        |t: &Target| agent.is_healthy(t),
-        htx.clone(),
-    );
+    let mut checks = health::Checks::new(htx.clone());
+    checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
     let (ptx, mut prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
     let mut passive = Passive::default();
     let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
@@ -585,7 +584,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let next = match reload {
             Reload::No => None,
             Reload::File => Some(load_file(&opts).map(|f| {
-                let c = compose(&f, kube.as_ref().map(|k| &k.last.vips[..]));
+                if let Some(k) = &mut kube {
+                    // The node's addresses decide which families are served: translate again.
+                    k.settings.source_v4 = f.node.spec.source_v4.is_some();
+                    k.settings.source_v6 = f.node.spec.source_v6.is_some();
+                }
+                let vips = kube.as_mut().map(|k| k.translate());
+                let c = compose(&f, vips.as_deref());
                 file = f;
                 c
             })),
@@ -616,14 +621,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                             error!("changing interfaces: {e:#}");
                         }
                     }
-                    for c in checks.drain(..) {
-                        c.abort();
-                    }
-                    checks = health::spawn(
-                        agent.config(),
-                        |t: &Target| agent.is_healthy(t),
-                        htx.clone(),
-                    );
+                    checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
@@ -657,9 +655,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             warn!("writing the status file: {e:#}");
         }
     }
-    for c in checks {
-        c.abort();
-    }
+    drop(checks);
     if let Some(t) = metrics_task {
         t.abort();
     }

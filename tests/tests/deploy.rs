@@ -84,6 +84,7 @@ fn the_example_service_and_policy_mean_what_the_readme_says() {
             services: vec![serde_json::from_value(svc_v).unwrap()],
             slices: vec![slice],
             policies: vec![policy],
+            invalid_policies: vec![],
         },
         &Settings {
             class: "default".into(),
@@ -91,6 +92,8 @@ fn the_example_service_and_policy_mean_what_the_readme_says() {
             table_size: 65537,
             max_vips: 8,
             max_backends: 8,
+            source_v4: true,
+            source_v6: true,
         },
     );
     assert_eq!(svc.metadata.name.as_deref(), Some("web"));

@@ -71,9 +71,18 @@ fn merge(a: &mut Value, b: Value) {
 
 /// Endpoints as (address, node, ready, serving, terminating).
 fn slice(name: &str, family: &str, eps: &[(&str, &str, bool, bool, bool)]) -> Value {
+    slice_of("web", name, family, eps)
+}
+
+fn slice_of(
+    service: &str,
+    name: &str,
+    family: &str,
+    eps: &[(&str, &str, bool, bool, bool)],
+) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": { "namespace": "shop", "name": name, "labels": { "kubernetes.io/service-name": "web" } },
+        "metadata": { "namespace": "shop", "name": name, "labels": { "kubernetes.io/service-name": service } },
         "addressType": family,
         "ports": [ { "name": "http", "port": 8080, "protocol": "TCP" }, { "name": "dns", "port": 5353, "protocol": "UDP" } ],
         "endpoints": eps.iter().map(|(a, node, r, s, t)| json!({
@@ -379,7 +388,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
     }
     let log = w.agent.log_text();
     assert!(
-        log.contains("Service shop/broken is malformed and skipped"),
+        log.contains("Service shop/broken is malformed (invalid type: string \"eighty\", expected a sequence): skipped"),
         "{log}"
     );
     assert!(
@@ -446,6 +455,45 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         );
     }
 
+    // 2b. A Service added while running, then deleted; and a Service that turns malformed
+    //     keeps its last good version serving.
+    w.api.apply(service(
+        "api",
+        json!({ "metadata": { "annotations": null },
+                "spec": { "type": "ClusterIP", "externalIPs": ["192.0.2.20"],
+                          "ports": [ { "name": "http", "port": 443, "targetPort": 8080 } ] },
+                "status": null }),
+    ));
+    w.api.apply(slice_of(
+        "api",
+        "api-1",
+        "IPv4",
+        &[(TX_V4_B, "node-b", true, true, false)],
+    ));
+    w.wait("the new Service", |v| {
+        rows(v, "192.0.2.20:443/tcp") == [(TX_V4_B.to_string(), 1, 1009)]
+    });
+    let to_api = Pkt::tcp("198.51.100.9", 7000, "192.0.2.20", 443, LB0_MAC);
+    assert_eq!(w.pod_of(&to_api), (TX_V4_B.parse().unwrap(), 8080));
+    w.api.delete("Service", "shop", "api");
+    w.wait("the Service gone", |v| {
+        vip(v, "192.0.2.20:443/tcp").is_none()
+    });
+    w.api
+        .apply(service("web", json!({ "spec": { "ports": "eighty" } })));
+    w.agent.wait_for("Service shop/web is malformed", 1, T);
+    assert!(
+        w.agent
+            .log_text()
+            .contains("its last good version keeps serving")
+    );
+    assert_eq!(
+        w.pod_of(&established).0.to_string(),
+        TX_V4_B,
+        "still served"
+    );
+    w.api.apply(service("web", json!({})));
+
     // 3. The policy turns unusable: rejected with its reason, an Event on the Service, and the
     //    Service keeps the last accepted version (client-address hashing); then slots.
     w.api.apply(policy(
@@ -501,6 +549,20 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         condition(s, "Accepted")
             .is_some_and(|c| c["status"] == "True" && c["reason"] == "AcceptedWithFallback")
     });
+    // A policy that does not even decode: Invalid, and the Service keeps the accepted one.
+    w.api.apply(policy(json!({ "slots": "lots" })));
+    w.wait_api("the Invalid condition", |s| {
+        condition(s, "Accepted").is_some_and(|c| {
+            c["reason"] == "Invalid"
+                && c["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("keep the last accepted version")
+        })
+    });
+    let v = w.wait("the table", |_| true);
+    assert_eq!(vip(&v, &format!("{V4}:80/tcp")).unwrap()["table_size"], 251);
+    w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));
 
     // 4. externalTrafficPolicy: Local: only this node's pods; the IPv6 pod is on node-b, so
     //    the IPv6 VIPs have none and drop (counted).

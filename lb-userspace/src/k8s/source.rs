@@ -6,7 +6,7 @@
 //! that does not decode (a malformed object) is logged and skipped instead of stalling its whole
 //! watch stream.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -48,7 +48,7 @@ pub struct Kube {
     policies: Store<DynamicObject>,
     tasks: Vec<JoinHandle<()>>,
     translator: Translator,
-    settings: Settings,
+    pub settings: Settings,
     recorder: Recorder,
     /// The translation the maps were last asked to hold.
     pub last: Translation,
@@ -56,6 +56,8 @@ pub struct Kube {
     published: BTreeSet<ServiceEvent>,
     /// Malformed objects already logged.
     skipped: BTreeSet<String>,
+    /// The last version of each object that decoded, to serve while a newer one does not.
+    last_good: BTreeMap<(String, String, String), serde_json::Value>,
 }
 
 fn watch(
@@ -140,6 +142,7 @@ impl Kube {
             last: Translation::default(),
             published: BTreeSet::new(),
             skipped: BTreeSet::new(),
+            last_good: BTreeMap::new(),
         })
     }
 
@@ -156,24 +159,57 @@ impl Kube {
         }
     }
 
-    fn decode<K: DeserializeOwned>(&mut self, store: &Store<DynamicObject>, kind: &str) -> Vec<K> {
+    /// Decodes every object in `store`. One that does not decode is logged (once) and replaced
+    /// by its last version that did, if any (the API server validates built-in objects, so
+    /// this is for the unexpected); `bad` collects the rest.
+    fn decode<K: DeserializeOwned>(
+        &mut self,
+        store: &Store<DynamicObject>,
+        kind: &str,
+        mut bad: Option<&mut Vec<(super::translate::ObjectKey, Option<i64>, String)>>,
+    ) -> Vec<K> {
         let mut out = Vec::new();
+        let mut present = BTreeSet::new();
         for o in store.state() {
-            let name = format!(
-                "{kind} {}/{}",
-                o.namespace().unwrap_or_default(),
-                o.name_any()
-            );
-            match serde_json::to_value(&*o).and_then(serde_json::from_value::<K>) {
-                Ok(k) => out.push(k),
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let key = (kind.to_string(), ns.clone(), name.clone());
+            present.insert(key.clone());
+            let value = serde_json::to_value(&*o).unwrap_or_default();
+            match serde_json::from_value::<K>(value.clone()) {
+                Ok(k) => {
+                    self.last_good.insert(key, value);
+                    out.push(k);
+                }
                 Err(e) => {
-                    let msg = format!("{name} is malformed and skipped: {e}");
+                    let kept = if bad.is_none() {
+                        self.last_good
+                            .get(&key)
+                            .and_then(|v| serde_json::from_value::<K>(v.clone()).ok())
+                    } else {
+                        None
+                    };
+                    let msg = format!(
+                        "{kind} {ns}/{name} is malformed ({e}): {}",
+                        match (&kept, &bad) {
+                            (Some(_), _) => "its last good version keeps serving",
+                            (None, Some(_)) => "reported in its status",
+                            (None, None) => "skipped",
+                        }
+                    );
                     if self.skipped.insert(msg.clone()) {
                         warn!("{msg}");
+                    }
+                    if let Some(k) = kept {
+                        out.push(k);
+                    }
+                    if let Some(bad) = bad.as_deref_mut() {
+                        bad.push(((ns, name), o.metadata.generation, e.to_string()));
                     }
                 }
             }
         }
+        self.last_good
+            .retain(|k, _| k.0 != kind || present.contains(k));
         out
     }
 
@@ -182,10 +218,12 @@ impl Kube {
         let services = self.services.clone();
         let slices = self.slices.clone();
         let policies = self.policies.clone();
+        let mut invalid_policies = Vec::new();
         let objects = Objects {
-            services: self.decode(&services, "Service"),
-            slices: self.decode(&slices, "EndpointSlice"),
-            policies: self.decode(&policies, "UpstreamPolicy"),
+            services: self.decode(&services, "Service", None),
+            slices: self.decode(&slices, "EndpointSlice", None),
+            policies: self.decode(&policies, "UpstreamPolicy", Some(&mut invalid_policies)),
+            invalid_policies,
         };
         let t = self.translator.translate(&objects, &self.settings);
         for s in &t.skipped {

@@ -50,6 +50,9 @@ pub struct Settings {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Whether the node has an IPv4 / IPv6 source address (NAT needs one per family).
+    pub source_v4: bool,
+    pub source_v6: bool,
 }
 
 /// The objects, as the watchers hold them.
@@ -58,6 +61,8 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub policies: Vec<UpstreamPolicy>,
+    /// Policies that do not decode: (namespace/name, generation, why).
+    pub invalid_policies: Vec<(ObjectKey, Option<i64>, String)>,
 }
 
 /// How a policy changes the VIPs of its Services.
@@ -397,6 +402,27 @@ impl Translator {
                 },
             );
         }
+        for (key, generation, why) in &objects.invalid_policies {
+            seen_policies.insert(key.clone());
+            let kept = self.last_good.get(key).cloned();
+            let message = format!(
+                "the policy does not decode ({why}); its Services {}",
+                if kept.is_some() {
+                    "keep the last accepted version"
+                } else {
+                    "use the defaults"
+                }
+            );
+            effects.insert(key.clone(), kept);
+            out.policies.insert(
+                key.clone(),
+                PolicyVerdict {
+                    generation: *generation,
+                    accepted: cond("Accepted", false, "Invalid", message),
+                    services: Vec::new(),
+                },
+            );
+        }
         // A deleted policy's memory goes with it.
         self.last_good.retain(|k, _| seen_policies.contains(k));
 
@@ -482,6 +508,20 @@ impl Translator {
                 .filter_map(|i| i.ip.clone());
             for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
                 match a.parse::<IpAddr>() {
+                    Ok(ip)
+                        if (ip.is_ipv4() && !settings.source_v4)
+                            || (ip.is_ipv6() && !settings.source_v6) =>
+                    {
+                        event(
+                            true,
+                            "NoNodeAddress",
+                            format!(
+                                "{ip}: this node has no {} address to translate from (node.source_v{} or HOST_IPS): not served here",
+                                if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                                if ip.is_ipv4() { 4 } else { 6 }
+                            ),
+                        )
+                    }
                     Ok(ip) => {
                         addresses.insert(ip);
                     }
@@ -690,6 +730,8 @@ mod tests {
             table_size: 1009,
             max_vips: 64,
             max_backends: 64,
+            source_v4: true,
+            source_v6: true,
         }
     }
 
@@ -785,6 +827,7 @@ mod tests {
                 ),
             ],
             policies: vec![],
+            invalid_policies: vec![],
         }
     }
 
@@ -1164,5 +1207,50 @@ vips:
         )
         .unwrap();
         assert_eq!(&file.vips[0], from_k8s);
+    }
+
+    #[test]
+    fn a_policy_that_does_not_decode_is_invalid_and_keeps_the_last_accepted_effect() {
+        let (mut o, _) = with_policy(json!({}));
+        let mut tr = Translator::default();
+        o.policies = vec![policy("p", json!({ "slots": 251 }))];
+        tr.translate(&o, &settings());
+        o.policies.clear();
+        o.invalid_policies = vec![(
+            ("shop".into(), "p".into()),
+            Some(4),
+            "spec.slots: invalid type".into(),
+        )];
+        let t = tr.translate(&o, &settings());
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, Some(251));
+        let v = &t.policies[&("shop".into(), "p".into())];
+        assert_eq!(
+            (v.accepted.ok, v.accepted.reason.as_str(), v.generation),
+            (false, "Invalid", Some(4))
+        );
+        assert!(
+            v.accepted.message.contains("spec.slots: invalid type"),
+            "{}",
+            v.accepted.message
+        );
+        assert_eq!(
+            t.events[0].reason, "PolicyRejected",
+            "not PolicyNotFound: it exists"
+        );
+    }
+
+    #[test]
+    fn a_family_the_node_has_no_address_for_is_not_served() {
+        let t = Translator::default().translate(
+            &objects(),
+            &Settings {
+                source_v6: false,
+                ..settings()
+            },
+        );
+        assert_eq!(t.vips.len(), 2);
+        assert!(t.vips.iter().all(|v| v.spec.address.is_ipv4()));
+        assert_eq!(t.events.len(), 1);
+        assert_eq!(t.events[0].reason, "NoNodeAddress");
     }
 }
