@@ -120,21 +120,6 @@ fn event_for(change: &Change, selector: Option<&str>) -> Option<Bytes> {
     }
 }
 
-fn merge(a: &mut Value, b: &Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                if v.is_null() {
-                    a.remove(k);
-                } else {
-                    merge(a.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (a, b) => *a = b.clone(),
-    }
-}
-
 impl State {
     fn key(obj: &Value) -> Key {
         let kind = obj["kind"].as_str().expect("objects have a kind");
@@ -456,7 +441,7 @@ fn respond(
         s.status_patches
             .push((format!("{ns}/{name}"), patch.clone()));
         if let Some(st) = patch.get("status") {
-            merge(&mut obj, &json!({ "status": st }));
+            json_patch::merge(&mut obj, &json!({ "status": st }));
         }
         s.put(obj, true);
         let obj = s.objects[&key].clone();

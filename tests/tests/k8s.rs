@@ -50,23 +50,8 @@ fn service(name: &str, extra: Value) -> Value {
         },
         "status": { "loadBalancer": { "ingress": [ { "ip": V4 }, { "ip": V6 } ] } }
     });
-    merge(&mut v, extra);
+    json_patch::merge(&mut v, &extra);
     v
-}
-
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                if v.is_null() {
-                    a.remove(&k);
-                } else {
-                    merge(a.entry(k).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (a, b) => *a = b,
-    }
 }
 
 /// Endpoints as (address, node, ready, serving, terminating).

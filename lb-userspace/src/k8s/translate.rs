@@ -748,23 +748,8 @@ mod tests {
             },
             "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.10" }, { "ip": "2001:db8::10" } ] } }
         });
-        merge(&mut v, extra);
+        json_patch::merge(&mut v, &extra);
         serde_json::from_value(v).unwrap()
-    }
-
-    fn merge(a: &mut Value, b: Value) {
-        match (a, b) {
-            (Value::Object(a), Value::Object(b)) => {
-                for (k, v) in b {
-                    if v.is_null() {
-                        a.remove(&k);
-                    } else {
-                        merge(a.entry(k).or_insert(Value::Null), v);
-                    }
-                }
-            }
-            (a, b) => *a = b,
-        }
     }
 
     /// Endpoints as (address, node, ready, serving, terminating).
