@@ -405,13 +405,20 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
     Ok(())
 }
 
-/// Watches the config file's directory (editors replace files rather than write them) and sends
-/// a unit whenever the file may have changed.
+/// The entry a Kubernetes ConfigMap volume swaps (a symlink to a fresh directory) when the
+/// ConfigMap changes; the files themselves are links through it and never change.
+const CONFIGMAP_SWAP: &str = "..data";
+
+/// Watches the config file's directory (editors replace files rather than write them; a
+/// ConfigMap volume swaps its `..data` link) and sends a unit whenever the file may have changed.
 fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher> {
     let file = path.file_name().map(|f| f.to_owned());
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev
-            && ev.paths.iter().any(|p| p.file_name() == file.as_deref())
+            && ev.paths.iter().any(|p| {
+                p.file_name() == file.as_deref()
+                    || p.file_name() == Some(std::ffi::OsStr::new(CONFIGMAP_SWAP))
+            })
             && !ev.kind.is_access()
         {
             let _ = tx.try_send(());
@@ -690,4 +697,32 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     }
     let _ = std::fs::remove_file(status_path(state_dir));
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_configmap_update_is_seen() {
+        // What the kubelet does: node.yaml -> ..data/node.yaml, ..data -> ..v1; an update writes
+        // ..v2 and renames a new link over ..data.
+        let dir = std::env::temp_dir().join(format!("lb-cm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for v in ["..v1", "..v2"] {
+            std::fs::create_dir_all(dir.join(v)).unwrap();
+            std::fs::write(dir.join(v).join("node.yaml"), v).unwrap();
+        }
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/node.yaml", dir.join("node.yaml")).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let _w = watch(&dir.join("node.yaml"), tx).unwrap();
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(seen, Ok(Some(()))), "the swap was not noticed");
+    }
 }
