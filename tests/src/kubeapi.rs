@@ -85,6 +85,8 @@ pub struct State {
     pub status_patches: Vec<(String, Value)>,
     /// Every Event created or patched.
     pub events: Vec<Value>,
+    /// The resources of every watch answered with `410 Gone`, in order.
+    pub gone: Vec<String>,
 }
 
 /// `k=v` and `k` (exists) terms, comma-separated, all of which must hold.
@@ -226,8 +228,9 @@ impl FakeApi {
         }
     }
 
+    /// The state (also after a test panicked while holding it: the server must still stop).
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap()
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Creates or replaces an object (its `kind` says which resource).
@@ -359,7 +362,7 @@ fn respond(
             .find(|r| path == format!("{}/{}", r.3, r.0))
     {
         let selector = query.get("labelSelector").cloned();
-        let mut s = state.lock().unwrap();
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query
                 .get("resourceVersion")
@@ -372,6 +375,7 @@ fn respond(
                     "message": format!("too old resource version: {from} ({})", s.oldest), "reason": "Expired", "code": 410 });
                 let _ = tx.send(line("ERROR", &err));
                 drop(tx);
+                s.gone.push(plural.into());
             } else {
                 for c in s
                     .history
@@ -429,7 +433,7 @@ fn respond(
         let Ok(patch) = serde_json::from_slice::<Value>(body) else {
             return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
         };
-        let mut s = state.lock().unwrap();
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         let key: Key = ("upstreampolicies".into(), ns.into(), name.into());
         let Some(mut obj) = s.objects.get(&key).cloned() else {
             return status(
@@ -461,7 +465,7 @@ fn respond(
         let Ok(mut ev) = serde_json::from_slice::<Value>(body) else {
             return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
         };
-        let mut s = state.lock().unwrap();
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
         s.rv += 1;
         if ev.get("metadata").is_none() {
             ev["metadata"] = json!({});

@@ -626,7 +626,32 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
     w.wait("the resync after the outage", |v| {
         rows(v, &format!("{V4}:80/tcp")) == [(TX_V4_B.to_string(), 1, 251)]
     });
+    // Bookmarks: after a change to Services only, the other watches are behind; a bookmark
+    // brings every watch to the current version, so when history is compacted and the watches
+    // resume, none of them is too old (without the bookmark, step 5 shows what happens).
+    w.api.apply(service(
+        "web",
+        json!({ "metadata": { "labels": { "touched": "yes" } } }),
+    ));
+    std::thread::sleep(Duration::from_millis(300));
     w.api.bookmark();
+    std::thread::sleep(Duration::from_millis(300));
+    let gone = w.api.lock().gone.len();
+    let watches = |api: &FakeApi| api.requests("watch=true").len();
+    let before = watches(&w.api);
+    w.api.expire(|_| {});
+    w.wait_api("the watches to resume", |s| {
+        s.requests
+            .iter()
+            .filter(|r| r.contains("watch=true"))
+            .count()
+            >= before + 3
+    });
+    let resumed_too_old = w.api.lock().gone[gone..].to_vec();
+    assert!(
+        resumed_too_old.is_empty(),
+        "watches of {resumed_too_old:?} resumed from before the bookmark"
+    );
 
     // 7. Deletes: the policy (an Event; the defaults), then the slice, then the Service.
     w.api.delete("UpstreamPolicy", "shop", "sticky");
