@@ -123,6 +123,13 @@ fn event_for(change: &Change, selector: Option<&str>) -> Option<Bytes> {
 }
 
 impl State {
+    /// Whether a watch of `resource` (plural) is open now.
+    pub fn watching(&self, resource: &str) -> bool {
+        self.watchers
+            .iter()
+            .any(|w| w.resource == resource && !w.tx.is_closed())
+    }
+
     fn key(obj: &Value) -> Key {
         let kind = obj["kind"].as_str().expect("objects have a kind");
         (

@@ -629,6 +629,12 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
     // Bookmarks: after a change to Services only, the other watches are behind; a bookmark
     // brings every watch to the current version, so when history is compacted and the watches
     // resume, none of them is too old (without the bookmark, step 5 shows what happens).
+    // First, every watch must be open again after the outage (a bookmark reaches open ones).
+    w.wait_api("all three watches open", |s| {
+        ["services", "endpointslices", "upstreampolicies"]
+            .iter()
+            .all(|r| s.watching(r))
+    });
     w.api.apply(service(
         "web",
         json!({ "metadata": { "labels": { "touched": "yes" } } }),
