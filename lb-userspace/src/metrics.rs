@@ -60,13 +60,34 @@ fn counter(
         prometheus_client::metrics::MetricType::Counter,
     )?;
     for (labels, v) in rows {
-        let labels: Vec<(String, String)> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+        ConstCounter::new(*v).encode(m.encode_family(&owned(labels))?)?;
     }
     Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&str, String)>, i64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(&owned(labels))?)?;
+    }
+    Ok(())
+}
+
+fn owned(labels: &[(&str, String)]) -> Vec<(String, String)> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
 }
 
 impl Collector for MapsCollector {
@@ -124,7 +145,7 @@ impl Collector for MapsCollector {
                 l.push(("outcome", outcome.to_string()));
                 attempts.push((l, n));
             }
-            streaks.push((l, h.consecutive_failures));
+            streaks.push((l, h.consecutive_failures as i64));
         }
         counter(
             &mut enc,
@@ -132,17 +153,12 @@ impl Collector for MapsCollector {
             "NAT mode: connection attempts per backend by how the backend answered (passive health)",
             &attempts,
         )?;
-        let mut g = enc.encode_descriptor(
+        gauge(
+            &mut enc,
             "lb_backend_consecutive_failures",
             "NAT mode: failed connection attempts since the backend last answered one",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            &streaks,
         )?;
-        for (l, n) in &streaks {
-            let labels: Vec<(String, String)> =
-                l.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-            ConstGauge::new(*n as i64).encode(g.encode_family(&labels)?)?;
-        }
         counter(
             &mut enc,
             "lb_backend_packets",
@@ -181,21 +197,24 @@ impl Collector for MapsCollector {
             "Map entries written by the agent",
             &[(vec![], a.map_writes.load(Ordering::Relaxed))],
         )?;
-        let health = a.health.lock().map_err(|_| std::fmt::Error)?;
-        let mut m = enc.encode_descriptor(
+        let health: Vec<_> = a
+            .health
+            .lock()
+            .map_err(|_| std::fmt::Error)?
+            .iter()
+            .map(|(vip, backend, ok)| {
+                (
+                    vec![("vip", vip.clone()), ("backend", backend.clone())],
+                    *ok as i64,
+                )
+            })
+            .collect();
+        gauge(
+            &mut enc,
             "lb_backend_healthy",
             "1 if the backend passes its health check",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (vip, backend, ok) in health.iter() {
-            let labels = vec![
-                ("vip".to_string(), vip.clone()),
-                ("backend".to_string(), backend.clone()),
-            ];
-            ConstGauge::new(*ok as i64).encode(m.encode_family(&labels)?)?;
-        }
-        Ok(())
+            &health,
+        )
     }
 }
 
@@ -209,7 +228,6 @@ pub fn registry(pinned: Pinned, agent: Arc<AgentMetrics>) -> Registry {
     r
 }
 
-/// Serves `/metrics` on `addr` until the task is aborted.
 /// Serves `/metrics`, and for probes `/healthz` (the agent answers) and `/readyz` (the maps hold
 /// the desired state and the program is attached).
 pub async fn serve(

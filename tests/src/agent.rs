@@ -100,16 +100,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb run` in `ns` with the config already written to `dirs`.
     pub fn start(ns: &NetNs, dirs: &Dirs) -> Self {
-        Self::start_with(ns, dirs, &[], &[])
+        Self::start_under(ns, dirs, &[], &[], &[])
     }
 
-    /// [`Agent::start`] with more arguments to `lb run` and more environment.
-    pub fn start_with(ns: &NetNs, dirs: &Dirs, args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::start_under(ns, dirs, &[], args, env)
-    }
-
-    /// [`Agent::start_with`], run by `wrapper` (a command and its arguments, to which the lb
-    /// binary and its arguments are appended), e.g. capsh.
+    /// [`Agent::start`] with more arguments to `lb run` and more environment, run by `wrapper`
+    /// if not empty (a command and its arguments, to which the lb binary and its arguments are
+    /// appended), e.g. capsh.
     pub fn start_under(
         ns: &NetNs,
         dirs: &Dirs,

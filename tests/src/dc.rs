@@ -46,6 +46,38 @@ pub const VIPS_V4: [&str; 3] = ["192.0.2.10", "192.0.2.20", "192.0.2.30"];
 pub const VIPS_V6: [&str; 1] = ["2001:db8::10"];
 pub const PORTS: [u16; 2] = [80, 8080];
 
+/// YAML for one entry of a config's `vips:` list, over the lab's backends: `backends` as
+/// (index into [`BACKENDS`], weight), their IPv6 addresses if `v6`; with `nat_port`, a NAT VIP
+/// whose backends listen on that port. `extra` is more lines of the VIP, indented.
+pub fn vip_yaml(
+    addr: &str,
+    port: u16,
+    proto: &str,
+    extra: &str,
+    backends: &[(usize, u32)],
+    v6: bool,
+    nat_port: Option<u16>,
+) -> String {
+    let bport = nat_port.map_or(String::new(), |p| format!("port: {p}, "));
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(i, w)| {
+            let (_, a4, a6) = BACKENDS[*i];
+            let a = if v6 { a6 } else { a4 };
+            format!("      - {{ address: {a}, {bport}weight: {w} }}")
+        })
+        .collect();
+    let mode = if nat_port.is_some() {
+        "    mode: nat\n"
+    } else {
+        ""
+    };
+    format!(
+        "  - address: {addr}\n    port: {port}\n    protocol: {proto}\n{mode}{extra}    backends:\n{}\n",
+        list.join("\n")
+    )
+}
+
 /// The share of answers in a tally (from [`Lab::tcp_tally`] and friends) that came from `who`.
 pub fn share(t: &BTreeMap<String, usize>, who: &str) -> f64 {
     let total: usize = t.values().sum();

@@ -13,6 +13,16 @@ pub mod lab;
 pub mod netns;
 pub mod packet;
 
+/// The YAML documents of `deploy/<file>`, as JSON values.
+pub fn deploy_docs(file: &str) -> Vec<serde_json::Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
+}
+
 /// Fails the calling test, with the reason, unless it runs as root.
 pub fn require_root() {
     let euid = unsafe { libc::geteuid() };

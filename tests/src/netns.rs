@@ -150,17 +150,9 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace, and returns its result (or resumes
     /// its panic). BPF objects are per process, so maps and programs loaded elsewhere work here.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
         std::thread::scope(|s| {
             let h = s.spawn(|| {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {path}: {}",
-                    std::io::Error::last_os_error()
-                );
+                enter(&self.name);
                 f()
             });
             match h.join() {

@@ -4,22 +4,18 @@
 use std::{path::PathBuf, process::Command};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_tests::deploy_docs;
 use lb_userspace::k8s::{
     policy::UpstreamPolicy,
     translate::{Objects, Settings, Translator, evaluate},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-fn docs(file: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(root().join("deploy").join(file)).unwrap();
-    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
 }
 
 #[test]
@@ -42,7 +38,7 @@ fn the_manifests_pass_the_kubernetes_schemas() {
     let builtin: usize = files
         .iter()
         .map(|f| {
-            docs(f)
+            deploy_docs(f)
                 .iter()
                 .filter(|d| d["apiVersion"] != "lb.dev/v1alpha1")
                 .count()
@@ -63,7 +59,7 @@ fn the_manifests_pass_the_kubernetes_schemas() {
 
 #[test]
 fn the_example_service_and_policy_mean_what_the_readme_says() {
-    let docs = docs("example.yaml");
+    let docs = deploy_docs("example.yaml");
     let svc: Service = serde_json::from_value(docs[0].clone()).unwrap();
     let policy: UpstreamPolicy = serde_json::from_value(docs[1].clone()).unwrap();
     let (effect, notes) = evaluate(&policy.spec, 65537).expect("the example policy is accepted");
@@ -113,7 +109,7 @@ fn the_example_service_and_policy_mean_what_the_readme_says() {
 
 #[test]
 fn the_daemonset_runs_lb_as_the_readme_says() {
-    let ds = docs("daemonset.yaml")
+    let ds = deploy_docs("daemonset.yaml")
         .into_iter()
         .find(|d| d["kind"] == "DaemonSet")
         .unwrap();
@@ -157,7 +153,7 @@ fn the_daemonset_runs_lb_as_the_readme_says() {
         .unwrap();
     assert_eq!(bpffs["hostPath"]["path"], "/sys/fs/bpf");
     // The probes' port is where the ConfigMap's node settings serve them.
-    let cm = docs("daemonset.yaml")
+    let cm = deploy_docs("daemonset.yaml")
         .into_iter()
         .find(|d| d["kind"] == "ConfigMap")
         .unwrap();

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, LB_V4, LB_V6, Lab, errors, share},
+    dc::{LB_V4, LB_V6, Lab, errors, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -36,19 +36,7 @@ fn vip(
     backends: &[(usize, u32)],
     v6: bool,
 ) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(i, w)| {
-            format!(
-                "      - {{ address: {}, weight: {w} }}",
-                if v6 { BACKENDS[*i].2 } else { BACKENDS[*i].1 }
-            )
-        })
-        .collect();
-    format!(
-        "  - address: {addr}\n    port: {port}\n    protocol: {proto}\n{extra}    backends:\n{}\n",
-        list.join("\n")
-    )
+    vip_yaml(addr, port, proto, extra, backends, v6, None)
 }
 
 fn sa(s: &str) -> SocketAddr {

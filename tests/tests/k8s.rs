@@ -14,6 +14,7 @@ use std::{
 use lb_common::Counter;
 use lb_tests::{
     agent::{Agent, Dirs},
+    deploy_docs,
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     kubeapi::FakeApi,
     packet::{L4, Pkt, TCP_ACK},
@@ -124,11 +125,17 @@ impl World {
     }
 
     /// Where a packet goes: (action, destination address, destination port).
+    /// Runs `f` in the namespace on the program loaded (once) on the agent's pinned maps.
+    fn with_lb<T: Send>(&mut self, f: impl FnOnce(&mut Lb) -> T + Send) -> T {
+        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
+        self.net
+            .ns
+            .run(|| f(slot.get_or_insert_with(|| Lb::adopt(pins))))
+    }
+
     fn send(&mut self, pkt: &Pkt) -> (u32, Option<(IpAddr, u16)>) {
         let lb0 = self.net.lb0;
-        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
-        self.net.ns.run(|| {
-            let lb = slot.get_or_insert_with(|| Lb::adopt(pins));
+        self.with_lb(|lb| {
             let run = lb.run(&pkt.frame(), lb0);
             let out = &run.output;
             let dst =
@@ -158,10 +165,7 @@ impl World {
     }
 
     fn counter(&mut self, c: Counter) -> u64 {
-        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
-        self.net
-            .ns
-            .run(|| slot.get_or_insert_with(|| Lb::adopt(pins)).counters()[&c])
+        self.with_lb(|lb| lb.counters()[&c])
     }
 }
 
@@ -245,10 +249,7 @@ fn start_agent(net: &FibNet, dirs: &Dirs, wrapper: &[&str]) -> Agent {
 
 /// The ClusterRole's rules as (API group, resource, verb).
 fn granted() -> Vec<(String, String, String)> {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml"))
-            .unwrap();
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let docs = deploy_docs("rbac.yaml");
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
     let mut out = Vec::new();
     for rule in role["rules"].as_array().unwrap() {
@@ -737,11 +738,7 @@ fn capsh_keeping(keep: &[String]) -> Vec<String> {
 
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml"),
-    )
-    .unwrap();
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let docs = deploy_docs("daemonset.yaml");
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let caps: Vec<String> =
         ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]

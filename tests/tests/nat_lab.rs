@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, LB_V4, LB_V6, Lab, NatServers, client_v4, errors, share},
+    dc::{BACKENDS, LB_V4, LB_V6, Lab, NatServers, client_v4, errors, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -14,20 +14,8 @@ const T: Duration = Duration::from_secs(20);
 const PORT: u16 = 9000;
 
 fn nat_vip(addr: &str, port: u16, proto: &str, extra: &str, weights: [u32; 3], v6: bool) -> String {
-    let list: Vec<String> = BACKENDS
-        .iter()
-        .zip(weights)
-        .map(|((_, a4, a6), w)| {
-            format!(
-                "      - {{ address: {}, port: {PORT}, weight: {w} }}",
-                if v6 { a6 } else { a4 }
-            )
-        })
-        .collect();
-    format!(
-        "  - address: {addr}\n    port: {port}\n    protocol: {proto}\n    mode: nat\n{extra}    backends:\n{}\n",
-        list.join("\n")
-    )
+    let backends: Vec<(usize, u32)> = weights.into_iter().enumerate().collect();
+    vip_yaml(addr, port, proto, extra, &backends, v6, Some(PORT))
 }
 
 fn sa(s: &str) -> SocketAddr {

@@ -83,16 +83,7 @@ fn main() -> Result<()> {
         Cmd::Bench { smoke } => {
             setup(false)?;
             require_root("the benchmarks load XDP programs")?;
-            let mut c = cargo();
-            c.args([
-                "run",
-                "--release",
-                "--quiet",
-                "--package",
-                "lb-tests",
-                "--bin",
-                "lb-bench",
-            ]);
+            let mut c = cargo_release("run", "lb-tests", "lb-bench");
             if smoke {
                 c.args(["--", "--smoke"]);
             }
@@ -102,25 +93,8 @@ fn main() -> Result<()> {
             setup(false)?;
             require_root("the demo attaches XDP programs inside network namespaces")?;
             // The demo runs the real agent binary, built like any user would build it.
-            run(cargo().args([
-                "build",
-                "--release",
-                "--quiet",
-                "--package",
-                "lb-userspace",
-                "--bin",
-                "lb",
-            ]))?;
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "--package",
-                    "lb-tests",
-                    "--bin",
-                    "lb-demo",
-                ])
+            run(&mut cargo_release("build", "lb-userspace", "lb"))?;
+            run(cargo_release("run", "lb-tests", "lb-demo")
                 .env("LB_BIN", workspace_root().join("target/release/lb")))
         }
     }
@@ -288,6 +262,21 @@ fn say(msg: &str) {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(workspace_root());
+    c
+}
+
+/// `cargo <verb> --release --quiet --package <package> --bin <bin>`.
+fn cargo_release(verb: &str, package: &str, bin: &str) -> Command {
+    let mut c = cargo();
+    c.args([
+        verb,
+        "--release",
+        "--quiet",
+        "--package",
+        package,
+        "--bin",
+        bin,
+    ]);
     c
 }
 

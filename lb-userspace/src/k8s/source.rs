@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::{
     policy::UpstreamPolicy,
-    translate::{CLASS_LABEL, Cond, Objects, ServiceEvent, Settings, Translation, Translator},
+    translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
 };
 use crate::config::VipConfig;
 
@@ -274,36 +274,34 @@ impl Kube {
         // Policy conditions.
         let policies = self.policies.state();
         for ((ns, name), verdict) in &self.last.policies {
-            let programmed = match (verdict.accepted.ok, applied, verdict.services.is_empty()) {
-                (_, Err(e), _) => Cond {
-                    kind: "Programmed",
-                    ok: false,
-                    reason: "ApplyFailed".into(),
-                    message: format!("the maps could not be written: {e}"),
-                },
-                (_, Ok(()), true) => Cond {
-                    kind: "Programmed",
-                    ok: false,
-                    reason: "NoServices".into(),
-                    message: format!(
-                        "no Service of class {:?} names this policy ({} annotation)",
-                        self.settings.class,
-                        super::policy::POLICY_ANNOTATION
+            let (ok, reason, message) =
+                match (verdict.accepted.ok, applied, verdict.services.is_empty()) {
+                    (_, Err(e), _) => (
+                        false,
+                        "ApplyFailed",
+                        format!("the maps could not be written: {e}"),
                     ),
-                },
-                (true, Ok(()), false) => Cond {
-                    kind: "Programmed",
-                    ok: true,
-                    reason: "Programmed".into(),
-                    message: format!("in the maps for {}", verdict.services.join(", ")),
-                },
-                (false, Ok(()), false) => Cond {
-                    kind: "Programmed",
-                    ok: false,
-                    reason: "Rejected".into(),
-                    message: "this version is not in the maps (see Accepted)".into(),
-                },
-            };
+                    (_, Ok(()), true) => (
+                        false,
+                        "NoServices",
+                        format!(
+                            "no Service of class {:?} names this policy ({} annotation)",
+                            self.settings.class,
+                            super::policy::POLICY_ANNOTATION
+                        ),
+                    ),
+                    (true, Ok(()), false) => (
+                        true,
+                        "Programmed",
+                        format!("in the maps for {}", verdict.services.join(", ")),
+                    ),
+                    (false, Ok(()), false) => (
+                        false,
+                        "Rejected",
+                        "this version is not in the maps (see Accepted)".into(),
+                    ),
+                };
+            let programmed = cond("Programmed", ok, reason, message);
             let current = policies
                 .iter()
                 .find(|p| p.namespace().as_deref() == Some(ns.as_str()) && &p.name_any() == name)

@@ -124,7 +124,8 @@ fn label(k: &ObjectKey) -> String {
     format!("{}/{}", k.0, k.1)
 }
 
-fn cond(kind: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Cond {
+/// A condition to publish.
+pub fn cond(kind: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Cond {
     Cond {
         kind,
         ok,
