@@ -46,6 +46,22 @@ pub const VIPS_V4: [&str; 3] = ["192.0.2.10", "192.0.2.20", "192.0.2.30"];
 pub const VIPS_V6: [&str; 1] = ["2001:db8::10"];
 pub const PORTS: [u16; 2] = [80, 8080];
 
+/// A config for the lab's load balancer: `node` is more lines of `node:` (indented), `vips` the
+/// YAML of the `vips:` list.
+pub fn lab_config(node: &str, vips: &str) -> String {
+    format!(
+        "node:
+  interfaces: [eth0]
+  source_v4: {LB_V4}
+  source_v6: {LB_V6}
+  table_size: 65537
+  max_vips: 16
+  max_backends: 64
+{node}vips:
+{vips}"
+    )
+}
+
 /// YAML for one entry of a config's `vips:` list, over the lab's backends: `backends` as
 /// (index into [`BACKENDS`], weight), their IPv6 addresses if `v6`; with `nat_port`, a NAT VIP
 /// whose backends listen on that port. `extra` is more lines of the VIP, indented.

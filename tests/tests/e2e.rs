@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{LB_V4, LB_V6, Lab, errors, share, vip_yaml},
+    dc::{Lab, errors, lab_config, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -13,30 +13,7 @@ const T: Duration = Duration::from_secs(20);
 
 /// A config for the lab: `vips` is YAML for the `vips:` list.
 fn config(vips: &str) -> String {
-    format!(
-        "node:
-  interfaces: [eth0]
-  source_v4: {LB_V4}
-  source_v6: {LB_V6}
-  table_size: 65537
-  max_vips: 16
-  max_backends: 64
-  flow_table_size: 65536
-  udp_idle_timeout: 30s
-vips:
-{vips}"
-    )
-}
-
-fn vip(
-    addr: &str,
-    port: u16,
-    proto: &str,
-    extra: &str,
-    backends: &[(usize, u32)],
-    v6: bool,
-) -> String {
-    vip_yaml(addr, port, proto, extra, backends, v6, None)
+    lab_config("  flow_table_size: 65536\n  udp_idle_timeout: 30s\n", vips)
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -62,10 +39,10 @@ fn setup(tag: &str, vips: &str) -> Setup {
 fn tcp_and_udp_over_ipv4_and_ipv6() {
     let all = [(0, 1), (1, 1), (2, 1)];
     let vips = [
-        vip("192.0.2.10", 80, "tcp", "", &all, false),
-        vip("192.0.2.10", 80, "udp", "", &all, false),
-        vip("2001:db8::10", 80, "tcp", "", &all, true),
-        vip("2001:db8::10", 80, "udp", "", &all, true),
+        vip_yaml("192.0.2.10", 80, "tcp", "", &all, false, None),
+        vip_yaml("192.0.2.10", 80, "udp", "", &all, false, None),
+        vip_yaml("2001:db8::10", 80, "tcp", "", &all, true, None),
+        vip_yaml("2001:db8::10", 80, "udp", "", &all, true, None),
     ]
     .concat();
     let s = setup("basic", &vips);
@@ -92,7 +69,7 @@ fn tcp_and_udp_over_ipv4_and_ipv6() {
 const WEB: &str = "192.0.2.10:80";
 
 fn web(backends: &[(usize, u32)]) -> String {
-    vip("192.0.2.10", 80, "tcp", "", backends, false)
+    vip_yaml("192.0.2.10", 80, "tcp", "", backends, false, None)
 }
 
 /// Finishes `streams`; returns (broken descriptions, per-backend count of healthy streams).
@@ -141,13 +118,14 @@ fn weights_200_100_give_two_to_one() {
 fn affinity_holds_a_client_until_the_timeout() {
     let s = setup(
         "affinity",
-        &vip(
+        &vip_yaml(
             "192.0.2.10",
             80,
             "tcp",
             "    affinity_timeout: 1s\n",
             &[(0, 1), (1, 1), (2, 1)],
             false,
+            None,
         ),
     );
     // Each client, many connections (new source ports): one backend per client.

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, LB_V4, LB_V6, Lab, NatServers, client_v4, errors, share, vip_yaml},
+    dc::{BACKENDS, Lab, NatServers, client_v4, errors, lab_config, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -48,18 +48,7 @@ fn nat_vips_serve_unmodified_backends() {
         ),
     ]
     .concat();
-    dirs.write_config(&format!(
-        "node:
-  interfaces: [eth0]
-  source_v4: {LB_V4}
-  source_v6: {LB_V6}
-  table_size: 65537
-  max_vips: 16
-  max_backends: 64
-  syn_timeout: 1s
-vips:
-{vips}"
-    ));
+    dirs.write_config(&lab_config("  syn_timeout: 1s\n", &vips));
     let mut agent = Agent::start(&lab.lb, &dirs);
     agent.wait_for("running", 1, T);
 
