@@ -7,6 +7,7 @@
 
 pub mod hash;
 pub mod maps;
+pub mod select;
 pub mod stats;
 pub mod types;
 

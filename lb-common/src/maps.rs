@@ -10,10 +10,10 @@ pub const VIPS: &str = "LB_VIPS";
 /// ones aimed at a VIP address instead of handing them to the kernel.
 pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
 /// All Maglev tables, one after another: slot `s` of VIP id `v` is entry `v * M + s` and holds a
-/// backend id ([`crate::NO_BACKEND`] when the VIP has none).
+/// member id ([`crate::NO_BACKEND`] when the VIP has none).
 pub const RING: &str = "LB_RING";
-/// Backend id -> [`crate::Backend`].
-pub const BACKENDS: &str = "LB_BACKENDS";
+/// Member id -> [`crate::Member`] (one per VIP and backend).
+pub const MEMBERS: &str = "LB_MEMBERS";
 /// Established flows: [`crate::FlowKey`] -> [`crate::FlowValue`] (LRU).
 pub const FLOWS: &str = "LB_FLOWS";
 /// Client-IP session affinity: [`crate::AffinityKey`] -> [`crate::AffinityValue`] (LRU).
@@ -24,15 +24,16 @@ pub const NODE: &str = "LB_NODE";
 pub const STATS: &str = "LB_STATS";
 /// Per-VIP per-CPU [`crate::TrafficStats`], indexed by VIP id.
 pub const VIP_STATS: &str = "LB_VIP_STATS";
-/// Per-backend per-CPU [`crate::TrafficStats`], indexed by backend id.
-pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+/// Per-member per-CPU [`crate::TrafficStats`], indexed by member id (zeroed when the agent
+/// gives the id to a new member).
+pub const MEMBER_STATS: &str = "LB_MEMBER_STATS";
 /// NAT mode, forward: [`crate::FlowKey`] as the client sent it -> [`crate::NatFlow`] (LRU).
 pub const NAT: &str = "LB_NAT";
 /// NAT mode, reverse: [`crate::FlowKey`] of a reply (backend -> node) -> [`crate::NatReverse`]
 /// (LRU). Its existence is what makes a NAT source port taken.
 pub const NAT_REV: &str = "LB_NAT_REV";
-/// Passive health per backend id: [`crate::PassiveHealth`] (shared, not per CPU).
-pub const BACKEND_PASSIVE: &str = "LB_BACKEND_PASSIVE";
+/// Passive health per member id: [`crate::PassiveHealth`] (shared, not per CPU).
+pub const MEMBER_PASSIVE: &str = "LB_MEMBER_PASSIVE";
 /// Tail-call targets of `lb`: [`NAT_PROG_INDEX`] holds `lb_nat`. Pinned, so its entries
 /// outlive the agent that wrote them.
 pub const PROGS: &str = "LB_PROGS";
@@ -55,16 +56,16 @@ pub const ALL: &[&str] = &[
     VIPS,
     VIP_ADDRS,
     RING,
-    BACKENDS,
+    MEMBERS,
     FLOWS,
     AFFINITY,
     NODE,
     STATS,
     VIP_STATS,
-    BACKEND_STATS,
+    MEMBER_STATS,
     NAT,
     NAT_REV,
-    BACKEND_PASSIVE,
+    MEMBER_PASSIVE,
     PROGS,
     NAT_JOB,
     TX_PORTS,
@@ -82,7 +83,7 @@ pub const GLOBAL_MAGLEV_M: &str = "LB_MAGLEV_M";
 pub const DEFAULT_MAGLEV_M: u32 = 65_537;
 /// Default number of VIPs (set at load time). The ring holds `max_vips * M` slots.
 pub const DEFAULT_MAX_VIPS: u32 = 64;
-/// Default number of backend ids (set at load time).
+/// Default number of member ids (set at load time): a backend serving two VIPs takes two.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Default flow-table size (set at load time).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;

@@ -88,7 +88,7 @@ counters! {
     VipPackets = "vip_packets", false;
     /// Flow-table hit that was followed.
     FlowHits = "flow_hits", false;
-    /// Flow-table hit whose backend is gone (or belongs to another VIP): balanced afresh.
+    /// Flow-table hit whose member is gone or was re-allocated: balanced afresh.
     FlowStale = "flow_stale", false;
     /// UDP flow-table hit older than the idle timeout: balanced afresh.
     FlowIdleExpired = "flow_idle_expired", false;
@@ -96,6 +96,9 @@ counters! {
     AffinityHits = "affinity_hits", false;
     /// Session-affinity entry found but older than the VIP's timeout: replaced.
     AffinityExpired = "affinity_expired", false;
+    /// Session-affinity entry whose member is gone, re-allocated or takes no new flows
+    /// (unhealthy, weight 0): replaced by a fresh choice.
+    AffinityStale = "affinity_stale", false;
     /// Backend chosen by Maglev.
     MaglevLookups = "maglev_lookups", false;
     /// New flow recorded in the flow table.

@@ -14,7 +14,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// A ring slot with no backend behind it: packets that land there are dropped and counted.
+/// A ring slot with no member behind it: packets that land there are dropped and counted.
 pub const NO_BACKEND: u32 = u32::MAX;
 
 /// `VipValue::flags`: hash on the source address only (instead of the 5-tuple), so all of a
@@ -26,9 +26,13 @@ pub const MODE_DSR: u32 = 0;
 /// `VipValue::mode`: rewrite addresses and ports (DNAT + SNAT).
 pub const MODE_NAT: u32 = 1;
 
-/// `Backend::flags`: the id is in use. An entry without it is treated as absent, since array map
+/// `Member::flags`: the id is in use. An entry without it is treated as absent, since array map
 /// entries can't be deleted.
-pub const BACKEND_F_LIVE: u8 = 1 << 0;
+pub const MEMBER_F_LIVE: u8 = 1 << 0;
+/// `Member::flags`: the member takes new flows (its weight is above 0 and it is healthy). Without
+/// it the member keeps the flows it has (established connections drain) but gets no new
+/// connection, not even from a client that session affinity holds on it.
+pub const MEMBER_F_ACCEPTS: u8 = 1 << 1;
 
 /// `NodeConfig::flags`: `src_v4` is set.
 pub const NODE_F_SRC_V4: u32 = 1 << 0;
@@ -88,17 +92,27 @@ pub struct VipAddr {
     pub _pad: [u8; 3],
 }
 
-/// Where a backend id sends packets.
+/// A member: one backend of one VIP. Each (VIP, backend) pair has its own member id, so two
+/// VIPs that share a backend address keep separate counters, flows and affinity; the ring holds
+/// member ids.
+///
+/// `generation` tells allocations of one id apart: the agent bumps it whenever it gives the id to a new
+/// (VIP, backend) pair (and keeps it in the retired entry), and flow and affinity entries record
+/// it, so an entry left behind by a retired member never reaches the id's next owner.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
+pub struct Member {
     /// Network byte order; IPv4 in the first four bytes.
     pub addr: [u8; 16],
     /// Network byte order. Destination port in NAT mode (0: keep the VIP's port); unused in DSR.
     pub port: u16,
     pub family: u8,
-    /// `BACKEND_F_*`.
+    /// `MEMBER_F_*`.
     pub flags: u8,
+    /// The VIP id this member belongs to.
+    pub vip_id: u32,
+    /// Allocation of this id (never 0 for a live member).
+    pub generation: u32,
 }
 
 /// A connection as the load balancer sees it (client -> VIP).
@@ -118,14 +132,14 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// The backend an established flow is pinned to.
+/// The member an established flow is pinned to. Followed only while that member id still
+/// holds the same allocation (`generation`) and belongs to the packet's VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowValue {
-    pub backend_id: u32,
-    /// The VIP the flow was balanced for: an entry left behind by a removed VIP whose id was
-    /// reused is not followed.
-    pub vip_id: u32,
+    pub member_id: u32,
+    /// `Member::generation` of the member when the flow was balanced.
+    pub generation: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when a UDP packet last used the entry;
     /// the time of creation for TCP, which is not refreshed (an LRU keeps live TCP flows).
     pub last_seen_ns: u64,
@@ -140,12 +154,14 @@ pub struct AffinityKey {
     pub vip_id: u32,
 }
 
-/// Session-affinity value.
+/// Session-affinity value: the member a client is held on. Followed only while that member
+/// holds the same allocation, belongs to the VIP and takes new flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityValue {
-    pub backend_id: u32,
-    pub _pad: u32,
+    pub member_id: u32,
+    /// `Member::generation` of the member when the entry was made.
+    pub generation: u32,
     /// CLOCK_MONOTONIC_COARSE of the last new connection that used the entry. The entry is
     /// ignored (and replaced) once it is older than the VIP's timeout.
     pub last_seen_ns: u64,
@@ -192,13 +208,15 @@ pub const NAT_S_FAILED: u16 = 1 << 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatFlow {
+    /// The member the flow is translated towards.
     pub backend_id: u32,
     pub vip_id: u32,
     /// The node's source port towards the backend, network byte order.
     pub nat_port: u16,
     /// `NAT_S_*`.
     pub state: u16,
-    pub _pad: u32,
+    /// `Member::generation` of the member when the translation was made.
+    pub generation: u32,
     /// CLOCK_MONOTONIC_COARSE when the translation was made (the SYN, for TCP).
     pub created_ns: u64,
     /// UDP: when a packet last used it. TCP: when it closed (both FINs, or an RST).
@@ -211,11 +229,14 @@ pub struct NatFlow {
 pub struct NatReverse {
     /// The flow as the client sent it: where to send the reply, and the [`NatFlow`] key.
     pub client: FlowKey,
+    /// The member the flow is translated towards.
     pub backend_id: u32,
-    pub _pad: u32,
+    /// `Member::generation` of that member.
+    pub generation: u32,
 }
 
-/// Passive health of one backend id, from the replies NAT mode sees. Shared by all CPUs
+/// Passive health of one member id, from the replies NAT mode sees (the agent adds up the
+/// members of one backend address and port). Shared by all CPUs
 /// (updated atomically, once per connection attempt, not per packet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -297,7 +318,7 @@ pub struct LayoutMeta {
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -308,7 +329,7 @@ assert_size!(
     VipKey => 20,
     VipValue => 20,
     VipAddr => 20,
-    Backend => 20,
+    Member => 28,
     FlowKey => 40,
     FlowValue => 16,
     AffinityKey => 20,
@@ -332,9 +353,19 @@ impl VipKey {
     }
 }
 
-impl Backend {
+impl Member {
     pub const fn is_live(&self) -> bool {
-        self.flags & BACKEND_F_LIVE != 0
+        self.flags & MEMBER_F_LIVE != 0
+    }
+
+    /// Whether the member takes new flows.
+    pub const fn accepts(&self) -> bool {
+        self.flags & MEMBER_F_ACCEPTS != 0
+    }
+
+    /// Whether this is the live allocation `generation` of the id, a member of VIP `vip_id`.
+    pub const fn is(&self, vip_id: u32, generation: u32) -> bool {
+        self.is_live() && self.vip_id == vip_id && self.generation == generation
     }
 }
 
@@ -346,7 +377,7 @@ mod pod {
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for VipAddr {}
-    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Member {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for AffinityKey {}

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Counter, FAMILY_V4, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, flow_hash,
+    Counter, FAMILY_V4, Member, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, flow_hash,
     maps::OUTER_TTL,
 };
 use network_types::{
@@ -62,7 +62,7 @@ impl Verdict {
 pub fn encap_and_forward(
     ctx: &XdpContext,
     pkt: &Packet,
-    backend: &Backend,
+    backend: &Member,
     node: &NodeConfig,
 ) -> Verdict {
     let outer_v4 = backend.family == FAMILY_V4;

@@ -1,7 +1,7 @@
 //! The lb XDP program: balances packets for VIPs across backends chosen by weighted Maglev.
 //!
 //! Per packet: parse ([`parse`]), look the destination up in the VIP table, choose a backend
-//! ([`select`]: flow table, then session affinity, then Maglev), encapsulate and forward
+//! ([`select`]: flow table, then session affinity, then Maglev, over per-VIP members), encapsulate and forward
 //! ([`forward`]). Everything else passes untouched. Every packet ends in exactly one verdict
 //! counter; nothing is logged per packet.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -34,7 +34,7 @@ mod program {
         programs::XdpContext,
     };
     use lb_common::{
-        AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, LayoutMeta, MODE_NAT,
+        AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, LayoutMeta, MODE_NAT, Member,
         NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NodeConfig,
         PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
     };
@@ -60,7 +60,7 @@ mod program {
     pub static LB_RING: Array<u32> =
         Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, RING_FLAGS);
     #[map]
-    pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    pub static LB_MEMBERS: Array<Member> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
@@ -74,7 +74,7 @@ mod program {
     pub static LB_NAT_REV: LruHashMap<FlowKey, NatReverse> =
         LruHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
     #[map]
-    pub static LB_BACKEND_PASSIVE: Array<PassiveHealth> =
+    pub static LB_MEMBER_PASSIVE: Array<PassiveHealth> =
         Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
@@ -88,7 +88,7 @@ mod program {
     pub static LB_VIP_STATS: PerCpuArray<TrafficStats> =
         PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
     #[map]
-    pub static LB_BACKEND_STATS: PerCpuArray<TrafficStats> =
+    pub static LB_MEMBER_STATS: PerCpuArray<TrafficStats> =
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_META: Array<LayoutMeta> = Array::with_max_entries(1, 0);
@@ -262,7 +262,7 @@ mod program {
         let Some(node) = LB_NODE.get(0) else {
             return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
         };
-        let choice = match select(&pkt.key, &vip, pkt.syn, node.udp_idle_timeout_ns) {
+        let choice = match select(&pkt.key, &vip, pkt.tcp_flags, node.udp_idle_timeout_ns) {
             Ok(c) => c,
             Err(counter) => {
                 account(&LB_VIP_STATS, vip.id, bytes, false);
@@ -270,12 +270,12 @@ mod program {
             }
         };
         account(&LB_VIP_STATS, vip.id, bytes, choice.new_flow);
-        account(&LB_BACKEND_STATS, choice.backend_id, bytes, choice.new_flow);
+        account(&LB_MEMBER_STATS, choice.member_id, bytes, choice.new_flow);
         if vip.mode == MODE_NAT {
-            tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.backend_id));
+            tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
             return Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
         }
-        encap_and_forward(ctx, &pkt, unsafe { &*choice.backend }, node)
+        encap_and_forward(ctx, &pkt, unsafe { &*choice.member }, node)
     }
 
     #[cfg(not(test))]

@@ -7,7 +7,7 @@
 //! reverse entry is what makes a NAT port taken, so ports are unique per backend address and
 //! port. Checksums are updated incrementally (RFC 1624); an IPv4 UDP checksum of zero ("none")
 //! stays zero. The reply path also sees how backends answer connection attempts, which feeds
-//! passive health (`LB_BACKEND_PASSIVE`).
+//! passive health (`LB_MEMBER_PASSIVE`).
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -18,9 +18,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD, NAT_JOB_ICMP,
-    NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_RST,
-    NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, flow_hash, nat_port_candidate,
+    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Member, NAT_JOB_FORWARD,
+    NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
+    NAT_S_FIN_CLIENT, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr,
+    flow_hash, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -28,7 +29,8 @@ use network_types::{
 };
 
 use crate::{
-    LB_BACKEND_PASSIVE, LB_BACKENDS, LB_FLOWS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE, count,
+    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
+    count,
     forward::{Verdict, fib_params, node_addr, route},
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
 };
@@ -133,7 +135,7 @@ fn bump(p: *mut u64) {
 /// Records a passive health signal for `backend_id`.
 #[inline(always)]
 fn signal(backend_id: u32, s: Signal) {
-    let Some(p) = LB_BACKEND_PASSIVE.get_ptr_mut(backend_id) else {
+    let Some(p) = LB_MEMBER_PASSIVE.get_ptr_mut(backend_id) else {
         return;
     };
     let p: *mut PassiveHealth = p;
@@ -173,13 +175,24 @@ fn fail(n: &mut NatFlow, s: Signal) {
 }
 
 /// A connection attempt the backend turned away (RST, ICMP unreachable) leaves no connection
-/// to keep on it: forget the flow's backend, so the client's next SYN on the same 5-tuple (a
-/// refused port is free for reuse at once) is balanced afresh, away from a backend taken out.
+/// to keep on it: forget the flow's member, and the client's affinity if it names that member,
+/// so the client's next connection (a refused port is free for reuse at once) is balanced
+/// afresh, away from a backend taken out.
 #[inline(always)]
 fn refused(n: &mut NatFlow, s: Signal, client: &FlowKey) {
     if n.state & NAT_S_ANSWERED == 0 {
         fail(n, s);
         let _ = LB_FLOWS.remove(client);
+        let akey = AffinityKey {
+            addr: client.src,
+            vip_id: n.vip_id,
+        };
+        if let Some(a) = unsafe { LB_AFFINITY.get(akey) }
+            && a.member_id == n.backend_id
+            && a.generation == n.generation
+        {
+            let _ = LB_AFFINITY.remove(akey);
+        }
     }
 }
 
@@ -193,11 +206,14 @@ fn close(n: &mut NatFlow, bit: u16, t: u64) {
     }
 }
 
-/// Whether `f` is the live translation behind the reverse entry for `backend_id` at `rkey`
-/// (not replaced by another port or backend, not over).
+/// Whether `f` is the live translation behind the reverse entry `r` at `rkey` (not replaced by
+/// another port or member, not over).
 #[inline(always)]
-fn serves(f: &NatFlow, backend_id: u32, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
-    f.nat_port == rkey.dst_port && f.backend_id == backend_id && !f.expired(rkey.proto, t, node)
+fn serves(f: &NatFlow, r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
+    f.nat_port == rkey.dst_port
+        && f.backend_id == r.backend_id
+        && f.generation == r.generation
+        && !f.expired(rkey.proto, t, node)
 }
 
 /// Whether the reverse entry `r` (at `rkey`) no longer belongs to a live translation.
@@ -206,7 +222,7 @@ fn stale(r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
     let client = r.client;
     match unsafe { LB_NAT.get(client) } {
         None => true,
-        Some(f) => !serves(f, r.backend_id, rkey, t, node),
+        Some(f) => !serves(f, r, rkey, t, node),
     }
 }
 
@@ -217,7 +233,7 @@ fn allocate(
     key: &FlowKey,
     vip_id: u32,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Member,
     bport: u16,
     src: &[u8; 16],
     t: u64,
@@ -236,7 +252,7 @@ fn allocate(
     let rev = NatReverse {
         client: *key,
         backend_id,
-        _pad: 0,
+        generation: backend.generation,
     };
     for i in 0..NAT_PORT_PROBES {
         let port = nat_port_candidate(hash, i, node.nat_port_min, node.nat_port_max).to_be();
@@ -260,7 +276,7 @@ fn allocate(
             vip_id,
             nat_port: port,
             state: 0,
-            _pad: 0,
+            generation: backend.generation,
             created_ns: t,
             last_ns: t,
         };
@@ -284,7 +300,7 @@ fn nat_forward(
     node: &NodeConfig,
 ) -> Verdict {
     let key = &pkt.key;
-    let Some(backend) = LB_BACKENDS.get(backend_id) else {
+    let Some(backend) = LB_MEMBERS.get(backend_id) else {
         return Verdict::new(Counter::DropNoBackend, xdp_action::XDP_DROP);
     };
     let Some(src) = node_addr(node, key.family) else {
@@ -306,6 +322,7 @@ fn nat_forward(
         let n = unsafe { &mut *n };
         let reopened = tcp && pkt.syn && n.closed();
         if n.backend_id == backend_id
+            && n.generation == backend.generation
             && n.vip_id == vip_id
             && !reopened
             && !n.expired(key.proto, t, node)
@@ -347,11 +364,12 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     let Some(r) = (unsafe { LB_NAT_REV.get(key) }) else {
         return not_ours;
     };
+    let r = *r;
     let client = r.client;
     let backend_id = r.backend_id;
     let t = now();
     let n = match LB_NAT.get_ptr_mut(client) {
-        Some(n) if serves(unsafe { &*n }, backend_id, key, t, node) => unsafe { &mut *n },
+        Some(n) if serves(unsafe { &*n }, &r, key, t, node) => unsafe { &mut *n },
         _ => {
             count(Counter::NatReverseStale);
             return not_ours;

@@ -7,13 +7,13 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{Backend, VipKey};
+use lb_common::VipKey;
 
 use crate::{
     config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
-    model::Desired,
-    plan::{Plan, PlanError, State, TableCache, backend_of, plan_cached},
+    model::{Desired, ip_of},
+    plan::{Plan, PlanError, State, TableCache, plan_cached},
     program::Sizes,
 };
 
@@ -171,32 +171,50 @@ impl<D: Dataplane> Agent<D> {
             .collect()
     }
 
-    /// Every (VIP, backend) under passive health checking, with the backend id it has now.
+    /// Every (VIP, backend) under passive health checking, with the member ids its backend
+    /// address and port have now (passive health is the backend's, whichever VIP saw it).
     pub fn passive_targets(&self) -> Vec<PassiveTarget> {
         let mut out = Vec::new();
-        let mut ids: Option<BTreeMap<Backend, u32>> = None;
+        let mut ids: Option<BTreeMap<(IpAddr, u16), Vec<u32>>> = None;
         for v in &self.config.vips {
             let Some(check) = &v.passive_health else {
                 continue;
             };
-            let ids = ids.get_or_insert_with(|| {
-                self.current
-                    .backends
-                    .iter()
-                    .map(|(id, b)| (*b, *id))
-                    .collect()
-            });
+            let ids = ids.get_or_insert_with(|| self.member_ids_by_backend());
             let key = v.spec.key();
             for b in &v.spec.backends {
-                let id = ids.get(&backend_of(b.address, b.port)).copied();
                 let port = if b.port == 0 { v.spec.port } else { b.port };
                 out.push(PassiveTarget {
                     target: (key, b.address),
-                    id,
+                    ids: ids.get(&(b.address, port)).cloned().unwrap_or_default(),
                     probe: SocketAddr::new(b.address, port),
                     check: check.clone(),
                 });
             }
+        }
+        out
+    }
+
+    /// Member ids of NAT VIPs by the backend address and port they translate to.
+    fn member_ids_by_backend(&self) -> BTreeMap<(IpAddr, u16), Vec<u32>> {
+        let vip_ports: BTreeMap<u32, u16> = self
+            .current
+            .vips
+            .iter()
+            .map(|(k, v)| (v.id, u16::from_be(k.port)))
+            .collect();
+        let mut out: BTreeMap<(IpAddr, u16), Vec<u32>> = BTreeMap::new();
+        for (id, m) in &self.current.members {
+            let Some(vip_port) = vip_ports.get(&m.vip_id) else {
+                continue;
+            };
+            let port = match u16::from_be(m.port) {
+                0 => *vip_port,
+                p => p,
+            };
+            out.entry((ip_of(&m.addr, m.family), port))
+                .or_default()
+                .push(*id);
         }
         out
     }
@@ -234,8 +252,8 @@ impl<D: Dataplane> Agent<D> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassiveTarget {
     pub target: Target,
-    /// Its backend id in the maps (None while it has none, e.g. at weight 0 before start).
-    pub id: Option<u32>,
+    /// The member ids of its backend address and port, in every VIP (empty before start).
+    pub ids: Vec<u32>,
     /// Where the recheck probe connects: the backend's address and port.
     pub probe: SocketAddr,
     pub check: PassiveHealth,
@@ -271,7 +289,7 @@ vips:
     fn slots_of(a: &Agent<MemoryDataplane>, last_octet: u8) -> usize {
         let id = a
             .state()
-            .backends
+            .members
             .iter()
             .find(|(_, b)| b.addr[3] == last_octet)
             .map(|(i, _)| *i);

@@ -456,7 +456,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     }
     let mut vips = Vec::new();
     let mut seen_vips: BTreeMap<(IpAddr, u16, Protocol), usize> = BTreeMap::new();
-    let mut all_backends = BTreeSet::new();
+    // `max_backends` counts memberships: a backend takes one member id per VIP it serves.
+    let mut memberships = 0usize;
     for (i, v) in raw.vips.iter().enumerate() {
         let p = format!("vips[{i}]");
         let address = match v.address.as_deref() {
@@ -579,7 +580,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 _ => 0,
             };
             let weight = c.int(&format!("{bp}.weight"), b.weight, 100, 0..=65_535) as u32;
-            all_backends.insert((addr, bport));
+            memberships += 1;
             backends.push(BackendSpec {
                 address: addr,
                 port: bport,
@@ -679,12 +680,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             });
         }
     }
-    if all_backends.len() > max_backends as usize {
+    if memberships > max_backends as usize {
         c.bad(
             "vips",
             format!(
-                "{} distinct backends, more than node.max_backends ({max_backends})",
-                all_backends.len()
+                "{memberships} backends of VIPs (a backend counts once per VIP it serves), more than node.max_backends ({max_backends})"
             ),
         );
     }
@@ -956,7 +956,7 @@ vips:
                     "  table_size: 65537",
                     "  table_size: 65537\n  max_backends: 2",
                 )),
-                "vips: 3 distinct backends, more than node.max_backends (2)",
+                "vips: 4 backends of VIPs (a backend counts once per VIP it serves), more than node.max_backends (2)",
             ),
             (
                 Box::new(replace(

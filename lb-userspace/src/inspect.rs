@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Backend, Counter, FlowKey, FlowValue, NatFlow, PassiveHealth,
-    TrafficStats, VipKey, VipValue, maps,
+    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, Member, NatFlow, NodeConfig,
+    PassiveHealth, TrafficStats, VipKey, VipValue, maps,
 };
 
 use crate::{
@@ -40,9 +40,10 @@ pub struct Pinned {
     pub sizes: Sizes,
     stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
-    backend_stats: PerCpuArray<MapData, TrafficStats>,
+    member_stats: PerCpuArray<MapData, TrafficStats>,
     vips: HashMap<MapData, VipKey, VipValue>,
-    backends: Array<MapData, Backend>,
+    members: Array<MapData, Member>,
+    node: Array<MapData, NodeConfig>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nat: HashMap<MapData, FlowKey, NatFlow>,
@@ -67,14 +68,15 @@ impl Pinned {
         Ok(Self {
             stats: PerCpuArray::try_from(open(maps::STATS)?).map_err(merr("stats"))?,
             vip_stats: PerCpuArray::try_from(open(maps::VIP_STATS)?).map_err(merr("VIP stats"))?,
-            backend_stats: PerCpuArray::try_from(open(maps::BACKEND_STATS)?)
-                .map_err(merr("backend stats"))?,
+            member_stats: PerCpuArray::try_from(open(maps::MEMBER_STATS)?)
+                .map_err(merr("member stats"))?,
             vips: HashMap::try_from(open(maps::VIPS)?).map_err(merr("VIPs"))?,
-            backends: Array::try_from(open(maps::BACKENDS)?).map_err(merr("backends"))?,
+            members: Array::try_from(open(maps::MEMBERS)?).map_err(merr("members"))?,
+            node: Array::try_from(open(maps::NODE)?).map_err(merr("node settings"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
             nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
-            passive: Array::try_from(open(maps::BACKEND_PASSIVE)?)
+            passive: Array::try_from(open(maps::MEMBER_PASSIVE)?)
                 .map_err(merr("passive health"))?,
             ring,
             sizes,
@@ -117,11 +119,11 @@ impl Pinned {
         Self::sum(&self.vip_stats, id, "VIP stats")
     }
 
-    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
-        Self::sum(&self.backend_stats, id, "backend stats")
+    pub fn member_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
+        Self::sum(&self.member_stats, id, "member stats")
     }
 
-    /// Passive health counters of a backend id (NAT mode).
+    /// Passive health counters of a member id (NAT mode).
     pub fn passive(&self, id: u32) -> Result<PassiveHealth, InspectError> {
         self.passive.get(&id, 0).map_err(merr("passive health"))
     }
@@ -139,23 +141,34 @@ impl Pinned {
             .collect()
     }
 
-    /// Live backends by id.
-    pub fn backends(&self) -> Result<BTreeMap<u32, Backend>, InspectError> {
+    /// Live members by id.
+    pub fn members(&self) -> Result<BTreeMap<u32, Member>, InspectError> {
         let mut out = BTreeMap::new();
-        for (id, b) in self.backends.iter().enumerate() {
-            let b = b.map_err(merr("backends"))?;
-            if b.is_live() {
-                out.insert(id as u32, b);
+        for (id, m) in self.members.iter().enumerate() {
+            let m = m.map_err(merr("members"))?;
+            if m.is_live() {
+                out.insert(id as u32, m);
             }
         }
         Ok(out)
     }
 
-    pub fn backend(&self, id: u32) -> Option<Backend> {
-        self.backends.get(&id, 0).ok().filter(|b| b.is_live())
+    /// The live member at `id`, if any.
+    pub fn member(&self, id: u32) -> Option<Member> {
+        self.members.get(&id, 0).ok().filter(|m| m.is_live())
     }
 
-    /// Slot -> backend id of one VIP's table.
+    /// The member id at `index` in the ring (VIP id times the node's table size, plus slot).
+    pub fn ring_at(&self, index: u32) -> u32 {
+        self.ring.get(index as usize)
+    }
+
+    /// The node settings the program uses.
+    pub fn node(&self) -> Result<NodeConfig, InspectError> {
+        self.node.get(&0, 0).map_err(merr("node settings"))
+    }
+
+    /// Slot -> member id of one VIP's table.
     pub fn ring_slot(&self, vip_id: u32, slot: u32) -> u32 {
         self.ring
             .get((vip_id * self.sizes.maglev_m + slot) as usize)
@@ -166,7 +179,7 @@ impl Pinned {
         vip.table_size_of(self.sizes.maglev_m)
     }
 
-    /// How many slots each backend id holds in one VIP's table.
+    /// How many slots each member id holds in one VIP's table.
     pub fn slot_counts(&self, vip: &VipValue) -> BTreeMap<u32, u32> {
         let mut out = BTreeMap::new();
         for s in 0..self.table_size(vip) {
@@ -190,6 +203,15 @@ impl Pinned {
 
     pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {
         self.affinity.get(k, 0).ok()
+    }
+}
+
+/// `address` or `address:port` (NAT backends with a port of their own).
+pub fn backend_label(m: &Member) -> String {
+    let ip = crate::model::ip_of(&m.addr, m.family);
+    match u16::from_be(m.port) {
+        0 => ip.to_string(),
+        port => std::net::SocketAddr::new(ip, port).to_string(),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod plan;
 pub mod program;
 pub mod ring;
 pub mod run;
+pub mod show;
 
 /// An error and its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

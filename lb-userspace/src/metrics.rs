@@ -13,7 +13,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{inspect::Pinned, model::vip_label};
+use crate::{
+    inspect::{Pinned, backend_label},
+    model::vip_label,
+};
 
 /// Counters the agent itself keeps.
 #[derive(Debug, Default)]
@@ -35,15 +38,6 @@ struct MapsCollector {
 impl std::fmt::Debug for MapsCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MapsCollector")
-    }
-}
-
-/// `address` or `address:port` (NAT backends with their own port).
-fn backend_label(b: &lb_common::Backend) -> String {
-    let ip = crate::model::ip_of(&b.addr, b.family);
-    match u16::from_be(b.port) {
-        0 => ip.to_string(),
-        port => std::net::SocketAddr::new(ip, port).to_string(),
     }
 }
 
@@ -128,9 +122,14 @@ impl Collector for MapsCollector {
         let (mut packets, mut bytes, mut flows) = (Vec::new(), Vec::new(), Vec::new());
         let mut attempts = Vec::new();
         let mut streaks = Vec::new();
-        for (id, b) in p.backends().map_err(|_| std::fmt::Error)? {
-            let s = p.backend_stats(id).map_err(|_| std::fmt::Error)?;
-            let l = vec![("backend", backend_label(&b))];
+        // Per member: a backend serving two VIPs has a series under each (`sum by (backend)`
+        // adds them up).
+        let vip_labels: std::collections::BTreeMap<u32, String> =
+            vips.iter().map(|(k, v)| (v.id, vip_label(k))).collect();
+        for (id, b) in p.members().map_err(|_| std::fmt::Error)? {
+            let s = p.member_stats(id).map_err(|_| std::fmt::Error)?;
+            let vip = vip_labels.get(&b.vip_id).cloned().unwrap_or_default();
+            let l = vec![("vip", vip), ("backend", backend_label(&b))];
             packets.push((l.clone(), s.packets));
             bytes.push((l.clone(), s.bytes));
             flows.push((l.clone(), s.new_flows));
@@ -162,19 +161,19 @@ impl Collector for MapsCollector {
         counter(
             &mut enc,
             "lb_backend_packets",
-            "Packets per backend",
+            "Packets per backend of each VIP",
             &packets,
         )?;
         counter(
             &mut enc,
             "lb_backend_bytes",
-            "Bytes per backend (as received)",
+            "Bytes per backend of each VIP (as received)",
             &bytes,
         )?;
         counter(
             &mut enc,
             "lb_backend_new_flows",
-            "New flows per backend",
+            "New flows per backend of each VIP",
             &flows,
         )?;
 

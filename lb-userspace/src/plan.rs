@@ -2,9 +2,16 @@
 //! that is safe for packets in flight.
 //!
 //! Pure: no aya here. The order guarantees that between any two writes every ring slot points
-//! at a live backend (or at none): backends are published before any slot points at them, slots
-//! are rewritten before a backend they pointed at is removed, and a new VIP's table is written
-//! before the VIP itself. A resync with nothing changed plans no write at all.
+//! at a live member of its VIP (or at none): members are published before any slot points at
+//! them, slots are rewritten before a member they pointed at is retired, and a new VIP's table is
+//! written before the VIP itself. (The one exception: at full `max_backends`, a newcomer may have
+//! to take an id retired in the same plan; until its old VIP's table is rewritten, the program
+//! drops the few packets that land on it there rather than send them to another VIP's backend.)
+//! A resync with nothing changed plans no write at all.
+//!
+//! Members: each (VIP, backend) pair is a member with an id of its own. A member keeps its id for
+//! as long as it stays; an id given to a new member gets the next generation, which is what lets
+//! the program ignore flow and affinity entries of the id's previous owners.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,8 +19,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LIVE, Backend, FAMILY_V4, FAMILY_V6, MODE_DSR, MODE_NAT, NO_BACKEND, NODE_F_SRC_V4,
-    NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
+    FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MODE_DSR, MODE_NAT, Member, NO_BACKEND,
+    NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
 };
 
 use crate::{
@@ -27,8 +34,10 @@ pub struct State {
     pub node: NodeConfig,
     pub vips: BTreeMap<VipKey, VipValue>,
     pub vip_addrs: BTreeMap<VipAddr, u32>,
-    /// Live backends only.
-    pub backends: BTreeMap<u32, Backend>,
+    /// Live members by id.
+    pub members: BTreeMap<u32, Member>,
+    /// The generation each id that is not live now had last (0 or absent: never used).
+    pub retired: BTreeMap<u32, u32>,
     /// Tables of the VIP ids in `vips`. Shared with the planner's cache: an unchanged table is
     /// one allocation, and recognised without comparing its slots.
     pub rings: BTreeMap<u32, Arc<Vec<u32>>>,
@@ -46,14 +55,18 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     Node(NodeConfig),
-    /// Publish (or update) a backend id.
-    Backend {
+    /// Publish (or update) a member. `fresh`: the id starts a new allocation, so its counters
+    /// and passive health are zeroed before it is published.
+    Member {
         id: u32,
-        backend: Backend,
+        member: Member,
+        fresh: bool,
     },
-    /// Retire a backend id (flags cleared: array entries can't be deleted).
-    RemoveBackend {
+    /// Retire a member id (flags cleared: array entries can't be deleted; the generation stays,
+    /// so the id's next allocation gets a new one).
+    RetireMember {
         id: u32,
+        generation: u32,
     },
     VipAddr {
         addr: VipAddr,
@@ -62,7 +75,7 @@ pub enum Write {
     RemoveVipAddr {
         addr: VipAddr,
     },
-    /// Set ring slots of one VIP id: (slot, backend id) pairs.
+    /// Set ring slots of one VIP id: (slot, member id) pairs.
     Slots {
         vip_id: u32,
         slots: Vec<(u32, u32)>,
@@ -102,7 +115,9 @@ impl Plan {
 pub enum PlanError {
     #[error("{wanted} VIPs, but the program was loaded for at most {max}")]
     TooManyVips { wanted: usize, max: u32 },
-    #[error("{wanted} distinct backends, but the program was loaded for at most {max}")]
+    #[error(
+        "{wanted} backends of VIPs (a backend counts once per VIP it serves), but the program was loaded for at most {max} (node.max_backends)"
+    )]
     TooManyBackends { wanted: usize, max: u32 },
     #[error("VIP {vip}: {source}")]
     Maglev {
@@ -118,24 +133,35 @@ pub enum PlanError {
     DuplicateVip(String),
 }
 
-/// A backend's identity: the same address and port is the same backend (one id), whichever
-/// VIPs it serves.
-pub fn backend_of(address: std::net::IpAddr, port: u16) -> Backend {
+/// Who a member is: its VIP id, and its backend's family, address and port (network byte
+/// order). The same identity keeps the same member id.
+pub type MemberIdentity = (u32, u8, [u8; 16], u16);
+
+pub fn identity(m: &Member) -> MemberIdentity {
+    (m.vip_id, m.family, m.addr, m.port)
+}
+
+/// The member of VIP id `vip_id` for a backend at `address` and `port` (0 in DSR).
+pub fn member_of(vip_id: u32, address: std::net::IpAddr, port: u16, accepts: bool) -> Member {
     let (addr, family) = addr16(address);
-    Backend {
+    Member {
         addr,
         port: port.to_be(),
         family,
-        flags: BACKEND_F_LIVE,
+        flags: MEMBER_F_LIVE | if accepts { MEMBER_F_ACCEPTS } else { 0 },
+        vip_id,
+        generation: 0,
     }
 }
 
-/// Key bytes Maglev hashes for a backend: family, address, port. The same on every node.
-fn maglev_key(b: &Backend) -> Vec<u8> {
+/// Key bytes Maglev hashes for a backend: family, address, port. The same on every node (member
+/// ids are not: they are only the values the table holds).
+fn maglev_key(address: std::net::IpAddr, port: u16) -> Vec<u8> {
+    let (addr, family) = addr16(address);
     let mut k = Vec::with_capacity(19);
-    k.push(b.family);
-    k.extend_from_slice(&b.addr);
-    k.extend_from_slice(&b.port.to_ne_bytes());
+    k.push(family);
+    k.extend_from_slice(&addr);
+    k.extend_from_slice(&port.to_be().to_ne_bytes());
     k
 }
 
@@ -229,74 +255,21 @@ pub fn plan_cached(
     limits: Limits,
     cache: &mut TableCache,
 ) -> Result<(Plan, State), PlanError> {
-    let mut tables_used = Vec::new();
+    check_vips(desired, limits)?;
+    let vip_ids = vip_ids(current, desired, limits)?;
+    let (members, retired) = members(current, desired, &vip_ids, limits)?;
+    let by_identity: BTreeMap<MemberIdentity, u32> =
+        members.iter().map(|(id, m)| (identity(m), *id)).collect();
+
     let m = limits.maglev_m;
-    let mut seen = BTreeSet::new();
-    for v in &desired.vips {
-        if !seen.insert(v.key()) {
-            return Err(PlanError::DuplicateVip(v.label()));
-        }
-    }
-    if desired.vips.len() > limits.max_vips as usize {
-        return Err(PlanError::TooManyVips {
-            wanted: desired.vips.len(),
-            max: limits.max_vips,
-        });
-    }
-
-    // Backend ids: keep the id of every backend that stays; new ones take the lowest ids that
-    // are neither in use nor being retired now (a flow still pinned to a retired id must not
-    // land on a newcomer).
-    let by_identity: BTreeMap<Backend, u32> =
-        current.backends.iter().map(|(id, b)| (*b, *id)).collect();
-    let wanted: BTreeSet<Backend> = desired
-        .vips
-        .iter()
-        .flat_map(|v| v.backends.iter().map(|b| backend_of(b.address, b.port)))
-        .collect();
-    if wanted.len() > limits.max_backends as usize {
-        return Err(PlanError::TooManyBackends {
-            wanted: wanted.len(),
-            max: limits.max_backends,
-        });
-    }
-    let used: BTreeSet<u32> = current.backends.keys().copied().collect();
-    let mut fresh = free_ids(&used);
-    let mut ids: BTreeMap<Backend, u32> = BTreeMap::new();
-    for b in &wanted {
-        let id = match by_identity.get(b) {
-            Some(id) => *id,
-            None => fresh.next().expect("ids are unbounded"),
-        };
-        ids.insert(*b, id);
-    }
-    if let Some(over) = ids.values().find(|&&id| id >= limits.max_backends) {
-        // Only possible when ids of retired backends are still taken: retire first, retry.
-        return Err(PlanError::TooManyBackends {
-            wanted: *over as usize + 1,
-            max: limits.max_backends,
-        });
-    }
-
-    // VIP ids, the same way.
-    let used_vip_ids: BTreeSet<u32> = current.vips.values().map(|v| v.id).collect();
-    let mut fresh_vip = free_ids(&used_vip_ids);
+    let mut tables_used = Vec::new();
     let mut next = State {
         node: node_config(desired),
+        members,
+        retired,
         ..Default::default()
     };
-    for v in &desired.vips {
-        let key = v.key();
-        let id = match current.vips.get(&key) {
-            Some(old) => old.id,
-            None => fresh_vip.next().expect("ids are unbounded"),
-        };
-        if id >= limits.max_vips {
-            return Err(PlanError::TooManyVips {
-                wanted: id as usize + 1,
-                max: limits.max_vips,
-            });
-        }
+    for (v, &id) in desired.vips.iter().zip(&vip_ids) {
         let vip_m = v.table_size.unwrap_or(m);
         if vip_m > m {
             return Err(PlanError::TableTooLarge {
@@ -323,20 +296,133 @@ pub fn plan_cached(
             .backends
             .iter()
             .map(|b| {
-                let be = backend_of(b.address, b.port);
-                (maglev_key(&be), b.weight, ids[&be])
+                let ident = identity(&member_of(id, b.address, b.port, false));
+                (maglev_key(b.address, b.port), b.weight, by_identity[&ident])
             })
             .collect();
         let ring = cache.get_or_build(&v.label(), entries, vip_m, &mut tables_used)?;
+        let key = v.key();
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
     }
-    next.backends = ids.iter().map(|(b, id)| (*id, *b)).collect();
     let tables_used: std::collections::HashSet<_> = tables_used.into_iter().collect();
     cache.tables.retain(|k, _| tables_used.contains(k));
 
     Ok((diff(current, &next), next))
+}
+
+/// No VIP twice, and not more VIPs than the maps hold.
+fn check_vips(desired: &Desired, limits: Limits) -> Result<(), PlanError> {
+    let mut seen = BTreeSet::new();
+    for v in &desired.vips {
+        if !seen.insert(v.key()) {
+            return Err(PlanError::DuplicateVip(v.label()));
+        }
+    }
+    if desired.vips.len() > limits.max_vips as usize {
+        return Err(PlanError::TooManyVips {
+            wanted: desired.vips.len(),
+            max: limits.max_vips,
+        });
+    }
+    Ok(())
+}
+
+/// VIP ids, in `desired.vips` order: a VIP that stays keeps its id; a new one takes the lowest id
+/// that is neither in use nor being retired now.
+fn vip_ids(current: &State, desired: &Desired, limits: Limits) -> Result<Vec<u32>, PlanError> {
+    let used: BTreeSet<u32> = current.vips.values().map(|v| v.id).collect();
+    let mut fresh = free_ids(&used);
+    let mut ids = Vec::with_capacity(desired.vips.len());
+    for v in &desired.vips {
+        let id = match current.vips.get(&v.key()) {
+            Some(old) => old.id,
+            None => fresh.next().expect("ids are unbounded"),
+        };
+        if id >= limits.max_vips {
+            return Err(PlanError::TooManyVips {
+                wanted: id as usize + 1,
+                max: limits.max_vips,
+            });
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Live members by id.
+type Members = BTreeMap<u32, Member>;
+
+/// The members the desired state needs (by id) and the generations of the ids left retired.
+/// A member that stays keeps its id (and generation); a newcomer takes the lowest id that is not
+/// live, else (only at full `max_backends`) one being retired in this plan, at its next
+/// generation.
+fn members(
+    current: &State,
+    desired: &Desired,
+    vip_ids: &[u32],
+    limits: Limits,
+) -> Result<(Members, BTreeMap<u32, u32>), PlanError> {
+    let mut wanted: Vec<Member> = Vec::new();
+    for (v, &vip_id) in desired.vips.iter().zip(vip_ids) {
+        for b in &v.backends {
+            wanted.push(member_of(vip_id, b.address, b.port, b.weight > 0));
+        }
+    }
+    if wanted.len() > limits.max_backends as usize {
+        return Err(PlanError::TooManyBackends {
+            wanted: wanted.len(),
+            max: limits.max_backends,
+        });
+    }
+    let old: BTreeMap<MemberIdentity, u32> = current
+        .members
+        .iter()
+        .map(|(id, m)| (identity(m), *id))
+        .collect();
+    let mut out = BTreeMap::new();
+    let mut newcomers = Vec::new();
+    for m in wanted {
+        match old.get(&identity(&m)) {
+            Some(&id) => {
+                let generation = current.members[&id].generation;
+                out.insert(id, Member { generation, ..m });
+            }
+            None => newcomers.push(m),
+        }
+    }
+    let live: BTreeSet<u32> = current.members.keys().copied().collect();
+    let retiring: Vec<u32> = live
+        .iter()
+        .copied()
+        .filter(|id| !out.contains_key(id))
+        .collect();
+    let mut ids = free_ids(&live)
+        .take_while(|id| *id < limits.max_backends)
+        .chain(retiring);
+    for m in newcomers {
+        let id = ids.next().ok_or(PlanError::TooManyBackends {
+            wanted: out.len() + 1,
+            max: limits.max_backends,
+        })?;
+        let last = current
+            .members
+            .get(&id)
+            .map(|m| m.generation)
+            .or_else(|| current.retired.get(&id).copied())
+            .unwrap_or(0);
+        let generation = last.wrapping_add(1).max(1);
+        out.insert(id, Member { generation, ..m });
+    }
+    let mut retired = current.retired.clone();
+    retired.retain(|id, _| !out.contains_key(id));
+    for (id, m) in &current.members {
+        if !out.contains_key(id) {
+            retired.insert(*id, m.generation);
+        }
+    }
+    Ok((out, retired))
 }
 
 /// The writes from `cur` to `next`, safely ordered.
@@ -345,12 +431,17 @@ fn diff(cur: &State, next: &State) -> Plan {
     if cur.node != next.node {
         w.push(Write::Node(next.node));
     }
-    // 1. Publish new or changed backends.
-    for (id, b) in &next.backends {
-        if cur.backends.get(id) != Some(b) {
-            w.push(Write::Backend {
+    // 1. Publish new or changed members (a new generation starts with zeroed counters).
+    for (id, m) in &next.members {
+        let before = cur.members.get(id);
+        if before != Some(m) {
+            let last = before
+                .map(|b| b.generation)
+                .or_else(|| cur.retired.get(id).copied());
+            w.push(Write::Member {
                 id: *id,
-                backend: *b,
+                member: *m,
+                fresh: last != Some(m.generation),
             });
         }
     }
@@ -401,13 +492,16 @@ fn diff(cur: &State, next: &State) -> Plan {
     {
         w.push(Write::RemoveVipAddr { addr: *a });
     }
-    // 5. Retire backends no table points at any more.
-    for id in cur
-        .backends
-        .keys()
-        .filter(|id| !next.backends.contains_key(id))
+    // 5. Retire members no table points at any more.
+    for (id, m) in cur
+        .members
+        .iter()
+        .filter(|(id, _)| !next.members.contains_key(id))
     {
-        w.push(Write::RemoveBackend { id: *id });
+        w.push(Write::RetireMember {
+            id: *id,
+            generation: m.generation,
+        });
     }
     Plan { writes: w }
 }
@@ -416,11 +510,13 @@ fn diff(cur: &State, next: &State) -> Plan {
 pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
     match w {
         Write::Node(n) => s.node = *n,
-        Write::Backend { id, backend } => {
-            s.backends.insert(*id, *backend);
+        Write::Member { id, member, .. } => {
+            s.members.insert(*id, *member);
+            s.retired.remove(id);
         }
-        Write::RemoveBackend { id } => {
-            s.backends.remove(id);
+        Write::RetireMember { id, generation } => {
+            s.members.remove(id);
+            s.retired.insert(*id, *generation);
         }
         Write::VipAddr { addr, count } => {
             s.vip_addrs.insert(*addr, *count);
@@ -508,7 +604,8 @@ mod tests {
         }
     }
 
-    /// Every slot of every VIP visible to the program points at a live backend or at none.
+    /// Every slot of every VIP visible to the program points at a live member of that VIP or
+    /// at none.
     fn consistent(s: &State) -> Result<(), String> {
         for (k, v) in &s.vips {
             let ring = s
@@ -517,9 +614,12 @@ mod tests {
                 .ok_or(format!("VIP {k:?} has no table"))?;
             if let Some(b) = ring
                 .iter()
-                .find(|b| **b != NO_BACKEND && !s.backends.contains_key(b))
+                .find(|b| **b != NO_BACKEND && s.members.get(b).is_none_or(|m| m.vip_id != v.id))
             {
-                return Err(format!("VIP id {} points at missing backend {b}", v.id));
+                return Err(format!(
+                    "VIP id {} points at {b}, not a live member of it",
+                    v.id
+                ));
             }
         }
         Ok(())
@@ -561,7 +661,7 @@ mod tests {
         apply(&mut cur, &p);
         assert_eq!(cur, s);
         let removed_id = cur
-            .backends
+            .members
             .iter()
             .find(|(_, b)| b.addr[..4] == [10, 1, 0, 3])
             .map(|(id, _)| *id)
@@ -595,7 +695,10 @@ mod tests {
         );
         assert_eq!(
             p.writes.last(),
-            Some(&Write::RemoveBackend { id: removed_id }),
+            Some(&Write::RetireMember {
+                id: removed_id,
+                generation: 1
+            }),
             "retire last"
         );
         assert_eq!(p.write_count(), slots.len() + 1);
@@ -613,7 +716,7 @@ mod tests {
         let mut cur = State::default();
         apply(&mut cur, &p);
         let id_of = |s: &State, last: u8| {
-            s.backends
+            s.members
                 .iter()
                 .find(|(_, b)| b.addr[3] == last)
                 .map(|(i, _)| *i)
@@ -663,7 +766,8 @@ mod tests {
             let (p, next) = plan(&cur, &d, LIMITS).unwrap_or_else(|e| panic!("round {round}: {e}"));
             apply(&mut cur, &p);
             assert_eq!(cur.vips, next.vips, "round {round}");
-            assert_eq!(cur.backends, next.backends, "round {round}");
+            assert_eq!(cur.members, next.members, "round {round}");
+            assert_eq!(cur.retired, next.retired, "round {round}");
             for (k, v) in &next.vips {
                 assert_eq!(
                     cur.rings[&v.id], next.rings[&v.id],
@@ -772,5 +876,133 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn member_id(s: &State, vip_id: u32, last: u8) -> Option<(u32, Member)> {
+        s.members
+            .iter()
+            .find(|(_, m)| m.vip_id == vip_id && m.addr[3] == last)
+            .map(|(id, m)| (*id, *m))
+    }
+
+    #[test]
+    fn two_vips_sharing_a_backend_get_a_member_each() {
+        let d = desired(vec![
+            vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]),
+            vip("192.0.2.2", &[("10.1.0.1", 1)]),
+        ]);
+        let (_, s) = plan(&State::default(), &d, LIMITS).unwrap();
+        assert_eq!(s.members.len(), 3, "one member per (VIP, backend)");
+        let (a, _) = member_id(&s, 0, 1).unwrap();
+        let (b, _) = member_id(&s, 1, 1).unwrap();
+        assert_ne!(a, b);
+        assert!(s.rings[&1].iter().all(|&id| id == b));
+        assert!(
+            !s.rings[&0].contains(&b),
+            "VIP 0's table names VIP 1's member"
+        );
+    }
+
+    #[test]
+    fn weight_zero_keeps_the_member_but_it_takes_no_new_flows() {
+        let d = |w| desired(vec![vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", w)])]);
+        let (_, s1) = plan(&State::default(), &d(1), LIMITS).unwrap();
+        let (p, s2) = plan(&s1, &d(0), LIMITS).unwrap();
+        let (id1, m1) = member_id(&s1, 0, 2).unwrap();
+        let (id2, m2) = member_id(&s2, 0, 2).unwrap();
+        assert_eq!(
+            (id1, m1.generation),
+            (id2, m2.generation),
+            "same allocation"
+        );
+        assert!(m1.accepts() && !m2.accepts() && m2.is_live());
+        assert!(p.writes.contains(&Write::Member {
+            id: id2,
+            member: m2,
+            fresh: false
+        }));
+    }
+
+    #[test]
+    fn a_reused_id_gets_a_new_generation_and_fresh_counters() {
+        let mut cur = State::default();
+        let (p, _) = plan(
+            &cur,
+            &desired(vec![vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)])]),
+            LIMITS,
+        )
+        .unwrap();
+        apply(&mut cur, &p);
+        let (old_id, old) = member_id(&cur, 0, 2).unwrap();
+        // Remove 10.1.0.2, reconcile; add a backend to another VIP, reconcile.
+        let one = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        let (p, _) = plan(&cur, &desired(vec![one.clone()]), LIMITS).unwrap();
+        apply(&mut cur, &p);
+        assert_eq!(cur.retired.get(&old_id), Some(&old.generation));
+        let (p, next) = plan(
+            &cur,
+            &desired(vec![one, vip("192.0.2.2", &[("10.1.0.9", 1)])]),
+            LIMITS,
+        )
+        .unwrap();
+        apply(&mut cur, &p);
+        let (new_id, new) = member_id(&next, 1, 9).unwrap();
+        assert_eq!(new_id, old_id, "the lowest free id is reused");
+        assert_eq!(new.generation, old.generation + 1);
+        assert!(p.writes.contains(&Write::Member {
+            id: new_id,
+            member: new,
+            fresh: true
+        }));
+        assert_eq!(cur, next);
+    }
+
+    #[test]
+    fn replacing_every_backend_at_full_capacity_succeeds() {
+        let limits = Limits {
+            max_backends: 4,
+            ..LIMITS
+        };
+        let before = desired(vec![vip(
+            "192.0.2.1",
+            &[
+                ("10.1.0.1", 1),
+                ("10.1.0.2", 1),
+                ("10.1.0.3", 1),
+                ("10.1.0.4", 1),
+            ],
+        )]);
+        let after = desired(vec![vip(
+            "192.0.2.1",
+            &[
+                ("10.2.0.1", 1),
+                ("10.2.0.2", 1),
+                ("10.2.0.3", 1),
+                ("10.2.0.4", 1),
+            ],
+        )]);
+        let mut cur = State::default();
+        let (p, _) = plan(&cur, &before, limits).unwrap();
+        apply(&mut cur, &p);
+        let gens: BTreeMap<u32, u32> = cur
+            .members
+            .iter()
+            .map(|(id, m)| (*id, m.generation))
+            .collect();
+        let (p, next) = plan(&cur, &after, limits).expect("replacing all at capacity");
+        for w in &p.writes {
+            apply_to_state(&mut cur, w, limits.maglev_m);
+        }
+        assert_eq!(cur, next);
+        assert_eq!(next.members.len(), 4);
+        for (id, m) in &next.members {
+            assert_eq!(m.addr[1], 2, "member {id} is a newcomer");
+            assert_eq!(
+                m.generation,
+                gens[id] + 1,
+                "member {id} got a new generation"
+            );
+        }
+        consistent(&cur).unwrap();
     }
 }

@@ -208,13 +208,13 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
         .map_max_entries(maps::RING, ring)
         .map_max_entries(maps::VIP_STATS, sizes.max_vips)
-        .map_max_entries(maps::BACKENDS, sizes.max_backends)
-        .map_max_entries(maps::BACKEND_STATS, sizes.max_backends)
+        .map_max_entries(maps::MEMBERS, sizes.max_backends)
+        .map_max_entries(maps::MEMBER_STATS, sizes.max_backends)
         .map_max_entries(maps::FLOWS, sizes.flow_entries)
         .map_max_entries(maps::AFFINITY, sizes.affinity_entries)
         .map_max_entries(maps::NAT, sizes.nat_entries)
         .map_max_entries(maps::NAT_REV, sizes.nat_entries)
-        .map_max_entries(maps::BACKEND_PASSIVE, sizes.max_backends);
+        .map_max_entries(maps::MEMBER_PASSIVE, sizes.max_backends);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
             check_pins(dir, sizes)?;

@@ -207,6 +207,24 @@ fn sync_interfaces(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings
     Ok(())
 }
 
+/// A backend's passive health: its members' counters added up, and the longest failure streak
+/// among them (the program keeps them per member, that is per VIP).
+fn backend_passive(
+    agent: &Agent<KernelDataplane>,
+    ids: &[u32],
+) -> Result<lb_common::PassiveHealth, crate::dataplane::DataplaneError> {
+    let mut sum = lb_common::PassiveHealth::default();
+    for id in ids {
+        let p = agent.dp.passive(*id)?;
+        sum.answered += p.answered;
+        sum.refused += p.refused;
+        sum.unreachable += p.unreachable;
+        sum.syn_timeouts += p.syn_timeouts;
+        sum.consecutive_failures = sum.consecutive_failures.max(p.consecutive_failures);
+    }
+    Ok(sum)
+}
+
 /// Passive health checking: watches each checked backend's failure streak in the maps, takes
 /// it out at the threshold, and probes it back in.
 #[derive(Default)]
@@ -253,8 +271,10 @@ impl Passive {
                 }
                 continue;
             }
-            let Some(id) = pt.id else { continue };
-            let p = match agent.dp.passive(id) {
+            if pt.ids.is_empty() {
+                continue;
+            }
+            let p = match backend_passive(agent, &pt.ids) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("reading passive health: {}", crate::error_chain(&e));
@@ -300,10 +320,10 @@ impl Passive {
         let vip = crate::model::vip_label(&t.0);
         match result {
             Ok(()) => {
-                if let Some(id) = pt.id
-                    && let Err(e) = agent.dp.reset_passive_streak(id)
-                {
-                    warn!(%vip, backend = %t.1, "resetting the failure streak: {}", crate::error_chain(&e));
+                for id in &pt.ids {
+                    if let Err(e) = agent.dp.reset_passive_streak(*id) {
+                        warn!(%vip, backend = %t.1, "resetting the failure streak: {}", crate::error_chain(&e));
+                    }
                 }
                 match agent.set_passive_out(t, false) {
                     Ok(plan) => {

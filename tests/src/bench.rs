@@ -110,7 +110,8 @@ pub fn fastpath(opts: &Options) -> Value {
         let mut lb = Lb::load(Sizes {
             maglev_m: m,
             max_vips: 8,
-            max_backends: 256,
+            // A member per (VIP, backend): five VIPs of up to 100 backends.
+            max_backends: 1024,
             flow_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
             affinity_entries: 1 << 16,
             nat_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
@@ -172,7 +173,7 @@ pub fn fastpath(opts: &Options) -> Value {
         // The NAT flow's reply: from its backend to the node's NAT port.
         let nat_key = syn("198.51.100.1", 1111, "192.0.2.12").flow_key();
         let nat = lb.nat_flow(&nat_key).expect("the NAT flow was translated");
-        let nat_backend = b4[nat.backend_id as usize];
+        let nat_backend = b4[lb.backend_of(nat.backend_id) as usize];
         let nat_reply = Pkt::tcp(&std::net::Ipv4Addr::from(nat_backend).to_string(), 80, NODE_V4, u16::from_be(nat.nat_port), LB0_MAC)
             .with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
             .frame();

@@ -291,10 +291,10 @@ impl Lab {
                     tcp.set_nonblocking(true).unwrap();
                     udp.set_read_timeout(Some(Duration::from_millis(20)))
                         .unwrap();
-                    let (stop, name, accepted) =
+                    let (stop, tcp_name, accepted) =
                         (self.stop.clone(), name.clone(), self.accepted.clone());
                     self.servers.push(std::thread::spawn(move || {
-                        let mut buf = [0u8; 2048];
+                        let name = tcp_name;
                         while !stop.load(Ordering::Relaxed) {
                             match tcp.accept() {
                                 Ok((s, _)) => {
@@ -302,13 +302,18 @@ impl Lab {
                                     let (name, stop) = (name.clone(), stop.clone());
                                     std::thread::spawn(move || echo(s, &name, &stop));
                                 }
-                                Err(_) => {
-                                    if let Ok((n, from)) = udp.recv_from(&mut buf)
-                                        && n > 0
-                                    {
-                                        let _ = udp.send_to(name.as_bytes(), from);
-                                    }
-                                }
+                                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                            }
+                        }
+                    }));
+                    let (stop, name) = (self.stop.clone(), name.clone());
+                    self.servers.push(std::thread::spawn(move || {
+                        let mut buf = [0u8; 2048];
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((n, from)) = udp.recv_from(&mut buf)
+                                && n > 0
+                            {
+                                let _ = udp.send_to(name.as_bytes(), from);
                             }
                         }
                     }));
@@ -320,6 +325,26 @@ impl Lab {
     /// One TCP connection from client `c` to `vip:port`: which backend answered, or the error.
     pub fn connect(&self, c: IpAddr, vip: SocketAddr) -> Result<String, String> {
         self.client.run(|| who_tcp(c, vip))
+    }
+
+    /// One TCP connection from client `c` at source port `port` to `vip` per port in `ports`,
+    /// each closed with an RST (no TIME_WAIT, so the next round can reuse the port at once, as
+    /// busy clients do); who answered how often.
+    pub fn tcp_tally_ports(
+        &self,
+        c: IpAddr,
+        ports: std::ops::Range<u16>,
+        vip: SocketAddr,
+    ) -> BTreeMap<String, usize> {
+        self.client.run(|| {
+            let mut t = BTreeMap::new();
+            for p in ports {
+                let answer = who_tcp_from(SocketAddr::new(c, p), vip)
+                    .unwrap_or_else(|e| format!("error: {e}"));
+                *t.entry(answer).or_insert(0) += 1;
+            }
+            t
+        })
     }
 
     /// `n` TCP connections, round-robin over `clients` client addresses; who answered how often.
@@ -506,7 +531,51 @@ fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Which backend answers a connection from `from` (address and port) to `vip`; the connection
+/// is then reset (SO_LINGER 0), leaving no TIME_WAIT behind.
+fn who_tcp_from(from: SocketAddr, vip: SocketAddr) -> Result<String, String> {
+    let s = bind_to(from).map_err(|e| format!("bind: {}", e.kind()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    let (sa, len) = sockaddr(vip);
+    s.set_write_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    // SAFETY: connecting our own socket (blocking; SO_SNDTIMEO bounds it).
+    if unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(format!(
+            "connect: {}",
+            std::io::Error::last_os_error().kind()
+        ));
+    }
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {}", e.kind()))?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setting an option on our own socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    Ok(line.trim().to_string())
+}
+
 fn bind_from(c: IpAddr) -> std::io::Result<std::net::TcpStream> {
+    bind_to(SocketAddr::new(c, 0))
+}
+
+/// A TCP socket bound to `a` (SO_REUSEADDR, so a port just reset can be bound again).
+fn bind_to(a: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let c = a.ip();
     // std has no bind-before-connect for TCP: go through a socket2-free path with libc.
     let domain = if c.is_ipv4() {
         libc::AF_INET
@@ -520,7 +589,15 @@ fn bind_from(c: IpAddr) -> std::io::Result<std::net::TcpStream> {
             return Err(std::io::Error::last_os_error());
         }
         let stream = <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        let (sa, len) = sockaddr(SocketAddr::new(c, 0));
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        let (sa, len) = sockaddr(a);
         if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -11,9 +11,9 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AffinityKey, AffinityValue, BACKEND_F_LIVE, Backend, Counter, FlowKey, FlowValue, NO_BACKEND,
-    NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, VipKey,
-    VipValue, maps,
+    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MEMBER_F_LIVE,
+    Member, NO_BACKEND, NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig,
+    PassiveHealth, VipAddr, VipKey, VipValue, maps,
 };
 use lb_userspace::program::{self, Sizes};
 
@@ -49,9 +49,18 @@ pub struct Run {
 }
 
 /// The loaded program and typed access to its maps.
+///
+/// Tests name *backends* by small ids of their own ([`Lb::set_backend`]); the program balances
+/// over *members*, one per (VIP, backend). [`Lb::set_ring`] creates the member of each backend a
+/// VIP's table names (ids handed out in order, generation 1), and [`Lb::member`] says which id
+/// it got.
 pub struct Lb {
     pub ebpf: Ebpf,
     pub sizes: Sizes,
+    /// Backend id -> (address, NAT port, live).
+    backends: StdHashMap<u32, (IpAddr, u16, bool)>,
+    /// (VIP id, backend id) -> member id.
+    members: StdHashMap<(u32, u32), u32>,
 }
 
 impl Lb {
@@ -59,7 +68,16 @@ impl Lb {
         crate::require_root();
         let ebpf = program::load(&sizes, None)
             .unwrap_or_else(|e| panic!("loading lb: {}", error_chain(&e)));
-        Self { ebpf, sizes }
+        Self::new(ebpf, sizes)
+    }
+
+    fn new(ebpf: Ebpf, sizes: Sizes) -> Self {
+        Self {
+            ebpf,
+            sizes,
+            backends: StdHashMap::new(),
+            members: StdHashMap::new(),
+        }
     }
 
     /// Loads another copy of the program on the maps an agent pinned in `pin_dir`: frames run
@@ -72,7 +90,7 @@ impl Lb {
         let sizes = Sizes::from_meta(&meta);
         let ebpf = program::load(&sizes, Some(pin_dir))
             .unwrap_or_else(|e| panic!("loading lb on the pins: {}", error_chain(&e)));
-        Self { ebpf, sizes }
+        Self::new(ebpf, sizes)
     }
 
     fn map(&mut self, name: &str) -> &mut aya::maps::Map {
@@ -151,9 +169,9 @@ impl Lb {
             .ok()
     }
 
-    /// Passive health counters of a backend id.
+    /// Passive health counters of a member id.
     pub fn passive(&mut self, id: u32) -> PassiveHealth {
-        self.array::<PassiveHealth>(maps::BACKEND_PASSIVE)
+        self.array::<PassiveHealth>(maps::MEMBER_PASSIVE)
             .get(&id, 0)
             .expect("reading passive health")
     }
@@ -172,10 +190,48 @@ impl Lb {
         self.set_backend_port(id, addr, 0, live);
     }
 
-    /// A backend with a NAT-mode port (0: the VIP's).
+    /// A backend with a NAT-mode port (0: the VIP's). Members already made for it follow: a
+    /// backend that is not live is a member that is not live in every VIP.
     pub fn set_backend_port(&mut self, id: u32, addr: &str, port: u16, live: bool) {
-        let a: IpAddr = addr.parse().unwrap();
-        let b = Backend {
+        self.backends
+            .insert(id, (addr.parse().unwrap(), port, live));
+        let mine: Vec<(u32, u32)> = self
+            .members
+            .iter()
+            .filter(|((_, b), _)| *b == id)
+            .map(|((v, _), m)| (*v, *m))
+            .collect();
+        for (vip_id, member) in mine {
+            let flags = if live {
+                MEMBER_F_LIVE | MEMBER_F_ACCEPTS
+            } else {
+                0
+            };
+            self.write_member(member, vip_id, id, flags, 1);
+        }
+    }
+
+    /// The member id of backend `backend` in VIP `vip_id` (made by [`Lb::set_ring`]).
+    pub fn member(&self, vip_id: u32, backend: u32) -> u32 {
+        *self
+            .members
+            .get(&(vip_id, backend))
+            .unwrap_or_else(|| panic!("backend {backend} is no member of VIP {vip_id}"))
+    }
+
+    /// The backend a member id stands for.
+    pub fn backend_of(&self, member: u32) -> u32 {
+        self.members
+            .iter()
+            .find(|(_, m)| **m == member)
+            .map(|((_, b), _)| *b)
+            .unwrap_or_else(|| panic!("no member {member}"))
+    }
+
+    /// Writes member `id` of VIP `vip_id` for backend `backend` (see [`Lb::set_backend`]).
+    pub fn write_member(&mut self, id: u32, vip_id: u32, backend: u32, flags: u8, generation: u32) {
+        let (a, port, _) = self.backends[&backend];
+        let m = Member {
             addr: addr16(a),
             port: port.to_be(),
             family: if a.is_ipv4() {
@@ -183,19 +239,45 @@ impl Lb {
             } else {
                 lb_common::FAMILY_V6
             },
-            flags: if live { BACKEND_F_LIVE } else { 0 },
+            flags,
+            vip_id,
+            generation,
         };
-        self.array::<Backend>(maps::BACKENDS)
-            .set(id, b, 0)
-            .expect("writing backend");
+        self.array::<Member>(maps::MEMBERS)
+            .set(id, m, 0)
+            .expect("writing member");
     }
 
-    /// Fills VIP `vip_id`'s table: slot `s` gets `f(s)`.
+    /// The member of `backend` in VIP `vip_id`, made (live, taking new flows) if it was not.
+    fn ensure_member(&mut self, vip_id: u32, backend: u32) -> u32 {
+        if let Some(m) = self.members.get(&(vip_id, backend)) {
+            return *m;
+        }
+        let id = self.members.len() as u32;
+        self.members.insert((vip_id, backend), id);
+        let live = self.backends.get(&backend).map(|b| b.2);
+        let live = live.unwrap_or_else(|| panic!("set_backend({backend}) first"));
+        let flags = if live {
+            MEMBER_F_LIVE | MEMBER_F_ACCEPTS
+        } else {
+            0
+        };
+        self.write_member(id, vip_id, backend, flags, 1);
+        id
+    }
+
+    /// Fills VIP `vip_id`'s table: slot `s` gets (the member of) backend `f(s)`, or none.
     pub fn set_ring(&mut self, vip_id: u32, f: impl Fn(u32) -> u32) {
         let m = self.sizes.maglev_m;
+        let slots: Vec<u32> = (0..m)
+            .map(|s| match f(s) {
+                NO_BACKEND => NO_BACKEND,
+                b => self.ensure_member(vip_id, b),
+            })
+            .collect();
         let mut ring = self.array::<u32>(maps::RING);
-        for s in 0..m {
-            ring.set(vip_id * m + s, f(s), 0)
+        for (s, id) in slots.into_iter().enumerate() {
+            ring.set(vip_id * m + s as u32, id, 0)
                 .expect("writing ring slot");
         }
     }
@@ -204,7 +286,7 @@ impl Lb {
         self.set_ring(vip_id, |_| NO_BACKEND);
     }
 
-    /// The slot a flow hashes to, and the backend there.
+    /// The slot a flow hashes to, and the member there.
     pub fn ring_backend(&mut self, vip_id: u32, hash: u32) -> u32 {
         let m = self.sizes.maglev_m;
         let slot = lb_common::maglev_slot(hash, m);

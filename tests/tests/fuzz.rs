@@ -17,7 +17,7 @@ fn load(net: &FibNet) -> Lb {
     let mut lb = Lb::load(Sizes {
         maglev_m: 251,
         max_vips: 8,
-        max_backends: 16,
+        max_backends: 64,
         flow_entries: 1024,
         affinity_entries: 256,
         nat_entries: 256,

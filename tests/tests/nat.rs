@@ -511,7 +511,7 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
     let ingress = net.lb0;
     net.ns.run(|| {
         let mut lb = setup();
-        let id = B4_MAPPED.0;
+        let id = lb.member(0, B4_MAPPED.0);
         let attempt = |lb: &mut Lb, sport: u16| {
             let syn = Pkt::tcp(CLIENT4, sport, V4, 80, LB0_MAC);
             let port = first_port(lb, &syn);
@@ -615,7 +615,8 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
         expect(&mut lb, ingress, "SYN v6", &syn6, XDP_TX, &out6.frame());
         let before = lb.counters();
         lb.run(&icmp_unreachable(TX_V6, &out6).frame(), ingress);
-        assert_eq!(lb.passive(B6_MAPPED.0).unreachable, 1);
+        let m6 = lb.member(2, B6_MAPPED.0);
+        assert_eq!(lb.passive(m6).unreachable, 1);
         assert_eq!(delta(&mut lb, &before, Counter::NatUnreachable), 1);
         let fk: FlowKey = syn6.flow_key();
         assert!(

@@ -99,7 +99,8 @@ fn maglev_choice(lb: &mut Lb, pkt: &Pkt, src_only: bool) -> u32 {
     } else {
         flow_hash(&key)
     };
-    lb.ring_backend(0, h)
+    let member = lb.ring_backend(0, h);
+    lb.backend_of(member)
 }
 
 #[test]
@@ -162,7 +163,7 @@ fn established_flow_stays_when_the_table_changes_and_moves_when_its_backend_goes
         let entry = lb
             .flow(&syn.flow_key())
             .expect("the SYN created a flow entry");
-        assert_eq!(entry.backend_id, first);
+        assert_eq!(lb.backend_of(entry.member_id), first);
 
         // Point every slot at another backend: the flow stays, a new flow follows the table.
         let other = if first == 1 { 2 } else { 1 };
@@ -192,22 +193,24 @@ fn established_flow_stays_when_the_table_changes_and_moves_when_its_backend_goes
             lb.counters()[&Counter::FlowStale] - before[&Counter::FlowStale],
             1
         );
-        assert_eq!(lb.flow(&syn.flow_key()).unwrap().backend_id, other);
+        let member = lb.flow(&syn.flow_key()).unwrap().member_id;
+        assert_eq!(lb.backend_of(member), other);
 
-        // An entry left by another VIP id (removed VIP, id reused) is not followed.
+        // An entry naming an earlier allocation of the member id (another generation) is not
+        // followed.
         lb.set_backend(first, backend_addr(first), true);
         lb.set_flow(
             syn.flow_key(),
             FlowValue {
-                backend_id: first,
-                vip_id: 3,
+                member_id: lb.member(0, first),
+                generation: 2,
                 last_seen_ns: 0,
             },
         );
         assert_eq!(
             send(&mut lb, &ack, net.lb0),
             other,
-            "followed a flow entry of another VIP"
+            "followed a flow entry of an earlier allocation"
         );
     });
 }
@@ -221,10 +224,8 @@ fn affinity_holds_until_its_timeout_then_is_replaced() {
         let first = Pkt::tcp(&c, 40000, VIP, 80, LB0_MAC);
         let pinned = send(&mut lb, &first, net.lb0);
         let akey = affinity_key(&first, 0);
-        assert_eq!(
-            lb.affinity(&akey).expect("affinity entry").backend_id,
-            pinned
-        );
+        let held = lb.affinity(&akey).expect("affinity entry").member_id;
+        assert_eq!(lb.backend_of(held), pinned);
 
         // New connections from the same client stay on `pinned`, including ports Maglev alone
         // would send elsewhere.
@@ -247,8 +248,8 @@ fn affinity_holds_until_its_timeout_then_is_replaced() {
 
         // Age the entry past the timeout: the next new connection follows Maglev and replaces it.
         let stale = AffinityValue {
-            backend_id: pinned,
-            _pad: 0,
+            member_id: lb.member(0, pinned),
+            generation: 1,
             last_seen_ns: 1,
         };
         lb.set_affinity(akey, stale);
@@ -273,7 +274,8 @@ fn affinity_holds_until_its_timeout_then_is_replaced() {
         );
         let renewed = lb.affinity(&akey).unwrap();
         assert_eq!(
-            renewed.backend_id, want,
+            lb.backend_of(renewed.member_id),
+            want,
             "expired affinity entry not replaced"
         );
         assert!(renewed.last_seen_ns > 1);
@@ -299,8 +301,8 @@ fn idle_udp_flow_is_balanced_afresh() {
         lb.set_flow(
             pkt.flow_key(),
             FlowValue {
-                backend_id: other,
-                vip_id: 0,
+                member_id: lb.member(0, other),
+                generation: 1,
                 last_seen_ns: seen,
             },
         );
@@ -312,8 +314,8 @@ fn idle_udp_flow_is_balanced_afresh() {
         lb.set_flow(
             pkt.flow_key(),
             FlowValue {
-                backend_id: other,
-                vip_id: 0,
+                member_id: lb.member(0, other),
+                generation: 1,
                 last_seen_ns: 1,
             },
         );

@@ -2,9 +2,9 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map},
+    maps::{Array, HashMap, Map, PerCpuArray, PerCpuValues},
 };
-use lb_common::{Backend, NodeConfig, PassiveHealth, VipAddr, VipKey, VipValue, maps};
+use lb_common::{Member, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps};
 
 use super::{Dataplane, DataplaneError};
 use crate::{
@@ -50,24 +50,51 @@ impl KernelDataplane {
             })
     }
 
-    /// Passive health counters of backend `id` (NAT mode).
+    /// Passive health counters of member `id` (NAT mode).
     pub fn passive(&self, id: u32) -> Result<PassiveHealth, DataplaneError> {
-        let a: Array<_, PassiveHealth> = Array::try_from(self.map(maps::BACKEND_PASSIVE)?)
-            .map_err(rerr(maps::BACKEND_PASSIVE))?;
+        let a: Array<_, PassiveHealth> =
+            Array::try_from(self.map(maps::MEMBER_PASSIVE)?).map_err(rerr(maps::MEMBER_PASSIVE))?;
         a.get(&id, 0)
-            .map_err(rerr(format!("passive health of backend {id}")))
+            .map_err(rerr(format!("passive health of member {id}")))
     }
 
-    /// Starts backend `id`'s failure streak afresh (when it is brought back in).
+    /// Starts member `id`'s failure streak afresh (when its backend is brought back in).
     pub fn reset_passive_streak(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let mut a: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
-            .map_err(werr(maps::BACKEND_PASSIVE))?;
+        let mut a: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::MEMBER_PASSIVE)?)
+            .map_err(werr(maps::MEMBER_PASSIVE))?;
         let mut p = a
             .get(&id, 0)
-            .map_err(werr(format!("passive health of backend {id}")))?;
+            .map_err(werr(format!("passive health of member {id}")))?;
         p.consecutive_failures = 0;
         a.set(id, p, 0)
-            .map_err(werr(format!("passive health of backend {id}")))
+            .map_err(werr(format!("passive health of member {id}")))
+    }
+
+    /// Zeroes member `id`'s traffic counters (on every CPU) and passive health: a new
+    /// allocation of the id starts from nothing.
+    fn reset_member_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let stats_err = |source| DataplaneError::Write {
+            what: format!("counters of member {id}"),
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err(e))?;
+        let zeros =
+            PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(stats_err)?;
+        let mut st: PerCpuArray<_, TrafficStats> =
+            PerCpuArray::try_from(self.map_mut(maps::MEMBER_STATS)?)
+                .map_err(werr(maps::MEMBER_STATS))?;
+        st.set(id, zeros, 0)
+            .map_err(werr(format!("counters of member {id}")))?;
+        let mut p: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::MEMBER_PASSIVE)?)
+            .map_err(werr(maps::MEMBER_PASSIVE))?;
+        p.set(id, PassiveHealth::default(), 0)
+            .map_err(werr(format!("passive health of member {id}")))
+    }
+
+    fn set_member(&mut self, id: u32, m: &Member) -> Result<(), DataplaneError> {
+        let mut a: Array<_, Member> =
+            Array::try_from(self.map_mut(maps::MEMBERS)?).map_err(werr(maps::MEMBERS))?;
+        a.set(id, m, 0).map_err(werr(format!("member {id}")))
     }
 
     fn map(&self, name: &str) -> Result<&Map, DataplaneError> {
@@ -116,12 +143,14 @@ impl Dataplane for KernelDataplane {
             let (k, v) = kv.map_err(rerr(maps::VIP_ADDRS))?;
             s.vip_addrs.insert(k, v);
         }
-        let backends: Array<_, Backend> =
-            Array::try_from(self.map(maps::BACKENDS)?).map_err(rerr(maps::BACKENDS))?;
-        for (id, b) in backends.iter().enumerate() {
-            let b = b.map_err(rerr(maps::BACKENDS))?;
-            if b.is_live() && known_family(b.family) {
-                s.backends.insert(id as u32, b);
+        let members: Array<_, Member> =
+            Array::try_from(self.map(maps::MEMBERS)?).map_err(rerr(maps::MEMBERS))?;
+        for (id, m) in members.iter().enumerate() {
+            let m = m.map_err(rerr(maps::MEMBERS))?;
+            if m.is_live() && known_family(m.family) {
+                s.members.insert(id as u32, m);
+            } else if m.generation != 0 {
+                s.retired.insert(id as u32, m.generation);
             }
         }
         let m = self.sizes.maglev_m as usize;
@@ -145,23 +174,18 @@ impl Dataplane for KernelDataplane {
                     Array::try_from(self.map_mut(maps::NODE)?).map_err(werr(maps::NODE))?;
                 a.set(0, n, 0).map_err(werr(maps::NODE))
             }
-            Write::Backend { id, backend } => {
-                let mut a: Array<_, Backend> =
-                    Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(werr(maps::BACKENDS))?;
-                a.set(*id, backend, 0)
-                    .map_err(werr(format!("backend {id}")))
+            Write::Member { id, member, fresh } => {
+                if *fresh {
+                    self.reset_member_counters(*id)?;
+                }
+                self.set_member(*id, member)
             }
-            Write::RemoveBackend { id } => {
-                let mut a: Array<_, Backend> =
-                    Array::try_from(self.map_mut(maps::BACKENDS)?).map_err(werr(maps::BACKENDS))?;
-                a.set(*id, Backend::default(), 0)
-                    .map_err(werr(format!("backend {id}")))?;
-                // The id's next backend starts with clean passive health.
-                let mut p: Array<_, PassiveHealth> =
-                    Array::try_from(self.map_mut(maps::BACKEND_PASSIVE)?)
-                        .map_err(werr(maps::BACKEND_PASSIVE))?;
-                p.set(*id, PassiveHealth::default(), 0)
-                    .map_err(werr(format!("passive health of backend {id}")))
+            Write::RetireMember { id, generation } => {
+                let retired = Member {
+                    generation: *generation,
+                    ..Default::default()
+                };
+                self.set_member(*id, &retired)
             }
             Write::VipAddr { addr, count } => {
                 let mut h: HashMap<_, VipAddr, u32> =

@@ -449,7 +449,7 @@ impl Translator {
             .collect();
         services.sort_by_key(|s| key_of(s.namespace(), s.name_any()));
         let mut taken: BTreeMap<lb_common::VipKey, String> = BTreeMap::new();
-        let mut all_backends: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+        let mut members = 0usize;
         for svc in services {
             let skey = key_of(svc.namespace(), svc.name_any());
             let mut event = |warning: bool, reason: &str, message: String| {
@@ -683,22 +683,19 @@ impl Translator {
                 }
                 mine.push(v);
             }
-            let new_backends: BTreeSet<(IpAddr, u16)> = mine
-                .iter()
-                .flat_map(|v| v.spec.backends.iter().map(|b| (b.address, b.port)))
-                .filter(|b| !all_backends.contains(b))
-                .collect();
+            // `max_backends` counts memberships: a backend takes a member id per VIP it serves.
+            let new_members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();
             if out.vips.len() + mine.len() > settings.max_vips as usize
-                || all_backends.len() + new_backends.len() > settings.max_backends as usize
+                || members + new_members > settings.max_backends as usize
             {
                 if !mine.is_empty() {
                     event(
                         true,
                         "CapacityExceeded",
                         format!(
-                            "{} VIP(s) with {} new backend(s) do not fit this node's max_vips {} / max_backends {}: not served",
+                            "{} VIP(s) with {} backend(s) do not fit this node's max_vips {} / max_backends {} (a backend counts once per VIP): not served",
                             mine.len(),
-                            new_backends.len(),
+                            new_members,
                             settings.max_vips,
                             settings.max_backends
                         ),
@@ -709,7 +706,7 @@ impl Translator {
             for v in &mine {
                 taken.insert(v.spec.key(), label(&skey));
             }
-            all_backends.extend(new_backends);
+            members += new_members;
             out.vips.extend(mine);
         }
         out.events.sort();
@@ -1167,7 +1164,7 @@ mod tests {
         };
         let (sa, sb) = (tables(&a, "node-a"), tables(&b, "node-b"));
         assert_eq!(sa.vips, sb.vips);
-        assert_eq!(sa.backends, sb.backends);
+        assert_eq!(sa.members, sb.members);
         assert_eq!(sa.rings, sb.rings, "Maglev tables differ between nodes");
     }
 

@@ -1,0 +1,394 @@
+//! Members: each (VIP, backend) pair has a member id of its own, with its own counters, flows and
+//! affinity, and new connections go where health and weights say *now*.
+//!
+//! The agent runs in this process over the kernel dataplane (maps pinned in a directory of the
+//! test's own); a second copy of the program loaded on those pins ([`Lb::adopt`]) runs the
+//! frames, so they meet exactly the maps the agent wrote. Where a frame went is read off its
+//! outer header; where it *should* go is read off the table the agent wrote (hash -> slot ->
+//! member), not asked of the program.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
+
+use lb_common::{Counter, flow_hash, maglev_slot};
+use lb_tests::{
+    agent::Dirs,
+    harness::{FibNet, Lb, XDP_TX, action_name, net::*},
+    hex,
+    packet::{L4, Pkt, TCP_ACK},
+};
+use lb_userspace::{
+    agent::Agent, config::Config, dataplane::kernel::KernelDataplane, inspect::Pinned, metrics,
+    model::ip_of, program,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+const M: u32 = 1009;
+const VIP_A: &str = "192.0.2.1";
+const VIP_B: &str = "192.0.2.2";
+const B1: &str = "10.1.0.1";
+const B2: &str = "10.1.0.2";
+const B9: &str = "10.1.0.9";
+const CLIENT: &str = "198.51.100.7";
+
+/// A VIP: address, affinity timeout in seconds (0: none), backends with weights.
+type Vip<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
+
+/// A config: the node, then `vips`.
+fn config(vips: &[Vip]) -> Config {
+    let mut y = format!(
+        "node:\n  interfaces: [lb0]\n  source_v4: {NODE_V4}\n  table_size: {M}\n  max_vips: 8\n  max_backends: 8\nvips:\n"
+    );
+    for (addr, affinity, backends) in vips {
+        y += &format!("  - address: {addr}\n    port: 80\n    protocol: tcp\n");
+        if *affinity > 0 {
+            y += &format!("    affinity_timeout: {affinity}s\n");
+        }
+        y += "    backends:\n";
+        for (b, w) in *backends {
+            y += &format!("      - {{ address: {b}, weight: {w} }}\n");
+        }
+    }
+    Config::parse(&y, "test").unwrap_or_else(|e| panic!("config:\n{y}\n{e}"))
+}
+
+/// The agent (in this process) and the program on its pins.
+struct Node {
+    agent: Agent<KernelDataplane>,
+    lb: Lb,
+    dirs: Dirs,
+}
+
+impl Node {
+    fn start(tag: &str, c: Config) -> Self {
+        let dirs = Dirs::new(Path::new(BIN), tag);
+        std::fs::create_dir_all(&dirs.pins).expect("creating the pin directory");
+        let ebpf = program::load(&c.node.sizes, Some(&dirs.pins)).expect("loading the program");
+        let dp = KernelDataplane::new(ebpf, c.node.sizes.clone()).expect("the dataplane");
+        let (agent, _) = Agent::start(dp, c, &[]).expect("starting the agent");
+        let lb = Lb::adopt(&dirs.pins);
+        Self { agent, lb, dirs }
+    }
+
+    fn apply(&mut self, c: Config) {
+        self.agent.replace_config(c).expect("applying a config");
+    }
+
+    /// Runs `pkt` and returns the backend address it was encapsulated to.
+    fn send(&mut self, net: &FibNet, pkt: &Pkt) -> IpAddr {
+        let run = net.ns.run(|| self.lb.run(&pkt.frame(), net.lb0));
+        assert_eq!(
+            action_name(run.action),
+            action_name(XDP_TX),
+            "{}",
+            hex(&pkt.frame())
+        );
+        let o = &run.output;
+        assert_eq!(u16::from_be_bytes([o[12], o[13]]), 0x0800, "outer IPv4");
+        IpAddr::from(<[u8; 4]>::try_from(&o[30..34]).unwrap())
+    }
+
+    /// The VIP id the agent gave `vip`.
+    fn vip_id(&self, vip: &str) -> u32 {
+        let a: IpAddr = vip.parse().unwrap();
+        self.agent
+            .state()
+            .vips
+            .iter()
+            .find(|(k, _)| ip_of(&k.addr, k.family) == a)
+            .map(|(_, v)| v.id)
+            .unwrap_or_else(|| panic!("no VIP {vip}"))
+    }
+
+    /// The backend the table the agent wrote gives `pkt` (5-tuple hash -> slot -> member).
+    fn table_choice(&self, pkt: &Pkt) -> IpAddr {
+        let id = self.vip_id(&pkt.dst.to_string());
+        let s = self.agent.state();
+        let slot = maglev_slot(flow_hash(&pkt.flow_key()), M);
+        let member = s.rings[&id][slot as usize];
+        let m = s.members[&member];
+        ip_of(&m.addr, m.family)
+    }
+
+    /// The member id of `backend` in `vip`, if it has one.
+    fn member(&self, vip: &str, backend: &str) -> Option<u32> {
+        let (v, b): (u32, IpAddr) = (self.vip_id(vip), backend.parse().unwrap());
+        self.agent
+            .state()
+            .members
+            .iter()
+            .find(|(_, m)| m.vip_id == v && ip_of(&m.addr, m.family) == b)
+            .map(|(id, _)| *id)
+    }
+}
+
+fn syn(sport: u16, vip: &str) -> Pkt {
+    Pkt::tcp(CLIENT, sport, vip, 80, LB0_MAC)
+}
+
+fn ack(p: &Pkt) -> Pkt {
+    p.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
+}
+
+/// A client port from `from` on whose new connection the table says `want`.
+fn port_to(node: &Node, vip: &str, want: &str, from: u16) -> u16 {
+    let want: IpAddr = want.parse().unwrap();
+    (from..from + 2000)
+        .find(|&p| node.table_choice(&syn(p, vip)) == want)
+        .unwrap_or_else(|| panic!("no port of {CLIENT} goes to {want}"))
+}
+
+#[test]
+fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
+    let net = FibNet::new("m-count");
+    let both: &[(&str, u32)] = &[(B1, 1), (B2, 1)];
+    let mut node = Node::start("m-count", config(&[(VIP_A, 0, both), (VIP_B, 0, both)]));
+    // What the test saw: packets per (VIP, backend).
+    let mut seen: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (vip, n) in [(VIP_A, 12u16), (VIP_B, 5)] {
+        for p in 0..n {
+            let b = node.send(&net, &syn(30000 + p, vip));
+            *seen.entry((vip.into(), b.to_string())).or_default() += 1;
+        }
+    }
+    let label = |vip: &str| format!("{vip}:80/tcp");
+    let stats = node.dirs.json(&["stats"]);
+    for row in stats["members"].as_array().unwrap() {
+        let vip = row["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        let key = (
+            vip.to_string(),
+            row["backend"].as_str().unwrap().to_string(),
+        );
+        assert_eq!(
+            row["packets"].as_u64(),
+            Some(seen.get(&key).copied().unwrap_or(0)),
+            "lb stats, member {key:?}"
+        );
+    }
+    for row in stats["backends"].as_array().unwrap() {
+        let b = row["backend"].as_str().unwrap();
+        let total: u64 = seen
+            .iter()
+            .filter(|((_, x), _)| x == b)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(
+            row["packets"].as_u64(),
+            Some(total),
+            "lb stats, total of {b}"
+        );
+    }
+    assert_eq!(stats["members"].as_array().unwrap().len(), 4);
+
+    let backends = node.dirs.json(&["backends"]);
+    for vip in backends.as_array().unwrap() {
+        let v = vip["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        for b in vip["backends"].as_array().unwrap() {
+            let key = (v.to_string(), b["address"].as_str().unwrap().to_string());
+            assert_eq!(
+                b["packets"].as_u64(),
+                Some(seen.get(&key).copied().unwrap_or(0)),
+                "lb backends, {key:?}"
+            );
+        }
+    }
+
+    let registry = metrics::registry(
+        Pinned::open(&node.dirs.pins).unwrap(),
+        Arc::new(metrics::AgentMetrics::default()),
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    for ((vip, b), n) in &seen {
+        let line = format!(
+            "lb_backend_packets_total{{vip=\"{}\",backend=\"{b}\"}} {n}",
+            label(vip)
+        );
+        assert!(
+            text.lines().any(|l| l == line),
+            "/metrics lacks {line}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn a_reused_member_id_reaches_none_of_its_old_flows_and_starts_at_zero() {
+    let net = FibNet::new("m-reuse");
+    let two: &[(&str, u32)] = &[(B1, 1), (B2, 1)];
+    let one: &[(&str, u32)] = &[(B1, 1)];
+    let mut node = Node::start("m-reuse", config(&[(VIP_A, 0, two), (VIP_B, 300, two)]));
+    // A connection to A on B2, and the client held on B2 by B's affinity.
+    let p = port_to(&node, VIP_A, B2, 40000);
+    let conn = syn(p, VIP_A);
+    assert_eq!(node.send(&net, &conn).to_string(), B2);
+    let q = port_to(&node, VIP_B, B2, 41000);
+    assert_eq!(node.send(&net, &syn(q, VIP_B)).to_string(), B2);
+    let old = (
+        node.member(VIP_A, B2).unwrap(),
+        node.member(VIP_B, B2).unwrap(),
+    );
+
+    // B2 leaves both VIPs (reconcile); then newcomers join a third VIP (reconcile) and take the
+    // freed ids, the lowest ones not live.
+    node.apply(config(&[(VIP_A, 0, one), (VIP_B, 300, one)]));
+    let new: &[(&str, u32)] = &[(B9, 1), ("10.1.0.10", 1)];
+    node.apply(config(&[
+        (VIP_A, 0, one),
+        (VIP_B, 300, one),
+        ("192.0.2.3", 0, new),
+    ]));
+    let newcomers = [
+        node.member("192.0.2.3", B9).unwrap(),
+        node.member("192.0.2.3", "10.1.0.10").unwrap(),
+    ];
+    let (mut reused, mut olds) = (newcomers.to_vec(), vec![old.0, old.1]);
+    reused.sort();
+    olds.sort();
+    assert_eq!(reused, olds, "the newcomers took B2's old ids");
+
+    // Its counters start at zero.
+    let stats = node.dirs.json(&["stats"]);
+    for row in stats["members"].as_array().unwrap() {
+        if newcomers.contains(&(row["id"].as_u64().unwrap() as u32)) {
+            assert_eq!(row["packets"], 0, "a newcomer inherited counters: {row}");
+        }
+    }
+    // The old connection's next packet and the held client's next connection go to B1.
+    assert_eq!(
+        node.send(&net, &ack(&conn)).to_string(),
+        B1,
+        "old flow reached the newcomer"
+    );
+    let again = syn(q + 1, VIP_B);
+    assert_eq!(
+        node.send(&net, &again).to_string(),
+        B1,
+        "old affinity reached the newcomer"
+    );
+}
+
+#[test]
+fn a_backend_removed_from_one_vip_keeps_none_of_its_flows_or_affinity_there() {
+    let net = FibNet::new("m-remove");
+    let two: &[(&str, u32)] = &[(B1, 1), (B2, 1)];
+    let one: &[(&str, u32)] = &[(B1, 1)];
+    let mut node = Node::start("m-remove", config(&[(VIP_A, 300, two), (VIP_B, 0, two)]));
+    let pa = port_to(&node, VIP_A, B2, 40000);
+    let on_a = syn(pa, VIP_A);
+    assert_eq!(node.send(&net, &on_a).to_string(), B2);
+    let pb = port_to(&node, VIP_B, B2, 42000);
+    let on_b = syn(pb, VIP_B);
+    assert_eq!(node.send(&net, &on_b).to_string(), B2);
+
+    node.apply(config(&[(VIP_A, 300, one), (VIP_B, 0, two)]));
+    assert_eq!(
+        node.send(&net, &ack(&on_a)).to_string(),
+        B1,
+        "A's flow stayed on B2"
+    );
+    assert_eq!(
+        node.send(&net, &syn(pa + 1, VIP_A)).to_string(),
+        B1,
+        "A's affinity stayed on B2"
+    );
+    assert_eq!(
+        node.send(&net, &ack(&on_b)).to_string(),
+        B2,
+        "B lost its flow"
+    );
+}
+
+#[test]
+fn new_connections_on_reused_ports_follow_health_and_weights_now() {
+    let net = FibNet::new("m-ports");
+    let mut node = Node::start("m-ports", config(&[(VIP_A, 0, &[(B1, 1), (B2, 1)])]));
+    let key = node.agent.config().vips[0].spec.key();
+    // Port p's last connection went to B2 (its flow entry names B2).
+    let p = port_to(&node, VIP_A, B2, 40000);
+    assert_eq!(node.send(&net, &syn(p, VIP_A)).to_string(), B2);
+    let established = syn(port_to(&node, VIP_A, B2, p + 1), VIP_A);
+    assert_eq!(node.send(&net, &established).to_string(), B2);
+
+    // B2 taken out by its health check: a new connection on p goes to B1; the established one stays.
+    node.agent
+        .set_health((key, B2.parse().unwrap()), false)
+        .unwrap();
+    assert_eq!(
+        node.send(&net, &syn(p, VIP_A)).to_string(),
+        B1,
+        "SYN followed the old entry"
+    );
+    assert_eq!(node.send(&net, &ack(&established)).to_string(), B2);
+
+    // B2 back: p's entry now names B1, but a new connection goes where the table says (B2).
+    node.agent
+        .set_health((key, B2.parse().unwrap()), true)
+        .unwrap();
+    assert_eq!(node.table_choice(&syn(p, VIP_A)).to_string(), B2);
+    assert_eq!(
+        node.send(&net, &syn(p, VIP_A)).to_string(),
+        B2,
+        "SYN followed the old entry"
+    );
+
+    // A weight change: connections on many ports go to B1 under equal weights; after B2's
+    // weight goes up, a new connection on a port the new table moves goes to B2.
+    let on_b1: Vec<u16> = (43000..43400)
+        .filter(|&q| node.table_choice(&syn(q, VIP_A)).to_string() == B1)
+        .collect();
+    for q in &on_b1 {
+        assert_eq!(node.send(&net, &syn(*q, VIP_A)).to_string(), B1);
+    }
+    node.apply(config(&[(VIP_A, 0, &[(B1, 1), (B2, 4)])]));
+    let moved: Vec<u16> = on_b1
+        .into_iter()
+        .filter(|&q| node.table_choice(&syn(q, VIP_A)).to_string() == B2)
+        .collect();
+    assert!(
+        moved.len() > 10,
+        "the weight change moved only {} ports",
+        moved.len()
+    );
+    for q in moved {
+        assert_eq!(
+            node.send(&net, &syn(q, VIP_A)).to_string(),
+            B2,
+            "port {q}: a SYN ignored the new weights"
+        );
+    }
+}
+
+#[test]
+fn affinity_gives_a_new_connection_another_backend_once_its_backend_is_unhealthy() {
+    let net = FibNet::new("m-affhealth");
+    let mut node = Node::start("m-affhealth", config(&[(VIP_A, 300, &[(B1, 1), (B2, 1)])]));
+    let key = node.agent.config().vips[0].spec.key();
+    let first = syn(port_to(&node, VIP_A, B2, 40000), VIP_A);
+    assert_eq!(node.send(&net, &first).to_string(), B2);
+    // Held on B2: a port the table would send to B1 still goes to B2.
+    let other = syn(port_to(&node, VIP_A, B1, 41000), VIP_A);
+    assert_eq!(
+        node.send(&net, &other).to_string(),
+        B2,
+        "affinity not followed"
+    );
+
+    node.agent
+        .set_health((key, B2.parse().unwrap()), false)
+        .unwrap();
+    let before = node.lb.counters();
+    let next = syn(port_to(&node, VIP_A, B1, 42000), VIP_A);
+    assert_eq!(
+        node.send(&net, &next).to_string(),
+        B1,
+        "affinity kept an unhealthy backend"
+    );
+    assert_eq!(
+        node.lb.counters()[&Counter::AffinityStale] - before[&Counter::AffinityStale],
+        1
+    );
+    assert_eq!(
+        node.send(&net, &ack(&first)).to_string(),
+        B2,
+        "the established connection moved"
+    );
+}
