@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod health;
 pub mod inspect;
 pub mod k8s;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
