@@ -183,34 +183,53 @@ fn reattach(
     attach_new(dp, pin_dir, ifname, mode)
 }
 
-/// Attaches the program to `ifname` in `mode`: swaps it into the pinned link if that is attached
-/// in `mode`, re-attaches if it is attached in the other mode, attaches afresh if none is pinned.
+/// What attaching to one interface takes.
+#[derive(Clone, Copy)]
+enum Step {
+    /// No link pinned: attach afresh (undone by detaching).
+    Fresh,
+    /// A link attached in this other mode: detach and attach again (undone by attaching our
+    /// program in the old mode: the old program went with its link).
+    Remode(ModeSetting),
+    /// Swap the program into the pinned link (atomic; not undone).
+    Swap,
+}
+
+fn step(pin_dir: &Path, ifname: &str, index: u32, mode: ModeSetting) -> Result<Step> {
+    if !link_pin(pin_dir, ifname).exists() {
+        return Ok(Step::Fresh);
+    }
+    Ok(match attached_mode(index)? {
+        Some(was) if was != mode => Step::Remode(was),
+        _ => Step::Swap,
+    })
+}
+
 fn attach(
     dp: &mut KernelDataplane,
     pin_dir: &Path,
     ifname: &str,
-    index: u32,
+    step: Step,
     mode: ModeSetting,
     done: &mut Changes,
 ) -> Result<()> {
-    if !link_pin(pin_dir, ifname).exists() {
-        attach_new(dp, pin_dir, ifname, mode)?;
-        done.0.push(Undo::Detach(ifname.to_string()));
-        return Ok(());
-    }
-    let was = attached_mode(index)?;
-    match was {
-        Some(was) if was != mode => {
+    match step {
+        Step::Fresh => {
+            attach_new(dp, pin_dir, ifname, mode)?;
+            done.0.push(Undo::Detach(ifname.to_string()));
+        }
+        Step::Remode(was) => {
             warn!(
                 interface = %ifname, from = ?was, to = ?mode,
                 "xdp_mode changed: detaching and attaching again (native and generic XDP cannot be attached to one device at once); until then, packets arriving on {ifname} reach the kernel without load balancing"
             );
             detach(pin_dir, ifname)?;
             done.0.push(Undo::Attach(ifname.to_string(), was));
-            attach_new(dp, pin_dir, ifname, mode)
+            attach_new(dp, pin_dir, ifname, mode)?;
         }
-        _ => swap(dp, pin_dir, ifname),
+        Step::Swap => swap(dp, pin_dir, ifname)?,
     }
+    Ok(())
 }
 
 /// Adds `ifname` to the redirect devmap and lets the kernel forward encapsulated packets whose
@@ -256,6 +275,9 @@ pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Re
     }
 }
 
+/// The steps of [`sync`], those that can fail without disturbing traffic first (fresh
+/// attachments), then those undone less exactly (mode changes, detaching dropped interfaces),
+/// swaps last: a failure part way then leaves as little to undo as can be.
 fn steps(
     dp: &mut KernelDataplane,
     pin_dir: &Path,
@@ -263,9 +285,22 @@ fn steps(
     wanted: &[(String, u32)],
     done: &mut Changes,
 ) -> Result<()> {
+    let mut todo = Vec::new();
     for (ifname, index) in wanted {
-        prepare(dp, ifname, *index)?;
-        attach(dp, pin_dir, ifname, *index, node.xdp_mode, done)?;
+        todo.push((
+            ifname,
+            *index,
+            step(pin_dir, ifname, *index, node.xdp_mode)?,
+        ));
+    }
+    let (swaps, changes): (Vec<_>, Vec<_>) =
+        todo.into_iter().partition(|t| matches!(t.2, Step::Swap));
+    let (fresh, remodes): (Vec<_>, Vec<_>) = changes
+        .into_iter()
+        .partition(|t| matches!(t.2, Step::Fresh));
+    for (ifname, index, step) in fresh.into_iter().chain(remodes) {
+        prepare(dp, ifname, index)?;
+        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
         info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached");
     }
     let names: BTreeSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
@@ -283,6 +318,11 @@ fn steps(
             done.0.push(Undo::Attach(ifname.clone(), was));
         }
         info!(interface = %ifname, "detached");
+    }
+    for (ifname, index, step) in swaps {
+        prepare(dp, ifname, index)?;
+        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
+        info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached (program swapped into the pinned link)");
     }
     Ok(())
 }

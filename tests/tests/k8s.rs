@@ -703,7 +703,11 @@ fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
     let node = format!("{NODE_CONFIG}  metrics_listen: {metrics}\n");
     dirs.write_config(&node);
     api.apply(service("web", json!({})));
-    api.apply(slice("web-v4", "IPv4", &[(TX_V4, "node-a", true, true, false)]));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
     let agent = start_agent(&net, &dirs, &[]);
     let mut w = World {
         net,
@@ -713,18 +717,15 @@ fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
         lb: None,
     };
     w.agent.wait_for("running", 1, T);
-    w.wait("the first pod", |v| rows(v, &format!("{V4}:80/tcp")).len() == 1);
+    w.wait("the first pod", |v| {
+        rows(v, &format!("{V4}:80/tcp")).len() == 1
+    });
 
     // Sizes are fixed while the program is loaded: this node config is refused.
     w.dirs
         .write_config(&node.replace("table_size: 1009", "table_size: 1013"));
-    w.agent.wait_metric(
-        &w.net.ns,
-        metrics,
-        "lb_config_reloads_rejected_total",
-        1,
-        T,
-    );
+    w.agent
+        .wait_metric(&w.net.ns, metrics, "lb_config_reloads_rejected_total", 1, T);
     w.api.apply(slice(
         "web-v4",
         "IPv4",
