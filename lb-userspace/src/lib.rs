@@ -1,7 +1,7 @@
 //! The lb agent: loads the XDP program and owns its maps, and the `lb` command line.
 //!
 //! Pure parts (no kernel): [`maglev`], [`plan`], [`config`], [`model`], [`agent`] over the
-//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`inspect`],
+//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`], [`inspect`],
 //! [`run`].
 pub mod agent;
 pub mod cli;

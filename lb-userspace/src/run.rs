@@ -1,10 +1,10 @@
 //! `lb run`: the agent's event loop on a bare host.
 //!
 //! Starts from the config (a config with problems at startup is an error: there is no last good
-//! state to keep), adopts or creates the pinned maps, reconciles, attaches the program to the
-//! configured interfaces (re-using pinned links), then reacts to health transitions, SIGHUP and
-//! changes of the config file. A new config with problems is logged and refused; the previous one
-//! keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
+//! state to keep), adopts or creates the pinned maps, attaches the program to the configured
+//! interfaces (re-using pinned links, see [`crate::links`]), reconciles, then reacts to health
+//! transitions, SIGHUP and changes of the config file. A start or reload that fails changes
+//! nothing: a new config with problems is logged and refused; the previous one keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
 //! maps pinned: traffic keeps flowing, and the next agent adopts them. `lb down` removes them.
 
 use std::{
