@@ -348,12 +348,12 @@ fn remembered(status: Option<Status>, config: &Config) -> Remembered {
     r
 }
 
-/// Switches the agent to `c`, or refuses it and changes nothing: sizes and interface names are
-/// checked first, the attachments change next (all or nothing), then the maps (and the
-/// attachments go back if the maps refuse).
+/// Switches the agent to `c`, or refuses it and changes nothing: sizes are checked first; if the
+/// interfaces or their mode changed, the attachments change next (all or nothing, every name
+/// resolved first), then the maps (and the attachments go back if the maps refuse). An
+/// unchanged list is not looked at: an interface gone from the host does not block VIP changes.
 fn apply(agent: &mut Agent<KernelDataplane>, pin_dir: &Path, c: Config) -> Result<Plan> {
     agent.check_sizes(&c)?;
-    links::resolve(&c.node.interfaces)?;
     let old = &agent.config().node;
     let relink = c.node.interfaces != old.interfaces || c.node.xdp_mode != old.xdp_mode;
     let changes = match relink {
