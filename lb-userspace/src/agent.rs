@@ -46,9 +46,22 @@ pub struct Agent<D> {
 
 impl<D: Dataplane> Agent<D> {
     /// Adopts what the maps hold now (a restart keeps flows, counters and ids) and applies
-    /// `config`, with the backends in `unhealthy` (as a previous agent left them) at weight 0
+    /// `config`, with the backends `remembered` out (as a previous agent left them) at weight 0
     /// until their checks say otherwise.
-    pub fn start(dp: D, config: Config, unhealthy: &[Target]) -> Result<(Self, Plan), AgentError> {
+    pub fn start(
+        dp: D,
+        config: Config,
+        remembered: &Remembered,
+    ) -> Result<(Self, Plan), AgentError> {
+        let mut agent = Self::adopt(dp, config, remembered)?;
+        let plan = agent.reconcile()?;
+        Ok((agent, plan))
+    }
+
+    /// [`Agent::start`] without the writes: reads what the maps hold, and [`Agent::reconcile`]
+    /// applies `config` (a config the planner refuses writes nothing; maps that refuse a write
+    /// part way keep what landed, every prefix of a plan being safe).
+    pub fn adopt(dp: D, config: Config, remembered: &Remembered) -> Result<Self, AgentError> {
         let current = dp.read()?;
         let mut agent = Self {
             dp,
@@ -59,13 +72,20 @@ impl<D: Dataplane> Agent<D> {
             tables: TableCache::default(),
         };
         let checked = agent.checked_targets();
-        agent.unhealthy = unhealthy
+        agent.unhealthy = remembered
+            .unhealthy
             .iter()
             .filter(|t| checked.contains(t))
             .map(|t| (*t, ()))
             .collect();
-        let plan = agent.reconcile()?;
-        Ok((agent, plan))
+        let passive = agent.passive_set();
+        agent.passive_out = remembered
+            .passive_out
+            .iter()
+            .filter(|t| passive.contains(t))
+            .copied()
+            .collect();
+        Ok(agent)
     }
 
     pub fn config(&self) -> &Config {
@@ -117,42 +137,41 @@ impl<D: Dataplane> Agent<D> {
         Ok(plan)
     }
 
-    /// Switches to a new config, or refuses it and keeps the old one serving.
-    pub fn replace_config(&mut self, new: Config) -> Result<Plan, AgentError> {
+    /// Refuses a config whose sizes differ from the loaded program's (checked before anything
+    /// else changes: a reload that would be refused here touches nothing).
+    pub fn check_sizes(&self, new: &Config) -> Result<(), AgentError> {
         if new.node.sizes != self.config.node.sizes {
             return Err(AgentError::SizesChanged {
                 old: self.config.node.sizes.clone(),
                 new: new.node.sizes.clone(),
             });
         }
-        // Plan before committing to it: a config the planner rejects changes nothing.
+        Ok(())
+    }
+
+    /// Switches to a new config, or refuses it and keeps the old one serving: on error the
+    /// config and health are the old ones, and so are the maps (writes that landed before a
+    /// failing one are undone, as far as the maps let us).
+    pub fn replace_config(&mut self, new: Config) -> Result<Plan, AgentError> {
+        self.check_sizes(&new)?;
         let old = std::mem::replace(&mut self.config, new);
+        let health = (self.unhealthy.clone(), self.passive_out.clone());
+        // Forget the health of backends that are gone or no longer checked.
+        let checked = self.checked_targets();
+        let passive = self.passive_set();
+        self.unhealthy.retain(|t, _| checked.contains(t));
+        self.passive_out.retain(|t| passive.contains(t));
         match self.reconcile() {
-            Ok(p) => {
-                // Forget the health of backends that are gone or no longer checked, and apply
-                // what that changes.
-                let checked = self.checked_targets();
-                let passive: BTreeSet<Target> = self
-                    .passive_targets()
-                    .into_iter()
-                    .map(|p| p.target)
-                    .collect();
-                let before = self.unhealthy.len() + self.passive_out.len();
-                self.unhealthy.retain(|t, _| checked.contains(t));
-                self.passive_out.retain(|t| passive.contains(t));
-                if self.unhealthy.len() + self.passive_out.len() != before {
-                    let more = self.reconcile()?;
-                    return Ok(Plan {
-                        writes: p.writes.into_iter().chain(more.writes).collect(),
-                    });
-                }
-                Ok(p)
-            }
-            Err(e @ AgentError::Plan(_)) => {
+            Ok(p) => Ok(p),
+            Err(e) => {
                 self.config = old;
+                (self.unhealthy, self.passive_out) = health;
+                if matches!(e, AgentError::Dataplane(_)) {
+                    // Best effort: the maps refused a write, they may refuse these too.
+                    let _ = self.reconcile();
+                }
                 Err(e)
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -219,6 +238,13 @@ impl<D: Dataplane> Agent<D> {
         out
     }
 
+    fn passive_set(&self) -> BTreeSet<Target> {
+        self.passive_targets()
+            .into_iter()
+            .map(|p| p.target)
+            .collect()
+    }
+
     /// Takes a backend out (weight 0) or brings it back, for passive health checking.
     pub fn set_passive_out(&mut self, target: Target, out: bool) -> Result<Plan, AgentError> {
         let changed = if out {
@@ -233,8 +259,13 @@ impl<D: Dataplane> Agent<D> {
         }
     }
 
-    /// Records a health transition and reconciles if it changes anything.
+    /// Records a health transition and reconciles if it changes anything. A transition for a
+    /// backend that is no longer checked (queued before a reload dropped its check) is ignored:
+    /// nothing would ever bring it back.
     pub fn set_health(&mut self, target: Target, healthy: bool) -> Result<Plan, AgentError> {
+        if !self.checked_targets().contains(&target) {
+            return Ok(Plan::default());
+        }
         let changed = if healthy {
             self.unhealthy.remove(&target).is_some()
         } else {
@@ -246,6 +277,15 @@ impl<D: Dataplane> Agent<D> {
             Ok(Plan::default())
         }
     }
+}
+
+/// Health a previous agent left (read back from its status file): backends its active checks
+/// found unhealthy and backends passive health checking took out. Entries for backends the
+/// new config does not check (the same way) are dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Remembered {
+    pub unhealthy: Vec<Target>,
+    pub passive_out: Vec<Target>,
 }
 
 /// A backend of a VIP with passive health checking.
@@ -262,7 +302,11 @@ pub struct PassiveTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Config, dataplane::memory::MemoryDataplane, plan::Write};
+    use crate::{
+        config::Config,
+        dataplane::memory::MemoryDataplane,
+        plan::{Limits, Write},
+    };
 
     const CONFIG: &str = r#"
 node:
@@ -283,10 +327,23 @@ vips:
     fn agent() -> Agent<MemoryDataplane> {
         let c = Config::parse(CONFIG, "t").unwrap();
         let dp = MemoryDataplane::new(c.node.sizes.limits());
-        Agent::start(dp, c, &[]).unwrap().0
+        Agent::start(dp, c, &Remembered::default()).unwrap().0
     }
 
-    fn slots_of(a: &Agent<MemoryDataplane>, last_octet: u8) -> usize {
+    const CHECK: &str = "    health_check: { type: tcp }\n";
+    const PASSIVE: &str = "    mode: nat\n    passive_health: { failures: 3 }\n";
+
+    /// [`CONFIG`] with `extra` added to its VIP (and `more` backends).
+    fn config_with(extra: &str, more: &str) -> Config {
+        let last = "      - { address: 10.1.0.2, weight: 1 }\n";
+        Config::parse(&CONFIG.replace(last, &format!("{last}{more}{extra}")), "t").unwrap()
+    }
+
+    fn target(a: &Agent<impl Dataplane>, addr: &str) -> Target {
+        (a.config().vips[0].spec.key(), addr.parse().unwrap())
+    }
+
+    fn slots_of<D: Dataplane>(a: &Agent<D>, last_octet: u8) -> usize {
         let id = a
             .state()
             .members
@@ -301,7 +358,9 @@ vips:
 
     #[test]
     fn unhealthy_backend_gets_weight_zero_until_healthy_again() {
-        let mut a = agent();
+        let c = config_with(CHECK, "");
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let (mut a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();
         let key = a.config().vips[0].spec.key();
         assert!(slots_of(&a, 1) > 400);
         let p = a
@@ -334,7 +393,15 @@ vips:
         let dp = MemoryDataplane::new(c.node.sizes.limits());
         let key = c.vips[0].spec.key();
         let dead = (key, "10.1.0.1".parse().unwrap());
-        let (mut a, _) = Agent::start(dp, c, &[dead]).unwrap();
+        let (mut a, _) = Agent::start(
+            dp,
+            c,
+            &Remembered {
+                unhealthy: vec![dead],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(
             slots_of(&a, 1),
             0,
@@ -353,7 +420,7 @@ vips:
         let a = agent();
         let c = a.config().clone();
         let dp = a.dp; // the maps survive the agent
-        let (b, plan) = Agent::start(dp, c, &[]).unwrap();
+        let (b, plan) = Agent::start(dp, c, &Remembered::default()).unwrap();
         assert!(
             plan.is_empty(),
             "a restart with the same config wrote {:?}",
@@ -388,5 +455,120 @@ vips:
         assert_eq!(a.state(), &before);
         assert_eq!(a.dp.log.len(), writes);
         assert_eq!(a.config().node.sizes.maglev_m, 1009);
+    }
+
+    #[test]
+    fn a_transition_for_a_backend_no_longer_checked_changes_nothing() {
+        let c = config_with(CHECK, "");
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let (mut a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();
+        let t = target(&a, "10.1.0.1");
+        a.replace_config(Config::parse(CONFIG, "t").unwrap())
+            .unwrap();
+        let writes = a.dp.log.len();
+        // The dropped check's last transition, queued before the reload, arrives after it.
+        let p = a.set_health(t, false).unwrap();
+        assert!(p.is_empty(), "wrote {:?}", p.writes);
+        assert_eq!(a.dp.log.len(), writes);
+        assert!(
+            a.is_healthy(&t),
+            "an unchecked backend was marked unhealthy"
+        );
+        assert!(slots_of(&a, 1) > 400, "an unchecked backend lost its slots");
+    }
+
+    #[test]
+    fn a_re_added_check_starts_healthy_after_a_stale_transition() {
+        let checked = config_with(CHECK, "");
+        let dp = MemoryDataplane::new(checked.node.sizes.limits());
+        let (mut a, _) = Agent::start(dp, checked.clone(), &Remembered::default()).unwrap();
+        let t = target(&a, "10.1.0.1");
+        a.set_health(t, false).unwrap();
+        a.replace_config(Config::parse(CONFIG, "t").unwrap())
+            .unwrap();
+        a.set_health(t, false).unwrap(); // stale: from the check just dropped
+        a.replace_config(checked).unwrap();
+        assert!(
+            a.is_healthy(&t),
+            "the re-added check starts from a dropped check's verdict"
+        );
+        assert!(slots_of(&a, 1) > 400);
+    }
+
+    #[test]
+    fn backends_a_previous_agent_had_passive_out_start_out() {
+        let c = config_with(PASSIVE, "");
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let key = c.vips[0].spec.key();
+        let out = (key, "10.1.0.1".parse().unwrap());
+        let gone = (key, "10.1.0.9".parse().unwrap());
+        let remembered = Remembered {
+            passive_out: vec![out, gone],
+            ..Default::default()
+        };
+        let (a, _) = Agent::start(dp, c, &remembered).unwrap();
+        assert!(a.is_passive_out(&out));
+        assert!(!a.is_passive_out(&gone), "a backend not configured is kept");
+        assert_eq!(slots_of(&a, 1), 0, "the passive-out backend holds slots");
+        assert_eq!(slots_of(&a, 2), 1009);
+    }
+
+    /// The in-memory maps, refusing one write: the `refuse_at`-th from now (0: the next).
+    struct Refusing {
+        maps: MemoryDataplane,
+        refuse_at: Option<usize>,
+    }
+
+    impl Dataplane for Refusing {
+        fn limits(&self) -> Limits {
+            self.maps.limits()
+        }
+
+        fn read(&self) -> Result<State, DataplaneError> {
+            self.maps.read()
+        }
+
+        fn write(&mut self, w: &Write) -> Result<(), DataplaneError> {
+            match self.refuse_at {
+                Some(0) => {
+                    self.refuse_at = None;
+                    Err(DataplaneError::Write {
+                        what: "a test map".into(),
+                        source: std::io::Error::other("refused"),
+                    })
+                }
+                Some(n) => {
+                    self.refuse_at = Some(n - 1);
+                    self.maps.write(w)
+                }
+                None => self.maps.write(w),
+            }
+        }
+    }
+
+    #[test]
+    fn a_reload_the_maps_refuse_part_way_leaves_config_health_and_maps_as_they_were() {
+        let c = config_with(CHECK, "");
+        let maps = MemoryDataplane::new(c.node.sizes.limits());
+        let dp = Refusing {
+            maps,
+            refuse_at: None,
+        };
+        let (mut a, _) = Agent::start(dp, c.clone(), &Remembered::default()).unwrap();
+        let t = target(&a, "10.1.0.1");
+        a.set_health(t, false).unwrap();
+        let before = a.dp.maps.state.clone();
+        // A third backend (a backend write, then ring slots) and no check (health forgotten):
+        // the backend lands, the slots are refused.
+        a.dp.refuse_at = Some(1);
+        let next = config_with("", "      - { address: 10.1.0.3, weight: 1 }\n");
+        assert!(matches!(
+            a.replace_config(next),
+            Err(AgentError::Dataplane(_))
+        ));
+        assert_eq!(a.config(), &c, "the refused config was kept");
+        assert!(!a.is_healthy(&t), "the old config's health was forgotten");
+        assert_eq!(a.dp.maps.state, before, "what landed was not undone");
+        assert_eq!(a.state(), &before);
     }
 }

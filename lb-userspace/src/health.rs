@@ -18,6 +18,8 @@ pub struct Transition {
     pub healthy: bool,
     /// Why, for the log: the last probe's outcome.
     pub reason: String,
+    /// The check task that saw it ([`Checks::is_current`]).
+    pub check: u64,
 }
 
 /// One probe: Ok on success, Err(reason) otherwise.
@@ -98,9 +100,12 @@ type CheckKey = (Target, SocketAddr, HealthCheck);
 
 /// The running checks, one task per (VIP, backend). A reload keeps the tasks whose check is
 /// unchanged (their probe rhythm and streaks go on), stops the others and starts new ones: a
-/// cluster whose endpoints change every few seconds still gets its backends judged.
+/// cluster whose endpoints change every few seconds still gets its backends judged. Each task
+/// has an id of its own, carried by its transitions, so one from a task a reload stopped is
+/// known as stale.
 pub struct Checks {
-    tasks: std::collections::HashMap<CheckKey, JoinHandle<()>>,
+    tasks: std::collections::HashMap<CheckKey, (u64, JoinHandle<()>)>,
+    next_id: u64,
     client: reqwest::Client,
     tx: mpsc::Sender<Transition>,
 }
@@ -113,6 +118,7 @@ impl Checks {
             .expect("building the HTTP client");
         Self {
             tasks: Default::default(),
+            next_id: 0,
             client,
             tx,
         }
@@ -132,7 +138,7 @@ impl Checks {
                 wanted.insert((target, addr, check.clone()));
             }
         }
-        self.tasks.retain(|k, task| {
+        self.tasks.retain(|k, (_, task)| {
             let keep = wanted.contains(k);
             if !keep {
                 task.abort();
@@ -141,10 +147,22 @@ impl Checks {
         });
         for key in wanted {
             if !self.tasks.contains_key(&key) {
-                let task = spawn_one(&key, healthy(&key.0), &self.client, &self.tx);
-                self.tasks.insert(key, task);
+                self.next_id += 1;
+                let id = self.next_id;
+                let task = spawn_one(&key, id, healthy(&key.0), &self.client, &self.tx);
+                self.tasks.insert(key, (id, task));
             }
         }
+    }
+
+    /// Whether `t` comes from a check still running. A transition queued before a reload
+    /// replaced its check (changed or dropped it) is not: the new check started from the
+    /// health the agent had then, and applying the old verdict now would part the two for
+    /// good (the new check reports only changes from where it started).
+    pub fn is_current(&self, t: &Transition) -> bool {
+        self.tasks
+            .iter()
+            .any(|(k, (id, _))| *id == t.check && k.0 == t.target)
     }
 
     pub fn len(&self) -> usize {
@@ -158,7 +176,7 @@ impl Checks {
 
 impl Drop for Checks {
     fn drop(&mut self) {
-        for t in self.tasks.values() {
+        for (_, t) in self.tasks.values() {
             t.abort();
         }
     }
@@ -166,6 +184,7 @@ impl Drop for Checks {
 
 fn spawn_one(
     key: &CheckKey,
+    id: u64,
     healthy: bool,
     client: &reqwest::Client,
     tx: &mpsc::Sender<Transition>,
@@ -185,6 +204,7 @@ fn spawn_one(
                     target,
                     healthy: h,
                     reason,
+                    check: id,
                 };
                 if tx.send(t).await.is_err() {
                     return;
@@ -241,9 +261,9 @@ vips:
         let c = Config::parse(&text(81), "t").unwrap();
         checks.sync(&c, |_| true);
         assert_eq!(checks.len(), 2);
-        let ids: Vec<_> = checks.tasks.values().map(|t| t.id()).collect();
+        let ids: Vec<_> = checks.tasks.values().map(|t| t.1.id()).collect();
         checks.sync(&c, |_| true);
-        let again: Vec<_> = checks.tasks.values().map(|t| t.id()).collect();
+        let again: Vec<_> = checks.tasks.values().map(|t| t.1.id()).collect();
         assert_eq!(
             ids.iter().collect::<std::collections::BTreeSet<_>>(),
             again.iter().collect(),
@@ -252,7 +272,7 @@ vips:
         checks.sync(&Config::parse(&text(82), "t").unwrap(), |_| true);
         assert_eq!(checks.len(), 2);
         assert!(
-            checks.tasks.values().all(|t| !ids.contains(&t.id())),
+            checks.tasks.values().all(|t| !ids.contains(&t.1.id())),
             "a changed check restarts"
         );
         checks.sync(
@@ -260,5 +280,38 @@ vips:
             |_| true,
         );
         assert!(checks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_transition_from_a_check_a_reload_replaced_is_stale() {
+        let text = |port: u16| {
+            format!(
+                "node: {{ interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }}
+vips:
+  - {{ address: 192.0.2.1, port: 80, protocol: tcp, backends: [{{ address: 10.1.0.1 }}],
+      health_check: {{ type: tcp, port: {port}, interval: 1h, timeout: 1s }} }}
+"
+            )
+        };
+        let (tx, _rx) = mpsc::channel(8);
+        let mut checks = Checks::new(tx);
+        let c = Config::parse(&text(81), "t").unwrap();
+        checks.sync(&c, |_| true);
+        let seen_by = |checks: &Checks| Transition {
+            target: (c.vips[0].spec.key(), "10.1.0.1".parse().unwrap()),
+            healthy: false,
+            reason: "refused".into(),
+            check: checks.tasks.values().next().unwrap().0,
+        };
+        let old = seen_by(&checks);
+        assert!(checks.is_current(&old));
+        checks.sync(&Config::parse(&text(82), "t").unwrap(), |_| true);
+        assert!(!checks.is_current(&old), "the replaced check's verdict");
+        assert!(checks.is_current(&seen_by(&checks)));
+        checks.sync(&Config::parse(&text(81), "t").unwrap(), |_| true);
+        assert!(
+            !checks.is_current(&old),
+            "the same check again is a new task, with a new start"
+        );
     }
 }

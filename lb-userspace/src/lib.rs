@@ -1,8 +1,8 @@
 //! The lb agent: loads the XDP program and owns its maps, and the `lb` command line.
 //!
 //! Pure parts (no kernel): [`maglev`], [`plan`], [`config`], [`model`], [`agent`] over the
-//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`inspect`],
-//! [`run`].
+//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
+//! [`inspect`], [`run`].
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod health;
 pub mod inspect;
 pub mod k8s;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

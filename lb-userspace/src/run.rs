@@ -1,10 +1,10 @@
 //! `lb run`: the agent's event loop on a bare host.
 //!
 //! Starts from the config (a config with problems at startup is an error: there is no last good
-//! state to keep), adopts or creates the pinned maps, reconciles, attaches the program to the
-//! configured interfaces (re-using pinned links), then reacts to health transitions, SIGHUP and
-//! changes of the config file. A new config with problems is logged and refused; the previous one
-//! keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
+//! state to keep), adopts or creates the pinned maps, attaches the program to the configured
+//! interfaces (re-using pinned links, see [`crate::links`]), reconciles, then reacts to health
+//! transitions, SIGHUP and changes of the config file. A start or reload that fails changes
+//! nothing: a new config with problems is logged and refused; the previous one keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
 //! maps pinned: traffic keeps flowing, and the next agent adopts them. `lb down` removes them.
 
 use std::{
@@ -15,11 +15,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::{
-    Xdp, XdpMode,
-    links::{FdLink, PinnedLink},
-    xdp::XdpLink,
-};
 use notify::Watcher as _;
 use serde::Serialize;
 use tokio::{
@@ -29,14 +24,16 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    agent::{Agent, Target},
-    config::{Config, NodeSettings, VipConfig, XdpMode as ModeSetting},
+    agent::{Agent, Remembered, Target},
+    config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
     inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
+    links,
     metrics::{self, AgentMetrics},
-    program::{self, PROGRAM},
+    plan::Plan,
+    program,
 };
 
 pub struct RunOptions {
@@ -87,124 +84,6 @@ enum Reload {
     No,
     File,
     Kube,
-}
-
-fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
-    pin_dir.join(format!("link-{ifname}"))
-}
-
-/// Interfaces with a pinned link in `pin_dir`.
-pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir(pin_dir) else {
-        return vec![];
-    };
-    let mut out: Vec<(String, PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("link-")
-                .map(|i| (i.to_string(), e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// Attaches the program to `ifname`: swaps it into the pinned link if there is one (atomically:
-/// traffic never sees no program), or attaches afresh and pins the link.
-fn attach(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: ModeSetting) -> Result<()> {
-    let path = link_pin(pin_dir, ifname);
-    let prog: &mut Xdp = dp
-        .ebpf
-        .program_mut(PROGRAM)
-        .context("no lb program")?
-        .try_into()?;
-    let id = if path.exists() {
-        // aya hands out a pinned link only by unpinning it; it is re-pinned right below, and the
-        // kernel keeps it attached meanwhile through our descriptor.
-        let fd: FdLink = PinnedLink::from_pin(&path)
-            .with_context(|| format!("opening the pinned link {}", path.display()))?
-            .unpin()
-            .with_context(|| format!("taking over {}", path.display()))?;
-        let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
-        prog.attach_to_link(link)
-            .with_context(|| format!("replacing the program attached to {ifname}"))?
-    } else {
-        let mode = match mode {
-            ModeSetting::Native => XdpMode::Driver,
-            ModeSetting::Generic => XdpMode::Skb,
-        };
-        prog.attach(ifname, mode)
-            .with_context(|| format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)"))?
-    };
-    let link: FdLink = prog
-        .take_link(id)?
-        .try_into()
-        .context("the XDP link is not a bpf_link (kernel too old?)")?;
-    link.pin(&path)
-        .with_context(|| format!("pinning the link at {}", path.display()))?;
-    Ok(())
-}
-
-fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
-    let path = link_pin(pin_dir, ifname);
-    let link =
-        PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    drop(
-        link.unpin()
-            .with_context(|| format!("removing {}", path.display()))?,
-    );
-    Ok(())
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: a NUL-terminated name.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => bail!("no interface named {name}"),
-        i => Ok(i),
-    }
-}
-
-/// Makes the attached interfaces what `node` lists: attach new ones, detach dropped ones, keep
-/// the devmap (redirect targets) in step. Also lets the kernel forward encapsulated packets
-/// whose source is this node while a backend's neighbour is unknown (accept_local).
-fn sync_interfaces(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Result<()> {
-    let wanted: BTreeSet<&str> = node.interfaces.iter().map(String::as_str).collect();
-    for (ifname, _) in pinned_links(pin_dir) {
-        if !wanted.contains(ifname.as_str()) {
-            detach(pin_dir, &ifname)?;
-            info!(interface = %ifname, "detached");
-        }
-    }
-    for ifname in &node.interfaces {
-        let index = ifindex(ifname)?;
-        attach(dp, pin_dir, ifname, node.xdp_mode)?;
-        let map = dp
-            .ebpf
-            .map_mut(lb_common::maps::TX_PORTS)
-            .context("no devmap")?;
-        let mut ports: aya::maps::DevMapHash<_> = aya::maps::DevMapHash::try_from(map)?;
-        ports
-            .insert(index, index, None, 0)
-            .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
-        let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
-        if std::fs::read_to_string(&sysctl)
-            .map(|v| v.trim() != "1")
-            .unwrap_or(false)
-        {
-            match std::fs::write(&sysctl, "1") {
-                Ok(()) => {
-                    info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
-                }
-                Err(e) => {
-                    warn!(interface = %ifname, "could not set accept_local=1 ({e}): packets to backends with no neighbour entry yet will be dropped until it is resolved")
-                }
-            }
-        }
-        info!(interface = %ifname, index, "attached");
-    }
-    Ok(())
 }
 
 /// A backend's passive health: its members' counters added up, and the longest failure streak
@@ -453,11 +332,100 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
     Ok(w)
 }
 
+/// The config to serve now: `file`'s node settings with, under Kubernetes, the cluster's VIPs
+/// translated for the node's addresses in `file` (which decide the families served).
+fn compose_now(file: &Config, kube: Option<&mut Kube>) -> Config {
+    let vips = kube.map(|k| {
+        k.settings.source_v4 = file.node.spec.source_v4.is_some();
+        k.settings.source_v6 = file.node.spec.source_v6.is_some();
+        k.translate()
+    });
+    compose(file, vips.as_deref())
+}
+
+/// Health as the previous agent left it in its status file, for the VIPs of `config`: so a
+/// restart does not send new flows to a backend known to be down or taken out while its checks
+/// warm up.
+fn remembered(status: Option<Status>, config: &Config) -> Remembered {
+    let mut r = Remembered::default();
+    for v in status.iter().flat_map(|s| &s.vips) {
+        let Some(c) = config.vips.iter().find(|c| c.spec.label() == v.vip) else {
+            continue;
+        };
+        let key = c.spec.key();
+        for b in &v.backends {
+            let Ok(addr) = b.address.parse() else {
+                continue;
+            };
+            if b.healthy == Some(false) {
+                r.unhealthy.push((key, addr));
+            }
+            if b.passive_out {
+                r.passive_out.push((key, addr));
+            }
+        }
+    }
+    r
+}
+
+/// Switches the agent to `c`, or refuses it and changes nothing: sizes are checked first; if the
+/// interfaces or their mode changed, the attachments change next (all or nothing, every name
+/// resolved first), then the maps (and the attachments go back if the maps refuse). An
+/// unchanged list is not looked at: an interface gone from the host does not block VIP changes.
+fn apply(agent: &mut Agent<KernelDataplane>, pin_dir: &Path, c: Config) -> Result<Plan> {
+    agent.check_sizes(&c)?;
+    let old = &agent.config().node;
+    let relink = c.node.interfaces != old.interfaces || c.node.xdp_mode != old.xdp_mode;
+    let changes = match relink {
+        true => Some(links::sync(&mut agent.dp, pin_dir, &c.node)?),
+        false => None,
+    };
+    agent.replace_config(c).map_err(|e| {
+        if let Some(changes) = changes {
+            changes.revert(&mut agent.dp, pin_dir);
+        }
+        e.into()
+    })
+}
+
+/// Applies a health transition, unless it is stale (its check was replaced since).
+fn on_health(
+    agent: &mut Agent<KernelDataplane>,
+    checks: &health::Checks,
+    t: health::Transition,
+    m: &AgentMetrics,
+) {
+    let (key, addr) = t.target;
+    let vip = crate::model::vip_label(&key);
+    if !checks.is_current(&t) {
+        info!(%vip, backend = %addr, "ignoring a health change from a check replaced by a reload");
+        return;
+    }
+    match agent.set_health(t.target, t.healthy) {
+        Ok(p) => {
+            m.map_writes
+                .fetch_add(p.write_count() as u64, Ordering::Relaxed);
+            if t.healthy {
+                info!(%vip, backend = %addr, writes = p.write_count(), "backend healthy again: {}", t.reason);
+            } else {
+                warn!(%vip, backend = %addr, writes = p.write_count(), "backend unhealthy, weight 0 until it recovers: {}", t.reason);
+            }
+        }
+        Err(e) => {
+            error!(%vip, backend = %addr, "applying a health change failed: {}", crate::error_chain(&e))
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let mut file = load_file(&opts)?;
+    let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
     }
+    // A start that fails changes nothing: what can be checked is, before any pin is touched.
+    links::resolve(&file.node.interfaces)?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     std::fs::create_dir_all(&opts.pin_dir).with_context(|| {
         format!(
             "creating {} (is bpffs mounted at /sys/fs/bpf? `mount -t bpf bpf /sys/fs/bpf`)",
@@ -482,7 +450,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     // Under Kubernetes, nothing is written before the first full list of every resource: the
     // maps a previous agent left keep serving meanwhile.
-    let (ktx, mut krx) = mpsc::channel::<()>(1);
+    let (ktx, krx) = mpsc::channel::<()>(1);
     let mut kube = match &opts.kubernetes {
         Some(k) => {
             let settings = Settings {
@@ -501,31 +469,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         None => None,
     };
-    let k8s_vips = kube.as_mut().map(|k| k.translate());
-    let config = compose(&file, k8s_vips.as_deref());
-    // Health as the previous agent left it, so a restart does not send new flows to a backend
-    // known to be down while its checks warm up.
-    let unhealthy: Vec<Target> = read_status(&opts.state_dir)
-        .map(|s| {
-            s.vips
-                .iter()
-                .filter_map(|v| {
-                    config
-                        .vips
-                        .iter()
-                        .find(|c| c.spec.label() == v.vip)
-                        .map(|c| (c.spec.key(), v))
-                })
-                .flat_map(|(key, v)| {
-                    v.backends
-                        .iter()
-                        .filter(|b| b.healthy == Some(false))
-                        .filter_map(move |b| b.address.parse().ok().map(|a| (key, a)))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let (mut agent, plan) = Agent::start(dp, config, &unhealthy).context("applying the config")?;
+    let config = compose_now(&file, kube.as_mut());
+    let memory = remembered(read_status(&opts.state_dir), &config);
+    let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
+    // Attach first, then write the maps: a program attached on maps a previous agent left (or
+    // on empty ones) serves as before, and failing to attach (a driver without native XDP,
+    // say) then leaves the maps untouched.
+    let node = agent.config().node.clone();
+    let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
+    let plan = match agent.reconcile() {
+        Ok(p) => p,
+        Err(e) => {
+            changes.revert(&mut agent.dp, &opts.pin_dir);
+            return Err(e).context("applying the config");
+        }
+    };
     info!(
         pins = %opts.pin_dir.display(),
         adopted,
@@ -541,11 +499,29 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
-    let node = agent.config().node.clone();
-    sync_interfaces(&mut agent.dp, &opts.pin_dir, &node)?;
     write_status(&opts, &agent, &m)?;
     m.ready.store(true, Ordering::Relaxed);
+    serve(&opts, agent, file, kube, krx, &m).await?;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    info!(
+        "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
+        opts.pin_dir.display()
+    );
+    Ok(())
+}
 
+/// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
+/// `file` is the last accepted config file: the base of every cluster change.
+async fn serve(
+    opts: &RunOptions,
+    mut agent: Agent<KernelDataplane>,
+    mut file: Config,
+    mut kube: Option<Kube>,
+    mut krx: mpsc::Receiver<()>,
+    m: &AgentMetrics,
+) -> Result<()> {
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
@@ -566,29 +542,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     loop {
         let reload = tokio::select! {
             Some(t) = hrx.recv() => {
-                let (key, addr) = t.target;
-                let vip = crate::model::vip_label(&key);
-                match agent.set_health(t.target, t.healthy) {
-                    Ok(p) => {
-                        m.map_writes.fetch_add(p.write_count() as u64, Ordering::Relaxed);
-                        if t.healthy {
-                            info!(%vip, backend = %addr, writes = p.write_count(), "backend healthy again: {}", t.reason);
-                        } else {
-                            warn!(%vip, backend = %addr, writes = p.write_count(), "backend unhealthy, weight 0 until it recovers: {}", t.reason);
-                        }
-                    }
-                    Err(e) => error!(%vip, backend = %addr, "applying a health change failed: {}", crate::error_chain(&e)),
-                }
+                on_health(&mut agent, &checks, t, m);
                 Reload::No
             }
             _ = passive_tick.tick() => {
-                if !passive.round(&mut agent, &ptx, &m) {
+                if !passive.round(&mut agent, &ptx, m) {
                     continue;
                 }
                 Reload::No
             }
             Some((target, result)) = prx.recv() => {
-                passive.probed(&mut agent, target, result, &m);
+                passive.probed(&mut agent, target, result, m);
                 Reload::No
             }
             _ = hup.recv() => { info!("SIGHUP: reloading"); Reload::File }
@@ -608,45 +572,35 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        let next = match reload {
+        // The config to switch to, and the file it comes from when the file was read again:
+        // that file becomes the base of later cluster changes only once it is accepted.
+        let candidate = match reload {
             Reload::No => None,
-            Reload::File => Some(load_file(&opts).map(|f| {
-                if let Some(k) = &mut kube {
-                    // The node's addresses decide which families are served: translate again.
-                    k.settings.source_v4 = f.node.spec.source_v4.is_some();
-                    k.settings.source_v6 = f.node.spec.source_v6.is_some();
-                }
-                let vips = kube.as_mut().map(|k| k.translate());
-                let c = compose(&f, vips.as_deref());
-                file = f;
-                c
-            })),
-            Reload::Kube => kube.as_mut().map(|k| {
-                let vips = k.translate();
-                Ok(compose(&file, Some(&vips)))
-            }),
+            Reload::File => {
+                Some(load_file(opts).map(|f| (compose_now(&f, kube.as_mut()), Some(f))))
+            }
+            Reload::Kube => kube
+                .as_mut()
+                .map(|k| Ok((compose_now(&file, Some(k)), None))),
         };
-        if let Some(next) = next {
+        if let Some(candidate) = candidate {
             let from_kube = matches!(reload, Reload::Kube);
-            let result = next.and_then(|c| {
-                let interfaces_changed = c.node.interfaces != agent.config().node.interfaces
-                    || c.node.xdp_mode != agent.config().node.xdp_mode;
-                let p = agent.replace_config(c)?;
-                Ok((p, interfaces_changed))
-            });
+            let result = candidate.and_then(|(c, f)| Ok((apply(&mut agent, &opts.pin_dir, c)?, f)));
             if let Some(k) = &mut kube {
                 k.report(&result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
             }
+            let what = if from_kube {
+                "cluster change"
+            } else {
+                "config"
+            };
             match result {
-                Ok((p, interfaces_changed)) => {
+                Ok((p, f)) => {
+                    if let Some(f) = f {
+                        file = f;
+                    }
                     for w in &agent.config().warnings {
                         warn!("{w}");
-                    }
-                    if interfaces_changed {
-                        let node = agent.config().node.clone();
-                        if let Err(e) = sync_interfaces(&mut agent.dp, &opts.pin_dir, &node) {
-                            error!("changing interfaces: {e:#}");
-                        }
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -656,48 +610,29 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                         info!(
                             writes = p.write_count(),
                             vips = agent.config().vips.len(),
-                            "{} applied",
-                            if from_kube {
-                                "cluster change"
-                            } else {
-                                "config"
-                            }
+                            "{what} applied"
                         );
                     }
                 }
                 Err(e) => {
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                    error!(
-                        "{} rejected, the previous state keeps serving: {e:#}",
-                        if from_kube {
-                            "cluster change"
-                        } else {
-                            "config"
-                        }
-                    );
+                    error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
             }
         }
-        if let Err(e) = write_status(&opts, &agent, &m) {
+        if let Err(e) = write_status(opts, &agent, m) {
             warn!("writing the status file: {e:#}");
         }
     }
     drop(checks);
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    info!(
-        "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
-        opts.pin_dir.display()
-    );
     Ok(())
 }
 
 /// `lb down`: detaches the program from every interface it was pinned to and removes the pins.
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    for (ifname, _) in pinned_links(pin_dir) {
-        detach(pin_dir, &ifname)?;
+    for (ifname, _) in links::pinned_links(pin_dir) {
+        links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
     }
     for name in lb_common::maps::ALL {
@@ -744,5 +679,49 @@ mod tests {
         let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(seen, Ok(Some(()))), "the swap was not noticed");
+    }
+
+    #[test]
+    fn a_previous_agents_status_gives_its_unhealthy_and_passive_out_backends() {
+        let config = Config::parse(
+            "node: { interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }
+vips:
+  - { address: 192.0.2.1, port: 80, protocol: tcp, mode: nat, passive_health: {},
+      backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }, { address: 10.1.0.3 }],
+      health_check: { type: tcp } }
+",
+            "t",
+        )
+        .unwrap();
+        let row = |address: &str, healthy, passive_out| BackendStatus {
+            address: address.into(),
+            weight: 1,
+            healthy: Some(healthy),
+            passive_out,
+        };
+        let status = Status {
+            config: "t".into(),
+            vips: vec![
+                VipStatus {
+                    name: "a".into(),
+                    vip: config.vips[0].spec.label(),
+                    backends: vec![
+                        row("10.1.0.1", false, false),
+                        row("10.1.0.2", true, true),
+                        row("10.1.0.3", true, false),
+                    ],
+                },
+                VipStatus {
+                    name: "gone".into(),
+                    vip: "192.0.2.99:80/tcp".into(),
+                    backends: vec![row("10.1.0.1", false, true)],
+                },
+            ],
+        };
+        let key = config.vips[0].spec.key();
+        let r = remembered(Some(status), &config);
+        assert_eq!(r.unhealthy, [(key, "10.1.0.1".parse().unwrap())]);
+        assert_eq!(r.passive_out, [(key, "10.1.0.2".parse().unwrap())]);
+        assert_eq!(remembered(None, &config), Remembered::default());
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    io::Read as _,
+    io::{Read as _, Write as _},
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -201,6 +201,38 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
     }
 
+    /// Waits until the counter `name` (no labels) that the agent serves at `addr` in `ns` is at
+    /// least `at_least`; panics with the log if it isn't within `timeout` or the agent exits.
+    pub fn wait_metric(
+        &mut self,
+        ns: &NetNs,
+        addr: &str,
+        name: &str,
+        at_least: u64,
+        timeout: Duration,
+    ) {
+        let start = Instant::now();
+        loop {
+            let v = metric(ns, addr, name);
+            if v.is_some_and(|v| v >= at_least) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}) before {name} reached {at_least}:\n{}",
+                    self.log_text()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{name} is {v:?}, not {at_least} or more, after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits for the process to exit by itself (within `timeout`).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
@@ -218,4 +250,43 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The value of the metric `name` (no labels) served at `addr` (`/metrics`) in `ns`; None if
+/// nothing answers there or the metric is not listed.
+pub fn metric(ns: &NetNs, addr: &str, name: &str) -> Option<u64> {
+    let text = ns.run(|| {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = rest.strip_prefix("{}").unwrap_or(rest);
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// How XDP is attached to `dev` in `ns`, as iproute2 reports it: (mode, program id), the mode
+/// being the kernel's `XDP_ATTACHED_*` (1 native, 2 generic); None if nothing is attached.
+pub fn xdp_attachment(ns: &NetNs, dev: &str) -> Option<(u64, u64)> {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-j", "-d", "link", "show", "dev", dev])
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip link show {dev}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+    let xdp = &v[0]["xdp"];
+    Some((xdp["mode"].as_u64()?, xdp["prog"]["id"].as_u64()?))
 }

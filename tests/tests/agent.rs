@@ -16,7 +16,7 @@ use std::{
 
 use lb_common::Counter;
 use lb_tests::{
-    agent::{Agent, Dirs},
+    agent::{Agent, Dirs, metric, xdp_attachment},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     netns::NetNs,
     packet::{L4, Pkt, TCP_ACK},
@@ -24,6 +24,10 @@ use lb_tests::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
+/// Where the agents of the tests below serve metrics (each in its own namespace).
+const METRICS: &str = "127.0.0.1:19435";
+const XDP_ATTACHED_DRV: u64 = 1;
+const XDP_ATTACHED_SKB: u64 = 2;
 
 fn config(backends: &[(&str, u32)], extra_vips: &str) -> String {
     let list: Vec<String> = backends
@@ -483,4 +487,239 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
     let (h, s) = health(1, "10.9.0.3");
     assert!(h == "healthy" && s > 400, "10.9.0.3 is {h} with {s} slots");
     assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// [`config`] serving metrics at [`METRICS`], on `interfaces` in `xdp_mode`.
+fn config_on(
+    interfaces: &str,
+    xdp_mode: &str,
+    backends: &[(&str, u32)],
+    extra_vips: &str,
+) -> String {
+    config(backends, extra_vips).replace(
+        "  interfaces: [lb0]\n",
+        &format!(
+            "  interfaces: [{interfaces}]\n  xdp_mode: {xdp_mode}\n  metrics_listen: {METRICS}\n"
+        ),
+    )
+}
+
+#[test]
+fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
+    let net = FibNet::new("ifaces");
+    let dirs = Dirs::new(Path::new(BIN), "ifaces");
+    dirs.write_config(&config_on(
+        "lb0, lb1",
+        "native",
+        &[(TX_V4, 2), (TX_V4_B, 1)],
+        "",
+    ));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let maps = dirs.json(&["backends"]);
+    let attached = |ns: &NetNs| ["lb0", "lb1", "lb2"].map(|d| xdp_attachment(ns, d));
+    let before = attached(&net.ns);
+    assert!(
+        before[0].is_some() && before[1].is_some() && before[2].is_none(),
+        "{before:?}"
+    );
+
+    // lb1 dropped, lb2 added, a name that does not exist, and new weights.
+    dirs.write_config(&config_on(
+        "lb0, nope0, lb2",
+        "native",
+        &[(TX_V4, 1), (TX_V4_B, 1)],
+        "",
+    ));
+    agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_rejected_total", 1, T);
+    assert_eq!(metric(&net.ns, METRICS, "lb_config_reloads_total"), Some(0));
+    assert_eq!(attached(&net.ns), before, "the attachments changed");
+    assert_eq!(
+        dirs.json(&["backends"]),
+        maps,
+        "the maps or the config changed"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn an_xdp_mode_change_on_reload_attaches_again_in_the_new_mode() {
+    let net = FibNet::new("mode");
+    let dirs = Dirs::new(Path::new(BIN), "mode");
+    dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1), (TX_V4_B, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let (mode, prog) = xdp_attachment(&net.ns, "lb0").expect("attached");
+    assert_eq!(mode, XDP_ATTACHED_DRV);
+    let maps = dirs.json(&["backends"]);
+
+    dirs.write_config(&config_on(
+        "lb0",
+        "generic",
+        &[(TX_V4, 1), (TX_V4_B, 1)],
+        "",
+    ));
+    agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_total", 1, T);
+    assert_eq!(
+        xdp_attachment(&net.ns, "lb0"),
+        Some((XDP_ATTACHED_SKB, prog)),
+        "not attached in generic mode (with the agent's program)"
+    );
+    assert!(
+        dirs.pins.join("link-lb0").exists(),
+        "the new link is not pinned"
+    );
+    assert_eq!(
+        dirs.json(&["backends"]),
+        maps,
+        "re-attaching changed the maps"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+    assert_eq!(
+        xdp_attachment(&net.ns, "lb0").map(|a| a.0),
+        Some(XDP_ATTACHED_SKB),
+        "the new link does not outlive the agent"
+    );
+}
+
+#[test]
+fn a_restart_with_another_xdp_mode_attaches_in_it() {
+    let net = FibNet::new("remode");
+    let dirs = Dirs::new(Path::new(BIN), "remode");
+    dirs.write_config(&config_on("lb0", "generic", &[(TX_V4, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(
+        xdp_attachment(&net.ns, "lb0").map(|a| a.0),
+        Some(XDP_ATTACHED_SKB)
+    );
+    agent.kill9();
+
+    dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(
+        xdp_attachment(&net.ns, "lb0").map(|a| a.0),
+        Some(XDP_ATTACHED_DRV),
+        "the pinned generic link was kept"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn an_xdp_mode_one_interface_cannot_take_is_refused_and_changes_nothing() {
+    let net = FibNet::new("nomode");
+    net.ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    net.ns.ip(&["link", "set", "br0", "up"]);
+    let dirs = Dirs::new(Path::new(BIN), "nomode");
+    dirs.write_config(&config_on("lb0, br0", "generic", &[(TX_V4, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let attached = |ns: &NetNs| ["lb0", "br0"].map(|d| xdp_attachment(ns, d).map(|a| a.0));
+    assert_eq!(attached(&net.ns), [Some(XDP_ATTACHED_SKB); 2]);
+
+    // A bridge has no native XDP: lb0 (listed first) takes it, br0 cannot.
+    dirs.write_config(&config_on("lb0, br0", "native", &[(TX_V4, 1)], ""));
+    agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_rejected_total", 1, T);
+    assert_eq!(
+        attached(&net.ns),
+        [Some(XDP_ATTACHED_SKB); 2],
+        "not put back as it was"
+    );
+    assert!(dirs.pins.join("link-lb0").exists() && dirs.pins.join("link-br0").exists());
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn a_restarted_agent_keeps_out_the_backends_passive_health_took_out() {
+    let net = FibNet::new("passive");
+    let dirs = Dirs::new(Path::new(BIN), "passive");
+    // Nothing answers at the backends' addresses: the recheck probes time out.
+    let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], "").replace(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    mode: nat\n    passive_health: { failures: 3, recheck_interval: 1h, timeout: 200ms }\n",
+    );
+    dirs.write_config(&cfg);
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(agent.stop().code(), Some(0));
+
+    // What the agent writes when passive health takes TX_V4 out.
+    let path = dirs.state.join("status.json");
+    let mut status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("the status file")).unwrap();
+    let rows = status["vips"][0]["backends"].as_array_mut().unwrap();
+    let row = rows.iter_mut().find(|b| b["address"] == TX_V4).unwrap();
+    assert_eq!(row["passive_out"], false);
+    row["passive_out"] = true.into();
+    std::fs::write(&path, serde_json::to_vec(&status).unwrap()).unwrap();
+
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let v = dirs.json(&["backends"]);
+    let row = |addr: &str| {
+        v[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr)
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} not listed: {v}"))
+    };
+    assert_eq!(row(TX_V4)["health"], "out-passive", "{v}");
+    assert_eq!(row(TX_V4)["slots"], 0, "{v}");
+    assert_eq!(row(TX_V4_B)["slots"], 1009, "{v}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// Starts an agent on `interfaces` over the maps and the link (lb0, in the same `xdp_mode`) a
+/// first agent left, and checks that it refuses to start, naming `bad`, and leaves them as they
+/// were.
+fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, bad: &str) {
+    let net = FibNet::new(tag);
+    net.ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    net.ns.ip(&["link", "set", "br0", "up"]);
+    let dirs = Dirs::new(Path::new(BIN), tag);
+    dirs.write_config(&config_on("lb0", xdp_mode, &[(TX_V4, 2), (TX_V4_B, 1)], ""));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    agent.kill9();
+    let maps = dirs.json(&["backends"]);
+    let attached = |ns: &NetNs| ["lb0", "lb1", "br0"].map(|d| xdp_attachment(ns, d));
+    let before = attached(&net.ns);
+
+    // New weights, and what cannot start.
+    dirs.write_config(&config_on(
+        interfaces,
+        xdp_mode,
+        &[(TX_V4, 1), (TX_V4_B, 1)],
+        "",
+    ));
+    let mut refused = Agent::start(&net.ns, &dirs);
+    let status = refused
+        .wait_exit(T)
+        .expect("the agent should refuse and exit");
+    assert!(!status.success());
+    assert!(refused.log_text().contains(bad), "{}", refused.log_text());
+    assert_eq!(
+        dirs.json(&["backends"]),
+        maps,
+        "a failed start changed the maps"
+    );
+    assert_eq!(
+        attached(&net.ns),
+        before,
+        "a failed start changed the attachments"
+    );
+}
+
+#[test]
+fn a_start_with_a_missing_interface_fails_and_changes_nothing() {
+    refused_start_changes_nothing("bad-if", "lb0, lb1, nope0", "generic", "nope0");
+}
+
+#[test]
+fn a_start_that_cannot_attach_fails_and_changes_nothing() {
+    // lb0 and lb1 take native XDP; a bridge cannot.
+    refused_start_changes_nothing("no-attach", "lb0, lb1, br0", "native", "br0");
 }

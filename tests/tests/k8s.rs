@@ -13,7 +13,7 @@ use std::{
 
 use lb_common::Counter;
 use lb_tests::{
-    agent::{Agent, Dirs},
+    agent::{Agent, Dirs, metric},
     deploy_docs,
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     kubeapi::FakeApi,
@@ -694,6 +694,54 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
             "deploy/rbac.yaml grants {g}/{r}, which the agent never used"
         );
     }
+}
+
+#[test]
+fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
+    let (net, api, dirs) = setup("k8s-base");
+    let metrics = "127.0.0.1:19436";
+    let node = format!("{NODE_CONFIG}  metrics_listen: {metrics}\n");
+    dirs.write_config(&node);
+    api.apply(service("web", json!({})));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let agent = start_agent(&net, &dirs, &[]);
+    let mut w = World {
+        net,
+        dirs,
+        api,
+        agent,
+        lb: None,
+    };
+    w.agent.wait_for("running", 1, T);
+    w.wait("the first pod", |v| {
+        rows(v, &format!("{V4}:80/tcp")).len() == 1
+    });
+
+    // Sizes are fixed while the program is loaded: this node config is refused.
+    w.dirs
+        .write_config(&node.replace("table_size: 1009", "table_size: 1013"));
+    w.agent
+        .wait_metric(&w.net.ns, metrics, "lb_config_reloads_rejected_total", 1, T);
+    w.api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[
+            (TX_V4, "node-a", true, true, false),
+            (TX_V4_B, "node-a", true, true, false),
+        ],
+    ));
+    w.wait("the second pod", |v| {
+        rows(v, &format!("{V4}:80/tcp")).len() == 2
+    });
+    assert_eq!(
+        metric(&w.net.ns, metrics, "lb_config_reloads_rejected_total"),
+        Some(1),
+        "the cluster change was refused too"
+    );
 }
 
 /// The Linux capability numbers of `CAP_*` names.

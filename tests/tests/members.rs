@@ -17,8 +17,13 @@ use lb_tests::{
     packet::{L4, Pkt, TCP_ACK},
 };
 use lb_userspace::{
-    agent::Agent, config::Config, dataplane::kernel::KernelDataplane, inspect::Pinned, metrics,
-    model::ip_of, program,
+    agent::{Agent, Remembered},
+    config::Config,
+    dataplane::kernel::KernelDataplane,
+    inspect::Pinned,
+    metrics,
+    model::ip_of,
+    program,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -43,7 +48,8 @@ fn config(vips: &[Vip]) -> Config {
         if *affinity > 0 {
             y += &format!("    affinity_timeout: {affinity}s\n");
         }
-        y += "    backends:\n";
+        // Checked, so the tests may set health (the agent runs no probes in this process).
+        y += "    health_check: { type: tcp }\n    backends:\n";
         for (b, w) in *backends {
             y += &format!("      - {{ address: {b}, weight: {w} }}\n");
         }
@@ -64,7 +70,7 @@ impl Node {
         std::fs::create_dir_all(&dirs.pins).expect("creating the pin directory");
         let ebpf = program::load(&c.node.sizes, Some(&dirs.pins)).expect("loading the program");
         let dp = KernelDataplane::new(ebpf, c.node.sizes.clone()).expect("the dataplane");
-        let (agent, _) = Agent::start(dp, c, &[]).expect("starting the agent");
+        let (agent, _) = Agent::start(dp, c, &Remembered::default()).expect("starting the agent");
         let lb = Lb::adopt(&dirs.pins);
         Self { agent, lb, dirs }
     }

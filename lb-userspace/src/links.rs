@@ -1,0 +1,500 @@
+//! The program's XDP attachments: one bpf_link per interface, pinned at `<pins>/link-<ifname>`,
+//! so the program stays attached when the agent exits and the next agent takes the links over.
+//!
+//! [`sync`] makes the attachments what the node settings list, all or nothing: every name must
+//! resolve before anything changes, and a step that fails undoes the steps before it. A change of
+//! `xdp_mode` detaches and re-attaches (the kernel refuses native and generic XDP on one device
+//! at once); meanwhile that interface's packets reach the kernel without the program.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{
+    Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{NodeSettings, XdpMode as ModeSetting},
+    dataplane::kernel::KernelDataplane,
+    program::PROGRAM,
+};
+
+fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
+    pin_dir.join(format!("link-{ifname}"))
+}
+
+/// Interfaces with a pinned link in `pin_dir`.
+pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(pin_dir) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("link-")
+                .map(|i| (i.to_string(), e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => None,
+        i => Some(i),
+    }
+}
+
+/// Every interface of `names` with its index, or an error naming each one that does not exist.
+pub fn resolve(names: &[String]) -> Result<Vec<(String, u32)>> {
+    let found: Vec<(String, Option<u32>)> = names.iter().map(|n| (n.clone(), ifindex(n))).collect();
+    let missing: Vec<&str> = found
+        .iter()
+        .filter(|(_, i)| i.is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "node.interfaces: no interface named {} on this host (nothing was changed)",
+            missing.join(", ")
+        );
+    }
+    Ok(found
+        .into_iter()
+        .filter_map(|(n, i)| i.map(|i| (n, i)))
+        .collect())
+}
+
+fn program(dp: &mut KernelDataplane) -> Result<&mut Xdp> {
+    Ok(dp
+        .ebpf
+        .program_mut(PROGRAM)
+        .context("no lb program")?
+        .try_into()?)
+}
+
+/// Attaches the program to `ifname` afresh, in `mode`, and pins the link.
+fn attach_new(
+    dp: &mut KernelDataplane,
+    pin_dir: &Path,
+    ifname: &str,
+    mode: ModeSetting,
+) -> Result<()> {
+    let flags = match mode {
+        ModeSetting::Native => XdpMode::Driver,
+        ModeSetting::Generic => XdpMode::Skb,
+    };
+    let prog = program(dp)?;
+    let id = prog.attach(ifname, flags).with_context(|| {
+        format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
+    })?;
+    pin(prog, id, &link_pin(pin_dir, ifname))
+}
+
+/// Swaps the program into the pinned link of `ifname` (atomically: traffic never sees no program).
+fn swap(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str) -> Result<()> {
+    let path = link_pin(pin_dir, ifname);
+    // aya hands out a pinned link only by unpinning it; it is re-pinned right below, and the
+    // kernel keeps it attached meanwhile through our descriptor.
+    let fd: FdLink = PinnedLink::from_pin(&path)
+        .with_context(|| format!("opening the pinned link {}", path.display()))?
+        .unpin()
+        .with_context(|| format!("taking over {}", path.display()))?;
+    let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+    let prog = program(dp)?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the program attached to {ifname}"))?;
+    pin(prog, id, &path)
+}
+
+fn pin(prog: &mut Xdp, id: aya::programs::xdp::XdpLinkId, path: &Path) -> Result<()> {
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .context("the XDP link is not a bpf_link (kernel too old?)")?;
+    link.pin(path)
+        .with_context(|| format!("pinning the link at {}", path.display()))?;
+    Ok(())
+}
+
+/// Detaches the program from `ifname` (removing the pin drops the last reference to the link).
+pub fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
+    let path = link_pin(pin_dir, ifname);
+    let link =
+        PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    drop(
+        link.unpin()
+            .with_context(|| format!("removing {}", path.display()))?,
+    );
+    Ok(())
+}
+
+/// What undoes one step of [`sync`].
+enum Undo {
+    Detach(String),
+    /// Attach (again) in this mode, detaching first what is attached now.
+    Attach(String, ModeSetting),
+}
+
+/// The steps a [`sync`] took, to undo them if what follows it fails.
+#[must_use]
+#[derive(Default)]
+pub struct Changes(Vec<Undo>);
+
+impl Changes {
+    /// Puts the attachments back as they were before the sync, as far as the kernel lets us
+    /// (what cannot be undone is logged).
+    pub fn revert(self, dp: &mut KernelDataplane, pin_dir: &Path) {
+        for u in self.0.into_iter().rev() {
+            let (ifname, r) = match &u {
+                Undo::Detach(i) => (i, detach(pin_dir, i)),
+                Undo::Attach(i, mode) => (i, reattach(dp, pin_dir, i, *mode)),
+            };
+            match r {
+                Ok(()) => info!(interface = %ifname, "attachment put back as it was"),
+                Err(e) => error!(interface = %ifname, "putting the attachment back failed: {e:#}"),
+            }
+        }
+    }
+}
+
+fn reattach(
+    dp: &mut KernelDataplane,
+    pin_dir: &Path,
+    ifname: &str,
+    mode: ModeSetting,
+) -> Result<()> {
+    if link_pin(pin_dir, ifname).exists() {
+        detach(pin_dir, ifname)?;
+    }
+    attach_new(dp, pin_dir, ifname, mode)
+}
+
+/// What attaching to one interface takes.
+#[derive(Clone, Copy)]
+enum Step {
+    /// No link pinned: attach afresh (undone by detaching).
+    Fresh,
+    /// A link attached in this other mode: detach and attach again (undone by attaching our
+    /// program in the old mode: the old program went with its link).
+    Remode(ModeSetting),
+    /// Swap the program into the pinned link (atomic; not undone).
+    Swap,
+}
+
+fn step(pin_dir: &Path, ifname: &str, index: u32, mode: ModeSetting) -> Result<Step> {
+    if !link_pin(pin_dir, ifname).exists() {
+        return Ok(Step::Fresh);
+    }
+    Ok(match attached_mode(index)? {
+        Some(was) if was != mode => Step::Remode(was),
+        _ => Step::Swap,
+    })
+}
+
+fn attach(
+    dp: &mut KernelDataplane,
+    pin_dir: &Path,
+    ifname: &str,
+    step: Step,
+    mode: ModeSetting,
+    done: &mut Changes,
+) -> Result<()> {
+    match step {
+        Step::Fresh => {
+            attach_new(dp, pin_dir, ifname, mode)?;
+            done.0.push(Undo::Detach(ifname.to_string()));
+        }
+        Step::Remode(was) => {
+            warn!(
+                interface = %ifname, from = ?was, to = ?mode,
+                "xdp_mode changed: detaching and attaching again (native and generic XDP cannot be attached to one device at once); until then, packets arriving on {ifname} reach the kernel without load balancing"
+            );
+            detach(pin_dir, ifname)?;
+            done.0.push(Undo::Attach(ifname.to_string(), was));
+            attach_new(dp, pin_dir, ifname, mode)?;
+        }
+        Step::Swap => swap(dp, pin_dir, ifname)?,
+    }
+    Ok(())
+}
+
+/// Adds `ifname` to the redirect devmap and lets the kernel forward encapsulated packets whose
+/// source is this node while a backend's neighbour is unknown (accept_local).
+fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32) -> Result<()> {
+    let map = dp
+        .ebpf
+        .map_mut(lb_common::maps::TX_PORTS)
+        .context("no devmap")?;
+    let mut ports: aya::maps::DevMapHash<_> = aya::maps::DevMapHash::try_from(map)?;
+    ports
+        .insert(index, index, None, 0)
+        .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+    if std::fs::read_to_string(&sysctl)
+        .map(|v| v.trim() != "1")
+        .unwrap_or(false)
+    {
+        match std::fs::write(&sysctl, "1") {
+            Ok(()) => {
+                info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
+            }
+            Err(e) => {
+                warn!(interface = %ifname, "could not set accept_local=1 ({e}): packets to backends with no neighbour entry yet will be dropped until it is resolved")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the attached interfaces what `node` lists, in its `xdp_mode`: attach new ones, detach
+/// dropped ones, keep the devmap (redirect targets) in step. All or nothing: on error the
+/// attachments are as they were. The [`Changes`] undo it, should what follows fail.
+pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Result<Changes> {
+    let wanted = resolve(&node.interfaces)?;
+    let mut done = Changes::default();
+    match steps(dp, pin_dir, node, &wanted, &mut done) {
+        Ok(()) => Ok(done),
+        Err(e) => {
+            done.revert(dp, pin_dir);
+            Err(e)
+        }
+    }
+}
+
+/// The steps of [`sync`], those that can fail without disturbing traffic first (fresh
+/// attachments), then those undone less exactly (mode changes, detaching dropped interfaces),
+/// swaps last: a failure part way then leaves as little to undo as can be.
+fn steps(
+    dp: &mut KernelDataplane,
+    pin_dir: &Path,
+    node: &NodeSettings,
+    wanted: &[(String, u32)],
+    done: &mut Changes,
+) -> Result<()> {
+    let mut todo = Vec::new();
+    for (ifname, index) in wanted {
+        todo.push((
+            ifname,
+            *index,
+            step(pin_dir, ifname, *index, node.xdp_mode)?,
+        ));
+    }
+    let (swaps, changes): (Vec<_>, Vec<_>) =
+        todo.into_iter().partition(|t| matches!(t.2, Step::Swap));
+    let (fresh, remodes): (Vec<_>, Vec<_>) = changes
+        .into_iter()
+        .partition(|t| matches!(t.2, Step::Fresh));
+    for (ifname, index, step) in fresh.into_iter().chain(remodes) {
+        prepare(dp, ifname, index)?;
+        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
+        info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached");
+    }
+    let names: BTreeSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
+    for (ifname, _) in pinned_links(pin_dir) {
+        if names.contains(ifname.as_str()) {
+            continue;
+        }
+        // What to attach again if a later step fails (nothing if the interface is gone).
+        let was = match ifindex(&ifname) {
+            Some(i) => attached_mode(i)?,
+            None => None,
+        };
+        detach(pin_dir, &ifname)?;
+        if let Some(was) = was {
+            done.0.push(Undo::Attach(ifname.clone(), was));
+        }
+        info!(interface = %ifname, "detached");
+    }
+    for (ifname, index, step) in swaps {
+        prepare(dp, ifname, index)?;
+        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
+        info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached (program swapped into the pinned link)");
+    }
+    Ok(())
+}
+
+/// How XDP is attached to the interface `index` now, as the kernel reports it; None if no
+/// program is, or not in a mode lb uses (offloaded).
+fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
+    const XDP_ATTACHED_DRV: u8 = 1;
+    const XDP_ATTACHED_SKB: u8 = 2;
+    let attached = xdp_attached(index)
+        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
+    Ok(match attached {
+        XDP_ATTACHED_DRV => Some(ModeSetting::Native),
+        XDP_ATTACHED_SKB => Some(ModeSetting::Generic),
+        _ => None,
+    })
+}
+
+/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED`.
+/// (A bpf_link's own info names the interface but not the mode.)
+fn xdp_attached(index: u32) -> io::Result<u8> {
+    /// nlmsghdr followed by ifinfomsg.
+    #[repr(C)]
+    struct Request {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+        family: u8,
+        pad: u8,
+        ifi_type: u16,
+        index: i32,
+        ifi_flags: u32,
+        change: u32,
+    }
+    let req = Request {
+        len: size_of::<Request>() as u32,
+        kind: libc::RTM_GETLINK,
+        flags: libc::NLM_F_REQUEST as u16,
+        seq: 1,
+        pid: 0,
+        family: libc::AF_UNSPEC as u8,
+        pad: 0,
+        ifi_type: 0,
+        index: index as i32,
+        ifi_flags: 0,
+        change: 0,
+    };
+    // SAFETY: a socket call; the descriptor is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: req is a plain repr(C) value of the length given.
+    let sent = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            (&raw const req).cast(),
+            size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    parse_xdp_attached(&buf[..n as usize])
+}
+
+/// `IFLA_XDP_ATTACHED` from an `RTM_NEWLINK` answer (0, none, if absent).
+fn parse_xdp_attached(msg: &[u8]) -> io::Result<u8> {
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const NLMSG_HDR: usize = 16;
+    const IFINFOMSG: usize = 16;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    if msg.len() < NLMSG_HDR + 4 {
+        return Err(bad("short answer"));
+    }
+    let len = (u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize).min(msg.len());
+    match u16_at(msg, 4) {
+        k if k == libc::NLMSG_ERROR as u16 => {
+            let errno = i32::from_ne_bytes(msg[16..20].try_into().unwrap());
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+        libc::RTM_NEWLINK if len >= NLMSG_HDR + IFINFOMSG => {}
+        _ => return Err(bad("not a link message")),
+    }
+    let xdp = attributes(&msg[NLMSG_HDR + IFINFOMSG..len]).find(|(k, _)| *k == IFLA_XDP);
+    Ok(xdp
+        .and_then(|(_, nest)| attributes(nest).find(|(k, _)| *k == IFLA_XDP_ATTACHED))
+        .and_then(|(_, v)| v.first().copied())
+        .unwrap_or(0))
+}
+
+/// Netlink attributes (type without its flag bits, value), 4-byte aligned.
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let value = &b[4..len];
+        b = &b[((len + 3) & !3).min(b.len())..];
+        Some((kind, value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One netlink attribute, padded.
+    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut v = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+        v.extend(kind.to_ne_bytes());
+        v.extend(value);
+        v.resize(v.len().div_ceil(4) * 4, 0);
+        v
+    }
+
+    fn link_message(attrs: &[u8]) -> Vec<u8> {
+        let mut m = ((32 + attrs.len()) as u32).to_ne_bytes().to_vec();
+        m.extend(libc::RTM_NEWLINK.to_ne_bytes());
+        m.extend([0u8; 10]); // flags, seq, pid
+        m.extend([0u8; 16]); // ifinfomsg
+        m.extend(attrs);
+        m
+    }
+
+    #[test]
+    fn the_xdp_mode_is_read_from_the_nest_after_other_attributes() {
+        let name = attr(3, b"lb0\0"); // IFLA_IFNAME, 4 bytes: no padding needed
+        let mtu = attr(4, &1500u32.to_ne_bytes());
+        let odd = attr(1, &[1, 2, 3, 4, 5]); // padded to 12
+        let prog_id = attr(4, &77u32.to_ne_bytes()); // IFLA_XDP_PROG_ID
+        let nest = [prog_id, attr(2, &[2])].concat();
+        let msg = link_message(&[name, odd, mtu, attr(43 | 0x8000, &nest)].concat());
+        assert_eq!(parse_xdp_attached(&msg).unwrap(), 2);
+        assert_eq!(
+            parse_xdp_attached(&link_message(&attr(4, &[0; 4]))).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_netlink_error_is_returned_as_the_os_error() {
+        let mut m = 36u32.to_ne_bytes().to_vec();
+        m.extend((libc::NLMSG_ERROR as u16).to_ne_bytes());
+        m.extend([0u8; 10]);
+        m.extend((-libc::ENODEV).to_ne_bytes());
+        m.extend([0u8; 16]);
+        let e = parse_xdp_attached(&m).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
+    }
+}
