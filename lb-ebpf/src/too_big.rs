@@ -114,6 +114,15 @@ pub fn run(ctx: &XdpContext) -> Verdict {
     }
     // From the packet's destination back to its source.
     let (from, to) = (&key.dst, &key.src);
+    // The MACs as received until the route lookup says otherwise: if the reply goes to the
+    // kernel after all (no neighbour yet), it only accepts frames addressed to this host.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return dropped;
+    };
+    unsafe {
+        (*eth).dst_addr = rx_dst;
+        (*eth).src_addr = rx_src;
+    }
     let (proto, written) = if v4 {
         (IPPROTO_ICMP, write_v4(ctx, from, to, quote, job.mtu))
     } else {

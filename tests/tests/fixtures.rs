@@ -72,6 +72,18 @@ fn too_big_tx(desc: &'static str, pkt: &Pkt, mtu: u32) -> Fixture {
     }
 }
 
+/// Answered with an ICMP too big (MTU `mtu`) that goes to the kernel (no neighbour entry for
+/// the client's next hop) with the MAC addresses the packet came with.
+fn too_big_kept(desc: &'static str, pkt: &Pkt, mtu: u32) -> Fixture {
+    Fixture {
+        desc,
+        input: pkt.frame(),
+        action: XDP_PASS,
+        output: packet::too_big_reply(pkt, mtu, pkt.eth_dst, pkt.eth_src),
+        verdict: Counter::DropTooBig,
+    }
+}
+
 /// Clears DF on an IPv4 packet.
 fn no_df(p: &mut Pkt) {
     p.v4_df = false;
@@ -322,6 +334,8 @@ fn fixtures() -> Vec<Fixture> {
         too_big_tx("encapsulated packet over the route MTU (600): fragmentation needed, MTU 580, back to the client", &too_big, 580),
         too_big_tx("IPv6 encapsulated packet over the route MTU (1280): packet too big, MTU 1240", &too_big6, 1240),
         too_big_tx("802.1Q tagged packet over the route MTU: the reply is untagged", &too_big.clone().with(|p| p.vlan = Some(0x0064)), 580),
+        too_big_kept("too big, and no neighbour entry towards the client: the reply goes to the kernel with the MACs as received", &big(Pkt::tcp("10.3.0.7", 40001, "192.0.2.16", 80, to), 600), 580),
+        too_big_kept("IPv6 too big, no neighbour entry towards the client: to the kernel", &big(Pkt::tcp("fd03::7", 40001, "2001:db8::16", 80, to), 1250), 1240),
         untouched("IPv4 without DF over the route MTU: dropped, not answered", &too_big.clone().with(no_df), XDP_DROP, Counter::DropTooBig),
         redirect("IPv6 encapsulated packet of exactly the route MTU (1280): fits", &fits6, SMALL_MTU_V6, GW1_MAC),
         kept("egress interface not in the devmap: passed with the received MACs", &no_port, NO_TX_PORT_V4, XDP_PASS, Counter::PassNoTxPort),
