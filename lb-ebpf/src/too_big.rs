@@ -70,7 +70,7 @@ pub fn hand_over(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Verdict {
                 mtu,
                 _pad: 0,
             };
-            let _ = LB_PROGS.tail_call(ctx, TOO_BIG_PROG_INDEX);
+            LB_PROGS.tail_call(ctx, TOO_BIG_PROG_INDEX);
         }
     }
     Verdict::new(Counter::DropTooBig, xdp_action::XDP_DROP)
