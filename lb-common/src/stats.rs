@@ -132,8 +132,6 @@ counters! {
     IcmpTooBigSent = "icmp_too_big_sent", false;
     /// An ICMP too big not sent: over this CPU's rate limit (`maps::ICMP_TOO_BIG_RATE`).
     IcmpTooBigRateLimited = "icmp_too_big_rate_limited", false;
-    /// An ICMP error to a VIP about one of its flows, sent on to that flow's backend.
-    IcmpForwarded = "icmp_forwarded", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.
