@@ -44,8 +44,30 @@ pub const NAT_JOB: &str = "LB_NAT_JOB";
 pub const NAT_PROG_INDEX: u32 = 0;
 /// Name of the NAT program in the object.
 pub const NAT_PROGRAM: &str = "lb_nat";
+/// Index of `lb_too_big` in [`PROGS`]: it answers packets too big for the egress MTU with an
+/// ICMP too big, on a stack of its own (the callers' are nearly full).
+pub const TOO_BIG_PROG_INDEX: u32 = 1;
+/// Name of the ICMP too big program in the object.
+pub const TOO_BIG_PROGRAM: &str = "lb_too_big";
+/// Tail-call slots in [`PROGS`].
+pub const PROG_SLOTS: u32 = 2;
+/// Per-CPU [`crate::TooBigJob`] passed to `lb_too_big` by `lb` and `lb_nat`. Pinned, like
+/// [`NAT_JOB`].
+pub const TOO_BIG_JOB: &str = "LB_TOO_BIG_JOB";
 /// Egress interfaces for `XDP_REDIRECT`: ifindex -> ifindex (devmap hash).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
+
+/// Per-CPU [`crate::RateBucket`] limiting the ICMP too big messages the program sends. Not
+/// pinned: a restart may refill the buckets, no harm done.
+pub const ICMP_BUCKET: &str = "LB_ICMP_BUCKET";
+/// ICMP too big messages each CPU may send per second, in the long run (Linux allows 1000 ICMP
+/// per second per host by default). One is enough for a sender to learn a path MTU, which it
+/// keeps for minutes; one not sent costs a retransmission timeout. The limit keeps a flood of
+/// large packets from becoming a flood of ICMP.
+pub const ICMP_TOO_BIG_RATE: u64 = 100;
+/// ... and at once, after a quiet spell: a sender's window of full-size segments, or several
+/// senders starting together.
+pub const ICMP_TOO_BIG_BURST: u64 = 32;
 
 /// What the pinned maps were created for: [`crate::LayoutMeta`], one entry. Not used by the
 /// program; the agent writes and checks it.
@@ -68,6 +90,7 @@ pub const ALL: &[&str] = &[
     MEMBER_PASSIVE,
     PROGS,
     NAT_JOB,
+    TOO_BIG_JOB,
     TX_PORTS,
     META,
 ];

@@ -53,7 +53,10 @@ counters! {
     DropNoSourceAddress = "drop_no_source_address", true;
     /// Dropped: the packet could not be grown for encapsulation.
     DropEncapFailed = "drop_encap_failed", true;
-    /// Dropped: the encapsulated packet exceeds the egress MTU.
+    /// Not forwarded: the packet (encapsulated, or translated) exceeds the egress MTU. The sender
+    /// is told with an ICMP too big in its place (`icmp_too_big_sent`) unless that is rate
+    /// limited, or the packet is IPv4 without DF, or itself an ICMP error; the action is then
+    /// the ICMP's (`XDP_TX`, `XDP_REDIRECT`, `XDP_PASS`), else `XDP_DROP`.
     DropTooBig = "drop_too_big", true;
     /// Dropped: no route to the backend (or, for a NAT reply, the client): unreachable,
     /// blackhole, prohibited, forwarding off.
@@ -127,6 +130,11 @@ counters! {
     NatUnreachable = "nat_unreachable", false;
     /// Passive health: a SYN retransmitted after the SYN timeout without an answer.
     NatSynTimeouts = "nat_syn_timeouts", false;
+    /// An ICMP too big (IPv4 fragmentation needed, ICMPv6 packet too big) sent back to the
+    /// sender of a packet that did not fit the egress MTU (see `drop_too_big`).
+    IcmpTooBigSent = "icmp_too_big_sent", false;
+    /// An ICMP too big not sent: over this CPU's rate limit (`maps::ICMP_TOO_BIG_RATE`).
+    IcmpTooBigRateLimited = "icmp_too_big_rate_limited", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.

@@ -300,6 +300,27 @@ impl NatFlow {
     }
 }
 
+/// What `lb_too_big` answers: the packet at `l3_off` (`ip_len` bytes, by its own header) of
+/// flow `key` as the sender sent it, which leaves `mtu` bytes on its route.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TooBigJob {
+    pub key: FlowKey,
+    pub l3_off: u32,
+    pub ip_len: u32,
+    pub mtu: u32,
+    pub _pad: u32,
+}
+
+/// A token bucket (one per CPU): `tokens` left as of `last_ns` (`bpf_ktime_get_ns`); one comes
+/// back every `1 s / rate`, up to the burst. All zeroes is a full bucket (long idle).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
 /// What a set of pinned maps was created for. Written once when the maps are created; an agent
 /// that finds pins checks it before reusing them, so maps of another layout or size are refused
 /// instead of silently misread.
@@ -340,6 +361,8 @@ assert_size!(
     PassiveHealth => 40,
     NatJob => 64,
     LayoutMeta => 32,
+    RateBucket => 16,
+    TooBigJob => 56,
 );
 
 impl VipKey {
@@ -389,4 +412,6 @@ mod pod {
     unsafe impl aya::Pod for PassiveHealth {}
     unsafe impl aya::Pod for NatJob {}
     unsafe impl aya::Pod for crate::TrafficStats {}
+    unsafe impl aya::Pod for RateBucket {}
+    unsafe impl aya::Pod for TooBigJob {}
 }

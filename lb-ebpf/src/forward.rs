@@ -25,13 +25,14 @@ use network_types::{
 use crate::{
     LB_TX_PORTS,
     parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
+    too_big,
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
-const IPV4_DF: u16 = 0x4000;
+pub const IPV4_DF: u16 = 0x4000;
 
 /// What to do with a packet (an XDP action), and which verdict counter says so. One register
 /// wide, so BPF subprograms can return it (they can't return structs).
@@ -85,6 +86,35 @@ pub fn encap_and_forward(
     } else {
         IPPROTO_IPV6
     };
+    // Version 6, the inner traffic class, and a flow label from the flow hash so that ECMP and
+    // RSS downstream can spread flows (RFC 6438).
+    let vcf = if outer_v4 {
+        0
+    } else {
+        (6u32 << 28) | ((pkt.tos as u32) << 20) | (flow_hash(&pkt.key) & 0x000f_ffff)
+    };
+
+    // Route first, while the frame is still the client's packet: if the tunnel packet would not
+    // fit the egress MTU, the client is told (quoting its packet) instead.
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut fib = fib_params(
+        ingress,
+        outer_v4,
+        &src,
+        &backend.addr,
+        pkt.tos,
+        inner_proto,
+        total_len as u16,
+    );
+    if !outer_v4 {
+        // With the flow label, so a route lookup that uses it sees the packet's own.
+        fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
+    }
+    let rc = lookup(ctx, &mut fib);
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+        return too_big::hand_over(ctx, pkt, mtu.saturating_sub(outer_len as u32));
+    }
 
     // Grow the headroom by the outer header, less the VLAN tag we drop.
     let grow = outer_len as i32 - (pkt.l3_off - EthHdr::LEN) as i32;
@@ -98,7 +128,6 @@ pub fn encap_and_forward(
     eth.dst_addr = rx_dst;
     eth.src_addr = rx_src;
 
-    let mut flowinfo = 0;
     if outer_v4 {
         eth.ether_type = ETH_P_IP.to_be();
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
@@ -127,33 +156,14 @@ pub fn encap_and_forward(
             return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
         };
         let ip = unsafe { &mut *ip };
-        // Version 6, the inner traffic class, and a flow label from the flow hash so that ECMP
-        // and RSS downstream can spread flows (RFC 6438).
-        let label = flow_hash(&pkt.key) & 0x000f_ffff;
-        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
         ip.vcf = vcf.to_be_bytes();
         ip.payload_len = (pkt.ip_len as u16).to_be_bytes();
         ip.next_hdr = inner_proto;
         ip.hop_limit = OUTER_TTL;
         ip.src_addr = node.src_v6;
         ip.dst_addr = backend.addr;
-        flowinfo = vcf & 0x0fff_ffff;
     }
-
-    let mut fib = fib_params(
-        ctx,
-        outer_v4,
-        &src,
-        &backend.addr,
-        pkt.tos,
-        inner_proto,
-        total_len as u16,
-    );
-    if !outer_v4 {
-        // With the flow label, so a route lookup that uses it sees the packet's own.
-        fib.__bindgen_anon_2.flowinfo = flowinfo.to_be();
-    }
-    route(ctx, &mut fib, rx_dst, rx_src)
+    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
 }
 
 /// This node's source address for `family` (IPv4 in the first four bytes), if configured: the
@@ -179,6 +189,15 @@ pub fn node_addr(node: &NodeConfig, family: u8) -> Option<[u8; 16]> {
 /// kernel with the MAC addresses it came with, `rx_dst` and `rx_src`.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8; 6]) -> Verdict {
+    let ingress = fib.ifindex;
+    let rc = lookup(ctx, fib);
+    send(ctx, fib, rc, ingress, rx_dst, rx_src)
+}
+
+/// `bpf_fib_lookup` on `fib` (which it fills in): one of `BPF_FIB_LKUP_RET_*`. On
+/// `BPF_FIB_LKUP_RET_FRAG_NEEDED`, `fib.mtu_result` holds the route's MTU.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, fib: &mut FibParams) -> u32 {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
@@ -187,7 +206,22 @@ pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8
             0,
         )
     };
-    match rc as u32 {
+    rc as u32
+}
+
+/// The second half of [`route`]: acts on the lookup's result `rc` for a packet that came in on
+/// `ingress`. (The caller reads the ingress interface once: LLVM would keep a pointer into the
+/// context for a second read, across frame changes, and the verifier refuses that.)
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    fib: &FibParams,
+    rc: u32,
+    ingress: u32,
+    rx_dst: [u8; 6],
+    rx_src: [u8; 6],
+) -> Verdict {
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             return Verdict::new(Counter::PassNoNeighbour, xdp_action::XDP_PASS);
@@ -206,7 +240,7 @@ pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+    if fib.ifindex == ingress {
         return Verdict::new(Counter::Tx, xdp_action::XDP_TX);
     }
     match LB_TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
@@ -220,10 +254,10 @@ pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8
 }
 
 /// Route-lookup parameters for a packet of `tot_len` bytes from `src` to `dst` (IPv4 in the
-/// first four bytes when `v4`), entering on the ingress interface.
+/// first four bytes when `v4`), entering on interface `ingress`.
 #[inline(always)]
 pub fn fib_params(
-    ctx: &XdpContext,
+    ingress: u32,
     v4: bool,
     src: &[u8; 16],
     dst: &[u8; 16],
@@ -232,7 +266,7 @@ pub fn fib_params(
     tot_len: u16,
 ) -> FibParams {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ingress;
     fib.__bindgen_anon_1.tot_len = tot_len;
     fib.l4_protocol = l4_protocol;
     if v4 {
@@ -251,7 +285,7 @@ pub fn fib_params(
 
 /// RFC 1071 checksum of a 20-byte IPv4 header (no options), `check` zeroed by the caller.
 #[inline(always)]
-fn ipv4_checksum(ip: &Ipv4Hdr) -> u16 {
+pub fn ipv4_checksum(ip: &Ipv4Hdr) -> u16 {
     let words = unsafe { &*(ip as *const Ipv4Hdr as *const [[u8; 2]; 10]) };
     let mut sum = 0u32;
     for w in words {

@@ -20,6 +20,8 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod select;
+#[cfg(target_arch = "bpf")]
+mod too_big;
 
 #[cfg(target_arch = "bpf")]
 pub use program::*;
@@ -36,7 +38,7 @@ mod program {
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, LayoutMeta, MODE_NAT, Member,
         NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NodeConfig,
-        PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
+        PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
     };
 
     use crate::{
@@ -77,7 +79,7 @@ mod program {
     pub static LB_MEMBER_PASSIVE: Array<PassiveHealth> =
         Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
-    pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+    pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(PROG_SLOTS, 0);
     #[map]
     pub static LB_NAT_JOB: PerCpuArray<NatJob> = PerCpuArray::with_max_entries(1, 0);
     #[map]
@@ -92,6 +94,10 @@ mod program {
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_META: Array<LayoutMeta> = Array::with_max_entries(1, 0);
+    #[map]
+    pub static LB_TOO_BIG_JOB: PerCpuArray<TooBigJob> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    pub static LB_ICMP_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 
@@ -131,6 +137,13 @@ mod program {
     #[xdp]
     pub fn lb_nat(ctx: XdpContext) -> u32 {
         finish(crate::nat::run(&ctx))
+    }
+
+    /// Answers a packet too big for its route (see [`crate::too_big`]): `lb` and `lb_nat`
+    /// tail-call it with a [`TooBigJob`] in `LB_TOO_BIG_JOB`.
+    #[xdp]
+    pub fn lb_too_big(ctx: XdpContext) -> u32 {
+        finish(crate::too_big::run(&ctx))
     }
 
     /// Hands the packet to `lb_nat`; returns only if that program is not installed.

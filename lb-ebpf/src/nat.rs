@@ -12,7 +12,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head},
     programs::XdpContext,
@@ -31,8 +31,9 @@ use network_types::{
 use crate::{
     LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
     count,
-    forward::{Verdict, fib_params, node_addr, route},
+    forward::{Verdict, fib_params, lookup, node_addr, send},
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
+    too_big,
 };
 
 const TCP_CHECK_OFF: usize = 16;
@@ -514,6 +515,20 @@ fn rewrite_and_route(
     };
     let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
     let v4 = pkt.key.family == FAMILY_V4;
+    // Route first, while the frame is still the packet as sent: if it would not fit the egress
+    // MTU, its sender is told (quoting it) instead.
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut fib = fib_params(
+        ingress,
+        v4,
+        new_src,
+        new_dst,
+        pkt.tos,
+        pkt.key.proto,
+        pkt.ip_len as u16,
+    );
+    let rc = lookup(ctx, &mut fib);
+    let too_big = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     // Changes to the pseudo-header (addresses), shared by the IP and L4 checksums.
     let addrs;
     if v4 {
@@ -523,6 +538,9 @@ fn rewrite_and_route(
         let ip = unsafe { &mut *ip };
         if ip.ttl <= 1 {
             return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
+        }
+        if too_big {
+            return too_big::hand_over(ctx, pkt, unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
         }
         let s = [new_src[0], new_src[1], new_src[2], new_src[3]];
         let d = [new_dst[0], new_dst[1], new_dst[2], new_dst[3]];
@@ -542,6 +560,9 @@ fn rewrite_and_route(
         let ip = unsafe { &mut *ip };
         if ip.hop_limit <= 1 {
             return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
+        }
+        if too_big {
+            return too_big::hand_over(ctx, pkt, unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
         }
         addrs = diff(&ip.dst_addr, new_dst, diff(&ip.src_addr, new_src, 0));
         ip.hop_limit -= 1;
@@ -572,9 +593,6 @@ fn rewrite_and_route(
         }
     }
 
-    let tot_len = pkt.ip_len as u16;
-    let tos = pkt.tos;
-    let proto = pkt.key.proto;
     if pkt.l3_off != EthHdr::LEN {
         // Drop the VLAN tag: the inner EtherType ends up right behind the MAC addresses.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, (pkt.l3_off - EthHdr::LEN) as i32) } != 0 {
@@ -588,6 +606,5 @@ fn rewrite_and_route(
             (*eth).src_addr = rx_src;
         }
     }
-    let mut fib = fib_params(ctx, v4, new_src, new_dst, tos, proto, tot_len);
-    route(ctx, &mut fib, rx_dst, rx_src)
+    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
 }

@@ -245,19 +245,20 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         .try_into()
         .map_err(LoadError::NotXdp)?;
     prog.load().map_err(LoadError::Verify)?;
-    install_nat(&mut ebpf)?;
+    install_tail_call(&mut ebpf, maps::NAT_PROGRAM, maps::NAT_PROG_INDEX)?;
+    install_tail_call(&mut ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
     Ok(ebpf)
 }
 
-/// Loads `lb_nat` and puts it where `lb` tail-calls it.
-fn install_nat(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    let nat: &mut Xdp = ebpf
-        .program_mut(maps::NAT_PROGRAM)
+/// Loads program `name` and puts it where `lb` tail-calls it, at `index` of the tail-call table.
+fn install_tail_call(ebpf: &mut Ebpf, name: &str, index: u32) -> Result<(), LoadError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
         .ok_or(LoadError::NoProgram)?
         .try_into()
         .map_err(LoadError::NotXdp)?;
-    nat.load().map_err(LoadError::Verify)?;
-    let fd = nat
+    prog.load().map_err(LoadError::Verify)?;
+    let fd = prog
         .fd()
         .map_err(LoadError::Verify)?
         .try_clone()
@@ -267,10 +268,8 @@ fn install_nat(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         what: "the tail-call table",
         source,
     })?;
-    progs
-        .set(maps::NAT_PROG_INDEX, &fd, 0)
-        .map_err(|source| LoadError::Write {
-            what: "the tail-call table",
-            source,
-        })
+    progs.set(index, &fd, 0).map_err(|source| LoadError::Write {
+        what: "the tail-call table",
+        source,
+    })
 }

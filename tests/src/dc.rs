@@ -6,6 +6,7 @@
 //!  fd10::2-9          ├── b2 10.20.0.12  ├ TCP/UDP servers on the VIPs (loopback),
 //!                     └── b3 10.20.0.13  ┘ lb_decap on eth0, answer the client directly
 //!            fabric: bridge br0 in the router namespace, 10.20.0.0/24, fd20::/64, MTU 1600
+//!            (or any: [`Lab::with_fabric_mtu`])
 //! ```
 //!
 //! The router sends VIP traffic (192.0.2.0/24, 2001:db8::/64) to the load balancer, which
@@ -129,8 +130,17 @@ pub struct Lab {
     pub accepted: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
+/// The fabric's MTU in [`Lab::new`]: room for the outer header of a full-size packet.
+pub const JUMBO_FABRIC_MTU: u32 = 1600;
+
 impl Lab {
     pub fn new() -> Self {
+        Self::with_fabric_mtu(JUMBO_FABRIC_MTU)
+    }
+
+    /// The lab with a fabric of MTU `mtu` (the client's link is 1500).
+    pub fn with_fabric_mtu(mtu: u32) -> Self {
+        let mtu = mtu.to_string();
         let router = NetNs::new("router");
         let client = NetNs::new("client");
         let lb = NetNs::new("lb");
@@ -154,9 +164,9 @@ impl Lab {
             "netns",
             &router.name,
         ]);
-        router.script(
+        router.script(&format!(
             "link add br0 type bridge
-             link set br0 mtu 1600
+             link set br0 mtu {mtu}
              link set br0 up
              addr add 10.20.0.1/24 dev br0
              addr add fd20::1/64 dev br0 nodad
@@ -164,8 +174,8 @@ impl Lab {
              addr add fd10::1/64 dev r0 nodad
              link set r0 up
              route add 192.0.2.0/24 via 10.20.0.2
-             route add 2001:db8::/64 via fd20::2",
-        );
+             route add 2001:db8::/64 via fd20::2"
+        ));
         router.sysctl("net.ipv4.ip_forward", "1");
         router.sysctl("net.ipv6.conf.all.forwarding", "1");
 
@@ -191,7 +201,7 @@ impl Lab {
                 "netns",
                 &ns.name,
                 "mtu",
-                "1600",
+                &mtu,
                 "type",
                 "veth",
                 "peer",
@@ -200,7 +210,7 @@ impl Lab {
                 "netns",
                 &router.name,
                 "mtu",
-                "1600",
+                &mtu,
             ]);
             router.ip(&["link", "set", port, "master", "br0"]);
             router.ip(&["link", "set", port, "up"]);
@@ -488,6 +498,108 @@ impl Drop for NatServers {
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// TCP sinks for uploads: on every backend, on `port` of the first IPv4 and the IPv6 VIP, each
+/// connection is read to its end and answered with the number of bytes read (a line).
+pub struct Sinks {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sinks {
+    pub fn start(lab: &Lab, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (_, ns) in &lab.backends {
+            for vip in [VIPS_V4[0], VIPS_V6[0]] {
+                let sa = SocketAddr::new(vip.parse().unwrap(), port);
+                let l = ns.run(|| TcpListener::bind(sa).expect("bind the sink"));
+                l.set_nonblocking(true).unwrap();
+                let stop = stop.clone();
+                threads.push(std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match l.accept() {
+                            Ok((s, _)) => {
+                                std::thread::spawn(move || drain(s));
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                }));
+            }
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Reads `s` to its end (or 5 s of silence), then writes how many bytes came.
+fn drain(mut s: TcpStream) {
+    s.set_nonblocking(false).unwrap();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(format!("{n}\n").as_bytes());
+}
+
+impl Lab {
+    /// Sends `bytes` bytes from client address `c` to a [`Sinks`] sink at `vip`, and returns how
+    /// many the sink says it read; an error if that takes longer than `within` or the connection
+    /// fails (a stalled upload times out within 3 s of its last progress).
+    pub fn upload(
+        &self,
+        c: IpAddr,
+        vip: SocketAddr,
+        bytes: usize,
+        within: Duration,
+    ) -> Result<u64, String> {
+        self.client.run(|| {
+            let start = Instant::now();
+            let mut s = open(c, vip).map_err(|e| format!("connect: {}", e.kind()))?;
+            let chunk = vec![0x5au8; 1 << 16];
+            let mut sent = 0;
+            while sent < bytes {
+                if start.elapsed() > within {
+                    return Err(format!("{sent} of {bytes} bytes sent after {within:?}"));
+                }
+                let k = chunk.len().min(bytes - sent);
+                s.write_all(&chunk[..k])
+                    .map_err(|e| format!("write after {sent} bytes: {}", e.kind()))?;
+                sent += k;
+            }
+            s.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {}", e.kind()))?;
+            s.set_read_timeout(Some(
+                within
+                    .saturating_sub(start.elapsed())
+                    .max(Duration::from_secs(1)),
+            ))
+            .unwrap();
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the sink's count: {}", e.kind()))?;
+            line.trim()
+                .parse()
+                .map_err(|_| format!("the sink answered {line:?}"))
+        })
     }
 }
 

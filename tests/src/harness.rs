@@ -7,13 +7,13 @@ use std::{collections::HashMap as StdHashMap, net::IpAddr};
 
 use aya::{
     Ebpf,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MEMBER_F_LIVE,
     Member, NO_BACKEND, NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig,
-    PassiveHealth, VipAddr, VipKey, VipValue, maps,
+    PassiveHealth, RateBucket, VipAddr, VipKey, VipValue, maps,
 };
 use lb_userspace::program::{self, Sizes};
 
@@ -322,6 +322,15 @@ impl Lb {
         self.hash::<AffinityKey, AffinityValue>(maps::AFFINITY)
             .insert(key, value, 0)
             .expect("writing affinity");
+    }
+
+    /// Fills every CPU's ICMP too big bucket (all zeroes: see [`lb_common::RateBucket`]).
+    pub fn refill_icmp_buckets(&mut self) {
+        let cpus = aya::util::nr_cpus().expect("number of CPUs");
+        let full = PerCpuValues::try_from(vec![RateBucket::default(); cpus]).unwrap();
+        let mut m: PerCpuArray<_, RateBucket> =
+            PerCpuArray::try_from(self.map(maps::ICMP_BUCKET)).unwrap();
+        m.set(0, full, 0).expect("writing the ICMP buckets");
     }
 
     /// Global counters summed over CPUs.

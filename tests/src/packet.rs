@@ -45,6 +45,8 @@ pub struct Pkt {
     pub v4_options: Vec<u8>,
     /// IPv4 more-fragments flag and offset (in 8-byte units).
     pub v4_frag: (bool, u16),
+    /// IPv4 don't-fragment flag (set unless cleared).
+    pub v4_df: bool,
     /// IPv6 extension headers in order: (type, whole header); byte 0 is filled in.
     pub v6_ext: Vec<(u8, Vec<u8>)>,
     pub payload: Vec<u8>,
@@ -74,6 +76,7 @@ impl Pkt {
             tos: 0,
             v4_options: vec![],
             v4_frag: (false, 0),
+            v4_df: true,
             v6_ext: vec![],
             payload: b"hello lb".to_vec(),
             trailer: vec![],
@@ -191,6 +194,7 @@ impl Pkt {
                 h.identification = 0x1234;
                 h.dscp = IpDscp::try_new(self.tos >> 2).unwrap();
                 h.ecn = IpEcn::try_new(self.tos & 3).unwrap();
+                h.dont_fragment = self.v4_df;
                 h.more_fragments = self.v4_frag.0;
                 h.fragment_offset = IpFragOffset::try_new(self.v4_frag.1).unwrap();
                 h.header_checksum = h.calc_header_checksum();
@@ -345,5 +349,55 @@ pub fn encapsulated(
     }
     out.extend_from_slice(&inner);
     out.extend_from_slice(&pkt.trailer);
+    out
+}
+
+/// The ICMP too big a router sends back for `pkt` (RFC 792/1191 fragmentation needed for IPv4,
+/// RFC 4443 packet too big for IPv6) with MTU `mtu`, from `pkt`'s destination to its source,
+/// quoting as much of `pkt` as fits in 576 (IPv4, RFC 1812 4.3.2.3) or 1280 bytes (IPv6, RFC
+/// 4443 2.4(c)); marked CS6 (network control), TTL 64, IPv4 with DF and identification 0.
+/// Built, checksums included, by etherparse.
+pub fn too_big_reply(pkt: &Pkt, mtu: u32, eth_dst: [u8; 6], eth_src: [u8; 6]) -> Vec<u8> {
+    use etherparse::{
+        Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, icmpv4::DestUnreachableHeader,
+    };
+    let ip = pkt.ip_bytes();
+    let builder = PacketBuilder::ethernet2(eth_src, eth_dst);
+    let mut out = Vec::new();
+    match (pkt.dst, pkt.src) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let quote = &ip[..ip.len().min(576 - 20 - 8)];
+            let mut h = Ipv4Header::new(0, 64, IpNumber::ICMP, from.octets(), to.octets()).unwrap();
+            h.dont_fragment = true;
+            h.identification = 0;
+            h.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
+            let next_hop_mtu = u16::try_from(mtu).unwrap();
+            builder
+                .ip(IpHeaders::Ipv4(h, Default::default()))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+                ))
+                .write(&mut out, quote)
+                .unwrap();
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let quote = &ip[..ip.len().min(1280 - 40 - 8)];
+            let h = Ipv6Header {
+                traffic_class: 0xc0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: 0,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: 64,
+                source: from.octets(),
+                destination: to.octets(),
+            };
+            builder
+                .ip(IpHeaders::Ipv6(h, Default::default()))
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+                .write(&mut out, quote)
+                .unwrap();
+        }
+        _ => panic!("mixed address families"),
+    }
     out
 }

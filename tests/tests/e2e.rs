@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{Lab, errors, lab_config, share, vip_yaml},
+    dc::{Lab, Sinks, client_v4, client_v6, errors, lab_config, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -27,7 +27,10 @@ struct Setup {
 }
 
 fn setup(tag: &str, vips: &str) -> Setup {
-    let lab = Lab::new();
+    setup_in(Lab::new(), tag, vips)
+}
+
+fn setup_in(lab: Lab, tag: &str, vips: &str) -> Setup {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config(vips));
     let mut agent = Agent::start(&lab.lb, &dirs);
@@ -327,4 +330,47 @@ fn draining_keeps_established_connections_and_takes_no_new_ones() {
         "a draining backend got new connections: {t:?}"
     );
     assert_eq!(errors(&t), 0, "{t:?}");
+}
+
+const SINK_PORT: u16 = 9100;
+const UPLOAD: usize = 10 << 20;
+
+/// A client uploads 10 MB through a DSR VIP on `vip` (IPv6 backends if `v6`) over a fabric of
+/// MTU 1500, so its full-size segments no longer fit once encapsulated: the load balancer must
+/// tell it (ICMP too big) for the upload to get anywhere. Checks the upload completes, and that
+/// the ICMP was sent.
+fn upload_over_a_1500_byte_fabric(tag: &str, vip: &str, v6: bool) {
+    let all = [(0, 1), (1, 1), (2, 1)];
+    let vips = vip_yaml(vip, SINK_PORT, "tcp", "", &all, v6, None);
+    let s = setup_in(Lab::with_fabric_mtu(1500), tag, &vips);
+    let _sinks = Sinks::start(&s.lab, SINK_PORT);
+    let (client, to) = if v6 {
+        (
+            client_v6(0),
+            SocketAddr::new(vip.parse().unwrap(), SINK_PORT),
+        )
+    } else {
+        (
+            client_v4(0),
+            SocketAddr::new(vip.parse().unwrap(), SINK_PORT),
+        )
+    };
+    let started = std::time::Instant::now();
+    let got = s.lab.upload(client, to, UPLOAD, Duration::from_secs(60));
+    eprintln!("{tag}: {got:?} in {:?}", started.elapsed());
+    let stats = s.dirs.json(&["stats"]);
+    assert_eq!(got, Ok(UPLOAD as u64), "the upload through {vip}: {stats}");
+    let sent = stats["global"]["icmp_too_big_sent"].as_u64();
+    assert!(sent > Some(0), "no ICMP too big sent: {stats}");
+    eprintln!("{tag}: {sent:?} ICMP too big sent");
+}
+
+#[test]
+fn ipv4_upload_through_a_dsr_vip_completes_on_a_1500_byte_fabric() {
+    upload_over_a_1500_byte_fabric("upload4", "192.0.2.10", false);
+}
+
+#[test]
+fn ipv6_upload_through_a_dsr_vip_completes_on_a_1500_byte_fabric() {
+    upload_over_a_1500_byte_fabric("upload6", "2001:db8::10", true);
 }

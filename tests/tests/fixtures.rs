@@ -60,6 +60,35 @@ fn raw(desc: &'static str, frame: Vec<u8>, action: u32, verdict: Counter) -> Fix
     }
 }
 
+/// Not forwarded: answered with an ICMP too big (MTU `mtu`), which leaves back out of the
+/// uplink towards the client.
+fn too_big_tx(desc: &'static str, pkt: &Pkt, mtu: u32) -> Fixture {
+    Fixture {
+        desc,
+        input: pkt.frame(),
+        action: XDP_TX,
+        output: packet::too_big_reply(pkt, mtu, GW0_MAC, LB0_MAC),
+        verdict: Counter::DropTooBig,
+    }
+}
+
+/// Answered with an ICMP too big (MTU `mtu`) that goes to the kernel (no neighbour entry for
+/// the client's next hop) with the MAC addresses the packet came with.
+fn too_big_kept(desc: &'static str, pkt: &Pkt, mtu: u32) -> Fixture {
+    Fixture {
+        desc,
+        input: pkt.frame(),
+        action: XDP_PASS,
+        output: packet::too_big_reply(pkt, mtu, pkt.eth_dst, pkt.eth_src),
+        verdict: Counter::DropTooBig,
+    }
+}
+
+/// Clears DF on an IPv4 packet.
+fn no_df(p: &mut Pkt) {
+    p.v4_df = false;
+}
+
 fn tx(desc: &'static str, pkt: Pkt, backend: &str) -> Fixture {
     Fixture {
         desc,
@@ -302,8 +331,12 @@ fn fixtures() -> Vec<Fixture> {
         kept("unreachable IPv6 backend: dropped", &unreachable6, UNREACHABLE_V6, XDP_DROP, Counter::DropFibFailed),
         kept("backend address local to this node: passed", &local, LOCAL_V4, XDP_PASS, Counter::PassLocalBackend),
         redirect("small packet on a route with MTU 600: fits", &small_ok, SMALL_MTU_V4, GW1_MAC),
-        kept("encapsulated packet over the route MTU (600): dropped", &too_big, SMALL_MTU_V4, XDP_DROP, Counter::DropTooBig),
-        kept("IPv6 encapsulated packet over the route MTU (1280): dropped", &too_big6, SMALL_MTU_V6, XDP_DROP, Counter::DropTooBig),
+        too_big_tx("encapsulated packet over the route MTU (600): fragmentation needed, MTU 580, back to the client", &too_big, 580),
+        too_big_tx("IPv6 encapsulated packet over the route MTU (1280): packet too big, MTU 1240", &too_big6, 1240),
+        too_big_tx("802.1Q tagged packet over the route MTU: the reply is untagged", &too_big.clone().with(|p| p.vlan = Some(0x0064)), 580),
+        too_big_kept("too big, and no neighbour entry towards the client: the reply goes to the kernel with the MACs as received", &big(Pkt::tcp("10.3.0.7", 40001, "192.0.2.16", 80, to), 600), 580),
+        too_big_kept("IPv6 too big, no neighbour entry towards the client: to the kernel", &big(Pkt::tcp("fd03::7", 40001, "2001:db8::16", 80, to), 1250), 1240),
+        untouched("IPv4 without DF over the route MTU: dropped, not answered", &too_big.clone().with(no_df), XDP_DROP, Counter::DropTooBig),
         redirect("IPv6 encapsulated packet of exactly the route MTU (1280): fits", &fits6, SMALL_MTU_V6, GW1_MAC),
         kept("egress interface not in the devmap: passed with the received MACs", &no_port, NO_TX_PORT_V4, XDP_PASS, Counter::PassNoTxPort),
     ]);
@@ -598,5 +631,161 @@ fn decap_fixtures() {
             assert_eq!(run.action, XDP_PASS, "{desc}");
             assert!(run.output == frame, "{desc}: changed\n{}", hex(&run.output));
         }
+    });
+}
+
+/// A full-size TCP segment (a 1500-byte IP packet) from the client to `vip`.
+fn full_size_segment(client: &str, vip: &str) -> Pkt {
+    let ip_hdr = if client.contains(':') { 40 } else { 20 };
+    Pkt::tcp(client, 40100, vip, 80, LB0_MAC).with(|p| {
+        p.l4 = L4::Tcp { flags: TCP_ACK };
+        p.payload = (0..1500 - ip_hdr - 20).map(|i| i as u8).collect();
+    })
+}
+
+/// What etherparse reads in an ICMP too big: (source, destination, IP length, MTU, quote), with
+/// the IP header checksum (IPv4) and the ICMP checksum checked against etherparse's own.
+fn read_too_big(frame: &[u8]) -> (IpAddr, IpAddr, usize, u32, Vec<u8>) {
+    use etherparse::{
+        Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, NetSlice, SlicedPacket, TransportSlice,
+        icmpv4::DestUnreachableHeader,
+    };
+    let p = SlicedPacket::from_ethernet(frame).expect("etherparse reads the reply");
+    match (
+        p.net.expect("an IP header"),
+        p.transport.expect("an ICMP header"),
+    ) {
+        (NetSlice::Ipv4(ip), TransportSlice::Icmpv4(icmp)) => {
+            let h = ip.header().to_header();
+            assert_eq!(
+                h.header_checksum,
+                h.calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            let Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu,
+            }) = icmp.icmp_type()
+            else {
+                panic!("not a fragmentation needed: {:?}", icmp.icmp_type());
+            };
+            let want = Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload()).checksum;
+            assert_eq!(icmp.checksum(), want, "ICMP checksum");
+            let len = h.total_len as usize;
+            let (s, d) = (h.source.into(), h.destination.into());
+            (s, d, len, next_hop_mtu as u32, icmp.payload().to_vec())
+        }
+        (NetSlice::Ipv6(ip), TransportSlice::Icmpv6(icmp)) => {
+            let h = ip.header().to_header();
+            let Icmpv6Type::PacketTooBig { mtu } = icmp.icmp_type() else {
+                panic!("not a packet too big: {:?}", icmp.icmp_type());
+            };
+            let want = Icmpv6Header::with_checksum(
+                icmp.icmp_type(),
+                h.source,
+                h.destination,
+                icmp.payload(),
+            )
+            .unwrap()
+            .checksum;
+            assert_eq!(icmp.checksum(), want, "ICMPv6 checksum");
+            let len = 40 + h.payload_length as usize;
+            let (s, d) = (h.source.into(), h.destination.into());
+            (s, d, len, mtu, icmp.payload().to_vec())
+        }
+        (net, t) => panic!("not an ICMP too big: {net:?} {t:?}"),
+    }
+}
+
+/// A full-size segment to a VIP whose backend sits behind a small-MTU route gets an ICMP too
+/// big back out of the uplink (MTU: the route's less the outer header; quote: `quote` bytes of
+/// the segment; `len` bytes in all), and is not forwarded.
+fn check_full_size_segment_answered(seg: Pkt, mtu: u32, quote: usize, len: usize) {
+    let net = FibNet::new("toobig");
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        let before = lb.counters();
+        let run = lb.run(&seg.frame(), net.lb0);
+        let after = lb.counters();
+        assert_eq!(action_name(run.action), action_name(XDP_TX));
+        let want = packet::too_big_reply(&seg, mtu, GW0_MAC, LB0_MAC);
+        assert!(
+            run.output == want,
+            "expected\n{}\ngot\n{}",
+            hex(&want),
+            hex(&run.output)
+        );
+        let (src, dst, ip_len, got_mtu, got_quote) = read_too_big(&run.output);
+        assert_eq!((src, dst), (seg.dst, seg.src), "from the VIP to the client");
+        assert_eq!((ip_len, got_mtu), (len, mtu), "IP length and MTU");
+        assert_eq!(got_quote, seg.ip_bytes()[..quote], "the quote");
+        assert_eq!(run.output.len(), 14 + len, "nothing after the quote");
+        let delta = |c: Counter| after[&c] - before[&c];
+        assert_eq!(delta(Counter::DropTooBig), 1, "verdict: not forwarded");
+        assert_eq!(delta(Counter::IcmpTooBigSent), 1, "ICMP sent");
+        assert_eq!(harness::verdict_sum(&after), after[&Counter::Packets]);
+    });
+}
+
+#[test]
+fn full_size_ipv4_segment_to_a_small_mtu_backend_gets_fragmentation_needed() {
+    // Route MTU 600, IPIP: 580 left; the reply is 576 bytes, 548 of them quote (RFC 1812).
+    let seg = full_size_segment(CLIENT4, "192.0.2.16");
+    check_full_size_segment_answered(seg, 580, 548, 576);
+}
+
+#[test]
+fn full_size_ipv6_segment_to_a_small_mtu_backend_gets_packet_too_big() {
+    // Route MTU 1280, IP6IP6: 1240 left; the reply is 1280 bytes, 1232 of them quote (RFC 4443).
+    let seg = full_size_segment(CLIENT6, "2001:db8::16");
+    check_full_size_segment_answered(seg, 1240, 1232, 1280);
+}
+
+/// Keeps the calling thread on one CPU, so that every run meets the same per-CPU bucket.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; we set one CPU we are allowed on.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu() as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+#[test]
+fn icmp_too_big_beyond_the_burst_within_a_token_interval_is_dropped_and_counted() {
+    use lb_common::maps::{ICMP_TOO_BIG_BURST, ICMP_TOO_BIG_RATE};
+    let interval = std::time::Duration::from_nanos(1_000_000_000 / ICMP_TOO_BIG_RATE);
+    let burst = ICMP_TOO_BIG_BURST;
+    let frame = full_size_segment(CLIENT4, "192.0.2.16").frame();
+    let net = FibNet::new("ratelimit");
+    net.ns.run(|| {
+        pin_to_one_cpu();
+        let mut lb = setup(&net);
+        // A token comes back every `interval`: only a burst sent faster than that shows the
+        // limit. A slower one (a busy machine) is tried again.
+        for _attempt in 0..20 {
+            lb.refill_icmp_buckets();
+            let before = lb.counters();
+            let start = std::time::Instant::now();
+            let actions: Vec<u32> = (0..=burst)
+                .map(|_| lb.run(&frame, net.lb0).action)
+                .collect();
+            if start.elapsed() >= interval {
+                continue;
+            }
+            let after = lb.counters();
+            let delta = |c: Counter| after[&c] - before[&c];
+            let sent = actions.iter().filter(|&&a| a == XDP_TX).count() as u64;
+            assert_eq!(sent, burst, "the first {burst} are answered: {actions:?}");
+            assert_eq!(actions.last(), Some(&XDP_DROP), "the one after is dropped");
+            assert_eq!(delta(Counter::IcmpTooBigSent), burst);
+            assert_eq!(delta(Counter::IcmpTooBigRateLimited), 1);
+            assert_eq!(delta(Counter::DropTooBig), burst + 1, "none forwarded");
+            return;
+        }
+        panic!("never sent {} packets within {interval:?}", burst + 1);
     });
 }

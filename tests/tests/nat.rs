@@ -13,9 +13,11 @@ use lb_common::{
     maps, nat_port_candidate,
 };
 use lb_tests::{
-    harness::{FibNet, Lb, Run, XDP_DROP, XDP_PASS, XDP_TX, action_name, net::*, vip_key},
+    harness::{
+        FibNet, Lb, Run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, net::*, vip_key,
+    },
     hex,
-    packet::{L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{self, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 use lb_userspace::program::Sizes;
 
@@ -623,5 +625,41 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
             lb.nat_flow(&fk).is_some(),
             "translation recorded by client flow"
         );
+    });
+}
+
+#[test]
+fn translated_packet_over_the_route_mtu_gets_fragmentation_needed_quoting_it_as_sent() {
+    // A NAT VIP whose backend sits behind a route with MTU 600: NAT adds no header, so the
+    // client is told 600, and the reply quotes its packet untranslated.
+    let net = FibNet::new("nat-mtu");
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_backend_port(5, SMALL_MTU_V4, 0, true);
+        lb.add_vip(
+            vip_key(V4, 8000, IPPROTO_TCP),
+            VipValue {
+                id: 4,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+                table_size: 0,
+            },
+        );
+        lb.set_ring(4, |_| 5);
+        lb.add_tx_port(net.lb1);
+        let fits = Pkt::tcp(CLIENT4, 40000, V4, 8000, LB0_MAC).with(|p| p.payload = vec![7; 560]);
+        let too_big = fits.clone().with(|p| p.payload = vec![7; 561]);
+        let before = lb.counters();
+        let r = lb.run(&fits.frame(), net.lb0);
+        assert_eq!(
+            action_name(r.action),
+            action_name(XDP_REDIRECT),
+            "600 bytes fit"
+        );
+        let want = packet::too_big_reply(&too_big, 600, GW0_MAC, LB0_MAC);
+        expect(&mut lb, net.lb0, "601 bytes", &too_big, XDP_TX, &want);
+        assert_eq!(delta(&mut lb, &before, Counter::DropTooBig), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::IcmpTooBigSent), 1);
     });
 }
