@@ -20,7 +20,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD, NAT_JOB_ICMP,
     NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_RST,
-    NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, flow_hash, nat_port_candidate,
+    NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, csum, flow_hash, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -450,14 +450,6 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
     }
 }
 
-/// One's-complement sum folded to 16 bits.
-#[inline(always)]
-fn fold(mut s: u32) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
-}
-
 /// The one's-complement change from `old` to `new` (`N` a multiple of 4), added to `seed`
 /// (RFC 1624, eqn. 3). The kernel's `bpf_csum_diff` does the sum: written out, LLVM vectorises
 /// it into more stack than BPF has. Sums are in load order (little-endian words), as are the
@@ -465,12 +457,6 @@ fn fold(mut s: u32) -> u16 {
 #[inline(always)]
 fn diff<const N: usize>(old: *const [u8; N], new: *const [u8; N], seed: u32) -> u32 {
     unsafe { bpf_csum_diff(old as *mut u32, N as u32, new as *mut u32, N as u32, seed) as u32 }
-}
-
-/// A checksum updated by the changes summed in `acc`.
-#[inline(always)]
-fn updated(check: [u8; 2], acc: u32) -> [u8; 2] {
-    (!fold((!u16::from_ne_bytes(check)) as u32 + fold(acc) as u32)).to_ne_bytes()
 }
 
 /// Source and destination port (network byte order) as the four bytes of an L4 header.
@@ -509,14 +495,10 @@ fn rewrite_and_route(
         let s = [new_src[0], new_src[1], new_src[2], new_src[3]];
         let d = [new_dst[0], new_dst[1], new_dst[2], new_dst[3]];
         addrs = diff(&ip.dst_addr, &d, diff(&ip.src_addr, &s, 0));
-        let ttl_proto = [ip.ttl, ip.proto];
-        let acc = addrs
-            + (!u16::from_ne_bytes(ttl_proto)) as u32
-            + u16::from_ne_bytes([ip.ttl - 1, ip.proto]) as u32;
+        ip.check = csum::ipv4_check(ip.check, addrs, ip.ttl, ip.proto);
         ip.ttl -= 1;
         ip.src_addr = s;
         ip.dst_addr = d;
-        ip.check = updated(ip.check, acc);
     } else {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
             return bad;
@@ -540,7 +522,7 @@ fn rewrite_and_route(
         let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + TCP_CHECK_OFF) else {
             return bad;
         };
-        unsafe { *c = updated(*c, acc) };
+        unsafe { *c = csum::updated(*c, acc) };
     } else {
         let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + UDP_CHECK_OFF) else {
             return bad;
@@ -549,7 +531,7 @@ fn rewrite_and_route(
         // IPv4 UDP may go without a checksum (zero) and stays so; a computed zero is sent as
         // all ones (RFC 768).
         if !(v4 && *c == [0, 0]) {
-            let v = updated(*c, acc);
+            let v = csum::updated(*c, acc);
             *c = if v == [0, 0] { [0xff, 0xff] } else { v };
         }
     }
