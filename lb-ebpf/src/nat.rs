@@ -36,7 +36,9 @@ use crate::{
 const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// Upper bound of the L4 offset a job may carry (the verifier wants packet offsets bounded).
 const MAX_L4_OFF: u16 = 0x0fff;
@@ -382,20 +384,45 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     )
 }
 
-/// Reads an ICMP destination-unreachable error sent to the node about a translated packet, and
-/// counts it against the backend if it answers a connection attempt. The message itself passes
-/// to the kernel untouched.
+/// What an ICMP error to the node says about a translated packet.
+#[derive(PartialEq, Eq)]
+enum IcmpError {
+    /// Destination unreachable: the backend (or the way to it) turned the attempt away.
+    Unreachable,
+    /// IPv4 fragmentation needed (type 3 code 4) or ICMPv6 packet too big: the path's MTU is
+    /// smaller than the packet. Nothing wrong with the backend.
+    FragNeeded,
+}
+
+/// The kind of an ICMP (`v4`) or ICMPv6 error from its type and code, if NAT reads it.
+#[inline(always)]
+fn icmp_error(v4: bool, ty: u8, code: u8) -> Option<IcmpError> {
+    match (v4, ty, code) {
+        (true, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) | (false, ICMPV6_PKT_TOOBIG, _) => {
+            Some(IcmpError::FragNeeded)
+        }
+        (true, ICMP_DEST_UNREACH, _) | (false, ICMPV6_DEST_UNREACH, _) => {
+            Some(IcmpError::Unreachable)
+        }
+        _ => None,
+    }
+}
+
+/// Reads an ICMP error sent to the node about a translated packet: destination unreachable
+/// counts against the backend if it answers a connection attempt; fragmentation needed / packet
+/// too big is counted on its own (`nat_frag_needed`). The message itself passes to the kernel
+/// untouched.
 #[inline(always)]
 fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
     let Some(h) = ptr_at::<[u8; 8]>(ctx, icmp.l4_off) else {
         return;
     };
-    let ty = unsafe { (*h)[0] };
+    let (ty, code) = unsafe { ((*h)[0], (*h)[1]) };
+    let Some(error) = icmp_error(icmp.dst.family == FAMILY_V4, ty, code) else {
+        return;
+    };
     let inner = icmp.l4_off + 8;
     let (src, dst, proto, l4) = if icmp.dst.family == FAMILY_V4 {
-        if ty != ICMP_DEST_UNREACH {
-            return;
-        }
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
             return;
         };
@@ -412,9 +439,6 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
         dst[..4].copy_from_slice(&d);
         (src, dst, ip.proto, inner + ihl)
     } else {
-        if ty != ICMPV6_DEST_UNREACH {
-            return;
-        }
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
             return;
         };
@@ -445,7 +469,11 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
     if let Some(n) = LB_NAT.get_ptr_mut(client) {
         let n = unsafe { &mut *n };
         if n.nat_port == rkey.dst_port {
-            refused(n, Signal::Unreachable, &client);
+            if error == IcmpError::FragNeeded {
+                count(Counter::NatFragNeeded);
+            } else {
+                refused(n, Signal::Unreachable, &client);
+            }
         }
     }
 }

@@ -489,15 +489,21 @@ fn unknown_and_closed_replies_pass_untouched() {
     });
 }
 
-/// An ICMP destination unreachable from `from` quoting the translated packet `quoted`.
+/// An ICMP destination unreachable (port unreachable) from `from` quoting the translated packet
+/// `quoted`.
 fn icmp_unreachable(from: &str, quoted: &Pkt) -> Pkt {
+    if quoted.src.is_ipv4() {
+        icmp_error(from, quoted, 3, 3)
+    } else {
+        icmp_error(from, quoted, 1, 4)
+    }
+}
+
+/// An ICMP (IPv4) or ICMPv6 error of type `ty` and code `code` from `from` quoting `quoted`.
+fn icmp_error(from: &str, quoted: &Pkt, ty: u8, code: u8) -> Pkt {
     let inner = quoted.ip_bytes();
     let v4 = quoted.src.is_ipv4();
-    let mut body = if v4 {
-        vec![3, 3, 0, 0, 0, 0, 0, 0]
-    } else {
-        vec![1, 4, 0, 0, 0, 0, 0, 0]
-    };
+    let mut body = vec![ty, code, 0, 0, 0, 0, 0x05, 0x00];
     body.extend_from_slice(&inner[..inner.len().min(if v4 { 28 } else { 48 })]);
     let mut p = Pkt::udp(from, 0, node_of(quoted), 0, LB0_MAC);
     p.l4 = L4::Other(if v4 { 1 } else { 58 });
@@ -622,5 +628,52 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
             lb.nat_flow(&fk).is_some(),
             "translation recorded by client flow"
         );
+    });
+}
+
+#[test]
+fn fragmentation_needed_is_counted_apart_not_as_unreachable() {
+    let net = FibNet::new("nat-frag");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // IPv4 type 3 code 4 (fragmentation needed), ICMPv6 type 2 (packet too big).
+        let cases = [
+            (Pkt::tcp(CLIENT4, 43000, V4, 80, LB0_MAC), B4_MAPPED, 3, 4),
+            (Pkt::tcp(CLIENT6, 43000, V6, 443, LB0_MAC), B6_MAPPED, 2, 0),
+        ];
+        for (syn, (id, backend, bport), ty, code) in cases {
+            let port = first_port(&mut lb, &syn);
+            let out = translated(&syn, port, backend, bport);
+            expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+            let before = lb.counters();
+            let health = lb.passive(id);
+            let icmp = icmp_error(backend, &out, ty, code);
+            let r = lb.run(&icmp.frame(), ingress);
+            assert_eq!(
+                (r.action, hex(&r.output)),
+                (XDP_PASS, hex(&icmp.frame())),
+                "type {ty}: passed untouched"
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatFragNeeded),
+                1,
+                "type {ty}"
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatUnreachable),
+                0,
+                "type {ty}"
+            );
+            assert_eq!(
+                lb.passive(id),
+                health,
+                "type {ty}: no passive health signal"
+            );
+            assert!(
+                lb.flow(&syn.flow_key()).is_some(),
+                "type {ty}: the flow stays on its backend"
+            );
+        }
     });
 }
