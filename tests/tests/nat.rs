@@ -6,7 +6,14 @@
 //! checksums etherparse computes over the whole packet: the program's incremental updates must
 //! land on exactly those values.
 
-use std::{thread::sleep, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    thread::sleep,
+    time::Duration,
+};
+
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use lb_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, VipValue, flow_hash,
@@ -674,6 +681,167 @@ fn fragmentation_needed_is_counted_apart_not_as_unreachable() {
                 lb.flow(&syn.flow_key()).is_some(),
                 "type {ty}: the flow stays on its backend"
             );
+        }
+    });
+}
+
+/// Checks the IPv4 header, TCP and UDP checksums of `frame` with etherparse (an IPv4 UDP
+/// checksum of zero means none and is not checked).
+fn assert_checksums(frame: &[u8], desc: &str) {
+    let h = PacketHeaders::from_ethernet_slice(frame)
+        .unwrap_or_else(|e| panic!("{desc}: etherparse rejects the frame: {e}"));
+    let payload = h.payload.slice();
+    let (net, transport) = (
+        h.net.expect("an IP header"),
+        h.transport.expect("TCP or UDP"),
+    );
+    let (check, want) = match (&net, &transport) {
+        (NetHeaders::Ipv4(ip, _), t) => {
+            assert_eq!(
+                ip.header_checksum,
+                ip.calc_header_checksum(),
+                "{desc}: IPv4 header checksum"
+            );
+            match t {
+                TransportHeader::Tcp(tcp) => (tcp.checksum, tcp.calc_checksum_ipv4(ip, payload)),
+                TransportHeader::Udp(udp) if udp.checksum == 0 => return,
+                TransportHeader::Udp(udp) => (udp.checksum, udp.calc_checksum_ipv4(ip, payload)),
+                _ => panic!("{desc}: neither TCP nor UDP"),
+            }
+        }
+        (NetHeaders::Ipv6(ip, _), TransportHeader::Tcp(tcp)) => {
+            (tcp.checksum, tcp.calc_checksum_ipv6(ip, payload))
+        }
+        (NetHeaders::Ipv6(ip, _), TransportHeader::Udp(udp)) => {
+            (udp.checksum, udp.calc_checksum_ipv6(ip, payload))
+        }
+        _ => panic!("{desc}: not IP with TCP or UDP"),
+    };
+    assert_eq!(
+        check,
+        want.expect("checksum computable"),
+        "{desc}: L4 checksum"
+    );
+}
+
+/// One random NAT case: a client packet to a VIP whose only backend is `backend:bport` (0: the
+/// VIP's port).
+fn random_case(rng: &mut StdRng) -> (Pkt, IpAddr, u16) {
+    let v4 = rng.random_bool(0.5);
+    let (client, vip, backend): (IpAddr, IpAddr, IpAddr) = if v4 {
+        // Clients and backends inside the routes FibNet has for them; VIPs anywhere in unicast
+        // space (not 0/8, 10/8 of the test net, 127/8; below 224/4).
+        let vip = loop {
+            let a = rng.random::<u32>();
+            if !matches!(a >> 24, 0 | 10 | 127 | 224..) {
+                break a;
+            }
+        };
+        (
+            Ipv4Addr::new(198, 51, 100, rng.random_range(1..255)).into(),
+            Ipv4Addr::from(vip).into(),
+            Ipv4Addr::from(0x0a01_0000 | rng.random::<u16>() as u32).into(),
+        )
+    } else {
+        let c: u128 = 0x2001_0db8_000c_0000u128 << 64 | rng.random::<u64>() as u128;
+        let b: u128 = 0xfd01u128 << 112 | rng.random::<u64>() as u128;
+        (
+            Ipv6Addr::from(c).into(),
+            // Global unicast (2000::/3).
+            Ipv6Addr::from(rng.random::<u128>() >> 3 | 1 << 125).into(),
+            Ipv6Addr::from(b).into(),
+        )
+    };
+    let (sport, dport) = (
+        rng.random_range(1..=u16::MAX),
+        rng.random_range(1..=u16::MAX),
+    );
+    let (client, vip) = (client.to_string(), vip.to_string());
+    let mut pkt = if rng.random_bool(0.5) {
+        Pkt::tcp(&client, sport, &vip, dport, LB0_MAC)
+    } else {
+        Pkt::udp(&client, sport, &vip, dport, LB0_MAC)
+            .with(|p| p.udp_checksum = !v4 || rng.random_bool(0.7))
+    };
+    let len = rng.random_range(0..48);
+    pkt.payload = (0..len).map(|_| rng.random()).collect();
+    pkt.ttl = rng.random_range(2..=255);
+    let bport = if rng.random_bool(0.5) {
+        0
+    } else {
+        rng.random_range(1..=u16::MAX)
+    };
+    (pkt, backend, bport)
+}
+
+#[test]
+fn random_addresses_and_ports_through_nat_both_ways_give_checksums_etherparse_accepts() {
+    // One VIP and one backend per case: the VIP table holds 1,024.
+    const CASES: u32 = 1_000;
+    let net = FibNet::new("nat-rand");
+    let ingress = net.lb0;
+    let seed: u64 = std::env::var("LB_NAT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0a7_c5e0);
+    net.ns.run(|| {
+        let mut lb = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: CASES,
+            max_backends: CASES,
+            flow_entries: 4 * CASES,
+            affinity_entries: 64,
+            nat_entries: 4 * CASES,
+        });
+        lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
+        let mut rng = StdRng::seed_from_u64(seed);
+        for id in 0..CASES {
+            let (pkt, backend, bport) = random_case(&mut rng);
+            let desc = format!("seed {seed} case {id}: {pkt:?} to {backend} port {bport}");
+            let proto = if matches!(pkt.l4, L4::Tcp { .. }) {
+                IPPROTO_TCP
+            } else {
+                IPPROTO_UDP
+            };
+            lb.set_backend_port(id, &backend.to_string(), bport, true);
+            let vip = VipValue {
+                id,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+                table_size: 0,
+            };
+            lb.add_vip(vip_key(&pkt.dst.to_string(), pkt.dport, proto), vip);
+            lb.set_ring(id, |_| id);
+
+            let port = first_port(&mut lb, &pkt);
+            let bport = if bport == 0 { pkt.dport } else { bport };
+            let out = translated(&pkt, port, &backend.to_string(), bport);
+            let r = expect(&mut lb, ingress, &desc, &pkt, XDP_TX, &out.frame());
+            assert_checksums(&r.output, &format!("{desc}: forward"));
+
+            let l4 = match pkt.l4 {
+                L4::Tcp { .. } => L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+                ref l => l.clone(),
+            };
+            let len = rng.random_range(0..48);
+            let reply = reply_to(&out, l4).with(|r| {
+                r.udp_checksum = pkt.udp_checksum;
+                r.payload = (0..len).map(|_| rng.random()).collect();
+                r.ttl = rng.random_range(2..=255);
+            });
+            let desc = format!("{desc}: reply");
+            let r = expect(
+                &mut lb,
+                ingress,
+                &desc,
+                &reply,
+                XDP_TX,
+                &restored(&reply, &pkt).frame(),
+            );
+            assert_checksums(&r.output, &desc);
         }
     });
 }
