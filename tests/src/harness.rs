@@ -101,6 +101,7 @@ impl Lb {
             nat_port_max: maps::DEFAULT_NAT_PORT_MAX,
             nat_close_grace_ns: maps::DEFAULT_NAT_CLOSE_GRACE_S * 1_000_000_000,
             syn_timeout_ns: maps::DEFAULT_SYN_TIMEOUT_S * 1_000_000_000,
+            tcp_idle_timeout_ns: maps::DEFAULT_NAT_TCP_IDLE_TIMEOUT_S * 1_000_000_000,
             ..Default::default()
         };
         if let Some(a) = src_v4 {
@@ -130,6 +131,14 @@ impl Lb {
         node.nat_port_max = port_max;
         node.nat_close_grace_ns = close_grace_ns;
         node.syn_timeout_ns = syn_timeout_ns;
+        a.set(0, node, 0).expect("writing node config");
+    }
+
+    /// Changes the NAT TCP idle timeout of the node config `set_node` wrote.
+    pub fn set_tcp_idle_timeout(&mut self, ns: u64) {
+        let mut a = self.array::<NodeConfig>(maps::NODE);
+        let mut node = a.get(&0, 0).expect("reading node config");
+        node.tcp_idle_timeout_ns = ns;
         a.set(0, node, 0).expect("writing node config");
     }
 
