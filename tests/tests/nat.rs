@@ -845,3 +845,148 @@ fn random_addresses_and_ports_through_nat_both_ways_give_checksums_etherparse_ac
         }
     });
 }
+
+/// The NAT source port of a translated IPv4 TCP or UDP frame.
+fn sport_of(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[14 + 20], frame[14 + 21]])
+}
+
+/// The reply key of a translation towards the IPv4 backend `backend:bport` on `port`.
+fn reply_key(backend: &str, bport: u16, port: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: lb_tests::packet::addr16(backend.parse().unwrap()),
+        dst: lb_tests::packet::addr16(NODE_V4.parse().unwrap()),
+        src_port: bport.to_be(),
+        dst_port: port.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn ten_port_range_ten_abandoned_connections_an_eleventh_client_gets_a_port_after_the_idle_timeout()
+{
+    let net = FibNet::new("nat-idle");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20009, 10_000_000_000, 2_000_000_000);
+        let idle = Duration::from_millis(300);
+        lb.set_tcp_idle_timeout(idle.as_nanos() as u64);
+        // Ten connections answered by the backend, then abandoned: no FIN, no RST.
+        for i in 0..10u16 {
+            let syn = Pkt::tcp(CLIENT4, 30000 + i, V4, 80, LB0_MAC);
+            let r = lb.run(&syn.frame(), ingress);
+            assert_eq!(r.action, XDP_TX, "connection {i} gets a port");
+            let out = translated(&syn, sport_of(&r.output), TX_V4, 8080);
+            let synack = reply_to(
+                &out,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
+            expect(
+                &mut lb,
+                ingress,
+                "SYN-ACK",
+                &synack,
+                XDP_TX,
+                &restored(&synack, &syn).frame(),
+            );
+        }
+        let late = Pkt::tcp("198.51.100.99", 40000, V4, 80, LB0_MAC);
+        let before = lb.counters();
+        let started = std::time::Instant::now();
+        let r = lb.run(&late.frame(), ingress);
+        assert_eq!(r.action, XDP_DROP, "all ten ports are held");
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatPortsExhausted), 1);
+        // Poll: the client retransmits its SYN until one gets through.
+        let deadline = started + idle + Duration::from_secs(5);
+        let r = loop {
+            let r = lb.run(&late.frame(), ingress);
+            if r.action == XDP_TX || std::time::Instant::now() > deadline {
+                break r;
+            }
+            sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            action_name(r.action),
+            "XDP_TX",
+            "no port freed within {:?} of an idle timeout of {idle:?}",
+            deadline - started
+        );
+        assert!(
+            started.elapsed() >= idle,
+            "a port was freed before the idle timeout"
+        );
+        let port = sport_of(&r.output);
+        assert!((20000..=20009).contains(&port));
+        let out = translated(&late, port, TX_V4, 8080);
+        assert_eq!(hex(&r.output), hex(&out.frame()));
+        let synack = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "the port's replies go to the new client",
+            &synack,
+            XDP_TX,
+            &restored(&synack, &late).frame(),
+        );
+    });
+}
+
+#[test]
+fn port_search_at_90_percent_occupancy_fails_at_most_one_new_flow_in_a_thousand() {
+    const PORTS: u16 = 1000;
+    const NEW_FLOWS: u32 = 10_000;
+    let net = FibNet::new("nat-occ");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20000 + PORTS - 1, 10_000_000_000, 2_000_000_000);
+        let client = |i: u32| {
+            let a = format!("198.51.{}.{}", 100 + i / 60_000 % 2, i % 250 + 1);
+            Pkt::tcp(&a, 1024 + (i / 250 % 60_000) as u16, V4, 80, LB0_MAC)
+        };
+        // 90 % of the backend's ports held by live translations.
+        let live = PORTS as u32 * 9 / 10;
+        for i in 0..live {
+            let r = lb.run(&client(i).frame(), ingress);
+            assert_eq!(r.action, XDP_TX, "filling: flow {i}");
+        }
+        // New flows at that occupancy; each one's translation is removed again (one closes as
+        // one opens), so every new flow meets exactly 90 %.
+        let before = lb.counters();
+        let (mut failed, mut spent) = (0u32, Duration::ZERO);
+        for i in live..live + NEW_FLOWS {
+            let syn = client(i);
+            let r = lb.run(&syn.frame(), ingress);
+            spent += r.duration;
+            if r.action != XDP_TX {
+                failed += 1;
+                continue;
+            }
+            let rkey = reply_key(TX_V4, 8080, sport_of(&r.output), IPPROTO_TCP);
+            lb.remove_nat(&syn.flow_key(), &rkey);
+        }
+        assert_eq!(
+            delta(&mut lb, &before, Counter::DropNatPortsExhausted),
+            failed as u64,
+            "every failure is counted"
+        );
+        eprintln!(
+            "90 % occupancy: {failed} of {NEW_FLOWS} new flows failed; {:?} per new flow",
+            spent / NEW_FLOWS
+        );
+        assert!(
+            failed * 1000 <= NEW_FLOWS,
+            "{failed} of {NEW_FLOWS} new flows found no port at 90 % occupancy"
+        );
+    });
+}
