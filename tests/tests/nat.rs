@@ -990,3 +990,150 @@ fn port_search_at_90_percent_occupancy_fails_at_most_one_new_flow_in_a_thousand(
         );
     });
 }
+
+/// Waits until both racing threads reach `round` (spinning: each is pinned to its own CPU, and
+/// a futex wake-up would let them drift microseconds apart).
+fn rendezvous(arrived: &std::sync::atomic::AtomicU32, round: u32) {
+    use std::sync::atomic::Ordering;
+    arrived.fetch_add(1, Ordering::SeqCst);
+    while arrived.load(Ordering::SeqCst) < 2 * (round + 1) {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clients() {
+    const ROUNDS: u32 = 500;
+    const PORTS: u16 = 2;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "the race needs two CPUs, this machine has {cpus}"
+    );
+    let net = FibNet::new("nat-race");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: ROUNDS,
+            max_backends: 8,
+            flow_entries: 8 * ROUNDS,
+            affinity_entries: 64,
+            nat_entries: 8 * ROUNDS,
+        });
+        lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
+        // Two ports, no close grace: a closed translation is free once the clock ticks.
+        lb.set_nat(20000, 20000 + PORTS - 1, 0, 2_000_000_000);
+        lb.set_backend_port(1, TX_V4, 0, true);
+        // Round r is a VIP port of its own, so its translations (towards backend port r) start
+        // afresh. Odd rounds find both ports held by closed translations, to be taken over.
+        let vip_port = |r: u32| 1000 + r as u16;
+        for r in 0..ROUNDS {
+            let vip = VipValue {
+                id: r,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+                table_size: 0,
+            };
+            lb.add_vip(vip_key(V4, vip_port(r), IPPROTO_TCP), vip);
+            lb.set_ring(r, |_| 1);
+            for k in 0..(r % 2) * 2 {
+                let old = Pkt::tcp(
+                    &format!("198.51.100.{}", 200 + k),
+                    999,
+                    V4,
+                    vip_port(r),
+                    LB0_MAC,
+                );
+                assert_eq!(
+                    lb.run(&old.frame(), ingress).action,
+                    XDP_TX,
+                    "round {r}: old flow"
+                );
+                let rst = old.with(|p| {
+                    p.l4 = L4::Tcp {
+                        flags: TCP_RST | TCP_ACK,
+                    }
+                });
+                assert_eq!(
+                    lb.run(&rst.frame(), ingress).action,
+                    XDP_TX,
+                    "round {r}: RST"
+                );
+            }
+        }
+        sleep(Duration::from_millis(20));
+        // Each thread, on its own CPU, sends two new clients' SYNs per round: four clients
+        // want the round's two ports at the same moment.
+        let client = |cpu: usize, k: usize, r: u32| {
+            Pkt::tcp(
+                &format!("198.51.100.{}", 10 + cpu * 2 + k),
+                2000,
+                V4,
+                vip_port(r),
+                LB0_MAC,
+            )
+        };
+        let arrived = std::sync::atomic::AtomicU32::new(0);
+        let prog = lb.xdp(lb_userspace::program::PROGRAM);
+        let got: Vec<Vec<(u32, Pkt, u16)>> = std::thread::scope(|sc| {
+            let racers: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (prog, arrived) = (&*prog, &arrived);
+                    sc.spawn(move || {
+                        lb_tests::harness::pin_to_cpu(cpu);
+                        let mut got = Vec::new();
+                        for r in 0..ROUNDS {
+                            rendezvous(arrived, r);
+                            for k in 0..2 {
+                                let syn = client(cpu, k, r);
+                                let run = lb_tests::harness::test_run(prog, &syn.frame(), ingress);
+                                if run.action == XDP_TX {
+                                    got.push((r, syn, sport_of(&run.output)));
+                                }
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|t| t.join().expect("racing thread"))
+                .collect()
+        });
+        let mut owner = std::collections::HashMap::new();
+        for (r, syn, port) in got.into_iter().flatten() {
+            if let Some(other) = owner.insert((r, port), syn.clone()) {
+                panic!(
+                    "round {r}: port {port} given to {} and {}",
+                    other.src, syn.src
+                );
+            }
+        }
+        assert_eq!(
+            owner.len(),
+            (ROUNDS * PORTS as u32) as usize,
+            "every port was taken"
+        );
+        // And each port's replies go to the client that got it.
+        for ((r, port), syn) in &owner {
+            let out = translated(syn, *port, TX_V4, vip_port(*r));
+            let ack = reply_to(
+                &out,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
+            expect(
+                &mut lb,
+                ingress,
+                &format!("round {r} port {port}"),
+                &ack,
+                XDP_TX,
+                &restored(&ack, syn).frame(),
+            );
+        }
+    });
+}
