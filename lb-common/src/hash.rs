@@ -72,8 +72,13 @@ pub const fn source_hash(src: &[u8; 16], family: u8) -> u32 {
     finish(h, if family == FAMILY_V4 { 4 } else { 16 })
 }
 
-/// Source ports NAT mode tries for one flow before giving up (and counting it).
-pub const NAT_PORT_PROBES: u32 = 8;
+/// Source ports NAT mode tries for one flow before giving up (and counting it). Each probe is an
+/// independent draw, so with a fraction `f` of a backend's ports taken a new flow fails with
+/// probability `f^128`: 1.4e-6 at 90 %, 0.14 % at 95 % (8 probes failed 43 % of flows at 90 %).
+/// Probes stop at the first free port, so a flow costs `1 / (1 - f)` lookups on average (10 at
+/// 90 %); all 128 are spent only when the range is (nearly) full. The program runs them in a
+/// `bpf_loop`, which the verifier checks once, not per iteration.
+pub const NAT_PORT_PROBES: u32 = 128;
 
 /// The `i`-th source port NAT mode tries for a flow with hash `hash`, in `min..=max`: the same
 /// on every node and every run, so a flow's translation is predictable (`lb explain`) and tests

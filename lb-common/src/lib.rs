@@ -5,6 +5,7 @@
 //! Fields that hold packet data (addresses, ports) are in network byte order and say so.
 #![no_std]
 
+pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod select;

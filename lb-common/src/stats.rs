@@ -126,7 +126,8 @@ counters! {
     NatClosed = "nat_closed", false;
     /// Passive health: a connection attempt answered by an RST.
     NatRefused = "nat_refused", false;
-    /// Passive health: a connection attempt answered by ICMP destination unreachable.
+    /// Passive health: a connection attempt answered by ICMP destination unreachable (other than
+    /// fragmentation needed).
     NatUnreachable = "nat_unreachable", false;
     /// Passive health: a SYN retransmitted after the SYN timeout without an answer.
     NatSynTimeouts = "nat_syn_timeouts", false;
@@ -135,6 +136,9 @@ counters! {
     IcmpTooBigSent = "icmp_too_big_sent", false;
     /// An ICMP too big not sent: over this CPU's rate limit (`maps::ICMP_TOO_BIG_RATE`).
     IcmpTooBigRateLimited = "icmp_too_big_rate_limited", false;
+    /// NAT mode: an ICMP fragmentation needed (IPv4) or packet too big (IPv6) about a translated
+    /// packet: the path to the backend has a smaller MTU. Not a failed connection attempt.
+    NatFragNeeded = "nat_frag_needed", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.

@@ -191,20 +191,26 @@ pub struct NodeConfig {
     /// NAT mode: a SYN still unanswered after this long counts as a failed connection attempt
     /// to its backend (seen when the client retransmits it).
     pub syn_timeout_ns: u64,
+    /// NAT mode: a TCP translation with no packet either way for longer than this is over (an
+    /// abandoned connection) and its port free again; 0 keeps it until the LRU evicts it.
+    pub tcp_idle_timeout_ns: u64,
 }
 
-/// `NatFlow::state`: the client sent a FIN.
+/// `NatReverse::state`: the client sent a FIN.
 pub const NAT_S_FIN_CLIENT: u16 = 1 << 0;
-/// `NatFlow::state`: the backend sent a FIN.
+/// `NatReverse::state`: the backend sent a FIN.
 pub const NAT_S_FIN_BACKEND: u16 = 1 << 1;
-/// `NatFlow::state`: either side sent an RST.
+/// `NatReverse::state`: either side sent an RST.
 pub const NAT_S_RST: u16 = 1 << 2;
-/// `NatFlow::state`: the backend answered (anything but an RST).
+/// `NatReverse::state`: the backend answered (anything but an RST).
 pub const NAT_S_ANSWERED: u16 = 1 << 3;
-/// `NatFlow::state`: the attempt already counted as a failure (RST, ICMP, or SYN timeout).
+/// `NatReverse::state`: the attempt already counted as a failure (RST, ICMP, or SYN timeout).
 pub const NAT_S_FAILED: u16 = 1 << 4;
 
-/// A translated flow, keyed by its [`FlowKey`] as the client sent it (client -> VIP).
+/// Where a client flow's translation is, keyed by its [`FlowKey`] as the client sent it
+/// (client -> VIP). Only a pointer: the translation is the [`NatReverse`] entry at (backend,
+/// `nat_port`), and every packet checks that it is still this flow's, so the two tables cannot
+/// disagree (a stale or evicted pointer just makes the flow look its port up again).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatFlow {
@@ -213,17 +219,14 @@ pub struct NatFlow {
     pub vip_id: u32,
     /// The node's source port towards the backend, network byte order.
     pub nat_port: u16,
-    /// `NAT_S_*`.
-    pub state: u16,
+    pub _pad: u16,
     /// `Member::generation` of the member when the translation was made.
     pub generation: u32,
-    /// CLOCK_MONOTONIC_COARSE when the translation was made (the SYN, for TCP).
-    pub created_ns: u64,
-    /// UDP: when a packet last used it. TCP: when it closed (both FINs, or an RST).
-    pub last_ns: u64,
 }
 
-/// The way back: keyed by the reply's [`FlowKey`] (backend -> node address and NAT port).
+/// A translation, keyed by its reply's [`FlowKey`] (backend -> node address and NAT port). A
+/// live entry is what makes the port taken; it holds all of the translation's state, so
+/// whether a port is free is decided from this one entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatReverse {
@@ -231,8 +234,19 @@ pub struct NatReverse {
     pub client: FlowKey,
     /// The member the flow is translated towards.
     pub backend_id: u32,
+    pub vip_id: u32,
+    /// `NAT_S_*`.
+    pub state: u16,
+    pub _pad: u16,
     /// `Member::generation` of that member.
     pub generation: u32,
+    /// CLOCK_MONOTONIC_COARSE when the translation was made (the SYN, for TCP).
+    pub created_ns: u64,
+    /// When a packet last used it, either way (refreshed at most every
+    /// [`NodeConfig::refresh_ns`], so not every packet writes it); for a closed TCP
+    /// translation, when it closed. Taking over an expired entry swaps this field atomically
+    /// (compare-and-exchange), so only one CPU can win a port.
+    pub last_ns: u64,
 }
 
 /// Passive health of one member id, from the replies NAT mode sees (the agent adds up the
@@ -280,7 +294,7 @@ pub struct NatJob {
     pub _pad2: u32,
 }
 
-impl NatFlow {
+impl NatReverse {
     /// Whether both FINs or an RST went by.
     pub const fn closed(&self) -> bool {
         self.state & NAT_S_RST != 0
@@ -288,14 +302,40 @@ impl NatFlow {
                 == (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND)
     }
 
-    /// Whether the translation is over (closed and past the grace time, or UDP and idle), so
-    /// its entries may be reused.
-    pub const fn expired(&self, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {
-        if proto == IPPROTO_UDP {
-            node.udp_idle_timeout_ns != 0
-                && now_ns.wrapping_sub(self.last_ns) > node.udp_idle_timeout_ns
+    /// Whether the translation is over, so its port may be taken, judged with `last_ns` =
+    /// `last`: UDP idle for longer than the UDP idle timeout; TCP closed and past the grace
+    /// time, or idle for longer than the TCP idle timeout (connections abandoned without a FIN
+    /// or RST). A time in the future (another CPU wrote it after `now_ns` was read) is no idle.
+    pub const fn expired_at(&self, last: u64, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {
+        let idle = now_ns.saturating_sub(last);
+        let limit = if proto == IPPROTO_UDP {
+            node.udp_idle_timeout_ns
+        } else if self.closed() {
+            return idle > node.nat_close_grace_ns;
         } else {
-            self.closed() && now_ns.wrapping_sub(self.last_ns) > node.nat_close_grace_ns
+            node.tcp_idle_timeout_ns
+        };
+        limit != 0 && idle > limit
+    }
+
+    pub const fn expired(&self, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {
+        self.expired_at(self.last_ns, proto, now_ns, node)
+    }
+}
+
+impl NodeConfig {
+    /// How stale `NatReverse::last_ns` may get before a packet refreshes it: a second, or a
+    /// quarter of the idle timeout if that is shorter (so a live flow never looks idle).
+    pub const fn refresh_ns(&self, proto: u8) -> u64 {
+        let t = if proto == IPPROTO_UDP {
+            self.udp_idle_timeout_ns
+        } else {
+            self.tcp_idle_timeout_ns
+        };
+        if t != 0 && t / 4 < NAT_REFRESH_NS {
+            t / 4
+        } else {
+            NAT_REFRESH_NS
         }
     }
 }
@@ -320,6 +360,8 @@ pub struct RateBucket {
     pub tokens: u64,
     pub last_ns: u64,
 }
+/// See [`NodeConfig::refresh_ns`].
+pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// What a set of pinned maps was created for. Written once when the maps are created; an agent
 /// that finds pins checks it before reusing them, so maps of another layout or size are refused
@@ -355,9 +397,9 @@ assert_size!(
     FlowValue => 16,
     AffinityKey => 20,
     AffinityValue => 16,
-    NodeConfig => 56,
-    NatFlow => 32,
-    NatReverse => 48,
+    NodeConfig => 64,
+    NatFlow => 16,
+    NatReverse => 72,
     PassiveHealth => 40,
     NatJob => 64,
     LayoutMeta => 32,

@@ -9,18 +9,21 @@
 //! stays zero. The reply path also sees how backends answer connection attempts, which feeds
 //! passive health (`LB_MEMBER_PASSIVE`).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd},
+};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, xdp_action},
+    bindings::{BPF_EXIST, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
-    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Member, NAT_JOB_FORWARD,
+    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
     NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
-    NAT_S_FIN_CLIENT, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr,
+    NAT_S_FIN_CLIENT, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, csum,
     flow_hash, nat_port_candidate,
 };
 use network_types::{
@@ -39,7 +42,13 @@ use crate::{
 const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
 const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// `bpf_map_update_elem` flags.
+const NOEXIST: u64 = BPF_NOEXIST as u64;
+const EXIST: u64 = BPF_EXIST as u64;
 
 /// Upper bound of the L4 offset a job may carry (the verifier wants packet offsets bounded).
 const MAX_L4_OFF: u16 = 0x0fff;
@@ -69,7 +78,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                 },
                 l4_off: l4_off as usize,
             };
-            nat_icmp(ctx, &icmp);
+            nat_icmp(ctx, &icmp, node);
             Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
         }
         kind => {
@@ -168,10 +177,10 @@ fn signal(backend_id: u32, s: Signal) {
 
 /// Marks a connection attempt failed, once.
 #[inline(always)]
-fn fail(n: &mut NatFlow, s: Signal) {
-    if n.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
-        n.state |= NAT_S_FAILED;
-        signal(n.backend_id, s);
+fn fail(r: &mut NatReverse, s: Signal) {
+    if r.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
+        r.state |= NAT_S_FAILED;
+        signal(r.backend_id, s);
     }
 }
 
@@ -180,17 +189,18 @@ fn fail(n: &mut NatFlow, s: Signal) {
 /// so the client's next connection (a refused port is free for reuse at once) is balanced
 /// afresh, away from a backend taken out.
 #[inline(always)]
-fn refused(n: &mut NatFlow, s: Signal, client: &FlowKey) {
-    if n.state & NAT_S_ANSWERED == 0 {
-        fail(n, s);
+fn refused(r: &mut NatReverse, s: Signal) {
+    if r.state & NAT_S_ANSWERED == 0 {
+        fail(r, s);
+        let client = r.client;
         let _ = LB_FLOWS.remove(client);
         let akey = AffinityKey {
             addr: client.src,
-            vip_id: n.vip_id,
+            vip_id: r.vip_id,
         };
         if let Some(a) = unsafe { LB_AFFINITY.get(akey) }
-            && a.member_id == n.backend_id
-            && a.generation == n.generation
+            && a.member_id == r.backend_id
+            && a.generation == r.generation
         {
             let _ = LB_AFFINITY.remove(akey);
         }
@@ -198,100 +208,254 @@ fn refused(n: &mut NatFlow, s: Signal, client: &FlowKey) {
 }
 
 #[inline(always)]
-fn close(n: &mut NatFlow, bit: u16, t: u64) {
-    let was = n.closed();
-    n.state |= bit;
-    if !was && n.closed() {
-        n.last_ns = t;
+fn close(r: &mut NatReverse, bit: u16, t: u64) {
+    let was = r.closed();
+    r.state |= bit;
+    if !was && r.closed() {
+        r.last_ns = t;
         count(Counter::NatClosed);
     }
 }
 
-/// Whether `f` is the live translation behind the reverse entry `r` at `rkey` (not replaced by
-/// another port or member, not over).
+/// Keeps a live translation's `last_ns` within `refresh_ns` of the last packet, writing the
+/// shared entry only when it is that stale rather than on every packet.
 #[inline(always)]
-fn serves(f: &NatFlow, r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
-    f.nat_port == rkey.dst_port
-        && f.backend_id == r.backend_id
-        && f.generation == r.generation
-        && !f.expired(rkey.proto, t, node)
-}
-
-/// Whether the reverse entry `r` (at `rkey`) no longer belongs to a live translation.
-#[inline(always)]
-fn stale(r: &NatReverse, rkey: &FlowKey, t: u64, node: &NodeConfig) -> bool {
-    let client = r.client;
-    match unsafe { LB_NAT.get(client) } {
-        None => true,
-        Some(f) => !serves(f, r, rkey, t, node),
+fn touch(r: &mut NatReverse, proto: u8, t: u64, node: &NodeConfig) {
+    if !r.closed() && t.saturating_sub(r.last_ns) > node.refresh_ns(proto) {
+        r.last_ns = t;
     }
 }
 
-/// Takes a NAT source port towards (`backend`, `bport`) for `key` and records the translation.
+/// Records what a client's packet does to its translation.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn allocate(
-    key: &FlowKey,
+fn track_client(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
+    if pkt.key.proto == IPPROTO_TCP {
+        let f = pkt.tcp_flags;
+        if f & TCP_FLAG_RST != 0 {
+            close(r, NAT_S_RST, t);
+        } else if f & TCP_FLAG_FIN != 0 {
+            close(r, NAT_S_FIN_CLIENT, t);
+        } else if pkt.syn && t.saturating_sub(r.created_ns) > node.syn_timeout_ns {
+            fail(r, Signal::SynTimeout);
+        }
+    }
+    touch(r, pkt.key.proto, t, node);
+}
+
+/// Records what a backend's reply does to its translation (and to passive health).
+#[inline(always)]
+fn track_backend(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
+    let tcp = pkt.key.proto == IPPROTO_TCP;
+    let f = pkt.tcp_flags;
+    if tcp && f & TCP_FLAG_RST != 0 {
+        refused(r, Signal::Refused);
+        close(r, NAT_S_RST, t);
+    } else {
+        if r.state & NAT_S_ANSWERED == 0 {
+            r.state |= NAT_S_ANSWERED;
+            signal(r.backend_id, Signal::Answered);
+        }
+        if tcp && f & TCP_FLAG_FIN != 0 {
+            close(r, NAT_S_FIN_BACKEND, t);
+        }
+    }
+    touch(r, pkt.key.proto, t, node);
+}
+
+/// Whether `r` is the translation of the client flow `key` towards `member` (its id and
+/// allocation) of VIP `vip_id`.
+#[inline(always)]
+fn belongs(r: &NatReverse, key: &FlowKey, member: (u32, u32), vip_id: u32) -> bool {
+    same_flow(&r.client, key)
+        && r.backend_id == member.0
+        && r.generation == member.1
+        && r.vip_id == vip_id
+}
+
+/// The port of `pkt`'s live translation towards the backend in `rkey` (which gets the port),
+/// found through its `LB_NAT` pointer and checked against the reverse entry, which is the
+/// translation; the packet's effect on it is recorded. `None` if there is none to use: no
+/// pointer, an entry over or taken by another flow since, or a SYN reopening a closed one.
+#[inline(always)]
+fn translation(
+    pkt: &Packet,
+    rkey: &mut FlowKey,
     vip_id: u32,
-    backend_id: u32,
-    backend: &Member,
-    bport: u16,
-    src: &[u8; 16],
+    member: (u32, u32),
     t: u64,
     node: &NodeConfig,
 ) -> Option<u16> {
-    let hash = flow_hash(key);
-    let mut rkey = FlowKey {
-        src: backend.addr,
-        dst: *src,
-        src_port: bport,
-        dst_port: 0,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
-    let rev = NatReverse {
-        client: *key,
-        backend_id,
-        generation: backend.generation,
-    };
-    for i in 0..NAT_PORT_PROBES {
-        let port = nat_port_candidate(hash, i, node.nat_port_min, node.nat_port_max).to_be();
-        rkey.dst_port = port;
-        // BPF_NOEXIST on a free port, so two CPUs can't both take it; BPF_ANY over an entry
-        // that is ours already or whose translation is over.
-        let flags = match unsafe { LB_NAT_REV.get(rkey) } {
-            None => 1,
-            Some(r) if same_flow(&r.client, key) || stale(r, &rkey, t, node) => 0,
-            Some(_) => {
-                count(Counter::NatPortCollisions);
-                continue;
-            }
-        };
-        if LB_NAT_REV.insert(rkey, rev, flags).is_err() {
-            count(Counter::NatPortCollisions);
-            continue;
+    let key = &pkt.key;
+    let f = unsafe { LB_NAT.get(key) }?;
+    if f.backend_id != member.0 || f.generation != member.1 || f.vip_id != vip_id {
+        return None;
+    }
+    rkey.dst_port = f.nat_port;
+    let r = unsafe { &mut *LB_NAT_REV.get_ptr_mut(*rkey)? };
+    let reopened = key.proto == IPPROTO_TCP && pkt.syn && r.closed();
+    if reopened || !belongs(r, key, member, vip_id) || r.expired(key.proto, t, node) {
+        return None;
+    }
+    track_client(r, pkt, t, node);
+    Some(f.nat_port)
+}
+
+/// Swaps `*p` from `old` to `new` if it still holds `old` (`lock cmpxchg`): of CPUs that judged
+/// an entry by the same `old`, exactly one wins.
+#[inline(always)]
+fn claim(p: *mut u64, old: u64, new: u64) -> bool {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+}
+
+/// A port search in progress: the context of the `bpf_loop` callback [`probe`], on the
+/// caller's stack.
+struct Search {
+    /// The reply key of the candidate port (`dst_port`).
+    rkey: FlowKey,
+    /// The translation to write: client flow, ids, times.
+    rev: NatReverse,
+    hash: u32,
+    /// The packet is a TCP SYN (it may reopen a closed translation of its own).
+    syn: bool,
+    /// Set when a port is taken: `new` if it holds a new translation, not the flow's own found
+    /// again.
+    found: bool,
+    new: bool,
+}
+
+/// What probing one candidate port gave.
+enum Probe {
+    /// The port is free, or its translation over: it is ours now.
+    Taken,
+    /// It holds this flow's own live translation.
+    Own,
+    /// Another flow's live translation (or another CPU won it first).
+    Busy,
+}
+
+/// Tries to take the port in `s.rkey` for `s.rev`.
+// Keys and values by reference: they stay where they are on the caller's stack instead of being
+// copied onto the callback's (the program's frames share 512 bytes).
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn try_port(s: &Search, node: &NodeConfig) -> Probe {
+    let (key, t, proto) = (&s.rev.client, s.rev.created_ns, s.rkey.proto);
+    let Some(r) = LB_NAT_REV.get_ptr_mut(&s.rkey) else {
+        // Free: BPF_NOEXIST, so of CPUs racing for it one inserts and the others fail.
+        if LB_NAT_REV.insert(&s.rkey, &s.rev, NOEXIST).is_ok() {
+            return Probe::Taken;
         }
-        let flow = NatFlow {
+        // Perhaps this very flow on another CPU, just now.
+        return match unsafe { LB_NAT_REV.get(&s.rkey) } {
+            Some(r) if belongs(r, key, (s.rev.backend_id, s.rev.generation), s.rev.vip_id) => {
+                Probe::Own
+            }
+            _ => Probe::Busy,
+        };
+    };
+    let r = unsafe { &mut *r };
+    let last = unsafe { core::ptr::read_volatile(&r.last_ns) };
+    let expired = r.expired_at(last, proto, t, node);
+    let own = belongs(r, key, (s.rev.backend_id, s.rev.generation), s.rev.vip_id);
+    let reopen = own && s.syn && r.closed();
+    if own && !expired && !reopen {
+        return Probe::Own;
+    }
+    // Over (or this flow's own, closed, reopened by a SYN): whoever swaps `last_ns` from the
+    // value it judged by takes the port; everyone else sees it fresh and moves on. The winner
+    // replaces the entry in one update (readers see the old one or the new one).
+    if !(expired || reopen) || !claim(&raw mut r.last_ns, last, t) {
+        return Probe::Busy;
+    }
+    if LB_NAT_REV.insert(&s.rkey, &s.rev, EXIST).is_ok()
+        || LB_NAT_REV.insert(&s.rkey, &s.rev, NOEXIST).is_ok()
+    {
+        Probe::Taken
+    } else {
+        Probe::Busy
+    }
+}
+
+/// `bpf_loop` callback: probes candidate `i`; returns 1 (stop) once a port is taken.
+extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
+    let s = unsafe { &mut *(ctx as *mut Search) };
+    let Some(node) = LB_NODE.get(0) else {
+        return 1;
+    };
+    let port = nat_port_candidate(s.hash, i as u32, node.nat_port_min, node.nat_port_max);
+    s.rkey.dst_port = port.to_be();
+    match try_port(s, node) {
+        Probe::Taken => {
+            (s.found, s.new) = (true, true);
+            1
+        }
+        Probe::Own => {
+            s.found = true;
+            1
+        }
+        Probe::Busy => {
+            count(Counter::NatPortCollisions);
+            0
+        }
+    }
+}
+
+/// Finds `pkt`'s flow a NAT source port towards the backend in `rkey`: a new translation, or
+/// its own found again (its `LB_NAT` pointer was lost or is stale). Points `LB_NAT` at it.
+/// Returns the port and whether the translation is new.
+#[inline(always)]
+fn allocate(
+    pkt: &Packet,
+    rkey: &FlowKey,
+    vip_id: u32,
+    (backend_id, generation): (u32, u32),
+    t: u64,
+) -> Option<(u16, bool)> {
+    let key = &pkt.key;
+    let mut s = Search {
+        rkey: *rkey,
+        rev: NatReverse {
+            client: *key,
             backend_id,
             vip_id,
-            nat_port: port,
             state: 0,
-            generation: backend.generation,
+            _pad: 0,
+            generation,
             created_ns: t,
             last_ns: t,
-        };
-        if LB_NAT.insert(key, flow, 0).is_err() {
-            count(Counter::NatInsertFailed);
-        }
-        count(Counter::NatNew);
-        return Some(port);
+        },
+        hash: flow_hash(key),
+        syn: key.proto == IPPROTO_TCP && pkt.syn,
+        found: false,
+        new: false,
+    };
+    unsafe {
+        bpf_loop(
+            NAT_PORT_PROBES,
+            probe as *mut c_void,
+            &raw mut s as *mut c_void,
+            0,
+        )
+    };
+    if !s.found {
+        return None;
     }
-    None
+    let flow = NatFlow {
+        backend_id,
+        vip_id,
+        nat_port: s.rkey.dst_port,
+        _pad: 0,
+        generation,
+    };
+    if LB_NAT.insert(key, flow, 0).is_err() {
+        count(Counter::NatInsertFailed);
+    }
+    Some((s.rkey.dst_port, s.new))
 }
 
 /// Translates a client's packet to a NAT VIP towards `backend` and forwards it.
-///
 #[inline(always)]
 fn nat_forward(
     ctx: &XdpContext,
@@ -316,40 +480,30 @@ fn nat_forward(
     } else {
         key.dst_port
     };
-    let tcp = key.proto == IPPROTO_TCP;
+    let mut rkey = FlowKey {
+        src: backend.addr,
+        dst: src,
+        src_port: bport,
+        dst_port: 0,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
     let t = now();
-    let mut port = None;
-    if let Some(n) = LB_NAT.get_ptr_mut(key) {
-        let n = unsafe { &mut *n };
-        let reopened = tcp && pkt.syn && n.closed();
-        if n.backend_id == backend_id
-            && n.generation == backend.generation
-            && n.vip_id == vip_id
-            && !reopened
-            && !n.expired(key.proto, t, node)
-        {
-            if tcp {
-                let f = pkt.tcp_flags;
-                if f & TCP_FLAG_RST != 0 {
-                    close(n, NAT_S_RST, t);
-                } else if f & TCP_FLAG_FIN != 0 {
-                    close(n, NAT_S_FIN_CLIENT, t);
-                } else if pkt.syn && t.wrapping_sub(n.created_ns) > node.syn_timeout_ns {
-                    fail(n, Signal::SynTimeout);
-                }
-            } else {
-                n.last_ns = t;
-            }
-            port = Some(n.nat_port);
-        }
-    }
-    let port = match port {
+    let member = (backend_id, backend.generation);
+    let port = match translation(pkt, &mut rkey, vip_id, member, t, node) {
         Some(p) => p,
-        None => match allocate(key, vip_id, backend_id, backend, bport, &src, t, node) {
-            Some(p) => p,
-            None => {
-                return Verdict::new(Counter::DropNatPortsExhausted, xdp_action::XDP_DROP);
+        None => match allocate(pkt, &rkey, vip_id, member, t) {
+            Some((p, true)) => {
+                count(Counter::NatNew);
+                p
             }
+            // Its own translation, found by probing: record this packet's effect on it.
+            Some((p, false)) => {
+                let _ = translation(pkt, &mut rkey, vip_id, member, t, node);
+                p
+            }
+            None => return Verdict::new(Counter::DropNatPortsExhausted, xdp_action::XDP_DROP),
         },
     };
     count(Counter::NatForward);
@@ -357,40 +511,22 @@ fn nat_forward(
 }
 
 /// Translates a reply from a backend back towards its client, if `pkt` is one; passes it
-/// untouched (`pass_not_for_vip`) if not.
+/// untouched (`pass_not_for_vip`) if not. One lookup: the reverse entry is the translation.
 #[inline(always)]
 fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     let key = &pkt.key;
     let not_ours = Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
-    let Some(r) = (unsafe { LB_NAT_REV.get(key) }) else {
+    let Some(r) = LB_NAT_REV.get_ptr_mut(key) else {
         return not_ours;
     };
-    let r = *r;
-    let client = r.client;
-    let backend_id = r.backend_id;
+    let r = unsafe { &mut *r };
     let t = now();
-    let n = match LB_NAT.get_ptr_mut(client) {
-        Some(n) if serves(unsafe { &*n }, &r, key, t, node) => unsafe { &mut *n },
-        _ => {
-            count(Counter::NatReverseStale);
-            return not_ours;
-        }
-    };
-    let f = pkt.tcp_flags;
-    if key.proto == IPPROTO_TCP && f & TCP_FLAG_RST != 0 {
-        refused(n, Signal::Refused, &client);
-        close(n, NAT_S_RST, t);
-    } else {
-        if n.state & NAT_S_ANSWERED == 0 {
-            n.state |= NAT_S_ANSWERED;
-            signal(backend_id, Signal::Answered);
-        }
-        if key.proto == IPPROTO_UDP {
-            n.last_ns = t;
-        } else if f & TCP_FLAG_FIN != 0 {
-            close(n, NAT_S_FIN_BACKEND, t);
-        }
+    if r.expired(key.proto, t, node) {
+        count(Counter::NatReverseStale);
+        return not_ours;
     }
+    track_backend(r, pkt, t, node);
+    let client = r.client;
     count(Counter::NatReverse);
     rewrite_and_route(
         ctx,
@@ -401,20 +537,45 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     )
 }
 
-/// Reads an ICMP destination-unreachable error sent to the node about a translated packet, and
-/// counts it against the backend if it answers a connection attempt. The message itself passes
-/// to the kernel untouched.
+/// What an ICMP error to the node says about a translated packet.
+#[derive(PartialEq, Eq)]
+enum IcmpError {
+    /// Destination unreachable: the backend (or the way to it) turned the attempt away.
+    Unreachable,
+    /// IPv4 fragmentation needed (type 3 code 4) or ICMPv6 packet too big: the path's MTU is
+    /// smaller than the packet. Nothing wrong with the backend.
+    FragNeeded,
+}
+
+/// The kind of an ICMP (`v4`) or ICMPv6 error from its type and code, if NAT reads it.
 #[inline(always)]
-fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
+fn icmp_error(v4: bool, ty: u8, code: u8) -> Option<IcmpError> {
+    match (v4, ty, code) {
+        (true, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) | (false, ICMPV6_PKT_TOOBIG, _) => {
+            Some(IcmpError::FragNeeded)
+        }
+        (true, ICMP_DEST_UNREACH, _) | (false, ICMPV6_DEST_UNREACH, _) => {
+            Some(IcmpError::Unreachable)
+        }
+        _ => None,
+    }
+}
+
+/// Reads an ICMP error sent to the node about a translated packet: destination unreachable
+/// counts against the backend if it answers a connection attempt; fragmentation needed / packet
+/// too big is counted on its own (`nat_frag_needed`). The message itself passes to the kernel
+/// untouched.
+#[inline(always)]
+fn nat_icmp(ctx: &XdpContext, icmp: &Icmp, node: &NodeConfig) {
     let Some(h) = ptr_at::<[u8; 8]>(ctx, icmp.l4_off) else {
         return;
     };
-    let ty = unsafe { (*h)[0] };
+    let (ty, code) = unsafe { ((*h)[0], (*h)[1]) };
+    let Some(error) = icmp_error(icmp.dst.family == FAMILY_V4, ty, code) else {
+        return;
+    };
     let inner = icmp.l4_off + 8;
     let (src, dst, proto, l4) = if icmp.dst.family == FAMILY_V4 {
-        if ty != ICMP_DEST_UNREACH {
-            return;
-        }
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
             return;
         };
@@ -431,9 +592,6 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
         dst[..4].copy_from_slice(&d);
         (src, dst, ip.proto, inner + ihl)
     } else {
-        if ty != ICMPV6_DEST_UNREACH {
-            return;
-        }
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
             return;
         };
@@ -457,24 +615,18 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp) {
         family: icmp.dst.family,
         _pad: [0; 2],
     };
-    let Some(r) = (unsafe { LB_NAT_REV.get(rkey) }) else {
+    let Some(r) = LB_NAT_REV.get_ptr_mut(rkey) else {
         return;
     };
-    let client = r.client;
-    if let Some(n) = LB_NAT.get_ptr_mut(client) {
-        let n = unsafe { &mut *n };
-        if n.nat_port == rkey.dst_port {
-            refused(n, Signal::Unreachable, &client);
-        }
+    let r = unsafe { &mut *r };
+    if r.expired(proto, now(), node) {
+        return;
     }
-}
-
-/// One's-complement sum folded to 16 bits.
-#[inline(always)]
-fn fold(mut s: u32) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
+    if error == IcmpError::FragNeeded {
+        count(Counter::NatFragNeeded);
+    } else {
+        refused(r, Signal::Unreachable);
+    }
 }
 
 /// The one's-complement change from `old` to `new` (`N` a multiple of 4), added to `seed`
@@ -484,12 +636,6 @@ fn fold(mut s: u32) -> u16 {
 #[inline(always)]
 fn diff<const N: usize>(old: *const [u8; N], new: *const [u8; N], seed: u32) -> u32 {
     unsafe { bpf_csum_diff(old as *mut u32, N as u32, new as *mut u32, N as u32, seed) as u32 }
-}
-
-/// A checksum updated by the changes summed in `acc`.
-#[inline(always)]
-fn updated(check: [u8; 2], acc: u32) -> [u8; 2] {
-    (!fold((!u16::from_ne_bytes(check)) as u32 + fold(acc) as u32)).to_ne_bytes()
 }
 
 /// Source and destination port (network byte order) as the four bytes of an L4 header.
@@ -545,14 +691,10 @@ fn rewrite_and_route(
         let s = [new_src[0], new_src[1], new_src[2], new_src[3]];
         let d = [new_dst[0], new_dst[1], new_dst[2], new_dst[3]];
         addrs = diff(&ip.dst_addr, &d, diff(&ip.src_addr, &s, 0));
-        let ttl_proto = [ip.ttl, ip.proto];
-        let acc = addrs
-            + (!u16::from_ne_bytes(ttl_proto)) as u32
-            + u16::from_ne_bytes([ip.ttl - 1, ip.proto]) as u32;
+        ip.check = csum::ipv4_check(ip.check, addrs, ip.ttl, ip.proto);
         ip.ttl -= 1;
         ip.src_addr = s;
         ip.dst_addr = d;
-        ip.check = updated(ip.check, acc);
     } else {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
             return bad;
@@ -579,7 +721,7 @@ fn rewrite_and_route(
         let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + TCP_CHECK_OFF) else {
             return bad;
         };
-        unsafe { *c = updated(*c, acc) };
+        unsafe { *c = csum::updated(*c, acc) };
     } else {
         let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + UDP_CHECK_OFF) else {
             return bad;
@@ -588,7 +730,7 @@ fn rewrite_and_route(
         // IPv4 UDP may go without a checksum (zero) and stays so; a computed zero is sent as
         // all ones (RFC 768).
         if !(v4 && *c == [0, 0]) {
-            let v = updated(*c, acc);
+            let v = csum::updated(*c, acc);
             *c = if v == [0, 0] { [0xff, 0xff] } else { v };
         }
     }

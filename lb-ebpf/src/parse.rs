@@ -256,7 +256,9 @@ fn parse_l4(
                 return malformed;
             };
             let tcp = unsafe { &*tcp };
-            if l4_off + TCP_HDR_LEN > ip_end || tcp[12] >> 4 < 5 {
+            // The data offset (options included) must leave the header inside the IP packet.
+            let doff = (tcp[12] >> 4) as usize;
+            if doff < 5 || l4_off + doff * 4 > ip_end {
                 return malformed;
             }
             key.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
@@ -268,7 +270,10 @@ fn parse_l4(
                 return malformed;
             };
             let udp = unsafe { &*udp };
-            if l4_off + UdpHdr::LEN > ip_end {
+            // The UDP length covers header and data: under 8 (0 included: IPv6 jumbograms are
+            // not supported) or past the IP packet is a lie the backend would have to resolve.
+            let len = u16::from_be_bytes(udp.len) as usize;
+            if len < UdpHdr::LEN || l4_off + len > ip_end {
                 return malformed;
             }
             key.src_port = u16::from_ne_bytes(udp.src);

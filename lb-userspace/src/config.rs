@@ -190,6 +190,7 @@ pub struct RawNode {
     pub nat_port_range: Option<String>,
     pub nat_close_grace: Option<String>,
     pub syn_timeout: Option<String>,
+    pub nat_tcp_idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +304,8 @@ impl Checker {
 }
 
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The shortest TCP idle timeout NAT mode accepts (other than 0, never).
+pub const MIN_NAT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The same ceiling Kubernetes puts on ClientIP affinity.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
@@ -433,6 +436,17 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     );
     if nat.syn_timeout.is_zero() {
         c.bad("node.syn_timeout", "must be more than 0");
+    }
+    nat.tcp_idle_timeout = c.duration(
+        "node.nat_tcp_idle_timeout",
+        n.nat_tcp_idle_timeout.as_deref(),
+        nat.tcp_idle_timeout,
+    );
+    if !nat.tcp_idle_timeout.is_zero() && nat.tcp_idle_timeout < MIN_NAT_TCP_IDLE_TIMEOUT {
+        c.bad(
+            "node.nat_tcp_idle_timeout",
+            "must be 0 (never) or at least 1s: shorter would cut connections that merely pause",
+        );
     }
     let metrics_listen = n.metrics_listen.as_deref().and_then(|s| {
         s.parse::<SocketAddr>()
@@ -1043,6 +1057,20 @@ vips:
             (
                 Box::new(replace(
                     "  table_size: 65537",
+                    "  table_size: 65537\n  nat_tcp_idle_timeout: 500ms",
+                )),
+                "node.nat_tcp_idle_timeout: must be 0 (never) or at least 1s",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
+                    "  table_size: 65537\n  nat_tcp_idle_timeout: soon",
+                )),
+                "node.nat_tcp_idle_timeout: not a duration",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
                     "  table_size: 65537\n  nat_close_grace: later",
                 )),
                 "node.nat_close_grace: not a duration",
@@ -1221,7 +1249,7 @@ vips:
         let text = GOOD
             .replace(
                 "  table_size: 65537",
-                "  table_size: 65537\n  nat_port_range: 2000-2999\n  nat_close_grace: 3s\n  syn_timeout: 1500ms\n  nat_table_size: 4096",
+                "  table_size: 65537\n  nat_port_range: 2000-2999\n  nat_close_grace: 3s\n  syn_timeout: 1500ms\n  nat_table_size: 4096\n  nat_tcp_idle_timeout: 15m",
             )
             .replace(
                 "    protocol: udp",
@@ -1256,6 +1284,7 @@ vips:
         assert_eq!((nat.port_min, nat.port_max), (2000, 2999));
         assert_eq!(nat.close_grace, Duration::from_secs(3));
         assert_eq!(nat.syn_timeout, Duration::from_millis(1500));
+        assert_eq!(nat.tcp_idle_timeout, Duration::from_secs(900));
         assert_eq!(c.node.sizes.nat_entries, 4096);
 
         let passive = GOOD

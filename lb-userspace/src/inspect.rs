@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, Member, NatFlow, NodeConfig,
-    PassiveHealth, TrafficStats, VipKey, VipValue, maps,
+    AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, Member, NatFlow,
+    NatReverse, NodeConfig, PassiveHealth, TrafficStats, VipKey, VipValue, maps,
 };
 
 use crate::{
@@ -47,6 +47,7 @@ pub struct Pinned {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nat: HashMap<MapData, FlowKey, NatFlow>,
+    nat_rev: HashMap<MapData, FlowKey, NatReverse>,
     passive: Array<MapData, PassiveHealth>,
     ring: Ring,
 }
@@ -76,6 +77,8 @@ impl Pinned {
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
             nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
+            nat_rev: HashMap::try_from(open(maps::NAT_REV)?)
+                .map_err(merr("NAT reverse entries"))?,
             passive: Array::try_from(open(maps::MEMBER_PASSIVE)?)
                 .map_err(merr("passive health"))?,
             ring,
@@ -131,6 +134,28 @@ impl Pinned {
     /// The NAT translation of a client flow, if any.
     pub fn nat(&self, k: &FlowKey) -> Option<NatFlow> {
         self.nat.get(k, 0).ok()
+    }
+
+    /// The reverse entry a client flow's NAT pointer `n` leads to, if it is still the flow's:
+    /// the translation's state lives there.
+    pub fn nat_reverse(&self, k: &FlowKey, n: &NatFlow) -> Option<NatReverse> {
+        let b = self.member(n.backend_id)?;
+        let node = self.node.get(&0, 0).ok()?;
+        let mut dst = node.src_v6;
+        if k.family == FAMILY_V4 {
+            dst = [0; 16];
+            dst[..4].copy_from_slice(&node.src_v4);
+        }
+        let rkey = FlowKey {
+            src: b.addr,
+            dst,
+            src_port: if b.port != 0 { b.port } else { k.dst_port },
+            dst_port: n.nat_port,
+            proto: k.proto,
+            family: k.family,
+            _pad: [0; 2],
+        };
+        self.nat_rev.get(&rkey, 0).ok().filter(|r| r.client == *k)
     }
 
     /// VIPs, ordered by key.

@@ -125,6 +125,9 @@ pub struct NatSpec {
     pub close_grace: Duration,
     /// An unanswered SYN older than this counts as a failed connection attempt.
     pub syn_timeout: Duration,
+    /// A TCP translation idle (no packet either way) for longer than this is over and its port
+    /// free; zero: never (until the LRU evicts it).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for NatSpec {
@@ -134,6 +137,7 @@ impl Default for NatSpec {
             port_max: lb_common::maps::DEFAULT_NAT_PORT_MAX,
             close_grace: Duration::from_secs(lb_common::maps::DEFAULT_NAT_CLOSE_GRACE_S),
             syn_timeout: Duration::from_secs(lb_common::maps::DEFAULT_SYN_TIMEOUT_S),
+            tcp_idle_timeout: Duration::from_secs(lb_common::maps::DEFAULT_NAT_TCP_IDLE_TIMEOUT_S),
         }
     }
 }

@@ -176,6 +176,7 @@ fn node_config(d: &Desired) -> NodeConfig {
         nat_port_max: d.node.nat.port_max,
         nat_close_grace_ns: nanos(d.node.nat.close_grace),
         syn_timeout_ns: nanos(d.node.nat.syn_timeout),
+        tcp_idle_timeout_ns: nanos(d.node.nat.tcp_idle_timeout),
         ..Default::default()
     };
     if let Some(a) = d.node.source_v4 {

@@ -590,7 +590,11 @@ fn explain_nat(p: &Pinned, key: &FlowKey, e: &mut Explained) {
                 "nat: translated with source port {} towards backend {}{}",
                 u16::from_be(n.nat_port),
                 describe(p, n.backend_id),
-                if n.closed() { " (closed)" } else { "" }
+                match p.nat_reverse(key, &n) {
+                    Some(r) if r.closed() => " (closed)",
+                    Some(_) => "",
+                    None => " (gone: the next packet takes a port again)",
+                }
             ));
             e.result["nat_port"] = json!(u16::from_be(n.nat_port));
         }

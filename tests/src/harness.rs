@@ -119,6 +119,7 @@ impl Lb {
             nat_port_max: maps::DEFAULT_NAT_PORT_MAX,
             nat_close_grace_ns: maps::DEFAULT_NAT_CLOSE_GRACE_S * 1_000_000_000,
             syn_timeout_ns: maps::DEFAULT_SYN_TIMEOUT_S * 1_000_000_000,
+            tcp_idle_timeout_ns: maps::DEFAULT_NAT_TCP_IDLE_TIMEOUT_S * 1_000_000_000,
             ..Default::default()
         };
         if let Some(a) = src_v4 {
@@ -151,6 +152,14 @@ impl Lb {
         a.set(0, node, 0).expect("writing node config");
     }
 
+    /// Changes the NAT TCP idle timeout of the node config `set_node` wrote.
+    pub fn set_tcp_idle_timeout(&mut self, ns: u64) {
+        let mut a = self.array::<NodeConfig>(maps::NODE);
+        let mut node = a.get(&0, 0).expect("reading node config");
+        node.tcp_idle_timeout_ns = ns;
+        a.set(0, node, 0).expect("writing node config");
+    }
+
     pub fn node(&mut self) -> NodeConfig {
         self.array::<NodeConfig>(maps::NODE)
             .get(&0, 0)
@@ -167,6 +176,16 @@ impl Lb {
         self.hash::<FlowKey, NatReverse>(maps::NAT_REV)
             .get(key, 0)
             .ok()
+    }
+
+    /// Removes a NAT translation: its reverse entry and the client flow's pointer to it.
+    pub fn remove_nat(&mut self, key: &FlowKey, rkey: &FlowKey) {
+        self.hash::<FlowKey, NatReverse>(maps::NAT_REV)
+            .remove(rkey)
+            .expect("removing a NAT reverse entry");
+        self.hash::<FlowKey, NatFlow>(maps::NAT)
+            .remove(key)
+            .expect("removing a NAT flow");
     }
 
     /// Passive health counters of a member id.
@@ -414,27 +433,47 @@ impl Lb {
     /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
     /// first if needed.
     pub fn run_program(&mut self, name: &str, frame: &[u8], ingress_ifindex: u32) -> Run {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.xdp(name);
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        if ingress_ifindex != 0 {
-            opts.ctx_in = Some(&ctx);
-        }
-        let r = prog
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {}", error_chain(&e)));
-        out.truncate(r.data_size_out as usize);
-        Run {
-            action: r.return_value,
-            output: out,
-            duration: r.duration,
-        }
+        test_run(self.xdp(name), frame, ingress_ifindex)
+    }
+}
+
+/// Runs `frame` through a loaded program once, on the calling thread's CPU (so threads pinned
+/// to different CPUs run it concurrently, as two receive queues would).
+pub fn test_run(prog: &Xdp, frame: &[u8], ingress_ifindex: u32) -> Run {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    if ingress_ifindex != 0 {
+        opts.ctx_in = Some(&ctx);
+    }
+    let r = prog
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {}", error_chain(&e)));
+    out.truncate(r.data_size_out as usize);
+    Run {
+        action: r.return_value,
+        output: out,
+        duration: r.duration,
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            r,
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

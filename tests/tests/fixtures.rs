@@ -89,6 +89,15 @@ fn no_df(p: &mut Pkt) {
     p.v4_df = false;
 }
 
+/// `pkt`'s frame with `bytes` written at `off` into its TCP or UDP header (checksums are left
+/// as they were: the program must reject the header before it would look at them).
+fn with_l4_bytes(pkt: &Pkt, off: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut f = pkt.frame();
+    let l4 = 14 + if pkt.src.is_ipv4() { 20 } else { 40 };
+    f[l4 + off..l4 + off + bytes.len()].copy_from_slice(bytes);
+    f
+}
+
 fn tx(desc: &'static str, pkt: Pkt, backend: &str) -> Fixture {
     Fixture {
         desc,
@@ -374,6 +383,17 @@ fn fixtures() -> Vec<Fixture> {
     let short_tcp_no_vip = short("203.0.113.1");
     let mut short_v6_payload = syn6.frame();
     short_v6_payload[18..20].copy_from_slice(&10u16.to_be_bytes());
+    // Malformed L4 lengths inside a consistent IP packet. Eight bytes of Ethernet trailer behind
+    // the IP packet, so "past the packet" means past the IP payload, not past the frame.
+    let udp4 = Pkt::udp(CLIENT4, 5353, V4, 53, to).with(|p| p.trailer = vec![0; 8]);
+    let udp6 = Pkt::udp(CLIENT6, 5353, V6, 53, to).with(|p| p.trailer = vec![0; 8]);
+    let udp_len = |p: &Pkt, len: u16| with_l4_bytes(p, 4, &len.to_be_bytes());
+    let udp_past = |p: &Pkt| udp_len(p, (8 + p.payload.len() + 1) as u16);
+    let tcp4 = syn4.clone().with(|p| p.trailer = vec![0; 8]);
+    let tcp6 = syn6.clone().with(|p| p.trailer = vec![0; 8]);
+    // 8 words of header: 32 bytes where the packet has 20 of header and 8 of payload.
+    let tcp_doff_past = |p: &Pkt| with_l4_bytes(p, 12, &[0x80]);
+    let to_no_vip4 = |p: &Pkt| p.clone().with(|p| p.dst = ip("203.0.113.1"));
     f.extend([
         untouched(
             "TCP to an address that carries no VIP: passed",
@@ -500,6 +520,66 @@ fn fixtures() -> Vec<Fixture> {
             short_v6_payload,
             XDP_DROP,
             Counter::DropMalformed,
+        ),
+        raw(
+            "IPv4 UDP length 0, to a VIP: dropped",
+            udp_len(&udp4, 0),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv4 UDP length 7, to a VIP: dropped",
+            udp_len(&udp4, 7),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv4 UDP length past the IP payload (inside the frame), to a VIP: dropped",
+            udp_past(&udp4),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv6 UDP length 0, to a VIP: dropped",
+            udp_len(&udp6, 0),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv6 UDP length 7, to a VIP: dropped",
+            udp_len(&udp6, 7),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv6 UDP length past the IP payload (inside the frame), to a VIP: dropped",
+            udp_past(&udp6),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv4 TCP data offset past the IP packet (inside the frame), to a VIP: dropped",
+            tcp_doff_past(&tcp4),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "IPv6 TCP data offset past the IP packet (inside the frame), to a VIP: dropped",
+            tcp_doff_past(&tcp6),
+            XDP_DROP,
+            Counter::DropMalformed,
+        ),
+        raw(
+            "UDP length 7, to no VIP address: passed as malformed",
+            udp_len(&to_no_vip4(&udp4), 7),
+            XDP_PASS,
+            Counter::PassMalformed,
+        ),
+        raw(
+            "TCP data offset past the IP packet, to no VIP address: passed as malformed",
+            tcp_doff_past(&to_no_vip4(&tcp4)),
+            XDP_PASS,
+            Counter::PassMalformed,
         ),
         raw(
             "bare Ethernet header saying IPv4: passed as malformed",

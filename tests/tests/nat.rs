@@ -6,7 +6,14 @@
 //! checksums etherparse computes over the whole packet: the program's incremental updates must
 //! land on exactly those values.
 
-use std::{thread::sleep, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    thread::sleep,
+    time::Duration,
+};
+
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use lb_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, VipValue, flow_hash,
@@ -491,15 +498,21 @@ fn unknown_and_closed_replies_pass_untouched() {
     });
 }
 
-/// An ICMP destination unreachable from `from` quoting the translated packet `quoted`.
+/// An ICMP destination unreachable (port unreachable) from `from` quoting the translated packet
+/// `quoted`.
 fn icmp_unreachable(from: &str, quoted: &Pkt) -> Pkt {
+    if quoted.src.is_ipv4() {
+        icmp_error(from, quoted, 3, 3)
+    } else {
+        icmp_error(from, quoted, 1, 4)
+    }
+}
+
+/// An ICMP (IPv4) or ICMPv6 error of type `ty` and code `code` from `from` quoting `quoted`.
+fn icmp_error(from: &str, quoted: &Pkt, ty: u8, code: u8) -> Pkt {
     let inner = quoted.ip_bytes();
     let v4 = quoted.src.is_ipv4();
-    let mut body = if v4 {
-        vec![3, 3, 0, 0, 0, 0, 0, 0]
-    } else {
-        vec![1, 4, 0, 0, 0, 0, 0, 0]
-    };
+    let mut body = vec![ty, code, 0, 0, 0, 0, 0x05, 0x00];
     body.extend_from_slice(&inner[..inner.len().min(if v4 { 28 } else { 48 })]);
     let mut p = Pkt::udp(from, 0, node_of(quoted), 0, LB0_MAC);
     p.l4 = L4::Other(if v4 { 1 } else { 58 });
@@ -625,6 +638,523 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
             lb.nat_flow(&fk).is_some(),
             "translation recorded by client flow"
         );
+    });
+}
+
+#[test]
+fn fragmentation_needed_is_counted_apart_not_as_unreachable() {
+    let net = FibNet::new("nat-frag");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // IPv4 type 3 code 4 (fragmentation needed), ICMPv6 type 2 (packet too big).
+        let cases = [
+            (
+                Pkt::tcp(CLIENT4, 43000, V4, 80, LB0_MAC),
+                0,
+                B4_MAPPED,
+                3,
+                4,
+            ),
+            (
+                Pkt::tcp(CLIENT6, 43000, V6, 443, LB0_MAC),
+                2,
+                B6_MAPPED,
+                2,
+                0,
+            ),
+        ];
+        for (syn, vip, (b, backend, bport), ty, code) in cases {
+            let id = lb.member(vip, b);
+            let port = first_port(&mut lb, &syn);
+            let out = translated(&syn, port, backend, bport);
+            expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+            let before = lb.counters();
+            let health = lb.passive(id);
+            let icmp = icmp_error(backend, &out, ty, code);
+            let r = lb.run(&icmp.frame(), ingress);
+            assert_eq!(
+                (r.action, hex(&r.output)),
+                (XDP_PASS, hex(&icmp.frame())),
+                "type {ty}: passed untouched"
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatFragNeeded),
+                1,
+                "type {ty}"
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatUnreachable),
+                0,
+                "type {ty}"
+            );
+            assert_eq!(
+                lb.passive(id),
+                health,
+                "type {ty}: no passive health signal"
+            );
+            assert!(
+                lb.flow(&syn.flow_key()).is_some(),
+                "type {ty}: the flow stays on its backend"
+            );
+        }
+    });
+}
+
+/// Checks the IPv4 header, TCP and UDP checksums of `frame` with etherparse (an IPv4 UDP
+/// checksum of zero means none and is not checked).
+fn assert_checksums(frame: &[u8], desc: &str) {
+    let h = PacketHeaders::from_ethernet_slice(frame)
+        .unwrap_or_else(|e| panic!("{desc}: etherparse rejects the frame: {e}"));
+    let payload = h.payload.slice();
+    let (net, transport) = (
+        h.net.expect("an IP header"),
+        h.transport.expect("TCP or UDP"),
+    );
+    let (check, want) = match (&net, &transport) {
+        (NetHeaders::Ipv4(ip, _), t) => {
+            assert_eq!(
+                ip.header_checksum,
+                ip.calc_header_checksum(),
+                "{desc}: IPv4 header checksum"
+            );
+            match t {
+                TransportHeader::Tcp(tcp) => (tcp.checksum, tcp.calc_checksum_ipv4(ip, payload)),
+                TransportHeader::Udp(udp) if udp.checksum == 0 => return,
+                TransportHeader::Udp(udp) => (udp.checksum, udp.calc_checksum_ipv4(ip, payload)),
+                _ => panic!("{desc}: neither TCP nor UDP"),
+            }
+        }
+        (NetHeaders::Ipv6(ip, _), TransportHeader::Tcp(tcp)) => {
+            (tcp.checksum, tcp.calc_checksum_ipv6(ip, payload))
+        }
+        (NetHeaders::Ipv6(ip, _), TransportHeader::Udp(udp)) => {
+            (udp.checksum, udp.calc_checksum_ipv6(ip, payload))
+        }
+        _ => panic!("{desc}: not IP with TCP or UDP"),
+    };
+    assert_eq!(
+        check,
+        want.expect("checksum computable"),
+        "{desc}: L4 checksum"
+    );
+}
+
+/// One random NAT case: a client packet to a VIP whose only backend is `backend:bport` (0: the
+/// VIP's port).
+fn random_case(rng: &mut StdRng) -> (Pkt, IpAddr, u16) {
+    let v4 = rng.random_bool(0.5);
+    let (client, vip, backend): (IpAddr, IpAddr, IpAddr) = if v4 {
+        // Clients and backends inside the routes FibNet has for them; VIPs anywhere in unicast
+        // space (not 0/8, 10/8 of the test net, 127/8; below 224/4).
+        let vip = loop {
+            let a = rng.random::<u32>();
+            if !matches!(a >> 24, 0 | 10 | 127 | 224..) {
+                break a;
+            }
+        };
+        (
+            Ipv4Addr::new(198, 51, 100, rng.random_range(1..255)).into(),
+            Ipv4Addr::from(vip).into(),
+            Ipv4Addr::from(0x0a01_0000 | rng.random::<u16>() as u32).into(),
+        )
+    } else {
+        let c: u128 = 0x2001_0db8_000c_0000u128 << 64 | rng.random::<u64>() as u128;
+        let b: u128 = 0xfd01u128 << 112 | rng.random::<u64>() as u128;
+        (
+            Ipv6Addr::from(c).into(),
+            // Global unicast (2000::/3).
+            Ipv6Addr::from(rng.random::<u128>() >> 3 | 1 << 125).into(),
+            Ipv6Addr::from(b).into(),
+        )
+    };
+    let (sport, dport) = (
+        rng.random_range(1..=u16::MAX),
+        rng.random_range(1..=u16::MAX),
+    );
+    let (client, vip) = (client.to_string(), vip.to_string());
+    let mut pkt = if rng.random_bool(0.5) {
+        Pkt::tcp(&client, sport, &vip, dport, LB0_MAC)
+    } else {
+        Pkt::udp(&client, sport, &vip, dport, LB0_MAC)
+            .with(|p| p.udp_checksum = !v4 || rng.random_bool(0.7))
+    };
+    let len = rng.random_range(0..48);
+    pkt.payload = (0..len).map(|_| rng.random()).collect();
+    pkt.ttl = rng.random_range(2..=255);
+    let bport = if rng.random_bool(0.5) {
+        0
+    } else {
+        rng.random_range(1..=u16::MAX)
+    };
+    (pkt, backend, bport)
+}
+
+#[test]
+fn random_addresses_and_ports_through_nat_both_ways_give_checksums_etherparse_accepts() {
+    // One VIP and one backend per case: the VIP table holds 1,024.
+    const CASES: u32 = 1_000;
+    let net = FibNet::new("nat-rand");
+    let ingress = net.lb0;
+    let seed: u64 = std::env::var("LB_NAT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x0a7_c5e0);
+    net.ns.run(|| {
+        let mut lb = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: CASES,
+            max_backends: CASES,
+            flow_entries: 4 * CASES,
+            affinity_entries: 64,
+            nat_entries: 4 * CASES,
+        });
+        lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
+        let mut rng = StdRng::seed_from_u64(seed);
+        for id in 0..CASES {
+            let (pkt, backend, bport) = random_case(&mut rng);
+            let desc = format!("seed {seed} case {id}: {pkt:?} to {backend} port {bport}");
+            let proto = if matches!(pkt.l4, L4::Tcp { .. }) {
+                IPPROTO_TCP
+            } else {
+                IPPROTO_UDP
+            };
+            lb.set_backend_port(id, &backend.to_string(), bport, true);
+            let vip = VipValue {
+                id,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+                table_size: 0,
+            };
+            lb.add_vip(vip_key(&pkt.dst.to_string(), pkt.dport, proto), vip);
+            lb.set_ring(id, |_| id);
+
+            let port = first_port(&mut lb, &pkt);
+            let bport = if bport == 0 { pkt.dport } else { bport };
+            let out = translated(&pkt, port, &backend.to_string(), bport);
+            let r = expect(&mut lb, ingress, &desc, &pkt, XDP_TX, &out.frame());
+            assert_checksums(&r.output, &format!("{desc}: forward"));
+
+            let l4 = match pkt.l4 {
+                L4::Tcp { .. } => L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+                ref l => l.clone(),
+            };
+            let len = rng.random_range(0..48);
+            let reply = reply_to(&out, l4).with(|r| {
+                r.udp_checksum = pkt.udp_checksum;
+                r.payload = (0..len).map(|_| rng.random()).collect();
+                r.ttl = rng.random_range(2..=255);
+            });
+            let desc = format!("{desc}: reply");
+            let r = expect(
+                &mut lb,
+                ingress,
+                &desc,
+                &reply,
+                XDP_TX,
+                &restored(&reply, &pkt).frame(),
+            );
+            assert_checksums(&r.output, &desc);
+        }
+    });
+}
+
+/// The NAT source port of a translated IPv4 TCP or UDP frame.
+fn sport_of(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[14 + 20], frame[14 + 21]])
+}
+
+/// The reply key of a translation towards the IPv4 backend `backend:bport` on `port`.
+fn reply_key(backend: &str, bport: u16, port: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: lb_tests::packet::addr16(backend.parse().unwrap()),
+        dst: lb_tests::packet::addr16(NODE_V4.parse().unwrap()),
+        src_port: bport.to_be(),
+        dst_port: port.to_be(),
+        proto,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn ten_port_range_ten_abandoned_connections_an_eleventh_client_gets_a_port_after_the_idle_timeout()
+{
+    let net = FibNet::new("nat-idle");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20009, 10_000_000_000, 2_000_000_000);
+        let idle = Duration::from_millis(300);
+        lb.set_tcp_idle_timeout(idle.as_nanos() as u64);
+        // Ten connections answered by the backend, then abandoned: no FIN, no RST.
+        let first = std::time::Instant::now();
+        for i in 0..10u16 {
+            let syn = Pkt::tcp(CLIENT4, 30000 + i, V4, 80, LB0_MAC);
+            let r = lb.run(&syn.frame(), ingress);
+            assert_eq!(r.action, XDP_TX, "connection {i} gets a port");
+            let out = translated(&syn, sport_of(&r.output), TX_V4, 8080);
+            let synack = reply_to(
+                &out,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
+            expect(
+                &mut lb,
+                ingress,
+                "SYN-ACK",
+                &synack,
+                XDP_TX,
+                &restored(&synack, &syn).frame(),
+            );
+        }
+        let late = Pkt::tcp("198.51.100.99", 40000, V4, 80, LB0_MAC);
+        let before = lb.counters();
+        let started = std::time::Instant::now();
+        let r = lb.run(&late.frame(), ingress);
+        assert_eq!(r.action, XDP_DROP, "all ten ports are held");
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatPortsExhausted), 1);
+        // Poll: the client retransmits its SYN until one gets through.
+        let deadline = started + idle + Duration::from_secs(5);
+        let r = loop {
+            let r = lb.run(&late.frame(), ingress);
+            if r.action == XDP_TX || std::time::Instant::now() > deadline {
+                break r;
+            }
+            sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            action_name(r.action),
+            "XDP_TX",
+            "no port freed within {:?} of an idle timeout of {idle:?}",
+            deadline - started
+        );
+        // The program's clock (CLOCK_MONOTONIC_COARSE) ticks once a jiffy (at most 10 ms).
+        assert!(
+            first.elapsed() + Duration::from_millis(10) >= idle,
+            "a port was freed {:?} after the first connection's last packet, before the idle timeout",
+            first.elapsed()
+        );
+        let port = sport_of(&r.output);
+        assert!((20000..=20009).contains(&port));
+        let out = translated(&late, port, TX_V4, 8080);
+        assert_eq!(hex(&r.output), hex(&out.frame()));
+        let synack = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "the port's replies go to the new client",
+            &synack,
+            XDP_TX,
+            &restored(&synack, &late).frame(),
+        );
+    });
+}
+
+#[test]
+fn port_search_at_90_percent_occupancy_fails_at_most_one_new_flow_in_a_thousand() {
+    const PORTS: u16 = 1000;
+    const NEW_FLOWS: u32 = 10_000;
+    let net = FibNet::new("nat-occ");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20000 + PORTS - 1, 10_000_000_000, 2_000_000_000);
+        let client = |i: u32| {
+            let a = format!("198.51.{}.{}", 100 + i / 60_000 % 2, i % 250 + 1);
+            Pkt::tcp(&a, 1024 + (i / 250 % 60_000) as u16, V4, 80, LB0_MAC)
+        };
+        // 90 % of the backend's ports held by live translations.
+        let live = PORTS as u32 * 9 / 10;
+        for i in 0..live {
+            let r = lb.run(&client(i).frame(), ingress);
+            assert_eq!(r.action, XDP_TX, "filling: flow {i}");
+        }
+        // New flows at that occupancy; each one's translation is removed again (one closes as
+        // one opens), so every new flow meets exactly 90 %.
+        let before = lb.counters();
+        let (mut failed, mut spent) = (0u32, Duration::ZERO);
+        for i in live..live + NEW_FLOWS {
+            let syn = client(i);
+            let r = lb.run(&syn.frame(), ingress);
+            spent += r.duration;
+            if r.action != XDP_TX {
+                failed += 1;
+                continue;
+            }
+            let rkey = reply_key(TX_V4, 8080, sport_of(&r.output), IPPROTO_TCP);
+            lb.remove_nat(&syn.flow_key(), &rkey);
+        }
+        assert_eq!(
+            delta(&mut lb, &before, Counter::DropNatPortsExhausted),
+            failed as u64,
+            "every failure is counted"
+        );
+        eprintln!(
+            "90 % occupancy: {failed} of {NEW_FLOWS} new flows failed; {:?} per new flow",
+            spent / NEW_FLOWS
+        );
+        assert!(
+            failed * 1000 <= NEW_FLOWS,
+            "{failed} of {NEW_FLOWS} new flows found no port at 90 % occupancy"
+        );
+    });
+}
+
+/// Waits until both racing threads reach `round` (spinning: each is pinned to its own CPU, and
+/// a futex wake-up would let them drift microseconds apart).
+fn rendezvous(arrived: &std::sync::atomic::AtomicU32, round: u32) {
+    use std::sync::atomic::Ordering;
+    arrived.fetch_add(1, Ordering::SeqCst);
+    while arrived.load(Ordering::SeqCst) < 2 * (round + 1) {
+        std::hint::spin_loop();
+    }
+}
+
+#[test]
+fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clients() {
+    const ROUNDS: u32 = 500;
+    const PORTS: u16 = 2;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "the race needs two CPUs, this machine has {cpus}"
+    );
+    let net = FibNet::new("nat-race");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: ROUNDS,
+            // One member per VIP (each round's VIP has the one backend).
+            max_backends: ROUNDS,
+            flow_entries: 8 * ROUNDS,
+            affinity_entries: 64,
+            nat_entries: 8 * ROUNDS,
+        });
+        lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
+        // Two ports, no close grace: a closed translation is free once the clock ticks.
+        lb.set_nat(20000, 20000 + PORTS - 1, 0, 2_000_000_000);
+        lb.set_backend_port(1, TX_V4, 0, true);
+        // Round r is a VIP port of its own, so its translations (towards backend port r) start
+        // afresh. Odd rounds find both ports held by closed translations, to be taken over.
+        let vip_port = |r: u32| 1000 + r as u16;
+        for r in 0..ROUNDS {
+            let vip = VipValue {
+                id: r,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: MODE_NAT,
+                table_size: 0,
+            };
+            lb.add_vip(vip_key(V4, vip_port(r), IPPROTO_TCP), vip);
+            lb.set_ring(r, |_| 1);
+            for k in 0..(r % 2) * 2 {
+                let old = Pkt::tcp(
+                    &format!("198.51.100.{}", 200 + k),
+                    999,
+                    V4,
+                    vip_port(r),
+                    LB0_MAC,
+                );
+                assert_eq!(
+                    lb.run(&old.frame(), ingress).action,
+                    XDP_TX,
+                    "round {r}: old flow"
+                );
+                let rst = old.with(|p| {
+                    p.l4 = L4::Tcp {
+                        flags: TCP_RST | TCP_ACK,
+                    }
+                });
+                assert_eq!(
+                    lb.run(&rst.frame(), ingress).action,
+                    XDP_TX,
+                    "round {r}: RST"
+                );
+            }
+        }
+        sleep(Duration::from_millis(20));
+        // Each thread, on its own CPU, sends two new clients' SYNs per round: four clients
+        // want the round's two ports at the same moment.
+        let client = |cpu: usize, k: usize, r: u32| {
+            Pkt::tcp(
+                &format!("198.51.100.{}", 10 + cpu * 2 + k),
+                2000,
+                V4,
+                vip_port(r),
+                LB0_MAC,
+            )
+        };
+        let arrived = std::sync::atomic::AtomicU32::new(0);
+        let prog = lb.xdp(lb_userspace::program::PROGRAM);
+        let got: Vec<Vec<(u32, Pkt, u16)>> = std::thread::scope(|sc| {
+            let racers: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (prog, arrived) = (&*prog, &arrived);
+                    sc.spawn(move || {
+                        lb_tests::harness::pin_to_cpu(cpu);
+                        let mut got = Vec::new();
+                        for r in 0..ROUNDS {
+                            rendezvous(arrived, r);
+                            for k in 0..2 {
+                                let syn = client(cpu, k, r);
+                                let run = lb_tests::harness::test_run(prog, &syn.frame(), ingress);
+                                if run.action == XDP_TX {
+                                    got.push((r, syn, sport_of(&run.output)));
+                                }
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|t| t.join().expect("racing thread"))
+                .collect()
+        });
+        let mut owner = std::collections::HashMap::new();
+        for (r, syn, port) in got.into_iter().flatten() {
+            if let Some(other) = owner.insert((r, port), syn.clone()) {
+                panic!(
+                    "round {r}: port {port} given to {} and {}",
+                    other.src, syn.src
+                );
+            }
+        }
+        assert_eq!(
+            owner.len(),
+            (ROUNDS * PORTS as u32) as usize,
+            "every port was taken"
+        );
+        // And each port's replies go to the client that got it.
+        for ((r, port), syn) in &owner {
+            let out = translated(syn, *port, TX_V4, vip_port(*r));
+            let ack = reply_to(
+                &out,
+                L4::Tcp {
+                    flags: TCP_SYN | TCP_ACK,
+                },
+            );
+            expect(
+                &mut lb,
+                ingress,
+                &format!("round {r} port {port}"),
+                &ack,
+                XDP_TX,
+                &restored(&ack, syn).frame(),
+            );
+        }
     });
 }
 
