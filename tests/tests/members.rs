@@ -107,8 +107,14 @@ impl Node {
 
     /// The backend the table the agent wrote gives `pkt` (5-tuple hash -> slot -> member).
     fn table_choice(&self, pkt: &Pkt) -> IpAddr {
-        let id = self.vip_id(&pkt.dst.to_string());
+        let k = pkt.flow_key();
         let s = self.agent.state();
+        let id = s
+            .vips
+            .iter()
+            .find(|(v, _)| v.addr == k.dst && v.port == k.dst_port && v.proto == k.proto)
+            .map(|(_, v)| v.id)
+            .expect("the packet's VIP");
         let slot = maglev_slot(flow_hash(&pkt.flow_key()), M);
         let member = s.rings[&id][slot as usize];
         let m = s.members[&member];
@@ -397,4 +403,114 @@ fn affinity_gives_a_new_connection_another_backend_once_its_backend_is_unhealthy
         B2,
         "the established connection moved"
     );
+}
+
+/// Where the program sent `pkt`, and what `lb explain` says of the same flow (as the maps are
+/// just before it is sent).
+fn explain_then_send(node: &mut Node, net: &FibNet, pkt: &Pkt, syn: bool) -> (String, IpAddr) {
+    let proto = if matches!(pkt.l4, L4::Udp) {
+        "udp"
+    } else {
+        "tcp"
+    };
+    let src = format!("{}:{}", pkt.src, pkt.sport);
+    let dst = format!("{}:{}", pkt.dst, pkt.dport);
+    let mut args = vec!["explain", src.as_str(), dst.as_str(), proto];
+    if syn {
+        args.push("--syn");
+    }
+    let e = node.dirs.json(&args);
+    let said = e["backend"].as_str().unwrap_or("none").to_string();
+    (said, node.send(net, pkt))
+}
+
+#[test]
+fn explain_agrees_with_the_program_on_idle_udp_flows_and_on_syns() {
+    let net = FibNet::new("m-explain");
+    let yaml = format!(
+        "node:\n  interfaces: [lb0]\n  source_v4: {NODE_V4}\n  table_size: {M}\n  max_vips: 8\n  max_backends: 8\n  udp_idle_timeout: 5s\nvips:\n  - address: {VIP_A}\n    port: 80\n    protocol: udp\n    backends:\n      - {{ address: {B1} }}\n      - {{ address: {B2} }}\n  - address: {VIP_A}\n    port: 80\n    protocol: tcp\n    backends:\n      - {{ address: {B1} }}\n      - {{ address: {B2} }}\n"
+    );
+    let mut node = Node::start("m-explain", Config::parse(&yaml, "test").unwrap());
+    let udp_id = node
+        .agent
+        .state()
+        .vips
+        .iter()
+        .find(|(k, _)| k.proto == 17)
+        .unwrap()
+        .1
+        .id;
+    let member_of = |node: &Node, vip: u32, b: &str| {
+        let b: IpAddr = b.parse().unwrap();
+        let s = node.agent.state();
+        let (id, m) = s
+            .members
+            .iter()
+            .find(|(_, m)| m.vip_id == vip && ip_of(&m.addr, m.family) == b)
+            .unwrap();
+        (*id, m.generation)
+    };
+    // A UDP flow pinned to the backend Maglev would not give it, then idle past the timeout.
+    let udp = Pkt::udp(CLIENT, 5353, VIP_A, 80, LB0_MAC);
+    let other = if node.table_choice(&udp).to_string() == B1 {
+        B2
+    } else {
+        B1
+    };
+    let (id, generation) = member_of(&node, udp_id, other);
+    let k = udp.flow_key();
+    let pinned = |last_seen_ns| lb_common::FlowValue {
+        member_id: id,
+        generation,
+        last_seen_ns,
+    };
+    node.lb
+        .set_flow(k, pinned(lb_userspace::inspect::monotonic_coarse_ns()));
+    let (said, went) = explain_then_send(&mut node, &net, &udp, false);
+    assert_eq!(
+        (said.as_str(), went.to_string().as_str()),
+        (other, other),
+        "fresh entry"
+    );
+    node.lb.set_flow(k, pinned(1));
+    let (said, went) = explain_then_send(&mut node, &net, &udp, false);
+    assert_eq!(
+        said,
+        went.to_string(),
+        "idle entry: explain and the program disagree"
+    );
+    assert_ne!(said, other, "the idle entry was followed");
+
+    // A SYN from a port whose entry names the other backend.
+    let tcp_id = node
+        .agent
+        .state()
+        .vips
+        .iter()
+        .find(|(k, _)| k.proto == 6)
+        .unwrap()
+        .1
+        .id;
+    let syn_pkt = Pkt::tcp(CLIENT, 40000, VIP_A, 80, LB0_MAC);
+    let other = if node.table_choice(&syn_pkt).to_string() == B1 {
+        B2
+    } else {
+        B1
+    };
+    let (id, generation) = member_of(&node, tcp_id, other);
+    node.lb.set_flow(
+        syn_pkt.flow_key(),
+        lb_common::FlowValue {
+            member_id: id,
+            generation,
+            last_seen_ns: 0,
+        },
+    );
+    let (said, went) = explain_then_send(&mut node, &net, &syn_pkt, true);
+    assert_eq!(
+        said,
+        went.to_string(),
+        "SYN: explain and the program disagree"
+    );
+    assert_ne!(said, other, "the SYN followed the entry");
 }
