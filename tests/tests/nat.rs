@@ -1193,3 +1193,69 @@ fn translated_packet_over_the_route_mtu_gets_fragmentation_needed_quoting_it_as_
         assert_eq!(delta(&mut lb, &before, Counter::IcmpTooBigSent), 1);
     });
 }
+
+#[test]
+fn a_refused_connection_also_frees_its_client_from_affinity() {
+    let net = FibNet::new("nat-affref");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // VIP 4: NAT with session affinity over B4_MAPPED and B4, alternating slots.
+        lb.add_vip(
+            vip_key(V4, 8001, IPPROTO_TCP),
+            VipValue {
+                id: 4,
+                flags: 0,
+                affinity_timeout_s: 300,
+                mode: MODE_NAT,
+                table_size: 0,
+            },
+        );
+        lb.set_ring(4, |s| if s % 2 == 0 { B4_MAPPED.0 } else { B4.0 });
+        let addr_of = |b: u32| if b == B4_MAPPED.0 { TX_V4 } else { TX_V4_B };
+        let table = |lb: &mut Lb, p: &Pkt| {
+            let m = lb.ring_backend(4, flow_hash(&p.flow_key()));
+            lb.backend_of(m)
+        };
+        let syn = Pkt::tcp(CLIENT4, 44000, V4, 8001, LB0_MAC);
+        let held = table(&mut lb, &syn);
+        let r = lb.run(&syn.frame(), ingress);
+        assert_eq!(action_name(r.action), action_name(XDP_TX));
+        let o = &r.output;
+        let to: IpAddr = Ipv4Addr::from(<[u8; 4]>::try_from(&o[30..34]).unwrap()).into();
+        assert_eq!(to.to_string(), addr_of(held));
+        let akey = lb_tests::harness::affinity_key(&syn, 4);
+        assert!(
+            lb.affinity(&akey).is_some(),
+            "the SYN made an affinity entry"
+        );
+
+        // The backend refuses it (RST to the node's NAT port).
+        let (nat_port, bport) = (sport_of(o), u16::from_be_bytes([o[36], o[37]]));
+        let rst = Pkt::tcp(addr_of(held), bport, NODE_V4, nat_port, LB0_MAC).with(|p| {
+            p.l4 = L4::Tcp {
+                flags: TCP_RST | TCP_ACK,
+            }
+        });
+        let before = lb.counters();
+        lb.run(&rst.frame(), ingress);
+        assert_eq!(delta(&mut lb, &before, Counter::NatRefused), 1);
+        assert!(
+            lb.affinity(&akey).is_none(),
+            "the refusal kept the client's affinity"
+        );
+
+        // The client's next connection goes where the table says, not back to the refuser.
+        let next = (44001..45000)
+            .map(|p| Pkt::tcp(CLIENT4, p, V4, 8001, LB0_MAC))
+            .find(|p| table(&mut lb, p) != held)
+            .unwrap();
+        let r = lb.run(&next.frame(), ingress);
+        let to: IpAddr = Ipv4Addr::from(<[u8; 4]>::try_from(&r.output[30..34]).unwrap()).into();
+        assert_ne!(
+            to.to_string(),
+            addr_of(held),
+            "the next connection went back to the refuser"
+        );
+    });
+}
