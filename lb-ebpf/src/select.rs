@@ -4,7 +4,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, Member, NO_BACKEND,
+    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, Member,
+    NO_BACKEND,
     VipValue,
     select::{
         AffinityCheck, FlowCheck, check_affinity, check_flow, maglev_hash, opens_connection,
@@ -79,7 +80,12 @@ pub fn select(
 fn follow_flow(key: &FlowKey, vip: &VipValue, udp_idle_timeout_ns: u64) -> Option<Choice> {
     let flow = unsafe { &mut *LB_FLOWS.get_ptr_mut(key)? };
     let m = member(flow.member_id);
-    let t = now();
+    // The clock only matters to UDP flows with an idle timeout: spare TCP the helper call.
+    let t = if key.proto == IPPROTO_UDP && udp_idle_timeout_ns != 0 {
+        now()
+    } else {
+        0
+    };
     match check_flow(flow, m, vip, key.proto, t, udp_idle_timeout_ns) {
         FlowCheck::Follow => {}
         FlowCheck::FollowAndRefresh => flow.last_seen_ns = t,

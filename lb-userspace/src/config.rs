@@ -181,6 +181,7 @@ pub struct RawNode {
     pub source_v6: Option<String>,
     pub table_size: Option<i64>,
     pub max_vips: Option<i64>,
+    /// Member ids: a backend counts once per VIP it serves.
     pub max_backends: Option<i64>,
     pub flow_table_size: Option<i64>,
     pub affinity_table_size: Option<i64>,
