@@ -144,7 +144,7 @@ fn ipv4(bytes: &[u8], layer: &mut Layer) -> Option<(usize, usize, Addrs)> {
         }
     };
     layer.proto = h.protocol().0;
-    if h.to_header().calc_header_checksum() != h.header_checksum() {
+    if !same_sum(h.to_header().calc_header_checksum(), h.header_checksum()) {
         layer.problems.push(Problem::Ipv4HeaderChecksum);
     }
     if layer.role == Role::Quoted {
@@ -264,7 +264,7 @@ fn tcp(seg: &[u8], addrs: Addrs, problems: &mut Vec<Problem>) {
         Addrs::V4(s, d) => h.calc_checksum_ipv4_raw(s, d, payload),
         Addrs::V6(s, d) => h.calc_checksum_ipv6_raw(s, d, payload),
     };
-    if want.ok() != Some(h.checksum()) {
+    if !want.is_ok_and(|w| same_sum(w, h.checksum())) {
         problems.push(Problem::Checksum("TCP"));
     }
 }
@@ -290,6 +290,13 @@ fn udp(seg: &[u8], addrs: Addrs, problems: &mut Vec<Problem>) {
     if want.ok() != Some(h.checksum()) {
         problems.push(Problem::Checksum("UDP"));
     }
+}
+
+/// Whether checksum field `got` verifies where etherparse computes `want`: equal, or the other
+/// one's-complement zero (0x0000 and 0xffff both verify at a receiver, and an incremental
+/// update may give either, RFC 1624 section 3). Not for UDP, where 0 means "no checksum".
+fn same_sum(want: u16, got: u16) -> bool {
+    want == got || matches!((want, got), (0, 0xffff) | (0xffff, 0))
 }
 
 /// A short description of a frame's packets, outermost first: `IPv4/IPIP > IPv4/TCP`.

@@ -7,10 +7,11 @@
 //! it changes and passes) must be well formed: lengths and checksums of every packet in it, as
 //! etherparse reads them ([`lb_tests::wellformed`]).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use etherparse::{
-    Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, icmpv4, icmpv6,
+    Icmpv4Type, Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice, UdpHeader,
+    icmpv4, icmpv6,
 };
 use lb_common::{
     Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, MODE_NAT, VIP_F_HASH_SRC_ONLY, VipValue,
@@ -276,38 +277,141 @@ fn icmp_to_vip_seeds() -> Vec<Vec<u8>> {
     out
 }
 
-/// The IP packet of a translated frame and its addresses and ports, as etherparse reads them.
-fn translated(frame: &[u8]) -> Option<(String, u16, String, u16, Vec<u8>)> {
+/// A translated packet as the program sent it: the node's address and NAT port, the backend's
+/// address and port, and the IP packet.
+struct Translation {
+    node: String,
+    nat_port: u16,
+    backend: String,
+    bport: u16,
+    ip: Vec<u8>,
+}
+
+/// What etherparse reads in a translated frame.
+fn translated(frame: &[u8]) -> Option<Translation> {
     let p = SlicedPacket::from_ethernet(frame).ok()?;
-    let (src, dst, ip) = match p.net? {
+    let off = wellformed::layers(frame).ok()?.first()?.offset;
+    let (node, backend, len) = match p.net? {
         NetSlice::Ipv4(ip) => {
             let h = ip.header();
-            let len = h.total_len() as usize;
-            let ip_bytes = h.slice().as_ptr() as usize - frame.as_ptr() as usize;
-            (
-                h.source_addr().to_string(),
-                h.destination_addr().to_string(),
-                frame[ip_bytes..ip_bytes + len].to_vec(),
-            )
+            let (s, d) = (h.source_addr(), h.destination_addr());
+            (s.to_string(), d.to_string(), h.total_len() as usize)
         }
         NetSlice::Ipv6(ip) => {
             let h = ip.header();
-            let len = 40 + h.payload_length() as usize;
-            let ip_bytes = h.slice().as_ptr() as usize - frame.as_ptr() as usize;
+            let (s, d) = (h.source_addr(), h.destination_addr());
             (
-                h.source_addr().to_string(),
-                h.destination_addr().to_string(),
-                frame[ip_bytes..ip_bytes + len].to_vec(),
+                s.to_string(),
+                d.to_string(),
+                40 + h.payload_length() as usize,
             )
         }
         _ => return None,
     };
-    let (sport, dport) = match p.transport? {
+    let (nat_port, bport) = match p.transport? {
         TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
         TransportSlice::Udp(u) => (u.source_port(), u.destination_port()),
         _ => return None,
     };
-    Some((src, sport, dst, dport, ip))
+    let ip = frame.get(off..off + len)?.to_vec();
+    Some(Translation {
+        node,
+        nat_port,
+        backend,
+        bport,
+        ip,
+    })
+}
+
+/// Frames to the node about translation `t` of `pkt`: the backend's reply, and ICMP errors
+/// quoting the translated packet (from the backend: port unreachable; from a router: frag
+/// needed or packet too big, time exceeded).
+fn to_node(pkt: &Pkt, t: &Translation) -> Vec<Vec<u8>> {
+    use icmpv4::DestUnreachableHeader as Du4;
+    let reply = Pkt::udp(&t.backend, t.bport, &t.node, t.nat_port, LB0_MAC).with(|p| {
+        p.eth_src = GW0_MAC;
+        if let L4::Tcp { .. } = pkt.l4 {
+            p.l4 = L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            };
+        }
+        p.payload = b"reply from the backend".to_vec();
+    });
+    let (b, n, ip) = (&t.backend, &t.node, &t.ip[..]);
+    if pkt.src.is_ipv4() {
+        let frag = Du4::FragmentationNeeded { next_hop_mtu: 1200 };
+        let ttl = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
+        vec![
+            reply.frame(),
+            icmp4(
+                b,
+                n,
+                Icmpv4Type::DestinationUnreachable(Du4::Port),
+                ip,
+                GW0_MAC,
+            ),
+            icmp4(
+                "10.0.0.2",
+                n,
+                Icmpv4Type::DestinationUnreachable(frag),
+                ip,
+                GW0_MAC,
+            ),
+            icmp4("10.0.0.2", n, ttl, ip, GW0_MAC),
+        ]
+    } else {
+        let port = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
+        let ttl = Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded);
+        let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+        vec![
+            reply.frame(),
+            icmp6(b, n, port, ip, GW0_MAC),
+            icmp6("fd00::2", n, too_big, ip, GW0_MAC),
+            icmp6("fd00::2", n, ttl, ip, GW0_MAC),
+        ]
+    }
+}
+
+/// `payload` and two more bytes, chosen so that a UDP datagram `src:sport` -> `dst:dport`
+/// carrying it has a computed checksum of zero (sent as 0xffff, RFC 768), by etherparse. With
+/// the word 0 the checksum is `c`; the word `c` (at an even offset) adds exactly what is missing.
+fn zero_sum_payload(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() % 2 == 0, "the word added must be aligned");
+    let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let h = UdpHeader::without_ipv4_checksum(sport, dport, payload.len() + 2).unwrap();
+    let sum = |p: &[u8]| match (s, d) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => h.calc_checksum_ipv4_raw(s.octets(), d.octets(), p),
+        (IpAddr::V6(s), IpAddr::V6(d)) => h.calc_checksum_ipv6_raw(s.octets(), d.octets(), p),
+        _ => panic!("mixed address families"),
+    };
+    let c = sum(&[payload, &[0, 0]].concat()).unwrap();
+    let out = [payload, &c.to_be_bytes()].concat();
+    assert_eq!(sum(&out).unwrap(), 0xffff, "no zero-sum payload found");
+    out
+}
+
+/// The UDP checksum field of a frame's packet, as etherparse reads it.
+fn udp_checksum(frame: &[u8]) -> Option<u16> {
+    match SlicedPacket::from_ethernet(frame).ok()?.transport? {
+        TransportSlice::Udp(u) => Some(u.checksum()),
+        _ => None,
+    }
+}
+
+/// For the UDP translation `t` of `pkt`: a packet of the same client flow whose translated
+/// checksum comes out zero, and a reply whose checksum translated back does. The program must
+/// send 0xffff (for IPv6, where 0 is no checksum and invalid), not 0.
+fn zero_sum(pkt: &Pkt, t: &Translation) -> Vec<Vec<u8>> {
+    let client = pkt.clone().with(|p| {
+        p.payload = zero_sum_payload(&t.node, t.nat_port, &t.backend, t.bport, &pkt.payload);
+    });
+    let (vip, client_addr) = (pkt.dst.to_string(), pkt.src.to_string());
+    let body = zero_sum_payload(&vip, pkt.dport, &client_addr, pkt.sport, b"a reply!");
+    let reply = Pkt::udp(&t.backend, t.bport, &t.node, t.nat_port, LB0_MAC).with(|p| {
+        p.eth_src = GW0_MAC;
+        p.payload = body;
+    });
+    vec![client.frame(), reply.frame()]
 }
 
 /// Runs frames, checks every outcome, and keeps count.
@@ -361,12 +465,12 @@ impl Fuzz {
         run
     }
 
-    /// Makes (or refreshes) the NAT translations and returns frames aimed at the node: each
-    /// backend's reply to its translated packet, and ICMP errors quoting that packet (from the
-    /// backend: port unreachable; from a router: frag needed or packet too big, time exceeded).
+    /// Makes (or refreshes) the NAT translations and returns frames aimed at the node (see
+    /// [`to_node`]), then UDP packets both ways whose translation's checksum comes out zero
+    /// (see [`zero_sum`]), which are run here too.
     fn node_seeds(&mut self) -> Vec<Vec<u8>> {
-        use icmpv4::DestUnreachableHeader as Du4;
         let mut out = Vec::new();
+        let mut edges = Vec::new();
         for pkt in nat_client_packets() {
             let run = self.run(&pkt.frame(), &|| {
                 format!("making a translation for {pkt:?}")
@@ -374,53 +478,30 @@ impl Fuzz {
             if run.action == XDP_DROP {
                 continue;
             }
-            let (node, nat_port, backend, bport, ip) =
-                translated(&run.output).unwrap_or_else(|| {
-                    panic!(
-                        "no translated packet for {pkt:?}:\n{}",
-                        hex_all(&run.output)
-                    )
-                });
-            let l4 = match pkt.l4 {
-                L4::Tcp { .. } => L4::Tcp {
-                    flags: TCP_SYN | TCP_ACK,
-                },
-                _ => L4::Udp,
-            };
-            let reply = Pkt::udp(&backend, bport, &node, nat_port, LB0_MAC).with(|p| {
-                p.eth_src = GW0_MAC;
-                p.l4 = l4;
-                p.payload = b"reply from the backend".to_vec();
+            let t = translated(&run.output).unwrap_or_else(|| {
+                panic!(
+                    "no translated packet for {pkt:?}:\n{}",
+                    hex_all(&run.output)
+                )
             });
-            out.push(reply.frame());
-            if pkt.src.is_ipv4() {
-                let frag = Icmpv4Type::DestinationUnreachable(Du4::FragmentationNeeded {
-                    next_hop_mtu: 1200,
-                });
-                let ttl = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
-                out.push(icmp4(
-                    &backend,
-                    &node,
-                    Icmpv4Type::DestinationUnreachable(Du4::Port),
-                    &ip,
-                    GW0_MAC,
-                ));
-                out.push(icmp4("10.0.0.2", &node, frag, &ip, GW0_MAC));
-                out.push(icmp4("10.0.0.2", &node, ttl, &ip, GW0_MAC));
-            } else {
-                let port = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
-                let ttl = Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded);
-                out.push(icmp6(&backend, &node, port, &ip, GW0_MAC));
-                out.push(icmp6(
-                    "fd00::2",
-                    &node,
-                    Icmpv6Type::PacketTooBig { mtu: 1280 },
-                    &ip,
-                    GW0_MAC,
-                ));
-                out.push(icmp6("fd00::2", &node, ttl, &ip, GW0_MAC));
+            out.extend(to_node(&pkt, &t));
+            if matches!(pkt.l4, L4::Udp) {
+                edges.extend(zero_sum(&pkt, &t));
             }
         }
+        for e in &edges {
+            let run = self.run(e, &|| "a UDP packet whose translation sums to zero".into());
+            if run.action != XDP_DROP {
+                assert_eq!(
+                    udp_checksum(&run.output),
+                    Some(0xffff),
+                    "a computed zero UDP checksum is sent as 0xffff (RFC 768)\ninput:\n{}\noutput:\n{}",
+                    hex_all(e),
+                    hex_all(&run.output)
+                );
+            }
+        }
+        out.extend(edges);
         out
     }
 
