@@ -376,7 +376,10 @@ fn to_node(pkt: &Pkt, t: &Translation) -> Vec<Vec<u8>> {
 /// carrying it has a computed checksum of zero (sent as 0xffff, RFC 768), by etherparse. With
 /// the word 0 the checksum is `c`; the word `c` (at an even offset) adds exactly what is missing.
 fn zero_sum_payload(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len().is_multiple_of(2), "the word added must be aligned");
+    assert!(
+        payload.len().is_multiple_of(2),
+        "the word added must be aligned"
+    );
     let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
     let h = UdpHeader::without_ipv4_checksum(sport, dport, payload.len() + 2).unwrap();
     let sum = |p: &[u8]| match (s, d) {
