@@ -76,7 +76,10 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                     family: job.key.family,
                     _pad: [0; 3],
                 },
+                l3_off: l3_off as usize,
+                ip_len: job.ip_len as usize,
                 l4_off: l4_off as usize,
+                tos: job.tos,
             };
             nat_icmp(ctx, &icmp, node);
             Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
@@ -114,7 +117,7 @@ fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let a: [u64; 2] = unsafe { core::mem::transmute(*a) };
     let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
     a[0] == b[0] && a[1] == b[1]
