@@ -581,6 +581,8 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp, node: &NodeConfig) -> Verdict {
     let Some((ty, code, quoted_l4)) = icmp::quote(ctx, v4, icmp.l4_off, end, &mut rkey) else {
         return pass;
     };
+    // By reference: a copy of the key would take stack `lb_nat` does not have to spare.
+    #[allow(clippy::needless_borrows_for_generic_args)]
     let Some(r) = LB_NAT_REV.get_ptr_mut(&rkey) else {
         return pass;
     };
