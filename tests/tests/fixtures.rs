@@ -1052,6 +1052,7 @@ fn icmp_error_about_a_dsr_flow_without_an_entry_goes_to_the_maglev_choice_of_the
 
 #[test]
 fn icmp_errors_quoting_no_dsr_vip_flow_pass_untouched() {
+    const NAT_VIP: &str = "192.0.2.21";
     use packet::IcmpError::*;
     let net = FibNet::new("icmp-pass");
     let ingress = net.lb0;
@@ -1087,12 +1088,30 @@ fn icmp_errors_quoting_no_dsr_vip_flow_pass_untouched() {
             aimed_elsewhere,
         ),
         (
+            "quoting a NAT VIP's packet",
+            error_about(
+                FragNeeded(1400),
+                &from_backend(NAT_VIP, 80, CLIENT4, 40000, false),
+            ),
+        ),
+        (
             "port unreachable quoting a VIP -> client packet of a protocol the VIP does not serve",
             error_about(PortUnreachable, &from_backend(V4, 80, CLIENT4, 40000, true)),
         ),
     ];
     net.ns.run(|| {
         let mut lb = setup(&net);
+        lb.add_vip(
+            vip_key(NAT_VIP, 80, IPPROTO_TCP),
+            VipValue {
+                id: 20,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: lb_common::MODE_NAT,
+                table_size: 0,
+            },
+        );
+        lb.set_ring(20, |_| 1);
         for (desc, frame) in cases {
             let delta = check(
                 &mut lb,
