@@ -7,7 +7,8 @@
 //! reverse entry is what makes a NAT port taken, so ports are unique per backend address and
 //! port. Checksums are updated incrementally (RFC 1624); an IPv4 UDP checksum of zero ("none")
 //! stays zero. The reply path also sees how backends answer connection attempts, which feeds
-//! passive health (`LB_MEMBER_PASSIVE`).
+//! passive health (`LB_MEMBER_PASSIVE`). ICMP errors about a translated packet are read for
+//! passive health too, and translated back to its client ([`nat_icmp`]).
 
 use core::{
     ffi::c_void,
