@@ -1328,3 +1328,45 @@ fn icmp_error_about_no_live_translation_passes_untouched() {
         assert_eq!(delta(&mut lb, &before, Counter::NatIcmpReverse), 0);
     });
 }
+
+#[test]
+fn time_exceeded_about_translated_udp_reaches_the_client_translated_back() {
+    let net = FibNet::new("nat-icmp-udp");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let cases = [
+            (
+                "IPv4 UDP",
+                Pkt::udp(CLIENT4, 45000, V4, 53, LB0_MAC),
+                TX_V4_B,
+                "10.1.255.254",
+            ),
+            (
+                "IPv4 UDP without checksum (zero stays zero)",
+                Pkt::udp(CLIENT4, 45001, V4, 53, LB0_MAC).with(|p| p.udp_checksum = false),
+                TX_V4_B,
+                "10.1.255.254",
+            ),
+            (
+                "IPv6 UDP",
+                Pkt::udp(CLIENT6, 45000, V6, 53, LB0_MAC),
+                TX_V6_B,
+                "fd01::fe",
+            ),
+        ];
+        for (desc, dgram, backend, router) in cases {
+            let port = first_port(&mut lb, &dgram);
+            let out = translated(&dgram, port, backend, 53);
+            expect(&mut lb, ingress, desc, &dgram, XDP_TX, &out.frame());
+            let kind = IcmpError::TimeExceeded;
+            let back = icmp_restored(kind, &dgram, &out);
+            let r = lb.run(&icmp_error(kind, router, &out), ingress);
+            assert_eq!(
+                (action_name(r.action), hex(&r.output)),
+                (action_name(XDP_TX), hex(&back)),
+                "{desc}: translated back for the client"
+            );
+        }
+    });
+}
