@@ -49,11 +49,18 @@ pub const NAT_PROGRAM: &str = "lb_nat";
 pub const TOO_BIG_PROG_INDEX: u32 = 1;
 /// Name of the ICMP too big program in the object.
 pub const TOO_BIG_PROGRAM: &str = "lb_too_big";
+/// Index of `lb_icmp` in [`PROGS`]: it forwards ICMP errors aimed at a DSR VIP to the backend
+/// of the flow they quote.
+pub const ICMP_PROG_INDEX: u32 = 2;
+/// Name of the ICMP error program in the object.
+pub const ICMP_PROGRAM: &str = "lb_icmp";
 /// Tail-call slots in [`PROGS`].
-pub const PROG_SLOTS: u32 = 2;
+pub const PROG_SLOTS: u32 = 3;
 /// Per-CPU [`crate::TooBigJob`] passed to `lb_too_big` by `lb` and `lb_nat`. Pinned, like
 /// [`NAT_JOB`].
 pub const TOO_BIG_JOB: &str = "LB_TOO_BIG_JOB";
+/// Per-CPU [`crate::IcmpJob`] passed from `lb` to `lb_icmp`. Pinned, like [`NAT_JOB`].
+pub const ICMP_JOB: &str = "LB_ICMP_JOB";
 /// Egress interfaces for `XDP_REDIRECT`: ifindex -> ifindex (devmap hash).
 pub const TX_PORTS: &str = "LB_TX_PORTS";
 
@@ -91,6 +98,7 @@ pub const ALL: &[&str] = &[
     PROGS,
     NAT_JOB,
     TOO_BIG_JOB,
+    ICMP_JOB,
     TX_PORTS,
     META,
 ];

@@ -139,6 +139,13 @@ counters! {
     /// NAT mode: an ICMP fragmentation needed (IPv4) or packet too big (IPv6) about a translated
     /// packet: the path to the backend has a smaller MTU. Not a failed connection attempt.
     NatFragNeeded = "nat_frag_needed", false;
+    /// An ICMP error aimed at a DSR VIP (destination unreachable, fragmentation needed / packet
+    /// too big, time exceeded), quoting a packet a backend sent for one of its flows: sent on,
+    /// encapsulated, to that flow's member (the verdict says how it left).
+    IcmpForwarded = "icmp_forwarded", false;
+    /// NAT mode: an ICMP error about a translated packet, translated back (the quote as the
+    /// client sent it) and sent on to the client (the verdict says how it left).
+    NatIcmpReverse = "nat_icmp_reverse", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.

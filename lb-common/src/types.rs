@@ -352,6 +352,22 @@ pub struct TooBigJob {
     pub _pad: u32,
 }
 
+/// What `lb_icmp` reads: an ICMP (IPv4) or ICMPv6 message to address `dst` (a VIP's), its IP
+/// header at `l3_off` (`ip_len` bytes by that header), the ICMP header at `l4_off`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IcmpJob {
+    /// Network byte order; IPv4 in the first four bytes.
+    pub dst: [u8; 16],
+    pub family: u8,
+    /// IPv4 TOS or IPv6 traffic class of the message.
+    pub tos: u8,
+    pub l3_off: u16,
+    pub l4_off: u16,
+    pub _pad: u16,
+    pub ip_len: u32,
+}
+
 /// A token bucket (one per CPU): `tokens` left as of `last_ns` (`bpf_ktime_get_ns`); one comes
 /// back every `1 s / rate`, up to the burst. All zeroes is a full bucket (long idle).
 #[repr(C)]
@@ -381,7 +397,7 @@ pub struct LayoutMeta {
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -405,6 +421,7 @@ assert_size!(
     LayoutMeta => 32,
     RateBucket => 16,
     TooBigJob => 56,
+    IcmpJob => 28,
 );
 
 impl VipKey {
@@ -456,4 +473,5 @@ mod pod {
     unsafe impl aya::Pod for crate::TrafficStats {}
     unsafe impl aya::Pod for RateBucket {}
     unsafe impl aya::Pod for TooBigJob {}
+    unsafe impl aya::Pod for IcmpJob {}
 }

@@ -15,6 +15,8 @@ mod decap;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -36,9 +38,10 @@ mod program {
         programs::XdpContext,
     };
     use lb_common::{
-        AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, LayoutMeta, MODE_NAT, Member,
-        NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NodeConfig,
-        PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, maps::*,
+        AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
+        Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
+        NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue,
+        maps::*,
     };
 
     use crate::{
@@ -97,6 +100,8 @@ mod program {
     #[map]
     pub static LB_TOO_BIG_JOB: PerCpuArray<TooBigJob> = PerCpuArray::with_max_entries(1, 0);
     #[map]
+    pub static LB_ICMP_JOB: PerCpuArray<IcmpJob> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
     pub static LB_ICMP_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
@@ -144,6 +149,13 @@ mod program {
     #[xdp]
     pub fn lb_too_big(ctx: XdpContext) -> u32 {
         finish(crate::too_big::run(&ctx))
+    }
+
+    /// Sends an ICMP error aimed at a DSR VIP on to the backend of the flow it quotes (see
+    /// [`crate::icmp`]): `lb` tail-calls it with an [`IcmpJob`] in `LB_ICMP_JOB`.
+    #[xdp]
+    pub fn lb_icmp(ctx: XdpContext) -> u32 {
+        finish(crate::icmp::run(&ctx))
     }
 
     /// Hands the packet to `lb_nat`; returns only if that program is not installed.
@@ -236,10 +248,16 @@ mod program {
                         NatJob {
                             key,
                             kind: NAT_JOB_ICMP,
+                            tos: icmp.tos,
+                            l3_off: icmp.l3_off as u16,
                             l4_off: icmp.l4_off as u16,
+                            ip_len: icmp.ip_len as u32,
                             ..Default::default()
                         },
                     );
+                } else if unsafe { LB_VIP_ADDRS.get(icmp.dst) }.is_some() {
+                    // Perhaps about a DSR flow: one lookup, for ICMP to VIP addresses only.
+                    crate::icmp::hand_over(ctx, &icmp);
                 }
                 return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
             }

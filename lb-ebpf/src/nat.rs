@@ -7,7 +7,8 @@
 //! reverse entry is what makes a NAT port taken, so ports are unique per backend address and
 //! port. Checksums are updated incrementally (RFC 1624); an IPv4 UDP checksum of zero ("none")
 //! stays zero. The reply path also sees how backends answer connection attempts, which feeds
-//! passive health (`LB_MEMBER_PASSIVE`).
+//! passive health (`LB_MEMBER_PASSIVE`). ICMP errors about a translated packet are read for
+//! passive health too, and translated back to its client ([`nat_icmp`]).
 
 use core::{
     ffi::c_void,
@@ -35,6 +36,7 @@ use crate::{
     LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
     count,
     forward::{Verdict, fib_params, lookup, node_addr, send},
+    icmp,
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
     too_big,
 };
@@ -45,6 +47,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// `bpf_map_update_elem` flags.
 const NOEXIST: u64 = BPF_NOEXIST as u64;
@@ -76,10 +80,12 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                     family: job.key.family,
                     _pad: [0; 3],
                 },
+                l3_off: l3_off as usize,
+                ip_len: job.ip_len as usize,
                 l4_off: l4_off as usize,
+                tos: job.tos,
             };
-            nat_icmp(ctx, &icmp, node);
-            Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
+            nat_icmp(ctx, &icmp, node)
         }
         kind => {
             let pkt = Packet {
@@ -114,7 +120,7 @@ fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
 }
 
 #[inline(always)]
-fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let a: [u64; 2] = unsafe { core::mem::transmute(*a) };
     let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
     a[0] == b[0] && a[1] == b[1]
@@ -538,95 +544,206 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
 }
 
 /// What an ICMP error to the node says about a translated packet.
-#[derive(PartialEq, Eq)]
 enum IcmpError {
     /// Destination unreachable: the backend (or the way to it) turned the attempt away.
     Unreachable,
     /// IPv4 fragmentation needed (type 3 code 4) or ICMPv6 packet too big: the path's MTU is
     /// smaller than the packet. Nothing wrong with the backend.
     FragNeeded,
+    /// Time exceeded: nothing about the backend either.
+    TimeExceeded,
 }
 
-/// The kind of an ICMP (`v4`) or ICMPv6 error from its type and code, if NAT reads it.
+/// The kind of an ICMP (`v4`) or ICMPv6 error (one [`icmp::quote`] reads) from its type and
+/// code.
 #[inline(always)]
-fn icmp_error(v4: bool, ty: u8, code: u8) -> Option<IcmpError> {
+fn icmp_error(v4: bool, ty: u8, code: u8) -> IcmpError {
     match (v4, ty, code) {
         (true, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) | (false, ICMPV6_PKT_TOOBIG, _) => {
-            Some(IcmpError::FragNeeded)
+            IcmpError::FragNeeded
         }
-        (true, ICMP_DEST_UNREACH, _) | (false, ICMPV6_DEST_UNREACH, _) => {
-            Some(IcmpError::Unreachable)
-        }
-        _ => None,
+        (true, ICMP_DEST_UNREACH, _) | (false, ICMPV6_DEST_UNREACH, _) => IcmpError::Unreachable,
+        _ => IcmpError::TimeExceeded,
     }
 }
 
-/// Reads an ICMP error sent to the node about a translated packet: destination unreachable
-/// counts against the backend if it answers a connection attempt; fragmentation needed / packet
-/// too big is counted on its own (`nat_frag_needed`). The message itself passes to the kernel
-/// untouched.
+/// Reads an ICMP error sent to the node about a translated packet (RFC 5508 section 4): where
+/// the translation is live, destination unreachable counts against the backend if it answers a
+/// connection attempt, fragmentation needed / packet too big is counted on its own
+/// (`nat_frag_needed`), and the error is translated back and sent to the client
+/// ([`icmp_back`]). Anything else passes to the kernel untouched.
 #[inline(always)]
-fn nat_icmp(ctx: &XdpContext, icmp: &Icmp, node: &NodeConfig) {
-    let Some(h) = ptr_at::<[u8; 8]>(ctx, icmp.l4_off) else {
-        return;
+fn nat_icmp(ctx: &XdpContext, icmp: &Icmp, node: &NodeConfig) -> Verdict {
+    let pass = Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
+    let v4 = icmp.dst.family == FAMILY_V4;
+    let end = icmp.l3_off + icmp.ip_len;
+    // The quoted packet went node -> backend; `rkey` becomes its reply's key.
+    let mut rkey = FlowKey::default();
+    let Some((ty, code, quoted_l4)) = icmp::quote(ctx, v4, icmp.l4_off, end, &mut rkey) else {
+        return pass;
     };
-    let (ty, code) = unsafe { ((*h)[0], (*h)[1]) };
-    let Some(error) = icmp_error(icmp.dst.family == FAMILY_V4, ty, code) else {
-        return;
-    };
-    let inner = icmp.l4_off + 8;
-    let (src, dst, proto, l4) = if icmp.dst.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else {
-            return;
-        };
-        let ip = unsafe { &*ip };
-        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-        if ihl < Ipv4Hdr::LEN {
-            return;
-        }
-        let s = ip.src_addr;
-        let d = ip.dst_addr;
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src[..4].copy_from_slice(&s);
-        dst[..4].copy_from_slice(&d);
-        (src, dst, ip.proto, inner + ihl)
-    } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else {
-            return;
-        };
-        let ip = unsafe { &*ip };
-        (ip.src_addr, ip.dst_addr, ip.next_hdr, inner + Ipv6Hdr::LEN)
-    };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return;
-    }
-    let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4) else {
-        return;
-    };
-    let ports = unsafe { *ports };
-    // The quoted packet went node -> backend; its reply's key is the other way round.
-    let rkey = FlowKey {
-        src: dst,
-        dst: src,
-        src_port: u16::from_ne_bytes([ports[2], ports[3]]),
-        dst_port: u16::from_ne_bytes([ports[0], ports[1]]),
-        proto,
-        family: icmp.dst.family,
-        _pad: [0; 2],
-    };
-    let Some(r) = LB_NAT_REV.get_ptr_mut(rkey) else {
-        return;
+    // By reference: a copy of the key would take stack `lb_nat` does not have to spare.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let Some(r) = LB_NAT_REV.get_ptr_mut(&rkey) else {
+        return pass;
     };
     let r = unsafe { &mut *r };
-    if r.expired(proto, now(), node) {
-        return;
+    if r.expired(rkey.proto, now(), node) {
+        return pass;
     }
-    if error == IcmpError::FragNeeded {
-        count(Counter::NatFragNeeded);
+    match icmp_error(v4, ty, code) {
+        IcmpError::FragNeeded => count(Counter::NatFragNeeded),
+        IcmpError::Unreachable => refused(r, Signal::Unreachable),
+        IcmpError::TimeExceeded => {}
+    }
+    let client = r.client;
+    icmp_back(ctx, icmp, quoted_l4, &client)
+}
+
+/// Translates the ICMP error `icmp` about a packet of `client`'s flow back for the client and
+/// routes it there: the outer header goes VIP -> client (TTL / hop limit one less), the quote
+/// becomes the packet as the client sent it (client -> VIP: addresses, ports, the quoted IPv4
+/// header checksum and the quoted TCP / UDP checksum if quoted), the ICMP checksum follows; the
+/// rest (a next-hop MTU included) stays as the router wrote it.
+#[inline(always)]
+fn icmp_back(ctx: &XdpContext, icmp: &Icmp, quoted_l4: usize, client: &FlowKey) -> Verdict {
+    let bad = Verdict::new(Counter::DropMalformed, xdp_action::XDP_DROP);
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return bad;
+    };
+    let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let v4 = client.family == FAMILY_V4;
+    let (vip, to) = (&client.dst, &client.src);
+    let ingress = ctx.ingress_ifindex() as u32;
+    let proto = if v4 { IPPROTO_ICMP } else { IPPROTO_ICMPV6 };
+    let mut fib = fib_params(ingress, v4, vip, to, icmp.tos, proto, icmp.ip_len as u16);
+    let rc = lookup(ctx, &mut fib);
+    // The TTL (IPv4, bytes 8-9 with the protocol) or the hop limit (IPv6, 6-7 with next header).
+    let Some(ttl) = ptr_at::<[u8; 2]>(ctx, icmp.l3_off + if v4 { 8 } else { 6 }) else {
+        return bad;
+    };
+    if unsafe { (*ttl)[if v4 { 0 } else { 1 }] } <= 1 {
+        return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
+    }
+    let end = icmp.l3_off + icmp.ip_len;
+    let inner = icmp.l4_off + icmp::ICMP_HDR_LEN;
+    let Some(mut acc) = untranslate_quote(ctx, inner, quoted_l4, end, client) else {
+        return bad;
+    };
+    if v4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, icmp.l3_off) else {
+            return bad;
+        };
+        let ip = unsafe { &mut *ip };
+        let s = [vip[0], vip[1], vip[2], vip[3]];
+        let d = [to[0], to[1], to[2], to[3]];
+        let addrs = diff(&ip.dst_addr, &d, diff(&ip.src_addr, &s, 0));
+        ip.check = csum::ipv4_check(ip.check, addrs, ip.ttl, ip.proto);
+        ip.ttl -= 1;
+        ip.src_addr = s;
+        ip.dst_addr = d;
     } else {
-        refused(r, Signal::Unreachable);
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, icmp.l3_off) else {
+            return bad;
+        };
+        let ip = unsafe { &mut *ip };
+        // ICMPv6 sums a pseudo-header with the addresses (RFC 4443 2.3).
+        acc = diff(&ip.dst_addr, to, diff(&ip.src_addr, vip, acc));
+        ip.hop_limit -= 1;
+        ip.src_addr = *vip;
+        ip.dst_addr = *to;
     }
+    let Some(c) = ptr_at::<[u8; 2]>(ctx, icmp.l4_off + 2) else {
+        return bad;
+    };
+    unsafe { *c = csum::updated(*c, acc) };
+    count(Counter::NatIcmpReverse);
+    if !untag(ctx, icmp.l3_off, rx_dst, rx_src) {
+        return bad;
+    }
+    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
+}
+
+/// A checksum field as four bytes, for [`diff`].
+#[inline(always)]
+fn word(c: [u8; 2]) -> [u8; 4] {
+    [c[0], c[1], 0, 0]
+}
+
+/// Turns the quoted packet at `inner` (TCP or UDP header at `l4`, quote ending at `end`) back
+/// into the packet of `client`'s flow as the client sent it. Returns the sum of the changes,
+/// for the ICMP checksum.
+#[inline(always)]
+fn untranslate_quote(
+    ctx: &XdpContext,
+    inner: usize,
+    l4: usize,
+    end: usize,
+    client: &FlowKey,
+) -> Option<u32> {
+    let v4 = client.family == FAMILY_V4;
+    // `addrs`: the change to the quoted packet's pseudo-header; `acc`: to the ICMP payload.
+    let (addrs, mut acc);
+    if v4 {
+        let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, inner)? };
+        let s = [client.src[0], client.src[1], client.src[2], client.src[3]];
+        let d = [client.dst[0], client.dst[1], client.dst[2], client.dst[3]];
+        addrs = diff(&ip.dst_addr, &d, diff(&ip.src_addr, &s, 0));
+        let old = ip.check;
+        ip.check = csum::updated(old, addrs);
+        acc = diff(&word(old), &word(ip.check), addrs);
+        ip.src_addr = s;
+        ip.dst_addr = d;
+    } else {
+        let ip = unsafe { &mut *ptr_at::<Ipv6Hdr>(ctx, inner)? };
+        addrs = diff(
+            &ip.dst_addr,
+            &client.dst,
+            diff(&ip.src_addr, &client.src, 0),
+        );
+        acc = addrs;
+        ip.src_addr = client.src;
+        ip.dst_addr = client.dst;
+    }
+    let p = ptr_at::<[u8; 4]>(ctx, l4)?;
+    let new_ports = ports(client.src_port, client.dst_port);
+    let l4_change = diff(p, &new_ports, addrs);
+    acc = diff(p, &new_ports, acc);
+    unsafe { *p = new_ports };
+    let udp = client.proto == IPPROTO_UDP;
+    let off = l4 + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
+    // A router may quote only 8 bytes of TCP (RFC 792): then there is no checksum to fix.
+    if off + 2 <= end {
+        let c = unsafe { &mut *ptr_at::<[u8; 2]>(ctx, off)? };
+        let old = *c;
+        // An IPv4 UDP checksum of zero (none) stays zero; a computed zero is all ones.
+        if !(v4 && udp && old == [0, 0]) {
+            let v = csum::updated(old, l4_change);
+            *c = if udp && v == [0, 0] { [0xff, 0xff] } else { v };
+            acc = diff(&word(old), &word(*c), acc);
+        }
+    }
+    Some(acc)
+}
+
+/// Drops the VLAN tag, if any (the IP header is at `l3_off`), keeping the MAC addresses.
+#[inline(always)]
+fn untag(ctx: &XdpContext, l3_off: usize, rx_dst: [u8; 6], rx_src: [u8; 6]) -> bool {
+    if l3_off == EthHdr::LEN {
+        return true;
+    }
+    // The inner EtherType ends up right behind the MAC addresses.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (l3_off - EthHdr::LEN) as i32) } != 0 {
+        return false;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    unsafe {
+        (*eth).dst_addr = rx_dst;
+        (*eth).src_addr = rx_src;
+    }
+    true
 }
 
 /// The one's-complement change from `old` to `new` (`N` a multiple of 4), added to `seed`
@@ -735,18 +852,8 @@ fn rewrite_and_route(
         }
     }
 
-    if pkt.l3_off != EthHdr::LEN {
-        // Drop the VLAN tag: the inner EtherType ends up right behind the MAC addresses.
-        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (pkt.l3_off - EthHdr::LEN) as i32) } != 0 {
-            return bad;
-        }
-        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return bad;
-        };
-        unsafe {
-            (*eth).dst_addr = rx_dst;
-            (*eth).src_addr = rx_src;
-        }
+    if !untag(ctx, pkt.l3_off, rx_dst, rx_src) {
+        return bad;
     }
     send(ctx, &fib, rc, ingress, rx_dst, rx_src)
 }

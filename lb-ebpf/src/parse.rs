@@ -65,10 +65,15 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
-/// An ICMP (IPv4) or ICMPv6 (IPv6) message: NAT mode reads the errors backends send.
+/// An ICMP (IPv4) or ICMPv6 (IPv6) message: errors about a VIP's flows are sent on to their
+/// backend (DSR) or translated back to their client (NAT).
 pub struct Icmp {
     pub dst: VipAddr,
+    pub l3_off: usize,
+    /// Length of the IP packet by its own header.
+    pub ip_len: usize,
     pub l4_off: usize,
+    pub tos: u8,
 }
 
 pub enum Parsed {
@@ -279,9 +284,16 @@ fn parse_l4(
             key.src_port = u16::from_ne_bytes(udp.src);
             key.dst_port = u16::from_ne_bytes(udp.dst);
         }
-        IPPROTO_ICMP if key.family == FAMILY_V4 => return Parsed::Icmp(Icmp { dst, l4_off }),
-        IPPROTO_ICMPV6 if key.family == FAMILY_V6 => {
-            return Parsed::Icmp(Icmp { dst, l4_off });
+        IPPROTO_ICMP | IPPROTO_ICMPV6
+            if (key.proto == IPPROTO_ICMP) == (key.family == FAMILY_V4) =>
+        {
+            return Parsed::Icmp(Icmp {
+                dst,
+                l3_off,
+                ip_len,
+                l4_off,
+                tos,
+            });
         }
         _ => return Parsed::NotForUs,
     }

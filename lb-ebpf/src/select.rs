@@ -5,8 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, Member,
-    NO_BACKEND,
-    VipValue,
+    NO_BACKEND, VipValue,
     select::{
         AffinityCheck, FlowCheck, check_affinity, check_flow, maglev_hash, opens_connection,
         ring_index, ring_member_ok,

@@ -247,6 +247,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     prog.load().map_err(LoadError::Verify)?;
     install_tail_call(&mut ebpf, maps::NAT_PROGRAM, maps::NAT_PROG_INDEX)?;
     install_tail_call(&mut ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
+    install_tail_call(&mut ebpf, maps::ICMP_PROGRAM, maps::ICMP_PROG_INDEX)?;
     Ok(ebpf)
 }
 

@@ -603,6 +603,43 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Sends `bytes` bytes from client address `c` to an echo server at `vip` and reads them
+    /// back, 16 KB at a time (so the backend sends full-size segments towards the client).
+    /// Returns the backend's name; an error if a read stalls for 3 s, the connection fails, or it
+    /// all takes longer than `within`.
+    pub fn echo_through(
+        &self,
+        c: IpAddr,
+        vip: SocketAddr,
+        bytes: usize,
+        within: Duration,
+    ) -> Result<String, String> {
+        self.client.run(|| {
+            let start = Instant::now();
+            let s = open(c, vip).map_err(|e| format!("connect: {}", e.kind()))?;
+            let mut r = BufReader::new(&s);
+            let mut name = String::new();
+            r.read_line(&mut name)
+                .map_err(|e| format!("reading the name: {}", e.kind()))?;
+            let chunk = vec![0x33u8; 16 << 10];
+            let mut back = vec![0u8; chunk.len()];
+            let mut done = 0;
+            while done < bytes {
+                if start.elapsed() > within {
+                    return Err(format!("{done} of {bytes} bytes echoed after {within:?}"));
+                }
+                (&s).write_all(&chunk)
+                    .map_err(|e| format!("write after {done} bytes: {}", e.kind()))?;
+                r.read_exact(&mut back)
+                    .map_err(|e| format!("read after {done} bytes: {}", e.kind()))?;
+                done += chunk.len();
+            }
+            Ok(name.trim().to_string())
+        })
+    }
+}
+
 impl Default for Lab {
     fn default() -> Self {
         Self::new()

@@ -308,8 +308,31 @@ pub fn encapsulated(
     outer_src: IpAddr,
     backend: IpAddr,
 ) -> Vec<u8> {
-    let inner = pkt.ip_bytes();
-    let inner_proto = if pkt.src.is_ipv4() { 4 } else { 41 };
+    let mut out = encapsulated_ip(
+        &pkt.ip_bytes(),
+        pkt.tos,
+        &pkt.flow_key(),
+        eth_dst,
+        eth_src,
+        outer_src,
+        backend,
+    );
+    out.extend_from_slice(&pkt.trailer);
+    out
+}
+
+/// [`encapsulated`] for any IP packet `inner` (traffic class `tos`) of flow `key` (which gives
+/// the IPv6 flow label).
+pub fn encapsulated_ip(
+    inner: &[u8],
+    tos: u8,
+    key: &FlowKey,
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    outer_src: IpAddr,
+    backend: IpAddr,
+) -> Vec<u8> {
+    let inner_proto = if inner[0] >> 4 == 4 { 4 } else { 41 };
     let mut out = Vec::new();
     out.extend_from_slice(&eth_dst);
     out.extend_from_slice(&eth_src);
@@ -326,16 +349,16 @@ pub fn encapsulated(
             .unwrap();
             h.dont_fragment = true;
             h.identification = 0;
-            h.dscp = IpDscp::try_new(pkt.tos >> 2).unwrap();
-            h.ecn = IpEcn::try_new(pkt.tos & 3).unwrap();
+            h.dscp = IpDscp::try_new(tos >> 2).unwrap();
+            h.ecn = IpEcn::try_new(tos & 3).unwrap();
             h.header_checksum = h.calc_header_checksum();
             out.extend_from_slice(&h.to_bytes());
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             out.extend_from_slice(&0x86ddu16.to_be_bytes());
-            let label = lb_common::flow_hash(&pkt.flow_key()) & 0xf_ffff;
+            let label = lb_common::flow_hash(key) & 0xf_ffff;
             let h = Ipv6Header {
-                traffic_class: pkt.tos,
+                traffic_class: tos,
                 flow_label: Ipv6FlowLabel::try_new(label).unwrap(),
                 payload_length: inner.len() as u16,
                 next_header: IpNumber(inner_proto),
@@ -347,8 +370,95 @@ pub fn encapsulated(
         }
         _ => panic!("outer source and backend of different families"),
     }
-    out.extend_from_slice(&inner);
-    out.extend_from_slice(&pkt.trailer);
+    out.extend_from_slice(inner);
+    out
+}
+
+/// An ICMP error kind, for [`icmp_error`].
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpError {
+    /// IPv4 destination unreachable, fragmentation needed, with this next-hop MTU.
+    FragNeeded(u16),
+    /// ICMPv6 packet too big with this MTU.
+    PacketTooBig(u32),
+    /// Time exceeded in transit (IPv4 or IPv6).
+    TimeExceeded,
+    /// Port unreachable (IPv4 or IPv6).
+    PortUnreachable,
+}
+
+/// The frame of an ICMP (IPv4) or ICMPv6 error `kind` from `from` to `to` quoting `quote`,
+/// with TTL / hop limit `ttl`, DF and identification 0, traffic class 0. Built, checksums
+/// included, by etherparse.
+pub fn icmp_error(
+    kind: IcmpError,
+    from: IpAddr,
+    to: IpAddr,
+    ttl: u8,
+    quote: &[u8],
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+) -> Vec<u8> {
+    use etherparse::{
+        Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder,
+        icmpv4::{self, DestUnreachableHeader},
+        icmpv6::{self, DestUnreachableCode},
+    };
+    let builder = PacketBuilder::ethernet2(eth_src, eth_dst);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            let mut h =
+                Ipv4Header::new(0, ttl, IpNumber::ICMP, from.octets(), to.octets()).unwrap();
+            h.dont_fragment = true;
+            h.identification = 0;
+            let ty =
+                match kind {
+                    IcmpError::FragNeeded(next_hop_mtu) => Icmpv4Type::DestinationUnreachable(
+                        DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+                    ),
+                    IcmpError::TimeExceeded => {
+                        Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
+                    }
+                    IcmpError::PortUnreachable => {
+                        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+                    }
+                    IcmpError::PacketTooBig(_) => panic!("packet too big is ICMPv6"),
+                };
+            builder
+                .ip(IpHeaders::Ipv4(h, Default::default()))
+                .icmpv4(ty)
+                .write(&mut out, quote)
+                .unwrap();
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            let h = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: 0,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: ttl,
+                source: from.octets(),
+                destination: to.octets(),
+            };
+            let ty = match kind {
+                IcmpError::PacketTooBig(mtu) => Icmpv6Type::PacketTooBig { mtu },
+                IcmpError::TimeExceeded => {
+                    Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
+                }
+                IcmpError::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+                }
+                IcmpError::FragNeeded(_) => panic!("fragmentation needed is ICMPv4"),
+            };
+            builder
+                .ip(IpHeaders::Ipv6(h, Default::default()))
+                .icmpv6(ty)
+                .write(&mut out, quote)
+                .unwrap();
+        }
+        _ => panic!("mixed address families"),
+    }
     out
 }
 

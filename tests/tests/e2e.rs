@@ -374,3 +374,63 @@ fn ipv4_upload_through_a_dsr_vip_completes_on_a_1500_byte_fabric() {
 fn ipv6_upload_through_a_dsr_vip_completes_on_a_1500_byte_fabric() {
     upload_over_a_1500_byte_fabric("upload6", "2001:db8::10", true);
 }
+
+/// MTU of the router's routes towards the clients in the PMTU tests (the links and the fabric
+/// stay larger, so the client advertises a full-size MSS).
+const CLIENT_LINK_MTU: u32 = 1400;
+
+/// The client echoes 1 MB through a DSR VIP whose backends' full-size segments do not fit the
+/// router's link towards the client: the router's fragmentation needed / packet too big goes to
+/// the VIP, and the load balancer must send it on to the backend. Checks the echo completes, the
+/// load balancer counted the ICMP forwarded, and the backend's route towards the client learned
+/// the MTU.
+fn backend_learns_the_path_mtu_to_its_client(tag: &str, vip: &str, v6: bool) {
+    let all = [(0, 1), (1, 1), (2, 1)];
+    let vips = vip_yaml(vip, 80, "tcp", "", &all, v6, None);
+    let s = setup(tag, &vips);
+    let mtu = CLIENT_LINK_MTU.to_string();
+    // On routes, not the link: the client's full-size segments must still get in.
+    s.lab.router.script(&format!(
+        "route add 10.10.0.0/25 dev r0 mtu {mtu}
+         route add fd10::/65 dev r0 mtu {mtu}"
+    ));
+    let client = if v6 { client_v6(0) } else { client_v4(0) };
+    let to = SocketAddr::new(vip.parse().unwrap(), 80);
+    let got = s
+        .lab
+        .echo_through(client, to, 1 << 20, Duration::from_secs(30));
+    let stats = s.dirs.json(&["stats"]);
+    let backend = got.unwrap_or_else(|e| panic!("echo through {vip}: {e}; {stats}"));
+    let forwarded = stats["global"]["icmp_forwarded"].as_u64();
+    assert!(forwarded > Some(0), "no ICMP error forwarded: {stats}");
+    let (_, ns) = s
+        .lab
+        .backends
+        .iter()
+        .find(|(n, _)| *n == backend)
+        .unwrap_or_else(|| panic!("no backend {backend}"));
+    let family = if v6 { "-6" } else { "-4" };
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, family, "route", "get", &client.to_string()])
+        .output()
+        .expect("running ip route get");
+    let route = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        route.contains(&format!("mtu {mtu}")),
+        "{backend}'s route to {client} did not learn MTU {mtu}: {route}"
+    );
+    eprintln!(
+        "{tag}: {forwarded:?} ICMP errors forwarded; {backend}: {}",
+        route.trim()
+    );
+}
+
+#[test]
+fn ipv4_dsr_backend_learns_the_path_mtu_to_its_client_from_a_forwarded_fragmentation_needed() {
+    backend_learns_the_path_mtu_to_its_client("pmtu4", "192.0.2.10", false);
+}
+
+#[test]
+fn ipv6_dsr_backend_learns_the_path_mtu_to_its_client_from_a_forwarded_packet_too_big() {
+    backend_learns_the_path_mtu_to_its_client("pmtu6", "2001:db8::10", true);
+}

@@ -605,42 +605,49 @@ fn packet_fixtures() {
     net.ns.run(|| {
         let mut lb = setup(&net);
         for fx in &fixtures {
-            let before = lb.counters();
-            let run = lb.run(&fx.input, ingress);
-            let after = lb.counters();
-            assert_eq!(
-                action_name(run.action),
-                action_name(fx.action),
-                "{}: wrong action\ninput:\n{}\noutput:\n{}",
-                fx.desc,
-                hex(&fx.input),
-                hex(&run.output)
-            );
-            assert!(
-                run.output == fx.output,
-                "{}: wrong output\nexpected:\n{}\ngot:\n{}",
-                fx.desc,
-                hex(&fx.output),
-                hex(&run.output)
-            );
-            let delta = |c: Counter| after[&c] - before[&c];
-            assert_eq!(
-                delta(fx.verdict),
-                1,
-                "{}: verdict counter {} not counted once",
-                fx.desc,
-                fx.verdict.name()
-            );
-            assert_eq!(delta(Counter::Packets), 1, "{}", fx.desc);
-            assert_eq!(
-                harness::verdict_sum(&after),
-                after[&Counter::Packets],
-                "{}: verdicts do not add up",
-                fx.desc
-            );
+            let _ = check(&mut lb, fx, ingress);
         }
     });
     eprintln!("{} packet fixtures passed", fixtures.len());
+}
+
+/// Runs `fx` and checks its action, output bytes and verdict; returns the counters' changes.
+fn check(lb: &mut Lb, fx: &Fixture, ingress: u32) -> impl Fn(Counter) -> u64 + use<> {
+    let before = lb.counters();
+    let run = lb.run(&fx.input, ingress);
+    let after = lb.counters();
+    assert_eq!(
+        action_name(run.action),
+        action_name(fx.action),
+        "{}: wrong action\ninput:\n{}\noutput:\n{}",
+        fx.desc,
+        hex(&fx.input),
+        hex(&run.output)
+    );
+    assert!(
+        run.output == fx.output,
+        "{}: wrong output\nexpected:\n{}\ngot:\n{}",
+        fx.desc,
+        hex(&fx.output),
+        hex(&run.output)
+    );
+    let delta = move |c: Counter| after[&c] - before[&c];
+    assert_eq!(
+        delta(fx.verdict),
+        1,
+        "{}: verdict counter {} not counted once",
+        fx.desc,
+        fx.verdict.name()
+    );
+    assert_eq!(delta(Counter::Packets), 1, "{}", fx.desc);
+    let total = lb.counters();
+    assert_eq!(
+        harness::verdict_sum(&total),
+        total[&Counter::Packets],
+        "{}: verdicts do not add up",
+        fx.desc
+    );
+    delta
 }
 
 /// `lb_decap`, the backends' decapsulation program: the output of `lb` goes in, the client's
@@ -867,5 +874,251 @@ fn icmp_too_big_beyond_the_burst_within_a_token_interval_is_dropped_and_counted(
             return;
         }
         panic!("never sent {} packets within {interval:?}", burst + 1);
+    });
+}
+
+/// A router on the way to the clients (the source of the ICMP errors below).
+const ROUTER4: &str = "203.0.113.254";
+const ROUTER6: &str = "2001:db8:ff::fe";
+
+/// What a DSR backend sends client `client:cport` from `vip:vport`: a full-size TCP segment
+/// (1500 bytes of IP), or a UDP datagram.
+fn from_backend(vip: &str, vport: u16, client: &str, cport: u16, udp: bool) -> Pkt {
+    let hdr = if vip.contains(':') { 40 } else { 20 };
+    let p = if udp {
+        Pkt::udp(vip, vport, client, cport, GW0_MAC)
+    } else {
+        Pkt::tcp(vip, vport, client, cport, GW0_MAC).with(|p| {
+            p.l4 = L4::Tcp { flags: TCP_ACK };
+        })
+    };
+    let l4 = if udp { 8 } else { 20 };
+    p.with(|p| p.payload = vec![0x6b; 1500 - hdr - l4])
+}
+
+/// The error `kind` a router sends the VIP about `sent` (quoting as much as RFC 1812 / RFC 4443
+/// allow: 576 / 1280 bytes in all), as it arrives on the uplink.
+fn error_about(kind: packet::IcmpError, sent: &Pkt) -> Vec<u8> {
+    let bytes = sent.ip_bytes();
+    let (router, room) = if sent.src.is_ipv4() {
+        (ROUTER4, 576 - 28)
+    } else {
+        (ROUTER6, 1280 - 48)
+    };
+    let quote = &bytes[..bytes.len().min(room)];
+    packet::icmp_error(
+        kind,
+        ip(router),
+        sent.src,
+        60,
+        quote,
+        LB0_MAC,
+        packet::ROUTER_MAC,
+    )
+}
+
+/// The client's flow key for what `sent` (VIP -> client) answers.
+fn client_flow(sent: &Pkt) -> lb_common::FlowKey {
+    let mut k = sent.flow_key();
+    (k.src, k.dst) = (k.dst, k.src);
+    (k.src_port, k.dst_port) = (k.dst_port, k.src_port);
+    k
+}
+
+/// `error` (a frame), encapsulated to `backend` like any packet of `flow`, out of the uplink.
+fn error_forwarded(
+    desc: &'static str,
+    error: Vec<u8>,
+    flow: &lb_common::FlowKey,
+    backend: &str,
+) -> Fixture {
+    let b = ip(backend);
+    let src = if b.is_ipv4() { NODE_V4 } else { NODE_V6 };
+    Fixture {
+        desc,
+        output: packet::encapsulated_ip(&error[14..], 0, flow, GW0_MAC, LB0_MAC, ip(src), b),
+        input: error,
+        action: XDP_TX,
+        verdict: Counter::Tx,
+    }
+}
+
+#[test]
+fn icmp_errors_aimed_at_a_dsr_vip_go_encapsulated_to_the_backend_of_the_flow_they_quote() {
+    use lb_common::{FlowValue, MEMBER_F_ACCEPTS, MEMBER_F_LIVE};
+    use packet::IcmpError::*;
+    let net = FibNet::new("icmp-flow");
+    let ingress = net.lb0;
+    // (VIP id, VIP, port, UDP, client, error kind, member id to pin the flow to, its backend)
+    let cases = [
+        (
+            0,
+            V4,
+            80,
+            false,
+            CLIENT4,
+            FragNeeded(1400),
+            50,
+            (2, TX_V4_B),
+        ),
+        (
+            2,
+            V6,
+            80,
+            false,
+            CLIENT6,
+            PacketTooBig(1400),
+            51,
+            (14, TX_V6_B),
+        ),
+        (1, V4, 53, true, CLIENT4, TimeExceeded, 52, (2, TX_V4_B)),
+    ];
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        lb.set_backend(14, TX_V6_B, true);
+        for (vip_id, vip, port, udp, client, kind, member, (backend, addr)) in cases {
+            // The flow is pinned to another backend than the VIP's table gives: the error follows it.
+            let sent = from_backend(vip, port, client, 40000, udp);
+            let flow = client_flow(&sent);
+            lb.write_member(member, vip_id, backend, MEMBER_F_LIVE | MEMBER_F_ACCEPTS, 1);
+            let pinned = FlowValue {
+                member_id: member,
+                generation: 1,
+                last_seen_ns: 0,
+            };
+            lb.set_flow(flow, pinned);
+            let fx = error_forwarded(
+                "ICMP error quoting a known flow",
+                error_about(kind, &sent),
+                &flow,
+                addr,
+            );
+            let delta = check(&mut lb, &fx, ingress);
+            assert_eq!(delta(Counter::IcmpForwarded), 1, "{kind:?}: icmp_forwarded");
+            assert_eq!(
+                lb.flow(&flow),
+                Some(pinned),
+                "{kind:?}: the flow entry is left as it was"
+            );
+        }
+    });
+}
+
+#[test]
+fn icmp_error_about_a_dsr_flow_without_an_entry_goes_to_the_maglev_choice_of_the_reversed_tuple() {
+    use packet::IcmpError::*;
+    let net = FibNet::new("icmp-maglev");
+    let ingress = net.lb0;
+    let cases = [
+        (0, V4, CLIENT4, FragNeeded(1400), (2, TX_V4_B)),
+        (2, V6, CLIENT6, PacketTooBig(1400), (14, TX_V6_B)),
+    ];
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        lb.set_backend(14, TX_V6_B, true);
+        for (vip_id, vip, client, kind, (backend, addr)) in cases {
+            let sent = from_backend(vip, 80, client, 40001, false);
+            let flow = client_flow(&sent);
+            // Only the slot of the client's flow (client -> VIP) names `backend`.
+            let slot = lb_common::maglev_slot(lb_common::flow_hash(&flow), M);
+            let unreversed = lb_common::maglev_slot(lb_common::flow_hash(&sent.flow_key()), M);
+            assert_ne!(
+                slot, unreversed,
+                "pick another client port: both tuples hash alike"
+            );
+            lb.set_ring(vip_id, |s| {
+                if s == slot {
+                    backend
+                } else {
+                    1 + 2 * (vip_id / 2)
+                }
+            });
+            let fx = error_forwarded(
+                "ICMP error quoting a flow without entry",
+                error_about(kind, &sent),
+                &flow,
+                addr,
+            );
+            let delta = check(&mut lb, &fx, ingress);
+            assert_eq!(delta(Counter::IcmpForwarded), 1, "{kind:?}");
+            assert_eq!(delta(Counter::MaglevLookups), 1, "{kind:?}");
+            assert!(
+                lb.flow(&flow).is_none(),
+                "{kind:?}: an error records no flow"
+            );
+        }
+    });
+}
+
+#[test]
+fn icmp_errors_quoting_no_dsr_vip_flow_pass_untouched() {
+    const NAT_VIP: &str = "192.0.2.21";
+    use packet::IcmpError::*;
+    let net = FibNet::new("icmp-pass");
+    let ingress = net.lb0;
+    let gre = from_backend(V4, 80, CLIENT4, 40000, false).with(|p| p.l4 = L4::Other(47));
+    let other_vip = from_backend("192.0.2.12", 80, CLIENT4, 40000, false);
+    let mut aimed_elsewhere = error_about(FragNeeded(1400), &other_vip);
+    // Aimed at V4 (192.0.2.10), quoting a packet from 192.0.2.12: IP header checksum fixed up.
+    aimed_elsewhere[14 + 19] = 10;
+    let c = u16::from_be_bytes([aimed_elsewhere[24], aimed_elsewhere[25]]) as u32 + 2;
+    let c = (c & 0xffff) + (c >> 16);
+    aimed_elsewhere[24..26].copy_from_slice(&(c as u16).to_be_bytes());
+    let cases = [
+        (
+            "quoting a port with no VIP",
+            error_about(
+                FragNeeded(1400),
+                &from_backend(V4, 81, CLIENT4, 40000, false),
+            ),
+        ),
+        (
+            "quoting a protocol other than TCP and UDP",
+            error_about(FragNeeded(1400), &gre),
+        ),
+        (
+            "IPv6, quoting a port with no VIP",
+            error_about(
+                PacketTooBig(1400),
+                &from_backend(V6, 81, CLIENT6, 40000, false),
+            ),
+        ),
+        (
+            "quoting a packet from another address than the one it is aimed at",
+            aimed_elsewhere,
+        ),
+        (
+            "quoting a NAT VIP's packet",
+            error_about(
+                FragNeeded(1400),
+                &from_backend(NAT_VIP, 80, CLIENT4, 40000, false),
+            ),
+        ),
+        (
+            "port unreachable quoting a VIP -> client packet of a protocol the VIP does not serve",
+            error_about(PortUnreachable, &from_backend(V4, 80, CLIENT4, 40000, true)),
+        ),
+    ];
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        lb.add_vip(
+            vip_key(NAT_VIP, 80, IPPROTO_TCP),
+            VipValue {
+                id: 20,
+                flags: 0,
+                affinity_timeout_s: 0,
+                mode: lb_common::MODE_NAT,
+                table_size: 0,
+            },
+        );
+        lb.set_ring(20, |_| 1);
+        for (desc, frame) in cases {
+            let delta = check(
+                &mut lb,
+                &raw(desc, frame, XDP_PASS, Counter::PassNotForVip),
+                ingress,
+            );
+            assert_eq!(delta(Counter::IcmpForwarded), 0, "{desc}");
+        }
     });
 }

@@ -24,7 +24,7 @@ use lb_tests::{
         FibNet, Lb, Run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, net::*, vip_key,
     },
     hex,
-    packet::{self, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{self, IcmpError, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 use lb_userspace::program::Sizes;
 
@@ -500,24 +500,44 @@ fn unknown_and_closed_replies_pass_untouched() {
 
 /// An ICMP destination unreachable (port unreachable) from `from` quoting the translated packet
 /// `quoted`.
-fn icmp_unreachable(from: &str, quoted: &Pkt) -> Pkt {
-    if quoted.src.is_ipv4() {
-        icmp_error(from, quoted, 3, 3)
-    } else {
-        icmp_error(from, quoted, 1, 4)
-    }
+fn icmp_unreachable(from: &str, quoted: &Pkt) -> Vec<u8> {
+    icmp_error(IcmpError::PortUnreachable, from, quoted)
 }
 
-/// An ICMP (IPv4) or ICMPv6 error of type `ty` and code `code` from `from` quoting `quoted`.
-fn icmp_error(from: &str, quoted: &Pkt, ty: u8, code: u8) -> Pkt {
-    let inner = quoted.ip_bytes();
-    let v4 = quoted.src.is_ipv4();
-    let mut body = vec![ty, code, 0, 0, 0, 0, 0x05, 0x00];
-    body.extend_from_slice(&inner[..inner.len().min(if v4 { 28 } else { 48 })]);
-    let mut p = Pkt::udp(from, 0, node_of(quoted), 0, LB0_MAC);
-    p.l4 = L4::Other(if v4 { 1 } else { 58 });
-    p.payload = body;
-    p
+/// How much of a packet an ICMP error about it quotes: 576 (IPv4, RFC 1812 4.3.2.3) or 1280
+/// bytes (IPv6, RFC 4443 2.4(c)) in all, less the IP and ICMP headers.
+fn quoted(pkt: &Pkt) -> Vec<u8> {
+    let mut b = pkt.ip_bytes();
+    b.truncate(if pkt.src.is_ipv4() {
+        576 - 28
+    } else {
+        1280 - 48
+    });
+    b
+}
+
+/// An ICMP (IPv4) or ICMPv6 error `kind` from `from` (TTL 60) to the node, quoting the
+/// translated packet `sent`; checksums by etherparse.
+fn icmp_error(kind: IcmpError, from: &str, sent: &Pkt) -> Vec<u8> {
+    let node = node_of(sent).parse().unwrap();
+    let from = from.parse().unwrap();
+    packet::icmp_error(kind, from, node, 60, &quoted(sent), LB0_MAC, GW0_MAC)
+}
+
+/// What that error becomes for the client of `client_pkt` (which `sent` translates): from the
+/// VIP to the client, TTL 59, quoting the packet as the client sent it (with the TTL it had
+/// when quoted), through the uplink.
+fn icmp_restored(kind: IcmpError, client_pkt: &Pkt, sent: &Pkt) -> Vec<u8> {
+    let as_sent = client_pkt.clone().with(|p| p.ttl = sent.ttl);
+    packet::icmp_error(
+        kind,
+        client_pkt.dst,
+        client_pkt.src,
+        59,
+        &quoted(&as_sent),
+        GW0_MAC,
+        LB0_MAC,
+    )
 }
 
 #[test]
@@ -558,11 +578,12 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
             "a refused attempt keeps its flow pinned to the backend"
         );
 
-        // Unreachable: an ICMP error about the translated SYN; it passes to the kernel as is.
-        let (_, out) = attempt(&mut lb, 42001);
+        // Unreachable: an ICMP error about the translated SYN; it goes on to the client.
+        let (syn, out) = attempt(&mut lb, 42001);
         let icmp = icmp_unreachable(TX_V4, &out);
-        let r = lb.run(&icmp.frame(), ingress);
-        assert_eq!((r.action, hex(&r.output)), (XDP_PASS, hex(&icmp.frame())));
+        let r = lb.run(&icmp, ingress);
+        let back = icmp_restored(IcmpError::PortUnreachable, &syn, &out);
+        assert_eq!((r.action, hex(&r.output)), (XDP_TX, hex(&back)));
         assert!(
             lb.flow(&Pkt::tcp(CLIENT4, 42001, V4, 80, LB0_MAC).flow_key())
                 .is_none()
@@ -570,7 +591,7 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
         let p = lb.passive(id);
         assert_eq!((p.unreachable, p.consecutive_failures), (1, 2));
         // The same error again does not count twice for one attempt.
-        lb.run(&icmp.frame(), ingress);
+        lb.run(&icmp, ingress);
         assert_eq!(lb.passive(id).consecutive_failures, 2);
 
         // SYN timeout: the client retransmits a SYN nobody answered for longer than the bound.
@@ -629,7 +650,7 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
         let out6 = translated(&syn6, port, TX_V6, 8443);
         expect(&mut lb, ingress, "SYN v6", &syn6, XDP_TX, &out6.frame());
         let before = lb.counters();
-        lb.run(&icmp_unreachable(TX_V6, &out6).frame(), ingress);
+        lb.run(&icmp_unreachable(TX_V6, &out6), ingress);
         let m6 = lb.member(2, B6_MAPPED.0);
         assert_eq!(lb.passive(m6).unreachable, 1);
         assert_eq!(delta(&mut lb, &before, Counter::NatUnreachable), 1);
@@ -653,49 +674,35 @@ fn fragmentation_needed_is_counted_apart_not_as_unreachable() {
                 Pkt::tcp(CLIENT4, 43000, V4, 80, LB0_MAC),
                 0,
                 B4_MAPPED,
-                3,
-                4,
+                IcmpError::FragNeeded(1280),
             ),
             (
                 Pkt::tcp(CLIENT6, 43000, V6, 443, LB0_MAC),
                 2,
                 B6_MAPPED,
-                2,
-                0,
+                IcmpError::PacketTooBig(1280),
             ),
         ];
-        for (syn, vip, (b, backend, bport), ty, code) in cases {
+        for (syn, vip, (b, backend, bport), ty) in cases {
             let id = lb.member(vip, b);
             let port = first_port(&mut lb, &syn);
             let out = translated(&syn, port, backend, bport);
             expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
             let before = lb.counters();
             let health = lb.passive(id);
-            let icmp = icmp_error(backend, &out, ty, code);
-            let r = lb.run(&icmp.frame(), ingress);
-            assert_eq!(
-                (r.action, hex(&r.output)),
-                (XDP_PASS, hex(&icmp.frame())),
-                "type {ty}: passed untouched"
-            );
-            assert_eq!(
-                delta(&mut lb, &before, Counter::NatFragNeeded),
-                1,
-                "type {ty}"
-            );
+            let icmp = icmp_error(ty, backend, &out);
+            let r = lb.run(&icmp, ingress);
+            assert_eq!(r.action, XDP_TX, "{ty:?}: on to the client");
+            assert_eq!(delta(&mut lb, &before, Counter::NatFragNeeded), 1, "{ty:?}");
             assert_eq!(
                 delta(&mut lb, &before, Counter::NatUnreachable),
                 0,
-                "type {ty}"
+                "{ty:?}"
             );
-            assert_eq!(
-                lb.passive(id),
-                health,
-                "type {ty}: no passive health signal"
-            );
+            assert_eq!(lb.passive(id), health, "{ty:?}: no passive health signal");
             assert!(
                 lb.flow(&syn.flow_key()).is_some(),
-                "type {ty}: the flow stays on its backend"
+                "{ty:?}: the flow stays on its backend"
             );
         }
     });
@@ -1257,5 +1264,175 @@ fn a_refused_connection_also_frees_its_client_from_affinity() {
             addr_of(held),
             "the next connection went back to the refuser"
         );
+    });
+}
+
+/// A full-size TCP segment (1500 bytes of IP) of the client's connection `syn` opened.
+fn full_size(syn: &Pkt) -> Pkt {
+    let hdr = if syn.src.is_ipv4() { 20 } else { 40 };
+    syn.clone().with(|p| {
+        p.l4 = L4::Tcp { flags: TCP_ACK };
+        p.payload = vec![0x3c; 1500 - hdr - 20];
+    })
+}
+
+#[test]
+fn fragmentation_needed_from_the_backend_path_reaches_the_client_translated_back() {
+    let net = FibNet::new("nat-icmp");
+    let ingress = net.lb0;
+    let router4 = "10.1.255.254";
+    let router6 = "fd01::fe";
+    net.ns.run(|| {
+        let mut lb = setup();
+        let cases = [
+            (
+                "IPv4 fragmentation needed",
+                Pkt::tcp(CLIENT4, 44000, V4, 80, LB0_MAC),
+                B4_MAPPED,
+                router4,
+                IcmpError::FragNeeded(1400),
+            ),
+            (
+                "ICMPv6 packet too big",
+                Pkt::tcp(CLIENT6, 44000, V6, 443, LB0_MAC),
+                B6_MAPPED,
+                router6,
+                IcmpError::PacketTooBig(1400),
+            ),
+        ];
+        for (desc, syn, (_, backend, bport), router, kind) in cases {
+            let port = first_port(&mut lb, &syn);
+            expect(
+                &mut lb,
+                ingress,
+                desc,
+                &syn,
+                XDP_TX,
+                &translated(&syn, port, backend, bport).frame(),
+            );
+            let seg = full_size(&syn);
+            let out = translated(&seg, port, backend, bport);
+            expect(&mut lb, ingress, desc, &seg, XDP_TX, &out.frame());
+            let before = lb.counters();
+            let back = icmp_restored(kind, &seg, &out);
+            let r = lb.run(&icmp_error(kind, router, &out), ingress);
+            assert_eq!(
+                (action_name(r.action), hex(&r.output)),
+                (action_name(XDP_TX), hex(&back)),
+                "{desc}: translated back for the client"
+            );
+            assert_eq!(
+                delta(&mut lb, &before, Counter::NatIcmpReverse),
+                1,
+                "{desc}"
+            );
+            assert_eq!(delta(&mut lb, &before, Counter::Tx), 1, "{desc}");
+        }
+    });
+}
+
+#[test]
+fn icmp_error_quoting_only_eight_bytes_of_tcp_is_translated_back_without_the_tcp_checksum() {
+    let net = FibNet::new("nat-icmp8");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let syn = Pkt::tcp(CLIENT4, 44100, V4, 80, LB0_MAC);
+        let port = first_port(&mut lb, &syn);
+        let out = translated(&syn, port, TX_V4, 8080);
+        expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+        // RFC 792: the IP header and the first 8 bytes of its payload (the ports, the sequence).
+        let kind = IcmpError::FragNeeded(1400);
+        let error = packet::icmp_error(
+            kind,
+            "10.1.255.254".parse().unwrap(),
+            NODE_V4.parse().unwrap(),
+            60,
+            &out.ip_bytes()[..28],
+            LB0_MAC,
+            GW0_MAC,
+        );
+        let as_sent = syn.clone().with(|p| p.ttl = out.ttl);
+        let back = packet::icmp_error(
+            kind,
+            syn.dst,
+            syn.src,
+            59,
+            &as_sent.ip_bytes()[..28],
+            GW0_MAC,
+            LB0_MAC,
+        );
+        let r = lb.run(&error, ingress);
+        assert_eq!(
+            (action_name(r.action), hex(&r.output)),
+            (action_name(XDP_TX), hex(&back))
+        );
+    });
+}
+
+#[test]
+fn icmp_error_about_no_live_translation_passes_untouched() {
+    let net = FibNet::new("nat-icmp-none");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // A packet from the node's address and a NAT port no translation holds.
+        let never = translated(
+            &Pkt::tcp(CLIENT4, 44200, V4, 80, LB0_MAC),
+            2000,
+            TX_V4,
+            8080,
+        );
+        let error = icmp_error(IcmpError::FragNeeded(1400), "10.1.255.254", &never);
+        let before = lb.counters();
+        let r = lb.run(&error, ingress);
+        assert_eq!(
+            (action_name(r.action), hex(&r.output)),
+            (action_name(XDP_PASS), hex(&error))
+        );
+        assert_eq!(delta(&mut lb, &before, Counter::PassNotForVip), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::NatIcmpReverse), 0);
+    });
+}
+
+#[test]
+fn time_exceeded_about_translated_udp_reaches_the_client_translated_back() {
+    let net = FibNet::new("nat-icmp-udp");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let cases = [
+            (
+                "IPv4 UDP",
+                Pkt::udp(CLIENT4, 45000, V4, 53, LB0_MAC),
+                TX_V4_B,
+                "10.1.255.254",
+            ),
+            (
+                "IPv4 UDP without checksum (zero stays zero)",
+                Pkt::udp(CLIENT4, 45001, V4, 53, LB0_MAC).with(|p| p.udp_checksum = false),
+                TX_V4_B,
+                "10.1.255.254",
+            ),
+            (
+                "IPv6 UDP",
+                Pkt::udp(CLIENT6, 45000, V6, 53, LB0_MAC),
+                TX_V6_B,
+                "fd01::fe",
+            ),
+        ];
+        for (desc, dgram, backend, router) in cases {
+            let port = first_port(&mut lb, &dgram);
+            let out = translated(&dgram, port, backend, 53);
+            expect(&mut lb, ingress, desc, &dgram, XDP_TX, &out.frame());
+            let kind = IcmpError::TimeExceeded;
+            let back = icmp_restored(kind, &dgram, &out);
+            let r = lb.run(&icmp_error(kind, router, &out), ingress);
+            assert_eq!(
+                (action_name(r.action), hex(&r.output)),
+                (action_name(XDP_TX), hex(&back)),
+                "{desc}: translated back for the client"
+            );
+        }
     });
 }
