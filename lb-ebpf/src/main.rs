@@ -1,7 +1,7 @@
 //! The lb XDP program: balances packets for VIPs across backends chosen by weighted Maglev.
 //!
-//! Per packet: parse ([`parse`]), look the destination up in the VIP table, choose a backend
-//! ([`select`]: flow table, then session affinity, then Maglev, over per-VIP members), encapsulate and forward
+//! Per packet: parse ([`parse`]), look the destination up in the VIP table, choose the VIP's
+//! member ([`select`]: flow table, then session affinity, then Maglev), encapsulate and forward
 //! ([`forward`]). Everything else passes untouched. Every packet ends in exactly one verdict
 //! counter; nothing is logged per packet.
 #![cfg_attr(target_arch = "bpf", no_std)]

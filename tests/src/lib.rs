@@ -42,7 +42,13 @@ pub fn hex(bytes: &[u8]) -> String {
     } else {
         String::new()
     };
-    shown
+    hex_all(shown) + &more
+}
+
+/// All of `bytes` as hex, 16 a line (failure messages: a full-size frame's fault may lie past
+/// the first lines).
+pub fn hex_all(bytes: &[u8]) -> String {
+    bytes
         .chunks(16)
         .enumerate()
         .map(|(i, c)| {
@@ -51,5 +57,4 @@ pub fn hex(bytes: &[u8]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-        + &more
 }

@@ -411,17 +411,3 @@ pub fn repair(frame: &mut [u8]) {
     }
     seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
-
-/// All of `bytes` as hex, 16 a line (failure messages: a full-size frame's fault may lie past
-/// the first lines).
-pub fn hex_all(bytes: &[u8]) -> String {
-    bytes
-        .chunks(16)
-        .enumerate()
-        .map(|(i, c)| {
-            let h: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{:04x}: {}", i * 16, h.join(" "))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}

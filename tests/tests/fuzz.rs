@@ -18,8 +18,9 @@ use lb_common::{
 };
 use lb_tests::{
     harness::{self, FibNet, Lb, Run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, net::*, vip_key},
+    hex_all,
     packet::{L4, Pkt, ROUTER_MAC, TCP_ACK, TCP_SYN, ext},
-    wellformed::{self, Role, check_forwarded, hex_all},
+    wellformed::{self, Role, check_forwarded},
 };
 use lb_userspace::program::Sizes;
 use rand::{Rng, SeedableRng, rngs::StdRng};
