@@ -13,9 +13,7 @@ use network_types::{
 };
 
 use crate::parse::{ETH_P_IP, ETH_P_IPV6, ptr_at};
-
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
+use crate::parse::{IPPROTO_IPIP, IPPROTO_IPV6};
 
 #[inline(always)]
 pub fn decap(ctx: &XdpContext) -> u32 {

@@ -22,6 +22,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
+use crate::parse::{IPPROTO_IPIP, IPPROTO_IPV6};
 use crate::{
     LB_TX_PORTS,
     parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
@@ -30,8 +31,6 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 pub const IPV4_DF: u16 = 0x4000;
 
 /// What to do with a packet (an XDP action), and which verdict counter says so. One register

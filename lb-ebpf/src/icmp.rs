@@ -21,6 +21,10 @@ use lb_common::{
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
+use crate::parse::{
+    ICMP_DEST_UNREACH, ICMP_HDR_LEN, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG,
+    ICMPV6_TIME_EXCEED,
+};
 use crate::{
     LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, LB_VIPS, count,
     forward::{Verdict, encap_and_forward},
@@ -29,12 +33,6 @@ use crate::{
     select::maglev,
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-const ICMPV6_TIME_EXCEED: u8 = 3;
-pub const ICMP_HDR_LEN: usize = 8;
 /// IPv4 fragment offset: a quoted fragment other than the first carries no ports.
 const IPV4_OFFSET: u16 = 0x1fff;
 /// Upper bound of the offsets a job may carry (the verifier wants packet offsets bounded).

@@ -32,6 +32,10 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
+use crate::parse::{
+    ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG,
+    IPPROTO_ICMP, IPPROTO_ICMPV6,
+};
 use crate::{
     LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
     count,
@@ -43,12 +47,6 @@ use crate::{
 
 const TCP_CHECK_OFF: usize = 16;
 const UDP_CHECK_OFF: usize = 6;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// `bpf_map_update_elem` flags.
 const NOEXIST: u64 = BPF_NOEXIST as u64;
@@ -626,7 +624,7 @@ fn icmp_back(ctx: &XdpContext, icmp: &Icmp, quoted_l4: usize, client: &FlowKey) 
         return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
     }
     let end = icmp.l3_off + icmp.ip_len;
-    let inner = icmp.l4_off + icmp::ICMP_HDR_LEN;
+    let inner = icmp.l4_off + ICMP_HDR_LEN;
     let Some(mut acc) = untranslate_quote(ctx, inner, quoted_l4, end, client) else {
         return bad;
     };

@@ -21,6 +21,21 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 
+/// IP protocol numbers and ICMP message types the program handles, defined once here.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Code of `ICMP_DEST_UNREACH`: fragmentation needed and DF set.
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEED: u8 = 3;
+/// Type, code, checksum and the 4 bytes after them, in ICMP and ICMPv6 alike.
+pub const ICMP_HDR_LEN: usize = 8;
+
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -34,8 +49,6 @@ const IPV6_FRAG_OFFSET_OR_M: u16 = 0xfff9;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 const TCP_HDR_LEN: usize = 20;
 
 /// A pointer to a `T` at `off` bytes into the frame, if the frame is long enough to hold it.

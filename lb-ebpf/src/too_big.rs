@@ -31,18 +31,16 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
+use crate::parse::{
+    ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HDR_LEN, ICMPV6_PKT_TOOBIG, IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+};
 use crate::{
     LB_ICMP_BUCKET, LB_PROGS, LB_TOO_BIG_JOB, count,
     forward::{IPV4_DF, Verdict, fib_params, ipv4_checksum, route},
     parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
 };
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
-const ICMPV6_PKT_TOOBIG: u8 = 2;
-const ICMP_HDR_LEN: usize = 8;
 /// Largest ICMPv4 error (RFC 1812 4.3.2.3) and ICMPv6 error (RFC 4443 2.4(c)), IP header included.
 const V4_MAX: usize = 576;
 const V6_MAX: usize = 1280;
