@@ -18,6 +18,8 @@ pub const MEMBERS: &str = "LB_MEMBERS";
 pub const FLOWS: &str = "LB_FLOWS";
 /// Client-IP session affinity: [`crate::AffinityKey`] -> [`crate::AffinityValue`] (LRU).
 pub const AFFINITY: &str = "LB_AFFINITY";
+/// Member id -> [`crate::NextHop`]: how to reach the member's backend, written by the agent.
+pub const NEXTHOPS: &str = "LB_NEXTHOPS";
 /// Node settings, one entry: [`crate::NodeConfig`].
 pub const NODE: &str = "LB_NODE";
 /// Global per-CPU counters, indexed by [`crate::Counter`].
@@ -86,6 +88,7 @@ pub const ALL: &[&str] = &[
     VIP_ADDRS,
     RING,
     MEMBERS,
+    NEXTHOPS,
     FLOWS,
     AFFINITY,
     NODE,

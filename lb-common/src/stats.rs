@@ -146,6 +146,12 @@ counters! {
     /// NAT mode: an ICMP error about a translated packet, translated back (the quote as the
     /// client sent it) and sent on to the client (the verdict says how it left).
     NatIcmpReverse = "nat_icmp_reverse", false;
+    /// A packet for a member with no next hop resolved for its generation: routed with
+    /// `bpf_fib_lookup` instead.
+    NexthopFallbacks = "nexthop_fallbacks", false;
+    /// Check mode (`nexthop_check`): the member's next hop and `bpf_fib_lookup` disagreed (the
+    /// route lookup's answer was used).
+    NexthopMismatches = "nexthop_mismatches", false;
 }
 
 /// Per-VIP and per-backend traffic, one per CPU.

@@ -38,6 +38,23 @@ pub const MEMBER_F_ACCEPTS: u8 = 1 << 1;
 pub const NODE_F_SRC_V4: u32 = 1 << 0;
 /// `NodeConfig::flags`: `src_v6` is set.
 pub const NODE_F_SRC_V6: u32 = 1 << 1;
+/// `NodeConfig::flags`: check mode for next hops. A packet sent by its member's [`NextHop`]
+/// also gets a `bpf_fib_lookup`; where the two disagree the route lookup's answer is used and
+/// `nexthop_mismatches` counted.
+pub const NODE_F_NEXTHOP_CHECK: u32 = 1 << 2;
+
+/// `NextHop::action`: not resolved; the program asks `bpf_fib_lookup`.
+pub const NH_UNRESOLVED: u8 = 0;
+/// `NextHop::action`: write the MAC addresses, then `XDP_TX` (egress is the ingress interface)
+/// or redirect to `ifindex`.
+pub const NH_FORWARD: u8 = 1;
+/// `NextHop::action`: the next hop has no usable neighbour entry: pass to the kernel, which
+/// resolves it (`pass_no_neighbour`).
+pub const NH_NO_NEIGH: u8 = 2;
+/// `NextHop::action`: the backend's address is local to this node (`pass_local_backend`).
+pub const NH_LOCAL: u8 = 3;
+/// `NextHop::action`: no usable route: unreachable, blackhole, prohibit (`drop_fib_failed`).
+pub const NH_UNREACHABLE: u8 = 4;
 
 /// What a VIP is: the destination (address, port, protocol) a packet must match.
 #[repr(C)]
@@ -165,6 +182,28 @@ pub struct AffinityValue {
     /// CLOCK_MONOTONIC_COARSE of the last new connection that used the entry. The entry is
     /// ignored (and replaced) once it is older than the VIP's timeout.
     pub last_seen_ns: u64,
+}
+
+/// How to reach a member's backend, resolved by the agent from the kernel's routes and
+/// neighbours (what `bpf_fib_lookup` would answer for the outer packet), so the program does
+/// not look the route up per packet. Indexed by member id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    /// Destination MAC: the gateway's, or the backend's on a connected route.
+    pub dmac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub smac: [u8; 6],
+    /// Egress interface.
+    pub ifindex: u32,
+    /// The route's MTU (a path MTU exception, the route's `mtu`, else the device's): an outer
+    /// packet longer than this is too big (`drop_too_big`, or an ICMP too big).
+    pub mtu: u32,
+    /// `Member::generation` it was resolved for: an entry of another generation is ignored.
+    pub generation: u32,
+    /// `NH_*`.
+    pub action: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Settings of this node that the program needs per packet. One entry, written by the agent.
@@ -397,7 +436,7 @@ pub struct LayoutMeta {
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -422,6 +461,7 @@ assert_size!(
     RateBucket => 16,
     TooBigJob => 56,
     IcmpJob => 28,
+    NextHop => 28,
 );
 
 impl VipKey {
@@ -474,4 +514,5 @@ mod pod {
     unsafe impl aya::Pod for RateBucket {}
     unsafe impl aya::Pod for TooBigJob {}
     unsafe impl aya::Pod for IcmpJob {}
+    unsafe impl aya::Pod for NextHop {}
 }

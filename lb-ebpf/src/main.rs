@@ -40,7 +40,7 @@ mod program {
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
         Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue,
+        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue,
         maps::*,
     };
 
@@ -66,6 +66,8 @@ mod program {
         Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, RING_FLAGS);
     #[map]
     pub static LB_MEMBERS: Array<Member> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);

@@ -209,6 +209,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
         .map_max_entries(maps::RING, ring)
         .map_max_entries(maps::VIP_STATS, sizes.max_vips)
         .map_max_entries(maps::MEMBERS, sizes.max_backends)
+        .map_max_entries(maps::NEXTHOPS, sizes.max_backends)
         .map_max_entries(maps::MEMBER_STATS, sizes.max_backends)
         .map_max_entries(maps::FLOWS, sizes.flow_entries)
         .map_max_entries(maps::AFFINITY, sizes.affinity_entries)

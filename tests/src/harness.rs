@@ -285,6 +285,20 @@ impl Lb {
         id
     }
 
+    /// Writes member `id`'s next hop (see [`lb_common::NextHop`]).
+    pub fn set_nexthop(&mut self, id: u32, nh: lb_common::NextHop) {
+        self.array::<lb_common::NextHop>(maps::NEXTHOPS)
+            .set(id, nh, 0)
+            .expect("writing next hop");
+    }
+
+    /// Member `id`'s next hop as the map holds it.
+    pub fn nexthop(&mut self, id: u32) -> lb_common::NextHop {
+        self.array::<lb_common::NextHop>(maps::NEXTHOPS)
+            .get(&id, 0)
+            .expect("reading next hop")
+    }
+
     /// Fills VIP `vip_id`'s table: slot `s` gets (the member of) backend `f(s)`, or none.
     pub fn set_ring(&mut self, vip_id: u32, f: impl Fn(u32) -> u32) {
         let m = self.sizes.maglev_m;
