@@ -2,19 +2,21 @@
 //!
 //! The inner IP packet is kept byte for byte; any VLAN tag is dropped and a new Ethernet header
 //! and an outer IPv4 (IPIP, or IPv6-in-IPv4) or IPv6 (IP6IP6, or IPv4-in-IPv6) header are put in
-//! front of it. The outer family is the backend's. `bpf_fib_lookup` on the outer destination then
-//! gives the egress interface and the MAC addresses, and checks the egress MTU.
+//! front of it. The outer family is the backend's. The member's next hop (resolved by the agent,
+//! see [`next_hop`]) then gives the egress interface and the MAC addresses and checks the egress
+//! MTU, or `bpf_fib_lookup` on the outer destination does where the agent has no entry.
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    Counter, FAMILY_V4, Member, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, flow_hash,
+    Counter, FAMILY_V4, Member, NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNRESOLVED,
+    NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NextHop, NodeConfig, flow_hash,
     maps::OUTER_TTL,
 };
 use network_types::{
@@ -24,7 +26,7 @@ use network_types::{
 
 use crate::parse::{IPPROTO_IPIP, IPPROTO_IPV6};
 use crate::{
-    LB_TX_PORTS,
+    LB_NEXTHOPS, LB_TX_PORTS, count,
     parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
     too_big,
 };
@@ -57,11 +59,12 @@ impl Verdict {
     }
 }
 
-/// Encapsulates the packet towards `backend` and forwards it.
+/// Encapsulates the packet towards member `member_id` (`backend`) and forwards it.
 #[inline(always)]
 pub fn encap_and_forward(
     ctx: &XdpContext,
     pkt: &Packet,
+    member_id: u32,
     backend: &Member,
     node: &NodeConfig,
 ) -> Verdict {
@@ -96,23 +99,25 @@ pub fn encap_and_forward(
     // Route first, while the frame is still the client's packet: if the tunnel packet would not
     // fit the egress MTU, the client is told (quoting its packet) instead.
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut fib = fib_params(
-        ingress,
-        outer_v4,
-        &src,
-        &backend.addr,
-        pkt.tos,
-        inner_proto,
-        total_len as u16,
-    );
-    if !outer_v4 {
-        // With the flow label, so a route lookup that uses it sees the packet's own.
-        fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
-    }
-    let rc = lookup(ctx, &mut fib);
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-        let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
-        return too_big::hand_over(ctx, pkt, mtu.saturating_sub(outer_len as u32));
+    let hop = next_hop(member_id, backend.generation, total_len as u32, node, || {
+        let mut fib = fib_params(
+            ingress,
+            outer_v4,
+            &src,
+            &backend.addr,
+            pkt.tos,
+            inner_proto,
+            total_len as u16,
+        );
+        if !outer_v4 {
+            // With the flow label, so a route lookup that uses it sees the packet's own.
+            fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
+        }
+        let rc = lookup(ctx, &mut fib);
+        Hop::of_fib(&fib, rc)
+    });
+    if hop.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        return too_big::hand_over(ctx, pkt, hop.mtu.saturating_sub(outer_len as u32));
     }
 
     // Grow the headroom by the outer header, less the VLAN tag we drop.
@@ -162,7 +167,114 @@ pub fn encap_and_forward(
         ip.src_addr = node.src_v6;
         ip.dst_addr = backend.addr;
     }
-    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
+    send(ctx, &hop, ingress, rx_dst, rx_src)
+}
+
+/// Where a packet goes next, as `send` needs it: a route lookup's answer or a member's next hop.
+#[derive(Clone, Copy)]
+pub struct Hop {
+    /// `BPF_FIB_LKUP_RET_*`.
+    pub rc: u32,
+    pub ifindex: u32,
+    /// With `BPF_FIB_LKUP_RET_FRAG_NEEDED`: the route's MTU.
+    pub mtu: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+impl Hop {
+    #[inline(always)]
+    pub fn of_fib(fib: &FibParams, rc: u32) -> Self {
+        Self {
+            rc,
+            ifindex: fib.ifindex,
+            mtu: unsafe { fib.__bindgen_anon_1.mtu_result } as u32,
+            dmac: fib.dmac,
+            smac: fib.smac,
+        }
+    }
+
+    /// What `bpf_fib_lookup` would have answered for a packet of `tot_len` bytes, in the order
+    /// it decides: the route's type, then the MTU, then the neighbour.
+    #[inline(always)]
+    fn of_nexthop(nh: &NextHop, tot_len: u32) -> Self {
+        let routed = nh.action == NH_FORWARD || nh.action == NH_NO_NEIGH;
+        let rc = if routed && tot_len > nh.mtu {
+            BPF_FIB_LKUP_RET_FRAG_NEEDED
+        } else if nh.action == NH_FORWARD {
+            BPF_FIB_LKUP_RET_SUCCESS
+        } else if nh.action == NH_NO_NEIGH {
+            BPF_FIB_LKUP_RET_NO_NEIGH
+        } else if nh.action == NH_LOCAL {
+            BPF_FIB_LKUP_RET_NOT_FWDED
+        } else {
+            BPF_FIB_LKUP_RET_UNREACHABLE
+        };
+        Self {
+            rc,
+            ifindex: nh.ifindex,
+            mtu: nh.mtu,
+            dmac: nh.dmac,
+            smac: nh.smac,
+        }
+    }
+
+    /// Whether `self` and `other` send the packet the same way (every failure is one verdict).
+    #[inline(always)]
+    fn agrees(&self, other: &Hop) -> bool {
+        let known = |rc| {
+            rc == BPF_FIB_LKUP_RET_SUCCESS
+                || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+                || rc == BPF_FIB_LKUP_RET_NOT_FWDED
+                || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
+        };
+        if !known(self.rc) || !known(other.rc) {
+            return known(self.rc) == known(other.rc);
+        }
+        self.rc == other.rc
+            && match self.rc {
+                BPF_FIB_LKUP_RET_SUCCESS => {
+                    self.ifindex == other.ifindex
+                        && self.dmac == other.dmac
+                        && self.smac == other.smac
+                }
+                BPF_FIB_LKUP_RET_FRAG_NEEDED => self.mtu == other.mtu,
+                _ => true,
+            }
+    }
+}
+
+/// The next hop of an outer packet of `tot_len` bytes to member `member_id` (allocation
+/// `generation`): the agent's entry when it holds one for this allocation, else `fib()` (the
+/// route lookup, counted as a fallback). In check mode both, and the route lookup's answer wins.
+#[inline(always)]
+pub fn next_hop(
+    member_id: u32,
+    generation: u32,
+    tot_len: u32,
+    node: &NodeConfig,
+    fib: impl FnOnce() -> Hop,
+) -> Hop {
+    let nh = match LB_NEXTHOPS.get(member_id) {
+        Some(nh) if nh.generation == generation && nh.action != NH_UNRESOLVED => {
+            Some(Hop::of_nexthop(nh, tot_len))
+        }
+        _ => None,
+    };
+    match nh {
+        Some(h) if node.flags & NODE_F_NEXTHOP_CHECK == 0 => h,
+        Some(h) => {
+            let f = fib();
+            if !h.agrees(&f) {
+                count(Counter::NexthopMismatches);
+            }
+            f
+        }
+        None => {
+            count(Counter::NexthopFallbacks);
+            fib()
+        }
+    }
 }
 
 /// This node's source address for `family` (IPv4 in the first four bytes), if configured: the
@@ -190,7 +302,7 @@ pub fn node_addr(node: &NodeConfig, family: u8) -> Option<[u8; 16]> {
 pub fn route(ctx: &XdpContext, fib: &mut FibParams, rx_dst: [u8; 6], rx_src: [u8; 6]) -> Verdict {
     let ingress = fib.ifindex;
     let rc = lookup(ctx, fib);
-    send(ctx, fib, rc, ingress, rx_dst, rx_src)
+    send(ctx, &Hop::of_fib(fib, rc), ingress, rx_dst, rx_src)
 }
 
 /// `bpf_fib_lookup` on `fib` (which it fills in): one of `BPF_FIB_LKUP_RET_*`. On
@@ -208,19 +320,18 @@ pub fn lookup(ctx: &XdpContext, fib: &mut FibParams) -> u32 {
     rc as u32
 }
 
-/// The second half of [`route`]: acts on the lookup's result `rc` for a packet that came in on
+/// The second half of [`route`]: acts on the next hop `hop` for a packet that came in on
 /// `ingress`. (The caller reads the ingress interface once: LLVM would keep a pointer into the
 /// context for a second read, across frame changes, and the verifier refuses that.)
 #[inline(always)]
 pub fn send(
     ctx: &XdpContext,
-    fib: &FibParams,
-    rc: u32,
+    hop: &Hop,
     ingress: u32,
     rx_dst: [u8; 6],
     rx_src: [u8; 6],
 ) -> Verdict {
-    match rc {
+    match hop.rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             return Verdict::new(Counter::PassNoNeighbour, xdp_action::XDP_PASS);
@@ -237,12 +348,12 @@ pub fn send(
         return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
     };
     let eth = unsafe { &mut *eth };
-    eth.dst_addr = fib.dmac;
-    eth.src_addr = fib.smac;
-    if fib.ifindex == ingress {
+    eth.dst_addr = hop.dmac;
+    eth.src_addr = hop.smac;
+    if hop.ifindex == ingress {
         return Verdict::new(Counter::Tx, xdp_action::XDP_TX);
     }
-    match LB_TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_PASS as u64) {
+    match LB_TX_PORTS.redirect(hop.ifindex, xdp_action::XDP_PASS as u64) {
         Ok(action) => Verdict::new(Counter::Redirect, action),
         Err(_) => {
             eth.dst_addr = rx_dst;

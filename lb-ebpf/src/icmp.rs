@@ -159,17 +159,17 @@ pub fn run(ctx: &XdpContext) -> Verdict {
     let Some(node) = LB_NODE.get(0) else {
         return pass;
     };
-    let Some(member) = member_of(&pkt.key, node.udp_idle_timeout_ns) else {
+    let Some((id, member)) = member_of(&pkt.key, node.udp_idle_timeout_ns) else {
         return pass;
     };
     count(Counter::IcmpForwarded);
-    encap_and_forward(ctx, &pkt, member, node)
+    encap_and_forward(ctx, &pkt, id, member, node)
 }
 
 /// The member of DSR flow `key`: its flow entry's if `check_flow` would follow it, else
 /// Maglev's choice. `None` if `key` is no DSR VIP's or the VIP has no member to choose.
 #[inline(always)]
-fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<&'static Member> {
+fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static Member)> {
     let vip_key = VipKey {
         addr: key.dst,
         port: key.dst_port,
@@ -188,8 +188,8 @@ fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<&'static Member>
             check_flow(flow, m, vip, key.proto, t, udp_idle_timeout_ns)
             && let Some(m) = m
         {
-            return Some(m);
+            return Some((flow.member_id, m));
         }
     }
-    maglev(key, vip).ok().map(|(_, m)| m)
+    maglev(key, vip).ok()
 }

@@ -308,7 +308,7 @@ mod program {
             tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
             return Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
         }
-        encap_and_forward(ctx, &pkt, unsafe { &*choice.member }, node)
+        encap_and_forward(ctx, &pkt, choice.member_id, unsafe { &*choice.member }, node)
     }
 
     #[cfg(not(test))]

@@ -39,7 +39,7 @@ use crate::parse::{
 use crate::{
     LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
     count,
-    forward::{Verdict, fib_params, lookup, node_addr, send},
+    forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
     too_big,
@@ -511,7 +511,8 @@ fn nat_forward(
         },
     };
     count(Counter::NatForward);
-    rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport))
+    let to = Some((backend_id, backend.generation));
+    rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport), to, node)
 }
 
 /// Translates a reply from a backend back towards its client, if `pkt` is one; passes it
@@ -538,6 +539,8 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
         &client.dst,
         &client.src,
         ports(client.dst_port, client.src_port),
+        None,
+        node,
     )
 }
 
@@ -659,7 +662,7 @@ fn icmp_back(ctx: &XdpContext, icmp: &Icmp, quoted_l4: usize, client: &FlowKey) 
     if !untag(ctx, icmp.l3_off, rx_dst, rx_src) {
         return bad;
     }
-    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
+    send(ctx, &Hop::of_fib(&fib, rc), ingress, rx_dst, rx_src)
 }
 
 /// A checksum field as four bytes, for [`diff`].
@@ -761,7 +764,8 @@ fn ports(src: u16, dst: u16) -> [u8; 4] {
 }
 
 /// Rewrites the source address to `new_src`, the destination to `new_dst` and the ports to
-/// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result.
+/// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result: by
+/// the next hop of `member` (id, generation) if it is sent to one, else by a route lookup.
 #[inline(always)]
 fn rewrite_and_route(
     ctx: &XdpContext,
@@ -769,6 +773,8 @@ fn rewrite_and_route(
     new_src: &[u8; 16],
     new_dst: &[u8; 16],
     new_ports: [u8; 4],
+    member: Option<(u32, u32)>,
+    node: &NodeConfig,
 ) -> Verdict {
     let bad = Verdict::new(Counter::DropMalformed, xdp_action::XDP_DROP);
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -779,17 +785,24 @@ fn rewrite_and_route(
     // Route first, while the frame is still the packet as sent: if it would not fit the egress
     // MTU, its sender is told (quoting it) instead.
     let ingress = ctx.ingress_ifindex() as u32;
-    let mut fib = fib_params(
-        ingress,
-        v4,
-        new_src,
-        new_dst,
-        pkt.tos,
-        pkt.key.proto,
-        pkt.ip_len as u16,
-    );
-    let rc = lookup(ctx, &mut fib);
-    let too_big = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+    let route = || {
+        let mut fib = fib_params(
+            ingress,
+            v4,
+            new_src,
+            new_dst,
+            pkt.tos,
+            pkt.key.proto,
+            pkt.ip_len as u16,
+        );
+        let rc = lookup(ctx, &mut fib);
+        Hop::of_fib(&fib, rc)
+    };
+    let hop = match member {
+        Some((id, generation)) => next_hop(id, generation, pkt.ip_len as u32, node, route),
+        None => route(),
+    };
+    let too_big = hop.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     // Changes to the pseudo-header (addresses), shared by the IP and L4 checksums.
     let addrs;
     if v4 {
@@ -801,7 +814,7 @@ fn rewrite_and_route(
             return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
         }
         if too_big {
-            return too_big::hand_over(ctx, pkt, unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
+            return too_big::hand_over(ctx, pkt, hop.mtu);
         }
         let s = [new_src[0], new_src[1], new_src[2], new_src[3]];
         let d = [new_dst[0], new_dst[1], new_dst[2], new_dst[3]];
@@ -819,7 +832,7 @@ fn rewrite_and_route(
             return Verdict::new(Counter::PassTtlExceeded, xdp_action::XDP_PASS);
         }
         if too_big {
-            return too_big::hand_over(ctx, pkt, unsafe { fib.__bindgen_anon_1.mtu_result } as u32);
+            return too_big::hand_over(ctx, pkt, hop.mtu);
         }
         addrs = diff(&ip.dst_addr, new_dst, diff(&ip.src_addr, new_src, 0));
         ip.hop_limit -= 1;
@@ -853,5 +866,5 @@ fn rewrite_and_route(
     if !untag(ctx, pkt.l3_off, rx_dst, rx_src) {
         return bad;
     }
-    send(ctx, &fib, rc, ingress, rx_dst, rx_src)
+    send(ctx, &hop, ingress, rx_dst, rx_src)
 }
