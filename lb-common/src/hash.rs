@@ -72,6 +72,21 @@ pub const fn source_hash(src: &[u8; 16], family: u8) -> u32 {
     finish(h, if family == FAMILY_V4 { 4 } else { 16 })
 }
 
+/// Bits in the VIP-address filter (`maps::VIP_FILTER`): 64 Ki bits, 8 KiB.
+pub const VIP_FILTER_BITS: u32 = 1 << 16;
+
+/// Where VIP address `a` (of `family`) sets its bit in the VIP-address filter: the word index
+/// and the bit in it. Fibonacci hashing of the address's words (XOR-folded for IPv6).
+#[inline(always)]
+pub const fn vip_filter_slot(a: &[u8; 16], family: u8) -> (u32, u64) {
+    let mut x = word(a, 0);
+    if family != FAMILY_V4 {
+        x ^= word(a, 4).rotate_left(8) ^ word(a, 8).rotate_left(16) ^ word(a, 12).rotate_left(24);
+    }
+    let bit = x.wrapping_mul(0x9e37_79b1) >> 16;
+    (bit >> 6, 1u64 << (bit & 63))
+}
+
 /// Source ports NAT mode tries for one flow before giving up (and counting it). Each probe is an
 /// independent draw, so with a fraction `f` of a backend's ports taken a new flow fails with
 /// probability `f^128`: 1.4e-6 at 90 %, 0.14 % at 95 % (8 probes failed 43 % of flows at 90 %).
@@ -128,6 +143,32 @@ mod tests {
         let h6 = flow_hash(&a);
         a.src[15] = 2;
         assert_ne!(flow_hash(&a), h6);
+    }
+
+    #[test]
+    fn vip_filter_slots_are_in_range_and_ignore_unused_v4_bytes() {
+        let mut a = [0u8; 16];
+        let mut words = [false; (VIP_FILTER_BITS / 64) as usize];
+        for i in 0..=255u8 {
+            a[..4].copy_from_slice(&[192, 0, 2, i]);
+            let (w, bit) = vip_filter_slot(&a, FAMILY_V4);
+            assert!(w < VIP_FILTER_BITS / 64 && bit.count_ones() == 1);
+            a[15] = 0xff;
+            assert_eq!(vip_filter_slot(&a, FAMILY_V4), (w, bit));
+            a[15] = 0;
+            words[w as usize] = true;
+        }
+        // 256 neighbouring addresses spread over many words.
+        let used = words.iter().filter(|u| **u).count();
+        assert!(used > 200, "only {used} words");
+        a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        let v6 = vip_filter_slot(&a, FAMILY_V6);
+        a[15] = 1;
+        assert_ne!(
+            vip_filter_slot(&a, FAMILY_V6),
+            v6,
+            "the last IPv6 byte counts"
+        );
     }
 
     #[test]

@@ -9,6 +9,11 @@ pub const VIPS: &str = "LB_VIPS";
 /// Consulted only for packets that cannot be balanced (fragments, malformed L4), to drop the
 /// ones aimed at a VIP address instead of handing them to the kernel.
 pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
+/// A Bloom-style filter of the VIP-address set, `VIP_FILTER_BITS` bits in `u64` words: an
+/// address whose bit ([`crate::vip_filter_slot`]) is clear carries no VIP, so the program passes
+/// the packet without looking it up in the VIP table. The agent sets an address's bit before
+/// the address gets a VIP and clears it only after no address using it carries one.
+pub const VIP_FILTER: &str = "LB_VIP_FILTER";
 /// All Maglev tables, one after another: slot `s` of VIP id `v` is entry `v * M + s` and holds a
 /// member id ([`crate::NO_BACKEND`] when the VIP has none).
 pub const RING: &str = "LB_RING";
@@ -86,6 +91,7 @@ pub const META: &str = "LB_META";
 pub const ALL: &[&str] = &[
     VIPS,
     VIP_ADDRS,
+    VIP_FILTER,
     RING,
     MEMBERS,
     NEXTHOPS,

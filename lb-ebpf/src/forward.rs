@@ -9,7 +9,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
+        xdp_action,
     },
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
@@ -99,23 +100,29 @@ pub fn encap_and_forward(
     // Route first, while the frame is still the client's packet: if the tunnel packet would not
     // fit the egress MTU, the client is told (quoting its packet) instead.
     let ingress = ctx.ingress_ifindex() as u32;
-    let hop = next_hop(member_id, backend.generation, total_len as u32, node, || {
-        let mut fib = fib_params(
-            ingress,
-            outer_v4,
-            &src,
-            &backend.addr,
-            pkt.tos,
-            inner_proto,
-            total_len as u16,
-        );
-        if !outer_v4 {
-            // With the flow label, so a route lookup that uses it sees the packet's own.
-            fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
-        }
-        let rc = lookup(ctx, &mut fib);
-        Hop::of_fib(&fib, rc)
-    });
+    let hop = next_hop(
+        member_id,
+        backend.generation,
+        total_len as u32,
+        node,
+        || {
+            let mut fib = fib_params(
+                ingress,
+                outer_v4,
+                &src,
+                &backend.addr,
+                pkt.tos,
+                inner_proto,
+                total_len as u16,
+            );
+            if !outer_v4 {
+                // With the flow label, so a route lookup that uses it sees the packet's own.
+                fib.__bindgen_anon_2.flowinfo = (vcf & 0x0fff_ffff).to_be();
+            }
+            let rc = lookup(ctx, &mut fib);
+            Hop::of_fib(&fib, rc)
+        },
+    );
     if hop.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         return too_big::hand_over(ctx, pkt, hop.mtu.saturating_sub(outer_len as u32));
     }

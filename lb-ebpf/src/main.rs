@@ -40,8 +40,8 @@ mod program {
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
         Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue,
-        maps::*,
+        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey,
+        VipValue, maps::*,
     };
 
     use crate::{
@@ -61,6 +61,9 @@ mod program {
     #[map]
     pub static LB_VIP_ADDRS: HashMap<VipAddr, u32> =
         HashMap::with_max_entries(DEFAULT_VIP_ENTRIES, 0);
+    #[map]
+    pub static LB_VIP_FILTER: Array<u64> =
+        Array::with_max_entries(lb_common::hash::VIP_FILTER_BITS / 64, 0);
     #[map]
     pub static LB_RING: Array<u32> =
         Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, RING_FLAGS);
@@ -230,6 +233,34 @@ mod program {
         crate::decap::decap(&ctx)
     }
 
+    /// Whether `addr` may carry a VIP: its bit in the VIP-address filter is set. A clear bit
+    /// spares a packet to any other address the VIP table lookup.
+    #[inline(always)]
+    pub fn maybe_vip(addr: &[u8; 16], family: u8) -> bool {
+        let (word, bit) = lb_common::hash::vip_filter_slot(addr, family);
+        match LB_VIP_FILTER.get(word) {
+            Some(w) => *w & bit != 0,
+            None => true,
+        }
+    }
+
+    /// Whether `addr` carries a VIP (any port, any protocol).
+    #[inline(always)]
+    fn is_vip_addr(addr: &VipAddr) -> bool {
+        maybe_vip(&addr.addr, addr.family) && unsafe { LB_VIP_ADDRS.get(addr) }.is_some()
+    }
+
+    /// A packet that matches no VIP: in NAT mode it may be a backend's reply to the node.
+    #[inline(always)]
+    fn not_for_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+        if let Some(node) = LB_NODE.get(0)
+            && is_node_addr(node, &pkt.key.dst, pkt.key.family)
+        {
+            tail_call_nat(ctx, job(NAT_JOB_REVERSE, pkt, 0, 0));
+        }
+        Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
+    }
+
     #[inline(always)]
     fn process(ctx: &XdpContext) -> Verdict {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -257,7 +288,7 @@ mod program {
                             ..Default::default()
                         },
                     );
-                } else if unsafe { LB_VIP_ADDRS.get(icmp.dst) }.is_some() {
+                } else if is_vip_addr(&icmp.dst) {
                     // Perhaps about a DSR flow: one lookup, for ICMP to VIP addresses only.
                     crate::icmp::hand_over(ctx, &icmp);
                 }
@@ -266,7 +297,7 @@ mod program {
             Parsed::Malformed => return Verdict::new(Counter::PassMalformed, xdp_action::XDP_PASS),
             Parsed::Unbalanceable { dst, why } => {
                 // Aimed at a VIP address: dropping is honest, the kernel could only misroute it.
-                return if unsafe { LB_VIP_ADDRS.get(dst) }.is_some() {
+                return if is_vip_addr(&dst) {
                     Verdict::new(why, xdp_action::XDP_DROP)
                 } else if why == Counter::DropFragment {
                     Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
@@ -275,6 +306,9 @@ mod program {
                 };
             }
         };
+        if !maybe_vip(&pkt.key.dst, pkt.key.family) {
+            return not_for_vip(ctx, &pkt);
+        }
         let vip_key = VipKey {
             addr: pkt.key.dst,
             port: pkt.key.dst_port,
@@ -282,13 +316,7 @@ mod program {
             family: pkt.key.family,
         };
         let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
-            // Not for a VIP; in NAT mode it may be a backend's reply to the node.
-            if let Some(node) = LB_NODE.get(0)
-                && is_node_addr(node, &pkt.key.dst, pkt.key.family)
-            {
-                tail_call_nat(ctx, job(NAT_JOB_REVERSE, &pkt, 0, 0));
-            }
-            return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
+            return not_for_vip(ctx, &pkt);
         };
         let vip = *vip;
         count(Counter::VipPackets);
@@ -308,7 +336,13 @@ mod program {
             tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
             return Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
         }
-        encap_and_forward(ctx, &pkt, choice.member_id, unsafe { &*choice.member }, node)
+        encap_and_forward(
+            ctx,
+            &pkt,
+            choice.member_id,
+            unsafe { &*choice.member },
+            node,
+        )
     }
 
     #[cfg(not(test))]

@@ -203,6 +203,12 @@ impl Lb {
         self.hash::<VipAddr, u32>(maps::VIP_ADDRS)
             .insert(key.vip_addr(), 1, 0)
             .expect("writing VIP address");
+        let (word, bit) = lb_common::hash::vip_filter_slot(&key.addr, key.family);
+        let mut filter = self.array::<u64>(maps::VIP_FILTER);
+        let w = filter.get(&word, 0).expect("reading the VIP filter");
+        filter
+            .set(word, w | bit, 0)
+            .expect("writing the VIP filter");
     }
 
     pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {
@@ -283,6 +289,15 @@ impl Lb {
         };
         self.write_member(id, vip_id, backend, flags, 1);
         id
+    }
+
+    /// The VIP-address filter's words with a bit set, by index.
+    pub fn vip_filter(&mut self) -> std::collections::BTreeMap<u32, u64> {
+        let filter = self.array::<u64>(maps::VIP_FILTER);
+        (0..filter.len())
+            .map(|i| (i, filter.get(&i, 0).expect("reading the VIP filter")))
+            .filter(|(_, w)| *w != 0)
+            .collect()
     }
 
     /// Writes member `id`'s next hop (see [`lb_common::NextHop`]).

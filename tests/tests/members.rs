@@ -54,6 +54,9 @@ fn config(vips: &[Vip]) -> Config {
             y += &format!("      - {{ address: {b}, weight: {w} }}\n");
         }
     }
+    if vips.is_empty() {
+        y = y.replace("vips:\n", "vips: []\n");
+    }
     Config::parse(&y, "test").unwrap_or_else(|e| panic!("config:\n{y}\n{e}"))
 }
 
@@ -513,4 +516,52 @@ fn explain_agrees_with_the_program_on_idle_udp_flows_and_on_syns() {
         "SYN: explain and the program disagree"
     );
     assert_ne!(said, other, "the SYN followed the entry");
+}
+
+/// The filter words the VIP addresses `addrs` set (what the program's filter must hold).
+fn filter_of(addrs: &[&str]) -> BTreeMap<u32, u64> {
+    let mut want = BTreeMap::new();
+    for a in addrs {
+        let ip: IpAddr = a.parse().unwrap();
+        let (family, addr) = match ip {
+            IpAddr::V4(v) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&v.octets());
+                (lb_common::FAMILY_V4, b)
+            }
+            IpAddr::V6(v) => (lb_common::FAMILY_V6, v.octets()),
+        };
+        let (w, bit) = lb_common::hash::vip_filter_slot(&addr, family);
+        *want.entry(w).or_insert(0u64) |= bit;
+    }
+    want
+}
+
+#[test]
+fn the_vip_filter_holds_exactly_the_bits_of_the_addresses_that_carry_vips() {
+    let mut node = Node::start(
+        "filter",
+        config(&[(VIP_A, 0, &[(B1, 1)]), (VIP_B, 0, &[(B2, 1)])]),
+    );
+    assert_eq!(
+        node.lb.vip_filter(),
+        filter_of(&[VIP_A, VIP_B]),
+        "both VIP addresses"
+    );
+    node.apply(config(&[(VIP_A, 0, &[(B1, 1)])]));
+    assert_eq!(
+        node.lb.vip_filter(),
+        filter_of(&[VIP_A]),
+        "after VIP_B went"
+    );
+    node.apply(config(&[]));
+    assert_eq!(node.lb.vip_filter(), BTreeMap::new(), "with no VIP left");
+    // A packet to a former VIP address is passed without a VIP lookup.
+    let c0 = node.lb.counters();
+    let r = node
+        .lb
+        .run(&Pkt::tcp(CLIENT, 1000, VIP_B, 80, LB0_MAC).frame(), 1);
+    assert_eq!(action_name(r.action), "XDP_PASS");
+    let c1 = node.lb.counters();
+    assert_eq!(c1[&Counter::PassNotForVip] - c0[&Counter::PassNotForVip], 1);
 }

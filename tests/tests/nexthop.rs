@@ -35,7 +35,13 @@ fn setup(net: &FibNet) -> Lb {
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
     lb.set_backend(0, TX_V4, true);
     for (id, addr, mode) in [(0, DSR_VIP, MODE_DSR), (1, NAT_VIP, MODE_NAT)] {
-        let value = VipValue { id, flags: 0, affinity_timeout_s: 0, mode, table_size: 0 };
+        let value = VipValue {
+            id,
+            flags: 0,
+            affinity_timeout_s: 0,
+            mode,
+            table_size: 0,
+        };
         lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), value);
         lb.set_ring(id, |_| 0);
     }
@@ -75,17 +81,35 @@ fn set_check_mode(lb: &mut Lb, on: bool) {
 }
 
 /// Runs `input`; checks action and output; returns how each counter moved.
-fn run(lb: &mut Lb, ingress: u32, desc: &str, input: &[u8], action: u32, output: &[u8]) -> impl Fn(Counter) -> u64 + use<> {
+fn run(
+    lb: &mut Lb,
+    ingress: u32,
+    desc: &str,
+    input: &[u8],
+    action: u32,
+    output: &[u8],
+) -> impl Fn(Counter) -> u64 + use<> {
     let before = lb.counters();
     let r = lb.run(input, ingress);
     let after = lb.counters();
     assert_eq!(action_name(r.action), action_name(action), "{desc}: action");
-    assert!(r.output == output, "{desc}: wrong output\nexpected:\n{}\ngot:\n{}", hex(output), hex(&r.output));
+    assert!(
+        r.output == output,
+        "{desc}: wrong output\nexpected:\n{}\ngot:\n{}",
+        hex(output),
+        hex(&r.output)
+    );
     move |c| after[&c] - before[&c]
 }
 
 fn dsr_out(pkt: &Pkt, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    packet::encapsulated(pkt, dst, src, NODE_V4.parse().unwrap(), TX_V4.parse().unwrap())
+    packet::encapsulated(
+        pkt,
+        dst,
+        src,
+        NODE_V4.parse().unwrap(),
+        TX_V4.parse().unwrap(),
+    )
 }
 
 #[test]
@@ -96,10 +120,24 @@ fn a_members_next_hop_sends_its_packets_without_a_route_lookup() {
         let mut lb = setup(&net);
         lb.set_nexthop(0, entry(NH_FORWARD, ingress, 1500));
         let pkt = syn(DSR_VIP);
-        let d = run(&mut lb, ingress, "entry on the ingress", &pkt.frame(), XDP_TX, &dsr_out(&pkt, ENTRY_MAC, ENTRY_SRC_MAC));
+        let d = run(
+            &mut lb,
+            ingress,
+            "entry on the ingress",
+            &pkt.frame(),
+            XDP_TX,
+            &dsr_out(&pkt, ENTRY_MAC, ENTRY_SRC_MAC),
+        );
         assert_eq!((d(Counter::Tx), d(Counter::NexthopFallbacks)), (1, 0));
         lb.set_nexthop(0, entry(NH_FORWARD, net.lb1, 1500));
-        let d = run(&mut lb, ingress, "entry on lb1", &pkt.frame(), XDP_REDIRECT, &dsr_out(&pkt, ENTRY_MAC, ENTRY_SRC_MAC));
+        let d = run(
+            &mut lb,
+            ingress,
+            "entry on lb1",
+            &pkt.frame(),
+            XDP_REDIRECT,
+            &dsr_out(&pkt, ENTRY_MAC, ENTRY_SRC_MAC),
+        );
         assert_eq!(d(Counter::Redirect), 1);
     });
 }
@@ -122,12 +160,25 @@ fn next_hop_actions_give_the_route_lookups_verdicts() {
             let before = lb.counters();
             let r = lb.run(&input, ingress);
             let after = lb.counters();
-            assert_eq!(action_name(r.action), action_name(xdp), "{}", verdict.name());
+            assert_eq!(
+                action_name(r.action),
+                action_name(xdp),
+                "{}",
+                verdict.name()
+            );
             if xdp == XDP_PASS {
-                assert!(r.output == kept, "{}: passed with other bytes than the encapsulated packet as received\n{}", verdict.name(), hex(&r.output));
+                assert!(
+                    r.output == kept,
+                    "{}: passed with other bytes than the encapsulated packet as received\n{}",
+                    verdict.name(),
+                    hex(&r.output)
+                );
             }
             assert_eq!(after[&verdict] - before[&verdict], 1, "{}", verdict.name());
-            assert_eq!(after[&Counter::NexthopFallbacks], before[&Counter::NexthopFallbacks]);
+            assert_eq!(
+                after[&Counter::NexthopFallbacks],
+                before[&Counter::NexthopFallbacks]
+            );
         }
     });
 }
@@ -138,9 +189,22 @@ fn a_next_hop_of_another_generation_is_ignored_for_the_route_lookup() {
     let ingress = net.lb0;
     net.ns.run(|| {
         let mut lb = setup(&net);
-        lb.set_nexthop(0, NextHop { generation: 2, ..entry(NH_FORWARD, ingress, 1500) });
+        lb.set_nexthop(
+            0,
+            NextHop {
+                generation: 2,
+                ..entry(NH_FORWARD, ingress, 1500)
+            },
+        );
         let pkt = syn(DSR_VIP);
-        let d = run(&mut lb, ingress, "stale entry", &pkt.frame(), XDP_TX, &dsr_out(&pkt, GW0_MAC, LB0_MAC));
+        let d = run(
+            &mut lb,
+            ingress,
+            "stale entry",
+            &pkt.frame(),
+            XDP_TX,
+            &dsr_out(&pkt, GW0_MAC, LB0_MAC),
+        );
         assert_eq!(d(Counter::NexthopFallbacks), 1);
     });
 }
@@ -154,7 +218,14 @@ fn a_packet_longer_than_the_next_hops_mtu_is_answered_with_too_big() {
         // The client's 1000-byte packet becomes 1020 bytes in IPIP: over an MTU of 900.
         lb.set_nexthop(0, entry(NH_FORWARD, ingress, 900));
         let pkt = syn(DSR_VIP).with(|p| p.payload = vec![0; 1000 - 40]);
-        let d = run(&mut lb, ingress, "too big", &pkt.frame(), XDP_TX, &packet::too_big_reply(&pkt, 880, GW0_MAC, LB0_MAC));
+        let d = run(
+            &mut lb,
+            ingress,
+            "too big",
+            &pkt.frame(),
+            XDP_TX,
+            &packet::too_big_reply(&pkt, 880, GW0_MAC, LB0_MAC),
+        );
         assert_eq!((d(Counter::DropTooBig), d(Counter::IcmpTooBigSent)), (1, 1));
     });
 }
@@ -169,15 +240,43 @@ fn check_mode_counts_a_next_hop_the_route_lookup_disagrees_with_and_sends_by_the
         let pkt = syn(DSR_VIP);
         let routed = dsr_out(&pkt, GW0_MAC, LB0_MAC);
         lb.set_nexthop(0, entry(NH_FORWARD, ingress, 1500));
-        let d = run(&mut lb, ingress, "wrong MACs", &pkt.frame(), XDP_TX, &routed);
+        let d = run(
+            &mut lb,
+            ingress,
+            "wrong MACs",
+            &pkt.frame(),
+            XDP_TX,
+            &routed,
+        );
         assert_eq!(d(Counter::NexthopMismatches), 1);
         // The route's own answer (GW0 via lb0, lb0's MTU) agrees.
-        let right = NextHop { dmac: GW0_MAC, smac: LB0_MAC, ..entry(NH_FORWARD, ingress, 1500) };
+        let right = NextHop {
+            dmac: GW0_MAC,
+            smac: LB0_MAC,
+            ..entry(NH_FORWARD, ingress, 1500)
+        };
         lb.set_nexthop(0, right);
-        let d = run(&mut lb, ingress, "right entry", &pkt.frame(), XDP_TX, &routed);
-        assert_eq!((d(Counter::NexthopMismatches), d(Counter::NexthopFallbacks)), (0, 0));
+        let d = run(
+            &mut lb,
+            ingress,
+            "right entry",
+            &pkt.frame(),
+            XDP_TX,
+            &routed,
+        );
+        assert_eq!(
+            (d(Counter::NexthopMismatches), d(Counter::NexthopFallbacks)),
+            (0, 0)
+        );
         lb.set_nexthop(0, entry(NH_NO_NEIGH, ingress, 1500));
-        let d = run(&mut lb, ingress, "no neighbour claimed", &pkt.frame(), XDP_TX, &routed);
+        let d = run(
+            &mut lb,
+            ingress,
+            "no neighbour claimed",
+            &pkt.frame(),
+            XDP_TX,
+            &routed,
+        );
         assert_eq!(d(Counter::NexthopMismatches), 1);
     });
 }
@@ -193,10 +292,25 @@ fn nat_forwarding_uses_the_members_next_hop() {
         let r = lb.run(&syn(NAT_VIP).frame(), ingress);
         let after = lb.counters();
         assert_eq!(action_name(r.action), "XDP_TX");
-        assert_eq!((&r.output[0..6], &r.output[6..12]), (&ENTRY_MAC[..], &ENTRY_SRC_MAC[..]), "{}", hex(&r.output));
+        assert_eq!(
+            (&r.output[0..6], &r.output[6..12]),
+            (&ENTRY_MAC[..], &ENTRY_SRC_MAC[..]),
+            "{}",
+            hex(&r.output)
+        );
         let dst: [u8; 4] = r.output[30..34].try_into().unwrap();
-        assert_eq!(std::net::Ipv4Addr::from(dst).to_string(), TX_V4, "translated towards the backend");
-        assert_eq!(after[&Counter::NatForward] - before[&Counter::NatForward], 1);
-        assert_eq!(after[&Counter::NexthopFallbacks], before[&Counter::NexthopFallbacks]);
+        assert_eq!(
+            std::net::Ipv4Addr::from(dst).to_string(),
+            TX_V4,
+            "translated towards the backend"
+        );
+        assert_eq!(
+            after[&Counter::NatForward] - before[&Counter::NatForward],
+            1
+        );
+        assert_eq!(
+            after[&Counter::NexthopFallbacks],
+            before[&Counter::NexthopFallbacks]
+        );
     });
 }

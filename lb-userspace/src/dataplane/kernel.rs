@@ -4,7 +4,10 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, PerCpuArray, PerCpuValues},
 };
-use lb_common::{Member, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps};
+use lb_common::{
+    Member, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue,
+    hash::vip_filter_slot, maps,
+};
 
 use super::{Dataplane, DataplaneError};
 use crate::{
@@ -95,6 +98,37 @@ impl KernelDataplane {
         let mut a: Array<_, Member> =
             Array::try_from(self.map_mut(maps::MEMBERS)?).map_err(werr(maps::MEMBERS))?;
         a.set(id, m, 0).map_err(werr(format!("member {id}")))
+    }
+
+    /// Sets VIP address `addr`'s bit in the VIP-address filter.
+    fn set_filter_bit(&mut self, addr: &VipAddr) -> Result<(), DataplaneError> {
+        let (word, bit) = vip_filter_slot(&addr.addr, addr.family);
+        let mut f: Array<_, u64> =
+            Array::try_from(self.map_mut(maps::VIP_FILTER)?).map_err(werr(maps::VIP_FILTER))?;
+        let w = f.get(&word, 0).map_err(rerr(maps::VIP_FILTER))?;
+        if w & bit == 0 {
+            f.set(word, w | bit, 0).map_err(werr(maps::VIP_FILTER))?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes the filter word of (removed) address `gone` from the addresses that still
+    /// carry VIPs: a bit stays set while any of them uses it.
+    fn rebuild_filter_word(&mut self, gone: &VipAddr) -> Result<(), DataplaneError> {
+        let (word, _) = vip_filter_slot(&gone.addr, gone.family);
+        let addrs: HashMap<_, VipAddr, u32> =
+            HashMap::try_from(self.map(maps::VIP_ADDRS)?).map_err(rerr(maps::VIP_ADDRS))?;
+        let mut bits = 0u64;
+        for k in addrs.keys() {
+            let k = k.map_err(rerr(maps::VIP_ADDRS))?;
+            let (w, b) = vip_filter_slot(&k.addr, k.family);
+            if w == word {
+                bits |= b;
+            }
+        }
+        let mut f: Array<_, u64> =
+            Array::try_from(self.map_mut(maps::VIP_FILTER)?).map_err(werr(maps::VIP_FILTER))?;
+        f.set(word, bits, 0).map_err(werr(maps::VIP_FILTER))
     }
 
     fn map(&self, name: &str) -> Result<&Map, DataplaneError> {
@@ -188,6 +222,8 @@ impl Dataplane for KernelDataplane {
                 self.set_member(*id, &retired)
             }
             Write::VipAddr { addr, count } => {
+                // The filter first: from then on the program looks the address up.
+                self.set_filter_bit(addr)?;
                 let mut h: HashMap<_, VipAddr, u32> =
                     HashMap::try_from(self.map_mut(maps::VIP_ADDRS)?)
                         .map_err(werr(maps::VIP_ADDRS))?;
@@ -197,7 +233,8 @@ impl Dataplane for KernelDataplane {
                 let mut h: HashMap<_, VipAddr, u32> =
                     HashMap::try_from(self.map_mut(maps::VIP_ADDRS)?)
                         .map_err(werr(maps::VIP_ADDRS))?;
-                h.remove(addr).map_err(werr(maps::VIP_ADDRS))
+                h.remove(addr).map_err(werr(maps::VIP_ADDRS))?;
+                self.rebuild_filter_word(addr)
             }
             Write::Slots { vip_id, slots } => {
                 let m = self.sizes.maglev_m as usize;
