@@ -145,6 +145,9 @@ pub const GEN_FRAME_LEN: usize = 64;
 /// The generator's template map (benchmarks only; never pinned).
 pub const GEN_FRAME: &str = "LB_GEN_FRAME";
 
+/// Entries of the cost probes' LRU table (`LB_PROBE_FLOWS`, benchmarks only).
+pub const PROBE_FLOW_ENTRIES: u32 = 8_192;
+
 /// IPv6 extension headers the parser walks through before giving up on finding TCP or UDP.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// Default grace time of a closed TCP translation, in seconds.

@@ -34,7 +34,8 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Every packet the program ran on.
+    /// Every packet the program ran on. Not counted by the program: it is the sum of the
+    /// verdicts (see [`derive`]).
     Packets = "packets", false;
 
     // Verdicts.
@@ -87,7 +88,8 @@ counters! {
     Fragments = "fragments", false;
     /// IPv6 packet with more extension headers than the parser walks.
     Ipv6ExtLimit = "ipv6_ext_limit", false;
-    /// Packet matched a VIP.
+    /// Packet matched a VIP. Not counted by the program: it is the sum of the VIPs' own
+    /// packet counters (see [`derive`]).
     VipPackets = "vip_packets", false;
     /// Flow-table hit that was followed.
     FlowHits = "flow_hits", false;
@@ -154,6 +156,19 @@ counters! {
     NexthopMismatches = "nexthop_mismatches", false;
 }
 
+/// Fills in the counters the program leaves to its readers (one map write fewer per packet
+/// each): [`Counter::Packets`], the sum of the verdicts, and [`Counter::VipPackets`], the sum of
+/// the per-VIP packet counters (`vip_packets`). `counts` is indexed by [`Counter`].
+pub fn derive(counts: &mut [u64], vip_packets: u64) {
+    let verdicts = Counter::ALL
+        .iter()
+        .filter(|c| c.is_verdict())
+        .map(|c| counts[*c as usize])
+        .fold(0u64, u64::wrapping_add);
+    counts[Counter::Packets as usize] = verdicts;
+    counts[Counter::VipPackets as usize] = vip_packets;
+}
+
 /// Per-VIP and per-backend traffic, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -179,5 +194,17 @@ mod tests {
             }
         }
         assert!(Counter::ALL.iter().filter(|c| c.is_verdict()).count() > 10);
+    }
+
+    #[test]
+    fn derive_sums_the_verdicts_into_packets_and_takes_vip_packets_as_given() {
+        let mut counts = [0u64; Counter::COUNT as usize];
+        counts[Counter::Tx as usize] = 5;
+        counts[Counter::PassNotForVip as usize] = 7;
+        counts[Counter::FlowHits as usize] = 100; // an event: not a packet
+        derive(&mut counts, 3);
+        assert_eq!(counts[Counter::Packets as usize], 12);
+        assert_eq!(counts[Counter::VipPackets as usize], 3);
+        assert_eq!(counts[Counter::FlowHits as usize], 100);
     }
 }

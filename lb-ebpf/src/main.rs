@@ -21,6 +21,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod probe;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod too_big;
@@ -130,7 +132,6 @@ mod program {
 
     #[xdp]
     pub fn lb(ctx: XdpContext) -> u32 {
-        count(Counter::Packets);
         finish(process(&ctx))
     }
 
@@ -227,6 +228,38 @@ mod program {
         }
     }
 
+    /// The cost probes' LRU table (benchmarks only; never pinned): small, so it costs an agent
+    /// little memory and nearly every probe insert evicts.
+    #[map]
+    pub static LB_PROBE_FLOWS: LruHashMap<FlowKey, FlowValue> =
+        LruHashMap::with_max_entries(PROBE_FLOW_ENTRIES, 0);
+
+    /// Cost probes (see [`crate::probe`]; benchmarks only).
+    #[xdp]
+    pub fn lb_probe_parse(ctx: XdpContext) -> u32 {
+        crate::probe::parse_only(&ctx)
+    }
+
+    #[xdp]
+    pub fn lb_probe_vip(ctx: XdpContext) -> u32 {
+        crate::probe::vip_lookup(&ctx)
+    }
+
+    #[xdp]
+    pub fn lb_probe_flow(ctx: XdpContext) -> u32 {
+        crate::probe::flow_lookup(&ctx)
+    }
+
+    #[xdp]
+    pub fn lb_probe_insert(ctx: XdpContext) -> u32 {
+        crate::probe::flow_insert(&ctx)
+    }
+
+    #[xdp]
+    pub fn lb_probe_fib(ctx: XdpContext) -> u32 {
+        crate::probe::fib(&ctx)
+    }
+
     /// Decapsulates tunnelled packets on a DSR backend (see [`crate::decap`]).
     #[xdp]
     pub fn lb_decap(ctx: XdpContext) -> u32 {
@@ -319,8 +352,8 @@ mod program {
             return not_for_vip(ctx, &pkt);
         };
         let vip = *vip;
-        count(Counter::VipPackets);
         let Some(node) = LB_NODE.get(0) else {
+            account(&LB_VIP_STATS, vip.id, bytes, false);
             return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
         };
         let choice = match select(&pkt.key, &vip, pkt.tcp_flags, node.udp_idle_timeout_ns) {

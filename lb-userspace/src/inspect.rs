@@ -86,21 +86,22 @@ impl Pinned {
         })
     }
 
-    /// Global counters, summed over CPUs, in [`Counter`] order.
+    /// Global counters, summed over CPUs, in [`Counter`] order (with the derived ones filled
+    /// in, see [`lb_common::stats::derive`]).
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, InspectError> {
-        Counter::ALL
+        let mut counts = Counter::ALL
             .iter()
             .map(|&c| {
-                Ok((
-                    c,
-                    self.stats
-                        .get(&(c as u32), 0)
-                        .map_err(merr("stats"))?
-                        .iter()
-                        .sum(),
-                ))
+                let per_cpu = self.stats.get(&(c as u32), 0).map_err(merr("stats"))?;
+                Ok(per_cpu.iter().sum())
             })
-            .collect()
+            .collect::<Result<Vec<u64>, InspectError>>()?;
+        let mut vip_packets = 0;
+        for id in 0..self.sizes.max_vips {
+            vip_packets += self.vip_stats(id)?.packets;
+        }
+        lb_common::stats::derive(&mut counts, vip_packets);
+        Ok(Counter::ALL.iter().copied().zip(counts).collect())
     }
 
     fn sum(

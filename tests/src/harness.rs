@@ -61,6 +61,9 @@ pub struct Lb {
     backends: StdHashMap<u32, (IpAddr, u16, bool)>,
     /// (VIP id, backend id) -> member id.
     members: StdHashMap<(u32, u32), u32>,
+    /// Frames run through `lb` by [`Lb::run`]: what the verdict counters must add up to when
+    /// nothing else sends the program packets.
+    pub runs: u64,
 }
 
 impl Lb {
@@ -77,6 +80,7 @@ impl Lb {
             sizes,
             backends: StdHashMap::new(),
             members: StdHashMap::new(),
+            runs: 0,
         }
     }
 
@@ -381,27 +385,39 @@ impl Lb {
         m.set(0, full, 0).expect("writing the ICMP buckets");
     }
 
-    /// Global counters summed over CPUs.
+    /// Global counters summed over CPUs (with the derived ones filled in, as `lb stats` does).
     pub fn counters(&mut self) -> StdHashMap<Counter, u64> {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
-        Counter::ALL
+        let mut counts: Vec<u64> = Counter::ALL
             .iter()
             .map(|&c| {
-                (
-                    c,
-                    stats
-                        .get(&(c as u32), 0)
-                        .expect("reading stats")
-                        .iter()
-                        .sum(),
-                )
+                stats
+                    .get(&(c as u32), 0)
+                    .expect("reading stats")
+                    .iter()
+                    .sum()
             })
-            .collect()
+            .collect();
+        let max_vips = self.sizes.max_vips;
+        let vips: PerCpuArray<_, lb_common::TrafficStats> =
+            PerCpuArray::try_from(self.map(maps::VIP_STATS)).unwrap();
+        let vip_packets = (0..max_vips)
+            .map(|id| {
+                vips.get(&id, 0)
+                    .expect("reading VIP stats")
+                    .iter()
+                    .map(|s| s.packets)
+                    .sum::<u64>()
+            })
+            .sum();
+        lb_common::stats::derive(&mut counts, vip_packets);
+        Counter::ALL.iter().copied().zip(counts).collect()
     }
 
     /// Runs `frame` through the program once, as if received on `ingress_ifindex` (0: loopback
     /// of the calling thread's namespace).
     pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Run {
+        self.runs += 1;
         self.run_program(program::PROGRAM, frame, ingress_ifindex)
     }
 
