@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod flowtab;
 pub mod hash;
 pub mod maps;
 pub mod select;

@@ -19,8 +19,16 @@ pub const VIP_FILTER: &str = "LB_VIP_FILTER";
 pub const RING: &str = "LB_RING";
 /// Member id -> [`crate::Member`] (one per VIP and backend).
 pub const MEMBERS: &str = "LB_MEMBERS";
-/// Established flows: [`crate::FlowKey`] -> [`crate::FlowValue`] (LRU).
+/// Established IPv6 flows: [`crate::FlowKey`] -> [`crate::FlowValue`] (LRU).
 pub const FLOWS: &str = "LB_FLOWS";
+/// Established IPv4 flows: [`crate::flowtab::FlowBucket`]s (a set-associative table, see
+/// [`crate::flowtab`]); IPv6 flows stay in [`FLOWS`]. Mmapable, so the buckets are page- and
+/// so cache-line-aligned and the agent can read the table in place.
+pub const FLOWS4: &str = "LB_FLOWS4";
+/// Flags of [`FLOWS4`].
+pub const FLOWS4_FLAGS: u32 = RING_FLAGS;
+/// Name of the read-only global holding the number of buckets of [`FLOWS4`] (set at load time).
+pub const GLOBAL_FLOW_BUCKETS: &str = "LB_FLOW_BUCKETS";
 /// Client-IP session affinity: [`crate::AffinityKey`] -> [`crate::AffinityValue`] (LRU).
 pub const AFFINITY: &str = "LB_AFFINITY";
 /// Member id -> [`crate::NextHop`]: how to reach the member's backend, written by the agent.
@@ -96,6 +104,7 @@ pub const ALL: &[&str] = &[
     MEMBERS,
     NEXTHOPS,
     FLOWS,
+    FLOWS4,
     AFFINITY,
     NODE,
     STATS,

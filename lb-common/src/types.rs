@@ -515,4 +515,5 @@ mod pod {
     unsafe impl aya::Pod for TooBigJob {}
     unsafe impl aya::Pod for IcmpJob {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for crate::flowtab::FlowBucket {}
 }

@@ -180,12 +180,18 @@ fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static M
     if vip.mode != MODE_DSR {
         return None;
     }
-    if let Some(flow) = unsafe { LB_FLOWS.get(key) } {
+    let t = unsafe { bpf_ktime_get_coarse_ns() };
+    let flow = if lb_common::flowtab::in_table(key.family) {
+        crate::flows::lookup(lb_common::flowtab::pack_key(key, vip.id))
+            .map(|h| crate::flows::value(&h, t))
+    } else {
+        unsafe { LB_FLOWS.get(key) }.copied()
+    };
+    if let Some(flow) = flow {
         let m = LB_MEMBERS.get(flow.member_id);
-        let t = unsafe { bpf_ktime_get_coarse_ns() };
         // An error is no traffic of the flow: its idle time is read, not refreshed.
         if let FlowCheck::Follow | FlowCheck::FollowAndRefresh =
-            check_flow(flow, m, vip, key.proto, t, udp_idle_timeout_ns)
+            check_flow(&flow, m, vip, key.proto, t, udp_idle_timeout_ns)
             && let Some(m) = m
         {
             return Some((flow.member_id, m));

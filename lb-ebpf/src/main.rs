@@ -13,6 +13,8 @@
 #[cfg(target_arch = "bpf")]
 mod decap;
 #[cfg(target_arch = "bpf")]
+mod flows;
+#[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -57,6 +59,11 @@ mod program {
     #[unsafe(no_mangle)]
     pub static LB_MAGLEV_M: Global<u32> = Global::new(DEFAULT_MAGLEV_M);
 
+    /// Buckets in `LB_FLOWS4`, fixed when the agent loads the program.
+    #[unsafe(no_mangle)]
+    pub static LB_FLOW_BUCKETS: Global<u32> =
+        Global::new(lb_common::flowtab::buckets_for(DEFAULT_FLOW_ENTRIES));
+
     #[map]
     pub static LB_VIPS: HashMap<VipKey, VipValue> =
         HashMap::with_max_entries(DEFAULT_VIP_ENTRIES, 0);
@@ -76,6 +83,11 @@ mod program {
     #[map]
     pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+    #[map]
+    pub static LB_FLOWS4: Array<lb_common::flowtab::FlowBucket> = Array::with_max_entries(
+        lb_common::flowtab::buckets_for(DEFAULT_FLOW_ENTRIES),
+        FLOWS4_FLAGS,
+    );
     #[map]
     pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
         LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
@@ -248,6 +260,11 @@ mod program {
     #[xdp]
     pub fn lb_probe_flow(ctx: XdpContext) -> u32 {
         crate::probe::flow_lookup(&ctx)
+    }
+
+    #[xdp]
+    pub fn lb_probe_lru(ctx: XdpContext) -> u32 {
+        crate::probe::lru_lookup(&ctx)
     }
 
     #[xdp]

@@ -197,7 +197,11 @@ fn refused(r: &mut NatReverse, s: Signal) {
     if r.state & NAT_S_ANSWERED == 0 {
         fail(r, s);
         let client = r.client;
-        let _ = LB_FLOWS.remove(client);
+        if lb_common::flowtab::in_table(client.family) {
+            crate::flows::remove(lb_common::flowtab::pack_key(&client, r.vip_id));
+        } else {
+            let _ = LB_FLOWS.remove(client);
+        }
         let akey = AffinityKey {
             addr: client.src,
             vip_id: r.vip_id,

@@ -50,13 +50,22 @@ pub fn vip_lookup(ctx: &XdpContext) -> u32 {
     verdict(unsafe { LB_VIPS.get(key) }.is_some())
 }
 
-/// Parser + flow-table lookup (a hit for an established flow).
+/// Parser + IPv4 flow-table lookup (a hit for an established flow of VIP id 0).
 #[inline(always)]
 pub fn flow_lookup(ctx: &XdpContext) -> u32 {
     let Some(p) = packet(ctx) else {
         return verdict(false);
     };
-    verdict(unsafe { LB_FLOWS.get(&p.key) }.is_some())
+    verdict(crate::flows::lookup(lb_common::flowtab::pack_key(&p.key, 0)).is_some())
+}
+
+/// Parser + IPv6-style flow-table lookup (the LRU hash of 40-byte keys; a miss for IPv4).
+#[inline(always)]
+pub fn lru_lookup(ctx: &XdpContext) -> u32 {
+    let Some(p) = packet(ctx) else {
+        return verdict(false);
+    };
+    verdict(unsafe { LB_FLOWS.get(&p.key) }.is_none())
 }
 
 /// Parser + an insert into an LRU table like the flow table (`LB_PROBE_FLOWS`, small, so

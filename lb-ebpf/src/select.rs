@@ -12,7 +12,9 @@ use lb_common::{
     },
 };
 
-use crate::{LB_AFFINITY, LB_FLOWS, LB_MAGLEV_M, LB_MEMBERS, LB_RING, count};
+use lb_common::flowtab::{in_table, pack_key};
+
+use crate::{LB_AFFINITY, LB_FLOWS, LB_MAGLEV_M, LB_MEMBERS, LB_RING, count, flows};
 
 /// The member chosen for a packet.
 pub struct Choice {
@@ -42,8 +44,17 @@ pub fn select(
     udp_idle_timeout_ns: u64,
 ) -> Result<Choice, Counter> {
     let syn = opens_connection(key.proto, tcp_flags);
-    if !syn && let Some(c) = follow_flow(key, vip, udp_idle_timeout_ns) {
-        return Ok(c);
+    let v4 = in_table(key.family);
+    let k4 = pack_key(key, vip.id);
+    if !syn {
+        let followed = if v4 {
+            follow_flow4(k4, key.proto, vip, udp_idle_timeout_ns)
+        } else {
+            follow_flow(key, vip, udp_idle_timeout_ns)
+        };
+        if let Some(c) = followed {
+            return Ok(c);
+        }
     }
     if key.proto == IPPROTO_TCP && !syn {
         // Mid-stream packet we have no entry for (another node served it, or ours was evicted):
@@ -57,12 +68,17 @@ pub fn select(
     } else {
         maglev(key, vip)?
     };
-    let value = FlowValue {
-        member_id,
-        generation: m.generation,
-        last_seen_ns: t,
+    let recorded = if v4 {
+        flows::insert(k4, member_id, m.generation, flows::units(t))
+    } else {
+        let value = FlowValue {
+            member_id,
+            generation: m.generation,
+            last_seen_ns: t,
+        };
+        LB_FLOWS.insert(key, value, 0).is_ok()
     };
-    if LB_FLOWS.insert(key, value, 0).is_ok() {
+    if recorded {
         count(Counter::NewFlows);
     } else {
         count(Counter::FlowInsertFailed);
@@ -100,6 +116,36 @@ fn follow_flow(key: &FlowKey, vip: &VipValue, udp_idle_timeout_ns: u64) -> Optio
     count(Counter::FlowHits);
     Some(Choice {
         member_id: flow.member_id,
+        member: m?,
+        new_flow: false,
+    })
+}
+
+/// The IPv4 flow table's entry for packed key `k4`, if it is to be followed (the same rules as
+/// [`follow_flow`]). Every hit reads the clock: TCP flows refresh their last-seen time once a
+/// second, so that eviction within a bucket spares busy flows.
+#[inline(always)]
+fn follow_flow4(k4: u64, proto: u8, vip: &VipValue, udp_idle_timeout_ns: u64) -> Option<Choice> {
+    let hit = flows::lookup(k4)?;
+    let m = member(hit.member_id);
+    let t = now();
+    let now_units = flows::units(t);
+    let flow = flows::value(&hit, t);
+    match check_flow(&flow, m, vip, proto, t, udp_idle_timeout_ns) {
+        FlowCheck::Follow => flows::touch(&hit, now_units, false),
+        FlowCheck::FollowAndRefresh => flows::touch(&hit, now_units, true),
+        FlowCheck::Stale => {
+            count(Counter::FlowStale);
+            return None;
+        }
+        FlowCheck::IdleExpired => {
+            count(Counter::FlowIdleExpired);
+            return None;
+        }
+    }
+    count(Counter::FlowHits);
+    Some(Choice {
+        member_id: hit.member_id,
         member: m?,
         new_flow: false,
     })

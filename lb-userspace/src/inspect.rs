@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, path::Path};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, Member, NatFlow,
-    NatReverse, NodeConfig, PassiveHealth, TrafficStats, VipKey, VipValue, maps,
+    NatReverse, NodeConfig, PassiveHealth, TrafficStats, VipKey, VipValue,
+    flowtab::{self, FlowBucket},
+    maps,
 };
 
 use crate::{
@@ -45,6 +47,7 @@ pub struct Pinned {
     members: Array<MapData, Member>,
     node: Array<MapData, NodeConfig>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    flows4: Array<MapData, FlowBucket>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nat: HashMap<MapData, FlowKey, NatFlow>,
     nat_rev: HashMap<MapData, FlowKey, NatReverse>,
@@ -75,6 +78,7 @@ impl Pinned {
             members: Array::try_from(open(maps::MEMBERS)?).map_err(merr("members"))?,
             node: Array::try_from(open(maps::NODE)?).map_err(merr("node settings"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
+            flows4: Array::try_from(open(maps::FLOWS4)?).map_err(merr("IPv4 flows"))?,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
             nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
             nat_rev: HashMap::try_from(open(maps::NAT_REV)?)
@@ -214,17 +218,90 @@ impl Pinned {
         out
     }
 
-    /// Up to `limit` flow entries (the table is an LRU: order means nothing).
+    /// Up to `limit` flow entries: IPv4 (bucket by bucket, then the IPv6 LRU; order means
+    /// nothing). IPv4 entries of a VIP id no VIP has any more are left out.
     pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
-        self.flows
-            .iter()
-            .take(limit)
-            .map(|kv| kv.map_err(merr("flows")))
-            .collect()
+        let vips: BTreeMap<u32, VipKey> =
+            self.vips()?.into_iter().map(|(k, v)| (v.id, k)).collect();
+        let now = monotonic_coarse_ns();
+        let mut out = Vec::new();
+        for i in 0..self.flows4.len() {
+            if out.len() >= limit {
+                return Ok(out);
+            }
+            let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
+            for (k, v) in b.keys.iter().zip(b.values) {
+                if let Some(flow) = Self::flow4(&vips, &b, *k, v, now) {
+                    out.push(flow);
+                }
+            }
+        }
+        for kv in self.flows.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(kv.map_err(merr("flows"))?);
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 
+    /// The flow that way (key `k`, value `v`) of bucket `b` holds, if any.
+    fn flow4(
+        vips: &BTreeMap<u32, VipKey>,
+        b: &FlowBucket,
+        k: u64,
+        v: u64,
+        now: u64,
+    ) -> Option<(FlowKey, FlowValue)> {
+        if k == flowtab::EMPTY || k == flowtab::LOCKED {
+            return None;
+        }
+        let (member_id, generation) = flowtab::unpack_value(k, v)?;
+        let (src4, src_port, vip_id) = flowtab::unpack_key(k);
+        let vip = vips.get(&vip_id)?;
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&src4);
+        let seen = b.seen[flowtab::find(b, k)?];
+        let key = FlowKey {
+            src,
+            dst: vip.addr,
+            src_port,
+            dst_port: vip.port,
+            proto: vip.proto,
+            family: vip.family,
+            _pad: [0; 2],
+        };
+        let value = FlowValue {
+            member_id,
+            generation,
+            last_seen_ns: flowtab::last_seen_ns(seen, now),
+        };
+        Some((key, value))
+    }
+
+    /// The flow entry of `k`, from the table of its family (IPv4 ones by their VIP's id).
     pub fn flow(&self, k: &FlowKey) -> Option<FlowValue> {
-        self.flows.get(k, 0).ok()
+        if !flowtab::in_table(k.family) {
+            return self.flows.get(k, 0).ok();
+        }
+        let vip = VipKey {
+            addr: k.dst,
+            port: k.dst_port,
+            proto: k.proto,
+            family: k.family,
+        };
+        let vip_id = self.vips.get(&vip, 0).ok()?.id;
+        let packed = flowtab::pack_key(k, vip_id);
+        let at = flowtab::buckets_of(packed, self.flows4.len());
+        let b0 = self.flows4.get(&at[0], 0).ok()?;
+        let b1 = self.flows4.get(&at[1], 0).ok()?;
+        let (member_id, generation, seen) = flowtab::get([&b0, &b1], packed)?;
+        Some(FlowValue {
+            member_id,
+            generation,
+            last_seen_ns: flowtab::last_seen_ns(seen, monotonic_coarse_ns()),
+        })
     }
 
     pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {

@@ -74,6 +74,12 @@ impl Sizes {
         }
     }
 
+    /// Entries of the IPv6 flow table (an LRU hash; IPv4 flows have the bucket table of
+    /// `flow_entries`): a quarter of `flow_entries`, at least 1,024.
+    pub fn flow_entries_v6(&self) -> u32 {
+        (self.flow_entries / 4).max(1024)
+    }
+
     pub fn limits(&self) -> crate::plan::Limits {
         crate::plan::Limits {
             maglev_m: self.maglev_m,
@@ -203,15 +209,18 @@ fn check_pins(dir: &Path, sizes: &Sizes) -> Result<(), LoadError> {
 /// With `pin_dir`, maps are pinned there by name, or re-used if already pinned and compatible.
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     let ring = sizes.check()?;
+    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
+        .override_global(maps::GLOBAL_FLOW_BUCKETS, &flow_buckets, true)
+        .map_max_entries(maps::FLOWS4, flow_buckets)
         .map_max_entries(maps::RING, ring)
         .map_max_entries(maps::VIP_STATS, sizes.max_vips)
         .map_max_entries(maps::MEMBERS, sizes.max_backends)
         .map_max_entries(maps::NEXTHOPS, sizes.max_backends)
         .map_max_entries(maps::MEMBER_STATS, sizes.max_backends)
-        .map_max_entries(maps::FLOWS, sizes.flow_entries)
+        .map_max_entries(maps::FLOWS, sizes.flow_entries_v6())
         .map_max_entries(maps::AFFINITY, sizes.affinity_entries)
         .map_max_entries(maps::NAT, sizes.nat_entries)
         .map_max_entries(maps::NAT_REV, sizes.nat_entries)

@@ -112,7 +112,9 @@ pub fn fastpath(opts: &Options) -> Value {
             max_vips: 8,
             // A member per (VIP, backend): five VIPs of up to 100 backends.
             max_backends: 1024,
-            flow_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
+            // Established flows, then the new-flow, affinity and NAT cases each add `calls` more: at
+            // most a third of the IPv4 table, which keeps every one of them (see `flowtab`).
+            flow_entries: ((3 * (opts.flows + 3 * opts.calls) + 1024) as u32).next_power_of_two(),
             affinity_entries: 1 << 16,
             nat_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
         });

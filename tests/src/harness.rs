@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MEMBER_F_LIVE,
     Member, NO_BACKEND, NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig,
-    PassiveHealth, RateBucket, VipAddr, VipKey, VipValue, maps,
+    PassiveHealth, RateBucket, VipAddr, VipKey, VipValue, flowtab, maps,
 };
 use lb_userspace::program::{self, Sizes};
 
@@ -352,16 +352,61 @@ impl Lb {
         m.insert(ifindex, ifindex, None, 0).expect("writing devmap");
     }
 
+    /// The flow entry of `key` (whichever table its family's flows live in). IPv4 entries
+    /// are found by their VIP's id, so the VIP must exist.
     pub fn flow(&mut self, key: &FlowKey) -> Option<FlowValue> {
-        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
-            .get(key, 0)
-            .ok()
+        if !flowtab::in_table(key.family) {
+            return self
+                .hash::<FlowKey, FlowValue>(maps::FLOWS)
+                .get(key, 0)
+                .ok();
+        }
+        let (at, k) = self.flow4_slots(key);
+        let table = self.array::<flowtab::FlowBucket>(maps::FLOWS4);
+        let b = at.map(|i| table.get(&i, 0).expect("reading a flow bucket"));
+        let (member_id, generation, seen) = flowtab::get([&b[0], &b[1]], k)?;
+        let now = lb_userspace::inspect::monotonic_coarse_ns();
+        Some(FlowValue {
+            member_id,
+            generation,
+            last_seen_ns: flowtab::last_seen_ns(seen, now),
+        })
     }
 
     pub fn set_flow(&mut self, key: FlowKey, value: FlowValue) {
-        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
-            .insert(key, value, 0)
-            .expect("writing flow");
+        if !flowtab::in_table(key.family) {
+            self.hash::<FlowKey, FlowValue>(maps::FLOWS)
+                .insert(key, value, 0)
+                .expect("writing flow");
+            return;
+        }
+        let (at, k) = self.flow4_slots(&key);
+        let mut table = self.array::<flowtab::FlowBucket>(maps::FLOWS4);
+        let mut b = at.map(|i| table.get(&i, 0).expect("reading a flow bucket"));
+        let seen = (value.last_seen_ns >> flowtab::TIME_SHIFT) as u32;
+        let i = flowtab::put(&mut b, k, value.member_id, value.generation, seen)
+            .expect("the bucket is being written");
+        table.set(at[i], b[i], 0).expect("writing a flow bucket");
+    }
+
+    /// The two buckets and the packed key of IPv4 flow `key`.
+    fn flow4_slots(&mut self, key: &FlowKey) -> ([u32; 2], u64) {
+        let vip = VipKey {
+            addr: key.dst,
+            port: key.dst_port,
+            proto: key.proto,
+            family: key.family,
+        };
+        let vip_id = self
+            .hash::<VipKey, VipValue>(maps::VIPS)
+            .get(&vip, 0)
+            .expect("the flow's VIP")
+            .id;
+        let k = flowtab::pack_key(key, vip_id);
+        (
+            flowtab::buckets_of(k, flowtab::buckets_for(self.sizes.flow_entries)),
+            k,
+        )
     }
 
     pub fn affinity(&mut self, key: &AffinityKey) -> Option<AffinityValue> {

@@ -1,0 +1,384 @@
+//! The IPv4 flow table: a set-associative table of 64-byte buckets, one cache line each, in a
+//! BPF array (`maps::FLOWS4`). A flow is its client address and port and its VIP id, packed in
+//! one `u64`; a bucket holds [`FLOW_WAYS`] of them with their members and last-seen times.
+//!
+//! - **Lookup**: hash the key, read its first bucket, compare three keys; only if the flow is
+//!   not there, its second bucket (two-choice hashing, [`buckets_of`]). Shared by all CPUs
+//!   (replies and retransmissions may arrive on any of them), read without locks.
+//! - **Insert**: of the six ways of its two buckets, the way holding the key, else an empty
+//!   way, else the way seen longest ago
+//!   (approximate LRU within the bucket: last-seen times are refreshed at most every
+//!   [`REFRESH_UNITS`] for TCP, on every packet for UDP, which needs them for its idle timeout).
+//!   A writer claims the way with a compare-and-exchange of its key to [`LOCKED`], writes the
+//!   value, then publishes the key; readers that meet a key other than theirs (or `LOCKED`)
+//!   miss. The value carries a 12-bit tag of its key ([`pack_value`]), so a read that pairs a
+//!   key with another flow's value (possible only where loads are reordered) is a miss too.
+//! - A flow evicted by a newer one in its bucket is balanced again by Maglev, which gives the
+//!   same member while the VIP's table is unchanged.
+//!
+//! Both the program and the agent (`lb flows`, `lb explain`, tests) use these functions, so
+//! they agree on where a flow lives.
+
+use crate::{FAMILY_V4, FlowKey};
+
+/// Ways (flows) per bucket.
+pub const FLOW_WAYS: usize = 3;
+/// An empty way's key.
+pub const EMPTY: u64 = 0;
+/// A way being written (claimed by a compare-and-exchange). No real key has a VIP field of 0.
+pub const LOCKED: u64 = 1;
+/// Last-seen times are `CLOCK_MONOTONIC_COARSE >> TIME_SHIFT` (units of 1.048576 ms); a `u32`
+/// of them wraps after 52 days, and only differences shorter than half of that are taken.
+pub const TIME_SHIFT: u32 = 20;
+/// TCP flows refresh their last-seen time when it is older than this (about a second): enough
+/// for eviction to prefer idle flows, without a write per packet.
+pub const REFRESH_UNITS: u32 = 1 << 10;
+
+/// One bucket: a cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    /// [`pack_key`] of each way's flow, [`EMPTY`] or [`LOCKED`].
+    pub keys: [u64; FLOW_WAYS],
+    /// [`pack_value`] of each way's member.
+    pub values: [u64; FLOW_WAYS],
+    /// When each way's flow was last seen, in [`TIME_SHIFT`] units.
+    pub seen: [u32; FLOW_WAYS],
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
+
+/// The table key of an IPv4 flow on VIP `vip_id` (below 65535): client address (as it lies in
+/// memory), client port (network byte order) and the VIP id plus one.
+#[inline(always)]
+pub const fn pack_key(key: &FlowKey, vip_id: u32) -> u64 {
+    let src = u32::from_ne_bytes([key.src[0], key.src[1], key.src[2], key.src[3]]) as u64;
+    src | (key.src_port as u64) << 32 | ((vip_id as u64 + 1) & 0xffff) << 48
+}
+
+/// The client address (first four bytes), port and VIP id a packed key stands for.
+pub const fn unpack_key(k: u64) -> ([u8; 4], u16, u32) {
+    (
+        (k as u32).to_ne_bytes(),
+        (k >> 32) as u16,
+        ((k >> 48) as u32).wrapping_sub(1),
+    )
+}
+
+/// Whether `family` flows live in this table (the others are in the LRU `maps::FLOWS`).
+#[inline(always)]
+pub const fn in_table(family: u8) -> bool {
+    family == FAMILY_V4
+}
+
+#[inline(always)]
+const fn mix64(k: u64) -> u64 {
+    // splitmix64's finaliser: every key bit reaches every hash bit.
+    let mut z = k ^ (k >> 30);
+    z = z.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z ^= z >> 27;
+    z = z.wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The two buckets packed key `k` may live in, in a table of `buckets` buckets (two choices:
+/// a flow goes to whichever has room, so a bucket overflows only when both are full). Lookups
+/// read the first, and the second only when the first does not hold the flow.
+#[inline(always)]
+pub const fn buckets_of(k: u64, buckets: u32) -> [u32; 2] {
+    let h = mix64(k);
+    [
+        (((h >> 32) * buckets as u64) >> 32) as u32,
+        (((h & 0xffff_ffff) * buckets as u64) >> 32) as u32,
+    ]
+}
+
+#[inline(always)]
+const fn tag(k: u64) -> u64 {
+    mix64(k) & 0xfff
+}
+
+/// Member ids the value can hold (20 bits).
+pub const MAX_MEMBER_ID: u32 = (1 << 20) - 1;
+
+/// The value stored with key `k`: member id (20 bits), a 12-bit tag of `k`, the generation.
+#[inline(always)]
+pub const fn pack_value(k: u64, member_id: u32, generation: u32) -> u64 {
+    (member_id & MAX_MEMBER_ID) as u64 | tag(k) << 20 | (generation as u64) << 32
+}
+
+/// The (member id, generation) of value `v` stored with key `k`, if its tag is `k`'s.
+#[inline(always)]
+pub const fn unpack_value(k: u64, v: u64) -> Option<(u32, u32)> {
+    if (v >> 20) & 0xfff != tag(k) {
+        return None;
+    }
+    Some(((v as u32) & MAX_MEMBER_ID, (v >> 32) as u32))
+}
+
+/// The way of `bucket` that holds key `k`.
+#[inline(always)]
+pub fn find(bucket: &FlowBucket, k: u64) -> Option<usize> {
+    (0..FLOW_WAYS).find(|&w| bucket.keys[w] == k)
+}
+
+/// The way (bucket 0 or 1 of [`buckets_of`], way) a new flow with key `k` takes at time `now`
+/// (in [`TIME_SHIFT`] units): its own; else an empty way of the bucket with more empty ways
+/// (the first on a tie), which keeps buckets balanced so that both are full only in a table
+/// more than half full; else the way seen longest ago. `None` if that way is being written.
+#[inline(always)]
+pub fn victim(b: [&FlowBucket; 2], k: u64, now: u32) -> Option<(usize, usize)> {
+    let first = scan(b[0], k, now);
+    let second = scan(b[1], k, now);
+    let take = if let Some(w) = first.own {
+        (0, w, k)
+    } else if let Some(w) = second.own {
+        (1, w, k)
+    } else if first.empty > 0 && first.empty >= second.empty {
+        (0, first.empty_way, EMPTY)
+    } else if second.empty > 0 {
+        (1, second.empty_way, EMPTY)
+    } else if first.oldest_age >= second.oldest_age {
+        (0, first.oldest, first.oldest_key)
+    } else {
+        (1, second.oldest, second.oldest_key)
+    };
+    if take.2 == LOCKED {
+        None
+    } else {
+        Some((take.0, take.1))
+    }
+}
+
+/// What [`victim`] needs to know of one bucket.
+struct Scan {
+    own: Option<usize>,
+    empty: usize,
+    empty_way: usize,
+    oldest: usize,
+    oldest_age: u32,
+    oldest_key: u64,
+}
+
+#[inline(always)]
+fn scan(bucket: &FlowBucket, k: u64, now: u32) -> Scan {
+    let mut s = Scan {
+        own: None,
+        empty: 0,
+        empty_way: 0,
+        oldest: 0,
+        oldest_age: 0,
+        oldest_key: LOCKED,
+    };
+    for w in 0..FLOW_WAYS {
+        let key = bucket.keys[w];
+        if key == k {
+            s.own = Some(w);
+        } else if key == EMPTY {
+            s.empty += 1;
+            s.empty_way = w;
+        } else {
+            let age = now.wrapping_sub(bucket.seen[w]);
+            if age >= s.oldest_age {
+                s.oldest = w;
+                s.oldest_age = age;
+                s.oldest_key = key;
+            }
+        }
+    }
+    s
+}
+
+/// The `CLOCK_MONOTONIC_COARSE` time (to a unit) that last-seen time `seen` stands for, read at
+/// `now_ns`: the full-width unit count `seen` is the low 32 bits of, so every reader rebuilds
+/// the same time from the same entry.
+#[inline(always)]
+pub const fn last_seen_ns(seen: u32, now_ns: u64) -> u64 {
+    let now_units = now_ns >> TIME_SHIFT;
+    let idle = (now_units as u32).wrapping_sub(seen) as u64;
+    now_units.wrapping_sub(idle) << TIME_SHIFT
+}
+
+/// The (member id, generation, last-seen units) the buckets `b` (of [`buckets_of`]) hold for
+/// key `k` (single-threaded readers: the agent and tests).
+pub fn get(b: [&FlowBucket; 2], k: u64) -> Option<(u32, u32, u32)> {
+    b.iter().find_map(|b| {
+        let w = find(b, k)?;
+        let (m, g) = unpack_value(k, b.values[w])?;
+        Some((m, g, b.seen[w]))
+    })
+}
+
+/// Writes flow `k` into copies `b` of its two buckets where the program would (see
+/// [`victim`]); the one of the two it changed (to write back), `None` if it can't. The two
+/// may be copies of one bucket.
+pub fn put(
+    b: &mut [FlowBucket; 2],
+    k: u64,
+    member_id: u32,
+    generation: u32,
+    seen: u32,
+) -> Option<usize> {
+    let (i, w) = victim([&b[0], &b[1]], k, seen)?;
+    let bucket = &mut b[i];
+    bucket.keys[w] = k;
+    bucket.values[w] = pack_value(k, member_id, generation);
+    bucket.seen[w] = seen;
+    Some(i)
+}
+
+/// Buckets for a table of (at least) `entries` flows.
+pub const fn buckets_for(entries: u32) -> u32 {
+    let b = entries.div_ceil(FLOW_WAYS as u32);
+    if b == 0 { 1 } else { b }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IPPROTO_TCP;
+
+    fn key(src: [u8; 4], port: u16) -> FlowKey {
+        let mut s = [0u8; 16];
+        s[..4].copy_from_slice(&src);
+        FlowKey {
+            src: s,
+            src_port: port.to_be(),
+            dst: [0; 16],
+            dst_port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_and_never_look_empty_or_locked() {
+        for vip in [0u32, 1, 65_533] {
+            let k = pack_key(&key([0, 0, 0, 0], 0), vip);
+            assert!(k != EMPTY && k != LOCKED);
+            let k = pack_key(&key([10, 1, 2, 3], 40000), vip);
+            assert_eq!(unpack_key(k), ([10, 1, 2, 3], 40000u16.to_be(), vip));
+        }
+    }
+
+    #[test]
+    fn a_value_read_with_another_key_is_refused() {
+        let (a, b) = (
+            pack_key(&key([10, 0, 0, 1], 1), 0),
+            pack_key(&key([10, 0, 0, 2], 1), 0),
+        );
+        let v = pack_value(a, 77, 5);
+        assert_eq!(unpack_value(a, v), Some((77, 5)));
+        assert_eq!(
+            unpack_value(b, v),
+            None,
+            "the tags of these two keys differ"
+        );
+    }
+
+    #[test]
+    fn victim_prefers_own_then_empty_then_oldest_and_never_a_locked_way() {
+        let k = 0x1234_0000_0000_0005;
+        let full = FlowBucket {
+            keys: [21, 22, 23],
+            seen: [8, 8, 8],
+            ..Default::default()
+        };
+        let mut b = FlowBucket {
+            keys: [11, 12, EMPTY],
+            seen: [5, 9, 0],
+            ..Default::default()
+        };
+        assert_eq!(victim([&full, &b], k, 10), Some((1, 2)), "the empty way");
+        let emptier = FlowBucket {
+            keys: [EMPTY, 31, EMPTY],
+            ..Default::default()
+        };
+        assert_eq!(
+            victim([&b, &emptier], k, 10).map(|(i, _)| i),
+            Some(1),
+            "the bucket with more room"
+        );
+        assert_eq!(
+            victim([&emptier, &b], k, 10).map(|(i, _)| i),
+            Some(0),
+            "the bucket with more room"
+        );
+        b.keys[2] = 13;
+        b.seen[2] = 7;
+        assert_eq!(victim([&b, &full], k, 10), Some((0, 0)), "seen longest ago");
+        assert_eq!(
+            victim([&full, &b], k, 10),
+            Some((1, 0)),
+            "seen longest ago, second bucket"
+        );
+        b.keys[1] = k;
+        assert_eq!(victim([&full, &b], k, 10), Some((1, 1)), "its own way");
+        b.keys = [LOCKED, 12, 13];
+        assert_eq!(
+            victim([&b, &full], k, 10),
+            None,
+            "the oldest is being written"
+        );
+        // Times wrap: 2 units before a wrap is older than 1 after it.
+        let b = FlowBucket {
+            keys: [11, 12, 13],
+            seen: [u32::MAX - 1, 1, 2],
+            ..Default::default()
+        };
+        let young = FlowBucket {
+            keys: [21, 22, 23],
+            seen: [3, 3, 3],
+            ..Default::default()
+        };
+        assert_eq!(victim([&young, &b], k, 3), Some((1, 0)));
+    }
+
+    #[test]
+    fn with_two_choices_a_table_a_third_full_evicts_nothing_and_half_full_almost_nothing() {
+        // What README promises of the table's sizing (a simulation of this rule gave 0 losses
+        // at a third, 0.07 % at half).
+        for (load, max_lost) in [(3, 0.0), (2, 0.002)] {
+            assert!(lost(load) <= max_lost, "1/{load} full: lost {}", lost(load));
+        }
+    }
+
+    /// The share of flows a table of 3,000 buckets loses when filled to 1/`load`.
+    fn lost(load: u32) -> f64 {
+        let n = 3_000;
+        let mut t = [FlowBucket::default(); 3_000];
+        let flows = n * FLOW_WAYS as u32 / load;
+        for i in 0..flows {
+            let k = pack_key(&key(i.to_be_bytes(), 40000), 0);
+            let at = buckets_of(k, n);
+            let mut copies = [t[at[0] as usize], t[at[1] as usize]];
+            let changed = put(&mut copies, k, 1, 1, i).expect("no way is locked");
+            t[at[changed] as usize] = copies[changed];
+        }
+        let kept = (0..flows)
+            .filter(|i| {
+                let k = pack_key(&key(i.to_be_bytes(), 40000), 0);
+                let [a, b] = buckets_of(k, n);
+                get([&t[a as usize], &t[b as usize]], k).is_some()
+            })
+            .count();
+        1.0 - kept as f64 / flows as f64
+    }
+
+    #[test]
+    fn buckets_spread_neighbouring_clients() {
+        let n = 1009;
+        let mut hits = [0u32; 1009];
+        for i in 0..100_900u32 {
+            let k = pack_key(&key(i.to_be_bytes(), 40000), 0);
+            hits[buckets_of(k, n)[0] as usize] += 1;
+        }
+        assert!(
+            hits.iter().all(|&h| (50..160).contains(&h)),
+            "uneven: {:?}",
+            &hits[..16]
+        );
+    }
+}

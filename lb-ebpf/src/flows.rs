@@ -1,0 +1,154 @@
+//! The IPv4 flow table (see `lb_common::flowtab`): one bucket, one cache line, per lookup.
+//!
+//! Keys are read with volatile loads and re-read after the value, and written with atomic
+//! compare-and-exchange (claim) and exchange (publish), so a reader never pairs one flow's key
+//! with another's member: it sees the old entry, the new one, or a miss.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+use core::ptr::{read_volatile, write_volatile};
+
+use lb_common::FlowValue;
+use lb_common::flowtab::{
+    FLOW_WAYS, FlowBucket, LOCKED, REFRESH_UNITS, TIME_SHIFT, buckets_of, last_seen_ns, pack_value,
+    unpack_value, victim,
+};
+
+use crate::{LB_FLOW_BUCKETS, LB_FLOWS4};
+
+/// A flow found in the table.
+pub struct Hit {
+    bucket: *mut FlowBucket,
+    way: usize,
+    pub member_id: u32,
+    pub generation: u32,
+}
+
+/// The coarse clock in the table's time units.
+#[inline(always)]
+pub fn units(now_ns: u64) -> u32 {
+    (now_ns >> TIME_SHIFT) as u32
+}
+
+/// The two buckets flow `k` may live in.
+#[inline(always)]
+fn buckets(k: u64) -> [u32; 2] {
+    buckets_of(k, LB_FLOW_BUCKETS.load())
+}
+
+/// Flow `k` in bucket `index`, if it is there.
+#[inline(always)]
+fn lookup_in(index: u32, k: u64) -> Option<Hit> {
+    let b = LB_FLOWS4.get_ptr_mut(index)?;
+    for way in 0..FLOW_WAYS {
+        let key = unsafe { &raw const (*b).keys[way] };
+        if unsafe { read_volatile(key) } != k {
+            continue;
+        }
+        let v = unsafe { read_volatile(&raw const (*b).values[way]) };
+        if unsafe { read_volatile(key) } != k {
+            return None;
+        }
+        let (member_id, generation) = unpack_value(k, v)?;
+        return Some(Hit {
+            bucket: b,
+            way,
+            member_id,
+            generation,
+        });
+    }
+    None
+}
+
+/// The flow with packed key `k`, if the table holds it: its first bucket, then its second.
+#[inline(always)]
+pub fn lookup(k: u64) -> Option<Hit> {
+    let [first, second] = buckets(k);
+    match lookup_in(first, k) {
+        Some(h) => Some(h),
+        None => lookup_in(second, k),
+    }
+}
+
+/// When `hit` was last seen, in table units.
+#[inline(always)]
+pub fn seen(hit: &Hit) -> u32 {
+    unsafe { read_volatile(&raw const (*hit.bucket).seen[hit.way]) }
+}
+
+/// `hit` as a flow-table value as of `now_ns`: its last-seen time rebuilt from the table's
+/// units (to within a unit, 1.05 ms).
+#[inline(always)]
+pub fn value(hit: &Hit, now_ns: u64) -> FlowValue {
+    FlowValue {
+        member_id: hit.member_id,
+        generation: hit.generation,
+        last_seen_ns: last_seen_ns(seen(hit), now_ns),
+    }
+}
+
+/// Records that `hit` was seen at `now` (table units): always for UDP (its idle timeout reads
+/// it), for TCP once a second (enough for eviction to tell busy flows from idle ones).
+#[inline(always)]
+pub fn touch(hit: &Hit, now: u32, every_packet: bool) {
+    let p = unsafe { &raw mut (*hit.bucket).seen[hit.way] };
+    let last = unsafe { read_volatile(p) };
+    if last != now && (every_packet || now.wrapping_sub(last) >= REFRESH_UNITS) {
+        unsafe { write_volatile(p, now) };
+    }
+}
+
+/// Records flow `k` on (member, generation) at `now` (table units), in place of its own entry,
+/// an empty way, or the way seen longest ago, of its two buckets. `false` if that way was
+/// being written by another CPU at that moment.
+#[inline(always)]
+pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
+    let [first, second] = buckets(k);
+    let (Some(b0), Some(b1)) = (LB_FLOWS4.get_ptr_mut(first), LB_FLOWS4.get_ptr_mut(second)) else {
+        return false;
+    };
+    let Some((i, way)) = victim(unsafe { [&*b0, &*b1] }, k, now) else {
+        return false;
+    };
+    let b = if i == 0 { b0 } else { b1 };
+    if way >= FLOW_WAYS {
+        return false;
+    }
+    let key = unsafe { &raw mut (*b).keys[way] };
+    let old = unsafe { read_volatile(key) };
+    if old == LOCKED || !claim(key, old, LOCKED) {
+        return false;
+    }
+    unsafe {
+        write_volatile(
+            &raw mut (*b).values[way],
+            pack_value(k, member_id, generation),
+        );
+        write_volatile(&raw mut (*b).seen[way], now);
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(key, k);
+    }
+    true
+}
+
+/// Forgets flow `k` (if another CPU is rewriting its way, that write wins).
+#[inline(always)]
+pub fn remove(k: u64) {
+    for index in buckets(k) {
+        let Some(b) = LB_FLOWS4.get_ptr_mut(index) else {
+            continue;
+        };
+        for way in 0..FLOW_WAYS {
+            let key = unsafe { &raw mut (*b).keys[way] };
+            if unsafe { read_volatile(key) } == k {
+                claim(key, k, lb_common::flowtab::EMPTY);
+                return;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn claim(p: *mut u64, old: u64, new: u64) -> bool {
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+}
