@@ -40,8 +40,8 @@ mod program {
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
         Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue,
-        maps::*,
+        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey,
+        VipValue, maps::*,
     };
 
     use crate::{

@@ -4,7 +4,9 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, PerCpuArray, PerCpuValues},
 };
-use lb_common::{Member, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps};
+use lb_common::{
+    Member, NextHop, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue, maps,
+};
 
 use super::{Dataplane, DataplaneError};
 use crate::{
@@ -224,5 +226,23 @@ impl Dataplane for KernelDataplane {
                 h.remove(key).map_err(werr(crate::model::vip_label(key)))
             }
         }
+    }
+}
+
+impl crate::nexthop::NexthopMap for KernelDataplane {
+    /// Member `id`'s next hop as `LB_NEXTHOPS` holds it.
+    fn nexthop(&self, id: u32) -> Result<NextHop, DataplaneError> {
+        let a: Array<_, NextHop> =
+            Array::try_from(self.map(maps::NEXTHOPS)?).map_err(rerr(maps::NEXTHOPS))?;
+        a.get(&id, 0)
+            .map_err(rerr(format!("next hop of member {id}")))
+    }
+
+    /// Writes member `id`'s next hop (not a planner write: the routes decide it, not the config).
+    fn set_nexthop(&mut self, id: u32, nh: &NextHop) -> Result<(), DataplaneError> {
+        let mut a: Array<_, NextHop> =
+            Array::try_from(self.map_mut(maps::NEXTHOPS)?).map_err(werr(maps::NEXTHOPS))?;
+        a.set(id, nh, 0)
+            .map_err(werr(format!("next hop of member {id}")))
     }
 }
