@@ -16,6 +16,7 @@
 //! exist are never touched.
 
 pub mod resolver;
+pub mod show;
 pub mod translate;
 
 use std::{
