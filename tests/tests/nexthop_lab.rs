@@ -17,7 +17,7 @@ use std::{path::Path, process::Command, time::Duration, time::Instant};
 
 use lb_common::{Counter, NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NextHop};
 use lb_tests::{
-    agent::{Agent, Dirs},
+    agent::{Agent, Dirs, metric},
     harness::Lb,
     netns::NetNs,
     packet::Pkt,
@@ -30,6 +30,8 @@ const B4: &str = "10.1.0.1";
 const B6: &str = "fd01::1";
 const SRC4: &str = "10.0.0.1";
 const SRC6: &str = "fd00::1";
+/// Where the agent serves metrics (in the test's namespace).
+const METRICS: &str = "127.0.0.1:19436";
 
 const CONFIG: &str = "node:
   interfaces: [lb0, lb1]
@@ -39,6 +41,7 @@ const CONFIG: &str = "node:
   max_vips: 4
   max_backends: 16
   nexthop_check: true
+  metrics_listen: 127.0.0.1:19436
 vips:
   - { address: 192.0.2.10, port: 80, protocol: udp, backends: [{ address: 10.1.0.1 }] }
   - { address: 192.0.2.11, port: 80, protocol: udp, backends: [{ address: fd01::1 }] }
@@ -449,6 +452,54 @@ fn a_gateway_without_a_neighbour_gets_a_managed_entry_and_passes_meanwhile() {
             "neigh replace 10.0.0.3 lladdr 02:00:00:00:00:33 dev lb0 nud reachable",
         );
         assert_eq!(nh.dmac, [2, 0, 0, 0, 0, 0x33]);
+        send(lab, lb, B4, &nh, 100);
+    });
+}
+
+#[test]
+fn a_route_the_resolver_cannot_take_is_left_to_the_route_lookup_and_counted() {
+    started("nh-unres", |lab, lb| {
+        // A lightweight-tunnel route: the route helper refuses it, and so does the resolver.
+        lab.ns
+            .script("route replace 10.1.0.0/16 encap ip id 100 dst 10.0.0.9 dev lb0");
+        let (id, generation) = member_of(lb, B4);
+        let start = Instant::now();
+        let status = loop {
+            let s = lb_userspace::run::read_status(&lab.dirs.state).map(|s| s.nexthops);
+            let nh = lb.nexthop(id);
+            if let Some(s) = s.clone().filter(|s| s.unresolved == 1 && s.failures > 0)
+                && nh.action == lb_common::NH_UNRESOLVED
+                && nh.generation == generation
+            {
+                break s;
+            }
+            assert!(
+                start.elapsed() < T,
+                "entry {nh:?}, status {s:?}:\n{}",
+                lab.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            status.resolved, 1,
+            "the other backend stays resolved: {status:?}"
+        );
+        let failures = metric(&lab.ns, METRICS, "lb_nexthop_failures_total");
+        assert!(
+            failures >= Some(1),
+            "lb_nexthop_failures_total: {failures:?}"
+        );
+        let before = lb.counters();
+        lb.run(&frame(B4, 100), lab.lb0);
+        let after = lb.counters();
+        assert_eq!(
+            after[&Counter::DropFibFailed] - before[&Counter::DropFibFailed],
+            1,
+            "the route lookup's verdict for a route it does not support"
+        );
+        // The agent keeps going: a route it can take is resolved again.
+        let nh = lab.change(lb, B4, "route replace 10.1.0.0/16 via 10.0.0.2 dev lb0");
+        assert_eq!(nh.action, NH_FORWARD);
         send(lab, lb, B4, &nh, 100);
     });
 }

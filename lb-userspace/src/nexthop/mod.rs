@@ -27,7 +27,7 @@ use std::{
 
 use lb_common::{Member, NH_UNRESOLVED, NODE_F_SRC_V4, NODE_F_SRC_V6, NextHop, NodeConfig};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use resolver::{ResolveError, Resolver};
 
@@ -174,6 +174,8 @@ pub struct Keeper {
     pub status: NexthopStatus,
     /// Add managed neighbour entries for next hops without one.
     pub manage_neighbours: bool,
+    /// The last failure per backend address, so a lasting one is logged once.
+    failing: BTreeMap<IpAddr, String>,
 }
 
 impl Keeper {
@@ -184,6 +186,7 @@ impl Keeper {
             written: BTreeMap::new(),
             status: NexthopStatus::default(),
             manage_neighbours: true,
+            failing: BTreeMap::new(),
         })
     }
 
@@ -197,9 +200,7 @@ impl Keeper {
     ) {
         let targets = targets(members);
         let r = resolve_all(&self.resolver, &targets, sources(node)).await;
-        for (addr, e) in &r.errors {
-            warn!(backend = %addr, "resolving the next hop failed, the program routes it itself: {e}");
-        }
+        self.log_failures(&r.errors);
         self.status.failures += r.errors.len() as u64;
         self.write(&r.entries, map);
         if self.manage_neighbours {
@@ -215,6 +216,20 @@ impl Keeper {
         self.status.refreshes += 1;
         self.status.last_refresh =
             Some(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+    }
+
+    /// Logs failures that are new or changed, and recoveries.
+    fn log_failures(&mut self, errors: &[(IpAddr, String)]) {
+        let now: BTreeMap<IpAddr, String> = errors.iter().cloned().collect();
+        for (addr, e) in &now {
+            if self.failing.get(addr) != Some(e) {
+                warn!(backend = %addr, "resolving the next hop failed, the program routes it itself: {e}");
+            }
+        }
+        for addr in self.failing.keys().filter(|a| !now.contains_key(a)) {
+            info!(backend = %addr, "next hop resolved again");
+        }
+        self.failing = now;
     }
 
     fn write(&mut self, wanted: &BTreeMap<u32, NextHop>, map: &mut impl NexthopMap) {
