@@ -232,8 +232,7 @@ pub fn route_mtu(v4: bool, eg: &Egress, link: &Link, v4_fwd_use_pmtu: bool) -> u
     } else {
         link.mtu6
             .unwrap_or(link.mtu)
-            .max(IPV6_MIN_MTU)
-            .min(IP6_MAX_MTU)
+            .clamp(IPV6_MIN_MTU, IP6_MAX_MTU)
     }
 }
 
