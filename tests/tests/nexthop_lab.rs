@@ -265,6 +265,11 @@ fn send(lab: &NhLab, lb: &mut Lb, backend: &str, nh: &NextHop, ip_len: usize) {
         0,
         "{backend}: check mode counted a disagreement with the route lookup for {nh:?}"
     );
+    assert_eq!(
+        delta(Counter::NexthopFallbacks),
+        0,
+        "{backend}: the entry {nh:?} was not taken"
+    );
     if matches!(want, Counter::Tx | Counter::Redirect) {
         assert_eq!(run.output[0..6], nh.dmac, "{backend}: destination MAC");
         assert_eq!(run.output[6..12], nh.smac, "{backend}: source MAC");
@@ -280,6 +285,12 @@ fn started(tag: &str, test: impl FnOnce(&mut NhLab, &mut Lb) + Send) {
         s.spawn(|| {
             lb_tests::netns::enter(&ns);
             let mut lb = Lb::adopt(&pins);
+            let flags = lb.node().flags;
+            assert_ne!(
+                flags & lb_common::NODE_F_NEXTHOP_CHECK,
+                0,
+                "check mode is on"
+            );
             for b in [B4, B6] {
                 let nh = lab.settled(&mut lb, b, 0);
                 assert_eq!(nh.action, NH_FORWARD, "{b} at the start: {nh:?}");
@@ -436,6 +447,8 @@ fn a_gateway_without_a_neighbour_gets_a_managed_entry_and_passes_meanwhile() {
         let nh = lab.change(lb, B4, "route replace 10.1.0.0/16 via 10.0.0.3 dev lb0");
         assert_eq!(nh.action, NH_NO_NEIGH);
         send(lab, lb, B4, &nh, 100);
+        // The route lookup checks the MTU before the neighbour: too big all the same.
+        send(lab, lb, B4, &nh, 1481);
         let start = Instant::now();
         loop {
             let n = ip_json(&lab.ns, &["neigh", "show", "to", "10.0.0.3", "dev", "lb0"]).unwrap();
