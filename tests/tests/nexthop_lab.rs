@@ -516,3 +516,55 @@ fn a_route_the_resolver_cannot_take_is_left_to_the_route_lookup_and_counted() {
         send(lab, lb, B4, &nh, 100);
     });
 }
+
+#[test]
+fn route_changes_are_applied_on_netlink_events_before_the_periodic_refresh() {
+    started("nh-events", |lab, lb| {
+        // Three changes, each applied well within the 5 s of the periodic refresh: a refresh
+        // that happened to fall right after each of them would take luck three times over.
+        for change in [
+            "route replace 10.1.0.0/16 via 10.0.1.2 dev lb1",
+            "route replace 10.1.0.0/16 via 10.0.0.2 dev lb0",
+            "route replace 10.1.0.0/16 via 10.0.1.2 dev lb1",
+        ] {
+            let start = Instant::now();
+            lab.change(lb, B4, change);
+            let took = start.elapsed();
+            assert!(
+                took < lb_userspace::nexthop::REFRESH_INTERVAL / 2,
+                "{change}: applied after {took:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_backend_added_by_a_reload_gets_its_next_hop_at_once() {
+    started("nh-reload", |lab, lb| {
+        let before = lab.refreshes();
+        let start = Instant::now();
+        lab.dirs.write_config(&CONFIG.replace(
+            "backends: [{ address: 10.1.0.1 }]",
+            "backends: [{ address: 10.1.0.1 }, { address: 10.0.1.7 }]",
+        ));
+        while !lb
+            .live_members()
+            .values()
+            .any(|m| m.addr[..4] == [10, 0, 1, 7])
+        {
+            assert!(
+                start.elapsed() < T,
+                "the reload made no member for 10.0.1.7"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Nothing answers for it on lb1's segment: no neighbour.
+        let nh = lab.settled(lb, "10.0.1.7", before);
+        let took = start.elapsed();
+        assert_eq!(nh.action, NH_NO_NEIGH);
+        assert!(
+            took < lb_userspace::nexthop::REFRESH_INTERVAL / 2,
+            "resolved {took:?} after the reload: not by the plan that made the member"
+        );
+    });
+}

@@ -288,10 +288,13 @@ pub fn watch(
     Ok(tokio::spawn(async move {
         while messages.next().await.is_some() {
             if tx.is_closed() {
-                break;
+                return conn.abort();
             }
             let _ = tx.try_send(());
         }
+        warn!(
+            "the netlink event stream ended: next hops are refreshed every {REFRESH_INTERVAL:?} only"
+        );
         conn.abort();
     }))
 }
