@@ -568,3 +568,24 @@ fn a_backend_added_by_a_reload_gets_its_next_hop_at_once() {
         );
     });
 }
+
+#[test]
+fn lb_nexthops_lists_each_members_entry_and_the_keepers_figures() {
+    started("nh-cli", |lab, lb| {
+        let nh = lab.change(lb, B6, "route replace fd01::/64 via fd00:1::2 dev lb1");
+        let v = lab.dirs.json(&["nexthops"]);
+        assert!(v["keeper"]["refreshes"].as_u64() >= Some(1), "{v}");
+        assert_eq!(v["keeper"]["resolved"], 2, "{v}");
+        let rows = v["members"].as_array().expect("members");
+        let row = rows
+            .iter()
+            .find(|r| r["backend"] == B6)
+            .unwrap_or_else(|| panic!("no row for {B6}: {v}"));
+        assert_eq!(row["action"], "forward", "{row}");
+        assert_eq!(row["current"], true, "{row}");
+        assert_eq!(row["ifindex"], nh.ifindex, "{row}");
+        assert_eq!(row["dmac"], "02:00:00:00:01:fe", "{row}");
+        assert_eq!(row["smac"], "02:00:00:00:01:01", "{row}");
+        assert_eq!(row["mtu"], 1500, "{row}");
+    });
+}
