@@ -15,10 +15,7 @@
 //!   destination itself on a connected route) on the egress device, which must be in a valid
 //!   state (`NUD_VALID`) for `NH_FORWARD`, else `NH_NO_NEIGH`.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use lb_common::{NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NextHop};
 use netlink_packet_route::{
@@ -270,14 +267,6 @@ pub fn neighbour_of(m: &NeighbourMessage) -> Option<((u32, IpAddr), Neighbour)> 
         lladdr,
     };
     Some(((m.header.ifindex, dst?), n))
-}
-
-/// The unspecified address of `dst`'s family.
-pub fn unspecified(dst: IpAddr) -> IpAddr {
-    match dst {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
 }
 
 #[cfg(test)]
