@@ -60,6 +60,10 @@ impl NhLab {
         ns.script(
             "link add lb0 address 02:00:00:00:00:01 type veth peer name up0
              link add lb1 address 02:00:00:00:01:01 type veth peer name dn1
+             link set lb0 addrgenmode none
+             link set up0 addrgenmode none
+             link set lb1 addrgenmode none
+             link set dn1 addrgenmode none
              link set lb0 up
              link set up0 up
              link set lb1 up
@@ -79,6 +83,8 @@ impl NhLab {
         );
         ns.sysctl("net.ipv4.ip_forward", "1");
         ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        // (No link-local addresses: their late arrival would make netlink events of its own,
+        // and the path MTU test needs a quiet namespace.)
         let dirs = Dirs::new(Path::new(BIN), tag);
         dirs.write_config(CONFIG);
         let mut agent = Agent::start(&ns, &dirs);
@@ -196,11 +202,19 @@ fn kernel_view(ns: &NetNs, dst: &str, src: &str) -> NextHop {
     let dev = route["dev"].as_str().expect("a unicast route has a device");
     let hop = route["gateway"].as_str().unwrap_or(dst);
     let link = ip_json(ns, &["link", "show", "dev", dev]).unwrap()[0].clone();
+    // A locked route mtu counts, and so does a path MTU exception (it expires); an unlocked
+    // route mtu does not.
     let text = ip_text(ns, &["route", "get", dst, "from", src]);
-    let locked = text
-        .split("mtu lock ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next()?.parse().ok());
+    let word_after = |w: &str| {
+        text.split(w)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+    };
+    let locked = word_after("mtu lock ").or(if text.contains("expires") {
+        word_after("mtu ")
+    } else {
+        None
+    });
     let neigh = ip_json(ns, &["neigh", "show", "to", hop, "dev", dev]).unwrap();
     let valid = ["PERMANENT", "NOARP", "REACHABLE", "PROBE", "STALE", "DELAY"];
     let usable = neigh[0]["state"]
@@ -587,5 +601,75 @@ fn lb_nexthops_lists_each_members_entry_and_the_keepers_figures() {
         assert_eq!(row["dmac"], "02:00:00:00:01:fe", "{row}");
         assert_eq!(row["smac"], "02:00:00:00:01:01", "{row}");
         assert_eq!(row["mtu"], 1500, "{row}");
+    });
+}
+
+/// Sends `frame` out of `dev` (a raw socket in the calling thread's namespace).
+fn inject(dev: &str, frame: &[u8]) {
+    let name = std::ffi::CString::new(dev).unwrap();
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        assert_ne!(ifindex, 0, "no interface {dev}");
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = ifindex as i32;
+        sa.sll_halen = 6;
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sa as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(n, frame.len() as isize, "sending on {dev}: {err}");
+    }
+}
+
+#[test]
+fn a_path_mtu_exception_which_sends_no_event_is_applied_by_the_periodic_refresh() {
+    use lb_tests::packet::{IcmpError, icmp_error};
+    started("nh-pmtu", |lab, lb| {
+        // The gateway tells the node that its UDP packets to each backend are too big: the
+        // kernel records an exception of MTU 1300 on the route (no netlink event says so).
+        let gw_mac = [2, 0, 0, 0, 0, 0xfe];
+        for (b, src, gw, kind) in [
+            (B4, SRC4, "10.0.0.2", IcmpError::FragNeeded(1300)),
+            (B6, SRC6, "fd00::2", IcmpError::PacketTooBig(1300)),
+        ] {
+            let sock = std::net::UdpSocket::bind((src.parse::<std::net::IpAddr>().unwrap(), 5555))
+                .expect("bind");
+            sock.connect((b.parse::<std::net::IpAddr>().unwrap(), 9))
+                .expect("connect");
+            let sent = Pkt::udp(src, 5555, b, 9, gw_mac).with(|p| p.payload = vec![0; 1400]);
+            let quote = &sent.ip_bytes()[..548];
+            let error = icmp_error(
+                kind,
+                gw.parse().unwrap(),
+                src.parse().unwrap(),
+                64,
+                quote,
+                LB0_MAC,
+                gw_mac,
+            );
+            let before = lab.refreshes();
+            inject("up0", &error);
+            let nh = lab.settled(lb, b, before);
+            assert_eq!(nh.mtu, 1300, "{b}: {nh:?}");
+            let (big, fits) = if b == B4 { (1281, 1280) } else { (1261, 1260) };
+            if b == B4 {
+                send(lab, lb, b, &nh, big);
+            }
+            send(lab, lb, b, &nh, fits);
+            drop(sock);
+        }
     });
 }
