@@ -259,10 +259,18 @@ impl Keeper {
         }
     }
 
-    async fn keep_resolved(&self, missing: &BTreeSet<(u32, IpAddr)>) {
+    /// Adds managed entries for `missing`; the first refusal (an old kernel, no CAP_NET_ADMIN)
+    /// is logged and turns this off, rather than being logged at every refresh.
+    async fn keep_resolved(&mut self, missing: &BTreeSet<(u32, IpAddr)>) {
         for (ifindex, addr) in missing {
             if let Err(e) = self.resolver.keep_resolved(*ifindex, *addr).await {
-                warn!(neighbour = %addr, ifindex, "adding a managed neighbour entry: {}", crate::error_chain(&e));
+                warn!(
+                    neighbour = %addr, ifindex,
+                    "adding a managed neighbour entry failed, no more will be added (gateways are then resolved by traffic): {}",
+                    crate::error_chain(&e)
+                );
+                self.manage_neighbours = false;
+                return;
             }
         }
     }
