@@ -84,6 +84,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Each backend's next hop as the agent resolved it (egress interface, MAC addresses, MTU,
+    /// or no neighbour / local / unreachable / unresolved), and the resolver's figures.
+    Nexthops {
+        /// Print JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Entries of the flow table (client -> VIP, and the backend the flow is pinned to).
     Flows {
         /// Only flows to this VIP (ADDRESS:PORT, [V6]:PORT).
@@ -196,6 +203,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Backends { json } => backends(&Pinned::open(&pins)?, &cli.state_dir, json),
+        Command::Nexthops { json } => {
+            crate::nexthop::show::nexthops(&Pinned::open(&pins)?, &pins, &cli.state_dir, json)
+        }
         Command::Flows { vip, limit, json } => flows(&Pinned::open(&pins)?, vip, limit, json),
         Command::Explain {
             source,

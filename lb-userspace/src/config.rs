@@ -192,6 +192,8 @@ pub struct RawNode {
     pub nat_close_grace: Option<String>,
     pub syn_timeout: Option<String>,
     pub nat_tcp_idle_timeout: Option<String>,
+    /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
+    pub nexthop_check: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -725,6 +727,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
                 source_v6,
                 udp_idle_timeout,
                 nat,
+                nexthop_check: n.nexthop_check.unwrap_or(false),
             },
         },
         vips,
@@ -1242,6 +1245,30 @@ vips:
                 got.iter().any(|p| p.starts_with(want)),
                 "expected a problem starting {want:?}, got {got:?}"
             );
+        }
+    }
+
+    #[test]
+    fn nexthop_check_sets_the_node_flag_and_defaults_to_off() {
+        let flags = |text: &str| {
+            let d = Config::parse(text, "t").unwrap().desired();
+            d.node.nexthop_check
+        };
+        assert!(!flags(GOOD), "off unless asked for");
+        let on = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nexthop_check: true",
+        );
+        assert!(flags(&on));
+        let bad = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nexthop_check: sometimes",
+        );
+        match Config::parse(&bad, "t") {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("nexthop_check"), "{message}")
+            }
+            other => panic!("expected a parse error naming nexthop_check, got {other:?}"),
         }
     }
 

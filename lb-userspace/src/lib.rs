@@ -14,6 +14,7 @@ pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod nexthop;
 pub mod plan;
 pub mod program;
 pub mod ring;

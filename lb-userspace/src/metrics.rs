@@ -28,6 +28,8 @@ pub struct AgentMetrics {
     pub ready: std::sync::atomic::AtomicBool,
     /// (VIP label, backend address) -> healthy, for every checked backend.
     pub health: Mutex<Vec<(String, String, bool)>>,
+    /// The next-hop keeper's figures, as of its last refresh.
+    pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
 }
 
 struct MapsCollector {
@@ -213,8 +215,45 @@ impl Collector for MapsCollector {
             "lb_backend_healthy",
             "1 if the backend passes its health check",
             &health,
-        )
+        )?;
+        let nh = a.nexthops.lock().map_err(|_| std::fmt::Error)?.clone();
+        encode_nexthops(&mut enc, &nh)
     }
+}
+
+/// The next-hop keeper's gauges and counters.
+fn encode_nexthops(
+    enc: &mut DescriptorEncoder,
+    nh: &crate::nexthop::NexthopStatus,
+) -> std::fmt::Result {
+    gauge(
+        enc,
+        "lb_nexthops",
+        "Live members by next-hop state: resolved by the agent, or left to bpf_fib_lookup",
+        &[
+            (vec![("state", "resolved".to_string())], nh.resolved as i64),
+            (
+                vec![("state", "unresolved".to_string())],
+                nh.unresolved as i64,
+            ),
+        ],
+    )?;
+    for (name, help, v) in [
+        (
+            "lb_nexthop_refreshes",
+            "Next-hop refreshes done (each looks at every live member)",
+            nh.refreshes,
+        ),
+        (
+            "lb_nexthop_failures",
+            "Next hops the agent failed to resolve or write",
+            nh.failures,
+        ),
+        ("lb_nexthop_writes", "Next-hop entries written", nh.writes),
+    ] {
+        counter(enc, name, help, &[(vec![], v)])?;
+    }
+    Ok(())
 }
 
 /// A registry whose scrape reads `pinned`.

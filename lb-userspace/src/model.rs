@@ -113,6 +113,10 @@ pub struct NodeSpec {
     pub udp_idle_timeout: Duration,
     #[serde(default)]
     pub nat: NatSpec,
+    /// Check mode for next hops: the program also asks `bpf_fib_lookup` for packets that have
+    /// a next hop, uses its answer, and counts `nexthop_mismatches` where they disagree.
+    #[serde(default)]
+    pub nexthop_check: bool,
 }
 
 /// How NAT mode hands out source ports and ends translations.

@@ -20,7 +20,8 @@ use std::{
 
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MODE_DSR, MODE_NAT, Member, NO_BACKEND,
-    NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
+    NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr,
+    VipKey, VipValue,
 };
 
 use crate::{
@@ -186,6 +187,9 @@ fn node_config(d: &Desired) -> NodeConfig {
     if let Some(a) = d.node.source_v6 {
         n.src_v6 = a.octets();
         n.flags |= NODE_F_SRC_V6;
+    }
+    if d.node.nexthop_check {
+        n.flags |= NODE_F_NEXTHOP_CHECK;
     }
     n
 }
@@ -631,6 +635,21 @@ mod tests {
             apply_to_state(s, w, LIMITS.maglev_m);
             consistent(s).unwrap_or_else(|e| panic!("after {w:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn nexthop_check_is_written_as_the_node_flag() {
+        let mut d = desired(vec![vip("192.0.2.1", &[("10.1.0.1", 1)])]);
+        let (_, off) = plan(&State::default(), &d, LIMITS).unwrap();
+        assert_eq!(off.node.flags & NODE_F_NEXTHOP_CHECK, 0);
+        d.node.nexthop_check = true;
+        let (p, on) = plan(&off, &d, LIMITS).unwrap();
+        assert_ne!(on.node.flags & NODE_F_NEXTHOP_CHECK, 0);
+        assert_eq!(
+            p.writes,
+            [Write::Node(on.node)],
+            "only the node entry changes"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::{
     k8s::{Kube, KubeOptions, translate::Settings},
     links,
     metrics::{self, AgentMetrics},
+    nexthop,
     plan::Plan,
     program,
 };
@@ -230,6 +231,9 @@ impl Passive {
 pub struct Status {
     pub config: String,
     pub vips: Vec<VipStatus>,
+    /// The next-hop keeper's figures as of its last refresh.
+    #[serde(default)]
+    pub nexthops: crate::nexthop::NexthopStatus,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -264,6 +268,7 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
     let c = agent.config();
     let mut health_rows = Vec::new();
     let status = Status {
+        nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
             .vips
@@ -417,6 +422,44 @@ fn on_health(
     }
 }
 
+/// The next-hop keeper and its netlink events; without a netlink socket (logged), nothing is
+/// resolved and the program routes every packet with `bpf_fib_lookup`.
+struct Nexthops {
+    keeper: Option<nexthop::Keeper>,
+    events: mpsc::Receiver<()>,
+    _watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Nexthops {
+    fn start() -> Self {
+        let (tx, events) = mpsc::channel(1);
+        let watch = nexthop::watch(tx)
+            .map_err(|e| {
+                warn!(
+                    "watching routes and neighbours: {}; next hops are refreshed every {:?} only",
+                    crate::error_chain(&e),
+                    nexthop::REFRESH_INTERVAL
+                )
+            })
+            .ok();
+        let keeper = nexthop::Keeper::new()
+            .map_err(|e| error!("the next-hop resolver cannot start, the program routes every packet itself: {}", crate::error_chain(&e)))
+            .ok();
+        Self {
+            keeper,
+            events,
+            _watch: watch,
+        }
+    }
+
+    async fn refresh(&mut self, agent: &mut Agent<KernelDataplane>, m: &AgentMetrics) {
+        let Some(k) = &mut self.keeper else { return };
+        let (members, node) = (agent.state().members.clone(), agent.state().node);
+        k.refresh(&members, &node, &mut agent.dp).await;
+        *m.nexthops.lock().expect("nexthops lock") = k.status.clone();
+    }
+}
+
 pub async fn run(opts: RunOptions) -> Result<()> {
     let file = load_file(&opts)?;
     for w in &file.warnings {
@@ -499,9 +542,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+    let mut nexthops = Nexthops::start();
+    nexthops.refresh(&mut agent, &m).await;
     write_status(&opts, &agent, &m)?;
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -521,6 +566,7 @@ async fn serve(
     mut kube: Option<Kube>,
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
+    mut nexthops: Nexthops,
 ) -> Result<()> {
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
@@ -534,13 +580,26 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
+    nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    nexthop_tick.reset();
     info!(
         "running; SIGHUP or saving {} reloads it",
         opts.config.display()
     );
 
     loop {
+        let members = agent.state().members.clone();
+        let mut refresh = false;
         let reload = tokio::select! {
+            Some(()) = nexthops.events.recv() => {
+                // Gather the burst of messages one change makes (a route and its neighbour...).
+                tokio::time::sleep(nexthop::DEBOUNCE).await;
+                while nexthops.events.try_recv().is_ok() {}
+                refresh = true;
+                Reload::No
+            }
+            _ = nexthop_tick.tick() => { refresh = true; Reload::No }
             Some(t) = hrx.recv() => {
                 on_health(&mut agent, &checks, t, m);
                 Reload::No
@@ -619,6 +678,10 @@ async fn serve(
                     error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
             }
+        }
+        // After any applied plan that changed the members, and on netlink events and ticks.
+        if refresh || agent.state().members != members {
+            nexthops.refresh(&mut agent, m).await;
         }
         if let Err(e) = write_status(opts, &agent, m) {
             warn!("writing the status file: {e:#}");
@@ -700,6 +763,7 @@ vips:
             passive_out,
         };
         let status = Status {
+            nexthops: Default::default(),
             config: "t".into(),
             vips: vec![
                 VipStatus {

@@ -318,6 +318,32 @@ impl Lb {
             .expect("reading next hop")
     }
 
+    /// Every live member in `LB_MEMBERS` (whoever wrote it: these tests or an agent).
+    pub fn live_members(&mut self) -> std::collections::BTreeMap<u32, Member> {
+        self.array::<Member>(maps::MEMBERS)
+            .iter()
+            .enumerate()
+            .filter_map(|(id, m)| Some((id as u32, m.ok()?)))
+            .filter(|(_, m)| m.is_live())
+            .collect()
+    }
+
+    /// Fills `LB_NEXTHOPS` for every live member with what the agent's resolver works out from
+    /// the routes and neighbours of the calling thread's namespace (run it inside the test's
+    /// namespace: `ns.run(|| lb.resolve_nexthops())`), so frames take the next-hop path.
+    /// Returns the entries written; panics if the resolver cannot run.
+    pub fn resolve_nexthops(&mut self) -> std::collections::BTreeMap<u32, lb_common::NextHop> {
+        use lb_userspace::nexthop;
+        let members = self.live_members();
+        let node = self.node();
+        let r = nexthop::resolve_blocking(&nexthop::targets(&members), nexthop::sources(&node))
+            .unwrap_or_else(|e| panic!("resolving next hops: {}", error_chain(&e)));
+        for (id, nh) in &r.entries {
+            self.set_nexthop(*id, *nh);
+        }
+        r.entries
+    }
+
     /// Fills VIP `vip_id`'s table: slot `s` gets (the member of) backend `f(s)`, or none.
     pub fn set_ring(&mut self, vip_id: u32, f: impl Fn(u32) -> u32) {
         let m = self.sizes.maglev_m;

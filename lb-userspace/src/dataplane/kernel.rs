@@ -263,3 +263,22 @@ impl Dataplane for KernelDataplane {
         }
     }
 }
+
+/// Next hops are written by [`crate::nexthop::Keeper`] from the routes, not by the planner.
+impl crate::nexthop::NexthopMap for KernelDataplane {
+    /// Member `id`'s next hop as `LB_NEXTHOPS` holds it.
+    fn nexthop(&self, id: u32) -> Result<lb_common::NextHop, DataplaneError> {
+        let a: Array<_, lb_common::NextHop> =
+            Array::try_from(self.map(maps::NEXTHOPS)?).map_err(rerr(maps::NEXTHOPS))?;
+        a.get(&id, 0)
+            .map_err(rerr(format!("next hop of member {id}")))
+    }
+
+    /// Writes member `id`'s next hop (not a planner write: the routes decide it, not the config).
+    fn set_nexthop(&mut self, id: u32, nh: &lb_common::NextHop) -> Result<(), DataplaneError> {
+        let mut a: Array<_, lb_common::NextHop> =
+            Array::try_from(self.map_mut(maps::NEXTHOPS)?).map_err(werr(maps::NEXTHOPS))?;
+        a.set(id, nh, 0)
+            .map_err(werr(format!("next hop of member {id}")))
+    }
+}
