@@ -384,6 +384,15 @@ impl Lb {
             .collect()
     }
 
+    /// Each of `which` counters by CPU.
+    pub fn per_cpu_counters(&mut self, which: &[Counter]) -> Vec<Vec<u64>> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
+        which
+            .iter()
+            .map(|&c| stats.get(&(c as u32), 0).expect("reading stats").to_vec())
+            .collect()
+    }
+
     /// Runs `frame` through the program once, as if received on `ingress_ifindex` (0: loopback
     /// of the calling thread's namespace).
     pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Run {
@@ -430,18 +439,7 @@ impl Lb {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> std::time::Duration {
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let prog = self.xdp(program);
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = repeat;
-        opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
-        prog.test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
-            .duration
+        test_run_live(self.xdp(program), frame, ingress_ifindex, repeat)
     }
 
     /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
@@ -474,6 +472,27 @@ pub fn test_run(prog: &Xdp, frame: &[u8], ingress_ifindex: u32) -> Run {
         output: out,
         duration: r.duration,
     }
+}
+
+/// [`Lb::run_live`] on a loaded program, on the calling thread's CPU (threads pinned to
+/// different CPUs generate concurrently).
+pub fn test_run_live(
+    prog: &Xdp,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> std::time::Duration {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
+    prog.test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
+        .duration
 }
 
 /// Pins the calling thread to `cpu`.
@@ -548,9 +567,20 @@ pub struct FibNet {
 
 impl FibNet {
     pub fn new(tag: &str) -> Self {
+        Self::with_uplink_queues(tag, 1)
+    }
+
+    /// The same namespace with `queues` receive and transmit queues on each end of the uplink
+    /// veth (lb0, up0): a veth transmits an XDP frame into the peer queue of the sending CPU, so
+    /// each CPU forwards on its own queue.
+    pub fn with_uplink_queues(tag: &str, queues: u32) -> Self {
         let ns = NetNs::new(tag);
+        let q = format!("numrxqueues {queues} numtxqueues {queues}");
+        ns.script(&format!(
+            "link add lb0 address 02:00:00:00:00:01 {q} type veth peer name up0 address 02:00:00:00:00:02 {q}"
+        ));
         ns.script(
-            "link add lb0 address 02:00:00:00:00:01 type veth peer name up0 address 02:00:00:00:00:02
+            "
              link add lb1 address 02:00:00:00:01:01 type veth peer name dn1 address 02:00:00:00:01:02
              link add lb2 address 02:00:00:00:02:01 type veth peer name dn2 address 02:00:00:00:02:02
              link set lb0 up
