@@ -85,15 +85,55 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
+/// The loaded copies of the program the fast-path cases run on (each has its own maps).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum On {
+    /// Every VIP, 1M established flows in a 4M-entry flow table.
+    Main,
+    /// The same configuration and table size, flow table emptied before each round.
+    EmptyTable,
+    /// A flow table filled to capacity before timing: every insert evicts.
+    FullTable,
+    /// No IPv6 source address: packets to IPv6 backends end before encapsulation.
+    NoV6Source,
+}
+
 /// A frame generator for one case and the check each output must pass.
 struct Case {
     name: &'static str,
+    on: On,
     program: &'static str,
     frame: Box<dyn FnMut(usize) -> Vec<u8>>,
     action: u32,
     /// Backends the outer destination must be one of (empty: output must equal input).
     backends: Vec<[u8; 4]>,
     v6_outer: bool,
+    /// What a breakdown case adds to or leaves out of a real path (printed with it).
+    note: &'static str,
+}
+
+/// The issue's targets (x `lb_floor`, at most) for the fast-path cases.
+pub const TARGETS: &[(&str, f64)] = &[
+    ("pass_non_vip", 1.15),
+    ("v4_tcp_established_1flow", 1.9),
+    ("v4_tcp_established_1m_flows", 3.7),
+    ("v4_tcp_new_flow", 5.6),
+    ("v4_tcp_new_flow_full_table", 6.5),
+    ("v4_affinity_hit", 6.5),
+    ("v6_tcp_established_1flow", 2.2),
+    ("v4_nat_established_1flow", 2.2),
+    ("v4_nat_reply", 2.2),
+    ("v4_nat_new_flow", 7.5),
+];
+/// Forwarding rate, one core: at least this fraction of the floor's.
+pub const TARGET_FORWARDING_RATIO: f64 = 0.90;
+/// Two cores: at least this many times one core's rate.
+pub const TARGET_2CORES_RATIO: f64 = 1.8;
+/// Flow-table kernel memory per entry, at most.
+pub const TARGET_FLOW_BYTES_PER_ENTRY: f64 = 64.0;
+
+fn target(name: &str) -> Option<f64> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 fn v4(a: u32) -> String {
@@ -105,87 +145,144 @@ fn flow_src(base: u32, k: usize) -> String {
     v4(base + k as u32)
 }
 
+fn ip4(a: &str) -> u32 {
+    u32::from(a.parse::<std::net::Ipv4Addr>().unwrap())
+}
+
+/// The fast path's Maglev table size.
+const M: u32 = 65_537;
+
+/// Loads a copy of the program with the benchmark's configuration: a DSR VIP on 100 IPv4
+/// backends (id 0, 192.0.2.10), one on 100 IPv6 backends (1, 2001:db8::10), one with affinity
+/// (2, 192.0.2.11), a NAT VIP (3, 192.0.2.12), one whose only backend's route lookup fails
+/// (4, 192.0.2.13), one without backends (5, 192.0.2.14) and one on the IPv6 backends for an
+/// IPv4 address (6, 192.0.2.15). Everything a case needs before its first packet is set here.
+fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
+    let mut lb = Lb::load(Sizes {
+        maglev_m: M,
+        max_vips: 8,
+        // A member per (VIP, backend): seven VIPs of up to 100 backends.
+        max_backends: 1024,
+        flow_entries,
+        affinity_entries: 1 << 16,
+        nat_entries,
+    });
+    lb.set_node(Some(NODE_V4), v6_source.then_some(NODE_V6), 0);
+    for i in 0..100u32 {
+        lb.set_backend(i, &format!("10.1.0.{}", i + 1), true);
+        lb.set_backend(100 + i, &format!("fd01::{:x}", i + 1), true);
+    }
+    let keys: Vec<Vec<u8>> = (0..100).map(|i| format!("b{i}").into_bytes()).collect();
+    let table = |base: u32| {
+        let e: Vec<maglev::Entry> = keys.iter().enumerate().map(|(i, k)| maglev::Entry { key: k, weight: 1, value: base + i as u32 }).collect();
+        maglev::build(&e, M, lb_common::NO_BACKEND).unwrap()
+    };
+    let (t4, t6) = (table(0), table(100));
+    // NAT ports 1024-65535: 100 x 64k translations.
+    lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
+    lb.set_backend(200, UNREACHABLE_V4, true);
+    let vips: [(u32, &str, u32, u32, Option<&[u32]>); 7] = [
+        (0, "192.0.2.10", MODE_DSR, 0, Some(&t4)),
+        (1, "2001:db8::10", MODE_DSR, 0, Some(&t6)),
+        (2, "192.0.2.11", MODE_DSR, 3600, Some(&t4)),
+        (3, "192.0.2.12", MODE_NAT, 0, Some(&t4)),
+        (4, "192.0.2.13", MODE_DSR, 0, None),
+        (5, "192.0.2.14", MODE_DSR, 0, None),
+        (6, "192.0.2.15", MODE_DSR, 0, Some(&t6)),
+    ];
+    for (id, addr, mode, affinity, ring) in vips {
+        lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode, table_size: 0 });
+        match (id, ring) {
+            (_, Some(t)) => lb.set_ring(id, |s| t[s as usize]),
+            (4, None) => lb.set_ring(id, |_| 200),
+            _ => lb.set_ring(id, |_| lb_common::NO_BACKEND),
+        }
+    }
+    lb
+}
+
+/// Entries in the flow table (a walk over its keys).
+fn flow_count(lb: &mut Lb) -> usize {
+    lb.flow_keys().len()
+}
+
+/// The flow table emptied (not timed).
+fn clear_flows(lb: &mut Lb) {
+    for k in lb.flow_keys() {
+        lb.remove_flow(&k);
+    }
+}
+
+/// Kernel memory of `lb`'s flow table per entry it can hold.
+fn flow_table_figures(lb: &Lb) -> Value {
+    let bytes = map_memory(&lb.ebpf).get("LB_FLOWS").copied().unwrap_or(0);
+    let entries = lb.sizes.flow_entries;
+    json!({"entries": entries, "kernel_bytes": bytes, "bytes_per_entry": bytes as f64 / entries as f64, "target_bytes_per_entry": TARGET_FLOW_BYTES_PER_ENTRY})
+}
+
 pub fn fastpath(opts: &Options) -> Value {
     let net = FibNet::new("bench");
     let ingress = net.lb0;
     net.ns.run(|| {
         let cpu = pin_cpu();
-        let m = 65_537;
-        let mut lb = Lb::load(Sizes {
-            maglev_m: m,
-            max_vips: 8,
-            // A member per (VIP, backend): five VIPs of up to 100 backends.
-            max_backends: 1024,
-            flow_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
-            affinity_entries: 1 << 16,
-            nat_entries: ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two(),
-        });
-        lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
-        let v4_backends: Vec<String> = (1..=100).map(|i| format!("10.1.0.{i}")).collect();
-        let v6_backends: Vec<String> = (1..=100).map(|i| format!("fd01::{i:x}")).collect();
-        for (i, a) in v4_backends.iter().enumerate() {
-            lb.set_backend(i as u32, a, true);
-        }
-        for (i, a) in v6_backends.iter().enumerate() {
-            lb.set_backend(100 + i as u32, a, true);
-        }
-        let keys: Vec<Vec<u8>> = (0..100).map(|i| format!("b{i}").into_bytes()).collect();
-        let table = |base: u32| {
-            let e: Vec<maglev::Entry> = keys.iter().enumerate().map(|(i, k)| maglev::Entry { key: k, weight: 1, value: base + i as u32 }).collect();
-            maglev::build(&e, m, lb_common::NO_BACKEND).unwrap()
-        };
-        let (t4, t6) = (table(0), table(100));
-        for (id, addr, t, affinity) in [(0, "192.0.2.10", &t4, 0), (1, "2001:db8::10", &t6, 0), (2, "192.0.2.11", &t4, 3600)] {
-            lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode: MODE_DSR, table_size: 0 });
-            lb.set_ring(id, |s| t[s as usize]);
-        }
-        // A NAT VIP on the same 100 backends (NAT ports 1024-65535: 100 x 64k translations), and
-        // a breakdown VIP whose backend's route lookup fails (encapsulation and a route lookup,
-        // no neighbour, no transmit).
-        lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
-        lb.set_backend(200, UNREACHABLE_V4, true);
-        lb.add_vip(vip_key("192.0.2.12", 80, IPPROTO_TCP), VipValue { id: 3, flags: 0, affinity_timeout_s: 0, mode: MODE_NAT, table_size: 0 });
-        lb.set_ring(3, |s| t4[s as usize]);
-        lb.add_vip(vip_key("192.0.2.13", 80, IPPROTO_TCP), VipValue { id: 4, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR, table_size: 0 });
-        lb.set_ring(4, |_| 200);
-        let octets = |v: &[String]| -> Vec<[u8; 4]> { v.iter().map(|a| a.parse::<std::net::Ipv4Addr>().unwrap().octets()).collect() };
-        let b4 = octets(&v4_backends);
+        let big = ((2 * opts.flows + opts.calls + 1024) as u32).next_power_of_two();
+        let full_size = (opts.flows as u32).next_power_of_two();
+        let mut lbs = [
+            load_instance(big, big, true),
+            load_instance(big, 1024, true),
+            load_instance(full_size, 1024, true),
+            load_instance(1024, 1024, false),
+        ];
+        let b4: Vec<[u8; 4]> = (1..=100).map(|i| [10, 1, 0, i as u8]).collect();
 
-        // Established flows, created before timing (not timed).
-        let est_base = u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0));
-        let new_base = u32::from(std::net::Ipv4Addr::new(100, 96, 0, 0));
+        // State the cases need, made before timing (not timed).
+        let est_base = ip4("100.64.0.0");
+        let new_base = ip4("100.96.0.0");
+        let nat_new_base = ip4("100.112.0.0");
+        let fill_base = ip4("172.16.0.0");
         let syn = |src: &str, sport: u16, dst: &str| Pkt::tcp(src, sport, dst, 80, LB0_MAC);
         let ack = |p: Pkt| p.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+        let main = &mut lbs[On::Main as usize];
         for k in 0..opts.flows {
-            let r = lb.run(&syn(&flow_src(est_base, k), 40000, "192.0.2.10").frame(), ingress);
+            let r = main.run(&syn(&flow_src(est_base, k), 40000, "192.0.2.10").frame(), ingress);
             assert_eq!(r.action, XDP_TX, "creating established flow {k}");
         }
         let one4 = ack(syn("198.51.100.1", 1111, "192.0.2.10")).frame();
         let nat4 = ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame();
         let fib4 = ack(syn("198.51.100.1", 1111, "192.0.2.13")).frame();
-        lb.run(&syn("198.51.100.1", 1111, "192.0.2.12").frame(), ingress);
-        lb.run(&syn("198.51.100.1", 1111, "192.0.2.13").frame(), ingress);
+        for vip in ["192.0.2.10", "192.0.2.12", "192.0.2.13"] {
+            main.run(&syn("198.51.100.1", 1111, vip).frame(), ingress);
+        }
         let one6 = ack(Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC)).frame();
-        lb.run(&syn("198.51.100.1", 1111, "192.0.2.10").frame(), ingress);
-        lb.run(&Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC).frame(), ingress);
+        main.run(&Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC).frame(), ingress);
         // Affinity clients: one connection each makes their entry fresh.
         let clients = opts.calls.div_ceil(60_000).max(1);
         for c in 0..clients {
-            lb.run(&syn(&v4(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 1)) + c as u32), 1, "192.0.2.11").frame(), ingress);
+            main.run(&syn(&v4(ip4("198.18.0.1") + c as u32), 1, "192.0.2.11").frame(), ingress);
         }
-
         // The NAT flow's reply: from its backend to the node's NAT port.
         let nat_key = syn("198.51.100.1", 1111, "192.0.2.12").flow_key();
-        let nat = lb.nat_flow(&nat_key).expect("the NAT flow was translated");
-        let nat_backend = b4[lb.backend_of(nat.backend_id) as usize];
+        let nat = main.nat_flow(&nat_key).expect("the NAT flow was translated");
+        let nat_backend = b4[main.backend_of(nat.backend_id) as usize];
         let nat_reply = Pkt::tcp(&std::net::Ipv4Addr::from(nat_backend).to_string(), 80, NODE_V4, u16::from_be(nat.nat_port), LB0_MAC)
             .with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
             .frame();
-        let nat_new_base = u32::from(std::net::Ipv4Addr::new(100, 112, 0, 0));
+        // The full table: more new flows than it holds.
+        let full = &mut lbs[On::FullTable as usize];
+        for k in 0..(full_size as usize + full_size as usize / 8 + 1024) {
+            full.run(&syn(&v4(fill_base + k as u32), 40000, "192.0.2.10").frame(), ingress);
+        }
+        let full_before = flow_count(full);
+        // An established flow whose IPv6 backend has no source address to encapsulate from.
+        let nov6 = &mut lbs[On::NoV6Source as usize];
+        nov6.run(&syn("198.51.100.1", 1111, "192.0.2.15").frame(), ingress);
+        let no_src = ack(syn("198.51.100.1", 1111, "192.0.2.15")).frame();
+
         let template_nat_new = syn("100.112.0.0", 40000, "192.0.2.12").frame();
         let template_new = syn("100.96.0.0", 40000, "192.0.2.10").frame();
         let template_est = ack(syn("100.64.0.0", 40000, "192.0.2.10")).frame();
         let template_aff = syn("198.18.0.1", 1000, "192.0.2.11").frame();
+        let no_backend = syn("198.51.100.1", 1111, "192.0.2.14").frame();
         let with_src = |t: &Vec<u8>, src: u32| {
             let mut f = t.clone();
             f[26..30].copy_from_slice(&src.to_be_bytes());
@@ -193,38 +290,48 @@ pub fn fastpath(opts: &Options) -> Value {
         };
         let per_round = (opts.calls / opts.rounds).max(1);
         let est_per_round = (opts.flows / opts.rounds).max(1);
-        let (tn, te, ta) = (template_new.clone(), template_est.clone(), template_aff.clone());
+        let same = |f: Vec<u8>| -> Box<dyn FnMut(usize) -> Vec<u8>> { Box::new(move |_| f.clone()) };
+        let (tn, tn2, te, ta) = (template_new.clone(), template_new.clone(), template_est.clone(), template_aff.clone());
+        let case = |name, on, program, frame, action, backends: &Vec<[u8; 4]>| Case { name, on, program, frame, action, backends: backends.clone(), v6_outer: false, note: "" };
+        let none = vec![];
         let mut cases = [
-            Case { name: "floor", program: "lb_floor", frame: Box::new({ let f = one4.clone(); move |_| f.clone() }), action: XDP_TX, backends: vec![], v6_outer: false },
-            Case { name: "pass_non_vip", program: "lb", frame: Box::new({ let f = ack(syn("198.51.100.1", 1111, "203.0.113.1")).frame(); move |_| f.clone() }), action: XDP_PASS, backends: vec![], v6_outer: false },
-            Case { name: "v4_tcp_new_flow", program: "lb", frame: Box::new(move |k| with_src(&tn, new_base + k as u32)), action: XDP_TX, backends: b4.clone(), v6_outer: false },
-            Case { name: "v4_tcp_established_1flow", program: "lb", frame: Box::new({ let f = one4.clone(); move |_| f.clone() }), action: XDP_TX, backends: b4.clone(), v6_outer: false },
-            Case { name: "v4_tcp_established_1m_flows", program: "lb", frame: Box::new(move |k| with_src(&te, est_base + k as u32)), action: XDP_TX, backends: b4.clone(), v6_outer: false },
-            Case {
-                name: "v4_affinity_hit",
-                program: "lb",
-                frame: Box::new(move |k| {
-                    let mut f = with_src(&ta, u32::from(std::net::Ipv4Addr::new(198, 18, 0, 1)) + (k / 60_000) as u32);
+            case("floor", On::Main, "lb_floor", same(one4.clone()), XDP_TX, &none),
+            case("pass_non_vip", On::Main, "lb", same(ack(syn("198.51.100.1", 1111, "203.0.113.1")).frame()), XDP_PASS, &none),
+            case("v4_tcp_new_flow", On::EmptyTable, "lb", Box::new(move |k| with_src(&tn, new_base + k as u32)), XDP_TX, &b4),
+            case("v4_tcp_new_flow_full_table", On::FullTable, "lb", Box::new(move |k| with_src(&tn2, new_base + k as u32)), XDP_TX, &b4),
+            case("v4_tcp_established_1flow", On::Main, "lb", same(one4.clone()), XDP_TX, &b4),
+            case("v4_tcp_established_1m_flows", On::Main, "lb", Box::new(move |k| with_src(&te, est_base + k as u32)), XDP_TX, &b4),
+            case(
+                "v4_affinity_hit",
+                On::Main,
+                "lb",
+                Box::new(move |k| {
+                    let mut f = with_src(&ta, ip4("198.18.0.1") + (k / 60_000) as u32);
                     f[34..36].copy_from_slice(&(2 + (k % 60_000) as u16).to_be_bytes());
                     f
                 }),
-                action: XDP_TX,
-                backends: b4.clone(),
-                v6_outer: false,
-            },
-            Case { name: "v6_tcp_established_1flow", program: "lb", frame: Box::new({ let f = one6.clone(); move |_| f.clone() }), action: XDP_TX, backends: vec![], v6_outer: true },
-            Case { name: "v4_nat_established_1flow", program: "lb", frame: Box::new(move |_| nat4.clone()), action: XDP_TX, backends: b4.clone(), v6_outer: false },
-            Case { name: "v4_nat_new_flow", program: "lb", frame: Box::new(move |k| with_src(&template_nat_new, nat_new_base + k as u32)), action: XDP_TX, backends: b4.clone(), v6_outer: false },
-            Case { name: "v4_nat_reply", program: "lb", frame: Box::new(move |_| nat_reply.clone()), action: XDP_TX, backends: vec![[198, 51, 100, 1]], v6_outer: false },
-            Case { name: "breakdown_established_encap_fib_fails", program: "lb", frame: Box::new(move |_| fib4.clone()), action: XDP_DROP, backends: vec![], v6_outer: false },
+                XDP_TX,
+                &b4,
+            ),
+            Case { v6_outer: true, ..case("v6_tcp_established_1flow", On::Main, "lb", same(one6), XDP_TX, &none) },
+            case("v4_nat_established_1flow", On::Main, "lb", same(nat4), XDP_TX, &b4),
+            case("v4_nat_new_flow", On::Main, "lb", Box::new(move |k| with_src(&template_nat_new, nat_new_base + k as u32)), XDP_TX, &b4),
+            case("v4_nat_reply", On::Main, "lb", same(nat_reply), XDP_TX, &vec![[198, 51, 100, 1]]),
+            Case { note: "(parse, VIP lookup, clock, one empty ring slot; dropped)", ..case("breakdown_vip_no_backend", On::Main, "lb", same(no_backend), XDP_DROP, &none) },
+            Case { note: "(flow hit, member, VIP and member stats; dropped before encapsulation)", ..case("breakdown_established_no_encap", On::NoV6Source, "lb", same(no_src), XDP_DROP, &none) },
+            Case { note: "(flow hit + encapsulation + a failing route lookup)", ..case("breakdown_established_encap_fib_fails", On::Main, "lb", same(fib4), XDP_DROP, &none) },
         ];
 
         let mut rounds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-        let before = lb.counters();
+        let before: Vec<_> = lbs.iter_mut().map(|lb| lb.counters()).collect();
         let started = Instant::now();
+        let mut empty_max = 0;
         for r in 0..opts.rounds {
+            empty_max = empty_max.max(flow_count(&mut lbs[On::EmptyTable as usize]));
+            clear_flows(&mut lbs[On::EmptyTable as usize]);
             for case in cases.iter_mut() {
                 let n = if case.name == "v4_tcp_established_1m_flows" { est_per_round } else { per_round };
+                let lb = &mut lbs[case.on as usize];
                 let mut ns = Vec::with_capacity(n);
                 for i in 0..n {
                     let k = r * n + i;
@@ -244,39 +351,63 @@ pub fn fastpath(opts: &Options) -> Value {
                 rounds.entry(case.name).or_default().push(median(&mut ns));
             }
         }
-        let after = lb.counters();
-        let d = |c: Counter| after[&c] - before[&c];
+        let empty_max = empty_max.max(flow_count(&mut lbs[On::EmptyTable as usize]));
+        let full_after = flow_count(&mut lbs[On::FullTable as usize]);
+        let after: Vec<_> = lbs.iter_mut().map(|lb| lb.counters()).collect();
+        let d = |on: On, c: Counter| after[on as usize][&c] - before[on as usize][&c];
         // The cases must have taken the paths they are named for.
         let est_calls = (est_per_round * opts.rounds) as u64;
         let one_calls = (per_round * opts.rounds) as u64;
-        assert_eq!(d(Counter::FlowHits), est_calls + 4 * one_calls, "established cases did not all hit the flow table");
-        assert_eq!(d(Counter::DropFibFailed), one_calls, "failed-route breakdown case");
-        assert_eq!(d(Counter::NatForward), 2 * one_calls, "NAT cases did not all translate");
-        assert_eq!(d(Counter::NatNew), one_calls, "NAT new-flow case did not make new translations");
-        assert_eq!(d(Counter::NatReverse), one_calls, "NAT reply case did not translate back");
-        assert_eq!(d(Counter::AffinityHits), one_calls, "affinity case did not hit affinity");
-        assert_eq!(d(Counter::MaglevLookups), 2 * one_calls, "new-flow cases (DSR, NAT) did not go through Maglev");
+        assert_eq!(d(On::Main, Counter::FlowHits), est_calls + 4 * one_calls, "established cases did not all hit the flow table");
+        assert_eq!(d(On::Main, Counter::DropFibFailed), one_calls, "failed-route breakdown case");
+        assert_eq!(d(On::Main, Counter::DropNoBackend), one_calls, "no-backend breakdown case");
+        assert_eq!(d(On::Main, Counter::NatForward), 2 * one_calls, "NAT cases did not all translate");
+        assert_eq!(d(On::Main, Counter::NatNew), one_calls, "NAT new-flow case did not make new translations");
+        assert_eq!(d(On::Main, Counter::NatReverse), one_calls, "NAT reply case did not translate back");
+        assert_eq!(d(On::Main, Counter::AffinityHits), one_calls, "affinity case did not hit affinity");
+        assert_eq!(d(On::Main, Counter::MaglevLookups), one_calls, "NAT new-flow case did not go through Maglev");
+        for on in [On::EmptyTable, On::FullTable] {
+            assert_eq!(d(on, Counter::MaglevLookups), one_calls, "{on:?}: new flows did not go through Maglev");
+            assert_eq!(d(on, Counter::NewFlows), one_calls, "{on:?}: new flows were not all inserted");
+        }
+        assert_eq!(d(On::NoV6Source, Counter::FlowHits), one_calls, "no-encapsulation breakdown case missed its flow");
+        assert_eq!(d(On::NoV6Source, Counter::DropNoSourceAddress), one_calls, "no-encapsulation breakdown case was not dropped before encapsulation");
+        // A round's inserts fill at most this share of the emptied table.
+        assert!(empty_max <= per_round + 16, "the emptied table held {empty_max} flows, more than a round's {per_round}");
+        // Full: the table did not grow, so each insert evicted an entry.
+        assert!(full_before + 1024 >= full_size as usize && full_after <= full_before + 256, "full table: {full_before} flows before, {full_after} after, of {full_size}");
 
-        let floor = {
-            let mut v = rounds["floor"].clone();
-            median(&mut v)
-        };
+        let floor = median(&mut rounds["floor"].clone());
         let mut out = serde_json::Map::new();
         out.insert("floor_ns".into(), json!(floor));
-        for (name, v) in &rounds {
-            let mut v = v.clone();
+        for case in &cases {
+            let mut v = rounds[case.name].clone();
             let med = median(&mut v);
-            out.insert(
-                name.to_string(),
-                json!({"ns": med, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": med as f64 / floor.max(1) as f64}),
-            );
+            let ratio = med as f64 / floor.max(1) as f64;
+            let mut c = json!({"ns": med, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": ratio, "instance": format!("{:?}", case.on)});
+            if let Some(t) = target(case.name) {
+                c["target_x_floor"] = json!(t);
+                c["met"] = json!(ratio <= t);
+            }
+            if !case.note.is_empty() {
+                c["note"] = json!(case.note);
+            }
+            out.insert(case.name.to_string(), c);
         }
+        out.insert("order".into(), json!(cases.iter().map(|c| c.name).collect::<Vec<_>>()));
+        out.insert("flow_table".into(), flow_table_figures(&lbs[On::Main as usize]));
         out.insert(
             "method".into(),
             json!({
                 "calls_per_case": opts.calls, "rounds": opts.rounds, "established_flows": opts.flows, "cpu": cpu,
                 "timing": "BPF_PROG_TEST_RUN, repeat 1, one call per packet; kernel-reported ns per call; per-round median, then median (min, max) of the rounds",
                 "config": "one TCP VIP per case, 100 backends, table size 65537",
+                "instances": {
+                    "Main": format!("flow table {big} entries, {} established flows", opts.flows),
+                    "EmptyTable": format!("flow table {big} entries, emptied before each round (at most {empty_max} flows)"),
+                    "FullTable": format!("flow table {full_size} entries, {full_before} flows before timing, {full_after} after"),
+                    "NoV6Source": "node without an IPv6 source address, VIP 192.0.2.15 on IPv6 backends",
+                },
                 "seconds": started.elapsed().as_secs_f64(),
             }),
         );
@@ -385,9 +516,8 @@ fn pin_new_napi_threads(before: &BTreeMap<u32, String>, dev: &str, queues: usize
             libc::CPU_SET(q % cpus, &mut set);
             let r = libc::sched_setaffinity(*pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
             assert_eq!(r, 0, "pinning {dev}'s NAPI thread {pid}: {}", std::io::Error::last_os_error());
-            let policy = if std::env::var_os("LB_BENCH_NOFIFO").is_some() { libc::SCHED_OTHER } else { libc::SCHED_FIFO };
-            let param = libc::sched_param { sched_priority: if policy == libc::SCHED_FIFO { 50 } else { 0 } };
-            let r = libc::sched_setscheduler(*pid as i32, policy, &param);
+            let param = libc::sched_param { sched_priority: 50 };
+            let r = libc::sched_setscheduler(*pid as i32, libc::SCHED_FIFO, &param);
             assert_eq!(r, 0, "SCHED_FIFO for {dev}'s NAPI thread {pid}: {}", std::io::Error::last_os_error());
         }
     }
@@ -507,17 +637,14 @@ fn check_live_round(name: &str, r: &LiveRound, frames: u64, cpus: &[usize]) -> u
 /// it generates the next (nothing is lost to a full ring). The rate is the generator's, lb0's
 /// and up0's work together; the ratio to the floor is the figure to compare.
 pub fn forwarding_rate(opts: &Options) -> Value {
-    let orig = std::env::var_os("LB_BENCH_ORIG").is_some();
-    let queues = if orig { 1 } else { 2 };
+    let queues = 2;
     let net = FibNet::with_uplink_queues("fwd", queues as u32);
     let ns = net.ns.name.clone();
     let ingress = net.lb0;
     // The bench is IPv4 only: without IPv6, neither end sends stray frames (router
     // solicitations, MLD) that would wake a queue's NAPI.
     for dev in ["lb0", "up0"] {
-        if !orig {
-            net.ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
-        }
+        net.ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
     }
     net.ns.run(|| {
         let cpu = pin_cpu();
@@ -528,13 +655,10 @@ pub fn forwarding_rate(opts: &Options) -> Value {
         lb.add_vip(vip_key("192.0.2.10", 80, IPPROTO_TCP), VipValue { id: 0, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR, table_size: 0 });
         lb.set_ring(0, |_| 0);
         let up0 = net.ns.ifindex("up0");
-        let threaded = std::env::var("LB_BENCH_NAPI").as_deref() != Ok("softirq");
         let before = napi_threads();
         lb.xdp("lb_pass").attach("up0", aya::programs::XdpMode::Driver).expect("attaching lb_pass to up0");
-        if threaded {
-            set_threaded_napi(&ns, "up0");
-            pin_new_napi_threads(&before, "up0", queues);
-        }
+        set_threaded_napi(&ns, "up0");
+        pin_new_napi_threads(&before, "up0", queues);
         let syn = Pkt::tcp("198.51.100.1", 1111, "192.0.2.10", 80, LB0_MAC).with(|p| p.payload = vec![7; 10]);
         lb.run(&syn.frame(), ingress);
         let frame = syn.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK }).frame();
@@ -550,21 +674,12 @@ pub fn forwarding_rate(opts: &Options) -> Value {
             for (name, prog, on) in runs {
                 let before = napi_threads();
                 let id = lb.xdp(prog).attach("lb0", aya::programs::XdpMode::Driver).expect("attaching to lb0");
-                if threaded {
-                    // Attaching makes lb0's NAPI instances anew (detaching removed them).
-                    set_threaded_napi(&ns, "lb0");
-                    pin_new_napi_threads(&before, "lb0", queues);
-                }
+                // Attaching makes lb0's NAPI instances anew (detaching removed them).
+                set_threaded_napi(&ns, "lb0");
+                pin_new_napi_threads(&before, "lb0", queues);
                 let r = live_round(&mut lb, &ns, up0, &frame, frames, on, prog == "lb");
                 lb.xdp(prog).detach(id).expect("detaching");
-                if std::env::var_os("LB_BENCH_VERBOSE").is_some() {
-                    eprintln!("{name}: {r:?}");
-                }
                 rounds.push(json!({"case": name, "wall_s": r.wall.as_secs_f64(), "ring_full": r.ring_full, "refused": r.refused, "forwarded": r.forwarded, "lb_packets_by_cpu": r.lb_packets_by_cpu, "net_rx_softirqs_by_cpu": r.net_rx, "ksoftirqd_ticks_by_cpu": r.ksoftirqd}));
-                if orig {
-                    pps.entry(name).or_default().push((r.forwarded as f64 / r.wall.as_secs_f64()) as u64);
-                    continue;
-                }
                 pps.entry(name).or_default().push(check_live_round(name, &r, frames as u64, on));
             }
         }
@@ -579,7 +694,7 @@ pub fn forwarding_rate(opts: &Options) -> Value {
         }
         out.insert("ratio_2cores_to_1core".into(), json!(med("lb_2cores") as f64 / one_core.max(1) as f64));
         out.insert("rounds".into(), Value::Array(rounds));
-        out.insert("method".into(), json!({"frames_per_round": frames, "rounds": opts.rounds, "cpu": cpu, "cpus_2cores": two, "napi": if threaded { "threaded, each queue's thread pinned to its CPU, SCHED_FIFO 50" } else { "softirq" }, "generator": "lb_gen, BPF_F_TEST_XDP_LIVE_FRAMES on the veth peer, batch 64, one thread per CPU"}));
+        out.insert("method".into(), json!({"frames_per_round": frames, "rounds": opts.rounds, "cpu": cpu, "cpus_2cores": two, "napi": "threaded, each queue's thread pinned to its CPU, SCHED_FIFO 50", "generator": "lb_gen, BPF_F_TEST_XDP_LIVE_FRAMES on the veth peer, batch 64, one thread per CPU"}));
         Value::Object(out)
     })
 }
@@ -760,11 +875,34 @@ pub fn memory(opts: &Options) -> Value {
     let ebpf = program::load(&sizes, None).expect("loading lb for the memory figures");
     let maps = map_memory(&ebpf);
     let total: u64 = maps.values().sum();
-    json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "sizes": format!("{sizes:?}")})
+    let per_entry = maps.get("LB_FLOWS").copied().unwrap_or(0) as f64 / opts.memory_flows as f64;
+    json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "flow_table_bytes_per_entry": per_entry, "sizes": format!("{sizes:?}")})
 }
 
 /// The sections `run` can be limited to (`lb-bench --only forwarding,memory`).
-pub const SECTIONS: &[&str] = &["fastpath", "forwarding", "maglev", "control_plane", "memory"];
+pub const SECTIONS: &[&str] = &["fastpath", "forwarding", "programs", "maglev", "control_plane", "memory"];
+
+/// Each XDP program of the object as the kernel holds it once loaded: its translated
+/// instructions (`xlated_prog_len` / 8), JIT-compiled bytes, and the instructions the verifier
+/// processed (its work over every path, not the program's length).
+pub fn program_sizes() -> Value {
+    let mut ebpf = program::load(&Sizes::default(), None).expect("loading lb for its program sizes");
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    let mut out = serde_json::Map::new();
+    for name in names {
+        let prog: &mut aya::programs::Xdp = ebpf.program_mut(&name).unwrap().try_into().unwrap_or_else(|e| panic!("{name}: {e}"));
+        if prog.fd().is_err() {
+            prog.load().unwrap_or_else(|e| panic!("loading {name}: {}", lb_userspace::error_chain(&e)));
+        }
+        let info = prog.info().unwrap_or_else(|e| panic!("{name}: program info: {e}"));
+        let xlated = info.size_translated().unwrap_or(0);
+        out.insert(
+            name,
+            json!({"translated_insns": xlated / 8, "translated_bytes": xlated, "jited_bytes": info.size_jitted(), "verified_insns": info.verified_instruction_count()}),
+        );
+    }
+    Value::Object(out)
+}
 
 /// Runs everything; returns the JSON document.
 pub fn run(opts: &Options) -> Value {
@@ -786,6 +924,9 @@ pub fn run_only(opts: &Options, sections: &[&str]) -> Value {
     }
     if want("forwarding") {
         out.insert("forwarding_rate".into(), forwarding_rate(opts));
+    }
+    if want("programs") {
+        out.insert("programs".into(), program_sizes());
     }
     if want("maglev") {
         out.insert("maglev".into(), maglev_figures());
@@ -816,84 +957,125 @@ fn machine() -> Value {
     json!({"cpu": cpu, "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel})
 }
 
-/// The table printed by `cargo xtask bench`.
+/// "met" or "MISSED".
+fn mark(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// The table printed by `cargo xtask bench` (the sections the document has).
 pub fn table(v: &Value) -> String {
     let mut s = String::new();
-    let f = &v["fastpath"];
-    s.push_str(&format!(
-        "fast path (BPF_PROG_TEST_RUN, one call per packet), floor {} ns\n",
-        f["floor_ns"]
-    ));
-    s.push_str(&format!(
-        "  {:<30} {:>8} {:>8} {:>8} {:>8}\n",
-        "case", "ns", "min", "max", "x floor"
-    ));
-    for (k, c) in f.as_object().into_iter().flatten() {
-        if let Some(ns) = c.get("ns") {
-            let n = |x: &Value| x.as_u64().unwrap_or(0);
-            s.push_str(&format!(
-                "  {:<30} {:>8} {:>8} {:>8} {:>8.2}\n",
-                k,
-                n(ns),
-                n(&c["min"]),
-                n(&c["max"]),
-                c["ratio_to_floor"].as_f64().unwrap_or(0.0)
-            ));
-        } else if let Some(why) = c.get("not_applicable") {
-            s.push_str(&format!(
-                "  {:<30} n/a: {}\n",
-                k,
-                why.as_str().unwrap_or("")
-            ));
-        }
+    if let Some(f) = v.get("fastpath") {
+        s += &fastpath_table(f);
     }
-    let fw = &v["forwarding_rate"];
-    s.push_str(&format!(
-        "forwarding rate, one core (live frames): lb {} pps, floor {} pps, ratio {:.2}\n",
-        fw["lb_established_v4"]["pps"].as_u64().unwrap_or(0),
-        fw["floor"]["pps"].as_u64().unwrap_or(0),
-        fw["lb_established_v4"]["ratio_to_floor"]
-            .as_f64()
-            .unwrap_or(0.0)
-    ));
-    s.push_str("maglev, M = 65537\n");
+    if let Some(fw) = v.get("forwarding_rate") {
+        s += &forwarding_table(fw);
+    }
+    if let Some(p) = v.get("programs") {
+        s += &programs_table(p);
+    }
+    if let Some(m) = v.get("maglev") {
+        s += &maglev_table(m);
+    }
+    if let Some(cp) = v.get("control_plane") {
+        s += &control_plane_table(cp);
+    }
+    if let Some(m) = v.get("memory") {
+        s += &format!(
+            "memory: kernel maps for a {}-entry flow table: {} bytes ({} of them the flow table, {:.1} bytes per entry; target <= {}: {})\n",
+            m["flow_entries"],
+            m["kernel_map_bytes_total"],
+            m["kernel_map_bytes"]["LB_FLOWS"],
+            m["flow_table_bytes_per_entry"].as_f64().unwrap_or(0.0),
+            TARGET_FLOW_BYTES_PER_ENTRY,
+            mark(m["flow_table_bytes_per_entry"].as_f64().unwrap_or(f64::MAX) <= TARGET_FLOW_BYTES_PER_ENTRY),
+        );
+    }
+    s
+}
+
+fn fastpath_table(f: &Value) -> String {
+    let mut s = format!("fast path (BPF_PROG_TEST_RUN, one call per packet), floor {} ns\n", f["floor_ns"]);
+    s += &format!("  {:<38} {:>6} {:>6} {:>6} {:>8}   {}\n", "case", "ns", "min", "max", "x floor", "target");
+    let order: Vec<&str> = f["order"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    for k in order {
+        let c = &f[k];
+        let Some(ns) = c.get("ns") else { continue };
+        let n = |x: &Value| x.as_u64().unwrap_or(0);
+        let ratio = c["ratio_to_floor"].as_f64().unwrap_or(0.0);
+        let tail = match (c.get("target_x_floor").and_then(Value::as_f64), c.get("note").and_then(Value::as_str)) {
+            (Some(t), _) => format!("<= {t:<5} {}", mark(ratio <= t)),
+            (None, Some(note)) => note.to_string(),
+            _ => String::new(),
+        };
+        s += &format!("  {:<38} {:>6} {:>6} {:>6} {:>8.2}   {}\n", k, n(ns), n(&c["min"]), n(&c["max"]), ratio, tail);
+    }
+    let t = &f["flow_table"];
+    let per = t["bytes_per_entry"].as_f64().unwrap_or(0.0);
+    s += &format!(
+        "  flow table of the main instance: {} entries, {} bytes in the kernel, {per:.1} bytes per entry (target <= {TARGET_FLOW_BYTES_PER_ENTRY}: {})\n",
+        t["entries"],
+        t["kernel_bytes"],
+        mark(per <= TARGET_FLOW_BYTES_PER_ENTRY)
+    );
+    s
+}
+
+fn forwarding_table(fw: &Value) -> String {
+    let pps = |k: &str| fw[k]["pps"].as_u64().unwrap_or(0);
+    let ratio = fw["lb_established_v4"]["ratio_to_floor"].as_f64().unwrap_or(0.0);
+    let two = fw["ratio_2cores_to_1core"].as_f64().unwrap_or(0.0);
+    format!(
+        "forwarding rate (live frames), one core: lb {} pps, floor {} pps, ratio {ratio:.2} (target >= {TARGET_FORWARDING_RATIO}: {})\n\
+         forwarding_rate_2cores: lb {} pps, x{two:.2} one core (target >= {TARGET_2CORES_RATIO}: {})\n",
+        pps("lb_established_v4"),
+        pps("floor"),
+        mark(ratio >= TARGET_FORWARDING_RATIO),
+        pps("lb_established_v4_2cores"),
+        mark(two >= TARGET_2CORES_RATIO),
+    )
+}
+
+fn programs_table(p: &Value) -> String {
+    let mut s = format!("programs (kernel's view after loading)\n  {:<12} {:>12} {:>10} {:>14}\n", "program", "translated", "JIT bytes", "verifier insns");
+    for (k, c) in p.as_object().into_iter().flatten() {
+        let n = |x: &str| c[x].as_u64().unwrap_or(0);
+        s += &format!("  {:<12} {:>12} {:>10} {:>14}\n", k, n("translated_insns"), n("jited_bytes"), n("verified_insns"));
+    }
+    s
+}
+
+fn maglev_table(mg: &Value) -> String {
+    let mut s = String::from("maglev, M = 65537\n");
     for n in ["n10", "n100", "n1000"] {
-        let m = &v["maglev"][n];
-        s.push_str(&format!(
+        let m = &mg[n];
+        let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
+        s += &format!(
             "  N={:<5} build {:>7.3} ms  balance {:.4}  weighted error {:.2} %  remove {:.4} (ideal {:.4})  add {:.4} (ideal {:.4})\n",
             &n[1..],
-            m["build_ms"].as_f64().unwrap_or(0.0),
-            m["equal_weights_largest_over_mean"].as_f64().unwrap_or(0.0),
-            m["weighted_worst_share_error"].as_f64().unwrap_or(0.0) * 100.0,
-            m["remove_one_moved"].as_f64().unwrap_or(0.0),
-            m["remove_ideal"].as_f64().unwrap_or(0.0),
-            m["add_one_moved"].as_f64().unwrap_or(0.0),
-            m["add_ideal"].as_f64().unwrap_or(0.0),
-        ));
+            f("build_ms"),
+            f("equal_weights_largest_over_mean"),
+            f("weighted_worst_share_error") * 100.0,
+            f("remove_one_moved"),
+            f("remove_ideal"),
+            f("add_one_moved"),
+            f("add_ideal"),
+        );
     }
-    let cp = &v["control_plane"];
-    s.push_str(&format!(
-        "control plane, {} VIPs x {} backends\n",
-        cp["scale"]["vips"], cp["scale"]["backends_per_vip"]
-    ));
+    s
+}
+
+fn control_plane_table(cp: &Value) -> String {
+    let mut s = format!("control plane, {} VIPs x {} backends\n", cp["scale"]["vips"], cp["scale"]["backends_per_vip"]);
     for k in ["full_sync", "one_backend_change", "unchanged_resync"] {
-        s.push_str(&format!(
+        s += &format!(
             "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms)\n",
             k,
             cp[k]["writes"].as_u64().unwrap_or(0),
             cp[k]["total_ms"].as_f64().unwrap_or(0.0),
             cp[k]["plan_ms"].as_f64().unwrap_or(0.0)
-        ));
+        );
     }
-    s.push_str(&format!(
-        "  agent RSS after full sync: {} KiB\n",
-        cp["agent_rss_kib"]["after_full_sync"]
-    ));
-    s.push_str(&format!(
-        "memory: kernel maps for a {}-entry flow table: {} bytes ({} of them the flow table)\n",
-        v["memory"]["flow_entries"],
-        v["memory"]["kernel_map_bytes_total"],
-        v["memory"]["kernel_map_bytes"]["LB_FLOWS"]
-    ));
+    s += &format!("  agent RSS after full sync: {} KiB\n", cp["agent_rss_kib"]["after_full_sync"]);
     s
 }

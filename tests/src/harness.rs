@@ -339,6 +339,20 @@ impl Lb {
             .ok()
     }
 
+    /// Every key in the flow table.
+    pub fn flow_keys(&mut self) -> Vec<FlowKey> {
+        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
+            .keys()
+            .map(|k| k.expect("walking the flow table"))
+            .collect()
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) {
+        self.hash::<FlowKey, FlowValue>(maps::FLOWS)
+            .remove(key)
+            .expect("removing flow");
+    }
+
     pub fn set_flow(&mut self, key: FlowKey, value: FlowValue) {
         self.hash::<FlowKey, FlowValue>(maps::FLOWS)
             .insert(key, value, 0)
