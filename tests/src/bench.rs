@@ -149,6 +149,9 @@ fn ip4(a: &str) -> u32 {
     u32::from(a.parse::<std::net::Ipv4Addr>().unwrap())
 }
 
+/// A fast-path VIP: id, address, mode, affinity timeout, ring (None: see [`load_instance`]).
+type VipRow<'a> = (u32, &'a str, u32, u32, Option<&'a [u32]>);
+
 /// The fast path's Maglev table size.
 const M: u32 = 65_537;
 
@@ -174,14 +177,22 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
     }
     let keys: Vec<Vec<u8>> = (0..100).map(|i| format!("b{i}").into_bytes()).collect();
     let table = |base: u32| {
-        let e: Vec<maglev::Entry> = keys.iter().enumerate().map(|(i, k)| maglev::Entry { key: k, weight: 1, value: base + i as u32 }).collect();
+        let e: Vec<maglev::Entry> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| maglev::Entry {
+                key: k,
+                weight: 1,
+                value: base + i as u32,
+            })
+            .collect();
         maglev::build(&e, M, lb_common::NO_BACKEND).unwrap()
     };
     let (t4, t6) = (table(0), table(100));
     // NAT ports 1024-65535: 100 x 64k translations.
     lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
     lb.set_backend(200, UNREACHABLE_V4, true);
-    let vips: [(u32, &str, u32, u32, Option<&[u32]>); 7] = [
+    let vips: [VipRow; 7] = [
         (0, "192.0.2.10", MODE_DSR, 0, Some(&t4)),
         (1, "2001:db8::10", MODE_DSR, 0, Some(&t6)),
         (2, "192.0.2.11", MODE_DSR, 3600, Some(&t4)),
@@ -191,7 +202,16 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
         (6, "192.0.2.15", MODE_DSR, 0, Some(&t6)),
     ];
     for (id, addr, mode, affinity, ring) in vips {
-        lb.add_vip(vip_key(addr, 80, IPPROTO_TCP), VipValue { id, flags: 0, affinity_timeout_s: affinity, mode, table_size: 0 });
+        lb.add_vip(
+            vip_key(addr, 80, IPPROTO_TCP),
+            VipValue {
+                id,
+                flags: 0,
+                affinity_timeout_s: affinity,
+                mode,
+                table_size: 0,
+            },
+        );
         match (id, ring) {
             (_, Some(t)) => lb.set_ring(id, |s| t[s as usize]),
             (4, None) => lb.set_ring(id, |_| 200),
@@ -421,7 +441,11 @@ fn ethtool_stats(ns: &str, dev: &str) -> BTreeMap<String, u64> {
         .args(["netns", "exec", ns, "ethtool", "-S", dev])
         .output()
         .expect("ethtool -S");
-    assert!(o.status.success(), "ethtool -S {dev}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "ethtool -S {dev}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout)
         .lines()
         .filter_map(|l| {
@@ -452,7 +476,12 @@ fn softirq_snapshot() -> (Vec<u64>, Vec<u64>) {
         .unwrap_or_default()
         .lines()
         .find(|l| l.trim_start().starts_with("NET_RX:"))
-        .map(|l| l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect())
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     let cpus = online_cpus();
     let ksoftirqd = (0..cpus)
@@ -463,11 +492,19 @@ fn softirq_snapshot() -> (Vec<u64>, Vec<u64>) {
                 .flatten()
                 .flatten()
                 .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-                .find(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|s| s.trim() == comm))
+                .find(|e| {
+                    std::fs::read_to_string(e.path().join("comm")).is_ok_and(|s| s.trim() == comm)
+                })
                 .and_then(|e| std::fs::read_to_string(e.path().join("stat")).ok())
                 .map(|s| {
-                    let f: Vec<&str> = s.rsplit_once(')').map(|x| x.1).unwrap_or("").split_whitespace().collect();
-                    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+                    let f: Vec<&str> = s
+                        .rsplit_once(')')
+                        .map(|x| x.1)
+                        .unwrap_or("")
+                        .split_whitespace()
+                        .collect();
+                    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+                        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
                 })
                 .unwrap_or(0)
         })
@@ -484,7 +521,8 @@ fn napi_threads() -> BTreeMap<u32, String> {
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
             let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            comm.starts_with("napi/").then(|| (pid, comm.trim().to_string()))
+            comm.starts_with("napi/")
+                .then(|| (pid, comm.trim().to_string()))
         })
         .collect()
 }
@@ -506,7 +544,11 @@ fn pin_new_napi_threads(before: &BTreeMap<u32, String>, dev: &str, queues: usize
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert_eq!(ours.len(), queues, "{dev}: expected {queues} new NAPI threads, found {ours:?}");
+    assert_eq!(
+        ours.len(),
+        queues,
+        "{dev}: expected {queues} new NAPI threads, found {ours:?}"
+    );
     ours.sort_unstable();
     let cpus = online_cpus();
     for (q, (_, pid)) in ours.iter().enumerate() {
@@ -514,11 +556,22 @@ fn pin_new_napi_threads(before: &BTreeMap<u32, String>, dev: &str, queues: usize
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(q % cpus, &mut set);
-            let r = libc::sched_setaffinity(*pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            assert_eq!(r, 0, "pinning {dev}'s NAPI thread {pid}: {}", std::io::Error::last_os_error());
+            let r =
+                libc::sched_setaffinity(*pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            assert_eq!(
+                r,
+                0,
+                "pinning {dev}'s NAPI thread {pid}: {}",
+                std::io::Error::last_os_error()
+            );
             let param = libc::sched_param { sched_priority: 50 };
             let r = libc::sched_setscheduler(*pid as i32, libc::SCHED_FIFO, &param);
-            assert_eq!(r, 0, "SCHED_FIFO for {dev}'s NAPI thread {pid}: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                r,
+                0,
+                "SCHED_FIFO for {dev}'s NAPI thread {pid}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -526,10 +579,21 @@ fn pin_new_napi_threads(before: &BTreeMap<u32, String>, dev: &str, queues: usize
 /// Turns on threaded NAPI for `dev` (in namespace `ns`).
 fn set_threaded_napi(ns: &str, dev: &str) {
     let o = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "sh", "-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+        ])
         .output()
         .expect("sh");
-    assert!(o.status.success(), "threaded NAPI on {dev}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "threaded NAPI on {dev}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// What one live-frames run did, from the veths' own counters (`ethtool -S`, summed over
@@ -558,7 +622,15 @@ struct LiveRound {
 
 /// Generates `frames` frames with `lb_gen` on up0, split over one thread per CPU in `cpus`,
 /// and waits until lb0 has run its program on every frame that reached its rings.
-fn live_round(lb: &mut Lb, ns: &str, up0: u32, frame: &[u8], frames: u32, cpus: &[usize], counted: bool) -> LiveRound {
+fn live_round(
+    lb: &mut Lb,
+    ns: &str,
+    up0: u32,
+    frame: &[u8],
+    frames: u32,
+    cpus: &[usize],
+    counted: bool,
+) -> LiveRound {
     let lb0_0 = ethtool_stats(ns, "lb0");
     let up0_0 = ethtool_stats(ns, "up0");
     let (rx0, ks0) = softirq_snapshot();
@@ -578,15 +650,21 @@ fn live_round(lb: &mut Lb, ns: &str, up0: u32, frame: &[u8], frames: u32, cpus: 
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("generator thread")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("generator thread"))
+            .collect()
     });
     let wall = spans.iter().map(|x| x.1).max().unwrap() - spans.iter().map(|x| x.0).min().unwrap();
-    let delta = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, dir: &str, key: &str| queue_sum(b, dir, key) - queue_sum(a, dir, key);
+    let delta = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, dir: &str, key: &str| {
+        queue_sum(b, dir, key) - queue_sum(a, dir, key)
+    };
     // The last frames may still be in the rings when the generators return.
     let deadline = Instant::now() + Duration::from_secs(5);
     let (lb0_1, up0_1) = loop {
         let (l, u) = (ethtool_stats(ns, "lb0"), ethtool_stats(ns, "up0"));
-        if delta(&lb0_0, &l, "rx", "xdp_packets") >= delta(&up0_0, &u, "tx", "xdp_xmit") || Instant::now() > deadline {
+        if delta(&lb0_0, &l, "rx", "xdp_packets") >= delta(&up0_0, &u, "tx", "xdp_xmit")
+            || Instant::now() > deadline
+        {
             break (l, u);
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -602,7 +680,11 @@ fn live_round(lb: &mut Lb, ns: &str, up0: u32, frame: &[u8], frames: u32, cpus: 
         forwarded: delta(&lb0_0, &lb0_1, "rx", "xdp_tx"),
         refused: delta(&lb0_0, &lb0_1, "rx", "xdp_tx_errors"),
         lb_packets_by_cpu: if counted { sub(&c0[0], &c1[0]) } else { vec![] },
-        lb_tx: if counted { sub(&c0[1], &c1[1]).iter().sum() } else { 0 },
+        lb_tx: if counted {
+            sub(&c0[1], &c1[1]).iter().sum()
+        } else {
+            0
+        },
         net_rx: sub(&rx0, &rx1),
         ksoftirqd: sub(&ks0, &ks1),
     }
@@ -611,17 +693,41 @@ fn live_round(lb: &mut Lb, ns: &str, up0: u32, frame: &[u8], frames: u32, cpus: 
 /// The checks every live round must pass; returns the round's rate.
 fn check_live_round(name: &str, r: &LiveRound, frames: u64, cpus: &[usize]) -> u64 {
     let what = format!("{name}: {r:?}");
-    assert_eq!(r.enqueued + r.ring_full, frames, "{what}: generated frames unaccounted for at up0");
-    assert_eq!(r.ran, r.enqueued, "{what}: frames put in lb0's rings but never run through its program");
-    assert_eq!(r.ring_full, 0, "{what}: lb0's rings overflowed (frames lost before XDP)");
-    assert_eq!(r.refused, 0, "{what}: up0's rings refused lb0's XDP_TX frames");
+    assert_eq!(
+        r.enqueued + r.ring_full,
+        frames,
+        "{what}: generated frames unaccounted for at up0"
+    );
+    assert_eq!(
+        r.ran, r.enqueued,
+        "{what}: frames put in lb0's rings but never run through its program"
+    );
+    assert_eq!(
+        r.ring_full, 0,
+        "{what}: lb0's rings overflowed (frames lost before XDP)"
+    );
+    assert_eq!(
+        r.refused, 0,
+        "{what}: up0's rings refused lb0's XDP_TX frames"
+    );
     assert_eq!(r.forwarded, frames, "{what}: not every frame was forwarded");
     if !r.lb_packets_by_cpu.is_empty() {
-        assert_eq!(r.lb_packets_by_cpu.iter().sum::<u64>(), r.ran, "{what}: lb's packets counter");
+        assert_eq!(
+            r.lb_packets_by_cpu.iter().sum::<u64>(),
+            r.ran,
+            "{what}: lb's packets counter"
+        );
         assert_eq!(r.lb_tx, r.forwarded, "{what}: lb's tx counter");
         for (cpu, n) in r.lb_packets_by_cpu.iter().enumerate() {
-            let want = if cpus.contains(&cpu) { frames / cpus.len() as u64 } else { 0 };
-            assert_eq!(*n, want, "{what}: lb ran on {n} frames on CPU {cpu} (generators on {cpus:?})");
+            let want = if cpus.contains(&cpu) {
+                frames / cpus.len() as u64
+            } else {
+                0
+            };
+            assert_eq!(
+                *n, want,
+                "{what}: lb ran on {n} frames on CPU {cpu} (generators on {cpus:?})"
+            );
         }
     }
     (r.forwarded as f64 / r.wall.as_secs_f64()) as u64
@@ -644,7 +750,8 @@ pub fn forwarding_rate(opts: &Options) -> Value {
     // The bench is IPv4 only: without IPv6, neither end sends stray frames (router
     // solicitations, MLD) that would wake a queue's NAPI.
     for dev in ["lb0", "up0"] {
-        net.ns.sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
+        net.ns
+            .sysctl(&format!("net.ipv6.conf.{dev}.disable_ipv6"), "1");
     }
     net.ns.run(|| {
         let cpu = pin_cpu();
@@ -880,21 +987,36 @@ pub fn memory(opts: &Options) -> Value {
 }
 
 /// The sections `run` can be limited to (`lb-bench --only forwarding,memory`).
-pub const SECTIONS: &[&str] = &["fastpath", "forwarding", "programs", "maglev", "control_plane", "memory"];
+pub const SECTIONS: &[&str] = &[
+    "fastpath",
+    "forwarding",
+    "programs",
+    "maglev",
+    "control_plane",
+    "memory",
+];
 
 /// Each XDP program of the object as the kernel holds it once loaded: its translated
 /// instructions (`xlated_prog_len` / 8), JIT-compiled bytes, and the instructions the verifier
 /// processed (its work over every path, not the program's length).
 pub fn program_sizes() -> Value {
-    let mut ebpf = program::load(&Sizes::default(), None).expect("loading lb for its program sizes");
+    let mut ebpf =
+        program::load(&Sizes::default(), None).expect("loading lb for its program sizes");
     let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
     let mut out = serde_json::Map::new();
     for name in names {
-        let prog: &mut aya::programs::Xdp = ebpf.program_mut(&name).unwrap().try_into().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(&name)
+            .unwrap()
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         if prog.fd().is_err() {
-            prog.load().unwrap_or_else(|e| panic!("loading {name}: {}", lb_userspace::error_chain(&e)));
+            prog.load()
+                .unwrap_or_else(|e| panic!("loading {name}: {}", lb_userspace::error_chain(&e)));
         }
-        let info = prog.info().unwrap_or_else(|e| panic!("{name}: program info: {e}"));
+        let info = prog
+            .info()
+            .unwrap_or_else(|e| panic!("{name}: program info: {e}"));
         let xlated = info.size_translated().unwrap_or(0);
         out.insert(
             name,
@@ -913,7 +1035,11 @@ pub fn run(opts: &Options) -> Value {
 /// keys (and `machine`, `seconds`).
 pub fn run_only(opts: &Options, sections: &[&str]) -> Value {
     for s in sections {
-        assert!(SECTIONS.contains(s), "no bench section {s:?} (sections: {})", SECTIONS.join(", "));
+        assert!(
+            SECTIONS.contains(s),
+            "no bench section {s:?} (sections: {})",
+            SECTIONS.join(", ")
+        );
     }
     let started = Instant::now();
     let mut out = serde_json::Map::new();
@@ -988,27 +1114,52 @@ pub fn table(v: &Value) -> String {
             m["kernel_map_bytes"]["LB_FLOWS"],
             m["flow_table_bytes_per_entry"].as_f64().unwrap_or(0.0),
             TARGET_FLOW_BYTES_PER_ENTRY,
-            mark(m["flow_table_bytes_per_entry"].as_f64().unwrap_or(f64::MAX) <= TARGET_FLOW_BYTES_PER_ENTRY),
+            mark(
+                m["flow_table_bytes_per_entry"].as_f64().unwrap_or(f64::MAX)
+                    <= TARGET_FLOW_BYTES_PER_ENTRY
+            ),
         );
     }
     s
 }
 
 fn fastpath_table(f: &Value) -> String {
-    let mut s = format!("fast path (BPF_PROG_TEST_RUN, one call per packet), floor {} ns\n", f["floor_ns"]);
-    s += &format!("  {:<38} {:>6} {:>6} {:>6} {:>8}   {}\n", "case", "ns", "min", "max", "x floor", "target");
-    let order: Vec<&str> = f["order"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let mut s = format!(
+        "fast path (BPF_PROG_TEST_RUN, one call per packet), floor {} ns\n",
+        f["floor_ns"]
+    );
+    s += &format!(
+        "  {:<38} {:>6} {:>6} {:>6} {:>8}   {}\n",
+        "case", "ns", "min", "max", "x floor", "target"
+    );
+    let order: Vec<&str> = f["order"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     for k in order {
         let c = &f[k];
         let Some(ns) = c.get("ns") else { continue };
         let n = |x: &Value| x.as_u64().unwrap_or(0);
         let ratio = c["ratio_to_floor"].as_f64().unwrap_or(0.0);
-        let tail = match (c.get("target_x_floor").and_then(Value::as_f64), c.get("note").and_then(Value::as_str)) {
+        let tail = match (
+            c.get("target_x_floor").and_then(Value::as_f64),
+            c.get("note").and_then(Value::as_str),
+        ) {
             (Some(t), _) => format!("<= {t:<5} {}", mark(ratio <= t)),
             (None, Some(note)) => note.to_string(),
             _ => String::new(),
         };
-        s += &format!("  {:<38} {:>6} {:>6} {:>6} {:>8.2}   {}\n", k, n(ns), n(&c["min"]), n(&c["max"]), ratio, tail);
+        s += &format!(
+            "  {:<38} {:>6} {:>6} {:>6} {:>8.2}   {}\n",
+            k,
+            n(ns),
+            n(&c["min"]),
+            n(&c["max"]),
+            ratio,
+            tail
+        );
     }
     let t = &f["flow_table"];
     let per = t["bytes_per_entry"].as_f64().unwrap_or(0.0);
@@ -1023,7 +1174,9 @@ fn fastpath_table(f: &Value) -> String {
 
 fn forwarding_table(fw: &Value) -> String {
     let pps = |k: &str| fw[k]["pps"].as_u64().unwrap_or(0);
-    let ratio = fw["lb_established_v4"]["ratio_to_floor"].as_f64().unwrap_or(0.0);
+    let ratio = fw["lb_established_v4"]["ratio_to_floor"]
+        .as_f64()
+        .unwrap_or(0.0);
     let two = fw["ratio_2cores_to_1core"].as_f64().unwrap_or(0.0);
     format!(
         "forwarding rate (live frames), one core: lb {} pps, floor {} pps, ratio {ratio:.2} (target >= {TARGET_FORWARDING_RATIO}: {})\n\
@@ -1037,10 +1190,19 @@ fn forwarding_table(fw: &Value) -> String {
 }
 
 fn programs_table(p: &Value) -> String {
-    let mut s = format!("programs (kernel's view after loading)\n  {:<12} {:>12} {:>10} {:>14}\n", "program", "translated", "JIT bytes", "verifier insns");
+    let mut s = format!(
+        "programs (kernel's view after loading)\n  {:<12} {:>12} {:>10} {:>14}\n",
+        "program", "translated", "JIT bytes", "verifier insns"
+    );
     for (k, c) in p.as_object().into_iter().flatten() {
         let n = |x: &str| c[x].as_u64().unwrap_or(0);
-        s += &format!("  {:<12} {:>12} {:>10} {:>14}\n", k, n("translated_insns"), n("jited_bytes"), n("verified_insns"));
+        s += &format!(
+            "  {:<12} {:>12} {:>10} {:>14}\n",
+            k,
+            n("translated_insns"),
+            n("jited_bytes"),
+            n("verified_insns")
+        );
     }
     s
 }
@@ -1066,7 +1228,10 @@ fn maglev_table(mg: &Value) -> String {
 }
 
 fn control_plane_table(cp: &Value) -> String {
-    let mut s = format!("control plane, {} VIPs x {} backends\n", cp["scale"]["vips"], cp["scale"]["backends_per_vip"]);
+    let mut s = format!(
+        "control plane, {} VIPs x {} backends\n",
+        cp["scale"]["vips"], cp["scale"]["backends_per_vip"]
+    );
     for k in ["full_sync", "one_backend_change", "unchanged_resync"] {
         s += &format!(
             "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms)\n",
@@ -1076,6 +1241,32 @@ fn control_plane_table(cp: &Value) -> String {
             cp[k]["plan_ms"].as_f64().unwrap_or(0.0)
         );
     }
-    s += &format!("  agent RSS after full sync: {} KiB\n", cp["agent_rss_kib"]["after_full_sync"]);
+    s += &format!(
+        "  agent RSS after full sync: {} KiB\n",
+        cp["agent_rss_kib"]["after_full_sync"]
+    );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_sum_adds_one_counter_over_the_queues_only() {
+        let stats: BTreeMap<String, u64> = [
+            ("peer_ifindex", 7),
+            ("rx_queue_0_xdp_tx", 10),
+            ("rx_queue_1_xdp_tx", 5),
+            ("rx_queue_0_xdp_tx_errors", 100),
+            ("tx_queue_0_xdp_tx", 1000),
+            ("rx_queue_x_xdp_tx", 10000),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(queue_sum(&stats, "rx", "xdp_tx"), 15);
+        assert_eq!(queue_sum(&stats, "rx", "xdp_tx_errors"), 100);
+        assert_eq!(queue_sum(&stats, "tx", "xdp_xmit"), 0);
+    }
 }

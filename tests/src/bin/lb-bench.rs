@@ -7,14 +7,25 @@ fn main() {
     } else {
         lb_tests::bench::Options::full()
     };
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .map(|i| args.get(i + 1).expect("--only needs a list of sections").clone());
+    let only = args.iter().position(|a| a == "--only").map(|i| {
+        args.get(i + 1)
+            .expect("--only needs a list of sections")
+            .clone()
+    });
     let sections: Vec<&str> = match &only {
         Some(list) => list.split(',').collect(),
         None => lb_tests::bench::SECTIONS.to_vec(),
     };
+    if let Some(bad) = sections
+        .iter()
+        .find(|s| !lb_tests::bench::SECTIONS.contains(s))
+    {
+        eprintln!(
+            "lb-bench: --only: no section {bad:?} (sections: {})",
+            lb_tests::bench::SECTIONS.join(", ")
+        );
+        std::process::exit(2);
+    }
     let v = lb_tests::bench::run_only(&opts, &sections);
     print!("{}", lb_tests::bench::table(&v));
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
