@@ -240,6 +240,343 @@ fn flow_table_figures(lb: &Lb) -> Value {
     json!({"entries": entries, "kernel_bytes": bytes, "bytes_per_entry": bytes as f64 / entries as f64, "target_bytes_per_entry": TARGET_FLOW_BYTES_PER_ENTRY})
 }
 
+/// Client bases of the fast-path flows (each flow `k` is base + k).
+const EST_BASE: &str = "100.64.0.0";
+const NEW_BASE: &str = "100.96.0.0";
+const NAT_NEW_BASE: &str = "100.112.0.0";
+const FILL_BASE: &str = "172.16.0.0";
+/// Affinity clients make this many connections each.
+const PER_CLIENT: usize = 60_000;
+
+fn syn(src: &str, sport: u16, dst: &str) -> Pkt {
+    Pkt::tcp(src, sport, dst, 80, LB0_MAC)
+}
+
+fn ack(p: Pkt) -> Pkt {
+    p.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
+}
+
+/// `t` with its IPv4 source address replaced.
+fn with_src(t: &[u8], src: u32) -> Vec<u8> {
+    let mut f = t.to_vec();
+    f[26..30].copy_from_slice(&src.to_be_bytes());
+    f
+}
+
+/// Makes the state the cases need before timing (flows, affinity, a NAT translation, a full
+/// table); returns the NAT flow's reply frame.
+fn prepare(lbs: &mut [Lb; 4], opts: &Options, ingress: u32) -> Vec<u8> {
+    let main = &mut lbs[On::Main as usize];
+    for k in 0..opts.flows {
+        let r = main.run(
+            &syn(&flow_src(ip4(EST_BASE), k), 40000, "192.0.2.10").frame(),
+            ingress,
+        );
+        assert_eq!(r.action, XDP_TX, "creating established flow {k}");
+    }
+    for vip in ["192.0.2.10", "192.0.2.12", "192.0.2.13"] {
+        main.run(&syn("198.51.100.1", 1111, vip).frame(), ingress);
+    }
+    main.run(
+        &Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC).frame(),
+        ingress,
+    );
+    // Affinity clients: one connection each makes their entry fresh.
+    for c in 0..opts.calls.div_ceil(PER_CLIENT).max(1) {
+        main.run(
+            &syn(&v4(ip4("198.18.0.1") + c as u32), 1, "192.0.2.11").frame(),
+            ingress,
+        );
+    }
+    // The NAT flow's reply: from its backend to the node's NAT port.
+    let nat = main
+        .nat_flow(&syn("198.51.100.1", 1111, "192.0.2.12").flow_key())
+        .expect("the NAT flow was translated");
+    let nat_backend = format!("10.1.0.{}", main.backend_of(nat.backend_id) + 1);
+    let nat_reply = ack(Pkt::tcp(
+        &nat_backend,
+        80,
+        NODE_V4,
+        u16::from_be(nat.nat_port),
+        LB0_MAC,
+    ))
+    .frame();
+    // The full table: more new flows than it holds.
+    let full = &mut lbs[On::FullTable as usize];
+    let size = full.sizes.flow_entries as usize;
+    for k in 0..(size + size / 8 + 1024) {
+        full.run(
+            &syn(&v4(ip4(FILL_BASE) + k as u32), 40000, "192.0.2.10").frame(),
+            ingress,
+        );
+    }
+    // An established flow whose IPv6 backend has no source address to encapsulate from.
+    lbs[On::NoV6Source as usize].run(&syn("198.51.100.1", 1111, "192.0.2.15").frame(), ingress);
+    nat_reply
+}
+
+/// The cases, in the order they run in each round and are printed.
+fn cases(nat_reply: Vec<u8>) -> Vec<Case> {
+    let b4: Vec<[u8; 4]> = (1..=100).map(|i| [10, 1, 0, i as u8]).collect();
+    let same = |f: Vec<u8>| -> Box<dyn FnMut(usize) -> Vec<u8>> { Box::new(move |_| f.clone()) };
+    let from = |t: Vec<u8>, base: &str| -> Box<dyn FnMut(usize) -> Vec<u8>> {
+        let base = ip4(base);
+        Box::new(move |k| with_src(&t, base + k as u32))
+    };
+    let case = |name, on, frame, action, backends: &[[u8; 4]]| Case {
+        name,
+        on,
+        program: "lb",
+        frame,
+        action,
+        backends: backends.to_vec(),
+        v6_outer: false,
+        note: "",
+    };
+    let one4 = ack(syn("198.51.100.1", 1111, "192.0.2.10")).frame();
+    let aff = syn("198.18.0.1", 1000, "192.0.2.11").frame();
+    let affinity = Box::new(move |k: usize| {
+        let mut f = with_src(&aff, ip4("198.18.0.1") + (k / PER_CLIENT) as u32);
+        f[34..36].copy_from_slice(&(2 + (k % PER_CLIENT) as u16).to_be_bytes());
+        f
+    });
+    let one6 = ack(Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC)).frame();
+    let at = |vip: &str| ack(syn("198.51.100.1", 1111, vip)).frame();
+    vec![
+        Case {
+            program: "lb_floor",
+            ..case("floor", On::Main, same(one4.clone()), XDP_TX, &[])
+        },
+        case(
+            "pass_non_vip",
+            On::Main,
+            same(at("203.0.113.1")),
+            XDP_PASS,
+            &[],
+        ),
+        case(
+            "v4_tcp_new_flow",
+            On::EmptyTable,
+            from(syn(NEW_BASE, 40000, "192.0.2.10").frame(), NEW_BASE),
+            XDP_TX,
+            &b4,
+        ),
+        case(
+            "v4_tcp_new_flow_full_table",
+            On::FullTable,
+            from(syn(NEW_BASE, 40000, "192.0.2.10").frame(), NEW_BASE),
+            XDP_TX,
+            &b4,
+        ),
+        case(
+            "v4_tcp_established_1flow",
+            On::Main,
+            same(one4),
+            XDP_TX,
+            &b4,
+        ),
+        case(
+            "v4_tcp_established_1m_flows",
+            On::Main,
+            from(ack(syn(EST_BASE, 40000, "192.0.2.10")).frame(), EST_BASE),
+            XDP_TX,
+            &b4,
+        ),
+        case("v4_affinity_hit", On::Main, affinity, XDP_TX, &b4),
+        Case {
+            v6_outer: true,
+            ..case(
+                "v6_tcp_established_1flow",
+                On::Main,
+                same(one6),
+                XDP_TX,
+                &[],
+            )
+        },
+        case(
+            "v4_nat_established_1flow",
+            On::Main,
+            same(at("192.0.2.12")),
+            XDP_TX,
+            &b4,
+        ),
+        case(
+            "v4_nat_new_flow",
+            On::Main,
+            from(syn(NAT_NEW_BASE, 40000, "192.0.2.12").frame(), NAT_NEW_BASE),
+            XDP_TX,
+            &b4,
+        ),
+        case(
+            "v4_nat_reply",
+            On::Main,
+            same(nat_reply),
+            XDP_TX,
+            &[[198, 51, 100, 1]],
+        ),
+        Case {
+            note: "(parse, VIP lookup, clock, one empty ring slot; dropped)",
+            ..case(
+                "breakdown_vip_no_backend",
+                On::Main,
+                same(syn("198.51.100.1", 1111, "192.0.2.14").frame()),
+                XDP_DROP,
+                &[],
+            )
+        },
+        Case {
+            note: "(flow hit, member, VIP and member stats; dropped before encapsulation)",
+            ..case(
+                "breakdown_established_no_encap",
+                On::NoV6Source,
+                same(at("192.0.2.15")),
+                XDP_DROP,
+                &[],
+            )
+        },
+        Case {
+            note: "(flow hit + encapsulation + a failing route lookup)",
+            ..case(
+                "breakdown_established_encap_fib_fails",
+                On::Main,
+                same(at("192.0.2.13")),
+                XDP_DROP,
+                &[],
+            )
+        },
+    ]
+}
+
+/// Calls per round of a case.
+fn calls_per_round(case: &Case, opts: &Options) -> usize {
+    if case.name == "v4_tcp_established_1m_flows" {
+        (opts.flows / opts.rounds).max(1)
+    } else {
+        (opts.calls / opts.rounds).max(1)
+    }
+}
+
+/// Runs one round of `case`, checking each call's action and output; returns the round's median.
+fn time_round(lb: &mut Lb, case: &mut Case, r: usize, n: usize, ingress: u32) -> u64 {
+    let mut ns = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = r * n + i;
+        let frame = (case.frame)(k);
+        let run = lb.run_program(case.program, &frame, ingress);
+        assert_eq!(
+            run.action, case.action,
+            "{}: call {k}: wrong action",
+            case.name
+        );
+        if case.v6_outer {
+            assert_eq!(
+                u16::from_be_bytes([run.output[12], run.output[13]]),
+                0x86dd,
+                "{}: not IP6IP6",
+                case.name
+            );
+        } else if !case.backends.is_empty() {
+            let dst: [u8; 4] = run.output[30..34].try_into().unwrap();
+            assert!(
+                case.backends.contains(&dst),
+                "{}: call {k}: sent to {dst:?}",
+                case.name
+            );
+        } else if case.action == XDP_PASS {
+            assert_eq!(
+                run.output, frame,
+                "{}: changed a packet it should pass",
+                case.name
+            );
+        }
+        ns.push(run.duration.as_nanos() as u64);
+    }
+    median(&mut ns)
+}
+
+/// The counters prove each case took the path it is named for (`d`: a counter's change on an
+/// instance over the timed rounds).
+fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
+    assert_eq!(
+        d(On::Main, Counter::FlowHits),
+        est_calls + 4 * one_calls,
+        "established cases did not all hit the flow table"
+    );
+    assert_eq!(
+        d(On::Main, Counter::DropFibFailed),
+        one_calls,
+        "failed-route breakdown case"
+    );
+    assert_eq!(
+        d(On::Main, Counter::DropNoBackend),
+        one_calls,
+        "no-backend breakdown case"
+    );
+    assert_eq!(
+        d(On::Main, Counter::NatForward),
+        2 * one_calls,
+        "NAT cases did not all translate"
+    );
+    assert_eq!(
+        d(On::Main, Counter::NatNew),
+        one_calls,
+        "NAT new-flow case did not make new translations"
+    );
+    assert_eq!(
+        d(On::Main, Counter::NatReverse),
+        one_calls,
+        "NAT reply case did not translate back"
+    );
+    assert_eq!(
+        d(On::Main, Counter::AffinityHits),
+        one_calls,
+        "affinity case did not hit affinity"
+    );
+    assert_eq!(
+        d(On::Main, Counter::MaglevLookups),
+        one_calls,
+        "NAT new-flow case did not go through Maglev"
+    );
+    for on in [On::EmptyTable, On::FullTable] {
+        assert_eq!(
+            d(on, Counter::MaglevLookups),
+            one_calls,
+            "{on:?}: new flows did not go through Maglev"
+        );
+        assert_eq!(
+            d(on, Counter::NewFlows),
+            one_calls,
+            "{on:?}: new flows were not all inserted"
+        );
+    }
+    assert_eq!(
+        d(On::NoV6Source, Counter::FlowHits),
+        one_calls,
+        "no-encapsulation breakdown case missed its flow"
+    );
+    assert_eq!(
+        d(On::NoV6Source, Counter::DropNoSourceAddress),
+        one_calls,
+        "no-encapsulation breakdown case was not dropped before encapsulation"
+    );
+}
+
+/// A case's figures: median (min, max) of its round medians, ratio to the floor, target.
+fn case_figures(case: &Case, rounds: &[u64], floor: u64) -> Value {
+    let mut v = rounds.to_vec();
+    let med = median(&mut v);
+    let ratio = med as f64 / floor.max(1) as f64;
+    let mut c = json!({"ns": med, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": ratio, "instance": format!("{:?}", case.on)});
+    if let Some(t) = target(case.name) {
+        c["target_x_floor"] = json!(t);
+        c["met"] = json!(ratio <= t);
+    }
+    if !case.note.is_empty() {
+        c["note"] = json!(case.note);
+    }
+    c
+}
+
 pub fn fastpath(opts: &Options) -> Value {
     let net = FibNet::new("bench");
     let ingress = net.lb0;
@@ -253,94 +590,9 @@ pub fn fastpath(opts: &Options) -> Value {
             load_instance(full_size, 1024, true),
             load_instance(1024, 1024, false),
         ];
-        let b4: Vec<[u8; 4]> = (1..=100).map(|i| [10, 1, 0, i as u8]).collect();
-
-        // State the cases need, made before timing (not timed).
-        let est_base = ip4("100.64.0.0");
-        let new_base = ip4("100.96.0.0");
-        let nat_new_base = ip4("100.112.0.0");
-        let fill_base = ip4("172.16.0.0");
-        let syn = |src: &str, sport: u16, dst: &str| Pkt::tcp(src, sport, dst, 80, LB0_MAC);
-        let ack = |p: Pkt| p.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
-        let main = &mut lbs[On::Main as usize];
-        for k in 0..opts.flows {
-            let r = main.run(&syn(&flow_src(est_base, k), 40000, "192.0.2.10").frame(), ingress);
-            assert_eq!(r.action, XDP_TX, "creating established flow {k}");
-        }
-        let one4 = ack(syn("198.51.100.1", 1111, "192.0.2.10")).frame();
-        let nat4 = ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame();
-        let fib4 = ack(syn("198.51.100.1", 1111, "192.0.2.13")).frame();
-        for vip in ["192.0.2.10", "192.0.2.12", "192.0.2.13"] {
-            main.run(&syn("198.51.100.1", 1111, vip).frame(), ingress);
-        }
-        let one6 = ack(Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC)).frame();
-        main.run(&Pkt::tcp("2001:db8:c::1", 1111, "2001:db8::10", 80, LB0_MAC).frame(), ingress);
-        // Affinity clients: one connection each makes their entry fresh.
-        let clients = opts.calls.div_ceil(60_000).max(1);
-        for c in 0..clients {
-            main.run(&syn(&v4(ip4("198.18.0.1") + c as u32), 1, "192.0.2.11").frame(), ingress);
-        }
-        // The NAT flow's reply: from its backend to the node's NAT port.
-        let nat_key = syn("198.51.100.1", 1111, "192.0.2.12").flow_key();
-        let nat = main.nat_flow(&nat_key).expect("the NAT flow was translated");
-        let nat_backend = b4[main.backend_of(nat.backend_id) as usize];
-        let nat_reply = Pkt::tcp(&std::net::Ipv4Addr::from(nat_backend).to_string(), 80, NODE_V4, u16::from_be(nat.nat_port), LB0_MAC)
-            .with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
-            .frame();
-        // The full table: more new flows than it holds.
-        let full = &mut lbs[On::FullTable as usize];
-        for k in 0..(full_size as usize + full_size as usize / 8 + 1024) {
-            full.run(&syn(&v4(fill_base + k as u32), 40000, "192.0.2.10").frame(), ingress);
-        }
-        let full_before = flow_count(full);
-        // An established flow whose IPv6 backend has no source address to encapsulate from.
-        let nov6 = &mut lbs[On::NoV6Source as usize];
-        nov6.run(&syn("198.51.100.1", 1111, "192.0.2.15").frame(), ingress);
-        let no_src = ack(syn("198.51.100.1", 1111, "192.0.2.15")).frame();
-
-        let template_nat_new = syn("100.112.0.0", 40000, "192.0.2.12").frame();
-        let template_new = syn("100.96.0.0", 40000, "192.0.2.10").frame();
-        let template_est = ack(syn("100.64.0.0", 40000, "192.0.2.10")).frame();
-        let template_aff = syn("198.18.0.1", 1000, "192.0.2.11").frame();
-        let no_backend = syn("198.51.100.1", 1111, "192.0.2.14").frame();
-        let with_src = |t: &Vec<u8>, src: u32| {
-            let mut f = t.clone();
-            f[26..30].copy_from_slice(&src.to_be_bytes());
-            f
-        };
-        let per_round = (opts.calls / opts.rounds).max(1);
-        let est_per_round = (opts.flows / opts.rounds).max(1);
-        let same = |f: Vec<u8>| -> Box<dyn FnMut(usize) -> Vec<u8>> { Box::new(move |_| f.clone()) };
-        let (tn, tn2, te, ta) = (template_new.clone(), template_new.clone(), template_est.clone(), template_aff.clone());
-        let case = |name, on, program, frame, action, backends: &Vec<[u8; 4]>| Case { name, on, program, frame, action, backends: backends.clone(), v6_outer: false, note: "" };
-        let none = vec![];
-        let mut cases = [
-            case("floor", On::Main, "lb_floor", same(one4.clone()), XDP_TX, &none),
-            case("pass_non_vip", On::Main, "lb", same(ack(syn("198.51.100.1", 1111, "203.0.113.1")).frame()), XDP_PASS, &none),
-            case("v4_tcp_new_flow", On::EmptyTable, "lb", Box::new(move |k| with_src(&tn, new_base + k as u32)), XDP_TX, &b4),
-            case("v4_tcp_new_flow_full_table", On::FullTable, "lb", Box::new(move |k| with_src(&tn2, new_base + k as u32)), XDP_TX, &b4),
-            case("v4_tcp_established_1flow", On::Main, "lb", same(one4.clone()), XDP_TX, &b4),
-            case("v4_tcp_established_1m_flows", On::Main, "lb", Box::new(move |k| with_src(&te, est_base + k as u32)), XDP_TX, &b4),
-            case(
-                "v4_affinity_hit",
-                On::Main,
-                "lb",
-                Box::new(move |k| {
-                    let mut f = with_src(&ta, ip4("198.18.0.1") + (k / 60_000) as u32);
-                    f[34..36].copy_from_slice(&(2 + (k % 60_000) as u16).to_be_bytes());
-                    f
-                }),
-                XDP_TX,
-                &b4,
-            ),
-            Case { v6_outer: true, ..case("v6_tcp_established_1flow", On::Main, "lb", same(one6), XDP_TX, &none) },
-            case("v4_nat_established_1flow", On::Main, "lb", same(nat4), XDP_TX, &b4),
-            case("v4_nat_new_flow", On::Main, "lb", Box::new(move |k| with_src(&template_nat_new, nat_new_base + k as u32)), XDP_TX, &b4),
-            case("v4_nat_reply", On::Main, "lb", same(nat_reply), XDP_TX, &vec![[198, 51, 100, 1]]),
-            Case { note: "(parse, VIP lookup, clock, one empty ring slot; dropped)", ..case("breakdown_vip_no_backend", On::Main, "lb", same(no_backend), XDP_DROP, &none) },
-            Case { note: "(flow hit, member, VIP and member stats; dropped before encapsulation)", ..case("breakdown_established_no_encap", On::NoV6Source, "lb", same(no_src), XDP_DROP, &none) },
-            Case { note: "(flow hit + encapsulation + a failing route lookup)", ..case("breakdown_established_encap_fib_fails", On::Main, "lb", same(fib4), XDP_DROP, &none) },
-        ];
+        let nat_reply = prepare(&mut lbs, opts, ingress);
+        let full_before = flow_count(&mut lbs[On::FullTable as usize]);
+        let mut cases = cases(nat_reply);
 
         let mut rounds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         let before: Vec<_> = lbs.iter_mut().map(|lb| lb.counters()).collect();
@@ -350,48 +602,18 @@ pub fn fastpath(opts: &Options) -> Value {
             empty_max = empty_max.max(flow_count(&mut lbs[On::EmptyTable as usize]));
             clear_flows(&mut lbs[On::EmptyTable as usize]);
             for case in cases.iter_mut() {
-                let n = if case.name == "v4_tcp_established_1m_flows" { est_per_round } else { per_round };
-                let lb = &mut lbs[case.on as usize];
-                let mut ns = Vec::with_capacity(n);
-                for i in 0..n {
-                    let k = r * n + i;
-                    let frame = (case.frame)(k);
-                    let run = lb.run_program(case.program, &frame, ingress);
-                    assert_eq!(run.action, case.action, "{}: call {k}: wrong action", case.name);
-                    if case.v6_outer {
-                        assert_eq!(u16::from_be_bytes([run.output[12], run.output[13]]), 0x86dd, "{}: not IP6IP6", case.name);
-                    } else if !case.backends.is_empty() {
-                        let dst: [u8; 4] = run.output[30..34].try_into().unwrap();
-                        assert!(case.backends.contains(&dst), "{}: call {k}: sent to {dst:?}", case.name);
-                    } else if case.action == XDP_PASS {
-                        assert_eq!(run.output, frame, "{}: changed a packet it should pass", case.name);
-                    }
-                    ns.push(run.duration.as_nanos() as u64);
-                }
-                rounds.entry(case.name).or_default().push(median(&mut ns));
+                let n = calls_per_round(case, opts);
+                let m = time_round(&mut lbs[case.on as usize], case, r, n, ingress);
+                rounds.entry(case.name).or_default().push(m);
             }
         }
+        let seconds = started.elapsed().as_secs_f64();
         let empty_max = empty_max.max(flow_count(&mut lbs[On::EmptyTable as usize]));
         let full_after = flow_count(&mut lbs[On::FullTable as usize]);
         let after: Vec<_> = lbs.iter_mut().map(|lb| lb.counters()).collect();
-        let d = |on: On, c: Counter| after[on as usize][&c] - before[on as usize][&c];
-        // The cases must have taken the paths they are named for.
-        let est_calls = (est_per_round * opts.rounds) as u64;
-        let one_calls = (per_round * opts.rounds) as u64;
-        assert_eq!(d(On::Main, Counter::FlowHits), est_calls + 4 * one_calls, "established cases did not all hit the flow table");
-        assert_eq!(d(On::Main, Counter::DropFibFailed), one_calls, "failed-route breakdown case");
-        assert_eq!(d(On::Main, Counter::DropNoBackend), one_calls, "no-backend breakdown case");
-        assert_eq!(d(On::Main, Counter::NatForward), 2 * one_calls, "NAT cases did not all translate");
-        assert_eq!(d(On::Main, Counter::NatNew), one_calls, "NAT new-flow case did not make new translations");
-        assert_eq!(d(On::Main, Counter::NatReverse), one_calls, "NAT reply case did not translate back");
-        assert_eq!(d(On::Main, Counter::AffinityHits), one_calls, "affinity case did not hit affinity");
-        assert_eq!(d(On::Main, Counter::MaglevLookups), one_calls, "NAT new-flow case did not go through Maglev");
-        for on in [On::EmptyTable, On::FullTable] {
-            assert_eq!(d(on, Counter::MaglevLookups), one_calls, "{on:?}: new flows did not go through Maglev");
-            assert_eq!(d(on, Counter::NewFlows), one_calls, "{on:?}: new flows were not all inserted");
-        }
-        assert_eq!(d(On::NoV6Source, Counter::FlowHits), one_calls, "no-encapsulation breakdown case missed its flow");
-        assert_eq!(d(On::NoV6Source, Counter::DropNoSourceAddress), one_calls, "no-encapsulation breakdown case was not dropped before encapsulation");
+        let per_round = (opts.calls / opts.rounds).max(1);
+        let est_calls = ((opts.flows / opts.rounds).max(1) * opts.rounds) as u64;
+        check_paths(|on, c| after[on as usize][&c] - before[on as usize][&c], est_calls, (per_round * opts.rounds) as u64);
         // A round's inserts fill at most this share of the emptied table.
         assert!(empty_max <= per_round + 16, "the emptied table held {empty_max} flows, more than a round's {per_round}");
         // Full: the table did not grow, so each insert evicted an entry.
@@ -401,18 +623,7 @@ pub fn fastpath(opts: &Options) -> Value {
         let mut out = serde_json::Map::new();
         out.insert("floor_ns".into(), json!(floor));
         for case in &cases {
-            let mut v = rounds[case.name].clone();
-            let med = median(&mut v);
-            let ratio = med as f64 / floor.max(1) as f64;
-            let mut c = json!({"ns": med, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": ratio, "instance": format!("{:?}", case.on)});
-            if let Some(t) = target(case.name) {
-                c["target_x_floor"] = json!(t);
-                c["met"] = json!(ratio <= t);
-            }
-            if !case.note.is_empty() {
-                c["note"] = json!(case.note);
-            }
-            out.insert(case.name.to_string(), c);
+            out.insert(case.name.to_string(), case_figures(case, &rounds[case.name], floor));
         }
         out.insert("order".into(), json!(cases.iter().map(|c| c.name).collect::<Vec<_>>()));
         out.insert("flow_table".into(), flow_table_figures(&lbs[On::Main as usize]));
@@ -428,7 +639,7 @@ pub fn fastpath(opts: &Options) -> Value {
                     "FullTable": format!("flow table {full_size} entries, {full_before} flows before timing, {full_after} after"),
                     "NoV6Source": "node without an IPv6 source address, VIP 192.0.2.15 on IPv6 backends",
                 },
-                "seconds": started.elapsed().as_secs_f64(),
+                "seconds": seconds,
             }),
         );
         Value::Object(out)
@@ -733,6 +944,67 @@ fn check_live_round(name: &str, r: &LiveRound, frames: u64, cpus: &[usize]) -> u
     (r.forwarded as f64 / r.wall.as_secs_f64()) as u64
 }
 
+/// The forwarding bench's program: a DSR VIP on one backend reached through lb0, with lb_pass on
+/// up0 (a veth only takes XDP frames when its peer runs NAPI) and the NAPI of up0 threaded and
+/// pinned. Returns it with the generator's frame (an ACK of an established flow).
+fn forwarding_setup(ns: &str, ingress: u32, queues: usize) -> (Lb, Vec<u8>) {
+    let mut lb = Lb::load(Sizes {
+        maglev_m: 1009,
+        max_vips: 2,
+        max_backends: 8,
+        flow_entries: 1024,
+        affinity_entries: 64,
+        nat_entries: 64,
+    });
+    lb.set_node(Some(NODE_V4), None, 0);
+    lb.set_backend(0, TX_V4, true);
+    lb.add_vip(
+        vip_key("192.0.2.10", 80, IPPROTO_TCP),
+        VipValue {
+            id: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+            mode: MODE_DSR,
+            table_size: 0,
+        },
+    );
+    lb.set_ring(0, |_| 0);
+    let before = napi_threads();
+    lb.xdp("lb_pass")
+        .attach("up0", aya::programs::XdpMode::Driver)
+        .expect("attaching lb_pass to up0");
+    set_threaded_napi(ns, "up0");
+    pin_new_napi_threads(&before, "up0", queues);
+    let syn =
+        Pkt::tcp("198.51.100.1", 1111, "192.0.2.10", 80, LB0_MAC).with(|p| p.payload = vec![7; 10]);
+    lb.run(&syn.frame(), ingress);
+    let frame = syn.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK }).frame();
+    lb.set_gen_frame(&frame);
+    (lb, frame)
+}
+
+/// Median (min, max) rate of each run, its ratio to the floor, and two cores over one.
+fn forwarding_figures(pps: &BTreeMap<&str, Vec<u64>>) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let med = |k: &str| median(&mut pps[k].clone());
+    let (floor, one_core) = (med("floor"), med("lb"));
+    for (name, v) in pps {
+        let mut v = v.clone();
+        let m = median(&mut v);
+        let key = match *name {
+            "lb" => "lb_established_v4",
+            "floor" => "floor",
+            _ => "lb_established_v4_2cores",
+        };
+        out.insert(key.into(), json!({"pps": m, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": m as f64 / floor.max(1) as f64}));
+    }
+    out.insert(
+        "ratio_2cores_to_1core".into(),
+        json!(med("lb_2cores") as f64 / one_core.max(1) as f64),
+    );
+    out
+}
+
 /// Packets per second forwarded by one core, and by two: `lb_gen` in live-frames mode sends a
 /// pristine frame of an established flow out of up0 for every frame (restoring it from a
 /// template, since recycled pages come back encapsulated); the program attached to lb0 (`lb`,
@@ -756,20 +1028,8 @@ pub fn forwarding_rate(opts: &Options) -> Value {
     net.ns.run(|| {
         let cpu = pin_cpu();
         let cpus = online_cpus();
-        let mut lb = Lb::load(Sizes { maglev_m: 1009, max_vips: 2, max_backends: 8, flow_entries: 1024, affinity_entries: 64, nat_entries: 64 });
-        lb.set_node(Some(NODE_V4), None, 0);
-        lb.set_backend(0, TX_V4, true);
-        lb.add_vip(vip_key("192.0.2.10", 80, IPPROTO_TCP), VipValue { id: 0, flags: 0, affinity_timeout_s: 0, mode: MODE_DSR, table_size: 0 });
-        lb.set_ring(0, |_| 0);
         let up0 = net.ns.ifindex("up0");
-        let before = napi_threads();
-        lb.xdp("lb_pass").attach("up0", aya::programs::XdpMode::Driver).expect("attaching lb_pass to up0");
-        set_threaded_napi(&ns, "up0");
-        pin_new_napi_threads(&before, "up0", queues);
-        let syn = Pkt::tcp("198.51.100.1", 1111, "192.0.2.10", 80, LB0_MAC).with(|p| p.payload = vec![7; 10]);
-        lb.run(&syn.frame(), ingress);
-        let frame = syn.with(|p| p.l4 = L4::Tcp { flags: TCP_ACK }).frame();
-        lb.set_gen_frame(&frame);
+        let (mut lb, frame) = forwarding_setup(&ns, ingress, queues);
         // Frames per round: a multiple of the batch (64) per generator.
         let frames = (opts.calls as u32).div_ceil(128) * 128;
         let one = [cpu];
@@ -790,16 +1050,7 @@ pub fn forwarding_rate(opts: &Options) -> Value {
                 pps.entry(name).or_default().push(check_live_round(name, &r, frames as u64, on));
             }
         }
-        let mut out = serde_json::Map::new();
-        let med = |k: &str| median(&mut pps[k].clone());
-        let (floor, one_core) = (med("floor"), med("lb"));
-        for (name, v) in &pps {
-            let mut v = v.clone();
-            let m = median(&mut v);
-            let key = match *name { "lb" => "lb_established_v4", "floor" => "floor", _ => "lb_established_v4_2cores" };
-            out.insert(key.into(), json!({"pps": m, "min": v[0], "max": v[v.len() - 1], "ratio_to_floor": m as f64 / floor.max(1) as f64}));
-        }
-        out.insert("ratio_2cores_to_1core".into(), json!(med("lb_2cores") as f64 / one_core.max(1) as f64));
+        let mut out = forwarding_figures(&pps);
         out.insert("rounds".into(), Value::Array(rounds));
         out.insert("method".into(), json!({"frames_per_round": frames, "rounds": opts.rounds, "cpu": cpu, "cpus_2cores": two, "napi": "threaded, each queue's thread pinned to its CPU, SCHED_FIFO 50", "generator": "lb_gen, BPF_F_TEST_XDP_LIVE_FRAMES on the veth peer, batch 64, one thread per CPU"}));
         Value::Object(out)
@@ -890,6 +1141,10 @@ fn map_memory(ebpf: &aya::Ebpf) -> BTreeMap<String, u64> {
             | aya::maps::Map::HashMap(d)
             | aya::maps::Map::LruHashMap(d)
             | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::PerCpuHashMap(d)
+            | aya::maps::Map::PerCpuLruHashMap(d)
+            | aya::maps::Map::LpmTrie(d)
+            | aya::maps::Map::ProgramArray(d)
             | aya::maps::Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
             _ => continue,
         };
