@@ -1009,13 +1009,14 @@ fn forwarding_figures(pps: &BTreeMap<&str, Vec<u64>>) -> serde_json::Map<String,
 /// pristine frame of an established flow out of up0 for every frame (restoring it from a
 /// template, since recycled pages come back encapsulated); the program attached to lb0 (`lb`,
 /// or the floor) forwards it with `XDP_TX` back to up0, where `lb_pass` hands it to the stack.
-/// lb0 and up0 have two queues; a veth puts an XDP frame in the peer queue of the sending CPU
+/// lb0 and up0 have a queue per CPU; a veth puts an XDP frame in the peer queue of the sending CPU
 /// and their NAPI runs threaded, each queue's thread pinned to its CPU with real-time priority:
 /// so a generator's CPU also runs the whole path of its frames, and processes each batch before
 /// it generates the next (nothing is lost to a full ring). The rate is the generator's, lb0's
 /// and up0's work together; the ratio to the floor is the figure to compare.
 pub fn forwarding_rate(opts: &Options) -> Value {
-    let queues = 2;
+    // A queue per CPU (at least two), so that each CPU's frames have a queue of their own.
+    let queues = online_cpus().max(2);
     let net = FibNet::with_uplink_queues("fwd", queues as u32);
     let ns = net.ns.name.clone();
     let ingress = net.lb0;
