@@ -399,6 +399,56 @@ impl Lb {
         })
     }
 
+    /// Runs `f` on the IPv4 flow table mapped into this process (it is mmapable).
+    fn with_flows4<R>(&mut self, f: impl FnOnce(&mut [flowtab::FlowBucket]) -> R) -> R {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let buckets = flowtab::buckets_for(self.sizes.flow_entries) as usize;
+        let aya::maps::Map::Array(data) = self.map(maps::FLOWS4) else {
+            panic!("LB_FLOWS4 is not an array");
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let bytes = (buckets * std::mem::size_of::<flowtab::FlowBucket>()).div_ceil(4096) * 4096;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a BPF_F_MMAPABLE array of `buckets` 64-byte values, shared with the kernel;
+        // unmapped below, and no reference outlives `f`.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
+        assert!(
+            p != libc::MAP_FAILED,
+            "mapping the IPv4 flow table: {}",
+            std::io::Error::last_os_error()
+        );
+        let table =
+            unsafe { std::slice::from_raw_parts_mut(p.cast::<flowtab::FlowBucket>(), buckets) };
+        let r = f(table);
+        unsafe { libc::munmap(p, bytes) };
+        r
+    }
+
+    /// Flows in the flow tables: IPv4 ways in use, IPv6 entries.
+    pub fn flow_count(&mut self) -> usize {
+        let v4 = self.with_flows4(|t| {
+            t.iter()
+                .flat_map(|b| b.keys)
+                .filter(|k| *k != flowtab::EMPTY && *k != flowtab::LOCKED)
+                .count()
+        });
+        v4 + self.hash::<FlowKey, FlowValue>(maps::FLOWS).keys().count()
+    }
+
+    /// Empties both flow tables.
+    pub fn clear_flows(&mut self) {
+        self.with_flows4(|t| t.fill(flowtab::FlowBucket::default()));
+        let v6: Vec<FlowKey> = self
+            .hash::<FlowKey, FlowValue>(maps::FLOWS)
+            .keys()
+            .map(|k| k.expect("walking the flow table"))
+            .collect();
+        let mut h = self.hash::<FlowKey, FlowValue>(maps::FLOWS);
+        for k in v6 {
+            h.remove(&k).expect("removing flow");
+        }
+    }
+
     pub fn set_flow(&mut self, key: FlowKey, value: FlowValue) {
         if !flowtab::in_table(key.family) {
             self.hash::<FlowKey, FlowValue>(maps::FLOWS)
@@ -485,6 +535,15 @@ impl Lb {
         Counter::ALL.iter().copied().zip(counts).collect()
     }
 
+    /// Each of `which` counters by CPU.
+    pub fn per_cpu_counters(&mut self, which: &[Counter]) -> Vec<Vec<u64>> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
+        which
+            .iter()
+            .map(|&c| stats.get(&(c as u32), 0).expect("reading stats").to_vec())
+            .collect()
+    }
+
     /// Runs `frame` through the program once, as if received on `ingress_ifindex` (0: loopback
     /// of the calling thread's namespace).
     pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Run {
@@ -532,18 +591,7 @@ impl Lb {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> std::time::Duration {
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let prog = self.xdp(program);
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = repeat;
-        opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
-        prog.test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
-            .duration
+        test_run_live(self.xdp(program), frame, ingress_ifindex, repeat)
     }
 
     /// Runs `frame` through another program of the object (`lb_decap`, `lb_pass`), loading it
@@ -576,6 +624,27 @@ pub fn test_run(prog: &Xdp, frame: &[u8], ingress_ifindex: u32) -> Run {
         output: out,
         duration: r.duration,
     }
+}
+
+/// [`Lb::run_live`] on a loaded program, on the calling thread's CPU (threads pinned to
+/// different CPUs generate concurrently).
+pub fn test_run_live(
+    prog: &Xdp,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> std::time::Duration {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = repeat;
+    opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
+    prog.test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
+        .duration
 }
 
 /// Pins the calling thread to `cpu`.
@@ -650,9 +719,20 @@ pub struct FibNet {
 
 impl FibNet {
     pub fn new(tag: &str) -> Self {
+        Self::with_uplink_queues(tag, 1)
+    }
+
+    /// The same namespace with `queues` receive and transmit queues on each end of the uplink
+    /// veth (lb0, up0): a veth transmits an XDP frame into the peer queue of the sending CPU, so
+    /// each CPU forwards on its own queue.
+    pub fn with_uplink_queues(tag: &str, queues: u32) -> Self {
         let ns = NetNs::new(tag);
+        let q = format!("numrxqueues {queues} numtxqueues {queues}");
+        ns.script(&format!(
+            "link add lb0 address 02:00:00:00:00:01 {q} type veth peer name up0 address 02:00:00:00:00:02 {q}"
+        ));
         ns.script(
-            "link add lb0 address 02:00:00:00:00:01 type veth peer name up0 address 02:00:00:00:00:02
+            "
              link add lb1 address 02:00:00:00:01:01 type veth peer name dn1 address 02:00:00:00:01:02
              link add lb2 address 02:00:00:00:02:01 type veth peer name dn2 address 02:00:00:00:02:02
              link set lb0 up

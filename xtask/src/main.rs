@@ -42,6 +42,10 @@ enum Cmd {
         /// A small, quick run (what the test suite runs).
         #[arg(long)]
         smoke: bool,
+        /// Run only these sections, comma-separated: fastpath, forwarding, maglev,
+        /// control_plane, memory, programs (writes target/bench/results-<sections>.json).
+        #[arg(long, value_name = "SECTIONS")]
+        only: Option<String>,
     },
 }
 
@@ -80,12 +84,16 @@ fn main() -> Result<()> {
             }
             run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
         }
-        Cmd::Bench { smoke } => {
+        Cmd::Bench { smoke, only } => {
             setup(false)?;
             require_root("the benchmarks load XDP programs")?;
             let mut c = cargo_release("run", "lb-tests", "lb-bench");
+            c.arg("--");
             if smoke {
-                c.args(["--", "--smoke"]);
+                c.arg("--smoke");
+            }
+            if let Some(sections) = only {
+                c.args(["--only", &sections]);
             }
             run(&mut c)
         }
