@@ -65,7 +65,7 @@ pub fn lru_lookup(ctx: &XdpContext) -> u32 {
     let Some(p) = packet(ctx) else {
         return verdict(false);
     };
-    verdict(unsafe { LB_FLOWS.get(&p.key) }.is_none())
+    verdict(unsafe { LB_FLOWS.get(p.key) }.is_none())
 }
 
 /// Parser + an insert into an LRU table like the flow table (`LB_PROBE_FLOWS`, small, so
@@ -77,7 +77,7 @@ pub fn flow_insert(ctx: &XdpContext) -> u32 {
     };
     verdict(
         LB_PROBE_FLOWS
-            .insert(&p.key, FlowValue::default(), 0)
+            .insert(p.key, FlowValue::default(), 0)
             .is_ok(),
     )
 }
