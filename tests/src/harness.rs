@@ -535,12 +535,26 @@ impl Lb {
         Counter::ALL.iter().copied().zip(counts).collect()
     }
 
-    /// Each of `which` counters by CPU.
+    /// Each of `which` counters by CPU (`packets` as its readers derive it: the sum of the
+    /// verdicts).
     pub fn per_cpu_counters(&mut self, which: &[Counter]) -> Vec<Vec<u64>> {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
+        let by_cpu = |c: Counter| stats.get(&(c as u32), 0).expect("reading stats").to_vec();
         which
             .iter()
-            .map(|&c| stats.get(&(c as u32), 0).expect("reading stats").to_vec())
+            .map(|&c| {
+                if c != Counter::Packets {
+                    return by_cpu(c);
+                }
+                let verdicts: Vec<Vec<u64>> = Counter::ALL
+                    .iter()
+                    .filter(|v| v.is_verdict())
+                    .map(|&v| by_cpu(v))
+                    .collect();
+                (0..verdicts[0].len())
+                    .map(|cpu| verdicts.iter().map(|v| v[cpu]).sum())
+                    .collect()
+            })
             .collect()
     }
 
