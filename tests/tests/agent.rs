@@ -450,11 +450,27 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
         )
     };
     assert_eq!(health(0, "10.9.0.1").0, "healthy");
+    // The log line comes first, the status file (health) and the maps (slots) just after:
+    // poll them until they say `want`, with a deadline.
+    let settled = |vip: usize, addr: &str, want: (&str, u64)| {
+        let start = std::time::Instant::now();
+        loop {
+            let got = health(vip, addr);
+            if (got.0.as_str(), got.1) == want {
+                return got;
+            }
+            assert!(
+                start.elapsed() < T,
+                "{addr}: {got:?}, not {want:?} within {T:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
 
     // TCP: stop the server (connections refused).
     drop(tcp1);
     agent.wait_for("backend unhealthy", 1, T);
-    assert_eq!(health(0, "10.9.0.1"), ("unhealthy".into(), 0));
+    settled(0, "10.9.0.1", ("unhealthy", 0));
     assert_eq!(
         health(0, "10.9.0.2").1,
         1009,
@@ -477,15 +493,22 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
         "{}",
         agent.log_text()
     );
-    assert_eq!(health(1, "10.9.0.3"), ("unhealthy".into(), 0));
+    settled(1, "10.9.0.3", ("unhealthy", 0));
     // Both recover.
     let _tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
     status3.store(200, Ordering::Relaxed);
     agent.wait_for("backend healthy again", 2, T);
-    let (h, s) = health(0, "10.9.0.1");
-    assert!(h == "healthy" && s > 400, "10.9.0.1 is {h} with {s} slots");
-    let (h, s) = health(1, "10.9.0.3");
-    assert!(h == "healthy" && s > 400, "10.9.0.3 is {h} with {s} slots");
+    for (vip, addr) in [(0, "10.9.0.1"), (1, "10.9.0.3")] {
+        let start = std::time::Instant::now();
+        loop {
+            let (h, s) = health(vip, addr);
+            if h == "healthy" && s > 400 {
+                break;
+            }
+            assert!(start.elapsed() < T, "{addr} is {h} with {s} slots");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     assert_eq!(agent.stop().code(), Some(0));
 }
 
