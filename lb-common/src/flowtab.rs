@@ -12,14 +12,15 @@
 //!   A writer claims the way with a compare-and-exchange of its key to [`LOCKED`], writes the
 //!   value, then publishes the key; readers that meet a key other than theirs (or `LOCKED`)
 //!   miss. The value carries a 12-bit tag of its key ([`pack_value`]), so a read that pairs a
-//!   key with another flow's value (possible only where loads are reordered) is a miss too.
+//!   key with another flow's value (where loads are reordered, or a rewrite lands between a
+//!   reader's two key reads) is a miss too, but for one such read in 4,096.
 //! - A flow evicted by a newer one in its bucket is balanced again by Maglev, which gives the
 //!   same member while the VIP's table is unchanged.
 //!
 //! Both the program and the agent (`lb flows`, `lb explain`, tests) use these functions, so
 //! they agree on where a flow lives.
 
-use crate::{FAMILY_V4, FlowKey};
+use crate::{FAMILY_V4, FlowKey, FlowValue};
 
 /// Ways (flows) per bucket.
 pub const FLOW_WAYS: usize = 3;
@@ -28,7 +29,8 @@ pub const EMPTY: u64 = 0;
 /// A way being written (claimed by a compare-and-exchange). No real key has a VIP field of 0.
 pub const LOCKED: u64 = 1;
 /// Last-seen times are `CLOCK_MONOTONIC_COARSE >> TIME_SHIFT` (units of 1.048576 ms); a `u32`
-/// of them wraps after 52 days, and only differences shorter than half of that are taken.
+/// of them wraps after 52 days. Differences are taken modulo that ([`age`]): a flow idle for
+/// more than 26 days looks recent (harmless: it is only kept longer).
 pub const TIME_SHIFT: u32 = 20;
 /// TCP flows refresh their last-seen time when it is older than this (about a second): enough
 /// for eviction to prefer idle flows, without a write per packet.
@@ -123,31 +125,57 @@ pub fn find(bucket: &FlowBucket, k: u64) -> Option<usize> {
     (0..FLOW_WAYS).find(|&w| bucket.keys[w] == k)
 }
 
-/// The way (bucket 0 or 1 of [`buckets_of`], way) a new flow with key `k` takes at time `now`
-/// (in [`TIME_SHIFT`] units): its own; else an empty way of the bucket with more empty ways
-/// (the first on a tie), which keeps buckets balanced so that both are full only in a table
-/// more than half full; else the way seen longest ago. `None` if that way is being written.
+/// The ways of a bucket as a writer sees them: keys and last-seen times, copied once (other
+/// CPUs may be writing the bucket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ways {
+    pub keys: [u64; FLOW_WAYS],
+    pub seen: [u32; FLOW_WAYS],
+}
+
+impl FlowBucket {
+    pub const fn ways(&self) -> Ways {
+        Ways {
+            keys: self.keys,
+            seen: self.seen,
+        }
+    }
+}
+
+/// How long ago `seen` was, at `now` (table units). A time ahead of `now` (written by another
+/// CPU that read the clock just after this one) is no time ago, not 52 days.
 #[inline(always)]
-pub fn victim(b: [&FlowBucket; 2], k: u64, now: u32) -> Option<(usize, usize)> {
-    let first = scan(b[0], k, now);
-    let second = scan(b[1], k, now);
-    let take = if let Some(w) = first.own {
-        (0, w, k)
+pub const fn age(seen: u32, now: u32) -> u32 {
+    let d = now.wrapping_sub(seen);
+    if (d as i32) < 0 { 0 } else { d }
+}
+
+/// The way (bucket 0 or 1 of [`buckets_of`], way) a new flow with key `k` takes at time `now`
+/// (in [`TIME_SHIFT`] units), and the key that way held when looked at (the writer claims the
+/// way only if it still holds it): its own; else an empty way of the bucket with more empty ways
+/// (the first on a tie), which keeps buckets balanced so that both are full only in a table more
+/// than half full; else the way seen longest ago. Ways being written ([`LOCKED`]) are never
+/// taken; `None` if every way is.
+#[inline(always)]
+pub fn victim(b: [Ways; 2], k: u64, now: u32) -> Option<(usize, usize, u64)> {
+    let first = scan(&b[0], k, now);
+    let second = scan(&b[1], k, now);
+    if let Some(w) = first.own {
+        Some((0, w, k))
     } else if let Some(w) = second.own {
-        (1, w, k)
+        Some((1, w, k))
     } else if first.empty > 0 && first.empty >= second.empty {
-        (0, first.empty_way, EMPTY)
+        Some((0, first.empty_way, EMPTY))
     } else if second.empty > 0 {
-        (1, second.empty_way, EMPTY)
-    } else if first.oldest_age >= second.oldest_age {
-        (0, first.oldest, first.oldest_key)
+        Some((1, second.empty_way, EMPTY))
+    } else if first.oldest_key != LOCKED && first.oldest_age >= second.oldest_age {
+        Some((0, first.oldest, first.oldest_key))
+    } else if second.oldest_key != LOCKED {
+        Some((1, second.oldest, second.oldest_key))
+    } else if first.oldest_key != LOCKED {
+        Some((0, first.oldest, first.oldest_key))
     } else {
-        (1, second.oldest, second.oldest_key)
-    };
-    if take.2 == LOCKED {
         None
-    } else {
-        Some((take.0, take.1))
     }
 }
 
@@ -158,11 +186,12 @@ struct Scan {
     empty_way: usize,
     oldest: usize,
     oldest_age: u32,
+    /// [`LOCKED`] if no way may be evicted.
     oldest_key: u64,
 }
 
 #[inline(always)]
-fn scan(bucket: &FlowBucket, k: u64, now: u32) -> Scan {
+fn scan(b: &Ways, k: u64, now: u32) -> Scan {
     let mut s = Scan {
         own: None,
         empty: 0,
@@ -172,17 +201,17 @@ fn scan(bucket: &FlowBucket, k: u64, now: u32) -> Scan {
         oldest_key: LOCKED,
     };
     for w in 0..FLOW_WAYS {
-        let key = bucket.keys[w];
+        let key = b.keys[w];
         if key == k {
             s.own = Some(w);
         } else if key == EMPTY {
             s.empty += 1;
             s.empty_way = w;
-        } else {
-            let age = now.wrapping_sub(bucket.seen[w]);
-            if age >= s.oldest_age {
+        } else if key != LOCKED {
+            let a = age(b.seen[w], now);
+            if s.oldest_key == LOCKED || a > s.oldest_age {
                 s.oldest = w;
-                s.oldest_age = age;
+                s.oldest_age = a;
                 s.oldest_key = key;
             }
         }
@@ -196,17 +225,21 @@ fn scan(bucket: &FlowBucket, k: u64, now: u32) -> Scan {
 #[inline(always)]
 pub const fn last_seen_ns(seen: u32, now_ns: u64) -> u64 {
     let now_units = now_ns >> TIME_SHIFT;
-    let idle = (now_units as u32).wrapping_sub(seen) as u64;
+    let idle = age(seen, now_units as u32) as u64;
     now_units.wrapping_sub(idle) << TIME_SHIFT
 }
 
-/// The (member id, generation, last-seen units) the buckets `b` (of [`buckets_of`]) hold for
-/// key `k` (single-threaded readers: the agent and tests).
-pub fn get(b: [&FlowBucket; 2], k: u64) -> Option<(u32, u32, u32)> {
+/// The flow entry the buckets `b` (of [`buckets_of`]) hold for key `k`, as of `now_ns`
+/// (single-threaded readers: the agent and tests).
+pub fn get(b: [&FlowBucket; 2], k: u64, now_ns: u64) -> Option<FlowValue> {
     b.iter().find_map(|b| {
         let w = find(b, k)?;
-        let (m, g) = unpack_value(k, b.values[w])?;
-        Some((m, g, b.seen[w]))
+        let (member_id, generation) = unpack_value(k, b.values[w])?;
+        Some(FlowValue {
+            member_id,
+            generation,
+            last_seen_ns: last_seen_ns(b.seen[w], now_ns),
+        })
     })
 }
 
@@ -220,7 +253,7 @@ pub fn put(
     generation: u32,
     seen: u32,
 ) -> Option<usize> {
-    let (i, w) = victim([&b[0], &b[1]], k, seen)?;
+    let (i, w, _) = victim([b[0].ways(), b[1].ways()], k, seen)?;
     let bucket = &mut b[i];
     bucket.keys[w] = k;
     bucket.values[w] = pack_value(k, member_id, generation);
@@ -280,6 +313,7 @@ mod tests {
 
     #[test]
     fn victim_prefers_own_then_empty_then_oldest_and_never_a_locked_way() {
+        let way = |v: Option<(usize, usize, u64)>| v.map(|(i, w, _)| (i, w));
         let k = 0x1234_0000_0000_0005;
         let full = FlowBucket {
             keys: [21, 22, 23],
@@ -291,37 +325,70 @@ mod tests {
             seen: [5, 9, 0],
             ..Default::default()
         };
-        assert_eq!(victim([&full, &b], k, 10), Some((1, 2)), "the empty way");
+        assert_eq!(
+            way(victim([full.ways(), b.ways()], k, 10)),
+            Some((1, 2)),
+            "the empty way"
+        );
         let emptier = FlowBucket {
             keys: [EMPTY, 31, EMPTY],
             ..Default::default()
         };
         assert_eq!(
-            victim([&b, &emptier], k, 10).map(|(i, _)| i),
+            victim([b.ways(), emptier.ways()], k, 10).map(|(i, _, _)| i),
             Some(1),
             "the bucket with more room"
         );
         assert_eq!(
-            victim([&emptier, &b], k, 10).map(|(i, _)| i),
+            victim([emptier.ways(), b.ways()], k, 10).map(|(i, _, _)| i),
             Some(0),
             "the bucket with more room"
         );
         b.keys[2] = 13;
         b.seen[2] = 7;
-        assert_eq!(victim([&b, &full], k, 10), Some((0, 0)), "seen longest ago");
         assert_eq!(
-            victim([&full, &b], k, 10),
+            way(victim([b.ways(), full.ways()], k, 10)),
+            Some((0, 0)),
+            "seen longest ago"
+        );
+        assert_eq!(
+            way(victim([full.ways(), b.ways()], k, 10)),
             Some((1, 0)),
             "seen longest ago, second bucket"
         );
         b.keys[1] = k;
-        assert_eq!(victim([&full, &b], k, 10), Some((1, 1)), "its own way");
+        assert_eq!(
+            victim([full.ways(), b.ways()], k, 10),
+            Some((1, 1, k)),
+            "its own way"
+        );
         b.keys = [LOCKED, 12, 13];
         assert_eq!(
-            victim([&b, &full], k, 10),
-            None,
-            "the oldest is being written"
+            victim([b.ways(), full.ways()], k, 10),
+            Some((0, 2, 13)),
+            "a way being written is skipped: the oldest of the others"
         );
+        let locked = FlowBucket {
+            keys: [LOCKED; 3],
+            ..Default::default()
+        };
+        assert_eq!(
+            victim([locked.ways(), locked.ways()], k, 10),
+            None,
+            "every way is being written"
+        );
+        // A time ahead of now (another CPU's clock) is no time ago: not the oldest.
+        let ahead = FlowBucket {
+            keys: [11, 12, 13],
+            seen: [11, 4, 9],
+            ..Default::default()
+        };
+        assert_eq!(
+            way(victim([ahead.ways(), full.ways()], k, 10)),
+            Some((0, 1))
+        );
+        assert_eq!(age(11, 10), 0);
+        assert_eq!(last_seen_ns(11, 10 << TIME_SHIFT), 10 << TIME_SHIFT);
         // Times wrap: 2 units before a wrap is older than 1 after it.
         let b = FlowBucket {
             keys: [11, 12, 13],
@@ -333,7 +400,7 @@ mod tests {
             seen: [3, 3, 3],
             ..Default::default()
         };
-        assert_eq!(victim([&young, &b], k, 3), Some((1, 0)));
+        assert_eq!(way(victim([young.ways(), b.ways()], k, 3)), Some((1, 0)));
     }
 
     #[test]
@@ -361,7 +428,7 @@ mod tests {
             .filter(|i| {
                 let k = pack_key(&key(i.to_be_bytes(), 40000), 0);
                 let [a, b] = buckets_of(k, n);
-                get([&t[a as usize], &t[b as usize]], k).is_some()
+                get([&t[a as usize], &t[b as usize]], k, 0).is_some()
             })
             .count();
         1.0 - kept as f64 / flows as f64

@@ -1,16 +1,17 @@
 //! The IPv4 flow table (see `lb_common::flowtab`): one bucket, one cache line, per lookup.
 //!
 //! Keys are read with volatile loads and re-read after the value, and written with atomic
-//! compare-and-exchange (claim) and exchange (publish), so a reader never pairs one flow's key
-//! with another's member: it sees the old entry, the new one, or a miss.
+//! compare-and-exchange (claim) and exchange (publish): a reader sees the old entry, the new one,
+//! or a miss. (A write landing between its two key reads could pair a key with another flow's
+//! value; the value's 12-bit tag then makes it a miss, but for one such read in 4,096.)
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
 use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::FlowValue;
 use lb_common::flowtab::{
-    FLOW_WAYS, FlowBucket, LOCKED, REFRESH_UNITS, TIME_SHIFT, buckets_of, last_seen_ns, pack_value,
-    unpack_value, victim,
+    FLOW_WAYS, FlowBucket, LOCKED, REFRESH_UNITS, TIME_SHIFT, Ways, age, buckets_of, last_seen_ns,
+    pack_value, unpack_value, victim,
 };
 
 use crate::{LB_FLOW_BUCKETS, LB_FLOWS4};
@@ -92,7 +93,7 @@ pub fn value(hit: &Hit, now_ns: u64) -> FlowValue {
 pub fn touch(hit: &Hit, now: u32, every_packet: bool) {
     let p = unsafe { &raw mut (*hit.bucket).seen[hit.way] };
     let last = unsafe { read_volatile(p) };
-    if last != now && (every_packet || now.wrapping_sub(last) >= REFRESH_UNITS) {
+    if last != now && (every_packet || age(last, now) >= REFRESH_UNITS) {
         unsafe { write_volatile(p, now) };
     }
 }
@@ -106,16 +107,16 @@ pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
     let (Some(b0), Some(b1)) = (LB_FLOWS4.get_ptr_mut(first), LB_FLOWS4.get_ptr_mut(second)) else {
         return false;
     };
-    let Some((i, way)) = victim(unsafe { [&*b0, &*b1] }, k, now) else {
+    let Some((i, way, seen_key)) = victim([ways(b0), ways(b1)], k, now) else {
         return false;
     };
     let b = if i == 0 { b0 } else { b1 };
     if way >= FLOW_WAYS {
         return false;
     }
+    // Only if the way still holds what `victim` judged it by: another CPU may have taken it.
     let key = unsafe { &raw mut (*b).keys[way] };
-    let old = unsafe { read_volatile(key) };
-    if old == LOCKED || !claim(key, old, LOCKED) {
+    if !claim(key, seen_key, LOCKED) {
         return false;
     }
     unsafe {
@@ -129,7 +130,8 @@ pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
     true
 }
 
-/// Forgets flow `k` (if another CPU is rewriting its way, that write wins).
+/// Forgets flow `k`: every way of its two buckets that holds it (two CPUs inserting the flow at
+/// once may both have written it). If another CPU is rewriting a way, that write wins.
 #[inline(always)]
 pub fn remove(k: u64) {
     for index in buckets(k) {
@@ -140,10 +142,20 @@ pub fn remove(k: u64) {
             let key = unsafe { &raw mut (*b).keys[way] };
             if unsafe { read_volatile(key) } == k {
                 claim(key, k, lb_common::flowtab::EMPTY);
-                return;
             }
         }
     }
+}
+
+/// Bucket `b`'s keys and last-seen times, each read once (other CPUs may be writing them).
+#[inline(always)]
+fn ways(b: *mut FlowBucket) -> Ways {
+    let mut w = Ways::default();
+    for i in 0..FLOW_WAYS {
+        w.keys[i] = unsafe { read_volatile(&raw const (*b).keys[i]) };
+        w.seen[i] = unsafe { read_volatile(&raw const (*b).seen[i]) };
+    }
+    w
 }
 
 #[inline(always)]

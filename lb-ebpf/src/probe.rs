@@ -68,8 +68,8 @@ pub fn lru_lookup(ctx: &XdpContext) -> u32 {
     verdict(unsafe { LB_FLOWS.get(p.key) }.is_none())
 }
 
-/// Parser + an insert into an LRU table like the flow table (`LB_PROBE_FLOWS`, small, so
-/// nearly every insert evicts).
+/// Parser + an insert into an LRU hash like the IPv6 flow table (`LB_PROBE_FLOWS`, small, so
+/// nearly every insert evicts): what an IPv4 new flow cost before the bucket table.
 #[inline(always)]
 pub fn flow_insert(ctx: &XdpContext) -> u32 {
     let Some(p) = packet(ctx) else {

@@ -230,8 +230,8 @@ impl Pinned {
                 return Ok(out);
             }
             let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
-            for (k, v) in b.keys.iter().zip(b.values) {
-                if let Some(flow) = Self::flow4(&vips, &b, *k, v, now) {
+            for k in b.keys {
+                if let Some(flow) = Self::flow4(&vips, &b, k, now) {
                     out.push(flow);
                 }
             }
@@ -246,23 +246,21 @@ impl Pinned {
         Ok(out)
     }
 
-    /// The flow that way (key `k`, value `v`) of bucket `b` holds, if any.
+    /// The flow of key `k` in bucket `b`, if any.
     fn flow4(
         vips: &BTreeMap<u32, VipKey>,
         b: &FlowBucket,
         k: u64,
-        v: u64,
         now: u64,
     ) -> Option<(FlowKey, FlowValue)> {
         if k == flowtab::EMPTY || k == flowtab::LOCKED {
             return None;
         }
-        let (member_id, generation) = flowtab::unpack_value(k, v)?;
+        let value = flowtab::get([b, b], k, now)?;
         let (src4, src_port, vip_id) = flowtab::unpack_key(k);
         let vip = vips.get(&vip_id)?;
         let mut src = [0u8; 16];
         src[..4].copy_from_slice(&src4);
-        let seen = b.seen[flowtab::find(b, k)?];
         let key = FlowKey {
             src,
             dst: vip.addr,
@@ -271,11 +269,6 @@ impl Pinned {
             proto: vip.proto,
             family: vip.family,
             _pad: [0; 2],
-        };
-        let value = FlowValue {
-            member_id,
-            generation,
-            last_seen_ns: flowtab::last_seen_ns(seen, now),
         };
         Some((key, value))
     }
@@ -296,12 +289,7 @@ impl Pinned {
         let at = flowtab::buckets_of(packed, self.flows4.len());
         let b0 = self.flows4.get(&at[0], 0).ok()?;
         let b1 = self.flows4.get(&at[1], 0).ok()?;
-        let (member_id, generation, seen) = flowtab::get([&b0, &b1], packed)?;
-        Some(FlowValue {
-            member_id,
-            generation,
-            last_seen_ns: flowtab::last_seen_ns(seen, monotonic_coarse_ns()),
-        })
+        flowtab::get([&b0, &b1], packed, monotonic_coarse_ns())
     }
 
     pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {

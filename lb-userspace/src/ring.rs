@@ -26,16 +26,6 @@ unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    /// Slots mapped.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no slot is mapped.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Maps the first `len` slots of `map` (read-only unless `writable`).
     pub fn map(map: &MapData, len: usize, writable: bool) -> std::io::Result<Self> {
         let page = 4096usize;

@@ -390,13 +390,11 @@ impl Lb {
         let (at, k) = self.flow4_slots(key);
         let table = self.array::<flowtab::FlowBucket>(maps::FLOWS4);
         let b = at.map(|i| table.get(&i, 0).expect("reading a flow bucket"));
-        let (member_id, generation, seen) = flowtab::get([&b[0], &b[1]], k)?;
-        let now = lb_userspace::inspect::monotonic_coarse_ns();
-        Some(FlowValue {
-            member_id,
-            generation,
-            last_seen_ns: flowtab::last_seen_ns(seen, now),
-        })
+        flowtab::get(
+            [&b[0], &b[1]],
+            k,
+            lb_userspace::inspect::monotonic_coarse_ns(),
+        )
     }
 
     /// Runs `f` on the IPv4 flow table mapped into this process (it is mmapable).

@@ -556,7 +556,8 @@ fn the_vip_filter_holds_exactly_the_bits_of_the_addresses_that_carry_vips() {
     );
     node.apply(config(&[]));
     assert_eq!(node.lb.vip_filter(), BTreeMap::new(), "with no VIP left");
-    // A packet to a former VIP address is passed without a VIP lookup.
+    // A packet to a former VIP address passes as not for a VIP (the filter alone decides that;
+    // the counters cannot tell whether the VIP table was asked too).
     let c0 = node.lb.counters();
     let r = node
         .lb

@@ -20,6 +20,9 @@ pub struct KernelDataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
     ring: Ring,
+    /// The VIP addresses by the word of the VIP-address filter they set (read from the maps
+    /// at the first removal), so a removal recomputes its word without walking the map.
+    filter_words: Option<std::collections::BTreeMap<u32, std::collections::BTreeSet<VipAddr>>>,
 }
 
 fn io(e: impl std::fmt::Display) -> std::io::Error {
@@ -41,7 +44,12 @@ impl KernelDataplane {
         };
         let ring =
             Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize, true).map_err(read_err)?;
-        Ok(Self { ebpf, sizes, ring })
+        Ok(Self {
+            ebpf,
+            sizes,
+            ring,
+            filter_words: None,
+        })
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
@@ -103,6 +111,9 @@ impl KernelDataplane {
     /// Sets VIP address `addr`'s bit in the VIP-address filter.
     fn set_filter_bit(&mut self, addr: &VipAddr) -> Result<(), DataplaneError> {
         let (word, bit) = vip_filter_slot(&addr.addr, addr.family);
+        if let Some(words) = &mut self.filter_words {
+            words.entry(word).or_default().insert(*addr);
+        }
         let mut f: Array<_, u64> =
             Array::try_from(self.map_mut(maps::VIP_FILTER)?).map_err(werr(maps::VIP_FILTER))?;
         let w = f.get(&word, 0).map_err(rerr(maps::VIP_FILTER))?;
@@ -115,17 +126,26 @@ impl KernelDataplane {
     /// Recomputes the filter word of (removed) address `gone` from the addresses that still
     /// carry VIPs: a bit stays set while any of them uses it.
     fn rebuild_filter_word(&mut self, gone: &VipAddr) -> Result<(), DataplaneError> {
-        let (word, _) = vip_filter_slot(&gone.addr, gone.family);
-        let addrs: HashMap<_, VipAddr, u32> =
-            HashMap::try_from(self.map(maps::VIP_ADDRS)?).map_err(rerr(maps::VIP_ADDRS))?;
-        let mut bits = 0u64;
-        for k in addrs.keys() {
-            let k = k.map_err(rerr(maps::VIP_ADDRS))?;
-            let (w, b) = vip_filter_slot(&k.addr, k.family);
-            if w == word {
-                bits |= b;
+        if self.filter_words.is_none() {
+            let addrs: HashMap<_, VipAddr, u32> =
+                HashMap::try_from(self.map(maps::VIP_ADDRS)?).map_err(rerr(maps::VIP_ADDRS))?;
+            let mut words = std::collections::BTreeMap::<u32, std::collections::BTreeSet<_>>::new();
+            for k in addrs.keys() {
+                let k = k.map_err(rerr(maps::VIP_ADDRS))?;
+                words
+                    .entry(vip_filter_slot(&k.addr, k.family).0)
+                    .or_default()
+                    .insert(k);
             }
+            self.filter_words = Some(words);
         }
+        let (word, _) = vip_filter_slot(&gone.addr, gone.family);
+        let words = self.filter_words.as_mut().expect("built above");
+        let left = words.entry(word).or_default();
+        left.remove(gone);
+        let bits = left
+            .iter()
+            .fold(0u64, |b, a| b | vip_filter_slot(&a.addr, a.family).1);
         let mut f: Array<_, u64> =
             Array::try_from(self.map_mut(maps::VIP_FILTER)?).map_err(werr(maps::VIP_FILTER))?;
         f.set(word, bits, 0).map_err(werr(maps::VIP_FILTER))
@@ -233,7 +253,12 @@ impl Dataplane for KernelDataplane {
                 let mut h: HashMap<_, VipAddr, u32> =
                     HashMap::try_from(self.map_mut(maps::VIP_ADDRS)?)
                         .map_err(werr(maps::VIP_ADDRS))?;
-                h.remove(addr).map_err(werr(maps::VIP_ADDRS))?;
+                match h.remove(addr) {
+                    // Gone already (a retried plan): still rebuild its word.
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    r => r.map_err(werr(maps::VIP_ADDRS))?,
+                }
                 self.rebuild_filter_word(addr)
             }
             Write::Slots { vip_id, slots } => {

@@ -78,6 +78,8 @@ pub enum Unresolvable {
     Encap,
     #[error("the gateway is not an IP address")]
     OddGateway,
+    #[error("egress interface {0} reports no MTU")]
+    NoMtu(u32),
 }
 
 /// Where a unicast route sends a packet: egress device, the address whose neighbour entry
@@ -113,6 +115,10 @@ pub fn next_hop(dst: IpAddr, reply: &RouteReply, snap: &Snapshot) -> Result<Next
         .get(&eg.oif)
         .ok_or(Unresolvable::UnknownLink(eg.oif))?;
     let mtu = route_mtu(dst.is_ipv4(), &eg, link, snap.v4_fwd_use_pmtu);
+    if mtu == 0 {
+        // Every packet would be too big: leave it to the route lookup.
+        return Err(Unresolvable::NoMtu(eg.oif));
+    }
     let mut nh = NextHop {
         ifindex: eg.oif,
         mtu,
@@ -341,6 +347,14 @@ mod tests {
             let nh = next_hop(ip("10.1.0.1"), &unicast(via(gw)), &snap()).unwrap();
             assert_eq!(nh, forward(7, 1500), "via {gw}");
         }
+    }
+
+    #[test]
+    fn an_interface_without_an_mtu_is_left_to_the_route_lookup() {
+        let mut s = snap();
+        s.links.get_mut(&7).unwrap().mtu = 0;
+        let got = next_hop(ip("10.1.0.1"), &unicast(via("10.0.0.254")), &s);
+        assert!(matches!(got, Err(Unresolvable::NoMtu(7))), "{got:?}");
     }
 
     #[test]
