@@ -475,6 +475,19 @@ impl VipKey {
     }
 }
 
+impl FlowKey {
+    /// The VIP this flow is aimed at: its destination address, port and protocol.
+    #[inline(always)]
+    pub const fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port: self.dst_port,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+}
+
 impl Member {
     pub const fn is_live(&self) -> bool {
         self.flags & MEMBER_F_LIVE != 0

@@ -15,7 +15,6 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     Counter, FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, IcmpJob, MODE_DSR, Member,
-    VipKey,
     maps::ICMP_PROG_INDEX,
     select::{FlowCheck, check_flow},
 };
@@ -170,12 +169,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
 /// Maglev's choice. `None` if `key` is no DSR VIP's or the VIP has no member to choose.
 #[inline(always)]
 fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static Member)> {
-    let vip_key = VipKey {
-        addr: key.dst,
-        port: key.dst_port,
-        proto: key.proto,
-        family: key.family,
-    };
+    let vip_key = key.vip_key();
     let vip = unsafe { LB_VIPS.get(vip_key)? };
     if vip.mode != MODE_DSR {
         return None;

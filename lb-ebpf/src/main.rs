@@ -359,12 +359,7 @@ mod program {
         if !maybe_vip(&pkt.key.dst, pkt.key.family) {
             return not_for_vip(ctx, &pkt);
         }
-        let vip_key = VipKey {
-            addr: pkt.key.dst,
-            port: pkt.key.dst_port,
-            proto: pkt.key.proto,
-            family: pkt.key.family,
-        };
+        let vip_key = pkt.key.vip_key();
         let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
             return not_for_vip(ctx, &pkt);
         };

@@ -4,7 +4,7 @@
 //! `XDP_ABORTED`, so a probe that did not take its path cannot pass for fast.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{FlowValue, VipKey};
+use lb_common::FlowValue;
 
 use crate::{
     LB_FLOWS, LB_PROBE_FLOWS, LB_VIPS,
@@ -41,12 +41,7 @@ pub fn vip_lookup(ctx: &XdpContext) -> u32 {
     let Some(p) = packet(ctx) else {
         return verdict(false);
     };
-    let key = VipKey {
-        addr: p.key.dst,
-        port: p.key.dst_port,
-        proto: p.key.proto,
-        family: p.key.family,
-    };
+    let key = p.key.vip_key();
     verdict(unsafe { LB_VIPS.get(key) }.is_some())
 }
 

@@ -101,21 +101,36 @@ fn follow_flow(key: &FlowKey, vip: &VipValue, udp_idle_timeout_ns: u64) -> Optio
     } else {
         0
     };
-    match check_flow(flow, m, vip, key.proto, t, udp_idle_timeout_ns) {
-        FlowCheck::Follow => {}
-        FlowCheck::FollowAndRefresh => flow.last_seen_ns = t,
+    if followed(check_flow(flow, m, vip, key.proto, t, udp_idle_timeout_ns))? {
+        flow.last_seen_ns = t;
+    }
+    flow_hit(flow.member_id, m)
+}
+
+/// Counts a flow entry `check` says not to follow (`None`); else whether to record the
+/// packet's time in it.
+#[inline(always)]
+fn followed(check: FlowCheck) -> Option<bool> {
+    match check {
+        FlowCheck::Follow => Some(false),
+        FlowCheck::FollowAndRefresh => Some(true),
         FlowCheck::Stale => {
             count(Counter::FlowStale);
-            return None;
+            None
         }
         FlowCheck::IdleExpired => {
             count(Counter::FlowIdleExpired);
-            return None;
+            None
         }
     }
+}
+
+/// A flow entry followed to member `member_id` (`m`, the live entry at that id).
+#[inline(always)]
+fn flow_hit(member_id: u32, m: Option<&'static Member>) -> Option<Choice> {
     count(Counter::FlowHits);
     Some(Choice {
-        member_id: flow.member_id,
+        member_id,
         member: m?,
         new_flow: false,
     })
@@ -129,26 +144,10 @@ fn follow_flow4(k4: u64, proto: u8, vip: &VipValue, udp_idle_timeout_ns: u64) ->
     let hit = flows::lookup(k4)?;
     let m = member(hit.member_id);
     let t = now();
-    let now_units = flows::units(t);
     let flow = flows::value(&hit, t);
-    match check_flow(&flow, m, vip, proto, t, udp_idle_timeout_ns) {
-        FlowCheck::Follow => flows::touch(&hit, now_units, false),
-        FlowCheck::FollowAndRefresh => flows::touch(&hit, now_units, true),
-        FlowCheck::Stale => {
-            count(Counter::FlowStale);
-            return None;
-        }
-        FlowCheck::IdleExpired => {
-            count(Counter::FlowIdleExpired);
-            return None;
-        }
-    }
-    count(Counter::FlowHits);
-    Some(Choice {
-        member_id: hit.member_id,
-        member: m?,
-        new_flow: false,
-    })
+    let every_packet = followed(check_flow(&flow, m, vip, proto, t, udp_idle_timeout_ns))?;
+    flows::touch(&hit, flows::units(t), every_packet);
+    flow_hit(hit.member_id, m)
 }
 
 /// A new flow on a VIP with session affinity: the client's member if the entry still holds,

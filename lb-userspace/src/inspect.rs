@@ -278,12 +278,7 @@ impl Pinned {
         if !flowtab::in_table(k.family) {
             return self.flows.get(k, 0).ok();
         }
-        let vip = VipKey {
-            addr: k.dst,
-            port: k.dst_port,
-            proto: k.proto,
-            family: k.family,
-        };
+        let vip = k.vip_key();
         let vip_id = self.vips.get(&vip, 0).ok()?.id;
         let packed = flowtab::pack_key(k, vip_id);
         let at = flowtab::buckets_of(packed, self.flows4.len());

@@ -43,13 +43,17 @@ fn add(a: TrafficStats, b: TrafficStats) -> TrafficStats {
     }
 }
 
-/// Every live member with its VIP's label and its counters, by member id.
-fn member_rows(p: &Pinned) -> Result<Vec<(u32, Member, String, TrafficStats)>> {
-    let labels: BTreeMap<u32, String> = p
-        .vips()?
+/// Each VIP's label, by VIP id.
+pub fn vip_labels(p: &Pinned) -> Result<BTreeMap<u32, String>> {
+    Ok(p.vips()?
         .iter()
         .map(|(k, v)| (v.id, vip_label(k)))
-        .collect();
+        .collect())
+}
+
+/// Every live member with its VIP's label and its counters, by member id.
+fn member_rows(p: &Pinned) -> Result<Vec<(u32, Member, String, TrafficStats)>> {
+    let labels = vip_labels(p)?;
     let mut rows = Vec::new();
     for (id, m) in p.members()? {
         let vip = labels.get(&m.vip_id).cloned().unwrap_or_default();

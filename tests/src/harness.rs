@@ -465,12 +465,7 @@ impl Lb {
 
     /// The two buckets and the packed key of IPv4 flow `key`.
     fn flow4_slots(&mut self, key: &FlowKey) -> ([u32; 2], u64) {
-        let vip = VipKey {
-            addr: key.dst,
-            port: key.dst_port,
-            proto: key.proto,
-            family: key.family,
-        };
+        let vip = key.vip_key();
         let vip_id = self
             .hash::<VipKey, VipValue>(maps::VIPS)
             .get(&vip, 0)
@@ -533,26 +528,24 @@ impl Lb {
         Counter::ALL.iter().copied().zip(counts).collect()
     }
 
-    /// Each of `which` counters by CPU (`packets` as its readers derive it: the sum of the
-    /// verdicts).
+    /// Each of `which` counters by CPU, with `packets` derived per CPU as readers derive it
+    /// ([`lb_common::stats::derive`]; `vip_packets` is not filled in).
     pub fn per_cpu_counters(&mut self, which: &[Counter]) -> Vec<Vec<u64>> {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(maps::STATS)).unwrap();
-        let by_cpu = |c: Counter| stats.get(&(c as u32), 0).expect("reading stats").to_vec();
+        let raw: Vec<Vec<u64>> = Counter::ALL
+            .iter()
+            .map(|&c| stats.get(&(c as u32), 0).expect("reading stats").to_vec())
+            .collect();
+        let by_cpu: Vec<Vec<u64>> = (0..raw[0].len())
+            .map(|cpu| {
+                let mut counts: Vec<u64> = raw.iter().map(|c| c[cpu]).collect();
+                lb_common::stats::derive(&mut counts, 0);
+                counts
+            })
+            .collect();
         which
             .iter()
-            .map(|&c| {
-                if c != Counter::Packets {
-                    return by_cpu(c);
-                }
-                let verdicts: Vec<Vec<u64>> = Counter::ALL
-                    .iter()
-                    .filter(|v| v.is_verdict())
-                    .map(|&v| by_cpu(v))
-                    .collect();
-                (0..verdicts[0].len())
-                    .map(|cpu| verdicts.iter().map(|v| v[cpu]).sum())
-                    .collect()
-            })
+            .map(|&c| by_cpu.iter().map(|counts| counts[c as usize]).collect())
             .collect()
     }
 

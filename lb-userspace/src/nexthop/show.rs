@@ -1,7 +1,7 @@
 //! `lb nexthops`: each live member's next hop as `LB_NEXTHOPS` holds it, and the keeper's
 //! figures from the agent's status file.
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData};
@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 
 use crate::{
     inspect::{Pinned, backend_label},
-    model::vip_label,
     run,
 };
 
@@ -53,11 +52,7 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, as_json: bool) -> 
     let path = pin_dir.join(maps::NEXTHOPS);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let table: Array<_, NextHop> = Array::try_from(Map::Array(data))?;
-    let vips: BTreeMap<u32, String> = p
-        .vips()?
-        .iter()
-        .map(|(k, v)| (v.id, vip_label(k)))
-        .collect();
+    let vips = crate::show::vip_labels(p)?;
     let mut rows = Vec::new();
     for (id, m) in p.members()? {
         let nh = table.get(&id, 0).context("reading LB_NEXTHOPS")?;
