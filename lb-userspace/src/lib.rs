@@ -20,6 +20,7 @@ pub mod program;
 pub mod ring;
 pub mod run;
 pub mod show;
+pub mod view;
 
 /// An error and its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
