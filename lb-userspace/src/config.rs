@@ -680,6 +680,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             }
         });
         if let Some(address) = address {
+            suspicious_backends(&mut c, &mut warnings, &p, address, mode, &backends);
             vips.push(VipConfig {
                 spec: VipSpec {
                     name: v.name.clone().unwrap_or_else(|| format!("vip{i}")),
@@ -733,6 +734,36 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
         vips,
         warnings,
     })
+}
+
+/// Backend lists that parse but cannot work (an error) or serve nothing (a warning): the VIP
+/// at `p` (address `vip`, in `mode`) with these `backends`.
+fn suspicious_backends(
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+    p: &str,
+    vip: IpAddr,
+    mode: Mode,
+    backends: &[BackendSpec],
+) {
+    if mode == Mode::Dsr
+        && let Some(j) = backends.iter().position(|b| b.address == vip)
+    {
+        // The encapsulated packet would be addressed to this node's own VIP and come back.
+        c.bad(
+            format!("{p}.backends[{j}].address"),
+            format!("{vip} is the VIP's own address: a DSR backend must be another host (the packet would loop back to the load balancer)"),
+        );
+    }
+    if backends.is_empty() {
+        warnings.push(format!(
+            "{p}.backends: empty: the VIP drops its traffic until it has a backend"
+        ));
+    } else if backends.iter().all(|b| b.weight == 0) {
+        warnings.push(format!(
+            "{p}.backends: every weight is 0: new connections to the VIP are dropped until a backend has weight above 0"
+        ));
+    }
 }
 
 fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
@@ -1225,6 +1256,13 @@ vips:
                 Box::new(replace("timeout: 500ms", "timeout: 500ms, port: 70000")),
                 "vips[0].health_check.port: must be 1..=65535",
             ),
+            (
+                Box::new(replace(
+                    "{ address: 10.1.0.2, weight: 100 }",
+                    "{ address: 192.0.2.10, weight: 100 }",
+                )),
+                "vips[0].backends[1].address: 192.0.2.10 is the VIP's own address",
+            ),
         ];
         for (edit, want) in cases {
             let got = problems(edit);
@@ -1351,6 +1389,24 @@ vips:
                 other => panic!("{bad:?}: expected a parse error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_vip_without_backends_or_without_weight_warns() {
+        let empty = GOOD.replace("backends: [{ address: 10.1.0.1 }]", "backends: []");
+        let c = Config::parse(&empty, "t").unwrap();
+        assert_eq!(
+            c.warnings,
+            ["vips[1].backends: empty: the VIP drops its traffic until it has a backend"]
+        );
+        let zero = GOOD.replace("weight: 200", "weight: 0").replace("weight: 100", "weight: 0");
+        let c = Config::parse(&zero, "t").unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].starts_with("vips[0].backends: every weight is 0"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]
