@@ -1,0 +1,191 @@
+//! Owning a pin dir and starting cleanly, with the real `lb` binary: one agent per pin dir,
+//! `lb down` refused under a running agent (and `--force`), and starts that fail (a missing
+//! interface, no cluster, no capabilities) leaving no pins and no attachment behind.
+
+use std::{path::Path, time::Duration};
+
+use lb_tests::{
+    agent::{Agent, Dirs, xdp_attachment},
+    harness::{FibNet, net::*},
+    netns::NetNs,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+const T: Duration = Duration::from_secs(20);
+
+fn config(interfaces: &str) -> String {
+    format!(
+        "node:
+  interfaces: [{interfaces}]
+  xdp_mode: generic
+  source_v4: 10.0.0.1
+  table_size: 1009
+  max_vips: 8
+  max_backends: 32
+  flow_table_size: 65536
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends: [{{ address: {TX_V4}, weight: 2 }}, {{ address: {TX_V4_B}, weight: 1 }}]
+"
+    )
+}
+
+fn attached(ns: &NetNs) -> [Option<(u64, u64)>; 2] {
+    ["lb0", "lb1"].map(|d| xdp_attachment(ns, d))
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
+    let net = FibNet::new("second");
+    let dirs = Dirs::new(Path::new(BIN), "second");
+    dirs.write_config(&config("lb0"));
+    let mut first = Agent::start(&net.ns, &dirs);
+    first.wait_for("running", 1, T);
+    let (maps, links, files) = (dirs.json(&["backends"]), attached(&net.ns), dirs.pin_names());
+
+    // The second one would attach lb1 too, and adopt the first one's maps.
+    dirs.write_config(&config("lb0, lb1"));
+    let mut second = Agent::start(&net.ns, &dirs);
+    let status = second.wait_exit(T).expect("the second agent should refuse and exit");
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!("another lb agent (pid {}) holds the pins", first.pid())),
+        "{log}"
+    );
+    assert_eq!(attached(&net.ns), links, "the second agent changed the attachments");
+    assert_eq!(dirs.pin_names(), files, "the second agent changed the pins");
+    assert_eq!(dirs.json(&["backends"]), maps, "the second agent changed the maps");
+    assert_eq!(first.stop().code(), Some(0), "the first agent did not run on");
+
+    // Once the first has exited, the lock is free.
+    let mut third = Agent::start(&net.ns, &dirs);
+    third.wait_for("running", 1, T);
+    assert!(attached(&net.ns)[1].is_some(), "lb1 not attached by the next agent");
+    assert_eq!(third.stop().code(), Some(0));
+}
+
+#[test]
+fn lb_down_is_refused_under_a_running_agent_and_force_removes_everything() {
+    let net = FibNet::new("downrun");
+    let dirs = Dirs::new(Path::new(BIN), "downrun");
+    dirs.write_config(&config("lb0"));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let (links, files) = (attached(&net.ns), dirs.pin_names());
+    assert!(links[0].is_some() && files.contains(&"LB_RING".to_string()));
+
+    let out = dirs.cli(&["down"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("an lb agent (pid {}) is running", agent.pid()))
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(dirs.pin_names(), files, "a refused lb down removed pins");
+    assert_eq!(attached(&net.ns), links, "a refused lb down detached");
+
+    let out = dirs.cli(&["down", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dirs.pins.exists(), "lb down --force left {:?}", dirs.pin_names());
+    assert_eq!(attached(&net.ns)[0], None, "still attached after lb down --force");
+    agent.kill9();
+}
+
+#[test]
+fn a_first_start_with_a_missing_interface_leaves_no_pins_and_no_attachment() {
+    let net = FibNet::new("fresh-if");
+    let dirs = Dirs::new(Path::new(BIN), "fresh-if");
+    dirs.write_config(&config("lb0, lb1, nope0"));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    let status = agent.wait_exit(T).expect("the agent should refuse and exit");
+    assert!(!status.success());
+    assert!(agent.log_text().contains("no interface named nope0"), "{}", agent.log_text());
+    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert_eq!(attached(&net.ns), [None, None]);
+}
+
+/// Starts `lb run --kubernetes` as node-a with KUBECONFIG at `kubeconfig`.
+fn start_kube(net: &FibNet, dirs: &Dirs, kubeconfig: &Path) -> Agent {
+    // Node settings only: VIPs come from Services.
+    dirs.write_config(config("lb0").split("\nvips:").next().unwrap());
+    Agent::start_under(
+        &net.ns,
+        dirs,
+        &[],
+        &["--kubernetes"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "node-a"),
+        ],
+    )
+}
+
+#[test]
+fn a_kubernetes_start_without_a_cluster_leaves_no_pins() {
+    let net = FibNet::new("nokube");
+    let dirs = Dirs::new(Path::new(BIN), "nokube");
+    let mut agent = start_kube(&net, &dirs, &dirs.state.join("no-such-kubeconfig"));
+    let status = agent.wait_exit(T).expect("the agent should fail and exit");
+    assert!(!status.success(), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("connecting to Kubernetes"),
+        "it failed for another reason: {}",
+        agent.log_text()
+    );
+    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert_eq!(attached(&net.ns), [None, None]);
+}
+
+#[test]
+fn a_kubernetes_agent_waiting_for_an_unreachable_api_server_has_pinned_nothing() {
+    let net = FibNet::new("downkube");
+    let dirs = Dirs::new(Path::new(BIN), "downkube");
+    // Nothing listens on port 9 of the namespace's loopback.
+    let kubeconfig = dirs.state.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1
+kind: Config
+clusters: [{ name: c, cluster: { server: 'http://127.0.0.1:9' } }]
+contexts: [{ name: c, context: { cluster: c, user: u } }]
+users: [{ name: u, user: {} }]
+current-context: c
+",
+    )
+    .unwrap();
+    let mut agent = start_kube(&net, &dirs, &kubeconfig);
+    agent.wait_for("watch failed", 1, T);
+    assert!(!dirs.pins.exists(), "pinned before the first list: {:?}", dirs.pin_names());
+    agent.kill9();
+    assert!(!dirs.pins.exists(), "left {:?}", dirs.pin_names());
+    assert_eq!(attached(&net.ns), [None, None]);
+}
+
+#[test]
+fn without_capabilities_lb_run_says_what_it_needs_and_leaves_nothing() {
+    let net = FibNet::new("nocaps");
+    let dirs = Dirs::new(Path::new(BIN), "nocaps");
+    dirs.write_config(&config("lb0"));
+    let mut agent = Agent::start_under(
+        &net.ns,
+        &dirs,
+        &["setpriv", "--bounding-set=-all", "--inh-caps=-all"],
+        &[],
+        &[],
+    );
+    let status = agent.wait_exit(T).expect("the agent should fail and exit");
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains("lb needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")
+            && log.contains("this process lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{log}"
+    );
+    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert_eq!(attached(&net.ns), [None, None]);
+}
