@@ -189,3 +189,46 @@ fn without_capabilities_lb_run_says_what_it_needs_and_leaves_nothing() {
     assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
     assert_eq!(attached(&net.ns), [None, None]);
 }
+
+#[test]
+fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
+    let net = FibNet::new("busy");
+    let dirs = Dirs::new(Path::new(BIN), "busy");
+    // Another XDP program on lb1, attached by this test: lb's own object, loaded apart (no pins).
+    let sizes = lb_userspace::program::Sizes {
+        maglev_m: 251,
+        max_vips: 2,
+        max_backends: 4,
+        flow_entries: 1024,
+        affinity_entries: 16,
+        nat_entries: 16,
+    };
+    let mut other = lb_userspace::program::load(&sizes, None).expect("loading a second program");
+    let prog: &mut aya::programs::Xdp = other
+        .program_mut(lb_userspace::program::PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let id = prog.info().expect("the program's info").id();
+    net.ns.run(|| {
+        prog.attach("lb1", aya::programs::XdpMode::Skb)
+            .expect("attaching the other program")
+    });
+    let before = attached(&net.ns);
+    assert_eq!(before[1].map(|a| a.1), Some(id as u64));
+
+    dirs.write_config(&config("lb0, lb1"));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    let status = agent.wait_exit(T).expect("the agent should refuse and exit");
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!("another XDP program is attached there (id {id}, named lb)"))
+            && log.contains("ip link set dev lb1 xdp off")
+            && !log.contains("try xdp_mode: generic"),
+        "{log}"
+    );
+    assert_eq!(attached(&net.ns), before, "the failed start changed the attachments");
+    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    drop(other);
+}
