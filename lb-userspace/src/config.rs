@@ -1399,7 +1399,9 @@ vips:
             c.warnings,
             ["vips[1].backends: empty: the VIP drops its traffic until it has a backend"]
         );
-        let zero = GOOD.replace("weight: 200", "weight: 0").replace("weight: 100", "weight: 0");
+        let zero = GOOD
+            .replace("weight: 200", "weight: 0")
+            .replace("weight: 100", "weight: 0");
         let c = Config::parse(&zero, "t").unwrap();
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(

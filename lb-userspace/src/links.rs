@@ -115,7 +115,10 @@ fn attach_new(
 fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cur = Some(e);
     while let Some(c) = cur {
-        if let Some(n) = c.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
+        if let Some(n) = c
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
             return Some(n);
         }
         cur = c.source();

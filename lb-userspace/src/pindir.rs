@@ -60,10 +60,7 @@ impl PinLock {
         check_bpffs(dir)?;
         std::fs::create_dir_all(dir).map_err(|source| io("creating", dir, source))?;
         match Self::try_lock(dir) {
-            Ok(Some(lock)) => Ok(Self {
-                created,
-                ..lock
-            }),
+            Ok(Some(lock)) => Ok(Self { created, ..lock }),
             Ok(None) => Err(PinDirError::Held {
                 dir: dir.display().to_string(),
                 pid: holder(dir),
@@ -104,7 +101,8 @@ pub fn check_bpffs(dir: &Path) -> Result<(), PinDirError> {
     let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
         return Ok(());
     };
-    let fs = statfs(existing).map_err(|e| io("looking at the filesystem of", existing, e.into()))?;
+    let fs =
+        statfs(existing).map_err(|e| io("looking at the filesystem of", existing, e.into()))?;
     if fs.filesystem_type() != BPF_FS_MAGIC {
         return Err(PinDirError::NotBpffs {
             dir: dir.display().to_string(),

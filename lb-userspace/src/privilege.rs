@@ -44,7 +44,7 @@ fn effective() -> Option<u64> {
 fn lacking<'a>(eff: u64, caps: impl IntoIterator<Item = &'a Cap>) -> Vec<&'static str> {
     let has = |bit: u32| eff & (1 << bit) != 0;
     caps.into_iter()
-        .filter(|c| !has(c.bit) && !(c.in_sys_admin && has(CAP_SYS_ADMIN)))
+        .filter(|c| !(has(c.bit) || c.in_sys_admin && has(CAP_SYS_ADMIN)))
         .map(|c| c.name)
         .collect()
 }

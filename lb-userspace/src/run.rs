@@ -561,7 +561,10 @@ impl PinsBefore {
         if self.created
             && let Err(e) = std::fs::remove_dir(&self.dir)
         {
-            warn!("removing {} after the failed start: {e}", self.dir.display());
+            warn!(
+                "removing {} after the failed start: {e}",
+                self.dir.display()
+            );
         }
     }
 }

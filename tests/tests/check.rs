@@ -85,7 +85,10 @@ fn stdout(o: &Output) -> String {
 
 /// GOOD with the first `from` replaced by `to`.
 fn edit(from: &str, to: &str) -> String {
-    assert!(GOOD.contains(from), "the row edits text that is not there: {from:?}");
+    assert!(
+        GOOD.contains(from),
+        "the row edits text that is not there: {from:?}"
+    );
     GOOD.replacen(from, to, 1)
 }
 
@@ -141,7 +144,10 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         ),
         (
             "a metrics address without a port",
-            edit("  max_vips: 8", "  max_vips: 8\n  metrics_listen: localhost"),
+            edit(
+                "  max_vips: 8",
+                "  max_vips: 8\n  metrics_listen: localhost",
+            ),
             "node.metrics_listen: \"localhost\" is not an address:port",
         ),
         (
@@ -161,7 +167,10 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         ),
         (
             "two VIPs on one address, port and protocol",
-            edit("address: 192.0.2.11\n    port: 53\n    protocol: udp", "address: 192.0.2.10\n    port: 80\n    protocol: tcp"),
+            edit(
+                "address: 192.0.2.11\n    port: 53\n    protocol: udp",
+                "address: 192.0.2.10\n    port: 80\n    protocol: tcp",
+            ),
             "vips[1]: same address, port and protocol as vips[0]",
         ),
         (
@@ -181,7 +190,10 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         ),
         (
             "a port on a DSR backend",
-            edit("{ address: 10.1.0.1, weight: 2 }", "{ address: 10.1.0.1, weight: 2, port: 8080 }"),
+            edit(
+                "{ address: 10.1.0.1, weight: 2 }",
+                "{ address: 10.1.0.1, weight: 2, port: 8080 }",
+            ),
             "vips[0].backends[0].port: only NAT mode maps ports",
         ),
         (
@@ -192,22 +204,34 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         ),
         (
             "passive health on a DSR VIP",
-            edit("    protocol: tcp\n", "    protocol: tcp\n    passive_health: {}\n"),
+            edit(
+                "    protocol: tcp\n",
+                "    protocol: tcp\n    passive_health: {}\n",
+            ),
             "vips[0].passive_health: needs mode: nat",
         ),
         (
             "a health check interval that is not a duration",
-            edit("    protocol: tcp\n", "    protocol: tcp\n    health_check: { type: tcp, interval: often }\n"),
+            edit(
+                "    protocol: tcp\n",
+                "    protocol: tcp\n    health_check: { type: tcp, interval: often }\n",
+            ),
             "vips[0].health_check.interval: not a duration",
         ),
         (
             "an affinity timeout over a day",
-            edit("    protocol: udp\n", "    protocol: udp\n    hash: source-ip\n    affinity_timeout: 48h\n"),
+            edit(
+                "    protocol: udp\n",
+                "    protocol: udp\n    hash: source-ip\n    affinity_timeout: 48h\n",
+            ),
             "vips[1].affinity_timeout: at most 24h",
         ),
         (
             "a VIP table larger than the node's",
-            edit("    protocol: udp\n", "    protocol: udp\n    table_size: 2003\n"),
+            edit(
+                "    protocol: udp\n",
+                "    protocol: udp\n    table_size: 2003\n",
+            ),
             "vips[1].table_size: must be 1..=1009",
         ),
     ];
@@ -225,21 +249,35 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
             ));
         }
     }
-    assert!(failed.is_empty(), "{} row(s) failed:\n{}", failed.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} row(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
 #[test]
 fn unknown_keys_and_yaml_errors_are_refused() {
     for (what, config, names) in [
-        ("an unknown key", edit("  max_vips: 8", "  max_vips: 8\n  colour: blue"), "colour"),
-        ("a typo in a VIP key", edit("    port: 80", "    prot: 80"), "prot"),
+        (
+            "an unknown key",
+            edit("  max_vips: 8", "  max_vips: 8\n  colour: blue"),
+            "colour",
+        ),
+        (
+            "a typo in a VIP key",
+            edit("    port: 80", "    prot: 80"),
+            "prot",
+        ),
         ("broken YAML", "node: [".to_string(), ""),
     ] {
         let out = check(&config);
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(1), "{what}: {text}");
         assert!(
-            text.lines().any(|l| l.starts_with("error: ") && l.contains(names)),
+            text.lines()
+                .any(|l| l.starts_with("error: ") && l.contains(names)),
             "{what}: {text}"
         );
     }
@@ -250,13 +288,27 @@ fn a_valid_config_passes_and_its_host_checks_are_shown() {
     lb_tests::require_root();
     let out = check(GOOD);
     let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!text.contains("error:") && !text.contains("warning:"), "{text}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
-        text.lines().any(|l| l.starts_with("ok: this kernel loads and verifies the program with node.table_size 1009")),
+        !text.contains("error:") && !text.contains("warning:"),
         "{text}"
     );
-    assert!(text.lines().any(|l| l.starts_with("ok: node.interfaces: lo (index 1)")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            "ok: this kernel loads and verifies the program with node.table_size 1009"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok: node.interfaces: lo (index 1)")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -267,10 +319,19 @@ fn a_config_with_warnings_passes_and_shows_them() {
     let out = check(&config);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    let warnings: Vec<&str> = text.lines().filter(|l| l.starts_with("warning: ")).collect();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
     assert_eq!(warnings.len(), 2, "{text}");
-    assert!(warnings[0].starts_with("warning: vips[0].backends: every weight is 0"), "{text}");
-    assert!(warnings[1].starts_with("warning: vips[1].backends: empty: the VIP drops its traffic"), "{text}");
+    assert!(
+        warnings[0].starts_with("warning: vips[0].backends: every weight is 0"),
+        "{text}"
+    );
+    assert!(
+        warnings[1].starts_with("warning: vips[1].backends: empty: the VIP drops its traffic"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -278,12 +339,22 @@ fn without_the_capabilities_the_host_checks_are_skipped_and_said_to_be() {
     lb_tests::require_root();
     // A missing interface passes here: only the host checks would find it.
     let config = edit("interfaces: [lo]", "interfaces: [lo, nope0]");
-    let out = check_under(&["setpriv", "--bounding-set=-all", "--inh-caps=-all"], &config);
+    let out = check_under(
+        &["setpriv", "--bounding-set=-all", "--inh-caps=-all"],
+        &config,
+    );
     let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!text.contains("ok: "), "{text}");
     assert!(
-        text.lines().any(|l| l.starts_with("skipped: loading the program needs root or CAP_BPF and CAP_PERFMON")),
+        text.lines()
+            .any(|l| l
+                .starts_with("skipped: loading the program needs root or CAP_BPF and CAP_PERFMON")),
         "{text}"
     );
 }

@@ -44,27 +44,51 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
     dirs.write_config(&config("lb0"));
     let mut first = Agent::start(&net.ns, &dirs);
     first.wait_for("running", 1, T);
-    let (maps, links, files) = (dirs.json(&["backends"]), attached(&net.ns), dirs.pin_names());
+    let (maps, links, files) = (
+        dirs.json(&["backends"]),
+        attached(&net.ns),
+        dirs.pin_names(),
+    );
 
     // The second one would attach lb1 too, and adopt the first one's maps.
     dirs.write_config(&config("lb0, lb1"));
     let mut second = Agent::start(&net.ns, &dirs);
-    let status = second.wait_exit(T).expect("the second agent should refuse and exit");
+    let status = second
+        .wait_exit(T)
+        .expect("the second agent should refuse and exit");
     assert!(!status.success());
     let log = second.log_text();
     assert!(
-        log.contains(&format!("another lb agent (pid {}) holds the pins", first.pid())),
+        log.contains(&format!(
+            "another lb agent (pid {}) holds the pins",
+            first.pid()
+        )),
         "{log}"
     );
-    assert_eq!(attached(&net.ns), links, "the second agent changed the attachments");
+    assert_eq!(
+        attached(&net.ns),
+        links,
+        "the second agent changed the attachments"
+    );
     assert_eq!(dirs.pin_names(), files, "the second agent changed the pins");
-    assert_eq!(dirs.json(&["backends"]), maps, "the second agent changed the maps");
-    assert_eq!(first.stop().code(), Some(0), "the first agent did not run on");
+    assert_eq!(
+        dirs.json(&["backends"]),
+        maps,
+        "the second agent changed the maps"
+    );
+    assert_eq!(
+        first.stop().code(),
+        Some(0),
+        "the first agent did not run on"
+    );
 
     // Once the first has exited, the lock is free.
     let mut third = Agent::start(&net.ns, &dirs);
     third.wait_for("running", 1, T);
-    assert!(attached(&net.ns)[1].is_some(), "lb1 not attached by the next agent");
+    assert!(
+        attached(&net.ns)[1].is_some(),
+        "lb1 not attached by the next agent"
+    );
     assert_eq!(third.stop().code(), Some(0));
 }
 
@@ -90,9 +114,21 @@ fn lb_down_is_refused_under_a_running_agent_and_force_removes_everything() {
     assert_eq!(attached(&net.ns), links, "a refused lb down detached");
 
     let out = dirs.cli(&["down", "--force"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!dirs.pins.exists(), "lb down --force left {:?}", dirs.pin_names());
-    assert_eq!(attached(&net.ns)[0], None, "still attached after lb down --force");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dirs.pins.exists(),
+        "lb down --force left {:?}",
+        dirs.pin_names()
+    );
+    assert_eq!(
+        attached(&net.ns)[0],
+        None,
+        "still attached after lb down --force"
+    );
     agent.kill9();
 }
 
@@ -102,10 +138,20 @@ fn a_first_start_with_a_missing_interface_leaves_no_pins_and_no_attachment() {
     let dirs = Dirs::new(Path::new(BIN), "fresh-if");
     dirs.write_config(&config("lb0, lb1, nope0"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    let status = agent.wait_exit(T).expect("the agent should refuse and exit");
+    let status = agent
+        .wait_exit(T)
+        .expect("the agent should refuse and exit");
     assert!(!status.success());
-    assert!(agent.log_text().contains("no interface named nope0"), "{}", agent.log_text());
-    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert!(
+        agent.log_text().contains("no interface named nope0"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        !dirs.pins.exists(),
+        "a failed start left {:?}",
+        dirs.pin_names()
+    );
     assert_eq!(attached(&net.ns), [None, None]);
 }
 
@@ -137,7 +183,11 @@ fn a_kubernetes_start_without_a_cluster_leaves_no_pins() {
         "it failed for another reason: {}",
         agent.log_text()
     );
-    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert!(
+        !dirs.pins.exists(),
+        "a failed start left {:?}",
+        dirs.pin_names()
+    );
     assert_eq!(attached(&net.ns), [None, None]);
 }
 
@@ -160,7 +210,11 @@ current-context: c
     .unwrap();
     let mut agent = start_kube(&net, &dirs, &kubeconfig);
     agent.wait_for("watch failed", 1, T);
-    assert!(!dirs.pins.exists(), "pinned before the first list: {:?}", dirs.pin_names());
+    assert!(
+        !dirs.pins.exists(),
+        "pinned before the first list: {:?}",
+        dirs.pin_names()
+    );
     agent.kill9();
     assert!(!dirs.pins.exists(), "left {:?}", dirs.pin_names());
     assert_eq!(attached(&net.ns), [None, None]);
@@ -186,7 +240,11 @@ fn without_capabilities_lb_run_says_what_it_needs_and_leaves_nothing() {
             && log.contains("this process lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
         "{log}"
     );
-    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert!(
+        !dirs.pins.exists(),
+        "a failed start left {:?}",
+        dirs.pin_names()
+    );
     assert_eq!(attached(&net.ns), [None, None]);
 }
 
@@ -219,16 +277,27 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
 
     dirs.write_config(&config("lb0, lb1"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    let status = agent.wait_exit(T).expect("the agent should refuse and exit");
+    let status = agent
+        .wait_exit(T)
+        .expect("the agent should refuse and exit");
     assert!(!status.success());
     let log = agent.log_text();
     assert!(
-        log.contains(&format!("another XDP program is attached there (id {id}, named lb)"))
-            && log.contains("ip link set dev lb1 xdp off")
+        log.contains(&format!(
+            "another XDP program is attached there (id {id}, named lb)"
+        )) && log.contains("ip link set dev lb1 xdp off")
             && !log.contains("try xdp_mode: generic"),
         "{log}"
     );
-    assert_eq!(attached(&net.ns), before, "the failed start changed the attachments");
-    assert!(!dirs.pins.exists(), "a failed start left {:?}", dirs.pin_names());
+    assert_eq!(
+        attached(&net.ns),
+        before,
+        "the failed start changed the attachments"
+    );
+    assert!(
+        !dirs.pins.exists(),
+        "a failed start left {:?}",
+        dirs.pin_names()
+    );
     drop(other);
 }
