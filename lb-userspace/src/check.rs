@@ -35,8 +35,11 @@ pub fn check(path: &Path) -> Report {
     let mut r = Report::default();
     let config = match Config::load(path) {
         Ok(c) => c,
-        Err(ConfigError::Invalid { problems, .. }) => {
+        Err(ConfigError::Invalid {
+            problems, warnings, ..
+        }) => {
             r.errors = problems.iter().map(|p| p.to_string()).collect();
+            r.warnings = warnings;
             return r;
         }
         Err(e) => {

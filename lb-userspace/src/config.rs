@@ -48,6 +48,8 @@ pub enum ConfigError {
     Invalid {
         path: String,
         problems: Vec<Problem>,
+        /// What would also have been warned about (for `lb check`).
+        warnings: Vec<String>,
     },
 }
 
@@ -148,9 +150,10 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        validate(&raw).map_err(|problems| ConfigError::Invalid {
+        validate(&raw).map_err(|(problems, warnings)| ConfigError::Invalid {
             path: origin.to_string(),
             problems,
+            warnings,
         })
     }
 
@@ -312,8 +315,8 @@ pub const MIN_NAT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The same ceiling Kubernetes puts on ClientIP affinity.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
-/// Checks a raw config, returning every problem found.
-pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
+/// Checks a raw config, returning every problem found (and the warnings found meanwhile).
+pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> {
     let mut c = Checker {
         problems: Vec::new(),
     };
@@ -708,7 +711,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     }
 
     if !c.problems.is_empty() {
-        return Err(c.problems);
+        return Err((c.problems, warnings));
     }
     Ok(Config {
         node: NodeSettings {

@@ -335,6 +335,25 @@ fn a_config_with_warnings_passes_and_shows_them() {
 }
 
 #[test]
+fn a_broken_config_shows_its_warnings_with_its_errors() {
+    let config = edit("backends: [{ address: 10.1.0.3 }]", "backends: []")
+        .replace("weight: 2", "weight: 70000");
+    let out = check(&config);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("error: vips[0].backends[0].weight: must be 0..=65535")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warning: vips[1].backends: empty")),
+        "{text}"
+    );
+}
+
+#[test]
 fn without_the_capabilities_the_host_checks_are_skipped_and_said_to_be() {
     lb_tests::require_root();
     // A missing interface passes here: only the host checks would find it.

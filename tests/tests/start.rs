@@ -301,3 +301,32 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
     );
     drop(other);
 }
+
+#[test]
+fn a_pin_dir_off_bpffs_is_refused_with_the_mount_command_and_nothing_made() {
+    lb_tests::require_root();
+    let base = std::env::temp_dir().join(format!("lb-nobpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let (pins, config) = (base.join("pins"), base.join("lb.yaml"));
+    // lo exists in every namespace: only the pin dir is wrong, and it is checked before anything.
+    std::fs::write(&config, self::config("lo")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--pin-dir")
+        .arg(&pins)
+        .arg("--state-dir")
+        .arg(base.join("state"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running lb");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let made = pins.exists();
+    std::fs::remove_dir_all(&base).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is not on a bpffs") && err.contains("mount -t bpf bpf /sys/fs/bpf"),
+        "{err}"
+    );
+    assert!(!made, "the pin dir was made off bpffs");
+}
