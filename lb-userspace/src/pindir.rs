@@ -5,8 +5,12 @@
 //! lock file in the state dir would not stop two agents with different state dirs). The kernel
 //! drops the lock when the process dies, even by SIGKILL, so a crashed agent never blocks the next.
 //! `flock` does not tell who holds a lock; `/proc/locks` does, by device and inode.
+//! [`Before`] remembers what the dir held when the lock was taken, so a start that fails can
+//! take away what it added.
 
 use std::{
+    collections::BTreeSet,
+    ffi::OsString,
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -17,6 +21,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
+use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinDirError {
@@ -86,6 +91,48 @@ impl PinLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// What a start found in the pin dir, so that a start that fails can take away what it added
+/// (maps it pinned, and the directory if it made it); links it attached are undone by
+/// [`crate::links::Changes::revert`] before.
+pub struct Before {
+    dir: PathBuf,
+    created: bool,
+    names: BTreeSet<OsString>,
+}
+
+impl Before {
+    pub fn record(lock: &PinLock) -> Self {
+        Self {
+            dir: lock.dir().to_path_buf(),
+            created: lock.created,
+            names: pin_names(lock.dir()),
+        }
+    }
+
+    pub fn restore(self) {
+        for name in pin_names(&self.dir).difference(&self.names) {
+            let p = self.dir.join(name);
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!("removing {} after the failed start: {e}", p.display());
+            }
+        }
+        if self.created
+            && let Err(e) = std::fs::remove_dir(&self.dir)
+        {
+            warn!(
+                "removing {} after the failed start: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+fn pin_names(dir: &Path) -> BTreeSet<OsString> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default()
 }
 
 fn io(what: &'static str, dir: &Path, source: std::io::Error) -> PinDirError {

@@ -483,7 +483,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => None,
     };
     let lock = PinLock::take(&opts.pin_dir)?;
-    let before = PinsBefore::record(&lock);
+    let before = pindir::Before::record(&lock);
     let m = Arc::new(AgentMetrics::default());
     let Started {
         mut agent,
@@ -531,48 +531,6 @@ async fn first_list(k: &KubeOptions, file: &Config, changed: mpsc::Sender<()>) -
     info!(class = %k.class, node = %k.node_name, "waiting for the first list of Services, EndpointSlices and UpstreamPolicies");
     kube.ready().await;
     Ok(kube)
-}
-
-/// What a start found in the pin dir, so that a start that fails can take away what it added
-/// (maps it pinned, and the directory if it made it); links it attached are undone by
-/// [`links::Changes::revert`] before.
-struct PinsBefore {
-    dir: PathBuf,
-    created: bool,
-    names: BTreeSet<std::ffi::OsString>,
-}
-
-impl PinsBefore {
-    fn record(lock: &PinLock) -> Self {
-        Self {
-            dir: lock.dir().to_path_buf(),
-            created: lock.created,
-            names: pin_names(lock.dir()),
-        }
-    }
-
-    fn restore(self) {
-        for name in pin_names(&self.dir).difference(&self.names) {
-            let p = self.dir.join(name);
-            if let Err(e) = std::fs::remove_file(&p) {
-                warn!("removing {} after the failed start: {e}", p.display());
-            }
-        }
-        if self.created
-            && let Err(e) = std::fs::remove_dir(&self.dir)
-        {
-            warn!(
-                "removing {} after the failed start: {e}",
-                self.dir.display()
-            );
-        }
-    }
-}
-
-fn pin_names(dir: &Path) -> BTreeSet<std::ffi::OsString> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-        .unwrap_or_default()
 }
 
 /// A started agent: its maps hold the config, its program is attached.
