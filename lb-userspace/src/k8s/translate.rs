@@ -620,11 +620,7 @@ impl Translator {
                     }
                     let spec_backends: Vec<BackendSpec> = backends
                         .into_iter()
-                        .map(|((address, port), weight)| BackendSpec {
-                            address,
-                            port,
-                            weight,
-                        })
+                        .map(|((address, port), weight)| BackendSpec::new(address, port, weight))
                         .collect();
                     let vip = VipSpec {
                         name: match &sp.name {
