@@ -3,6 +3,7 @@
 
 pub mod policy;
 pub mod source;
+pub mod gateway;
 pub mod translate;
 
 pub use source::{Kube, KubeOptions};
