@@ -1,9 +1,10 @@
 //! Kubernetes as a source of desired state: Services, EndpointSlices and `UpstreamPolicy`
 //! objects become the same VIPs a config file describes.
 
+pub mod gateway;
 pub mod policy;
 pub mod source;
-pub mod gateway;
+pub mod status;
 pub mod translate;
 
 pub use source::{Kube, KubeOptions};

@@ -501,7 +501,9 @@ impl Translator {
         let mut services: Vec<&Service> = objects
             .services
             .iter()
-            .filter(|s| s.labels().get(CLASS_LABEL) == Some(&settings.class) && !owned_by_gateway(s))
+            .filter(|s| {
+                s.labels().get(CLASS_LABEL) == Some(&settings.class) && !owned_by_gateway(s)
+            })
             .collect();
         services.sort_by_key(|s| key_of(s.namespace(), s.name_any()));
         let mut taken: BTreeMap<lb_common::VipKey, String> = BTreeMap::new();
@@ -738,9 +740,9 @@ impl Translator {
 /// Whether `svc` is the LoadBalancer Service lb made for a Gateway: it only asks for the
 /// Gateway's addresses, and the Gateway's listeners serve them.
 pub fn owned_by_gateway(svc: &Service) -> bool {
-    svc.owner_references().iter().any(|o| {
-        o.kind == "Gateway" && o.api_version.starts_with("gateway.networking.k8s.io/")
-    })
+    svc.owner_references()
+        .iter()
+        .any(|o| o.kind == "Gateway" && o.api_version.starts_with("gateway.networking.k8s.io/"))
 }
 
 /// The UpstreamPolicy a Service names, if any: (namespace, name).

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::{
     listeners::Judged,
-    types::{Gateway, GROUP, ParentRef, Route},
+    types::{GROUP, Gateway, ParentRef, Route},
 };
 use crate::k8s::translate::{Cond, cond};
 
@@ -76,7 +76,10 @@ pub fn attach(
                 route.kind.name()
             ));
         } else if !allows_namespace(
-            listeners[i].allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref()),
+            listeners[i]
+                .allowed_routes
+                .as_ref()
+                .and_then(|a| a.namespaces.as_ref()),
             route_ns,
             gw_ns,
             namespaces,
@@ -90,7 +93,12 @@ pub fn attach(
         }
     }
     if attached.is_empty() {
-        Err(cond("Accepted", false, "NotAllowedByListeners", why.join("; ")))
+        Err(cond(
+            "Accepted",
+            false,
+            "NotAllowedByListeners",
+            why.join("; "),
+        ))
     } else {
         Ok(attached)
     }
@@ -188,11 +196,18 @@ mod tests {
         assert_eq!(at(Some("b"), None), Ok(vec![1]));
         assert_eq!(at(None, Some(80)), Ok(vec![0]));
         assert_eq!(at(Some("a"), Some(80)), Ok(vec![0]));
-        assert_eq!(at(Some("a"), Some(81)).unwrap_err().reason, "NoMatchingParent");
+        assert_eq!(
+            at(Some("a"), Some(81)).unwrap_err().reason,
+            "NoMatchingParent"
+        );
         assert_eq!(at(Some("zz"), None).unwrap_err().reason, "NoMatchingParent");
         let e = at(Some("dns"), None).unwrap_err();
         assert_eq!(e.reason, "NotAllowedByListeners");
-        assert!(e.message.contains("does not take TCPRoutes"), "{}", e.message);
+        assert!(
+            e.message.contains("does not take TCPRoutes"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -225,7 +240,10 @@ mod tests {
             ..Default::default()
         };
         assert!(names_gateway(&p, "infra", "infra", "gw"));
-        assert!(!names_gateway(&p, "apps", "infra", "gw"), "namespace defaults to the route's");
+        assert!(
+            !names_gateway(&p, "apps", "infra", "gw"),
+            "namespace defaults to the route's"
+        );
         let svc = ParentRef {
             kind: Some("Service".into()),
             group: Some("".into()),

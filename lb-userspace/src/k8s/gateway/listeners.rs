@@ -66,9 +66,7 @@ pub fn judge(listeners: &[Listener]) -> Vec<Judged> {
     listeners
         .iter()
         .map(|l| {
-            let keeper = *first
-                .entry((l.port, transport(&l.protocol)))
-                .or_insert(l);
+            let keeper = *first.entry((l.port, transport(&l.protocol))).or_insert(l);
             judge_one(l, (!std::ptr::eq(keeper, l)).then_some(keeper))
         })
         .collect()
@@ -139,7 +137,12 @@ fn judge_one(l: &Listener, taken_by: Option<&Listener>) -> Judged {
 /// The route kinds a listener takes and its `ResolvedRefs`: its protocol's kind by default;
 /// `allowedRoutes.kinds` may only name that one.
 fn kinds_of(l: &Listener, protocol: Option<Protocol>) -> (Vec<RouteGroupKind>, Cond) {
-    let ok = cond("ResolvedRefs", true, "ResolvedRefs", "all references resolved");
+    let ok = cond(
+        "ResolvedRefs",
+        true,
+        "ResolvedRefs",
+        "all references resolved",
+    );
     let Some(p) = protocol else {
         return (Vec::new(), ok);
     };

@@ -187,7 +187,10 @@ pub fn translate(
         let r = routes[i];
         out.updates.push(Update::Route {
             kind: r.kind,
-            key: key_of(r.meta.namespace.clone(), r.meta.name.clone().unwrap_or_default()),
+            key: key_of(
+                r.meta.namespace.clone(),
+                r.meta.name.clone().unwrap_or_default(),
+            ),
             generation: r.meta.generation,
             parents: p,
         });
@@ -275,8 +278,11 @@ impl GatewayCtx<'_> {
         };
         let programmed = match address_cond {
             Err(_) => cond("Programmed", false, "Invalid", "not accepted"),
-            Ok(None) => cond("Programmed", true, "Programmed", "in the maps")
-                .with_ok(any_programmed, "Invalid", "no listener is in the maps"),
+            Ok(None) => cond("Programmed", true, "Programmed", "in the maps").with_ok(
+                any_programmed,
+                "Invalid",
+                "no listener is in the maps",
+            ),
             Ok(Some(c)) => c,
         };
         out.updates.push(Update::Gateway {
@@ -405,15 +411,24 @@ impl GatewayCtx<'_> {
             return cond("Programmed", false, "Invalid", "not accepted");
         };
         if addresses.is_empty() {
-            return cond("Programmed", false, "Pending", "the Gateway has no address yet");
+            return cond(
+                "Programmed",
+                false,
+                "Pending",
+                "the Gateway has no address yet",
+            );
         }
         let carrier = routes.first().map(|&i| (self.routes[i], &self.resolved[i]));
         let (gw_ns, gw_name) = self.key();
         let mut mine = Vec::new();
         let mut skipped = Vec::new();
         for addr in addresses {
-            if (addr.is_ipv4() && !self.settings.source_v4) || (addr.is_ipv6() && !self.settings.source_v6) {
-                skipped.push(format!("{addr}: this node has no address of its family to translate from"));
+            if (addr.is_ipv4() && !self.settings.source_v4)
+                || (addr.is_ipv6() && !self.settings.source_v6)
+            {
+                skipped.push(format!(
+                    "{addr}: this node has no address of its family to translate from"
+                ));
                 continue;
             }
             let (backends, effect) = match carrier {
@@ -435,7 +450,10 @@ impl GatewayCtx<'_> {
                 skipped.push(format!("{} is already served for a Service", spec.label()));
                 continue;
             }
-            let passive_health = effect.passive_health.clone().filter(|_| protocol == crate::model::Protocol::Tcp);
+            let passive_health = effect
+                .passive_health
+                .clone()
+                .filter(|_| protocol == crate::model::Protocol::Tcp);
             mine.push(VipConfig {
                 spec,
                 health_check: effect.health_check.clone(),

@@ -31,7 +31,10 @@ pub fn resolve<'a>(
     if !(group.is_empty() || group == "core") || kind != "Service" {
         return Err((
             "InvalidKind",
-            format!("backendRef {}: lb balances over Services, not {group}/{kind}", r.name),
+            format!(
+                "backendRef {}: lb balances over Services, not {group}/{kind}",
+                r.name
+            ),
         ));
     }
     let route_ns = route.meta.namespace.clone().unwrap_or_default();
@@ -69,12 +72,21 @@ pub fn resolve<'a>(
         .map(|p| (*svc, p))
         .ok_or((
             "BackendNotFound",
-            format!("backendRef {ns}/{}: the Service has no {proto} port {port}", r.name),
+            format!(
+                "backendRef {ns}/{}: the Service has no {proto} port {port}",
+                r.name
+            ),
         ))
 }
 
 /// Whether a ReferenceGrant in `to_ns` lets routes of `kind` in `from_ns` refer to Service `name`.
-fn granted(kind: RouteKind, from_ns: &str, to_ns: &str, name: &str, grants: &[ReferenceGrant]) -> bool {
+fn granted(
+    kind: RouteKind,
+    from_ns: &str,
+    to_ns: &str,
+    name: &str,
+    grants: &[ReferenceGrant],
+) -> bool {
     grants
         .iter()
         .filter(|g| g.metadata.namespace.as_deref() == Some(to_ns))
@@ -93,16 +105,26 @@ fn granted(kind: RouteKind, from_ns: &str, to_ns: &str, name: &str, grants: &[Re
 
 /// The route's `ResolvedRefs` from the resolution of each of its backendRefs.
 pub fn resolved_refs(results: &[Resolved<'_>]) -> Cond {
-    let failed: Vec<&(&'static str, String)> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let failed: Vec<&(&'static str, String)> =
+        results.iter().filter_map(|r| r.as_ref().err()).collect();
     match failed.first() {
-        None => cond("ResolvedRefs", true, "ResolvedRefs", "all backendRefs resolved"),
+        None => cond(
+            "ResolvedRefs",
+            true,
+            "ResolvedRefs",
+            "all backendRefs resolved",
+        ),
         Some((reason, _)) => cond(
             "ResolvedRefs",
             false,
             reason,
             format!(
                 "{} (their share of new connections is refused)",
-                failed.iter().map(|f| f.1.as_str()).collect::<Vec<_>>().join("; ")
+                failed
+                    .iter()
+                    .map(|f| f.1.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         ),
     }
@@ -162,16 +184,29 @@ mod tests {
             resolve(&tcp, r, &services, grants).err().map(|e| e.0)
         };
         assert_eq!(reason(&bref(None, "web", Some(80)), &[]), None);
-        assert_eq!(reason(&bref(None, "web", Some(53)), &[]), Some("BackendNotFound"), "53 is UDP");
-        assert_eq!(reason(&bref(None, "web", None), &[]), Some("BackendNotFound"));
-        assert_eq!(reason(&bref(None, "nope", Some(80)), &[]), Some("BackendNotFound"));
+        assert_eq!(
+            reason(&bref(None, "web", Some(53)), &[]),
+            Some("BackendNotFound"),
+            "53 is UDP"
+        );
+        assert_eq!(
+            reason(&bref(None, "web", None), &[]),
+            Some("BackendNotFound")
+        );
+        assert_eq!(
+            reason(&bref(None, "nope", Some(80)), &[]),
+            Some("BackendNotFound")
+        );
         let mut k = bref(None, "web", Some(80));
         k.kind = Some("Pod".into());
         assert_eq!(reason(&k, &[]), Some("InvalidKind"));
         let cross = bref(Some("backends"), "db", Some(80));
         assert_eq!(reason(&cross, &[]), Some("RefNotPermitted"));
         assert_eq!(reason(&cross, &[grant("backends", "TCPRoute", None)]), None);
-        assert_eq!(reason(&cross, &[grant("backends", "TCPRoute", Some("db"))]), None);
+        assert_eq!(
+            reason(&cross, &[grant("backends", "TCPRoute", Some("db"))]),
+            None
+        );
         assert_eq!(
             reason(&cross, &[grant("backends", "TCPRoute", Some("other"))]),
             Some("RefNotPermitted"),

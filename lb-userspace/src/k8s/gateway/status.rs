@@ -192,8 +192,14 @@ mod tests {
         aged["conditions"][0]["lastTransitionTime"] = json!("2020-01-01T00:00:00Z");
         aged["conditions"][1]["lastTransitionTime"] = json!("2020-01-01T00:00:00Z");
         let second = u(false).render(&aged, "c").expect("changed");
-        assert_eq!(second["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
-        assert_ne!(second["conditions"][1]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(
+            second["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
+        assert_ne!(
+            second["conditions"][1]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
         assert_eq!(second["conditions"][1]["status"], "False");
     }
 

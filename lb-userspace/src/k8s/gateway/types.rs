@@ -17,7 +17,11 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 
 /// A class of Gateways and the controller that implements them.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "GatewayClass")]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GatewayClass"
+)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayClassSpec {
     /// lb implements the classes whose controller name is its own (`--gateway-controller`).
@@ -72,7 +76,9 @@ pub struct RouteNamespaces {
     pub selector: Option<LabelSelector>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteGroupKind {
     #[serde(default)]
@@ -125,7 +131,9 @@ pub struct UDPRouteSpec {
     pub route: RouteSpec,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]

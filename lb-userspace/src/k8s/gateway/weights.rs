@@ -107,7 +107,11 @@ mod tests {
     fn two_hundred_and_one_hundred_over_two_and_three_pods_are_exact_and_small() {
         let shares = [s(200, 2), s(100, 3)];
         let w = member_weights(&shares);
-        assert_eq!(w, [3, 1], "2 pods x 3 + 3 pods x 1: 6/9 = 2/3 and 3/9 = 1/3");
+        assert_eq!(
+            w,
+            [3, 1],
+            "2 pods x 3 + 3 pods x 1: 6/9 = 2/3 and 3/9 = 1/3"
+        );
     }
 
     #[test]
