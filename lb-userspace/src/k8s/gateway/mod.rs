@@ -611,3 +611,6 @@ impl Cond {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
