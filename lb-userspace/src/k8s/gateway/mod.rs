@@ -6,14 +6,18 @@
 //! Pure and deterministic like the Service translation: every node computes the same VIPs and
 //! the same statuses from the same objects. Split by concern: [`listeners`] (which listeners are
 //! served, conflicts), [`attach`] (parentRefs to listeners), [`refs`] (backendRefs to Services,
-//! ReferenceGrants), [`weights`] (shares to Maglev weights), [`status`] (what is written back).
+//! ReferenceGrants), `pool` (a route's backendRefs as members, and its policy), [`weights`]
+//! (shares to Maglev weights), `addresses` (spec.addresses or the LoadBalancer Service),
+//! [`status`] (what is written back).
 //!
 //! Several routes on one listener are all `Accepted` (and counted in `attachedRoutes`), but only
 //! the oldest (creationTimestamp, then namespace/name) carries its traffic: at L4 nothing tells
 //! their connections apart.
 
+mod addresses;
 pub mod attach;
 pub mod listeners;
+mod pool;
 pub mod refs;
 pub mod status;
 pub mod types;
@@ -26,7 +30,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::ResourceExt as _;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use self::{
     attach::{NamespaceLabels, attach, names_gateway},
@@ -34,14 +38,11 @@ use self::{
     refs::{Services, resolve, resolved_refs},
     status::{GatewayStatus, ListenerStatus, Update},
     types::{Gateway, GatewayClass, ReferenceGrant, Route},
-    weights::{Share, member_weights},
 };
-use super::translate::{
-    CLASS_LABEL, Cond, Effect, ObjectKey, Settings, cond, endpoints, policy_of,
-};
+use super::translate::{Cond, Effect, ObjectKey, Settings, cond};
 use crate::{
     config::VipConfig,
-    model::{BackendSpec, Mode, VipSpec},
+    model::{Mode, VipSpec},
 };
 
 /// The controller name lb answers to unless told otherwise (`--gateway-controller`).
@@ -296,107 +297,6 @@ impl GatewayCtx<'_> {
         });
     }
 
-    /// The Gateway's addresses, and Ok(None), Ok(Some(Programmed=False)) while it has none yet,
-    /// or Err(Accepted=False) for addresses lb cannot take.
-    #[allow(clippy::type_complexity)]
-    fn addresses(&self, out: &mut Output) -> (Vec<IpAddr>, Result<Option<Cond>, Cond>) {
-        let spec = &self.gw.spec.addresses;
-        if !spec.is_empty() {
-            let mut addrs = Vec::new();
-            for a in spec {
-                let t = a.type_.as_deref().unwrap_or("IPAddress");
-                match (t, a.value.parse::<IpAddr>()) {
-                    ("IPAddress", Ok(ip)) => addrs.push(ip),
-                    _ => {
-                        return (
-                            Vec::new(),
-                            Err(cond(
-                                "Accepted",
-                                false,
-                                "UnsupportedAddress",
-                                format!(
-                                    "address {:?} of type {t}: lb takes IPAddress addresses only",
-                                    a.value
-                                ),
-                            )),
-                        );
-                    }
-                }
-            }
-            addrs.sort();
-            addrs.dedup();
-            return (addrs, Ok(None));
-        }
-        // No addresses asked for: a LoadBalancer Service of lb's asks the cluster for them.
-        let (ns, name) = self.key();
-        if let Some(svc) = self.lb_service(&ns, &name) {
-            out.lb_services.push(svc);
-        }
-        let mut addrs: Vec<IpAddr> = self
-            .by_key
-            .get(&(ns.clone(), lb_service_name(&name)))
-            .and_then(|s| s.status.as_ref())
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
-            .collect();
-        addrs.sort();
-        addrs.dedup();
-        if addrs.is_empty() {
-            let c = cond(
-                "Programmed",
-                false,
-                "AddressNotAssigned",
-                format!(
-                    "waiting for an address on Service {ns}/{} (type LoadBalancer: MetalLB, a cloud or kube-vip fills it)",
-                    lb_service_name(&name)
-                ),
-            );
-            return (addrs, Ok(Some(c)));
-        }
-        (addrs, Ok(None))
-    }
-
-    /// The LoadBalancer Service (a server-side apply body) that asks for this Gateway's
-    /// addresses, with a port per TCP/UDP listener.
-    fn lb_service(&self, ns: &str, name: &str) -> Option<Value> {
-        let mut ports: Vec<(u16, &str)> = listeners::judge(&self.gw.spec.listeners)
-            .iter()
-            .filter(|l| l.usable())
-            .map(|l| {
-                let p = if l.protocol == Some(crate::model::Protocol::Udp) {
-                    "UDP"
-                } else {
-                    "TCP"
-                };
-                (l.port, p)
-            })
-            .collect();
-        ports.sort();
-        ports.dedup();
-        if ports.is_empty() {
-            return None;
-        }
-        let ports: Vec<Value> = ports
-            .iter()
-            .map(|(port, p)| json!({ "name": format!("{}-{port}", p.to_lowercase()), "port": port, "protocol": p }))
-            .collect();
-        Some(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {
-                "name": lb_service_name(name), "namespace": ns,
-                "labels": { CLASS_LABEL: self.settings.class, "lb.dev/gateway": name },
-                "ownerReferences": [ {
-                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "name": name,
-                    "uid": self.gw.metadata.uid.clone().unwrap_or_default(), "controller": true,
-                } ],
-            },
-            "spec": { "type": "LoadBalancer", "allocateLoadBalancerNodePorts": false, "ports": ports },
-        }))
-    }
-
     /// Puts listener `l`'s VIPs (one per address of a family the node serves) in `out`, the
     /// oldest of its `routes` carrying the traffic; its `Programmed` condition.
     fn program(
@@ -495,110 +395,6 @@ impl GatewayCtx<'_> {
         }
         cond("Programmed", true, "Programmed", message)
     }
-
-    /// The members of route `r`'s VIP for one family, and the policy effect that applies.
-    fn backends(
-        &self,
-        r: &Route,
-        resolved: &[refs::Resolved<'_>],
-        v4: bool,
-        out: &mut Output,
-    ) -> (Vec<BackendSpec>, Effect) {
-        let refs = r.spec.rules.iter().flat_map(|rule| &rule.backend_refs);
-        // Per backendRef: its weight and its endpoints (None: rejected).
-        let mut shares: Vec<(u32, Option<BTreeMap<(IpAddr, u16), u32>>)> = Vec::new();
-        let mut policies: BTreeSet<Option<ObjectKey>> = BTreeSet::new();
-        let mut services = Vec::new();
-        for (b, res) in refs.zip(resolved) {
-            let weight = b.weight.unwrap_or(1).clamp(0, MAX_WEIGHT) as u32;
-            let eps = match res {
-                Ok((svc, sp)) => {
-                    let key = key_of(svc.namespace(), svc.name_any());
-                    policies.insert(policy_of(svc));
-                    services.push(format!("{}/{}", key.0, key.1));
-                    let slices = self.slices.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                    let eps = endpoints(slices, sp, v4, None, &key.0, &mut Vec::new());
-                    Some(eps).filter(|e| e.values().any(|w| *w > 0))
-                }
-                Err(_) => None,
-            };
-            shares.push((weight, eps));
-        }
-        let effect = match policies.len() {
-            0 => Effect::default(),
-            1 => policies
-                .first()
-                .cloned()
-                .flatten()
-                .and_then(|p| self.effect_of(&p))
-                .unwrap_or_default(),
-            _ => {
-                let named: Vec<String> = policies
-                    .iter()
-                    .map(|p| p.as_ref().map_or("(none)".to_string(), |p| p.1.clone()))
-                    .collect();
-                for p in policies.iter().flatten() {
-                    out.policy_conflicts.entry(p.clone()).or_default().push(format!(
-                        "{} {}/{}: its backend Services ({}) name different policies ({}): none is applied to the route",
-                        r.kind.name(),
-                        r.meta.namespace.as_deref().unwrap_or(""),
-                        r.meta.name.as_deref().unwrap_or(""),
-                        services.join(", "),
-                        named.join(", ")
-                    ));
-                }
-                Effect::default()
-            }
-        };
-        (members(&shares, v4), effect)
-    }
-
-    fn effect_of(&self, p: &ObjectKey) -> Option<Effect> {
-        self.effects.get(p).cloned().flatten()
-    }
-}
-
-/// The members of a VIP from its backendRefs' shares: each ready endpoint of a resolved ref, and
-/// one rejecting member holding the shares that have nowhere to go.
-fn members(shares: &[(u32, Option<BTreeMap<(IpAddr, u16), u32>>)], v4: bool) -> Vec<BackendSpec> {
-    let rejected: u32 = shares
-        .iter()
-        .filter(|(_, e)| e.is_none())
-        .map(|(w, _)| *w)
-        .fold(0u32, u32::saturating_add);
-    let mut list: Vec<Share> = shares
-        .iter()
-        .filter_map(|(w, e)| {
-            let e = e.as_ref()?;
-            Some(Share {
-                weight: *w,
-                members: e.values().filter(|w| **w > 0).count() as u32,
-            })
-        })
-        .collect();
-    list.push(Share {
-        weight: rejected,
-        members: 1,
-    });
-    let per_member = member_weights(&list);
-    // (address, port) -> weight; an endpoint named by two refs gets both shares.
-    let mut by_endpoint: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
-    for ((_, e), w) in shares.iter().filter(|(_, e)| e.is_some()).zip(&per_member) {
-        for (ep, ready) in e.iter().flatten() {
-            let add = if *ready > 0 { *w } else { 0 };
-            let slot = by_endpoint.entry(*ep).or_insert(0);
-            *slot = slot.saturating_add(add);
-        }
-    }
-    let mut out: Vec<BackendSpec> = by_endpoint
-        .into_iter()
-        .map(|((a, p), w)| BackendSpec::new(a, p, w))
-        .collect();
-    let reject_weight = per_member.last().copied().unwrap_or(0);
-    if reject_weight > 0 {
-        out.push(BackendSpec::rejecting(v4, reject_weight));
-    }
-    out
 }
 
 impl Cond {
