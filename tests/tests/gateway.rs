@@ -533,6 +533,20 @@ fn a_backend_ref_to_a_missing_service_keeps_its_share_and_its_connections_are_re
         assert!(w.is_reset(&syn(i, GW_ADDR, 80)), "SYN {i} not reset");
     }
     assert_eq!(w.counter(Counter::TxReset), before + 20);
+    // `lb explain` says the same as the program.
+    let p = syn(100, GW_ADDR, 80);
+    let e = w.dirs.json(&[
+        "explain",
+        &format!("{}:{}", p.src, p.sport),
+        &format!("{GW_ADDR}:80"),
+        "tcp",
+        "--syn",
+    ]);
+    assert_eq!(
+        (&e["verdict"], &e["reason"]),
+        (&json!("reset"), &json!("rejected share")),
+        "{e:#}"
+    );
 }
 
 #[test]

@@ -135,19 +135,6 @@ impl Kube {
         let client = Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
         )?;
-        let served = GatewayApi::discover(&client).await?;
-        // The Gateway API's backendRefs name any Service, not only those of lb's class.
-        let services_config = if served.enabled() {
-            watcher::Config::default()
-        } else {
-            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class))
-        };
-        let (services, t1) = watch(
-            &client,
-            ApiResource::erase::<Service>(&()),
-            services_config,
-            changed.clone(),
-        );
         let (slices, t2) = watch(
             &client,
             ApiResource::erase::<EndpointSlice>(&()),
@@ -158,6 +145,20 @@ impl Kube {
             &client,
             ApiResource::erase::<UpstreamPolicy>(&()),
             watcher::Config::default(),
+            changed.clone(),
+        );
+        // Like the watchers, wait for an API server that does not answer yet.
+        let served = GatewayApi::discover_until_answered(&client).await;
+        // The Gateway API's backendRefs name any Service, not only those of lb's class.
+        let services_config = if served.enabled() {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class))
+        };
+        let (services, t1) = watch(
+            &client,
+            ApiResource::erase::<Service>(&()),
+            services_config,
             changed.clone(),
         );
         let mut tasks = vec![t1, t2, t3];
@@ -584,6 +585,21 @@ struct GatewayApi {
 }
 
 impl GatewayApi {
+    /// [`GatewayApi::discover`], retried (1 s, doubling up to 10 s) until the API server answers.
+    async fn discover_until_answered(client: &Client) -> Self {
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            match Self::discover(client).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    warn!("{}, retrying in {wait:?}", crate::error_chain(e.as_ref()));
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
     /// Asks the API server (discovery) which Gateway API kinds and versions it serves.
     async fn discover(client: &Client) -> Result<Self> {
         let mut versions = BTreeMap::new();
