@@ -336,6 +336,12 @@ impl Kube {
                 )
             };
             t.vips.extend(out.vips.iter().cloned());
+            // A policy applied to a route is programmed for it, as for a Service.
+            for (p, users) in &out.policy_users {
+                if let Some(v) = t.policies.get_mut(p) {
+                    v.services.extend(users.iter().cloned());
+                }
+            }
             if let Some(gw) = self.gateway.as_mut() {
                 gw.last = out;
             }

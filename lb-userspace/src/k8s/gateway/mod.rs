@@ -79,6 +79,8 @@ pub struct Output {
     /// Policies not applied to a route because its backend Services name different ones:
     /// policy -> why.
     pub policy_conflicts: BTreeMap<ObjectKey, Vec<String>>,
+    /// Policies applied to routes: policy -> the routes (`TCPRoute ns/name`).
+    pub policy_users: BTreeMap<ObjectKey, Vec<String>>,
 }
 
 /// The name of the LoadBalancer Service lb makes for Gateway `name`.

@@ -56,12 +56,22 @@ impl GatewayCtx<'_> {
         }
         let effect = match policies.len() {
             0 => Effect::default(),
-            1 => policies
-                .first()
-                .cloned()
-                .flatten()
-                .and_then(|p| self.effect_of(&p))
-                .unwrap_or_default(),
+            1 => match policies.first().cloned().flatten() {
+                Some(p) => {
+                    let user = format!(
+                        "{} {}/{}",
+                        r.kind.name(),
+                        r.meta.namespace.as_deref().unwrap_or(""),
+                        r.meta.name.as_deref().unwrap_or("")
+                    );
+                    let users = out.policy_users.entry(p.clone()).or_default();
+                    if !users.contains(&user) {
+                        users.push(user);
+                    }
+                    self.effect_of(&p).unwrap_or_default()
+                }
+                None => Effect::default(),
+            },
             _ => {
                 let named: Vec<String> = policies
                     .iter()
