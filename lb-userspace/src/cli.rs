@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use lb_common::maps;
 
 use crate::{
@@ -12,7 +12,7 @@ use crate::{
     model::Protocol,
     program::{self, DEFAULT_PIN_DIR, Sizes},
     run::{self, RunOptions},
-    show::{backends, explain, flows, stats, watch_stats},
+    show::{self, Format, backends, explain, stats},
 };
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
@@ -71,36 +71,35 @@ enum Command {
     Down,
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
-        /// Print rates per second every SECONDS instead.
+        #[command(flatten)]
+        out: Output,
+        /// Print rates per second every SECONDS instead (global, per VIP, per backend of each
+        /// VIP), each block stamped with the time; with `-o json`, one JSON object per line.
         #[arg(long, value_name = "SECONDS")]
         watch: Option<f64>,
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
     Backends {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Each backend's next hop as the agent resolved it (egress interface, MAC addresses, MTU,
     /// or no neighbour / local / unreachable / unresolved), and the resolver's figures.
     Nexthops {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
-    /// Entries of the flow table (client -> VIP, and the backend the flow is pinned to).
+    /// Entries of the flow tables (client -> VIP, the backend the flow is pinned to, its state
+    /// and, in NAT mode, its source port towards the backend), and how many there are in all.
     Flows {
         /// Only flows to this VIP (ADDRESS:PORT, [V6]:PORT).
         #[arg(long)]
         vip: Option<SocketAddr>,
+        /// Show at most this many (the total counts them all).
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Which backend a flow gets, and why: its flow entry, its client's affinity, or hash -> slot -> backend.
     Explain {
@@ -114,9 +113,15 @@ enum Command {
         /// packet of an established flow.
         #[arg(long)]
         syn: bool,
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// The agent: running or not (pid, uptime), its config and last reload, each interface
+    /// and whether lb's program is attached there now, sizes, VIPs, and how full the flow
+    /// tables are.
+    Status {
+        #[command(flatten)]
+        out: Output,
     },
     /// Check that this kernel can run lb (needs root).
     ///
@@ -133,6 +138,23 @@ enum Command {
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
+}
+
+/// How an inspecting command prints: `-o table|wide|json` (`--json` is kept as `-o json`).
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// table (default), wide (more columns: ids, generations, slots) or json (for scripts).
+    #[arg(short, long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// The same as `-o json`.
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
+impl Output {
+    fn format(self) -> Format {
+        if self.json { Format::Json } else { self.output }
+    }
 }
 
 /// Runs the CLI with the process's arguments.
@@ -195,32 +217,48 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json, watch } => {
+        Command::Stats { out, watch } => {
             let p = Pinned::open(&pins)?;
+            let names = show::VipNames::read(&cli.state_dir);
             match watch {
-                Some(secs) => watch_stats(&p, Duration::from_secs_f64(secs.max(0.1))),
-                None => stats(&p, json),
+                Some(secs) => show::watch::watch(
+                    &p,
+                    &names,
+                    Duration::from_secs_f64(secs.max(0.1)),
+                    out.format(),
+                ),
+                None => stats(&p, &names, out.format()),
             }
         }
-        Command::Backends { json } => backends(&Pinned::open(&pins)?, &cli.state_dir, json),
-        Command::Nexthops { json } => {
-            crate::nexthop::show::nexthops(&Pinned::open(&pins)?, &pins, &cli.state_dir, json)
-        }
-        Command::Flows { vip, limit, json } => flows(&Pinned::open(&pins)?, vip, limit, json),
+        Command::Backends { out } => backends(&Pinned::open(&pins)?, &cli.state_dir, out.format()),
+        Command::Nexthops { out } => crate::nexthop::show::nexthops(
+            &Pinned::open(&pins)?,
+            &pins,
+            &cli.state_dir,
+            out.format(),
+        ),
+        Command::Flows { vip, limit, out } => show::flows::flows(
+            &Pinned::open(&pins)?,
+            &show::VipNames::read(&cli.state_dir),
+            vip,
+            limit,
+            out.format(),
+        ),
         Command::Explain {
             source,
             destination,
             protocol,
             syn,
-            json,
+            out,
         } => explain(
             &Pinned::open(&pins)?,
             &source,
             destination,
             protocol,
             syn,
-            json,
+            out.format(),
         ),
+        Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

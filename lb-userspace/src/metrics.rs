@@ -26,6 +26,8 @@ pub struct AgentMetrics {
     pub map_writes: AtomicU64,
     /// The maps hold the first desired state and the program is attached (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Where the program must be attached: `/readyz` asks the kernel whether it still is.
+    pub links: Mutex<crate::links::Expected>,
     /// (VIP label, backend address) -> healthy, for every checked backend.
     pub health: Mutex<Vec<(String, String, bool)>>,
     /// The next-hop keeper's figures, as of its last refresh.
@@ -279,12 +281,19 @@ pub async fn serve(
         .route(
             "/readyz",
             axum::routing::get(move || {
-                let ready = agent.ready.load(std::sync::atomic::Ordering::Relaxed);
+                let agent = agent.clone();
                 async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                    use axum::http::StatusCode;
+                    if !agent.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string());
+                    }
+                    let expected = agent.links.lock().map(|l| l.clone()).unwrap_or_default();
+                    match expected.missing() {
+                        m if m.is_empty() => (StatusCode::OK, "ready\n".to_string()),
+                        m => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("lb's program is not attached to {}\n", m.join(", ")),
+                        ),
                     }
                 }
             }),

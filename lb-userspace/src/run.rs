@@ -30,6 +30,7 @@ use crate::{
     health,
     inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
+    life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
     nexthop,
@@ -234,6 +235,9 @@ pub struct Status {
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
     pub nexthops: crate::nexthop::NexthopStatus,
+    /// The agent itself, for `lb status`.
+    #[serde(default)]
+    pub agent: Option<AgentStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -264,10 +268,20 @@ pub fn read_status(state_dir: &Path) -> Option<Status> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetrics) -> Result<()> {
+fn write_status(
+    opts: &RunOptions,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+    life: &Life,
+) -> Result<()> {
     let c = agent.config();
     let mut health_rows = Vec::new();
+    let reloads = (
+        m.reloads_ok.load(Ordering::Relaxed),
+        m.reloads_rejected.load(Ordering::Relaxed),
+    );
     let status = Status {
+        agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
@@ -461,6 +475,7 @@ impl Nexthops {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let life = Life::default();
     let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
@@ -544,9 +559,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
-    write_status(&opts, &agent, &m)?;
+    write_status(&opts, &agent, &m, &life)?;
+    expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -557,8 +573,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
+/// Tells `/readyz` which interfaces must hold the program.
+fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>) {
+    *m.links.lock().expect("links lock") = links::Expected {
+        pin_dir: pin_dir.to_path_buf(),
+        interfaces: agent.config().node.interfaces.clone(),
+    };
+}
+
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
     mut agent: Agent<KernelDataplane>,
@@ -567,6 +592,7 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
+    mut life: Life,
 ) -> Result<()> {
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
@@ -653,6 +679,7 @@ async fn serve(
             } else {
                 "config"
             };
+            let source = if from_kube { "cluster" } else { "config" };
             match result {
                 Ok((p, f)) => {
                     if let Some(f) = f {
@@ -662,6 +689,8 @@ async fn serve(
                         warn!("{w}");
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
+                    expect_links(m, &opts.pin_dir, &agent);
+                    life.reloaded(source, Ok(()));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
@@ -674,6 +703,7 @@ async fn serve(
                     }
                 }
                 Err(e) => {
+                    life.reloaded(source, Err(format!("{e:#}")));
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                     error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
@@ -683,7 +713,7 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
-        if let Err(e) = write_status(opts, &agent, m) {
+        if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
     }
@@ -763,6 +793,7 @@ vips:
             passive_out,
         };
         let status = Status {
+            agent: None,
             nexthops: Default::default(),
             config: "t".into(),
             vips: vec![
