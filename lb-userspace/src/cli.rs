@@ -256,6 +256,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             destination,
             protocol,
             syn,
+            &show::VipNames::read(&cli.state_dir),
             out.format(),
         ),
         Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),

@@ -468,6 +468,7 @@ pub fn explain(
     dst: SocketAddr,
     proto: Protocol,
     syn: bool,
+    names: &VipNames,
     format: Format,
 ) -> Result<()> {
     let (src, sport) = parse_source(source)?;
@@ -517,7 +518,7 @@ pub fn explain(
     }
     if format == Format::Json {
         let mut r = e.result;
-        r["vip"] = json!(VipRef::of(&vkey));
+        r["vip"] = json!(names.vip(&vkey));
         r["steps"] = json!(e.steps);
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

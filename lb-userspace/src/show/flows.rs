@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
-    AffinityKey, FlowKey, FlowValue, IPPROTO_UDP, MEMBER_F_ACCEPTS, MODE_NAT, NAT_S_ANSWERED,
-    NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NodeConfig, VipKey, VipValue,
+    AffinityKey, FlowKey, FlowValue, IPPROTO_UDP, MEMBER_F_ACCEPTS, MODE_NAT, Member,
+    NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NodeConfig, VipKey, VipValue,
     select::{AffinityCheck, FlowCheck, check_affinity, check_flow},
 };
 use serde::Serialize;
@@ -87,11 +87,12 @@ pub struct FlowList {
     pub flows: Vec<FlowRow>,
 }
 
-/// What rows are built from: the maps' VIPs and the node settings, read once.
+/// What rows are built from, read once: the maps' VIPs (with their [`VipRef`]s), members
+/// and node settings.
 struct Ctx<'a> {
     p: &'a Pinned,
-    vips: BTreeMap<VipKey, VipValue>,
-    names: &'a VipNames,
+    vips: BTreeMap<VipKey, (VipValue, VipRef)>,
+    members: BTreeMap<u32, Member>,
     node: NodeConfig,
     now: u64,
 }
@@ -99,8 +100,8 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn row(&self, k: &FlowKey, f: &FlowValue) -> Option<FlowRow> {
         let vkey = k.vip_key();
-        let vip = self.vips.get(&vkey)?;
-        let member = self.p.member(f.member_id);
+        let (vip, vref) = self.vips.get(&vkey)?;
+        let member = self.members.get(&f.member_id).copied();
         let check = check_flow(
             f,
             member.as_ref(),
@@ -120,7 +121,7 @@ impl Ctx<'_> {
             .map(|m| BackendRef::of(&m, &vkey));
         Some(FlowRow {
             client: SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)),
-            vip: self.names.vip(&vkey),
+            vip: vref.clone(),
             protocol: Protocol::from_number(k.proto)
                 .map_or_else(|| k.proto.to_string(), |p| p.to_string()),
             backend,
@@ -142,9 +143,9 @@ impl Ctx<'_> {
             vip_id: vip.id,
         });
         Some(a.is_some_and(|a| {
-            let m = self.p.member(a.member_id);
+            let m = self.members.get(&a.member_id);
             a.member_id == f.member_id
-                && check_affinity(&a, m.as_ref(), vip, self.now) == AffinityCheck::Follow
+                && check_affinity(&a, m, vip, self.now) == AffinityCheck::Follow
         }))
     }
 
@@ -177,10 +178,11 @@ pub fn list(
     vip: Option<SocketAddr>,
     limit: usize,
 ) -> Result<FlowList> {
+    let vips = p.vips()?.into_iter();
     let ctx = Ctx {
         p,
-        vips: p.vips()?,
-        names,
+        vips: vips.map(|(k, v)| (k, (v, names.vip(&k)))).collect(),
+        members: p.members()?,
         node: p.node()?,
         now: monotonic_coarse_ns(),
     };

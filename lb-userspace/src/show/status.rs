@@ -226,11 +226,16 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             (false, Some(_)) => format!("NOT ATTACHED (another program: {:?})", i.program_ids),
         };
         let extra = if wide {
+            let ids: Vec<String> = i.program_ids.iter().map(u32::to_string).collect();
             format!(
-                "  ifindex {}, program {:?}, lb's {:?}",
+                "  ifindex {}, program id {}, lb's {}",
                 i.ifindex.map_or("-".into(), |x| x.to_string()),
-                i.program_ids,
-                i.lb_program_id
+                if ids.is_empty() {
+                    "-".into()
+                } else {
+                    ids.join(",")
+                },
+                i.lb_program_id.map_or("-".into(), |x| x.to_string())
             )
         } else {
             String::new()
