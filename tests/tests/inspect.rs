@@ -559,7 +559,7 @@ fn watch_json_lines_carry_per_vip_and_backend_rates_of_the_frames_sent() {
             of_backends, n,
             "the backends' packets add up to the VIP's: {v}"
         );
-        assert_eq!(v["global"]["packets"].as_u64() >= Some(n), true, "{v}");
+        assert!(v["global"]["packets"].as_u64() >= Some(n), "{v}");
         vip_total += n;
     }
     let _ = child.kill();
