@@ -31,7 +31,8 @@ struct Cli {
     /// Where the agent pins its maps and links (bpffs).
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pin_dir: PathBuf,
-    /// Where the agent writes status.json (configured weights and health, for `lb backends`).
+    /// Where the agent writes status.json (itself, for `lb status`; configured weights and
+    /// health, for `lb backends`).
     #[arg(long, global = true, default_value = DEFAULT_STATE_DIR, env = "LB_STATE_DIR")]
     state_dir: PathBuf,
     #[command(subcommand)]

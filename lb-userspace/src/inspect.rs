@@ -236,6 +236,9 @@ impl Pinned {
     /// of a VIP id no VIP has any more are left out.
     pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
         let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         self.each_flow(|k, v| {
             out.push((k, v));
             out.len() < limit

@@ -364,7 +364,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         assert!(labels.contains(&l.as_str()), "{l} missing from {labels:?}");
         assert_eq!(vip(&v, &l).unwrap()["mode"], "nat");
         assert_eq!(
-            vip(&v, &l).unwrap()["name"]
+            vip(&v, &l).unwrap()["vip"]["name"]
                 .as_str()
                 .unwrap()
                 .split(':')
