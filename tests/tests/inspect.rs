@@ -395,6 +395,55 @@ fn flows_json_lists_every_flow_made_with_its_backend_and_counts_beyond_the_limit
 }
 
 #[test]
+fn ipv6_flows_are_listed_and_counted_with_the_ipv4_ones() {
+    let v6 = format!(
+        "  - name: web6\n    address: 2001:db8::10\n    port: 80\n    protocol: tcp\n    backends: [{{ address: {TX_V6} }}]\n"
+    );
+    let s = start("st-flows6", &config(&v6));
+    let (n4, n6) = (12, 9);
+    let made6: BTreeSet<String> = s.net.ns.run(|| {
+        let mut lb = Lb::adopt(&s.dirs.pins);
+        for i in 0..n4 {
+            run(&mut lb, &s.net, &syn(i, WEB));
+        }
+        (0..n6)
+            .map(|i| {
+                let p = Pkt::tcp(
+                    &format!("2001:db8:c::{}", i + 1),
+                    30000,
+                    "2001:db8::10",
+                    80,
+                    LB0_MAC,
+                );
+                let out = run(&mut lb, &s.net, &p);
+                // Ethernet, then the outer IPv6 header: its destination is the backend.
+                let dst = IpAddr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap());
+                assert_eq!(dst.to_string(), TX_V6);
+                format!("[{}]:{}", p.src, p.sport)
+            })
+            .collect()
+    });
+    let all = s.dirs.json(&["flows", "--limit", "1000"]);
+    assert_eq!(all["total"], n4 + n6, "{all}");
+    let v6: BTreeSet<String> = all["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["vip"]["label"] == "[2001:db8::10]:80/tcp")
+        .map(|f| {
+            assert_eq!(f["backend"]["label"], format!("[{TX_V6}]:80"), "{f}");
+            f["client"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(v6, made6);
+    let only6 = s.dirs.json(&["flows", "--vip", "[2001:db8::10]:80"]);
+    assert_eq!(only6["total"], n6, "{only6}");
+    let (st, _) = status(&s);
+    assert_eq!(st["maps"]["flows_v4"]["entries"], n4, "{st}");
+    assert_eq!(st["maps"]["flows_v6"]["entries"], n6, "{st}");
+}
+
+#[test]
 fn a_flow_to_a_backend_of_weight_0_is_listed_as_draining() {
     let mut s = start("st-drain", &config(""));
     let flows: Vec<(String, String)> = s.net.ns.run(|| {
