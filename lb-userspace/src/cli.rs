@@ -118,6 +118,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view: per VIP packets, new flows and drops per second; per backend its share of
+    /// new flows next to its share of the weights, its health, and the flows still pinned to it
+    /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
+    Top {
+        /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// Print one screen as plain text after one interval, and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
     /// Check that this kernel can run lb (needs root).
     ///
     /// Loads and verifies the XDP program with the given sizes, without attaching it.
@@ -133,6 +144,19 @@ enum Command {
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
+}
+
+/// `0.5` (seconds) or a duration (`500ms`); at least 100 ms.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s} is not a number of seconds")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?,
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s} is shorter than the shortest interval, 100ms"));
+    }
+    Ok(d)
 }
 
 /// Runs the CLI with the process's arguments.
@@ -221,6 +245,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             syn,
             json,
         ),
+        Command::Top { interval, once } => {
+            let p = Pinned::open(&pins)?;
+            if once {
+                print!("{}", crate::top::once(&p, &cli.state_dir, interval)?);
+                Ok(())
+            } else {
+                Ok(crate::top::live(&p, &cli.state_dir, interval)?)
+            }
+        }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

@@ -1,0 +1,41 @@
+//! `lb top`: a live view of a running agent in the terminal. Per VIP its packets, new flows and
+//! drops per second; per backend its share of the VIP's new flows next to its share of the
+//! weights, its health, and the flows still pinned to it while it drains.
+//!
+//! Readings ([`sample`]) -> a screen's figures ([`model`], pure) -> lines ([`ui`]), drawn in
+//! the alternate screen ([`live`]) or printed once as plain text ([`once`]).
+
+pub mod live;
+pub mod model;
+pub mod sample;
+pub mod ui;
+
+use std::{path::Path, time::Duration};
+
+use crate::{
+    inspect::{InspectError, Pinned},
+    run::read_status,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopError {
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error("drawing on the terminal")]
+    Terminal(#[source] std::io::Error),
+}
+
+/// Reads the maps and the status file (read afresh each time: weights and health change).
+fn read(p: &Pinned, state_dir: &Path) -> Result<sample::Sample, InspectError> {
+    sample::read(p, read_status(state_dir).as_ref())
+}
+
+/// `lb top --once`: two readings `interval` apart, one screen as plain text.
+pub fn once(p: &Pinned, state_dir: &Path, interval: Duration) -> Result<String, TopError> {
+    let first = read(p, state_dir)?;
+    std::thread::sleep(interval);
+    let cur = read(p, state_dir)?;
+    Ok(ui::to_text(&model::build(&first, &first, &cur)))
+}
+
+pub use live::live;
