@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use lb_common::TrafficStats;
 
-use super::sample::{Alloc, Health, MemberSample, Sample, VipSample};
+use super::sample::{Alloc, Health, MemberSample, PinnedFlows, Sample, VipSample};
 
 /// One screen.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,7 +47,7 @@ pub struct BackendRow {
     pub health: Health,
     /// Takes no new flows (weight 0, unhealthy, passive out): its flows drain.
     pub draining: bool,
-    pub pinned_flows: Option<u64>,
+    pub pinned_flows: Option<PinnedFlows>,
 }
 
 /// The screen for the readings `first` (when `lb top` started), `prev` and `cur`.
@@ -189,7 +189,10 @@ pub(crate) mod tests {
             } else {
                 Health::Unhealthy
             },
-            pinned_flows: (!accepts).then_some(7),
+            pinned_flows: (!accepts).then_some(PinnedFlows {
+                total: 7,
+                in_use: 2,
+            }),
         }
     }
 
@@ -273,7 +276,17 @@ pub(crate) mod tests {
             b.iter()
                 .map(|b| (b.draining, b.pinned_flows))
                 .collect::<Vec<_>>(),
-            [(false, None), (false, None), (true, Some(7))]
+            [
+                (false, None),
+                (false, None),
+                (
+                    true,
+                    Some(PinnedFlows {
+                        total: 7,
+                        in_use: 2
+                    })
+                )
+            ]
         );
     }
 

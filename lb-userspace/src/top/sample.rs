@@ -4,13 +4,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use lb_common::{Counter, Member, TrafficStats, VipKey};
+use lb_common::{Counter, FAMILY_V4, FlowKey, FlowValue, Member, TrafficStats, VipKey};
 
 use crate::{
-    inspect::{InspectError, Pinned},
+    inspect::{InspectError, Pinned, monotonic_coarse_ns},
     model::ip_of,
     run::{BackendStatus, Status, VipStatus},
     view::{BackendRef, VipRef},
@@ -66,7 +66,7 @@ pub struct MemberSample {
     pub weight: Option<u32>,
     pub health: Health,
     /// Flow entries pinned to this allocation; counted for draining members only.
-    pub pinned_flows: Option<u64>,
+    pub pinned_flows: Option<PinnedFlows>,
 }
 
 /// One VIP at one moment.
@@ -85,6 +85,19 @@ pub struct Sample {
     pub drops: u64,
     pub vips: Vec<VipSample>,
 }
+
+/// The flow entries pinned to one member.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinnedFlows {
+    pub total: u64,
+    /// Those not known to be idle for [`IDLE`] (see [`in_use`]).
+    pub in_use: u64,
+}
+
+/// An entry unused for this long counts as idle: entries stay in the table after their
+/// connection ends (until a new flow takes their place), so their number alone never shows a
+/// drain ending.
+pub const IDLE: Duration = Duration::from_secs(10);
 
 /// Reads the pinned maps (and `status`, where the agent wrote one).
 pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError> {
@@ -156,7 +169,7 @@ fn count_draining(p: &Pinned, vips: &mut [VipSample]) -> Result<(), InspectError
     let counts = pinned_flows(p, &draining)?;
     for m in vips.iter_mut().flat_map(|v| &mut v.members) {
         if draining.contains(&m.alloc) {
-            m.pinned_flows = Some(counts.get(&m.alloc).copied().unwrap_or(0));
+            m.pinned_flows = Some(counts.get(&m.alloc).copied().unwrap_or_default());
         }
     }
     Ok(())
@@ -167,13 +180,52 @@ fn count_draining(p: &Pinned, vips: &mut [VipSample]) -> Result<(), InspectError
 pub fn pinned_flows(
     p: &Pinned,
     wanted: &BTreeSet<Alloc>,
-) -> Result<BTreeMap<Alloc, u64>, InspectError> {
-    let mut out = BTreeMap::new();
-    for (_, f) in p.flows(usize::MAX)? {
+) -> Result<BTreeMap<Alloc, PinnedFlows>, InspectError> {
+    let now = monotonic_coarse_ns();
+    let mut out: BTreeMap<Alloc, PinnedFlows> = BTreeMap::new();
+    for (k, f) in p.flows(usize::MAX)? {
         let alloc = (f.member_id, f.generation);
         if wanted.contains(&alloc) {
-            *out.entry(alloc).or_insert(0) += 1;
+            let e = out.entry(alloc).or_default();
+            e.total += 1;
+            e.in_use += in_use(&k, &f, now) as u64;
         }
     }
     Ok(out)
+}
+
+/// Whether a flow entry may still be in use at `now_ns`: it was used within [`IDLE`], or the
+/// table does not record its use. The IPv4 table stamps every flow's use (TCP about once a
+/// second, UDP on every packet); the IPv6 table keeps the time an entry was made (refreshed only
+/// for UDP, and only with an idle timeout), so an IPv6 entry is never known to be idle.
+pub fn in_use(k: &FlowKey, f: &FlowValue, now_ns: u64) -> bool {
+    k.family != FAMILY_V4 || now_ns.saturating_sub(f.last_seen_ns) < IDLE.as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP};
+
+    #[test]
+    fn an_ipv4_entry_is_idle_once_unused_for_the_idle_time_and_an_ipv6_one_never_known_idle() {
+        let now = 1_000 * 1_000_000_000;
+        let idle = IDLE.as_nanos() as u64;
+        let key = |family, proto| FlowKey {
+            family,
+            proto,
+            ..Default::default()
+        };
+        let seen = |ago: u64| FlowValue {
+            last_seen_ns: now - ago,
+            ..Default::default()
+        };
+        for k in [key(FAMILY_V4, IPPROTO_TCP), key(FAMILY_V4, IPPROTO_UDP)] {
+            assert!(in_use(&k, &seen(idle - 1), now), "{k:?}");
+            assert!(!in_use(&k, &seen(idle), now), "{k:?}");
+        }
+        for k in [key(FAMILY_V6, IPPROTO_TCP), key(FAMILY_V6, IPPROTO_UDP)] {
+            assert!(in_use(&k, &seen(10 * idle), now), "{k:?}");
+        }
+    }
 }

@@ -109,7 +109,12 @@ fn backend_line(b: &BackendRow) -> Line<'static> {
     };
     let drain = match (b.draining, b.pinned_flows) {
         (false, _) => String::new(),
-        (true, Some(n)) => format!("{n} flows pinned"),
+        (true, Some(n)) => format!(
+            "{} flows pinned, {} in use (used in the last {}s)",
+            n.total,
+            n.in_use,
+            super::sample::IDLE.as_secs()
+        ),
         (true, None) => "yes".to_string(),
     };
     Line::from(vec![
@@ -209,7 +214,10 @@ mod tests {
         assert!(b1.contains("healthy") && b1.contains("200"), "{b1}");
         let b3 = line("10.1.0.3:80");
         assert!(b3.contains("unhealthy"), "{b3}");
-        assert!(b3.ends_with("7 flows pinned"), "{b3}");
+        assert!(
+            b3.ends_with("7 flows pinned, 2 in use (used in the last 10s)"),
+            "{b3}"
+        );
         assert!(b3.contains(&format!("{}   0.0%", bar(Some(0.0)))), "{b3}");
     }
 }
