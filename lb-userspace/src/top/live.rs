@@ -3,6 +3,7 @@
 //! (ratatui's panic hook restores it on a panic).
 
 use std::{
+    io::IsTerminal as _,
     path::Path,
     time::{Duration, Instant},
 };
@@ -19,6 +20,7 @@ use crate::inspect::Pinned;
 const HINT: &str = "q quits, arrows scroll";
 
 /// What a key asks for.
+#[derive(Debug, PartialEq, Eq)]
 enum Key {
     Quit,
     Scroll(i32),
@@ -43,6 +45,9 @@ fn key(k: KeyEvent) -> Key {
 
 /// `lb top`: runs until a quit key.
 pub fn live(p: &Pinned, state_dir: &Path, interval: Duration) -> Result<(), TopError> {
+    if !std::io::stdout().is_terminal() {
+        return Err(TopError::NotATerminal);
+    }
     let first = read(p, state_dir)?;
     let mut term = ratatui::try_init().map_err(TopError::Terminal)?;
     let result = run(&mut term, p, state_dir, interval, first);
@@ -97,5 +102,27 @@ fn run(
                 next = Instant::now() + interval;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn press(code: KeyCode, modifiers: KeyModifiers) -> Key {
+        key(KeyEvent::new(code, modifiers))
+    }
+
+    #[test]
+    fn q_esc_and_ctrl_c_quit_and_the_arrows_scroll() {
+        assert_eq!(press(KeyCode::Char('q'), KeyModifiers::NONE), Key::Quit);
+        assert_eq!(press(KeyCode::Esc, KeyModifiers::NONE), Key::Quit);
+        assert_eq!(press(KeyCode::Char('c'), KeyModifiers::CONTROL), Key::Quit);
+        assert_eq!(press(KeyCode::Char('c'), KeyModifiers::NONE), Key::Other);
+        assert_eq!(press(KeyCode::Down, KeyModifiers::NONE), Key::Scroll(1));
+        assert_eq!(press(KeyCode::Up, KeyModifiers::NONE), Key::Scroll(-1));
+        let mut release = KeyEvent::new(KeyCode::Char('q'), KeyModifiers::NONE);
+        release.kind = KeyEventKind::Release;
+        assert_eq!(key(release), Key::Other);
     }
 }

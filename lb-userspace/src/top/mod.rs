@@ -23,6 +23,8 @@ pub enum TopError {
     Inspect(#[from] InspectError),
     #[error("drawing on the terminal")]
     Terminal(#[source] std::io::Error),
+    #[error("the live view needs a terminal: `lb top --once` prints one screen as text")]
+    NotATerminal,
 }
 
 /// Reads the maps and the status file (read afresh each time: weights and health change).
