@@ -123,7 +123,7 @@ enum Command {
     /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
     Top {
         /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
-        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval)]
         interval: Duration,
         /// Print one screen as plain text after one interval, and exit (for scripts).
         #[arg(long)]
@@ -144,19 +144,6 @@ enum Command {
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
-}
-
-/// `0.5` (seconds) or a duration (`500ms`); at least 100 ms.
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = match s.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
-        Ok(_) => return Err(format!("{s} is not a number of seconds")),
-        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?,
-    };
-    if d < Duration::from_millis(100) {
-        return Err(format!("{s} is shorter than the shortest interval, 100ms"));
-    }
-    Ok(d)
 }
 
 /// Runs the CLI with the process's arguments.

@@ -41,3 +41,31 @@ pub fn once(p: &Pinned, state_dir: &Path, interval: Duration) -> Result<String, 
 }
 
 pub use live::live;
+
+/// `--interval`: seconds (`0.5`) or a duration (`500ms`), at least 100 ms.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("{s} is not a number of seconds")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?,
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s} is shorter than the shortest interval, 100ms"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_is_seconds_or_a_duration_of_at_least_100ms() {
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_interval("10ms").unwrap_err().contains("shortest"));
+        assert!(parse_interval("-1").is_err());
+        assert!(parse_interval("soon").is_err());
+    }
+}
