@@ -157,7 +157,8 @@ fn lb_top_in_a_terminal_shows_each_backends_share_of_new_flows_beside_its_weight
     while top.exit_status().is_none() {
         assert!(
             start.elapsed() < T,
-            "lb top still runs after q:\n{}",
+            "lb top still runs after q ({}):\n{}",
+            top.pane(),
             top.screen()
         );
         std::thread::sleep(Duration::from_millis(50));
