@@ -124,6 +124,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view: per VIP packets, new flows and drops per second; per backend its share of
+    /// new flows next to its share of the weights, its health, and the flows still pinned to it
+    /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
+    Top {
+        /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval)]
+        interval: Duration,
+        /// Print one screen as plain text after one interval, and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
     /// Check a config without running it: exit 0 if `lb run` would take it, 1 if not.
     ///
     /// Prints every problem and warning with its path (`vips[0].backends[1].weight: ...`).
@@ -231,6 +242,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             syn,
             json,
         ),
+        Command::Top { interval, once } => {
+            let p = Pinned::open(&pins)?;
+            if once {
+                print!("{}", crate::top::once(&p, &cli.state_dir, interval)?);
+                Ok(())
+            } else {
+                Ok(crate::top::live(&p, &cli.state_dir, interval)?)
+            }
+        }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

@@ -23,6 +23,7 @@ pub mod program;
 pub mod ring;
 pub mod run;
 pub mod show;
+pub mod top;
 pub mod view;
 
 /// An error and its sources, on one line.
