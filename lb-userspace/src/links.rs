@@ -97,10 +97,60 @@ fn attach_new(
         ModeSetting::Generic => XdpMode::Skb,
     };
     let prog = program(dp)?;
-    let id = prog.attach(ifname, flags).with_context(|| {
-        format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
-    })?;
+    let id = match prog.attach(ifname, flags) {
+        Ok(id) => id,
+        Err(e) if os_error(&e) == Some(libc::EBUSY) => {
+            return Err(e).context(busy(ifname));
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
+            });
+        }
+    };
     pin(prog, id, &link_pin(pin_dir, ifname))
+}
+
+/// The OS error at the root of `e`, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(n) = c
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// Why attaching to `ifname` is refused with EBUSY: another XDP program is attached there (not
+/// by a link of ours: those are swapped). Names it if the kernel says which it is.
+fn busy(ifname: &str) -> String {
+    let prog = ifindex(ifname)
+        .and_then(|i| xdp_state(i).ok())
+        .and_then(|s| s.prog_ids.into_iter().find(|id| *id != 0))
+        .filter(|id| *id != 0);
+    let which = match prog {
+        Some(id) => {
+            let name = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .and_then(|p| p.name_as_str().map(str::to_string))
+                .filter(|n| !n.is_empty());
+            match name {
+                Some(n) => format!(" (id {id}, named {n})"),
+                None => format!(" (id {id})"),
+            }
+        }
+        None => String::new(),
+    };
+    format!(
+        "attaching the XDP program to {ifname}: another XDP program is attached there{which}, and lb does not replace \
+         what it did not attach: detach it (`ip link set dev {ifname} xdp off`) or take {ifname} out of node.interfaces"
+    )
 }
 
 /// Swaps the program into the pinned link of `ifname` (atomically: traffic never sees no program).
@@ -332,17 +382,14 @@ fn steps(
 fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
     const XDP_ATTACHED_DRV: u8 = 1;
     const XDP_ATTACHED_SKB: u8 = 2;
-    let attached = xdp_attached(index)
-        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
+    let attached = xdp_state(index)
+        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?
+        .attached;
     Ok(match attached {
         XDP_ATTACHED_DRV => Some(ModeSetting::Native),
         XDP_ATTACHED_SKB => Some(ModeSetting::Generic),
         _ => None,
     })
-}
-
-fn xdp_attached(index: u32) -> io::Result<u8> {
-    Ok(xdp_state(index)?.attached)
 }
 
 /// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED`
@@ -417,11 +464,6 @@ struct XdpState {
     attached: u8,
     /// The attached programs' ids (one per mode; 0 where none).
     prog_ids: [u32; 4],
-}
-
-#[cfg(test)]
-fn parse_xdp_attached(msg: &[u8]) -> io::Result<u8> {
-    Ok(parse_xdp(msg)?.attached)
 }
 
 /// `IFLA_XDP_ATTACHED` and the program ids (`IFLA_XDP_PROG_ID`, and per mode when several are
@@ -573,11 +615,11 @@ mod tests {
         let prog_id = attr(4, &77u32.to_ne_bytes()); // IFLA_XDP_PROG_ID
         let nest = [prog_id, attr(2, &[2])].concat();
         let msg = link_message(&[name, odd, mtu, attr(43 | 0x8000, &nest)].concat());
-        assert_eq!(parse_xdp_attached(&msg).unwrap(), 2);
-        assert_eq!(parse_xdp(&msg).unwrap().prog_ids, [77, 0, 0, 0]);
+        let state = parse_xdp(&msg).unwrap();
+        assert_eq!((state.attached, state.prog_ids), (2, [77, 0, 0, 0]));
         assert_eq!(
-            parse_xdp_attached(&link_message(&attr(4, &[0; 4]))).unwrap(),
-            0
+            parse_xdp(&link_message(&attr(4, &[0; 4]))).unwrap(),
+            XdpState::default()
         );
     }
 
@@ -588,7 +630,7 @@ mod tests {
         m.extend([0u8; 10]);
         m.extend((-libc::ENODEV).to_ne_bytes());
         m.extend([0u8; 16]);
-        let e = parse_xdp_attached(&m).unwrap_err();
+        let e = parse_xdp(&m).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
     }
 }
