@@ -680,7 +680,9 @@ async fn serve(
                 Reload::No
             }
             _ = passive_tick.tick() => {
-                if !passive.round(&mut agent, &ptx, m) {
+                // Nothing changed: nothing to write, unless the status file went (`lb down
+                // --force`), which `lb status` needs to see this agent at all.
+                if !passive.round(&mut agent, &ptx, m) && status_path(&opts.state_dir).exists() {
                     continue;
                 }
                 Reload::No

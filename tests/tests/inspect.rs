@@ -210,6 +210,34 @@ fn a_program_detached_behind_the_agents_back_shows_in_status_and_readyz() {
 }
 
 #[test]
+fn readyz_turns_503_after_lb_down_force_under_the_running_agent() {
+    let s = start("st-force", &config(""));
+    poll("/readyz 200", || {
+        (http_status(&s.net.ns, METRICS, "/readyz") == Some(200)).then_some(())
+    });
+    let out = s.dirs.cli(&["down", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        xdp_attachment(&s.net.ns, "lb0"),
+        None,
+        "lb down --force detaches"
+    );
+    assert_eq!(http_status(&s.net.ns, METRICS, "/readyz"), Some(503));
+    // `lb down` removed the status file too: the agent writes it again.
+    let (v, ok) = poll("the running agent's status file again", || {
+        let (v, ok) = status(&s);
+        (v["agent"]["running"] == true).then_some((v, ok))
+    });
+    assert!(!ok, "{v}");
+    assert_eq!(lb0(&v)["attached"], false, "{v}");
+    assert_eq!(v["maps"], Value::Null, "nothing is pinned any more: {v}");
+}
+
+#[test]
 fn another_program_on_the_interface_is_not_taken_for_lbs() {
     let s = start("st-other", &config(""));
     let (_, ours) = xdp_attachment(&s.net.ns, "lb0").expect("attached");
