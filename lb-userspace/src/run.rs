@@ -286,7 +286,9 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            health_rows.push((v.spec.label(), b.address.to_string(), h));
+                            let port = if b.port == 0 { v.spec.port } else { b.port };
+                            let backend = crate::view::BackendRef::at((b.address, port).into());
+                            health_rows.push((v.spec.label(), backend.label, h));
                         }
                         BackendStatus {
                             address: b.address.to_string(),
@@ -486,8 +488,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .await
                 .with_context(|| format!("listening for metrics on {addr}"))?;
             info!(%addr, "serving /metrics, /healthz and /readyz");
-            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
-            Some(tokio::spawn(metrics::serve(listener, registry, m.clone())))
+            let scraper = metrics::Scraper::new(Pinned::open(&opts.pin_dir)?, m.clone());
+            Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,
     };
@@ -542,6 +544,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+    m.applied();
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
     write_status(&opts, &agent, &m)?;
@@ -663,6 +666,7 @@ async fn serve(
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    m.applied();
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
                     if !from_kube || !p.is_empty() {
