@@ -28,7 +28,6 @@ use crate::{
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
     links,
     metrics::{self, AgentMetrics},
@@ -488,7 +487,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .await
                 .with_context(|| format!("listening for metrics on {addr}"))?;
             info!(%addr, "serving /metrics, /healthz and /readyz");
-            let scraper = metrics::Scraper::new(Pinned::open(&opts.pin_dir)?, m.clone());
+            let scraper = metrics::Scraper::open(&opts.pin_dir, m.clone())?;
             Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,

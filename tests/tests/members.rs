@@ -20,7 +20,6 @@ use lb_userspace::{
     agent::{Agent, Remembered},
     config::Config,
     dataplane::kernel::KernelDataplane,
-    inspect::Pinned,
     metrics,
     model::ip_of,
     program,
@@ -207,12 +206,10 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
         }
     }
 
-    let text = metrics::Scraper::new(
-        Pinned::open(&node.dirs.pins).unwrap(),
-        Arc::new(metrics::AgentMetrics::default()),
-    )
-    .scrape(metrics::Format::Text)
-    .unwrap();
+    let text = metrics::Scraper::open(&node.dirs.pins, Arc::new(metrics::AgentMetrics::default()))
+        .unwrap()
+        .scrape(metrics::Format::Text)
+        .unwrap();
     for ((vip, b), n) in &seen {
         let line = format!(
             // The backend as address:port (the VIP's port: these are DSR backends).

@@ -334,6 +334,13 @@ fn scraped_values_match_the_frames_sent_in_both_formats() {
                 *n as f64,
                 "{vip} {backend}: {ctx}"
             );
+            // Its gateway's neighbour entry is known (see FibNet): the agent resolved it.
+            let forward = [at[0], at[1], ("action", "forward")];
+            assert_eq!(
+                sum(&s, "lb_backend_nexthop", &forward),
+                1.0,
+                "{vip} {backend}: {ctx}"
+            );
         }
         let table = |name: &str, t: &str| sum(&s, name, &[("table", t)]);
         let v4 = (WEB_FLOWS + STICKY_FLOWS) as f64;
@@ -383,6 +390,7 @@ fn every_per_backend_family_labels_the_vip_and_the_backend_as_address_and_port()
         "lb_backend_connection_attempts_total",
         "lb_backend_consecutive_failures",
         "lb_backend_healthy",
+        "lb_backend_nexthop",
     ] {
         let mut pairs: Vec<(&str, &str)> = s
             .iter()

@@ -6,10 +6,11 @@
 
 use std::{collections::BTreeMap, sync::atomic::Ordering};
 
-use lb_common::{Counter, LAYOUT_VERSION, VipKey};
+use aya::maps::{Array, MapData};
+use lb_common::{Counter, LAYOUT_VERSION, NextHop, VipKey};
 
 use super::{
-    AgentMetrics,
+    AgentMetrics, Maps,
     exposition::{Family, Labels},
 };
 use crate::{
@@ -19,9 +20,10 @@ use crate::{
 };
 
 /// Every family of one scrape.
-pub fn families(p: &Pinned, a: &AgentMetrics) -> Result<Vec<Family>, InspectError> {
+pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectError> {
+    let p = &maps.pinned;
     let mut out = global(p)?;
-    out.extend(traffic(p)?);
+    out.extend(traffic(p, &maps.nexthops)?);
     out.extend(tables(p)?);
     out.extend(agent(a));
     out.extend(nexthops(&a.nexthops.lock().expect("nexthops lock")));
@@ -55,7 +57,7 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 }
 
 /// Per VIP, and per backend of each VIP (a member): traffic and passive health.
-fn traffic(p: &Pinned) -> Result<Vec<Family>, InspectError> {
+fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
     let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
     for (k, v) in &vips {
@@ -73,7 +75,7 @@ fn traffic(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 
     let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
     let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
-    let (mut attempts, mut streaks) = (vec![], vec![]);
+    let (mut attempts, mut streaks, mut hops) = (vec![], vec![], vec![]);
     // Per member: a backend serving two VIPs has a series under each (`sum by (backend)`
     // adds them up).
     for (id, m) in p.members()? {
@@ -96,7 +98,19 @@ fn traffic(p: &Pinned) -> Result<Vec<Family>, InspectError> {
             l.push(("outcome", outcome.to_string()));
             attempts.push((l, n));
         }
-        streaks.push((l, h.consecutive_failures as f64));
+        streaks.push((l.clone(), h.consecutive_failures as f64));
+        let hop = nh.get(&id, 0).map_err(|source| InspectError::Map {
+            what: "next hops",
+            source,
+        })?;
+        // An entry of another generation is one the program ignores: not resolved yet.
+        let action = match hop.generation == m.generation {
+            true => crate::nexthop::show::action_name(hop.action),
+            false => crate::nexthop::show::action_name(lb_common::NH_UNRESOLVED),
+        };
+        let mut l = l;
+        l.push(("action", action.to_string()));
+        hops.push((l, 1.0));
     }
     out.extend([
         Family::counter(
@@ -123,6 +137,11 @@ fn traffic(p: &Pinned) -> Result<Vec<Family>, InspectError> {
             "lb_backend_consecutive_failures",
             "NAT mode: failed connection attempts since the backend last answered one (passive health)",
             streaks,
+        ),
+        Family::gauge(
+            "lb_backend_nexthop",
+            "How the program sends packets to the backend of each VIP: the action of its next hop as the agent resolved it (forward, no_neighbour, local, unreachable; unresolved: left to bpf_fib_lookup); always 1",
+            hops,
         ),
     ]);
     Ok(out)

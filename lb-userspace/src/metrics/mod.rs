@@ -8,6 +8,7 @@ pub mod collect;
 pub mod exposition;
 
 use std::{
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,7 +23,13 @@ use axum::{
 
 pub use exposition::Format;
 
-use crate::inspect::{InspectError, Pinned};
+use aya::maps::{Array, MapData};
+use lb_common::{NextHop, maps as lb_maps};
+
+use crate::{
+    inspect::{InspectError, Pinned},
+    program::open_pinned,
+};
 
 /// Figures the agent itself keeps.
 #[derive(Debug, Default)]
@@ -63,25 +70,41 @@ pub enum ScrapeError {
     Encode(#[from] exposition::ExpositionError),
 }
 
+/// The pinned maps a scrape reads.
+pub struct Maps {
+    pub pinned: Pinned,
+    /// Each member's next hop (`LB_NEXTHOPS`).
+    pub nexthops: Array<MapData, NextHop>,
+}
+
 /// Reads a scrape's figures from an agent's pinned maps and its own counters.
 pub struct Scraper {
-    pinned: Mutex<Pinned>,
+    maps: Mutex<Maps>,
     agent: Arc<AgentMetrics>,
 }
 
 impl Scraper {
-    pub fn new(pinned: Pinned, agent: Arc<AgentMetrics>) -> Self {
-        Self {
-            pinned: Mutex::new(pinned),
+    /// Opens the maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path, agent: Arc<AgentMetrics>) -> Result<Self, InspectError> {
+        let pinned = Pinned::open(pin_dir)?;
+        let nexthops =
+            Array::try_from(open_pinned(pin_dir, lb_maps::NEXTHOPS)?).map_err(|source| {
+                InspectError::Map {
+                    what: "next hops",
+                    source,
+                }
+            })?;
+        Ok(Self {
+            maps: Mutex::new(Maps { pinned, nexthops }),
             agent,
-        }
+        })
     }
 
     /// One scrape, in `format`.
     pub fn scrape(&self, format: Format) -> Result<String, ScrapeError> {
         let families = {
-            let p = self.pinned.lock().expect("pinned maps lock");
-            collect::families(&p, &self.agent)?
+            let maps = self.maps.lock().expect("pinned maps lock");
+            collect::families(&maps, &self.agent)?
         };
         Ok(exposition::encode(families, format)?)
     }
