@@ -55,20 +55,21 @@ fn log_format_json_writes_one_object_a_line() {
     let mut agent = Agent::start_under(&ns, &dirs, &[], &["--log-format", "json"], &[]);
     agent.wait_for("running", 1, T);
     let log = agent.log_text();
-    let lines: Vec<&str> = log.lines().collect();
-    assert!(lines.len() >= 2, "{log}");
-    for l in &lines {
-        let v: serde_json::Value =
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for v in &lines {
         assert!(
-            v["level"].is_string() && v["fields"]["message"].is_string(),
-            "no level or message: {l}"
+            v.is_object() && v["level"].is_string() && v["fields"]["message"].is_string(),
+            "not a log object with a level and a message: {v}"
         );
     }
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("\"level\":\"INFO\"") && l.contains("running")),
-        "{log}"
+        lines.iter().any(|v| v["level"] == "INFO"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("running"))),
+        "no INFO line saying the agent runs: {log}"
     );
 }
