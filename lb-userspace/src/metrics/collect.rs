@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use aya::maps::{Array, MapData};
-use lb_common::{Counter, LAYOUT_VERSION, NextHop, VipKey};
+use lb_common::{Counter, LAYOUT_VERSION, NextHop, PassiveHealth, TrafficStats, VipKey};
 
 use super::{
     AgentMetrics, Maps,
@@ -56,7 +56,7 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
     ])
 }
 
-/// Per VIP, and per backend of each VIP (a member): traffic and passive health.
+/// Per VIP, and per backend of each VIP (a member): traffic, passive health, next hop.
 fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
     let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
@@ -72,79 +72,103 @@ fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, Insp
         Family::counter("lb_vip_bytes", "Bytes per VIP, as received", bytes),
         Family::counter("lb_vip_new_flows", "New flows per VIP", flows),
     ];
-
     let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
-    let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
-    let (mut attempts, mut streaks, mut hops) = (vec![], vec![], vec![]);
+    let mut rows = MemberRows::default();
     // Per member: a backend serving two VIPs has a series under each (`sum by (backend)`
     // adds them up).
     for (id, m) in p.members()? {
         let Some(vip) = keys.get(&m.vip_id) else {
             continue; // its VIP went between the two reads
         };
-        let l = backend_labels(vip, &BackendRef::of(&m, vip));
-        let s = p.member_stats(id)?;
-        packets.push((l.clone(), s.packets));
-        bytes.push((l.clone(), s.bytes));
-        flows.push((l.clone(), s.new_flows));
-        let h = p.passive(id)?;
-        for (outcome, n) in [
-            ("answered", h.answered),
-            ("refused", h.refused),
-            ("unreachable", h.unreachable),
-            ("syn_timeout", h.syn_timeouts),
-        ] {
-            let mut l = l.clone();
-            l.push(("outcome", outcome.to_string()));
-            attempts.push((l, n));
-        }
-        streaks.push((l.clone(), h.consecutive_failures as f64));
         let hop = nh.get(&id, 0).map_err(|source| InspectError::Map {
             what: "next hops",
             source,
         })?;
         // An entry of another generation is one the program ignores: not resolved yet.
         let action = match hop.generation == m.generation {
-            true => crate::nexthop::show::action_name(hop.action),
-            false => crate::nexthop::show::action_name(lb_common::NH_UNRESOLVED),
+            true => hop.action,
+            false => lb_common::NH_UNRESOLVED,
         };
-        let mut l = l;
-        l.push(("action", action.to_string()));
-        hops.push((l, 1.0));
+        rows.push(
+            backend_labels(vip, &BackendRef::of(&m, vip)),
+            p.member_stats(id)?,
+            p.passive(id)?,
+            action,
+        );
     }
-    out.extend([
-        Family::counter(
-            "lb_backend_packets",
-            "Packets per backend of each VIP",
-            packets,
-        ),
-        Family::counter(
-            "lb_backend_bytes",
-            "Bytes per backend of each VIP, as received",
-            bytes,
-        ),
-        Family::counter(
-            "lb_backend_new_flows",
-            "New flows per backend of each VIP",
-            flows,
-        ),
-        Family::counter(
-            "lb_backend_connection_attempts",
-            "NAT mode: connection attempts per backend of each VIP, by how the backend answered (passive health)",
-            attempts,
-        ),
-        Family::gauge(
-            "lb_backend_consecutive_failures",
-            "NAT mode: failed connection attempts since the backend last answered one (passive health)",
-            streaks,
-        ),
-        Family::gauge(
-            "lb_backend_nexthop",
-            "How the program sends packets to the backend of each VIP: the action of its next hop as the agent resolved it (forward, no_neighbour, local, unreachable; unresolved: left to bpf_fib_lookup); always 1",
-            hops,
-        ),
-    ]);
+    out.extend(rows.families());
     Ok(out)
+}
+
+/// The per-member rows of each family, as they are read.
+#[derive(Default)]
+struct MemberRows {
+    packets: Vec<(Labels, u64)>,
+    bytes: Vec<(Labels, u64)>,
+    flows: Vec<(Labels, u64)>,
+    attempts: Vec<(Labels, u64)>,
+    streaks: Vec<(Labels, f64)>,
+    hops: Vec<(Labels, f64)>,
+}
+
+impl MemberRows {
+    fn push(&mut self, l: Labels, s: TrafficStats, h: PassiveHealth, nexthop_action: u8) {
+        let with = |k: &'static str, v: &str| {
+            let mut l = l.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        self.packets.push((l.clone(), s.packets));
+        self.bytes.push((l.clone(), s.bytes));
+        self.flows.push((l.clone(), s.new_flows));
+        for (outcome, n) in [
+            ("answered", h.answered),
+            ("refused", h.refused),
+            ("unreachable", h.unreachable),
+            ("syn_timeout", h.syn_timeouts),
+        ] {
+            self.attempts.push((with("outcome", outcome), n));
+        }
+        self.streaks
+            .push((l.clone(), h.consecutive_failures as f64));
+        let action = crate::nexthop::show::action_name(nexthop_action);
+        self.hops.push((with("action", action), 1.0));
+    }
+
+    fn families(self) -> [Family; 6] {
+        [
+            Family::counter(
+                "lb_backend_packets",
+                "Packets per backend of each VIP",
+                self.packets,
+            ),
+            Family::counter(
+                "lb_backend_bytes",
+                "Bytes per backend of each VIP, as received",
+                self.bytes,
+            ),
+            Family::counter(
+                "lb_backend_new_flows",
+                "New flows per backend of each VIP",
+                self.flows,
+            ),
+            Family::counter(
+                "lb_backend_connection_attempts",
+                "NAT mode: connection attempts per backend of each VIP, by how the backend answered (passive health)",
+                self.attempts,
+            ),
+            Family::gauge(
+                "lb_backend_consecutive_failures",
+                "NAT mode: failed connection attempts since the backend last answered one (passive health)",
+                self.streaks,
+            ),
+            Family::gauge(
+                "lb_backend_nexthop",
+                "How the program sends packets to the backend of each VIP: the action of its next hop as the agent resolved it (forward, no_neighbour, local, unreachable; unresolved: left to bpf_fib_lookup); always 1",
+                self.hops,
+            ),
+        ]
+    }
 }
 
 /// The `vip` and `backend` labels of a backend of a VIP.
