@@ -4,6 +4,7 @@
 //! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
 //! [`inspect`], [`run`].
 pub mod agent;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
@@ -15,7 +16,9 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod nexthop;
+pub mod pindir;
 pub mod plan;
+pub mod privilege;
 pub mod program;
 pub mod ring;
 pub mod run;
