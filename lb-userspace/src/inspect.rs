@@ -273,20 +273,6 @@ impl Pinned {
         Ok(())
     }
 
-    /// Ways in use in the IPv4 flow table (including flows of VIPs removed since), and how
-    /// many it has.
-    pub fn flow4_fill(&self) -> (u64, u64) {
-        let used = self.flows4_map.ways().count() as u64;
-        let ways = self.flows4_map.buckets() * flowtab::FLOW_WAYS;
-        (used, ways as u64)
-    }
-
-    /// Entries in the IPv6 flow LRU, and how many it holds.
-    pub fn flow6_fill(&self) -> (u64, u64) {
-        let used = self.flows.keys().filter(|k| k.is_ok()).count() as u64;
-        (used, self.sizes.flow_entries_v6() as u64)
-    }
-
     /// The flow of key `k` in bucket `b`, if any.
     fn flow4(
         vips: &BTreeMap<u32, VipKey>,
@@ -331,6 +317,52 @@ impl Pinned {
     pub fn affinity(&self, k: &AffinityKey) -> Option<AffinityValue> {
         self.affinity.get(k, 0).ok()
     }
+}
+
+/// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
+impl Pinned {
+    /// Occupied ways of the IPv4 flow table: a way, once written, holds a flow until another
+    /// evicts it (flows of VIPs removed since included). Read through the table's mapping.
+    pub fn flows4_entries(&self) -> Result<u64, InspectError> {
+        Ok(self.flows4_map.ways().count() as u64)
+    }
+
+    /// Ways of the IPv4 flow table.
+    pub fn flows4_capacity(&self) -> u64 {
+        self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64
+    }
+
+    /// Entries of the IPv6 flow table (an LRU hash).
+    pub fn flows6_entries(&self) -> Result<u64, InspectError> {
+        count(self.flows.keys(), "flows")
+    }
+
+    pub fn affinity_entries(&self) -> Result<u64, InspectError> {
+        count(self.affinity.keys(), "affinity")
+    }
+
+    /// Entries of the NAT tables: (translations, reverse entries).
+    pub fn nat_entries(&self) -> Result<(u64, u64), InspectError> {
+        Ok((
+            count(self.nat.keys(), "NAT translations")?,
+            count(self.nat_rev.keys(), "NAT reverse entries")?,
+        ))
+    }
+}
+
+/// Keys of a hash map (one read each). The program adds and evicts entries meanwhile (a key
+/// gone from under the walk sends the kernel back to the first key): the count is a snapshot,
+/// and can be off by what changed during the walk.
+fn count<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    what: &'static str,
+) -> Result<u64, InspectError> {
+    let mut n = 0;
+    for k in keys {
+        k.map_err(merr(what))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// `address` or `address:port` (NAT backends with a port of their own).

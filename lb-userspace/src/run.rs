@@ -31,7 +31,6 @@ use crate::{
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
     life::{AgentStatus, Life},
     links,
@@ -304,7 +303,9 @@ fn write_status(
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            health_rows.push((v.spec.label(), b.address.to_string(), h));
+                            let port = if b.port == 0 { v.spec.port } else { b.port };
+                            let backend = crate::view::BackendRef::at((b.address, port).into());
+                            health_rows.push((v.spec.label(), backend.label, h));
                         }
                         BackendStatus {
                             address: b.address.to_string(),
@@ -580,8 +581,8 @@ async fn start(
     let metrics_task = match listener {
         Some((addr, listener)) => {
             info!(%addr, "serving /metrics, /healthz and /readyz");
-            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
-            Some(tokio::spawn(metrics::serve(listener, registry, m.clone())))
+            let scraper = metrics::Scraper::open(&opts.pin_dir, m.clone())?;
+            Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,
     };
@@ -615,6 +616,7 @@ async fn start(
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+    m.applied();
     Ok(Started {
         agent,
         kube,
@@ -743,6 +745,7 @@ async fn serve(
                     expect_links(m, &opts.pin_dir, &agent);
                     life.reloaded(source, Ok(()));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    m.applied();
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
                     if !from_kube || !p.is_empty() {

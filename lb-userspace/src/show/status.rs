@@ -162,8 +162,8 @@ fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
         sizes: SizesStatus::from(&p.sizes),
         vips: p.vips()?.len(),
         backends: p.members()?.len(),
-        flows_v4: Fill::of(p.flow4_fill()),
-        flows_v6: Fill::of(p.flow6_fill()),
+        flows_v4: Fill::of((p.flows4_entries()?, p.flows4_capacity())),
+        flows_v6: Fill::of((p.flows6_entries()?, p.sizes.flow_entries_v6() as u64)),
     })
 }
 
