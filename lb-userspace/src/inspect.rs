@@ -365,15 +365,6 @@ fn count<K>(
     Ok(n)
 }
 
-/// `address` or `address:port` (NAT backends with a port of their own).
-pub fn backend_label(m: &Member) -> String {
-    let ip = crate::model::ip_of(&m.addr, m.family);
-    match u16::from_be(m.port) {
-        0 => ip.to_string(),
-        port => std::net::SocketAddr::new(ip, port).to_string(),
-    }
-}
-
 /// CLOCK_MONOTONIC_COARSE now, the clock the program stamps entries with.
 pub fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec {
