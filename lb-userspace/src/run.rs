@@ -32,6 +32,7 @@ use crate::{
     dataplane::kernel::KernelDataplane,
     health,
     k8s::{Kube, KubeOptions, translate::Settings},
+    life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
     nexthop,
@@ -237,6 +238,9 @@ pub struct Status {
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
     pub nexthops: crate::nexthop::NexthopStatus,
+    /// The agent itself, for `lb status`.
+    #[serde(default)]
+    pub agent: Option<AgentStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -267,10 +271,20 @@ pub fn read_status(state_dir: &Path) -> Option<Status> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetrics) -> Result<()> {
+fn write_status(
+    opts: &RunOptions,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+    life: &Life,
+) -> Result<()> {
     let c = agent.config();
     let mut health_rows = Vec::new();
+    let reloads = (
+        m.reloads_ok.load(Ordering::Relaxed),
+        m.reloads_rejected.load(Ordering::Relaxed),
+    );
     let status = Status {
+        agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
@@ -466,6 +480,7 @@ impl Nexthops {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let life = Life::default();
     let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
@@ -499,11 +514,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
-    if let Err(e) = write_status(&opts, &agent, &m) {
+    if let Err(e) = write_status(&opts, &agent, &m, &life) {
         warn!("writing the status file: {e:#}");
     }
+    expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -608,8 +624,17 @@ async fn start(
     })
 }
 
+/// Tells `/readyz` which interfaces must hold the program.
+fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>) {
+    *m.links.lock().expect("links lock") = links::Expected {
+        pin_dir: pin_dir.to_path_buf(),
+        interfaces: agent.config().node.interfaces.clone(),
+    };
+}
+
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
     mut agent: Agent<KernelDataplane>,
@@ -618,6 +643,7 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
+    mut life: Life,
 ) -> Result<()> {
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
@@ -656,7 +682,9 @@ async fn serve(
                 Reload::No
             }
             _ = passive_tick.tick() => {
-                if !passive.round(&mut agent, &ptx, m) {
+                // Nothing changed: nothing to write, unless the status file went (`lb down
+                // --force`), which `lb status` needs to see this agent at all.
+                if !passive.round(&mut agent, &ptx, m) && status_path(&opts.state_dir).exists() {
                     continue;
                 }
                 Reload::No
@@ -704,6 +732,7 @@ async fn serve(
             } else {
                 "config"
             };
+            let source = if from_kube { "cluster" } else { "config" };
             match result {
                 Ok((p, f)) => {
                     if let Some(f) = f {
@@ -713,6 +742,8 @@ async fn serve(
                         warn!("{w}");
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
+                    expect_links(m, &opts.pin_dir, &agent);
+                    life.reloaded(source, Ok(()));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     m.applied();
                     m.map_writes
@@ -726,6 +757,7 @@ async fn serve(
                     }
                 }
                 Err(e) => {
+                    life.reloaded(source, Err(format!("{e:#}")));
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                     error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
@@ -735,7 +767,7 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
-        if let Err(e) = write_status(opts, &agent, m) {
+        if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
     }
@@ -840,6 +872,7 @@ vips:
             passive_out,
         };
         let status = Status {
+            agent: None,
             nexthops: Default::default(),
             config: "t".into(),
             vips: vec![

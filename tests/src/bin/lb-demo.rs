@@ -153,6 +153,11 @@ fn main() {
         );
     }
 
+    println!("\n$ lb status");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&dirs.cli_in(&lab.lb, &["status"]).stdout)
+    );
     println!("\n$ lb backends");
     print!(
         "{}",
