@@ -62,6 +62,16 @@ pub enum XdpMode {
     Generic,
 }
 
+impl std::fmt::Display for XdpMode {
+    /// As the config spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,

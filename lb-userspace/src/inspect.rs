@@ -130,11 +130,7 @@ impl Pinned {
         let per_cpu = map.get(&id, 0).map_err(merr(what))?;
         Ok(per_cpu
             .iter()
-            .fold(TrafficStats::default(), |a, s| TrafficStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
+            .fold(TrafficStats::default(), |a, s| a.plus(*s)))
     }
 
     pub fn vip_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
@@ -232,20 +228,6 @@ impl Pinned {
         out
     }
 
-    /// Up to `limit` flow entries: IPv4, then the IPv6 LRU (order means nothing). IPv4 entries
-    /// of a VIP id no VIP has any more are left out.
-    pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        self.each_flow(|k, v| {
-            out.push((k, v));
-            out.len() < limit
-        })?;
-        Ok(out)
-    }
-
     /// Calls `f` with every flow entry (IPv4 from the mapped table, then the IPv6 LRU) until
     /// it returns false. IPv4 entries of a VIP id no VIP has any more are left out.
     pub fn each_flow(
@@ -320,45 +302,76 @@ impl Pinned {
 }
 
 /// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
-impl Pinned {
-    /// Occupied ways of the IPv4 flow table: a way, once written, holds a flow until another
-    /// evicts it (flows of VIPs removed since included). Read through the table's mapping.
-    pub fn flows4_entries(&self) -> Result<u64, InspectError> {
-        Ok(self.flows4_map.ways().count() as u64)
-    }
+/// How full one of the program's tables is.
+#[derive(serde::Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct Fill {
+    pub entries: u64,
+    pub capacity: u64,
+    /// entries / capacity.
+    pub fill: f64,
+}
 
-    /// Ways of the IPv4 flow table.
-    pub fn flows4_capacity(&self) -> u64 {
-        self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64
-    }
-
-    /// Entries of the IPv6 flow table (an LRU hash).
-    pub fn flows6_entries(&self) -> Result<u64, InspectError> {
-        count(self.flows.keys(), "flows")
-    }
-
-    pub fn affinity_entries(&self) -> Result<u64, InspectError> {
-        count(self.affinity.keys(), "affinity")
-    }
-
-    /// Entries of the NAT tables: (translations, reverse entries).
-    pub fn nat_entries(&self) -> Result<(u64, u64), InspectError> {
-        Ok((
-            count(self.nat.keys(), "NAT translations")?,
-            count(self.nat_rev.keys(), "NAT reverse entries")?,
-        ))
+impl Fill {
+    /// `entries` at most `capacity`: a walk that raced with the program can count a key twice.
+    fn of(entries: u64, capacity: u64) -> Self {
+        let entries = entries.min(capacity);
+        Self {
+            entries,
+            capacity,
+            fill: entries as f64 / capacity.max(1) as f64,
+        }
     }
 }
 
-/// Keys of a hash map (one read each). The program adds and evicts entries meanwhile (a key
-/// gone from under the walk sends the kernel back to the first key): the count is a snapshot,
-/// and can be off by what changed during the walk.
+impl Pinned {
+    /// How full each of the program's tables is, by name: `flows_ipv4` (occupied ways of its
+    /// buckets, read through the table's mapping: a way, once written, holds a flow until another
+    /// evicts it), `flows_ipv6`, `affinity`, `nat` and `nat_reverse` (hash maps, walked key by
+    /// key, each walk bounded by the map's capacity).
+    pub fn fill(&self) -> Result<Vec<(&'static str, Fill)>, InspectError> {
+        let s = &self.sizes;
+        let ways = self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64;
+        let (v6, aff, nat) = (
+            s.flow_entries_v6() as u64,
+            s.affinity_entries as u64,
+            s.nat_entries as u64,
+        );
+        Ok(vec![
+            (
+                "flows_ipv4",
+                Fill::of(self.flows4_map.ways().count() as u64, ways),
+            ),
+            (
+                "flows_ipv6",
+                Fill::of(count(self.flows.keys(), "flows", v6)?, v6),
+            ),
+            (
+                "affinity",
+                Fill::of(count(self.affinity.keys(), "affinity", aff)?, aff),
+            ),
+            (
+                "nat",
+                Fill::of(count(self.nat.keys(), "NAT translations", nat)?, nat),
+            ),
+            (
+                "nat_reverse",
+                Fill::of(count(self.nat_rev.keys(), "NAT reverse entries", nat)?, nat),
+            ),
+        ])
+    }
+}
+
+/// Keys of a hash map (one read each), at most `cap`. The program adds and evicts entries
+/// meanwhile (a key gone from under the walk sends the kernel back to the first key, so without
+/// the bound a walk under churn need not end): the count is a snapshot, and can be off by what
+/// changed during the walk.
 fn count<K>(
     keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
     what: &'static str,
+    cap: u64,
 ) -> Result<u64, InspectError> {
     let mut n = 0;
-    for k in keys {
+    for k in keys.take(cap as usize) {
         k.map_err(merr(what))?;
         n += 1;
     }

@@ -125,7 +125,7 @@ impl Life {
             started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
             updated_at: now(),
             interfaces: node.interfaces.clone(),
-            xdp_mode: format!("{:?}", node.xdp_mode).to_lowercase(),
+            xdp_mode: node.xdp_mode.to_string(),
             metrics_listen: node.metrics_listen.map(|a| a.to_string()),
             kubernetes,
             sizes: SizesStatus::from(&node.sizes),

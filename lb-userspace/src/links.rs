@@ -197,6 +197,10 @@ enum Undo {
     Detach(String),
     /// Attach (again) in this mode, detaching first what is attached now.
     Attach(String, ModeSetting),
+    /// Remove this interface index from the redirect devmap.
+    TxPort(u32),
+    /// Set the interface's accept_local back to 0.
+    AcceptLocal(String),
 }
 
 /// The steps a [`sync`] took, to undo them if what follows it fails.
@@ -212,6 +216,22 @@ impl Changes {
             let (ifname, r) = match &u {
                 Undo::Detach(i) => (i, detach(pin_dir, i)),
                 Undo::Attach(i, mode) => (i, reattach(dp, pin_dir, i, *mode)),
+                Undo::TxPort(index) => {
+                    let r = tx_ports(dp).and_then(|mut p| Ok(p.remove(*index)?));
+                    if let Err(e) = r {
+                        error!(
+                            index,
+                            "removing an interface from the redirect devmap: {e:#}"
+                        );
+                    }
+                    continue;
+                }
+                Undo::AcceptLocal(i) => {
+                    if let Err(e) = std::fs::write(accept_local(i), "0") {
+                        error!(interface = %i, "setting accept_local back to 0: {e}");
+                    }
+                    continue;
+                }
             };
             match r {
                 Ok(()) => info!(interface = %ifname, "attachment put back as it was"),
@@ -283,23 +303,24 @@ fn attach(
 }
 
 /// Adds `ifname` to the redirect devmap and lets the kernel forward encapsulated packets whose
-/// source is this node while a backend's neighbour is unknown (accept_local).
-fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32) -> Result<()> {
-    let map = dp
-        .ebpf
-        .map_mut(lb_common::maps::TX_PORTS)
-        .context("no devmap")?;
-    let mut ports: aya::maps::DevMapHash<_> = aya::maps::DevMapHash::try_from(map)?;
-    ports
-        .insert(index, index, None, 0)
-        .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
-    let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+/// source is this node while a backend's neighbour is unknown (accept_local). What it changed
+/// goes into `done`, so that a start or reload that fails later puts it back.
+fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32, done: &mut Changes) -> Result<()> {
+    let mut ports = tx_ports(dp)?;
+    if ports.get(index, 0).is_err() {
+        ports
+            .insert(index, index, None, 0)
+            .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
+        done.0.push(Undo::TxPort(index));
+    }
+    let sysctl = accept_local(ifname);
     if std::fs::read_to_string(&sysctl)
         .map(|v| v.trim() != "1")
         .unwrap_or(false)
     {
         match std::fs::write(&sysctl, "1") {
             Ok(()) => {
+                done.0.push(Undo::AcceptLocal(ifname.to_string()));
                 info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
             }
             Err(e) => {
@@ -308,6 +329,18 @@ fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn tx_ports(dp: &mut KernelDataplane) -> Result<aya::maps::DevMapHash<&mut aya::maps::MapData>> {
+    let map = dp
+        .ebpf
+        .map_mut(lb_common::maps::TX_PORTS)
+        .context("no devmap")?;
+    Ok(aya::maps::DevMapHash::try_from(map)?)
+}
+
+fn accept_local(ifname: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local")
 }
 
 /// Makes the attached interfaces what `node` lists, in its `xdp_mode`: attach new ones, detach
@@ -349,7 +382,7 @@ fn steps(
         .into_iter()
         .partition(|t| matches!(t.2, Step::Fresh));
     for (ifname, index, step) in fresh.into_iter().chain(remodes) {
-        prepare(dp, ifname, index)?;
+        prepare(dp, ifname, index, done)?;
         attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
         info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached");
     }
@@ -370,7 +403,7 @@ fn steps(
         info!(interface = %ifname, "detached");
     }
     for (ifname, index, step) in swaps {
-        prepare(dp, ifname, index)?;
+        prepare(dp, ifname, index, done)?;
         attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
         info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached (program swapped into the pinned link)");
     }
@@ -380,14 +413,11 @@ fn steps(
 /// How XDP is attached to the interface `index` now, as the kernel reports it; None if no
 /// program is, or not in a mode lb uses (offloaded).
 fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
-    const XDP_ATTACHED_DRV: u8 = 1;
-    const XDP_ATTACHED_SKB: u8 = 2;
-    let attached = xdp_state(index)
-        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?
-        .attached;
-    Ok(match attached {
-        XDP_ATTACHED_DRV => Some(ModeSetting::Native),
-        XDP_ATTACHED_SKB => Some(ModeSetting::Generic),
+    let state = xdp_state(index)
+        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
+    Ok(match state.mode() {
+        Some("native") => Some(ModeSetting::Native),
+        Some("generic") => Some(ModeSetting::Generic),
         _ => None,
     })
 }
@@ -466,6 +496,19 @@ struct XdpState {
     prog_ids: [u32; 4],
 }
 
+impl XdpState {
+    /// How XDP is attached, from `XDP_ATTACHED_*`; None if nothing is.
+    fn mode(&self) -> Option<&'static str> {
+        match self.attached {
+            0 => None,
+            1 => Some("native"),
+            2 => Some("generic"),
+            3 => Some("offload"),
+            _ => Some("several"),
+        }
+    }
+}
+
 /// `IFLA_XDP_ATTACHED` and the program ids (`IFLA_XDP_PROG_ID`, and per mode when several are
 /// attached) from an `RTM_NEWLINK` answer (nothing attached if absent).
 fn parse_xdp(msg: &[u8]) -> io::Result<XdpState> {
@@ -532,13 +575,7 @@ pub fn attachment(pin_dir: &Path, ifname: &str) -> Attachment {
         .map(|i| i.program_id());
     let ifindex = ifindex(ifname);
     let state = ifindex.and_then(|i| xdp_state(i).ok()).unwrap_or_default();
-    let mode = match state.attached {
-        0 => None,
-        1 => Some("native"),
-        2 => Some("generic"),
-        3 => Some("offload"),
-        _ => Some("several"),
-    };
+    let mode = state.mode();
     let mut program_ids: Vec<u32> = state.prog_ids.into_iter().filter(|i| *i != 0).collect();
     program_ids.sort_unstable();
     program_ids.dedup();

@@ -253,6 +253,9 @@ pub struct VipStatus {
 #[derive(Serialize, serde::Deserialize, Debug)]
 pub struct BackendStatus {
     pub address: String,
+    /// Its own port (NAT's `port:`), 0 if it takes the VIP's.
+    #[serde(default)]
+    pub port: u16,
     pub weight: u32,
     /// None: not health checked.
     pub healthy: Option<bool>,
@@ -303,12 +306,12 @@ fn write_status(
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            let port = if b.port == 0 { v.spec.port } else { b.port };
-                            let backend = crate::view::BackendRef::at((b.address, port).into());
-                            health_rows.push((v.spec.label(), backend.label, h));
+                            let at = crate::view::endpoint(b.address, b.port, v.spec.port);
+                            health_rows.push((v.spec.label(), at.to_string(), h));
                         }
                         BackendStatus {
                             address: b.address.to_string(),
+                            port: b.port,
                             weight: b.weight,
                             healthy,
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
@@ -494,6 +497,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let (ktx, krx) = mpsc::channel::<()>(1);
+    // The first list may take long (an API server away): a second agent is refused before it.
+    PinLock::free(&opts.pin_dir)?;
     let kube = match &opts.kubernetes {
         Some(k) => Some(first_list(k, &file, ktx).await?),
         None => None,
@@ -682,9 +687,7 @@ async fn serve(
                 Reload::No
             }
             _ = passive_tick.tick() => {
-                // Nothing changed: nothing to write, unless the status file went (`lb down
-                // --force`), which `lb status` needs to see this agent at all.
-                if !passive.round(&mut agent, &ptx, m) && status_path(&opts.state_dir).exists() {
+                if !passive.round(&mut agent, &ptx, m) {
                     continue;
                 }
                 Reload::No
@@ -800,8 +803,10 @@ pub fn down_unless_running(pin_dir: &Path, state_dir: &Path) -> Result<Vec<Strin
 }
 
 /// `lb down --force`: detaches the program from every interface it was pinned to and removes
-/// the pins, whether or not an agent holds them.
+/// the pins, whether or not an agent holds them. The status file goes too, unless an agent still
+/// runs: it is that agent's, and `lb status` shows it running with nothing attached.
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let agent_runs = pin_dir.exists() && PinLock::try_lock(pin_dir)?.is_none();
     let mut done = Vec::new();
     for (ifname, _) in links::pinned_links(pin_dir) {
         links::detach(pin_dir, &ifname)?;
@@ -822,7 +827,9 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
             )
         })?;
     }
-    let _ = std::fs::remove_file(status_path(state_dir));
+    if !agent_runs {
+        let _ = std::fs::remove_file(status_path(state_dir));
+    }
     Ok(done)
 }
 
@@ -867,6 +874,7 @@ vips:
         .unwrap();
         let row = |address: &str, healthy, passive_out| BackendStatus {
             address: address.into(),
+            port: 0,
             weight: 1,
             healthy: Some(healthy),
             passive_out,

@@ -75,22 +75,6 @@ impl VipNames {
     }
 }
 
-pub(crate) fn add(a: TrafficStats, b: TrafficStats) -> TrafficStats {
-    TrafficStats {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
-        new_flows: a.new_flows + b.new_flows,
-    }
-}
-
-/// Each VIP's label, by VIP id.
-pub fn vip_labels(p: &Pinned) -> Result<BTreeMap<u32, String>> {
-    Ok(p.vips()?
-        .iter()
-        .map(|(k, v)| (v.id, vip_label(k)))
-        .collect())
-}
-
 /// Each VIP as [`VipRef`], with its key, by VIP id.
 pub fn vip_refs(p: &Pinned, names: &VipNames) -> Result<BTreeMap<u32, (VipKey, VipRef)>> {
     Ok(p.vips()?
@@ -132,7 +116,7 @@ fn backend_totals(rows: &[MemberRow]) -> BTreeMap<BackendRef, (TrafficStats, usi
     let mut out: BTreeMap<BackendRef, (TrafficStats, usize)> = BTreeMap::new();
     for r in rows {
         let e = out.entry(r.backend.clone()).or_default();
-        e.0 = add(e.0, r.stats);
+        e.0 = e.0.plus(r.stats);
         e.1 += 1;
     }
     out
@@ -353,14 +337,7 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
 
 /// A configured backend's health as the status file says.
 fn health_word(c: &run::BackendStatus) -> &'static str {
-    if c.passive_out {
-        return "out-passive";
-    }
-    match c.healthy {
-        None => "unchecked",
-        Some(true) => "healthy",
-        Some(false) => "unhealthy",
-    }
+    crate::top::sample::Health::of(c).label()
 }
 
 /// One VIP's members (its backends, with their own counters), then configured backends that have
@@ -383,7 +360,7 @@ fn vip_backends(
     }
     for b in st.map(|s| s.backends.as_slice()).unwrap_or_default() {
         if let Ok(a) = b.address.parse::<IpAddr>() {
-            let at = SocketAddr::new(a, vip.port);
+            let at = crate::view::endpoint(a, b.port, vip.port);
             by_addr.entry(a).or_insert((None, BackendRef::at(at)));
         }
     }

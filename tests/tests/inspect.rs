@@ -150,11 +150,11 @@ fn status_shows_the_running_agent_attached_its_sizes_and_the_flows_it_holds() {
     assert_eq!(m["sizes"]["max_vips"], 8, "{v}");
     assert_eq!(m["vips"], 2, "{v}");
     assert_eq!(m["backends"], 3, "members: web's two, api's one: {v}");
-    assert_eq!(m["flows_v4"]["entries"], flows, "{v}");
-    assert_eq!(m["flows_v6"]["entries"], 0, "{v}");
-    let cap = m["flows_v4"]["capacity"].as_u64().unwrap();
+    assert_eq!(m["tables"]["flows_ipv4"]["entries"], flows, "{v}");
+    assert_eq!(m["tables"]["flows_ipv6"]["entries"], 0, "{v}");
+    let cap = m["tables"]["flows_ipv4"]["capacity"].as_u64().unwrap();
     assert!(cap >= 65536, "{v}");
-    let fill = m["flows_v4"]["fill"].as_f64().unwrap();
+    let fill = m["tables"]["flows_ipv4"]["fill"].as_f64().unwrap();
     assert!((fill - flows as f64 / cap as f64).abs() < 1e-9, "{v}");
 }
 
@@ -467,8 +467,8 @@ fn ipv6_flows_are_listed_and_counted_with_the_ipv4_ones() {
     let only6 = s.dirs.json(&["flows", "--vip", "[2001:db8::10]:80"]);
     assert_eq!(only6["total"], n6, "{only6}");
     let (st, _) = status(&s);
-    assert_eq!(st["maps"]["flows_v4"]["entries"], n4, "{st}");
-    assert_eq!(st["maps"]["flows_v6"]["entries"], n6, "{st}");
+    assert_eq!(st["maps"]["tables"]["flows_ipv4"]["entries"], n4, "{st}");
+    assert_eq!(st["maps"]["tables"]["flows_ipv6"]["entries"], n6, "{st}");
 }
 
 #[test]

@@ -210,6 +210,17 @@ fn setup(build_only: bool) -> Result<()> {
     Ok(())
 }
 
+/// `apt-get update`, once per setup.
+fn apt_update(step: &str) -> Result<()> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    install(step, Command::new("apt-get").arg("update").arg("-q"))?;
+    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// Installs the Debian packages of `all` that are missing.
 fn apt_packages(all: Vec<&str>) -> Result<()> {
     let missing: Vec<&str> = all.iter().copied().filter(|p| !dpkg_installed(p)).collect();
@@ -222,10 +233,7 @@ fn apt_packages(all: Vec<&str>) -> Result<()> {
         missing.join(", ")
     ));
     require_root("installing Debian packages")?;
-    install(
-        "Debian packages",
-        Command::new("apt-get").arg("update").arg("-q"),
-    )?;
+    apt_update("Debian packages")?;
     install(
         "Debian packages",
         Command::new("apt-get")
@@ -251,7 +259,7 @@ fn promtool() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let step = "promtool";
-    install(step, Command::new("apt-get").arg("update").arg("-q"))?;
+    apt_update(step)?;
     install(
         step,
         Command::new("apt-get")

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::Format;
 use crate::{
-    inspect::{InspectError, Pinned},
+    inspect::{Fill, InspectError, Pinned},
     life::{ReloadStatus, SizesStatus},
     links,
     run::{self, status_path},
@@ -52,32 +52,15 @@ pub struct InterfaceView {
 }
 
 #[derive(Serialize, Debug)]
-pub struct Fill {
-    pub entries: u64,
-    pub capacity: u64,
-    /// entries / capacity.
-    pub fill: f64,
-}
-
-impl Fill {
-    fn of((entries, capacity): (u64, u64)) -> Self {
-        Self {
-            entries,
-            capacity,
-            fill: entries as f64 / capacity.max(1) as f64,
-        }
-    }
-}
-
-#[derive(Serialize, Debug)]
 pub struct MapsView {
     pub pin_dir: String,
     pub sizes: SizesStatus,
     pub vips: usize,
     /// Live members: backends of VIPs, one per (VIP, backend).
     pub backends: usize,
-    pub flows_v4: Fill,
-    pub flows_v6: Fill,
+    /// How full each of the program's tables is: `flows_ipv4`, `flows_ipv6`, `affinity`, `nat`,
+    /// `nat_reverse`.
+    pub tables: std::collections::BTreeMap<&'static str, Fill>,
 }
 
 #[derive(Serialize, Debug)]
@@ -162,8 +145,7 @@ fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
         sizes: SizesStatus::from(&p.sizes),
         vips: p.vips()?.len(),
         backends: p.members()?.len(),
-        flows_v4: Fill::of((p.flows4_entries()?, p.flows4_capacity())),
-        flows_v6: Fill::of((p.flows6_entries()?, p.sizes.flow_entries_v6() as u64)),
+        tables: p.fill()?.into_iter().collect(),
     })
 }
 
@@ -223,7 +205,14 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             (true, _) => "attached".to_string(),
             (false, None) => "NOT ATTACHED (no such interface)".to_string(),
             (false, Some(_)) if i.program_ids.is_empty() => "NOT ATTACHED".to_string(),
-            (false, Some(_)) => format!("NOT ATTACHED (another program: {:?})", i.program_ids),
+            (false, Some(_)) => format!(
+                "NOT ATTACHED (another program: id {})",
+                i.program_ids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
         let extra = if wide {
             let ids: Vec<String> = i.program_ids.iter().map(u32::to_string).collect();
@@ -269,9 +258,10 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
         s.nat_entries
     );
     println!("serving:    {} VIPs, {} backends", m.vips, m.backends);
-    for (name, f) in [("IPv4", &m.flows_v4), ("IPv6", &m.flows_v6)] {
+    println!("tables:");
+    for (name, f) in &m.tables {
         println!(
-            "flows {name}: {} of {} ({:.1}%)",
+            "  {name:<14} {} of {} ({:.1}%)",
             f.entries,
             f.capacity,
             f.fill * 100.0

@@ -60,13 +60,11 @@ pub struct Rates {
 
 impl Rates {
     fn between(old: Option<&TrafficStats>, new: &TrafficStats, secs: f64) -> Self {
-        let old = old.copied().unwrap_or_default();
-        let d = |a: u64, b: u64| a.saturating_sub(b);
-        let (packets, bytes, new_flows) = (
-            d(new.packets, old.packets),
-            d(new.bytes, old.bytes),
-            d(new.new_flows, old.new_flows),
-        );
+        let TrafficStats {
+            packets,
+            bytes,
+            new_flows,
+        } = new.since(old.copied().unwrap_or_default());
         Self {
             packets,
             bytes,
