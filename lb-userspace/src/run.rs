@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{Agent, Remembered, Target},
+    announce,
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
@@ -234,6 +235,9 @@ pub struct Status {
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
     pub nexthops: crate::nexthop::NexthopStatus,
+    /// The VIP addresses this node announces (None: `node.announce` is off).
+    #[serde(default)]
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -269,6 +273,7 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
     let mut health_rows = Vec::new();
     let status = Status {
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
+        announce: m.announce.lock().expect("announce lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
             .vips
@@ -544,9 +549,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
+    let mut announce = announce::Keeper::default();
+    announce_update(&mut announce, &agent, &m).await;
     write_status(&opts, &agent, &m)?;
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops, &mut announce).await?;
+    announce.shutdown().await;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -555,6 +563,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts.pin_dir.display()
     );
     Ok(())
+}
+
+/// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
+async fn announce_update(
+    k: &mut announce::Keeper,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+) {
+    k.update(agent.config().node.announce.as_ref(), agent.state())
+        .await;
+    *m.announce.lock().expect("announce lock") = k.status();
 }
 
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
@@ -567,6 +586,7 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
+    announce: &mut announce::Keeper,
 ) -> Result<()> {
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
@@ -683,6 +703,7 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
+        announce_update(announce, &agent, m).await;
         if let Err(e) = write_status(opts, &agent, m) {
             warn!("writing the status file: {e:#}");
         }
@@ -694,6 +715,17 @@ async fn serve(
 /// `lb down`: detaches the program from every interface it was pinned to and removes the pins.
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
+    // The routes first: the node stops being announced before it stops serving.
+    if let Some(a) = read_status(state_dir).and_then(|s| s.announce) {
+        for vip in announce::withdraw_blocking(a.table).with_context(|| {
+            format!(
+                "withdrawing the VIPs announced in routing table {}",
+                a.table
+            )
+        })? {
+            done.push(format!("withdrew {vip} (routing table {})", a.table));
+        }
+    }
     for (ifname, _) in links::pinned_links(pin_dir) {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
@@ -764,6 +796,7 @@ vips:
         };
         let status = Status {
             nexthops: Default::default(),
+            announce: None,
             config: "t".into(),
             vips: vec![
                 VipStatus {
