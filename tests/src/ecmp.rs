@@ -1,0 +1,775 @@
+//! The scale-out lab: several lb nodes behind an ECMP router, each announcing its VIPs over
+//! BGP with a real routing daemon (BIRD 2, started here), for the multi-node tests.
+//!
+//! ```text
+//!  client ── router ──┬── n1 10.20.0.2  ┐ agent (XDP on eth0, node.announce: table 100)
+//!  10.10.0.2-9   BIRD ├── n2 10.20.0.3  ├ + BIRD: learns table 100, BGP to the router
+//!  fd10::2-9     ECMP ├── n3 10.20.0.4  ┘   (BFD 100 ms x 5)
+//!                     ├── b1 10.20.0.11 ┐ echo servers on the VIPs (DSR, lb_decap on eth0)
+//!                     ├── b2 10.20.0.12 ├ and on their own addresses (NAT)
+//!                     └── b3 10.20.0.13 ┘
+//!            fabric: bridge br0 in the router namespace, 10.20.0.0/24, fd20::/64, MTU 1600
+//! ```
+//!
+//! The router's BIRD peers with every node (AS 65000 to AS 65001, one IPv4 and one IPv6
+//! session each) and installs each VIP as one multipath route over the nodes that announce it;
+//! the kernel spreads connections over them by their 4-tuple (`fib_multipath_hash_policy` 1).
+//! Only addresses inside these namespaces are used. Everything (agents, daemons, pins,
+//! namespaces) is removed on drop, also when a test panics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::programs::XdpMode;
+use lb_userspace::{inspect::Pinned, program::Sizes};
+
+use crate::{
+    agent::{Agent, Dirs},
+    dc::{BACKENDS, CLIENTS, client_v4, client_v6, echo, open},
+    harness::Lb,
+    netns::NetNs,
+};
+
+/// The routing table the nodes announce through (`node.announce.table`).
+pub const TABLE: u32 = 100;
+pub const VIP4: &str = "192.0.2.10";
+pub const VIP6: &str = "2001:db8::10";
+/// A NAT VIP; its backends listen on [`NAT_PORT`] of their own addresses.
+pub const NAT_VIP4: &str = "192.0.2.20";
+pub const NAT_PORT: u16 = 9080;
+/// BFD: 100 ms, 5 missed packets (a node's loss is noticed in about half a second).
+pub const BFD: &str = "min rx interval 100 ms; min tx interval 100 ms; multiplier 5;";
+/// BGP timers: the session itself (BFD notices a lost link first), and how soon it is retried.
+pub const BGP_TIMERS: &str =
+    "hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 2;";
+
+/// A node's fabric addresses (node `i`, from 0).
+pub fn node_v4(i: usize) -> IpAddr {
+    format!("10.20.0.{}", 2 + i).parse().unwrap()
+}
+
+pub fn node_v6(i: usize) -> IpAddr {
+    format!("fd20::{}", 2 + i).parse().unwrap()
+}
+
+/// The config of node `i`: `vips` is the YAML of the `vips:` list.
+pub fn node_config(i: usize, vips: &str) -> String {
+    format!(
+        "node:
+  interfaces: [eth0]
+  source_v4: {}
+  source_v6: {}
+  table_size: 65537
+  max_vips: 8
+  max_backends: 32
+  announce: {{ table: {TABLE} }}
+vips:
+{vips}",
+        node_v4(i),
+        node_v6(i)
+    )
+}
+
+/// A DSR VIP entry (port 80, TCP) over backends `backends` (indices into [`BACKENDS`]) with
+/// weight `weight`.
+pub fn dsr_vip(addr: &str, backends: &[usize], weight: u32) -> String {
+    let v6 = addr.contains(':');
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            let (_, a4, a6) = BACKENDS[*b];
+            format!(
+                "{{ address: {}, weight: {weight} }}",
+                if v6 { a6 } else { a4 }
+            )
+        })
+        .collect();
+    format!(
+        "  - {{ address: \"{addr}\", port: 80, protocol: tcp, mode: dsr, backends: [{}] }}\n",
+        list.join(", ")
+    )
+}
+
+/// The NAT VIP entry, over all the backends.
+pub fn nat_vip() -> String {
+    let list: Vec<String> = BACKENDS
+        .iter()
+        .map(|(_, a4, _)| format!("{{ address: {a4}, port: {NAT_PORT} }}"))
+        .collect();
+    format!(
+        "  - {{ address: {NAT_VIP4}, port: 80, protocol: tcp, mode: nat, backends: [{}] }}\n",
+        list.join(", ")
+    )
+}
+
+/// A BIRD daemon running in the foreground in a namespace; killed on drop.
+pub struct Bird {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Bird {
+    /// Writes `conf` to `dir`/bird.conf and starts `bird -f` on it in `ns`.
+    pub fn start(ns: &NetNs, dir: &Path, conf: &str) -> Self {
+        let path = dir.join("bird.conf");
+        let socket = dir.join("bird.ctl");
+        std::fs::write(&path, conf).unwrap();
+        let stderr = dir.join("bird.stderr");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
+            .arg(&path)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting bird (BIRD 2: `cargo xtask setup` installs it)");
+        let mut b = Self {
+            child,
+            socket,
+            dir: dir.to_path_buf(),
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(Some(status)) = b.child.try_wait() {
+            panic!(
+                "bird exited ({status}): {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        b
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `birdc <args>` against this daemon, for failure messages.
+    pub fn birdc(&self, args: &[&str]) -> String {
+        match Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+        {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Err(e) => format!("birdc: {e}"),
+        }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// BIRD on a node: learns lb's routes from table [`TABLE`] and announces them to the router.
+pub fn node_bird_conf(i: usize, log: &Path) -> String {
+    format!(
+        r#"router id {id};
+log "{log}" {{ info, remote, warning, error, auth, fatal, bug }};
+protocol device {{ }}
+protocol bfd {{ interface "eth0" {{ {BFD} }}; }}
+# lb keeps one route per VIP it announces in table {TABLE}; `learn` takes routes made by others.
+protocol kernel lb4 {{ kernel table {TABLE}; learn; ipv4 {{ import all; export none; }}; }}
+protocol kernel lb6 {{ kernel table {TABLE}; learn; ipv6 {{ import all; export none; }}; }}
+template bgp upstream {{ local as 65001; bfd on; {BGP_TIMERS} }}
+protocol bgp router4 from upstream {{
+  neighbor 10.20.0.1 as 65000;
+  ipv4 {{ import none; export all; next hop self; }};
+}}
+protocol bgp router6 from upstream {{
+  neighbor fd20::1 as 65000;
+  ipv6 {{ import none; export all; next hop self; }};
+}}
+"#,
+        id = node_v4(i),
+        log = log.display()
+    )
+}
+
+/// BIRD on the router: one session per node and family; the VIPs go into the main table as
+/// multipath routes.
+pub fn router_bird_conf(nodes: usize, log: &Path) -> String {
+    let mut c = format!(
+        r#"router id 10.20.0.1;
+log "{log}" {{ info, remote, warning, error, auth, fatal, bug }};
+protocol device {{ }}
+protocol bfd {{ interface "br0" {{ {BFD} }}; }}
+protocol kernel {{ merge paths on; ipv4 {{ import none; export all; }}; }}
+protocol kernel {{ merge paths on; ipv6 {{ import none; export all; }}; }}
+template bgp lbnode {{ local as 65000; bfd on; {BGP_TIMERS} }}
+"#,
+        log = log.display()
+    );
+    for i in 0..nodes {
+        c.push_str(&format!(
+            "protocol bgp n{n}v4 from lbnode {{ neighbor {} as 65001; ipv4 {{ import all; export none; }}; }}
+protocol bgp n{n}v6 from lbnode {{ neighbor {} as 65001; ipv6 {{ import all; export none; }}; }}
+",
+            node_v4(i),
+            node_v6(i),
+            n = i + 1
+        ));
+    }
+    c
+}
+
+/// An lb node: its namespace, agent, pins and BIRD.
+pub struct Node {
+    pub name: String,
+    pub ns: NetNs,
+    pub dirs: Dirs,
+    pub agent: Option<Agent>,
+    pub bird: Option<Bird>,
+}
+
+impl Node {
+    /// The node's pinned maps.
+    pub fn pinned(&self) -> Pinned {
+        Pinned::open(&self.dirs.pins)
+            .unwrap_or_else(|e| panic!("{}: opening the pinned maps: {e}", self.name))
+    }
+
+    /// Starts the agent (the config already written) and waits for its first apply.
+    pub fn start_agent(&mut self) {
+        let mut a = Agent::start(&self.ns, &self.dirs);
+        a.wait_for("the maps and applied", 1, Duration::from_secs(30));
+        self.agent = Some(a);
+    }
+
+    /// `lb down` inside the node's namespace (where its routes are).
+    pub fn down(&self) -> Vec<String> {
+        self.ns
+            .run(|| lb_userspace::run::down(&self.dirs.pins, &self.dirs.state))
+            .unwrap_or_else(|e| panic!("{}: lb down: {e:#}", self.name))
+    }
+
+    /// The addresses of lb's routes in the node's announcement table.
+    pub fn table_routes(&self) -> BTreeSet<IpAddr> {
+        let mut out = BTreeSet::new();
+        for fam in ["-4", "-6"] {
+            let o = Command::new("ip")
+                .args(["-n", &self.ns.name, "-j", fam, "route", "show", "table"])
+                .arg(TABLE.to_string())
+                .args(["proto", &lb_userspace::announce::RTPROT_LB.to_string()])
+                .output()
+                .expect("running ip");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for r in v.as_array().into_iter().flatten() {
+                if let Some(a) = r["dst"].as_str().and_then(|d| d.parse().ok()) {
+                    out.insert(a);
+                }
+            }
+        }
+        out
+    }
+
+    /// The `announce` part of the agent's status file.
+    pub fn announced(&self) -> Vec<IpAddr> {
+        lb_userspace::run::read_status(&self.dirs.state)
+            .and_then(|s| s.announce)
+            .map(|a| a.announced)
+            .unwrap_or_default()
+    }
+}
+
+pub struct Ecmp {
+    pub client: NetNs,
+    pub router: NetNs,
+    pub nodes: Vec<Node>,
+    pub backends: Vec<(String, NetNs)>,
+    pub router_bird: Option<Bird>,
+    router_dir: PathBuf,
+    _decap: Lb,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+const MTU: &str = "1600";
+
+fn tiny() -> Sizes {
+    Sizes {
+        maglev_m: 13,
+        max_vips: 1,
+        max_backends: 1,
+        flow_entries: 1,
+        affinity_entries: 1,
+        nat_entries: 1,
+    }
+}
+
+impl Ecmp {
+    /// The lab with `n` nodes, node `i` serving `vips(i)` (the YAML of its `vips:` list);
+    /// returns once every node's agent has applied its config (announcements take longer:
+    /// see [`Ecmp::wait_nexthops`]).
+    pub fn new(bin: &Path, n: usize, vips: impl Fn(usize) -> String) -> Self {
+        let router = NetNs::new("router");
+        let client = NetNs::new("client");
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                Node {
+                    ns: NetNs::new(&name),
+                    dirs: Dirs::new(bin, &name),
+                    name,
+                    agent: None,
+                    bird: None,
+                }
+            })
+            .collect();
+        let backends: Vec<(String, NetNs)> = BACKENDS
+            .iter()
+            .map(|(b, _, _)| (b.to_string(), NetNs::new(b)))
+            .collect();
+        let router_dir = std::env::temp_dir().join(format!("{}-bird", router.name));
+        std::fs::create_dir_all(&router_dir).unwrap();
+        let mut lab = Self {
+            client,
+            router,
+            nodes,
+            backends,
+            router_bird: None,
+            router_dir,
+            _decap: Lb::load(tiny()),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        lab.wire();
+        lab.start_servers();
+        let conf = router_bird_conf(n, &lab.router_dir.join("bird.log"));
+        lab.router_bird = Some(Bird::start(&lab.router, &lab.router_dir, &conf));
+        for (i, node) in lab.nodes.iter_mut().enumerate() {
+            node.dirs.write_config(&node_config(i, &vips(i)));
+            node.start_agent();
+            let conf = node_bird_conf(i, &node.dirs.state.join("bird.log"));
+            node.bird = Some(Bird::start(&node.ns, &node.dirs.state, &conf));
+        }
+        lab
+    }
+
+    /// Links and addresses, the router's forwarding and ECMP hashing, the backends' decap.
+    fn wire(&mut self) {
+        let (router, client) = (&self.router, &self.client);
+        crate::netns::ip(&[
+            "link",
+            "add",
+            "c0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "r0",
+            "netns",
+            &router.name,
+        ]);
+        router.script(&format!(
+            "link add br0 type bridge
+             link set br0 mtu {MTU}
+             link set br0 up
+             addr add 10.20.0.1/24 dev br0
+             addr add fd20::1/64 dev br0 nodad
+             addr add 10.10.0.1/24 dev r0
+             addr add fd10::1/64 dev r0 nodad
+             link set r0 up"
+        ));
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+        // Spread by the 4-tuple, not by the addresses alone (the clients are few).
+        router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        router.sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+        let mut c = "link set c0 up\n".to_string();
+        for i in 0..CLIENTS {
+            c.push_str(&format!(
+                "addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n",
+                client_v4(i),
+                client_v6(i)
+            ));
+        }
+        c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
+        client.script(&c);
+        client.exec("ethtool", &["-K", "c0", "tx", "off"]);
+
+        let port = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
+            crate::netns::ip(&[
+                "link", "add", "eth0", "netns", &ns.name, "mtu", MTU, "type", "veth", "peer",
+                "name", port, "netns", &router.name, "mtu", MTU,
+            ]);
+            router.ip(&["link", "set", port, "master", "br0"]);
+            router.ip(&["link", "set", port, "up"]);
+            ns.script(&format!(
+                "addr add {v4}/24 dev eth0
+                 addr add {v6}/64 dev eth0 nodad
+                 link set eth0 up
+                 route add default via 10.20.0.1
+                 route add default via fd20::1"
+            ));
+        };
+        let decap = &mut self._decap;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let p = format!("p-{}", node.name);
+            port(
+                &node.ns,
+                &p,
+                &node_v4(i).to_string(),
+                &node_v6(i).to_string(),
+            );
+            node.ns.sysctl("net.ipv4.ip_forward", "1");
+            node.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+            node.ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+            node.ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
+            // XDP_TX out of the node's eth0 lands on its router port, which needs NAPI.
+            router.run(|| {
+                decap
+                    .xdp("lb_pass")
+                    .attach(&p, XdpMode::Driver)
+                    .expect("attaching lb_pass");
+            });
+        }
+        for ((_, ns), (name, v4, v6)) in self.backends.iter().zip(BACKENDS) {
+            port(ns, &format!("p-{name}"), v4, v6);
+            ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
+            for k in ["all", "default", "eth0", "lo"] {
+                ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
+            }
+            ns.run(|| {
+                decap
+                    .xdp("lb_decap")
+                    .attach("eth0", XdpMode::Driver)
+                    .expect("attaching lb_decap");
+            });
+        }
+    }
+
+    /// Echo servers (see [`crate::dc::echo`]: the backend's name, then every line back) on
+    /// every backend: on the VIPs port 80 (DSR) and on its own IPv4 address port [`NAT_PORT`].
+    fn start_servers(&mut self) {
+        for ((name, ns), (_, a4, _)) in self.backends.iter().zip(BACKENDS) {
+            let addrs = [
+                SocketAddr::new(VIP4.parse().unwrap(), 80),
+                SocketAddr::new(VIP6.parse().unwrap(), 80),
+                SocketAddr::new(a4.parse().unwrap(), NAT_PORT),
+            ];
+            for sa in addrs {
+                let l = ns.run(|| TcpListener::bind(sa).expect("bind the echo server"));
+                l.set_nonblocking(true).unwrap();
+                let (stop, name) = (self.stop.clone(), name.clone());
+                self.servers.push(std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match l.accept() {
+                            Ok((s, _)) => {
+                                let (name, stop) = (name.clone(), stop.clone());
+                                std::thread::spawn(move || echo(s, &name, &stop));
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                }));
+            }
+        }
+    }
+
+    /// The next hops (node addresses) of the router's route to `vip`; empty if it has none.
+    pub fn nexthops(&self, vip: &str) -> BTreeSet<IpAddr> {
+        let o = Command::new("ip")
+            .args(["-n", &self.router.name, "-j", "route", "show", vip])
+            .output()
+            .expect("running ip");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        let mut out = BTreeSet::new();
+        for r in v.as_array().into_iter().flatten() {
+            let hops = r["nexthops"]
+                .as_array()
+                .cloned()
+                .unwrap_or_else(|| vec![r.clone()]);
+            for h in hops {
+                if let Some(g) = h["gateway"].as_str().and_then(|g| g.parse().ok()) {
+                    out.insert(g);
+                }
+            }
+        }
+        out
+    }
+
+    /// The addresses of nodes `which`, in the family of `vip`.
+    pub fn node_addrs(&self, vip: &str, which: &[usize]) -> BTreeSet<IpAddr> {
+        which
+            .iter()
+            .map(|i| {
+                if vip.contains(':') {
+                    node_v6(*i)
+                } else {
+                    node_v4(*i)
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until the router reaches `vip` through exactly nodes `which`; returns how long it
+    /// took. Panics (with the router daemon's view) after `timeout`.
+    pub fn wait_nexthops(&self, vip: &str, which: &[usize], timeout: Duration) -> Duration {
+        let want = self.node_addrs(vip, which);
+        let start = Instant::now();
+        loop {
+            let now = self.nexthops(vip);
+            if now == want {
+                return start.elapsed();
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "the router reaches {vip} through {now:?}, not {want:?}, after {timeout:?}\n{}",
+                    self.router_bird
+                        .as_ref()
+                        .map_or(String::new(), |b| b.birdc(&["show", "protocols"]))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Takes node `i`'s link on the router down (`up` false) or brings it back.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let p = format!("p-{}", self.nodes[i].name);
+        self.router
+            .ip(&["link", "set", &p, if up { "up" } else { "down" }]);
+    }
+
+    /// Opens `n` streams from the clients to `vip:port`, round-robin over the clients.
+    pub fn streams(&self, vip: &str, port: u16, n: usize) -> Vec<Conn> {
+        let ip: IpAddr = vip.parse().unwrap();
+        let to = SocketAddr::new(ip, port);
+        (0..n)
+            .map(|i| {
+                let c = if ip.is_ipv4() {
+                    client_v4(i % CLIENTS)
+                } else {
+                    client_v6(i % CLIENTS)
+                };
+                let s = self
+                    .client
+                    .run(|| open(c, to))
+                    .unwrap_or_else(|e| panic!("opening stream {i} to {to}: {e}"));
+                Conn::start(s, to)
+            })
+            .collect()
+    }
+
+    /// The nodes whose maps hold `c`'s connection (a flow entry in DSR, a translation in NAT).
+    pub fn carriers(&self, c: &Conn) -> Vec<usize> {
+        let key = c.flow_key();
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                let p = n.pinned();
+                p.flow(&key).is_some() || p.nat(&key).is_some()
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Node `i`'s table for the VIP `vip:80/tcp`, slot by slot, as backend addresses (from the
+    /// pinned maps: the VIP's id, the ring and the members).
+    pub fn ring(&self, i: usize, vip: &str) -> Vec<Option<IpAddr>> {
+        let p = self.nodes[i].pinned();
+        let (addr, family) = lb_userspace::model::addr16(vip.parse().unwrap());
+        let vips = p.vips().expect("reading the VIPs");
+        let (_, v) = vips
+            .iter()
+            .find(|(k, _)| {
+                k.addr == addr
+                    && k.family == family
+                    && u16::from_be(k.port) == 80
+                    && k.proto == libc::IPPROTO_TCP as u8
+            })
+            .unwrap_or_else(|| panic!("node {} has no VIP {vip}:80/tcp", i + 1));
+        (0..p.table_size(v))
+            .map(|s| {
+                p.member(p.ring_slot(v.id, s))
+                    .map(|m| lb_userspace::model::ip_of(&m.addr, m.family))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Ecmp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.servers.drain(..) {
+            let _ = h.join();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut a) = n.agent.take() {
+                a.kill9();
+            }
+            // In the node's namespace, where its routes are (the pins' own drop runs in ours,
+            // and then finds nothing left to withdraw).
+            let _ = n
+                .ns
+                .run(|| lb_userspace::run::down(&n.dirs.pins, &n.dirs.state));
+            n.bird = None;
+        }
+        self.router_bird = None;
+        let _ = std::fs::remove_dir_all(&self.router_dir);
+    }
+}
+
+/// How long a stream waits for an echo before it counts as broken: far longer than a node's
+/// loss takes to notice and TCP's retransmissions to cross it.
+pub const STALL: Duration = Duration::from_secs(15);
+/// No stream outlives this, whatever the test does.
+pub const STREAM_CAP: Duration = Duration::from_secs(240);
+
+/// A long-lived connection that sends a numbered line every 100 ms and checks each echo.
+pub struct Conn {
+    pub local: SocketAddr,
+    pub vip: SocketAddr,
+    /// The backend that answered the connection.
+    pub backend: String,
+    exchanged: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Option<String>>>,
+}
+
+impl Conn {
+    fn start(s: std::net::TcpStream, vip: SocketAddr) -> Self {
+        let local = s.local_addr().unwrap();
+        s.set_read_timeout(Some(STALL)).unwrap();
+        s.set_write_timeout(Some(STALL)).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        let mut backend = String::new();
+        reader
+            .read_line(&mut backend)
+            .unwrap_or_else(|e| panic!("{local}: reading the backend's name: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let exchanged = Arc::new(AtomicU64::new(0));
+        let (st, ex, mut w) = (stop.clone(), exchanged.clone(), s);
+        let handle = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !st.load(Ordering::Relaxed) && started.elapsed() < STREAM_CAP {
+                let msg = format!("{n} {}\n", "y".repeat(64));
+                if let Err(e) = w.write_all(msg.as_bytes()) {
+                    return Some(format!("write after {n} exchanges: {e}"));
+                }
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => return Some(format!("closed by the peer after {n} exchanges")),
+                    Ok(_) if line == msg => {}
+                    Ok(_) => return Some(format!("wrong echo after {n} exchanges")),
+                    Err(e) => return Some(format!("read after {n} exchanges: {e}")),
+                }
+                n += 1;
+                ex.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        });
+        Self {
+            local,
+            vip,
+            backend: backend.trim().to_string(),
+            exchanged,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn exchanged(&self) -> u64 {
+        self.exchanged.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream has ended (before [`Conn::finish`], only by breaking).
+    pub fn ended(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// The key of this connection in the maps.
+    pub fn flow_key(&self) -> lb_common::FlowKey {
+        let (src, family) = lb_userspace::model::addr16(self.local.ip());
+        let (dst, _) = lb_userspace::model::addr16(self.vip.ip());
+        lb_common::FlowKey {
+            src,
+            dst,
+            src_port: self.local.port().to_be(),
+            dst_port: self.vip.port().to_be(),
+            proto: libc::IPPROTO_TCP as u8,
+            family,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Stops the stream: `None` if it never broke, else what happened.
+    pub fn finish(mut self) -> Option<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits until every stream not in `skip` has made `more` exchanges beyond its count when the
+/// wait began, or `timeout`; returns the indices of those that did not (ended or stalled).
+pub fn wait_progress(
+    conns: &[Conn],
+    more: u64,
+    skip: &BTreeSet<usize>,
+    timeout: Duration,
+) -> BTreeSet<usize> {
+    let from: Vec<u64> = conns.iter().map(Conn::exchanged).collect();
+    let start = Instant::now();
+    loop {
+        let behind: BTreeSet<usize> = conns
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !skip.contains(i) && c.exchanged() < from[*i] + more)
+            .map(|(i, _)| i)
+            .collect();
+        if behind.is_empty() || start.elapsed() > timeout {
+            return behind;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Which node carries each stream (by index), from the nodes' maps; panics if a stream is held
+/// by no node or by several.
+pub fn carrier_of_each(lab: &Ecmp, conns: &[Conn]) -> Vec<usize> {
+    conns
+        .iter()
+        .map(|c| match lab.carriers(c)[..] {
+            [one] => one,
+            ref other => panic!("{} is held by nodes {other:?}", c.local),
+        })
+        .collect()
+}
+
+/// How many streams each node carries.
+pub fn per_node(carriers: &[usize], nodes: usize) -> BTreeMap<usize, usize> {
+    let mut m: BTreeMap<usize, usize> = (0..nodes).map(|i| (i, 0)).collect();
+    for c in carriers {
+        *m.entry(*c).or_default() += 1;
+    }
+    m
+}
