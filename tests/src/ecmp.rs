@@ -488,8 +488,9 @@ impl Ecmp {
 
     /// The next hops (node addresses) of the router's route to `vip`; empty if it has none.
     pub fn nexthops(&self, vip: &str) -> BTreeSet<IpAddr> {
+        let family = if vip.contains(':') { "-6" } else { "-4" };
         let o = Command::new("ip")
-            .args(["-n", &self.router.name, "-j", "route", "show", vip])
+            .args(["-n", &self.router.name, "-j", family, "route", "show", vip])
             .output()
             .expect("running ip");
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
