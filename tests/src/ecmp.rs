@@ -444,6 +444,8 @@ impl Ecmp {
         }
         for ((_, ns), (name, v4, v6)) in self.backends.iter().zip(BACKENDS) {
             port(ns, &format!("p-{name}"), v4, v6);
+            // veths leave checksums to "hardware", which NAT's XDP forwarding skips (README).
+            ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
             ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
             ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
             for k in ["all", "default", "eth0", "lo"] {
@@ -763,6 +765,14 @@ pub fn carrier_of_each(lab: &Ecmp, conns: &[Conn]) -> Vec<usize> {
             [one] => one,
             ref other => panic!("{} is held by nodes {other:?}", c.local),
         })
+        .collect()
+}
+
+/// The streams (by index) now held by a node other than the one in `before` (ECMP moved them
+/// there: the new node balanced them, or made a flow entry for them).
+pub fn moved_since(lab: &Ecmp, conns: &[Conn], before: &[usize]) -> BTreeSet<usize> {
+    (0..conns.len())
+        .filter(|i| lab.carriers(&conns[*i]).iter().any(|n| *n != before[*i]))
         .collect()
 }
 

@@ -15,8 +15,8 @@ use std::{
 };
 
 use lb_tests::ecmp::{
-    Conn, Ecmp, NAT_VIP4, VIP4, VIP6, carrier_of_each, dsr_vip, nat_vip, node_config,
-    per_node, wait_progress,
+    Conn, Ecmp, NAT_VIP4, VIP4, VIP6, carrier_of_each, dsr_vip, moved_since, nat_vip,
+    node_config, per_node, wait_progress,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -79,8 +79,8 @@ fn dsr_streams_survive_a_node_leaving_and_a_fresh_node_joining() {
         "streams stuck or broken after n3 left: {:?}",
         behind.iter().map(|i| conns[*i].local).collect::<Vec<_>>()
     );
-    let moved: Vec<usize> = (0..conns.len()).filter(|i| before[*i] == 2).collect();
-    for i in &moved {
+    let of_n3: Vec<usize> = (0..conns.len()).filter(|i| before[*i] == 2).collect();
+    for i in &of_n3 {
         let now = lab.carriers(&conns[*i]);
         assert!(
             now.iter().any(|n| *n != 2),
@@ -88,6 +88,9 @@ fn dsr_streams_survive_a_node_leaving_and_a_fresh_node_joining() {
             conns[*i].local
         );
     }
+
+    // ECMP's hash-threshold mapping moves some flows between the nodes that stayed, too.
+    let moved = moved_since(&lab, &conns, &before);
 
     // n3 comes back as a fresh node: maps removed and made anew, so every flow ECMP gives it
     // is one it never saw, and it must pick the backend from its table alone.
@@ -113,9 +116,271 @@ fn dsr_streams_survive_a_node_leaving_and_a_fresh_node_joining() {
         "ECMP gave the fresh n3 none of the 200 connections"
     );
     eprintln!(
-        "spread {spread:?}; n3 left: withdrawn in {gone4:?} (v4) {gone6:?} (v6), {} streams moved; \
-         fresh n3 announced in {back4:?} (v4) {back6:?} (v6) and took {on_fresh_n3} streams it never saw",
-        moved.len()
+        "spread {spread:?}; n3 left: withdrawn in {gone4:?} (v4) {gone6:?} (v6), {} streams \
+         changed node ({} of them n3's); fresh n3 announced in {back4:?} (v4) {back6:?} (v6) \
+         and took {on_fresh_n3} streams it never saw",
+        moved.len(),
+        of_n3.len()
     );
     finish_all(conns);
+}
+
+#[test]
+fn a_node_whose_backends_are_all_gone_withdraws_its_vips_within_the_timers_and_announces_them_again()
+{
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));
+    // n2's backends all go to weight 0 (as when every health check fails).
+    let drained = dsr_vip(VIP4, &[0, 1, 2], 0) + &dsr_vip(VIP6, &[0, 1, 2], 0);
+    lab.nodes[1].dirs.write_config(&node_config(1, &drained));
+    let start = Instant::now();
+    lab.wait_nexthops(VIP4, &[0, 2], DETECT);
+    lab.wait_nexthops(VIP6, &[0, 2], DETECT);
+    let withdrawn = start.elapsed();
+    assert_eq!(lab.nodes[1].table_routes(), BTreeSet::new());
+    assert!(lab.nodes[1].announced().is_empty());
+    assert_eq!(lab.nodes[0].table_routes().len(), 2, "n1 still announces both");
+
+    lab.nodes[1].dirs.write_config(&node_config(1, &dsr_vips(&[0, 1, 2])));
+    let start = Instant::now();
+    lab.wait_nexthops(VIP4, &[0, 1, 2], DETECT);
+    lab.wait_nexthops(VIP6, &[0, 1, 2], DETECT);
+    let announced = start.elapsed();
+    let want: BTreeSet<std::net::IpAddr> = [VIP4, VIP6].map(|a| a.parse().unwrap()).into();
+    assert_eq!(lab.nodes[1].table_routes(), want);
+    assert_eq!(
+        lab.nodes[1].announced().into_iter().collect::<BTreeSet<_>>(),
+        want
+    );
+    let a = lab.nodes[1].agent.as_mut().unwrap();
+    a.wait_for("config applied", 2, Duration::from_secs(1));
+    eprintln!(
+        "config saved to router updated (file watch + reload + BGP): withdrawn in {withdrawn:?}, announced in {announced:?}"
+    );
+}
+
+#[test]
+fn sigterm_and_lb_down_withdraw_a_nodes_vips_and_kill_9_leaves_them_announced() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));
+    let both: BTreeSet<std::net::IpAddr> = [VIP4, VIP6].map(|a| a.parse().unwrap()).into();
+    let n1 = &mut lab.nodes[0];
+
+    // kill -9: the data plane keeps serving, and the routes stay (nothing removes them).
+    n1.agent.take().unwrap().kill9();
+    assert_eq!(n1.table_routes(), both);
+    // A new agent adopts them (and keeps them: the maps still give the VIPs backends).
+    n1.start_agent();
+    n1.agent
+        .as_mut()
+        .unwrap()
+        .wait_for("announcing VIPs through routing table", 1, Duration::from_secs(5));
+    assert_eq!(n1.table_routes(), both);
+    for vip in [VIP4, VIP6] {
+        assert_eq!(lab.nexthops(vip), lab.node_addrs(vip, &[0, 1, 2]));
+    }
+
+    // SIGTERM: withdrawn before the agent exits.
+    let status = lab.nodes[0].agent.take().unwrap().stop();
+    assert!(status.success(), "the agent exited with {status}");
+    assert_eq!(lab.nodes[0].table_routes(), BTreeSet::new());
+    for vip in [VIP4, VIP6] {
+        lab.wait_nexthops(vip, &[1, 2], DETECT);
+    }
+
+    // Back, then killed and taken down with `lb down`.
+    lab.nodes[0].start_agent();
+    for vip in [VIP4, VIP6] {
+        lab.wait_nexthops(vip, &[0, 1, 2], DETECT);
+    }
+    lab.nodes[0].agent.take().unwrap().kill9();
+    let done = lab.nodes[0].down();
+    assert!(
+        done.iter().any(|d| d.starts_with("withdrew 192.0.2.10")),
+        "lb down: {done:?}"
+    );
+    assert_eq!(lab.nodes[0].table_routes(), BTreeSet::new());
+    for vip in [VIP4, VIP6] {
+        lab.wait_nexthops(vip, &[1, 2], DETECT);
+    }
+}
+
+#[test]
+fn dsr_streams_survive_a_nodes_routing_daemon_being_killed() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));
+    let mut conns = lab.streams(VIP4, 80, 60);
+    conns.extend(lab.streams(VIP6, 80, 60));
+    let none = BTreeSet::new();
+    assert!(wait_progress(&conns, 3, &none, Duration::from_secs(20)).is_empty());
+    let spread = per_node(&carrier_of_each(&lab, &conns), 3);
+    assert!(spread[&1] > 0, "n2 carries none of 120: {spread:?}");
+    lab.nodes[1].bird.as_mut().unwrap().kill9();
+    let gone = lab.wait_nexthops(VIP4, &[0, 2], DETECT);
+    lab.wait_nexthops(VIP6, &[0, 2], DETECT);
+    let behind = wait_progress(&conns, 10, &none, Duration::from_secs(30));
+    assert!(behind.is_empty(), "stuck or broken: {behind:?}");
+    eprintln!(
+        "n2's BIRD killed: the router dropped it in {gone:?}; {} streams moved",
+        spread[&1]
+    );
+    finish_all(conns);
+}
+
+#[test]
+fn every_node_holds_the_same_maglev_tables_in_its_pinned_maps() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Weights that differ per backend; each node lists the backends in another order.
+    let vips = |i: usize| {
+        let order = [[0, 1, 2], [2, 0, 1], [1, 2, 0]][i];
+        let mut y = String::new();
+        for vip in [VIP4, VIP6] {
+            let entries: Vec<String> = order
+                .iter()
+                .map(|b| {
+                    let (_, a4, a6) = lb_tests::dc::BACKENDS[*b];
+                    let a = if vip.contains(':') { a6 } else { a4 };
+                    format!("{{ address: {a}, weight: {} }}", [100, 200, 300][*b])
+                })
+                .collect();
+            y.push_str(&format!(
+                "  - {{ address: \"{vip}\", port: 80, protocol: tcp, backends: [{}] }}\n",
+                entries.join(", ")
+            ));
+        }
+        y
+    };
+    let lab = lab(vips);
+    for vip in [VIP4, VIP6] {
+        let rings: Vec<_> = (0..3).map(|i| lab.ring(i, vip)).collect();
+        let mut count = std::collections::BTreeMap::new();
+        for b in &rings[0] {
+            *count.entry(*b).or_insert(0usize) += 1;
+        }
+        assert!(
+            !count.contains_key(&None),
+            "{vip}: empty slots in n1's table"
+        );
+        assert_eq!(count.len(), 3, "{vip}: n1's table does not hold all three backends");
+        for (i, r) in rings.iter().enumerate().skip(1) {
+            let differ = r.iter().zip(&rings[0]).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{vip}: n{}'s table differs from n1's in {differ} of {} slots",
+                i + 1,
+                r.len()
+            );
+            assert_eq!(r.len(), rings[0].len());
+        }
+    }
+}
+
+/// Measures (and reports) what a backend change at the same moment as a node change breaks:
+/// the flows ECMP moves land on nodes that never saw them, whose table changed meanwhile.
+#[test]
+fn a_backend_added_while_a_node_leaves_breaks_only_streams_of_the_node_that_left() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(|_| dsr_vips(&[0, 1]));
+    let mut conns = lab.streams(VIP4, 80, 100);
+    conns.extend(lab.streams(VIP6, 80, 100));
+    let none = BTreeSet::new();
+    assert!(wait_progress(&conns, 3, &none, Duration::from_secs(20)).is_empty());
+    let before = carrier_of_each(&lab, &conns);
+    let ring_before = lab.ring(0, VIP4);
+
+    // At once: n3 leaves, and b3 joins the VIPs on every node.
+    lab.set_link(2, false);
+    for i in 0..3 {
+        lab.nodes[i]
+            .dirs
+            .write_config(&node_config(i, &dsr_vips(&[0, 1, 2])));
+    }
+    lab.wait_nexthops(VIP4, &[0, 1], DETECT);
+    lab.wait_nexthops(VIP6, &[0, 1], DETECT);
+    for n in &mut lab.nodes {
+        n.agent
+            .as_mut()
+            .unwrap()
+            .wait_for("config applied", 1, Duration::from_secs(10));
+    }
+    let ring_after = lab.ring(0, VIP4);
+    let changed = ring_before
+        .iter()
+        .zip(&ring_after)
+        .filter(|(a, b)| a != b)
+        .count() as f64
+        / ring_after.len() as f64;
+    // Moved streams whose slot changed reach b3, which answers with a RST; give the rest time
+    // to show they still flow.
+    let behind = wait_progress(&conns, 10, &none, Duration::from_secs(20));
+    let broken: BTreeSet<usize> = behind.iter().copied().filter(|i| conns[*i].ended()).collect();
+    let stalled: Vec<usize> = behind.difference(&broken).copied().collect();
+    assert!(stalled.is_empty(), "streams neither flowing nor ended: {stalled:?}");
+    let moved = moved_since(&lab, &conns, &before);
+    let stayed_broken: Vec<usize> = broken.difference(&moved).copied().collect();
+    assert!(
+        stayed_broken.is_empty(),
+        "streams that stayed on their node, pinned by its flow entry, broke: {stayed_broken:?}"
+    );
+    let of_n3 = before.iter().filter(|n| **n == 2).count();
+    eprintln!(
+        "MEASURED: backend added while n3 left: {} of {} streams broke, all among the {} that \
+         changed node ({of_n3} of them n3's, the rest moved between n1 and n2 by ECMP's \
+         rehash); {:.1}% of the table's slots changed (expected ~{:.0} broken)",
+        broken.len(),
+        conns.len(),
+        moved.len(),
+        changed * 100.0,
+        moved.len() as f64 * changed
+    );
+    for c in conns {
+        c.finish();
+    }
+}
+
+/// Measures (and reports) what happens to NAT flows when ECMP moves them: the translation
+/// lives on the node that made it, and no other node can continue it.
+#[test]
+fn nat_streams_of_a_node_that_leaves_break_and_the_others_flow_on() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(|_| dsr_vips(&[0, 1, 2]) + &nat_vip());
+    lab.wait_nexthops(NAT_VIP4, &[0, 1, 2], ANNOUNCE);
+    let conns = lab.streams(NAT_VIP4, 80, 100);
+    let none = BTreeSet::new();
+    assert!(wait_progress(&conns, 3, &none, Duration::from_secs(20)).is_empty());
+    let before = carrier_of_each(&lab, &conns);
+    let moved: BTreeSet<usize> = (0..conns.len()).filter(|i| before[*i] == 2).collect();
+    assert!(!moved.is_empty(), "n3 translated none of 100 connections");
+
+    lab.set_link(2, false);
+    lab.wait_nexthops(NAT_VIP4, &[0, 1], DETECT);
+    let behind = wait_progress(&conns, 10, &moved, Duration::from_secs(20));
+    assert!(
+        behind.is_empty(),
+        "NAT streams of n1 and n2 stuck or broken: {behind:?}"
+    );
+    // The moved ones: none may make progress over a further window (or they have ended).
+    let mid: Vec<u64> = conns.iter().map(Conn::exchanged).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let went_on: Vec<usize> = moved
+        .iter()
+        .copied()
+        .filter(|i| conns[*i].exchanged() > mid[*i])
+        .collect();
+    let ended = moved.iter().filter(|i| conns[**i].ended()).count();
+    assert!(
+        went_on.is_empty(),
+        "NAT streams of n3 went on through another node: {went_on:?}"
+    );
+    eprintln!(
+        "MEASURED: NAT: n3 left: all {} of its streams stopped ({ended} ended with an error, {} \
+         stalled); the other {} flowed on",
+        moved.len(),
+        moved.len() - ended,
+        conns.len() - moved.len()
+    );
+    for c in conns {
+        c.finish();
+    }
 }
