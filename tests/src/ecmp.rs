@@ -408,8 +408,22 @@ impl Ecmp {
 
         let port = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
             crate::netns::ip(&[
-                "link", "add", "eth0", "netns", &ns.name, "mtu", MTU, "type", "veth", "peer",
-                "name", port, "netns", &router.name, "mtu", MTU,
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &ns.name,
+                "mtu",
+                MTU,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                &router.name,
+                "mtu",
+                MTU,
             ]);
             router.ip(&["link", "set", port, "master", "br0"]);
             router.ip(&["link", "set", port, "up"]);
@@ -624,9 +638,8 @@ impl Drop for Ecmp {
             }
             // In the node's namespace, where its routes are (the pins' own drop runs in ours,
             // and then finds nothing left to withdraw).
-            let _ = n
-                .ns
-                .run(|| lb_userspace::run::down(&n.dirs.pins, &n.dirs.state));
+            let _ =
+                n.ns.run(|| lb_userspace::run::down(&n.dirs.pins, &n.dirs.state));
             n.bird = None;
         }
         self.router_bird = None;
@@ -768,8 +781,11 @@ pub fn carrier_of_each(lab: &Ecmp, conns: &[Conn]) -> Vec<usize> {
         .collect()
 }
 
-/// The streams (by index) now held by a node other than the one in `before` (ECMP moved them
-/// there: the new node balanced them, or made a flow entry for them).
+/// The streams (by index) now held by a node other than the one in `before`: ECMP moved them
+/// there, and that node balanced them (a flow entry; a NAT translation). The router's own view
+/// cannot tell: its multipath hash here is the sending socket's random flow hash, which the
+/// kernel carries across the namespaces (and renews on a retransmission timeout), not a hash
+/// of the headers.
 pub fn moved_since(lab: &Ecmp, conns: &[Conn], before: &[usize]) -> BTreeSet<usize> {
     (0..conns.len())
         .filter(|i| lab.carriers(&conns[*i]).iter().any(|n| *n != before[*i]))
