@@ -109,8 +109,15 @@ fn main() -> Result<()> {
 }
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
-/// under it) and Python's venv (for kubernetes-validate).
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "libcap2-bin", "python3-venv"];
+/// under it), Python's venv (for kubernetes-validate) and BIRD 2 (the scale-out lab's routing
+/// daemon; the tests start their own, in namespaces).
+const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "libcap2-bin",
+    "python3-venv",
+    "bird2",
+];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
