@@ -549,12 +549,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
-    let mut announce = announce::Keeper::default();
-    announce_update(&mut announce, &agent, &m).await;
     write_status(&opts, &agent, &m)?;
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops, &mut announce).await?;
-    announce.shutdown().await;
+    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -586,8 +583,13 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
-    announce: &mut announce::Keeper,
 ) -> Result<()> {
+    // Announced once the maps hold the first desired state; withdrawn on the way out.
+    let mut announce = announce::Keeper::default();
+    announce_update(&mut announce, &agent, m).await;
+    if let Err(e) = write_status(opts, &agent, m) {
+        warn!("writing the status file: {e:#}");
+    }
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
@@ -703,12 +705,13 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
-        announce_update(announce, &agent, m).await;
+        announce_update(&mut announce, &agent, m).await;
         if let Err(e) = write_status(opts, &agent, m) {
             warn!("writing the status file: {e:#}");
         }
     }
     drop(checks);
+    announce.shutdown().await;
     Ok(())
 }
 
