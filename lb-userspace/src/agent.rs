@@ -23,8 +23,9 @@ pub type Target = (VipKey, IpAddr);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(
-        "the new config changes sizes fixed at load time ({old:?} -> {new:?}); they apply only to a fresh start \
-         (`lb down`, then `lb run`), so the config was not applied"
+        "the new config changes sizes fixed at load time ({}); they apply only to a fresh start \
+         (`lb down`, then `lb run`), so the config was not applied",
+        old.changes_to(new)
     )]
     SizesChanged { old: Sizes, new: Sizes },
     #[error("planning the map writes")]

@@ -3,14 +3,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_common::maps;
 
 use crate::{
     inspect::Pinned,
     model::Protocol,
-    program::{self, DEFAULT_PIN_DIR, Sizes},
+    program::DEFAULT_PIN_DIR,
     run::{self, RunOptions},
     show::{backends, explain, flows, stats, watch_stats},
 };
@@ -34,6 +33,10 @@ struct Cli {
     /// Where the agent writes status.json (configured weights and health, for `lb backends`).
     #[arg(long, global = true, default_value = DEFAULT_STATE_DIR, env = "LB_STATE_DIR")]
     state_dir: PathBuf,
+    /// How log lines are written to stderr: text (coloured on a terminal only), or json (one
+    /// object a line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,7 +71,14 @@ enum Command {
         source: Vec<std::net::IpAddr>,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
-    Down,
+    ///
+    /// Refused while an agent runs on the pin dir (stop it first: it exits leaving traffic
+    /// flowing); --force removes them from under it.
+    Down {
+        /// Remove the pins even while an agent holds them (it keeps running on unpinned maps).
+        #[arg(long)]
+        force: bool,
+    },
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
         /// Print JSON, for scripts.
@@ -118,18 +128,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check that this kernel can run lb (needs root).
+    /// A live view: per VIP packets, new flows and drops per second; per backend its share of
+    /// new flows next to its share of the weights, its health, and the flows still pinned to it
+    /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
+    Top {
+        /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval)]
+        interval: Duration,
+        /// Print one screen as plain text after one interval, and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Check a config without running it: exit 0 if `lb run` would take it, 1 if not.
     ///
-    /// Loads and verifies the XDP program with the given sizes, without attaching it.
+    /// Prints every problem and warning with its path (`vips[0].backends[1].weight: ...`).
+    /// With root (or CAP_BPF and CAP_PERFMON) it also proves that this kernel loads and verifies
+    /// the program with the config's sizes (node.table_size, ...) and that node.interfaces exist
+    /// here; without, it says that this part was skipped.
     Check {
-        #[arg(long, default_value_t = maps::DEFAULT_MAGLEV_M)]
-        table_size: u32,
-        #[arg(long, default_value_t = maps::DEFAULT_MAX_VIPS)]
-        max_vips: u32,
-        #[arg(long, default_value_t = maps::DEFAULT_MAX_BACKENDS)]
-        max_backends: u32,
-        #[arg(long, default_value_t = maps::DEFAULT_FLOW_ENTRIES)]
-        flow_entries: u32,
+        /// The config file (YAML; see lb.example.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
@@ -143,18 +162,41 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");
+            if let Some(why) = crate::privilege::explain(e.as_ref()) {
+                eprintln!("lb: {why}");
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`). Text is coloured only on a terminal
+/// (and without NO_COLOR), so that files and journals get no escape codes.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+        LogFormat::Json => logs.json().init(),
     }
 }
 
@@ -185,8 +227,11 @@ fn dispatch(cli: Cli) -> Result<()> {
                 sources: source,
             }))
         }
-        Command::Down => {
-            let done = run::down(&pins, &cli.state_dir)?;
+        Command::Down { force } => {
+            let done = match force {
+                true => run::down(&pins, &cli.state_dir)?,
+                false => run::down_unless_running(&pins, &cli.state_dir)?,
+            };
             if done.is_empty() {
                 println!("nothing pinned in {}", pins.display());
             }
@@ -221,30 +266,37 @@ fn dispatch(cli: Cli) -> Result<()> {
             syn,
             json,
         ),
+        Command::Top { interval, once } => {
+            let p = Pinned::open(&pins)?;
+            if once {
+                print!("{}", crate::top::once(&p, &cli.state_dir, interval)?);
+                Ok(())
+            } else {
+                Ok(crate::top::live(&p, &cli.state_dir, interval)?)
+            }
+        }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())
         }
-        Command::Check {
-            table_size,
-            max_vips,
-            max_backends,
-            flow_entries,
-        } => {
-            let sizes = Sizes {
-                maglev_m: table_size,
-                max_vips,
-                max_backends,
-                flow_entries,
-                ..Default::default()
-            };
-            let ebpf = program::load(&sizes, None).context("loading the lb XDP program")?;
-            println!("the XDP program loads and verifies on this kernel; its maps:");
-            let mut names: Vec<_> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
-            names.sort();
-            for n in names {
-                println!("  {n}");
+        Command::Check { config } => {
+            let report = crate::check::check(&config);
+            print!("{report}");
+            if !report.ok() {
+                bail!(
+                    "{}: {} problem(s); `lb run` would refuse it",
+                    config.display(),
+                    report.errors.len()
+                );
             }
+            println!(
+                "{}: valid{}",
+                config.display(),
+                match report.warnings.len() {
+                    0 => String::new(),
+                    n => format!(" ({n} warning(s))"),
+                }
+            );
             Ok(())
         }
     }

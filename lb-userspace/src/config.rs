@@ -48,6 +48,8 @@ pub enum ConfigError {
     Invalid {
         path: String,
         problems: Vec<Problem>,
+        /// What would also have been warned about (for `lb check`).
+        warnings: Vec<String>,
     },
 }
 
@@ -150,9 +152,10 @@ impl Config {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
-        validate(&raw).map_err(|problems| ConfigError::Invalid {
+        validate(&raw).map_err(|(problems, warnings)| ConfigError::Invalid {
             path: origin.to_string(),
             problems,
+            warnings,
         })
     }
 
@@ -322,8 +325,8 @@ pub const MIN_NAT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The same ceiling Kubernetes puts on ClientIP affinity.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
-/// Checks a raw config, returning every problem found.
-pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
+/// Checks a raw config, returning every problem found (and the warnings found meanwhile).
+pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> {
     let mut c = Checker {
         problems: Vec::new(),
     };
@@ -692,6 +695,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
             }
         });
         if let Some(address) = address {
+            suspicious_backends(&mut c, &mut warnings, &p, address, mode, &backends);
             vips.push(VipConfig {
                 spec: VipSpec {
                     name: v.name.clone().unwrap_or_else(|| format!("vip{i}")),
@@ -719,7 +723,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<Problem>> {
     }
 
     if !c.problems.is_empty() {
-        return Err(c.problems);
+        return Err((c.problems, warnings));
     }
     Ok(Config {
         node: NodeSettings {
@@ -764,6 +768,36 @@ fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::Announce
     }
     crate::announce::AnnounceSettings {
         table: table as u32,
+    }
+}
+
+/// Backend lists that parse but cannot work (an error) or serve nothing (a warning): the VIP
+/// at `p` (address `vip`, in `mode`) with these `backends`.
+fn suspicious_backends(
+    c: &mut Checker,
+    warnings: &mut Vec<String>,
+    p: &str,
+    vip: IpAddr,
+    mode: Mode,
+    backends: &[BackendSpec],
+) {
+    if mode == Mode::Dsr
+        && let Some(j) = backends.iter().position(|b| b.address == vip)
+    {
+        // The encapsulated packet would be addressed to this node's own VIP and come back.
+        c.bad(
+            format!("{p}.backends[{j}].address"),
+            format!("{vip} is the VIP's own address: a DSR backend must be another host (the packet would loop back to the load balancer)"),
+        );
+    }
+    if backends.is_empty() {
+        warnings.push(format!(
+            "{p}.backends: empty: the VIP drops its traffic until it has a backend"
+        ));
+    } else if backends.iter().all(|b| b.weight == 0) {
+        warnings.push(format!(
+            "{p}.backends: every weight is 0: new connections to the VIP are dropped until a backend has weight above 0"
+        ));
     }
 }
 
@@ -1257,6 +1291,13 @@ vips:
                 Box::new(replace("timeout: 500ms", "timeout: 500ms, port: 70000")),
                 "vips[0].health_check.port: must be 1..=65535",
             ),
+            (
+                Box::new(replace(
+                    "{ address: 10.1.0.2, weight: 100 }",
+                    "{ address: 192.0.2.10, weight: 100 }",
+                )),
+                "vips[0].backends[1].address: 192.0.2.10 is the VIP's own address",
+            ),
         ];
         for (edit, want) in cases {
             let got = problems(edit);
@@ -1383,6 +1424,26 @@ vips:
                 other => panic!("{bad:?}: expected a parse error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_vip_without_backends_or_without_weight_warns() {
+        let empty = GOOD.replace("backends: [{ address: 10.1.0.1 }]", "backends: []");
+        let c = Config::parse(&empty, "t").unwrap();
+        assert_eq!(
+            c.warnings,
+            ["vips[1].backends: empty: the VIP drops its traffic until it has a backend"]
+        );
+        let zero = GOOD
+            .replace("weight: 200", "weight: 0")
+            .replace("weight: 100", "weight: 0");
+        let c = Config::parse(&zero, "t").unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].starts_with("vips[0].backends: every weight is 0"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

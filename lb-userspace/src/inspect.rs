@@ -292,6 +292,62 @@ impl Pinned {
     }
 }
 
+/// How full the flow, affinity and NAT tables are, for `/metrics`.
+impl Pinned {
+    /// Occupied ways of the IPv4 flow table: a way, once written, holds a flow until another
+    /// evicts it. One read per bucket (about 350K for the default size): this is the one place
+    /// to switch to a faster reader of the table.
+    pub fn flows4_entries(&self) -> Result<u64, InspectError> {
+        let mut n = 0;
+        for i in 0..self.flows4.len() {
+            let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
+            n += b
+                .keys
+                .iter()
+                .filter(|k| **k != flowtab::EMPTY && **k != flowtab::LOCKED)
+                .count() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Ways of the IPv4 flow table.
+    pub fn flows4_capacity(&self) -> u64 {
+        self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64
+    }
+
+    /// Entries of the IPv6 flow table (an LRU hash).
+    pub fn flows6_entries(&self) -> Result<u64, InspectError> {
+        count(self.flows.keys(), "flows")
+    }
+
+    pub fn affinity_entries(&self) -> Result<u64, InspectError> {
+        count(self.affinity.keys(), "affinity")
+    }
+
+    /// Entries of the NAT tables: (translations, reverse entries).
+    pub fn nat_entries(&self) -> Result<(u64, u64), InspectError> {
+        Ok((
+            count(self.nat.keys(), "NAT translations")?,
+            count(self.nat_rev.keys(), "NAT reverse entries")?,
+        ))
+    }
+}
+
+/// Keys of a hash map (one read each). The program adds and evicts entries meanwhile (a key
+/// gone from under the walk sends the kernel back to the first key): the count is a snapshot,
+/// and can be off by what changed during the walk.
+fn count<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    what: &'static str,
+) -> Result<u64, InspectError> {
+    let mut n = 0;
+    for k in keys {
+        k.map_err(merr(what))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// `address` or `address:port` (NAT backends with a port of their own).
 pub fn backend_label(m: &Member) -> String {
     let ip = crate::model::ip_of(&m.addr, m.family);

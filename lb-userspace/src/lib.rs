@@ -5,6 +5,7 @@
 //! [`inspect`], [`run`].
 pub mod agent;
 pub mod announce;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
@@ -16,11 +17,14 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod nexthop;
+pub mod pindir;
 pub mod plan;
+pub mod privilege;
 pub mod program;
 pub mod ring;
 pub mod run;
 pub mod show;
+pub mod top;
 pub mod view;
 
 /// An error and its sources, on one line.

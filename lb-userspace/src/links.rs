@@ -97,10 +97,60 @@ fn attach_new(
         ModeSetting::Generic => XdpMode::Skb,
     };
     let prog = program(dp)?;
-    let id = prog.attach(ifname, flags).with_context(|| {
-        format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
-    })?;
+    let id = match prog.attach(ifname, flags) {
+        Ok(id) => id,
+        Err(e) if os_error(&e) == Some(libc::EBUSY) => {
+            return Err(e).context(busy(ifname));
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
+            });
+        }
+    };
     pin(prog, id, &link_pin(pin_dir, ifname))
+}
+
+/// The OS error at the root of `e`, if any.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(n) = c
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// Why attaching to `ifname` is refused with EBUSY: another XDP program is attached there (not
+/// by a link of ours: those are swapped). Names it if the kernel says which it is.
+fn busy(ifname: &str) -> String {
+    let prog = ifindex(ifname)
+        .and_then(|i| xdp_state(i).ok())
+        .map(|s| s.1)
+        .filter(|id| *id != 0);
+    let which = match prog {
+        Some(id) => {
+            let name = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .and_then(|p| p.name_as_str().map(str::to_string))
+                .filter(|n| !n.is_empty());
+            match name {
+                Some(n) => format!(" (id {id}, named {n})"),
+                None => format!(" (id {id})"),
+            }
+        }
+        None => String::new(),
+    };
+    format!(
+        "attaching the XDP program to {ifname}: another XDP program is attached there{which}, and lb does not replace \
+         what it did not attach: detach it (`ip link set dev {ifname} xdp off`) or take {ifname} out of node.interfaces"
+    )
 }
 
 /// Swaps the program into the pinned link of `ifname` (atomically: traffic never sees no program).
@@ -332,7 +382,7 @@ fn steps(
 fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
     const XDP_ATTACHED_DRV: u8 = 1;
     const XDP_ATTACHED_SKB: u8 = 2;
-    let attached = xdp_attached(index)
+    let (attached, _) = xdp_state(index)
         .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
     Ok(match attached {
         XDP_ATTACHED_DRV => Some(ModeSetting::Native),
@@ -341,9 +391,9 @@ fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
     })
 }
 
-/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED`.
-/// (A bpf_link's own info names the interface but not the mode.)
-fn xdp_attached(index: u32) -> io::Result<u8> {
+/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED` and
+/// `IFLA_XDP_PROG_ID`. (A bpf_link's own info names the interface but not the mode.)
+fn xdp_state(index: u32) -> io::Result<(u8, u32)> {
     /// nlmsghdr followed by ifinfomsg.
     #[repr(C)]
     struct Request {
@@ -403,13 +453,14 @@ fn xdp_attached(index: u32) -> io::Result<u8> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    parse_xdp_attached(&buf[..n as usize])
+    parse_xdp_state(&buf[..n as usize])
 }
 
-/// `IFLA_XDP_ATTACHED` from an `RTM_NEWLINK` answer (0, none, if absent).
-fn parse_xdp_attached(msg: &[u8]) -> io::Result<u8> {
+/// `IFLA_XDP_ATTACHED` and `IFLA_XDP_PROG_ID` from an `RTM_NEWLINK` answer (0 if absent).
+fn parse_xdp_state(msg: &[u8]) -> io::Result<(u8, u32)> {
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
+    const IFLA_XDP_PROG_ID: u16 = 4;
     const NLMSG_HDR: usize = 16;
     const IFINFOMSG: usize = 16;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
@@ -426,11 +477,17 @@ fn parse_xdp_attached(msg: &[u8]) -> io::Result<u8> {
         libc::RTM_NEWLINK if len >= NLMSG_HDR + IFINFOMSG => {}
         _ => return Err(bad("not a link message")),
     }
-    let xdp = attributes(&msg[NLMSG_HDR + IFINFOMSG..len]).find(|(k, _)| *k == IFLA_XDP);
-    Ok(xdp
-        .and_then(|(_, nest)| attributes(nest).find(|(k, _)| *k == IFLA_XDP_ATTACHED))
-        .and_then(|(_, v)| v.first().copied())
-        .unwrap_or(0))
+    let nest = attributes(&msg[NLMSG_HDR + IFINFOMSG..len])
+        .find(|(k, _)| *k == IFLA_XDP)
+        .map_or(&[][..], |(_, nest)| nest);
+    let attr = |kind: u16| attributes(nest).find(|(k, _)| *k == kind).map(|(_, v)| v);
+    let attached = attr(IFLA_XDP_ATTACHED)
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0);
+    let prog = attr(IFLA_XDP_PROG_ID)
+        .and_then(|v| v.get(..4))
+        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
+    Ok((attached, prog))
 }
 
 /// Netlink attributes (type without its flag bits, value), 4-byte aligned.
@@ -480,10 +537,10 @@ mod tests {
         let prog_id = attr(4, &77u32.to_ne_bytes()); // IFLA_XDP_PROG_ID
         let nest = [prog_id, attr(2, &[2])].concat();
         let msg = link_message(&[name, odd, mtu, attr(43 | 0x8000, &nest)].concat());
-        assert_eq!(parse_xdp_attached(&msg).unwrap(), 2);
+        assert_eq!(parse_xdp_state(&msg).unwrap(), (2, 77));
         assert_eq!(
-            parse_xdp_attached(&link_message(&attr(4, &[0; 4]))).unwrap(),
-            0
+            parse_xdp_state(&link_message(&attr(4, &[0; 4]))).unwrap(),
+            (0, 0)
         );
     }
 
@@ -494,7 +551,7 @@ mod tests {
         m.extend([0u8; 10]);
         m.extend((-libc::ENODEV).to_ne_bytes());
         m.extend([0u8; 16]);
-        let e = parse_xdp_attached(&m).unwrap_err();
+        let e = parse_xdp_state(&m).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
     }
 }

@@ -88,15 +88,31 @@ impl Sizes {
         }
     }
 
+    /// Each size with the config key that sets it.
+    fn keyed(&self) -> [(&'static str, u32); 6] {
+        [
+            ("node.table_size", self.maglev_m),
+            ("node.max_vips", self.max_vips),
+            ("node.max_backends", self.max_backends),
+            ("node.flow_table_size", self.flow_entries),
+            ("node.affinity_table_size", self.affinity_entries),
+            ("node.nat_table_size", self.nat_entries),
+        ]
+    }
+
+    /// The sizes that differ in `new`, by config key: `node.table_size 1009 -> 1013`.
+    pub fn changes_to(&self, new: &Sizes) -> String {
+        self.keyed()
+            .iter()
+            .zip(new.keyed())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((k, a), (_, b))| format!("{k} {a} -> {b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn check(&self) -> Result<u32, LoadError> {
-        for (what, n) in [
-            ("maglev_m", self.maglev_m),
-            ("max_vips", self.max_vips),
-            ("max_backends", self.max_backends),
-            ("flow_entries", self.flow_entries),
-            ("affinity_entries", self.affinity_entries),
-            ("nat_entries", self.nat_entries),
-        ] {
+        for (what, n) in self.keyed() {
             if n == 0 {
                 return Err(LoadError::Zero { what });
             }
@@ -110,23 +126,38 @@ impl Sizes {
     }
 }
 
+/// The sizes by config key: `node.table_size 65537, node.max_vips 64, ...`.
+impl std::fmt::Display for Sizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keyed = self.keyed();
+        for (i, (k, n)) in keyed.iter().enumerate() {
+            let sep = if i + 1 < keyed.len() { ", " } else { "" };
+            write!(f, "{k} {n}{sep}")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "{max_vips} VIPs x a table of {maglev_m} slots does not fit one BPF array (at most {} slots)",
+        "node.max_vips {max_vips} x node.table_size {maglev_m} slots does not fit one BPF array (at most {} slots)",
         u32::MAX
     )]
     RingTooLarge { max_vips: u32, maglev_m: u32 },
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
     #[error(
-        "the maps pinned in {dir} were made {found}, not for this agent ({wanted:?}); \
+        "the maps pinned in {dir} were made {found}, not for this config; \
          `lb down --pin-dir {dir}` removes them (and with them the flow table), or keep the sizes they were made for"
     )]
-    Incompatible {
+    Incompatible { dir: String, found: String },
+    #[error("pinning the map {name} in {dir} (is it on a bpffs? `mount -t bpf bpf /sys/fs/bpf`)")]
+    PinMap {
+        name: String,
         dir: String,
-        found: String,
-        wanted: Sizes,
+        #[source]
+        source: aya::pin::PinError,
     },
     #[error("reading the pinned {path}")]
     Pin {
@@ -184,7 +215,6 @@ fn check_pins(dir: &Path, sizes: &Sizes) -> Result<(), LoadError> {
     let incompatible = |found: String| LoadError::Incompatible {
         dir: dir.display().to_string(),
         found,
-        wanted: sizes.clone(),
     };
     match pinned_meta(dir)? {
         Some(m) if m == sizes.meta() => Ok(()),
@@ -192,8 +222,8 @@ fn check_pins(dir: &Path, sizes: &Sizes) -> Result<(), LoadError> {
             Err(incompatible(format!("by layout version {}", m.version)))
         }
         Some(m) => Err(incompatible(format!(
-            "for other sizes ({:?})",
-            Sizes::from_meta(&m)
+            "for other sizes (the config changes {})",
+            Sizes::from_meta(&m).changes_to(sizes)
         ))),
         None => match maps::ALL.iter().find(|n| dir.join(n).exists()) {
             Some(n) => Err(incompatible(format!(
@@ -235,7 +265,16 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(LoadError::Object)?;
+    let mut ebpf = loader.load(OBJECT).map_err(|e| match e {
+        aya::EbpfError::MapError(aya::maps::MapError::PinError { name, error }) => {
+            LoadError::PinMap {
+                name: name.unwrap_or_default(),
+                dir: pin_dir.map(|d| d.display().to_string()).unwrap_or_default(),
+                source: error,
+            }
+        }
+        e => LoadError::Object(e),
+    })?;
     if pin_dir.is_some() {
         let map = ebpf.map_mut(maps::META).ok_or(LoadError::NoProgram)?;
         let mut meta: Array<_, LayoutMeta> =

@@ -4,8 +4,11 @@
 //! state to keep), adopts or creates the pinned maps, attaches the program to the configured
 //! interfaces (re-using pinned links, see [`crate::links`]), reconciles, then reacts to health
 //! transitions, SIGHUP and changes of the config file. A start or reload that fails changes
-//! nothing: a new config with problems is logged and refused; the previous one keeps serving. On SIGTERM or Ctrl-C the agent exits and leaves the program attached and the
-//! maps pinned: traffic keeps flowing, and the next agent adopts them. `lb down` removes them.
+//! nothing: a start that fails removes what it pinned and detaches what it attached; a new
+//! config with problems is logged and refused, and the previous one keeps serving. One agent at a
+//! time holds the pin dir ([`crate::pindir`]). On SIGTERM or Ctrl-C the agent exits and leaves the
+//! program attached and the maps pinned: traffic keeps flowing, and the next agent adopts them.
+//! `lb down` removes them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -29,11 +32,11 @@ use crate::{
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
     links,
     metrics::{self, AgentMetrics},
     nexthop,
+    pindir::{self, PinLock},
     plan::Plan,
     program,
 };
@@ -291,7 +294,9 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            health_rows.push((v.spec.label(), b.address.to_string(), h));
+                            let port = if b.port == 0 { v.spec.port } else { b.port };
+                            let backend = crate::view::BackendRef::at((b.address, port).into());
+                            health_rows.push((v.spec.label(), backend.label, h));
                         }
                         BackendStatus {
                             address: b.address.to_string(),
@@ -470,54 +475,107 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for w in &file.warnings {
         warn!("{w}");
     }
-    // A start that fails changes nothing: what can be checked is, before any pin is touched.
+    // A start that fails changes nothing. What can be checked is, before any pin is touched:
+    // the config, the interfaces, the pin dir's filesystem and, under Kubernetes, the first full
+    // list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
+    // stopped while it waits leaves nothing behind).
     links::resolve(&file.node.interfaces)?;
+    pindir::check_bpffs(&opts.pin_dir)?;
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
-    std::fs::create_dir_all(&opts.pin_dir).with_context(|| {
-        format!(
-            "creating {} (is bpffs mounted at /sys/fs/bpf? `mount -t bpf bpf /sys/fs/bpf`)",
-            opts.pin_dir.display()
-        )
-    })?;
+    let (ktx, krx) = mpsc::channel::<()>(1);
+    let kube = match &opts.kubernetes {
+        Some(k) => Some(first_list(k, &file, ktx).await?),
+        None => None,
+    };
+    let lock = PinLock::take(&opts.pin_dir)?;
+    let before = pindir::Before::record(&lock);
+    let m = Arc::new(AgentMetrics::default());
+    let Started {
+        mut agent,
+        kube,
+        metrics_task,
+    } = match start(&opts, &file, kube, &m).await {
+        Ok(s) => s,
+        Err(e) => {
+            before.restore();
+            return Err(e);
+        }
+    };
+    let mut nexthops = Nexthops::start();
+    nexthops.refresh(&mut agent, &m).await;
+    if let Err(e) = write_status(&opts, &agent, &m) {
+        warn!("writing the status file: {e:#}");
+    }
+    m.ready.store(true, Ordering::Relaxed);
+    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    info!(
+        "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
+        opts.pin_dir.display()
+    );
+    drop(lock);
+    Ok(())
+}
+
+/// Connects to Kubernetes and waits for the first full list of Services, EndpointSlices and
+/// UpstreamPolicies: nothing is written before it.
+async fn first_list(k: &KubeOptions, file: &Config, changed: mpsc::Sender<()>) -> Result<Kube> {
+    let sizes = &file.node.sizes;
+    let settings = Settings {
+        class: k.class.clone(),
+        node_name: k.node_name.clone(),
+        table_size: sizes.maglev_m,
+        max_vips: sizes.max_vips,
+        max_backends: sizes.max_backends,
+        source_v4: file.node.spec.source_v4.is_some(),
+        source_v6: file.node.spec.source_v6.is_some(),
+    };
+    let kube = Kube::start(k, settings, changed).await?;
+    info!(class = %k.class, node = %k.node_name, "waiting for the first list of Services, EndpointSlices and UpstreamPolicies");
+    kube.ready().await;
+    Ok(kube)
+}
+
+/// A started agent: its maps hold the config, its program is attached.
+struct Started {
+    agent: Agent<KernelDataplane>,
+    kube: Option<Kube>,
+    metrics_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Everything a start changes, with the pin dir locked: loads (or adopts) the program and its
+/// maps, serves metrics, attaches, applies the config. On error the caller removes new pins.
+async fn start(
+    opts: &RunOptions,
+    file: &Config,
+    mut kube: Option<Kube>,
+    m: &Arc<AgentMetrics>,
+) -> Result<Started> {
+    let listener = match file.node.metrics_listen {
+        Some(addr) => Some((
+            addr,
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("node.metrics_listen: listening on {addr}"))?,
+        )),
+        None => None,
+    };
     let sizes = file.node.sizes.clone();
     let adopted = program::pinned_meta(&opts.pin_dir)?.is_some();
     let ebpf = program::load(&sizes, Some(&opts.pin_dir))?;
     let dp = KernelDataplane::new(ebpf, sizes.clone())?;
-    let m = Arc::new(AgentMetrics::default());
-    let metrics_task = match file.node.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening for metrics on {addr}"))?;
+    let metrics_task = match listener {
+        Some((addr, listener)) => {
             info!(%addr, "serving /metrics, /healthz and /readyz");
-            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
-            Some(tokio::spawn(metrics::serve(listener, registry, m.clone())))
+            let scraper = metrics::Scraper::open(&opts.pin_dir, m.clone())?;
+            Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,
     };
-    // Under Kubernetes, nothing is written before the first full list of every resource: the
-    // maps a previous agent left keep serving meanwhile.
-    let (ktx, krx) = mpsc::channel::<()>(1);
-    let mut kube = match &opts.kubernetes {
-        Some(k) => {
-            let settings = Settings {
-                class: k.class.clone(),
-                node_name: k.node_name.clone(),
-                table_size: sizes.maglev_m,
-                max_vips: sizes.max_vips,
-                max_backends: sizes.max_backends,
-                source_v4: file.node.spec.source_v4.is_some(),
-                source_v6: file.node.spec.source_v6.is_some(),
-            };
-            let kube = Kube::start(k, settings, ktx).await?;
-            info!(class = %k.class, node = %k.node_name, "waiting for the first list of Services, EndpointSlices and UpstreamPolicies");
-            kube.ready().await;
-            Some(kube)
-        }
-        None => None,
-    };
-    let config = compose_now(&file, kube.as_mut());
+    let config = compose_now(file, kube.as_mut());
     let memory = remembered(read_status(&opts.state_dir), &config);
     let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
     // Attach first, then write the maps: a program attached on maps a previous agent left (or
@@ -547,19 +605,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
-    let mut nexthops = Nexthops::start();
-    nexthops.refresh(&mut agent, &m).await;
-    write_status(&opts, &agent, &m)?;
-    m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    info!(
-        "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
-        opts.pin_dir.display()
-    );
-    Ok(())
+    m.applied();
+    Ok(Started {
+        agent,
+        kube,
+        metrics_task,
+    })
 }
 
 /// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
@@ -685,6 +736,7 @@ async fn serve(
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    m.applied();
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
                     if !from_kube || !p.is_empty() {
@@ -715,7 +767,32 @@ async fn serve(
     Ok(())
 }
 
-/// `lb down`: detaches the program from every interface it was pinned to and removes the pins.
+/// `lb down`, refused while an agent holds the pin dir (it would go on writing maps nobody
+/// reads, and say it is ready); otherwise [`down`], holding the lock meanwhile so that no
+/// agent starts on the pins half removed.
+pub fn down_unless_running(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    if !pin_dir.exists() {
+        return down(pin_dir, state_dir);
+    }
+    match PinLock::try_lock(pin_dir)? {
+        Some(_lock) => down(pin_dir, state_dir),
+        None => {
+            let pid = pindir::holder(pin_dir);
+            let (who, stop) = match pid {
+                Some(p) => (format!("an lb agent (pid {p})"), format!("`kill {p}`")),
+                None => ("an lb agent".to_string(), "SIGTERM".to_string()),
+            };
+            bail!(
+                "{who} is running on {}: stop it first ({stop}; it exits leaving traffic flowing), \
+                 then run `lb down` again; `lb down --force` removes the pins from under it",
+                pin_dir.display()
+            )
+        }
+    }
+}
+
+/// `lb down --force`: detaches the program from every interface it was pinned to and removes
+/// the pins, whether or not an agent holds them.
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     // The routes first: the node stops being announced before it stops serving.

@@ -72,6 +72,18 @@ impl Dirs {
         })
     }
 
+    /// The names in the pin dir (maps and links), sorted; empty if it does not exist.
+    pub fn pin_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.pins)
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.state.join("lb.yaml")
     }

@@ -13,6 +13,7 @@ pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod tmux;
 pub mod wellformed;
 
 /// The YAML documents of `deploy/<file>`, as JSON values.

@@ -540,6 +540,7 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_for("running", 1, T);
     let maps = dirs.json(&["backends"]);
+    let pins = dirs.pin_names();
     let attached = |ns: &NetNs| ["lb0", "lb1", "lb2"].map(|d| xdp_attachment(ns, d));
     let before = attached(&net.ns);
     assert!(
@@ -557,6 +558,7 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
     agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_rejected_total", 1, T);
     assert_eq!(metric(&net.ns, METRICS, "lb_config_reloads_total"), Some(0));
     assert_eq!(attached(&net.ns), before, "the attachments changed");
+    assert_eq!(dirs.pin_names(), pins, "the pins changed");
     assert_eq!(
         dirs.json(&["backends"]),
         maps,
@@ -708,6 +710,7 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
     agent.wait_for("running", 1, T);
     agent.kill9();
     let maps = dirs.json(&["backends"]);
+    let pins = dirs.pin_names();
     let attached = |ns: &NetNs| ["lb0", "lb1", "br0"].map(|d| xdp_attachment(ns, d));
     let before = attached(&net.ns);
 
@@ -734,6 +737,7 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
         before,
         "a failed start changed the attachments"
     );
+    assert_eq!(dirs.pin_names(), pins, "a failed start changed the pins");
 }
 
 #[test]

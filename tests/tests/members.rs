@@ -20,7 +20,6 @@ use lb_userspace::{
     agent::{Agent, Remembered},
     config::Config,
     dataplane::kernel::KernelDataplane,
-    inspect::Pinned,
     metrics,
     model::ip_of,
     program,
@@ -207,15 +206,14 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
         }
     }
 
-    let registry = metrics::registry(
-        Pinned::open(&node.dirs.pins).unwrap(),
-        Arc::new(metrics::AgentMetrics::default()),
-    );
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let text = metrics::Scraper::open(&node.dirs.pins, Arc::new(metrics::AgentMetrics::default()))
+        .unwrap()
+        .scrape(metrics::Format::Text)
+        .unwrap();
     for ((vip, b), n) in &seen {
         let line = format!(
-            "lb_backend_packets_total{{vip=\"{}\",backend=\"{b}\"}} {n}",
+            // The backend as address:port (the VIP's port: these are DSR backends).
+            "lb_backend_packets_total{{vip=\"{}\",backend=\"{b}:80\"}} {n}",
             label(vip)
         );
         assert!(

@@ -1,0 +1,108 @@
+//! `lb check --config FILE`: everything `lb run` would check before touching anything, without
+//! running. The config is validated by anyone (every problem with its path, and warnings); with
+//! the capabilities to load BPF programs it also proves that this kernel loads and verifies the
+//! program with the config's sizes, and that the configured interfaces exist here. Without them
+//! it says that part was skipped and why, rather than passing it silently.
+
+use std::{fmt, path::Path};
+
+use crate::{
+    config::{Config, ConfigError},
+    links, privilege, program,
+};
+
+/// What `lb check` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Problems that make `lb run` refuse the config, each starting with its path.
+    pub errors: Vec<String>,
+    /// Things that work but may not be what was meant, each starting with its path.
+    pub warnings: Vec<String>,
+    /// What was proven on this host (kernel, interfaces).
+    pub host: Vec<String>,
+    /// Why the host checks were skipped, if they were.
+    pub skipped: Option<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Checks the config at `path`, and this host if the process may load BPF programs.
+pub fn check(path: &Path) -> Report {
+    let mut r = Report::default();
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(ConfigError::Invalid {
+            problems, warnings, ..
+        }) => {
+            r.errors = problems.iter().map(|p| p.to_string()).collect();
+            r.warnings = warnings;
+            return r;
+        }
+        Err(e) => {
+            r.errors.push(crate::error_chain(&e));
+            return r;
+        }
+    };
+    r.warnings = config.warnings.clone();
+    let missing = privilege::missing_to_load();
+    if !missing.is_empty() {
+        r.skipped = Some(format!(
+            "loading the program needs root or {} (this process lacks {}): run `lb check` as root \
+             on the host to also prove that its kernel loads the program with these sizes and that \
+             node.interfaces exist there",
+            "CAP_BPF and CAP_PERFMON",
+            missing.join(", ")
+        ));
+        return r;
+    }
+    host(&config, &mut r);
+    r
+}
+
+/// The checks that need the kernel: the interfaces exist, the program loads with the sizes.
+fn host(config: &Config, r: &mut Report) {
+    match links::resolve(&config.node.interfaces) {
+        Ok(found) => r.host.push(format!(
+            "node.interfaces: {} exist on this host",
+            found
+                .iter()
+                .map(|(n, i)| format!("{n} (index {i})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Err(e) => r.errors.push(format!("{e:#}")),
+    }
+    match program::load(&config.node.sizes, None) {
+        Ok(_) => r.host.push(format!(
+            "this kernel loads and verifies the program with {}",
+            config.node.sizes
+        )),
+        Err(e) => r.errors.push(format!(
+            "this kernel does not load the program with {}: {}",
+            config.node.sizes,
+            crate::error_chain(&e)
+        )),
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.errors {
+            writeln!(f, "error: {e}")?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        for h in &self.host {
+            writeln!(f, "ok: {h}")?;
+        }
+        if let Some(s) = &self.skipped {
+            writeln!(f, "skipped: {s}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! The pin directory as a place: it must be on bpffs, and one agent at a time owns it.
+//!
+//! Ownership is an advisory `flock` on the directory itself, held for the agent's life (bpffs
+//! holds only directories and pinned objects, so there is no room for a lock file there, and a
+//! lock file in the state dir would not stop two agents with different state dirs). The kernel
+//! drops the lock when the process dies, even by SIGKILL, so a crashed agent never blocks the next.
+//! `flock` does not tell who holds a lock; `/proc/locks` does, by device and inode.
+//! [`Before`] remembers what the dir held when the lock was taken, so a start that fails can
+//! take away what it added.
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
+use tracing::warn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    #[error(
+        "{dir} is not on a bpffs (pinned maps and links live there only): mount one with \
+         `mount -t bpf bpf /sys/fs/bpf`, or choose a --pin-dir under a bpffs mount"
+    )]
+    NotBpffs { dir: String },
+    #[error("{} holds the pins in {dir}: one agent per pin directory", holder_text(*pid))]
+    Held { dir: String, pid: Option<u32> },
+    #[error("{what} {dir}")]
+    Io {
+        what: &'static str,
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn holder_text(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("another lb agent (pid {p})"),
+        None => "another lb agent".to_string(),
+    }
+}
+
+/// The exclusive lock on a pin directory; released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct PinLock {
+    _lock: Flock<File>,
+    /// Whether [`PinLock::take`] made the directory (a failed start removes it again).
+    pub created: bool,
+    dir: PathBuf,
+}
+
+impl PinLock {
+    /// Makes `dir` (and its parents) if missing, checks that it is on bpffs, and locks it;
+    /// fails at once, naming the holder, if another process holds it.
+    pub fn take(dir: &Path) -> Result<Self, PinDirError> {
+        let created = !dir.exists();
+        check_bpffs(dir)?;
+        std::fs::create_dir_all(dir).map_err(|source| io("creating", dir, source))?;
+        match Self::try_lock(dir) {
+            Ok(Some(lock)) => Ok(Self { created, ..lock }),
+            Ok(None) => Err(PinDirError::Held {
+                dir: dir.display().to_string(),
+                pid: holder(dir),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Locks `dir` if it exists and nobody holds it; Ok(None) if somebody does.
+    pub fn try_lock(dir: &Path) -> Result<Option<Self>, PinDirError> {
+        let file = File::open(dir).map_err(|source| io("opening", dir, source))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(Self {
+                _lock: lock,
+                created: false,
+                dir: dir.to_path_buf(),
+            })),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io("locking", dir, e.into())),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// What a start found in the pin dir, so that a start that fails can take away what it added
+/// (maps it pinned, and the directory if it made it); links it attached are undone by
+/// [`crate::links::Changes::revert`] before.
+pub struct Before {
+    dir: PathBuf,
+    created: bool,
+    names: BTreeSet<OsString>,
+}
+
+impl Before {
+    pub fn record(lock: &PinLock) -> Self {
+        Self {
+            dir: lock.dir().to_path_buf(),
+            created: lock.created,
+            names: pin_names(lock.dir()),
+        }
+    }
+
+    pub fn restore(self) {
+        for name in pin_names(&self.dir).difference(&self.names) {
+            let p = self.dir.join(name);
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!("removing {} after the failed start: {e}", p.display());
+            }
+        }
+        if self.created
+            && let Err(e) = std::fs::remove_dir(&self.dir)
+        {
+            warn!(
+                "removing {} after the failed start: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+fn pin_names(dir: &Path) -> BTreeSet<OsString> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
+fn io(what: &'static str, dir: &Path, source: std::io::Error) -> PinDirError {
+    PinDirError::Io {
+        what,
+        dir: dir.display().to_string(),
+        source,
+    }
+}
+
+/// Checks that `dir`, or the nearest of its ancestors that exists, is on bpffs.
+pub fn check_bpffs(dir: &Path) -> Result<(), PinDirError> {
+    let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
+        return Ok(());
+    };
+    let fs =
+        statfs(existing).map_err(|e| io("looking at the filesystem of", existing, e.into()))?;
+    if fs.filesystem_type() != BPF_FS_MAGIC {
+        return Err(PinDirError::NotBpffs {
+            dir: dir.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The pid of the process holding a `flock` on `dir`, from `/proc/locks` (None if nobody does,
+/// or it is in another pid namespace).
+pub fn holder(dir: &Path) -> Option<u32> {
+    let meta = std::fs::metadata(dir).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    holder_in(&locks, meta.dev(), meta.ino())
+}
+
+/// The FLOCK holder of the inode `ino` on device `dev` in the text of `/proc/locks`, whose lines
+/// read `1: FLOCK  ADVISORY  WRITE 26139 00:28:37294 0 EOF` (major and minor in hex).
+fn holder_in(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == want => pid.parse().ok().filter(|p| *p > 0),
+            _ => None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_is_found_by_device_and_inode() {
+        let locks = "1: POSIX  ADVISORY  WRITE 500 00:28:37294 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 26139 00:2a:37294 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 777 00:28:37294 0 EOF\n";
+        let dev = nix::sys::stat::makedev(0, 0x28);
+        assert_eq!(holder_in(locks, dev, 37294), Some(777));
+        assert_eq!(holder_in(locks, dev, 37295), None);
+    }
+
+    #[test]
+    fn a_second_lock_on_a_directory_is_refused_until_the_first_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("lb-pindir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = PinLock::try_lock(&dir).unwrap().expect("the first lock");
+        assert!(PinLock::try_lock(&dir).unwrap().is_none(), "locked twice");
+        assert_eq!(holder(&dir), Some(std::process::id()));
+        drop(first);
+        assert!(PinLock::try_lock(&dir).unwrap().is_some(), "not released");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_off_bpffs_is_refused_with_the_mount_command() {
+        let e = check_bpffs(&std::env::temp_dir().join("lb-not-bpffs/pins")).unwrap_err();
+        assert!(
+            e.to_string().contains("mount -t bpf bpf /sys/fs/bpf"),
+            "{e}"
+        );
+    }
+}

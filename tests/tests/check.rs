@@ -1,0 +1,379 @@
+//! `lb check --config`, the real binary: every kind of broken config is refused with exit 1 and
+//! its problem named by its path; a valid config passes (with its warnings shown); without the
+//! capabilities to load BPF programs the host checks are skipped, and said to be.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+
+/// Valid, and small enough that the kernel check loads the program quickly. Rows below edit it.
+const GOOD: &str = "node:
+  interfaces: [lo]
+  source_v4: 10.0.0.1
+  source_v6: fd00::1
+  table_size: 1009
+  max_vips: 8
+  flow_table_size: 65536
+  affinity_table_size: 1024
+  nat_table_size: 4096
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.1.0.1, weight: 2 }
+      - { address: 10.1.0.2, weight: 1 }
+  - name: dns
+    address: 192.0.2.11
+    port: 53
+    protocol: udp
+    backends: [{ address: 10.1.0.3 }]
+";
+
+/// A config file of its own for each call, removed on drop.
+struct File(PathBuf);
+
+impl File {
+    fn new(text: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-check-{}-{}.yaml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `lb check --config` on `text`, run by `wrapper` (a command and its arguments) if not empty.
+fn check_under(wrapper: &[&str], text: &str) -> Output {
+    let file = File::new(text);
+    let mut cmd = match wrapper {
+        [] => Command::new(BIN),
+        [program, rest @ ..] => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(BIN);
+            c
+        }
+    };
+    cmd.args(["check", "--config"])
+        .arg(&file.0)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running lb check")
+}
+
+fn check(text: &str) -> Output {
+    check_under(&[], text)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// GOOD with the first `from` replaced by `to`.
+fn edit(from: &str, to: &str) -> String {
+    assert!(
+        GOOD.contains(from),
+        "the row edits text that is not there: {from:?}"
+    );
+    GOOD.replacen(from, to, 1)
+}
+
+#[test]
+fn every_kind_of_broken_config_is_refused_naming_its_path() {
+    lb_tests::require_root();
+    // (what is broken, the config, the error line `lb check` must print)
+    let rows: Vec<(&str, String, &str)> = vec![
+        (
+            "table size not prime",
+            edit("table_size: 1009", "table_size: 4096"),
+            "node.table_size: 4096 is not prime",
+        ),
+        (
+            "no interface",
+            edit("interfaces: [lo]", "interfaces: []"),
+            "node.interfaces: at least one interface is needed",
+        ),
+        (
+            "an interface twice",
+            edit("interfaces: [lo]", "interfaces: [lo, lo]"),
+            "node.interfaces[1]: \"lo\" is listed twice",
+        ),
+        (
+            "an interface this host does not have",
+            edit("interfaces: [lo]", "interfaces: [lo, nope0]"),
+            "node.interfaces: no interface named nope0 on this host",
+        ),
+        (
+            "an unknown xdp mode",
+            edit("  max_vips: 8", "  max_vips: 8\n  xdp_mode: fast"),
+            "node.xdp_mode: must be one of native, generic, not \"fast\"",
+        ),
+        (
+            "source_v4 not IPv4",
+            edit("source_v4: 10.0.0.1", "source_v4: fd00::9"),
+            "node.source_v4: \"fd00::9\" is not an IPv4 address",
+        ),
+        (
+            "an IPv4 backend without source_v4",
+            edit("  source_v4: 10.0.0.1\n", ""),
+            "vips[0].backends[0].address: an IPv4 backend needs node.source_v4",
+        ),
+        (
+            "more VIPs than max_vips",
+            edit("max_vips: 8", "max_vips: 1"),
+            "vips: 2 VIPs, more than node.max_vips (1)",
+        ),
+        (
+            "a zero-sized flow table",
+            edit("flow_table_size: 65536", "flow_table_size: 0"),
+            "node.flow_table_size: must be 1..=134217728",
+        ),
+        (
+            "a metrics address without a port",
+            edit(
+                "  max_vips: 8",
+                "  max_vips: 8\n  metrics_listen: localhost",
+            ),
+            "node.metrics_listen: \"localhost\" is not an address:port",
+        ),
+        (
+            "a VIP address that is not an address",
+            edit("address: 192.0.2.10", "address: 192.0.2.300"),
+            "vips[0].address: \"192.0.2.300\" is not an IP address",
+        ),
+        (
+            "a VIP port out of range",
+            edit("port: 80", "port: 70000"),
+            "vips[0].port: must be 1..=65535",
+        ),
+        (
+            "an unknown protocol",
+            edit("protocol: udp", "protocol: sctp"),
+            "vips[1].protocol: must be one of tcp, udp, not \"sctp\"",
+        ),
+        (
+            "two VIPs on one address, port and protocol",
+            edit(
+                "address: 192.0.2.11\n    port: 53\n    protocol: udp",
+                "address: 192.0.2.10\n    port: 80\n    protocol: tcp",
+            ),
+            "vips[1]: same address, port and protocol as vips[0]",
+        ),
+        (
+            "a weight out of range",
+            edit("weight: 2", "weight: 70000"),
+            "vips[0].backends[0].weight: must be 0..=65535",
+        ),
+        (
+            "a backend listed twice",
+            edit("address: 10.1.0.2", "address: 10.1.0.1"),
+            "vips[0].backends[1].address: 10.1.0.1 is already backends[0]",
+        ),
+        (
+            "a DSR VIP that is its own backend",
+            edit("address: 10.1.0.2", "address: 192.0.2.10"),
+            "vips[0].backends[1].address: 192.0.2.10 is the VIP's own address",
+        ),
+        (
+            "a port on a DSR backend",
+            edit(
+                "{ address: 10.1.0.1, weight: 2 }",
+                "{ address: 10.1.0.1, weight: 2, port: 8080 }",
+            ),
+            "vips[0].backends[0].port: only NAT mode maps ports",
+        ),
+        (
+            "a NAT VIP with a backend of the other family",
+            edit("    protocol: tcp\n", "    protocol: tcp\n    mode: nat\n")
+                .replace("address: 10.1.0.2", "address: fd01::2"),
+            "vips[0].backends[1].address: NAT mode does not translate between IPv4 and IPv6",
+        ),
+        (
+            "passive health on a DSR VIP",
+            edit(
+                "    protocol: tcp\n",
+                "    protocol: tcp\n    passive_health: {}\n",
+            ),
+            "vips[0].passive_health: needs mode: nat",
+        ),
+        (
+            "a health check interval that is not a duration",
+            edit(
+                "    protocol: tcp\n",
+                "    protocol: tcp\n    health_check: { type: tcp, interval: often }\n",
+            ),
+            "vips[0].health_check.interval: not a duration",
+        ),
+        (
+            "an affinity timeout over a day",
+            edit(
+                "    protocol: udp\n",
+                "    protocol: udp\n    hash: source-ip\n    affinity_timeout: 48h\n",
+            ),
+            "vips[1].affinity_timeout: at most 24h",
+        ),
+        (
+            "a VIP table larger than the node's",
+            edit(
+                "    protocol: udp\n",
+                "    protocol: udp\n    table_size: 2003\n",
+            ),
+            "vips[1].table_size: must be 1..=1009",
+        ),
+    ];
+    assert!(rows.len() >= 15);
+    let mut failed = Vec::new();
+    for (what, config, want) in &rows {
+        let out = check(config);
+        let text = stdout(&out);
+        let line = format!("error: {want}");
+        if out.status.code() != Some(1) || !text.lines().any(|l| l.starts_with(&line)) {
+            failed.push(format!(
+                "{what}: exit {:?}, no line starting {line:?} in:\n{text}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} row(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn unknown_keys_and_yaml_errors_are_refused() {
+    for (what, config, names) in [
+        (
+            "an unknown key",
+            edit("  max_vips: 8", "  max_vips: 8\n  colour: blue"),
+            "colour",
+        ),
+        (
+            "a typo in a VIP key",
+            edit("    port: 80", "    prot: 80"),
+            "prot",
+        ),
+        ("broken YAML", "node: [".to_string(), ""),
+    ] {
+        let out = check(&config);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("error: ") && l.contains(names)),
+            "{what}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_valid_config_passes_and_its_host_checks_are_shown() {
+    lb_tests::require_root();
+    let out = check(GOOD);
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("error:") && !text.contains("warning:"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with(
+            "ok: this kernel loads and verifies the program with node.table_size 1009"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok: node.interfaces: lo (index 1)")),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_config_with_warnings_passes_and_shows_them() {
+    let config = edit("backends: [{ address: 10.1.0.3 }]", "backends: []")
+        .replace("weight: 2", "weight: 0")
+        .replace("weight: 1", "weight: 0");
+    let out = check(&config);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(
+        warnings[0].starts_with("warning: vips[0].backends: every weight is 0"),
+        "{text}"
+    );
+    assert!(
+        warnings[1].starts_with("warning: vips[1].backends: empty: the VIP drops its traffic"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_broken_config_shows_its_warnings_with_its_errors() {
+    let config = edit("backends: [{ address: 10.1.0.3 }]", "backends: []")
+        .replace("weight: 2", "weight: 70000");
+    let out = check(&config);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("error: vips[0].backends[0].weight: must be 0..=65535")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("warning: vips[1].backends: empty")),
+        "{text}"
+    );
+}
+
+#[test]
+fn without_the_capabilities_the_host_checks_are_skipped_and_said_to_be() {
+    lb_tests::require_root();
+    // A missing interface passes here: only the host checks would find it.
+    let config = edit("interfaces: [lo]", "interfaces: [lo, nope0]");
+    let out = check_under(
+        &["setpriv", "--bounding-set=-all", "--inh-caps=-all"],
+        &config,
+    );
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("ok: "), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l
+                .starts_with("skipped: loading the program needs root or CAP_BPF and CAP_PERFMON")),
+        "{text}"
+    );
+}
