@@ -22,6 +22,7 @@ use std::{
     fs::File,
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr, TcpListener},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -128,13 +129,24 @@ impl Bird {
         let socket = dir.join("bird.ctl");
         std::fs::write(&path, conf).unwrap();
         let stderr = dir.join("bird.stderr");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
             .arg(&path)
             .arg("-s")
             .arg(&socket)
             .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
+            .stderr(File::create(&stderr).unwrap());
+        // SAFETY: prctl is async-signal-safe. A test process killed outright (no destructors)
+        // takes its daemons with it instead of leaving them in deleted namespaces.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .expect("starting bird (BIRD 2: `cargo xtask setup` installs it)");
         let mut b = Self {

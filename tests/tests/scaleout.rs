@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_tests::agent::metric;
 use lb_tests::ecmp::{
     Conn, Ecmp, NAT_VIP4, VIP4, VIP6, carrier_of_each, dsr_vip, moved_since, nat_vip, node_config,
     per_node, wait_progress,
@@ -27,6 +28,8 @@ const DETECT: Duration = Duration::from_secs(3);
 /// How long a node's announcement may take to reach the router once it is made: the BGP
 /// session may have to be set up again first (connect retry and error wait timers).
 const ANNOUNCE: Duration = Duration::from_secs(30);
+/// Where a node serves /metrics (in its own namespace).
+const METRICS: &str = "127.0.0.1:9435";
 
 fn dsr_vips(backends: &[usize]) -> String {
     dsr_vip(VIP4, backends, 1) + &dsr_vip(VIP6, backends, 1)
@@ -122,46 +125,54 @@ fn dsr_streams_survive_a_node_leaving_and_a_fresh_node_joining() {
     finish_all(conns);
 }
 
+/// Within the timers: the router sees the change within [`DETECT`] of the config's save.
 #[test]
-fn a_node_whose_backends_are_all_gone_withdraws_its_vips_within_the_timers_and_announces_them_again()
- {
+fn a_node_whose_backends_are_all_gone_withdraws_its_vips_and_announces_them_again() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));
+    // n2 serves metrics too (a restart: the listener is read at start).
+    let with_metrics = |vips: &str| {
+        node_config(1, vips).replace("node:\n", &format!("node:\n  metrics_listen: {METRICS}\n"))
+    };
+    let n2 = &mut lab.nodes[1];
+    n2.dirs.write_config(&with_metrics(&dsr_vips(&[0, 1, 2])));
+    n2.agent.take().unwrap().stop();
+    n2.start_agent();
+    let a = n2.agent.as_mut().unwrap();
+    a.wait_metric(&n2.ns, METRICS, "lb_announced_vips", 2, DETECT);
+    for vip in [VIP4, VIP6] {
+        lab.wait_nexthops(vip, &[0, 1, 2], DETECT);
+    }
+
     // n2's backends all go to weight 0 (as when every health check fails).
     let drained = dsr_vip(VIP4, &[0, 1, 2], 0) + &dsr_vip(VIP6, &[0, 1, 2], 0);
-    lab.nodes[1].dirs.write_config(&node_config(1, &drained));
+    lab.nodes[1].dirs.write_config(&with_metrics(&drained));
     let start = Instant::now();
     lab.wait_nexthops(VIP4, &[0, 2], DETECT);
     lab.wait_nexthops(VIP6, &[0, 2], DETECT);
     let withdrawn = start.elapsed();
-    assert_eq!(lab.nodes[1].table_routes(), BTreeSet::new());
-    assert!(lab.nodes[1].announced().is_empty());
-    assert_eq!(
-        lab.nodes[0].table_routes().len(),
-        2,
-        "n1 still announces both"
-    );
+    let n2 = &lab.nodes[1];
+    assert_eq!(n2.table_routes(), BTreeSet::new());
+    assert!(n2.announced().is_empty(), "{:?}", n2.announced());
+    assert_eq!(metric(&n2.ns, METRICS, "lb_announced_vips"), Some(0));
+    assert_eq!(lab.nodes[0].table_routes().len(), 2, "n1 announces both");
 
     lab.nodes[1]
         .dirs
-        .write_config(&node_config(1, &dsr_vips(&[0, 1, 2])));
+        .write_config(&with_metrics(&dsr_vips(&[0, 1, 2])));
     let start = Instant::now();
     lab.wait_nexthops(VIP4, &[0, 1, 2], DETECT);
     lab.wait_nexthops(VIP6, &[0, 1, 2], DETECT);
     let announced = start.elapsed();
     let want: BTreeSet<std::net::IpAddr> = [VIP4, VIP6].map(|a| a.parse().unwrap()).into();
-    assert_eq!(lab.nodes[1].table_routes(), want);
-    assert_eq!(
-        lab.nodes[1]
-            .announced()
-            .into_iter()
-            .collect::<BTreeSet<_>>(),
-        want
-    );
-    let a = lab.nodes[1].agent.as_mut().unwrap();
-    a.wait_for("config applied", 2, Duration::from_secs(1));
+    let n2 = &mut lab.nodes[1];
+    assert_eq!(n2.table_routes(), want);
+    assert_eq!(n2.announced().into_iter().collect::<BTreeSet<_>>(), want);
+    let a = n2.agent.as_mut().unwrap();
+    a.wait_metric(&n2.ns, METRICS, "lb_announced_vips", 2, DETECT);
     eprintln!(
-        "config saved to router updated (file watch + reload + BGP): withdrawn in {withdrawn:?}, announced in {announced:?}"
+        "config saved to router updated (file watch + reload + BGP): withdrawn in {withdrawn:?}, \
+         announced in {announced:?}"
     );
 }
 
