@@ -576,7 +576,10 @@ async fn start(
         None => None,
     };
     let config = compose_now(file, kube.as_mut());
-    let memory = remembered(read_status(&opts.state_dir), &config);
+    let previous = read_status(&opts.state_dir);
+    // What a previous agent announced stays in the status until this one decides.
+    *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
+    let memory = remembered(previous, &config);
     let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
     // Attach first, then write the maps: a program attached on maps a previous agent left (or
     // on empty ones) serves as before, and failing to attach (a driver without native XDP,
@@ -636,7 +639,7 @@ async fn serve(
     mut nexthops: Nexthops,
 ) -> Result<()> {
     // Announced once the maps hold the first desired state; withdrawn on the way out.
-    let mut announce = announce::Keeper::default();
+    let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
     announce_update(&mut announce, &agent, m).await;
     if let Err(e) = write_status(opts, &agent, m) {
         warn!("writing the status file: {e:#}");

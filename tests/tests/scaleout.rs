@@ -224,6 +224,28 @@ fn sigterm_and_lb_down_withdraw_a_nodes_vips_and_kill_9_leaves_them_announced() 
 }
 
 #[test]
+fn an_agent_started_without_node_announce_withdraws_what_the_previous_one_announced() {
+    let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));
+    let n1 = &mut lab.nodes[0];
+    n1.agent.take().unwrap().kill9();
+    assert_eq!(n1.table_routes().len(), 2, "kill -9 leaves the routes");
+    let without = node_config(0, &dsr_vips(&[0, 1, 2])).replace("  announce: { table: 100 }\n", "");
+    assert!(!without.contains("announce"), "{without}");
+    n1.dirs.write_config(&without);
+    n1.start_agent();
+    for vip in [VIP4, VIP6] {
+        lab.wait_nexthops(vip, &[1, 2], DETECT);
+    }
+    assert_eq!(lab.nodes[0].table_routes(), BTreeSet::new());
+    assert_eq!(
+        lb_userspace::run::read_status(&lab.nodes[0].dirs.state).map(|s| s.announce),
+        Some(None),
+        "the status says announcement is off"
+    );
+}
+
+#[test]
 fn dsr_streams_survive_a_nodes_routing_daemon_being_killed() {
     let _one = ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut lab = lab(|_| dsr_vips(&[0, 1, 2]));

@@ -12,6 +12,9 @@ use crate::plan::State;
 #[derive(Default)]
 pub struct Keeper {
     announcer: Option<Announcer>,
+    /// The table a previous agent announced through, until the first update: withdrawn there
+    /// if this agent's config no longer announces through it.
+    leftover: Option<u32>,
     /// The settings `announcer` follows (or failed to start with).
     settings: Option<AnnounceSettings>,
     /// Why the announcer could not start, for the status.
@@ -19,9 +22,33 @@ pub struct Keeper {
 }
 
 impl Keeper {
+    /// A keeper that takes over from the agent whose status said `previous`.
+    pub fn new(previous: Option<AnnounceStatus>) -> Self {
+        Self {
+            leftover: previous.map(|p| p.table),
+            ..Self::default()
+        }
+    }
+
     /// Brings the table in line with `settings` and the maps' `state`: called after every
     /// change the agent applies (announcing needs the maps to hold the VIP first).
     pub async fn update(&mut self, settings: Option<&AnnounceSettings>, state: &State) {
+        if let Some(t) = self.leftover.take()
+            && settings.is_none_or(|s| s.table != t)
+        {
+            match super::withdraw_table(t).await {
+                Ok(gone) if !gone.is_empty() => info!(
+                    table = t,
+                    withdrawn = ?gone,
+                    "VIPs a previous agent announced withdrawn (node.announce changed)"
+                ),
+                Ok(_) => {}
+                Err(e) => error!(
+                    "withdrawing what a previous agent announced in routing table {t}: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+        }
         if settings != self.settings.as_ref() {
             self.shutdown().await;
             self.settings = settings.cloned();

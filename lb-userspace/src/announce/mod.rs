@@ -136,21 +136,24 @@ impl Announcer {
     }
 }
 
-/// For `lb down` (not async): removes every route of lb's protocol from `table`, in the calling
-/// thread's namespace. Returns the addresses withdrawn.
+/// Removes every route of lb's protocol from `table` (in the calling thread's namespace, on
+/// the current tokio runtime). Returns the addresses withdrawn.
+pub async fn withdraw_table(table: u32) -> Result<Vec<IpAddr>, RouteError> {
+    let routes = Routes::new()?;
+    let there = routes.list(table).await?;
+    for a in &there {
+        routes.del(table, *a).await?;
+    }
+    Ok(there.into_iter().collect())
+}
+
+/// [`withdraw_table`] for `lb down` (not async).
 pub fn withdraw_blocking(table: u32) -> Result<Vec<IpAddr>, RouteError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(RouteError::Socket)?;
-    rt.block_on(async {
-        let routes = Routes::new()?;
-        let there = routes.list(table).await?;
-        for a in &there {
-            routes.del(table, *a).await?;
-        }
-        Ok(there.into_iter().collect())
-    })
+        .map_err(RouteError::Socket)?
+        .block_on(withdraw_table(table))
 }
 
 #[cfg(test)]
