@@ -13,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    flowmap::FlowMap,
     program::{LoadError, Sizes, open_pinned, pinned_meta},
     ring::Ring,
 };
@@ -31,6 +32,8 @@ pub enum InspectError {
     },
     #[error("mapping the ring")]
     Ring(#[source] std::io::Error),
+    #[error("mapping the IPv4 flow table")]
+    FlowMap(#[source] std::io::Error),
 }
 
 fn merr(what: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
@@ -48,6 +51,8 @@ pub struct Pinned {
     node: Array<MapData, NodeConfig>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     flows4: Array<MapData, FlowBucket>,
+    /// The same table mapped into this process, to read it whole.
+    flows4_map: FlowMap,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nat: HashMap<MapData, FlowKey, NatFlow>,
     nat_rev: HashMap<MapData, FlowKey, NatReverse>,
@@ -69,6 +74,14 @@ impl Pinned {
         };
         let ring = Ring::map(ring_data, (sizes.max_vips * sizes.maglev_m) as usize, false)
             .map_err(InspectError::Ring)?;
+        let flows4 = open(maps::FLOWS4)?;
+        let Map::Array(flows4_data) = &flows4 else {
+            return Err(InspectError::FlowMap(std::io::Error::other(
+                "LB_FLOWS4 is not an array",
+            )));
+        };
+        let buckets = flowtab::buckets_for(sizes.flow_entries) as usize;
+        let flows4_map = FlowMap::map(flows4_data, buckets).map_err(InspectError::FlowMap)?;
         Ok(Self {
             stats: PerCpuArray::try_from(open(maps::STATS)?).map_err(merr("stats"))?,
             vip_stats: PerCpuArray::try_from(open(maps::VIP_STATS)?).map_err(merr("VIP stats"))?,
@@ -78,7 +91,8 @@ impl Pinned {
             members: Array::try_from(open(maps::MEMBERS)?).map_err(merr("members"))?,
             node: Array::try_from(open(maps::NODE)?).map_err(merr("node settings"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
-            flows4: Array::try_from(open(maps::FLOWS4)?).map_err(merr("IPv4 flows"))?,
+            flows4: Array::try_from(flows4).map_err(merr("IPv4 flows"))?,
+            flows4_map,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
             nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
             nat_rev: HashMap::try_from(open(maps::NAT_REV)?)
@@ -218,32 +232,45 @@ impl Pinned {
         out
     }
 
-    /// Up to `limit` flow entries: IPv4 (bucket by bucket, then the IPv6 LRU; order means
-    /// nothing). IPv4 entries of a VIP id no VIP has any more are left out.
+    /// Up to `limit` flow entries: IPv4, then the IPv6 LRU (order means nothing). IPv4 entries
+    /// of a VIP id no VIP has any more are left out.
     pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        self.each_flow(|k, v| {
+            out.push((k, v));
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every flow entry (IPv4 from the mapped table, then the IPv6 LRU) until
+    /// it returns false. IPv4 entries of a VIP id no VIP has any more are left out.
+    pub fn each_flow(
+        &self,
+        mut f: impl FnMut(FlowKey, FlowValue) -> bool,
+    ) -> Result<(), InspectError> {
         let vips: BTreeMap<u32, VipKey> =
             self.vips()?.into_iter().map(|(k, v)| (v.id, k)).collect();
         let now = monotonic_coarse_ns();
-        let mut out = Vec::new();
-        for i in 0..self.flows4.len() {
-            if out.len() >= limit {
-                return Ok(out);
-            }
-            let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
-            for k in b.keys {
-                if let Some(flow) = Self::flow4(&vips, &b, k, now) {
-                    out.push(flow);
-                }
+        for w in self.flows4_map.ways() {
+            let mut b = FlowBucket::default();
+            (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
+            if let Some((k, v)) = Self::flow4(&vips, &b, w.key, now)
+                && !f(k, v)
+            {
+                return Ok(());
             }
         }
         for kv in self.flows.iter() {
-            if out.len() >= limit {
+            let (k, v) = kv.map_err(merr("flows"))?;
+            if !f(k, v) {
                 break;
             }
-            out.push(kv.map_err(merr("flows"))?);
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok(())
     }
 
     /// The flow of key `k` in bucket `b`, if any.
@@ -292,22 +319,12 @@ impl Pinned {
     }
 }
 
-/// How full the flow, affinity and NAT tables are, for `/metrics`.
+/// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
 impl Pinned {
     /// Occupied ways of the IPv4 flow table: a way, once written, holds a flow until another
-    /// evicts it. One read per bucket (about 350K for the default size): this is the one place
-    /// to switch to a faster reader of the table.
+    /// evicts it (flows of VIPs removed since included). Read through the table's mapping.
     pub fn flows4_entries(&self) -> Result<u64, InspectError> {
-        let mut n = 0;
-        for i in 0..self.flows4.len() {
-            let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
-            n += b
-                .keys
-                .iter()
-                .filter(|k| **k != flowtab::EMPTY && **k != flowtab::LOCKED)
-                .count() as u64;
-        }
-        Ok(n)
+        Ok(self.flows4_map.ways().count() as u64)
     }
 
     /// Ways of the IPv4 flow table.
@@ -346,15 +363,6 @@ fn count<K>(
         n += 1;
     }
     Ok(n)
-}
-
-/// `address` or `address:port` (NAT backends with a port of their own).
-pub fn backend_label(m: &Member) -> String {
-    let ip = crate::model::ip_of(&m.addr, m.family);
-    match u16::from_be(m.port) {
-        0 => ip.to_string(),
-        port => std::net::SocketAddr::new(ip, port).to_string(),
-    }
 }
 
 /// CLOCK_MONOTONIC_COARSE now, the clock the program stamps entries with.

@@ -131,7 +131,7 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 fn busy(ifname: &str) -> String {
     let prog = ifindex(ifname)
         .and_then(|i| xdp_state(i).ok())
-        .map(|s| s.1)
+        .and_then(|s| s.prog_ids.into_iter().find(|id| *id != 0))
         .filter(|id| *id != 0);
     let which = match prog {
         Some(id) => {
@@ -382,8 +382,9 @@ fn steps(
 fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
     const XDP_ATTACHED_DRV: u8 = 1;
     const XDP_ATTACHED_SKB: u8 = 2;
-    let (attached, _) = xdp_state(index)
-        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
+    let attached = xdp_state(index)
+        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?
+        .attached;
     Ok(match attached {
         XDP_ATTACHED_DRV => Some(ModeSetting::Native),
         XDP_ATTACHED_SKB => Some(ModeSetting::Generic),
@@ -391,9 +392,9 @@ fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
     })
 }
 
-/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED` and
-/// `IFLA_XDP_PROG_ID`. (A bpf_link's own info names the interface but not the mode.)
-fn xdp_state(index: u32) -> io::Result<(u8, u32)> {
+/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED`
+/// and the attached programs' ids. (A bpf_link's own info names the interface but not the mode.)
+fn xdp_state(index: u32) -> io::Result<XdpState> {
     /// nlmsghdr followed by ifinfomsg.
     #[repr(C)]
     struct Request {
@@ -453,14 +454,25 @@ fn xdp_state(index: u32) -> io::Result<(u8, u32)> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    parse_xdp_state(&buf[..n as usize])
+    parse_xdp(&buf[..n as usize])
 }
 
-/// `IFLA_XDP_ATTACHED` and `IFLA_XDP_PROG_ID` from an `RTM_NEWLINK` answer (0 if absent).
-fn parse_xdp_state(msg: &[u8]) -> io::Result<(u8, u32)> {
+/// What the kernel says of XDP on one interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct XdpState {
+    /// `XDP_ATTACHED_*` (0: nothing attached).
+    attached: u8,
+    /// The attached programs' ids (one per mode; 0 where none).
+    prog_ids: [u32; 4],
+}
+
+/// `IFLA_XDP_ATTACHED` and the program ids (`IFLA_XDP_PROG_ID`, and per mode when several are
+/// attached) from an `RTM_NEWLINK` answer (nothing attached if absent).
+fn parse_xdp(msg: &[u8]) -> io::Result<XdpState> {
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
-    const IFLA_XDP_PROG_ID: u16 = 4;
+    /// IFLA_XDP_PROG_ID, then IFLA_XDP_DRV_PROG_ID, _SKB_, _HW_.
+    const IFLA_XDP_PROG_IDS: [u16; 4] = [4, 5, 6, 7];
     const NLMSG_HDR: usize = 16;
     const IFINFOMSG: usize = 16;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
@@ -477,17 +489,83 @@ fn parse_xdp_state(msg: &[u8]) -> io::Result<(u8, u32)> {
         libc::RTM_NEWLINK if len >= NLMSG_HDR + IFINFOMSG => {}
         _ => return Err(bad("not a link message")),
     }
-    let nest = attributes(&msg[NLMSG_HDR + IFINFOMSG..len])
-        .find(|(k, _)| *k == IFLA_XDP)
-        .map_or(&[][..], |(_, nest)| nest);
-    let attr = |kind: u16| attributes(nest).find(|(k, _)| *k == kind).map(|(_, v)| v);
-    let attached = attr(IFLA_XDP_ATTACHED)
-        .and_then(|v| v.first().copied())
-        .unwrap_or(0);
-    let prog = attr(IFLA_XDP_PROG_ID)
-        .and_then(|v| v.get(..4))
-        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
-    Ok((attached, prog))
+    let mut state = XdpState::default();
+    let xdp = attributes(&msg[NLMSG_HDR + IFINFOMSG..len]).find(|(k, _)| *k == IFLA_XDP);
+    for (k, v) in xdp.into_iter().flat_map(|(_, nest)| attributes(nest)) {
+        if k == IFLA_XDP_ATTACHED {
+            state.attached = v.first().copied().unwrap_or(0);
+        } else if let Some(i) = IFLA_XDP_PROG_IDS.iter().position(|id| *id == k)
+            && let Ok(b) = <[u8; 4]>::try_from(v)
+        {
+            state.prog_ids[i] = u32::from_ne_bytes(b);
+        }
+    }
+    Ok(state)
+}
+
+/// Whether lb's program is attached to one interface now, as the kernel says: the program
+/// of the link pinned for it is the one attached to the device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachment {
+    /// None: no such interface (in this network namespace).
+    pub ifindex: Option<u32>,
+    /// How XDP is attached there: native, generic, offload, several; None if not at all.
+    pub mode: Option<&'static str>,
+    /// Programs attached to the device (one per mode).
+    pub program_ids: Vec<u32>,
+    /// The program of the link lb pinned for the interface; None if none is pinned.
+    pub lb_program_id: Option<u32>,
+}
+
+impl Attachment {
+    pub fn ours(&self) -> bool {
+        self.lb_program_id
+            .is_some_and(|id| id != 0 && self.program_ids.contains(&id))
+    }
+}
+
+/// What is attached to `ifname` now, and whether it is the program of lb's pinned link.
+pub fn attachment(pin_dir: &Path, ifname: &str) -> Attachment {
+    let lb_program_id = PinnedLink::from_pin(link_pin(pin_dir, ifname))
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok())
+        .map(|i| i.program_id());
+    let ifindex = ifindex(ifname);
+    let state = ifindex.and_then(|i| xdp_state(i).ok()).unwrap_or_default();
+    let mode = match state.attached {
+        0 => None,
+        1 => Some("native"),
+        2 => Some("generic"),
+        3 => Some("offload"),
+        _ => Some("several"),
+    };
+    let mut program_ids: Vec<u32> = state.prog_ids.into_iter().filter(|i| *i != 0).collect();
+    program_ids.sort_unstable();
+    program_ids.dedup();
+    Attachment {
+        ifindex,
+        mode,
+        program_ids,
+        lb_program_id,
+    }
+}
+
+/// The interfaces an agent keeps its program attached to (what `/readyz` checks).
+#[derive(Clone, Debug, Default)]
+pub struct Expected {
+    pub pin_dir: PathBuf,
+    pub interfaces: Vec<String>,
+}
+
+impl Expected {
+    /// The interfaces that do not hold lb's program now.
+    pub fn missing(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .filter(|i| !attachment(&self.pin_dir, i).ours())
+            .cloned()
+            .collect()
+    }
 }
 
 /// Netlink attributes (type without its flag bits, value), 4-byte aligned.
@@ -537,10 +615,11 @@ mod tests {
         let prog_id = attr(4, &77u32.to_ne_bytes()); // IFLA_XDP_PROG_ID
         let nest = [prog_id, attr(2, &[2])].concat();
         let msg = link_message(&[name, odd, mtu, attr(43 | 0x8000, &nest)].concat());
-        assert_eq!(parse_xdp_state(&msg).unwrap(), (2, 77));
+        let state = parse_xdp(&msg).unwrap();
+        assert_eq!((state.attached, state.prog_ids), (2, [77, 0, 0, 0]));
         assert_eq!(
-            parse_xdp_state(&link_message(&attr(4, &[0; 4]))).unwrap(),
-            (0, 0)
+            parse_xdp(&link_message(&attr(4, &[0; 4]))).unwrap(),
+            XdpState::default()
         );
     }
 
@@ -551,7 +630,7 @@ mod tests {
         m.extend([0u8; 10]);
         m.extend((-libc::ENODEV).to_ne_bytes());
         m.extend([0u8; 16]);
-        let e = parse_xdp_state(&m).unwrap_err();
+        let e = parse_xdp(&m).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
     }
 }

@@ -33,6 +33,7 @@ use crate::{
     dataplane::kernel::KernelDataplane,
     health,
     k8s::{Kube, KubeOptions, translate::Settings},
+    life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
     nexthop,
@@ -238,6 +239,9 @@ pub struct Status {
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
     pub nexthops: crate::nexthop::NexthopStatus,
+    /// The agent itself, for `lb status`.
+    #[serde(default)]
+    pub agent: Option<AgentStatus>,
     /// The VIP addresses this node announces (None: `node.announce` is off).
     #[serde(default)]
     pub announce: Option<crate::announce::AnnounceStatus>,
@@ -271,10 +275,20 @@ pub fn read_status(state_dir: &Path) -> Option<Status> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetrics) -> Result<()> {
+fn write_status(
+    opts: &RunOptions,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+    life: &Life,
+) -> Result<()> {
     let c = agent.config();
     let mut health_rows = Vec::new();
+    let reloads = (
+        m.reloads_ok.load(Ordering::Relaxed),
+        m.reloads_rejected.load(Ordering::Relaxed),
+    );
     let status = Status {
+        agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         announce: m.announce.lock().expect("announce lock").clone(),
         config: opts.config.display().to_string(),
@@ -471,6 +485,7 @@ impl Nexthops {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let life = Life::default();
     let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
@@ -504,11 +519,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
-    if let Err(e) = write_status(&opts, &agent, &m) {
+    if let Err(e) = write_status(&opts, &agent, &m, &life) {
         warn!("writing the status file: {e:#}");
     }
+    expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -616,6 +632,14 @@ async fn start(
     })
 }
 
+/// Tells `/readyz` which interfaces must hold the program.
+fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>) {
+    *m.links.lock().expect("links lock") = links::Expected {
+        pin_dir: pin_dir.to_path_buf(),
+        interfaces: agent.config().node.interfaces.clone(),
+    };
+}
+
 /// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
 async fn announce_update(
     k: &mut announce::Keeper,
@@ -629,6 +653,7 @@ async fn announce_update(
 
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
     mut agent: Agent<KernelDataplane>,
@@ -637,11 +662,12 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
+    mut life: Life,
 ) -> Result<()> {
     // Announced once the maps hold the first desired state; withdrawn on the way out.
     let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
     announce_update(&mut announce, &agent, m).await;
-    if let Err(e) = write_status(opts, &agent, m) {
+    if let Err(e) = write_status(opts, &agent, m, &life) {
         warn!("writing the status file: {e:#}");
     }
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
@@ -681,7 +707,9 @@ async fn serve(
                 Reload::No
             }
             _ = passive_tick.tick() => {
-                if !passive.round(&mut agent, &ptx, m) {
+                // Nothing changed: nothing to write, unless the status file went (`lb down
+                // --force`), which `lb status` needs to see this agent at all.
+                if !passive.round(&mut agent, &ptx, m) && status_path(&opts.state_dir).exists() {
                     continue;
                 }
                 Reload::No
@@ -729,6 +757,7 @@ async fn serve(
             } else {
                 "config"
             };
+            let source = if from_kube { "cluster" } else { "config" };
             match result {
                 Ok((p, f)) => {
                     if let Some(f) = f {
@@ -738,6 +767,8 @@ async fn serve(
                         warn!("{w}");
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
+                    expect_links(m, &opts.pin_dir, &agent);
+                    life.reloaded(source, Ok(()));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                     m.applied();
                     m.map_writes
@@ -751,6 +782,7 @@ async fn serve(
                     }
                 }
                 Err(e) => {
+                    life.reloaded(source, Err(format!("{e:#}")));
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                     error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
@@ -761,7 +793,7 @@ async fn serve(
             nexthops.refresh(&mut agent, m).await;
         }
         announce_update(&mut announce, &agent, m).await;
-        if let Err(e) = write_status(opts, &agent, m) {
+        if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
     }
@@ -878,6 +910,7 @@ vips:
             passive_out,
         };
         let status = Status {
+            agent: None,
             nexthops: Default::default(),
             announce: None,
             config: "t".into(),

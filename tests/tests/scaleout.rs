@@ -125,6 +125,24 @@ fn dsr_streams_survive_a_node_leaving_and_a_fresh_node_joining() {
     finish_all(conns);
 }
 
+/// What `lb status -o json` says the node announces (in the node's namespace).
+fn status_announced(n: &lb_tests::ecmp::Node) -> Vec<String> {
+    let out = n.dirs.cli_in(&n.ns, &["status", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "lb status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("lb status -o json");
+    assert_eq!(v["announce"]["table"], 100, "{v}");
+    v["announce"]["announced"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no announce in lb status: {v}"))
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Within the timers: the router sees the change within [`DETECT`] of the config's save.
 #[test]
 fn a_node_whose_backends_are_all_gone_withdraws_its_vips_and_announces_them_again() {
@@ -155,6 +173,7 @@ fn a_node_whose_backends_are_all_gone_withdraws_its_vips_and_announces_them_agai
     assert_eq!(n2.table_routes(), BTreeSet::new());
     assert!(n2.announced().is_empty(), "{:?}", n2.announced());
     assert_eq!(metric(&n2.ns, METRICS, "lb_announced_vips"), Some(0));
+    assert_eq!(status_announced(n2), Vec::<String>::new());
     assert_eq!(lab.nodes[0].table_routes().len(), 2, "n1 announces both");
 
     lab.nodes[1]
@@ -170,6 +189,7 @@ fn a_node_whose_backends_are_all_gone_withdraws_its_vips_and_announces_them_agai
     assert_eq!(n2.announced().into_iter().collect::<BTreeSet<_>>(), want);
     let a = n2.agent.as_mut().unwrap();
     a.wait_metric(&n2.ns, METRICS, "lb_announced_vips", 2, DETECT);
+    assert_eq!(status_announced(n2), [VIP4, VIP6]);
     eprintln!(
         "config saved to router updated (file watch + reload + BGP): withdrawn in {withdrawn:?}, \
          announced in {announced:?}"
