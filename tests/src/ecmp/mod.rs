@@ -17,17 +17,20 @@
 //! Only addresses inside these namespaces are used. Everything (agents, daemons, pins,
 //! namespaces) is removed on drop, also when a test panics.
 
+mod bird;
+mod stream;
+
+pub use bird::{BFD, BGP_TIMERS, Bird, node_bird_conf, router_bird_conf};
+pub use stream::{Conn, STALL, STREAM_CAP, wait_progress};
+
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
-    io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr, TcpListener},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -50,11 +53,6 @@ pub const VIP6: &str = "2001:db8::10";
 /// A NAT VIP; its backends listen on [`NAT_PORT`] of their own addresses.
 pub const NAT_VIP4: &str = "192.0.2.20";
 pub const NAT_PORT: u16 = 9080;
-/// BFD: 100 ms, 5 missed packets (a node's loss is noticed in about half a second).
-pub const BFD: &str = "min rx interval 100 ms; min tx interval 100 ms; multiplier 5;";
-/// BGP timers: the session itself (BFD notices a lost link first), and how soon it is retried.
-pub const BGP_TIMERS: &str =
-    "hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 2;";
 
 /// A node's fabric addresses (node `i`, from 0).
 pub fn node_v4(i: usize) -> IpAddr {
@@ -113,132 +111,6 @@ pub fn nat_vip() -> String {
         "  - {{ address: {NAT_VIP4}, port: 80, protocol: tcp, mode: nat, backends: [{}] }}\n",
         list.join(", ")
     )
-}
-
-/// A BIRD daemon running in the foreground in a namespace; killed on drop.
-pub struct Bird {
-    child: Child,
-    pub socket: PathBuf,
-    pub dir: PathBuf,
-}
-
-impl Bird {
-    /// Writes `conf` to `dir`/bird.conf and starts `bird -f` on it in `ns`.
-    pub fn start(ns: &NetNs, dir: &Path, conf: &str) -> Self {
-        let path = dir.join("bird.conf");
-        let socket = dir.join("bird.ctl");
-        std::fs::write(&path, conf).unwrap();
-        let stderr = dir.join("bird.stderr");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
-            .arg(&path)
-            .arg("-s")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap());
-        // SAFETY: prctl is async-signal-safe. A test process killed outright (no destructors)
-        // takes its daemons with it instead of leaving them in deleted namespaces.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .expect("starting bird (BIRD 2: `cargo xtask setup` installs it)");
-        let mut b = Self {
-            child,
-            socket,
-            dir: dir.to_path_buf(),
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        if let Ok(Some(status)) = b.child.try_wait() {
-            panic!(
-                "bird exited ({status}): {}",
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            );
-        }
-        b
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// `birdc <args>` against this daemon, for failure messages.
-    pub fn birdc(&self, args: &[&str]) -> String {
-        match Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-        {
-            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-            Err(e) => format!("birdc: {e}"),
-        }
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// BIRD on a node: learns lb's routes from table [`TABLE`] and announces them to the router.
-pub fn node_bird_conf(i: usize, log: &Path) -> String {
-    format!(
-        r#"router id {id};
-log "{log}" {{ info, remote, warning, error, auth, fatal, bug }};
-protocol device {{ }}
-protocol bfd {{ interface "eth0" {{ {BFD} }}; }}
-# lb keeps one route per VIP it announces in table {TABLE}; `learn` takes routes made by others.
-protocol kernel lb4 {{ kernel table {TABLE}; learn; ipv4 {{ import all; export none; }}; }}
-protocol kernel lb6 {{ kernel table {TABLE}; learn; ipv6 {{ import all; export none; }}; }}
-template bgp upstream {{ local as 65001; bfd on; {BGP_TIMERS} }}
-protocol bgp router4 from upstream {{
-  neighbor 10.20.0.1 as 65000;
-  ipv4 {{ import none; export all; next hop self; }};
-}}
-protocol bgp router6 from upstream {{
-  neighbor fd20::1 as 65000;
-  ipv6 {{ import none; export all; next hop self; }};
-}}
-"#,
-        id = node_v4(i),
-        log = log.display()
-    )
-}
-
-/// BIRD on the router: one session per node and family; the VIPs go into the main table as
-/// multipath routes.
-pub fn router_bird_conf(nodes: usize, log: &Path) -> String {
-    let mut c = format!(
-        r#"router id 10.20.0.1;
-log "{log}" {{ info, remote, warning, error, auth, fatal, bug }};
-protocol device {{ }}
-protocol bfd {{ interface "br0" {{ {BFD} }}; }}
-protocol kernel {{ merge paths on; ipv4 {{ import none; export all; }}; }}
-protocol kernel {{ merge paths on; ipv6 {{ import none; export all; }}; }}
-template bgp lbnode {{ local as 65000; bfd on; {BGP_TIMERS} }}
-"#,
-        log = log.display()
-    );
-    for i in 0..nodes {
-        c.push_str(&format!(
-            "protocol bgp n{n}v4 from lbnode {{ neighbor {} as 65001; ipv4 {{ import all; export none; }}; }}
-protocol bgp n{n}v6 from lbnode {{ neighbor {} as 65001; ipv6 {{ import all; export none; }}; }}
-",
-            node_v4(i),
-            node_v6(i),
-            n = i + 1
-        ));
-    }
-    c
 }
 
 /// An lb node: its namespace, agent, pins and BIRD.
@@ -656,128 +528,6 @@ impl Drop for Ecmp {
         }
         self.router_bird = None;
         let _ = std::fs::remove_dir_all(&self.router_dir);
-    }
-}
-
-/// How long a stream waits for an echo before it counts as broken: far longer than a node's
-/// loss takes to notice and TCP's retransmissions to cross it.
-pub const STALL: Duration = Duration::from_secs(15);
-/// No stream outlives this, whatever the test does.
-pub const STREAM_CAP: Duration = Duration::from_secs(240);
-
-/// A long-lived connection that sends a numbered line every 100 ms and checks each echo.
-pub struct Conn {
-    pub local: SocketAddr,
-    pub vip: SocketAddr,
-    /// The backend that answered the connection.
-    pub backend: String,
-    exchanged: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Option<String>>>,
-}
-
-impl Conn {
-    fn start(s: std::net::TcpStream, vip: SocketAddr) -> Self {
-        let local = s.local_addr().unwrap();
-        s.set_read_timeout(Some(STALL)).unwrap();
-        s.set_write_timeout(Some(STALL)).unwrap();
-        let mut reader = BufReader::new(s.try_clone().unwrap());
-        let mut backend = String::new();
-        reader
-            .read_line(&mut backend)
-            .unwrap_or_else(|e| panic!("{local}: reading the backend's name: {e}"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let exchanged = Arc::new(AtomicU64::new(0));
-        let (st, ex, mut w) = (stop.clone(), exchanged.clone(), s);
-        let handle = std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut n = 0u64;
-            while !st.load(Ordering::Relaxed) && started.elapsed() < STREAM_CAP {
-                let msg = format!("{n} {}\n", "y".repeat(64));
-                if let Err(e) = w.write_all(msg.as_bytes()) {
-                    return Some(format!("write after {n} exchanges: {e}"));
-                }
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(0) => return Some(format!("closed by the peer after {n} exchanges")),
-                    Ok(_) if line == msg => {}
-                    Ok(_) => return Some(format!("wrong echo after {n} exchanges")),
-                    Err(e) => return Some(format!("read after {n} exchanges: {e}")),
-                }
-                n += 1;
-                ex.store(n, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            None
-        });
-        Self {
-            local,
-            vip,
-            backend: backend.trim().to_string(),
-            exchanged,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    pub fn exchanged(&self) -> u64 {
-        self.exchanged.load(Ordering::Relaxed)
-    }
-
-    /// Whether the stream has ended (before [`Conn::finish`], only by breaking).
-    pub fn ended(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
-    }
-
-    /// The key of this connection in the maps.
-    pub fn flow_key(&self) -> lb_common::FlowKey {
-        let (src, family) = lb_userspace::model::addr16(self.local.ip());
-        let (dst, _) = lb_userspace::model::addr16(self.vip.ip());
-        lb_common::FlowKey {
-            src,
-            dst,
-            src_port: self.local.port().to_be(),
-            dst_port: self.vip.port().to_be(),
-            proto: libc::IPPROTO_TCP as u8,
-            family,
-            _pad: [0; 2],
-        }
-    }
-
-    /// Stops the stream: `None` if it never broke, else what happened.
-    pub fn finish(mut self) -> Option<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Waits until every stream not in `skip` has made `more` exchanges beyond its count when the
-/// wait began, or `timeout`; returns the indices of those that did not (ended or stalled).
-pub fn wait_progress(
-    conns: &[Conn],
-    more: u64,
-    skip: &BTreeSet<usize>,
-    timeout: Duration,
-) -> BTreeSet<usize> {
-    let from: Vec<u64> = conns.iter().map(Conn::exchanged).collect();
-    let start = Instant::now();
-    loop {
-        let behind: BTreeSet<usize> = conns
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| !skip.contains(i) && c.exchanged() < from[*i] + more)
-            .map(|(i, _)| i)
-            .collect();
-        if behind.is_empty() || start.elapsed() > timeout {
-            return behind;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
