@@ -4,6 +4,7 @@
 //! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
 //! [`inspect`], [`run`].
 pub mod agent;
+pub mod announce;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{Agent, Remembered, Target},
+    announce,
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
@@ -241,6 +242,9 @@ pub struct Status {
     /// The agent itself, for `lb status`.
     #[serde(default)]
     pub agent: Option<AgentStatus>,
+    /// The VIP addresses this node announces (None: `node.announce` is off).
+    #[serde(default)]
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -289,6 +293,7 @@ fn write_status(
     let status = Status {
         agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
+        announce: m.announce.lock().expect("announce lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
             .vips
@@ -592,7 +597,10 @@ async fn start(
         None => None,
     };
     let config = compose_now(file, kube.as_mut());
-    let memory = remembered(read_status(&opts.state_dir), &config);
+    let previous = read_status(&opts.state_dir);
+    // What a previous agent announced stays in the status until this one decides.
+    *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
+    let memory = remembered(previous, &config);
     let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
     // Attach first, then write the maps: a program attached on maps a previous agent left (or
     // on empty ones) serves as before, and failing to attach (a driver without native XDP,
@@ -637,6 +645,17 @@ fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>
     };
 }
 
+/// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
+async fn announce_update(
+    k: &mut announce::Keeper,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+) {
+    k.update(agent.config().node.announce.as_ref(), agent.state())
+        .await;
+    *m.announce.lock().expect("announce lock") = k.status();
+}
+
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change.
 #[allow(clippy::too_many_arguments)]
@@ -650,6 +669,12 @@ async fn serve(
     mut nexthops: Nexthops,
     mut life: Life,
 ) -> Result<()> {
+    // Announced once the maps hold the first desired state; withdrawn on the way out.
+    let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
+    announce_update(&mut announce, &agent, m).await;
+    if let Err(e) = write_status(opts, &agent, m, &life) {
+        warn!("writing the status file: {e:#}");
+    }
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
@@ -770,11 +795,13 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
+        announce_update(&mut announce, &agent, m).await;
         if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
     }
     drop(checks);
+    announce.shutdown().await;
     Ok(())
 }
 
@@ -808,6 +835,17 @@ pub fn down_unless_running(pin_dir: &Path, state_dir: &Path) -> Result<Vec<Strin
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let agent_runs = pin_dir.exists() && PinLock::try_lock(pin_dir)?.is_none();
     let mut done = Vec::new();
+    // The routes first: the node stops being announced before it stops serving.
+    if let Some(a) = read_status(state_dir).and_then(|s| s.announce) {
+        for vip in announce::withdraw_blocking(a.table).with_context(|| {
+            format!(
+                "withdrawing the VIPs announced in routing table {}",
+                a.table
+            )
+        })? {
+            done.push(format!("withdrew {vip} (routing table {})", a.table));
+        }
+    }
     for (ifname, _) in links::pinned_links(pin_dir) {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
@@ -882,6 +920,7 @@ vips:
         let status = Status {
             agent: None,
             nexthops: Default::default(),
+            announce: None,
             config: "t".into(),
             vips: vec![
                 VipStatus {

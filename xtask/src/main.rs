@@ -109,8 +109,16 @@ fn main() -> Result<()> {
 }
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
-/// under it), Python's venv (for kubernetes-validate) and tmux (`lb top` is read off its pane).
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "libcap2-bin", "python3-venv", "tmux"];
+/// under it), Python's venv (for kubernetes-validate), tmux (`lb top` is read off its pane) and
+/// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces).
+const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "libcap2-bin",
+    "python3-venv",
+    "tmux",
+    "bird2",
+];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The OpenMetrics reference parser (Python's Prometheus client), which checks the agent's

@@ -27,7 +27,33 @@ pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectErr
     out.extend(tables(p)?);
     out.extend(agent(a));
     out.extend(nexthops(&a.nexthops.lock().expect("nexthops lock")));
+    out.extend(announce(a.announce.lock().expect("announce lock").as_ref()));
     Ok(out)
+}
+
+/// What the node announces through its routing daemon (nothing when `node.announce` is off).
+fn announce(a: Option<&crate::announce::AnnounceStatus>) -> Vec<Family> {
+    let Some(a) = a else { return Vec::new() };
+    vec![
+        Family::gauge(
+            "lb_announced_vips",
+            "VIP addresses this node announces (routes in its announcement table)",
+            vec![(vec![], a.announced.len() as f64)],
+        ),
+        Family::gauge(
+            "lb_vip_announced",
+            "1 for each VIP address this node announces",
+            a.announced
+                .iter()
+                .map(|ip| (vec![("address", ip.to_string())], 1.0))
+                .collect(),
+        ),
+        Family::gauge(
+            "lb_announce_failing",
+            "1 while the last change to the announcement table failed (see the log)",
+            vec![(vec![], f64::from(u8::from(a.error.is_some())))],
+        ),
+    ]
 }
 
 /// The program's verdicts and events. The total is not a family of its own: it is the sum of

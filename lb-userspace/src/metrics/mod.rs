@@ -48,6 +48,8 @@ pub struct AgentMetrics {
     pub health: Mutex<Vec<(String, String, bool)>>,
     /// The next-hop keeper's figures, as of its last refresh.
     pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
+    /// What this node announces (None: `node.announce` is off); not served yet.
+    pub announce: Mutex<Option<crate::announce::AnnounceStatus>>,
 }
 
 impl AgentMetrics {

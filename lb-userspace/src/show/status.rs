@@ -69,6 +69,9 @@ pub struct StatusView {
     pub interfaces: Vec<InterfaceView>,
     /// None: nothing is pinned.
     pub maps: Option<MapsView>,
+    /// What the node announces through its routing daemon, as the agent last wrote it (None:
+    /// `node.announce` is off, or no status file).
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 impl StatusView {
@@ -136,6 +139,7 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         agent,
         interfaces,
         maps,
+        announce: status.and_then(|s| s.announce),
     })
 }
 
@@ -241,6 +245,9 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             }
         );
     }
+    if let Some(a) = &v.announce {
+        print_announce(a);
+    }
     let Some(m) = &v.maps else {
         println!("maps:       none pinned");
         return;
@@ -266,5 +273,18 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             f.capacity,
             f.fill * 100.0
         );
+    }
+}
+
+fn print_announce(a: &crate::announce::AnnounceStatus) {
+    let what = if a.announced.is_empty() {
+        "nothing (no VIP has a backend)".to_string()
+    } else {
+        let list: Vec<String> = a.announced.iter().map(|ip| ip.to_string()).collect();
+        list.join(", ")
+    };
+    println!("announce:   routing table {}: {what}", a.table);
+    if let Some(e) = &a.error {
+        println!("            FAILING: {e}");
     }
 }
