@@ -41,7 +41,10 @@ use lb_userspace::{inspect::Pinned, program::Sizes};
 
 use crate::{
     agent::{Agent, Dirs},
-    dc::{BACKENDS, CLIENTS, client_v4, client_v6, echo, open},
+    dc::{
+        BACKENDS, CLIENTS, attach_fabric, client_v4, client_v6, dsr_backend, echo, lb_node, open,
+        wire_client,
+    },
     harness::Lb,
     netns::NetNs,
 };
@@ -249,75 +252,12 @@ impl Ecmp {
     /// Links and addresses, the router's forwarding and ECMP hashing, the backends' decap.
     fn wire(&mut self) {
         let (router, client) = (&self.router, &self.client);
-        crate::netns::ip(&[
-            "link",
-            "add",
-            "c0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &router.name,
-        ]);
-        router.script(&format!(
-            "link add br0 type bridge
-             link set br0 mtu {MTU}
-             link set br0 up
-             addr add 10.20.0.1/24 dev br0
-             addr add fd20::1/64 dev br0 nodad
-             addr add 10.10.0.1/24 dev r0
-             addr add fd10::1/64 dev r0 nodad
-             link set r0 up"
-        ));
-        router.sysctl("net.ipv4.ip_forward", "1");
-        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+        wire_client(router, client, MTU);
         // Spread by the 4-tuple, not by the addresses alone (the clients are few).
         router.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
         router.sysctl("net.ipv6.fib_multipath_hash_policy", "1");
-        let mut c = "link set c0 up\n".to_string();
-        for i in 0..CLIENTS {
-            c.push_str(&format!(
-                "addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n",
-                client_v4(i),
-                client_v6(i)
-            ));
-        }
-        c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
-        client.script(&c);
-        client.exec("ethtool", &["-K", "c0", "tx", "off"]);
-
         let port = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
-            crate::netns::ip(&[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                &ns.name,
-                "mtu",
-                MTU,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                &router.name,
-                "mtu",
-                MTU,
-            ]);
-            router.ip(&["link", "set", port, "master", "br0"]);
-            router.ip(&["link", "set", port, "up"]);
-            ns.script(&format!(
-                "addr add {v4}/24 dev eth0
-                 addr add {v6}/64 dev eth0 nodad
-                 link set eth0 up
-                 route add default via 10.20.0.1
-                 route add default via fd20::1"
-            ));
+            attach_fabric(router, ns, port, v4, v6, MTU)
         };
         let decap = &mut self._decap;
         for (i, node) in self.nodes.iter().enumerate() {
@@ -328,10 +268,7 @@ impl Ecmp {
                 &node_v4(i).to_string(),
                 &node_v6(i).to_string(),
             );
-            node.ns.sysctl("net.ipv4.ip_forward", "1");
-            node.ns.sysctl("net.ipv6.conf.all.forwarding", "1");
-            node.ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
-            node.ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
+            lb_node(&node.ns);
             // XDP_TX out of the node's eth0 lands on its router port, which needs NAPI.
             router.run(|| {
                 decap
@@ -344,11 +281,7 @@ impl Ecmp {
             port(ns, &format!("p-{name}"), v4, v6);
             // veths leave checksums to "hardware", which NAT's XDP forwarding skips (README).
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
-            ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
-            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
-            for k in ["all", "default", "eth0", "lo"] {
-                ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
-            }
+            dsr_backend(ns, &[VIP4], &[VIP6]);
             ns.run(|| {
                 decap
                     .xdp("lb_decap")
