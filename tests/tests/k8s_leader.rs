@@ -59,8 +59,9 @@ fn slice(service: &str, name: &str, pod: &str) -> Value {
     })
 }
 
-/// 503 slots: within node A's table (1009), more than node B's (251). A accepts the policy
-/// and B rejects it: two agents that write status would overwrite each other without end.
+/// 503 slots: within node A's table (1009), more than node B's (251). A applies the policy as
+/// written and B with its table's 251 slots, each saying so: two agents that both wrote status
+/// would overwrite each other without end.
 fn policy() -> Value {
     json!({ "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
             "metadata": { "namespace": "shop", "name": "big" }, "spec": { "slots": 503 } })
@@ -153,12 +154,13 @@ fn writers(s: &State) -> Vec<String> {
     s.status_writers.clone()
 }
 
+/// The reason of the `Accepted` condition in a status patch.
 fn accepted(patch: &Value) -> Option<String> {
     patch["status"]["conditions"]
         .as_array()?
         .iter()
         .find(|c| c["type"] == "Accepted")
-        .map(|c| c["status"].as_str().unwrap_or_default().to_string())
+        .map(|c| c["reason"].as_str().unwrap_or_default().to_string())
 }
 
 #[test]
@@ -179,14 +181,13 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
         let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
         format!("node-a:\n{}\nnode-b:\n{}", read(&paths[0]), read(&paths[1]))
     };
-    // Each agent serves with its own view: A with the policy's 503 slots, B (which rejects
-    // it) with its table's 251.
+    // Each agent serves with its own view: A with the policy's 503 slots, B with its table's 251.
     a.wait_slots("192.0.2.10:80/tcp", 503);
     b.wait_slots("192.0.2.10:80/tcp", 251);
-    wait_api(&api, "A's status (Accepted)", &logs, |s| {
+    wait_api(&api, "A's status (Accepted as written)", &logs, |s| {
         s.status_patches
             .last()
-            .is_some_and(|p| accepted(&p.1).as_deref() == Some("True"))
+            .is_some_and(|p| accepted(&p.1).as_deref() == Some("Accepted"))
     });
     // Four more renewals by A: B has had two Lease durations to write if it were going to.
     let renewals = api.lock().lease_writes.len();
@@ -229,11 +230,16 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
         "B took over after {took:?}, before the Lease ({LEASE:?}) could have expired"
     );
     // On taking over, B writes its view of the current status, once.
-    wait_api(&api, "B's status (not Accepted)", &logs, |s| {
-        s.status_patches
-            .last()
-            .is_some_and(|p| accepted(&p.1).as_deref() == Some("False"))
-    });
+    wait_api(
+        &api,
+        "B's status (Accepted with its table's size)",
+        &logs,
+        |s| {
+            s.status_patches
+                .last()
+                .is_some_and(|p| accepted(&p.1).as_deref() == Some("AcceptedWithNotes"))
+        },
+    );
     let renewals = api.lock().lease_writes.len();
     wait_api(&api, "four renewals by B", &logs, |s| {
         s.lease_writes.len() >= renewals + 4
@@ -252,7 +258,10 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(message.contains("503"), "B's own view: {message}");
+    assert!(
+        message.contains("slots 503: 251 used"),
+        "B's own view: {message}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Kubernetes as a source of desired state: Services, EndpointSlices and `UpstreamPolicy`
 //! objects become the same VIPs a config file describes.
 
+pub mod kong;
 pub mod lease;
 pub mod policy;
 pub mod slices;
