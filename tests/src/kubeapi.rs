@@ -91,8 +91,10 @@ pub struct State {
     /// The writer (`fieldManager`) of each entry of `status_patches`.
     pub status_writers: Vec<String>,
     /// Leases (`coordination.k8s.io/v1`), by (namespace, name): kept apart from the watched
-    /// resources, with the same resourceVersion counter.
+    /// resources, with a resourceVersion counter of their own (`lease_rv`), so that renewals
+    /// do not move the versions the watch tests compact at.
     pub leases: BTreeMap<(String, String), Value>,
+    lease_rv: u64,
     /// Every Lease write that succeeded: (holder, resourceVersion).
     pub lease_writes: Vec<(String, u64)>,
 }
