@@ -584,14 +584,14 @@ fn lease(
                     format!("leases.coordination.k8s.io \"{name}\" already exists"),
                 );
             }
-            s.rv += 1;
+            s.lease_rv += 1;
             l["metadata"]["namespace"] = json!(ns);
-            l["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
             let holder = l["spec"]["holderIdentity"]
                 .as_str()
                 .unwrap_or("")
                 .to_string();
-            let rv = s.rv;
+            let rv = s.lease_rv;
             s.lease_writes.push((holder, rv));
             s.leases.insert((ns.into(), name), l.clone());
             ok_json(StatusCode::CREATED, &l)
@@ -613,13 +613,13 @@ fn lease(
                     ),
                 );
             }
-            s.rv += 1;
-            l["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            s.lease_rv += 1;
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
             let holder = l["spec"]["holderIdentity"]
                 .as_str()
                 .unwrap_or("")
                 .to_string();
-            let rv = s.rv;
+            let rv = s.lease_rv;
             s.lease_writes.push((holder, rv));
             s.leases.insert(key, l.clone());
             ok_json(StatusCode::OK, &l)

@@ -149,6 +149,20 @@ fn holder(s: &State) -> Option<String> {
     s.lease_writes.last().map(|w| w.0.clone())
 }
 
+/// The agents (reportingInstance) that recorded PolicyNotFound Events, in order.
+fn event_writers(s: &State) -> Vec<String> {
+    s.events
+        .iter()
+        .filter(|e| e["reason"] == "PolicyNotFound")
+        .map(|e| {
+            e["reportingInstance"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Writers of the status patches, in order.
 fn writers(s: &State) -> Vec<String> {
     s.status_writers.clone()
@@ -170,6 +184,12 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
     api.apply(service("web", "192.0.2.10"));
     api.apply(slice("web", "web-1", "10.1.0.1"));
     api.apply(policy());
+    // A Service naming a policy that does not exist: a Warning Event (PolicyNotFound) that
+    // both agents would record.
+    let mut orphan = service("orphan", "192.0.2.20");
+    orphan["metadata"]["annotations"]["lb.dev/upstream-policy"] = json!("missing");
+    api.apply(orphan);
+    api.apply(slice("orphan", "orphan-1", "10.1.0.2"));
 
     let mut a = start(&net, &api, "node-a", "lb1", 1009);
     wait_api(&api, "node-a to hold the Lease", &|| a.log(), |s| {
@@ -205,6 +225,11 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
             writers(&s).iter().all(|w| w == "lb-node-a"),
             "status writers: {:?}",
             writers(&s)
+        );
+        assert_eq!(
+            event_writers(&s),
+            ["node-a"],
+            "only A records the Event, once"
         );
         assert!(
             (1..=2).contains(&s.status_patches.len()),

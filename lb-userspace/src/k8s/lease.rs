@@ -64,7 +64,9 @@ impl Default for LeaseFlags {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("--lease-duration must be at least 1s (it is whole seconds), not {0:?}")]
+    #[error(
+        "--lease-duration must be whole seconds, at least 1s (leaseDurationSeconds), not {0:?}"
+    )]
     Duration(Duration),
     #[error(
         "--lease-retry ({retry:?}) must be shorter than two thirds of --lease-duration ({duration:?}): the holder renews that often and gives up after two thirds"
@@ -79,7 +81,7 @@ pub enum LeaseError {
 impl LeaseFlags {
     /// Refuses durations that could let two holders overlap.
     pub fn check(&self) -> Result<(), LeaseError> {
-        if self.lease_duration.as_secs() < 1 {
+        if self.lease_duration.as_secs() < 1 || self.lease_duration.subsec_nanos() != 0 {
             return Err(LeaseError::Duration(self.lease_duration));
         }
         if self.lease_retry.is_zero() || self.lease_retry >= self.renew_deadline() {
@@ -264,6 +266,11 @@ mod tests {
         assert!(matches!(f.check(), Err(LeaseError::Retry { .. })));
         f.lease_duration = Duration::from_millis(500);
         assert!(matches!(f.check(), Err(LeaseError::Duration(_))));
+        f.lease_duration = Duration::from_millis(1500);
+        assert!(
+            matches!(f.check(), Err(LeaseError::Duration(_))),
+            "the Lease holds whole seconds: 1.5 s would let the holder outlive it"
+        );
     }
 
     #[test]
