@@ -114,6 +114,7 @@ impl Kube {
         settings: Settings,
         changed: mpsc::Sender<()>,
     ) -> Result<Self> {
+        opts.lease.check()?;
         let client = Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
         )?;
@@ -131,7 +132,6 @@ impl Kube {
             watcher::Config::default(),
             changed.clone(),
         );
-        opts.lease.check()?;
         let (leader, t4) = lease::elect(
             client.clone(),
             client.default_namespace(),
