@@ -740,6 +740,9 @@ async fn serve(
         }
     }
     drop(checks);
+    if let Some(k) = &mut kube {
+        k.release_lease().await;
+    }
     Ok(())
 }
 

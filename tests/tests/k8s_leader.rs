@@ -73,12 +73,24 @@ struct Node {
 }
 
 fn start(net: &FibNet, api: &FakeApi, name: &str, iface: &str, table_size: u32) -> Node {
+    start_with(net, api, name, iface, table_size, LEASE)
+}
+
+/// [`start`] with a Lease duration of `lease`.
+fn start_with(
+    net: &FibNet,
+    api: &FakeApi,
+    name: &str,
+    iface: &str,
+    table_size: u32,
+    lease: Duration,
+) -> Node {
     let dirs = Dirs::new(Path::new(BIN), name);
     dirs.write_config(&node_config(iface, table_size));
     let kubeconfig = dirs.state.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let (lease, retry) = (
-        format!("{}ms", LEASE.as_millis()),
+        format!("{}ms", lease.as_millis()),
         format!("{}ms", RETRY.as_millis()),
     );
     let agent = Agent::start_under(
@@ -286,6 +298,44 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
     assert!(
         message.contains("slots 503: 251 used"),
         "B's own view: {message}"
+    );
+}
+
+#[test]
+fn a_holder_that_exits_cleanly_gives_the_lease_up_at_once() {
+    // A long Lease: without the release B would wait all of it.
+    let long = Duration::from_secs(20);
+    let net = FibNet::new("release");
+    let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
+    api.apply(service("web", "192.0.2.10"));
+    api.apply(slice("web", "web-1", "10.1.0.1"));
+    let mut a = start_with(&net, &api, "node-a", "lb1", 1009, long);
+    wait_api(&api, "node-a to hold the Lease", &|| a.log(), |s| {
+        holder(s).as_deref() == Some("node-a")
+    });
+    let b = start_with(&net, &api, "node-b", "lb2", 1009, long);
+    b.wait_slots("192.0.2.10:80/tcp", 1009);
+    let status = a.agent.as_mut().unwrap().stop();
+    assert!(status.success(), "{status}: {}", a.log());
+    let stopped = Instant::now();
+    wait_api(&api, "node-b to take the Lease", &|| b.log(), |s| {
+        holder(s).as_deref() == Some("node-b")
+    });
+    let took = stopped.elapsed();
+    assert!(
+        took < RETRY * 4,
+        "B took over {took:?} after A exited (retry {RETRY:?}, Lease {long:?})"
+    );
+    let s = api.lock();
+    let holders: Vec<&str> = s.lease_writes.iter().map(|w| w.0.as_str()).collect();
+    let released = holders
+        .iter()
+        .position(|h| h.is_empty())
+        .expect("A released it");
+    assert!(
+        holders[..released].iter().all(|h| *h == "node-a")
+            && holders[released + 1..].iter().all(|h| *h == "node-b"),
+        "A, its release, then B: {holders:?}"
     );
 }
 

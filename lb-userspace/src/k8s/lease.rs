@@ -181,6 +181,47 @@ pub fn elect(
     (Leadership { rx }, task)
 }
 
+/// Gives the Lease up if `identity` holds it (on a clean exit): no holder, so another agent
+/// takes it at its next look instead of after a whole duration. The caller has stopped the
+/// election first. Conditional on the version read, so a Lease someone else took meanwhile is
+/// left alone.
+pub async fn release(
+    client: Client,
+    default_namespace: &str,
+    flags: &LeaseFlags,
+    identity: &str,
+) -> Result<bool, LeaseError> {
+    let ns = flags
+        .lease_namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| default_namespace.to_string());
+    let api: Api<Lease> = Api::namespaced(client, &ns);
+    let Some(mut lease) = api
+        .get_opt(&flags.lease_name)
+        .await
+        .map_err(LeaseError::Api)?
+    else {
+        return Ok(false);
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(false);
+    };
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    match api
+        .replace(&flags.lease_name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(LeaseError::Api(e)),
+    }
+}
+
 /// One round: Ok(true) if this agent holds the Lease after it.
 async fn try_hold(
     api: &Api<Lease>,

@@ -58,6 +58,10 @@ pub struct Kube {
     leader: Leadership,
     /// Status patches name this writer (`fieldManager`).
     field_manager: String,
+    /// The election task, its flags and this agent's identity in it.
+    election: JoinHandle<()>,
+    lease_flags: LeaseFlags,
+    identity: String,
     tasks: Vec<JoinHandle<()>>,
     translator: Translator,
     pub settings: Settings,
@@ -154,7 +158,10 @@ impl Kube {
             slice_watch,
             leader,
             field_manager: format!("lb-{}", opts.node_name),
-            tasks: vec![t1, t3, t4],
+            election: t4,
+            lease_flags: opts.lease.clone(),
+            identity: opts.node_name.clone(),
+            tasks: vec![t1, t3],
             translator: Translator::default(),
             settings,
             recorder,
@@ -187,6 +194,24 @@ impl Kube {
     /// The status writer's handle: whether this agent writes status now.
     pub fn leadership(&self) -> Leadership {
         self.leader.clone()
+    }
+
+    /// On a clean exit: stops the election and gives the Lease up, so another agent writes
+    /// status at once rather than after a whole Lease duration.
+    pub async fn release_lease(&mut self) {
+        self.election.abort();
+        if !self.leader.is_leader() {
+            return;
+        }
+        let ns = self.client.default_namespace().to_string();
+        match lease::release(self.client.clone(), &ns, &self.lease_flags, &self.identity).await {
+            Ok(true) => info!("gave the status writer's Lease up"),
+            Ok(false) => {}
+            Err(e) => warn!(
+                "giving the Lease up (another agent takes it when it expires): {}",
+                crate::error_chain(&e)
+            ),
+        }
     }
 
     /// Waits until all three watchers have listed once.
@@ -419,6 +444,7 @@ impl Drop for Kube {
         for t in &self.tasks {
             t.abort();
         }
+        self.election.abort();
         self.slice_watch.stop();
     }
 }
