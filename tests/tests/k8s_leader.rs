@@ -251,7 +251,7 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
     }
 
     // Kill the holder: B takes over once the Lease has gone unrenewed for its duration, as B
-    // observed it (at most one retry late), checked once per retry.
+    // observed it (at most one retry late), checked once per retry; 1 s more for a busy machine.
     a.agent.as_mut().unwrap().kill9();
     let killed = Instant::now();
     wait_api(&api, "node-b to take the Lease", &logs, |s| {
@@ -259,7 +259,7 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
     });
     let took = killed.elapsed();
     assert!(
-        took <= LEASE + RETRY * 2 + Duration::from_millis(500),
+        took <= LEASE + RETRY * 2 + Duration::from_secs(1),
         "B took over after {took:?} (Lease {LEASE:?}, retry {RETRY:?})"
     );
     assert!(
