@@ -4,14 +4,14 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::{
     inspect::Pinned,
     model::Protocol,
     program::DEFAULT_PIN_DIR,
     run::{self, RunOptions},
-    show::{backends, explain, flows, stats, watch_stats},
+    show::{self, Format, backends, explain, stats},
 };
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
@@ -30,7 +30,8 @@ struct Cli {
     /// Where the agent pins its maps and links (bpffs).
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pin_dir: PathBuf,
-    /// Where the agent writes status.json (configured weights and health, for `lb backends`).
+    /// Where the agent writes status.json (itself, for `lb status`; configured weights and
+    /// health, for `lb backends`).
     #[arg(long, global = true, default_value = DEFAULT_STATE_DIR, env = "LB_STATE_DIR")]
     state_dir: PathBuf,
     /// How log lines are written to stderr: text (coloured on a terminal only), or json (one
@@ -84,36 +85,35 @@ enum Command {
     },
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
-        /// Print rates per second every SECONDS instead.
+        #[command(flatten)]
+        out: Output,
+        /// Print rates per second every SECONDS instead (global, per VIP, per backend of each
+        /// VIP), each block stamped with the time; with `-o json`, one JSON object per line.
         #[arg(long, value_name = "SECONDS")]
         watch: Option<f64>,
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
     Backends {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Each backend's next hop as the agent resolved it (egress interface, MAC addresses, MTU,
     /// or no neighbour / local / unreachable / unresolved), and the resolver's figures.
     Nexthops {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
-    /// Entries of the flow table (client -> VIP, and the backend the flow is pinned to).
+    /// Entries of the flow tables (client -> VIP, the backend the flow is pinned to, its state
+    /// and, in NAT mode, its source port towards the backend), and how many there are in all.
     Flows {
         /// Only flows to this VIP (ADDRESS:PORT, [V6]:PORT).
         #[arg(long)]
         vip: Option<SocketAddr>,
+        /// Show at most this many (the total counts them all).
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Which backend a flow gets, and why: its flow entry, its client's affinity, or hash -> slot -> backend.
     Explain {
@@ -127,9 +127,15 @@ enum Command {
         /// packet of an established flow.
         #[arg(long)]
         syn: bool,
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// The agent: running or not (pid, uptime), its config and last reload, each interface
+    /// and whether lb's program is attached there now, sizes, VIPs, and how full the flow
+    /// tables are.
+    Status {
+        #[command(flatten)]
+        out: Output,
     },
     /// A live view: per VIP packets, new flows and drops per second; per backend its share of
     /// new flows next to its share of the weights, its health, and the flows still pinned to it
@@ -155,6 +161,23 @@ enum Command {
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
+}
+
+/// How an inspecting command prints: `-o table|wide|json` (`--json` is kept as `-o json`).
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// table (default), wide (more columns: ids, generations, slots) or json (for scripts).
+    #[arg(short, long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// The same as `-o json`.
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
+impl Output {
+    fn format(self) -> Format {
+        if self.json { Format::Json } else { self.output }
+    }
 }
 
 /// Runs the CLI with the process's arguments.
@@ -246,32 +269,49 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json, watch } => {
+        Command::Stats { out, watch } => {
             let p = Pinned::open(&pins)?;
+            let names = show::VipNames::read(&cli.state_dir);
             match watch {
-                Some(secs) => watch_stats(&p, Duration::from_secs_f64(secs.max(0.1))),
-                None => stats(&p, json),
+                Some(secs) => show::watch::watch(
+                    &p,
+                    &names,
+                    Duration::from_secs_f64(secs.max(0.1)),
+                    out.format(),
+                ),
+                None => stats(&p, &names, out.format()),
             }
         }
-        Command::Backends { json } => backends(&Pinned::open(&pins)?, &cli.state_dir, json),
-        Command::Nexthops { json } => {
-            crate::nexthop::show::nexthops(&Pinned::open(&pins)?, &pins, &cli.state_dir, json)
-        }
-        Command::Flows { vip, limit, json } => flows(&Pinned::open(&pins)?, vip, limit, json),
+        Command::Backends { out } => backends(&Pinned::open(&pins)?, &cli.state_dir, out.format()),
+        Command::Nexthops { out } => crate::nexthop::show::nexthops(
+            &Pinned::open(&pins)?,
+            &pins,
+            &cli.state_dir,
+            out.format(),
+        ),
+        Command::Flows { vip, limit, out } => show::flows::flows(
+            &Pinned::open(&pins)?,
+            &show::VipNames::read(&cli.state_dir),
+            vip,
+            limit,
+            out.format(),
+        ),
         Command::Explain {
             source,
             destination,
             protocol,
             syn,
-            json,
+            out,
         } => explain(
             &Pinned::open(&pins)?,
             &source,
             destination,
             protocol,
             syn,
-            json,
+            &show::VipNames::read(&cli.state_dir),
+            out.format(),
         ),
+        Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),
         Command::Top { interval, once } => {
             let p = Pinned::open(&pins)?;
             if once {

@@ -62,6 +62,16 @@ pub enum XdpMode {
     Generic,
 }
 
+impl std::fmt::Display for XdpMode {
+    /// As the config spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,
@@ -110,6 +120,8 @@ pub struct NodeSettings {
     pub sizes: Sizes,
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
+    /// `node.announce`: VIP routes for a routing daemon (None: lb announces nothing).
+    pub announce: Option<crate::announce::AnnounceSettings>,
 }
 
 impl HealthCheck {
@@ -218,6 +230,14 @@ pub struct RawNode {
     pub nat_tcp_idle_timeout: Option<String>,
     /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
     pub nexthop_check: Option<bool>,
+    pub announce: Option<RawAnnounce>,
+}
+
+/// `node.announce`: present (even empty) to announce VIPs through a routing daemon.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnnounce {
+    pub table: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -485,6 +505,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
             })
             .ok()
     });
+
+    let announce = n.announce.as_ref().map(|a| check_announce(&mut c, a));
 
     if raw.vips.len() > max_vips as usize {
         c.bad(
@@ -755,10 +777,30 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 nat,
                 nexthop_check: n.nexthop_check.unwrap_or(false),
             },
+            announce,
         },
         vips,
         warnings,
     })
+}
+
+/// The kernel's own tables, which lb must not fill with announcement routes.
+const RESERVED_TABLES: [(i64, &str); 3] = [(253, "default"), (254, "main"), (255, "local")];
+
+fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::AnnounceSettings {
+    let path = "node.announce.table";
+    let default = crate::announce::DEFAULT_TABLE as i64;
+    let mut table = c.int(path, a.table, default, 1..=u32::MAX as i64);
+    if let Some((_, name)) = RESERVED_TABLES.iter().find(|(t, _)| *t == table) {
+        c.bad(
+            path,
+            format!("{table} is the kernel's {name} table: give lb a table of its own (e.g. 100)"),
+        );
+        table = default;
+    }
+    crate::announce::AnnounceSettings {
+        table: table as u32,
+    }
 }
 
 /// Backend lists that parse but cannot work (an error) or serve nothing (a warning): the VIP

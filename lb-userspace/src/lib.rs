@@ -4,13 +4,16 @@
 //! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
 //! [`inspect`], [`run`].
 pub mod agent;
+pub mod announce;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod flowmap;
 pub mod health;
 pub mod inspect;
 pub mod k8s;
+pub mod life;
 pub mod links;
 pub mod maglev;
 pub mod metrics;

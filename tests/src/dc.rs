@@ -655,7 +655,7 @@ impl Drop for Lab {
     }
 }
 
-fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
+pub fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
     s.set_nonblocking(false).unwrap();
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     if s.write_all(format!("{name}\n").as_bytes()).is_err() {
@@ -789,7 +789,7 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// Connects from client address `c` to `vip` (with a timeout).
-fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
+pub fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
     let s = bind_from(c)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
     let (sa, len) = sockaddr(vip);

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod bench;
 pub mod dc;
+pub mod ecmp;
 pub mod harness;
 pub mod kubeapi;
 pub mod lab;

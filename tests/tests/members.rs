@@ -167,10 +167,10 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
     let label = |vip: &str| format!("{vip}:80/tcp");
     let stats = node.dirs.json(&["stats"]);
     for row in stats["members"].as_array().unwrap() {
-        let vip = row["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        let vip = row["vip"]["address"].as_str().unwrap();
         let key = (
             vip.to_string(),
-            row["backend"].as_str().unwrap().to_string(),
+            row["backend"]["address"].as_str().unwrap().to_string(),
         );
         assert_eq!(
             row["packets"].as_u64(),
@@ -179,7 +179,7 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
         );
     }
     for row in stats["backends"].as_array().unwrap() {
-        let b = row["backend"].as_str().unwrap();
+        let b = row["backend"]["address"].as_str().unwrap();
         let total: u64 = seen
             .iter()
             .filter(|((_, x), _)| x == b)
@@ -195,9 +195,12 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
 
     let backends = node.dirs.json(&["backends"]);
     for vip in backends.as_array().unwrap() {
-        let v = vip["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        let v = vip["vip"]["address"].as_str().unwrap();
         for b in vip["backends"].as_array().unwrap() {
-            let key = (v.to_string(), b["address"].as_str().unwrap().to_string());
+            let key = (
+                v.to_string(),
+                b["backend"]["address"].as_str().unwrap().to_string(),
+            );
             assert_eq!(
                 b["packets"].as_u64(),
                 Some(seen.get(&key).copied().unwrap_or(0)),
@@ -421,7 +424,10 @@ fn explain_then_send(node: &mut Node, net: &FibNet, pkt: &Pkt, syn: bool) -> (St
         args.push("--syn");
     }
     let e = node.dirs.json(&args);
-    let said = e["backend"].as_str().unwrap_or("none").to_string();
+    let said = e["backend"]["address"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
     (said, node.send(net, pkt))
 }
 

@@ -109,8 +109,16 @@ fn main() -> Result<()> {
 }
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
-/// under it), Python's venv (for kubernetes-validate) and tmux (`lb top` is read off its pane).
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "libcap2-bin", "python3-venv", "tmux"];
+/// under it), Python's venv (for kubernetes-validate), tmux (`lb top` is read off its pane) and
+/// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces).
+const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "libcap2-bin",
+    "python3-venv",
+    "tmux",
+    "bird2",
+];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// The OpenMetrics reference parser (Python's Prometheus client), which checks the agent's
@@ -210,6 +218,17 @@ fn setup(build_only: bool) -> Result<()> {
     Ok(())
 }
 
+/// `apt-get update`, once per setup.
+fn apt_update(step: &str) -> Result<()> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    install(step, Command::new("apt-get").arg("update").arg("-q"))?;
+    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// Installs the Debian packages of `all` that are missing.
 fn apt_packages(all: Vec<&str>) -> Result<()> {
     let missing: Vec<&str> = all.iter().copied().filter(|p| !dpkg_installed(p)).collect();
@@ -222,10 +241,7 @@ fn apt_packages(all: Vec<&str>) -> Result<()> {
         missing.join(", ")
     ));
     require_root("installing Debian packages")?;
-    install(
-        "Debian packages",
-        Command::new("apt-get").arg("update").arg("-q"),
-    )?;
+    apt_update("Debian packages")?;
     install(
         "Debian packages",
         Command::new("apt-get")
@@ -251,7 +267,7 @@ fn promtool() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let step = "promtool";
-    install(step, Command::new("apt-get").arg("update").arg("-q"))?;
+    apt_update(step)?;
     install(
         step,
         Command::new("apt-get")

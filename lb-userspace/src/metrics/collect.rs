@@ -27,7 +27,33 @@ pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectErr
     out.extend(tables(p)?);
     out.extend(agent(a));
     out.extend(nexthops(&a.nexthops.lock().expect("nexthops lock")));
+    out.extend(announce(a.announce.lock().expect("announce lock").as_ref()));
     Ok(out)
+}
+
+/// What the node announces through its routing daemon (nothing when `node.announce` is off).
+fn announce(a: Option<&crate::announce::AnnounceStatus>) -> Vec<Family> {
+    let Some(a) = a else { return Vec::new() };
+    vec![
+        Family::gauge(
+            "lb_announced_vips",
+            "VIP addresses this node announces (routes in its announcement table)",
+            vec![(vec![], a.announced.len() as f64)],
+        ),
+        Family::gauge(
+            "lb_vip_announced",
+            "1 for each VIP address this node announces",
+            a.announced
+                .iter()
+                .map(|ip| (vec![("address", ip.to_string())], 1.0))
+                .collect(),
+        ),
+        Family::gauge(
+            "lb_announce_failing",
+            "1 while the last change to the announcement table failed (see the log)",
+            vec![(vec![], f64::from(u8::from(a.error.is_some())))],
+        ),
+    ]
 }
 
 /// The program's verdicts and events. The total is not a family of its own: it is the sum of
@@ -181,34 +207,21 @@ pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
 
 /// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.
 fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
-    let s = &p.sizes;
-    let (nat, nat_rev) = p.nat_entries()?;
-    let rows = [
-        ("flows_ipv4", p.flows4_entries()?, p.flows4_capacity()),
-        (
-            "flows_ipv6",
-            p.flows6_entries()?,
-            s.flow_entries_v6() as u64,
-        ),
-        ("affinity", p.affinity_entries()?, s.affinity_entries as u64),
-        ("nat", nat, s.nat_entries as u64),
-        ("nat_reverse", nat_rev, s.nat_entries as u64),
-    ];
+    let rows = p.fill()?;
     let label = |t: &str| vec![("table", t.to_string())];
     Ok(vec![
         Family::gauge(
             "lb_table_entries",
             "Entries in each of the program's tables (flows_ipv4 counts occupied ways of its buckets)",
             rows.iter()
-                // A walk that raced with the program can count a key twice.
-                .map(|(t, n, cap)| (label(t), (*n).min(*cap) as f64))
+                .map(|(t, f)| (label(t), f.entries as f64))
                 .collect(),
         ),
         Family::gauge(
             "lb_table_capacity",
             "Entries each of the program's tables can hold (fixed when the maps were created)",
             rows.iter()
-                .map(|(t, _, cap)| (label(t), *cap as f64))
+                .map(|(t, f)| (label(t), f.capacity as f64))
                 .collect(),
         ),
     ])

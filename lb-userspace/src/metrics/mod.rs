@@ -42,10 +42,14 @@ pub struct AgentMetrics {
     pub last_applied_ms: AtomicU64,
     /// The maps hold the first desired state and the program is attached (`/readyz`).
     pub ready: AtomicBool,
+    /// Where the program must be attached: `/readyz` asks the kernel whether it still is.
+    pub links: Mutex<crate::links::Expected>,
     /// (VIP label, backend label, healthy) for every checked backend (see [`crate::view`]).
     pub health: Mutex<Vec<(String, String, bool)>>,
     /// The next-hop keeper's figures, as of its last refresh.
     pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
+    /// What this node announces (None: `node.announce` is off); not served yet.
+    pub announce: Mutex<Option<crate::announce::AnnounceStatus>>,
 }
 
 impl AgentMetrics {
@@ -111,7 +115,7 @@ impl Scraper {
 }
 
 /// Serves `/metrics`, and for probes `/healthz` (the agent answers) and `/readyz` (the maps hold
-/// the desired state and the program is attached).
+/// the desired state and the program is attached, as the kernel says now).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     scraper: Scraper,
@@ -123,11 +127,18 @@ pub async fn serve(
         .route(
             "/readyz",
             axum::routing::get(move || {
-                let ready = agent.ready.load(Ordering::Relaxed);
+                let agent = agent.clone();
                 async move {
-                    match ready {
-                        true => (StatusCode::OK, "ready\n"),
-                        false => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+                    if !agent.ready.load(Ordering::Relaxed) {
+                        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string());
+                    }
+                    let expected = agent.links.lock().map(|l| l.clone()).unwrap_or_default();
+                    match expected.missing() {
+                        m if m.is_empty() => (StatusCode::OK, "ready\n".to_string()),
+                        m => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("lb's program is not attached to {}\n", m.join(", ")),
+                        ),
                     }
                 }
             }),

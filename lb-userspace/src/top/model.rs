@@ -79,12 +79,7 @@ fn baseline(earlier: Option<&VipSample>) -> BTreeMap<Alloc, TrafficStats> {
 }
 
 fn delta(now: &TrafficStats, then: Option<&TrafficStats>) -> TrafficStats {
-    let then = then.copied().unwrap_or_default();
-    TrafficStats {
-        packets: now.packets.saturating_sub(then.packets),
-        bytes: now.bytes.saturating_sub(then.bytes),
-        new_flows: now.new_flows.saturating_sub(then.new_flows),
-    }
+    now.since(then.copied().unwrap_or_default())
 }
 
 fn vip_row(

@@ -39,12 +39,12 @@ impl Health {
             Health::Healthy => "healthy",
             Health::Unhealthy => "unhealthy",
             Health::Unchecked => "unchecked",
-            Health::PassiveOut => "passive out",
+            Health::PassiveOut => "out-passive",
             Health::Unknown => "-",
         }
     }
 
-    fn of(b: &BackendStatus) -> Self {
+    pub fn of(b: &BackendStatus) -> Self {
         match (b.passive_out, b.healthy) {
             (true, _) => Health::PassiveOut,
             (false, None) => Health::Unchecked,
@@ -175,22 +175,23 @@ fn count_draining(p: &Pinned, vips: &mut [VipSample]) -> Result<(), InspectError
     Ok(())
 }
 
-/// How many flow entries are pinned to each of `wanted`. Reads the whole flow table, one
-/// syscall per bucket: this is the one place to switch to a faster reader of the table.
+/// How many flow entries are pinned to each of `wanted`: one pass over the whole flow table (the
+/// IPv4 table through its mapping, then the IPv6 LRU), nothing copied.
 pub fn pinned_flows(
     p: &Pinned,
     wanted: &BTreeSet<Alloc>,
 ) -> Result<BTreeMap<Alloc, PinnedFlows>, InspectError> {
     let now = monotonic_coarse_ns();
     let mut out: BTreeMap<Alloc, PinnedFlows> = BTreeMap::new();
-    for (k, f) in p.flows(usize::MAX)? {
+    p.each_flow(|k, f| {
         let alloc = (f.member_id, f.generation);
         if wanted.contains(&alloc) {
             let e = out.entry(alloc).or_default();
             e.total += 1;
             e.in_use += in_use(&k, &f, now) as u64;
         }
-    }
+        true
+    })?;
     Ok(out)
 }
 

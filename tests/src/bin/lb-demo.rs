@@ -3,7 +3,7 @@
 //! Builds the lab (client, router, load balancer, three backends), starts the real agent
 //! (`LB_BIN`, default `target/release/lb`) with the config below, opens a few thousand
 //! connections, shows who served them, shows a client kept on one backend by session affinity,
-//! prints `lb backends` and one screen of `lb top` taken while more connections come in, and
+//! prints `lb backends`, `lb status` and one screen of `lb top` taken while more connections come in, and
 //! removes everything it made (also on Ctrl-C).
 
 use std::{
@@ -157,6 +157,11 @@ fn main() {
     print!(
         "{}",
         String::from_utf8_lossy(&dirs.cli(&["backends"]).stdout)
+    );
+    println!("\n$ lb status");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&dirs.cli_in(&lab.lb, &["status"]).stdout)
     );
     top_during_traffic(&lab, &dirs, web);
     agent.stop();
