@@ -313,8 +313,12 @@ fn a_holder_that_exits_cleanly_gives_the_lease_up_at_once() {
     wait_api(&api, "node-a to hold the Lease", &|| a.log(), |s| {
         holder(s).as_deref() == Some("node-a")
     });
-    let b = start_with(&net, &api, "node-b", "lb2", 1009, long);
+    let mut b = start_with(&net, &api, "node-b", "lb2", 1009, long);
     b.wait_slots("192.0.2.10:80/tcp", 1009);
+    // Both in their event loop, where SIGTERM is a clean exit (A took the Lease while starting).
+    for n in [&mut a, &mut b] {
+        n.agent.as_mut().unwrap().wait_for("running; SIGHUP", 1, T);
+    }
     let status = a.agent.as_mut().unwrap().stop();
     assert!(status.success(), "{status}: {}", a.log());
     let stopped = Instant::now();
