@@ -70,6 +70,9 @@ enum Command {
         /// config's node.source_v4 / source_v6 (a DaemonSet sets HOST_IPS from status.hostIPs).
         #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
         source: Vec<std::net::IpAddr>,
+        /// The status writer's Lease (with --kubernetes).
+        #[command(flatten)]
+        lease: crate::k8s::LeaseFlags,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     ///
@@ -232,12 +235,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             class,
             node_name,
             source,
+            lease,
         } => {
             let kubernetes = match (kubernetes, node_name) {
                 (false, _) => None,
-                (true, Some(node_name)) if !node_name.is_empty() => {
-                    Some(crate::k8s::KubeOptions { class, node_name })
-                }
+                (true, Some(node_name)) if !node_name.is_empty() => Some(crate::k8s::KubeOptions {
+                    class,
+                    node_name,
+                    lease,
+                }),
                 (true, _) => bail!(
                     "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
                 ),

@@ -75,11 +75,24 @@ impl std::fmt::Display for XdpMode {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,
-    /// GET `path`; a status in `statuses` (default: 200..=399) is a success.
+    /// GET `path` (with `headers`, over TLS if `tls`); a status in `statuses` (default:
+    /// 200..=399) is a success.
     Http {
         path: String,
         statuses: Vec<u16>,
+        /// Sent with every probe, in this order.
+        headers: Vec<(String, String)>,
+        tls: Option<TlsCheck>,
     },
+}
+
+/// An HTTPS probe's TLS (Kong's `https` checks).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// The server name sent (SNI) and verified; none: no SNI, the backend's address is verified.
+    pub sni: Option<String>,
+    /// Verify the backend's certificate against the system's roots.
+    pub verify: bool,
 }
 
 /// Active health checking of a VIP's backends, in the spirit of Kong's active checks.
@@ -89,11 +102,15 @@ pub struct HealthCheck {
     /// Port to probe; 0: the backend's port (NAT), else the VIP's.
     pub port: u16,
     pub interval: Duration,
+    /// Between probes of a backend found unhealthy (Kong's `unhealthy.interval`); none: `interval`.
+    pub unhealthy_interval: Option<Duration>,
     pub timeout: Duration,
     /// Consecutive successes that make an unhealthy backend healthy.
     pub healthy_threshold: u32,
     /// Consecutive failures that make a healthy backend unhealthy.
     pub unhealthy_threshold: u32,
+    /// At most this many of a VIP's backends are probed at once (Kong's `concurrency`); 0: all.
+    pub concurrency: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +152,10 @@ pub struct VipConfig {
     pub spec: VipSpec,
     pub health_check: Option<HealthCheck>,
     pub passive_health: Option<PassiveHealth>,
+    /// Kong's `healthchecks.threshold`, a percentage: while the backends health checks left in
+    /// hold less than this share of the VIP's weight, health is ignored and the VIP balances
+    /// over all its backends (at L4, failing open beats dropping every connection). 0: off.
+    pub health_threshold: u8,
 }
 
 /// A validated config.
@@ -720,6 +741,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 },
                 health_check,
                 passive_health,
+                health_threshold: 0,
             });
         }
     }
@@ -870,7 +892,12 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
                 })
                 .collect(),
         };
-        CheckKind::Http { path, statuses }
+        CheckKind::Http {
+            path,
+            statuses,
+            headers: Vec::new(),
+            tls: None,
+        }
     } else {
         if h.path.is_some() {
             c.bad(format!("{p}.path"), "only http checks have a path");
@@ -887,9 +914,11 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
         kind,
         port,
         interval,
+        unhealthy_interval: None,
         timeout,
         healthy_threshold,
         unhealthy_threshold,
+        concurrency: 0,
     }
 }
 
@@ -963,7 +992,9 @@ vips:
             h.kind,
             CheckKind::Http {
                 path: "/healthz".into(),
-                statuses: (200..=399).collect()
+                statuses: (200..=399).collect(),
+                headers: Vec::new(),
+                tls: None,
             }
         );
         assert_eq!(
@@ -1379,9 +1410,11 @@ vips:
             kind: CheckKind::Tcp,
             port: 0,
             interval: Duration::from_secs(1),
+            unhealthy_interval: None,
             timeout: Duration::from_secs(1),
             healthy_threshold: 1,
             unhealthy_threshold: 1,
+            concurrency: 0,
         };
         assert_eq!(
             dns.backends

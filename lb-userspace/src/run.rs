@@ -802,6 +802,9 @@ async fn serve(
     }
     drop(checks);
     announce.shutdown().await;
+    if let Some(k) = &mut kube {
+        k.release_lease().await;
+    }
     Ok(())
 }
 

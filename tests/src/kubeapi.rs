@@ -2,7 +2,8 @@
 //! reflector to run unmodified over a real HTTP connection: list and watch (resourceVersion,
 //! label selectors, ADDED/MODIFIED/DELETED, bookmarks, `410 Gone` for a version that has been
 //! compacted away) for Services, EndpointSlices and UpstreamPolicies; merge-patching a policy's
-//! status; creating and patching Events. Tests change objects through [`FakeApi`] and read back
+//! status; creating and patching Events; getting, creating and (resourceVersion-conditionally)
+//! updating Leases. Tests change objects through [`FakeApi`] and read back
 //! what the agent wrote.
 //!
 //! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
@@ -87,17 +88,51 @@ pub struct State {
     pub events: Vec<Value>,
     /// The resources of every watch answered with `410 Gone`, in order.
     pub gone: Vec<String>,
+    /// The writer (`fieldManager`) of each entry of `status_patches`.
+    pub status_writers: Vec<String>,
+    /// Leases (`coordination.k8s.io/v1`), by (namespace, name): kept apart from the watched
+    /// resources, with a resourceVersion counter of their own (`lease_rv`), so that renewals
+    /// do not move the versions the watch tests compact at.
+    pub leases: BTreeMap<(String, String), Value>,
+    lease_rv: u64,
+    /// Every Lease write that succeeded: (holder, resourceVersion).
+    pub lease_writes: Vec<(String, u64)>,
 }
 
-/// `k=v` and `k` (exists) terms, comma-separated, all of which must hold.
+/// The terms of a selector: split at the commas outside `in (...)` lists.
+fn terms(sel: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in sel.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(sel[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(sel[start..].trim());
+    out
+}
+
+/// `k=v`, `k in (a,b)` and `k` (exists) terms, comma-separated, all of which must hold.
 fn selects(selector: Option<&str>, obj: &Value) -> bool {
     let Some(sel) = selector.filter(|s| !s.is_empty()) else {
         return true;
     };
     let labels = &obj["metadata"]["labels"];
-    sel.split(',').all(|term| match term.split_once('=') {
-        Some((k, v)) => labels[k.trim_end_matches('=')].as_str() == Some(v),
-        None => labels.get(term).is_some(),
+    terms(sel).into_iter().all(|term| {
+        if let Some((k, set)) = term.split_once(" in ") {
+            let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+            let v = labels[k.trim()].as_str();
+            return set.split(',').any(|x| Some(x.trim()) == v);
+        }
+        match term.split_once('=') {
+            Some((k, v)) => labels[k.trim_end_matches('=')].as_str() == Some(v),
+            None => labels.get(term).is_some(),
+        }
     })
 }
 
@@ -451,12 +486,26 @@ fn respond(
         };
         s.status_patches
             .push((format!("{ns}/{name}"), patch.clone()));
+        let writer = query.get("fieldManager").cloned().unwrap_or_default();
+        s.status_writers.push(writer);
         if let Some(st) = patch.get("status") {
             json_patch::merge(&mut obj, &json!({ "status": st }));
         }
         s.put(obj, true);
         let obj = s.objects[&key].clone();
         return ok_json(StatusCode::OK, &obj);
+    }
+    if let [
+        "apis",
+        "coordination.k8s.io",
+        "v1",
+        "namespaces",
+        ns,
+        "leases",
+        rest @ ..,
+    ] = &segs[..]
+    {
+        return lease(state, method, ns, rest, body);
     }
     // Events: POST .../namespaces/{ns}/events, PATCH .../namespaces/{ns}/events/{name}
     if let [
@@ -494,4 +543,91 @@ fn respond(
         "NotFound",
         format!("the fake API server does not serve {method} {path}"),
     )
+}
+
+/// Leases: get, create (409 AlreadyExists) and update, which is conditional on the
+/// `metadata.resourceVersion` sent (409 Conflict when it is not the current one), as the API
+/// server does.
+fn lease(
+    state: &Arc<Mutex<State>>,
+    method: &Method,
+    ns: &str,
+    rest: &[&str],
+    body: &[u8],
+) -> Response {
+    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    let not_found = |name: &str| {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        )
+    };
+    let parsed = || serde_json::from_slice::<Value>(body).ok();
+    match (method, rest) {
+        (&Method::GET, [name]) => match s.leases.get(&(ns.into(), name.to_string())) {
+            Some(l) => ok_json(StatusCode::OK, l),
+            None => not_found(name),
+        },
+        (&Method::POST, []) => {
+            let Some(mut l) = parsed() else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+            };
+            let name = l["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if s.leases.contains_key(&(ns.into(), name.clone())) {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("leases.coordination.k8s.io \"{name}\" already exists"),
+                );
+            }
+            s.lease_rv += 1;
+            l["metadata"]["namespace"] = json!(ns);
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
+            let holder = l["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let rv = s.lease_rv;
+            s.lease_writes.push((holder, rv));
+            s.leases.insert((ns.into(), name), l.clone());
+            ok_json(StatusCode::CREATED, &l)
+        }
+        (&Method::PUT, [name]) => {
+            let Some(mut l) = parsed() else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+            };
+            let key = (ns.to_string(), name.to_string());
+            let Some(current) = s.leases.get(&key) else {
+                return not_found(name);
+            };
+            if l["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                );
+            }
+            s.lease_rv += 1;
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
+            let holder = l["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let rv = s.lease_rv;
+            s.lease_writes.push((holder, rv));
+            s.leases.insert(key, l.clone());
+            ok_json(StatusCode::OK, &l)
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("the fake API server does not serve {method} on leases"),
+        ),
+    }
 }

@@ -247,12 +247,16 @@ fn start_agent(net: &FibNet, dirs: &Dirs, wrapper: &[&str]) -> Agent {
     )
 }
 
-/// The ClusterRole's rules as (API group, resource, verb).
+/// The rules of the ClusterRole and the Role (the Lease, in lb's namespace) as (API group,
+/// resource, verb).
 fn granted() -> Vec<(String, String, String)> {
     let docs = deploy_docs("rbac.yaml");
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let rules = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .flat_map(|d| d["rules"].as_array().unwrap().clone());
     let mut out = Vec::new();
-    for rule in role["rules"].as_array().unwrap() {
+    for rule in rules {
         for g in rule["apiGroups"].as_array().unwrap() {
             for r in rule["resources"].as_array().unwrap() {
                 for v in rule["verbs"].as_array().unwrap() {
@@ -512,12 +516,15 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         "still hashing on the client address"
     );
     w.api.apply(policy(
-        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 1000 }),
+        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 5 }),
     ));
     w.wait_api("the slots rejection", |s| {
         condition(s, "Accepted").is_some_and(|c| {
             c["reason"] == "InvalidSlots"
-                && c["message"].as_str().unwrap().contains("1000 is not prime")
+                && c["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("slots 5 is outside Kong's range")
         })
     });
     w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));

@@ -1,8 +1,12 @@
 //! Kubernetes as a source of desired state: Services, EndpointSlices and `UpstreamPolicy`
 //! objects become the same VIPs a config file describes.
 
+pub mod kong;
+pub mod lease;
 pub mod policy;
+pub mod slices;
 pub mod source;
 pub mod translate;
 
+pub use lease::{Leadership, LeaseFlags};
 pub use source::{Kube, KubeOptions};

@@ -1,6 +1,7 @@
-//! The agent's view of the cluster: three reflectors (Services of its class, EndpointSlices that
-//! belong to a Service, UpstreamPolicies), the translation of what they hold, and what the agent
-//! reports back (policy status conditions, Events on Services).
+//! The agent's view of the cluster: three reflectors (Services of its class, the EndpointSlices
+//! of those Services, UpstreamPolicies), the translation of what they hold, and what the agent
+//! reports back (policy status conditions, Events on Services) while it holds the status
+//! writer's Lease.
 //!
 //! The watchers run over `DynamicObject`s and each object is decoded on its own, so one object
 //! that does not decode (a malformed object) is logged and skipped instead of stalling its whole
@@ -10,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
@@ -27,7 +28,9 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
+    lease::{self, Leadership, LeaseFlags},
     policy::UpstreamPolicy,
+    slices::SliceWatch,
     translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
 };
 use crate::config::VipConfig;
@@ -37,8 +40,11 @@ use crate::config::VipConfig;
 pub struct KubeOptions {
     /// Serve Services labelled `lb.dev/class: <class>`.
     pub class: String,
-    /// This node (downward API), for `externalTrafficPolicy: Local`.
+    /// This node (downward API), for `externalTrafficPolicy: Local`; also its identity in the
+    /// status writer's Lease.
     pub node_name: String,
+    /// The Lease that elects the one status writer.
+    pub lease: LeaseFlags,
 }
 
 pub struct Kube {
@@ -46,6 +52,16 @@ pub struct Kube {
     services: Store<DynamicObject>,
     slices: Store<DynamicObject>,
     policies: Store<DynamicObject>,
+    /// The EndpointSlice watch, restarted when the set of Services it selects changes.
+    slice_watch: SliceWatch,
+    /// Whether this agent writes status (policy conditions, Events).
+    leader: Leadership,
+    /// Status patches name this writer (`fieldManager`).
+    field_manager: String,
+    /// The election task, its flags and this agent's identity in it.
+    election: JoinHandle<()>,
+    lease_flags: LeaseFlags,
+    identity: String,
     tasks: Vec<JoinHandle<()>>,
     translator: Translator,
     pub settings: Settings,
@@ -102,6 +118,7 @@ impl Kube {
         settings: Settings,
         changed: mpsc::Sender<()>,
     ) -> Result<Self> {
+        opts.lease.check()?;
         let client = Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
         )?;
@@ -111,16 +128,19 @@ impl Kube {
             watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class)),
             changed.clone(),
         );
-        let (slices, t2) = watch(
-            &client,
-            ApiResource::erase::<EndpointSlice>(&()),
-            watcher::Config::default().labels("kubernetes.io/service-name"),
-            changed.clone(),
-        );
+        let slice_watch = SliceWatch::new(client.clone(), changed.clone());
+        let slices = slice_watch.store();
         let (policies, t3) = watch(
             &client,
             ApiResource::erase::<UpstreamPolicy>(&()),
             watcher::Config::default(),
+            changed.clone(),
+        );
+        let (leader, t4) = lease::elect(
+            client.clone(),
+            client.default_namespace(),
+            &opts.lease,
+            &opts.node_name,
             changed,
         );
         let recorder = Recorder::new(
@@ -130,12 +150,18 @@ impl Kube {
                 instance: Some(opts.node_name.clone()),
             },
         );
-        Ok(Self {
+        let mut kube = Self {
             client,
             services,
             slices,
             policies,
-            tasks: vec![t1, t2, t3],
+            slice_watch,
+            leader,
+            field_manager: format!("lb-{}", opts.node_name),
+            election: t4,
+            lease_flags: opts.lease.clone(),
+            identity: opts.node_name.clone(),
+            tasks: vec![t1, t3],
             translator: Translator::default(),
             settings,
             recorder,
@@ -143,7 +169,49 @@ impl Kube {
             published: BTreeSet::new(),
             skipped: BTreeSet::new(),
             last_good: BTreeMap::new(),
-        })
+        };
+        // EndpointSlices are watched for the Services served only: list those first.
+        if kube.services.wait_until_ready().await.is_err() {
+            warn!("the Services watcher ended before its first list");
+        }
+        let services = kube.services.clone();
+        let served = kube
+            .decode::<Service>(&services, "Service", None)
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        kube.want_slices_of("services", served);
+        Ok(kube)
+    }
+
+    /// Asks for the EndpointSlices of the Services named `names` (any namespace) on behalf of
+    /// `source` (Services of lb's class; Gateway routes' backends...): the slice watch selects
+    /// the union of every source's names, and restarts when that union changes.
+    pub fn want_slices_of(&mut self, source: &'static str, names: BTreeSet<String>) {
+        self.slice_watch.want(source, names);
+    }
+
+    /// The status writer's handle: whether this agent writes status now.
+    pub fn leadership(&self) -> Leadership {
+        self.leader.clone()
+    }
+
+    /// On a clean exit: stops the election and gives the Lease up, so another agent writes
+    /// status at once rather than after a whole Lease duration.
+    pub async fn release_lease(&mut self) {
+        self.election.abort();
+        if !self.leader.is_leader() {
+            return;
+        }
+        let ns = self.client.default_namespace().to_string();
+        match lease::release(self.client.clone(), &ns, &self.lease_flags, &self.identity).await {
+            Ok(true) => info!("gave the status writer's Lease up"),
+            Ok(false) => {}
+            Err(e) => warn!(
+                "giving the Lease up (another agent takes it when it expires): {}",
+                crate::error_chain(&e)
+            ),
+        }
     }
 
     /// Waits until all three watchers have listed once.
@@ -219,8 +287,10 @@ impl Kube {
         let slices = self.slices.clone();
         let policies = self.policies.clone();
         let mut invalid_policies = Vec::new();
+        let served = self.decode::<Service>(&services, "Service", None);
+        self.want_slices_of("services", served.iter().map(|s| s.name_any()).collect());
         let objects = Objects {
-            services: self.decode(&services, "Service", None),
+            services: served,
             slices: self.decode(&slices, "EndpointSlice", None),
             policies: self.decode(&policies, "UpstreamPolicy", Some(&mut invalid_policies)),
             invalid_policies,
@@ -237,7 +307,13 @@ impl Kube {
 
     /// Reports the outcome of applying the last translation: policy conditions (patched only
     /// when they change) and new Events on Services. Runs in the background.
+    /// Only the leader writes: a follower forgets what it would have recorded, so that on a
+    /// takeover it writes the whole current status once.
     pub fn report(&mut self, applied: &std::result::Result<(), String>) {
+        if !self.leader.is_leader() {
+            self.published.clear();
+            return;
+        }
         // Events: those not recorded yet.
         let now: BTreeSet<ServiceEvent> = self.last.events.iter().cloned().collect();
         let services = self.services.state();
@@ -343,10 +419,14 @@ impl Kube {
             }
             let api: Api<UpstreamPolicy> = Api::namespaced(self.client.clone(), ns);
             let (name, ns) = (name.clone(), ns.clone());
+            let params = PatchParams {
+                field_manager: Some(self.field_manager.clone()),
+                ..Default::default()
+            };
             tokio::spawn(async move {
                 let patch = json!({ "status": { "conditions": conditions } });
                 if let Err(e) = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch_status(&name, &params, &Patch::Merge(&patch))
                     .await
                 {
                     warn!(
@@ -364,5 +444,7 @@ impl Drop for Kube {
         for t in &self.tasks {
             t.abort();
         }
+        self.election.abort();
+        self.slice_watch.stop();
     }
 }
