@@ -188,6 +188,26 @@ pub struct TrafficStats {
 
 const _: () = assert!(size_of::<TrafficStats>() == 24);
 
+impl TrafficStats {
+    /// Both added up (two CPUs' counters, two members of one backend).
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets + o.packets,
+            bytes: self.bytes + o.bytes,
+            new_flows: self.new_flows + o.new_flows,
+        }
+    }
+
+    /// What was counted since `earlier` (zero where a counter went back: a member id reused).
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            packets: self.packets.saturating_sub(earlier.packets),
+            bytes: self.bytes.saturating_sub(earlier.bytes),
+            new_flows: self.new_flows.saturating_sub(earlier.new_flows),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

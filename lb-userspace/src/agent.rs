@@ -106,14 +106,27 @@ impl<D: Dataplane> Agent<D> {
         self.passive_out.contains(t)
     }
 
-    /// The desired state: configured weights, 0 for unhealthy backends.
+    /// The desired state: configured weights, 0 for unhealthy backends, unless what is left
+    /// is below the VIP's health threshold (then health is ignored: see
+    /// [`VipConfig::health_threshold`](crate::config::VipConfig::health_threshold)).
     pub fn desired(&self) -> Desired {
         let mut d = self.config.desired();
-        for v in &mut d.vips {
+        for (v, vc) in d.vips.iter_mut().zip(&self.config.vips) {
             let key = v.key();
+            let out =
+                |a| self.unhealthy.contains_key(&(key, a)) || self.passive_out.contains(&(key, a));
+            let total: u64 = v.backends.iter().map(|b| u64::from(b.weight)).sum();
+            let left: u64 = v
+                .backends
+                .iter()
+                .filter(|b| !out(b.address))
+                .map(|b| u64::from(b.weight))
+                .sum();
+            if below_threshold(left, total, vc.health_threshold) {
+                continue;
+            }
             for b in &mut v.backends {
-                let t = (key, b.address);
-                if self.unhealthy.contains_key(&t) || self.passive_out.contains(&t) {
+                if out(b.address) {
                     b.weight = 0;
                 }
             }
@@ -301,6 +314,12 @@ pub struct PassiveTarget {
     pub check: PassiveHealth,
 }
 
+/// Whether `left` of `total` weight is less than `threshold` percent (Kong's
+/// `healthchecks.threshold`; 0: never).
+pub fn below_threshold(left: u64, total: u64, threshold: u8) -> bool {
+    threshold > 0 && total > 0 && left * 100 < total * u64::from(threshold)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +375,49 @@ vips:
             .iter()
             .filter(|&&b| Some(b) == id)
             .count()
+    }
+
+    #[test]
+    fn below_the_health_threshold_the_vip_balances_over_all_its_backends() {
+        // Three backends of weight 1; threshold 50 %: one out leaves 2/3 (kept out), two out
+        // leave 1/3 (< 50 %: health is ignored, all three share the table again).
+        let more = "      - { address: 10.1.0.3, weight: 1 }\n";
+        let mut c = config_with(CHECK, more);
+        c.vips[0].health_threshold = 50;
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let (mut a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();
+        let key = a.config().vips[0].spec.key();
+        a.set_health((key, "10.1.0.1".parse().unwrap()), false)
+            .unwrap();
+        assert_eq!(slots_of(&a, 1), 0, "2/3 left is above the threshold");
+        assert!(slots_of(&a, 2) > 0 && slots_of(&a, 3) > 0);
+        a.set_health((key, "10.1.0.2".parse().unwrap()), false)
+            .unwrap();
+        for b in 1..=3 {
+            assert!(
+                slots_of(&a, b) > 250,
+                "below the threshold every backend balances: 10.1.0.{b} has {}",
+                slots_of(&a, b)
+            );
+        }
+        a.set_health((key, "10.1.0.2".parse().unwrap()), true)
+            .unwrap();
+        assert_eq!(slots_of(&a, 1), 0, "back above it: health counts again");
+    }
+
+    #[test]
+    fn the_threshold_compares_weights_as_percentages() {
+        assert!(!below_threshold(1, 3, 0), "0: no threshold");
+        assert!(below_threshold(1, 3, 34));
+        assert!(!below_threshold(1, 3, 33));
+        assert!(
+            !below_threshold(1, 2, 50),
+            "exactly the threshold is enough"
+        );
+        assert!(
+            !below_threshold(0, 0, 50),
+            "no weight at all: nothing to ignore"
+        );
     }
 
     #[test]

@@ -4,14 +4,14 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::{
     inspect::Pinned,
     model::Protocol,
     program::DEFAULT_PIN_DIR,
     run::{self, RunOptions},
-    show::{backends, explain, flows, stats, watch_stats},
+    show::{self, Format, backends, explain, stats},
 };
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
@@ -30,9 +30,14 @@ struct Cli {
     /// Where the agent pins its maps and links (bpffs).
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
     pin_dir: PathBuf,
-    /// Where the agent writes status.json (configured weights and health, for `lb backends`).
+    /// Where the agent writes status.json (itself, for `lb status`; configured weights and
+    /// health, for `lb backends`).
     #[arg(long, global = true, default_value = DEFAULT_STATE_DIR, env = "LB_STATE_DIR")]
     state_dir: PathBuf,
+    /// How log lines are written to stderr: text (coloured on a terminal only), or json (one
+    /// object a line, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,6 +73,9 @@ enum Command {
         /// config's node.source_v4 / source_v6 (a DaemonSet sets HOST_IPS from status.hostIPs).
         #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
         source: Vec<std::net::IpAddr>,
+        /// The status writer's Lease (with --kubernetes).
+        #[command(flatten)]
+        lease: crate::k8s::LeaseFlags,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     ///
@@ -80,36 +88,35 @@ enum Command {
     },
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
-        /// Print rates per second every SECONDS instead.
+        #[command(flatten)]
+        out: Output,
+        /// Print rates per second every SECONDS instead (global, per VIP, per backend of each
+        /// VIP), each block stamped with the time; with `-o json`, one JSON object per line.
         #[arg(long, value_name = "SECONDS")]
         watch: Option<f64>,
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
     Backends {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Each backend's next hop as the agent resolved it (egress interface, MAC addresses, MTU,
     /// or no neighbour / local / unreachable / unresolved), and the resolver's figures.
     Nexthops {
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
-    /// Entries of the flow table (client -> VIP, and the backend the flow is pinned to).
+    /// Entries of the flow tables (client -> VIP, the backend the flow is pinned to, its state
+    /// and, in NAT mode, its source port towards the backend), and how many there are in all.
     Flows {
         /// Only flows to this VIP (ADDRESS:PORT, [V6]:PORT).
         #[arg(long)]
         vip: Option<SocketAddr>,
+        /// Show at most this many (the total counts them all).
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Print JSON, for scripts.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
     },
     /// Which backend a flow gets, and why: its flow entry, its client's affinity, or hash -> slot -> backend.
     Explain {
@@ -123,9 +130,26 @@ enum Command {
         /// packet of an established flow.
         #[arg(long)]
         syn: bool,
-        /// Print JSON, for scripts.
+        #[command(flatten)]
+        out: Output,
+    },
+    /// The agent: running or not (pid, uptime), its config and last reload, each interface
+    /// and whether lb's program is attached there now, sizes, VIPs, and how full the flow
+    /// tables are.
+    Status {
+        #[command(flatten)]
+        out: Output,
+    },
+    /// A live view: per VIP packets, new flows and drops per second; per backend its share of
+    /// new flows next to its share of the weights, its health, and the flows still pinned to it
+    /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
+    Top {
+        /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval)]
+        interval: Duration,
+        /// Print one screen as plain text after one interval, and exit (for scripts).
         #[arg(long)]
-        json: bool,
+        once: bool,
     },
     /// Check a config without running it: exit 0 if `lb run` would take it, 1 if not.
     ///
@@ -142,6 +166,23 @@ enum Command {
     Crd,
 }
 
+/// How an inspecting command prints: `-o table|wide|json` (`--json` is kept as `-o json`).
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// table (default), wide (more columns: ids, generations, slots) or json (for scripts).
+    #[arg(short, long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// The same as `-o json`.
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
+impl Output {
+    fn format(self) -> Format {
+        if self.json { Format::Json } else { self.output }
+    }
+}
+
 /// Runs the CLI with the process's arguments.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -150,12 +191,7 @@ pub fn main() -> ExitCode {
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -165,6 +201,31 @@ pub fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`). Text is coloured only on a terminal
+/// (and without NO_COLOR), so that files and journals get no escape codes.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+        LogFormat::Json => logs.json().init(),
     }
 }
 
@@ -178,6 +239,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             gateway_controller,
             node_name,
             source,
+            lease,
         } => {
             let kubernetes = match (kubernetes, node_name) {
                 (false, _) => None,
@@ -185,6 +247,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     class,
                     node_name,
                     gateway_controller,
+                    lease,
                 }),
                 (true, _) => bail!(
                     "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
@@ -211,32 +274,58 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json, watch } => {
+        Command::Stats { out, watch } => {
             let p = Pinned::open(&pins)?;
+            let names = show::VipNames::read(&cli.state_dir);
             match watch {
-                Some(secs) => watch_stats(&p, Duration::from_secs_f64(secs.max(0.1))),
-                None => stats(&p, json),
+                Some(secs) => show::watch::watch(
+                    &p,
+                    &names,
+                    Duration::from_secs_f64(secs.max(0.1)),
+                    out.format(),
+                ),
+                None => stats(&p, &names, out.format()),
             }
         }
-        Command::Backends { json } => backends(&Pinned::open(&pins)?, &cli.state_dir, json),
-        Command::Nexthops { json } => {
-            crate::nexthop::show::nexthops(&Pinned::open(&pins)?, &pins, &cli.state_dir, json)
-        }
-        Command::Flows { vip, limit, json } => flows(&Pinned::open(&pins)?, vip, limit, json),
+        Command::Backends { out } => backends(&Pinned::open(&pins)?, &cli.state_dir, out.format()),
+        Command::Nexthops { out } => crate::nexthop::show::nexthops(
+            &Pinned::open(&pins)?,
+            &pins,
+            &cli.state_dir,
+            out.format(),
+        ),
+        Command::Flows { vip, limit, out } => show::flows::flows(
+            &Pinned::open(&pins)?,
+            &show::VipNames::read(&cli.state_dir),
+            vip,
+            limit,
+            out.format(),
+        ),
         Command::Explain {
             source,
             destination,
             protocol,
             syn,
-            json,
+            out,
         } => explain(
             &Pinned::open(&pins)?,
             &source,
             destination,
             protocol,
             syn,
-            json,
+            &show::VipNames::read(&cli.state_dir),
+            out.format(),
         ),
+        Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),
+        Command::Top { interval, once } => {
+            let p = Pinned::open(&pins)?;
+            if once {
+                print!("{}", crate::top::once(&p, &cli.state_dir, interval)?);
+                Ok(())
+            } else {
+                Ok(crate::top::live(&p, &cli.state_dir, interval)?)
+            }
+        }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

@@ -62,14 +62,37 @@ pub enum XdpMode {
     Generic,
 }
 
+impl std::fmt::Display for XdpMode {
+    /// As the config spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,
-    /// GET `path`; a status in `statuses` (default: 200..=399) is a success.
+    /// GET `path` (with `headers`, over TLS if `tls`); a status in `statuses` (default:
+    /// 200..=399) is a success.
     Http {
         path: String,
         statuses: Vec<u16>,
+        /// Sent with every probe, in this order.
+        headers: Vec<(String, String)>,
+        tls: Option<TlsCheck>,
     },
+}
+
+/// An HTTPS probe's TLS (Kong's `https` checks).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsCheck {
+    /// The server name sent (SNI) and verified; none: no SNI, the backend's address is verified.
+    pub sni: Option<String>,
+    /// Verify the backend's certificate against the system's roots.
+    pub verify: bool,
 }
 
 /// Active health checking of a VIP's backends, in the spirit of Kong's active checks.
@@ -79,11 +102,15 @@ pub struct HealthCheck {
     /// Port to probe; 0: the backend's port (NAT), else the VIP's.
     pub port: u16,
     pub interval: Duration,
+    /// Between probes of a backend found unhealthy (Kong's `unhealthy.interval`); none: `interval`.
+    pub unhealthy_interval: Option<Duration>,
     pub timeout: Duration,
     /// Consecutive successes that make an unhealthy backend healthy.
     pub healthy_threshold: u32,
     /// Consecutive failures that make a healthy backend unhealthy.
     pub unhealthy_threshold: u32,
+    /// At most this many of a VIP's backends are probed at once (Kong's `concurrency`); 0: all.
+    pub concurrency: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +120,8 @@ pub struct NodeSettings {
     pub sizes: Sizes,
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
+    /// `node.announce`: VIP routes for a routing daemon (None: lb announces nothing).
+    pub announce: Option<crate::announce::AnnounceSettings>,
 }
 
 impl HealthCheck {
@@ -123,6 +152,10 @@ pub struct VipConfig {
     pub spec: VipSpec,
     pub health_check: Option<HealthCheck>,
     pub passive_health: Option<PassiveHealth>,
+    /// Kong's `healthchecks.threshold`, a percentage: while the backends health checks left in
+    /// hold less than this share of the VIP's weight, health is ignored and the VIP balances
+    /// over all its backends (at L4, failing open beats dropping every connection). 0: off.
+    pub health_threshold: u8,
 }
 
 /// A validated config.
@@ -197,6 +230,14 @@ pub struct RawNode {
     pub nat_tcp_idle_timeout: Option<String>,
     /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
     pub nexthop_check: Option<bool>,
+    pub announce: Option<RawAnnounce>,
+}
+
+/// `node.announce`: present (even empty) to announce VIPs through a routing daemon.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnnounce {
+    pub table: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -465,6 +506,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
             .ok()
     });
 
+    let announce = n.announce.as_ref().map(|a| check_announce(&mut c, a));
+
     if raw.vips.len() > max_vips as usize {
         c.bad(
             "vips",
@@ -694,6 +737,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 },
                 health_check,
                 passive_health,
+                health_threshold: 0,
             });
         }
     }
@@ -729,10 +773,30 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 nat,
                 nexthop_check: n.nexthop_check.unwrap_or(false),
             },
+            announce,
         },
         vips,
         warnings,
     })
+}
+
+/// The kernel's own tables, which lb must not fill with announcement routes.
+const RESERVED_TABLES: [(i64, &str); 3] = [(253, "default"), (254, "main"), (255, "local")];
+
+fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::AnnounceSettings {
+    let path = "node.announce.table";
+    let default = crate::announce::DEFAULT_TABLE as i64;
+    let mut table = c.int(path, a.table, default, 1..=u32::MAX as i64);
+    if let Some((_, name)) = RESERVED_TABLES.iter().find(|(t, _)| *t == table) {
+        c.bad(
+            path,
+            format!("{table} is the kernel's {name} table: give lb a table of its own (e.g. 100)"),
+        );
+        table = default;
+    }
+    crate::announce::AnnounceSettings {
+        table: table as u32,
+    }
 }
 
 /// Backend lists that parse but cannot work (an error) or serve nothing (a warning): the VIP
@@ -824,7 +888,12 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
                 })
                 .collect(),
         };
-        CheckKind::Http { path, statuses }
+        CheckKind::Http {
+            path,
+            statuses,
+            headers: Vec::new(),
+            tls: None,
+        }
     } else {
         if h.path.is_some() {
             c.bad(format!("{p}.path"), "only http checks have a path");
@@ -841,9 +910,11 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
         kind,
         port,
         interval,
+        unhealthy_interval: None,
         timeout,
         healthy_threshold,
         unhealthy_threshold,
+        concurrency: 0,
     }
 }
 
@@ -917,7 +988,9 @@ vips:
             h.kind,
             CheckKind::Http {
                 path: "/healthz".into(),
-                statuses: (200..=399).collect()
+                statuses: (200..=399).collect(),
+                headers: Vec::new(),
+                tls: None,
             }
         );
         assert_eq!(
@@ -1333,9 +1406,11 @@ vips:
             kind: CheckKind::Tcp,
             port: 0,
             interval: Duration::from_secs(1),
+            unhealthy_interval: None,
             timeout: Duration::from_secs(1),
             healthy_threshold: 1,
             unhealthy_threshold: 1,
+            concurrency: 0,
         };
         assert_eq!(
             dns.backends

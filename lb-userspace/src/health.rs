@@ -1,15 +1,25 @@
-//! Active health checks: one task per (VIP, backend), probing on an interval and reporting only
-//! transitions, after `healthy_threshold` consecutive successes or `unhealthy_threshold`
-//! consecutive failures (Kong's active checks work the same way). A backend starts healthy.
+//! Active health checks: one task per (VIP, backend), probing on an interval (another one
+//! while the backend is unhealthy, if set) and reporting only transitions, after
+//! `healthy_threshold` consecutive successes or `unhealthy_threshold` consecutive failures
+//! (Kong's active checks work the same way). A backend starts healthy. A VIP's check may limit
+//! how many of its backends are probed at once (Kong's `concurrency`): its tasks share a
+//! semaphore.
 
-use std::net::SocketAddr;
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::mpsc, task::JoinHandle, time};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::TcpStream,
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+    time,
+};
 
 use crate::{
     agent::Target,
     config::{CheckKind, Config, HealthCheck},
 };
+use lb_common::VipKey;
 
 /// A backend's health changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +50,25 @@ pub async fn probe(
                 check.timeout
             )),
         },
-        CheckKind::Http { path, statuses } => {
-            let url = format!("http://{addr}{path}");
-            match client.get(&url).timeout(check.timeout).send().await {
+        CheckKind::Http {
+            path,
+            statuses,
+            headers,
+            tls,
+        } => {
+            let url = match tls {
+                None => format!("http://{addr}{path}"),
+                Some(t) => match &t.sni {
+                    // The client resolves this name to `addr` (see `client_for`).
+                    Some(sni) => format!("https://{sni}:{}{path}", addr.port()),
+                    None => format!("https://{addr}{path}"),
+                },
+            };
+            let mut req = client.get(&url).timeout(check.timeout);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            match req.send().await {
                 Ok(r) if statuses.contains(&r.status().as_u16()) => Ok(()),
                 Ok(r) => Err(format!("GET {url}: status {}", r.status().as_u16())),
                 Err(e) if e.is_timeout() => {
@@ -52,6 +78,32 @@ pub async fn probe(
             }
         }
     }
+}
+
+/// A client builder for probes: no redirects (a redirect is an answer, judged by its status).
+/// reqwest's rustls takes the process's crypto provider, installed here: ring, as kube's
+/// client uses (installing it again is a no-op).
+pub fn builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
+}
+
+/// The HTTP client for probes of `addr` under `check`: `shared` for plain HTTP and TCP; an
+/// HTTPS check gets its own, with its certificate verification and, when it names a server
+/// (SNI), that name resolved to `addr`.
+pub fn client_for(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    shared: &reqwest::Client,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let CheckKind::Http { tls: Some(tls), .. } = &check.kind else {
+        return Ok(shared.clone());
+    };
+    let mut b = builder().tls_danger_accept_invalid_certs(!tls.verify);
+    if let Some(sni) = &tls.sni {
+        b = b.resolve(sni, addr);
+    }
+    b.build()
 }
 
 /// Consecutive-result counting with thresholds.
@@ -105,6 +157,8 @@ type CheckKey = (Target, SocketAddr, HealthCheck);
 /// known as stale.
 pub struct Checks {
     tasks: std::collections::HashMap<CheckKey, (u64, JoinHandle<()>)>,
+    /// Each VIP's probe limit (Kong's `concurrency`), shared by its tasks.
+    limits: HashMap<(VipKey, u32), Arc<Semaphore>>,
     next_id: u64,
     client: reqwest::Client,
     tx: mpsc::Sender<Transition>,
@@ -112,12 +166,10 @@ pub struct Checks {
 
 impl Checks {
     pub fn new(tx: mpsc::Sender<Transition>) -> Self {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("building the HTTP client");
+        let client = builder().build().expect("building the HTTP client");
         Self {
             tasks: Default::default(),
+            limits: HashMap::new(),
             next_id: 0,
             client,
             tx,
@@ -146,11 +198,35 @@ impl Checks {
             }
             keep
         });
+        let limited: std::collections::HashSet<(VipKey, u32)> = wanted
+            .iter()
+            .filter(|k| k.2.concurrency > 0)
+            .map(|k| (k.0.0, k.2.concurrency))
+            .collect();
+        self.limits.retain(|k, _| limited.contains(k));
         for key in wanted {
             if !self.tasks.contains_key(&key) {
                 self.next_id += 1;
                 let id = self.next_id;
-                let task = spawn_one(&key, id, healthy(&key.0), &self.client, &self.tx);
+                let limit = (key.2.concurrency > 0).then(|| {
+                    let n = key.2.concurrency;
+                    self.limits
+                        .entry((key.0.0, n))
+                        .or_insert_with(|| Arc::new(Semaphore::new(n as usize)))
+                        .clone()
+                });
+                let client = match client_for(&key.2, key.1, &self.client) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(
+                            "building the HTTPS client for checks of {}: {}",
+                            key.1,
+                            crate::error_chain(&e)
+                        );
+                        continue;
+                    }
+                };
+                let task = spawn_one(&key, id, healthy(&key.0), client, limit, &self.tx);
                 self.tasks.insert(key, (id, task));
             }
         }
@@ -183,23 +259,41 @@ impl Drop for Checks {
     }
 }
 
+/// How long after a probe the next one starts.
+fn pause(check: &HealthCheck, healthy: bool) -> Duration {
+    match (healthy, check.unhealthy_interval) {
+        (false, Some(i)) => i,
+        _ => check.interval,
+    }
+}
+
 fn spawn_one(
     key: &CheckKey,
     id: u64,
     healthy: bool,
-    client: &reqwest::Client,
+    client: reqwest::Client,
+    limit: Option<Arc<Semaphore>>,
     tx: &mpsc::Sender<Transition>,
 ) -> JoinHandle<()> {
     let (target, addr, check) = key.clone();
     let mut tracker = Tracker::new(healthy, &check);
-    let (client, tx) = (client.clone(), tx.clone());
+    let tx = tx.clone();
     tokio::spawn(async move {
-        let mut tick = time::interval(check.interval);
-        tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
+        let mut next = time::Instant::now();
         loop {
-            tick.tick().await;
-            let result = probe(&check, addr, &client).await;
-            if let Some(h) = tracker.record(result.is_ok()) {
+            time::sleep_until(next).await;
+            let result = {
+                // Held for the probe only: at most `concurrency` of the VIP's probes at once.
+                let _permit = match &limit {
+                    Some(l) => Some(l.acquire().await.expect("the semaphore is never closed")),
+                    None => None,
+                };
+                probe(&check, addr, &client).await
+            };
+            let changed = tracker.record(result.is_ok());
+            // The next probe keeps the rhythm of the backend's health now.
+            next = (next + pause(&check, tracker.healthy)).max(time::Instant::now());
+            if let Some(h) = changed {
                 let reason = result.err().unwrap_or_else(|| "probes succeed".into());
                 let t = Transition {
                     target,
@@ -226,9 +320,11 @@ mod tests {
             kind: CheckKind::Tcp,
             port: 1,
             interval: Duration::from_secs(1),
+            unhealthy_interval: None,
             timeout: Duration::from_secs(1),
             healthy_threshold: h,
             unhealthy_threshold: u,
+            concurrency: 0,
         }
     }
 
@@ -316,3 +412,6 @@ vips:
         );
     }
 }
+
+#[cfg(test)]
+mod probe_tests;

@@ -13,6 +13,7 @@ use lb_common::{
 };
 
 use crate::{
+    flowmap::FlowMap,
     program::{LoadError, Sizes, open_pinned, pinned_meta},
     ring::Ring,
 };
@@ -31,6 +32,8 @@ pub enum InspectError {
     },
     #[error("mapping the ring")]
     Ring(#[source] std::io::Error),
+    #[error("mapping the IPv4 flow table")]
+    FlowMap(#[source] std::io::Error),
 }
 
 fn merr(what: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
@@ -48,6 +51,8 @@ pub struct Pinned {
     node: Array<MapData, NodeConfig>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     flows4: Array<MapData, FlowBucket>,
+    /// The same table mapped into this process, to read it whole.
+    flows4_map: FlowMap,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nat: HashMap<MapData, FlowKey, NatFlow>,
     nat_rev: HashMap<MapData, FlowKey, NatReverse>,
@@ -69,6 +74,14 @@ impl Pinned {
         };
         let ring = Ring::map(ring_data, (sizes.max_vips * sizes.maglev_m) as usize, false)
             .map_err(InspectError::Ring)?;
+        let flows4 = open(maps::FLOWS4)?;
+        let Map::Array(flows4_data) = &flows4 else {
+            return Err(InspectError::FlowMap(std::io::Error::other(
+                "LB_FLOWS4 is not an array",
+            )));
+        };
+        let buckets = flowtab::buckets_for(sizes.flow_entries) as usize;
+        let flows4_map = FlowMap::map(flows4_data, buckets).map_err(InspectError::FlowMap)?;
         Ok(Self {
             stats: PerCpuArray::try_from(open(maps::STATS)?).map_err(merr("stats"))?,
             vip_stats: PerCpuArray::try_from(open(maps::VIP_STATS)?).map_err(merr("VIP stats"))?,
@@ -78,7 +91,8 @@ impl Pinned {
             members: Array::try_from(open(maps::MEMBERS)?).map_err(merr("members"))?,
             node: Array::try_from(open(maps::NODE)?).map_err(merr("node settings"))?,
             flows: HashMap::try_from(open(maps::FLOWS)?).map_err(merr("flows"))?,
-            flows4: Array::try_from(open(maps::FLOWS4)?).map_err(merr("IPv4 flows"))?,
+            flows4: Array::try_from(flows4).map_err(merr("IPv4 flows"))?,
+            flows4_map,
             affinity: HashMap::try_from(open(maps::AFFINITY)?).map_err(merr("affinity"))?,
             nat: HashMap::try_from(open(maps::NAT)?).map_err(merr("NAT translations"))?,
             nat_rev: HashMap::try_from(open(maps::NAT_REV)?)
@@ -116,11 +130,7 @@ impl Pinned {
         let per_cpu = map.get(&id, 0).map_err(merr(what))?;
         Ok(per_cpu
             .iter()
-            .fold(TrafficStats::default(), |a, s| TrafficStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
+            .fold(TrafficStats::default(), |a, s| a.plus(*s)))
     }
 
     pub fn vip_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
@@ -218,32 +228,31 @@ impl Pinned {
         out
     }
 
-    /// Up to `limit` flow entries: IPv4 (bucket by bucket, then the IPv6 LRU; order means
-    /// nothing). IPv4 entries of a VIP id no VIP has any more are left out.
-    pub fn flows(&self, limit: usize) -> Result<Vec<(FlowKey, FlowValue)>, InspectError> {
+    /// Calls `f` with every flow entry (IPv4 from the mapped table, then the IPv6 LRU) until
+    /// it returns false. IPv4 entries of a VIP id no VIP has any more are left out.
+    pub fn each_flow(
+        &self,
+        mut f: impl FnMut(FlowKey, FlowValue) -> bool,
+    ) -> Result<(), InspectError> {
         let vips: BTreeMap<u32, VipKey> =
             self.vips()?.into_iter().map(|(k, v)| (v.id, k)).collect();
         let now = monotonic_coarse_ns();
-        let mut out = Vec::new();
-        for i in 0..self.flows4.len() {
-            if out.len() >= limit {
-                return Ok(out);
-            }
-            let b = self.flows4.get(&i, 0).map_err(merr("IPv4 flows"))?;
-            for k in b.keys {
-                if let Some(flow) = Self::flow4(&vips, &b, k, now) {
-                    out.push(flow);
-                }
+        for w in self.flows4_map.ways() {
+            let mut b = FlowBucket::default();
+            (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
+            if let Some((k, v)) = Self::flow4(&vips, &b, w.key, now)
+                && !f(k, v)
+            {
+                return Ok(());
             }
         }
         for kv in self.flows.iter() {
-            if out.len() >= limit {
+            let (k, v) = kv.map_err(merr("flows"))?;
+            if !f(k, v) {
                 break;
             }
-            out.push(kv.map_err(merr("flows"))?);
         }
-        out.truncate(limit);
-        Ok(out)
+        Ok(())
     }
 
     /// The flow of key `k` in bucket `b`, if any.
@@ -292,13 +301,81 @@ impl Pinned {
     }
 }
 
-/// `address` or `address:port` (NAT backends with a port of their own).
-pub fn backend_label(m: &Member) -> String {
-    let ip = crate::model::ip_of(&m.addr, m.family);
-    match u16::from_be(m.port) {
-        0 => ip.to_string(),
-        port => std::net::SocketAddr::new(ip, port).to_string(),
+/// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
+/// How full one of the program's tables is.
+#[derive(serde::Serialize, Debug, Clone, Copy, PartialEq)]
+pub struct Fill {
+    pub entries: u64,
+    pub capacity: u64,
+    /// entries / capacity.
+    pub fill: f64,
+}
+
+impl Fill {
+    /// `entries` at most `capacity`: a walk that raced with the program can count a key twice.
+    fn of(entries: u64, capacity: u64) -> Self {
+        let entries = entries.min(capacity);
+        Self {
+            entries,
+            capacity,
+            fill: entries as f64 / capacity.max(1) as f64,
+        }
     }
+}
+
+impl Pinned {
+    /// How full each of the program's tables is, by name: `flows_ipv4` (occupied ways of its
+    /// buckets, read through the table's mapping: a way, once written, holds a flow until another
+    /// evicts it), `flows_ipv6`, `affinity`, `nat` and `nat_reverse` (hash maps, walked key by
+    /// key, each walk bounded by the map's capacity).
+    pub fn fill(&self) -> Result<Vec<(&'static str, Fill)>, InspectError> {
+        let s = &self.sizes;
+        let ways = self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64;
+        let (v6, aff, nat) = (
+            s.flow_entries_v6() as u64,
+            s.affinity_entries as u64,
+            s.nat_entries as u64,
+        );
+        Ok(vec![
+            (
+                "flows_ipv4",
+                Fill::of(self.flows4_map.ways().count() as u64, ways),
+            ),
+            (
+                "flows_ipv6",
+                Fill::of(count(self.flows.keys(), "flows", v6)?, v6),
+            ),
+            (
+                "affinity",
+                Fill::of(count(self.affinity.keys(), "affinity", aff)?, aff),
+            ),
+            (
+                "nat",
+                Fill::of(count(self.nat.keys(), "NAT translations", nat)?, nat),
+            ),
+            (
+                "nat_reverse",
+                Fill::of(count(self.nat_rev.keys(), "NAT reverse entries", nat)?, nat),
+            ),
+        ])
+    }
+}
+
+/// Keys of a hash map (one read each), at most `cap`. The program adds and evicts entries
+/// meanwhile (a key gone from under the walk sends the kernel back to the first key, so without
+/// the bound a walk under churn need not end): the count is a snapshot, and can be off by what
+/// changed during the walk.
+fn count<K>(
+    keys: impl Iterator<Item = Result<K, aya::maps::MapError>>,
+    what: &'static str,
+    cap: u64,
+) -> Result<u64, InspectError> {
+    let mut n = 0;
+    for k in keys.take(cap as usize) {
+        k.map_err(merr(what))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// CLOCK_MONOTONIC_COARSE now, the clock the program stamps entries with.

@@ -4,13 +4,16 @@
 //! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
 //! [`inspect`], [`run`].
 pub mod agent;
+pub mod announce;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod flowmap;
 pub mod health;
 pub mod inspect;
 pub mod k8s;
+pub mod life;
 pub mod links;
 pub mod maglev;
 pub mod metrics;
@@ -23,6 +26,7 @@ pub mod program;
 pub mod ring;
 pub mod run;
 pub mod show;
+pub mod top;
 pub mod view;
 
 /// An error and its sources, on one line.

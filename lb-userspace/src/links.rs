@@ -131,7 +131,7 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 fn busy(ifname: &str) -> String {
     let prog = ifindex(ifname)
         .and_then(|i| xdp_state(i).ok())
-        .map(|s| s.1)
+        .and_then(|s| s.prog_ids.into_iter().find(|id| *id != 0))
         .filter(|id| *id != 0);
     let which = match prog {
         Some(id) => {
@@ -197,6 +197,10 @@ enum Undo {
     Detach(String),
     /// Attach (again) in this mode, detaching first what is attached now.
     Attach(String, ModeSetting),
+    /// Remove this interface index from the redirect devmap.
+    TxPort(u32),
+    /// Set the interface's accept_local back to 0.
+    AcceptLocal(String),
 }
 
 /// The steps a [`sync`] took, to undo them if what follows it fails.
@@ -212,6 +216,22 @@ impl Changes {
             let (ifname, r) = match &u {
                 Undo::Detach(i) => (i, detach(pin_dir, i)),
                 Undo::Attach(i, mode) => (i, reattach(dp, pin_dir, i, *mode)),
+                Undo::TxPort(index) => {
+                    let r = tx_ports(dp).and_then(|mut p| Ok(p.remove(*index)?));
+                    if let Err(e) = r {
+                        error!(
+                            index,
+                            "removing an interface from the redirect devmap: {e:#}"
+                        );
+                    }
+                    continue;
+                }
+                Undo::AcceptLocal(i) => {
+                    if let Err(e) = std::fs::write(accept_local(i), "0") {
+                        error!(interface = %i, "setting accept_local back to 0: {e}");
+                    }
+                    continue;
+                }
             };
             match r {
                 Ok(()) => info!(interface = %ifname, "attachment put back as it was"),
@@ -283,23 +303,24 @@ fn attach(
 }
 
 /// Adds `ifname` to the redirect devmap and lets the kernel forward encapsulated packets whose
-/// source is this node while a backend's neighbour is unknown (accept_local).
-fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32) -> Result<()> {
-    let map = dp
-        .ebpf
-        .map_mut(lb_common::maps::TX_PORTS)
-        .context("no devmap")?;
-    let mut ports: aya::maps::DevMapHash<_> = aya::maps::DevMapHash::try_from(map)?;
-    ports
-        .insert(index, index, None, 0)
-        .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
-    let sysctl = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+/// source is this node while a backend's neighbour is unknown (accept_local). What it changed
+/// goes into `done`, so that a start or reload that fails later puts it back.
+fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32, done: &mut Changes) -> Result<()> {
+    let mut ports = tx_ports(dp)?;
+    if ports.get(index, 0).is_err() {
+        ports
+            .insert(index, index, None, 0)
+            .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
+        done.0.push(Undo::TxPort(index));
+    }
+    let sysctl = accept_local(ifname);
     if std::fs::read_to_string(&sysctl)
         .map(|v| v.trim() != "1")
         .unwrap_or(false)
     {
         match std::fs::write(&sysctl, "1") {
             Ok(()) => {
+                done.0.push(Undo::AcceptLocal(ifname.to_string()));
                 info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
             }
             Err(e) => {
@@ -308,6 +329,18 @@ fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn tx_ports(dp: &mut KernelDataplane) -> Result<aya::maps::DevMapHash<&mut aya::maps::MapData>> {
+    let map = dp
+        .ebpf
+        .map_mut(lb_common::maps::TX_PORTS)
+        .context("no devmap")?;
+    Ok(aya::maps::DevMapHash::try_from(map)?)
+}
+
+fn accept_local(ifname: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local")
 }
 
 /// Makes the attached interfaces what `node` lists, in its `xdp_mode`: attach new ones, detach
@@ -349,7 +382,7 @@ fn steps(
         .into_iter()
         .partition(|t| matches!(t.2, Step::Fresh));
     for (ifname, index, step) in fresh.into_iter().chain(remodes) {
-        prepare(dp, ifname, index)?;
+        prepare(dp, ifname, index, done)?;
         attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
         info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached");
     }
@@ -370,7 +403,7 @@ fn steps(
         info!(interface = %ifname, "detached");
     }
     for (ifname, index, step) in swaps {
-        prepare(dp, ifname, index)?;
+        prepare(dp, ifname, index, done)?;
         attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
         info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached (program swapped into the pinned link)");
     }
@@ -380,20 +413,18 @@ fn steps(
 /// How XDP is attached to the interface `index` now, as the kernel reports it; None if no
 /// program is, or not in a mode lb uses (offloaded).
 fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
-    const XDP_ATTACHED_DRV: u8 = 1;
-    const XDP_ATTACHED_SKB: u8 = 2;
-    let (attached, _) = xdp_state(index)
+    let state = xdp_state(index)
         .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
-    Ok(match attached {
-        XDP_ATTACHED_DRV => Some(ModeSetting::Native),
-        XDP_ATTACHED_SKB => Some(ModeSetting::Generic),
+    Ok(match state.mode() {
+        Some("native") => Some(ModeSetting::Native),
+        Some("generic") => Some(ModeSetting::Generic),
         _ => None,
     })
 }
 
-/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED` and
-/// `IFLA_XDP_PROG_ID`. (A bpf_link's own info names the interface but not the mode.)
-fn xdp_state(index: u32) -> io::Result<(u8, u32)> {
+/// `RTM_GETLINK` for one interface: the answer's `IFLA_XDP` nest holds `IFLA_XDP_ATTACHED`
+/// and the attached programs' ids. (A bpf_link's own info names the interface but not the mode.)
+fn xdp_state(index: u32) -> io::Result<XdpState> {
     /// nlmsghdr followed by ifinfomsg.
     #[repr(C)]
     struct Request {
@@ -453,14 +484,38 @@ fn xdp_state(index: u32) -> io::Result<(u8, u32)> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    parse_xdp_state(&buf[..n as usize])
+    parse_xdp(&buf[..n as usize])
 }
 
-/// `IFLA_XDP_ATTACHED` and `IFLA_XDP_PROG_ID` from an `RTM_NEWLINK` answer (0 if absent).
-fn parse_xdp_state(msg: &[u8]) -> io::Result<(u8, u32)> {
+/// What the kernel says of XDP on one interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct XdpState {
+    /// `XDP_ATTACHED_*` (0: nothing attached).
+    attached: u8,
+    /// The attached programs' ids (one per mode; 0 where none).
+    prog_ids: [u32; 4],
+}
+
+impl XdpState {
+    /// How XDP is attached, from `XDP_ATTACHED_*`; None if nothing is.
+    fn mode(&self) -> Option<&'static str> {
+        match self.attached {
+            0 => None,
+            1 => Some("native"),
+            2 => Some("generic"),
+            3 => Some("offload"),
+            _ => Some("several"),
+        }
+    }
+}
+
+/// `IFLA_XDP_ATTACHED` and the program ids (`IFLA_XDP_PROG_ID`, and per mode when several are
+/// attached) from an `RTM_NEWLINK` answer (nothing attached if absent).
+fn parse_xdp(msg: &[u8]) -> io::Result<XdpState> {
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
-    const IFLA_XDP_PROG_ID: u16 = 4;
+    /// IFLA_XDP_PROG_ID, then IFLA_XDP_DRV_PROG_ID, _SKB_, _HW_.
+    const IFLA_XDP_PROG_IDS: [u16; 4] = [4, 5, 6, 7];
     const NLMSG_HDR: usize = 16;
     const IFINFOMSG: usize = 16;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("netlink: {what}"));
@@ -477,17 +532,77 @@ fn parse_xdp_state(msg: &[u8]) -> io::Result<(u8, u32)> {
         libc::RTM_NEWLINK if len >= NLMSG_HDR + IFINFOMSG => {}
         _ => return Err(bad("not a link message")),
     }
-    let nest = attributes(&msg[NLMSG_HDR + IFINFOMSG..len])
-        .find(|(k, _)| *k == IFLA_XDP)
-        .map_or(&[][..], |(_, nest)| nest);
-    let attr = |kind: u16| attributes(nest).find(|(k, _)| *k == kind).map(|(_, v)| v);
-    let attached = attr(IFLA_XDP_ATTACHED)
-        .and_then(|v| v.first().copied())
-        .unwrap_or(0);
-    let prog = attr(IFLA_XDP_PROG_ID)
-        .and_then(|v| v.get(..4))
-        .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()));
-    Ok((attached, prog))
+    let mut state = XdpState::default();
+    let xdp = attributes(&msg[NLMSG_HDR + IFINFOMSG..len]).find(|(k, _)| *k == IFLA_XDP);
+    for (k, v) in xdp.into_iter().flat_map(|(_, nest)| attributes(nest)) {
+        if k == IFLA_XDP_ATTACHED {
+            state.attached = v.first().copied().unwrap_or(0);
+        } else if let Some(i) = IFLA_XDP_PROG_IDS.iter().position(|id| *id == k)
+            && let Ok(b) = <[u8; 4]>::try_from(v)
+        {
+            state.prog_ids[i] = u32::from_ne_bytes(b);
+        }
+    }
+    Ok(state)
+}
+
+/// Whether lb's program is attached to one interface now, as the kernel says: the program
+/// of the link pinned for it is the one attached to the device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachment {
+    /// None: no such interface (in this network namespace).
+    pub ifindex: Option<u32>,
+    /// How XDP is attached there: native, generic, offload, several; None if not at all.
+    pub mode: Option<&'static str>,
+    /// Programs attached to the device (one per mode).
+    pub program_ids: Vec<u32>,
+    /// The program of the link lb pinned for the interface; None if none is pinned.
+    pub lb_program_id: Option<u32>,
+}
+
+impl Attachment {
+    pub fn ours(&self) -> bool {
+        self.lb_program_id
+            .is_some_and(|id| id != 0 && self.program_ids.contains(&id))
+    }
+}
+
+/// What is attached to `ifname` now, and whether it is the program of lb's pinned link.
+pub fn attachment(pin_dir: &Path, ifname: &str) -> Attachment {
+    let lb_program_id = PinnedLink::from_pin(link_pin(pin_dir, ifname))
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok())
+        .map(|i| i.program_id());
+    let ifindex = ifindex(ifname);
+    let state = ifindex.and_then(|i| xdp_state(i).ok()).unwrap_or_default();
+    let mode = state.mode();
+    let mut program_ids: Vec<u32> = state.prog_ids.into_iter().filter(|i| *i != 0).collect();
+    program_ids.sort_unstable();
+    program_ids.dedup();
+    Attachment {
+        ifindex,
+        mode,
+        program_ids,
+        lb_program_id,
+    }
+}
+
+/// The interfaces an agent keeps its program attached to (what `/readyz` checks).
+#[derive(Clone, Debug, Default)]
+pub struct Expected {
+    pub pin_dir: PathBuf,
+    pub interfaces: Vec<String>,
+}
+
+impl Expected {
+    /// The interfaces that do not hold lb's program now.
+    pub fn missing(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .filter(|i| !attachment(&self.pin_dir, i).ours())
+            .cloned()
+            .collect()
+    }
 }
 
 /// Netlink attributes (type without its flag bits, value), 4-byte aligned.
@@ -537,10 +652,11 @@ mod tests {
         let prog_id = attr(4, &77u32.to_ne_bytes()); // IFLA_XDP_PROG_ID
         let nest = [prog_id, attr(2, &[2])].concat();
         let msg = link_message(&[name, odd, mtu, attr(43 | 0x8000, &nest)].concat());
-        assert_eq!(parse_xdp_state(&msg).unwrap(), (2, 77));
+        let state = parse_xdp(&msg).unwrap();
+        assert_eq!((state.attached, state.prog_ids), (2, [77, 0, 0, 0]));
         assert_eq!(
-            parse_xdp_state(&link_message(&attr(4, &[0; 4]))).unwrap(),
-            (0, 0)
+            parse_xdp(&link_message(&attr(4, &[0; 4]))).unwrap(),
+            XdpState::default()
         );
     }
 
@@ -551,7 +667,7 @@ mod tests {
         m.extend([0u8; 10]);
         m.extend((-libc::ENODEV).to_ne_bytes());
         m.extend([0u8; 16]);
-        let e = parse_xdp_state(&m).unwrap_err();
+        let e = parse_xdp(&m).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENODEV));
     }
 }

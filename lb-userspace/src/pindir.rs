@@ -88,6 +88,18 @@ impl PinLock {
         }
     }
 
+    /// Fails, naming the holder, if an agent holds `dir` now (a missing dir is free). The lock
+    /// is not kept: [`PinLock::take`] takes it for good.
+    pub fn free(dir: &Path) -> Result<(), PinDirError> {
+        if !dir.exists() || Self::try_lock(dir)?.is_some() {
+            return Ok(());
+        }
+        Err(PinDirError::Held {
+            dir: dir.display().to_string(),
+            pid: holder(dir),
+        })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

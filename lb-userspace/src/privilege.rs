@@ -31,6 +31,9 @@ const ATTACH: Cap = Cap {
 };
 
 /// What `lb run` needs, for messages.
+/// What loading the program needs, for messages.
+pub const LOAD_NAMES: &str = "CAP_BPF and CAP_PERFMON";
+
 pub const NEEDED: &str = "root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
                           (CAP_SYS_ADMIN in place of the first two on kernels before 5.8)";
 

@@ -28,11 +28,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent::{Agent, Remembered, Target},
+    announce,
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    inspect::Pinned,
     k8s::{Kube, KubeOptions, translate::Settings},
+    life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
     nexthop,
@@ -238,6 +239,12 @@ pub struct Status {
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
     pub nexthops: crate::nexthop::NexthopStatus,
+    /// The agent itself, for `lb status`.
+    #[serde(default)]
+    pub agent: Option<AgentStatus>,
+    /// The VIP addresses this node announces (None: `node.announce` is off).
+    #[serde(default)]
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug)]
@@ -250,6 +257,9 @@ pub struct VipStatus {
 #[derive(Serialize, serde::Deserialize, Debug)]
 pub struct BackendStatus {
     pub address: String,
+    /// Its own port (NAT's `port:`), 0 if it takes the VIP's.
+    #[serde(default)]
+    pub port: u16,
     pub weight: u32,
     /// None: not health checked.
     pub healthy: Option<bool>,
@@ -268,11 +278,22 @@ pub fn read_status(state_dir: &Path) -> Option<Status> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetrics) -> Result<()> {
+fn write_status(
+    opts: &RunOptions,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+    life: &Life,
+) -> Result<()> {
     let c = agent.config();
     let mut health_rows = Vec::new();
+    let reloads = (
+        m.reloads_ok.load(Ordering::Relaxed),
+        m.reloads_rejected.load(Ordering::Relaxed),
+    );
     let status = Status {
+        agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
+        announce: m.announce.lock().expect("announce lock").clone(),
         config: opts.config.display().to_string(),
         vips: c
             .vips
@@ -290,10 +311,12 @@ fn write_status(opts: &RunOptions, agent: &Agent<KernelDataplane>, m: &AgentMetr
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            health_rows.push((v.spec.label(), b.address.to_string(), h));
+                            let at = crate::view::endpoint(b.address, b.port, v.spec.port);
+                            health_rows.push((v.spec.label(), at.to_string(), h));
                         }
                         BackendStatus {
                             address: b.address.to_string(),
+                            port: b.port,
                             weight: b.weight,
                             healthy,
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
@@ -465,6 +488,7 @@ impl Nexthops {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let life = Life::default();
     let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
@@ -478,6 +502,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let (ktx, krx) = mpsc::channel::<()>(1);
+    // The first list may take long (an API server away): a second agent is refused before it.
+    PinLock::free(&opts.pin_dir)?;
     let kube = match &opts.kubernetes {
         Some(k) => Some(first_list(k, &file, ktx).await?),
         None => None,
@@ -498,11 +524,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
-    if let Err(e) = write_status(&opts, &agent, &m) {
+    if let Err(e) = write_status(&opts, &agent, &m, &life) {
         warn!("writing the status file: {e:#}");
     }
+    expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops).await?;
+    serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -564,13 +591,16 @@ async fn start(
     let metrics_task = match listener {
         Some((addr, listener)) => {
             info!(%addr, "serving /metrics, /healthz and /readyz");
-            let registry = metrics::registry(Pinned::open(&opts.pin_dir)?, m.clone());
-            Some(tokio::spawn(metrics::serve(listener, registry, m.clone())))
+            let scraper = metrics::Scraper::open(&opts.pin_dir, m.clone())?;
+            Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,
     };
     let config = compose_now(file, kube.as_mut());
-    let memory = remembered(read_status(&opts.state_dir), &config);
+    let previous = read_status(&opts.state_dir);
+    // What a previous agent announced stays in the status until this one decides.
+    *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
+    let memory = remembered(previous, &config);
     let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
     // Attach first, then write the maps: a program attached on maps a previous agent left (or
     // on empty ones) serves as before, and failing to attach (a driver without native XDP,
@@ -599,6 +629,7 @@ async fn start(
     }
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
+    m.applied();
     Ok(Started {
         agent,
         kube,
@@ -606,8 +637,28 @@ async fn start(
     })
 }
 
+/// Tells `/readyz` which interfaces must hold the program.
+fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>) {
+    *m.links.lock().expect("links lock") = links::Expected {
+        pin_dir: pin_dir.to_path_buf(),
+        interfaces: agent.config().node.interfaces.clone(),
+    };
+}
+
+/// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
+async fn announce_update(
+    k: &mut announce::Keeper,
+    agent: &Agent<KernelDataplane>,
+    m: &AgentMetrics,
+) {
+    k.update(agent.config().node.announce.as_ref(), agent.state())
+        .await;
+    *m.announce.lock().expect("announce lock") = k.status();
+}
+
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
     mut agent: Agent<KernelDataplane>,
@@ -616,7 +667,14 @@ async fn serve(
     mut krx: mpsc::Receiver<()>,
     m: &AgentMetrics,
     mut nexthops: Nexthops,
+    mut life: Life,
 ) -> Result<()> {
+    // Announced once the maps hold the first desired state; withdrawn on the way out.
+    let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
+    announce_update(&mut announce, &agent, m).await;
+    if let Err(e) = write_status(opts, &agent, m, &life) {
+        warn!("writing the status file: {e:#}");
+    }
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
@@ -702,6 +760,7 @@ async fn serve(
             } else {
                 "config"
             };
+            let source = if from_kube { "cluster" } else { "config" };
             match result {
                 Ok((p, f)) => {
                     if let Some(f) = f {
@@ -711,7 +770,10 @@ async fn serve(
                         warn!("{w}");
                     }
                     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
+                    expect_links(m, &opts.pin_dir, &agent);
+                    life.reloaded(source, Ok(()));
                     m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                    m.applied();
                     m.map_writes
                         .fetch_add(p.write_count() as u64, Ordering::Relaxed);
                     if !from_kube || !p.is_empty() {
@@ -723,6 +785,7 @@ async fn serve(
                     }
                 }
                 Err(e) => {
+                    life.reloaded(source, Err(format!("{e:#}")));
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                     error!("{what} rejected, the previous state keeps serving: {e:#}");
                 }
@@ -732,11 +795,16 @@ async fn serve(
         if refresh || agent.state().members != members {
             nexthops.refresh(&mut agent, m).await;
         }
-        if let Err(e) = write_status(opts, &agent, m) {
+        announce_update(&mut announce, &agent, m).await;
+        if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
     }
     drop(checks);
+    announce.shutdown().await;
+    if let Some(k) = &mut kube {
+        k.release_lease().await;
+    }
     Ok(())
 }
 
@@ -765,9 +833,22 @@ pub fn down_unless_running(pin_dir: &Path, state_dir: &Path) -> Result<Vec<Strin
 }
 
 /// `lb down --force`: detaches the program from every interface it was pinned to and removes
-/// the pins, whether or not an agent holds them.
+/// the pins, whether or not an agent holds them. The status file goes too, unless an agent still
+/// runs: it is that agent's, and `lb status` shows it running with nothing attached.
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let agent_runs = pin_dir.exists() && PinLock::try_lock(pin_dir)?.is_none();
     let mut done = Vec::new();
+    // The routes first: the node stops being announced before it stops serving.
+    if let Some(a) = read_status(state_dir).and_then(|s| s.announce) {
+        for vip in announce::withdraw_blocking(a.table).with_context(|| {
+            format!(
+                "withdrawing the VIPs announced in routing table {}",
+                a.table
+            )
+        })? {
+            done.push(format!("withdrew {vip} (routing table {})", a.table));
+        }
+    }
     for (ifname, _) in links::pinned_links(pin_dir) {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
@@ -787,7 +868,9 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
             )
         })?;
     }
-    let _ = std::fs::remove_file(status_path(state_dir));
+    if !agent_runs {
+        let _ = std::fs::remove_file(status_path(state_dir));
+    }
     Ok(done)
 }
 
@@ -832,12 +915,15 @@ vips:
         .unwrap();
         let row = |address: &str, healthy, passive_out| BackendStatus {
             address: address.into(),
+            port: 0,
             weight: 1,
             healthy: Some(healthy),
             passive_out,
         };
         let status = Status {
+            agent: None,
             nexthops: Default::default(),
+            announce: None,
             config: "t".into(),
             vips: vec![
                 VipStatus {

@@ -1,13 +1,20 @@
-//! What the inspection commands print (`lb stats`, `lb backends`, `lb flows`, `lb explain`),
-//! read from a running agent's pinned maps.
+//! What the inspection commands print (`lb stats`, `lb backends`, `lb explain`; `lb flows`,
+//! `lb stats --watch` and `lb status` in the modules below), read from a running agent's pinned
+//! maps, as a table, a wide table or JSON ([`Format`]). In JSON a VIP is always a
+//! [`VipRef`] under `"vip"` and a backend a [`BackendRef`] under `"backend"`.
 //!
 //! Counters are kept per member (one backend of one VIP): a backend serving two VIPs shows its
 //! traffic under each, and `lb stats` adds them up per backend.
 
+pub mod flows;
+pub mod status;
+pub mod watch;
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    path::Path,
+    time::Duration,
 };
 
 use anyhow::{Result, bail};
@@ -22,77 +29,135 @@ use lb_common::{
 use serde_json::json;
 
 use crate::{
-    inspect::{Pinned, backend_label, monotonic_coarse_ns},
+    inspect::{Pinned, monotonic_coarse_ns},
     model::{Protocol, addr16, ip_of, vip_label},
     run::{self, Status, status_path},
+    view::{BackendRef, VipRef},
 };
 
-fn vip_json(k: &VipKey) -> serde_json::Value {
-    json!({
-        "address": ip_of(&k.addr, k.family).to_string(),
-        "port": u16::from_be(k.port),
-        "protocol": Protocol::from_number(k.proto).map(|p| p.to_string()),
-    })
+/// How an inspecting command prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// Columns for people.
+    #[default]
+    Table,
+    /// The table with more columns: ids, generations, slots.
+    Wide,
+    /// JSON, for scripts.
+    Json,
 }
 
-fn add(a: TrafficStats, b: TrafficStats) -> TrafficStats {
-    TrafficStats {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
-        new_flows: a.new_flows + b.new_flows,
+/// The names of VIPs (by label) as the agent's status file gives them: the maps do not hold
+/// names.
+#[derive(Default)]
+pub struct VipNames(BTreeMap<String, String>);
+
+impl VipNames {
+    pub fn read(state_dir: &Path) -> Self {
+        Self::of(run::read_status(state_dir).as_ref())
+    }
+
+    fn of(status: Option<&Status>) -> Self {
+        let names = status.iter().flat_map(|s| &s.vips);
+        Self(
+            names
+                .filter(|v| !v.name.is_empty())
+                .map(|v| (v.vip.clone(), v.name.clone()))
+                .collect(),
+        )
+    }
+
+    /// The VIP `k` as every JSON output shows it.
+    pub fn vip(&self, k: &VipKey) -> VipRef {
+        let r = VipRef::of(k);
+        let name = self.0.get(&r.label).cloned();
+        r.named(name)
     }
 }
 
-/// Each VIP's label, by VIP id.
-pub fn vip_labels(p: &Pinned) -> Result<BTreeMap<u32, String>> {
+/// Each VIP as [`VipRef`], with its key, by VIP id.
+pub fn vip_refs(p: &Pinned, names: &VipNames) -> Result<BTreeMap<u32, (VipKey, VipRef)>> {
     Ok(p.vips()?
         .iter()
-        .map(|(k, v)| (v.id, vip_label(k)))
+        .map(|(k, v)| (v.id, (*k, names.vip(k))))
         .collect())
 }
 
-/// Every live member with its VIP's label and its counters, by member id.
-fn member_rows(p: &Pinned) -> Result<Vec<(u32, Member, String, TrafficStats)>> {
-    let labels = vip_labels(p)?;
+/// One member (a backend of a VIP) and its counters.
+pub(crate) struct MemberRow {
+    pub id: u32,
+    pub member: Member,
+    pub vip: VipRef,
+    pub backend: BackendRef,
+    pub stats: TrafficStats,
+}
+
+/// Every live member whose VIP is known, with its counters, by member id.
+pub(crate) fn member_rows(p: &Pinned, names: &VipNames) -> Result<Vec<MemberRow>> {
+    let vips = vip_refs(p, names)?;
     let mut rows = Vec::new();
     for (id, m) in p.members()? {
-        let vip = labels.get(&m.vip_id).cloned().unwrap_or_default();
-        rows.push((id, m, vip, p.member_stats(id)?));
+        let Some((key, vip)) = vips.get(&m.vip_id) else {
+            continue;
+        };
+        rows.push(MemberRow {
+            id,
+            member: m,
+            vip: vip.clone(),
+            backend: BackendRef::of(&m, key),
+            stats: p.member_stats(id)?,
+        });
     }
     Ok(rows)
 }
 
 /// Per-backend totals: the sums of its members' counters, and how many VIPs it serves.
-fn backend_totals(
-    rows: &[(u32, Member, String, TrafficStats)],
-) -> BTreeMap<String, (TrafficStats, usize)> {
-    let mut out: BTreeMap<String, (TrafficStats, usize)> = BTreeMap::new();
-    for (_, m, _, s) in rows {
-        let e = out.entry(backend_label(m)).or_default();
-        e.0 = add(e.0, *s);
+fn backend_totals(rows: &[MemberRow]) -> BTreeMap<BackendRef, (TrafficStats, usize)> {
+    let mut out: BTreeMap<BackendRef, (TrafficStats, usize)> = BTreeMap::new();
+    for r in rows {
+        let e = out.entry(r.backend.clone()).or_default();
+        e.0 = e.0.plus(r.stats);
         e.1 += 1;
     }
     out
 }
 
-pub fn stats(p: &Pinned, as_json: bool) -> Result<()> {
+fn traffic_json(s: &TrafficStats) -> serde_json::Value {
+    json!({"packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows})
+}
+
+/// `target` with the fields of the object `more` added.
+fn merged(mut target: serde_json::Value, more: serde_json::Value) -> serde_json::Value {
+    if let (Some(t), serde_json::Value::Object(m)) = (target.as_object_mut(), more) {
+        t.extend(m);
+    }
+    target
+}
+
+pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     let counters = p.counters()?;
-    let vips = p.vips()?;
-    let members = member_rows(p)?;
+    let vips = vip_refs(p, names)?;
+    let mut vip_rows = Vec::new();
+    for (id, (_, vip)) in &vips {
+        vip_rows.push((*id, vip.clone(), p.vip_stats(*id)?));
+    }
+    let members = member_rows(p, names)?;
     let totals = backend_totals(&members);
-    if as_json {
-        let mut vip_rows = Vec::new();
-        for (k, v) in &vips {
-            let s = p.vip_stats(v.id)?;
-            vip_rows.push(json!({"vip": vip_label(k), "id": v.id, "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows}));
-        }
+    if format == Format::Json {
+        let vip_rows: Vec<_> = vip_rows
+            .iter()
+            .map(|(id, vip, s)| merged(json!({"vip": vip, "id": id}), traffic_json(s)))
+            .collect();
         let member_rows: Vec<_> = members
             .iter()
-            .map(|(id, m, vip, s)| json!({"vip": vip, "backend": backend_label(m), "id": id, "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows}))
+            .map(|r| {
+                let head = json!({"vip": r.vip, "backend": r.backend, "id": r.id, "generation": r.member.generation});
+                merged(head, traffic_json(&r.stats))
+            })
             .collect();
         let be_rows: Vec<_> = totals
             .iter()
-            .map(|(b, (s, n))| json!({"backend": b, "vips": n, "packets": s.packets, "bytes": s.bytes, "new_flows": s.new_flows}))
+            .map(|(b, (s, n))| merged(json!({"backend": b, "vips": n}), traffic_json(s)))
             .collect();
         let global: serde_json::Map<String, serde_json::Value> = counters
             .iter()
@@ -106,31 +171,46 @@ pub fn stats(p: &Pinned, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    let wide = format == Format::Wide;
     print_global(&counters);
-    let row = |name: &str, s: &TrafficStats| {
+    let row = |id: String, name: &str, s: &TrafficStats| {
+        let id = if wide {
+            format!("{id:>9} ")
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<48} {:>14} {:>16} {:>12}",
+            "  {id}{:<48} {:>14} {:>16} {:>12}",
             name, s.packets, s.bytes, s.new_flows
         )
     };
-    let header = |title: &str, col: &str| {
-        println!("\n{title}");
+    let header = |title: &str, col: &str, idcol: &str| {
         println!(
-            "  {:<48} {:>14} {:>16} {:>12}",
+            "
+{title}"
+        );
+        let id = if wide {
+            format!("{idcol:>9} ")
+        } else {
+            String::new()
+        };
+        println!(
+            "  {id}{:<48} {:>14} {:>16} {:>12}",
             col, "PACKETS", "BYTES", "NEW FLOWS"
         );
     };
-    header("VIPS", "VIP");
-    for (k, v) in &vips {
-        row(&vip_label(k), &p.vip_stats(v.id)?);
+    header("VIPS", "VIP", "ID");
+    for (id, vip, s) in &vip_rows {
+        row(id.to_string(), &vip.label, s);
     }
-    header("BACKENDS PER VIP", "VIP -> BACKEND");
-    for (_, m, vip, s) in &members {
-        row(&format!("{vip} -> {}", backend_label(m)), s);
+    header("BACKENDS PER VIP", "VIP -> BACKEND", "MEMBER/GEN");
+    for r in &members {
+        let name = format!("{} -> {}", r.vip.label, r.backend.label);
+        row(format!("{}/{}", r.id, r.member.generation), &name, &r.stats);
     }
-    header("BACKENDS (all VIPs)", "BACKEND");
-    for (b, (s, _)) in &totals {
-        row(b, s);
+    header("BACKENDS (all VIPs)", "BACKEND", "VIPS");
+    for (b, (s, n)) in &totals {
+        row(n.to_string(), &b.label, s);
     }
     Ok(())
 }
@@ -158,44 +238,19 @@ fn print_global(counters: &[(Counter, u64)]) {
     }
 }
 
-pub fn watch_stats(p: &Pinned, every: Duration) -> Result<()> {
-    let mut last = p.counters()?;
-    let mut t = Instant::now();
-    loop {
-        std::thread::sleep(every);
-        let now = p.counters()?;
-        let dt = t.elapsed().as_secs_f64();
-        t = Instant::now();
-        let rates: Vec<String> = now
-            .iter()
-            .zip(&last)
-            .filter(|((_, a), (_, b))| a != b)
-            .map(|((c, a), (_, b))| format!("{}={:.0}/s", c.name(), (a - b) as f64 / dt))
-            .collect();
-        println!(
-            "{}",
-            if rates.is_empty() {
-                "idle".to_string()
-            } else {
-                rates.join("  ")
-            }
-        );
-        last = now;
-    }
-}
-
-pub fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Result<()> {
+pub fn backends(p: &Pinned, state_dir: &Path, format: Format) -> Result<()> {
     let status: Option<Status> = run::read_status(state_dir);
+    let names = VipNames::of(status.as_ref());
     let members = p.members()?;
     let mut out = Vec::new();
     for (k, v) in p.vips()? {
-        let label = vip_label(&k);
+        let vip = names.vip(&k);
         let st = status
             .as_ref()
-            .and_then(|s| s.vips.iter().find(|x| x.vip == label));
-        out.push(vip_backends(p, &k, &v, &members, st)?);
+            .and_then(|s| s.vips.iter().find(|x| x.vip == vip.label));
+        out.push(vip_backends(p, &k, vip, &v, &members, st)?);
     }
-    if as_json {
+    if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -206,59 +261,83 @@ pub fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Resul
         );
     }
     for v in &out {
-        println!(
-            "{} {} [{}]",
-            v["vip"].as_str().unwrap_or(""),
-            v["name"]
-                .as_str()
-                .map(|n| format!("({n})"))
-                .unwrap_or_default(),
-            v["mode"].as_str().unwrap_or("")
-        );
-        println!(
-            "  {:<28} {:>7} {:<11} {:>8} {:>8} {:>12} {:>10}",
-            "BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS", "NEW FLOWS"
-        );
-        for b in v["backends"].as_array().into_iter().flatten() {
-            let opt = |x: &serde_json::Value| {
-                if x.is_null() {
-                    "-".to_string()
-                } else {
-                    x.to_string().trim_matches('"').to_string()
-                }
-            };
-            let passive = &b["passive"];
-            let passive = if passive.is_null() {
-                String::new()
-            } else {
-                format!(
-                    "  attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} failures in a row",
-                    passive["answered"],
-                    passive["refused"],
-                    passive["unreachable"],
-                    passive["syn_timeouts"],
-                    passive["consecutive_failures"]
-                )
-            };
-            println!(
-                "  {:<28} {:>7} {:<11} {:>8} {:>7.2}% {:>12} {:>10}{passive}",
-                opt(&b["address"]),
-                opt(&b["weight"]),
-                opt(&b["health"]),
-                b["slots"].as_u64().unwrap_or(0),
-                b["share"].as_f64().unwrap_or(0.0) * 100.0,
-                opt(&b["packets"]),
-                opt(&b["new_flows"])
-            );
-        }
-        if v["empty_slots"].as_u64() > Some(0) {
-            println!(
-                "  {} slots have no backend: new flows landing there are dropped",
-                v["empty_slots"]
-            );
-        }
+        print_vip_backends(v, format == Format::Wide);
     }
     Ok(())
+}
+
+fn print_vip_backends(v: &serde_json::Value, wide: bool) {
+    let opt = |x: &serde_json::Value| {
+        if x.is_null() {
+            "-".to_string()
+        } else {
+            x.to_string().trim_matches('"').to_string()
+        }
+    };
+    println!(
+        "{} {} [{}]{}",
+        v["vip"]["label"].as_str().unwrap_or(""),
+        v["vip"]["name"]
+            .as_str()
+            .map(|n| format!("({n})"))
+            .unwrap_or_default(),
+        v["mode"].as_str().unwrap_or(""),
+        if wide {
+            format!("  id {}, table size {}", v["id"], v["table_size"])
+        } else {
+            String::new()
+        }
+    );
+    let id_head = if wide {
+        format!("{:>7} ", "MEMBER")
+    } else {
+        String::new()
+    };
+    println!(
+        "  {id_head}{:<28} {:>7} {:<11} {:>8} {:>8} {:>12} {:>10}",
+        "BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS", "NEW FLOWS"
+    );
+    for b in v["backends"].as_array().into_iter().flatten() {
+        let passive = &b["passive"];
+        let passive = if passive.is_null() {
+            String::new()
+        } else {
+            format!(
+                "  attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} failures in a row",
+                passive["answered"],
+                passive["refused"],
+                passive["unreachable"],
+                passive["syn_timeouts"],
+                passive["consecutive_failures"]
+            )
+        };
+        let id = if wide {
+            format!("{:>7} ", opt(&b["id"]))
+        } else {
+            String::new()
+        };
+        println!(
+            "  {id}{:<28} {:>7} {:<11} {:>8} {:>7.2}% {:>12} {:>10}{passive}",
+            opt(&b["backend"]["label"]),
+            opt(&b["weight"]),
+            opt(&b["health"]),
+            b["slots"].as_u64().unwrap_or(0),
+            b["share"].as_f64().unwrap_or(0.0) * 100.0,
+            opt(&b["packets"]),
+            opt(&b["new_flows"])
+        );
+    }
+    if v["empty_slots"].as_u64() > Some(0) {
+        println!(
+            "  {} slots have no backend: new flows landing there are dropped",
+            v["empty_slots"]
+        );
+    }
+}
+
+/// A configured backend's health as the status file says.
+fn health_word(c: &run::BackendStatus) -> &'static str {
+    crate::top::sample::Health::of(c).label()
 }
 
 /// One VIP's members (its backends, with their own counters), then configured backends that have
@@ -266,48 +345,43 @@ pub fn backends(p: &Pinned, state_dir: &std::path::Path, as_json: bool) -> Resul
 fn vip_backends(
     p: &Pinned,
     k: &VipKey,
+    vip: VipRef,
     v: &VipValue,
     members: &BTreeMap<u32, Member>,
     st: Option<&run::VipStatus>,
 ) -> Result<serde_json::Value> {
     let m = p.table_size(v) as f64;
     let counts = p.slot_counts(v);
-    // Address -> (member id, NAT port).
-    let mut by_addr: BTreeMap<String, (Option<u32>, Option<u16>)> = BTreeMap::new();
+    // Address -> (member id, backend). The status file names backends by address.
+    let mut by_addr: BTreeMap<IpAddr, (Option<u32>, BackendRef)> = BTreeMap::new();
     for (id, mem) in members.iter().filter(|(_, mem)| mem.vip_id == v.id) {
-        let addr = ip_of(&mem.addr, mem.family).to_string();
-        let port = Some(u16::from_be(mem.port)).filter(|p| *p != 0);
-        by_addr.insert(addr, (Some(*id), port));
+        let b = BackendRef::of(mem, k);
+        by_addr.insert(b.address, (Some(*id), b));
     }
     for b in st.map(|s| s.backends.as_slice()).unwrap_or_default() {
-        by_addr.entry(b.address.clone()).or_insert((None, None));
+        if let Ok(a) = b.address.parse::<IpAddr>() {
+            let at = crate::view::endpoint(a, b.port, vip.port);
+            by_addr.entry(a).or_insert((None, BackendRef::at(at)));
+        }
     }
     let mut rows = Vec::new();
-    for (addr, (id, port)) in by_addr {
-        let cfg = st.and_then(|s| s.backends.iter().find(|b| b.address == addr));
+    for (addr, (id, backend)) in by_addr {
+        let cfg = st.and_then(|s| {
+            s.backends
+                .iter()
+                .find(|b| b.address.parse::<IpAddr>().ok() == Some(addr))
+        });
         let slots = id.and_then(|id| counts.get(&id).copied()).unwrap_or(0);
         let traffic = id.map(|id| p.member_stats(id)).transpose()?;
         let passive = match id {
             Some(id) if v.mode == lb_common::MODE_NAT => Some(p.passive(id)?),
             _ => None,
         };
-        let health = cfg.map(|c| {
-            if c.passive_out {
-                "out-passive"
-            } else {
-                match c.healthy {
-                    None => "unchecked",
-                    Some(true) => "healthy",
-                    Some(false) => "unhealthy",
-                }
-            }
-        });
         rows.push(json!({
-            "address": addr,
-            "port": port,
+            "backend": backend,
             "id": id,
             "weight": cfg.map(|c| c.weight),
-            "health": health,
+            "health": cfg.map(health_word),
             "slots": slots,
             "share": slots as f64 / m,
             "packets": traffic.map(|t| t.packets),
@@ -322,62 +396,22 @@ fn vip_backends(
             })),
         }));
     }
-    Ok(
-        json!({"vip": vip_label(k), "name": st.map(|s| s.name.clone()), "id": v.id, "table_size": m as u32, "mode": if v.mode == lb_common::MODE_NAT { "nat" } else { "dsr" }, "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0), "backends": rows}),
-    )
+    Ok(json!({
+        "vip": vip,
+        "id": v.id,
+        "table_size": m as u32,
+        "mode": mode_name(v),
+        "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0),
+        "backends": rows,
+    }))
 }
 
-pub fn flows(p: &Pinned, vip: Option<SocketAddr>, limit: usize, as_json: bool) -> Result<()> {
-    let members = p.members()?;
-    let now = monotonic_coarse_ns();
-    let mut rows = Vec::new();
-    for (k, v) in p.flows(usize::MAX)? {
-        if let Some(want) = vip
-            && (ip_of(&k.dst, k.family) != want.ip() || u16::from_be(k.dst_port) != want.port())
-        {
-            continue;
-        }
-        if rows.len() == limit {
-            break;
-        }
-        // Only the allocation the entry names: a retired or re-allocated id is "(removed)".
-        let backend = members
-            .get(&v.member_id)
-            .filter(|m| m.generation == v.generation)
-            .map(backend_label);
-        rows.push(json!({
-            "client": SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)).to_string(),
-            "vip": SocketAddr::new(ip_of(&k.dst, k.family), u16::from_be(k.dst_port)).to_string(),
-            "protocol": Protocol::from_number(k.proto).map(|p| p.to_string()),
-            "backend": backend,
-            "member_id": v.member_id,
-            "age_s": now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-        }));
+pub(crate) fn mode_name(v: &VipValue) -> &'static str {
+    if v.mode == lb_common::MODE_NAT {
+        "nat"
+    } else {
+        "dsr"
     }
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:<46} {:<46} {:<5} {:<28} {:>8}",
-        "CLIENT", "VIP", "PROTO", "BACKEND", "AGE (s)"
-    );
-    for r in &rows {
-        let s = |x: &serde_json::Value| x.as_str().unwrap_or("(removed)").to_string();
-        println!(
-            "{:<46} {:<46} {:<5} {:<28} {:>8}",
-            s(&r["client"]),
-            s(&r["vip"]),
-            s(&r["protocol"]),
-            s(&r["backend"]),
-            r["age_s"].as_u64().unwrap_or(0)
-        );
-    }
-    println!(
-        "({} shown; the age of a TCP flow counts from its first packet, of a UDP flow from its last)",
-        rows.len()
-    );
-    Ok(())
 }
 
 /// Parses `ADDR` or `ADDR:PORT` / `[V6]:PORT`.
@@ -411,7 +445,8 @@ pub fn explain(
     dst: SocketAddr,
     proto: Protocol,
     syn: bool,
-    as_json: bool,
+    names: &VipNames,
+    format: Format,
 ) -> Result<()> {
     let (src, sport) = parse_source(source)?;
     if src.is_ipv4() != dst.is_ipv4() {
@@ -458,9 +493,9 @@ pub fn explain(
             }
         }
     }
-    if as_json {
+    if format == Format::Json {
         let mut r = e.result;
-        r["vip"] = vip_json(&vkey);
+        r["vip"] = json!(names.vip(&vkey));
         r["steps"] = json!(e.steps);
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -471,14 +506,20 @@ pub fn explain(
     Ok(())
 }
 
+/// Member `id`'s backend, if the member is live and its VIP known.
+fn backend_of(p: &Pinned, id: u32) -> Option<BackendRef> {
+    let m = p.member(id)?;
+    let vips = p.vips().ok()?;
+    let (k, _) = vips.iter().find(|(_, v)| v.id == m.vip_id)?;
+    Some(BackendRef::of(&m, k))
+}
+
 fn describe(p: &Pinned, id: u32) -> String {
-    p.member(id)
-        .map(|m| backend_label(&m))
-        .unwrap_or_else(|| format!("member {id} (removed)"))
+    backend_of(p, id).map_or_else(|| format!("member {id} (removed)"), |b| b.label)
 }
 
 fn forward(p: &Pinned, by: &str, id: u32) -> serde_json::Value {
-    json!({"verdict": "forward", "by": by, "backend": describe(p, id), "member_id": id})
+    json!({"verdict": "forward", "by": by, "backend": backend_of(p, id), "member_id": id})
 }
 
 /// The program's choice for `key` on `vip`: flow entry, affinity, Maglev (see

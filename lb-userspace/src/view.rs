@@ -66,11 +66,17 @@ impl BackendRef {
 
 /// Where member `m` of `vip` receives packets: its own port, or the VIP's.
 pub fn backend_endpoint(m: &Member, vip: &VipKey) -> SocketAddr {
-    let port = match u16::from_be(m.port) {
-        0 => u16::from_be(vip.port),
-        p => p,
-    };
-    SocketAddr::new(ip_of(&m.addr, m.family), port)
+    endpoint(
+        ip_of(&m.addr, m.family),
+        u16::from_be(m.port),
+        u16::from_be(vip.port),
+    )
+}
+
+/// Where a backend at `address` receives packets: its own port (`own_port`, 0 if it has none),
+/// or else the VIP's.
+pub fn endpoint(address: IpAddr, own_port: u16, vip_port: u16) -> SocketAddr {
+    SocketAddr::new(address, if own_port == 0 { vip_port } else { own_port })
 }
 
 #[cfg(test)]

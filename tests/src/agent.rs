@@ -52,10 +52,34 @@ impl Dirs {
             .expect("running lb")
     }
 
-    /// `lb <args> --json`, parsed.
+    /// Runs `lb <args>` against these directories inside `ns` (as an operator on the agent's
+    /// host would: interfaces are looked up there), and returns its output.
+    pub fn cli_in(&self, ns: &NetNs, args: &[&str]) -> Output {
+        let netns =
+            File::open(format!("/var/run/netns/{}", ns.name)).expect("opening the namespace");
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args);
+        // SAFETY: setns is async-signal-safe; only the network namespace changes.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.output().expect("running lb")
+    }
+
+    /// `lb <args> -o json`, parsed.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();
-        all.push("--json");
+        all.extend(["-o", "json"]);
         let out = self.cli(&all);
         assert!(
             out.status.success(),
@@ -284,6 +308,24 @@ pub fn metric(ns: &NetNs, addr: &str, name: &str) -> Option<u64> {
         let rest = rest.strip_prefix("{}").unwrap_or(rest);
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
+}
+
+/// The HTTP status of `GET path` from the agent serving at `addr` in `ns`; None if nothing
+/// answers.
+pub fn http_status(ns: &NetNs, addr: &str, path: &str) -> Option<u16> {
+    let text = ns.run(|| {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })?;
+    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// How XDP is attached to `dev` in `ns`, as iproute2 reports it: (mode, program id), the mode

@@ -133,6 +133,105 @@ pub struct Lab {
 /// The fabric's MTU in [`Lab::new`]: room for the outer header of a full-size packet.
 pub const JUMBO_FABRIC_MTU: u32 = 1600;
 
+/// The client's link to the router and the router's fabric bridge: c0 (the client, with
+/// [`CLIENTS`] addresses of each family) to r0 (the router), the bridge br0 of MTU `mtu`
+/// (10.20.0.1/24, fd20::1/64), forwarding on; the client's TX checksum offload off.
+pub fn wire_client(router: &NetNs, client: &NetNs, mtu: &str) {
+    crate::netns::ip(&[
+        "link",
+        "add",
+        "c0",
+        "netns",
+        &client.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "r0",
+        "netns",
+        &router.name,
+    ]);
+    router.script(&format!(
+        "link add br0 type bridge
+         link set br0 mtu {mtu}
+         link set br0 up
+         addr add 10.20.0.1/24 dev br0
+         addr add fd20::1/64 dev br0 nodad
+         addr add 10.10.0.1/24 dev r0
+         addr add fd10::1/64 dev r0 nodad
+         link set r0 up"
+    ));
+    router.sysctl("net.ipv4.ip_forward", "1");
+    router.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let mut c = "link set c0 up\n".to_string();
+    for i in 0..CLIENTS {
+        c.push_str(&format!(
+            "addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n",
+            client_v4(i),
+            client_v6(i)
+        ));
+    }
+    c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
+    client.script(&c);
+    // veths leave checksums for "hardware"; XDP transmit loses that promise (see README).
+    client.exec("ethtool", &["-K", "c0", "tx", "off"]);
+}
+
+/// `ns`'s eth0 on the router's fabric bridge (its port there named `port`), with addresses `v4`
+/// and `v6` and default routes through the router.
+pub fn attach_fabric(router: &NetNs, ns: &NetNs, port: &str, v4: &str, v6: &str, mtu: &str) {
+    crate::netns::ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &ns.name,
+        "mtu",
+        mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "netns",
+        &router.name,
+        "mtu",
+        mtu,
+    ]);
+    router.ip(&["link", "set", port, "master", "br0"]);
+    router.ip(&["link", "set", port, "up"]);
+    ns.script(&format!(
+        "addr add {v4}/24 dev eth0
+         addr add {v6}/64 dev eth0 nodad
+         link set eth0 up
+         route add default via 10.20.0.1
+         route add default via fd20::1"
+    ));
+}
+
+/// What a load balancer node needs of its namespace: forwarding on, no reverse-path filter on
+/// its uplink (see README: Nodes need).
+pub fn lb_node(ns: &NetNs) {
+    ns.sysctl("net.ipv4.ip_forward", "1");
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+    ns.sysctl("net.ipv4.conf.all.rp_filter", "0");
+    ns.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
+}
+
+/// What a DSR backend needs: the VIPs on loopback, no reverse-path filter (answers leave from
+/// the VIP, requests came in encapsulated).
+pub fn dsr_backend(ns: &NetNs, vips_v4: &[&str], vips_v6: &[&str]) {
+    for v in vips_v4 {
+        ns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"]);
+    }
+    for v in vips_v6 {
+        ns.ip(&["addr", "add", &format!("{v}/128"), "dev", "lo"]);
+    }
+    for k in ["all", "default", "eth0", "lo"] {
+        ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
+    }
+}
+
 impl Lab {
     pub fn new() -> Self {
         Self::with_fabric_mtu(JUMBO_FABRIC_MTU)
@@ -149,95 +248,18 @@ impl Lab {
             .map(|(n, _, _)| (n.to_string(), NetNs::new(n)))
             .collect();
 
-        // client <-> router
-        crate::netns::ip(&[
-            "link",
-            "add",
-            "c0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "r0",
-            "netns",
-            &router.name,
-        ]);
-        router.script(&format!(
-            "link add br0 type bridge
-             link set br0 mtu {mtu}
-             link set br0 up
-             addr add 10.20.0.1/24 dev br0
-             addr add fd20::1/64 dev br0 nodad
-             addr add 10.10.0.1/24 dev r0
-             addr add fd10::1/64 dev r0 nodad
-             link set r0 up
-             route add 192.0.2.0/24 via 10.20.0.2
-             route add 2001:db8::/64 via fd20::2"
-        ));
-        router.sysctl("net.ipv4.ip_forward", "1");
-        router.sysctl("net.ipv6.conf.all.forwarding", "1");
-
-        let mut c = "link set c0 up\n".to_string();
-        for i in 0..CLIENTS {
-            c.push_str(&format!(
-                "addr add {}/24 dev c0\naddr add {}/64 dev c0 nodad\n",
-                client_v4(i),
-                client_v6(i)
-            ));
-        }
-        c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
-        client.script(&c);
-        // veths leave checksums for "hardware"; XDP transmit loses that promise (see README).
-        client.exec("ethtool", &["-K", "c0", "tx", "off"]);
+        wire_client(&router, &client, &mtu);
+        router.script(
+            "route add 192.0.2.0/24 via 10.20.0.2
+             route add 2001:db8::/64 via fd20::2",
+        );
 
         // Fabric ports: lb and backends.
-        let attach_fabric = |ns: &NetNs, port: &str, v4: &str, v6: &str| {
-            crate::netns::ip(&[
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                &ns.name,
-                "mtu",
-                &mtu,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                &router.name,
-                "mtu",
-                &mtu,
-            ]);
-            router.ip(&["link", "set", port, "master", "br0"]);
-            router.ip(&["link", "set", port, "up"]);
-            ns.script(&format!(
-                "addr add {v4}/24 dev eth0
-                 addr add {v6}/64 dev eth0 nodad
-                 link set eth0 up
-                 route add default via 10.20.0.1
-                 route add default via fd20::1"
-            ));
-        };
-        attach_fabric(&lb, "p-lb", LB_V4, LB_V6);
-        lb.sysctl("net.ipv4.ip_forward", "1");
-        lb.sysctl("net.ipv6.conf.all.forwarding", "1");
-        lb.sysctl("net.ipv4.conf.all.rp_filter", "0");
-        lb.sysctl("net.ipv4.conf.eth0.rp_filter", "0");
+        attach_fabric(&router, &lb, "p-lb", LB_V4, LB_V6, &mtu);
+        lb_node(&lb);
         for ((_, ns), (name, v4, v6)) in backends.iter().zip(BACKENDS) {
-            attach_fabric(ns, &format!("p-{name}"), v4, v6);
-            for v in VIPS_V4 {
-                ns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"]);
-            }
-            for v in VIPS_V6 {
-                ns.ip(&["addr", "add", &format!("{v}/128"), "dev", "lo"]);
-            }
-            for k in ["all", "default", "eth0", "lo"] {
-                ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
-            }
+            attach_fabric(&router, ns, &format!("p-{name}"), v4, v6, &mtu);
+            dsr_backend(ns, &VIPS_V4, &VIPS_V6);
         }
 
         // Backends decapsulate with lb's XDP decap program (no tunnel devices on this kernel).
@@ -664,7 +686,7 @@ impl Drop for Lab {
     }
 }
 
-fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
+pub fn echo(mut s: TcpStream, name: &str, stop: &AtomicBool) {
     s.set_nonblocking(false).unwrap();
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     if s.write_all(format!("{name}\n").as_bytes()).is_err() {
@@ -798,7 +820,7 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// Connects from client address `c` to `vip` (with a timeout).
-fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
+pub fn open(c: IpAddr, vip: SocketAddr) -> std::io::Result<TcpStream> {
     let s = bind_from(c)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
     let (sa, len) = sockaddr(vip);

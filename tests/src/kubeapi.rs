@@ -5,7 +5,8 @@
 //! API's GatewayClasses, Gateways, TCPRoutes and UDPRoutes (at v1 and v1alpha2, the same objects)
 //! and ReferenceGrants; discovery of the Gateway API group's versions (a test may hide some);
 //! merge-patching any of their statuses; server-side applying Services; creating and patching
-//! Events. Tests change objects through [`FakeApi`] and read back what the agent wrote.
+//! Events; getting, creating and (resourceVersion-conditionally) updating Leases. Tests change
+//! objects through [`FakeApi`] and read back what the agent wrote.
 //!
 //! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
 //! closes) and [`FakeApi::start`] brings it back with the same objects.
@@ -150,17 +151,51 @@ pub struct State {
     pub applied: Vec<Value>,
     /// (apiVersion, plural) pairs not served (404 in discovery, list and watch).
     pub hidden: Vec<(String, String)>,
+    /// The writer (`fieldManager`) of each entry of `status_patches`.
+    pub status_writers: Vec<String>,
+    /// Leases (`coordination.k8s.io/v1`), by (namespace, name): kept apart from the watched
+    /// resources, with a resourceVersion counter of their own (`lease_rv`), so that renewals
+    /// do not move the versions the watch tests compact at.
+    pub leases: BTreeMap<(String, String), Value>,
+    lease_rv: u64,
+    /// Every Lease write that succeeded: (holder, resourceVersion).
+    pub lease_writes: Vec<(String, u64)>,
 }
 
-/// `k=v` and `k` (exists) terms, comma-separated, all of which must hold.
+/// The terms of a selector: split at the commas outside `in (...)` lists.
+fn terms(sel: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in sel.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(sel[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(sel[start..].trim());
+    out
+}
+
+/// `k=v`, `k in (a,b)` and `k` (exists) terms, comma-separated, all of which must hold.
 fn selects(selector: Option<&str>, obj: &Value) -> bool {
     let Some(sel) = selector.filter(|s| !s.is_empty()) else {
         return true;
     };
     let labels = &obj["metadata"]["labels"];
-    sel.split(',').all(|term| match term.split_once('=') {
-        Some((k, v)) => labels[k.trim_end_matches('=')].as_str() == Some(v),
-        None => labels.get(term).is_some(),
+    terms(sel).into_iter().all(|term| {
+        if let Some((k, set)) = term.split_once(" in ") {
+            let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+            let v = labels[k.trim()].as_str();
+            return set.split(',').any(|x| Some(x.trim()) == v);
+        }
+        match term.split_once('=') {
+            Some((k, v)) => labels[k.trim_end_matches('=')].as_str() == Some(v),
+            None => labels.get(term).is_some(),
+        }
     })
 }
 
@@ -579,6 +614,8 @@ fn respond(
         };
         if plural == "upstreampolicies" {
             s.status_patches.push((who.clone(), patch.clone()));
+            let writer = query.get("fieldManager").cloned().unwrap_or_default();
+            s.status_writers.push(writer);
         }
         s.patches.push((plural.clone(), who, patch.clone()));
         if let Some(st) = patch.get("status") {
@@ -608,6 +645,18 @@ fn respond(
         s.put(merged, true);
         let obj = s.objects[&key].clone();
         return ok_json(StatusCode::OK, &obj);
+    }
+    if let [
+        "apis",
+        "coordination.k8s.io",
+        "v1",
+        "namespaces",
+        ns,
+        "leases",
+        rest @ ..,
+    ] = &segs[..]
+    {
+        return lease(state, method, ns, rest, body);
     }
     // Events: POST .../namespaces/{ns}/events, PATCH .../namespaces/{ns}/events/{name}
     if let [
@@ -647,12 +696,16 @@ fn respond(
     )
 }
 
-/// The ClusterRole's rules as (API group, resource, verb).
+/// The rules of the ClusterRole and the Role (the Lease, in lb's namespace) as (API group,
+/// resource, verb).
 pub fn granted() -> Vec<(String, String, String)> {
     let docs = crate::deploy_docs("rbac.yaml");
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let rules = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .flat_map(|d| d["rules"].as_array().unwrap().clone());
     let mut out = Vec::new();
-    for rule in role["rules"].as_array().unwrap() {
+    for rule in rules {
         for g in rule["apiGroups"].as_array().unwrap() {
             for r in rule["resources"].as_array().unwrap() {
                 for v in rule["verbs"].as_array().unwrap() {
@@ -708,4 +761,91 @@ pub fn rbac_of(request: &str) -> Option<(String, String, String)> {
 /// Whether the agent needs grant (group, resource, verb) only for the Gateway API.
 pub fn gateway_only(g: &str, r: &str, v: &str) -> bool {
     g == GATEWAY_GROUP || (g.is_empty() && (r == "namespaces" || (r == "services" && v == "patch")))
+}
+
+/// Leases: get, create (409 AlreadyExists) and update, which is conditional on the
+/// `metadata.resourceVersion` sent (409 Conflict when it is not the current one), as the API
+/// server does.
+fn lease(
+    state: &Arc<Mutex<State>>,
+    method: &Method,
+    ns: &str,
+    rest: &[&str],
+    body: &[u8],
+) -> Response {
+    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    let not_found = |name: &str| {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        )
+    };
+    let parsed = || serde_json::from_slice::<Value>(body).ok();
+    match (method, rest) {
+        (&Method::GET, [name]) => match s.leases.get(&(ns.into(), name.to_string())) {
+            Some(l) => ok_json(StatusCode::OK, l),
+            None => not_found(name),
+        },
+        (&Method::POST, []) => {
+            let Some(mut l) = parsed() else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+            };
+            let name = l["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if s.leases.contains_key(&(ns.into(), name.clone())) {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("leases.coordination.k8s.io \"{name}\" already exists"),
+                );
+            }
+            s.lease_rv += 1;
+            l["metadata"]["namespace"] = json!(ns);
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
+            let holder = l["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let rv = s.lease_rv;
+            s.lease_writes.push((holder, rv));
+            s.leases.insert((ns.into(), name), l.clone());
+            ok_json(StatusCode::CREATED, &l)
+        }
+        (&Method::PUT, [name]) => {
+            let Some(mut l) = parsed() else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+            };
+            let key = (ns.to_string(), name.to_string());
+            let Some(current) = s.leases.get(&key) else {
+                return not_found(name);
+            };
+            if l["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                );
+            }
+            s.lease_rv += 1;
+            l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
+            let holder = l["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let rv = s.lease_rv;
+            s.lease_writes.push((holder, rv));
+            s.leases.insert(key, l.clone());
+            ok_json(StatusCode::OK, &l)
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("the fake API server does not serve {method} on leases"),
+        ),
+    }
 }

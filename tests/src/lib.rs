@@ -7,11 +7,13 @@
 pub mod agent;
 pub mod bench;
 pub mod dc;
+pub mod ecmp;
 pub mod harness;
 pub mod kubeapi;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod tmux;
 pub mod wellformed;
 
 /// The YAML documents of `deploy/<file>`, as JSON values.

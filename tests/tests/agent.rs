@@ -80,7 +80,7 @@ fn slots(dirs: &Dirs) -> BTreeMap<String, u64> {
         .iter()
         .map(|b| {
             (
-                b["address"].as_str().unwrap().to_string(),
+                b["backend"]["address"].as_str().unwrap().to_string(),
                 b["slots"].as_u64().unwrap(),
             )
         })
@@ -124,7 +124,11 @@ fn the_agent_programs_the_maps_and_packets_follow_them() {
             ]);
             assert_eq!(e["by"], "flow", "{e}");
             assert_eq!(
-                e["backend"].as_str().unwrap().parse::<IpAddr>().unwrap(),
+                e["backend"]["address"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<IpAddr>()
+                    .unwrap(),
                 send(&mut lb, &p, net.lb0),
                 "{e}"
             );
@@ -138,7 +142,11 @@ fn the_agent_programs_the_maps_and_packets_follow_them() {
         ]);
         assert_eq!(e["by"], "maglev", "{e}");
         assert_eq!(
-            e["backend"].as_str().unwrap().parse::<IpAddr>().unwrap(),
+            e["backend"]["address"]
+                .as_str()
+                .unwrap()
+                .parse::<IpAddr>()
+                .unwrap(),
             send(&mut lb, &fresh, net.lb0),
             "{e}"
         );
@@ -155,10 +163,13 @@ fn the_agent_programs_the_maps_and_packets_follow_them() {
             "{stats}"
         );
         let flows = dirs.json(&["flows", "--limit", "1000"]);
-        assert!(
-            flows.as_array().unwrap().len() >= 301,
-            "flows listed: {}",
-            flows.as_array().unwrap().len()
+        let listed = flows["flows"].as_array().unwrap().len();
+        assert!(listed >= 301, "flows listed: {listed}");
+        assert_eq!(
+            flows["total"].as_u64(),
+            Some(listed as u64),
+            "{}",
+            flows["total"]
         );
     });
     assert_eq!(agent.stop().code(), Some(0));
@@ -441,7 +452,7 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|b| b["address"] == addr)
+            .find(|b| b["backend"]["address"] == addr)
             .cloned()
             .unwrap_or_else(|| panic!("{addr} not listed: {v}"));
         (
@@ -687,7 +698,7 @@ fn a_restarted_agent_keeps_out_the_backends_passive_health_took_out() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|b| b["address"] == addr)
+            .find(|b| b["backend"]["address"] == addr)
             .cloned()
             .unwrap_or_else(|| panic!("{addr} not listed: {v}"))
     };

@@ -76,7 +76,16 @@ fn the_example_service_and_policy_mean_what_the_readme_says() {
     let policy: UpstreamPolicy = serde_json::from_value(docs[1].clone()).unwrap();
     let (effect, notes) = evaluate(&policy.spec, 65537).expect("the example policy is accepted");
     assert_eq!(effect.table_size, Some(10007));
-    assert!(notes[0].contains("cannot be seen at L4"), "{notes:?}");
+    assert!(
+        notes[0].message.contains("cannot be seen at L4"),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("slots 10000: 10007 used")),
+        "Kong's default slots, rounded up and reported: {notes:?}"
+    );
     let mut svc_v = docs[0].clone();
     svc_v["status"] = json!({ "loadBalancer": { "ingress": [ { "ip": "192.0.2.80" } ] } });
     let slice: EndpointSlice = serde_json::from_value(json!({

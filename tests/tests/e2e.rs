@@ -277,7 +277,7 @@ fn an_invalid_reload_under_traffic_changes_nothing() {
             .iter()
             .map(|b| {
                 (
-                    b["address"].as_str().unwrap().to_string(),
+                    b["backend"]["address"].as_str().unwrap().to_string(),
                     b["weight"].as_u64().unwrap(),
                     b["slots"].as_u64().unwrap(),
                 )

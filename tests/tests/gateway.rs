@@ -187,11 +187,23 @@ impl World {
 
     /// `lb backends --json` once `pred` holds.
     fn maps(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.until(what, |w| {
-            let out = w.dirs.cli(&["backends", "--json"]);
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            pred(&v).then_some(v)
-        })
+        let last = std::sync::Mutex::new(Value::Null);
+        let start = Instant::now();
+        loop {
+            let out = self.dirs.cli(&["backends", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if pred(&v) {
+                return v;
+            }
+            *last.lock().unwrap() = v;
+            assert!(
+                start.elapsed() < T,
+                "waiting for {what}: the maps show\n{:#}\nagent log:\n{}",
+                last.lock().unwrap(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn with_lb<R: Send>(&mut self, f: impl FnOnce(&mut Lb) -> R + Send) -> R {
@@ -601,7 +613,7 @@ fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_i
     w.maps("the granted backend", |v| {
         v[0]["backends"]
             .as_array()
-            .is_some_and(|b| b.iter().any(|b| b["address"] == TX_V4))
+            .is_some_and(|b| b.iter().any(|b| b["backend"]["address"] == TX_V4))
     });
     assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
 
@@ -613,7 +625,7 @@ fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_i
     w.maps("the grant revoked", |v| {
         v[0]["backends"]
             .as_array()
-            .is_some_and(|b| b.iter().all(|b| b["address"] != TX_V4))
+            .is_some_and(|b| b.iter().all(|b| b["backend"]["address"] != TX_V4))
     });
     assert!(
         w.is_reset(&syn(2, GW_ADDR, 80)),
@@ -660,7 +672,7 @@ fn several_routes_on_one_listener_are_all_accepted_and_only_the_oldest_carries_t
     w.maps("the oldest route's backend", |v| {
         v[0]["backends"]
             .as_array()
-            .is_some_and(|b| b.len() == 1 && b[0]["address"] == TX_V4)
+            .is_some_and(|b| b.len() == 1 && b[0]["backend"]["address"] == TX_V4)
     });
     for i in 0..20 {
         assert_eq!(w.pod_of(&syn(i, GW_ADDR, 80)), pod(TX_V4));
@@ -673,7 +685,7 @@ fn several_routes_on_one_listener_are_all_accepted_and_only_the_oldest_carries_t
     w.maps("the remaining route's backend", |v| {
         v[0]["backends"]
             .as_array()
-            .is_some_and(|b| b.len() == 1 && b[0]["address"] == TX_V4_B)
+            .is_some_and(|b| b.len() == 1 && b[0]["backend"]["address"] == TX_V4_B)
     });
     assert_eq!(w.pod_of(&syn(100, GW_ADDR, 80)), pod(TX_V4_B));
 }
@@ -751,7 +763,7 @@ fn a_udp_route_reaches_its_udp_server() {
         json!([{ "group": "gateway.networking.k8s.io", "kind": "UDPRoute" }])
     );
     w.maps("the UDP VIP", |v| {
-        v[0]["vip"] == format!("{GW_ADDR}:53/udp")
+        v[0]["vip"]["label"] == format!("{GW_ADDR}:53/udp")
     });
     let q = Pkt::udp("198.51.100.7", 40000, GW_ADDR, 53, LB0_MAC);
     assert_eq!(w.pod_of(&q), (TX_V4.parse().unwrap(), 5353));
@@ -846,10 +858,10 @@ fn a_gateway_without_addresses_gets_them_from_the_load_balancer_service_lb_makes
     // Gateway's listeners are.
     let v = w.dirs.json(&["backends"]);
     assert!(
-        v.as_array()
-            .unwrap()
-            .iter()
-            .all(|x| x["name"].as_str().unwrap_or("").starts_with("infra/gw:")),
+        v.as_array().unwrap().iter().all(|x| x["vip"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("infra/gw:")),
         "{v:#}"
     );
 }

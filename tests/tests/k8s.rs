@@ -170,7 +170,7 @@ impl World {
 }
 
 fn vip<'a>(v: &'a Value, label: &str) -> Option<&'a Value> {
-    v.as_array()?.iter().find(|x| x["vip"] == label)
+    v.as_array()?.iter().find(|x| x["vip"]["label"] == label)
 }
 
 /// (address, weight, slots) of a VIP's backends.
@@ -183,7 +183,7 @@ fn rows(v: &Value, label: &str) -> Vec<(String, u64, u64)> {
                 .iter()
                 .map(|b| {
                     (
-                        b["address"].as_str().unwrap().to_string(),
+                        b["backend"]["address"].as_str().unwrap().to_string(),
                         b["weight"].as_u64().unwrap_or(u64::MAX),
                         b["slots"].as_u64().unwrap(),
                     )
@@ -301,7 +301,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x["vip"].as_str().unwrap())
+        .map(|x| x["vip"]["label"].as_str().unwrap())
         .collect();
     assert_eq!(labels.len(), 4, "{labels:?}");
     for l in [
@@ -313,7 +313,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         assert!(labels.contains(&l.as_str()), "{l} missing from {labels:?}");
         assert_eq!(vip(&v, &l).unwrap()["mode"], "nat");
         assert_eq!(
-            vip(&v, &l).unwrap()["name"]
+            vip(&v, &l).unwrap()["vip"]["name"]
                 .as_str()
                 .unwrap()
                 .split(':')
@@ -461,12 +461,15 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         "still hashing on the client address"
     );
     w.api.apply(policy(
-        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 1000 }),
+        json!({ "algorithm": "consistent-hashing", "hashOn": { "input": "ip" }, "slots": 5 }),
     ));
     w.wait_api("the slots rejection", |s| {
         condition(s, "Accepted").is_some_and(|c| {
             c["reason"] == "InvalidSlots"
-                && c["message"].as_str().unwrap().contains("1000 is not prime")
+                && c["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("slots 5 is outside Kong's range")
         })
     });
     w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));

@@ -20,7 +20,6 @@ use lb_userspace::{
     agent::{Agent, Remembered},
     config::Config,
     dataplane::kernel::KernelDataplane,
-    inspect::Pinned,
     metrics,
     model::ip_of,
     program,
@@ -168,10 +167,10 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
     let label = |vip: &str| format!("{vip}:80/tcp");
     let stats = node.dirs.json(&["stats"]);
     for row in stats["members"].as_array().unwrap() {
-        let vip = row["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        let vip = row["vip"]["address"].as_str().unwrap();
         let key = (
             vip.to_string(),
-            row["backend"].as_str().unwrap().to_string(),
+            row["backend"]["address"].as_str().unwrap().to_string(),
         );
         assert_eq!(
             row["packets"].as_u64(),
@@ -180,7 +179,7 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
         );
     }
     for row in stats["backends"].as_array().unwrap() {
-        let b = row["backend"].as_str().unwrap();
+        let b = row["backend"]["address"].as_str().unwrap();
         let total: u64 = seen
             .iter()
             .filter(|((_, x), _)| x == b)
@@ -196,9 +195,12 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
 
     let backends = node.dirs.json(&["backends"]);
     for vip in backends.as_array().unwrap() {
-        let v = vip["vip"].as_str().unwrap().trim_end_matches(":80/tcp");
+        let v = vip["vip"]["address"].as_str().unwrap();
         for b in vip["backends"].as_array().unwrap() {
-            let key = (v.to_string(), b["address"].as_str().unwrap().to_string());
+            let key = (
+                v.to_string(),
+                b["backend"]["address"].as_str().unwrap().to_string(),
+            );
             assert_eq!(
                 b["packets"].as_u64(),
                 Some(seen.get(&key).copied().unwrap_or(0)),
@@ -207,15 +209,14 @@ fn two_vips_sharing_backends_count_apart_and_add_up_per_backend() {
         }
     }
 
-    let registry = metrics::registry(
-        Pinned::open(&node.dirs.pins).unwrap(),
-        Arc::new(metrics::AgentMetrics::default()),
-    );
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let text = metrics::Scraper::open(&node.dirs.pins, Arc::new(metrics::AgentMetrics::default()))
+        .unwrap()
+        .scrape(metrics::Format::Text)
+        .unwrap();
     for ((vip, b), n) in &seen {
         let line = format!(
-            "lb_backend_packets_total{{vip=\"{}\",backend=\"{b}\"}} {n}",
+            // The backend as address:port (the VIP's port: these are DSR backends).
+            "lb_backend_packets_total{{vip=\"{}\",backend=\"{b}:80\"}} {n}",
             label(vip)
         );
         assert!(
@@ -423,7 +424,10 @@ fn explain_then_send(node: &mut Node, net: &FibNet, pkt: &Pkt, syn: bool) -> (St
         args.push("--syn");
     }
     let e = node.dirs.json(&args);
-    let said = e["backend"].as_str().unwrap_or("none").to_string();
+    let said = e["backend"]["address"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
     (said, node.send(net, pkt))
 }
 

@@ -104,13 +104,13 @@ fn nat_vips_serve_unmodified_backends() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["vip"] == "192.0.2.20:80/tcp")
+        .find(|v| v["vip"]["label"] == "192.0.2.20:80/tcp")
         .unwrap();
     let b3 = web["backends"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["address"] == BACKENDS[2].1)
+        .find(|b| b["backend"]["address"] == BACKENDS[2].1)
         .unwrap();
     assert_eq!(b3["health"], "out-passive", "{b3}");
     assert!(b3["passive"]["refused"].as_u64().unwrap() >= 3, "{b3}");

@@ -593,7 +593,7 @@ fn lb_nexthops_lists_each_members_entry_and_the_keepers_figures() {
         let rows = v["members"].as_array().expect("members");
         let row = rows
             .iter()
-            .find(|r| r["backend"] == B6)
+            .find(|r| r["backend"]["address"] == B6)
             .unwrap_or_else(|| panic!("no row for {B6}: {v}"));
         assert_eq!(row["action"], "forward", "{row}");
         assert_eq!(row["current"], true, "{row}");

@@ -39,13 +39,18 @@ fn wait_health(dirs: &Dirs, vip: &str, backend: &str, health: &str) {
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["vip"] == vip)
+            .find(|x| x["vip"]["label"] == vip)
             .and_then(|x| {
                 x["backends"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .find(|b| b["address"].as_str().unwrap().starts_with(backend))
+                    .find(|b| {
+                        b["backend"]["address"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with(backend)
+                    })
                     .cloned()
             });
         if let Some(r) = &row

@@ -109,14 +109,34 @@ fn main() -> Result<()> {
 }
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
-/// under it) and Python's venv (for kubernetes-validate).
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "libcap2-bin", "python3-venv"];
+/// under it), Python's venv (for kubernetes-validate), tmux (`lb top` is read off its pane) and
+/// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces).
+const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "libcap2-bin",
+    "python3-venv",
+    "tmux",
+    "bird2",
+];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The OpenMetrics reference parser (Python's Prometheus client), which checks the agent's
+/// OpenMetrics output in the tests (promtool lints the text format only), in the same virtualenv.
+const OPENMETRICS_PARSER: &str = "prometheus-client==0.26.0";
+/// The Debian package promtool comes in (with the Prometheus server, which setup leaves out).
+const PROMTOOL_PACKAGE: &str = "prometheus";
+/// Where setup installs promtool.
+const PROMTOOL: &str = "/usr/local/bin/promtool";
 
 /// Where `cargo xtask setup` puts kubernetes-validate.
 fn tools_venv() -> PathBuf {
     workspace_root().join("target/tools/venv")
+}
+
+/// Where the installers' own output goes: setup prints one line per step instead.
+fn setup_log() -> PathBuf {
+    workspace_root().join("target/setup.log")
 }
 
 const APT_PACKAGES: &[&str] = &[
@@ -128,7 +148,8 @@ const APT_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// Installs only what is missing, saying what it checked and what it did.
+/// Installs only what is missing, saying in one line per step what it checked or installed;
+/// what the installers print goes to target/setup.log.
 fn setup(build_only: bool) -> Result<()> {
     // The eBPF crate is built by nightly with -Z build-std=core, which needs nightly's rust-src.
     let installed = output(Command::new("rustup").args([
@@ -143,37 +164,14 @@ fn setup(build_only: bool) -> Result<()> {
         say("nightly rust-src: present");
     } else {
         say("nightly rust-src: missing, installing");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        install(
+            "nightly rust-src",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
     }
 
     let wanted: &[&str] = if build_only { &[] } else { TEST_APT_PACKAGES };
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .chain(wanted)
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        let all: Vec<&str> = APT_PACKAGES.iter().chain(wanted).copied().collect();
-        say(&format!("Debian packages ({}): present", all.join(", ")));
-    } else {
-        say(&format!(
-            "Debian packages missing: {}; installing",
-            missing.join(", ")
-        ));
-        require_root("installing Debian packages")?;
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    apt_packages(APT_PACKAGES.iter().chain(wanted).copied().collect())?;
 
     match output(Command::new("bpf-linker").arg("--version")) {
         Ok(v) => say(&format!("bpf-linker: present ({})", v.trim())),
@@ -181,17 +179,20 @@ fn setup(build_only: bool) -> Result<()> {
             say(&format!(
                 "bpf-linker: missing, building {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
             ));
-            run(cargo()
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--no-default-features",
-                    "--features",
-                    "llvm-22",
-                ])
-                .env("LLVM_PREFIX", LLVM_PREFIX))?;
+            install(
+                "bpf-linker",
+                cargo()
+                    .args([
+                        "install",
+                        "bpf-linker",
+                        "--version",
+                        BPF_LINKER_VERSION,
+                        "--no-default-features",
+                        "--features",
+                        "llvm-22",
+                    ])
+                    .env("LLVM_PREFIX", LLVM_PREFIX),
+            )?;
         }
     }
 
@@ -199,35 +200,174 @@ fn setup(build_only: bool) -> Result<()> {
         return Ok(());
     }
 
-    let validator = tools_venv().join("bin/kubernetes-validate");
-    match output(Command::new(&validator).arg("--version")) {
-        Ok(v) => say(&format!("kubernetes-validate: present ({})", v.trim())),
-        Err(_) => {
-            say(&format!(
-                "kubernetes-validate: missing, installing {KUBERNETES_VALIDATE} into {}",
-                tools_venv().display()
-            ));
-            run(Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(tools_venv()))?;
-            run(Command::new(tools_venv().join("bin/pip")).args([
-                "install",
-                "--quiet",
-                KUBERNETES_VALIDATE,
-            ]))?;
-        }
-    }
+    promtool()?;
+    python_tools()?;
 
     let bpffs = Path::new("/sys/fs/bpf");
     if is_bpffs_mounted(bpffs)? {
         say("bpffs: mounted at /sys/fs/bpf");
     } else if is_root() {
         say("bpffs: not mounted, mounting at /sys/fs/bpf");
-        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(bpffs))?;
+        install(
+            "bpffs",
+            Command::new("mount").args(["-t", "bpf", "bpf"]).arg(bpffs),
+        )?;
     } else {
         say("bpffs: not mounted (run setup as root to mount it; pinning needs it)");
     }
     Ok(())
+}
+
+/// `apt-get update`, once per setup.
+fn apt_update(step: &str) -> Result<()> {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    install(step, Command::new("apt-get").arg("update").arg("-q"))?;
+    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Installs the Debian packages of `all` that are missing.
+fn apt_packages(all: Vec<&str>) -> Result<()> {
+    let missing: Vec<&str> = all.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        say(&format!("Debian packages ({}): present", all.join(", ")));
+        return Ok(());
+    }
+    say(&format!(
+        "Debian packages missing: {}; installing",
+        missing.join(", ")
+    ));
+    require_root("installing Debian packages")?;
+    apt_update("Debian packages")?;
+    install(
+        "Debian packages",
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// promtool, taken out of Debian's prometheus package: installing the package itself would
+/// start a Prometheus server (its init script) and enable it at boot, and pull in a web UI.
+fn promtool() -> Result<()> {
+    if let Ok(v) = output(Command::new("promtool").arg("--version")) {
+        let first = v.lines().next().unwrap_or_default();
+        say(&format!("promtool: present ({first})"));
+        return Ok(());
+    }
+    say(&format!(
+        "promtool: missing, installing {PROMTOOL} from Debian's {PROMTOOL_PACKAGE} package (the tool alone, no server)"
+    ));
+    require_root("installing promtool")?;
+    let dir = workspace_root().join("target/tools/deb");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let step = "promtool";
+    apt_update(step)?;
+    install(
+        step,
+        Command::new("apt-get")
+            .args(["download", "-q", PROMTOOL_PACKAGE])
+            .current_dir(&dir),
+    )?;
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+    install(
+        step,
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("root")),
+    )?;
+    let tmp = format!("{PROMTOOL}.tmp");
+    std::fs::copy(dir.join("root/usr/bin/promtool"), &tmp)
+        .with_context(|| format!("copying promtool to {tmp}"))?;
+    std::fs::rename(&tmp, PROMTOOL).with_context(|| format!("installing {PROMTOOL}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The Python tools the tests run, in a virtualenv under target/.
+fn python_tools() -> Result<()> {
+    let python = tools_venv().join("bin/python");
+    let tools = [
+        (
+            "kubernetes-validate",
+            KUBERNETES_VALIDATE,
+            "import kubernetes_validate",
+        ),
+        (
+            "OpenMetrics parser",
+            OPENMETRICS_PARSER,
+            "import prometheus_client.openmetrics.parser",
+        ),
+    ];
+    for (name, spec, probe) in tools {
+        if output(Command::new(&python).args(["-c", probe])).is_ok() {
+            say(&format!("{name}: present ({})", tools_venv().display()));
+            continue;
+        }
+        say(&format!(
+            "{name}: missing, installing {spec} into {}",
+            tools_venv().display()
+        ));
+        if !python.exists() {
+            install(
+                name,
+                Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(tools_venv()),
+            )?;
+        }
+        install(
+            name,
+            Command::new(&python).args(["-m", "pip", "install", "--quiet", spec]),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs an installer of setup's step `step`, its output appended to target/setup.log; if it
+/// fails, prints the tail of what it wrote there.
+fn install(step: &str, cmd: &mut Command) -> Result<()> {
+    use std::io::{Seek as _, Write as _};
+    let path = setup_log();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(log, "\n== {step}: {cmd:?}")?;
+    let from = log.seek(std::io::SeekFrom::End(0))?;
+    let status = cmd
+        .stdout(log.try_clone()?)
+        .stderr(log.try_clone()?)
+        .status()
+        .with_context(|| format!("{step}: starting {cmd:?}"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read(&path).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let lines: Vec<&str> = ours.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(20)..];
+    say(&format!(
+        "{step}: failed ({status}); the last lines of {}:",
+        path.display()
+    ));
+    for l in tail {
+        eprintln!("    {l}");
+    }
+    bail!("{step}: {cmd:?} failed ({status})")
 }
 
 fn is_bpffs_mounted(at: &Path) -> Result<bool> {

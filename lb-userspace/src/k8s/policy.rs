@@ -38,11 +38,26 @@ pub struct UpstreamPolicySpec {
     /// Used when `hashOn` names something L4 cannot see.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_on_fallback: Option<HashInput>,
-    /// Maglev table size: a prime (65537 by default).
+    /// Maglev table size, Kong's range 10..65536: rounded up to the next prime (Maglev needs
+    /// one; 10000 becomes 10007), at most the node's table size; the size used is in the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 65536))]
     pub slots: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthchecks: Option<Healthchecks>,
+    /// Kong's cookie-based stickiness: L7, not applicable at L4 (reported in the status; use
+    /// `hashOn: {input: ip}` for client affinity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_sessions: Option<StickySessions>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StickySessions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie_path: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -85,6 +100,11 @@ pub enum HashInputKind {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Healthchecks {
+    /// Percentage of the Service's weight that must stay healthy: below it health is ignored
+    /// and the VIP balances over all its endpoints (at L4 failing open beats dropping all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub threshold: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<ActiveHealthcheck>,
     /// NAT mode's signals: connection attempts refused, unreachable or unanswered.
@@ -95,11 +115,24 @@ pub struct Healthchecks {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ActiveHealthcheck {
-    /// `tcp` or `http` (Kong's `https`, `grpc`, `grpcs` are reported as not supported).
+    /// `tcp`, `http` or `https` (Kong's `grpc`, `grpcs` are reported as not supported).
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// At most this many of the Service's endpoints probed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub concurrency: Option<u32>,
+    /// Sent with every http/https probe (a header may have several values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, Vec<String>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_path: Option<String>,
+    /// The server name https probes send (SNI) and verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_sni: Option<String>,
+    /// Verify the endpoint's certificate (system roots); Kong's default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_verify_certificate: Option<bool>,
     /// Seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
@@ -140,6 +173,14 @@ pub struct ActiveUnhealthy {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PassiveHealthcheck {
+    /// Kong's `tcp`, `http`, `https`, `grpc`, `grpcs`: at L4 the signals are TCP's whatever
+    /// the type; HTTP status fields are reported as not applicable.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Kong counts proxied successes to bring a target back; lb probes it back (TCP connect):
+    /// reported as not applicable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<ActiveHealthy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy: Option<PassiveUnhealthy>,
 }
@@ -153,6 +194,13 @@ pub struct PassiveUnhealthy {
     /// SYNs unanswered in a row that take a backend out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<u32>,
+    /// HTTP replies are not parsed at L4: reported as not applicable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_statuses: Option<Vec<u16>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<u32>,
 }
 
 /// `Accepted` (the spec makes sense at L4, possibly with a fallback) and `Programmed` (in the

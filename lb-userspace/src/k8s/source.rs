@@ -1,8 +1,9 @@
-//! The agent's view of the cluster: reflectors (Services of its class, EndpointSlices that
-//! belong to a Service, UpstreamPolicies; with the Gateway API installed, also every Service,
+//! The agent's view of the cluster: reflectors (Services of its class, the EndpointSlices of
+//! the Services it serves, UpstreamPolicies; with the Gateway API installed, also every Service,
 //! Namespaces, GatewayClasses, Gateways, TCPRoutes, UDPRoutes and ReferenceGrants), the
 //! translation of what they hold, and what the agent reports back (status conditions, Events on
-//! Services, the LoadBalancer Services of Gateways), all written through one [`Writer`].
+//! Services, the LoadBalancer Services of Gateways) while it holds the status writer's Lease,
+//! status and Services written through one [`status::Writer`].
 //!
 //! Which Gateway API kinds to watch is asked of the API server once, at start (discovery):
 //! routes at `v1` where served, else `v1alpha2` (the experimental channel before v1.6),
@@ -17,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject},
@@ -38,7 +39,9 @@ use super::{
         self,
         types::{GROUP, Gateway, GatewayClass, ReferenceGrant, Route, TCPRoute, UDPRoute},
     },
+    lease::{self, Leadership, LeaseFlags},
     policy::UpstreamPolicy,
+    slices::SliceWatch,
     status::{self, KubeWriter},
     translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
 };
@@ -49,8 +52,11 @@ use crate::config::VipConfig;
 pub struct KubeOptions {
     /// Serve Services labelled `lb.dev/class: <class>`.
     pub class: String,
-    /// This node (downward API), for `externalTrafficPolicy: Local`.
+    /// This node (downward API), for `externalTrafficPolicy: Local`; also its identity in the
+    /// status writer's Lease.
     pub node_name: String,
+    /// The Lease that elects the one status writer.
+    pub lease: LeaseFlags,
     /// Serve GatewayClasses with this `controllerName`.
     pub gateway_controller: String,
 }
@@ -70,9 +76,18 @@ struct GatewayWatch {
 }
 
 pub struct Kube {
+    client: Client,
     services: Store<DynamicObject>,
     slices: Store<DynamicObject>,
     policies: Store<DynamicObject>,
+    /// The EndpointSlice watch, restarted when the set of Services it selects changes.
+    slice_watch: SliceWatch,
+    /// Whether this agent writes status (policy conditions, Events).
+    leader: Leadership,
+    /// The election task, its flags and this agent's identity in it.
+    election: JoinHandle<()>,
+    lease_flags: LeaseFlags,
+    identity: String,
     tasks: Vec<JoinHandle<()>>,
     translator: Translator,
     pub settings: Settings,
@@ -132,19 +147,23 @@ impl Kube {
         settings: Settings,
         changed: mpsc::Sender<()>,
     ) -> Result<Self> {
+        opts.lease.check()?;
         let client = Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
         )?;
-        let (slices, t2) = watch(
-            &client,
-            ApiResource::erase::<EndpointSlice>(&()),
-            watcher::Config::default().labels("kubernetes.io/service-name"),
-            changed.clone(),
-        );
+        let slice_watch = SliceWatch::new(client.clone(), changed.clone());
+        let slices = slice_watch.store();
         let (policies, t3) = watch(
             &client,
             ApiResource::erase::<UpstreamPolicy>(&()),
             watcher::Config::default(),
+            changed.clone(),
+        );
+        let (leader, t4) = lease::elect(
+            client.clone(),
+            client.default_namespace(),
+            &opts.lease,
+            &opts.node_name,
             changed.clone(),
         );
         // Like the watchers, wait for an API server that does not answer yet.
@@ -161,7 +180,7 @@ impl Kube {
             services_config,
             changed.clone(),
         );
-        let mut tasks = vec![t1, t2, t3];
+        let mut tasks = vec![t1, t3];
         let gateway = served.enabled().then(|| {
             let mut w = |ar: ApiResource| {
                 let (store, task) = watch(&client, ar, watcher::Config::default(), changed.clone());
@@ -197,14 +216,21 @@ impl Kube {
                 instance: Some(opts.node_name.clone()),
             },
         );
-        Ok(Self {
+        let mut kube = Self {
             writer: Box::new(KubeWriter {
                 client: client.clone(),
+                field_manager: format!("lb-{}", opts.node_name),
             }),
             gateway,
+            client,
             services,
             slices,
             policies,
+            slice_watch,
+            leader,
+            election: t4,
+            lease_flags: opts.lease.clone(),
+            identity: opts.node_name.clone(),
             tasks,
             translator: Translator::default(),
             settings,
@@ -213,7 +239,64 @@ impl Kube {
             published: BTreeSet::new(),
             skipped: BTreeSet::new(),
             last_good: BTreeMap::new(),
-        })
+        };
+        // EndpointSlices are watched for the Services served only: list those first.
+        if kube.services.wait_until_ready().await.is_err() {
+            warn!("the Services watcher ended before its first list");
+        }
+        let services = kube.services.clone();
+        let all = kube.decode::<Service>(&services, "Service", None);
+        let served = kube.class_services(&all);
+        kube.want_slices_of("services", served);
+        // And those of the Gateway routes' backends.
+        if kube.gateway.is_some() {
+            kube.ready().await;
+            let g = kube.gateway_objects();
+            kube.want_slices_of("gateway", backend_names(&g));
+        }
+        Ok(kube)
+    }
+
+    /// The names of the Services lb serves as Services (of its class, not a Gateway's own).
+    fn class_services(&self, services: &[Service]) -> BTreeSet<String> {
+        services
+            .iter()
+            .filter(|s| {
+                s.labels().get(CLASS_LABEL) == Some(&self.settings.class)
+                    && !super::translate::owned_by_gateway(s)
+            })
+            .map(|s| s.name_any())
+            .collect()
+    }
+
+    /// Asks for the EndpointSlices of the Services named `names` (any namespace) on behalf of
+    /// `source` (Services of lb's class; Gateway routes' backends...): the slice watch selects
+    /// the union of every source's names, and restarts when that union changes.
+    pub fn want_slices_of(&mut self, source: &'static str, names: BTreeSet<String>) {
+        self.slice_watch.want(source, names);
+    }
+
+    /// The status writer's handle: whether this agent writes status now.
+    pub fn leadership(&self) -> Leadership {
+        self.leader.clone()
+    }
+
+    /// On a clean exit: stops the election and gives the Lease up, so another agent writes
+    /// status at once rather than after a whole Lease duration.
+    pub async fn release_lease(&mut self) {
+        self.election.abort();
+        if !self.leader.is_leader() {
+            return;
+        }
+        let ns = self.client.default_namespace().to_string();
+        match lease::release(self.client.clone(), &ns, &self.lease_flags, &self.identity).await {
+            Ok(true) => info!("gave the status writer's Lease up"),
+            Ok(false) => {}
+            Err(e) => warn!(
+                "giving the Lease up (another agent takes it when it expires): {}",
+                crate::error_chain(&e)
+            ),
+        }
     }
 
     /// Waits until all three watchers have listed once.
@@ -304,8 +387,11 @@ impl Kube {
         let slices = self.slices.clone();
         let policies = self.policies.clone();
         let mut invalid_policies = Vec::new();
+        let served = self.decode::<Service>(&services, "Service", None);
+        let names = self.class_services(&served);
+        self.want_slices_of("services", names);
         let objects = Objects {
-            services: self.decode(&services, "Service", None),
+            services: served,
             slices: self.decode(&slices, "EndpointSlice", None),
             policies: self.decode(&policies, "UpstreamPolicy", Some(&mut invalid_policies)),
             invalid_policies,
@@ -324,6 +410,7 @@ impl Kube {
                 effects: std::mem::take(&mut t.effects),
             };
             let g = self.gateway_objects();
+            self.want_slices_of("gateway", backend_names(&g));
             let out = {
                 let gw = self.gateway.as_ref().expect("checked");
                 gateway::translate(
@@ -394,7 +481,13 @@ impl Kube {
 
     /// Reports the outcome of applying the last translation: policy conditions (patched only
     /// when they change) and new Events on Services. Runs in the background.
+    /// Only the leader writes: a follower forgets what it would have recorded, so that on a
+    /// takeover it writes the whole current status once.
     pub fn report(&mut self, applied: &std::result::Result<(), String>) {
+        if !self.leader.is_leader() {
+            self.published.clear();
+            return;
+        }
         // Events: those not recorded yet.
         let now: BTreeSet<ServiceEvent> = self.last.events.iter().cloned().collect();
         let services = self.services.state();
@@ -581,6 +674,16 @@ impl Kube {
     }
 }
 
+/// The names of the Services the routes' backendRefs name (their slices are watched).
+fn backend_names(g: &gateway::Objects) -> BTreeSet<String> {
+    g.routes
+        .iter()
+        .flat_map(|r| &r.spec.rules)
+        .flat_map(|rule| &rule.backend_refs)
+        .map(|b| b.name.clone())
+        .collect()
+}
+
 /// Which Gateway API kinds the API server serves, at which version.
 #[derive(Default)]
 struct GatewayApi {
@@ -662,5 +765,7 @@ impl Drop for Kube {
         for t in &self.tasks {
             t.abort();
         }
+        self.election.abort();
+        self.slice_watch.stop();
     }
 }

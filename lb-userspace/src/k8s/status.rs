@@ -22,6 +22,8 @@ pub trait Writer: Send + Sync {
 /// The writer that talks to the API server.
 pub struct KubeWriter {
     pub client: Client,
+    /// Status patches name this writer (`fieldManager`).
+    pub field_manager: String,
 }
 
 impl KubeWriter {
@@ -42,10 +44,14 @@ impl Writer for KubeWriter {
             ns.map(|n| format!("{n}/")).unwrap_or_default()
         );
         let name = name.to_string();
+        let params = PatchParams {
+            field_manager: Some(self.field_manager.clone()),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             let patch = json!({ "status": status });
             if let Err(e) = api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(&name, &params, &Patch::Merge(&patch))
                 .await
             {
                 warn!("updating the status of {what}: {}", crate::error_chain(&e));
@@ -58,6 +64,7 @@ impl Writer for KubeWriter {
         let what = format!("{} {ns}/{name}", ar.kind);
         let name = name.to_string();
         tokio::spawn(async move {
+            // One field manager for every node: whichever agent writes owns the same fields.
             let params = PatchParams::apply("lb").force();
             if let Err(e) = api.patch(&name, &params, &Patch::Apply(&obj)).await {
                 warn!("applying {what}: {}", crate::error_chain(&e));

@@ -21,12 +21,12 @@ use k8s_openapi::{
 };
 use kube::ResourceExt as _;
 
+use super::kong::{self, Note};
 use super::policy::{
     Algorithm, HashInput, HashInputKind, POLICY_ANNOTATION, UpstreamPolicy, UpstreamPolicySpec,
 };
 use crate::{
     config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
-    maglev,
     model::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
 };
 
@@ -72,6 +72,8 @@ pub struct Effect {
     pub table_size: Option<u32>,
     pub health_check: Option<HealthCheck>,
     pub passive_health: Option<PassiveHealth>,
+    /// `healthchecks.threshold` (percent; 0: none).
+    pub health_threshold: u8,
 }
 
 /// A status condition to publish: `type`, `status`, `reason`, `message`.
@@ -141,7 +143,7 @@ pub fn cond(kind: &'static str, ok: bool, reason: &str, message: impl Into<Strin
 pub fn evaluate(
     spec: &UpstreamPolicySpec,
     table_size: u32,
-) -> Result<(Effect, Vec<String>), (&'static str, String)> {
+) -> Result<(Effect, Vec<Note>), (&'static str, String)> {
     let mut notes = Vec::new();
     let algorithm = spec.algorithm.unwrap_or(Algorithm::RoundRobin);
     let name = serde_json::to_value(algorithm)
@@ -170,9 +172,12 @@ pub fn evaluate(
             Some(Ok(Ok(h))) => h,
             Some(Ok(Err(unseen))) => match spec.hash_on_fallback.as_ref().map(hash_input) {
                 Some(Ok(Ok(h))) => {
-                    notes.push(format!(
-                        "hashOn {unseen} cannot be seen at L4: hashing on hashOnFallback (the client address)"
-                    ));
+                    notes.push(Note {
+                        reason: "AcceptedWithFallback",
+                        message: format!(
+                            "hashOn {unseen} cannot be seen at L4: hashing on hashOnFallback (the client address)"
+                        ),
+                    });
                     h
                 }
                 Some(Err(e)) => {
@@ -199,30 +204,17 @@ pub fn evaluate(
             },
         };
     } else if spec.hash_on.is_some() || spec.hash_on_fallback.is_some() {
-        notes.push(format!(
+        notes.push(kong::note(format!(
             "hashOn applies to consistent-hashing only: {name} hashes the 5-tuple"
-        ));
+        )));
     }
     if let Some(slots) = spec.slots {
-        if !maglev::is_prime(slots) {
-            return Err((
-                "InvalidSlots",
-                format!(
-                    "slots {slots} is not prime: Maglev needs a prime table size (e.g. 10007, 65537)"
-                ),
-            ));
-        }
-        if slots > table_size {
-            return Err((
-                "InvalidSlots",
-                format!(
-                    "slots {slots} is more than the {table_size} slots each VIP has on this node (node.table_size)"
-                ),
-            ));
-        }
-        effect.table_size = Some(slots);
+        let (used, note) = kong::slots(slots, table_size)?;
+        notes.extend(note);
+        effect.table_size = Some(used);
     }
     if let Some(h) = &spec.healthchecks {
+        effect.health_threshold = kong::threshold(h)?;
         if let Some(a) = &h.active {
             effect.health_check = Some(active_check(a)?);
         }
@@ -240,6 +232,7 @@ pub fn evaluate(
             });
         }
     }
+    notes.extend(kong::not_applicable(spec));
     Ok((effect, notes))
 }
 
@@ -279,18 +272,26 @@ fn active_check(
 ) -> Result<HealthCheck, (&'static str, String)> {
     let kind = match a.kind.as_deref().unwrap_or("http") {
         "tcp" => CheckKind::Tcp,
-        "http" => CheckKind::Http {
-            path: a.http_path.clone().unwrap_or_else(|| "/".into()),
-            statuses: a
-                .healthy
-                .as_ref()
-                .and_then(|h| h.http_statuses.clone())
-                .unwrap_or_else(|| (200..=399).collect()),
-        },
+        k @ ("http" | "https") => {
+            kong::check_headers(a)?;
+            let (headers, tls) = kong::http_extras(a, k == "https");
+            CheckKind::Http {
+                path: a.http_path.clone().unwrap_or_else(|| "/".into()),
+                statuses: a
+                    .healthy
+                    .as_ref()
+                    .and_then(|h| h.http_statuses.clone())
+                    .unwrap_or_else(|| (200..=399).collect()),
+                headers,
+                tls,
+            }
+        }
         other => {
             return Err((
                 "UnsupportedHealthcheck",
-                format!("healthchecks.active.type {other} is not supported: use tcp or http"),
+                format!(
+                    "healthchecks.active.type {other} is not supported: use tcp, http or https"
+                ),
             ));
         }
     };
@@ -322,6 +323,7 @@ fn active_check(
         kind,
         port: 0,
         interval,
+        unhealthy_interval: kong::unhealthy_interval(a),
         timeout,
         healthy_threshold: a
             .healthy
@@ -331,6 +333,7 @@ fn active_check(
             .unwrap_or(2)
             .min(255),
         unhealthy_threshold: unhealthy.unwrap_or(3).min(255),
+        concurrency: a.concurrency.unwrap_or(0),
     })
 }
 
@@ -429,13 +432,24 @@ impl Translator {
             let (accepted, effect) = match evaluate(&p.spec, settings.table_size) {
                 Ok((effect, notes)) => {
                     self.last_good.insert(key.clone(), effect.clone());
-                    let (reason, message) = if notes.is_empty() {
-                        (
+                    let (reason, message) = match notes.first() {
+                        None => (
                             "Accepted",
                             "the policy applies at L4 as written".to_string(),
-                        )
-                    } else {
-                        ("AcceptedWithFallback", notes.join("; "))
+                        ),
+                        Some(first) => (
+                            // A hash fallback says the most about what the policy does.
+                            notes
+                                .iter()
+                                .find(|n| n.reason == "AcceptedWithFallback")
+                                .unwrap_or(first)
+                                .reason,
+                            notes
+                                .iter()
+                                .map(|n| n.message.as_str())
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ),
                     };
                     (cond("Accepted", true, reason, message), Some(effect))
                 }
@@ -682,6 +696,7 @@ impl Translator {
                         spec: vip,
                         health_check: effect.health_check.clone(),
                         passive_health,
+                        health_threshold: effect.health_threshold,
                     });
                 }
             }
@@ -1020,14 +1035,19 @@ mod tests {
                 "nor can hashOnFallback input: path",
             ),
             (
-                json!({ "slots": 1000 }),
+                json!({ "slots": 5 }),
                 "InvalidSlots",
-                "slots 1000 is not prime",
+                "slots 5 is outside Kong's range 10..65536",
             ),
             (
-                json!({ "slots": 65537 }),
-                "InvalidSlots",
-                "more than the 1009 slots",
+                json!({ "healthchecks": { "threshold": 150 } }),
+                "InvalidHealthcheck",
+                "threshold 150 is not a percentage",
+            ),
+            (
+                json!({ "healthchecks": { "active": { "type": "http", "headers": { "x bad": ["1"] } } } }),
+                "InvalidHealthcheck",
+                "\"x bad\" is not a header name",
             ),
             (
                 json!({ "algorithm": "least-connections" }),
@@ -1076,7 +1096,7 @@ mod tests {
         assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, Some(251));
         o.policies = vec![policy(
             "p",
-            json!({ "hashOn": { "input": "ip" }, "slots": 250 }),
+            json!({ "hashOn": { "input": "ip" }, "slots": 5 }),
         )];
         let t = tr.translate(&o, &settings());
         let v = vip(&t, "192.0.2.10:80/tcp");
@@ -1095,7 +1115,7 @@ mod tests {
         let t = tr.translate(&o, &settings());
         assert_eq!(t.events[0].reason, "PolicyNotFound");
         assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, None);
-        o.policies = vec![policy("p", json!({ "slots": 250 }))];
+        o.policies = vec![policy("p", json!({ "slots": 5 }))];
         let t = tr.translate(&o, &settings());
         assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.table_size, None);
     }
@@ -1113,7 +1133,9 @@ mod tests {
             h.kind,
             CheckKind::Http {
                 path: "/healthz".into(),
-                statuses: vec![200, 204]
+                statuses: vec![200, 204],
+                headers: Vec::new(),
+                tls: None,
             }
         );
         assert_eq!(

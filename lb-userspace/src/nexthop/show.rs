@@ -9,8 +9,10 @@ use lb_common::{NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NH_UNRESOLVED
 use serde_json::{Value, json};
 
 use crate::{
-    inspect::{Pinned, backend_label},
+    inspect::Pinned,
     run,
+    show::{Format, VipNames, member_rows},
+    view::{BackendRef, VipRef},
 };
 
 /// The name `lb nexthops` gives an `NH_*` action.
@@ -33,7 +35,7 @@ fn mac(m: &[u8; 6]) -> String {
 }
 
 /// One member's row.
-fn row(id: u32, vip: &str, backend: &str, member_gen: u32, nh: &NextHop) -> Value {
+fn row(id: u32, vip: &VipRef, backend: &BackendRef, member_gen: u32, nh: &NextHop) -> Value {
     json!({
         "member": id,
         "vip": vip,
@@ -48,19 +50,17 @@ fn row(id: u32, vip: &str, backend: &str, member_gen: u32, nh: &NextHop) -> Valu
     })
 }
 
-pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, as_json: bool) -> Result<()> {
+pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) -> Result<()> {
     let path = pin_dir.join(maps::NEXTHOPS);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let table: Array<_, NextHop> = Array::try_from(Map::Array(data))?;
-    let vips = crate::show::vip_labels(p)?;
     let mut rows = Vec::new();
-    for (id, m) in p.members()? {
-        let nh = table.get(&id, 0).context("reading LB_NEXTHOPS")?;
-        let vip = vips.get(&m.vip_id).map_or("", String::as_str);
-        rows.push(row(id, vip, &backend_label(&m), m.generation, &nh));
+    for r in member_rows(p, &VipNames::read(state_dir))? {
+        let nh = table.get(&r.id, 0).context("reading LB_NEXTHOPS")?;
+        rows.push(row(r.id, &r.vip, &r.backend, r.member.generation, &nh));
     }
     let keeper = run::read_status(state_dir).map(|s| s.nexthops);
-    if as_json {
+    if format == Format::Json {
         let out = json!({ "keeper": keeper, "members": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -79,8 +79,8 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, as_json: bool) -> 
         println!(
             "member {:>4} {:<24} {:<40} {:<12}{} if {} {} -> {} mtu {}",
             r["member"],
-            r["vip"].as_str().unwrap_or(""),
-            r["backend"].as_str().unwrap_or(""),
+            r["vip"]["label"].as_str().unwrap_or(""),
+            r["backend"]["label"].as_str().unwrap_or(""),
             r["action"].as_str().unwrap_or(""),
             if r["current"] == true { "" } else { " (stale)" },
             r["ifindex"],

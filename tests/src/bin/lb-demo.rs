@@ -3,7 +3,8 @@
 //! Builds the lab (client, router, load balancer, three backends), starts the real agent
 //! (`LB_BIN`, default `target/release/lb`) with the config below, opens a few thousand
 //! connections, shows who served them, shows a client kept on one backend by session affinity,
-//! prints `lb backends` and `lb stats`, and removes everything it made (also on Ctrl-C).
+//! prints `lb backends`, `lb status` and one screen of `lb top` taken while more connections come in, and
+//! removes everything it made (also on Ctrl-C).
 
 use std::{
     collections::BTreeMap,
@@ -62,6 +63,23 @@ fn bars(title: &str, tally: &BTreeMap<String, usize>, expect: &[(&str, f64)]) {
             "█".repeat((share * 50.0).round() as usize)
         );
     }
+}
+
+/// `lb top --once` over two seconds in which web gets another thousand connections.
+fn top_during_traffic(lab: &Lab, dirs: &Dirs, web: SocketAddr) {
+    println!("\n$ lb top --once --interval 2    (while web gets 1000 more connections)");
+    let top = std::process::Command::new(&dirs.bin)
+        .arg("--pin-dir")
+        .arg(&dirs.pins)
+        .arg("--state-dir")
+        .arg(&dirs.state)
+        .args(["top", "--once", "--interval", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting lb top");
+    lab.tcp_tally(web, 1000, dc::CLIENTS);
+    let out = top.wait_with_output().expect("lb top");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
 fn main() {
@@ -135,11 +153,17 @@ fn main() {
         );
     }
 
-    for cmd in [&["backends"][..], &["stats"][..]] {
-        println!("\n$ lb {}", cmd.join(" "));
-        let out = dirs.cli(cmd);
-        print!("{}", String::from_utf8_lossy(&out.stdout));
-    }
+    println!("\n$ lb backends");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&dirs.cli(&["backends"]).stdout)
+    );
+    println!("\n$ lb status");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&dirs.cli_in(&lab.lb, &["status"]).stdout)
+    );
+    top_during_traffic(&lab, &dirs, web);
     agent.stop();
     drop(dirs);
     drop(lab);

@@ -360,6 +360,7 @@ impl GatewayCtx<'_> {
                 spec,
                 health_check: effect.health_check.clone(),
                 passive_health,
+                health_threshold: effect.health_threshold,
             });
         }
         let members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();

@@ -1,0 +1,172 @@
+//! What the agent says of itself in its status file (`status.json`'s `agent`): which process it
+//! is, since when, with which config, interfaces and sizes, and how its last reload went. Only the
+//! agent knows these; `lb status` adds what the kernel knows (attachments, see
+//! [`crate::links::attachment`]) and tells a live agent from the file a dead one left
+//! ([`AgentStatus::is_running`]).
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::NodeSettings, program::Sizes};
+
+/// How the last reload (of the config file, or a change in the cluster) went.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `config` (the file) or `cluster` (Kubernetes).
+    pub source: String,
+    /// Applied (true) or rejected (false: the previous state kept serving).
+    pub ok: bool,
+    /// Why it was rejected.
+    pub error: Option<String>,
+}
+
+/// The sizes the agent loaded the program with.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SizesStatus {
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_entries: u32,
+    pub flow_entries_v6: u32,
+    pub affinity_entries: u32,
+    pub nat_entries: u32,
+}
+
+impl From<&Sizes> for SizesStatus {
+    fn from(s: &Sizes) -> Self {
+        Self {
+            table_size: s.maglev_m,
+            max_vips: s.max_vips,
+            max_backends: s.max_backends,
+            flow_entries: s.flow_entries,
+            flow_entries_v6: s.flow_entries_v6(),
+            affinity_entries: s.affinity_entries,
+            nat_entries: s.nat_entries,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub pid: u32,
+    /// The process's start time in clock ticks since boot (`/proc/PID/stat`), so that a pid
+    /// the kernel gave to another process since is not taken for the agent.
+    pub proc_start: u64,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// When the agent last wrote the file (RFC 3339, UTC).
+    pub updated_at: String,
+    pub interfaces: Vec<String>,
+    /// `native` or `generic`.
+    pub xdp_mode: String,
+    pub metrics_listen: Option<String>,
+    pub kubernetes: bool,
+    pub sizes: SizesStatus,
+    pub reloads_applied: u64,
+    pub reloads_rejected: u64,
+    pub last_reload: Option<ReloadStatus>,
+}
+
+impl AgentStatus {
+    /// Whether the process that wrote this is still running.
+    pub fn is_running(&self) -> bool {
+        proc_start(self.pid) == Some(self.proc_start)
+    }
+
+    /// How long it has been running, if it still is.
+    pub fn uptime(&self) -> Option<std::time::Duration> {
+        let started = humantime::parse_rfc3339(&self.started_at).ok()?;
+        self.is_running()
+            .then(|| SystemTime::now().duration_since(started).ok())
+            .flatten()
+    }
+}
+
+/// The agent's life so far, kept by the event loop.
+#[derive(Debug, Clone)]
+pub struct Life {
+    pub started_at: SystemTime,
+    pub last_reload: Option<ReloadStatus>,
+}
+
+impl Default for Life {
+    fn default() -> Self {
+        Self {
+            started_at: SystemTime::now(),
+            last_reload: None,
+        }
+    }
+}
+
+impl Life {
+    pub fn reloaded(&mut self, source: &str, result: Result<(), String>) {
+        self.last_reload = Some(ReloadStatus {
+            at: now(),
+            source: source.to_string(),
+            ok: result.is_ok(),
+            error: result.err(),
+        });
+    }
+
+    /// The file's `agent` for this process, serving `node`.
+    pub fn status(
+        &self,
+        node: &NodeSettings,
+        kubernetes: bool,
+        reloads: (u64, u64),
+    ) -> AgentStatus {
+        let pid = std::process::id();
+        AgentStatus {
+            pid,
+            proc_start: proc_start(pid).unwrap_or(0),
+            started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),
+            updated_at: now(),
+            interfaces: node.interfaces.clone(),
+            xdp_mode: node.xdp_mode.to_string(),
+            metrics_listen: node.metrics_listen.map(|a| a.to_string()),
+            kubernetes,
+            sizes: SizesStatus::from(&node.sizes),
+            reloads_applied: reloads.0,
+            reloads_rejected: reloads.1,
+            last_reload: self.last_reload.clone(),
+        }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Field 22 of `/proc/PID/stat` (start time, clock ticks after boot); None if no such process.
+fn proc_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_running_and_a_recorded_start_of_another_is_not() {
+        let life = Life::default();
+        let node = crate::config::Config::parse(
+            "node: { interfaces: [eth0], source_v4: 10.0.0.1 }\nvips: []\n",
+            "t",
+        )
+        .unwrap()
+        .node;
+        let mut s = life.status(&node, false, (0, 0));
+        assert!(s.proc_start > 0);
+        assert!(s.is_running());
+        assert!(s.uptime().is_some());
+        s.proc_start += 1;
+        assert!(!s.is_running(), "same pid, another start time");
+        assert_eq!(s.uptime(), None);
+    }
+}

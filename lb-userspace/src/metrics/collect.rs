@@ -1,0 +1,312 @@
+//! What a scrape reports: read from the pinned maps (so they are the same numbers `lb stats`
+//! shows) and from the agent's own figures, into [`Family`]s.
+//!
+//! Every per-(VIP, backend) series carries `vip` (the [`VipRef`] label) and `backend` (the
+//! [`BackendRef`] label, `address:port`), so that families join on them.
+
+use std::{collections::BTreeMap, sync::atomic::Ordering};
+
+use aya::maps::{Array, MapData};
+use lb_common::{Counter, LAYOUT_VERSION, NextHop, PassiveHealth, TrafficStats, VipKey};
+
+use super::{
+    AgentMetrics, Maps,
+    exposition::{Family, Labels},
+};
+use crate::{
+    inspect::{InspectError, Pinned},
+    nexthop::NexthopStatus,
+    view::{BackendRef, VipRef},
+};
+
+/// Every family of one scrape.
+pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectError> {
+    let p = &maps.pinned;
+    let mut out = global(p)?;
+    out.extend(traffic(p, &maps.nexthops)?);
+    out.extend(tables(p)?);
+    out.extend(agent(a));
+    out.extend(nexthops(&a.nexthops.lock().expect("nexthops lock")));
+    out.extend(announce(a.announce.lock().expect("announce lock").as_ref()));
+    Ok(out)
+}
+
+/// What the node announces through its routing daemon (nothing when `node.announce` is off).
+fn announce(a: Option<&crate::announce::AnnounceStatus>) -> Vec<Family> {
+    let Some(a) = a else { return Vec::new() };
+    vec![
+        Family::gauge(
+            "lb_announced_vips",
+            "VIP addresses this node announces (routes in its announcement table)",
+            vec![(vec![], a.announced.len() as f64)],
+        ),
+        Family::gauge(
+            "lb_vip_announced",
+            "1 for each VIP address this node announces",
+            a.announced
+                .iter()
+                .map(|ip| (vec![("address", ip.to_string())], 1.0))
+                .collect(),
+        ),
+        Family::gauge(
+            "lb_announce_failing",
+            "1 while the last change to the announcement table failed (see the log)",
+            vec![(vec![], f64::from(u8::from(a.error.is_some())))],
+        ),
+    ]
+}
+
+/// The program's verdicts and events. The total is not a family of its own: it is the sum of
+/// the verdicts (and `vip_packets` that of `lb_vip_packets_total`).
+fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
+    let counters = p.counters()?;
+    let of = |verdicts: bool, label: &'static str| -> Vec<(Labels, u64)> {
+        counters
+            .iter()
+            .filter(|(c, _)| c.is_verdict() == verdicts)
+            .filter(|(c, _)| !matches!(c, Counter::Packets | Counter::VipPackets))
+            .map(|(c, v)| (vec![(label, c.name().to_string())], *v))
+            .collect()
+    };
+    Ok(vec![
+        Family::counter(
+            "lb_packets",
+            "Packets the XDP program ran on, by verdict: each packet ends in exactly one, so their sum is every packet",
+            of(true, "verdict"),
+        ),
+        Family::counter(
+            "lb_events",
+            "What happened to packets on the way (flow-table hits, fragments, NAT translations...); a packet counts in any number of events, their sum means nothing",
+            of(false, "event"),
+        ),
+    ])
+}
+
+/// Per VIP, and per backend of each VIP (a member): traffic, passive health, next hop.
+fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
+    let vips = p.vips()?;
+    let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
+    for (k, v) in &vips {
+        let s = p.vip_stats(v.id)?;
+        let l = vec![("vip", VipRef::of(k).label)];
+        packets.push((l.clone(), s.packets));
+        bytes.push((l.clone(), s.bytes));
+        flows.push((l, s.new_flows));
+    }
+    let mut out = vec![
+        Family::counter("lb_vip_packets", "Packets per VIP", packets),
+        Family::counter("lb_vip_bytes", "Bytes per VIP, as received", bytes),
+        Family::counter("lb_vip_new_flows", "New flows per VIP", flows),
+    ];
+    let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
+    let mut rows = MemberRows::default();
+    // Per member: a backend serving two VIPs has a series under each (`sum by (backend)`
+    // adds them up).
+    for (id, m) in p.members()? {
+        let Some(vip) = keys.get(&m.vip_id) else {
+            continue; // its VIP went between the two reads
+        };
+        let hop = nh.get(&id, 0).map_err(|source| InspectError::Map {
+            what: "next hops",
+            source,
+        })?;
+        // An entry of another generation is one the program ignores: not resolved yet.
+        let action = match hop.generation == m.generation {
+            true => hop.action,
+            false => lb_common::NH_UNRESOLVED,
+        };
+        rows.push(
+            backend_labels(vip, &BackendRef::of(&m, vip)),
+            p.member_stats(id)?,
+            p.passive(id)?,
+            action,
+        );
+    }
+    out.extend(rows.families());
+    Ok(out)
+}
+
+/// The per-member rows of each family, as they are read.
+#[derive(Default)]
+struct MemberRows {
+    packets: Vec<(Labels, u64)>,
+    bytes: Vec<(Labels, u64)>,
+    flows: Vec<(Labels, u64)>,
+    attempts: Vec<(Labels, u64)>,
+    streaks: Vec<(Labels, f64)>,
+    hops: Vec<(Labels, f64)>,
+}
+
+impl MemberRows {
+    fn push(&mut self, l: Labels, s: TrafficStats, h: PassiveHealth, nexthop_action: u8) {
+        let with = |k: &'static str, v: &str| {
+            let mut l = l.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        self.packets.push((l.clone(), s.packets));
+        self.bytes.push((l.clone(), s.bytes));
+        self.flows.push((l.clone(), s.new_flows));
+        for (outcome, n) in [
+            ("answered", h.answered),
+            ("refused", h.refused),
+            ("unreachable", h.unreachable),
+            ("syn_timeout", h.syn_timeouts),
+        ] {
+            self.attempts.push((with("outcome", outcome), n));
+        }
+        self.streaks
+            .push((l.clone(), h.consecutive_failures as f64));
+        let action = crate::nexthop::show::action_name(nexthop_action);
+        self.hops.push((with("action", action), 1.0));
+    }
+
+    fn families(self) -> [Family; 6] {
+        [
+            Family::counter(
+                "lb_backend_packets",
+                "Packets per backend of each VIP",
+                self.packets,
+            ),
+            Family::counter(
+                "lb_backend_bytes",
+                "Bytes per backend of each VIP, as received",
+                self.bytes,
+            ),
+            Family::counter(
+                "lb_backend_new_flows",
+                "New flows per backend of each VIP",
+                self.flows,
+            ),
+            Family::counter(
+                "lb_backend_connection_attempts",
+                "NAT mode: connection attempts per backend of each VIP, by how the backend answered (passive health)",
+                self.attempts,
+            ),
+            Family::gauge(
+                "lb_backend_consecutive_failures",
+                "NAT mode: failed connection attempts since the backend last answered one (passive health)",
+                self.streaks,
+            ),
+            Family::gauge(
+                "lb_backend_nexthop",
+                "How the program sends packets to the backend of each VIP: the action of its next hop as the agent resolved it (forward, no_neighbour, local, unreachable; unresolved: left to bpf_fib_lookup); always 1",
+                self.hops,
+            ),
+        ]
+    }
+}
+
+/// The `vip` and `backend` labels of a backend of a VIP.
+pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
+    vec![
+        ("vip", VipRef::of(vip).label),
+        ("backend", backend.label.clone()),
+    ]
+}
+
+/// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.
+fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
+    let rows = p.fill()?;
+    let label = |t: &str| vec![("table", t.to_string())];
+    Ok(vec![
+        Family::gauge(
+            "lb_table_entries",
+            "Entries in each of the program's tables (flows_ipv4 counts occupied ways of its buckets)",
+            rows.iter()
+                .map(|(t, f)| (label(t), f.entries as f64))
+                .collect(),
+        ),
+        Family::gauge(
+            "lb_table_capacity",
+            "Entries each of the program's tables can hold (fixed when the maps were created)",
+            rows.iter()
+                .map(|(t, f)| (label(t), f.capacity as f64))
+                .collect(),
+        ),
+    ])
+}
+
+/// The agent's own figures.
+fn agent(a: &AgentMetrics) -> Vec<Family> {
+    let one = |v: u64| vec![(vec![], v)];
+    let health = a
+        .health
+        .lock()
+        .expect("health lock")
+        .iter()
+        .map(|(vip, backend, ok)| {
+            (
+                vec![("vip", vip.clone()), ("backend", backend.clone())],
+                *ok as u8 as f64,
+            )
+        })
+        .collect();
+    vec![
+        Family::gauge(
+            "lb_backend_healthy",
+            "1 if the backend of the VIP passes its health check, 0 if not (backends with a check only)",
+            health,
+        ),
+        Family::counter(
+            "lb_config_reloads",
+            "Config reloads (and cluster changes) applied",
+            one(a.reloads_ok.load(Ordering::Relaxed)),
+        ),
+        Family::counter(
+            "lb_config_reloads_rejected",
+            "Config reloads (and cluster changes) refused: the previous state kept serving",
+            one(a.reloads_rejected.load(Ordering::Relaxed)),
+        ),
+        Family::gauge(
+            "lb_config_last_reload_success_timestamp_seconds",
+            "When the agent last applied a config (its start, a reload or a cluster change), in seconds since the Unix epoch",
+            vec![(vec![], a.last_applied_seconds())],
+        ),
+        Family::counter(
+            "lb_map_writes",
+            "Map entries written by the agent",
+            one(a.map_writes.load(Ordering::Relaxed)),
+        ),
+        Family::gauge(
+            "lb_build_info",
+            "The lb serving: its version, and the layout version of its maps; always 1",
+            vec![(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("layout", LAYOUT_VERSION.to_string()),
+                ],
+                1.0,
+            )],
+        ),
+    ]
+}
+
+/// The next-hop keeper's gauges and counters.
+fn nexthops(nh: &NexthopStatus) -> Vec<Family> {
+    vec![
+        Family::gauge(
+            "lb_nexthops",
+            "Live members by next-hop state: resolved by the agent, or left to bpf_fib_lookup",
+            vec![
+                (vec![("state", "resolved".into())], nh.resolved as f64),
+                (vec![("state", "unresolved".into())], nh.unresolved as f64),
+            ],
+        ),
+        Family::counter(
+            "lb_nexthop_refreshes",
+            "Next-hop refreshes done (each looks at every live member)",
+            vec![(vec![], nh.refreshes)],
+        ),
+        Family::counter(
+            "lb_nexthop_failures",
+            "Next hops the agent failed to resolve or write",
+            vec![(vec![], nh.failures)],
+        ),
+        Family::counter(
+            "lb_nexthop_writes",
+            "Next-hop entries written",
+            vec![(vec![], nh.writes)],
+        ),
+    ]
+}

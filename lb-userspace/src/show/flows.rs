@@ -1,0 +1,275 @@
+//! `lb flows`: the entries of the flow tables, each with the backend it is pinned to, what the
+//! program would do with its next packet (its state), its affinity and, in NAT mode, its
+//! translation (the node's source port towards the backend, and the TCP state seen both ways);
+//! and how many flows there are in all, however many are shown.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use anyhow::Result;
+use lb_common::{
+    AffinityKey, FlowKey, FlowValue, IPPROTO_UDP, MEMBER_F_ACCEPTS, MODE_NAT, Member,
+    NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NodeConfig, VipKey, VipValue,
+    select::{AffinityCheck, FlowCheck, check_affinity, check_flow},
+};
+use serde::Serialize;
+
+use super::{Format, VipNames};
+use crate::{
+    inspect::{Pinned, monotonic_coarse_ns},
+    model::{Protocol, ip_of},
+    view::{BackendRef, VipRef},
+};
+
+/// What the program does with a flow's next packet.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowState {
+    /// Follows the entry to its backend.
+    Active,
+    /// Follows the entry, but the backend takes no new flows (weight 0, unhealthy): the flow
+    /// drains.
+    Draining,
+    /// The backend is gone or its member id was given to another: balanced afresh.
+    Stale,
+    /// A UDP flow idle for longer than the node's UDP idle timeout: balanced afresh.
+    IdleExpired,
+}
+
+/// A NAT translation's state, from the packets seen both ways.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatState {
+    /// Nothing came back from the backend yet (a TCP SYN sent, or a UDP request).
+    Waiting,
+    Established,
+    /// One side sent a FIN.
+    Closing,
+    /// Both FINs or an RST went by: the port is freed after the close grace time.
+    Closed,
+    /// The flow's translation entry is gone (expired or evicted): its next packet takes a port
+    /// again.
+    Gone,
+}
+
+#[derive(Serialize, Debug)]
+pub struct NatView {
+    /// The node's source port towards the backend.
+    pub port: u16,
+    pub state: NatState,
+}
+
+#[derive(Serialize, Debug)]
+pub struct FlowRow {
+    pub client: SocketAddr,
+    pub vip: VipRef,
+    pub protocol: String,
+    /// None: the member the entry names is gone or re-allocated.
+    pub backend: Option<BackendRef>,
+    pub member_id: u32,
+    pub generation: u32,
+    pub state: FlowState,
+    /// Seconds since the entry's time: the last packet (TCP to about a second; IPv6 TCP flows:
+    /// the first packet).
+    pub seen_s_ago: u64,
+    /// Whether the client's session affinity holds it on this flow's backend; None where the
+    /// VIP has no affinity.
+    pub affinity: Option<bool>,
+    /// NAT VIPs: the flow's translation; None if it has none (yet).
+    pub nat: Option<NatView>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct FlowList {
+    /// Flows in the tables (to the VIP asked for, if one was), all of them.
+    pub total: u64,
+    /// Flows listed below (at most the limit).
+    pub shown: usize,
+    pub flows: Vec<FlowRow>,
+}
+
+/// What rows are built from, read once: the maps' VIPs (with their [`VipRef`]s), members
+/// and node settings.
+struct Ctx<'a> {
+    p: &'a Pinned,
+    vips: BTreeMap<VipKey, (VipValue, VipRef)>,
+    members: BTreeMap<u32, Member>,
+    node: NodeConfig,
+    now: u64,
+}
+
+impl Ctx<'_> {
+    fn row(&self, k: &FlowKey, f: &FlowValue) -> Option<FlowRow> {
+        let vkey = k.vip_key();
+        let (vip, vref) = self.vips.get(&vkey)?;
+        let member = self.members.get(&f.member_id).copied();
+        let check = check_flow(
+            f,
+            member.as_ref(),
+            vip,
+            k.proto,
+            self.now,
+            self.node.udp_idle_timeout_ns,
+        );
+        let state = match (check, member) {
+            (FlowCheck::Stale, _) => FlowState::Stale,
+            (FlowCheck::IdleExpired, _) => FlowState::IdleExpired,
+            (_, Some(m)) if m.flags & MEMBER_F_ACCEPTS == 0 => FlowState::Draining,
+            _ => FlowState::Active,
+        };
+        let backend = member
+            .filter(|_| state != FlowState::Stale)
+            .map(|m| BackendRef::of(&m, &vkey));
+        Some(FlowRow {
+            client: SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)),
+            vip: vref.clone(),
+            protocol: Protocol::from_number(k.proto)
+                .map_or_else(|| k.proto.to_string(), |p| p.to_string()),
+            backend,
+            member_id: f.member_id,
+            generation: f.generation,
+            state,
+            seen_s_ago: self.now.saturating_sub(f.last_seen_ns) / 1_000_000_000,
+            affinity: self.affinity(k, f, vip),
+            nat: (vip.mode == MODE_NAT).then(|| self.nat(k)).flatten(),
+        })
+    }
+
+    fn affinity(&self, k: &FlowKey, f: &FlowValue, vip: &VipValue) -> Option<bool> {
+        if vip.affinity_timeout_s == 0 {
+            return None;
+        }
+        let a = self.p.affinity(&AffinityKey {
+            addr: k.src,
+            vip_id: vip.id,
+        });
+        Some(a.is_some_and(|a| {
+            let m = self.members.get(&a.member_id);
+            a.member_id == f.member_id
+                && check_affinity(&a, m, vip, self.now) == AffinityCheck::Follow
+        }))
+    }
+
+    fn nat(&self, k: &FlowKey) -> Option<NatView> {
+        let n = self.p.nat(k)?;
+        let state = match self.p.nat_reverse(k, &n) {
+            None => NatState::Gone,
+            Some(r) if r.closed() => NatState::Closed,
+            Some(r) if r.expired(k.proto, self.now, &self.node) => NatState::Gone,
+            Some(r) if r.state & NAT_S_ANSWERED == 0 => NatState::Waiting,
+            Some(r)
+                if k.proto != IPPROTO_UDP
+                    && r.state & (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND) != 0 =>
+            {
+                NatState::Closing
+            }
+            Some(_) => NatState::Established,
+        };
+        Some(NatView {
+            port: u16::from_be(n.nat_port),
+            state,
+        })
+    }
+}
+
+/// The flows to `vip` (all if None), at most `limit` of them, and their total.
+pub fn list(
+    p: &Pinned,
+    names: &VipNames,
+    vip: Option<SocketAddr>,
+    limit: usize,
+) -> Result<FlowList> {
+    let vips = p.vips()?.into_iter();
+    let ctx = Ctx {
+        p,
+        vips: vips.map(|(k, v)| (k, (v, names.vip(&k)))).collect(),
+        members: p.members()?,
+        node: p.node()?,
+        now: monotonic_coarse_ns(),
+    };
+    let mut out = FlowList {
+        total: 0,
+        shown: 0,
+        flows: Vec::new(),
+    };
+    p.each_flow(|k, f| {
+        let to = SocketAddr::new(ip_of(&k.dst, k.family), u16::from_be(k.dst_port));
+        if vip.is_some_and(|want| want != to) {
+            return true;
+        }
+        out.total += 1;
+        if out.flows.len() < limit
+            && let Some(r) = ctx.row(&k, &f)
+        {
+            out.flows.push(r);
+        }
+        true
+    })?;
+    out.shown = out.flows.len();
+    Ok(out)
+}
+
+pub fn flows(
+    p: &Pinned,
+    names: &VipNames,
+    vip: Option<SocketAddr>,
+    limit: usize,
+    format: Format,
+) -> Result<()> {
+    let list = list(p, names, vip, limit)?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let wide = format == Format::Wide;
+    let extra = |s: &str| {
+        if wide {
+            format!(" {s:>12}")
+        } else {
+            String::new()
+        }
+    };
+    println!(
+        "{:<46} {:<46} {:<28} {:<12} {:>6} {:<8} {:<18}{}",
+        "CLIENT",
+        "VIP",
+        "BACKEND",
+        "STATE",
+        "SEEN",
+        "AFFINITY",
+        "NAT PORT (STATE)",
+        extra("MEMBER/GEN")
+    );
+    for r in &list.flows {
+        let nat = r.nat.as_ref().map_or("-".to_string(), |n| {
+            format!("{} ({})", n.port, serde_plain(&n.state))
+        });
+        println!(
+            "{:<46} {:<46} {:<28} {:<12} {:>5}s {:<8} {:<18}{}",
+            r.client.to_string(),
+            r.vip.label,
+            r.backend.as_ref().map_or("(removed)", |b| b.label.as_str()),
+            serde_plain(&r.state),
+            r.seen_s_ago,
+            match r.affinity {
+                None => "-",
+                Some(true) => "held",
+                Some(false) => "no",
+            },
+            nat,
+            extra(&format!("{}/{}", r.member_id, r.generation))
+        );
+    }
+    println!(
+        "{} of {} flows shown (SEEN: since the last packet; for IPv6 TCP flows, since the first)",
+        list.shown, list.total
+    );
+    Ok(())
+}
+
+/// A unit enum's serde name (`idle-expired`).
+fn serde_plain(v: &impl Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
