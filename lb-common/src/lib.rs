@@ -9,6 +9,7 @@ pub mod csum;
 pub mod flowtab;
 pub mod hash;
 pub mod maps;
+pub mod reset;
 pub mod select;
 pub mod stats;
 pub mod types;

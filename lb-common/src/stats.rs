@@ -82,6 +82,13 @@ counters! {
     /// Encapsulated or translated, and passed to the kernel: the egress interface is not in the
     /// devmap.
     PassNoTxPort = "pass_no_tx_port", true;
+    /// A TCP packet Maglev gave to a rejecting member (a share with no backend, e.g. a Gateway
+    /// API backendRef that does not resolve): answered with a reset (RFC 793) sent back out of
+    /// the interface it came in on.
+    TxReset = "tx_reset", true;
+    /// Dropped: a packet Maglev gave to a rejecting member that is not TCP (UDP), or a TCP reset
+    /// (never answered), or one whose reset could not be built.
+    DropRejected = "drop_rejected", true;
 
     // Events.
     /// IPv4 or IPv6 fragment seen (to any address).

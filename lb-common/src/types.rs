@@ -33,6 +33,11 @@ pub const MEMBER_F_LIVE: u8 = 1 << 0;
 /// it the member keeps the flows it has (established connections drain) but gets no new
 /// connection, not even from a client that session affinity holds on it.
 pub const MEMBER_F_ACCEPTS: u8 = 1 << 1;
+/// `Member::flags`: the member stands for a share of the VIP's traffic that has no backend to go
+/// to (a Gateway API backendRef that does not resolve): a TCP packet Maglev sends to it is
+/// answered with a reset (`tx_reset`), anything else dropped (`drop_rejected`). Checked only after
+/// a Maglev lookup, so flows followed from the flow table pay nothing for it.
+pub const MEMBER_F_REJECT: u8 = 1 << 2;
 
 /// `NodeConfig::flags`: `src_v4` is set.
 pub const NODE_F_SRC_V4: u32 = 1 << 0;
@@ -436,7 +441,7 @@ pub struct LayoutMeta {
 }
 
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 macro_rules! assert_size {
     ($($t:ty => $n:expr),* $(,)?) => { $(const _: () = assert!(size_of::<$t>() == $n);)* };
@@ -496,6 +501,11 @@ impl Member {
     /// Whether the member takes new flows.
     pub const fn accepts(&self) -> bool {
         self.flags & MEMBER_F_ACCEPTS != 0
+    }
+
+    /// Whether the member rejects what Maglev sends it (see [`MEMBER_F_REJECT`]).
+    pub const fn rejects(&self) -> bool {
+        self.flags & MEMBER_F_REJECT != 0
     }
 
     /// Whether this is the live allocation `generation` of the id, a member of VIP `vip_id`.

@@ -25,6 +25,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod probe;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod too_big;
@@ -372,6 +374,9 @@ mod program {
             Ok(c) => c,
             Err(counter) => {
                 account(&LB_VIP_STATS, vip.id, bytes, false);
+                if counter == Counter::DropRejected {
+                    return crate::reject::reject(ctx, &pkt);
+                }
                 return Verdict::new(counter, xdp_action::XDP_DROP);
             }
         };

@@ -193,6 +193,9 @@ pub fn maglev(key: &FlowKey, vip: &VipValue) -> Result<(u32, &'static Member), C
     }
     count(Counter::MaglevLookups);
     match member(id) {
+        // A rejecting member is never recorded (no flow, no affinity): each attempt is
+        // rejected on its own, and the check costs only new flows.
+        Some(m) if ring_member_ok(m, vip) && m.rejects() => Err(Counter::DropRejected),
         Some(m) if ring_member_ok(m, vip) => Ok((id, m)),
         _ => Err(Counter::DropNoBackend),
     }

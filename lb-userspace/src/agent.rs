@@ -215,7 +215,8 @@ impl<D: Dataplane> Agent<D> {
             };
             let ids = ids.get_or_insert_with(|| self.member_ids_by_backend());
             let key = v.spec.key();
-            for b in &v.spec.backends {
+            // A rejecting share has no backend to judge.
+            for b in v.spec.backends.iter().filter(|b| !b.reject) {
                 let port = if b.port == 0 { v.spec.port } else { b.port };
                 out.push(PassiveTarget {
                     target: (key, b.address),

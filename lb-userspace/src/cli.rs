@@ -62,6 +62,9 @@ enum Command {
         /// The class of Services this agent serves (with --kubernetes).
         #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
         class: String,
+        /// Serve the Gateway API's GatewayClasses with this controllerName (with --kubernetes).
+        #[arg(long, default_value = crate::k8s::gateway::DEFAULT_CONTROLLER, requires = "kubernetes")]
+        gateway_controller: String,
         /// This node's name, for externalTrafficPolicy: Local (with --kubernetes; the
         /// DaemonSet sets it from the downward API).
         #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
@@ -233,6 +236,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             config,
             kubernetes,
             class,
+            gateway_controller,
             node_name,
             source,
             lease,
@@ -242,6 +246,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                 (true, Some(node_name)) if !node_name.is_empty() => Some(crate::k8s::KubeOptions {
                     class,
                     node_name,
+                    gateway_controller,
                     lease,
                 }),
                 (true, _) => bail!(

@@ -644,11 +644,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
             };
             let weight = c.int(&format!("{bp}.weight"), b.weight, 100, 0..=65_535) as u32;
             memberships += 1;
-            backends.push(BackendSpec {
-                address: addr,
-                port: bport,
-                weight,
-            });
+            backends.push(BackendSpec::new(addr, bport, weight));
         }
         // A VIP may have a smaller table of its own (a prime no larger than the node's).
         let vip_table = v.table_size.map(|t| {

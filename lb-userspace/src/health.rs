@@ -184,7 +184,8 @@ impl Checks {
             let Some(check) = &v.health_check else {
                 continue;
             };
-            for b in &v.spec.backends {
+            // A rejecting share has no backend to probe.
+            for b in v.spec.backends.iter().filter(|b| !b.reject) {
                 let target: Target = (v.spec.key(), b.address);
                 let addr = SocketAddr::new(b.address, check.port_for(&v.spec, b));
                 wanted.insert((target, addr, check.clone()));

@@ -101,6 +101,38 @@ pub struct BackendSpec {
     /// Backend port in NAT mode (0: the VIP's port). Always 0 in DSR.
     pub port: u16,
     pub weight: u32,
+    /// Not a backend but a share of the VIP's traffic that has nowhere to go (a Gateway API
+    /// backendRef that does not resolve): what Maglev sends here is rejected (TCP reset, UDP
+    /// dropped). Its address is the unspecified one ([`BackendSpec::rejecting`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reject: bool,
+}
+
+impl BackendSpec {
+    /// A backend at `address:port`.
+    pub fn new(address: IpAddr, port: u16, weight: u32) -> Self {
+        Self {
+            address,
+            port,
+            weight,
+            reject: false,
+        }
+    }
+
+    /// The rejecting share of a VIP of family `v4`/IPv6 with `weight`.
+    pub fn rejecting(v4: bool, weight: u32) -> Self {
+        let address = if v4 {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        Self {
+            address,
+            port: 0,
+            weight,
+            reject: true,
+        }
+    }
 }
 
 /// Node settings the program needs.

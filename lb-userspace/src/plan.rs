@@ -19,9 +19,9 @@ use std::{
 };
 
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MODE_DSR, MODE_NAT, Member, NO_BACKEND,
-    NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig, VIP_F_HASH_SRC_ONLY, VipAddr,
-    VipKey, VipValue,
+    FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
+    Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig,
+    VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
 };
 
 use crate::{
@@ -142,14 +142,23 @@ pub fn identity(m: &Member) -> MemberIdentity {
     (m.vip_id, m.family, m.addr, m.port)
 }
 
-/// The member of VIP id `vip_id` for a backend at `address` and `port` (0 in DSR).
-pub fn member_of(vip_id: u32, address: std::net::IpAddr, port: u16, accepts: bool) -> Member {
+/// The member of VIP id `vip_id` for a backend at `address` and `port` (0 in DSR); `reject`:
+/// a rejecting share (see [`crate::model::BackendSpec::reject`]).
+pub fn member_of(
+    vip_id: u32,
+    address: std::net::IpAddr,
+    port: u16,
+    accepts: bool,
+    reject: bool,
+) -> Member {
     let (addr, family) = addr16(address);
     Member {
         addr,
         port: port.to_be(),
         family,
-        flags: MEMBER_F_LIVE | if accepts { MEMBER_F_ACCEPTS } else { 0 },
+        flags: MEMBER_F_LIVE
+            | if accepts { MEMBER_F_ACCEPTS } else { 0 }
+            | if reject { MEMBER_F_REJECT } else { 0 },
         vip_id,
         generation: 0,
     }
@@ -301,7 +310,7 @@ pub fn plan_cached(
             .backends
             .iter()
             .map(|b| {
-                let ident = identity(&member_of(id, b.address, b.port, false));
+                let ident = identity(&member_of(id, b.address, b.port, false, b.reject));
                 (maglev_key(b.address, b.port), b.weight, by_identity[&ident])
             })
             .collect();
@@ -372,7 +381,7 @@ fn members(
     let mut wanted: Vec<Member> = Vec::new();
     for (v, &vip_id) in desired.vips.iter().zip(vip_ids) {
         for b in &v.backends {
-            wanted.push(member_of(vip_id, b.address, b.port, b.weight > 0));
+            wanted.push(member_of(vip_id, b.address, b.port, b.weight > 0, b.reject));
         }
     }
     if wanted.len() > limits.max_backends as usize {
@@ -590,11 +599,7 @@ mod tests {
             table_size: None,
             backends: backends
                 .iter()
-                .map(|(a, w)| BackendSpec {
-                    address: a.parse::<IpAddr>().unwrap(),
-                    port: 0,
-                    weight: *w,
-                })
+                .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))
                 .collect(),
         }
     }
@@ -941,6 +946,30 @@ mod tests {
             member: m2,
             fresh: false
         }));
+    }
+
+    #[test]
+    fn a_rejecting_share_is_a_member_with_the_reject_flag_and_its_weight_of_slots() {
+        let mut v = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        v.backends.push(BackendSpec::rejecting(true, 2));
+        let (_, s) = plan(&State::default(), &desired(vec![v]), LIMITS).unwrap();
+        let rejecting: Vec<(u32, Member)> = s
+            .members
+            .iter()
+            .filter(|(_, m)| m.rejects())
+            .map(|(id, m)| (*id, *m))
+            .collect();
+        assert_eq!(rejecting.len(), 1, "{:?}", s.members);
+        let (id, m) = rejecting[0];
+        assert!(m.is_live() && m.accepts());
+        assert_eq!((m.addr, m.port), ([0; 16], 0), "the unspecified address");
+        let slots = s.rings[&0].iter().filter(|&&x| x == id).count();
+        assert!(
+            (1009 * 2 / 3 - 1..=1009 * 2 / 3 + 1).contains(&slots),
+            "weight 2 of 3: {slots} of 1009 slots"
+        );
+        let others = s.members.values().filter(|m| !m.rejects()).count();
+        assert_eq!(others, 1, "the backend stays an ordinary member");
     }
 
     #[test]

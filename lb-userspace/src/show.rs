@@ -622,6 +622,18 @@ fn maglev_choice(
     if id == NO_BACKEND || member.is_none() {
         return Ok(json!({"verdict": "drop", "reason": "no backend", "hash": hash, "slot": slot}));
     }
+    if member.is_some_and(|m| m.rejects()) {
+        // A share with nowhere to go (lb-ebpf/src/reject.rs): TCP is reset, the rest dropped.
+        let verdict = if key.proto == lb_common::IPPROTO_TCP {
+            "reset"
+        } else {
+            "drop"
+        };
+        steps.push(format!("member {id} rejects its share: {verdict}"));
+        return Ok(
+            json!({"verdict": verdict, "reason": "rejected share", "hash": hash, "slot": slot, "member_id": id}),
+        );
+    }
     let mut r = forward(p, "maglev", id);
     r["hash"] = json!(hash);
     r["slot"] = json!(slot);

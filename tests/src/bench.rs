@@ -1255,13 +1255,15 @@ pub fn control_plane(opts: &Options) -> Value {
         affinity_timeout_s: 0,
         table_size: None,
         backends: (0..opts.backends_per_vip)
-            .map(|b| BackendSpec {
-                address: IpAddr::from(std::net::Ipv4Addr::from(
-                    u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0))
-                        + (i * opts.backends_per_vip + b) as u32,
-                )),
-                port: 0,
-                weight: weight_of(i, b),
+            .map(|b| {
+                BackendSpec::new(
+                    IpAddr::from(std::net::Ipv4Addr::from(
+                        u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0))
+                            + (i * opts.backends_per_vip + b) as u32,
+                    )),
+                    0,
+                    weight_of(i, b),
+                )
             })
             .collect(),
     };

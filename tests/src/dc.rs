@@ -443,15 +443,24 @@ pub struct NatServers {
 
 impl NatServers {
     pub fn start(lab: &Lab, port: u16) -> Self {
+        Self::start_as(lab, port, "", false)
+    }
+
+    /// The servers, answering with the backend's name followed by `suffix` (sets on different
+    /// ports tell their "pods" apart); `any`: on every IPv4 address of the backend (0.0.0.0),
+    /// so that addresses a test adds to a backend serve too, instead of its own two.
+    pub fn start_as(lab: &Lab, port: u16, suffix: &str, any: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let mut down = BTreeMap::new();
         let mut threads = Vec::new();
-        for ((name, ns), (_, v4, v6)) in lab.backends.iter().zip(BACKENDS) {
+        for ((backend, ns), (_, v4, v6)) in lab.backends.iter().zip(BACKENDS) {
+            let name = &format!("{backend}{suffix}");
             // veths leave checksums to "hardware", which XDP forwarding skips (see README).
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
             let flag = Arc::new(AtomicBool::new(false));
-            down.insert(name.clone(), flag.clone());
-            for a in [v4, v6] {
+            down.insert(backend.clone(), flag.clone());
+            let addrs = if any { vec!["0.0.0.0"] } else { vec![v4, v6] };
+            for a in addrs {
                 let sa = SocketAddr::new(a.parse().unwrap(), port);
                 let udp = ns.run(|| UdpSocket::bind(sa).expect("bind udp"));
                 udp.set_read_timeout(Some(Duration::from_millis(20)))

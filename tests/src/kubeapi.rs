@@ -1,10 +1,12 @@
 //! A small stand-in for the Kubernetes API server, enough for kube-rs's client, watcher and
 //! reflector to run unmodified over a real HTTP connection: list and watch (resourceVersion,
 //! label selectors, ADDED/MODIFIED/DELETED, bookmarks, `410 Gone` for a version that has been
-//! compacted away) for Services, EndpointSlices and UpstreamPolicies; merge-patching a policy's
-//! status; creating and patching Events; getting, creating and (resourceVersion-conditionally)
-//! updating Leases. Tests change objects through [`FakeApi`] and read back
-//! what the agent wrote.
+//! compacted away) for Services, EndpointSlices, UpstreamPolicies, Namespaces and the Gateway
+//! API's GatewayClasses, Gateways, TCPRoutes and UDPRoutes (at v1 and v1alpha2, the same objects)
+//! and ReferenceGrants; discovery of the Gateway API group's versions (a test may hide some);
+//! merge-patching any of their statuses; server-side applying Services; creating and patching
+//! Events; getting, creating and (resourceVersion-conditionally) updating Leases. Tests change
+//! objects through [`FakeApi`] and read back what the agent wrote.
 //!
 //! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
 //! closes) and [`FakeApi::start`] brings it back with the same objects.
@@ -24,9 +26,56 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-/// The resources served: (plural, apiVersion, kind, path prefix).
-const RESOURCES: [(&str, &str, &str, &str); 3] = [
+/// The Gateway API's group.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// The resources served: (plural, apiVersion, kind, path prefix). A kind served at two versions
+/// is listed twice; its objects are the same at both.
+const RESOURCES: [(&str, &str, &str, &str); 11] = [
     ("services", "v1", "Service", "/api/v1"),
+    ("namespaces", "v1", "Namespace", "/api/v1"),
+    (
+        "gatewayclasses",
+        "gateway.networking.k8s.io/v1",
+        "GatewayClass",
+        "/apis/gateway.networking.k8s.io/v1",
+    ),
+    (
+        "gateways",
+        "gateway.networking.k8s.io/v1",
+        "Gateway",
+        "/apis/gateway.networking.k8s.io/v1",
+    ),
+    (
+        "tcproutes",
+        "gateway.networking.k8s.io/v1",
+        "TCPRoute",
+        "/apis/gateway.networking.k8s.io/v1",
+    ),
+    (
+        "udproutes",
+        "gateway.networking.k8s.io/v1",
+        "UDPRoute",
+        "/apis/gateway.networking.k8s.io/v1",
+    ),
+    (
+        "tcproutes",
+        "gateway.networking.k8s.io/v1alpha2",
+        "TCPRoute",
+        "/apis/gateway.networking.k8s.io/v1alpha2",
+    ),
+    (
+        "udproutes",
+        "gateway.networking.k8s.io/v1alpha2",
+        "UDPRoute",
+        "/apis/gateway.networking.k8s.io/v1alpha2",
+    ),
+    (
+        "referencegrants",
+        "gateway.networking.k8s.io/v1beta1",
+        "ReferenceGrant",
+        "/apis/gateway.networking.k8s.io/v1beta1",
+    ),
     (
         "endpointslices",
         "discovery.k8s.io/v1",
@@ -54,6 +103,13 @@ fn resource(plural: &str) -> (&'static str, &'static str, &'static str, &'static
         .iter()
         .find(|r| r.0 == plural)
         .expect("known resource")
+}
+
+/// Whether `r` (a row of [`RESOURCES`]) is served now.
+fn served(s: &State, r: &(&str, &str, &str, &str)) -> bool {
+    !s.hidden
+        .iter()
+        .any(|(gv, plural)| gv == r.1 && plural == r.0)
 }
 
 /// (resource, namespace, name)
@@ -88,6 +144,13 @@ pub struct State {
     pub events: Vec<Value>,
     /// The resources of every watch answered with `410 Gone`, in order.
     pub gone: Vec<String>,
+    /// (resource, `namespace/name` or `name`, the merge patch) of every status patch, of any
+    /// resource.
+    pub patches: Vec<(String, String, Value)>,
+    /// Every object server-side applied, as sent.
+    pub applied: Vec<Value>,
+    /// (apiVersion, plural) pairs not served (404 in discovery, list and watch).
+    pub hidden: Vec<(String, String)>,
     /// The writer (`fieldManager`) of each entry of `status_patches`.
     pub status_writers: Vec<String>,
     /// Leases (`coordination.k8s.io/v1`), by (namespace, name): kept apart from the watched
@@ -280,6 +343,24 @@ impl FakeApi {
         self.lock().put(obj, true);
     }
 
+    /// Serves without `plural` at `api_version` (before the agent starts: it asks once).
+    pub fn hide(&self, api_version: &str, plural: &str) {
+        self.lock().hidden.push((api_version.into(), plural.into()));
+    }
+
+    /// Serves no Gateway API at all (a cluster without its CRDs).
+    pub fn without_gateway_api(&self) {
+        for r in RESOURCES.iter().filter(|r| r.1.starts_with(GATEWAY_GROUP)) {
+            self.hide(r.1, r.0);
+        }
+    }
+
+    /// The current object of `kind` `namespace/name` (namespace "" for cluster-scoped ones).
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (resource_of_kind(kind).into(), namespace.into(), name.into());
+        self.lock().objects.get(&key).cloned()
+    }
+
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
         let key = (resource_of_kind(kind).into(), namespace.into(), name.into());
         self.lock().remove(&key, true);
@@ -389,6 +470,25 @@ async fn handle(Extract(state): Extract<Arc<Mutex<State>>>, req: Request) -> Res
     resp
 }
 
+/// (plural, namespace or "", name) of an object's path, if it is one of a served resource.
+fn object_path(segs: &[&str]) -> Option<(String, String, String)> {
+    let (prefix_len, rest) = match segs {
+        ["api", "v1", rest @ ..] => (2, rest),
+        ["apis", _, _, rest @ ..] => (3, rest),
+        _ => return None,
+    };
+    let prefix = format!("/{}", segs[..prefix_len].join("/"));
+    let (ns, plural, name) = match rest {
+        ["namespaces", ns, plural, name] => (*ns, *plural, *name),
+        [plural, name] => ("", *plural, *name),
+        _ => return None,
+    };
+    RESOURCES
+        .iter()
+        .any(|r| r.0 == plural && r.3 == prefix)
+        .then(|| (plural.into(), ns.into(), name.into()))
+}
+
 fn respond(
     state: &Arc<Mutex<State>>,
     method: &Method,
@@ -399,9 +499,10 @@ fn respond(
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     // Cluster-wide list and watch of a served resource.
     if method == Method::GET
-        && let Some(&(plural, api_version, kind, _)) = RESOURCES
-            .iter()
-            .find(|r| path == format!("{}/{}", r.3, r.0))
+        && let Some(&(plural, api_version, kind, _)) = RESOURCES.iter().find(|r| {
+            path == format!("{}/{}", r.3, r.0)
+                && served(&state.lock().unwrap_or_else(|e| e.into_inner()), r)
+        })
     {
         let selector = query.get("labelSelector").cloned();
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -451,7 +552,11 @@ fn respond(
             .objects
             .iter()
             .filter(|(k, o)| k.0 == plural && selects(selector.as_deref(), o))
-            .map(|(_, o)| o.clone())
+            .map(|(_, o)| {
+                let mut o = o.clone();
+                o["apiVersion"] = json!(api_version);
+                o
+            })
             .collect();
         return ok_json(
             StatusCode::OK,
@@ -459,39 +564,85 @@ fn respond(
                      "metadata": { "resourceVersion": s.rv.to_string() }, "items": items }),
         );
     }
-    // PATCH /apis/lb.dev/v1alpha1/namespaces/{ns}/upstreampolicies/{name}/status
+    // Discovery: GET /apis/gateway.networking.k8s.io/{version}
+    if method == Method::GET
+        && let ["apis", GATEWAY_GROUP, version] = segs[..]
+    {
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let gv = format!("{GATEWAY_GROUP}/{version}");
+        let resources: Vec<Value> = RESOURCES
+            .iter()
+            .filter(|r| r.1 == gv && served(&s, r))
+            .map(|r| {
+                json!({ "name": r.0, "singularName": r.2.to_lowercase(), "kind": r.2,
+                        "namespaced": r.0 != "gatewayclasses", "verbs": ["get", "list", "watch", "patch"] })
+            })
+            .collect();
+        if resources.is_empty() {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find {path}"),
+            );
+        }
+        return ok_json(
+            StatusCode::OK,
+            &json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources }),
+        );
+    }
+    // PATCH {prefix}[/namespaces/{ns}]/{plural}/{name}/status
     if method == Method::PATCH
-        && let [
-            "apis",
-            "lb.dev",
-            "v1alpha1",
-            "namespaces",
-            ns,
-            "upstreampolicies",
-            name,
-            "status",
-        ] = segs[..]
+        && segs.last() == Some(&"status")
+        && let Some((plural, ns, name)) = object_path(&segs[..segs.len() - 1])
     {
         let Ok(patch) = serde_json::from_slice::<Value>(body) else {
             return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
         };
         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let key: Key = ("upstreampolicies".into(), ns.into(), name.into());
+        let key: Key = (plural.clone(), ns.clone(), name.clone());
         let Some(mut obj) = s.objects.get(&key).cloned() else {
             return status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("upstreampolicies.lb.dev \"{name}\" not found"),
+                format!("{plural} \"{name}\" not found"),
             );
         };
-        s.status_patches
-            .push((format!("{ns}/{name}"), patch.clone()));
-        let writer = query.get("fieldManager").cloned().unwrap_or_default();
-        s.status_writers.push(writer);
+        let who = if ns.is_empty() {
+            name.clone()
+        } else {
+            format!("{ns}/{name}")
+        };
+        if plural == "upstreampolicies" {
+            s.status_patches.push((who.clone(), patch.clone()));
+            let writer = query.get("fieldManager").cloned().unwrap_or_default();
+            s.status_writers.push(writer);
+        }
+        s.patches.push((plural.clone(), who, patch.clone()));
         if let Some(st) = patch.get("status") {
             json_patch::merge(&mut obj, &json!({ "status": st }));
         }
         s.put(obj, true);
+        let obj = s.objects[&key].clone();
+        return ok_json(StatusCode::OK, &obj);
+    }
+    // Server-side apply: PATCH /api/v1/namespaces/{ns}/services/{name} (creates or merges).
+    if method == Method::PATCH
+        && let ["api", "v1", "namespaces", ns, "services", name] = segs[..]
+    {
+        let Ok(obj) = serde_json::from_slice::<Value>(body) else {
+            return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON".into());
+        };
+        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+        s.applied.push(obj.clone());
+        let key: Key = ("services".into(), ns.into(), name.into());
+        let merged = match s.objects.get(&key).cloned() {
+            Some(mut old) => {
+                json_patch::merge(&mut old, &obj);
+                old
+            }
+            None => obj,
+        };
+        s.put(merged, true);
         let obj = s.objects[&key].clone();
         return ok_json(StatusCode::OK, &obj);
     }
@@ -543,6 +694,73 @@ fn respond(
         "NotFound",
         format!("the fake API server does not serve {method} {path}"),
     )
+}
+
+/// The rules of the ClusterRole and the Role (the Lease, in lb's namespace) as (API group,
+/// resource, verb).
+pub fn granted() -> Vec<(String, String, String)> {
+    let docs = crate::deploy_docs("rbac.yaml");
+    let rules = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .flat_map(|d| d["rules"].as_array().unwrap().clone());
+    let mut out = Vec::new();
+    for rule in rules {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.push((
+                        g.as_str().unwrap().into(),
+                        r.as_str().unwrap().into(),
+                        v.as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What RBAC calls a request the fake server logged (None: discovery) ("GET /api/v1/services?... -> 200").
+pub fn rbac_of(request: &str) -> Option<(String, String, String)> {
+    let (method, rest) = request.split_once(' ').unwrap();
+    let uri = rest.split(' ').next().unwrap();
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, tail) = match segs[0] {
+        "api" => ("", &segs[2..]),
+        _ => (segs[1], &segs[3..]),
+    };
+    if tail.is_empty() {
+        // Discovery (a non-resource URL): every authenticated user may ask (the cluster's
+        // default system:discovery role), so RBAC of lb's own does not list it.
+        return None;
+    }
+    let tail = match tail {
+        ["namespaces", _, rest @ ..] => rest,
+        t => t,
+    };
+    let resource = match tail {
+        [r] | [r, _] => r.to_string(),
+        [r, _, sub] => format!("{r}/{sub}"),
+        _ => panic!("unexpected path {path}"),
+    };
+    let verb = match method {
+        "GET" if query.contains("watch=true") || query.contains("watch=1") => "watch",
+        "GET" if tail.len() == 1 => "list",
+        "GET" => "get",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        m => panic!("unexpected method {m}"),
+    };
+    Some((group.into(), resource, verb.into()))
+}
+
+/// Whether the agent needs grant (group, resource, verb) only for the Gateway API.
+pub fn gateway_only(g: &str, r: &str, v: &str) -> bool {
+    g == GATEWAY_GROUP || (g.is_empty() && (r == "namespaces" || (r == "services" && v == "patch")))
 }
 
 /// Leases: get, create (409 AlreadyExists) and update, which is conditional on the

@@ -7,13 +7,17 @@
 
 use std::net::IpAddr;
 
-use lb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, VIP_F_HASH_SRC_ONLY, VipValue};
+use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader};
+use lb_common::{
+    Counter, IPPROTO_TCP, IPPROTO_UDP, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR,
+    VIP_F_HASH_SRC_ONLY, VipValue,
+};
 use lb_tests::{
     harness::{
         self, FibNet, Lb, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, action_name, net::*, vip_key,
     },
     hex,
-    packet::{self, L4, Pkt, TCP_ACK, ext},
+    packet::{self, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, ext},
 };
 use lb_userspace::program::Sizes;
 
@@ -138,7 +142,12 @@ const BACKENDS: &[(u32, &str)] = &[
     (11, NO_TX_PORT_V4),
     (12, SMALL_MTU_V6),
     (13, UNREACHABLE_V6),
+    (15, "0.0.0.0"),
+    (16, "::"),
 ];
+
+/// VIPs (by id) whose every slot names a rejecting member (`MEMBER_F_REJECT`), and its backend.
+const REJECTING: &[(u32, u32)] = &[(19, 15), (20, 15), (21, 16), (22, 16)];
 
 fn vips() -> Vec<Vip> {
     let v = |addr, port, proto, backend| Vip {
@@ -172,6 +181,10 @@ fn vips() -> Vec<Vip> {
             ..v("192.0.2.20", 80, IPPROTO_TCP, Some(2))
         }, // 17
         v("2001:db8::14", 80, IPPROTO_TCP, Some(13)), // 18
+        v("192.0.2.21", 80, IPPROTO_TCP, Some(15)),   // 19: rejecting (see REJECTING)
+        v("192.0.2.21", 53, IPPROTO_UDP, Some(15)),   // 20
+        v("2001:db8::21", 80, IPPROTO_TCP, Some(16)), // 21
+        v("2001:db8::21", 53, IPPROTO_UDP, Some(16)), // 22
     ]
 }
 
@@ -207,8 +220,161 @@ fn setup(net: &FibNet) -> Lb {
             None => lb.clear_ring(id),
         }
     }
+    for &(vip_id, backend) in REJECTING {
+        let m = lb.member(vip_id, backend);
+        lb.write_member(
+            m,
+            vip_id,
+            backend,
+            MEMBER_F_LIVE | MEMBER_F_ACCEPTS | MEMBER_F_REJECT,
+            1,
+        );
+    }
     lb.add_tx_port(net.lb1);
     lb
+}
+
+/// The reset (RFC 793) the program should answer `pkt` with, built by etherparse: back to the
+/// MAC it came from, addresses and ports swapped, `seq`, and `ack` if `Some` (with the ACK flag),
+/// no options, window 0, TTL 64, IPv4 with DF and identification 0.
+fn reset_frame(pkt: &Pkt, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let mut tcp = TcpHeader::new(pkt.dport, pkt.sport, seq, 0);
+    tcp.rst = true;
+    if let Some(a) = ack {
+        tcp.ack = true;
+        tcp.acknowledgment_number = a;
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&pkt.eth_src);
+    out.extend_from_slice(&pkt.eth_dst);
+    if let Some(tci) = pkt.vlan {
+        out.extend_from_slice(&0x8100u16.to_be_bytes());
+        out.extend_from_slice(&tci.to_be_bytes());
+    }
+    match (pkt.dst, pkt.src) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = Ipv4Header::new(20, 64, IpNumber::TCP, s.octets(), d.octets()).unwrap();
+            ip.dont_fragment = true;
+            ip.header_checksum = ip.calc_header_checksum();
+            tcp.checksum = tcp.calc_checksum_ipv4(&ip, &[]).unwrap();
+            out.extend_from_slice(&ip.to_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let ip = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: 20,
+                next_header: IpNumber::TCP,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            };
+            tcp.checksum = tcp.calc_checksum_ipv6(&ip, &[]).unwrap();
+            out.extend_from_slice(&ip.to_bytes());
+        }
+        _ => panic!("mixed address families"),
+    }
+    out.extend_from_slice(&tcp.to_bytes());
+    out
+}
+
+fn reset(desc: &'static str, pkt: Pkt, seq: u32, ack: Option<u32>) -> Fixture {
+    Fixture {
+        desc,
+        output: reset_frame(&pkt, seq, ack),
+        input: pkt.frame(),
+        action: XDP_TX,
+        verdict: Counter::TxReset,
+    }
+}
+
+/// Packets Maglev gives to a rejecting member. The SYNs carry the builder's sequence number
+/// 0x01020304 and 8 bytes of data ("hello lb"), so the reset acknowledges 0x01020304 + 8 + 1.
+fn rejecting_fixtures() -> Vec<Fixture> {
+    let to = LB0_MAC;
+    let syn4 = Pkt::tcp(CLIENT4, 40000, "192.0.2.21", 80, to);
+    let syn6 = Pkt::tcp(CLIENT6, 40000, "2001:db8::21", 80, to);
+    let isn = 0x0102_0304u32;
+    vec![
+        reset(
+            "IPv4 SYN to a rejected share: RST+ACK acknowledging the SYN and its data",
+            syn4.clone(),
+            0,
+            Some(isn + 9),
+        ),
+        reset(
+            "IPv6 SYN to a rejected share: RST+ACK",
+            syn6.clone(),
+            0,
+            Some(isn + 9),
+        ),
+        reset(
+            "IPv4 SYN without data, with options, behind a VLAN tag: the reset keeps the tag, \
+             drops the options and the Ethernet padding",
+            syn4.clone().with(|p| {
+                p.payload.clear();
+                p.vlan = Some(0x0064);
+                p.v4_options = vec![0x01; 8];
+                p.trailer = vec![0; 6];
+            }),
+            0,
+            Some(isn + 1),
+        ),
+        reset(
+            "mid-stream IPv4 ACK that missed the flow table: RST from its ACK field, no ACK flag",
+            syn4.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK }),
+            0x0a0b_0c0d,
+            None,
+        ),
+        reset(
+            "IPv6 FIN without ACK: RST+ACK counting the FIN",
+            syn6.clone().with(|p| {
+                p.l4 = L4::Tcp { flags: TCP_FIN };
+                p.payload.clear();
+            }),
+            0,
+            Some(isn + 1),
+        ),
+        untouched(
+            "a RST to a rejected share is never answered: dropped",
+            &syn4.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_RST }),
+            XDP_DROP,
+            Counter::DropRejected,
+        ),
+        untouched(
+            "IPv4 UDP to a rejected share: dropped",
+            &Pkt::udp(CLIENT4, 5353, "192.0.2.21", 53, to),
+            XDP_DROP,
+            Counter::DropRejected,
+        ),
+        untouched(
+            "IPv6 UDP to a rejected share: dropped",
+            &Pkt::udp(CLIENT6, 5353, "2001:db8::21", 53, to),
+            XDP_DROP,
+            Counter::DropRejected,
+        ),
+    ]
+}
+
+/// A rejecting member takes no flow and no affinity entry: every attempt is judged afresh, and
+/// packets to it are answered (TCP) or dropped (UDP), each counted once.
+#[test]
+fn packets_to_a_rejected_share_are_reset_or_dropped_and_never_recorded() {
+    let net = FibNet::new("reject");
+    let ingress = net.lb0;
+    let fixtures = rejecting_fixtures();
+    net.ns.run(|| {
+        let mut lb = setup(&net);
+        for fx in &fixtures {
+            let _ = check(&mut lb, fx, ingress);
+        }
+        for fx in &fixtures {
+            let _ = check(&mut lb, fx, ingress);
+        }
+        assert_eq!(lb.flow_count(), 0, "a rejected attempt left a flow entry");
+    });
 }
 
 fn fixtures() -> Vec<Fixture> {

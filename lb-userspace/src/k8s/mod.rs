@@ -1,11 +1,13 @@
 //! Kubernetes as a source of desired state: Services, EndpointSlices and `UpstreamPolicy`
 //! objects become the same VIPs a config file describes.
 
+pub mod gateway;
 pub mod kong;
 pub mod lease;
 pub mod policy;
 pub mod slices;
 pub mod source;
+pub mod status;
 pub mod translate;
 
 pub use lease::{Leadership, LeaseFlags};

@@ -1,7 +1,14 @@
-//! The agent's view of the cluster: three reflectors (Services of its class, the EndpointSlices
-//! of those Services, UpstreamPolicies), the translation of what they hold, and what the agent
-//! reports back (policy status conditions, Events on Services) while it holds the status
-//! writer's Lease.
+//! The agent's view of the cluster: reflectors (Services of its class, the EndpointSlices of
+//! the Services it serves, UpstreamPolicies; with the Gateway API installed, also every Service,
+//! Namespaces, GatewayClasses, Gateways, TCPRoutes, UDPRoutes and ReferenceGrants), the
+//! translation of what they hold, and what the agent reports back (status conditions, Events on
+//! Services, the LoadBalancer Services of Gateways) while it holds the status writer's Lease,
+//! status and Services written through one [`status::Writer`].
+//!
+//! Which Gateway API kinds to watch is asked of the API server once, at start (discovery):
+//! routes at `v1` where served, else `v1alpha2` (the experimental channel before v1.6),
+//! ReferenceGrants at `v1` else `v1beta1`. Gateway API CRDs installed after the agent started
+//! are seen after a restart.
 //!
 //! The watchers run over `DynamicObject`s and each object is decoded on its own, so one object
 //! that does not decode (a malformed object) is logged and skipped instead of stalling its whole
@@ -14,7 +21,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    api::{ApiResource, DynamicObject, Patch, PatchParams},
+    api::{ApiResource, DynamicObject},
     runtime::{
         WatchStreamExt as _,
         events::{Event, EventType, Recorder, Reporter},
@@ -28,9 +35,14 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
+    gateway::{
+        self,
+        types::{GROUP, Gateway, GatewayClass, ReferenceGrant, Route, TCPRoute, UDPRoute},
+    },
     lease::{self, Leadership, LeaseFlags},
     policy::UpstreamPolicy,
     slices::SliceWatch,
+    status::{self, KubeWriter},
     translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
 };
 use crate::config::VipConfig;
@@ -45,6 +57,22 @@ pub struct KubeOptions {
     pub node_name: String,
     /// The Lease that elects the one status writer.
     pub lease: LeaseFlags,
+    /// Serve GatewayClasses with this `controllerName`.
+    pub gateway_controller: String,
+}
+
+/// The Gateway API watchers (when the API server serves the Gateway API).
+struct GatewayWatch {
+    controller: String,
+    namespaces: Store<DynamicObject>,
+    classes: Store<DynamicObject>,
+    gateways: Store<DynamicObject>,
+    /// Route kinds and ReferenceGrants at the version served, if they are.
+    tcp: Option<(ApiResource, Store<DynamicObject>)>,
+    udp: Option<(ApiResource, Store<DynamicObject>)>,
+    grants: Option<Store<DynamicObject>>,
+    /// The last translation's output, for [`Kube::report`].
+    last: gateway::Output,
 }
 
 pub struct Kube {
@@ -56,8 +84,6 @@ pub struct Kube {
     slice_watch: SliceWatch,
     /// Whether this agent writes status (policy conditions, Events).
     leader: Leadership,
-    /// Status patches name this writer (`fieldManager`).
-    field_manager: String,
     /// The election task, its flags and this agent's identity in it.
     election: JoinHandle<()>,
     lease_flags: LeaseFlags,
@@ -66,6 +92,9 @@ pub struct Kube {
     translator: Translator,
     pub settings: Settings,
     recorder: Recorder,
+    /// Everything written to the cluster goes through it.
+    pub writer: Box<dyn status::Writer>,
+    gateway: Option<GatewayWatch>,
     /// The translation the maps were last asked to hold.
     pub last: Translation,
     /// Events already recorded (recorded again only after they stop and recur).
@@ -122,12 +151,6 @@ impl Kube {
         let client = Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
         )?;
-        let (services, t1) = watch(
-            &client,
-            ApiResource::erase::<Service>(&()),
-            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class)),
-            changed.clone(),
-        );
         let slice_watch = SliceWatch::new(client.clone(), changed.clone());
         let slices = slice_watch.store();
         let (policies, t3) = watch(
@@ -141,8 +164,51 @@ impl Kube {
             client.default_namespace(),
             &opts.lease,
             &opts.node_name,
-            changed,
+            changed.clone(),
         );
+        // Like the watchers, wait for an API server that does not answer yet.
+        let served = GatewayApi::discover_until_answered(&client).await;
+        // The Gateway API's backendRefs name any Service, not only those of lb's class.
+        let services_config = if served.enabled() {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class))
+        };
+        let (services, t1) = watch(
+            &client,
+            ApiResource::erase::<Service>(&()),
+            services_config,
+            changed.clone(),
+        );
+        let mut tasks = vec![t1, t3];
+        let gateway = served.enabled().then(|| {
+            let mut w = |ar: ApiResource| {
+                let (store, task) = watch(&client, ar, watcher::Config::default(), changed.clone());
+                tasks.push(task);
+                store
+            };
+            GatewayWatch {
+                controller: opts.gateway_controller.clone(),
+                namespaces: w(ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(
+                    &(),
+                )),
+                classes: w(ApiResource::erase::<GatewayClass>(&())),
+                gateways: w(ApiResource::erase::<Gateway>(&())),
+                tcp: served.tcp.clone().map(|ar| (ar.clone(), w(ar))),
+                udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
+                grants: served.grants.clone().map(&mut w),
+                last: gateway::Output::default(),
+            }
+        });
+        if let Some(g) = &gateway {
+            info!(
+                controller = %g.controller,
+                tcproute = ?served.tcp.as_ref().map(|a| &a.version),
+                udproute = ?served.udp.as_ref().map(|a| &a.version),
+                referencegrant = ?served.grants.as_ref().map(|a| &a.version),
+                "the Gateway API is served: watching GatewayClasses, Gateways and routes"
+            );
+        }
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -151,17 +217,21 @@ impl Kube {
             },
         );
         let mut kube = Self {
+            writer: Box::new(KubeWriter {
+                client: client.clone(),
+                field_manager: format!("lb-{}", opts.node_name),
+            }),
+            gateway,
             client,
             services,
             slices,
             policies,
             slice_watch,
             leader,
-            field_manager: format!("lb-{}", opts.node_name),
             election: t4,
             lease_flags: opts.lease.clone(),
             identity: opts.node_name.clone(),
-            tasks: vec![t1, t3],
+            tasks,
             translator: Translator::default(),
             settings,
             recorder,
@@ -175,13 +245,28 @@ impl Kube {
             warn!("the Services watcher ended before its first list");
         }
         let services = kube.services.clone();
-        let served = kube
-            .decode::<Service>(&services, "Service", None)
-            .iter()
-            .map(|s| s.name_any())
-            .collect();
+        let all = kube.decode::<Service>(&services, "Service", None);
+        let served = kube.class_services(&all);
         kube.want_slices_of("services", served);
+        // And those of the Gateway routes' backends.
+        if kube.gateway.is_some() {
+            kube.ready().await;
+            let g = kube.gateway_objects();
+            kube.want_slices_of("gateway", backend_names(&g));
+        }
         Ok(kube)
+    }
+
+    /// The names of the Services lb serves as Services (of its class, not a Gateway's own).
+    fn class_services(&self, services: &[Service]) -> BTreeSet<String> {
+        services
+            .iter()
+            .filter(|s| {
+                s.labels().get(CLASS_LABEL) == Some(&self.settings.class)
+                    && !super::translate::owned_by_gateway(s)
+            })
+            .map(|s| s.name_any())
+            .collect()
     }
 
     /// Asks for the EndpointSlices of the Services named `names` (any namespace) on behalf of
@@ -223,6 +308,21 @@ impl Kube {
         ] {
             if s.wait_until_ready().await.is_err() {
                 warn!("the {what} watcher ended before its first list");
+            }
+        }
+        if let Some(g) = &self.gateway {
+            let stores = [
+                Some(&g.namespaces),
+                Some(&g.classes),
+                Some(&g.gateways),
+                g.tcp.as_ref().map(|t| &t.1),
+                g.udp.as_ref().map(|t| &t.1),
+                g.grants.as_ref(),
+            ];
+            for s in stores.into_iter().flatten() {
+                if s.wait_until_ready().await.is_err() {
+                    warn!("a Gateway API watcher ended before its first list");
+                }
             }
         }
     }
@@ -288,21 +388,95 @@ impl Kube {
         let policies = self.policies.clone();
         let mut invalid_policies = Vec::new();
         let served = self.decode::<Service>(&services, "Service", None);
-        self.want_slices_of("services", served.iter().map(|s| s.name_any()).collect());
+        let names = self.class_services(&served);
+        self.want_slices_of("services", names);
         let objects = Objects {
             services: served,
             slices: self.decode(&slices, "EndpointSlice", None),
             policies: self.decode(&policies, "UpstreamPolicy", Some(&mut invalid_policies)),
             invalid_policies,
         };
-        let t = self.translator.translate(&objects, &self.settings);
+        let mut t = self.translator.translate(&objects, &self.settings);
         for s in &t.skipped {
             if self.skipped.insert(s.clone()) {
                 warn!("{s}");
             }
         }
+        if self.gateway.is_some() {
+            let room = gateway::Room {
+                taken: t.vips.iter().map(|v| v.spec.key()).collect(),
+                vips: t.vips.len(),
+                members: t.vips.iter().map(|v| v.spec.backends.len()).sum(),
+                effects: std::mem::take(&mut t.effects),
+            };
+            let g = self.gateway_objects();
+            self.want_slices_of("gateway", backend_names(&g));
+            let out = {
+                let gw = self.gateway.as_ref().expect("checked");
+                gateway::translate(
+                    &g,
+                    &objects.services,
+                    &objects.slices,
+                    &self.settings,
+                    &gw.controller,
+                    room,
+                )
+            };
+            t.vips.extend(out.vips.iter().cloned());
+            // A policy applied to a route is programmed for it, as for a Service.
+            for (p, users) in &out.policy_users {
+                if let Some(v) = t.policies.get_mut(p) {
+                    v.services.extend(users.iter().cloned());
+                }
+            }
+            if let Some(gw) = self.gateway.as_mut() {
+                gw.last = out;
+            }
+        }
         self.last = t;
         self.last.vips.clone()
+    }
+
+    /// The Gateway API objects the watchers hold now.
+    fn gateway_objects(&mut self) -> gateway::Objects {
+        let Some(g) = &self.gateway else {
+            return gateway::Objects::default();
+        };
+        let (namespaces, classes, gateways) =
+            (g.namespaces.clone(), g.classes.clone(), g.gateways.clone());
+        let (tcp, udp, grants) = (
+            g.tcp.as_ref().map(|t| t.1.clone()),
+            g.udp.as_ref().map(|t| t.1.clone()),
+            g.grants.clone(),
+        );
+        let mut routes: Vec<Route> = Vec::new();
+        if let Some(s) = tcp {
+            routes.extend(
+                self.decode::<TCPRoute>(&s, "TCPRoute", None)
+                    .into_iter()
+                    .map(Route::from),
+            );
+        }
+        if let Some(s) = udp {
+            routes.extend(
+                self.decode::<UDPRoute>(&s, "UDPRoute", None)
+                    .into_iter()
+                    .map(Route::from),
+            );
+        }
+        gateway::Objects {
+            namespaces: namespaces
+                .state()
+                .iter()
+                .map(|n| (n.name_any(), n.labels().clone()))
+                .collect(),
+            classes: self.decode(&classes, "GatewayClass", None),
+            gateways: self.decode(&gateways, "Gateway", None),
+            routes,
+            grants: grants
+                .map(|s| self.decode::<ReferenceGrant>(&s, "ReferenceGrant", None))
+                .unwrap_or_default(),
+        }
     }
 
     /// Reports the outcome of applying the last translation: policy conditions (patched only
@@ -383,9 +557,29 @@ impl Kube {
                 .find(|p| p.namespace().as_deref() == Some(ns.as_str()) && &p.name_any() == name)
                 .and_then(|p| p.data.pointer("/status/conditions").cloned())
                 .unwrap_or(json!([]));
+            // Conflicted: said when a route's backend Services name different policies (so
+            // none applies to the route), and cleared once it no longer holds.
+            let conflicts = self
+                .gateway
+                .as_ref()
+                .and_then(|g| g.last.policy_conflicts.get(&(ns.clone(), name.clone())));
+            let had_conflicted = current
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c["type"] == "Conflicted"));
+            let conflicted = match conflicts {
+                Some(why) => Some(cond("Conflicted", true, "Conflicted", why.join("; "))),
+                None if had_conflicted => Some(cond(
+                    "Conflicted",
+                    false,
+                    "NoConflicts",
+                    "no route mixes this policy with another",
+                )),
+                None => None,
+            };
             let mut changed = false;
             let conditions: Vec<serde_json::Value> = [&verdict.accepted, &programmed]
                 .into_iter()
+                .chain(conflicted.as_ref())
                 .map(|c| {
                     let status = if c.ok { "True" } else { "False" };
                     let old = current
@@ -417,25 +611,152 @@ impl Kube {
             if !changed {
                 continue;
             }
-            let api: Api<UpstreamPolicy> = Api::namespaced(self.client.clone(), ns);
-            let (name, ns) = (name.clone(), ns.clone());
-            let params = PatchParams {
-                field_manager: Some(self.field_manager.clone()),
-                ..Default::default()
-            };
-            tokio::spawn(async move {
-                let patch = json!({ "status": { "conditions": conditions } });
-                if let Err(e) = api
-                    .patch_status(&name, &params, &Patch::Merge(&patch))
-                    .await
-                {
-                    warn!(
-                        "updating the status of UpstreamPolicy {ns}/{name}: {}",
-                        crate::error_chain(&e)
-                    );
-                }
-            });
+            self.writer.patch_status(
+                &ApiResource::erase::<UpstreamPolicy>(&()),
+                Some(ns),
+                name,
+                json!({ "conditions": conditions }),
+            );
         }
+        self.report_gateway();
+    }
+
+    /// Writes the Gateway API statuses that changed, and the LoadBalancer Services of Gateways
+    /// that lack theirs or whose ports changed.
+    fn report_gateway(&self) {
+        let Some(g) = &self.gateway else { return };
+        let current = |store: &Store<DynamicObject>, ns: Option<&str>, name: &str| {
+            store
+                .state()
+                .iter()
+                .find(|o| o.namespace().as_deref() == ns && o.name_any() == name)
+                .map(|o| o.data["status"].clone())
+        };
+        for u in &g.last.updates {
+            let (kind, ns, name) = u.target();
+            let (ar, store) = match kind {
+                "GatewayClass" => (ApiResource::erase::<GatewayClass>(&()), &g.classes),
+                "Gateway" => (ApiResource::erase::<Gateway>(&()), &g.gateways),
+                "TCPRoute" => match &g.tcp {
+                    Some((ar, s)) => (ar.clone(), s),
+                    None => continue,
+                },
+                _ => match &g.udp {
+                    Some((ar, s)) => (ar.clone(), s),
+                    None => continue,
+                },
+            };
+            // Gone since the translation: nothing to write to.
+            let Some(now) = current(store, ns, name) else {
+                continue;
+            };
+            if let Some(status) = u.render(&now, &g.controller) {
+                self.writer.patch_status(&ar, ns, name, status);
+            }
+        }
+        let services = self.services.state();
+        for want in &g.last.lb_services {
+            let ns = want["metadata"]["namespace"].as_str().unwrap_or_default();
+            let name = want["metadata"]["name"].as_str().unwrap_or_default();
+            let have = services
+                .iter()
+                .find(|s| s.namespace().as_deref() == Some(ns) && s.name_any() == name);
+            let same = have.is_some_and(|h| {
+                h.data["spec"]["ports"] == want["spec"]["ports"]
+                    && h.data["spec"]["type"] == want["spec"]["type"]
+                    && h.metadata.owner_references.as_ref().map(|o| o.len()) == Some(1)
+            });
+            if !same {
+                self.writer
+                    .apply(&ApiResource::erase::<Service>(&()), ns, name, want.clone());
+            }
+        }
+    }
+}
+
+/// The names of the Services the routes' backendRefs name (their slices are watched).
+fn backend_names(g: &gateway::Objects) -> BTreeSet<String> {
+    g.routes
+        .iter()
+        .flat_map(|r| &r.spec.rules)
+        .flat_map(|rule| &rule.backend_refs)
+        .map(|b| b.name.clone())
+        .collect()
+}
+
+/// Which Gateway API kinds the API server serves, at which version.
+#[derive(Default)]
+struct GatewayApi {
+    core: bool,
+    tcp: Option<ApiResource>,
+    udp: Option<ApiResource>,
+    grants: Option<ApiResource>,
+}
+
+impl GatewayApi {
+    /// [`GatewayApi::discover`], retried (1 s, doubling up to 10 s) until the API server answers.
+    async fn discover_until_answered(client: &Client) -> Self {
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            match Self::discover(client).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    warn!("{}, retrying in {wait:?}", crate::error_chain(e.as_ref()));
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Asks the API server (discovery) which Gateway API kinds and versions it serves.
+    async fn discover(client: &Client) -> Result<Self> {
+        let mut versions = BTreeMap::new();
+        for v in ["v1", "v1alpha2", "v1beta1"] {
+            let gv = format!("{GROUP}/{v}");
+            let names: BTreeSet<String> = match client.list_api_group_resources(&gv).await {
+                Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
+                Err(kube::Error::Api(s)) if s.code == 404 => BTreeSet::new(),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("asking the API server whether it serves {gv}"));
+                }
+            };
+            versions.insert(v, names);
+        }
+        let at = |plural: &str, order: &[&str], ar: ApiResource| {
+            order
+                .iter()
+                .find(|v| versions[**v].contains(plural))
+                .map(|v| ApiResource {
+                    api_version: format!("{GROUP}/{v}"),
+                    version: (*v).to_string(),
+                    ..ar
+                })
+        };
+        Ok(Self {
+            core: versions["v1"].contains("gateways") && versions["v1"].contains("gatewayclasses"),
+            tcp: at(
+                "tcproutes",
+                &["v1", "v1alpha2"],
+                ApiResource::erase::<TCPRoute>(&()),
+            ),
+            udp: at(
+                "udproutes",
+                &["v1", "v1alpha2"],
+                ApiResource::erase::<UDPRoute>(&()),
+            ),
+            grants: at(
+                "referencegrants",
+                &["v1", "v1beta1"],
+                ApiResource::erase::<ReferenceGrant>(&()),
+            ),
+        })
+    }
+
+    /// Whether there are Gateways to serve (GatewayClass and Gateway at v1).
+    fn enabled(&self) -> bool {
+        self.core
     }
 }
 

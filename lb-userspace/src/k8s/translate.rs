@@ -110,6 +110,8 @@ pub struct Translation {
     pub events: Vec<ServiceEvent>,
     /// Objects that could not be used at all, and why (for the log).
     pub skipped: Vec<String>,
+    /// Each policy's effect now (None: the defaults), for the Gateway API's backend Services.
+    pub effects: BTreeMap<ObjectKey, Option<Effect>>,
 }
 
 /// Keeps the last accepted effect of every policy between translations.
@@ -361,6 +363,60 @@ fn endpoint_port(slice: &EndpointSlice, sp: &ServicePort, proto: &str) -> Option
     }
 }
 
+/// The endpoints of a Service port, from its slices of one family: (address, port) -> weight,
+/// 1 for ready ones, 0 for terminating ones still serving (they drain: established flows stay,
+/// no new ones); others are left out. An endpoint in two slices counts once, the more alive of
+/// the two. `local_node`: only that node's endpoints (`externalTrafficPolicy: Local`).
+/// Addresses that do not parse are noted in `skipped`.
+pub(crate) fn endpoints(
+    slices: &[&EndpointSlice],
+    sp: &ServicePort,
+    v4: bool,
+    local_node: Option<&str>,
+    namespace: &str,
+    skipped: &mut Vec<String>,
+) -> BTreeMap<(IpAddr, u16), u32> {
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    let proto_name = sp.protocol.as_deref().unwrap_or("TCP");
+    let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let Some(bport) = endpoint_port(slice, sp, proto_name) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            if local_node.is_some_and(|n| ep.node_name.as_deref() != Some(n)) {
+                continue;
+            }
+            let c = ep.conditions.clone().unwrap_or_default();
+            let ready = c.ready.unwrap_or(true);
+            let serving = c.serving.unwrap_or(ready);
+            let terminating = c.terminating.unwrap_or(false);
+            let weight = if ready && !terminating {
+                1
+            } else if serving && terminating {
+                0
+            } else {
+                continue;
+            };
+            for a in &ep.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    skipped.push(format!(
+                        "EndpointSlice {namespace}/{}: {a:?} is not an IP address",
+                        slice.name_any()
+                    ));
+                    continue;
+                };
+                if ip.is_ipv4() != v4 {
+                    continue;
+                }
+                let w = backends.entry((ip, bport)).or_insert(0);
+                *w = (*w).max(weight);
+            }
+        }
+    }
+    backends
+}
+
 impl Translator {
     pub fn translate(&mut self, objects: &Objects, settings: &Settings) -> Translation {
         let mut out = Translation::default();
@@ -459,7 +515,9 @@ impl Translator {
         let mut services: Vec<&Service> = objects
             .services
             .iter()
-            .filter(|s| s.labels().get(CLASS_LABEL) == Some(&settings.class))
+            .filter(|s| {
+                s.labels().get(CLASS_LABEL) == Some(&settings.class) && !owned_by_gateway(s)
+            })
             .collect();
         services.sort_by_key(|s| key_of(s.namespace(), s.name_any()));
         let mut taken: BTreeMap<lb_common::VipKey, String> = BTreeMap::new();
@@ -589,56 +647,19 @@ impl Translator {
                     );
                     continue;
                 };
-                let proto_name = sp.protocol.as_deref().unwrap_or("TCP");
                 for addr in &addresses {
-                    let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
-                    // (address, port) -> weight; an endpoint in two slices counts once, the
-                    // more alive of the two.
-                    let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
-                    for slice in svc_slices.iter().filter(|s| s.address_type == family) {
-                        let Some(bport) = endpoint_port(slice, sp, proto_name) else {
-                            continue;
-                        };
-                        for ep in slice.endpoints.iter().flatten() {
-                            if local && ep.node_name.as_deref() != Some(settings.node_name.as_str())
-                            {
-                                continue;
-                            }
-                            let c = ep.conditions.clone().unwrap_or_default();
-                            let ready = c.ready.unwrap_or(true);
-                            let serving = c.serving.unwrap_or(ready);
-                            let terminating = c.terminating.unwrap_or(false);
-                            let weight = if ready && !terminating {
-                                1
-                            } else if serving && terminating {
-                                0 // draining: established flows stay, no new ones
-                            } else {
-                                continue;
-                            };
-                            for a in &ep.addresses {
-                                let Ok(ip) = a.parse::<IpAddr>() else {
-                                    out.skipped.push(format!(
-                                        "EndpointSlice {}/{}: {a:?} is not an IP address",
-                                        skey.0,
-                                        slice.name_any()
-                                    ));
-                                    continue;
-                                };
-                                if ip.is_ipv4() != addr.is_ipv4() {
-                                    continue;
-                                }
-                                let w = backends.entry((ip, bport)).or_insert(0);
-                                *w = (*w).max(weight);
-                            }
-                        }
-                    }
+                    let local_node = local.then_some(settings.node_name.as_str());
+                    let backends = endpoints(
+                        svc_slices,
+                        sp,
+                        addr.is_ipv4(),
+                        local_node,
+                        &skey.0,
+                        &mut out.skipped,
+                    );
                     let spec_backends: Vec<BackendSpec> = backends
                         .into_iter()
-                        .map(|((address, port), weight)| BackendSpec {
-                            address,
-                            port,
-                            weight,
-                        })
+                        .map(|((address, port), weight)| BackendSpec::new(address, port, weight))
                         .collect();
                     let vip = VipSpec {
                         name: match &sp.name {
@@ -726,8 +747,24 @@ impl Translator {
         }
         out.events.sort();
         out.events.dedup();
+        out.effects = effects;
         out
     }
+}
+
+/// Whether `svc` is the LoadBalancer Service lb made for a Gateway: it only asks for the
+/// Gateway's addresses, and the Gateway's listeners serve them.
+pub fn owned_by_gateway(svc: &Service) -> bool {
+    svc.owner_references()
+        .iter()
+        .any(|o| o.kind == "Gateway" && o.api_version.starts_with("gateway.networking.k8s.io/"))
+}
+
+/// The UpstreamPolicy a Service names, if any: (namespace, name).
+pub fn policy_of(svc: &Service) -> Option<ObjectKey> {
+    svc.annotations()
+        .get(POLICY_ANNOTATION)
+        .map(|p| (svc.namespace().unwrap_or_default(), p.clone()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,415 @@
+//! The Gateway API at L4: GatewayClasses whose controller is lb's, their Gateways' TCP and UDP
+//! listeners, and the TCPRoutes and UDPRoutes attached to them become the same [`VipConfig`]s a
+//! config file gives (one model): a VIP per (Gateway address, listener port, protocol), NAT mode,
+//! whose backends are the ready endpoints of the backendRefs' Services.
+//!
+//! Pure and deterministic like the Service translation: every node computes the same VIPs and
+//! the same statuses from the same objects. Split by concern: [`listeners`] (which listeners are
+//! served, conflicts), [`attach`] (parentRefs to listeners), [`refs`] (backendRefs to Services,
+//! ReferenceGrants), `pool` (a route's backendRefs as members, and its policy), [`weights`]
+//! (shares to Maglev weights), `addresses` (spec.addresses or the LoadBalancer Service),
+//! [`status`] (what is written back).
+//!
+//! Several routes on one listener are all `Accepted` (and counted in `attachedRoutes`), but only
+//! the oldest (creationTimestamp, then namespace/name) carries its traffic: at L4 nothing tells
+//! their connections apart.
+
+mod addresses;
+pub mod attach;
+pub mod listeners;
+mod pool;
+pub mod refs;
+pub mod status;
+pub mod types;
+pub mod weights;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::ResourceExt as _;
+use serde_json::Value;
+
+use self::{
+    attach::{NamespaceLabels, attach, names_gateway},
+    listeners::Judged,
+    refs::{Services, resolve, resolved_refs},
+    status::{GatewayStatus, ListenerStatus, Update},
+    types::{Gateway, GatewayClass, ReferenceGrant, Route},
+};
+use super::translate::{Cond, Effect, ObjectKey, Settings, cond};
+use crate::{
+    config::VipConfig,
+    model::{Mode, VipSpec},
+};
+
+/// The controller name lb answers to unless told otherwise (`--gateway-controller`).
+pub const DEFAULT_CONTROLLER: &str = "lb.dev/gateway-controller";
+/// Largest backendRef weight the Gateway API allows.
+const MAX_WEIGHT: i32 = 1_000_000;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Gateway API objects, as the watchers hold them.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub routes: Vec<Route>,
+    pub grants: Vec<ReferenceGrant>,
+    pub namespaces: NamespaceLabels,
+}
+
+/// What the Service translation left: the VIPs it took, and the policies' effects.
+#[derive(Clone, Debug, Default)]
+pub struct Room {
+    pub taken: BTreeSet<lb_common::VipKey>,
+    pub vips: usize,
+    pub members: usize,
+    pub effects: BTreeMap<ObjectKey, Option<Effect>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Output {
+    pub vips: Vec<VipConfig>,
+    pub updates: Vec<Update>,
+    /// The LoadBalancer Services to apply (server-side) for Gateways without `spec.addresses`.
+    pub lb_services: Vec<Value>,
+    /// Policies not applied to a route because its backend Services name different ones:
+    /// policy -> why.
+    pub policy_conflicts: BTreeMap<ObjectKey, Vec<String>>,
+    /// Policies applied to routes: policy -> the routes (`TCPRoute ns/name`).
+    pub policy_users: BTreeMap<ObjectKey, Vec<String>>,
+}
+
+/// The name of the LoadBalancer Service lb makes for Gateway `name`.
+pub fn lb_service_name(gateway: &str) -> String {
+    format!("{gateway}-lb")
+}
+
+fn key_of(ns: Option<String>, name: String) -> ObjectKey {
+    (ns.unwrap_or_default(), name)
+}
+
+/// Translates the Gateway API objects for `controller`, after the Services took `room`.
+pub fn translate(
+    o: &Objects,
+    services: &[Service],
+    slices: &[EndpointSlice],
+    settings: &Settings,
+    controller: &str,
+    mut room: Room,
+) -> Output {
+    let mut out = Output::default();
+    let mut classes: Vec<&GatewayClass> = o
+        .classes
+        .iter()
+        .filter(|c| c.spec.controller_name == controller)
+        .collect();
+    classes.sort_by_key(|c| c.name_any());
+    let ours: BTreeSet<String> = classes.iter().map(|c| c.name_any()).collect();
+    for c in classes {
+        out.updates.push(Update::Class {
+            name: c.name_any(),
+            generation: c.metadata.generation,
+            conditions: vec![
+                cond("Accepted", true, "Accepted", format!("served by {controller}")),
+                cond(
+                    "SupportedVersion",
+                    true,
+                    "SupportedVersion",
+                    "lb reads Gateway, TCPRoute and UDPRoute v1 (and v1alpha2 routes), ReferenceGrant v1beta1",
+                ),
+            ],
+        });
+    }
+
+    let by_key: Services = services
+        .iter()
+        .map(|s| (key_of(s.namespace(), s.name_any()), s))
+        .collect();
+    let mut svc_slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+            svc_slices
+                .entry((s.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
+        }
+    }
+    for v in svc_slices.values_mut() {
+        v.sort_by_key(|s| s.name_any());
+    }
+
+    // Oldest first: the first route on a listener carries its traffic.
+    let mut routes: Vec<&Route> = o.routes.iter().collect();
+    routes.sort_by_key(|r| {
+        (
+            r.meta.creation_timestamp.clone(),
+            r.meta.namespace.clone(),
+            r.meta.name.clone(),
+            r.kind,
+        )
+    });
+    // Each route's parents status, in the route's order.
+    let mut parents: BTreeMap<usize, Vec<(types::ParentRef, Vec<Cond>)>> = BTreeMap::new();
+    let resolved: Vec<Vec<refs::Resolved<'_>>> = routes
+        .iter()
+        .map(|r| {
+            r.spec
+                .rules
+                .iter()
+                .flat_map(|rule| &rule.backend_refs)
+                .map(|b| resolve(r, b, &by_key, &o.grants))
+                .collect()
+        })
+        .collect();
+
+    let mut gateways: Vec<&Gateway> = o
+        .gateways
+        .iter()
+        .filter(|g| ours.contains(&g.spec.gateway_class_name))
+        .collect();
+    gateways.sort_by_key(|g| key_of(g.namespace(), g.name_any()));
+    let effects = std::mem::take(&mut room.effects);
+    for gw in gateways {
+        let ctx = GatewayCtx {
+            gw,
+            routes: &routes,
+            resolved: &resolved,
+            by_key: &by_key,
+            slices: &svc_slices,
+            settings,
+            effects: &effects,
+        };
+        ctx.translate(o, &mut parents, &mut room, &mut out);
+    }
+
+    for (i, p) in parents {
+        let r = routes[i];
+        out.updates.push(Update::Route {
+            kind: r.kind,
+            key: key_of(
+                r.meta.namespace.clone(),
+                r.meta.name.clone().unwrap_or_default(),
+            ),
+            generation: r.meta.generation,
+            parents: p,
+        });
+    }
+    out
+}
+
+struct GatewayCtx<'a> {
+    gw: &'a Gateway,
+    routes: &'a [&'a Route],
+    resolved: &'a [Vec<refs::Resolved<'a>>],
+    by_key: &'a Services<'a>,
+    slices: &'a BTreeMap<ObjectKey, Vec<&'a EndpointSlice>>,
+    settings: &'a Settings,
+    effects: &'a BTreeMap<ObjectKey, Option<Effect>>,
+}
+
+impl GatewayCtx<'_> {
+    fn key(&self) -> ObjectKey {
+        key_of(self.gw.namespace(), self.gw.name_any())
+    }
+
+    fn translate(
+        &self,
+        o: &Objects,
+        parents: &mut BTreeMap<usize, Vec<(types::ParentRef, Vec<Cond>)>>,
+        room: &mut Room,
+        out: &mut Output,
+    ) {
+        let (gw_ns, gw_name) = self.key();
+        let judged = listeners::judge(&self.gw.spec.listeners);
+        // Attach routes; every parentRef naming this Gateway gets a parents entry.
+        let mut attached: Vec<Vec<usize>> = vec![Vec::new(); judged.len()];
+        for (i, r) in self.routes.iter().enumerate() {
+            let route_ns = r.meta.namespace.clone().unwrap_or_default();
+            for p in &r.spec.parent_refs {
+                if !names_gateway(p, &route_ns, &gw_ns, &gw_name) {
+                    continue;
+                }
+                let accepted = match attach(r, p, self.gw, &judged, &o.namespaces) {
+                    Ok(ls) => {
+                        for l in ls {
+                            if !attached[l].contains(&i) {
+                                attached[l].push(i);
+                            }
+                        }
+                        cond("Accepted", true, "Accepted", "attached")
+                    }
+                    Err(c) => c,
+                };
+                parents
+                    .entry(i)
+                    .or_default()
+                    .push((p.clone(), vec![accepted, resolved_refs(&self.resolved[i])]));
+            }
+        }
+
+        let (addresses, address_cond) = self.addresses(out);
+        let mut listener_status = Vec::new();
+        let mut any_programmed = false;
+        for (li, l) in judged.iter().enumerate() {
+            let programmed = self.program(l, &attached[li], &addresses, room, out);
+            any_programmed |= programmed.ok;
+            listener_status.push(ListenerStatus {
+                name: l.name.clone(),
+                supported_kinds: l.kinds.clone(),
+                attached_routes: attached[li].len() as u32,
+                conditions: vec![
+                    l.accepted.clone(),
+                    l.conflicted.clone(),
+                    l.resolved_refs.clone(),
+                    programmed,
+                ],
+            });
+        }
+        let accepted = match (&address_cond, judged.iter().any(Judged::usable)) {
+            (Err(c), _) => c.clone(),
+            (Ok(_), false) => cond(
+                "Accepted",
+                false,
+                "ListenersNotValid",
+                "no listener lb can serve (TCP or UDP, without conflicts)",
+            ),
+            (Ok(_), true) => cond("Accepted", true, "Accepted", "served by lb"),
+        };
+        let programmed = match address_cond {
+            Err(_) => cond("Programmed", false, "Invalid", "not accepted"),
+            Ok(None) => cond("Programmed", true, "Programmed", "in the maps").with_ok(
+                any_programmed,
+                "Invalid",
+                "no listener is in the maps",
+            ),
+            Ok(Some(c)) => c,
+        };
+        out.updates.push(Update::Gateway {
+            key: (gw_ns, gw_name),
+            generation: self.gw.metadata.generation,
+            status: GatewayStatus {
+                addresses,
+                conditions: vec![accepted, programmed],
+                listeners: listener_status,
+            },
+        });
+    }
+
+    /// Puts listener `l`'s VIPs (one per address of a family the node serves) in `out`, the
+    /// oldest of its `routes` carrying the traffic; its `Programmed` condition.
+    fn program(
+        &self,
+        l: &Judged,
+        routes: &[usize],
+        addresses: &[IpAddr],
+        room: &mut Room,
+        out: &mut Output,
+    ) -> Cond {
+        let Some(protocol) = l.protocol.filter(|_| l.usable()) else {
+            return cond("Programmed", false, "Invalid", "not accepted");
+        };
+        if addresses.is_empty() {
+            return cond(
+                "Programmed",
+                false,
+                "Pending",
+                "the Gateway has no address yet",
+            );
+        }
+        let carrier = routes.first().map(|&i| (self.routes[i], &self.resolved[i]));
+        let (gw_ns, gw_name) = self.key();
+        let mut mine = Vec::new();
+        let mut skipped = Vec::new();
+        for addr in addresses {
+            if (addr.is_ipv4() && !self.settings.source_v4)
+                || (addr.is_ipv6() && !self.settings.source_v6)
+            {
+                skipped.push(format!(
+                    "{addr}: this node has no address of its family to translate from"
+                ));
+                continue;
+            }
+            let (backends, effect) = match carrier {
+                Some((r, res)) => self.backends(r, res, addr.is_ipv4(), out),
+                None => (Vec::new(), Effect::default()),
+            };
+            let spec = VipSpec {
+                name: format!("{gw_ns}/{gw_name}:{}", l.name),
+                address: *addr,
+                port: l.port,
+                protocol,
+                mode: Mode::Nat,
+                hash: effect.hash,
+                affinity_timeout_s: 0,
+                table_size: effect.table_size,
+                backends,
+            };
+            if room.taken.contains(&spec.key()) {
+                skipped.push(format!("{} is already served for a Service", spec.label()));
+                continue;
+            }
+            let passive_health = effect
+                .passive_health
+                .clone()
+                .filter(|_| protocol == crate::model::Protocol::Tcp);
+            mine.push(VipConfig {
+                spec,
+                health_check: effect.health_check.clone(),
+                passive_health,
+                health_threshold: effect.health_threshold,
+            });
+        }
+        let members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();
+        if room.vips + mine.len() > self.settings.max_vips as usize
+            || room.members + members > self.settings.max_backends as usize
+        {
+            return cond(
+                "Programmed",
+                false,
+                "Pending",
+                format!(
+                    "{} VIP(s) with {members} member(s) do not fit this node's max_vips {} / max_backends {}",
+                    mine.len(),
+                    self.settings.max_vips,
+                    self.settings.max_backends
+                ),
+            );
+        }
+        if mine.is_empty() {
+            return cond("Programmed", false, "Pending", skipped.join("; "));
+        }
+        room.vips += mine.len();
+        room.members += members;
+        let labels: Vec<String> = mine.iter().map(|v| v.spec.label()).collect();
+        for v in &mine {
+            room.taken.insert(v.spec.key());
+        }
+        out.vips.extend(mine);
+        let mut message = format!("in the maps as {}", labels.join(", "));
+        if carrier.is_none() {
+            message.push_str(" (no route attached: new connections are dropped)");
+        }
+        if !skipped.is_empty() {
+            message.push_str(&format!("; not {}", skipped.join("; ")));
+        }
+        cond("Programmed", true, "Programmed", message)
+    }
+}
+
+impl Cond {
+    /// This condition if `ok`, else False with `reason` and `message`.
+    fn with_ok(self, ok: bool, reason: &str, message: &str) -> Cond {
+        if ok {
+            self
+        } else {
+            cond(self.kind, false, reason, message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

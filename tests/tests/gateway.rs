@@ -1,0 +1,1089 @@
+//! The Gateway API at L4 against the fake API server: `lb run --kubernetes` watches
+//! GatewayClasses, Gateways, TCPRoutes, UDPRoutes and ReferenceGrants, writes their status, and
+//! programs real maps; packets run through the program on those maps (BPF_PROG_TEST_RUN).
+//!
+//! One scenario per test, modelled on the upstream conformance tests of the same name (read,
+//! not copied): each checks the status conditions with their reasons and, where traffic is
+//! involved, where packets go.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, TcpListener},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_common::Counter;
+use lb_tests::{
+    agent::{Agent, Dirs},
+    harness::{FibNet, Lb, XDP_TX, action_name, net::*},
+    kubeapi::{FakeApi, gateway_only, granted, rbac_of},
+    packet::{Pkt, TCP_ACK, TCP_RST},
+};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
+const T: Duration = Duration::from_secs(30);
+const CONTROLLER: &str = "lb.dev/gateway-controller";
+const GW_ADDR: &str = "192.0.2.10";
+
+const NODE_CONFIG: &str = "node:
+  interfaces: [lb0]
+  source_v4: 10.0.0.1
+  source_v6: fd00::1
+  table_size: 1009
+  max_vips: 16
+  max_backends: 32
+  flow_table_size: 65536
+  nat_table_size: 4096
+";
+
+// --- Objects -----------------------------------------------------------------------------------
+
+fn class() -> Value {
+    json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": { "name": "lb" }, "spec": { "controllerName": CONTROLLER } })
+}
+
+/// Gateway `name` in namespace `infra` with `listeners`, at `GW_ADDR` unless `addresses` is Null.
+fn gateway(name: &str, listeners: Value, addresses: Value) -> Value {
+    let mut g = json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": { "namespace": "infra", "name": name, "uid": format!("uid-gw-{name}") },
+            "spec": { "gatewayClassName": "lb", "listeners": listeners } });
+    if !addresses.is_null() {
+        g["spec"]["addresses"] = addresses;
+    }
+    g
+}
+
+fn at_gw_addr() -> Value {
+    json!([{ "type": "IPAddress", "value": GW_ADDR }])
+}
+
+fn listener(name: &str, port: u16, protocol: &str) -> Value {
+    json!({ "name": name, "port": port, "protocol": protocol,
+            "allowedRoutes": { "namespaces": { "from": "All" } } })
+}
+
+/// A route of `kind` in namespace `ns` with `parents` and one rule of `backends`, created at
+/// second `created` of the day.
+fn route(kind: &str, ns: &str, name: &str, parents: Value, backends: Value, created: u32) -> Value {
+    json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+            "metadata": { "namespace": ns, "name": name,
+                          "creationTimestamp": format!("2026-01-01T00:00:{created:02}Z") },
+            "spec": { "parentRefs": parents, "rules": [ { "backendRefs": backends } ] } })
+}
+
+fn parent(section: Option<&str>, port: Option<u16>) -> Value {
+    let mut p = json!({ "name": "gw", "namespace": "infra" });
+    if let Some(s) = section {
+        p["sectionName"] = json!(s);
+    }
+    if let Some(port) = port {
+        p["port"] = json!(port);
+    }
+    p
+}
+
+fn backend(ns: Option<&str>, name: &str, port: u16, weight: Option<u32>) -> Value {
+    let mut b = json!({ "name": name, "port": port });
+    if let Some(ns) = ns {
+        b["namespace"] = json!(ns);
+    }
+    if let Some(w) = weight {
+        b["weight"] = json!(w);
+    }
+    b
+}
+
+/// A ClusterIP Service `ns/name` with TCP port 80 -> 8080 and UDP port 53 -> 5353, and a slice
+/// of `pods` (ready) serving them.
+fn service(api: &FakeApi, ns: &str, name: &str, pods: &[&str]) {
+    api.apply(json!({ "apiVersion": "v1", "kind": "Service",
+        "metadata": { "namespace": ns, "name": name },
+        "spec": { "ports": [ { "name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP" },
+                             { "name": "udp", "port": 53, "targetPort": 5353, "protocol": "UDP" } ] } }));
+    api.apply(json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "namespace": ns, "name": format!("{name}-1"),
+                      "labels": { "kubernetes.io/service-name": name } },
+        "addressType": "IPv4",
+        "ports": [ { "name": "tcp", "port": 8080, "protocol": "TCP" }, { "name": "udp", "port": 5353, "protocol": "UDP" } ],
+        "endpoints": pods.iter().map(|a| json!({ "addresses": [a], "conditions": { "ready": true } })).collect::<Vec<_>>() }));
+}
+
+fn grant(to_ns: &str, from_ns: &str) -> Value {
+    json!({ "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": { "namespace": to_ns, "name": "routes-may-refer" },
+            "spec": { "from": [ { "group": "gateway.networking.k8s.io", "kind": "TCPRoute", "namespace": from_ns } ],
+                      "to": [ { "group": "", "kind": "Service" } ] } })
+}
+
+// --- The world ---------------------------------------------------------------------------------
+
+/// Fields drop in order: the agent first, the namespace last.
+struct World {
+    agent: Agent,
+    lb: Option<Lb>,
+    api: FakeApi,
+    dirs: Dirs,
+    net: FibNet,
+}
+
+impl World {
+    /// A namespace, the fake API server holding the GatewayClass and what `objects` adds, and
+    /// the agent started on them.
+    fn start(tag: &str, objects: impl FnOnce(&FakeApi)) -> Self {
+        let net = FibNet::new(tag);
+        let dirs = Dirs::new(Path::new(BIN), tag);
+        dirs.write_config(NODE_CONFIG);
+        let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
+        std::fs::write(dirs.state.join("kubeconfig"), api.kubeconfig()).unwrap();
+        api.apply(class());
+        objects(&api);
+        let kubeconfig = dirs.state.join("kubeconfig");
+        let mut agent = Agent::start_under(
+            &net.ns,
+            &dirs,
+            &[],
+            &["--kubernetes"],
+            &[
+                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+                ("NODE_NAME", "node-a"),
+            ],
+        );
+        agent.wait_for("running", 1, T);
+        Self {
+            agent,
+            lb: None,
+            api,
+            dirs,
+            net,
+        }
+    }
+
+    /// Polls `what` until it gives Some, failing after `T` with the agent's log.
+    fn until<R>(&self, what: &str, f: impl Fn(&Self) -> Option<R>) -> R {
+        let start = Instant::now();
+        loop {
+            if let Some(r) = f(self) {
+                return r;
+            }
+            assert!(
+                start.elapsed() < T,
+                "waiting for {what}; agent log:\n{}",
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The status of `kind` `ns/name` once `pred` holds for it.
+    fn status(&self, kind: &str, ns: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.until(&format!("the status of {kind} {ns}/{name}"), |w| {
+            let s = w.api.get(kind, ns, name)?["status"].clone();
+            pred(&s).then_some(s)
+        })
+    }
+
+    /// `lb backends --json` once `pred` holds.
+    fn maps(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let last = std::sync::Mutex::new(Value::Null);
+        let start = Instant::now();
+        loop {
+            let out = self.dirs.cli(&["backends", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if pred(&v) {
+                return v;
+            }
+            *last.lock().unwrap() = v;
+            assert!(
+                start.elapsed() < T,
+                "waiting for {what}: the maps show\n{:#}\nagent log:\n{}",
+                last.lock().unwrap(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn with_lb<R: Send>(&mut self, f: impl FnOnce(&mut Lb) -> R + Send) -> R {
+        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
+        self.net
+            .ns
+            .run(|| f(slot.get_or_insert_with(|| Lb::adopt(pins))))
+    }
+
+    /// What the program does with `pkt`: its action and output frame.
+    fn send(&mut self, pkt: &Pkt) -> (u32, Vec<u8>) {
+        let lb0 = self.net.lb0;
+        self.with_lb(|lb| {
+            let run = lb.run(&pkt.frame(), lb0);
+            (run.action, run.output)
+        })
+    }
+
+    /// The pod (address, port) `pkt` is translated to.
+    fn pod_of(&mut self, pkt: &Pkt) -> (IpAddr, u16) {
+        let (action, out) = self.send(pkt);
+        assert_eq!(
+            action_name(action),
+            action_name(XDP_TX),
+            "{pkt:?}; agent log:\n{}",
+            self.agent.log_text()
+        );
+        (
+            IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),
+            u16::from_be_bytes([out[36], out[37]]),
+        )
+    }
+
+    /// Whether `pkt` is answered with a TCP reset back to its sender.
+    fn is_reset(&mut self, pkt: &Pkt) -> bool {
+        let (action, out) = self.send(pkt);
+        action == XDP_TX
+            && out[30..34] == pkt.src_v4()
+            && out[47] & TCP_RST != 0
+            && out[47] & TCP_ACK != 0
+    }
+
+    fn counter(&mut self, c: Counter) -> u64 {
+        self.with_lb(|lb| lb.counters()[&c])
+    }
+}
+
+trait V4 {
+    fn src_v4(&self) -> [u8; 4];
+}
+
+impl V4 for Pkt {
+    fn src_v4(&self) -> [u8; 4] {
+        match self.src {
+            IpAddr::V4(a) => a.octets(),
+            IpAddr::V6(_) => panic!("IPv4 only"),
+        }
+    }
+}
+
+/// A SYN from client `i` (its own address and port) to `addr:port`.
+fn syn(i: u32, addr: &str, port: u16) -> Pkt {
+    Pkt::tcp(
+        &format!("198.51.100.{}", 1 + i % 250),
+        10_000 + (i / 250) as u16,
+        addr,
+        port,
+        LB0_MAC,
+    )
+}
+
+/// (status, reason) of condition `kind` in `conds`.
+fn cond(conds: &Value, kind: &str) -> Option<(String, String)> {
+    conds
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+fn is(conds: &Value, kind: &str, status: &str, reason: &str) -> bool {
+    cond(conds, kind) == Some((status.into(), reason.into()))
+}
+
+/// The conditions lb wrote for the route's parentRef number `i`.
+fn parent_conds(route_status: &Value, i: usize) -> Value {
+    route_status["parents"]
+        .as_array()
+        .and_then(|p| {
+            p.iter()
+                .filter(|p| p["controllerName"] == CONTROLLER)
+                .nth(i)
+        })
+        .map(|p| p["conditions"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn route_is(s: &Value, accepted: (&str, &str), resolved: (&str, &str)) -> bool {
+    let c = parent_conds(s, 0);
+    is(&c, "Accepted", accepted.0, accepted.1) && is(&c, "ResolvedRefs", resolved.0, resolved.1)
+}
+
+/// The listener `name` of a Gateway status.
+fn listener_status<'a>(gw: &'a Value, name: &str) -> &'a Value {
+    gw["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn pod(a: &str) -> (IpAddr, u16) {
+    (a.parse().unwrap(), 8080)
+}
+
+// --- Tests -------------------------------------------------------------------------------------
+
+#[test]
+fn gatewayclass_of_lbs_controller_is_accepted_with_its_supported_version() {
+    let w = World::start("gw-class", |api| {
+        api.apply(json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": { "name": "someone-else" }, "spec": { "controllerName": "example.com/other" } }));
+    });
+    let s = w.status("GatewayClass", "", "lb", |s| {
+        is(&s["conditions"], "Accepted", "True", "Accepted")
+    });
+    assert!(
+        is(
+            &s["conditions"],
+            "SupportedVersion",
+            "True",
+            "SupportedVersion"
+        ),
+        "{s:#}"
+    );
+    // Another controller's class is left alone: lb writes no status there.
+    std::thread::sleep(Duration::from_millis(500));
+    let other = w.api.get("GatewayClass", "", "someone-else").unwrap();
+    assert!(other["status"].is_null(), "{other:#}");
+    assert!(
+        w.api
+            .lock()
+            .patches
+            .iter()
+            .all(|(r, who, _)| r != "gatewayclasses" || who == "lb"),
+        "lb patched another controller's GatewayClass"
+    );
+}
+
+#[test]
+fn parent_ref_port_and_section_name_select_the_listener() {
+    let mut w = World::start("gw-section", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("a", 8001, "TCP"), listener("b", 8002, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc-a", &[TX_V4]);
+        service(api, "apps", "svc-b", &[TX_V4_B]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "by-both",
+            json!([parent(Some("a"), Some(8001))]),
+            json!([backend(None, "svc-a", 80, None)]),
+            1,
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "by-port",
+            json!([parent(None, Some(8002))]),
+            json!([backend(None, "svc-b", 80, None)]),
+            2,
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "mismatch",
+            json!([parent(Some("a"), Some(8002))]),
+            json!([backend(None, "svc-a", 80, None)]),
+            3,
+        ));
+    });
+    for r in ["by-both", "by-port"] {
+        w.status("TCPRoute", "apps", r, |s| {
+            route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+        });
+    }
+    w.status("TCPRoute", "apps", "mismatch", |s| {
+        is(&parent_conds(s, 0), "Accepted", "False", "NoMatchingParent")
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "a")["attachedRoutes"] == 1
+            && listener_status(s, "b")["attachedRoutes"] == 1
+    });
+    assert!(
+        is(&gw["conditions"], "Programmed", "True", "Programmed"),
+        "{gw:#}"
+    );
+    w.maps("both listeners in the maps", |v| {
+        v.as_array().is_some_and(|a| a.len() == 2)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 8001)), pod(TX_V4));
+    assert_eq!(w.pod_of(&syn(2, GW_ADDR, 8002)), pod(TX_V4_B));
+}
+
+#[test]
+fn a_parent_ref_without_section_name_or_port_attaches_to_every_listener_of_its_kind() {
+    let mut w = World::start("gw-attach-all", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([
+                listener("a", 8001, "TCP"),
+                listener("b", 8002, "TCP"),
+                listener("dns", 53, "UDP")
+            ]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "all",
+            json!([parent(None, None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "a")["attachedRoutes"] == 1
+            && listener_status(s, "b")["attachedRoutes"] == 1
+    });
+    assert_eq!(listener_status(&gw, "dns")["attachedRoutes"], 0, "{gw:#}");
+    assert_eq!(
+        listener_status(&gw, "a")["supportedKinds"],
+        json!([{ "group": "gateway.networking.k8s.io", "kind": "TCPRoute" }])
+    );
+    w.status("TCPRoute", "apps", "all", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    w.maps("three listeners in the maps", |v| {
+        v.as_array().is_some_and(|a| a.len() == 3)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 8001)), pod(TX_V4));
+    assert_eq!(w.pod_of(&syn(2, GW_ADDR, 8002)), pod(TX_V4));
+}
+
+#[test]
+fn a_tcp_route_is_not_allowed_on_udp_or_http_listeners_nor_from_another_namespace() {
+    let w = World::start("gw-not-allowed", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([
+                listener("dns", 53, "UDP"),
+                listener("web", 8080, "HTTP"),
+                { "name": "same", "port": 9000, "protocol": "TCP" }
+            ]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "to-udp",
+            json!([parent(Some("dns"), None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "to-http",
+            json!([parent(Some("web"), None)]),
+            json!([backend(None, "svc", 80, None)]),
+            2,
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "other-ns",
+            json!([parent(Some("same"), None)]),
+            json!([backend(None, "svc", 80, None)]),
+            3,
+        ));
+    });
+    for r in ["to-udp", "to-http", "other-ns"] {
+        w.status("TCPRoute", "apps", r, |s| {
+            is(
+                &parent_conds(s, 0),
+                "Accepted",
+                "False",
+                "NotAllowedByListeners",
+            )
+        });
+    }
+    let gw = w.status("Gateway", "infra", "gw", |s| !s["listeners"].is_null());
+    let web = &listener_status(&gw, "web")["conditions"];
+    assert!(
+        is(web, "Accepted", "False", "UnsupportedProtocol"),
+        "{gw:#}"
+    );
+    assert!(is(web, "Programmed", "False", "Invalid"), "{gw:#}");
+    for l in ["dns", "web", "same"] {
+        assert_eq!(listener_status(&gw, l)["attachedRoutes"], 0, "{l}: {gw:#}");
+    }
+}
+
+#[test]
+fn a_backend_ref_to_a_missing_service_keeps_its_share_and_its_connections_are_reset() {
+    let mut w = World::start("gw-nonexistent", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "no-such-svc", 80, None)]),
+            1,
+        ));
+    });
+    let s = w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "BackendNotFound"))
+    });
+    assert!(s.to_string().contains("no-such-svc"), "{s:#}");
+    w.maps("the rejecting share", |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    let before = w.counter(Counter::TxReset);
+    for i in 0..20 {
+        assert!(w.is_reset(&syn(i, GW_ADDR, 80)), "SYN {i} not reset");
+    }
+    assert_eq!(w.counter(Counter::TxReset), before + 20);
+    // `lb explain` says the same as the program.
+    let p = syn(100, GW_ADDR, 80);
+    let e = w.dirs.json(&[
+        "explain",
+        &format!("{}:{}", p.src, p.sport),
+        &format!("{GW_ADDR}:80"),
+        "tcp",
+        "--syn",
+    ]);
+    assert_eq!(
+        (&e["verdict"], &e["reason"]),
+        (&json!("reset"), &json!("rejected share")),
+        "{e:#}"
+    );
+}
+
+#[test]
+fn a_cross_namespace_backend_ref_without_a_reference_grant_is_not_permitted() {
+    let mut w = World::start("gw-cross-ns", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "backends", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(Some("backends"), "svc", 80, None)]),
+            1,
+        ));
+    });
+    w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "RefNotPermitted"))
+    });
+    w.maps("the rejecting share", |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert!(w.is_reset(&syn(1, GW_ADDR, 80)));
+}
+
+#[test]
+fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_it() {
+    let mut w = World::start("gw-grant", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "backends", "svc", &[TX_V4]);
+        api.apply(grant("backends", "apps"));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(Some("backends"), "svc", 80, None)]),
+            1,
+        ));
+    });
+    w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    w.maps("the granted backend", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["backend"]["address"] == TX_V4))
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
+
+    w.api
+        .delete("ReferenceGrant", "backends", "routes-may-refer");
+    w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "RefNotPermitted"))
+    });
+    w.maps("the grant revoked", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().all(|b| b["backend"]["address"] != TX_V4))
+    });
+    assert!(
+        w.is_reset(&syn(2, GW_ADDR, 80)),
+        "a new connection after the revocation"
+    );
+}
+
+#[test]
+fn several_routes_on_one_listener_are_all_accepted_and_only_the_oldest_carries_traffic() {
+    let mut w = World::start("gw-multi", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "old", &[TX_V4]);
+        service(api, "apps", "new", &[TX_V4_B]);
+        // Named so that name order and age disagree.
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "a-newer",
+            json!([parent(None, None)]),
+            json!([backend(None, "new", 80, None)]),
+            30,
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "z-older",
+            json!([parent(None, None)]),
+            json!([backend(None, "old", 80, None)]),
+            10,
+        ));
+    });
+    for r in ["a-newer", "z-older"] {
+        w.status("TCPRoute", "apps", r, |s| {
+            route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+        });
+    }
+    w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "tcp")["attachedRoutes"] == 2
+    });
+    w.maps("the oldest route's backend", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 1 && b[0]["backend"]["address"] == TX_V4)
+    });
+    for i in 0..20 {
+        assert_eq!(w.pod_of(&syn(i, GW_ADDR, 80)), pod(TX_V4));
+    }
+    // The oldest goes: the next oldest takes over.
+    w.api.delete("TCPRoute", "apps", "z-older");
+    w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "tcp")["attachedRoutes"] == 1
+    });
+    w.maps("the remaining route's backend", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 1 && b[0]["backend"]["address"] == TX_V4_B)
+    });
+    assert_eq!(w.pod_of(&syn(100, GW_ADDR, 80)), pod(TX_V4_B));
+}
+
+#[test]
+fn weighted_backend_refs_split_new_connections_70_30_and_weight_0_gets_none() {
+    let (a, b, c) = ("10.1.0.11", "10.1.0.12", "10.1.0.13");
+    let mut w = World::start("gw-weighted", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "seventy", &[a]);
+        service(api, "apps", "thirty", &[b]);
+        service(api, "apps", "zero", &[c]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([
+                backend(None, "seventy", 80, Some(70)),
+                backend(None, "thirty", 80, Some(30)),
+                backend(None, "zero", 80, Some(0))
+            ]),
+            1,
+        ));
+    });
+    w.maps("three members", |v| {
+        v[0]["backends"].as_array().is_some_and(|b| b.len() == 3)
+    });
+    let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    let n = 500;
+    for i in 0..n {
+        *counts.entry(w.pod_of(&syn(i, GW_ADDR, 80)).0).or_default() += 1;
+    }
+    let share =
+        |p: &str| f64::from(counts.get(&p.parse().unwrap()).copied().unwrap_or(0)) / f64::from(n);
+    assert!((share(a) - 0.70).abs() <= 0.05, "70: {counts:?}");
+    assert!((share(b) - 0.30).abs() <= 0.05, "30: {counts:?}");
+    assert_eq!(
+        share(c),
+        0.0,
+        "weight 0 takes no new connection: {counts:?}"
+    );
+}
+
+#[test]
+fn a_udp_route_reaches_its_udp_server() {
+    let mut w = World::start("gw-udp", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("dns", 53, "UDP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "dns", &[TX_V4]);
+        api.apply(route(
+            "UDPRoute",
+            "apps",
+            "dns",
+            json!([parent(None, None)]),
+            json!([backend(None, "dns", 53, None)]),
+            1,
+        ));
+    });
+    w.status("UDPRoute", "apps", "dns", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "dns")["attachedRoutes"] == 1
+    });
+    assert_eq!(
+        listener_status(&gw, "dns")["supportedKinds"],
+        json!([{ "group": "gateway.networking.k8s.io", "kind": "UDPRoute" }])
+    );
+    w.maps("the UDP VIP", |v| {
+        v[0]["vip"]["label"] == format!("{GW_ADDR}:53/udp")
+    });
+    let q = Pkt::udp("198.51.100.7", 40000, GW_ADDR, 53, LB0_MAC);
+    assert_eq!(w.pod_of(&q), (TX_V4.parse().unwrap(), 5353));
+}
+
+#[test]
+fn a_gateway_takes_its_addresses_from_spec_addresses() {
+    let w = World::start("gw-spec-addr", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            json!([{ "type": "IPAddress", "value": GW_ADDR }, { "value": "2001:db8::10" }]),
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        is(&s["conditions"], "Programmed", "True", "Programmed")
+    });
+    assert_eq!(
+        gw["addresses"],
+        json!([{ "type": "IPAddress", "value": GW_ADDR }, { "type": "IPAddress", "value": "2001:db8::10" }])
+    );
+    assert!(
+        is(&gw["conditions"], "Accepted", "True", "Accepted"),
+        "{gw:#}"
+    );
+    w.maps("a VIP per address", |v| {
+        v.as_array().is_some_and(|a| a.len() == 2)
+    });
+    assert!(
+        w.api.lock().applied.is_empty(),
+        "no LoadBalancer Service with spec.addresses"
+    );
+}
+
+#[test]
+fn a_gateway_without_addresses_gets_them_from_the_load_balancer_service_lb_makes() {
+    let mut w = World::start("gw-lb-addr", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP"), listener("dns", 53, "UDP")]),
+            Value::Null,
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        is(
+            &s["conditions"],
+            "Programmed",
+            "False",
+            "AddressNotAssigned",
+        )
+    });
+    assert_eq!(gw["addresses"], json!([]));
+    let svc = w.until("the LoadBalancer Service", |w| {
+        w.api.get("Service", "infra", "gw-lb")
+    });
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["metadata"]["labels"]["lb.dev/class"], "default");
+    assert_eq!(
+        svc["metadata"]["ownerReferences"][0],
+        json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "name": "gw",
+                "uid": "uid-gw-gw", "controller": true })
+    );
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{ "name": "udp-53", "port": 53, "protocol": "UDP" }, { "name": "tcp-80", "port": 80, "protocol": "TCP" }])
+    );
+    // The cluster's allocator fills in an address.
+    let mut filled = svc.clone();
+    filled["status"] = json!({ "loadBalancer": { "ingress": [ { "ip": GW_ADDR } ] } });
+    w.api.apply(filled);
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        is(&s["conditions"], "Programmed", "True", "Programmed")
+    });
+    assert_eq!(
+        gw["addresses"],
+        json!([{ "type": "IPAddress", "value": GW_ADDR }])
+    );
+    w.maps("the Gateway's VIPs", |v| {
+        v.as_array().is_some_and(|a| a.len() == 2)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
+    // The Service itself is not served as a VIP of its own (it has no endpoints): only the
+    // Gateway's listeners are.
+    let v = w.dirs.json(&["backends"]);
+    assert!(
+        v.as_array().unwrap().iter().all(|x| x["vip"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("infra/gw:")),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn listeners_sharing_a_port_and_transport_conflict_and_tcp_and_udp_on_one_port_do_not() {
+    let mut w = World::start("gw-conflict", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([
+                listener("tcp", 80, "TCP"),
+                listener("udp", 80, "UDP"),
+                listener("tcp-again", 80, "TCP"),
+                listener("tls", 80, "TLS")
+            ]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        is(
+            &listener_status(s, "tcp")["conditions"],
+            "Programmed",
+            "True",
+            "Programmed",
+        )
+    });
+    let c = |l: &str| listener_status(&gw, l)["conditions"].clone();
+    assert!(
+        is(&c("tcp"), "Conflicted", "False", "NoConflicts"),
+        "{gw:#}"
+    );
+    assert!(
+        is(&c("udp"), "Conflicted", "False", "NoConflicts"),
+        "{gw:#}"
+    );
+    assert!(
+        is(&c("tcp-again"), "Conflicted", "True", "HostnameConflict"),
+        "{gw:#}"
+    );
+    assert!(
+        is(&c("tcp-again"), "Accepted", "False", "PortUnavailable"),
+        "{gw:#}"
+    );
+    assert!(
+        is(&c("tls"), "Conflicted", "True", "ProtocolConflict"),
+        "{gw:#}"
+    );
+    assert_eq!(listener_status(&gw, "tcp")["attachedRoutes"], 1);
+    assert_eq!(listener_status(&gw, "tcp-again")["attachedRoutes"], 0);
+    w.maps("TCP and UDP on port 80", |v| {
+        v.as_array().is_some_and(|a| a.len() == 2)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
+}
+
+#[test]
+fn differing_policies_of_one_rules_services_are_not_applied_and_say_conflicted() {
+    let policy = |name: &str, slots: u32| {
+        json!({ "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
+                "metadata": { "namespace": "apps", "name": name }, "spec": { "slots": slots } })
+    };
+    let annotate = |api: &FakeApi, svc: &str, p: &str| {
+        let mut s = api.get("Service", "apps", svc).unwrap();
+        s["metadata"]["annotations"] = json!({ "lb.dev/upstream-policy": p });
+        api.apply(s);
+    };
+    let w = World::start("gw-policy", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "a", &[TX_V4]);
+        service(api, "apps", "b", &[TX_V4_B]);
+        api.apply(policy("small", 251));
+        api.apply(policy("smaller", 241));
+        annotate(api, "a", "small");
+        annotate(api, "b", "smaller");
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "a", 80, None), backend(None, "b", 80, None)]),
+            1,
+        ));
+    });
+    let conflicted = |w: &World, p: &str, status: &str, reason: &str| {
+        w.until(&format!("UpstreamPolicy {p} Conflicted={status}"), |w| {
+            let s = w.api.get("UpstreamPolicy", "apps", p)?;
+            is(&s["status"]["conditions"], "Conflicted", status, reason).then_some(s)
+        })
+    };
+    let s = conflicted(&w, "small", "True", "Conflicted");
+    assert!(s.to_string().contains("TCPRoute apps/r"), "{s:#}");
+    conflicted(&w, "smaller", "True", "Conflicted");
+    w.maps("the node's table size: no policy applied", |v| {
+        v[0]["table_size"] == 1009
+    });
+
+    annotate(&w.api, "b", "small");
+    w.maps("the shared policy's table size", |v| {
+        v[0]["table_size"] == 251
+    });
+    conflicted(&w, "small", "False", "NoConflicts");
+}
+
+#[test]
+fn the_agent_makes_only_requests_rbac_grants_and_uses_every_gateway_api_grant() {
+    let w = World::start("gw-rbac", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP"), listener("dns", 53, "UDP")]),
+            Value::Null,
+        ));
+        service(api, "backends", "svc", &[TX_V4]);
+        api.apply(grant("backends", "apps"));
+        api.apply(
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "apps" } }),
+        );
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "t",
+            json!([parent(None, None)]),
+            json!([backend(Some("backends"), "svc", 80, None)]),
+            1,
+        ));
+        api.apply(route(
+            "UDPRoute",
+            "apps",
+            "u",
+            json!([parent(None, None)]),
+            json!([backend(None, "nope", 53, None)]),
+            2,
+        ));
+    });
+    w.status("TCPRoute", "apps", "t", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    w.status("UDPRoute", "apps", "u", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "BackendNotFound"))
+    });
+    w.status("Gateway", "infra", "gw", |s| !s.is_null());
+    w.status("GatewayClass", "", "lb", |s| !s.is_null());
+    w.until("the LoadBalancer Service", |w| {
+        w.api.get("Service", "infra", "gw-lb")
+    });
+
+    let granted = granted();
+    let made: Vec<(String, String, String)> = w
+        .api
+        .requests(" -> ")
+        .iter()
+        .filter_map(|r| rbac_of(r))
+        .collect();
+    for m in &made {
+        assert!(
+            granted.contains(m),
+            "the agent made a request RBAC does not grant: {m:?}"
+        );
+    }
+    for g in granted.iter().filter(|(g, r, v)| gateway_only(g, r, v)) {
+        assert!(
+            made.contains(g),
+            "deploy/rbac.yaml grants {g:?}, which the agent never used"
+        );
+    }
+    // Discovery asked once per Gateway API version, at start.
+    assert_eq!(
+        w.api
+            .requests("GET /apis/gateway.networking.k8s.io/v1 ")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn routes_are_read_at_v1alpha2_where_v1_is_not_served() {
+    let mut w = World::start("gw-alpha", |api| {
+        api.hide("gateway.networking.k8s.io/v1", "tcproutes");
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        let mut r = route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        );
+        r["apiVersion"] = json!("gateway.networking.k8s.io/v1alpha2");
+        api.apply(r);
+    });
+    w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    assert!(
+        !w.api
+            .requests("/apis/gateway.networking.k8s.io/v1alpha2/tcproutes")
+            .is_empty()
+    );
+    assert!(
+        w.api
+            .requests("/apis/gateway.networking.k8s.io/v1/tcproutes")
+            .is_empty()
+    );
+    w.maps("the route's backend", |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
+}
