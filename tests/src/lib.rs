@@ -9,6 +9,7 @@ pub mod bench;
 pub mod dc;
 pub mod ecmp;
 pub mod harness;
+pub mod helm;
 pub mod kubeapi;
 pub mod lab;
 pub mod netns;
