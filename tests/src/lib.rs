@@ -12,6 +12,7 @@ pub mod harness;
 pub mod helm;
 pub mod kubeapi;
 pub mod lab;
+pub mod memcg;
 pub mod netns;
 pub mod packet;
 pub mod tmux;

@@ -279,3 +279,61 @@ fn deploy_holds_the_charts_default_rendering() {
         );
     }
 }
+
+/// The agent's memory as the chart renders it: the limit (MiB) and the node config.
+fn memory_and_node_config(values: &Value) -> (u64, String) {
+    let r = render_ok("memory", values);
+    let c = &r.one("DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    let limit = c["resources"]["limits"]["memory"].as_str().unwrap();
+    let mib = limit
+        .strip_suffix("Mi")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the limit {limit} is in Mi"));
+    let node = r.one("ConfigMap")["data"]["node.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (mib, node)
+}
+
+/// `lb check` under a memory cgroup of `mib` MiB: it creates every map of the config's sizes and
+/// loads the program, all charged to the cgroup, as the agent's start is.
+fn check_under(mib: u64, node: &str, tag: &str) -> std::process::Output {
+    let path = std::env::temp_dir().join(format!("lb-helm-node-{}-{tag}.yaml", std::process::id()));
+    std::fs::write(&path, node).unwrap();
+    let cg = lb_tests::memcg::MemCgroup::new(tag, mib << 20);
+    let out = cg.run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lb-under-test"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path),
+    );
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+#[test]
+fn the_default_sizes_load_under_the_charts_memory_limit_and_not_under_a_third_of_it() {
+    lb_tests::require_root();
+    // The default values; only the interface is this host's (check looks it up), not the sizes.
+    let (mib, node) = memory_and_node_config(&json!({ "node": { "interfaces": ["lo"] } }));
+    let (default_mib, _) = memory_and_node_config(&json!({}));
+    assert_eq!(mib, default_mib, "the interface does not change the memory");
+    let text = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let fits = check_under(mib, &node, "fits");
+    assert!(
+        fits.status.success(),
+        "the program and the default sizes' maps load under the chart's {mib} MiB:\n{}",
+        text(&fits)
+    );
+    // Well below, map creation fails: the limit is what decides, so this test can fail.
+    let short = check_under(mib / 3, &node, "short");
+    assert!(
+        !short.status.success(),
+        "under {} MiB the default sizes cannot load:\n{}",
+        mib / 3,
+        text(&short)
+    );
+}
