@@ -69,6 +69,14 @@ fn compose(file: &Config, kube: Option<&[VipConfig]>) -> Config {
 /// Loads the config file; under Kubernetes it must not list VIPs (they come from the cluster).
 fn load_file(opts: &RunOptions) -> Result<Config> {
     let mut c = Config::load(&opts.config)?;
+    if let Some(up) = crate::uplink::fill(&mut c.node)? {
+        info!(
+            interface = %up.name,
+            "node.interfaces not set: attaching to {}, the interface of the {} default route",
+            up.name,
+            up.family
+        );
+    }
     for a in &opts.sources {
         match a {
             std::net::IpAddr::V4(a) => c.node.spec.source_v4 = Some(*a),

@@ -222,7 +222,10 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
         (json!({ "metrics": { "port": 70000 } }), "/metrics/port"),
         (json!({ "metrics": { "port": "9477" } }), "/metrics/port"),
         (json!({ "logFormat": "xml" }), "/logFormat"),
-        (json!({ "node": { "interfaces": [] } }), "/node/interfaces"),
+        (
+            json!({ "node": { "interfaces": ["a/b"] } }),
+            "/node/interfaces/0",
+        ),
         (
             json!({ "node": { "xdp_mode": "offload" } }),
             "/node/xdp_mode",
