@@ -17,10 +17,10 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                     "serviceMonitor": { "enabled": true, "interval": "15s", "labels": { "release": "prom" } } } }),
         ),
         (
-            "the release's namespace, text logs, own image, no GatewayClass, a node pool",
+            "the release's namespace, text logs, own image, no GatewayClass, no cleanup, a node pool",
             json!({ "namespace": { "create": false }, "logFormat": "text", "logLevel": "debug",
                     "image": { "repository": "registry.example/lb", "tag": "dev" },
-                    "gatewayClass": { "create": false },
+                    "gatewayClass": { "create": false }, "cleanupOnUninstall": false,
                     "nodeSelector": { "node-role.kubernetes.io/lb": "true" } }),
         ),
         (
@@ -147,6 +147,27 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
         args.contains(&format!("--log-format={format}").as_str()),
         "{name}: {args:?}"
     );
+    // Uninstall: the agents clean up when their DaemonSet goes, allowed to read it.
+    let cleanup = values["cleanupOnUninstall"].as_bool().unwrap_or(true);
+    assert_eq!(
+        args.contains(&"--down-when-deleted=lb"),
+        cleanup,
+        "{name}: {args:?}"
+    );
+    assert_eq!(ds["metadata"]["name"], "lb", "{name}");
+    let roles: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "Role" && d["metadata"]["name"] == "lb-uninstall")
+        .collect();
+    assert_eq!(roles.len(), cleanup as usize, "{name}");
+    if cleanup {
+        assert_eq!(
+            roles[0]["rules"],
+            json!([{ "apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["lb"], "verbs": ["get"] }]),
+            "{name}"
+        );
+    }
     let image = match values["image"]["tag"].as_str() {
         Some(t) => format!("{}:{t}", values["image"]["repository"].as_str().unwrap()),
         None => "ghcr.io/lb-dev/lb:0.1.0".to_string(),
