@@ -48,6 +48,18 @@ pub fn check(path: &Path) -> Report {
         }
     };
     r.warnings = config.warnings.clone();
+    let mut config = config;
+    match crate::uplink::fill(&mut config.node) {
+        Ok(None) => {}
+        Ok(Some(up)) => r.host.push(format!(
+            "node.interfaces: not set; `lb run` would attach to {}, the interface of the {} default route",
+            up.name, up.family
+        )),
+        Err(e) => {
+            r.errors.push(crate::error_chain(&e));
+            return r;
+        }
+    }
     interfaces(&config, &mut r);
     let missing = privilege::missing_to_load();
     match missing.is_empty() {

@@ -76,6 +76,11 @@ enum Command {
         /// The status writer's Lease (with --kubernetes).
         #[command(flatten)]
         lease: crate::k8s::LeaseFlags,
+        /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted
+        /// (uninstalled), detach and remove the pins as `lb down` does; while it exists (a rolling
+        /// update) they stay for the next agent (with --kubernetes).
+        #[arg(long, value_name = "DAEMONSET", requires = "kubernetes")]
+        down_when_deleted: Option<String>,
     },
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     ///
@@ -240,6 +245,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             node_name,
             source,
             lease,
+            down_when_deleted,
         } => {
             let kubernetes = match (kubernetes, node_name) {
                 (false, _) => None,
@@ -248,6 +254,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     node_name,
                     gateway_controller,
                     lease,
+                    down_when_deleted,
                 }),
                 (true, _) => bail!(
                     "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"

@@ -364,12 +364,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
     let mut warnings = Vec::new();
     let n = &raw.node;
 
-    if n.interfaces.is_empty() {
-        c.bad(
-            "node.interfaces",
-            "at least one interface is needed (where VIP traffic arrives)",
-        );
-    }
+    // No interfaces: the agent takes the uplink of the host's default route (crate::uplink).
     let mut seen_if = BTreeSet::new();
     for (i, name) in n.interfaces.iter().enumerate() {
         if name.is_empty()
@@ -1015,10 +1010,6 @@ vips:
     fn every_validation_error_names_its_path() {
         type Edit = Box<dyn Fn(String) -> String>;
         let cases: Vec<(Edit, &str)> = vec![
-            (
-                Box::new(replace("interfaces: [eth0]", "interfaces: []")),
-                "node.interfaces: at least one interface",
-            ),
             (
                 Box::new(replace("interfaces: [eth0]", "interfaces: [eth0, eth0]")),
                 "node.interfaces[1]: \"eth0\" is listed twice",

@@ -27,6 +27,7 @@ pub mod ring;
 pub mod run;
 pub mod show;
 pub mod top;
+pub mod uplink;
 pub mod view;
 
 /// An error and its sources, on one line.

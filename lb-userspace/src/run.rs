@@ -69,6 +69,14 @@ fn compose(file: &Config, kube: Option<&[VipConfig]>) -> Config {
 /// Loads the config file; under Kubernetes it must not list VIPs (they come from the cluster).
 fn load_file(opts: &RunOptions) -> Result<Config> {
     let mut c = Config::load(&opts.config)?;
+    if let Some(up) = crate::uplink::fill(&mut c.node)? {
+        info!(
+            interface = %up.name,
+            "node.interfaces not set: attaching to {}, the interface of the {} default route",
+            up.name,
+            up.family
+        );
+    }
     for a in &opts.sources {
         match a {
             std::net::IpAddr::V4(a) => c.node.spec.source_v4 = Some(*a),
@@ -529,9 +537,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
+    let uninstalled = serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    if uninstalled {
+        drop(lock);
+        info!("the agent's DaemonSet is deleted (uninstalled): detaching and removing the pins");
+        for d in down(&opts.pin_dir, &opts.state_dir)? {
+            info!("{d}");
+        }
+        return Ok(());
     }
     info!(
         "exiting: the program stays attached and the maps pinned in {} (traffic keeps flowing); `lb down` removes them",
@@ -657,7 +673,8 @@ async fn announce_update(
 }
 
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
-/// `file` is the last accepted config file: the base of every cluster change.
+/// `file` is the last accepted config file: the base of every cluster change. Returns whether
+/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone).
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
@@ -668,7 +685,7 @@ async fn serve(
     m: &AgentMetrics,
     mut nexthops: Nexthops,
     mut life: Life,
-) -> Result<()> {
+) -> Result<bool> {
     // Announced once the maps hold the first desired state; withdrawn on the way out.
     let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
     announce_update(&mut announce, &agent, m).await;
@@ -802,10 +819,18 @@ async fn serve(
     }
     drop(checks);
     announce.shutdown().await;
+    let mut uninstalled = false;
     if let Some(k) = &mut kube {
         k.release_lease().await;
+        let ds = opts
+            .kubernetes
+            .as_ref()
+            .and_then(|o| o.down_when_deleted.as_deref());
+        if let Some(ds) = ds {
+            uninstalled = k.daemonset_deleted(ds).await;
+        }
     }
-    Ok(())
+    Ok(uninstalled)
 }
 
 /// `lb down`, refused while an agent holds the pin dir (it would go on writing maps nobody

@@ -31,8 +31,10 @@ pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The resources served: (plural, apiVersion, kind, path prefix). A kind served at two versions
 /// is listed twice; its objects are the same at both.
-const RESOURCES: [(&str, &str, &str, &str); 11] = [
+const RESOURCES: [(&str, &str, &str, &str); 12] = [
     ("services", "v1", "Service", "/api/v1"),
+    // Read by name only: an agent run with --down-when-deleted asks for its DaemonSet on exit.
+    ("daemonsets", "apps/v1", "DaemonSet", "/apis/apps/v1"),
     ("namespaces", "v1", "Namespace", "/api/v1"),
     (
         "gatewayclasses",
@@ -590,6 +592,25 @@ fn respond(
             &json!({ "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources }),
         );
     }
+    // GET {prefix}[/namespaces/{ns}]/{plural}/{name}
+    if method == Method::GET
+        && let Some(key) = object_path(&segs)
+    {
+        let s = state.lock().unwrap_or_else(|e| e.into_inner());
+        let (plural, api_version, ..) = resource(&key.0);
+        return match s.objects.get(&key) {
+            Some(o) => {
+                let mut o = o.clone();
+                o["apiVersion"] = json!(api_version);
+                ok_json(StatusCode::OK, &o)
+            }
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{plural} \"{}\" not found", key.2),
+            ),
+        };
+    }
     // PATCH {prefix}[/namespaces/{ns}]/{plural}/{name}/status
     if method == Method::PATCH
         && segs.last() == Some(&"status")
@@ -694,6 +715,12 @@ fn respond(
         "NotFound",
         format!("the fake API server does not serve {method} {path}"),
     )
+}
+
+/// Grants used only when an agent run with --down-when-deleted exits (its own DaemonSet): the
+/// uninstall tests in tests/tests/k8s.rs check them.
+pub fn on_exit_only(group: &str, resource: &str, _verb: &str) -> bool {
+    group == "apps" && resource == "daemonsets"
 }
 
 /// The rules of the ClusterRole and the Role (the Lease, in lb's namespace) as (API group,

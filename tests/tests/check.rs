@@ -103,11 +103,6 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
             "node.table_size: 4096 is not prime",
         ),
         (
-            "no interface",
-            edit("interfaces: [lo]", "interfaces: []"),
-            "node.interfaces: at least one interface is needed",
-        ),
-        (
             "an interface twice",
             edit("interfaces: [lo]", "interfaces: [lo, lo]"),
             "node.interfaces[1]: \"lo\" is listed twice",

@@ -1,5 +1,6 @@
-//! The manifests in deploy/: valid against the Kubernetes schemas (kubernetes-validate, offline),
-//! and meaning what the README says when the agent reads them.
+//! The manifests in deploy/ (the Helm chart's default rendering, tests/tests/helm.rs, and the
+//! examples): valid against the Kubernetes schemas (kubernetes-validate, offline), and meaning
+//! what the README says when the agent reads them.
 
 use std::{path::PathBuf, process::Command};
 
@@ -27,7 +28,8 @@ fn the_manifests_pass_the_kubernetes_schemas() {
         validator.display()
     );
     let files = [
-        "crd.yaml",
+        "helm/lb/crds/upstreampolicies.yaml",
+        "namespace.yaml",
         "rbac.yaml",
         "daemonset.yaml",
         "example.yaml",

@@ -13,10 +13,10 @@ use std::{
 
 use lb_common::Counter;
 use lb_tests::{
-    agent::{Agent, Dirs, metric},
+    agent::{Agent, Dirs, metric, xdp_attachment},
     deploy_docs,
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
-    kubeapi::{FakeApi, gateway_only, granted, rbac_of},
+    kubeapi::{FakeApi, gateway_only, granted, on_exit_only, rbac_of},
     packet::{L4, Pkt, TCP_ACK},
 };
 use serde_json::{Value, json};
@@ -645,7 +645,11 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         );
     }
     // This cluster has no Gateway API: the grants it needs are checked by tests/gateway.rs.
-    for (g, r, _) in granted.iter().filter(|(g, r, v)| !gateway_only(g, r, v)) {
+    // An agent's own DaemonSet is asked for on exit only: the uninstall tests check that grant.
+    for (g, r, _) in granted
+        .iter()
+        .filter(|(g, r, v)| !gateway_only(g, r, v) && !on_exit_only(g, r, v))
+    {
         assert!(
             made.iter().any(|m| &m.0 == g && &m.1 == r),
             "deploy/rbac.yaml grants {g}/{r}, which the agent never used"
@@ -813,4 +817,69 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         );
         drop((agent, api, dirs, net));
     }
+}
+
+/// `lb run --kubernetes --down-when-deleted=lb` as node-a (the chart's `cleanupOnUninstall`),
+/// serving one Service, attached and pinned.
+fn start_uninstallable(tag: &str) -> (FibNet, FakeApi, Dirs, Agent) {
+    let (net, api, dirs) = setup(tag);
+    api.apply(json!({ "apiVersion": "apps/v1", "kind": "DaemonSet",
+                      "metadata": { "namespace": "default", "name": "lb" } }));
+    api.apply(service("web", json!({})));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let kubeconfig = dirs.state.join("kubeconfig");
+    let mut agent = Agent::start_under(
+        &net.ns,
+        &dirs,
+        &[],
+        &["--kubernetes", "--down-when-deleted=lb"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "node-a"),
+        ],
+    );
+    agent.wait_for("running", 1, T);
+    assert!(xdp_attachment(&net.ns, "lb0").is_some(), "attached to lb0");
+    assert!(!dirs.pin_names().is_empty());
+    (net, api, dirs, agent)
+}
+
+#[test]
+fn an_agent_whose_daemonset_is_deleted_detaches_and_removes_every_pin_when_stopped() {
+    let (net, api, dirs, mut agent) = start_uninstallable("uninst");
+    // What `helm uninstall` does: the DaemonSet goes, then its pods get SIGTERM.
+    api.delete("DaemonSet", "default", "lb");
+    assert!(agent.stop().success());
+    assert_eq!(xdp_attachment(&net.ns, "lb0"), None, "XDP detached");
+    assert_eq!(dirs.pin_names(), Vec::<String>::new(), "no pin left");
+    // It asked for its DaemonSet, as the chart's RBAC (deploy/rbac.yaml) lets it.
+    let asked: Vec<_> = api
+        .requests("daemonsets/lb")
+        .iter()
+        .filter_map(|r| rbac_of(r))
+        .collect();
+    assert_eq!(
+        asked,
+        [(
+            "apps".to_string(),
+            "daemonsets".to_string(),
+            "get".to_string()
+        )]
+    );
+    assert!(granted().contains(&asked[0]), "{:?}", granted());
+}
+
+#[test]
+fn an_agent_stopped_while_its_daemonset_exists_leaves_program_and_pins_for_the_next() {
+    // A rolling update (helm upgrade): the DaemonSet is still there.
+    let (net, _api, dirs, mut agent) = start_uninstallable("upgrade");
+    let pins = dirs.pin_names();
+    let attached = xdp_attachment(&net.ns, "lb0");
+    assert!(agent.stop().success());
+    assert_eq!(xdp_attachment(&net.ns, "lb0"), attached, "still attached");
+    assert_eq!(dirs.pin_names(), pins, "the pins stay for the next agent");
 }

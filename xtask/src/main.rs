@@ -126,6 +126,9 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const OPENMETRICS_PARSER: &str = "prometheus-client==0.26.0";
 /// The Debian package promtool comes in (with the Prometheus server, which setup leaves out).
 const PROMTOOL_PACKAGE: &str = "prometheus";
+/// Helm v4's Go SDK for Python: the tests render and lint the chart with Helm's own engine,
+/// offline, without a helm binary.
+const HELM_SDK: &str = "helm-python-sdk==0.2.2";
 /// Where setup installs promtool.
 const PROMTOOL: &str = "/usr/local/bin/promtool";
 
@@ -307,6 +310,7 @@ fn python_tools() -> Result<()> {
             OPENMETRICS_PARSER,
             "import prometheus_client.openmetrics.parser",
         ),
+        ("Helm SDK", HELM_SDK, "import helm_python"),
     ];
     for (name, spec, probe) in tools {
         if output(Command::new(&python).args(["-c", probe])).is_ok() {

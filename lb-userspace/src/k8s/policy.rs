@@ -212,7 +212,8 @@ pub struct UpstreamPolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// The CRD as YAML, as `lb crd` prints it and `deploy/crd.yaml` holds it.
+/// The CRD as YAML, as `lb crd` prints it and the Helm chart's
+/// `deploy/helm/lb/crds/upstreampolicies.yaml` holds it.
 pub fn crd_yaml() -> String {
     serde_saphyr::to_string(&UpstreamPolicy::crd()).expect("the CRD serializes")
 }
@@ -244,11 +245,12 @@ mod tests {
 
     #[test]
     fn the_checked_in_crd_is_what_lb_crd_prints() {
-        let checked_in = include_str!("../../../deploy/crd.yaml");
+        let checked_in = include_str!("../../../deploy/helm/lb/crds/upstreampolicies.yaml");
         assert_eq!(
             checked_in,
             crd_yaml(),
-            "deploy/crd.yaml is stale: regenerate it with `lb crd > deploy/crd.yaml`"
+            "the chart's CRD is stale: regenerate it with \
+             `lb crd > deploy/helm/lb/crds/upstreampolicies.yaml`"
         );
     }
 }

@@ -59,6 +59,10 @@ pub struct KubeOptions {
     pub lease: LeaseFlags,
     /// Serve GatewayClasses with this `controllerName`.
     pub gateway_controller: String,
+    /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted, the
+    /// agent was uninstalled: it detaches and removes its pins (`lb down`) instead of leaving
+    /// them for the next agent.
+    pub down_when_deleted: Option<String>,
 }
 
 /// The Gateway API watchers (when the API server serves the Gateway API).
@@ -279,6 +283,25 @@ impl Kube {
     /// The status writer's handle: whether this agent writes status now.
     pub fn leadership(&self) -> Leadership {
         self.leader.clone()
+    }
+
+    /// Whether the DaemonSet `name` in this agent's namespace is gone or being deleted
+    /// (`helm uninstall`, `kubectl delete`) rather than rolling to a new version (it exists). When
+    /// the API server cannot say, false: the pins stay, which is the safe way to be wrong.
+    pub async fn daemonset_deleted(&self, name: &str) -> bool {
+        let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+            kube::Api::default_namespaced(self.client.clone());
+        match api.get_opt(name).await {
+            Ok(None) => true,
+            Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+            Err(e) => {
+                warn!(
+                    "asking whether the DaemonSet {name} is being deleted (the pins stay): {}",
+                    crate::error_chain(&e)
+                );
+                false
+            }
+        }
     }
 
     /// On a clean exit: stops the election and gives the Lease up, so another agent writes

@@ -1,0 +1,151 @@
+//! lb's Helm chart (deploy/helm/lb) rendered and linted by Helm's own engine, through the
+//! helm-python-sdk package (Helm v4's Go SDK) that `cargo xtask setup` installs into the tools
+//! virtualenv; and the rendered manifests checked with kubernetes-validate --strict.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::{Value, json};
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The chart's directory.
+pub fn chart() -> PathBuf {
+    root().join("deploy/helm/lb")
+}
+
+/// A tool from the tools virtualenv, failing the test with the way out when setup has not run.
+pub fn tool(name: &str) -> PathBuf {
+    let p = root().join("target/tools/venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask setup` installs it",
+        p.display()
+    );
+    p
+}
+
+/// What Helm made of the chart with some values.
+#[derive(Debug)]
+pub struct Rendered {
+    /// `helm lint --strict`'s findings: (severity 1 info, 2 warning, 3 error; path; message).
+    pub lint: Vec<(u64, String, String)>,
+    /// Each template's output, by its path in the chart (`lb/templates/daemonset.yaml`).
+    pub manifests: BTreeMap<String, String>,
+    /// The CRDs of the chart's crds/ directory (installed before the templates).
+    pub crds: Vec<String>,
+}
+
+impl Rendered {
+    /// Every rendered document, as JSON values (empty documents left out).
+    pub fn docs(&self) -> Vec<Value> {
+        self.manifests
+            .values()
+            .chain(&self.crds)
+            .flat_map(|text| {
+                serde_saphyr::from_multiple::<Value>(text)
+                    .unwrap_or_else(|e| panic!("a rendered manifest is not YAML: {e}\n{text}"))
+            })
+            .filter(|d| !d.is_null())
+            .collect()
+    }
+
+    /// The one rendered document of `kind`.
+    pub fn one(&self, kind: &str) -> Value {
+        let mut all: Vec<Value> = self
+            .docs()
+            .into_iter()
+            .filter(|d| d["kind"] == kind)
+            .collect();
+        assert_eq!(all.len(), 1, "one {kind} rendered");
+        all.remove(0)
+    }
+}
+
+/// Renders the chart as `helm install lb --namespace lb-system` would with `values`: Ok with the
+/// manifests, or Err with Helm's message (a value the schema refuses, a template's `fail`).
+pub fn render(values: &Value) -> Result<Rendered, String> {
+    let mut child = Command::new(tool("python"))
+        .arg(root().join("tests/helm/render.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tests/helm/render.py");
+    let req =
+        json!({ "chart": chart(), "values": values, "release": "lb", "namespace": "lb-system" });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(req.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "tests/helm/render.py failed (is helm-python-sdk installed? `cargo xtask setup`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("render.py writes JSON");
+    if let Some(e) = v["error"].as_str() {
+        return Err(e.to_string());
+    }
+    let lint = v["lint"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["severity"].as_u64().unwrap(),
+                m["path"].as_str().unwrap().to_string(),
+                m["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let manifests = serde_json::from_value(v["manifests"].clone()).unwrap();
+    let crds = serde_json::from_value(v["crds"].clone()).unwrap();
+    Ok(Rendered {
+        lint,
+        manifests,
+        crds,
+    })
+}
+
+/// Runs kubernetes-validate --strict over `files`; returns how many resources passed against a
+/// built-in schema, failing on any error.
+pub fn validate(files: &[PathBuf]) -> usize {
+    let out = Command::new(tool("kubernetes-validate"))
+        .arg("--strict")
+        .args(files)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("ERROR") && !text.contains("failed"),
+        "{text}"
+    );
+    text.lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count()
+}
+
+/// Whether kubernetes-validate has a schema for this document's kind (built-in kinds only:
+/// lb's own, the Gateway API's and the Prometheus Operator's are checked by the tests instead).
+pub fn is_builtin(doc: &Value) -> bool {
+    let v = doc["apiVersion"].as_str().unwrap_or("");
+    !(v.starts_with("lb.dev/")
+        || v.starts_with("gateway.networking.k8s.io/")
+        || v.starts_with("monitoring.coreos.com/"))
+}

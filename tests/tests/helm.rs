@@ -1,0 +1,363 @@
+//! lb's Helm chart: rendered and linted by Helm's own engine for the default values and other
+//! value sets, every manifest valid against the Kubernetes schemas, bad values refused with
+//! their path, and deploy/ holding exactly the default rendering.
+
+use std::path::PathBuf;
+
+use lb_tests::helm::{self, Rendered};
+use serde_json::{Value, json};
+
+/// Value sets a user would plausibly install with, beyond the defaults.
+fn value_sets() -> Vec<(&'static str, Value)> {
+    vec![
+        ("defaults", json!({})),
+        (
+            "metrics Service and ServiceMonitor on another port",
+            json!({ "metrics": { "port": 9500, "service": { "enabled": true },
+                    "serviceMonitor": { "enabled": true, "interval": "15s", "labels": { "release": "prom" } } } }),
+        ),
+        (
+            "the release's namespace, text logs, own image, no GatewayClass, no cleanup, a node pool",
+            json!({ "namespace": { "create": false }, "logFormat": "text", "logLevel": "debug",
+                    "image": { "repository": "registry.example/lb", "tag": "dev" },
+                    "gatewayClass": { "create": false }, "cleanupOnUninstall": false,
+                    "nodeSelector": { "node-role.kubernetes.io/lb": "true" } }),
+        ),
+        (
+            "small sizes, two uplinks, generic XDP, memory set by hand",
+            json!({ "node": { "interfaces": ["ens5", "bond0"], "xdp_mode": "generic", "table_size": 16381,
+                    "max_vips": 16, "max_backends": 256, "flow_table_size": 65536,
+                    "affinity_table_size": 1024, "nat_table_size": 16384, "source_v4": "10.0.0.1" },
+                    "resources": { "memoryMiB": 512 } }),
+        ),
+    ]
+}
+
+fn render_ok(name: &str, values: &Value) -> Rendered {
+    helm::render(values).unwrap_or_else(|e| panic!("{name}: Helm refused the chart: {e}"))
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lb-helm-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn the_chart_lints_and_renders_manifests_that_pass_the_kubernetes_schemas_for_each_value_set() {
+    for (i, (name, values)) in value_sets().into_iter().enumerate() {
+        let r = render_ok(name, &values);
+        let problems: Vec<_> = r.lint.iter().filter(|(sev, _, _)| *sev >= 2).collect();
+        assert!(
+            problems.is_empty(),
+            "{name}: helm lint --strict: {problems:?}"
+        );
+        let dir = tmp_dir(&i.to_string());
+        let mut files = Vec::new();
+        for (n, text) in r
+            .manifests
+            .iter()
+            .map(|(n, t)| (n.replace('/', "_"), t))
+            .chain(
+                r.crds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("crd-{i}.yaml"), t)),
+            )
+        {
+            let p = dir.join(n);
+            std::fs::write(&p, text).unwrap();
+            files.push(p);
+        }
+        let builtin = r.docs().iter().filter(|d| helm::is_builtin(d)).count();
+        assert_eq!(
+            helm::validate(&files),
+            builtin,
+            "{name}: every built-in resource is checked against its schema"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        check_meaning(name, &values, &r);
+    }
+}
+
+/// What each value set must mean in the rendered objects.
+fn check_meaning(name: &str, values: &Value, r: &Rendered) {
+    let ns_create = values["namespace"]["create"].as_bool().unwrap_or(true);
+    let port = values["metrics"]["port"].as_u64().unwrap_or(9477);
+    let ds = r.one("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    // Every namespaced object in one namespace; the chart's own carries the PSA label.
+    let namespaces: Vec<Value> = r
+        .docs()
+        .iter()
+        .filter_map(|d| d["metadata"].get("namespace").cloned())
+        .collect();
+    assert!(
+        namespaces.iter().all(|n| n == "lb-system"),
+        "{name}: {namespaces:?}"
+    );
+    let created: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "Namespace")
+        .collect();
+    match ns_create {
+        true => assert_eq!(
+            created[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+            "{name}"
+        ),
+        false => assert!(created.is_empty(), "{name}: {created:?}"),
+    }
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux", "{name}");
+    for (k, v) in values["nodeSelector"].as_object().into_iter().flatten() {
+        assert_eq!(&pod["nodeSelector"][k], v, "{name}");
+    }
+    // The metrics port: one value for the agent's listener, its probes and the Service.
+    let cm = r.one("ConfigMap");
+    let node_yaml = cm["data"]["node.yaml"].as_str().unwrap();
+    let config = lb_userspace::config::Config::parse(node_yaml, "the ConfigMap's node.yaml")
+        .unwrap_or_else(|e| panic!("{name}: the ConfigMap is not a valid node config: {e:#}"));
+    assert_eq!(
+        config.node.metrics_listen.map(|a| a.port() as u64),
+        Some(port),
+        "{name}"
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], port, "{name}");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], port, "{name}");
+    assert_eq!(c["ports"][0]["containerPort"], port, "{name}");
+    if let Some(sizes) = values["node"].as_object() {
+        assert_eq!(
+            config.node.sizes.maglev_m as u64,
+            sizes["table_size"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(config.node.interfaces.len(), 2, "{name}");
+    }
+    // Logs and image.
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let format = values["logFormat"].as_str().unwrap_or("json");
+    assert!(
+        args.contains(&format!("--log-format={format}").as_str()),
+        "{name}: {args:?}"
+    );
+    // Uninstall: the agents clean up when their DaemonSet goes, allowed to read it.
+    let cleanup = values["cleanupOnUninstall"].as_bool().unwrap_or(true);
+    assert_eq!(
+        args.contains(&"--down-when-deleted=lb"),
+        cleanup,
+        "{name}: {args:?}"
+    );
+    assert_eq!(ds["metadata"]["name"], "lb", "{name}");
+    let roles: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "Role" && d["metadata"]["name"] == "lb-uninstall")
+        .collect();
+    assert_eq!(roles.len(), cleanup as usize, "{name}");
+    if cleanup {
+        assert_eq!(
+            roles[0]["rules"],
+            json!([{ "apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["lb"], "verbs": ["get"] }]),
+            "{name}"
+        );
+    }
+    let image = match values["image"]["tag"].as_str() {
+        Some(t) => format!("{}:{t}", values["image"]["repository"].as_str().unwrap()),
+        None => "ghcr.io/lb-dev/lb:0.1.0".to_string(),
+    };
+    assert_eq!(c["image"], image.as_str(), "{name}");
+    // Memory: request and limit equal (a node never over-commits map memory).
+    let mem = &c["resources"];
+    assert_eq!(mem["requests"]["memory"], mem["limits"]["memory"], "{name}");
+    if let Some(mib) = values["resources"]["memoryMiB"].as_u64() {
+        assert_eq!(
+            mem["limits"]["memory"],
+            format!("{mib}Mi").as_str(),
+            "{name}"
+        );
+    }
+    // Optional objects.
+    let gc: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "GatewayClass")
+        .collect();
+    assert_eq!(
+        gc.len(),
+        values["gatewayClass"]["create"].as_bool().unwrap_or(true) as usize,
+        "{name}"
+    );
+    let monitor = values["metrics"]["serviceMonitor"]["enabled"]
+        .as_bool()
+        .unwrap_or(false);
+    let services: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "Service")
+        .collect();
+    let monitors: Vec<Value> = r
+        .docs()
+        .into_iter()
+        .filter(|d| d["kind"] == "ServiceMonitor")
+        .collect();
+    assert_eq!(monitors.len(), monitor as usize, "{name}");
+    if monitor {
+        let svc = &services[0];
+        // The Service selects the agents' pods and the ServiceMonitor selects the Service, by
+        // the port's name.
+        for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+            assert_eq!(
+                &ds["spec"]["template"]["metadata"]["labels"][k], v,
+                "{name}"
+            );
+        }
+        for (k, v) in monitors[0]["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(&svc["metadata"]["labels"][k], v, "{name}");
+        }
+        assert_eq!(svc["spec"]["ports"][0]["port"], port, "{name}");
+        assert_eq!(
+            monitors[0]["spec"]["endpoints"][0]["port"], svc["spec"]["ports"][0]["name"],
+            "{name}"
+        );
+        assert_eq!(
+            monitors[0]["metadata"]["labels"]["release"], "prom",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_value_is_refused_with_a_message_naming_its_path() {
+    let cases = [
+        (json!({ "node": { "max_vips": 0 } }), "/node/max_vips"),
+        (json!({ "metrics": { "port": 70000 } }), "/metrics/port"),
+        (json!({ "metrics": { "port": "9477" } }), "/metrics/port"),
+        (json!({ "logFormat": "xml" }), "/logFormat"),
+        (
+            json!({ "node": { "interfaces": ["a/b"] } }),
+            "/node/interfaces/0",
+        ),
+        (
+            json!({ "node": { "xdp_mode": "offload" } }),
+            "/node/xdp_mode",
+        ),
+        (json!({ "nodes": { "max_vips": 8 } }), "nodes"),
+        // What JSON schema cannot say, the templates do.
+        (
+            json!({ "node": { "table_size": 65536 } }),
+            "node.table_size",
+        ),
+        (
+            json!({ "resources": { "memoryMiB": 100 } }),
+            "resources.memoryMiB",
+        ),
+    ];
+    for (values, path) in cases {
+        match helm::render(&values) {
+            Ok(_) => panic!("{values} was accepted"),
+            Err(e) => assert!(
+                e.contains(path),
+                "refusing {values}, Helm's message names {path}: {e}"
+            ),
+        }
+    }
+}
+
+/// deploy/'s plain manifests are the chart rendered with its defaults (one source: they cannot
+/// drift). `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy` writes them.
+#[test]
+fn deploy_holds_the_charts_default_rendering() {
+    let r = render_ok("defaults", &json!({}));
+    let write = std::env::var_os("LB_WRITE_DEPLOY").is_some();
+    for (path, text) in &r.manifests {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let file = helm::root()
+            .join("deploy")
+            .join(path.rsplit('/').next().unwrap());
+        let want = format!(
+            "# Generated from deploy/helm/lb ({path}) with its default values: edit the chart, then\n\
+             # `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy`.\n{}\n",
+            text.trim()
+        );
+        if write {
+            std::fs::write(&file, &want).unwrap();
+        }
+        let have =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(
+            have == want,
+            "{} differs from the chart's rendering: run `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy`",
+            file.display()
+        );
+    }
+}
+
+/// The agent's memory as the chart renders it: the limit (MiB) and the node config.
+fn memory_and_node_config(values: &Value) -> (u64, String) {
+    let r = render_ok("memory", values);
+    let c = &r.one("DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    let limit = c["resources"]["limits"]["memory"].as_str().unwrap();
+    let mib = limit
+        .strip_suffix("Mi")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the limit {limit} is in Mi"));
+    let node = r.one("ConfigMap")["data"]["node.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (mib, node)
+}
+
+/// `lb check` under a memory cgroup of `mib` MiB: it creates every map of the config's sizes and
+/// loads the program, all charged to the cgroup, as the agent's start is.
+fn check_under(mib: u64, node: &str, tag: &str) -> std::process::Output {
+    let path = std::env::temp_dir().join(format!("lb-helm-node-{}-{tag}.yaml", std::process::id()));
+    std::fs::write(&path, node).unwrap();
+    let cg = lb_tests::memcg::MemCgroup::new(tag, mib << 20);
+    let out = cg.run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lb-under-test"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path),
+    );
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+#[test]
+fn the_default_sizes_load_under_the_charts_memory_limit_and_not_under_a_third_of_it() {
+    lb_tests::require_root();
+    // The default values; only the interface is this host's (check looks it up), not the sizes.
+    let (mib, node) = memory_and_node_config(&json!({ "node": { "interfaces": ["lo"] } }));
+    let (default_mib, _) = memory_and_node_config(&json!({}));
+    assert_eq!(mib, default_mib, "the interface does not change the memory");
+    let text = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let fits = check_under(mib, &node, "fits");
+    assert!(
+        fits.status.success(),
+        "the program and the default sizes' maps load under the chart's {mib} MiB:\n{}",
+        text(&fits)
+    );
+    // Well below, map creation fails: the limit is what decides, so this test can fail.
+    let short = check_under(mib / 3, &node, "short");
+    assert!(
+        !short.status.success(),
+        "under {} MiB the default sizes cannot load:\n{}",
+        mib / 3,
+        text(&short)
+    );
+}
