@@ -516,6 +516,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Some(k) => Some(first_list(k, &file, ktx).await?),
         None => None,
     };
+    // From here on a SIGTERM waits for the loop, so that a start it interrupts still ends as
+    // any stop does (announcements withdrawn, status written); before, nothing was changed.
+    let signals = Signals::install()?;
     let lock = PinLock::take(&opts.pin_dir)?;
     let before = pindir::Before::record(&lock);
     let m = Arc::new(AgentMetrics::default());
@@ -537,7 +540,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    let uninstalled = serve(&opts, agent, file, kube, krx, &m, nexthops, life).await?;
+    let uninstalled = serve(&opts, agent, file, kube, krx, &m, nexthops, life, signals).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -672,6 +675,23 @@ async fn announce_update(
     *m.announce.lock().expect("announce lock") = k.status();
 }
 
+/// The signals the agent answers: SIGHUP reloads, SIGTERM and SIGINT stop it.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change. Returns whether
 /// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone).
@@ -685,6 +705,11 @@ async fn serve(
     m: &AgentMetrics,
     mut nexthops: Nexthops,
     mut life: Life,
+    Signals {
+        mut hup,
+        mut term,
+        mut int,
+    }: Signals,
 ) -> Result<bool> {
     // Announced once the maps hold the first desired state; withdrawn on the way out.
     let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
@@ -701,9 +726,6 @@ async fn serve(
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (ftx, mut frx) = mpsc::channel::<()>(8);
     let _watcher = watch(&opts.config, ftx)?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
     nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     nexthop_tick.reset();
