@@ -7,14 +7,12 @@
 //! changed meanwhile (or is [`flowtab::LOCKED`]) is being rewritten and is read again, and a value
 //! that belongs to another key is refused by its tag ([`flowtab::unpack_value`]).
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering, fence},
-};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
 use aya::maps::MapData;
 use lb_common::flowtab::{self, FLOW_WAYS, FlowBucket};
+
+use crate::mapping::Mapping;
 
 /// How often a way that is being rewritten is read again before it is skipped.
 const RETRIES: usize = 4;
@@ -28,39 +26,17 @@ pub struct Way {
 }
 
 pub struct FlowMap {
-    ptr: NonNull<FlowBucket>,
+    mem: Mapping,
     buckets: usize,
-    bytes: usize,
 }
 
-// SAFETY: the mapping is read-only and only read through atomic loads.
-unsafe impl Send for FlowMap {}
-unsafe impl Sync for FlowMap {}
-
 impl FlowMap {
-    /// Maps the `buckets` buckets of `map` read-only.
+    /// Maps the `buckets` buckets of `map` read-only. (A BPF_F_MMAPABLE array of 64-byte values:
+    /// 64 is a multiple of 8, so its elements are packed.)
     pub fn map(map: &MapData, buckets: usize) -> std::io::Result<Self> {
-        let bytes = (buckets * size_of::<FlowBucket>()).div_ceil(4096) * 4096;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a BPF_F_MMAPABLE array of `buckets` 64-byte values (64 is a multiple of 8,
-        // so elements are packed), mapped shared and read-only.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(Self {
-            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
+            mem: Mapping::new(map, buckets * size_of::<FlowBucket>(), false)?,
             buckets,
-            bytes,
         })
     }
 
@@ -77,7 +53,7 @@ impl FlowMap {
         // SAFETY: in bounds of the mapping; the fields are naturally aligned, and the program
         // writes them with single stores or compare-and-exchanges, so atomic loads see whole
         // values.
-        let b = unsafe { self.ptr.as_ptr().add(i) };
+        let b = unsafe { self.mem.ptr().cast::<FlowBucket>().add(i) };
         let (key, value, seen) = unsafe {
             (
                 &*(&raw const (*b).keys[w]).cast::<AtomicU64>(),
@@ -110,12 +86,5 @@ impl FlowMap {
     /// Every way that holds a flow.
     pub fn ways(&self) -> impl Iterator<Item = Way> + '_ {
         (0..self.buckets).flat_map(move |i| (0..FLOW_WAYS).filter_map(move |w| self.way(i, w)))
-    }
-}
-
-impl Drop for FlowMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }

@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod life;
 pub mod links;
 pub mod maglev;
+pub mod mapping;
 pub mod metrics;
 pub mod model;
 pub mod nexthop;

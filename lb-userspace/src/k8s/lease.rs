@@ -212,14 +212,7 @@ pub async fn release(
     }
     spec.holder_identity = None;
     spec.renew_time = Some(MicroTime(Timestamp::now()));
-    match api
-        .replace(&flags.lease_name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(LeaseError::Api(e)),
-    }
+    replace(&api, &flags.lease_name, &lease).await
 }
 
 /// One round: Ok(true) if this agent holds the Lease after it.
@@ -284,11 +277,13 @@ async fn try_hold(
         ),
         false => ours(now.clone(), spec.lease_transitions.unwrap_or(0) + 1),
     });
-    // The resourceVersion read above makes this conditional: 409 if anyone wrote in between.
-    match api
-        .replace(&flags.lease_name, &PostParams::default(), &lease)
-        .await
-    {
+    replace(api, &flags.lease_name, &lease).await
+}
+
+/// Writes `lease` back. The resourceVersion it was read with makes this conditional: Ok(false)
+/// (409 Conflict) if anyone wrote it in between.
+async fn replace(api: &Api<Lease>, name: &str, lease: &Lease) -> Result<bool, LeaseError> {
+    match api.replace(name, &PostParams::default(), lease).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
         Err(e) => Err(LeaseError::Api(e)),
