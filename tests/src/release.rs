@@ -1,0 +1,110 @@
+//! The previous release's agent, built from the commit `release/previous` names, so upgrade and
+//! rollback tests run the real binary an operator would be upgrading from.
+//!
+//! The source is a git worktree at `target/previous/src` (detached at that commit) and its build
+//! goes to `target/previous/target`, so both survive across runs: a warm machine builds it once.
+//! A file lock serialises builds between test processes; a stamp names the commit built.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use nix::fcntl::{Flock, FlockArg};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+/// The commit of the previous release (the first line of `release/previous`).
+pub fn previous_commit() -> String {
+    let path = root().join("release/previous");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let commit = text.lines().next().unwrap_or_default().trim().to_string();
+    assert!(
+        commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit()),
+        "{} must name a full commit hash, not {commit:?}",
+        path.display()
+    );
+    commit
+}
+
+/// The previous release's `lb` binary, built on first use (a few minutes from cold; then cached).
+pub fn previous_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(build_previous).clone()
+}
+
+fn run(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn build_previous() -> PathBuf {
+    let commit = previous_commit();
+    let base = root().join("target/previous");
+    std::fs::create_dir_all(&base).expect("creating target/previous");
+    let lock_file = File::create(base.join("lock")).expect("creating target/previous/lock");
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("locking target/previous");
+    let src = base.join("src");
+    let target = base.join("target");
+    let bin = target.join("debug/lb");
+    let stamp = base.join("built");
+    if bin.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(commit.as_str()) {
+        return bin;
+    }
+    let git = |args: &[&str]| {
+        let mut c = Command::new("git");
+        c.current_dir(root()).args(args);
+        c
+    };
+    if src.join(".git").exists() {
+        run(
+            Command::new("git")
+                .current_dir(&src)
+                .args(["checkout", "--quiet", "--detach", &commit]),
+            "checking out the previous release",
+        );
+    } else {
+        // A stale registration (the folder was removed by hand) would refuse the add.
+        run(&mut git(&["worktree", "prune"]), "git worktree prune");
+        run(
+            &mut git(&[
+                "worktree",
+                "add",
+                "--force",
+                "--detach",
+                src.to_str().unwrap(),
+                &commit,
+            ]),
+            "adding the previous release's worktree (is the clone shallow? it needs that commit)",
+        );
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("building the previous release ({commit}) into {}", target.display());
+    run(
+        Command::new(cargo)
+            .current_dir(&src)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--quiet", "--package", "lb-userspace", "--bin", "lb"]),
+        "building the previous release",
+    );
+    std::fs::write(&stamp, &commit).expect("writing the build stamp");
+    bin
+}
