@@ -16,10 +16,24 @@ use crate::{
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
 
+/// `lb --version`: the release, the schema of every map it pins, and the releases whose pins
+/// it takes over (see [`crate::migrate`]).
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use crate::migrate::schema;
+    let releases: Vec<&str> = schema::RELEASES.iter().map(|r| r.version).collect();
+    format!(
+        "{}\nmap schemas: {}\nupgrades from and rolls back to (pins kept): {}",
+        env!("CARGO_PKG_VERSION"),
+        schema::summary(),
+        releases.join(", ")
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "lb",
     version,
+    long_version = LONG_VERSION.as_str(),
     about = "An XDP layer-4 load balancer: weighted Maglev, direct server return, pinned state",
     long_about = "An XDP layer-4 load balancer. `lb run` is the agent: it loads the XDP program, \
                   keeps its maps in step with a config file and pins them, so that traffic keeps \
