@@ -1015,12 +1015,20 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
     }
-    for name in lb_common::maps::ALL {
-        let p = pin_dir.join(name);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            done.push(format!("removed {}", p.display()));
-        }
+    // Every lb map's pin, whatever its schema (`LB_NAT`, `LB_NAT.v2`) or a migration's staged
+    // one (`LB_NAT.next`).
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(pin_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("LB_"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    pins.sort();
+    for p in pins {
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        done.push(format!("removed {}", p.display()));
     }
     if pin_dir.exists() {
         std::fs::remove_dir(pin_dir).with_context(|| {

@@ -97,12 +97,22 @@ fn build_previous() -> PathBuf {
         );
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building the previous release ({commit}) into {}", target.display());
+    eprintln!(
+        "building the previous release ({commit}) into {}",
+        target.display()
+    );
     run(
         Command::new(cargo)
             .current_dir(&src)
             .env("CARGO_TARGET_DIR", &target)
-            .args(["build", "--quiet", "--package", "lb-userspace", "--bin", "lb"]),
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "lb-userspace",
+                "--bin",
+                "lb",
+            ]),
         "building the previous release",
     );
     std::fs::write(&stamp, &commit).expect("writing the build stamp");

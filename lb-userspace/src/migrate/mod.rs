@@ -625,3 +625,74 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
         _ => 0,
     })
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error(
+        "this release ({ours}) knows no release {to}: it rolls back to {known} only (an older \
+         release's agent may not read these pins)"
+    )]
+    Unknown {
+        to: String,
+        ours: &'static str,
+        known: String,
+    },
+    #[error(
+        "{to} reads {map} at schema v{theirs}, and the pins hold v{ours}: this release has no \
+         conversion down to it"
+    )]
+    NoConversion {
+        to: String,
+        map: String,
+        theirs: u32,
+        ours: u32,
+    },
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+}
+
+/// Leaves the pins in `dir` as release `to` reads them, before that release's agent starts on
+/// them (a rollback): converts down every map whose schema `to` does not read. Returns what it
+/// did, in one line. Every map of this release is at a schema 0.1.0 reads, so there is nothing
+/// to convert for any release it knows; a later release that changes a schema adds its
+/// conversion down here.
+pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
+    let to_text = to.to_string();
+    let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {
+        to: to_text.clone(),
+        ours: env!("CARGO_PKG_VERSION"),
+        known: schema::RELEASES
+            .iter()
+            .map(|r| r.version)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    for s in schema::current() {
+        let Some(found) = pins_found(dir, s)? else {
+            continue;
+        };
+        let theirs = release
+            .schemas
+            .iter()
+            .find(|(m, _)| *m == s.map)
+            .map_or(0, |(_, v)| *v);
+        if theirs != found {
+            return Err(RollbackError::NoConversion {
+                to: to_text,
+                map: s.map.to_string(),
+                theirs,
+                ours: found,
+            });
+        }
+    }
+    Ok(format!(
+        "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
+        dir.display()
+    ))
+}
+
+/// The schema version of `s`'s map pinned in `dir`, if pinned.
+fn pins_found(dir: &Path, s: &'static Schema) -> Result<Option<u32>, PinsError> {
+    let plan = pins::plan_one(dir, s)?;
+    Ok(plan.map(|f| f.version))
+}

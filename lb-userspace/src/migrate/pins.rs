@@ -218,6 +218,11 @@ pub fn plan(dir: &Path, sizes: &Sizes) -> Result<PinPlan, PinsError> {
     Ok(plan)
 }
 
+/// The pin of schema `s`'s map in `dir` (see [`find`]).
+pub fn plan_one(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
+    find(dir, s)
+}
+
 /// The pin of schema `s`'s map in `dir`, checked: refused if another schema of it is pinned
 /// too, if its schema is newer than this release's, or if its key and value sizes are not its
 /// schema's.
