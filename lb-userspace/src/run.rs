@@ -1015,8 +1015,8 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
     }
-    // Every lb map's pin, whatever its schema (`LB_NAT`, `LB_NAT.v2`) or a migration's staged
-    // one (`LB_NAT.next`).
+    // Every lb map's pin, whatever its schema (`LB_NAT`, `LB_NAT@v2`) or a migration's staged
+    // one (`LB_NAT@next`).
     let mut pins: Vec<PathBuf> = std::fs::read_dir(pin_dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())

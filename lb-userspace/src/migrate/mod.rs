@@ -4,7 +4,7 @@
 //!
 //! 1. [`pins::plan`] decides map by map: reuse (same schema and size), resize, convert (an
 //!    older schema), create (not pinned); or refuses what it cannot read, saying the way out.
-//! 2. [`load`] makes the new maps under staged pins (`LB_NAT.next`) while the old program
+//! 2. [`load`] makes the new maps under staged pins (`LB_NAT@next`) while the old program
 //!    serves, copies the old maps into them (converting), and verifies the new program on them.
 //!    Nothing the old program uses has changed yet: a failure here removes the staged pins and
 //!    leaves the old program and its maps serving.

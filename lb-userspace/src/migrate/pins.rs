@@ -9,7 +9,7 @@ use super::schema::{self, Moves, Schema};
 use crate::program::Sizes;
 
 /// Suffix of a map's pin while a migration fills it (renamed over the map's pin after the swap).
-pub const STAGED: &str = ".next";
+pub const STAGED: &str = "@next";
 
 /// A pinned map as found.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 //! A map's schema version goes up whenever the layout or the meaning of its keys or values
 //! changes; its size is not part of the schema (a size change is a migration of the same
 //! schema). Schema 1 of every map is what release 0.1.0 (map layout 7) wrote. A map at schema 1
-//! is pinned under its plain name (`LB_NAT`), a later schema N under `LB_NAT.vN`: so a pin's
+//! is pinned under its plain name (`LB_NAT`), a later schema N under `LB_NAT@vN`: so a pin's
 //! name says which schema its entries have, and a release that does not know that schema never
 //! opens it by mistake. The size a map was made with is the kernel's own record of it
 //! (`max_entries` in the map's info), checked against what its schema expects of key and value.
@@ -68,22 +68,22 @@ impl Schema {
     }
 }
 
-/// `LB_NAT` for schema 1, `LB_NAT.v2` for schema 2.
+/// `LB_NAT` for schema 1, `LB_NAT@v2` for schema 2.
 pub fn pin_name(map: &str, version: u32) -> String {
     match version {
         1 => map.to_string(),
-        v => format!("{map}.v{v}"),
+        v => format!("{map}@v{v}"),
     }
 }
 
-/// The map and schema a pin name stands for (`LB_NAT.v2` -> (`LB_NAT`, 2)); None for names
+/// The map and schema a pin name stands for (`LB_NAT@v2` -> (`LB_NAT`, 2)); None for names
 /// that are not lb maps' pins.
 pub fn parse_pin_name(name: &str) -> Option<(&str, u32)> {
     if !name.starts_with("LB_") {
         return None;
     }
-    match name.split_once(".v") {
-        None if !name.contains('.') => Some((name, 1)),
+    match name.split_once("@v") {
+        None if !name.contains('@') => Some((name, 1)),
         Some((map, v)) => v.parse().ok().filter(|v| *v > 1).map(|v| (map, v)),
         None => None,
     }
@@ -420,11 +420,11 @@ mod tests {
     #[test]
     fn pin_names_say_the_schema_and_read_back() {
         assert_eq!(pin_name("LB_NAT", 1), "LB_NAT");
-        assert_eq!(pin_name("LB_NAT", 2), "LB_NAT.v2");
+        assert_eq!(pin_name("LB_NAT", 2), "LB_NAT@v2");
         assert_eq!(parse_pin_name("LB_NAT"), Some(("LB_NAT", 1)));
-        assert_eq!(parse_pin_name("LB_NAT.v2"), Some(("LB_NAT", 2)));
-        assert_eq!(parse_pin_name("LB_NAT.v1"), None);
-        assert_eq!(parse_pin_name("LB_NAT.next"), None);
+        assert_eq!(parse_pin_name("LB_NAT@v2"), Some(("LB_NAT", 2)));
+        assert_eq!(parse_pin_name("LB_NAT@v1"), None);
+        assert_eq!(parse_pin_name("LB_NAT@next"), None);
         assert_eq!(parse_pin_name("link-eth0"), None);
     }
 }
