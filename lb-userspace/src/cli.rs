@@ -105,6 +105,14 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Leave the pins as an older release reads them, before its agent starts on them (a
+    /// rollback on a bare host): converts down every map whose schema that release does not read.
+    /// Refused while an agent runs on the pins (stop it first: traffic keeps flowing).
+    Migrate {
+        /// The release the pins are for, e.g. 0.1.0.
+        #[arg(long, value_name = "VERSION")]
+        to_release: semver::Version,
+    },
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
         #[command(flatten)]
@@ -281,6 +289,20 @@ fn dispatch(cli: Cli) -> Result<()> {
                 kubernetes,
                 sources: source,
             }))
+        }
+        Command::Migrate { to_release } => {
+            if !pins.exists() {
+                println!("nothing pinned in {}", pins.display());
+                return Ok(());
+            }
+            let Some(_lock) = crate::pindir::PinLock::try_lock(&pins)? else {
+                anyhow::bail!(
+                    "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
+                    pins.display()
+                );
+            };
+            println!("{}", crate::migrate::prepare_rollback(&pins, &to_release)?);
+            Ok(())
         }
         Command::Down { force } => {
             let done = match force {

@@ -351,6 +351,34 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
         refused.log_text()
     );
 
+    // Back to a layout 0.1.0 reads, for the rollback commands below.
+    {
+        let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
+        let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
+            aya::maps::Array::try_from(map).unwrap();
+        let mut m = meta.get(&0, 0).unwrap();
+        m.version = 7;
+        meta.set(0, m, 0).unwrap();
+    }
+    let out = dirs.cli(&["migrate", "--to-release", "0.1.0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to convert"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = dirs.cli(&["migrate", "--to-release", "0.0.9"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("knows no release 0.0.9"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let out = dirs.cli(&["down"]);
     assert!(
         out.status.success(),
