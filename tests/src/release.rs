@@ -1,9 +1,12 @@
 //! The previous release's agent, built from the commit `release/previous` names, so upgrade and
 //! rollback tests run the real binary an operator would be upgrading from.
 //!
-//! The source is a git worktree at `target/previous/src` (detached at that commit) and its build
-//! goes to `target/previous/target`, so both survive across runs: a warm machine builds it once.
-//! A file lock serialises builds between test processes; a stamp names the commit built.
+//! The source is a git worktree at `target/previous/src` (detached at that commit); the binary is
+//! kept at `target/previous/lb` with a stamp naming the commit, so a warm machine builds it once.
+//! `cargo xtask test` builds it before the tests, into the workspace's target dir (sharing its
+//! dependencies); tests run without xtask build it here, into `target/previous/target` (cargo
+//! holds the workspace's target dir while tests run). A file lock serialises builds between test
+//! processes.
 
 use std::{
     fs::File,
@@ -64,7 +67,7 @@ fn build_previous() -> PathBuf {
         .expect("locking target/previous");
     let src = base.join("src");
     let target = base.join("target");
-    let bin = target.join("debug/lb");
+    let bin = base.join("lb");
     let stamp = base.join("built");
     if bin.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(commit.as_str()) {
         return bin;
@@ -115,6 +118,7 @@ fn build_previous() -> PathBuf {
             ]),
         "building the previous release",
     );
+    std::fs::copy(target.join("debug/lb"), &bin).expect("copying the previous agent");
     std::fs::write(&stamp, &commit).expect("writing the build stamp");
     bin
 }

@@ -82,6 +82,7 @@ fn main() -> Result<()> {
                     "warnings",
                 ]))?;
             }
+            previous_release()?;
             run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
         }
         Cmd::Bench { smoke, only } => {
@@ -404,6 +405,48 @@ fn require_root(why: &str) -> Result<()> {
     if !is_root() {
         bail!("this needs root: {why}");
     }
+    Ok(())
+}
+
+/// Builds the previous release's agent (the commit `release/previous` names) for the upgrade
+/// tests, from a worktree at target/previous/src, into this workspace's target dir (so that its
+/// dependencies are this build's, not built again), and copies it to target/previous/lb with a
+/// stamp naming the commit. tests/src/release.rs uses that copy, or builds it itself (into a
+/// target dir of its own) when the tests run without xtask.
+fn previous_release() -> Result<()> {
+    let root = workspace_root();
+    let listed = std::fs::read_to_string(root.join("release/previous"))
+        .context("reading release/previous")?;
+    let commit = listed.lines().next().unwrap_or_default().trim().to_string();
+    let base = root.join("target/previous");
+    let (bin, stamp, src) = (base.join("lb"), base.join("built"), base.join("src"));
+    let short = &commit[..commit.len().min(12)];
+    if bin.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(commit.as_str()) {
+        say(&format!("previous release ({short}): built"));
+        return Ok(());
+    }
+    std::fs::create_dir_all(&base)?;
+    let git = |dir: &Path, args: &[&str]| output(Command::new("git").current_dir(dir).args(args));
+    if src.join(".git").exists() {
+        git(&src, &["checkout", "--quiet", "--detach", &commit])?;
+    } else {
+        git(&root, &["worktree", "prune"])?;
+        let at = src.to_str().context("a UTF-8 path")?;
+        git(&root, &["worktree", "add", "--force", "--detach", at, &commit])
+            .context("adding the previous release's worktree (a shallow clone lacks its commit)")?;
+    }
+    say(&format!(
+        "previous release ({short}): building its agent for the upgrade tests"
+    ));
+    let mut build = cargo();
+    build
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .args(["build", "--quiet", "--package", "lb-userspace", "--bin", "lb"]);
+    run(&mut build)?;
+    // target/debug/lb is the old agent now: the next build of this workspace puts its own back.
+    std::fs::copy(root.join("target/debug/lb"), &bin).context("copying the previous agent")?;
+    std::fs::write(&stamp, &commit)?;
     Ok(())
 }
 
