@@ -32,7 +32,7 @@ use crate::{
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    k8s::{Kube, KubeOptions, translate::Settings},
+    k8s::{Kube, KubeOptions, rollout::OwnDaemonSet, translate::Settings},
     life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
@@ -694,7 +694,8 @@ impl Signals {
 
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change. Returns whether
-/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone).
+/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone); when that DaemonSet
+/// now runs an older release (a rollback), leaves the pins as that release reads them first.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
@@ -841,7 +842,7 @@ async fn serve(
     }
     drop(checks);
     announce.shutdown().await;
-    let mut uninstalled = false;
+    let mut own = OwnDaemonSet::Unknown;
     if let Some(k) = &mut kube {
         k.release_lease().await;
         let ds = opts
@@ -849,10 +850,51 @@ async fn serve(
             .as_ref()
             .and_then(|o| o.down_when_deleted.as_deref());
         if let Some(ds) = ds {
-            uninstalled = k.daemonset_deleted(ds).await;
+            own = k.own_daemonset(ds).await;
         }
     }
-    Ok(uninstalled)
+    // The loop is over: no map is written any more, and the pin dir is still locked, so the
+    // older agent cannot start on pins half converted.
+    if let Some(to) = own.rollback_from(&running_release()) {
+        info!("rolling back to {to}: the pins are left as {to} reads them");
+        let done = prepare_rollback(&opts.pin_dir, &to)
+            .with_context(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
+        info!("{done}");
+        life.rolled_back_for = Some(to.to_string());
+        if let Err(e) = write_status(opts, &agent, m, &life) {
+            warn!("writing the status file: {e:#}");
+        }
+    }
+    Ok(own == OwnDaemonSet::Gone)
+}
+
+/// This agent's release.
+fn running_release() -> semver::Version {
+    semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("the crate's version is semver")
+}
+
+// STAND-IN for `crate::migrate::prepare_rollback`, which the migration engine provides: delete
+// this function and import that one once it is on main. It converts nothing, so it answers Ok
+// only where nothing needs converting: every map is at the one layout this release writes
+// (LB_META's LAYOUT_VERSION 7) and `to` reads that layout (0.1.0 and later).
+fn prepare_rollback(pin_dir: &Path, to: &semver::Version) -> Result<String> {
+    const FIRST_AT_THIS_LAYOUT: semver::Version = semver::Version::new(0, 1, 0);
+    let layout = lb_common::LAYOUT_VERSION;
+    if *to < FIRST_AT_THIS_LAYOUT {
+        bail!(
+            "no release before {FIRST_AT_THIS_LAYOUT} is known (layout {layout} is the first with a version)"
+        );
+    }
+    match program::pinned_meta(pin_dir)? {
+        None => Ok("nothing to convert: no maps are pinned".to_string()),
+        Some(m) if m.version == layout => Ok(format!(
+            "nothing to convert: every map is at a schema {to} reads (layout {layout})"
+        )),
+        Some(m) => bail!(
+            "the maps are at layout {}, which this release cannot convert for {to}",
+            m.version
+        ),
+    }
 }
 
 /// `lb down`, refused while an agent holds the pin dir (it would go on writing maps nobody

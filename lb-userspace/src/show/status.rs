@@ -32,6 +32,9 @@ pub struct AgentView {
     pub reloads_applied: Option<u64>,
     pub reloads_rejected: Option<u64>,
     pub last_reload: Option<ReloadStatus>,
+    /// The older release this (stopped) agent left the pins for: its DaemonSet rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back_for: Option<String>,
 }
 
 #[derive(Serialize, Debug)]
@@ -110,6 +113,7 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         reloads_applied: a.map(|a| a.reloads_applied),
         reloads_rejected: a.map(|a| a.reloads_rejected),
         last_reload: a.and_then(|a| a.last_reload.clone()),
+        rolled_back_for: a.and_then(|a| a.rolled_back_for.clone()),
     };
     let configured: Vec<String> = a.map(|a| a.interfaces.clone()).unwrap_or_default();
     let mut names: BTreeSet<String> = configured.iter().cloned().collect();
@@ -187,6 +191,11 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             "agent:      NOT RUNNING (no agent status in {})",
             status_path(state_dir).display()
         ),
+    }
+    if let Some(to) = &a.rolled_back_for {
+        println!(
+            "rollback:   stopped for a rollback to {to}: the pins are left as {to} reads them"
+        );
     }
     println!("config:     {}", or(&a.config));
     if let Some(r) = &a.last_reload {
