@@ -151,6 +151,16 @@ impl<D: Dataplane> Agent<D> {
         Ok(plan)
     }
 
+    /// Puts `dp` in place of the dataplane (the same state in maps of other sizes: a
+    /// migration) and takes `sizes` as the config's; returns the old dataplane. The state is
+    /// read from `dp` (on error nothing changed).
+    pub fn replace_dataplane(&mut self, dp: D, sizes: Sizes) -> Result<D, AgentError> {
+        self.current = dp.read()?;
+        self.tables = TableCache::default();
+        self.config.node.sizes = sizes;
+        Ok(std::mem::replace(&mut self.dp, dp))
+    }
+
     /// Refuses a config whose sizes differ from the loaded program's (checked before anything
     /// else changes: a reload that would be refused here touches nothing).
     pub fn check_sizes(&self, new: &Config) -> Result<(), AgentError> {

@@ -16,10 +16,24 @@ use crate::{
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
 
+/// `lb --version`: the release, the schema of every map it pins, and the releases whose pins
+/// it takes over (see [`crate::migrate`]).
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use crate::migrate::schema;
+    let releases: Vec<&str> = schema::RELEASES.iter().map(|r| r.version).collect();
+    format!(
+        "{}\nmap schemas: {}\nupgrades from and rolls back to (pins kept): {}",
+        env!("CARGO_PKG_VERSION"),
+        schema::summary(),
+        releases.join(", ")
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "lb",
     version,
+    long_version = LONG_VERSION.as_str(),
     about = "An XDP layer-4 load balancer: weighted Maglev, direct server return, pinned state",
     long_about = "An XDP layer-4 load balancer. `lb run` is the agent: it loads the XDP program, \
                   keeps its maps in step with a config file and pins them, so that traffic keeps \
@@ -90,6 +104,14 @@ enum Command {
         /// Remove the pins even while an agent holds them (it keeps running on unpinned maps).
         #[arg(long)]
         force: bool,
+    },
+    /// Leave the pins as an older release reads them, before its agent starts on them (a
+    /// rollback on a bare host): converts down every map whose schema that release does not read.
+    /// Refused while an agent runs on the pins (stop it first: traffic keeps flowing).
+    Migrate {
+        /// The release the pins are for, e.g. 0.1.0.
+        #[arg(long, value_name = "VERSION")]
+        to_release: semver::Version,
     },
     /// Counters: global (every packet ends in one verdict), per VIP, per backend.
     Stats {
@@ -267,6 +289,20 @@ fn dispatch(cli: Cli) -> Result<()> {
                 kubernetes,
                 sources: source,
             }))
+        }
+        Command::Migrate { to_release } => {
+            if !pins.exists() {
+                println!("nothing pinned in {}", pins.display());
+                return Ok(());
+            }
+            let Some(_lock) = crate::pindir::PinLock::try_lock(&pins)? else {
+                anyhow::bail!(
+                    "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
+                    pins.display()
+                );
+            };
+            println!("{}", crate::migrate::prepare_rollback(&pins, &to_release)?);
+            Ok(())
         }
         Command::Down { force } => {
             let done = match force {

@@ -18,6 +18,7 @@ pub mod links;
 pub mod maglev;
 pub mod mapping;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod nexthop;
 pub mod pindir;

@@ -49,8 +49,17 @@ impl From<&Sizes> for SizesStatus {
     }
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct AgentStatus {
+    /// The agent's release (`lb --version`); empty in the status files of 0.1.0, which had none.
+    #[serde(default)]
+    pub release: String,
+    /// The schema of each map the agent's program uses (see [`crate::migrate::schema`]).
+    #[serde(default)]
+    pub schemas: std::collections::BTreeMap<String, u32>,
+    /// What the agent's start, or its last reload that changed sizes, did with the pins.
+    #[serde(default)]
+    pub last_migration: Option<crate::migrate::Migration>,
     pub pid: u32,
     /// The process's start time in clock ticks since boot (`/proc/PID/stat`), so that a pid
     /// the kernel gave to another process since is not taken for the agent.
@@ -127,6 +136,12 @@ impl Life {
     ) -> AgentStatus {
         let pid = std::process::id();
         AgentStatus {
+            release: env!("CARGO_PKG_VERSION").to_string(),
+            schemas: crate::migrate::schema::current()
+                .iter()
+                .map(|s| (s.map.to_string(), s.version))
+                .collect(),
+            last_migration: None,
             pid,
             proc_start: proc_start(pid).unwrap_or(0),
             started_at: humantime::format_rfc3339_seconds(self.started_at).to_string(),

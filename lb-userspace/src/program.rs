@@ -12,7 +12,7 @@ use aya::{
     maps::{Array, Map, MapData, ProgramArray},
     programs::Xdp,
 };
-use lb_common::{LAYOUT_VERSION, LayoutMeta, maps};
+use lb_common::{LayoutMeta, maps};
 
 /// The XDP program object, built by `build.rs` from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -52,7 +52,7 @@ impl Default for Sizes {
 impl Sizes {
     pub fn meta(&self) -> LayoutMeta {
         LayoutMeta {
-            version: LAYOUT_VERSION,
+            version: crate::migrate::schema::record_version(),
             maglev_m: self.maglev_m,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
@@ -111,7 +111,7 @@ impl Sizes {
             .join(", ")
     }
 
-    fn check(&self) -> Result<u32, LoadError> {
+    pub fn check(&self) -> Result<u32, LoadError> {
         for (what, n) in self.keyed() {
             if n == 0 {
                 return Err(LoadError::Zero { what });
@@ -148,8 +148,8 @@ pub enum LoadError {
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
     #[error(
-        "the maps pinned in {dir} were made {found}, not for this config; \
-         `lb down --pin-dir {dir}` removes them (and with them the flow table), or keep the sizes they were made for"
+        "the maps pinned in {dir} cannot be used as they are: {found}; `lb run` migrates them \
+         (keeping every connection)"
     )]
     Incompatible { dir: String, found: String },
     #[error("pinning the map {name} in {dir} (is it on a bpffs? `mount -t bpf bpf /sys/fs/bpf`)")]
@@ -210,62 +210,61 @@ pub fn pinned_meta(dir: &Path) -> Result<Option<LayoutMeta>, LoadError> {
     })
 }
 
-/// Checks that the pins in `dir` (if any) were made for `sizes` by this layout version.
-fn check_pins(dir: &Path, sizes: &Sizes) -> Result<(), LoadError> {
-    let incompatible = |found: String| LoadError::Incompatible {
-        dir: dir.display().to_string(),
-        found,
-    };
-    match pinned_meta(dir)? {
-        Some(m) if m == sizes.meta() => Ok(()),
-        Some(m) if m.version != LAYOUT_VERSION => {
-            Err(incompatible(format!("by layout version {}", m.version)))
-        }
-        Some(m) => Err(incompatible(format!(
-            "for other sizes (the config changes {})",
-            Sizes::from_meta(&m).changes_to(sizes)
-        ))),
-        None => match maps::ALL.iter().find(|n| dir.join(n).exists()) {
-            Some(n) => Err(incompatible(format!(
-                "without a layout record ({n} is pinned but {} is not)",
-                maps::META
-            ))),
-            None => Ok(()),
-        },
+/// Sets `sizes` on `loader`: the globals the verifier takes as constants and every sized map.
+/// `flow_buckets` is [`lb_common::flowtab::buckets_for`] of the flow table's size (borrowed by
+/// the loader, so the caller keeps it).
+pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets: &'a u32) {
+    loader
+        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
+        .override_global(maps::GLOBAL_FLOW_BUCKETS, flow_buckets, true);
+    for s in crate::migrate::schema::current() {
+        loader.map_max_entries(s.map, (s.entries)(sizes));
     }
 }
 
 /// Loads the object with `sizes` and verifies the XDP program (it is not attached).
-/// With `pin_dir`, maps are pinned there by name, or re-used if already pinned and compatible.
+/// With `pin_dir`, maps are pinned there by name, or re-used if already pinned with their
+/// schema and size (a load that would have to migrate them is refused: the agent migrates, see
+/// [`crate::migrate`]).
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
-    let ring = sizes.check()?;
+    sizes.check()?;
     let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
     let mut loader = EbpfLoader::new();
-    loader
-        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
-        .override_global(maps::GLOBAL_FLOW_BUCKETS, &flow_buckets, true)
-        .map_max_entries(maps::FLOWS4, flow_buckets)
-        .map_max_entries(maps::RING, ring)
-        .map_max_entries(maps::VIP_STATS, sizes.max_vips)
-        .map_max_entries(maps::MEMBERS, sizes.max_backends)
-        .map_max_entries(maps::NEXTHOPS, sizes.max_backends)
-        .map_max_entries(maps::MEMBER_STATS, sizes.max_backends)
-        .map_max_entries(maps::FLOWS, sizes.flow_entries_v6())
-        .map_max_entries(maps::AFFINITY, sizes.affinity_entries)
-        .map_max_entries(maps::NAT, sizes.nat_entries)
-        .map_max_entries(maps::NAT_REV, sizes.nat_entries)
-        .map_max_entries(maps::MEMBER_PASSIVE, sizes.max_backends);
+    configure(&mut loader, sizes, &flow_buckets);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
-            check_pins(dir, sizes)?;
-            maps::ALL.iter().map(|n| (*n, dir.join(n))).collect()
+            let plan =
+                crate::migrate::pins::plan(dir, sizes).map_err(|e| LoadError::Incompatible {
+                    dir: dir.display().to_string(),
+                    found: crate::error_chain(&e),
+                })?;
+            if plan.migrates() {
+                return Err(LoadError::Incompatible {
+                    dir: dir.display().to_string(),
+                    found: format!("for other sizes or schemas ({})", plan.summary()),
+                });
+            }
+            plan.maps
+                .iter()
+                .map(|m| (m.schema.map, m.pin(dir)))
+                .collect()
         }
         None => Vec::new(),
     };
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| match e {
+    let mut ebpf = loader.load(OBJECT).map_err(|e| object_error(e, pin_dir))?;
+    if pin_dir.is_some() {
+        write_meta(&mut ebpf, sizes)?;
+    }
+    verify(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// The error of [`EbpfLoader::load`], naming the map a pin failed for.
+pub fn object_error(e: aya::EbpfError, pin_dir: Option<&Path>) -> LoadError {
+    match e {
         aya::EbpfError::MapError(aya::maps::MapError::PinError { name, error }) => {
             LoadError::PinMap {
                 name: name.unwrap_or_default(),
@@ -274,30 +273,37 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
             }
         }
         e => LoadError::Object(e),
-    })?;
-    if pin_dir.is_some() {
-        let map = ebpf.map_mut(maps::META).ok_or(LoadError::NoProgram)?;
-        let mut meta: Array<_, LayoutMeta> =
-            Array::try_from(map).map_err(|source| LoadError::Write {
-                what: "the layout record",
-                source,
-            })?;
-        meta.set(0, sizes.meta(), 0)
-            .map_err(|source| LoadError::Write {
-                what: "the layout record",
-                source,
-            })?;
     }
+}
+
+/// Writes the layout record (`LB_META`) for `sizes`: what release 0.1.0 checks before it
+/// adopts pins, kept true while every map is at a schema 0.1.0 reads.
+pub fn write_meta(ebpf: &mut Ebpf, sizes: &Sizes) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(maps::META).ok_or(LoadError::NoProgram)?;
+    let mut meta: Array<_, LayoutMeta> =
+        Array::try_from(map).map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })?;
+    meta.set(0, sizes.meta(), 0)
+        .map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })
+}
+
+/// Verifies and loads the XDP programs of a loaded object, and fills its tail-call table.
+pub fn verify(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .ok_or(LoadError::NoProgram)?
         .try_into()
         .map_err(LoadError::NotXdp)?;
     prog.load().map_err(LoadError::Verify)?;
-    install_tail_call(&mut ebpf, maps::NAT_PROGRAM, maps::NAT_PROG_INDEX)?;
-    install_tail_call(&mut ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
-    install_tail_call(&mut ebpf, maps::ICMP_PROGRAM, maps::ICMP_PROG_INDEX)?;
-    Ok(ebpf)
+    install_tail_call(ebpf, maps::NAT_PROGRAM, maps::NAT_PROG_INDEX)?;
+    install_tail_call(ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
+    install_tail_call(ebpf, maps::ICMP_PROGRAM, maps::ICMP_PROG_INDEX)?;
+    Ok(())
 }
 
 /// Loads program `name` and puts it where `lb` tail-calls it, at `index` of the tail-call table.

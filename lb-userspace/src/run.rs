@@ -36,10 +36,9 @@ use crate::{
     life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
-    nexthop,
+    migrate, nexthop,
     pindir::{self, PinLock},
     plan::Plan,
-    program,
 };
 
 pub struct RunOptions {
@@ -299,7 +298,10 @@ fn write_status(
         m.reloads_rejected.load(Ordering::Relaxed),
     );
     let status = Status {
-        agent: Some(life.status(&c.node, opts.kubernetes.is_some(), reloads)),
+        agent: Some(AgentStatus {
+            last_migration: m.migration.lock().expect("migration lock").clone(),
+            ..life.status(&c.node, opts.kubernetes.is_some(), reloads)
+        }),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         announce: m.announce.lock().expect("announce lock").clone(),
         config: opts.config.display().to_string(),
@@ -408,12 +410,20 @@ fn remembered(status: Option<Status>, config: &Config) -> Remembered {
     r
 }
 
-/// Switches the agent to `c`, or refuses it and changes nothing: sizes are checked first; if the
-/// interfaces or their mode changed, the attachments change next (all or nothing, every name
-/// resolved first), then the maps (and the attachments go back if the maps refuse). An
-/// unchanged list is not looked at: an interface gone from the host does not block VIP changes.
-fn apply(agent: &mut Agent<KernelDataplane>, pin_dir: &Path, c: Config) -> Result<Plan> {
-    agent.check_sizes(&c)?;
+/// Switches the agent to `c`, or refuses it and changes nothing. Other sizes are a migration
+/// ([`resize`]). Otherwise, if the interfaces or their mode changed, the attachments change first
+/// (all or nothing, every name resolved first), then the maps (and the attachments go back if the
+/// maps refuse). An unchanged list is not looked at: an interface gone from the host does not
+/// block VIP changes.
+fn apply(
+    agent: &mut Agent<KernelDataplane>,
+    pin_dir: &Path,
+    c: Config,
+    m: &AgentMetrics,
+) -> Result<Plan> {
+    if c.node.sizes != agent.config().node.sizes {
+        return resize(agent, pin_dir, c, m);
+    }
     let old = &agent.config().node;
     let relink = c.node.interfaces != old.interfaces || c.node.xdp_mode != old.xdp_mode;
     let changes = match relink {
@@ -426,6 +436,62 @@ fn apply(agent: &mut Agent<KernelDataplane>, pin_dir: &Path, c: Config) -> Resul
         }
         e.into()
     })
+}
+
+/// A reload that changes sizes: the maps migrate into maps of the new sizes while the old
+/// program serves (see [`migrate`]), `c` is applied to them, and the new program is swapped into
+/// the links. A failure before the swap leaves the old program, its maps and the old config
+/// serving; one during the swaps puts the old program back into the links.
+fn resize(
+    agent: &mut Agent<KernelDataplane>,
+    pin_dir: &Path,
+    c: Config,
+    m: &AgentMetrics,
+) -> Result<Plan> {
+    let failed = || m.migrations_failed.fetch_add(1, Ordering::Relaxed);
+    let old_config = agent.config().clone();
+    let sizes = c.node.sizes.clone();
+    let this = Some(env!("CARGO_PKG_VERSION").to_string());
+    let loaded = migrate::load(&sizes, pin_dir, "reload", this).inspect_err(|_| {
+        failed();
+    })?;
+    let dp = KernelDataplane::new(loaded.ebpf, sizes.clone())?;
+    let old_dp = agent.replace_dataplane(dp, sizes)?;
+    let back = |agent: &mut Agent<KernelDataplane>, old_dp| {
+        failed();
+        if let Err(e) = agent.replace_dataplane(old_dp, old_config.node.sizes.clone()) {
+            error!("going back to the old maps: {}", crate::error_chain(&e));
+        }
+    };
+    let plan = match agent.replace_config(c) {
+        Ok(p) => p,
+        Err(e) => {
+            back(agent, old_dp);
+            return Err(e).context("applying the config to the migrated maps");
+        }
+    };
+    let node = agent.config().node.clone();
+    if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node) {
+        back(agent, old_dp);
+        if let Err(e) = agent.replace_config(old_config.clone()) {
+            error!("going back to the old config: {}", crate::error_chain(&e));
+        }
+        if let Err(e) = links::sync(&mut agent.dp, pin_dir, &old_config.node) {
+            error!("swapping the old program back: {e:#}");
+        }
+        return Err(e).context("swapping the migrated program in");
+    }
+    if let Some(pending) = loaded.pending {
+        let report = pending
+            .finish(&mut agent.dp.ebpf)
+            .inspect_err(|_| {
+                failed();
+            })
+            .context("finishing the migration after the swap")?;
+        m.migrated(report);
+    }
+    drop(old_dp);
+    Ok(plan)
 }
 
 /// Applies a health transition, unless it is stale (its check was replaced since).
@@ -604,9 +670,65 @@ async fn start(
         None => None,
     };
     let sizes = file.node.sizes.clone();
-    let adopted = program::pinned_meta(&opts.pin_dir)?.is_some();
-    let ebpf = program::load(&sizes, Some(&opts.pin_dir))?;
-    let dp = KernelDataplane::new(ebpf, sizes.clone())?;
+    let previous = read_status(&opts.state_dir);
+    let from = previous_release(previous.as_ref());
+    let loaded = migrate::load(&sizes, &opts.pin_dir, "start", from).inspect_err(|e| {
+        if matches!(
+            e,
+            migrate::MigrateError::Create(_) | migrate::MigrateError::Copy(_)
+        ) {
+            m.migrations_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    })?;
+    let adopted = loaded.report.is_some();
+    let dp = KernelDataplane::new(loaded.ebpf, sizes.clone())?;
+    let config = compose_now(file, kube.as_mut());
+    // What a previous agent announced stays in the status until this one decides.
+    *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
+    let memory = remembered(previous, &config);
+    let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
+    let node = agent.config().node.clone();
+    let (plan, report) = match loaded.pending {
+        // Attach first, then write the maps: a program attached on maps a previous agent left
+        // (or on empty ones) serves as before, and failing to attach (a driver without native
+        // XDP, say) then leaves the maps untouched.
+        None => {
+            let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
+            match agent.reconcile() {
+                Ok(p) => (p, loaded.report),
+                Err(e) => {
+                    changes.revert(&mut agent.dp, &opts.pin_dir);
+                    return Err(e).context("applying the config");
+                }
+            }
+        }
+        // Entries moved into new maps: they get the config before they serve (nothing of the
+        // old program's changed yet if this fails), then the new program is swapped in.
+        Some(pending) => {
+            let plan = agent
+                .reconcile()
+                .context("applying the config to the migrated maps")?;
+            let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
+            match pending.finish(&mut agent.dp.ebpf) {
+                Ok(report) => (plan, Some(report)),
+                Err(e) => {
+                    m.migrations_failed.fetch_add(1, Ordering::Relaxed);
+                    changes.revert(&mut agent.dp, &opts.pin_dir);
+                    return Err(e).context("finishing the migration after the swap");
+                }
+            }
+        }
+    };
+    if let Some(r) = report {
+        info!(
+            from = r.from_release.as_deref().unwrap_or("unknown"),
+            to = %r.to_release,
+            duration_ms = r.duration_ms,
+            "pins adopted: {}",
+            r.summary()
+        );
+        m.migrated(r);
+    }
     let metrics_task = match listener {
         Some((addr, listener)) => {
             info!(%addr, "serving /metrics, /healthz and /readyz");
@@ -614,24 +736,6 @@ async fn start(
             Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
         }
         None => None,
-    };
-    let config = compose_now(file, kube.as_mut());
-    let previous = read_status(&opts.state_dir);
-    // What a previous agent announced stays in the status until this one decides.
-    *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
-    let memory = remembered(previous, &config);
-    let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
-    // Attach first, then write the maps: a program attached on maps a previous agent left (or
-    // on empty ones) serves as before, and failing to attach (a driver without native XDP,
-    // say) then leaves the maps untouched.
-    let node = agent.config().node.clone();
-    let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
-    let plan = match agent.reconcile() {
-        Ok(p) => p,
-        Err(e) => {
-            changes.revert(&mut agent.dp, &opts.pin_dir);
-            return Err(e).context("applying the config");
-        }
     };
     info!(
         pins = %opts.pin_dir.display(),
@@ -653,6 +757,16 @@ async fn start(
         agent,
         kube,
         metrics_task,
+    })
+}
+
+/// The release of the agent that wrote `status`: its own word, or 0.1.0 for a status without
+/// one (0.1.0 wrote none; the builds before it had other map layouts, which a load refuses).
+fn previous_release(status: Option<&Status>) -> Option<String> {
+    let agent = status?.agent.as_ref()?;
+    Some(match agent.release.is_empty() {
+        true => "0.1.0".to_string(),
+        false => agent.release.clone(),
     })
 }
 
@@ -791,7 +905,8 @@ async fn serve(
         };
         if let Some(candidate) = candidate {
             let from_kube = matches!(reload, Reload::Kube);
-            let result = candidate.and_then(|(c, f)| Ok((apply(&mut agent, &opts.pin_dir, c)?, f)));
+            let result =
+                candidate.and_then(|(c, f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f)));
             if let Some(k) = &mut kube {
                 k.report(&result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
             }
@@ -857,7 +972,7 @@ async fn serve(
     // older agent cannot start on pins half converted.
     if let Some(to) = own.rollback_from(&running_release()) {
         info!("rolling back to {to}: the pins are left as {to} reads them");
-        let done = prepare_rollback(&opts.pin_dir, &to)
+        let done = crate::migrate::prepare_rollback(&opts.pin_dir, &to)
             .with_context(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
         info!("{done}");
         life.rolled_back_for = Some(to.to_string());
@@ -871,30 +986,6 @@ async fn serve(
 /// This agent's release.
 fn running_release() -> semver::Version {
     semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("the crate's version is semver")
-}
-
-// STAND-IN for `crate::migrate::prepare_rollback`, which the migration engine provides: delete
-// this function and import that one once it is on main. It converts nothing, so it answers Ok
-// only where nothing needs converting: every map is at the one layout this release writes
-// (LB_META's LAYOUT_VERSION 7) and `to` reads that layout (0.1.0 and later).
-fn prepare_rollback(pin_dir: &Path, to: &semver::Version) -> Result<String> {
-    const FIRST_AT_THIS_LAYOUT: semver::Version = semver::Version::new(0, 1, 0);
-    let layout = lb_common::LAYOUT_VERSION;
-    if *to < FIRST_AT_THIS_LAYOUT {
-        bail!(
-            "no release before {FIRST_AT_THIS_LAYOUT} is known (layout {layout} is the first with a version)"
-        );
-    }
-    match program::pinned_meta(pin_dir)? {
-        None => Ok("nothing to convert: no maps are pinned".to_string()),
-        Some(m) if m.version == layout => Ok(format!(
-            "nothing to convert: every map is at a schema {to} reads (layout {layout})"
-        )),
-        Some(m) => bail!(
-            "the maps are at layout {}, which this release cannot convert for {to}",
-            m.version
-        ),
-    }
 }
 
 /// `lb down`, refused while an agent holds the pin dir (it would go on writing maps nobody
@@ -942,12 +1033,20 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
         links::detach(pin_dir, &ifname)?;
         done.push(format!("detached from {ifname}"));
     }
-    for name in lb_common::maps::ALL {
-        let p = pin_dir.join(name);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            done.push(format!("removed {}", p.display()));
-        }
+    // Every lb map's pin, whatever its schema (`LB_NAT`, `LB_NAT@v2`) or a migration's staged
+    // one (`LB_NAT@next`).
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(pin_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("LB_"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    pins.sort();
+    for p in pins {
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        done.push(format!("removed {}", p.display()));
     }
     if pin_dir.exists() {
         std::fs::remove_dir(pin_dir).with_context(|| {

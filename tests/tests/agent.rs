@@ -298,7 +298,8 @@ fn a_bad_config_changes_nothing_and_a_good_one_applies() {
 }
 
 #[test]
-fn pins_of_other_sizes_are_refused_and_down_removes_everything() {
+fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_down_removes_everything()
+ {
     let net = FibNet::new("down");
     let dirs = Dirs::new(Path::new(BIN), "down");
     dirs.write_config(&config(&[(TX_V4, 1)], ""));
@@ -310,34 +311,72 @@ fn pins_of_other_sizes_are_refused_and_down_removes_everything() {
         "SIGTERM must leave the pins"
     );
 
+    // Another Maglev table size: the ring is made anew and written before the swap.
     dirs.write_config(&config(&[(TX_V4, 1)], "").replace("table_size: 1009", "table_size: 1013"));
-    let mut refused = Agent::start(&net.ns, &dirs);
-    let status = refused
-        .wait_exit(T)
-        .expect("the agent should refuse and exit");
-    assert!(!status.success());
-    let log = refused.log_text();
+    let mut migrated = Agent::start(&net.ns, &dirs);
+    migrated.wait_for("running", 1, T);
+    let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
     assert!(
-        log.contains("for other sizes") && log.contains("lb down"),
-        "{log}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &status["agent"]["last_migration"];
+    assert_eq!(m["trigger"], "start", "{status:#}");
+    let ring = m["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["map"] == "LB_RING")
+        .unwrap();
+    assert_eq!(ring["action"], "resized", "{m:#}");
+    assert_eq!(ring["to_entries"].as_u64(), Some(1013 * 8), "{m:#}");
+    assert_eq!(migrated.stop().code(), Some(0));
 
-    // Pins made by another layout version are refused too.
+    // Pins of a build before release 0.1.0 (layout version 6) are refused.
     {
         let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
         let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
             aya::maps::Array::try_from(map).unwrap();
         let mut m = meta.get(&0, 0).unwrap();
-        m.version = 999;
+        m.version = 6;
         meta.set(0, m, 0).unwrap();
     }
-    dirs.write_config(&config(&[(TX_V4, 1)], ""));
     let mut refused = Agent::start(&net.ns, &dirs);
     assert!(!refused.wait_exit(T).expect("refuse and exit").success());
     assert!(
-        refused.log_text().contains("by layout version 999"),
+        refused.log_text().contains("layout version 6") && refused.log_text().contains("lb down"),
         "{}",
         refused.log_text()
+    );
+
+    // Back to a layout 0.1.0 reads, for the rollback commands below.
+    {
+        let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
+        let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
+            aya::maps::Array::try_from(map).unwrap();
+        let mut m = meta.get(&0, 0).unwrap();
+        m.version = 7;
+        meta.set(0, m, 0).unwrap();
+    }
+    let out = dirs.cli(&["migrate", "--to-release", "0.1.0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing to convert"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = dirs.cli(&["migrate", "--to-release", "0.0.9"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("knows no release 0.0.9"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     let out = dirs.cli(&["down"]);

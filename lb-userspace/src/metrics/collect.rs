@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use aya::maps::{Array, MapData};
-use lb_common::{Counter, LAYOUT_VERSION, NextHop, PassiveHealth, TrafficStats, VipKey};
+use lb_common::{Counter, NextHop, PassiveHealth, TrafficStats, VipKey};
 
 use super::{
     AgentMetrics, Maps,
@@ -230,6 +230,8 @@ fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 /// The agent's own figures.
 fn agent(a: &AgentMetrics) -> Vec<Family> {
     let one = |v: u64| vec![(vec![], v)];
+    let last = a.migration.lock().expect("migration lock").clone();
+    let last = last.as_ref();
     let health = a
         .health
         .lock()
@@ -270,14 +272,41 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
         ),
         Family::gauge(
             "lb_build_info",
-            "The lb serving: its version, and the layout version of its maps; always 1",
+            "The lb serving: its version, and the layout version its LB_META records; always 1",
             vec![(
                 vec![
                     ("version", env!("CARGO_PKG_VERSION").to_string()),
-                    ("layout", LAYOUT_VERSION.to_string()),
+                    (
+                        "layout",
+                        crate::migrate::schema::record_version().to_string(),
+                    ),
                 ],
                 1.0,
             )],
+        ),
+        Family::counter(
+            "lb_map_migrations",
+            "Loads of the program that moved map entries into new maps (another size or schema), by result; a failed one left the old program and maps serving",
+            vec![
+                (
+                    vec![("result", "ok".into())],
+                    a.migrations_ok.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("result", "failed".into())],
+                    a.migrations_failed.load(Ordering::Relaxed),
+                ),
+            ],
+        ),
+        Family::gauge(
+            "lb_map_migration_last_duration_seconds",
+            "How long the last migration took, the swap included (0 before the first)",
+            vec![(vec![], last.map_or(0.0, |m| m.duration_ms / 1e3))],
+        ),
+        Family::gauge(
+            "lb_map_migration_last_entries",
+            "Entries the last migration copied and merged into new maps",
+            vec![(vec![], last.map_or(0.0, |m| (m.entries + m.merged) as f64))],
         ),
     ]
 }

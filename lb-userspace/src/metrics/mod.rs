@@ -50,6 +50,12 @@ pub struct AgentMetrics {
     pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
     /// What this node announces (None: `node.announce` is off); not served yet.
     pub announce: Mutex<Option<crate::announce::AnnounceStatus>>,
+    /// Migrations done and failed (see [`crate::migrate`]), and the last one done.
+    pub migrations_ok: AtomicU64,
+    pub migrations_failed: AtomicU64,
+    pub migration: Mutex<Option<crate::migrate::Migration>>,
+    /// Bumped whenever a migration replaced pinned maps: a scrape then opens them again.
+    pub maps_generation: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -63,6 +69,16 @@ impl AgentMetrics {
 
     pub fn last_applied_seconds(&self) -> f64 {
         self.last_applied_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    /// Records a load's report: a migration if entries moved (the scraper then reopens the
+    /// pins), or the adoption of pins as they were.
+    pub fn migrated(&self, report: crate::migrate::Migration) {
+        if report.moved() {
+            self.migrations_ok.fetch_add(1, Ordering::Relaxed);
+            self.maps_generation.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.migration.lock().expect("migration lock") = Some(report);
     }
 }
 
@@ -81,15 +97,8 @@ pub struct Maps {
     pub nexthops: Array<MapData, NextHop>,
 }
 
-/// Reads a scrape's figures from an agent's pinned maps and its own counters.
-pub struct Scraper {
-    maps: Mutex<Maps>,
-    agent: Arc<AgentMetrics>,
-}
-
-impl Scraper {
-    /// Opens the maps pinned in `pin_dir`.
-    pub fn open(pin_dir: &Path, agent: Arc<AgentMetrics>) -> Result<Self, InspectError> {
+impl Maps {
+    fn open(pin_dir: &Path) -> Result<Self, InspectError> {
         let pinned = Pinned::open(pin_dir)?;
         let nexthops =
             Array::try_from(open_pinned(pin_dir, lb_maps::NEXTHOPS)?).map_err(|source| {
@@ -98,8 +107,25 @@ impl Scraper {
                     source,
                 }
             })?;
+        Ok(Self { pinned, nexthops })
+    }
+}
+
+/// Reads a scrape's figures from an agent's pinned maps and its own counters.
+pub struct Scraper {
+    /// The maps, and the [`AgentMetrics::maps_generation`] they were opened at.
+    maps: Mutex<(Maps, u64)>,
+    pin_dir: std::path::PathBuf,
+    agent: Arc<AgentMetrics>,
+}
+
+impl Scraper {
+    /// Opens the maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path, agent: Arc<AgentMetrics>) -> Result<Self, InspectError> {
+        let generation = agent.maps_generation.load(Ordering::Relaxed);
         Ok(Self {
-            maps: Mutex::new(Maps { pinned, nexthops }),
+            maps: Mutex::new((Maps::open(pin_dir)?, generation)),
+            pin_dir: pin_dir.to_path_buf(),
             agent,
         })
     }
@@ -107,8 +133,12 @@ impl Scraper {
     /// One scrape, in `format`.
     pub fn scrape(&self, format: Format) -> Result<String, ScrapeError> {
         let families = {
-            let maps = self.maps.lock().expect("pinned maps lock");
-            collect::families(&maps, &self.agent)?
+            let mut maps = self.maps.lock().expect("pinned maps lock");
+            let generation = self.agent.maps_generation.load(Ordering::Relaxed);
+            if maps.1 != generation {
+                *maps = (Maps::open(&self.pin_dir)?, generation);
+            }
+            collect::families(&maps.0, &self.agent)?
         };
         Ok(exposition::encode(families, format)?)
     }

@@ -32,6 +32,12 @@ pub struct AgentView {
     pub reloads_applied: Option<u64>,
     pub reloads_rejected: Option<u64>,
     pub last_reload: Option<ReloadStatus>,
+    /// The agent's release ("0.1.0" for a status file without one: 0.1.0 wrote none).
+    pub release: Option<String>,
+    /// The schema of each map its program uses.
+    pub schemas: std::collections::BTreeMap<String, u32>,
+    /// What its start, or its last reload that changed sizes, did with the pins.
+    pub last_migration: Option<crate::migrate::Migration>,
     /// The older release this (stopped) agent left the pins for: its DaemonSet rolled back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back_for: Option<String>,
@@ -113,6 +119,12 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         reloads_applied: a.map(|a| a.reloads_applied),
         reloads_rejected: a.map(|a| a.reloads_rejected),
         last_reload: a.and_then(|a| a.last_reload.clone()),
+        release: a.map(|a| match a.release.is_empty() {
+            true => "0.1.0".to_string(),
+            false => a.release.clone(),
+        }),
+        schemas: a.map(|a| a.schemas.clone()).unwrap_or_default(),
+        last_migration: a.and_then(|a| a.last_migration.clone()),
         rolled_back_for: a.and_then(|a| a.rolled_back_for.clone()),
     };
     let configured: Vec<String> = a.map(|a| a.interfaces.clone()).unwrap_or_default();
@@ -192,12 +204,25 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             status_path(state_dir).display()
         ),
     }
+    println!("release:    {}", or(&a.release));
     if let Some(to) = &a.rolled_back_for {
         println!(
             "rollback:   stopped for a rollback to {to}: the pins are left as {to} reads them"
         );
     }
     println!("config:     {}", or(&a.config));
+    if let Some(m) = &a.last_migration {
+        println!(
+            "pins:       {} at {} (from {}): {} in {:.1} ms; {} entries copied, {} merged after the swap",
+            m.trigger,
+            m.at,
+            m.from_release.as_deref().unwrap_or("a first start"),
+            m.summary(),
+            m.duration_ms,
+            m.entries,
+            m.merged
+        );
+    }
     if let Some(r) = &a.last_reload {
         let how = if r.ok {
             "applied".to_string()
@@ -274,6 +299,10 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
         s.nat_entries
     );
     println!("serving:    {} VIPs, {} backends", m.vips, m.backends);
+    if wide && !a.schemas.is_empty() {
+        let list: Vec<String> = a.schemas.iter().map(|(m, v)| format!("{m} v{v}")).collect();
+        println!("schemas:    {}", list.join(", "));
+    }
     println!("tables:");
     for (name, f) in &m.tables {
         println!(

@@ -1,0 +1,305 @@
+//! Conversions of a map's entries, old bytes to new bytes, with no kernel in sight: a size
+//! change (re-placing the IPv4 flows in a table of another number of buckets, truncating or
+//! extending arrays, checking that hash maps fit) and the merge of what the old program wrote
+//! after the first copy. Every function is pure, so the fixtures in `tests` pin them down.
+//!
+//! A map whose schema changes in a later release gets its conversion here, from each schema the
+//! release before could leave (and back, for a rollback).
+
+use std::collections::BTreeMap;
+
+use lb_common::flowtab::{self, EMPTY, FLOW_WAYS, FlowBucket, LOCKED};
+
+/// A shrink that would drop live entries: refused, naming the map's config key and how many.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{key} {to} would drop {dropped} of the {live} live entries of {map}: keep the size, or \
+     wait until fewer are live"
+)]
+pub struct WontFit {
+    pub map: String,
+    pub key: &'static str,
+    pub to: u32,
+    pub live: u64,
+    pub dropped: u64,
+}
+
+/// Hash maps: `live` entries into `max_entries`.
+pub fn check_fits(
+    map: &str,
+    key: &'static str,
+    to: u32,
+    live: usize,
+    max_entries: u32,
+) -> Result<(), WontFit> {
+    let live = live as u64;
+    match live.checked_sub(u64::from(max_entries)) {
+        Some(dropped) if dropped > 0 => Err(WontFit {
+            map: map.to_string(),
+            key,
+            to,
+            live,
+            dropped,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// An array's values (`value_size` bytes each, one after another) in an array of `len`
+/// entries: cut or zero-extended. Callers check first that no live id lies past `len`.
+pub fn resize_array(bytes: &[u8], value_size: usize, len: u32) -> Vec<u8> {
+    let want = len as usize * value_size;
+    let mut out = bytes[..bytes.len().min(want)].to_vec();
+    out.resize(want, 0);
+    out
+}
+
+/// The flows (packed key -> (packed value, last seen)) of an IPv4 flow table. Ways being
+/// written ([`LOCKED`]) are skipped: their writer had not published them.
+pub fn flows_of(table: &[FlowBucket]) -> BTreeMap<u64, (u64, u32)> {
+    let mut flows = BTreeMap::new();
+    for b in table {
+        for w in 0..FLOW_WAYS {
+            let k = b.keys[w];
+            if k != EMPTY && k != LOCKED {
+                flows.insert(k, (b.values[w], b.seen[w]));
+            }
+        }
+    }
+    flows
+}
+
+/// Puts flow `k` where the program would look for it in `table`: its own way if there, else
+/// an empty way of its two buckets (the one with more empty ways, as the program chooses).
+/// Never evicts: false if both buckets are full of other flows.
+pub fn place(table: &mut [FlowBucket], k: u64, value: u64, seen: u32) -> bool {
+    let [a, b] = flowtab::buckets_of(k, table.len() as u32);
+    let empties = |i: u32| {
+        table[i as usize]
+            .keys
+            .iter()
+            .filter(|&&x| x == EMPTY)
+            .count()
+    };
+    let target = [a, b]
+        .into_iter()
+        .find(|&i| flowtab::find(&table[i as usize], k).is_some())
+        .or_else(|| {
+            let (ea, eb) = (empties(a), empties(b));
+            match (ea, eb) {
+                (0, 0) => None,
+                _ if ea >= eb => Some(a),
+                _ => Some(b),
+            }
+        });
+    let Some(i) = target else {
+        return false;
+    };
+    let bucket = &mut table[i as usize];
+    let w = flowtab::find(bucket, k)
+        .or_else(|| bucket.keys.iter().position(|&x| x == EMPTY))
+        .expect("a bucket with room");
+    bucket.keys[w] = k;
+    bucket.values[w] = value;
+    bucket.seen[w] = seen;
+    true
+}
+
+/// The IPv4 flow table re-placed in `buckets` buckets, every flow with its value and last-seen
+/// time. Refused if any flow finds no room (both of its buckets full): a shrink too far.
+pub fn rehash_flows(old: &[FlowBucket], buckets: u32, to: u32) -> Result<Vec<FlowBucket>, WontFit> {
+    let flows = flows_of(old);
+    let mut table = vec![FlowBucket::default(); buckets as usize];
+    let dropped = flows
+        .iter()
+        .filter(|(k, (v, seen))| !place(&mut table, **k, *v, *seen))
+        .count() as u64;
+    if dropped > 0 {
+        return Err(WontFit {
+            map: lb_common::maps::FLOWS4.to_string(),
+            key: "node.flow_table_size",
+            to,
+            live: flows.len() as u64,
+            dropped,
+        });
+    }
+    Ok(table)
+}
+
+/// One write the merge makes to the new map: a value for the key, or its removal.
+pub type Write<K, V> = (K, Option<V>);
+
+/// A three-way merge of entries by key. `base` is what the first copy read from the old map
+/// (and so wrote into the new one), `old` the old map once its program stopped, `new` the new
+/// map then. Where the old program changed an entry after the copy (`old != base`) and the new
+/// program has not touched it since (`new == base`), the old program's change is taken;
+/// otherwise the new map keeps what it has (the new program wrote it last).
+pub fn merge3<K: Ord + Clone, V: PartialEq + Clone>(
+    base: &BTreeMap<K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+) -> Vec<Write<K, V>> {
+    let keys: std::collections::BTreeSet<&K> = base.keys().chain(old.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (b, o, n) = (base.get(k), old.get(k), new.get(k));
+            (o != b && n == b).then(|| (k.clone(), o.cloned()))
+        })
+        .collect()
+}
+
+/// [`merge3`] of two IPv4 flow tables, applied to `new` in place; returns how many flows it
+/// wrote and how many found no room (counted, not refused: the program would have evicted).
+pub fn merge_flows(base: &[FlowBucket], old: &[FlowBucket], new: &mut [FlowBucket]) -> (u64, u64) {
+    let writes = merge3(&flows_of(base), &flows_of(old), &flows_of(new));
+    let (mut written, mut lost) = (0, 0);
+    for (k, v) in writes {
+        match v {
+            Some((value, seen)) if place(new, k, value, seen) => written += 1,
+            Some(_) => lost += 1,
+            None => {
+                for i in flowtab::buckets_of(k, new.len() as u32) {
+                    let b = &mut new[i as usize];
+                    if let Some(w) = flowtab::find(b, k) {
+                        b.keys[w] = EMPTY;
+                        b.values[w] = 0;
+                        b.seen[w] = 0;
+                        written += 1;
+                    }
+                }
+            }
+        }
+    }
+    (written, lost)
+}
+
+/// Per-CPU counters: adds to `new` what the old program counted after the first copy
+/// (`old - base`, word by word as `u64`s; `new` started as `base`'s copy). Slices are one
+/// CPU's values, `u64` words in native byte order.
+pub fn add_counted(base: &[u8], old: &[u8], new: &mut [u8]) {
+    let word = |b: &[u8], i: usize| {
+        b.get(i..i + 8)
+            .map_or(0, |s| u64::from_ne_bytes(s.try_into().expect("8 bytes")))
+    };
+    for i in (0..new.len()).step_by(8) {
+        if i + 8 > new.len() {
+            break;
+        }
+        let sum = word(new, i).wrapping_add(word(old, i).wrapping_sub(word(base, i)));
+        new[i..i + 8].copy_from_slice(&sum.to_ne_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{FAMILY_V4, FlowKey, IPPROTO_TCP, flowtab};
+
+    use super::*;
+
+    fn key(i: u32) -> u64 {
+        let mut src = [0u8; 16];
+        src[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+        let k = FlowKey {
+            src,
+            src_port: ((i % 50_000) as u16 + 1024).to_be(),
+            dst: [0; 16],
+            dst_port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        flowtab::pack_key(&k, i % 7)
+    }
+
+    fn table_of(n: u32, buckets: u32) -> Vec<FlowBucket> {
+        let mut t = vec![FlowBucket::default(); buckets as usize];
+        for i in 0..n {
+            let k = key(i);
+            assert!(place(&mut t, k, flowtab::pack_value(k, i % 100, 1), i));
+        }
+        t
+    }
+
+    #[test]
+    fn growing_the_flow_table_keeps_every_flow_where_the_program_finds_it() {
+        let old = table_of(3_000, 3_000);
+        let new = rehash_flows(&old, 4_001, 12_003).unwrap();
+        assert_eq!(flows_of(&new), flows_of(&old));
+        for (k, (v, _)) in flows_of(&old) {
+            let [a, b] = flowtab::buckets_of(k, new.len() as u32);
+            let got = flowtab::get([&new[a as usize], &new[b as usize]], k, 0).unwrap();
+            assert_eq!(
+                Some((got.member_id, got.generation)),
+                flowtab::unpack_value(k, v)
+            );
+        }
+    }
+
+    #[test]
+    fn shrinking_below_the_live_flows_is_refused_with_the_count() {
+        let old = table_of(3_000, 3_000);
+        let e = rehash_flows(&old, 500, 1_500).unwrap_err();
+        assert_eq!(e.live, 3_000);
+        assert!(e.dropped >= 1_500, "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("node.flow_table_size 1500 would drop")
+        );
+    }
+
+    #[test]
+    fn grow_then_shrink_back_is_the_identity_for_the_flows() {
+        let old = table_of(1_000, 1_000);
+        let grown = rehash_flows(&old, 2_000, 6_000).unwrap();
+        let back = rehash_flows(&grown, 1_000, 3_000).unwrap();
+        assert_eq!(flows_of(&back), flows_of(&old));
+    }
+
+    #[test]
+    fn the_merge_takes_the_old_programs_late_writes_unless_the_new_one_wrote_after() {
+        let m = |v: &[(u32, u32)]| v.iter().copied().collect::<BTreeMap<_, _>>();
+        let base = m(&[(1, 10), (2, 20), (3, 30), (4, 40)]);
+        // Old program: changed 1, added 5, removed 3, changed 4 after the copy.
+        let old = m(&[(1, 11), (2, 20), (4, 41), (5, 50)]);
+        // New program since the swap: changed 4 itself, added 6.
+        let new = m(&[(1, 10), (2, 20), (3, 30), (4, 42), (6, 60)]);
+        assert_eq!(
+            merge3(&base, &old, &new),
+            vec![(1, Some(11)), (3, None), (5, Some(50))]
+        );
+    }
+
+    #[test]
+    fn merged_flow_tables_hold_late_flows_of_the_old_program() {
+        let base = table_of(100, 100);
+        let mut old = base.clone();
+        let late = key(1_000);
+        assert!(place(&mut old, late, flowtab::pack_value(late, 9, 2), 77));
+        let mut new = rehash_flows(&base, 300, 900).unwrap();
+        assert_eq!(merge_flows(&base, &old, &mut new), (1, 0));
+        assert_eq!(flows_of(&new), flows_of(&old));
+    }
+
+    #[test]
+    fn counters_add_what_the_old_program_counted_after_the_copy() {
+        let w = |v: &[u64]| v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+        let base = w(&[10, 20, 30]);
+        let old = w(&[15, 20, 31]);
+        let mut new = w(&[10 + 3, 20, 30 + 100]);
+        add_counted(&base, &old, &mut new);
+        assert_eq!(new, w(&[18, 20, 131]));
+    }
+
+    #[test]
+    fn arrays_are_cut_or_zero_extended() {
+        assert_eq!(resize_array(&[1, 2, 3, 4], 2, 3), vec![1, 2, 3, 4, 0, 0]);
+        assert_eq!(resize_array(&[1, 2, 3, 4], 2, 1), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_hash_map_that_does_not_fit_is_refused_with_the_count() {
+        assert!(check_fits("LB_NAT", "node.nat_table_size", 100, 100, 100).is_ok());
+        let e = check_fits("LB_NAT", "node.nat_table_size", 100, 130, 100).unwrap_err();
+        assert_eq!((e.live, e.dropped), (130, 30));
+    }
+}

@@ -1,0 +1,401 @@
+//! Reading a map's entries into memory as bytes, and writing them into another map, whatever
+//! the map's key and value types: the kernel side of a migration (the conversions in between
+//! are in [`super::convert`]).
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use lb_common::flowtab::FlowBucket;
+
+use super::schema::{Schema, Shape};
+use crate::mapping::Mapping;
+
+/// A map's entries, as bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Snapshot {
+    /// Hash maps: key -> value.
+    Hash(BTreeMap<Vec<u8>, Vec<u8>>),
+    /// Arrays: the values one after another.
+    Array(Vec<u8>),
+    /// Per-CPU arrays: per CPU, the values one after another.
+    PerCpu(Vec<Vec<u8>>),
+    /// The IPv4 flow table.
+    Buckets(Vec<FlowBucket>),
+    /// The redirect devmap: ifindex -> target ifindex.
+    Ports(BTreeMap<u32, u32>),
+    /// Nothing copied (tail-call tables, per-CPU scratch).
+    Nothing,
+}
+
+impl Snapshot {
+    /// Entries it holds (array slots count whether or not they are in use).
+    pub fn len(&self, value_size: usize) -> usize {
+        match self {
+            Self::Hash(h) => h.len(),
+            Self::Array(a) => a.len() / value_size.max(1),
+            Self::PerCpu(c) => c.first().map_or(0, |a| a.len() / value_size.max(1)),
+            Self::Buckets(b) => super::convert::flows_of(b).len(),
+            Self::Ports(p) => p.len(),
+            Self::Nothing => 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{map}: {what}")]
+    Map {
+        map: String,
+        what: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{map}: writing a redirect port")]
+    Port {
+        map: String,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("{map}: mapping its memory")]
+    Mmap {
+        map: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{map}: no copy for key size {key} and value size {value}")]
+    Unsupported { map: String, key: u32, value: u32 },
+}
+
+fn map_err(map: &str, what: &'static str) -> impl FnOnce(MapError) -> CopyError + use<> {
+    let map = map.to_string();
+    move |source| CopyError::Map { map, what, source }
+}
+
+/// Calls `$f::<K, V>($args)` for the (key, value) sizes lb's hash maps have.
+macro_rules! hash_sizes {
+    ($s:expr, $f:ident($($a:expr),*)) => {
+        match ($s.key_size, $s.value_size) {
+            (20, 20) => $f::<20, 20>($($a),*),
+            (20, 16) => $f::<20, 16>($($a),*),
+            (20, 4) => $f::<20, 4>($($a),*),
+            (40, 16) => $f::<40, 16>($($a),*),
+            (40, 72) => $f::<40, 72>($($a),*),
+            (key, value) => Err(CopyError::Unsupported { map: $s.map.to_string(), key, value }),
+        }
+    };
+}
+
+/// Calls `$f::<V>($args)` for the value sizes lb's (per-CPU) arrays have.
+macro_rules! value_sizes {
+    ($s:expr, $f:ident($($a:expr),*)) => {
+        match $s.value_size {
+            4 => $f::<4>($($a),*),
+            8 => $f::<8>($($a),*),
+            24 => $f::<24>($($a),*),
+            28 => $f::<28>($($a),*),
+            32 => $f::<32>($($a),*),
+            40 => $f::<40>($($a),*),
+            56 => $f::<56>($($a),*),
+            64 => $f::<64>($($a),*),
+            value => Err(CopyError::Unsupported { map: $s.map.to_string(), key: $s.key_size, value }),
+        }
+    };
+}
+
+/// Whether an array is mapped into memory rather than read entry by entry.
+fn mmapable(s: &Schema) -> bool {
+    matches!(s.map, lb_common::maps::RING | lb_common::maps::FLOWS4)
+}
+
+fn data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::Array(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// Reads every entry of `map` (of schema `s`, `entries` slots for arrays).
+pub fn read(map: &Map, s: &Schema, entries: u32) -> Result<Snapshot, CopyError> {
+    match s.shape {
+        Shape::Hash | Shape::LruHash => hash_sizes!(s, read_hash(map, s)),
+        Shape::Array if mmapable(s) => read_mapped(map, s, entries).map(Snapshot::Array),
+        Shape::Array => value_sizes!(s, read_array(map, s)),
+        Shape::PerCpuArray => value_sizes!(s, read_percpu(map, s)),
+        Shape::FlowBuckets => {
+            let bytes = read_mapped(map, s, entries)?;
+            Ok(Snapshot::Buckets(buckets_of(&bytes)))
+        }
+        Shape::DevMapHash => {
+            let ports: DevMapHash<_> =
+                DevMapHash::try_from(map).map_err(map_err(s.map, "opening"))?;
+            let mut out = BTreeMap::new();
+            for kv in ports.iter() {
+                let (k, v) = kv.map_err(map_err(s.map, "reading"))?;
+                out.insert(k, v.if_index);
+            }
+            Ok(Snapshot::Ports(out))
+        }
+        Shape::ProgArray => Ok(Snapshot::Nothing),
+    }
+}
+
+/// Writes every entry of `snap` into `map` (made for it: arrays of the snapshot's length).
+/// Returns how many entries it wrote.
+pub fn write(map: &mut Map, s: &Schema, snap: &Snapshot) -> Result<u64, CopyError> {
+    match snap {
+        Snapshot::Hash(h) => {
+            let writes: Vec<_> = h
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect();
+            hash_sizes!(s, write_hash(map, s, &writes))
+        }
+        Snapshot::Array(bytes) if mmapable(s) => write_mapped(map, s, bytes),
+        Snapshot::Array(bytes) => {
+            let all: Vec<(u32, Vec<u8>)> = bytes
+                .chunks(s.value_size as usize)
+                .enumerate()
+                .filter(|(_, v)| v.iter().any(|b| *b != 0))
+                .map(|(i, v)| (i as u32, v.to_vec()))
+                .collect();
+            value_sizes!(s, write_array(map, s, &all))
+        }
+        Snapshot::PerCpu(cpus) => {
+            let n = cpus.first().map_or(0, |c| c.len()) / s.value_size as usize;
+            let all: Vec<u32> = (0..n as u32).collect();
+            value_sizes!(s, write_percpu(map, s, cpus, &all))
+        }
+        Snapshot::Buckets(b) => write_mapped(map, s, bucket_bytes(b)),
+        Snapshot::Ports(p) => {
+            let mut ports: DevMapHash<_> =
+                DevMapHash::try_from(map).map_err(map_err(s.map, "opening"))?;
+            for (k, v) in p {
+                ports.insert(*k, *v, None, 0).map_err(|e| CopyError::Port {
+                    map: s.map.to_string(),
+                    source: e,
+                })?;
+            }
+            Ok(p.len() as u64)
+        }
+        Snapshot::Nothing => Ok(0),
+    }
+}
+
+/// Applies merge writes (a value, or a removal) to a hash map.
+pub fn write_hash_entries(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> Result<u64, CopyError> {
+    hash_sizes!(s, write_hash(map, s, writes))
+}
+
+/// Writes `values` at their indices of an array.
+pub fn write_array_entries(
+    map: &mut Map,
+    s: &Schema,
+    values: &[(u32, Vec<u8>)],
+) -> Result<u64, CopyError> {
+    value_sizes!(s, write_array(map, s, values))
+}
+
+/// Writes the per-CPU values of `indices` of a per-CPU array.
+pub fn write_percpu_entries(
+    map: &mut Map,
+    s: &Schema,
+    cpus: &[Vec<u8>],
+    indices: &[u32],
+) -> Result<u64, CopyError> {
+    value_sizes!(s, write_percpu(map, s, cpus, indices))
+}
+
+fn read_hash<const K: usize, const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let mut out = BTreeMap::new();
+    for kv in h.iter() {
+        match kv {
+            Ok((k, v)) => {
+                out.insert(k.to_vec(), v.to_vec());
+            }
+            // An LRU entry evicted between the key walk and its lookup: gone, as it would be.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(s.map, "reading")(e)),
+        }
+    }
+    Ok(Snapshot::Hash(out))
+}
+
+fn write_hash<const K: usize, const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> Result<u64, CopyError> {
+    let mut h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    for (k, v) in writes {
+        let key: [u8; K] = k.as_slice().try_into().expect("key size checked");
+        match v {
+            Some(v) => {
+                let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
+                h.insert(key, value, 0).map_err(map_err(s.map, "writing"))?;
+            }
+            None => match h.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(s.map, "removing")(e)),
+            },
+        }
+    }
+    Ok(writes.len() as u64)
+}
+
+fn read_array<const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let a: Array<_, [u8; V]> = Array::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let mut out = Vec::with_capacity(a.len() as usize * V);
+    for v in a.iter() {
+        out.extend_from_slice(&v.map_err(map_err(s.map, "reading"))?);
+    }
+    Ok(Snapshot::Array(out))
+}
+
+fn write_array<const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    values: &[(u32, Vec<u8>)],
+) -> Result<u64, CopyError> {
+    let mut a: Array<_, [u8; V]> = Array::try_from(map).map_err(map_err(s.map, "opening"))?;
+    for (i, v) in values {
+        let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
+        a.set(*i, value, 0).map_err(map_err(s.map, "writing"))?;
+    }
+    Ok(values.len() as u64)
+}
+
+fn read_percpu<const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let a: PerCpuArray<_, [u8; V]> =
+        PerCpuArray::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let mut cpus: Vec<Vec<u8>> = Vec::new();
+    for values in a.iter() {
+        let values = values.map_err(map_err(s.map, "reading"))?;
+        if cpus.is_empty() {
+            cpus = vec![Vec::with_capacity(a.len() as usize * V); values.len()];
+        }
+        for (cpu, v) in values.iter().enumerate() {
+            cpus[cpu].extend_from_slice(v);
+        }
+    }
+    Ok(Snapshot::PerCpu(cpus))
+}
+
+fn write_percpu<const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    cpus: &[Vec<u8>],
+    indices: &[u32],
+) -> Result<u64, CopyError> {
+    let mut a: PerCpuArray<_, [u8; V]> =
+        PerCpuArray::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let len = a.len();
+    let mut written = 0;
+    for &i in indices.iter().filter(|&&i| i < len) {
+        let at = i as usize * V;
+        let values: Vec<[u8; V]> = cpus
+            .iter()
+            .map(|c| {
+                c.get(at..at + V)
+                    .map_or([0; V], |v| v.try_into().expect("V bytes"))
+            })
+            .collect();
+        let values = PerCpuValues::try_from(values).map_err(|e| CopyError::Map {
+            map: s.map.to_string(),
+            what: "one value per CPU",
+            source: MapError::IoError(e),
+        })?;
+        a.set(i, values, 0).map_err(map_err(s.map, "writing"))?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+fn read_mapped(map: &Map, s: &Schema, entries: u32) -> Result<Vec<u8>, CopyError> {
+    let d = data(map).ok_or(CopyError::Unsupported {
+        map: s.map.to_string(),
+        key: s.key_size,
+        value: s.value_size,
+    })?;
+    let bytes = entries as usize * s.value_size as usize;
+    let m = Mapping::new(d, bytes, false).map_err(|source| CopyError::Mmap {
+        map: s.map.to_string(),
+        source,
+    })?;
+    // SAFETY: the mapping covers at least `bytes` of the map's memory.
+    Ok(unsafe { std::slice::from_raw_parts(m.ptr(), bytes) }.to_vec())
+}
+
+fn write_mapped(map: &Map, s: &Schema, bytes: &[u8]) -> Result<u64, CopyError> {
+    let d = data(map).ok_or(CopyError::Unsupported {
+        map: s.map.to_string(),
+        key: s.key_size,
+        value: s.value_size,
+    })?;
+    let max = d
+        .info()
+        .map_err(map_err(s.map, "reading its info"))?
+        .max_entries() as usize
+        * s.value_size as usize;
+    let n = bytes.len().min(max);
+    let m = Mapping::new(d, n, true).map_err(|source| CopyError::Mmap {
+        map: s.map.to_string(),
+        source,
+    })?;
+    // SAFETY: the mapping is writable and covers at least `n` bytes.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), m.ptr(), n) };
+    Ok((n / s.value_size as usize) as u64)
+}
+
+fn buckets_of(bytes: &[u8]) -> Vec<FlowBucket> {
+    bytes
+        .chunks_exact(size_of::<FlowBucket>())
+        .map(|c| {
+            // SAFETY: FlowBucket is plain integers (every bit pattern is valid); the read is
+            // unaligned because `c` need not be 64-byte aligned.
+            unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<FlowBucket>()) }
+        })
+        .collect()
+}
+
+/// The bytes of a flow table.
+pub fn bucket_bytes(b: &[FlowBucket]) -> &[u8] {
+    // SAFETY: FlowBucket is `repr(C)` plain integers with no padding (its size is asserted).
+    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
+}
+
+/// Writes into a flow table's memory the buckets of `table` that differ from `before` (what it
+/// held when read), leaving the others to the program that may be writing them.
+pub fn write_changed_buckets(
+    map: &Map,
+    s: &Schema,
+    before: &[FlowBucket],
+    table: &[FlowBucket],
+) -> Result<u64, CopyError> {
+    let d = data(map).ok_or(CopyError::Unsupported {
+        map: s.map.to_string(),
+        key: s.key_size,
+        value: s.value_size,
+    })?;
+    let m =
+        Mapping::new(d, std::mem::size_of_val(table), true).map_err(|source| CopyError::Mmap {
+            map: s.map.to_string(),
+            source,
+        })?;
+    let mut n = 0;
+    for (i, (b, a)) in before.iter().zip(table).enumerate() {
+        if b != a {
+            // SAFETY: bucket `i` lies inside the writable mapping, which is page-aligned, so
+            // every bucket in it is 64-byte aligned.
+            unsafe { m.ptr().cast::<FlowBucket>().add(i).write_volatile(*a) };
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,698 @@
+//! Migrations: loading this release's program on the maps an agent of this or another release
+//! pinned, moving every entry that carries a connection into maps of this release's schemas and
+//! the config's sizes, without a moment when traffic meets no program or lost state.
+//!
+//! 1. [`pins::plan`] decides map by map: reuse (same schema and size), resize, convert (an
+//!    older schema), create (not pinned); or refuses what it cannot read, saying the way out.
+//! 2. [`load`] makes the new maps under staged pins (`LB_NAT@next`) while the old program
+//!    serves, copies the old maps into them (converting), and verifies the new program on them.
+//!    Nothing the old program uses has changed yet: a failure here removes the staged pins and
+//!    leaves the old program and its maps serving.
+//! 3. The caller swaps the new program into the pinned XDP links (`bpf_link_update`: atomic,
+//!    never a detach), then calls [`Pending::finish`]: it waits until no CPU still runs the old
+//!    program (`membarrier(MEMBARRIER_CMD_GLOBAL)`, which is `synchronize_rcu`: XDP programs
+//!    run inside RCU read-side sections), merges what the old program wrote after the copy, and
+//!    renames the staged pins over the old ones. The old maps go with the old program.
+
+pub mod convert;
+pub mod copy;
+pub mod pins;
+pub mod schema;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+};
+use lb_common::{Member, VipValue, maps};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use self::{
+    convert::WontFit,
+    copy::{CopyError, Snapshot},
+    pins::{Action, MapPlan, PinPlan, PinsError},
+    schema::{Moves, Schema},
+};
+use crate::program::{self, LoadError, OBJECT, Sizes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(
+        "making the maps of the new program (the old program and its maps serve on, unchanged)"
+    )]
+    Create(#[source] LoadError),
+    #[error("copying into the new maps (the old program and its maps serve on, unchanged)")]
+    Copy(#[from] CopyError),
+    #[error(transparent)]
+    WontFit(#[from] WontFit),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a load did with the pins, for `lb status`, the log and the metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Migration {
+    /// When it finished (RFC 3339, UTC).
+    pub at: String,
+    /// `start` or `reload`.
+    pub trigger: String,
+    /// The release of the agent that ran on the pins before, if known.
+    pub from_release: Option<String>,
+    pub to_release: String,
+    /// From the first map read to the last pin renamed, the swap included.
+    pub duration_ms: f64,
+    /// Entries copied into new maps.
+    pub entries: u64,
+    /// Entries the old program wrote after the copy, merged in after the swap.
+    pub merged: u64,
+    pub maps: Vec<MapMove>,
+}
+
+/// What happened to one map.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MapMove {
+    pub map: String,
+    /// `reused`, `created`, `resized`, `converted` or `renewed`.
+    pub action: String,
+    pub from_schema: Option<u32>,
+    pub to_schema: u32,
+    pub from_entries: Option<u32>,
+    pub to_entries: u32,
+    /// Entries copied (0 for a map used as it is).
+    pub entries: u64,
+    pub merged: u64,
+    /// Time spent copying and merging this map.
+    pub ms: f64,
+}
+
+impl Migration {
+    /// Whether any map's entries moved.
+    pub fn moved(&self) -> bool {
+        self.maps
+            .iter()
+            .any(|m| m.action == "resized" || m.action == "converted")
+    }
+
+    /// `LB_NAT resized 262144 -> 524288 (5012 entries), ...`: the maps that moved.
+    pub fn summary(&self) -> String {
+        let moved: Vec<String> = self
+            .maps
+            .iter()
+            .filter(|m| m.action == "resized" || m.action == "converted")
+            .map(|m| {
+                format!(
+                    "{} {} {} -> {} ({} entries, {} merged)",
+                    m.map,
+                    m.action,
+                    m.from_entries.unwrap_or(0),
+                    m.to_entries,
+                    m.entries,
+                    m.merged
+                )
+            })
+            .collect();
+        if moved.is_empty() {
+            "every map reused as it is".to_string()
+        } else {
+            moved.join(", ")
+        }
+    }
+}
+
+/// A map whose entries moved, kept until [`Pending::finish`] merges the old program's late
+/// writes.
+struct Moved {
+    schema: &'static Schema,
+    old: Map,
+    /// What the first copy read from the old map (in the new map's form: sizes differ only).
+    base: Snapshot,
+    old_entries: u32,
+}
+
+/// A load whose new maps are staged: finish it after the swap, or drop it to take them away.
+pub struct Pending {
+    started: Instant,
+    report: Migration,
+    /// (staged pin, final pin) of every new map.
+    staged: Vec<(PathBuf, PathBuf)>,
+    moved: Vec<Moved>,
+    sizes: Sizes,
+    done: bool,
+}
+
+/// The loaded program and, if maps moved, what is left to do after the swap.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub pending: Option<Pending>,
+    /// What was done with pins found (None on a first start).
+    pub report: Option<Migration>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Loads this release's program with `sizes` on the maps pinned in `dir` (made if missing),
+/// migrating those whose schema or size differ (see the module's documentation). `trigger` and
+/// `from_release` are for the report.
+pub fn load(
+    sizes: &Sizes,
+    dir: &Path,
+    trigger: &str,
+    from_release: Option<String>,
+) -> Result<Loaded, MigrateError> {
+    let started = Instant::now();
+    sizes.check()?;
+    let plan = pins::plan(dir, sizes)?;
+    for p in pins::remove_staged(dir) {
+        warn!(pin = %p.display(), "removed a staged pin an earlier migration left");
+    }
+    let migrates = plan.migrates();
+    if migrates {
+        check_ids(&plan, sizes)?;
+    }
+    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
+    let mut loader = EbpfLoader::new();
+    program::configure(&mut loader, sizes, &flow_buckets);
+    let paths: Vec<(&str, PathBuf)> = plan
+        .maps
+        .iter()
+        .map(|m| match migrates && m.action.is_new() {
+            true => (m.schema.map, m.staged(dir)),
+            false => (m.schema.map, m.pin(dir)),
+        })
+        .collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let staged: Vec<(PathBuf, PathBuf)> = match migrates {
+        true => plan
+            .maps
+            .iter()
+            .filter(|m| m.action.is_new())
+            .map(|m| (m.staged(dir), m.pin(dir)))
+            .collect(),
+        false => Vec::new(),
+    };
+    let mut pending = Pending {
+        started,
+        report: report_of(&plan, trigger, from_release),
+        staged,
+        moved: Vec::new(),
+        sizes: sizes.clone(),
+        done: !migrates,
+    };
+    let mut ebpf = loader.load(OBJECT).map_err(|e| {
+        let e = program::object_error(e, Some(dir));
+        match migrates {
+            true => MigrateError::Create(e),
+            false => MigrateError::Load(e),
+        }
+    })?;
+    if migrates {
+        pending.copy(&plan, &mut ebpf)?;
+    } else {
+        program::write_meta(&mut ebpf, sizes)?;
+    }
+    program::verify(&mut ebpf)?;
+    let adopts = plan.adopts();
+    let report = adopts.then(|| pending.report.clone());
+    match migrates {
+        true => Ok(Loaded {
+            ebpf,
+            pending: Some(pending),
+            report,
+        }),
+        false => {
+            let mut report = report;
+            if let Some(r) = &mut report {
+                r.duration_ms = ms(started);
+            }
+            Ok(Loaded {
+                ebpf,
+                pending: None,
+                report,
+            })
+        }
+    }
+}
+
+fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Migration {
+    Migration {
+        at: now(),
+        trigger: trigger.to_string(),
+        from_release,
+        to_release: env!("CARGO_PKG_VERSION").to_string(),
+        duration_ms: 0.0,
+        entries: 0,
+        merged: 0,
+        maps: plan
+            .maps
+            .iter()
+            .map(|m| MapMove {
+                map: m.schema.map.to_string(),
+                action: m.action.as_str().to_string(),
+                from_schema: m.found.as_ref().map(|f| f.version),
+                to_schema: m.schema.version,
+                from_entries: m.found.as_ref().map(|f| f.max_entries),
+                to_entries: m.entries,
+                entries: 0,
+                merged: 0,
+                ms: 0.0,
+            })
+            .collect(),
+    }
+}
+
+fn open_old(m: &MapPlan) -> Result<Map, MigrateError> {
+    let f = m.found.as_ref().expect("a moved map was found");
+    let pin_err = |source| LoadError::Pin {
+        path: f.pin.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(&f.pin).map_err(pin_err)?;
+    Ok(Map::from_map_data(data).map_err(pin_err)?)
+}
+
+/// A shrink of `node.max_vips` or `node.max_backends` must leave room for every VIP id and
+/// live member id in use (the tables indexed by them are cut).
+fn check_ids(plan: &PinPlan, sizes: &Sizes) -> Result<(), MigrateError> {
+    let shrinks = |map: &str, to: u32| {
+        plan.get(map).is_some_and(|m| {
+            m.action == Action::Resize && m.found.as_ref().is_some_and(|f| f.max_entries > to)
+        })
+    };
+    if let Some(m) = plan.get(maps::MEMBERS)
+        && shrinks(maps::MEMBERS, sizes.max_backends)
+    {
+        let old = copy::read(
+            &open_old(m)?,
+            m.schema,
+            m.found.as_ref().unwrap().max_entries,
+        )?;
+        let Snapshot::Array(bytes) = old else {
+            unreachable!("an array")
+        };
+        let live: Vec<usize> = bytes
+            .chunks_exact(size_of::<Member>())
+            .enumerate()
+            .filter(|(_, b)| {
+                // SAFETY: Member is plain integers; the read is unaligned.
+                let m: Member = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
+                m.is_live()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let past = live
+            .iter()
+            .filter(|&&i| i >= sizes.max_backends as usize)
+            .count();
+        if past > 0 {
+            return Err(WontFit {
+                map: maps::MEMBERS.to_string(),
+                key: "node.max_backends",
+                to: sizes.max_backends,
+                live: live.len() as u64,
+                dropped: past as u64,
+            }
+            .into());
+        }
+    }
+    if let Some(m) = plan.get(maps::VIPS)
+        && (shrinks(maps::VIP_STATS, sizes.max_vips)
+            || plan
+                .get(maps::RING)
+                .is_some_and(|r| r.action == Action::Resize))
+    {
+        let old = copy::read(&open_old(m)?, m.schema, 0)?;
+        let Snapshot::Hash(h) = old else {
+            unreachable!("a hash map")
+        };
+        let ids: Vec<u32> = h
+            .values()
+            .map(|v| {
+                // SAFETY: VipValue is plain integers; the read is unaligned.
+                let v: VipValue = unsafe { std::ptr::read_unaligned(v.as_ptr().cast()) };
+                v.id
+            })
+            .collect();
+        let past = ids.iter().filter(|&&id| id >= sizes.max_vips).count();
+        if past > 0 {
+            return Err(WontFit {
+                map: maps::VIPS.to_string(),
+                key: "node.max_vips",
+                to: sizes.max_vips,
+                live: ids.len() as u64,
+                dropped: past as u64,
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+impl Pending {
+    /// The first copy: every map that moves, from its old map into its staged new one, while
+    /// the old program serves.
+    fn copy(&mut self, plan: &PinPlan, ebpf: &mut Ebpf) -> Result<(), MigrateError> {
+        let sizes = self.sizes.clone();
+        for m in plan.maps.iter().filter(|m| {
+            matches!(m.action, Action::Resize | Action::Convert) && m.schema.moves != Moves::Program
+        }) {
+            let t = Instant::now();
+            let s = m.schema;
+            let old = open_old(m)?;
+            let old_entries = m.found.as_ref().unwrap().max_entries;
+            let snap = copy::read(&old, s, old_entries)?;
+            let Some(new_snap) = resized(m, snap, &sizes)? else {
+                // The Maglev ring of another table size: the agent writes it before the swap.
+                self.note(s.map, 0, t);
+                continue;
+            };
+            let new = ebpf
+                .map_mut(s.map)
+                .expect("every schema's map is in the object");
+            let n = copy::write(new, s, &new_snap)?;
+            self.note(s.map, n, t);
+            if matches!(s.moves, Moves::State | Moves::Counters) {
+                self.moved.push(Moved {
+                    schema: s,
+                    old,
+                    base: new_snap,
+                    old_entries,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, map: &str, entries: u64, t: Instant) {
+        if let Some(mv) = self.report.maps.iter_mut().find(|mv| mv.map == map) {
+            mv.entries += entries;
+            mv.ms += ms(t);
+        }
+        self.report.entries += entries;
+    }
+
+    fn note_merged(&mut self, map: &str, merged: u64, t: Instant) {
+        if let Some(mv) = self.report.maps.iter_mut().find(|mv| mv.map == map) {
+            mv.merged += merged;
+            mv.ms += ms(t);
+        }
+        self.report.merged += merged;
+    }
+
+    /// After the swap: waits until the old program runs nowhere, merges what it wrote after
+    /// the first copy, renames the staged pins over the old ones and rewrites the layout
+    /// record. Returns the report.
+    pub fn finish(mut self, ebpf: &mut Ebpf) -> Result<Migration, MigrateError> {
+        grace_period();
+        let moved = std::mem::take(&mut self.moved);
+        for mv in &moved {
+            let t = Instant::now();
+            let n = merge(mv, ebpf)?;
+            self.note_merged(mv.schema.map, n, t);
+        }
+        for (staged, pin) in &self.staged {
+            std::fs::rename(staged, pin).map_err(|source| MigrateError::Io {
+                what: "renaming the staged pin over",
+                path: pin.display().to_string(),
+                source,
+            })?;
+        }
+        self.done = true;
+        program::write_meta(ebpf, &self.sizes)?;
+        self.report.duration_ms = ms(self.started);
+        self.report.at = now();
+        info!(
+            trigger = %self.report.trigger,
+            entries = self.report.entries,
+            merged = self.report.merged,
+            duration_ms = self.report.duration_ms,
+            "migrated the maps: {}",
+            self.report.summary()
+        );
+        Ok(self.report.clone())
+    }
+}
+
+impl Drop for Pending {
+    /// An unfinished migration takes its staged pins away: the old maps stay as they were.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for (staged, _) in &self.staged {
+            if let Err(e) = std::fs::remove_file(staged)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(
+                    "removing {} after the failed migration: {e}",
+                    staged.display()
+                );
+            }
+        }
+    }
+}
+
+/// The old map's snapshot in the form of the new map: resized (see [`convert`]). None for a
+/// Maglev ring of another table size (slots of another table cannot be reused).
+fn resized(m: &MapPlan, snap: Snapshot, sizes: &Sizes) -> Result<Option<Snapshot>, MigrateError> {
+    let s = m.schema;
+    let vs = s.value_size as usize;
+    Ok(Some(match snap {
+        Snapshot::Hash(h) => {
+            convert::check_fits(s.map, config_key(s.map), m.entries, h.len(), m.entries)?;
+            Snapshot::Hash(h)
+        }
+        Snapshot::Buckets(b) => {
+            Snapshot::Buckets(convert::rehash_flows(&b, m.entries, sizes.flow_entries)?)
+        }
+        Snapshot::Array(_) if s.map == maps::RING && !same_table_size(m, sizes) => return Ok(None),
+        Snapshot::Array(a) => Snapshot::Array(convert::resize_array(&a, vs, m.entries)),
+        Snapshot::PerCpu(c) => Snapshot::PerCpu(
+            c.iter()
+                .map(|a| convert::resize_array(a, vs, m.entries))
+                .collect(),
+        ),
+        other => other,
+    }))
+}
+
+/// Whether the ring's slots keep their meaning: the same Maglev table size (then only the
+/// number of VIPs changed, and VIP `v`'s table stays at `v * M`).
+fn same_table_size(m: &MapPlan, sizes: &Sizes) -> bool {
+    let old = m.found.as_ref().map_or(0, |f| f.max_entries);
+    old % sizes.maglev_m == 0 && m.entries % sizes.maglev_m == 0
+}
+
+/// The config key that sizes `map`.
+fn config_key(map: &str) -> &'static str {
+    match map {
+        maps::FLOWS | maps::FLOWS4 => "node.flow_table_size",
+        maps::AFFINITY => "node.affinity_table_size",
+        maps::NAT | maps::NAT_REV => "node.nat_table_size",
+        maps::RING => "node.table_size",
+        maps::VIP_STATS => "node.max_vips",
+        maps::MEMBERS | maps::NEXTHOPS | maps::MEMBER_STATS | maps::MEMBER_PASSIVE => {
+            "node.max_backends"
+        }
+        _ => "(a size fixed by the release)",
+    }
+}
+
+/// Waits until every CPU is out of the XDP program it ran before the swap:
+/// `MEMBARRIER_CMD_GLOBAL` returns after `synchronize_rcu()`, and XDP programs run inside RCU
+/// read-side critical sections. Where it is unavailable (nohz_full kernels refuse it), a pause
+/// far longer than any program run.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        warn!(
+            "membarrier(MEMBARRIER_CMD_GLOBAL) failed ({}): waiting 100 ms for the old program to finish instead",
+            std::io::Error::last_os_error()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Merges what the old program wrote into `mv`'s map after the first copy (see
+/// [`convert::merge3`]); returns the entries written.
+fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
+    let s = mv.schema;
+    let new = ebpf
+        .map_mut(s.map)
+        .expect("every schema's map is in the object");
+    let old_now = copy::read(&mv.old, s, mv.old_entries)?;
+    let vs = s.value_size as usize;
+    Ok(match (&mv.base, old_now) {
+        (Snapshot::Hash(base), Snapshot::Hash(old)) => {
+            let Snapshot::Hash(now) = copy::read(new, s, 0)? else {
+                unreachable!("a hash map")
+            };
+            let writes = convert::merge3(base, &old, &now);
+            copy::write_hash_entries(new, s, &writes)?
+        }
+        (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
+            let entries = base_new.len() as u32;
+            let Snapshot::Buckets(now) = copy::read(new, s, entries)? else {
+                unreachable!("a flow table")
+            };
+            // The base in the old table's form: the flows the first copy read.
+            let base_old = convert::flows_of(base_new);
+            let old_flows = convert::flows_of(&old);
+            let mut table = now.clone();
+            let writes = convert::merge3(&base_old, &old_flows, &convert::flows_of(&now));
+            let mut n = 0;
+            for (k, v) in writes {
+                n += 1;
+                match v {
+                    Some((value, seen)) => {
+                        if !convert::place(&mut table, k, value, seen) {
+                            warn!("{}: no room to merge a late flow", s.map);
+                        }
+                    }
+                    None => {
+                        for i in lb_common::flowtab::buckets_of(k, table.len() as u32) {
+                            let b = &mut table[i as usize];
+                            if let Some(w) = lb_common::flowtab::find(b, k) {
+                                b.keys[w] = lb_common::flowtab::EMPTY;
+                            }
+                        }
+                    }
+                }
+            }
+            copy::write_changed_buckets(new, s, &now, &table)?;
+            n
+        }
+        (Snapshot::Array(base), Snapshot::Array(old)) => {
+            let Snapshot::Array(now) = copy::read(new, s, (base.len() / vs) as u32)? else {
+                unreachable!("an array")
+            };
+            let writes: Vec<(u32, Vec<u8>)> = (0..base.len() / vs)
+                .filter_map(|i| {
+                    let r = i * vs..(i + 1) * vs;
+                    let (b, o, n) = (base.get(r.clone())?, old.get(r.clone())?, now.get(r)?);
+                    (o != b && n == b).then(|| (i as u32, o.to_vec()))
+                })
+                .collect();
+            copy::write_array_entries(new, s, &writes)?
+        }
+        (Snapshot::PerCpu(base), Snapshot::PerCpu(old)) => {
+            let Snapshot::PerCpu(mut now) = copy::read(new, s, 0)? else {
+                unreachable!("a per-CPU array")
+            };
+            let len = base.first().map_or(0, |b| b.len()) / vs;
+            let changed: Vec<u32> = (0..len)
+                .filter(|&i| {
+                    let r = i * vs..(i + 1) * vs;
+                    base.iter()
+                        .zip(&old)
+                        .any(|(b, o)| b.get(r.clone()) != o.get(r.clone()))
+                })
+                .map(|i| i as u32)
+                .collect();
+            for ((b, o), n) in base.iter().zip(&old).zip(now.iter_mut()) {
+                for &i in &changed {
+                    let r = i as usize * vs..(i as usize + 1) * vs;
+                    if let (Some(b), Some(o)) = (b.get(r.clone()), o.get(r.clone())) {
+                        convert::add_counted(b, o, &mut n[r]);
+                    }
+                }
+            }
+            copy::write_percpu_entries(new, s, &now, &changed)?
+        }
+        _ => 0,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error(
+        "this release ({ours}) knows no release {to}: it rolls back to {known} only (an older \
+         release's agent may not read these pins)"
+    )]
+    Unknown {
+        to: String,
+        ours: &'static str,
+        known: String,
+    },
+    #[error(
+        "{to} reads {map} at schema v{theirs}, and the pins hold v{ours}: this release has no \
+         conversion down to it"
+    )]
+    NoConversion {
+        to: String,
+        map: String,
+        theirs: u32,
+        ours: u32,
+    },
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+}
+
+/// Leaves the pins in `dir` as release `to` reads them, before that release's agent starts on
+/// them (a rollback): converts down every map whose schema `to` does not read. Returns what it
+/// did, in one line. Every map of this release is at a schema 0.1.0 reads, so there is nothing
+/// to convert for any release it knows; a later release that changes a schema adds its
+/// conversion down here.
+pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
+    let to_text = to.to_string();
+    let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {
+        to: to_text.clone(),
+        ours: env!("CARGO_PKG_VERSION"),
+        known: schema::RELEASES
+            .iter()
+            .map(|r| r.version)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    for s in schema::current() {
+        let Some(found) = pins_found(dir, s)? else {
+            continue;
+        };
+        let theirs = release
+            .schemas
+            .iter()
+            .find(|(m, _)| *m == s.map)
+            .map_or(0, |(_, v)| *v);
+        if theirs != found {
+            return Err(RollbackError::NoConversion {
+                to: to_text,
+                map: s.map.to_string(),
+                theirs,
+                ours: found,
+            });
+        }
+    }
+    Ok(format!(
+        "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
+        dir.display()
+    ))
+}
+
+/// The schema version of `s`'s map pinned in `dir`, if pinned.
+fn pins_found(dir: &Path, s: &'static Schema) -> Result<Option<u32>, PinsError> {
+    let plan = pins::plan_one(dir, s)?;
+    Ok(plan.map(|f| f.version))
+}
