@@ -77,6 +77,10 @@ pub struct AgentStatus {
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
     pub last_reload: Option<ReloadStatus>,
+    /// Set as the agent stopped for a rollback (its DaemonSet's pod template asked for an older
+    /// release): that release, for which the pins were left as it reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_for: Option<String>,
 }
 
 impl AgentStatus {
@@ -99,6 +103,8 @@ impl AgentStatus {
 pub struct Life {
     pub started_at: SystemTime,
     pub last_reload: Option<ReloadStatus>,
+    /// The older release the pins were left for, as the agent stopped for a rollback.
+    pub rolled_back_for: Option<String>,
 }
 
 impl Default for Life {
@@ -106,6 +112,7 @@ impl Default for Life {
         Self {
             started_at: SystemTime::now(),
             last_reload: None,
+            rolled_back_for: None,
         }
     }
 }
@@ -147,6 +154,7 @@ impl Life {
             reloads_applied: reloads.0,
             reloads_rejected: reloads.1,
             last_reload: self.last_reload.clone(),
+            rolled_back_for: self.rolled_back_for.clone(),
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::{
     config::{Config, VipConfig},
     dataplane::kernel::KernelDataplane,
     health,
-    k8s::{Kube, KubeOptions, translate::Settings},
+    k8s::{Kube, KubeOptions, rollout::OwnDaemonSet, translate::Settings},
     life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
@@ -808,7 +808,8 @@ impl Signals {
 
 /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
 /// `file` is the last accepted config file: the base of every cluster change. Returns whether
-/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone).
+/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone); when that DaemonSet
+/// now runs an older release (a rollback), leaves the pins as that release reads them first.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     opts: &RunOptions,
@@ -956,7 +957,7 @@ async fn serve(
     }
     drop(checks);
     announce.shutdown().await;
-    let mut uninstalled = false;
+    let mut own = OwnDaemonSet::Unknown;
     if let Some(k) = &mut kube {
         k.release_lease().await;
         let ds = opts
@@ -964,10 +965,27 @@ async fn serve(
             .as_ref()
             .and_then(|o| o.down_when_deleted.as_deref());
         if let Some(ds) = ds {
-            uninstalled = k.daemonset_deleted(ds).await;
+            own = k.own_daemonset(ds).await;
         }
     }
-    Ok(uninstalled)
+    // The loop is over: no map is written any more, and the pin dir is still locked, so the
+    // older agent cannot start on pins half converted.
+    if let Some(to) = own.rollback_from(&running_release()) {
+        info!("rolling back to {to}: the pins are left as {to} reads them");
+        let done = crate::migrate::prepare_rollback(&opts.pin_dir, &to)
+            .with_context(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
+        info!("{done}");
+        life.rolled_back_for = Some(to.to_string());
+        if let Err(e) = write_status(opts, &agent, m, &life) {
+            warn!("writing the status file: {e:#}");
+        }
+    }
+    Ok(own == OwnDaemonSet::Gone)
+}
+
+/// This agent's release.
+fn running_release() -> semver::Version {
+    semver::Version::parse(env!("CARGO_PKG_VERSION")).expect("the crate's version is semver")
 }
 
 /// `lb down`, refused while an agent holds the pin dir (it would go on writing maps nobody

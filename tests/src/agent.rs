@@ -269,6 +269,31 @@ impl Agent {
         }
     }
 
+    /// Waits until `GET path` from the agent serving at `addr` in `ns` answers `code`; panics with
+    /// the log if it doesn't within `timeout` or the agent exits.
+    pub fn wait_http(&mut self, ns: &NetNs, addr: &str, path: &str, code: u16, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let got = http_status(ns, addr, path);
+            if got == Some(code) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}) before {path} answered {code}:\n{}",
+                    self.log_text()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{path} answers {got:?}, not {code}, after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits for the process to exit by itself (within `timeout`).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
@@ -343,4 +368,25 @@ pub fn xdp_attachment(ns: &NetNs, dev: &str) -> Option<(u64, u64)> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
     let xdp = &v[0]["xdp"];
     Some((xdp["mode"].as_u64()?, xdp["prog"]["id"].as_u64()?))
+}
+
+/// The id of the BPF link pinned for `ifname` in `pins` (lb pins one per interface): the same id
+/// means the same attachment, never detached, whatever program it now runs.
+pub fn pinned_link_id(pins: &Path, ifname: &str) -> u32 {
+    let path = pins.join(format!("link-{ifname}"));
+    let link = aya::programs::links::PinnedLink::from_pin(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    aya::programs::links::FdLink::from(link)
+        .info()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .id()
+}
+
+/// The kernel's id of the map pinned as `name` in `pins`: the same id means the same map (its
+/// entries kept), not one created anew.
+pub fn pinned_map_id(pins: &Path, name: &str) -> u32 {
+    let path = pins.join(name);
+    aya::maps::MapInfo::from_pin(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+        .id()
 }

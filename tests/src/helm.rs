@@ -35,6 +35,27 @@ pub fn tool(name: &str) -> PathBuf {
     p
 }
 
+/// A YAML file of the chart (`Chart.yaml`, `values.yaml`), as JSON.
+pub fn chart_file(name: &str) -> Value {
+    let path = chart().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The image the chart's default values run: `values.yaml`'s repository at `Chart.yaml`'s
+/// appVersion (the tag is empty by default).
+pub fn default_image() -> String {
+    let repository = chart_file("values.yaml")["image"]["repository"]
+        .as_str()
+        .expect("values.yaml sets image.repository")
+        .to_string();
+    let app = chart_file("Chart.yaml")["appVersion"]
+        .as_str()
+        .expect("Chart.yaml sets appVersion (a string)")
+        .to_string();
+    format!("{repository}:{app}")
+}
+
 /// What Helm made of the chart with some values.
 #[derive(Debug)]
 pub struct Rendered {

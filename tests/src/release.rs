@@ -38,6 +38,33 @@ pub fn previous_commit() -> String {
     commit
 }
 
+/// The previous release's version: the workspace's, in `Cargo.toml` at [`previous_commit`].
+pub fn previous_version() -> String {
+    let commit = previous_commit();
+    let out = Command::new("git")
+        .current_dir(root())
+        .args(["show", &format!("{commit}:Cargo.toml")])
+        .output()
+        .expect("running git show");
+    assert!(
+        out.status.success(),
+        "git show {commit}:Cargo.toml (is the clone shallow? it needs that commit): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("Cargo.toml is UTF-8");
+    let workspace = text
+        .split("[workspace.package]")
+        .nth(1)
+        .expect("the previous release's Cargo.toml has [workspace.package]");
+    workspace
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix("version")?.trim_start().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_string())
+        })
+        .expect("the previous release's [workspace.package] has a version")
+}
+
 /// The previous release's `lb` binary, built on first use (a few minutes from cold; then cached).
 pub fn previous_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -170,7 +170,7 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
     }
     let image = match values["image"]["tag"].as_str() {
         Some(t) => format!("{}:{t}", values["image"]["repository"].as_str().unwrap()),
-        None => "ghcr.io/lb-dev/lb:0.1.0".to_string(),
+        None => helm::default_image(),
     };
     assert_eq!(c["image"], image.as_str(), "{name}");
     // Memory: request and limit equal (a node never over-commits map memory).
@@ -271,6 +271,16 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
             ),
         }
     }
+}
+
+/// A release bumps the chart with the workspace: the chart's version and its appVersion (the
+/// image tag by default) are the agent's.
+#[test]
+fn the_charts_version_and_app_version_are_the_workspaces_version() {
+    let chart = helm::chart_file("Chart.yaml");
+    let want = env!("CARGO_PKG_VERSION");
+    assert_eq!(chart["version"], want, "Chart.yaml version");
+    assert_eq!(chart["appVersion"], want, "Chart.yaml appVersion");
 }
 
 /// deploy/'s plain manifests are the chart rendered with its defaults (one source: they cannot

@@ -13,11 +13,12 @@ use std::{
 
 use lb_common::Counter;
 use lb_tests::{
-    agent::{Agent, Dirs, metric, xdp_attachment},
+    agent::{Agent, Dirs, metric, pinned_link_id, pinned_map_id, xdp_attachment},
     deploy_docs,
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     kubeapi::{FakeApi, gateway_only, granted, on_exit_only, rbac_of},
     packet::{L4, Pkt, TCP_ACK},
+    release,
 };
 use serde_json::{Value, json};
 
@@ -882,4 +883,168 @@ fn an_agent_stopped_while_its_daemonset_exists_leaves_program_and_pins_for_the_n
     assert!(agent.stop().success());
     assert_eq!(xdp_attachment(&net.ns, "lb0"), attached, "still attached");
     assert_eq!(dirs.pin_names(), pins, "the pins stay for the next agent");
+}
+
+/// Where the agents of the rollout tests serve `/readyz` (in the test's namespace).
+const METRICS: &str = "127.0.0.1:9477";
+
+/// The chart's DaemonSet (`lb`, as `--down-when-deleted=lb` names it) with its pod template
+/// running the agent from the image tagged `tag`, as `helm install`/`upgrade` leaves it.
+fn daemonset_at(tag: &str) -> Value {
+    json!({ "apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": { "namespace": "default", "name": "lb" },
+            "spec": {
+                "selector": { "matchLabels": { "app.kubernetes.io/name": "lb" } },
+                "template": {
+                    "metadata": { "labels": { "app.kubernetes.io/name": "lb" } },
+                    "spec": { "containers": [ { "name": "lb", "image": format!("ghcr.io/lb-dev/lb:{tag}") } ] }
+                }
+            } })
+}
+
+/// A node of the chart's DaemonSet at `tag`, serving one Service: the namespace, the fake API
+/// server, the pin dir (the chart's hostPath) with a node config that serves `/readyz`.
+fn rollout_node(tag: &str, image_tag: &str) -> (FibNet, FakeApi, Dirs) {
+    let (net, api, dirs) = setup(tag);
+    dirs.write_config(&format!("{NODE_CONFIG}  metrics_listen: {METRICS}\n"));
+    api.apply(daemonset_at(image_tag));
+    api.apply(service("web", json!({})));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    (net, api, dirs)
+}
+
+/// The pod of `bin` on the node, as the chart runs it (`--kubernetes --down-when-deleted=lb`),
+/// once `/readyz` says it is ready.
+fn start_pod(net: &FibNet, dirs: &mut Dirs, bin: &Path) -> Agent {
+    dirs.bin = bin.to_path_buf();
+    let kubeconfig = dirs.state.join("kubeconfig");
+    let mut agent = Agent::start_under(
+        &net.ns,
+        dirs,
+        &[],
+        &["--kubernetes", "--down-when-deleted=lb"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "node-a"),
+        ],
+    );
+    agent.wait_http(&net.ns, METRICS, "/readyz", 200, T);
+    // Back to this release's CLI for the test's own `lb` commands.
+    dirs.bin = BIN.into();
+    agent
+}
+
+/// What a node keeps across agents: the link's id on lb0 and the ids of the state maps.
+fn kept(dirs: &Dirs) -> (u32, Vec<(&'static str, u32)>) {
+    use lb_common::maps::{AFFINITY, FLOWS, FLOWS4, NAT, NAT_REV};
+    (
+        pinned_link_id(&dirs.pins, "lb0"),
+        [FLOWS4, FLOWS, AFFINITY, NAT, NAT_REV]
+            .into_iter()
+            .map(|m| (m, pinned_map_id(&dirs.pins, m)))
+            .collect(),
+    )
+}
+
+/// `lb status -o json` on the node (in its namespace, where the interfaces are), whatever its
+/// exit status (1 when no agent runs).
+fn status(net: &FibNet, dirs: &Dirs) -> Value {
+    let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lb status -o json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// How many IPv4 flows the pinned flow table holds.
+fn flows_v4(net: &FibNet, dirs: &Dirs) -> u64 {
+    let v = status(net, dirs);
+    v["maps"]["tables"]["flows_ipv4"]["entries"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("lb status shows no flows_ipv4 entries: {v:#}"))
+}
+
+#[test]
+fn a_rolling_update_from_the_previous_release_and_its_rollback_keep_the_nodes_link_and_maps() {
+    let previous = release::previous_version();
+    let this = env!("CARGO_PKG_VERSION");
+    let (net, api, mut dirs) = rollout_node("rollout", &previous);
+
+    // The previous release's pod, serving; flows go through its program and stay in its maps.
+    let mut pod = start_pod(&net, &mut dirs, &release::previous_bin());
+    let flows = 10;
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        for i in 0..flows {
+            let run = lb.run(&client(i, 40000 + i as u16).frame(), net.lb0);
+            assert_eq!(action_name(run.action), action_name(XDP_TX), "flow {i}");
+        }
+    });
+    assert_eq!(flows_v4(&net, &dirs), u64::from(flows));
+    let before = kept(&dirs);
+
+    // `helm upgrade`: the template asks for this release; the DaemonSet controller stops the
+    // old pod (SIGTERM), which leaves everything for the next; the new pod starts on the same
+    // pin dir.
+    api.apply(daemonset_at(this));
+    assert!(pod.stop().success(), "{}", pod.log_text());
+    assert_eq!(
+        kept(&dirs),
+        before,
+        "the previous release left link and maps"
+    );
+    let mut pod = start_pod(&net, &mut dirs, Path::new(BIN));
+    assert_eq!(kept(&dirs), before, "{this} adopted link and maps");
+    assert_eq!(
+        flows_v4(&net, &dirs),
+        u64::from(flows),
+        "{this} kept the flows"
+    );
+
+    // `helm rollback`: the template asks for the previous release again.
+    api.apply(daemonset_at(&previous));
+    assert!(pod.stop().success(), "{}", pod.log_text());
+    assert_eq!(
+        kept(&dirs),
+        before,
+        "{this} left link and maps for {previous}"
+    );
+    let _pod = start_pod(&net, &mut dirs, &release::previous_bin());
+    assert_eq!(kept(&dirs), before, "{previous} adopted link and maps");
+    assert_eq!(
+        flows_v4(&net, &dirs),
+        u64::from(flows),
+        "{previous} kept the flows"
+    );
+}
+
+#[test]
+fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
+    let previous = release::previous_version();
+    let (net, api, mut dirs) = rollout_node("rollback", env!("CARGO_PKG_VERSION"));
+    let mut pod = start_pod(&net, &mut dirs, Path::new(BIN));
+    let pins = dirs.pin_names();
+    let before = kept(&dirs);
+
+    // `helm rollback`: the template asks for the previous release; this pod gets SIGTERM.
+    api.apply(daemonset_at(&previous));
+    assert!(pod.stop().success(), "{}", pod.log_text());
+
+    // `lb status` exits 1 (no agent runs), and shows what the stopped agent left.
+    let v = status(&net, &dirs);
+    assert_eq!(
+        v["agent"]["rolled_back_for"],
+        previous.as_str(),
+        "{v:#}\nagent log:\n{}",
+        pod.log_text()
+    );
+    assert_eq!(dirs.pin_names(), pins, "every pin stays");
+    assert_eq!(kept(&dirs), before, "the same link and maps");
+    assert!(xdp_attachment(&net.ns, "lb0").is_some(), "still attached");
 }

@@ -5,6 +5,7 @@ pub mod gateway;
 pub mod kong;
 pub mod lease;
 pub mod policy;
+pub mod rollout;
 pub mod slices;
 pub mod source;
 pub mod status;

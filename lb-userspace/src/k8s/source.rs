@@ -41,6 +41,7 @@ use super::{
     },
     lease::{self, Leadership, LeaseFlags},
     policy::UpstreamPolicy,
+    rollout::OwnDaemonSet,
     slices::SliceWatch,
     status::{self, KubeWriter},
     translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
@@ -61,7 +62,8 @@ pub struct KubeOptions {
     pub gateway_controller: String,
     /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted, the
     /// agent was uninstalled: it detaches and removes its pins (`lb down`) instead of leaving
-    /// them for the next agent.
+    /// them for the next agent. If it is there and its pod template now runs an older release
+    /// (a rollback), the agent leaves the pins as that release reads them.
     pub down_when_deleted: Option<String>,
 }
 
@@ -285,21 +287,21 @@ impl Kube {
         self.leader.clone()
     }
 
-    /// Whether the DaemonSet `name` in this agent's namespace is gone or being deleted
-    /// (`helm uninstall`, `kubectl delete`) rather than rolling to a new version (it exists). When
-    /// the API server cannot say, false: the pins stay, which is the safe way to be wrong.
-    pub async fn daemonset_deleted(&self, name: &str) -> bool {
+    /// The DaemonSet `name` in this agent's namespace, as the agent stops: gone or being deleted
+    /// (`helm uninstall`, `kubectl delete`), or there (a rolling update), with the image its pod
+    /// template now runs. When the API server cannot say, [`OwnDaemonSet::Unknown`]: the pins
+    /// stay as they are, which is the safe way to be wrong.
+    pub async fn own_daemonset(&self, name: &str) -> OwnDaemonSet {
         let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
             kube::Api::default_namespaced(self.client.clone());
         match api.get_opt(name).await {
-            Ok(None) => true,
-            Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+            Ok(ds) => OwnDaemonSet::of(ds.as_ref()),
             Err(e) => {
                 warn!(
-                    "asking whether the DaemonSet {name} is being deleted (the pins stay): {}",
+                    "asking for the DaemonSet {name} (the pins stay as they are): {}",
                     crate::error_chain(&e)
                 );
-                false
+                OwnDaemonSet::Unknown
             }
         }
     }

@@ -38,6 +38,9 @@ pub struct AgentView {
     pub schemas: std::collections::BTreeMap<String, u32>,
     /// What its start, or its last reload that changed sizes, did with the pins.
     pub last_migration: Option<crate::migrate::Migration>,
+    /// The older release this (stopped) agent left the pins for: its DaemonSet rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back_for: Option<String>,
 }
 
 #[derive(Serialize, Debug)]
@@ -122,6 +125,7 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         }),
         schemas: a.map(|a| a.schemas.clone()).unwrap_or_default(),
         last_migration: a.and_then(|a| a.last_migration.clone()),
+        rolled_back_for: a.and_then(|a| a.rolled_back_for.clone()),
     };
     let configured: Vec<String> = a.map(|a| a.interfaces.clone()).unwrap_or_default();
     let mut names: BTreeSet<String> = configured.iter().cloned().collect();
@@ -201,6 +205,11 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
         ),
     }
     println!("release:    {}", or(&a.release));
+    if let Some(to) = &a.rolled_back_for {
+        println!(
+            "rollback:   stopped for a rollback to {to}: the pins are left as {to} reads them"
+        );
+    }
     println!("config:     {}", or(&a.config));
     if let Some(m) = &a.last_migration {
         println!(
