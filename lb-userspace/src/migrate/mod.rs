@@ -501,7 +501,7 @@ fn resized(m: &MapPlan, snap: Snapshot, sizes: &Sizes) -> Result<Option<Snapshot
 /// number of VIPs changed, and VIP `v`'s table stays at `v * M`).
 fn same_table_size(m: &MapPlan, sizes: &Sizes) -> bool {
     let old = m.found.as_ref().map_or(0, |f| f.max_entries);
-    old % sizes.maglev_m == 0 && m.entries % sizes.maglev_m == 0
+    old.is_multiple_of(sizes.maglev_m) && m.entries.is_multiple_of(sizes.maglev_m)
 }
 
 /// The config key that sizes `map`.
