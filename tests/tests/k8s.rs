@@ -683,9 +683,9 @@ fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
         rows(v, &format!("{V4}:80/tcp")).len() == 1
     });
 
-    // Sizes are fixed while the program is loaded: this node config is refused.
+    // An interface this host lacks: this node config is refused (and is no base for what follows).
     w.dirs
-        .write_config(&node.replace("table_size: 1009", "table_size: 1013"));
+        .write_config(&node.replace("interfaces: [lb0]", "interfaces: [lb0, nosuch0]"));
     w.agent
         .wait_metric(&w.net.ns, metrics, "lb_config_reloads_rejected_total", 1, T);
     w.api.apply(slice(
