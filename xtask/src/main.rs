@@ -443,7 +443,12 @@ fn previous_release() -> Result<()> {
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", root.join("target"))
         .args(["build", "--quiet", "--package", "lb-userspace", "--bin", "lb"]);
+    let t = std::time::Instant::now();
     run(&mut build)?;
+    say(&format!(
+        "previous release ({short}): built in {:.0} s",
+        t.elapsed().as_secs_f64()
+    ));
     // target/debug/lb is the old agent now: the next build of this workspace puts its own back.
     std::fs::copy(root.join("target/debug/lb"), &bin).context("copying the previous agent")?;
     std::fs::write(&stamp, &commit)?;
