@@ -56,6 +56,13 @@ pub enum CopyError {
         #[source]
         source: aya::maps::xdp::XdpMapError,
     },
+    #[error("{map}: {what} many entries at a time")]
+    Batch {
+        map: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{map}: mapping its memory")]
     Mmap {
         map: String,
@@ -117,7 +124,7 @@ fn data(map: &Map) -> Option<&MapData> {
 /// Reads every entry of `map` (of schema `s`, `entries` slots for arrays).
 pub fn read(map: &Map, s: &Schema, entries: u32) -> Result<Snapshot, CopyError> {
     match s.shape {
-        Shape::Hash | Shape::LruHash => hash_sizes!(s, read_hash(map, s)),
+        Shape::Hash | Shape::LruHash => read_hash(map, s),
         Shape::Array if mmapable(s) => read_mapped(map, s, entries).map(Snapshot::Array),
         Shape::Array => value_sizes!(s, read_array(map, s)),
         Shape::PerCpuArray => value_sizes!(s, read_percpu(map, s)),
@@ -209,21 +216,28 @@ pub fn write_percpu_entries(
     value_sizes!(s, write_percpu(map, s, cpus, indices))
 }
 
-fn read_hash<const K: usize, const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
-    let h: HashMap<_, [u8; K], [u8; V]> =
-        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
-    let mut out = BTreeMap::new();
-    for kv in h.iter() {
-        match kv {
-            Ok((k, v)) => {
-                out.insert(k.to_vec(), v.to_vec());
-            }
-            // An LRU entry evicted between the key walk and its lookup: gone, as it would be.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(s.map, "reading")(e)),
-        }
+fn hash_fd<'a>(map: &'a Map, s: &Schema) -> Result<std::os::fd::BorrowedFd<'a>, CopyError> {
+    use std::os::fd::AsFd as _;
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) => Ok(d.fd().as_fd()),
+        _ => Err(CopyError::Unsupported {
+            map: s.map.to_string(),
+            key: s.key_size,
+            value: s.value_size,
+        }),
     }
-    Ok(Snapshot::Hash(out))
+}
+
+fn batch_err(map: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> CopyError + use<> {
+    let map = map.to_string();
+    move |source| CopyError::Batch { map, what, source }
+}
+
+fn read_hash(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let fd = hash_fd(map, s)?;
+    let all = super::batch::lookup_all(fd, s.key_size as usize, s.value_size as usize)
+        .map_err(batch_err(s.map, "reading"))?;
+    Ok(Snapshot::Hash(all.into_iter().collect()))
 }
 
 fn write_hash<const K: usize, const V: usize>(
@@ -231,22 +245,49 @@ fn write_hash<const K: usize, const V: usize>(
     s: &Schema,
     writes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<u64, CopyError> {
+    let puts: Vec<(&[u8], &[u8])> = writes
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.as_slice(), v.as_slice())))
+        .collect();
+    super::batch::update_all(hash_fd(map, s)?, K, V, &puts).map_err(batch_err(s.map, "writing"))?;
     let mut h: HashMap<_, [u8; K], [u8; V]> =
         HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
-    for (k, v) in writes {
+    for (k, _) in writes.iter().filter(|(_, v)| v.is_none()) {
         let key: [u8; K] = k.as_slice().try_into().expect("key size checked");
-        match v {
-            Some(v) => {
-                let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
-                h.insert(key, value, 0).map_err(map_err(s.map, "writing"))?;
-            }
-            None => match h.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(s.map, "removing")(e)),
-            },
+        match h.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(s.map, "removing")(e)),
         }
     }
     Ok(writes.len() as u64)
+}
+
+/// The values `keys` have in a hash map now (None: no such entry).
+pub fn hash_values(
+    map: &Map,
+    s: &Schema,
+    keys: &[&[u8]],
+) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    hash_sizes!(s, hash_get(map, s, keys))
+}
+
+fn hash_get<const K: usize, const V: usize>(
+    map: &Map,
+    s: &Schema,
+    keys: &[&[u8]],
+) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    let h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    keys.iter()
+        .map(|k| {
+            let key: [u8; K] = (*k).try_into().expect("key size checked");
+            match h.get(&key, 0) {
+                Ok(v) => Ok(Some(v.to_vec())),
+                Err(MapError::KeyNotFound) => Ok(None),
+                Err(e) => Err(map_err(s.map, "reading")(e)),
+            }
+        })
+        .collect()
 }
 
 fn read_array<const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {

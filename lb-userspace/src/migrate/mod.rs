@@ -14,6 +14,7 @@
 //!    run inside RCU read-side sections), merges what the old program wrote after the copy, and
 //!    renames the staged pins over the old ones. The old maps go with the old program.
 
+pub mod batch;
 pub mod convert;
 pub mod copy;
 pub mod pins;
@@ -547,10 +548,25 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
     let vs = s.value_size as usize;
     Ok(match (&mv.base, old_now) {
         (Snapshot::Hash(base), Snapshot::Hash(old)) => {
-            let Snapshot::Hash(now) = copy::read(new, s, 0)? else {
-                unreachable!("a hash map")
-            };
-            let writes = convert::merge3(base, &old, &now);
+            // Only the entries the old program changed after the copy are looked up in the new
+            // map (few, against the whole table): the merge is the window in which they are
+            // missing from the maps the new program uses.
+            let changed = convert::changed(base, &old);
+            let keys: Vec<&[u8]> = changed.iter().map(|k| k.as_slice()).collect();
+            let now: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = keys
+                .iter()
+                .zip(copy::hash_values(new, s, &keys)?)
+                .filter_map(|(k, v)| Some((k.to_vec(), v?)))
+                .collect();
+            let base: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+                .iter()
+                .filter_map(|k| Some((k.clone(), base.get(k)?.clone())))
+                .collect();
+            let old: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+                .iter()
+                .filter_map(|k| Some((k.clone(), old.get(k)?.clone())))
+                .collect();
+            let writes = convert::merge3(&base, &old, &now);
             copy::write_hash_entries(new, s, &writes)?
         }
         (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
