@@ -165,7 +165,11 @@ pub fn write(map: &mut Map, s: &Schema, snap: &Snapshot) -> Result<u64, CopyErro
             let all: Vec<u32> = (0..n as u32).collect();
             value_sizes!(s, write_percpu(map, s, cpus, &all))
         }
-        Snapshot::Buckets(b) => write_mapped(map, s, bucket_bytes(b)),
+        // The flows, not the buckets: what the report calls entries copied.
+        Snapshot::Buckets(b) => {
+            write_mapped(map, s, bucket_bytes(b))?;
+            Ok(super::convert::flows_of(b).len() as u64)
+        }
         Snapshot::Ports(p) => {
             let mut ports: DevMapHash<_> =
                 DevMapHash::try_from(map).map_err(map_err(s.map, "opening"))?;
