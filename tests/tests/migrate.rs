@@ -594,3 +594,141 @@ fn a_map_the_kernel_refuses_to_create_leaves_the_old_program_and_maps_serving() 
     assert_eq!(sample(&net, OK), Some(0.0));
     drop(agent);
 }
+
+/// Sends frames out of `dev` in the calling thread's namespace, through one raw socket.
+struct Raw {
+    fd: i32,
+    sa: libc::sockaddr_ll,
+}
+
+impl Raw {
+    fn new(dev: &str) -> Self {
+        let name = std::ffi::CString::new(dev).unwrap();
+        // SAFETY: plain socket calls on values owned here.
+        unsafe {
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            assert_ne!(ifindex, 0, "no interface {dev}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_ifindex = ifindex as i32;
+            sa.sll_halen = 6;
+            Self { fd, sa }
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: the frame and the address outlive the call.
+        let n = unsafe {
+            libc::sendto(
+                self.fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&self.sa as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        // SAFETY: the socket is ours.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+#[test]
+fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let (net, dirs, agent) = start("mig-live");
+    // New connections arrive on lb0 all along (SYNs sent into its veth peer): the program
+    // attached there makes their flows, in the old maps until the swap and in the new ones
+    // after; those the old program made after the first copy are merged in after the swap.
+    let stop = AtomicBool::new(false);
+    let sent = AtomicU32::new(0);
+    let client = |i: u32| {
+        Pkt::tcp(
+            &format!("198.51.{}.{}", 130 + i / 200, 1 + i % 200),
+            20000,
+            WEB,
+            80,
+            LB0_MAC,
+        )
+    };
+    const MAX: u32 = 3_000;
+    let v = std::thread::scope(|s| {
+        s.spawn(|| {
+            lb_tests::netns::enter(&net.ns.name);
+            let raw = Raw::new("up0");
+            for i in 0..MAX {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                raw.send(&client(i).frame());
+                sent.store(i + 1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        poll_status(
+            &net,
+            &dirs,
+            &agent,
+            "flows made by the attached program",
+            |v| v["maps"]["tables"]["flows_ipv4"]["entries"].as_u64() >= Some(200),
+        );
+        dirs.write_config(&config(2 * FLOWS, NATS));
+        let v = poll_status(&net, &dirs, &agent, "the migrating reload", |v| {
+            v["agent"]["last_migration"]["trigger"] == "reload"
+        });
+        // Some more after the migration, then stop.
+        let at = sent.load(Ordering::Relaxed);
+        let deadline = Instant::now() + T;
+        while sent.load(Ordering::Relaxed) < (at + 200).min(MAX) {
+            assert!(Instant::now() < deadline, "the sender stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        v
+    });
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(
+        sent < MAX,
+        "the sender ran out of clients before the migration ended"
+    );
+    let m = &v["agent"]["last_migration"];
+    eprintln!(
+        "sent {sent}; migration: {} entries copied, {} merged, {} ms",
+        m["entries"], m["merged"], m["duration_ms"]
+    );
+    let want: BTreeSet<String> = (0..sent)
+        .map(|i| {
+            let p = client(i);
+            format!("{}:{}", p.src, p.sport)
+        })
+        .collect();
+    let deadline = Instant::now() + T;
+    loop {
+        let got: BTreeSet<String> = flows(&dirs).into_iter().map(|f| f.0).collect();
+        if got == want {
+            break;
+        }
+        if Instant::now() > deadline {
+            let lost: Vec<&String> = want.difference(&got).collect();
+            panic!(
+                "{} of the {sent} flows lost ({} listed): {lost:?}\nmigration: {m:#}",
+                lost.len(),
+                got.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
