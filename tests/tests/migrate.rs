@@ -192,8 +192,11 @@ fn affinity(net: &FibNet, pins: &Path, pkts: &[Pkt]) -> Vec<lb_common::AffinityV
     })
 }
 
-/// `lb flows -o json`, as a set of (client, VIP, backend, NAT port): what must survive.
-fn flows(dirs: &Dirs) -> BTreeSet<(String, String, String, Option<u64>)> {
+/// A flow as `lb flows` lists it: (client, VIP, backend, NAT port).
+type Listed = BTreeSet<(String, String, String, Option<u64>)>;
+
+/// `lb flows -o json`: what must survive.
+fn flows(dirs: &Dirs) -> Listed {
     let v = dirs.json(&["flows", "--limit", "100000"]);
     v["flows"]
         .as_array()
@@ -310,7 +313,7 @@ fn start(tag: &str) -> (FibNet, Dirs, Agent) {
 struct Before {
     pkts: Vec<Pkt>,
     out: Vec<Vec<u8>>,
-    flows: BTreeSet<(String, String, String, Option<u64>)>,
+    flows: Listed,
     /// The counters a second run of the frames moved (all of them followed the flow table).
     rerun: BTreeMap<&'static str, u64>,
     affinity: Vec<lb_common::AffinityValue>,
@@ -646,25 +649,22 @@ impl Drop for Raw {
     }
 }
 
-#[test]
-fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
+/// Sends a SYN of each `client(i)` into lb0 (through its veth peer) all through a reload to
+/// `cfg`, so the attached program makes their flows in the old maps until the swap (those made
+/// after the first copy are merged in after it) and in the new ones after; stops some 200 after
+/// the migration. Returns how many were sent, once `lb flows` lists every one of them, and the
+/// migration's report.
+fn reload_under_traffic(
+    net: &FibNet,
+    dirs: &Dirs,
+    agent: &Agent,
+    cfg: &str,
+    client: impl Fn(u32) -> Pkt + Sync,
+) -> (u32, Listed, Value) {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    let (net, dirs, agent) = start("mig-live");
-    // New connections arrive on lb0 all along (SYNs sent into its veth peer): the program
-    // attached there makes their flows, in the old maps until the swap and in the new ones
-    // after; those the old program made after the first copy are merged in after the swap.
+    const MAX: u32 = 6_000;
     let stop = AtomicBool::new(false);
     let sent = AtomicU32::new(0);
-    let client = |i: u32| {
-        Pkt::tcp(
-            &format!("198.51.{}.{}", 130 + i / 200, 1 + i % 200),
-            20000,
-            WEB,
-            80,
-            LB0_MAC,
-        )
-    };
-    const MAX: u32 = 3_000;
     let v = std::thread::scope(|s| {
         s.spawn(|| {
             lb_tests::netns::enter(&net.ns.name);
@@ -679,17 +679,16 @@ fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
             }
         });
         poll_status(
-            &net,
-            &dirs,
-            &agent,
+            net,
+            dirs,
+            agent,
             "flows made by the attached program",
             |v| v["maps"]["tables"]["flows_ipv4"]["entries"].as_u64() >= Some(200),
         );
-        dirs.write_config(&config(2 * FLOWS, NATS));
-        let v = poll_status(&net, &dirs, &agent, "the migrating reload", |v| {
+        dirs.write_config(cfg);
+        let v = poll_status(net, dirs, agent, "the migrating reload", |v| {
             v["agent"]["last_migration"]["trigger"] == "reload"
         });
-        // Some more after the migration, then stop.
         let at = sent.load(Ordering::Relaxed);
         let deadline = Instant::now() + T;
         while sent.load(Ordering::Relaxed) < (at + 200).min(MAX) {
@@ -704,7 +703,7 @@ fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
         sent < MAX,
         "the sender ran out of clients before the migration ended"
     );
-    let m = &v["agent"]["last_migration"];
+    let m = v["agent"]["last_migration"].clone();
     eprintln!(
         "sent {sent}; migration: {} entries copied, {} merged, {} ms",
         m["entries"], m["merged"], m["duration_ms"]
@@ -717,9 +716,10 @@ fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
         .collect();
     let deadline = Instant::now() + T;
     loop {
-        let got: BTreeSet<String> = flows(&dirs).into_iter().map(|f| f.0).collect();
+        let listed = flows(dirs);
+        let got: BTreeSet<String> = listed.iter().map(|f| f.0.clone()).collect();
         if got == want {
-            break;
+            return (sent, listed, m);
         }
         if Instant::now() > deadline {
             let lost: Vec<&String> = want.difference(&got).collect();
@@ -731,4 +731,116 @@ fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+fn live_client(i: u32, vip: &str) -> Pkt {
+    Pkt::tcp(
+        &format!("198.51.{}.{}", 130 + i / 200, 1 + i % 200),
+        20000,
+        vip,
+        80,
+        LB0_MAC,
+    )
+}
+
+#[test]
+fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
+    let (net, dirs, agent) = start("mig-live");
+    let (_, _, m) = reload_under_traffic(&net, &dirs, &agent, &config(2 * FLOWS, NATS), |i| {
+        live_client(i, WEB)
+    });
+    assert!(
+        moved(&m, "LB_FLOWS4")["merged"].as_u64() > Some(0),
+        "no late flow to merge: {m:#}"
+    );
+}
+
+/// KNOWN TO FAIL (run with `--ignored`): a NAT port the old program hands out after the first
+/// copy is not in the new maps until the merge, so the new program, serving from the swap on,
+/// may hand the same port to another client; the merge then keeps the new program's reverse
+/// entry, and the first client's translation points at a port that is no longer its own (its
+/// next packet is translated afresh, with another port, and the backend's replies to the old
+/// port go to the other client). The narrow port range makes the collision likely.
+#[test]
+#[ignore = "a NAT port can be handed out twice between the swap and the merge (see the doc)"]
+fn nat_translations_made_while_a_reload_migrates_keep_their_ports() {
+    let (net, dirs, agent) = start("mig-live-nat");
+    let narrow = |flows, nats| {
+        config(flows, nats).replace(
+            "  metrics_listen:",
+            "  nat_port_range: 20000-22999\n  metrics_listen:",
+        )
+    };
+    dirs.write_config(&narrow(FLOWS, NATS));
+    poll_status(&net, &dirs, &agent, "the narrow port range", |v| {
+        v["agent"]["reloads_applied"] == 1
+    });
+    let client = |i: u32| live_client(i, NAT);
+    let (sent, listed, m) =
+        reload_under_traffic(&net, &dirs, &agent, &narrow(2 * FLOWS, 2 * NATS), client);
+    let index = |c: &str| {
+        (0..sent)
+            .find(|&i| format!("{}:{}", client(i).src, client(i).sport) == c)
+            .unwrap()
+    };
+    // Each translation is listed with its port, and its reverse entry is its own.
+    let mut wrong = Vec::new();
+    let mut nat: Vec<(Pkt, u16)> = Vec::new();
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        for (c, _, backend, port) in &listed {
+            let ack = client(index(c)).with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+            let Some(port) = port.map(|p| p as u16) else {
+                wrong.push(format!("{c}: no NAT port listed"));
+                continue;
+            };
+            let backend: std::net::Ipv4Addr = backend.split(':').next().unwrap().parse().unwrap();
+            let node: std::net::Ipv4Addr = NODE_V4.parse().unwrap();
+            let rkey = lb_common::FlowKey {
+                src: v4_16(backend.octets()),
+                dst: v4_16(node.octets()),
+                src_port: 9000u16.to_be(),
+                dst_port: port.to_be(),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            };
+            let r = lb.nat_reverse(&rkey);
+            match r.is_some_and(|r| r.client.src == v4_16(ip4(&ack))) {
+                true => nat.push((ack, port)),
+                false => wrong.push(format!("{c} port {port}: the reverse entry is {r:?}")),
+            }
+        }
+    });
+    assert!(
+        wrong.is_empty(),
+        "{} of {} translations broken:\n{}\nmigration: {m:#}",
+        wrong.len(),
+        listed.len(),
+        wrong.join("\n")
+    );
+    let pkts: Vec<Pkt> = nat.iter().map(|(p, _)| p.clone()).collect();
+    let (out, _) = run_all(&net, &dirs.pins, &pkts);
+    for ((p, port), o) in nat.iter().zip(&out) {
+        // Ethernet, a 20-byte IPv4 header, then TCP: the source port is the NAT port.
+        assert_eq!(
+            u16::from_be_bytes([o[34], o[35]]),
+            *port,
+            "{}: translated with another port than listed",
+            p.src
+        );
+    }
+}
+
+fn ip4(p: &Pkt) -> [u8; 4] {
+    match p.src {
+        std::net::IpAddr::V4(a) => a.octets(),
+        a => panic!("{a} is not IPv4"),
+    }
+}
+
+fn v4_16(a: [u8; 4]) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..4].copy_from_slice(&a);
+    out
 }
