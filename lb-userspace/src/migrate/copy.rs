@@ -172,7 +172,11 @@ pub fn write(map: &mut Map, s: &Schema, snap: &Snapshot) -> Result<u64, CopyErro
             let all: Vec<u32> = (0..n as u32).collect();
             value_sizes!(s, write_percpu(map, s, cpus, &all))
         }
-        Snapshot::Buckets(b) => write_mapped(map, s, bucket_bytes(b)),
+        // The flows, not the buckets: what the report calls entries copied.
+        Snapshot::Buckets(b) => {
+            write_mapped(map, s, bucket_bytes(b))?;
+            Ok(super::convert::flows_of(b).len() as u64)
+        }
         Snapshot::Ports(p) => {
             let mut ports: DevMapHash<_> =
                 DevMapHash::try_from(map).map_err(map_err(s.map, "opening"))?;
@@ -411,32 +415,97 @@ pub fn bucket_bytes(b: &[FlowBucket]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
 }
 
-/// Writes into a flow table's memory the buckets of `table` that differ from `before` (what it
-/// held when read), leaving the others to the program that may be writing them.
-pub fn write_changed_buckets(
+/// Applies merge writes to a flow table the new program is writing meanwhile, way by way with
+/// the program's own protocol (a way is claimed by a compare-and-exchange of its key, to
+/// [`flowtab::LOCKED`] for a write, and only a way still empty is taken): so a flow the new
+/// program makes while the merge runs is never overwritten, as whole buckets written from an
+/// earlier read would. A flow the new program made meanwhile keeps the new program's value.
+/// Returns (ways written or emptied, flows that found no empty way).
+pub fn merge_flows_live(
     map: &Map,
     s: &Schema,
-    before: &[FlowBucket],
-    table: &[FlowBucket],
-) -> Result<u64, CopyError> {
+    buckets: u32,
+    writes: &[super::convert::Write<u64, (u64, u32)>],
+) -> Result<(u64, u64), CopyError> {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    use lb_common::flowtab::{self, EMPTY, FLOW_WAYS, LOCKED};
+
     let d = data(map).ok_or(CopyError::Unsupported {
         map: s.map.to_string(),
         key: s.key_size,
         value: s.value_size,
     })?;
     let m =
-        Mapping::new(d, std::mem::size_of_val(table), true).map_err(|source| CopyError::Mmap {
-            map: s.map.to_string(),
-            source,
+        Mapping::new(d, buckets as usize * size_of::<FlowBucket>(), true).map_err(|source| {
+            CopyError::Mmap {
+                map: s.map.to_string(),
+                source,
+            }
         })?;
-    let mut n = 0;
-    for (i, (b, a)) in before.iter().zip(table).enumerate() {
-        if b != a {
-            // SAFETY: bucket `i` lies inside the writable mapping, which is page-aligned, so
-            // every bucket in it is 64-byte aligned.
-            unsafe { m.ptr().cast::<FlowBucket>().add(i).write_volatile(*a) };
-            n += 1;
+    // SAFETY: bucket `i` (below `buckets`) lies inside the writable mapping, which is
+    // page-aligned, so its fields are naturally aligned; the program writes them with single
+    // stores and compare-and-exchanges, as the atomics here do.
+    let way = |i: u32, w: usize| unsafe {
+        let b = m.ptr().cast::<FlowBucket>().add(i as usize);
+        (
+            &*(&raw mut (*b).keys[w]).cast::<AtomicU64>(),
+            &*(&raw mut (*b).values[w]).cast::<AtomicU64>(),
+            &*(&raw mut (*b).seen[w]).cast::<AtomicU32>(),
+        )
+    };
+    let holds = |i: u32, k: u64| (0..FLOW_WAYS).any(|w| way(i, w).0.load(Ordering::Acquire) == k);
+    let empties = |i: u32| {
+        (0..FLOW_WAYS)
+            .filter(|&w| way(i, w).0.load(Ordering::Relaxed) == EMPTY)
+            .count()
+    };
+    let (mut written, mut lost) = (0, 0);
+    for (k, v) in writes {
+        let [a, b] = flowtab::buckets_of(*k, buckets);
+        match v {
+            Some((value, seen)) => {
+                if holds(a, *k) || holds(b, *k) {
+                    continue;
+                }
+                // The bucket with more empty ways first, as the program chooses.
+                let order = if empties(a) >= empties(b) {
+                    [a, b]
+                } else {
+                    [b, a]
+                };
+                let claimed = order.into_iter().find_map(|i| {
+                    (0..FLOW_WAYS).find_map(|w| {
+                        let (key, val, sn) = way(i, w);
+                        key.compare_exchange(EMPTY, LOCKED, Ordering::AcqRel, Ordering::Relaxed)
+                            .ok()
+                            .map(|_| (key, val, sn))
+                    })
+                });
+                match claimed {
+                    Some((key, val, sn)) => {
+                        val.store(*value, Ordering::Relaxed);
+                        sn.store(*seen, Ordering::Relaxed);
+                        key.store(*k, Ordering::Release);
+                        written += 1;
+                    }
+                    None => lost += 1,
+                }
+            }
+            None => {
+                for i in [a, b] {
+                    for w in 0..FLOW_WAYS {
+                        let key = way(i, w).0;
+                        if key
+                            .compare_exchange(*k, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                        {
+                            written += 1;
+                        }
+                    }
+                }
+            }
         }
     }
-    Ok(n)
+    Ok((written, lost))
 }

@@ -576,29 +576,15 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
             };
             // The base in the old table's form: the flows the first copy read.
             let base_old = convert::flows_of(base_new);
-            let old_flows = convert::flows_of(&old);
-            let mut table = now.clone();
-            let writes = convert::merge3(&base_old, &old_flows, &convert::flows_of(&now));
-            let mut n = 0;
-            for (k, v) in writes {
-                n += 1;
-                match v {
-                    Some((value, seen)) => {
-                        if !convert::place(&mut table, k, value, seen) {
-                            warn!("{}: no room to merge a late flow", s.map);
-                        }
-                    }
-                    None => {
-                        for i in lb_common::flowtab::buckets_of(k, table.len() as u32) {
-                            let b = &mut table[i as usize];
-                            if let Some(w) = lb_common::flowtab::find(b, k) {
-                                b.keys[w] = lb_common::flowtab::EMPTY;
-                            }
-                        }
-                    }
-                }
+            let writes = convert::merge3(
+                &base_old,
+                &convert::flows_of(&old),
+                &convert::flows_of(&now),
+            );
+            let (n, lost) = copy::merge_flows_live(new, s, entries, &writes)?;
+            if lost > 0 {
+                warn!("{}: no room to merge {lost} late flows", s.map);
             }
-            copy::write_changed_buckets(new, s, &now, &table)?;
             n
         }
         (Snapshot::Array(base), Snapshot::Array(old)) => {
