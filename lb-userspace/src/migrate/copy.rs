@@ -266,6 +266,52 @@ fn write_hash<const K: usize, const V: usize>(
     Ok(writes.len() as u64)
 }
 
+/// Applies merge writes to a hash map the new program may be writing: a value for a key the
+/// map did not hold is inserted only if it still does not (`BPF_NOEXIST`), one for a key it
+/// held replaces it only if it is still there (`BPF_EXIST`); a removal is made as asked.
+/// Returns (entries written, entries the new program took first and kept).
+pub fn write_hash_merge(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+) -> Result<(u64, u64), CopyError> {
+    hash_sizes!(s, merge_hash(map, s, writes))
+}
+
+fn merge_hash<const K: usize, const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+) -> Result<(u64, u64), CopyError> {
+    const BPF_NOEXIST: u64 = 1;
+    const BPF_EXIST: u64 = 2;
+    let mut h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let (mut written, mut kept) = (0, 0);
+    for (k, v, existed) in writes {
+        let key: [u8; K] = k.as_slice().try_into().expect("key size checked");
+        let r = match v {
+            Some(v) => {
+                let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
+                let flags = if *existed { BPF_EXIST } else { BPF_NOEXIST };
+                h.insert(key, value, flags)
+            }
+            None => h.remove(&key),
+        };
+        match r {
+            Ok(()) => written += 1,
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) =>
+            {
+                kept += 1
+            }
+            Err(MapError::KeyNotFound) => kept += 1,
+            Err(e) => return Err(map_err(s.map, "merging")(e)),
+        }
+    }
+    Ok((written, kept))
+}
+
 /// The values `keys` have in a hash map now (None: no such entry).
 pub fn hash_values(
     map: &Map,

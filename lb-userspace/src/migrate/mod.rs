@@ -78,8 +78,15 @@ pub struct Migration {
     pub duration_ms: f64,
     /// Entries copied into new maps.
     pub entries: u64,
-    /// Entries the old program wrote after the copy, merged in after the swap.
+    /// Entries the old program wrote after the first copy, copied right before the swap.
+    #[serde(default)]
+    pub caught_up: u64,
+    /// Entries the old program wrote in the last moments before the swap, merged in after it.
     pub merged: u64,
+    /// Entries both programs changed around the swap, where the new program's stands (for
+    /// `LB_NAT_REV`: a source port both handed out; the old program's connection lost it).
+    #[serde(default)]
+    pub conflicts: u64,
     pub maps: Vec<MapMove>,
 }
 
@@ -95,6 +102,8 @@ pub struct MapMove {
     pub to_entries: u32,
     /// Entries copied (0 for a map used as it is).
     pub entries: u64,
+    #[serde(default)]
+    pub caught_up: u64,
     pub merged: u64,
     /// Time spent copying and merging this map.
     pub ms: f64,
@@ -264,7 +273,9 @@ fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Mig
         to_release: env!("CARGO_PKG_VERSION").to_string(),
         duration_ms: 0.0,
         entries: 0,
+        caught_up: 0,
         merged: 0,
+        conflicts: 0,
         maps: plan
             .maps
             .iter()
@@ -276,6 +287,7 @@ fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Mig
                 from_entries: m.found.as_ref().map(|f| f.max_entries),
                 to_entries: m.entries,
                 entries: 0,
+                caught_up: 0,
                 merged: 0,
                 ms: 0.0,
             })
@@ -421,6 +433,32 @@ impl Pending {
         self.report.merged += merged;
     }
 
+    /// Right before the swap: copies what the old program wrote since the first copy (the
+    /// program verification and the config took time), so that what [`Pending::finish`] merges
+    /// after the swap is only what the old program writes in the last moments.
+    pub fn catch_up(&mut self, ebpf: &mut Ebpf) -> Result<(), MigrateError> {
+        for mv in &mut self.moved {
+            let t = Instant::now();
+            // The new program does not run yet: every change of the old one is taken.
+            let (n, _) = merge(mv, ebpf)?;
+            let new = ebpf
+                .map_mut(mv.schema.map)
+                .expect("every schema's map is in the object");
+            let entries = match &mv.base {
+                Snapshot::Buckets(b) => b.len() as u32,
+                Snapshot::Array(a) => (a.len() / mv.schema.value_size as usize) as u32,
+                _ => 0,
+            };
+            mv.base = copy::read(new, mv.schema, entries)?;
+            if let Some(m) = self.report.maps.iter_mut().find(|m| m.map == mv.schema.map) {
+                m.caught_up += n;
+                m.ms += ms(t);
+            }
+            self.report.caught_up += n;
+        }
+        Ok(())
+    }
+
     /// After the swap: waits until the old program runs nowhere, merges what it wrote after
     /// the first copy, renames the staged pins over the old ones and rewrites the layout
     /// record. Returns the report.
@@ -429,8 +467,9 @@ impl Pending {
         let moved = std::mem::take(&mut self.moved);
         for mv in &moved {
             let t = Instant::now();
-            let n = merge(mv, ebpf)?;
+            let (n, both) = merge(mv, ebpf)?;
             self.note_merged(mv.schema.map, n, t);
+            self.report.conflicts += both;
         }
         for (staged, pin) in &self.staged {
             std::fs::rename(staged, pin).map_err(|source| MigrateError::Io {
@@ -538,8 +577,9 @@ fn grace_period() {
 }
 
 /// Merges what the old program wrote into `mv`'s map after the first copy (see
-/// [`convert::merge3`]); returns the entries written.
-fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
+/// [`convert::merge3`]); returns the entries written and those both programs changed, where the
+/// new program's stands.
+fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
     let s = mv.schema;
     let new = ebpf
         .map_mut(s.map)
@@ -566,8 +606,25 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
                 .iter()
                 .filter_map(|k| Some((k.clone(), old.get(k)?.clone())))
                 .collect();
-            let writes = convert::merge3(&base, &old, &now);
-            copy::write_hash_entries(new, s, &writes)?
+            // Both programs changed it: the new one's stands (for NAT_REV, a source port both
+            // handed out in the window; the old program's connection then lost it).
+            let both = changed
+                .iter()
+                .filter(|k| {
+                    let (b, o, n) = (base.get(*k), old.get(*k), now.get(*k));
+                    n != b && o != b && n != o
+                })
+                .count() as u64;
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>, bool)> =
+                convert::merge3(&base, &old, &now)
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let existed = now.contains_key(&k);
+                        (k, v, existed)
+                    })
+                    .collect();
+            let (n, kept) = copy::write_hash_merge(new, s, &writes)?;
+            (n, both + kept)
         }
         (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
             let entries = base_new.len() as u32;
@@ -585,7 +642,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
             if lost > 0 {
                 warn!("{}: no room to merge {lost} late flows", s.map);
             }
-            n
+            (n, lost)
         }
         (Snapshot::Array(base), Snapshot::Array(old)) => {
             let Snapshot::Array(now) = copy::read(new, s, (base.len() / vs) as u32)? else {
@@ -598,7 +655,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
                     (o != b && n == b).then(|| (i as u32, o.to_vec()))
                 })
                 .collect();
-            copy::write_array_entries(new, s, &writes)?
+            (copy::write_array_entries(new, s, &writes)?, 0)
         }
         (Snapshot::PerCpu(base), Snapshot::PerCpu(old)) => {
             let Snapshot::PerCpu(mut now) = copy::read(new, s, 0)? else {
@@ -622,9 +679,9 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
                     }
                 }
             }
-            copy::write_percpu_entries(new, s, &now, &changed)?
+            (copy::write_percpu_entries(new, s, &now, &changed)?, 0)
         }
-        _ => 0,
+        _ => (0, 0),
     })
 }
 
