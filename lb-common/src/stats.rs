@@ -161,6 +161,12 @@ counters! {
     /// Check mode (`nexthop_check`): the member's next hop and `bpf_fib_lookup` disagreed (the
     /// route lookup's answer was used).
     NexthopMismatches = "nexthop_mismatches", false;
+    // Counters added after release 0.1.0 go last, so that every earlier one keeps its index
+    // (a counter's index is its meaning in the pinned `LB_STATS`).
+    /// Dropped: NAT mode, a packet that needed a new translation in the moment a migration holds
+    /// new NAT source ports back (between the swap and the merge of the old program's last
+    /// translations, so that no port is handed out twice); the client's retransmission gets one.
+    DropNatHeld = "drop_nat_held", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet

@@ -126,6 +126,8 @@ mod program {
     pub static LB_ICMP_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+    #[map]
+    pub static LB_NAT_HOLD: Array<u32> = Array::with_max_entries(1, 0);
 
     #[inline(always)]
     pub fn count(c: Counter) {

@@ -437,6 +437,9 @@ impl Pending {
     /// program verification and the config took time), so that what [`Pending::finish`] merges
     /// after the swap is only what the old program writes in the last moments.
     pub fn catch_up(&mut self, ebpf: &mut Ebpf) -> Result<(), MigrateError> {
+        if self.moves_nat() {
+            set_hold(ebpf, true)?;
+        }
         for mv in &mut self.moved {
             let t = Instant::now();
             // The new program does not run yet: every change of the old one is taken.
@@ -465,12 +468,18 @@ impl Pending {
     pub fn finish(mut self, ebpf: &mut Ebpf) -> Result<Migration, MigrateError> {
         grace_period();
         let moved = std::mem::take(&mut self.moved);
-        for mv in &moved {
+        let merged = moved.iter().try_for_each(|mv| {
             let t = Instant::now();
             let (n, both) = merge(mv, ebpf)?;
             self.note_merged(mv.schema.map, n, t);
             self.report.conflicts += both;
-        }
+            Ok::<_, MigrateError>(())
+        });
+        // New translations again, whatever happened: every port the old program handed out is
+        // in the new maps now (or the migration failed and says so).
+        let released = set_hold(ebpf, false);
+        merged?;
+        released?;
         for (staged, pin) in &self.staged {
             std::fs::rename(staged, pin).map_err(|source| MigrateError::Io {
                 what: "renaming the staged pin over",
@@ -492,6 +501,34 @@ impl Pending {
         );
         Ok(self.report.clone())
     }
+}
+
+impl Pending {
+    /// Whether NAT translations move into new maps (then new ones are held back from just
+    /// before the swap until the old program's last ones are merged: see [`maps::NAT_HOLD`]).
+    fn moves_nat(&self) -> bool {
+        self.moved
+            .iter()
+            .any(|mv| matches!(mv.schema.map, maps::NAT | maps::NAT_REV))
+    }
+}
+
+/// Holds new NAT translations back in the program of `ebpf`, or lets them be made again.
+fn set_hold(ebpf: &mut Ebpf, hold: bool) -> Result<(), MigrateError> {
+    let map = ebpf
+        .map_mut(maps::NAT_HOLD)
+        .ok_or(MigrateError::Load(LoadError::NoProgram))?;
+    let mut a: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| LoadError::Write {
+            what: "the NAT hold",
+            source,
+        })?;
+    a.set(0, u32::from(hold), 0).map_err(|source| {
+        MigrateError::Load(LoadError::Write {
+            what: "the NAT hold",
+            source,
+        })
+    })
 }
 
 impl Drop for Pending {
