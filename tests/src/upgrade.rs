@@ -425,6 +425,8 @@ pub struct WatchReport {
     /// Samples (confirmed by a second look at once) at which the program attached was not the
     /// one the pinned link holds.
     pub not_ours: u64,
+    /// Samples at which no link was pinned for the device.
+    pub unpinned: u64,
     /// Ids of the pinned link seen (one, if it was never replaced).
     pub link_ids: BTreeSet<u32>,
     /// Programs seen attached, in order of first sight.
@@ -439,11 +441,12 @@ impl std::fmt::Display for WatchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} samples (longest gap {:.1} ms): {} with no XDP program, {} with another program than the pinned link's; link ids {:?}, programs {:?}",
+            "{} samples (longest gap {:.1} ms): {} with no XDP program, {} with another program than the pinned link's, {} with no link pinned; link ids {:?}, programs {:?}",
             self.samples,
             self.max_gap.as_secs_f64() * 1000.0,
             self.unattached,
             self.not_ours,
+            self.unpinned,
             self.link_ids,
             self.programs
         )?;
@@ -524,6 +527,7 @@ fn watch(stop: &AtomicBool, pins: &Path, dev: &str) -> WatchReport {
         if let Some(id) = link_id(&link) {
             r.link_ids.insert(id);
         } else {
+            r.unpinned += 1;
             problem(&mut r, format!("no link pinned at {}", link.display()));
         }
         for p in &a.program_ids {

@@ -406,8 +406,8 @@ impl Rig {
             &bad[..bad.len().min(5)]
         );
         assert_eq!(
-            (watch.unattached, watch.not_ours),
-            (0, 0),
+            (watch.unattached, watch.not_ours, watch.unpinned),
+            (0, 0, 0),
             "the program was not attached at every sample: {watch}"
         );
         assert_eq!(
@@ -517,20 +517,32 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
     rig.run_on(RUN_ON);
     assert_translations_held(&status(&rig.dirs), "before the first reload");
     let steps = [
-        ("doubling", FLOW_ENTRIES * 2, NAT_ENTRIES * 2),
-        ("halving", FLOW_ENTRIES, NAT_ENTRIES),
+        ("doubling", FLOW_ENTRIES * 2, NAT_ENTRIES, NAT_ENTRIES * 2),
+        ("halving", FLOW_ENTRIES, NAT_ENTRIES * 2, NAT_ENTRIES),
     ];
-    for (name, flows, nat) in steps {
+    for (name, flows, from_nat, nat) in steps {
         eprintln!("\n{name}: flow_table_size {flows}, nat_table_size {nat}");
         rig.traffic().phase(name);
         let s = reload_sizes(&rig, &config(1, flows, nat), flows, nat);
         let m = report_migration(&s, "reload")
             .unwrap_or_else(|| panic!("the agent reports no migration after the {name}"));
+        // The NAT table is resized and every translation copied (the held ones at least).
+        let lb_nat = m["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|x| x["map"] == "LB_NAT"))
+            .unwrap_or_else(|| panic!("the {name} does not say what became of LB_NAT: {m:#}"));
+        assert_eq!(lb_nat["action"], "resized", "{m:#}");
+        assert_eq!(
+            (
+                lb_nat["from_entries"].as_u64(),
+                lb_nat["to_entries"].as_u64()
+            ),
+            (Some(from_nat as u64), Some(nat as u64)),
+            "{m:#}"
+        );
         assert!(
-            m["maps"]
-                .as_array()
-                .is_some_and(|maps| maps.iter().any(|x| x["action"] == "resized")),
-            "the {name} resized no map: {m:#}"
+            lb_nat["entries"].as_u64().is_some_and(|n| n >= HELD as u64),
+            "the {name} copied fewer than {HELD} translations: {m:#}"
         );
         assert_translations_held(&s, &format!("after the {name}"));
         rig.assert_same_link(name);
@@ -544,4 +556,60 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         "the backends lost held connections"
     );
     rig.finish();
+}
+
+/// The instruments themselves: a program taken off the interface (`lb down` after the agent
+/// stopped) is seen by the watcher, and the connections it breaks are counted, so the tests
+/// above would see it too.
+#[test]
+fn the_watcher_and_the_traffic_see_what_lb_down_breaks() {
+    let lab = Lab::new();
+    let _nat = NatServers::start(&lab, NAT_PORT);
+    let dirs = Dirs::new(Path::new(BIN), "instruments");
+    let all = [(0, 1), (1, 1), (2, 1)];
+    dirs.write_config(&lab_config(
+        "",
+        &vip_yaml("192.0.2.20", 80, "tcp", "", &all, false, Some(NAT_PORT)),
+    ));
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_for("running", 1, T);
+    let watch = LinkWatch::start(&lab.lb, &dirs.pins, "eth0");
+    let n = 10;
+    let traffic = Traffic::start(
+        &lab,
+        &[Group {
+            label: "nat4",
+            vip: sa(NAT_V4),
+            n,
+        }],
+        "running",
+    );
+    let deadline = Instant::now() + T;
+    while traffic.current().requests < 3 * n as u64 {
+        assert!(Instant::now() < deadline, "{}", traffic.current());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(traffic.current().clean(), "{}", traffic.current());
+
+    traffic.phase("lb down");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let out = dirs.cli(&["down"]);
+    assert!(
+        out.status.success(),
+        "lb down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A request waits up to 3 s (the sockets' timeout) before it counts as failed.
+    while traffic.current().broken < n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "not every connection broke: {}",
+            traffic.current()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let w = watch.finish();
+    eprintln!("{}\n{w}", traffic.current());
+    assert!(w.unattached > 0, "the watcher missed the detach: {w}");
+    assert_eq!(w.link_ids.len(), 1, "{w}");
 }
