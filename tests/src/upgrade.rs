@@ -423,9 +423,10 @@ pub struct WatchReport {
     /// Samples at which no XDP program at all was attached to the device.
     pub unattached: u64,
     /// Samples (confirmed by a second look at once) at which the program attached was not the
-    /// one the pinned link holds.
+    /// one the pinned link holds (counted only while a link is pinned).
     pub not_ours: u64,
-    /// Samples at which no link was pinned for the device.
+    /// Samples at which no link was pinned for the device (the link may still be attached,
+    /// held by an agent's descriptor alone).
     pub unpinned: u64,
     /// Ids of the pinned link seen (one, if it was never replaced).
     pub link_ids: BTreeSet<u32>,
@@ -538,11 +539,11 @@ fn watch(stop: &AtomicBool, pins: &Path, dev: &str) -> WatchReport {
         if a.program_ids.is_empty() {
             r.unattached += 1;
             problem(&mut r, format!("no XDP program on {dev}: {a:?}"));
-        } else if !a.ours() {
+        } else if a.lb_program_id.is_some() && !a.ours() {
             // The link's program and the device's are read one after the other: a program
             // swapped in between makes them differ for one look. A second look settles it.
             let again = lb_userspace::links::attachment(pins, dev);
-            if !again.ours() {
+            if again.lb_program_id.is_some() && !again.ours() {
                 r.not_ours += 1;
                 problem(&mut r, format!("not lb's program on {dev}: {again:?}"));
             }
