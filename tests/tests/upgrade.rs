@@ -174,9 +174,21 @@ fn assert_translations_held(s: &serde_json::Value, when: &str) {
 }
 
 /// Prints what the agent says it migrated at its last start or reload; panics if an agent that
-/// names its release (0.2.0 on) does not say, or says it was started by another trigger.
-fn report_migration(s: &serde_json::Value, trigger: &str) -> Option<serde_json::Value> {
+/// names its release (0.2.0 on) does not say, or says it was started by another trigger, or if
+/// the agent of this build (`current`) names another release than this build's.
+fn report_migration(
+    s: &serde_json::Value,
+    trigger: &str,
+    current: bool,
+) -> Option<serde_json::Value> {
     let release = find(s, "release").and_then(|r| r.as_str().map(str::to_string));
+    if let (Some(r), true) = (&release, current) {
+        assert_eq!(
+            r,
+            env!("CARGO_PKG_VERSION"),
+            "the agent of this build names another release"
+        );
+    }
     match find(s, "last_migration") {
         Some(m) => {
             eprintln!(
@@ -294,7 +306,7 @@ impl Rig {
         let mut agent = Agent::start(&lab.lb, &dirs);
         agent.wait_for("running", 1, T);
         let s = wait_running(&dirs, &agent);
-        report_migration(&s, "start");
+        report_migration(&s, "start", bin == Path::new(BIN));
         let link = dirs.pins.join("link-eth0");
         let id = link_id(&link).expect("a link pinned for eth0");
         let watch = LinkWatch::start(&lab.lb, &dirs.pins, "eth0");
@@ -342,6 +354,17 @@ impl Rig {
             link_id(&self.link),
             Some(self.link_id),
             "{when}: the link pinned for eth0 was replaced or removed"
+        );
+    }
+
+    /// Every held connection still answers.
+    fn assert_held(&mut self, when: &str) {
+        let bad = self.held.check();
+        assert!(
+            bad.is_empty(),
+            "{when}: {} of {HELD} held connections broke, e.g. {:?}",
+            bad.len(),
+            &bad[..bad.len().min(5)]
         );
     }
 
@@ -462,7 +485,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
         eprintln!("\n{name}: {} (b3 weight {weight})", bin.display());
         rig.traffic().phase(name);
         let (s, took) = rig.switch(bin, &config(weight, FLOW_ENTRIES, NAT_ENTRIES));
-        let m = report_migration(&s, "start");
+        let m = report_migration(&s, "start", *bin == current);
         if let Some(m) = m {
             assert!(
                 m["duration_ms"]
@@ -474,6 +497,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
         wait_weight(&rig.dirs, &rig.agent, weight);
         assert_translations_held(&status(&rig.dirs), &format!("after the {name}"));
         rig.assert_same_link(name);
+        rig.assert_held(name);
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
         rig.run_on(RUN_ON);
@@ -518,7 +542,7 @@ fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) ->
 
 #[test]
 fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
-    let rig = Rig::start(
+    let mut rig = Rig::start(
         Path::new(BIN),
         "resize",
         &config(1, FLOW_ENTRIES, NAT_ENTRIES),
@@ -534,7 +558,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         eprintln!("\n{name}: flow_table_size {flows}, nat_table_size {nat}");
         rig.traffic().phase(name);
         let s = reload_sizes(&rig, &config(1, flows, nat), flows, nat);
-        let m = report_migration(&s, "reload")
+        let m = report_migration(&s, "reload", true)
             .unwrap_or_else(|| panic!("the agent reports no migration after the {name}"));
         // The NAT table is resized and every translation copied (the held ones at least).
         let lb_nat = m["maps"]
@@ -556,6 +580,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         );
         assert_translations_held(&s, &format!("after the {name}"));
         rig.assert_same_link(name);
+        rig.assert_held(name);
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
         rig.run_on(RUN_ON);
