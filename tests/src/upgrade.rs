@@ -585,21 +585,33 @@ pub fn find<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::V
 /// One line per map of a `last_migration` (see `lb status -o json`), and its totals.
 pub fn describe_migration(m: &serde_json::Value) -> String {
     let mut out = format!(
-        "migration at {} ({}, from release {}): {} entries in {:.1} ms",
+        "migration at {} ({}, from release {}): {} entries copied, {} merged, in {:.1} ms",
         m["at"].as_str().unwrap_or("?"),
         m["trigger"].as_str().unwrap_or("?"),
         m["from_release"].as_str().unwrap_or("unknown"),
         m["entries"],
+        m["merged"],
         m["duration_ms"].as_f64().unwrap_or(f64::NAN)
     );
-    for x in m["maps"].as_array().into_iter().flatten() {
+    let maps = m["maps"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let (reused, moved): (Vec<_>, Vec<_>) = maps.iter().partition(|x| x["action"] == "reused");
+    if !reused.is_empty() {
+        let names: Vec<&str> = reused.iter().filter_map(|x| x["map"].as_str()).collect();
         out.push_str(&format!(
-            "\n    {:<22} {:<9} {:>9} -> {:<9} {:>8} entries {:>8.2} ms",
+            "\n    reused as they are ({}): {}",
+            names.len(),
+            names.join(" ")
+        ));
+    }
+    for x in moved {
+        out.push_str(&format!(
+            "\n    {:<22} {:<9} {:>9} -> {:<9} {:>8} copied {:>6} merged {:>8.2} ms",
             x["map"].as_str().unwrap_or("?"),
             x["action"].as_str().unwrap_or("?"),
             x["from_entries"],
             x["to_entries"],
             x["entries"],
+            x["merged"],
             x["ms"].as_f64().unwrap_or(f64::NAN)
         ));
     }
