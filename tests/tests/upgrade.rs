@@ -25,6 +25,7 @@ use std::{
 use lb_tests::{
     agent::{Agent, Dirs},
     dc::{BACKENDS, Lab, NatServers, errors, lab_config, vip_yaml},
+    netns::NetNs,
     release,
     upgrade::{
         Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, find,
@@ -111,10 +112,10 @@ fn groups() -> [Group<'static>; 4] {
     ]
 }
 
-/// `lb status -o json` by the binary `dirs` names (it exits 1 while the agent is not running,
-/// but still prints the status).
-fn status(dirs: &Dirs) -> serde_json::Value {
-    let out = dirs.cli(&["status", "-o", "json"]);
+/// `lb status -o json` by the binary `dirs` names, run in the agent's namespace `ns` (it exits 1
+/// while the agent is not running or not attached, but still prints the status).
+fn status(dirs: &Dirs, ns: &NetNs) -> serde_json::Value {
+    let out = dirs.cli_in(ns, &["status", "-o", "json"]);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "lb status -o json: not JSON ({e}): {}\n{}",
@@ -127,13 +128,14 @@ fn status(dirs: &Dirs) -> serde_json::Value {
 /// Polls `lb status` until `ok` holds of it; panics with the last status and the agent's log.
 fn wait_status(
     dirs: &Dirs,
+    ns: &NetNs,
     agent: &Agent,
     what: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + T;
     loop {
-        let s = status(dirs);
+        let s = status(dirs, ns);
         if ok(&s) {
             return s;
         }
@@ -146,11 +148,17 @@ fn wait_status(
     }
 }
 
-/// Waits until `agent` is the agent `lb status` reports running.
-fn wait_running(dirs: &Dirs, agent: &Agent) -> serde_json::Value {
+/// Waits until `agent` is the agent `lb status` reports running, with its program attached to
+/// eth0.
+fn wait_running(dirs: &Dirs, ns: &NetNs, agent: &Agent) -> serde_json::Value {
     let pid = agent.pid() as u64;
-    wait_status(dirs, agent, "the agent running", |s| {
-        s["agent"]["running"] == true && s["agent"]["pid"].as_u64() == Some(pid)
+    wait_status(dirs, ns, agent, "the agent running and attached", |s| {
+        s["agent"]["running"] == true
+            && s["agent"]["pid"].as_u64() == Some(pid)
+            && s["interfaces"].as_array().is_some_and(|i| {
+                i.iter()
+                    .any(|i| i["name"] == "eth0" && i["attached"] == true)
+            })
     })
 }
 
@@ -296,8 +304,11 @@ impl Rig {
         dirs.write_config(config);
         let mut agent = Agent::start(&lab.lb, &dirs);
         agent.wait_for("running", 1, T);
-        let s = wait_running(&dirs, &agent);
-        report_migration(&s, "start", bin == Path::new(BIN));
+        let s = wait_running(&dirs, &lab.lb, &agent);
+        match find(&s, "last_migration") {
+            Some(m) => eprintln!("start: {}", describe_migration(m)),
+            None => eprintln!("start on empty pins (no migration reported)"),
+        }
         let link = dirs.pins.join("link-eth0");
         let id = link_id(&link).expect("a link pinned for eth0");
         let watch = LinkWatch::start(&lab.lb, &dirs.pins, "eth0");
@@ -375,7 +386,7 @@ impl Rig {
         self.dirs.write_config(config);
         self.agent = Agent::start(&self.lab.lb, &self.dirs);
         self.agent.wait_for("running", 1, T);
-        let s = wait_running(&self.dirs, &self.agent);
+        let s = wait_running(&self.dirs, &self.lab.lb, &self.agent);
         let took = t0.elapsed();
         eprintln!(
             "  the old agent stopped in {:.0} ms; the new one ran {:.0} ms after the SIGTERM",
@@ -464,7 +475,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
         "previous release running",
     );
     rig.run_on(RUN_ON);
-    assert_translations_held(&status(&rig.dirs), "before the first step");
+    assert_translations_held(&status(&rig.dirs, &rig.lab.lb), "before the first step");
 
     // Each step also changes a backend of a NAT VIP: the weight of b3 goes 1 -> 2 -> 3 -> 4.
     let steps = [
@@ -486,7 +497,10 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
             );
         }
         wait_weight(&rig.dirs, &rig.agent, weight);
-        assert_translations_held(&status(&rig.dirs), &format!("after the {name}"));
+        assert_translations_held(
+            &status(&rig.dirs, &rig.lab.lb),
+            &format!("after the {name}"),
+        );
         rig.assert_same_link(name);
         rig.assert_held(name);
         rig.traffic().phase(&format!("after the {name}"));
@@ -504,7 +518,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
 /// Applies `config` by saving the config file (the agent watches it) and waits until a reload
 /// has been applied with those sizes; panics with the agent's reason if it is refused.
 fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) -> serde_json::Value {
-    let before = status(&rig.dirs);
+    let before = status(&rig.dirs, &rig.lab.lb);
     let counted = |s: &serde_json::Value| {
         s["agent"]["reloads_applied"].as_u64().unwrap_or(0)
             + s["agent"]["reloads_rejected"].as_u64().unwrap_or(0)
@@ -512,14 +526,16 @@ fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) ->
     let n = counted(&before);
     let t0 = Instant::now();
     rig.dirs.write_config(config);
-    let s = wait_status(&rig.dirs, &rig.agent, "a reload", |s| counted(s) > n);
+    let s = wait_status(&rig.dirs, &rig.lab.lb, &rig.agent, "a reload", |s| {
+        counted(s) > n
+    });
     let last = &s["agent"]["last_reload"];
     assert_eq!(
         last["ok"], true,
         "the reload to flow_table_size {flow_entries}, nat_table_size {nat_entries} was refused: {}",
         last["error"]
     );
-    let s = wait_status(&rig.dirs, &rig.agent, "the new sizes", |s| {
+    let s = wait_status(&rig.dirs, &rig.lab.lb, &rig.agent, "the new sizes", |s| {
         let z = &s["maps"]["sizes"];
         z["flow_entries"].as_u64() == Some(flow_entries as u64)
             && z["nat_entries"].as_u64() == Some(nat_entries as u64)
@@ -540,7 +556,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         "running",
     );
     rig.run_on(RUN_ON);
-    assert_translations_held(&status(&rig.dirs), "before the first reload");
+    assert_translations_held(&status(&rig.dirs, &rig.lab.lb), "before the first reload");
     let steps = [
         ("doubling", FLOW_ENTRIES * 2, NAT_ENTRIES, NAT_ENTRIES * 2),
         ("halving", FLOW_ENTRIES, NAT_ENTRIES * 2, NAT_ENTRIES),
