@@ -29,7 +29,7 @@ use lb_tests::{
     release,
     upgrade::{
         Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, find,
-        link_id, raise_nofile,
+        link_id, raise_nofile, raise_priority,
     },
 };
 
@@ -292,6 +292,7 @@ struct Rig {
 
 impl Rig {
     fn start(bin: &Path, tag: &str, config: &str, first_phase: &str) -> Self {
+        raise_priority();
         let limit = raise_nofile();
         assert!(
             limit >= 3 * HELD as u64,
