@@ -45,6 +45,10 @@ pub struct PhaseStats {
     pub max_wait: Duration,
     /// The first few failures, with the connection they happened on.
     pub errors: Vec<String>,
+    /// The request that waited longest: its connection, and when it was sent.
+    pub slowest: String,
+    /// When the phase began.
+    pub began: Option<Instant>,
 }
 
 impl PhaseStats {
@@ -67,6 +71,9 @@ impl std::fmt::Display for PhaseStats {
             self.slow,
             self.max_wait.as_secs_f64() * 1000.0
         )?;
+        if self.max_wait > Duration::from_millis(100) {
+            write!(f, "\n    longest: {}", self.slowest)?;
+        }
         for e in &self.errors {
             write!(f, "\n    {e}")?;
         }
@@ -112,6 +119,7 @@ impl Traffic {
     pub fn start(lab: &Lab, groups: &[Group], phase: &str) -> Self {
         let mut stats = vec![PhaseStats::default(); MAX_PHASES];
         stats[0].name = phase.to_string();
+        stats[0].began = Some(Instant::now());
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             phase: AtomicUsize::new(0),
@@ -156,7 +164,11 @@ impl Traffic {
     pub fn phase(&self, name: &str) {
         let next = self.shared.phase.load(Ordering::SeqCst) + 1;
         assert!(next < MAX_PHASES, "more than {MAX_PHASES} phases");
-        self.shared.stats.lock().unwrap()[next].name = name.to_string();
+        {
+            let mut st = self.shared.stats.lock().unwrap();
+            st[next].name = name.to_string();
+            st[next].began = Some(Instant::now());
+        }
         self.shared.phase.store(next, Ordering::SeqCst);
     }
 
@@ -235,7 +247,16 @@ fn converse(
         match result {
             Ok(()) => shared.record(phase, |p| {
                 p.requests += 1;
-                p.max_wait = p.max_wait.max(waited);
+                if waited > p.max_wait {
+                    p.max_wait = waited;
+                    let into = p.began.map_or(0.0, |b| {
+                        sent.saturating_duration_since(b).as_secs_f64() * 1000.0
+                    });
+                    p.slowest = format!(
+                        "{name}: request {n}, sent {into:.0} ms into the phase, answered after {:.1} ms",
+                        waited.as_secs_f64() * 1000.0
+                    );
+                }
                 if waited > Traffic::SLOW {
                     p.slow += 1;
                     if p.errors.len() < 10 {
