@@ -17,6 +17,7 @@
 //! minutes the first time, then cached in `target/previous`.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -259,6 +260,54 @@ fn assert_new_connections(lab: &Lab, when: &str) {
     );
 }
 
+/// The global counters of `lb stats` (by the binary `dirs` names).
+fn counters(dirs: &Dirs) -> BTreeMap<String, u64> {
+    let v = dirs.json(&["stats"]);
+    v["global"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Counters that count packets lost or sent the unusual way (drops, passes to the kernel,
+/// resets, misses), and how much each grew from `before` to `after`; the ordinary traffic
+/// counters are left out.
+fn unusual(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    const ORDINARY: [&str; 14] = [
+        "packets",
+        "vip_packets",
+        "tx",
+        "redirect",
+        "flow_hits",
+        "maglev_lookups",
+        "new_flows",
+        "nat_new",
+        "nat_forward",
+        "nat_reverse",
+        "nat_closed",
+        "pass_not_for_vip",
+        "flow_idle_expired",
+        "affinity_hits",
+    ];
+    let grew: Vec<String> = after
+        .iter()
+        .filter(|(k, _)| !ORDINARY.contains(&k.as_str()))
+        .filter_map(|(k, v)| {
+            let d = v.checked_sub(*before.get(k)?)?;
+            (d > 0).then(|| format!("{k} +{d}"))
+        })
+        .collect();
+    if grew.is_empty() {
+        "none".to_string()
+    } else {
+        grew.join(", ")
+    }
+}
+
 /// Waits until the hold servers hold `n` connections between them.
 fn wait_held(holds: &HoldServers, n: usize) {
     let deadline = Instant::now() + T;
@@ -486,6 +535,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
     ];
     for (name, bin, weight) in steps {
         eprintln!("\n{name}: {} (b3 weight {weight})", bin.display());
+        let before = counters(&rig.dirs);
         rig.traffic().phase(name);
         let (s, took) = rig.switch(bin, &config(weight, FLOW_ENTRIES, NAT_ENTRIES));
         let m = report_migration(&s, "start", *bin == current);
@@ -504,6 +554,10 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
         );
         rig.assert_same_link(name);
         rig.assert_held(name);
+        eprintln!(
+            "  unusual counters during the {name}: {}",
+            unusual(&before, &counters(&rig.dirs))
+        );
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
         rig.run_on(RUN_ON);
@@ -564,6 +618,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
     ];
     for (name, flows, from_nat, nat) in steps {
         eprintln!("\n{name}: flow_table_size {flows}, nat_table_size {nat}");
+        let before = counters(&rig.dirs);
         rig.traffic().phase(name);
         let s = reload_sizes(&rig, &config(1, flows, nat), flows, nat);
         let m = report_migration(&s, "reload", true)
@@ -589,6 +644,10 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         assert_translations_held(&s, &format!("after the {name}"));
         rig.assert_same_link(name);
         rig.assert_held(name);
+        eprintln!(
+            "  unusual counters during the {name}: {}",
+            unusual(&before, &counters(&rig.dirs))
+        );
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
         rig.run_on(RUN_ON);
