@@ -398,6 +398,9 @@ pub struct Held {
 }
 
 impl Held {
+    /// Connections checked together (see [`Held::check`]).
+    pub const BATCH: usize = 100;
+
     /// Opens `n` connections to `vip` from the lab's client (round-robin over its IPv4
     /// addresses); panics on the first that fails.
     pub fn open(lab: &Lab, vip: SocketAddr, n: usize) -> Self {
@@ -414,23 +417,28 @@ impl Held {
     }
 
     /// Sends a few bytes on every connection, then reads each echo: which connections did not
-    /// answer right (index and why). All are written before any is read, so this takes about
-    /// one round trip, not thousands.
+    /// answer right (index and why). Connections go in batches of [`Held::BATCH`], all of a
+    /// batch written before any is read: a round trip per batch, not per connection, and no
+    /// burst of thousands of packets at once (all 5,000 at once lost packets of the long-lived
+    /// connections on the way, which then waited for TCP's 200 ms retransmission).
     pub fn check(&mut self) -> Vec<(usize, String)> {
         let mut bad = Vec::new();
-        let mut sent = vec![false; self.conns.len()];
-        for (i, c) in self.conns.iter_mut().enumerate() {
-            match c.write_all(&(i as u32).to_be_bytes()) {
-                Ok(()) => sent[i] = true,
-                Err(e) => bad.push((i, format!("write: {e}"))),
+        for (b, batch) in self.conns.chunks_mut(Self::BATCH).enumerate() {
+            let base = b * Self::BATCH;
+            let mut sent = vec![false; batch.len()];
+            for (j, c) in batch.iter_mut().enumerate() {
+                match c.write_all(&((base + j) as u32).to_be_bytes()) {
+                    Ok(()) => sent[j] = true,
+                    Err(e) => bad.push((base + j, format!("write: {e}"))),
+                }
             }
-        }
-        for (i, c) in self.conns.iter_mut().enumerate().filter(|(i, _)| sent[*i]) {
-            let mut back = [0u8; 4];
-            match c.read_exact(&mut back) {
-                Ok(()) if back == (i as u32).to_be_bytes() => {}
-                Ok(()) => bad.push((i, format!("wrong echo {back:?}"))),
-                Err(e) => bad.push((i, format!("read: {e}"))),
+            for (j, c) in batch.iter_mut().enumerate().filter(|(j, _)| sent[*j]) {
+                let mut back = [0u8; 4];
+                match c.read_exact(&mut back) {
+                    Ok(()) if back == ((base + j) as u32).to_be_bytes() => {}
+                    Ok(()) => bad.push((base + j, format!("wrong echo {back:?}"))),
+                    Err(e) => bad.push((base + j, format!("read: {e}"))),
+                }
             }
         }
         bad
