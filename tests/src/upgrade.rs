@@ -607,19 +607,6 @@ pub fn raise_priority() {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -5) };
 }
 
-/// Finds the first value under `key` anywhere in `v` (depth first): status fields the agent may
-/// put at the top or under `agent`.
-pub fn find<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m
-            .get(key)
-            .filter(|x| !x.is_null())
-            .or_else(|| m.values().find_map(|x| find(x, key))),
-        serde_json::Value::Array(a) => a.iter().find_map(|x| find(x, key)),
-        _ => None,
-    }
-}
-
 /// One line per map of a `last_migration` (see `lb status -o json`), and its totals.
 pub fn describe_migration(m: &serde_json::Value) -> String {
     let mut out = format!(

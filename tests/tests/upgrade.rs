@@ -1,8 +1,9 @@
 //! Upgrades, rollbacks and table resizes under load, done as the README tells an operator: the
 //! running agent is stopped with SIGTERM (its program stays attached through the pinned link and
 //! keeps forwarding), and the other release's binary is started with the same `--pin-dir`,
-//! `--state-dir` and config file; a size change is an edit of the config file, which the agent
-//! reloads. No `lb down`, no manual step.
+//! `--state-dir` and config file; before a rollback, `lb migrate --to-release` (the newer binary)
+//! leaves the pins as the older release reads them. A size change is an edit of the config file,
+//! which the agent reloads. No `lb down`, no other step.
 //!
 //! Through every step, long-lived connections send a request every 100-200 ms on the same socket
 //! (NAT and DSR VIPs, IPv4 and IPv6), 5,000 more idle NAT connections keep that many
@@ -29,8 +30,8 @@ use lb_tests::{
     netns::NetNs,
     release,
     upgrade::{
-        Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, find,
-        link_id, raise_nofile, raise_priority,
+        Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, link_id,
+        raise_nofile, raise_priority,
     },
 };
 
@@ -182,29 +183,35 @@ fn assert_translations_held(s: &serde_json::Value, when: &str) {
     );
 }
 
-/// Prints what the agent says it migrated at its last start or reload (`last_migration` in
-/// `lb status -o json`). The agent of this build (`current`) must name this build's release and
-/// say, with `trigger`; an older one (0.1.0 predates both fields) is taken as it is.
+/// Prints what the agent says it migrated at its last start or reload (`agent.last_migration`
+/// in `lb status -o json`). The agent of this build (`current`) must name this build's release
+/// and report a migration by `trigger`; the previous release's must name that release (its
+/// status file has none: `lb status` says 0.1.0) and reports nothing.
 fn report_migration(
     s: &serde_json::Value,
     trigger: &str,
     current: bool,
 ) -> Option<serde_json::Value> {
-    let release = find(s, "release").and_then(|r| r.as_str());
-    let m = find(s, "last_migration");
+    let a = &s["agent"];
+    let release = a["release"].as_str();
     if !current {
-        eprintln!(
-            "  release {} (an earlier release; no migration report)",
-            release.unwrap_or("unknown")
+        assert_eq!(
+            release,
+            Some(release::previous_version().as_str()),
+            "the previous release's agent: {a:#}"
         );
-        return m.cloned();
+        eprintln!("  release {} (no migration report)", release.unwrap());
+        return None;
     }
     assert_eq!(
         release,
         Some(env!("CARGO_PKG_VERSION")),
-        "the agent of this build does not name its release in lb status: {s:#}"
+        "the agent of this build does not name its release in lb status: {a:#}"
     );
-    let m = m.unwrap_or_else(|| panic!("the agent reports no last_migration in lb status: {s:#}"));
+    let m = a["last_migration"]
+        .as_object()
+        .map(|_| &a["last_migration"])
+        .unwrap_or_else(|| panic!("the agent reports no last_migration in lb status: {a:#}"));
     eprintln!("  release {}: {}", release.unwrap(), describe_migration(m));
     assert_eq!(m["trigger"], trigger, "the last migration: {m:#}");
     Some(m.clone())
@@ -355,8 +362,11 @@ impl Rig {
         let mut agent = Agent::start(&lab.lb, &dirs);
         agent.wait_for("running", 1, T);
         let s = wait_running(&dirs, &lab.lb, &agent);
-        match find(&s, "last_migration") {
-            Some(m) => eprintln!("start: {}", describe_migration(m)),
+        match s["agent"]["last_migration"].as_object() {
+            Some(_) => eprintln!(
+                "start: {}",
+                describe_migration(&s["agent"]["last_migration"])
+            ),
             None => eprintln!("start on empty pins (no migration reported)"),
         }
         let link = dirs.pins.join("link-eth0");
@@ -420,10 +430,17 @@ impl Rig {
         );
     }
 
-    /// One step as the README tells an operator: SIGTERM to the running agent, then `bin` with
-    /// the same pin dir, state dir and config file (now `config`). Returns what `lb status`
-    /// says once the new agent runs, and how long the step took (SIGTERM to running).
-    fn switch(&mut self, bin: &Path, config: &str) -> (serde_json::Value, Duration) {
+    /// One step as the README tells an operator: SIGTERM to the running agent; for a rollback
+    /// (`rollback_to` the older release), `lb migrate --to-release` with the newer binary, which
+    /// leaves the pins as the older release reads them; then `bin` with the same pin dir, state
+    /// dir and config file (now `config`). Returns what `lb status` says once the new agent runs
+    /// attached, and how long the step took (SIGTERM to that).
+    fn switch(
+        &mut self,
+        bin: &Path,
+        config: &str,
+        rollback_to: Option<&str>,
+    ) -> (serde_json::Value, Duration) {
         let t0 = Instant::now();
         let exit = self.agent.stop();
         assert!(
@@ -432,6 +449,19 @@ impl Rig {
             self.agent.log_text()
         );
         let stopped = t0.elapsed();
+        if let Some(version) = rollback_to {
+            let out = self.dirs.cli(&["migrate", "--to-release", version]);
+            assert!(
+                out.status.success(),
+                "lb migrate --to-release {version}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!(
+                "  lb migrate --to-release {version}: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
         self.dirs.bin = bin.to_path_buf();
         self.dirs.write_config(config);
         self.agent = Agent::start(&self.lab.lb, &self.dirs);
@@ -528,16 +558,17 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
     assert_translations_held(&status(&rig.dirs, &rig.lab.lb), "before the first step");
 
     // Each step also changes a backend of a NAT VIP: the weight of b3 goes 1 -> 2 -> 3 -> 4.
+    let previous_version = release::previous_version();
     let steps = [
-        ("upgrade", &current, 2),
-        ("rollback", &previous, 3),
-        ("upgrade again", &current, 4),
+        ("upgrade", &current, 2, None),
+        ("rollback", &previous, 3, Some(previous_version.as_str())),
+        ("upgrade again", &current, 4, None),
     ];
-    for (name, bin, weight) in steps {
+    for (name, bin, weight, rollback_to) in steps {
         eprintln!("\n{name}: {} (b3 weight {weight})", bin.display());
         let before = counters(&rig.dirs);
         rig.traffic().phase(name);
-        let (s, took) = rig.switch(bin, &config(weight, FLOW_ENTRIES, NAT_ENTRIES));
+        let (s, took) = rig.switch(bin, &config(weight, FLOW_ENTRIES, NAT_ENTRIES), rollback_to);
         let m = report_migration(&s, "start", *bin == current);
         if let Some(m) = m {
             assert!(
