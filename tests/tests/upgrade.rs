@@ -114,10 +114,22 @@ fn groups() -> [Group<'static>; 4] {
     ]
 }
 
-/// `lb status -o json` by the binary `dirs` names, run in the agent's namespace `ns` (it exits 1
-/// while the agent is not running or not attached, but still prints the status).
+/// `lb status -o json` by this build's binary, whichever release's agent runs (it reads an
+/// earlier agent's status file too: 0.1.0 wrote no release, and it says 0.1.0), run in the
+/// agent's namespace `ns` (it exits 1 while the agent is not running or not attached, but still
+/// prints the status).
 fn status(dirs: &Dirs, ns: &NetNs) -> serde_json::Value {
-    let out = dirs.cli_in(ns, &["status", "-o", "json"]);
+    // nsenter enters the network namespace only (`ip netns exec` would also mount a sysfs of
+    // its own over /sys, hiding the pins on /sys/fs/bpf).
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name))
+        .args([BIN, "--pin-dir"])
+        .arg(&dirs.pins)
+        .arg("--state-dir")
+        .arg(&dirs.state)
+        .args(["status", "-o", "json"])
+        .output()
+        .expect("running lb status");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "lb status -o json: not JSON ({e}): {}\n{}",
