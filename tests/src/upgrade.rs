@@ -7,11 +7,12 @@
 //! so a test can say "0 failures and no answer slower than 300 ms during the upgrade" per step.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -641,4 +642,65 @@ pub fn describe_migration(m: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+/// Every drop and error counter of the lab's interfaces (the kernel's `rx_dropped`/`tx_dropped`
+/// and the veth driver's per-queue XDP counters), keyed `namespace-tag/device counter`: where a
+/// packet lost outside lb's program (which counts its own) was lost.
+pub fn interface_losses(lab: &Lab) -> BTreeMap<String, u64> {
+    let mut all: Vec<(&str, &NetNs)> = vec![
+        ("client", &lab.client),
+        ("router", &lab.router),
+        ("lb", &lab.lb),
+    ];
+    all.extend(lab.backends.iter().map(|(n, ns)| (n.as_str(), ns)));
+    let mut out = BTreeMap::new();
+    for (tag, ns) in all {
+        let links = Command::new("ip")
+            .args(["-n", &ns.name, "-s", "-j", "link", "show"])
+            .output()
+            .expect("running ip");
+        let v: serde_json::Value = serde_json::from_slice(&links.stdout).unwrap_or_default();
+        for l in v.as_array().into_iter().flatten() {
+            let Some(dev) = l["ifname"].as_str().filter(|d| *d != "lo") else {
+                continue;
+            };
+            for dir in ["rx", "tx"] {
+                for k in ["dropped", "errors"] {
+                    if let Some(n) = l["stats64"][dir][k].as_u64() {
+                        out.insert(format!("{tag}/{dev} {dir}_{k}"), n);
+                    }
+                }
+            }
+            let stats = Command::new("ip")
+                .args(["netns", "exec", &ns.name, "ethtool", "-S", dev])
+                .output()
+                .expect("running ethtool");
+            for line in String::from_utf8_lossy(&stats.stdout).lines() {
+                if let Some((k, v)) = line.trim().split_once(": ")
+                    && (k.contains("drop") || k.contains("err"))
+                    && let Ok(n) = v.trim().parse()
+                {
+                    out.insert(format!("{tag}/{dev} {k}"), n);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The counters that grew from `before` to `after`, as `name +n`; "none" if none did.
+pub fn grown(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    let grew: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.checked_sub(*before.get(k)?)?;
+            (d > 0).then(|| format!("{k} +{d}"))
+        })
+        .collect();
+    if grew.is_empty() {
+        "none".to_string()
+    } else {
+        grew.join(", ")
+    }
 }

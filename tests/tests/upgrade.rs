@@ -30,8 +30,8 @@ use lb_tests::{
     netns::NetNs,
     release,
     upgrade::{
-        Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, link_id,
-        raise_nofile, raise_priority,
+        Group, Held, HoldServers, LinkWatch, PhaseStats, Traffic, describe_migration, grown,
+        interface_losses, link_id, raise_nofile, raise_priority,
     },
 };
 
@@ -312,19 +312,13 @@ fn unusual(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Str
         "flow_idle_expired",
         "affinity_hits",
     ];
-    let grew: Vec<String> = after
-        .iter()
-        .filter(|(k, _)| !ORDINARY.contains(&k.as_str()))
-        .filter_map(|(k, v)| {
-            let d = v.checked_sub(*before.get(k)?)?;
-            (d > 0).then(|| format!("{k} +{d}"))
-        })
-        .collect();
-    if grew.is_empty() {
-        "none".to_string()
-    } else {
-        grew.join(", ")
-    }
+    let keep = |m: &BTreeMap<String, u64>| -> BTreeMap<String, u64> {
+        m.iter()
+            .filter(|(k, _)| !ORDINARY.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    grown(&keep(before), &keep(after))
 }
 
 /// Waits until the hold servers hold `n` connections between them.
@@ -578,7 +572,7 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
     ];
     for (name, bin, weight, rollback_to) in steps {
         eprintln!("\n{name}: {} (b3 weight {weight})", bin.display());
-        let before = counters(&rig.dirs);
+        let before = (counters(&rig.dirs), interface_losses(&rig.lab));
         rig.traffic().phase(name);
         let (s, took) = rig.switch(bin, &config(weight, FLOW_ENTRIES, NAT_ENTRIES), rollback_to);
         let m = report_migration(&s, "start", *bin == current);
@@ -598,8 +592,9 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
         rig.assert_same_link(name);
         rig.assert_held(name);
         eprintln!(
-            "  unusual counters during the {name}: {}",
-            unusual(&before, &counters(&rig.dirs))
+            "  during the {name}: unusual lb counters: {}; interface drops and errors: {}",
+            unusual(&before.0, &counters(&rig.dirs)),
+            grown(&before.1, &interface_losses(&rig.lab))
         );
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
@@ -661,7 +656,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
     ];
     for (name, flows, from_nat, nat) in steps {
         eprintln!("\n{name}: flow_table_size {flows}, nat_table_size {nat}");
-        let before = counters(&rig.dirs);
+        let before = (counters(&rig.dirs), interface_losses(&rig.lab));
         rig.traffic().phase(name);
         let s = reload_sizes(&rig, &config(1, flows, nat), flows, nat);
         let m = report_migration(&s, "reload", true)
@@ -688,8 +683,9 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
         rig.assert_same_link(name);
         rig.assert_held(name);
         eprintln!(
-            "  unusual counters during the {name}: {}",
-            unusual(&before, &counters(&rig.dirs))
+            "  during the {name}: unusual lb counters: {}; interface drops and errors: {}",
+            unusual(&before.0, &counters(&rig.dirs)),
+            grown(&before.1, &interface_losses(&rig.lab))
         );
         rig.traffic().phase(&format!("after the {name}"));
         assert_new_connections(&rig.lab, &format!("after the {name}"));
