@@ -645,8 +645,9 @@ pub fn describe_migration(m: &serde_json::Value) -> String {
 }
 
 /// Every drop and error counter of the lab's interfaces (the kernel's `rx_dropped`/`tx_dropped`
-/// and the veth driver's per-queue XDP counters), keyed `namespace-tag/device counter`: where a
-/// packet lost outside lb's program (which counts its own) was lost.
+/// and the veth driver's per-queue XDP counters), keyed `namespace-tag/device counter`, and the
+/// TCP segments each namespace retransmitted: where a packet lost outside lb's program (which
+/// counts its own) was lost, and whether any was.
 pub fn interface_losses(lab: &Lab) -> BTreeMap<String, u64> {
     let mut all: Vec<(&str, &NetNs)> = vec![
         ("client", &lab.client),
@@ -656,6 +657,21 @@ pub fn interface_losses(lab: &Lab) -> BTreeMap<String, u64> {
     all.extend(lab.backends.iter().map(|(n, ns)| (n.as_str(), ns)));
     let mut out = BTreeMap::new();
     for (tag, ns) in all {
+        // TCP's retransmissions in the namespace: a packet lost anywhere on the way.
+        let snmp = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "cat", "/proc/net/snmp"])
+            .output()
+            .expect("reading /proc/net/snmp");
+        let text = String::from_utf8_lossy(&snmp.stdout);
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        if let (Some(names), Some(values)) = (tcp.next(), tcp.next())
+            && let Some(n) = names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find_map(|(k, v)| (k == "RetransSegs").then(|| v.parse().ok())?)
+        {
+            out.insert(format!("{tag} tcp_retransmitted"), n);
+        }
         let links = Command::new("ip")
             .args(["-n", &ns.name, "-s", "-j", "link", "show"])
             .output()
