@@ -37,8 +37,8 @@ use crate::parse::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 use crate::{
-    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
-    count,
+    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB,
+    LB_NAT_REV, LB_NODE, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},

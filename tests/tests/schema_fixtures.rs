@@ -279,7 +279,11 @@ fn sizes_the_release_fixes_are_0_1_0s() {
         let s = schema::of(map).unwrap();
         assert_eq!((s.entries)(&sizes), n, "{map}");
     }
-    assert_eq!(Counter::COUNT, 51, "0.1.0 counted 50 counters, 0.2.0 one more");
+    assert_eq!(
+        Counter::COUNT,
+        51,
+        "0.1.0 counted 50 counters, 0.2.0 one more"
+    );
     assert_eq!(Counter::DropNatHeld as u32, 50, "added last");
     assert_eq!(Counter::Tx as u32, 15);
     assert_eq!(Counter::FlowHits as u32, 23);

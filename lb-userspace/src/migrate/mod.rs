@@ -652,14 +652,13 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
                     n != b && o != b && n != o
                 })
                 .count() as u64;
-            let writes: Vec<(Vec<u8>, Option<Vec<u8>>, bool)> =
-                convert::merge3(&base, &old, &now)
-                    .into_iter()
-                    .map(|(k, v)| {
-                        let existed = now.contains_key(&k);
-                        (k, v, existed)
-                    })
-                    .collect();
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>, bool)> = convert::merge3(&base, &old, &now)
+                .into_iter()
+                .map(|(k, v)| {
+                    let existed = now.contains_key(&k);
+                    (k, v, existed)
+                })
+                .collect();
             let (n, kept) = copy::write_hash_merge(new, s, &writes)?;
             (n, both + kept)
         }
