@@ -639,6 +639,17 @@ pub fn test_run_live(
     ingress_ifindex: u32,
     repeat: u32,
 ) -> std::time::Duration {
+    try_test_run_live(prog, frame, ingress_ifindex, repeat)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
+}
+
+/// [`test_run_live`], or the kernel's refusal.
+pub fn try_test_run_live(
+    prog: &Xdp,
+    frame: &[u8],
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> Result<std::time::Duration, aya::programs::ProgramError> {
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
@@ -647,9 +658,7 @@ pub fn test_run_live(
     opts.ctx_in = Some(&ctx);
     opts.repeat = repeat;
     opts.attrs = aya::programs::TestRunAttrs::new().xdp_live_frames(64);
-    prog.test_run(opts)
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (live frames): {}", error_chain(&e)))
-        .duration
+    prog.test_run(opts).map(|r| r.duration)
 }
 
 /// Pins the calling thread to `cpu`.
