@@ -161,6 +161,11 @@ counters! {
     /// Check mode (`nexthop_check`): the member's next hop and `bpf_fib_lookup` disagreed (the
     /// route lookup's answer was used).
     NexthopMismatches = "nexthop_mismatches", false;
+
+    // Added in 0.3.0, at the end so that every earlier counter keeps its index in `LB_STATS`.
+    /// Dropped: the VIP takes packets from some sources only (`source_ranges`), and this one
+    /// is not among them. Also counted per VIP (`LB_VIP_DROPS`).
+    DropSourceRange = "drop_source_range", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet
