@@ -255,6 +255,8 @@ pub struct RawVip {
     pub backends: Vec<RawBackend>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_health: Option<RawPassiveHealth>,
+    /// CIDRs of the sources the VIP takes packets from (empty or absent: every source).
+    pub source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -716,6 +718,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 timeout,
             }
         });
+        let source_ranges = check_source_ranges(&mut c, &p, address, v.source_ranges.as_deref());
         if let Some(address) = address {
             suspicious_backends(&mut c, &mut warnings, &p, address, mode, &backends);
             vips.push(VipConfig {
@@ -729,6 +732,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                     affinity_timeout_s: affinity.as_secs() as u32,
                     table_size: vip_table,
                     backends,
+                    source_ranges,
                 },
                 health_check,
                 passive_health,
@@ -773,6 +777,37 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         vips,
         warnings,
     })
+}
+
+/// `vips[i].source_ranges`: CIDRs of the VIP's family, host bits clear, each once; an empty
+/// list is no restriction (None).
+fn check_source_ranges(
+    c: &mut Checker,
+    p: &str,
+    vip: Option<IpAddr>,
+    raw: Option<&[String]>,
+) -> Option<Vec<crate::model::Cidr>> {
+    let raw = raw.filter(|r| !r.is_empty())?;
+    let mut seen: Vec<(crate::model::Cidr, usize)> = Vec::new();
+    for (j, r) in raw.iter().enumerate() {
+        let rp = format!("{p}.source_ranges[{j}]");
+        match crate::model::Cidr::parse(r.trim(), true) {
+            Err(e) => c.bad(rp, e),
+            Ok(cidr) if vip.is_some_and(|v| v.is_ipv4() != cidr.addr.is_ipv4()) => c.bad(
+                rp,
+                format!(
+                    "{cidr} is {} and the VIP is {}: a VIP's source ranges are of its family",
+                    if cidr.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                    if cidr.addr.is_ipv4() { "IPv6" } else { "IPv4" }
+                ),
+            ),
+            Ok(cidr) => match seen.iter().find(|(o, _)| *o == cidr) {
+                Some((_, first)) => c.bad(rp, format!("{cidr} is already source_ranges[{first}]")),
+                None => seen.push((cidr, j)),
+            },
+        }
+    }
+    Some(seen.into_iter().map(|(c, _)| c).collect())
 }
 
 /// The kernel's own tables, which lb must not fill with announcement routes.

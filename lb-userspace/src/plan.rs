@@ -21,7 +21,7 @@ use std::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
     Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig,
-    VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
+    VIP_F_HASH_SRC_ONLY, VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue,
 };
 
 use crate::{
@@ -42,6 +42,38 @@ pub struct State {
     /// Tables of the VIP ids in `vips`. Shared with the planner's cache: an unchanged table is
     /// one allocation, and recognised without comparing its slots.
     pub rings: BTreeMap<u32, Arc<Vec<u32>>>,
+    /// Source ranges of the VIPs with [`VIP_F_SOURCE_RANGES`] (`LB_SRC_RANGES`).
+    pub src_ranges: BTreeSet<SrcRange>,
+}
+
+/// One source range of one VIP: an `LB_SRC_RANGES` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub vip_id: u32,
+    /// Bits of the address that count (the CIDR's prefix length).
+    pub bits: u32,
+    /// lb's 16-byte form, host bits clear.
+    pub addr: [u8; 16],
+}
+
+impl SrcRange {
+    /// The trie key: its prefix length (VIP id bits included) and data.
+    pub fn key(&self) -> (u32, lb_common::SrcRangeKey) {
+        (
+            lb_common::SrcRangeKey::prefix_len(self.bits),
+            lb_common::SrcRangeKey::new(self.vip_id, self.addr),
+        )
+    }
+
+    /// The range a trie key stands for (None for a key no lb wrote).
+    pub fn of_key(prefix_len: u32, k: &lb_common::SrcRangeKey) -> Option<Self> {
+        let bits = prefix_len.checked_sub(32).filter(|b| *b <= 128)?;
+        Some(Self {
+            vip_id: u32::from_be_bytes(k.vip_id),
+            bits,
+            addr: k.addr,
+        })
+    }
 }
 
 /// Sizes fixed at load time that a plan must fit in.
@@ -88,6 +120,9 @@ pub enum Write {
     RemoveVip {
         key: VipKey,
     },
+    /// Let a VIP take packets from a source range.
+    SrcRange(SrcRange),
+    RemoveSrcRange(SrcRange),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -298,6 +333,10 @@ pub fn plan_cached(
                 VIP_F_HASH_SRC_ONLY
             } else {
                 0
+            } | if v.source_ranges.is_some() {
+                VIP_F_SOURCE_RANGES
+            } else {
+                0
             },
             affinity_timeout_s: v.affinity_timeout_s,
             mode: match v.mode {
@@ -319,6 +358,17 @@ pub fn plan_cached(
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
+        let family = addr16(v.address).1;
+        for c in v.source_ranges.iter().flatten() {
+            let (addr, f) = addr16(c.addr);
+            if f == family {
+                next.src_ranges.insert(SrcRange {
+                    vip_id: id,
+                    bits: u32::from(c.prefix),
+                    addr,
+                });
+            }
+        }
     }
     let tables_used: std::collections::HashSet<_> = tables_used.into_iter().collect();
     cache.tables.retain(|k, _| tables_used.contains(k));
@@ -490,7 +540,12 @@ fn diff(cur: &State, next: &State) -> Plan {
             w.push(Write::Slots { vip_id: *id, slots });
         }
     }
-    // 4. VIPs: new and changed ones now that their tables are in place; then removals.
+    // 4. Source ranges a VIP gains, before a VIP gets the flag that makes the program look
+    // (a change of ranges adds before it removes: a source in both is never refused).
+    for r in next.src_ranges.difference(&cur.src_ranges) {
+        w.push(Write::SrcRange(*r));
+    }
+    // 5. VIPs: new and changed ones now that their tables are in place; then removals.
     for (k, v) in &next.vips {
         if cur.vips.get(k) != Some(v) {
             w.push(Write::Vip { key: *k, value: *v });
@@ -506,7 +561,11 @@ fn diff(cur: &State, next: &State) -> Plan {
     {
         w.push(Write::RemoveVipAddr { addr: *a });
     }
-    // 5. Retire members no table points at any more.
+    // 6. Source ranges no VIP has any more, now that a VIP without ranges has lost the flag.
+    for r in cur.src_ranges.difference(&next.src_ranges) {
+        w.push(Write::RemoveSrcRange(*r));
+    }
+    // 7. Retire members no table points at any more.
     for (id, m) in cur
         .members
         .iter()
@@ -564,6 +623,12 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
         Write::RemoveVip { key } => {
             s.vips.remove(key);
         }
+        Write::SrcRange(r) => {
+            s.src_ranges.insert(*r);
+        }
+        Write::RemoveSrcRange(r) => {
+            s.src_ranges.remove(r);
+        }
     }
 }
 
@@ -597,6 +662,7 @@ mod tests {
             hash: HashOn::FiveTuple,
             affinity_timeout_s: 0,
             table_size: None,
+            source_ranges: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))

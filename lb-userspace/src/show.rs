@@ -480,8 +480,26 @@ pub fn explain(
             ));
             e.result = json!({"verdict": "pass", "reason": "not a VIP"});
         }
+        Some(vip)
+            if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
+                && p.source_range(vip.id, &key.src).is_none() =>
+        {
+            e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            e.step(format!(
+                "source ranges: {src} is in none of the VIP's ranges: dropped (drop_source_range), before any flow, affinity or NAT state"
+            ));
+            e.result = json!({"verdict": "drop", "reason": "source range"});
+        }
         Some(vip) => {
             e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
+                && let Some((bits, a)) = p.source_range(vip.id, &key.src)
+            {
+                e.step(format!(
+                    "source ranges: {src} is in {}/{bits}: allowed",
+                    ip_of(&a, key.family)
+                ));
+            }
             let tcp_flags = if syn {
                 lb_common::select::TCP_FLAG_SYN
             } else {

@@ -432,8 +432,11 @@ fn previous_release() -> Result<()> {
     } else {
         git(&root, &["worktree", "prune"])?;
         let at = src.to_str().context("a UTF-8 path")?;
-        git(&root, &["worktree", "add", "--force", "--detach", at, &commit])
-            .context("adding the previous release's worktree (a shallow clone lacks its commit)")?;
+        git(
+            &root,
+            &["worktree", "add", "--force", "--detach", at, &commit],
+        )
+        .context("adding the previous release's worktree (a shallow clone lacks its commit)")?;
     }
     say(&format!(
         "previous release ({short}): building its agent for the upgrade tests"
@@ -442,7 +445,14 @@ fn previous_release() -> Result<()> {
     build
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", root.join("target"))
-        .args(["build", "--quiet", "--package", "lb-userspace", "--bin", "lb"]);
+        .args([
+            "build",
+            "--quiet",
+            "--package",
+            "lb-userspace",
+            "--bin",
+            "lb",
+        ]);
     let t = std::time::Instant::now();
     run(&mut build)?;
     say(&format!(

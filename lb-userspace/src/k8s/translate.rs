@@ -37,6 +37,9 @@ pub const DEFAULT_CLASS: &str = "default";
 /// Kubernetes' default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The annotation that says a LoadBalancer Service's source ranges when
+/// `spec.loadBalancerSourceRanges` does not (comma-separated CIDRs).
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -619,6 +622,7 @@ impl Translator {
             } else {
                 0
             };
+            let source_ranges = source_ranges_of(svc, &mut event);
             let local = spec.external_traffic_policy.as_deref() == Some("Local");
             let no_slices = Vec::new();
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
@@ -674,6 +678,7 @@ impl Translator {
                         affinity_timeout_s,
                         table_size: effect.table_size,
                         backends: spec_backends,
+                        source_ranges: source_ranges.clone(),
                     };
                     let m = effect.table_size.unwrap_or(settings.table_size);
                     if vip.backends.len() > m as usize {
@@ -750,6 +755,59 @@ impl Translator {
         out.effects = effects;
         out
     }
+}
+
+/// A Service's source ranges: `spec.loadBalancerSourceRanges`, else the annotation
+/// ([`SOURCE_RANGES_ANNOTATION`]), as Kubernetes reads them (host bits cleared). None: every
+/// source. An entry that is not a CIDR is left out with a warning event; if none is left, the
+/// Service's VIPs take no source at all (the Service asked for a restriction: lb does not
+/// widen it to everyone).
+pub fn source_ranges_of(
+    svc: &Service,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Option<Vec<crate::model::Cidr>> {
+    let from_spec: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| !r.trim().is_empty())
+        .collect();
+    let (raw, origin) = if !from_spec.is_empty() {
+        (from_spec, "spec.loadBalancerSourceRanges")
+    } else {
+        let a = svc.annotations().get(SOURCE_RANGES_ANNOTATION)?;
+        let r: Vec<String> = a
+            .split(',')
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        (r, SOURCE_RANGES_ANNOTATION)
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    let mut out: Vec<crate::model::Cidr> = Vec::new();
+    for r in &raw {
+        match crate::model::Cidr::parse(r.trim(), false) {
+            Ok(c) if !out.contains(&c) => out.push(c),
+            Ok(_) => {}
+            Err(e) => event(
+                true,
+                "InvalidSourceRange",
+                format!("{origin}: {e}: left out"),
+            ),
+        }
+    }
+    if out.is_empty() {
+        event(
+            true,
+            "InvalidSourceRange",
+            format!("{origin}: no valid range: the Service's VIPs take no source"),
+        );
+    }
+    Some(out)
 }
 
 /// Whether `svc` is the LoadBalancer Service lb made for a Gateway: it only asks for the
