@@ -1522,4 +1522,68 @@ vips:
             c.warnings
         );
     }
+
+    fn with_ranges(ranges: &str) -> String {
+        GOOD.replace(
+            "    health_check: { type: http, path: /healthz, interval: 2s, timeout: 500ms }",
+            &format!(
+                "    health_check: {{ type: http, path: /healthz, interval: 2s, timeout: 500ms }}\n    source_ranges: {ranges}"
+            ),
+        )
+    }
+
+    #[test]
+    fn source_ranges_are_read_and_an_empty_list_is_no_restriction() {
+        let c = Config::parse(&with_ranges("[198.51.100.0/24, 203.0.113.7]"), "t").unwrap();
+        let r: Vec<String> = c.vips[0]
+            .spec
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(r, ["198.51.100.0/24", "203.0.113.7/32"]);
+        assert_eq!(
+            c.vips[1].spec.source_ranges, None,
+            "not given: every source"
+        );
+        let c = Config::parse(&with_ranges("[]"), "t").unwrap();
+        assert_eq!(c.vips[0].spec.source_ranges, None, "empty: every source");
+    }
+
+    #[test]
+    fn bad_source_ranges_are_errors_with_their_path() {
+        let p = |r: &str| match Config::parse(&with_ranges(r), "t") {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+            }
+            other => panic!("{r}: expected problems, got {other:?}"),
+        };
+        assert_eq!(
+            p("[198.51.100.0/24, 198.51.100.1/24]"),
+            [
+                "vips[0].source_ranges[1]: \"198.51.100.1/24\" has host bits set: did you mean 198.51.100.0/24?"
+            ]
+        );
+        assert_eq!(
+            p("[10.0.0.0/33]"),
+            ["vips[0].source_ranges[0]: \"10.0.0.0/33\": the prefix length must be 0..=32"]
+        );
+        assert_eq!(
+            p("[10.0.0.0/8, nonsense]"),
+            [
+                "vips[0].source_ranges[1]: \"nonsense\" is not a CIDR (like 192.0.2.0/24 or 2001:db8::/32)"
+            ]
+        );
+        assert_eq!(
+            p("[2001:db8::/32]"),
+            [
+                "vips[0].source_ranges[0]: 2001:db8::/32 is IPv6 and the VIP is IPv4: a VIP's source ranges are of its family"
+            ]
+        );
+        assert_eq!(
+            p("[10.0.0.0/8, 10.0.0.0/8]"),
+            ["vips[0].source_ranges[1]: 10.0.0.0/8 is already source_ranges[0]"]
+        );
+    }
 }

@@ -1120,4 +1120,105 @@ mod tests {
         }
         consistent(&cur).unwrap();
     }
+
+    fn with_ranges(mut v: VipSpec, ranges: &[&str]) -> VipSpec {
+        v.source_ranges = Some(
+            ranges
+                .iter()
+                .map(|r| crate::model::Cidr::parse(r, true).unwrap())
+                .collect(),
+        );
+        v
+    }
+
+    /// The entry of range `a/bits` of VIP id `vip_id`, written out by hand.
+    fn range(vip_id: u32, a: &str, bits: u32) -> SrcRange {
+        let (addr, _) = addr16(a.parse().unwrap());
+        SrcRange { vip_id, bits, addr }
+    }
+
+    #[test]
+    fn source_ranges_set_the_vip_flag_and_are_written_before_the_vip() {
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &["198.51.100.0/24", "203.0.113.7/32"],
+        )]);
+        let (p, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        let v = next.vips.values().next().unwrap();
+        assert_eq!(v.flags, VIP_F_SOURCE_RANGES);
+        let want = [range(0, "198.51.100.0", 24), range(0, "203.0.113.7", 32)];
+        assert_eq!(next.src_ranges.iter().copied().collect::<Vec<_>>(), want);
+        let at = |f: &dyn Fn(&Write) -> bool| p.writes.iter().position(f).unwrap();
+        let vip_at = at(&|w| matches!(w, Write::Vip { .. }));
+        for r in want {
+            assert!(
+                at(&|w| *w == Write::SrcRange(r)) < vip_at,
+                "{r:?} after the VIP"
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_of_ranges_writes_only_ranges_adding_before_removing() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]);
+        let before = desired(vec![with_ranges(
+            base.clone(),
+            &["198.51.100.0/24", "203.0.113.0/24"],
+        )]);
+        let after = desired(vec![with_ranges(
+            base,
+            &["203.0.113.0/24", "192.0.2.128/25"],
+        )]);
+        let (_, s) = plan(&State::default(), &before, LIMITS).unwrap();
+        let (p, next) = plan(&s, &after, LIMITS).unwrap();
+        // No VIP, member or slot write: flows of sources still allowed see no change.
+        assert_eq!(
+            p.writes,
+            [
+                Write::SrcRange(range(0, "192.0.2.128", 25)),
+                Write::RemoveSrcRange(range(0, "198.51.100.0", 24)),
+            ]
+        );
+        assert_eq!(next.vips, s.vips);
+    }
+
+    #[test]
+    fn dropping_every_range_clears_the_flag_before_the_ranges_go() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        let (_, s) = plan(
+            &State::default(),
+            &desired(vec![with_ranges(base.clone(), &["198.51.100.0/24"])]),
+            LIMITS,
+        )
+        .unwrap();
+        let (p, next) = plan(&s, &desired(vec![base]), LIMITS).unwrap();
+        let v = *next.vips.values().next().unwrap();
+        assert_eq!(v.flags, 0);
+        assert_eq!(
+            p.writes,
+            [
+                Write::Vip {
+                    key: *next.vips.keys().next().unwrap(),
+                    value: v
+                },
+                Write::RemoveSrcRange(range(0, "198.51.100.0", 24)),
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_of_the_other_family_only_refuse_every_source() {
+        // What Kubernetes gives a dual-stack Service with IPv6 ranges only: its IPv4 VIP
+        // takes no IPv4 source (the flag, and no entry of its family).
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &["2001:db8::/32"],
+        )]);
+        let (_, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        assert_eq!(
+            next.vips.values().next().unwrap().flags,
+            VIP_F_SOURCE_RANGES
+        );
+        assert!(next.src_ranges.is_empty());
+    }
 }

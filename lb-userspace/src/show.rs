@@ -146,7 +146,11 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     if format == Format::Json {
         let vip_rows: Vec<_> = vip_rows
             .iter()
-            .map(|(id, vip, s)| merged(json!({"vip": vip, "id": id}), traffic_json(s)))
+            .map(|(id, vip, s)| {
+                let head =
+                    json!({"vip": vip, "id": id, "drop_source_range": p.vip_source_drops(*id)});
+                merged(head, traffic_json(s))
+            })
             .collect();
         let member_rows: Vec<_> = members
             .iter()
@@ -202,6 +206,17 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     header("VIPS", "VIP", "ID");
     for (id, vip, s) in &vip_rows {
         row(id.to_string(), &vip.label, s);
+    }
+    let refused: Vec<(&VipRef, u64)> = vip_rows
+        .iter()
+        .map(|(id, vip, _)| (vip, p.vip_source_drops(*id)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if !refused.is_empty() {
+        println!("\nREFUSED SOURCES (drop_source_range: outside the VIP's source_ranges)");
+        for (vip, n) in refused {
+            println!("  {:<48} {n:>14}", vip.label);
+        }
     }
     header("BACKENDS PER VIP", "VIP -> BACKEND", "MEMBER/GEN");
     for r in &members {

@@ -215,6 +215,32 @@ impl Lb {
             .expect("writing the VIP filter");
     }
 
+    /// Lets VIP `vip_id` take packets from `ranges` (CIDRs): `LB_SRC_RANGES` entries. The
+    /// program looks only if the VIP has `VIP_F_SOURCE_RANGES`.
+    pub fn add_source_ranges(&mut self, vip_id: u32, ranges: &[&str]) {
+        let mut t: aya::maps::LpmTrie<&mut MapData, lb_common::SrcRangeKey, u32> =
+            aya::maps::LpmTrie::try_from(self.map(maps::SRC_RANGES)).expect("LB_SRC_RANGES");
+        for r in ranges {
+            let (a, bits) = r.split_once('/').expect("a CIDR");
+            let bits: u32 = bits.parse().unwrap();
+            let key = aya::maps::lpm_trie::Key::new(
+                32 + bits,
+                lb_common::SrcRangeKey::new(vip_id, addr16(a.parse().unwrap())),
+            );
+            t.insert(&key, 1, 0).expect("writing a source range");
+        }
+    }
+
+    /// Packets of VIP `vip_id` dropped for their source (`LB_VIP_DROPS`), over all CPUs.
+    pub fn vip_source_drops(&mut self, vip_id: u32) -> u64 {
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(maps::VIP_DROPS)).expect("LB_VIP_DROPS");
+        a.get(&vip_id, 0)
+            .expect("reading LB_VIP_DROPS")
+            .iter()
+            .sum()
+    }
+
     pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {
         self.set_backend_port(id, addr, 0, live);
     }

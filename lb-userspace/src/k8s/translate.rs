@@ -1353,4 +1353,89 @@ vips:
         assert_eq!(t.events.len(), 1);
         assert_eq!(t.events[0].reason, "NoNodeAddress");
     }
+
+    fn ranges_of(t: &Translation, label: &str) -> Option<Vec<String>> {
+        vip(t, label)
+            .spec
+            .source_ranges
+            .as_ref()
+            .map(|r| r.iter().map(|c| c.to_string()).collect())
+    }
+
+    fn translate_with(extra: Value) -> Translation {
+        let mut o = objects();
+        o.services = vec![service("web", extra)];
+        Translator::default().translate(&o, &settings())
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_reach_every_vip_of_the_service() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/48"] },
+            // The spec field wins over the annotation.
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: "10.0.0.0/8" } }
+        }));
+        let want = Some(vec![
+            "198.51.100.0/24".to_string(),
+            "2001:db8:c::/48".into(),
+        ]);
+        for label in [
+            "192.0.2.10:80/tcp",
+            "192.0.2.10:53/udp",
+            "[2001:db8::10]:80/tcp",
+        ] {
+            assert_eq!(ranges_of(&t, label), want, "{label}");
+        }
+        assert!(t.events.is_empty(), "{:?}", t.events);
+    }
+
+    #[test]
+    fn the_annotation_gives_the_ranges_when_the_spec_field_does_not() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: " 198.51.100.0/24 ,203.0.113.9/32," } }
+        }));
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string(), "203.0.113.9/32".into()])
+        );
+        let none = Translator::default().translate(&objects(), &settings());
+        assert_eq!(
+            ranges_of(&none, "192.0.2.10:80/tcp"),
+            None,
+            "no ranges: every source"
+        );
+    }
+
+    #[test]
+    fn invalid_source_ranges_are_left_out_with_an_event_and_none_valid_refuses_all() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.1/24", "not-a-cidr", "10.0.0.0/40"] }
+        }));
+        // Host bits are cleared, as Kubernetes reads CIDRs.
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        let msgs: Vec<&str> = t
+            .events
+            .iter()
+            .filter(|e| e.reason == "InvalidSourceRange")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                "spec.loadBalancerSourceRanges: \"10.0.0.0/40\": the prefix length must be 0..=32: left out",
+                "spec.loadBalancerSourceRanges: \"not-a-cidr\" is not a CIDR (like 192.0.2.0/24 or 2001:db8::/32): left out",
+            ]
+        );
+        let t = translate_with(json!({
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: "garbage" } }
+        }));
+        assert_eq!(ranges_of(&t, "192.0.2.10:80/tcp"), Some(vec![]));
+        assert!(t.events.iter().any(|e| e.message
+            == format!(
+                "{SOURCE_RANGES_ANNOTATION}: no valid range: the Service's VIPs take no source"
+            )));
+    }
 }
