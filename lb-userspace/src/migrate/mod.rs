@@ -790,6 +790,39 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
             schema::pin_name(s.map, theirs)
         ));
     }
+    // A release that reads layout 7 only checks the version `LB_META` records.
+    let layout_7 = release
+        .schemas
+        .iter()
+        .all(|m| schema::RELEASES[0].schemas.contains(m));
+    if layout_7
+        && let Some(meta) = crate::program::pinned_meta(dir)?
+        && meta.version != schema::LAYOUT_7_VERSION
+    {
+        let map = crate::program::open_pinned(dir, maps::META)?;
+        let mut a: aya::maps::Array<_, lb_common::LayoutMeta> = aya::maps::Array::try_from(map)
+            .map_err(|source| LoadError::Write {
+                what: "the layout record",
+                source,
+            })?;
+        a.set(
+            0,
+            lb_common::LayoutMeta {
+                version: schema::LAYOUT_7_VERSION,
+                ..meta
+            },
+            0,
+        )
+        .map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })?;
+        done.push(format!(
+            "LB_META records layout {} (was {})",
+            schema::LAYOUT_7_VERSION,
+            meta.version
+        ));
+    }
     Ok(match done.is_empty() {
         true => format!(
             "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
