@@ -120,7 +120,11 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_for("running", 1, T);
     let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let m = &status["agent"]["last_migration"];
     let of = |map: &str| {
