@@ -1090,6 +1090,8 @@ fn wait_refused(dirs: &Dirs, src: &str, want: bool, what: &str) {
 #[test]
 fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
     let (net, api, dirs) = setup("k8s-src");
+    let metrics = "127.0.0.1:19437";
+    dirs.write_config(&format!("{NODE_CONFIG}  metrics_listen: {metrics}\n"));
     api.apply(service(
         "web",
         json!({ "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/48"] } }),
@@ -1132,6 +1134,22 @@ fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
         .unwrap_or_else(|| panic!("{stats:#}"));
     assert_eq!(row["drop_source_range"], 1, "{row:#}");
     assert_eq!(stats["global"]["drop_source_range"], 1);
+    assert_eq!(
+        metric(
+            &net.ns,
+            metrics,
+            &format!("lb_vip_drop_source_range_total{{vip=\"{V4}:80/tcp\"}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &net.ns,
+            metrics,
+            "lb_packets_total{verdict=\"drop_source_range\"}"
+        ),
+        Some(1)
+    );
 
     // Ranges from the annotation once the spec field is gone: the other way round now.
     api.apply(service(
