@@ -167,6 +167,10 @@ pub enum PlanError {
     TableTooLarge { vip: String, size: u32, max: u32 },
     #[error("VIP {0} is listed twice")]
     DuplicateVip(String),
+    #[error(
+        "{wanted} source ranges over all VIPs, but the program holds at most {max} (LB_SRC_RANGES)"
+    )]
+    TooManySourceRanges { wanted: usize, max: u32 },
 }
 
 /// Who a member is: its VIP id, and its backend's family, address and port (network byte
@@ -388,6 +392,24 @@ fn check_vips(desired: &Desired, limits: Limits) -> Result<(), PlanError> {
         return Err(PlanError::TooManyVips {
             wanted: desired.vips.len(),
             max: limits.max_vips,
+        });
+    }
+    // Only the ranges of a VIP's own family are written.
+    let ranges: usize = desired
+        .vips
+        .iter()
+        .map(|v| {
+            v.source_ranges
+                .iter()
+                .flatten()
+                .filter(|c| c.addr.is_ipv4() == v.address.is_ipv4())
+                .count()
+        })
+        .sum();
+    if ranges > lb_common::maps::MAX_SOURCE_RANGES as usize {
+        return Err(PlanError::TooManySourceRanges {
+            wanted: ranges,
+            max: lb_common::maps::MAX_SOURCE_RANGES,
         });
     }
     Ok(())
@@ -1220,5 +1242,25 @@ mod tests {
             VIP_F_SOURCE_RANGES
         );
         assert!(next.src_ranges.is_empty());
+    }
+
+    #[test]
+    fn more_source_ranges_than_the_trie_holds_are_an_error() {
+        let max = lb_common::maps::MAX_SOURCE_RANGES as usize;
+        let many: Vec<String> = (0..=max)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &refs,
+        )]);
+        assert_eq!(
+            plan(&State::default(), &d, LIMITS).unwrap_err(),
+            PlanError::TooManySourceRanges {
+                wanted: max + 1,
+                max: max as u32
+            }
+        );
     }
 }
