@@ -1,8 +1,13 @@
-//! The `LB_VIPS` schema change that source ranges bring (v1 -> v2, release 0.3.0), as an
-//! operator meets it: `lb migrate --to-release 0.2.0` leaves the pins as 0.2.0 reads them
-//! (`LB_VIPS` at v1, the source-ranges flag cleared, the maps 0.2.0 does not know unpinned),
-//! and an agent of this build started on such pins converts `LB_VIPS` up and serves the ranges
-//! again. Packets run through the program on the agent's maps (`Lb::adopt`).
+//! Source ranges through the agent (`lb run` with a config file), checked on its pinned maps
+//! with packets run through the program (`Lb::adopt`):
+//!
+//! - a reload that changes a VIP's ranges writes only the ranges: the flows of sources still
+//!   allowed keep their entries and backends;
+//! - the `LB_VIPS` schema change that source ranges bring (v1 -> v2, release 0.3.0), as an
+//!   operator meets it: `lb migrate --to-release 0.2.0` leaves the pins as 0.2.0 reads them
+//!   (`LB_VIPS` at v1, the source-ranges flag cleared, the maps 0.2.0 does not know unpinned),
+//!   and an agent of this build started on such pins converts `LB_VIPS` up and serves the
+//!   ranges again.
 
 use std::{path::Path, time::Duration};
 
@@ -10,7 +15,7 @@ use lb_common::{Counter, VIP_F_SOURCE_RANGES, VipKey, VipValue};
 use lb_tests::{
     agent::{Agent, Dirs},
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
-    packet::Pkt,
+    packet::{L4, Pkt, TCP_ACK},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -156,4 +161,82 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
         .unwrap();
     assert_eq!(meta.version, 8, "pins 0.1.0 cannot read");
     net.ns.run(|| assert_ranges_served(&dirs, ingress));
+}
+
+/// A packet of the established flow of `src` (an ACK: it follows the flow entry).
+fn ack(src: &str) -> Pkt {
+    Pkt::tcp(src, 40000, "192.0.2.10", 80, LB0_MAC).with(|p| p.l4 = L4::Tcp { flags: TCP_ACK })
+}
+
+#[test]
+fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
+    let net = FibNet::new("srcreload");
+    let ingress = net.lb0;
+    let dirs = Dirs::new(Path::new(BIN), "srcreload");
+    // Two backends, so that a flow that kept its entry is told from one balanced afresh.
+    let config = |ranges: &str| {
+        CONFIG.replace("[198.51.100.0/24]", ranges).replace(
+            "      - { address: 10.1.0.1 }\n",
+            &format!("      - {{ address: {TX_V4} }}\n      - {{ address: {TX_V4_B} }}\n"),
+        )
+    };
+    dirs.write_config(&config("[198.51.100.0/24]"));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    let clients: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
+    let backends = |lb: &mut Lb| -> Vec<Vec<u8>> {
+        clients
+            .iter()
+            .map(|c| {
+                let r = lb.run(&ack(c).frame(), ingress);
+                assert_eq!(action_name(r.action), action_name(XDP_TX), "{c}");
+                r.output[30..34].to_vec() // the outer destination: the backend
+            })
+            .collect()
+    };
+    let before = net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        for c in &clients {
+            let r = lb.run(
+                &Pkt::tcp(c, 40000, "192.0.2.10", 80, LB0_MAC).frame(),
+                ingress,
+            );
+            assert_eq!(action_name(r.action), action_name(XDP_TX), "{c}");
+        }
+        assert_eq!(lb.flow_count(), clients.len());
+        backends(&mut lb)
+    });
+
+    // Another range added: nothing else is written.
+    dirs.write_config(&config("[198.51.100.0/24, 203.0.113.0/24]"));
+    agent.wait_for("config applied", 1, T);
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        assert_eq!(lb.flow_count(), clients.len(), "the flows stay");
+        let hits = lb.counters()[&Counter::FlowHits];
+        assert_eq!(backends(&mut lb), before, "every flow keeps its backend");
+        assert_eq!(
+            lb.counters()[&Counter::FlowHits] - hits,
+            clients.len() as u64,
+            "every packet followed its flow entry"
+        );
+        let (a, n) = try_source(&dirs.pins, ingress, "203.0.113.7");
+        assert_eq!(
+            (action_name(a), n),
+            (action_name(XDP_TX), 0),
+            "the new range"
+        );
+    });
+
+    // The first range taken away: its sources are refused from the next packet on, flows too.
+    dirs.write_config(&config("[203.0.113.0/24]"));
+    agent.wait_for("config applied", 2, T);
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        let before = lb.counters()[&Counter::DropSourceRange];
+        let r = lb.run(&ack(&clients[0]).frame(), ingress);
+        assert_eq!(action_name(r.action), action_name(XDP_DROP));
+        assert_eq!(lb.counters()[&Counter::DropSourceRange] - before, 1);
+    });
+    assert_eq!(agent.stop().code(), Some(0));
 }
