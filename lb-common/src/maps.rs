@@ -91,6 +91,11 @@ pub const ICMP_TOO_BIG_RATE: u64 = 100;
 /// senders starting together.
 pub const ICMP_TOO_BIG_BURST: u64 = 32;
 
+/// One `u32`: while not 0, the program makes no new NAT translation (`drop_nat_held`). Set by a
+/// migration from just before its swap until it has merged the old program's last translations
+/// (see `lb_userspace::migrate`). Not pinned: it belongs to one loaded program.
+pub const NAT_HOLD: &str = "LB_NAT_HOLD";
+
 /// What the pinned maps were created for: [`crate::LayoutMeta`], one entry. Not used by the
 /// program; the agent writes and checks it.
 pub const META: &str = "LB_META";

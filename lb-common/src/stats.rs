@@ -161,8 +161,13 @@ counters! {
     /// Check mode (`nexthop_check`): the member's next hop and `bpf_fib_lookup` disagreed (the
     /// route lookup's answer was used).
     NexthopMismatches = "nexthop_mismatches", false;
-
-    // Added in 0.3.0, at the end so that every earlier counter keeps its index in `LB_STATS`.
+    // Counters added after release 0.1.0 go last, so that every earlier one keeps its index
+    // (a counter's index is its meaning in the pinned `LB_STATS`).
+    /// Dropped: NAT mode, a packet that needed a new translation in the moment a migration holds
+    /// new NAT source ports back (between the swap and the merge of the old program's last
+    /// translations, so that no port is handed out twice); the client's retransmission gets one.
+    DropNatHeld = "drop_nat_held", true;
+    // Added in 0.3.0.
     /// Dropped: the VIP takes packets from some sources only (`source_ranges`), and this one
     /// is not among them. Also counted per VIP (`LB_VIP_DROPS`).
     DropSourceRange = "drop_source_range", true;

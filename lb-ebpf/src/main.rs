@@ -130,6 +130,8 @@ mod program {
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
     #[map]
+    pub static LB_NAT_HOLD: Array<u32> = Array::with_max_entries(1, 0);
+    #[map]
     pub static LB_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
         LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
     #[map]

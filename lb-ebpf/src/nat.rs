@@ -37,8 +37,8 @@ use crate::parse::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 use crate::{
-    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_JOB, LB_NAT_REV, LB_NODE,
-    count,
+    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB,
+    LB_NAT_REV, LB_NODE, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
@@ -501,6 +501,7 @@ fn nat_forward(
     let member = (backend_id, backend.generation);
     let port = match translation(pkt, &mut rkey, vip_id, member, t, node) {
         Some(p) => p,
+        None if held() => return Verdict::new(Counter::DropNatHeld, xdp_action::XDP_DROP),
         None => match allocate(pkt, &rkey, vip_id, member, t) {
             Some((p, true)) => {
                 count(Counter::NatNew);
@@ -517,6 +518,12 @@ fn nat_forward(
     count(Counter::NatForward);
     let to = Some((backend_id, backend.generation));
     rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport), to, node)
+}
+
+/// Whether a migration holds new translations back (see `maps::NAT_HOLD`).
+#[inline(always)]
+fn held() -> bool {
+    LB_NAT_HOLD.get(0).is_some_and(|h| *h != 0)
 }
 
 /// Translates a reply from a backend back towards its client, if `pkt` is one; passes it

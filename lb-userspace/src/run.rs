@@ -457,10 +457,14 @@ fn resize(
     })?;
     let dp = KernelDataplane::new(loaded.ebpf, sizes.clone())?;
     let old_dp = agent.replace_dataplane(dp, sizes)?;
+    // The old maps and config again (the old maps never saw the new config: nothing to write).
     let back = |agent: &mut Agent<KernelDataplane>, old_dp| {
         failed();
         if let Err(e) = agent.replace_dataplane(old_dp, old_config.node.sizes.clone()) {
             error!("going back to the old maps: {}", crate::error_chain(&e));
+        }
+        if let Err(e) = agent.replace_config(old_config.clone()) {
+            error!("going back to the old config: {}", crate::error_chain(&e));
         }
     };
     let plan = match agent.replace_config(c) {
@@ -471,17 +475,21 @@ fn resize(
         }
     };
     let node = agent.config().node.clone();
+    let mut pending = loaded.pending;
+    if let Some(p) = &mut pending
+        && let Err(e) = p.catch_up(&mut agent.dp.ebpf)
+    {
+        back(agent, old_dp);
+        return Err(e).context("copying what the old program wrote meanwhile");
+    }
     if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node) {
         back(agent, old_dp);
-        if let Err(e) = agent.replace_config(old_config.clone()) {
-            error!("going back to the old config: {}", crate::error_chain(&e));
-        }
         if let Err(e) = links::sync(&mut agent.dp, pin_dir, &old_config.node) {
             error!("swapping the old program back: {e:#}");
         }
         return Err(e).context("swapping the migrated program in");
     }
-    if let Some(pending) = loaded.pending {
+    if let Some(pending) = pending {
         let report = pending
             .finish(&mut agent.dp.ebpf)
             .inspect_err(|_| {
@@ -704,10 +712,11 @@ async fn start(
         }
         // Entries moved into new maps: they get the config before they serve (nothing of the
         // old program's changed yet if this fails), then the new program is swapped in.
-        Some(pending) => {
+        Some(mut pending) => {
             let plan = agent
                 .reconcile()
                 .context("applying the config to the migrated maps")?;
+            pending.catch_up(&mut agent.dp.ebpf)?;
             let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
             match pending.finish(&mut agent.dp.ebpf) {
                 Ok(report) => (plan, Some(report)),

@@ -33,6 +33,8 @@ pub struct Options {
     pub backends_per_vip: usize,
     /// Flow-table size whose kernel memory is reported.
     pub memory_flows: u32,
+    /// IPv4 flows and NAT translations (each direction) in the tables a migration doubles.
+    pub migration_entries: u32,
 }
 
 impl Options {
@@ -45,6 +47,7 @@ impl Options {
             vips: 1000,
             backends_per_vip: 100,
             memory_flows: 1 << 20,
+            migration_entries: 200_000,
         }
     }
 
@@ -57,6 +60,7 @@ impl Options {
             vips: 20,
             backends_per_vip: 10,
             memory_flows: 1 << 12,
+            migration_entries: 2_000,
         }
     }
 }
@@ -1318,6 +1322,136 @@ pub fn memory(opts: &Options) -> Value {
     json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "flow_table_bytes_per_entry": per_entry, "v6_flow_entries": v6_entries, "v6_flow_table_bytes_per_entry": v6_per_entry, "sizes": format!("{sizes:?}")})
 }
 
+/// A migration that doubles the flow and NAT tables (see `lb_userspace::migrate`) holding
+/// `opts.migration_entries` IPv4 flows and as many NAT translations (both directions), with 1 %
+/// more written to the old maps between the copy and the swap (late writes to merge). Reports
+/// the copy (while the old program would serve) and the finish (grace period, merge and pin
+/// renames: the window in which the late entries are missing from the maps the new program uses).
+pub fn migration(opts: &Options) -> Value {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{FlowKey, NatFlow, NatReverse, flowtab, maps};
+    use lb_userspace::migrate;
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lb-bench-migrate-{}",
+        std::process::id()
+    ));
+    let n = opts.migration_entries;
+    let sizes = Sizes {
+        flow_entries: n * 2,
+        nat_entries: n + n / 4,
+        ..Sizes::default()
+    };
+    let key = |i: u32| {
+        let mut k = FlowKey::default();
+        k.src[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+        k.src_port = (1024 + (i % 60_000) as u16).to_be();
+        k.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
+        k.dst_port = 80u16.to_be();
+        k.proto = IPPROTO_TCP;
+        k.family = lb_common::FAMILY_V4;
+        k
+    };
+    let fill = |ebpf_nat: &mut HashMap<&mut MapData, FlowKey, NatFlow>, from: u32, to: u32| {
+        for i in from..to {
+            ebpf_nat
+                .insert(key(i), NatFlow::default(), 0)
+                .expect("NAT entry");
+        }
+    };
+    let mut first = migrate::load(&sizes, &dir, "start", None).expect("loading on empty pins");
+    {
+        let mut nat: HashMap<_, FlowKey, NatFlow> =
+            HashMap::try_from(first.ebpf.map_mut(maps::NAT).unwrap()).unwrap();
+        fill(&mut nat, 0, n);
+        let mut rev: HashMap<_, FlowKey, NatReverse> =
+            HashMap::try_from(first.ebpf.map_mut(maps::NAT_REV).unwrap()).unwrap();
+        for i in 0..n {
+            rev.insert(key(i), NatReverse::default(), 0)
+                .expect("reverse entry");
+        }
+        let mut dp = KernelDataplane::new(first.ebpf, sizes.clone()).expect("dataplane");
+        let buckets = flowtab::buckets_for(sizes.flow_entries);
+        let map = dp.ebpf.map_mut(maps::FLOWS4).unwrap();
+        let aya::maps::Map::Array(data) = map else {
+            panic!("LB_FLOWS4 is an array")
+        };
+        let mem = lb_userspace::mapping::Mapping::new(
+            data,
+            buckets as usize * size_of::<flowtab::FlowBucket>(),
+            true,
+        )
+        .expect("mapping the flow table");
+        // SAFETY: the mapping covers `buckets` buckets, page-aligned.
+        let table = unsafe {
+            std::slice::from_raw_parts_mut(
+                mem.ptr().cast::<flowtab::FlowBucket>(),
+                buckets as usize,
+            )
+        };
+        for i in 0..n {
+            let k = flowtab::pack_key(&key(i), 0);
+            assert!(migrate::convert::place(
+                table,
+                k,
+                flowtab::pack_value(k, 1, 1),
+                i
+            ));
+        }
+        first.ebpf = dp.ebpf;
+    }
+    drop(first);
+    let doubled = Sizes {
+        flow_entries: sizes.flow_entries * 2,
+        nat_entries: sizes.nat_entries * 2,
+        ..sizes.clone()
+    };
+    let t = Instant::now();
+    let mut second = migrate::load(&doubled, &dir, "reload", None).expect("migrating");
+    let copy = t.elapsed();
+    // Late writes of the old program: 1 % more translations in the old maps.
+    let late = (n / 100).max(1);
+    {
+        let data = MapData::from_pin(dir.join(maps::NAT)).expect("the old NAT map");
+        let mut old = aya::maps::Map::from_map_data(data).expect("a map");
+        let mut nat: HashMap<_, FlowKey, NatFlow> = HashMap::try_from(&mut old).unwrap();
+        fill(&mut nat, n, n + late);
+    }
+    let t = Instant::now();
+    let report = second
+        .pending
+        .take()
+        .expect("the tables moved")
+        .finish(&mut second.ebpf)
+        .expect("finishing");
+    let finish = t.elapsed();
+    drop(second);
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    let _ = std::fs::remove_dir(&dir);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let moved: Vec<Value> = report
+        .maps
+        .iter()
+        .filter(|m| m.entries + m.merged > 0)
+        .map(|m| json!({"map": m.map, "entries": m.entries, "merged": m.merged, "ms": m.ms}))
+        .collect();
+    assert_eq!(
+        report.merged,
+        u64::from(late),
+        "the late writes were merged"
+    );
+    json!({
+        "entries": n,
+        "late_writes": late,
+        "copy_ms": ms(copy),
+        "finish_ms": ms(finish),
+        "entries_copied": report.entries,
+        "entries_per_s": report.entries as f64 / copy.as_secs_f64(),
+        "maps": moved,
+    })
+}
+
 /// The sections `run` can be limited to (`lb-bench --only forwarding,memory`).
 pub const SECTIONS: &[&str] = &[
     "fastpath",
@@ -1326,6 +1460,7 @@ pub const SECTIONS: &[&str] = &[
     "maglev",
     "control_plane",
     "memory",
+    "migration",
 ];
 
 /// Each XDP program of the object as the kernel holds it once loaded: its translated
@@ -1395,6 +1530,9 @@ pub fn run_only(opts: &Options, sections: &[&str]) -> Value {
     if want("memory") {
         out.insert("memory".into(), memory(opts));
     }
+    if want("migration") {
+        out.insert("migration".into(), migration(opts));
+    }
     out.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
     Value::Object(out)
 }
@@ -1437,6 +1575,17 @@ pub fn table(v: &Value) -> String {
     }
     if let Some(cp) = v.get("control_plane") {
         s += &control_plane_table(cp);
+    }
+    if let Some(m) = v.get("migration") {
+        s += &format!(
+            "migration (flow and NAT tables doubled, {} IPv4 flows and {} translations each way, {} late writes): copy {:.0} ms ({:.0} entries/s, the old program serving), finish {:.0} ms (grace period, merge, renames)\n",
+            m["entries"],
+            m["entries"],
+            m["late_writes"],
+            m["copy_ms"].as_f64().unwrap_or(0.0),
+            m["entries_per_s"].as_f64().unwrap_or(0.0),
+            m["finish_ms"].as_f64().unwrap_or(0.0),
+        );
     }
     if let Some(m) = v.get("memory") {
         s += &format!(

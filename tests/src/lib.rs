@@ -17,6 +17,7 @@ pub mod netns;
 pub mod packet;
 pub mod release;
 pub mod tmux;
+pub mod upgrade;
 pub mod wellformed;
 
 /// The YAML documents of `deploy/<file>`, as JSON values.

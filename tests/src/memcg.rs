@@ -82,6 +82,13 @@ impl MemCgroup {
             .expect("running a command in the memory cgroup")
     }
 
+    /// Moves the running process `pid` into the group: what it allocates from now on (kernel
+    /// memory such as BPF maps included) counts against the limit; what it holds stays where it
+    /// was charged.
+    pub fn add(&self, pid: u32) {
+        self.write("cgroup.procs", &pid.to_string());
+    }
+
     /// The group's peak usage so far (bytes), as the kernel counts it.
     pub fn peak(&self) -> Option<u64> {
         let f = if self.v2 {

@@ -5,6 +5,9 @@
 fn bench_smoke() {
     lb_tests::require_root();
     let v = lb_tests::bench::run(&lb_tests::bench::Options::smoke());
+    // The migration section: every entry copied, the late writes merged (asserted inside).
+    let m = &v["migration"];
+    assert_eq!(m["entries_copied"].as_u64(), Some(3 * 2_000 + 1), "{m}");
     let f = &v["fastpath"];
     assert!(f["floor_ns"].as_u64().unwrap() > 0, "{f}");
     for case in [

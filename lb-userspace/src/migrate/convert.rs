@@ -148,6 +148,21 @@ pub fn merge3<K: Ord + Clone, V: PartialEq + Clone>(
         .collect()
 }
 
+/// The keys whose entry differs between `base` and `old` (changed, added or removed).
+pub fn changed<K: Ord + Clone, V: PartialEq>(
+    base: &BTreeMap<K, V>,
+    old: &BTreeMap<K, V>,
+) -> Vec<K> {
+    let added_or_changed = old.iter().filter(|(k, v)| base.get(*k) != Some(*v));
+    let removed = base.keys().filter(|k| !old.contains_key(*k));
+    let mut keys: Vec<K> = added_or_changed
+        .map(|(k, _)| k.clone())
+        .chain(removed.cloned())
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// [`merge3`] of two IPv4 flow tables, applied to `new` in place; returns how many flows it
 /// wrote and how many found no room (counted, not refused: the program would have evicted).
 pub fn merge_flows(base: &[FlowBucket], old: &[FlowBucket], new: &mut [FlowBucket]) -> (u64, u64) {
@@ -302,6 +317,14 @@ mod tests {
             merge3(&base, &old, &new),
             vec![(1, Some(11)), (3, None), (5, Some(50))]
         );
+    }
+
+    #[test]
+    fn changed_keys_are_those_added_changed_or_removed_after_the_copy() {
+        let m = |v: &[(u32, u32)]| v.iter().copied().collect::<BTreeMap<_, _>>();
+        let base = m(&[(1, 10), (2, 20), (3, 30)]);
+        let old = m(&[(1, 11), (2, 20), (4, 40)]);
+        assert_eq!(changed(&base, &old), vec![1, 3, 4]);
     }
 
     #[test]

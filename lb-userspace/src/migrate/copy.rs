@@ -58,6 +58,13 @@ pub enum CopyError {
         #[source]
         source: aya::maps::xdp::XdpMapError,
     },
+    #[error("{map}: {what} many entries at a time")]
+    Batch {
+        map: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{map}: mapping its memory")]
     Mmap {
         map: String,
@@ -119,7 +126,7 @@ fn data(map: &Map) -> Option<&MapData> {
 /// Reads every entry of `map` (of schema `s`, `entries` slots for arrays).
 pub fn read(map: &Map, s: &Schema, entries: u32) -> Result<Snapshot, CopyError> {
     match s.shape {
-        Shape::Hash | Shape::LruHash => hash_sizes!(s, read_hash(map, s)),
+        Shape::Hash | Shape::LruHash => read_hash(map, s),
         Shape::Array if mmapable(s) => read_mapped(map, s, entries).map(Snapshot::Array),
         Shape::Array => value_sizes!(s, read_array(map, s)),
         Shape::PerCpuArray => value_sizes!(s, read_percpu(map, s)),
@@ -168,7 +175,11 @@ pub fn write(map: &mut Map, s: &Schema, snap: &Snapshot) -> Result<u64, CopyErro
             let all: Vec<u32> = (0..n as u32).collect();
             value_sizes!(s, write_percpu(map, s, cpus, &all))
         }
-        Snapshot::Buckets(b) => write_mapped(map, s, bucket_bytes(b)),
+        // The flows, not the buckets: what the report calls entries copied.
+        Snapshot::Buckets(b) => {
+            write_mapped(map, s, bucket_bytes(b))?;
+            Ok(super::convert::flows_of(b).len() as u64)
+        }
         Snapshot::Ports(p) => {
             let mut ports: DevMapHash<_> =
                 DevMapHash::try_from(map).map_err(map_err(s.map, "opening"))?;
@@ -285,21 +296,28 @@ pub fn write_percpu_entries(
     value_sizes!(s, write_percpu(map, s, cpus, indices))
 }
 
-fn read_hash<const K: usize, const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
-    let h: HashMap<_, [u8; K], [u8; V]> =
-        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
-    let mut out = BTreeMap::new();
-    for kv in h.iter() {
-        match kv {
-            Ok((k, v)) => {
-                out.insert(k.to_vec(), v.to_vec());
-            }
-            // An LRU entry evicted between the key walk and its lookup: gone, as it would be.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(s.map, "reading")(e)),
-        }
+fn hash_fd<'a>(map: &'a Map, s: &Schema) -> Result<std::os::fd::BorrowedFd<'a>, CopyError> {
+    use std::os::fd::AsFd as _;
+    match map {
+        Map::HashMap(d) | Map::LruHashMap(d) => Ok(d.fd().as_fd()),
+        _ => Err(CopyError::Unsupported {
+            map: s.map.to_string(),
+            key: s.key_size,
+            value: s.value_size,
+        }),
     }
-    Ok(Snapshot::Hash(out))
+}
+
+fn batch_err(map: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> CopyError + use<> {
+    let map = map.to_string();
+    move |source| CopyError::Batch { map, what, source }
+}
+
+fn read_hash(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let fd = hash_fd(map, s)?;
+    let all = super::batch::lookup_all(fd, s.key_size as usize, s.value_size as usize)
+        .map_err(batch_err(s.map, "reading"))?;
+    Ok(Snapshot::Hash(all.into_iter().collect()))
 }
 
 fn write_hash<const K: usize, const V: usize>(
@@ -307,22 +325,95 @@ fn write_hash<const K: usize, const V: usize>(
     s: &Schema,
     writes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<u64, CopyError> {
+    let puts: Vec<(&[u8], &[u8])> = writes
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.as_slice(), v.as_slice())))
+        .collect();
+    super::batch::update_all(hash_fd(map, s)?, K, V, &puts).map_err(batch_err(s.map, "writing"))?;
     let mut h: HashMap<_, [u8; K], [u8; V]> =
         HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
-    for (k, v) in writes {
+    for (k, _) in writes.iter().filter(|(_, v)| v.is_none()) {
         let key: [u8; K] = k.as_slice().try_into().expect("key size checked");
-        match v {
-            Some(v) => {
-                let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
-                h.insert(key, value, 0).map_err(map_err(s.map, "writing"))?;
-            }
-            None => match h.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(s.map, "removing")(e)),
-            },
+        match h.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(s.map, "removing")(e)),
         }
     }
     Ok(writes.len() as u64)
+}
+
+/// Applies merge writes to a hash map the new program may be writing: a value for a key the
+/// map did not hold is inserted only if it still does not (`BPF_NOEXIST`), one for a key it
+/// held replaces it only if it is still there (`BPF_EXIST`); a removal is made as asked.
+/// Returns (entries written, entries the new program took first and kept).
+pub fn write_hash_merge(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+) -> Result<(u64, u64), CopyError> {
+    hash_sizes!(s, merge_hash(map, s, writes))
+}
+
+fn merge_hash<const K: usize, const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+) -> Result<(u64, u64), CopyError> {
+    const BPF_NOEXIST: u64 = 1;
+    const BPF_EXIST: u64 = 2;
+    let mut h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let (mut written, mut kept) = (0, 0);
+    for (k, v, existed) in writes {
+        let key: [u8; K] = k.as_slice().try_into().expect("key size checked");
+        let r = match v {
+            Some(v) => {
+                let value: [u8; V] = v.as_slice().try_into().expect("value size checked");
+                let flags = if *existed { BPF_EXIST } else { BPF_NOEXIST };
+                h.insert(key, value, flags)
+            }
+            None => h.remove(&key),
+        };
+        match r {
+            Ok(()) => written += 1,
+            Err(MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::ENOENT)) =>
+            {
+                kept += 1
+            }
+            Err(MapError::KeyNotFound) => kept += 1,
+            Err(e) => return Err(map_err(s.map, "merging")(e)),
+        }
+    }
+    Ok((written, kept))
+}
+
+/// The values `keys` have in a hash map now (None: no such entry).
+pub fn hash_values(
+    map: &Map,
+    s: &Schema,
+    keys: &[&[u8]],
+) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    hash_sizes!(s, hash_get(map, s, keys))
+}
+
+fn hash_get<const K: usize, const V: usize>(
+    map: &Map,
+    s: &Schema,
+    keys: &[&[u8]],
+) -> Result<Vec<Option<Vec<u8>>>, CopyError> {
+    let h: HashMap<_, [u8; K], [u8; V]> =
+        HashMap::try_from(map).map_err(map_err(s.map, "opening"))?;
+    keys.iter()
+        .map(|k| {
+            let key: [u8; K] = (*k).try_into().expect("key size checked");
+            match h.get(&key, 0) {
+                Ok(v) => Ok(Some(v.to_vec())),
+                Err(MapError::KeyNotFound) => Ok(None),
+                Err(e) => Err(map_err(s.map, "reading")(e)),
+            }
+        })
+        .collect()
 }
 
 fn read_array<const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
@@ -446,32 +537,97 @@ pub fn bucket_bytes(b: &[FlowBucket]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
 }
 
-/// Writes into a flow table's memory the buckets of `table` that differ from `before` (what it
-/// held when read), leaving the others to the program that may be writing them.
-pub fn write_changed_buckets(
+/// Applies merge writes to a flow table the new program is writing meanwhile, way by way with
+/// the program's own protocol (a way is claimed by a compare-and-exchange of its key, to
+/// [`flowtab::LOCKED`] for a write, and only a way still empty is taken): so a flow the new
+/// program makes while the merge runs is never overwritten, as whole buckets written from an
+/// earlier read would. A flow the new program made meanwhile keeps the new program's value.
+/// Returns (ways written or emptied, flows that found no empty way).
+pub fn merge_flows_live(
     map: &Map,
     s: &Schema,
-    before: &[FlowBucket],
-    table: &[FlowBucket],
-) -> Result<u64, CopyError> {
+    buckets: u32,
+    writes: &[super::convert::Write<u64, (u64, u32)>],
+) -> Result<(u64, u64), CopyError> {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    use lb_common::flowtab::{self, EMPTY, FLOW_WAYS, LOCKED};
+
     let d = data(map).ok_or(CopyError::Unsupported {
         map: s.map.to_string(),
         key: s.key_size,
         value: s.value_size,
     })?;
     let m =
-        Mapping::new(d, std::mem::size_of_val(table), true).map_err(|source| CopyError::Mmap {
-            map: s.map.to_string(),
-            source,
+        Mapping::new(d, buckets as usize * size_of::<FlowBucket>(), true).map_err(|source| {
+            CopyError::Mmap {
+                map: s.map.to_string(),
+                source,
+            }
         })?;
-    let mut n = 0;
-    for (i, (b, a)) in before.iter().zip(table).enumerate() {
-        if b != a {
-            // SAFETY: bucket `i` lies inside the writable mapping, which is page-aligned, so
-            // every bucket in it is 64-byte aligned.
-            unsafe { m.ptr().cast::<FlowBucket>().add(i).write_volatile(*a) };
-            n += 1;
+    // SAFETY: bucket `i` (below `buckets`) lies inside the writable mapping, which is
+    // page-aligned, so its fields are naturally aligned; the program writes them with single
+    // stores and compare-and-exchanges, as the atomics here do.
+    let way = |i: u32, w: usize| unsafe {
+        let b = m.ptr().cast::<FlowBucket>().add(i as usize);
+        (
+            &*(&raw mut (*b).keys[w]).cast::<AtomicU64>(),
+            &*(&raw mut (*b).values[w]).cast::<AtomicU64>(),
+            &*(&raw mut (*b).seen[w]).cast::<AtomicU32>(),
+        )
+    };
+    let holds = |i: u32, k: u64| (0..FLOW_WAYS).any(|w| way(i, w).0.load(Ordering::Acquire) == k);
+    let empties = |i: u32| {
+        (0..FLOW_WAYS)
+            .filter(|&w| way(i, w).0.load(Ordering::Relaxed) == EMPTY)
+            .count()
+    };
+    let (mut written, mut lost) = (0, 0);
+    for (k, v) in writes {
+        let [a, b] = flowtab::buckets_of(*k, buckets);
+        match v {
+            Some((value, seen)) => {
+                if holds(a, *k) || holds(b, *k) {
+                    continue;
+                }
+                // The bucket with more empty ways first, as the program chooses.
+                let order = if empties(a) >= empties(b) {
+                    [a, b]
+                } else {
+                    [b, a]
+                };
+                let claimed = order.into_iter().find_map(|i| {
+                    (0..FLOW_WAYS).find_map(|w| {
+                        let (key, val, sn) = way(i, w);
+                        key.compare_exchange(EMPTY, LOCKED, Ordering::AcqRel, Ordering::Relaxed)
+                            .ok()
+                            .map(|_| (key, val, sn))
+                    })
+                });
+                match claimed {
+                    Some((key, val, sn)) => {
+                        val.store(*value, Ordering::Relaxed);
+                        sn.store(*seen, Ordering::Relaxed);
+                        key.store(*k, Ordering::Release);
+                        written += 1;
+                    }
+                    None => lost += 1,
+                }
+            }
+            None => {
+                for i in [a, b] {
+                    for w in 0..FLOW_WAYS {
+                        let key = way(i, w).0;
+                        if key
+                            .compare_exchange(*k, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                        {
+                            written += 1;
+                        }
+                    }
+                }
+            }
         }
     }
-    Ok(n)
+    Ok((written, lost))
 }

@@ -14,6 +14,7 @@
 //!    run inside RCU read-side sections), merges what the old program wrote after the copy, and
 //!    renames the staged pins over the old ones. The old maps go with the old program.
 
+pub mod batch;
 pub mod convert;
 pub mod copy;
 pub mod pins;
@@ -77,8 +78,15 @@ pub struct Migration {
     pub duration_ms: f64,
     /// Entries copied into new maps.
     pub entries: u64,
-    /// Entries the old program wrote after the copy, merged in after the swap.
+    /// Entries the old program wrote after the first copy, copied right before the swap.
+    #[serde(default)]
+    pub caught_up: u64,
+    /// Entries the old program wrote in the last moments before the swap, merged in after it.
     pub merged: u64,
+    /// Entries both programs changed around the swap, where the new program's stands (for
+    /// `LB_NAT_REV`: a source port both handed out; the old program's connection lost it).
+    #[serde(default)]
+    pub conflicts: u64,
     pub maps: Vec<MapMove>,
 }
 
@@ -94,6 +102,8 @@ pub struct MapMove {
     pub to_entries: u32,
     /// Entries copied (0 for a map used as it is).
     pub entries: u64,
+    #[serde(default)]
+    pub caught_up: u64,
     pub merged: u64,
     /// Time spent copying and merging this map.
     pub ms: f64,
@@ -276,7 +286,9 @@ fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Mig
         to_release: env!("CARGO_PKG_VERSION").to_string(),
         duration_ms: 0.0,
         entries: 0,
+        caught_up: 0,
         merged: 0,
+        conflicts: 0,
         maps: plan
             .maps
             .iter()
@@ -288,6 +300,7 @@ fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Mig
                 from_entries: m.found.as_ref().map(|f| f.max_entries),
                 to_entries: m.entries,
                 entries: 0,
+                caught_up: 0,
                 merged: 0,
                 ms: 0.0,
             })
@@ -434,17 +447,53 @@ impl Pending {
         self.report.merged += merged;
     }
 
+    /// Right before the swap: copies what the old program wrote since the first copy (the
+    /// program verification and the config took time), so that what [`Pending::finish`] merges
+    /// after the swap is only what the old program writes in the last moments.
+    pub fn catch_up(&mut self, ebpf: &mut Ebpf) -> Result<(), MigrateError> {
+        if self.moves_nat() {
+            set_hold(ebpf, true)?;
+        }
+        for mv in &mut self.moved {
+            let t = Instant::now();
+            // The new program does not run yet: every change of the old one is taken.
+            let (n, _) = merge(mv, ebpf)?;
+            let new = ebpf
+                .map_mut(mv.schema.map)
+                .expect("every schema's map is in the object");
+            let entries = match &mv.base {
+                Snapshot::Buckets(b) => b.len() as u32,
+                Snapshot::Array(a) => (a.len() / mv.schema.value_size as usize) as u32,
+                _ => 0,
+            };
+            mv.base = copy::read(new, mv.schema, entries)?;
+            if let Some(m) = self.report.maps.iter_mut().find(|m| m.map == mv.schema.map) {
+                m.caught_up += n;
+                m.ms += ms(t);
+            }
+            self.report.caught_up += n;
+        }
+        Ok(())
+    }
+
     /// After the swap: waits until the old program runs nowhere, merges what it wrote after
     /// the first copy, renames the staged pins over the old ones and rewrites the layout
     /// record. Returns the report.
     pub fn finish(mut self, ebpf: &mut Ebpf) -> Result<Migration, MigrateError> {
         grace_period();
         let moved = std::mem::take(&mut self.moved);
-        for mv in &moved {
+        let merged = moved.iter().try_for_each(|mv| {
             let t = Instant::now();
-            let n = merge(mv, ebpf)?;
+            let (n, both) = merge(mv, ebpf)?;
             self.note_merged(mv.schema.map, n, t);
-        }
+            self.report.conflicts += both;
+            Ok::<_, MigrateError>(())
+        });
+        // New translations again, whatever happened: every port the old program handed out is
+        // in the new maps now (or the migration failed and says so).
+        let released = set_hold(ebpf, false);
+        merged?;
+        released?;
         for (staged, pin) in &self.staged {
             std::fs::rename(staged, pin).map_err(|source| MigrateError::Io {
                 what: "renaming the staged pin over",
@@ -481,6 +530,34 @@ impl Pending {
         );
         Ok(self.report.clone())
     }
+}
+
+impl Pending {
+    /// Whether NAT translations move into new maps (then new ones are held back from just
+    /// before the swap until the old program's last ones are merged: see [`maps::NAT_HOLD`]).
+    fn moves_nat(&self) -> bool {
+        self.moved
+            .iter()
+            .any(|mv| matches!(mv.schema.map, maps::NAT | maps::NAT_REV))
+    }
+}
+
+/// Holds new NAT translations back in the program of `ebpf`, or lets them be made again.
+fn set_hold(ebpf: &mut Ebpf, hold: bool) -> Result<(), MigrateError> {
+    let map = ebpf
+        .map_mut(maps::NAT_HOLD)
+        .ok_or(MigrateError::Load(LoadError::NoProgram))?;
+    let mut a: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| LoadError::Write {
+            what: "the NAT hold",
+            source,
+        })?;
+    a.set(0, u32::from(hold), 0).map_err(|source| {
+        MigrateError::Load(LoadError::Write {
+            what: "the NAT hold",
+            source,
+        })
+    })
 }
 
 impl Drop for Pending {
@@ -596,8 +673,9 @@ fn grace_period() {
 }
 
 /// Merges what the old program wrote into `mv`'s map after the first copy (see
-/// [`convert::merge3`]); returns the entries written.
-fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
+/// [`convert::merge3`]); returns the entries written and those both programs changed, where the
+/// new program's stands.
+fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
     let s = mv.schema;
     let new = ebpf
         .map_mut(s.map)
@@ -606,11 +684,42 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
     let vs = s.value_size as usize;
     Ok(match (&mv.base, old_now) {
         (Snapshot::Hash(base), Snapshot::Hash(old)) => {
-            let Snapshot::Hash(now) = copy::read(new, s, 0)? else {
-                unreachable!("a hash map")
-            };
-            let writes = convert::merge3(base, &old, &now);
-            copy::write_hash_entries(new, s, &writes)?
+            // Only the entries the old program changed after the copy are looked up in the new
+            // map (few, against the whole table): the merge is the window in which they are
+            // missing from the maps the new program uses.
+            let changed = convert::changed(base, &old);
+            let keys: Vec<&[u8]> = changed.iter().map(|k| k.as_slice()).collect();
+            let now: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = keys
+                .iter()
+                .zip(copy::hash_values(new, s, &keys)?)
+                .filter_map(|(k, v)| Some((k.to_vec(), v?)))
+                .collect();
+            let base: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+                .iter()
+                .filter_map(|k| Some((k.clone(), base.get(k)?.clone())))
+                .collect();
+            let old: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+                .iter()
+                .filter_map(|k| Some((k.clone(), old.get(k)?.clone())))
+                .collect();
+            // Both programs changed it: the new one's stands (for NAT_REV, a source port both
+            // handed out in the window; the old program's connection then lost it).
+            let both = changed
+                .iter()
+                .filter(|k| {
+                    let (b, o, n) = (base.get(*k), old.get(*k), now.get(*k));
+                    n != b && o != b && n != o
+                })
+                .count() as u64;
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>, bool)> = convert::merge3(&base, &old, &now)
+                .into_iter()
+                .map(|(k, v)| {
+                    let existed = now.contains_key(&k);
+                    (k, v, existed)
+                })
+                .collect();
+            let (n, kept) = copy::write_hash_merge(new, s, &writes)?;
+            (n, both + kept)
         }
         (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
             let entries = base_new.len() as u32;
@@ -619,30 +728,16 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
             };
             // The base in the old table's form: the flows the first copy read.
             let base_old = convert::flows_of(base_new);
-            let old_flows = convert::flows_of(&old);
-            let mut table = now.clone();
-            let writes = convert::merge3(&base_old, &old_flows, &convert::flows_of(&now));
-            let mut n = 0;
-            for (k, v) in writes {
-                n += 1;
-                match v {
-                    Some((value, seen)) => {
-                        if !convert::place(&mut table, k, value, seen) {
-                            warn!("{}: no room to merge a late flow", s.map);
-                        }
-                    }
-                    None => {
-                        for i in lb_common::flowtab::buckets_of(k, table.len() as u32) {
-                            let b = &mut table[i as usize];
-                            if let Some(w) = lb_common::flowtab::find(b, k) {
-                                b.keys[w] = lb_common::flowtab::EMPTY;
-                            }
-                        }
-                    }
-                }
+            let writes = convert::merge3(
+                &base_old,
+                &convert::flows_of(&old),
+                &convert::flows_of(&now),
+            );
+            let (n, lost) = copy::merge_flows_live(new, s, entries, &writes)?;
+            if lost > 0 {
+                warn!("{}: no room to merge {lost} late flows", s.map);
             }
-            copy::write_changed_buckets(new, s, &now, &table)?;
-            n
+            (n, lost)
         }
         (Snapshot::Array(base), Snapshot::Array(old)) => {
             let Snapshot::Array(now) = copy::read(new, s, (base.len() / vs) as u32)? else {
@@ -655,7 +750,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
                     (o != b && n == b).then(|| (i as u32, o.to_vec()))
                 })
                 .collect();
-            copy::write_array_entries(new, s, &writes)?
+            (copy::write_array_entries(new, s, &writes)?, 0)
         }
         (Snapshot::PerCpu(base), Snapshot::PerCpu(old)) => {
             let Snapshot::PerCpu(mut now) = copy::read(new, s, 0)? else {
@@ -679,9 +774,9 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<u64, MigrateError> {
                     }
                 }
             }
-            copy::write_percpu_entries(new, s, &now, &changed)?
+            (copy::write_percpu_entries(new, s, &now, &changed)?, 0)
         }
-        _ => 0,
+        _ => (0, 0),
     })
 }
 
