@@ -342,6 +342,10 @@ fn write_hash<const K: usize, const V: usize>(
     Ok(writes.len() as u64)
 }
 
+/// One merge write: key, value (None: remove), and whether the new map held the key when the
+/// merge looked.
+pub type MergeWrite = (Vec<u8>, Option<Vec<u8>>, bool);
+
 /// Applies merge writes to a hash map the new program may be writing: a value for a key the
 /// map did not hold is inserted only if it still does not (`BPF_NOEXIST`), one for a key it
 /// held replaces it only if it is still there (`BPF_EXIST`); a removal is made as asked.
@@ -349,7 +353,7 @@ fn write_hash<const K: usize, const V: usize>(
 pub fn write_hash_merge(
     map: &mut Map,
     s: &Schema,
-    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+    writes: &[MergeWrite],
 ) -> Result<(u64, u64), CopyError> {
     hash_sizes!(s, merge_hash(map, s, writes))
 }
@@ -357,7 +361,7 @@ pub fn write_hash_merge(
 fn merge_hash<const K: usize, const V: usize>(
     map: &mut Map,
     s: &Schema,
-    writes: &[(Vec<u8>, Option<Vec<u8>>, bool)],
+    writes: &[MergeWrite],
 ) -> Result<(u64, u64), CopyError> {
     const BPF_NOEXIST: u64 = 1;
     const BPF_EXIST: u64 = 2;
