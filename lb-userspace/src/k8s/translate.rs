@@ -582,6 +582,10 @@ impl Translator {
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.clone());
+            // The load balancer's own addresses: the ones source ranges restrict, as in
+            // Kubernetes (an external IP is reached without the load balancer's firewall).
+            let lb_addrs: BTreeSet<IpAddr> =
+                from_lb.clone().filter_map(|a| a.parse().ok()).collect();
             for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
                 match a.parse::<IpAddr>() {
                     Ok(ip)
@@ -678,7 +682,7 @@ impl Translator {
                         affinity_timeout_s,
                         table_size: effect.table_size,
                         backends: spec_backends,
-                        source_ranges: source_ranges.clone(),
+                        source_ranges: source_ranges.clone().filter(|_| lb_addrs.contains(addr)),
                     };
                     let m = effect.table_size.unwrap_or(settings.table_size);
                     if vip.backends.len() > m as usize {
@@ -1437,5 +1441,17 @@ vips:
             == format!(
                 "{SOURCE_RANGES_ANNOTATION}: no valid range: the Service's VIPs take no source"
             )));
+    }
+
+    #[test]
+    fn source_ranges_restrict_the_load_balancers_addresses_not_external_ips() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24"], "externalIPs": ["192.0.2.77"] }
+        }));
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
     }
 }
