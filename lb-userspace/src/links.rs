@@ -40,7 +40,9 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
+            // `link-eth0@swap` is a swap's second pin of eth0's link, renamed over the first.
             name.strip_prefix("link-")
+                .filter(|i| !i.ends_with("@swap"))
                 .map(|i| (i.to_string(), e.path()))
         })
         .collect();
@@ -154,20 +156,23 @@ fn busy(ifname: &str) -> String {
 }
 
 /// Swaps the program into the pinned link of `ifname` (atomically: traffic never sees no program).
+/// The link stays pinned throughout: it is opened from its pin, updated, pinned again under a
+/// second name and renamed over the first, so an agent killed at any point leaves it attached.
 fn swap(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str) -> Result<()> {
     let path = link_pin(pin_dir, ifname);
-    // aya hands out a pinned link only by unpinning it; it is re-pinned right below, and the
-    // kernel keeps it attached meanwhile through our descriptor.
     let fd: FdLink = PinnedLink::from_pin(&path)
         .with_context(|| format!("opening the pinned link {}", path.display()))?
-        .unpin()
-        .with_context(|| format!("taking over {}", path.display()))?;
+        .into();
     let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
     let prog = program(dp)?;
     let id = prog
         .attach_to_link(link)
         .with_context(|| format!("replacing the program attached to {ifname}"))?;
-    pin(prog, id, &path)
+    let again = pin_dir.join(format!("link-{ifname}@swap"));
+    let _ = std::fs::remove_file(&again);
+    pin(prog, id, &again)?;
+    std::fs::rename(&again, &path)
+        .with_context(|| format!("renaming {} over {}", again.display(), path.display()))
 }
 
 fn pin(prog: &mut Xdp, id: aya::programs::xdp::XdpLinkId, path: &Path) -> Result<()> {

@@ -552,6 +552,7 @@ impl Rig {
 
 #[test]
 fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
+    let _one = lb_tests::upgrade::exclusive();
     let previous = release::previous_bin();
     let current = PathBuf::from(BIN);
     let mut rig = Rig::start(
@@ -642,6 +643,7 @@ fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) ->
 
 #[test]
 fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
+    let _one = lb_tests::upgrade::exclusive();
     let mut rig = Rig::start(
         Path::new(BIN),
         "resize",
@@ -704,6 +706,7 @@ fn doubling_then_halving_the_tables_by_reload_keeps_every_connection() {
 /// above would see it too.
 #[test]
 fn the_watcher_and_the_traffic_see_what_lb_down_breaks() {
+    let _one = lb_tests::upgrade::exclusive();
     let lab = Lab::new();
     let _nat = NatServers::start(&lab, NAT_PORT);
     let dirs = Dirs::new(Path::new(BIN), "instruments");

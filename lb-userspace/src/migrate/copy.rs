@@ -342,8 +342,8 @@ fn write_hash<const K: usize, const V: usize>(
     Ok(writes.len() as u64)
 }
 
-/// One merge write: key, value (None: remove), and whether the new map held the key when the
-/// merge looked.
+/// A merge write: key, the value to write (None: remove the entry), and whether the new map
+/// held the key when the merge looked.
 pub type MergeWrite = (Vec<u8>, Option<Vec<u8>>, bool);
 
 /// Applies merge writes to a hash map the new program may be writing: a value for a key the

@@ -711,7 +711,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
                     n != b && o != b && n != o
                 })
                 .count() as u64;
-            let writes: Vec<(Vec<u8>, Option<Vec<u8>>, bool)> = convert::merge3(&base, &old, &now)
+            let writes: Vec<copy::MergeWrite> = convert::merge3(&base, &old, &now)
                 .into_iter()
                 .map(|(k, v)| {
                     let existed = now.contains_key(&k);
