@@ -100,6 +100,16 @@ pub const NAT_HOLD: &str = "LB_NAT_HOLD";
 /// program; the agent writes and checks it.
 pub const META: &str = "LB_META";
 
+/// Source ranges of the VIPs that have them: an LPM trie, [`crate::SrcRangeKey`] (after the
+/// prefix length) -> 1. Looked up only for VIPs with [`crate::VIP_F_SOURCE_RANGES`].
+pub const SRC_RANGES: &str = "LB_SRC_RANGES";
+/// Ranges `LB_SRC_RANGES` holds, over all VIPs (an LPM trie is not preallocated: entries cost
+/// memory only when written).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
+/// Per-VIP per-CPU `u64`, indexed by VIP id: packets dropped because their source is outside
+/// the VIP's ranges (`drop_source_range`).
+pub const VIP_DROPS: &str = "LB_VIP_DROPS";
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -124,6 +134,8 @@ pub const ALL: &[&str] = &[
     ICMP_JOB,
     TX_PORTS,
     META,
+    SRC_RANGES,
+    VIP_DROPS,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

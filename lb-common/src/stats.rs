@@ -167,6 +167,10 @@ counters! {
     /// new NAT source ports back (between the swap and the merge of the old program's last
     /// translations, so that no port is handed out twice); the client's retransmission gets one.
     DropNatHeld = "drop_nat_held", true;
+    // Added in 0.3.0.
+    /// Dropped: the VIP takes packets from some sources only (`source_ranges`), and this one
+    /// is not among them. Also counted per VIP (`LB_VIP_DROPS`).
+    DropSourceRange = "drop_source_range", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet

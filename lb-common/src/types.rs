@@ -20,6 +20,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// `VipValue::flags`: hash on the source address only (instead of the 5-tuple), so all of a
 /// client's connections land on one backend even without an affinity timeout.
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+/// `VipValue::flags`: the VIP takes packets only from the sources in its ranges
+/// (`LB_SRC_RANGES`); any other source is dropped (`drop_source_range`) before any state is
+/// made. Without it the program never looks at the ranges, so a VIP without ranges pays nothing.
+/// New in `LB_VIPS` schema 2 (release 0.3.0).
+pub const VIP_F_SOURCE_RANGES: u32 = 1 << 1;
 
 /// `VipValue::mode`: encapsulate (IPIP / IP6IP6) for direct server return.
 pub const MODE_DSR: u32 = 0;
@@ -440,6 +445,36 @@ pub struct LayoutMeta {
     pub _pad: u32,
 }
 
+/// The data of an `LB_SRC_RANGES` key (an LPM trie key is this after its prefix length): the
+/// VIP id, big-endian so that it is the first 32 bits of every prefix, then the source address
+/// in lb's 16-byte form (IPv4 in the first four bytes). A range `a/n` of VIP `v` is the prefix
+/// of `32 + n` bits; a VIP is of one family, so its ranges are all of that family and an IPv4
+/// range never matches an IPv6 source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// Big-endian (network byte order).
+    pub vip_id: [u8; 4],
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+impl SrcRangeKey {
+    /// The key of source `addr` for VIP `vip_id`.
+    #[inline(always)]
+    pub const fn new(vip_id: u32, addr: [u8; 16]) -> Self {
+        Self {
+            vip_id: vip_id.to_be_bytes(),
+            addr,
+        }
+    }
+
+    /// The LPM prefix length of a range of `bits` bits of the address.
+    pub const fn prefix_len(bits: u32) -> u32 {
+        32 + bits
+    }
+}
+
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
 pub const LAYOUT_VERSION: u32 = 7;
 
@@ -467,6 +502,7 @@ assert_size!(
     TooBigJob => 56,
     IcmpJob => 28,
     NextHop => 28,
+    SrcRangeKey => 20,
 );
 
 impl VipKey {
@@ -538,5 +574,6 @@ mod pod {
     unsafe impl aya::Pod for TooBigJob {}
     unsafe impl aya::Pod for IcmpJob {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for crate::flowtab::FlowBucket {}
 }

@@ -40,14 +40,17 @@ mod program {
         Global,
         bindings::xdp_action,
         macros::{map, xdp},
-        maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+        maps::{
+            Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
+            lpm_trie::Key,
+        },
         programs::XdpContext,
     };
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
         Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        NextHop, NodeConfig, PassiveHealth, RateBucket, TooBigJob, TrafficStats, VipAddr, VipKey,
-        VipValue, maps::*,
+        NextHop, NodeConfig, PassiveHealth, RateBucket, SrcRangeKey, TooBigJob, TrafficStats,
+        VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue, maps::*,
     };
 
     use crate::{
@@ -128,6 +131,19 @@ mod program {
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
     #[map]
     pub static LB_NAT_HOLD: Array<u32> = Array::with_max_entries(1, 0);
+    #[map]
+    pub static LB_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
+        LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
+    #[map]
+    pub static LB_VIP_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+    /// Whether VIP `vip_id` takes packets from `src` (a VIP with [`VIP_F_SOURCE_RANGES`]): one
+    /// longest-prefix lookup of (VIP id, source) in `LB_SRC_RANGES`.
+    #[inline(always)]
+    fn source_allowed(vip_id: u32, src: &[u8; 16]) -> bool {
+        let key = Key::new(SrcRangeKey::prefix_len(128), SrcRangeKey::new(vip_id, *src));
+        LB_SRC_RANGES.get(&key).is_some()
+    }
 
     #[inline(always)]
     pub fn count(c: Counter) {
@@ -368,6 +384,16 @@ mod program {
             return not_for_vip(ctx, &pkt);
         };
         let vip = *vip;
+        // Before anything is looked up or written for the flow: a refused source leaves no
+        // state (flow, affinity, NAT translation) behind, in DSR and NAT alike. Every packet is
+        // checked, established flows' too, so a range taken away refuses its sources at once.
+        if vip.flags & VIP_F_SOURCE_RANGES != 0 && !source_allowed(vip.id, &pkt.key.src) {
+            account(&LB_VIP_STATS, vip.id, bytes, false);
+            if let Some(n) = LB_VIP_DROPS.get_ptr_mut(vip.id) {
+                unsafe { *n += 1 };
+            }
+            return Verdict::new(Counter::DropSourceRange, xdp_action::XDP_DROP);
+        }
         let Some(node) = LB_NODE.get(0) else {
             account(&LB_VIP_STATS, vip.id, bytes, false);
             return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);

@@ -255,6 +255,8 @@ pub struct RawVip {
     pub backends: Vec<RawBackend>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_health: Option<RawPassiveHealth>,
+    /// CIDRs of the sources the VIP takes packets from (empty or absent: every source).
+    pub source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -716,6 +718,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 timeout,
             }
         });
+        let source_ranges = check_source_ranges(&mut c, &p, address, v.source_ranges.as_deref());
         if let Some(address) = address {
             suspicious_backends(&mut c, &mut warnings, &p, address, mode, &backends);
             vips.push(VipConfig {
@@ -729,6 +732,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                     affinity_timeout_s: affinity.as_secs() as u32,
                     table_size: vip_table,
                     backends,
+                    source_ranges,
                 },
                 health_check,
                 passive_health,
@@ -773,6 +777,37 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         vips,
         warnings,
     })
+}
+
+/// `vips[i].source_ranges`: CIDRs of the VIP's family, host bits clear, each once; an empty
+/// list is no restriction (None).
+fn check_source_ranges(
+    c: &mut Checker,
+    p: &str,
+    vip: Option<IpAddr>,
+    raw: Option<&[String]>,
+) -> Option<Vec<crate::model::Cidr>> {
+    let raw = raw.filter(|r| !r.is_empty())?;
+    let mut seen: Vec<(crate::model::Cidr, usize)> = Vec::new();
+    for (j, r) in raw.iter().enumerate() {
+        let rp = format!("{p}.source_ranges[{j}]");
+        match crate::model::Cidr::parse(r.trim(), true) {
+            Err(e) => c.bad(rp, e),
+            Ok(cidr) if vip.is_some_and(|v| v.is_ipv4() != cidr.addr.is_ipv4()) => c.bad(
+                rp,
+                format!(
+                    "{cidr} is {} and the VIP is {}: a VIP's source ranges are of its family",
+                    if cidr.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                    if cidr.addr.is_ipv4() { "IPv6" } else { "IPv4" }
+                ),
+            ),
+            Ok(cidr) => match seen.iter().find(|(o, _)| *o == cidr) {
+                Some((_, first)) => c.bad(rp, format!("{cidr} is already source_ranges[{first}]")),
+                None => seen.push((cidr, j)),
+            },
+        }
+    }
+    Some(seen.into_iter().map(|(c, _)| c).collect())
 }
 
 /// The kernel's own tables, which lb must not fill with announcement routes.
@@ -1485,6 +1520,70 @@ vips:
                 .any(|w| w.starts_with("vips[0]: table size 251 is below 100 slots")),
             "{:?}",
             c.warnings
+        );
+    }
+
+    fn with_ranges(ranges: &str) -> String {
+        GOOD.replace(
+            "    health_check: { type: http, path: /healthz, interval: 2s, timeout: 500ms }",
+            &format!(
+                "    health_check: {{ type: http, path: /healthz, interval: 2s, timeout: 500ms }}\n    source_ranges: {ranges}"
+            ),
+        )
+    }
+
+    #[test]
+    fn source_ranges_are_read_and_an_empty_list_is_no_restriction() {
+        let c = Config::parse(&with_ranges("[198.51.100.0/24, 203.0.113.7]"), "t").unwrap();
+        let r: Vec<String> = c.vips[0]
+            .spec
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(r, ["198.51.100.0/24", "203.0.113.7/32"]);
+        assert_eq!(
+            c.vips[1].spec.source_ranges, None,
+            "not given: every source"
+        );
+        let c = Config::parse(&with_ranges("[]"), "t").unwrap();
+        assert_eq!(c.vips[0].spec.source_ranges, None, "empty: every source");
+    }
+
+    #[test]
+    fn bad_source_ranges_are_errors_with_their_path() {
+        let p = |r: &str| match Config::parse(&with_ranges(r), "t") {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+            }
+            other => panic!("{r}: expected problems, got {other:?}"),
+        };
+        assert_eq!(
+            p("[198.51.100.0/24, 198.51.100.1/24]"),
+            [
+                "vips[0].source_ranges[1]: \"198.51.100.1/24\" has host bits set: did you mean 198.51.100.0/24?"
+            ]
+        );
+        assert_eq!(
+            p("[10.0.0.0/33]"),
+            ["vips[0].source_ranges[0]: \"10.0.0.0/33\": the prefix length must be 0..=32"]
+        );
+        assert_eq!(
+            p("[10.0.0.0/8, nonsense]"),
+            [
+                "vips[0].source_ranges[1]: \"nonsense\" is not a CIDR (like 192.0.2.0/24 or 2001:db8::/32)"
+            ]
+        );
+        assert_eq!(
+            p("[2001:db8::/32]"),
+            [
+                "vips[0].source_ranges[0]: 2001:db8::/32 is IPv6 and the VIP is IPv4: a VIP's source ranges are of its family"
+            ]
+        );
+        assert_eq!(
+            p("[10.0.0.0/8, 10.0.0.0/8]"),
+            ["vips[0].source_ranges[1]: 10.0.0.0/8 is already source_ranges[0]"]
         );
     }
 }

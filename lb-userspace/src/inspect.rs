@@ -4,10 +4,10 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, Member, NatFlow,
-    NatReverse, NodeConfig, PassiveHealth, TrafficStats, VipKey, VipValue,
+    NatReverse, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipValue,
     flowtab::{self, FlowBucket},
     maps,
 };
@@ -58,6 +58,9 @@ pub struct Pinned {
     nat_rev: HashMap<MapData, FlowKey, NatReverse>,
     passive: Array<MapData, PassiveHealth>,
     ring: Ring,
+    /// None on pins of a release before 0.3.0 (no source ranges).
+    src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u32>>,
+    vip_drops: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl Pinned {
@@ -100,8 +103,37 @@ impl Pinned {
             passive: Array::try_from(open(maps::MEMBER_PASSIVE)?)
                 .map_err(merr("passive health"))?,
             ring,
+            src_ranges: open(maps::SRC_RANGES)
+                .ok()
+                .and_then(|m| LpmTrie::try_from(m).ok()),
+            vip_drops: open(maps::VIP_DROPS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(m).ok()),
             sizes,
         })
+    }
+
+    /// Packets of VIP id `id` dropped for their source (`drop_source_range`), over all CPUs.
+    pub fn vip_source_drops(&self, id: u32) -> u64 {
+        self.vip_drops
+            .as_ref()
+            .and_then(|m| m.get(&id, 0).ok())
+            .map_or(0, |v| v.iter().sum())
+    }
+
+    /// The longest source range of VIP id `vip_id` that `src` (lb's 16-byte form) is in, as
+    /// the program's longest-prefix lookup finds it: (address bits, range address).
+    pub fn source_range(&self, vip_id: u32, src: &[u8; 16]) -> Option<(u32, [u8; 16])> {
+        let t = self.src_ranges.as_ref()?;
+        t.keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| {
+                let d = k.data();
+                let bits = k.prefix_len().checked_sub(32)?;
+                (u32::from_be_bytes(d.vip_id) == vip_id && in_prefix(src, &d.addr, bits))
+                    .then_some((bits, d.addr))
+            })
+            .max_by_key(|(bits, _)| *bits)
     }
 
     /// Global counters, summed over CPUs, in [`Counter`] order (with the derived ones filled
@@ -387,4 +419,13 @@ pub fn monotonic_coarse_ns() -> u64 {
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whether the first `bits` bits of `a` and `prefix` agree.
+fn in_prefix(a: &[u8; 16], prefix: &[u8; 16], bits: u32) -> bool {
+    a.iter().zip(prefix).enumerate().all(|(i, (x, p))| {
+        let keep = bits.saturating_sub(i as u32 * 8).min(8);
+        let mask = (0xff_u16 << (8 - keep)) as u8;
+        x & mask == p & mask
+    })
 }

@@ -92,6 +92,95 @@ pub struct VipSpec {
     #[serde(default)]
     pub table_size: Option<u32>,
     pub backends: Vec<BackendSpec>,
+    /// The sources the VIP takes packets from (None: every source). Ranges of the other family
+    /// than the VIP's match nothing: `Some` with none of its family refuses every source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<Cidr>>,
+}
+
+/// An address range: `192.0.2.0/24`, `2001:db8::/32` (host bits clear).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `a/n` (a bare address is `/32` or `/128`). `strict`: host bits set are an error
+    /// (a config file); otherwise they are cleared, as Kubernetes reads them.
+    pub fn parse(s: &str, strict: bool) -> Result<Self, String> {
+        let (a, n) = match s.split_once('/') {
+            Some((a, n)) => (a, Some(n)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (like 192.0.2.0/24 or 2001:db8::/32)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match n {
+            None => max,
+            Some(n) => n
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        let c = Self { addr, prefix }.masked();
+        if strict && c.addr != addr {
+            return Err(format!("{s:?} has host bits set: did you mean {c}?"));
+        }
+        Ok(c)
+    }
+
+    /// The range with its host bits cleared.
+    pub fn masked(self) -> Self {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let m = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+            }
+            IpAddr::V6(a) => {
+                let m = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+            }
+        };
+        Self { addr, ..self }
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Self {
+                addr: ip,
+                prefix: self.prefix,
+            }
+            .masked()
+            .addr
+                == self.addr
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Cidr::parse(&s, false).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A backend of a VIP, with the weight it should get now (0 drains it).
@@ -219,6 +308,13 @@ impl VipSpec {
     /// `address:port/protocol`, as the CLI prints VIPs.
     pub fn label(&self) -> String {
         vip_label(&self.key())
+    }
+
+    /// Whether the VIP takes packets from `src` (see [`VipSpec::source_ranges`]).
+    pub fn allows_source(&self, src: IpAddr) -> bool {
+        self.source_ranges
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|c| c.contains(src)))
     }
 }
 

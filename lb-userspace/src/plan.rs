@@ -21,7 +21,7 @@ use std::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
     Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig,
-    VIP_F_HASH_SRC_ONLY, VipAddr, VipKey, VipValue,
+    VIP_F_HASH_SRC_ONLY, VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue,
 };
 
 use crate::{
@@ -42,6 +42,38 @@ pub struct State {
     /// Tables of the VIP ids in `vips`. Shared with the planner's cache: an unchanged table is
     /// one allocation, and recognised without comparing its slots.
     pub rings: BTreeMap<u32, Arc<Vec<u32>>>,
+    /// Source ranges of the VIPs with [`VIP_F_SOURCE_RANGES`] (`LB_SRC_RANGES`).
+    pub src_ranges: BTreeSet<SrcRange>,
+}
+
+/// One source range of one VIP: an `LB_SRC_RANGES` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub vip_id: u32,
+    /// Bits of the address that count (the CIDR's prefix length).
+    pub bits: u32,
+    /// lb's 16-byte form, host bits clear.
+    pub addr: [u8; 16],
+}
+
+impl SrcRange {
+    /// The trie key: its prefix length (VIP id bits included) and data.
+    pub fn key(&self) -> (u32, lb_common::SrcRangeKey) {
+        (
+            lb_common::SrcRangeKey::prefix_len(self.bits),
+            lb_common::SrcRangeKey::new(self.vip_id, self.addr),
+        )
+    }
+
+    /// The range a trie key stands for (None for a key no lb wrote).
+    pub fn of_key(prefix_len: u32, k: &lb_common::SrcRangeKey) -> Option<Self> {
+        let bits = prefix_len.checked_sub(32).filter(|b| *b <= 128)?;
+        Some(Self {
+            vip_id: u32::from_be_bytes(k.vip_id),
+            bits,
+            addr: k.addr,
+        })
+    }
 }
 
 /// Sizes fixed at load time that a plan must fit in.
@@ -88,6 +120,9 @@ pub enum Write {
     RemoveVip {
         key: VipKey,
     },
+    /// Let a VIP take packets from a source range.
+    SrcRange(SrcRange),
+    RemoveSrcRange(SrcRange),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -132,6 +167,10 @@ pub enum PlanError {
     TableTooLarge { vip: String, size: u32, max: u32 },
     #[error("VIP {0} is listed twice")]
     DuplicateVip(String),
+    #[error(
+        "{wanted} source ranges over all VIPs, but the program holds at most {max} (LB_SRC_RANGES)"
+    )]
+    TooManySourceRanges { wanted: usize, max: u32 },
 }
 
 /// Who a member is: its VIP id, and its backend's family, address and port (network byte
@@ -298,6 +337,10 @@ pub fn plan_cached(
                 VIP_F_HASH_SRC_ONLY
             } else {
                 0
+            } | if v.source_ranges.is_some() {
+                VIP_F_SOURCE_RANGES
+            } else {
+                0
             },
             affinity_timeout_s: v.affinity_timeout_s,
             mode: match v.mode {
@@ -319,6 +362,17 @@ pub fn plan_cached(
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
+        let family = addr16(v.address).1;
+        for c in v.source_ranges.iter().flatten() {
+            let (addr, f) = addr16(c.addr);
+            if f == family {
+                next.src_ranges.insert(SrcRange {
+                    vip_id: id,
+                    bits: u32::from(c.prefix),
+                    addr,
+                });
+            }
+        }
     }
     let tables_used: std::collections::HashSet<_> = tables_used.into_iter().collect();
     cache.tables.retain(|k, _| tables_used.contains(k));
@@ -338,6 +392,24 @@ fn check_vips(desired: &Desired, limits: Limits) -> Result<(), PlanError> {
         return Err(PlanError::TooManyVips {
             wanted: desired.vips.len(),
             max: limits.max_vips,
+        });
+    }
+    // Only the ranges of a VIP's own family are written.
+    let ranges: usize = desired
+        .vips
+        .iter()
+        .map(|v| {
+            v.source_ranges
+                .iter()
+                .flatten()
+                .filter(|c| c.addr.is_ipv4() == v.address.is_ipv4())
+                .count()
+        })
+        .sum();
+    if ranges > lb_common::maps::MAX_SOURCE_RANGES as usize {
+        return Err(PlanError::TooManySourceRanges {
+            wanted: ranges,
+            max: lb_common::maps::MAX_SOURCE_RANGES,
         });
     }
     Ok(())
@@ -490,7 +562,12 @@ fn diff(cur: &State, next: &State) -> Plan {
             w.push(Write::Slots { vip_id: *id, slots });
         }
     }
-    // 4. VIPs: new and changed ones now that their tables are in place; then removals.
+    // 4. Source ranges a VIP gains, before a VIP gets the flag that makes the program look
+    // (a change of ranges adds before it removes: a source in both is never refused).
+    for r in next.src_ranges.difference(&cur.src_ranges) {
+        w.push(Write::SrcRange(*r));
+    }
+    // 5. VIPs: new and changed ones now that their tables are in place; then removals.
     for (k, v) in &next.vips {
         if cur.vips.get(k) != Some(v) {
             w.push(Write::Vip { key: *k, value: *v });
@@ -506,7 +583,11 @@ fn diff(cur: &State, next: &State) -> Plan {
     {
         w.push(Write::RemoveVipAddr { addr: *a });
     }
-    // 5. Retire members no table points at any more.
+    // 6. Source ranges no VIP has any more, now that a VIP without ranges has lost the flag.
+    for r in cur.src_ranges.difference(&next.src_ranges) {
+        w.push(Write::RemoveSrcRange(*r));
+    }
+    // 7. Retire members no table points at any more.
     for (id, m) in cur
         .members
         .iter()
@@ -564,6 +645,12 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
         Write::RemoveVip { key } => {
             s.vips.remove(key);
         }
+        Write::SrcRange(r) => {
+            s.src_ranges.insert(*r);
+        }
+        Write::RemoveSrcRange(r) => {
+            s.src_ranges.remove(r);
+        }
     }
 }
 
@@ -597,6 +684,7 @@ mod tests {
             hash: HashOn::FiveTuple,
             affinity_timeout_s: 0,
             table_size: None,
+            source_ranges: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))
@@ -1053,5 +1141,126 @@ mod tests {
             );
         }
         consistent(&cur).unwrap();
+    }
+
+    fn with_ranges(mut v: VipSpec, ranges: &[&str]) -> VipSpec {
+        v.source_ranges = Some(
+            ranges
+                .iter()
+                .map(|r| crate::model::Cidr::parse(r, true).unwrap())
+                .collect(),
+        );
+        v
+    }
+
+    /// The entry of range `a/bits` of VIP id `vip_id`, written out by hand.
+    fn range(vip_id: u32, a: &str, bits: u32) -> SrcRange {
+        let (addr, _) = addr16(a.parse().unwrap());
+        SrcRange { vip_id, bits, addr }
+    }
+
+    #[test]
+    fn source_ranges_set_the_vip_flag_and_are_written_before_the_vip() {
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &["198.51.100.0/24", "203.0.113.7/32"],
+        )]);
+        let (p, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        let v = next.vips.values().next().unwrap();
+        assert_eq!(v.flags, VIP_F_SOURCE_RANGES);
+        let want = [range(0, "198.51.100.0", 24), range(0, "203.0.113.7", 32)];
+        assert_eq!(next.src_ranges.iter().copied().collect::<Vec<_>>(), want);
+        let at = |f: &dyn Fn(&Write) -> bool| p.writes.iter().position(f).unwrap();
+        let vip_at = at(&|w| matches!(w, Write::Vip { .. }));
+        for r in want {
+            assert!(
+                at(&|w| *w == Write::SrcRange(r)) < vip_at,
+                "{r:?} after the VIP"
+            );
+        }
+    }
+
+    #[test]
+    fn a_change_of_ranges_writes_only_ranges_adding_before_removing() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]);
+        let before = desired(vec![with_ranges(
+            base.clone(),
+            &["198.51.100.0/24", "203.0.113.0/24"],
+        )]);
+        let after = desired(vec![with_ranges(
+            base,
+            &["203.0.113.0/24", "192.0.2.128/25"],
+        )]);
+        let (_, s) = plan(&State::default(), &before, LIMITS).unwrap();
+        let (p, next) = plan(&s, &after, LIMITS).unwrap();
+        // No VIP, member or slot write: flows of sources still allowed see no change.
+        assert_eq!(
+            p.writes,
+            [
+                Write::SrcRange(range(0, "192.0.2.128", 25)),
+                Write::RemoveSrcRange(range(0, "198.51.100.0", 24)),
+            ]
+        );
+        assert_eq!(next.vips, s.vips);
+    }
+
+    #[test]
+    fn dropping_every_range_clears_the_flag_before_the_ranges_go() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        let (_, s) = plan(
+            &State::default(),
+            &desired(vec![with_ranges(base.clone(), &["198.51.100.0/24"])]),
+            LIMITS,
+        )
+        .unwrap();
+        let (p, next) = plan(&s, &desired(vec![base]), LIMITS).unwrap();
+        let v = *next.vips.values().next().unwrap();
+        assert_eq!(v.flags, 0);
+        assert_eq!(
+            p.writes,
+            [
+                Write::Vip {
+                    key: *next.vips.keys().next().unwrap(),
+                    value: v
+                },
+                Write::RemoveSrcRange(range(0, "198.51.100.0", 24)),
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_of_the_other_family_only_refuse_every_source() {
+        // What Kubernetes gives a dual-stack Service with IPv6 ranges only: its IPv4 VIP
+        // takes no IPv4 source (the flag, and no entry of its family).
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &["2001:db8::/32"],
+        )]);
+        let (_, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        assert_eq!(
+            next.vips.values().next().unwrap().flags,
+            VIP_F_SOURCE_RANGES
+        );
+        assert!(next.src_ranges.is_empty());
+    }
+
+    #[test]
+    fn more_source_ranges_than_the_trie_holds_are_an_error() {
+        let max = lb_common::maps::MAX_SOURCE_RANGES as usize;
+        let many: Vec<String> = (0..=max)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let d = desired(vec![with_ranges(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            &refs,
+        )]);
+        assert_eq!(
+            plan(&State::default(), &d, LIMITS).unwrap_err(),
+            PlanError::TooManySourceRanges {
+                wanted: max + 1,
+                max: max as u32
+            }
+        );
     }
 }

@@ -185,7 +185,12 @@ pub enum LoadError {
 
 /// Opens a pinned map.
 pub fn open_pinned(dir: &Path, name: &str) -> Result<Map, LoadError> {
-    let path = dir.join(name);
+    // Pinned under its schema's name (`LB_VIPS@v2`); an older release's agent pins the first
+    // schema under the plain name (read as this release's where only a meaning was added).
+    let path = crate::migrate::schema::of(name)
+        .map(|s| dir.join(s.pin_name()))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| dir.join(name));
     let pin = |source| LoadError::Pin {
         path: path.display().to_string(),
         source,

@@ -146,7 +146,11 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     if format == Format::Json {
         let vip_rows: Vec<_> = vip_rows
             .iter()
-            .map(|(id, vip, s)| merged(json!({"vip": vip, "id": id}), traffic_json(s)))
+            .map(|(id, vip, s)| {
+                let head =
+                    json!({"vip": vip, "id": id, "drop_source_range": p.vip_source_drops(*id)});
+                merged(head, traffic_json(s))
+            })
             .collect();
         let member_rows: Vec<_> = members
             .iter()
@@ -202,6 +206,17 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     header("VIPS", "VIP", "ID");
     for (id, vip, s) in &vip_rows {
         row(id.to_string(), &vip.label, s);
+    }
+    let refused: Vec<(&VipRef, u64)> = vip_rows
+        .iter()
+        .map(|(id, vip, _)| (vip, p.vip_source_drops(*id)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if !refused.is_empty() {
+        println!("\nREFUSED SOURCES (drop_source_range: outside the VIP's source_ranges)");
+        for (vip, n) in refused {
+            println!("  {:<48} {n:>14}", vip.label);
+        }
     }
     header("BACKENDS PER VIP", "VIP -> BACKEND", "MEMBER/GEN");
     for r in &members {
@@ -480,8 +495,26 @@ pub fn explain(
             ));
             e.result = json!({"verdict": "pass", "reason": "not a VIP"});
         }
+        Some(vip)
+            if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
+                && p.source_range(vip.id, &key.src).is_none() =>
+        {
+            e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            e.step(format!(
+                "source ranges: {src} is in none of the VIP's ranges: dropped (drop_source_range), before any flow, affinity or NAT state"
+            ));
+            e.result = json!({"verdict": "drop", "reason": "source range"});
+        }
         Some(vip) => {
             e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
+                && let Some((bits, a)) = p.source_range(vip.id, &key.src)
+            {
+                e.step(format!(
+                    "source ranges: {src} is in {}/{bits}: allowed",
+                    ip_of(&a, key.family)
+                ));
+            }
             let tcp_flags = if syn {
                 lb_common::select::TCP_FLAG_SYN
             } else {

@@ -1280,6 +1280,7 @@ pub fn control_plane(opts: &Options) -> Value {
         hash: HashOn::FiveTuple,
         affinity_timeout_s: 0,
         table_size: None,
+        source_ranges: None,
         backends: (0..opts.backends_per_vip)
             .map(|b| {
                 BackendSpec::new(

@@ -97,6 +97,56 @@ impl Lb {
         Self::new(ebpf, sizes)
     }
 
+    /// Like [`Lb::adopt`], on the maps an agent of an *older release* pinned, as they are:
+    /// each map of this build uses the pin of that map whatever its schema or size (and a map
+    /// the older release does not have is this copy's own, unpinned). Only for the maps whose
+    /// layout the two releases share (`LB_VIPS` v1 is v2's layout; a shorter `LB_STATS` leaves
+    /// the newer counters uncounted): enough to run the older release's flows through its maps.
+    pub fn adopt_older(pin_dir: &std::path::Path) -> Self {
+        crate::require_root();
+        let meta = program::pinned_meta(pin_dir)
+            .unwrap_or_else(|e| panic!("reading pins: {}", error_chain(&e)))
+            .unwrap_or_else(|| panic!("nothing pinned in {}", pin_dir.display()));
+        let sizes = Sizes::from_meta(&meta);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let own = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/lbt-own-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&own).expect("a pin dir of this copy's own");
+        let names: Vec<String> = std::fs::read_dir(pin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let flow_buckets = flowtab::buckets_for(sizes.flow_entries);
+        let mut loader = aya::EbpfLoader::new();
+        program::configure(&mut loader, &sizes, &flow_buckets);
+        let paths: Vec<(&str, std::path::PathBuf)> = lb_userspace::migrate::schema::current()
+            .iter()
+            .map(|s| {
+                let pinned = names.iter().find(|n| {
+                    lb_userspace::migrate::schema::parse_pin_name(n)
+                        .is_some_and(|(m, _)| m == s.map)
+                });
+                match pinned {
+                    Some(n) => (s.map, pin_dir.join(n)),
+                    None => (s.map, own.join(s.map)),
+                }
+            })
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(program::OBJECT)
+            .unwrap_or_else(|e| panic!("loading lb on the older pins: {e}"));
+        program::verify(&mut ebpf).unwrap_or_else(|e| panic!("verifying lb: {}", error_chain(&e)));
+        // The maps live on with `ebpf`; their pins of its own go now.
+        let _ = std::fs::remove_dir_all(&own);
+        Self::new(ebpf, sizes)
+    }
+
     fn map(&mut self, name: &str) -> &mut aya::maps::Map {
         self.ebpf
             .map_mut(name)
@@ -213,6 +263,32 @@ impl Lb {
         filter
             .set(word, w | bit, 0)
             .expect("writing the VIP filter");
+    }
+
+    /// Lets VIP `vip_id` take packets from `ranges` (CIDRs): `LB_SRC_RANGES` entries. The
+    /// program looks only if the VIP has `VIP_F_SOURCE_RANGES`.
+    pub fn add_source_ranges(&mut self, vip_id: u32, ranges: &[&str]) {
+        let mut t: aya::maps::LpmTrie<&mut MapData, lb_common::SrcRangeKey, u32> =
+            aya::maps::LpmTrie::try_from(self.map(maps::SRC_RANGES)).expect("LB_SRC_RANGES");
+        for r in ranges {
+            let (a, bits) = r.split_once('/').expect("a CIDR");
+            let bits: u32 = bits.parse().unwrap();
+            let key = aya::maps::lpm_trie::Key::new(
+                32 + bits,
+                lb_common::SrcRangeKey::new(vip_id, addr16(a.parse().unwrap())),
+            );
+            t.insert(&key, 1, 0).expect("writing a source range");
+        }
+    }
+
+    /// Packets of VIP `vip_id` dropped for their source (`LB_VIP_DROPS`), over all CPUs.
+    pub fn vip_source_drops(&mut self, vip_id: u32) -> u64 {
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(maps::VIP_DROPS)).expect("LB_VIP_DROPS");
+        a.get(&vip_id, 0)
+            .expect("reading LB_VIP_DROPS")
+            .iter()
+            .sum()
     }
 
     pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {

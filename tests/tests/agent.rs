@@ -351,13 +351,14 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
         refused.log_text()
     );
 
-    // Back to a layout 0.1.0 reads, for the rollback commands below.
+    // Back to the layout this release records (8: LB_VIPS is at schema 2, which 0.1.0 cannot
+    // read), for the rollback commands below.
     {
         let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
         let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
             aya::maps::Array::try_from(map).unwrap();
         let mut m = meta.get(&0, 0).unwrap();
-        m.version = 7;
+        m.version = 8;
         meta.set(0, m, 0).unwrap();
     }
     let out = dirs.cli(&["migrate", "--to-release", "0.1.0"]);
@@ -366,9 +367,16 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("converted LB_VIPS v2 -> v1")
+            && said.contains("LB_META records layout 7 (was 8)"),
+        "{said}"
+    );
+    let out = dirs.cli(&["migrate", "--to-release", "0.1.0"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("nothing to convert"),
-        "{}",
+        "a second time: {}",
         String::from_utf8_lossy(&out.stdout)
     );
     let out = dirs.cli(&["migrate", "--to-release", "0.0.9"]);

@@ -980,7 +980,8 @@ fn a_rolling_update_from_the_previous_release_and_its_rollback_keep_the_nodes_li
     let mut pod = start_pod(&net, &mut dirs, &release::previous_bin());
     let flows = 10;
     net.ns.run(|| {
-        let mut lb = Lb::adopt(&dirs.pins);
+        // The previous release's maps as they are (its LB_VIPS is at schema 1).
+        let mut lb = Lb::adopt_older(&dirs.pins);
         for i in 0..flows {
             let run = lb.run(&client(i, 40000 + i as u16).frame(), net.lb0);
             assert_eq!(action_name(run.action), action_name(XDP_TX), "flow {i}");
@@ -1044,7 +1045,125 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
         "{v:#}\nagent log:\n{}",
         pod.log_text()
     );
-    assert_eq!(dirs.pin_names(), pins, "every pin stays");
+    // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2 converted down in
+    // place to LB_VIPS, and the maps 0.2.0 does not know (source ranges) unpinned.
+    let mut want: Vec<String> = pins
+        .iter()
+        .filter(|p| *p != "LB_SRC_RANGES" && *p != "LB_VIP_DROPS")
+        .map(|p| match p.as_str() {
+            "LB_VIPS@v2" => "LB_VIPS".to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    want.sort();
+    assert_eq!(
+        dirs.pin_names(),
+        want,
+        "every pin stays, as {previous} reads it"
+    );
     assert_eq!(kept(&dirs), before, "the same link and maps");
     assert!(xdp_attachment(&net.ns, "lb0").is_some(), "still attached");
+}
+
+/// `lb explain -o json` of a TCP packet from `src` (ADDRESS:PORT) to the Service's IPv4 VIP.
+fn explain(dirs: &Dirs, src: &str) -> Value {
+    dirs.json(&["explain", src, &format!("{V4}:80"), "tcp"])
+}
+
+fn refused(v: &Value) -> bool {
+    v["verdict"] == "drop" && v["reason"] == "source range"
+}
+
+/// Waits until `lb explain` says `src` is refused (`want`) or not.
+fn wait_refused(dirs: &Dirs, src: &str, want: bool, what: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let v = explain(dirs, src);
+        if refused(&v) == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
+    let (net, api, dirs) = setup("k8s-src");
+    let metrics = "127.0.0.1:19437";
+    dirs.write_config(&format!("{NODE_CONFIG}  metrics_listen: {metrics}\n"));
+    api.apply(service(
+        "web",
+        json!({ "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/48"] } }),
+    ));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    agent.wait_for("running", 1, T);
+    wait_refused(
+        &dirs,
+        "203.0.113.7:40000",
+        true,
+        "a source outside the ranges",
+    );
+    let inside = explain(&dirs, "198.51.100.7:40000");
+    assert_eq!(inside["verdict"], "forward", "{inside:#}");
+
+    // The program on the agent's maps: the refused source is dropped and counted for its VIP.
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        let run = lb.run(
+            &client(0, 40000)
+                .with(|p| p.src = "203.0.113.7".parse().unwrap())
+                .frame(),
+            net.lb0,
+        );
+        assert_eq!(action_name(run.action), action_name(XDP_DROP));
+        let run = lb.run(&client(6, 40000).frame(), net.lb0);
+        assert_eq!(action_name(run.action), action_name(XDP_TX));
+    });
+    let stats = dirs.json(&["stats"]);
+    let row = stats["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["vip"]["label"] == format!("{V4}:80/tcp"))
+        .unwrap_or_else(|| panic!("{stats:#}"));
+    assert_eq!(row["drop_source_range"], 1, "{row:#}");
+    assert_eq!(stats["global"]["drop_source_range"], 1);
+    assert_eq!(
+        metric(
+            &net.ns,
+            metrics,
+            &format!("lb_vip_drop_source_range_total{{vip=\"{V4}:80/tcp\"}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &net.ns,
+            metrics,
+            "lb_packets_total{verdict=\"drop_source_range\"}"
+        ),
+        Some(1)
+    );
+
+    // Ranges from the annotation once the spec field is gone: the other way round now.
+    api.apply(service(
+        "web",
+        json!({ "spec": { "loadBalancerSourceRanges": null },
+                "metadata": { "annotations": {
+                    "service.beta.kubernetes.io/load-balancer-source-ranges": "203.0.113.0/24" } } }),
+    ));
+    wait_refused(&dirs, "198.51.100.7:40000", true, "the annotation's ranges");
+    assert!(!refused(&explain(&dirs, "203.0.113.7:40000")));
+
+    // Neither: every source.
+    api.apply(service("web", json!({})));
+    wait_refused(&dirs, "198.51.100.7:40000", false, "no ranges");
+    assert!(!refused(&explain(&dirs, "203.0.113.7:40000")));
+    assert_eq!(agent.stop().code(), Some(0));
 }

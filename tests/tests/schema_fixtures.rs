@@ -248,14 +248,47 @@ fn carried() -> Vec<&'static Schema> {
 #[cfg(target_endian = "little")]
 fn every_carried_schema_is_version_1_with_the_key_and_value_sizes_of_its_0_1_0_fixture() {
     let names: Vec<&str> = fixtures().iter().map(|f| f.map).collect();
-    for s in carried() {
-        assert_eq!(s.version, 1, "{}: schema 1 is layout 7", s.map);
+    let of_0_1_0: Vec<&Schema> = carried()
+        .into_iter()
+        .filter(|s| schema::RELEASES[0].schemas.contains(&(s.map, 1)))
+        .collect();
+    for s in &of_0_1_0 {
         assert!(names.contains(&s.map), "{}: no 0.1.0 fixture", s.map);
         let (k, v) = fixture(s.map);
-        assert_eq!(s.key_size as usize, k.len(), "{}: key size", s.map);
-        assert_eq!(s.value_size as usize, v.len(), "{}: value size", s.map);
+        // A map this release carries at a later schema reads schema 1 through its conversion,
+        // with schema 1's sizes.
+        let (key, value) = match s.version {
+            1 => (s.key_size, s.value_size),
+            _ => schema::older(s.map, 1)
+                .unwrap_or_else(|| panic!("{} v{}: no conversion from v1", s.map, s.version)),
+        };
+        assert_eq!(key as usize, k.len(), "{}: key size", s.map);
+        assert_eq!(value as usize, v.len(), "{}: value size", s.map);
     }
-    assert_eq!(names.len(), carried().len(), "a fixture of no schema");
+    assert_eq!(names.len(), of_0_1_0.len(), "a fixture of no schema");
+    // Only LB_VIPS moved on (0.3.0: the source-ranges flag), and only maps of later releases
+    // are not 0.1.0's.
+    let later: Vec<(&str, u32)> = schema::current()
+        .iter()
+        .filter(|s| s.version != 1)
+        .map(|s| (s.map, s.version))
+        .collect();
+    assert_eq!(later, [(maps::VIPS, 2)]);
+}
+
+#[test]
+#[cfg(target_endian = "little")]
+fn the_0_1_0_vip_converts_up_unchanged_and_back_down_with_the_source_ranges_flag_cleared() {
+    let (_, v1) = fixture(maps::VIPS);
+    let up = convert::values(maps::VIPS, 1, 2).expect("v1 -> v2")(&v1);
+    assert_eq!(up, v1, "the same bytes: no v1 VIP has source ranges");
+    let value: VipValue = read(&up);
+    assert_eq!((value.id, value.flags), (3, VIP_F_HASH_SRC_ONLY));
+    // With ranges (0.3.0) and back to 0.1.0's meaning: the flag is gone, the rest stays.
+    let mut v2 = up.clone();
+    v2[4..8].copy_from_slice(&(VIP_F_HASH_SRC_ONLY | lb_common::VIP_F_SOURCE_RANGES).to_le_bytes());
+    let down = convert::values(maps::VIPS, 2, 1).expect("v2 -> v1")(&v2);
+    assert_eq!(down, v1);
 }
 
 #[test]
@@ -269,8 +302,9 @@ fn sizes_the_release_fixes_are_0_1_0s() {
         (maps::NODE, 1),
         (maps::TX_PORTS, 256),
         // 0.1.0 counted 50; 0.2.0 adds drop_nat_held after them (an upgrade resizes LB_STATS,
-        // copying every counter to the same index; 0.1.0 reads the first 50 of a larger one).
-        (maps::STATS, 51),
+        // copying every counter to the same index; 0.1.0 reads the first 50 of a larger one),
+        // 0.3.0 drop_source_range.
+        (maps::STATS, 52),
         (maps::META, 1),
     ]
     .into();
@@ -281,10 +315,11 @@ fn sizes_the_release_fixes_are_0_1_0s() {
     }
     assert_eq!(
         Counter::COUNT,
-        51,
-        "0.1.0 counted 50 counters, 0.2.0 one more"
+        52,
+        "0.1.0 counted 50 counters, 0.2.0 and 0.3.0 one more each"
     );
     assert_eq!(Counter::DropNatHeld as u32, 50, "added last");
+    assert_eq!(Counter::DropSourceRange as u32, 51, "added last");
     assert_eq!(Counter::Tx as u32, 15);
     assert_eq!(Counter::FlowHits as u32, 23);
 }
@@ -512,10 +547,13 @@ fn counters_and_the_layout_record_of_0_1_0_read_field_by_field() {
         }
     );
     assert_eq!(m._pad, 0);
+    // This release writes 0.1.0's record but for the version: 8, as LB_VIPS is at schema 2
+    // (0.1.0 refuses the pins rather than misread them; `lb migrate --to-release 0.1.0` writes
+    // 7 again).
     assert_eq!(
         Sizes::from_meta(&m).meta(),
-        m,
-        "this release writes 0.1.0's record"
+        LayoutMeta { version: 8, ..m },
+        "this release writes 0.1.0's record, at version 8"
     );
 }
 
@@ -581,6 +619,7 @@ fn arrays_grown_then_cut_back_are_the_same_bytes() {
     for s in carried()
         .into_iter()
         .filter(|s| matches!(s.shape, schema::Shape::Array | schema::Shape::PerCpuArray))
+        .filter(|s| schema::RELEASES[0].schemas.contains(&(s.map, 1)))
     {
         let (k, v) = fixture(s.map);
         let vs = s.value_size as usize;

@@ -2,16 +2,16 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, LpmTrie, Map, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
 use lb_common::{
-    Member, NodeConfig, PassiveHealth, TrafficStats, VipAddr, VipKey, VipValue,
+    Member, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey, VipValue,
     hash::vip_filter_slot, maps,
 };
 
 use super::{Dataplane, DataplaneError};
 use crate::{
-    plan::{Limits, State, Write, known_family},
+    plan::{Limits, SrcRange, State, Write, known_family},
     program::Sizes,
     ring::Ring,
 };
@@ -207,6 +207,14 @@ impl Dataplane for KernelDataplane {
                 s.retired.insert(id as u32, m.generation);
             }
         }
+        let ranges: LpmTrie<_, SrcRangeKey, u32> =
+            LpmTrie::try_from(self.map(maps::SRC_RANGES)?).map_err(rerr(maps::SRC_RANGES))?;
+        for k in ranges.keys() {
+            let k = k.map_err(rerr(maps::SRC_RANGES))?;
+            if let Some(r) = SrcRange::of_key(k.prefix_len(), &k.data()) {
+                s.src_ranges.insert(r);
+            }
+        }
         let m = self.sizes.maglev_m as usize;
         for v in s.vips.values() {
             let base = v.id as usize * m;
@@ -284,6 +292,30 @@ impl Dataplane for KernelDataplane {
                 let mut h: HashMap<_, VipKey, VipValue> =
                     HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
                 h.remove(key).map_err(werr(crate::model::vip_label(key)))
+            }
+            Write::SrcRange(r) => {
+                let (len, data) = r.key();
+                let mut t: LpmTrie<_, SrcRangeKey, u32> =
+                    LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?)
+                        .map_err(werr(maps::SRC_RANGES))?;
+                t.insert(&Key::new(len, data), 1, 0)
+                    .map_err(werr(format!("source range of VIP id {}", r.vip_id)))
+            }
+            Write::RemoveSrcRange(r) => {
+                let (len, data) = r.key();
+                let mut t: LpmTrie<_, SrcRangeKey, u32> =
+                    LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?)
+                        .map_err(werr(maps::SRC_RANGES))?;
+                match t.remove(&Key::new(len, data)) {
+                    // Gone already (a retried plan).
+                    Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        Ok(())
+                    }
+                    r => r.map_err(werr(maps::SRC_RANGES)),
+                }
             }
         }
     }

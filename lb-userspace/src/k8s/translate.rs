@@ -37,6 +37,9 @@ pub const DEFAULT_CLASS: &str = "default";
 /// Kubernetes' default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The annotation that says a LoadBalancer Service's source ranges when
+/// `spec.loadBalancerSourceRanges` does not (comma-separated CIDRs).
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -579,6 +582,10 @@ impl Translator {
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.clone());
+            // The load balancer's own addresses: the ones source ranges restrict, as in
+            // Kubernetes (an external IP is reached without the load balancer's firewall).
+            let lb_addrs: BTreeSet<IpAddr> =
+                from_lb.clone().filter_map(|a| a.parse().ok()).collect();
             for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
                 match a.parse::<IpAddr>() {
                     Ok(ip)
@@ -619,6 +626,7 @@ impl Translator {
             } else {
                 0
             };
+            let source_ranges = source_ranges_of(svc, &mut event);
             let local = spec.external_traffic_policy.as_deref() == Some("Local");
             let no_slices = Vec::new();
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
@@ -674,6 +682,7 @@ impl Translator {
                         affinity_timeout_s,
                         table_size: effect.table_size,
                         backends: spec_backends,
+                        source_ranges: source_ranges.clone().filter(|_| lb_addrs.contains(addr)),
                     };
                     let m = effect.table_size.unwrap_or(settings.table_size);
                     if vip.backends.len() > m as usize {
@@ -750,6 +759,59 @@ impl Translator {
         out.effects = effects;
         out
     }
+}
+
+/// A Service's source ranges: `spec.loadBalancerSourceRanges`, else the annotation
+/// ([`SOURCE_RANGES_ANNOTATION`]), as Kubernetes reads them (host bits cleared). None: every
+/// source. An entry that is not a CIDR is left out with a warning event; if none is left, the
+/// Service's VIPs take no source at all (the Service asked for a restriction: lb does not
+/// widen it to everyone).
+pub fn source_ranges_of(
+    svc: &Service,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Option<Vec<crate::model::Cidr>> {
+    let from_spec: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| !r.trim().is_empty())
+        .collect();
+    let (raw, origin) = if !from_spec.is_empty() {
+        (from_spec, "spec.loadBalancerSourceRanges")
+    } else {
+        let a = svc.annotations().get(SOURCE_RANGES_ANNOTATION)?;
+        let r: Vec<String> = a
+            .split(',')
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
+        (r, SOURCE_RANGES_ANNOTATION)
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    let mut out: Vec<crate::model::Cidr> = Vec::new();
+    for r in &raw {
+        match crate::model::Cidr::parse(r.trim(), false) {
+            Ok(c) if !out.contains(&c) => out.push(c),
+            Ok(_) => {}
+            Err(e) => event(
+                true,
+                "InvalidSourceRange",
+                format!("{origin}: {e}: left out"),
+            ),
+        }
+    }
+    if out.is_empty() {
+        event(
+            true,
+            "InvalidSourceRange",
+            format!("{origin}: no valid range: the Service's VIPs take no source"),
+        );
+    }
+    Some(out)
 }
 
 /// Whether `svc` is the LoadBalancer Service lb made for a Gateway: it only asks for the
@@ -1294,5 +1356,102 @@ vips:
         assert!(t.vips.iter().all(|v| v.spec.address.is_ipv4()));
         assert_eq!(t.events.len(), 1);
         assert_eq!(t.events[0].reason, "NoNodeAddress");
+    }
+
+    fn ranges_of(t: &Translation, label: &str) -> Option<Vec<String>> {
+        vip(t, label)
+            .spec
+            .source_ranges
+            .as_ref()
+            .map(|r| r.iter().map(|c| c.to_string()).collect())
+    }
+
+    fn translate_with(extra: Value) -> Translation {
+        let mut o = objects();
+        o.services = vec![service("web", extra)];
+        Translator::default().translate(&o, &settings())
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_reach_every_vip_of_the_service() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/48"] },
+            // The spec field wins over the annotation.
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: "10.0.0.0/8" } }
+        }));
+        let want = Some(vec![
+            "198.51.100.0/24".to_string(),
+            "2001:db8:c::/48".into(),
+        ]);
+        for label in [
+            "192.0.2.10:80/tcp",
+            "192.0.2.10:53/udp",
+            "[2001:db8::10]:80/tcp",
+        ] {
+            assert_eq!(ranges_of(&t, label), want, "{label}");
+        }
+        assert!(t.events.is_empty(), "{:?}", t.events);
+    }
+
+    #[test]
+    fn the_annotation_gives_the_ranges_when_the_spec_field_does_not() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: " 198.51.100.0/24 ,203.0.113.9/32," } }
+        }));
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string(), "203.0.113.9/32".into()])
+        );
+        let none = Translator::default().translate(&objects(), &settings());
+        assert_eq!(
+            ranges_of(&none, "192.0.2.10:80/tcp"),
+            None,
+            "no ranges: every source"
+        );
+    }
+
+    #[test]
+    fn invalid_source_ranges_are_left_out_with_an_event_and_none_valid_refuses_all() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.1/24", "not-a-cidr", "10.0.0.0/40"] }
+        }));
+        // Host bits are cleared, as Kubernetes reads CIDRs.
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        let msgs: Vec<&str> = t
+            .events
+            .iter()
+            .filter(|e| e.reason == "InvalidSourceRange")
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                "spec.loadBalancerSourceRanges: \"10.0.0.0/40\": the prefix length must be 0..=32: left out",
+                "spec.loadBalancerSourceRanges: \"not-a-cidr\" is not a CIDR (like 192.0.2.0/24 or 2001:db8::/32): left out",
+            ]
+        );
+        let t = translate_with(json!({
+            "metadata": { "annotations": { SOURCE_RANGES_ANNOTATION: "garbage" } }
+        }));
+        assert_eq!(ranges_of(&t, "192.0.2.10:80/tcp"), Some(vec![]));
+        assert!(t.events.iter().any(|e| e.message
+            == format!(
+                "{SOURCE_RANGES_ANNOTATION}: no valid range: the Service's VIPs take no source"
+            )));
+    }
+
+    #[test]
+    fn source_ranges_restrict_the_load_balancers_addresses_not_external_ips() {
+        let t = translate_with(json!({
+            "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24"], "externalIPs": ["192.0.2.77"] }
+        }));
+        assert_eq!(
+            ranges_of(&t, "192.0.2.10:80/tcp"),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
     }
 }

@@ -85,10 +85,11 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 /// Per VIP, and per backend of each VIP (a member): traffic, passive health, next hop.
 fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
-    let (mut packets, mut bytes, mut flows) = (vec![], vec![], vec![]);
+    let (mut packets, mut bytes, mut flows, mut refused) = (vec![], vec![], vec![], vec![]);
     for (k, v) in &vips {
         let s = p.vip_stats(v.id)?;
         let l = vec![("vip", VipRef::of(k).label)];
+        refused.push((l.clone(), p.vip_source_drops(v.id)));
         packets.push((l.clone(), s.packets));
         bytes.push((l.clone(), s.bytes));
         flows.push((l, s.new_flows));
@@ -97,6 +98,11 @@ fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, Insp
         Family::counter("lb_vip_packets", "Packets per VIP", packets),
         Family::counter("lb_vip_bytes", "Bytes per VIP, as received", bytes),
         Family::counter("lb_vip_new_flows", "New flows per VIP", flows),
+        Family::counter(
+            "lb_vip_drop_source_range",
+            "Packets per VIP dropped because their source is outside the VIP's source ranges",
+            refused,
+        ),
     ];
     let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
     let mut rows = MemberRows::default();

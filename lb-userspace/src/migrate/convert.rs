@@ -205,6 +205,41 @@ pub fn add_counted(base: &[u8], old: &[u8], new: &mut [u8]) {
     }
 }
 
+/// A conversion of one map's values between two of its schemas, value bytes to value bytes
+/// (keys keep their bytes).
+pub type ValueConversion = fn(&[u8]) -> Vec<u8>;
+
+/// The conversion of `map`'s values from schema `from` to schema `to`, if this release has
+/// one (up for an upgrade, down for a rollback).
+pub fn values(map: &str, from: u32, to: u32) -> Option<ValueConversion> {
+    match (map, from, to) {
+        (lb_common::maps::VIPS, 1, 2) => Some(vips_v1_to_v2),
+        (lb_common::maps::VIPS, 2, 1) => Some(vips_v2_to_v1),
+        _ => None,
+    }
+}
+
+/// Byte offset of `VipValue::flags` (after `id`).
+const VIP_FLAGS_AT: usize = 4;
+
+/// `LB_VIPS` v1 -> v2: the same bytes. Schema 2 only gives a flag bit (`VIP_F_SOURCE_RANGES`)
+/// a meaning, and no v1 entry has it set: the VIP takes every source, as it did.
+pub fn vips_v1_to_v2(value: &[u8]) -> Vec<u8> {
+    value.to_vec()
+}
+
+/// `LB_VIPS` v2 -> v1: the source-ranges flag cleared (a release before 0.3.0 has no ranges:
+/// the VIP takes every source, and the bit would mean nothing to it). Flags are host-endian.
+pub fn vips_v2_to_v1(value: &[u8]) -> Vec<u8> {
+    let mut out = value.to_vec();
+    if let Some(f) = out.get_mut(VIP_FLAGS_AT..VIP_FLAGS_AT + 4) {
+        let flags = u32::from_ne_bytes((&*f).try_into().expect("4 bytes"))
+            & !lb_common::VIP_F_SOURCE_RANGES;
+        f.copy_from_slice(&flags.to_ne_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{FAMILY_V4, FlowKey, IPPROTO_TCP, flowtab};
@@ -324,5 +359,38 @@ mod tests {
         assert!(check_fits("LB_NAT", "node.nat_table_size", 100, 100, 100).is_ok());
         let e = check_fits("LB_NAT", "node.nat_table_size", 100, 130, 100).unwrap_err();
         assert_eq!((e.live, e.dropped), (130, 30));
+    }
+
+    /// A VIP value's bytes, written out field by field (id, flags, affinity, mode, table size:
+    /// five host-endian `u32`s), so the fixtures do not go through `VipValue` itself.
+    fn vip_bytes(id: u32, flags: u32, affinity: u32, mode: u32, table: u32) -> Vec<u8> {
+        [id, flags, affinity, mode, table]
+            .iter()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn vips_v1_bytes_are_v2_bytes_and_back_unchanged() {
+        // A NAT VIP (mode 1) hashing on the source only (flag bit 0), id 7, table 251.
+        let v1 = vip_bytes(7, 1, 30, 1, 251);
+        let v2 = values("LB_VIPS", 1, 2).unwrap()(&v1);
+        assert_eq!(v2, v1);
+        assert_eq!(values("LB_VIPS", 2, 1).unwrap()(&v2), v1);
+    }
+
+    #[test]
+    fn vips_v2_to_v1_clears_the_source_ranges_flag_and_nothing_else() {
+        // Flags 0b11: hash on the source only, and source ranges (bit 1, 0.3.0).
+        let v2 = vip_bytes(3, 0b11, 0, 0, 65_537);
+        assert_eq!(vips_v2_to_v1(&v2), vip_bytes(3, 0b01, 0, 0, 65_537));
+        let v2 = vip_bytes(u32::MAX, 0b10, 5, 1, 13);
+        assert_eq!(vips_v2_to_v1(&v2), vip_bytes(u32::MAX, 0, 5, 1, 13));
+    }
+
+    #[test]
+    fn only_known_schema_pairs_have_a_conversion() {
+        assert!(values("LB_VIPS", 1, 3).is_none());
+        assert!(values("LB_NAT", 1, 2).is_none());
     }
 }

@@ -4,8 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
-use lb_common::flowtab::FlowBucket;
+use aya::maps::{
+    Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+};
+use lb_common::{SrcRangeKey, flowtab::FlowBucket};
 
 use super::schema::{Schema, Shape};
 use crate::mapping::Mapping;
@@ -143,6 +145,7 @@ pub fn read(map: &Map, s: &Schema, entries: u32) -> Result<Snapshot, CopyError> 
             Ok(Snapshot::Ports(out))
         }
         Shape::ProgArray => Ok(Snapshot::Nothing),
+        Shape::LpmTrie => read_lpm(map, s),
     }
 }
 
@@ -155,7 +158,7 @@ pub fn write(map: &mut Map, s: &Schema, snap: &Snapshot) -> Result<u64, CopyErro
                 .iter()
                 .map(|(k, v)| (k.clone(), Some(v.clone())))
                 .collect();
-            hash_sizes!(s, write_hash(map, s, &writes))
+            write_hash_entries(map, s, &writes)
         }
         Snapshot::Array(bytes) if mmapable(s) => write_mapped(map, s, bytes),
         Snapshot::Array(bytes) => {
@@ -198,7 +201,80 @@ pub fn write_hash_entries(
     s: &Schema,
     writes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<u64, CopyError> {
-    hash_sizes!(s, write_hash(map, s, writes))
+    match s.shape {
+        Shape::LpmTrie => write_lpm(map, s, writes),
+        _ => hash_sizes!(s, write_hash(map, s, writes)),
+    }
+}
+
+/// `LB_SRC_RANGES`' key: the prefix length, then [`SrcRangeKey`].
+type LpmKey = aya::maps::lpm_trie::Key<SrcRangeKey>;
+
+fn lpm_key_bytes(k: &LpmKey) -> Vec<u8> {
+    let d = k.data();
+    let mut out = k.prefix_len().to_ne_bytes().to_vec();
+    out.extend_from_slice(&d.vip_id);
+    out.extend_from_slice(&d.addr);
+    out
+}
+
+fn lpm_key_of(b: &[u8]) -> Option<LpmKey> {
+    let prefix_len = u32::from_ne_bytes(b.get(..4)?.try_into().ok()?);
+    Some(LpmKey::new(
+        prefix_len,
+        SrcRangeKey {
+            vip_id: b.get(4..8)?.try_into().ok()?,
+            addr: b.get(8..24)?.try_into().ok()?,
+        },
+    ))
+}
+
+fn check_lpm(s: &Schema) -> Result<(), CopyError> {
+    match (s.key_size, s.value_size) {
+        (24, 4) => Ok(()),
+        (key, value) => Err(CopyError::Unsupported {
+            map: s.map.to_string(),
+            key,
+            value,
+        }),
+    }
+}
+
+fn read_lpm(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    check_lpm(s)?;
+    let t: LpmTrie<_, SrcRangeKey, u32> =
+        LpmTrie::try_from(map).map_err(map_err(s.map, "opening"))?;
+    let mut out = BTreeMap::new();
+    for kv in t.iter() {
+        let (k, v) = kv.map_err(map_err(s.map, "reading"))?;
+        out.insert(lpm_key_bytes(&k), v.to_ne_bytes().to_vec());
+    }
+    Ok(Snapshot::Hash(out))
+}
+
+fn write_lpm(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> Result<u64, CopyError> {
+    check_lpm(s)?;
+    let mut t: LpmTrie<_, SrcRangeKey, u32> =
+        LpmTrie::try_from(map).map_err(map_err(s.map, "opening"))?;
+    for (k, v) in writes {
+        let key = lpm_key_of(k).expect("key size checked");
+        match v {
+            Some(v) => {
+                let value = u32::from_ne_bytes(v[..4].try_into().expect("value size checked"));
+                t.insert(&key, value, 0)
+                    .map_err(map_err(s.map, "writing"))?;
+            }
+            None => match t.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(s.map, "removing")(e)),
+            },
+        }
+    }
+    Ok(writes.len() as u64)
 }
 
 /// Writes `values` at their indices of an array.

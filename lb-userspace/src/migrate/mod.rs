@@ -151,6 +151,8 @@ struct Moved {
     /// What the first copy read from the old map (in the new map's form: sizes differ only).
     base: Snapshot,
     old_entries: u32,
+    /// The old map's schema (its late writes are converted like the first copy).
+    from_schema: u32,
 }
 
 /// A load whose new maps are staged: finish it after the swap, or drop it to take them away.
@@ -159,6 +161,9 @@ pub struct Pending {
     report: Migration,
     /// (staged pin, final pin) of every new map.
     staged: Vec<(PathBuf, PathBuf)>,
+    /// Pins of converted maps under their old schema's name (`LB_VIPS` when `LB_VIPS@v2`
+    /// replaces it): removed once the new pins are in place.
+    obsolete: Vec<PathBuf>,
     moved: Vec<Moved>,
     sizes: Sizes,
     done: bool,
@@ -222,10 +227,18 @@ pub fn load(
             .collect(),
         false => Vec::new(),
     };
+    let obsolete: Vec<PathBuf> = plan
+        .maps
+        .iter()
+        .filter_map(|m| m.found.as_ref().map(|f| (m, f)))
+        .filter(|(m, f)| f.pin != m.pin(dir))
+        .map(|(_, f)| f.pin.clone())
+        .collect();
     let mut pending = Pending {
         started,
         report: report_of(&plan, trigger, from_release),
         staged,
+        obsolete,
         moved: Vec::new(),
         sizes: sizes.clone(),
         done: !migrates,
@@ -394,7 +407,7 @@ impl Pending {
             let s = m.schema;
             let old = open_old(m)?;
             let old_entries = m.found.as_ref().unwrap().max_entries;
-            let snap = copy::read(&old, s, old_entries)?;
+            let snap = converted(m, copy::read(&old, s, old_entries)?)?;
             let Some(new_snap) = resized(m, snap, &sizes)? else {
                 // The Maglev ring of another table size: the agent writes it before the swap.
                 self.note(s.map, 0, t);
@@ -411,6 +424,7 @@ impl Pending {
                     old,
                     base: new_snap,
                     old_entries,
+                    from_schema: m.found.as_ref().map_or(s.version, |f| f.version),
                 });
             }
         }
@@ -487,6 +501,21 @@ impl Pending {
                 source,
             })?;
         }
+        // The old schema's pin names a map no program uses any more: without this it would
+        // stay, and the next start would find two schemas of one map.
+        for pin in &self.obsolete {
+            match std::fs::remove_file(pin) {
+                Ok(()) => info!(pin = %pin.display(), "removed the pin of the old schema"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(MigrateError::Io {
+                        what: "removing the old schema's pin",
+                        path: pin.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
         self.done = true;
         program::write_meta(ebpf, &self.sizes)?;
         self.report.duration_ms = ms(self.started);
@@ -548,6 +577,36 @@ impl Drop for Pending {
             }
         }
     }
+}
+
+/// The old map's snapshot in the new map's schema: unchanged for a map of the same schema,
+/// else its values converted (see [`convert::values`]).
+fn converted(m: &MapPlan, snap: Snapshot) -> Result<Snapshot, MigrateError> {
+    let from = m.found.as_ref().map_or(m.schema.version, |f| f.version);
+    converted_from(m.schema, from, snap)
+}
+
+fn converted_from(s: &Schema, from: u32, snap: Snapshot) -> Result<Snapshot, MigrateError> {
+    if from == s.version {
+        return Ok(snap);
+    }
+    let conv = convert::values(s.map, from, s.version).ok_or_else(|| {
+        MigrateError::Pins(PinsError::NoConversion {
+            map: s.map.to_string(),
+            from,
+            to: s.version,
+        })
+    })?;
+    Ok(match snap {
+        Snapshot::Hash(h) => Snapshot::Hash(h.into_iter().map(|(k, v)| (k, conv(&v))).collect()),
+        other => {
+            return Err(MigrateError::Pins(PinsError::NoConversion {
+                map: format!("{} ({} entries, not a hash map)", s.map, other.len(1)),
+                from,
+                to: s.version,
+            }));
+        }
+    })
 }
 
 /// The old map's snapshot in the form of the new map: resized (see [`convert`]). None for a
@@ -621,7 +680,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
     let new = ebpf
         .map_mut(s.map)
         .expect("every schema's map is in the object");
-    let old_now = copy::read(&mv.old, s, mv.old_entries)?;
+    let old_now = converted_from(s, mv.from_schema, copy::read(&mv.old, s, mv.old_entries)?)?;
     let vs = s.value_size as usize;
     Ok(match (&mv.base, old_now) {
         (Snapshot::Hash(base), Snapshot::Hash(old)) => {
@@ -744,13 +803,27 @@ pub enum RollbackError {
     },
     #[error(transparent)]
     Pins(#[from] PinsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Leaves the pins in `dir` as release `to` reads them, before that release's agent starts on
-/// them (a rollback): converts down every map whose schema `to` does not read. Returns what it
-/// did, in one line. Every map of this release is at a schema 0.1.0 reads, so there is nothing
-/// to convert for any release it knows; a later release that changes a schema adds its
-/// conversion down here.
+/// them (a rollback): converts down, in place, every map whose schema `to` reads at an older
+/// version, renaming its pin to that version's name, and removes the pins of maps `to` does
+/// not know. Returns what it did, in one line.
+///
+/// 0.3.0 -> 0.2.0 / 0.1.0: `LB_VIPS@v2` becomes `LB_VIPS` with `VIP_F_SOURCE_RANGES` cleared
+/// (the layout is the same), and `LB_SRC_RANGES` and `LB_VIP_DROPS` are unpinned. A program of
+/// this release still attached then takes every source until the older agent replaces it.
 pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
     let to_text = to.to_string();
     let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {
@@ -762,8 +835,10 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
             .collect::<Vec<_>>()
             .join(", "),
     })?;
+    // Check every map first, so that a rollback this release cannot do changes nothing.
+    let mut work = Vec::new();
     for s in schema::current() {
-        let Some(found) = pins_found(dir, s)? else {
+        let Some(found) = pins::plan_one(dir, s)? else {
             continue;
         };
         let theirs = release
@@ -771,23 +846,113 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
             .iter()
             .find(|(m, _)| *m == s.map)
             .map_or(0, |(_, v)| *v);
-        if theirs != found {
+        if theirs == found.version {
+            continue;
+        }
+        if theirs != 0 && convert::values(s.map, found.version, theirs).is_none() {
             return Err(RollbackError::NoConversion {
                 to: to_text,
                 map: s.map.to_string(),
                 theirs,
-                ours: found,
+                ours: found.version,
             });
         }
+        work.push((s, found, theirs));
     }
-    Ok(format!(
-        "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
-        dir.display()
-    ))
+    let mut done = Vec::new();
+    for (s, found, theirs) in work {
+        if theirs == 0 {
+            std::fs::remove_file(&found.pin).map_err(|source| RollbackError::Io {
+                what: "removing",
+                path: found.pin.display().to_string(),
+                source,
+            })?;
+            done.push(format!("removed {} ({to_text} has no such map)", s.map));
+            continue;
+        }
+        let conv = convert::values(s.map, found.version, theirs).expect("checked above");
+        let n = convert_in_place(&found.pin, s, conv)?;
+        let pin = dir.join(schema::pin_name(s.map, theirs));
+        std::fs::rename(&found.pin, &pin).map_err(|source| RollbackError::Io {
+            what: "renaming the converted pin to",
+            path: pin.display().to_string(),
+            source,
+        })?;
+        done.push(format!(
+            "converted {} v{} -> v{theirs} in place ({n} entries changed), pinned as {}",
+            s.map,
+            found.version,
+            schema::pin_name(s.map, theirs)
+        ));
+    }
+    // A release that reads layout 7 only checks the version `LB_META` records.
+    let layout_7 = release
+        .schemas
+        .iter()
+        .all(|m| schema::RELEASES[0].schemas.contains(m));
+    if layout_7
+        && let Some(meta) = crate::program::pinned_meta(dir)?
+        && meta.version != schema::LAYOUT_7_VERSION
+    {
+        let map = crate::program::open_pinned(dir, maps::META)?;
+        let mut a: aya::maps::Array<_, lb_common::LayoutMeta> = aya::maps::Array::try_from(map)
+            .map_err(|source| LoadError::Write {
+                what: "the layout record",
+                source,
+            })?;
+        a.set(
+            0,
+            lb_common::LayoutMeta {
+                version: schema::LAYOUT_7_VERSION,
+                ..meta
+            },
+            0,
+        )
+        .map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })?;
+        done.push(format!(
+            "LB_META records layout {} (was {})",
+            schema::LAYOUT_7_VERSION,
+            meta.version
+        ));
+    }
+    Ok(match done.is_empty() {
+        true => format!(
+            "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
+            dir.display()
+        ),
+        false => format!(
+            "left the pins in {} as {to_text} reads them: {}",
+            dir.display(),
+            done.join("; ")
+        ),
+    })
 }
 
-/// The schema version of `s`'s map pinned in `dir`, if pinned.
-fn pins_found(dir: &Path, s: &'static Schema) -> Result<Option<u32>, PinsError> {
-    let plan = pins::plan_one(dir, s)?;
-    Ok(plan.map(|f| f.version))
+/// Rewrites every value of the hash map pinned at `pin` with `conv` (the same layout: a
+/// conversion of meaning). Returns the entries rewritten.
+fn convert_in_place(
+    pin: &Path,
+    s: &'static Schema,
+    conv: convert::ValueConversion,
+) -> Result<u64, RollbackError> {
+    let pin_err = |source| LoadError::Pin {
+        path: pin.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(pin).map_err(pin_err)?;
+    let mut map = Map::from_map_data(data).map_err(pin_err)?;
+    let Snapshot::Hash(h) = copy::read(&map, s, 0)? else {
+        unreachable!("converted in place: a hash map")
+    };
+    let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = h
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let c = conv(&v);
+            (c != v).then_some((k, Some(c)))
+        })
+        .collect();
+    Ok(copy::write_hash_entries(&mut map, s, &writes)?)
 }

@@ -154,6 +154,8 @@ pub enum PinsError {
     PreRelease { dir: String, version: u32 },
     #[error("both {a} and {b} are pinned: two schemas of one map; remove the one not in use")]
     Twice { a: String, b: String },
+    #[error("{map}: this release has no conversion from schema v{from} to v{to}")]
+    NoConversion { map: String, from: u32, to: u32 },
     #[error("reading the pinned {pin}")]
     Info {
         pin: String,
@@ -252,9 +254,12 @@ fn find(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
         pin: pin_text.clone(),
         source,
     })?;
-    // Sizes of older schemas are checked by their conversions; this release's here.
-    if version == s.version && (info.key_size() != s.key_size || info.value_size() != s.value_size)
-    {
+    // An older schema must be one this release converts from, with that schema's sizes.
+    let (want_key, want_value) = match version == s.version {
+        true => (s.key_size, s.value_size),
+        false => schema::older(s.map, version).unwrap_or((0, 0)),
+    };
+    if info.key_size() != want_key || info.value_size() != want_value {
         return Err(PinsError::Foreign {
             pin: pin_text,
             dir: dir.display().to_string(),
@@ -262,8 +267,8 @@ fn find(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
             version,
             key: info.key_size(),
             value: info.value_size(),
-            want_key: s.key_size,
-            want_value: s.value_size,
+            want_key,
+            want_value,
         });
     }
     Ok(Some(Found {

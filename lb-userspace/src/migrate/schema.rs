@@ -25,6 +25,8 @@ pub enum Shape {
     /// `LB_FLOWS4`: an array of [`lb_common::flowtab::FlowBucket`]s, where a flow's place
     /// depends on the number of buckets.
     FlowBuckets,
+    /// `LB_SRC_RANGES`: a longest-prefix-match trie.
+    LpmTrie,
 }
 
 /// What a migration does with a map's entries.
@@ -129,6 +131,9 @@ fn nat(s: &Sizes) -> u32 {
 fn counters(_: &Sizes) -> u32 {
     lb_common::Counter::COUNT
 }
+fn source_ranges(_: &Sizes) -> u32 {
+    maps::MAX_SOURCE_RANGES
+}
 fn prog_slots(_: &Sizes) -> u32 {
     maps::PROG_SLOTS
 }
@@ -154,15 +159,16 @@ macro_rules! schema {
 pub fn current() -> &'static [Schema] {
     use lb_common::{
         AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, NatFlow,
-        NatJob, NatReverse, NextHop, NodeConfig, PassiveHealth, TooBigJob, TrafficStats, VipAddr,
-        VipKey, VipValue, flowtab::FlowBucket,
+        NatJob, NatReverse, NextHop, NodeConfig, PassiveHealth, SrcRangeKey, TooBigJob,
+        TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
         vec![
+            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES.
             schema!(
                 m::VIPS,
-                1,
+                2,
                 Hash,
                 size_of::<VipKey>(),
                 size_of::<VipValue>(),
@@ -302,6 +308,16 @@ pub fn current() -> &'static [Schema] {
                 one
             ),
             schema!(m::META, 1, Array, U32, size_of::<LayoutMeta>(), Record, one),
+            schema!(
+                m::SRC_RANGES,
+                1,
+                LpmTrie,
+                U32 + size_of::<SrcRangeKey>(),
+                U32,
+                Config,
+                source_ranges
+            ),
+            schema!(m::VIP_DROPS, 1, PerCpuArray, U32, U64, Counters, max_vips),
         ]
     })
 }
@@ -344,6 +360,35 @@ const LAYOUT_7: &[(&str, u32)] = &[
     (m::META, 1),
 ];
 
+/// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges flag), and the source ranges and their
+/// per-VIP drop counters.
+const RELEASE_0_3: &[(&str, u32)] = &[
+    (m::VIPS, 2),
+    (m::VIP_ADDRS, 1),
+    (m::VIP_FILTER, 1),
+    (m::RING, 1),
+    (m::MEMBERS, 1),
+    (m::NEXTHOPS, 1),
+    (m::NODE, 1),
+    (m::TX_PORTS, 1),
+    (m::FLOWS, 1),
+    (m::FLOWS4, 1),
+    (m::AFFINITY, 1),
+    (m::NAT, 1),
+    (m::NAT_REV, 1),
+    (m::MEMBER_PASSIVE, 1),
+    (m::STATS, 1),
+    (m::VIP_STATS, 1),
+    (m::MEMBER_STATS, 1),
+    (m::PROGS, 1),
+    (m::NAT_JOB, 1),
+    (m::TOO_BIG_JOB, 1),
+    (m::ICMP_JOB, 1),
+    (m::META, 1),
+    (m::SRC_RANGES, 1),
+    (m::VIP_DROPS, 1),
+];
+
 /// The releases this one knows, oldest first; the last is this one.
 pub const RELEASES: &[Release] = &[
     Release {
@@ -354,7 +399,22 @@ pub const RELEASES: &[Release] = &[
         version: "0.2.0",
         schemas: LAYOUT_7,
     },
+    Release {
+        version: "0.3.0",
+        schemas: RELEASE_0_3,
+    },
 ];
+
+/// Key and value sizes of the older schemas this release converts from (a pin of an older
+/// schema is checked against these before its conversion reads it).
+pub fn older(map: &str, version: u32) -> Option<(u32, u32)> {
+    use lb_common::{VipKey, VipValue};
+    match (map, version) {
+        // Schema 1 has schema 2's layout: only the meaning of a flag bit differs.
+        (m::VIPS, 1) => Some((size_of::<VipKey>(), size_of::<VipValue>())),
+        _ => None,
+    }
+}
 
 /// The layout version 0.1.0 checks in `LB_META`: written while every map is at the schema 0.1.0
 /// reads, so that 0.1.0 adopts the pins as they are (a rollback with no conversion).

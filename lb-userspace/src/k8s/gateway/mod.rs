@@ -346,6 +346,7 @@ impl GatewayCtx<'_> {
                 hash: effect.hash,
                 affinity_timeout_s: 0,
                 table_size: effect.table_size,
+                source_ranges: None,
                 backends,
             };
             if room.taken.contains(&spec.key()) {
