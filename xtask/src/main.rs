@@ -427,6 +427,14 @@ fn previous_release() -> Result<()> {
     }
     std::fs::create_dir_all(&base)?;
     let git = |dir: &Path, args: &[&str]| output(Command::new("git").current_dir(dir).args(args));
+    if git(&root, &["cat-file", "-e", &format!("{commit}^{{commit}}")]).is_err() {
+        // A shallow clone: fetch the history the previous release's commit is in.
+        say(&format!(
+            "previous release ({short}): not in this clone, fetching its history"
+        ));
+        git(&root, &["fetch", "--quiet", "--unshallow"])
+            .context("fetching a shallow clone's history for the previous release")?;
+    }
     if src.join(".git").exists() {
         git(&src, &["checkout", "--quiet", "--detach", &commit])?;
     } else {
@@ -436,7 +444,7 @@ fn previous_release() -> Result<()> {
             &root,
             &["worktree", "add", "--force", "--detach", at, &commit],
         )
-        .context("adding the previous release's worktree (a shallow clone lacks its commit)")?;
+        .context("adding the previous release's worktree")?;
     }
     say(&format!(
         "previous release ({short}): building its agent for the upgrade tests"
