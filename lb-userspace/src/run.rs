@@ -483,6 +483,9 @@ fn resize(
         return Err(e).context("copying what the old program wrote meanwhile");
     }
     if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node) {
+        if let Some(p) = &pending {
+            p.release_hold(&mut agent.dp.ebpf);
+        }
         back(agent, old_dp);
         if let Err(e) = links::sync(&mut agent.dp, pin_dir, &old_config.node) {
             error!("swapping the old program back: {e:#}");
@@ -492,9 +495,6 @@ fn resize(
     if let Some(pending) = pending {
         let report = pending
             .finish(&mut agent.dp.ebpf)
-            .inspect_err(|_| {
-                failed();
-            })
             .context("finishing the migration after the swap")?;
         m.migrated(report);
     }
@@ -717,15 +717,18 @@ async fn start(
                 .reconcile()
                 .context("applying the config to the migrated maps")?;
             pending.catch_up(&mut agent.dp.ebpf)?;
-            let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
-            match pending.finish(&mut agent.dp.ebpf) {
-                Ok(report) => (plan, Some(report)),
+            let changes = match links::sync(&mut agent.dp, &opts.pin_dir, &node) {
+                Ok(c) => c,
                 Err(e) => {
-                    m.migrations_failed.fetch_add(1, Ordering::Relaxed);
-                    changes.revert(&mut agent.dp, &opts.pin_dir);
-                    return Err(e).context("finishing the migration after the swap");
+                    pending.release_hold(&mut agent.dp.ebpf);
+                    return Err(e);
                 }
-            }
+            };
+            // From the swap on the new maps are the state: what fails after it is said in the
+            // report (and counted), and the agent serves on.
+            let _ = changes;
+            let report = pending.finish(&mut agent.dp.ebpf)?;
+            (plan, Some(report))
         }
     };
     if let Some(r) = report {
@@ -1036,6 +1039,14 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
             )
         })? {
             done.push(format!("withdrew {vip} (routing table {})", a.table));
+        }
+    }
+    // A swap's second pin of a link (`link-eth0@swap`), left by an agent killed between pinning
+    // it and renaming it over the first: it would keep the program attached.
+    for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().ends_with("@swap") {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
         }
     }
     for (ifname, _) in links::pinned_links(pin_dir) {

@@ -75,7 +75,10 @@ impl AgentMetrics {
     /// pins), or the adoption of pins as they were.
     pub fn migrated(&self, report: crate::migrate::Migration) {
         if report.moved() {
-            self.migrations_ok.fetch_add(1, Ordering::Relaxed);
+            match report.errors.is_empty() {
+                true => self.migrations_ok.fetch_add(1, Ordering::Relaxed),
+                false => self.migrations_failed.fetch_add(1, Ordering::Relaxed),
+            };
             self.maps_generation.fetch_add(1, Ordering::Relaxed);
         }
         *self.migration.lock().expect("migration lock") = Some(report);

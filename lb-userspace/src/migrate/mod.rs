@@ -31,7 +31,7 @@ use aya::{
 };
 use lb_common::{Member, VipValue, maps};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::{
     convert::WontFit,
@@ -87,6 +87,10 @@ pub struct Migration {
     /// `LB_NAT_REV`: a source port both handed out; the old program's connection lost it).
     #[serde(default)]
     pub conflicts: u64,
+    /// What went wrong after the swap (a merge that failed loses the old program's last writes
+    /// to that map; the new maps serve on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
     pub maps: Vec<MapMove>,
 }
 
@@ -151,6 +155,8 @@ struct Moved {
     /// What the first copy read from the old map (in the new map's form: sizes differ only).
     base: Snapshot,
     old_entries: u32,
+    /// The new map's `max_entries`.
+    new_entries: u32,
     /// The old map's schema (its late writes are converted like the first copy).
     from_schema: u32,
 }
@@ -289,6 +295,7 @@ fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Mig
         caught_up: 0,
         merged: 0,
         conflicts: 0,
+        errors: Vec::new(),
         maps: plan
             .maps
             .iter()
@@ -327,6 +334,7 @@ fn check_ids(plan: &PinPlan, sizes: &Sizes) -> Result<(), MigrateError> {
         })
     };
     if let Some(m) = plan.get(maps::MEMBERS)
+        && m.found.is_some()
         && shrinks(maps::MEMBERS, sizes.max_backends)
     {
         let old = copy::read(
@@ -363,6 +371,7 @@ fn check_ids(plan: &PinPlan, sizes: &Sizes) -> Result<(), MigrateError> {
         }
     }
     if let Some(m) = plan.get(maps::VIPS)
+        && m.found.is_some()
         && (shrinks(maps::VIP_STATS, sizes.max_vips)
             || plan
                 .get(maps::RING)
@@ -424,6 +433,7 @@ impl Pending {
                     old,
                     base: new_snap,
                     old_entries,
+                    new_entries: m.entries,
                     from_schema: m.found.as_ref().map_or(s.version, |f| f.version),
                 });
             }
@@ -456,17 +466,23 @@ impl Pending {
         }
         for mv in &mut self.moved {
             let t = Instant::now();
-            // The new program does not run yet: every change of the old one is taken.
-            let (n, _) = merge(mv, ebpf)?;
-            let new = ebpf
-                .map_mut(mv.schema.map)
-                .expect("every schema's map is in the object");
-            let entries = match &mv.base {
-                Snapshot::Buckets(b) => b.len() as u32,
-                Snapshot::Array(a) => (a.len() / mv.schema.value_size as usize) as u32,
-                _ => 0,
+            // The new program does not run yet: every change of the old one is taken. The base
+            // of the merge after the swap is then what the old map held now (not the new map,
+            // which also holds what the agent wrote: a member id given anew, its counters and
+            // passive health zeroed, must not look like a change of the old program's).
+            let (n, _, old_now) = merge(mv, ebpf)?;
+            let vs = mv.schema.value_size as usize;
+            mv.base = match old_now {
+                Snapshot::Array(a) => {
+                    Snapshot::Array(convert::resize_array(&a, vs, mv.new_entries))
+                }
+                Snapshot::PerCpu(c) => Snapshot::PerCpu(
+                    c.iter()
+                        .map(|a| convert::resize_array(a, vs, mv.new_entries))
+                        .collect(),
+                ),
+                other => other,
             };
-            mv.base = copy::read(new, mv.schema, entries)?;
             if let Some(m) = self.report.maps.iter_mut().find(|m| m.map == mv.schema.map) {
                 m.caught_up += n;
                 m.ms += ms(t);
@@ -481,25 +497,47 @@ impl Pending {
     /// record. Returns the report.
     pub fn finish(mut self, ebpf: &mut Ebpf) -> Result<Migration, MigrateError> {
         grace_period();
-        let moved = std::mem::take(&mut self.moved);
-        let merged = moved.iter().try_for_each(|mv| {
+        let mut moved = std::mem::take(&mut self.moved);
+        // The NAT tables first, so that new translations are held back no longer than their
+        // merge takes.
+        moved.sort_by_key(|mv| !matches!(mv.schema.map, maps::NAT | maps::NAT_REV));
+        let mut errors = Vec::new();
+        let mut released = false;
+        for mv in &moved {
+            if !released && !matches!(mv.schema.map, maps::NAT | maps::NAT_REV) {
+                released = true;
+                if let Err(e) = set_hold(ebpf, false) {
+                    errors.push(crate::error_chain(&e));
+                }
+            }
             let t = Instant::now();
-            let (n, both) = merge(mv, ebpf)?;
-            self.note_merged(mv.schema.map, n, t);
-            self.report.conflicts += both;
-            Ok::<_, MigrateError>(())
-        });
-        // New translations again, whatever happened: every port the old program handed out is
-        // in the new maps now (or the migration failed and says so).
-        let released = set_hold(ebpf, false);
-        merged?;
-        released?;
+            // From the swap on, the new maps are the state: a merge that fails loses the old
+            // program's last writes to that map (said, and counted), never the migration.
+            match merge(mv, ebpf) {
+                Ok((n, both, _)) => {
+                    self.note_merged(mv.schema.map, n, t);
+                    self.report.conflicts += both;
+                }
+                Err(e) => errors.push(format!(
+                    "merging {}: {}",
+                    mv.schema.map,
+                    crate::error_chain(&e)
+                )),
+            }
+        }
+        if !released && let Err(e) = set_hold(ebpf, false) {
+            errors.push(crate::error_chain(&e));
+        }
+        // Renamed whatever else fails: the staged pins are the maps the program uses.
+        self.done = true;
         for (staged, pin) in &self.staged {
-            std::fs::rename(staged, pin).map_err(|source| MigrateError::Io {
-                what: "renaming the staged pin over",
-                path: pin.display().to_string(),
-                source,
-            })?;
+            if let Err(e) = std::fs::rename(staged, pin) {
+                errors.push(format!(
+                    "renaming {} over {}: {e}",
+                    staged.display(),
+                    pin.display()
+                ));
+            }
         }
         // The old schema's pin names a map no program uses any more: without this it would
         // stay, and the next start would find two schemas of one map.
@@ -507,17 +545,16 @@ impl Pending {
             match std::fs::remove_file(pin) {
                 Ok(()) => info!(pin = %pin.display(), "removed the pin of the old schema"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(MigrateError::Io {
-                        what: "removing the old schema's pin",
-                        path: pin.display().to_string(),
-                        source,
-                    });
-                }
+                Err(e) => errors.push(format!("removing {}: {e}", pin.display())),
             }
         }
-        self.done = true;
-        program::write_meta(ebpf, &self.sizes)?;
+        for e in &errors {
+            error!("after the swap: {e}");
+        }
+        self.report.errors = errors;
+        if let Err(e) = program::write_meta(ebpf, &self.sizes) {
+            self.report.errors.push(crate::error_chain(&e));
+        }
         self.report.duration_ms = ms(self.started);
         self.report.at = now();
         info!(
@@ -533,6 +570,16 @@ impl Pending {
 }
 
 impl Pending {
+    /// Lets the new program make NAT translations again: for a swap that failed (the new
+    /// program may run on some interfaces: it must not go on refusing new connections there).
+    pub fn release_hold(&self, ebpf: &mut Ebpf) {
+        if self.moves_nat()
+            && let Err(e) = set_hold(ebpf, false)
+        {
+            error!("releasing the NAT hold: {}", crate::error_chain(&e));
+        }
+    }
+
     /// Whether NAT translations move into new maps (then new ones are held back from just
     /// before the swap until the old program's last ones are merged: see [`maps::NAT_HOLD`]).
     fn moves_nat(&self) -> bool {
@@ -616,7 +663,13 @@ fn resized(m: &MapPlan, snap: Snapshot, sizes: &Sizes) -> Result<Option<Snapshot
     let vs = s.value_size as usize;
     Ok(Some(match snap {
         Snapshot::Hash(h) => {
-            convert::check_fits(s.map, config_key(s.map), m.entries, h.len(), m.entries)?;
+            convert::check_fits(
+                s.map,
+                config_key(s.map),
+                m.entries,
+                h.len(),
+                room(s, m.entries),
+            )?;
             Snapshot::Hash(h)
         }
         Snapshot::Buckets(b) => {
@@ -631,6 +684,18 @@ fn resized(m: &MapPlan, snap: Snapshot, sizes: &Sizes) -> Result<Option<Snapshot
         ),
         other => other,
     }))
+}
+
+/// The entries a map of `max_entries` takes without evicting: an LRU hash keeps up to 128 free
+/// entries on each possible CPU's list (`LOCAL_FREE_TARGET`), which a writer on another CPU
+/// cannot use, and evicts rather than fail.
+fn room(s: &Schema, max_entries: u32) -> u32 {
+    if s.shape != schema::Shape::LruHash {
+        return max_entries;
+    }
+    // SAFETY: sysconf reads a constant.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u32;
+    max_entries.saturating_sub(128 * cpus)
 }
 
 /// Whether the ring's slots keep their meaning: the same Maglev table size (then only the
@@ -675,19 +740,19 @@ fn grace_period() {
 /// Merges what the old program wrote into `mv`'s map after the first copy (see
 /// [`convert::merge3`]); returns the entries written and those both programs changed, where the
 /// new program's stands.
-fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
+fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64, Snapshot), MigrateError> {
     let s = mv.schema;
     let new = ebpf
         .map_mut(s.map)
         .expect("every schema's map is in the object");
     let old_now = converted_from(s, mv.from_schema, copy::read(&mv.old, s, mv.old_entries)?)?;
     let vs = s.value_size as usize;
-    Ok(match (&mv.base, old_now) {
+    let (n, both) = match (&mv.base, &old_now) {
         (Snapshot::Hash(base), Snapshot::Hash(old)) => {
             // Only the entries the old program changed after the copy are looked up in the new
             // map (few, against the whole table): the merge is the window in which they are
             // missing from the maps the new program uses.
-            let changed = convert::changed(base, &old);
+            let changed = convert::changed(base, old);
             let keys: Vec<&[u8]> = changed.iter().map(|k| k.as_slice()).collect();
             let now: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = keys
                 .iter()
@@ -722,17 +787,14 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
             (n, both + kept)
         }
         (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
-            let entries = base_new.len() as u32;
+            let entries = mv.new_entries;
             let Snapshot::Buckets(now) = copy::read(new, s, entries)? else {
                 unreachable!("a flow table")
             };
             // The base in the old table's form: the flows the first copy read.
             let base_old = convert::flows_of(base_new);
-            let writes = convert::merge3(
-                &base_old,
-                &convert::flows_of(&old),
-                &convert::flows_of(&now),
-            );
+            let writes =
+                convert::merge3(&base_old, &convert::flows_of(old), &convert::flows_of(&now));
             let (n, lost) = copy::merge_flows_live(new, s, entries, &writes)?;
             if lost > 0 {
                 warn!("{}: no room to merge {lost} late flows", s.map);
@@ -761,12 +823,12 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
                 .filter(|&i| {
                     let r = i * vs..(i + 1) * vs;
                     base.iter()
-                        .zip(&old)
+                        .zip(old.iter())
                         .any(|(b, o)| b.get(r.clone()) != o.get(r.clone()))
                 })
                 .map(|i| i as u32)
                 .collect();
-            for ((b, o), n) in base.iter().zip(&old).zip(now.iter_mut()) {
+            for ((b, o), n) in base.iter().zip(old.iter()).zip(now.iter_mut()) {
                 for &i in &changed {
                     let r = i as usize * vs..(i as usize + 1) * vs;
                     if let (Some(b), Some(o)) = (b.get(r.clone()), o.get(r.clone())) {
@@ -777,7 +839,8 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64), MigrateError> {
             (copy::write_percpu_entries(new, s, &now, &changed)?, 0)
         }
         _ => (0, 0),
-    })
+    };
+    Ok((n, both, old_now))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -835,6 +898,10 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
             .collect::<Vec<_>>()
             .join(", "),
     })?;
+    // Staged pins of a migration that stopped part way: the older release knows no such names.
+    for p in pins::remove_staged(dir) {
+        warn!(pin = %p.display(), "removed a staged pin an earlier migration left");
+    }
     // Check every map first, so that a rollback this release cannot do changes nothing.
     let mut work = Vec::new();
     for s in schema::current() {
