@@ -1470,7 +1470,7 @@ pub fn migration(opts: &Options) -> Value {
         "load_and_copy_ms": ms(copy),
         "finish_ms": ms(finish),
         "entries_copied": report.entries,
-        "copy_ms": report.maps.iter().map(|m| m.ms).sum::<f64>(),
+        "copy_and_merge_ms": report.maps.iter().map(|m| m.ms).sum::<f64>(),
         "maps": moved,
     })
 }
@@ -1601,13 +1601,13 @@ pub fn table(v: &Value) -> String {
     }
     if let Some(m) = v.get("migration") {
         s += &format!(
-            "migration (flow and NAT tables doubled, {} IPv4 flows and {} translations each way, {} late writes): load and copy {:.0} ms (the copy {:.0} ms of it; the old program serving), finish {:.0} ms (grace period, merge, renames)\n",
+            "migration (flow and NAT tables doubled, {} IPv4 flows and {} translations each way, {} late writes): load and copy {:.0} ms (the old program serving), finish {:.0} ms (grace period, merge, renames); copying and merging the maps {:.0} ms in all\n",
             m["entries"],
             m["entries"],
             m["late_writes"],
             m["load_and_copy_ms"].as_f64().unwrap_or(0.0),
-            m["copy_ms"].as_f64().unwrap_or(0.0),
             m["finish_ms"].as_f64().unwrap_or(0.0),
+            m["copy_and_merge_ms"].as_f64().unwrap_or(0.0),
         );
     }
     if let Some(m) = v.get("memory") {
