@@ -27,8 +27,19 @@ use crate::{
     program::PROGRAM,
 };
 
+/// The pin of `ifname`'s link: `link-eth0`. bpffs refuses dots in names, so a VLAN's
+/// `bond0.100` is pinned as `link-bond0:100` (a colon is never in an interface name).
 fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
-    pin_dir.join(format!("link-{ifname}"))
+    pin_dir.join(link_pin_name(ifname))
+}
+
+fn link_pin_name(ifname: &str) -> String {
+    format!("link-{}", ifname.replace('.', ":"))
+}
+
+/// The interface a link pin's name stands for (see [`link_pin`]).
+fn ifname_of_pin(name: &str) -> Option<String> {
+    name.strip_prefix("link-").map(|i| i.replace(':', "."))
 }
 
 /// Interfaces with a pinned link in `pin_dir`.
@@ -41,9 +52,9 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             // `link-eth0@swap` is a swap's second pin of eth0's link, renamed over the first.
-            name.strip_prefix("link-")
+            ifname_of_pin(&name)
                 .filter(|i| !i.ends_with("@swap"))
-                .map(|i| (i.to_string(), e.path()))
+                .map(|i| (i, e.path()))
         })
         .collect();
     out.sort();
@@ -168,7 +179,7 @@ fn swap(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str) -> Result<()> {
     let id = prog
         .attach_to_link(link)
         .with_context(|| format!("replacing the program attached to {ifname}"))?;
-    let again = pin_dir.join(format!("link-{ifname}@swap"));
+    let again = pin_dir.join(format!("{}@swap", link_pin_name(ifname)));
     let _ = std::fs::remove_file(&again);
     pin(prog, id, &again)?;
     std::fs::rename(&again, &path)
@@ -630,6 +641,17 @@ fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vlan_interface_is_pinned_without_a_dot_and_read_back() {
+        assert_eq!(link_pin_name("eth0"), "link-eth0");
+        assert_eq!(link_pin_name("bond0.100"), "link-bond0:100");
+        assert_eq!(
+            ifname_of_pin("link-bond0:100").as_deref(),
+            Some("bond0.100")
+        );
+        assert_eq!(ifname_of_pin("LB_NAT"), None);
+    }
 
     /// One netlink attribute, padded.
     fn attr(kind: u16, value: &[u8]) -> Vec<u8> {

@@ -103,3 +103,40 @@ fn without_interfaces_or_a_default_route_the_start_is_refused_and_nothing_is_pin
         assert!(xdp_attachment(&net.ns, dev).is_none(), "{dev}");
     }
 }
+
+/// An interface named as VLANs are (`lb0.100`; a veth here: this kernel has neither 8021q nor dummy):
+/// bpffs refuses dots in pin names, so its link is pinned as `link-lb0:100`, and `lb status`
+/// reads it back under the interface's own name.
+#[test]
+fn a_vlan_interface_is_attached_and_its_link_pinned_under_a_name_bpffs_takes() {
+    lb_tests::require_root();
+    let net = FibNet::new("vlan");
+    net.ns.ip(&[
+        "link", "add", "lb0.100", "type", "veth", "peer", "name", "pe100",
+    ]);
+    net.ns.ip(&["link", "set", "pe100", "up"]);
+    net.ns.ip(&["link", "set", "lb0.100", "up"]);
+    let dirs = Dirs::new(Path::new(BIN), "vlan");
+    dirs.write_config(&CONFIG.replace("node:\n", "node:\n  interfaces: [lb0.100]\n"));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert!(
+        xdp_attachment(&net.ns, "lb0.100").is_some(),
+        "attached to lb0.100"
+    );
+    assert!(
+        dirs.pins.join("link-lb0:100").exists(),
+        "{:?}",
+        dirs.pin_names()
+    );
+    let status = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&status.stderr)));
+    let i = &v["interfaces"][0];
+    assert_eq!(
+        (i["name"].as_str(), i["attached"].as_bool()),
+        (Some("lb0.100"), Some(true)),
+        "{v:#}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}

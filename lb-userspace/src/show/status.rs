@@ -222,6 +222,9 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             m.entries,
             m.merged
         );
+        for e in &m.errors {
+            println!("            AFTER THE SWAP: {e}");
+        }
     }
     if let Some(r) = &a.last_reload {
         let how = if r.ok {
