@@ -222,6 +222,52 @@ impl Agent {
         }
     }
 
+    /// Polls `lb status -o json` in `ns` (run with `dirs`' binary) until this agent serves:
+    /// the status file is this process's, the program is attached to every configured
+    /// interface and the maps are pinned (the command exits 0), and `also` holds of the status.
+    /// Returns that status; panics with it and the log if it does not come within `timeout` or
+    /// the agent exits.
+    pub fn wait_status(
+        &mut self,
+        ns: &NetNs,
+        dirs: &Dirs,
+        timeout: Duration,
+        also: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let out = dirs.cli_in(ns, &["status", "-o", "json"]);
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if out.status.success() && v["agent"]["pid"] == self.pid() && also(&v) {
+                return v;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}); lb status: {v:#}\n{}",
+                    self.log_text()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "the agent does not serve as awaited within {timeout:?}; lb status: {v:#}\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Agent::wait_status`] with nothing more: the agent has started and serves.
+    pub fn wait_serving(
+        &mut self,
+        ns: &NetNs,
+        dirs: &Dirs,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        self.wait_status(ns, dirs, timeout, |_| true)
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -313,10 +359,10 @@ impl Drop for Agent {
     }
 }
 
-/// The value of the metric `name` (no labels) served at `addr` (`/metrics`) in `ns`; None if
-/// nothing answers there or the metric is not listed.
-pub fn metric(ns: &NetNs, addr: &str, name: &str) -> Option<u64> {
-    let text = ns.run(|| {
+/// The whole response of `/metrics` served at `addr` in `ns` (headers included); None if
+/// nothing answers there.
+pub fn metrics_text(ns: &NetNs, addr: &str) -> Option<String> {
+    ns.run(|| {
         let mut s = std::net::TcpStream::connect(addr).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
@@ -327,8 +373,13 @@ pub fn metric(ns: &NetNs, addr: &str, name: &str) -> Option<u64> {
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         Some(out)
-    })?;
-    text.lines().find_map(|l| {
+    })
+}
+
+/// The value of the metric `name` (no labels) served at `addr` (`/metrics`) in `ns`; None if
+/// nothing answers there or the metric is not listed.
+pub fn metric(ns: &NetNs, addr: &str, name: &str) -> Option<u64> {
+    metrics_text(ns, addr)?.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
         let rest = rest.strip_prefix("{}").unwrap_or(rest);
         rest.strip_prefix(' ')?.trim().parse().ok()

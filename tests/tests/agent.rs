@@ -314,7 +314,7 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
     // Another Maglev table size: the ring is made anew and written before the swap.
     dirs.write_config(&config(&[(TX_V4, 1)], "").replace("table_size: 1009", "table_size: 1013"));
     let mut migrated = Agent::start(&net.ns, &dirs);
-    migrated.wait_for("running", 1, T);
+    migrated.wait_serving(&net.ns, &dirs, T);
     let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
     assert!(
         out.status.success(),

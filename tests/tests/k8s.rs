@@ -1102,7 +1102,7 @@ fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
         &[(TX_V4, "node-a", true, true, false)],
     ));
     let mut agent = start_agent(&net, &dirs, &[]);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     wait_refused(
         &dirs,
         "203.0.113.7:40000",

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{Read as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -270,19 +269,8 @@ fn link(dirs: &Dirs) -> (u32, u32) {
 
 /// The value of the sample `name` (with its labels, as written) on the agent's /metrics.
 fn sample(net: &FibNet, name: &str) -> Option<f64> {
-    let text = net.ns.run(|| {
-        let mut s = std::net::TcpStream::connect(METRICS).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    })?;
-    text.lines()
+    lb_tests::agent::metrics_text(&net.ns, METRICS)?
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -310,7 +298,7 @@ fn start(tag: &str) -> (FibNet, Dirs, Agent) {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config(FLOWS, NATS));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     (net, dirs, agent)
 }
 
@@ -493,7 +481,7 @@ fn a_restart_with_other_sizes_migrates_the_pins() {
     let to = (2 * FLOWS, 2 * NATS);
     dirs.write_config(&config(to.0, to.1));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     let v = poll_status(&net, &dirs, &agent, "the restarted agent", |v| {
         v["agent"]["running"] == true && v["agent"]["pid"] == agent.pid()
     });

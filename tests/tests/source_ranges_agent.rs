@@ -78,7 +78,7 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
     let dirs = Dirs::new(Path::new(BIN), "srcmig");
     dirs.write_config(CONFIG);
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
     assert!(
         has(&dirs, "LB_VIPS@v2") && !has(&dirs, "LB_VIPS"),
@@ -123,7 +123,7 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
 
     // Up again: this build's agent on LB_VIPS v1.
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
     assert!(
         out.status.success(),
@@ -182,7 +182,7 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
     };
     dirs.write_config(&config("[198.51.100.0/24]"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     let clients: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
     let backends = |lb: &mut Lb| -> Vec<Vec<u8>> {
         clients
@@ -209,7 +209,9 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
 
     // Another range added: nothing else is written.
     dirs.write_config(&config("[198.51.100.0/24, 203.0.113.0/24]"));
-    agent.wait_for("config applied", 1, T);
+    agent.wait_status(&net.ns, &dirs, T, |v| {
+        v["agent"]["reloads_applied"].as_u64() >= Some(1)
+    });
     net.ns.run(|| {
         let mut lb = Lb::adopt(&dirs.pins);
         assert_eq!(lb.flow_count(), clients.len(), "the flows stay");
@@ -230,7 +232,9 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
 
     // The first range taken away: its sources are refused from the next packet on, flows too.
     dirs.write_config(&config("[203.0.113.0/24]"));
-    agent.wait_for("config applied", 2, T);
+    agent.wait_status(&net.ns, &dirs, T, |v| {
+        v["agent"]["reloads_applied"].as_u64() >= Some(2)
+    });
     net.ns.run(|| {
         let mut lb = Lb::adopt(&dirs.pins);
         let before = lb.counters()[&Counter::DropSourceRange];

@@ -365,8 +365,7 @@ impl Rig {
         let holds = HoldServers::start(&lab, HOLD_PORT);
         let dirs = Dirs::new(bin, tag);
         dirs.write_config(config);
-        let mut agent = Agent::start(&lab.lb, &dirs);
-        agent.wait_for("running", 1, T);
+        let agent = Agent::start(&lab.lb, &dirs);
         let s = wait_running(&dirs, &lab.lb, &agent);
         match s["agent"]["last_migration"].as_object() {
             Some(_) => eprintln!(
@@ -471,7 +470,6 @@ impl Rig {
         self.dirs.bin = bin.to_path_buf();
         self.dirs.write_config(config);
         self.agent = Agent::start(&self.lab.lb, &self.dirs);
-        self.agent.wait_for("running", 1, T);
         let s = wait_running(&self.dirs, &self.lab.lb, &self.agent);
         let took = t0.elapsed();
         eprintln!(
@@ -716,7 +714,7 @@ fn the_watcher_and_the_traffic_see_what_lb_down_breaks() {
         &vip_yaml("192.0.2.20", 80, "tcp", "", &all, false, Some(NAT_PORT)),
     ));
     let mut agent = Agent::start(&lab.lb, &dirs);
-    agent.wait_for("running", 1, T);
+    wait_running(&dirs, &lab.lb, &agent);
     let watch = LinkWatch::start(&lab.lb, &dirs.pins, "eth0");
     let n = 10;
     let traffic = Traffic::start(

@@ -119,7 +119,7 @@ fn a_vlan_interface_is_attached_and_its_link_pinned_under_a_name_bpffs_takes() {
     let dirs = Dirs::new(Path::new(BIN), "vlan");
     dirs.write_config(&CONFIG.replace("node:\n", "node:\n  interfaces: [lb0.100]\n"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     assert!(
         xdp_attachment(&net.ns, "lb0.100").is_some(),
         "attached to lb0.100"

@@ -905,7 +905,7 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
     // Check every map first, so that a rollback this release cannot do changes nothing.
     let mut work = Vec::new();
     for s in schema::current() {
-        let Some(found) = pins::plan_one(dir, s)? else {
+        let Some(found) = pins::find(dir, s)? else {
             continue;
         };
         let theirs = release

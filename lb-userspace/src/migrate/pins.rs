@@ -220,15 +220,10 @@ pub fn plan(dir: &Path, sizes: &Sizes) -> Result<PinPlan, PinsError> {
     Ok(plan)
 }
 
-/// The pin of schema `s`'s map in `dir` (see [`find`]).
-pub fn plan_one(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
-    find(dir, s)
-}
-
 /// The pin of schema `s`'s map in `dir`, checked: refused if another schema of it is pinned
 /// too, if its schema is newer than this release's, or if its key and value sizes are not its
 /// schema's.
-fn find(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
+pub fn find(dir: &Path, s: &Schema) -> Result<Option<Found>, PinsError> {
     let pins = pins_of(dir, s.map);
     let (pin, version) = match pins.as_slice() {
         [] => return Ok(None),
