@@ -185,5 +185,10 @@ pub const DEFAULT_NAT_CLOSE_GRACE_S: u64 = 10;
 pub const DEFAULT_NAT_TCP_IDLE_TIMEOUT_S: u64 = 600;
 /// Default time after which an unanswered SYN counts as a failure, in seconds.
 pub const DEFAULT_SYN_TIMEOUT_S: u64 = 2;
+/// Default half-open timeout of a TCP translation, in milliseconds: a client completes its
+/// handshake within a round trip, and this covers its SYN retransmissions at 1 s and 3 s;
+/// conntrack keeps SYN_RECV for 60 s, which a flood of spoofed SYNs turns into 60 s of held
+/// ports.
+pub const DEFAULT_NAT_HALF_OPEN_TIMEOUT_MS: u32 = 10_000;
 /// Hop limit / TTL of the outer header written on encapsulation.
 pub const OUTER_TTL: u8 = 64;

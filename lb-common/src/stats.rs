@@ -171,6 +171,15 @@ counters! {
     /// Dropped: the VIP takes packets from some sources only (`source_ranges`), and this one
     /// is not among them. Also counted per VIP (`LB_VIP_DROPS`).
     DropSourceRange = "drop_source_range", true;
+    /// NAT: a client completed a handshake (its ACK after the backend's answer): the
+    /// translation is established and no longer half-open.
+    NatEstablished = "nat_established", false;
+    /// NAT: a half-open translation past `node.nat_half_open_timeout` was taken over for a new
+    /// one (its port was free again).
+    NatHalfOpenExpired = "nat_half_open_expired", false;
+    /// NAT: ports ran short and the oldest half-open translation among the candidates was taken
+    /// over before its timeout (a SYN flood's entries go first; established ones never).
+    NatHalfOpenReclaimed = "nat_half_open_reclaimed", false;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet

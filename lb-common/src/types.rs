@@ -233,7 +233,11 @@ pub struct NodeConfig {
     /// host byte order. Keep them out of the node's own ephemeral range.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
-    pub _pad: u32,
+    /// NAT mode: how long a TCP translation may stay half-open (made by a client's packet,
+    /// the handshake not completed by the client's ACK after the backend's answer), in
+    /// milliseconds from when it was made; past it the port is free. 0: no such limit (the idle
+    /// timeout applies, as in `LB_NODE` schema 1, whose padding this was).
+    pub half_open_timeout_ms: u32,
     /// NAT mode: how long a TCP translation lives on after both FINs or an RST (late
     /// retransmissions and the final ACK still get through), before its port can be reused.
     pub nat_close_grace_ns: u64,
@@ -255,6 +259,12 @@ pub const NAT_S_RST: u16 = 1 << 2;
 pub const NAT_S_ANSWERED: u16 = 1 << 3;
 /// `NatReverse::state`: the attempt already counted as a failure (RST, ICMP, or SYN timeout).
 pub const NAT_S_FAILED: u16 = 1 << 4;
+/// `NatReverse::state` (schema 2 of `LB_NAT_REV`): a TCP translation whose handshake the client
+/// has not completed yet (its first ACK after the backend answered clears it). It expires
+/// `NodeConfig::half_open_timeout_ms` after it was made, and when ports run short it is taken
+/// over before any established translation, oldest first. A translation without the bit (every
+/// one schema 1 held) is established.
+pub const NAT_S_HALF_OPEN: u16 = 1 << 5;
 
 /// Where a client flow's translation is, keyed by its [`FlowKey`] as the client sent it
 /// (client -> VIP). Only a pointer: the translation is the [`NatReverse`] entry at (backend,
@@ -355,16 +365,33 @@ impl NatReverse {
     /// `last`: UDP idle for longer than the UDP idle timeout; TCP closed and past the grace
     /// time, or idle for longer than the TCP idle timeout (connections abandoned without a FIN
     /// or RST). A time in the future (another CPU wrote it after `now_ns` was read) is no idle.
+    /// A half-open TCP translation is also over once it is older than the half-open timeout
+    /// ([`Self::half_open_over`]).
     pub const fn expired_at(&self, last: u64, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {
         let idle = now_ns.saturating_sub(last);
         let limit = if proto == IPPROTO_UDP {
             node.udp_idle_timeout_ns
         } else if self.closed() {
             return idle > node.nat_close_grace_ns;
+        } else if self.half_open_over(now_ns, node) {
+            return true;
         } else {
             node.tcp_idle_timeout_ns
         };
         limit != 0 && idle > limit
+    }
+
+    /// Whether the client has yet to complete the handshake ([`NAT_S_HALF_OPEN`]).
+    pub const fn half_open(&self) -> bool {
+        self.state & NAT_S_HALF_OPEN != 0
+    }
+
+    /// Whether this is a half-open translation older than the half-open timeout (judged from
+    /// when it was made: the backend's SYN-ACK retransmissions do not keep it).
+    pub const fn half_open_over(&self, now_ns: u64, node: &NodeConfig) -> bool {
+        self.half_open()
+            && node.half_open_timeout_ms != 0
+            && now_ns.saturating_sub(self.created_ns) > node.half_open_timeout_ms as u64 * 1_000_000
     }
 
     pub const fn expired(&self, proto: u8, now_ns: u64, node: &NodeConfig) -> bool {

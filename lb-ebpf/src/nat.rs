@@ -24,8 +24,8 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
     NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
-    NAT_S_FIN_CLIENT, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth, VipAddr, csum,
-    flow_hash, nat_port_candidate,
+    NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth,
+    VipAddr, csum, flow_hash, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -41,7 +41,7 @@ use crate::{
     LB_NAT_REV, LB_NODE, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
-    parse::{Icmp, Packet, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
+    parse::{Icmp, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
     too_big,
 };
 
@@ -234,11 +234,21 @@ fn touch(r: &mut NatReverse, proto: u8, t: u64, node: &NodeConfig) {
     }
 }
 
-/// Records what a client's packet does to its translation.
+/// Records what a client's packet does to its translation. A half-open translation the backend
+/// answered is established by the client's ACK (the handshake's third packet, or any later one:
+/// an ACK without SYN or RST). Sequence numbers are not checked: a blind ACK from a spoofed
+/// source makes the backend answer with an RST, which closes the translation.
 #[inline(always)]
 fn track_client(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
     if pkt.key.proto == IPPROTO_TCP {
         let f = pkt.tcp_flags;
+        let waiting = NAT_S_HALF_OPEN | NAT_S_ANSWERED;
+        if r.state & waiting == waiting
+            && f & (TCP_FLAG_ACK | TCP_FLAG_SYN | TCP_FLAG_RST) == TCP_FLAG_ACK
+        {
+            r.state &= !NAT_S_HALF_OPEN;
+            count(Counter::NatEstablished);
+        }
         if f & TCP_FLAG_RST != 0 {
             close(r, NAT_S_RST, t);
         } else if f & TCP_FLAG_FIN != 0 {
@@ -331,6 +341,28 @@ struct Search {
     /// again.
     found: bool,
     new: bool,
+    /// The oldest live half-open translation among the candidates probed: its port (network
+    /// byte order; 0: none seen) and when it was made. Taken over if no port is free.
+    victim_port: u16,
+    victim_created: u64,
+}
+
+/// Candidates probed before the oldest half-open one among them is taken over, if none was
+/// free and that one is older than [`RECLAIM_EARLY_AGE_NS`]: a flood that fills every port
+/// costs each of its SYNs this many probes, not [`NAT_PORT_PROBES`]. Otherwise the search goes
+/// on (a free port further on is better than a handshake cut short) and the oldest half-open
+/// candidate of all is taken over only if none was free.
+const RECLAIM_AFTER: u64 = 8;
+/// A real handshake completes within a round trip: a translation half-open for longer than
+/// this is most likely a spoofed source's or a dead client's.
+const RECLAIM_EARLY_AGE_NS: u64 = 1_000_000_000;
+
+/// Whether the search may stop at candidate `i` and take over its victim.
+#[inline(always)]
+fn reclaim_now(s: &Search, i: u64) -> bool {
+    s.victim_port != 0
+        && i + 1 >= RECLAIM_AFTER
+        && s.rev.created_ns.saturating_sub(s.victim_created) > RECLAIM_EARLY_AGE_NS
 }
 
 /// What probing one candidate port gave.
@@ -341,6 +373,9 @@ enum Probe {
     Own,
     /// Another flow's live translation (or another CPU won it first).
     Busy,
+    /// Another flow's live half-open translation, made at this time: taken over if ports run
+    /// short ([`reclaim`]).
+    HalfOpen(u64),
 }
 
 /// Tries to take the port in `s.rkey` for `s.rev`.
@@ -371,10 +406,27 @@ fn try_port(s: &Search, node: &NodeConfig) -> Probe {
     if own && !expired && !reopen {
         return Probe::Own;
     }
-    // Over (or this flow's own, closed, reopened by a SYN): whoever swaps `last_ns` from the
-    // value it judged by takes the port; everyone else sees it fresh and moves on. The winner
-    // replaces the entry in one update (readers see the old one or the new one).
-    if !(expired || reopen) || !claim(&raw mut r.last_ns, last, t) {
+    if !(expired || reopen) {
+        return if r.half_open() && !r.closed() {
+            Probe::HalfOpen(r.created_ns)
+        } else {
+            Probe::Busy
+        };
+    }
+    if r.half_open_over(t, node) {
+        count(Counter::NatHalfOpenExpired);
+    }
+    take(s, &raw mut r.last_ns, last)
+}
+
+/// Takes over the entry at `s.rkey`, whose `last_ns` (at `p`) was `last` when it was judged
+/// over: whoever swaps `last_ns` from that value takes the port; everyone else sees it fresh and
+/// moves on. The winner replaces the entry in one update (readers see the old one or the new
+/// one).
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn take(s: &Search, p: *mut u64, last: u64) -> Probe {
+    if !claim(p, last, s.rev.created_ns) {
         return Probe::Busy;
     }
     if LB_NAT_REV.insert(&s.rkey, &s.rev, EXIST).is_ok()
@@ -403,10 +455,37 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
             s.found = true;
             1
         }
+        Probe::HalfOpen(created) => {
+            count(Counter::NatPortCollisions);
+            if s.victim_port == 0 || created < s.victim_created {
+                (s.victim_port, s.victim_created) = (s.rkey.dst_port, created);
+            }
+            reclaim_now(s, i) as i64
+        }
         Probe::Busy => {
             count(Counter::NatPortCollisions);
-            0
+            reclaim_now(s, i) as i64
         }
+    }
+}
+
+/// No candidate was free: takes over the oldest half-open translation seen, if it is still
+/// the one seen (half-open, made at the time seen, not closed meanwhile).
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn reclaim(s: &mut Search) {
+    s.rkey.dst_port = s.victim_port;
+    let Some(r) = LB_NAT_REV.get_ptr_mut(&s.rkey) else {
+        return;
+    };
+    let r = unsafe { &mut *r };
+    let last = unsafe { core::ptr::read_volatile(&r.last_ns) };
+    if !r.half_open() || r.closed() || r.created_ns != s.victim_created {
+        return;
+    }
+    if let Probe::Taken = take(s, &raw mut r.last_ns, last) {
+        count(Counter::NatHalfOpenReclaimed);
+        (s.found, s.new) = (true, true);
     }
 }
 
@@ -428,7 +507,12 @@ fn allocate(
             client: *key,
             backend_id,
             vip_id,
-            state: 0,
+            // Every TCP translation starts half-open, whatever packet made it.
+            state: if key.proto == IPPROTO_TCP {
+                NAT_S_HALF_OPEN
+            } else {
+                0
+            },
             _pad: 0,
             generation,
             created_ns: t,
@@ -438,6 +522,8 @@ fn allocate(
         syn: key.proto == IPPROTO_TCP && pkt.syn,
         found: false,
         new: false,
+        victim_port: 0,
+        victim_created: 0,
     };
     unsafe {
         bpf_loop(
@@ -447,6 +533,9 @@ fn allocate(
             0,
         )
     };
+    if !s.found && s.victim_port != 0 {
+        reclaim(&mut s);
+    }
     if !s.found {
         return None;
     }

@@ -49,6 +49,7 @@ const IPV6_FRAG_OFFSET_OR_M: u16 = 0xfff9;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_HDR_LEN: usize = 20;
 
 /// A pointer to a `T` at `off` bytes into the frame, if the frame is long enough to hold it.

@@ -227,6 +227,7 @@ pub struct RawNode {
     pub nat_port_range: Option<String>,
     pub nat_close_grace: Option<String>,
     pub syn_timeout: Option<String>,
+    pub nat_half_open_timeout: Option<String>,
     pub nat_tcp_idle_timeout: Option<String>,
     /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
     pub nexthop_check: Option<bool>,
@@ -355,6 +356,9 @@ impl Checker {
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest TCP idle timeout NAT mode accepts (other than 0, never).
 pub const MIN_NAT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bounds of `node.nat_half_open_timeout`.
+pub const MIN_NAT_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_NAT_HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(600);
 /// The same ceiling Kubernetes puts on ClientIP affinity.
 pub const MAX_AFFINITY_TIMEOUT: Duration = Duration::from_secs(86_400);
 
@@ -480,6 +484,17 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
     );
     if nat.syn_timeout.is_zero() {
         c.bad("node.syn_timeout", "must be more than 0");
+    }
+    nat.half_open_timeout = c.duration(
+        "node.nat_half_open_timeout",
+        n.nat_half_open_timeout.as_deref(),
+        nat.half_open_timeout,
+    );
+    if !(MIN_NAT_HALF_OPEN_TIMEOUT..=MAX_NAT_HALF_OPEN_TIMEOUT).contains(&nat.half_open_timeout) {
+        c.bad(
+            "node.nat_half_open_timeout",
+            "must be from 1s (a handshake's round trip and a retransmitted SYN) to 10m",
+        );
     }
     nat.tcp_idle_timeout = c.duration(
         "node.nat_tcp_idle_timeout",
@@ -1190,6 +1205,13 @@ vips:
             (
                 Box::new(replace(
                     "  table_size: 65537",
+                    "  table_size: 65537\n  nat_half_open_timeout: 500ms",
+                )),
+                "node.nat_half_open_timeout: must be from 1s",
+            ),
+            (
+                Box::new(replace(
+                    "  table_size: 65537",
                     "  table_size: 65537\n  nat_tcp_idle_timeout: 500ms",
                 )),
                 "node.nat_tcp_idle_timeout: must be 0 (never) or at least 1s",
@@ -1413,7 +1435,7 @@ vips:
         let text = GOOD
             .replace(
                 "  table_size: 65537",
-                "  table_size: 65537\n  nat_port_range: 2000-2999\n  nat_close_grace: 3s\n  syn_timeout: 1500ms\n  nat_table_size: 4096\n  nat_tcp_idle_timeout: 15m",
+                "  table_size: 65537\n  nat_port_range: 2000-2999\n  nat_close_grace: 3s\n  syn_timeout: 1500ms\n  nat_half_open_timeout: 4s\n  nat_table_size: 4096\n  nat_tcp_idle_timeout: 15m",
             )
             .replace(
                 "    protocol: udp",
@@ -1450,6 +1472,7 @@ vips:
         assert_eq!((nat.port_min, nat.port_max), (2000, 2999));
         assert_eq!(nat.close_grace, Duration::from_secs(3));
         assert_eq!(nat.syn_timeout, Duration::from_millis(1500));
+        assert_eq!(nat.half_open_timeout, Duration::from_secs(4));
         assert_eq!(nat.tcp_idle_timeout, Duration::from_secs(900));
         assert_eq!(c.node.sizes.nat_entries, 4096);
 

@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, Member, NatFlow,
-    NatReverse, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipValue,
+    AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, Member,
+    NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NatFlow, NatReverse, NodeConfig,
+    PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipValue,
     flowtab::{self, FlowBucket},
     maps,
 };
@@ -333,6 +334,104 @@ impl Pinned {
     }
 }
 
+/// A NAT translation's state, from the packets seen both ways.
+#[derive(serde::Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatState {
+    /// Nothing came back from the backend yet (a TCP SYN sent, or a UDP request).
+    Waiting,
+    /// TCP: the backend answered, the client has yet to complete the handshake with its ACK
+    /// (what a flood of spoofed SYNs leaves behind). Over after `node.nat_half_open_timeout`.
+    HalfOpen,
+    Established,
+    /// One side sent a FIN.
+    Closing,
+    /// Both FINs or an RST went by: the port is freed after the close grace time.
+    Closed,
+    /// The translation entry is gone (expired or evicted): its port is free, and the flow's
+    /// next packet takes a port again.
+    Gone,
+}
+
+impl NatState {
+    /// The states of a translation that holds its port, in the order `lb status` lists them.
+    pub const HOLDING: [NatState; 5] = [
+        NatState::Waiting,
+        NatState::HalfOpen,
+        NatState::Established,
+        NatState::Closing,
+        NatState::Closed,
+    ];
+
+    /// The state of the translation `r` of a flow of protocol `proto` at `now` (`None`: no
+    /// entry). A closed TCP translation stays `Closed` until its entry is reused.
+    pub fn of(r: Option<&NatReverse>, proto: u8, now: u64, node: &NodeConfig) -> Self {
+        let Some(r) = r else {
+            return NatState::Gone;
+        };
+        if r.closed() {
+            NatState::Closed
+        } else if r.expired(proto, now, node) {
+            NatState::Gone
+        } else if r.state & NAT_S_ANSWERED == 0 {
+            NatState::Waiting
+        } else if proto == IPPROTO_TCP && r.half_open() {
+            NatState::HalfOpen
+        } else if proto == IPPROTO_TCP && r.state & (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND) != 0 {
+            NatState::Closing
+        } else {
+            NatState::Established
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            NatState::Waiting => "waiting",
+            NatState::HalfOpen => "half-open",
+            NatState::Established => "established",
+            NatState::Closing => "closing",
+            NatState::Closed => "closed",
+            NatState::Gone => "gone",
+        }
+    }
+}
+
+/// How many NAT source ports are held, by the state of the translation holding each (a closed
+/// one holds its port until its grace time is over).
+#[derive(serde::Serialize, Debug, Clone, Default, PartialEq)]
+pub struct NatPorts {
+    pub waiting: u64,
+    pub half_open: u64,
+    pub established: u64,
+    pub closing: u64,
+    pub closed: u64,
+}
+
+impl NatPorts {
+    /// The count of `state` (`Gone` holds no port: 0).
+    pub fn get(&self, state: NatState) -> u64 {
+        match state {
+            NatState::Waiting => self.waiting,
+            NatState::HalfOpen => self.half_open,
+            NatState::Established => self.established,
+            NatState::Closing => self.closing,
+            NatState::Closed => self.closed,
+            NatState::Gone => 0,
+        }
+    }
+
+    fn add(&mut self, state: NatState, closed_over: bool) {
+        match state {
+            NatState::Waiting => self.waiting += 1,
+            NatState::HalfOpen => self.half_open += 1,
+            NatState::Established => self.established += 1,
+            NatState::Closing => self.closing += 1,
+            NatState::Closed if !closed_over => self.closed += 1,
+            NatState::Closed | NatState::Gone => {}
+        }
+    }
+}
+
 /// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
 /// How full one of the program's tables is.
 #[derive(serde::Serialize, Debug, Clone, Copy, PartialEq)]
@@ -390,6 +489,22 @@ impl Pinned {
                 Fill::of(count(self.nat_rev.keys(), "NAT reverse entries", nat)?, nat),
             ),
         ])
+    }
+}
+
+impl Pinned {
+    /// The NAT source ports held now, by state: a walk of the reverse translations (at most
+    /// the table's capacity; a snapshot, off by what the program changed during the walk).
+    pub fn nat_ports(&self) -> Result<NatPorts, InspectError> {
+        let node = self.node()?;
+        let now = monotonic_coarse_ns();
+        let mut out = NatPorts::default();
+        for e in self.nat_rev.iter().take(self.sizes.nat_entries as usize) {
+            let (k, r) = e.map_err(merr("NAT reverse entries"))?;
+            let state = NatState::of(Some(&r), k.proto, now, &node);
+            out.add(state, r.expired(k.proto, now, &node));
+        }
+        Ok(out)
     }
 }
 

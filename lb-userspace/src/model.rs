@@ -250,6 +250,9 @@ pub struct NatSpec {
     pub close_grace: Duration,
     /// An unanswered SYN older than this counts as a failed connection attempt.
     pub syn_timeout: Duration,
+    /// A TCP translation whose client has not completed the handshake is over this long after
+    /// it was made (its port free again).
+    pub half_open_timeout: Duration,
     /// A TCP translation idle (no packet either way) for longer than this is over and its port
     /// free; zero: never (until the LRU evicts it).
     pub tcp_idle_timeout: Duration,
@@ -262,6 +265,9 @@ impl Default for NatSpec {
             port_max: lb_common::maps::DEFAULT_NAT_PORT_MAX,
             close_grace: Duration::from_secs(lb_common::maps::DEFAULT_NAT_CLOSE_GRACE_S),
             syn_timeout: Duration::from_secs(lb_common::maps::DEFAULT_SYN_TIMEOUT_S),
+            half_open_timeout: Duration::from_millis(
+                lb_common::maps::DEFAULT_NAT_HALF_OPEN_TIMEOUT_MS as u64,
+            ),
             tcp_idle_timeout: Duration::from_secs(lb_common::maps::DEFAULT_NAT_TCP_IDLE_TIMEOUT_S),
         }
     }

@@ -225,6 +225,12 @@ fn node_config(d: &Desired) -> NodeConfig {
         nat_port_max: d.node.nat.port_max,
         nat_close_grace_ns: nanos(d.node.nat.close_grace),
         syn_timeout_ns: nanos(d.node.nat.syn_timeout),
+        half_open_timeout_ms: d
+            .node
+            .nat
+            .half_open_timeout
+            .as_millis()
+            .min(u32::MAX as u128) as u32,
         tcp_idle_timeout_ns: nanos(d.node.nat.tcp_idle_timeout),
         ..Default::default()
     };

@@ -173,6 +173,7 @@ impl Lb {
             nat_port_max: maps::DEFAULT_NAT_PORT_MAX,
             nat_close_grace_ns: maps::DEFAULT_NAT_CLOSE_GRACE_S * 1_000_000_000,
             syn_timeout_ns: maps::DEFAULT_SYN_TIMEOUT_S * 1_000_000_000,
+            half_open_timeout_ms: maps::DEFAULT_NAT_HALF_OPEN_TIMEOUT_MS,
             tcp_idle_timeout_ns: maps::DEFAULT_NAT_TCP_IDLE_TIMEOUT_S * 1_000_000_000,
             ..Default::default()
         };
@@ -211,6 +212,13 @@ impl Lb {
         let mut a = self.array::<NodeConfig>(maps::NODE);
         let mut node = a.get(&0, 0).expect("reading node config");
         node.tcp_idle_timeout_ns = ns;
+        a.set(0, node, 0).expect("writing node config");
+    }
+
+    pub fn set_half_open_timeout(&mut self, ms: u32) {
+        let mut a = self.array::<NodeConfig>(maps::NODE);
+        let mut node = a.get(&0, 0).expect("reading node config");
+        node.half_open_timeout_ms = ms;
         a.set(0, node, 0).expect("writing node config");
     }
 

@@ -408,8 +408,19 @@ fn a_reload_that_doubles_then_halves_the_tables_keeps_every_flow_and_translation
         let when = format!("after the reload to {to:?}");
         let ids = map_ids(&dirs);
         dirs.write_config(&config(to.0, to.1));
+        // The sizes under `maps` are read from the pins, which are renamed before the agent
+        // records its report: the report itself says which migration it is.
+        let this_one = |m: &Value| {
+            m["trigger"] == "reload"
+                && m["maps"].as_array().is_some_and(|maps| {
+                    maps.iter().any(|x| {
+                        x["map"] == "LB_FLOWS4"
+                            && x["to_entries"] == lb_common::flowtab::buckets_for(to.0)
+                    })
+                })
+        };
         let v = poll_status(&net, &dirs, &agent, "the migrating reload", |v| {
-            v["agent"]["last_migration"]["trigger"] == "reload"
+            this_one(&v["agent"]["last_migration"])
                 && v["maps"]["sizes"]["flow_entries"] == to.0
                 && v["maps"]["sizes"]["nat_entries"] == to.1
         });

@@ -16,8 +16,8 @@ use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use lb_common::{
-    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, VipValue, flow_hash,
-    maps, nat_port_candidate,
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, NAT_S_ANSWERED,
+    NAT_S_HALF_OPEN, VipValue, flow_hash, maps, nat_port_candidate,
 };
 use lb_tests::{
     harness::{
@@ -282,6 +282,247 @@ fn both_directions_are_translated_with_correct_checksums() {
     });
 }
 
+/// Completes `syn`'s handshake through its translation on `port`: the backend's SYN-ACK comes
+/// back restored, and the client's ACK goes out translated.
+fn establish(lb: &mut Lb, ingress: u32, syn: &Pkt, port: u16) {
+    let synack = reply_to(
+        &translated(syn, port, TX_V4, 8080),
+        L4::Tcp {
+            flags: TCP_SYN | TCP_ACK,
+        },
+    );
+    expect(
+        lb,
+        ingress,
+        "SYN-ACK",
+        &synack,
+        XDP_TX,
+        &restored(&synack, syn).frame(),
+    );
+    let ack = syn.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+    expect(
+        lb,
+        ingress,
+        "the client's ACK",
+        &ack,
+        XDP_TX,
+        &translated(&ack, port, TX_V4, 8080).frame(),
+    );
+}
+
+/// Sends `syn` and returns the NAT port it was given.
+fn open(lb: &mut Lb, ingress: u32, syn: &Pkt) -> u16 {
+    let r = lb.run(&syn.frame(), ingress);
+    assert_eq!(action_name(r.action), "XDP_TX", "a port for {}", syn.src);
+    sport_of(&r.output)
+}
+
+/// The state bits of the translation holding `port` towards the first IPv4 backend.
+fn state_at(lb: &mut Lb, port: u16) -> u16 {
+    lb.nat_reverse(&reply_key(TX_V4, 8080, port, IPPROTO_TCP))
+        .expect("a translation holds the port")
+        .state
+}
+
+#[test]
+fn only_the_clients_ack_after_the_backends_answer_establishes_a_translation() {
+    let net = FibNet::new("nat-est");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20000, 10_000_000_000, 2_000_000_000);
+        let syn = Pkt::tcp("198.51.100.20", 1000, V4, 80, LB0_MAC);
+        let out = translated(&syn, 20000, TX_V4, 8080);
+        expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+        assert_eq!(
+            state_at(&mut lb, 20000),
+            NAT_S_HALF_OPEN,
+            "a new one is half-open"
+        );
+        // An ACK before the backend answered (a blind one) establishes nothing.
+        let ack = syn.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+        expect(
+            &mut lb,
+            ingress,
+            "early ACK",
+            &ack,
+            XDP_TX,
+            &translated(&ack, 20000, TX_V4, 8080).frame(),
+        );
+        assert_eq!(state_at(&mut lb, 20000), NAT_S_HALF_OPEN);
+        let synack = reply_to(
+            &out,
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "SYN-ACK",
+            &synack,
+            XDP_TX,
+            &restored(&synack, &syn).frame(),
+        );
+        assert_eq!(state_at(&mut lb, 20000), NAT_S_HALF_OPEN | NAT_S_ANSWERED);
+        // The client's retransmitted SYN is no ACK either.
+        expect(&mut lb, ingress, "SYN again", &syn, XDP_TX, &out.frame());
+        assert_eq!(state_at(&mut lb, 20000), NAT_S_HALF_OPEN | NAT_S_ANSWERED);
+        let before = lb.counters();
+        expect(
+            &mut lb,
+            ingress,
+            "the handshake's ACK",
+            &ack,
+            XDP_TX,
+            &translated(&ack, 20000, TX_V4, 8080).frame(),
+        );
+        assert_eq!(state_at(&mut lb, 20000), NAT_S_ANSWERED, "established");
+        assert_eq!(delta(&mut lb, &before, Counter::NatEstablished), 1);
+    });
+}
+
+#[test]
+fn a_half_open_translation_frees_its_port_after_the_half_open_timeout_an_established_one_keeps_it()
+{
+    let net = FibNet::new("nat-hot");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.set_nat(20000, 20001, 10_000_000_000, 2_000_000_000);
+        let timeout = Duration::from_millis(200);
+        lb.set_half_open_timeout(timeout.as_millis() as u32);
+        let est = Pkt::tcp("198.51.100.21", 1000, V4, 80, LB0_MAC);
+        let pe = open(&mut lb, ingress, &est);
+        establish(&mut lb, ingress, &est, pe);
+        let half = Pkt::tcp("198.51.100.22", 1000, V4, 80, LB0_MAC);
+        let ph = open(&mut lb, ingress, &half);
+        assert_ne!(ph, pe);
+        // Past the timeout (the program's clock ticks once a jiffy: at most 10 ms late).
+        sleep(timeout + Duration::from_millis(50));
+        let before = lb.counters();
+        let late = Pkt::tcp("198.51.100.23", 1000, V4, 80, LB0_MAC);
+        expect(
+            &mut lb,
+            ingress,
+            "takes the half-open one's port",
+            &late,
+            XDP_TX,
+            &translated(&late, ph, TX_V4, 8080).frame(),
+        );
+        assert_eq!(delta(&mut lb, &before, Counter::NatHalfOpenExpired), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::NatHalfOpenReclaimed), 0);
+        assert_eq!(delta(&mut lb, &before, Counter::NatNew), 1);
+        // The established one, as old, still has its port and its replies.
+        let ack = est.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+        expect(
+            &mut lb,
+            ingress,
+            "established, past the half-open timeout",
+            &ack,
+            XDP_TX,
+            &translated(&ack, pe, TX_V4, 8080).frame(),
+        );
+        let reply = reply_to(
+            &translated(&est, pe, TX_V4, 8080),
+            L4::Tcp { flags: TCP_ACK },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "its reply",
+            &reply,
+            XDP_TX,
+            &restored(&reply, &est).frame(),
+        );
+    });
+}
+
+#[test]
+fn ports_run_short_the_oldest_half_open_translation_is_taken_over_never_an_established_one() {
+    let net = FibNet::new("nat-recl");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        // Three ports; the half-open timeout far away: only a shortage frees a port.
+        lb.set_nat(20000, 20002, 10_000_000_000, 2_000_000_000);
+        let est = Pkt::tcp("198.51.100.30", 1000, V4, 80, LB0_MAC);
+        let pe = open(&mut lb, ingress, &est);
+        establish(&mut lb, ingress, &est, pe);
+        let take = |lb: &mut Lb, src: &str| {
+            let p = Pkt::tcp(src, 1000, V4, 80, LB0_MAC);
+            let port = open(lb, ingress, &p);
+            // Apart by more than a tick of the program's clock.
+            sleep(Duration::from_millis(30));
+            (p, port)
+        };
+        let (_older, po) = take(&mut lb, "198.51.100.31");
+        let (newer, pn) = take(&mut lb, "198.51.100.32");
+        let mut ports = vec![pe, po, pn];
+        ports.sort();
+        assert_eq!(ports, [20000, 20001, 20002], "every port held");
+        // A SYN-ACK for the newer one: answered, still half-open.
+        let synack = reply_to(
+            &translated(&newer, pn, TX_V4, 8080),
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "SYN-ACK",
+            &synack,
+            XDP_TX,
+            &restored(&synack, &newer).frame(),
+        );
+
+        let before = lb.counters();
+        let (first, p1) = take(&mut lb, "198.51.100.33");
+        assert_eq!(p1, po, "the oldest half-open one's port");
+        assert_eq!(delta(&mut lb, &before, Counter::NatHalfOpenReclaimed), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatPortsExhausted), 0);
+        // Its replies go to the new client now; the old client's packets take a port anew.
+        let r1 = reply_to(
+            &translated(&first, p1, TX_V4, 8080),
+            L4::Tcp {
+                flags: TCP_SYN | TCP_ACK,
+            },
+        );
+        expect(
+            &mut lb,
+            ingress,
+            "the port's replies",
+            &r1,
+            XDP_TX,
+            &restored(&r1, &first).frame(),
+        );
+        // Next oldest: the newer one (answered, never acknowledged by its client).
+        let (_, p2) = take(&mut lb, "198.51.100.34");
+        assert_eq!(p2, pn);
+        // Every port established: a new flow finds none, and the established ones keep theirs.
+        establish(&mut lb, ingress, &first, p1);
+        let second = Pkt::tcp("198.51.100.34", 1000, V4, 80, LB0_MAC);
+        establish(&mut lb, ingress, &second, p2);
+        let before = lb.counters();
+        let d = Pkt::tcp("198.51.100.35", 1000, V4, 80, LB0_MAC);
+        expect(&mut lb, ingress, "no port left", &d, XDP_DROP, &d.frame());
+        assert_eq!(delta(&mut lb, &before, Counter::DropNatPortsExhausted), 1);
+        assert_eq!(delta(&mut lb, &before, Counter::NatHalfOpenReclaimed), 0);
+        for (p, port) in [(&est, pe), (&first, p1), (&second, p2)] {
+            let ack = p.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+            expect(
+                &mut lb,
+                ingress,
+                "an established one",
+                &ack,
+                XDP_TX,
+                &translated(&ack, port, TX_V4, 8080).frame(),
+            );
+        }
+    });
+}
+
 #[test]
 fn colliding_flows_get_distinct_ports_and_exhaustion_is_counted() {
     let net = FibNet::new("nat-coll");
@@ -361,7 +602,9 @@ fn colliding_flows_get_distinct_ports_and_exhaustion_is_counted() {
             &translated(&udp, pu, TX_V4_B, 53).frame(),
         );
 
-        // One port only: a second live flow to the backend finds none.
+        // One port only: a second flow to the backend finds none while the first is
+        // established (a half-open one would be taken over: see
+        // `ports_run_short_the_oldest_half_open_translation_is_taken_over_never_an_established_one`).
         lb.set_nat(20000, 20000, 10_000_000_000, 2_000_000_000);
         let c = Pkt::tcp("198.51.100.8", 1000, V4, 80, LB0_MAC);
         expect(
@@ -372,6 +615,7 @@ fn colliding_flows_get_distinct_ports_and_exhaustion_is_counted() {
             XDP_TX,
             &translated(&c, 20000, TX_V4, 8080).frame(),
         );
+        establish(&mut lb, ingress, &c, 20000);
         let d = Pkt::tcp("198.51.100.9", 1000, V4, 80, LB0_MAC);
         let before = lb.counters();
         expect(&mut lb, ingress, "no port left", &d, XDP_DROP, &d.frame());
@@ -896,27 +1140,14 @@ fn ten_port_range_ten_abandoned_connections_an_eleventh_client_gets_a_port_after
         lb.set_nat(20000, 20009, 10_000_000_000, 2_000_000_000);
         let idle = Duration::from_millis(300);
         lb.set_tcp_idle_timeout(idle.as_nanos() as u64);
-        // Ten connections answered by the backend, then abandoned: no FIN, no RST.
+        // Ten connections established (the client's ACK after the backend's SYN-ACK), then
+        // abandoned: no FIN, no RST.
         let first = std::time::Instant::now();
         for i in 0..10u16 {
             let syn = Pkt::tcp(CLIENT4, 30000 + i, V4, 80, LB0_MAC);
             let r = lb.run(&syn.frame(), ingress);
             assert_eq!(r.action, XDP_TX, "connection {i} gets a port");
-            let out = translated(&syn, sport_of(&r.output), TX_V4, 8080);
-            let synack = reply_to(
-                &out,
-                L4::Tcp {
-                    flags: TCP_SYN | TCP_ACK,
-                },
-            );
-            expect(
-                &mut lb,
-                ingress,
-                "SYN-ACK",
-                &synack,
-                XDP_TX,
-                &restored(&synack, &syn).frame(),
-            );
+            establish(&mut lb, ingress, &syn, sport_of(&r.output));
         }
         let late = Pkt::tcp("198.51.100.99", 40000, V4, 80, LB0_MAC);
         let before = lb.counters();
@@ -1102,6 +1333,7 @@ fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clien
             )
         };
         let arrived = std::sync::atomic::AtomicU32::new(0);
+        let before = lb.counters();
         let prog = lb.xdp(lb_userspace::program::PROGRAM);
         let got: Vec<Vec<(u32, Pkt, u16)>> = std::thread::scope(|sc| {
             let racers: Vec<_> = (0..2)
@@ -1129,22 +1361,33 @@ fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clien
                 .map(|t| t.join().expect("racing thread"))
                 .collect()
         });
-        let mut owner = std::collections::HashMap::new();
+        // A port may go to a second client only by taking over the first one's half-open
+        // translation (four clients, two ports: the late ones reclaim), each such takeover
+        // counted once: a port given twice by the race itself would be one takeover too many.
+        let mut takers: std::collections::BTreeMap<(u32, u16), Vec<Pkt>> = Default::default();
         for (r, syn, port) in got.into_iter().flatten() {
-            if let Some(other) = owner.insert((r, port), syn.clone()) {
-                panic!(
-                    "round {r}: port {port} given to {} and {}",
-                    other.src, syn.src
-                );
-            }
+            takers.entry((r, port)).or_default().push(syn);
         }
+        let reclaimed = delta(&mut lb, &before, Counter::NatHalfOpenReclaimed);
+        let extra: u64 = takers.values().map(|t| t.len() as u64 - 1).sum();
         assert_eq!(
-            owner.len(),
+            extra, reclaimed,
+            "ports given more than once ({takers:?}) against takeovers counted"
+        );
+        assert_eq!(
+            takers.len(),
             (ROUNDS * PORTS as u32) as usize,
             "every port was taken"
         );
-        // And each port's replies go to the client that got it.
-        for ((r, port), syn) in &owner {
+        // And each port's replies go to the client whose translation holds it now, one of
+        // those that got it.
+        for ((r, port), got) in &takers {
+            let rkey = reply_key(TX_V4, vip_port(*r), *port, IPPROTO_TCP);
+            let holder = lb.nat_reverse(&rkey).expect("a translation holds the port");
+            let syn = got
+                .iter()
+                .find(|p| p.flow_key() == holder.client)
+                .unwrap_or_else(|| panic!("round {r} port {port}: held by none of {got:?}"));
             let out = translated(syn, *port, TX_V4, vip_port(*r));
             let ack = reply_to(
                 &out,

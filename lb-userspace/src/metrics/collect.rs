@@ -215,7 +215,16 @@ pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
 fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
     let rows = p.fill()?;
     let label = |t: &str| vec![("table", t.to_string())];
+    let ports = p.nat_ports()?;
     Ok(vec![
+        Family::gauge(
+            "lb_nat_ports",
+            "NAT source ports held, by the state of their translation (half-open: handshakes the client has yet to complete)",
+            crate::inspect::NatState::HOLDING
+                .iter()
+                .map(|s| (vec![("state", s.name().to_string())], ports.get(*s) as f64))
+                .collect(),
+        ),
         Family::gauge(
             "lb_table_entries",
             "Entries in each of the program's tables (flows_ipv4 counts occupied ways of its buckets)",

@@ -215,8 +215,46 @@ pub fn values(map: &str, from: u32, to: u32) -> Option<ValueConversion> {
     match (map, from, to) {
         (lb_common::maps::VIPS, 1, 2) => Some(vips_v1_to_v2),
         (lb_common::maps::VIPS, 2, 1) => Some(vips_v2_to_v1),
+        (lb_common::maps::NAT_REV, 1, 2) | (lb_common::maps::NODE, 1, 2) => Some(same_bytes),
+        (lb_common::maps::NAT_REV, 2, 1) => Some(nat_rev_v2_to_v1),
+        (lb_common::maps::NODE, 2, 1) => Some(node_v2_to_v1),
         _ => None,
     }
+}
+
+/// v1 -> v2 of `LB_NAT_REV` and `LB_NODE`: the same bytes. Schema 2 of `LB_NAT_REV` gives a
+/// state bit (`NAT_S_HALF_OPEN`) a meaning, and no v1 entry has it: every translation carried
+/// over is established, as it was. Schema 2 of `LB_NODE` gives its padding a meaning (the
+/// half-open timeout), and 0 there is no such timeout until the agent writes its config.
+pub fn same_bytes(value: &[u8]) -> Vec<u8> {
+    value.to_vec()
+}
+
+/// Byte offset of `NatReverse::state` (after the client's flow key and two ids).
+const NAT_STATE_AT: usize = core::mem::offset_of!(lb_common::NatReverse, state);
+
+/// `LB_NAT_REV` v2 -> v1: the half-open bit cleared (a release before 0.3.0 knows no half-open
+/// state: its translations are judged by the idle timeout, as they were).
+pub fn nat_rev_v2_to_v1(value: &[u8]) -> Vec<u8> {
+    let mut out = value.to_vec();
+    if let Some(f) = out.get_mut(NAT_STATE_AT..NAT_STATE_AT + 2) {
+        let state =
+            u16::from_ne_bytes((&*f).try_into().expect("2 bytes")) & !lb_common::NAT_S_HALF_OPEN;
+        f.copy_from_slice(&state.to_ne_bytes());
+    }
+    out
+}
+
+/// Byte offset of `NodeConfig::half_open_timeout_ms` (padding in schema 1).
+const HALF_OPEN_AT: usize = core::mem::offset_of!(lb_common::NodeConfig, half_open_timeout_ms);
+
+/// `LB_NODE` v2 -> v1: the half-open timeout zeroed (padding again).
+pub fn node_v2_to_v1(value: &[u8]) -> Vec<u8> {
+    let mut out = value.to_vec();
+    if let Some(f) = out.get_mut(HALF_OPEN_AT..HALF_OPEN_AT + 4) {
+        f.fill(0);
+    }
+    out
 }
 
 /// Byte offset of `VipValue::flags` (after `id`).
@@ -392,5 +430,65 @@ mod tests {
     fn only_known_schema_pairs_have_a_conversion() {
         assert!(values("LB_VIPS", 1, 3).is_none());
         assert!(values("LB_NAT", 1, 2).is_none());
+        assert!(values("LB_NAT_REV", 2, 3).is_none());
+    }
+
+    /// A reverse NAT entry's bytes, field by field: the client's flow key (40 bytes, here all
+    /// `k`), backend id, VIP id (host-endian u32), state (u16), padding, generation, created,
+    /// last (u64), so the fixtures do not go through `NatReverse` itself.
+    fn nat_rev_bytes(k: u8, state: u16, created: u64) -> Vec<u8> {
+        let mut v = vec![k; 40];
+        v.extend(5u32.to_ne_bytes());
+        v.extend(2u32.to_ne_bytes());
+        v.extend(state.to_ne_bytes());
+        v.extend([0, 0]);
+        v.extend(9u32.to_ne_bytes());
+        v.extend(created.to_ne_bytes());
+        v.extend((created + 7).to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn nat_rev_v1_entries_carry_over_unchanged_and_so_established() {
+        // Answered (bit 3) and the client's FIN (bit 0): no half-open bit (bit 5) in schema 1.
+        let v1 = nat_rev_bytes(0xab, 0b1001, 1 << 40);
+        assert_eq!(v1.len(), std::mem::size_of::<lb_common::NatReverse>());
+        assert_eq!(values("LB_NAT_REV", 1, 2).unwrap()(&v1), v1);
+    }
+
+    #[test]
+    fn nat_rev_v2_to_v1_clears_the_half_open_bit_and_nothing_else() {
+        let v2 = nat_rev_bytes(0x11, 0b10_1000, 77);
+        assert_eq!(
+            values("LB_NAT_REV", 2, 1).unwrap()(&v2),
+            nat_rev_bytes(0x11, 0b00_1000, 77)
+        );
+        let all = nat_rev_bytes(0xff, u16::MAX, u64::MAX - 7);
+        assert_eq!(
+            nat_rev_v2_to_v1(&all),
+            nat_rev_bytes(0xff, u16::MAX & !0b10_0000, u64::MAX - 7)
+        );
+    }
+
+    #[test]
+    fn node_v2_to_v1_zeroes_the_half_open_timeout_only() {
+        // src_v6 (16), src_v4 (4), flags (4), udp idle (8), port min, max (2 + 2), half-open
+        // timeout (4, padding in v1), close grace, syn timeout, tcp idle (8 each).
+        let node = |half_open: u32| {
+            let mut v = vec![0xfd; 16];
+            v.extend([10, 0, 0, 1]);
+            v.extend(3u32.to_ne_bytes());
+            v.extend(30_000_000_000u64.to_ne_bytes());
+            v.extend(20000u16.to_ne_bytes());
+            v.extend(52767u16.to_ne_bytes());
+            v.extend(half_open.to_ne_bytes());
+            for x in [10u64, 2, 600] {
+                v.extend((x * 1_000_000_000).to_ne_bytes());
+            }
+            v
+        };
+        assert_eq!(node(0).len(), std::mem::size_of::<lb_common::NodeConfig>());
+        assert_eq!(values("LB_NODE", 2, 1).unwrap()(&node(10_000)), node(0));
+        assert_eq!(values("LB_NODE", 1, 2).unwrap()(&node(0)), node(0));
     }
 }

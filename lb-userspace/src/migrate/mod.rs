@@ -644,11 +644,17 @@ fn converted_from(s: &Schema, from: u32, snap: Snapshot) -> Result<Snapshot, Mig
             to: s.version,
         })
     })?;
+    let vs = s.value_size as usize;
     Ok(match snap {
         Snapshot::Hash(h) => Snapshot::Hash(h.into_iter().map(|(k, v)| (k, conv(&v))).collect()),
+        Snapshot::Array(a) if vs > 0 => Snapshot::Array(a.chunks(vs).flat_map(conv).collect()),
         other => {
             return Err(MigrateError::Pins(PinsError::NoConversion {
-                map: format!("{} ({} entries, not a hash map)", s.map, other.len(1)),
+                map: format!(
+                    "{} ({} entries, not a hash map or array)",
+                    s.map,
+                    other.len(1)
+                ),
                 from,
                 to: s.version,
             }));

@@ -204,7 +204,8 @@ pub fn current() -> &'static [Schema] {
                 Config,
                 max_backends
             ),
-            schema!(m::NODE, 1, Array, U32, size_of::<NodeConfig>(), Config, one),
+            // v2 (0.3.0): the half-open timeout, where v1 had padding.
+            schema!(m::NODE, 2, Array, U32, size_of::<NodeConfig>(), Config, one),
             schema!(m::TX_PORTS, 1, DevMapHash, U32, U64, Config, tx_ports),
             schema!(
                 m::FLOWS,
@@ -242,9 +243,10 @@ pub fn current() -> &'static [Schema] {
                 State,
                 nat
             ),
+            // v2 (0.3.0): `state` may hold NAT_S_HALF_OPEN.
             schema!(
                 m::NAT_REV,
-                1,
+                2,
                 LruHash,
                 size_of::<FlowKey>(),
                 size_of::<NatReverse>(),
@@ -360,8 +362,8 @@ const LAYOUT_7: &[(&str, u32)] = &[
     (m::META, 1),
 ];
 
-/// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges flag), and the source ranges and their
-/// per-VIP drop counters.
+/// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges flag), `LB_NODE` and `LB_NAT_REV` at schema
+/// 2 (half-open translations), and the source ranges and their per-VIP drop counters.
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -369,13 +371,13 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::RING, 1),
     (m::MEMBERS, 1),
     (m::NEXTHOPS, 1),
-    (m::NODE, 1),
+    (m::NODE, 2),
     (m::TX_PORTS, 1),
     (m::FLOWS, 1),
     (m::FLOWS4, 1),
     (m::AFFINITY, 1),
     (m::NAT, 1),
-    (m::NAT_REV, 1),
+    (m::NAT_REV, 2),
     (m::MEMBER_PASSIVE, 1),
     (m::STATS, 1),
     (m::VIP_STATS, 1),
@@ -412,6 +414,12 @@ pub fn older(map: &str, version: u32) -> Option<(u32, u32)> {
     match (map, version) {
         // Schema 1 has schema 2's layout: only the meaning of a flag bit differs.
         (m::VIPS, 1) => Some((size_of::<VipKey>(), size_of::<VipValue>())),
+        // Likewise: a state bit, and what was padding.
+        (m::NAT_REV, 1) => Some((
+            size_of::<lb_common::FlowKey>(),
+            size_of::<lb_common::NatReverse>(),
+        )),
+        (m::NODE, 1) => Some((U32, size_of::<lb_common::NodeConfig>())),
         _ => None,
     }
 }

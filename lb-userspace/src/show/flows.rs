@@ -7,15 +7,15 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
-    AffinityKey, FlowKey, FlowValue, IPPROTO_UDP, MEMBER_F_ACCEPTS, MODE_NAT, Member,
-    NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NodeConfig, VipKey, VipValue,
+    AffinityKey, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MODE_NAT, Member, NodeConfig, VipKey,
+    VipValue,
     select::{AffinityCheck, FlowCheck, check_affinity, check_flow},
 };
 use serde::Serialize;
 
 use super::{Format, VipNames};
 use crate::{
-    inspect::{Pinned, monotonic_coarse_ns},
+    inspect::{NatState, Pinned, monotonic_coarse_ns},
     model::{Protocol, ip_of},
     view::{BackendRef, VipRef},
 };
@@ -33,22 +33,6 @@ pub enum FlowState {
     Stale,
     /// A UDP flow idle for longer than the node's UDP idle timeout: balanced afresh.
     IdleExpired,
-}
-
-/// A NAT translation's state, from the packets seen both ways.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum NatState {
-    /// Nothing came back from the backend yet (a TCP SYN sent, or a UDP request).
-    Waiting,
-    Established,
-    /// One side sent a FIN.
-    Closing,
-    /// Both FINs or an RST went by: the port is freed after the close grace time.
-    Closed,
-    /// The flow's translation entry is gone (expired or evicted): its next packet takes a port
-    /// again.
-    Gone,
 }
 
 #[derive(Serialize, Debug)]
@@ -151,19 +135,8 @@ impl Ctx<'_> {
 
     fn nat(&self, k: &FlowKey) -> Option<NatView> {
         let n = self.p.nat(k)?;
-        let state = match self.p.nat_reverse(k, &n) {
-            None => NatState::Gone,
-            Some(r) if r.closed() => NatState::Closed,
-            Some(r) if r.expired(k.proto, self.now, &self.node) => NatState::Gone,
-            Some(r) if r.state & NAT_S_ANSWERED == 0 => NatState::Waiting,
-            Some(r)
-                if k.proto != IPPROTO_UDP
-                    && r.state & (NAT_S_FIN_CLIENT | NAT_S_FIN_BACKEND) != 0 =>
-            {
-                NatState::Closing
-            }
-            Some(_) => NatState::Established,
-        };
+        let r = self.p.nat_reverse(k, &n);
+        let state = NatState::of(r.as_ref(), k.proto, self.now, &self.node);
         Some(NatView {
             port: u16::from_be(n.nat_port),
             state,

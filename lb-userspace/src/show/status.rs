@@ -70,6 +70,9 @@ pub struct MapsView {
     /// How full each of the program's tables is: `flows_ipv4`, `flows_ipv6`, `affinity`, `nat`,
     /// `nat_reverse`.
     pub tables: std::collections::BTreeMap<&'static str, Fill>,
+    /// NAT source ports held, by the state of their translation (`half_open`: handshakes the
+    /// client has yet to complete, what a SYN flood leaves).
+    pub nat_ports: crate::inspect::NatPorts,
 }
 
 #[derive(Serialize, Debug)]
@@ -166,6 +169,7 @@ fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
         vips: p.vips()?.len(),
         backends: p.members()?.len(),
         tables: p.fill()?.into_iter().collect(),
+        nat_ports: p.nat_ports()?,
     })
 }
 
@@ -315,6 +319,11 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             f.fill * 100.0
         );
     }
+    let p = &m.nat_ports;
+    println!(
+        "NAT ports:  {} established, {} half-open, {} waiting, {} closing, {} closed",
+        p.established, p.half_open, p.waiting, p.closing, p.closed
+    );
 }
 
 fn print_announce(a: &crate::announce::AnnounceStatus) {
