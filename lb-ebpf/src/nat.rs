@@ -345,14 +345,20 @@ struct Search {
     /// byte order; 0: none seen) and when it was made. Taken over if no port is free.
     victim_port: u16,
     victim_created: u64,
+    /// How many of the candidates probed were other flows' live half-open translations.
+    half_open_seen: u32,
 }
 
 /// Candidates probed before the oldest half-open one among them is taken over, if none was
-/// free and that one is older than [`RECLAIM_EARLY_AGE_NS`]: a flood that fills every port
-/// costs each of its SYNs this many probes, not [`NAT_PORT_PROBES`]. Otherwise the search goes
-/// on (a free port further on is better than a handshake cut short) and the oldest half-open
-/// candidate of all is taken over only if none was free.
+/// free and either most of them were half-open ([`RECLAIM_FLOOD_SEEN`]: ports held by
+/// handshakes nobody completes, a flood) or that one is older than [`RECLAIM_EARLY_AGE_NS`]:
+/// a flood that fills every port costs each of its SYNs this many probes, not
+/// [`NAT_PORT_PROBES`]. Otherwise the search goes on (a free port further on is better than a
+/// handshake cut short) and the oldest half-open candidate of all is taken over only if none was
+/// free.
 const RECLAIM_AFTER: u64 = 8;
+/// Half-open candidates among the first [`RECLAIM_AFTER`] that make the shortage a flood's.
+const RECLAIM_FLOOD_SEEN: u32 = 6;
 /// A real handshake completes within a round trip: a translation half-open for longer than
 /// this is most likely a spoofed source's or a dead client's.
 const RECLAIM_EARLY_AGE_NS: u64 = 1_000_000_000;
@@ -362,7 +368,8 @@ const RECLAIM_EARLY_AGE_NS: u64 = 1_000_000_000;
 fn reclaim_now(s: &Search, i: u64) -> bool {
     s.victim_port != 0
         && i + 1 >= RECLAIM_AFTER
-        && s.rev.created_ns.saturating_sub(s.victim_created) > RECLAIM_EARLY_AGE_NS
+        && (s.half_open_seen >= RECLAIM_FLOOD_SEEN
+            || s.rev.created_ns.saturating_sub(s.victim_created) > RECLAIM_EARLY_AGE_NS)
 }
 
 /// What probing one candidate port gave.
@@ -457,6 +464,7 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
         }
         Probe::HalfOpen(created) => {
             count(Counter::NatPortCollisions);
+            s.half_open_seen += 1;
             if s.victim_port == 0 || created < s.victim_created {
                 (s.victim_port, s.victim_created) = (s.rkey.dst_port, created);
             }
@@ -524,6 +532,7 @@ fn allocate(
         new: false,
         victim_port: 0,
         victim_created: 0,
+        half_open_seen: 0,
     };
     unsafe {
         bpf_loop(

@@ -413,6 +413,12 @@ impl Lab {
 
     /// Opens `n` long-lived connections that keep sending and checking echoes until stopped.
     pub fn streams(&self, vip: SocketAddr, n: usize) -> Vec<Stream> {
+        self.patient_streams(vip, n, Duration::from_secs(3))
+    }
+
+    /// [`Lab::streams`] whose connections count as broken only when reset, or when an echo
+    /// takes longer than `patience` (heavy loss makes TCP back off for seconds and recover).
+    pub fn patient_streams(&self, vip: SocketAddr, n: usize, patience: Duration) -> Vec<Stream> {
         (0..n)
             .map(|i| {
                 let c = if vip.is_ipv4() {
@@ -424,6 +430,8 @@ impl Lab {
                     .client
                     .run(|| open(c, vip))
                     .unwrap_or_else(|e| panic!("opening stream {i}: {e}"));
+                s.set_read_timeout(Some(patience)).unwrap();
+                s.set_write_timeout(Some(patience)).unwrap();
                 Stream::start(s)
             })
             .collect()

@@ -147,6 +147,27 @@ impl NetNs {
         })
     }
 
+    /// The MAC address of interface `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        self.run(|| {
+            // SAFETY: an ioctl on a socket of our own, into a zeroed ifreq we own.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+                let mut req: libc::ifreq = std::mem::zeroed();
+                for (d, s) in req.ifr_name.iter_mut().zip(dev.bytes()) {
+                    *d = s as libc::c_char;
+                }
+                let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                assert_eq!(rc, 0, "SIOCGIFHWADDR {dev}: {err}");
+                let a = req.ifr_ifru.ifru_hwaddr.sa_data;
+                [a[0], a[1], a[2], a[3], a[4], a[5]].map(|b| b as u8)
+            }
+        })
+    }
+
     /// Runs `f` on a thread that has entered this namespace, and returns its result (or resumes
     /// its panic). BPF objects are per process, so maps and programs loaded elsewhere work here.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

@@ -436,8 +436,7 @@ fn a_reload_that_doubles_then_halves_the_tables_keeps_every_flow_and_translation
             "{when}: the pin names changed"
         );
         for (name, id) in &ids {
-            let resized = ["LB_FLOWS4", "LB_FLOWS", "LB_NAT", "LB_NAT_REV"]
-                .contains(&name.as_str())
+            let resized = ["LB_FLOWS4", "LB_FLOWS", "LB_NAT", "LB_NAT_REV"].contains(&map_of(name))
                 || moved(&a["last_migration"], map_of(name))["action"] == "renewed";
             assert_eq!(
                 now[name] != *id,
@@ -604,57 +603,6 @@ fn a_map_the_kernel_refuses_to_create_leaves_the_old_program_and_maps_serving() 
     drop(agent);
 }
 
-/// Sends frames out of `dev` in the calling thread's namespace, through one raw socket.
-struct Raw {
-    fd: i32,
-    sa: libc::sockaddr_ll,
-}
-
-impl Raw {
-    fn new(dev: &str) -> Self {
-        let name = std::ffi::CString::new(dev).unwrap();
-        // SAFETY: plain socket calls on values owned here.
-        unsafe {
-            let ifindex = libc::if_nametoindex(name.as_ptr());
-            assert_ne!(ifindex, 0, "no interface {dev}");
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-            sa.sll_family = libc::AF_PACKET as u16;
-            sa.sll_ifindex = ifindex as i32;
-            sa.sll_halen = 6;
-            Self { fd, sa }
-        }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&self.sa as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        // SAFETY: the socket is ours.
-        unsafe { libc::close(self.fd) };
-    }
-}
-
 /// Sends a SYN of each `client(i)` into lb0 (through its veth peer) all through a reload to
 /// `cfg`, so the attached program makes their flows in the old maps until the swap (those made
 /// after the first copy are merged in after it) and in the new ones after; stops some 200 after
@@ -674,7 +622,7 @@ fn reload_under_traffic(
     let v = std::thread::scope(|s| {
         s.spawn(|| {
             lb_tests::netns::enter(&net.ns.name);
-            let raw = Raw::new("up0");
+            let raw = lb_tests::raw::Raw::new("up0");
             for i in 0..MAX {
                 if stop.load(Ordering::Relaxed) {
                     break;

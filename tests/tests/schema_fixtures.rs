@@ -266,14 +266,56 @@ fn every_carried_schema_is_version_1_with_the_key_and_value_sizes_of_its_0_1_0_f
         assert_eq!(value as usize, v.len(), "{}: value size", s.map);
     }
     assert_eq!(names.len(), of_0_1_0.len(), "a fixture of no schema");
-    // Only LB_VIPS moved on (0.3.0: the source-ranges flag), and only maps of later releases
-    // are not 0.1.0's.
+    // Only LB_VIPS (0.3.0: the source-ranges flag), LB_NODE (the half-open timeout) and
+    // LB_NAT_REV (the half-open state) moved on, and only maps of later releases are not
+    // 0.1.0's.
     let later: Vec<(&str, u32)> = schema::current()
         .iter()
         .filter(|s| s.version != 1)
         .map(|s| (s.map, s.version))
         .collect();
-    assert_eq!(later, [(maps::VIPS, 2)]);
+    assert_eq!(
+        later,
+        [(maps::VIPS, 2), (maps::NODE, 2), (maps::NAT_REV, 2)]
+    );
+}
+
+#[test]
+#[cfg(target_endian = "little")]
+fn the_0_1_0_translation_converts_up_established_and_back_down_without_the_half_open_bit() {
+    let (_, v1) = fixture(maps::NAT_REV);
+    let up = convert::values(maps::NAT_REV, 1, 2).expect("v1 -> v2")(&v1);
+    assert_eq!(up, v1, "the same bytes: no v1 translation is half-open");
+    let r: NatReverse = read(&up);
+    assert!(!r.half_open(), "carried over established");
+    assert_eq!(r.state, NAT_S_FIN_CLIENT | NAT_S_ANSWERED);
+    // Half-open (0.3.0), then back to 0.1.0's meaning: the bit is gone, the rest stays. The
+    // state is the little-endian u16 after the client's key (40 bytes) and two u32 ids.
+    let mut v2 = up.clone();
+    v2[48..50].copy_from_slice(&(NAT_S_ANSWERED | lb_common::NAT_S_HALF_OPEN).to_le_bytes());
+    let down = convert::values(maps::NAT_REV, 2, 1).expect("v2 -> v1")(&v2);
+    let mut want = v1.clone();
+    want[48..50].copy_from_slice(&NAT_S_ANSWERED.to_le_bytes());
+    assert_eq!(down, want);
+}
+
+#[test]
+#[cfg(target_endian = "little")]
+fn the_0_1_0_node_settings_convert_up_unchanged_and_back_down_without_the_half_open_timeout() {
+    let (_, v1) = fixture(maps::NODE);
+    let up = convert::values(maps::NODE, 1, 2).expect("v1 -> v2")(&v1);
+    assert_eq!(up, v1);
+    let n: NodeConfig = read(&up);
+    assert_eq!(
+        n.half_open_timeout_ms, 0,
+        "no half-open timeout until the agent writes one"
+    );
+    // The timeout is the little-endian u32 at byte 36 (after the ports), padding in 0.1.0.
+    let mut v2 = up.clone();
+    v2[36..40].copy_from_slice(&10_000u32.to_le_bytes());
+    assert_eq!(read::<NodeConfig>(&v2).half_open_timeout_ms, 10_000);
+    let down = convert::values(maps::NODE, 2, 1).expect("v2 -> v1")(&v2);
+    assert_eq!(down, v1);
 }
 
 #[test]
@@ -303,8 +345,8 @@ fn sizes_the_release_fixes_are_0_1_0s() {
         (maps::TX_PORTS, 256),
         // 0.1.0 counted 50; 0.2.0 adds drop_nat_held after them (an upgrade resizes LB_STATS,
         // copying every counter to the same index; 0.1.0 reads the first 50 of a larger one),
-        // 0.3.0 drop_source_range.
-        (maps::STATS, 52),
+        // 0.3.0 drop_source_range and the half-open translations' three.
+        (maps::STATS, 55),
         (maps::META, 1),
     ]
     .into();
@@ -315,11 +357,13 @@ fn sizes_the_release_fixes_are_0_1_0s() {
     }
     assert_eq!(
         Counter::COUNT,
-        52,
-        "0.1.0 counted 50 counters, 0.2.0 and 0.3.0 one more each"
+        55,
+        "0.1.0 counted 50 counters, 0.2.0 one more, 0.3.0 four more"
     );
     assert_eq!(Counter::DropNatHeld as u32, 50, "added last");
     assert_eq!(Counter::DropSourceRange as u32, 51, "added last");
+    assert_eq!(Counter::NatEstablished as u32, 52, "added last");
+    assert_eq!(Counter::NatHalfOpenReclaimed as u32, 54, "added last");
     assert_eq!(Counter::Tx as u32, 15);
     assert_eq!(Counter::FlowHits as u32, 23);
 }
@@ -400,7 +444,8 @@ fn members_next_hops_passive_health_and_node_of_0_1_0_read_field_by_field() {
     assert_eq!(n.flags, NODE_F_SRC_V4 | NODE_F_SRC_V6);
     assert_eq!(n.udp_idle_timeout_ns, 30_000_000_000);
     assert_eq!((n.nat_port_min, n.nat_port_max), (20_000, 29_999));
-    assert_eq!(n._pad, 0);
+    // Padding in 0.1.0; the half-open timeout in schema 2 (0.3.0).
+    assert_eq!(n.half_open_timeout_ms, 0);
     assert_eq!(n.nat_close_grace_ns, 10_000_000_000);
     assert_eq!(n.syn_timeout_ns, 3_000_000_000);
     assert_eq!(n.tcp_idle_timeout_ns, 900_000_000_000);
@@ -547,7 +592,8 @@ fn counters_and_the_layout_record_of_0_1_0_read_field_by_field() {
         }
     );
     assert_eq!(m._pad, 0);
-    // This release writes 0.1.0's record but for the version: 8, as LB_VIPS is at schema 2
+    // This release writes 0.1.0's record but for the version: 8, as LB_VIPS is at schema 2 (and
+    // LB_NODE and LB_NAT_REV)
     // (0.1.0 refuses the pins rather than misread them; `lb migrate --to-release 0.1.0` writes
     // 7 again).
     assert_eq!(

@@ -1017,15 +1017,28 @@ fn convert_in_place(
     };
     let data = MapData::from_pin(pin).map_err(pin_err)?;
     let mut map = Map::from_map_data(data).map_err(pin_err)?;
-    let Snapshot::Hash(h) = copy::read(&map, s, 0)? else {
-        unreachable!("converted in place: a hash map")
-    };
-    let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = h
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let c = conv(&v);
-            (c != v).then_some((k, Some(c)))
-        })
-        .collect();
-    Ok(copy::write_hash_entries(&mut map, s, &writes)?)
+    match copy::read(&map, s, 0)? {
+        Snapshot::Hash(h) => {
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = h
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let c = conv(&v);
+                    (c != v).then_some((k, Some(c)))
+                })
+                .collect();
+            Ok(copy::write_hash_entries(&mut map, s, &writes)?)
+        }
+        Snapshot::Array(a) => {
+            let writes: Vec<(u32, Vec<u8>)> = a
+                .chunks(s.value_size as usize)
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    let c = conv(v);
+                    (c != v).then_some((i as u32, c))
+                })
+                .collect();
+            Ok(copy::write_array_entries(&mut map, s, &writes)?)
+        }
+        _ => unreachable!("converted in place: a hash map or an array"),
+    }
 }
