@@ -17,6 +17,8 @@ pub struct Frame {
     pub since_start: Duration,
     /// Drop verdicts per second, all VIPs and packets aimed at none.
     pub drops_per_s: f64,
+    /// Half-open NAT translations taken over or expired per second: a SYN flood at a NAT VIP.
+    pub half_open_per_s: f64,
     pub vips: Vec<VipRow>,
 }
 
@@ -58,6 +60,7 @@ pub fn build(first: &Sample, prev: &Sample, cur: &Sample) -> Frame {
         interval,
         since_start: cur.at.saturating_duration_since(first.at),
         drops_per_s: cur.drops.saturating_sub(prev.drops) as f64 / secs,
+        half_open_per_s: cur.half_open.saturating_sub(prev.half_open) as f64 / secs,
         vips: cur
             .vips
             .iter()
@@ -201,6 +204,8 @@ pub(crate) mod tests {
         Sample {
             at,
             drops,
+            // As many as the drops: the screen's figure is checked against its own rate.
+            half_open: drops,
             vips: vec![VipSample {
                 vip: VipRef::of(&key).named(Some("web".into())),
                 stats: vip,
@@ -251,6 +256,7 @@ pub(crate) mod tests {
         assert_eq!(f.interval, Duration::from_secs(2));
         assert_eq!(f.since_start, Duration::from_secs(4));
         assert_eq!(f.drops_per_s, 10.0);
+        assert_eq!(f.half_open_per_s, 10.0);
         let v = &f.vips[0];
         assert_eq!(v.label, "192.0.2.10:80/tcp");
         assert_eq!(

@@ -83,6 +83,9 @@ pub struct Sample {
     pub at: Instant,
     /// The sum of the global drop verdicts (every VIP, and packets aimed at none).
     pub drops: u64,
+    /// Half-open NAT translations taken over or expired (`nat_half_open_reclaimed` and
+    /// `nat_half_open_expired`): handshakes nobody completed, what a SYN flood leaves.
+    pub half_open: u64,
     pub vips: Vec<VipSample>,
 }
 
@@ -102,10 +105,20 @@ pub const IDLE: Duration = Duration::from_secs(10);
 /// Reads the pinned maps (and `status`, where the agent wrote one).
 pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError> {
     let at = Instant::now();
-    let drops = p
-        .counters()?
+    let counters = p.counters()?;
+    let drops = counters
         .iter()
         .filter(|(c, _)| is_drop(*c))
+        .map(|(_, v)| v)
+        .sum();
+    let half_open = counters
+        .iter()
+        .filter(|(c, _)| {
+            matches!(
+                c,
+                Counter::NatHalfOpenReclaimed | Counter::NatHalfOpenExpired
+            )
+        })
         .map(|(_, v)| v)
         .sum();
     let members = p.members()?;
@@ -124,7 +137,12 @@ pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError>
         });
     }
     count_draining(p, &mut vips)?;
-    Ok(Sample { at, drops, vips })
+    Ok(Sample {
+        at,
+        drops,
+        half_open,
+        vips,
+    })
 }
 
 /// The drop verdicts. `lb_common` names each counter's kind; "drop" is in the name of every

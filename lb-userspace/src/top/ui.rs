@@ -53,6 +53,15 @@ pub fn lines(f: &Frame, hint: &str) -> Vec<Line<'static>> {
             rate(f.drops_per_s),
         )),
     ])];
+    if f.half_open_per_s > 0.0 {
+        out[0].spans.push(Span::styled(
+            format!(
+                "  NAT: {} half-open translations/s freed (a SYN flood?)",
+                rate(f.half_open_per_s)
+            ),
+            Style::new().add_modifier(Modifier::BOLD),
+        ));
+    }
     if f.vips.is_empty() {
         out.push(Line::raw("no VIPs"));
     }
@@ -198,6 +207,13 @@ mod tests {
                     && l.contains("50.0 packets/s")
                     && l.contains("10.0 new flows/s")
                     && l.contains("5.0 drops/s")),
+            "{text}"
+        );
+        // The readings free 20 half-open translations in 2 s: the title says so.
+        assert!(
+            text.lines()
+                .next()
+                .is_some_and(|l| l.contains("NAT: 10.0 half-open translations/s freed")),
             "{text}"
         );
         // 32/60 = 53.3 % (11 cells), weights 200/300 = 66.7 % (13 cells).
