@@ -544,7 +544,8 @@ fn a_nat_flow_shows_the_source_port_its_translated_frame_carried() {
     assert_eq!(f["nat"]["port"], nat_port, "{f}");
     assert_eq!(f["nat"]["state"], "waiting", "no answer yet: {f}");
 
-    // The backend answers (to the node's address and the NAT port): established.
+    // The backend answers (to the node's address and the NAT port): half-open, until the
+    // client's ACK.
     let reply = Pkt::tcp(TX_V4, 9000, NODE_V4, nat_port, LB0_MAC).with(|r| {
         r.l4 = L4::Tcp {
             flags: TCP_SYN | TCP_ACK,
@@ -553,6 +554,16 @@ fn a_nat_flow_shows_the_source_port_its_translated_frame_carried() {
     s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
         run(&mut lb, &s.net, &reply)
+    });
+    let v = s.dirs.json(&["flows", "--vip", "192.0.2.12:80"]);
+    assert_eq!(v["flows"][0]["nat"]["state"], "half-open", "{v}");
+    assert_eq!(v["flows"][0]["nat"]["port"], nat_port, "{v}");
+
+    // The client's ACK completes the handshake: established.
+    let ack = p.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+    s.net.ns.run(|| {
+        let mut lb = Lb::adopt(&s.dirs.pins);
+        run(&mut lb, &s.net, &ack)
     });
     let v = s.dirs.json(&["flows", "--vip", "192.0.2.12:80"]);
     assert_eq!(v["flows"][0]["nat"]["state"], "established", "{v}");

@@ -20,6 +20,7 @@ use lb_tests::{
     packet::{L4, Pkt, TCP_ACK},
     release,
 };
+use lb_userspace::migrate::schema;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -938,14 +939,24 @@ fn start_pod(net: &FibNet, dirs: &mut Dirs, bin: &Path) -> Agent {
     agent
 }
 
-/// What a node keeps across agents: the link's id on lb0 and the ids of the state maps.
+/// What a node keeps across agents: the link's id on lb0 and the ids of the state maps, under
+/// whichever schema's pin name (`LB_NAT_REV` of 0.2.0 is `LB_NAT_REV@v2` of 0.3.0: the same map,
+/// relabelled).
 fn kept(dirs: &Dirs) -> (u32, Vec<(&'static str, u32)>) {
     use lb_common::maps::{AFFINITY, FLOWS, FLOWS4, NAT, NAT_REV};
+    let names = dirs.pin_names();
+    let pin_of = |map: &str| {
+        names
+            .iter()
+            .find(|n| schema::parse_pin_name(n).is_some_and(|(m, _)| m == map))
+            .unwrap_or_else(|| panic!("no pin of {map} in {names:?}"))
+            .clone()
+    };
     (
         pinned_link_id(&dirs.pins, "lb0"),
         [FLOWS4, FLOWS, AFFINITY, NAT, NAT_REV]
             .into_iter()
-            .map(|m| (m, pinned_map_id(&dirs.pins, m)))
+            .map(|m| (m, pinned_map_id(&dirs.pins, &pin_of(m))))
             .collect(),
     )
 }
@@ -1045,14 +1056,15 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
         "{v:#}\nagent log:\n{}",
         pod.log_text()
     );
-    // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2 converted down in
-    // place to LB_VIPS, and the maps 0.2.0 does not know (source ranges) unpinned.
+    // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2 and
+    // LB_NAT_REV@v2 converted down in place to schema 1's names, and the maps 0.2.0 does not
+    // know (source ranges) unpinned.
     let mut want: Vec<String> = pins
         .iter()
         .filter(|p| *p != "LB_SRC_RANGES" && *p != "LB_VIP_DROPS")
-        .map(|p| match p.as_str() {
-            "LB_VIPS@v2" => "LB_VIPS".to_string(),
-            other => other.to_string(),
+        .map(|p| match schema::parse_pin_name(p) {
+            Some((map, _)) => map.to_string(),
+            None => p.to_string(),
         })
         .collect();
     want.sort();

@@ -222,6 +222,14 @@ pub fn values(map: &str, from: u32, to: u32) -> Option<ValueConversion> {
     }
 }
 
+/// Whether `map`'s values of schema `from` are values of schema `to` byte for byte, with the
+/// same meaning (`to` only gives one to bits or fields `from` leaves zero): then the map is used
+/// as it is, by both programs, and only its pin is renamed (see `pins::Action::Relabel`).
+pub fn as_is(map: &str, from: u32, to: u32) -> bool {
+    use lb_common::maps::{NAT_REV, NODE, VIPS};
+    matches!((map, from, to), (VIPS | NAT_REV | NODE, 1, 2))
+}
+
 /// v1 -> v2 of `LB_NAT_REV` and `LB_NODE`: the same bytes. Schema 2 of `LB_NAT_REV` gives a
 /// state bit (`NAT_S_HALF_OPEN`) a meaning, and no v1 entry has it: every translation carried
 /// over is established, as it was. Schema 2 of `LB_NODE` gives its padding a meaning (the
@@ -424,6 +432,20 @@ mod tests {
         assert_eq!(vips_v2_to_v1(&v2), vip_bytes(3, 0b01, 0, 0, 65_537));
         let v2 = vip_bytes(u32::MAX, 0b10, 5, 1, 13);
         assert_eq!(vips_v2_to_v1(&v2), vip_bytes(u32::MAX, 0, 5, 1, 13));
+    }
+
+    #[test]
+    fn only_identity_conversions_up_are_used_as_they_are() {
+        for (map, from, to) in [("LB_VIPS", 1, 2), ("LB_NAT_REV", 1, 2), ("LB_NODE", 1, 2)] {
+            assert!(as_is(map, from, to), "{map} v{from} -> v{to}");
+            // And they are the identity indeed.
+            let bytes: Vec<u8> = (0..64).collect();
+            assert_eq!(values(map, from, to).unwrap()(&bytes), bytes, "{map}");
+        }
+        // Down, a bit is cleared: another map's bytes.
+        assert!(!as_is("LB_VIPS", 2, 1));
+        assert!(!as_is("LB_NAT_REV", 2, 1));
+        assert!(!as_is("LB_NAT", 1, 2));
     }
 
     #[test]

@@ -167,6 +167,8 @@ pub struct Pending {
     report: Migration,
     /// (staged pin, final pin) of every new map.
     staged: Vec<(PathBuf, PathBuf)>,
+    /// (old schema's pin, new schema's pin) of every map both programs use (relabelled).
+    relabel: Vec<(PathBuf, PathBuf)>,
     /// Pins of converted maps under their old schema's name (`LB_VIPS` when `LB_VIPS@v2`
     /// replaces it): removed once the new pins are in place.
     obsolete: Vec<PathBuf>,
@@ -216,9 +218,10 @@ pub fn load(
     let paths: Vec<(&str, PathBuf)> = plan
         .maps
         .iter()
-        .map(|m| match migrates && m.action.is_new() {
-            true => (m.schema.map, m.staged(dir)),
-            false => (m.schema.map, m.pin(dir)),
+        .map(|m| match (migrates && m.action.is_new(), &m.found) {
+            (true, _) => (m.schema.map, m.staged(dir)),
+            (false, Some(f)) if m.action == Action::Relabel => (m.schema.map, f.pin.clone()),
+            (false, _) => (m.schema.map, m.pin(dir)),
         })
         .collect();
     for (name, path) in &paths {
@@ -233,17 +236,22 @@ pub fn load(
             .collect(),
         false => Vec::new(),
     };
-    let obsolete: Vec<PathBuf> = plan
+    let (relabel, obsolete): (Vec<_>, Vec<_>) = plan
         .maps
         .iter()
         .filter_map(|m| m.found.as_ref().map(|f| (m, f)))
         .filter(|(m, f)| f.pin != m.pin(dir))
-        .map(|(_, f)| f.pin.clone())
+        .partition(|(m, _)| m.action == Action::Relabel);
+    let relabel = relabel
+        .into_iter()
+        .map(|(m, f)| (f.pin.clone(), m.pin(dir)))
         .collect();
+    let obsolete = obsolete.into_iter().map(|(_, f)| f.pin.clone()).collect();
     let mut pending = Pending {
         started,
         report: report_of(&plan, trigger, from_release),
         staged,
+        relabel,
         obsolete,
         moved: Vec::new(),
         sizes: sizes.clone(),
@@ -535,6 +543,17 @@ impl Pending {
                 errors.push(format!(
                     "renaming {} over {}: {e}",
                     staged.display(),
+                    pin.display()
+                ));
+            }
+        }
+        // A map the new program took over as it is gets its new schema's name, now that no
+        // older program uses it.
+        for (old, pin) in &self.relabel {
+            if let Err(e) = std::fs::rename(old, pin) {
+                errors.push(format!(
+                    "renaming {} to {}: {e}",
+                    old.display(),
                     pin.display()
                 ));
             }

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 
-use super::schema::{self, Moves, Schema};
+use super::{
+    convert,
+    schema::{self, Moves, Schema},
+};
 use crate::program::Sizes;
 
 /// Suffix of a map's pin while a migration fills it (renamed over the map's pin after the swap).
@@ -29,6 +32,11 @@ pub enum Action {
     Resize,
     /// Pinned with another schema this release knows: a new map is filled from it, converted.
     Convert,
+    /// Pinned with an older schema whose bytes this one reads as they are (a later schema only
+    /// gave a meaning to what the older one left unused: see [`convert::as_is`]), at its size:
+    /// both programs use the same map (what the old one writes is valid in the new schema), and
+    /// its pin is renamed to the new schema's name after the swap.
+    Relabel,
     /// Made afresh with the new program because something else migrates (see [`Moves::Program`]).
     Renew,
 }
@@ -40,13 +48,14 @@ impl Action {
             Self::Create => "created",
             Self::Resize => "resized",
             Self::Convert => "converted",
+            Self::Relabel => "relabelled",
             Self::Renew => "renewed",
         }
     }
 
     /// Whether the map the new program uses is a new one (pinned under the staged name first).
     pub fn is_new(self) -> bool {
-        self != Self::Reuse
+        !matches!(self, Self::Reuse | Self::Relabel)
     }
 }
 
@@ -78,11 +87,11 @@ pub struct PinPlan {
 }
 
 impl PinPlan {
-    /// Whether any map's entries move into a new map.
+    /// Whether any map's entries move into a new map, or a pin is renamed after a swap.
     pub fn migrates(&self) -> bool {
         self.maps
             .iter()
-            .any(|m| matches!(m.action, Action::Resize | Action::Convert))
+            .any(|m| matches!(m.action, Action::Resize | Action::Convert | Action::Relabel))
     }
 
     /// Whether pins were found at all (a restart or an upgrade, not a first start).
@@ -95,7 +104,7 @@ impl PinPlan {
         let moves: Vec<String> = self
             .maps
             .iter()
-            .filter(|m| matches!(m.action, Action::Resize | Action::Convert))
+            .filter(|m| matches!(m.action, Action::Resize | Action::Convert | Action::Relabel))
             .map(|m| {
                 let f = m.found.as_ref().expect("a moved map was found");
                 format!(
@@ -198,6 +207,13 @@ pub fn plan(dir: &Path, sizes: &Sizes) -> Result<PinPlan, PinsError> {
         let entries = (s.entries)(sizes);
         let action = match &found {
             None => Action::Create,
+            Some(f)
+                if f.version != s.version
+                    && f.max_entries == entries
+                    && convert::as_is(s.map, f.version, s.version) =>
+            {
+                Action::Relabel
+            }
             Some(f) if f.version != s.version => Action::Convert,
             Some(f) if f.max_entries != entries => Action::Resize,
             Some(_) => Action::Reuse,
