@@ -468,13 +468,26 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
             if s.victim_port == 0 || created < s.victim_created {
                 (s.victim_port, s.victim_created) = (s.rkey.dst_port, created);
             }
-            reclaim_now(s, i) as i64
+            reclaim_at(s, i)
         }
         Probe::Busy => {
             count(Counter::NatPortCollisions);
-            reclaim_now(s, i) as i64
+            reclaim_at(s, i)
         }
     }
+}
+
+/// After a busy candidate `i`: takes over the victim and stops (1) if the search stops here
+/// ([`reclaim_now`], or the last candidate), else goes on (0). Done in the callback, so that the
+/// program after the loop has no more paths for the verifier to follow than before.
+#[inline(always)]
+fn reclaim_at(s: &mut Search, i: u64) -> i64 {
+    let last = i + 1 >= NAT_PORT_PROBES as u64;
+    if s.victim_port != 0 && (last || reclaim_now(s, i)) {
+        reclaim(s);
+        return 1;
+    }
+    0
 }
 
 /// No candidate was free: takes over the oldest half-open translation seen, if it is still
@@ -542,9 +555,6 @@ fn allocate(
             0,
         )
     };
-    if !s.found && s.victim_port != 0 {
-        reclaim(&mut s);
-    }
     if !s.found {
         return None;
     }
