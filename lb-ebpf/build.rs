@@ -1,4 +1,5 @@
-//! Rebuild when bpf-linker changes: it is an undeclared dependency of the BPF build.
+//! Rebuild when bpf-linker changes: it is an undeclared dependency of the BPF build. And let
+//! LLVM use the whole BPF stack.
 fn main() {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
@@ -9,4 +10,10 @@ fn main() {
             }
         }
     }
+    // The kernel gives a BPF program 512 bytes of stack, r10-512 to r10-1 (MAX_BPF_STACK), but
+    // LLVM's BPF backend refuses an object at r10-512 ("stack limit exceeded" for an offset of
+    // -512 or below): its limit is set one 8-byte slot further, so that `lb` may use the
+    // last slot the kernel allows (it needs it since the new-flow budget). Nothing past it
+    // compiles, and the verifier checks every access when the program loads.
+    println!("cargo:rustc-link-arg-bins=--llvm-args=-bpf-stack-size=520");
 }

@@ -171,6 +171,10 @@ counters! {
     /// Dropped: the VIP takes packets from some sources only (`source_ranges`), and this one
     /// is not among them. Also counted per VIP (`LB_VIP_DROPS`).
     DropSourceRange = "drop_source_range", true;
+    /// Dropped: a packet that would make a new flow (it missed the flow table) at a VIP whose
+    /// new-flow budget (`new_flow_budget`) has no token left on this CPU; established flows
+    /// never take tokens. Also counted per VIP (`LB_VIP_BUDGET_DROPS`).
+    DropNewFlowBudget = "drop_new_flow_budget", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet
