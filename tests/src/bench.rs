@@ -1281,6 +1281,7 @@ pub fn control_plane(opts: &Options) -> Value {
         affinity_timeout_s: 0,
         table_size: None,
         source_ranges: None,
+        new_flow_budget: None,
         backends: (0..opts.backends_per_vip)
             .map(|b| {
                 BackendSpec::new(

@@ -683,6 +683,7 @@ impl Translator {
                         table_size: effect.table_size,
                         backends: spec_backends,
                         source_ranges: source_ranges.clone().filter(|_| lb_addrs.contains(addr)),
+                        new_flow_budget: None,
                     };
                     let m = effect.table_size.unwrap_or(settings.table_size);
                     if vip.backends.len() > m as usize {
@@ -1268,6 +1269,7 @@ mod tests {
             maglev_m: 1009,
             max_vips: 64,
             max_backends: 64,
+            cpus: 1,
         };
         let tables = |o: &Objects, node: &str| {
             let t = Translator::default().translate(
