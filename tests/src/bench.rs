@@ -608,6 +608,11 @@ fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
         "no-backend breakdown case"
     );
     assert_eq!(
+        d(On::Main, Counter::DropNewFlowBudget),
+        one_calls,
+        "SYN over budget case was not refused by the budget"
+    );
+    assert_eq!(
         d(On::Main, Counter::NatForward),
         2 * one_calls,
         "NAT cases did not all translate"
