@@ -650,11 +650,18 @@ fn budget_step(p: &Pinned, vip_id: u32, now: u64) -> String {
         return "new-flow budget: flagged, but no budget written yet: the new flow passes".into();
     };
     let b = buckets[0];
-    let cpus = buckets.len() as u64;
-    // The tokens a CPU would have now (the program refills when it next looks).
-    let left: Vec<u64> = buckets
+    // The agent shares a budget out over the online CPUs; the others' buckets are never used.
+    let online = aya::util::online_cpus().unwrap_or_else(|_| (0..buckets.len() as u32).collect());
+    let cpus = online.len() as u64;
+    // The tokens each online CPU would have now (the program refills when it next looks; a
+    // bucket never used is full).
+    let left: Vec<u64> = online
         .iter()
+        .filter_map(|cpu| buckets.get(*cpu as usize))
         .map(|c| {
+            if c.last_ns == 0 {
+                return c.burst;
+            }
             let earned = now.saturating_sub(c.last_ns) / c.ns_per_token.max(1);
             c.tokens.saturating_add(earned).min(c.burst)
         })

@@ -2,6 +2,8 @@
 //! with packets run through the program (`Lb::adopt`): a reload that gives a VIP a budget, and
 //! one that takes it away, write only the VIP's flag and its buckets, so established flows keep
 //! their entries and backends; the budget refuses new flows while it is there, and only then.
+//! And the rollback to 0.2.0 (`lb migrate --to-release 0.2.0`) that clears the budget flag and
+//! unpins the budget maps, and the upgrade back that writes them again.
 
 use std::{path::Path, time::Duration};
 
@@ -162,6 +164,22 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
         assert_eq!((action_name(a), over), (action_name(XDP_DROP), 1));
         assert_eq!(lb.vip_budget_drops(v.id), 1);
     });
+    // What an operator sees: the drop globally and for the VIP, and explain names the budget.
+    let stats = dirs.json(&["stats"]);
+    assert_eq!(stats["global"]["drop_new_flow_budget"], 1, "{stats:#}");
+    assert_eq!(stats["vips"][0]["drop_new_flow_budget"], 1, "{stats:#}");
+    let e = dirs.json(&[
+        "explain",
+        "203.0.113.3:40000",
+        "192.0.2.10:80",
+        "tcp",
+        "--syn",
+    ]);
+    let steps = e["steps"].to_string();
+    assert!(
+        steps.contains(&format!("new-flow budget: each of {cpus} CPUs")),
+        "{e:#}"
+    );
 
     // The budget taken away: the flag goes, then the buckets; new flows pass again.
     dirs.write_config(&config(""));
@@ -193,4 +211,78 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
         }
     });
     assert_eq!(agent.stop().code(), Some(0));
+}
+
+fn has(dirs: &Dirs, name: &str) -> bool {
+    dirs.pin_names().iter().any(|n| n == name)
+}
+
+/// The flags of the one VIP pinned under `pin`.
+fn vip_flags(pins: &Path, pin: &str) -> u32 {
+    let data = aya::maps::MapData::from_pin(pins.join(pin)).unwrap();
+    let map = aya::maps::Map::from_map_data(data).unwrap();
+    let h: aya::maps::HashMap<_, VipKey, VipValue> = aya::maps::HashMap::try_from(map).unwrap();
+    let vips: Vec<VipValue> = h.iter().map(|kv| kv.unwrap().1).collect();
+    assert_eq!(vips.len(), 1);
+    vips[0].flags
+}
+
+#[test]
+fn a_rollback_to_0_2_0_clears_the_budget_flag_and_unpins_the_budget_maps_and_an_upgrade_writes_them_again()
+ {
+    let net = FibNet::new("budmig");
+    let ingress = net.lb0;
+    let dirs = Dirs::new(Path::new(BIN), "budmig");
+    dirs.write_config(&config(BUDGET));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert_eq!(vip_flags(&dirs.pins, "LB_VIPS@v2"), VIP_F_NEW_FLOW_BUDGET);
+    assert!(has(&dirs, maps::NEW_FLOW_BUDGET) && has(&dirs, maps::VIP_BUDGET_DROPS));
+
+    // Down to what 0.2.0 reads: the flag it does not know cleared, the maps it does not know
+    // unpinned.
+    let out = dirs.cli(&["migrate", "--to-release", "0.2.0"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("removed LB_NEW_FLOW_BUDGET") && said.contains("removed LB_VIP_BUDGET_DROPS"),
+        "{said}"
+    );
+    assert!(!has(&dirs, maps::NEW_FLOW_BUDGET) && !has(&dirs, maps::VIP_BUDGET_DROPS));
+    assert_eq!(
+        vip_flags(&dirs.pins, "LB_VIPS"),
+        0,
+        "the flag 0.2.0 does not know"
+    );
+
+    // Up again: this build's agent makes the budget maps, writes the buckets and sets the flag.
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_for("running", 1, T);
+    assert_eq!(agent.stop().code(), Some(0));
+    let v = vip(&dirs.pins);
+    assert_eq!(v.flags, VIP_F_NEW_FLOW_BUDGET);
+    assert!(buckets(&dirs.pins, v.id).iter().all(|b| b.burst == 1));
+    net.ns.run(|| {
+        pin_to_cpu(0);
+        let mut lb = Lb::adopt(&dirs.pins);
+        let (a, _, over) = run(
+            &mut lb,
+            ingress,
+            &syn("203.0.113.1"),
+            Counter::DropNewFlowBudget,
+        );
+        assert_eq!((action_name(a), over), (action_name(XDP_TX), 0));
+        let (a, _, over) = run(
+            &mut lb,
+            ingress,
+            &syn("203.0.113.2"),
+            Counter::DropNewFlowBudget,
+        );
+        assert_eq!((action_name(a), over), (action_name(XDP_DROP), 1));
+    });
 }
