@@ -119,6 +119,12 @@ fn groups() -> [Group<'static>; 4] {
 /// agent's namespace `ns` (it exits 1 while the agent is not running or not attached, but still
 /// prints the status).
 fn status(dirs: &Dirs, ns: &NetNs) -> serde_json::Value {
+    try_status(dirs, ns).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`status`], or what `lb status` said instead of a status (it cannot read pins that an agent
+/// is making or replacing in that moment).
+fn try_status(dirs: &Dirs, ns: &NetNs) -> Result<serde_json::Value, String> {
     // nsenter enters the network namespace only (`ip netns exec` would also mount a sysfs of
     // its own over /sys, hiding the pins on /sys/fs/bpf).
     let out = std::process::Command::new("nsenter")
@@ -130,8 +136,8 @@ fn status(dirs: &Dirs, ns: &NetNs) -> serde_json::Value {
         .args(["status", "-o", "json"])
         .output()
         .expect("running lb status");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
             "lb status -o json: not JSON ({e}): {}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -149,13 +155,16 @@ fn wait_status(
 ) -> serde_json::Value {
     let deadline = Instant::now() + T;
     loop {
-        let s = status(dirs, ns);
-        if ok(&s) {
-            return s;
+        let s = try_status(dirs, ns);
+        if let Ok(s) = &s
+            && ok(s)
+        {
+            return s.clone();
         }
+        let s = s.map_or_else(|e| e, |s| format!("{s:#}"));
         assert!(
             Instant::now() < deadline,
-            "{what}: not within {T:?}; lb status:\n{s:#}\nthe agent's log:\n{}",
+            "{what}: not within {T:?}; lb status:\n{s}\nthe agent's log:\n{}",
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
