@@ -5,6 +5,7 @@
 //! Fields that hold packet data (addresses, ports) are in network byte order and say so.
 #![no_std]
 
+pub mod budget;
 pub mod csum;
 pub mod flowtab;
 pub mod hash;
@@ -14,6 +15,7 @@ pub mod select;
 pub mod stats;
 pub mod types;
 
+pub use budget::NewFlowBudget;
 pub use hash::{NAT_PORT_PROBES, flow_hash, maglev_slot, nat_port_candidate, source_hash};
 pub use stats::{Counter, TrafficStats};
 pub use types::*;

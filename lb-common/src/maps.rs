@@ -110,6 +110,14 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// the VIP's ranges (`drop_source_range`).
 pub const VIP_DROPS: &str = "LB_VIP_DROPS";
 
+/// New-flow budgets: per-CPU [`crate::NewFlowBudget`], indexed by VIP id (the agent's settings
+/// and the program's tokens side by side, one lookup). Looked up only for VIPs with
+/// [`crate::VIP_F_NEW_FLOW_BUDGET`].
+pub const NEW_FLOW_BUDGET: &str = "LB_NEW_FLOW_BUDGET";
+/// Per-VIP per-CPU `u64`, indexed by VIP id: packets dropped because the VIP's new-flow budget
+/// had no token left (`drop_new_flow_budget`).
+pub const VIP_BUDGET_DROPS: &str = "LB_VIP_BUDGET_DROPS";
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -136,6 +144,8 @@ pub const ALL: &[&str] = &[
     META,
     SRC_RANGES,
     VIP_DROPS,
+    NEW_FLOW_BUDGET,
+    VIP_BUDGET_DROPS,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

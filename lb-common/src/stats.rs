@@ -180,6 +180,10 @@ counters! {
     /// NAT: ports ran short and the oldest half-open translation among the candidates was taken
     /// over before its timeout (a SYN flood's entries go first; established ones never).
     NatHalfOpenReclaimed = "nat_half_open_reclaimed", false;
+    /// Dropped: a packet that would make a new flow (it missed the flow table) at a VIP whose
+    /// new-flow budget (`new_flow_budget`) has no token left on this CPU; established flows
+    /// never take tokens. Also counted per VIP (`LB_VIP_BUDGET_DROPS`).
+    DropNewFlowBudget = "drop_new_flow_budget", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet

@@ -25,6 +25,11 @@ pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
 /// made. Without it the program never looks at the ranges, so a VIP without ranges pays nothing.
 /// New in `LB_VIPS` schema 2 (release 0.3.0).
 pub const VIP_F_SOURCE_RANGES: u32 = 1 << 1;
+/// `VipValue::flags`: the VIP has a new-flow budget (`LB_NEW_FLOW_BUDGET`, see
+/// [`crate::budget`]): a packet that misses the flow table takes a token from this CPU's bucket
+/// of the VIP, or is dropped (`drop_new_flow_budget`). Without it new flows never look at the
+/// budget. New in `LB_VIPS` schema 2 (release 0.3.0, like [`VIP_F_SOURCE_RANGES`]).
+pub const VIP_F_NEW_FLOW_BUDGET: u32 = 1 << 2;
 
 /// `VipValue::mode`: encapsulate (IPIP / IP6IP6) for direct server return.
 pub const MODE_DSR: u32 = 0;

@@ -11,6 +11,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod budget;
+#[cfg(target_arch = "bpf")]
 mod decap;
 #[cfg(target_arch = "bpf")]
 mod flows;
@@ -136,6 +138,12 @@ mod program {
         LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
     #[map]
     pub static LB_VIP_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+    #[map]
+    pub static LB_NEW_FLOW_BUDGET: PerCpuArray<lb_common::NewFlowBudget> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+    #[map]
+    pub static LB_VIP_BUDGET_DROPS: PerCpuArray<u64> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
     /// Whether VIP `vip_id` takes packets from `src` (a VIP with [`VIP_F_SOURCE_RANGES`]): one
     /// longest-prefix lookup of (VIP id, source) in `LB_SRC_RANGES`.

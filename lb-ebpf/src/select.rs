@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, Member,
-    NO_BACKEND, VipValue,
+    NO_BACKEND, VIP_F_NEW_FLOW_BUDGET, VipValue,
     select::{
         AffinityCheck, FlowCheck, check_affinity, check_flow, maglev_hash, opens_connection,
         ring_index, ring_member_ok,
@@ -63,6 +63,11 @@ pub fn select(
     }
 
     let t = now();
+    // A flow is about to be made: a VIP with a budget gives it a token or refuses it here,
+    // before any affinity, flow or NAT state is written.
+    if vip.flags & VIP_F_NEW_FLOW_BUDGET != 0 && !crate::budget::admit(vip.id, t) {
+        return Err(Counter::DropNewFlowBudget);
+    }
     let (member_id, m) = if vip.affinity_timeout_s != 0 {
         with_affinity(key, vip, t)?
     } else {

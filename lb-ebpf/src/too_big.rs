@@ -163,21 +163,13 @@ fn take_token(now: u64) -> bool {
         return false;
     };
     let b = unsafe { &mut *b };
-    let earned = now.saturating_sub(b.last_ns) / NS_PER_TOKEN;
-    if earned > 0 {
-        if b.tokens + earned >= ICMP_TOO_BIG_BURST {
-            b.tokens = ICMP_TOO_BIG_BURST;
-            b.last_ns = now;
-        } else {
-            b.tokens += earned;
-            b.last_ns += earned * NS_PER_TOKEN;
-        }
-    }
-    if b.tokens == 0 {
-        return false;
-    }
-    b.tokens -= 1;
-    true
+    lb_common::budget::take(
+        &mut b.tokens,
+        &mut b.last_ns,
+        now,
+        NS_PER_TOKEN,
+        ICMP_TOO_BIG_BURST,
+    )
 }
 
 /// Cuts the frame to the first `quote` bytes of the IP packet at `l3_off` and makes room in

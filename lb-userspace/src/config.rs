@@ -258,6 +258,16 @@ pub struct RawVip {
     pub passive_health: Option<RawPassiveHealth>,
     /// CIDRs of the sources the VIP takes packets from (empty or absent: every source).
     pub source_ranges: Option<Vec<String>>,
+    /// A limit on new flows: `{ rate: <per second>, burst: <count> }` (absent: none).
+    pub new_flow_budget: Option<RawBudget>,
+}
+
+/// `vips[i].new_flow_budget`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub rate: Option<i64>,
+    pub burst: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -734,6 +744,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
             }
         });
         let source_ranges = check_source_ranges(&mut c, &p, address, v.source_ranges.as_deref());
+        let new_flow_budget = v
+            .new_flow_budget
+            .as_ref()
+            .and_then(|b| check_budget(&mut c, &format!("{p}.new_flow_budget"), b));
         if let Some(address) = address {
             suspicious_backends(&mut c, &mut warnings, &p, address, mode, &backends);
             vips.push(VipConfig {
@@ -748,6 +762,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                     table_size: vip_table,
                     backends,
                     source_ranges,
+                    new_flow_budget,
                 },
                 health_check,
                 passive_health,
@@ -823,6 +838,42 @@ fn check_source_ranges(
         }
     }
     Some(seen.into_iter().map(|(c, _)| c).collect())
+}
+
+/// Most new flows a second a budget may set: one a nanosecond (a CPU's token interval is whole
+/// nanoseconds).
+pub const MAX_BUDGET_RATE: i64 = 1_000_000_000;
+
+/// `vips[i].new_flow_budget`: `rate` (new flows per second) is required, `burst` defaults to
+/// the rate (one second's worth); both more than 0. None if either is wrong (reported).
+fn check_budget(c: &mut Checker, p: &str, raw: &RawBudget) -> Option<crate::model::Budget> {
+    let mut positive = |key: &str, v: Option<i64>, what: &str| -> Option<u64> {
+        let path = format!("{p}.{key}");
+        match v {
+            None => {
+                c.bad(path, format!("missing: {what}"));
+                None
+            }
+            Some(v) if v <= 0 => {
+                c.bad(path, "must be more than 0");
+                None
+            }
+            Some(v) if v > MAX_BUDGET_RATE => {
+                c.bad(path, format!("must be at most {MAX_BUDGET_RATE}"));
+                None
+            }
+            Some(v) => Some(v as u64),
+        }
+    };
+    let rate = positive("rate", raw.rate, "new flows per second, like rate: 1000");
+    let burst = match raw.burst {
+        None => rate,
+        b => positive("burst", b, "new flows at once"),
+    };
+    Some(crate::model::Budget {
+        rate: rate?,
+        burst: burst?,
+    })
 }
 
 /// The kernel's own tables, which lb must not fill with announcement routes.
@@ -1544,6 +1595,66 @@ vips:
             "{:?}",
             c.warnings
         );
+    }
+
+    /// GOOD with `budget` as the UDP VIP's (`vips[1]`) new-flow budget.
+    fn with_budget(budget: &str) -> String {
+        GOOD.replace(
+            "    affinity_timeout: 10m\n",
+            &format!("    affinity_timeout: 10m\n    new_flow_budget: {budget}\n"),
+        )
+    }
+
+    #[test]
+    fn a_new_flow_budget_is_read_and_burst_defaults_to_the_rate() {
+        let c = Config::parse(&with_budget("{ rate: 2000, burst: 50 }"), "t").unwrap();
+        assert_eq!(
+            c.vips[1].spec.new_flow_budget,
+            Some(crate::model::Budget {
+                rate: 2000,
+                burst: 50
+            })
+        );
+        assert_eq!(c.vips[0].spec.new_flow_budget, None, "absent: no budget");
+        let c = Config::parse(&with_budget("{ rate: 300 }"), "t").unwrap();
+        assert_eq!(
+            c.vips[1].spec.new_flow_budget,
+            Some(crate::model::Budget {
+                rate: 300,
+                burst: 300
+            })
+        );
+    }
+
+    #[test]
+    fn bad_new_flow_budgets_are_errors_with_their_path() {
+        let p = |b: &str| match Config::parse(&with_budget(b), "t") {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+            }
+            other => panic!("{b}: expected problems, got {other:?}"),
+        };
+        assert_eq!(
+            p("{ rate: 0, burst: 10 }"),
+            ["vips[1].new_flow_budget.rate: must be more than 0"]
+        );
+        assert_eq!(
+            p("{ rate: 10, burst: -1 }"),
+            ["vips[1].new_flow_budget.burst: must be more than 0"]
+        );
+        assert_eq!(
+            p("{ burst: 10 }"),
+            ["vips[1].new_flow_budget.rate: missing: new flows per second, like rate: 1000"]
+        );
+        assert_eq!(
+            p("{ rate: 1000000001 }"),
+            ["vips[1].new_flow_budget.rate: must be at most 1000000000"]
+        );
+        let typo = match Config::parse(&with_budget("{ rate: 10, brust: 5 }"), "t") {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a misspelt key was taken"),
+        };
+        assert!(typo.contains("brust"), "{typo}");
     }
 
     fn with_ranges(ranges: &str) -> String {

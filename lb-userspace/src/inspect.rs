@@ -62,6 +62,9 @@ pub struct Pinned {
     /// None on pins of a release before 0.3.0 (no source ranges).
     src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u32>>,
     vip_drops: Option<PerCpuArray<MapData, u64>>,
+    /// None on pins of a release before 0.3.0 (no new-flow budgets).
+    budgets: Option<PerCpuArray<MapData, lb_common::NewFlowBudget>>,
+    budget_drops: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl Pinned {
@@ -110,6 +113,12 @@ impl Pinned {
             vip_drops: open(maps::VIP_DROPS)
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(m).ok()),
+            budgets: open(maps::NEW_FLOW_BUDGET)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(m).ok()),
+            budget_drops: open(maps::VIP_BUDGET_DROPS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(m).ok()),
             sizes,
         })
     }
@@ -120,6 +129,23 @@ impl Pinned {
             .as_ref()
             .and_then(|m| m.get(&id, 0).ok())
             .map_or(0, |v| v.iter().sum())
+    }
+
+    /// Packets of VIP id `id` dropped for its new-flow budget (`drop_new_flow_budget`), over
+    /// all CPUs.
+    pub fn vip_budget_drops(&self, id: u32) -> u64 {
+        self.budget_drops
+            .as_ref()
+            .and_then(|m| m.get(&id, 0).ok())
+            .map_or(0, |v| v.iter().sum())
+    }
+
+    /// VIP id `id`'s new-flow budget as the program holds it: every CPU's bucket (None: no
+    /// budget written).
+    pub fn budget(&self, id: u32) -> Option<Vec<lb_common::NewFlowBudget>> {
+        let v = self.budgets.as_ref()?.get(&id, 0).ok()?;
+        let v: Vec<_> = v.iter().copied().collect();
+        v.first().is_some_and(|b| b.burst != 0).then_some(v)
     }
 
     /// The longest source range of VIP id `vip_id` that `src` (lb's 16-byte form) is in, as

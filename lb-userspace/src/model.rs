@@ -96,6 +96,21 @@ pub struct VipSpec {
     /// than the VIP's match nothing: `Some` with none of its family refuses every source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ranges: Option<Vec<Cidr>>,
+    /// A limit on the new flows the VIP takes (None: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_budget: Option<Budget>,
+}
+
+/// A VIP's new-flow budget: at most `rate` new flows a second in the long run, `burst` at once
+/// after a quiet spell. Both are the VIP's totals on a node; the program shares them out over
+/// the CPUs (see `lb_common::budget`). A packet that misses the flow table takes a token or is
+/// dropped (`drop_new_flow_budget`); established flows never take one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Budget {
+    /// New flows per second, more than 0.
+    pub rate: u64,
+    /// New flows at once, more than 0.
+    pub burst: u64,
 }
 
 /// An address range: `192.0.2.0/24`, `2001:db8::/32` (host bits clear).

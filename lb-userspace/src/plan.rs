@@ -20,8 +20,9 @@ use std::{
 
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
-    Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NodeConfig,
-    VIP_F_HASH_SRC_ONLY, VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue,
+    Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NewFlowBudget,
+    NodeConfig, VIP_F_HASH_SRC_ONLY, VIP_F_NEW_FLOW_BUDGET, VIP_F_SOURCE_RANGES, VipAddr, VipKey,
+    VipValue,
 };
 
 use crate::{
@@ -44,6 +45,45 @@ pub struct State {
     pub rings: BTreeMap<u32, Arc<Vec<u32>>>,
     /// Source ranges of the VIPs with [`VIP_F_SOURCE_RANGES`] (`LB_SRC_RANGES`).
     pub src_ranges: BTreeSet<SrcRange>,
+    /// Each CPU's share of the new-flow budget of the VIP ids with [`VIP_F_NEW_FLOW_BUDGET`]
+    /// (`LB_NEW_FLOW_BUDGET`, the same on every CPU).
+    pub budgets: BTreeMap<u32, BudgetShare>,
+}
+
+/// The settings of one CPU's bucket of a VIP's new-flow budget (the agent's half of a
+/// [`NewFlowBudget`]; the program keeps the other half, its tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BudgetShare {
+    pub ns_per_token: u64,
+    pub burst: u64,
+}
+
+impl BudgetShare {
+    /// Each CPU's share of `b` over `cpus` CPUs.
+    pub fn of(b: &crate::model::Budget, cpus: u32) -> Self {
+        let n = NewFlowBudget::per_cpu(b.rate, b.burst, cpus);
+        Self {
+            ns_per_token: n.ns_per_token,
+            burst: n.burst,
+        }
+    }
+
+    /// The entry to write: the settings with a full bucket.
+    pub fn entry(&self) -> NewFlowBudget {
+        NewFlowBudget {
+            ns_per_token: self.ns_per_token,
+            burst: self.burst,
+            ..Default::default()
+        }
+    }
+
+    /// The settings of an entry (None: no budget).
+    pub fn of_entry(e: &NewFlowBudget) -> Option<Self> {
+        (e.burst != 0).then_some(Self {
+            ns_per_token: e.ns_per_token,
+            burst: e.burst,
+        })
+    }
 }
 
 /// One source range of one VIP: an `LB_SRC_RANGES` entry.
@@ -82,6 +122,8 @@ pub struct Limits {
     pub maglev_m: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// CPUs that share a VIP's new-flow budget (the online CPUs).
+    pub cpus: u32,
 }
 
 /// One map write.
@@ -123,6 +165,16 @@ pub enum Write {
     /// Let a VIP take packets from a source range.
     SrcRange(SrcRange),
     RemoveSrcRange(SrcRange),
+    /// Give a VIP id a new-flow budget, or change it: every CPU's bucket gets these settings,
+    /// full.
+    Budget {
+        vip_id: u32,
+        share: BudgetShare,
+    },
+    /// Clear a VIP id's budget (all zeroes: no budget).
+    RemoveBudget {
+        vip_id: u32,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -347,6 +399,10 @@ pub fn plan_cached(
                 VIP_F_SOURCE_RANGES
             } else {
                 0
+            } | if v.new_flow_budget.is_some() {
+                VIP_F_NEW_FLOW_BUDGET
+            } else {
+                0
             },
             affinity_timeout_s: v.affinity_timeout_s,
             mode: match v.mode {
@@ -368,6 +424,9 @@ pub fn plan_cached(
         next.vips.insert(key, value);
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, ring);
+        if let Some(b) = &v.new_flow_budget {
+            next.budgets.insert(id, BudgetShare::of(b, limits.cpus));
+        }
         let family = addr16(v.address).1;
         for c in v.source_ranges.iter().flatten() {
             let (addr, f) = addr16(c.addr);
@@ -573,6 +632,16 @@ fn diff(cur: &State, next: &State) -> Plan {
     for r in next.src_ranges.difference(&cur.src_ranges) {
         w.push(Write::SrcRange(*r));
     }
+    // 4b. Budgets a VIP gains or changes, before a VIP gets the flag that makes the program
+    // look (an unchanged budget is not written: its buckets keep their tokens).
+    for (id, b) in &next.budgets {
+        if cur.budgets.get(id) != Some(b) {
+            w.push(Write::Budget {
+                vip_id: *id,
+                share: *b,
+            });
+        }
+    }
     // 5. VIPs: new and changed ones now that their tables are in place; then removals.
     for (k, v) in &next.vips {
         if cur.vips.get(k) != Some(v) {
@@ -592,6 +661,14 @@ fn diff(cur: &State, next: &State) -> Plan {
     // 6. Source ranges no VIP has any more, now that a VIP without ranges has lost the flag.
     for r in cur.src_ranges.difference(&next.src_ranges) {
         w.push(Write::RemoveSrcRange(*r));
+    }
+    // 6b. Budgets no VIP has any more, now that their VIPs have lost the flag.
+    for id in cur
+        .budgets
+        .keys()
+        .filter(|id| !next.budgets.contains_key(id))
+    {
+        w.push(Write::RemoveBudget { vip_id: *id });
     }
     // 7. Retire members no table points at any more.
     for (id, m) in cur
@@ -657,6 +734,12 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
         Write::RemoveSrcRange(r) => {
             s.src_ranges.remove(r);
         }
+        Write::Budget { vip_id, share } => {
+            s.budgets.insert(*vip_id, *share);
+        }
+        Write::RemoveBudget { vip_id } => {
+            s.budgets.remove(vip_id);
+        }
     }
 }
 
@@ -678,6 +761,7 @@ mod tests {
         maglev_m: 1009,
         max_vips: 16,
         max_backends: 64,
+        cpus: 2,
     };
 
     fn vip(addr: &str, backends: &[(&str, u32)]) -> VipSpec {
@@ -691,6 +775,7 @@ mod tests {
             affinity_timeout_s: 0,
             table_size: None,
             source_ranges: None,
+            new_flow_budget: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))
@@ -1268,5 +1353,88 @@ mod tests {
                 max: max as u32
             }
         );
+    }
+
+    fn with_budget(mut v: VipSpec, rate: u64, burst: u64) -> VipSpec {
+        v.new_flow_budget = Some(crate::model::Budget { rate, burst });
+        v
+    }
+
+    #[test]
+    fn a_budget_sets_the_vip_flag_and_each_cpus_share_is_written_before_the_vip() {
+        let d = desired(vec![with_budget(
+            vip("192.0.2.1", &[("10.1.0.1", 1)]),
+            1_000,
+            10,
+        )]);
+        let (p, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        let v = next.vips.values().next().unwrap();
+        assert_eq!(v.flags, VIP_F_NEW_FLOW_BUDGET);
+        // 1000/s over LIMITS' 2 CPUs: 500/s each, a token every 2 ms; a burst of 10: 5 each.
+        let share = BudgetShare {
+            ns_per_token: 2_000_000,
+            burst: 5,
+        };
+        assert_eq!(next.budgets.get(&0), Some(&share));
+        let at = |f: &dyn Fn(&Write) -> bool| p.writes.iter().position(f).unwrap();
+        assert!(
+            at(&|w| *w == Write::Budget { vip_id: 0, share })
+                < at(&|w| matches!(w, Write::Vip { .. })),
+            "the budget after the VIP"
+        );
+    }
+
+    #[test]
+    fn an_unchanged_budget_writes_nothing_and_a_changed_one_only_its_buckets() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1), ("10.1.0.2", 1)]);
+        let (_, s) = plan(
+            &State::default(),
+            &desired(vec![with_budget(base.clone(), 1_000, 10)]),
+            LIMITS,
+        )
+        .unwrap();
+        let (p, _) = plan(
+            &s,
+            &desired(vec![with_budget(base.clone(), 1_000, 10)]),
+            LIMITS,
+        )
+        .unwrap();
+        assert!(p.is_empty(), "a resync rewrote {:?}", p.writes);
+        let (p, next) = plan(&s, &desired(vec![with_budget(base, 2_000, 10)]), LIMITS).unwrap();
+        assert_eq!(
+            p.writes,
+            [Write::Budget {
+                vip_id: 0,
+                share: BudgetShare {
+                    ns_per_token: 1_000_000,
+                    burst: 5
+                }
+            }]
+        );
+        assert_eq!(next.vips, s.vips, "no VIP, member or slot write");
+    }
+
+    #[test]
+    fn removing_a_budget_clears_the_flag_before_the_buckets() {
+        let base = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        let (_, s) = plan(
+            &State::default(),
+            &desired(vec![with_budget(base.clone(), 100, 100)]),
+            LIMITS,
+        )
+        .unwrap();
+        let (p, next) = plan(&s, &desired(vec![base]), LIMITS).unwrap();
+        assert_eq!(next.vips.values().next().unwrap().flags, 0);
+        assert!(next.budgets.is_empty());
+        let at = |f: &dyn Fn(&Write) -> bool| p.writes.iter().position(f).unwrap();
+        assert!(
+            at(&|w| matches!(w, Write::Vip { .. }))
+                < at(&|w| *w == Write::RemoveBudget { vip_id: 0 }),
+            "{:?}",
+            p.writes
+        );
+        let mut cur = s.clone();
+        apply(&mut cur, &p);
+        assert_eq!(cur, next);
     }
 }

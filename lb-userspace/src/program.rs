@@ -23,6 +23,18 @@ pub const PROGRAM: &str = "lb";
 /// Where an agent pins its maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
+/// The CPUs online (read once): a VIP's new-flow budget is shared out over them (see
+/// `lb_common::budget`). At least 1.
+pub fn online_cpus() -> u32 {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        aya::util::online_cpus()
+            .map(|c| c.len() as u32)
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
 /// Sizes fixed when the program is loaded. Changing any of them means loading afresh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sizes {
@@ -85,6 +97,7 @@ impl Sizes {
             maglev_m: self.maglev_m,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
+            cpus: online_cpus(),
         }
     }
 

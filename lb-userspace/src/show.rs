@@ -147,8 +147,12 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
         let vip_rows: Vec<_> = vip_rows
             .iter()
             .map(|(id, vip, s)| {
-                let head =
-                    json!({"vip": vip, "id": id, "drop_source_range": p.vip_source_drops(*id)});
+                let head = json!({
+                    "vip": vip,
+                    "id": id,
+                    "drop_source_range": p.vip_source_drops(*id),
+                    "drop_new_flow_budget": p.vip_budget_drops(*id),
+                });
                 merged(head, traffic_json(s))
             })
             .collect();
@@ -215,6 +219,19 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     if !refused.is_empty() {
         println!("\nREFUSED SOURCES (drop_source_range: outside the VIP's source_ranges)");
         for (vip, n) in refused {
+            println!("  {:<48} {n:>14}", vip.label);
+        }
+    }
+    let over: Vec<(&VipRef, u64)> = vip_rows
+        .iter()
+        .map(|(id, vip, _)| (vip, p.vip_budget_drops(*id)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if !over.is_empty() {
+        println!(
+            "\nNEW FLOWS OVER BUDGET (drop_new_flow_budget: no token left in the VIP's new_flow_budget)"
+        );
+        for (vip, n) in over {
             println!("  {:<48} {n:>14}", vip.label);
         }
     }
@@ -594,6 +611,9 @@ fn choose(
             }
         }
     }
+    if vip.flags & lb_common::VIP_F_NEW_FLOW_BUDGET != 0 {
+        steps.push(budget_step(p, vip.id, now));
+    }
     if vip.affinity_timeout_s > 0 {
         let akey = AffinityKey {
             addr: key.src,
@@ -622,6 +642,41 @@ fn choose(
         }
     }
     maglev_choice(p, key, vip, have_port, steps)
+}
+
+/// What the VIP's new-flow budget does to a new flow, with the tokens each CPU has now.
+fn budget_step(p: &Pinned, vip_id: u32, now: u64) -> String {
+    let Some(buckets) = p.budget(vip_id) else {
+        return "new-flow budget: flagged, but no budget written yet: the new flow passes".into();
+    };
+    let b = buckets[0];
+    // The agent shares a budget out over the online CPUs; the others' buckets are never used.
+    let online = aya::util::online_cpus().unwrap_or_else(|_| (0..buckets.len() as u32).collect());
+    let cpus = online.len() as u64;
+    // The tokens each online CPU would have now (the program refills when it next looks; a
+    // bucket never used is full).
+    let left: Vec<u64> = online
+        .iter()
+        .filter_map(|cpu| buckets.get(*cpu as usize))
+        .map(|c| {
+            if c.last_ns == 0 {
+                return c.burst;
+            }
+            let earned = now.saturating_sub(c.last_ns) / c.ns_per_token.max(1);
+            c.tokens.saturating_add(earned).min(c.burst)
+        })
+        .collect();
+    let empty = left.iter().filter(|t| **t == 0).count();
+    format!(
+        "new-flow budget: each of {cpus} CPUs takes a new flow every {:?} and up to {} at once \
+         (about {:.0}/s on the node); tokens now {} in all, {empty} CPU(s) empty: a new flow \
+         takes one from the CPU it arrives on, and is dropped (drop_new_flow_budget) if that \
+         CPU has none",
+        Duration::from_nanos(b.ns_per_token),
+        b.burst,
+        cpus as f64 * 1e9 / b.ns_per_token.max(1) as f64,
+        left.iter().sum::<u64>(),
+    )
 }
 
 fn maglev_choice(

@@ -163,7 +163,8 @@ const M: u32 = 65_537;
 /// backends (id 0, 192.0.2.10), one on 100 IPv6 backends (1, 2001:db8::10), one with affinity
 /// (2, 192.0.2.11), a NAT VIP (3, 192.0.2.12), one whose only backend's route lookup fails
 /// (4, 192.0.2.13), one without backends (5, 192.0.2.14) and one on the IPv6 backends for an
-/// IPv4 address (6, 192.0.2.15). Everything a case needs before its first packet is set here.
+/// IPv4 address (6, 192.0.2.15) and one whose new-flow budget is spent (7, 192.0.2.16).
+/// Everything a case needs before its first packet is set here.
 fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
     let mut lb = Lb::load(Sizes {
         maglev_m: M,
@@ -196,7 +197,7 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
     // NAT ports 1024-65535: 100 x 64k translations.
     lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
     lb.set_backend(200, UNREACHABLE_V4, true);
-    let vips: [VipRow; 7] = [
+    let vips: [VipRow; 8] = [
         (0, "192.0.2.10", MODE_DSR, 0, Some(&t4)),
         (1, "2001:db8::10", MODE_DSR, 0, Some(&t6)),
         (2, "192.0.2.11", MODE_DSR, 3600, Some(&t4)),
@@ -204,13 +205,18 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
         (4, "192.0.2.13", MODE_DSR, 0, None),
         (5, "192.0.2.14", MODE_DSR, 0, None),
         (6, "192.0.2.15", MODE_DSR, 0, Some(&t6)),
+        (7, "192.0.2.16", MODE_DSR, 0, Some(&t4)),
     ];
     for (id, addr, mode, affinity, ring) in vips {
         lb.add_vip(
             vip_key(addr, 80, IPPROTO_TCP),
             VipValue {
                 id,
-                flags: 0,
+                flags: if id == 7 {
+                    lb_common::VIP_F_NEW_FLOW_BUDGET
+                } else {
+                    0
+                },
                 affinity_timeout_s: affinity,
                 mode,
                 table_size: 0,
@@ -222,6 +228,17 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
             _ => lb.set_ring(id, |_| lb_common::NO_BACKEND),
         }
     }
+    // VIP 7's budget: no token left and none to come (a bucket used once, at 1 ns after
+    // boot, that earns a token every u64::MAX ns), so every new flow is over budget.
+    lb.set_budget(
+        7,
+        lb_common::NewFlowBudget {
+            tokens: 0,
+            last_ns: 1,
+            ns_per_token: u64::MAX,
+            burst: 1,
+        },
+    );
     // Every member's next hop, as the agent resolves them (the route lookup is the fallback).
     lb.resolve_nexthops();
     lb
@@ -392,6 +409,16 @@ fn cases(nat_reply: Vec<u8>) -> Vec<Case> {
             XDP_TX,
             &b4,
         ),
+        Case {
+            note: "(a SYN at a VIP whose new-flow budget is spent: parse, VIP lookup, clock, its bucket; dropped. Compare v4_tcp_new_flow, a SYN that passes)",
+            ..case(
+                "v4_syn_over_budget",
+                On::Main,
+                from(syn(NEW_BASE, 40000, "192.0.2.16").frame(), NEW_BASE),
+                XDP_DROP,
+                &[],
+            )
+        },
         case(
             "v4_tcp_new_flow_full_table",
             On::FullTable,
@@ -579,6 +606,11 @@ fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
         d(On::Main, Counter::DropNoBackend),
         one_calls,
         "no-backend breakdown case"
+    );
+    assert_eq!(
+        d(On::Main, Counter::DropNewFlowBudget),
+        one_calls,
+        "SYN over budget case was not refused by the budget"
     );
     assert_eq!(
         d(On::Main, Counter::NatForward),
@@ -1281,6 +1313,7 @@ pub fn control_plane(opts: &Options) -> Value {
         affinity_timeout_s: 0,
         table_size: None,
         source_ranges: None,
+        new_flow_budget: None,
         backends: (0..opts.backends_per_vip)
             .map(|b| {
                 BackendSpec::new(

@@ -299,6 +299,38 @@ impl Lb {
             .sum()
     }
 
+    /// Writes `entry` into every CPU's new-flow budget bucket of VIP `vip_id`
+    /// (`LB_NEW_FLOW_BUDGET`). The program looks only if the VIP has `VIP_F_NEW_FLOW_BUDGET`.
+    pub fn set_budget(&mut self, vip_id: u32, entry: lb_common::NewFlowBudget) {
+        let cpus = aya::util::nr_cpus().expect("number of CPUs");
+        let v = PerCpuValues::try_from(vec![entry; cpus]).unwrap();
+        let mut m: PerCpuArray<_, lb_common::NewFlowBudget> =
+            PerCpuArray::try_from(self.map(maps::NEW_FLOW_BUDGET)).expect("LB_NEW_FLOW_BUDGET");
+        m.set(vip_id, v, 0).expect("writing LB_NEW_FLOW_BUDGET");
+    }
+
+    /// Every CPU's new-flow budget bucket of VIP `vip_id`.
+    pub fn budget(&mut self, vip_id: u32) -> Vec<lb_common::NewFlowBudget> {
+        let m: PerCpuArray<_, lb_common::NewFlowBudget> =
+            PerCpuArray::try_from(self.map(maps::NEW_FLOW_BUDGET)).expect("LB_NEW_FLOW_BUDGET");
+        m.get(&vip_id, 0)
+            .expect("reading LB_NEW_FLOW_BUDGET")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Packets of VIP `vip_id` dropped over its new-flow budget (`LB_VIP_BUDGET_DROPS`), over
+    /// all CPUs.
+    pub fn vip_budget_drops(&mut self, vip_id: u32) -> u64 {
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map(maps::VIP_BUDGET_DROPS)).expect("LB_VIP_BUDGET_DROPS");
+        a.get(&vip_id, 0)
+            .expect("reading LB_VIP_BUDGET_DROPS")
+            .iter()
+            .sum()
+    }
+
     pub fn set_backend(&mut self, id: u32, addr: &str, live: bool) {
         self.set_backend_port(id, addr, 0, live);
     }

@@ -1058,10 +1058,18 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
     );
     // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2 and
     // LB_NAT_REV@v2 converted down in place to schema 1's names, and the maps 0.2.0 does not
-    // know (source ranges) unpinned.
+    // know (source ranges, new-flow budgets) unpinned.
     let mut want: Vec<String> = pins
         .iter()
-        .filter(|p| *p != "LB_SRC_RANGES" && *p != "LB_VIP_DROPS")
+        .filter(|p| {
+            ![
+                "LB_SRC_RANGES",
+                "LB_VIP_DROPS",
+                "LB_NEW_FLOW_BUDGET",
+                "LB_VIP_BUDGET_DROPS",
+            ]
+            .contains(&p.as_str())
+        })
         .map(|p| match schema::parse_pin_name(p) {
             Some((map, _)) => map.to_string(),
             None => p.to_string(),

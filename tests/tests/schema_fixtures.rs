@@ -345,8 +345,8 @@ fn sizes_the_release_fixes_are_0_1_0s() {
         (maps::TX_PORTS, 256),
         // 0.1.0 counted 50; 0.2.0 adds drop_nat_held after them (an upgrade resizes LB_STATS,
         // copying every counter to the same index; 0.1.0 reads the first 50 of a larger one),
-        // 0.3.0 drop_source_range and the half-open translations' three.
-        (maps::STATS, 55),
+        // 0.3.0 drop_source_range, the half-open translations' three and drop_new_flow_budget.
+        (maps::STATS, 56),
         (maps::META, 1),
     ]
     .into();
@@ -357,13 +357,14 @@ fn sizes_the_release_fixes_are_0_1_0s() {
     }
     assert_eq!(
         Counter::COUNT,
-        55,
-        "0.1.0 counted 50 counters, 0.2.0 one more, 0.3.0 four more"
+        56,
+        "0.1.0 counted 50 counters, 0.2.0 one more, 0.3.0 five more"
     );
     assert_eq!(Counter::DropNatHeld as u32, 50, "added last");
     assert_eq!(Counter::DropSourceRange as u32, 51, "added last");
     assert_eq!(Counter::NatEstablished as u32, 52, "added last");
     assert_eq!(Counter::NatHalfOpenReclaimed as u32, 54, "added last");
+    assert_eq!(Counter::DropNewFlowBudget as u32, 55, "added last");
     assert_eq!(Counter::Tx as u32, 15);
     assert_eq!(Counter::FlowHits as u32, 23);
 }

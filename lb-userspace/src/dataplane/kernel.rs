@@ -5,13 +5,13 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
 use lb_common::{
-    Member, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey, VipValue,
-    hash::vip_filter_slot, maps,
+    Member, NewFlowBudget, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey,
+    VipValue, hash::vip_filter_slot, maps,
 };
 
 use super::{Dataplane, DataplaneError};
 use crate::{
-    plan::{Limits, SrcRange, State, Write, known_family},
+    plan::{BudgetShare, Limits, SrcRange, State, Write, known_family},
     program::Sizes,
     ring::Ring,
 };
@@ -100,6 +100,24 @@ impl KernelDataplane {
             .map_err(werr(maps::MEMBER_PASSIVE))?;
         p.set(id, PassiveHealth::default(), 0)
             .map_err(werr(format!("passive health of member {id}")))
+    }
+
+    /// Writes `entry` into every CPU's bucket of VIP id `vip_id` (`LB_NEW_FLOW_BUDGET`).
+    fn set_budget(&mut self, vip_id: u32, entry: NewFlowBudget) -> Result<(), DataplaneError> {
+        let what = || format!("new-flow budget of VIP id {vip_id}");
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Write {
+            what: what(),
+            source: e,
+        })?;
+        let values =
+            PerCpuValues::try_from(vec![entry; cpus]).map_err(|e| DataplaneError::Write {
+                what: what(),
+                source: e,
+            })?;
+        let mut a: PerCpuArray<_, NewFlowBudget> =
+            PerCpuArray::try_from(self.map_mut(maps::NEW_FLOW_BUDGET)?)
+                .map_err(werr(maps::NEW_FLOW_BUDGET))?;
+        a.set(vip_id, values, 0).map_err(werr(what()))
     }
 
     fn set_member(&mut self, id: u32, m: &Member) -> Result<(), DataplaneError> {
@@ -215,6 +233,16 @@ impl Dataplane for KernelDataplane {
                 s.src_ranges.insert(r);
             }
         }
+        let budgets: PerCpuArray<_, NewFlowBudget> =
+            PerCpuArray::try_from(self.map(maps::NEW_FLOW_BUDGET)?)
+                .map_err(rerr(maps::NEW_FLOW_BUDGET))?;
+        for v in s.vips.values().filter(|v| v.id < self.sizes.max_vips) {
+            // Every CPU's entry has the agent's settings: the first CPU's say them.
+            let e = budgets.get(&v.id, 0).map_err(rerr(maps::NEW_FLOW_BUDGET))?;
+            if let Some(share) = e.first().and_then(BudgetShare::of_entry) {
+                s.budgets.insert(v.id, share);
+            }
+        }
         let m = self.sizes.maglev_m as usize;
         for v in s.vips.values() {
             let base = v.id as usize * m;
@@ -317,6 +345,8 @@ impl Dataplane for KernelDataplane {
                     r => r.map_err(werr(maps::SRC_RANGES)),
                 }
             }
+            Write::Budget { vip_id, share } => self.set_budget(*vip_id, share.entry()),
+            Write::RemoveBudget { vip_id } => self.set_budget(*vip_id, NewFlowBudget::default()),
         }
     }
 }

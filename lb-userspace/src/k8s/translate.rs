@@ -40,6 +40,9 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The annotation that says a LoadBalancer Service's source ranges when
 /// `spec.loadBalancerSourceRanges` does not (comma-separated CIDRs).
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// The annotation that gives a Service's VIPs a new-flow budget (see
+/// [`crate::model::Budget`]): `rate=2000,burst=500` (burst defaults to the rate).
+pub const NEW_FLOW_BUDGET_ANNOTATION: &str = "lb.dev/new-flow-budget";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -627,6 +630,7 @@ impl Translator {
                 0
             };
             let source_ranges = source_ranges_of(svc, &mut event);
+            let new_flow_budget = new_flow_budget_of(svc, &mut event);
             let local = spec.external_traffic_policy.as_deref() == Some("Local");
             let no_slices = Vec::new();
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
@@ -683,6 +687,7 @@ impl Translator {
                         table_size: effect.table_size,
                         backends: spec_backends,
                         source_ranges: source_ranges.clone().filter(|_| lb_addrs.contains(addr)),
+                        new_flow_budget,
                     };
                     let m = effect.table_size.unwrap_or(settings.table_size);
                     if vip.backends.len() > m as usize {
@@ -812,6 +817,60 @@ pub fn source_ranges_of(
         );
     }
     Some(out)
+}
+
+/// A Service's new-flow budget, from [`NEW_FLOW_BUDGET_ANNOTATION`] (`rate=N[,burst=M]`, both
+/// more than 0, burst the rate if absent), for every VIP of the Service. An annotation that does
+/// not read is ignored with a warning event: no budget (a typo must not refuse every new flow).
+pub fn new_flow_budget_of(
+    svc: &Service,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Option<crate::model::Budget> {
+    let raw = svc.annotations().get(NEW_FLOW_BUDGET_ANNOTATION)?;
+    match parse_budget(raw) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            event(
+                true,
+                "InvalidNewFlowBudget",
+                format!("{NEW_FLOW_BUDGET_ANNOTATION}: {raw:?}: {e}: no budget"),
+            );
+            None
+        }
+    }
+}
+
+/// `rate=2000,burst=500` (spaces allowed around each part; burst optional).
+fn parse_budget(raw: &str) -> Result<crate::model::Budget, String> {
+    let (mut rate, mut burst) = (None, None);
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value (like rate=2000,burst=500)"))?;
+        let n: u64 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=crate::config::MAX_BUDGET_RATE as u64).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "{}: {:?} must be 1..={}",
+                    k.trim(),
+                    v.trim(),
+                    crate::config::MAX_BUDGET_RATE
+                )
+            })?;
+        match k.trim() {
+            "rate" => rate = Some(n),
+            "burst" => burst = Some(n),
+            other => return Err(format!("{other:?} is neither rate nor burst")),
+        }
+    }
+    let rate = rate.ok_or("no rate (like rate=2000,burst=500)")?;
+    Ok(crate::model::Budget {
+        rate,
+        burst: burst.unwrap_or(rate),
+    })
 }
 
 /// Whether `svc` is the LoadBalancer Service lb made for a Gateway: it only asks for the
@@ -1268,6 +1327,7 @@ mod tests {
             maglev_m: 1009,
             max_vips: 64,
             max_backends: 64,
+            cpus: 1,
         };
         let tables = |o: &Objects, node: &str| {
             let t = Translator::default().translate(
@@ -1453,5 +1513,76 @@ vips:
             Some(vec!["198.51.100.0/24".to_string()])
         );
         assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
+    }
+
+    fn budget_of(t: &Translation, label: &str) -> Option<crate::model::Budget> {
+        vip(t, label).spec.new_flow_budget
+    }
+
+    #[test]
+    fn the_new_flow_budget_annotation_reaches_every_vip_of_the_service() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { NEW_FLOW_BUDGET_ANNOTATION: " rate=2000 , burst=500 " } },
+            "spec": { "externalIPs": ["192.0.2.77"] }
+        }));
+        let want = Some(crate::model::Budget {
+            rate: 2000,
+            burst: 500,
+        });
+        for label in [
+            "192.0.2.10:80/tcp",
+            "192.0.2.10:53/udp",
+            "192.0.2.77:80/tcp",
+        ] {
+            assert_eq!(budget_of(&t, label), want, "{label}");
+        }
+        assert!(t.events.is_empty(), "{:?}", t.events);
+        let t = translate_with(json!({
+            "metadata": { "annotations": { NEW_FLOW_BUDGET_ANNOTATION: "rate=300" } }
+        }));
+        assert_eq!(
+            budget_of(&t, "192.0.2.10:80/tcp"),
+            Some(crate::model::Budget {
+                rate: 300,
+                burst: 300
+            }),
+            "burst: the rate"
+        );
+        let none = Translator::default().translate(&objects(), &settings());
+        assert_eq!(
+            budget_of(&none, "192.0.2.10:80/tcp"),
+            None,
+            "no annotation: no budget"
+        );
+    }
+
+    #[test]
+    fn an_invalid_new_flow_budget_annotation_is_no_budget_with_an_event() {
+        for (raw, why) in [
+            ("rate=0", "rate: \"0\" must be 1..=1000000000"),
+            ("burst=5", "no rate (like rate=2000,burst=500)"),
+            ("rate=10,brust=5", "\"brust\" is neither rate nor burst"),
+            (
+                "2000",
+                "\"2000\" is not key=value (like rate=2000,burst=500)",
+            ),
+        ] {
+            let t = translate_with(json!({
+                "metadata": { "annotations": { NEW_FLOW_BUDGET_ANNOTATION: raw } }
+            }));
+            assert_eq!(budget_of(&t, "192.0.2.10:80/tcp"), None, "{raw}");
+            let msgs: Vec<&str> = t
+                .events
+                .iter()
+                .filter(|e| e.reason == "InvalidNewFlowBudget")
+                .map(|e| e.message.as_str())
+                .collect();
+            assert!(
+                msgs.contains(
+                    &format!("{NEW_FLOW_BUDGET_ANNOTATION}: {raw:?}: {why}: no budget").as_str()
+                ),
+                "{raw}: {msgs:?}"
+            );
+        }
     }
 }

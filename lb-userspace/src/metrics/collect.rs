@@ -86,10 +86,12 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
     let (mut packets, mut bytes, mut flows, mut refused) = (vec![], vec![], vec![], vec![]);
+    let mut over_budget = vec![];
     for (k, v) in &vips {
         let s = p.vip_stats(v.id)?;
         let l = vec![("vip", VipRef::of(k).label)];
         refused.push((l.clone(), p.vip_source_drops(v.id)));
+        over_budget.push((l.clone(), p.vip_budget_drops(v.id)));
         packets.push((l.clone(), s.packets));
         bytes.push((l.clone(), s.bytes));
         flows.push((l, s.new_flows));
@@ -102,6 +104,11 @@ fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, Insp
             "lb_vip_drop_source_range",
             "Packets per VIP dropped because their source is outside the VIP's source ranges",
             refused,
+        ),
+        Family::counter(
+            "lb_vip_drop_new_flow_budget",
+            "Packets per VIP that would have made a new flow, dropped because the VIP's new-flow budget had no token left",
+            over_budget,
         ),
     ];
     let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();

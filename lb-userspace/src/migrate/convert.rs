@@ -268,19 +268,21 @@ pub fn node_v2_to_v1(value: &[u8]) -> Vec<u8> {
 /// Byte offset of `VipValue::flags` (after `id`).
 const VIP_FLAGS_AT: usize = 4;
 
-/// `LB_VIPS` v1 -> v2: the same bytes. Schema 2 only gives a flag bit (`VIP_F_SOURCE_RANGES`)
-/// a meaning, and no v1 entry has it set: the VIP takes every source, as it did.
+/// `LB_VIPS` v1 -> v2: the same bytes. Schema 2 only gives flag bits (`VIP_F_SOURCE_RANGES`,
+/// `VIP_F_NEW_FLOW_BUDGET`) a meaning, and no v1 entry has them set: the VIP takes every source
+/// and every new flow, as it did.
 pub fn vips_v1_to_v2(value: &[u8]) -> Vec<u8> {
     value.to_vec()
 }
 
-/// `LB_VIPS` v2 -> v1: the source-ranges flag cleared (a release before 0.3.0 has no ranges:
-/// the VIP takes every source, and the bit would mean nothing to it). Flags are host-endian.
+/// `LB_VIPS` v2 -> v1: the source-ranges and new-flow budget flags cleared (a release before
+/// 0.3.0 has neither: the VIP takes every source and every new flow, and the bits would mean
+/// nothing to it). Flags are host-endian.
 pub fn vips_v2_to_v1(value: &[u8]) -> Vec<u8> {
     let mut out = value.to_vec();
     if let Some(f) = out.get_mut(VIP_FLAGS_AT..VIP_FLAGS_AT + 4) {
         let flags = u32::from_ne_bytes((&*f).try_into().expect("4 bytes"))
-            & !lb_common::VIP_F_SOURCE_RANGES;
+            & !(lb_common::VIP_F_SOURCE_RANGES | lb_common::VIP_F_NEW_FLOW_BUDGET);
         f.copy_from_slice(&flags.to_ne_bytes());
     }
     out
@@ -446,6 +448,15 @@ mod tests {
         assert!(!as_is("LB_VIPS", 2, 1));
         assert!(!as_is("LB_NAT_REV", 2, 1));
         assert!(!as_is("LB_NAT", 1, 2));
+    }
+
+    #[test]
+    fn vips_v2_to_v1_clears_the_new_flow_budget_flag_and_nothing_else() {
+        // Flags 0b111: hash on the source only, source ranges, new-flow budget (bit 2, 0.3.0).
+        let v2 = vip_bytes(9, 0b111, 60, 1, 251);
+        assert_eq!(vips_v2_to_v1(&v2), vip_bytes(9, 0b001, 60, 1, 251));
+        let v2 = vip_bytes(0, 0b100, 0, 0, 65_537);
+        assert_eq!(vips_v2_to_v1(&v2), vip_bytes(0, 0, 0, 0, 65_537));
     }
 
     #[test]

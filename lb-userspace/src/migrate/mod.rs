@@ -737,7 +737,9 @@ fn config_key(map: &str) -> &'static str {
         maps::AFFINITY => "node.affinity_table_size",
         maps::NAT | maps::NAT_REV => "node.nat_table_size",
         maps::RING => "node.table_size",
-        maps::VIP_STATS => "node.max_vips",
+        maps::VIP_STATS | maps::VIP_DROPS | maps::NEW_FLOW_BUDGET | maps::VIP_BUDGET_DROPS => {
+            "node.max_vips"
+        }
         maps::MEMBERS | maps::NEXTHOPS | maps::MEMBER_STATS | maps::MEMBER_PASSIVE => {
             "node.max_backends"
         }
@@ -909,9 +911,11 @@ pub enum RollbackError {
 /// version, renaming its pin to that version's name, and removes the pins of maps `to` does
 /// not know. Returns what it did, in one line.
 ///
-/// 0.3.0 -> 0.2.0 / 0.1.0: `LB_VIPS@v2` becomes `LB_VIPS` with `VIP_F_SOURCE_RANGES` cleared
-/// (the layout is the same), and `LB_SRC_RANGES` and `LB_VIP_DROPS` are unpinned. A program of
-/// this release still attached then takes every source until the older agent replaces it.
+/// 0.3.0 -> 0.2.0 / 0.1.0: `LB_VIPS@v2` becomes `LB_VIPS` with `VIP_F_SOURCE_RANGES` and
+/// `VIP_F_NEW_FLOW_BUDGET` cleared (the layout is the same), and `LB_SRC_RANGES`,
+/// `LB_VIP_DROPS`, `LB_NEW_FLOW_BUDGET` and `LB_VIP_BUDGET_DROPS` are unpinned. A program of
+/// this release still attached then takes every source and every new flow until the older
+/// agent replaces it.
 pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
     let to_text = to.to_string();
     let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {

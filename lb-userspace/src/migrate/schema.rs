@@ -159,13 +159,13 @@ macro_rules! schema {
 pub fn current() -> &'static [Schema] {
     use lb_common::{
         AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, NatFlow,
-        NatJob, NatReverse, NextHop, NodeConfig, PassiveHealth, SrcRangeKey, TooBigJob,
-        TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
+        NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth, SrcRangeKey,
+        TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
         vec![
-            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES.
+            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES and VIP_F_NEW_FLOW_BUDGET.
             schema!(
                 m::VIPS,
                 2,
@@ -320,6 +320,27 @@ pub fn current() -> &'static [Schema] {
                 source_ranges
             ),
             schema!(m::VIP_DROPS, 1, PerCpuArray, U32, U64, Counters, max_vips),
+            // The agent's settings and the program's tokens in one entry per CPU: copied as
+            // they are (a resize keeps each VIP id's settings and tokens), then the agent
+            // writes the budgets that differ from its config.
+            schema!(
+                m::NEW_FLOW_BUDGET,
+                1,
+                PerCpuArray,
+                U32,
+                size_of::<NewFlowBudget>(),
+                Config,
+                max_vips
+            ),
+            schema!(
+                m::VIP_BUDGET_DROPS,
+                1,
+                PerCpuArray,
+                U32,
+                U64,
+                Counters,
+                max_vips
+            ),
         ]
     })
 }
@@ -362,8 +383,9 @@ const LAYOUT_7: &[(&str, u32)] = &[
     (m::META, 1),
 ];
 
-/// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges flag), `LB_NODE` and `LB_NAT_REV` at schema
-/// 2 (half-open translations), and the source ranges and their per-VIP drop counters.
+/// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges and new-flow budget flags), `LB_NODE` and
+/// `LB_NAT_REV` at schema 2 (half-open translations), the source ranges and their per-VIP drop
+/// counters, and the new-flow budgets and theirs.
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -389,6 +411,8 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::META, 1),
     (m::SRC_RANGES, 1),
     (m::VIP_DROPS, 1),
+    (m::NEW_FLOW_BUDGET, 1),
+    (m::VIP_BUDGET_DROPS, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.

@@ -31,6 +31,8 @@ pub struct VipRow {
     /// Packets of this VIP per second that no backend took (no backend in their slot, no
     /// source address): the VIP's packets less its members'.
     pub drops_per_s: f64,
+    /// Of those, new flows per second its new-flow budget refused (a SYN flood shows here).
+    pub over_budget_per_s: f64,
     pub backends: Vec<BackendRow>,
 }
 
@@ -114,6 +116,10 @@ fn vip_row(
         packets_per_s: vip_now.packets as f64 / secs,
         new_flows_per_s: vip_now.new_flows as f64 / secs,
         drops_per_s: vip_now.packets.saturating_sub(members_packets) as f64 / secs,
+        over_budget_per_s: v
+            .over_budget
+            .saturating_sub(prev.map_or(0, |p| p.over_budget)) as f64
+            / secs,
         backends: v
             .members
             .iter()
@@ -195,6 +201,8 @@ pub(crate) mod tests {
     }
 
     fn sample(at: Instant, drops: u64, vip: TrafficStats, members: Vec<MemberSample>) -> Sample {
+        // Over budget: a tenth of the VIP's packets so far.
+        let over_budget = vip.packets / 10;
         let key = lb_common::VipKey {
             addr: crate::model::addr16("192.0.2.10".parse().unwrap()).0,
             port: 80u16.to_be(),
@@ -210,6 +218,7 @@ pub(crate) mod tests {
                 vip: VipRef::of(&key).named(Some("web".into())),
                 stats: vip,
                 members,
+                over_budget,
             }],
         }
     }
@@ -263,6 +272,8 @@ pub(crate) mod tests {
             (v.packets_per_s, v.new_flows_per_s, v.drops_per_s),
             (50.0, 10.0, 5.0)
         );
+        // Over budget: 21 then 11 (a tenth of 210 and 110 VIP packets): 10 in 2 s.
+        assert_eq!(v.over_budget_per_s, 5.0);
         let b = &v.backends;
         // Since the first reading: 32, 18 and 10 new flows of 60.
         let since: Vec<_> = b.iter().map(|b| b.share_since_start.unwrap()).collect();

@@ -75,6 +75,8 @@ pub struct VipSample {
     pub vip: VipRef,
     pub stats: TrafficStats,
     pub members: Vec<MemberSample>,
+    /// Packets dropped over the VIP's new-flow budget (`drop_new_flow_budget`), all CPUs.
+    pub over_budget: u64,
 }
 
 /// Everything `lb top` shows, at one moment.
@@ -134,6 +136,7 @@ pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError>
             vip: vip.named(st.map(|s| s.name.clone()).filter(|n| !n.is_empty())),
             stats: p.vip_stats(v.id)?,
             members: rows,
+            over_budget: p.vip_budget_drops(v.id),
         });
     }
     count_draining(p, &mut vips)?;

@@ -90,6 +90,15 @@ fn vip_lines(v: &VipRow) -> Vec<Line<'static>> {
                 rate(v.new_flows_per_s),
                 rate(v.drops_per_s),
             )),
+            // A flood at a VIP with a new-flow budget: the refused new flows, in red.
+            Span::styled(
+                if v.over_budget_per_s > 0.0 {
+                    format!("  {} over budget/s", rate(v.over_budget_per_s))
+                } else {
+                    String::new()
+                },
+                Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+            ),
         ]),
         Line::styled(
             format!(
@@ -206,7 +215,8 @@ mod tests {
                 .any(|l| l.starts_with("192.0.2.10:80/tcp (web)")
                     && l.contains("50.0 packets/s")
                     && l.contains("10.0 new flows/s")
-                    && l.contains("5.0 drops/s")),
+                    && l.contains("5.0 drops/s")
+                    && l.contains("5.0 over budget/s")),
             "{text}"
         );
         // The readings free 20 half-open translations in 2 s: the title says so.

@@ -347,6 +347,7 @@ impl GatewayCtx<'_> {
                 affinity_timeout_s: 0,
                 table_size: effect.table_size,
                 source_ranges: None,
+                new_flow_budget: None,
                 backends,
             };
             if room.taken.contains(&spec.key()) {
