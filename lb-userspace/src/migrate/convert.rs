@@ -499,7 +499,7 @@ mod tests {
         let all = nat_rev_bytes(0xff, u16::MAX, u64::MAX - 7);
         assert_eq!(
             nat_rev_v2_to_v1(&all),
-            nat_rev_bytes(0xff, u16::MAX & !0b10_0000, u64::MAX - 7)
+            nat_rev_bytes(0xff, !lb_common::NAT_S_HALF_OPEN, u64::MAX - 7)
         );
     }
 
