@@ -342,26 +342,33 @@ struct Search {
     found: bool,
     new: bool,
     /// The oldest live half-open translation among the candidates probed: its port (network
-    /// byte order; 0: none seen) and when it was made. Taken over if no port is free.
+    /// byte order; 0: none seen) and when it was made ([`ms`]). Taken over if no port is free.
     victim_port: u16,
-    victim_created: u64,
+    victim_created: u32,
     /// How many of the candidates probed were other flows' live half-open translations.
-    half_open_seen: u32,
+    half_open_seen: u8,
 }
 
 /// Candidates probed before the oldest half-open one among them is taken over, if none was
 /// free and either most of them were half-open ([`RECLAIM_FLOOD_SEEN`]: ports held by
-/// handshakes nobody completes, a flood) or that one is older than [`RECLAIM_EARLY_AGE_NS`]:
+/// handshakes nobody completes, a flood) or that one is older than [`RECLAIM_EARLY_AGE_MS`]:
 /// a flood that fills every port costs each of its SYNs this many probes, not
 /// [`NAT_PORT_PROBES`]. Otherwise the search goes on (a free port further on is better than a
 /// handshake cut short) and the oldest half-open candidate of all is taken over only if none was
 /// free.
 const RECLAIM_AFTER: u64 = 8;
 /// Half-open candidates among the first [`RECLAIM_AFTER`] that make the shortage a flood's.
-const RECLAIM_FLOOD_SEEN: u32 = 6;
+const RECLAIM_FLOOD_SEEN: u8 = 6;
 /// A real handshake completes within a round trip: a translation half-open for longer than
 /// this is most likely a spoofed source's or a dead client's.
-const RECLAIM_EARLY_AGE_NS: u64 = 1_000_000_000;
+const RECLAIM_EARLY_AGE_MS: u32 = 1_000;
+
+/// A time in milliseconds, as 32 bits (they wrap every 49 days): what the port search keeps
+/// of its victim's creation, to spare the stack of `lb_nat` (which has none to spare).
+#[inline(always)]
+fn ms(ns: u64) -> u32 {
+    (ns / 1_000_000) as u32
+}
 
 /// Whether the search may stop at candidate `i` and take over its victim.
 #[inline(always)]
@@ -369,7 +376,7 @@ fn reclaim_now(s: &Search, i: u64) -> bool {
     s.victim_port != 0
         && i + 1 >= RECLAIM_AFTER
         && (s.half_open_seen >= RECLAIM_FLOOD_SEEN
-            || s.rev.created_ns.saturating_sub(s.victim_created) > RECLAIM_EARLY_AGE_NS)
+            || ms(s.rev.created_ns).wrapping_sub(s.victim_created) > RECLAIM_EARLY_AGE_MS)
 }
 
 /// What probing one candidate port gave.
@@ -465,7 +472,11 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
         Probe::HalfOpen(created) => {
             count(Counter::NatPortCollisions);
             s.half_open_seen += 1;
-            if s.victim_port == 0 || created < s.victim_created {
+            // Older: made further back from now (the times wrap every 49 days).
+            let now = ms(s.rev.created_ns);
+            let created = ms(created);
+            if s.victim_port == 0 || now.wrapping_sub(created) > now.wrapping_sub(s.victim_created)
+            {
                 (s.victim_port, s.victim_created) = (s.rkey.dst_port, created);
             }
             reclaim_at(s, i)
@@ -477,17 +488,11 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// After a busy candidate `i`: takes over the victim and stops (1) if the search stops here
-/// ([`reclaim_now`], or the last candidate), else goes on (0). Done in the callback, so that the
-/// program after the loop has no more paths for the verifier to follow than before.
+/// After a busy candidate `i`: stops the search (1) to take over its victim after the loop if
+/// it stops here ([`reclaim_now`]), else goes on (0).
 #[inline(always)]
 fn reclaim_at(s: &mut Search, i: u64) -> i64 {
-    let last = i + 1 >= NAT_PORT_PROBES as u64;
-    if s.victim_port != 0 && (last || reclaim_now(s, i)) {
-        reclaim(s);
-        return 1;
-    }
-    0
+    (s.victim_port != 0 && reclaim_now(s, i)) as i64
 }
 
 /// No candidate was free: takes over the oldest half-open translation seen, if it is still
@@ -501,7 +506,7 @@ fn reclaim(s: &mut Search) {
     };
     let r = unsafe { &mut *r };
     let last = unsafe { core::ptr::read_volatile(&r.last_ns) };
-    if !r.half_open() || r.closed() || r.created_ns != s.victim_created {
+    if !r.half_open() || r.closed() || ms(r.created_ns) != s.victim_created {
         return;
     }
     if let Probe::Taken = take(s, &raw mut r.last_ns, last) {
@@ -555,6 +560,9 @@ fn allocate(
             0,
         )
     };
+    if !s.found && s.victim_port != 0 {
+        reclaim(&mut s);
+    }
     if !s.found {
         return None;
     }
