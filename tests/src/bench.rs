@@ -337,6 +337,15 @@ fn prepare(lbs: &mut [Lb; 4], opts: &Options, ingress: u32) -> Vec<u8> {
         LB0_MAC,
     ))
     .frame();
+    // The backend answers and the client acknowledges: the translation is established, not
+    // half-open (a half-open one would be over after `nat_half_open_timeout`, mid-bench).
+    let answered = main.run(&nat_reply, ingress);
+    assert_eq!(answered.action, XDP_TX, "the NAT flow's reply");
+    let acked = main.run(
+        &ack(syn("198.51.100.1", 1111, "192.0.2.12")).frame(),
+        ingress,
+    );
+    assert_eq!(acked.action, XDP_TX, "the NAT flow's ACK");
     // The full table: more new flows than it holds.
     let full = &mut lbs[On::FullTable as usize];
     let size = full.sizes.flow_entries as usize;
