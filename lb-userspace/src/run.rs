@@ -592,7 +592,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     // From here on a SIGTERM waits for the loop, so that a start it interrupts still ends as
     // any stop does (announcements withdrawn, status written); before, nothing was changed.
-    let signals = Signals::install()?;
+    let signals = Signals::install(&opts.config)?;
     let lock = PinLock::take(&opts.pin_dir)?;
     let before = pindir::Before::record(&lock);
     let m = Arc::new(AgentMetrics::default());
@@ -802,18 +802,26 @@ async fn announce_update(
 }
 
 /// The signals the agent answers: SIGHUP reloads, SIGTERM and SIGINT stop it.
+/// What the event loop hears from outside: signals, and saves of the config file. Installed
+/// before the start, so that a config saved while the agent starts is reloaded once it serves,
+/// and so that the status file it writes once it serves means the file is watched.
 struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    config: mpsc::Receiver<()>,
+    _watcher: notify::RecommendedWatcher,
 }
 
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    fn install(config: &Path) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<()>(8);
         Ok(Self {
             hup: signal(SignalKind::hangup())?,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            config: rx,
+            _watcher: watch(config, tx)?,
         })
     }
 }
@@ -836,6 +844,8 @@ async fn serve(
         mut hup,
         mut term,
         mut int,
+        config: mut frx,
+        _watcher,
     }: Signals,
 ) -> Result<bool> {
     // Announced once the maps hold the first desired state; withdrawn on the way out.
@@ -851,8 +861,6 @@ async fn serve(
     let mut passive = Passive::default();
     let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (ftx, mut frx) = mpsc::channel::<()>(8);
-    let _watcher = watch(&opts.config, ftx)?;
     let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
     nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     nexthop_tick.reset();

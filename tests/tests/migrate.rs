@@ -298,9 +298,8 @@ fn start(tag: &str) -> (FibNet, Dirs, Agent) {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config(FLOWS, NATS));
     let mut agent = Agent::start(&net.ns, &dirs);
-    // The config file watcher starts after the status file is written: only the log says it
-    // runs (a config written before it would go unseen).
-    agent.wait_for("running", 1, T);
+    // The config file is watched before the agent's status says it serves.
+    agent.wait_serving(&net.ns, &dirs, T);
     (net, dirs, agent)
 }
 

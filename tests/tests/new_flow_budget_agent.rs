@@ -90,9 +90,8 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
     let dirs = Dirs::new(Path::new(BIN), "budreload");
     dirs.write_config(&config(""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    // The config file watcher starts after the status file is written: only the log says it
-    // runs (a config written before it would go unseen).
-    agent.wait_for("running", 1, T);
+    // The config file is watched before the agent's status says it serves.
+    agent.wait_serving(&net.ns, &dirs, T);
     let clients: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
     // Each established flow's backend, by an ACK that follows its entry (all of them hits).
     let backends = |lb: &mut Lb| -> Vec<Vec<u8>> {

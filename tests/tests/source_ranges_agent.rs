@@ -78,9 +78,8 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
     let dirs = Dirs::new(Path::new(BIN), "srcmig");
     dirs.write_config(CONFIG);
     let mut agent = Agent::start(&net.ns, &dirs);
-    // The config file watcher starts after the status file is written: only the log says it
-    // runs (a config written before it would go unseen).
-    agent.wait_for("running", 1, T);
+    // The config file is watched before the agent's status says it serves.
+    agent.wait_serving(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
     assert!(
         has(&dirs, "LB_VIPS@v2") && !has(&dirs, "LB_VIPS"),
@@ -126,9 +125,8 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
     // Up again: this build's agent on LB_VIPS v1.
     let vips_id = lb_tests::agent::pinned_map_id(&dirs.pins, "LB_VIPS");
     let mut agent = Agent::start(&net.ns, &dirs);
-    // The config file watcher starts after the status file is written: only the log says it
-    // runs (a config written before it would go unseen).
-    agent.wait_for("running", 1, T);
+    // The config file is watched before the agent's status says it serves.
+    agent.wait_serving(&net.ns, &dirs, T);
     let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
     assert!(
         out.status.success(),
@@ -192,9 +190,8 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
     };
     dirs.write_config(&config("[198.51.100.0/24]"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    // The config file watcher starts after the status file is written: only the log says it
-    // runs (a config written before it would go unseen).
-    agent.wait_for("running", 1, T);
+    // The config file is watched before the agent's status says it serves.
+    agent.wait_serving(&net.ns, &dirs, T);
     let clients: Vec<String> = (1..=20).map(|i| format!("198.51.100.{i}")).collect();
     let backends = |lb: &mut Lb| -> Vec<Vec<u8>> {
         clients
