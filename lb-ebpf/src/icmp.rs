@@ -14,7 +14,7 @@
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
-    Counter, FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, Member,
+    Counter, FAMILY_V4, FAMILY_V6, FlowKey, IPPROTO_TCP, IPPROTO_UDP, IcmpJob, MODE_DSR, Member,
     maps::ICMP_PROG_INDEX,
     select::{FlowCheck, check_flow},
 };
@@ -108,21 +108,16 @@ pub fn quote(
 #[inline(always)]
 pub fn hand_over(ctx: &XdpContext, icmp: &Icmp) {
     if let Some(j) = LB_ICMP_JOB.get_ptr_mut(0) {
-        // The address as four words, each stored on its own: copied as a whole from the
-        // caller's stack into the map value, it may become a call of `memmove`, whose frame
-        // `lb`'s full stack has no room for.
-        let dst: [u32; 4] = unsafe { core::mem::transmute(icmp.dst.addr) };
         unsafe {
-            let words = (&raw mut (*j).dst).cast::<u32>();
-            for (i, w) in dst.into_iter().enumerate() {
-                words.add(i).write(w);
-            }
-            (*j).family = icmp.dst.family;
-            (*j).tos = icmp.tos;
-            (*j).l3_off = icmp.l3_off as u16;
-            (*j).l4_off = icmp.l4_off as u16;
-            (*j)._pad = 0;
-            (*j).ip_len = icmp.ip_len as u32;
+            *j = IcmpJob {
+                dst: icmp.dst.addr,
+                family: icmp.dst.family,
+                tos: icmp.tos,
+                l3_off: icmp.l3_off as u16,
+                l4_off: icmp.l4_off as u16,
+                _pad: 0,
+                ip_len: icmp.ip_len as u32,
+            };
             LB_PROGS.tail_call(ctx, ICMP_PROG_INDEX);
         }
     }

@@ -370,7 +370,8 @@ fn ms(ns: u64) -> u32 {
     (ns / 1_000_000) as u32
 }
 
-/// Whether the search may stop at candidate `i` and take over its victim.
+/// Whether the search may stop at candidate `i` (a busy one) to take over its victim after the
+/// loop.
 #[inline(always)]
 fn reclaim_now(s: &Search, i: u64) -> bool {
     s.victim_port != 0
@@ -479,20 +480,13 @@ extern "C" fn probe(i: u64, ctx: *mut c_void) -> i64 {
             {
                 (s.victim_port, s.victim_created) = (s.rkey.dst_port, created);
             }
-            reclaim_at(s, i)
+            reclaim_now(s, i) as i64
         }
         Probe::Busy => {
             count(Counter::NatPortCollisions);
-            reclaim_at(s, i)
+            reclaim_now(s, i) as i64
         }
     }
-}
-
-/// After a busy candidate `i`: stops the search (1) to take over its victim after the loop if
-/// it stops here ([`reclaim_now`]), else goes on (0).
-#[inline(always)]
-fn reclaim_at(s: &mut Search, i: u64) -> i64 {
-    (s.victim_port != 0 && reclaim_now(s, i)) as i64
 }
 
 /// No candidate was free: takes over the oldest half-open translation seen, if it is still

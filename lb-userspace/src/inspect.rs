@@ -458,7 +458,6 @@ impl NatPorts {
     }
 }
 
-/// How full the flow, affinity and NAT tables are, for `/metrics` and `lb status`.
 /// How full one of the program's tables is.
 #[derive(serde::Serialize, Debug, Clone, Copy, PartialEq)]
 pub struct Fill {
@@ -480,12 +479,20 @@ impl Fill {
     }
 }
 
+/// How full the flow, affinity and NAT tables are, and the NAT ports they hold, for `/metrics`
+/// and `lb status`.
+pub struct Tables {
+    pub fill: Vec<(&'static str, Fill)>,
+    pub nat_ports: NatPorts,
+}
+
 impl Pinned {
     /// How full each of the program's tables is, by name: `flows_ipv4` (occupied ways of its
     /// buckets, read through the table's mapping: a way, once written, holds a flow until another
     /// evicts it), `flows_ipv6`, `affinity`, `nat` and `nat_reverse` (hash maps, walked key by
-    /// key, each walk bounded by the map's capacity).
-    pub fn fill(&self) -> Result<Vec<(&'static str, Fill)>, InspectError> {
+    /// key, each walk bounded by the map's capacity); and the NAT ports held, by state, from the
+    /// same walk of the reverse translations.
+    pub fn tables(&self) -> Result<Tables, InspectError> {
         let s = &self.sizes;
         let ways = self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64;
         let (v6, aff, nat) = (
@@ -493,7 +500,8 @@ impl Pinned {
             s.affinity_entries as u64,
             s.nat_entries as u64,
         );
-        Ok(vec![
+        let (nat_reverse, nat_ports) = self.nat_ports()?;
+        let fill = vec![
             (
                 "flows_ipv4",
                 Fill::of(self.flows4_map.ways().count() as u64, ways),
@@ -510,27 +518,26 @@ impl Pinned {
                 "nat",
                 Fill::of(count(self.nat.keys(), "NAT translations", nat)?, nat),
             ),
-            (
-                "nat_reverse",
-                Fill::of(count(self.nat_rev.keys(), "NAT reverse entries", nat)?, nat),
-            ),
-        ])
+            ("nat_reverse", Fill::of(nat_reverse, nat)),
+        ];
+        Ok(Tables { fill, nat_ports })
     }
 }
 
 impl Pinned {
-    /// The NAT source ports held now, by state: a walk of the reverse translations (at most
-    /// the table's capacity; a snapshot, off by what the program changed during the walk).
-    pub fn nat_ports(&self) -> Result<NatPorts, InspectError> {
+    /// The reverse translations (at most the table's capacity) and the NAT source ports they
+    /// hold now, by state: one walk, a snapshot, off by what the program changed during it.
+    fn nat_ports(&self) -> Result<(u64, NatPorts), InspectError> {
         let node = self.node()?;
         let now = monotonic_coarse_ns();
-        let mut out = NatPorts::default();
+        let (mut entries, mut out) = (0, NatPorts::default());
         for e in self.nat_rev.iter().take(self.sizes.nat_entries as usize) {
             let (k, r) = e.map_err(merr("NAT reverse entries"))?;
+            entries += 1;
             let state = NatState::of(Some(&r), k.proto, now, &node);
             out.add(state, r.expired(k.proto, now, &node));
         }
-        Ok(out)
+        Ok((entries, out))
     }
 }
 

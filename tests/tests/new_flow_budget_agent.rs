@@ -234,7 +234,7 @@ fn a_rollback_to_0_2_0_clears_the_budget_flag_and_unpins_the_budget_maps_and_an_
     let dirs = Dirs::new(Path::new(BIN), "budmig");
     dirs.write_config(&config(BUDGET));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
     assert_eq!(vip_flags(&dirs.pins, "LB_VIPS@v2"), VIP_F_NEW_FLOW_BUDGET);
     assert!(has(&dirs, maps::NEW_FLOW_BUDGET) && has(&dirs, maps::VIP_BUDGET_DROPS));
@@ -261,7 +261,7 @@ fn a_rollback_to_0_2_0_clears_the_budget_flag_and_unpins_the_budget_maps_and_an_
 
     // Up again: this build's agent makes the budget maps, writes the buckets and sets the flag.
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_serving(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
     let v = vip(&dirs.pins);
     assert_eq!(v.flags, VIP_F_NEW_FLOW_BUDGET);

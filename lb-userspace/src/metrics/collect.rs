@@ -220,9 +220,11 @@ pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
 
 /// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.
 fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
-    let rows = p.fill()?;
+    let crate::inspect::Tables {
+        fill: rows,
+        nat_ports: ports,
+    } = p.tables()?;
     let label = |t: &str| vec![("table", t.to_string())];
-    let ports = p.nat_ports()?;
     Ok(vec![
         Family::gauge(
             "lb_nat_ports",

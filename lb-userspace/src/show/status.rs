@@ -163,13 +163,14 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
 }
 
 fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
+    let t = p.tables()?;
     Ok(MapsView {
         pin_dir: pins.display().to_string(),
         sizes: SizesStatus::from(&p.sizes),
         vips: p.vips()?.len(),
         backends: p.members()?.len(),
-        tables: p.fill()?.into_iter().collect(),
-        nat_ports: p.nat_ports()?,
+        tables: t.fill.into_iter().collect(),
+        nat_ports: t.nat_ports,
     })
 }
 
