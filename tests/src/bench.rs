@@ -687,6 +687,17 @@ fn case_figures(case: &Case, rounds: &[u64], floor: u64) -> Value {
 }
 
 pub fn fastpath(opts: &Options) -> Value {
+    // A profile needs no million flows: their making would fill the profile.
+    let small = Options {
+        flows: 1000,
+        calls: 1000,
+        ..Options::smoke()
+    };
+    let opts = if std::env::var_os("LB_BENCH_PROFILE").is_some() {
+        &small
+    } else {
+        opts
+    };
     let net = FibNet::new("bench");
     let ingress = net.lb0;
     net.ns.run(|| {
@@ -705,6 +716,9 @@ pub fn fastpath(opts: &Options) -> Value {
         let nat_reply = prepare(&mut lbs, opts, ingress);
         let full_before = flow_count(&mut lbs[On::FullTable as usize]);
         let mut cases = cases(nat_reply);
+        if let Ok(name) = std::env::var("LB_BENCH_PROFILE") {
+            return profile(&mut lbs, &mut cases, &name, ingress);
+        }
 
         let mut rounds: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         let before: Vec<_> = lbs.iter_mut().map(|lb| lb.counters()).collect();
@@ -758,6 +772,31 @@ pub fn fastpath(opts: &Options) -> Value {
         );
         Value::Object(out)
     })
+}
+
+/// `LB_BENCH_PROFILE=<case>`: runs only that case, for `LB_BENCH_PROFILE_SECS` seconds (10 by
+/// default), so that `perf record -e cpu-clock -a` can say where its time goes; reports the
+/// median time per call.
+fn profile(lbs: &mut [Lb; 4], cases: &mut [Case], name: &str, ingress: u32) -> Value {
+    let case = cases
+        .iter_mut()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("LB_BENCH_PROFILE: no case {name:?}"));
+    let secs: u64 = std::env::var("LB_BENCH_PROFILE_SECS").map_or(10, |s| s.parse().unwrap());
+    let started = Instant::now();
+    let mut medians = Vec::new();
+    let mut r = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        medians.push(time_round(
+            &mut lbs[case.on as usize],
+            case,
+            r,
+            100_000,
+            ingress,
+        ));
+        r += 1;
+    }
+    json!({ "profile": name, "median_ns": median(&mut medians), "rounds": r })
 }
 
 /// Every `ethtool -S` counter of `dev` in namespace `ns`.
@@ -1627,7 +1666,10 @@ fn mark(met: bool) -> &'static str {
 pub fn table(v: &Value) -> String {
     let mut s = String::new();
     if let Some(f) = v.get("fastpath") {
-        s += &fastpath_table(f);
+        s += &match f.get("profile") {
+            Some(p) => format!("profile of {p}: median {} ns per call\n", f["median_ns"]),
+            None => fastpath_table(f),
+        };
     }
     if let Some(fw) = v.get("forwarding_rate") {
         s += &forwarding_table(fw);

@@ -47,6 +47,16 @@ enum Cmd {
         #[arg(long, value_name = "SECTIONS")]
         only: Option<String>,
     },
+    /// Run one fast-path bench case alone under `perf record` and print where its time goes
+    /// (samples inside BPF_PROG_TEST_RUN by innermost function: the program's own code, each
+    /// helper, the test-run loop). Needs root and `perf` (Debian's linux-perf).
+    Profile {
+        /// The case, as the bench table names it (e.g. v4_nat_reply).
+        case: String,
+        /// How long to run it.
+        #[arg(long, default_value_t = 10)]
+        secs: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -97,6 +107,11 @@ fn main() -> Result<()> {
                 c.args(["--only", &sections]);
             }
             run(&mut c)
+        }
+        Cmd::Profile { case, secs } => {
+            setup(false)?;
+            require_root("the profile loads XDP programs and samples the kernel")?;
+            profile(&case, secs)
         }
         Cmd::Demo => {
             setup(false)?;
@@ -498,6 +513,59 @@ fn cargo_release(verb: &str, package: &str, bin: &str) -> Command {
     c
 }
 
+/// `cargo xtask profile`: the bench's `LB_BENCH_PROFILE` mode under `perf record -e cpu-clock`
+/// (a software clock: this machine's VM has no hardware counters), then the samples whose stack
+/// passes through `bpf_test_run`, counted by the function they were taken in.
+fn profile(case: &str, secs: u32) -> Result<()> {
+    let data = workspace_root().join("target/bench/perf.data");
+    std::fs::create_dir_all(data.parent().unwrap())?;
+    run(&mut cargo_release("build", "lb-tests", "lb-bench"))?;
+    let bench = workspace_root().join("target/release/lb-bench");
+    run(Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-a", "-g", "-o"])
+        .arg(&data)
+        .arg("--")
+        .arg(&bench)
+        .args(["--only", "fastpath"])
+        .env("LB_BENCH_PROFILE", case)
+        .env("LB_BENCH_PROFILE_SECS", secs.to_string()))?;
+    let out = Command::new("perf")
+        .args(["script", "-F", "ip,sym", "-i"])
+        .arg(&data)
+        .output()
+        .context("running perf script")?;
+    let (total, by_fn) = samples_in_test_run(&String::from_utf8_lossy(&out.stdout));
+    if total == 0 {
+        bail!("no samples inside bpf_test_run: did the case run?");
+    }
+    println!("{total} samples inside BPF_PROG_TEST_RUN, by the function they were taken in:");
+    for (name, n) in by_fn.iter().take(25) {
+        println!("{:6.2} %  {name}", 100.0 * *n as f64 / total as f64);
+    }
+    Ok(())
+}
+
+/// Counts `perf script -F ip,sym` samples (a blank line between them, innermost frame first)
+/// that have `bpf_test_run` on their stack, by innermost function, most first.
+fn samples_in_test_run(script: &str) -> (usize, Vec<(String, usize)>) {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut total = 0;
+    for sample in script.split("\n\n") {
+        let frames: Vec<&str> = sample
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|s| s.split('+').next().unwrap_or(s))
+            .collect();
+        if frames.contains(&"bpf_test_run") {
+            total += 1;
+            *counts.entry(frames[0].to_string()).or_default() += 1;
+        }
+    }
+    let mut v: Vec<_> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    (total, v)
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -522,4 +590,36 @@ fn output(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::samples_in_test_run;
+
+    #[test]
+    fn only_samples_under_bpf_test_run_count_by_their_innermost_function() {
+        let script = "\
+\tffffffff81 htab_map_hash+0x10 ([kernel.kallsyms])
+\tffffffffa0 bpf_prog_abc_lb+0x200 (bpf_prog_abc_lb)
+\tffffffff82 bpf_test_run+0x99 ([kernel.kallsyms])
+
+\tffffffffa0 bpf_prog_abc_lb+0x10 (bpf_prog_abc_lb)
+\tffffffff82 bpf_test_run+0x99 ([kernel.kallsyms])
+
+\tffffffffa0 bpf_prog_abc_lb+0x30 (bpf_prog_abc_lb)
+\tffffffff82 bpf_test_run+0x99 ([kernel.kallsyms])
+
+\tffffffff83 pv_native_safe_halt+0x1 ([kernel.kallsyms])
+\tffffffff84 default_idle+0x5 ([kernel.kallsyms])
+";
+        let (total, by_fn) = samples_in_test_run(script);
+        assert_eq!(total, 3);
+        assert_eq!(
+            by_fn,
+            vec![
+                ("bpf_prog_abc_lb".to_string(), 2),
+                ("htab_map_hash".to_string(), 1)
+            ]
+        );
+    }
 }
