@@ -562,7 +562,7 @@ fn samples_in_test_run(script: &str) -> (usize, Vec<(String, usize)>) {
         }
     }
     let mut v: Vec<_> = counts.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     (total, v)
 }
 
