@@ -6,9 +6,14 @@
 //!   not there, its second bucket (two-choice hashing, [`buckets_of`]). Shared by all CPUs
 //!   (replies and retransmissions may arrive on any of them), read without locks.
 //! - **Insert**: of the six ways of its two buckets, the way holding the key, else an empty
-//!   way, else the way seen longest ago
-//!   (approximate LRU within the bucket: last-seen times are refreshed at most every
-//!   [`REFRESH_UNITS`] for TCP, on every packet for UDP, which needs them for its idle timeout).
+//!   way, else the way seen longest ago among flows not [`confirmed`](FlowBucket::confirmed)
+//!   (seen once only: a SYN, or the first packet of a flow met mid-stream), else the confirmed
+//!   way seen longest ago if that is at least [`GUARD_UNITS`] ago, else none: the flow is served
+//!   by Maglev without an entry (approximate LRU within the bucket: last-seen times are
+//!   refreshed at most every [`REFRESH_UNITS`] for TCP, on every packet for UDP, which needs
+//!   them for its idle timeout). So a flood of new flows (spoofed SYNs) only ever evicts its
+//!   own kind and idle flows, never a flow that has been confirmed and seen within the guard
+//!   time.
 //!   A writer claims the way with a compare-and-exchange of its key to [`LOCKED`], writes the
 //!   value, then publishes the key; readers that meet a key other than theirs (or `LOCKED`)
 //!   miss. The value carries a 12-bit tag of its key ([`pack_value`]), so a read that pairs a
@@ -35,6 +40,9 @@ pub const TIME_SHIFT: u32 = 20;
 /// TCP flows refresh their last-seen time when it is older than this (about a second): enough
 /// for eviction to prefer idle flows, without a write per packet.
 pub const REFRESH_UNITS: u32 = 1 << 10;
+/// A confirmed flow seen more recently than this (2^16 units: 68.7 s) is never evicted by a new
+/// flow; one idle for longer is, after every unconfirmed one of its two buckets.
+pub const GUARD_UNITS: u32 = 1 << 16;
 
 /// One bucket: a cache line.
 #[repr(C, align(64))]
@@ -46,7 +54,9 @@ pub struct FlowBucket {
     pub values: [u64; FLOW_WAYS],
     /// When each way's flow was last seen, in [`TIME_SHIFT`] units.
     pub seen: [u32; FLOW_WAYS],
-    pub _pad: u32,
+    /// Bit `w` set: way `w`'s flow is confirmed, a packet of it found the entry (schema 2 of
+    /// `LB_FLOWS4`; padding in schema 1, which no release wrote). Cleared when a way is taken.
+    pub confirmed: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
@@ -131,6 +141,8 @@ pub fn find(bucket: &FlowBucket, k: u64) -> Option<usize> {
 pub struct Ways {
     pub keys: [u64; FLOW_WAYS],
     pub seen: [u32; FLOW_WAYS],
+    /// [`FlowBucket::confirmed`].
+    pub confirmed: u32,
 }
 
 impl FlowBucket {
@@ -138,7 +150,13 @@ impl FlowBucket {
         Ways {
             keys: self.keys,
             seen: self.seen,
+            confirmed: self.confirmed,
         }
+    }
+
+    /// Whether way `w`'s flow is confirmed.
+    pub const fn is_confirmed(&self, w: usize) -> bool {
+        self.confirmed & (1 << w) != 0
     }
 }
 
@@ -154,8 +172,9 @@ pub const fn age(seen: u32, now: u32) -> u32 {
 /// (in [`TIME_SHIFT`] units), and the key that way held when looked at (the writer claims the
 /// way only if it still holds it): its own; else an empty way of the bucket with more empty ways
 /// (the first on a tie), which keeps buckets balanced so that both are full only in a table more
-/// than half full; else the way seen longest ago. Ways being written ([`LOCKED`]) are never
-/// taken; `None` if every way is.
+/// than half full; else the unconfirmed way seen longest ago; else the confirmed way seen
+/// longest ago, if that is at least [`GUARD_UNITS`] ago. Ways being written ([`LOCKED`]) are
+/// never taken; `None` if no way may be.
 #[inline(always)]
 pub fn victim(b: [Ways; 2], k: u64, now: u32) -> Option<(usize, usize, u64)> {
     let first = scan(&b[0], k, now);
@@ -168,7 +187,7 @@ pub fn victim(b: [Ways; 2], k: u64, now: u32) -> Option<(usize, usize, u64)> {
         Some((0, first.empty_way, EMPTY))
     } else if second.empty > 0 {
         Some((1, second.empty_way, EMPTY))
-    } else if first.oldest_key != LOCKED && first.oldest_age >= second.oldest_age {
+    } else if first.oldest_key != LOCKED && first.oldest_rank >= second.oldest_rank {
         Some((0, first.oldest, first.oldest_key))
     } else if second.oldest_key != LOCKED {
         Some((1, second.oldest, second.oldest_key))
@@ -179,13 +198,28 @@ pub fn victim(b: [Ways; 2], k: u64, now: u32) -> Option<(usize, usize, u64)> {
     }
 }
 
+/// How readily a way is evicted (higher first; `None`: never): every unconfirmed flow before
+/// any confirmed one, the one seen longest ago first; a confirmed flow only if it was seen at
+/// least [`GUARD_UNITS`] ago. One number, so that the scan keeps one candidate per bucket.
+#[inline(always)]
+const fn rank(confirmed: bool, age: u32) -> Option<u64> {
+    if !confirmed {
+        Some(1 << 32 | age as u64)
+    } else if age >= GUARD_UNITS {
+        Some(age as u64)
+    } else {
+        None
+    }
+}
+
 /// What [`victim`] needs to know of one bucket.
 struct Scan {
     own: Option<usize>,
     empty: usize,
     empty_way: usize,
+    /// The way to evict first ([`rank`]).
     oldest: usize,
-    oldest_age: u32,
+    oldest_rank: u64,
     /// [`LOCKED`] if no way may be evicted.
     oldest_key: u64,
 }
@@ -197,7 +231,7 @@ fn scan(b: &Ways, k: u64, now: u32) -> Scan {
         empty: 0,
         empty_way: 0,
         oldest: 0,
-        oldest_age: 0,
+        oldest_rank: 0,
         oldest_key: LOCKED,
     };
     for w in 0..FLOW_WAYS {
@@ -208,10 +242,12 @@ fn scan(b: &Ways, k: u64, now: u32) -> Scan {
             s.empty += 1;
             s.empty_way = w;
         } else if key != LOCKED {
-            let a = age(b.seen[w], now);
-            if s.oldest_key == LOCKED || a > s.oldest_age {
+            let confirmed = b.confirmed & (1 << w) != 0;
+            if let Some(r) = rank(confirmed, age(b.seen[w], now))
+                && (s.oldest_key == LOCKED || r > s.oldest_rank)
+            {
                 s.oldest = w;
-                s.oldest_age = a;
+                s.oldest_rank = r;
                 s.oldest_key = key;
             }
         }
@@ -258,6 +294,7 @@ pub fn put(
     bucket.keys[w] = k;
     bucket.values[w] = pack_value(k, member_id, generation);
     bucket.seen[w] = seen;
+    bucket.confirmed &= !(1 << w);
     Some(i)
 }
 
@@ -309,6 +346,58 @@ mod tests {
             None,
             "the tags of these two keys differ"
         );
+    }
+
+    /// Two full buckets: ways 21-23 and 31-33, seen at the given times, confirmed per mask.
+    fn full_pair(seen: [[u32; 3]; 2], confirmed: [u32; 2]) -> [Ways; 2] {
+        let b = |i: usize, base: u64| FlowBucket {
+            keys: [base + 1, base + 2, base + 3],
+            seen: seen[i],
+            confirmed: confirmed[i],
+            ..Default::default()
+        };
+        [b(0, 20).ways(), b(1, 30).ways()]
+    }
+
+    #[test]
+    fn a_new_flow_takes_the_oldest_unconfirmed_way_even_if_confirmed_ones_are_older() {
+        let now = 100_000;
+        // Every way confirmed but bucket 1's way 2, which was seen last of all.
+        let b = full_pair([[10, 11, 12], [13, 14, 99_000]], [0b111, 0b011]);
+        assert_eq!(victim(b, 5, now), Some((1, 2, 33)));
+        // Two unconfirmed ways: the one seen longer ago.
+        let b = full_pair([[10, 500, 12], [13, 14, 400]], [0b101, 0b011]);
+        assert_eq!(victim(b, 5, now), Some((1, 2, 33)));
+    }
+
+    #[test]
+    fn confirmed_flows_seen_within_the_guard_time_are_never_evicted() {
+        let now = 100_000;
+        let recent = now - GUARD_UNITS + 1;
+        let b = full_pair([[recent; 3], [recent + 5; 3]], [0b111, 0b111]);
+        assert_eq!(victim(b, 5, now), None);
+        // One of them idle for the guard time: it goes.
+        let b = full_pair(
+            [[recent, now - GUARD_UNITS, recent], [recent; 3]],
+            [0b111, 0b111],
+        );
+        assert_eq!(victim(b, 5, now), Some((0, 1, 22)));
+    }
+
+    #[test]
+    fn put_leaves_the_way_it_takes_unconfirmed() {
+        let [a, b] = full_pair([[10, 11, 12], [13, 14, 15]], [0b111, 0b101]);
+        let bucket = |w: Ways| FlowBucket {
+            keys: w.keys,
+            seen: w.seen,
+            confirmed: w.confirmed,
+            ..Default::default()
+        };
+        let mut pair = [bucket(a), bucket(b)];
+        assert_eq!(put(&mut pair, 5, 7, 1, 20), Some(1));
+        assert_eq!(pair[1].keys[1], 5);
+        assert!(!pair[1].is_confirmed(1));
+        assert!(pair[1].is_confirmed(0) && pair[1].is_confirmed(2));
     }
 
     #[test]

@@ -115,7 +115,9 @@ counters! {
     MaglevLookups = "maglev_lookups", false;
     /// New flow recorded in the flow table.
     NewFlows = "new_flows", false;
-    /// Flow table update failed.
+    /// A new flow not recorded: no way of its two buckets could be taken (each held an
+    /// established flow seen within the guard time, or was being written by another CPU); Maglev
+    /// served it without an entry.
     FlowInsertFailed = "flow_insert_failed", false;
     /// TCP packet without SYN that missed the flow table (mid-stream after a failover or restart).
     NonSynMiss = "non_syn_miss", false;

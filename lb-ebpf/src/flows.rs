@@ -5,7 +5,7 @@
 //! or a miss. (A write landing between its two key reads could pair a key with another flow's
 //! value; the value's 12-bit tag then makes it a miss, but for one such read in 4,096.)
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_cxchg, atomic_or, atomic_xchg};
 use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::FlowValue;
@@ -98,9 +98,36 @@ pub fn touch(hit: &Hit, now: u32, every_packet: bool) {
     }
 }
 
-/// Records flow `k` on (member, generation) at `now` (table units), in place of its own entry,
-/// an empty way, or the way seen longest ago, of its two buckets. `false` if that way was
-/// being written by another CPU at that moment.
+/// Marks `hit` confirmed (a packet found its entry): from now on only a flow idle for
+/// `GUARD_UNITS` may take its way. One atomic OR per flow; later packets only read the bit.
+#[inline(always)]
+pub fn confirm(hit: &Hit) {
+    let p = unsafe { &raw mut (*hit.bucket).confirmed };
+    let bit = 1u32 << hit.way;
+    if unsafe { read_volatile(p) } & bit == 0 {
+        unsafe {
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+                confirmed_word(hit.bucket),
+                (bit as u64) << 32,
+            )
+        };
+    }
+}
+
+/// The 64-bit word whose high half is `b`'s `confirmed` (its low half is `seen[2]`, which an OR
+/// of zero or an AND of ones leaves as it is): the BPF target's atomic OR and AND are 64-bit.
+#[inline(always)]
+fn confirmed_word(b: *mut FlowBucket) -> *mut u64 {
+    const AT: usize = core::mem::offset_of!(FlowBucket, confirmed) - 4;
+    const _: () = assert!(AT % 8 == 0 && cfg!(target_endian = "little"));
+    unsafe { (b as *mut u8).add(AT) as *mut u64 }
+}
+
+/// Records flow `k` on (member, generation) at `now` (table units), unconfirmed, where
+/// `flowtab::victim` says: its own entry, an empty way, the unconfirmed way seen longest ago or
+/// a confirmed one idle for the guard time, of its two buckets. `false` if there is none (every
+/// way holds a confirmed flow seen within the guard time) or that way was being written by
+/// another CPU at that moment.
 #[inline(always)]
 pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
     let [first, second] = buckets(k);
@@ -125,6 +152,10 @@ pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
             pack_value(k, member_id, generation),
         );
         write_volatile(&raw mut (*b).seen[way], now);
+        atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(
+            confirmed_word(b),
+            !((1u64 << way) << 32),
+        );
         atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(key, k);
     }
     true
@@ -155,6 +186,7 @@ fn ways(b: *mut FlowBucket) -> Ways {
         w.keys[i] = unsafe { read_volatile(&raw const (*b).keys[i]) };
         w.seen[i] = unsafe { read_volatile(&raw const (*b).seen[i]) };
     }
+    w.confirmed = unsafe { read_volatile(&raw const (*b).confirmed) };
     w
 }
 

@@ -152,6 +152,7 @@ fn follow_flow4(k4: u64, proto: u8, vip: &VipValue, udp_idle_timeout_ns: u64) ->
     let flow = flows::value(&hit, t);
     let every_packet = followed(check_flow(&flow, m, vip, proto, t, udp_idle_timeout_ns))?;
     flows::touch(&hit, flows::units(t), every_packet);
+    flows::confirm(&hit);
     flow_hit(hit.member_id, m)
 }
 

@@ -23,6 +23,8 @@ pub struct Way {
     pub key: u64,
     pub value: u64,
     pub seen: u32,
+    /// A later packet of the flow found its entry (`FlowBucket::confirmed`).
+    pub confirmed: bool,
 }
 
 pub struct FlowMap {
@@ -54,11 +56,12 @@ impl FlowMap {
         // writes them with single stores or compare-and-exchanges, so atomic loads see whole
         // values.
         let b = unsafe { self.mem.ptr().cast::<FlowBucket>().add(i) };
-        let (key, value, seen) = unsafe {
+        let (key, value, seen, confirmed) = unsafe {
             (
                 &*(&raw const (*b).keys[w]).cast::<AtomicU64>(),
                 &*(&raw const (*b).values[w]).cast::<AtomicU64>(),
                 &*(&raw const (*b).seen[w]).cast::<AtomicU32>(),
+                &*(&raw const (*b).confirmed).cast::<AtomicU32>(),
             )
         };
         for _ in 0..RETRIES {
@@ -71,12 +74,14 @@ impl FlowMap {
                 continue;
             }
             let (v, s) = (value.load(Ordering::Relaxed), seen.load(Ordering::Relaxed));
+            let c = confirmed.load(Ordering::Relaxed) & (1 << w) != 0;
             fence(Ordering::Acquire);
             if key.load(Ordering::Relaxed) == k {
                 return Some(Way {
                     key: k,
                     value: v,
                     seen: s,
+                    confirmed: c,
                 });
             }
         }

@@ -484,6 +484,16 @@ impl Fill {
 pub struct Tables {
     pub fill: Vec<(&'static str, Fill)>,
     pub nat_ports: NatPorts,
+    pub flows_ipv4: FlowStates,
+}
+
+/// The IPv4 flow table's flows by state: `established` (a packet after the first found the
+/// entry: a flood of new flows never evicts it while it is active) and `new` (seen once: a SYN
+/// not yet followed by another packet, what a flood of spoofed SYNs leaves).
+#[derive(serde::Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowStates {
+    pub established: u64,
+    pub new: u64,
 }
 
 impl Pinned {
@@ -501,10 +511,17 @@ impl Pinned {
             s.nat_entries as u64,
         );
         let (nat_reverse, nat_ports) = self.nat_ports()?;
+        let mut flows_ipv4 = FlowStates::default();
+        for w in self.flows4_map.ways() {
+            match w.confirmed {
+                true => flows_ipv4.established += 1,
+                false => flows_ipv4.new += 1,
+            }
+        }
         let fill = vec![
             (
                 "flows_ipv4",
-                Fill::of(self.flows4_map.ways().count() as u64, ways),
+                Fill::of(flows_ipv4.established + flows_ipv4.new, ways),
             ),
             (
                 "flows_ipv6",
@@ -520,7 +537,11 @@ impl Pinned {
             ),
             ("nat_reverse", Fill::of(nat_reverse, nat)),
         ];
-        Ok(Tables { fill, nat_ports })
+        Ok(Tables {
+            fill,
+            nat_ports,
+            flows_ipv4,
+        })
     }
 }
 

@@ -170,3 +170,70 @@ fn a_full_bucket_evicts_the_flow_seen_longest_ago_and_a_busy_flow_stays() {
         }
     });
 }
+
+/// Sends a SYN then an ACK of the flow from `port`: the second packet finds the entry and
+/// confirms it.
+fn establish(lb: &mut Lb, port: u16, ingress: u32) {
+    assert_eq!(lb.run(&syn(port).frame(), ingress).action, XDP_TX);
+    assert_eq!(lb.run(&ack(port).frame(), ingress).action, XDP_TX);
+}
+
+#[test]
+fn a_syn_flood_never_evicts_an_established_flow_and_is_still_balanced() {
+    let net = FibNet::new("flowtab-guard");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        for port in 1..=3 {
+            establish(&mut lb, port, ingress);
+        }
+        let before = lb.counters();
+        // A thousand new clients' SYNs at a bucket of three established flows.
+        for port in 1000..2000u16 {
+            let run = lb.run(&syn(port).frame(), ingress);
+            assert_eq!(run.action, XDP_TX, "SYN from port {port}");
+            // Without an entry, Maglev still gives it the member every node would.
+            assert_eq!(outer_dst(&run.output), maglev_backend(&mut lb, port));
+        }
+        let after = lb.counters();
+        for port in 1..=3 {
+            assert!(
+                lb.flow(&syn(port).flow_key()).is_some(),
+                "established flow {port} was evicted"
+            );
+        }
+        assert!(lb.flow(&syn(1999).flow_key()).is_none());
+        assert_eq!(
+            after[&Counter::FlowInsertFailed] - before[&Counter::FlowInsertFailed],
+            1000,
+            "every flood SYN found no way it may take"
+        );
+        // The established flows still reach their members through their entries.
+        let hits = lb.counters()[&Counter::FlowHits];
+        for port in 1..=3 {
+            assert_eq!(lb.run(&ack(port).frame(), ingress).action, XDP_TX);
+        }
+        assert_eq!(lb.counters()[&Counter::FlowHits] - hits, 3);
+    });
+}
+
+#[test]
+fn a_new_flow_takes_the_way_of_an_unconfirmed_flow_before_older_established_ones() {
+    let net = FibNet::new("flowtab-unconf");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        establish(&mut lb, 1, ingress);
+        establish(&mut lb, 2, ingress);
+        // Flow 3 sends its SYN last of all, and nothing more.
+        assert_eq!(lb.run(&syn(3).frame(), ingress).action, XDP_TX);
+        assert_eq!(lb.run(&syn(4).frame(), ingress).action, XDP_TX);
+        for (port, kept) in [(1, true), (2, true), (3, false), (4, true)] {
+            assert_eq!(
+                lb.flow(&syn(port).flow_key()).is_some(),
+                kept,
+                "flow {port}"
+            );
+        }
+    });
+}

@@ -940,8 +940,8 @@ fn start_pod(net: &FibNet, dirs: &mut Dirs, bin: &Path) -> Agent {
 }
 
 /// What a node keeps across agents: the link's id on lb0 and the ids of the state maps, under
-/// whichever schema's pin name (`LB_NAT_REV` of 0.2.0 is `LB_NAT_REV@v2` of 0.3.0: the same map,
-/// relabelled).
+/// whichever schema's pin name (`LB_NAT_REV` and `LB_FLOWS4` of 0.2.0 are `LB_NAT_REV@v2` and
+/// `LB_FLOWS4@v2` of 0.3.0: the same maps, relabelled).
 fn kept(dirs: &Dirs) -> (u32, Vec<(&'static str, u32)>) {
     use lb_common::maps::{AFFINITY, FLOWS, FLOWS4, NAT, NAT_REV};
     let names = dirs.pin_names();
@@ -1056,9 +1056,9 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
         "{v:#}\nagent log:\n{}",
         pod.log_text()
     );
-    // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2 and
-    // LB_NAT_REV@v2 converted down in place to schema 1's names, and the maps 0.2.0 does not
-    // know (source ranges, new-flow budgets) unpinned.
+    // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2,
+    // LB_NAT_REV@v2 and LB_FLOWS4@v2 converted down in place to schema 1's names, and the maps
+    // 0.2.0 does not know (source ranges, new-flow budgets) unpinned.
     let mut want: Vec<String> = pins
         .iter()
         .filter(|p| {

@@ -266,9 +266,9 @@ fn every_carried_schema_is_version_1_with_the_key_and_value_sizes_of_its_0_1_0_f
         assert_eq!(value as usize, v.len(), "{}: value size", s.map);
     }
     assert_eq!(names.len(), of_0_1_0.len(), "a fixture of no schema");
-    // Only LB_VIPS (0.3.0: the source-ranges flag), LB_NODE (the half-open timeout) and
-    // LB_NAT_REV (the half-open state) moved on, and only maps of later releases are not
-    // 0.1.0's.
+    // Only LB_VIPS (0.3.0: the source-ranges flag), LB_NODE (the half-open timeout),
+    // LB_FLOWS4 (the confirmed bits) and LB_NAT_REV (the half-open state) moved on, and only
+    // maps of later releases are not 0.1.0's.
     let later: Vec<(&str, u32)> = schema::current()
         .iter()
         .filter(|s| s.version != 1)
@@ -276,8 +276,32 @@ fn every_carried_schema_is_version_1_with_the_key_and_value_sizes_of_its_0_1_0_f
         .collect();
     assert_eq!(
         later,
-        [(maps::VIPS, 2), (maps::NODE, 2), (maps::NAT_REV, 2)]
+        [
+            (maps::VIPS, 2),
+            (maps::NODE, 2),
+            (maps::FLOWS4, 2),
+            (maps::NAT_REV, 2)
+        ]
     );
+}
+
+#[test]
+#[cfg(target_endian = "little")]
+fn the_0_1_0_flow_bucket_converts_up_unconfirmed_and_back_down_without_confirmed_bits() {
+    let (_, v1) = fixture(maps::FLOWS4);
+    let up = convert::values(maps::FLOWS4, 1, 2).expect("v1 -> v2")(&v1);
+    assert_eq!(up, v1, "the same bytes");
+    assert!(convert::as_is(maps::FLOWS4, 1, 2), "relabelled, not copied");
+    let b: FlowBucket = read(&up);
+    assert!(
+        !b.is_confirmed(0),
+        "carried over unconfirmed, until its next packet"
+    );
+    // Confirmed (0.3.0: the last four bytes, ways 0 and 2), then back to 0.1.0's padding.
+    let mut v2 = up.clone();
+    v2[60..64].copy_from_slice(&0b101u32.to_le_bytes());
+    let down = convert::values(maps::FLOWS4, 2, 1).expect("v2 -> v1")(&v2);
+    assert_eq!(down, v1);
 }
 
 #[test]
@@ -555,7 +579,9 @@ fn an_ipv4_flow_bucket_of_0_1_0_reads_back_where_and_as_0_1_0_put_it() {
     assert_eq!(b.values, [5 | 0xa41 << 20 | 7 << 32, 0, 0]);
     assert_eq!(flowtab::unpack_value(packed, b.values[0]), Some((5, 7)));
     assert_eq!(b.seen, [0x1234_5678, 0, 0]);
-    assert_eq!(b._pad, 0);
+    // Padding in schema 1: read by schema 2 as no confirmed way.
+    assert_eq!(b.confirmed, 0);
+    assert!(!b.is_confirmed(0));
     // Where the program looks for it: bucket 170 of 1,000 is its first choice.
     assert_eq!(flowtab::buckets_of(packed, BUCKETS), [170, 277]);
     let other = FlowBucket::default();

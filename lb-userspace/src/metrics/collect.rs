@@ -223,9 +223,19 @@ fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
     let crate::inspect::Tables {
         fill: rows,
         nat_ports: ports,
+        flows_ipv4: flows,
     } = p.tables()?;
     let label = |t: &str| vec![("table", t.to_string())];
+    let state = |s: &str| vec![("state", s.to_string())];
     Ok(vec![
+        Family::gauge(
+            "lb_flows_ipv4",
+            "IPv4 flows in the flow table by state (new: seen once, what a SYN flood leaves; an established flow is never evicted by a new one while it is active)",
+            vec![
+                (state("established"), flows.established as f64),
+                (state("new"), flows.new as f64),
+            ],
+        ),
         Family::gauge(
             "lb_nat_ports",
             "NAT source ports held, by the state of their translation (half-open: handshakes the client has yet to complete)",

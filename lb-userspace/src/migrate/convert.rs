@@ -215,7 +215,10 @@ pub fn values(map: &str, from: u32, to: u32) -> Option<ValueConversion> {
     match (map, from, to) {
         (lb_common::maps::VIPS, 1, 2) => Some(vips_v1_to_v2),
         (lb_common::maps::VIPS, 2, 1) => Some(vips_v2_to_v1),
-        (lb_common::maps::NAT_REV, 1, 2) | (lb_common::maps::NODE, 1, 2) => Some(same_bytes),
+        (lb_common::maps::NAT_REV, 1, 2)
+        | (lb_common::maps::NODE, 1, 2)
+        | (lb_common::maps::FLOWS4, 1, 2) => Some(same_bytes),
+        (lb_common::maps::FLOWS4, 2, 1) => Some(flows4_v2_to_v1),
         (lb_common::maps::NAT_REV, 2, 1) => Some(nat_rev_v2_to_v1),
         (lb_common::maps::NODE, 2, 1) => Some(node_v2_to_v1),
         _ => None,
@@ -226,11 +229,27 @@ pub fn values(map: &str, from: u32, to: u32) -> Option<ValueConversion> {
 /// same meaning (`to` only gives one to bits or fields `from` leaves zero): then the map is used
 /// as it is, by both programs, and only its pin is renamed (see `pins::Action::Relabel`).
 pub fn as_is(map: &str, from: u32, to: u32) -> bool {
-    use lb_common::maps::{NAT_REV, NODE, VIPS};
-    matches!((map, from, to), (VIPS | NAT_REV | NODE, 1, 2))
+    use lb_common::maps::{FLOWS4, NAT_REV, NODE, VIPS};
+    matches!((map, from, to), (VIPS | NAT_REV | NODE | FLOWS4, 1, 2))
 }
 
-/// v1 -> v2 of `LB_NAT_REV` and `LB_NODE`: the same bytes. Schema 2 of `LB_NAT_REV` gives a
+/// Byte offset of `FlowBucket::confirmed` (padding in schema 1 of `LB_FLOWS4`).
+const CONFIRMED_AT: usize = core::mem::offset_of!(FlowBucket, confirmed);
+
+/// `LB_FLOWS4` v2 -> v1 (a bucket's bytes): the confirmed bits cleared, padding again. A
+/// release before 0.3.0 neither reads nor writes them; cleared, they cannot mark the flows it
+/// records as established if this release comes back.
+pub fn flows4_v2_to_v1(bucket: &[u8]) -> Vec<u8> {
+    let mut out = bucket.to_vec();
+    if let Some(f) = out.get_mut(CONFIRMED_AT..CONFIRMED_AT + 4) {
+        f.fill(0);
+    }
+    out
+}
+
+/// v1 -> v2 of `LB_NAT_REV`, `LB_NODE` and `LB_FLOWS4`: the same bytes. Schema 2 of
+/// `LB_FLOWS4` gives a bucket's padding a meaning (a confirmed bit per way): no v1 bucket has
+/// one, so every flow carried over is unconfirmed until its next packet, which confirms it. Schema 2 of `LB_NAT_REV` gives a
 /// state bit (`NAT_S_HALF_OPEN`) a meaning, and no v1 entry has it: every translation carried
 /// over is established, as it was. Schema 2 of `LB_NODE` gives its padding a meaning (the
 /// half-open timeout), and 0 there is no such timeout until the agent writes its config.
@@ -438,7 +457,12 @@ mod tests {
 
     #[test]
     fn only_identity_conversions_up_are_used_as_they_are() {
-        for (map, from, to) in [("LB_VIPS", 1, 2), ("LB_NAT_REV", 1, 2), ("LB_NODE", 1, 2)] {
+        for (map, from, to) in [
+            ("LB_VIPS", 1, 2),
+            ("LB_NAT_REV", 1, 2),
+            ("LB_NODE", 1, 2),
+            ("LB_FLOWS4", 1, 2),
+        ] {
             assert!(as_is(map, from, to), "{map} v{from} -> v{to}");
             // And they are the identity indeed.
             let bytes: Vec<u8> = (0..64).collect();
@@ -448,6 +472,21 @@ mod tests {
         assert!(!as_is("LB_VIPS", 2, 1));
         assert!(!as_is("LB_NAT_REV", 2, 1));
         assert!(!as_is("LB_NAT", 1, 2));
+        assert!(!as_is("LB_FLOWS4", 2, 1));
+    }
+
+    #[test]
+    fn flows4_v2_to_v1_clears_the_confirmed_bits_and_keeps_the_flows() {
+        // A bucket's bytes written out: three keys, three values, three times, then the
+        // confirmed bits (ways 0 and 2) where schema 1 had padding.
+        let words: [u64; 6] = [11, 12, 13, 21, 22, 23];
+        let mut v2: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        for t in [100u32, 200, 300, 0b101] {
+            v2.extend(t.to_ne_bytes());
+        }
+        let v1 = values("LB_FLOWS4", 2, 1).unwrap()(&v2);
+        assert_eq!(v1[..60], v2[..60], "keys, values and times");
+        assert_eq!(v1[60..], [0, 0, 0, 0], "no confirmed bits in schema 1");
     }
 
     #[test]

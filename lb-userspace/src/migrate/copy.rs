@@ -524,7 +524,7 @@ fn write_mapped(map: &Map, s: &Schema, bytes: &[u8]) -> Result<u64, CopyError> {
     Ok((n / s.value_size as usize) as u64)
 }
 
-fn buckets_of(bytes: &[u8]) -> Vec<FlowBucket> {
+pub fn buckets_of(bytes: &[u8]) -> Vec<FlowBucket> {
     bytes
         .chunks_exact(size_of::<FlowBucket>())
         .map(|c| {
@@ -539,6 +539,52 @@ fn buckets_of(bytes: &[u8]) -> Vec<FlowBucket> {
 pub fn bucket_bytes(b: &[FlowBucket]) -> &[u8] {
     // SAFETY: FlowBucket is `repr(C)` plain integers with no padding (its size is asserted).
     unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), std::mem::size_of_val(b)) }
+}
+
+/// Rewrites the flow table pinned in `map` (`buckets` buckets) with `conv` applied to each
+/// bucket's bytes, in place, while a program may be writing it: only the 32-bit words `conv`
+/// changes are stored, each with one atomic store, so the program's own writes to the other
+/// words of a bucket are never undone. Returns how many buckets changed.
+pub fn convert_buckets_in_place(
+    map: &Map,
+    s: &Schema,
+    buckets: u32,
+    conv: super::convert::ValueConversion,
+) -> Result<u64, CopyError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let d = data(map).ok_or(CopyError::Unsupported {
+        map: s.map.to_string(),
+        key: s.key_size,
+        value: s.value_size,
+    })?;
+    let size = size_of::<FlowBucket>();
+    let m = Mapping::new(d, buckets as usize * size, true).map_err(|source| CopyError::Mmap {
+        map: s.map.to_string(),
+        source,
+    })?;
+    let mut changed = 0;
+    for i in 0..buckets as usize {
+        // SAFETY: bucket `i` lies inside the writable, page-aligned mapping; its 32-bit words
+        // are naturally aligned.
+        let words = |w: usize| unsafe { &*m.ptr().add(i * size + 4 * w).cast::<AtomicU32>() };
+        let before: Vec<u8> = (0..size / 4)
+            .flat_map(|w| words(w).load(Ordering::Relaxed).to_ne_bytes())
+            .collect();
+        let after = conv(&before);
+        let mut any = false;
+        for (w, (a, b)) in before.chunks(4).zip(after.chunks(4)).enumerate() {
+            if a != b {
+                words(w).store(
+                    u32::from_ne_bytes(b.try_into().expect("4 bytes")),
+                    Ordering::Relaxed,
+                );
+                any = true;
+            }
+        }
+        changed += any as u64;
+    }
+    Ok(changed)
 }
 
 /// Applies merge writes to a flow table the new program is writing meanwhile, way by way with
@@ -580,6 +626,11 @@ pub fn merge_flows_live(
             &*(&raw mut (*b).seen[w]).cast::<AtomicU32>(),
         )
     };
+    // SAFETY: as above.
+    let confirmed = |i: u32| unsafe {
+        let b = m.ptr().cast::<FlowBucket>().add(i as usize);
+        &*(&raw mut (*b).confirmed).cast::<AtomicU32>()
+    };
     let holds = |i: u32, k: u64| (0..FLOW_WAYS).any(|w| way(i, w).0.load(Ordering::Acquire) == k);
     let empties = |i: u32| {
         (0..FLOW_WAYS)
@@ -605,13 +656,16 @@ pub fn merge_flows_live(
                         let (key, val, sn) = way(i, w);
                         key.compare_exchange(EMPTY, LOCKED, Ordering::AcqRel, Ordering::Relaxed)
                             .ok()
-                            .map(|_| (key, val, sn))
+                            .map(|_| (i, w, key, val, sn))
                     })
                 });
                 match claimed {
-                    Some((key, val, sn)) => {
+                    Some((i, w, key, val, sn)) => {
                         val.store(*value, Ordering::Relaxed);
                         sn.store(*seen, Ordering::Relaxed);
+                        // A merged flow is unconfirmed, as a flow the program records is (the
+                        // way may keep the bit of a flow that was removed from it).
+                        confirmed(i).fetch_and(!(1 << w), Ordering::Relaxed);
                         key.store(*k, Ordering::Release);
                         written += 1;
                     }

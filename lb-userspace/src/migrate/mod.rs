@@ -667,6 +667,12 @@ fn converted_from(s: &Schema, from: u32, snap: Snapshot) -> Result<Snapshot, Mig
     Ok(match snap {
         Snapshot::Hash(h) => Snapshot::Hash(h.into_iter().map(|(k, v)| (k, conv(&v))).collect()),
         Snapshot::Array(a) if vs > 0 => Snapshot::Array(a.chunks(vs).flat_map(conv).collect()),
+        Snapshot::Buckets(b) => Snapshot::Buckets(copy::buckets_of(
+            &copy::bucket_bytes(&b)
+                .chunks(vs)
+                .flat_map(conv)
+                .collect::<Vec<u8>>(),
+        )),
         other => {
             return Err(MigrateError::Pins(PinsError::NoConversion {
                 map: format!(
@@ -912,7 +918,8 @@ pub enum RollbackError {
 /// not know. Returns what it did, in one line.
 ///
 /// 0.3.0 -> 0.2.0 / 0.1.0: `LB_VIPS@v2` becomes `LB_VIPS` with `VIP_F_SOURCE_RANGES` and
-/// `VIP_F_NEW_FLOW_BUDGET` cleared (the layout is the same), and `LB_SRC_RANGES`,
+/// `VIP_F_NEW_FLOW_BUDGET` cleared (the layout is the same), `LB_FLOWS4@v2` becomes `LB_FLOWS4`
+/// with its confirmed bits cleared (word by word: the program may be recording flows), and `LB_SRC_RANGES`,
 /// `LB_VIP_DROPS`, `LB_NEW_FLOW_BUDGET` and `LB_VIP_BUDGET_DROPS` are unpinned. A program of
 /// this release still attached then takes every source and every new flow until the older
 /// agent replaces it.
@@ -1039,7 +1046,17 @@ fn convert_in_place(
         source,
     };
     let data = MapData::from_pin(pin).map_err(pin_err)?;
+    let buckets = data.info().map(|i| i.max_entries());
     let mut map = Map::from_map_data(data).map_err(pin_err)?;
+    if s.shape == schema::Shape::FlowBuckets {
+        // The program of this release may still be writing it: word by word.
+        let buckets = buckets.map_err(|source| copy::CopyError::Map {
+            map: s.map.to_string(),
+            what: "reading its info",
+            source,
+        })?;
+        return Ok(copy::convert_buckets_in_place(&map, s, buckets, conv)?);
+    }
     match copy::read(&map, s, 0)? {
         Snapshot::Hash(h) => {
             let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = h

@@ -218,7 +218,7 @@ pub fn current() -> &'static [Schema] {
             ),
             schema!(
                 m::FLOWS4,
-                1,
+                2,
                 FlowBuckets,
                 U32,
                 size_of::<FlowBucket>(),
@@ -384,7 +384,8 @@ const LAYOUT_7: &[(&str, u32)] = &[
 ];
 
 /// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges and new-flow budget flags), `LB_NODE` and
-/// `LB_NAT_REV` at schema 2 (half-open translations), the source ranges and their per-VIP drop
+/// `LB_NAT_REV` at schema 2 (half-open translations), `LB_FLOWS4` at schema 2 (established flows
+/// confirmed, which a flood of new flows cannot evict), the source ranges and their per-VIP drop
 /// counters, and the new-flow budgets and theirs.
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
@@ -396,7 +397,7 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::NODE, 2),
     (m::TX_PORTS, 1),
     (m::FLOWS, 1),
-    (m::FLOWS4, 1),
+    (m::FLOWS4, 2),
     (m::AFFINITY, 1),
     (m::NAT, 1),
     (m::NAT_REV, 2),
@@ -444,6 +445,8 @@ pub fn older(map: &str, version: u32) -> Option<(u32, u32)> {
             size_of::<lb_common::NatReverse>(),
         )),
         (m::NODE, 1) => Some((U32, size_of::<lb_common::NodeConfig>())),
+        // A bucket's padding became its confirmed bits.
+        (m::FLOWS4, 1) => Some((U32, size_of::<lb_common::flowtab::FlowBucket>())),
         _ => None,
     }
 }

@@ -73,6 +73,9 @@ pub struct MapsView {
     /// NAT source ports held, by the state of their translation (`half_open`: handshakes the
     /// client has yet to complete, what a SYN flood leaves).
     pub nat_ports: crate::inspect::NatPorts,
+    /// The IPv4 flow table's flows by state (`new`: seen once, what a SYN flood leaves; a flood
+    /// never evicts an `established` one while it is active).
+    pub flows_ipv4: crate::inspect::FlowStates,
 }
 
 #[derive(Serialize, Debug)]
@@ -171,6 +174,7 @@ fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
         backends: p.members()?.len(),
         tables: t.fill.into_iter().collect(),
         nat_ports: t.nat_ports,
+        flows_ipv4: t.flows_ipv4,
     })
 }
 
@@ -320,6 +324,10 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             f.fill * 100.0
         );
     }
+    println!(
+        "IPv4 flows: {} established, {} new",
+        m.flows_ipv4.established, m.flows_ipv4.new
+    );
     let p = &m.nat_ports;
     println!(
         "NAT ports:  {} established, {} half-open, {} waiting, {} closing, {} closed",
