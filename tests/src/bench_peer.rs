@@ -475,6 +475,17 @@ impl Rig {
                     "pinning NAPI thread {pid}: {}",
                     std::io::Error::last_os_error()
                 );
+                // SCHED_BATCH: a woken thread waits for the running one to finish its poll (no
+                // wakeup preemption), so frames move between the two in batches, as between
+                // softirq NAPI polls, not one context switch per frame the stack transmits.
+                let param = libc::sched_param { sched_priority: 0 };
+                let r = libc::sched_setscheduler(pid as i32, libc::SCHED_BATCH, &param);
+                assert_eq!(
+                    r,
+                    0,
+                    "SCHED_BATCH for NAPI thread {pid}: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
         (a[0], b[0])
