@@ -35,6 +35,8 @@ pub struct Options {
     pub memory_flows: u32,
     /// IPv4 flows and NAT translations (each direction) in the tables a migration doubles.
     pub migration_entries: u32,
+    /// The timed window of each NAT-peer round (see [`crate::bench_peer`]).
+    pub peer_window_ms: u64,
 }
 
 impl Options {
@@ -48,6 +50,7 @@ impl Options {
             backends_per_vip: 100,
             memory_flows: 1 << 20,
             migration_entries: 200_000,
+            peer_window_ms: 1000,
         }
     }
 
@@ -61,12 +64,13 @@ impl Options {
             backends_per_vip: 10,
             memory_flows: 1 << 12,
             migration_entries: 2_000,
+            peer_window_ms: 100,
         }
     }
 }
 
 /// CPUs online (not the calling thread's affinity, which `available_parallelism` reports).
-fn online_cpus() -> usize {
+pub(crate) fn online_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).max(1) as usize
 }
@@ -84,7 +88,7 @@ fn pin_cpu() -> usize {
     cpu
 }
 
-fn median(v: &mut [u64]) -> u64 {
+pub(crate) fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
 }
@@ -800,7 +804,7 @@ fn profile(lbs: &mut [Lb; 4], cases: &mut [Case], name: &str, ingress: u32) -> V
 }
 
 /// Every `ethtool -S` counter of `dev` in namespace `ns`.
-fn ethtool_stats(ns: &str, dev: &str) -> BTreeMap<String, u64> {
+pub(crate) fn ethtool_stats(ns: &str, dev: &str) -> BTreeMap<String, u64> {
     let o = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "ethtool", "-S", dev])
         .output()
@@ -821,7 +825,7 @@ fn ethtool_stats(ns: &str, dev: &str) -> BTreeMap<String, u64> {
 
 /// Sum over the queues of a per-queue veth counter (`rx_queue_0_xdp_tx` + `rx_queue_1_xdp_tx`
 /// for `("rx", "xdp_tx")`).
-fn queue_sum(stats: &BTreeMap<String, u64>, dir: &str, key: &str) -> u64 {
+pub(crate) fn queue_sum(stats: &BTreeMap<String, u64>, dir: &str, key: &str) -> u64 {
     stats
         .iter()
         .filter(|(k, _)| {
@@ -877,7 +881,7 @@ fn softirq_snapshot() -> (Vec<u64>, Vec<u64>) {
 }
 
 /// Threads of the kernel's threaded NAPI (`napi/<dev>-<napi id>`), pid and name.
-fn napi_threads() -> BTreeMap<u32, String> {
+pub(crate) fn napi_threads() -> BTreeMap<u32, String> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -1560,6 +1564,7 @@ pub fn migration(opts: &Options) -> Value {
 pub const SECTIONS: &[&str] = &[
     "fastpath",
     "forwarding",
+    "nat_peer",
     "programs",
     "maglev",
     "control_plane",
@@ -1622,6 +1627,9 @@ pub fn run_only(opts: &Options, sections: &[&str]) -> Value {
     if want("forwarding") {
         out.insert("forwarding_rate".into(), forwarding_rate(opts));
     }
+    if want("nat_peer") {
+        out.insert("nat_peer".into(), crate::bench_peer::nat_peer(opts));
+    }
     if want("programs") {
         out.insert("programs".into(), program_sizes());
     }
@@ -1658,7 +1666,7 @@ fn machine() -> Value {
 }
 
 /// "met" or "MISSED".
-fn mark(met: bool) -> &'static str {
+pub(crate) fn mark(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
 }
 
@@ -1673,6 +1681,9 @@ pub fn table(v: &Value) -> String {
     }
     if let Some(fw) = v.get("forwarding_rate") {
         s += &forwarding_table(fw);
+    }
+    if let Some(p) = v.get("nat_peer") {
+        s += &crate::bench_peer::table(p);
     }
     if let Some(p) = v.get("programs") {
         s += &programs_table(p);

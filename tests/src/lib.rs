@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_peer;
 pub mod dc;
 pub mod ecmp;
 pub mod harness;

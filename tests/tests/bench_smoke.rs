@@ -68,6 +68,18 @@ fn bench_smoke() {
             }
         }
     }
+    // The NAT peer: lb's and kube-proxy-style nftables NAT's rates on one core, each round's
+    // frames checked whole (samples) and accounted for (asserted inside), the target marked.
+    let np = &v["nat_peer"];
+    for k in ["lb_pps", "nftables_pps"] {
+        assert!(np[k]["median"].as_u64().unwrap() > 0, "{np}");
+        assert!(np["loop"][k]["median"].as_u64().unwrap() > 0, "{np}");
+    }
+    assert!(
+        np["ratio"].as_f64().unwrap() > 0.0 && np["met"].is_boolean(),
+        "{np}"
+    );
+    assert_eq!(np["rounds"].as_array().unwrap().len(), 2 * 5, "{np}");
     for p in ["lb", "lb_nat", "lb_floor"] {
         let info = &v["programs"][p];
         assert!(

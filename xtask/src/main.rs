@@ -42,8 +42,8 @@ enum Cmd {
         /// A small, quick run (what the test suite runs).
         #[arg(long)]
         smoke: bool,
-        /// Run only these sections, comma-separated: fastpath, forwarding, maglev,
-        /// control_plane, memory, programs (writes target/bench/results-<sections>.json).
+        /// Run only these sections, comma-separated: fastpath, forwarding, nat_peer, programs,
+        /// maglev, control_plane, memory, migration (writes target/bench/results-<sections>.json).
         #[arg(long, value_name = "SECTIONS")]
         only: Option<String>,
     },
@@ -126,7 +126,8 @@ fn main() -> Result<()> {
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
 /// under it), Python's venv (for kubernetes-validate), tmux (`lb top` is read off its pane) and
-/// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces).
+/// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces) and
+/// `nft` (the bench's kube-proxy-style NAT peer writes its ruleset with it, in a namespace).
 const TEST_APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -134,6 +135,7 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "python3-venv",
     "tmux",
     "bird2",
+    "nftables",
 ];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
