@@ -49,16 +49,14 @@ pub const NAT: &str = "LB_NAT";
 pub const NAT_REV: &str = "LB_NAT_REV";
 /// Passive health per member id: [`crate::PassiveHealth`] (shared, not per CPU).
 pub const MEMBER_PASSIVE: &str = "LB_MEMBER_PASSIVE";
-/// Tail-call targets of `lb`: [`NAT_PROG_INDEX`] holds `lb_nat`. Pinned, so its entries
-/// outlive the agent that wrote them.
+/// Tail-call targets of `lb`: [`TOO_BIG_PROG_INDEX`] and [`ICMP_PROG_INDEX`] (index 0 held
+/// `lb_nat` before 0.3.0, and stays empty). Pinned, so its entries outlive the agent that wrote
+/// them.
 pub const PROGS: &str = "LB_PROGS";
-/// Per-CPU [`crate::NatJob`] passed from `lb` to `lb_nat`. Pinned, so that while a restarted
-/// agent swaps programs, an old `lb` and a new `lb_nat` still share it.
+/// Per-CPU [`crate::NatJob`] that `lb`'s first subprogram leaves for its NAT subprogram, in the
+/// same run on the same CPU (each has a stack frame of its own, and the two would not fit one
+/// call chain's 512 bytes). Before 0.3.0 it passed the job on to `lb_nat`, a tail call.
 pub const NAT_JOB: &str = "LB_NAT_JOB";
-/// Index of `lb_nat` in [`PROGS`].
-pub const NAT_PROG_INDEX: u32 = 0;
-/// Name of the NAT program in the object.
-pub const NAT_PROGRAM: &str = "lb_nat";
 /// Index of `lb_too_big` in [`PROGS`]: it answers packets too big for the egress MTU with an
 /// ICMP too big, on a stack of its own (the callers' are nearly full).
 pub const TOO_BIG_PROG_INDEX: u32 = 1;

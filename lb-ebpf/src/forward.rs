@@ -53,6 +53,24 @@ impl Verdict {
         self.0 as u32
     }
 
+    /// Not a verdict yet: the packet is NAT mode's ([`crate::nat`]), its job in `LB_NAT_JOB`.
+    pub const NAT: Self = Self(u64::MAX);
+
+    #[inline(always)]
+    pub const fn bits(self) -> u64 {
+        self.0
+    }
+
+    #[inline(always)]
+    pub const fn from_bits(bits: u64) -> Self {
+        Self(bits)
+    }
+
+    #[inline(always)]
+    pub const fn is_nat(self) -> bool {
+        self.0 == u64::MAX
+    }
+
     /// The counter's index in `LB_STATS`.
     #[inline(always)]
     pub const fn counter(self) -> u32 {

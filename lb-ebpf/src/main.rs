@@ -170,9 +170,39 @@ mod program {
         }
     }
 
+    /// Two subprograms, called one after the other, each with its own stack frame (the kernel
+    /// allows 512 bytes for a whole call chain, and each of the two needs most of it): [`body`]
+    /// (parse, VIP, selection, DSR forwarding), then for a NAT VIP or a reply to the node,
+    /// [`nat`] on the job `body` left in `LB_NAT_JOB`. No tail call: the NAT path stays in this
+    /// program.
+    /// Each subprogram counts its own verdict: counting here would take a stack slot (the
+    /// counter's key) in this frame, on top of theirs. They return the verdict's bits, an
+    /// integer: the verifier lets only functions that return one make tail calls.
     #[xdp]
     pub fn lb(ctx: XdpContext) -> u32 {
-        finish(process(&ctx))
+        let v = Verdict::from_bits(body(XdpContext::new(ctx.ctx)));
+        if v.is_nat() {
+            Verdict::from_bits(nat(XdpContext::new(ctx.ctx))).action()
+        } else {
+            v.action()
+        }
+    }
+
+    /// [`process`], its verdict counted unless it is NAT mode's to give.
+    #[inline(never)]
+    fn body(ctx: XdpContext) -> u64 {
+        let v = process(&ctx);
+        if !v.is_nat() {
+            finish(v);
+        }
+        v.bits()
+    }
+
+    #[inline(never)]
+    fn nat(ctx: XdpContext) -> u64 {
+        let v = crate::nat::run(&ctx);
+        finish(v);
+        v.bits()
     }
 
     /// Counts the verdict and returns its action.
@@ -184,13 +214,7 @@ mod program {
         verdict.action()
     }
 
-    /// NAT mode (see [`crate::nat`]): `lb` tail-calls it with a [`NatJob`] in `LB_NAT_JOB`.
-    #[xdp]
-    pub fn lb_nat(ctx: XdpContext) -> u32 {
-        finish(crate::nat::run(&ctx))
-    }
-
-    /// Answers a packet too big for its route (see [`crate::too_big`]): `lb` and `lb_nat`
+    /// Answers a packet too big for its route (see [`crate::too_big`]): `lb` (DSR and NAT)
     /// tail-call it with a [`TooBigJob`] in `LB_TOO_BIG_JOB`.
     #[xdp]
     pub fn lb_too_big(ctx: XdpContext) -> u32 {
@@ -204,14 +228,15 @@ mod program {
         finish(crate::icmp::run(&ctx))
     }
 
-    /// Hands the packet to `lb_nat`; returns only if that program is not installed.
+    /// Leaves `job` for [`nat`] (see [`crate::nat`]), which `lb` calls once [`body`] returns.
     #[inline(always)]
-    fn tail_call_nat(ctx: &XdpContext, job: NatJob) {
-        if let Some(j) = LB_NAT_JOB.get_ptr_mut(0) {
-            unsafe {
-                *j = job;
-                LB_PROGS.tail_call(ctx, NAT_PROG_INDEX);
+    fn nat_job(job: NatJob) -> Verdict {
+        match LB_NAT_JOB.get_ptr_mut(0) {
+            Some(j) => {
+                unsafe { *j = job };
+                Verdict::NAT
             }
+            None => Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP),
         }
     }
 
@@ -330,11 +355,11 @@ mod program {
 
     /// A packet that matches no VIP: in NAT mode it may be a backend's reply to the node.
     #[inline(always)]
-    fn not_for_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    fn not_for_vip(pkt: &Packet) -> Verdict {
         if let Some(node) = LB_NODE.get(0)
             && is_node_addr(node, &pkt.key.dst, pkt.key.family)
         {
-            tail_call_nat(ctx, job(NAT_JOB_REVERSE, pkt, 0, 0));
+            return nat_job(job(NAT_JOB_REVERSE, pkt, 0, 0));
         }
         Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS)
     }
@@ -354,18 +379,15 @@ mod program {
                         family: icmp.dst.family,
                         ..Default::default()
                     };
-                    tail_call_nat(
-                        ctx,
-                        NatJob {
-                            key,
-                            kind: NAT_JOB_ICMP,
-                            tos: icmp.tos,
-                            l3_off: icmp.l3_off as u16,
-                            l4_off: icmp.l4_off as u16,
-                            ip_len: icmp.ip_len as u32,
-                            ..Default::default()
-                        },
-                    );
+                    return nat_job(NatJob {
+                        key,
+                        kind: NAT_JOB_ICMP,
+                        tos: icmp.tos,
+                        l3_off: icmp.l3_off as u16,
+                        l4_off: icmp.l4_off as u16,
+                        ip_len: icmp.ip_len as u32,
+                        ..Default::default()
+                    });
                 } else if is_vip_addr(&icmp.dst) {
                     // Perhaps about a DSR flow: one lookup, for ICMP to VIP addresses only.
                     crate::icmp::hand_over(ctx, &icmp);
@@ -385,11 +407,11 @@ mod program {
             }
         };
         if !maybe_vip(&pkt.key.dst, pkt.key.family) {
-            return not_for_vip(ctx, &pkt);
+            return not_for_vip(&pkt);
         }
         let vip_key = pkt.key.vip_key();
         let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
-            return not_for_vip(ctx, &pkt);
+            return not_for_vip(&pkt);
         };
         let vip = *vip;
         // Before anything is looked up or written for the flow: a refused source leaves no
@@ -419,8 +441,7 @@ mod program {
         account(&LB_VIP_STATS, vip.id, bytes, choice.new_flow);
         account(&LB_MEMBER_STATS, choice.member_id, bytes, choice.new_flow);
         if vip.mode == MODE_NAT {
-            tail_call_nat(ctx, job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
-            return Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
+            return nat_job(job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
         }
         encap_and_forward(
             ctx,

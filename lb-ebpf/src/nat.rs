@@ -55,7 +55,7 @@ const EXIST: u64 = BPF_EXIST as u64;
 /// Upper bound of the L4 offset a job may carry (the verifier wants packet offsets bounded).
 const MAX_L4_OFF: u16 = 0x0fff;
 
-/// `lb_nat`: does the job `lb` left in `LB_NAT_JOB`.
+/// NAT mode's subprogram of `lb`: does the job `lb`'s first subprogram left in `LB_NAT_JOB`.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> Verdict {
     let unavailable = Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP);
@@ -364,7 +364,7 @@ const RECLAIM_FLOOD_SEEN: u8 = 6;
 const RECLAIM_EARLY_AGE_MS: u32 = 1_000;
 
 /// A time in milliseconds, as 32 bits (they wrap every 49 days): what the port search keeps
-/// of its victim's creation, to spare the stack of `lb_nat` (which has none to spare).
+/// of its victim's creation, to spare the stack of the NAT subprogram (which has none to spare).
 #[inline(always)]
 fn ms(ns: u64) -> u32 {
     (ns / 1_000_000) as u32
@@ -704,7 +704,7 @@ fn nat_icmp(ctx: &XdpContext, icmp: &Icmp, node: &NodeConfig) -> Verdict {
     let Some((ty, code, quoted_l4)) = icmp::quote(ctx, v4, icmp.l4_off, end, &mut rkey) else {
         return pass;
     };
-    // By reference: a copy of the key would take stack `lb_nat` does not have to spare.
+    // By reference: a copy of the key would take stack the NAT subprogram does not have to spare.
     #[allow(clippy::needless_borrows_for_generic_args)]
     let Some(r) = LB_NAT_REV.get_ptr_mut(&rkey) else {
         return pass;

@@ -3,7 +3,7 @@
 //! an ICMPv6 packet too big (RFC 4443) in its place, so that it lowers its path MTU instead of
 //! retransmitting into a black hole.
 //!
-//! `lb` and `lb_nat` find out (with the route lookup, before they change the frame) and hand the
+//! `lb` (DSR and NAT) finds out (with the route lookup, before they change the frame) and hand the
 //! packet over to `lb_too_big` with a tail call, which gives it a stack of its own.
 //! The frame is turned into the reply where it lies: the tail is trimmed to the part of the
 //! packet to quote, an IP and an ICMP header are put in front of it, and the result is routed

@@ -318,7 +318,6 @@ pub fn verify(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         .try_into()
         .map_err(LoadError::NotXdp)?;
     prog.load().map_err(LoadError::Verify)?;
-    install_tail_call(ebpf, maps::NAT_PROGRAM, maps::NAT_PROG_INDEX)?;
     install_tail_call(ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
     install_tail_call(ebpf, maps::ICMP_PROGRAM, maps::ICMP_PROG_INDEX)?;
     Ok(())

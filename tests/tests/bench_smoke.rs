@@ -80,7 +80,7 @@ fn bench_smoke() {
         "{np}"
     );
     assert_eq!(np["rounds"].as_array().unwrap().len(), 2 * 5, "{np}");
-    for p in ["lb", "lb_nat", "lb_floor"] {
+    for p in ["lb", "lb_floor"] {
         let info = &v["programs"][p];
         assert!(
             info["translated_insns"].as_u64().unwrap() > 0
