@@ -17,6 +17,13 @@ pub const fn add(a: u32, b: u32) -> u32 {
     s + carry as u32
 }
 
+/// The one's-complement change from word `old` to word `new` added to `seed` (RFC 1624, eqn.
+/// 3: ~m + m'), as `bpf_csum_diff(old, 4, new, 4, seed)` gives it: two additions.
+#[inline(always)]
+pub const fn diff(old: [u8; 4], new: [u8; 4], seed: u32) -> u32 {
+    add(add(seed, !u32::from_ne_bytes(old)), u32::from_ne_bytes(new))
+}
+
 /// One's-complement sum folded to 16 bits.
 #[inline(always)]
 pub const fn fold(s: u32) -> u16 {

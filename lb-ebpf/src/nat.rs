@@ -18,7 +18,7 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
-    helpers::generated::{bpf_csum_diff, bpf_loop, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_loop, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
@@ -87,7 +87,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
         }
         kind => {
             let pkt = Packet {
-                key: job.key,
+                key: copy_key(&job.key),
                 l3_off: l3_off as usize,
                 ip_len: job.ip_len as usize,
                 l4_off: l4_off as usize,
@@ -102,6 +102,16 @@ pub fn run(ctx: &XdpContext) -> Verdict {
             }
         }
     }
+}
+
+/// A copy of the job's flow key (at the start of the map value: 8-byte aligned) as five word
+/// loads, where an assignment is a call to a byte-at-a-time `memmove` (volatile, so that LLVM
+/// does not turn them back into one).
+#[inline(always)]
+fn copy_key(k: &FlowKey) -> FlowKey {
+    let p = k as *const FlowKey as *const u64;
+    let w = |i| unsafe { core::ptr::read_volatile(p.add(i)) };
+    unsafe { core::mem::transmute::<[u64; 5], FlowKey>([w(0), w(1), w(2), w(3), w(4)]) }
 }
 
 #[inline(always)]
@@ -868,13 +878,28 @@ fn untag(ctx: &XdpContext, l3_off: usize, rx_dst: [u8; 6], rx_src: [u8; 6]) -> b
     true
 }
 
-/// The one's-complement change from `old` to `new` (`N` a multiple of 4), added to `seed`
-/// (RFC 1624, eqn. 3). The kernel's `bpf_csum_diff` does the sum: written out, LLVM vectorises
-/// it into more stack than BPF has. Sums are in load order (little-endian words), as are the
-/// checksums they update.
+/// The one's-complement change from `old` to `new` (`N` 4 or 16), added to `seed` (RFC 1624,
+/// eqn. 3), a 32-bit word at a time ([`diff4`]). Sums are in load order (little-endian words),
+/// as are the checksums they update.
 #[inline(always)]
 fn diff<const N: usize>(old: *const [u8; N], new: *const [u8; N], seed: u32) -> u32 {
-    unsafe { bpf_csum_diff(old as *mut u32, N as u32, new as *mut u32, N as u32, seed) as u32 }
+    const { assert!(N == 4 || N == 16) };
+    let (o, n) = (old as *const [u8; 4], new as *const [u8; 4]);
+    let mut acc = diff4(o, n, seed);
+    if N == 16 {
+        acc = diff4(o.wrapping_add(1), n.wrapping_add(1), acc);
+        acc = diff4(o.wrapping_add(2), n.wrapping_add(2), acc);
+        acc = diff4(o.wrapping_add(3), n.wrapping_add(3), acc);
+    }
+    acc
+}
+
+/// [`csum::diff`] of one word, in a subprogram of its own: two additions where
+/// `bpf_csum_diff` is a helper call that sums memory, and no stack (inlined, the arithmetic
+/// would spill the NAT subprogram past its 512 bytes).
+#[inline(never)]
+fn diff4(old: *const [u8; 4], new: *const [u8; 4], seed: u32) -> u32 {
+    unsafe { csum::diff(*old, *new, seed) }
 }
 
 /// Source and destination port (network byte order) as the four bytes of an L4 header.
