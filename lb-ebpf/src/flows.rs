@@ -119,7 +119,7 @@ pub fn confirm(hit: &Hit) {
 #[inline(always)]
 fn confirmed_word(b: *mut FlowBucket) -> *mut u64 {
     const AT: usize = core::mem::offset_of!(FlowBucket, confirmed) - 4;
-    const _: () = assert!(AT % 8 == 0 && cfg!(target_endian = "little"));
+    const _: () = assert!(AT.is_multiple_of(8) && cfg!(target_endian = "little"));
     unsafe { (b as *mut u8).add(AT) as *mut u64 }
 }
 

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use lb_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, NAT_S_ANSWERED,
-    NAT_S_HALF_OPEN, VipValue, flow_hash, maps, nat_port_candidate,
+    NAT_S_HALF_OPEN, VipValue, flow_hash, nat_port_candidate,
 };
 use lb_tests::{
     harness::{
