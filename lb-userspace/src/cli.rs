@@ -191,6 +191,15 @@ enum Command {
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
+    /// Print a completion script for a shell: `lb completions bash > /etc/bash_completion.d/lb`
+    /// (zsh: a file named `_lb` on `$fpath`; fish: `~/.config/fish/completions/lb.fish`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print lb's manual page (roff): `lb man > /usr/local/share/man/man1/lb.1`, or
+    /// `lb man | man -l -` to read it now.
+    Man,
 }
 
 /// How an inspecting command prints: `-o table|wide|json` (`--json` is kept as `-o json`).
@@ -371,6 +380,16 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
         Command::Check { config } => {

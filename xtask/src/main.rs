@@ -127,7 +127,8 @@ fn main() -> Result<()> {
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven
 /// under it), Python's venv (for kubernetes-validate), tmux (`lb top` is read off its pane) and
 /// BIRD 2 (the scale-out lab's routing daemon; the tests start their own, in namespaces) and
-/// `nft` (the bench's kube-proxy-style NAT peer writes its ruleset with it, in a namespace).
+/// `nft` (the bench's kube-proxy-style NAT peer writes its ruleset with it, in a namespace), and
+/// groff (`lb man`'s page is rendered and linted with it).
 const TEST_APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -136,6 +137,7 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "tmux",
     "bird2",
     "nftables",
+    "groff-base",
 ];
 /// The manifest validator the tests run, from PyPI, in a virtualenv under target/.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
