@@ -117,10 +117,11 @@ enum Command {
     Stats {
         #[command(flatten)]
         out: Output,
-        /// Print rates per second every SECONDS instead (global, per VIP, per backend of each
+        /// Print rates per second every INTERVAL instead (global, per VIP, per backend of each
         /// VIP), each block stamped with the time; with `-o json`, one JSON object per line.
-        #[arg(long, value_name = "SECONDS")]
-        watch: Option<f64>,
+        /// Seconds (0.5) or a duration (500ms, 2s), as `lb top --interval`; at least 100ms.
+        #[arg(long, value_name = "INTERVAL", value_parser = crate::top::parse_interval)]
+        watch: Option<Duration>,
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
     Backends {
@@ -136,10 +137,11 @@ enum Command {
     /// Entries of the flow tables (client -> VIP, the backend the flow is pinned to, its state
     /// and, in NAT mode, its source port towards the backend), and how many there are in all.
     Flows {
-        /// Only flows to this VIP (ADDRESS:PORT, [V6]:PORT).
+        /// Only flows to this VIP: ADDRESS:PORT or [V6]:PORT, or the label lb prints for it
+        /// (192.0.2.10:80/tcp).
         #[arg(long)]
-        vip: Option<SocketAddr>,
-        /// Show at most this many (the total counts them all).
+        vip: Option<show::flows::VipArg>,
+        /// Show at most this many (the total counts them all); 0: all of them.
         #[arg(long, default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
@@ -330,12 +332,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             let p = Pinned::open(&pins)?;
             let names = show::VipNames::read(&cli.state_dir);
             match watch {
-                Some(secs) => show::watch::watch(
-                    &p,
-                    &names,
-                    Duration::from_secs_f64(secs.max(0.1)),
-                    out.format(),
-                ),
+                Some(every) => show::watch::watch(&p, &names, every, out.format()),
                 None => stats(&p, &names, out.format()),
             }
         }
@@ -350,7 +347,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             &Pinned::open(&pins)?,
             &show::VipNames::read(&cli.state_dir),
             vip,
-            limit,
+            if limit == 0 { usize::MAX } else { limit },
             out.format(),
         ),
         Command::Explain {
@@ -412,5 +409,45 @@ fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn stats_watch_takes_the_interval_syntax_of_top() {
+        for (arg, ms) in [("500ms", 500), ("0.5", 500), ("2s", 2000), ("1", 1000)] {
+            match parse(&["stats", "--watch", arg]).map(|c| c.command) {
+                Ok(Command::Stats { watch, .. }) => {
+                    assert_eq!(watch, Some(Duration::from_millis(ms)), "{arg}")
+                }
+                _ => panic!("--watch {arg} refused"),
+            }
+        }
+        assert!(parse(&["stats", "--watch", "50ms"]).is_err(), "below 100ms");
+    }
+
+    #[test]
+    fn flows_vip_takes_the_label_lb_prints_and_a_bare_address() {
+        let vip = |arg: &str| match parse(&["flows", "--vip", arg]).map(|c| c.command) {
+            Ok(Command::Flows { vip, .. }) => vip,
+            Ok(_) => unreachable!(),
+            Err(e) => panic!("--vip {arg}: {e}"),
+        };
+        let v = vip("192.0.2.10:80/tcp").unwrap();
+        assert_eq!(v.addr, "192.0.2.10:80".parse().unwrap());
+        assert_eq!(v.proto, Some(Protocol::Tcp));
+        let v = vip("[2001:db8::10]:443/udp").unwrap();
+        assert_eq!(v.addr, "[2001:db8::10]:443".parse().unwrap());
+        assert_eq!(v.proto, Some(Protocol::Udp));
+        assert_eq!(vip("192.0.2.10:80").unwrap().proto, None);
+        assert!(parse(&["flows", "--vip", "192.0.2.10:80/sctp"]).is_err());
+        assert!(parse(&["flows", "--vip", "web"]).is_err());
     }
 }

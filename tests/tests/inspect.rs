@@ -398,10 +398,12 @@ fn flows_json_lists_every_flow_made_with_its_backend_and_counts_beyond_the_limit
     assert_eq!(some["shown"], 10, "{some}");
     assert_eq!(some["flows"].as_array().unwrap().len(), 10);
 
+    // `--limit 0`: all of them; `--vip` takes the VIP's label as lb prints it.
     let all = s
         .dirs
-        .json(&["flows", "--limit", "1000", "--vip", "192.0.2.10:80"]);
+        .json(&["flows", "--limit", "0", "--vip", "192.0.2.10:80/tcp"]);
     assert_eq!(all["total"], n, "{all}");
+    assert_eq!(all["shown"], n, "{all}");
     let listed: BTreeSet<(String, String)> = all["flows"]
         .as_array()
         .unwrap()

@@ -144,13 +144,37 @@ impl Ctx<'_> {
     }
 }
 
+/// Which VIP `--vip` names: its address and port, and its protocol if given, as lb prints a
+/// VIP's label (`192.0.2.10:80/tcp`, `[2001:db8::10]:443/udp`) or without it (`192.0.2.10:80`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipArg {
+    pub addr: SocketAddr,
+    pub proto: Option<crate::model::Protocol>,
+}
+
+impl std::str::FromStr for VipArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((a, p)) => (a, Some(p.parse()?)),
+            None => (s, None),
+        };
+        let addr = addr.parse().map_err(|_| {
+            format!("{s:?} is not a VIP: ADDRESS:PORT or [V6]:PORT, optionally with /tcp or /udp")
+        })?;
+        Ok(Self { addr, proto })
+    }
+}
+
+impl VipArg {
+    fn matches(&self, to: SocketAddr, proto: u8) -> bool {
+        self.addr == to && self.proto.is_none_or(|p| p.number() == proto)
+    }
+}
+
 /// The flows to `vip` (all if None), at most `limit` of them, and their total.
-pub fn list(
-    p: &Pinned,
-    names: &VipNames,
-    vip: Option<SocketAddr>,
-    limit: usize,
-) -> Result<FlowList> {
+pub fn list(p: &Pinned, names: &VipNames, vip: Option<VipArg>, limit: usize) -> Result<FlowList> {
     let vips = p.vips()?.into_iter();
     let ctx = Ctx {
         p,
@@ -166,7 +190,7 @@ pub fn list(
     };
     p.each_flow(|k, f| {
         let to = SocketAddr::new(ip_of(&k.dst, k.family), u16::from_be(k.dst_port));
-        if vip.is_some_and(|want| want != to) {
+        if vip.is_some_and(|want| !want.matches(to, k.proto)) {
             return true;
         }
         out.total += 1;
@@ -184,7 +208,7 @@ pub fn list(
 pub fn flows(
     p: &Pinned,
     names: &VipNames,
-    vip: Option<SocketAddr>,
+    vip: Option<VipArg>,
     limit: usize,
     format: Format,
 ) -> Result<()> {
