@@ -11,8 +11,8 @@ use crate::{
     links, privilege, program,
 };
 
-/// What `lb check` found.
-#[derive(Debug, Default)]
+/// What `lb check` found (`-o json` prints it as it is, with `valid`).
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
     /// Problems that make `lb run` refuse the config, each starting with its path.
     pub errors: Vec<String>,

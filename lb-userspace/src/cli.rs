@@ -190,6 +190,10 @@ enum Command {
         /// The config file (YAML; see lb.example.yaml).
         #[arg(long, short)]
         config: PathBuf,
+        /// text (default) or json: `{"config", "valid", "errors", "warnings", "host",
+        /// "skipped"}`, the same exit status.
+        #[arg(short, long = "output", value_enum, default_value_t = CheckFormat::Text)]
+        output: CheckFormat,
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
@@ -202,6 +206,12 @@ enum Command {
     /// Print lb's manual page (roff): `lb man > /usr/local/share/man/man1/lb.1`, or
     /// `lb man | man -l -` to read it now.
     Man,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CheckFormat {
+    Text,
+    Json,
 }
 
 /// How an inspecting command prints: `-o table|wide|json` (`--json` is kept as `-o json`).
@@ -389,8 +399,27 @@ fn dispatch(cli: Cli) -> Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { config, output } => {
             let report = crate::check::check(&config);
+            if output == CheckFormat::Json {
+                #[derive(serde::Serialize)]
+                struct Json<'a> {
+                    config: String,
+                    valid: bool,
+                    #[serde(flatten)]
+                    report: &'a crate::check::Report,
+                }
+                let v = Json {
+                    config: config.display().to_string(),
+                    valid: report.ok(),
+                    report: &report,
+                };
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                if !report.ok() {
+                    bail!("{}: {} problem(s)", config.display(), report.errors.len());
+                }
+                return Ok(());
+            }
             print!("{report}");
             if !report.ok() {
                 bail!(

@@ -376,3 +376,52 @@ fn without_the_capabilities_the_load_is_skipped_and_said_to_be_but_interfaces_ar
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).contains("nope0"), "{}", stdout(&out));
 }
+
+#[test]
+fn check_json_names_each_problem_and_warning_with_its_path_and_keeps_the_exit_status() {
+    let file = File::new(
+        &edit("backends: [{ address: 10.1.0.3 }]", "backends: []")
+            .replace("weight: 2", "weight: 70000"),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "-o", "json", "--config"])
+        .arg(&file.0)
+        .output()
+        .expect("running lb check");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(v["config"], file.0.display().to_string(), "{v}");
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{v}");
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .starts_with("vips[0].backends[0].weight: must be 0..=65535"),
+        "{v}"
+    );
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("vips[1].backends: empty"),
+        "{v}"
+    );
+}
+
+#[test]
+fn check_json_of_a_valid_config_says_valid_and_exits_0() {
+    let good = File::new(GOOD);
+    let out = Command::new(BIN)
+        .args(["check", "-o", "json", "--config"])
+        .arg(&good.0)
+        .output()
+        .expect("running lb check");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["errors"].as_array().unwrap().len(), 0, "{v}");
+}
