@@ -179,6 +179,10 @@ enum Command {
         /// Print one screen as plain text after one interval, and exit (for scripts).
         #[arg(long)]
         once: bool,
+        /// With --once: text (default) or json (the screen's figures: rates per second, shares
+        /// as fractions, times in seconds).
+        #[arg(short, long = "output", value_enum, default_value_t = TextOrJson::Text, requires = "once")]
+        output: TextOrJson,
     },
     /// Check a config without running it: exit 0 if `lb run` would take it, 1 if not.
     ///
@@ -192,8 +196,8 @@ enum Command {
         config: PathBuf,
         /// text (default) or json: `{"config", "valid", "errors", "warnings", "host",
         /// "skipped"}`, the same exit status.
-        #[arg(short, long = "output", value_enum, default_value_t = CheckFormat::Text)]
-        output: CheckFormat,
+        #[arg(short, long = "output", value_enum, default_value_t = TextOrJson::Text)]
+        output: TextOrJson,
     },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
@@ -208,8 +212,9 @@ enum Command {
     Man,
 }
 
+/// `-o` of `lb check` and `lb top --once`: text or json.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum CheckFormat {
+enum TextOrJson {
     Text,
     Json,
 }
@@ -376,10 +381,18 @@ fn dispatch(cli: Cli) -> Result<()> {
             out.format(),
         ),
         Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),
-        Command::Top { interval, once } => {
+        Command::Top {
+            interval,
+            once,
+            output,
+        } => {
             let p = Pinned::open(&pins)?;
             if once {
-                print!("{}", crate::top::once(&p, &cli.state_dir, interval)?);
+                let frame = crate::top::once(&p, &cli.state_dir, interval)?;
+                match output {
+                    TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&frame)?),
+                    TextOrJson::Text => print!("{}", crate::top::ui::to_text(&frame)),
+                }
                 Ok(())
             } else {
                 Ok(crate::top::live(&p, &cli.state_dir, interval)?)
@@ -401,7 +414,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Check { config, output } => {
             let report = crate::check::check(&config);
-            if output == CheckFormat::Json {
+            if output == TextOrJson::Json {
                 #[derive(serde::Serialize)]
                 struct Json<'a> {
                     config: String,

@@ -226,3 +226,44 @@ fn lb_top_once_shows_the_flows_still_pinned_to_a_backend_set_to_weight_0() {
     }
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+#[test]
+fn lb_top_once_json_gives_each_backend_its_weight_and_its_share_of_the_weights() {
+    let (net, dirs, mut agent) = start("top-json");
+    send_flows(&net, &dirs);
+    let out = dirs.cli(&["top", "--once", "--interval", "0.2", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(
+        (v["interval_s"].as_f64().unwrap() - 0.2).abs() < 0.15,
+        "{v}"
+    );
+    let vip = &v["vips"][0];
+    assert_eq!(vip["name"], "web", "{v}");
+    assert_eq!(vip["label"], format!("{VIP}:80/tcp"), "{v}");
+    // Percentages from the config, the JSON's fractions.
+    let weights = weight_shares(&BACKENDS);
+    let backends = vip["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), BACKENDS.len(), "{v}");
+    for (addr, weight) in BACKENDS {
+        let b = backends
+            .iter()
+            .find(|b| b["label"] == format!("{addr}:80"))
+            .unwrap_or_else(|| panic!("no {addr}: {v}"));
+        assert_eq!(b["weight"], weight, "{v}");
+        let share = b["weight_share"].as_f64().unwrap() * 100.0;
+        assert!((share - weights[addr]).abs() < 1e-6, "{addr}: {share}: {v}");
+        // Flows pinned are counted for draining backends only.
+        assert_eq!(
+            (&b["draining"], &b["pinned_flows"]),
+            (&serde_json::json!(false), &serde_json::Value::Null),
+            "{v}"
+        );
+    }
+    assert_eq!(agent.stop().code(), Some(0));
+}

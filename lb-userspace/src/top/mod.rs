@@ -32,12 +32,12 @@ fn read(p: &Pinned, state_dir: &Path) -> Result<sample::Sample, InspectError> {
     sample::read(p, read_status(state_dir).as_ref())
 }
 
-/// `lb top --once`: two readings `interval` apart, one screen as plain text.
-pub fn once(p: &Pinned, state_dir: &Path, interval: Duration) -> Result<String, TopError> {
+/// `lb top --once`: two readings `interval` apart, one screen ([`ui::to_text`] prints it).
+pub fn once(p: &Pinned, state_dir: &Path, interval: Duration) -> Result<model::Frame, TopError> {
     let first = read(p, state_dir)?;
     std::thread::sleep(interval);
     let cur = read(p, state_dir)?;
-    Ok(ui::to_text(&model::build(&first, &first, &cur)))
+    Ok(model::build(&first, &first, &cur))
 }
 
 pub use live::live;

@@ -8,12 +8,14 @@ use lb_common::TrafficStats;
 
 use super::sample::{Alloc, Health, MemberSample, PinnedFlows, Sample, VipSample};
 
-/// One screen.
-#[derive(Clone, Debug, PartialEq)]
+/// One screen (`lb top --once -o json` prints it: times in seconds, shares as fractions).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Frame {
     /// Time between the last two readings (what the rates are over).
+    #[serde(rename = "interval_s", serialize_with = "seconds")]
     pub interval: Duration,
     /// Time since the first reading (what the shares "since start" are over).
+    #[serde(rename = "since_start_s", serialize_with = "seconds")]
     pub since_start: Duration,
     /// Drop verdicts per second, all VIPs and packets aimed at none.
     pub drops_per_s: f64,
@@ -22,7 +24,11 @@ pub struct Frame {
     pub vips: Vec<VipRow>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct VipRow {
     pub label: String,
     pub name: Option<String>,
@@ -36,7 +42,7 @@ pub struct VipRow {
     pub backends: Vec<BackendRow>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BackendRow {
     pub label: String,
     pub weight: Option<u32>,

@@ -21,7 +21,8 @@ use crate::{
 pub type Alloc = (u32, u32);
 
 /// Health as the agent last wrote it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Health {
     Healthy,
     Unhealthy,
@@ -92,7 +93,7 @@ pub struct Sample {
 }
 
 /// The flow entries pinned to one member.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PinnedFlows {
     pub total: u64,
     /// Those not known to be idle for [`IDLE`] (see [`in_use`]).
