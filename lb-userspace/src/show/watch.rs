@@ -188,17 +188,103 @@ fn print_block(out: &mut impl std::io::Write, i: &Interval, wide: bool) -> std::
         "  {:<56} {:>12} {:>14} {:>12}",
         "VIP", "PACKETS/S", "BYTES/S", "NEW FLOWS/S"
     )?;
-    for v in &i.vips {
-        line(out, &v.vip.label, &v.rates)?;
-    }
-    for b in &i.backends {
+    // Each VIP, then its backends (a backend of a VIP no longer listed comes last, with its
+    // VIP named).
+    let backend = |out: &mut dyn std::io::Write, b: &BackendRates, named: bool| {
         let id = if wide {
             format!(" (member {})", b.member_id)
         } else {
             String::new()
         };
-        let name = format!("  -> {}{id}  [{}]", b.backend.label, b.vip.label);
-        line(out, &name, &b.rates)?;
+        let vip = if named || wide {
+            format!("  [{}]", b.vip.label)
+        } else {
+            String::new()
+        };
+        line(out, &format!("  -> {}{id}{vip}", b.backend.label), &b.rates)
+    };
+    for v in &i.vips {
+        line(out, &v.vip.label, &v.rates)?;
+        for b in i.backends.iter().filter(|b| b.vip.label == v.vip.label) {
+            backend(out, b, false)?;
+        }
+    }
+    for b in &i.backends {
+        if !i.vips.iter().any(|v| v.vip.label == b.vip.label) {
+            backend(out, b, true)?;
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vip(addr: &str) -> VipRef {
+        VipRef {
+            label: format!("{addr}:80/tcp"),
+            name: None,
+            address: addr.parse().unwrap(),
+            port: 80,
+            protocol: "tcp".into(),
+        }
+    }
+
+    fn backend(vip_addr: &str, addr: &str, member_id: u32) -> BackendRates {
+        BackendRates {
+            vip: vip(vip_addr),
+            backend: BackendRef {
+                label: format!("{addr}:80"),
+                address: addr.parse().unwrap(),
+                port: 80,
+            },
+            member_id,
+            rates: Rates::default(),
+        }
+    }
+
+    #[test]
+    fn each_vip_is_followed_by_its_own_backends() {
+        let (a, b) = ("192.0.2.10", "192.0.2.11");
+        let i = Interval {
+            at: "t".into(),
+            interval_s: 1.0,
+            global: BTreeMap::new(),
+            global_per_s: BTreeMap::new(),
+            vips: [a, b]
+                .map(|v| VipRates {
+                    vip: vip(v),
+                    rates: Rates::default(),
+                })
+                .into(),
+            // Member ids interleave the two VIPs' backends, as the maps may.
+            backends: vec![
+                backend(a, "10.1.0.1", 0),
+                backend(b, "10.2.0.1", 1),
+                backend(a, "10.1.0.2", 2),
+                backend(b, "10.2.0.2", 3),
+            ],
+        };
+        let mut out = Vec::new();
+        print_block(&mut out, &i, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let order: Vec<&str> = text
+            .lines()
+            .skip(3)
+            .map(|l| l.split_whitespace().find(|w| w.contains(':')).unwrap())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "192.0.2.10:80/tcp",
+                "10.1.0.1:80",
+                "10.1.0.2:80",
+                "192.0.2.11:80/tcp",
+                "10.2.0.1:80",
+                "10.2.0.2:80"
+            ],
+            "{text}"
+        );
+    }
 }
