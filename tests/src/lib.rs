@@ -17,6 +17,7 @@ pub mod netns;
 pub mod packet;
 pub mod raw;
 pub mod release;
+pub mod scrape;
 pub mod tmux;
 pub mod upgrade;
 pub mod wellformed;
