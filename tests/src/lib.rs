@@ -15,6 +15,7 @@ pub mod lab;
 pub mod memcg;
 pub mod netns;
 pub mod packet;
+pub mod promql;
 pub mod raw;
 pub mod release;
 pub mod scrape;
