@@ -613,10 +613,18 @@ pub struct Expected {
 impl Expected {
     /// The interfaces that do not hold lb's program now.
     pub fn missing(&self) -> Vec<String> {
+        self.attached()
+            .into_iter()
+            .filter(|(_, ours)| !ours)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Each interface, and whether it holds lb's program now (as the kernel says).
+    pub fn attached(&self) -> Vec<(String, bool)> {
         self.interfaces
             .iter()
-            .filter(|i| !attachment(&self.pin_dir, i).ours())
-            .cloned()
+            .map(|i| (i.clone(), attachment(&self.pin_dir, i).ours()))
             .collect()
     }
 }

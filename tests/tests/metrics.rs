@@ -13,10 +13,11 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, Dirs},
+    agent::{Agent, Dirs, xdp_attachment},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     netns::NetNs,
     packet::Pkt,
+    scrape::{samples, sum},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -172,58 +173,6 @@ fn scrape(ns: &NetNs, accept: Option<&str>) -> (String, String) {
         })
         .unwrap_or_else(|| panic!("no Content-Type: {head}"));
     (content_type, body.to_string())
-}
-
-/// One sample: metric name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// The samples of a text or OpenMetrics body (the two write samples alike). Label values here
-/// hold no quotes, commas or escapes.
-fn samples(body: &str) -> Vec<Sample> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
-            let (name, labels) = match series.split_once('{') {
-                None => (series, BTreeMap::new()),
-                Some((name, rest)) => {
-                    let inner = rest.strip_suffix('}').unwrap_or_else(|| panic!("{l}"));
-                    let labels = inner
-                        .split(',')
-                        .filter(|p| !p.is_empty())
-                        .map(|p| {
-                            let (k, v) = p.split_once('=').unwrap_or_else(|| panic!("{l}"));
-                            (k.to_string(), v.trim_matches('"').to_string())
-                        })
-                        .collect();
-                    (name, labels)
-                }
-            };
-            Sample {
-                name: name.to_string(),
-                labels,
-                value: value.parse().unwrap_or_else(|e| panic!("{l}: {e}")),
-            }
-        })
-        .collect()
-}
-
-/// The sum of `name`'s samples whose labels include `with`.
-fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| {
-            with.iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|s| s.value)
-        .sum()
 }
 
 fn workspace_root() -> PathBuf {
@@ -461,4 +410,37 @@ fn the_last_reload_timestamp_is_the_start_then_moves_on_a_sighup_reload() {
         reloaded >= before_hup && reloaded > started && reloaded <= now_seconds(),
         "after the reload: {reloaded}, sent SIGHUP after {before_hup}, started at {started}"
     );
+}
+
+#[test]
+fn the_interface_attached_gauge_is_1_then_0_once_the_link_is_removed_behind_the_agents_back() {
+    let net = quiet_net("met-att");
+    let dirs = Dirs::new(Path::new(BIN), "met-att");
+    let _agent = agent(&net, &dirs);
+    let attached = || {
+        let (_, body) = scrape(&net.ns, None);
+        let s = samples(&body);
+        let series: Vec<_> = s
+            .iter()
+            .filter(|x| x.name == "lb_interface_attached")
+            .map(|x| (x.labels.clone(), x.value))
+            .collect();
+        assert_eq!(series.len(), 1, "one series, lb0's:\n{body}");
+        assert_eq!(
+            series[0].0.get("interface").map(String::as_str),
+            Some("lb0"),
+            "{body}"
+        );
+        series[0].1
+    };
+    assert_eq!(attached(), 1.0, "lb0 holds lb's program");
+    // What `lb down --force` does under a running agent: the link's pin goes, and with it the
+    // last reference to the link.
+    std::fs::remove_file(dirs.pins.join("link-lb0")).expect("removing lb0's link pin");
+    let start = std::time::Instant::now();
+    while xdp_attachment(&net.ns, "lb0").is_some() {
+        assert!(start.elapsed() < T, "lb0 still attached after {T:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(attached(), 0.0, "lb0 no longer holds lb's program");
 }

@@ -26,6 +26,9 @@ pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectErr
     out.extend(traffic(p, &maps.nexthops)?);
     out.extend(tables(p)?);
     out.extend(agent(a));
+    // Cloned: the lock is not held over the netlink requests.
+    let links = a.links.lock().expect("links lock").clone();
+    out.push(interfaces(&links));
     out.extend(nexthops(&a.nexthops.lock().expect("nexthops lock")));
     out.extend(announce(a.announce.lock().expect("announce lock").as_ref()));
     Ok(out)
@@ -343,6 +346,20 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
             vec![(vec![], last.map_or(0.0, |m| (m.entries + m.merged) as f64))],
         ),
     ]
+}
+
+/// Whether lb's program is attached to each interface the agent keeps it on, as the kernel says
+/// at the scrape (what `/readyz` checks), so that an alert can name the interface.
+fn interfaces(expected: &crate::links::Expected) -> Family {
+    Family::gauge(
+        "lb_interface_attached",
+        "1 if lb's program is attached to the interface (the program of the link lb pinned for it is the one the device runs), 0 if not",
+        expected
+            .attached()
+            .into_iter()
+            .map(|(i, ours)| (vec![("interface", i)], f64::from(u8::from(ours))))
+            .collect(),
+    )
 }
 
 /// The next-hop keeper's gauges and counters.
