@@ -141,6 +141,15 @@ enum Command {
         /// (192.0.2.10:80/tcp).
         #[arg(long)]
         vip: Option<show::flows::VipArg>,
+        /// Only flows pinned to this backend: ADDRESS or ADDRESS:PORT.
+        #[arg(long)]
+        backend: Option<show::flows::Endpoint>,
+        /// Only flows of this client: ADDRESS or ADDRESS:PORT.
+        #[arg(long)]
+        client: Option<show::flows::Endpoint>,
+        /// Only flows in this state (what the program does with their next packet).
+        #[arg(long, value_enum)]
+        state: Option<show::flows::FlowState>,
         /// Show at most this many (the total counts them all); 0: all of them.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -358,10 +367,22 @@ fn dispatch(cli: Cli) -> Result<()> {
             &cli.state_dir,
             out.format(),
         ),
-        Command::Flows { vip, limit, out } => show::flows::flows(
+        Command::Flows {
+            vip,
+            backend,
+            client,
+            state,
+            limit,
+            out,
+        } => show::flows::flows(
             &Pinned::open(&pins)?,
             &show::VipNames::read(&cli.state_dir),
-            vip,
+            show::flows::Filter {
+                vip,
+                backend,
+                client,
+                state,
+            },
             if limit == 0 { usize::MAX } else { limit },
             out.format(),
         ),

@@ -425,6 +425,46 @@ fn flows_json_lists_every_flow_made_with_its_backend_and_counts_beyond_the_limit
 }
 
 #[test]
+fn flows_filter_by_backend_client_and_state_and_count_each_state() {
+    let s = start("st-flowsf", &config(""));
+    let n = 60;
+    // Client (address:port) -> backend, from the frames' outer headers.
+    let made: BTreeMap<String, String> = s.net.ns.run(|| {
+        let mut lb = Lb::adopt(&s.dirs.pins);
+        (0..n)
+            .map(|i| {
+                let p = syn(i, WEB);
+                let b = outer_dst(&run(&mut lb, &s.net, &p));
+                (format!("{}:{}", p.src, p.sport), b)
+            })
+            .collect()
+    });
+    let all = s.dirs.json(&["flows", "--limit", "0"]);
+    assert_eq!(all["states"]["active"], n, "{all}");
+    assert_eq!(all["states"]["draining"], 0, "{all}");
+    // By backend: exactly the flows the frames sent there.
+    let b = made.values().next().unwrap().clone();
+    let to_b = s.dirs.json(&["flows", "--limit", "0", "--backend", &b]);
+    let want = made.values().filter(|v| **v == b).count();
+    assert_eq!(to_b["total"], want, "{to_b}");
+    for f in to_b["flows"].as_array().unwrap() {
+        assert_eq!(f["backend"]["label"], format!("{b}:80"), "{f}");
+    }
+    // By client (address and port): the one flow.
+    let (c, cb) = made.iter().next().unwrap();
+    let one = s.dirs.json(&["flows", "--client", c]);
+    assert_eq!(one["total"], 1, "{one}");
+    assert_eq!(
+        one["flows"][0]["backend"]["label"],
+        format!("{cb}:80"),
+        "{one}"
+    );
+    // By state: none drains.
+    let draining = s.dirs.json(&["flows", "--state", "draining"]);
+    assert_eq!(draining["total"], 0, "{draining}");
+}
+
+#[test]
 fn ipv6_flows_are_listed_and_counted_with_the_ipv4_ones() {
     let v6 = format!(
         "  - name: web6\n    address: 2001:db8::10\n    port: 80\n    protocol: tcp\n    backends: [{{ address: {TX_V6} }}]\n"

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// What the program does with a flow's next packet.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum FlowState {
     /// Follows the entry to its backend.
@@ -62,10 +62,73 @@ pub struct FlowRow {
     pub nat: Option<NatView>,
 }
 
+/// Which flows `lb flows` lists: all the filters given must hold.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filter {
+    pub vip: Option<VipArg>,
+    /// The backend's address, and its port if given.
+    pub backend: Option<Endpoint>,
+    /// The client's address, and its port if given.
+    pub client: Option<Endpoint>,
+    pub state: Option<FlowState>,
+}
+
+/// An address with or without a port (`10.1.0.1`, `10.1.0.1:80`, `[2001:db8::1]:80`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: std::net::IpAddr,
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(Self {
+                addr: a.ip(),
+                port: Some(a.port()),
+            });
+        }
+        let addr = s.trim_start_matches('[').trim_end_matches(']');
+        addr.parse().map(|addr| Self { addr, port: None }).map_err(|_| {
+            format!("{s:?} is not an address, or an address and port (10.1.0.1, 10.1.0.1:80, [2001:db8::1]:80)")
+        })
+    }
+}
+
+impl Endpoint {
+    fn matches(&self, a: SocketAddr) -> bool {
+        self.addr == a.ip() && self.port.is_none_or(|p| p == a.port())
+    }
+}
+
+/// How many of the flows matched are in each state.
+#[derive(Serialize, Debug, Default)]
+pub struct StateCounts {
+    pub active: u64,
+    pub draining: u64,
+    pub stale: u64,
+    pub idle_expired: u64,
+}
+
+impl StateCounts {
+    fn add(&mut self, s: FlowState) {
+        match s {
+            FlowState::Active => self.active += 1,
+            FlowState::Draining => self.draining += 1,
+            FlowState::Stale => self.stale += 1,
+            FlowState::IdleExpired => self.idle_expired += 1,
+        }
+    }
+}
+
 #[derive(Serialize, Debug)]
 pub struct FlowList {
-    /// Flows in the tables (to the VIP asked for, if one was), all of them.
+    /// Flows in the tables that pass the filters, all of them.
     pub total: u64,
+    /// Those by state.
+    pub states: StateCounts,
     /// Flows listed below (at most the limit).
     pub shown: usize,
     pub flows: Vec<FlowRow>,
@@ -82,9 +145,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn row(&self, k: &FlowKey, f: &FlowValue) -> Option<FlowRow> {
+    /// The flow's state and backend (None: its member is gone), without the lookups a row
+    /// adds (affinity, NAT); None if its VIP is gone.
+    fn state(&self, k: &FlowKey, f: &FlowValue) -> Option<(FlowState, Option<BackendRef>)> {
         let vkey = k.vip_key();
-        let (vip, vref) = self.vips.get(&vkey)?;
+        let (vip, _) = self.vips.get(&vkey)?;
         let member = self.members.get(&f.member_id).copied();
         let check = check_flow(
             f,
@@ -103,6 +168,13 @@ impl Ctx<'_> {
         let backend = member
             .filter(|_| state != FlowState::Stale)
             .map(|m| BackendRef::of(&m, &vkey));
+        Some((state, backend))
+    }
+
+    fn row(&self, k: &FlowKey, f: &FlowValue) -> Option<FlowRow> {
+        let vkey = k.vip_key();
+        let (vip, vref) = self.vips.get(&vkey)?;
+        let (state, backend) = self.state(k, f)?;
         Some(FlowRow {
             client: SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)),
             vip: vref.clone(),
@@ -173,8 +245,8 @@ impl VipArg {
     }
 }
 
-/// The flows to `vip` (all if None), at most `limit` of them, and their total.
-pub fn list(p: &Pinned, names: &VipNames, vip: Option<VipArg>, limit: usize) -> Result<FlowList> {
+/// The flows that pass `filter`, at most `limit` of them, their total and their states.
+pub fn list(p: &Pinned, names: &VipNames, filter: Filter, limit: usize) -> Result<FlowList> {
     let vips = p.vips()?.into_iter();
     let ctx = Ctx {
         p,
@@ -185,15 +257,32 @@ pub fn list(p: &Pinned, names: &VipNames, vip: Option<VipArg>, limit: usize) -> 
     };
     let mut out = FlowList {
         total: 0,
+        states: StateCounts::default(),
         shown: 0,
         flows: Vec::new(),
     };
     p.each_flow(|k, f| {
         let to = SocketAddr::new(ip_of(&k.dst, k.family), u16::from_be(k.dst_port));
-        if vip.is_some_and(|want| !want.matches(to, k.proto)) {
+        if filter.vip.is_some_and(|want| !want.matches(to, k.proto)) {
+            return true;
+        }
+        let client = SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port));
+        if filter.client.is_some_and(|want| !want.matches(client)) {
+            return true;
+        }
+        let Some((state, backend)) = ctx.state(&k, &f) else {
+            return true;
+        };
+        let at = backend.as_ref().map(|b| SocketAddr::new(b.address, b.port));
+        if filter.state.is_some_and(|want| want != state)
+            || filter
+                .backend
+                .is_some_and(|want| !at.is_some_and(|a| want.matches(a)))
+        {
             return true;
         }
         out.total += 1;
+        out.states.add(state);
         if out.flows.len() < limit
             && let Some(r) = ctx.row(&k, &f)
         {
@@ -208,11 +297,11 @@ pub fn list(p: &Pinned, names: &VipNames, vip: Option<VipArg>, limit: usize) -> 
 pub fn flows(
     p: &Pinned,
     names: &VipNames,
-    vip: Option<VipArg>,
+    filter: Filter,
     limit: usize,
     format: Format,
 ) -> Result<()> {
-    let list = list(p, names, vip, limit)?;
+    let list = list(p, names, filter, limit)?;
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
@@ -256,9 +345,10 @@ pub fn flows(
             extra(&format!("{}/{}", r.member_id, r.generation))
         );
     }
+    let s = &list.states;
     println!(
-        "{} of {} flows shown (SEEN: since the last packet; for IPv6 TCP flows, since the first)",
-        list.shown, list.total
+        "{} of {} flows shown: {} active, {} draining, {} stale, {} idle-expired (SEEN: since the last packet; for IPv6 TCP flows, since the first)",
+        list.shown, list.total, s.active, s.draining, s.stale, s.idle_expired
     );
     Ok(())
 }
