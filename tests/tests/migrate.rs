@@ -805,3 +805,42 @@ fn v4_16(a: [u8; 4]) -> [u8; 16] {
     out[..4].copy_from_slice(&a);
     out
 }
+
+/// The IPv4 flow table pinned at `pin`: (its flows' keys, how many of them are confirmed).
+fn flow_table(pin: &Path) -> (BTreeSet<u64>, usize) {
+    let data =
+        aya::maps::MapData::from_pin(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let buckets = data.info().unwrap().max_entries() as usize;
+    let table = lb_userspace::flowmap::FlowMap::map(&data, buckets).unwrap();
+    let ways: Vec<_> = table.ways().collect();
+    (
+        ways.iter().map(|w| w.key).collect(),
+        ways.iter().filter(|w| w.confirmed).count(),
+    )
+}
+
+#[test]
+fn a_rollback_to_the_previous_release_clears_the_confirmed_bits_and_keeps_every_ipv4_flow() {
+    let (net, dirs, mut agent) = start("rb-flows4");
+    make_flows(&net, &dirs);
+    assert_eq!(agent.stop().code(), Some(0));
+    // Every IPv4 flow had its ACK after its SYN: confirmed, under schema 2's pin.
+    let (keys, confirmed) = flow_table(&dirs.pins.join("LB_FLOWS4@v2"));
+    assert!(!keys.is_empty());
+    assert_eq!(confirmed, keys.len(), "every flow confirmed by its ACK");
+
+    let previous = lb_tests::release::previous_version();
+    let out = dirs.cli(&["migrate", "--to-release", &previous]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dirs.pins.join("LB_FLOWS4@v2").exists(),
+        "schema 2's pin renamed"
+    );
+    let (after, confirmed) = flow_table(&dirs.pins.join("LB_FLOWS4"));
+    assert_eq!(after, keys, "the same flows, in the same map");
+    assert_eq!(confirmed, 0, "{previous}'s padding is zero again");
+}
