@@ -68,3 +68,34 @@ pub fn hex_all(bytes: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// What a command made of what it was given on stdin.
+pub struct Piped {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` with `input` on its stdin and waits for it. A command that cannot start is a
+/// missing tool: the panic says that `cargo xtask setup` installs it.
+pub fn pipe(cmd: &mut std::process::Command, input: &str) -> Piped {
+    use std::{io::Write as _, process::Stdio};
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?} ({e}): `cargo xtask setup` installs it"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Piped {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

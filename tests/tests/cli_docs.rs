@@ -2,7 +2,7 @@
 //! (bash itself, groff). The subcommands each must cover are read off `lb --help`, not from the
 //! code that generates them.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn lb(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_lb-under-test"))
@@ -34,26 +34,8 @@ fn subcommands() -> Vec<String> {
 
 /// Runs `script` in `bash` with stdin `input`; returns (success, stdout, stderr).
 fn bash(script: &str, input: &str) -> (bool, String, String) {
-    use std::io::Write as _;
-    let mut child = Command::new("bash")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting bash");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let p = lb_tests::pipe(Command::new("bash").args(["-c", script]), input);
+    (p.ok, p.stdout, p.stderr)
 }
 
 #[test]

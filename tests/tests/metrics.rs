@@ -8,7 +8,7 @@ use std::{
     io::{Read as _, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -181,22 +181,8 @@ fn workspace_root() -> PathBuf {
 
 /// Runs `cmd` with `input` on stdin; (success, stdout and stderr).
 fn pipe(cmd: &mut Command, input: &str) -> (bool, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {cmd:?} ({e}): `cargo xtask setup` installs it"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let p = lb_tests::pipe(cmd, input);
+    (p.ok, p.stdout + &p.stderr)
 }
 
 /// `promtool check metrics` on a text 0.0.4 body: a clean lint prints nothing and exits 0.
