@@ -170,3 +170,15 @@ pub fn is_builtin(doc: &Value) -> bool {
         || v.starts_with("gateway.networking.k8s.io/")
         || v.starts_with("monitoring.coreos.com/"))
 }
+
+/// Checks that the chart refuses `values` and that Helm's message names `path` (the value's
+/// place, as the schema or a template's `fail` says it).
+pub fn assert_refused_naming(values: &serde_json::Value, path: &str) {
+    match render(values) {
+        Ok(_) => panic!("{values} was accepted"),
+        Err(e) => assert!(
+            e.contains(path),
+            "refusing {values}, Helm's message names {path}: {e}"
+        ),
+    }
+}

@@ -25,8 +25,13 @@ impl Raw {
 
     /// Sends `frame`; false if the kernel refused it (a full queue: `ENOBUFS`).
     pub fn try_send(&self, frame: &[u8]) -> bool {
+        self.sendto(frame) == frame.len() as isize
+    }
+
+    /// `sendto(2)` of `frame` to the interface: the bytes sent, or -1.
+    fn sendto(&self, frame: &[u8]) -> isize {
         // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
+        unsafe {
             libc::sendto(
                 self.fd,
                 frame.as_ptr().cast(),
@@ -35,22 +40,11 @@ impl Raw {
                 (&self.sa as *const libc::sockaddr_ll).cast(),
                 size_of::<libc::sockaddr_ll>() as u32,
             )
-        };
-        n == frame.len() as isize
+        }
     }
 
     pub fn send(&self, frame: &[u8]) {
-        // SAFETY: the frame and the address outlive the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&self.sa as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
+        let n = self.sendto(frame);
         assert_eq!(
             n,
             frame.len() as isize,

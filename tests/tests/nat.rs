@@ -282,11 +282,11 @@ fn both_directions_are_translated_with_correct_checksums() {
     });
 }
 
-/// Completes `syn`'s handshake through its translation on `port`: the backend's SYN-ACK comes
-/// back restored, and the client's ACK goes out translated.
-fn establish(lb: &mut Lb, ingress: u32, syn: &Pkt, port: u16) {
+/// The backend answers `sent` (the client's `syn` as translated) with a SYN-ACK, which goes
+/// back to the client restored.
+fn answer_syn(lb: &mut Lb, ingress: u32, sent: &Pkt, syn: &Pkt) {
     let synack = reply_to(
-        &translated(syn, port, TX_V4, 8080),
+        sent,
         L4::Tcp {
             flags: TCP_SYN | TCP_ACK,
         },
@@ -299,6 +299,12 @@ fn establish(lb: &mut Lb, ingress: u32, syn: &Pkt, port: u16) {
         XDP_TX,
         &restored(&synack, syn).frame(),
     );
+}
+
+/// Completes `syn`'s handshake through its translation on `port`: the backend's SYN-ACK comes
+/// back restored, and the client's ACK goes out translated.
+fn establish(lb: &mut Lb, ingress: u32, syn: &Pkt, port: u16) {
+    answer_syn(lb, ingress, &translated(syn, port, TX_V4, 8080), syn);
     let ack = syn.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
     expect(
         lb,
@@ -350,20 +356,7 @@ fn only_the_clients_ack_after_the_backends_answer_establishes_a_translation() {
             &translated(&ack, 20000, TX_V4, 8080).frame(),
         );
         assert_eq!(state_at(&mut lb, 20000), NAT_S_HALF_OPEN);
-        let synack = reply_to(
-            &out,
-            L4::Tcp {
-                flags: TCP_SYN | TCP_ACK,
-            },
-        );
-        expect(
-            &mut lb,
-            ingress,
-            "SYN-ACK",
-            &synack,
-            XDP_TX,
-            &restored(&synack, &syn).frame(),
-        );
+        answer_syn(&mut lb, ingress, &out, &syn);
         assert_eq!(state_at(&mut lb, 20000), NAT_S_HALF_OPEN | NAT_S_ANSWERED);
         // The client's retransmitted SYN is no ACK either.
         expect(&mut lb, ingress, "SYN again", &syn, XDP_TX, &out.frame());
@@ -462,19 +455,11 @@ fn ports_run_short_the_oldest_half_open_translation_is_taken_over_never_an_estab
         ports.sort();
         assert_eq!(ports, [20000, 20001, 20002], "every port held");
         // A SYN-ACK for the newer one: answered, still half-open.
-        let synack = reply_to(
-            &translated(&newer, pn, TX_V4, 8080),
-            L4::Tcp {
-                flags: TCP_SYN | TCP_ACK,
-            },
-        );
-        expect(
+        answer_syn(
             &mut lb,
             ingress,
-            "SYN-ACK",
-            &synack,
-            XDP_TX,
-            &restored(&synack, &newer).frame(),
+            &translated(&newer, pn, TX_V4, 8080),
+            &newer,
         );
 
         let before = lb.counters();
@@ -839,20 +824,7 @@ fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
 
         // An answer resets the streak.
         let (syn, out) = attempt(&mut lb, 42003);
-        let synack = reply_to(
-            &out,
-            L4::Tcp {
-                flags: TCP_SYN | TCP_ACK,
-            },
-        );
-        expect(
-            &mut lb,
-            ingress,
-            "SYN-ACK",
-            &synack,
-            XDP_TX,
-            &restored(&synack, &syn).frame(),
-        );
+        answer_syn(&mut lb, ingress, &out, &syn);
         let p = lb.passive(id);
         assert_eq!((p.answered, p.consecutive_failures), (1, 0));
         // An RST after the answer is a normal close, not a failure.

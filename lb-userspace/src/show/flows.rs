@@ -171,10 +171,15 @@ impl Ctx<'_> {
         Some((state, backend))
     }
 
-    fn row(&self, k: &FlowKey, f: &FlowValue) -> Option<FlowRow> {
-        let vkey = k.vip_key();
-        let (vip, vref) = self.vips.get(&vkey)?;
-        let (state, backend) = self.state(k, f)?;
+    /// The row of a flow whose [`Self::state`] is `state` and `backend`.
+    fn row(
+        &self,
+        k: &FlowKey,
+        f: &FlowValue,
+        state: FlowState,
+        backend: Option<BackendRef>,
+    ) -> Option<FlowRow> {
+        let (vip, vref) = self.vips.get(&k.vip_key())?;
         Some(FlowRow {
             client: SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)),
             vip: vref.clone(),
@@ -284,7 +289,7 @@ pub fn list(p: &Pinned, names: &VipNames, filter: Filter, limit: usize) -> Resul
         out.total += 1;
         out.states.add(state);
         if out.flows.len() < limit
-            && let Some(r) = ctx.row(&k, &f)
+            && let Some(r) = ctx.row(&k, &f, state, backend)
         {
             out.flows.push(r);
         }
