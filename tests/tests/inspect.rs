@@ -65,7 +65,8 @@ fn start(tag: &str, cfg: &str) -> Setup {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    // Its status file says it serves (a state, not a log line).
+    agent.wait_serving(&net.ns, &dirs, T);
     Setup { net, dirs, agent }
 }
 

@@ -389,8 +389,18 @@ vips:
 "
     ));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
-    let response = metrics_text(&net.ns, METRICS).expect("the agent serves /metrics");
+    agent.wait_serving(&net.ns, &dirs, T);
+    // The status says it serves; /metrics answers once its listener is up.
+    let deadline = std::time::Instant::now() + T;
+    let response = loop {
+        match metrics_text(&net.ns, METRICS) {
+            Some(r) => break r,
+            None if std::time::Instant::now() > deadline => {
+                panic!("the agent does not serve /metrics on {METRICS}")
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
     let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     let mut out = Exported::new();
     for s in samples(body) {

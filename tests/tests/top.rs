@@ -61,7 +61,8 @@ fn start(tag: &str) -> (FibNet, Dirs, Agent) {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config(&BACKENDS));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    // Its status file says it serves (a state, not a log line).
+    agent.wait_serving(&net.ns, &dirs, T);
     (net, dirs, agent)
 }
 
