@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     inspect::Pinned,
     model::Protocol,
+    overrides::command::Change,
     program::DEFAULT_PIN_DIR,
     run::{self, RunOptions},
     show::{self, Format, backends, explain, stats},
@@ -208,6 +209,29 @@ enum Command {
         #[arg(short, long = "output", value_enum, default_value_t = TextOrJson::Text)]
         output: TextOrJson,
     },
+    /// Drain a backend of a VIP on the running agent: weight 0 until `lb undrain`; its
+    /// established flows stay on it, new flows go to the other backends.
+    ///
+    /// Kept by the agent across reloads and restarts, shown by `lb status`, `lb backends` and
+    /// `lb top`; a config that gives the backend another weight, or removes it, clears it.
+    Drain {
+        #[command(flatten)]
+        target: OverrideTarget,
+    },
+    /// Give a backend back its configured weight (undoes `lb drain` and `lb weight`).
+    Undrain {
+        #[command(flatten)]
+        target: OverrideTarget,
+    },
+    /// Give a backend of a VIP another weight than the config's on the running agent, until
+    /// `lb undrain` (or a config that gives it another weight).
+    Weight {
+        #[command(flatten)]
+        target: OverrideTarget,
+        /// The weight (0..=65535; 0 is a drain).
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=65_535))]
+        weight: u32,
+    },
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
     /// Print a completion script for a shell: `lb completions bash > /etc/bash_completion.d/lb`
@@ -219,6 +243,31 @@ enum Command {
     /// Print lb's manual page (roff): `lb man > /usr/local/share/man/man1/lb.1`, or
     /// `lb man | man -l -` to read it now.
     Man,
+}
+
+/// The backend of a VIP that `lb drain`, `lb undrain` or `lb weight` changes.
+#[derive(Args)]
+struct OverrideTarget {
+    /// The VIP: its name, or ADDRESS:PORT, or the label lb prints (192.0.2.10:80/tcp).
+    vip: crate::overrides::command::VipRef,
+    /// The backend: ADDRESS (or ADDRESS:PORT).
+    backend: show::flows::Endpoint,
+    /// How long to wait for the agent to apply the change before taking it back.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+}
+
+impl OverrideTarget {
+    fn run(
+        self,
+        state_dir: &std::path::Path,
+        change: crate::overrides::command::Change,
+    ) -> Result<()> {
+        let said =
+            crate::overrides::command::run(state_dir, &self.vip, self.backend, change, self.wait)?;
+        println!("{said}");
+        Ok(())
+    }
 }
 
 /// `-o` of `lb check` and `lb top --once`: text or json.
@@ -419,6 +468,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                 Ok(crate::top::live(&p, &cli.state_dir, interval)?)
             }
         }
+        Command::Drain { target } => target.run(&cli.state_dir, Change::Drain),
+        Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
+        Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

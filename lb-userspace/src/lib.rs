@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod nexthop;
+pub mod overrides;
 pub mod pindir;
 pub mod plan;
 pub mod privilege;

@@ -36,7 +36,7 @@ use crate::{
     life::{AgentStatus, Life},
     links,
     metrics::{self, AgentMetrics},
-    migrate, nexthop,
+    migrate, nexthop, overrides,
     pindir::{self, PinLock},
     plan::Plan,
 };
@@ -97,6 +97,8 @@ enum Reload {
     No,
     File,
     Kube,
+    /// `lb drain`, `lb weight`... changed the overrides (SIGUSR1).
+    Overrides,
 }
 
 /// A backend's passive health: its members' counters added up, and the longest failure streak
@@ -273,6 +275,10 @@ pub struct BackendStatus {
     /// Taken out by passive health checking (NAT mode).
     #[serde(default)]
     pub passive_out: bool,
+    /// A runtime override of its weight (`lb drain`, `lb weight`): `weight` is the override's,
+    /// the config's is in it.
+    #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
+    pub overridden: Option<crate::overrides::Override>,
 }
 
 pub fn status_path(state_dir: &Path) -> PathBuf {
@@ -292,6 +298,7 @@ fn write_status(
     life: &Life,
 ) -> Result<()> {
     let c = agent.config();
+    let overrides = m.overrides.lock().expect("overrides lock");
     let mut health_rows = Vec::new();
     let reloads = (
         m.reloads_ok.load(Ordering::Relaxed),
@@ -330,6 +337,7 @@ fn write_status(
                             weight: b.weight,
                             healthy,
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
+                            overridden: overrides.find(&v.spec.label(), b.address).cloned(),
                         }
                     })
                     .collect(),
@@ -383,6 +391,23 @@ fn compose_now(file: &Config, kube: Option<&mut Kube>) -> Config {
         k.translate()
     });
     compose(file, vips.as_deref())
+}
+
+/// `c` with the overrides kept in the state dir laid over it (see [`overrides`]).
+fn overridden(state_dir: &Path, mut c: Config) -> Result<(Config, overrides::Applied)> {
+    let applied = overrides::load(state_dir)?.apply(&mut c);
+    Ok((c, applied))
+}
+
+/// Once a config with `applied` is accepted: the file records it, the status shows it.
+fn settle_overrides(state_dir: &Path, applied: overrides::Applied, m: &AgentMetrics) {
+    for c in &applied.cleared {
+        info!(vip = %c.was.vip, backend = %c.was.backend, "override cleared: {}", c.why);
+    }
+    if let Err(e) = overrides::settle(state_dir, &applied) {
+        warn!("recording the overrides: {e:#}");
+    }
+    *m.overrides.lock().expect("overrides lock") = applied.kept;
 }
 
 /// Health as the previous agent left it in its status file, for the VIPs of `config`: so a
@@ -690,7 +715,7 @@ async fn start(
     })?;
     let adopted = loaded.report.is_some();
     let dp = KernelDataplane::new(loaded.ebpf, sizes.clone())?;
-    let config = compose_now(file, kube.as_mut());
+    let (config, applied) = overridden(&opts.state_dir, compose_now(file, kube.as_mut()))?;
     // What a previous agent announced stays in the status until this one decides.
     *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
     let memory = remembered(previous, &config);
@@ -765,6 +790,7 @@ async fn start(
     m.map_writes
         .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
     m.applied();
+    settle_overrides(&opts.state_dir, applied, m);
     Ok(Started {
         agent,
         kube,
@@ -801,12 +827,13 @@ async fn announce_update(
     *m.announce.lock().expect("announce lock") = k.status();
 }
 
-/// The signals the agent answers: SIGHUP reloads, SIGTERM and SIGINT stop it.
-/// What the event loop hears from outside: signals, and saves of the config file. Installed
+/// What the event loop hears from outside: signals (SIGHUP reloads, SIGUSR1 applies changed
+/// overrides, SIGTERM and SIGINT stop it), and saves of the config file. Installed
 /// before the start, so that a config saved while the agent starts is reloaded once it serves,
 /// and so that the status file it writes once it serves means the file is watched.
 struct Signals {
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     config: mpsc::Receiver<()>,
@@ -818,6 +845,7 @@ impl Signals {
         let (tx, rx) = mpsc::channel::<()>(8);
         Ok(Self {
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             config: rx,
@@ -842,6 +870,7 @@ async fn serve(
     mut life: Life,
     Signals {
         mut hup,
+        mut usr1,
         mut term,
         mut int,
         config: mut frx,
@@ -896,6 +925,7 @@ async fn serve(
                 Reload::No
             }
             _ = hup.recv() => { info!("SIGHUP: reloading"); Reload::File }
+            _ = usr1.recv() => Reload::Overrides,
             Some(()) = frx.recv() => {
                 // Coalesce the burst of events one save makes.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -922,25 +952,28 @@ async fn serve(
             Reload::Kube => kube
                 .as_mut()
                 .map(|k| Ok((compose_now(&file, Some(k)), None))),
+            Reload::Overrides => Some(Ok((compose_now(&file, kube.as_mut()), None))),
         };
+        let candidate =
+            candidate.map(|c| c.and_then(|(c, f)| Ok((overridden(&opts.state_dir, c)?, f))));
         if let Some(candidate) = candidate {
             let from_kube = matches!(reload, Reload::Kube);
-            let result =
-                candidate.and_then(|(c, f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f)));
+            let result = candidate
+                .and_then(|((c, o), f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f, o)));
             if let Some(k) = &mut kube {
                 k.report(&result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
             }
-            let what = if from_kube {
-                "cluster change"
-            } else {
-                "config"
+            let (what, source) = match reload {
+                Reload::Kube => ("cluster change", "cluster"),
+                Reload::Overrides => ("overrides", "overrides"),
+                _ => ("config", "config"),
             };
-            let source = if from_kube { "cluster" } else { "config" };
             match result {
-                Ok((p, f)) => {
+                Ok((p, f, o)) => {
                     if let Some(f) = f {
                         file = f;
                     }
+                    settle_overrides(&opts.state_dir, o, m);
                     for w in &agent.config().warnings {
                         warn!("{w}");
                     }
@@ -1086,6 +1119,9 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     }
     if !agent_runs {
         let _ = std::fs::remove_file(status_path(state_dir));
+        if std::fs::remove_file(overrides::path(state_dir)).is_ok() {
+            done.push("removed the overrides (lb drain, lb weight)".into());
+        }
     }
     Ok(done)
 }
@@ -1130,6 +1166,7 @@ vips:
         )
         .unwrap();
         let row = |address: &str, healthy, passive_out| BackendStatus {
+            overridden: None,
             address: address.into(),
             port: 0,
             weight: 1,

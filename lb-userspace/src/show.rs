@@ -358,6 +358,9 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             opt(&b["packets"]),
             opt(&b["new_flows"])
         );
+        if let Some(o) = override_note(&b["override"]) {
+            println!("      {o}");
+        }
     }
     if v["empty_slots"].as_u64() > Some(0) {
         println!(
@@ -374,6 +377,20 @@ fn health_word(c: &run::BackendStatus) -> &'static str {
 
 /// One VIP's members (its backends, with their own counters), then configured backends that have
 /// no member (yet).
+/// `drained (lb drain) since ..., configured weight 100`, for an overridden backend's row.
+pub(crate) fn override_note(o: &serde_json::Value) -> Option<String> {
+    let o: crate::overrides::Override = serde_json::from_value(o.clone()).ok()?;
+    let what = match o.kind {
+        crate::overrides::Kind::Drain => "drained (lb drain)".to_string(),
+        crate::overrides::Kind::Weight => format!("weight {} (lb weight)", o.weight),
+    };
+    let configured = o.configured.map_or("-".into(), |w| w.to_string());
+    Some(format!(
+        "{what} since {}, configured weight {configured}",
+        o.since
+    ))
+}
+
 fn vip_backends(
     p: &Pinned,
     k: &VipKey,
@@ -413,6 +430,7 @@ fn vip_backends(
             "backend": backend,
             "id": id,
             "weight": cfg.map(|c| c.weight),
+            "override": cfg.and_then(|c| c.overridden.as_ref()),
             "health": cfg.map(health_word),
             "slots": slots,
             "share": slots as f64 / m,

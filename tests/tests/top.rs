@@ -199,16 +199,21 @@ fn lb_top_once_shows_the_flows_still_pinned_to_a_backend_set_to_weight_0() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).expect("UTF-8");
-    let line = |b: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(&format!("{b}:80 ")))
-            .unwrap_or_else(|| panic!("no line for {b}:\n{text}"))
-            .to_string()
+    // The line under a backend's: what it still holds if it drains.
+    let under = |b: &str| {
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(&format!("{b}:80 ")));
+        assert!(lines.next().is_some(), "no line for {b}:\n{text}");
+        lines.next().unwrap_or("").trim().to_string()
     };
     // All of them, and all in use: the test sent them a moment ago.
     let n = got.get(drained).copied().unwrap_or(0);
-    let pinned = format!("{n} flows pinned, {n} in use");
-    assert!(line(drained).contains(&pinned), "wants {pinned:?}:\n{text}");
+    let pinned = format!("draining: {n} flows pinned, {n} in use");
+    assert!(
+        under(drained).starts_with(&pinned),
+        "wants {pinned:?}:\n{text}"
+    );
     let weights = weight_shares(&left);
     for (b, _) in &left {
         let shares = shown_shares(&text, b).expect("the backend's shares");
@@ -222,7 +227,10 @@ fn lb_top_once_shows_the_flows_still_pinned_to_a_backend_set_to_weight_0() {
             weights[b]
         );
         if *b != drained {
-            assert!(!line(b).contains("pinned"), "{b} does not drain:\n{text}");
+            assert!(
+                !under(b).starts_with("draining"),
+                "{b} does not drain:\n{text}"
+            );
         }
     }
     assert_eq!(agent.stop().code(), Some(0));

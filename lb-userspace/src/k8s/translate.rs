@@ -43,6 +43,9 @@ pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-bala
 /// The annotation that gives a Service's VIPs a new-flow budget (see
 /// [`crate::model::Budget`]): `rate=2000,burst=500` (burst defaults to the rate).
 pub const NEW_FLOW_BUDGET_ANNOTATION: &str = "lb.dev/new-flow-budget";
+/// The annotation that overrides the weight of some of a Service's endpoints, the cluster's
+/// `lb drain` / `lb weight`: `10.0.1.5=0, 10.0.1.6=50` (0 drains: established flows stay).
+pub const BACKEND_WEIGHTS_ANNOTATION: &str = "lb.dev/backend-weights";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -631,6 +634,7 @@ impl Translator {
             };
             let source_ranges = source_ranges_of(svc, &mut event);
             let new_flow_budget = new_flow_budget_of(svc, &mut event);
+            let weights = backend_weights_of(svc, &mut event);
             let local = spec.external_traffic_policy.as_deref() == Some("Local");
             let no_slices = Vec::new();
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
@@ -671,7 +675,10 @@ impl Translator {
                     );
                     let spec_backends: Vec<BackendSpec> = backends
                         .into_iter()
-                        .map(|((address, port), weight)| BackendSpec::new(address, port, weight))
+                        .map(|((address, port), weight)| {
+                            let weight = weights.get(&address).copied().unwrap_or(weight);
+                            BackendSpec::new(address, port, weight)
+                        })
                         .collect();
                     let vip = VipSpec {
                         name: match &sp.name {
@@ -836,6 +843,46 @@ pub fn new_flow_budget_of(
                 format!("{NEW_FLOW_BUDGET_ANNOTATION}: {raw:?}: {e}: no budget"),
             );
             None
+        }
+    }
+}
+
+/// The weights [`BACKEND_WEIGHTS_ANNOTATION`] gives endpoints of `svc`, by address. An
+/// annotation that does not read is ignored as a whole, with a warning event: the endpoints keep
+/// their weights.
+pub fn backend_weights_of(
+    svc: &Service,
+    event: &mut impl FnMut(bool, &str, String),
+) -> BTreeMap<std::net::IpAddr, u32> {
+    let Some(raw) = svc.annotations().get(BACKEND_WEIGHTS_ANNOTATION) else {
+        return BTreeMap::new();
+    };
+    let parse = |part: &str| -> Result<(std::net::IpAddr, u32), String> {
+        let (a, w) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not ADDRESS=WEIGHT (like 10.0.1.5=0)"))?;
+        let a = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{:?} is not an address", a.trim()))?;
+        let w = w.trim().parse().ok().filter(|w| *w <= 65_535);
+        Ok((
+            a,
+            w.ok_or_else(|| format!("{part:?}: the weight must be 0..=65535"))?,
+        ))
+    };
+    let parts = raw.split(',').map(str::trim).filter(|p| !p.is_empty());
+    match parts.map(parse).collect::<Result<BTreeMap<_, _>, _>>() {
+        Ok(w) => w,
+        Err(e) => {
+            event(
+                true,
+                "InvalidBackendWeights",
+                format!(
+                    "{BACKEND_WEIGHTS_ANNOTATION}: {raw:?}: {e}: the endpoints keep their weights"
+                ),
+            );
+            BTreeMap::new()
         }
     }
 }
@@ -1554,6 +1601,65 @@ vips:
             None,
             "no annotation: no budget"
         );
+    }
+
+    fn weight_in(t: &Translation, label: &str, backend: &str) -> u32 {
+        let v = vip(t, label);
+        let b = v
+            .spec
+            .backends
+            .iter()
+            .find(|b| b.address.to_string() == backend);
+        b.unwrap_or_else(|| panic!("{label} has no backend {backend}"))
+            .weight
+    }
+
+    #[test]
+    fn the_backend_weights_annotation_drains_and_weighs_endpoints_of_every_vip() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { BACKEND_WEIGHTS_ANNOTATION: "10.0.1.1=0, 10.0.1.2 = 250," } }
+        }));
+        for label in ["192.0.2.10:80/tcp", "192.0.2.10:53/udp"] {
+            assert_eq!(weight_in(&t, label, "10.0.1.1"), 0, "{label}");
+            assert_eq!(weight_in(&t, label, "10.0.1.2"), 250, "{label}");
+        }
+        assert!(t.events.is_empty(), "{:?}", t.events);
+        let plain = translate_with(json!({}));
+        assert_eq!(
+            weight_in(&plain, "192.0.2.10:80/tcp", "10.0.1.2"),
+            1,
+            "no annotation"
+        );
+    }
+
+    #[test]
+    fn an_invalid_backend_weights_annotation_keeps_the_weights_with_an_event() {
+        for (raw, why) in [
+            (
+                "10.0.1.1=0,10.0.1.2",
+                "\"10.0.1.2\" is not ADDRESS=WEIGHT (like 10.0.1.5=0)",
+            ),
+            ("pod-a=0", "\"pod-a\" is not an address"),
+            (
+                "10.0.1.1=70000",
+                "\"10.0.1.1=70000\": the weight must be 0..=65535",
+            ),
+        ] {
+            let t = translate_with(json!({
+                "metadata": { "annotations": { BACKEND_WEIGHTS_ANNOTATION: raw } }
+            }));
+            assert_eq!(weight_in(&t, "192.0.2.10:80/tcp", "10.0.1.1"), 1, "{raw}");
+            let msgs: Vec<&str> = t
+                .events
+                .iter()
+                .filter(|e| e.reason == "InvalidBackendWeights" && e.warning)
+                .map(|e| e.message.as_str())
+                .collect();
+            let want = format!(
+                "{BACKEND_WEIGHTS_ANNOTATION}: {raw:?}: {why}: the endpoints keep their weights"
+            );
+            assert_eq!(msgs, [want.as_str()], "{raw}");
+        }
     }
 
     #[test]

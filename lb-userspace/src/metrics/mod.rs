@@ -56,6 +56,8 @@ pub struct AgentMetrics {
     pub migration: Mutex<Option<crate::migrate::Migration>>,
     /// Bumped whenever a migration replaced pinned maps: a scrape then opens them again.
     pub maps_generation: AtomicU64,
+    /// The overrides in force (`lb drain`, `lb weight`), for the status file.
+    pub overrides: Mutex<crate::overrides::Overrides>,
 }
 
 impl AgentMetrics {

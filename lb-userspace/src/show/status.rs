@@ -87,6 +87,8 @@ pub struct StatusView {
     /// What the node announces through its routing daemon, as the agent last wrote it (None:
     /// `node.announce` is off, or no status file).
     pub announce: Option<crate::announce::AnnounceStatus>,
+    /// Backends whose weight `lb drain` or `lb weight` overrides, as the agent applied them.
+    pub overrides: Vec<crate::overrides::Override>,
 }
 
 impl StatusView {
@@ -157,10 +159,13 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         Err(InspectError::NotRunning(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    let overrides = status.iter().flat_map(|s| &s.vips);
+    let overrides = overrides.flat_map(|v| v.backends.iter().filter_map(|b| b.overridden.clone()));
     Ok(StatusView {
         agent,
         interfaces,
         maps,
+        overrides: overrides.collect(),
         announce: status.and_then(|s| s.announce),
     })
 }
@@ -293,6 +298,11 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
     }
     if let Some(a) = &v.announce {
         print_announce(a);
+    }
+    for (i, o) in v.overrides.iter().enumerate() {
+        let head = if i == 0 { "overrides:" } else { "" };
+        let note = super::override_note(&serde_json::json!(o)).unwrap_or_default();
+        println!("{head:<11} {} {}: {note}", o.vip, o.backend);
     }
     let Some(m) = &v.maps else {
         println!("maps:       none pinned");

@@ -46,6 +46,8 @@ pub struct VipRow {
 pub struct BackendRow {
     pub label: String,
     pub weight: Option<u32>,
+    /// `lb drain` or `lb weight` overrides the weight.
+    pub overridden: bool,
     /// Its weight over the weights of the VIP's backends that take new flows (0 if it takes
     /// none): the share of new flows it should get. None without weights.
     pub weight_share: Option<f64>,
@@ -133,6 +135,7 @@ fn vip_row(
             .map(|(i, m)| BackendRow {
                 label: m.backend.label.clone(),
                 weight: m.weight,
+                overridden: m.overridden,
                 weight_share: weights.as_ref().map(|w| w[i]),
                 share_since_start: share(since[i], total_since),
                 share_now: share(now[i].new_flows, total_now),
@@ -194,6 +197,7 @@ pub(crate) mod tests {
             stats: s,
             accepts,
             weight: Some(weight),
+            overridden: false,
             health: if accepts {
                 Health::Healthy
             } else {

@@ -63,8 +63,10 @@ pub struct MemberSample {
     pub stats: TrafficStats,
     /// Whether it takes new flows (weight above 0 and healthy); if not, it drains.
     pub accepts: bool,
-    /// The configured weight (None without a status file).
+    /// The configured weight, or its override's (None without a status file).
     pub weight: Option<u32>,
+    /// `lb drain` or `lb weight` overrides the weight.
+    pub overridden: bool,
     pub health: Health,
     /// Flow entries pinned to this allocation; counted for draining members only.
     pub pinned_flows: Option<PinnedFlows>,
@@ -171,6 +173,7 @@ fn member_sample(
         stats: p.member_stats(id)?,
         accepts: m.accepts(),
         weight: cfg.map(|b| b.weight),
+        overridden: cfg.is_some_and(|b| b.overridden.is_some()),
         health: cfg.map_or(Health::Unknown, Health::of),
         pinned_flows: None,
     })

@@ -1,6 +1,7 @@
 //! How a [`Frame`] is drawn: one block of lines per VIP, a row per backend with its share of new
-//! flows and its share of the weights as bars side by side. The same lines go to the terminal
-//! (`lb top`) and, through a buffer in memory, to stdout as plain text (`lb top --once`).
+//! flows and its share of the weights as bars side by side, in 100 columns (a draining backend's
+//! pinned flows on a line of their own). The same lines go to the terminal (`lb top`) and,
+//! through a buffer in memory, to stdout as plain text (`lb top --once`).
 
 use ratatui::{
     Terminal,
@@ -14,8 +15,8 @@ use ratatui::{
 
 use super::model::{BackendRow, Frame, VipRow};
 
-/// Cells of a share bar (each cell is 5 %).
-pub const BAR_CELLS: usize = 20;
+/// Cells of a share bar (each cell is 10 %).
+pub const BAR_CELLS: usize = 10;
 const FULL: char = '█';
 const EMPTY: char = '░';
 
@@ -47,16 +48,16 @@ pub fn lines(f: &Frame, hint: &str) -> Vec<Line<'static>> {
     let mut out = vec![Line::from(vec![
         Span::styled("lb top", Style::new().add_modifier(Modifier::BOLD)),
         Span::raw(format!(
-            "  rates over the last {:.1}s, shares of new flows since lb top started {:.0}s ago  drops {}/s (all VIPs)  {hint}",
+            "  rates over {:.1}s, shares of new flows over {:.0}s  drops {}/s (all VIPs)  {hint}",
             f.interval.as_secs_f64(),
             f.since_start.as_secs_f64(),
             rate(f.drops_per_s),
         )),
     ])];
     if f.half_open_per_s > 0.0 {
-        out[0].spans.push(Span::styled(
+        out.push(Line::styled(
             format!(
-                "  NAT: {} half-open translations/s freed (a SYN flood?)",
+                "NAT: {} half-open translations/s freed (a SYN flood?)",
                 rate(f.half_open_per_s)
             ),
             Style::new().add_modifier(Modifier::BOLD),
@@ -85,7 +86,7 @@ fn vip_lines(v: &VipRow) -> Vec<Line<'static>> {
                 Style::new().add_modifier(Modifier::BOLD),
             ),
             Span::raw(format!(
-                "  {} packets/s  {} new flows/s  {} drops/s (no backend)",
+                "  {} packets/s  {} new flows/s  {} no backend/s",
                 rate(v.packets_per_s),
                 rate(v.new_flows_per_s),
                 rate(v.drops_per_s),
@@ -102,21 +103,38 @@ fn vip_lines(v: &VipRow) -> Vec<Line<'static>> {
         ]),
         Line::styled(
             format!(
-                "  {:<28} {:<11} {:>6}  {:<28} {:<28} {:>6} {:>9}  {}",
-                "BACKEND",
-                "HEALTH",
-                "WEIGHT",
-                "NEW FLOWS (since start)",
-                "WEIGHT SHARE",
-                "NOW",
-                "FLOWS/s",
-                "DRAINING"
+                "  {:<24} {:<11} {:>6} {:<17} {:<17} {:>6} {:>9}",
+                "BACKEND", "HEALTH", "WEIGHT", "NEW FLOWS", "WEIGHT SHARE", "NOW", "FLOWS/s",
             ),
             Style::new().add_modifier(Modifier::DIM),
         ),
     ];
-    out.extend(v.backends.iter().map(backend_line));
+    for b in &v.backends {
+        out.push(backend_line(b));
+        out.extend(drain_line(b));
+    }
+    if v.backends.iter().any(|b| b.overridden) {
+        out.push(Line::styled(
+            "  * weight set by lb drain or lb weight (lb status lists them; lb undrain undoes)",
+            Style::new().add_modifier(Modifier::DIM),
+        ));
+    }
     out
+}
+
+/// Under a draining backend: the flows still pinned to it.
+fn drain_line(b: &BackendRow) -> Option<Line<'static>> {
+    let text = match (b.draining, b.pinned_flows) {
+        (false, _) => return None,
+        (true, Some(n)) => format!(
+            "    draining: {} flows pinned, {} in use (used in the last {}s)",
+            n.total,
+            n.in_use,
+            super::sample::IDLE.as_secs()
+        ),
+        (true, None) => "    draining".to_string(),
+    };
+    Some(Line::styled(text, Style::new().fg(Color::Yellow)))
 }
 
 fn backend_line(b: &BackendRow) -> Line<'static> {
@@ -125,33 +143,24 @@ fn backend_line(b: &BackendRow) -> Line<'static> {
         super::sample::Health::Unknown => Style::new().add_modifier(Modifier::DIM),
         _ => Style::new().fg(Color::Red),
     };
-    let drain = match (b.draining, b.pinned_flows) {
-        (false, _) => String::new(),
-        (true, Some(n)) => format!(
-            "{} flows pinned, {} in use (used in the last {}s)",
-            n.total,
-            n.in_use,
-            super::sample::IDLE.as_secs()
-        ),
-        (true, None) => "yes".to_string(),
+    let weight = match (b.weight, b.overridden) {
+        (None, _) => "-".to_string(),
+        (Some(w), false) => w.to_string(),
+        (Some(w), true) => format!("{w}*"),
     };
     Line::from(vec![
-        Span::raw(format!("  {:<28} ", b.label)),
+        Span::raw(format!("  {:<24} ", b.label)),
         Span::styled(format!("{:<11}", b.health.label()), health),
-        Span::raw(format!(
-            " {:>6}  ",
-            b.weight.map_or_else(|| "-".to_string(), |w| w.to_string())
-        )),
+        Span::raw(format!(" {weight:>6} ")),
         Span::styled(bar(b.share_since_start), Style::new().fg(Color::Cyan)),
-        Span::raw(format!(" {:>6}  ", percent(b.share_since_start))),
+        Span::raw(format!(" {:>6} ", percent(b.share_since_start))),
         Span::styled(bar(b.weight_share), Style::new().fg(Color::Green)),
         Span::raw(format!(
-            " {:>6}  {:>6} {:>9}  ",
+            " {:>6} {:>6} {:>9}",
             percent(b.weight_share),
             percent(b.share_now),
             rate(b.new_flows_per_s)
         )),
-        Span::styled(drain, Style::new().fg(Color::Yellow)),
     ])
 }
 
@@ -187,17 +196,17 @@ mod tests {
     use crate::top::model::{build, tests::three_readings};
 
     #[test]
-    fn a_bar_fills_one_cell_per_five_percent() {
+    fn a_bar_fills_one_cell_per_ten_percent() {
         assert_eq!(
             bar(Some(0.5)),
-            format!("{}{}", "█".repeat(10), "░".repeat(10))
+            format!("{}{}", "█".repeat(5), "░".repeat(5))
         );
         assert_eq!(
             bar(Some(0.26)),
-            format!("{}{}", "█".repeat(5), "░".repeat(15))
+            format!("{}{}", "█".repeat(3), "░".repeat(7))
         );
-        assert_eq!(bar(None), "░".repeat(20));
-        assert_eq!(bar(Some(1.0)), "█".repeat(20));
+        assert_eq!(bar(None), "░".repeat(10));
+        assert_eq!(bar(Some(1.0)), "█".repeat(10));
     }
 
     #[test]
@@ -215,18 +224,18 @@ mod tests {
                 .any(|l| l.starts_with("192.0.2.10:80/tcp (web)")
                     && l.contains("50.0 packets/s")
                     && l.contains("10.0 new flows/s")
-                    && l.contains("5.0 drops/s")
+                    && l.contains("5.0 no backend/s")
                     && l.contains("5.0 over budget/s")),
             "{text}"
         );
-        // The readings free 20 half-open translations in 2 s: the title says so.
+        // The readings free 20 half-open translations in 2 s: the line under the title says so.
         assert!(
             text.lines()
-                .next()
-                .is_some_and(|l| l.contains("NAT: 10.0 half-open translations/s freed")),
+                .nth(1)
+                .is_some_and(|l| l.starts_with("NAT: 10.0 half-open translations/s freed")),
             "{text}"
         );
-        // 32/60 = 53.3 % (11 cells), weights 200/300 = 66.7 % (13 cells).
+        // 32/60 = 53.3 % (5 cells), weights 200/300 = 66.7 % (7 cells).
         let b1 = line("10.1.0.1:80");
         assert!(
             b1.contains(&format!("{}  53.3%", bar(Some(32.0 / 60.0)))),
@@ -236,14 +245,22 @@ mod tests {
             b1.contains(&format!("{}  66.7%", bar(Some(2.0 / 3.0)))),
             "{b1}"
         );
-        assert_eq!(b1.matches('█').count(), 11 + 13, "{b1}");
+        assert_eq!(b1.matches('█').count(), 5 + 7, "{b1}");
         assert!(b1.contains("healthy") && b1.contains("200"), "{b1}");
         let b3 = line("10.1.0.3:80");
         assert!(b3.contains("unhealthy"), "{b3}");
-        assert!(
-            b3.ends_with("7 flows pinned, 2 in use (used in the last 10s)"),
-            "{b3}"
-        );
         assert!(b3.contains(&format!("{}   0.0%", bar(Some(0.0)))), "{b3}");
+        // Its pinned flows on the line under it.
+        let under = text
+            .lines()
+            .skip_while(|l| !l.contains("10.1.0.3:80"))
+            .nth(1);
+        assert_eq!(
+            under.map(str::trim),
+            Some("draining: 7 flows pinned, 2 in use (used in the last 10s)"),
+            "{text}"
+        );
+        let widest = text.lines().map(|l| l.chars().count()).max();
+        assert!(widest <= Some(100), "wider than 100 columns:\n{text}");
     }
 }
