@@ -108,17 +108,25 @@ fn load(config: &Config, r: &mut Report) {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A problem stays on one line (with its path, for grep); what the host proved is
+        // wrapped to 100 columns, its later lines indented.
         for e in &self.errors {
             writeln!(f, "error: {e}")?;
         }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
+        let mut line = |head: &str, text: &str| {
+            let opts = textwrap::Options::new(100)
+                .initial_indent(head)
+                .subsequent_indent("    ");
+            writeln!(f, "{}", textwrap::fill(text, opts))
+        };
         for h in &self.host {
-            writeln!(f, "ok: {h}")?;
+            line("ok: ", h)?;
         }
         if let Some(s) = &self.skipped {
-            writeln!(f, "skipped: {s}")?;
+            line("skipped: ", s)?;
         }
         Ok(())
     }

@@ -47,6 +47,18 @@ pub enum Format {
     Json,
 }
 
+/// `rows` as columns as wide as their widest cell, two spaces apart (elastic tabstops); the
+/// first row is the headings. Each row ends with a newline.
+pub(crate) fn table(rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    use std::io::Write as _;
+    let mut tw = tabwriter::TabWriter::new(Vec::new()).padding(2);
+    for r in rows {
+        writeln!(tw, "{}", r.join("\t")).expect("writing to memory");
+    }
+    let bytes = tw.into_inner().expect("flushing to memory");
+    String::from_utf8(bytes).expect("UTF-8 in, UTF-8 out")
+}
+
 /// The names of VIPs (by label) as the agent's status file gives them: the maps do not hold
 /// names.
 #[derive(Default)]
@@ -335,7 +347,7 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             String::new()
         } else {
             format!(
-                "  attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} failures in a row",
+                "\n      attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} in a row failed",
                 passive["answered"],
                 passive["refused"],
                 passive["unreachable"],
@@ -375,22 +387,19 @@ fn health_word(c: &run::BackendStatus) -> &'static str {
     crate::top::sample::Health::of(c).label()
 }
 
-/// One VIP's members (its backends, with their own counters), then configured backends that have
-/// no member (yet).
-/// `drained (lb drain) since ..., configured weight 100`, for an overridden backend's row.
+/// `drained since 2026-12-07T16:07:21Z, configured 100`: an overridden backend's note.
 pub(crate) fn override_note(o: &serde_json::Value) -> Option<String> {
     let o: crate::overrides::Override = serde_json::from_value(o.clone()).ok()?;
     let what = match o.kind {
-        crate::overrides::Kind::Drain => "drained (lb drain)".to_string(),
-        crate::overrides::Kind::Weight => format!("weight {} (lb weight)", o.weight),
+        crate::overrides::Kind::Drain => "drained".to_string(),
+        crate::overrides::Kind::Weight => format!("weight {}", o.weight),
     };
     let configured = o.configured.map_or("-".into(), |w| w.to_string());
-    Some(format!(
-        "{what} since {}, configured weight {configured}",
-        o.since
-    ))
+    Some(format!("{what} since {}, configured {configured}", o.since))
 }
 
+/// One VIP's members (its backends, with their own counters), then configured backends that have
+/// no member (yet).
 fn vip_backends(
     p: &Pinned,
     k: &VipKey,

@@ -47,6 +47,32 @@ pub const VIPS_V4: [&str; 3] = ["192.0.2.10", "192.0.2.20", "192.0.2.30"];
 pub const VIPS_V6: [&str; 1] = ["2001:db8::10"];
 pub const PORTS: [u16; 2] = [80, 8080];
 
+/// The config `cargo xtask demo` runs (its lab is [`Lab::new`]).
+pub const DEMO_CONFIG: &str = "node:
+  interfaces: [eth0]          # the load balancer's uplink
+  source_v4: 10.20.0.2        # outer source of encapsulated packets
+  source_v6: fd20::2
+  table_size: 65537
+vips:
+  - name: web
+    address: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 10.20.0.11, weight: 200 }   # b1
+      - { address: 10.20.0.12, weight: 100 }   # b2
+      - { address: 10.20.0.13, weight: 100 }   # b3
+  - name: sticky
+    address: 192.0.2.20
+    port: 80
+    protocol: tcp
+    affinity_timeout: 10m      # each client stays on one backend
+    backends:
+      - { address: 10.20.0.11 }
+      - { address: 10.20.0.12 }
+      - { address: 10.20.0.13 }
+";
+
 /// A config for the lab's load balancer: `node` is more lines of `node:` (indented), `vips` the
 /// YAML of the `vips:` list.
 pub fn lab_config(node: &str, vips: &str) -> String {

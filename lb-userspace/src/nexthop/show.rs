@@ -75,19 +75,38 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) ->
             k.last_refresh.as_deref().unwrap_or("never")
         );
     }
-    for r in &rows {
-        println!(
-            "member {:>4} {:<24} {:<40} {:<12}{} if {} {} -> {} mtu {}",
-            r["member"],
-            r["vip"]["label"].as_str().unwrap_or(""),
-            r["backend"]["label"].as_str().unwrap_or(""),
-            r["action"].as_str().unwrap_or(""),
-            if r["current"] == true { "" } else { " (stale)" },
-            r["ifindex"],
-            r["smac"].as_str().unwrap_or(""),
-            r["dmac"].as_str().unwrap_or(""),
-            r["mtu"],
-        );
+    let str_of = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let wide = format == Format::Wide;
+    let mut head: Vec<String> = [
+        "MEMBER",
+        "VIP",
+        "BACKEND",
+        "ACTION",
+        "IF",
+        "NEXT HOP MAC",
+        "MTU",
+    ]
+    .map(String::from)
+    .into();
+    if wide {
+        head.push("SOURCE MAC".into());
     }
+    let lines = rows.iter().map(|r| {
+        let stale = if r["current"] == true { "" } else { " (stale)" };
+        let mut line = vec![
+            r["member"].to_string(),
+            str_of(&r["vip"]["label"]),
+            str_of(&r["backend"]["label"]),
+            format!("{}{stale}", str_of(&r["action"])),
+            r["ifindex"].to_string(),
+            str_of(&r["dmac"]),
+            r["mtu"].to_string(),
+        ];
+        if wide {
+            line.push(str_of(&r["smac"]));
+        }
+        line
+    });
+    print!("{}", crate::show::table(std::iter::once(head).chain(lines)));
     Ok(())
 }

@@ -312,48 +312,46 @@ pub fn flows(
         return Ok(());
     }
     let wide = format == Format::Wide;
-    let extra = |s: &str| {
-        if wide {
-            format!(" {s:>12}")
-        } else {
-            String::new()
-        }
-    };
-    println!(
-        "{:<46} {:<46} {:<28} {:<12} {:>6} {:<8} {:<18}{}",
-        "CLIENT",
-        "VIP",
-        "BACKEND",
-        "STATE",
-        "SEEN",
-        "AFFINITY",
-        "NAT PORT (STATE)",
-        extra("MEMBER/GEN")
-    );
-    for r in &list.flows {
-        let nat = r.nat.as_ref().map_or("-".to_string(), |n| {
-            format!("{} ({})", n.port, serde_plain(&n.state))
-        });
-        println!(
-            "{:<46} {:<46} {:<28} {:<12} {:>5}s {:<8} {:<18}{}",
+    let mut head: Vec<String> = [
+        "CLIENT", "VIP", "BACKEND", "ENTRY", "SEEN", "AFFINITY", "NAT",
+    ]
+    .map(String::from)
+    .into();
+    if wide {
+        head.push("MEMBER/GEN".into());
+    }
+    let rows = list.flows.iter().map(|r| {
+        let mut row = vec![
             r.client.to_string(),
-            r.vip.label,
-            r.backend.as_ref().map_or("(removed)", |b| b.label.as_str()),
+            r.vip.label.clone(),
+            r.backend
+                .as_ref()
+                .map_or("(removed)".into(), |b| b.label.clone()),
             serde_plain(&r.state),
-            r.seen_s_ago,
+            format!("{}s", r.seen_s_ago),
             match r.affinity {
                 None => "-",
                 Some(true) => "held",
                 Some(false) => "no",
-            },
-            nat,
-            extra(&format!("{}/{}", r.member_id, r.generation))
-        );
-    }
+            }
+            .into(),
+            r.nat.as_ref().map_or("-".to_string(), |n| {
+                format!("{} {}", n.port, serde_plain(&n.state))
+            }),
+        ];
+        if wide {
+            row.push(format!("{}/{}", r.member_id, r.generation));
+        }
+        row
+    });
+    print!("{}", super::table(std::iter::once(head).chain(rows)));
     let s = &list.states;
     println!(
-        "{} of {} flows shown: {} active, {} draining, {} stale, {} idle-expired (SEEN: since the last packet; for IPv6 TCP flows, since the first)",
+        "{} of {} flows shown; entries: {} active, {} draining, {} stale, {} idle-expired",
         list.shown, list.total, s.active, s.draining, s.stale, s.idle_expired
+    );
+    println!(
+        "(ENTRY: what the flow's next packet does; NAT: the node's port, the connection's state)"
     );
     Ok(())
 }

@@ -311,14 +311,12 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
     let s = &m.sizes;
     println!("maps:       {}", m.pin_dir);
     println!(
-        "sizes:      table {}, max VIPs {}, max backends {}, flows {} (IPv6 {}), affinity {}, NAT {}",
-        s.table_size,
-        s.max_vips,
-        s.max_backends,
-        s.flow_entries,
-        s.flow_entries_v6,
-        s.affinity_entries,
-        s.nat_entries
+        "sizes:      table {}, max VIPs {}, max backends {}",
+        s.table_size, s.max_vips, s.max_backends,
+    );
+    println!(
+        "            flows {} (IPv6 {}), affinity {}, NAT {}",
+        s.flow_entries, s.flow_entries_v6, s.affinity_entries, s.nat_entries
     );
     println!("serving:    {} VIPs, {} backends", m.vips, m.backends);
     if wide && !a.schemas.is_empty() {

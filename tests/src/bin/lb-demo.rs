@@ -16,34 +16,9 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{self, Lab},
+    dc::{self, DEMO_CONFIG as CONFIG, Lab},
     netns,
 };
-
-const CONFIG: &str = "node:
-  interfaces: [eth0]          # the load balancer's uplink
-  source_v4: 10.20.0.2        # outer source of encapsulated packets
-  source_v6: fd20::2
-  table_size: 65537
-vips:
-  - name: web
-    address: 192.0.2.10
-    port: 80
-    protocol: tcp
-    backends:
-      - { address: 10.20.0.11, weight: 200 }   # b1
-      - { address: 10.20.0.12, weight: 100 }   # b2
-      - { address: 10.20.0.13, weight: 100 }   # b3
-  - name: sticky
-    address: 192.0.2.20
-    port: 80
-    protocol: tcp
-    affinity_timeout: 10m      # each client stays on one backend
-    backends:
-      - { address: 10.20.0.11 }
-      - { address: 10.20.0.12 }
-      - { address: 10.20.0.13 }
-";
 
 static PINS: OnceLock<Mutex<Option<(PathBuf, PathBuf)>>> = OnceLock::new();
 
