@@ -116,6 +116,13 @@ pub const NEW_FLOW_BUDGET: &str = "LB_NEW_FLOW_BUDGET";
 /// had no token left (`drop_new_flow_budget`).
 pub const VIP_BUDGET_DROPS: &str = "LB_VIP_BUDGET_DROPS";
 
+/// Per-VIP per-CPU [`crate::TrafficStats`], indexed by VIP id: NAT replies (backend ->
+/// client) translated back (`new_flows` stays 0).
+pub const VIP_REPLY_STATS: &str = "LB_VIP_REPLY_STATS";
+/// Per-member per-CPU [`crate::TrafficStats`], indexed by member id: the NAT replies of each
+/// member (`new_flows` stays 0).
+pub const MEMBER_REPLY_STATS: &str = "LB_MEMBER_REPLY_STATS";
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -144,6 +151,8 @@ pub const ALL: &[&str] = &[
     VIP_DROPS,
     NEW_FLOW_BUDGET,
     VIP_BUDGET_DROPS,
+    VIP_REPLY_STATS,
+    MEMBER_REPLY_STATS,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

@@ -121,6 +121,13 @@ mod program {
     #[map]
     pub static LB_MEMBER_STATS: PerCpuArray<TrafficStats> =
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    /// NAT replies (backend -> client) per VIP and per member (`new_flows` stays 0).
+    #[map]
+    pub static LB_VIP_REPLY_STATS: PerCpuArray<TrafficStats> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+    #[map]
+    pub static LB_MEMBER_REPLY_STATS: PerCpuArray<TrafficStats> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_META: Array<LayoutMeta> = Array::with_max_entries(1, 0);
     #[map]

@@ -18,14 +18,15 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_NOEXIST, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
-    helpers::generated::{bpf_loop, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_loop, bpf_map_lookup_elem, bpf_xdp_adjust_head},
+    maps::PerCpuArray,
     programs::XdpContext,
 };
 use lb_common::{
     AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
     NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
     NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth,
-    VipAddr, csum, flow_hash, nat_port_candidate,
+    TrafficStats, VipAddr, csum, flow_hash, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -37,8 +38,8 @@ use crate::parse::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 use crate::{
-    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB,
-    LB_NAT_REV, LB_NODE, count,
+    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS, LB_MEMBERS, LB_NAT,
+    LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
@@ -662,6 +663,9 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
         return not_ours;
     }
     track_backend(r, pkt, t, node);
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count_reply(&LB_VIP_REPLY_STATS, &r.vip_id, bytes);
+    count_reply(&LB_MEMBER_REPLY_STATS, &r.backend_id, bytes);
     let client = r.client;
     count(Counter::NatReverse);
     rewrite_and_route(
@@ -673,6 +677,23 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
         None,
         node,
     )
+}
+
+/// Counts a reply of `bytes` in `map` at `index`, a field of the translation: the lookup's key
+/// is read where it is (a map value may be a key), not copied into NAT's full stack frame.
+#[inline(always)]
+fn count_reply(map: &PerCpuArray<TrafficStats>, index: &u32, bytes: u64) {
+    let map = map as *const PerCpuArray<TrafficStats> as *mut c_void;
+    let key = index as *const u32 as *const c_void;
+    // SAFETY: `map` is a map definition (PerCpuArray is transparent over it) and `key` points at
+    // 4 readable bytes of a map value; the helper returns this CPU's value or null.
+    let s = unsafe { bpf_map_lookup_elem(map, key) } as *mut TrafficStats;
+    if !s.is_null() {
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+        }
+    }
 }
 
 /// What an ICMP error to the node says about a translated packet.

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
-    AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, Member,
-    NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NatFlow, NatReverse, NodeConfig,
+    AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, MODE_NAT,
+    Member, NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NatFlow, NatReverse, NodeConfig,
     PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipValue,
     flowtab::{self, FlowBucket},
     maps,
@@ -65,6 +65,9 @@ pub struct Pinned {
     /// None on pins of a release before 0.3.0 (no new-flow budgets).
     budgets: Option<PerCpuArray<MapData, lb_common::NewFlowBudget>>,
     budget_drops: Option<PerCpuArray<MapData, u64>>,
+    /// None on pins of a release before 0.3.0 (no reply counters).
+    vip_replies: Option<PerCpuArray<MapData, TrafficStats>>,
+    member_replies: Option<PerCpuArray<MapData, TrafficStats>>,
 }
 
 impl Pinned {
@@ -117,6 +120,12 @@ impl Pinned {
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(m).ok()),
             budget_drops: open(maps::VIP_BUDGET_DROPS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(m).ok()),
+            vip_replies: open(maps::VIP_REPLY_STATS)
+                .ok()
+                .and_then(|m| PerCpuArray::try_from(m).ok()),
+            member_replies: open(maps::MEMBER_REPLY_STATS)
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(m).ok()),
             sizes,
@@ -198,6 +207,22 @@ impl Pinned {
 
     pub fn member_stats(&self, id: u32) -> Result<TrafficStats, InspectError> {
         Self::sum(&self.member_stats, id, "member stats")
+    }
+
+    /// NAT replies of VIP id `id` (backend -> client), over all CPUs; zero on older pins.
+    pub fn vip_replies(&self, id: u32) -> Result<TrafficStats, InspectError> {
+        match &self.vip_replies {
+            Some(m) => Self::sum(m, id, "VIP reply stats"),
+            None => Ok(TrafficStats::default()),
+        }
+    }
+
+    /// NAT replies of member id `id`, over all CPUs; zero on older pins.
+    pub fn member_replies(&self, id: u32) -> Result<TrafficStats, InspectError> {
+        match &self.member_replies {
+            Some(m) => Self::sum(m, id, "member reply stats"),
+            None => Ok(TrafficStats::default()),
+        }
     }
 
     /// Passive health counters of a member id (NAT mode).
@@ -458,6 +483,29 @@ impl NatPorts {
     }
 }
 
+/// A backend's open connections, as IPVS counts them (see [`Pinned::connections`]).
+#[derive(serde::Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    pub active: u64,
+    pub inactive: u64,
+}
+
+impl Connections {
+    fn add(&mut self, active: bool) {
+        match active {
+            true => self.active += 1,
+            false => self.inactive += 1,
+        }
+    }
+
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            active: self.active + o.active,
+            inactive: self.inactive + o.inactive,
+        }
+    }
+}
+
 /// How full one of the program's tables is.
 #[derive(serde::Serialize, Debug, Clone, Copy, PartialEq)]
 pub struct Fill {
@@ -485,7 +533,15 @@ pub struct Tables {
     pub fill: Vec<(&'static str, Fill)>,
     pub nat_ports: NatPorts,
     pub flows_ipv4: FlowStates,
+    /// Open connections per member id, as IPVS counts them (ActiveConn, InActConn): a NAT
+    /// VIP's from its translations, a DSR VIP's from its flow entries (IPv4: confirmed ones are
+    /// active, those seen once inactive; IPv6: all active). An entry outlives its connection
+    /// until it is reused or expires, so DSR counts are an upper bound.
+    pub connections: Conns,
 }
+
+/// Open connections per member id.
+pub type Conns = BTreeMap<u32, Connections>;
 
 /// The IPv4 flow table's flows by state: `established` (a packet after the first found the
 /// entry: a flood of new flows never evicts it while it is active) and `new` (seen once: a SYN
@@ -510,23 +566,17 @@ impl Pinned {
             s.affinity_entries as u64,
             s.nat_entries as u64,
         );
-        let (nat_reverse, nat_ports) = self.nat_ports()?;
-        let mut flows_ipv4 = FlowStates::default();
-        for w in self.flows4_map.ways() {
-            match w.confirmed {
-                true => flows_ipv4.established += 1,
-                false => flows_ipv4.new += 1,
-            }
-        }
+        let vips = self.vips()?;
+        let mut connections = BTreeMap::new();
+        let (nat_reverse, nat_ports) = self.nat_ports(&mut connections)?;
+        let flows_ipv4 = self.flows_ipv4(&vips, &mut connections);
+        let flows_ipv6 = self.flows_ipv6(&vips, &mut connections)?;
         let fill = vec![
             (
                 "flows_ipv4",
                 Fill::of(flows_ipv4.established + flows_ipv4.new, ways),
             ),
-            (
-                "flows_ipv6",
-                Fill::of(count(self.flows.keys(), "flows", v6)?, v6),
-            ),
+            ("flows_ipv6", Fill::of(flows_ipv6, v6)),
             (
                 "affinity",
                 Fill::of(count(self.affinity.keys(), "affinity", aff)?, aff),
@@ -541,14 +591,66 @@ impl Pinned {
             fill,
             nat_ports,
             flows_ipv4,
+            connections,
         })
     }
-}
 
-impl Pinned {
-    /// The reverse translations (at most the table's capacity) and the NAT source ports they
-    /// hold now, by state: one walk, a snapshot, off by what the program changed during it.
-    fn nat_ports(&self) -> Result<(u64, NatPorts), InspectError> {
+    /// The IPv4 flow table's flows by state, and the open connections of DSR VIPs' members.
+    fn flows_ipv4(&self, vips: &BTreeMap<VipKey, VipValue>, conns: &mut Conns) -> FlowStates {
+        let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
+        let now = monotonic_coarse_ns();
+        let mut out = FlowStates::default();
+        for w in self.flows4_map.ways() {
+            match w.confirmed {
+                true => out.established += 1,
+                false => out.new += 1,
+            }
+            let mut b = FlowBucket::default();
+            (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
+            let vip_id = flowtab::unpack_key(w.key).2;
+            if let Some((_, v)) = Self::flow4(&keys, &b, w.key, now)
+                && vips
+                    .iter()
+                    .any(|(_, x)| x.id == vip_id && x.mode != MODE_NAT)
+            {
+                conns.entry(v.member_id).or_default().add(w.confirmed);
+            }
+        }
+        out
+    }
+
+    /// The IPv6 flow table's entries (at most its capacity), and the open connections of DSR
+    /// VIPs' members (every entry counts as active: IPv6 entries record no confirmation).
+    fn flows_ipv6(
+        &self,
+        vips: &BTreeMap<VipKey, VipValue>,
+        conns: &mut Conns,
+    ) -> Result<u64, InspectError> {
+        let mut n = 0;
+        for kv in self
+            .flows
+            .iter()
+            .take(self.sizes.flow_entries_v6() as usize)
+        {
+            let (k, v) = kv.map_err(merr("flows"))?;
+            n += 1;
+            let dsr = vips.iter().any(|(vk, vv)| {
+                vk.addr == k.dst
+                    && vk.port == k.dst_port
+                    && vk.proto == k.proto
+                    && vv.mode != MODE_NAT
+            });
+            if dsr {
+                conns.entry(v.member_id).or_default().add(true);
+            }
+        }
+        Ok(n)
+    }
+
+    /// The reverse translations (at most the table's capacity), the ports they hold by state,
+    /// and the open connections of NAT VIPs' members: established translations are active;
+    /// waiting, half-open, closing and closed ones (still holding their port) inactive.
+    fn nat_ports(&self, conns: &mut Conns) -> Result<(u64, NatPorts), InspectError> {
         let node = self.node()?;
         let now = monotonic_coarse_ns();
         let (mut entries, mut out) = (0, NatPorts::default());
@@ -556,7 +658,12 @@ impl Pinned {
             let (k, r) = e.map_err(merr("NAT reverse entries"))?;
             entries += 1;
             let state = NatState::of(Some(&r), k.proto, now, &node);
-            out.add(state, r.expired(k.proto, now, &node));
+            let expired = r.expired(k.proto, now, &node);
+            out.add(state, expired);
+            if !expired && state != NatState::Gone {
+                let active = state == NatState::Established;
+                conns.entry(r.backend_id).or_default().add(active);
+            }
         }
         Ok((entries, out))
     }

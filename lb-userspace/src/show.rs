@@ -165,16 +165,19 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
                     "drop_source_range": p.vip_source_drops(*id),
                     "drop_new_flow_budget": p.vip_budget_drops(*id),
                 });
-                merged(head, traffic_json(s))
+                Ok(merged(
+                    merged(head, traffic_json(s)),
+                    replies_json(p.vip_replies(*id)?),
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let member_rows: Vec<_> = members
             .iter()
             .map(|r| {
                 let head = json!({"vip": r.vip, "backend": r.backend, "id": r.id, "generation": r.member.generation});
-                merged(head, traffic_json(&r.stats))
+                Ok(merged(merged(head, traffic_json(&r.stats)), replies_json(p.member_replies(r.id)?)))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let be_rows: Vec<_> = totals
             .iter()
             .map(|(b, (s, n))| merged(json!({"backend": b, "vips": n}), traffic_json(s)))
@@ -256,6 +259,44 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     for (b, (s, n)) in &totals {
         row(n.to_string(), &b.label, s);
     }
+    print_replies(p, &vip_rows, &members)
+}
+
+/// `{"replies": {"packets", "bytes"}}`: NAT replies translated back to clients.
+fn replies_json(r: TrafficStats) -> serde_json::Value {
+    json!({"replies": {"packets": r.packets, "bytes": r.bytes}})
+}
+
+/// The NAT replies (backend -> client) of each NAT VIP and of each of its backends, if any VIP
+/// is in NAT mode.
+fn print_replies(
+    p: &Pinned,
+    vips: &[(u32, VipRef, TrafficStats)],
+    members: &[MemberRow],
+) -> Result<()> {
+    let nat: BTreeMap<u32, VipValue> = p
+        .vips()?
+        .into_values()
+        .filter(|v| v.mode == lb_common::MODE_NAT)
+        .map(|v| (v.id, v))
+        .collect();
+    if nat.is_empty() {
+        return Ok(());
+    }
+    println!("\nNAT REPLIES (backend -> client)");
+    println!(
+        "  {:<48} {:>14} {:>16}",
+        "VIP / VIP -> BACKEND", "PACKETS", "BYTES"
+    );
+    for (id, vip, _) in vips.iter().filter(|(id, _, _)| nat.contains_key(id)) {
+        let r = p.vip_replies(*id)?;
+        println!("  {:<48} {:>14} {:>16}", vip.label, r.packets, r.bytes);
+        for m in members.iter().filter(|m| m.member.vip_id == *id) {
+            let r = p.member_replies(m.id)?;
+            let name = format!("-> {}", m.backend.label);
+            println!("    {name:<46} {:>14} {:>16}", r.packets, r.bytes);
+        }
+    }
     Ok(())
 }
 
@@ -286,13 +327,14 @@ pub fn backends(p: &Pinned, state_dir: &Path, format: Format) -> Result<()> {
     let status: Option<Status> = run::read_status(state_dir);
     let names = VipNames::of(status.as_ref());
     let members = p.members()?;
+    let conns = p.tables()?.connections;
     let mut out = Vec::new();
     for (k, v) in p.vips()? {
         let vip = names.vip(&k);
         let st = status
             .as_ref()
             .and_then(|s| s.vips.iter().find(|x| x.vip == vip.label));
-        out.push(vip_backends(p, &k, vip, &v, &members, st)?);
+        out.push(vip_backends(p, &k, vip, &v, &members, st, &conns)?);
     }
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -332,44 +374,56 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             String::new()
         }
     );
-    let id_head = if wide {
-        format!("{:>7} ", "MEMBER")
-    } else {
-        String::new()
-    };
-    println!(
-        "  {id_head}{:<28} {:>7} {:<11} {:>8} {:>8} {:>12} {:>10}",
-        "BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS", "NEW FLOWS"
-    );
-    for b in v["backends"].as_array().into_iter().flatten() {
+    let nat = v["mode"] == "nat";
+    let mut head = vec!["BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS"];
+    if nat {
+        head.push("REPLIES");
+    }
+    head.extend(["NEW FLOWS", "ACTIVE", "INACTIVE"]);
+    if wide {
+        head.insert(0, "MEMBER");
+    }
+    let backends: Vec<&serde_json::Value> =
+        v["backends"].as_array().into_iter().flatten().collect();
+    let rows = backends.iter().map(|b| {
+        let mut row = vec![
+            opt(&b["backend"]["label"]),
+            opt(&b["weight"]),
+            opt(&b["health"]),
+            b["slots"].as_u64().unwrap_or(0).to_string(),
+            format!("{:.2}%", b["share"].as_f64().unwrap_or(0.0) * 100.0),
+            opt(&b["packets"]),
+        ];
+        if nat {
+            row.push(opt(&b["replies"]["packets"]));
+        }
+        row.extend([
+            opt(&b["new_flows"]),
+            opt(&b["connections"]["active"]),
+            opt(&b["connections"]["inactive"]),
+        ]);
+        if wide {
+            row.insert(0, opt(&b["id"]));
+        }
+        row
+    });
+    let head = head.into_iter().map(String::from).collect();
+    let text = table(std::iter::once(head).chain(rows));
+    let mut lines = text.lines();
+    println!("  {}", lines.next().unwrap_or(""));
+    for (b, line) in backends.iter().zip(lines) {
+        println!("  {line}");
         let passive = &b["passive"];
-        let passive = if passive.is_null() {
-            String::new()
-        } else {
-            format!(
-                "\n      attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} in a row failed",
+        if !passive.is_null() {
+            println!(
+                "      attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} in a row failed",
                 passive["answered"],
                 passive["refused"],
                 passive["unreachable"],
                 passive["syn_timeouts"],
                 passive["consecutive_failures"]
-            )
-        };
-        let id = if wide {
-            format!("{:>7} ", opt(&b["id"]))
-        } else {
-            String::new()
-        };
-        println!(
-            "  {id}{:<28} {:>7} {:<11} {:>8} {:>7.2}% {:>12} {:>10}{passive}",
-            opt(&b["backend"]["label"]),
-            opt(&b["weight"]),
-            opt(&b["health"]),
-            b["slots"].as_u64().unwrap_or(0),
-            b["share"].as_f64().unwrap_or(0.0) * 100.0,
-            opt(&b["packets"]),
-            opt(&b["new_flows"])
-        );
+            );
+        }
         if let Some(o) = override_note(&b["override"]) {
             println!("      {o}");
         }
@@ -407,6 +461,7 @@ fn vip_backends(
     v: &VipValue,
     members: &BTreeMap<u32, Member>,
     st: Option<&run::VipStatus>,
+    conns: &crate::inspect::Conns,
 ) -> Result<serde_json::Value> {
     let m = p.table_size(v) as f64;
     let counts = p.slot_counts(v);
@@ -446,6 +501,11 @@ fn vip_backends(
             "packets": traffic.map(|t| t.packets),
             "bytes": traffic.map(|t| t.bytes),
             "new_flows": traffic.map(|t| t.new_flows),
+            "replies": id.filter(|_| v.mode == lb_common::MODE_NAT)
+                .map(|id| p.member_replies(id))
+                .transpose()?
+                .map(|r| json!({"packets": r.packets, "bytes": r.bytes})),
+            "connections": id.map(|id| conns.get(&id).copied().unwrap_or_default()),
             "passive": passive.map(|h| json!({
                 "answered": h.answered,
                 "refused": h.refused,

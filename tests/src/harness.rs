@@ -147,6 +147,15 @@ impl Lb {
         Self::new(ebpf, sizes)
     }
 
+    /// Entry `id` of the per-CPU traffic counters `map` (`LB_MEMBER_STATS`,
+    /// `LB_VIP_REPLY_STATS`...), added up over the CPUs.
+    pub fn traffic(&mut self, map: &str, id: u32) -> lb_common::TrafficStats {
+        let m: PerCpuArray<_, lb_common::TrafficStats> =
+            PerCpuArray::try_from(self.map(map)).unwrap_or_else(|e| panic!("{map}: {e}"));
+        let per_cpu = m.get(&id, 0).unwrap_or_else(|e| panic!("{map}[{id}]: {e}"));
+        per_cpu.iter().fold(Default::default(), |a, s| a.plus(*s))
+    }
+
     fn map(&mut self, name: &str) -> &mut aya::maps::Map {
         self.ebpf
             .map_mut(name)

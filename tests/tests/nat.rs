@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use lb_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT, NAT_PORT_PROBES, NAT_S_ANSWERED,
-    NAT_S_HALF_OPEN, VipValue, flow_hash, nat_port_candidate,
+    NAT_S_HALF_OPEN, VipValue, flow_hash, maps, nat_port_candidate,
 };
 use lb_tests::{
     harness::{
@@ -328,6 +328,52 @@ fn state_at(lb: &mut Lb, port: u16) -> u16 {
     lb.nat_reverse(&reply_key(TX_V4, 8080, port, IPPROTO_TCP))
         .expect("a translation holds the port")
         .state
+}
+
+#[test]
+fn a_reply_is_counted_for_its_vip_and_backend_and_one_to_no_translation_is_not() {
+    let net = FibNet::new("nat-replies");
+    let ingress = net.lb0;
+    net.ns.run(|| replies_counted(ingress));
+}
+
+fn replies_counted(ingress: u32) {
+    let mut lb = setup();
+    let syn = Pkt::tcp(CLIENT4, 40000, V4, 80, LB0_MAC);
+    let port = open(&mut lb, ingress, &syn);
+    let synack = reply_to(
+        &translated(&syn, port, TX_V4, 8080),
+        L4::Tcp {
+            flags: TCP_SYN | TCP_ACK,
+        },
+    );
+    answer_syn(&mut lb, ingress, &translated(&syn, port, TX_V4, 8080), &syn);
+    // A reply to a port no translation holds passes, uncounted.
+    let stray = synack.clone().with(|p| p.dport = port.wrapping_add(1));
+    expect(
+        &mut lb,
+        ingress,
+        "a stray reply",
+        &stray,
+        XDP_PASS,
+        &stray.frame(),
+    );
+    let bytes = synack.frame().len() as u64;
+    let member = lb.member(0, B4_MAPPED.0);
+    for (map, id, what) in [
+        (maps::VIP_REPLY_STATS, 0, "the VIP"),
+        (maps::MEMBER_REPLY_STATS, member, "the backend"),
+    ] {
+        let r = lb.traffic(map, id);
+        assert_eq!(
+            (r.packets, r.bytes, r.new_flows),
+            (1, bytes, 0),
+            "{what}'s replies"
+        );
+    }
+    // The request side counted the SYN: one packet each way.
+    let sent = lb.traffic(maps::MEMBER_STATS, member);
+    assert_eq!((sent.packets, sent.new_flows), (1, 1));
 }
 
 #[test]

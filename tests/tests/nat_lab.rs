@@ -123,3 +123,166 @@ fn nat_vips_serve_unmodified_backends() {
     assert!(share(&t, "b3") > 0.15, "b3 did not come back: {t:?}");
     drop(agent);
 }
+
+/// `nft` in `ns` (ruleset text on stdin if given): its stdout.
+fn nft(ns: &lb_tests::netns::NetNs, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    ns.run(|| {
+        let mut child = std::process::Command::new("nft")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running nft (cargo xtask setup installs nftables)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.unwrap_or("").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "nft {}: {err}", args.join(" "));
+        String::from_utf8(out.stdout).unwrap()
+    })
+}
+
+/// The packets and bytes (IP lengths) of the `counter` in chain `chain` of table `ip lbt`.
+fn nft_counter(ns: &lb_tests::netns::NetNs, chain: &str) -> (u64, u64) {
+    let text = nft(ns, &["list", "chain", "ip", "lbt", chain], None);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |w: &str| -> u64 {
+        let i = words.iter().position(|x| *x == w).expect("a counter");
+        words[i + 1].parse().unwrap()
+    };
+    (after("packets"), after("bytes"))
+}
+
+#[test]
+fn each_backends_reply_and_request_counters_match_what_its_stack_sent_and_received() {
+    let lab = Lab::new();
+    let _servers = NatServers::start(&lab, PORT);
+    // Counted independently of lb, in each backend's own stack: what reaches its service port,
+    // and what leaves it (IP lengths, before Ethernet).
+    for (_, ns) in &lab.backends {
+        nft(
+            ns,
+            &["-f", "-"],
+            Some(&format!(
+                "table ip lbt {{
+                chain in {{ type filter hook input priority 0; tcp dport {PORT} counter; }}
+                chain out {{ type filter hook output priority 0; tcp sport {PORT} counter; }}
+            }}"
+            )),
+        );
+    }
+    let dirs = Dirs::new(Path::new(BIN), "nat-replies");
+    let vip = nat_vip("192.0.2.20", 80, "tcp", "", [1, 1, 1], false);
+    dirs.write_config(&lab_config("", &vip));
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_serving(&lab.lb, &dirs, T);
+    let t = lab.tcp_tally(sa("192.0.2.20:80"), 300, 8);
+    assert_eq!(errors(&t), 0, "{t:?}");
+
+    // The last ACKs of the connections may still be on their way: poll until both agree.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let v = dirs.json(&["backends"]);
+        let mut agree = true;
+        let mut seen = Vec::new();
+        for ((_, ns), (_, v4, _)) in lab.backends.iter().zip(BACKENDS) {
+            let row = v[0]["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["backend"]["address"] == v4)
+                .unwrap()
+                .clone();
+            let (got_p, _) = nft_counter(ns, "in");
+            let (sent_p, sent_b) = nft_counter(ns, "out");
+            let lb = (
+                row["packets"].as_u64(),
+                row["replies"]["packets"].as_u64(),
+                row["replies"]["bytes"].as_u64(),
+            );
+            // lb counts frames as received: 14 bytes of Ethernet on top of each IP packet.
+            let want = (Some(got_p), Some(sent_p), Some(sent_b + 14 * sent_p));
+            agree &= lb == want && sent_p > 0;
+            seen.push(format!("{v4}: lb {lb:?}, the backend's stack {want:?}"));
+        }
+        if agree {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", seen.join("\n"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VIP's replies are its backends' together.
+    let vip = dirs.json(&["stats"])["vips"][0]["replies"]["packets"].as_u64();
+    let sent: u64 = lab
+        .backends
+        .iter()
+        .map(|(_, ns)| nft_counter(ns, "out").0)
+        .sum();
+    assert_eq!(vip, Some(sent));
+    agent.stop();
+}
+
+/// Each backend's `connections` in `lb backends -o json` (VIP 0): address -> (active, inactive).
+fn connections(dirs: &Dirs) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let v = dirs.json(&["backends"]);
+    v[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let c = &b["connections"];
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            let addr = b["backend"]["address"].as_str().unwrap().to_string();
+            (addr, (n("active"), n("inactive")))
+        })
+        .collect()
+}
+
+#[test]
+fn each_backends_active_connections_are_the_streams_held_open_on_it_and_none_once_closed() {
+    let lab = Lab::new();
+    let _servers = NatServers::start(&lab, PORT);
+    let dirs = Dirs::new(Path::new(BIN), "nat-conns");
+    let vip = nat_vip("192.0.2.20", 80, "tcp", "", [1, 1, 1], false);
+    dirs.write_config(&lab_config("", &vip));
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_serving(&lab.lb, &dirs, T);
+    let streams = lab.streams(sa("192.0.2.20:80"), 12);
+    // What the test holds open, per backend address.
+    let mut held = std::collections::BTreeMap::new();
+    for (name, v4, _) in BACKENDS {
+        let n = streams.iter().filter(|s| s.backend == name).count() as u64;
+        held.insert(v4.to_string(), (n, 0));
+    }
+    let deadline = std::time::Instant::now() + T;
+    while connections(&dirs) != held {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} wants {held:?}",
+            connections(&dirs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for s in streams {
+        assert_eq!(s.finish(), None, "a stream broke");
+    }
+    // Closed: no backend has an active connection left; each closed one is inactive until its
+    // port is freed.
+    while connections(&dirs).values().any(|(active, _)| *active > 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            connections(&dirs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let inactive: u64 = connections(&dirs).values().map(|(_, i)| i).sum();
+    assert!(inactive <= 12, "{:?}", connections(&dirs));
+    agent.stop();
+}

@@ -23,8 +23,9 @@ use crate::{
 pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectError> {
     let p = &maps.pinned;
     let mut out = global(p)?;
-    out.extend(traffic(p, &maps.nexthops)?);
-    out.extend(tables(p)?);
+    let t = p.tables()?;
+    out.extend(traffic(p, &maps.nexthops, &t.connections)?);
+    out.extend(tables(t));
     out.extend(agent(a));
     // Cloned: the lock is not held over the netlink requests.
     let links = a.links.lock().expect("links lock").clone();
@@ -86,13 +87,20 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 }
 
 /// Per VIP, and per backend of each VIP (a member): traffic, passive health, next hop.
-fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, InspectError> {
+fn traffic(
+    p: &Pinned,
+    nh: &Array<MapData, NextHop>,
+    conns: &crate::inspect::Conns,
+) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
     let (mut packets, mut bytes, mut flows, mut refused) = (vec![], vec![], vec![], vec![]);
-    let mut over_budget = vec![];
+    let (mut over_budget, mut reply_packets, mut reply_bytes) = (vec![], vec![], vec![]);
     for (k, v) in &vips {
         let s = p.vip_stats(v.id)?;
         let l = vec![("vip", VipRef::of(k).label)];
+        let r = p.vip_replies(v.id)?;
+        reply_packets.push((l.clone(), r.packets));
+        reply_bytes.push((l.clone(), r.bytes));
         refused.push((l.clone(), p.vip_source_drops(v.id)));
         over_budget.push((l.clone(), p.vip_budget_drops(v.id)));
         packets.push((l.clone(), s.packets));
@@ -103,6 +111,16 @@ fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, Insp
         Family::counter("lb_vip_packets", "Packets per VIP", packets),
         Family::counter("lb_vip_bytes", "Bytes per VIP, as received", bytes),
         Family::counter("lb_vip_new_flows", "New flows per VIP", flows),
+        Family::counter(
+            "lb_vip_reply_packets",
+            "NAT mode: packets per VIP from its backends translated back to clients",
+            reply_packets,
+        ),
+        Family::counter(
+            "lb_vip_reply_bytes",
+            "NAT mode: bytes per VIP from its backends translated back to clients, as received",
+            reply_bytes,
+        ),
         Family::counter(
             "lb_vip_drop_source_range",
             "Packets per VIP dropped because their source is outside the VIP's source ranges",
@@ -133,13 +151,26 @@ fn traffic(p: &Pinned, nh: &Array<MapData, NextHop>) -> Result<Vec<Family>, Insp
         };
         rows.push(
             backend_labels(vip, &BackendRef::of(&m, vip)),
-            p.member_stats(id)?,
-            p.passive(id)?,
-            action,
+            Member {
+                traffic: p.member_stats(id)?,
+                replies: p.member_replies(id)?,
+                passive: p.passive(id)?,
+                connections: conns.get(&id).copied().unwrap_or_default(),
+                nexthop_action: action,
+            },
         );
     }
     out.extend(rows.families());
     Ok(out)
+}
+
+/// What a scrape reads of one member.
+struct Member {
+    traffic: TrafficStats,
+    replies: TrafficStats,
+    passive: PassiveHealth,
+    connections: crate::inspect::Connections,
+    nexthop_action: u8,
 }
 
 /// The per-member rows of each family, as they are read.
@@ -148,21 +179,32 @@ struct MemberRows {
     packets: Vec<(Labels, u64)>,
     bytes: Vec<(Labels, u64)>,
     flows: Vec<(Labels, u64)>,
+    reply_packets: Vec<(Labels, u64)>,
+    reply_bytes: Vec<(Labels, u64)>,
+    connections: Vec<(Labels, f64)>,
     attempts: Vec<(Labels, u64)>,
     streaks: Vec<(Labels, f64)>,
     hops: Vec<(Labels, f64)>,
 }
 
 impl MemberRows {
-    fn push(&mut self, l: Labels, s: TrafficStats, h: PassiveHealth, nexthop_action: u8) {
+    fn push(&mut self, l: Labels, m: Member) {
         let with = |k: &'static str, v: &str| {
             let mut l = l.clone();
             l.push((k, v.to_string()));
             l
         };
+        let (s, h) = (m.traffic, m.passive);
         self.packets.push((l.clone(), s.packets));
         self.bytes.push((l.clone(), s.bytes));
         self.flows.push((l.clone(), s.new_flows));
+        self.reply_packets.push((l.clone(), m.replies.packets));
+        self.reply_bytes.push((l.clone(), m.replies.bytes));
+        let c = m.connections;
+        self.connections
+            .push((with("state", "active"), c.active as f64));
+        self.connections
+            .push((with("state", "inactive"), c.inactive as f64));
         for (outcome, n) in [
             ("answered", h.answered),
             ("refused", h.refused),
@@ -173,11 +215,11 @@ impl MemberRows {
         }
         self.streaks
             .push((l.clone(), h.consecutive_failures as f64));
-        let action = crate::nexthop::show::action_name(nexthop_action);
+        let action = crate::nexthop::show::action_name(m.nexthop_action);
         self.hops.push((with("action", action), 1.0));
     }
 
-    fn families(self) -> [Family; 6] {
+    fn families(self) -> [Family; 9] {
         [
             Family::counter(
                 "lb_backend_packets",
@@ -193,6 +235,21 @@ impl MemberRows {
                 "lb_backend_new_flows",
                 "New flows per backend of each VIP",
                 self.flows,
+            ),
+            Family::counter(
+                "lb_backend_reply_packets",
+                "NAT mode: packets per backend of each VIP translated back to clients",
+                self.reply_packets,
+            ),
+            Family::counter(
+                "lb_backend_reply_bytes",
+                "NAT mode: bytes per backend of each VIP translated back to clients, as received",
+                self.reply_bytes,
+            ),
+            Family::gauge(
+                "lb_backend_connections",
+                "Open connections per backend of each VIP, as IPVS counts them: active (established) and inactive (handshake, closing); NAT from its translations, DSR from its flow entries (an upper bound: an entry outlives its connection)",
+                self.connections,
             ),
             Family::counter(
                 "lb_backend_connection_attempts",
@@ -222,15 +279,16 @@ pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
 }
 
 /// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.
-fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
+fn tables(t: crate::inspect::Tables) -> Vec<Family> {
     let crate::inspect::Tables {
         fill: rows,
         nat_ports: ports,
         flows_ipv4: flows,
-    } = p.tables()?;
+        ..
+    } = t;
     let label = |t: &str| vec![("table", t.to_string())];
     let state = |s: &str| vec![("state", s.to_string())];
-    Ok(vec![
+    vec![
         Family::gauge(
             "lb_flows_ipv4",
             "IPv4 flows in the flow table by state (new: seen once, what a SYN flood leaves; an established flow is never evicted by a new one while it is active)",
@@ -261,7 +319,7 @@ fn tables(p: &Pinned) -> Result<Vec<Family>, InspectError> {
                 .map(|(t, f)| (label(t), f.capacity as f64))
                 .collect(),
         ),
-    ])
+    ]
 }
 
 /// The agent's own figures.

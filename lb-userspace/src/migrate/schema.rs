@@ -341,6 +341,24 @@ pub fn current() -> &'static [Schema] {
                 Counters,
                 max_vips
             ),
+            schema!(
+                m::VIP_REPLY_STATS,
+                1,
+                PerCpuArray,
+                U32,
+                size_of::<TrafficStats>(),
+                Counters,
+                max_vips
+            ),
+            schema!(
+                m::MEMBER_REPLY_STATS,
+                1,
+                PerCpuArray,
+                U32,
+                size_of::<TrafficStats>(),
+                Counters,
+                max_backends
+            ),
         ]
     })
 }
@@ -386,7 +404,7 @@ const LAYOUT_7: &[(&str, u32)] = &[
 /// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges and new-flow budget flags), `LB_NODE` and
 /// `LB_NAT_REV` at schema 2 (half-open translations), `LB_FLOWS4` at schema 2 (established flows
 /// confirmed, which a flood of new flows cannot evict), the source ranges and their per-VIP drop
-/// counters, and the new-flow budgets and theirs.
+/// counters, the new-flow budgets and theirs, and the NAT replies per VIP and per member.
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -414,6 +432,8 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIP_DROPS, 1),
     (m::NEW_FLOW_BUDGET, 1),
     (m::VIP_BUDGET_DROPS, 1),
+    (m::VIP_REPLY_STATS, 1),
+    (m::MEMBER_REPLY_STATS, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.

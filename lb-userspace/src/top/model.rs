@@ -39,6 +39,8 @@ pub struct VipRow {
     pub drops_per_s: f64,
     /// Of those, new flows per second its new-flow budget refused (a SYN flood shows here).
     pub over_budget_per_s: f64,
+    /// NAT replies per second translated back to clients (None: a DSR VIP).
+    pub replies_per_s: Option<f64>,
     pub backends: Vec<BackendRow>,
 }
 
@@ -128,6 +130,9 @@ fn vip_row(
             .over_budget
             .saturating_sub(prev.map_or(0, |p| p.over_budget)) as f64
             / secs,
+        replies_per_s: v
+            .replies
+            .map(|r| r.saturating_sub(prev.and_then(|p| p.replies).unwrap_or(0)) as f64 / secs),
         backends: v
             .members
             .iter()
@@ -229,6 +234,8 @@ pub(crate) mod tests {
                 stats: vip,
                 members,
                 over_budget,
+                // A NAT VIP, whose backends answer three packets for each one over budget.
+                replies: Some(over_budget * 3),
             }],
         }
     }

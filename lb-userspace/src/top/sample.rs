@@ -80,6 +80,8 @@ pub struct VipSample {
     pub members: Vec<MemberSample>,
     /// Packets dropped over the VIP's new-flow budget (`drop_new_flow_budget`), all CPUs.
     pub over_budget: u64,
+    /// NAT replies translated back to clients (None: a DSR VIP, whose replies bypass lb).
+    pub replies: Option<u64>,
 }
 
 /// Everything `lb top` shows, at one moment.
@@ -140,6 +142,10 @@ pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError>
             stats: p.vip_stats(v.id)?,
             members: rows,
             over_budget: p.vip_budget_drops(v.id),
+            replies: match v.mode == lb_common::MODE_NAT {
+                true => Some(p.vip_replies(v.id)?.packets),
+                false => None,
+            },
         });
     }
     count_draining(p, &mut vips)?;

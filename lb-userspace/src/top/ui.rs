@@ -86,9 +86,12 @@ fn vip_lines(v: &VipRow) -> Vec<Line<'static>> {
                 Style::new().add_modifier(Modifier::BOLD),
             ),
             Span::raw(format!(
-                "  {} packets/s  {} new flows/s  {} no backend/s",
+                "  {} pkt/s  {} new/s{}  {} no backend/s",
                 rate(v.packets_per_s),
                 rate(v.new_flows_per_s),
+                v.replies_per_s
+                    .map(|r| format!("  {} replies/s", rate(r)))
+                    .unwrap_or_default(),
                 rate(v.drops_per_s),
             )),
             // A flood at a VIP with a new-flow budget: the refused new flows, in red.
@@ -222,8 +225,9 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("192.0.2.10:80/tcp (web)")
-                    && l.contains("50.0 packets/s")
-                    && l.contains("10.0 new flows/s")
+                    && l.contains("50.0 pkt/s")
+                    && l.contains("10.0 new/s")
+                    && l.contains("15.0 replies/s")
                     && l.contains("5.0 no backend/s")
                     && l.contains("5.0 over budget/s")),
             "{text}"
