@@ -365,3 +365,52 @@ fn the_default_sizes_load_under_the_charts_memory_limit_and_not_under_a_third_of
         text(&short)
     );
 }
+
+/// `kubectl get upstreampolicies` shows what a policy asks for and whether it is served: each
+/// column's path names a field of the CRD's schema (a renamed field would leave it empty), and
+/// Age is there (columns of our own replace kubectl's default ones).
+#[test]
+fn upstream_policies_have_printer_columns_on_fields_of_the_crd() {
+    let r = render_ok("defaults", &json!({}));
+    let crd = r.one("CustomResourceDefinition");
+    let version = &crd["spec"]["versions"][0];
+    let columns = version["additionalPrinterColumns"].as_array().unwrap();
+    let names: Vec<&str> = columns
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "Algorithm",
+            "Hash On",
+            "Slots",
+            "Health Check",
+            "Accepted",
+            "Programmed",
+            "Age"
+        ]
+    );
+    let schema = &version["schema"]["openAPIV3Schema"];
+    for c in columns {
+        let path = c["jsonPath"].as_str().unwrap();
+        if path == ".metadata.creationTimestamp" {
+            assert_eq!(c["type"], "date");
+            continue;
+        }
+        // Each step is a property of the one before; a filter ([?(...)]) steps into the items.
+        let mut at = schema;
+        let (head, filtered) = path.split_once("[?").unwrap_or((path, ""));
+        let tail = filtered.split_once(")]").map_or("", |(_, t)| t);
+        for (i, part) in [head, tail].iter().enumerate() {
+            if i == 1 && !filtered.is_empty() {
+                at = &at["items"];
+            }
+            for step in part.split('.').filter(|s| !s.is_empty()) {
+                at = &at["properties"][step];
+                assert!(!at.is_null(), "{path}: no {step} in the CRD's schema");
+            }
+        }
+        assert_eq!(c["type"], at["type"], "{path}");
+    }
+}
