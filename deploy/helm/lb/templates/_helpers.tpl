@@ -3,15 +3,70 @@
 {{- if .Values.namespace.create }}{{ .Values.namespace.name }}{{ else }}{{ .Release.Namespace }}{{ end -}}
 {{- end }}
 
-{{- define "lb.labels" -}}
-app.kubernetes.io/name: lb
+{{/* The chart's name (nameOverride replaces it), for the app.kubernetes.io/name label. */}}
+{{- define "lb.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The release's objects are named after it, so that two releases (two node pools, or two load
+balancers with their own class) do not claim the same names: the release name, or
+<release>-<name> when the release name does not contain the chart's name (release "lb" keeps
+the names "lb", "lb-node", ... that 0.3.0 used). fullnameOverride replaces it. At most 63
+characters (a DNS label); "lb.child" keeps a suffixed name within 63 as well.
+*/}}
+{{- define "lb.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* `include "lb.child" (list . "metrics")`: <fullname>-metrics, within 63 characters. */}}
+{{- define "lb.child" -}}
+{{- $ctx := index . 0 }}{{ $suffix := index . 1 -}}
+{{- $base := include "lb.fullname" $ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $base $suffix -}}
+{{- end }}
+
+{{/*
+What selects this release's agents (the DaemonSet, the metrics Service): the instance label
+keeps two releases' DaemonSets from selecting each other's pods.
+*/}}
+{{- define "lb.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lb.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lb.labels" -}}
+{{ include "lb.selectorLabels" . }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 
+{{/*
+No lb image is published, so there is no default that would pull: the chart refuses to render
+without image.repository rather than leave every node in ImagePullBackOff.
+*/}}
 {{- define "lb.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $repo := required "image.repository: no lb image is published; build the Dockerfile (docker build -t <registry>/lb:<tag> .), push it where the nodes pull from, and set image.repository (image.tag defaults to the chart's appVersion)" .Values.image.repository -}}
+{{ $repo }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/*
+The Lease whose holder writes status. One per class: releases serving the same class (one load
+balancer on several node pools) must share it, or two writers with different views would
+overwrite each other; releases serving different classes must not, or one would never write.
+The class "default" keeps the name 0.3.0 used.
+*/}}
+{{- define "lb.leaseName" -}}
+{{- if eq .Values.class "default" }}lb-status-writer{{ else }}lb-status-writer-{{ .Values.class | lower | replace "_" "-" }}{{ end -}}
 {{- end }}
 
 {{/*
