@@ -813,3 +813,82 @@ fn upstream_policies_have_printer_columns_on_fields_of_the_crd() {
         assert_eq!(c["type"], at["type"], "{path}");
     }
 }
+
+/// The node config of `memory_and_node_config` with `vips` VIPs in NAT mode (as under
+/// Kubernetes) sharing `backends` backends evenly, each backend's weight `weight(index)`.
+fn full_config(node: &str, vips: u64, backends: u64, weight: impl Fn(u64) -> u64) -> String {
+    let per_vip = backends / vips;
+    let mut text = format!("{node}\nvips:\n");
+    for v in 0..vips {
+        let members: Vec<String> = (0..per_vip)
+            .map(|b| {
+                let i = v * per_vip + b;
+                format!(
+                    "{{ address: 10.64.{}.{}, port: 8080, weight: {} }}",
+                    i / 256,
+                    i % 256,
+                    weight(i)
+                )
+            })
+            .collect();
+        text += &format!(
+            "  - {{ name: v{v}, address: 198.18.{}.{}, port: 80, protocol: tcp, mode: nat, backends: [{}] }}\n",
+            v / 256,
+            v % 256,
+            members.join(", ")
+        );
+    }
+    text
+}
+
+/// The agent at its fullest for the chart's default sizes: the real `lb run` holding as many
+/// VIPs as the maps take (max_vips) and every backend they take (max_backends), synced, then
+/// every VIP's weights changed at once (a resync that rebuilds every Maglev table while the
+/// old ones are still held). Its memory cgroup has no limit of its own, so the peak the kernel
+/// records is what the agent needs (the maps, the program's verification, its heap, its
+/// binary's pages): that peak must fit the chart's limit.
+#[test]
+fn the_agent_synced_at_the_default_sizes_peaks_within_the_charts_memory_limit() {
+    lb_tests::require_root();
+    let (mib, node) = memory_and_node_config(
+        &json!({ "node": { "interfaces": ["lb0"], "xdp_mode": "generic", "source_v4": "10.0.0.1" } }),
+    );
+    let (default_mib, _) = memory_and_node_config(&json!({}));
+    assert_eq!(
+        mib, default_mib,
+        "the interface and source do not change the memory"
+    );
+    let sizes = &helm::chart_file("values.yaml")["node"];
+    let vips = sizes["max_vips"].as_u64().unwrap();
+    let backends = sizes["max_backends"].as_u64().unwrap();
+
+    let net = lb_tests::harness::FibNet::new("helm-mem");
+    let dirs = lb_tests::agent::Dirs::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_lb-under-test")),
+        "helm-mem",
+    );
+    dirs.write_config(&full_config(&node, vips, backends, |_| 1));
+    let cg = lb_tests::memcg::MemCgroup::new("agent", 64 << 30);
+    // The shell joins the group, then becomes the agent: everything the agent allocates, from
+    // its first page on, is charged there.
+    let join = format!("echo $$ > {} && exec \"$@\"", cg.procs().display());
+    let mut agent =
+        lb_tests::agent::Agent::start_under(&net.ns, &dirs, &["sh", "-c", &join, "sh"], &[], &[]);
+    let full = |s: &Value| s["maps"]["vips"] == vips && s["maps"]["backends"] == backends;
+    let synced = agent.wait_status(&net.ns, &dirs, std::time::Duration::from_secs(600), full);
+    let applied = synced["agent"]["reloads_applied"].as_u64().unwrap();
+    dirs.write_config(&full_config(&node, vips, backends, |i| 1 + i % 7));
+    agent.wait_status(&net.ns, &dirs, std::time::Duration::from_secs(600), |s| {
+        s["agent"]["reloads_applied"].as_u64() > Some(applied) && full(s)
+    });
+    let peak = cg.peak().expect("the memory cgroup's peak");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let peak_mib = peak.div_ceil(1 << 20);
+    eprintln!(
+        "the agent with {vips} VIPs and {backends} backends at the default sizes peaked at {peak_mib} MiB; the chart allows {mib} MiB"
+    );
+    assert!(
+        peak_mib <= mib,
+        "the agent at the default sizes, synced and resynced, peaked at {peak_mib} MiB: more than the chart's {mib} MiB"
+    );
+}

@@ -96,12 +96,13 @@ division up to the square root (the schema bounds table_size by 2^24, so d stays
 
 {{/*
 The container's memory (MiB): the BPF maps the node's sizes make, which the kernel charges to
-the container's memory cgroup, plus resources.agentMiB for the agent's heap and the program.
+the container's memory cgroup, plus the agent's tables (lb.agentTablesMiB), plus
+resources.agentMiB for the rest of the agent's heap and the program's verification.
 Bytes per entry measured with the real program under a memory cgroup (README "Memory"):
 flow_table_size 52 (the IPv4 buckets and the IPv6 LRU of a quarter), nat_table_size 296 (both
 NAT tables), affinity_table_size 104, each ring slot (max_vips x table_size) 8, max_backends 66,
 and 24 per CPU for each VIP's and backend's counters (per-CPU maps, resources.cpusPerNode).
-resources.memoryMiB, when set, is used instead, and refused below what the maps need.
+resources.memoryMiB, when set, is used instead, and refused below what the sizes need.
 */}}
 {{- define "lb.mapMiB" -}}
 {{- $n := .Values.node -}}
@@ -115,13 +116,24 @@ resources.memoryMiB, when set, is used instead, and refused below what the maps 
 {{- div (add $bytes 1048575) 1048576 -}}
 {{- end }}
 
+{{/*
+The agent's own memory that grows with the sizes (MiB): 12 bytes per ring slot (max_vips x
+table_size), its Maglev tables and the slot writes of a full sync, measured as the agent's peak
+over its maps with every VIP synced (tests/tests/helm.rs, README "Memory": 193 MiB over the maps
+at 256 x 65537, 96 MiB at 128 x 65537, 193 MiB at 128 x 131071).
+*/}}
+{{- define "lb.agentTablesMiB" -}}
+{{- $n := .Values.node -}}
+{{- div (add (mul 12 (int64 $n.max_vips) (int64 $n.table_size)) 1048575) 1048576 -}}
+{{- end }}
+
 {{- define "lb.memoryMiB" -}}
-{{- $need := add (include "lb.mapMiB" . | int64) (int64 .Values.resources.agentMiB) -}}
+{{- $need := add (include "lb.mapMiB" . | int64) (include "lb.agentTablesMiB" . | int64) (int64 .Values.resources.agentMiB) -}}
 {{- $set := .Values.resources.memoryMiB -}}
 {{- if eq (toString $set) "" -}}
 {{- $need -}}
 {{- else if lt (int64 $set) $need -}}
-{{- fail (printf "resources.memoryMiB: %v MiB cannot hold this node's maps and the agent: the sizes in node need %d MiB (%s MiB of maps + resources.agentMiB); raise it, leave it empty, or lower the sizes" $set $need (include "lb.mapMiB" .)) -}}
+{{- fail (printf "resources.memoryMiB: %v MiB cannot hold this node's maps and the agent: the sizes in node need %d MiB (%s MiB of maps + %s MiB of the agent's tables + resources.agentMiB); raise it, leave it empty, or lower the sizes" $set $need (include "lb.mapMiB" .) (include "lb.agentTablesMiB" .)) -}}
 {{- else -}}
 {{- int64 $set -}}
 {{- end -}}
