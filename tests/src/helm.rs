@@ -42,18 +42,17 @@ pub fn chart_file(name: &str) -> Value {
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The image the chart's default values run: `values.yaml`'s repository at `Chart.yaml`'s
-/// appVersion (the tag is empty by default).
+/// The image repository the tests install with, as the README's `helm install` does: the chart
+/// has no default (no image is published) and refuses to render without one.
+pub const IMAGE_REPOSITORY: &str = "registry.example/lb";
+
+/// The image the chart runs with [`IMAGE_REPOSITORY`] and no tag: `Chart.yaml`'s appVersion.
 pub fn default_image() -> String {
-    let repository = chart_file("values.yaml")["image"]["repository"]
-        .as_str()
-        .expect("values.yaml sets image.repository")
-        .to_string();
     let app = chart_file("Chart.yaml")["appVersion"]
         .as_str()
         .expect("Chart.yaml sets appVersion (a string)")
         .to_string();
-    format!("{repository}:{app}")
+    format!("{IMAGE_REPOSITORY}:{app}")
 }
 
 /// What Helm made of the chart with some values.
@@ -65,6 +64,8 @@ pub struct Rendered {
     pub manifests: BTreeMap<String, String>,
     /// The CRDs of the chart's crds/ directory (installed before the templates).
     pub crds: Vec<String>,
+    /// `templates/NOTES.txt` rendered (what `helm install` prints; not a manifest).
+    pub notes: String,
 }
 
 impl Rendered {
@@ -93,9 +94,24 @@ impl Rendered {
     }
 }
 
-/// Renders the chart as `helm install lb --namespace lb-system` would with `values`: Ok with the
-/// manifests, or Err with Helm's message (a value the schema refuses, a template's `fail`).
+/// Renders the chart as `helm install lb --namespace lb-system --set
+/// image.repository=registry.example/lb` would with `values` (which may set another repository):
+/// Ok with the manifests, or Err with Helm's message (a value the schema refuses, a template's
+/// `fail`).
 pub fn render(values: &Value) -> Result<Rendered, String> {
+    let mut values = values.clone();
+    if values["image"]["repository"].is_null() {
+        json_patch::merge(
+            &mut values,
+            &json!({ "image": { "repository": IMAGE_REPOSITORY } }),
+        );
+    }
+    render_release("lb", "lb-system", &values)
+}
+
+/// Renders the chart as `helm install RELEASE --namespace NAMESPACE` would with `values` and
+/// nothing else.
+pub fn render_release(release: &str, namespace: &str, values: &Value) -> Result<Rendered, String> {
     let mut child = Command::new(tool("python"))
         .arg(root().join("tests/helm/render.py"))
         .stdin(Stdio::piped())
@@ -104,7 +120,7 @@ pub fn render(values: &Value) -> Result<Rendered, String> {
         .spawn()
         .expect("starting tests/helm/render.py");
     let req =
-        json!({ "chart": chart(), "values": values, "release": "lb", "namespace": "lb-system" });
+        json!({ "chart": chart(), "values": values, "release": release, "namespace": namespace });
     child
         .stdin
         .take()
@@ -133,12 +149,20 @@ pub fn render(values: &Value) -> Result<Rendered, String> {
             )
         })
         .collect();
-    let manifests = serde_json::from_value(v["manifests"].clone()).unwrap();
+    let mut manifests: BTreeMap<String, String> =
+        serde_json::from_value(v["manifests"].clone()).unwrap();
+    let notes = manifests
+        .remove(&format!(
+            "{}/templates/NOTES.txt",
+            chart_file("Chart.yaml")["name"].as_str().unwrap()
+        ))
+        .unwrap_or_default();
     let crds = serde_json::from_value(v["crds"].clone()).unwrap();
     Ok(Rendered {
         lint,
         manifests,
         crds,
+        notes,
     })
 }
 

@@ -82,6 +82,12 @@ impl MemCgroup {
             .expect("running a command in the memory cgroup")
     }
 
+    /// The group's `cgroup.procs`: a process that writes "0" (or its pid) there joins it, e.g. a
+    /// shell wrapper that then execs the command to measure.
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
     /// Moves the running process `pid` into the group: what it allocates from now on (kernel
     /// memory such as BPF maps included) counts against the limit; what it holds stays where it
     /// was charged.

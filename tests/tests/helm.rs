@@ -252,6 +252,26 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
             "/node/xdp_mode",
         ),
         (json!({ "nodes": { "max_vips": 8 } }), "nodes"),
+        // The pod values keep their Kubernetes shapes.
+        (
+            json!({ "imagePullSecrets": ["regcred"] }),
+            "/imagePullSecrets/0",
+        ),
+        (json!({ "podLabels": { "team": 1 } }), "/podLabels/team"),
+        (json!({ "podAnnotations": "a=b" }), "/podAnnotations"),
+        (json!({ "affinity": [] }), "/affinity"),
+        (json!({ "priorityClassName": 1 }), "/priorityClassName"),
+        (
+            json!({ "updateStrategy": { "type": "Recreate" } }),
+            "/updateStrategy/type",
+        ),
+        (json!({ "extraArgs": "--lease-duration=30s" }), "/extraArgs"),
+        (json!({ "extraEnv": [{ "value": "1" }] }), "/extraEnv/0"),
+        (
+            json!({ "fullnameOverride": "Not_A_Name" }),
+            "/fullnameOverride",
+        ),
+        (json!({ "image": { "repository": 5 } }), "/image/repository"),
         // What JSON schema cannot say, the templates do.
         (
             json!({ "node": { "table_size": 65536 } }),
@@ -277,8 +297,8 @@ fn the_charts_version_and_app_version_are_the_workspaces_version() {
     assert_eq!(chart["appVersion"], want, "Chart.yaml appVersion");
 }
 
-/// deploy/'s plain manifests are the chart rendered with its defaults (one source: they cannot
-/// drift). `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy` writes them.
+/// deploy/'s plain manifests are the chart rendered with its defaults and the tests' image
+/// repository (one source: they cannot drift). `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy` writes them.
 #[test]
 fn deploy_holds_the_charts_default_rendering() {
     let r = render_ok("defaults", &json!({}));
@@ -291,8 +311,10 @@ fn deploy_holds_the_charts_default_rendering() {
             .join("deploy")
             .join(path.rsplit('/').next().unwrap());
         let want = format!(
-            "# Generated from deploy/helm/lb ({path}) with its default values: edit the chart, then\n\
+            "# Generated from deploy/helm/lb ({path}) with its default values and\n\
+             # image.repository={}: edit the chart, then\n\
              # `LB_WRITE_DEPLOY=1 cargo test -p lb-tests --test helm deploy`.\n{}\n",
+            helm::IMAGE_REPOSITORY,
             text.trim()
         );
         if write {
@@ -363,5 +385,510 @@ fn the_default_sizes_load_under_the_charts_memory_limit_and_not_under_a_third_of
         "under {} MiB the default sizes cannot load:\n{}",
         mib / 3,
         text(&short)
+    );
+}
+
+/// Every object a rendering claims: (kind, namespace, name); the namespace is empty for a
+/// cluster-scoped one. Not the CRD: crds/ is shared by design (Helm installs it when absent and
+/// never upgrades or deletes it).
+fn claims(r: &Rendered) -> Vec<(String, String, String)> {
+    r.docs()
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+        .map(|d| {
+            let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+            (
+                s(&d["kind"]),
+                s(&d["metadata"]["namespace"]),
+                s(&d["metadata"]["name"]),
+            )
+        })
+        .collect()
+}
+
+/// Whether `selector` (a label map) selects an object labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+fn arg_value<'a>(args: &'a Value, flag: &str) -> Option<&'a str> {
+    args.as_array()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix(flag)?.strip_prefix('='))
+}
+
+/// Two (here three) releases in the namespace lb-system: the first as the README installs it
+/// (it creates the namespace and the GatewayClass), a second of the same load balancer for
+/// another node pool (the namespace and GatewayClass are the first's), and a second load
+/// balancer with its own class and GatewayClass. With everything optional switched on, no
+/// object is claimed twice, each release's selectors pick only its own pods, and what refers
+/// to an object by name (the pod's ServiceAccount and ConfigMap, the bindings, the uninstall
+/// Role, the alerts' job) names the release's own.
+#[test]
+fn releases_in_one_namespace_claim_no_name_twice_and_select_only_their_own_pods() {
+    let all_on = json!({ "metrics": { "serviceMonitor": { "enabled": true } },
+        "monitoring": { "prometheusRule": { "enabled": true }, "dashboard": { "enabled": true } },
+        "image": { "repository": helm::IMAGE_REPOSITORY } });
+    let with = |extra: Value| {
+        let mut v = all_on.clone();
+        json_patch::merge(&mut v, &extra);
+        v
+    };
+    let releases = [
+        ("lb", with(json!({}))),
+        (
+            "pool-b",
+            with(
+                json!({ "namespace": { "create": false }, "gatewayClass": { "create": false },
+                         "nodeSelector": { "pool": "b" } }),
+            ),
+        ),
+        (
+            "internal",
+            with(
+                json!({ "namespace": { "create": false }, "class": "internal",
+                         "gatewayClass": { "name": "lb-internal", "controllerName": "lb.dev/internal" } }),
+            ),
+        ),
+    ];
+    let rendered: Vec<(&str, Rendered)> = releases
+        .iter()
+        .map(|(release, values)| {
+            let r = helm::render_release(release, "lb-system", values)
+                .unwrap_or_else(|e| panic!("{release}: Helm refused the chart: {e}"));
+            let problems: Vec<_> = r.lint.iter().filter(|(sev, _, _)| *sev >= 2).collect();
+            assert!(
+                problems.is_empty(),
+                "{release}: helm lint --strict: {problems:?}"
+            );
+            (*release, r)
+        })
+        .collect();
+
+    let mut seen = std::collections::BTreeMap::new();
+    for (release, r) in &rendered {
+        for claim in claims(r) {
+            if let Some(first) = seen.insert(claim.clone(), *release) {
+                panic!("{claim:?} is claimed by both {first} and {release}");
+            }
+        }
+    }
+    // Each kind the chart renders is there for every release (the check above saw them all).
+    for kind in [
+        "DaemonSet",
+        "ConfigMap",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
+        for (release, r) in &rendered {
+            assert!(
+                claims(r).iter().any(|c| c.0 == kind),
+                "{release} renders a {kind}"
+            );
+        }
+    }
+
+    for (release, r) in &rendered {
+        let ds = r.one("DaemonSet");
+        let ds_name = ds["metadata"]["name"].as_str().unwrap();
+        let pod = &ds["spec"]["template"];
+        let spec = &pod["spec"];
+        let named = |kind: &str, name: &str| {
+            claims(r)
+                .iter()
+                .any(|c| c.0 == kind && c.1 == "lb-system" && c.2 == name)
+        };
+        for (other, o) in &rendered {
+            let theirs = &o.one("DaemonSet")["spec"]["template"]["metadata"]["labels"];
+            let svc = &o
+                .docs()
+                .into_iter()
+                .find(|d| d["kind"] == "Service")
+                .unwrap();
+            assert_eq!(
+                selects(&ds["spec"]["selector"]["matchLabels"], theirs),
+                release == other,
+                "{release}'s DaemonSet selects {other}'s pods only if they are its own"
+            );
+            assert_eq!(
+                selects(&svc["spec"]["selector"], &pod["metadata"]["labels"]),
+                release == other,
+                "{other}'s metrics Service selects {release}'s pods only if they are its own"
+            );
+        }
+        let sa = spec["serviceAccountName"].as_str().unwrap();
+        assert!(named("ServiceAccount", sa), "{release}: {sa}");
+        let cm = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["configMap"]["name"].as_str())
+            .unwrap();
+        assert!(named("ConfigMap", cm), "{release}: {cm}");
+        for binding in r
+            .docs()
+            .into_iter()
+            .filter(|d| d["kind"].as_str().unwrap().ends_with("Binding"))
+        {
+            assert_eq!(binding["subjects"][0]["name"], sa, "{release}: {binding}");
+            let role = binding["roleRef"]["name"].as_str().unwrap();
+            let kind = binding["roleRef"]["kind"].as_str().unwrap();
+            assert!(
+                claims(r).iter().any(|c| c.0 == kind && c.2 == role),
+                "{release}: {binding} refers to its own {kind}"
+            );
+        }
+        let args = &spec["containers"][0]["args"];
+        assert_eq!(
+            arg_value(args, "--down-when-deleted"),
+            Some(ds_name),
+            "{release}"
+        );
+        let uninstall = r
+            .docs()
+            .into_iter()
+            .find(|d| d["kind"] == "Role" && d["rules"][0]["resources"] == json!(["daemonsets"]))
+            .unwrap();
+        assert_eq!(
+            uninstall["rules"][0]["resourceNames"],
+            json!([ds_name]),
+            "{release}"
+        );
+        // The alerts watch the job the ServiceMonitor makes: the release's metrics Service.
+        let svc_name = r
+            .docs()
+            .into_iter()
+            .find(|d| d["kind"] == "Service")
+            .unwrap()["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let rule = r.one("PrometheusRule");
+        let up = &rule["spec"]["groups"][0]["rules"][0]["expr"];
+        assert_eq!(
+            up,
+            &json!(format!("up{{job=\"{svc_name}\"}} == 0")),
+            "{release}"
+        );
+    }
+
+    // One status writer per load balancer (class): the node pools of one share the Lease, the
+    // other load balancer has its own.
+    let lease = |i: usize| {
+        arg_value(
+            &rendered[i].1.one("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"],
+            "--lease-name",
+        )
+        .unwrap()
+        .to_string()
+    };
+    assert_eq!(
+        lease(0),
+        "lb-status-writer",
+        "the class default keeps 0.3.0's Lease"
+    );
+    assert_eq!(lease(1), lease(0));
+    assert_ne!(lease(2), lease(0));
+}
+
+/// The usual names: the release's, <release>-lb, the overrides, and 63 characters at most even
+/// with a suffix.
+#[test]
+fn names_come_from_the_release_and_the_overrides() {
+    let repo = json!({ "image": { "repository": helm::IMAGE_REPOSITORY } });
+    let names = |release: &str, extra: Value| {
+        let mut values = repo.clone();
+        json_patch::merge(&mut values, &extra);
+        let r = helm::render_release(release, "lb-system", &values)
+            .unwrap_or_else(|e| panic!("{release} {extra}: {e}"));
+        let ds = r.one("DaemonSet")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cm = r.one("ConfigMap")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let label = r.one("DaemonSet")["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (ds, cm, label)
+    };
+    let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(names("lb", json!({})), s("lb", "lb-node", "lb"));
+    assert_eq!(names("edge", json!({})), s("edge-lb", "edge-lb-node", "lb"));
+    assert_eq!(
+        names("lb-edge", json!({})),
+        s("lb-edge", "lb-edge-node", "lb")
+    );
+    assert_eq!(
+        names("edge", json!({ "fullnameOverride": "xdp" })),
+        s("xdp", "xdp-node", "lb")
+    );
+    assert_eq!(
+        names("edge", json!({ "nameOverride": "l4" })),
+        s("edge-l4", "edge-l4-node", "l4")
+    );
+    // A name of 63 characters fits as it is; a suffixed one is cut before its suffix.
+    let long = "f".repeat(63);
+    let (ds, cm, _) = names("edge", json!({ "fullnameOverride": long }));
+    assert_eq!(ds, long);
+    assert_eq!(cm, format!("{}-node", "f".repeat(58)));
+}
+
+/// No lb image is published: without image.repository the chart refuses to render and says
+/// which value to set, rather than default to an image no node can pull.
+#[test]
+fn without_an_image_repository_the_chart_refuses_naming_the_value() {
+    for values in [json!({}), json!({ "image": { "repository": "" } })] {
+        let e = helm::render_release("lb", "lb-system", &values)
+            .err()
+            .unwrap_or_else(|| panic!("{values} rendered without an image"));
+        assert!(
+            e.contains("image.repository") && e.contains("Dockerfile"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        helm::chart_file("values.yaml")["image"]["repository"],
+        "",
+        "values.yaml has no default image"
+    );
+}
+
+/// The pod values users of other charts expect each reach the DaemonSet, as given; the chart's
+/// own labels and annotations stay (a podLabel cannot take the selector's).
+#[test]
+fn the_pod_values_reach_the_daemonset() {
+    let affinity = json!({ "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{ "matchExpressions": [{ "key": "pool", "operator": "In", "values": ["edge"] }] }] } } });
+    let values = json!({
+        "image": { "tag": "0.3.1" },
+        "imagePullSecrets": [{ "name": "regcred" }],
+        "podAnnotations": { "example.com/owner": "net" },
+        "podLabels": { "team": "net", "app.kubernetes.io/instance": "not-this" },
+        "affinity": affinity,
+        "priorityClassName": "lb-critical",
+        "updateStrategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": "10%" } },
+        "extraArgs": ["--lease-duration=30s"],
+        "extraEnv": [{ "name": "RUST_BACKTRACE", "value": "1" }],
+        "nodeSelector": { "pool": "edge" },
+        "tolerations": [{ "key": "edge", "operator": "Exists", "effect": "NoSchedule" }],
+    });
+    let r = render_ok("pod values", &values);
+    let ds = r.one("DaemonSet");
+    let meta = &ds["spec"]["template"]["metadata"];
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], format!("{}:0.3.1", helm::IMAGE_REPOSITORY));
+    assert_eq!(pod["imagePullSecrets"], values["imagePullSecrets"]);
+    assert_eq!(meta["annotations"]["example.com/owner"], "net");
+    assert!(
+        meta["annotations"]["lb.dev/node-config"].is_string(),
+        "{meta}"
+    );
+    assert_eq!(meta["labels"]["team"], "net");
+    assert_eq!(meta["labels"]["app.kubernetes.io/instance"], "lb");
+    assert!(selects(
+        &ds["spec"]["selector"]["matchLabels"],
+        &meta["labels"]
+    ));
+    assert_eq!(pod["affinity"], affinity);
+    assert_eq!(pod["priorityClassName"], "lb-critical");
+    assert_eq!(ds["spec"]["updateStrategy"], values["updateStrategy"]);
+    assert_eq!(pod["nodeSelector"]["pool"], "edge");
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["tolerations"], values["tolerations"]);
+    let args = c["args"].as_array().unwrap();
+    assert_eq!(
+        args.last().unwrap(),
+        "--lease-duration=30s",
+        "after the chart's own: {args:?}"
+    );
+    let env = c["env"].as_array().unwrap();
+    assert_eq!(env.last().unwrap(), &values["extraEnv"][0], "{env:?}");
+    assert!(env.iter().any(|e| e["name"] == "NODE_NAME"), "{env:?}");
+
+    // The defaults: the node-critical priority and one node at a time; nothing else added.
+    let d = render_ok("defaults", &json!({})).one("DaemonSet");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        d["spec"]["updateStrategy"],
+        json!({ "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 1 } })
+    );
+    assert!(
+        pod.get("affinity").is_none() && pod.get("imagePullSecrets").is_none(),
+        "{pod}"
+    );
+    // An empty priorityClassName leaves the field out.
+    let none = render_ok("no priority", &json!({ "priorityClassName": "" })).one("DaemonSet");
+    assert!(
+        none["spec"]["template"]["spec"]
+            .get("priorityClassName")
+            .is_none()
+    );
+}
+
+/// What `helm install` prints: how to check the release's own agents.
+#[test]
+fn the_notes_say_how_to_check_the_agents() {
+    let r = helm::render_release(
+        "edge",
+        "lb-system",
+        &json!({ "image": { "repository": helm::IMAGE_REPOSITORY }, "metrics": { "port": 9500 } }),
+    )
+    .expect("renders");
+    for want in [
+        "kubectl -n lb-system rollout status daemonset/edge-lb",
+        "-l app.kubernetes.io/name=lb,app.kubernetes.io/instance=edge",
+        "-- lb --state-dir=/var/run/lb status",
+        "localhost:9500/metrics",
+    ] {
+        assert!(
+            r.notes.contains(want),
+            "NOTES.txt says {want:?}:\n{}",
+            r.notes
+        );
+    }
+}
+
+/// `kubectl get upstreampolicies` shows what a policy asks for and whether it is served: each
+/// column's path names a field of the CRD's schema (a renamed field would leave it empty), and
+/// Age is there (columns of our own replace kubectl's default ones).
+#[test]
+fn upstream_policies_have_printer_columns_on_fields_of_the_crd() {
+    let r = render_ok("defaults", &json!({}));
+    let crd = r.one("CustomResourceDefinition");
+    let version = &crd["spec"]["versions"][0];
+    let columns = version["additionalPrinterColumns"].as_array().unwrap();
+    let names: Vec<&str> = columns
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "Algorithm",
+            "Hash On",
+            "Slots",
+            "Health Check",
+            "Accepted",
+            "Programmed",
+            "Age"
+        ]
+    );
+    let schema = &version["schema"]["openAPIV3Schema"];
+    for c in columns {
+        let path = c["jsonPath"].as_str().unwrap();
+        if path == ".metadata.creationTimestamp" {
+            assert_eq!(c["type"], "date");
+            continue;
+        }
+        // Each step is a property of the one before; a filter ([?(...)]) steps into the items.
+        let mut at = schema;
+        let (head, filtered) = path.split_once("[?").unwrap_or((path, ""));
+        let tail = filtered.split_once(")]").map_or("", |(_, t)| t);
+        for (i, part) in [head, tail].iter().enumerate() {
+            if i == 1 && !filtered.is_empty() {
+                at = &at["items"];
+            }
+            for step in part.split('.').filter(|s| !s.is_empty()) {
+                at = &at["properties"][step];
+                assert!(!at.is_null(), "{path}: no {step} in the CRD's schema");
+            }
+        }
+        assert_eq!(c["type"], at["type"], "{path}");
+    }
+}
+
+/// The node config of `memory_and_node_config` with `vips` VIPs in NAT mode (as under
+/// Kubernetes) sharing `backends` backends evenly, each backend's weight `weight(index)`.
+fn full_config(node: &str, vips: u64, backends: u64, weight: impl Fn(u64) -> u64) -> String {
+    let per_vip = backends / vips;
+    let mut text = format!("{node}\nvips:\n");
+    for v in 0..vips {
+        let members: Vec<String> = (0..per_vip)
+            .map(|b| {
+                let i = v * per_vip + b;
+                format!(
+                    "{{ address: 10.64.{}.{}, port: 8080, weight: {} }}",
+                    i / 256,
+                    i % 256,
+                    weight(i)
+                )
+            })
+            .collect();
+        text += &format!(
+            "  - {{ name: v{v}, address: 198.18.{}.{}, port: 80, protocol: tcp, mode: nat, backends: [{}] }}\n",
+            v / 256,
+            v % 256,
+            members.join(", ")
+        );
+    }
+    text
+}
+
+/// The agent at its fullest for the chart's default sizes: the real `lb run` holding as many
+/// VIPs as the maps take (max_vips) and every backend they take (max_backends), synced, then
+/// every VIP's weights changed at once (a resync that rebuilds every Maglev table while the
+/// old ones are still held). Its memory cgroup has no limit of its own, so the peak the kernel
+/// records is what the agent needs (the maps, the program's verification, its heap, its
+/// binary's pages): that peak must fit the chart's limit.
+#[test]
+fn the_agent_synced_at_the_default_sizes_peaks_within_the_charts_memory_limit() {
+    lb_tests::require_root();
+    let (mib, node) = memory_and_node_config(
+        &json!({ "node": { "interfaces": ["lb0"], "xdp_mode": "generic", "source_v4": "10.0.0.1" } }),
+    );
+    let (default_mib, _) = memory_and_node_config(&json!({}));
+    assert_eq!(
+        mib, default_mib,
+        "the interface and source do not change the memory"
+    );
+    let sizes = &helm::chart_file("values.yaml")["node"];
+    let vips = sizes["max_vips"].as_u64().unwrap();
+    let backends = sizes["max_backends"].as_u64().unwrap();
+
+    let net = lb_tests::harness::FibNet::new("helm-mem");
+    let dirs = lb_tests::agent::Dirs::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_lb-under-test")),
+        "helm-mem",
+    );
+    dirs.write_config(&full_config(&node, vips, backends, |_| 1));
+    let cg = lb_tests::memcg::MemCgroup::new("agent", 64 << 30);
+    // The shell joins the group, then becomes the agent: everything the agent allocates, from
+    // its first page on, is charged there.
+    let join = format!("echo $$ > {} && exec \"$@\"", cg.procs().display());
+    let mut agent =
+        lb_tests::agent::Agent::start_under(&net.ns, &dirs, &["sh", "-c", &join, "sh"], &[], &[]);
+    let full = |s: &Value| s["maps"]["vips"] == vips && s["maps"]["backends"] == backends;
+    let synced = agent.wait_status(&net.ns, &dirs, std::time::Duration::from_secs(600), full);
+    let applied = synced["agent"]["reloads_applied"].as_u64().unwrap();
+    dirs.write_config(&full_config(&node, vips, backends, |i| 1 + i % 7));
+    agent.wait_status(&net.ns, &dirs, std::time::Duration::from_secs(600), |s| {
+        s["agent"]["reloads_applied"].as_u64() > Some(applied) && full(s)
+    });
+    let peak = cg.peak().expect("the memory cgroup's peak");
+    assert!(agent.stop().success(), "{}", agent.log_text());
+    let peak_mib = peak.div_ceil(1 << 20);
+    eprintln!(
+        "the agent with {vips} VIPs and {backends} backends at the default sizes peaked at {peak_mib} MiB; the chart allows {mib} MiB"
+    );
+    assert!(
+        peak_mib <= mib,
+        "the agent at the default sizes, synced and resynced, peaked at {peak_mib} MiB: more than the chart's {mib} MiB"
     );
 }

@@ -23,7 +23,13 @@ pub const POLICY_ANNOTATION: &str = "lb.dev/upstream-policy";
     status = "UpstreamPolicyStatus",
     shortname = "lbup",
     printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.algorithm"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
+    printcolumn = r#"{"name":"Hash On","type":"string","jsonPath":".spec.hashOn.input"}"#,
+    printcolumn = r#"{"name":"Slots","type":"integer","jsonPath":".spec.slots"}"#,
+    printcolumn = r#"{"name":"Health Check","type":"string","jsonPath":".spec.healthchecks.active.type"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Programmed","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    // Columns of our own replace kubectl's default ones: Age has to be asked for.
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamPolicySpec {
