@@ -123,6 +123,14 @@ pub const VIP_REPLY_STATS: &str = "LB_VIP_REPLY_STATS";
 /// member (`new_flows` stays 0).
 pub const MEMBER_REPLY_STATS: &str = "LB_MEMBER_REPLY_STATS";
 
+/// A ring buffer of the member ids whose connection attempt just failed (NAT passive health):
+/// it wakes the agent, which takes a backend out as soon as its streak reaches the threshold
+/// rather than at its next look at the counters. Not pinned: each program has its own, read by
+/// the agent that loaded it; a full ring loses wake-ups, never counts.
+pub const EVENTS: &str = "LB_EVENTS";
+/// Bytes of `LB_EVENTS`: 256 events of 16 bytes (a member id and the record's header).
+pub const EVENTS_BYTES: u32 = 4096;
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,

@@ -43,7 +43,7 @@ mod program {
         bindings::xdp_action,
         macros::{map, xdp},
         maps::{
-            Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
+            Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf,
             lpm_trie::Key,
         },
         programs::XdpContext,
@@ -121,6 +121,8 @@ mod program {
     #[map]
     pub static LB_MEMBER_STATS: PerCpuArray<TrafficStats> =
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
     /// NAT replies (backend -> client) per VIP and per member (`new_flows` stays 0).
     #[map]
     pub static LB_VIP_REPLY_STATS: PerCpuArray<TrafficStats> =

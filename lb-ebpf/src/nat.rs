@@ -38,7 +38,7 @@ use crate::parse::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 use crate::{
-    LB_AFFINITY, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS, LB_MEMBERS, LB_NAT,
+    LB_AFFINITY, LB_EVENTS, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS, LB_MEMBERS, LB_NAT,
     LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
@@ -187,6 +187,12 @@ fn signal(backend_id: u32, s: Signal) {
             }
         }
         bump(&raw mut (*p).consecutive_failures);
+    }
+    // A failure wakes the agent (see `maps::EVENTS`), once the streak counts it; a full ring
+    // just skips the wake-up.
+    if let Some(mut e) = LB_EVENTS.reserve::<u32>(0) {
+        e.write(backend_id);
+        e.submit(0);
     }
 }
 

@@ -252,8 +252,9 @@ struct OverrideTarget {
     vip: crate::overrides::command::VipRef,
     /// The backend: ADDRESS (or ADDRESS:PORT).
     backend: show::flows::Endpoint,
-    /// How long to wait for the agent to apply the change before taking it back.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to wait for the agent to apply the change before taking it back: seconds (0.5)
+    /// or a duration (500ms, 2s), as `lb top --interval`.
+    #[arg(long, default_value = "10s", value_parser = crate::top::parse_interval)]
     wait: Duration,
 }
 

@@ -413,5 +413,7 @@ vips:
     }
 }
 
+pub mod events;
+
 #[cfg(test)]
 mod probe_tests;

@@ -5,6 +5,7 @@
 //! [`inspect`], [`run`].
 pub mod agent;
 pub mod announce;
+pub mod changes;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -177,13 +177,14 @@ impl Passive {
             };
             if p.consecutive_failures >= pt.check.failures as u64 {
                 let vip = crate::model::vip_label(&t.0);
+                let started = std::time::Instant::now();
                 match agent.set_passive_out(t, true) {
                     Ok(plan) => {
                         m.map_writes
                             .fetch_add(plan.write_count() as u64, Ordering::Relaxed);
                         warn!(
                             %vip, backend = %t.1, refused = p.refused, unreachable = p.unreachable,
-                            syn_timeouts = p.syn_timeouts,
+                            syn_timeouts = p.syn_timeouts, applied_in_ms = started.elapsed().as_millis(),
                             "backend failed {} connection attempts in a row (passive health): weight 0, probing it every {:?}",
                             p.consecutive_failures, pt.check.recheck_interval
                         );
@@ -256,20 +257,27 @@ pub struct Status {
     pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug)]
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct VipStatus {
     pub name: String,
     pub vip: String,
+    /// `dsr` or `nat` (files of releases before 0.3.0 do not say: read as `dsr`).
+    #[serde(default)]
+    pub mode: crate::model::Mode,
     pub backends: Vec<BackendStatus>,
 }
 
-#[derive(Serialize, serde::Deserialize, Debug)]
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct BackendStatus {
     pub address: String,
     /// Its own port (NAT's `port:`), 0 if it takes the VIP's.
     #[serde(default)]
     pub port: u16,
     pub weight: u32,
+    /// The weight the Maglev table gives it: `weight`, or 0 while it is unhealthy or out
+    /// (unless health is ignored for the VIP's health threshold).
+    #[serde(default)]
+    pub effective_weight: u32,
     /// None: not health checked.
     pub healthy: Option<bool>,
     /// Taken out by passive health checking (NAT mode).
@@ -299,6 +307,7 @@ fn write_status(
 ) -> Result<()> {
     let c = agent.config();
     let overrides = m.overrides.lock().expect("overrides lock");
+    let desired = agent.desired();
     let mut health_rows = Vec::new();
     let reloads = (
         m.reloads_ok.load(Ordering::Relaxed),
@@ -315,14 +324,17 @@ fn write_status(
         vips: c
             .vips
             .iter()
-            .map(|v| VipStatus {
+            .zip(&desired.vips)
+            .map(|(v, d)| VipStatus {
                 name: v.spec.name.clone(),
                 vip: v.spec.label(),
+                mode: v.spec.mode,
                 backends: v
                     .spec
                     .backends
                     .iter()
-                    .map(|b| {
+                    .zip(&d.backends)
+                    .map(|(b, effective)| {
                         let healthy = v
                             .health_check
                             .as_ref()
@@ -335,6 +347,7 @@ fn write_status(
                             address: b.address.to_string(),
                             port: b.port,
                             weight: b.weight,
+                            effective_weight: effective.weight,
                             healthy,
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
                             overridden: overrides.find(&v.spec.label(), b.address).cloned(),
@@ -345,6 +358,7 @@ fn write_status(
             .collect(),
     };
     *m.health.lock().expect("health lock") = health_rows;
+    *m.vips.lock().expect("vips lock") = status.vips.clone();
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let path = status_path(&opts.state_dir);
@@ -391,6 +405,18 @@ fn compose_now(file: &Config, kube: Option<&mut Kube>) -> Config {
         k.translate()
     });
     compose(file, vips.as_deref())
+}
+
+/// Logs what an applied reload changed (see [`crate::changes`]), at most
+/// [`crate::changes::MAX_LINES`] lines.
+fn log_changes(before: &Config, after: &Config) {
+    let lines = crate::changes::between(before, after);
+    for l in lines.iter().take(crate::changes::MAX_LINES) {
+        info!("changed: {l}");
+    }
+    if lines.len() > crate::changes::MAX_LINES {
+        info!("changed: {} more", lines.len() - crate::changes::MAX_LINES);
+    }
 }
 
 /// `c` with the overrides kept in the state dir laid over it (see [`overrides`]).
@@ -888,6 +914,7 @@ async fn serve(
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
     let (ptx, mut prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
     let mut passive = Passive::default();
+    let mut events = health::events::Events::take(&mut agent.dp);
     let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
@@ -924,6 +951,13 @@ async fn serve(
                 passive.probed(&mut agent, target, result, m);
                 Reload::No
             }
+            // A connection attempt failed: its streak may have reached the threshold.
+            _ = events.next() => {
+                if !passive.round(&mut agent, &ptx, m) {
+                    continue;
+                }
+                Reload::No
+            }
             _ = hup.recv() => { info!("SIGHUP: reloading"); Reload::File }
             _ = usr1.recv() => Reload::Overrides,
             Some(()) = frx.recv() => {
@@ -958,6 +992,7 @@ async fn serve(
             candidate.map(|c| c.and_then(|(c, f)| Ok((overridden(&opts.state_dir, c)?, f))));
         if let Some(candidate) = candidate {
             let from_kube = matches!(reload, Reload::Kube);
+            let before = agent.config().clone();
             let result = candidate
                 .and_then(|((c, o), f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f, o)));
             if let Some(k) = &mut kube {
@@ -974,6 +1009,8 @@ async fn serve(
                         file = f;
                     }
                     settle_overrides(&opts.state_dir, o, m);
+                    log_changes(&before, agent.config());
+                    events.renew(&mut agent.dp);
                     for w in &agent.config().warnings {
                         warn!("{w}");
                     }
@@ -1170,6 +1207,7 @@ vips:
             address: address.into(),
             port: 0,
             weight: 1,
+            effective_weight: 1,
             healthy: Some(healthy),
             passive_out,
         };
@@ -1180,6 +1218,7 @@ vips:
             config: "t".into(),
             vips: vec![
                 VipStatus {
+                    mode: Default::default(),
                     name: "a".into(),
                     vip: config.vips[0].spec.label(),
                     backends: vec![
@@ -1189,6 +1228,7 @@ vips:
                     ],
                 },
                 VipStatus {
+                    mode: Default::default(),
                     name: "gone".into(),
                     vip: "192.0.2.99:80/tcp".into(),
                     backends: vec![row("10.1.0.1", false, true)],

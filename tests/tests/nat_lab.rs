@@ -286,3 +286,63 @@ fn each_backends_active_connections_are_the_streams_held_open_on_it_and_none_onc
     assert!(inactive <= 12, "{:?}", connections(&dirs));
     agent.stop();
 }
+
+#[test]
+fn with_failures_3_at_most_3_clients_in_a_row_are_refused_before_the_backend_is_out() {
+    let lab = Lab::new();
+    let servers = NatServers::start(&lab, PORT);
+    let dirs = Dirs::new(Path::new(BIN), "nat-passive");
+    // A recheck far away: once out, the backend stays out for the whole test.
+    let check = "    passive_health: { failures: 3, recheck_interval: 10m, timeout: 500ms }\n";
+    let vip = nat_vip("192.0.2.20", 80, "tcp", check, [1, 1, 1], false);
+    dirs.write_config(&lab_config("", &vip));
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_serving(&lab.lb, &dirs, T);
+    let t = lab.tcp_tally(sa("192.0.2.20:80"), 30, 8);
+    assert_eq!(errors(&t), 0, "{t:?}");
+
+    // b3 refuses every connection from now on; a new client every 20 ms (50 new connections a
+    // second to the VIP), each from a new address and port. The agent (this debug build) takes a
+    // backend out 5-9 ms after the failure that reaches the threshold wakes it: with clients
+    // back to back (a refused one takes a fraction of a millisecond here), 3 to 7 are refused.
+    servers.set_down("b3", true);
+    let pace = Duration::from_millis(20);
+    let answers: Vec<String> = (0..100)
+        .map(|i| {
+            std::thread::sleep(pace);
+            lab.connect(client_v4(i % 8), sa("192.0.2.20:80"))
+                .unwrap_or_else(|e| format!("error: {e}"))
+        })
+        .collect();
+    let refused = answers.iter().filter(|a| a.starts_with("error")).count();
+    let log = agent.log_text();
+    let said = log.lines().find(|l| l.contains("(passive health)"));
+    eprintln!("{refused} refused; the agent: {}", said.unwrap_or("-"));
+    assert!(
+        refused <= 3,
+        "{refused} clients refused: {answers:?}\n{}",
+        agent.log_text()
+    );
+    // And it is out because of them, not by luck: the agent says so.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let v = dirs.json(&["backends"]);
+        let out: Vec<&serde_json::Value> = v[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["health"] == "out-passive")
+            .map(|b| &b["backend"]["address"])
+            .collect();
+        if !out.is_empty() {
+            assert_eq!(out, [BACKENDS[2].1], "{v}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backend is out: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.stop();
+}

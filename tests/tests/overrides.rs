@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_tests::{
-    agent::{Agent, Dirs},
+    agent::{Agent, Dirs, metrics_text},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     packet::{L4, Pkt, TCP_ACK},
 };
@@ -21,6 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
 const WEB: &str = "192.0.2.10";
 const LABEL: &str = "192.0.2.10:80/tcp";
+const METRICS: &str = "127.0.0.1:19436";
 
 /// One DSR VIP `web` on two backends of weight 100 (`weight_b`: the second's line).
 fn config(weight_b: &str) -> String {
@@ -32,6 +33,7 @@ fn config(weight_b: &str) -> String {
   max_vips: 4
   max_backends: 8
   flow_table_size: 65536
+  metrics_listen: {METRICS}
 vips:
   - name: web
     address: {WEB}
@@ -213,4 +215,25 @@ fn a_drain_of_a_backend_the_vip_lacks_fails_naming_its_backends_and_changes_noth
     );
     assert!(!s.dirs.state.join("overrides.json").exists());
     assert_eq!(backend_row(&s, TX_V4_B)["override"], Value::Null);
+}
+
+#[test]
+fn metrics_give_a_drained_backend_weight_0_and_each_vip_its_name_and_mode() {
+    let s = start("ov-metrics");
+    lb(&s, &["drain", "web", TX_V4_B]);
+    let want = [
+        format!(r#"lb_vip_info{{vip="{LABEL}",name="web",mode="dsr"}} 1"#),
+        format!(r#"lb_backend_weight{{vip="{LABEL}",backend="{TX_V4}:80"}} 100"#),
+        format!(r#"lb_backend_weight{{vip="{LABEL}",backend="{TX_V4_B}:80"}} 0"#),
+        format!(r#"lb_backend_passive_out{{vip="{LABEL}",backend="{TX_V4_B}:80"}} 0"#),
+    ];
+    let deadline = Instant::now() + T;
+    loop {
+        let text = metrics_text(&s.net.ns, METRICS).unwrap_or_default();
+        if want.iter().all(|w| text.lines().any(|l| l == w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "wants {want:#?} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -27,6 +27,7 @@ pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectErr
     out.extend(traffic(p, &maps.nexthops, &t.connections)?);
     out.extend(tables(t));
     out.extend(agent(a));
+    out.extend(config(&a.vips.lock().expect("vips lock")));
     // Cloned: the lock is not held over the netlink requests.
     let links = a.links.lock().expect("links lock").clone();
     out.push(interfaces(&links));
@@ -318,6 +319,59 @@ fn tables(t: crate::inspect::Tables) -> Vec<Family> {
             rows.iter()
                 .map(|(t, f)| (label(t), f.capacity as f64))
                 .collect(),
+        ),
+    ]
+}
+
+/// Each VIP's name and mode, and each backend's effective weight and passive state, as the
+/// agent last wrote them to its status file.
+fn config(vips: &[crate::run::VipStatus]) -> [Family; 3] {
+    let (mut info, mut weights, mut out) = (vec![], vec![], vec![]);
+    for v in vips {
+        let mode = serde_json::to_value(v.mode).ok();
+        let mode = mode
+            .as_ref()
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
+        info.push((
+            vec![
+                ("vip", v.vip.clone()),
+                ("name", v.name.clone()),
+                ("mode", mode),
+            ],
+            1.0,
+        ));
+        // The VIP's port, for backends that take it: `192.0.2.10:80/tcp`.
+        let vip_port = v
+            .vip
+            .rsplit_once('/')
+            .and_then(|(a, _)| a.parse::<std::net::SocketAddr>().ok());
+        for b in &v.backends {
+            let Ok(addr) = b.address.parse() else {
+                continue;
+            };
+            let at = crate::view::endpoint(addr, b.port, vip_port.map_or(0, |a| a.port()));
+            let l = vec![("vip", v.vip.clone()), ("backend", at.to_string())];
+            weights.push((l.clone(), f64::from(b.effective_weight)));
+            out.push((l, f64::from(u8::from(b.passive_out))));
+        }
+    }
+    [
+        Family::gauge(
+            "lb_vip_info",
+            "1 for each VIP, labelled with its name and mode (dsr, nat)",
+            info,
+        ),
+        Family::gauge(
+            "lb_backend_weight",
+            "The weight each backend of each VIP has in its Maglev table now: the configured one (or its lb drain / lb weight override), 0 while unhealthy or out",
+            weights,
+        ),
+        Family::gauge(
+            "lb_backend_passive_out",
+            "1 while passive health checking has the backend of the VIP out, 0 if not",
+            out,
         ),
     ]
 }
