@@ -1,10 +1,10 @@
 //! Each node's record of what its maps hold, so that the status writer can say on how many
-//! nodes a Service is served.
+//! nodes a Service or route is served.
 //!
 //! The record is a Lease of the node's own (`<lease-name>-<node>`, labelled
 //! [`RECORD_LABEL`]` = <lease-name>`, next to the status writer's Lease), its
-//! [`RECORD_ANNOTATION`] a JSON object `namespace/name -> VIP labels`, as client-go's components
-//! keep their identity Leases. It is written only when what the node serves changes, never on a
+//! [`RECORD_ANNOTATION`] a JSON object `namespace/name -> VIP labels` (`TCPRoute namespace/name`
+//! for a route), as client-go's components keep their identity Leases. It is written only when what the node serves changes, never on a
 //! resync, and it outlives a restart (the data plane goes on serving while the agent restarts).
 //! The status writer alone lists the records, every `--lease-retry`, and wakes the agent when one
 //! changed.

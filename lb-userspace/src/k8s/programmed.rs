@@ -1,10 +1,11 @@
 //! Whether a Service is served, said where `kubectl describe svc` shows it: the condition
 //! [`CONDITION`] in the Service's `status.conditions`, and a Normal Event `Programmed` each time
 //! the condition turns True with another message (its VIPs, or the number of nodes serving them).
+//! A Gateway API route gets the Event alone (its status is the Gateway API's).
 //!
 //! Every node reports what its own maps hold in a record of its own ([`NodeRecord`], kept by
 //! `nodes.rs`); the status writer counts the nodes whose record agrees with its own for each
-//! Service. Pure: the writer decides here what to write, and writes only what differs from what
+//! Service and route. Pure: the writer decides here what to write, and writes only what differs from what
 //! the Service already says, so an unchanged resync writes nothing and a new status writer
 //! repeats nothing its predecessor said.
 
@@ -20,17 +21,37 @@ pub const CONDITION: &str = "lb.dev/Programmed";
 /// The VIPs a message names before it says how many more there are (an Event's note holds 1 kB).
 const NAMED_VIPS: usize = 4;
 
-/// What one node's maps hold: each Service served (`namespace/name`) and its VIP labels,
-/// comma-separated (so two nodes agree when they serve the same addresses and ports).
+/// What one node's maps hold: each Service served (`namespace/name`) and route carrying
+/// traffic (`TCPRoute namespace/name`), with its VIP labels comma-separated (so two nodes agree
+/// when they serve the same addresses and ports).
 pub type NodeRecord = BTreeMap<String, String>;
 
-/// This node's record after it applied `t`.
-pub fn record_of(t: &Translation) -> NodeRecord {
-    t.services
+/// This node's record after it applied `t` and, with the Gateway API, `routes` (each route's
+/// VIPs).
+pub fn record_of(t: &Translation, routes: &BTreeMap<String, Vec<String>>) -> NodeRecord {
+    let services = t
+        .services
         .iter()
         .filter(|(_, o)| !o.vips.is_empty())
-        .map(|(k, o)| (format!("{}/{}", k.0, k.1), o.vips.join(",")))
-        .collect()
+        .map(|(k, o)| (format!("{}/{}", k.0, k.1), o.vips.join(",")));
+    let routes = routes.iter().map(|(k, v)| (k.clone(), v.join(",")));
+    services.chain(routes).collect()
+}
+
+/// What the `Programmed` Event says of the Service or route `key` (as in [`NodeRecord`]) served
+/// at `vips`: the VIPs, and how many nodes (this one and the `peers` that agree) serve them.
+pub fn served(
+    key: &str,
+    vips: &[String],
+    own: &NodeRecord,
+    peers: &BTreeMap<String, NodeRecord>,
+) -> String {
+    let nodes = 1 + peers
+        .values()
+        .filter(|r| r.get(key).is_some_and(|v| Some(v) == own.get(key)))
+        .count();
+    let s = if nodes == 1 { "" } else { "s" };
+    format!("{} in the maps of {nodes} node{s}", named(vips))
 }
 
 /// A Service's condition, and the generation it judged.
@@ -60,12 +81,7 @@ pub fn verdicts(
                     format!("the maps could not be written: {e}"),
                 ),
                 (Ok(()), false) => {
-                    let nodes = 1 + agreeing(key, own, peers);
-                    let message = format!(
-                        "{} in the maps of {nodes} node{}",
-                        named(&o.vips),
-                        if nodes == 1 { "" } else { "s" }
-                    );
+                    let message = served(&format!("{}/{}", key.0, key.1), &o.vips, own, peers);
                     cond(CONDITION, true, "Programmed", message)
                 }
                 (Ok(()), true) => why_not(key, &t.events),
@@ -77,15 +93,6 @@ pub fn verdicts(
             (key.clone(), verdict)
         })
         .collect()
-}
-
-/// The peers (other nodes) whose record of the Service is this node's.
-fn agreeing(key: &ObjectKey, own: &NodeRecord, peers: &BTreeMap<String, NodeRecord>) -> usize {
-    let k = format!("{}/{}", key.0, key.1);
-    peers
-        .values()
-        .filter(|r| r.get(&k).is_some_and(|v| Some(v) == own.get(&k)))
-        .count()
 }
 
 /// The first VIP labels, and how many more.
@@ -183,7 +190,7 @@ mod tests {
     #[test]
     fn a_served_service_counts_the_peers_whose_record_agrees() {
         let t = translation(&["192.0.2.10:80/tcp"]);
-        let own = record_of(&t);
+        let own = record_of(&t, &BTreeMap::new());
         let agreeing = own.clone();
         let behind = NodeRecord::from([("shop/web".into(), "192.0.2.9:80/tcp".into())]);
         let peers = BTreeMap::from([
@@ -231,7 +238,12 @@ mod tests {
     #[test]
     fn a_failed_apply_makes_every_service_false() {
         let t = translation(&["192.0.2.10:80/tcp"]);
-        let v = verdicts(&t, &Err("ENOMEM".into()), &record_of(&t), &BTreeMap::new());
+        let v = verdicts(
+            &t,
+            &Err("ENOMEM".into()),
+            &record_of(&t, &BTreeMap::new()),
+            &BTreeMap::new(),
+        );
         assert_eq!(web(&v).cond.reason, "ApplyFailed");
         assert!(web(&v).cond.message.contains("ENOMEM"));
     }

@@ -81,6 +81,25 @@ struct GatewayWatch {
     grants: Option<Store<DynamicObject>>,
     /// The last translation's output, for [`Kube::report`].
     last: gateway::Output,
+    /// The `Programmed` Event last recorded on each route (`TCPRoute ns/name`), while leading.
+    said: BTreeMap<String, String>,
+}
+
+impl GatewayWatch {
+    /// The route `key` (`TCPRoute ns/name`) as its watcher holds it, with its resource.
+    fn route(&self, key: &str) -> Option<(ApiResource, std::sync::Arc<DynamicObject>)> {
+        let (kind, rest) = key.split_once(' ')?;
+        let (ns, name) = rest.split_once('/')?;
+        let (ar, store) = match kind {
+            "TCPRoute" => self.tcp.as_ref()?,
+            _ => self.udp.as_ref()?,
+        };
+        let obj = store
+            .state()
+            .into_iter()
+            .find(|o| o.namespace().as_deref() == Some(ns) && o.name_any() == name)?;
+        Some((ar.clone(), obj))
+    }
 }
 
 pub struct Kube {
@@ -211,6 +230,7 @@ impl Kube {
                 udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
                 grants: served.grants.clone().map(&mut w),
                 last: gateway::Output::default(),
+                said: BTreeMap::new(),
             }
         });
         if let Some(g) = &gateway {
@@ -521,11 +541,14 @@ impl Kube {
     /// takeover it writes the whole current status once.
     pub fn report(&mut self, applied: &std::result::Result<(), String>) {
         if applied.is_ok() {
-            self.records.publish(programmed::record_of(&self.last));
+            self.records.publish(self.own_record());
         }
         if !self.leader.is_leader() {
             self.published.clear();
             self.said.clear();
+            if let Some(g) = self.gateway.as_mut() {
+                g.said.clear();
+            }
             return;
         }
         // Events: those not recorded yet.
@@ -538,7 +561,8 @@ impl Kube {
                 continue;
             };
             warn!(service = %format!("{}/{}", e.service.0, e.service.1), reason = %e.reason, "{}", e.message);
-            self.record_event(self.recorder.clone(), svc, e.warning, &e.reason, &e.message);
+            let (ar, recorder) = (ApiResource::erase::<Service>(&()), self.recorder.clone());
+            record_event(recorder, &ar, svc, e.warning, &e.reason, &e.message);
         }
         self.published = now;
 
@@ -641,47 +665,44 @@ impl Kube {
         }
         self.report_services(applied);
         self.report_gateway();
+        self.report_routes();
     }
 
-    /// Records an Event on the Service `svc` through `recorder` (in the background).
-    fn record_event(
-        &self,
-        recorder: Recorder,
-        svc: &DynamicObject,
-        warning: bool,
-        reason: &str,
-        message: &str,
-    ) {
-        let mut reference = svc.object_ref(&ApiResource::erase::<Service>(&()));
-        reference.api_version = Some("v1".into());
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(message.into()),
-            action: "Balancing".into(),
-            secondary: None,
+    /// Records a Normal Event `Programmed` on each route whose VIPs or number of nodes changed
+    /// since this agent last said it (routes have no condition of lb's to read back, so a new
+    /// status writer says it once more).
+    fn report_routes(&mut self) {
+        let own = self.own_record();
+        let peers = self.records.peers();
+        let reporter = reporter(&self.identity);
+        let Some(g) = self.gateway.as_mut() else {
+            return;
         };
-        let what = format!(
-            "{}/{} {reason}",
-            svc.namespace().unwrap_or_default(),
-            svc.name_any()
-        );
-        tokio::spawn(async move {
-            if let Err(err) = recorder.publish(&ev, &reference).await {
-                warn!("recording the event {what}: {}", crate::error_chain(&err));
+        let mut said = BTreeMap::new();
+        for (key, vips) in &g.last.route_vips {
+            let message = programmed::served(key, vips, &own, &peers);
+            if g.said.get(key) != Some(&message)
+                && let Some((ar, route)) = g.route(key)
+            {
+                let recorder = Recorder::new(self.client.clone(), reporter.clone());
+                record_event(recorder, &ar, &route, false, "Programmed", &message);
             }
-        });
+            said.insert(key.clone(), message);
+        }
+        g.said = said;
+    }
+
+    /// What this node's maps hold, by Service and route (see [`programmed::NodeRecord`]).
+    fn own_record(&self) -> programmed::NodeRecord {
+        let routes = self.gateway.as_ref().map(|g| &g.last.route_vips);
+        programmed::record_of(&self.last, routes.unwrap_or(&BTreeMap::new()))
     }
 
     /// Writes the [`programmed::CONDITION`] of each Service of lb's class where it differs from
     /// what the Service says, with a Normal Event `Programmed` when it is True with a new
     /// message (first programmed, other VIPs, another number of nodes).
     fn report_services(&mut self, applied: &std::result::Result<(), String>) {
-        let own = programmed::record_of(&self.last);
+        let own = self.own_record();
         let verdicts = programmed::verdicts(&self.last, applied, &own, &self.records.peers());
         let services = self.services.state();
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -712,7 +733,7 @@ impl Kube {
                 // A recorder of its own: kube's (as client-go's) folds an Event with the same
                 // reason into the first one's series, keeping the first note (1 node, say).
                 let recorder = Recorder::new(self.client.clone(), reporter(&self.identity));
-                self.record_event(recorder, svc, false, "Programmed", &v.cond.message);
+                record_event(recorder, &ar, svc, false, "Programmed", &v.cond.message);
             }
             self.said.insert(key, (v, version));
         }
@@ -769,6 +790,40 @@ impl Kube {
             }
         }
     }
+}
+
+/// Records an Event on `obj` (of `ar`) through `recorder` (in the background).
+fn record_event(
+    recorder: Recorder,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+    warning: bool,
+    reason: &str,
+    message: &str,
+) {
+    let mut reference = obj.object_ref(ar);
+    reference.api_version = Some(ar.api_version.clone());
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(message.into()),
+        action: "Balancing".into(),
+        secondary: None,
+    };
+    let what = format!(
+        "{}/{} {reason}",
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    );
+    tokio::spawn(async move {
+        if let Err(err) = recorder.publish(&ev, &reference).await {
+            warn!("recording the event {what}: {}", crate::error_chain(&err));
+        }
+    });
 }
 
 /// Events name lb and the node that recorded them.
