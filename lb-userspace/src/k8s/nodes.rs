@@ -6,8 +6,9 @@
 //! [`RECORD_ANNOTATION`] a JSON object `namespace/name -> VIP labels` (`TCPRoute namespace/name`
 //! for a route), as client-go's components keep their identity Leases. It is written only when what the node serves changes, never on a
 //! resync, and it outlives a restart (the data plane goes on serving while the agent restarts).
-//! The status writer alone lists the records, every `--lease-retry`, and wakes the agent when one
-//! changed.
+//! The status writer alone lists the records, every `--lease-duration` (a list carries every
+//! node's record: a count may lag by that much, and the API server is spared; a watch would be
+//! the next step for clusters of hundreds of nodes), and wakes the agent when one changed.
 
 use std::collections::BTreeMap;
 
@@ -68,8 +69,8 @@ impl Records {
         };
         let (want, want_rx) = watch::channel(None);
         let (peers_tx, peers) = watch::channel(BTreeMap::new());
-        let retry = flags.lease_retry;
-        let task = tokio::spawn(keep(place, want_rx, peers_tx, leader, retry, changed));
+        let every = flags.lease_duration;
+        let task = tokio::spawn(keep(place, want_rx, peers_tx, leader, every, changed));
         Self { want, peers, task }
     }
 
@@ -94,18 +95,18 @@ impl Drop for Records {
     }
 }
 
-/// The task: writes this node's record when it changes (retrying every `retry` after a
-/// failure) and, while leading, lists the others' every `retry`.
+/// The task: writes this node's record when it changes (retrying every `every` after a
+/// failure) and, while leading, lists the others' every `every`.
 async fn keep(
     place: Place,
     mut want: watch::Receiver<Option<NodeRecord>>,
     peers: watch::Sender<BTreeMap<String, NodeRecord>>,
     leader: Leadership,
-    retry: std::time::Duration,
+    every: std::time::Duration,
     changed: mpsc::Sender<()>,
 ) {
     let mut written: Option<NodeRecord> = None;
-    let mut tick = tokio::time::interval(retry);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
