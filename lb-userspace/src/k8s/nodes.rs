@@ -1,14 +1,16 @@
 //! Each node's record of what its maps hold, so that the status writer can say on how many
 //! nodes a Service or route is served.
 //!
-//! The record is a Lease of the node's own (`<lease-name>-<node>`, labelled
-//! [`RECORD_LABEL`]` = <lease-name>`, next to the status writer's Lease), its
-//! [`RECORD_ANNOTATION`] a JSON object `namespace/name -> VIP labels` (`TCPRoute namespace/name`
-//! for a route), as client-go's components keep their identity Leases. It is written only when what the node serves changes, never on a
-//! resync, and it outlives a restart (the data plane goes on serving while the agent restarts).
-//! The status writer alone lists the records, every `--lease-duration` (a list carries every
-//! node's record: a count may lag by that much, and the API server is spared; a watch would be
-//! the next step for clusters of hundreds of nodes), and wakes the agent when one changed.
+//! The record is a Lease of the node's own, next to the status writer's: `<lease-name>.<node>`
+//! (a dot, since the chart names another class's status writer's Lease
+//! `lb-status-writer-<class>`), labelled [`RECORD_LABEL`]` = <lease-name>`, as client-go's
+//! components keep their identity Leases. Its [`RECORD_ANNOTATION`] is a JSON object
+//! `namespace/name -> VIP labels` (`TCPRoute namespace/name` for a route). It is written only
+//! when what the node serves changes, never on a resync, and it outlives a restart (the data
+//! plane goes on serving while the agent restarts). The status writer alone lists the records,
+//! every `--lease-duration` (a list carries every node's record: a count may lag by that much,
+//! and the API server is spared; a watch would be the next step for clusters of hundreds of
+//! nodes), and wakes the agent when one changed.
 
 use std::collections::BTreeMap;
 
@@ -63,7 +65,7 @@ impl Records {
     ) -> Self {
         let place = Place {
             api: Api::namespaced(client, namespace),
-            name: format!("{}-{node}", flags.lease_name),
+            name: format!("{}.{node}", flags.lease_name),
             writer_lease: flags.lease_name.clone(),
             node: node.to_string(),
         };
