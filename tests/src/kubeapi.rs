@@ -5,7 +5,7 @@
 //! API's GatewayClasses, Gateways, TCPRoutes and UDPRoutes (at v1 and v1alpha2, the same objects)
 //! and ReferenceGrants; discovery of the Gateway API group's versions (a test may hide some);
 //! merge-patching any of their statuses; server-side applying Services; creating and patching
-//! Events; getting, creating and (resourceVersion-conditionally) updating Leases. Tests change
+//! Events; getting, listing, creating and (resourceVersion-conditionally) updating Leases. Tests change
 //! objects through [`FakeApi`] and read back what the agent wrote.
 //!
 //! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
@@ -160,8 +160,11 @@ pub struct State {
     /// do not move the versions the watch tests compact at.
     pub leases: BTreeMap<(String, String), Value>,
     lease_rv: u64,
-    /// Every Lease write that succeeded: (holder, resourceVersion).
+    /// Every write of a status writer's Lease that succeeded: (holder, resourceVersion).
     pub lease_writes: Vec<(String, u64)>,
+    /// Every write of a node's record (a Lease labelled `lb.dev/node-record`) that succeeded:
+    /// (node, the record's annotation).
+    pub record_writes: Vec<(String, String)>,
 }
 
 /// The terms of a selector: split at the commas outside `in (...)` lists.
@@ -677,7 +680,7 @@ fn respond(
         rest @ ..,
     ] = &segs[..]
     {
-        return lease(state, method, ns, rest, body);
+        return lease(state, method, ns, rest, query, body);
     }
     // Events: POST .../namespaces/{ns}/events, PATCH .../namespaces/{ns}/events/{name}
     if let [
@@ -790,14 +793,42 @@ pub fn gateway_only(g: &str, r: &str, v: &str) -> bool {
     g == GATEWAY_GROUP || (g.is_empty() && (r == "namespaces" || (r == "services" && v == "patch")))
 }
 
-/// Leases: get, create (409 AlreadyExists) and update, which is conditional on the
-/// `metadata.resourceVersion` sent (409 Conflict when it is not the current one), as the API
-/// server does.
+impl State {
+    /// Logs a successful Lease write: a node's record, or a status writer's Lease.
+    fn lease_written(&mut self, l: &Value) {
+        let holder = l["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if l["metadata"]["labels"]["lb.dev/node-record"].is_string() {
+            let record = l["metadata"]["annotations"]["lb.dev/programmed"].as_str();
+            let record = record.unwrap_or_default().to_string();
+            self.record_writes.push((holder, record));
+        } else {
+            let rv = self.lease_rv;
+            self.lease_writes.push((holder, rv));
+        }
+    }
+
+    /// Puts a Lease as written by someone else (another node's record, say).
+    pub fn put_lease(&mut self, ns: &str, mut l: Value) {
+        self.lease_rv += 1;
+        let name = l["metadata"]["name"].as_str().expect("a name").to_string();
+        l["metadata"]["namespace"] = json!(ns);
+        l["metadata"]["resourceVersion"] = json!(self.lease_rv.to_string());
+        self.leases.insert((ns.into(), name), l);
+    }
+}
+
+/// Leases: get, list (by label), create (409 AlreadyExists) and update, which is conditional
+/// on the `metadata.resourceVersion` sent (409 Conflict when it is not the current one), as the
+/// API server does.
 fn lease(
     state: &Arc<Mutex<State>>,
     method: &Method,
     ns: &str,
     rest: &[&str],
+    query: &BTreeMap<String, String>,
     body: &[u8],
 ) -> Response {
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -810,6 +841,20 @@ fn lease(
     };
     let parsed = || serde_json::from_slice::<Value>(body).ok();
     match (method, rest) {
+        (&Method::GET, []) => {
+            let selector = query.get("labelSelector").map(String::as_str);
+            let items: Vec<&Value> = s
+                .leases
+                .iter()
+                .filter(|((n, _), l)| n == ns && selects(selector, l))
+                .map(|(_, l)| l)
+                .collect();
+            ok_json(
+                StatusCode::OK,
+                &json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                         "metadata": { "resourceVersion": s.lease_rv.to_string() }, "items": items }),
+            )
+        }
         (&Method::GET, [name]) => match s.leases.get(&(ns.into(), name.to_string())) {
             Some(l) => ok_json(StatusCode::OK, l),
             None => not_found(name),
@@ -832,12 +877,7 @@ fn lease(
             s.lease_rv += 1;
             l["metadata"]["namespace"] = json!(ns);
             l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
-            let holder = l["spec"]["holderIdentity"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            let rv = s.lease_rv;
-            s.lease_writes.push((holder, rv));
+            s.lease_written(&l);
             s.leases.insert((ns.into(), name), l.clone());
             ok_json(StatusCode::CREATED, &l)
         }
@@ -860,12 +900,7 @@ fn lease(
             }
             s.lease_rv += 1;
             l["metadata"]["resourceVersion"] = json!(s.lease_rv.to_string());
-            let holder = l["spec"]["holderIdentity"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            let rv = s.lease_rv;
-            s.lease_writes.push((holder, rv));
+            s.lease_written(&l);
             s.leases.insert(key, l.clone());
             ok_json(StatusCode::OK, &l)
         }

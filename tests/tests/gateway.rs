@@ -1087,3 +1087,65 @@ fn routes_are_read_at_v1alpha2_where_v1_is_not_served() {
     });
     assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
 }
+
+/// The notes of the Normal `Programmed` Events recorded on the TCPRoute `apps/name`.
+fn programmed_notes(api: &FakeApi, name: &str) -> Vec<String> {
+    api.lock()
+        .events
+        .iter()
+        .filter(|e| {
+            e["reason"] == "Programmed"
+                && e["type"] == "Normal"
+                && e["regarding"]["kind"] == "TCPRoute"
+                && e["regarding"]["name"] == name
+        })
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn the_route_carrying_a_listeners_traffic_gets_a_programmed_event_and_its_successor_one_too() {
+    let w = World::start("gw-event", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "old", &[TX_V4]);
+        service(api, "apps", "new", &[TX_V4_B]);
+        for (name, svc, created) in [("a-newer", "new", 30), ("z-older", "old", 10)] {
+            api.apply(route(
+                "TCPRoute",
+                "apps",
+                name,
+                json!([parent(None, None)]),
+                json!([backend(None, svc, 80, None)]),
+                created,
+            ));
+        }
+    });
+    let note = format!("{GW_ADDR}:80/tcp in the maps of 1 node");
+    w.until("z-older's Programmed Event", |w| {
+        (!programmed_notes(&w.api, "z-older").is_empty()).then_some(())
+    });
+    // A change the maps take and the Event does not show: a second pod behind the old route.
+    service(&w.api, "apps", "old", &[TX_V4, TX_V4_B]);
+    w.maps("the old route's second pod", |v| {
+        v[0]["backends"].as_array().is_some_and(|b| b.len() == 2)
+    });
+    // The oldest goes: the next oldest carries the traffic, and says so.
+    w.api.delete("TCPRoute", "apps", "z-older");
+    w.until("a-newer's Programmed Event", |w| {
+        (!programmed_notes(&w.api, "a-newer").is_empty()).then_some(())
+    });
+    let (older, newer) = (
+        programmed_notes(&w.api, "z-older"),
+        programmed_notes(&w.api, "a-newer"),
+    );
+    assert_eq!(
+        older,
+        [note.as_str()],
+        "one Event while it carried the traffic"
+    );
+    assert_eq!(newer, [note.as_str()], "none while it carried nothing");
+}

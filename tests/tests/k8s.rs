@@ -1189,3 +1189,194 @@ fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
     assert!(!refused(&explain(&dirs, "203.0.113.7:40000")));
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// The `lb.dev/Programmed` condition on the Service `shop/name`, as the API server holds it.
+fn programmed(api: &FakeApi, name: &str) -> Option<Value> {
+    api.get("Service", "shop", name)?["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "lb.dev/Programmed")
+        .cloned()
+}
+
+/// Waits until the Service `shop/name`'s Programmed condition satisfies `ok`; the condition.
+fn wait_programmed(api: &FakeApi, agent: &Agent, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        match programmed(api, name) {
+            Some(c) if ok(&c) => return c,
+            c => assert!(
+                start.elapsed() < T,
+                "waiting for {name}'s Programmed condition, now {c:?}; agent log:\n{}",
+                agent.log_text()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Normal `Programmed` Events recorded on the Service `shop/name`.
+fn programmed_events(api: &FakeApi, name: &str) -> Vec<Value> {
+    events(&api.lock(), "Programmed")
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name && e["regarding"]["kind"] == "Service")
+        .collect()
+}
+
+/// How many times the agent wrote the status of the Service `shop/name`.
+fn service_status_writes(api: &FakeApi, name: &str) -> usize {
+    let who = format!("shop/{name}");
+    let s = api.lock();
+    s.patches
+        .iter()
+        .filter(|(r, w, _)| r == "services" && *w == who)
+        .count()
+}
+
+/// A Service of lb's class on V4 and V6, ports 80/TCP and 53/UDP, without a policy.
+fn plain_service(name: &str) -> Value {
+    service(name, json!({ "metadata": { "annotations": null } }))
+}
+
+#[test]
+fn a_programmed_service_gets_a_true_condition_and_a_normal_event_naming_its_vips_and_nodes() {
+    let (net, api, dirs) = setup("k8s-prog");
+    api.apply(plain_service("web"));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    let c = wait_programmed(&api, &agent, "web", |c| c["status"] == "True");
+    assert_eq!(c["reason"], "Programmed", "{c:#}");
+    assert_eq!(
+        c["message"],
+        format!("{V4}:53/udp, {V4}:80/tcp, [{V6}]:53/udp, [{V6}]:80/tcp in the maps of 1 node"),
+        "{c:#}"
+    );
+    assert_eq!(c["observedGeneration"], 1, "{c:#}");
+    assert!(c["lastTransitionTime"].is_string(), "{c:#}");
+    let start = Instant::now();
+    while programmed_events(&api, "web").is_empty() {
+        assert!(
+            start.elapsed() < T,
+            "no Programmed Event; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = &programmed_events(&api, "web")[0];
+    assert_eq!(e["type"], "Normal", "{e:#}");
+    assert_eq!(
+        e["note"], c["message"],
+        "the Event says what the condition says: {e:#}"
+    );
+    assert_eq!(e["reportingInstance"], "node-a", "{e:#}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn a_service_that_can_no_longer_be_served_turns_its_condition_false_naming_why() {
+    let (net, api, dirs) = setup("k8s-unprog");
+    api.apply(plain_service("web"));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    wait_programmed(&api, &agent, "web", |c| c["status"] == "True");
+    // Its only port is SCTP now: lb balances TCP and UDP.
+    api.apply(service(
+        "web",
+        json!({ "metadata": { "annotations": null },
+                "spec": { "ports": [ { "name": "s", "port": 80, "protocol": "SCTP" } ] } }),
+    ));
+    let c = wait_programmed(&api, &agent, "web", |c| c["status"] == "False");
+    assert_eq!(c["reason"], "UnsupportedProtocol", "{c:#}");
+    assert!(
+        c["message"].as_str().unwrap().contains("protocol SCTP"),
+        "{c:#}"
+    );
+    assert_eq!(c["observedGeneration"], 2, "the generation judged: {c:#}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn an_unchanged_resync_writes_neither_the_condition_nor_the_event_nor_the_record_again() {
+    let (net, api, dirs) = setup("k8s-resync");
+    api.apply(plain_service("web"));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    wait_programmed(&api, &agent, "web", |c| c["status"] == "True");
+    // A change the maps take and the condition does not show: a second pod.
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[
+            (TX_V4, "node-a", true, true, false),
+            (TX_V4_B, "node-a", true, true, false),
+        ],
+    ));
+    let start = Instant::now();
+    loop {
+        let v: Value = serde_json::from_slice(&dirs.cli(&["backends", "--json"]).stdout)
+            .unwrap_or(Value::Null);
+        if rows(&v, &format!("{V4}:80/tcp")).len() == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the second pod: {v:#}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Then a change the condition shows, on another Service.
+    api.apply(service(
+        "api",
+        json!({ "metadata": { "annotations": null },
+                "status": { "loadBalancer": { "ingress": [ { "ip": "192.0.2.11" } ] } } }),
+    ));
+    wait_programmed(&api, &agent, "api", |c| c["status"] == "True");
+    assert_eq!(
+        service_status_writes(&api, "web"),
+        1,
+        "web's status, written once"
+    );
+    assert_eq!(
+        programmed_events(&api, "web").len(),
+        1,
+        "web's Event, recorded once"
+    );
+    // node-a's record is written in the background: wait for the one with api.
+    let start = Instant::now();
+    while !api
+        .lock()
+        .record_writes
+        .last()
+        .is_some_and(|w| w.1.contains("shop/api"))
+    {
+        assert!(
+            start.elapsed() < T,
+            "node-a's record of api; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let records: Vec<String> = api
+        .lock()
+        .record_writes
+        .iter()
+        .map(|w| w.1.clone())
+        .collect();
+    assert!(
+        records.windows(2).all(|w| w[0] != w[1]),
+        "node-a's record, written only when what it holds changed: {records:?}"
+    );
+    assert!(
+        records[records.len() - 1].contains("shop/web"),
+        "{records:?}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}

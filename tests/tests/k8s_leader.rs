@@ -398,3 +398,57 @@ fn endpoint_slices_are_watched_only_for_the_services_lb_serves() {
         "lb's two Services, not the other class's"
     );
 }
+
+/// The message of the last `lb.dev/Programmed` condition written on the Service `shop/name`.
+fn programmed_message(s: &State, name: &str) -> Option<String> {
+    let who = format!("shop/{name}");
+    s.patches
+        .iter()
+        .rev()
+        .filter(|(r, w, _)| r == "services" && *w == who)
+        .find_map(|(_, _, p)| {
+            p["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "lb.dev/Programmed")?["message"]
+                .as_str()
+                .map(str::to_string)
+        })
+}
+
+/// The notes of the `Programmed` Events, in order.
+fn programmed_notes(s: &State) -> Vec<String> {
+    s.events
+        .iter()
+        .filter(|e| e["reason"] == "Programmed")
+        .map(|e| e["note"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn a_service_served_by_a_second_node_says_two_nodes_in_its_condition_and_a_new_event() {
+    let net = FibNet::new("count");
+    let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
+    api.apply(service("web", "192.0.2.10"));
+    api.apply(slice("web", "web-1", "10.1.0.1"));
+    api.apply(policy());
+    let a = start(&net, &api, "node-a", "lb1", 1009);
+    let one = "192.0.2.10:80/tcp in the maps of 1 node";
+    wait_api(&api, "web programmed on node-a", &|| a.log(), |s| {
+        programmed_message(s, "web").as_deref() == Some(one)
+    });
+    // B serves the same VIP (with its smaller table: the VIP, not the table, is compared).
+    let b = start(&net, &api, "node-b", "lb2", 251);
+    let logs = || format!("node-a:\n{}\nnode-b:\n{}", a.log(), b.log());
+    let two = "192.0.2.10:80/tcp in the maps of 2 nodes";
+    wait_api(&api, "web programmed on both nodes", &logs, |s| {
+        programmed_message(s, "web").as_deref() == Some(two) && programmed_notes(s).len() >= 2
+    });
+    let s = api.lock();
+    assert_eq!(programmed_notes(&s), [one, two], "one Event per count");
+    assert!(
+        s.record_writes.iter().any(|(node, _)| node == "node-b"),
+        "B keeps its own record: {:?}",
+        s.record_writes
+    );
+}

@@ -93,6 +93,14 @@ impl LeaseFlags {
         Ok(())
     }
 
+    /// The Lease's namespace: `--lease-namespace`, else `default` (the kubeconfig's).
+    pub fn namespace(&self, default: &str) -> String {
+        self.lease_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| default.to_string())
+    }
+
     /// How long a holder goes on believing it holds the Lease without renewing it.
     fn renew_deadline(&self) -> Duration {
         self.lease_duration * 2 / 3
@@ -141,11 +149,7 @@ pub fn elect(
     identity: &str,
     changed: mpsc::Sender<()>,
 ) -> (Leadership, JoinHandle<()>) {
-    let ns = flags
-        .lease_namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| default_namespace.to_string());
+    let ns = flags.namespace(default_namespace);
     let api: Api<Lease> = Api::namespaced(client, &ns);
     let (tx, rx) = watch::channel(false);
     let (flags, identity) = (flags.clone(), identity.to_string());
@@ -191,11 +195,7 @@ pub async fn release(
     flags: &LeaseFlags,
     identity: &str,
 ) -> Result<bool, LeaseError> {
-    let ns = flags
-        .lease_namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| default_namespace.to_string());
+    let ns = flags.namespace(default_namespace);
     let api: Api<Lease> = Api::namespaced(client, &ns);
     let Some(mut lease) = api
         .get_opt(&flags.lease_name)

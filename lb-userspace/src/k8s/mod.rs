@@ -4,7 +4,9 @@
 pub mod gateway;
 pub mod kong;
 pub mod lease;
+pub mod nodes;
 pub mod policy;
+pub mod programmed;
 pub mod rollout;
 pub mod slices;
 pub mod source;

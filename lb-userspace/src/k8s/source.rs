@@ -40,7 +40,9 @@ use super::{
         types::{GROUP, Gateway, GatewayClass, ReferenceGrant, Route, TCPRoute, UDPRoute},
     },
     lease::{self, Leadership, LeaseFlags},
+    nodes::Records,
     policy::UpstreamPolicy,
+    programmed::{self, Verdict},
     rollout::OwnDaemonSet,
     slices::SliceWatch,
     status::{self, KubeWriter},
@@ -79,6 +81,25 @@ struct GatewayWatch {
     grants: Option<Store<DynamicObject>>,
     /// The last translation's output, for [`Kube::report`].
     last: gateway::Output,
+    /// The `Programmed` Event last recorded on each route (`TCPRoute ns/name`), while leading.
+    said: BTreeMap<String, String>,
+}
+
+impl GatewayWatch {
+    /// The route `key` (`TCPRoute ns/name`) as its watcher holds it, with its resource.
+    fn route(&self, key: &str) -> Option<(ApiResource, std::sync::Arc<DynamicObject>)> {
+        let (kind, rest) = key.split_once(' ')?;
+        let (ns, name) = rest.split_once('/')?;
+        let (ar, store) = match kind {
+            "TCPRoute" => self.tcp.as_ref()?,
+            _ => self.udp.as_ref()?,
+        };
+        let obj = store
+            .state()
+            .into_iter()
+            .find(|o| o.namespace().as_deref() == Some(ns) && o.name_any() == name)?;
+        Some((ar.clone(), obj))
+    }
 }
 
 pub struct Kube {
@@ -105,6 +126,11 @@ pub struct Kube {
     pub last: Translation,
     /// Events already recorded (recorded again only after they stop and recur).
     published: BTreeSet<ServiceEvent>,
+    /// This node's record of what its maps hold, and (leading) the other nodes'.
+    records: Records,
+    /// The Programmed condition last written to each Service, with the Service's
+    /// resourceVersion then: not written again before the watch has shown the write.
+    said: BTreeMap<(String, String), (Verdict, Option<String>)>,
     /// Malformed objects already logged.
     skipped: BTreeSet<String>,
     /// The last version of each object that decoded, to serve while a newer one does not.
@@ -204,6 +230,7 @@ impl Kube {
                 udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
                 grants: served.grants.clone().map(&mut w),
                 last: gateway::Output::default(),
+                said: BTreeMap::new(),
             }
         });
         if let Some(g) = &gateway {
@@ -215,13 +242,15 @@ impl Kube {
                 "the Gateway API is served: watching GatewayClasses, Gateways and routes"
             );
         }
-        let recorder = Recorder::new(
+        let records = Records::start(
             client.clone(),
-            Reporter {
-                controller: "lb".into(),
-                instance: Some(opts.node_name.clone()),
-            },
+            &opts.lease.namespace(client.default_namespace()),
+            &opts.lease,
+            &opts.node_name,
+            leader.clone(),
+            changed.clone(),
         );
+        let recorder = Recorder::new(client.clone(), reporter(&opts.node_name));
         let mut kube = Self {
             writer: Box::new(KubeWriter {
                 client: client.clone(),
@@ -243,6 +272,8 @@ impl Kube {
             recorder,
             last: Translation::default(),
             published: BTreeSet::new(),
+            records,
+            said: BTreeMap::new(),
             skipped: BTreeSet::new(),
             last_good: BTreeMap::new(),
         };
@@ -509,8 +540,15 @@ impl Kube {
     /// Only the leader writes: a follower forgets what it would have recorded, so that on a
     /// takeover it writes the whole current status once.
     pub fn report(&mut self, applied: &std::result::Result<(), String>) {
+        if applied.is_ok() {
+            self.records.publish(self.own_record());
+        }
         if !self.leader.is_leader() {
             self.published.clear();
+            self.said.clear();
+            if let Some(g) = self.gateway.as_mut() {
+                g.said.clear();
+            }
             return;
         }
         // Events: those not recorded yet.
@@ -522,27 +560,9 @@ impl Kube {
             }) else {
                 continue;
             };
-            let mut reference = svc.object_ref(&ApiResource::erase::<Service>(&()));
-            reference.api_version = Some("v1".into());
-            let ev = Event {
-                type_: if e.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: e.reason.clone(),
-                note: Some(e.message.clone()),
-                action: "Balancing".into(),
-                secondary: None,
-            };
-            let recorder = self.recorder.clone();
-            let what = format!("{}/{} {}", e.service.0, e.service.1, e.reason);
             warn!(service = %format!("{}/{}", e.service.0, e.service.1), reason = %e.reason, "{}", e.message);
-            tokio::spawn(async move {
-                if let Err(err) = recorder.publish(&ev, &reference).await {
-                    warn!("recording the event {what}: {}", crate::error_chain(&err));
-                }
-            });
+            let (ar, recorder) = (ApiResource::erase::<Service>(&()), self.recorder.clone());
+            record_event(recorder, &ar, svc, e.warning, &e.reason, &e.message);
         }
         self.published = now;
 
@@ -643,7 +663,80 @@ impl Kube {
                 json!({ "conditions": conditions }),
             );
         }
+        self.report_services(applied);
         self.report_gateway();
+        self.report_routes();
+    }
+
+    /// Records a Normal Event `Programmed` on each route whose VIPs or number of nodes changed
+    /// since this agent last said it (routes have no condition of lb's to read back, so a new
+    /// status writer says it once more).
+    fn report_routes(&mut self) {
+        let own = self.own_record();
+        let peers = self.records.peers();
+        let reporter = reporter(&self.identity);
+        let Some(g) = self.gateway.as_mut() else {
+            return;
+        };
+        let mut said = BTreeMap::new();
+        for (key, vips) in &g.last.route_vips {
+            let message = programmed::served(key, vips, &own, &peers);
+            if g.said.get(key) != Some(&message)
+                && let Some((ar, route)) = g.route(key)
+            {
+                let recorder = Recorder::new(self.client.clone(), reporter.clone());
+                record_event(recorder, &ar, &route, false, "Programmed", &message);
+            }
+            said.insert(key.clone(), message);
+        }
+        g.said = said;
+    }
+
+    /// What this node's maps hold, by Service and route (see [`programmed::NodeRecord`]).
+    fn own_record(&self) -> programmed::NodeRecord {
+        let routes = self.gateway.as_ref().map(|g| &g.last.route_vips);
+        programmed::record_of(&self.last, routes.unwrap_or(&BTreeMap::new()))
+    }
+
+    /// Writes the [`programmed::CONDITION`] of each Service of lb's class where it differs from
+    /// what the Service says, with a Normal Event `Programmed` when it is True with a new
+    /// message (first programmed, other VIPs, another number of nodes).
+    fn report_services(&mut self, applied: &std::result::Result<(), String>) {
+        let own = self.own_record();
+        let verdicts = programmed::verdicts(&self.last, applied, &own, &self.records.peers());
+        let services = self.services.state();
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let ar = ApiResource::erase::<Service>(&());
+        self.said.retain(|k, _| verdicts.contains_key(k));
+        for (key, v) in verdicts {
+            let Some(svc) = services
+                .iter()
+                .find(|s| s.namespace().as_deref() == Some(&key.0) && s.name_any() == key.1)
+            else {
+                continue;
+            };
+            let version = svc.resource_version();
+            if self.said.get(&key) == Some(&(v.clone(), version.clone())) {
+                continue;
+            }
+            let current = &svc.data["status"]["conditions"];
+            let Some(conditions) = programmed::merged(current, &v, &now) else {
+                continue;
+            };
+            self.writer.patch_status(
+                &ar,
+                Some(&key.0),
+                &key.1,
+                json!({ "conditions": conditions }),
+            );
+            if v.cond.ok {
+                // A recorder of its own: kube's (as client-go's) folds an Event with the same
+                // reason into the first one's series, keeping the first note (1 node, say).
+                let recorder = Recorder::new(self.client.clone(), reporter(&self.identity));
+                record_event(recorder, &ar, svc, false, "Programmed", &v.cond.message);
+            }
+            self.said.insert(key, (v, version));
+        }
     }
 
     /// Writes the Gateway API statuses that changed, and the LoadBalancer Services of Gateways
@@ -696,6 +789,48 @@ impl Kube {
                     .apply(&ApiResource::erase::<Service>(&()), ns, name, want.clone());
             }
         }
+    }
+}
+
+/// Records an Event on `obj` (of `ar`) through `recorder` (in the background).
+fn record_event(
+    recorder: Recorder,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+    warning: bool,
+    reason: &str,
+    message: &str,
+) {
+    let mut reference = obj.object_ref(ar);
+    reference.api_version = Some(ar.api_version.clone());
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(message.into()),
+        action: "Balancing".into(),
+        secondary: None,
+    };
+    let what = format!(
+        "{}/{} {reason}",
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    );
+    tokio::spawn(async move {
+        if let Err(err) = recorder.publish(&ev, &reference).await {
+            warn!("recording the event {what}: {}", crate::error_chain(&err));
+        }
+    });
+}
+
+/// Events name lb and the node that recorded them.
+fn reporter(node: &str) -> Reporter {
+    Reporter {
+        controller: "lb".into(),
+        instance: Some(node.to_string()),
     }
 }
 

@@ -112,9 +112,19 @@ pub struct ServiceEvent {
     pub message: String,
 }
 
+/// What became of one Service of lb's class: the VIPs it is served at (labels, sorted; none:
+/// not served, its warning events say why) and the generation judged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOutcome {
+    pub generation: Option<i64>,
+    pub vips: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
     pub vips: Vec<VipConfig>,
+    /// Every Service of lb's class (not a Gateway's own), served or not.
+    pub services: BTreeMap<ObjectKey, ServiceOutcome>,
     pub policies: BTreeMap<ObjectKey, PolicyVerdict>,
     pub events: Vec<ServiceEvent>,
     /// Objects that could not be used at all, and why (for the log).
@@ -533,6 +543,11 @@ impl Translator {
         let mut members = 0usize;
         for svc in services {
             let skey = key_of(svc.namespace(), svc.name_any());
+            let outcome = ServiceOutcome {
+                generation: svc.metadata.generation,
+                vips: Vec::new(),
+            };
+            out.services.insert(skey.clone(), outcome);
             let mut event = |warning: bool, reason: &str, message: String| {
                 out.events.push(ServiceEvent {
                     service: skey.clone(),
@@ -764,6 +779,10 @@ impl Translator {
                 taken.insert(v.spec.key(), label(&skey));
             }
             members += new_members;
+            if let Some(o) = out.services.get_mut(&skey) {
+                o.vips = mine.iter().map(|v| v.spec.label()).collect();
+                o.vips.sort();
+            }
             out.vips.extend(mine);
         }
         out.events.sort();

@@ -81,6 +81,8 @@ pub struct Output {
     pub policy_conflicts: BTreeMap<ObjectKey, Vec<String>>,
     /// Policies applied to routes: policy -> the routes (`TCPRoute ns/name`).
     pub policy_users: BTreeMap<ObjectKey, Vec<String>>,
+    /// The VIPs whose traffic each route carries (`TCPRoute ns/name` -> VIP labels, sorted).
+    pub route_vips: BTreeMap<String, Vec<String>>,
 }
 
 /// The name of the LoadBalancer Service lb makes for Gateway `name`.
@@ -391,6 +393,16 @@ impl GatewayCtx<'_> {
             room.taken.insert(v.spec.key());
         }
         out.vips.extend(mine);
+        if let Some((r, _)) = carrier {
+            let ns = r.meta.namespace.as_deref().unwrap_or_default();
+            let name = r.meta.name.as_deref().unwrap_or_default();
+            let vips = out
+                .route_vips
+                .entry(format!("{} {ns}/{name}", r.kind.name()))
+                .or_default();
+            vips.extend(labels.iter().cloned());
+            vips.sort();
+        }
         let mut message = format!("in the maps as {}", labels.join(", "));
         if carrier.is_none() {
             message.push_str(" (no route attached: new connections are dropped)");
