@@ -30,6 +30,7 @@ pub mod program;
 pub mod ring;
 pub mod run;
 pub mod show;
+pub mod status;
 pub mod top;
 pub mod uplink;
 pub mod view;

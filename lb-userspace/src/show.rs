@@ -31,7 +31,7 @@ use serde_json::json;
 use crate::{
     inspect::{Pinned, monotonic_coarse_ns},
     model::{Protocol, addr16, ip_of, vip_label},
-    run::{self, Status, status_path},
+    status::{BackendStatus, Status, VipStatus, read_status, status_path},
     view::{BackendRef, VipRef},
 };
 
@@ -66,7 +66,7 @@ pub struct VipNames(BTreeMap<String, String>);
 
 impl VipNames {
     pub fn read(state_dir: &Path) -> Self {
-        Self::of(run::read_status(state_dir).as_ref())
+        Self::of(read_status(state_dir).as_ref())
     }
 
     fn of(status: Option<&Status>) -> Self {
@@ -324,7 +324,7 @@ fn print_global(counters: &[(Counter, u64)]) {
 }
 
 pub fn backends(p: &Pinned, state_dir: &Path, format: Format) -> Result<()> {
-    let status: Option<Status> = run::read_status(state_dir);
+    let status: Option<Status> = read_status(state_dir);
     let names = VipNames::of(status.as_ref());
     let members = p.members()?;
     let conns = p.tables()?.connections;
@@ -437,7 +437,7 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
 }
 
 /// A configured backend's health as the status file says.
-fn health_word(c: &run::BackendStatus) -> &'static str {
+fn health_word(c: &BackendStatus) -> &'static str {
     crate::top::sample::Health::of(c).label()
 }
 
@@ -460,7 +460,7 @@ fn vip_backends(
     vip: VipRef,
     v: &VipValue,
     members: &BTreeMap<u32, Member>,
-    st: Option<&run::VipStatus>,
+    st: Option<&VipStatus>,
     conns: &crate::inspect::Conns,
 ) -> Result<serde_json::Value> {
     let m = p.table_size(v) as f64;

@@ -100,7 +100,7 @@ impl NhLab {
 
     /// The agent's refresh count, from its status file.
     fn refreshes(&self) -> u64 {
-        lb_userspace::run::read_status(&self.dirs.state).map_or(0, |s| s.nexthops.refreshes)
+        lb_userspace::status::read_status(&self.dirs.state).map_or(0, |s| s.nexthops.refreshes)
     }
 
     /// Runs `change` (ip commands), then waits until the agent has refreshed since and the
@@ -492,7 +492,7 @@ fn a_route_the_resolver_cannot_take_is_left_to_the_route_lookup_and_counted() {
         let (id, generation) = member_of(lb, B4);
         let start = Instant::now();
         let status = loop {
-            let s = lb_userspace::run::read_status(&lab.dirs.state).map(|s| s.nexthops);
+            let s = lb_userspace::status::read_status(&lab.dirs.state).map(|s| s.nexthops);
             let nh = lb.nexthop(id);
             if let Some(s) = s.clone().filter(|s| s.unresolved == 1 && s.failures > 0)
                 && nh.action == lb_common::NH_UNRESOLVED

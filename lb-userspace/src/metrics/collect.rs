@@ -325,7 +325,7 @@ fn tables(t: crate::inspect::Tables) -> Vec<Family> {
 
 /// Each VIP's name and mode, and each backend's effective weight and passive state, as the
 /// agent last wrote them to its status file.
-fn config(vips: &[crate::run::VipStatus]) -> [Family; 3] {
+fn config(vips: &[crate::status::VipStatus]) -> [Family; 3] {
     let (mut info, mut weights, mut out) = (vec![], vec![], vec![]);
     for v in vips {
         let mode = serde_json::to_value(v.mode).ok();

@@ -48,7 +48,7 @@ pub struct AgentMetrics {
     pub health: Mutex<Vec<(String, String, bool)>>,
     /// The VIPs and backends as the agent last wrote them to its status file: names, modes,
     /// weights, passive health.
-    pub vips: Mutex<Vec<crate::run::VipStatus>>,
+    pub vips: Mutex<Vec<crate::status::VipStatus>>,
     /// The next-hop keeper's figures, as of its last refresh.
     pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
     /// What this node announces (None: `node.announce` is off); not served yet.

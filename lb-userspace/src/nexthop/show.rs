@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 
 use crate::{
     inspect::Pinned,
-    run,
     show::{Format, VipNames, member_rows},
     view::{BackendRef, VipRef},
 };
@@ -59,7 +58,7 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) ->
         let nh = table.get(&r.id, 0).context("reading LB_NEXTHOPS")?;
         rows.push(row(r.id, &r.vip, &r.backend, r.member.generation, &nh));
     }
-    let keeper = run::read_status(state_dir).map(|s| s.nexthops);
+    let keeper = crate::status::read_status(state_dir).map(|s| s.nexthops);
     if format == Format::Json {
         let out = json!({ "keeper": keeper, "members": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);

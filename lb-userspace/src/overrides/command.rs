@@ -13,8 +13,8 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{Kind, Override};
 use crate::{
-    run::{BackendStatus, Status, VipStatus, read_status},
     show::flows::{Endpoint, VipArg},
+    status::{BackendStatus, Status, VipStatus, read_status},
 };
 
 /// What a command asks for.
@@ -125,7 +125,7 @@ fn running(state_dir: &Path) -> Result<Status> {
         Some(a) if a.is_running() => Ok(status),
         Some(a) => bail!(
             "the agent that wrote {} (pid {}) is not running: overrides are applied by a running agent",
-            crate::run::status_path(state_dir).display(),
+            crate::status::status_path(state_dir).display(),
             a.pid
         ),
         None => bail!("the status file in {} names no agent", state_dir.display()),

@@ -13,7 +13,7 @@ use crate::{
     inspect::{Fill, InspectError, Pinned},
     life::{ReloadStatus, SizesStatus},
     links,
-    run::{self, status_path},
+    status::{self, status_path},
 };
 
 #[derive(Serialize, Debug)]
@@ -113,7 +113,7 @@ impl StatusView {
 }
 
 pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
-    let status = run::read_status(state_dir);
+    let status = status::read_status(state_dir);
     let a = status.as_ref().and_then(|s| s.agent.as_ref());
     let agent = AgentView {
         running: a.is_some_and(|a| a.is_running()),

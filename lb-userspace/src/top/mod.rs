@@ -14,7 +14,7 @@ use std::{path::Path, time::Duration};
 
 use crate::{
     inspect::{InspectError, Pinned},
-    run::read_status,
+    status::read_status,
 };
 
 #[derive(Debug, thiserror::Error)]

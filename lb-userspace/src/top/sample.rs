@@ -12,7 +12,7 @@ use lb_common::{Counter, FAMILY_V4, FlowKey, FlowValue, Member, TrafficStats, Vi
 use crate::{
     inspect::{InspectError, Pinned, monotonic_coarse_ns},
     model::ip_of,
-    run::{BackendStatus, Status, VipStatus},
+    status::{BackendStatus, Status, VipStatus},
     view::{BackendRef, VipRef},
 };
 

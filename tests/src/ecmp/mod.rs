@@ -168,7 +168,7 @@ impl Node {
 
     /// The `announce` part of the agent's status file.
     pub fn announced(&self) -> Vec<IpAddr> {
-        lb_userspace::run::read_status(&self.dirs.state)
+        lb_userspace::status::read_status(&self.dirs.state)
             .and_then(|s| s.announce)
             .map(|a| a.announced)
             .unwrap_or_default()
