@@ -541,6 +541,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
     }
     let mut vips = Vec::new();
     let mut seen_vips: BTreeMap<(IpAddr, u16, Protocol), usize> = BTreeMap::new();
+    let mut seen_names: BTreeMap<String, usize> = BTreeMap::new();
     // `max_backends` counts memberships: a backend takes one member id per VIP it serves.
     let mut memberships = 0usize;
     for (i, v) in raw.vips.iter().enumerate() {
@@ -558,8 +559,24 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                         format!("{s:?} is not an IP address"),
                     )
                 })
-                .ok(),
+                .ok()
+                .filter(|a| match not_unicast(*a) {
+                    Some(what) => {
+                        let why =
+                            format!("{a} is {what}: a VIP is a unicast address clients send to");
+                        c.bad(format!("{p}.address"), why);
+                        false
+                    }
+                    None => true,
+                }),
         };
+        if let Some(name) = &v.name
+            && let Some(first) = seen_names.insert(name.clone(), i)
+        {
+            warnings.push(format!(
+                "{p}.name: {name:?} is also vips[{first}]'s: commands that take a VIP's name (lb drain) need its address"
+            ));
+        }
         let port = match v.port {
             None => {
                 c.bad(format!("{p}.port"), "missing");
@@ -626,6 +643,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
                 );
                 continue;
             };
+            if let Some(what) = not_unicast(addr) {
+                let why = format!("{addr} is {what}: a backend is another host's unicast address");
+                c.bad(format!("{bp}.address"), why);
+                continue;
+            }
             match addr {
                 IpAddr::V4(_) if source_v4.is_none() && n.source_v4.is_none() => c.bad(
                     format!("{bp}.address"),
@@ -895,6 +917,22 @@ fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::Announce
     }
 }
 
+/// What makes `a` no address to balance to or from, if anything: unspecified, loopback,
+/// multicast or the IPv4 broadcast address.
+fn not_unicast(a: IpAddr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        Some("the unspecified address")
+    } else if a.is_loopback() {
+        Some("a loopback address")
+    } else if a.is_multicast() {
+        Some("a multicast address")
+    } else if a == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 /// Backend lists that parse but cannot work (an error) or serve nothing (a warning): the VIP
 /// at `p` (address `vip`, in `mode`) with these `backends`.
 fn suspicious_backends(
@@ -905,13 +943,16 @@ fn suspicious_backends(
     mode: Mode,
     backends: &[BackendSpec],
 ) {
-    if mode == Mode::Dsr
-        && let Some(j) = backends.iter().position(|b| b.address == vip)
-    {
-        // The encapsulated packet would be addressed to this node's own VIP and come back.
+    if let Some(j) = backends.iter().position(|b| b.address == vip) {
+        // The encapsulated or translated packet would be addressed to this node's own VIP and
+        // come back.
+        let how = match mode {
+            Mode::Dsr => "a DSR backend",
+            Mode::Nat => "a NAT backend",
+        };
         c.bad(
             format!("{p}.backends[{j}].address"),
-            format!("{vip} is the VIP's own address: a DSR backend must be another host (the packet would loop back to the load balancer)"),
+            format!("{vip} is the VIP's own address: {how} must be another host (the packet would loop back to the load balancer)"),
         );
     }
     if backends.is_empty() {
@@ -1563,6 +1604,75 @@ vips:
                 other => panic!("{bad:?}: expected a parse error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn addresses_no_packet_can_be_balanced_to_or_from_are_refused_naming_what_they_are() {
+        for (from, to, want) in [
+            (
+                "address: 192.0.2.10\n    port: 80",
+                "address: 0.0.0.0\n    port: 80",
+                "vips[0].address: 0.0.0.0 is the unspecified address: a VIP is a unicast address clients send to",
+            ),
+            (
+                "address: 192.0.2.10\n    port: 80",
+                "address: 127.0.0.1\n    port: 80",
+                "vips[0].address: 127.0.0.1 is a loopback address: a VIP is a unicast address clients send to",
+            ),
+            (
+                "address: 192.0.2.10\n    port: 80",
+                "address: 239.1.2.3\n    port: 80",
+                "vips[0].address: 239.1.2.3 is a multicast address: a VIP is a unicast address clients send to",
+            ),
+            (
+                "{ address: 10.1.0.1, weight: 200 }",
+                "{ address: 255.255.255.255, weight: 200 }",
+                "vips[0].backends[0].address: 255.255.255.255 is the broadcast address: a backend is another host's unicast address",
+            ),
+            (
+                "{ address: fd01::3, weight: 0 }",
+                "{ address: ::1, weight: 0 }",
+                "vips[0].backends[2].address: ::1 is a loopback address: a backend is another host's unicast address",
+            ),
+            (
+                "{ address: 10.1.0.2, weight: 100 }",
+                "{ address: ff02::1, weight: 100 }",
+                "vips[0].backends[1].address: ff02::1 is a multicast address: a backend is another host's unicast address",
+            ),
+        ] {
+            let got = problems(replace(from, to));
+            assert!(got.iter().any(|p| p == want), "{to}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_nat_vip_that_is_its_own_backend_is_refused() {
+        let nat = GOOD.replace(
+            "    protocol: udp\n    hash: source-ip\n",
+            "    protocol: udp\n    mode: nat\n    hash: source-ip\n",
+        );
+        let own = nat.replace(
+            "backends: [{ address: 10.1.0.1 }]",
+            "backends: [{ address: 192.0.2.10 }]",
+        );
+        let got = problems(|_| own.clone());
+        let want = "vips[1].backends[0].address: 192.0.2.10 is the VIP's own address: a NAT backend must be another host (the packet would loop back to the load balancer)";
+        assert!(got.iter().any(|p| p == want), "{got:?}");
+    }
+
+    #[test]
+    fn two_vips_of_one_name_warn() {
+        let twice = GOOD.replace(
+            "  - address: 192.0.2.10\n    port: 53",
+            "  - name: web\n    address: 192.0.2.10\n    port: 53",
+        );
+        let c = Config::parse(&twice, "t").unwrap();
+        assert_eq!(
+            c.warnings,
+            [
+                "vips[1].name: \"web\" is also vips[0]'s: commands that take a VIP's name (lb drain) need its address"
+            ]
+        );
     }
 
     #[test]

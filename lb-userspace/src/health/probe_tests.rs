@@ -193,20 +193,26 @@ async fn an_https_check_that_verifies_refuses_a_self_signed_certificate() {
     );
 }
 
-/// A config whose VIP has four backends, 127.0.0.1..4, checked over HTTP on `port`.
+/// A config whose VIP has four backends, 127.0.0.1..4, checked over HTTP on `port`. (A config
+/// refuses loopback backends, which no packet can reach: written as 10.1.0.1..4, then moved to
+/// where this test's servers listen.)
 fn four_backends(port: u16) -> Config {
-    Config::parse(
+    let mut c = Config::parse(
         &format!(
             "node: {{ interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }}
 vips:
   - {{ address: 192.0.2.1, port: 80, protocol: tcp,
-      backends: [{{ address: 127.0.0.1 }}, {{ address: 127.0.0.2 }}, {{ address: 127.0.0.3 }}, {{ address: 127.0.0.4 }}],
+      backends: [{{ address: 10.1.0.1 }}, {{ address: 10.1.0.2 }}, {{ address: 10.1.0.3 }}, {{ address: 10.1.0.4 }}],
       health_check: {{ type: http, port: {port}, path: /healthz, interval: 1h, timeout: 5s }} }}
 "
         ),
         "t",
     )
-    .unwrap()
+    .unwrap();
+    for (i, b) in c.vips[0].spec.backends.iter_mut().enumerate() {
+        b.address = std::net::Ipv4Addr::new(127, 0, 0, i as u8 + 1).into();
+    }
+    c
 }
 
 /// Starts the checks of `four_backends` with `concurrency` against servers that take 300 ms
