@@ -98,7 +98,7 @@ division up to the square root (the schema bounds table_size by 2^24, so d stays
 The container's memory (MiB): the BPF maps the node's sizes make, which the kernel charges to
 the container's memory cgroup, plus the agent's tables (lb.agentTablesMiB), plus
 resources.agentMiB for the rest of the agent's heap and the program's verification.
-Bytes per entry measured with the real program under a memory cgroup (README "Memory"):
+Bytes per entry measured with the real program under a memory cgroup (docs/kubernetes.md, "Memory"):
 flow_table_size 52 (the IPv4 buckets and the IPv6 LRU of a quarter), nat_table_size 296 (both
 NAT tables), affinity_table_size 104, each ring slot (max_vips x table_size) 8, max_backends 66,
 and 24 per CPU for each VIP's and backend's counters (per-CPU maps, resources.cpusPerNode).
@@ -119,7 +119,7 @@ resources.memoryMiB, when set, is used instead, and refused below what the sizes
 {{/*
 The agent's own memory that grows with the sizes (MiB): 12 bytes per ring slot (max_vips x
 table_size), its Maglev tables and the slot writes of a full sync, measured as the agent's peak
-over its maps with every VIP synced (tests/tests/helm.rs, README "Memory": 193 MiB over the maps
+over its maps with every VIP synced (tests/tests/helm.rs, docs/kubernetes.md "Memory": 193 MiB over the maps
 at 256 x 65537, 96 MiB at 128 x 65537, 193 MiB at 128 x 131071).
 */}}
 {{- define "lb.agentTablesMiB" -}}
