@@ -494,8 +494,8 @@ mod tests {
 
     #[test]
     fn with_two_choices_a_table_a_third_full_evicts_nothing_and_half_full_almost_nothing() {
-        // What README promises of the table's sizing (a simulation of this rule gave 0 losses
-        // at a third, 0.07 % at half).
+        // What docs/internals.md promises of the table's sizing (a simulation of this rule gave
+        // 0 losses at a third, 0.07 % at half).
         for (load, max_lost) in [(3, 0.0), (2, 0.002)] {
             assert!(lost(load) <= max_lost, "1/{load} full: lost {}", lost(load));
         }

@@ -199,7 +199,8 @@ pub fn wire_client(router: &NetNs, client: &NetNs, mtu: &str) {
     }
     c.push_str("route add default via 10.10.0.1\nroute add default via fd10::1\n");
     client.script(&c);
-    // veths leave checksums for "hardware"; XDP transmit loses that promise (see README).
+    // veths leave checksums for "hardware"; XDP transmit loses that promise (see README: Node
+    // prerequisites).
     client.exec("ethtool", &["-K", "c0", "tx", "off"]);
 }
 
@@ -236,7 +237,7 @@ pub fn attach_fabric(router: &NetNs, ns: &NetNs, port: &str, v4: &str, v6: &str,
 }
 
 /// What a load balancer node needs of its namespace: forwarding on, no reverse-path filter on
-/// its uplink (see README: Nodes need).
+/// its uplink (see README: Node prerequisites).
 pub fn lb_node(ns: &NetNs) {
     ns.sysctl("net.ipv4.ip_forward", "1");
     ns.sysctl("net.ipv6.conf.all.forwarding", "1");
@@ -489,7 +490,8 @@ impl NatServers {
         let mut threads = Vec::new();
         for ((backend, ns), (_, v4, v6)) in lab.backends.iter().zip(BACKENDS) {
             let name = &format!("{backend}{suffix}");
-            // veths leave checksums to "hardware", which XDP forwarding skips (see README).
+            // veths leave checksums to "hardware", which XDP forwarding skips (README: Node
+            // prerequisites).
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
             let flag = Arc::new(AtomicBool::new(false));
             down.insert(backend.clone(), flag.clone());

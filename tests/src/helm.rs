@@ -42,8 +42,8 @@ pub fn chart_file(name: &str) -> Value {
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The image repository the tests install with, as the README's `helm install` does: the chart
-/// has no default (no image is published) and refuses to render without one.
+/// The image repository the tests install with, as docs/kubernetes.md's `helm install` does: the
+/// chart has no default (no image is published) and refuses to render without one.
 pub const IMAGE_REPOSITORY: &str = "registry.example/lb";
 
 /// The image the chart runs with [`IMAGE_REPOSITORY`] and no tag: `Chart.yaml`'s appVersion.

@@ -304,7 +304,8 @@ impl HoldServers {
         let mut threads = Vec::new();
         let mut held = Vec::new();
         for ((_, ns), (_, v4, _)) in lab.backends.iter().zip(BACKENDS) {
-            // veths leave checksums to "hardware", which XDP forwarding skips (see README).
+            // veths leave checksums to "hardware", which XDP forwarding skips (README: Node
+            // prerequisites).
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
             let sa = SocketAddr::new(v4.parse().unwrap(), port);
             let l = ns.run(|| listen(sa, 4096));

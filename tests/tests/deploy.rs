@@ -1,6 +1,6 @@
 //! The manifests in deploy/ (the Helm chart's default rendering, tests/tests/helm.rs, and the
 //! examples): valid against the Kubernetes schemas (kubernetes-validate, offline), and meaning
-//! what the README says when the agent reads them.
+//! what docs/kubernetes.md says when the agent reads them.
 
 use std::{path::PathBuf, process::Command};
 
@@ -72,7 +72,7 @@ fn the_manifests_pass_the_kubernetes_schemas() {
 }
 
 #[test]
-fn the_example_service_and_policy_mean_what_the_readme_says() {
+fn the_example_service_and_policy_mean_what_docs_kubernetes_says() {
     let docs = deploy_docs("example.yaml");
     let svc: Service = serde_json::from_value(docs[0].clone()).unwrap();
     let policy: UpstreamPolicy = serde_json::from_value(docs[1].clone()).unwrap();
@@ -131,7 +131,7 @@ fn the_example_service_and_policy_mean_what_the_readme_says() {
 }
 
 #[test]
-fn the_daemonset_runs_lb_as_the_readme_says() {
+fn the_daemonset_runs_lb_as_docs_kubernetes_says() {
     let ds = deploy_docs("daemonset.yaml")
         .into_iter()
         .find(|d| d["kind"] == "DaemonSet")

@@ -422,8 +422,8 @@ fn arg_value<'a>(args: &'a Value, flag: &str) -> Option<&'a str> {
         .find_map(|a| a.as_str()?.strip_prefix(flag)?.strip_prefix('='))
 }
 
-/// Two (here three) releases in the namespace lb-system: the first as the README installs it
-/// (it creates the namespace and the GatewayClass), a second of the same load balancer for
+/// Two (here three) releases in the namespace lb-system: the first as docs/kubernetes.md installs
+/// it (it creates the namespace and the GatewayClass), a second of the same load balancer for
 /// another node pool (the namespace and GatewayClass are the first's), and a second load
 /// balancer with its own class and GatewayClass. With everything optional switched on, no
 /// object is claimed twice, each release's selectors pick only its own pods, and what refers

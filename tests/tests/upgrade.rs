@@ -1,5 +1,5 @@
-//! Upgrades, rollbacks and table resizes under load, done as the README tells an operator: the
-//! running agent is stopped with SIGTERM (its program stays attached through the pinned link and
+//! Upgrades, rollbacks and table resizes under load, done as docs/upgrades.md tells an operator:
+//! the running agent is stopped with SIGTERM (its program stays attached through the pinned link and
 //! keeps forwarding), and the other release's binary is started with the same `--pin-dir`,
 //! `--state-dir` and config file; before a rollback, `lb migrate --to-release` (the newer binary)
 //! leaves the pins as the older release reads them. A size change is an edit of the config file,
@@ -444,7 +444,7 @@ impl Rig {
         );
     }
 
-    /// One step as the README tells an operator: SIGTERM to the running agent; for a rollback
+    /// One step as docs/upgrades.md tells an operator: SIGTERM to the running agent; for a rollback
     /// (`rollback_to` the older release), `lb migrate --to-release` with the newer binary, which
     /// leaves the pins as the older release reads them; then `bin` with the same pin dir, state
     /// dir and config file (now `config`). Returns what `lb status` says once the new agent runs

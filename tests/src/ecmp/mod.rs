@@ -279,7 +279,8 @@ impl Ecmp {
         }
         for ((_, ns), (name, v4, v6)) in self.backends.iter().zip(BACKENDS) {
             port(ns, &format!("p-{name}"), v4, v6);
-            // veths leave checksums to "hardware", which NAT's XDP forwarding skips (README).
+            // veths leave checksums to "hardware", which NAT's XDP forwarding skips (README:
+            // Node prerequisites).
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
             dsr_backend(ns, &[VIP4], &[VIP6]);
             ns.run(|| {
