@@ -131,6 +131,18 @@ pub const EVENTS: &str = "LB_EVENTS";
 /// Bytes of `LB_EVENTS`: 256 events of 16 bytes (a member id and the record's header).
 pub const EVENTS_BYTES: u32 = 4096;
 
+/// Per member id, `u64`: the low half is the agent's, the passive-health failure threshold of
+/// the member's VIP (0: none); the high half is the program's, when (milliseconds of
+/// CLOCK_MONOTONIC_COARSE, wrapping, never 0) the member's failure streak reached it. For
+/// [`PASSIVE_HOLD_MS`] after that, a new connection to the member is held back (its SYN dropped,
+/// `drop_backend_failing`), time for the agent to take the member out: the client's
+/// retransmission then goes to another backend instead of being refused.
+pub const MEMBER_HOLD: &str = "LB_MEMBER_HOLD";
+/// How long new connections to a member whose failure streak reached the threshold are held
+/// back (see [`MEMBER_HOLD`]): longer than an agent takes to act, shorter than a SYN's second
+/// retransmission (3 s after the first), so that without an agent they are refused, not lost.
+pub const PASSIVE_HOLD_MS: u32 = 2_000;
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -161,6 +173,7 @@ pub const ALL: &[&str] = &[
     VIP_BUDGET_DROPS,
     VIP_REPLY_STATS,
     MEMBER_REPLY_STATS,
+    MEMBER_HOLD,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

@@ -186,6 +186,11 @@ counters! {
     /// new-flow budget (`new_flow_budget`) has no token left on this CPU; established flows
     /// never take tokens. Also counted per VIP (`LB_VIP_BUDGET_DROPS`).
     DropNewFlowBudget = "drop_new_flow_budget", true;
+    /// Dropped: NAT mode, a SYN for a new connection to a backend whose failure streak reached
+    /// its passive-health threshold a moment ago (see `maps::MEMBER_HOLD`): held back rather
+    /// than refused, while the agent takes the backend out; the client's retransmission goes
+    /// to another backend.
+    DropBackendFailing = "drop_backend_failing", true;
 }
 
 /// Fills in the counters the program leaves to its readers (one map write fewer per packet

@@ -123,6 +123,8 @@ mod program {
         PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+    #[map]
+    pub static LB_MEMBER_HOLD: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     /// NAT replies (backend -> client) per VIP and per member (`new_flows` stays 0).
     #[map]
     pub static LB_VIP_REPLY_STATS: PerCpuArray<TrafficStats> =

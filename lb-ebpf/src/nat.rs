@@ -26,7 +26,7 @@ use lb_common::{
     AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
     NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
     NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth,
-    TrafficStats, VipAddr, csum, flow_hash, nat_port_candidate,
+    TrafficStats, VipAddr, csum, flow_hash, maps::PASSIVE_HOLD_MS, nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -38,8 +38,8 @@ use crate::parse::{
     IPPROTO_ICMP, IPPROTO_ICMPV6,
 };
 use crate::{
-    LB_AFFINITY, LB_EVENTS, LB_FLOWS, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS, LB_MEMBERS, LB_NAT,
-    LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS, count,
+    LB_AFFINITY, LB_EVENTS, LB_FLOWS, LB_MEMBER_HOLD, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS,
+    LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS, count,
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
@@ -97,7 +97,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                 tcp_flags: job.tcp_flags,
             };
             if kind == NAT_JOB_FORWARD {
-                nat_forward(ctx, &pkt, job.vip_id, job.backend_id, node)
+                nat_forward(ctx, &pkt, job.vip_id, &job.backend_id, node)
             } else {
                 nat_reverse(ctx, &pkt, node)
             }
@@ -159,8 +159,8 @@ fn bump(p: *mut u64) {
 
 /// Records a passive health signal for `backend_id`.
 #[inline(always)]
-fn signal(backend_id: u32, s: Signal) {
-    let Some(p) = LB_MEMBER_PASSIVE.get_ptr_mut(backend_id) else {
+fn signal(backend_id: &u32, s: Signal) {
+    let Some(p) = LB_MEMBER_PASSIVE.get_ptr_mut(*backend_id) else {
         return;
     };
     let p: *mut PassiveHealth = p;
@@ -187,11 +187,12 @@ fn signal(backend_id: u32, s: Signal) {
             }
         }
         bump(&raw mut (*p).consecutive_failures);
+        note_crossing(backend_id, (*p).consecutive_failures);
     }
     // A failure wakes the agent (see `maps::EVENTS`), once the streak counts it; a full ring
     // just skips the wake-up.
     if let Some(mut e) = LB_EVENTS.reserve::<u32>(0) {
-        e.write(backend_id);
+        e.write(*backend_id);
         e.submit(0);
     }
 }
@@ -201,7 +202,7 @@ fn signal(backend_id: u32, s: Signal) {
 fn fail(r: &mut NatReverse, s: Signal) {
     if r.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
         r.state |= NAT_S_FAILED;
-        signal(r.backend_id, s);
+        signal(&r.backend_id, s);
     }
 }
 
@@ -288,7 +289,7 @@ fn track_backend(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
     } else {
         if r.state & NAT_S_ANSWERED == 0 {
             r.state |= NAT_S_ANSWERED;
-            signal(r.backend_id, Signal::Answered);
+            signal(&r.backend_id, Signal::Answered);
         }
         if tcp && f & TCP_FLAG_FIN != 0 {
             close(r, NAT_S_FIN_BACKEND, t);
@@ -596,11 +597,11 @@ fn nat_forward(
     ctx: &XdpContext,
     pkt: &Packet,
     vip_id: u32,
-    backend_id: u32,
+    backend_id: &u32,
     node: &NodeConfig,
 ) -> Verdict {
     let key = &pkt.key;
-    let Some(backend) = LB_MEMBERS.get(backend_id) else {
+    let Some(backend) = LB_MEMBERS.get(*backend_id) else {
         return Verdict::new(Counter::DropNoBackend, xdp_action::XDP_DROP);
     };
     let Some(src) = node_addr(node, key.family) else {
@@ -625,10 +626,13 @@ fn nat_forward(
         _pad: [0; 2],
     };
     let t = now();
-    let member = (backend_id, backend.generation);
+    let member = (*backend_id, backend.generation);
     let port = match translation(pkt, &mut rkey, vip_id, member, t, node) {
         Some(p) => p,
         None if held() => return Verdict::new(Counter::DropNatHeld, xdp_action::XDP_DROP),
+        None if pkt.syn && failing(backend_id, t) => {
+            return Verdict::new(Counter::DropBackendFailing, xdp_action::XDP_DROP);
+        }
         None => match allocate(pkt, &rkey, vip_id, member, t) {
             Some((p, true)) => {
                 count(Counter::NatNew);
@@ -643,7 +647,7 @@ fn nat_forward(
         },
     };
     count(Counter::NatForward);
-    let to = Some((backend_id, backend.generation));
+    let to = Some((*backend_id, backend.generation));
     rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport), to, node)
 }
 
@@ -685,15 +689,57 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     )
 }
 
-/// Counts a reply of `bytes` in `map` at `index`, a field of the translation: the lookup's key
-/// is read where it is (a map value may be a key), not copied into NAT's full stack frame.
+/// The entry at `index` of the array `map` (this CPU's, for a per-CPU one), or null. `index` is
+/// read where it is (in a map value or the job: a key need not be on the stack), not copied
+/// into NAT's full stack frame.
+#[inline(always)]
+fn entry_at<M, V>(map: &M, index: &u32) -> *mut V {
+    let map = map as *const M as *mut c_void;
+    let key = index as *const u32 as *const c_void;
+    // SAFETY: `map` is a map definition (aya's array types are transparent over it) and `key`
+    // points at 4 readable bytes; the helper returns the entry or null.
+    (unsafe { bpf_map_lookup_elem(map, key) }) as *mut V
+}
+
+/// When a member's failure streak reaches its passive-health threshold (the agent's half of
+/// `maps::MEMBER_HOLD`), records the time in the program's half: new connections to it are then
+/// held back for a moment ([`failing`]).
+#[inline(always)]
+fn note_crossing(member: &u32, streak: u64) {
+    let h: *mut u64 = entry_at(&LB_MEMBER_HOLD, member);
+    if h.is_null() {
+        return;
+    }
+    let limit = unsafe { *h } as u32;
+    if limit != 0 && streak == limit as u64 {
+        let at = ms(now()).max(1);
+        unsafe { *h = limit as u64 | (at as u64) << 32 };
+    }
+}
+
+/// Whether a new connection to `member` is held back (its SYN dropped, so that the client's
+/// retransmission a second later finds the member out of the table): its failure streak
+/// reached the threshold less than [`PASSIVE_HOLD_MS`] ago, time for the agent to take it out.
+/// Bounded, so that without an agent a failing backend refuses again rather than black-holes.
+#[inline(always)]
+fn failing(member: &u32, t: u64) -> bool {
+    let h: *mut u64 = entry_at(&LB_MEMBER_HOLD, member);
+    let p: *mut PassiveHealth = entry_at(&LB_MEMBER_PASSIVE, member);
+    if h.is_null() || p.is_null() {
+        return false;
+    }
+    let h = unsafe { *h };
+    let (limit, at) = (h as u32, (h >> 32) as u32);
+    limit != 0
+        && at != 0
+        && unsafe { (*p).consecutive_failures } >= limit as u64
+        && ms(t).wrapping_sub(at) < PASSIVE_HOLD_MS
+}
+
+/// Counts a reply of `bytes` in `map` at `index`, a field of the translation.
 #[inline(always)]
 fn count_reply(map: &PerCpuArray<TrafficStats>, index: &u32, bytes: u64) {
-    let map = map as *const PerCpuArray<TrafficStats> as *mut c_void;
-    let key = index as *const u32 as *const c_void;
-    // SAFETY: `map` is a map definition (PerCpuArray is transparent over it) and `key` points at
-    // 4 readable bytes of a map value; the helper returns this CPU's value or null.
-    let s = unsafe { bpf_map_lookup_elem(map, key) } as *mut TrafficStats;
+    let s: *mut TrafficStats = entry_at(map, index);
     if !s.is_null() {
         unsafe {
             (*s).packets += 1;

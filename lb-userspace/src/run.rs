@@ -126,9 +126,37 @@ struct Passive {
     /// Targets out, and when to probe them next.
     next_probe: BTreeMap<Target, tokio::time::Instant>,
     probing: BTreeSet<Target>,
+    /// The thresholds written to `LB_MEMBER_HOLD`, by member id (None: none written yet).
+    holds: Option<BTreeMap<u32, u32>>,
 }
 
 impl Passive {
+    /// Writes each member's failure threshold (0 for members without passive health) where it
+    /// differs from what was written; every member's the first time (a previous agent's may be
+    /// there).
+    fn sync_holds(&mut self, agent: &mut Agent<KernelDataplane>) {
+        let want: BTreeMap<u32, u32> = agent
+            .passive_targets()
+            .iter()
+            .flat_map(|pt| pt.ids.iter().map(|id| (*id, pt.check.failures)))
+            .collect();
+        let had = self.holds.take();
+        let ids: BTreeSet<u32> = match &had {
+            None => (0..agent.config().node.sizes.max_backends).collect(),
+            Some(h) => h.keys().chain(want.keys()).copied().collect(),
+        };
+        for id in ids {
+            let w = want.get(&id).copied().unwrap_or(0);
+            let written = had.as_ref().map(|h| h.get(&id).copied().unwrap_or(0));
+            if written != Some(w)
+                && let Err(e) = agent.dp.set_member_hold(id, w)
+            {
+                warn!("{}", crate::error_chain(&e));
+            }
+        }
+        self.holds = Some(want);
+    }
+
     /// One look at the counters; true if anything changed.
     fn round(
         &mut self,
@@ -856,6 +884,7 @@ async fn serve(
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
     let (ptx, mut prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
     let mut passive = Passive::default();
+    passive.sync_holds(&mut agent);
     let mut events = health::events::Events::take(&mut agent.dp);
     let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -953,6 +982,7 @@ async fn serve(
                     settle_overrides(&opts.state_dir, o, m);
                     log_changes(&before, agent.config());
                     events.renew(&mut agent.dp);
+                    passive.sync_holds(&mut agent);
                     for w in &agent.config().warnings {
                         warn!("{w}");
                     }

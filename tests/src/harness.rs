@@ -147,6 +147,15 @@ impl Lb {
         Self::new(ebpf, sizes)
     }
 
+    /// Member `id`'s passive-health threshold in `LB_MEMBER_HOLD` (the agent's half), and the
+    /// time the program noted there (its half) cleared.
+    pub fn set_member_hold(&mut self, id: u32, failures: u32) {
+        let mut a: Array<_, u64> =
+            Array::try_from(self.map(maps::MEMBER_HOLD)).expect("LB_MEMBER_HOLD");
+        a.set(id, u64::from(failures), 0)
+            .expect("writing LB_MEMBER_HOLD");
+    }
+
     /// Entry `id` of the per-CPU traffic counters `map` (`LB_MEMBER_STATS`,
     /// `LB_VIP_REPLY_STATS`...), added up over the CPUs.
     pub fn traffic(&mut self, map: &str, id: u32) -> lb_common::TrafficStats {

@@ -800,6 +800,74 @@ fn icmp_restored(kind: IcmpError, client_pkt: &Pkt, sent: &Pkt) -> Vec<u8> {
 }
 
 #[test]
+fn once_the_streak_reaches_the_threshold_new_syns_to_the_backend_are_held_back_not_its_flows() {
+    let net = FibNet::new("nat-hold");
+    let ingress = net.lb0;
+    net.ns.run(|| {
+        let mut lb = setup();
+        let id = lb.member(0, B4_MAPPED.0);
+        lb.set_member_hold(id, 2);
+        // An open connection, established before the backend starts refusing.
+        let open_syn = Pkt::tcp(CLIENT4, 41000, V4, 80, LB0_MAC);
+        let port = open(&mut lb, ingress, &open_syn);
+        establish(&mut lb, ingress, &open_syn, port);
+        // Two attempts refused with an RST: the streak reaches the threshold.
+        for sport in [42000, 42001] {
+            let syn = Pkt::tcp(CLIENT4, sport, V4, 80, LB0_MAC);
+            let p = first_port(&mut lb, &syn);
+            let out = translated(&syn, p, TX_V4, 8080);
+            expect(&mut lb, ingress, "SYN", &syn, XDP_TX, &out.frame());
+            let rst = reply_to(
+                &out,
+                L4::Tcp {
+                    flags: TCP_RST | TCP_ACK,
+                },
+            );
+            expect(
+                &mut lb,
+                ingress,
+                "RST",
+                &rst,
+                XDP_TX,
+                &restored(&rst, &syn).frame(),
+            );
+        }
+        assert_eq!(lb.passive(id).consecutive_failures, 2);
+        let before = lb.counters();
+        // A new client's SYN is held back (dropped, for its retransmission to go elsewhere once
+        // the agent has taken the backend out)...
+        let syn = Pkt::tcp(CLIENT4, 42002, V4, 80, LB0_MAC);
+        let r = lb.run(&syn.frame(), ingress);
+        assert_eq!(action_name(r.action), action_name(XDP_DROP));
+        assert_eq!(delta(&mut lb, &before, Counter::DropBackendFailing), 1);
+        // ...and the open connection goes on as before.
+        let ack = open_syn.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
+        let out = translated(&ack, port, TX_V4, 8080);
+        expect(
+            &mut lb,
+            ingress,
+            "the open connection's ACK",
+            &ack,
+            XDP_TX,
+            &out.frame(),
+        );
+        // Without a threshold nothing is held: the agent writes 0 for backends without
+        // passive health (and a write clears the time the program noted).
+        lb.set_member_hold(id, 0);
+        let p = first_port(&mut lb, &syn);
+        let out = translated(&syn, p, TX_V4, 8080);
+        expect(
+            &mut lb,
+            ingress,
+            "SYN without a threshold",
+            &syn,
+            XDP_TX,
+            &out.frame(),
+        );
+    });
+}
+
+#[test]
 fn passive_health_counts_refusals_unreachables_timeouts_and_answers() {
     let net = FibNet::new("nat-pass");
     let ingress = net.lb0;

@@ -369,8 +369,9 @@ fn sizes_the_release_fixes_are_0_1_0s() {
         (maps::TX_PORTS, 256),
         // 0.1.0 counted 50; 0.2.0 adds drop_nat_held after them (an upgrade resizes LB_STATS,
         // copying every counter to the same index; 0.1.0 reads the first 50 of a larger one),
-        // 0.3.0 drop_source_range, the half-open translations' three and drop_new_flow_budget.
-        (maps::STATS, 56),
+        // 0.3.0 drop_source_range, the half-open translations' three, drop_new_flow_budget and
+        // drop_backend_failing.
+        (maps::STATS, 57),
         (maps::META, 1),
     ]
     .into();

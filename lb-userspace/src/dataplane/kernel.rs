@@ -69,6 +69,15 @@ impl KernelDataplane {
             .map_err(rerr(format!("passive health of member {id}")))
     }
 
+    /// Sets the passive-health failure threshold of member `id` (0: none) in `LB_MEMBER_HOLD`,
+    /// which also clears the time the program noted there.
+    pub fn set_member_hold(&mut self, id: u32, failures: u32) -> Result<(), DataplaneError> {
+        let mut a: Array<_, u64> =
+            Array::try_from(self.map_mut(maps::MEMBER_HOLD)?).map_err(werr(maps::MEMBER_HOLD))?;
+        a.set(id, u64::from(failures), 0)
+            .map_err(werr(format!("the passive-health threshold of member {id}")))
+    }
+
     /// Starts member `id`'s failure streak afresh (when its backend is brought back in).
     pub fn reset_passive_streak(&mut self, id: u32) -> Result<(), DataplaneError> {
         let mut a: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::MEMBER_PASSIVE)?)
@@ -89,13 +98,14 @@ impl KernelDataplane {
             source,
         };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| stats_err(e))?;
-        let zeros =
-            PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(stats_err)?;
-        let mut st: PerCpuArray<_, TrafficStats> =
-            PerCpuArray::try_from(self.map_mut(maps::MEMBER_STATS)?)
-                .map_err(werr(maps::MEMBER_STATS))?;
-        st.set(id, zeros, 0)
-            .map_err(werr(format!("counters of member {id}")))?;
+        for map in [maps::MEMBER_STATS, maps::MEMBER_REPLY_STATS] {
+            let zeros =
+                PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(stats_err)?;
+            let mut st: PerCpuArray<_, TrafficStats> =
+                PerCpuArray::try_from(self.map_mut(map)?).map_err(werr(map))?;
+            st.set(id, zeros, 0)
+                .map_err(werr(format!("counters of member {id}")))?;
+        }
         let mut p: Array<_, PassiveHealth> = Array::try_from(self.map_mut(maps::MEMBER_PASSIVE)?)
             .map_err(werr(maps::MEMBER_PASSIVE))?;
         p.set(id, PassiveHealth::default(), 0)

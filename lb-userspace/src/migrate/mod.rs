@@ -752,7 +752,8 @@ fn config_key(map: &str) -> &'static str {
         | maps::NEXTHOPS
         | maps::MEMBER_STATS
         | maps::MEMBER_PASSIVE
-        | maps::MEMBER_REPLY_STATS => "node.max_backends",
+        | maps::MEMBER_REPLY_STATS
+        | maps::MEMBER_HOLD => "node.max_backends",
         _ => "(a size fixed by the release)",
     }
 }

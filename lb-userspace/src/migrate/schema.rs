@@ -359,6 +359,9 @@ pub fn current() -> &'static [Schema] {
                 Counters,
                 max_backends
             ),
+            // The agent's thresholds and the program's times side by side: copied as they are,
+            // then the agent writes every member's threshold.
+            schema!(m::MEMBER_HOLD, 1, Array, U32, U64, Config, max_backends),
         ]
     })
 }
@@ -434,6 +437,7 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIP_BUDGET_DROPS, 1),
     (m::VIP_REPLY_STATS, 1),
     (m::MEMBER_REPLY_STATS, 1),
+    (m::MEMBER_HOLD, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.
