@@ -1058,7 +1058,8 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
     );
     // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2,
     // LB_NAT_REV@v2 and LB_FLOWS4@v2 converted down in place to schema 1's names, and the maps
-    // 0.2.0 does not know (source ranges, new-flow budgets, NAT reply counters) unpinned.
+    // 0.2.0 does not know (source ranges, new-flow budgets, NAT reply counters, the passive
+    // holds) unpinned.
     let mut want: Vec<String> = pins
         .iter()
         .filter(|p| {
@@ -1069,6 +1070,7 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
                 "LB_VIP_BUDGET_DROPS",
                 "LB_VIP_REPLY_STATS",
                 "LB_MEMBER_REPLY_STATS",
+                "LB_MEMBER_HOLD",
             ]
             .contains(&p.as_str())
         })
