@@ -382,14 +382,15 @@ fn sizes_the_release_fixes_are_0_1_0s() {
     }
     assert_eq!(
         Counter::COUNT,
-        56,
-        "0.1.0 counted 50 counters, 0.2.0 one more, 0.3.0 five more"
+        57,
+        "0.1.0 counted 50 counters, 0.2.0 one more, 0.3.0 six more"
     );
     assert_eq!(Counter::DropNatHeld as u32, 50, "added last");
     assert_eq!(Counter::DropSourceRange as u32, 51, "added last");
     assert_eq!(Counter::NatEstablished as u32, 52, "added last");
     assert_eq!(Counter::NatHalfOpenReclaimed as u32, 54, "added last");
     assert_eq!(Counter::DropNewFlowBudget as u32, 55, "added last");
+    assert_eq!(Counter::DropBackendFailing as u32, 56, "added last");
     assert_eq!(Counter::Tx as u32, 15);
     assert_eq!(Counter::FlowHits as u32, 23);
 }
