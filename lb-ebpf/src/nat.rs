@@ -724,16 +724,17 @@ fn note_crossing(member: &u32, streak: u64) {
 #[inline(always)]
 fn failing(member: &u32, t: u64) -> bool {
     let h: *mut u64 = entry_at(&LB_MEMBER_HOLD, member);
-    let p: *mut PassiveHealth = entry_at(&LB_MEMBER_PASSIVE, member);
-    if h.is_null() || p.is_null() {
+    if h.is_null() {
         return false;
     }
     let h = unsafe { *h };
     let (limit, at) = (h as u32, (h >> 32) as u32);
-    limit != 0
-        && at != 0
-        && unsafe { (*p).consecutive_failures } >= limit as u64
-        && ms(t).wrapping_sub(at) < PASSIVE_HOLD_MS
+    // Most members have no threshold, or never reached it: one lookup, not two.
+    if limit == 0 || at == 0 || ms(t).wrapping_sub(at) >= PASSIVE_HOLD_MS {
+        return false;
+    }
+    let p: *mut PassiveHealth = entry_at(&LB_MEMBER_PASSIVE, member);
+    !p.is_null() && unsafe { (*p).consecutive_failures } >= limit as u64
 }
 
 /// Counts a reply of `bytes` in `map` at `index`, a field of the translation.

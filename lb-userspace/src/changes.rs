@@ -14,9 +14,6 @@ pub const MAX_LINES: usize = 20;
 
 /// The changes from `old` to `new`, one line each, VIPs in label order.
 pub fn between(old: &Config, new: &Config) -> Vec<String> {
-    let by_label = |c: &Config| -> BTreeMap<String, VipConfig> {
-        c.vips.iter().map(|v| (v.spec.label(), v.clone())).collect()
-    };
     let (old, new) = (by_label(old), by_label(new));
     let mut out = Vec::new();
     for (label, v) in &new {
@@ -39,8 +36,15 @@ pub fn between(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
+fn by_label(c: &Config) -> BTreeMap<String, &VipConfig> {
+    c.vips.iter().map(|v| (v.spec.label(), v)).collect()
+}
+
 /// The changes within one VIP.
 fn vip(old: &VipConfig, new: &VipConfig) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
     let key = |b: &BackendSpec| (b.address, b.port);
     let old_b: BTreeMap<_, &BackendSpec> = old.spec.backends.iter().map(|b| (key(b), b)).collect();
     let new_b: BTreeMap<_, &BackendSpec> = new.spec.backends.iter().map(|b| (key(b), b)).collect();

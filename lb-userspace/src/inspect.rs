@@ -597,7 +597,12 @@ impl Pinned {
 
     /// The IPv4 flow table's flows by state, and the open connections of DSR VIPs' members.
     fn flows_ipv4(&self, vips: &BTreeMap<VipKey, VipValue>, conns: &mut Conns) -> FlowStates {
-        let keys: BTreeMap<u32, VipKey> = vips.iter().map(|(k, v)| (v.id, *k)).collect();
+        // DSR VIPs only: a flow of a NAT VIP is counted from its translation.
+        let dsr: BTreeMap<u32, VipKey> = vips
+            .iter()
+            .filter(|(_, v)| v.mode != MODE_NAT)
+            .map(|(k, v)| (v.id, *k))
+            .collect();
         let now = monotonic_coarse_ns();
         let mut out = FlowStates::default();
         for w in self.flows4_map.ways() {
@@ -607,12 +612,7 @@ impl Pinned {
             }
             let mut b = FlowBucket::default();
             (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
-            let vip_id = flowtab::unpack_key(w.key).2;
-            if let Some((_, v)) = Self::flow4(&keys, &b, w.key, now)
-                && vips
-                    .iter()
-                    .any(|(_, x)| x.id == vip_id && x.mode != MODE_NAT)
-            {
+            if let Some((_, v)) = Self::flow4(&dsr, &b, w.key, now) {
                 conns.entry(v.member_id).or_default().add(w.confirmed);
             }
         }
@@ -634,13 +634,13 @@ impl Pinned {
         {
             let (k, v) = kv.map_err(merr("flows"))?;
             n += 1;
-            let dsr = vips.iter().any(|(vk, vv)| {
-                vk.addr == k.dst
-                    && vk.port == k.dst_port
-                    && vk.proto == k.proto
-                    && vv.mode != MODE_NAT
-            });
-            if dsr {
+            let vip = VipKey {
+                addr: k.dst,
+                port: k.dst_port,
+                proto: k.proto,
+                family: k.family,
+            };
+            if vips.get(&vip).is_some_and(|v| v.mode != MODE_NAT) {
                 conns.entry(v.member_id).or_default().add(true);
             }
         }

@@ -424,8 +424,8 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
                 passive["consecutive_failures"]
             );
         }
-        if let Some(o) = override_note(&b["override"]) {
-            println!("      {o}");
+        if let Ok(o) = serde_json::from_value(b["override"].clone()) {
+            println!("      {}", override_note(&o));
         }
     }
     if v["empty_slots"].as_u64() > Some(0) {
@@ -442,14 +442,13 @@ fn health_word(c: &BackendStatus) -> &'static str {
 }
 
 /// `drained since 2026-12-07T16:07:21Z, configured 100`: an overridden backend's note.
-pub(crate) fn override_note(o: &serde_json::Value) -> Option<String> {
-    let o: crate::overrides::Override = serde_json::from_value(o.clone()).ok()?;
+pub(crate) fn override_note(o: &crate::overrides::Override) -> String {
     let what = match o.kind {
         crate::overrides::Kind::Drain => "drained".to_string(),
         crate::overrides::Kind::Weight => format!("weight {}", o.weight),
     };
     let configured = o.configured.map_or("-".into(), |w| w.to_string());
-    Some(format!("{what} since {}, configured {configured}", o.since))
+    format!("{what} since {}, configured {configured}", o.since)
 }
 
 /// One VIP's members (its backends, with their own counters), then configured backends that have

@@ -301,8 +301,12 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
     }
     for (i, o) in v.overrides.iter().enumerate() {
         let head = if i == 0 { "overrides:" } else { "" };
-        let note = super::override_note(&serde_json::json!(o)).unwrap_or_default();
-        println!("{head:<11} {} {}: {note}", o.vip, o.backend);
+        println!(
+            "{head:<11} {} {}: {}",
+            o.vip,
+            o.backend,
+            super::override_note(o)
+        );
     }
     let Some(m) = &v.maps else {
         println!("maps:       none pinned");
