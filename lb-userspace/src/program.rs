@@ -15,7 +15,16 @@ use aya::{
 use lb_common::{LayoutMeta, maps};
 
 /// The XDP program object, built by `build.rs` from `lb-ebpf`.
+/// Empty when built with `AYA_BUILD_SKIP=1` (for unit tests and lints): use [`object`].
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The embedded object, or why there is none.
+pub fn object() -> Result<&'static [u8], LoadError> {
+    match OBJECT.is_empty() {
+        true => Err(LoadError::NoObject),
+        false => Ok(OBJECT),
+    }
+}
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb";
@@ -178,6 +187,10 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "this lb was built with AYA_BUILD_SKIP=1 and has no XDP program: build it again without it"
+    )]
+    NoObject,
     #[error("loading the lb XDP object")]
     Object(#[source] aya::EbpfError),
     #[error("the lb XDP object has no program named {PROGRAM}")]
@@ -272,7 +285,9 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| object_error(e, pin_dir))?;
+    let mut ebpf = loader
+        .load(object()?)
+        .map_err(|e| object_error(e, pin_dir))?;
     if pin_dir.is_some() {
         write_meta(&mut ebpf, sizes)?;
     }

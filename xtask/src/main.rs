@@ -116,10 +116,27 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup(false)?;
             require_root("the demo attaches XDP programs inside network namespaces")?;
-            // The demo runs the real agent binary, built like any user would build it.
-            run(&mut cargo_release("build", "lb-userspace", "lb"))?;
-            run(cargo_release("run", "lb-tests", "lb-demo")
-                .env("LB_BIN", workspace_root().join("target/release/lb")))
+            // The demo runs the real agent binary. It is the tests' debug build (the XDP
+            // program in it is optimised all the same): `cargo xtask test` after the demo
+            // builds only the tests, not every dependency a second time.
+            run(cargo().args([
+                "build",
+                "--quiet",
+                "--package",
+                "lb-userspace",
+                "--bin",
+                "lb",
+            ]))?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--quiet",
+                    "--package",
+                    "lb-tests",
+                    "--bin",
+                    "lb-demo",
+                ])
+                .env("LB_BIN", workspace_root().join("target/debug/lb")))
         }
     }
 }
@@ -173,8 +190,32 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Installs only what is missing, saying in one line per step what it checked or installed;
 /// what the installers print goes to target/setup.log.
+///
+/// The Debian packages come first (bpf-linker builds against their LLVM, the Python tools need
+/// their venv); then the steps that take long run side by side: building bpf-linker (minutes, on
+/// a fresh machine) beside nightly's rust-src, promtool and the Python tools (downloads).
 fn setup(build_only: bool) -> Result<()> {
-    // The eBPF crate is built by nightly with -Z build-std=core, which needs nightly's rust-src.
+    let wanted: &[&str] = if build_only { &[] } else { TEST_APT_PACKAGES };
+    apt_packages(APT_PACKAGES.iter().chain(wanted).copied().collect())?;
+    std::thread::scope(|s| {
+        let linker = s.spawn(bpf_linker);
+        let rest = rust_src().and_then(|()| match build_only {
+            true => Ok(()),
+            false => promtool().and_then(|()| python_tools()),
+        });
+        let linker = linker
+            .join()
+            .unwrap_or_else(|_| bail!("bpf-linker: the step panicked"));
+        rest.and(linker)
+    })?;
+    if !build_only {
+        bpffs()?;
+    }
+    Ok(())
+}
+
+/// Nightly's rust-src: the eBPF crate is built by nightly with -Z build-std=core.
+fn rust_src() -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
@@ -185,47 +226,50 @@ fn setup(build_only: bool) -> Result<()> {
     .context("listing nightly's components (is the nightly toolchain installed?)")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         say("nightly rust-src: present");
-    } else {
-        say("nightly rust-src: missing, installing");
-        install(
-            "nightly rust-src",
-            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
-        )?;
-    }
-
-    let wanted: &[&str] = if build_only { &[] } else { TEST_APT_PACKAGES };
-    apt_packages(APT_PACKAGES.iter().chain(wanted).copied().collect())?;
-
-    match output(Command::new("bpf-linker").arg("--version")) {
-        Ok(v) => say(&format!("bpf-linker: present ({})", v.trim())),
-        Err(_) => {
-            say(&format!(
-                "bpf-linker: missing, building {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
-            ));
-            install(
-                "bpf-linker",
-                cargo()
-                    .args([
-                        "install",
-                        "bpf-linker",
-                        "--version",
-                        BPF_LINKER_VERSION,
-                        "--no-default-features",
-                        "--features",
-                        "llvm-22",
-                    ])
-                    .env("LLVM_PREFIX", LLVM_PREFIX),
-            )?;
-        }
-    }
-
-    if build_only {
         return Ok(());
     }
+    say("nightly rust-src: missing, installing");
+    install(
+        "nightly rust-src",
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+    )
+}
 
-    promtool()?;
-    python_tools()?;
+/// bpf-linker, built against Debian's LLVM 22.
+fn bpf_linker() -> Result<()> {
+    if let Ok(v) = output(Command::new("bpf-linker").arg("--version")) {
+        say(&format!("bpf-linker: present ({})", v.trim()));
+        return Ok(());
+    }
+    say(&format!(
+        "bpf-linker: missing, building {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
+    ));
+    let t = std::time::Instant::now();
+    install(
+        "bpf-linker",
+        cargo()
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )?;
+    say(&format!(
+        "bpf-linker: built in {:.0} s",
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
 
+/// bpffs at /sys/fs/bpf, where the agent pins its maps and links.
+fn bpffs() -> Result<()> {
     let bpffs = Path::new("/sys/fs/bpf");
     if is_bpffs_mounted(bpffs)? {
         say("bpffs: mounted at /sys/fs/bpf");

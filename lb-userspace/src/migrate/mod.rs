@@ -39,7 +39,7 @@ use self::{
     pins::{Action, MapPlan, PinPlan, PinsError},
     schema::{Moves, Schema},
 };
-use crate::program::{self, LoadError, OBJECT, Sizes};
+use crate::program::{self, LoadError, Sizes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -257,7 +257,7 @@ pub fn load(
         sizes: sizes.clone(),
         done: !migrates,
     };
-    let mut ebpf = loader.load(OBJECT).map_err(|e| {
+    let mut ebpf = loader.load(program::object()?).map_err(|e| {
         let e = program::object_error(e, Some(dir));
         match migrates {
             true => MigrateError::Create(e),

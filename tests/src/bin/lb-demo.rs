@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: lb in a small data centre made of network namespaces on this machine.
 //!
 //! Builds the lab (client, router, load balancer, three backends), starts the real agent
-//! (`LB_BIN`, default `target/release/lb`) with the config below, opens a few thousand
+//! (`LB_BIN`, default `target/debug/lb`) with the config below, opens a few thousand
 //! connections, shows who served them, shows a client kept on one backend by session affinity,
 //! prints `lb backends`, `lb status` and one screen of `lb top` taken while more connections come in, and
 //! removes everything it made (also on Ctrl-C).
@@ -60,7 +60,7 @@ fn top_during_traffic(lab: &Lab, dirs: &Dirs, web: SocketAddr) {
 fn main() {
     let bin = std::env::var_os("LB_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/release/lb"));
+        .unwrap_or_else(|| PathBuf::from("target/debug/lb"));
     assert!(
         bin.exists(),
         "no lb binary at {} (cargo xtask demo builds it; or set LB_BIN)",
