@@ -15,6 +15,8 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod reference;
+
 use crate::{
     maglev,
     model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
@@ -199,104 +201,186 @@ impl Config {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+// The `Raw*` structs are the config file's schema: their doc comments are the configuration
+// reference (docs/config-reference.md is generated from them, see [`reference`]). Each says what
+// the key does, its default and its range, in the file's words.
+
+/// An lb config file.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// This node: where the program attaches, how large its maps are, NAT and metrics settings.
     pub node: RawNode,
+    /// The virtual services. Default: none (the agent runs and serves nothing).
     #[serde(default)]
     pub vips: Vec<RawVip>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `node`: settings of this node.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
+    /// Interfaces the XDP program attaches to, each listed once. Default: the interface of the
+    /// host's default route (IPv4, else IPv6).
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// `native` (in the driver: the fast path) or `generic` (the kernel's generic hook: any
+    /// interface, slower). Default `native`.
     pub xdp_mode: Option<String>,
+    /// Outer source address of IPIP packets to IPv4 backends (DSR). Needed by any VIP with an
+    /// IPv4 backend in DSR mode.
     pub source_v4: Option<String>,
+    /// Outer source address of IP6IP6 packets to IPv6 backends (DSR). Needed by any VIP with an
+    /// IPv6 backend in DSR mode.
     pub source_v6: Option<String>,
+    /// Maglev slots per VIP: a prime, 2..=16777216. Default 65537. Below 100 slots per backend
+    /// lb warns (balance gets worse than 1 %).
     pub table_size: Option<i64>,
+    /// VIPs the maps hold, 1..=65535 (`max_vips` x `table_size` at most 2^31). Default 64.
     pub max_vips: Option<i64>,
-    /// Member ids: a backend counts once per VIP it serves.
+    /// Backend memberships the maps hold, 1..=1048576: a backend counts once per VIP it
+    /// serves. Default 4096.
     pub max_backends: Option<i64>,
+    /// Flows the flow table holds, 1..=134217728. Default 1048576.
     pub flow_table_size: Option<i64>,
+    /// Clients the session-affinity table holds, 1..=134217728. Default 65536.
     pub affinity_table_size: Option<i64>,
+    /// A UDP flow idle this long is forgotten (a duration like `30s`). Default `30s`.
     pub udp_idle_timeout: Option<String>,
+    /// Where the agent serves `/metrics` (`address:port`, like `127.0.0.1:9435`). Default: no
+    /// metrics endpoint.
     pub metrics_listen: Option<String>,
+    /// Translations each NAT table holds (forward and reverse), 1..=134217728. Default 262144.
     pub nat_table_size: Option<i64>,
+    /// Source ports NAT takes, per backend (`first-last`, 1..=65535). Default `1024-32767`.
     pub nat_port_range: Option<String>,
+    /// A NAT translation is kept this long after its connection closed (FIN or RST). Default
+    /// `10s`.
     pub nat_close_grace: Option<String>,
+    /// NAT: a SYN unanswered this long counts as a failed connection attempt (passive health).
+    /// Default `2s`.
     pub syn_timeout: Option<String>,
+    /// A NAT translation whose handshake has not completed is reclaimed after this long, 1s..=10m.
+    /// Default `10s`.
     pub nat_half_open_timeout: Option<String>,
+    /// An established NAT translation idle this long is reclaimed: 0 (never) or at least 1s.
+    /// Default `600s`.
     pub nat_tcp_idle_timeout: Option<String>,
-    /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
+    /// The program also runs the kernel's route lookup for each packet the agent resolved a next
+    /// hop for, uses its answer, and counts `nexthop_mismatches` where the two disagree (a check,
+    /// at the cost of the lookup). Default `false`.
     pub nexthop_check: Option<bool>,
+    /// Present (even empty: `announce: {}`) to announce the VIPs through a routing daemon such as
+    /// BIRD. Default: lb announces nothing.
     pub announce: Option<RawAnnounce>,
 }
 
-/// `node.announce`: present (even empty) to announce VIPs through a routing daemon.
-#[derive(Debug, Default, Deserialize)]
+/// `node.announce`: VIP routes for a routing daemon.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAnnounce {
+    /// The routing table lb writes the VIP routes to, for the daemon to export; not 253, 254 or
+    /// 255 (the kernel's own). Default 100.
     pub table: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `vips[i]`: a virtual service.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawVip {
+    /// What lb's commands and metrics call the VIP. Default `vip<i>`.
     pub name: Option<String>,
+    /// The virtual IP (IPv4 or IPv6, unicast; not loopback, multicast or unspecified). Required.
     pub address: Option<String>,
+    /// The port clients connect to, 1..=65535. Required.
     pub port: Option<i64>,
+    /// `tcp` or `udp`. Required.
     pub protocol: Option<String>,
+    /// `dsr` (direct server return: IPIP/IP6IP6 to the backend, which answers the client) or
+    /// `nat` (destination and source rewritten, replies come back through lb). Default `dsr`.
     pub mode: Option<String>,
+    /// What picks the backend: `five-tuple` (each connection) or `source-ip` (each client).
+    /// Default `five-tuple`.
     pub hash: Option<String>,
+    /// Session affinity: a client stays on its backend for this long after its last new flow
+    /// (whole seconds, at most `24h`). Default: none.
     pub affinity_timeout: Option<String>,
+    /// This VIP's Maglev slots: a prime no larger than `node.table_size`. Default
+    /// `node.table_size`.
     pub table_size: Option<i64>,
+    /// The backends. Default: none (the VIP drops its new flows until it has one; lb warns).
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// Active health checks of the backends. Default: none (every backend counts as healthy).
     pub health_check: Option<RawHealthCheck>,
+    /// Passive health checks (NAT mode, TCP only): backends that fail connection attempts are
+    /// taken out. Default: none.
     pub passive_health: Option<RawPassiveHealth>,
-    /// CIDRs of the sources the VIP takes packets from (empty or absent: every source).
+    /// CIDRs of the sources the VIP takes packets from (a bare address is /32 or /128), of the
+    /// VIP's family, host bits clear. Default: every source.
     pub source_ranges: Option<Vec<String>>,
-    /// A limit on new flows: `{ rate: <per second>, burst: <count> }` (absent: none).
+    /// A limit on new flows. Default: none.
     pub new_flow_budget: Option<RawBudget>,
 }
 
-/// `vips[i].new_flow_budget`.
-#[derive(Debug, Default, Deserialize)]
+/// `vips[i].new_flow_budget`: at most `rate` new flows a second, `burst` at once (the VIP's
+/// totals on a node, shared out over its CPUs).
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
+    /// New flows per second, more than 0. Required.
     pub rate: Option<i64>,
+    /// New flows at once after a quiet spell, more than 0. Default: `rate`.
     pub burst: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `vips[i].passive_health`: connection attempts the data path sees fail.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPassiveHealth {
+    /// Failed attempts in a row (RST, ICMP unreachable, or a SYN unanswered for
+    /// `node.syn_timeout`) that take a backend out, 1..=10000. Default 5.
     pub failures: Option<i64>,
+    /// A backend taken out is probed again this often, and comes back when a probe succeeds.
+    /// Default `10s`.
     pub recheck_interval: Option<String>,
+    /// Each re-check probe's timeout, no longer than `recheck_interval`. Default `1s`.
     pub timeout: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `vips[i].backends[j]`: a backend.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
+    /// The backend's IP address (not the VIP's own; NAT: the VIP's family). Required.
     pub address: Option<String>,
+    /// NAT only: the port the backend serves, 1..=65535. Default: the VIP's port.
     pub port: Option<i64>,
+    /// Relative weight, 0..=65535; 0 drains the backend (its established flows stay, it gets no
+    /// new ones). Default 100.
     pub weight: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `vips[i].health_check`: active probes of each backend, in the spirit of Kong's active checks.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
+    /// `tcp` (a connection) or `http` (a GET). Default `tcp`.
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    /// The port probed, 1..=65535. Default: the backend's port (NAT), else the VIP's.
     pub port: Option<i64>,
+    /// `http` only: the path requested, starting with `/`. Default `/`.
     pub path: Option<String>,
+    /// `http` only: the statuses that count as healthy, each 100..=599. Default 200..=399.
     pub http_statuses: Option<Vec<i64>>,
+    /// Time between probes of a backend, more than 0. Default `5s`.
     pub interval: Option<String>,
+    /// Each probe's timeout, more than 0 and no longer than `interval`. Default `1s`.
     pub timeout: Option<String>,
+    /// Successes in a row that make an unhealthy backend healthy, 1..=255. Default 2.
     pub healthy_threshold: Option<i64>,
+    /// Failures in a row that make a healthy backend unhealthy (weight 0), 1..=255. Default 3.
     pub unhealthy_threshold: Option<i64>,
 }
 
