@@ -232,12 +232,12 @@ enum Command {
         #[arg(value_parser = clap::value_parser!(u32).range(0..=65_535))]
         weight: u32,
     },
-    /// DSR backends: attach, detach and list `lb_decap`, the XDP program that decapsulates what
-    /// lb sends a backend (IPIP, IP6IP6 and the mixed kinds), for kernels without tunnel
-    /// devices; `lb decap recipe` prints the whole backend setup.
+    /// On a DSR backend: attach, detach or list `lb_decap`, or print the backend recipe.
     ///
-    /// The program stays attached after lb exits (its link is pinned in --decap-dir). It needs
-    /// root, or CAP_BPF and CAP_NET_ADMIN, and no agent.
+    /// `lb_decap` is the XDP program that decapsulates what lb sends a backend (IPIP, IP6IP6 and
+    /// the mixed kinds), for kernels without tunnel devices. It stays attached after lb exits
+    /// (its link is pinned in --decap-dir). It needs root, or CAP_BPF and CAP_NET_ADMIN, and no
+    /// agent. Without a command: `lb decap status`.
     Decap(crate::decap::command::DecapArgs),
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
@@ -480,7 +480,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
         Command::Decap(args) => {
-            println!("{}", crate::decap::command::run(args)?);
+            println!("{}", crate::decap::command::run(args)?.trim_end());
             Ok(())
         }
         Command::Crd => {

@@ -16,7 +16,6 @@ pub struct DecapArgs {
     /// agent's --pin-dir (whose links the agent manages).
     #[arg(long, global = true, value_name = "DIR", default_value = DEFAULT_DIR, env = "LB_DECAP_DIR")]
     decap_dir: PathBuf,
-    /// Without a command: `status`.
     #[command(subcommand)]
     command: Option<DecapCommand>,
 }
@@ -30,22 +29,26 @@ enum DecapCommand {
     Attach {
         /// The interface the encapsulated packets arrive on (eth0).
         interface: String,
-        /// native (in the driver; the default) or generic (any interface, slower).
+        /// How to attach it.
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         xdp_mode: Mode,
     },
     /// Detach lb_decap from an interface and remove its pin (also after the interface is gone).
     Detach { interface: String },
-    /// The links pinned in --decap-dir: each interface, and whether lb_decap is attached to it
-    /// now as the kernel says (attached; defunct: its interface is gone; elsewhere: attached in
-    /// another network namespace). JSON adds which tunnel modules the kernel has.
+    /// List the links pinned in --decap-dir, and where the kernel says each is attached.
+    ///
+    /// attached: to the interface of its name here; defunct: its interface is gone (`detach`
+    /// removes the pin); elsewhere: to an interface of another network namespace. JSON adds
+    /// which tunnel modules the kernel has.
     Status {
         /// table (default), wide (link, program and interface ids) or json.
         #[arg(short, long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
-    /// Print the commands that make this host a DSR backend (VIPs on lo, sysctls, `lb decap
-    /// attach`), each with why, and the kernel tunnel devices' way where this kernel has them.
+    /// Print the commands that make this host a DSR backend, each with why.
+    ///
+    /// The VIPs on lo, the ARP and reverse-path sysctls, `lb decap attach`; and the kernel's
+    /// tunnel devices in its place where this kernel has the modules.
     Recipe {
         /// The interface the encapsulated packets arrive on.
         #[arg(long, default_value = "eth0")]

@@ -86,14 +86,14 @@ pub enum DecapError {
         source: aya::pin::PinError,
     },
     #[error("loading {PROGRAM} from the embedded object")]
-    Load(#[source] program::LoadError),
+    Load(#[source] Box<program::LoadError>),
     #[error("{what} {ifname}{hint}")]
     Attach {
         what: &'static str,
         ifname: String,
         hint: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error(
         "this kernel attached {PROGRAM} without a bpf_link, which cannot be pinned (Linux 5.9 or later has them)"
@@ -184,6 +184,11 @@ pub fn attach(dir: &Path, ifname: &str, mode: Mode) -> Result<Attached, DecapErr
         return Err(DecapError::NoInterface(ifname.to_string()));
     }
     check_dir(dir)?;
+    let pin = pin_path(dir, ifname);
+    let found = entry(ifname, &pin);
+    if let Some(e) = found.as_ref().filter(|e| e.state == State::Elsewhere) {
+        return Err(elsewhere(e));
+    }
     std::fs::create_dir_all(dir).map_err(|source| DecapError::Pin {
         what: "creating",
         path: dir.display().to_string(),
@@ -191,33 +196,33 @@ pub fn attach(dir: &Path, ifname: &str, mode: Mode) -> Result<Attached, DecapErr
     })?;
     let mut ebpf = load()?;
     let prog = decap_program(&mut ebpf)?;
-    let pin = pin_path(dir, ifname);
-    let Some(entry) = entry(ifname, &pin) else {
+    let Some(found) = found else {
         attach_new(prog, ifname, mode, &pin)?;
         return Ok(Attached::New);
     };
-    match entry.state {
-        State::Elsewhere => Err(DecapError::Elsewhere {
-            pin: pin.display().to_string(),
-            ifname: ifname.to_string(),
-            ifindex: entry.link_ifindex,
-        }),
-        State::Defunct => {
+    match (found.state, mode_of(found.mode)) {
+        (State::Attached, Some(was)) if was != mode => {
+            unpin(&pin)?;
+            attach_new(prog, ifname, mode, &pin)?;
+            Ok(Attached::Remoded { from: was })
+        }
+        (State::Attached, _) => {
+            replace(prog, ifname, &pin)?;
+            Ok(Attached::Replaced)
+        }
+        _ => {
             unpin(&pin)?;
             attach_new(prog, ifname, mode, &pin)?;
             Ok(Attached::Stale)
         }
-        State::Attached => match mode_of(entry.mode) {
-            Some(was) if was != mode => {
-                unpin(&pin)?;
-                attach_new(prog, ifname, mode, &pin)?;
-                Ok(Attached::Remoded { from: was })
-            }
-            _ => {
-                replace(prog, ifname, &pin)?;
-                Ok(Attached::Replaced)
-            }
-        },
+    }
+}
+
+fn elsewhere(e: &Entry) -> DecapError {
+    DecapError::Elsewhere {
+        pin: e.pin.display().to_string(),
+        ifname: e.interface.clone(),
+        ifindex: e.link_ifindex,
     }
 }
 
@@ -249,11 +254,7 @@ pub fn detach(dir: &Path, ifname: &str) -> Result<Detached, DecapError> {
         return Ok(Detached::Nothing);
     };
     if entry.state == State::Elsewhere {
-        return Err(DecapError::Elsewhere {
-            pin: pin.display().to_string(),
-            ifname: ifname.to_string(),
-            ifindex: entry.link_ifindex,
-        });
+        return Err(elsewhere(&entry));
     }
     unpin(&pin)?;
     if std::fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_none()) {
@@ -345,18 +346,22 @@ fn load() -> Result<Ebpf, DecapError> {
     program::configure(&mut loader, &sizes, &buckets);
     let mut ebpf = loader
         .load(program::OBJECT)
-        .map_err(|e| DecapError::Load(program::LoadError::Object(e)))?;
+        .map_err(|e| load_error(program::LoadError::Object(e)))?;
     decap_program(&mut ebpf)?
         .load()
-        .map_err(|e| DecapError::Load(program::LoadError::Verify(e)))?;
+        .map_err(|e| load_error(program::LoadError::Verify(e)))?;
     Ok(ebpf)
+}
+
+fn load_error(e: program::LoadError) -> DecapError {
+    DecapError::Load(Box::new(e))
 }
 
 fn decap_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DecapError> {
     ebpf.program_mut(PROGRAM)
-        .ok_or(DecapError::Load(program::LoadError::NoProgram))?
+        .ok_or_else(|| load_error(program::LoadError::NoProgram))?
         .try_into()
-        .map_err(|e| DecapError::Load(program::LoadError::NotXdp(e)))
+        .map_err(|e| load_error(program::LoadError::NotXdp(e)))
 }
 
 /// Attaches `prog` to `ifname` afresh, and pins the link at `pin`.
@@ -396,7 +401,7 @@ fn attach_error(ifname: &str, mode: Mode, source: aya::programs::ProgramError) -
         what: "attaching lb_decap to",
         ifname: ifname.to_string(),
         hint,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -412,7 +417,7 @@ fn replace(prog: &mut Xdp, ifname: &str, pin: &Path) -> Result<(), DecapError> {
             what: "replacing the program attached to",
             ifname: ifname.to_string(),
             hint: String::new(),
-            source,
+            source: Box::new(source),
         })?;
     Ok(())
 }

@@ -101,39 +101,45 @@ fn listed(line: &str, name: &str) -> bool {
 /// each with why; the tunnel-device alternative too where `tunnels` says the kernel has one.
 pub fn recipe(ifname: &str, vips: &[IpAddr], tunnels: &Tunnels) -> String {
     let mut s = String::from(
-        "# A DSR backend for lb: take the encapsulated packets, answer the client directly.\n",
+        "# A DSR backend for lb: it decapsulates what lb sends it and answers the client directly.\n\
+         # The VIPs on loopback: local addresses, so the decapsulated packets are delivered here.\n",
     );
-    s.push_str("# The VIPs on loopback: the host accepts packets to them, without answering ARP for them.\n");
-    let v4: Vec<_> = vips.iter().filter(|v| v.is_ipv4()).collect();
-    let v6: Vec<_> = vips.iter().filter(|v| v.is_ipv6()).collect();
-    match (v4.is_empty(), v6.is_empty()) {
-        (true, true) => s.push_str("ip addr add VIP/32 dev lo            # one line per VIP\nip addr add VIP6/128 dev lo          # IPv6 VIPs\n"),
-        _ => {
-            for v in v4 {
-                let _ = writeln!(s, "ip addr add {v}/32 dev lo");
-            }
-            for v in v6 {
-                let _ = writeln!(s, "ip addr add {v}/128 dev lo");
-            }
-        }
-    }
-    s.push_str(
-        "# Answer ARP only for addresses of the interface asked on (not the VIPs on lo)...\n\
-         sysctl -w net.ipv4.conf.all.arp_ignore=1\n\
-         # ...and ask with the interface's own address, never a VIP a reply is sent from.\n\
-         sysctl -w net.ipv4.conf.all.arp_announce=2\n",
-    );
+    s.push_str(&vip_lines(vips));
     let _ = write!(
         s,
-        "# Accept clients whose route back is not via the interface they came in on (the stricter\n\
-         # of `all` and the interface's setting applies).\n\
+        "# Answer ARP only for the addresses of the interface asked (not the VIPs on lo)...\n\
+         sysctl -w net.ipv4.conf.all.arp_ignore=1\n\
+         # ...and ask with the interface's own address, never with a VIP a reply leaves from.\n\
+         sysctl -w net.ipv4.conf.all.arp_announce=2\n\
+         # No reverse-path filter: a client's route back may leave by another interface (the\n\
+         # kernel takes the higher of `all` and the interface's value).\n\
          sysctl -w net.ipv4.conf.all.rp_filter=0\n\
          sysctl -w net.ipv4.conf.{ifname}.rp_filter=0\n\
-         # Decapsulate IPIP, IP6IP6 and the mixed kinds with lb_decap (pinned: it stays after lb exits).\n\
-         lb decap attach {ifname}\n"
+         # Decapsulate (IPIP, IP6IP6, mixed) with lb_decap: its link is pinned, it stays after lb exits.\n\
+         lb decap attach {ifname}\n\
+         # IPv6 needs nothing more: NDP answers and asks with the interface's own addresses only,\n\
+         # and IPv6 has no reverse-path filter.\n"
     );
     s.push_str(&tunnel_alternative(tunnels));
     s
+}
+
+/// `ip addr add` of each VIP on lo; placeholders without VIPs.
+fn vip_lines(vips: &[IpAddr]) -> String {
+    if vips.is_empty() {
+        return "ip addr add VIP/32 dev lo             # each IPv4 VIP\n\
+                ip addr add VIP6/128 dev lo           # each IPv6 VIP\n"
+            .to_string();
+    }
+    let mut sorted = vips.to_vec();
+    sorted.sort_by_key(|v| v.is_ipv6());
+    sorted
+        .iter()
+        .map(|v| {
+            let len = if v.is_ipv4() { 32 } else { 128 };
+            format!("ip addr add {v}/{len} dev lo\n")
+        })
+        .collect()
 }
 
 /// The tunnel-device way in place of `lb decap attach`, if the kernel has the modules; else a
