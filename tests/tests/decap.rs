@@ -379,6 +379,23 @@ fn a_decap_dir_off_bpffs_is_refused_with_the_mount_command() {
     assert_eq!(xdp_attachment(&ns, "v0"), None);
 }
 
+#[test]
+fn the_agents_default_pin_dir_is_refused_as_decap_dir() {
+    let ns = veth_ns("decap-agentdir");
+    let dirs = Dirs::new(Path::new(BIN), "decap-agentdir");
+    let out = dirs.cli_in(
+        &ns,
+        &["decap", "--decap-dir", "/sys/fs/bpf/lb", "attach", "v0"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "attached with pins among the agent's"
+    );
+    assert!(err.contains("is an lb agent's pin dir"), "{err}");
+    assert_eq!(xdp_attachment(&ns, "v0"), None);
+}
+
 /// `capsh` arguments (a wrapper for `lb`) that drop every capability but `keep` (`cap_bpf`).
 fn keeping(keep: &[&str]) -> Vec<String> {
     let print = std::process::Command::new("capsh")

@@ -51,7 +51,7 @@ pub enum DecapError {
     #[error(transparent)]
     PinDir(#[from] PinDirError),
     #[error(
-        "{dir} holds an lb agent's pinned maps: decap links must be pinned apart from them (the \
+        "{dir} is an lb agent's pin dir: decap links must be pinned apart from its maps (the \
          agent detaches every link there that its config does not list); choose another --decap-dir"
     )]
     AgentDir { dir: String },
@@ -164,10 +164,15 @@ pub fn check_privilege() -> Result<(), DecapError> {
     }
 }
 
-/// Refuses a `dir` off bpffs, or one that is an agent's pin dir.
+/// Refuses a `dir` off bpffs, or one that is an agent's pin dir: the default one, or one that
+/// holds lb's maps (`LB_*`).
 fn check_dir(dir: &Path) -> Result<(), DecapError> {
     pindir::check_bpffs_as(dir, "--decap-dir")?;
-    if dir.join(lb_common::maps::META).exists() {
+    let has_maps = std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("LB_"))
+    });
+    if has_maps || dir == Path::new(program::DEFAULT_PIN_DIR) {
         return Err(DecapError::AgentDir {
             dir: dir.display().to_string(),
         });
