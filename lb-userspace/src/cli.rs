@@ -232,6 +232,13 @@ enum Command {
         #[arg(value_parser = clap::value_parser!(u32).range(0..=65_535))]
         weight: u32,
     },
+    /// On a DSR backend: attach, detach or list `lb_decap`, or print the backend recipe.
+    ///
+    /// `lb_decap` is the XDP program that decapsulates what lb sends a backend (IPIP, IP6IP6 and
+    /// the mixed kinds), for kernels without tunnel devices. It stays attached after lb exits
+    /// (its link is pinned in --decap-dir). It needs root, or CAP_BPF and CAP_NET_ADMIN, and no
+    /// agent. Without a command: `lb decap status`.
+    Decap(crate::decap::command::DecapArgs),
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
     /// Print a completion script for a shell: `lb completions bash > /etc/bash_completion.d/lb`
@@ -472,6 +479,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Drain { target } => target.run(&cli.state_dir, Change::Drain),
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
+        Command::Decap(args) => {
+            println!("{}", crate::decap::command::run(args)?.trim_end());
+            Ok(())
+        }
         Command::Crd => {
             print!("{}", crate::k8s::policy::crd_yaml());
             Ok(())

@@ -56,7 +56,7 @@ pub enum ConfigError {
 }
 
 /// How the program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
     /// In the driver: the fast path.
     Native,

@@ -10,6 +10,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod flowmap;
 pub mod health;
 pub mod inspect;

@@ -29,7 +29,7 @@ use crate::{
 
 /// The pin of `ifname`'s link: `link-eth0`. bpffs refuses dots in names, so a VLAN's
 /// `bond0.100` is pinned as `link-bond0:100` (a colon is never in an interface name).
-fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
+pub fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
     pin_dir.join(link_pin_name(ifname))
 }
 
@@ -61,7 +61,8 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+/// The index of the interface `name` in this network namespace; None if there is none.
+pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: a NUL-terminated name.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
@@ -125,7 +126,7 @@ fn attach_new(
 }
 
 /// The OS error at the root of `e`, if any.
-fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+pub(crate) fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     let mut cur = Some(e);
     while let Some(c) = cur {
         if let Some(n) = c
@@ -142,28 +143,31 @@ fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 /// Why attaching to `ifname` is refused with EBUSY: another XDP program is attached there (not
 /// by a link of ours: those are swapped). Names it if the kernel says which it is.
 fn busy(ifname: &str) -> String {
+    format!(
+        "attaching the XDP program to {ifname}: another XDP program is attached there{}, and lb does not replace \
+         what it did not attach: detach it (`ip link set dev {ifname} xdp off`) or take {ifname} out of node.interfaces",
+        attached_program_text(ifname)
+    )
+}
+
+/// The XDP program attached to `ifname`, for messages: ` (id 7, named lb)`, ` (id 7)`, or
+/// nothing if the kernel does not say.
+pub(crate) fn attached_program_text(ifname: &str) -> String {
     let prog = ifindex(ifname)
         .and_then(|i| xdp_state(i).ok())
-        .and_then(|s| s.prog_ids.into_iter().find(|id| *id != 0))
-        .filter(|id| *id != 0);
-    let which = match prog {
-        Some(id) => {
-            let name = aya::programs::loaded_programs()
-                .filter_map(Result::ok)
-                .find(|p| p.id() == id)
-                .and_then(|p| p.name_as_str().map(str::to_string))
-                .filter(|n| !n.is_empty());
-            match name {
-                Some(n) => format!(" (id {id}, named {n})"),
-                None => format!(" (id {id})"),
-            }
-        }
-        None => String::new(),
+        .and_then(|s| s.prog_ids.into_iter().find(|id| *id != 0));
+    let Some(id) = prog else {
+        return String::new();
     };
-    format!(
-        "attaching the XDP program to {ifname}: another XDP program is attached there{which}, and lb does not replace \
-         what it did not attach: detach it (`ip link set dev {ifname} xdp off`) or take {ifname} out of node.interfaces"
-    )
+    let name = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| !n.is_empty());
+    match name {
+        Some(n) => format!(" (id {id}, named {n})"),
+        None => format!(" (id {id})"),
+    }
 }
 
 /// Swaps the program into the pinned link of `ifname` (atomically: traffic never sees no program).
@@ -589,6 +593,11 @@ pub fn attachment(pin_dir: &Path, ifname: &str) -> Attachment {
         .ok()
         .and_then(|l| FdLink::from(l).info().ok())
         .map(|i| i.program_id());
+    attachment_of(ifname, lb_program_id)
+}
+
+/// What is attached to `ifname` now, `lb_program_id` being the program of the link pinned for it.
+pub fn attachment_of(ifname: &str, lb_program_id: Option<u32>) -> Attachment {
     let ifindex = ifindex(ifname);
     let state = ifindex.and_then(|i| xdp_state(i).ok()).unwrap_or_default();
     let mode = state.mode();
@@ -601,6 +610,23 @@ pub fn attachment(pin_dir: &Path, ifname: &str) -> Attachment {
         program_ids,
         lb_program_id,
     }
+}
+
+/// The interface index the XDP link `link_id` is attached to, from the `ifindex:` line of the
+/// fdinfo of a descriptor this process holds on it (`bpf_link_info`'s XDP part, which aya does
+/// not expose): 0 once its interface is gone. None if this process holds no descriptor on it.
+pub fn link_ifindex(link_id: u32) -> Option<u32> {
+    let want = link_id.to_string();
+    std::fs::read_dir("/proc/self/fdinfo")
+        .ok()?
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .find_map(|info| {
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k).map(str::trim).map(str::to_string))
+            };
+            (field("link_id:")? == want).then(|| field("ifindex:")?.parse().ok())?
+        })
 }
 
 /// The interfaces an agent keeps its program attached to (what `/readyz` checks).

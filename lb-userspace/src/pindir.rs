@@ -27,9 +27,9 @@ use tracing::warn;
 pub enum PinDirError {
     #[error(
         "{dir} is not on a bpffs (pinned maps and links live there only): mount one with \
-         `mount -t bpf bpf /sys/fs/bpf`, or choose a --pin-dir under a bpffs mount"
+         `mount -t bpf bpf /sys/fs/bpf`, or choose a {flag} under a bpffs mount"
     )]
-    NotBpffs { dir: String },
+    NotBpffs { dir: String, flag: &'static str },
     #[error("{} holds the pins in {dir}: one agent per pin directory", holder_text(*pid))]
     Held { dir: String, pid: Option<u32> },
     #[error("{what} {dir}")]
@@ -157,6 +157,11 @@ fn io(what: &'static str, dir: &Path, source: std::io::Error) -> PinDirError {
 
 /// Checks that `dir`, or the nearest of its ancestors that exists, is on bpffs.
 pub fn check_bpffs(dir: &Path) -> Result<(), PinDirError> {
+    check_bpffs_as(dir, "--pin-dir")
+}
+
+/// [`check_bpffs`] for a directory that the option `flag` chooses (named in the error).
+pub fn check_bpffs_as(dir: &Path, flag: &'static str) -> Result<(), PinDirError> {
     let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
         return Ok(());
     };
@@ -165,6 +170,7 @@ pub fn check_bpffs(dir: &Path) -> Result<(), PinDirError> {
     if fs.filesystem_type() != BPF_FS_MAGIC {
         return Err(PinDirError::NotBpffs {
             dir: dir.display().to_string(),
+            flag,
         });
     }
     Ok(())

@@ -37,6 +37,11 @@ pub const LOAD_NAMES: &str = "CAP_BPF and CAP_PERFMON";
 pub const NEEDED: &str = "root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
                           (CAP_SYS_ADMIN in place of the first two on kernels before 5.8)";
 
+/// What `lb decap` needs to load and attach `lb_decap`, for messages (the verifier takes that
+/// small program without CAP_PERFMON).
+pub const ATTACH_NEEDED: &str = "root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+                                 (CAP_SYS_ADMIN in place of CAP_BPF on kernels before 5.8)";
+
 /// This process's effective capabilities (from /proc/self/status); None if unreadable.
 fn effective() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -60,6 +65,12 @@ pub fn missing_to_load() -> Vec<&'static str> {
 /// Capabilities missing to run the agent; empty if none or unknown.
 pub fn missing_to_run() -> Vec<&'static str> {
     effective().map_or_else(Vec::new, |eff| lacking(eff, LOAD.iter().chain([&ATTACH])))
+}
+
+/// Capabilities missing to load and attach a program that needs no CAP_PERFMON (`lb decap`);
+/// empty if none or unknown.
+pub fn missing_to_attach() -> Vec<&'static str> {
+    effective().map_or_else(Vec::new, |eff| lacking(eff, [&LOAD[0], &ATTACH]))
 }
 
 /// If `e` (or one of its sources) is the kernel refusing an operation and this process lacks

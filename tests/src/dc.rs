@@ -148,7 +148,8 @@ pub struct Lab {
     pub lb: NetNs,
     pub backends: Vec<(String, NetNs)>,
     pub router: NetNs,
-    /// Holds the decapsulation programs attached on the backends.
+    /// Holds the programs the harness attached: `lb_pass` on the router's port to the load
+    /// balancer, `lb_decap` on the backends (not in [`Lab::with_bare_backends`]).
     _decap: Lb,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
@@ -266,6 +267,32 @@ impl Lab {
 
     /// The lab with a fabric of MTU `mtu` (the client's link is 1500).
     pub fn with_fabric_mtu(mtu: u32) -> Self {
+        let mut lab = Self::wired(mtu);
+        for (_, ns) in &lab.backends {
+            dsr_backend(ns, &VIPS_V4, &VIPS_V6);
+        }
+        // Backends decapsulate with lb's XDP decap program (no tunnel devices on this kernel).
+        for (_, ns) in &lab.backends {
+            ns.run(|| {
+                lab._decap
+                    .xdp("lb_decap")
+                    .attach("eth0", XdpMode::Driver)
+                    .expect("attaching lb_decap");
+            });
+        }
+        lab.start_servers();
+        lab
+    }
+
+    /// The lab whose backends are only wired to the fabric (addresses, default routes through
+    /// the router): no VIP on loopback, no sysctl changed, nothing decapsulates, no servers. The
+    /// test makes them DSR backends its own way.
+    pub fn with_bare_backends() -> Self {
+        Self::wired(JUMBO_FABRIC_MTU)
+    }
+
+    /// The namespaces and links, the router's routes, the load balancer node's sysctls.
+    fn wired(mtu: u32) -> Self {
         let mtu = mtu.to_string();
         let router = NetNs::new("router");
         let client = NetNs::new("client");
@@ -286,11 +313,9 @@ impl Lab {
         lb_node(&lb);
         for ((_, ns), (name, v4, v6)) in backends.iter().zip(BACKENDS) {
             attach_fabric(&router, ns, &format!("p-{name}"), v4, v6, &mtu);
-            dsr_backend(ns, &VIPS_V4, &VIPS_V6);
         }
 
-        // Backends decapsulate with lb's XDP decap program (no tunnel devices on this kernel).
-        let mut decap = Lb::load(Sizes {
+        let mut programs = Lb::load(Sizes {
             maglev_m: 13,
             max_vips: 1,
             max_backends: 1,
@@ -298,35 +323,25 @@ impl Lab {
             affinity_entries: 1,
             nat_entries: 1,
         });
-        for (_, ns) in &backends {
-            ns.run(|| {
-                decap
-                    .xdp("lb_decap")
-                    .attach("eth0", XdpMode::Driver)
-                    .expect("attaching lb_decap");
-            });
-        }
         // XDP_TX out of the lb's eth0 lands on p-lb, which must run NAPI to take XDP frames: an
         // XDP program turns it on (GRO alone did not, here).
         router.run(|| {
-            decap
+            programs
                 .xdp("lb_pass")
                 .attach("p-lb", XdpMode::Driver)
                 .expect("attaching lb_pass");
         });
 
-        let mut lab = Self {
+        Self {
             client,
             lb,
             backends,
             router,
-            _decap: decap,
+            _decap: programs,
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             accepted: Arc::default(),
-        };
-        lab.start_servers();
-        lab
+        }
     }
 
     /// TCP: on accept, the server writes its name and a newline, then echoes everything until EOF.
