@@ -42,6 +42,10 @@ pub fn check(path: &Path) -> Report {
             r.warnings = warnings;
             return r;
         }
+        Err(ConfigError::Parse { problems, .. }) => {
+            r.errors = problems.iter().map(|p| p.to_string()).collect();
+            return r;
+        }
         Err(e) => {
             r.errors.push(crate::error_chain(&e));
             return r;

@@ -1,9 +1,11 @@
 //! The config file of a bare-host agent: node settings, VIPs, backends and health checks.
 //!
-//! Parsing is in two steps. serde reads the YAML into loosely typed `Raw*` structs (unknown keys
-//! are errors, so a typo is not silently ignored); then [`validate`] checks every field and
-//! reports *every* problem with its path (`vips[2].backends[0].weight: must be 0..=65535`), and
-//! only a config without problems becomes a [`Config`].
+//! Parsing is in two steps. [`yaml`] reads the YAML into loosely typed `Raw*` structs, reporting
+//! every mistake in its shape at once with its path (`vips[1].port: expected a number, found
+//! "eighty"`; unknown keys are mistakes too, so a typo is not silently ignored); then
+//! [`validate`] checks every field and reports *every* problem with its path
+//! (`vips[2].backends[0].weight: must be 0..=65535`), and only a config without problems becomes
+//! a [`Config`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,6 +16,8 @@ use std::{
 };
 
 use serde::Deserialize;
+
+mod yaml;
 
 use crate::{
     maglev,
@@ -42,8 +46,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid lb config: {message}")]
-    Parse { path: String, message: String },
+    /// The file is not YAML, or not of a config's shape (a string where a number goes, an
+    /// unknown or repeated key): every such problem, each with its path.
+    #[error("{path} is not a valid lb config ({} problem(s)):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Parse {
+        path: String,
+        problems: Vec<Problem>,
+    },
     #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid {
         path: String,
@@ -179,9 +188,9 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        let raw: RawConfig = yaml::read(text).map_err(|problems| ConfigError::Parse {
             path: origin.to_string(),
-            message: e.to_string(),
+            problems,
         })?;
         validate(&raw).map_err(|(problems, warnings)| ConfigError::Invalid {
             path: origin.to_string(),
@@ -1515,9 +1524,10 @@ vips:
             "  table_size: 65537\n  nexthop_check: sometimes",
         );
         match Config::parse(&bad, "t") {
-            Err(ConfigError::Parse { message, .. }) => {
-                assert!(message.contains("nexthop_check"), "{message}")
-            }
+            Err(ConfigError::Parse { problems, .. }) => assert_eq!(
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                ["node.nexthop_check: expected true or false, found \"sometimes\""]
+            ),
             other => panic!("expected a parse error naming nexthop_check, got {other:?}"),
         }
     }
@@ -1594,13 +1604,23 @@ vips:
 
     #[test]
     fn syntax_errors_and_unknown_keys_are_errors() {
-        for bad in [
-            "node: [",
-            "node:\n  interfaces: [eth0]\n  colour: blue\n",
-            "node:\n  interfaces: [eth0]\nvips:\n  - adress: 192.0.2.1\n",
+        for (bad, want) in [
+            ("node: [", "line 1, column 7: not YAML: "),
+            (
+                "node:\n  interfaces: [eth0]\n  colour: blue\n",
+                "node.colour: unknown key (the keys here are interfaces, ",
+            ),
+            (
+                "node:\n  interfaces: [eth0]\nvips:\n  - adress: 192.0.2.1\n",
+                "vips[0].adress: unknown key (did you mean address?)",
+            ),
         ] {
             match Config::parse(bad, "bad.yaml") {
-                Err(ConfigError::Parse { message, .. }) => assert!(!message.is_empty()),
+                Err(ConfigError::Parse { problems, .. }) => {
+                    assert_eq!(problems.len(), 1, "{bad:?}: {problems:?}");
+                    let got = problems[0].to_string();
+                    assert!(got.starts_with(want), "{bad:?}: {got}");
+                }
                 other => panic!("{bad:?}: expected a parse error, got {other:?}"),
             }
         }
