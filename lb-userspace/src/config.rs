@@ -20,7 +20,7 @@ use serde::Deserialize;
 mod yaml;
 
 use crate::{
-    maglev,
+    maglev, mapmem,
     model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
     program::Sizes,
 };
@@ -127,6 +127,8 @@ pub struct NodeSettings {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub sizes: Sizes,
+    /// `node.kernel_memory_limit`: the sizes were refused if their maps need more.
+    pub kernel_memory_limit: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
     /// `node.announce`: VIP routes for a routing daemon (None: lb announces nothing).
@@ -241,6 +243,8 @@ pub struct RawNode {
     /// Check mode for next hops (`NODE_F_NEXTHOP_CHECK`).
     pub nexthop_check: Option<bool>,
     pub announce: Option<RawAnnounce>,
+    /// The most kernel memory the maps may take (`4GiB`, `512MiB`, or bytes).
+    pub kernel_memory_limit: Option<String>,
 }
 
 /// `node.announce`: present (even empty) to announce VIPs through a routing daemon.
@@ -473,6 +477,15 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         defaults.nat_entries as i64,
         1..=(1 << 27),
     ) as u32;
+    let sizes = Sizes {
+        maglev_m: table_size,
+        max_vips,
+        max_backends,
+        flow_entries,
+        affinity_entries,
+        nat_entries,
+    };
+    let kernel_memory_limit = check_kernel_memory(&mut c, n.kernel_memory_limit.as_deref(), &sizes);
     let mut nat = NatSpec::default();
     if let Some(r) = n.nat_port_range.as_deref() {
         match r
@@ -817,14 +830,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         node: NodeSettings {
             interfaces: n.interfaces.clone(),
             xdp_mode,
-            sizes: Sizes {
-                maglev_m: table_size,
-                max_vips,
-                max_backends,
-                flow_entries,
-                affinity_entries,
-                nat_entries,
-            },
+            sizes,
+            kernel_memory_limit,
             metrics_listen,
             spec: NodeSpec {
                 source_v4,
@@ -838,6 +845,49 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         vips,
         warnings,
     })
+}
+
+/// The default `node.kernel_memory_limit`: 24 times what the default sizes need (166 MiB on 2
+/// CPUs), room for 16 million flows and 4 million NAT translations together
+/// (`flow_table_size: 16777216` and `nat_table_size: 4194304` need 2 GiB), and a share a
+/// load-balancing node of 8 GiB or more can spare; sizes that need more are more likely a slip
+/// of a digit than a plan (the kernel takes seconds to make them, and the host may run short).
+pub const DEFAULT_KERNEL_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// `node.kernel_memory_limit`, and the kernel memory the maps of `sizes` need within it (on
+/// this host's possible CPUs): more is a problem naming the sizes that take most. The limit.
+fn check_kernel_memory(c: &mut Checker, raw: Option<&str>, sizes: &Sizes) -> u64 {
+    let path = "node.kernel_memory_limit";
+    let limit = match raw.map(|s| (s, mapmem::parse_bytes(s))) {
+        None => DEFAULT_KERNEL_MEMORY_LIMIT,
+        Some((_, Some(b))) if b > 0 => b,
+        Some((s, _)) => {
+            c.bad(
+                path,
+                format!("{s:?} is not a size: write it like 4GiB or 512MiB (or in bytes)"),
+            );
+            return DEFAULT_KERNEL_MEMORY_LIMIT;
+        }
+    };
+    match mapmem::need(sizes) {
+        Ok(need) if need.total > limit => {
+            let largest = need.largest();
+            let them = if largest.len() == 1 { "it" } else { "them" };
+            c.bad(
+                "node",
+                format!(
+                    "the maps need about {} of kernel memory with these sizes, more than {path} \
+                     ({}); most goes to {}: lower {them}, or raise {path} if this host can spare it",
+                    mapmem::human(need.total),
+                    mapmem::human(limit),
+                    largest.join(", ")
+                ),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => c.bad("node", e.to_string()),
+    }
+    limit
 }
 
 /// `vips[i].source_ranges`: CIDRs of the VIP's family, host bits clear, each once; an empty
@@ -1600,6 +1650,55 @@ vips:
                 .replace("table_size: 65537", "table_size: 10")
         });
         assert!(got.len() >= 3, "{got:?}");
+    }
+
+    #[test]
+    fn sizes_that_need_more_kernel_memory_than_the_limit_are_refused_naming_the_key() {
+        // Two NAT tables of 2^25 entries, each entry at least 48 + 40 + 40 bytes: over 8 GiB.
+        let big = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nat_table_size: 33554432",
+        );
+        let got = problems(|_| big.clone());
+        assert_eq!(got.len(), 1, "{got:?}");
+        let p = &got[0];
+        assert!(p.starts_with("node: the maps need about "), "{p}");
+        assert!(
+            p.contains(
+                "more than node.kernel_memory_limit (4 GiB); most goes to node.nat_table_size"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.ends_with("or raise node.kernel_memory_limit if this host can spare it"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn a_raised_kernel_memory_limit_takes_sizes_the_default_refuses() {
+        let big = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nat_table_size: 33554432\n  kernel_memory_limit: 16GiB",
+        );
+        let c = Config::parse(&big, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.node.kernel_memory_limit, 16 << 30);
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.node.kernel_memory_limit, DEFAULT_KERNEL_MEMORY_LIMIT);
+    }
+
+    #[test]
+    fn a_kernel_memory_limit_that_is_not_a_size_is_refused() {
+        let got = problems(replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  kernel_memory_limit: 4GB",
+        ));
+        assert_eq!(
+            got,
+            [
+                "node.kernel_memory_limit: \"4GB\" is not a size: write it like 4GiB or 512MiB (or in bytes)"
+            ]
+        );
     }
 
     #[test]
