@@ -487,7 +487,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, output } => {
-            let report = crate::check::check(&config);
+            let report = crate::check::check(&config, &pins);
             if output == TextOrJson::Json {
                 #[derive(serde::Serialize)]
                 struct Json<'a> {
