@@ -225,6 +225,7 @@ pub fn ip_netns_exec() -> Option<(String, PathBuf)> {
 fn sysfs_source(mountinfo: &str) -> Option<&str> {
     mountinfo
         .lines()
+        .rev()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let point = left.split_whitespace().nth(4)?;
@@ -232,7 +233,7 @@ fn sysfs_source(mountinfo: &str) -> Option<&str> {
             let (fstype, source) = (r.next()?, r.next()?);
             (point == "/sys").then_some((fstype, source))
         })
-        .last()
+        .next()
         .and_then(|(fstype, source)| (fstype == "sysfs").then_some(source))
 }
 
