@@ -132,13 +132,14 @@ fn pins(dir: &Path, r: &mut Report) {
         }
         return;
     }
-    let held = match pindir::PinLock::free(dir) {
-        Err(pindir::PinDirError::Held { pid, .. }) => format!(
-            "; an lb agent{} runs on it now (`lb run` is refused while it does, its reloads \
-             are not)",
-            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    // Read from /proc/locks, not by taking the lock: an agent starting now must not find it
+    // taken by `lb check`.
+    let held = match pindir::holder(dir) {
+        Some(pid) => format!(
+            "; an lb agent (pid {pid}) runs on it now (`lb run` is refused while it does, its \
+             reloads are not)"
         ),
-        _ => String::new(),
+        None => String::new(),
     };
     r.host
         .push(format!("{shown} is on a bpffs and writable{held}"));

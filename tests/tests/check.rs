@@ -745,3 +745,45 @@ fn a_pin_dir_this_process_may_not_write_is_skipped_unprivileged_and_passes_with_
         "no {want:?} in {v}"
     );
 }
+
+/// A directory of this test's own under /sys/fs/bpf, removed on drop.
+struct BpfDir(PathBuf);
+
+impl Drop for BpfDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_pin_dir_an_agent_holds_passes_and_the_holder_is_named() {
+    lb_tests::require_root();
+    let dir = BpfDir(own_pin_dir("held"));
+    std::fs::create_dir(&dir.0).unwrap();
+    // What an agent holds for its life (this process stands in for it).
+    let _lock = lb_userspace::pindir::PinLock::try_lock(&dir.0)
+        .unwrap()
+        .expect("the lock");
+    let file = File::new(GOOD);
+    let out = lb_under(
+        &["env"],
+        &dir.0,
+        &["check", "-o", "json", "--config", file.0.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    let want = format!(
+        "{} is on a bpffs and writable; an lb agent (pid {}) runs on it now",
+        dir.0.display(),
+        std::process::id()
+    );
+    assert!(
+        v["host"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h.as_str().unwrap().starts_with(&want)),
+        "no {want:?} in {v}"
+    );
+}
