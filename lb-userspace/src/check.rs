@@ -1,14 +1,16 @@
 //! `lb check --config FILE`: everything `lb run` would check before touching anything, without
-//! running. The config is validated by anyone (every problem with its path, and warnings), and
-//! the configured interfaces must exist here; with the capabilities to load BPF programs it also
-//! proves that this kernel loads and verifies the program with the config's sizes. Without them
-//! it says that part was skipped and why, rather than passing it silently.
+//! running. The config is validated by anyone (every problem with its path, and warnings; the
+//! kernel memory its sizes need is shown, and refused over `node.kernel_memory_limit` before
+//! anything is loaded), the configured interfaces must exist here, and the pin dir must be on a
+//! bpffs; with the capabilities to load BPF programs it also proves that the pin dir is writable
+//! and that this kernel loads and verifies the program with the config's sizes. Without them it
+//! says that part was skipped and why, rather than passing it silently.
 
 use std::{fmt, path::Path};
 
 use crate::{
     config::{Config, ConfigError},
-    links, privilege, program,
+    links, mapmem, pindir, privilege, program,
 };
 
 /// What `lb check` found (`-o json` prints it as it is, with `valid`).
@@ -20,8 +22,8 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What was proven on this host (kernel, interfaces).
     pub host: Vec<String>,
-    /// Why the host checks were skipped, if they were.
-    pub skipped: Option<String>,
+    /// The host checks skipped, and why.
+    pub skipped: Vec<String>,
 }
 
 impl Report {
@@ -30,8 +32,9 @@ impl Report {
     }
 }
 
-/// Checks the config at `path`, and this host if the process may load BPF programs.
-pub fn check(path: &Path) -> Report {
+/// Checks the config at `path`, and this host (with the pin dir `pin_dir`) as far as the
+/// process's privileges allow.
+pub fn check(path: &Path, pin_dir: &Path) -> Report {
     let mut r = Report::default();
     let config = match Config::load(path) {
         Ok(c) => c,
@@ -42,12 +45,17 @@ pub fn check(path: &Path) -> Report {
             r.warnings = warnings;
             return r;
         }
+        Err(ConfigError::Parse { problems, .. }) => {
+            r.errors = problems.iter().map(|p| p.to_string()).collect();
+            return r;
+        }
         Err(e) => {
             r.errors.push(crate::error_chain(&e));
             return r;
         }
     };
     r.warnings = config.warnings.clone();
+    kernel_memory(&config, &mut r);
     let mut config = config;
     match crate::uplink::fill(&mut config.node) {
         Ok(None) => {}
@@ -61,17 +69,16 @@ pub fn check(path: &Path) -> Report {
         }
     }
     interfaces(&config, &mut r);
+    pins(pin_dir, &mut r);
     let missing = privilege::missing_to_load();
     match missing.is_empty() {
         true => load(&config, &mut r),
-        false => {
-            r.skipped = Some(format!(
-                "loading the program needs root or {} (this process lacks {}): run `lb check` as \
+        false => r.skipped.push(format!(
+            "loading the program needs root or {} (this process lacks {}): run `lb check` as \
                  root on the host to also prove that its kernel loads the program with these sizes",
-                privilege::LOAD_NAMES,
-                missing.join(", ")
-            ))
-        }
+            privilege::LOAD_NAMES,
+            missing.join(", ")
+        )),
     }
     r
 }
@@ -89,6 +96,53 @@ fn interfaces(config: &Config, r: &mut Report) {
         )),
         Err(e) => r.errors.push(format!("{e:#}")),
     }
+}
+
+/// The kernel memory the maps of the config's sizes need (the config was refused if over the
+/// limit, before anything was loaded).
+fn kernel_memory(config: &Config, r: &mut Report) {
+    if let Ok(need) = mapmem::need(&config.node.sizes) {
+        r.host.push(format!(
+            "the maps need about {} of kernel memory with these sizes on {} possible CPUs \
+             (limit {}, node.kernel_memory_limit)",
+            mapmem::human(need.total),
+            need.cpus,
+            mapmem::human(config.node.kernel_memory_limit)
+        ));
+    }
+}
+
+/// The pin dir as `lb run` checks it, in its words: on a bpffs (which needs no privilege to
+/// see), and writable (which does). An agent running on it now is noted: `lb run` would be
+/// refused while it does, a reload of that agent is not.
+fn pins(dir: &Path, r: &mut Report) {
+    if let Err(e) = pindir::check_bpffs(dir) {
+        r.errors.push(crate::error_chain(&e));
+        return;
+    }
+    let shown = dir.display();
+    if let Err(e) = pindir::check_writable(dir) {
+        match privilege::missing_to_load().is_empty() {
+            true => r.errors.push(crate::error_chain(&e)),
+            false => r.skipped.push(format!(
+                "{shown} is on a bpffs, but this process may not write there ({}): `lb run` \
+                 runs as root",
+                crate::error_chain(&e)
+            )),
+        }
+        return;
+    }
+    // Read from /proc/locks, not by taking the lock: an agent starting now must not find it
+    // taken by `lb check`.
+    let held = match pindir::holder(dir) {
+        Some(pid) => format!(
+            "; an lb agent (pid {pid}) runs on it now (`lb run` is refused while it does, its \
+             reloads are not)"
+        ),
+        None => String::new(),
+    };
+    r.host
+        .push(format!("{shown} is on a bpffs and writable{held}"));
 }
 
 /// This kernel loads and verifies the program with the config's sizes.
@@ -125,7 +179,7 @@ impl fmt::Display for Report {
         for h in &self.host {
             line("ok: ", h)?;
         }
-        if let Some(s) = &self.skipped {
+        for s in &self.skipped {
             line("skipped: ", s)?;
         }
         Ok(())

@@ -196,16 +196,18 @@ enum Command {
     },
     /// Check a config without running it: exit 0 if `lb run` would take it, 1 if not.
     ///
-    /// Prints every problem and warning with its path (`vips[0].backends[1].weight: ...`).
-    /// With root (or CAP_BPF and CAP_PERFMON) it also proves that this kernel loads and verifies
-    /// the program with the config's sizes (node.table_size, ...) and that node.interfaces exist
-    /// here; without, it says that this part was skipped.
+    /// Prints every problem and warning with its path (`vips[0].backends[1].weight: ...`), the
+    /// kernel memory the maps of the config's sizes need (refused over
+    /// node.kernel_memory_limit), and whether node.interfaces exist here and the pin dir is on a
+    /// bpffs. With root (or CAP_BPF and CAP_PERFMON) it also proves that the pin dir is
+    /// writable and that this kernel loads and verifies the program with the config's sizes
+    /// (node.table_size, ...); without, it says what it skipped.
     Check {
         /// The config file (YAML; see lb.example.yaml).
         #[arg(long, short)]
         config: PathBuf,
         /// text (default) or json: `{"config", "valid", "errors", "warnings", "host",
-        /// "skipped"}`, the same exit status.
+        /// "skipped"}` (each a list but config and valid), the same exit status.
         #[arg(short, long = "output", value_enum, default_value_t = TextOrJson::Text)]
         output: TextOrJson,
     },
@@ -498,7 +500,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check { config, output } => {
-            let report = crate::check::check(&config);
+            let report = crate::check::check(&config, &pins);
             if output == TextOrJson::Json {
                 #[derive(serde::Serialize)]
                 struct Json<'a> {

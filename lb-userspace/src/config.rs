@@ -1,9 +1,11 @@
 //! The config file of a bare-host agent: node settings, VIPs, backends and health checks.
 //!
-//! Parsing is in two steps. serde reads the YAML into loosely typed `Raw*` structs (unknown keys
-//! are errors, so a typo is not silently ignored); then [`validate`] checks every field and
-//! reports *every* problem with its path (`vips[2].backends[0].weight: must be 0..=65535`), and
-//! only a config without problems becomes a [`Config`].
+//! Parsing is in two steps. [`yaml`] reads the YAML into loosely typed `Raw*` structs, reporting
+//! every mistake in its shape at once with its path (`vips[1].port: expected a number, found
+//! "eighty"`; unknown keys are mistakes too, so a typo is not silently ignored); then
+//! [`validate`] checks every field and reports *every* problem with its path
+//! (`vips[2].backends[0].weight: must be 0..=65535`), and only a config without problems becomes
+//! a [`Config`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,9 +18,10 @@ use std::{
 use serde::Deserialize;
 
 pub mod reference;
+mod yaml;
 
 use crate::{
-    maglev,
+    maglev, mapmem,
     model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
     program::Sizes,
 };
@@ -44,8 +47,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid lb config: {message}")]
-    Parse { path: String, message: String },
+    /// The file is not YAML, or not of a config's shape (a string where a number goes, an
+    /// unknown or repeated key): every such problem, each with its path.
+    #[error("{path} is not a valid lb config ({} problem(s)):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Parse {
+        path: String,
+        problems: Vec<Problem>,
+    },
     #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid {
         path: String,
@@ -120,6 +128,8 @@ pub struct NodeSettings {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub sizes: Sizes,
+    /// `node.kernel_memory_limit`: the sizes were refused if their maps need more.
+    pub kernel_memory_limit: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
     /// `node.announce`: VIP routes for a routing daemon (None: lb announces nothing).
@@ -181,9 +191,9 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        let raw: RawConfig = yaml::read(text).map_err(|problems| ConfigError::Parse {
             path: origin.to_string(),
-            message: e.to_string(),
+            problems,
         })?;
         validate(&raw).map_err(|(problems, warnings)| ConfigError::Invalid {
             path: origin.to_string(),
@@ -273,6 +283,10 @@ pub struct RawNode {
     /// Present (even empty: `announce: {}`) to announce the VIPs through a routing daemon such as
     /// BIRD. Default: lb announces nothing.
     pub announce: Option<RawAnnounce>,
+    /// The most kernel memory the maps may take (`4GiB`, `512MiB`, or bytes): sizes whose maps
+    /// need more are refused before any map is made (`lb check` prints what they need). Default
+    /// `4GiB`.
+    pub kernel_memory_limit: Option<String>,
 }
 
 /// `node.announce`: VIP routes for a routing daemon.
@@ -548,6 +562,15 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         defaults.nat_entries as i64,
         1..=(1 << 27),
     ) as u32;
+    let sizes = Sizes {
+        maglev_m: table_size,
+        max_vips,
+        max_backends,
+        flow_entries,
+        affinity_entries,
+        nat_entries,
+    };
+    let kernel_memory_limit = check_kernel_memory(&mut c, n.kernel_memory_limit.as_deref(), &sizes);
     let mut nat = NatSpec::default();
     if let Some(r) = n.nat_port_range.as_deref() {
         match r
@@ -892,14 +915,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         node: NodeSettings {
             interfaces: n.interfaces.clone(),
             xdp_mode,
-            sizes: Sizes {
-                maglev_m: table_size,
-                max_vips,
-                max_backends,
-                flow_entries,
-                affinity_entries,
-                nat_entries,
-            },
+            sizes,
+            kernel_memory_limit,
             metrics_listen,
             spec: NodeSpec {
                 source_v4,
@@ -913,6 +930,49 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
         vips,
         warnings,
     })
+}
+
+/// The default `node.kernel_memory_limit`: 24 times what the default sizes need (166 MiB on 2
+/// CPUs), room for 16 million flows and 4 million NAT translations together
+/// (`flow_table_size: 16777216` and `nat_table_size: 4194304` need 2 GiB), and a share a
+/// load-balancing node of 8 GiB or more can spare; sizes that need more are more likely a slip
+/// of a digit than a plan (the kernel takes seconds to make them, and the host may run short).
+pub const DEFAULT_KERNEL_MEMORY_LIMIT: u64 = 4 << 30;
+
+/// `node.kernel_memory_limit`, and the kernel memory the maps of `sizes` need within it (on
+/// this host's possible CPUs): more is a problem naming the sizes that take most. The limit.
+fn check_kernel_memory(c: &mut Checker, raw: Option<&str>, sizes: &Sizes) -> u64 {
+    let path = "node.kernel_memory_limit";
+    let limit = match raw.map(|s| (s, mapmem::parse_bytes(s))) {
+        None => DEFAULT_KERNEL_MEMORY_LIMIT,
+        Some((_, Some(b))) if b > 0 => b,
+        Some((s, _)) => {
+            c.bad(
+                path,
+                format!("{s:?} is not a size: write it like 4GiB or 512MiB (or in bytes)"),
+            );
+            return DEFAULT_KERNEL_MEMORY_LIMIT;
+        }
+    };
+    match mapmem::need(sizes) {
+        Ok(need) if need.total > limit => {
+            let largest = need.largest();
+            let them = if largest.len() == 1 { "it" } else { "them" };
+            c.bad(
+                "node",
+                format!(
+                    "the maps need about {} of kernel memory with these sizes, more than {path} \
+                     ({}); most goes to {}: lower {them}, or raise {path} if this host can spare it",
+                    mapmem::human(need.total),
+                    mapmem::human(limit),
+                    largest.join(", ")
+                ),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => c.bad("node", e.to_string()),
+    }
+    limit
 }
 
 /// `vips[i].source_ranges`: CIDRs of the VIP's family, host bits clear, each once; an empty
@@ -1599,9 +1659,10 @@ vips:
             "  table_size: 65537\n  nexthop_check: sometimes",
         );
         match Config::parse(&bad, "t") {
-            Err(ConfigError::Parse { message, .. }) => {
-                assert!(message.contains("nexthop_check"), "{message}")
-            }
+            Err(ConfigError::Parse { problems, .. }) => assert_eq!(
+                problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                ["node.nexthop_check: expected true or false, found \"sometimes\""]
+            ),
             other => panic!("expected a parse error naming nexthop_check, got {other:?}"),
         }
     }
@@ -1677,14 +1738,73 @@ vips:
     }
 
     #[test]
+    fn sizes_that_need_more_kernel_memory_than_the_limit_are_refused_naming_the_key() {
+        // Two NAT tables of 2^25 entries, each entry at least 48 + 40 + 40 bytes: over 8 GiB.
+        let big = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nat_table_size: 33554432",
+        );
+        let got = problems(|_| big.clone());
+        assert_eq!(got.len(), 1, "{got:?}");
+        let p = &got[0];
+        assert!(p.starts_with("node: the maps need about "), "{p}");
+        assert!(
+            p.contains(
+                "more than node.kernel_memory_limit (4 GiB); most goes to node.nat_table_size"
+            ),
+            "{p}"
+        );
+        assert!(
+            p.ends_with("or raise node.kernel_memory_limit if this host can spare it"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn a_raised_kernel_memory_limit_takes_sizes_the_default_refuses() {
+        let big = GOOD.replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  nat_table_size: 33554432\n  kernel_memory_limit: 16GiB",
+        );
+        let c = Config::parse(&big, "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.node.kernel_memory_limit, 16 << 30);
+        let c = Config::parse(GOOD, "t").unwrap();
+        assert_eq!(c.node.kernel_memory_limit, DEFAULT_KERNEL_MEMORY_LIMIT);
+    }
+
+    #[test]
+    fn a_kernel_memory_limit_that_is_not_a_size_is_refused() {
+        let got = problems(replace(
+            "  table_size: 65537",
+            "  table_size: 65537\n  kernel_memory_limit: 4GB",
+        ));
+        assert_eq!(
+            got,
+            [
+                "node.kernel_memory_limit: \"4GB\" is not a size: write it like 4GiB or 512MiB (or in bytes)"
+            ]
+        );
+    }
+
+    #[test]
     fn syntax_errors_and_unknown_keys_are_errors() {
-        for bad in [
-            "node: [",
-            "node:\n  interfaces: [eth0]\n  colour: blue\n",
-            "node:\n  interfaces: [eth0]\nvips:\n  - adress: 192.0.2.1\n",
+        for (bad, want) in [
+            ("node: [", "line 1, column 7: not YAML: "),
+            (
+                "node:\n  interfaces: [eth0]\n  colour: blue\n",
+                "node.colour: unknown key (the keys here are interfaces, ",
+            ),
+            (
+                "node:\n  interfaces: [eth0]\nvips:\n  - adress: 192.0.2.1\n",
+                "vips[0].adress: unknown key (did you mean address?)",
+            ),
         ] {
             match Config::parse(bad, "bad.yaml") {
-                Err(ConfigError::Parse { message, .. }) => assert!(!message.is_empty()),
+                Err(ConfigError::Parse { problems, .. }) => {
+                    assert_eq!(problems.len(), 1, "{bad:?}: {problems:?}");
+                    let got = problems[0].to_string();
+                    assert!(got.starts_with(want), "{bad:?}: {got}");
+                }
                 other => panic!("{bad:?}: expected a parse error, got {other:?}"),
             }
         }

@@ -18,6 +18,7 @@ pub mod k8s;
 pub mod life;
 pub mod links;
 pub mod maglev;
+pub mod mapmem;
 pub mod mapping;
 pub mod metrics;
 pub mod migrate;

@@ -30,6 +30,21 @@ pub enum PinDirError {
          `mount -t bpf bpf /sys/fs/bpf`, or choose a {flag} under a bpffs mount"
     )]
     NotBpffs { dir: String, flag: &'static str },
+    /// `ip netns exec` mounted a sysfs over /sys (see [`ip_netns_exec`]): the host has its bpffs,
+    /// this process does not see it.
+    #[error(
+        "{dir} is not on a bpffs: `ip netns exec {netns}` remounts /sys, hiding the bpffs at \
+         /sys/fs/bpf; run lb with `nsenter --net={} lb ...` instead (it keeps this host's \
+         mounts), or mount a bpffs at /sys/fs/bpf inside (its pins then vanish with that mount \
+         namespace when lb exits)",
+        file.display()
+    )]
+    HiddenByIpNetnsExec {
+        dir: String,
+        /// The network namespace's name, and its file (`/run/netns/NAME`).
+        netns: String,
+        file: PathBuf,
+    },
     #[error("{} holds the pins in {dir}: one agent per pin directory", holder_text(*pid))]
     Held { dir: String, pid: Option<u32> },
     #[error("{what} {dir}")]
@@ -168,12 +183,63 @@ pub fn check_bpffs_as(dir: &Path, flag: &'static str) -> Result<(), PinDirError>
     let fs =
         statfs(existing).map_err(|e| io("looking at the filesystem of", existing, e.into()))?;
     if fs.filesystem_type() != BPF_FS_MAGIC {
-        return Err(PinDirError::NotBpffs {
-            dir: dir.display().to_string(),
-            flag,
+        let dir = dir.display().to_string();
+        return Err(match ip_netns_exec() {
+            Some((netns, file)) => PinDirError::HiddenByIpNetnsExec { dir, netns, file },
+            None => PinDirError::NotBpffs { dir, flag },
         });
     }
     Ok(())
+}
+
+/// Checks that `lb run` could make its pins in `dir` without making anything: the directory,
+/// or the nearest ancestor it would be made in, is writable by this process.
+pub fn check_writable(dir: &Path) -> Result<(), PinDirError> {
+    let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
+        return Ok(());
+    };
+    let what = if existing == dir {
+        "writing to"
+    } else {
+        "creating"
+    };
+    nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK)
+        .map_err(|e| io(what, dir, e.into()))
+}
+
+/// The network namespace `ip netns exec NAME` runs this process in, if it does. That command
+/// unshares the mount namespace and mounts a sysfs of the network namespace over /sys, with
+/// the namespace's name as the mount's source (iproute2's `netns_switch`): the bpffs at
+/// /sys/fs/bpf is gone from view. A sysfs on /sys named after a namespace in /run/netns is
+/// that mark (no environment variable is; and `/proc/1/ns/mnt`, to compare mount namespaces,
+/// is often unreadable, in containers and sandboxes).
+///
+/// The namespace's name and its file (`/run/netns/NAME`), for `nsenter --net=`.
+pub fn ip_netns_exec() -> Option<(String, PathBuf)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let source = sysfs_source(&info).filter(|s| *s != "sysfs" && !s.contains('/'))?;
+    ["/run/netns", "/var/run/netns"]
+        .iter()
+        .map(|d| Path::new(d).join(source))
+        .find(|f| f.exists())
+        .map(|f| (source.to_string(), f))
+}
+
+/// The source of the sysfs mounted on /sys last (the one in view) in the text of
+/// `/proc/self/mountinfo`, whose lines read `56 53 0:41 / /sys rw,relatime - sysfs NAME rw`.
+fn sysfs_source(mountinfo: &str) -> Option<&str> {
+    mountinfo
+        .lines()
+        .rev()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split_whitespace().nth(4)?;
+            let mut r = right.split_whitespace();
+            let (fstype, source) = (r.next()?, r.next()?);
+            (point == "/sys").then_some((fstype, source))
+        })
+        .next()
+        .and_then(|(fstype, source)| (fstype == "sysfs").then_some(source))
 }
 
 /// The pid of the process holding a `flock` on `dir`, from `/proc/locks` (None if nobody does,
@@ -225,6 +291,18 @@ mod tests {
         drop(first);
         assert!(PinLock::try_lock(&dir).unwrap().is_some(), "not released");
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_sysfs_in_view_on_sys_is_the_last_one_mounted_there() {
+        let host = "23 27 0:22 / /sys rw,relatime - sysfs sysfs rw\n\
+                    45 23 0:40 / /sys/fs/bpf rw,relatime - bpf bpf rw\n";
+        assert_eq!(sysfs_source(host), Some("sysfs"));
+        let netns = "23 27 0:22 / /sys rw,relatime - sysfs sysfs rw\n\
+                     56 53 0:41 / /sys rw,relatime - sysfs lbt-1-0-probe rw\n";
+        assert_eq!(sysfs_source(netns), Some("lbt-1-0-probe"));
+        let none = "26 1 0:23 / /proc rw - proc proc rw\n";
+        assert_eq!(sysfs_source(none), None);
     }
 
     #[test]

@@ -44,6 +44,18 @@ pub fn online_cpus() -> u32 {
     })
 }
 
+/// The CPUs the kernel may ever bring online (read once): what a per-CPU map holds a value
+/// for. At least [`online_cpus`].
+pub fn possible_cpus() -> u32 {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        aya::util::nr_cpus()
+            .map(|n| n as u32)
+            .unwrap_or(0)
+            .max(online_cpus())
+    })
+}
+
 /// Sizes fixed when the program is loaded. Changing any of them means loading afresh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sizes {
@@ -111,15 +123,27 @@ impl Sizes {
     }
 
     /// Each size with the config key that sets it.
-    fn keyed(&self) -> [(&'static str, u32); 6] {
-        [
-            ("node.table_size", self.maglev_m),
-            ("node.max_vips", self.max_vips),
-            ("node.max_backends", self.max_backends),
-            ("node.flow_table_size", self.flow_entries),
-            ("node.affinity_table_size", self.affinity_entries),
-            ("node.nat_table_size", self.nat_entries),
-        ]
+    fn keyed(&self) -> [(&'static str, u32); Self::KEYS] {
+        let mut s = self.clone();
+        std::array::from_fn(|i| {
+            let (key, n) = s.key_mut(i);
+            (key, *n)
+        })
+    }
+
+    /// How many sizes [`Sizes::key_mut`] knows.
+    pub const KEYS: usize = 6;
+
+    /// Size `i` (0..[`Sizes::KEYS`]), with the config key that sets it, to change.
+    pub fn key_mut(&mut self, i: usize) -> (&'static str, &mut u32) {
+        match i {
+            0 => ("node.table_size", &mut self.maglev_m),
+            1 => ("node.max_vips", &mut self.max_vips),
+            2 => ("node.max_backends", &mut self.max_backends),
+            3 => ("node.flow_table_size", &mut self.flow_entries),
+            4 => ("node.affinity_table_size", &mut self.affinity_entries),
+            _ => ("node.nat_table_size", &mut self.nat_entries),
+        }
     }
 
     /// The sizes that differ in `new`, by config key: `node.table_size 1009 -> 1013`.

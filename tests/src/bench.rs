@@ -18,7 +18,7 @@ use lb_userspace::{
 use serde_json::{Value, json};
 
 use crate::{
-    harness::{FibNet, Lb, XDP_DROP, XDP_PASS, XDP_TX, net::*, vip_key},
+    harness::{FibNet, Lb, XDP_DROP, XDP_PASS, XDP_TX, map_memory, net::*, vip_key},
     packet::{L4, Pkt, TCP_ACK},
 };
 
@@ -1331,35 +1331,6 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Kernel memory of each map (the kernel's own accounting: `memlock` in fdinfo).
-fn map_memory(ebpf: &aya::Ebpf) -> BTreeMap<String, u64> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let mut out = BTreeMap::new();
-    for (name, map) in ebpf.maps() {
-        let fd = match map {
-            aya::maps::Map::Array(d)
-            | aya::maps::Map::HashMap(d)
-            | aya::maps::Map::LruHashMap(d)
-            | aya::maps::Map::PerCpuArray(d)
-            | aya::maps::Map::PerCpuHashMap(d)
-            | aya::maps::Map::PerCpuLruHashMap(d)
-            | aya::maps::Map::LpmTrie(d)
-            | aya::maps::Map::ProgramArray(d)
-            | aya::maps::Map::DevMapHash(d) => d.fd().as_fd().as_raw_fd(),
-            _ => continue,
-        };
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
-        if let Some(b) = info
-            .lines()
-            .find(|l| l.starts_with("memlock:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        {
-            out.insert(name.to_string(), b);
-        }
-    }
-    out
 }
 
 pub fn control_plane(opts: &Options) -> Value {

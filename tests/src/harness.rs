@@ -923,6 +923,37 @@ impl FibNet {
     }
 }
 
+/// Kernel memory of each map of a loaded object, by name: the kernel's own accounting (the
+/// `memlock` line of `/proc/self/fdinfo/<map fd>`).
+pub fn map_memory(ebpf: &Ebpf) -> std::collections::BTreeMap<String, u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut out = std::collections::BTreeMap::new();
+    for (name, map) in ebpf.maps() {
+        let fd = match map {
+            aya::maps::Map::Array(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::PerCpuHashMap(d)
+            | aya::maps::Map::PerCpuLruHashMap(d)
+            | aya::maps::Map::LpmTrie(d)
+            | aya::maps::Map::ProgramArray(d)
+            | aya::maps::Map::DevMapHash(d)
+            | aya::maps::Map::RingBuf(d) => d.fd().as_fd().as_raw_fd(),
+            _ => continue,
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        if let Some(b) = info
+            .lines()
+            .find(|l| l.starts_with("memlock:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        {
+            out.insert(name.to_string(), b);
+        }
+    }
+    out
+}
+
 /// Builds a [`VipKey`].
 pub fn vip_key(addr: &str, port: u16, proto: u8) -> VipKey {
     let a: IpAddr = addr.parse().unwrap();

@@ -24,10 +24,11 @@ fn value_sets() -> Vec<(&'static str, Value)> {
                     "nodeSelector": { "node-role.kubernetes.io/lb": "true" } }),
         ),
         (
-            "small sizes, two uplinks, generic XDP, memory set by hand",
+            "small sizes, two uplinks, generic XDP, memory set by hand, a kernel memory limit",
             json!({ "node": { "interfaces": ["ens5", "bond0"], "xdp_mode": "generic", "table_size": 16381,
                     "max_vips": 16, "max_backends": 256, "flow_table_size": 65536,
-                    "affinity_table_size": 1024, "nat_table_size": 16384, "source_v4": "10.0.0.1" },
+                    "affinity_table_size": 1024, "nat_table_size": 16384, "source_v4": "10.0.0.1",
+                    "kernel_memory_limit": "1GiB" },
                     "resources": { "memoryMiB": 512 } }),
         ),
     ]
@@ -127,6 +128,13 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], port, "{name}");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], port, "{name}");
     assert_eq!(c["ports"][0]["containerPort"], port, "{name}");
+    if let Some(limit) = values["node"]["kernel_memory_limit"].as_str() {
+        assert_eq!(
+            Some(config.node.kernel_memory_limit),
+            lb_userspace::mapmem::parse_bytes(limit),
+            "{name}"
+        );
+    }
     if let Some(sizes) = values["node"].as_object() {
         assert_eq!(
             config.node.sizes.maglev_m as u64,
@@ -250,6 +258,10 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
         (
             json!({ "node": { "xdp_mode": "offload" } }),
             "/node/xdp_mode",
+        ),
+        (
+            json!({ "node": { "kernel_memory_limit": "4GB" } }),
+            "/node/kernel_memory_limit",
         ),
         (json!({ "nodes": { "max_vips": 8 } }), "nodes"),
         // The pod values keep their Kubernetes shapes.
