@@ -109,7 +109,8 @@ pub struct ObjectError(String);
 fn object_maps() -> Result<&'static [(String, MapDef)], ObjectError> {
     static MAPS: OnceLock<Result<Vec<(String, MapDef)>, String>> = OnceLock::new();
     let maps = MAPS.get_or_init(|| {
-        let obj = aya_obj::Object::parse(program::OBJECT).map_err(|e| e.to_string())?;
+        let object = program::object().map_err(|e| e.to_string())?;
+        let obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
         let mut maps: Vec<(String, MapDef)> = obj
             .maps
             .iter()
