@@ -1,14 +1,17 @@
 //! `lb check --config FILE`: everything `lb run` would check before touching anything, without
 //! running. The config is validated by anyone (every problem with its path, and warnings), and
-//! the configured interfaces must exist here; with the capabilities to load BPF programs it also
-//! proves that this kernel loads and verifies the program with the config's sizes. Without them
-//! it says that part was skipped and why, rather than passing it silently.
+//! the configured interfaces must exist here, and the XDP mode each would be attached in is
+//! worked out as `lb run` would (an explicit `native` that cannot deliver is an error); with the
+//! capabilities to load BPF programs it also proves that this kernel loads and verifies the
+//! program with the config's sizes. Without them it says that part was skipped and why, rather
+//! than passing it silently.
 
 use std::{fmt, path::Path};
 
 use crate::{
     config::{Config, ConfigError},
     links, privilege, program,
+    xdpmode::{self, Choice, Problem},
 };
 
 /// What `lb check` found (`-o json` prints it as it is, with `valid`).
@@ -22,6 +25,12 @@ pub struct Report {
     pub host: Vec<String>,
     /// Why the host checks were skipped, if they were.
     pub skipped: Option<String>,
+    /// The mode `lb run` would attach each interface in, and why (empty if the interfaces do
+    /// not resolve, or an explicit `native` cannot deliver).
+    pub xdp_modes: Vec<Choice>,
+    /// Where an explicit `node.xdp_mode: native` cannot deliver: the interface, why, the fix
+    /// (each also among `errors`).
+    pub xdp_problems: Vec<Problem>,
 }
 
 impl Report {
@@ -76,18 +85,47 @@ pub fn check(path: &Path) -> Report {
     r
 }
 
-/// The configured interfaces exist here (looking a name up needs no privilege).
+/// The configured interfaces exist here (looking a name up needs no privilege), and the mode
+/// each would be attached in.
 fn interfaces(config: &Config, r: &mut Report) {
     match links::resolve(&config.node.interfaces) {
-        Ok(found) => r.host.push(format!(
-            "node.interfaces: {} exist on this host",
-            found
-                .iter()
-                .map(|(n, i)| format!("{n} (index {i})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+        Ok(found) => {
+            r.host.push(format!(
+                "node.interfaces: {} exist on this host",
+                found
+                    .iter()
+                    .map(|(n, i)| format!("{n} (index {i})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            xdp_modes(config, &found, r);
+        }
         Err(e) => r.errors.push(format!("{e:#}")),
+    }
+}
+
+/// The mode `lb run` would attach each interface in, or why an explicit `native` cannot
+/// deliver.
+fn xdp_modes(config: &Config, found: &[(String, u32)], r: &mut Report) {
+    match xdpmode::choose(config.node.xdp_mode, found) {
+        Ok(choices) => {
+            for c in &choices {
+                let target = match c.redirect_target {
+                    true => "",
+                    false => " (not a redirect target)",
+                };
+                r.host.push(format!(
+                    "node.xdp_mode: {} would be attached in {} mode{target}: {}",
+                    c.interface, c.mode, c.reason
+                ));
+            }
+            r.xdp_modes = choices;
+        }
+        Err(refused) => {
+            r.errors
+                .extend(refused.to_string().lines().map(str::to_string));
+            r.xdp_problems = refused.0;
+        }
     }
 }
 

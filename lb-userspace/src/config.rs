@@ -53,10 +53,13 @@ pub enum ConfigError {
     },
 }
 
-/// How the program is attached.
+/// How the program is attached (`node.xdp_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpMode {
-    /// In the driver: the fast path.
+    /// Unset (or `auto`): native on each interface where native XDP delivers, generic on the
+    /// others (see [`crate::xdpmode`]).
+    Auto,
+    /// In the driver: the fast path. Refused where it cannot deliver.
     Native,
     /// In the kernel's generic hook: works on any interface, slower.
     Generic,
@@ -66,6 +69,7 @@ impl std::fmt::Display for XdpMode {
     /// As the config spells it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Native => "native",
             Self::Generic => "generic",
         })
@@ -403,8 +407,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
     let xdp_mode = c.choice(
         "node.xdp_mode",
         n.xdp_mode.as_deref(),
-        XdpMode::Native,
-        &[("native", XdpMode::Native), ("generic", XdpMode::Generic)],
+        XdpMode::Auto,
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
     );
     let source_v4 = n.source_v4.as_deref().and_then(|s| {
         s.parse::<Ipv4Addr>()
@@ -1189,7 +1197,7 @@ vips:
                     "  table_size: 65537",
                     "  table_size: 65537\n  xdp_mode: fast",
                 )),
-                "node.xdp_mode: must be one of native, generic, not \"fast\"",
+                "node.xdp_mode: must be one of auto, native, generic, not \"fast\"",
             ),
             (
                 Box::new(replace(
