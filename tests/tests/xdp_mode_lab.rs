@@ -218,3 +218,34 @@ fn an_interface_native_redirects_cannot_reach_is_out_of_the_devmap_and_the_kerne
     );
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+#[test]
+fn a_reload_after_the_peers_gain_programs_moves_the_interfaces_to_native() {
+    let mut lab = VethLab::new();
+    let dirs = Dirs::new(Path::new(BIN), "xm-reload");
+    let (mut agent, status) = start(&lab, &dirs, &VethLab::config(""));
+    assert_eq!(
+        interface(&status, "l0")["xdp_mode"],
+        "generic",
+        "{status:#}"
+    );
+
+    // The config is unchanged: what the kernel says of the peers is what moved.
+    lab.pass_on(true, true);
+    agent.hup();
+    let status = agent.wait_status(&lab.lb, &dirs, T, |v| {
+        v["agent"]["reloads_applied"] == 1
+            && ["l0", "l1"]
+                .iter()
+                .all(|d| interface(v, d)["xdp_mode"] == "native")
+    });
+    for dev in ["l0", "l1"] {
+        assert_eq!(
+            interface(&status, dev)["attached_mode"],
+            "native",
+            "{status:#}"
+        );
+    }
+    assert_both_vips_answer(&lab);
+    assert_eq!(agent.stop().code(), Some(0));
+}
