@@ -601,8 +601,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         warn!("{w}");
     }
     // A start that fails changes nothing. What can be checked is, before any pin is touched:
-    // the config, the interfaces, the pin dir's filesystem and, under Kubernetes, the first full
-    // list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
+    // the config, the interfaces (and that an explicit native XDP delivers on each), the pin
+    // dir's filesystem and, under Kubernetes, the first full list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
     // stopped while it waits leaves nothing behind).
     let interfaces = links::resolve(&file.node.interfaces)?;
     crate::xdpmode::choose(file.node.xdp_mode, &interfaces)?;
