@@ -1,16 +1,19 @@
 //! `lb check --config FILE`: everything `lb run` would check before touching anything, without
 //! running. The config is validated by anyone (every problem with its path, and warnings; the
 //! kernel memory its sizes need is shown, and refused over `node.kernel_memory_limit` before
-//! anything is loaded), the configured interfaces must exist here, and the pin dir must be on a
-//! bpffs; with the capabilities to load BPF programs it also proves that the pin dir is writable
-//! and that this kernel loads and verifies the program with the config's sizes. Without them it
-//! says that part was skipped and why, rather than passing it silently.
+//! anything is loaded), the configured interfaces must exist here, the XDP mode each would be
+//! attached in is worked out as `lb run` would (an explicit `native` that cannot deliver is an
+//! error), and the pin dir must be on a bpffs; with the capabilities to load BPF programs it also
+//! proves that the pin dir is writable and that this kernel loads and verifies the program with
+//! the config's sizes. Without them it says that part was skipped and why, rather than passing
+//! it silently.
 
 use std::{fmt, path::Path};
 
 use crate::{
     config::{Config, ConfigError},
     links, mapmem, pindir, privilege, program,
+    xdpmode::{self, Choice, Problem},
 };
 
 /// What `lb check` found (`-o json` prints it as it is, with `valid`).
@@ -24,6 +27,12 @@ pub struct Report {
     pub host: Vec<String>,
     /// The host checks skipped, and why.
     pub skipped: Vec<String>,
+    /// The mode `lb run` would attach each interface in, and why (empty if the interfaces do
+    /// not resolve, or an explicit `native` cannot deliver).
+    pub xdp_modes: Vec<Choice>,
+    /// Where an explicit `node.xdp_mode: native` cannot deliver: the interface, why, the fix
+    /// (each also among `errors`).
+    pub xdp_problems: Vec<Problem>,
 }
 
 impl Report {
@@ -83,17 +92,21 @@ pub fn check(path: &Path, pin_dir: &Path) -> Report {
     r
 }
 
-/// The configured interfaces exist here (looking a name up needs no privilege).
+/// The configured interfaces exist here (looking a name up needs no privilege), and the mode
+/// each would be attached in.
 fn interfaces(config: &Config, r: &mut Report) {
     match links::resolve(&config.node.interfaces) {
-        Ok(found) => r.host.push(format!(
-            "node.interfaces: {} exist on this host",
-            found
-                .iter()
-                .map(|(n, i)| format!("{n} (index {i})"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+        Ok(found) => {
+            r.host.push(format!(
+                "node.interfaces: {} exist on this host",
+                found
+                    .iter()
+                    .map(|(n, i)| format!("{n} (index {i})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            xdp_modes(config, &found, r);
+        }
         Err(e) => r.errors.push(format!("{e:#}")),
     }
 }
@@ -143,6 +156,31 @@ fn pins(dir: &Path, r: &mut Report) {
     };
     r.host
         .push(format!("{shown} is on a bpffs and writable{held}"));
+}
+
+/// The mode `lb run` would attach each interface in, or why an explicit `native` cannot
+/// deliver.
+fn xdp_modes(config: &Config, found: &[(String, u32)], r: &mut Report) {
+    match xdpmode::choose(config.node.xdp_mode, found) {
+        Ok(choices) => {
+            for c in &choices {
+                let target = match c.redirect_target {
+                    true => "",
+                    false => " (not a redirect target)",
+                };
+                r.host.push(format!(
+                    "node.xdp_mode: {} would be attached in {} mode{target}: {}",
+                    c.interface, c.mode, c.reason
+                ));
+            }
+            r.xdp_modes = choices;
+        }
+        Err(refused) => {
+            r.errors
+                .extend(refused.to_string().lines().map(str::to_string));
+            r.xdp_problems = refused.0;
+        }
+    }
 }
 
 /// This kernel loads and verifies the program with the config's sizes.

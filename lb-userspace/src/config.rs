@@ -63,10 +63,13 @@ pub enum ConfigError {
     },
 }
 
-/// How the program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// How the program is attached (`node.xdp_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpMode {
-    /// In the driver: the fast path.
+    /// Unset (or `auto`): native on each interface where native XDP delivers, generic on the
+    /// others (see [`crate::xdpmode`]).
+    Auto,
+    /// In the driver: the fast path. Refused where it cannot deliver.
     Native,
     /// In the kernel's generic hook: works on any interface, slower.
     Generic,
@@ -76,6 +79,7 @@ impl std::fmt::Display for XdpMode {
     /// As the config spells it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::Native => "native",
             Self::Generic => "generic",
         })
@@ -234,8 +238,10 @@ pub struct RawNode {
     /// host's default route (IPv4, else IPv6).
     #[serde(default)]
     pub interfaces: Vec<String>,
-    /// `native` (in the driver: the fast path) or `generic` (the kernel's generic hook: any
-    /// interface, slower). Default `native`.
+    /// `auto`: native XDP (in the driver: the fast path) on each interface where what the
+    /// program sends is delivered, generic (the kernel's generic hook: any interface, slower)
+    /// elsewhere, saying which and why; `native`: native everywhere, refused where it cannot
+    /// deliver (a veth whose peer runs no XDP program); `generic`. Default `auto`.
     pub xdp_mode: Option<String>,
     /// Outer source address of IPIP packets to IPv4 backends (DSR). Needed by any VIP with an
     /// IPv4 backend in DSR mode.
@@ -501,8 +507,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
     let xdp_mode = c.choice(
         "node.xdp_mode",
         n.xdp_mode.as_deref(),
-        XdpMode::Native,
-        &[("native", XdpMode::Native), ("generic", XdpMode::Generic)],
+        XdpMode::Auto,
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
     );
     let source_v4 = n.source_v4.as_deref().and_then(|s| {
         s.parse::<Ipv4Addr>()
@@ -1336,7 +1346,7 @@ vips:
                     "  table_size: 65537",
                     "  table_size: 65537\n  xdp_mode: fast",
                 )),
-                "node.xdp_mode: must be one of native, generic, not \"fast\"",
+                "node.xdp_mode: must be one of auto, native, generic, not \"fast\"",
             ),
             (
                 Box::new(replace(

@@ -1,8 +1,8 @@
 //! The lb agent: loads the XDP program and owns its maps, and the `lb` command line.
 //!
 //! Pure parts (no kernel): [`maglev`], [`plan`], [`config`], [`model`], [`agent`] over the
-//! [`dataplane::Dataplane`] trait. Kernel parts: [`program`], [`dataplane::kernel`], [`links`],
-//! [`inspect`], [`run`].
+//! [`dataplane::Dataplane`] trait, the choice of XDP mode ([`xdpmode::decide`]). Kernel parts:
+//! [`program`], [`dataplane::kernel`], [`links`], [`inspect`], [`run`].
 pub mod agent;
 pub mod announce;
 pub mod changes;
@@ -36,6 +36,7 @@ pub mod status;
 pub mod top;
 pub mod uplink;
 pub mod view;
+pub mod xdpmode;
 
 /// An error and its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

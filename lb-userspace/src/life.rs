@@ -69,8 +69,13 @@ pub struct AgentStatus {
     /// When the agent last wrote the file (RFC 3339, UTC).
     pub updated_at: String,
     pub interfaces: Vec<String>,
-    /// `native` or `generic`.
+    /// `node.xdp_mode`: `auto`, `native` or `generic` (before 0.3.0 only the last two: `native`
+    /// was the default).
     pub xdp_mode: String,
+    /// The mode of each interface and why (see [`crate::xdpmode`]); empty in the files of
+    /// releases before 0.3.0, whose interfaces all ran in `xdp_mode`.
+    #[serde(default)]
+    pub xdp: Vec<crate::xdpmode::Choice>,
     pub metrics_listen: Option<String>,
     pub kubernetes: bool,
     pub sizes: SizesStatus,
@@ -127,10 +132,11 @@ impl Life {
         });
     }
 
-    /// The file's `agent` for this process, serving `node`.
+    /// The file's `agent` for this process, serving `node`, attached as `xdp` says.
     pub fn status(
         &self,
         node: &NodeSettings,
+        xdp: &[crate::xdpmode::Choice],
         kubernetes: bool,
         reloads: (u64, u64),
     ) -> AgentStatus {
@@ -148,6 +154,7 @@ impl Life {
             updated_at: now(),
             interfaces: node.interfaces.clone(),
             xdp_mode: node.xdp_mode.to_string(),
+            xdp: xdp.to_vec(),
             metrics_listen: node.metrics_listen.map(|a| a.to_string()),
             kubernetes,
             sizes: SizesStatus::from(&node.sizes),
@@ -184,7 +191,7 @@ mod tests {
         )
         .unwrap()
         .node;
-        let mut s = life.status(&node, false, (0, 0));
+        let mut s = life.status(&node, &[], false, (0, 0));
         assert!(s.proc_start > 0);
         assert!(s.is_running());
         assert!(s.uptime().is_some());

@@ -3,8 +3,10 @@
 //!
 //! [`sync`] makes the attachments what the node settings list, all or nothing: every name must
 //! resolve before anything changes, and a step that fails undoes the steps before it. A change of
-//! `xdp_mode` detaches and re-attaches (the kernel refuses native and generic XDP on one device
-//! at once); meanwhile that interface's packets reach the kernel without the program.
+//! mode detaches and re-attaches (the kernel refuses native and generic XDP on one device at
+//! once); meanwhile that interface's packets reach the kernel without the program. Each
+//! interface's mode, and whether it is a redirect target, is [`xdpmode::choose`]'s, asked anew
+//! at each sync.
 
 use std::{
     collections::BTreeSet,
@@ -22,9 +24,10 @@ use aya::programs::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{NodeSettings, XdpMode as ModeSetting},
+    config::NodeSettings,
     dataplane::kernel::KernelDataplane,
     program::PROGRAM,
+    xdpmode::{self, Choice, Mode},
 };
 
 /// The pin of `ifname`'s link: `link-eth0`. bpffs refuses dots in names, so a VLAN's
@@ -100,15 +103,10 @@ fn program(dp: &mut KernelDataplane) -> Result<&mut Xdp> {
 }
 
 /// Attaches the program to `ifname` afresh, in `mode`, and pins the link.
-fn attach_new(
-    dp: &mut KernelDataplane,
-    pin_dir: &Path,
-    ifname: &str,
-    mode: ModeSetting,
-) -> Result<()> {
+fn attach_new(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: Mode) -> Result<()> {
     let flags = match mode {
-        ModeSetting::Native => XdpMode::Driver,
-        ModeSetting::Generic => XdpMode::Skb,
+        Mode::Native => XdpMode::Driver,
+        Mode::Generic => XdpMode::Skb,
     };
     let prog = program(dp)?;
     let id = match prog.attach(ifname, flags) {
@@ -216,9 +214,11 @@ pub fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
 enum Undo {
     Detach(String),
     /// Attach (again) in this mode, detaching first what is attached now.
-    Attach(String, ModeSetting),
+    Attach(String, Mode),
     /// Remove this interface index from the redirect devmap.
     TxPort(u32),
+    /// Put this interface index back into the redirect devmap.
+    TxPortBack(u32),
     /// Set the interface's accept_local back to 0.
     AcceptLocal(String),
 }
@@ -226,13 +226,18 @@ enum Undo {
 /// The steps a [`sync`] took, to undo them if what follows it fails.
 #[must_use]
 #[derive(Default)]
-pub struct Changes(Vec<Undo>);
+pub struct Changes {
+    undo: Vec<Undo>,
+    /// The modes chosen before the sync.
+    before: Vec<Choice>,
+}
 
 impl Changes {
     /// Puts the attachments back as they were before the sync, as far as the kernel lets us
     /// (what cannot be undone is logged).
     pub fn revert(self, dp: &mut KernelDataplane, pin_dir: &Path) {
-        for u in self.0.into_iter().rev() {
+        dp.xdp = self.before;
+        for u in self.undo.into_iter().rev() {
             let (ifname, r) = match &u {
                 Undo::Detach(i) => (i, detach(pin_dir, i)),
                 Undo::Attach(i, mode) => (i, reattach(dp, pin_dir, i, *mode)),
@@ -242,6 +247,16 @@ impl Changes {
                         error!(
                             index,
                             "removing an interface from the redirect devmap: {e:#}"
+                        );
+                    }
+                    continue;
+                }
+                Undo::TxPortBack(index) => {
+                    let r = tx_ports(dp).and_then(|mut p| Ok(p.insert(*index, *index, None, 0)?));
+                    if let Err(e) = r {
+                        error!(
+                            index,
+                            "putting an interface back into the redirect devmap: {e:#}"
                         );
                     }
                     continue;
@@ -261,12 +276,7 @@ impl Changes {
     }
 }
 
-fn reattach(
-    dp: &mut KernelDataplane,
-    pin_dir: &Path,
-    ifname: &str,
-    mode: ModeSetting,
-) -> Result<()> {
+fn reattach(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: Mode) -> Result<()> {
     if link_pin(pin_dir, ifname).exists() {
         detach(pin_dir, ifname)?;
     }
@@ -280,12 +290,12 @@ enum Step {
     Fresh,
     /// A link attached in this other mode: detach and attach again (undone by attaching our
     /// program in the old mode: the old program went with its link).
-    Remode(ModeSetting),
+    Remode(Mode),
     /// Swap the program into the pinned link (atomic; not undone).
     Swap,
 }
 
-fn step(pin_dir: &Path, ifname: &str, index: u32, mode: ModeSetting) -> Result<Step> {
+fn step(pin_dir: &Path, ifname: &str, index: u32, mode: Mode) -> Result<Step> {
     if !link_pin(pin_dir, ifname).exists() {
         return Ok(Step::Fresh);
     }
@@ -300,21 +310,21 @@ fn attach(
     pin_dir: &Path,
     ifname: &str,
     step: Step,
-    mode: ModeSetting,
+    mode: Mode,
     done: &mut Changes,
 ) -> Result<()> {
     match step {
         Step::Fresh => {
             attach_new(dp, pin_dir, ifname, mode)?;
-            done.0.push(Undo::Detach(ifname.to_string()));
+            done.undo.push(Undo::Detach(ifname.to_string()));
         }
         Step::Remode(was) => {
             warn!(
-                interface = %ifname, from = ?was, to = ?mode,
-                "xdp_mode changed: detaching and attaching again (native and generic XDP cannot be attached to one device at once); until then, packets arriving on {ifname} reach the kernel without load balancing"
+                interface = %ifname, from = %was, to = %mode,
+                "XDP mode changed: detaching and attaching again (native and generic XDP cannot be attached to one device at once); until then, packets arriving on {ifname} reach the kernel without load balancing"
             );
             detach(pin_dir, ifname)?;
-            done.0.push(Undo::Attach(ifname.to_string(), was));
+            done.undo.push(Undo::Attach(ifname.to_string(), was));
             attach_new(dp, pin_dir, ifname, mode)?;
         }
         Step::Swap => swap(dp, pin_dir, ifname)?,
@@ -322,16 +332,29 @@ fn attach(
     Ok(())
 }
 
-/// Adds `ifname` to the redirect devmap and lets the kernel forward encapsulated packets whose
-/// source is this node while a backend's neighbour is unknown (accept_local). What it changed
-/// goes into `done`, so that a start or reload that fails later puts it back.
-fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32, done: &mut Changes) -> Result<()> {
+/// Adds `ifname` to the redirect devmap, or takes it out if it is no redirect target (see
+/// [`xdpmode`]), and lets the kernel forward encapsulated packets whose source is this node
+/// while a backend's neighbour is unknown (accept_local). What it changed goes into `done`, so
+/// that a start or reload that fails later puts it back.
+fn prepare(
+    dp: &mut KernelDataplane,
+    ifname: &str,
+    index: u32,
+    target: bool,
+    done: &mut Changes,
+) -> Result<()> {
     let mut ports = tx_ports(dp)?;
-    if ports.get(index, 0).is_err() {
+    let present = ports.get(index, 0).is_ok();
+    if target && !present {
         ports
             .insert(index, index, None, 0)
             .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
-        done.0.push(Undo::TxPort(index));
+        done.undo.push(Undo::TxPort(index));
+    } else if !target && present {
+        ports
+            .remove(index)
+            .with_context(|| format!("taking {ifname} out of the redirect devmap"))?;
+        done.undo.push(Undo::TxPortBack(index));
     }
     let sysctl = accept_local(ifname);
     if std::fs::read_to_string(&sysctl)
@@ -340,7 +363,7 @@ fn prepare(dp: &mut KernelDataplane, ifname: &str, index: u32, done: &mut Change
     {
         match std::fs::write(&sysctl, "1") {
             Ok(()) => {
-                done.0.push(Undo::AcceptLocal(ifname.to_string()));
+                done.undo.push(Undo::AcceptLocal(ifname.to_string()));
                 info!(interface = %ifname, "set accept_local=1 (packets to backends with no neighbour entry yet go through the kernel)")
             }
             Err(e) => {
@@ -363,19 +386,48 @@ fn accept_local(ifname: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local")
 }
 
-/// Makes the attached interfaces what `node` lists, in its `xdp_mode`: attach new ones, detach
-/// dropped ones, keep the devmap (redirect targets) in step. All or nothing: on error the
-/// attachments are as they were. The [`Changes`] undo it, should what follows fail.
+/// Makes the attached interfaces what `node` lists, each in the mode [`xdpmode::choose`]
+/// gives it for `xdp_mode` (refused, changing nothing, where an explicit `native` cannot
+/// deliver): attach new ones, detach dropped ones, keep the devmap (redirect targets) in step.
+/// All or nothing: on error the attachments are as they were. The [`Changes`] undo it, should
+/// what follows fail.
 pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Result<Changes> {
     let wanted = resolve(&node.interfaces)?;
-    let mut done = Changes::default();
-    match steps(dp, pin_dir, node, &wanted, &mut done) {
-        Ok(()) => Ok(done),
+    let choices = xdpmode::choose(node.xdp_mode, &wanted)?;
+    let mut done = Changes {
+        undo: vec![],
+        before: dp.xdp.clone(),
+    };
+    match steps(dp, pin_dir, &wanted, &choices, &mut done) {
+        Ok(()) => {
+            for c in &choices {
+                info!(
+                    interface = %c.interface, mode = %c.mode, redirect_target = c.redirect_target,
+                    "XDP mode: {}", c.reason
+                );
+            }
+            dp.xdp = choices;
+            Ok(done)
+        }
         Err(e) => {
             done.revert(dp, pin_dir);
             Err(e)
         }
     }
+}
+
+/// Whether [`sync`] would now attach `node`'s interfaces otherwise than they are (another
+/// mode, or another redirect target, than the last sync chose: a peer gained or lost its XDP
+/// program since, say). An error where an explicit `native` cannot deliver any more.
+pub fn modes_changed(dp: &KernelDataplane, node: &NodeSettings) -> Result<bool> {
+    let wanted = resolve(&node.interfaces)?;
+    let choices = xdpmode::choose(node.xdp_mode, &wanted)?;
+    let key = |c: &[Choice]| -> Vec<(String, Mode, bool)> {
+        c.iter()
+            .map(|c| (c.interface.clone(), c.mode, c.redirect_target))
+            .collect()
+    };
+    Ok(key(&choices) != key(&dp.xdp))
 }
 
 /// The steps of [`sync`], those that can fail without disturbing traffic first (fresh
@@ -384,27 +436,23 @@ pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Re
 fn steps(
     dp: &mut KernelDataplane,
     pin_dir: &Path,
-    node: &NodeSettings,
     wanted: &[(String, u32)],
+    choices: &[Choice],
     done: &mut Changes,
 ) -> Result<()> {
     let mut todo = Vec::new();
-    for (ifname, index) in wanted {
-        todo.push((
-            ifname,
-            *index,
-            step(pin_dir, ifname, *index, node.xdp_mode)?,
-        ));
+    for ((ifname, index), c) in wanted.iter().zip(choices) {
+        todo.push((ifname, *index, c, step(pin_dir, ifname, *index, c.mode)?));
     }
     let (swaps, changes): (Vec<_>, Vec<_>) =
-        todo.into_iter().partition(|t| matches!(t.2, Step::Swap));
+        todo.into_iter().partition(|t| matches!(t.3, Step::Swap));
     let (fresh, remodes): (Vec<_>, Vec<_>) = changes
         .into_iter()
-        .partition(|t| matches!(t.2, Step::Fresh));
-    for (ifname, index, step) in fresh.into_iter().chain(remodes) {
-        prepare(dp, ifname, index, done)?;
-        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
-        info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached");
+        .partition(|t| matches!(t.3, Step::Fresh));
+    for (ifname, index, c, step) in fresh.into_iter().chain(remodes) {
+        prepare(dp, ifname, index, c.redirect_target, done)?;
+        attach(dp, pin_dir, ifname, step, c.mode, done)?;
+        info!(interface = %ifname, index, mode = %c.mode, "attached");
     }
     let names: BTreeSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
     for (ifname, _) in pinned_links(pin_dir) {
@@ -418,26 +466,26 @@ fn steps(
         };
         detach(pin_dir, &ifname)?;
         if let Some(was) = was {
-            done.0.push(Undo::Attach(ifname.clone(), was));
+            done.undo.push(Undo::Attach(ifname.clone(), was));
         }
         info!(interface = %ifname, "detached");
     }
-    for (ifname, index, step) in swaps {
-        prepare(dp, ifname, index, done)?;
-        attach(dp, pin_dir, ifname, step, node.xdp_mode, done)?;
-        info!(interface = %ifname, index, mode = ?node.xdp_mode, "attached (program swapped into the pinned link)");
+    for (ifname, index, c, step) in swaps {
+        prepare(dp, ifname, index, c.redirect_target, done)?;
+        attach(dp, pin_dir, ifname, step, c.mode, done)?;
+        info!(interface = %ifname, index, mode = %c.mode, "attached (program swapped into the pinned link)");
     }
     Ok(())
 }
 
 /// How XDP is attached to the interface `index` now, as the kernel reports it; None if no
 /// program is, or not in a mode lb uses (offloaded).
-fn attached_mode(index: u32) -> Result<Option<ModeSetting>> {
+fn attached_mode(index: u32) -> Result<Option<Mode>> {
     let state = xdp_state(index)
         .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
     Ok(match state.mode() {
-        Some("native") => Some(ModeSetting::Native),
-        Some("generic") => Some(ModeSetting::Generic),
+        Some("native") => Some(Mode::Native),
+        Some("generic") => Some(Mode::Generic),
         _ => None,
     })
 }

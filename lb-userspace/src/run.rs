@@ -286,7 +286,7 @@ fn write_status(
     let status = Status {
         agent: Some(AgentStatus {
             last_migration: m.migration.lock().expect("migration lock").clone(),
-            ..life.status(&c.node, opts.kubernetes.is_some(), reloads)
+            ..life.status(&c.node, &agent.dp.xdp, opts.kubernetes.is_some(), reloads)
         }),
         nexthops: m.nexthops.lock().expect("nexthops lock").clone(),
         announce: m.announce.lock().expect("announce lock").clone(),
@@ -432,10 +432,11 @@ fn remembered(status: Option<Status>, config: &Config) -> Remembered {
 }
 
 /// Switches the agent to `c`, or refuses it and changes nothing. Other sizes are a migration
-/// ([`resize`]). Otherwise, if the interfaces or their mode changed, the attachments change first
-/// (all or nothing, every name resolved first), then the maps (and the attachments go back if the
-/// maps refuse). An unchanged list is not looked at: an interface gone from the host does not
-/// block VIP changes.
+/// ([`resize`]). Otherwise, if the interfaces, `xdp_mode` or the mode it gives an interface
+/// changed (see [`crate::xdpmode`]), the attachments change first (all or nothing, every name
+/// resolved first), then the maps (and the attachments go back if the maps refuse). An unchanged
+/// list whose names no longer resolve is not looked at: an interface gone from the host does
+/// not block VIP changes.
 fn apply(
     agent: &mut Agent<KernelDataplane>,
     pin_dir: &Path,
@@ -446,7 +447,10 @@ fn apply(
         return resize(agent, pin_dir, c, m);
     }
     let old = &agent.config().node;
-    let relink = c.node.interfaces != old.interfaces || c.node.xdp_mode != old.xdp_mode;
+    let relink = c.node.interfaces != old.interfaces
+        || c.node.xdp_mode != old.xdp_mode
+        || (links::resolve(&c.node.interfaces).is_ok()
+            && links::modes_changed(&agent.dp, &c.node)?);
     let changes = match relink {
         true => Some(links::sync(&mut agent.dp, pin_dir, &c.node)?),
         false => None,
@@ -597,10 +601,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         warn!("{w}");
     }
     // A start that fails changes nothing. What can be checked is, before any pin is touched:
-    // the config, the interfaces, the pin dir's filesystem and, under Kubernetes, the first full
-    // list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
+    // the config, the interfaces (and that an explicit native XDP delivers on each), the pin
+    // dir's filesystem and, under Kubernetes, the first full list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
     // stopped while it waits leaves nothing behind).
-    links::resolve(&file.node.interfaces)?;
+    let interfaces = links::resolve(&file.node.interfaces)?;
+    crate::xdpmode::choose(file.node.xdp_mode, &interfaces)?;
     pindir::check_bpffs(&opts.pin_dir)?;
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;

@@ -8,7 +8,7 @@ use std::{collections::HashMap as StdHashMap, net::IpAddr};
 use aya::{
     Ebpf,
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MEMBER_F_LIVE,
@@ -858,21 +858,45 @@ pub mod net {
 ///  10.6/16  fd06::/64  via lb1's gw, mtu 600 / 1280
 ///  10.7/16             via lb2's gw      -> no devmap entry, pass
 /// ```
+///
+/// The peers (up0, dn1, dn2) run `lb_pass` in native mode, as a real next hop's NIC takes what
+/// is sent to it: a veth delivers XDP frames only to a peer with an XDP program, and an agent
+/// attaches in native mode only where they are delivered (see `lb_userspace::xdpmode`).
 pub struct FibNet {
     pub ns: NetNs,
     pub lb0: u32,
     pub lb1: u32,
     pub lb2: u32,
+    /// The object whose `lb_pass` runs on the peers (None: [`FibNet::with_uplink_queues`]).
+    _peers: Option<Lb>,
 }
 
 impl FibNet {
     pub fn new(tag: &str) -> Self {
-        Self::with_uplink_queues(tag, 1)
+        let mut net = Self::with_uplink_queues(tag, 1);
+        let mut pass = Lb::load(Sizes {
+            maglev_m: 13,
+            max_vips: 1,
+            max_backends: 1,
+            flow_entries: 1,
+            affinity_entries: 1,
+            nat_entries: 1,
+        });
+        net.ns.run(|| {
+            for peer in ["up0", "dn1", "dn2"] {
+                pass.xdp("lb_pass")
+                    .attach(peer, XdpMode::Driver)
+                    .unwrap_or_else(|e| panic!("attaching lb_pass to {peer}: {}", error_chain(&e)));
+            }
+        });
+        net._peers = Some(pass);
+        net
     }
 
     /// The same namespace with `queues` receive and transmit queues on each end of the uplink
     /// veth (lb0, up0): a veth transmits an XDP frame into the peer queue of the sending CPU, so
-    /// each CPU forwards on its own queue.
+    /// each CPU forwards on its own queue. Nothing runs on the peers (the forwarding bench
+    /// attaches its own programs there).
     pub fn with_uplink_queues(tag: &str, queues: u32) -> Self {
         let ns = NetNs::new(tag);
         let q = format!("numrxqueues {queues} numtxqueues {queues}");
@@ -919,7 +943,13 @@ impl FibNet {
         ns.sysctl("net.ipv4.ip_forward", "1");
         ns.sysctl("net.ipv6.conf.all.forwarding", "1");
         let (lb0, lb1, lb2) = (ns.ifindex("lb0"), ns.ifindex("lb1"), ns.ifindex("lb2"));
-        Self { ns, lb0, lb1, lb2 }
+        Self {
+            ns,
+            lb0,
+            lb1,
+            lb2,
+            _peers: None,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod release;
 pub mod scrape;
 pub mod tmux;
 pub mod upgrade;
+pub mod veth_lab;
 pub mod wellformed;
 
 /// The YAML documents of `deploy/<file>`, as JSON values.

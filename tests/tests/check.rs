@@ -115,7 +115,7 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         (
             "an unknown xdp mode",
             edit("  max_vips: 8", "  max_vips: 8\n  xdp_mode: fast"),
-            "node.xdp_mode: must be one of native, generic, not \"fast\"",
+            "node.xdp_mode: must be one of auto, native, generic, not \"fast\"",
         ),
         (
             "source_v4 not IPv4",

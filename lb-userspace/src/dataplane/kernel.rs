@@ -23,6 +23,9 @@ pub struct KernelDataplane {
     /// The VIP addresses by the word of the VIP-address filter they set (read from the maps
     /// at the first removal), so a removal recomputes its word without walking the map.
     filter_words: Option<std::collections::BTreeMap<u32, std::collections::BTreeSet<VipAddr>>>,
+    /// How the program is attached to each interface, as the last [`crate::links::sync`]
+    /// chose (for the status file).
+    pub xdp: Vec<crate::xdpmode::Choice>,
 }
 
 fn io(e: impl std::fmt::Display) -> std::io::Error {
@@ -49,6 +52,7 @@ impl KernelDataplane {
             sizes,
             ring,
             filter_words: None,
+            xdp: vec![],
         })
     }
 

@@ -5,10 +5,10 @@ use std::{net::IpAddr, path::PathBuf};
 use serde_json::json;
 
 use super::{
-    Attached, DEFAULT_DIR, DecapError, Detached, Entry, attach, detach, pin_path, status,
+    Attached, DEFAULT_DIR, DecapError, Detached, Entry, Mode, attach, detach, pin_path, status,
     tunnels::{Tunnels, recipe},
 };
-use crate::{config::XdpMode as Mode, show::Format};
+use crate::show::Format;
 
 #[derive(clap::Args)]
 pub struct DecapArgs {

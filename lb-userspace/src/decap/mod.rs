@@ -29,12 +29,30 @@ use aya::{
 use serde::Serialize;
 
 use crate::{
-    config::XdpMode as Mode,
     links,
     pindir::{self, PinDirError},
     privilege,
     program::{self, Sizes},
 };
+
+/// How `lb_decap` is attached. (Not the agent's `node.xdp_mode`: `lb_decap` only passes frames
+/// up, which native XDP delivers on any driver that has it, so there is nothing to choose.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// In the driver.
+    Native,
+    /// In the kernel's generic hook: any interface, slower.
+    Generic,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
 
 /// Where `lb decap` pins its links unless told otherwise (`--decap-dir`, `LB_DECAP_DIR`).
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb-decap";

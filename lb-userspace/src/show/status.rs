@@ -27,6 +27,8 @@ pub struct AgentView {
     /// When the agent last wrote its status file.
     pub updated_at: Option<String>,
     pub config: Option<String>,
+    /// `node.xdp_mode` as configured: `auto`, `native` or `generic`.
+    pub xdp_mode: Option<String>,
     pub kubernetes: Option<bool>,
     pub metrics_listen: Option<String>,
     pub reloads_applied: Option<u64>,
@@ -48,8 +50,13 @@ pub struct InterfaceView {
     pub name: String,
     /// In the agent's config (false: a link is pinned for it, left from another config).
     pub configured: bool,
-    /// The mode the config asks for.
+    /// The mode the agent attached it in (`native` or `generic`; for an agent before 0.3.0,
+    /// the config's `xdp_mode`).
     pub xdp_mode: Option<String>,
+    /// Why the agent chose that mode (None before 0.3.0).
+    pub xdp_mode_reason: Option<String>,
+    /// The program may redirect frames from another interface to it (None before 0.3.0).
+    pub redirect_target: Option<bool>,
     /// None: no such interface in this network namespace.
     pub ifindex: Option<u32>,
     /// lb's program (the one its pinned link holds) is attached there now.
@@ -122,6 +129,7 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         uptime_s: a.and_then(|a| a.uptime()).map(|d| d.as_secs()),
         updated_at: a.map(|a| a.updated_at.clone()),
         config: status.as_ref().map(|s| s.config.clone()),
+        xdp_mode: a.map(|a| a.xdp_mode.clone()),
         kubernetes: a.map(|a| a.kubernetes),
         metrics_listen: a.and_then(|a| a.metrics_listen.clone()),
         reloads_applied: a.map(|a| a.reloads_applied),
@@ -142,9 +150,14 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         .into_iter()
         .map(|name| {
             let at = links::attachment(pins, &name);
+            let chosen = a.and_then(|a| a.xdp.iter().find(|c| c.interface == name));
             InterfaceView {
                 configured: configured.contains(&name),
-                xdp_mode: a.map(|a| a.xdp_mode.clone()),
+                xdp_mode: chosen
+                    .map(|c| c.mode.to_string())
+                    .or_else(|| a.map(|a| a.xdp_mode.clone())),
+                xdp_mode_reason: chosen.map(|c| c.reason.clone()),
+                redirect_target: chosen.map(|c| c.redirect_target),
                 ifindex: at.ifindex,
                 attached: at.ours(),
                 attached_mode: at.mode,
@@ -295,6 +308,13 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
                 " (not configured)"
             }
         );
+        if let Some(why) = &i.xdp_mode_reason {
+            let indent = " ".repeat(19);
+            let opts = textwrap::Options::new(100)
+                .initial_indent(&indent)
+                .subsequent_indent(&indent);
+            println!("{}", textwrap::fill(why, opts));
+        }
     }
     if let Some(a) = &v.announce {
         print_announce(a);
