@@ -564,7 +564,13 @@ fn a_map_the_kernel_refuses_to_create_leaves_the_old_program_and_maps_serving() 
 
     cg.add(agent.pid());
     let t = Instant::now();
-    dirs.write_config(&config(FLOWS, 1 << 24));
+    // These sizes need more than the default node.kernel_memory_limit, which would refuse them
+    // before the kernel is asked: the limit is raised, so that the kernel's refusal is tested.
+    let big = config(FLOWS, 1 << 24).replace(
+        "  metrics_listen:",
+        "  kernel_memory_limit: 8GiB\n  metrics_listen:",
+    );
+    dirs.write_config(&big);
     let v = poll_status(&net, &dirs, &agent, "the rejected reload", |v| {
         v["agent"]["reloads_rejected"] == 1
     });
