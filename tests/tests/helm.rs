@@ -301,6 +301,56 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
 
 /// A release bumps the chart with the workspace: the chart's version and its appVersion (the
 /// image tag by default) are the agent's.
+/// The node keys the chart's schema need not list, and why.
+const NODE_KEYS_SET_BY_THE_CHART: &[(&str, &str)] =
+    &[("metrics_listen", "the templates set it from metrics.port")];
+
+/// The chart's `node` values become the agent's `node:` config: its schema takes every key of
+/// the config types (generated from them), each with a JSON type that holds the config's, and
+/// no key the agent would refuse.
+#[test]
+fn the_charts_node_schema_takes_every_node_key_of_the_config_types() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(helm::root().join("deploy/helm/lb/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let chart = schema["properties"]["node"]["properties"]
+        .as_object()
+        .unwrap();
+    let config = lb_userspace::config::reference::node_keys();
+    for (key, kind) in &config {
+        if NODE_KEYS_SET_BY_THE_CHART.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        let Some(prop) = chart.get(key) else {
+            panic!("values.schema.json: node.{key} ({kind}) is a config key the chart refuses");
+        };
+        let json_type = match kind.as_str() {
+            "integer" => "integer",
+            "boolean" => "boolean",
+            "string" => "string",
+            k if k.starts_with("list") => "array",
+            _ => "object",
+        };
+        let types: Vec<&str> = match &prop["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            // An enum of strings.
+            _ => prop["enum"].as_array().map_or(vec![], |_| vec!["string"]),
+        };
+        assert!(
+            types.contains(&json_type),
+            "values.schema.json: node.{key} takes {types:?}, the config a {kind}"
+        );
+    }
+    for key in chart.keys() {
+        assert!(
+            config.iter().any(|(k, _)| k == key),
+            "values.schema.json: node.{key} is not a config key (the agent would refuse it)"
+        );
+    }
+}
+
 #[test]
 fn the_charts_version_and_app_version_are_the_workspaces_version() {
     let chart = helm::chart_file("Chart.yaml");

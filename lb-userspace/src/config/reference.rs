@@ -36,6 +36,20 @@ pub fn markdown() -> String {
     out
 }
 
+/// The keys of `node` and the type of each in the file's words (`integer`, `string`,
+/// `boolean`, `list of strings`, `map (below)`): what a hand-written schema of the node config,
+/// such as the Helm chart's, must accept.
+pub fn node_keys() -> Vec<(String, String)> {
+    let root = serde_json::to_value(schemars::schema_for!(RawConfig)).expect("a JSON schema");
+    let defs = root.get("$defs").cloned().unwrap_or(Value::Null);
+    let node = defs.get("RawNode").and_then(|n| n.get("properties"));
+    node.and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, p)| (k.clone(), type_of(p, &defs).0))
+        .collect()
+}
+
 const HEADER: &str = "# Configuration reference\n\n\
 Every key of an lb config file (`lb run --config FILE`, `lb check --config FILE`). This page is \
 generated from the config types (`lb-userspace/src/config.rs`, the `Raw*` structs and their doc \
