@@ -20,7 +20,7 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// README.md and every Markdown file under docs/ (recursively), sorted.
+/// README.md, ARCHITECTURE.md and every Markdown file under docs/ (recursively), sorted.
 fn pages() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -34,7 +34,7 @@ fn pages() -> Vec<PathBuf> {
         }
     }
     let root = root();
-    let mut pages = vec![root.join("README.md")];
+    let mut pages = vec![root.join("README.md"), root.join("ARCHITECTURE.md")];
     walk(&root.join("docs"), &mut pages);
     pages.sort();
     pages
