@@ -1,0 +1,296 @@
+//! The control plane: Maglev tables, a full sync and one change, the agent's memory, a migration.
+
+use super::*;
+
+pub fn maglev_figures() -> Value {
+    let m = 65_537;
+    let mut out = serde_json::Map::new();
+    for n in [10usize, 100, 1000] {
+        let keys: Vec<Vec<u8>> = (0..=n)
+            .map(|i| format!("10.{}.{}.{}:80", i / 65536, (i / 256) % 256, i % 256).into_bytes())
+            .collect();
+        let weights: Vec<u32> = (0..=n).map(|i| 50 + (i % 100) as u32).collect();
+        let entries = |upto: usize, skip: Option<usize>| -> Vec<maglev::Entry> {
+            (0..upto)
+                .filter(|i| Some(*i) != skip)
+                .map(|i| maglev::Entry {
+                    key: &keys[i],
+                    weight: weights[i],
+                    value: i as u32,
+                })
+                .collect()
+        };
+        let mut times = Vec::new();
+        let mut table = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            table = maglev::build(&entries(n, None), m, u32::MAX).unwrap();
+            times.push(t.elapsed().as_nanos() as u64);
+        }
+        let shares = maglev::shares(&table);
+        let total: u64 = weights[..n].iter().map(|&w| w as u64).sum();
+        let worst = (0..n)
+            .map(|i| {
+                let want = weights[i] as f64 / total as f64 * m as f64;
+                (*shares.get(&(i as u32)).unwrap_or(&0) as f64 / want - 1.0).abs()
+            })
+            .fold(0.0, f64::max);
+        let equal: Vec<maglev::Entry> = (0..n)
+            .map(|i| maglev::Entry {
+                key: &keys[i],
+                weight: 1,
+                value: i as u32,
+            })
+            .collect();
+        let eq_table = maglev::build(&equal, m, u32::MAX).unwrap();
+        let eq_shares = maglev::shares(&eq_table);
+        let balance = *eq_shares.values().max().unwrap() as f64 / (m as f64 / n as f64);
+        let moved = |a: &[u32], b: &[u32]| {
+            a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / m as f64
+        };
+        let removed = maglev::build(&entries(n, Some(n / 2)), m, u32::MAX).unwrap();
+        let added = maglev::build(&entries(n + 1, None), m, u32::MAX).unwrap();
+        out.insert(
+            format!("n{n}"),
+            json!({
+                "build_ms": median(&mut times) as f64 / 1e6,
+                "weighted_worst_share_error": worst,
+                "equal_weights_largest_over_mean": balance,
+                "remove_one_moved": moved(&table, &removed), "remove_ideal": 1.0 / n as f64,
+                "add_one_moved": moved(&table, &added), "add_ideal": 1.0 / (n + 1) as f64,
+            }),
+        );
+    }
+    out.insert("table_size".into(), json!(m));
+    Value::Object(out)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn control_plane(opts: &Options) -> Value {
+    let rss_before = rss_kib();
+    let sizes = Sizes {
+        maglev_m: 65_537,
+        max_vips: opts.vips as u32,
+        max_backends: (opts.vips * opts.backends_per_vip) as u32,
+        flow_entries: 1 << 16,
+        affinity_entries: 1 << 10,
+        nat_entries: 1 << 10,
+    };
+    let ebpf = program::load(&sizes, None).expect("loading lb for the control-plane benchmark");
+    let mut dp = KernelDataplane::new(ebpf, sizes.clone()).expect("kernel dataplane");
+    let vip = |i: usize, weight_of: &dyn Fn(usize, usize) -> u32| VipSpec {
+        name: format!("v{i}"),
+        address: IpAddr::from(std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(192, 0, 0, 0)) + i as u32,
+        )),
+        port: 80,
+        protocol: Protocol::Tcp,
+        mode: Mode::Dsr,
+        hash: HashOn::FiveTuple,
+        affinity_timeout_s: 0,
+        table_size: None,
+        source_ranges: None,
+        new_flow_budget: None,
+        backends: (0..opts.backends_per_vip)
+            .map(|b| {
+                BackendSpec::new(
+                    IpAddr::from(std::net::Ipv4Addr::from(
+                        u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0))
+                            + (i * opts.backends_per_vip + b) as u32,
+                    )),
+                    0,
+                    weight_of(i, b),
+                )
+            })
+            .collect(),
+    };
+    let desired = |w: &dyn Fn(usize, usize) -> u32| Desired {
+        node: NodeSpec {
+            source_v4: Some("10.255.0.1".parse().unwrap()),
+            source_v6: None,
+            udp_idle_timeout: Duration::from_secs(30),
+            ..Default::default()
+        },
+        vips: (0..opts.vips).map(|i| vip(i, w)).collect(),
+    };
+    let all = desired(&|_, _| 1);
+    let one_changed = desired(&|i, b| if i == 0 && b == 0 { 0 } else { 1 });
+    let mut cache = TableCache::default();
+    let mut step = |cur: &State, d: &Desired, dp: &mut KernelDataplane| {
+        let t = Instant::now();
+        let (p, next) = plan_cached(cur, d, sizes.limits(), &mut cache).expect("plan");
+        let planned = t.elapsed();
+        dp.apply(&p).expect("apply");
+        (next, p.write_count(), planned, t.elapsed())
+    };
+    let (s1, full_writes, full_plan, full_total) = step(&State::default(), &all, &mut dp);
+    let rss = rss_kib();
+    let (s2, one_writes, one_plan, one_total) = step(&s1, &one_changed, &mut dp);
+    let (_, same_writes, same_plan, same_total) = step(&s2, &one_changed, &mut dp);
+    let kernel = map_memory(&dp.ebpf);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    json!({
+        "scale": {"vips": opts.vips, "backends_per_vip": opts.backends_per_vip, "table_size": 65_537},
+        "full_sync": {"writes": full_writes, "plan_ms": ms(full_plan), "total_ms": ms(full_total)},
+        "one_backend_change": {"writes": one_writes, "plan_ms": ms(one_plan), "total_ms": ms(one_total)},
+        "unchanged_resync": {"writes": same_writes, "plan_ms": ms(same_plan), "total_ms": ms(same_total)},
+        "agent_rss_kib": {"before_load": rss_before, "after_full_sync": rss},
+        "kernel_map_bytes_at_this_scale": kernel,
+    })
+}
+
+pub fn memory(opts: &Options) -> Value {
+    let sizes = Sizes {
+        flow_entries: opts.memory_flows,
+        ..Sizes::default()
+    };
+    let ebpf = program::load(&sizes, None).expect("loading lb for the memory figures");
+    let maps = map_memory(&ebpf);
+    let total: u64 = maps.values().sum();
+    // IPv4 flows live in the bucket table (`flow_entries` of them), IPv6 flows in the LRU hash.
+    let per_entry = maps.get("LB_FLOWS4").copied().unwrap_or(0) as f64 / opts.memory_flows as f64;
+    let v6_entries = sizes.flow_entries_v6();
+    let v6_per_entry = maps.get("LB_FLOWS").copied().unwrap_or(0) as f64 / v6_entries as f64;
+    json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "flow_table_bytes_per_entry": per_entry, "v6_flow_entries": v6_entries, "v6_flow_table_bytes_per_entry": v6_per_entry, "sizes": format!("{sizes:?}")})
+}
+
+/// A migration that doubles the flow and NAT tables (see `lb_userspace::migrate`) holding
+/// `opts.migration_entries` IPv4 flows and as many NAT translations (both directions), with 1 %
+/// more written to the old maps between the copy and the swap (late writes to merge). Reports
+/// the copy (while the old program would serve) and the finish (grace period, merge and pin
+/// renames: the window in which the late entries are missing from the maps the new program uses).
+pub fn migration(opts: &Options) -> Value {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::{FlowKey, NatFlow, NatReverse, flowtab, maps};
+    use lb_userspace::migrate;
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/lb-bench-migrate-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("making the pin dir");
+    let n = opts.migration_entries;
+    let sizes = Sizes {
+        flow_entries: n * 3,
+        nat_entries: n + n / 4,
+        ..Sizes::default()
+    };
+    let key = |i: u32| {
+        let mut k = FlowKey::default();
+        k.src[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+        k.src_port = (1024 + (i % 60_000) as u16).to_be();
+        k.dst[..4].copy_from_slice(&[192, 0, 2, 10]);
+        k.dst_port = 80u16.to_be();
+        k.proto = IPPROTO_TCP;
+        k.family = lb_common::FAMILY_V4;
+        k
+    };
+    let fill = |ebpf_nat: &mut HashMap<&mut MapData, FlowKey, NatFlow>, from: u32, to: u32| {
+        for i in from..to {
+            ebpf_nat
+                .insert(key(i), NatFlow::default(), 0)
+                .expect("NAT entry");
+        }
+    };
+    let mut first = migrate::load(&sizes, &dir, "start", None).expect("loading on empty pins");
+    {
+        let mut nat: HashMap<_, FlowKey, NatFlow> =
+            HashMap::try_from(first.ebpf.map_mut(maps::NAT).unwrap()).unwrap();
+        fill(&mut nat, 0, n);
+        let mut rev: HashMap<_, FlowKey, NatReverse> =
+            HashMap::try_from(first.ebpf.map_mut(maps::NAT_REV).unwrap()).unwrap();
+        for i in 0..n {
+            rev.insert(key(i), NatReverse::default(), 0)
+                .expect("reverse entry");
+        }
+        let mut dp = KernelDataplane::new(first.ebpf, sizes.clone()).expect("dataplane");
+        let buckets = flowtab::buckets_for(sizes.flow_entries);
+        let map = dp.ebpf.map_mut(maps::FLOWS4).unwrap();
+        let aya::maps::Map::Array(data) = map else {
+            panic!("LB_FLOWS4 is an array")
+        };
+        let mem = lb_userspace::mapping::Mapping::new(
+            data,
+            buckets as usize * size_of::<flowtab::FlowBucket>(),
+            true,
+        )
+        .expect("mapping the flow table");
+        // SAFETY: the mapping covers `buckets` buckets, page-aligned.
+        let table = unsafe {
+            std::slice::from_raw_parts_mut(
+                mem.ptr().cast::<flowtab::FlowBucket>(),
+                buckets as usize,
+            )
+        };
+        for i in 0..n {
+            let k = flowtab::pack_key(&key(i), 0);
+            assert!(migrate::convert::place(
+                table,
+                k,
+                flowtab::pack_value(k, 1, 1),
+                i
+            ));
+        }
+        first.ebpf = dp.ebpf;
+    }
+    drop(first);
+    let doubled = Sizes {
+        flow_entries: sizes.flow_entries * 2,
+        nat_entries: sizes.nat_entries * 2,
+        ..sizes.clone()
+    };
+    let t = Instant::now();
+    let mut second = migrate::load(&doubled, &dir, "reload", None).expect("migrating");
+    let copy = t.elapsed();
+    // Late writes of the old program: 1 % more translations in the old maps.
+    let late = (n / 100).max(1);
+    {
+        let data = MapData::from_pin(dir.join(maps::NAT)).expect("the old NAT map");
+        let mut old = aya::maps::Map::from_map_data(data).expect("a map");
+        let mut nat: HashMap<_, FlowKey, NatFlow> = HashMap::try_from(&mut old).unwrap();
+        fill(&mut nat, n, n + late);
+    }
+    let t = Instant::now();
+    let report = second
+        .pending
+        .take()
+        .expect("the tables moved")
+        .finish(&mut second.ebpf)
+        .expect("finishing");
+    let finish = t.elapsed();
+    drop(second);
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    let _ = std::fs::remove_dir(&dir);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let moved: Vec<Value> = report
+        .maps
+        .iter()
+        .filter(|m| m.entries + m.merged > 0)
+        .map(|m| json!({"map": m.map, "entries": m.entries, "merged": m.merged, "ms": m.ms}))
+        .collect();
+    assert_eq!(
+        report.merged,
+        u64::from(late),
+        "the late writes were merged"
+    );
+    json!({
+        "entries": n,
+        "late_writes": late,
+        "load_and_copy_ms": ms(copy),
+        "finish_ms": ms(finish),
+        "entries_copied": report.entries,
+        "copy_and_merge_ms": report.maps.iter().map(|m| m.ms).sum::<f64>(),
+        "maps": moved,
+    })
+}
