@@ -21,9 +21,11 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 struct Setup {
-    lab: Lab,
-    dirs: Dirs,
+    // Dropped in this order: the agent stops before its dirs are removed (else it writes its
+    // status file into a state dir made anew), then the lab goes.
     agent: Agent,
+    dirs: Dirs,
+    lab: Lab,
 }
 
 fn setup(tag: &str, vips: &str) -> Setup {

@@ -55,9 +55,11 @@ vips:
 
 /// An agent running `config` in a fresh namespace.
 struct Setup {
-    net: FibNet,
-    dirs: Dirs,
+    // Dropped in this order: the agent stops before its dirs are removed (else it writes its
+    // status file into a state dir made anew), then the network goes.
     agent: Agent,
+    dirs: Dirs,
+    net: FibNet,
 }
 
 fn start(tag: &str, cfg: &str) -> Setup {

@@ -68,8 +68,10 @@ fn policy() -> Value {
 }
 
 struct Node {
-    dirs: Dirs,
+    // Dropped in this order: the agent stops before its dirs are removed (else it writes its
+    // status file into a state dir made anew).
     agent: Option<Agent>,
+    dirs: Dirs,
 }
 
 fn start(net: &FibNet, api: &FakeApi, name: &str, iface: &str, table_size: u32) -> Node {

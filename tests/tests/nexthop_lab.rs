@@ -48,9 +48,11 @@ vips:
 ";
 
 struct NhLab {
-    ns: NetNs,
-    dirs: Dirs,
+    // Dropped in this order: the agent stops before its dirs are removed (else it writes its
+    // status file into a state dir made anew), then the namespace goes.
     agent: Agent,
+    dirs: Dirs,
+    ns: NetNs,
     lb0: u32,
 }
 

@@ -45,9 +45,11 @@ vips:
 }
 
 struct Setup {
-    net: FibNet,
-    dirs: Dirs,
+    // Dropped in this order: the agent stops before its dirs are removed (else it writes its
+    // status file into a state dir made anew), then the network goes.
     agent: Agent,
+    dirs: Dirs,
+    net: FibNet,
 }
 
 fn start(tag: &str) -> Setup {
