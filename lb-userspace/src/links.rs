@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{
-    Xdp, XdpMode,
+    Xdp,
     links::{FdLink, PinnedLink},
     xdp::XdpLink,
 };
@@ -104,12 +104,8 @@ fn program(dp: &mut KernelDataplane) -> Result<&mut Xdp> {
 
 /// Attaches the program to `ifname` afresh, in `mode`, and pins the link.
 fn attach_new(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: Mode) -> Result<()> {
-    let flags = match mode {
-        Mode::Native => XdpMode::Driver,
-        Mode::Generic => XdpMode::Skb,
-    };
     let prog = program(dp)?;
-    let id = match prog.attach(ifname, flags) {
+    let id = match prog.attach(ifname, mode.flags()) {
         Ok(id) => id,
         Err(e) if os_error(&e) == Some(libc::EBUSY) => {
             return Err(e).context(busy(ifname));

@@ -441,3 +441,30 @@ pub fn pinned_map_id(pins: &Path, name: &str) -> u32 {
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
         .id()
 }
+
+/// A wrapper for `lb` (see [`Agent::start_under`]): `capsh` dropping from the bounding set every
+/// capability but `keep` (capsh's names: `cap_bpf`, `cap_net_admin`), so that root runs `lb`
+/// with exactly those.
+pub fn capsh_keeping<S: AsRef<str>>(keep: &[S]) -> Vec<String> {
+    let print = std::process::Command::new("capsh")
+        .arg("--print")
+        .output()
+        .expect("capsh (cargo xtask setup installs libcap2-bin)");
+    let text = String::from_utf8_lossy(&print.stdout);
+    let bounding = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Bounding set ="))
+        .expect("capsh --print shows the bounding set");
+    let drop: Vec<&str> = bounding
+        .split(',')
+        .filter(|c| !keep.iter().any(|k| k.as_ref() == *c))
+        .collect();
+    vec![
+        "capsh".into(),
+        format!("--drop={}", drop.join(",")),
+        "--".into(),
+        "-c".into(),
+        "exec \"$@\"".into(),
+        "lb".into(),
+    ]
+}

@@ -396,30 +396,9 @@ fn the_agents_default_pin_dir_is_refused_as_decap_dir() {
     assert_eq!(xdp_attachment(&ns, "v0"), None);
 }
 
-/// `capsh` arguments (a wrapper for `lb`) that drop every capability but `keep` (`cap_bpf`).
-fn keeping(keep: &[&str]) -> Vec<String> {
-    let print = std::process::Command::new("capsh")
-        .arg("--print")
-        .output()
-        .expect("capsh (cargo xtask setup installs libcap2-bin)");
-    let text = String::from_utf8_lossy(&print.stdout);
-    let bounding = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Bounding set ="))
-        .expect("capsh --print shows the bounding set");
-    let drop: Vec<&str> = bounding.split(',').filter(|c| !keep.contains(c)).collect();
-    vec![
-        format!("--drop={}", drop.join(",")),
-        "--".into(),
-        "-c".into(),
-        "exec \"$@\"".into(),
-        "lb".into(),
-    ]
-}
-
 /// `lb decap --decap-dir <pins> attach v0` in `ns` with only the capabilities `keep`.
 fn attach_keeping(dirs: &Dirs, ns: &NetNs, keep: &[&str]) -> Output {
-    let mut args = keeping(keep);
+    let mut args = lb_tests::agent::capsh_keeping(keep);
     args.push(dirs.bin.to_str().unwrap().into());
     args.extend(
         [
@@ -435,7 +414,6 @@ fn attach_keeping(dirs: &Dirs, ns: &NetNs, keep: &[&str]) -> Output {
     let nsenter = format!("--net=/run/netns/{}", ns.name);
     std::process::Command::new("nsenter")
         .arg(nsenter)
-        .arg("capsh")
         .args(args)
         .output()
         .expect("running nsenter")

@@ -718,33 +718,13 @@ fn cap_number(name: &str) -> u32 {
     }
 }
 
-/// `capsh` arguments that leave exactly `keep` (bounding set, hence effective for root).
+/// `capsh` arguments that leave exactly `keep` (the DaemonSet's names: `BPF`, `NET_ADMIN`).
 fn capsh_keeping(keep: &[String]) -> Vec<String> {
-    let print = std::process::Command::new("capsh")
-        .arg("--print")
-        .output()
-        .expect("capsh (cargo xtask setup installs libcap2-bin)");
-    let text = String::from_utf8_lossy(&print.stdout);
-    let bounding = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Bounding set ="))
-        .expect("capsh --print shows the bounding set");
     let keep: Vec<String> = keep
         .iter()
         .map(|k| format!("cap_{}", k.to_lowercase()))
         .collect();
-    let drop: Vec<&str> = bounding
-        .split(',')
-        .filter(|c| !keep.iter().any(|k| k == c))
-        .collect();
-    vec![
-        "capsh".into(),
-        format!("--drop={}", drop.join(",")),
-        "--".into(),
-        "-c".into(),
-        "exec \"$@\"".into(),
-        "lb".into(),
-    ]
+    lb_tests::agent::capsh_keeping(&keep)
 }
 
 #[test]

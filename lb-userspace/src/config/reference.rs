@@ -18,17 +18,22 @@ struct Section {
     schema: Value,
 }
 
-/// The reference, as Markdown.
-pub fn markdown() -> String {
+/// The config file's JSON schema, and its definitions (`$defs`: one per `Raw*` struct).
+fn schema() -> (Value, Value) {
     let root = serde_json::to_value(schemars::schema_for!(RawConfig)).expect("a JSON schema");
     let defs = root.get("$defs").cloned().unwrap_or(Value::Null);
+    (root, defs)
+}
+
+/// The reference, as Markdown: a table per map of the file, breadth first.
+pub fn markdown() -> String {
+    let (root, defs) = schema();
     let mut out = String::from(HEADER);
-    let mut queue = vec![Section {
+    let mut queue = std::collections::VecDeque::from([Section {
         path: String::new(),
-        schema: root.clone(),
-    }];
-    while !queue.is_empty() {
-        let section = queue.remove(0);
+        schema: root,
+    }]);
+    while let Some(section) = queue.pop_front() {
         let (text, nested) = table(&section, &defs);
         out.push_str(&text);
         queue.extend(nested);
@@ -40,8 +45,7 @@ pub fn markdown() -> String {
 /// `boolean`, `list of strings`, `map (below)`): what a hand-written schema of the node config,
 /// such as the Helm chart's, must accept.
 pub fn node_keys() -> Vec<(String, String)> {
-    let root = serde_json::to_value(schemars::schema_for!(RawConfig)).expect("a JSON schema");
-    let defs = root.get("$defs").cloned().unwrap_or(Value::Null);
+    let (_, defs) = schema();
     let node = defs.get("RawNode").and_then(|n| n.get("properties"));
     node.and_then(Value::as_object)
         .into_iter()

@@ -21,38 +21,20 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        Xdp, XdpMode,
+        Xdp,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
     },
 };
 use serde::Serialize;
 
+pub use crate::xdpmode::Mode;
 use crate::{
     links,
     pindir::{self, PinDirError},
     privilege,
     program::{self, Sizes},
 };
-
-/// How `lb_decap` is attached. (Not the agent's `node.xdp_mode`: `lb_decap` only passes frames
-/// up, which native XDP delivers on any driver that has it, so there is nothing to choose.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    /// In the driver.
-    Native,
-    /// In the kernel's generic hook: any interface, slower.
-    Generic,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Native => "native",
-            Self::Generic => "generic",
-        })
-    }
-}
 
 /// Where `lb decap` pins its links unless told otherwise (`--decap-dir`, `LB_DECAP_DIR`).
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb-decap";
@@ -389,12 +371,8 @@ fn decap_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DecapError> {
 
 /// Attaches `prog` to `ifname` afresh, and pins the link at `pin`.
 fn attach_new(prog: &mut Xdp, ifname: &str, mode: Mode, pin: &Path) -> Result<(), DecapError> {
-    let flags = match mode {
-        Mode::Native => XdpMode::Driver,
-        Mode::Generic => XdpMode::Skb,
-    };
     let id = prog
-        .attach(ifname, flags)
+        .attach(ifname, mode.flags())
         .map_err(|source| attach_error(ifname, mode, source))?;
     let link: FdLink = prog
         .take_link(id)

@@ -33,12 +33,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::XdpMode;
 
-/// How the program is attached to one interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How a program is attached to one interface (the agent's, per interface; `lb decap`'s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// In the driver.
     Native,
+    /// In the kernel's generic hook: any interface, slower.
     Generic,
+}
+
+impl Mode {
+    /// The attach flags for this mode.
+    pub fn flags(self) -> aya::programs::XdpMode {
+        match self {
+            Self::Native => aya::programs::XdpMode::Driver,
+            Self::Generic => aya::programs::XdpMode::Skb,
+        }
+    }
 }
 
 impl std::fmt::Display for Mode {
