@@ -89,6 +89,17 @@ pub const ICMP_TOO_BIG_RATE: u64 = 100;
 /// senders starting together.
 pub const ICMP_TOO_BIG_BURST: u64 = 32;
 
+/// Per-CPU [`crate::ReplyRoute`]s, [`REPLY_ROUTE_SLOTS`] of them, indexed by a hash of the
+/// destination: the route lookups of NAT replies, each used again for [`REPLY_ROUTE_TTL_NS`]
+/// (a reply's route lookup, `bpf_fib_lookup`, is most of its cost). Not pinned: a new program
+/// starts with an empty cache, no harm done.
+pub const REPLY_ROUTES: &str = "LB_REPLY_ROUTES";
+/// Slots of [`REPLY_ROUTES`] per CPU (a power of two).
+pub const REPLY_ROUTE_SLOTS: u32 = 1024;
+/// How long a remembered reply route is used: a route or neighbour change reaches replies
+/// within this time.
+pub const REPLY_ROUTE_TTL_NS: u64 = 1_000_000_000;
+
 /// One `u32`: while not 0, the program makes no new NAT translation (`drop_nat_held`). Set by a
 /// migration from just before its swap until it has merged the old program's last translations
 /// (see `lb_userspace::migrate`). Not pinned: it belongs to one loaded program.

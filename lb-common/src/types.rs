@@ -457,6 +457,24 @@ pub struct RateBucket {
     pub tokens: u64,
     pub last_ns: u64,
 }
+/// A remembered route of NAT replies (see [`crate::maps::REPLY_ROUTES`]): the answer of a
+/// successful `bpf_fib_lookup` towards `dst` for a packet of `fits` bytes that came in on
+/// `ingress` with `tos`, made at `stamp_ns` (`bpf_ktime_get_coarse_ns`; 0: empty).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReplyRoute {
+    pub dst: [u8; 16],
+    pub stamp_ns: u64,
+    pub ingress: u32,
+    pub ifindex: u32,
+    pub fits: u32,
+    pub tos: u8,
+    /// 1 if `dst` is IPv4 (in its first four bytes).
+    pub v4: u8,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad: [u8; 6],
+}
 /// See [`NodeConfig::refresh_ns`].
 pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -535,6 +553,7 @@ assert_size!(
     IcmpJob => 28,
     NextHop => 28,
     SrcRangeKey => 20,
+    ReplyRoute => 56,
 );
 
 impl VipKey {
@@ -607,5 +626,6 @@ mod pod {
     unsafe impl aya::Pod for IcmpJob {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for ReplyRoute {}
     unsafe impl aya::Pod for crate::flowtab::FlowBucket {}
 }

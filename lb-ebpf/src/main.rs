@@ -31,6 +31,8 @@ mod probe;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod reply_route;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod too_big;
@@ -146,6 +148,9 @@ mod program {
     pub static LB_ICMP_BUCKET: PerCpuArray<RateBucket> = PerCpuArray::with_max_entries(1, 0);
     #[map]
     pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+    #[map]
+    pub static LB_REPLY_ROUTES: PerCpuArray<lb_common::ReplyRoute> =
+        PerCpuArray::with_max_entries(lb_common::maps::REPLY_ROUTE_SLOTS, 0);
     #[map]
     pub static LB_NAT_HOLD: Array<u32> = Array::with_max_entries(1, 0);
     #[map]

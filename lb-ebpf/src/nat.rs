@@ -43,7 +43,7 @@ use crate::{
     forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
     icmp,
     parse::{Icmp, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
-    too_big,
+    reply_route, too_big,
 };
 
 const TCP_CHECK_OFF: usize = 16;
@@ -985,7 +985,8 @@ fn ports(src: u16, dst: u16) -> [u8; 4] {
 
 /// Rewrites the source address to `new_src`, the destination to `new_dst` and the ports to
 /// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result: by
-/// the next hop of `member` (id, generation) if it is sent to one, else by a route lookup.
+/// the next hop of `member` (id, generation) if it is sent to one, else (a reply) by a route
+/// lookup, remembered for a while ([`reply_route`]).
 #[inline(always)]
 fn rewrite_and_route(
     ctx: &XdpContext,
@@ -1020,7 +1021,15 @@ fn rewrite_and_route(
     };
     let hop = match member {
         Some((id, generation)) => next_hop(id, generation, pkt.ip_len as u32, node, route),
-        None => route(),
+        None => reply_route::hop(
+            new_dst,
+            v4,
+            ingress,
+            pkt.tos,
+            pkt.ip_len as u32,
+            now(),
+            route,
+        ),
     };
     let too_big = hop.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     // Changes to the pseudo-header (addresses), shared by the IP and L4 checksums.

@@ -624,6 +624,18 @@ impl Lb {
             .expect("writing affinity");
     }
 
+    /// The NAT reply routes every CPU remembers (`LB_REPLY_ROUTES`), empty slots left out.
+    pub fn reply_routes(&mut self) -> Vec<lb_common::ReplyRoute> {
+        let m: PerCpuArray<_, lb_common::ReplyRoute> =
+            PerCpuArray::try_from(self.map(maps::REPLY_ROUTES)).unwrap();
+        let mut out = Vec::new();
+        for slot in 0..maps::REPLY_ROUTE_SLOTS {
+            let per_cpu = m.get(&slot, 0).expect("reading LB_REPLY_ROUTES");
+            out.extend(per_cpu.iter().filter(|e| e.stamp_ns != 0).copied());
+        }
+        out
+    }
+
     /// Fills every CPU's ICMP too big bucket (all zeroes: see [`lb_common::RateBucket`]).
     pub fn refill_icmp_buckets(&mut self) {
         let cpus = aya::util::nr_cpus().expect("number of CPUs");

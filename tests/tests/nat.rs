@@ -1514,6 +1514,86 @@ fn translated_packet_over_the_route_mtu_gets_fragmentation_needed_quoting_it_as_
     });
 }
 
+/// The backend's data reply on `sent`'s translation, `len` bytes of IP packet.
+fn data_reply(sent: &Pkt, len: usize) -> Pkt {
+    reply_to(sent, L4::Tcp { flags: TCP_ACK }).with(|p| p.payload = vec![9; len - 40])
+}
+
+#[test]
+fn a_reply_longer_than_any_remembered_is_routed_anew_so_one_over_the_route_mtu_is_refused() {
+    // The client sits behind lb1's route with MTU 600. The route of its first (short) reply is
+    // remembered; a 600-byte reply is routed anew and fits, a 601-byte one gets fragmentation
+    // needed (sent to the backend) however fresh the remembered route.
+    let net = FibNet::new("nat-rr-mtu");
+    net.ns.run(|| {
+        let mut lb = setup();
+        lb.add_tx_port(net.lb1);
+        lb.refill_icmp_buckets();
+        let syn = Pkt::tcp("10.6.0.9", 40000, V4, 80, LB0_MAC);
+        let port = open(&mut lb, net.lb0, &syn);
+        let sent = translated(&syn, port, TX_V4, 8080);
+        for (len, action) in [(60, XDP_REDIRECT), (600, XDP_REDIRECT), (601, XDP_TX)] {
+            let before = lb.counters();
+            let r = lb.run(&data_reply(&sent, len).frame(), net.lb0);
+            assert_eq!(
+                action_name(r.action),
+                action_name(action),
+                "{len}-byte reply"
+            );
+            let too_big = delta(&mut lb, &before, Counter::DropTooBig);
+            assert_eq!(
+                too_big,
+                (len > 600) as u64,
+                "{len}-byte reply: drop_too_big"
+            );
+        }
+        let client: Ipv4Addr = "10.6.0.9".parse().unwrap();
+        let remembered: Vec<_> = lb
+            .reply_routes()
+            .into_iter()
+            .filter(|e| e.dst[..4] == client.octets())
+            .collect();
+        assert!(
+            remembered
+                .iter()
+                .any(|e| e.fits == 600 && e.dmac == GW1_MAC),
+            "the route to the client, known to fit 600 bytes: {remembered:?}"
+        );
+    });
+}
+
+#[test]
+fn a_remembered_reply_route_follows_a_neighbour_change_within_two_seconds() {
+    let net = FibNet::new("nat-rr-neigh");
+    net.ns.run(|| {
+        let mut lb = setup();
+        let syn = Pkt::tcp(CLIENT4, 40001, V4, 80, LB0_MAC);
+        let port = open(&mut lb, net.lb0, &syn);
+        let reply = data_reply(&translated(&syn, port, TX_V4, 8080), 100);
+        let r = lb.run(&reply.frame(), net.lb0);
+        assert_eq!(
+            (action_name(r.action), &r.output[..6]),
+            ("XDP_TX", &GW0_MAC[..])
+        );
+        const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfd];
+        net.ns
+            .script("neigh replace 10.0.0.2 lladdr 02:00:00:00:00:fd dev lb0 nud permanent");
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let followed = loop {
+            let r = lb.run(&reply.frame(), net.lb0);
+            assert_eq!(action_name(r.action), "XDP_TX");
+            if r.output[..6] == NEW_MAC {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            sleep(Duration::from_millis(20));
+        };
+        assert!(followed, "replies still go to the old neighbour after 2 s");
+    });
+}
+
 #[test]
 fn a_refused_connection_also_frees_its_client_from_affinity() {
     let net = FibNet::new("nat-affref");
