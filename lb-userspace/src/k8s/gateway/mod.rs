@@ -174,19 +174,7 @@ pub fn translate(
         .iter()
         .map(|s| (key_of(s.namespace(), s.name_any()), s))
         .collect();
-    let mut svc_slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
-            svc_slices
-                .entry((s.namespace().unwrap_or_default(), svc.clone()))
-                .or_default()
-                .push(s);
-        }
-    }
-    for v in svc_slices.values_mut() {
-        v.sort_by_key(|s| s.name_any());
-    }
-
+    let svc_slices = slices_by_service(slices);
     // Oldest first: the first route on a listener carries its traffic.
     let mut routes: Vec<&Route> = o.routes.iter().collect();
     routes.sort_by_key(|r| {
@@ -231,19 +219,39 @@ pub fn translate(
         ctx.translate(o, &mut parents, &mut room, &mut out);
     }
 
-    for (i, p) in parents {
-        let r = routes[i];
-        out.updates.push(Update::Route {
-            kind: r.kind,
-            key: key_of(
-                r.meta.namespace.clone(),
-                r.meta.name.clone().unwrap_or_default(),
-            ),
-            generation: r.meta.generation,
-            parents: p,
-        });
-    }
+    let route_updates = parents.into_iter().map(|(i, p)| route_update(routes[i], p));
+    out.updates.extend(route_updates);
     out
+}
+
+fn route_update(r: &Route, parents: Vec<(types::ParentRef, Vec<Cond>)>) -> Update {
+    Update::Route {
+        kind: r.kind,
+        key: key_of(
+            r.meta.namespace.clone(),
+            r.meta.name.clone().unwrap_or_default(),
+        ),
+        generation: r.meta.generation,
+        parents,
+    }
+}
+
+/// EndpointSlices by the Service they belong to (their `kubernetes.io/service-name` label), each
+/// Service's sorted by name.
+fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+            by_service
+                .entry((s.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
+        }
+    }
+    for v in by_service.values_mut() {
+        v.sort_by_key(|s| s.name_any());
+    }
+    by_service
 }
 
 struct GatewayCtx<'a> {
