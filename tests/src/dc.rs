@@ -421,6 +421,28 @@ impl Lab {
         })
     }
 
+    /// One datagram per port in `ports`, from a UDP socket of its own bound to client `c` at that
+    /// source port and *connected* to `vip`, each waiting up to `patience` for its one answer
+    /// (no retry), as the Gateway API conformance suite's client sends them: a connected socket
+    /// takes a reply only from the address and port it sent to. Who answered how often.
+    pub fn udp_tally_ports(
+        &self,
+        c: IpAddr,
+        ports: std::ops::Range<u16>,
+        vip: SocketAddr,
+        patience: Duration,
+    ) -> BTreeMap<String, usize> {
+        self.client.run(|| {
+            let mut t = BTreeMap::new();
+            for p in ports {
+                let answer = who_udp_connected(SocketAddr::new(c, p), vip, patience)
+                    .unwrap_or_else(|e| format!("error: {e}"));
+                *t.entry(answer).or_insert(0) += 1;
+            }
+            t
+        })
+    }
+
     /// `n` TCP connections, round-robin over `clients` client addresses; who answered how often.
     pub fn tcp_tally(&self, vip: SocketAddr, n: usize, clients: usize) -> BTreeMap<String, usize> {
         self.tally(vip, n, clients, who_tcp)
@@ -905,6 +927,25 @@ fn who_udp(c: IpAddr, vip: SocketAddr) -> Result<String, String> {
         }
     }
     Err("no answer".into())
+}
+
+/// One datagram from `from` on a socket connected to `vip`, and the one answer within `patience`.
+fn who_udp_connected(
+    from: SocketAddr,
+    vip: SocketAddr,
+    patience: Duration,
+) -> Result<String, String> {
+    let s = UdpSocket::bind(from).map_err(|e| format!("bind: {}", e.kind()))?;
+    s.connect(vip)
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    s.set_read_timeout(Some(patience))
+        .map_err(|e| e.to_string())?;
+    s.send(b"who?").map_err(|e| format!("send: {}", e.kind()))?;
+    let mut buf = [0u8; 64];
+    let n = s
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer: {}", e.kind()))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// A long-lived connection that sends a numbered line every 20 ms and checks each echo.

@@ -3,10 +3,11 @@
 //! label selectors, ADDED/MODIFIED/DELETED, bookmarks, `410 Gone` for a version that has been
 //! compacted away) for Services, EndpointSlices, UpstreamPolicies, Namespaces and the Gateway
 //! API's GatewayClasses, Gateways, TCPRoutes and UDPRoutes (at v1 and v1alpha2, the same objects)
-//! and ReferenceGrants; discovery of the Gateway API group's versions (a test may hide some);
-//! merge-patching any of their statuses; server-side applying Services; creating and patching
-//! Events; getting, listing, creating and (resourceVersion-conditionally) updating Leases. Tests change
-//! objects through [`FakeApi`] and read back what the agent wrote.
+//! and ReferenceGrants (at v1 and v1beta1, the same objects); discovery of the Gateway API
+//! group's versions (a test may hide some); merge-patching any of their statuses; server-side
+//! applying Services; creating and patching Events; getting, listing, creating and
+//! (resourceVersion-conditionally) updating Leases. Tests change objects through [`FakeApi`] and
+//! read back what the agent wrote.
 //!
 //! It runs on a runtime of its own, so [`FakeApi::stop`] really takes it away (every connection
 //! closes) and [`FakeApi::start`] brings it back with the same objects.
@@ -31,7 +32,7 @@ pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The resources served: (plural, apiVersion, kind, path prefix). A kind served at two versions
 /// is listed twice; its objects are the same at both.
-const RESOURCES: [(&str, &str, &str, &str); 12] = [
+const RESOURCES: [(&str, &str, &str, &str); 13] = [
     ("services", "v1", "Service", "/api/v1"),
     // Read by name only: an agent run with --down-when-deleted asks for its DaemonSet on exit.
     ("daemonsets", "apps/v1", "DaemonSet", "/apis/apps/v1"),
@@ -71,6 +72,12 @@ const RESOURCES: [(&str, &str, &str, &str); 12] = [
         "gateway.networking.k8s.io/v1alpha2",
         "UDPRoute",
         "/apis/gateway.networking.k8s.io/v1alpha2",
+    ),
+    (
+        "referencegrants",
+        "gateway.networking.k8s.io/v1",
+        "ReferenceGrant",
+        "/apis/gateway.networking.k8s.io/v1",
     ),
     (
         "referencegrants",

@@ -16,7 +16,7 @@ use std::{
 use lb_common::Counter;
 use lb_tests::{
     agent::{Agent, Dirs},
-    harness::{FibNet, Lb, XDP_TX, action_name, net::*},
+    harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     kubeapi::{FakeApi, gateway_only, granted, rbac_of},
     packet::{Pkt, TCP_ACK, TCP_RST},
 };
@@ -112,9 +112,14 @@ fn service(api: &FakeApi, ns: &str, name: &str, pods: &[&str]) {
 }
 
 fn grant(to_ns: &str, from_ns: &str) -> Value {
+    grant_for("TCPRoute", to_ns, from_ns)
+}
+
+/// A ReferenceGrant in `to_ns` letting routes of `kind` in `from_ns` refer to its Services.
+fn grant_for(kind: &str, to_ns: &str, from_ns: &str) -> Value {
     json!({ "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
             "metadata": { "namespace": to_ns, "name": "routes-may-refer" },
-            "spec": { "from": [ { "group": "gateway.networking.k8s.io", "kind": "TCPRoute", "namespace": from_ns } ],
+            "spec": { "from": [ { "group": "gateway.networking.k8s.io", "kind": kind, "namespace": from_ns } ],
                       "to": [ { "group": "", "kind": "Service" } ] } })
 }
 
@@ -273,6 +278,44 @@ fn syn(i: u32, addr: &str, port: u16) -> Pkt {
         port,
         LB0_MAC,
     )
+}
+
+/// A datagram from client `i` (its own address and port) to `addr:port`.
+fn dgram(i: u32, addr: &str, port: u16) -> Pkt {
+    Pkt::udp(
+        &format!("198.51.100.{}", 1 + i % 250),
+        40_000 + (i / 250) as u16,
+        addr,
+        port,
+        LB0_MAC,
+    )
+}
+
+/// The message of condition `kind` in `conds`.
+fn message(conds: &Value, kind: &str) -> String {
+    conds
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == kind))
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether Gateway `infra/name` is ready as the conformance suite's setup waits for every
+/// Gateway of its namespaces (`NamespacesMustBeReady`): `Accepted` and `Programmed` True, for
+/// any reason, each condition of the Gateway's current generation.
+fn ready(w: &World, name: &str) -> bool {
+    let Some(g) = w.api.get("Gateway", "infra", name) else {
+        return false;
+    };
+    let conds = &g["status"]["conditions"];
+    let current = conds.as_array().is_some_and(|a| {
+        !a.is_empty()
+            && a.iter()
+                .all(|c| c["observedGeneration"] == g["metadata"]["generation"])
+    });
+    let holds = |kind| cond(conds, kind).is_some_and(|(status, _)| status == "True");
+    current && holds("Accepted") && holds("Programmed")
 }
 
 /// (status, reason) of condition `kind` in `conds`.
@@ -693,45 +736,13 @@ fn several_routes_on_one_listener_are_all_accepted_and_only_the_oldest_carries_t
 #[test]
 fn weighted_backend_refs_split_new_connections_70_30_and_weight_0_gets_none() {
     let (a, b, c) = ("10.1.0.11", "10.1.0.12", "10.1.0.13");
-    let mut w = World::start("gw-weighted", |api| {
-        api.apply(gateway(
-            "gw",
-            json!([listener("tcp", 80, "TCP")]),
-            at_gw_addr(),
-        ));
-        service(api, "apps", "seventy", &[a]);
-        service(api, "apps", "thirty", &[b]);
-        service(api, "apps", "zero", &[c]);
-        api.apply(route(
-            "TCPRoute",
-            "apps",
-            "r",
-            json!([parent(None, None)]),
-            json!([
-                backend(None, "seventy", 80, Some(70)),
-                backend(None, "thirty", 80, Some(30)),
-                backend(None, "zero", 80, Some(0))
-            ]),
-            1,
-        ));
-    });
-    w.maps("three members", |v| {
-        v[0]["backends"].as_array().is_some_and(|b| b.len() == 3)
-    });
+    let mut w = weighted_world("gw-weighted", "TCPRoute", (a, b, c));
     let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
     let n = 500;
     for i in 0..n {
         *counts.entry(w.pod_of(&syn(i, GW_ADDR, 80)).0).or_default() += 1;
     }
-    let share =
-        |p: &str| f64::from(counts.get(&p.parse().unwrap()).copied().unwrap_or(0)) / f64::from(n);
-    assert!((share(a) - 0.70).abs() <= 0.05, "70: {counts:?}");
-    assert!((share(b) - 0.30).abs() <= 0.05, "30: {counts:?}");
-    assert_eq!(
-        share(c),
-        0.0,
-        "weight 0 takes no new connection: {counts:?}"
-    );
+    assert_shares(&counts, n, (a, b, c));
 }
 
 #[test]
@@ -1148,4 +1159,539 @@ fn the_route_carrying_a_listeners_traffic_gets_a_programmed_event_and_its_succes
         "one Event while it carried the traffic"
     );
     assert_eq!(newer, [note.as_str()], "none while it carried nothing");
+}
+
+// --- Modelled on the upstream L4 conformance suite (docs/conformance.md maps each) ------------
+
+#[test]
+fn gatewayclass_status_lists_exactly_the_features_lb_implements() {
+    let w = World::start("gw-features", |_| {});
+    let s = w.status("GatewayClass", "", "lb", |s| {
+        !s["supportedFeatures"].is_null()
+    });
+    // Sorted by name, as the API asks; what the suite infers the tests to run from.
+    assert_eq!(
+        s["supportedFeatures"],
+        json!([{ "name": "Gateway" }, { "name": "ReferenceGrant" },
+               { "name": "TCPRoute" }, { "name": "UDPRoute" }])
+    );
+}
+
+#[test]
+fn gatewayclass_supported_version_names_reference_grant_v1_where_v1_is_served() {
+    let w = World::start("gw-grant-v1", |_| {});
+    let s = w.status("GatewayClass", "", "lb", |s| {
+        cond(&s["conditions"], "SupportedVersion").is_some()
+    });
+    assert_eq!(
+        message(&s["conditions"], "SupportedVersion"),
+        "lb reads GatewayClass and Gateway v1, TCPRoute v1, UDPRoute v1, ReferenceGrant v1"
+    );
+    assert!(
+        !w.api
+            .requests("/apis/gateway.networking.k8s.io/v1/referencegrants")
+            .is_empty(),
+        "ReferenceGrants are watched at v1"
+    );
+}
+
+#[test]
+fn gatewayclass_supported_version_names_reference_grant_v1beta1_where_only_it_is_served() {
+    let w = World::start("gw-grant-v1beta1", |api| {
+        api.hide("gateway.networking.k8s.io/v1", "referencegrants");
+    });
+    let s = w.status("GatewayClass", "", "lb", |s| {
+        cond(&s["conditions"], "SupportedVersion").is_some()
+    });
+    assert!(
+        message(&s["conditions"], "SupportedVersion").ends_with("ReferenceGrant v1beta1"),
+        "{s:#}"
+    );
+}
+
+/// The suite's setup: its base manifests' Gateways have HTTP and HTTPS listeners only, and every
+/// Gateway of its namespaces must become Accepted and Programmed before any test runs.
+#[test]
+fn namespaces_must_be_ready_with_http_only_gateways_beside_a_served_tcp_route() {
+    let mut w = World::start("gw-ready", |api| {
+        api.apply(gateway(
+            "same-namespace",
+            json!([listener("http", 80, "HTTP")]),
+            Value::Null,
+        ));
+        api.apply(gateway(
+            "same-namespace-with-https-listener",
+            json!([listener("https", 443, "HTTPS")]),
+            Value::Null,
+        ));
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+    });
+    let names = ["same-namespace", "same-namespace-with-https-listener", "gw"];
+    w.until("every Gateway in infra Accepted and Programmed", |w| {
+        names.iter().all(|n| ready(w, n)).then_some(())
+    });
+    let http = w.api.get("Gateway", "infra", "same-namespace").unwrap()["status"].clone();
+    assert!(
+        is(&http["conditions"], "Accepted", "True", "ListenersNotValid"),
+        "{http:#}"
+    );
+    assert!(
+        message(&http["conditions"], "Programmed").contains("nothing to program"),
+        "{http:#}"
+    );
+    assert_eq!(http["addresses"], json!([]), "nothing is bound to it");
+    let l = &listener_status(&http, "http")["conditions"];
+    assert!(
+        is(l, "Accepted", "False", "UnsupportedProtocol"),
+        "{http:#}"
+    );
+    assert!(is(l, "Programmed", "False", "Invalid"), "{http:#}");
+    assert!(
+        w.api.get("Service", "infra", "same-namespace-lb").is_none(),
+        "no address is asked for a Gateway lb serves nothing of"
+    );
+    w.maps("the TCP Gateway's VIP only", |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert_eq!(w.pod_of(&syn(1, GW_ADDR, 80)), pod(TX_V4));
+}
+
+#[test]
+fn tcproute_invalid_non_tcp_listener_of_an_http_only_gateway_is_not_allowed_and_attaches_nothing() {
+    let w = World::start("gw-non-tcp", |api| {
+        let mut l = listener("only-allow-http-routes", 5300, "HTTP");
+        l["allowedRoutes"]["kinds"] = json!([{ "kind": "HTTPRoute" }]);
+        api.apply(gateway("gw", json!([l]), Value::Null));
+        service(api, "infra", "tcp-echo", &[TX_V4]);
+        api.apply(route(
+            "TCPRoute",
+            "infra",
+            "tcp-route",
+            json!([parent(Some("only-allow-http-routes"), None)]),
+            json!([backend(None, "tcp-echo", 80, None)]),
+            1,
+        ));
+    });
+    w.until("the HTTP-only Gateway ready", |w| {
+        ready(w, "gw").then_some(())
+    });
+    w.status("TCPRoute", "infra", "tcp-route", |s| {
+        is(
+            &parent_conds(s, 0),
+            "Accepted",
+            "False",
+            "NotAllowedByListeners",
+        )
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| !s["listeners"].is_null());
+    let l = listener_status(&gw, "only-allow-http-routes");
+    assert_eq!(l["attachedRoutes"], 0, "{gw:#}");
+    assert_eq!(l["supportedKinds"], json!([]), "{gw:#}");
+}
+
+#[test]
+fn gateway_listener_unsupported_protocol_with_no_defined_protocol_leaves_the_gateway_not_accepted()
+{
+    let w = World::start("gw-invalid-proto", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("invalid", 1111, "INVALID")]),
+            Value::Null,
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        is(&s["conditions"], "Accepted", "False", "ListenersNotValid")
+    });
+    assert!(
+        is(&gw["conditions"], "Programmed", "False", "Invalid"),
+        "{gw:#}"
+    );
+    let l = listener_status(&gw, "invalid");
+    assert!(
+        is(&l["conditions"], "Accepted", "False", "UnsupportedProtocol"),
+        "{gw:#}"
+    );
+    assert_eq!(l["supportedKinds"], json!([]));
+}
+
+#[test]
+fn route_parent_status_names_the_gateway_with_the_group_and_kind_the_spec_left_to_defaulting() {
+    let w = World::start("gw-parent-gk", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc", &[TX_V4]);
+        // parent() sets neither group nor kind, and the in-test API server defaults nothing.
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(Some("tcp"), None)]),
+            json!([backend(None, "svc", 80, None)]),
+            1,
+        ));
+    });
+    let s = w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    assert_eq!(
+        s["parents"][0]["parentRef"],
+        json!({ "group": "gateway.networking.k8s.io", "kind": "Gateway",
+                "namespace": "infra", "name": "gw", "sectionName": "tcp" })
+    );
+}
+
+#[test]
+fn tcproute_invalid_cross_namespace_backend_ref_to_a_service_that_exists_nowhere_is_ref_not_permitted()
+ {
+    let w = World::start("gw-cross-missing", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(Some("backends"), "no-such-svc", 80, None)]),
+            1,
+        ));
+    });
+    // The grant is checked before the Service is looked for: nothing about the other namespace
+    // (not even whether the Service exists) shows without one.
+    let s = w.status("TCPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "RefNotPermitted"))
+    });
+    assert!(
+        !message(&parent_conds(&s, 0), "ResolvedRefs").contains("no such Service"),
+        "{s:#}"
+    );
+}
+
+#[test]
+fn tcproute_weighted_routing_splits_500_connections_from_one_client_address_70_30_0() {
+    let (a, b, c) = ("10.1.0.11", "10.1.0.12", "10.1.0.13");
+    let mut w = weighted_world("gw-weighted-ports", "TCPRoute", (a, b, c));
+    let n = 500;
+    let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for i in 0..n {
+        // One client address, a new source port per connection, as the suite's client makes.
+        let p = Pkt::tcp("198.51.100.7", 20_000 + i as u16, GW_ADDR, 80, LB0_MAC);
+        *counts.entry(w.pod_of(&p).0).or_default() += 1;
+    }
+    assert_shares(&counts, n, (a, b, c));
+}
+
+#[test]
+fn udproute_weighted_routing_splits_500_datagrams_from_one_client_address_70_30_0() {
+    let (a, b, c) = ("10.1.0.11", "10.1.0.12", "10.1.0.13");
+    let mut w = weighted_world("gw-udp-weighted", "UDPRoute", (a, b, c));
+    let n = 500;
+    let mut counts: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for i in 0..n {
+        let p = Pkt::udp("198.51.100.7", 20_000 + i as u16, GW_ADDR, 53, LB0_MAC);
+        *counts.entry(w.pod_of(&p).0).or_default() += 1;
+    }
+    assert_shares(&counts, n, (a, b, c));
+}
+
+/// A Gateway with a listener of `kind`'s protocol (TCP 80 or UDP 53) and a route of `kind`
+/// over Services with weights 70, 30 and 0 (pods `a`, `b`, `c`), once its three members are in
+/// the maps.
+fn weighted_world(tag: &str, kind: &str, (a, b, c): (&str, &str, &str)) -> World {
+    let (l, port) = match kind {
+        "TCPRoute" => (listener("tcp", 80, "TCP"), 80),
+        _ => (listener("udp", 53, "UDP"), 53),
+    };
+    let w = World::start(tag, |api| {
+        api.apply(gateway("gw", json!([l]), at_gw_addr()));
+        service(api, "apps", "seventy", &[a]);
+        service(api, "apps", "thirty", &[b]);
+        service(api, "apps", "zero", &[c]);
+        api.apply(route(
+            kind,
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([
+                backend(None, "seventy", port, Some(70)),
+                backend(None, "thirty", port, Some(30)),
+                backend(None, "zero", port, Some(0))
+            ]),
+            1,
+        ));
+    });
+    w.maps("three members", |v| {
+        v[0]["backends"].as_array().is_some_and(|b| b.len() == 3)
+    });
+    w
+}
+
+/// The suite's check: each share within 5 points of its weight's, none for weight 0.
+fn assert_shares(counts: &BTreeMap<IpAddr, u32>, n: u32, (a, b, c): (&str, &str, &str)) {
+    let share =
+        |p: &str| f64::from(counts.get(&p.parse().unwrap()).copied().unwrap_or(0)) / f64::from(n);
+    assert!((share(a) - 0.70).abs() <= 0.05, "70: {counts:?}");
+    assert!((share(b) - 0.30).abs() <= 0.05, "30: {counts:?}");
+    assert_eq!(share(c), 0.0, "weight 0 takes nothing: {counts:?}");
+}
+
+#[test]
+fn udproute_parentref_attach_all_listeners_reaches_the_backend_on_every_udp_listener() {
+    let mut w = World::start("gw-udp-all", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([
+                listener("udp-a", 5300, "UDP"),
+                listener("udp-b", 5301, "UDP"),
+                listener("tcp", 8080, "TCP")
+            ]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "dns", &[TX_V4]);
+        api.apply(route(
+            "UDPRoute",
+            "apps",
+            "all",
+            json!([parent(None, None)]),
+            json!([backend(None, "dns", 53, None)]),
+            1,
+        ));
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "udp-a")["attachedRoutes"] == 1
+            && listener_status(s, "udp-b")["attachedRoutes"] == 1
+    });
+    assert_eq!(listener_status(&gw, "tcp")["attachedRoutes"], 0, "{gw:#}");
+    w.status("UDPRoute", "apps", "all", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    w.maps("three listeners in the maps", |v| {
+        v.as_array().is_some_and(|a| a.len() == 3)
+    });
+    let dns = (TX_V4.parse().unwrap(), 5353);
+    assert_eq!(w.pod_of(&dgram(1, GW_ADDR, 5300)), dns);
+    assert_eq!(w.pod_of(&dgram(2, GW_ADDR, 5301)), dns);
+}
+
+#[test]
+fn udproute_parentref_port_and_section_name_select_the_udp_listener() {
+    let mut w = World::start("gw-udp-section", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([
+                listener("a", 5300, "UDP"),
+                listener("b", 5301, "UDP"),
+                listener("c", 5302, "UDP")
+            ]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "svc-a", &[TX_V4]);
+        service(api, "apps", "svc-b", &[TX_V4_B]);
+        let parents = [
+            ("by-both", parent(Some("a"), Some(5300)), "svc-a"),
+            ("by-port", parent(None, Some(5301)), "svc-b"),
+            ("by-section", parent(Some("c"), None), "svc-a"),
+            ("mismatch", parent(Some("a"), Some(5301)), "svc-a"),
+        ];
+        for (i, (name, p, svc)) in parents.into_iter().enumerate() {
+            api.apply(route(
+                "UDPRoute",
+                "apps",
+                name,
+                json!([p]),
+                json!([backend(None, svc, 53, None)]),
+                i as u32 + 1,
+            ));
+        }
+    });
+    for r in ["by-both", "by-port", "by-section"] {
+        w.status("UDPRoute", "apps", r, |s| {
+            route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+        });
+    }
+    w.status("UDPRoute", "apps", "mismatch", |s| {
+        is(&parent_conds(s, 0), "Accepted", "False", "NoMatchingParent")
+    });
+    w.maps("three listeners in the maps", |v| {
+        v.as_array().is_some_and(|a| a.len() == 3)
+    });
+    let at = |a: &str| (a.parse::<IpAddr>().unwrap(), 5353);
+    assert_eq!(w.pod_of(&dgram(1, GW_ADDR, 5300)), at(TX_V4));
+    assert_eq!(w.pod_of(&dgram(2, GW_ADDR, 5301)), at(TX_V4_B));
+    assert_eq!(w.pod_of(&dgram(3, GW_ADDR, 5302)), at(TX_V4));
+}
+
+#[test]
+fn udproute_multiple_routes_attachment_accepts_both_and_only_the_oldest_answers() {
+    let mut w = World::start("gw-udp-multi", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("udp", 5300, "UDP")]),
+            at_gw_addr(),
+        ));
+        service(api, "apps", "old", &[TX_V4]);
+        service(api, "apps", "new", &[TX_V4_B]);
+        for (name, svc, created) in [("a-newer", "new", 30), ("z-older", "old", 10)] {
+            api.apply(route(
+                "UDPRoute",
+                "apps",
+                name,
+                json!([parent(Some("udp"), None)]),
+                json!([backend(None, svc, 53, None)]),
+                created,
+            ));
+        }
+    });
+    for r in ["a-newer", "z-older"] {
+        w.status("UDPRoute", "apps", r, |s| {
+            route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+        });
+    }
+    w.status("Gateway", "infra", "gw", |s| {
+        listener_status(s, "udp")["attachedRoutes"] == 2
+    });
+    w.maps("the oldest route's backend", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.len() == 1 && b[0]["backend"]["address"] == TX_V4)
+    });
+    for i in 0..20 {
+        assert_eq!(
+            w.pod_of(&dgram(i, GW_ADDR, 5300)),
+            (TX_V4.parse().unwrap(), 5353)
+        );
+    }
+}
+
+#[test]
+fn udproute_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_it() {
+    let mut w = World::start("gw-udp-grant", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("udp", 5300, "UDP")]),
+            at_gw_addr(),
+        ));
+        service(api, "backends", "dns", &[TX_V4]);
+        api.apply(grant_for("UDPRoute", "backends", "apps"));
+        api.apply(route(
+            "UDPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(Some("backends"), "dns", 53, None)]),
+            1,
+        ));
+    });
+    w.status("UDPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("True", "ResolvedRefs"))
+    });
+    w.maps("the granted backend", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["backend"]["address"] == TX_V4))
+    });
+    assert_eq!(
+        w.pod_of(&dgram(1, GW_ADDR, 5300)),
+        (TX_V4.parse().unwrap(), 5353)
+    );
+
+    w.api
+        .delete("ReferenceGrant", "backends", "routes-may-refer");
+    w.status("UDPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "RefNotPermitted"))
+    });
+    w.maps("the grant revoked", |v| {
+        v[0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().all(|b| b["backend"]["address"] != TX_V4))
+    });
+    // A rejected share's datagram is dropped (a TCP SYN would be reset).
+    let before = w.counter(Counter::DropRejected);
+    let (action, _) = w.send(&dgram(2, GW_ADDR, 5300));
+    assert_eq!(action_name(action), action_name(XDP_DROP));
+    assert_eq!(w.counter(Counter::DropRejected), before + 1);
+}
+
+/// The suite applies this test's TLS-only Gateway also where it skips the test (no TLSRoute
+/// support), and later tests wait for every Gateway of the namespace to be ready.
+#[test]
+fn udproute_not_allowed_by_listeners_of_a_tls_only_gateway_attaches_nothing_and_it_stays_ready() {
+    let w = World::start("gw-udp-tls", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tls", 443, "TLS")]),
+            Value::Null,
+        ));
+        service(api, "infra", "coredns", &[TX_V4]);
+        api.apply(route(
+            "UDPRoute",
+            "infra",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "coredns", 53, None)]),
+            1,
+        ));
+    });
+    w.status("UDPRoute", "infra", "r", |s| {
+        is(
+            &parent_conds(s, 0),
+            "Accepted",
+            "False",
+            "NotAllowedByListeners",
+        )
+    });
+    w.until("the TLS-only Gateway ready", |w| {
+        ready(w, "gw").then_some(())
+    });
+    let gw = w.status("Gateway", "infra", "gw", |s| !s["listeners"].is_null());
+    assert_eq!(listener_status(&gw, "tls")["attachedRoutes"], 0, "{gw:#}");
+}
+
+#[test]
+fn udproute_invalid_backendref_nonexistent_is_backend_not_found_and_its_datagrams_dropped() {
+    let mut w = World::start("gw-udp-missing", |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("udp", 5300, "UDP")]),
+            at_gw_addr(),
+        ));
+        api.apply(route(
+            "UDPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "no-such-svc", 53, None)]),
+            1,
+        ));
+    });
+    w.status("UDPRoute", "apps", "r", |s| {
+        route_is(s, ("True", "Accepted"), ("False", "BackendNotFound"))
+    });
+    w.maps("the rejecting share", |v| {
+        v.as_array().is_some_and(|a| a.len() == 1)
+    });
+    let before = w.counter(Counter::DropRejected);
+    for i in 0..10 {
+        let (action, _) = w.send(&dgram(i, GW_ADDR, 5300));
+        assert_eq!(action_name(action), action_name(XDP_DROP), "datagram {i}");
+    }
+    assert_eq!(w.counter(Counter::DropRejected), before + 10);
 }

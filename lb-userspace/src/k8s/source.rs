@@ -79,6 +79,8 @@ struct GatewayWatch {
     tcp: Option<(ApiResource, Store<DynamicObject>)>,
     udp: Option<(ApiResource, Store<DynamicObject>)>,
     grants: Option<Store<DynamicObject>>,
+    /// The versions of those watched.
+    watched: gateway::Watched,
     /// The last translation's output, for [`Kube::report`].
     last: gateway::Output,
     /// The `Programmed` Event last recorded on each route (`TCPRoute ns/name`), while leading.
@@ -229,6 +231,7 @@ impl Kube {
                 tcp: served.tcp.clone().map(|ar| (ar.clone(), w(ar))),
                 udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
                 grants: served.grants.clone().map(&mut w),
+                watched: served.watched(),
                 last: gateway::Output::default(),
                 said: BTreeMap::new(),
             }
@@ -500,10 +503,11 @@ impl Kube {
         };
         let (namespaces, classes, gateways) =
             (g.namespaces.clone(), g.classes.clone(), g.gateways.clone());
-        let (tcp, udp, grants) = (
+        let (tcp, udp, grants, watched) = (
             g.tcp.as_ref().map(|t| t.1.clone()),
             g.udp.as_ref().map(|t| t.1.clone()),
             g.grants.clone(),
+            g.watched.clone(),
         );
         let mut routes: Vec<Route> = Vec::new();
         if let Some(s) = tcp {
@@ -532,6 +536,7 @@ impl Kube {
             grants: grants
                 .map(|s| self.decode::<ReferenceGrant>(&s, "ReferenceGrant", None))
                 .unwrap_or_default(),
+            watched,
         }
     }
 
@@ -917,6 +922,16 @@ impl GatewayApi {
     /// Whether there are Gateways to serve (GatewayClass and Gateway at v1).
     fn enabled(&self) -> bool {
         self.core
+    }
+
+    /// The versions found, as the GatewayClass's status names them.
+    fn watched(&self) -> gateway::Watched {
+        let v = |a: &Option<ApiResource>| a.as_ref().map(|a| a.version.clone());
+        gateway::Watched {
+            tcp_routes: v(&self.tcp),
+            udp_routes: v(&self.udp),
+            grants: v(&self.grants),
+        }
     }
 }
 

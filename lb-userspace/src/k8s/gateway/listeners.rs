@@ -22,6 +22,9 @@ pub struct Judged {
     pub port: u16,
     /// The protocol lb serves it with; None: not served.
     pub protocol: Option<Protocol>,
+    /// Whether its protocol is one the Gateway API defines, served by lb or not (see
+    /// [`defined_protocol`]).
+    pub defined: bool,
     /// Route kinds it takes (its `supportedKinds`).
     pub kinds: Vec<RouteGroupKind>,
     pub accepted: Cond,
@@ -39,6 +42,16 @@ impl Judged {
     pub fn takes(&self, kind: RouteKind) -> bool {
         self.kinds.iter().any(|k| k.kind == kind.name())
     }
+}
+
+/// Whether `protocol` is one the Gateway API defines: a core name (`HTTP`, `HTTPS`, `TLS`, `TCP`,
+/// `UDP`) or an implementation's domain-prefixed one (`example.com/proto`). The spec reserves
+/// every other unprefixed name for core protocols, so a name like `INVALID` is no protocol.
+pub fn defined_protocol(protocol: &str) -> bool {
+    matches!(protocol, "HTTP" | "HTTPS" | "TLS" | "TCP" | "UDP")
+        || protocol
+            .split_once('/')
+            .is_some_and(|(domain, name)| !domain.is_empty() && !name.is_empty())
 }
 
 fn transport(protocol: &str) -> &'static str {
@@ -127,6 +140,7 @@ fn judge_one(l: &Listener, taken_by: Option<&Listener>) -> Judged {
         name: l.name.clone(),
         port,
         protocol,
+        defined: defined_protocol(&l.protocol),
         kinds,
         accepted,
         conflicted,
@@ -214,6 +228,27 @@ mod tests {
             (false, "UnsupportedProtocol")
         );
         assert!(j[0].kinds.is_empty());
+    }
+
+    #[test]
+    fn core_and_domain_prefixed_protocols_are_defined_and_other_names_are_not() {
+        for p in [
+            "HTTP",
+            "HTTPS",
+            "TLS",
+            "TCP",
+            "UDP",
+            "example.com/quic",
+            "acme/q",
+        ] {
+            assert!(defined_protocol(p), "{p}");
+        }
+        for p in ["INVALID", "http", "/quic", "example.com/", ""] {
+            assert!(!defined_protocol(p), "{p}");
+        }
+        let j = judge(&[l("web", 80, "HTTP"), l("odd", 81, "INVALID")]);
+        assert_eq!((j[0].defined, j[1].defined), (true, false));
+        assert!(j.iter().all(|j| j.accepted.reason == "UnsupportedProtocol"));
     }
 
     #[test]

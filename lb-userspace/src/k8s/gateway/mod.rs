@@ -59,6 +59,61 @@ pub struct Objects {
     pub routes: Vec<Route>,
     pub grants: Vec<ReferenceGrant>,
     pub namespaces: NamespaceLabels,
+    /// The versions the route kinds and ReferenceGrants are watched at.
+    pub watched: Watched,
+}
+
+/// The version each optional Gateway API kind is watched at (None: the API server did not
+/// serve it when the agent started), as discovery found them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Watched {
+    pub tcp_routes: Option<String>,
+    pub udp_routes: Option<String>,
+    pub grants: Option<String>,
+}
+
+impl Watched {
+    /// What the GatewayClass's `SupportedVersion` condition says lb reads.
+    fn describe(&self) -> String {
+        let at = |kind: &str, v: &Option<String>| match v {
+            Some(v) => format!("{kind} {v}"),
+            None => format!("no {kind} (not served when the agent started)"),
+        };
+        format!(
+            "lb reads GatewayClass and Gateway v1, {}, {}, {}",
+            at("TCPRoute", &self.tcp_routes),
+            at("UDPRoute", &self.udp_routes),
+            at("ReferenceGrant", &self.grants)
+        )
+    }
+}
+
+/// The conformance features lb implements, as the GatewayClass's `status.supportedFeatures`
+/// gives them (sorted by name, as the API asks): the Gateway (core), ReferenceGrant, TCPRoute
+/// and UDPRoute. Not `GatewayStaticAddresses`: lb takes `spec.addresses`, but cannot tell an
+/// address the network will not route to it (`AddressNotUsable`), which that feature's test asks.
+pub const SUPPORTED_FEATURES: [&str; 4] = ["Gateway", "ReferenceGrant", "TCPRoute", "UDPRoute"];
+
+fn class_update(c: &GatewayClass, controller: &str, watched: &Watched) -> Update {
+    Update::Class {
+        name: c.name_any(),
+        generation: c.metadata.generation,
+        conditions: vec![
+            cond(
+                "Accepted",
+                true,
+                "Accepted",
+                format!("served by {controller}"),
+            ),
+            cond(
+                "SupportedVersion",
+                true,
+                "SupportedVersion",
+                watched.describe(),
+            ),
+        ],
+        supported_features: SUPPORTED_FEATURES.map(String::from).to_vec(),
+    }
 }
 
 /// What the Service translation left: the VIPs it took, and the policies' effects.
@@ -112,38 +167,14 @@ pub fn translate(
     classes.sort_by_key(|c| c.name_any());
     let ours: BTreeSet<String> = classes.iter().map(|c| c.name_any()).collect();
     for c in classes {
-        out.updates.push(Update::Class {
-            name: c.name_any(),
-            generation: c.metadata.generation,
-            conditions: vec![
-                cond("Accepted", true, "Accepted", format!("served by {controller}")),
-                cond(
-                    "SupportedVersion",
-                    true,
-                    "SupportedVersion",
-                    "lb reads Gateway, TCPRoute and UDPRoute v1 (and v1alpha2 routes), ReferenceGrant v1beta1",
-                ),
-            ],
-        });
+        out.updates.push(class_update(c, controller, &o.watched));
     }
 
     let by_key: Services = services
         .iter()
         .map(|s| (key_of(s.namespace(), s.name_any()), s))
         .collect();
-    let mut svc_slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
-            svc_slices
-                .entry((s.namespace().unwrap_or_default(), svc.clone()))
-                .or_default()
-                .push(s);
-        }
-    }
-    for v in svc_slices.values_mut() {
-        v.sort_by_key(|s| s.name_any());
-    }
-
+    let svc_slices = slices_by_service(slices);
     // Oldest first: the first route on a listener carries its traffic.
     let mut routes: Vec<&Route> = o.routes.iter().collect();
     routes.sort_by_key(|r| {
@@ -188,19 +219,39 @@ pub fn translate(
         ctx.translate(o, &mut parents, &mut room, &mut out);
     }
 
-    for (i, p) in parents {
-        let r = routes[i];
-        out.updates.push(Update::Route {
-            kind: r.kind,
-            key: key_of(
-                r.meta.namespace.clone(),
-                r.meta.name.clone().unwrap_or_default(),
-            ),
-            generation: r.meta.generation,
-            parents: p,
-        });
-    }
+    let route_updates = parents.into_iter().map(|(i, p)| route_update(routes[i], p));
+    out.updates.extend(route_updates);
     out
+}
+
+fn route_update(r: &Route, parents: Vec<(types::ParentRef, Vec<Cond>)>) -> Update {
+    Update::Route {
+        kind: r.kind,
+        key: key_of(
+            r.meta.namespace.clone(),
+            r.meta.name.clone().unwrap_or_default(),
+        ),
+        generation: r.meta.generation,
+        parents,
+    }
+}
+
+/// EndpointSlices by the Service they belong to (their `kubernetes.io/service-name` label), each
+/// Service's sorted by name.
+fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) {
+            by_service
+                .entry((s.namespace().unwrap_or_default(), svc.clone()))
+                .or_default()
+                .push(s);
+        }
+    }
+    for v in by_service.values_mut() {
+        v.sort_by_key(|s| s.name_any());
+    }
+    by_service
 }
 
 struct GatewayCtx<'a> {
@@ -227,31 +278,7 @@ impl GatewayCtx<'_> {
     ) {
         let (gw_ns, gw_name) = self.key();
         let judged = listeners::judge(&self.gw.spec.listeners);
-        // Attach routes; every parentRef naming this Gateway gets a parents entry.
-        let mut attached: Vec<Vec<usize>> = vec![Vec::new(); judged.len()];
-        for (i, r) in self.routes.iter().enumerate() {
-            let route_ns = r.meta.namespace.clone().unwrap_or_default();
-            for p in &r.spec.parent_refs {
-                if !names_gateway(p, &route_ns, &gw_ns, &gw_name) {
-                    continue;
-                }
-                let accepted = match attach(r, p, self.gw, &judged, &o.namespaces) {
-                    Ok(ls) => {
-                        for l in ls {
-                            if !attached[l].contains(&i) {
-                                attached[l].push(i);
-                            }
-                        }
-                        cond("Accepted", true, "Accepted", "attached")
-                    }
-                    Err(c) => c,
-                };
-                parents
-                    .entry(i)
-                    .or_default()
-                    .push((p.clone(), vec![accepted, resolved_refs(&self.resolved[i])]));
-            }
-        }
+        let attached = self.attach_routes(&judged, &o.namespaces, parents);
 
         let (addresses, address_cond) = self.addresses(out);
         let mut listener_status = Vec::new();
@@ -271,25 +298,10 @@ impl GatewayCtx<'_> {
                 ],
             });
         }
-        let accepted = match (&address_cond, judged.iter().any(Judged::usable)) {
-            (Err(c), _) => c.clone(),
-            (Ok(_), false) => cond(
-                "Accepted",
-                false,
-                "ListenersNotValid",
-                "no listener lb can serve (TCP or UDP, without conflicts)",
-            ),
-            (Ok(_), true) => cond("Accepted", true, "Accepted", "served by lb"),
-        };
-        let programmed = match address_cond {
-            Err(_) => cond("Programmed", false, "Invalid", "not accepted"),
-            Ok(None) => cond("Programmed", true, "Programmed", "in the maps").with_ok(
-                any_programmed,
-                "Invalid",
-                "no listener is in the maps",
-            ),
-            Ok(Some(c)) => c,
-        };
+        let served = judged.iter().any(Judged::usable);
+        let (accepted, programmed) = gateway_conditions(&judged, address_cond, any_programmed);
+        // Nothing is bound to a Gateway lb serves no listener of.
+        let addresses = if served { addresses } else { Vec::new() };
         out.updates.push(Update::Gateway {
             key: (gw_ns, gw_name),
             generation: self.gw.metadata.generation,
@@ -299,6 +311,42 @@ impl GatewayCtx<'_> {
                 listeners: listener_status,
             },
         });
+    }
+
+    /// Attaches the routes whose parentRefs name this Gateway to its `judged` listeners: the
+    /// routes (indices into `self.routes`) attached to each; each parentRef's entry in `parents`.
+    fn attach_routes(
+        &self,
+        judged: &[Judged],
+        namespaces: &NamespaceLabels,
+        parents: &mut BTreeMap<usize, Vec<(types::ParentRef, Vec<Cond>)>>,
+    ) -> Vec<Vec<usize>> {
+        let (gw_ns, gw_name) = self.key();
+        let mut attached: Vec<Vec<usize>> = vec![Vec::new(); judged.len()];
+        for (i, r) in self.routes.iter().enumerate() {
+            let route_ns = r.meta.namespace.clone().unwrap_or_default();
+            for p in &r.spec.parent_refs {
+                if !names_gateway(p, &route_ns, &gw_ns, &gw_name) {
+                    continue;
+                }
+                let accepted = match attach(r, p, self.gw, judged, namespaces) {
+                    Ok(ls) => {
+                        for l in ls {
+                            if !attached[l].contains(&i) {
+                                attached[l].push(i);
+                            }
+                        }
+                        cond("Accepted", true, "Accepted", "attached")
+                    }
+                    Err(c) => c,
+                };
+                parents.entry(i).or_default().push((
+                    p.defaulted(),
+                    vec![accepted, resolved_refs(&self.resolved[i])],
+                ));
+            }
+        }
+        attached
     }
 
     /// Puts listener `l`'s VIPs (one per address of a family the node serves) in `out`, the
@@ -412,6 +460,69 @@ impl GatewayCtx<'_> {
         }
         cond("Programmed", true, "Programmed", message)
     }
+}
+
+/// The Gateway's `Accepted` and `Programmed`, from its `judged` listeners, what its addresses
+/// gave (`address`: see [`GatewayCtx::addresses`]) and whether any listener is in the maps.
+///
+/// A listener lb does not serve is `Accepted=False` on its own (`UnsupportedProtocol`,
+/// `PortUnavailable`) and leaves the rest of the Gateway served: `Accepted=True` with reason
+/// `ListenersNotValid`, which the spec gives for "one or more Listeners have an invalid or
+/// unsupported configuration" and allows with True "depending on whether the listener being
+/// invalid causes the entire Gateway to not be accepted". Where lb serves none of them but they
+/// name protocols the Gateway API defines (HTTP, HTTPS, TLS...), the Gateway is still valid: it
+/// is accepted the same way and `Programmed` with nothing to program (no address, nothing in
+/// the maps), which every message says. Where every listener names no protocol at all, the
+/// Gateway is invalid as a whole: `Accepted=False` (`ListenersNotValid`). See
+/// docs/conformance.md.
+fn gateway_conditions(
+    judged: &[Judged],
+    address: Result<Option<Cond>, Cond>,
+    any_programmed: bool,
+) -> (Cond, Cond) {
+    let not_served: Vec<String> = judged
+        .iter()
+        .filter(|l| !l.usable())
+        .map(|l| format!("{} ({})", l.name, l.accepted.reason))
+        .collect();
+    let served = judged.iter().any(Judged::usable);
+    let invalid = |ok: bool, why: String| {
+        cond(
+            "Accepted",
+            ok,
+            "ListenersNotValid",
+            format!("{why}; not served: {}", not_served.join(", ")),
+        )
+    };
+    let accepted = match &address {
+        Err(c) => c.clone(),
+        Ok(_) if not_served.is_empty() => cond("Accepted", true, "Accepted", "served by lb"),
+        Ok(_) if served => invalid(true, "lb serves its other listeners".into()),
+        Ok(_) if judged.iter().any(|l| l.defined) => invalid(
+            true,
+            "lb serves none of its listeners (TCP and UDP only): nothing to program".into(),
+        ),
+        Ok(_) => invalid(
+            false,
+            "no listener names a protocol the Gateway API defines".into(),
+        ),
+    };
+    let programmed = match address {
+        _ if !accepted.ok => cond("Programmed", false, "Invalid", "not accepted"),
+        _ if !served => cond(
+            "Programmed",
+            true,
+            "Programmed",
+            "nothing to program: lb serves none of its listeners, so it has no address and nothing in the maps",
+        ),
+        Ok(Some(waiting)) => waiting,
+        _ => cond("Programmed", true, "Programmed", "in the maps").with_ok(
+            any_programmed,
+            "Invalid",
+            "no listener is in the maps",
+        ),
+    };
+    (accepted, programmed)
 }
 
 impl Cond {

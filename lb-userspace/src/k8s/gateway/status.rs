@@ -19,6 +19,8 @@ pub enum Update {
         name: String,
         generation: Option<i64>,
         conditions: Vec<Cond>,
+        /// Its `supportedFeatures`, sorted.
+        supported_features: Vec<String>,
     },
     Gateway {
         key: ObjectKey,
@@ -92,8 +94,18 @@ impl Update {
             Update::Class {
                 generation,
                 conditions: c,
+                supported_features,
                 ..
-            } => json!({ "conditions": conditions(c, &current["conditions"], *generation) }),
+            } => {
+                let features: Vec<Value> = supported_features
+                    .iter()
+                    .map(|f| json!({ "name": f }))
+                    .collect();
+                json!({
+                    "conditions": conditions(c, &current["conditions"], *generation),
+                    "supportedFeatures": features,
+                })
+            }
             Update::Gateway {
                 generation, status, ..
             } => gateway(status, current, *generation),
@@ -185,6 +197,7 @@ mod tests {
                 cond("Accepted", true, "Accepted", "ok"),
                 cond("SupportedVersion", ok, "SupportedVersion", "v"),
             ],
+            supported_features: vec!["Gateway".into()],
         };
         let first = u(true).render(&Value::Null, "c").expect("new status");
         assert_eq!(u(true).render(&first, "c"), None, "nothing changed");

@@ -150,3 +150,145 @@ fn a_service_without_ready_endpoints_is_a_rejected_share_too() {
         [("10.20.0.11:9001".into(), 1), ("reject".into(), 1)]
     );
 }
+
+/// The status written for Gateway shop/gw.
+fn gateway_status(out: &Output) -> &GatewayStatus {
+    out.updates
+        .iter()
+        .find_map(|u| match u {
+            Update::Gateway { status, .. } => Some(status),
+            _ => None,
+        })
+        .expect("a Gateway status")
+}
+
+/// (type, status, reason) of each condition.
+fn verdicts(conds: &[Cond]) -> Vec<(&str, bool, &str)> {
+    conds
+        .iter()
+        .map(|c| (c.kind, c.ok, c.reason.as_str()))
+        .collect()
+}
+
+fn with_listeners(listeners: Value) -> Objects {
+    let mut o = objects(json!([ { "name": "web", "port": 80 } ]));
+    o.gateways[0].spec.listeners = de(listeners);
+    o
+}
+
+#[test]
+fn a_gateway_with_tcp_and_http_listeners_is_accepted_with_listeners_not_valid_and_serves_tcp() {
+    let o = with_listeners(json!([ { "name": "tcp", "port": 80, "protocol": "TCP" },
+                                   { "name": "web", "port": 8080, "protocol": "HTTP" } ]));
+    let out = run(&o, &[service("web", &["10.20.0.11"], 9001)]);
+    let s = gateway_status(&out);
+    assert_eq!(
+        verdicts(&s.conditions),
+        [
+            ("Accepted", true, "ListenersNotValid"),
+            ("Programmed", true, "Programmed")
+        ]
+    );
+    assert!(
+        s.conditions[0]
+            .message
+            .contains("web (UnsupportedProtocol)"),
+        "{:?}",
+        s.conditions[0]
+    );
+    assert_eq!(out.vips.len(), 1, "the TCP listener only");
+}
+
+#[test]
+fn a_gateway_with_only_http_listeners_is_accepted_and_programmed_with_nothing_in_the_maps() {
+    let o = with_listeners(json!([ { "name": "http", "port": 80, "protocol": "HTTP" },
+                                   { "name": "https", "port": 443, "protocol": "HTTPS" } ]));
+    let out = run(&o, &[service("web", &["10.20.0.11"], 9001)]);
+    let s = gateway_status(&out);
+    assert_eq!(
+        verdicts(&s.conditions),
+        [
+            ("Accepted", true, "ListenersNotValid"),
+            ("Programmed", true, "Programmed")
+        ]
+    );
+    assert!(
+        s.conditions[1].message.contains("nothing to program"),
+        "{:?}",
+        s.conditions[1]
+    );
+    assert!(
+        s.addresses.is_empty(),
+        "nothing is bound: {:?}",
+        s.addresses
+    );
+    assert!(out.vips.is_empty() && out.lb_services.is_empty());
+    for l in &s.listeners {
+        assert_eq!(
+            verdicts(&l.conditions)[0],
+            ("Accepted", false, "UnsupportedProtocol")
+        );
+    }
+}
+
+#[test]
+fn a_gateway_whose_listeners_name_no_defined_protocol_is_not_accepted() {
+    let o = with_listeners(json!([ { "name": "invalid", "port": 1111, "protocol": "INVALID" } ]));
+    let s = gateway_status(&run(&o, &[])).clone();
+    assert_eq!(
+        verdicts(&s.conditions),
+        [
+            ("Accepted", false, "ListenersNotValid"),
+            ("Programmed", false, "Invalid")
+        ]
+    );
+}
+
+#[test]
+fn the_class_lists_its_supported_features_and_the_versions_watched() {
+    let mut o = objects(json!([]));
+    o.watched = Watched {
+        tcp_routes: Some("v1".into()),
+        udp_routes: Some("v1alpha2".into()),
+        grants: Some("v1".into()),
+    };
+    let out = run(&o, &[]);
+    let Some(Update::Class {
+        conditions,
+        supported_features,
+        ..
+    }) = out
+        .updates
+        .iter()
+        .find(|u| matches!(u, Update::Class { .. }))
+    else {
+        panic!("no class status: {:?}", out.updates)
+    };
+    assert_eq!(
+        supported_features,
+        &["Gateway", "ReferenceGrant", "TCPRoute", "UDPRoute"]
+    );
+    assert_eq!(
+        conditions[1].message,
+        "lb reads GatewayClass and Gateway v1, TCPRoute v1, UDPRoute v1alpha2, ReferenceGrant v1"
+    );
+}
+
+#[test]
+fn a_routes_parent_in_status_carries_the_group_and_kind_its_spec_left_out() {
+    let out = run(&objects(json!([])), &[]);
+    let parents = out
+        .updates
+        .iter()
+        .find_map(|u| match u {
+            Update::Route { parents, .. } => Some(parents),
+            _ => None,
+        })
+        .expect("a route status");
+    let p = &parents[0].0;
+    assert_eq!(
+        (p.group.as_deref(), p.kind.as_deref(), p.name.as_str()),
+        (Some("gateway.networking.k8s.io"), Some("Gateway"), "gw")
+    );
+    assert_eq!(p.namespace, None, "left as the route gave it");
+}

@@ -149,6 +149,20 @@ pub struct ParentRef {
     pub port: Option<i32>,
 }
 
+impl ParentRef {
+    /// This reference with the `group` and `kind` its CRD defaults them to
+    /// (`gateway.networking.k8s.io`, `Gateway`) where absent: what a route's status echoes is then
+    /// what the API server stores, and clients that compare it (the conformance suite does) find
+    /// it, also where nothing defaulted the route's spec.
+    pub fn defaulted(&self) -> ParentRef {
+        ParentRef {
+            group: Some(self.group.clone().unwrap_or_else(|| GROUP.into())),
+            kind: Some(self.kind.clone().unwrap_or_else(|| "Gateway".into())),
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteRule {
