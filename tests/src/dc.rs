@@ -253,7 +253,7 @@ pub fn dsr_backend(ns: &NetNs, vips_v4: &[&str], vips_v6: &[&str]) {
         ns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"]);
     }
     for v in vips_v6 {
-        ns.ip(&["addr", "add", &format!("{v}/128"), "dev", "lo"]);
+        ns.ip(&["addr", "add", &format!("{v}/128"), "dev", "lo", "nodad"]);
     }
     for k in ["all", "default", "eth0", "lo"] {
         ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");

@@ -122,7 +122,7 @@ impl MiniLab {
                 ns.ip(&["route", "add", "10.20.0.0/24", "via", gw4]);
             }
             ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
-            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"]);
+            ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"]);
             for k in ["all", "default", "b0"] {
                 ns.sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "0");
             }
