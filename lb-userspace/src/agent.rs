@@ -12,7 +12,7 @@ use lb_common::VipKey;
 use crate::{
     config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
-    model::{Desired, ip_of},
+    model::{BackendSpec, Desired, ip_of},
     plan::{Plan, PlanError, State, TableCache, plan_cached},
     program::Sizes,
 };
@@ -122,14 +122,14 @@ impl<D: Dataplane> Agent<D> {
                 .filter(|b| !out(b.address))
                 .map(|b| u64::from(b.weight))
                 .sum();
-            if below_threshold(left, total, vc.health_threshold) {
-                continue;
-            }
-            for b in &mut v.backends {
-                if out(b.address) {
-                    b.weight = 0;
+            if !below_threshold(left, total, vc.health_threshold) {
+                for b in &mut v.backends {
+                    if out(b.address) {
+                        b.weight = 0;
+                    }
                 }
             }
+            stand_by(&mut v.backends);
         }
         d
     }
@@ -324,6 +324,19 @@ pub struct PassiveTarget {
     pub check: PassiveHealth,
 }
 
+/// Backups (see [`BackendSpec::backup`]) get no new flows while another backend takes them:
+/// their weight goes to 0 if any other backend still has one (after health).
+fn stand_by(backends: &mut [BackendSpec]) {
+    let others_up = backends
+        .iter()
+        .any(|b| b.backup.is_none() && !b.reject && b.weight > 0);
+    if others_up {
+        for b in backends.iter_mut().filter(|b| b.backup.is_some()) {
+            b.weight = 0;
+        }
+    }
+}
+
 /// Whether `left` of `total` weight is less than `threshold` percent (Kong's
 /// `healthchecks.threshold`; 0: never).
 pub fn below_threshold(left: u64, total: u64, threshold: u8) -> bool {
@@ -427,6 +440,53 @@ vips:
         assert!(
             !below_threshold(0, 0, 50),
             "no weight at all: nothing to ignore"
+        );
+    }
+
+    #[test]
+    fn a_backup_takes_new_flows_only_while_every_other_backend_is_unhealthy() {
+        let more = "      - { address: 10.1.0.3, weight: 1, backup: true }\n";
+        let c = config_with(CHECK, more);
+        assert_eq!(
+            c.vips[0].spec.backends[2].backup.as_deref(),
+            Some(crate::config::BACKUP_IN_CONFIG)
+        );
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let (mut a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();
+        let (one, two) = (target(&a, "10.1.0.1"), target(&a, "10.1.0.2"));
+        assert_eq!(slots_of(&a, 3), 0, "the backup while both others are up");
+        a.set_health(one, false).unwrap();
+        assert_eq!(
+            (slots_of(&a, 2), slots_of(&a, 3)),
+            (1009, 0),
+            "one other still up"
+        );
+        a.set_health(two, false).unwrap();
+        assert_eq!(slots_of(&a, 3), 1009, "no other up: the backup takes all");
+        a.set_health(one, true).unwrap();
+        assert_eq!(
+            (slots_of(&a, 1), slots_of(&a, 3)),
+            (1009, 0),
+            "one back: the backup stands by again"
+        );
+    }
+
+    #[test]
+    fn backups_share_the_table_by_weight_when_every_other_backend_is_drained() {
+        let more = "      - { address: 10.1.0.3, weight: 3, backup: true }\n      - { address: 10.1.0.4, weight: 1, backup: true }\n";
+        let c = config_with("", more);
+        let mut c = c;
+        for b in &mut c.vips[0].spec.backends[..2] {
+            b.weight = 0;
+        }
+        let dp = MemoryDataplane::new(c.node.sizes.limits());
+        let (a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();
+        let (three, four) = (slots_of(&a, 3), slots_of(&a, 4));
+        assert_eq!(three + four, 1009);
+        // Maglev gives weights within a few slots of their share: 3/4 of 1009 is 757.
+        assert!(
+            (740..=775).contains(&three),
+            "3:1 backups: {three} and {four}"
         );
     }
 

@@ -368,6 +368,9 @@ pub struct RawPassiveHealth {
     pub timeout: Option<String>,
 }
 
+/// Why a backend with `backup: true` is a backup (what `lb backends` says).
+pub const BACKUP_IN_CONFIG: &str = "backup: true in the config";
+
 /// `vips[i].backends[j]`: a backend.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -379,6 +382,11 @@ pub struct RawBackend {
     /// Relative weight, 0..=65535; 0 drains the backend (its established flows stay, it gets no
     /// new ones). Default 100.
     pub weight: Option<i64>,
+    /// A backup backend: it gets new flows only while no other backend of the VIP can take
+    /// them (each drained to weight 0, unhealthy, or out by passive health), like HAProxy's and
+    /// nginx's `backup` servers; its established flows stay when the others come back. Default
+    /// false.
+    pub backup: Option<bool>,
 }
 
 /// `vips[i].health_check`: active probes of each backend, in the spirit of Kong's active checks.
@@ -805,7 +813,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> 
             };
             let weight = c.int(&format!("{bp}.weight"), b.weight, 100, 0..=65_535) as u32;
             memberships += 1;
-            backends.push(BackendSpec::new(addr, bport, weight));
+            let backend = BackendSpec::new(addr, bport, weight);
+            backends.push(if b.backup == Some(true) {
+                backend.backup(BACKUP_IN_CONFIG)
+            } else {
+                backend
+            });
         }
         // A VIP may have a smaller table of its own (a prime no larger than the node's).
         let vip_table = v.table_size.map(|t| {

@@ -210,6 +210,12 @@ pub struct BackendSpec {
     /// dropped). Its address is the unspecified one ([`BackendSpec::rejecting`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reject: bool,
+    /// A backup: it takes new flows only while none of the VIP's other backends can (all of
+    /// them out: weight 0, unhealthy or taken out by passive health), like HAProxy's and
+    /// nginx's `backup` servers; why it is one (`backup: true` in the config, or a Kubernetes
+    /// endpoint outside this node's topology hints). None: a backend like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
 }
 
 impl BackendSpec {
@@ -220,6 +226,15 @@ impl BackendSpec {
             port,
             weight,
             reject: false,
+            backup: None,
+        }
+    }
+
+    /// The same backend as a backup, for `why`.
+    pub fn backup(self, why: impl Into<String>) -> Self {
+        Self {
+            backup: Some(why.into()),
+            ..self
         }
     }
 
@@ -235,6 +250,7 @@ impl BackendSpec {
             port: 0,
             weight,
             reject: true,
+            backup: None,
         }
     }
 }

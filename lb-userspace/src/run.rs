@@ -321,6 +321,7 @@ fn write_status(
                             healthy,
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
                             overridden: overrides.find(&v.spec.label(), b.address).cloned(),
+                            backup: b.backup.clone(),
                         }
                     })
                     .collect(),
@@ -667,6 +668,7 @@ async fn first_list(k: &KubeOptions, file: &Config, changed: mpsc::Sender<()>) -
     let settings = Settings {
         class: k.class.clone(),
         node_name: k.node_name.clone(),
+        zone: None,
         table_size: sizes.maglev_m,
         max_vips: sizes.max_vips,
         max_backends: sizes.max_backends,
@@ -1187,6 +1189,7 @@ vips:
             effective_weight: 1,
             healthy: Some(healthy),
             passive_out,
+            backup: None,
         };
         let status = Status {
             agent: None,

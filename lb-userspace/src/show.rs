@@ -60,9 +60,14 @@ pub(crate) fn table(rows: impl IntoIterator<Item = Vec<String>>) -> String {
 }
 
 /// The names of VIPs (by label) as the agent's status file gives them: the maps do not hold
+/// names. And their backups (see [`crate::model::BackendSpec::backup`]), which `lb explain`
 /// names.
 #[derive(Default)]
-pub struct VipNames(BTreeMap<String, String>);
+pub struct VipNames {
+    names: BTreeMap<String, String>,
+    /// VIP label -> (backend address, why it is a backup, whether it stands in now).
+    backups: BTreeMap<String, Vec<(String, String, bool)>>,
+}
 
 impl VipNames {
     pub fn read(state_dir: &Path) -> Self {
@@ -70,20 +75,33 @@ impl VipNames {
     }
 
     fn of(status: Option<&Status>) -> Self {
-        let names = status.iter().flat_map(|s| &s.vips);
-        Self(
-            names
+        let vips = || status.iter().flat_map(|s| &s.vips);
+        let backups = vips().map(|v| {
+            let b = v.backends.iter().filter_map(|b| {
+                let why = b.backup.clone()?;
+                Some((b.address.clone(), why, b.effective_weight > 0))
+            });
+            (v.vip.clone(), b.collect::<Vec<_>>())
+        });
+        Self {
+            names: vips()
                 .filter(|v| !v.name.is_empty())
                 .map(|v| (v.vip.clone(), v.name.clone()))
                 .collect(),
-        )
+            backups: backups.filter(|(_, b)| !b.is_empty()).collect(),
+        }
     }
 
     /// The VIP `k` as every JSON output shows it.
     pub fn vip(&self, k: &VipKey) -> VipRef {
         let r = VipRef::of(k);
-        let name = self.0.get(&r.label).cloned();
+        let name = self.names.get(&r.label).cloned();
         r.named(name)
+    }
+
+    /// The backups of the VIP labelled `label`: (address, why, standing in).
+    pub fn backups(&self, label: &str) -> &[(String, String, bool)] {
+        self.backups.get(label).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -427,6 +445,12 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
         if let Ok(o) = serde_json::from_value(b["override"].clone()) {
             println!("      {}", override_note(&o));
         }
+        if let Some(why) = b["backup"]["why"].as_str() {
+            println!(
+                "      {}",
+                backup_note(why, b["backup"]["standing_in"] == true)
+            );
+        }
     }
     if v["empty_slots"].as_u64() > Some(0) {
         println!(
@@ -434,6 +458,17 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             v["empty_slots"]
         );
     }
+}
+
+/// `backup, standing by: why`: a backup backend's note (standing in: it takes new flows,
+/// since no other backend of its VIP does).
+pub(crate) fn backup_note(why: &str, standing_in: bool) -> String {
+    let now = if standing_in {
+        "standing in"
+    } else {
+        "standing by"
+    };
+    format!("backup, {now}: {why}")
 }
 
 /// A configured backend's health as the status file says.
@@ -494,6 +529,10 @@ fn vip_backends(
             "id": id,
             "weight": cfg.map(|c| c.weight),
             "override": cfg.and_then(|c| c.overridden.as_ref()),
+            "backup": cfg.and_then(|c| c.backup.as_ref()).map(|why| json!({
+                "why": why,
+                "standing_in": cfg.is_some_and(|c| c.effective_weight > 0),
+            })),
             "health": cfg.map(health_word),
             "slots": slots,
             "share": slots as f64 / m,
@@ -623,6 +662,9 @@ pub fn explain(
             } else {
                 0
             };
+            for (addr, why, standing_in) in names.backups(&vip_label(&vkey)) {
+                e.step(format!("{addr}: {}", backup_note(why, *standing_in)));
+            }
             e.result = choose(p, &key, vip, sport.is_some(), tcp_flags, &mut e.steps)?;
             if vip.mode == lb_common::MODE_NAT && sport.is_some() {
                 explain_nat(p, &key, &mut e);

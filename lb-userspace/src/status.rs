@@ -55,6 +55,10 @@ pub struct BackendStatus {
     /// the config's is in it.
     #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
     pub overridden: Option<crate::overrides::Override>,
+    /// Why it is a backup (see [`crate::model::BackendSpec::backup`]); None: not one. A backup
+    /// stands in (`effective_weight` above 0) only while no other backend takes new flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
 }
 
 pub fn status_path(state_dir: &Path) -> PathBuf {

@@ -1,7 +1,7 @@
 //! A small stand-in for the Kubernetes API server, enough for kube-rs's client, watcher and
 //! reflector to run unmodified over a real HTTP connection: list and watch (resourceVersion,
 //! label selectors, ADDED/MODIFIED/DELETED, bookmarks, `410 Gone` for a version that has been
-//! compacted away) for Services, EndpointSlices, UpstreamPolicies, Namespaces and the Gateway
+//! compacted away) for Services, EndpointSlices, UpstreamPolicies, Namespaces, Nodes and the Gateway
 //! API's GatewayClasses, Gateways, TCPRoutes and UDPRoutes (at v1 and v1alpha2, the same objects)
 //! and ReferenceGrants (at v1 and v1beta1, the same objects); discovery of the Gateway API
 //! group's versions (a test may hide some); merge-patching any of their statuses; server-side
@@ -32,8 +32,10 @@ pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// The resources served: (plural, apiVersion, kind, path prefix). A kind served at two versions
 /// is listed twice; its objects are the same at both.
-const RESOURCES: [(&str, &str, &str, &str); 13] = [
+const RESOURCES: [(&str, &str, &str, &str); 14] = [
     ("services", "v1", "Service", "/api/v1"),
+    // The agent's own Node, for its zone label (topology hints).
+    ("nodes", "v1", "Node", "/api/v1"),
     // Read by name only: an agent run with --down-when-deleted asks for its DaemonSet on exit.
     ("daemonsets", "apps/v1", "DaemonSet", "/apis/apps/v1"),
     ("namespaces", "v1", "Namespace", "/api/v1"),

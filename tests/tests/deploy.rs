@@ -108,6 +108,7 @@ fn the_example_service_and_policy_mean_what_docs_kubernetes_says() {
         &Settings {
             class: "default".into(),
             node_name: "n".into(),
+            zone: None,
             table_size: 65537,
             max_vips: 8,
             max_backends: 8,
@@ -219,6 +220,7 @@ fn the_gateway_example_is_served_by_the_gatewayclass_and_splits_two_to_one() {
     let settings = Settings {
         class: "default".into(),
         node_name: "n".into(),
+        zone: None,
         table_size: 65537,
         max_vips: 8,
         max_backends: 16,

@@ -1362,3 +1362,125 @@ fn an_unchanged_resync_writes_neither_the_condition_nor_the_event_nor_the_record
     );
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// This node's Node object, in `zone` (None: no zone label).
+fn node_in(zone: Option<&str>) -> Value {
+    let labels = match zone {
+        Some(z) => json!({ "topology.kubernetes.io/zone": z }),
+        None => json!({}),
+    };
+    json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-a", "labels": labels } })
+}
+
+/// A slice of Service `web` whose ready endpoints carry topology hints: (address, zones,
+/// nodes), as the EndpointSlice controller writes them for `trafficDistribution`.
+fn hinted_slice(eps: &[(&str, &[&str], &[&str])]) -> Value {
+    let mut s = slice("web-v4", "IPv4", &[]);
+    s["endpoints"] = eps
+        .iter()
+        .map(|(a, zones, nodes)| {
+            let names = |v: &[&str]| v.iter().map(|n| json!({ "name": n })).collect::<Vec<_>>();
+            let mut hints = json!({ "forZones": names(zones) });
+            if !nodes.is_empty() {
+                hints["forNodes"] = json!(names(nodes));
+            }
+            json!({ "addresses": [a], "nodeName": "node-b", "hints": hints,
+                    "conditions": { "ready": true, "serving": true, "terminating": false } })
+        })
+        .collect();
+    s
+}
+
+/// Waits until `lb backends -o json` shows exactly `backups` (addresses) as the VIP's
+/// standing-by backups, with no slots, and every other backend with some; returns the rows.
+fn wait_backups(dirs: &Dirs, backups: &[&str], what: &str) -> Value {
+    let label = format!("{V4}:80/tcp");
+    let deadline = Instant::now() + T;
+    loop {
+        let v = dirs.json(&["backends"]);
+        let rows: Vec<Value> = vip(&v, &label)
+            .and_then(|x| x["backends"].as_array().cloned())
+            .unwrap_or_default();
+        let ok = !rows.is_empty()
+            && rows.iter().all(|b| {
+                let addr = b["backend"]["address"].as_str().unwrap_or("");
+                let backup = b["backup"]["standing_in"] == false;
+                let slots = b["slots"].as_u64().unwrap_or(0);
+                backup == backups.contains(&addr) && (slots == 0) == backup
+            });
+        if ok {
+            return json!(rows);
+        }
+        assert!(Instant::now() < deadline, "{what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn endpoints_hinted_for_another_zone_stand_by_and_follow_the_nodes_zone_label() {
+    let (net, api, dirs) = setup("k8s-zone");
+    api.apply(node_in(Some("zone-a")));
+    api.apply(service("web", json!({})));
+    api.apply(hinted_slice(&[
+        (TX_V4, &["zone-a"], &[]),
+        (TX_V4_B, &["zone-a"], &[]),
+        (REDIRECT_V4, &["zone-b"], &[]),
+    ]));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    agent.wait_serving(&net.ns, &dirs, T);
+    let rows = wait_backups(
+        &dirs,
+        &[REDIRECT_V4],
+        "zone-a's node: zone-b's endpoint backs up",
+    );
+    let why = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"]["address"] == REDIRECT_V4)
+        .map(|b| b["backup"]["why"].as_str().unwrap_or("").to_string())
+        .unwrap();
+    assert_eq!(why, "its hints name other zones than this node's (zone-a)");
+    let steps = explain(&dirs, "198.51.100.7:40000")["steps"].to_string();
+    assert!(
+        steps.contains(&format!("{REDIRECT_V4}: backup, standing by")),
+        "{steps}"
+    );
+
+    // The node moves to zone-b (a relabel): the preference follows.
+    api.apply(node_in(Some("zone-b")));
+    wait_backups(
+        &dirs,
+        &[TX_V4, TX_V4_B],
+        "zone-b's node: zone-a's endpoints back up",
+    );
+    // No zone label: hints cannot apply, every endpoint is used alike.
+    api.apply(node_in(None));
+    wait_backups(&dirs, &[], "no zone: no backups");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn endpoints_hinted_for_this_node_are_preferred_over_the_zone() {
+    // PreferSameNode: every endpoint has node hints, one names this node.
+    let (net, api, dirs) = setup("k8s-samenode");
+    api.apply(node_in(Some("zone-a")));
+    api.apply(service(
+        "web",
+        json!({ "spec": { "trafficDistribution": "PreferSameNode" } }),
+    ));
+    api.apply(hinted_slice(&[
+        (TX_V4, &["zone-a"], &["node-a"]),
+        (TX_V4_B, &["zone-a"], &["node-b"]),
+        (REDIRECT_V4, &["zone-b"], &["node-c"]),
+    ]));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    agent.wait_serving(&net.ns, &dirs, T);
+    let rows = wait_backups(&dirs, &[TX_V4_B, REDIRECT_V4], "only node-a's endpoint");
+    assert!(
+        rows.to_string()
+            .contains("other nodes than this one (node-a)"),
+        "{rows:#}"
+    );
+    assert_eq!(agent.stop().code(), Some(0));
+}

@@ -11,6 +11,7 @@ pub mod rollout;
 pub mod slices;
 pub mod source;
 pub mod status;
+pub mod topology;
 pub mod translate;
 
 pub use lease::{Leadership, LeaseFlags};

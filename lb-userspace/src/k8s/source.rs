@@ -109,6 +109,8 @@ pub struct Kube {
     services: Store<DynamicObject>,
     slices: Store<DynamicObject>,
     policies: Store<DynamicObject>,
+    /// This node's Node object (its zone label, for topology hints).
+    node: Store<DynamicObject>,
     /// The EndpointSlice watch, restarted when the set of Services it selects changes.
     slice_watch: SliceWatch,
     /// Whether this agent writes status (policy conditions, Events).
@@ -214,7 +216,13 @@ impl Kube {
             services_config,
             changed.clone(),
         );
-        let mut tasks = vec![t1, t3];
+        let (node, t5) = watch(
+            &client,
+            ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&()),
+            watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name)),
+            changed.clone(),
+        );
+        let mut tasks = vec![t1, t3, t5];
         let gateway = served.enabled().then(|| {
             let mut w = |ar: ApiResource| {
                 let (store, task) = watch(&client, ar, watcher::Config::default(), changed.clone());
@@ -264,6 +272,7 @@ impl Kube {
             services,
             slices,
             policies,
+            node,
             slice_watch,
             leader,
             election: t4,
@@ -440,6 +449,18 @@ impl Kube {
         out
     }
 
+    /// This node's zone: its Node's `topology.kubernetes.io/zone` label (None: no such
+    /// label, or the Node is not readable).
+    fn zone(&self) -> Option<String> {
+        let name = &self.settings.node_name;
+        let node = self
+            .node
+            .state()
+            .into_iter()
+            .find(|n| n.name_any() == *name)?;
+        node.labels().get(super::topology::ZONE_LABEL).cloned()
+    }
+
     /// Translates what the watchers hold now; the VIPs to serve.
     pub fn translate(&mut self) -> Vec<VipConfig> {
         let services = self.services.clone();
@@ -455,6 +476,7 @@ impl Kube {
             policies: self.decode(&policies, "UpstreamPolicy", Some(&mut invalid_policies)),
             invalid_policies,
         };
+        self.settings.zone = self.zone();
         let mut t = self.translator.translate(&objects, &self.settings);
         for s in &t.skipped {
             if self.skipped.insert(s.clone()) {

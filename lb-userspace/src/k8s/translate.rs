@@ -25,6 +25,7 @@ use super::kong::{self, Note};
 use super::policy::{
     Algorithm, HashInput, HashInputKind, POLICY_ANNOTATION, UpstreamPolicy, UpstreamPolicySpec,
 };
+use super::topology::{self, Place};
 use crate::{
     config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
     model::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
@@ -55,6 +56,8 @@ pub type ObjectKey = (String, String);
 pub struct Settings {
     pub class: String,
     pub node_name: String,
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label), for topology hints.
+    pub zone: Option<String>,
     /// The node's Maglev table size: the largest `slots` a policy may ask for.
     pub table_size: u32,
     pub max_vips: u32,
@@ -366,7 +369,7 @@ fn protocol_of(p: &ServicePort) -> Result<Protocol, String> {
 }
 
 /// Where the endpoints of `slice` serve the Service port `sp`, if they do.
-fn endpoint_port(slice: &EndpointSlice, sp: &ServicePort, proto: &str) -> Option<u16> {
+pub(crate) fn endpoint_port(slice: &EndpointSlice, sp: &ServicePort, proto: &str) -> Option<u16> {
     let name = sp.name.as_deref().unwrap_or("");
     let found = slice.ports.iter().flatten().find(|p| {
         p.name.as_deref().unwrap_or("") == name && p.protocol.as_deref().unwrap_or("TCP") == proto
@@ -688,11 +691,25 @@ impl Translator {
                         &skey.0,
                         &mut out.skipped,
                     );
+                    let here = Place {
+                        node: &settings.node_name,
+                        zone: settings.zone.as_deref(),
+                    };
+                    // As kube-proxy: hints shape cluster-wide traffic, not a Local policy's.
+                    let mut backups = if local {
+                        BTreeMap::new()
+                    } else {
+                        topology::backups(svc_slices, sp, addr.is_ipv4(), here)
+                    };
                     let spec_backends: Vec<BackendSpec> = backends
                         .into_iter()
                         .map(|((address, port), weight)| {
                             let weight = weights.get(&address).copied().unwrap_or(weight);
-                            BackendSpec::new(address, port, weight)
+                            let b = BackendSpec::new(address, port, weight);
+                            match backups.remove(&(address, port)) {
+                                Some(why) => b.backup(why),
+                                None => b,
+                            }
                         })
                         .collect();
                     let vip = VipSpec {
@@ -964,6 +981,7 @@ mod tests {
         Settings {
             class: DEFAULT_CLASS.into(),
             node_name: "node-a".into(),
+            zone: None,
             table_size: 1009,
             max_vips: 64,
             max_backends: 64,

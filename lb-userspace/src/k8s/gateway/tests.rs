@@ -9,6 +9,7 @@ fn settings() -> Settings {
     Settings {
         class: "default".into(),
         node_name: "n".into(),
+        zone: None,
         table_size: 1009,
         max_vips: 64,
         max_backends: 256,
