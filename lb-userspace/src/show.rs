@@ -379,13 +379,17 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
         }
     };
     println!(
-        "{} {} [{}]{}",
+        "{} {} [{}]{}{}",
         v["vip"]["label"].as_str().unwrap_or(""),
         v["vip"]["name"]
             .as_str()
             .map(|n| format!("({n})"))
             .unwrap_or_default(),
         v["mode"].as_str().unwrap_or(""),
+        match v["affinity_timeout_s"].as_u64() {
+            Some(t) if t > 0 => format!(" client affinity {t} s"),
+            _ => String::new(),
+        },
         if wide {
             format!("  id {}, table size {}", v["id"], v["table_size"])
         } else {
@@ -558,6 +562,7 @@ fn vip_backends(
         "id": v.id,
         "table_size": m as u32,
         "mode": mode_name(v),
+        "affinity_timeout_s": v.affinity_timeout_s,
         "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0),
         "backends": rows,
     }))

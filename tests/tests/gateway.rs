@@ -989,6 +989,80 @@ fn differing_policies_of_one_rules_services_are_not_applied_and_say_conflicted()
     conflicted(&w, "small", "False", "NoConflicts");
 }
 
+/// A TCPRoute over Services `a` and `b`, both annotated with UpstreamPolicy `p` of `spec`.
+fn route_with_policy(tag: &str, spec: Value) -> World {
+    World::start(tag, |api| {
+        api.apply(gateway(
+            "gw",
+            json!([listener("tcp", 80, "TCP")]),
+            at_gw_addr(),
+        ));
+        for (svc, pod) in [("a", TX_V4), ("b", TX_V4_B)] {
+            service(api, "apps", svc, &[pod]);
+            let mut s = api.get("Service", "apps", svc).unwrap();
+            s["metadata"]["annotations"] = json!({ "lb.dev/upstream-policy": "p" });
+            api.apply(s);
+        }
+        api.apply(
+            json!({ "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
+                          "metadata": { "namespace": "apps", "name": "p" }, "spec": spec }),
+        );
+        api.apply(route(
+            "TCPRoute",
+            "apps",
+            "r",
+            json!([parent(None, None)]),
+            json!([backend(None, "a", 80, None), backend(None, "b", 80, None)]),
+            1,
+        ));
+    })
+}
+
+fn policy_accepted(w: &World, status: &str) -> Value {
+    w.until(&format!("UpstreamPolicy p Accepted={status}"), |w| {
+        let p = w.api.get("UpstreamPolicy", "apps", "p")?;
+        let c = p["status"]["conditions"].as_array()?;
+        c.iter()
+            .find(|c| c["type"] == "Accepted" && c["status"] == status)
+            .cloned()
+    })
+}
+
+#[test]
+fn client_ip_session_persistence_on_a_routes_services_keeps_each_client_on_one_pod() {
+    let spec = json!({ "sessionPersistence": { "type": "ClientIP", "idleTimeout": "1h" } });
+    let mut w = route_with_policy("gw-persist", spec);
+    policy_accepted(&w, "True");
+    w.maps("the route's VIP with a client affinity of an hour", |v| {
+        v[0]["affinity_timeout_s"] == 3600
+            && v[0]["backends"].as_array().is_some_and(|b| b.len() == 2)
+    });
+    // 40 connections from each of 10 clients, each from its own port: one pod per client, and
+    // both pods used (by the clients' first connections).
+    let mut pods = std::collections::BTreeSet::new();
+    for client in 0..10u32 {
+        let of =
+            |w: &mut World, port: u16| w.pod_of(&syn(client, GW_ADDR, 80).with(|p| p.sport = port));
+        let first = of(&mut w, 20_000);
+        for port in 20_001..20_040 {
+            assert_eq!(of(&mut w, port), first, "client {client}, port {port}");
+        }
+        pods.insert(first);
+    }
+    assert_eq!(pods.len(), 2, "{pods:?}");
+}
+
+#[test]
+fn session_persistence_by_cookie_is_refused_in_the_policys_status_and_not_programmed() {
+    let spec = json!({ "sessionPersistence": { "type": "Cookie", "idleTimeout": "1h" } });
+    let w = route_with_policy("gw-persist-cookie", spec);
+    let c = policy_accepted(&w, "False");
+    assert_eq!(c["reason"], "UnsupportedSessionPersistence", "{c:#}");
+    w.maps("the route's VIP without client affinity", |v| {
+        v[0]["affinity_timeout_s"] == 0 && v[0]["backends"].as_array().is_some_and(|b| b.len() == 2)
+    });
+}
+
 #[test]
 fn the_agent_makes_only_requests_rbac_grants_and_uses_every_gateway_api_grant() {
     let w = World::start("gw-rbac", |api| {

@@ -55,6 +55,30 @@ pub struct UpstreamPolicySpec {
     /// `hashOn: {input: ip}` for client affinity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky_sessions: Option<StickySessions>,
+    /// Client-IP persistence, in the shape the Gateway API proposes (GEP-1619's
+    /// `sessionPersistence`, with GEP-3798's `ClientIP` type; experimental in lb as upstream):
+    /// each client address keeps its backend while it keeps connecting, for the Service's VIPs
+    /// and for the TCPRoutes and UDPRoutes whose backends use this policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_persistence: Option<SessionPersistence>,
+}
+
+/// `sessionPersistence`: GEP-1619's fields; `type: ClientIP` (GEP-3798) is the one an L4
+/// balancer can honour.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionPersistence {
+    /// `ClientIP`. `Cookie` and `Header` (GEP-1619) are in the payload: reported in the status.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// How long a client keeps its backend after its last new connection, a Gateway API
+    /// duration (`1h`, `30m`, `90s`), at most 24h. Default 3h (Kubernetes' `ClientIP` default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// GEP-1619's absolute lifetime: lb keeps persistence while a client keeps connecting, so
+    /// it applies this as the idle timeout when `idleTimeout` is not given (the status says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub absolute_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -23,7 +23,8 @@ use kube::ResourceExt as _;
 
 use super::kong::{self, Note};
 use super::policy::{
-    Algorithm, HashInput, HashInputKind, POLICY_ANNOTATION, UpstreamPolicy, UpstreamPolicySpec,
+    Algorithm, HashInput, HashInputKind, POLICY_ANNOTATION, SessionPersistence, UpstreamPolicy,
+    UpstreamPolicySpec,
 };
 use super::topology::{self, Place};
 use crate::{
@@ -86,6 +87,8 @@ pub struct Effect {
     pub passive_health: Option<PassiveHealth>,
     /// `healthchecks.threshold` (percent; 0: none).
     pub health_threshold: u8,
+    /// `sessionPersistence` (`type: ClientIP`): the client affinity timeout, in seconds.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 /// A status condition to publish: `type`, `status`, `reason`, `message`.
@@ -254,8 +257,56 @@ pub fn evaluate(
             });
         }
     }
+    if let Some(p) = &spec.session_persistence {
+        let (timeout, note) = persistence(p)?;
+        notes.extend(note);
+        effect.affinity_timeout_s = Some(timeout);
+    }
     notes.extend(kong::not_applicable(spec));
     Ok((effect, notes))
+}
+
+/// `sessionPersistence`: the affinity timeout it asks for, and a note if `absoluteTimeout` is
+/// applied as the idle timeout.
+fn persistence(p: &SessionPersistence) -> Result<(u32, Option<Note>), (&'static str, String)> {
+    let unsupported = |why: String| ("UnsupportedSessionPersistence", why);
+    match p.kind.as_deref() {
+        Some("ClientIP") => {}
+        Some(other) => {
+            return Err(unsupported(format!(
+                "sessionPersistence.type {other} is in the payload, which an L4 balancer does not                  read: use type: ClientIP"
+            )));
+        }
+        None => {
+            return Err(unsupported(
+                "sessionPersistence.type is required (the Gateway API's default, Cookie, is L7):                  use type: ClientIP"
+                    .into(),
+            ));
+        }
+    }
+    let (field, text) = match (&p.idle_timeout, &p.absolute_timeout) {
+        (Some(t), _) => ("idleTimeout", t),
+        (None, Some(t)) => ("absoluteTimeout", t),
+        (None, None) => return Ok((DEFAULT_AFFINITY_TIMEOUT_S, None)),
+    };
+    let max = MAX_AFFINITY_TIMEOUT.as_secs();
+    let secs = humantime::parse_duration(text)
+        .ok()
+        .map(|d| d.as_secs())
+        .filter(|s| (1..=max).contains(s))
+        .ok_or_else(|| {
+            unsupported(format!(
+                "sessionPersistence.{field}: {text:?} is not a duration from 1s to 24h (e.g. 1h, 30m)"
+            ))
+        })?;
+    let note = (field == "absoluteTimeout").then(|| Note {
+        reason: "AcceptedWithFallback",
+        message: format!(
+            "sessionPersistence.absoluteTimeout {text} is applied as an idle timeout: a client \
+             keeps its backend while it keeps connecting"
+        ),
+    });
+    Ok((secs as u32, note))
 }
 
 /// Ok(Ok(hash)) if L4 can hash on it, Ok(Err(what)) if it names something L4 cannot see,
@@ -639,7 +690,9 @@ impl Translator {
             if addresses.is_empty() {
                 continue;
             }
-            let affinity_timeout_s = if spec.session_affinity.as_deref() == Some("ClientIP") {
+            let affinity_timeout_s = if let Some(t) = effect.affinity_timeout_s {
+                t
+            } else if spec.session_affinity.as_deref() == Some("ClientIP") {
                 let t = spec
                     .session_affinity_config
                     .as_ref()
@@ -1726,6 +1779,66 @@ vips:
                 ),
                 "{raw}: {msgs:?}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod persistence_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn judged(p: serde_json::Value) -> Result<(Effect, Vec<Note>), (&'static str, String)> {
+        let spec: UpstreamPolicySpec =
+            serde_json::from_value(json!({ "sessionPersistence": p })).unwrap();
+        evaluate(&spec, 1009)
+    }
+
+    #[test]
+    fn client_ip_persistence_gives_its_idle_timeout_or_kubernetes_default() {
+        let (e, notes) = judged(json!({ "type": "ClientIP", "idleTimeout": "1h30m" })).unwrap();
+        assert_eq!((e.affinity_timeout_s, notes.len()), (Some(5400), 0));
+        let (e, _) = judged(json!({ "type": "ClientIP" })).unwrap();
+        assert_eq!(e.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    }
+
+    #[test]
+    fn an_absolute_timeout_alone_is_applied_as_the_idle_timeout_and_says_so() {
+        let (e, notes) = judged(json!({ "type": "ClientIP", "absoluteTimeout": "10m" })).unwrap();
+        assert_eq!(e.affinity_timeout_s, Some(600));
+        assert_eq!(notes[0].reason, "AcceptedWithFallback");
+        assert!(
+            notes[0].message.contains("absoluteTimeout 10m"),
+            "{}",
+            notes[0].message
+        );
+    }
+
+    #[test]
+    fn cookie_header_missing_types_and_bad_durations_are_refused_naming_the_field() {
+        for (p, field) in [
+            (
+                json!({ "type": "Cookie" }),
+                "sessionPersistence.type Cookie",
+            ),
+            (
+                json!({ "type": "Header" }),
+                "sessionPersistence.type Header",
+            ),
+            (json!({}), "sessionPersistence.type is required"),
+            (
+                json!({ "type": "ClientIP", "idleTimeout": "2d" }),
+                "idleTimeout: \"2d\"",
+            ),
+            (
+                json!({ "type": "ClientIP", "idleTimeout": "soon" }),
+                "idleTimeout: \"soon\"",
+            ),
+        ] {
+            let (reason, message) = judged(p).unwrap_err();
+            assert_eq!(reason, "UnsupportedSessionPersistence");
+            assert!(message.contains(field), "{message}");
         }
     }
 }

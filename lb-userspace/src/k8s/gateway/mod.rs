@@ -394,7 +394,7 @@ impl GatewayCtx<'_> {
                 protocol,
                 mode: Mode::Nat,
                 hash: effect.hash,
-                affinity_timeout_s: 0,
+                affinity_timeout_s: effect.affinity_timeout_s.unwrap_or(0),
                 table_size: effect.table_size,
                 source_ranges: None,
                 new_flow_budget: None,
