@@ -14,7 +14,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort},
+        core::v1::{Service, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -493,98 +493,8 @@ pub(crate) fn endpoints(
 impl Translator {
     pub fn translate(&mut self, objects: &Objects, settings: &Settings) -> Translation {
         let mut out = Translation::default();
-
-        // Policies first: their verdicts, and the effect each one has now.
-        let mut effects: BTreeMap<ObjectKey, Option<Effect>> = BTreeMap::new();
-        let mut policies: Vec<&UpstreamPolicy> = objects.policies.iter().collect();
-        policies.sort_by_key(|p| key_of(p.namespace(), p.name_any()));
-        let mut seen_policies = BTreeSet::new();
-        for p in policies {
-            let key = key_of(p.namespace(), p.name_any());
-            seen_policies.insert(key.clone());
-            let (accepted, effect) = match evaluate(&p.spec, settings.table_size) {
-                Ok((effect, notes)) => {
-                    self.last_good.insert(key.clone(), effect.clone());
-                    let (reason, message) = match notes.first() {
-                        None => (
-                            "Accepted",
-                            "the policy applies at L4 as written".to_string(),
-                        ),
-                        Some(first) => (
-                            // A hash fallback says the most about what the policy does.
-                            notes
-                                .iter()
-                                .find(|n| n.reason == "AcceptedWithFallback")
-                                .unwrap_or(first)
-                                .reason,
-                            notes
-                                .iter()
-                                .map(|n| n.message.as_str())
-                                .collect::<Vec<_>>()
-                                .join("; "),
-                        ),
-                    };
-                    (cond("Accepted", true, reason, message), Some(effect))
-                }
-                Err((reason, message)) => {
-                    let kept = self.last_good.get(&key).cloned();
-                    let message = if kept.is_some() {
-                        format!("{message}; its Services keep the last accepted version")
-                    } else {
-                        format!("{message}; its Services use the defaults")
-                    };
-                    (cond("Accepted", false, reason, message), kept)
-                }
-            };
-            effects.insert(key.clone(), effect);
-            out.policies.insert(
-                key,
-                PolicyVerdict {
-                    generation: p.metadata.generation,
-                    accepted,
-                    services: Vec::new(),
-                },
-            );
-        }
-        for (key, generation, why) in &objects.invalid_policies {
-            seen_policies.insert(key.clone());
-            let kept = self.last_good.get(key).cloned();
-            let message = format!(
-                "the policy does not decode ({why}); its Services {}",
-                if kept.is_some() {
-                    "keep the last accepted version"
-                } else {
-                    "use the defaults"
-                }
-            );
-            effects.insert(key.clone(), kept);
-            out.policies.insert(
-                key.clone(),
-                PolicyVerdict {
-                    generation: *generation,
-                    accepted: cond("Accepted", false, "Invalid", message),
-                    services: Vec::new(),
-                },
-            );
-        }
-        // A deleted policy's memory goes with it.
-        self.last_good.retain(|k, _| seen_policies.contains(k));
-
-        // Slices by Service.
-        let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
-        for s in &objects.slices {
-            let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) else {
-                continue;
-            };
-            slices
-                .entry((s.namespace().unwrap_or_default(), svc.clone()))
-                .or_default()
-                .push(s);
-        }
-        for v in slices.values_mut() {
-            v.sort_by_key(|s| s.name_any());
-        }
-
+        let effects = self.judge_policies(objects, settings, &mut out);
+        let slices = slices_by_service(&objects.slices);
         let mut services: Vec<&Service> = objects
             .services
             .iter()
@@ -593,8 +503,8 @@ impl Translator {
             })
             .collect();
         services.sort_by_key(|s| key_of(s.namespace(), s.name_any()));
-        let mut taken: BTreeMap<lb_common::VipKey, String> = BTreeMap::new();
-        let mut members = 0usize;
+        let mut claims = Claims::default();
+        let no_slices = Vec::new();
         for svc in services {
             let skey = key_of(svc.namespace(), svc.name_any());
             let outcome = ServiceOutcome {
@@ -602,263 +512,455 @@ impl Translator {
                 vips: Vec::new(),
             };
             out.services.insert(skey.clone(), outcome);
-            let mut event = |warning: bool, reason: &str, message: String| {
-                out.events.push(ServiceEvent {
-                    service: skey.clone(),
-                    warning,
-                    reason: reason.into(),
-                    message,
-                })
-            };
-            let Some(spec) = &svc.spec else { continue };
-
-            // Its policy.
-            let effect = match svc.annotations().get(POLICY_ANNOTATION) {
-                None => Effect::default(),
-                Some(name) => {
-                    let pkey = (skey.0.clone(), name.clone());
-                    match (effects.get(&pkey), out.policies.get_mut(&pkey)) {
-                        (Some(e), Some(verdict)) => {
-                            verdict.services.push(label(&skey));
-                            if !verdict.accepted.ok {
-                                event(
-                                    true,
-                                    "PolicyRejected",
-                                    format!("UpstreamPolicy {name}: {}", verdict.accepted.message),
-                                );
-                            }
-                            e.clone().unwrap_or_default()
-                        }
-                        _ => {
-                            event(
-                                true,
-                                "PolicyNotFound",
-                                format!(
-                                    "UpstreamPolicy {name} (annotation {POLICY_ANNOTATION}) does not exist in namespace {}: using the defaults",
-                                    skey.0
-                                ),
-                            );
-                            Effect::default()
-                        }
-                    }
-                }
-            };
-
-            // Its addresses: load-balancer ingress IPs and external IPs.
-            let mut addresses = BTreeSet::new();
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.as_ref());
-            let from_lb = (spec.type_.as_deref() == Some("LoadBalancer"))
-                .then_some(ingress)
-                .flatten()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.clone());
-            // The load balancer's own addresses: the ones source ranges restrict, as in
-            // Kubernetes (an external IP is reached without the load balancer's firewall).
-            let lb_addrs: BTreeSet<IpAddr> =
-                from_lb.clone().filter_map(|a| a.parse().ok()).collect();
-            for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
-                match a.parse::<IpAddr>() {
-                    Ok(ip)
-                        if (ip.is_ipv4() && !settings.source_v4)
-                            || (ip.is_ipv6() && !settings.source_v6) =>
-                    {
-                        event(
-                            true,
-                            "NoNodeAddress",
-                            format!(
-                                "{ip}: this node has no {} address to translate from (node.source_v{} or HOST_IPS): not served here",
-                                if ip.is_ipv4() { "IPv4" } else { "IPv6" },
-                                if ip.is_ipv4() { 4 } else { 6 }
-                            ),
-                        )
-                    }
-                    Ok(ip) => {
-                        addresses.insert(ip);
-                    }
-                    Err(_) => event(
-                        true,
-                        "InvalidAddress",
-                        format!("{a:?} is not an IP address: skipped"),
-                    ),
-                }
-            }
-            if addresses.is_empty() {
-                continue;
-            }
-            let affinity_timeout_s = if let Some(t) = effect.affinity_timeout_s {
-                t
-            } else if spec.session_affinity.as_deref() == Some("ClientIP") {
-                let t = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |t| t.max(1) as u32);
-                t.min(MAX_AFFINITY_TIMEOUT.as_secs() as u32)
-            } else {
-                0
-            };
-            let source_ranges = source_ranges_of(svc, &mut event);
-            let new_flow_budget = new_flow_budget_of(svc, &mut event);
-            let weights = backend_weights_of(svc, &mut event);
-            let local = spec.external_traffic_policy.as_deref() == Some("Local");
-            let no_slices = Vec::new();
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
-
-            let mut svc_vips = Vec::new();
-            for sp in spec.ports.iter().flatten() {
-                let proto = match protocol_of(sp) {
-                    Ok(p) => p,
-                    Err(other) => {
-                        event(
-                            true,
-                            "UnsupportedProtocol",
-                            format!(
-                                "port {}: protocol {other} is not balanced by lb (TCP and UDP are)",
-                                sp.port
-                            ),
-                        );
-                        continue;
-                    }
-                };
-                let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
-                    event(
-                        true,
-                        "InvalidPort",
-                        format!("port {} is not a port: skipped", sp.port),
-                    );
-                    continue;
-                };
-                for addr in &addresses {
-                    let local_node = local.then_some(settings.node_name.as_str());
-                    let backends = endpoints(
-                        svc_slices,
-                        sp,
-                        addr.is_ipv4(),
-                        local_node,
-                        &skey.0,
-                        &mut out.skipped,
-                    );
-                    let here = Place {
-                        node: &settings.node_name,
-                        zone: settings.zone.as_deref(),
-                    };
-                    // As kube-proxy: hints shape cluster-wide traffic, not a Local policy's.
-                    let mut backups = if local {
-                        BTreeMap::new()
-                    } else {
-                        topology::backups(svc_slices, sp, addr.is_ipv4(), here)
-                    };
-                    let spec_backends: Vec<BackendSpec> = backends
-                        .into_iter()
-                        .map(|((address, port), weight)| {
-                            let weight = weights.get(&address).copied().unwrap_or(weight);
-                            let b = BackendSpec::new(address, port, weight);
-                            match backups.remove(&(address, port)) {
-                                Some(why) => b.backup(why),
-                                None => b,
-                            }
-                        })
-                        .collect();
-                    let vip = VipSpec {
-                        name: match &sp.name {
-                            Some(n) if !n.is_empty() => format!("{}/{}:{n}", skey.0, skey.1),
-                            _ => format!("{}/{}", skey.0, skey.1),
-                        },
-                        address: *addr,
-                        port,
-                        protocol: proto,
-                        mode: Mode::Nat,
-                        hash: effect.hash,
-                        affinity_timeout_s,
-                        table_size: effect.table_size,
-                        backends: spec_backends,
-                        source_ranges: source_ranges.clone().filter(|_| lb_addrs.contains(addr)),
-                        new_flow_budget,
-                    };
-                    let m = effect.table_size.unwrap_or(settings.table_size);
-                    if vip.backends.len() > m as usize {
-                        event(
-                            true,
-                            "TooManyEndpoints",
-                            format!(
-                                "{}: {} endpoints do not fit a table of {m} slots: VIP not served",
-                                vip.label(),
-                                vip.backends.len()
-                            ),
-                        );
-                        continue;
-                    }
-                    let passive_health = effect
-                        .passive_health
-                        .clone()
-                        .filter(|_| proto == Protocol::Tcp);
-                    svc_vips.push(VipConfig {
-                        spec: vip,
-                        health_check: effect.health_check.clone(),
-                        passive_health,
-                        health_threshold: effect.health_threshold,
-                    });
-                }
-            }
-
-            // Claim the VIPs, first come (in namespace/name order) first served, within the
-            // sizes the program was loaded with.
-            let mut mine = Vec::new();
-            for v in svc_vips {
-                let k = v.spec.key();
-                if let Some(owner) = taken.get(&k) {
-                    event(
-                        true,
-                        "AddressConflict",
-                        format!(
-                            "{} is already served for Service {owner}: not served for this one",
-                            v.spec.label()
-                        ),
-                    );
-                    continue;
-                }
-                mine.push(v);
-            }
-            // `max_backends` counts memberships: a backend takes a member id per VIP it serves.
-            let new_members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();
-            if out.vips.len() + mine.len() > settings.max_vips as usize
-                || members + new_members > settings.max_backends as usize
-            {
-                if !mine.is_empty() {
-                    event(
-                        true,
-                        "CapacityExceeded",
-                        format!(
-                            "{} VIP(s) with {} backend(s) do not fit this node's max_vips {} / max_backends {} (a backend counts once per VIP): not served",
-                            mine.len(),
-                            new_members,
-                            settings.max_vips,
-                            settings.max_backends
-                        ),
-                    );
-                }
-                continue;
-            }
-            for v in &mine {
-                taken.insert(v.spec.key(), label(&skey));
-            }
-            members += new_members;
-            if let Some(o) = out.services.get_mut(&skey) {
-                o.vips = mine.iter().map(|v| v.spec.label()).collect();
-                o.vips.sort();
-            }
-            out.vips.extend(mine);
+            let vips = service_vips(svc, &skey, svc_slices, &effects, settings, &mut out);
+            claims.claim(vips, &skey, settings, &mut out);
         }
         out.events.sort();
         out.events.dedup();
         out.effects = effects;
         out
+    }
+
+    /// Every policy's verdict (into `out`) and the effect it has now: the last accepted one
+    /// while a newer version is refused.
+    fn judge_policies(
+        &mut self,
+        objects: &Objects,
+        settings: &Settings,
+        out: &mut Translation,
+    ) -> BTreeMap<ObjectKey, Option<Effect>> {
+        let mut effects: BTreeMap<ObjectKey, Option<Effect>> = BTreeMap::new();
+        let mut policies: Vec<&UpstreamPolicy> = objects.policies.iter().collect();
+        policies.sort_by_key(|p| key_of(p.namespace(), p.name_any()));
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            let key = key_of(p.namespace(), p.name_any());
+            seen.insert(key.clone());
+            let (accepted, effect) = match evaluate(&p.spec, settings.table_size) {
+                Ok((effect, notes)) => {
+                    self.last_good.insert(key.clone(), effect.clone());
+                    (accepted(&notes), Some(effect))
+                }
+                Err((reason, message)) => {
+                    let kept = self.last_good.get(&key).cloned();
+                    let message = format!("{message}; its Services {}", keeping(&kept));
+                    (cond("Accepted", false, reason, message), kept)
+                }
+            };
+            effects.insert(key.clone(), effect);
+            let verdict = PolicyVerdict {
+                generation: p.metadata.generation,
+                accepted,
+                services: Vec::new(),
+            };
+            out.policies.insert(key, verdict);
+        }
+        for (key, generation, why) in &objects.invalid_policies {
+            seen.insert(key.clone());
+            let kept = self.last_good.get(key).cloned();
+            let message = format!(
+                "the policy does not decode ({why}); its Services {}",
+                keeping(&kept)
+            );
+            effects.insert(key.clone(), kept);
+            let verdict = PolicyVerdict {
+                generation: *generation,
+                accepted: cond("Accepted", false, "Invalid", message),
+                services: Vec::new(),
+            };
+            out.policies.insert(key.clone(), verdict);
+        }
+        // A deleted policy's memory goes with it.
+        self.last_good.retain(|k, _| seen.contains(k));
+        effects
+    }
+}
+
+/// What a refused policy's Services do meanwhile.
+fn keeping(kept: &Option<Effect>) -> &'static str {
+    if kept.is_some() {
+        "keep the last accepted version"
+    } else {
+        "use the defaults"
+    }
+}
+
+/// The `Accepted` condition of a policy accepted with `notes`.
+fn accepted(notes: &[Note]) -> Cond {
+    let Some(first) = notes.first() else {
+        return cond(
+            "Accepted",
+            true,
+            "Accepted",
+            "the policy applies at L4 as written",
+        );
+    };
+    // A hash fallback says the most about what the policy does.
+    let reason = notes
+        .iter()
+        .find(|n| n.reason == "AcceptedWithFallback")
+        .unwrap_or(first)
+        .reason;
+    let message = notes
+        .iter()
+        .map(|n| n.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    cond("Accepted", true, reason, message)
+}
+
+/// The EndpointSlices of each Service (by its label), in name order.
+fn slices_by_service(all: &[EndpointSlice]) -> BTreeMap<ObjectKey, Vec<&EndpointSlice>> {
+    let mut slices: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in all {
+        let Some(svc) = s.labels().get(SERVICE_NAME_LABEL) else {
+            continue;
+        };
+        slices
+            .entry((s.namespace().unwrap_or_default(), svc.clone()))
+            .or_default()
+            .push(s);
+    }
+    for v in slices.values_mut() {
+        v.sort_by_key(|s| s.name_any());
+    }
+    slices
+}
+
+/// The VIPs a Service asks for (not claimed yet); its events go to `out`.
+fn service_vips(
+    svc: &Service,
+    skey: &ObjectKey,
+    slices: &[&EndpointSlice],
+    effects: &BTreeMap<ObjectKey, Option<Effect>>,
+    settings: &Settings,
+    out: &mut Translation,
+) -> Vec<VipConfig> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    let mut events = Vec::new();
+    let mut event = |warning: bool, reason: &str, message: String| {
+        events.push(ServiceEvent {
+            service: skey.clone(),
+            warning,
+            reason: reason.into(),
+            message,
+        })
+    };
+    let effect = policy_effect(svc, skey, effects, &mut out.policies, &mut event);
+    let (addresses, lb_addrs) = addresses_of(svc, spec, settings, &mut event);
+    let mut vips = Vec::new();
+    if !addresses.is_empty() {
+        let shared = Shared {
+            skey,
+            slices,
+            affinity_timeout_s: affinity_of(spec, &effect),
+            source_ranges: source_ranges_of(svc, &mut event),
+            new_flow_budget: new_flow_budget_of(svc, &mut event),
+            weights: backend_weights_of(svc, &mut event),
+            local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            effect,
+            lb_addrs,
+        };
+        for sp in spec.ports.iter().flatten() {
+            let Some((proto, port)) = port_of(sp, &mut event) else {
+                continue;
+            };
+            for addr in &addresses {
+                let v = shared.vip(sp, (proto, port), *addr, settings, &mut out.skipped);
+                match v {
+                    Ok(v) => vips.push(v),
+                    Err((reason, message)) => event(true, reason, message),
+                }
+            }
+        }
+    }
+    out.events.extend(events);
+    vips
+}
+
+/// The effect of the policy a Service names (its verdict learns the Service's name), or the
+/// defaults.
+fn policy_effect(
+    svc: &Service,
+    skey: &ObjectKey,
+    effects: &BTreeMap<ObjectKey, Option<Effect>>,
+    verdicts: &mut BTreeMap<ObjectKey, PolicyVerdict>,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Effect {
+    let Some(name) = svc.annotations().get(POLICY_ANNOTATION) else {
+        return Effect::default();
+    };
+    let pkey = (skey.0.clone(), name.clone());
+    match (effects.get(&pkey), verdicts.get_mut(&pkey)) {
+        (Some(e), Some(verdict)) => {
+            verdict.services.push(label(skey));
+            if !verdict.accepted.ok {
+                let message = format!("UpstreamPolicy {name}: {}", verdict.accepted.message);
+                event(true, "PolicyRejected", message);
+            }
+            e.clone().unwrap_or_default()
+        }
+        _ => {
+            event(
+                true,
+                "PolicyNotFound",
+                format!(
+                    "UpstreamPolicy {name} (annotation {POLICY_ANNOTATION}) does not exist in namespace {}: using the defaults",
+                    skey.0
+                ),
+            );
+            Effect::default()
+        }
+    }
+}
+
+/// A Service's addresses (load-balancer ingress IPs and external IPs) of the families this
+/// node can translate from, and the load balancer's own among them (the ones source ranges
+/// restrict, as in Kubernetes: an external IP is reached without the load balancer's firewall).
+fn addresses_of(
+    svc: &Service,
+    spec: &ServiceSpec,
+    settings: &Settings,
+    event: &mut impl FnMut(bool, &str, String),
+) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    let from_lb = (spec.type_.as_deref() == Some("LoadBalancer"))
+        .then_some(ingress)
+        .flatten()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone());
+    let lb_addrs: BTreeSet<IpAddr> = from_lb.clone().filter_map(|a| a.parse().ok()).collect();
+    let mut addresses = BTreeSet::new();
+    for a in from_lb.chain(spec.external_ips.iter().flatten().cloned()) {
+        let Ok(ip) = a.parse::<IpAddr>() else {
+            let message = format!("{a:?} is not an IP address: skipped");
+            event(true, "InvalidAddress", message);
+            continue;
+        };
+        if (ip.is_ipv4() && !settings.source_v4) || (ip.is_ipv6() && !settings.source_v6) {
+            let (family, v) = if ip.is_ipv4() {
+                ("IPv4", 4)
+            } else {
+                ("IPv6", 6)
+            };
+            let message = format!(
+                "{ip}: this node has no {family} address to translate from (node.source_v{v} or HOST_IPS): not served here"
+            );
+            event(true, "NoNodeAddress", message);
+            continue;
+        }
+        addresses.insert(ip);
+    }
+    (addresses, lb_addrs)
+}
+
+/// The client affinity timeout of a Service's VIPs: its policy's `sessionPersistence`, else
+/// `sessionAffinity: ClientIP` (0: none).
+fn affinity_of(spec: &ServiceSpec, effect: &Effect) -> u32 {
+    if let Some(t) = effect.affinity_timeout_s {
+        return t;
+    }
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return 0;
+    }
+    let t = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |t| t.max(1) as u32);
+    t.min(MAX_AFFINITY_TIMEOUT.as_secs() as u32)
+}
+
+/// A Service port's protocol and number, if lb balances it (else an event says why not).
+fn port_of(
+    sp: &ServicePort,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Option<(Protocol, u16)> {
+    let proto = match protocol_of(sp) {
+        Ok(p) => p,
+        Err(other) => {
+            let message = format!(
+                "port {}: protocol {other} is not balanced by lb (TCP and UDP are)",
+                sp.port
+            );
+            event(true, "UnsupportedProtocol", message);
+            return None;
+        }
+    };
+    let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
+        let message = format!("port {} is not a port: skipped", sp.port);
+        event(true, "InvalidPort", message);
+        return None;
+    };
+    Some((proto, port))
+}
+
+/// What every VIP of one Service shares.
+struct Shared<'a> {
+    skey: &'a ObjectKey,
+    slices: &'a [&'a EndpointSlice],
+    effect: Effect,
+    affinity_timeout_s: u32,
+    source_ranges: Option<Vec<crate::model::Cidr>>,
+    /// The load balancer's own addresses: the ones `source_ranges` restrict.
+    lb_addrs: BTreeSet<IpAddr>,
+    new_flow_budget: Option<crate::model::Budget>,
+    /// `lb.dev/backend-weights`.
+    weights: BTreeMap<IpAddr, u32>,
+    /// `externalTrafficPolicy: Local`.
+    local: bool,
+}
+
+impl Shared<'_> {
+    /// The VIP of Service port `sp` on `addr`, or the event that says why it is not served.
+    fn vip(
+        &self,
+        sp: &ServicePort,
+        (protocol, port): (Protocol, u16),
+        addr: IpAddr,
+        settings: &Settings,
+        skipped: &mut Vec<String>,
+    ) -> Result<VipConfig, (&'static str, String)> {
+        let (skey, effect) = (self.skey, &self.effect);
+        let v4 = addr.is_ipv4();
+        let local_node = self.local.then_some(settings.node_name.as_str());
+        let backends = endpoints(self.slices, sp, v4, local_node, &skey.0, skipped);
+        // As kube-proxy: hints shape cluster-wide traffic, not a Local policy's.
+        let mut backups = if self.local {
+            BTreeMap::new()
+        } else {
+            let here = Place {
+                node: &settings.node_name,
+                zone: settings.zone.as_deref(),
+            };
+            topology::backups(self.slices, sp, v4, here)
+        };
+        let backends: Vec<BackendSpec> = backends
+            .into_iter()
+            .map(|((address, port), weight)| {
+                let weight = self.weights.get(&address).copied().unwrap_or(weight);
+                let b = BackendSpec::new(address, port, weight);
+                match backups.remove(&(address, port)) {
+                    Some(why) => b.backup(why),
+                    None => b,
+                }
+            })
+            .collect();
+        let vip = VipSpec {
+            name: match &sp.name {
+                Some(n) if !n.is_empty() => format!("{}/{}:{n}", skey.0, skey.1),
+                _ => format!("{}/{}", skey.0, skey.1),
+            },
+            address: addr,
+            port,
+            protocol,
+            mode: Mode::Nat,
+            hash: effect.hash,
+            affinity_timeout_s: self.affinity_timeout_s,
+            table_size: effect.table_size,
+            backends,
+            source_ranges: self
+                .source_ranges
+                .clone()
+                .filter(|_| self.lb_addrs.contains(&addr)),
+            new_flow_budget: self.new_flow_budget,
+        };
+        let m = effect.table_size.unwrap_or(settings.table_size);
+        if vip.backends.len() > m as usize {
+            let message = format!(
+                "{}: {} endpoints do not fit a table of {m} slots: VIP not served",
+                vip.label(),
+                vip.backends.len()
+            );
+            return Err(("TooManyEndpoints", message));
+        }
+        Ok(VipConfig {
+            spec: vip,
+            health_check: effect.health_check.clone(),
+            passive_health: effect
+                .passive_health
+                .clone()
+                .filter(|_| protocol == Protocol::Tcp),
+            health_threshold: effect.health_threshold,
+        })
+    }
+}
+
+/// The VIPs claimed so far: first come (in namespace/name order) first served, within the
+/// sizes the program was loaded with.
+#[derive(Default)]
+struct Claims {
+    taken: BTreeMap<lb_common::VipKey, String>,
+    /// `max_backends` counts memberships: a backend takes a member id per VIP it serves.
+    members: usize,
+}
+
+impl Claims {
+    /// Claims Service `skey`'s `vips` that no Service before it holds, if they all fit.
+    fn claim(
+        &mut self,
+        vips: Vec<VipConfig>,
+        skey: &ObjectKey,
+        settings: &Settings,
+        out: &mut Translation,
+    ) {
+        let mut event = |reason: &str, message: String| {
+            out.events.push(ServiceEvent {
+                service: skey.clone(),
+                warning: true,
+                reason: reason.into(),
+                message,
+            })
+        };
+        let mut mine = Vec::new();
+        for v in vips {
+            match self.taken.get(&v.spec.key()) {
+                Some(owner) => event(
+                    "AddressConflict",
+                    format!(
+                        "{} is already served for Service {owner}: not served for this one",
+                        v.spec.label()
+                    ),
+                ),
+                None => mine.push(v),
+            }
+        }
+        let new_members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();
+        if out.vips.len() + mine.len() > settings.max_vips as usize
+            || self.members + new_members > settings.max_backends as usize
+        {
+            if !mine.is_empty() {
+                event(
+                    "CapacityExceeded",
+                    format!(
+                        "{} VIP(s) with {} backend(s) do not fit this node's max_vips {} / max_backends {} (a backend counts once per VIP): not served",
+                        mine.len(),
+                        new_members,
+                        settings.max_vips,
+                        settings.max_backends
+                    ),
+                );
+            }
+            return;
+        }
+        for v in &mine {
+            self.taken.insert(v.spec.key(), label(skey));
+        }
+        self.members += new_members;
+        if let Some(o) = out.services.get_mut(skey) {
+            o.vips = mine.iter().map(|v| v.spec.label()).collect();
+            o.vips.sort();
+        }
+        out.vips.extend(mine);
     }
 }
 
