@@ -57,6 +57,41 @@ struct Cli {
     command: Command,
 }
 
+/// `lb run`'s options.
+#[derive(Args)]
+struct RunArgs {
+    /// The config file (YAML; see lb.example.yaml). With --kubernetes it holds the node
+    /// settings only.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Take VIPs from Kubernetes: Services labelled `lb.dev/class: <class>`, their
+    /// EndpointSlices and UpstreamPolicies (in-cluster config, or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
+    /// The class of Services this agent serves (with --kubernetes).
+    #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
+    class: String,
+    /// Serve the Gateway API's GatewayClasses with this controllerName (with --kubernetes).
+    #[arg(long, default_value = crate::k8s::gateway::DEFAULT_CONTROLLER, requires = "kubernetes")]
+    gateway_controller: String,
+    /// This node's name, for externalTrafficPolicy: Local (with --kubernetes; the
+    /// DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+    node_name: Option<String>,
+    /// This node's addresses, comma-separated (one IPv4, one IPv6), in place of the
+    /// config's node.source_v4 / source_v6 (a DaemonSet sets HOST_IPS from status.hostIPs).
+    #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
+    source: Vec<std::net::IpAddr>,
+    /// The status writer's Lease (with --kubernetes).
+    #[command(flatten)]
+    lease: crate::k8s::LeaseFlags,
+    /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted
+    /// (uninstalled), detach and remove the pins as `lb down` does; while it exists (a rolling
+    /// update) they stay for the next agent (with --kubernetes).
+    #[arg(long, value_name = "DAEMONSET", requires = "kubernetes")]
+    down_when_deleted: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (needs root).
@@ -65,38 +100,7 @@ enum Command {
     /// configured interfaces, runs health checks, and reloads on SIGHUP or when the file changes.
     /// A config with problems is refused and the previous one keeps serving. On SIGTERM the agent
     /// exits and traffic keeps flowing; `lb down` stops it.
-    Run {
-        /// The config file (YAML; see lb.example.yaml). With --kubernetes it holds the node
-        /// settings only.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Take VIPs from Kubernetes: Services labelled `lb.dev/class: <class>`, their
-        /// EndpointSlices and UpstreamPolicies (in-cluster config, or KUBECONFIG).
-        #[arg(long)]
-        kubernetes: bool,
-        /// The class of Services this agent serves (with --kubernetes).
-        #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
-        class: String,
-        /// Serve the Gateway API's GatewayClasses with this controllerName (with --kubernetes).
-        #[arg(long, default_value = crate::k8s::gateway::DEFAULT_CONTROLLER, requires = "kubernetes")]
-        gateway_controller: String,
-        /// This node's name, for externalTrafficPolicy: Local (with --kubernetes; the
-        /// DaemonSet sets it from the downward API).
-        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
-        node_name: Option<String>,
-        /// This node's addresses, comma-separated (one IPv4, one IPv6), in place of the
-        /// config's node.source_v4 / source_v6 (a DaemonSet sets HOST_IPS from status.hostIPs).
-        #[arg(long, env = "HOST_IPS", value_delimiter = ',')]
-        source: Vec<std::net::IpAddr>,
-        /// The status writer's Lease (with --kubernetes).
-        #[command(flatten)]
-        lease: crate::k8s::LeaseFlags,
-        /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted
-        /// (uninstalled), detach and remove the pins as `lb down` does; while it exists (a rolling
-        /// update) they stay for the next agent (with --kubernetes).
-        #[arg(long, value_name = "DAEMONSET", requires = "kubernetes")]
-        down_when_deleted: Option<String>,
-    },
+    Run(RunArgs),
     /// Detach the program from every interface and remove the pinned maps (flow table included).
     ///
     /// Refused while an agent runs on the pin dir (stop it first: it exits leaving traffic
@@ -353,64 +357,9 @@ fn init_logs(format: LogFormat) {
 fn dispatch(cli: Cli) -> Result<()> {
     let pins = cli.pin_dir;
     match cli.command {
-        Command::Run {
-            config,
-            kubernetes,
-            class,
-            gateway_controller,
-            node_name,
-            source,
-            lease,
-            down_when_deleted,
-        } => {
-            let kubernetes = match (kubernetes, node_name) {
-                (false, _) => None,
-                (true, Some(node_name)) if !node_name.is_empty() => Some(crate::k8s::KubeOptions {
-                    class,
-                    node_name,
-                    gateway_controller,
-                    lease,
-                    down_when_deleted,
-                }),
-                (true, _) => bail!(
-                    "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
-                ),
-            };
-            tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
-                config,
-                pin_dir: pins,
-                state_dir: cli.state_dir,
-                kubernetes,
-                sources: source,
-            }))
-        }
-        Command::Migrate { to_release } => {
-            if !pins.exists() {
-                println!("nothing pinned in {}", pins.display());
-                return Ok(());
-            }
-            let Some(_lock) = crate::pindir::PinLock::try_lock(&pins)? else {
-                anyhow::bail!(
-                    "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
-                    pins.display()
-                );
-            };
-            println!("{}", crate::migrate::prepare_rollback(&pins, &to_release)?);
-            Ok(())
-        }
-        Command::Down { force } => {
-            let done = match force {
-                true => run::down(&pins, &cli.state_dir)?,
-                false => run::down_unless_running(&pins, &cli.state_dir)?,
-            };
-            if done.is_empty() {
-                println!("nothing pinned in {}", pins.display());
-            }
-            for d in done {
-                println!("{d}");
-            }
-            Ok(())
-        }
+        Command::Run(args) => run_agent(args, pins, cli.state_dir),
+        Command::Migrate { to_release } => migrate(&pins, &to_release),
+        Command::Down { force } => down(&pins, &cli.state_dir, force),
         Command::Stats { out, watch } => {
             let p = Pinned::open(&pins)?;
             let names = show::VipNames::read(&cli.state_dir);
@@ -465,19 +414,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             interval,
             once,
             output,
-        } => {
-            let p = Pinned::open(&pins)?;
-            if once {
-                let frame = crate::top::once(&p, &cli.state_dir, interval)?;
-                match output {
-                    TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&frame)?),
-                    TextOrJson::Text => print!("{}", crate::top::ui::to_text(&frame)),
-                }
-                Ok(())
-            } else {
-                Ok(crate::top::live(&p, &cli.state_dir, interval)?)
-            }
-        }
+        } => top(
+            &Pinned::open(&pins)?,
+            &cli.state_dir,
+            interval,
+            once,
+            output,
+        ),
         Command::Drain { target } => target.run(&cli.state_dir, Change::Drain),
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
@@ -499,46 +442,120 @@ fn dispatch(cli: Cli) -> Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(())
         }
-        Command::Check { config, output } => {
-            let report = crate::check::check(&config, &pins);
-            if output == TextOrJson::Json {
-                #[derive(serde::Serialize)]
-                struct Json<'a> {
-                    config: String,
-                    valid: bool,
-                    #[serde(flatten)]
-                    report: &'a crate::check::Report,
-                }
-                let v = Json {
-                    config: config.display().to_string(),
-                    valid: report.ok(),
-                    report: &report,
-                };
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                if !report.ok() {
-                    bail!("{}: {} problem(s)", config.display(), report.errors.len());
-                }
-                return Ok(());
-            }
-            print!("{report}");
-            if !report.ok() {
-                bail!(
-                    "{}: {} problem(s); `lb run` would refuse it",
-                    config.display(),
-                    report.errors.len()
-                );
-            }
-            println!(
-                "{}: valid{}",
-                config.display(),
-                match report.warnings.len() {
-                    0 => String::new(),
-                    n => format!(" ({n} warning(s))"),
-                }
-            );
-            Ok(())
-        }
+        Command::Check { config, output } => check(&config, &pins, output),
     }
+}
+
+/// `lb run`: the agent, on a runtime of its own.
+fn run_agent(a: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> {
+    let kubernetes = match (a.kubernetes, a.node_name) {
+        (false, _) => None,
+        (true, Some(node_name)) if !node_name.is_empty() => Some(crate::k8s::KubeOptions {
+            class: a.class,
+            node_name,
+            gateway_controller: a.gateway_controller,
+            lease: a.lease,
+            down_when_deleted: a.down_when_deleted,
+        }),
+        (true, _) => bail!(
+            "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
+        ),
+    };
+    tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
+        config: a.config,
+        pin_dir,
+        state_dir,
+        kubernetes,
+        sources: a.source,
+    }))
+}
+
+/// `lb migrate --to-release`: leaves the pins as an older release reads them.
+fn migrate(pins: &std::path::Path, to_release: &semver::Version) -> Result<()> {
+    if !pins.exists() {
+        println!("nothing pinned in {}", pins.display());
+        return Ok(());
+    }
+    let Some(_lock) = crate::pindir::PinLock::try_lock(pins)? else {
+        bail!(
+            "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
+            pins.display()
+        );
+    };
+    println!("{}", crate::migrate::prepare_rollback(pins, to_release)?);
+    Ok(())
+}
+
+/// `lb down`: detaches and unpins (`force`: even while an agent holds the pins).
+fn down(pins: &std::path::Path, state_dir: &std::path::Path, force: bool) -> Result<()> {
+    let done = match force {
+        true => run::down(pins, state_dir)?,
+        false => run::down_unless_running(pins, state_dir)?,
+    };
+    if done.is_empty() {
+        println!("nothing pinned in {}", pins.display());
+    }
+    for d in done {
+        println!("{d}");
+    }
+    Ok(())
+}
+
+/// `lb top`: live, or one frame (`--once`).
+fn top(
+    p: &Pinned,
+    state_dir: &std::path::Path,
+    interval: Duration,
+    once: bool,
+    output: TextOrJson,
+) -> Result<()> {
+    if !once {
+        return Ok(crate::top::live(p, state_dir, interval)?);
+    }
+    let frame = crate::top::once(p, state_dir, interval)?;
+    match output {
+        TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&frame)?),
+        TextOrJson::Text => print!("{}", crate::top::ui::to_text(&frame)),
+    }
+    Ok(())
+}
+
+/// `lb check`: the report, then valid or not (an error: exit status 1).
+fn check(config: &std::path::Path, pins: &std::path::Path, output: TextOrJson) -> Result<()> {
+    let report = crate::check::check(config, pins);
+    if output == TextOrJson::Json {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            config: String,
+            valid: bool,
+            #[serde(flatten)]
+            report: &'a crate::check::Report,
+        }
+        let v = Json {
+            config: config.display().to_string(),
+            valid: report.ok(),
+            report: &report,
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        if !report.ok() {
+            bail!("{}: {} problem(s)", config.display(), report.errors.len());
+        }
+        return Ok(());
+    }
+    print!("{report}");
+    if !report.ok() {
+        bail!(
+            "{}: {} problem(s); `lb run` would refuse it",
+            config.display(),
+            report.errors.len()
+        );
+    }
+    let warnings = match report.warnings.len() {
+        0 => String::new(),
+        n => format!(" ({n} warning(s))"),
+    };
+    println!("{}: valid{warnings}", config.display());
+    Ok(())
 }
 
 #[cfg(test)]
