@@ -46,7 +46,9 @@ use super::{
     rollout::OwnDaemonSet,
     slices::SliceWatch,
     status::{self, KubeWriter},
-    translate::{CLASS_LABEL, Objects, ServiceEvent, Settings, Translation, Translator, cond},
+    translate::{
+        CLASS_LABEL, Cond, Objects, ServiceEvent, Settings, Translation, Translator, cond,
+    },
 };
 use crate::config::VipConfig;
 
@@ -578,7 +580,15 @@ impl Kube {
             }
             return;
         }
-        // Events: those not recorded yet.
+        self.report_events();
+        self.report_policies(applied);
+        self.report_services(applied);
+        self.report_gateway();
+        self.report_routes();
+    }
+
+    /// Records the Services' events not recorded yet.
+    fn report_events(&mut self) {
         let now: BTreeSet<ServiceEvent> = self.last.events.iter().cloned().collect();
         let services = self.services.state();
         for e in now.difference(&self.published) {
@@ -592,97 +602,26 @@ impl Kube {
             record_event(recorder, &ar, svc, e.warning, &e.reason, &e.message);
         }
         self.published = now;
+    }
 
-        // Policy conditions.
+    /// Patches each policy's conditions (Accepted, Programmed, Conflicted) where they changed.
+    fn report_policies(&mut self, applied: &std::result::Result<(), String>) {
         let policies = self.policies.state();
         for ((ns, name), verdict) in &self.last.policies {
-            let (ok, reason, message) =
-                match (verdict.accepted.ok, applied, verdict.services.is_empty()) {
-                    (_, Err(e), _) => (
-                        false,
-                        "ApplyFailed",
-                        format!("the maps could not be written: {e}"),
-                    ),
-                    (_, Ok(()), true) => (
-                        false,
-                        "NoServices",
-                        format!(
-                            "no Service of class {:?} names this policy ({} annotation)",
-                            self.settings.class,
-                            super::policy::POLICY_ANNOTATION
-                        ),
-                    ),
-                    (true, Ok(()), false) => (
-                        true,
-                        "Programmed",
-                        format!("in the maps for {}", verdict.services.join(", ")),
-                    ),
-                    (false, Ok(()), false) => (
-                        false,
-                        "Rejected",
-                        "this version is not in the maps (see Accepted)".into(),
-                    ),
-                };
-            let programmed = cond("Programmed", ok, reason, message);
+            let programmed = self.policy_programmed(verdict, applied);
             let current = policies
                 .iter()
                 .find(|p| p.namespace().as_deref() == Some(ns.as_str()) && &p.name_any() == name)
                 .and_then(|p| p.data.pointer("/status/conditions").cloned())
                 .unwrap_or(json!([]));
-            // Conflicted: said when a route's backend Services name different policies (so
-            // none applies to the route), and cleared once it no longer holds.
-            let conflicts = self
-                .gateway
-                .as_ref()
-                .and_then(|g| g.last.policy_conflicts.get(&(ns.clone(), name.clone())));
-            let had_conflicted = current
-                .as_array()
-                .is_some_and(|a| a.iter().any(|c| c["type"] == "Conflicted"));
-            let conflicted = match conflicts {
-                Some(why) => Some(cond("Conflicted", true, "Conflicted", why.join("; "))),
-                None if had_conflicted => Some(cond(
-                    "Conflicted",
-                    false,
-                    "NoConflicts",
-                    "no route mixes this policy with another",
-                )),
-                None => None,
-            };
-            let mut changed = false;
-            let conditions: Vec<serde_json::Value> = [&verdict.accepted, &programmed]
+            let conflicted = self.policy_conflicted(ns, name, &current);
+            let conds = [&verdict.accepted, &programmed]
                 .into_iter()
-                .chain(conflicted.as_ref())
-                .map(|c| {
-                    let status = if c.ok { "True" } else { "False" };
-                    let old = current
-                        .as_array()
-                        .and_then(|a| a.iter().find(|o| o["type"] == c.kind));
-                    let same = |f: &str, v: serde_json::Value| old.is_some_and(|o| o[f] == v);
-                    if !(same("status", json!(status))
-                        && same("reason", json!(c.reason))
-                        && same("message", json!(c.message))
-                        && same("observedGeneration", json!(verdict.generation)))
-                    {
-                        changed = true;
-                    }
-                    let since = old
-                        .filter(|o| o["status"] == status)
-                        .map(|o| o["lastTransitionTime"].clone())
-                        .unwrap_or_else(|| {
-                            json!(
-                                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                                    .to_string()
-                            )
-                        });
-                    json!({
-                        "type": c.kind, "status": status, "reason": c.reason, "message": c.message,
-                        "observedGeneration": verdict.generation, "lastTransitionTime": since,
-                    })
-                })
-                .collect();
-            if !changed {
+                .chain(conflicted.as_ref());
+            let Some(conditions) = conditions_if_changed(conds, &current, verdict.generation)
+            else {
                 continue;
-            }
+            };
             self.writer.patch_status(
                 &ApiResource::erase::<UpstreamPolicy>(&()),
                 Some(ns),
@@ -690,9 +629,65 @@ impl Kube {
                 json!({ "conditions": conditions }),
             );
         }
-        self.report_services(applied);
-        self.report_gateway();
-        self.report_routes();
+    }
+
+    /// A policy's `Programmed` condition, given how applying the translation went.
+    fn policy_programmed(
+        &self,
+        verdict: &super::translate::PolicyVerdict,
+        applied: &std::result::Result<(), String>,
+    ) -> Cond {
+        let (ok, reason, message) =
+            match (verdict.accepted.ok, applied, verdict.services.is_empty()) {
+                (_, Err(e), _) => (
+                    false,
+                    "ApplyFailed",
+                    format!("the maps could not be written: {e}"),
+                ),
+                (_, Ok(()), true) => (
+                    false,
+                    "NoServices",
+                    format!(
+                        "no Service of class {:?} names this policy ({} annotation)",
+                        self.settings.class,
+                        super::policy::POLICY_ANNOTATION
+                    ),
+                ),
+                (true, Ok(()), false) => (
+                    true,
+                    "Programmed",
+                    format!("in the maps for {}", verdict.services.join(", ")),
+                ),
+                (false, Ok(()), false) => (
+                    false,
+                    "Rejected",
+                    "this version is not in the maps (see Accepted)".into(),
+                ),
+            };
+        cond("Programmed", ok, reason, message)
+    }
+
+    /// Conflicted: said when a route's backend Services name different policies (so none
+    /// applies to the route), and cleared once it no longer holds.
+    fn policy_conflicted(&self, ns: &str, name: &str, current: &serde_json::Value) -> Option<Cond> {
+        let key = (ns.to_string(), name.to_string());
+        let conflicts = self
+            .gateway
+            .as_ref()
+            .and_then(|g| g.last.policy_conflicts.get(&key));
+        let had_conflicted = current
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["type"] == "Conflicted"));
+        match conflicts {
+            Some(why) => Some(cond("Conflicted", true, "Conflicted", why.join("; "))),
+            None if had_conflicted => Some(cond(
+                "Conflicted",
+                false,
+                "NoConflicts",
+                "no route mixes this policy with another",
+            )),
+            None => None,
+        }
     }
 
     /// Records a Normal Event `Programmed` on each route whose VIPs or number of nodes changed
@@ -851,6 +846,46 @@ fn record_event(
             warn!("recording the event {what}: {}", crate::error_chain(&err));
         }
     });
+}
+
+/// `conds` as status conditions, if any differs from `current` (the object's conditions) in
+/// status, reason, message or generation; a condition's `lastTransitionTime` stays while its
+/// status does.
+fn conditions_if_changed<'a>(
+    conds: impl Iterator<Item = &'a Cond>,
+    current: &serde_json::Value,
+    generation: Option<i64>,
+) -> Option<Vec<serde_json::Value>> {
+    let mut changed = false;
+    let conditions = conds
+        .map(|c| {
+            let status = if c.ok { "True" } else { "False" };
+            let old = current
+                .as_array()
+                .and_then(|a| a.iter().find(|o| o["type"] == c.kind));
+            let same = |f: &str, v: serde_json::Value| old.is_some_and(|o| o[f] == v);
+            if !(same("status", json!(status))
+                && same("reason", json!(c.reason))
+                && same("message", json!(c.message))
+                && same("observedGeneration", json!(generation)))
+            {
+                changed = true;
+            }
+            let since = old
+                .filter(|o| o["status"] == status)
+                .map(|o| o["lastTransitionTime"].clone())
+                .unwrap_or_else(|| {
+                    json!(
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+                    )
+                });
+            json!({
+                "type": c.kind, "status": status, "reason": c.reason, "message": c.message,
+                "observedGeneration": generation, "lastTransitionTime": since,
+            })
+        })
+        .collect();
+    changed.then_some(conditions)
 }
 
 /// Events name lb and the node that recorded them.
