@@ -360,67 +360,13 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Run(args) => run_agent(args, pins, cli.state_dir),
         Command::Migrate { to_release } => migrate(&pins, &to_release),
         Command::Down { force } => down(&pins, &cli.state_dir, force),
-        Command::Stats { out, watch } => {
-            let p = Pinned::open(&pins)?;
-            let names = show::VipNames::read(&cli.state_dir);
-            match watch {
-                Some(every) => show::watch::watch(&p, &names, every, out.format()),
-                None => stats(&p, &names, out.format()),
-            }
-        }
-        Command::Backends { out } => backends(&Pinned::open(&pins)?, &cli.state_dir, out.format()),
-        Command::Nexthops { out } => crate::nexthop::show::nexthops(
-            &Pinned::open(&pins)?,
-            &pins,
-            &cli.state_dir,
-            out.format(),
-        ),
-        Command::Flows {
-            vip,
-            backend,
-            client,
-            state,
-            limit,
-            out,
-        } => show::flows::flows(
-            &Pinned::open(&pins)?,
-            &show::VipNames::read(&cli.state_dir),
-            show::flows::Filter {
-                vip,
-                backend,
-                client,
-                state,
-            },
-            if limit == 0 { usize::MAX } else { limit },
-            out.format(),
-        ),
-        Command::Explain {
-            source,
-            destination,
-            protocol,
-            syn,
-            out,
-        } => explain(
-            &Pinned::open(&pins)?,
-            &source,
-            destination,
-            protocol,
-            syn,
-            &show::VipNames::read(&cli.state_dir),
-            out.format(),
-        ),
-        Command::Status { out } => show::status::status(&pins, &cli.state_dir, out.format()),
-        Command::Top {
-            interval,
-            once,
-            output,
-        } => top(
-            &Pinned::open(&pins)?,
-            &cli.state_dir,
-            interval,
-            once,
-            output,
-        ),
+        c @ (Command::Stats { .. }
+        | Command::Backends { .. }
+        | Command::Nexthops { .. }
+        | Command::Flows { .. }
+        | Command::Explain { .. }
+        | Command::Status { .. }
+        | Command::Top { .. }) => inspect(c, &pins, &cli.state_dir),
         Command::Drain { target } => target.run(&cli.state_dir, Change::Drain),
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
@@ -433,16 +379,77 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
-            use clap::CommandFactory as _;
-            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "lb", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => {
-            use clap::CommandFactory as _;
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(())
-        }
+        Command::Man => Ok(
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())?,
+        ),
         Command::Check { config, output } => check(&config, &pins, output),
+    }
+}
+
+/// The commands that read the pinned maps and the status file.
+fn inspect(command: Command, pins: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
+    match command {
+        Command::Stats { out, watch } => {
+            let p = Pinned::open(pins)?;
+            let names = show::VipNames::read(state_dir);
+            match watch {
+                Some(every) => show::watch::watch(&p, &names, every, out.format()),
+                None => stats(&p, &names, out.format()),
+            }
+        }
+        Command::Backends { out } => backends(&Pinned::open(pins)?, state_dir, out.format()),
+        Command::Nexthops { out } => {
+            crate::nexthop::show::nexthops(&Pinned::open(pins)?, pins, state_dir, out.format())
+        }
+        Command::Flows {
+            vip,
+            backend,
+            client,
+            state,
+            limit,
+            out,
+        } => {
+            let filter = show::flows::Filter {
+                vip,
+                backend,
+                client,
+                state,
+            };
+            let limit = if limit == 0 { usize::MAX } else { limit };
+            let names = show::VipNames::read(state_dir);
+            show::flows::flows(&Pinned::open(pins)?, &names, filter, limit, out.format())
+        }
+        Command::Explain {
+            source,
+            destination,
+            protocol,
+            syn,
+            out,
+        } => {
+            let names = show::VipNames::read(state_dir);
+            let p = Pinned::open(pins)?;
+            explain(
+                &p,
+                &source,
+                destination,
+                protocol,
+                syn,
+                &names,
+                out.format(),
+            )
+        }
+        Command::Status { out } => show::status::status(pins, state_dir, out.format()),
+        Command::Top {
+            interval,
+            once,
+            output,
+        } => top(&Pinned::open(pins)?, state_dir, interval, once, output),
+        _ => unreachable!("not an inspecting command"),
     }
 }
 
