@@ -247,4 +247,40 @@ mod tests {
         assert!(!s.is_running(), "same pid, another start time");
         assert_eq!(s.uptime(), None);
     }
+
+    #[test]
+    fn the_fields_added_in_0_3_0_round_trip_and_a_file_without_them_reads() {
+        let life = Life {
+            start: Some(StartStatus {
+                adopted: true,
+                map_writes: 0,
+            }),
+            event_loop: true,
+            kubernetes_skipped: vec!["Service a/b is malformed (x): skipped".into()],
+            ..Life::default()
+        };
+        let node = crate::config::Config::parse(
+            "node: { interfaces: [eth0], source_v4: 10.0.0.1 }\nvips: []\n",
+            "t",
+        )
+        .unwrap()
+        .node;
+        let s = life.status(&node, &[], true, (1, 0));
+        let mut v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v["start"],
+            serde_json::json!({ "adopted": true, "map_writes": 0 })
+        );
+        let back: AgentStatus = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, s);
+        // As an agent before 0.3.0 wrote it.
+        for k in ["start", "event_loop", "kubernetes_skipped"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old: AgentStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            (old.start, old.event_loop, old.kubernetes_skipped),
+            (None, false, vec![])
+        );
+    }
 }
