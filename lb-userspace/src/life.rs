@@ -4,7 +4,7 @@
 //! [`crate::links::attachment`]) and tells a live agent from the file a dead one left
 //! ([`AgentStatus::is_running`]).
 
-use std::time::SystemTime;
+use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,16 @@ pub struct ReloadStatus {
     pub ok: bool,
     /// Why it was rejected.
     pub error: Option<String>,
+}
+
+/// What the agent's start did with the maps, the fact a test or an operator asks of a restart:
+/// did it adopt a previous agent's maps, and did it have to write them?
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StartStatus {
+    /// Whether it adopted the maps a previous agent pinned (false: it created them).
+    pub adopted: bool,
+    /// The map writes its first apply made (0: the maps already held its config).
+    pub map_writes: u64,
 }
 
 /// The sizes the agent loaded the program with.
@@ -82,6 +92,17 @@ pub struct AgentStatus {
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
     pub last_reload: Option<ReloadStatus>,
+    /// What its start did with the maps (None in the files of releases before 0.3.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<StartStatus>,
+    /// Its event loop runs: health checks, announcements and reloads are under way (false in
+    /// the file written as the maps are first applied, and in files before 0.3.0).
+    #[serde(default)]
+    pub event_loop: bool,
+    /// What the cluster holds that its last translation could not take as it is: malformed
+    /// objects (skipped, or served as their last good version), addresses that do not parse.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kubernetes_skipped: Vec<String>,
     /// Set as the agent stopped for a rollback (its DaemonSet's pod template asked for an older
     /// release): that release, for which the pins were left as it reads them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +131,13 @@ pub struct Life {
     pub last_reload: Option<ReloadStatus>,
     /// The older release the pins were left for, as the agent stopped for a rollback.
     pub rolled_back_for: Option<String>,
+    pub start: Option<StartStatus>,
+    pub event_loop: bool,
+    /// What the cluster's last translation skipped (see [`AgentStatus::kubernetes_skipped`]).
+    pub kubernetes_skipped: Vec<String>,
+    /// Why each checked backend (VIP label, address) has the health it has: the outcome of the
+    /// probe that last changed it.
+    pub health_reasons: BTreeMap<(String, IpAddr), String>,
 }
 
 impl Default for Life {
@@ -118,6 +146,10 @@ impl Default for Life {
             started_at: SystemTime::now(),
             last_reload: None,
             rolled_back_for: None,
+            start: None,
+            event_loop: false,
+            kubernetes_skipped: Vec::new(),
+            health_reasons: Default::default(),
         }
     }
 }
@@ -130,6 +162,19 @@ impl Life {
             ok: result.is_ok(),
             error: result.err(),
         });
+    }
+
+    /// Records why the health of `backend` of the VIP labelled `vip` changed (a transition of
+    /// a current check).
+    pub fn health_changed(&mut self, vip: String, backend: IpAddr, reason: &str) {
+        self.health_reasons
+            .insert((vip, backend), reason.to_string());
+    }
+
+    /// Why `backend` of the VIP labelled `vip` has the health it has, if a probe changed it
+    /// since the agent started.
+    pub fn health_reason(&self, vip: String, backend: IpAddr) -> Option<String> {
+        self.health_reasons.get(&(vip, backend)).cloned()
     }
 
     /// The file's `agent` for this process, serving `node`, attached as `xdp` says.
@@ -162,6 +207,9 @@ impl Life {
             reloads_rejected: reloads.1,
             last_reload: self.last_reload.clone(),
             rolled_back_for: self.rolled_back_for.clone(),
+            start: self.start.clone(),
+            event_loop: self.event_loop,
+            kubernetes_skipped: self.kubernetes_skipped.clone(),
         }
     }
 }
@@ -198,5 +246,41 @@ mod tests {
         s.proc_start += 1;
         assert!(!s.is_running(), "same pid, another start time");
         assert_eq!(s.uptime(), None);
+    }
+
+    #[test]
+    fn the_fields_added_in_0_3_0_round_trip_and_a_file_without_them_reads() {
+        let life = Life {
+            start: Some(StartStatus {
+                adopted: true,
+                map_writes: 0,
+            }),
+            event_loop: true,
+            kubernetes_skipped: vec!["Service a/b is malformed (x): skipped".into()],
+            ..Life::default()
+        };
+        let node = crate::config::Config::parse(
+            "node: { interfaces: [eth0], source_v4: 10.0.0.1 }\nvips: []\n",
+            "t",
+        )
+        .unwrap()
+        .node;
+        let s = life.status(&node, &[], true, (1, 0));
+        let mut v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v["start"],
+            serde_json::json!({ "adopted": true, "map_writes": 0 })
+        );
+        let back: AgentStatus = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, s);
+        // As an agent before 0.3.0 wrote it.
+        for k in ["start", "event_loop", "kubernetes_skipped"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old: AgentStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            (old.start, old.event_loop, old.kubernetes_skipped),
+            (None, false, vec![])
+        );
     }
 }

@@ -32,7 +32,7 @@ use crate::{
     dataplane::kernel::KernelDataplane,
     health,
     k8s::{Kube, KubeOptions, rollout::OwnDaemonSet, translate::Settings},
-    life::{AgentStatus, Life},
+    life::{AgentStatus, Life, StartStatus},
     links,
     metrics::{self, AgentMetrics},
     migrate, nexthop, overrides,
@@ -319,6 +319,8 @@ fn write_status(
                             weight: b.weight,
                             effective_weight: effective.weight,
                             healthy,
+                            health_reason: healthy
+                                .and_then(|_| life.health_reason(v.spec.label(), b.address)),
                             passive_out: agent.is_passive_out(&(v.spec.key(), b.address)),
                             overridden: overrides.find(&v.spec.label(), b.address).cloned(),
                             backup: b.backup.clone(),
@@ -596,7 +598,7 @@ impl Nexthops {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let life = Life::default();
+    let mut life = Life::default();
     let file = load_file(&opts)?;
     for w in &file.warnings {
         warn!("{w}");
@@ -627,6 +629,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         mut agent,
         kube,
         metrics_task,
+        report,
     } = match start(&opts, &file, kube, &m).await {
         Ok(s) => s,
         Err(e) => {
@@ -634,6 +637,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             return Err(e);
         }
     };
+    life.start = Some(report);
+    life.kubernetes_skipped = kube.as_ref().map_or(Vec::new(), |k| k.skipped().to_vec());
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
     if let Err(e) = write_status(&opts, &agent, &m, &life) {
@@ -686,6 +691,8 @@ struct Started {
     agent: Agent<KernelDataplane>,
     kube: Option<Kube>,
     metrics_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// What the start did with the maps, for the status file.
+    report: StartStatus,
 }
 
 /// Everything a start changes, with the pin dir locked: loads (or adopts) the program and its
@@ -798,6 +805,10 @@ async fn start(
         agent,
         kube,
         metrics_task,
+        report: StartStatus {
+            adopted,
+            map_writes: plan.write_count() as u64,
+        },
     })
 }
 
@@ -883,9 +894,6 @@ async fn serve(
     // Announced once the maps hold the first desired state; withdrawn on the way out.
     let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
     announce_update(&mut announce, &agent, m).await;
-    if let Err(e) = write_status(opts, &agent, m, &life) {
-        warn!("writing the status file: {e:#}");
-    }
     let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
     let mut checks = health::Checks::new(htx.clone());
     checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
@@ -902,6 +910,10 @@ async fn serve(
         "running; SIGHUP or saving {} reloads it",
         opts.config.display()
     );
+    life.event_loop = true;
+    if let Err(e) = write_status(opts, &agent, m, &life) {
+        warn!("writing the status file: {e:#}");
+    }
 
     loop {
         let members = agent.state().members.clone();
@@ -916,6 +928,9 @@ async fn serve(
             }
             _ = nexthop_tick.tick() => { refresh = true; Reload::No }
             Some(t) = hrx.recv() => {
+                if checks.is_current(&t) {
+                    life.health_changed(crate::model::vip_label(&t.target.0), t.target.1, &t.reason);
+                }
                 on_health(&mut agent, &checks, t, m);
                 Reload::No
             }
@@ -1020,6 +1035,9 @@ async fn serve(
             nexthops.refresh(&mut agent, m).await;
         }
         announce_update(&mut announce, &agent, m).await;
+        if let Some(k) = &kube {
+            life.kubernetes_skipped = k.skipped().to_vec();
+        }
         if let Err(e) = write_status(opts, &agent, m, &life) {
             warn!("writing the status file: {e:#}");
         }
@@ -1188,6 +1206,7 @@ vips:
             weight: 1,
             effective_weight: 1,
             healthy: Some(healthy),
+            health_reason: None,
             passive_out,
             backup: None,
         };

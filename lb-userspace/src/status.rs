@@ -48,6 +48,10 @@ pub struct BackendStatus {
     pub effective_weight: u32,
     /// None: not health checked.
     pub healthy: Option<bool>,
+    /// Why it has the health it has: the outcome of the probe that last changed it (None: not
+    /// checked, no change since the agent started, or a file of a release before 0.3.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
     /// Taken out by passive health checking (NAT mode).
     #[serde(default)]
     pub passive_out: bool,

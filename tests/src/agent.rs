@@ -1,7 +1,15 @@
 //! Running the real `lb` binary as an agent in a test namespace, as a separate process (so it
 //! can be killed with SIGKILL), with pins in a directory of its own that is removed afterwards.
+//!
+//! Tests wait on state, never on the agent's log: the status file (through `lb status -o json`,
+//! [`Agent::wait_status`] and the waits built on it), `/metrics` ([`Agent::wait_metric`]), the
+//! maps (`lb ... -o json`), or the exit status and error of a command that fails
+//! ([`Agent::refusal`]). The log is there to print when a test fails ([`Agent::log_dump`]);
+//! only the tests of the log format itself (`tests/tests/logs.rs`) read it
+//! ([`Agent::log_file`]). `tests/tests/lints.rs` keeps it so.
 
 use std::{
+    fmt,
     fs::File,
     io::{Read as _, Write as _},
     os::{fd::AsRawFd, unix::process::CommandExt as _},
@@ -108,6 +116,15 @@ impl Dirs {
         names
     }
 
+    /// The agent's status file (`status.json` in the state dir) as it is now, parsed; Null if
+    /// there is none (yet).
+    pub fn status_file(&self) -> serde_json::Value {
+        std::fs::read(self.state.join("status.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.state.join("lb.yaml")
     }
@@ -130,7 +147,31 @@ impl Drop for Dirs {
 /// An `lb run` process inside a namespace. Killed (SIGKILL) on drop if still running.
 pub struct Agent {
     child: Child,
-    pub log: PathBuf,
+    log: PathBuf,
+}
+
+/// The agent's log as it is now, to print in a failing test's message. It only prints: a test
+/// asserts state, not log text.
+pub struct LogDump(String);
+
+impl LogDump {
+    fn read(path: &Path) -> Self {
+        let mut s = String::new();
+        let _ = File::open(path).and_then(|mut f| f.read_to_string(&mut s));
+        Self(s)
+    }
+}
+
+impl fmt::Display for LogDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for LogDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl Agent {
@@ -197,29 +238,43 @@ impl Agent {
         self.child.id()
     }
 
-    pub fn log_text(&self) -> String {
-        let mut s = String::new();
-        let _ = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
-        s
+    /// The log (stderr) so far, for a failing test's message.
+    pub fn log_dump(&self) -> LogDump {
+        LogDump::read(&self.log)
     }
 
-    /// Waits until the log has `n` lines containing `needle`; panics with the log if it doesn't
-    /// come within `timeout` or the agent exits.
-    pub fn wait_for(&mut self, needle: &str, n: usize, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let text = self.log_text();
-            if text.lines().filter(|l| l.contains(needle)).count() >= n {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent exited ({status}) before logging {needle:?}:\n{text}");
-            }
-            if start.elapsed() > timeout {
-                panic!("no {needle:?} (x{n}) in the agent's log within {timeout:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// [`Agent::log_dump`] to call later, without borrowing the agent.
+    pub fn log_dumper(&self) -> impl Fn() -> LogDump + use<> {
+        let path = self.log.clone();
+        move || LogDump::read(&path)
+    }
+
+    /// The file the agent logs to: for the tests of the log format (`tests/tests/logs.rs`)
+    /// only; other tests wait on and assert state.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
+    /// Waits (within `timeout`) for the agent to exit by itself, which it must do with a
+    /// failure, and returns what it answered: the `lb: ...` lines that `lb` prints on stderr
+    /// as it fails (its error and the hint after it). That is the command's output, like the
+    /// stderr of `lb down`; the lines it logs while it runs (a timestamp first) are not in it.
+    pub fn refusal(&mut self, timeout: Duration) -> String {
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("the agent runs on after {timeout:?}:\n{}", self.log_dump()));
+        assert!(
+            !status.success(),
+            "the agent exited 0, not with an error:\n{}",
+            self.log_dump()
+        );
+        let text = self.log_dump().0;
+        let said: Vec<&str> = text.lines().filter(|l| l.starts_with("lb: ")).collect();
+        assert!(
+            !said.is_empty(),
+            "the agent failed ({status}) without saying why:\n{text}"
+        );
+        said.join("\n")
     }
 
     /// Polls `lb status -o json` in `ns` (run with `dirs`' binary) until this agent serves:
@@ -245,13 +300,13 @@ impl Agent {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "the agent exited ({status}); lb status: {v:#}\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             if start.elapsed() > timeout {
                 panic!(
                     "the agent does not serve as awaited within {timeout:?}; lb status: {v:#}\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -266,6 +321,46 @@ impl Agent {
         timeout: Duration,
     ) -> serde_json::Value {
         self.wait_status(ns, dirs, timeout, |_| true)
+    }
+
+    /// [`Agent::wait_serving`], and its event loop runs (`agent.event_loop`): health checks,
+    /// announcements and reloads are under way.
+    pub fn wait_running(
+        &mut self,
+        ns: &NetNs,
+        dirs: &Dirs,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        self.wait_status(ns, dirs, timeout, |v| v["agent"]["event_loop"] == true)
+    }
+
+    /// Waits until the agent has applied `n` reloads since it started (`agent.reloads_applied`:
+    /// of its config file, of the cluster, of overrides); returns the status.
+    pub fn wait_applied(
+        &mut self,
+        ns: &NetNs,
+        dirs: &Dirs,
+        n: u64,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        self.wait_status(ns, dirs, timeout, |v| {
+            v["agent"]["reloads_applied"].as_u64() >= Some(n)
+        })
+    }
+
+    /// Waits until the agent has rejected `n` reloads since it started
+    /// (`agent.reloads_rejected`); returns the status, whose `agent.last_reload.error` says why
+    /// the last one was.
+    pub fn wait_rejected(
+        &mut self,
+        ns: &NetNs,
+        dirs: &Dirs,
+        n: u64,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        self.wait_status(ns, dirs, timeout, |v| {
+            v["agent"]["reloads_rejected"].as_u64() >= Some(n)
+        })
     }
 
     pub fn kill9(&mut self) {
@@ -302,13 +397,13 @@ impl Agent {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "the agent exited ({status}) before {name} reached {at_least}:\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             if start.elapsed() > timeout {
                 panic!(
                     "{name} is {v:?}, not {at_least} or more, after {timeout:?}:\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -327,17 +422,22 @@ impl Agent {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "the agent exited ({status}) before {path} answered {code}:\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             if start.elapsed() > timeout {
                 panic!(
                     "{path} answers {got:?}, not {code}, after {timeout:?}:\n{}",
-                    self.log_text()
+                    self.log_dump()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// How the process exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits for the process to exit by itself (within `timeout`).

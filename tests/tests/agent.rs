@@ -9,7 +9,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU16, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -98,7 +98,7 @@ fn the_agent_programs_the_maps_and_packets_follow_them() {
     );
     dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
 
     let s = slots(&dirs);
     assert_eq!(s[TX_V4] + s[TX_V4_B], 1009, "{s:?}");
@@ -182,7 +182,7 @@ fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
     let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], "");
     dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let flows: Vec<(Pkt, IpAddr)> = net.ns.run(|| {
         let mut lb = Lb::adopt(&dirs.pins);
         (0..100)
@@ -212,11 +212,11 @@ fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
 
     // Same config: the new agent adopts everything and writes nothing.
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
-    let log = agent.log_text();
-    assert!(
-        log.contains("adopted the maps") && log.contains("writes=0"),
-        "{log}"
+    let status = agent.wait_running(&net.ns, &dirs, T);
+    assert_eq!(
+        status["agent"]["start"],
+        serde_json::json!({ "adopted": true, "map_writes": 0 }),
+        "{status:#}"
     );
     let swapped = xdp_prog(&net.ns).expect("still attached");
     assert_ne!(
@@ -228,7 +228,7 @@ fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
     // A third backend changes the table; established flows keep their backends.
     dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1), (NO_NEIGH_V4, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     net.ns.run(|| {
         let mut lb = Lb::adopt(&dirs.pins);
         let before = lb.counters();
@@ -262,22 +262,21 @@ fn a_bad_config_changes_nothing_and_a_good_one_applies() {
     let dirs = Dirs::new(Path::new(BIN), "reload");
     dirs.write_config(&config(&[(TX_V4, 2), (TX_V4_B, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let before = dirs.json(&["backends"]);
 
     dirs.write_config(&config(&[(TX_V4, 70000), (TX_V4_B, 1)], ""));
-    agent.wait_for("config rejected", 1, T);
+    let status = agent.wait_rejected(&net.ns, &dirs, 1, T);
+    let why = &status["agent"]["last_reload"]["error"];
     assert!(
-        agent
-            .log_text()
-            .contains("vips[0].backends[0].weight: must be 0..=65535"),
-        "{}",
-        agent.log_text()
+        why.as_str()
+            .is_some_and(|e| e.contains("vips[0].backends[0].weight: must be 0..=65535")),
+        "{status:#}"
     );
     agent.hup();
-    agent.wait_for("config rejected", 2, T);
+    agent.wait_rejected(&net.ns, &dirs, 2, T);
     dirs.write_config("node: [");
-    agent.wait_for("config rejected", 3, T);
+    agent.wait_rejected(&net.ns, &dirs, 3, T);
     assert_eq!(
         dirs.json(&["backends"]),
         before,
@@ -286,7 +285,7 @@ fn a_bad_config_changes_nothing_and_a_good_one_applies() {
 
     let extra = "  - address: 192.0.2.11\n    port: 53\n    protocol: udp\n    backends: [{ address: 10.1.0.1 }]\n";
     dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1)], extra));
-    agent.wait_for("config applied", 1, T);
+    agent.wait_applied(&net.ns, &dirs, 1, T);
     let after = dirs.json(&["backends"]);
     assert_eq!(after.as_array().unwrap().len(), 2, "{after}");
     let s = slots(&dirs);
@@ -304,7 +303,7 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
     let dirs = Dirs::new(Path::new(BIN), "down");
     dirs.write_config(&config(&[(TX_V4, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
     assert!(
         dirs.pins.join("LB_RING").exists(),
@@ -344,11 +343,10 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
         meta.set(0, m, 0).unwrap();
     }
     let mut refused = Agent::start(&net.ns, &dirs);
-    assert!(!refused.wait_exit(T).expect("refuse and exit").success());
+    let said = refused.refusal(T);
     assert!(
-        refused.log_text().contains("layout version 6") && refused.log_text().contains("lb down"),
-        "{}",
-        refused.log_text()
+        said.contains("layout version 6") && said.contains("lb down"),
+        "{said}"
     );
 
     // Back to the layout this release records (8: LB_VIPS is at schema 2, which 0.1.0 cannot
@@ -408,6 +406,8 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
 /// A TCP listener or HTTP responder on a loopback address of the namespace, for health checks.
 struct Server {
     stop: Arc<AtomicBool>,
+    /// The connections accepted (probes) so far.
+    accepted: Arc<AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -418,11 +418,13 @@ impl Server {
             ns.run(|| TcpListener::bind((addr.parse::<IpAddr>().unwrap(), port)).expect("bind"));
         l.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), accepted.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((mut c, _)) => {
+                        n.fetch_add(1, Ordering::Relaxed);
                         if let Some(st) = &status {
                             c.set_nonblocking(false).unwrap();
                             c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -441,6 +443,7 @@ impl Server {
         });
         Self {
             stop,
+            accepted,
             handle: Some(handle),
         }
     }
@@ -475,23 +478,39 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
     );
     dirs.write_config(&config(&[("10.9.0.1", 1), ("10.9.0.2", 1)], &extra));
     let tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
-    let _tcp2 = Server::start(&net.ns, "10.9.0.2", 8080, None);
+    let tcp2 = Server::start(&net.ns, "10.9.0.2", 8080, None);
     let status3 = Arc::new(AtomicU16::new(200));
-    let _http3 = Server::start(&net.ns, "10.9.0.3", 8081, Some(status3.clone()));
-    let _http4 = Server::start(
+    let http3 = Server::start(&net.ns, "10.9.0.3", 8081, Some(status3.clone()));
+    let http4 = Server::start(
         &net.ns,
         "10.9.0.4",
         8081,
         Some(Arc::new(AtomicU16::new(204))),
     );
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(
-        !agent.log_text().contains("unhealthy"),
-        "healthy servers reported unhealthy:\n{}",
-        agent.log_text()
-    );
+    agent.wait_running(&net.ns, &dirs, T);
+    // Three probes of each (one more than unhealthy_threshold), all answered: every backend
+    // is healthy, and none was ever judged otherwise (a change would have left its reason).
+    let start = std::time::Instant::now();
+    for s in [&tcp1, &tcp2, &http3, &http4] {
+        while s.accepted.load(Ordering::Relaxed) < 3 {
+            assert!(
+                start.elapsed() < T,
+                "the servers are not probed three times"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let status = dirs.status_file();
+    for vip in status["vips"].as_array().expect("the status file's VIPs") {
+        for b in vip["backends"].as_array().unwrap() {
+            assert_eq!(
+                b["healthy"], true,
+                "healthy servers reported unhealthy: {status:#}"
+            );
+            assert_eq!(b["health_reason"], serde_json::Value::Null, "{status:#}");
+        }
+    }
 
     let health = |vip: usize, addr: &str| -> (String, u64) {
         let v = dirs.json(&["backends"]);
@@ -508,8 +527,8 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
         )
     };
     assert_eq!(health(0, "10.9.0.1").0, "healthy");
-    // The log line comes first, the status file (health) and the maps (slots) just after:
-    // poll them until they say `want`, with a deadline.
+    // Poll the status file (health) and the maps (slots) until they say `want`, with a
+    // deadline.
     let settled = |vip: usize, addr: &str, want: (&str, u64)| {
         let start = std::time::Instant::now();
         loop {
@@ -527,7 +546,6 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
 
     // TCP: stop the server (connections refused).
     drop(tcp1);
-    agent.wait_for("backend unhealthy", 1, T);
     settled(0, "10.9.0.1", ("unhealthy", 0));
     assert_eq!(
         health(0, "10.9.0.2").1,
@@ -537,7 +555,7 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
     // A restarted agent remembers: the dead backend gets no slot while its checks warm up.
     agent.kill9();
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(
         health(0, "10.9.0.1"),
         ("unhealthy".into(), 0),
@@ -545,17 +563,25 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
     );
     // HTTP: answer 500.
     status3.store(500, Ordering::Relaxed);
-    agent.wait_for("backend unhealthy", 1, T); // (this agent's own log)
-    assert!(
-        agent.log_text().contains("status 500"),
-        "{}",
-        agent.log_text()
-    );
     settled(1, "10.9.0.3", ("unhealthy", 0));
+    // Why, in the status file (written with the health `lb backends` read).
+    let status = dirs.status_file();
+    let row = status["vips"][1]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == "10.9.0.3")
+        .cloned()
+        .unwrap_or_else(|| panic!("10.9.0.3 not in {status:#}"));
+    assert!(
+        row["health_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("status 500")),
+        "{row}"
+    );
     // Both recover.
     let _tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
     status3.store(200, Ordering::Relaxed);
-    agent.wait_for("backend healthy again", 2, T);
     for (vip, addr) in [(0, "10.9.0.1"), (1, "10.9.0.3")] {
         let start = std::time::Instant::now();
         loop {
@@ -596,7 +622,7 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
         "",
     ));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let maps = dirs.json(&["backends"]);
     let pins = dirs.pin_names();
     let attached = |ns: &NetNs| ["lb0", "lb1", "lb2"].map(|d| xdp_attachment(ns, d));
@@ -631,7 +657,7 @@ fn an_xdp_mode_change_on_reload_attaches_again_in_the_new_mode() {
     let dirs = Dirs::new(Path::new(BIN), "mode");
     dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1), (TX_V4_B, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let (mode, prog) = xdp_attachment(&net.ns, "lb0").expect("attached");
     assert_eq!(mode, XDP_ATTACHED_DRV);
     let maps = dirs.json(&["backends"]);
@@ -671,7 +697,7 @@ fn a_restart_with_another_xdp_mode_attaches_in_it() {
     let dirs = Dirs::new(Path::new(BIN), "remode");
     dirs.write_config(&config_on("lb0", "generic", &[(TX_V4, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(
         xdp_attachment(&net.ns, "lb0").map(|a| a.0),
         Some(XDP_ATTACHED_SKB)
@@ -680,7 +706,7 @@ fn a_restart_with_another_xdp_mode_attaches_in_it() {
 
     dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(
         xdp_attachment(&net.ns, "lb0").map(|a| a.0),
         Some(XDP_ATTACHED_DRV),
@@ -697,7 +723,7 @@ fn an_xdp_mode_one_interface_cannot_take_is_refused_and_changes_nothing() {
     let dirs = Dirs::new(Path::new(BIN), "nomode");
     dirs.write_config(&config_on("lb0, br0", "generic", &[(TX_V4, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let attached = |ns: &NetNs| ["lb0", "br0"].map(|d| xdp_attachment(ns, d).map(|a| a.0));
     assert_eq!(attached(&net.ns), [Some(XDP_ATTACHED_SKB); 2]);
 
@@ -724,7 +750,7 @@ fn a_restarted_agent_keeps_out_the_backends_passive_health_took_out() {
     );
     dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
 
     // What the agent writes when passive health takes TX_V4 out.
@@ -738,7 +764,7 @@ fn a_restarted_agent_keeps_out_the_backends_passive_health_took_out() {
     std::fs::write(&path, serde_json::to_vec(&status).unwrap()).unwrap();
 
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let v = dirs.json(&["backends"]);
     let row = |addr: &str| {
         v[0]["backends"]
@@ -765,7 +791,7 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config_on("lb0", xdp_mode, &[(TX_V4, 2), (TX_V4_B, 1)], ""));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     agent.kill9();
     let maps = dirs.json(&["backends"]);
     let pins = dirs.pin_names();
@@ -780,11 +806,8 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
         "",
     ));
     let mut refused = Agent::start(&net.ns, &dirs);
-    let status = refused
-        .wait_exit(T)
-        .expect("the agent should refuse and exit");
-    assert!(!status.success());
-    assert!(refused.log_text().contains(bad), "{}", refused.log_text());
+    let said = refused.refusal(T);
+    assert!(said.contains(bad), "{said}");
     assert_eq!(
         dirs.json(&["backends"]),
         maps,

@@ -36,7 +36,7 @@ fn setup_in(lab: Lab, tag: &str, vips: &str) -> Setup {
     let dirs = Dirs::new(Path::new(BIN), tag);
     dirs.write_config(&config(vips));
     let mut agent = Agent::start(&lab.lb, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&lab.lb, &dirs, T);
     Setup { lab, dirs, agent }
 }
 
@@ -182,7 +182,7 @@ fn removing_a_backend_moves_only_its_connections() {
     assert!(before.len() == 3, "streams on {before:?}");
     std::thread::sleep(Duration::from_millis(300));
     s.dirs.write_config(&config(&web(&[(0, 1), (1, 1)])));
-    s.agent.wait_for("config applied", 1, T);
+    s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
@@ -213,7 +213,7 @@ fn adding_a_backend_moves_no_established_connection() {
     std::thread::sleep(Duration::from_millis(300));
     s.dirs
         .write_config(&config(&web(&[(0, 1), (1, 1), (2, 1)])));
-    s.agent.wait_for("config applied", 1, T);
+    s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
@@ -248,7 +248,7 @@ fn kill9_and_restart_breaks_no_stream() {
         "new connections failed with no agent running: {during:?}"
     );
     let mut agent = Agent::start(&s.lab.lb, &s.dirs);
-    agent.wait_for("running", 1, T);
+    let status = agent.wait_running(&s.lab.lb, &s.dirs, T);
     std::thread::sleep(Duration::from_millis(1000));
     let (broken, ok) = finish(streams);
     eprintln!(
@@ -261,10 +261,10 @@ fn kill9_and_restart_breaks_no_stream() {
         broken.len()
     );
     assert_eq!(ok, before);
-    assert!(
-        agent.log_text().contains("writes=0"),
-        "the restart rewrote maps:\n{}",
-        agent.log_text()
+    assert_eq!(
+        status["agent"]["start"],
+        serde_json::json!({ "adopted": true, "map_writes": 0 }),
+        "the restart rewrote maps: {status:#}"
     );
 }
 
@@ -289,7 +289,7 @@ fn an_invalid_reload_under_traffic_changes_nothing() {
     let slots = tables(&s.dirs);
     s.dirs
         .write_config(&config(&web(&[(0, 2), (1, 1), (2, 99999)])));
-    s.agent.wait_for("config rejected", 1, T);
+    s.agent.wait_rejected(&s.lab.lb, &s.dirs, 1, T);
     std::thread::sleep(Duration::from_millis(500));
     let t = s.lab.tcp_tally(sa(WEB), 200, 8);
     let (broken, _) = finish(streams);
@@ -313,7 +313,7 @@ fn draining_keeps_established_connections_and_takes_no_new_ones() {
     );
     s.dirs
         .write_config(&config(&web(&[(0, 1), (1, 1), (2, 0)])));
-    s.agent.wait_for("config applied", 1, T);
+    s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
     std::thread::sleep(Duration::from_millis(1500));
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);

@@ -156,7 +156,7 @@ impl World {
                 ("NODE_NAME", "node-a"),
             ],
         );
-        agent.wait_for("running", 1, T);
+        agent.wait_running(&net.ns, &dirs, T);
         Self {
             agent,
             lb: None,
@@ -176,7 +176,7 @@ impl World {
             assert!(
                 start.elapsed() < T,
                 "waiting for {what}; agent log:\n{}",
-                self.agent.log_text()
+                self.agent.log_dump()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -205,7 +205,7 @@ impl World {
                 start.elapsed() < T,
                 "waiting for {what}: the maps show\n{:#}\nagent log:\n{}",
                 last.lock().unwrap(),
-                self.agent.log_text()
+                self.agent.log_dump()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -234,7 +234,7 @@ impl World {
             action_name(action),
             action_name(XDP_TX),
             "{pkt:?}; agent log:\n{}",
-            self.agent.log_text()
+            self.agent.log_dump()
         );
         (
             IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),

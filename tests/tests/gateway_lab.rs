@@ -118,7 +118,7 @@ fn start(
             ("NODE_NAME", "node-a"),
         ],
     );
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&lab.lb, &dirs, T);
     let start = Instant::now();
     loop {
         let v = dirs.json(&["backends"]);
@@ -129,7 +129,7 @@ fn start(
         assert!(
             start.elapsed() < T,
             "waiting for {members} members: {v:#}\n{}",
-            agent.log_text()
+            agent.log_dump()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

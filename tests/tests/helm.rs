@@ -944,7 +944,7 @@ fn the_agent_synced_at_the_default_sizes_peaks_within_the_charts_memory_limit() 
         s["agent"]["reloads_applied"].as_u64() > Some(applied) && full(s)
     });
     let peak = cg.peak().expect("the memory cgroup's peak");
-    assert!(agent.stop().success(), "{}", agent.log_text());
+    assert!(agent.stop().success(), "{}", agent.log_dump());
     let peak_mib = peak.div_ceil(1 << 20);
     eprintln!(
         "the agent with {vips} VIPs and {backends} backends at the default sizes peaked at {peak_mib} MiB; the chart allows {mib} MiB"

@@ -163,11 +163,10 @@ fn status_shows_the_running_agent_attached_its_sizes_and_the_flows_it_holds() {
 
 #[test]
 fn a_reload_rejected_and_one_applied_show_in_status() {
-    let mut s = start("st-reload", &config(""));
+    let s = start("st-reload", &config(""));
     let heavy = format!("{{ address: {TX_V4}, weight: 70000 }}");
     s.dirs
         .write_config(&config("").replacen(&format!("{{ address: {TX_V4} }}"), &heavy, 1));
-    s.agent.wait_for("config rejected", 1, T);
     let v = poll("the rejected reload in the status file", || {
         let (v, _) = status(&s);
         (v["agent"]["reloads_rejected"].as_u64() >= Some(1)).then_some(v)
@@ -181,7 +180,6 @@ fn a_reload_rejected_and_one_applied_show_in_status() {
 
     s.dirs
         .write_config(&config("").replace("name: api", "name: api2"));
-    s.agent.wait_for("config applied", 1, T);
     let v = poll("the applied reload in the status file", || {
         let (v, _) = status(&s);
         (v["agent"]["reloads_applied"].as_u64() >= Some(1)).then_some(v)
@@ -539,7 +537,7 @@ fn a_flow_to_a_backend_of_weight_0_is_listed_as_draining() {
         &format!("{{ address: {TX_V4_B} }}"),
         &format!("{{ address: {TX_V4_B}, weight: 0 }}"),
     ));
-    s.agent.wait_for("config applied", 1, T);
+    s.agent.wait_applied(&s.net.ns, &s.dirs, 1, T);
     let v = s.dirs.json(&["flows", "--vip", "192.0.2.10:80"]);
     let states: BTreeMap<String, String> = v["flows"]
         .as_array()

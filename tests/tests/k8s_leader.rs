@@ -119,7 +119,10 @@ fn start_with(
 
 impl Node {
     fn log(&self) -> String {
-        self.agent.as_ref().map(Agent::log_text).unwrap_or_default()
+        self.agent
+            .as_ref()
+            .map(|a| a.log_dump().to_string())
+            .unwrap_or_default()
     }
 
     /// Waits until this agent's maps serve `vip` with `slots` slots in all.
@@ -210,11 +213,8 @@ fn only_the_lease_holder_writes_status_and_the_other_takes_over_when_it_dies() {
         holder(s).as_deref() == Some("node-a")
     });
     let b = start(&net, &api, "node-b", "lb2", 251);
-    let paths = [&a, &b].map(|n| n.agent.as_ref().unwrap().log.clone());
-    let logs = || {
-        let read = |p: &std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        format!("node-a:\n{}\nnode-b:\n{}", read(&paths[0]), read(&paths[1]))
-    };
+    let dumps = [&a, &b].map(|n| n.agent.as_ref().unwrap().log_dumper());
+    let logs = || format!("node-a:\n{}\nnode-b:\n{}", dumps[0](), dumps[1]());
     // Each agent serves with its own view: A with the policy's 503 slots, B with its table's 251.
     a.wait_slots("192.0.2.10:80/tcp", 503);
     b.wait_slots("192.0.2.10:80/tcp", 251);
@@ -319,7 +319,7 @@ fn a_holder_that_exits_cleanly_gives_the_lease_up_at_once() {
     b.wait_slots("192.0.2.10:80/tcp", 1009);
     // Both in their event loop, where SIGTERM is a clean exit (A took the Lease while starting).
     for n in [&mut a, &mut b] {
-        n.agent.as_mut().unwrap().wait_for("running; SIGHUP", 1, T);
+        n.agent.as_mut().unwrap().wait_running(&net.ns, &n.dirs, T);
     }
     let status = a.agent.as_mut().unwrap().stop();
     assert!(status.success(), "{status}: {}", a.log());

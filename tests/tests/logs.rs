@@ -39,8 +39,8 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     config(&dirs);
     // The harness sets NO_COLOR for every agent; this one runs without it, as a service would.
     let mut agent = Agent::start_under(&ns, &dirs, &["env", "-u", "NO_COLOR"], &[], &[]);
-    agent.wait_for("running", 1, T);
-    let log = agent.log_text();
+    agent.wait_running(&ns, &dirs, T);
+    let log = std::fs::read_to_string(agent.log_file()).expect("the agent's log");
     assert!(
         !log.contains('\u{1b}'),
         "escape codes in a log written to a file:\n{log:?}"
@@ -53,8 +53,8 @@ fn log_format_json_writes_one_object_a_line() {
     let dirs = Dirs::new(Path::new(BIN), "log-json");
     config(&dirs);
     let mut agent = Agent::start_under(&ns, &dirs, &[], &["--log-format", "json"], &[]);
-    agent.wait_for("running", 1, T);
-    let log = agent.log_text();
+    agent.wait_running(&ns, &dirs, T);
+    let log = std::fs::read_to_string(agent.log_file()).expect("the agent's log");
     let lines: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

@@ -84,7 +84,7 @@ fn quiet_net(tag: &str) -> FibNet {
 fn agent(net: &FibNet, dirs: &Dirs) -> Agent {
     dirs.write_config(&config());
     let mut agent = Agent::start(&net.ns, dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, dirs, T);
     agent
 }
 

@@ -241,7 +241,7 @@ fn poll_status(
         assert!(
             Instant::now() < deadline,
             "{what}: not within {T:?}:\n{v:#}\n{}",
-            agent.log_text()
+            agent.log_dump()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

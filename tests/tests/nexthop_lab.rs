@@ -90,7 +90,7 @@ impl NhLab {
         let dirs = Dirs::new(Path::new(BIN), tag);
         dirs.write_config(CONFIG);
         let mut agent = Agent::start(&ns, &dirs);
-        agent.wait_for("running", 1, T);
+        agent.wait_running(&ns, &dirs, T);
         let lb0 = ns.ifindex("lb0");
         Self {
             ns,
@@ -129,7 +129,7 @@ impl NhLab {
                 start.elapsed() < T,
                 "member {id} ({backend}): entry {got:?}, the kernel says {want:?} (refreshes {} since {before}):\n{}",
                 self.refreshes(),
-                self.agent.log_text()
+                self.agent.log_dump()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -505,7 +505,7 @@ fn a_route_the_resolver_cannot_take_is_left_to_the_route_lookup_and_counted() {
             assert!(
                 start.elapsed() < T,
                 "entry {nh:?}, status {s:?}:\n{}",
-                lab.agent.log_text()
+                lab.agent.log_dump()
             );
             std::thread::sleep(Duration::from_millis(50));
         };

@@ -126,7 +126,7 @@ fn dsr_health_applies_to_new_connections_on_reused_ports() {
     );
     dirs.write_config(&lab_config("", &vip));
     let mut agent = Agent::start(&lab.lb, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&lab.lb, &dirs, T);
     let t = rounds(&lab, &dirs, "192.0.2.10:80".parse().unwrap(), |down| {
         health.set_down("b1", down)
     });
@@ -150,7 +150,7 @@ fn nat_health_applies_to_new_connections_on_reused_ports() {
     );
     dirs.write_config(&lab_config("", &vip));
     let mut agent = Agent::start(&lab.lb, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&lab.lb, &dirs, T);
     let t = rounds(&lab, &dirs, "192.0.2.20:80".parse().unwrap(), |down| {
         servers.set_down("b1", down)
     });

@@ -208,11 +208,11 @@ fn sigterm_and_lb_down_withdraw_a_nodes_vips_and_kill_9_leaves_them_announced() 
     assert_eq!(n1.table_routes(), both);
     // A new agent adopts them (and keeps them: the maps still give the VIPs backends).
     n1.start_agent();
-    n1.agent.as_mut().unwrap().wait_for(
-        "announcing VIPs through routing table",
-        1,
-        Duration::from_secs(5),
-    );
+    // Its event loop runs: its announcer has started, over what the first one left.
+    n1.agent
+        .as_mut()
+        .unwrap()
+        .wait_running(&n1.ns, &n1.dirs, Duration::from_secs(5));
     assert_eq!(n1.table_routes(), both);
     for vip in [VIP4, VIP6] {
         assert_eq!(lab.nexthops(vip), lab.node_addrs(vip, &[0, 1, 2]));
@@ -365,7 +365,7 @@ fn a_backend_added_before_a_node_leaves_breaks_only_streams_that_changed_node() 
         n.agent
             .as_mut()
             .unwrap()
-            .wait_for("config applied", 1, Duration::from_secs(20));
+            .wait_applied(&n.ns, &n.dirs, 1, Duration::from_secs(20));
     }
     assert!(
         wait_progress(&conns, 3, &none, Duration::from_secs(20)).is_empty(),

@@ -2,7 +2,15 @@
 //! `lb down` refused under a running agent (and `--force`), and starts that fail (a missing
 //! interface, no cluster, no capabilities) leaving no pins and no attachment behind.
 
-use std::{path::Path, time::Duration};
+use std::{
+    net::TcpListener,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use lb_tests::{
     agent::{Agent, Dirs, xdp_attachment},
@@ -43,7 +51,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
     let dirs = Dirs::new(Path::new(BIN), "second");
     dirs.write_config(&config("lb0"));
     let mut first = Agent::start(&net.ns, &dirs);
-    first.wait_for("running", 1, T);
+    first.wait_running(&net.ns, &dirs, T);
     let (maps, links, files) = (
         dirs.json(&["backends"]),
         attached(&net.ns),
@@ -53,17 +61,13 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
     // The second one would attach lb1 too, and adopt the first one's maps.
     dirs.write_config(&config("lb0, lb1"));
     let mut second = Agent::start(&net.ns, &dirs);
-    let status = second
-        .wait_exit(T)
-        .expect("the second agent should refuse and exit");
-    assert!(!status.success());
-    let log = second.log_text();
+    let said = second.refusal(T);
     assert!(
-        log.contains(&format!(
+        said.contains(&format!(
             "another lb agent (pid {}) holds the pins",
             first.pid()
         )),
-        "{log}"
+        "{said}"
     );
     assert_eq!(
         attached(&net.ns),
@@ -84,7 +88,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
 
     // Once the first has exited, the lock is free.
     let mut third = Agent::start(&net.ns, &dirs);
-    third.wait_for("running", 1, T);
+    third.wait_running(&net.ns, &dirs, T);
     assert!(
         attached(&net.ns)[1].is_some(),
         "lb1 not attached by the next agent"
@@ -98,7 +102,7 @@ fn lb_down_is_refused_under_a_running_agent_and_force_removes_everything() {
     let dirs = Dirs::new(Path::new(BIN), "downrun");
     dirs.write_config(&config("lb0"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     let (links, files) = (attached(&net.ns), dirs.pin_names());
     assert!(links[0].is_some() && files.contains(&"LB_RING".to_string()));
 
@@ -138,15 +142,8 @@ fn a_first_start_with_a_missing_interface_leaves_no_pins_and_no_attachment() {
     let dirs = Dirs::new(Path::new(BIN), "fresh-if");
     dirs.write_config(&config("lb0, lb1, nope0"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    let status = agent
-        .wait_exit(T)
-        .expect("the agent should refuse and exit");
-    assert!(!status.success());
-    assert!(
-        agent.log_text().contains("no interface named nope0"),
-        "{}",
-        agent.log_text()
-    );
+    let said = agent.refusal(T);
+    assert!(said.contains("no interface named nope0"), "{said}");
     assert!(
         !dirs.pins.exists(),
         "a failed start left {:?}",
@@ -176,12 +173,10 @@ fn a_kubernetes_start_without_a_cluster_leaves_no_pins() {
     let net = FibNet::new("nokube");
     let dirs = Dirs::new(Path::new(BIN), "nokube");
     let mut agent = start_kube(&net, &dirs, &dirs.state.join("no-such-kubeconfig"));
-    let status = agent.wait_exit(T).expect("the agent should fail and exit");
-    assert!(!status.success(), "{}", agent.log_text());
+    let said = agent.refusal(T);
     assert!(
-        agent.log_text().contains("connecting to Kubernetes"),
-        "it failed for another reason: {}",
-        agent.log_text()
+        said.contains("connecting to Kubernetes"),
+        "it failed for another reason: {said}"
     );
     assert!(
         !dirs.pins.exists(),
@@ -191,25 +186,58 @@ fn a_kubernetes_start_without_a_cluster_leaves_no_pins() {
     assert_eq!(attached(&net.ns), [None, None]);
 }
 
+/// A listener on the loopback of `ns` that accepts connections and closes them at once, for as
+/// long as the test runs: its port, and the number of connections it took.
+fn closing_server(ns: &NetNs) -> (u16, Arc<AtomicU64>) {
+    let l = ns.run(|| TcpListener::bind("127.0.0.1:0").expect("binding a port"));
+    let port = l.local_addr().unwrap().port();
+    let tried = Arc::new(AtomicU64::new(0));
+    let n = tried.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            n.fetch_add(1, Ordering::Relaxed);
+            drop(c);
+        }
+    });
+    (port, tried)
+}
+
 #[test]
 fn a_kubernetes_agent_waiting_for_an_unreachable_api_server_has_pinned_nothing() {
     let net = FibNet::new("downkube");
     let dirs = Dirs::new(Path::new(BIN), "downkube");
-    // Nothing listens on port 9 of the namespace's loopback.
+    // An API server that closes every connection at once, counting them.
+    let (port, tried) = closing_server(&net.ns);
     let kubeconfig = dirs.state.join("kubeconfig");
     std::fs::write(
         &kubeconfig,
-        "apiVersion: v1
+        format!(
+            "apiVersion: v1
 kind: Config
-clusters: [{ name: c, cluster: { server: 'http://127.0.0.1:9' } }]
-contexts: [{ name: c, context: { cluster: c, user: u } }]
-users: [{ name: u, user: {} }]
+clusters: [{{ name: c, cluster: {{ server: 'http://127.0.0.1:{port}' }} }}]
+contexts: [{{ name: c, context: {{ cluster: c, user: u }} }}]
+users: [{{ name: u, user: {{}} }}]
 current-context: c
-",
+"
+        ),
     )
     .unwrap();
     let mut agent = start_kube(&net, &dirs, &kubeconfig);
-    agent.wait_for("watch failed", 1, T);
+    // It has asked, been cut off, and asks again: it waits for its first list.
+    let start = std::time::Instant::now();
+    while tried.load(Ordering::Relaxed) < 2 {
+        assert!(
+            start.elapsed() < T,
+            "the agent did not try the API server twice:\n{}",
+            agent.log_dump()
+        );
+        assert!(
+            agent.exited().is_none(),
+            "the agent exited:\n{}",
+            agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !dirs.pins.exists(),
         "pinned before the first list: {:?}",
@@ -232,13 +260,11 @@ fn without_capabilities_lb_run_says_what_it_needs_and_leaves_nothing() {
         &[],
         &[],
     );
-    let status = agent.wait_exit(T).expect("the agent should fail and exit");
-    assert!(!status.success());
-    let log = agent.log_text();
+    let said = agent.refusal(T);
     assert!(
-        log.contains("lb needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")
-            && log.contains("this process lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
-        "{log}"
+        said.contains("lb needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")
+            && said.contains("this process lacks CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "{said}"
     );
     assert!(
         !dirs.pins.exists(),
@@ -277,17 +303,13 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
 
     dirs.write_config(&config("lb0, lb1"));
     let mut agent = Agent::start(&net.ns, &dirs);
-    let status = agent
-        .wait_exit(T)
-        .expect("the agent should refuse and exit");
-    assert!(!status.success());
-    let log = agent.log_text();
+    let said = agent.refusal(T);
     assert!(
-        log.contains(&format!(
+        said.contains(&format!(
             "another XDP program is attached there (id {id}, named lb)"
-        )) && log.contains("ip link set dev lb1 xdp off")
-            && !log.contains("try xdp_mode: generic"),
-        "{log}"
+        )) && said.contains("ip link set dev lb1 xdp off")
+            && !said.contains("try xdp_mode: generic"),
+        "{said}"
     );
     assert_eq!(
         attached(&net.ns),

@@ -165,7 +165,7 @@ fn wait_status(
         assert!(
             Instant::now() < deadline,
             "{what}: not within {T:?}; lb status:\n{s}\nthe agent's log:\n{}",
-            agent.log_text()
+            agent.log_dump()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -272,7 +272,7 @@ fn wait_weight(dirs: &Dirs, agent: &Agent, weight: u32) {
             Instant::now() < deadline,
             "{addr} of {CHANGING_VIP} never got weight {weight} ({:.1} % of the slots): {row:?}\n{}",
             want * 100.0,
-            agent.log_text()
+            agent.log_dump()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -460,7 +460,7 @@ impl Rig {
         assert!(
             exit.success(),
             "SIGTERM: the agent exited {exit}:\n{}",
-            self.agent.log_text()
+            self.agent.log_dump()
         );
         let stopped = t0.elapsed();
         if let Some(version) = rollback_to {
@@ -552,7 +552,7 @@ impl Rig {
             self.agent.stop().code(),
             Some(0),
             "{}",
-            self.agent.log_text()
+            self.agent.log_dump()
         );
     }
 }
@@ -743,7 +743,7 @@ fn the_watcher_and_the_traffic_see_what_lb_down_breaks() {
     assert!(traffic.current().clean(), "{}", traffic.current());
 
     traffic.phase("lb down");
-    assert!(agent.stop().success(), "{}", agent.log_text());
+    assert!(agent.stop().success(), "{}", agent.log_dump());
     let out = dirs.cli(&["down"]);
     assert!(
         out.status.success(),

@@ -52,7 +52,7 @@ fn without_interfaces_the_agent_attaches_to_the_default_routes_interface_and_sta
     );
 
     let mut agent = Agent::start(&net.ns, &dirs);
-    agent.wait_for("running", 1, T);
+    agent.wait_running(&net.ns, &dirs, T);
     assert!(xdp_attachment(&net.ns, "lb1").is_some(), "attached to lb1");
     assert!(xdp_attachment(&net.ns, "lb0").is_none(), "not to lb0");
     let status = dirs.cli_in(&net.ns, &["status", "-o", "json"]);

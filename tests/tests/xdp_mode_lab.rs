@@ -112,16 +112,10 @@ fn explicit_native_without_peer_programs_is_refused_naming_each_peer_and_nothing
     assert_eq!(report["errors"].as_array().unwrap().len(), 2, "{report:#}");
 
     let mut agent = Agent::start(&lab.lb, &dirs);
-    let exit = agent
-        .wait_exit(T)
-        .expect("the agent should refuse and exit");
-    assert!(!exit.success());
+    let said = agent.refusal(T);
     assert!(
-        agent
-            .log_text()
-            .contains("node.xdp_mode: native XDP cannot deliver on l0: veth peer c0"),
-        "{}",
-        agent.log_text()
+        said.contains("node.xdp_mode: native XDP cannot deliver on l0: veth peer c0"),
+        "{said}"
     );
     assert_eq!(
         dirs.pin_names(),

@@ -139,6 +139,8 @@ pub struct Kube {
     said: BTreeMap<(String, String), (Verdict, Option<String>)>,
     /// Malformed objects already logged.
     skipped: BTreeSet<String>,
+    /// What the last translation skipped or served from a last good version, as logged.
+    skipped_now: Vec<String>,
     /// The last version of each object that decoded, to serve while a newer one does not.
     last_good: BTreeMap<(String, String, String), serde_json::Value>,
 }
@@ -289,6 +291,7 @@ impl Kube {
             records,
             said: BTreeMap::new(),
             skipped: BTreeSet::new(),
+            skipped_now: Vec::new(),
             last_good: BTreeMap::new(),
         };
         // EndpointSlices are watched for the Services served only: list those first.
@@ -437,6 +440,7 @@ impl Kube {
                     if self.skipped.insert(msg.clone()) {
                         warn!("{msg}");
                     }
+                    self.skipped_now.push(msg);
                     if let Some(k) = kept {
                         out.push(k);
                     }
@@ -463,12 +467,19 @@ impl Kube {
         node.labels().get(super::topology::ZONE_LABEL).cloned()
     }
 
+    /// What the last [`Kube::translate`] could not take as it is (malformed objects, skipped or
+    /// served as their last good version; addresses that do not parse), one message each.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped_now
+    }
+
     /// Translates what the watchers hold now; the VIPs to serve.
     pub fn translate(&mut self) -> Vec<VipConfig> {
         let services = self.services.clone();
         let slices = self.slices.clone();
         let policies = self.policies.clone();
         let mut invalid_policies = Vec::new();
+        self.skipped_now.clear();
         let served = self.decode::<Service>(&services, "Service", None);
         let names = self.class_services(&served);
         self.want_slices_of("services", names);
@@ -485,6 +496,7 @@ impl Kube {
                 warn!("{s}");
             }
         }
+        self.skipped_now.extend(t.skipped.iter().cloned());
         if self.gateway.is_some() {
             let room = gateway::Room {
                 taken: t.vips.iter().map(|v| v.spec.key()).collect(),

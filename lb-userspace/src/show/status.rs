@@ -40,6 +40,14 @@ pub struct AgentView {
     pub schemas: std::collections::BTreeMap<String, u32>,
     /// What its start, or its last reload that changed sizes, did with the pins.
     pub last_migration: Option<crate::migrate::Migration>,
+    /// What its start did with the maps: adopted or created, and how many writes it made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<crate::life::StartStatus>,
+    /// Its event loop runs (health checks, announcements, reloads); false as it starts.
+    pub event_loop: Option<bool>,
+    /// What the cluster holds that it could not take as it is (malformed objects...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kubernetes_skipped: Vec<String>,
     /// The older release this (stopped) agent left the pins for: its DaemonSet rolled back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rolled_back_for: Option<String>,
@@ -142,6 +150,9 @@ pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
         schemas: a.map(|a| a.schemas.clone()).unwrap_or_default(),
         last_migration: a.and_then(|a| a.last_migration.clone()),
         rolled_back_for: a.and_then(|a| a.rolled_back_for.clone()),
+        start: a.and_then(|a| a.start.clone()),
+        event_loop: a.map(|a| a.event_loop),
+        kubernetes_skipped: a.map(|a| a.kubernetes_skipped.clone()).unwrap_or_default(),
     };
     let configured: Vec<String> = a.map(|a| a.interfaces.clone()).unwrap_or_default();
     let mut names: BTreeSet<String> = configured.iter().cloned().collect();

@@ -94,7 +94,7 @@ fn main() {
         bin.display()
     );
     let mut agent = Agent::start(&lab.lb, &dirs);
-    agent.wait_for("running", 1, Duration::from_secs(20));
+    agent.wait_running(&lab.lb, &dirs, Duration::from_secs(20));
 
     let web: SocketAddr = "192.0.2.10:80".parse().unwrap();
     let t = lab.tcp_tally(web, 3000, dc::CLIENTS);

@@ -135,7 +135,7 @@ impl Node {
     /// Starts the agent (the config already written) and waits for its first apply.
     pub fn start_agent(&mut self) {
         let mut a = Agent::start(&self.ns, &self.dirs);
-        a.wait_for("the maps and applied", 1, Duration::from_secs(30));
+        a.wait_serving(&self.ns, &self.dirs, Duration::from_secs(30));
         self.agent = Some(a);
     }
 
