@@ -956,7 +956,36 @@ pub struct Stream {
     handle: Option<JoinHandle<Option<String>>>,
 }
 
+/// Waits until every stream of `streams` that still runs has exchanged `more` echoes since the
+/// call (traffic has flowed through whatever state the lab is in now), or `within` passes.
+/// Returns whether they all did; a stream that ended is left to [`Stream::finish`] to report.
+pub fn exchange(streams: &[Stream], more: u64, within: Duration) -> bool {
+    let from: Vec<u64> = streams
+        .iter()
+        .map(|s| s.exchanged.load(Ordering::Relaxed))
+        .collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let done = streams
+            .iter()
+            .zip(&from)
+            .all(|(s, n)| s.ended() || s.exchanged.load(Ordering::Relaxed) >= n + more);
+        if done {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Stream {
+    /// Whether its connection has ended (broken: [`Stream::finish`] says how).
+    pub fn ended(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
     fn start(s: TcpStream) -> Self {
         let mut reader = BufReader::new(s.try_clone().unwrap());
         let mut backend = String::new();

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
-    dc::{Lab, Sinks, client_v4, client_v6, errors, lab_config, share, vip_yaml},
+    dc::{Lab, Sinks, client_v4, client_v6, errors, exchange, lab_config, share, vip_yaml},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -153,7 +153,9 @@ fn affinity_holds_a_client_until_the_timeout() {
         used.len() >= 2,
         "8 clients all pinned to one backend: {pinned:?}"
     );
-    // Past the timeout the entries expire and are replaced on the next connection.
+    // Past the timeout (1s; the program's clock is coarse, so more than 2s after the last
+    // connection) the entries expire and are replaced on the next connection: time itself is
+    // what this test waits for, and what follows checks a positive count.
     std::thread::sleep(Duration::from_millis(2300));
     for c in 0..8 {
         s.lab
@@ -180,10 +182,14 @@ fn removing_a_backend_moves_only_its_connections() {
     let streams = s.lab.streams(sa(WEB), 30);
     let before = by_backend(&streams);
     assert!(before.len() == 3, "streams on {before:?}");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        exchange(&streams, 50, T),
+        "the streams stalled before the change"
+    );
     s.dirs.write_config(&config(&web(&[(0, 1), (1, 1)])));
     s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every stream that still runs exchanges 300 echoes through the new tables.
+    exchange(&streams, 300, T);
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
     eprintln!(
@@ -210,11 +216,15 @@ fn adding_a_backend_moves_no_established_connection() {
     let mut s = setup("add", &web(&[(0, 1), (1, 1)]));
     let streams = s.lab.streams(sa(WEB), 30);
     let before = by_backend(&streams);
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        exchange(&streams, 50, T),
+        "the streams stalled before the change"
+    );
     s.dirs
         .write_config(&config(&web(&[(0, 1), (1, 1), (2, 1)])));
     s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every stream that still runs exchanges 300 echoes through the new tables.
+    exchange(&streams, 300, T);
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
     eprintln!(
@@ -238,9 +248,13 @@ fn kill9_and_restart_breaks_no_stream() {
     let mut s = setup("kill9", &web(&[(0, 1), (1, 1), (2, 1)]));
     let streams = s.lab.streams(sa(WEB), 30);
     let before = by_backend(&streams);
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        exchange(&streams, 50, T),
+        "the streams stalled before the change"
+    );
     s.agent.kill9();
-    std::thread::sleep(Duration::from_millis(1000));
+    // 300 echoes each with no agent running.
+    exchange(&streams, 300, T);
     let during = s.lab.tcp_tally(sa(WEB), 60, 8);
     assert_eq!(
         errors(&during),
@@ -249,7 +263,7 @@ fn kill9_and_restart_breaks_no_stream() {
     );
     let mut agent = Agent::start(&s.lab.lb, &s.dirs);
     let status = agent.wait_running(&s.lab.lb, &s.dirs, T);
-    std::thread::sleep(Duration::from_millis(1000));
+    exchange(&streams, 300, T);
     let (broken, ok) = finish(streams);
     eprintln!(
         "kill9_and_restart_breaks_no_stream: streams before {before:?}, unbroken after {ok:?}, broken {}, connections with no agent {during:?}",
@@ -290,7 +304,7 @@ fn an_invalid_reload_under_traffic_changes_nothing() {
     s.dirs
         .write_config(&config(&web(&[(0, 2), (1, 1), (2, 99999)])));
     s.agent.wait_rejected(&s.lab.lb, &s.dirs, 1, T);
-    std::thread::sleep(Duration::from_millis(500));
+    exchange(&streams, 300, T);
     let t = s.lab.tcp_tally(sa(WEB), 200, 8);
     let (broken, _) = finish(streams);
     assert!(broken.is_empty(), "streams broke: {broken:?}");
@@ -314,7 +328,8 @@ fn draining_keeps_established_connections_and_takes_no_new_ones() {
     s.dirs
         .write_config(&config(&web(&[(0, 1), (1, 1), (2, 0)])));
     s.agent.wait_applied(&s.lab.lb, &s.dirs, 1, T);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Every stream that still runs exchanges 300 echoes through the new tables.
+    exchange(&streams, 300, T);
     let t = s.lab.tcp_tally(sa(WEB), 300, 8);
     let (broken, ok) = finish(streams);
     eprintln!(
