@@ -174,42 +174,8 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     let members = member_rows(p, names)?;
     let totals = backend_totals(&members);
     if format == Format::Json {
-        let vip_rows: Vec<_> = vip_rows
-            .iter()
-            .map(|(id, vip, s)| {
-                let head = json!({
-                    "vip": vip,
-                    "id": id,
-                    "drop_source_range": p.vip_source_drops(*id),
-                    "drop_new_flow_budget": p.vip_budget_drops(*id),
-                });
-                Ok(merged(
-                    merged(head, traffic_json(s)),
-                    replies_json(p.vip_replies(*id)?),
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let member_rows: Vec<_> = members
-            .iter()
-            .map(|r| {
-                let head = json!({"vip": r.vip, "backend": r.backend, "id": r.id, "generation": r.member.generation});
-                Ok(merged(merged(head, traffic_json(&r.stats)), replies_json(p.member_replies(r.id)?)))
-            })
-            .collect::<Result<_>>()?;
-        let be_rows: Vec<_> = totals
-            .iter()
-            .map(|(b, (s, n))| merged(json!({"backend": b, "vips": n}), traffic_json(s)))
-            .collect();
-        let global: serde_json::Map<String, serde_json::Value> = counters
-            .iter()
-            .map(|(c, v)| (c.name().to_string(), json!(v)))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"global": global, "vips": vip_rows, "members": member_rows, "backends": be_rows})
-            )?
-        );
+        let v = stats_json(p, &counters, &vip_rows, &members, &totals)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let wide = format == Format::Wide;
@@ -226,10 +192,7 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
         )
     };
     let header = |title: &str, col: &str, idcol: &str| {
-        println!(
-            "
-{title}"
-        );
+        println!("\n{title}");
         let id = if wide {
             format!("{idcol:>9} ")
         } else {
@@ -244,30 +207,7 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
     for (id, vip, s) in &vip_rows {
         row(id.to_string(), &vip.label, s);
     }
-    let refused: Vec<(&VipRef, u64)> = vip_rows
-        .iter()
-        .map(|(id, vip, _)| (vip, p.vip_source_drops(*id)))
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    if !refused.is_empty() {
-        println!("\nREFUSED SOURCES (drop_source_range: outside the VIP's source_ranges)");
-        for (vip, n) in refused {
-            println!("  {:<48} {n:>14}", vip.label);
-        }
-    }
-    let over: Vec<(&VipRef, u64)> = vip_rows
-        .iter()
-        .map(|(id, vip, _)| (vip, p.vip_budget_drops(*id)))
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    if !over.is_empty() {
-        println!(
-            "\nNEW FLOWS OVER BUDGET (drop_new_flow_budget: no token left in the VIP's new_flow_budget)"
-        );
-        for (vip, n) in over {
-            println!("  {:<48} {n:>14}", vip.label);
-        }
-    }
+    print_vip_drops(p, &vip_rows);
     header("BACKENDS PER VIP", "VIP -> BACKEND", "MEMBER/GEN");
     for r in &members {
         let name = format!("{} -> {}", r.vip.label, r.backend.label);
@@ -278,6 +218,75 @@ pub fn stats(p: &Pinned, names: &VipNames, format: Format) -> Result<()> {
         row(n.to_string(), &b.label, s);
     }
     print_replies(p, &vip_rows, &members)
+}
+
+/// `lb stats -o json`: the global counters, per VIP, per member and per backend.
+fn stats_json(
+    p: &Pinned,
+    counters: &[(Counter, u64)],
+    vip_rows: &[(u32, VipRef, TrafficStats)],
+    members: &[MemberRow],
+    totals: &BTreeMap<BackendRef, (TrafficStats, usize)>,
+) -> Result<serde_json::Value> {
+    let vip_rows: Vec<_> = vip_rows
+        .iter()
+        .map(|(id, vip, s)| {
+            let head = json!({
+                "vip": vip,
+                "id": id,
+                "drop_source_range": p.vip_source_drops(*id),
+                "drop_new_flow_budget": p.vip_budget_drops(*id),
+            });
+            Ok(merged(
+                merged(head, traffic_json(s)),
+                replies_json(p.vip_replies(*id)?),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let member_rows: Vec<_> = members
+        .iter()
+        .map(|r| {
+            let head = json!({"vip": r.vip, "backend": r.backend, "id": r.id, "generation": r.member.generation});
+            Ok(merged(merged(head, traffic_json(&r.stats)), replies_json(p.member_replies(r.id)?)))
+        })
+        .collect::<Result<_>>()?;
+    let be_rows: Vec<_> = totals
+        .iter()
+        .map(|(b, (s, n))| merged(json!({"backend": b, "vips": n}), traffic_json(s)))
+        .collect();
+    let global: serde_json::Map<String, serde_json::Value> = counters
+        .iter()
+        .map(|(c, v)| (c.name().to_string(), json!(v)))
+        .collect();
+    Ok(json!({"global": global, "vips": vip_rows, "members": member_rows, "backends": be_rows}))
+}
+
+/// The VIPs' refused sources and new flows over budget, where there are any.
+fn print_vip_drops(p: &Pinned, vip_rows: &[(u32, VipRef, TrafficStats)]) {
+    let sections: [(&str, &dyn Fn(u32) -> u64); 2] = [
+        (
+            "REFUSED SOURCES (drop_source_range: outside the VIP's source_ranges)",
+            &|id| p.vip_source_drops(id),
+        ),
+        (
+            "NEW FLOWS OVER BUDGET (drop_new_flow_budget: no token left in the VIP's new_flow_budget)",
+            &|id| p.vip_budget_drops(id),
+        ),
+    ];
+    for (title, count) in sections {
+        let rows: Vec<(&VipRef, u64)> = vip_rows
+            .iter()
+            .map(|(id, vip, _)| (vip, count(*id)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        println!("\n{title}");
+        for (vip, n) in rows {
+            println!("  {:<48} {n:>14}", vip.label);
+        }
+    }
 }
 
 /// `{"replies": {"packets", "bytes"}}`: NAT replies translated back to clients.

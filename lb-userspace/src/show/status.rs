@@ -224,6 +224,25 @@ pub fn status(pins: &Path, state_dir: &Path, format: Format) -> Result<()> {
 }
 
 fn print(v: &StatusView, state_dir: &Path, wide: bool) {
+    print_agent(v, state_dir);
+    print_interfaces(v, wide);
+    if let Some(a) = &v.announce {
+        print_announce(a);
+    }
+    for (i, o) in v.overrides.iter().enumerate() {
+        let head = if i == 0 { "overrides:" } else { "" };
+        println!(
+            "{head:<11} {} {}: {}",
+            o.vip,
+            o.backend,
+            super::override_note(o)
+        );
+    }
+    print_maps(v, wide);
+}
+
+/// The agent: running or not, its release, config, last migration and reloads.
+fn print_agent(v: &StatusView, state_dir: &Path) {
     let a = &v.agent;
     let or = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
     match (a.running, a.pid) {
@@ -278,6 +297,10 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
     if let Some(m) = &a.metrics_listen {
         println!("metrics:    http://{m}/metrics");
     }
+}
+
+/// Each interface: attached or not, in which mode, and why that mode.
+fn print_interfaces(v: &StatusView, wide: bool) {
     println!("interfaces:");
     for i in &v.interfaces {
         let state = match (i.attached, i.ifindex) {
@@ -327,18 +350,11 @@ fn print(v: &StatusView, state_dir: &Path, wide: bool) {
             println!("{}", textwrap::fill(why, opts));
         }
     }
-    if let Some(a) = &v.announce {
-        print_announce(a);
-    }
-    for (i, o) in v.overrides.iter().enumerate() {
-        let head = if i == 0 { "overrides:" } else { "" };
-        println!(
-            "{head:<11} {} {}: {}",
-            o.vip,
-            o.backend,
-            super::override_note(o)
-        );
-    }
+}
+
+/// The pinned maps: sizes, what they serve, how full the tables are.
+fn print_maps(v: &StatusView, wide: bool) {
+    let a = &v.agent;
     let Some(m) = &v.maps else {
         println!("maps:       none pinned");
         return;
