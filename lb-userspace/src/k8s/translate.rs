@@ -187,11 +187,54 @@ pub fn evaluate(
             ));
         }
     }
+    let mut effect = Effect {
+        hash: hash_of(spec, &name, &mut notes)?,
+        ..Effect::default()
+    };
+    if let Some(slots) = spec.slots {
+        let (used, note) = kong::slots(slots, table_size)?;
+        notes.extend(note);
+        effect.table_size = Some(used);
+    }
+    if let Some(h) = &spec.healthchecks {
+        effect.health_threshold = kong::threshold(h)?;
+        if let Some(a) = &h.active {
+            effect.health_check = Some(active_check(a)?);
+        }
+        if let Some(p) = h.passive.as_ref().and_then(|p| p.unhealthy.as_ref()) {
+            // One streak of failures of any kind in the data path: the lower threshold trips it.
+            let failures = [p.tcp_failures, p.timeouts]
+                .into_iter()
+                .flatten()
+                .filter(|n| *n > 0)
+                .min();
+            effect.passive_health = failures.map(|failures| PassiveHealth {
+                failures,
+                recheck_interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+            });
+        }
+    }
+    if let Some(p) = &spec.session_persistence {
+        let (timeout, note) = persistence(p)?;
+        notes.extend(note);
+        effect.affinity_timeout_s = Some(timeout);
+    }
+    notes.extend(kong::not_applicable(spec));
+    Ok((effect, notes))
+}
+
+/// What a policy hashes on: `hashOn` (or `hashOnFallback` where L4 cannot see it, noted) for
+/// consistent hashing, else the 5-tuple (a `hashOn` for another algorithm is noted).
+fn hash_of(
+    spec: &UpstreamPolicySpec,
+    name: &str,
+    notes: &mut Vec<Note>,
+) -> Result<HashOn, (&'static str, String)> {
     let hashing = spec.algorithm == Some(Algorithm::ConsistentHashing)
         || (spec.algorithm.is_none() && spec.hash_on.is_some());
-    let mut effect = Effect::default();
     if hashing {
-        effect.hash = match spec.hash_on.as_ref().map(hash_input) {
+        return Ok(match spec.hash_on.as_ref().map(hash_input) {
             None => HashOn::FiveTuple,
             Some(Err(e)) => return Err(("InvalidHashOn", format!("hashOn: {e}"))),
             Some(Ok(Ok(h))) => h,
@@ -227,43 +270,13 @@ pub fn evaluate(
                     ));
                 }
             },
-        };
+        });
     } else if spec.hash_on.is_some() || spec.hash_on_fallback.is_some() {
         notes.push(kong::note(format!(
             "hashOn applies to consistent-hashing only: {name} hashes the 5-tuple"
         )));
     }
-    if let Some(slots) = spec.slots {
-        let (used, note) = kong::slots(slots, table_size)?;
-        notes.extend(note);
-        effect.table_size = Some(used);
-    }
-    if let Some(h) = &spec.healthchecks {
-        effect.health_threshold = kong::threshold(h)?;
-        if let Some(a) = &h.active {
-            effect.health_check = Some(active_check(a)?);
-        }
-        if let Some(p) = h.passive.as_ref().and_then(|p| p.unhealthy.as_ref()) {
-            // One streak of failures of any kind in the data path: the lower threshold trips it.
-            let failures = [p.tcp_failures, p.timeouts]
-                .into_iter()
-                .flatten()
-                .filter(|n| *n > 0)
-                .min();
-            effect.passive_health = failures.map(|failures| PassiveHealth {
-                failures,
-                recheck_interval: Duration::from_secs(10),
-                timeout: Duration::from_secs(1),
-            });
-        }
-    }
-    if let Some(p) = &spec.session_persistence {
-        let (timeout, note) = persistence(p)?;
-        notes.extend(note);
-        effect.affinity_timeout_s = Some(timeout);
-    }
-    notes.extend(kong::not_applicable(spec));
-    Ok((effect, notes))
+    Ok(HashOn::FiveTuple)
 }
 
 /// `sessionPersistence`: the affinity timeout it asks for, and a note if `absoluteTimeout` is
