@@ -13,7 +13,8 @@ use crate::{
     config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
     model::{Desired, ip_of},
-    plan::{Plan, PlanError, State, TableCache, plan_cached},
+    plan::{Plan, PlanError, State},
+    planner::Planner,
     program::Sizes,
 };
 
@@ -41,8 +42,8 @@ pub struct Agent<D> {
     unhealthy: BTreeMap<Target, ()>,
     /// Backends taken out by passive health checking (NAT mode).
     passive_out: BTreeSet<Target>,
-    current: State,
-    tables: TableCache,
+    /// What the maps hold, and what each VIP was planned from.
+    planner: Planner,
 }
 
 impl<D: Dataplane> Agent<D> {
@@ -63,14 +64,13 @@ impl<D: Dataplane> Agent<D> {
     /// applies `config` (a config the planner refuses writes nothing; maps that refuse a write
     /// part way keep what landed, every prefix of a plan being safe).
     pub fn adopt(dp: D, config: Config, remembered: &Remembered) -> Result<Self, AgentError> {
-        let current = dp.read()?;
+        let planner = Planner::new(dp.read()?);
         let mut agent = Self {
             dp,
             config,
             unhealthy: BTreeMap::new(),
             passive_out: BTreeSet::new(),
-            current,
-            tables: TableCache::default(),
+            planner,
         };
         let checked = agent.checked_targets();
         agent.unhealthy = remembered
@@ -94,7 +94,7 @@ impl<D: Dataplane> Agent<D> {
     }
 
     pub fn state(&self) -> &State {
-        &self.current
+        self.planner.state()
     }
 
     pub fn is_healthy(&self, t: &Target) -> bool {
@@ -136,18 +136,14 @@ impl<D: Dataplane> Agent<D> {
 
     /// Plans and applies whatever differs between the maps and the desired state.
     pub fn reconcile(&mut self) -> Result<Plan, AgentError> {
-        let (plan, next) = plan_cached(
-            &self.current,
-            &self.desired(),
-            self.dp.limits(),
-            &mut self.tables,
-        )?;
+        let (plan, pending) = self.planner.plan(&self.desired(), self.dp.limits())?;
         if let Err(e) = self.dp.apply(&plan) {
             // Some writes may have landed (every prefix of a plan is safe): learn what did.
-            self.current = self.dp.read().unwrap_or_else(|_| self.current.clone());
+            let read = self.dp.read().unwrap_or_else(|_| self.state().clone());
+            self.planner.reset(read);
             return Err(e.into());
         }
-        self.current = next;
+        self.planner.commit(pending);
         Ok(plan)
     }
 
@@ -155,8 +151,7 @@ impl<D: Dataplane> Agent<D> {
     /// migration) and takes `sizes` as the config's; returns the old dataplane. The state is
     /// read from `dp` (on error nothing changed).
     pub fn replace_dataplane(&mut self, dp: D, sizes: Sizes) -> Result<D, AgentError> {
-        self.current = dp.read()?;
-        self.tables = TableCache::default();
+        self.planner.reset(dp.read()?);
         self.config.node.sizes = sizes;
         Ok(std::mem::replace(&mut self.dp, dp))
     }
@@ -242,13 +237,13 @@ impl<D: Dataplane> Agent<D> {
     /// Member ids of NAT VIPs by the backend address and port they translate to.
     fn member_ids_by_backend(&self) -> BTreeMap<(IpAddr, u16), Vec<u32>> {
         let vip_ports: BTreeMap<u32, u16> = self
-            .current
+            .state()
             .vips
             .iter()
             .map(|(k, v)| (v.id, u16::from_be(k.port)))
             .collect();
         let mut out: BTreeMap<(IpAddr, u16), Vec<u32>> = BTreeMap::new();
-        for (id, m) in &self.current.members {
+        for (id, m) in &self.state().members {
             let Some(vip_port) = vip_ports.get(&m.vip_id) else {
                 continue;
             };
@@ -383,7 +378,7 @@ vips:
             .map(|(i, _)| *i);
         a.state().rings[&0]
             .iter()
-            .filter(|&&b| Some(b) == id)
+            .filter(|&b| Some(b) == id)
             .count()
     }
 
@@ -503,7 +498,7 @@ vips:
         assert_eq!(
             b.dp.log
                 .iter()
-                .filter(|w| matches!(w, Write::Slots { .. }))
+                .filter(|w| matches!(w, Write::Slots { .. } | Write::Table { .. }))
                 .count(),
             1,
             "only the first start wrote tables"

@@ -14,12 +14,12 @@ use crate::{
     plan::{BudgetShare, Limits, SrcRange, State, Write, known_family},
     program::Sizes,
     ring::Ring,
+    table::Table,
 };
 
 pub struct KernelDataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
-    ring: Ring,
     /// The VIP addresses by the word of the VIP-address filter they set (read from the maps
     /// at the first removal), so a removal recomputes its word without walking the map.
     filter_words: Option<std::collections::BTreeMap<u32, std::collections::BTreeSet<VipAddr>>>,
@@ -35,25 +35,38 @@ fn io(e: impl std::fmt::Display) -> std::io::Error {
 impl KernelDataplane {
     /// Wraps a loaded program (see [`crate::program::load`]).
     pub fn new(ebpf: Ebpf, sizes: Sizes) -> Result<Self, DataplaneError> {
-        let read_err = |source| DataplaneError::Read {
-            what: "the ring".into(),
-            source,
-        };
-        let map = ebpf
-            .map(maps::RING)
-            .ok_or_else(|| read_err(io("no LB_RING map")))?;
-        let Map::Array(data) = map else {
-            return Err(read_err(io("LB_RING is not an array")));
-        };
-        let ring =
-            Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize, true).map_err(read_err)?;
-        Ok(Self {
+        let dp = Self {
             ebpf,
             sizes,
-            ring,
             filter_words: None,
             xdp: vec![],
-        })
+        };
+        // A table's window maps (checked here, not at the first write).
+        dp.ring(0, 1, true)?;
+        Ok(dp)
+    }
+
+    /// The `len` slots of VIP id `vip_id`'s table in the ring, mapped while the window lives.
+    fn ring(&self, vip_id: u32, len: usize, writable: bool) -> Result<Ring, DataplaneError> {
+        let what = || format!("the table of VIP id {vip_id}");
+        let err = |source| match writable {
+            true => DataplaneError::Write {
+                what: what(),
+                source,
+            },
+            false => DataplaneError::Read {
+                what: what(),
+                source,
+            },
+        };
+        let m = self.sizes.maglev_m as usize;
+        if vip_id >= self.sizes.max_vips || len > m {
+            return Err(err(io("beyond the ring (max_vips x table_size)")));
+        }
+        let Some(Map::Array(data)) = self.ebpf.map(maps::RING) else {
+            return Err(err(io("no LB_RING array")));
+        };
+        Ring::window(data, vip_id as usize * m, len, writable).map_err(err)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
@@ -257,16 +270,10 @@ impl Dataplane for KernelDataplane {
                 s.budgets.insert(v.id, share);
             }
         }
-        let m = self.sizes.maglev_m as usize;
-        for v in s.vips.values() {
-            let base = v.id as usize * m;
-            let len = v.table_size_of(m as u32) as usize;
-            if v.id < self.sizes.max_vips {
-                s.rings.insert(
-                    v.id,
-                    std::sync::Arc::new((base..base + len).map(|i| self.ring.get(i)).collect()),
-                );
-            }
+        for v in s.vips.values().filter(|v| v.id < self.sizes.max_vips) {
+            let ring = self.ring(v.id, v.table_size_of(self.sizes.maglev_m) as usize, false)?;
+            let slots: Vec<u32> = (0..ring.len()).map(|i| ring.get(i)).collect();
+            s.rings.insert(v.id, std::sync::Arc::new(Table::new(&slots)));
         }
         Ok(s)
     }
@@ -312,15 +319,17 @@ impl Dataplane for KernelDataplane {
                 self.rebuild_filter_word(addr)
             }
             Write::Slots { vip_id, slots } => {
-                let m = self.sizes.maglev_m as usize;
-                if *vip_id >= self.sizes.max_vips {
-                    return Err(DataplaneError::Write {
-                        what: format!("table of VIP id {vip_id}"),
-                        source: io("beyond max_vips"),
-                    });
-                }
+                let len = slots.iter().map(|(s, _)| *s as usize + 1).max().unwrap_or(0);
+                let mut ring = self.ring(*vip_id, len, true)?;
                 for (slot, b) in slots {
-                    self.ring.set(*vip_id as usize * m + *slot as usize, *b);
+                    ring.set(*slot as usize, *b);
+                }
+                Ok(())
+            }
+            Write::Table { vip_id, table } => {
+                let mut ring = self.ring(*vip_id, table.len(), true)?;
+                for (slot, b) in table.iter().enumerate() {
+                    ring.set(slot, b);
                 }
                 Ok(())
             }
