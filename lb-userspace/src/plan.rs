@@ -438,21 +438,25 @@ impl<'a> TableJob<'a> {
     }
 
     fn build(&self) -> Result<Arc<Table>, PlanError> {
+        // Slots hold entry positions (the table depends on keys and weights only), which map
+        // onto the compact table's indices without a lookup per slot.
         let refs: Vec<Entry<'_>> = self
             .entries
             .iter()
-            .map(|(k, w, id)| Entry {
+            .enumerate()
+            .map(|(j, (k, w, _))| Entry {
                 key: k,
                 weight: *w,
-                value: *id,
+                value: j as u32,
             })
             .collect();
-        let slots =
-            maglev::build(&refs, self.size, NO_BACKEND).map_err(|source| PlanError::Maglev {
+        let choices =
+            maglev::build(&refs, self.size, u32::MAX).map_err(|source| PlanError::Maglev {
                 vip: self.vip.label(),
                 source,
             })?;
-        Ok(Arc::new(Table::new(&slots)))
+        let ids: Vec<u32> = self.entries.iter().map(|(_, _, id)| *id).collect();
+        Ok(Arc::new(Table::of_choices(&ids, &choices, NO_BACKEND)))
     }
 }
 

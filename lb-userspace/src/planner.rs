@@ -221,7 +221,9 @@ impl Planner {
         };
         for (((i, key, id), table), ids) in c.changed.iter().zip(tables).zip(&mp.ids) {
             let v = &desired.vips[*i];
-            after.vips.insert(*key, plan::vip_value(v, *id, limits.maglev_m));
+            after
+                .vips
+                .insert(*key, plan::vip_value(v, *id, limits.maglev_m));
             after.rings.insert(*id, table);
             if let Some(b) = &v.new_flow_budget {
                 after.budgets.insert(*id, BudgetShare::of(b, limits.cpus));
@@ -278,9 +280,8 @@ impl Planner {
                 Some(p) => p.id,
                 None => {
                     // Ids of VIPs removed now stay taken until the next plan, as in `plan`.
-                    let used = used.get_or_insert_with(|| {
-                        self.state.vips.values().map(|v| v.id).collect()
-                    });
+                    let used = used
+                        .get_or_insert_with(|| self.state.vips.values().map(|v| v.id).collect());
                     let id = plan::free_ids(used)
                         .find(|id| *id >= next_fresh)
                         .expect("ids are unbounded");
@@ -387,7 +388,11 @@ impl Planner {
             node: s.node,
             ..Default::default()
         };
-        let keys = c.changed.iter().map(|(_, k, _)| *k).chain(c.removed.clone());
+        let keys = c
+            .changed
+            .iter()
+            .map(|(_, k, _)| *k)
+            .chain(c.removed.clone());
         for key in keys {
             if let Some(v) = s.vips.get(&key) {
                 before.vips.insert(key, *v);
@@ -409,7 +414,9 @@ impl Planner {
             if let Some(b) = s.budgets.get(&id) {
                 before.budgets.insert(id, *b);
             }
-            before.src_ranges.extend(s.src_ranges.range(ranges_of(id)).copied());
+            before
+                .src_ranges
+                .extend(s.src_ranges.range(ranges_of(id)).copied());
         }
         before
     }
@@ -526,7 +533,10 @@ mod tests {
     fn churn(rng: &mut StdRng, d: &Desired) -> Desired {
         let mut next = d.clone();
         for _ in 0..rng.random_range(1..3) {
-            let (addr, port) = (VIPS[rng.random_range(0..VIPS.len())], rng.random_range(80..82));
+            let (addr, port) = (
+                VIPS[rng.random_range(0..VIPS.len())],
+                rng.random_range(80..82),
+            );
             let at = next
                 .vips
                 .iter()
@@ -596,7 +606,9 @@ mod tests {
         assert!(matches!(pending.0, Change::Nothing));
 
         let mut one = d.clone();
-        one.vips[2].backends.push(BackendSpec::new("10.9.9.9".parse().unwrap(), 0, 1));
+        one.vips[2]
+            .backends
+            .push(BackendSpec::new("10.9.9.9".parse().unwrap(), 0, 1));
         let (p, pending) = planner.plan(&one, LIMITS).unwrap();
         let Change::Part { before, .. } = &pending.0 else {
             panic!("a change of one VIP plans that VIP")

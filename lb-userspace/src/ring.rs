@@ -54,6 +54,20 @@ impl Ring {
         unsafe { self.mem.ptr().add(i * STRIDE).cast::<u32>().read_volatile() }
     }
 
+    /// Writes `table` into the first `table.len()` slots.
+    pub fn fill(&mut self, table: &crate::table::Table) {
+        assert!(self.writable, "ring mapped read-only");
+        assert!(
+            table.len() <= self.len,
+            "a table of {} slots beyond the ring's {}",
+            table.len(),
+            self.len
+        );
+        let base = self.mem.ptr();
+        // SAFETY: every slot is in bounds (checked above); aligned 4-byte stores are atomic.
+        table.for_each(|i, v| unsafe { base.add(i * STRIDE).cast::<u32>().write_volatile(v) });
+    }
+
     pub fn set(&mut self, i: usize, v: u32) {
         assert!(self.writable, "ring mapped read-only");
         assert!(i < self.len, "slot {i} beyond the ring's {}", self.len);

@@ -42,6 +42,58 @@ impl Table {
         Self { values, slots }
     }
 
+    /// The table whose slot `s` holds `values[choices[s]]`, or `empty` where `choices[s]` is
+    /// `u32::MAX`: a Maglev table built over the positions of its entries, which maps to
+    /// indices without looking a value up per slot.
+    pub fn of_choices(values: &[u32], choices: &[u32], empty: u32) -> Self {
+        let mut used = vec![false; values.len()];
+        let mut any_empty = false;
+        for &c in choices {
+            match used.get_mut(c as usize) {
+                Some(u) => *u = true,
+                None => any_empty = true,
+            }
+        }
+        let mut palette: Vec<u32> = values
+            .iter()
+            .zip(&used)
+            .filter(|(_, u)| **u)
+            .map(|(v, _)| *v)
+            .chain(any_empty.then_some(empty))
+            .collect();
+        palette.sort_unstable();
+        palette.dedup();
+        let at = |v: u32| palette.binary_search(&v).expect("a value of the table") as u32;
+        let index: Vec<u32> = values
+            .iter()
+            .zip(&used)
+            .map(|(v, u)| if *u { at(*v) } else { 0 })
+            .collect();
+        let empty_at = if any_empty { at(empty) } else { 0 };
+        let of = |c: &u32| index.get(*c as usize).copied().unwrap_or(empty_at);
+        let slots = if palette.len() <= 1 << 8 {
+            Slots::U8(choices.iter().map(|c| of(c) as u8).collect())
+        } else if palette.len() <= 1 << 16 {
+            Slots::U16(choices.iter().map(|c| of(c) as u16).collect())
+        } else {
+            Slots::U32(choices.iter().map(of).collect())
+        };
+        Self {
+            values: palette,
+            slots,
+        }
+    }
+
+    /// Calls `f` with each slot and its value, in order.
+    pub fn for_each(&self, mut f: impl FnMut(usize, u32)) {
+        let v = &self.values;
+        match &self.slots {
+            Slots::U8(s) => s.iter().enumerate().for_each(|(i, x)| f(i, v[*x as usize])),
+            Slots::U16(s) => s.iter().enumerate().for_each(|(i, x)| f(i, v[*x as usize])),
+            Slots::U32(s) => s.iter().enumerate().for_each(|(i, x)| f(i, v[*x as usize])),
+        }
+    }
+
     /// A table of `len` slots that all hold `v`.
     pub fn filled(v: u32, len: usize) -> Self {
         Self {
@@ -200,6 +252,25 @@ mod tests {
                 "{distinct} values"
             );
         }
+    }
+
+    #[test]
+    fn a_table_of_choices_is_the_table_of_their_values() {
+        let values = [40, 7, 7_000_000, 12, 3];
+        // Choice 3 is never made; u32::MAX is an empty slot.
+        let choices: Vec<u32> = (0..1009u32)
+            .map(|i| [0, 1, 2, 4, u32::MAX][i as usize % 5])
+            .collect();
+        let want: Vec<u32> = choices
+            .iter()
+            .map(|&c| values.get(c as usize).copied().unwrap_or(u32::MAX - 1))
+            .collect();
+        let t = Table::of_choices(&values, &choices, u32::MAX - 1);
+        assert_eq!(t, Table::new(&want));
+        assert_eq!(t.values(), &[3, 7, 40, 7_000_000, u32::MAX - 1]);
+        let mut seen = Vec::new();
+        t.for_each(|i, v| seen.push((i, v)));
+        assert_eq!(seen, want.iter().copied().enumerate().collect::<Vec<_>>());
     }
 
     #[test]
