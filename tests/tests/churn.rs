@@ -102,7 +102,7 @@ fn sync(planner: &mut Planner, dp: &mut KernelDataplane, d: &Desired) {
 }
 
 /// A backend as a slot sees it: family, address and port (or none), and its flags.
-type Backend = Option<(u8, [u8; 16], u16, u32)>;
+type Backend = Option<(u8, [u8; 16], u16, u8)>;
 
 /// Each VIP's value (its id cleared) and, slot by slot, the backend its table sends to, read
 /// from the maps.
