@@ -693,6 +693,13 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
             w.push(Write::Vip { key: *k, value: *v });
         }
     }
+    removals(cur, next, &mut w);
+    Plan { writes: w }
+}
+
+/// The writes of a plan that take away (VIPs, their addresses, ranges and budgets, and last
+/// the members), in that order.
+fn removals(cur: &State, next: &State, w: &mut Vec<Write>) {
     for k in cur.vips.keys().filter(|k| !next.vips.contains_key(k)) {
         w.push(Write::RemoveVip { key: *k });
     }
@@ -726,7 +733,6 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
             generation: m.generation,
         });
     }
-    Plan { writes: w }
 }
 
 /// Above this share of a table's slots changing, the whole table is written: a slot written

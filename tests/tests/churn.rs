@@ -46,7 +46,11 @@ fn vip(i: usize) -> VipSpec {
         address: v4(192, 0, 2, i as u8),
         port: 80,
         protocol: Protocol::Tcp,
-        mode: if i % 2 == 0 { Mode::Dsr } else { Mode::Nat },
+        mode: if i.is_multiple_of(2) {
+            Mode::Dsr
+        } else {
+            Mode::Nat
+        },
         hash: HashOn::FiveTuple,
         affinity_timeout_s: 0,
         table_size: None,
@@ -66,11 +70,10 @@ fn change(rng: &mut StdRng, d: &mut Desired, next_octet: &mut u8) {
         d.vips.remove(i);
         return;
     }
-    if rng.random_bool(0.03) {
-        if let Some(i) = (0..VIPS).find(|i| !d.vips.iter().any(|v| v.name == format!("v{i}"))) {
-            d.vips.push(vip(i));
-            return;
-        }
+    let missing = (0..VIPS).find(|i| !d.vips.iter().any(|v| v.name == format!("v{i}")));
+    if let Some(i) = missing.filter(|_| rng.random_bool(0.03)) {
+        d.vips.push(vip(i));
+        return;
     }
     let v = rng.random_range(0..d.vips.len());
     let backends = &mut d.vips[v].backends;

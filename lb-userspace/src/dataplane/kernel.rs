@@ -78,6 +78,36 @@ impl KernelDataplane {
         })
     }
 
+    fn remove_src_range(&mut self, r: &SrcRange) -> Result<(), DataplaneError> {
+        let (len, data) = r.key();
+        let mut t: LpmTrie<_, SrcRangeKey, u32> =
+            LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?).map_err(werr(maps::SRC_RANGES))?;
+        match t.remove(&Key::new(len, data)) {
+            // Gone already (a retried plan).
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(werr(maps::SRC_RANGES)),
+        }
+    }
+
+    /// Sets (slot, member id) pairs of VIP id `vip_id`'s table.
+    fn write_slots(&self, vip_id: u32, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        let len = slots
+            .iter()
+            .map(|(s, _)| *s as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut ring = self.ring(vip_id, len, true)?;
+        for (slot, b) in slots {
+            ring.set(*slot as usize, *b);
+        }
+        Ok(())
+    }
+
     /// The `len` slots of VIP id `vip_id`'s table in the ring, mapped while the window lives.
     fn ring(&self, vip_id: u32, len: usize, writable: bool) -> Result<Ring, DataplaneError> {
         let what = || format!("the table of VIP id {vip_id}");
@@ -454,21 +484,9 @@ impl Dataplane for KernelDataplane {
                 }
                 self.rebuild_filter_word(addr)
             }
-            Write::Slots { vip_id, slots } => {
-                let len = slots
-                    .iter()
-                    .map(|(s, _)| *s as usize + 1)
-                    .max()
-                    .unwrap_or(0);
-                let mut ring = self.ring(*vip_id, len, true)?;
-                for (slot, b) in slots {
-                    ring.set(*slot as usize, *b);
-                }
-                Ok(())
-            }
+            Write::Slots { vip_id, slots } => self.write_slots(*vip_id, slots),
             Write::Table { vip_id, table } => {
-                let mut ring = self.ring(*vip_id, table.len(), true)?;
-                ring.fill(table);
+                self.ring(*vip_id, table.len(), true)?.fill(table);
                 Ok(())
             }
             Write::Vip { key, value } => {
@@ -490,22 +508,7 @@ impl Dataplane for KernelDataplane {
                 t.insert(&Key::new(len, data), 1, 0)
                     .map_err(werr(format!("source range of VIP id {}", r.vip_id)))
             }
-            Write::RemoveSrcRange(r) => {
-                let (len, data) = r.key();
-                let mut t: LpmTrie<_, SrcRangeKey, u32> =
-                    LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?)
-                        .map_err(werr(maps::SRC_RANGES))?;
-                match t.remove(&Key::new(len, data)) {
-                    // Gone already (a retried plan).
-                    Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                    Err(aya::maps::MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-                    {
-                        Ok(())
-                    }
-                    r => r.map_err(werr(maps::SRC_RANGES)),
-                }
-            }
+            Write::RemoveSrcRange(r) => self.remove_src_range(r),
             Write::Budget { vip_id, share } => self.set_budget(*vip_id, share.entry()),
             Write::RemoveBudget { vip_id } => self.set_budget(*vip_id, NewFlowBudget::default()),
         }
