@@ -170,11 +170,12 @@ fn control_plane_table(cp: &Value) -> String {
     );
     for k in ["full_sync", "one_backend_change", "unchanged_resync"] {
         s += &format!(
-            "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms)\n",
+            "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms, CPU {:.1} ms)\n",
             k,
             cp[k]["writes"].as_u64().unwrap_or(0),
             cp[k]["total_ms"].as_f64().unwrap_or(0.0),
-            cp[k]["plan_ms"].as_f64().unwrap_or(0.0)
+            cp[k]["plan_ms"].as_f64().unwrap_or(0.0),
+            cp[k]["cpu_ms"].as_f64().unwrap_or(0.0)
         );
     }
     let c = &cp["churn"];
