@@ -29,7 +29,8 @@ fn sizes() -> Sizes {
     Sizes {
         maglev_m: 1009,
         max_vips: VIPS as u32 + 4,
-        max_backends: (VIPS * BACKENDS) as u32 + 16,
+        // A VIP grows to BACKENDS + 2 backends at most (`change`).
+        max_backends: (VIPS * (BACKENDS + 2)) as u32 + 16,
         flow_entries: 1 << 12,
         affinity_entries: 1 << 10,
         nat_entries: 1 << 10,
