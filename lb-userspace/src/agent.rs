@@ -113,6 +113,9 @@ impl<D: Dataplane> Agent<D> {
         let mut d = self.config.desired();
         for (v, vc) in d.vips.iter_mut().zip(&self.config.vips) {
             let key = v.key();
+            if !self.any_out(&key) {
+                continue;
+            }
             let out =
                 |a| self.unhealthy.contains_key(&(key, a)) || self.passive_out.contains(&(key, a));
             let total: u64 = v.backends.iter().map(|b| u64::from(b.weight)).sum();
@@ -132,6 +135,27 @@ impl<D: Dataplane> Agent<D> {
             }
         }
         d
+    }
+
+    /// Whether any backend of the VIP at `key` is out (unhealthy or taken out by passive
+    /// health): a look into each set's range of that VIP, not a walk of its backends.
+    fn any_out(&self, key: &VipKey) -> bool {
+        let first = (*key, IpAddr::from([0u8; 4]));
+        let of_key = |k: &Target| k.0 == *key;
+        self.unhealthy
+            .range(first..)
+            .next()
+            .is_some_and(|(t, _)| of_key(t))
+            || self.passive_out.range(first..).next().is_some_and(of_key)
+    }
+
+    /// Whether `t` is a backend of a VIP with a health check.
+    fn is_checked(&self, t: &Target) -> bool {
+        self.config.vips.iter().any(|v| {
+            v.health_check.is_some()
+                && v.spec.key() == t.0
+                && v.spec.backends.iter().any(|b| b.address == t.1)
+        })
     }
 
     /// Plans and applies whatever differs between the maps and the desired state.
@@ -283,7 +307,7 @@ impl<D: Dataplane> Agent<D> {
     /// backend that is no longer checked (queued before a reload dropped its check) is ignored:
     /// nothing would ever bring it back.
     pub fn set_health(&mut self, target: Target, healthy: bool) -> Result<Plan, AgentError> {
-        if !self.checked_targets().contains(&target) {
+        if !self.is_checked(&target) {
             return Ok(Plan::default());
         }
         let changed = if healthy {
