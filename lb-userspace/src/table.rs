@@ -5,7 +5,7 @@
 //! moves. A table of 65,537 slots is 256 KiB as member ids (`u32`), 262 MB at 1,000 VIPs; but a
 //! VIP's slots hold only its own members (and `NO_BACKEND`), a few hundred values at most. So a
 //! table is kept as those values (its palette, sorted) and, per slot, an index into them of the
-//! smallest width that fits: one byte per slot up to 256 values, two up to 65,536. That is 64 MiB
+//! smallest width that fits: one byte per slot up to 256 values, two up to 65,536. That is 66 MB
 //! at 1,000 VIPs x 100 backends, and the slots read back the same as the `u32`s would.
 
 use std::ops::Index;
