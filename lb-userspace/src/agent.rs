@@ -13,7 +13,8 @@ use crate::{
     config::{Config, PassiveHealth},
     dataplane::{Dataplane, DataplaneError},
     model::{BackendSpec, Desired, ip_of},
-    plan::{Plan, PlanError, State, TableCache, plan_cached},
+    plan::{Plan, PlanError, State},
+    planner::Planner,
     program::Sizes,
 };
 
@@ -41,8 +42,8 @@ pub struct Agent<D> {
     unhealthy: BTreeMap<Target, ()>,
     /// Backends taken out by passive health checking (NAT mode).
     passive_out: BTreeSet<Target>,
-    current: State,
-    tables: TableCache,
+    /// What the maps hold, and what each VIP was planned from.
+    planner: Planner,
 }
 
 impl<D: Dataplane> Agent<D> {
@@ -63,14 +64,13 @@ impl<D: Dataplane> Agent<D> {
     /// applies `config` (a config the planner refuses writes nothing; maps that refuse a write
     /// part way keep what landed, every prefix of a plan being safe).
     pub fn adopt(dp: D, config: Config, remembered: &Remembered) -> Result<Self, AgentError> {
-        let current = dp.read()?;
+        let planner = Planner::new(dp.read()?);
         let mut agent = Self {
             dp,
             config,
             unhealthy: BTreeMap::new(),
             passive_out: BTreeSet::new(),
-            current,
-            tables: TableCache::default(),
+            planner,
         };
         let checked = agent.checked_targets();
         agent.unhealthy = remembered
@@ -94,7 +94,7 @@ impl<D: Dataplane> Agent<D> {
     }
 
     pub fn state(&self) -> &State {
-        &self.current
+        self.planner.state()
     }
 
     pub fn is_healthy(&self, t: &Target) -> bool {
@@ -113,41 +113,62 @@ impl<D: Dataplane> Agent<D> {
         let mut d = self.config.desired();
         for (v, vc) in d.vips.iter_mut().zip(&self.config.vips) {
             let key = v.key();
-            let out =
-                |a| self.unhealthy.contains_key(&(key, a)) || self.passive_out.contains(&(key, a));
-            let total: u64 = v.backends.iter().map(|b| u64::from(b.weight)).sum();
-            let left: u64 = v
-                .backends
-                .iter()
-                .filter(|b| !out(b.address))
-                .map(|b| u64::from(b.weight))
-                .sum();
-            if !below_threshold(left, total, vc.health_threshold) {
-                for b in &mut v.backends {
-                    if out(b.address) {
-                        b.weight = 0;
+            if self.any_out(&key) {
+                let out = |a| {
+                    self.unhealthy.contains_key(&(key, a)) || self.passive_out.contains(&(key, a))
+                };
+                let total: u64 = v.backends.iter().map(|b| u64::from(b.weight)).sum();
+                let left: u64 = v
+                    .backends
+                    .iter()
+                    .filter(|b| !out(b.address))
+                    .map(|b| u64::from(b.weight))
+                    .sum();
+                if !below_threshold(left, total, vc.health_threshold) {
+                    for b in &mut v.backends {
+                        if out(b.address) {
+                            b.weight = 0;
+                        }
                     }
                 }
             }
+            // Backups stand by whatever the health: a drained backend is no health event.
             stand_by(&mut v.backends);
         }
         d
     }
 
+    /// Whether any backend of the VIP at `key` is out (unhealthy or taken out by passive
+    /// health): a look into each set's range of that VIP, not a walk of its backends.
+    fn any_out(&self, key: &VipKey) -> bool {
+        let first = (*key, IpAddr::from([0u8; 4]));
+        let of_key = |k: &Target| k.0 == *key;
+        self.unhealthy
+            .range(first..)
+            .next()
+            .is_some_and(|(t, _)| of_key(t))
+            || self.passive_out.range(first..).next().is_some_and(of_key)
+    }
+
+    /// Whether `t` is a backend of a VIP with a health check.
+    fn is_checked(&self, t: &Target) -> bool {
+        self.config.vips.iter().any(|v| {
+            v.health_check.is_some()
+                && v.spec.key() == t.0
+                && v.spec.backends.iter().any(|b| b.address == t.1)
+        })
+    }
+
     /// Plans and applies whatever differs between the maps and the desired state.
     pub fn reconcile(&mut self) -> Result<Plan, AgentError> {
-        let (plan, next) = plan_cached(
-            &self.current,
-            &self.desired(),
-            self.dp.limits(),
-            &mut self.tables,
-        )?;
+        let (plan, pending) = self.planner.plan(&self.desired(), self.dp.limits())?;
         if let Err(e) = self.dp.apply(&plan) {
             // Some writes may have landed (every prefix of a plan is safe): learn what did.
-            self.current = self.dp.read().unwrap_or_else(|_| self.current.clone());
+            let read = self.dp.read().unwrap_or_else(|_| self.state().clone());
+            self.planner.reset(read);
             return Err(e.into());
         }
-        self.current = next;
+        self.planner.commit(pending);
         Ok(plan)
     }
 
@@ -155,8 +176,7 @@ impl<D: Dataplane> Agent<D> {
     /// migration) and takes `sizes` as the config's; returns the old dataplane. The state is
     /// read from `dp` (on error nothing changed).
     pub fn replace_dataplane(&mut self, dp: D, sizes: Sizes) -> Result<D, AgentError> {
-        self.current = dp.read()?;
-        self.tables = TableCache::default();
+        self.planner.reset(dp.read()?);
         self.config.node.sizes = sizes;
         Ok(std::mem::replace(&mut self.dp, dp))
     }
@@ -242,13 +262,13 @@ impl<D: Dataplane> Agent<D> {
     /// Member ids of NAT VIPs by the backend address and port they translate to.
     fn member_ids_by_backend(&self) -> BTreeMap<(IpAddr, u16), Vec<u32>> {
         let vip_ports: BTreeMap<u32, u16> = self
-            .current
+            .state()
             .vips
             .iter()
             .map(|(k, v)| (v.id, u16::from_be(k.port)))
             .collect();
         let mut out: BTreeMap<(IpAddr, u16), Vec<u32>> = BTreeMap::new();
-        for (id, m) in &self.current.members {
+        for (id, m) in &self.state().members {
             let Some(vip_port) = vip_ports.get(&m.vip_id) else {
                 continue;
             };
@@ -288,7 +308,7 @@ impl<D: Dataplane> Agent<D> {
     /// backend that is no longer checked (queued before a reload dropped its check) is ignored:
     /// nothing would ever bring it back.
     pub fn set_health(&mut self, target: Target, healthy: bool) -> Result<Plan, AgentError> {
-        if !self.checked_targets().contains(&target) {
+        if !self.is_checked(&target) {
             return Ok(Plan::default());
         }
         let changed = if healthy {
@@ -396,7 +416,7 @@ vips:
             .map(|(i, _)| *i);
         a.state().rings[&0]
             .iter()
-            .filter(|&&b| Some(b) == id)
+            .filter(|&b| Some(b) == id)
             .count()
     }
 
@@ -563,7 +583,7 @@ vips:
         assert_eq!(
             b.dp.log
                 .iter()
-                .filter(|w| matches!(w, Write::Slots { .. }))
+                .filter(|w| matches!(w, Write::Slots { .. } | Write::Table { .. }))
                 .count(),
             1,
             "only the first start wrote tables"

@@ -88,10 +88,11 @@ pub fn build(entries: &[Entry<'_>], size: u32, empty: u32) -> Result<Vec<u32>, M
         return Ok(table);
     }
 
+    // `slot` is the backend's next preferred slot, `(offset + next * skip) % m` for the turns
+    // it has taken so far, stepped by one addition instead of a division per probe.
     struct Fill {
-        offset: u64,
+        slot: u64,
         skip: u64,
-        next: u64,
         weight: u64,
         credit: u64,
         value: u32,
@@ -99,9 +100,8 @@ pub fn build(entries: &[Entry<'_>], size: u32, empty: u32) -> Result<Vec<u32>, M
     let mut fills: Vec<Fill> = live
         .iter()
         .map(|e| Fill {
-            offset: xxh64(e.key, OFFSET_SEED) % m,
+            slot: xxh64(e.key, OFFSET_SEED) % m,
             skip: xxh64(e.key, SKIP_SEED) % (m - 1) + 1,
-            next: 0,
             weight: e.weight as u64,
             credit: 0,
             value: e.value,
@@ -119,12 +119,11 @@ pub fn build(entries: &[Entry<'_>], size: u32, empty: u32) -> Result<Vec<u32>, M
             f.credit -= max_weight;
             // The next slot of this backend's permutation that nobody holds yet. `skip` is in
             // 1..m and m is prime, so the permutation visits every slot.
-            let mut slot = (f.offset + f.next * f.skip) % m;
-            while taken[slot as usize] {
-                f.next += 1;
-                slot = (f.offset + f.next * f.skip) % m;
+            while taken[f.slot as usize] {
+                f.slot = step(f.slot, f.skip, m);
             }
-            f.next += 1;
+            let slot = f.slot;
+            f.slot = step(f.slot, f.skip, m);
             taken[slot as usize] = true;
             table[slot as usize] = f.value;
             filled += 1;
@@ -134,6 +133,12 @@ pub fn build(entries: &[Entry<'_>], size: u32, empty: u32) -> Result<Vec<u32>, M
         }
     }
     Ok(table)
+}
+
+/// `(slot + skip) % m` for `slot` and `skip` below `m`.
+fn step(slot: u64, skip: u64, m: u64) -> u64 {
+    let s = slot + skip;
+    if s >= m { s - m } else { s }
 }
 
 /// How many slots each value holds.
@@ -331,6 +336,52 @@ mod tests {
             worst_slots <= 2.0,
             "a backend is {worst_slots} slots off its share"
         );
+    }
+
+    /// The table as the paper writes it (`(offset + j * skip) % m` for a backend's j-th
+    /// preference), which [`build`] computes by steps: the two must agree slot for slot, or
+    /// nodes of two versions would send the same flow to different backends.
+    fn reference(entries: &[Entry<'_>], m: u32) -> Vec<u32> {
+        let m64 = m as u64;
+        let mut live: Vec<&Entry<'_>> = entries.iter().filter(|e| e.weight > 0).collect();
+        live.sort_by(|a, b| a.key.cmp(b.key));
+        let max_weight = live.iter().map(|e| e.weight as u64).max().unwrap_or(1);
+        let mut next = vec![0u64; live.len()];
+        let mut credit = vec![0u64; live.len()];
+        let mut table = vec![EMPTY; m as usize];
+        let mut filled = 0;
+        while filled < m && !live.is_empty() {
+            for (i, e) in live.iter().enumerate() {
+                credit[i] += e.weight as u64;
+                if credit[i] < max_weight || filled == m {
+                    continue;
+                }
+                credit[i] -= max_weight;
+                let (offset, skip) = (
+                    xxh64(e.key, OFFSET_SEED) % m64,
+                    xxh64(e.key, SKIP_SEED) % (m64 - 1) + 1,
+                );
+                let mut slot = (offset + next[i] * skip) % m64;
+                while table[slot as usize] != EMPTY {
+                    next[i] += 1;
+                    slot = (offset + next[i] * skip) % m64;
+                }
+                next[i] += 1;
+                table[slot as usize] = e.value;
+                filled += 1;
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn the_table_is_the_papers_permutation_fill() {
+        for (n, m) in [(3, 7), (10, 1009), (100, M), (257, 1009)] {
+            let k = keys(n);
+            let w: Vec<u32> = (0..n as u32).map(|i| i % 5).collect();
+            let e = entries(&k, &w);
+            assert_eq!(build(&e, m, EMPTY).unwrap(), reference(&e, m), "{n} in {m}");
+        }
     }
 
     #[test]

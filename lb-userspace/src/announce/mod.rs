@@ -58,7 +58,7 @@ pub fn wanted(state: &State) -> BTreeSet<IpAddr> {
             state
                 .rings
                 .get(&v.id)
-                .is_some_and(|ring| ring.iter().any(|m| *m != NO_BACKEND))
+                .is_some_and(|ring| ring.values().iter().any(|m| *m != NO_BACKEND))
         })
         .map(|(k, _)| ip_of(&k.addr, k.family))
         .collect()

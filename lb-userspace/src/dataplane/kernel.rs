@@ -1,5 +1,7 @@
 //! The dataplane in the kernel: the loaded program's maps.
 
+use std::os::fd::AsFd as _;
+
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, Map, PerCpuArray, PerCpuValues, lpm_trie::Key},
@@ -11,15 +13,15 @@ use lb_common::{
 
 use super::{Dataplane, DataplaneError};
 use crate::{
-    plan::{BudgetShare, Limits, SrcRange, State, Write, known_family},
+    plan::{BudgetShare, Limits, Plan, SrcRange, State, Write, known_family},
     program::Sizes,
     ring::Ring,
+    table::Table,
 };
 
 pub struct KernelDataplane {
     pub ebpf: Ebpf,
     sizes: Sizes,
-    ring: Ring,
     /// The VIP addresses by the word of the VIP-address filter they set (read from the maps
     /// at the first removal), so a removal recomputes its word without walking the map.
     filter_words: Option<std::collections::BTreeMap<u32, std::collections::BTreeSet<VipAddr>>>,
@@ -35,25 +37,98 @@ fn io(e: impl std::fmt::Display) -> std::io::Error {
 impl KernelDataplane {
     /// Wraps a loaded program (see [`crate::program::load`]).
     pub fn new(ebpf: Ebpf, sizes: Sizes) -> Result<Self, DataplaneError> {
-        let read_err = |source| DataplaneError::Read {
-            what: "the ring".into(),
-            source,
-        };
-        let map = ebpf
-            .map(maps::RING)
-            .ok_or_else(|| read_err(io("no LB_RING map")))?;
-        let Map::Array(data) = map else {
-            return Err(read_err(io("LB_RING is not an array")));
-        };
-        let ring =
-            Ring::map(data, (sizes.max_vips * sizes.maglev_m) as usize, true).map_err(read_err)?;
-        Ok(Self {
+        let dp = Self {
             ebpf,
             sizes,
-            ring,
             filter_words: None,
             xdp: vec![],
+        };
+        // A table's window maps (checked here, not at the first write).
+        dp.ring(0, 1, true)?;
+        Ok(dp)
+    }
+
+    /// Writes whole tables (a run of a plan's [`Write::Table`]s) on every CPU: the tables of
+    /// different VIPs are disjoint parts of the ring, and a plan does not order them among
+    /// themselves. Each thread maps one table's window at a time.
+    fn fill_tables(&self, writes: &[Write]) -> Result<(), DataplaneError> {
+        let tables: Vec<(u32, &Table)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Table { vip_id, table } => Some((*vip_id, &**table)),
+                _ => None,
+            })
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = tables.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = tables
+                .chunks(per_thread)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk.iter().try_for_each(|(id, table)| {
+                            self.ring(*id, table.len(), true).map(|mut r| r.fill(table))
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().expect("a table write panicked"))
         })
+    }
+
+    fn remove_src_range(&mut self, r: &SrcRange) -> Result<(), DataplaneError> {
+        let (len, data) = r.key();
+        let mut t: LpmTrie<_, SrcRangeKey, u32> =
+            LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?).map_err(werr(maps::SRC_RANGES))?;
+        match t.remove(&Key::new(len, data)) {
+            // Gone already (a retried plan).
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            r => r.map_err(werr(maps::SRC_RANGES)),
+        }
+    }
+
+    /// Sets (slot, member id) pairs of VIP id `vip_id`'s table.
+    fn write_slots(&self, vip_id: u32, slots: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        let len = slots
+            .iter()
+            .map(|(s, _)| *s as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut ring = self.ring(vip_id, len, true)?;
+        for (slot, b) in slots {
+            ring.set(*slot as usize, *b);
+        }
+        Ok(())
+    }
+
+    /// The `len` slots of VIP id `vip_id`'s table in the ring, mapped while the window lives.
+    fn ring(&self, vip_id: u32, len: usize, writable: bool) -> Result<Ring, DataplaneError> {
+        let what = || format!("the table of VIP id {vip_id}");
+        let err = |source| match writable {
+            true => DataplaneError::Write {
+                what: what(),
+                source,
+            },
+            false => DataplaneError::Read {
+                what: what(),
+                source,
+            },
+        };
+        let m = self.sizes.maglev_m as usize;
+        if vip_id >= self.sizes.max_vips || len > m {
+            return Err(err(io("beyond the ring (max_vips x table_size)")));
+        }
+        let Some(Map::Array(data)) = self.ebpf.map(maps::RING) else {
+            return Err(err(io("no LB_RING array")));
+        };
+        Ring::window(data, vip_id as usize * m, len, writable).map_err(err)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut Map, DataplaneError> {
@@ -114,6 +189,76 @@ impl KernelDataplane {
             .map_err(werr(maps::MEMBER_PASSIVE))?;
         p.set(id, PassiveHealth::default(), 0)
             .map_err(werr(format!("passive health of member {id}")))
+    }
+
+    /// Publishes a run of members (a plan's first step) with a few batch calls instead of up
+    /// to four system calls a member: the counters and passive health of the fresh ones
+    /// zeroed first, then every member. The members of a run are independent of each other:
+    /// no slot points at a fresh one before the run ends.
+    fn publish_members(&mut self, writes: &[Write]) -> Result<(), DataplaneError> {
+        let mut fresh = Vec::new();
+        let mut members = Vec::with_capacity(writes.len());
+        for w in writes {
+            if let Write::Member {
+                id,
+                member,
+                fresh: f,
+            } = w
+            {
+                if *f {
+                    fresh.push(*id);
+                }
+                members.push((*id, *member));
+            }
+        }
+        if !fresh.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Write {
+                what: "counters of new members".into(),
+                source: e,
+            })?;
+            // A per-CPU value is each CPU's, at 8-byte strides.
+            let stats = vec![0u8; cpus * size_of::<TrafficStats>().next_multiple_of(8)];
+            let passive = vec![0u8; size_of::<PassiveHealth>()];
+            for (map, zeros) in [
+                (maps::MEMBER_STATS, &stats),
+                (maps::MEMBER_REPLY_STATS, &stats),
+                (maps::MEMBER_PASSIVE, &passive),
+            ] {
+                let entries: Vec<([u8; 4], &[u8])> = fresh
+                    .iter()
+                    .map(|id| (id.to_ne_bytes(), zeros.as_slice()))
+                    .collect();
+                self.update_batch(map, &entries)?;
+            }
+        }
+        let entries: Vec<([u8; 4], &[u8])> = members
+            .iter()
+            .map(|(id, m)| (id.to_ne_bytes(), pod_bytes(m)))
+            .collect();
+        self.update_batch(maps::MEMBERS, &entries)
+    }
+
+    /// Writes (key, value) entries into the array `name` in batches (`BPF_MAP_UPDATE_BATCH`).
+    fn update_batch(&self, name: &str, entries: &[([u8; 4], &[u8])]) -> Result<(), DataplaneError> {
+        let data = match self.map(name)? {
+            Map::Array(d) | Map::PerCpuArray(d) => d,
+            _ => {
+                return Err(DataplaneError::Write {
+                    what: name.into(),
+                    source: io("not an array"),
+                });
+            }
+        };
+        let Some(value_size) = entries.first().map(|(_, v)| v.len()) else {
+            return Ok(());
+        };
+        let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (&k[..], *v)).collect();
+        crate::migrate::batch::update_all(data.fd().as_fd(), 4, value_size, &refs).map_err(|e| {
+            DataplaneError::Write {
+                what: format!("{} entries of {name}", entries.len()),
+                source: e,
+            }
+        })
     }
 
     /// Writes `entry` into every CPU's bucket of VIP id `vip_id` (`LB_NEW_FLOW_BUDGET`).
@@ -191,6 +336,12 @@ impl KernelDataplane {
     }
 }
 
+/// The bytes of a map value (`#[repr(C)]`, padding-free: see `lb_common::types`).
+fn pod_bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: a Pod type has no padding and every byte is initialised.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
 fn werr(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
     let what = what.into();
     move |e| DataplaneError::Write {
@@ -257,18 +408,40 @@ impl Dataplane for KernelDataplane {
                 s.budgets.insert(v.id, share);
             }
         }
-        let m = self.sizes.maglev_m as usize;
-        for v in s.vips.values() {
-            let base = v.id as usize * m;
-            let len = v.table_size_of(m as u32) as usize;
-            if v.id < self.sizes.max_vips {
-                s.rings.insert(
-                    v.id,
-                    std::sync::Arc::new((base..base + len).map(|i| self.ring.get(i)).collect()),
-                );
-            }
+        for v in s.vips.values().filter(|v| v.id < self.sizes.max_vips) {
+            let ring = self.ring(v.id, v.table_size_of(self.sizes.maglev_m) as usize, false)?;
+            let slots: Vec<u32> = (0..ring.len()).map(|i| ring.get(i)).collect();
+            s.rings
+                .insert(v.id, std::sync::Arc::new(Table::new(&slots)));
         }
         Ok(s)
+    }
+
+    /// Performs a plan's writes in order, a run of whole tables on every CPU (a full sync
+    /// writes every slot of the ring).
+    fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        let mut rest = &plan.writes[..];
+        while let Some(w) = rest.first() {
+            let run = rest
+                .iter()
+                .take_while(|w| matches!(w, Write::Table { .. }))
+                .count();
+            let members = rest
+                .iter()
+                .take_while(|w| matches!(w, Write::Member { .. }))
+                .count();
+            if run > 1 {
+                self.fill_tables(&rest[..run])?;
+                rest = &rest[run..];
+            } else if members > 1 {
+                self.publish_members(&rest[..members])?;
+                rest = &rest[members..];
+            } else {
+                self.write(w)?;
+                rest = &rest[1..];
+            }
+        }
+        Ok(())
     }
 
     fn write(&mut self, w: &Write) -> Result<(), DataplaneError> {
@@ -311,17 +484,9 @@ impl Dataplane for KernelDataplane {
                 }
                 self.rebuild_filter_word(addr)
             }
-            Write::Slots { vip_id, slots } => {
-                let m = self.sizes.maglev_m as usize;
-                if *vip_id >= self.sizes.max_vips {
-                    return Err(DataplaneError::Write {
-                        what: format!("table of VIP id {vip_id}"),
-                        source: io("beyond max_vips"),
-                    });
-                }
-                for (slot, b) in slots {
-                    self.ring.set(*vip_id as usize * m + *slot as usize, *b);
-                }
+            Write::Slots { vip_id, slots } => self.write_slots(*vip_id, slots),
+            Write::Table { vip_id, table } => {
+                self.ring(*vip_id, table.len(), true)?.fill(table);
                 Ok(())
             }
             Write::Vip { key, value } => {
@@ -343,22 +508,7 @@ impl Dataplane for KernelDataplane {
                 t.insert(&Key::new(len, data), 1, 0)
                     .map_err(werr(format!("source range of VIP id {}", r.vip_id)))
             }
-            Write::RemoveSrcRange(r) => {
-                let (len, data) = r.key();
-                let mut t: LpmTrie<_, SrcRangeKey, u32> =
-                    LpmTrie::try_from(self.map_mut(maps::SRC_RANGES)?)
-                        .map_err(werr(maps::SRC_RANGES))?;
-                match t.remove(&Key::new(len, data)) {
-                    // Gone already (a retried plan).
-                    Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                    Err(aya::maps::MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-                    {
-                        Ok(())
-                    }
-                    r => r.map_err(werr(maps::SRC_RANGES)),
-                }
-            }
+            Write::RemoveSrcRange(r) => self.remove_src_range(r),
             Write::Budget { vip_id, share } => self.set_budget(*vip_id, share.entry()),
             Write::RemoveBudget { vip_id } => self.set_budget(*vip_id, NewFlowBudget::default()),
         }

@@ -65,15 +65,124 @@ pub fn maglev_figures() -> Value {
     Value::Object(out)
 }
 
-fn rss_kib() -> u64 {
+/// A `/proc/self/status` figure in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    status_kib("VmRSS")
+}
+
+/// The issue's targets (issue 29): one change, its 99th percentile over the churn run, an
+/// unchanged resync and a full sync, in ms; the agent's RSS after the full sync, in KiB.
+const CHANGE_MS: f64 = 5.0;
+const CHANGE_P99_MS: f64 = 10.0;
+const RESYNC_MS: f64 = 1.0;
+const FULL_SYNC_MS: f64 = 1000.0;
+const RSS_KIB: u64 = 400 << 10;
+
+/// Backend changes in the churn run.
+const CHURN: usize = 1000;
+
+/// VIP `i` of the control-plane scale: `backends` backends, each of weight `weight_of(i, b)`.
+fn scale_vip(i: usize, backends: usize, weight_of: &dyn Fn(usize, usize) -> u32) -> VipSpec {
+    let v4 = |base: [u8; 4], n: usize| {
+        IpAddr::from(std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::from(base)) + n as u32,
+        ))
+    };
+    VipSpec {
+        name: format!("v{i}"),
+        address: v4([192, 0, 0, 0], i),
+        port: 80,
+        protocol: Protocol::Tcp,
+        mode: Mode::Dsr,
+        hash: HashOn::FiveTuple,
+        affinity_timeout_s: 0,
+        table_size: None,
+        source_ranges: None,
+        new_flow_budget: None,
+        backends: (0..backends)
+            .map(|b| BackendSpec::new(v4([10, 0, 0, 0], i * backends + b), 0, weight_of(i, b)))
+            .collect(),
+    }
+}
+
+/// What one planned and applied change cost.
+struct Step {
+    writes: usize,
+    plan: Duration,
+    total: Duration,
+    /// CPU time of every thread of the process (the Maglev builds and table writes run on
+    /// every CPU): on a machine shared with other work, the wall time an idle one would take
+    /// is about this over the CPUs.
+    cpu: Duration,
+}
+
+impl Step {
+    fn json(&self) -> Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({"writes": self.writes, "plan_ms": ms(self.plan), "total_ms": ms(self.total), "cpu_ms": ms(self.cpu)})
+    }
+}
+
+/// User and system CPU time of the process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn step(planner: &mut Planner, d: &Desired, dp: &mut KernelDataplane) -> Step {
+    let (t, cpu) = (Instant::now(), cpu_time());
+    let (p, pending) = planner.plan(d, dp.limits()).expect("plan");
+    let plan = t.elapsed();
+    dp.apply(&p).expect("apply");
+    planner.commit(pending);
+    Step {
+        writes: p.write_count(),
+        plan,
+        total: t.elapsed(),
+        cpu: cpu_time() - cpu,
+    }
+}
+
+/// [`CHURN`] random backend changes, one at a time: a weight changed (0 drains), or a backend
+/// replaced by a new address. Returns each change's time in ns.
+fn churn(planner: &mut Planner, d: &mut Desired, dp: &mut KernelDataplane) -> Vec<u64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    let mut fresh = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+    (0..CHURN)
+        .map(|_| {
+            let v = rng.random_range(0..d.vips.len());
+            let b = rng.random_range(0..d.vips[v].backends.len());
+            let backend = &mut d.vips[v].backends[b];
+            if rng.random_bool(0.5) {
+                backend.weight = rng.random_range(0..4);
+            } else {
+                fresh += 1;
+                backend.address = IpAddr::from(std::net::Ipv4Addr::from(fresh));
+            }
+            step(planner, d, dp).total.as_nanos() as u64
+        })
+        .collect()
+}
+
+fn percentiles_ms(mut ns: Vec<u64>) -> Value {
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1e6;
+    json!({"changes": ns.len(), "p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99), "max_ms": at(1.0)})
 }
 
 pub fn control_plane(opts: &Options) -> Value {
@@ -88,32 +197,7 @@ pub fn control_plane(opts: &Options) -> Value {
     };
     let ebpf = program::load(&sizes, None).expect("loading lb for the control-plane benchmark");
     let mut dp = KernelDataplane::new(ebpf, sizes.clone()).expect("kernel dataplane");
-    let vip = |i: usize, weight_of: &dyn Fn(usize, usize) -> u32| VipSpec {
-        name: format!("v{i}"),
-        address: IpAddr::from(std::net::Ipv4Addr::from(
-            u32::from(std::net::Ipv4Addr::new(192, 0, 0, 0)) + i as u32,
-        )),
-        port: 80,
-        protocol: Protocol::Tcp,
-        mode: Mode::Dsr,
-        hash: HashOn::FiveTuple,
-        affinity_timeout_s: 0,
-        table_size: None,
-        source_ranges: None,
-        new_flow_budget: None,
-        backends: (0..opts.backends_per_vip)
-            .map(|b| {
-                BackendSpec::new(
-                    IpAddr::from(std::net::Ipv4Addr::from(
-                        u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0))
-                            + (i * opts.backends_per_vip + b) as u32,
-                    )),
-                    0,
-                    weight_of(i, b),
-                )
-            })
-            .collect(),
-    };
+    let rss_loaded = rss_kib();
     let desired = |w: &dyn Fn(usize, usize) -> u32| Desired {
         node: NodeSpec {
             source_v4: Some("10.255.0.1".parse().unwrap()),
@@ -121,30 +205,39 @@ pub fn control_plane(opts: &Options) -> Value {
             udp_idle_timeout: Duration::from_secs(30),
             ..Default::default()
         },
-        vips: (0..opts.vips).map(|i| vip(i, w)).collect(),
+        vips: (0..opts.vips)
+            .map(|i| scale_vip(i, opts.backends_per_vip, w))
+            .collect(),
     };
     let all = desired(&|_, _| 1);
-    let one_changed = desired(&|i, b| if i == 0 && b == 0 { 0 } else { 1 });
-    let mut cache = TableCache::default();
-    let mut step = |cur: &State, d: &Desired, dp: &mut KernelDataplane| {
-        let t = Instant::now();
-        let (p, next) = plan_cached(cur, d, sizes.limits(), &mut cache).expect("plan");
-        let planned = t.elapsed();
-        dp.apply(&p).expect("apply");
-        (next, p.write_count(), planned, t.elapsed())
-    };
-    let (s1, full_writes, full_plan, full_total) = step(&State::default(), &all, &mut dp);
+    let mut d = desired(&|i, b| if i == 0 && b == 0 { 0 } else { 1 });
+    let mut planner = Planner::new(State::default());
+    let full = step(&mut planner, &all, &mut dp);
     let rss = rss_kib();
-    let (s2, one_writes, one_plan, one_total) = step(&s1, &one_changed, &mut dp);
-    let (_, same_writes, same_plan, same_total) = step(&s2, &one_changed, &mut dp);
+    let one = step(&mut planner, &d, &mut dp);
+    let same = step(&mut planner, &d, &mut dp);
+    let churn = percentiles_ms(churn(&mut planner, &mut d, &mut dp));
+    let rss_churned = rss_kib();
+    assert!(
+        dp.read().expect("reading the maps") == *planner.state(),
+        "the maps after the churn run hold what the planner thinks"
+    );
     let kernel = map_memory(&dp.ebpf);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ms = |s: &Step| s.total.as_secs_f64() * 1e3;
     json!({
         "scale": {"vips": opts.vips, "backends_per_vip": opts.backends_per_vip, "table_size": 65_537},
-        "full_sync": {"writes": full_writes, "plan_ms": ms(full_plan), "total_ms": ms(full_total)},
-        "one_backend_change": {"writes": one_writes, "plan_ms": ms(one_plan), "total_ms": ms(one_total)},
-        "unchanged_resync": {"writes": same_writes, "plan_ms": ms(same_plan), "total_ms": ms(same_total)},
-        "agent_rss_kib": {"before_load": rss_before, "after_full_sync": rss},
+        "full_sync": full.json(),
+        "one_backend_change": one.json(),
+        "unchanged_resync": same.json(),
+        "churn": churn,
+        "agent_rss_kib": {"before_load": rss_before, "after_load": rss_loaded, "after_full_sync": rss, "after_churn": rss_churned,
+            "anon_after_churn": status_kib("RssAnon"), "file_after_churn": status_kib("RssFile")},
+        "targets": {
+            "one_backend_change_ms": CHANGE_MS, "churn_p99_ms": CHANGE_P99_MS,
+            "unchanged_resync_ms": RESYNC_MS, "full_sync_ms": FULL_SYNC_MS, "agent_rss_kib": RSS_KIB,
+            "met": ms(&one) <= CHANGE_MS && churn["p99_ms"].as_f64().unwrap_or(f64::MAX) <= CHANGE_P99_MS
+                && ms(&same) <= RESYNC_MS && ms(&full) <= FULL_SYNC_MS && rss <= RSS_KIB,
+        },
         "kernel_map_bytes_at_this_scale": kernel,
     })
 }

@@ -12,7 +12,8 @@ use lb_userspace::{
     dataplane::{Dataplane, kernel::KernelDataplane},
     maglev,
     model::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
-    plan::{State, TableCache, plan_cached},
+    plan::State,
+    planner::Planner,
     program::{self, Sizes},
 };
 use serde_json::{Value, json};

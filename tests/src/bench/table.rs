@@ -170,16 +170,36 @@ fn control_plane_table(cp: &Value) -> String {
     );
     for k in ["full_sync", "one_backend_change", "unchanged_resync"] {
         s += &format!(
-            "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms)\n",
+            "  {:<20} {:>10} writes {:>10.1} ms (plan {:.1} ms, CPU {:.1} ms)\n",
             k,
             cp[k]["writes"].as_u64().unwrap_or(0),
             cp[k]["total_ms"].as_f64().unwrap_or(0.0),
-            cp[k]["plan_ms"].as_f64().unwrap_or(0.0)
+            cp[k]["plan_ms"].as_f64().unwrap_or(0.0),
+            cp[k]["cpu_ms"].as_f64().unwrap_or(0.0)
         );
     }
+    let c = &cp["churn"];
+    let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
     s += &format!(
-        "  agent RSS after full sync: {} KiB\n",
-        cp["agent_rss_kib"]["after_full_sync"]
+        "  churn, {} backend changes: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n",
+        c["changes"],
+        f("p50_ms"),
+        f("p90_ms"),
+        f("p99_ms"),
+        f("max_ms")
+    );
+    let rss = &cp["agent_rss_kib"];
+    s += &format!(
+        "  agent RSS: {} KiB before load, {} KiB loaded, {} KiB after full sync, {} KiB after churn\n",
+        rss["before_load"], rss["after_load"], rss["after_full_sync"], rss["after_churn"]
+    );
+    s += &format!(
+        "  targets (one change <= 5 ms, p99 <= 10 ms, resync <= 1 ms, full sync <= 1 s, RSS <= 400 MiB): {}\n",
+        if cp["targets"]["met"] == true {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     s
 }

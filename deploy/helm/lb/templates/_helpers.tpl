@@ -117,14 +117,17 @@ resources.memoryMiB, when set, is used instead, and refused below what the sizes
 {{- end }}
 
 {{/*
-The agent's own memory that grows with the sizes (MiB): 12 bytes per ring slot (max_vips x
-table_size), its Maglev tables and the slot writes of a full sync, measured as the agent's peak
-over its maps with every VIP synced (tests/tests/helm.rs, docs/kubernetes.md "Memory": 193 MiB over the maps
-at 256 x 65537, 96 MiB at 128 x 65537, 193 MiB at 128 x 131071).
+The agent's own memory that grows with the sizes (MiB): 6 bytes per ring slot (max_vips x
+table_size). The agent keeps each VIP's table compact (1 byte a slot up to 256 members, 2 up to
+65,536), and a resync that changes every VIP holds the old and the new tables and slot writes of
+at most a quarter of each table (8 bytes a slot written); above that share a table is written
+whole from the new one. Measured (tests/tests/helm.rs, docs/kubernetes.md "Memory"): the agent at
+256 x 65537 synced and resynced peaks at 347 MiB over everything, which is its start's (the
+program's verification), not its tables'.
 */}}
 {{- define "lb.agentTablesMiB" -}}
 {{- $n := .Values.node -}}
-{{- div (add (mul 12 (int64 $n.max_vips) (int64 $n.table_size)) 1048575) 1048576 -}}
+{{- div (add (mul 6 (int64 $n.max_vips) (int64 $n.table_size)) 1048575) 1048576 -}}
 {{- end }}
 
 {{- define "lb.memoryMiB" -}}
