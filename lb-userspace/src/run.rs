@@ -404,7 +404,7 @@ fn settle_overrides(state_dir: &Path, applied: overrides::Applied, m: &AgentMetr
         info!(vip = %c.was.vip, backend = %c.was.backend, "override cleared: {}", c.why);
     }
     if let Err(e) = overrides::settle(state_dir, &applied) {
-        warn!("recording the overrides: {e:#}");
+        warn!("recording the overrides: {}", crate::error_chain(&e));
     }
     *m.overrides.lock().expect("overrides lock") = applied.kept;
 }

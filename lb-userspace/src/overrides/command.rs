@@ -78,11 +78,9 @@ pub fn run(
         Change::Weight(w) => Some(Override::new(v.vip.clone(), addr, Some(w))),
         Change::Undo => None,
     };
-    let before = super::update(state_dir, |o| {
-        Ok(match &wanted {
-            Some(w) => o.set(w.clone()),
-            None => o.remove(&v.vip, addr),
-        })
+    let before = super::update(state_dir, |o| match &wanted {
+        Some(w) => o.set(w.clone()),
+        None => o.remove(&v.vip, addr),
     })?;
     if wanted.is_none() && before.is_none() {
         return Ok(format!(
@@ -232,8 +230,8 @@ fn take_back(state_dir: &Path, vip: &str, addr: IpAddr, before: Option<Override>
     super::update(state_dir, |o| {
         o.remove(vip, addr);
         o.overrides.extend(before);
-        Ok(())
-    })
+    })?;
+    Ok(())
 }
 
 fn done(vip: &str, b: &BackendStatus) -> String {

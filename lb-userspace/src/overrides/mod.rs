@@ -15,7 +15,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -144,64 +143,83 @@ fn clear(o: &Override, why: &str) -> Cleared {
     }
 }
 
+/// Why the overrides file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum OverridesError {
+    #[error("{}: not an overrides file (fix or remove it)", path.display())]
+    NotOverrides {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what} {}", path.display())]
+    Io {
+        /// `reading`, `writing`, `locking`...
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An I/O error on `path` while `what`.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OverridesError {
+    let path = path.to_path_buf();
+    move |source| OverridesError::Io { what, path, source }
+}
+
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("overrides.json")
 }
 
 /// The overrides in `state_dir` (none without a file).
-pub fn load(state_dir: &Path) -> Result<Overrides> {
+pub fn load(state_dir: &Path) -> Result<Overrides, OverridesError> {
     let path = path(state_dir);
     match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).with_context(|| {
-            format!(
-                "{}: not an overrides file (fix or remove it)",
-                path.display()
-            )
-        }),
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|source| OverridesError::NotOverrides { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::default()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        Err(e) => Err(io("reading", &path)(e)),
     }
 }
 
 /// Runs `f` on the overrides in `state_dir` with the file locked against other writers, and
 /// writes what it leaves (atomically; no file when none is left).
-pub fn update<T>(state_dir: &Path, f: impl FnOnce(&mut Overrides) -> Result<T>) -> Result<T> {
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating {}", state_dir.display()))?;
+pub fn update<T>(
+    state_dir: &Path,
+    f: impl FnOnce(&mut Overrides) -> T,
+) -> Result<T, OverridesError> {
+    std::fs::create_dir_all(state_dir).map_err(io("creating", state_dir))?;
     let lock_path = state_dir.join("overrides.lock");
-    let lock =
-        File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let lock = File::create(&lock_path).map_err(io("opening", &lock_path))?;
+    lock.lock().map_err(io("locking", &lock_path))?;
     let mut o = load(state_dir)?;
     let before = o.clone();
-    let out = f(&mut o)?;
+    let out = f(&mut o);
     if o != before {
         save(state_dir, &o)?;
     }
     Ok(out)
 }
 
-fn save(state_dir: &Path, o: &Overrides) -> Result<()> {
+fn save(state_dir: &Path, o: &Overrides) -> Result<(), OverridesError> {
     let path = path(state_dir);
     if o.overrides.is_empty() {
         return match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", path.display()))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", &path)(e)),
             _ => Ok(()),
         };
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(o)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    let text = serde_json::to_vec_pretty(o).expect("overrides serialize");
+    std::fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("writing", &path))
 }
 
 /// Records in the file what an accepted config did with the overrides: the weight each one
 /// found, and the removal of those it cleared. Entries a command changed meanwhile are left as
 /// the command wrote them.
-pub fn settle(state_dir: &Path, applied: &Applied) -> Result<()> {
+pub fn settle(state_dir: &Path, applied: &Applied) -> Result<(), OverridesError> {
     update(state_dir, |o| {
         for c in &applied.cleared {
             if o.find(&c.was.vip, c.was.backend) == Some(&c.was) {
@@ -217,7 +235,6 @@ pub fn settle(state_dir: &Path, applied: &Applied) -> Result<()> {
                 e.configured = k.configured;
             }
         }
-        Ok(())
     })
 }
 

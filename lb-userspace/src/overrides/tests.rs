@@ -100,7 +100,6 @@ fn settling_records_the_configured_weight_and_removes_the_cleared_ones() {
     update(dir.path(), |o| {
         o.set(Override::new(WEB.into(), ip("10.1.0.1"), None));
         o.set(Override::new(WEB.into(), ip("10.1.0.9"), None));
-        Ok(())
     })
     .unwrap();
     let applied = load(dir.path()).unwrap().apply(&mut config(CONFIG));
@@ -108,7 +107,7 @@ fn settling_records_the_configured_weight_and_removes_the_cleared_ones() {
     let file = load(dir.path()).unwrap();
     assert_eq!(file.overrides.len(), 1, "{file:?}");
     assert_eq!(file.overrides[0].configured, Some(200));
-    update(dir.path(), |o| Ok(o.remove(WEB, ip("10.1.0.1")))).unwrap();
+    update(dir.path(), |o| o.remove(WEB, ip("10.1.0.1"))).unwrap();
     assert!(!path(dir.path()).exists(), "no file once none is left");
 }
 
@@ -121,7 +120,7 @@ fn settling_leaves_an_override_a_command_changed_meanwhile() {
     // A command sets the same backend anew before the agent settles.
     let mut again = Override::new(WEB.into(), ip("10.1.0.9"), Some(3));
     again.since = "later".into();
-    update(dir.path(), |f| Ok(f.set(again.clone()))).unwrap();
+    update(dir.path(), |f| f.set(again.clone())).unwrap();
     settle(dir.path(), &applied).unwrap();
     assert_eq!(load(dir.path()).unwrap().overrides, [again]);
 }
