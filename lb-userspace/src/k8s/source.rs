@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use kube::{
@@ -106,6 +105,21 @@ impl GatewayWatch {
     }
 }
 
+/// Why the cluster could not be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(transparent)]
+    Lease(#[from] super::lease::LeaseError),
+    #[error("connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)")]
+    Connect(#[source] kube::Error),
+    #[error("asking the API server whether it serves {group_version}")]
+    Discovery {
+        group_version: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
 pub struct Kube {
     client: Client,
     services: Store<DynamicObject>,
@@ -186,11 +200,9 @@ impl Kube {
         opts: &KubeOptions,
         settings: Settings,
         changed: mpsc::Sender<()>,
-    ) -> Result<Self> {
+    ) -> Result<Self, KubeError> {
         opts.lease.check()?;
-        let client = Client::try_default().await.context(
-            "connecting to Kubernetes (in-cluster config, KUBECONFIG or ~/.kube/config)",
-        )?;
+        let client = Client::try_default().await.map_err(KubeError::Connect)?;
         let slice_watch = SliceWatch::new(client.clone(), changed.clone());
         let slices = slice_watch.store();
         let (policies, t3) = watch(
@@ -935,7 +947,7 @@ impl GatewayApi {
             match Self::discover(client).await {
                 Ok(s) => return s,
                 Err(e) => {
-                    warn!("{}, retrying in {wait:?}", crate::error_chain(e.as_ref()));
+                    warn!("{}, retrying in {wait:?}", crate::error_chain(&e));
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(std::time::Duration::from_secs(10));
                 }
@@ -944,16 +956,18 @@ impl GatewayApi {
     }
 
     /// Asks the API server (discovery) which Gateway API kinds and versions it serves.
-    async fn discover(client: &Client) -> Result<Self> {
+    async fn discover(client: &Client) -> Result<Self, KubeError> {
         let mut versions = BTreeMap::new();
         for v in ["v1", "v1alpha2", "v1beta1"] {
             let gv = format!("{GROUP}/{v}");
             let names: BTreeSet<String> = match client.list_api_group_resources(&gv).await {
                 Ok(list) => list.resources.into_iter().map(|r| r.name).collect(),
                 Err(kube::Error::Api(s)) if s.code == 404 => BTreeSet::new(),
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("asking the API server whether it serves {gv}"));
+                Err(source) => {
+                    return Err(KubeError::Discovery {
+                        group_version: gv,
+                        source,
+                    });
                 }
             };
             versions.insert(v, names);
