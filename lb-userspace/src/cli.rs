@@ -365,8 +365,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         | Command::Nexthops { .. }
         | Command::Flows { .. }
         | Command::Explain { .. }
-        | Command::Status { .. }
-        | Command::Top { .. }) => inspect(c, &pins, &cli.state_dir),
+        | Command::Status { .. }) => Ok(inspect(c, &pins, &cli.state_dir)?),
+        Command::Top {
+            interval,
+            once,
+            output,
+        } => top(
+            &Pinned::open(&pins)?,
+            &cli.state_dir,
+            interval,
+            once,
+            output,
+        ),
         Command::Drain { target } => target.run(&cli.state_dir, Change::Drain),
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
@@ -392,7 +402,11 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 /// The commands that read the pinned maps and the status file.
-fn inspect(command: Command, pins: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
+fn inspect(
+    command: Command,
+    pins: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> show::Result<()> {
     match command {
         Command::Stats { out, watch } => {
             let p = Pinned::open(pins)?;
@@ -444,11 +458,6 @@ fn inspect(command: Command, pins: &std::path::Path, state_dir: &std::path::Path
             )
         }
         Command::Status { out } => show::status::status(pins, state_dir, out.format()),
-        Command::Top {
-            interval,
-            once,
-            output,
-        } => top(&Pinned::open(pins)?, state_dir, interval, once, output),
         _ => unreachable!("not an inspecting command"),
     }
 }

@@ -17,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail};
 use lb_common::{
     AffinityKey, Counter, FlowKey, Member, NO_BACKEND, TrafficStats, VIP_F_HASH_SRC_ONLY, VipKey,
     VipValue,
@@ -34,6 +33,42 @@ use crate::{
     status::{BackendStatus, Status, VipStatus, read_status, status_path},
     view::{BackendRef, VipRef},
 };
+
+/// Why an inspecting command (`lb stats`, `backends`, `explain`, `flows`, `status`, `nexthops`)
+/// could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowError {
+    #[error(transparent)]
+    Maps(#[from] crate::inspect::InspectError),
+    #[error("reading {what}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening {}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("writing the output")]
+    Output(#[from] std::io::Error),
+    #[error("writing JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("{0:?} is not an address or address:port")]
+    NotAnAddress(String),
+    #[error("source and destination are of different address families")]
+    MixedFamilies,
+    #[error("this VIP hashes the 5-tuple: give the source as ADDRESS:PORT")]
+    NeedsSourcePort,
+    /// What `lb status` found wrong (it printed the status first).
+    #[error("{}", .0.join("; "))]
+    Problems(Vec<String>),
+}
+
+/// The inspecting commands' result.
+pub type Result<T, E = ShowError> = std::result::Result<T, E>;
 
 /// How an inspecting command prints.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -592,7 +627,7 @@ fn parse_source(s: &str) -> Result<(IpAddr, Option<u16>)> {
     }
     match s.parse::<IpAddr>() {
         Ok(a) => Ok((a, None)),
-        Err(_) => bail!("{s:?} is not an address or address:port"),
+        Err(_) => Err(ShowError::NotAnAddress(s.to_string())),
     }
 }
 
@@ -621,7 +656,7 @@ pub fn explain(
 ) -> Result<()> {
     let (src, sport) = parse_source(source)?;
     if src.is_ipv4() != dst.is_ipv4() {
-        bail!("source and destination are of different address families");
+        return Err(ShowError::MixedFamilies);
     }
     let (daddr, family) = addr16(dst.ip());
     let vkey = VipKey {
@@ -830,7 +865,7 @@ fn maglev_choice(
 ) -> Result<serde_json::Value> {
     let src_only = vip.flags & VIP_F_HASH_SRC_ONLY != 0;
     if !src_only && !have_port {
-        bail!("this VIP hashes the 5-tuple: give the source as ADDRESS:PORT");
+        return Err(ShowError::NeedsSourcePort);
     }
     let hash = maglev_hash(key, vip);
     let (slot, index) = ring_index(hash, vip, p.sizes.maglev_m);

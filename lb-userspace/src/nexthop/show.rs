@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use crate::show::{Result, ShowError};
 use aya::maps::{Array, Map, MapData};
 use lb_common::{NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NH_UNRESOLVED, NextHop, maps};
 use serde_json::{Value, json};
@@ -51,11 +51,21 @@ fn row(id: u32, vip: &VipRef, backend: &BackendRef, member_gen: u32, nh: &NextHo
 
 pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) -> Result<()> {
     let path = pin_dir.join(maps::NEXTHOPS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let table: Array<_, NextHop> = Array::try_from(Map::Array(data))?;
+    let data = MapData::from_pin(&path).map_err(|source| ShowError::Pin {
+        path: path.clone(),
+        source,
+    })?;
+    let table: Array<_, NextHop> =
+        Array::try_from(Map::Array(data)).map_err(|source| ShowError::Map {
+            what: maps::NEXTHOPS,
+            source,
+        })?;
     let mut rows = Vec::new();
     for r in member_rows(p, &VipNames::read(state_dir))? {
-        let nh = table.get(&r.id, 0).context("reading LB_NEXTHOPS")?;
+        let nh = table.get(&r.id, 0).map_err(|source| ShowError::Map {
+            what: maps::NEXTHOPS,
+            source,
+        })?;
         rows.push(row(r.id, &r.vip, &r.backend, r.member.generation, &nh));
     }
     let keeper = crate::status::read_status(state_dir).map(|s| s.nexthops);

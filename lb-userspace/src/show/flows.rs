@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use anyhow::Result;
+use super::Result;
 use lb_common::{
     AffinityKey, FlowKey, FlowValue, MEMBER_F_ACCEPTS, MODE_NAT, Member, NodeConfig, VipKey,
     VipValue,

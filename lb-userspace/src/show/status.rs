@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use anyhow::{Result, bail};
+use super::{Result, ShowError};
 use serde::Serialize;
 
 use super::Format;
@@ -218,7 +218,7 @@ pub fn status(pins: &Path, state_dir: &Path, format: Format) -> Result<()> {
     }
     let problems = v.problems();
     if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
+        return Err(ShowError::Problems(problems));
     }
     Ok(())
 }

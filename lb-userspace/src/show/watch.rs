@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Result;
+use super::Result;
 use lb_common::{Counter, TrafficStats};
 use serde::Serialize;
 
