@@ -5,11 +5,9 @@
 
 use std::{
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
-
-use anyhow::{Context as _, Result, bail};
 
 use super::{Kind, Override};
 use crate::{
@@ -56,6 +54,46 @@ impl VipRef {
     }
 }
 
+/// Why `lb drain`, `lb undrain` or `lb weight` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("no agent status in {} (is `lb run` running with this --state-dir?)", .0.display())]
+    NoStatus(PathBuf),
+    #[error(
+        "the agent that wrote {} (pid {pid}) is not running: overrides are applied by a running agent",
+        path.display()
+    )]
+    NotRunning { path: PathBuf, pid: u32 },
+    #[error("the status file in {} names no agent", .0.display())]
+    NoAgent(PathBuf),
+    #[error("no VIP {vip} (the agent serves: {serves})")]
+    NoSuchVip { vip: String, serves: String },
+    #[error("{vip} names several VIPs ({found}): give ADDRESS:PORT/PROTOCOL")]
+    SeveralVips { vip: String, found: String },
+    #[error("{vip} has no backend {addr} (its backends: {backends})")]
+    NoSuchBackend {
+        vip: String,
+        addr: IpAddr,
+        backends: String,
+    },
+    #[error("the status file's backend address {0:?} does not read")]
+    BadAddress(String),
+    #[error("signalling the agent (pid {pid})")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent rejected the change: {0}")]
+    Rejected(String),
+    #[error("the agent did not apply the change within {0:?} (its log says why); nothing changed")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Overrides(#[from] super::OverridesError),
+}
+
+type Result<T, E = CommandError> = std::result::Result<T, E>;
+
 /// Runs `change` for `backend` of `vip` on the agent whose state dir is `state_dir`; returns
 /// what to print.
 pub fn run(
@@ -72,7 +110,7 @@ pub fn run(
     let addr: IpAddr = b
         .address
         .parse()
-        .context("the status file's backend address")?;
+        .map_err(|_| CommandError::BadAddress(b.address.clone()))?;
     let wanted = match change {
         Change::Drain => Some(Override::new(v.vip.clone(), addr, None)),
         Change::Weight(w) => Some(Override::new(v.vip.clone(), addr, Some(w))),
@@ -93,7 +131,10 @@ pub fn run(
     if unsafe { libc::kill(agent.pid as i32, libc::SIGUSR1) } != 0 {
         let e = std::io::Error::last_os_error();
         take_back(state_dir, &v.vip, addr, before)?;
-        bail!("signalling the agent (pid {}): {e}", agent.pid);
+        return Err(CommandError::Signal {
+            pid: agent.pid,
+            source: e,
+        });
     }
     match wait(
         state_dir,
@@ -113,20 +154,15 @@ pub fn run(
 
 /// The status of a running agent, or why there is none.
 fn running(state_dir: &Path) -> Result<Status> {
-    let status = read_status(state_dir).with_context(|| {
-        format!(
-            "no agent status in {} (is `lb run` running with this --state-dir?)",
-            state_dir.display()
-        )
-    })?;
+    let status =
+        read_status(state_dir).ok_or_else(|| CommandError::NoStatus(state_dir.to_path_buf()))?;
     match &status.agent {
         Some(a) if a.is_running() => Ok(status),
-        Some(a) => bail!(
-            "the agent that wrote {} (pid {}) is not running: overrides are applied by a running agent",
-            crate::status::status_path(state_dir).display(),
-            a.pid
-        ),
-        None => bail!("the status file in {} names no agent", state_dir.display()),
+        Some(a) => Err(CommandError::NotRunning {
+            path: crate::status::status_path(state_dir),
+            pid: a.pid,
+        }),
+        None => Err(CommandError::NoAgent(state_dir.to_path_buf())),
     }
 }
 
@@ -134,16 +170,14 @@ fn find_vip<'a>(status: &'a Status, vip: &VipRef) -> Result<&'a VipStatus> {
     let found: Vec<&VipStatus> = status.vips.iter().filter(|v| vip.matches(v)).collect();
     match found[..] {
         [v] => Ok(v),
-        [] => bail!(
-            "no VIP {} (the agent serves: {})",
-            show(vip),
-            names(status.vips.iter().map(|v| format!("{} {}", v.name, v.vip)))
-        ),
-        _ => bail!(
-            "{} names several VIPs ({}): give ADDRESS:PORT/PROTOCOL",
-            show(vip),
-            names(found.iter().map(|v| v.vip.clone()))
-        ),
+        [] => Err(CommandError::NoSuchVip {
+            vip: show(vip),
+            serves: names(status.vips.iter().map(|v| format!("{} {}", v.name, v.vip))),
+        }),
+        _ => Err(CommandError::SeveralVips {
+            vip: show(vip),
+            found: names(found.iter().map(|v| v.vip.clone())),
+        }),
     }
 }
 
@@ -155,13 +189,10 @@ fn find_backend(v: &VipStatus, e: Endpoint) -> Result<&BackendStatus> {
             let port = if b.port == 0 { vip_port } else { b.port };
             b.address.parse() == Ok(e.addr) && e.port.is_none_or(|p| p == port)
         })
-        .with_context(|| {
-            format!(
-                "{} has no backend {} (its backends: {})",
-                v.vip,
-                e.addr,
-                names(v.backends.iter().map(|b| b.address.clone()))
-            )
+        .ok_or_else(|| CommandError::NoSuchBackend {
+            vip: v.vip.clone(),
+            addr: e.addr,
+            backends: names(v.backends.iter().map(|b| b.address.clone())),
         })
 }
 
@@ -197,7 +228,7 @@ fn wait(
         let agent = status.as_ref().and_then(|s| s.agent.as_ref());
         if let Some(a) = agent.filter(|a| a.reloads_rejected > rejected_before) {
             let why = a.last_reload.as_ref().and_then(|r| r.error.clone());
-            bail!("the agent rejected the change: {}", why.unwrap_or_default());
+            return Err(CommandError::Rejected(why.unwrap_or_default()));
         }
         let b = status.and_then(|s| {
             let v = s.vips.into_iter().find(|v| v.vip == vip)?;
@@ -209,9 +240,7 @@ fn wait(
             return Ok(b);
         }
         if Instant::now() > deadline {
-            bail!(
-                "the agent did not apply the change within {patience:?} (its log says why); nothing changed"
-            );
+            return Err(CommandError::Timeout(patience));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
