@@ -711,39 +711,7 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
         3,
         1..=255,
     ) as u32;
-    let kind = if http {
-        let path = h.path.clone().unwrap_or_else(|| "/".into());
-        if !path.starts_with('/') {
-            c.bad(format!("{p}.path"), "must start with /");
-        }
-        let statuses = match &h.http_statuses {
-            None => (200..=399).collect(),
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    c.int(&format!("{p}.http_statuses[{i}]"), Some(*s), 200, 100..=599) as u16
-                })
-                .collect(),
-        };
-        CheckKind::Http {
-            path,
-            statuses,
-            headers: Vec::new(),
-            tls: None,
-        }
-    } else {
-        if h.path.is_some() {
-            c.bad(format!("{p}.path"), "only http checks have a path");
-        }
-        if h.http_statuses.is_some() {
-            c.bad(
-                format!("{p}.http_statuses"),
-                "only http checks have statuses",
-            );
-        }
-        CheckKind::Tcp
-    };
+    let kind = check_kind(c, p, h, http);
     HealthCheck {
         kind,
         port,
@@ -753,6 +721,43 @@ fn check_health(c: &mut Checker, p: &str, h: &RawHealthCheck) -> HealthCheck {
         healthy_threshold,
         unhealthy_threshold,
         concurrency: 0,
+    }
+}
+
+/// What a health check probes: an HTTP GET (path, statuses) or a TCP connect (which takes
+/// neither).
+fn check_kind(c: &mut Checker, p: &str, h: &RawHealthCheck, http: bool) -> CheckKind {
+    if !http {
+        if h.path.is_some() {
+            c.bad(format!("{p}.path"), "only http checks have a path");
+        }
+        if h.http_statuses.is_some() {
+            c.bad(
+                format!("{p}.http_statuses"),
+                "only http checks have statuses",
+            );
+        }
+        return CheckKind::Tcp;
+    }
+    let path = h.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        c.bad(format!("{p}.path"), "must start with /");
+    }
+    let statuses = match &h.http_statuses {
+        None => (200..=399).collect(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                c.int(&format!("{p}.http_statuses[{i}]"), Some(*s), 200, 100..=599) as u16
+            })
+            .collect(),
+    };
+    CheckKind::Http {
+        path,
+        statuses,
+        headers: Vec::new(),
+        tls: None,
     }
 }
 

@@ -414,6 +414,27 @@ pub fn backends(p: &Pinned, state_dir: &Path, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// A VIP's line above its backends in `lb backends`: label, name, mode, client affinity (and
+/// with `-o wide` its id and table size).
+fn vip_heading(v: &serde_json::Value, wide: bool) -> String {
+    let name = v["vip"]["name"].as_str().map(|n| format!("({n})"));
+    let affinity = match v["affinity_timeout_s"].as_u64() {
+        Some(t) if t > 0 => format!(" client affinity {t} s"),
+        _ => String::new(),
+    };
+    let ids = if wide {
+        format!("  id {}, table size {}", v["id"], v["table_size"])
+    } else {
+        String::new()
+    };
+    format!(
+        "{} {} [{}]{affinity}{ids}",
+        v["vip"]["label"].as_str().unwrap_or(""),
+        name.unwrap_or_default(),
+        v["mode"].as_str().unwrap_or(""),
+    )
+}
+
 fn print_vip_backends(v: &serde_json::Value, wide: bool) {
     let opt = |x: &serde_json::Value| {
         if x.is_null() {
@@ -422,24 +443,7 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             x.to_string().trim_matches('"').to_string()
         }
     };
-    println!(
-        "{} {} [{}]{}{}",
-        v["vip"]["label"].as_str().unwrap_or(""),
-        v["vip"]["name"]
-            .as_str()
-            .map(|n| format!("({n})"))
-            .unwrap_or_default(),
-        v["mode"].as_str().unwrap_or(""),
-        match v["affinity_timeout_s"].as_u64() {
-            Some(t) if t > 0 => format!(" client affinity {t} s"),
-            _ => String::new(),
-        },
-        if wide {
-            format!("  id {}, table size {}", v["id"], v["table_size"])
-        } else {
-            String::new()
-        }
-    );
+    println!("{}", vip_heading(v, wide));
     let nat = v["mode"] == "nat";
     let mut head = vec!["BACKEND", "WEIGHT", "HEALTH", "SLOTS", "SHARE", "PACKETS"];
     if nat {
@@ -643,21 +647,8 @@ impl Explained {
     }
 }
 
-/// `lb explain`: the member a packet would get, by the program's own rules
-/// (`lb_common::select`), step by step.
-pub fn explain(
-    p: &Pinned,
-    source: &str,
-    dst: SocketAddr,
-    proto: Protocol,
-    syn: bool,
-    names: &VipNames,
-    format: Format,
-) -> Result<()> {
-    let (src, sport) = parse_source(source)?;
-    if src.is_ipv4() != dst.is_ipv4() {
-        return Err(ShowError::MixedFamilies);
-    }
+/// The VIP key and the flow key of a packet from `src` (port `sport`, 0 if none) to `dst`.
+fn keys(src: IpAddr, sport: Option<u16>, dst: SocketAddr, proto: Protocol) -> (VipKey, FlowKey) {
     let (daddr, family) = addr16(dst.ip());
     let vkey = VipKey {
         addr: daddr,
@@ -674,6 +665,25 @@ pub fn explain(
         family,
         _pad: [0; 2],
     };
+    (vkey, key)
+}
+
+/// `lb explain`: the member a packet would get, by the program's own rules
+/// (`lb_common::select`), step by step.
+pub fn explain(
+    p: &Pinned,
+    source: &str,
+    dst: SocketAddr,
+    proto: Protocol,
+    syn: bool,
+    names: &VipNames,
+    format: Format,
+) -> Result<()> {
+    let (src, sport) = parse_source(source)?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(ShowError::MixedFamilies);
+    }
+    let (vkey, key) = keys(src, sport, dst, proto);
     let mut e = Explained {
         result: json!(null),
         steps: Vec::new(),
