@@ -647,7 +647,7 @@ fn nat_forward(
         },
     };
     count(Counter::NatForward);
-    let to = Some((*backend_id, backend.generation));
+    let to = Via::Member(*backend_id, backend.generation);
     rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport), to, node)
 }
 
@@ -684,7 +684,7 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
         &client.dst,
         &client.src,
         ports(client.dst_port, client.src_port),
-        None,
+        Via::Reply(t),
         node,
     )
 }
@@ -976,6 +976,15 @@ fn diff4(old: *const [u8; 4], new: *const [u8; 4], seed: u32) -> u32 {
     unsafe { csum::diff(*old, *new, seed) }
 }
 
+/// Where a translated packet goes next.
+enum Via {
+    /// A backend: the next hop of this member (id, generation).
+    Member(u32, u32),
+    /// A client (a reply, at this time): the route lookup, remembered for a while
+    /// ([`reply_route`]).
+    Reply(u64),
+}
+
 /// Source and destination port (network byte order) as the four bytes of an L4 header.
 #[inline(always)]
 fn ports(src: u16, dst: u16) -> [u8; 4] {
@@ -984,9 +993,8 @@ fn ports(src: u16, dst: u16) -> [u8; 4] {
 }
 
 /// Rewrites the source address to `new_src`, the destination to `new_dst` and the ports to
-/// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result: by
-/// the next hop of `member` (id, generation) if it is sent to one, else (a reply) by a route
-/// lookup, remembered for a while ([`reply_route`]).
+/// `new_ports`, takes one off the TTL / hop limit, drops any VLAN tag and routes the result
+/// [`Via`] its next hop.
 #[inline(always)]
 fn rewrite_and_route(
     ctx: &XdpContext,
@@ -994,7 +1002,7 @@ fn rewrite_and_route(
     new_src: &[u8; 16],
     new_dst: &[u8; 16],
     new_ports: [u8; 4],
-    member: Option<(u32, u32)>,
+    via: Via,
     node: &NodeConfig,
 ) -> Verdict {
     let bad = Verdict::new(Counter::DropMalformed, xdp_action::XDP_DROP);
@@ -1019,17 +1027,11 @@ fn rewrite_and_route(
         let rc = lookup(ctx, &mut fib);
         Hop::of_fib(&fib, rc)
     };
-    let hop = match member {
-        Some((id, generation)) => next_hop(id, generation, pkt.ip_len as u32, node, route),
-        None => reply_route::hop(
-            new_dst,
-            v4,
-            ingress,
-            pkt.tos,
-            pkt.ip_len as u32,
-            now(),
-            route,
-        ),
+    let hop = match via {
+        Via::Member(id, generation) => next_hop(id, generation, pkt.ip_len as u32, node, route),
+        Via::Reply(now) => {
+            reply_route::hop(new_dst, v4, ingress, pkt.tos, pkt.ip_len as u32, now, route)
+        }
     };
     let too_big = hop.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
     // Changes to the pseudo-header (addresses), shared by the IP and L4 checksums.
