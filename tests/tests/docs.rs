@@ -22,20 +22,9 @@ fn read(path: &Path) -> String {
 
 /// README.md, ARCHITECTURE.md and every Markdown file under docs/ (recursively), sorted.
 fn pages() -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "md") {
-                out.push(path);
-            }
-        }
-    }
     let root = root();
     let mut pages = vec![root.join("README.md"), root.join("ARCHITECTURE.md")];
-    walk(&root.join("docs"), &mut pages);
+    pages.extend(lb_tests::files_under(&root.join("docs"), "md"));
     pages.sort();
     pages
 }

@@ -23,21 +23,7 @@ fn crate_dir() -> PathBuf {
 
 /// Every `.rs` file under `dir` (recursively), sorted.
 fn sources(dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out);
-    out.sort();
-    out
+    lb_tests::files_under(dir, "rs")
 }
 
 /// Whether `line` has `name` as a whole identifier (not inside a longer one).
