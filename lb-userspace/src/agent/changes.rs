@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    config::{Config, VipConfig},
-    model::BackendSpec,
+    model::desired::BackendSpec,
+    sources::config::{Config, VipConfig},
 };
 
 /// At most this many lines are logged for one reload; the rest are counted.

@@ -16,8 +16,8 @@ use tokio::{
 };
 
 use crate::{
-    agent::Target,
-    config::{CheckKind, Config, HealthCheck},
+    agent::reconcile::Target,
+    sources::config::{CheckKind, Config, HealthCheck},
 };
 use lb_common::VipKey;
 

@@ -10,12 +10,12 @@ use std::{
 use lb_common::VipKey;
 
 use crate::{
-    config::{Config, PassiveHealth},
-    dataplane::{Dataplane, DataplaneError},
-    model::{BackendSpec, Desired, ip_of},
-    plan::{Plan, PlanError, State},
-    planner::Planner,
-    program::Sizes,
+    kernel::dataplane::{Dataplane, DataplaneError},
+    kernel::program::Sizes,
+    model::desired::{BackendSpec, Desired, ip_of},
+    model::plan::{Plan, PlanError, State},
+    model::planner::Planner,
+    sources::config::{Config, PassiveHealth},
 };
 
 /// A backend of a VIP, as health checking tracks it.
@@ -108,7 +108,7 @@ impl<D: Dataplane> Agent<D> {
 
     /// The desired state: configured weights, 0 for unhealthy backends, unless what is left
     /// is below the VIP's health threshold (then health is ignored: see
-    /// [`VipConfig::health_threshold`](crate::config::VipConfig::health_threshold)).
+    /// [`VipConfig::health_threshold`](crate::sources::config::VipConfig::health_threshold)).
     pub fn desired(&self) -> Desired {
         let mut d = self.config.desired();
         for (v, vc) in d.vips.iter_mut().zip(&self.config.vips) {
@@ -367,9 +367,9 @@ pub fn below_threshold(left: u64, total: u64, threshold: u8) -> bool {
 mod tests {
     use super::*;
     use crate::{
-        config::Config,
-        dataplane::memory::MemoryDataplane,
-        plan::{Limits, Write},
+        kernel::dataplane::memory::MemoryDataplane,
+        model::plan::{Limits, Write},
+        sources::config::Config,
     };
 
     const CONFIG: &str = r#"
@@ -469,7 +469,7 @@ vips:
         let c = config_with(CHECK, more);
         assert_eq!(
             c.vips[0].spec.backends[2].backup.as_deref(),
-            Some(crate::config::BACKUP_IN_CONFIG)
+            Some(crate::sources::config::BACKUP_IN_CONFIG)
         );
         let dp = MemoryDataplane::new(c.node.sizes.limits());
         let (mut a, _) = Agent::start(dp, c, &Remembered::default()).unwrap();

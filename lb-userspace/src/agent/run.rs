@@ -2,11 +2,11 @@
 //!
 //! Starts from the config (a config with problems at startup is an error: there is no last good
 //! state to keep), adopts or creates the pinned maps, attaches the program to the configured
-//! interfaces (re-using pinned links, see [`crate::links`]), reconciles, then reacts to health
+//! interfaces (re-using pinned links, see [`crate::kernel::links`]), reconciles, then reacts to health
 //! transitions, SIGHUP and changes of the config file. A start or reload that fails changes
 //! nothing: a start that fails removes what it pinned and detaches what it attached; a new
 //! config with problems is logged and refused, and the previous one keeps serving. One agent at a
-//! time holds the pin dir ([`crate::pindir`]). On SIGTERM or Ctrl-C the agent exits and leaves the
+//! time holds the pin dir ([`crate::kernel::pindir`]). On SIGTERM or Ctrl-C the agent exits and leaves the
 //! program attached and the maps pinned: traffic keeps flowing, and the next agent adopts them.
 //! `lb down` removes them.
 
@@ -26,19 +26,21 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    agent::{Agent, Remembered, Target},
-    announce,
-    config::{Config, VipConfig},
-    dataplane::kernel::KernelDataplane,
-    health,
-    k8s::{Kube, KubeOptions, rollout::OwnDaemonSet, translate::Settings},
-    life::{AgentStatus, Life, StartStatus},
-    links,
-    metrics::{self, AgentMetrics},
-    migrate, nexthop, overrides,
-    pindir::{self, PinLock},
-    plan::Plan,
-    status::{BackendStatus, Status, VipStatus, read_status, status_path},
+    agent::health,
+    agent::reconcile::{Agent, Remembered, Target},
+    kernel::announce,
+    kernel::dataplane::kernel::KernelDataplane,
+    kernel::links,
+    kernel::migrate,
+    kernel::nexthop,
+    kernel::pindir::{self, PinLock},
+    model::plan::Plan,
+    observe::metrics::{self, AgentMetrics},
+    sources::config::{Config, VipConfig},
+    sources::k8s::{Kube, KubeOptions, rollout::OwnDaemonSet, translate::Settings},
+    sources::overrides,
+    status::file::{BackendStatus, Status, VipStatus, read_status, status_path},
+    status::life::{AgentStatus, Life, StartStatus},
 };
 
 pub struct RunOptions {
@@ -68,7 +70,7 @@ fn compose(file: &Config, kube: Option<&[VipConfig]>) -> Config {
 /// Loads the config file; under Kubernetes it must not list VIPs (they come from the cluster).
 fn load_file(opts: &RunOptions) -> Result<Config> {
     let mut c = Config::load(&opts.config)?;
-    if let Some(up) = crate::uplink::fill(&mut c.node)? {
+    if let Some(up) = crate::sources::uplink::fill(&mut c.node)? {
         info!(
             interface = %up.name,
             "node.interfaces not set: attaching to {}, the interface of the {} default route",
@@ -106,7 +108,7 @@ enum Reload {
 fn backend_passive(
     agent: &Agent<KernelDataplane>,
     ids: &[u32],
-) -> Result<lb_common::PassiveHealth, crate::dataplane::DataplaneError> {
+) -> Result<lb_common::PassiveHealth, crate::kernel::dataplane::DataplaneError> {
     let mut sum = lb_common::PassiveHealth::default();
     for id in ids {
         let p = agent.dp.passive(*id)?;
@@ -204,7 +206,7 @@ impl Passive {
                 }
             };
             if p.consecutive_failures >= pt.check.failures as u64 {
-                let vip = crate::model::vip_label(&t.0);
+                let vip = crate::model::desired::vip_label(&t.0);
                 let started = std::time::Instant::now();
                 match agent.set_passive_out(t, true) {
                     Ok(plan) => {
@@ -240,7 +242,7 @@ impl Passive {
         let Some(pt) = agent.passive_targets().into_iter().find(|p| p.target == t) else {
             return;
         };
-        let vip = crate::model::vip_label(&t.0);
+        let vip = crate::model::desired::vip_label(&t.0);
         match result {
             Ok(()) => {
                 for id in &pt.ids {
@@ -310,7 +312,7 @@ fn write_status(
                             .as_ref()
                             .map(|_| agent.is_healthy(&(v.spec.key(), b.address)));
                         if let Some(h) = healthy {
-                            let at = crate::view::endpoint(b.address, b.port, v.spec.port);
+                            let at = crate::model::view::endpoint(b.address, b.port, v.spec.port);
                             health_rows.push((v.spec.label(), at.to_string(), h));
                         }
                         BackendStatus {
@@ -380,15 +382,18 @@ fn compose_now(file: &Config, kube: Option<&mut Kube>) -> Config {
     compose(file, vips.as_deref())
 }
 
-/// Logs what an applied reload changed (see [`crate::changes`]), at most
-/// [`crate::changes::MAX_LINES`] lines.
+/// Logs what an applied reload changed (see [`crate::agent::changes`]), at most
+/// [`crate::agent::changes::MAX_LINES`] lines.
 fn log_changes(before: &Config, after: &Config) {
-    let lines = crate::changes::between(before, after);
-    for l in lines.iter().take(crate::changes::MAX_LINES) {
+    let lines = crate::agent::changes::between(before, after);
+    for l in lines.iter().take(crate::agent::changes::MAX_LINES) {
         info!("changed: {l}");
     }
-    if lines.len() > crate::changes::MAX_LINES {
-        info!("changed: {} more", lines.len() - crate::changes::MAX_LINES);
+    if lines.len() > crate::agent::changes::MAX_LINES {
+        info!(
+            "changed: {} more",
+            lines.len() - crate::agent::changes::MAX_LINES
+        );
     }
 }
 
@@ -436,7 +441,7 @@ fn remembered(status: Option<Status>, config: &Config) -> Remembered {
 
 /// Switches the agent to `c`, or refuses it and changes nothing. Other sizes are a migration
 /// ([`resize`]). Otherwise, if the interfaces, `xdp_mode` or the mode it gives an interface
-/// changed (see [`crate::xdpmode`]), the attachments change first (all or nothing, every name
+/// changed (see [`crate::kernel::xdpmode`]), the attachments change first (all or nothing, every name
 /// resolved first), then the maps (and the attachments go back if the maps refuse). An unchanged
 /// list whose names no longer resolve is not looked at: an interface gone from the host does
 /// not block VIP changes.
@@ -453,9 +458,14 @@ fn apply(
     let relink = c.node.interfaces != old.interfaces
         || c.node.xdp_mode != old.xdp_mode
         || (links::resolve(&c.node.interfaces).is_ok()
-            && links::modes_changed(&agent.dp, &c.node)?);
+            && links::modes_changed(&agent.dp, &c.node.interfaces, c.node.xdp_mode)?);
     let changes = match relink {
-        true => Some(links::sync(&mut agent.dp, pin_dir, &c.node)?),
+        true => Some(links::sync(
+            &mut agent.dp,
+            pin_dir,
+            &c.node.interfaces,
+            c.node.xdp_mode,
+        )?),
         false => None,
     };
     agent.replace_config(c).map_err(|e| {
@@ -510,12 +520,17 @@ fn resize(
         back(agent, old_dp);
         return Err(e).context("copying what the old program wrote meanwhile");
     }
-    if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node) {
+    if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node.interfaces, node.xdp_mode) {
         if let Some(p) = &pending {
             p.release_hold(&mut agent.dp.ebpf);
         }
         back(agent, old_dp);
-        if let Err(e) = links::sync(&mut agent.dp, pin_dir, &old_config.node) {
+        if let Err(e) = links::sync(
+            &mut agent.dp,
+            pin_dir,
+            &old_config.node.interfaces,
+            old_config.node.xdp_mode,
+        ) {
             error!("swapping the old program back: {e:#}");
         }
         return Err(e).context("swapping the migrated program in");
@@ -538,7 +553,7 @@ fn on_health(
     m: &AgentMetrics,
 ) {
     let (key, addr) = t.target;
-    let vip = crate::model::vip_label(&key);
+    let vip = crate::model::desired::vip_label(&key);
     if !checks.is_current(&t) {
         info!(%vip, backend = %addr, "ignoring a health change from a check replaced by a reload");
         return;
@@ -608,7 +623,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // dir's filesystem and, under Kubernetes, the first full list of every resource (the maps a previous agent left keep serving meanwhile, and an agent
     // stopped while it waits leaves nothing behind).
     let interfaces = links::resolve(&file.node.interfaces)?;
-    crate::xdpmode::choose(file.node.xdp_mode, &interfaces)?;
+    crate::kernel::xdpmode::choose(file.node.xdp_mode, &interfaces)?;
     pindir::check_bpffs(&opts.pin_dir)?;
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
@@ -736,7 +751,12 @@ async fn start(
         // (or on empty ones) serves as before, and failing to attach (a driver without native
         // XDP, say) then leaves the maps untouched.
         None => {
-            let changes = links::sync(&mut agent.dp, &opts.pin_dir, &node)?;
+            let changes = links::sync(
+                &mut agent.dp,
+                &opts.pin_dir,
+                &node.interfaces,
+                node.xdp_mode,
+            )?;
             match agent.reconcile() {
                 Ok(p) => (p, loaded.report),
                 Err(e) => {
@@ -752,7 +772,12 @@ async fn start(
                 .reconcile()
                 .context("applying the config to the migrated maps")?;
             pending.catch_up(&mut agent.dp.ebpf)?;
-            let changes = match links::sync(&mut agent.dp, &opts.pin_dir, &node) {
+            let changes = match links::sync(
+                &mut agent.dp,
+                &opts.pin_dir,
+                &node.interfaces,
+                node.xdp_mode,
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     pending.release_hold(&mut agent.dp.ebpf);
@@ -830,7 +855,7 @@ fn expect_links(m: &AgentMetrics, pin_dir: &Path, agent: &Agent<KernelDataplane>
     };
 }
 
-/// Announces or withdraws VIPs for what the maps now hold (see [`crate::announce`]).
+/// Announces or withdraws VIPs for what the maps now hold (see [`crate::kernel::announce`]).
 async fn announce_update(
     k: &mut announce::Keeper,
     agent: &Agent<KernelDataplane>,
@@ -929,7 +954,7 @@ async fn serve(
             _ = nexthop_tick.tick() => { refresh = true; Reload::No }
             Some(t) = hrx.recv() => {
                 if checks.is_current(&t) {
-                    life.health_changed(crate::model::vip_label(&t.target.0), t.target.1, &t.reason);
+                    life.health_changed(crate::model::desired::vip_label(&t.target.0), t.target.1, &t.reason);
                 }
                 on_health(&mut agent, &checks, t, m);
                 Reload::No
@@ -1059,7 +1084,7 @@ async fn serve(
     // older agent cannot start on pins half converted.
     if let Some(to) = own.rollback_from(&running_release()) {
         info!("rolling back to {to}: the pins are left as {to} reads them");
-        let done = crate::migrate::prepare_rollback(&opts.pin_dir, &to)
+        let done = crate::kernel::migrate::prepare_rollback(&opts.pin_dir, &to)
             .with_context(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
         info!("{done}");
         life.rolled_back_for = Some(to.to_string());

@@ -11,9 +11,13 @@
 use std::{fmt, path::Path};
 
 use crate::{
-    config::{Config, ConfigError},
-    links, mapmem, pindir, privilege, program,
-    xdpmode::{self, Choice, Problem},
+    kernel::links,
+    kernel::mapmem,
+    kernel::pindir,
+    kernel::privilege,
+    kernel::program,
+    kernel::xdpmode::{self, Choice, Problem},
+    sources::config::{Config, ConfigError},
 };
 
 /// What `lb check` found (`-o json` prints it as it is, with `valid`).
@@ -66,7 +70,7 @@ pub fn check(path: &Path, pin_dir: &Path) -> Report {
     r.warnings = config.warnings.clone();
     kernel_memory(&config, &mut r);
     let mut config = config;
-    match crate::uplink::fill(&mut config.node) {
+    match crate::sources::uplink::fill(&mut config.node) {
         Ok(None) => {}
         Ok(Some(up)) => r.host.push(format!(
             "node.interfaces: not set; `lb run` would attach to {}, the interface of the {} default route",

@@ -4,11 +4,11 @@ use std::{net::IpAddr, path::PathBuf};
 
 use serde_json::json;
 
-use super::{
+use crate::kernel::decap::{
     Attached, DEFAULT_DIR, DecapError, Detached, Entry, Mode, attach, detach, pin_path, status,
     tunnels::{Tunnels, recipe},
 };
-use crate::show::Format;
+use crate::observe::show::Format;
 
 #[derive(clap::Args)]
 pub struct DecapArgs {
@@ -120,7 +120,7 @@ fn attached_text(done: &Attached, ifname: &str, mode: Mode, pin: &std::path::Pat
 }
 
 fn status_text(dir: &std::path::Path, format: Format) -> Result<String, DecapError> {
-    super::check_privilege()?;
+    crate::kernel::decap::check_privilege()?;
     let entries = status(dir)?;
     Ok(match format {
         Format::Json => {
@@ -156,7 +156,7 @@ fn table(entries: &[Entry], wide: bool) -> String {
         r
     });
     let head = head.into_iter().map(str::to_string).collect();
-    crate::show::table(std::iter::once(head).chain(rows))
+    crate::observe::show::table(std::iter::once(head).chain(rows))
         .trim_end()
         .to_string()
 }

@@ -1,5 +1,12 @@
 //! The `lb` command line. It lives in the library so that the test suite can build the very same
-//! binary (and kill it with SIGKILL); `src/main.rs` only calls [`main`].
+//! binary (and kill it with SIGKILL); `src/main.rs` only calls [`main`]. The commands that are
+//! only a command live here: [`check`] (`lb check`), [`decap`] (`lb decap`), [`overrides`]
+//! (`lb drain`, `lb weight`...).
+//!
+//! May use: every layer (the top one).
+pub mod check;
+pub mod decap;
+pub mod overrides;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -7,20 +14,20 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    inspect::Pinned,
-    model::Protocol,
-    overrides::command::Change,
-    program::DEFAULT_PIN_DIR,
-    run::{self, RunOptions},
-    show::{self, Format, backends, explain, stats},
+    agent::run::{self, RunOptions},
+    cli::overrides::Change,
+    kernel::inspect::Pinned,
+    kernel::program::DEFAULT_PIN_DIR,
+    model::desired::Protocol,
+    observe::show::{self, Format, backends, explain, stats},
 };
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
 
 /// `lb --version`: the release, the schema of every map it pins, and the releases whose pins
-/// it takes over (see [`crate::migrate`]).
+/// it takes over (see [`crate::kernel::migrate`]).
 static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    use crate::migrate::schema;
+    use crate::kernel::migrate::schema;
     let releases: Vec<&str> = schema::RELEASES.iter().map(|r| r.version).collect();
     format!(
         "{}\nmap schemas: {}\nupgrades from and rolls back to (pins kept): {}",
@@ -69,10 +76,10 @@ struct RunArgs {
     #[arg(long)]
     kubernetes: bool,
     /// The class of Services this agent serves (with --kubernetes).
-    #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
+    #[arg(long, default_value = crate::sources::k8s::translate::DEFAULT_CLASS, requires = "kubernetes")]
     class: String,
     /// Serve the Gateway API's GatewayClasses with this controllerName (with --kubernetes).
-    #[arg(long, default_value = crate::k8s::gateway::DEFAULT_CONTROLLER, requires = "kubernetes")]
+    #[arg(long, default_value = crate::sources::k8s::gateway::DEFAULT_CONTROLLER, requires = "kubernetes")]
     gateway_controller: String,
     /// This node's name, for externalTrafficPolicy: Local (with --kubernetes; the
     /// DaemonSet sets it from the downward API).
@@ -84,7 +91,7 @@ struct RunArgs {
     source: Vec<std::net::IpAddr>,
     /// The status writer's Lease (with --kubernetes).
     #[command(flatten)]
-    lease: crate::k8s::LeaseFlags,
+    lease: crate::sources::k8s::LeaseFlags,
     /// On SIGTERM, if this DaemonSet (in the agent's namespace) is gone or being deleted
     /// (uninstalled), detach and remove the pins as `lb down` does; while it exists (a rolling
     /// update) they stay for the next agent (with --kubernetes).
@@ -125,7 +132,7 @@ enum Command {
         /// Print rates per second every INTERVAL instead (global, per VIP, per backend of each
         /// VIP), each block stamped with the time; with `-o json`, one JSON object per line.
         /// Seconds (0.5) or a duration (500ms, 2s), as `lb top --interval`; at least 100ms.
-        #[arg(long, value_name = "INTERVAL", value_parser = crate::top::parse_interval)]
+        #[arg(long, value_name = "INTERVAL", value_parser = crate::observe::top::parse_interval)]
         watch: Option<Duration>,
     },
     /// Each VIP's backends: configured weight, health, share of table slots, traffic.
@@ -188,7 +195,7 @@ enum Command {
     /// while it drains. q, Esc or Ctrl-C quits; the arrows scroll.
     Top {
         /// Time between readings: seconds (0.5) or a duration (500ms, 2s).
-        #[arg(long, default_value = "1s", value_parser = crate::top::parse_interval)]
+        #[arg(long, default_value = "1s", value_parser = crate::observe::top::parse_interval)]
         interval: Duration,
         /// Print one screen as plain text after one interval, and exit (for scripts).
         #[arg(long)]
@@ -244,7 +251,7 @@ enum Command {
     /// the mixed kinds), for kernels without tunnel devices. It stays attached after lb exits
     /// (its link is pinned in --decap-dir). It needs root, or CAP_BPF and CAP_NET_ADMIN, and no
     /// agent. Without a command: `lb decap status`.
-    Decap(crate::decap::command::DecapArgs),
+    Decap(crate::cli::decap::DecapArgs),
     /// Print the CustomResourceDefinition of lb's UpstreamPolicy (YAML, for `kubectl apply -f -`).
     Crd,
     /// Print a completion script for a shell: `lb completions bash > /etc/bash_completion.d/lb`
@@ -262,23 +269,19 @@ enum Command {
 #[derive(Args)]
 struct OverrideTarget {
     /// The VIP: its name, or ADDRESS:PORT, or the label lb prints (192.0.2.10:80/tcp).
-    vip: crate::overrides::command::VipRef,
+    vip: crate::cli::overrides::VipRef,
     /// The backend: ADDRESS (or ADDRESS:PORT).
     backend: show::flows::Endpoint,
     /// How long to wait for the agent to apply the change before taking it back: seconds (0.5)
     /// or a duration (500ms, 2s), as `lb top --interval`.
-    #[arg(long, default_value = "10s", value_parser = crate::top::parse_interval)]
+    #[arg(long, default_value = "10s", value_parser = crate::observe::top::parse_interval)]
     wait: Duration,
 }
 
 impl OverrideTarget {
-    fn run(
-        self,
-        state_dir: &std::path::Path,
-        change: crate::overrides::command::Change,
-    ) -> Result<()> {
+    fn run(self, state_dir: &std::path::Path, change: crate::cli::overrides::Change) -> Result<()> {
         let said =
-            crate::overrides::command::run(state_dir, &self.vip, self.backend, change, self.wait)?;
+            crate::cli::overrides::run(state_dir, &self.vip, self.backend, change, self.wait)?;
         println!("{said}");
         Ok(())
     }
@@ -321,7 +324,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");
-            if let Some(why) = crate::privilege::explain(e.as_ref()) {
+            if let Some(why) = crate::kernel::privilege::explain(e.as_ref()) {
                 eprintln!("lb: {why}");
             }
             ExitCode::FAILURE
@@ -381,11 +384,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Undrain { target } => target.run(&cli.state_dir, Change::Undo),
         Command::Weight { target, weight } => target.run(&cli.state_dir, Change::Weight(weight)),
         Command::Decap(args) => {
-            println!("{}", crate::decap::command::run(args)?.trim_end());
+            println!("{}", crate::cli::decap::run(args)?.trim_end());
             Ok(())
         }
         Command::Crd => {
-            print!("{}", crate::k8s::policy::crd_yaml());
+            print!("{}", crate::sources::k8s::policy::crd_yaml());
             Ok(())
         }
         Command::Completions { shell } => {
@@ -418,7 +421,7 @@ fn inspect(
         }
         Command::Backends { out } => backends(&Pinned::open(pins)?, state_dir, out.format()),
         Command::Nexthops { out } => {
-            crate::nexthop::show::nexthops(&Pinned::open(pins)?, pins, state_dir, out.format())
+            crate::observe::nexthop::nexthops(&Pinned::open(pins)?, pins, state_dir, out.format())
         }
         Command::Flows {
             vip,
@@ -466,13 +469,15 @@ fn inspect(
 fn run_agent(a: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> {
     let kubernetes = match (a.kubernetes, a.node_name) {
         (false, _) => None,
-        (true, Some(node_name)) if !node_name.is_empty() => Some(crate::k8s::KubeOptions {
-            class: a.class,
-            node_name,
-            gateway_controller: a.gateway_controller,
-            lease: a.lease,
-            down_when_deleted: a.down_when_deleted,
-        }),
+        (true, Some(node_name)) if !node_name.is_empty() => {
+            Some(crate::sources::k8s::KubeOptions {
+                class: a.class,
+                node_name,
+                gateway_controller: a.gateway_controller,
+                lease: a.lease,
+                down_when_deleted: a.down_when_deleted,
+            })
+        }
         (true, _) => bail!(
             "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
         ),
@@ -492,13 +497,16 @@ fn migrate(pins: &std::path::Path, to_release: &semver::Version) -> Result<()> {
         println!("nothing pinned in {}", pins.display());
         return Ok(());
     }
-    let Some(_lock) = crate::pindir::PinLock::try_lock(pins)? else {
+    let Some(_lock) = crate::kernel::pindir::PinLock::try_lock(pins)? else {
         bail!(
             "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
             pins.display()
         );
     };
-    println!("{}", crate::migrate::prepare_rollback(pins, to_release)?);
+    println!(
+        "{}",
+        crate::kernel::migrate::prepare_rollback(pins, to_release)?
+    );
     Ok(())
 }
 
@@ -526,26 +534,26 @@ fn top(
     output: TextOrJson,
 ) -> Result<()> {
     if !once {
-        return Ok(crate::top::live(p, state_dir, interval)?);
+        return Ok(crate::observe::top::live(p, state_dir, interval)?);
     }
-    let frame = crate::top::once(p, state_dir, interval)?;
+    let frame = crate::observe::top::once(p, state_dir, interval)?;
     match output {
         TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&frame)?),
-        TextOrJson::Text => print!("{}", crate::top::ui::to_text(&frame)),
+        TextOrJson::Text => print!("{}", crate::observe::top::ui::to_text(&frame)),
     }
     Ok(())
 }
 
 /// `lb check`: the report, then valid or not (an error: exit status 1).
 fn check(config: &std::path::Path, pins: &std::path::Path, output: TextOrJson) -> Result<()> {
-    let report = crate::check::check(config, pins);
+    let report = crate::cli::check::check(config, pins);
     if output == TextOrJson::Json {
         #[derive(serde::Serialize)]
         struct Json<'a> {
             config: String,
             valid: bool,
             #[serde(flatten)]
-            report: &'a crate::check::Report,
+            report: &'a crate::cli::check::Report,
         }
         let v = Json {
             config: config.display().to_string(),

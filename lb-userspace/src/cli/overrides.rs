@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Kind, Override};
+use crate::sources::overrides::{Kind, Override};
 use crate::{
-    show::flows::{Endpoint, VipArg},
-    status::{BackendStatus, Status, VipStatus, read_status},
+    observe::show::flows::{Endpoint, VipArg},
+    status::file::{BackendStatus, Status, VipStatus, read_status},
 };
 
 /// What a command asks for.
@@ -89,7 +89,7 @@ pub enum CommandError {
     #[error("the agent did not apply the change within {0:?} (its log says why); nothing changed")]
     Timeout(Duration),
     #[error(transparent)]
-    Overrides(#[from] super::OverridesError),
+    Overrides(#[from] crate::sources::overrides::OverridesError),
 }
 
 type Result<T, E = CommandError> = std::result::Result<T, E>;
@@ -116,7 +116,7 @@ pub fn run(
         Change::Weight(w) => Some(Override::new(v.vip.clone(), addr, Some(w))),
         Change::Undo => None,
     };
-    let before = super::update(state_dir, |o| match &wanted {
+    let before = crate::sources::overrides::update(state_dir, |o| match &wanted {
         Some(w) => o.set(w.clone()),
         None => o.remove(&v.vip, addr),
     })?;
@@ -159,7 +159,7 @@ fn running(state_dir: &Path) -> Result<Status> {
     match &status.agent {
         Some(a) if a.is_running() => Ok(status),
         Some(a) => Err(CommandError::NotRunning {
-            path: crate::status::status_path(state_dir),
+            path: crate::status::file::status_path(state_dir),
             pid: a.pid,
         }),
         None => Err(CommandError::NoAgent(state_dir.to_path_buf())),
@@ -256,7 +256,7 @@ fn in_force(b: &BackendStatus, wanted: Option<&Override>) -> bool {
 
 /// Puts back the override the command replaced (or removes the one it added).
 fn take_back(state_dir: &Path, vip: &str, addr: IpAddr, before: Option<Override>) -> Result<()> {
-    super::update(state_dir, |o| {
+    crate::sources::overrides::update(state_dir, |o| {
         o.remove(vip, addr);
         o.overrides.extend(before);
     })?;

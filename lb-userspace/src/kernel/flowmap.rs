@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use aya::maps::MapData;
 use lb_common::flowtab::{self, FLOW_WAYS, FlowBucket};
 
-use crate::mapping::Mapping;
+use crate::kernel::mapping::Mapping;
 
 /// How often a way that is being rewritten is read again before it is skipped.
 const RETRIES: usize = 4;

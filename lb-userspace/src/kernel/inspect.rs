@@ -14,9 +14,9 @@ use lb_common::{
 };
 
 use crate::{
-    flowmap::FlowMap,
-    program::{LoadError, Sizes, open_pinned, pinned_meta},
-    ring::Ring,
+    kernel::flowmap::FlowMap,
+    kernel::program::{LoadError, Sizes, open_pinned, pinned_meta},
+    kernel::ring::Ring,
 };
 
 #[derive(Debug, thiserror::Error)]

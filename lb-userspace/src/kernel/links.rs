@@ -24,10 +24,9 @@ use aya::programs::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::NodeSettings,
-    dataplane::kernel::KernelDataplane,
-    program::PROGRAM,
-    xdpmode::{self, Choice, Mode},
+    kernel::dataplane::kernel::KernelDataplane,
+    kernel::program::PROGRAM,
+    kernel::xdpmode::{self, Choice, Mode, XdpMode},
 };
 
 /// The pin of `ifname`'s link: `link-eth0`. bpffs refuses dots in names, so a VLAN's
@@ -382,14 +381,19 @@ fn accept_local(ifname: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local")
 }
 
-/// Makes the attached interfaces what `node` lists, each in the mode [`xdpmode::choose`]
-/// gives it for `xdp_mode` (refused, changing nothing, where an explicit `native` cannot
+/// Makes the attached interfaces those of `interfaces` (`node.interfaces`), each in the mode
+/// [`xdpmode::choose`] gives it for `xdp_mode` (`node.xdp_mode`; refused, changing nothing, where an explicit `native` cannot
 /// deliver): attach new ones, detach dropped ones, keep the devmap (redirect targets) in step.
 /// All or nothing: on error the attachments are as they were. The [`Changes`] undo it, should
 /// what follows fail.
-pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Result<Changes> {
-    let wanted = resolve(&node.interfaces)?;
-    let choices = xdpmode::choose(node.xdp_mode, &wanted)?;
+pub fn sync(
+    dp: &mut KernelDataplane,
+    pin_dir: &Path,
+    interfaces: &[String],
+    xdp_mode: XdpMode,
+) -> Result<Changes> {
+    let wanted = resolve(interfaces)?;
+    let choices = xdpmode::choose(xdp_mode, &wanted)?;
     let mut done = Changes {
         undo: vec![],
         before: dp.xdp.clone(),
@@ -412,12 +416,16 @@ pub fn sync(dp: &mut KernelDataplane, pin_dir: &Path, node: &NodeSettings) -> Re
     }
 }
 
-/// Whether [`sync`] would now attach `node`'s interfaces otherwise than they are (another
+/// Whether [`sync`] would now attach `interfaces` otherwise than they are (another
 /// mode, or another redirect target, than the last sync chose: a peer gained or lost its XDP
 /// program since, say). An error where an explicit `native` cannot deliver any more.
-pub fn modes_changed(dp: &KernelDataplane, node: &NodeSettings) -> Result<bool> {
-    let wanted = resolve(&node.interfaces)?;
-    let choices = xdpmode::choose(node.xdp_mode, &wanted)?;
+pub fn modes_changed(
+    dp: &KernelDataplane,
+    interfaces: &[String],
+    xdp_mode: XdpMode,
+) -> Result<bool> {
+    let wanted = resolve(interfaces)?;
+    let choices = xdpmode::choose(xdp_mode, &wanted)?;
     let key = |c: &[Choice]| -> Vec<(String, Mode, bool)> {
         c.iter()
             .map(|c| (c.interface.clone(), c.mode, c.redirect_target))

@@ -6,7 +6,7 @@
 //! Every map of the embedded object is counted as the kernel counts it in the `memlock` line of
 //! `/proc/<pid>/fdinfo/<map fd>` (each map type's `map_mem_usage`, kernel/bpf/arraymap.c,
 //! hashtab.c, devmap.c, ringbuf.c, lpm_trie.c), at the size the agent gives it
-//! ([`crate::migrate::schema`]):
+//! ([`crate::kernel::migrate::schema`]):
 //! - an array: entries x the value rounded up to 8 bytes (whole pages when mmapable);
 //! - a per-CPU array: entries x (the value rounded up to 8 x possible CPUs + a pointer);
 //! - a hash map (lb's are preallocated): entries x (a 48-byte element header + key + value, each
@@ -20,7 +20,7 @@
 
 use std::sync::OnceLock;
 
-use crate::program::{self, Sizes};
+use crate::kernel::program::{self, Sizes};
 
 /// A kernel page (x86-64; arm64 with 4 KiB pages).
 const PAGE: u64 = 4096;
@@ -138,7 +138,7 @@ pub fn maps_for(sizes: &Sizes) -> Result<Vec<(String, MapDef)>, ObjectError> {
         .iter()
         .map(|(name, def)| {
             let mut def = *def;
-            if let Some(s) = crate::migrate::schema::of(name) {
+            if let Some(s) = crate::kernel::migrate::schema::of(name) {
                 def.max_entries = (s.entries)(sizes);
             }
             (name.clone(), def)
@@ -200,7 +200,7 @@ pub fn need_with(sizes: &Sizes, cpus: u32) -> Result<Need, ObjectError> {
 /// The config keys whose sizes decide the entries of map `name` (found by changing each size
 /// and seeing whether the map's entries change), or `fixed`.
 fn keys_of(name: &str, sizes: &Sizes) -> String {
-    let Some(schema) = crate::migrate::schema::of(name) else {
+    let Some(schema) = crate::kernel::migrate::schema::of(name) else {
         return "fixed".into();
     };
     let entries = (schema.entries)(sizes);
@@ -310,7 +310,7 @@ mod tests {
             ..Sizes::default()
         };
         let maps = maps_for(&sizes).unwrap();
-        for s in crate::migrate::schema::current() {
+        for s in crate::kernel::migrate::schema::current() {
             assert!(
                 maps.iter().any(|(n, _)| n == s.map),
                 "{} not counted",

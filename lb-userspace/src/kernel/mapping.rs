@@ -1,6 +1,6 @@
 //! A `BPF_F_MMAPABLE` map's memory mapped into this process, shared with the kernel: the one
-//! place that maps, rounds to pages and unmaps. [`crate::ring::Ring`] (the Maglev ring) and
-//! [`crate::flowmap::FlowMap`] (the IPv4 flow table) are typed views over it.
+//! place that maps, rounds to pages and unmaps. [`crate::kernel::ring::Ring`] (the Maglev ring) and
+//! [`crate::kernel::flowmap::FlowMap`] (the IPv4 flow table) are typed views over it.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},

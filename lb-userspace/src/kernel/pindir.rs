@@ -122,7 +122,7 @@ impl PinLock {
 
 /// What a start found in the pin dir, so that a start that fails can take away what it added
 /// (maps it pinned, and the directory if it made it); links it attached are undone by
-/// [`crate::links::Changes::revert`] before.
+/// [`crate::kernel::links::Changes::revert`] before.
 pub struct Before {
     dir: PathBuf,
     created: bool,

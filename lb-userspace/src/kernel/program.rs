@@ -85,7 +85,7 @@ impl Default for Sizes {
 impl Sizes {
     pub fn meta(&self) -> LayoutMeta {
         LayoutMeta {
-            version: crate::migrate::schema::record_version(),
+            version: crate::kernel::migrate::schema::record_version(),
             maglev_m: self.maglev_m,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
@@ -113,8 +113,8 @@ impl Sizes {
         (self.flow_entries / 4).max(1024)
     }
 
-    pub fn limits(&self) -> crate::plan::Limits {
-        crate::plan::Limits {
+    pub fn limits(&self) -> crate::model::plan::Limits {
+        crate::model::plan::Limits {
             maglev_m: self.maglev_m,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
@@ -237,7 +237,7 @@ pub enum LoadError {
 pub fn open_pinned(dir: &Path, name: &str) -> Result<Map, LoadError> {
     // Pinned under its schema's name (`LB_VIPS@v2`); an older release's agent pins the first
     // schema under the plain name (read as this release's where only a meaning was added).
-    let path = crate::migrate::schema::of(name)
+    let path = crate::kernel::migrate::schema::of(name)
         .map(|s| dir.join(s.pin_name()))
         .filter(|p| p.exists())
         .unwrap_or_else(|| dir.join(name));
@@ -272,7 +272,7 @@ pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets
     loader
         .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
         .override_global(maps::GLOBAL_FLOW_BUCKETS, flow_buckets, true);
-    for s in crate::migrate::schema::current() {
+    for s in crate::kernel::migrate::schema::current() {
         loader.map_max_entries(s.map, (s.entries)(sizes));
     }
 }
@@ -280,7 +280,7 @@ pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets
 /// Loads the object with `sizes` and verifies the XDP program (it is not attached).
 /// With `pin_dir`, maps are pinned there by name, or re-used if already pinned with their
 /// schema and size (a load that would have to migrate them is refused: the agent migrates, see
-/// [`crate::migrate`]).
+/// [`crate::kernel::migrate`]).
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     sizes.check()?;
     let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
@@ -288,11 +288,12 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     configure(&mut loader, sizes, &flow_buckets);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => {
-            let plan =
-                crate::migrate::pins::plan(dir, sizes).map_err(|e| LoadError::Incompatible {
+            let plan = crate::kernel::migrate::pins::plan(dir, sizes).map_err(|e| {
+                LoadError::Incompatible {
                     dir: dir.display().to_string(),
                     found: crate::error_chain(&e),
-                })?;
+                }
+            })?;
             if plan.migrates() {
                 return Err(LoadError::Incompatible {
                     dir: dir.display().to_string(),

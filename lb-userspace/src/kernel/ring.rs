@@ -8,7 +8,7 @@
 
 use aya::maps::MapData;
 
-use crate::mapping::Mapping;
+use crate::kernel::mapping::Mapping;
 
 /// Bytes between consecutive elements of a BPF array, whatever the value size (up to 8).
 const STRIDE: usize = 8;
@@ -55,7 +55,7 @@ impl Ring {
     }
 
     /// Writes `table` into the first `table.len()` slots.
-    pub fn fill(&mut self, table: &crate::table::Table) {
+    pub fn fill(&mut self, table: &crate::model::table::Table) {
         assert!(self.writable, "ring mapped read-only");
         assert!(
             table.len() <= self.len,

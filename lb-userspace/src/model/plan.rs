@@ -26,9 +26,9 @@ use lb_common::{
 };
 
 use crate::{
-    maglev::{self, Entry, MaglevError},
-    model::{Desired, HashOn, Mode, VipSpec, addr16},
-    table::Table,
+    model::desired::{Desired, HashOn, Mode, VipSpec, addr16},
+    model::maglev::{self, Entry, MaglevError},
+    model::table::Table,
 };
 
 /// What the maps hold (or, for the in-memory dataplane, what they would hold).
@@ -61,7 +61,7 @@ pub struct BudgetShare {
 
 impl BudgetShare {
     /// Each CPU's share of `b` over `cpus` CPUs.
-    pub fn of(b: &crate::model::Budget, cpus: u32) -> Self {
+    pub fn of(b: &crate::model::desired::Budget, cpus: u32) -> Self {
         let n = NewFlowBudget::per_cpu(b.rate, b.burst, cpus);
         Self {
             ns_per_token: n.ns_per_token,
@@ -241,7 +241,7 @@ pub fn identity(m: &Member) -> MemberIdentity {
 }
 
 /// The member of VIP id `vip_id` for a backend at `address` and `port` (0 in DSR); `reject`:
-/// a rejecting share (see [`crate::model::BackendSpec::reject`]).
+/// a rejecting share (see [`crate::model::desired::BackendSpec::reject`]).
 pub fn member_of(
     vip_id: u32,
     address: std::net::IpAddr,
@@ -315,7 +315,7 @@ pub(crate) fn free_ids(used: &BTreeSet<u32>) -> impl Iterator<Item = u32> + '_ {
 }
 
 /// Plans the writes that turn `current` into `desired`, and returns the state they lead to.
-/// Every VIP is planned (see [`crate::planner::Planner`] for plans that look at the VIPs that
+/// Every VIP is planned (see [`crate::model::planner::Planner`] for plans that look at the VIPs that
 /// changed only).
 pub fn plan(
     current: &State,
@@ -849,7 +849,7 @@ mod tests {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     use super::*;
-    use crate::model::{BackendSpec, Protocol, VipSpec};
+    use crate::model::desired::{BackendSpec, Protocol, VipSpec};
 
     const LIMITS: Limits = Limits {
         maglev_m: 1009,
@@ -879,7 +879,7 @@ mod tests {
 
     fn desired(vips: Vec<VipSpec>) -> Desired {
         Desired {
-            node: crate::model::NodeSpec {
+            node: crate::model::desired::NodeSpec {
                 source_v4: Some("10.0.0.1".parse().unwrap()),
                 ..Default::default()
             },
@@ -1337,7 +1337,7 @@ mod tests {
         v.source_ranges = Some(
             ranges
                 .iter()
-                .map(|r| crate::model::Cidr::parse(r, true).unwrap())
+                .map(|r| crate::model::desired::Cidr::parse(r, true).unwrap())
                 .collect(),
         );
         v
@@ -1455,7 +1455,7 @@ mod tests {
     }
 
     fn with_budget(mut v: VipSpec, rate: u64, burst: u64) -> VipSpec {
-        v.new_flow_budget = Some(crate::model::Budget { rate, burst });
+        v.new_flow_budget = Some(crate::model::desired::Budget { rate, burst });
         v
     }
 

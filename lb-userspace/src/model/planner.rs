@@ -9,7 +9,7 @@
 //! state those VIPs touch, with [`plan::diff`]'s order, and patches that part in.
 //!
 //! What is kept: the state the maps hold ([`State`], its tables compact: see
-//! [`crate::table::Table`]), each VIP's spec as last planned with its backends' member ids
+//! [`crate::model::table::Table`]), each VIP's spec as last planned with its backends' member ids
 //! (about the size of the config), and a bit per member id in use (the lowest free id without
 //! walking the members).
 
@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use lb_common::{Member, VipKey};
 
 use crate::{
-    model::{Desired, VipSpec},
-    plan::{
+    model::desired::{Desired, VipSpec},
+    model::plan::{
         self, BudgetShare, Limits, MemberIdentity, Plan, PlanError, SrcRange, State, TableJob,
         identity, member_of,
     },
@@ -477,7 +477,7 @@ mod tests {
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     use super::*;
-    use crate::model::{BackendSpec, Budget, Cidr, HashOn, Mode, NodeSpec, Protocol};
+    use crate::model::desired::{BackendSpec, Budget, Cidr, HashOn, Mode, NodeSpec, Protocol};
 
     const LIMITS: Limits = Limits {
         maglev_m: 1009,

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use lb_common::{Member, VipKey};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Protocol, ip_of, vip_label};
+use crate::model::desired::{Protocol, ip_of, vip_label};
 
 /// A VIP: `label` is `192.0.2.10:80/tcp` or `[2001:db8::10]:80/tcp`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -82,7 +82,7 @@ pub fn endpoint(address: IpAddr, own_port: u16, vip_port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::addr16;
+    use crate::model::desired::addr16;
 
     fn member(addr: IpAddr, port: u16) -> Member {
         let (addr, family) = addr16(addr);

@@ -3,15 +3,15 @@
 
 use std::path::Path;
 
-use crate::show::{Result, ShowError};
+use crate::observe::show::{Result, ShowError};
 use aya::maps::{Array, Map, MapData};
 use lb_common::{NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NH_UNRESOLVED, NextHop, maps};
 use serde_json::{Value, json};
 
 use crate::{
-    inspect::Pinned,
-    show::{Format, VipNames, member_rows},
-    view::{BackendRef, VipRef},
+    kernel::inspect::Pinned,
+    model::view::{BackendRef, VipRef},
+    observe::show::{Format, VipNames, member_rows},
 };
 
 /// The name `lb nexthops` gives an `NH_*` action.
@@ -68,7 +68,7 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) ->
         })?;
         rows.push(row(r.id, &r.vip, &r.backend, r.member.generation, &nh));
     }
-    let keeper = crate::status::read_status(state_dir).map(|s| s.nexthops);
+    let keeper = crate::status::file::read_status(state_dir).map(|s| s.nexthops);
     if format == Format::Json {
         let out = json!({ "keeper": keeper, "members": rows });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -116,6 +116,9 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) ->
         }
         line
     });
-    print!("{}", crate::show::table(std::iter::once(head).chain(lines)));
+    print!(
+        "{}",
+        crate::observe::show::table(std::iter::once(head).chain(lines))
+    );
     Ok(())
 }

@@ -28,10 +28,10 @@ use lb_common::{
 use serde_json::json;
 
 use crate::{
-    inspect::{Pinned, monotonic_coarse_ns},
-    model::{Protocol, addr16, ip_of, vip_label},
-    status::{BackendStatus, Status, VipStatus, read_status, status_path},
-    view::{BackendRef, VipRef},
+    kernel::inspect::{Pinned, monotonic_coarse_ns},
+    model::desired::{Protocol, addr16, ip_of, vip_label},
+    model::view::{BackendRef, VipRef},
+    status::file::{BackendStatus, Status, VipStatus, read_status, status_path},
 };
 
 /// Why an inspecting command (`lb stats`, `backends`, `explain`, `flows`, `status`, `nexthops`)
@@ -39,7 +39,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ShowError {
     #[error(transparent)]
-    Maps(#[from] crate::inspect::InspectError),
+    Maps(#[from] crate::kernel::inspect::InspectError),
     #[error("reading {what}")]
     Map {
         what: &'static str,
@@ -95,7 +95,7 @@ pub(crate) fn table(rows: impl IntoIterator<Item = Vec<String>>) -> String {
 }
 
 /// The names of VIPs (by label) as the agent's status file gives them: the maps do not hold
-/// names. And their backups (see [`crate::model::BackendSpec::backup`]), which `lb explain`
+/// names. And their backups (see [`crate::model::desired::BackendSpec::backup`]), which `lb explain`
 /// names.
 #[derive(Default)]
 pub struct VipNames {
@@ -525,14 +525,14 @@ pub(crate) fn backup_note(why: &str, standing_in: bool) -> String {
 
 /// A configured backend's health as the status file says.
 fn health_word(c: &BackendStatus) -> &'static str {
-    crate::top::sample::Health::of(c).label()
+    crate::observe::top::sample::Health::of(c).label()
 }
 
 /// `drained since 2026-12-07T16:07:21Z, configured 100`: an overridden backend's note.
-pub(crate) fn override_note(o: &crate::overrides::Override) -> String {
+pub(crate) fn override_note(o: &crate::sources::overrides::Override) -> String {
     let what = match o.kind {
-        crate::overrides::Kind::Drain => "drained".to_string(),
-        crate::overrides::Kind::Weight => format!("weight {}", o.weight),
+        crate::sources::overrides::Kind::Drain => "drained".to_string(),
+        crate::sources::overrides::Kind::Weight => format!("weight {}", o.weight),
     };
     let configured = o.configured.map_or("-".into(), |w| w.to_string());
     format!("{what} since {}, configured {configured}", o.since)
@@ -547,7 +547,7 @@ fn vip_backends(
     v: &VipValue,
     members: &BTreeMap<u32, Member>,
     st: Option<&VipStatus>,
-    conns: &crate::inspect::Conns,
+    conns: &crate::kernel::inspect::Conns,
 ) -> Result<serde_json::Value> {
     let m = p.table_size(v) as f64;
     let counts = p.slot_counts(v);
@@ -559,7 +559,7 @@ fn vip_backends(
     }
     for b in st.map(|s| s.backends.as_slice()).unwrap_or_default() {
         if let Ok(a) = b.address.parse::<IpAddr>() {
-            let at = crate::view::endpoint(a, b.port, vip.port);
+            let at = crate::model::view::endpoint(a, b.port, vip.port);
             by_addr.entry(a).or_insert((None, BackendRef::at(at)));
         }
     }

@@ -23,9 +23,11 @@ mod yaml;
 pub use validate::validate;
 
 use crate::{
-    maglev, mapmem,
-    model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
-    program::Sizes,
+    kernel::mapmem,
+    kernel::program::Sizes,
+    kernel::xdpmode::XdpMode,
+    model::desired::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
+    model::maglev,
 };
 
 /// One thing wrong with a config, and where.
@@ -63,29 +65,6 @@ pub enum ConfigError {
         /// What would also have been warned about (for `lb check`).
         warnings: Vec<String>,
     },
-}
-
-/// How the program is attached (`node.xdp_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpMode {
-    /// Unset (or `auto`): native on each interface where native XDP delivers, generic on the
-    /// others (see [`crate::xdpmode`]).
-    Auto,
-    /// In the driver: the fast path. Refused where it cannot deliver.
-    Native,
-    /// In the kernel's generic hook: works on any interface, slower.
-    Generic,
-}
-
-impl std::fmt::Display for XdpMode {
-    /// As the config spells it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Native => "native",
-            Self::Generic => "generic",
-        })
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -139,7 +118,7 @@ pub struct NodeSettings {
     pub metrics_listen: Option<SocketAddr>,
     pub spec: NodeSpec,
     /// `node.announce`: VIP routes for a routing daemon (None: lb announces nothing).
-    pub announce: Option<crate::announce::AnnounceSettings>,
+    pub announce: Option<crate::kernel::announce::AnnounceSettings>,
 }
 
 impl HealthCheck {
@@ -526,7 +505,7 @@ fn check_kernel_memory(c: &mut Checker, raw: Option<&str>, sizes: &Sizes) -> u64
         Ok(_) => {}
         // Built with AYA_BUILD_SKIP=1 (unit tests, lints): no object to count, and no program
         // to load either (`program::load` says so).
-        Err(_) if crate::program::OBJECT.is_empty() => {}
+        Err(_) if crate::kernel::program::OBJECT.is_empty() => {}
         Err(e) => c.bad("node", e.to_string()),
     }
     limit
@@ -539,12 +518,12 @@ fn check_source_ranges(
     p: &str,
     vip: Option<IpAddr>,
     raw: Option<&[String]>,
-) -> Option<Vec<crate::model::Cidr>> {
+) -> Option<Vec<crate::model::desired::Cidr>> {
     let raw = raw.filter(|r| !r.is_empty())?;
-    let mut seen: Vec<(crate::model::Cidr, usize)> = Vec::new();
+    let mut seen: Vec<(crate::model::desired::Cidr, usize)> = Vec::new();
     for (j, r) in raw.iter().enumerate() {
         let rp = format!("{p}.source_ranges[{j}]");
-        match crate::model::Cidr::parse(r.trim(), true) {
+        match crate::model::desired::Cidr::parse(r.trim(), true) {
             Err(e) => c.bad(rp, e),
             Ok(cidr) if vip.is_some_and(|v| v.is_ipv4() != cidr.addr.is_ipv4()) => c.bad(
                 rp,
@@ -569,7 +548,11 @@ pub const MAX_BUDGET_RATE: i64 = 1_000_000_000;
 
 /// `vips[i].new_flow_budget`: `rate` (new flows per second) is required, `burst` defaults to
 /// the rate (one second's worth); both more than 0. None if either is wrong (reported).
-fn check_budget(c: &mut Checker, p: &str, raw: &RawBudget) -> Option<crate::model::Budget> {
+fn check_budget(
+    c: &mut Checker,
+    p: &str,
+    raw: &RawBudget,
+) -> Option<crate::model::desired::Budget> {
     let mut positive = |key: &str, v: Option<i64>, what: &str| -> Option<u64> {
         let path = format!("{p}.{key}");
         match v {
@@ -593,7 +576,7 @@ fn check_budget(c: &mut Checker, p: &str, raw: &RawBudget) -> Option<crate::mode
         None => rate,
         b => positive("burst", b, "new flows at once"),
     };
-    Some(crate::model::Budget {
+    Some(crate::model::desired::Budget {
         rate: rate?,
         burst: burst?,
     })
@@ -602,9 +585,9 @@ fn check_budget(c: &mut Checker, p: &str, raw: &RawBudget) -> Option<crate::mode
 /// The kernel's own tables, which lb must not fill with announcement routes.
 const RESERVED_TABLES: [(i64, &str); 3] = [(253, "default"), (254, "main"), (255, "local")];
 
-fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::AnnounceSettings {
+fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::kernel::announce::AnnounceSettings {
     let path = "node.announce.table";
-    let default = crate::announce::DEFAULT_TABLE as i64;
+    let default = crate::kernel::announce::DEFAULT_TABLE as i64;
     let mut table = c.int(path, a.table, default, 1..=u32::MAX as i64);
     if let Some((_, name)) = RESERVED_TABLES.iter().find(|(t, _)| *t == table) {
         c.bad(
@@ -613,7 +596,7 @@ fn check_announce(c: &mut Checker, a: &RawAnnounce) -> crate::announce::Announce
         );
         table = default;
     }
-    crate::announce::AnnounceSettings {
+    crate::kernel::announce::AnnounceSettings {
         table: table as u32,
     }
 }
@@ -850,7 +833,7 @@ vips:
         assert_eq!(c.vips[1].spec.backends[0].weight, 100, "default weight");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         // And the repository's sample config too.
-        let sample = include_str!("../../lb.example.yaml");
+        let sample = include_str!("../../../lb.example.yaml");
         Config::parse(sample, "lb.example.yaml").unwrap_or_else(|e| panic!("{e}"));
     }
 
@@ -1486,7 +1469,7 @@ vips:
         let c = Config::parse(&with_budget("{ rate: 2000, burst: 50 }"), "t").unwrap();
         assert_eq!(
             c.vips[1].spec.new_flow_budget,
-            Some(crate::model::Budget {
+            Some(crate::model::desired::Budget {
                 rate: 2000,
                 burst: 50
             })
@@ -1495,7 +1478,7 @@ vips:
         let c = Config::parse(&with_budget("{ rate: 300 }"), "t").unwrap();
         assert_eq!(
             c.vips[1].spec.new_flow_budget,
-            Some(crate::model::Budget {
+            Some(crate::model::desired::Budget {
                 rate: 300,
                 burst: 300
             })

@@ -3,7 +3,7 @@
 //! ens5, bond0), so one DaemonSet config cannot; the kernel's routing table knows per node.
 //! Read from /proc/net/route and /proc/net/ipv6_route (the reading process's namespace).
 
-use crate::config::NodeSettings;
+use crate::sources::config::NodeSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {

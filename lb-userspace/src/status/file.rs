@@ -1,13 +1,13 @@
 //! The agent's status file (`status.json` in the state dir): what only the agent knows, for
 //! the commands that read the maps from another process (`lb status`, `lb backends`, `lb top`,
 //! `lb drain`...) and for the next agent (the health it remembers). The agent writes it
-//! ([`crate::run`]); everything else only reads it.
+//! ([`crate::agent::run`]); everything else only reads it.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::life::AgentStatus;
+use crate::status::life::AgentStatus;
 
 /// What `lb backends` reads besides the maps: configured weights and health.
 #[derive(Serialize, serde::Deserialize, Default, Debug)]
@@ -16,13 +16,13 @@ pub struct Status {
     pub vips: Vec<VipStatus>,
     /// The next-hop keeper's figures as of its last refresh.
     #[serde(default)]
-    pub nexthops: crate::nexthop::NexthopStatus,
+    pub nexthops: crate::kernel::nexthop::NexthopStatus,
     /// The agent itself, for `lb status`.
     #[serde(default)]
     pub agent: Option<AgentStatus>,
     /// The VIP addresses this node announces (None: `node.announce` is off).
     #[serde(default)]
-    pub announce: Option<crate::announce::AnnounceStatus>,
+    pub announce: Option<crate::kernel::announce::AnnounceStatus>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -31,7 +31,7 @@ pub struct VipStatus {
     pub vip: String,
     /// `dsr` or `nat` (files of releases before 0.3.0 do not say: read as `dsr`).
     #[serde(default)]
-    pub mode: crate::model::Mode,
+    pub mode: crate::model::desired::Mode,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -58,8 +58,8 @@ pub struct BackendStatus {
     /// A runtime override of its weight (`lb drain`, `lb weight`): `weight` is the override's,
     /// the config's is in it.
     #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
-    pub overridden: Option<crate::overrides::Override>,
-    /// Why it is a backup (see [`crate::model::BackendSpec::backup`]); None: not one. A backup
+    pub overridden: Option<crate::sources::overrides::Override>,
+    /// Why it is a backup (see [`crate::model::desired::BackendSpec::backup`]); None: not one. A backup
     /// stands in (`effective_weight` above 0) only while no other backend takes new flows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,

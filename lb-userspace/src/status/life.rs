@@ -1,14 +1,14 @@
 //! What the agent says of itself in its status file (`status.json`'s `agent`): which process it
 //! is, since when, with which config, interfaces and sizes, and how its last reload went. Only the
 //! agent knows these; `lb status` adds what the kernel knows (attachments, see
-//! [`crate::links::attachment`]) and tells a live agent from the file a dead one left
+//! [`crate::kernel::links::attachment`]) and tells a live agent from the file a dead one left
 //! ([`AgentStatus::is_running`]).
 
 use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::NodeSettings, program::Sizes};
+use crate::{kernel::program::Sizes, sources::config::NodeSettings};
 
 /// How the last reload (of the config file, or a change in the cluster) went.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -64,12 +64,12 @@ pub struct AgentStatus {
     /// The agent's release (`lb --version`); empty in the status files of 0.1.0, which had none.
     #[serde(default)]
     pub release: String,
-    /// The schema of each map the agent's program uses (see [`crate::migrate::schema`]).
+    /// The schema of each map the agent's program uses (see [`crate::kernel::migrate::schema`]).
     #[serde(default)]
     pub schemas: std::collections::BTreeMap<String, u32>,
     /// What the agent's start, or its last reload that changed sizes, did with the pins.
     #[serde(default)]
-    pub last_migration: Option<crate::migrate::Migration>,
+    pub last_migration: Option<crate::kernel::migrate::Migration>,
     pub pid: u32,
     /// The process's start time in clock ticks since boot (`/proc/PID/stat`), so that a pid
     /// the kernel gave to another process since is not taken for the agent.
@@ -82,10 +82,10 @@ pub struct AgentStatus {
     /// `node.xdp_mode`: `auto`, `native` or `generic` (before 0.3.0 only the last two: `native`
     /// was the default).
     pub xdp_mode: String,
-    /// The mode of each interface and why (see [`crate::xdpmode`]); empty in the files of
+    /// The mode of each interface and why (see [`crate::kernel::xdpmode`]); empty in the files of
     /// releases before 0.3.0, whose interfaces all ran in `xdp_mode`.
     #[serde(default)]
-    pub xdp: Vec<crate::xdpmode::Choice>,
+    pub xdp: Vec<crate::kernel::xdpmode::Choice>,
     pub metrics_listen: Option<String>,
     pub kubernetes: bool,
     pub sizes: SizesStatus,
@@ -181,14 +181,14 @@ impl Life {
     pub fn status(
         &self,
         node: &NodeSettings,
-        xdp: &[crate::xdpmode::Choice],
+        xdp: &[crate::kernel::xdpmode::Choice],
         kubernetes: bool,
         reloads: (u64, u64),
     ) -> AgentStatus {
         let pid = std::process::id();
         AgentStatus {
             release: env!("CARGO_PKG_VERSION").to_string(),
-            schemas: crate::migrate::schema::current()
+            schemas: crate::kernel::migrate::schema::current()
                 .iter()
                 .map(|s| (s.map.to_string(), s.version))
                 .collect(),
@@ -233,7 +233,7 @@ mod tests {
     #[test]
     fn this_process_is_running_and_a_recorded_start_of_another_is_not() {
         let life = Life::default();
-        let node = crate::config::Config::parse(
+        let node = crate::sources::config::Config::parse(
             "node: { interfaces: [eth0], source_v4: 10.0.0.1 }\nvips: []\n",
             "t",
         )
@@ -259,7 +259,7 @@ mod tests {
             kubernetes_skipped: vec!["Service a/b is malformed (x): skipped".into()],
             ..Life::default()
         };
-        let node = crate::config::Config::parse(
+        let node = crate::sources::config::Config::parse(
             "node: { interfaces: [eth0], source_v4: 10.0.0.1 }\nvips: []\n",
             "t",
         )

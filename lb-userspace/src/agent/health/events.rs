@@ -6,7 +6,7 @@
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use crate::dataplane::kernel::KernelDataplane;
+use crate::kernel::dataplane::kernel::KernelDataplane;
 
 /// The ring buffer of the program the agent loaded (each program has its own).
 pub struct Events(Option<AsyncFd<RingBuf<MapData>>>);

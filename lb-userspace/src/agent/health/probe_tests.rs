@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::*;
-use crate::config::TlsCheck;
+use crate::sources::config::TlsCheck;
 
 const T: Duration = Duration::from_secs(10);
 

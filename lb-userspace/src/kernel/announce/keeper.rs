@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use tracing::{error, info};
 
 use super::{AnnounceSettings, AnnounceStatus, Announcer, wanted};
-use crate::plan::State;
+use crate::model::plan::State;
 
 #[derive(Default)]
 pub struct Keeper {

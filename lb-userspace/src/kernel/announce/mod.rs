@@ -19,7 +19,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use lb_common::NO_BACKEND;
 use serde::{Deserialize, Serialize};
 
-use crate::{model::ip_of, plan::State};
+use crate::{model::desired::ip_of, model::plan::State};
 
 pub use keeper::Keeper;
 pub use routes::{RTPROT_LB, RouteError, Routes};

@@ -2,9 +2,9 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::{
-    agent::{Agent, Remembered},
-    config::Config,
-    dataplane::memory::MemoryDataplane,
+    agent::reconcile::{Agent, Remembered},
+    kernel::dataplane::memory::MemoryDataplane,
+    sources::config::Config,
 };
 
 /// Two VIPs at 192.0.2.1 (ports 80 and 443), one at 192.0.2.2 and one at 2001:db8::1;
@@ -68,7 +68,7 @@ fn announce_of(node_extra: &str) -> Result<Option<AnnounceSettings>, Vec<String>
         format!("node:\n  interfaces: [eth0]\n  source_v4: 10.0.0.1\n{node_extra}vips: []\n");
     match Config::parse(&text, "t.yaml") {
         Ok(c) => Ok(c.node.announce),
-        Err(crate::config::ConfigError::Invalid { problems, .. }) => {
+        Err(crate::sources::config::ConfigError::Invalid { problems, .. }) => {
             Err(problems.iter().map(|p| p.to_string()).collect())
         }
         Err(e) => Err(vec![e.to_string()]),

@@ -13,10 +13,10 @@ use lb_common::{
 
 use super::{Dataplane, DataplaneError};
 use crate::{
-    plan::{BudgetShare, Limits, Plan, SrcRange, State, Write, known_family},
-    program::Sizes,
-    ring::Ring,
-    table::Table,
+    kernel::program::Sizes,
+    kernel::ring::Ring,
+    model::plan::{BudgetShare, Limits, Plan, SrcRange, State, Write, known_family},
+    model::table::Table,
 };
 
 pub struct KernelDataplane {
@@ -25,9 +25,9 @@ pub struct KernelDataplane {
     /// The VIP addresses by the word of the VIP-address filter they set (read from the maps
     /// at the first removal), so a removal recomputes its word without walking the map.
     filter_words: Option<std::collections::BTreeMap<u32, std::collections::BTreeSet<VipAddr>>>,
-    /// How the program is attached to each interface, as the last [`crate::links::sync`]
+    /// How the program is attached to each interface, as the last [`crate::kernel::links::sync`]
     /// chose (for the status file).
-    pub xdp: Vec<crate::xdpmode::Choice>,
+    pub xdp: Vec<crate::kernel::xdpmode::Choice>,
 }
 
 fn io(e: impl std::fmt::Display) -> std::io::Error {
@@ -35,7 +35,7 @@ fn io(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 impl KernelDataplane {
-    /// Wraps a loaded program (see [`crate::program::load`]).
+    /// Wraps a loaded program (see [`crate::kernel::program::load`]).
     pub fn new(ebpf: Ebpf, sizes: Sizes) -> Result<Self, DataplaneError> {
         let dp = Self {
             ebpf,
@@ -253,12 +253,12 @@ impl KernelDataplane {
             return Ok(());
         };
         let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (&k[..], *v)).collect();
-        crate::migrate::batch::update_all(data.fd().as_fd(), 4, value_size, &refs).map_err(|e| {
-            DataplaneError::Write {
+        crate::kernel::migrate::batch::update_all(data.fd().as_fd(), 4, value_size, &refs).map_err(
+            |e| DataplaneError::Write {
                 what: format!("{} entries of {name}", entries.len()),
                 source: e,
-            }
-        })
+            },
+        )
     }
 
     /// Writes `entry` into every CPU's bucket of VIP id `vip_id` (`LB_NEW_FLOW_BUDGET`).
@@ -493,12 +493,13 @@ impl Dataplane for KernelDataplane {
                 let mut h: HashMap<_, VipKey, VipValue> =
                     HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
                 h.insert(key, value, 0)
-                    .map_err(werr(crate::model::vip_label(key)))
+                    .map_err(werr(crate::model::desired::vip_label(key)))
             }
             Write::RemoveVip { key } => {
                 let mut h: HashMap<_, VipKey, VipValue> =
                     HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
-                h.remove(key).map_err(werr(crate::model::vip_label(key)))
+                h.remove(key)
+                    .map_err(werr(crate::model::desired::vip_label(key)))
             }
             Write::SrcRange(r) => {
                 let (len, data) = r.key();
@@ -515,8 +516,8 @@ impl Dataplane for KernelDataplane {
     }
 }
 
-/// Next hops are written by [`crate::nexthop::Keeper`] from the routes, not by the planner.
-impl crate::nexthop::NexthopMap for KernelDataplane {
+/// Next hops are written by [`crate::kernel::nexthop::Keeper`] from the routes, not by the planner.
+impl crate::kernel::nexthop::NexthopMap for KernelDataplane {
     /// Member `id`'s next hop as `LB_NEXTHOPS` holds it.
     fn nexthop(&self, id: u32) -> Result<lb_common::NextHop, DataplaneError> {
         let a: Array<_, lb_common::NextHop> =

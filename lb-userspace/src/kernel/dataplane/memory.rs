@@ -1,7 +1,7 @@
 //! A dataplane in memory: the maps' state and a log of every write, for tests.
 
 use super::{Dataplane, DataplaneError};
-use crate::plan::{Limits, State, Write, apply_to_state};
+use crate::model::plan::{Limits, State, Write, apply_to_state};
 
 #[derive(Debug)]
 pub struct MemoryDataplane {

@@ -4,7 +4,7 @@
 pub mod kernel;
 pub mod memory;
 
-use crate::plan::{Limits, Plan, State, Write};
+use crate::model::plan::{Limits, Plan, State, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

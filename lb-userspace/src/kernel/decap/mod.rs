@@ -2,7 +2,7 @@
 //! program (see `lb-ebpf/src/decap.rs`), to an interface with a pinned bpf_link, so that it stays
 //! attached when the command exits, as the agent's program does.
 //!
-//! The links are pinned as `link-<ifname>` (the agent's naming, [`crate::links::link_pin`]) in a
+//! The links are pinned as `link-<ifname>` (the agent's naming, [`crate::kernel::links::link_pin`]) in a
 //! directory of their own, `/sys/fs/bpf/lb-decap` by default, never in an agent's pin dir: the
 //! agent detaches every link pinned there that its config does not list, and `lb down` removes
 //! them all, and a backend usually runs no agent at all. Loading the object creates its maps (at
@@ -13,7 +13,6 @@
 //! `eth0` may hold a link to the `eth0` of another namespace. A pinned link is therefore taken
 //! for this namespace's interface only if the kernel shows its program attached there.
 
-pub mod command;
 pub mod tunnels;
 
 use std::path::{Path, PathBuf};
@@ -28,12 +27,12 @@ use aya::{
 };
 use serde::Serialize;
 
-pub use crate::xdpmode::Mode;
+pub use crate::kernel::xdpmode::Mode;
 use crate::{
-    links,
-    pindir::{self, PinDirError},
-    privilege,
-    program::{self, Sizes},
+    kernel::links,
+    kernel::pindir::{self, PinDirError},
+    kernel::privilege,
+    kernel::program::{self, Sizes},
 };
 
 /// Where `lb decap` pins its links unless told otherwise (`--decap-dir`, `LB_DECAP_DIR`).

@@ -10,7 +10,7 @@ use aya::maps::{
 use lb_common::{SrcRangeKey, flowtab::FlowBucket};
 
 use super::schema::{Schema, Shape};
-use crate::mapping::Mapping;
+use crate::kernel::mapping::Mapping;
 
 /// A map's entries, as bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]

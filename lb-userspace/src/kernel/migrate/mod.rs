@@ -39,7 +39,7 @@ use self::{
     pins::{Action, MapPlan, PinPlan, PinsError},
     schema::{Moves, Schema},
 };
-use crate::program::{self, LoadError, Sizes};
+use crate::kernel::program::{self, LoadError, Sizes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -1000,10 +1000,10 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
         .iter()
         .all(|m| schema::RELEASES[0].schemas.contains(m));
     if layout_7
-        && let Some(meta) = crate::program::pinned_meta(dir)?
+        && let Some(meta) = crate::kernel::program::pinned_meta(dir)?
         && meta.version != schema::LAYOUT_7_VERSION
     {
-        let map = crate::program::open_pinned(dir, maps::META)?;
+        let map = crate::kernel::program::open_pinned(dir, maps::META)?;
         let mut a: aya::maps::Array<_, lb_common::LayoutMeta> = aya::maps::Array::try_from(map)
             .map_err(|source| LoadError::Write {
                 what: "the layout record",

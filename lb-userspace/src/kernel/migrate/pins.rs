@@ -9,7 +9,7 @@ use super::{
     convert,
     schema::{self, Moves, Schema},
 };
-use crate::program::Sizes;
+use crate::kernel::program::Sizes;
 
 /// Suffix of a map's pin while a migration fills it (renamed over the map's pin after the swap).
 pub const STAGED: &str = "@next";
@@ -192,7 +192,7 @@ fn pins_of(dir: &Path, map: &str) -> Vec<(PathBuf, u32)> {
 
 /// Decides what a load with `sizes` does with each map pinned in `dir` (none: all made).
 pub fn plan(dir: &Path, sizes: &Sizes) -> Result<PinPlan, PinsError> {
-    let layout = crate::program::pinned_meta(dir).ok().flatten();
+    let layout = crate::kernel::program::pinned_meta(dir).ok().flatten();
     if let Some(l) = layout
         && l.version < schema::LAYOUT_7_VERSION
     {

@@ -11,7 +11,7 @@
 
 use lb_common::{maps, maps as m};
 
-use crate::program::Sizes;
+use crate::kernel::program::Sizes;
 
 /// How a map is laid out in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

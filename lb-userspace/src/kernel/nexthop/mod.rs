@@ -16,7 +16,6 @@
 //! exist are never touched.
 
 pub mod resolver;
-pub mod show;
 pub mod translate;
 
 use std::{
@@ -31,14 +30,14 @@ use tracing::{info, warn};
 
 pub use resolver::{ResolveError, Resolver};
 
-use crate::{dataplane::DataplaneError, model::ip_of};
+use crate::{kernel::dataplane::DataplaneError, model::desired::ip_of};
 
 /// How often every next hop is worked out again even without a netlink event.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a burst of netlink events is gathered before one refresh.
 pub const DEBOUNCE: Duration = Duration::from_millis(5);
 
-/// Where next hops are kept ([`crate::dataplane::kernel::KernelDataplane`], or memory).
+/// Where next hops are kept ([`crate::kernel::dataplane::kernel::KernelDataplane`], or memory).
 pub trait NexthopMap {
     fn nexthop(&self, id: u32) -> Result<NextHop, DataplaneError>;
     fn set_nexthop(&mut self, id: u32, nh: &NextHop) -> Result<(), DataplaneError>;

@@ -31,7 +31,28 @@ pub mod kernel;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::XdpMode;
+/// How the program is attached (`node.xdp_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Unset (or `auto`): native on each interface where native XDP delivers, generic on the
+    /// others (see [`decide`]).
+    Auto,
+    /// In the driver: the fast path. Refused where it cannot deliver.
+    Native,
+    /// In the kernel's generic hook: works on any interface, slower.
+    Generic,
+}
+
+impl std::fmt::Display for XdpMode {
+    /// As the config spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
 
 /// How a program is attached to one interface (the agent's, per interface; `lb decap`'s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

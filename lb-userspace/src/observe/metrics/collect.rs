@@ -14,9 +14,9 @@ use super::{
     exposition::{Family, Labels},
 };
 use crate::{
-    inspect::{InspectError, Pinned},
-    nexthop::NexthopStatus,
-    view::{BackendRef, VipRef},
+    kernel::inspect::{InspectError, Pinned},
+    kernel::nexthop::NexthopStatus,
+    model::view::{BackendRef, VipRef},
 };
 
 /// Every family of one scrape.
@@ -37,7 +37,7 @@ pub fn families(maps: &Maps, a: &AgentMetrics) -> Result<Vec<Family>, InspectErr
 }
 
 /// What the node announces through its routing daemon (nothing when `node.announce` is off).
-fn announce(a: Option<&crate::announce::AnnounceStatus>) -> Vec<Family> {
+fn announce(a: Option<&crate::kernel::announce::AnnounceStatus>) -> Vec<Family> {
     let Some(a) = a else { return Vec::new() };
     vec![
         Family::gauge(
@@ -91,7 +91,7 @@ fn global(p: &Pinned) -> Result<Vec<Family>, InspectError> {
 fn traffic(
     p: &Pinned,
     nh: &Array<MapData, NextHop>,
-    conns: &crate::inspect::Conns,
+    conns: &crate::kernel::inspect::Conns,
 ) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
     let (mut packets, mut bytes, mut flows, mut refused) = (vec![], vec![], vec![], vec![]);
@@ -170,7 +170,7 @@ struct Member {
     traffic: TrafficStats,
     replies: TrafficStats,
     passive: PassiveHealth,
-    connections: crate::inspect::Connections,
+    connections: crate::kernel::inspect::Connections,
     nexthop_action: u8,
 }
 
@@ -216,7 +216,7 @@ impl MemberRows {
         }
         self.streaks
             .push((l.clone(), h.consecutive_failures as f64));
-        let action = crate::nexthop::show::action_name(m.nexthop_action);
+        let action = crate::observe::nexthop::action_name(m.nexthop_action);
         self.hops.push((with("action", action), 1.0));
     }
 
@@ -280,8 +280,8 @@ pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
 }
 
 /// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.
-fn tables(t: crate::inspect::Tables) -> Vec<Family> {
-    let crate::inspect::Tables {
+fn tables(t: crate::kernel::inspect::Tables) -> Vec<Family> {
+    let crate::kernel::inspect::Tables {
         fill: rows,
         nat_ports: ports,
         flows_ipv4: flows,
@@ -301,7 +301,7 @@ fn tables(t: crate::inspect::Tables) -> Vec<Family> {
         Family::gauge(
             "lb_nat_ports",
             "NAT source ports held, by the state of their translation (half-open: handshakes the client has yet to complete)",
-            crate::inspect::NatState::HOLDING
+            crate::kernel::inspect::NatState::HOLDING
                 .iter()
                 .map(|s| (vec![("state", s.name().to_string())], ports.get(*s) as f64))
                 .collect(),
@@ -325,7 +325,7 @@ fn tables(t: crate::inspect::Tables) -> Vec<Family> {
 
 /// Each VIP's name and mode, and each backend's effective weight and passive state, as the
 /// agent last wrote them to its status file.
-fn config(vips: &[crate::status::VipStatus]) -> [Family; 3] {
+fn config(vips: &[crate::status::file::VipStatus]) -> [Family; 3] {
     let (mut info, mut weights, mut out) = (vec![], vec![], vec![]);
     for v in vips {
         let mode = serde_json::to_value(v.mode).ok();
@@ -351,7 +351,7 @@ fn config(vips: &[crate::status::VipStatus]) -> [Family; 3] {
             let Ok(addr) = b.address.parse() else {
                 continue;
             };
-            let at = crate::view::endpoint(addr, b.port, vip_port.map_or(0, |a| a.port()));
+            let at = crate::model::view::endpoint(addr, b.port, vip_port.map_or(0, |a| a.port()));
             let l = vec![("vip", v.vip.clone()), ("backend", at.to_string())];
             weights.push((l.clone(), f64::from(b.effective_weight)));
             out.push((l, f64::from(u8::from(b.passive_out))));
@@ -427,7 +427,7 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
                     ("version", env!("CARGO_PKG_VERSION").to_string()),
                     (
                         "layout",
-                        crate::migrate::schema::record_version().to_string(),
+                        crate::kernel::migrate::schema::record_version().to_string(),
                     ),
                 ],
                 1.0,
@@ -462,7 +462,7 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
 
 /// Whether lb's program is attached to each interface the agent keeps it on, as the kernel says
 /// at the scrape (what `/readyz` checks), so that an alert can name the interface.
-fn interfaces(expected: &crate::links::Expected) -> Family {
+fn interfaces(expected: &crate::kernel::links::Expected) -> Family {
     Family::gauge(
         "lb_interface_attached",
         "1 if lb's program is attached to the interface (the program of the link lb pinned for it is the one the device runs), 0 if not",

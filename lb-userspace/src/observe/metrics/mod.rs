@@ -27,8 +27,8 @@ use aya::maps::{Array, MapData};
 use lb_common::{NextHop, maps as lb_maps};
 
 use crate::{
-    inspect::{InspectError, Pinned},
-    program::open_pinned,
+    kernel::inspect::{InspectError, Pinned},
+    kernel::program::open_pinned,
 };
 
 /// Figures the agent itself keeps.
@@ -43,24 +43,24 @@ pub struct AgentMetrics {
     /// The maps hold the first desired state and the program is attached (`/readyz`).
     pub ready: AtomicBool,
     /// Where the program must be attached: `/readyz` asks the kernel whether it still is.
-    pub links: Mutex<crate::links::Expected>,
-    /// (VIP label, backend label, healthy) for every checked backend (see [`crate::view`]).
+    pub links: Mutex<crate::kernel::links::Expected>,
+    /// (VIP label, backend label, healthy) for every checked backend (see [`crate::model::view`]).
     pub health: Mutex<Vec<(String, String, bool)>>,
     /// The VIPs and backends as the agent last wrote them to its status file: names, modes,
     /// weights, passive health.
-    pub vips: Mutex<Vec<crate::status::VipStatus>>,
+    pub vips: Mutex<Vec<crate::status::file::VipStatus>>,
     /// The next-hop keeper's figures, as of its last refresh.
-    pub nexthops: Mutex<crate::nexthop::NexthopStatus>,
+    pub nexthops: Mutex<crate::kernel::nexthop::NexthopStatus>,
     /// What this node announces (None: `node.announce` is off); not served yet.
-    pub announce: Mutex<Option<crate::announce::AnnounceStatus>>,
-    /// Migrations done and failed (see [`crate::migrate`]), and the last one done.
+    pub announce: Mutex<Option<crate::kernel::announce::AnnounceStatus>>,
+    /// Migrations done and failed (see [`crate::kernel::migrate`]), and the last one done.
     pub migrations_ok: AtomicU64,
     pub migrations_failed: AtomicU64,
-    pub migration: Mutex<Option<crate::migrate::Migration>>,
+    pub migration: Mutex<Option<crate::kernel::migrate::Migration>>,
     /// Bumped whenever a migration replaced pinned maps: a scrape then opens them again.
     pub maps_generation: AtomicU64,
     /// The overrides in force (`lb drain`, `lb weight`), for the status file.
-    pub overrides: Mutex<crate::overrides::Overrides>,
+    pub overrides: Mutex<crate::sources::overrides::Overrides>,
 }
 
 impl AgentMetrics {
@@ -78,7 +78,7 @@ impl AgentMetrics {
 
     /// Records a load's report: a migration if entries moved (the scraper then reopens the
     /// pins), or the adoption of pins as they were.
-    pub fn migrated(&self, report: crate::migrate::Migration) {
+    pub fn migrated(&self, report: crate::kernel::migrate::Migration) {
         if report.moved() {
             match report.errors.is_empty() {
                 true => self.migrations_ok.fetch_add(1, Ordering::Relaxed),

@@ -15,9 +15,9 @@ use serde::Serialize;
 
 use super::{Format, VipNames};
 use crate::{
-    inspect::{NatState, Pinned, monotonic_coarse_ns},
-    model::{Protocol, ip_of},
-    view::{BackendRef, VipRef},
+    kernel::inspect::{NatState, Pinned, monotonic_coarse_ns},
+    model::desired::{Protocol, ip_of},
+    model::view::{BackendRef, VipRef},
 };
 
 /// What the program does with a flow's next packet.
@@ -226,7 +226,7 @@ impl Ctx<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipArg {
     pub addr: SocketAddr,
-    pub proto: Option<crate::model::Protocol>,
+    pub proto: Option<crate::model::desired::Protocol>,
 }
 
 impl std::str::FromStr for VipArg {

@@ -10,10 +10,10 @@ use serde::Serialize;
 
 use super::Format;
 use crate::{
-    inspect::{Fill, InspectError, Pinned},
-    life::{ReloadStatus, SizesStatus},
-    links,
-    status::{self, status_path},
+    kernel::inspect::{Fill, InspectError, Pinned},
+    kernel::links,
+    status::file::{read_status, status_path},
+    status::life::{ReloadStatus, SizesStatus},
 };
 
 #[derive(Serialize, Debug)]
@@ -39,10 +39,10 @@ pub struct AgentView {
     /// The schema of each map its program uses.
     pub schemas: std::collections::BTreeMap<String, u32>,
     /// What its start, or its last reload that changed sizes, did with the pins.
-    pub last_migration: Option<crate::migrate::Migration>,
+    pub last_migration: Option<crate::kernel::migrate::Migration>,
     /// What its start did with the maps: adopted or created, and how many writes it made.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub start: Option<crate::life::StartStatus>,
+    pub start: Option<crate::status::life::StartStatus>,
     /// Its event loop runs (health checks, announcements, reloads); false as it starts.
     pub event_loop: Option<bool>,
     /// What the cluster holds that it could not take as it is (malformed objects...).
@@ -87,10 +87,10 @@ pub struct MapsView {
     pub tables: std::collections::BTreeMap<&'static str, Fill>,
     /// NAT source ports held, by the state of their translation (`half_open`: handshakes the
     /// client has yet to complete, what a SYN flood leaves).
-    pub nat_ports: crate::inspect::NatPorts,
+    pub nat_ports: crate::kernel::inspect::NatPorts,
     /// The IPv4 flow table's flows by state (`new`: seen once, what a SYN flood leaves; a flood
     /// never evicts an `established` one while it is active).
-    pub flows_ipv4: crate::inspect::FlowStates,
+    pub flows_ipv4: crate::kernel::inspect::FlowStates,
 }
 
 #[derive(Serialize, Debug)]
@@ -101,9 +101,9 @@ pub struct StatusView {
     pub maps: Option<MapsView>,
     /// What the node announces through its routing daemon, as the agent last wrote it (None:
     /// `node.announce` is off, or no status file).
-    pub announce: Option<crate::announce::AnnounceStatus>,
+    pub announce: Option<crate::kernel::announce::AnnounceStatus>,
     /// Backends whose weight `lb drain` or `lb weight` overrides, as the agent applied them.
-    pub overrides: Vec<crate::overrides::Override>,
+    pub overrides: Vec<crate::sources::overrides::Override>,
 }
 
 impl StatusView {
@@ -128,7 +128,7 @@ impl StatusView {
 }
 
 pub fn read(pins: &Path, state_dir: &Path) -> Result<StatusView> {
-    let status = status::read_status(state_dir);
+    let status = read_status(state_dir);
     let a = status.as_ref().and_then(|s| s.agent.as_ref());
     let agent = AgentView {
         running: a.is_some_and(|a| a.is_running()),
@@ -394,7 +394,7 @@ fn print_maps(v: &StatusView, wide: bool) {
     );
 }
 
-fn print_announce(a: &crate::announce::AnnounceStatus) {
+fn print_announce(a: &crate::kernel::announce::AnnounceStatus) {
     let what = if a.announced.is_empty() {
         "nothing (no VIP has a backend)".to_string()
     } else {

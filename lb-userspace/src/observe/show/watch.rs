@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use super::{Format, VipNames, member_rows, vip_refs};
 use crate::{
-    inspect::Pinned,
-    view::{BackendRef, VipRef},
+    kernel::inspect::Pinned,
+    model::view::{BackendRef, VipRef},
 };
 
 /// The counters at one moment.

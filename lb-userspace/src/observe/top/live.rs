@@ -15,7 +15,7 @@ use ratatui::{
 };
 
 use super::{TopError, model, read, sample::Sample, ui};
-use crate::inspect::Pinned;
+use crate::kernel::inspect::Pinned;
 
 const HINT: &str = "q quits, arrows scroll";
 

@@ -13,8 +13,8 @@ pub mod ui;
 use std::{path::Path, time::Duration};
 
 use crate::{
-    inspect::{InspectError, Pinned},
-    status::read_status,
+    kernel::inspect::{InspectError, Pinned},
+    status::file::read_status,
 };
 
 #[derive(Debug, thiserror::Error)]

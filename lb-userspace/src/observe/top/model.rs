@@ -181,8 +181,8 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::{
-        top::sample::MemberSample,
-        view::{BackendRef, VipRef},
+        model::view::{BackendRef, VipRef},
+        observe::top::sample::MemberSample,
     };
 
     fn stats(packets: u64, new_flows: u64) -> TrafficStats {
@@ -219,7 +219,7 @@ pub(crate) mod tests {
         // Over budget: a tenth of the VIP's packets so far.
         let over_budget = vip.packets / 10;
         let key = lb_common::VipKey {
-            addr: crate::model::addr16("192.0.2.10".parse().unwrap()).0,
+            addr: crate::model::desired::addr16("192.0.2.10".parse().unwrap()).0,
             port: 80u16.to_be(),
             proto: 6,
             family: lb_common::FAMILY_V4,

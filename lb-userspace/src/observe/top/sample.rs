@@ -10,10 +10,10 @@ use std::{
 use lb_common::{Counter, FAMILY_V4, FlowKey, FlowValue, Member, TrafficStats, VipKey};
 
 use crate::{
-    inspect::{InspectError, Pinned, monotonic_coarse_ns},
-    model::ip_of,
-    status::{BackendStatus, Status, VipStatus},
-    view::{BackendRef, VipRef},
+    kernel::inspect::{InspectError, Pinned, monotonic_coarse_ns},
+    model::desired::ip_of,
+    model::view::{BackendRef, VipRef},
+    status::file::{BackendStatus, Status, VipStatus},
 };
 
 /// A member's allocation: its id and generation (an id given to another backend is another

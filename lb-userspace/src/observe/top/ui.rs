@@ -196,7 +196,7 @@ pub fn to_text(f: &Frame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::top::model::{build, tests::three_readings};
+    use crate::observe::top::model::{build, tests::three_readings};
 
     #[test]
     fn a_bar_fills_one_cell_per_ten_percent() {

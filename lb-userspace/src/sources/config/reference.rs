@@ -56,7 +56,7 @@ pub fn node_keys() -> Vec<(String, String)> {
 
 const HEADER: &str = "# Configuration reference\n\n\
 Every key of an lb config file (`lb run --config FILE`, `lb check --config FILE`). This page is \
-generated from the config types (`lb-userspace/src/config.rs`, the `Raw*` structs and their doc \
+generated from the config types (`lb-userspace/src/sources/config.rs`, the `Raw*` structs and their doc \
 comments): edit them, then run `LB_BLESS=1 cargo test -p lb-userspace --lib config::reference` \
 to write it again. Durations are written like `500ms`, `2s`, `10m` or `1h`. A key that is not \
 listed is an error. How the settings work together: [Configuration](configuration.md); a \

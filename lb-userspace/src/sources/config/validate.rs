@@ -88,7 +88,7 @@ fn node(c: &mut Checker, n: &RawNode) -> NodeSettings {
 }
 
 /// `node.interfaces`: names the kernel would take, each once. (None: the agent takes the
-/// uplink of the host's default route, see `crate::uplink`.)
+/// uplink of the host's default route, see `crate::sources::uplink`.)
 fn interfaces(c: &mut Checker, names: &[String]) {
     let mut seen = BTreeSet::new();
     for (i, name) in names.iter().enumerate() {

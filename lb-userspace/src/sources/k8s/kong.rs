@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::policy::{ActiveHealthcheck, Healthchecks, UpstreamPolicySpec};
-use crate::{config::TlsCheck, maglev};
+use crate::{model::maglev, sources::config::TlsCheck};
 
 /// Kong's range for `slots`.
 pub const SLOTS_MIN: u32 = 10;
@@ -266,7 +266,7 @@ mod policy_tests {
     use serde_json::json;
 
     use super::super::{policy::UpstreamPolicySpec, translate::evaluate};
-    use crate::config::{CheckKind, TlsCheck};
+    use crate::sources::config::{CheckKind, TlsCheck};
 
     /// Every field of configuration.konghq.com/v1beta1 KongUpstreamPolicy's spec.
     fn every_field() -> serde_json::Value {

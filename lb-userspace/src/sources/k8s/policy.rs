@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn the_checked_in_crd_is_what_lb_crd_prints() {
-        let checked_in = include_str!("../../../deploy/helm/lb/crds/upstreampolicies.yaml");
+        let checked_in = include_str!("../../../../deploy/helm/lb/crds/upstreampolicies.yaml");
         assert_eq!(
             checked_in,
             crd_yaml(),

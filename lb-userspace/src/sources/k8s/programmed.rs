@@ -169,7 +169,7 @@ pub fn merged(current: &Value, v: &Verdict, now: &str) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::translate::ServiceOutcome;
+    use crate::sources::k8s::translate::ServiceOutcome;
 
     fn translation(vips: &[&str]) -> Translation {
         let mut t = Translation::default();

@@ -49,7 +49,7 @@ use super::{
         CLASS_LABEL, Cond, Objects, ServiceEvent, Settings, Translation, Translator, cond,
     },
 };
-use crate::config::VipConfig;
+use crate::sources::config::VipConfig;
 
 /// What `lb run --kubernetes` was told.
 #[derive(Clone, Debug)]

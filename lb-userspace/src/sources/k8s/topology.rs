@@ -6,7 +6,7 @@
 //! if every ready endpoint has some and one names this node's zone (the Node's
 //! `topology.kubernetes.io/zone` label); else every endpoint is used alike.
 //!
-//! The endpoints outside the preferred set become backups ([`crate::model::BackendSpec::backup`]):
+//! The endpoints outside the preferred set become backups ([`crate::model::desired::BackendSpec::backup`]):
 //! they take new flows only while none of the preferred can (out by health checks, or drained),
 //! so a zone whose endpoints all fail falls back to the others, which kube-proxy cannot do (it
 //! sees readiness only).

@@ -28,8 +28,8 @@ use super::policy::{
 };
 use super::topology::{self, Place};
 use crate::{
-    config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
-    model::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
+    model::desired::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
+    sources::config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
 };
 
 /// The label that puts a Service in an lb instance's care: `lb.dev/class: <class>`.
@@ -43,7 +43,7 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// `spec.loadBalancerSourceRanges` does not (comma-separated CIDRs).
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// The annotation that gives a Service's VIPs a new-flow budget (see
-/// [`crate::model::Budget`]): `rate=2000,burst=500` (burst defaults to the rate).
+/// [`crate::model::desired::Budget`]): `rate=2000,burst=500` (burst defaults to the rate).
 pub const NEW_FLOW_BUDGET_ANNOTATION: &str = "lb.dev/new-flow-budget";
 /// The annotation that overrides the weight of some of a Service's endpoints, the cluster's
 /// `lb drain` / `lb weight`: `10.0.1.5=0, 10.0.1.6=50` (0 drains: established flows stay).
@@ -823,10 +823,10 @@ struct Shared<'a> {
     slices: &'a [&'a EndpointSlice],
     effect: Effect,
     affinity_timeout_s: u32,
-    source_ranges: Option<Vec<crate::model::Cidr>>,
+    source_ranges: Option<Vec<crate::model::desired::Cidr>>,
     /// The load balancer's own addresses: the ones `source_ranges` restrict.
     lb_addrs: BTreeSet<IpAddr>,
-    new_flow_budget: Option<crate::model::Budget>,
+    new_flow_budget: Option<crate::model::desired::Budget>,
     /// `lb.dev/backend-weights`.
     weights: BTreeMap<IpAddr, u32>,
     /// `externalTrafficPolicy: Local`.
@@ -985,7 +985,7 @@ impl Claims {
 pub fn source_ranges_of(
     svc: &Service,
     event: &mut impl FnMut(bool, &str, String),
-) -> Option<Vec<crate::model::Cidr>> {
+) -> Option<Vec<crate::model::desired::Cidr>> {
     let from_spec: Vec<String> = svc
         .spec
         .as_ref()
@@ -1008,9 +1008,9 @@ pub fn source_ranges_of(
     if raw.is_empty() {
         return None;
     }
-    let mut out: Vec<crate::model::Cidr> = Vec::new();
+    let mut out: Vec<crate::model::desired::Cidr> = Vec::new();
     for r in &raw {
-        match crate::model::Cidr::parse(r.trim(), false) {
+        match crate::model::desired::Cidr::parse(r.trim(), false) {
             Ok(c) if !out.contains(&c) => out.push(c),
             Ok(_) => {}
             Err(e) => event(
@@ -1036,7 +1036,7 @@ pub fn source_ranges_of(
 pub fn new_flow_budget_of(
     svc: &Service,
     event: &mut impl FnMut(bool, &str, String),
-) -> Option<crate::model::Budget> {
+) -> Option<crate::model::desired::Budget> {
     let raw = svc.annotations().get(NEW_FLOW_BUDGET_ANNOTATION)?;
     match parse_budget(raw) {
         Ok(b) => Some(b),
@@ -1092,7 +1092,7 @@ pub fn backend_weights_of(
 }
 
 /// `rate=2000,burst=500` (spaces allowed around each part; burst optional).
-fn parse_budget(raw: &str) -> Result<crate::model::Budget, String> {
+fn parse_budget(raw: &str) -> Result<crate::model::desired::Budget, String> {
     let (mut rate, mut burst) = (None, None);
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -1102,13 +1102,13 @@ fn parse_budget(raw: &str) -> Result<crate::model::Budget, String> {
             .trim()
             .parse()
             .ok()
-            .filter(|n| (1..=crate::config::MAX_BUDGET_RATE as u64).contains(n))
+            .filter(|n| (1..=crate::sources::config::MAX_BUDGET_RATE as u64).contains(n))
             .ok_or_else(|| {
                 format!(
                     "{}: {:?} must be 1..={}",
                     k.trim(),
                     v.trim(),
-                    crate::config::MAX_BUDGET_RATE
+                    crate::sources::config::MAX_BUDGET_RATE
                 )
             })?;
         match k.trim() {
@@ -1118,7 +1118,7 @@ fn parse_budget(raw: &str) -> Result<crate::model::Budget, String> {
         }
     }
     let rate = rate.ok_or("no rate (like rate=2000,burst=500)")?;
-    Ok(crate::model::Budget {
+    Ok(crate::model::desired::Budget {
         rate,
         burst: burst.unwrap_or(rate),
     })
@@ -1559,8 +1559,8 @@ mod tests {
     #[test]
     fn every_node_builds_the_same_tables_from_the_same_objects_in_any_order() {
         use crate::{
-            model::Desired,
-            plan::{Limits, State, plan},
+            model::desired::Desired,
+            model::plan::{Limits, State, plan},
         };
         let mut a = objects();
         a.services.push(service(
@@ -1605,7 +1605,7 @@ mod tests {
     fn a_service_means_what_the_same_config_file_vip_means() {
         let t = Translator::default().translate(&objects(), &settings());
         let from_k8s = vip(&t, "192.0.2.10:80/tcp");
-        let file = crate::config::Config::parse(
+        let file = crate::sources::config::Config::parse(
             r#"
 node: { interfaces: [eth0], source_v4: 10.0.0.1, table_size: 1009 }
 vips:
@@ -1767,7 +1767,7 @@ vips:
         assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
     }
 
-    fn budget_of(t: &Translation, label: &str) -> Option<crate::model::Budget> {
+    fn budget_of(t: &Translation, label: &str) -> Option<crate::model::desired::Budget> {
         vip(t, label).spec.new_flow_budget
     }
 
@@ -1777,7 +1777,7 @@ vips:
             "metadata": { "annotations": { NEW_FLOW_BUDGET_ANNOTATION: " rate=2000 , burst=500 " } },
             "spec": { "externalIPs": ["192.0.2.77"] }
         }));
-        let want = Some(crate::model::Budget {
+        let want = Some(crate::model::desired::Budget {
             rate: 2000,
             burst: 500,
         });
@@ -1794,7 +1794,7 @@ vips:
         }));
         assert_eq!(
             budget_of(&t, "192.0.2.10:80/tcp"),
-            Some(crate::model::Budget {
+            Some(crate::model::desired::Budget {
                 rate: 300,
                 burst: 300
             }),

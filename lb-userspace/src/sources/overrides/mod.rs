@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::sources::config::Config;
 
 /// What an override does.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -237,8 +237,6 @@ pub fn settle(state_dir: &Path, applied: &Applied) -> Result<(), OverridesError>
         }
     })
 }
-
-pub mod command;
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde_json::{Value, json};
 
 use super::{GatewayCtx, Output, lb_service_name, listeners};
-use crate::k8s::translate::{CLASS_LABEL, Cond, cond};
+use crate::sources::k8s::translate::{CLASS_LABEL, Cond, cond};
 
 impl GatewayCtx<'_> {
     /// The Gateway's addresses, and Ok(None), Ok(Some(Programmed=False)) while it has none yet,
@@ -80,7 +80,7 @@ impl GatewayCtx<'_> {
             .iter()
             .filter(|l| l.usable())
             .map(|l| {
-                let p = if l.protocol == Some(crate::model::Protocol::Udp) {
+                let p = if l.protocol == Some(crate::model::desired::Protocol::Udp) {
                     "UDP"
                 } else {
                     "TCP"

@@ -13,7 +13,7 @@ use super::{
     listeners::Judged,
     types::{GROUP, Gateway, ParentRef, Route},
 };
-use crate::k8s::translate::{Cond, cond};
+use crate::sources::k8s::translate::{Cond, cond};
 
 /// Namespace name -> its labels.
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
@@ -148,7 +148,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::k8s::gateway::{listeners::judge, types::RouteKind};
+    use crate::sources::k8s::gateway::{listeners::judge, types::RouteKind};
 
     fn gateway(listeners: serde_json::Value) -> Gateway {
         serde_json::from_value(json!({

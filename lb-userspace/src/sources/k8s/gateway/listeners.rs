@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use super::types::{GROUP, Listener, RouteGroupKind, RouteKind};
 use crate::{
-    k8s::translate::{Cond, cond},
-    model::Protocol,
+    model::desired::Protocol,
+    sources::k8s::translate::{Cond, cond},
 };
 
 /// A listener as judged from the Gateway's spec alone.

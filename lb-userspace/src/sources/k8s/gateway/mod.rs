@@ -41,8 +41,8 @@ use self::{
 };
 use super::translate::{Cond, Effect, ObjectKey, Settings, cond};
 use crate::{
-    config::VipConfig,
-    model::{Mode, VipSpec},
+    model::desired::{Mode, VipSpec},
+    sources::config::VipConfig,
 };
 
 /// The controller name lb answers to unless told otherwise (`--gateway-controller`).
@@ -407,7 +407,7 @@ impl GatewayCtx<'_> {
             let passive_health = effect
                 .passive_health
                 .clone()
-                .filter(|_| protocol == crate::model::Protocol::Tcp);
+                .filter(|_| protocol == crate::model::desired::Protocol::Tcp);
             mine.push(VipConfig {
                 spec,
                 health_check: effect.health_check.clone(),

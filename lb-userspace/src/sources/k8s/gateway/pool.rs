@@ -16,8 +16,8 @@ use super::{
     weights::{Share, member_weights},
 };
 use crate::{
-    k8s::translate::{Effect, ObjectKey, endpoints, policy_of},
-    model::BackendSpec,
+    model::desired::BackendSpec,
+    sources::k8s::translate::{Effect, ObjectKey, endpoints, policy_of},
 };
 
 /// A Service's endpoints: (address, port) -> 1 if ready, 0 if draining.

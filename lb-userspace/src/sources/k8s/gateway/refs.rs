@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 
 use super::types::{BackendRef, GROUP, ReferenceGrant, Route, RouteKind};
-use crate::k8s::translate::{Cond, ObjectKey, cond};
+use crate::sources::k8s::translate::{Cond, ObjectKey, cond};
 
 /// What a backendRef refers to, or why it does not resolve (`reason`, `message`).
 pub type Resolved<'a> = Result<(&'a Service, &'a ServicePort), (&'static str, String)>;

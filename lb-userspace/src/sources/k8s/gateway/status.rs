@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use serde_json::{Value, json};
 
 use super::types::{ParentRef, RouteGroupKind, RouteKind};
-use crate::k8s::translate::{Cond, ObjectKey};
+use crate::sources::k8s::translate::{Cond, ObjectKey};
 
 /// What to write into one object's status.
 #[derive(Clone, Debug, PartialEq)]
@@ -186,7 +186,7 @@ fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::translate::cond;
+    use crate::sources::k8s::translate::cond;
 
     #[test]
     fn an_unchanged_status_renders_to_nothing_and_a_change_keeps_unchanged_transition_times() {

@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::Protocol;
+use crate::model::desired::Protocol;
 
 fn settings() -> Settings {
     Settings {
