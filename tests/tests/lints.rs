@@ -244,3 +244,24 @@ fn the_layer_lint_names_the_file_and_line_of_an_import_from_a_layer_above() {
     assert!(upward_imports("cli/mod.rs", text).is_empty());
     assert_eq!(upward_imports("stray.rs", "").len(), 1);
 }
+
+#[test]
+fn no_library_module_of_lb_userspace_or_lb_common_uses_anyhow() {
+    let root = crate_dir().join("..");
+    let needles = ["anyhow".to_string()];
+    let mut found = Vec::new();
+    for dir in ["lb-userspace/src", "lb-common/src"] {
+        for path in sources(&root.join(dir)) {
+            let name = path.strip_prefix(&root).expect("under the workspace");
+            let name = name.to_string_lossy();
+            let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            found.extend(uses(&name, &code_of(&text), &needles));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "library modules return typed errors (thiserror, the cause as #[source]); anyhow is \
+         for binaries (build.rs, xtask, the tests' tools):\n{}",
+        found.join("\n")
+    );
+}

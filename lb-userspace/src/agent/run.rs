@@ -17,7 +17,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
 use notify::Watcher as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -42,6 +41,65 @@ use crate::{
     status::file::{BackendStatus, Status, VipStatus, read_status, status_path},
     status::life::{AgentStatus, Life, StartStatus},
 };
+
+/// What stopped `lb run` (at start) or `lb down`, or made a reload fail.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The config or the command line asks for what cannot be (the message says what to change).
+    #[error("{0}")]
+    Refused(String),
+    /// A step that failed: `doing` says which, `source` why.
+    #[error("{doing}")]
+    Step {
+        doing: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Agent(#[from] crate::agent::reconcile::AgentError),
+    #[error(transparent)]
+    Config(#[from] crate::sources::config::ConfigError),
+    #[error(transparent)]
+    Dataplane(#[from] crate::kernel::dataplane::DataplaneError),
+    #[error(transparent)]
+    Inspect(#[from] crate::kernel::inspect::InspectError),
+    #[error(transparent)]
+    Kube(#[from] crate::sources::k8s::source::KubeError),
+    #[error(transparent)]
+    Migrate(#[from] crate::kernel::migrate::MigrateError),
+    #[error(transparent)]
+    Overrides(#[from] crate::sources::overrides::OverridesError),
+    #[error(transparent)]
+    PinDir(#[from] crate::kernel::pindir::PinDirError),
+    #[error(transparent)]
+    Mode(#[from] crate::kernel::xdpmode::Refused),
+    #[error(transparent)]
+    Uplink(#[from] crate::sources::uplink::UplinkError),
+    #[error(transparent)]
+    Link(#[from] crate::kernel::links::LinkError),
+    #[error(transparent)]
+    Watch(#[from] notify::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = RunError> = std::result::Result<T, E>;
+
+/// Names the step an error failed, as [`RunError::Step`].
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Doing<T> for std::result::Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| RunError::Step {
+            doing: what(),
+            source: Box::new(e),
+        })
+    }
+}
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -85,11 +143,11 @@ fn load_file(opts: &RunOptions) -> Result<Config> {
         }
     }
     if opts.kubernetes.is_some() && !c.vips.is_empty() {
-        bail!(
+        return Err(RunError::Refused(format!(
             "{} lists {} VIP(s), but with --kubernetes VIPs come from Services: keep only `node:` in it",
             opts.config.display(),
             c.vips.len()
-        );
+        )));
     }
     Ok(c)
 }
@@ -335,11 +393,11 @@ fn write_status(
     *m.health.lock().expect("health lock") = health_rows;
     *m.vips.lock().expect("vips lock") = status.vips.clone();
     std::fs::create_dir_all(&opts.state_dir)
-        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+        .doing(|| format!("creating {}", opts.state_dir.display()))?;
     let path = status_path(&opts.state_dir);
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&status)?)?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, &path).doing(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -367,7 +425,7 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     w.watch(dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        .doing(|| format!("watching {}", dir.display()))?;
     Ok(w)
 }
 
@@ -509,7 +567,7 @@ fn resize(
         Ok(p) => p,
         Err(e) => {
             back(agent, old_dp);
-            return Err(e).context("applying the config to the migrated maps");
+            return Err(e).doing(|| "applying the config to the migrated maps".into());
         }
     };
     let node = agent.config().node.clone();
@@ -518,7 +576,7 @@ fn resize(
         && let Err(e) = p.catch_up(&mut agent.dp.ebpf)
     {
         back(agent, old_dp);
-        return Err(e).context("copying what the old program wrote meanwhile");
+        return Err(e).doing(|| "copying what the old program wrote meanwhile".into());
     }
     if let Err(e) = links::sync(&mut agent.dp, pin_dir, &node.interfaces, node.xdp_mode) {
         if let Some(p) = &pending {
@@ -531,14 +589,14 @@ fn resize(
             &old_config.node.interfaces,
             old_config.node.xdp_mode,
         ) {
-            error!("swapping the old program back: {e:#}");
+            error!("swapping the old program back: {}", crate::error_chain(&e));
         }
-        return Err(e).context("swapping the migrated program in");
+        return Err(e).doing(|| "swapping the migrated program in".into());
     }
     if let Some(pending) = pending {
         let report = pending
             .finish(&mut agent.dp.ebpf)
-            .context("finishing the migration after the swap")?;
+            .doing(|| "finishing the migration after the swap".into())?;
         m.migrated(report);
     }
     drop(old_dp);
@@ -626,7 +684,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     crate::kernel::xdpmode::choose(file.node.xdp_mode, &interfaces)?;
     pindir::check_bpffs(&opts.pin_dir)?;
     std::fs::create_dir_all(&opts.state_dir)
-        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
+        .doing(|| format!("creating {}", opts.state_dir.display()))?;
     let (ktx, krx) = mpsc::channel::<()>(1);
     // The first list may take long (an API server away): a second agent is refused before it.
     PinLock::free(&opts.pin_dir)?;
@@ -657,7 +715,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut nexthops = Nexthops::start();
     nexthops.refresh(&mut agent, &m).await;
     if let Err(e) = write_status(&opts, &agent, &m, &life) {
-        warn!("writing the status file: {e:#}");
+        warn!("writing the status file: {}", crate::error_chain(&e));
     }
     expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
@@ -723,7 +781,7 @@ async fn start(
             addr,
             tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("node.metrics_listen: listening on {addr}"))?,
+                .doing(|| format!("node.metrics_listen: listening on {addr}"))?,
         )),
         None => None,
     };
@@ -744,7 +802,7 @@ async fn start(
     // What a previous agent announced stays in the status until this one decides.
     *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
     let memory = remembered(previous, &config);
-    let mut agent = Agent::adopt(dp, config, &memory).context("reading the maps")?;
+    let mut agent = Agent::adopt(dp, config, &memory).doing(|| "reading the maps".into())?;
     let node = agent.config().node.clone();
     let (plan, report) = match loaded.pending {
         // Attach first, then write the maps: a program attached on maps a previous agent left
@@ -761,7 +819,7 @@ async fn start(
                 Ok(p) => (p, loaded.report),
                 Err(e) => {
                     changes.revert(&mut agent.dp, &opts.pin_dir);
-                    return Err(e).context("applying the config");
+                    return Err(e).doing(|| "applying the config".into());
                 }
             }
         }
@@ -770,7 +828,7 @@ async fn start(
         Some(mut pending) => {
             let plan = agent
                 .reconcile()
-                .context("applying the config to the migrated maps")?;
+                .doing(|| "applying the config to the migrated maps".into())?;
             pending.catch_up(&mut agent.dp.ebpf)?;
             let changes = match links::sync(
                 &mut agent.dp,
@@ -781,7 +839,7 @@ async fn start(
                 Ok(c) => c,
                 Err(e) => {
                     pending.release_hold(&mut agent.dp.ebpf);
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             // From the swap on the new maps are the state: what fails after it is said in the
@@ -937,7 +995,7 @@ async fn serve(
     );
     life.event_loop = true;
     if let Err(e) = write_status(opts, &agent, m, &life) {
-        warn!("writing the status file: {e:#}");
+        warn!("writing the status file: {}", crate::error_chain(&e));
     }
 
     loop {
@@ -1014,7 +1072,12 @@ async fn serve(
             let result = candidate
                 .and_then(|((c, o), f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f, o)));
             if let Some(k) = &mut kube {
-                k.report(&result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+                k.report(
+                    &result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| crate::error_chain(e)),
+                );
             }
             let (what, source) = match reload {
                 Reload::Kube => ("cluster change", "cluster"),
@@ -1049,9 +1112,12 @@ async fn serve(
                     }
                 }
                 Err(e) => {
-                    life.reloaded(source, Err(format!("{e:#}")));
+                    life.reloaded(source, Err(crate::error_chain(&e)));
                     m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                    error!("{what} rejected, the previous state keeps serving: {e:#}");
+                    error!(
+                        "{what} rejected, the previous state keeps serving: {}",
+                        crate::error_chain(&e)
+                    );
                 }
             }
         }
@@ -1064,7 +1130,7 @@ async fn serve(
             life.kubernetes_skipped = k.skipped().to_vec();
         }
         if let Err(e) = write_status(opts, &agent, m, &life) {
-            warn!("writing the status file: {e:#}");
+            warn!("writing the status file: {}", crate::error_chain(&e));
         }
     }
     drop(checks);
@@ -1085,11 +1151,11 @@ async fn serve(
     if let Some(to) = own.rollback_from(&running_release()) {
         info!("rolling back to {to}: the pins are left as {to} reads them");
         let done = crate::kernel::migrate::prepare_rollback(&opts.pin_dir, &to)
-            .with_context(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
+            .doing(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
         info!("{done}");
         life.rolled_back_for = Some(to.to_string());
         if let Err(e) = write_status(opts, &agent, m, &life) {
-            warn!("writing the status file: {e:#}");
+            warn!("writing the status file: {}", crate::error_chain(&e));
         }
     }
     Ok(own == OwnDaemonSet::Gone)
@@ -1115,11 +1181,11 @@ pub fn down_unless_running(pin_dir: &Path, state_dir: &Path) -> Result<Vec<Strin
                 Some(p) => (format!("an lb agent (pid {p})"), format!("`kill {p}`")),
                 None => ("an lb agent".to_string(), "SIGTERM".to_string()),
             };
-            bail!(
+            Err(RunError::Refused(format!(
                 "{who} is running on {}: stop it first ({stop}; it exits leaving traffic flowing), \
                  then run `lb down` again; `lb down --force` removes the pins from under it",
                 pin_dir.display()
-            )
+            )))
         }
     }
 }
@@ -1132,7 +1198,7 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
     // The routes first: the node stops being announced before it stops serving.
     if let Some(a) = read_status(state_dir).and_then(|s| s.announce) {
-        for vip in announce::withdraw_blocking(a.table).with_context(|| {
+        for vip in announce::withdraw_blocking(a.table).doing(|| {
             format!(
                 "withdrawing the VIPs announced in routing table {}",
                 a.table
@@ -1145,8 +1211,7 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     // it and renaming it over the first: it would keep the program attached.
     for e in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
         if e.file_name().to_string_lossy().ends_with("@swap") {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("removing {}", e.path().display()))?;
+            std::fs::remove_file(e.path()).doing(|| format!("removing {}", e.path().display()))?;
         }
     }
     for (ifname, _) in links::pinned_links(pin_dir) {
@@ -1165,11 +1230,11 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
         .unwrap_or_default();
     pins.sort();
     for p in pins {
-        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        std::fs::remove_file(&p).doing(|| format!("removing {}", p.display()))?;
         done.push(format!("removed {}", p.display()));
     }
     if pin_dir.exists() {
-        std::fs::remove_dir(pin_dir).with_context(|| {
+        std::fs::remove_dir(pin_dir).doing(|| {
             format!(
                 "removing {} (something else is pinned there?)",
                 pin_dir.display()

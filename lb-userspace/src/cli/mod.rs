@@ -10,7 +10,6 @@ pub mod overrides;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
@@ -21,6 +20,36 @@ use crate::{
     model::desired::Protocol,
     observe::show::{self, Format, backends, explain, stats},
 };
+
+/// Why a command failed: the error of the layer that failed, or what the command line refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// What the command refuses to do, and what to do instead.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+    #[error(transparent)]
+    Show(#[from] show::ShowError),
+    #[error(transparent)]
+    Top(#[from] crate::observe::top::TopError),
+    #[error(transparent)]
+    Decap(#[from] crate::kernel::decap::DecapError),
+    #[error(transparent)]
+    Overrides(#[from] crate::cli::overrides::CommandError),
+    #[error(transparent)]
+    Rollback(#[from] crate::kernel::migrate::RollbackError),
+    #[error(transparent)]
+    PinDir(#[from] crate::kernel::pindir::PinDirError),
+    #[error(transparent)]
+    Inspect(#[from] crate::kernel::inspect::InspectError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T, E = CliError> = std::result::Result<T, E>;
 
 const DEFAULT_STATE_DIR: &str = "/run/lb";
 
@@ -323,8 +352,8 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: {e:#}");
-            if let Some(why) = crate::kernel::privilege::explain(e.as_ref()) {
+            eprintln!("lb: {}", crate::error_chain(&e));
+            if let Some(why) = crate::kernel::privilege::explain(&e) {
                 eprintln!("lb: {why}");
             }
             ExitCode::FAILURE
@@ -478,17 +507,22 @@ fn run_agent(a: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> {
                 down_when_deleted: a.down_when_deleted,
             })
         }
-        (true, _) => bail!(
-            "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
-        ),
+        (true, _) => {
+            return Err(CliError::Refused(
+                "--kubernetes needs this node's name: set NODE_NAME (the DaemonSet takes it from spec.nodeName) or --node-name"
+                    .to_string(),
+            ));
+        }
     };
-    tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
-        config: a.config,
-        pin_dir,
-        state_dir,
-        kubernetes,
-        sources: a.source,
-    }))
+    Ok(
+        tokio::runtime::Runtime::new()?.block_on(run::run(RunOptions {
+            config: a.config,
+            pin_dir,
+            state_dir,
+            kubernetes,
+            sources: a.source,
+        }))?,
+    )
 }
 
 /// `lb migrate --to-release`: leaves the pins as an older release reads them.
@@ -498,10 +532,10 @@ fn migrate(pins: &std::path::Path, to_release: &semver::Version) -> Result<()> {
         return Ok(());
     }
     let Some(_lock) = crate::kernel::pindir::PinLock::try_lock(pins)? else {
-        bail!(
+        return Err(CliError::Refused(format!(
             "an lb agent is running on {}: stop it first (it exits leaving traffic flowing)",
             pins.display()
-        );
+        )));
     };
     println!(
         "{}",
@@ -562,17 +596,21 @@ fn check(config: &std::path::Path, pins: &std::path::Path, output: TextOrJson) -
         };
         println!("{}", serde_json::to_string_pretty(&v)?);
         if !report.ok() {
-            bail!("{}: {} problem(s)", config.display(), report.errors.len());
+            return Err(CliError::Refused(format!(
+                "{}: {} problem(s)",
+                config.display(),
+                report.errors.len()
+            )));
         }
         return Ok(());
     }
     print!("{report}");
     if !report.ok() {
-        bail!(
+        return Err(CliError::Refused(format!(
             "{}: {} problem(s); `lb run` would refuse it",
             config.display(),
             report.errors.len()
-        );
+        )));
     }
     let warnings = match report.warnings.len() {
         0 => String::new(),

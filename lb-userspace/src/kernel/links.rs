@@ -15,7 +15,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, bail};
 use aya::programs::{
     Xdp,
     links::{FdLink, PinnedLink},
@@ -28,6 +27,48 @@ use crate::{
     kernel::program::PROGRAM,
     kernel::xdpmode::{self, Choice, Mode, XdpMode},
 };
+
+/// What attaching, swapping or detaching could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("node.interfaces: no interface named {} on this host (nothing was changed)", .0.join(", "))]
+    NoSuchInterface(Vec<String>),
+    #[error("no lb program")]
+    NoProgram,
+    #[error("no devmap")]
+    NoDevmap,
+    /// A step the kernel (or aya) refused: `doing` says which, `source` why.
+    #[error("{doing}")]
+    Step {
+        doing: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
+    XdpMap(#[from] aya::maps::xdp::XdpMapError),
+    #[error(transparent)]
+    Mode(#[from] xdpmode::Refused),
+}
+
+type Result<T, E = LinkError> = std::result::Result<T, E>;
+
+/// Names the step an error of the kernel's (or aya's) failed, as [`LinkError::Step`].
+trait Doing<T> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Doing<T> for std::result::Result<T, E> {
+    fn doing(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| LinkError::Step {
+            doing: what(),
+            source: Box::new(e),
+        })
+    }
+}
 
 /// The pin of `ifname`'s link: `link-eth0`. bpffs refuses dots in names, so a VLAN's
 /// `bond0.100` is pinned as `link-bond0:100` (a colon is never in an interface name).
@@ -82,10 +123,9 @@ pub fn resolve(names: &[String]) -> Result<Vec<(String, u32)>> {
         .map(|(n, _)| n.as_str())
         .collect();
     if !missing.is_empty() {
-        bail!(
-            "node.interfaces: no interface named {} on this host (nothing was changed)",
-            missing.join(", ")
-        );
+        return Err(LinkError::NoSuchInterface(
+            missing.into_iter().map(str::to_string).collect(),
+        ));
     }
     Ok(found
         .into_iter()
@@ -97,7 +137,7 @@ fn program(dp: &mut KernelDataplane) -> Result<&mut Xdp> {
     Ok(dp
         .ebpf
         .program_mut(PROGRAM)
-        .context("no lb program")?
+        .ok_or(LinkError::NoProgram)?
         .try_into()?)
 }
 
@@ -107,10 +147,10 @@ fn attach_new(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str, mode: Mode
     let id = match prog.attach(ifname, mode.flags()) {
         Ok(id) => id,
         Err(e) if os_error(&e) == Some(libc::EBUSY) => {
-            return Err(e).context(busy(ifname));
+            return Err(e).doing(|| busy(ifname));
         }
         Err(e) => {
-            return Err(e).with_context(|| {
+            return Err(e).doing(|| {
                 format!("attaching the XDP program to {ifname} (native mode needs driver support: try xdp_mode: generic)")
             });
         }
@@ -169,38 +209,37 @@ pub(crate) fn attached_program_text(ifname: &str) -> String {
 fn swap(dp: &mut KernelDataplane, pin_dir: &Path, ifname: &str) -> Result<()> {
     let path = link_pin(pin_dir, ifname);
     let fd: FdLink = PinnedLink::from_pin(&path)
-        .with_context(|| format!("opening the pinned link {}", path.display()))?
+        .doing(|| format!("opening the pinned link {}", path.display()))?
         .into();
-    let link = XdpLink::try_from(fd).context("the pinned link is not an XDP link")?;
+    let link = XdpLink::try_from(fd).doing(|| "the pinned link is not an XDP link".into())?;
     let prog = program(dp)?;
     let id = prog
         .attach_to_link(link)
-        .with_context(|| format!("replacing the program attached to {ifname}"))?;
+        .doing(|| format!("replacing the program attached to {ifname}"))?;
     let again = pin_dir.join(format!("{}@swap", link_pin_name(ifname)));
     let _ = std::fs::remove_file(&again);
     pin(prog, id, &again)?;
     std::fs::rename(&again, &path)
-        .with_context(|| format!("renaming {} over {}", again.display(), path.display()))
+        .doing(|| format!("renaming {} over {}", again.display(), path.display()))
 }
 
 fn pin(prog: &mut Xdp, id: aya::programs::xdp::XdpLinkId, path: &Path) -> Result<()> {
     let link: FdLink = prog
         .take_link(id)?
         .try_into()
-        .context("the XDP link is not a bpf_link (kernel too old?)")?;
+        .doing(|| "the XDP link is not a bpf_link (kernel too old?)".into())?;
     link.pin(path)
-        .with_context(|| format!("pinning the link at {}", path.display()))?;
+        .doing(|| format!("pinning the link at {}", path.display()))?;
     Ok(())
 }
 
 /// Detaches the program from `ifname` (removing the pin drops the last reference to the link).
 pub fn detach(pin_dir: &Path, ifname: &str) -> Result<()> {
     let path = link_pin(pin_dir, ifname);
-    let link =
-        PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let link = PinnedLink::from_pin(&path).doing(|| format!("opening {}", path.display()))?;
     drop(
         link.unpin()
-            .with_context(|| format!("removing {}", path.display()))?,
+            .doing(|| format!("removing {}", path.display()))?,
     );
     Ok(())
 }
@@ -241,7 +280,8 @@ impl Changes {
                     if let Err(e) = r {
                         error!(
                             index,
-                            "removing an interface from the redirect devmap: {e:#}"
+                            "removing an interface from the redirect devmap: {}",
+                            crate::error_chain(&e)
                         );
                     }
                     continue;
@@ -251,7 +291,8 @@ impl Changes {
                     if let Err(e) = r {
                         error!(
                             index,
-                            "putting an interface back into the redirect devmap: {e:#}"
+                            "putting an interface back into the redirect devmap: {}",
+                            crate::error_chain(&e)
                         );
                     }
                     continue;
@@ -265,7 +306,11 @@ impl Changes {
             };
             match r {
                 Ok(()) => info!(interface = %ifname, "attachment put back as it was"),
-                Err(e) => error!(interface = %ifname, "putting the attachment back failed: {e:#}"),
+                Err(e) => error!(
+                    interface = %ifname,
+                    "putting the attachment back failed: {}",
+                    crate::error_chain(&e)
+                ),
             }
         }
     }
@@ -343,12 +388,12 @@ fn prepare(
     if target && !present {
         ports
             .insert(index, index, None, 0)
-            .with_context(|| format!("adding {ifname} to the redirect devmap"))?;
+            .doing(|| format!("adding {ifname} to the redirect devmap"))?;
         done.undo.push(Undo::TxPort(index));
     } else if !target && present {
         ports
             .remove(index)
-            .with_context(|| format!("taking {ifname} out of the redirect devmap"))?;
+            .doing(|| format!("taking {ifname} out of the redirect devmap"))?;
         done.undo.push(Undo::TxPortBack(index));
     }
     let sysctl = accept_local(ifname);
@@ -373,7 +418,7 @@ fn tx_ports(dp: &mut KernelDataplane) -> Result<aya::maps::DevMapHash<&mut aya::
     let map = dp
         .ebpf
         .map_mut(lb_common::maps::TX_PORTS)
-        .context("no devmap")?;
+        .ok_or(LinkError::NoDevmap)?;
     Ok(aya::maps::DevMapHash::try_from(map)?)
 }
 
@@ -486,7 +531,7 @@ fn steps(
 /// program is, or not in a mode lb uses (offloaded).
 fn attached_mode(index: u32) -> Result<Option<Mode>> {
     let state = xdp_state(index)
-        .with_context(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
+        .doing(|| format!("asking the kernel how XDP is attached to interface {index}"))?;
     Ok(match state.mode() {
         Some("native") => Some(Mode::Native),
         Some("generic") => Some(Mode::Generic),
