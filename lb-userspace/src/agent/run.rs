@@ -161,6 +161,17 @@ enum Reload {
     Overrides,
 }
 
+impl Reload {
+    /// What the log calls a reload of this kind, and the status file's source of it.
+    fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            Reload::Kube => ("cluster change", "cluster"),
+            Reload::Overrides => ("overrides", "overrides"),
+            _ => ("config", "config"),
+        }
+    }
+}
+
 /// A backend's passive health: its members' counters added up, and the longest failure streak
 /// among them (the program keeps them per member, that is per VIP).
 fn backend_passive(
@@ -719,7 +730,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     expect_links(&m, &opts.pin_dir, &agent);
     m.ready.store(true, Ordering::Relaxed);
-    let uninstalled = serve(&opts, agent, file, kube, krx, &m, nexthops, life, signals).await?;
+    let serve = Serve {
+        opts: &opts,
+        m: &m,
+        agent,
+        file,
+        kube,
+        nexthops,
+        life,
+    };
+    let uninstalled = serve.serve(krx, signals).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -803,52 +823,7 @@ async fn start(
     *m.announce.lock().expect("announce lock") = previous.as_ref().and_then(|s| s.announce.clone());
     let memory = remembered(previous, &config);
     let mut agent = Agent::adopt(dp, config, &memory).doing(|| "reading the maps".into())?;
-    let node = agent.config().node.clone();
-    let (plan, report) = match loaded.pending {
-        // Attach first, then write the maps: a program attached on maps a previous agent left
-        // (or on empty ones) serves as before, and failing to attach (a driver without native
-        // XDP, say) then leaves the maps untouched.
-        None => {
-            let changes = links::sync(
-                &mut agent.dp,
-                &opts.pin_dir,
-                &node.interfaces,
-                node.xdp_mode,
-            )?;
-            match agent.reconcile() {
-                Ok(p) => (p, loaded.report),
-                Err(e) => {
-                    changes.revert(&mut agent.dp, &opts.pin_dir);
-                    return Err(e).doing(|| "applying the config".into());
-                }
-            }
-        }
-        // Entries moved into new maps: they get the config before they serve (nothing of the
-        // old program's changed yet if this fails), then the new program is swapped in.
-        Some(mut pending) => {
-            let plan = agent
-                .reconcile()
-                .doing(|| "applying the config to the migrated maps".into())?;
-            pending.catch_up(&mut agent.dp.ebpf)?;
-            let changes = match links::sync(
-                &mut agent.dp,
-                &opts.pin_dir,
-                &node.interfaces,
-                node.xdp_mode,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    pending.release_hold(&mut agent.dp.ebpf);
-                    return Err(e.into());
-                }
-            };
-            // From the swap on the new maps are the state: what fails after it is said in the
-            // report (and counted), and the agent serves on.
-            let _ = changes;
-            let report = pending.finish(&mut agent.dp.ebpf)?;
-            (plan, Some(report))
-        }
-    };
+    let (plan, report) = first_apply(&mut agent, &opts.pin_dir, loaded.pending, loaded.report)?;
     if let Some(r) = report {
         info!(
             from = r.from_release.as_deref().unwrap_or("unknown"),
@@ -860,11 +835,7 @@ async fn start(
         m.migrated(r);
     }
     let metrics_task = match listener {
-        Some((addr, listener)) => {
-            info!(%addr, "serving /metrics, /healthz and /readyz");
-            let scraper = metrics::Scraper::open(&opts.pin_dir, m.clone())?;
-            Some(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
-        }
+        Some((addr, listener)) => Some(serve_metrics(addr, listener, &opts.pin_dir, m)?),
         None => None,
     };
     info!(
@@ -893,6 +864,67 @@ async fn start(
             map_writes: plan.write_count() as u64,
         },
     })
+}
+
+/// Applies the config to the maps of a start, in the order that keeps traffic flowing: without
+/// a migration (`pending` None), attaches first and then writes the maps; after one, gives the
+/// migrated maps the config before the new program is swapped in. The plan applied, and the
+/// start's report of the pins (`report`, or the finished migration's).
+fn first_apply(
+    agent: &mut Agent<KernelDataplane>,
+    pin_dir: &Path,
+    pending: Option<migrate::Pending>,
+    report: Option<migrate::Migration>,
+) -> Result<(Plan, Option<migrate::Migration>)> {
+    let node = agent.config().node.clone();
+    Ok(match pending {
+        // Attach first, then write the maps: a program attached on maps a previous agent left
+        // (or on empty ones) serves as before, and failing to attach (a driver without native
+        // XDP, say) then leaves the maps untouched.
+        None => {
+            let changes = links::sync(&mut agent.dp, pin_dir, &node.interfaces, node.xdp_mode)?;
+            match agent.reconcile() {
+                Ok(p) => (p, report),
+                Err(e) => {
+                    changes.revert(&mut agent.dp, pin_dir);
+                    return Err(e).doing(|| "applying the config".into());
+                }
+            }
+        }
+        // Entries moved into new maps: they get the config before they serve (nothing of the
+        // old program's changed yet if this fails), then the new program is swapped in.
+        Some(mut pending) => {
+            let plan = agent
+                .reconcile()
+                .doing(|| "applying the config to the migrated maps".into())?;
+            pending.catch_up(&mut agent.dp.ebpf)?;
+            let changes = match links::sync(&mut agent.dp, pin_dir, &node.interfaces, node.xdp_mode)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    pending.release_hold(&mut agent.dp.ebpf);
+                    return Err(e.into());
+                }
+            };
+            // From the swap on the new maps are the state: what fails after it is said in the
+            // report (and counted), and the agent serves on.
+            let _ = changes;
+            let report = pending.finish(&mut agent.dp.ebpf)?;
+            (plan, Some(report))
+        }
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` from now on.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
+    pin_dir: &Path,
+    m: &Arc<AgentMetrics>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    let scraper = metrics::Scraper::open(pin_dir, m.clone())?;
+    Ok(tokio::spawn(metrics::serve(listener, scraper, m.clone())))
 }
 
 /// The release of the agent that wrote `status`: its own word, or 0.1.0 for a status without
@@ -951,215 +983,327 @@ impl Signals {
     }
 }
 
-/// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
-/// `file` is the last accepted config file: the base of every cluster change. Returns whether
-/// the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone); when that DaemonSet
-/// now runs an older release (a rollback), leaves the pins as that release reads them first.
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    opts: &RunOptions,
-    mut agent: Agent<KernelDataplane>,
-    mut file: Config,
-    mut kube: Option<Kube>,
-    mut krx: mpsc::Receiver<()>,
-    m: &AgentMetrics,
-    mut nexthops: Nexthops,
-    mut life: Life,
-    Signals {
-        mut hup,
-        mut usr1,
-        mut term,
-        mut int,
-        config: mut frx,
-        _watcher,
-    }: Signals,
-) -> Result<bool> {
-    // Announced once the maps hold the first desired state; withdrawn on the way out.
-    let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
-    announce_update(&mut announce, &agent, m).await;
-    let (htx, mut hrx) = mpsc::channel::<health::Transition>(256);
-    let mut checks = health::Checks::new(htx.clone());
-    checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
-    let (ptx, mut prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
-    let mut passive = Passive::default();
-    passive.sync_holds(&mut agent);
-    let mut events = health::events::Events::take(&mut agent.dp);
-    let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
-    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
-    nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    nexthop_tick.reset();
-    info!(
-        "running; SIGHUP or saving {} reloads it",
-        opts.config.display()
-    );
-    life.event_loop = true;
-    if let Err(e) = write_status(opts, &agent, m, &life) {
-        warn!("writing the status file: {}", crate::error_chain(&e));
+/// What the event loop starts from: the started agent and what [`run`] set up around it.
+struct Serve<'a> {
+    opts: &'a RunOptions,
+    m: &'a AgentMetrics,
+    agent: Agent<KernelDataplane>,
+    /// The last accepted config file: the base of every cluster change.
+    file: Config,
+    kube: Option<Kube>,
+    nexthops: Nexthops,
+    life: Life,
+}
+
+/// What the event loop waits on, besides the agent's own next-hop events.
+struct Inputs {
+    signals: Signals,
+    /// The cluster changed.
+    krx: mpsc::Receiver<()>,
+    /// Active health transitions.
+    hrx: mpsc::Receiver<health::Transition>,
+    /// Passive health probes' answers.
+    prx: mpsc::Receiver<(Target, Result<(), String>)>,
+    passive_tick: tokio::time::Interval,
+    nexthop_tick: tokio::time::Interval,
+}
+
+/// The event loop: [`Serve`] and what it keeps in step with the agent's config (the
+/// announcements, the active and passive health checks).
+struct Loop<'a> {
+    s: Serve<'a>,
+    announce: announce::Keeper,
+    checks: health::Checks,
+    passive: Passive,
+    events: health::events::Events,
+    ptx: mpsc::Sender<(Target, Result<(), String>)>,
+}
+
+/// What one wake-up of the loop asks for.
+enum Wake {
+    /// Nothing the rest of the round need see.
+    Quiet,
+    /// A round: a reload (or none), and whether the next hops are due for a refresh.
+    Round { reload: Reload, refresh: bool },
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+impl<'a> Serve<'a> {
+    /// The event loop: health transitions, passive health, reloads, until SIGTERM or SIGINT.
+    /// Returns whether the agent was uninstalled (`--down-when-deleted`: its DaemonSet is gone);
+    /// when that DaemonSet now runs an older release (a rollback), leaves the pins as that
+    /// release reads them first.
+    async fn serve(self, krx: mpsc::Receiver<()>, signals: Signals) -> Result<bool> {
+        let (mut lp, mut inputs) = self.begin(krx, signals).await;
+        loop {
+            let members = lp.s.agent.state().members.clone();
+            let (reload, refresh) = match lp.wait(&mut inputs).await {
+                Wake::Stop => break,
+                Wake::Quiet => continue,
+                Wake::Round { reload, refresh } => (reload, refresh),
+            };
+            lp.reload(reload);
+            // After any applied plan that changed the members, and on netlink events and ticks.
+            if refresh || lp.s.agent.state().members != members {
+                lp.s.nexthops.refresh(&mut lp.s.agent, lp.s.m).await;
+            }
+            announce_update(&mut lp.announce, &lp.s.agent, lp.s.m).await;
+            if let Some(k) = &lp.s.kube {
+                lp.s.life.kubernetes_skipped = k.skipped().to_vec();
+            }
+            lp.s.write_status();
+        }
+        lp.finish().await
     }
 
-    loop {
-        let members = agent.state().members.clone();
-        let mut refresh = false;
-        let reload = tokio::select! {
-            Some(()) = nexthops.events.recv() => {
+    fn write_status(&self) {
+        if let Err(e) = write_status(self.opts, &self.agent, self.m, &self.life) {
+            warn!("writing the status file: {}", crate::error_chain(&e));
+        }
+    }
+
+    /// Announces (once the maps hold the first desired state; withdrawn on the way out),
+    /// starts the health checks and the ticks, and says the loop runs.
+    async fn begin(mut self, krx: mpsc::Receiver<()>, signals: Signals) -> (Loop<'a>, Inputs) {
+        let m = self.m;
+        let mut announce = announce::Keeper::new(m.announce.lock().expect("announce lock").clone());
+        announce_update(&mut announce, &self.agent, m).await;
+        let (htx, hrx) = mpsc::channel::<health::Transition>(256);
+        let mut checks = health::Checks::new(htx.clone());
+        checks.sync(self.agent.config(), |t: &Target| self.agent.is_healthy(t));
+        let (ptx, prx) = mpsc::channel::<(Target, Result<(), String>)>(64);
+        let mut passive = Passive::default();
+        passive.sync_holds(&mut self.agent);
+        let events = health::events::Events::take(&mut self.agent.dp);
+        let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
+        passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
+        nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        nexthop_tick.reset();
+        info!(
+            "running; SIGHUP or saving {} reloads it",
+            self.opts.config.display()
+        );
+        self.life.event_loop = true;
+        self.write_status();
+        let inputs = Inputs {
+            signals,
+            krx,
+            hrx,
+            prx,
+            passive_tick,
+            nexthop_tick,
+        };
+        let lp = Loop {
+            s: self,
+            announce,
+            checks,
+            passive,
+            events,
+            ptx,
+        };
+        (lp, inputs)
+    }
+}
+
+impl Loop<'_> {
+    /// Waits for the next event and acts on those that need no reload.
+    async fn wait(&mut self, inputs: &mut Inputs) -> Wake {
+        let Inputs {
+            signals,
+            krx,
+            hrx,
+            prx,
+            passive_tick,
+            nexthop_tick,
+        } = inputs;
+        let m = self.s.m;
+        let s = &mut self.s;
+        let round = |reload| Wake::Round {
+            reload,
+            refresh: false,
+        };
+        tokio::select! {
+            Some(()) = s.nexthops.events.recv() => {
                 // Gather the burst of messages one change makes (a route and its neighbour...).
                 tokio::time::sleep(nexthop::DEBOUNCE).await;
-                while nexthops.events.try_recv().is_ok() {}
-                refresh = true;
-                Reload::No
+                while s.nexthops.events.try_recv().is_ok() {}
+                Wake::Round { reload: Reload::No, refresh: true }
             }
-            _ = nexthop_tick.tick() => { refresh = true; Reload::No }
+            _ = nexthop_tick.tick() => Wake::Round { reload: Reload::No, refresh: true },
             Some(t) = hrx.recv() => {
-                if checks.is_current(&t) {
-                    life.health_changed(crate::model::desired::vip_label(&t.target.0), t.target.1, &t.reason);
+                if self.checks.is_current(&t) {
+                    s.life.health_changed(crate::model::desired::vip_label(&t.target.0), t.target.1, &t.reason);
                 }
-                on_health(&mut agent, &checks, t, m);
-                Reload::No
+                on_health(&mut s.agent, &self.checks, t, m);
+                round(Reload::No)
             }
-            _ = passive_tick.tick() => {
-                if !passive.round(&mut agent, &ptx, m) {
-                    continue;
-                }
-                Reload::No
-            }
+            _ = passive_tick.tick() => match self.passive.round(&mut s.agent, &self.ptx, m) {
+                false => Wake::Quiet,
+                true => round(Reload::No),
+            },
             Some((target, result)) = prx.recv() => {
-                passive.probed(&mut agent, target, result, m);
-                Reload::No
+                self.passive.probed(&mut s.agent, target, result, m);
+                round(Reload::No)
             }
             // A connection attempt failed: its streak may have reached the threshold.
-            _ = events.next() => {
-                if !passive.round(&mut agent, &ptx, m) {
-                    continue;
-                }
-                Reload::No
-            }
-            _ = hup.recv() => { info!("SIGHUP: reloading"); Reload::File }
-            _ = usr1.recv() => Reload::Overrides,
-            Some(()) = frx.recv() => {
+            _ = self.events.next() => match self.passive.round(&mut s.agent, &self.ptx, m) {
+                false => Wake::Quiet,
+                true => round(Reload::No),
+            },
+            _ = signals.hup.recv() => { info!("SIGHUP: reloading"); round(Reload::File) }
+            _ = signals.usr1.recv() => round(Reload::Overrides),
+            Some(()) = signals.config.recv() => {
                 // Coalesce the burst of events one save makes.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                while frx.try_recv().is_ok() {}
-                info!("{} changed: reloading", opts.config.display());
-                Reload::File
+                while signals.config.try_recv().is_ok() {}
+                info!("{} changed: reloading", s.opts.config.display());
+                round(Reload::File)
             }
             Some(()) = krx.recv() => {
                 // Coalesce a burst of watch events (a rollout changes many slices at once).
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while krx.try_recv().is_ok() {}
-                Reload::Kube
+                round(Reload::Kube)
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        // The config to switch to, and the file it comes from when the file was read again:
-        // that file becomes the base of later cluster changes only once it is accepted.
+            _ = signals.term.recv() => Wake::Stop,
+            _ = signals.int.recv() => Wake::Stop,
+        }
+    }
+
+    /// The config to switch to for `reload`, and the file it comes from when the file was read
+    /// again: that file becomes the base of later cluster changes only once it is accepted.
+    fn candidate(&mut self, reload: &Reload) -> Option<Result<Candidate>> {
+        let s = &mut self.s;
         let candidate = match reload {
             Reload::No => None,
             Reload::File => {
-                Some(load_file(opts).map(|f| (compose_now(&f, kube.as_mut()), Some(f))))
+                Some(load_file(s.opts).map(|f| (compose_now(&f, s.kube.as_mut()), Some(f))))
             }
-            Reload::Kube => kube
+            Reload::Kube => s
+                .kube
                 .as_mut()
-                .map(|k| Ok((compose_now(&file, Some(k)), None))),
-            Reload::Overrides => Some(Ok((compose_now(&file, kube.as_mut()), None))),
+                .map(|k| Ok((compose_now(&s.file, Some(k)), None))),
+            Reload::Overrides => Some(Ok((compose_now(&s.file, s.kube.as_mut()), None))),
         };
-        let candidate =
-            candidate.map(|c| c.and_then(|(c, f)| Ok((overridden(&opts.state_dir, c)?, f))));
-        if let Some(candidate) = candidate {
-            let from_kube = matches!(reload, Reload::Kube);
-            let before = agent.config().clone();
-            let result = candidate
-                .and_then(|((c, o), f)| Ok((apply(&mut agent, &opts.pin_dir, c, m)?, f, o)));
-            if let Some(k) = &mut kube {
-                k.report(
-                    &result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| crate::error_chain(e)),
+        candidate.map(|c| c.and_then(|(c, f)| Ok((overridden(&s.opts.state_dir, c)?, f))))
+    }
+
+    /// Applies what `reload` asks for, if anything: accepted, the checks follow the new config;
+    /// refused, the previous state keeps serving.
+    fn reload(&mut self, reload: Reload) {
+        let Some(candidate) = self.candidate(&reload) else {
+            return;
+        };
+        let s = &mut self.s;
+        let before = s.agent.config().clone();
+        let result = candidate
+            .and_then(|((c, o), f)| Ok((apply(&mut s.agent, &s.opts.pin_dir, c, s.m)?, f, o)));
+        if let Some(k) = &mut s.kube {
+            k.report(
+                &result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| crate::error_chain(e)),
+            );
+        }
+        let (what, source) = reload.labels();
+        match result {
+            Ok(done) => self.accepted(&before, done, &reload),
+            Err(e) => {
+                let m = s.m;
+                s.life.reloaded(source, Err(crate::error_chain(&e)));
+                m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    "{what} rejected, the previous state keeps serving: {}",
+                    crate::error_chain(&e)
                 );
             }
-            let (what, source) = match reload {
-                Reload::Kube => ("cluster change", "cluster"),
-                Reload::Overrides => ("overrides", "overrides"),
-                _ => ("config", "config"),
-            };
-            match result {
-                Ok((p, f, o)) => {
-                    if let Some(f) = f {
-                        file = f;
-                    }
-                    settle_overrides(&opts.state_dir, o, m);
-                    log_changes(&before, agent.config());
-                    events.renew(&mut agent.dp);
-                    passive.sync_holds(&mut agent);
-                    for w in &agent.config().warnings {
-                        warn!("{w}");
-                    }
-                    checks.sync(agent.config(), |t: &Target| agent.is_healthy(t));
-                    expect_links(m, &opts.pin_dir, &agent);
-                    life.reloaded(source, Ok(()));
-                    m.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                    m.applied();
-                    m.map_writes
-                        .fetch_add(p.write_count() as u64, Ordering::Relaxed);
-                    if !from_kube || !p.is_empty() {
-                        info!(
-                            writes = p.write_count(),
-                            vips = agent.config().vips.len(),
-                            "{what} applied"
-                        );
-                    }
-                }
-                Err(e) => {
-                    life.reloaded(source, Err(crate::error_chain(&e)));
-                    m.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                    error!(
-                        "{what} rejected, the previous state keeps serving: {}",
-                        crate::error_chain(&e)
-                    );
-                }
+        }
+    }
+
+    /// After an accepted reload: the file it came from is the new base, and the overrides,
+    /// passive health, checks, expected links and metrics follow the config now applied.
+    fn accepted(
+        &mut self,
+        before: &Config,
+        (p, file, o): (Plan, Option<Config>, overrides::Applied),
+        reload: &Reload,
+    ) {
+        let (what, source) = reload.labels();
+        let from_kube = matches!(reload, Reload::Kube);
+        let s = &mut self.s;
+        let m = s.m;
+        if let Some(f) = file {
+            s.file = f;
+        }
+        settle_overrides(&s.opts.state_dir, o, m);
+        log_changes(before, s.agent.config());
+        self.events.renew(&mut s.agent.dp);
+        self.passive.sync_holds(&mut s.agent);
+        for w in &s.agent.config().warnings {
+            warn!("{w}");
+        }
+        self.checks
+            .sync(s.agent.config(), |t: &Target| s.agent.is_healthy(t));
+        expect_links(m, &s.opts.pin_dir, &s.agent);
+        s.life.reloaded(source, Ok(()));
+        m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        m.applied();
+        m.map_writes
+            .fetch_add(p.write_count() as u64, Ordering::Relaxed);
+        if !from_kube || !p.is_empty() {
+            info!(
+                writes = p.write_count(),
+                vips = s.agent.config().vips.len(),
+                "{what} applied"
+            );
+        }
+    }
+
+    /// The loop is over: stops the checks, withdraws the announcements, gives up the lease and,
+    /// on a rollback, leaves the pins as the older release reads them. Whether the agent was
+    /// uninstalled.
+    async fn finish(self) -> Result<bool> {
+        let Loop {
+            mut s,
+            mut announce,
+            checks,
+            passive: _passive,
+            events: _events,
+            ptx: _ptx,
+        } = self;
+        drop(checks);
+        announce.shutdown().await;
+        let mut own = OwnDaemonSet::Unknown;
+        if let Some(k) = &mut s.kube {
+            k.release_lease().await;
+            let ds = s
+                .opts
+                .kubernetes
+                .as_ref()
+                .and_then(|o| o.down_when_deleted.as_deref());
+            if let Some(ds) = ds {
+                own = k.own_daemonset(ds).await;
             }
         }
-        // After any applied plan that changed the members, and on netlink events and ticks.
-        if refresh || agent.state().members != members {
-            nexthops.refresh(&mut agent, m).await;
+        // No map is written any more, and the pin dir is still locked, so the older agent
+        // cannot start on pins half converted.
+        if let Some(to) = own.rollback_from(&running_release()) {
+            info!("rolling back to {to}: the pins are left as {to} reads them");
+            let done = crate::kernel::migrate::prepare_rollback(&s.opts.pin_dir, &to)
+                .doing(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
+            info!("{done}");
+            s.life.rolled_back_for = Some(to.to_string());
+            s.write_status();
         }
-        announce_update(&mut announce, &agent, m).await;
-        if let Some(k) = &kube {
-            life.kubernetes_skipped = k.skipped().to_vec();
-        }
-        if let Err(e) = write_status(opts, &agent, m, &life) {
-            warn!("writing the status file: {}", crate::error_chain(&e));
-        }
+        Ok(own == OwnDaemonSet::Gone)
     }
-    drop(checks);
-    announce.shutdown().await;
-    let mut own = OwnDaemonSet::Unknown;
-    if let Some(k) = &mut kube {
-        k.release_lease().await;
-        let ds = opts
-            .kubernetes
-            .as_ref()
-            .and_then(|o| o.down_when_deleted.as_deref());
-        if let Some(ds) = ds {
-            own = k.own_daemonset(ds).await;
-        }
-    }
-    // The loop is over: no map is written any more, and the pin dir is still locked, so the
-    // older agent cannot start on pins half converted.
-    if let Some(to) = own.rollback_from(&running_release()) {
-        info!("rolling back to {to}: the pins are left as {to} reads them");
-        let done = crate::kernel::migrate::prepare_rollback(&opts.pin_dir, &to)
-            .doing(|| format!("leaving the pins as {to} reads them (rolling back)"))?;
-        info!("{done}");
-        life.rolled_back_for = Some(to.to_string());
-        if let Err(e) = write_status(opts, &agent, m, &life) {
-            warn!("writing the status file: {}", crate::error_chain(&e));
-        }
-    }
-    Ok(own == OwnDaemonSet::Gone)
 }
+
+/// A reload's config with the overrides laid over it, and the file it was read from (when it was).
+type Candidate = ((Config, overrides::Applied), Option<Config>);
 
 /// This agent's release.
 fn running_release() -> semver::Version {
