@@ -379,8 +379,6 @@ fn config(vips: &[crate::status::file::VipStatus]) -> [Family; 3] {
 /// The agent's own figures.
 fn agent(a: &AgentMetrics) -> Vec<Family> {
     let one = |v: u64| vec![(vec![], v)];
-    let last = a.migration.lock().expect("migration lock").clone();
-    let last = last.as_ref();
     let health = a
         .health
         .lock()
@@ -393,7 +391,7 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
             )
         })
         .collect();
-    vec![
+    let mut families = vec![
         Family::gauge(
             "lb_backend_healthy",
             "1 if the backend of the VIP passes its health check, 0 if not (backends with a check only)",
@@ -433,6 +431,16 @@ fn agent(a: &AgentMetrics) -> Vec<Family> {
                 1.0,
             )],
         ),
+    ];
+    families.extend(migrations(a));
+    families
+}
+
+/// The figures of the agent's map migrations.
+fn migrations(a: &AgentMetrics) -> Vec<Family> {
+    let last = a.migration.lock().expect("migration lock").clone();
+    let last = last.as_ref();
+    vec![
         Family::counter(
             "lb_map_migrations",
             "Loads of the program that moved map entries into new maps (another size or schema), by result; a failed one left the old program and maps serving",
