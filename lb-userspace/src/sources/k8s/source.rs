@@ -89,6 +89,48 @@ struct GatewayWatch {
 }
 
 impl GatewayWatch {
+    /// Starts watching the Gateway API's kinds `served` serves (their tasks go into `tasks`);
+    /// None if it serves none.
+    fn start(
+        client: &Client,
+        served: &GatewayApi,
+        opts: &KubeOptions,
+        changed: &mpsc::Sender<()>,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Option<Self> {
+        let gateway = served.enabled().then(|| {
+            let mut w = |ar: ApiResource| {
+                let (store, task) = watch(client, ar, watcher::Config::default(), changed.clone());
+                tasks.push(task);
+                store
+            };
+            GatewayWatch {
+                controller: opts.gateway_controller.clone(),
+                namespaces: w(ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(
+                    &(),
+                )),
+                classes: w(ApiResource::erase::<GatewayClass>(&())),
+                gateways: w(ApiResource::erase::<Gateway>(&())),
+                tcp: served.tcp.clone().map(|ar| (ar.clone(), w(ar))),
+                udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
+                grants: served.grants.clone().map(&mut w),
+                watched: served.watched(),
+                last: gateway::Output::default(),
+                said: BTreeMap::new(),
+            }
+        });
+        if let Some(g) = &gateway {
+            info!(
+                controller = %g.controller,
+                tcproute = ?served.tcp.as_ref().map(|a| &a.version),
+                udproute = ?served.udp.as_ref().map(|a| &a.version),
+                referencegrant = ?served.grants.as_ref().map(|a| &a.version),
+                "the Gateway API is served: watching GatewayClasses, Gateways and routes"
+            );
+        }
+        gateway
+    }
+
     /// The route `key` (`TCPRoute ns/name`) as its watcher holds it, with its resource.
     fn route(&self, key: &str) -> Option<(ApiResource, std::sync::Arc<DynamicObject>)> {
         let (kind, rest) = key.split_once(' ')?;
@@ -193,6 +235,27 @@ fn watch(
     (store, task)
 }
 
+/// The Services watch: those of lb's `class`, or every Service where the Gateway API is
+/// `served` (its backendRefs name any Service, not only those of lb's class).
+fn watch_services(
+    client: &Client,
+    served: &GatewayApi,
+    class: &str,
+    changed: &mpsc::Sender<()>,
+) -> (Store<DynamicObject>, JoinHandle<()>) {
+    let services_config = if served.enabled() {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().labels(&format!("{CLASS_LABEL}={class}"))
+    };
+    watch(
+        client,
+        ApiResource::erase::<Service>(&()),
+        services_config,
+        changed.clone(),
+    )
+}
+
 impl Kube {
     /// Connects (in-cluster config, or KUBECONFIG / ~/.kube/config) and starts watching; every
     /// change sends a unit on `changed`.
@@ -220,18 +283,7 @@ impl Kube {
         );
         // Like the watchers, wait for an API server that does not answer yet.
         let served = GatewayApi::discover_until_answered(&client).await;
-        // The Gateway API's backendRefs name any Service, not only those of lb's class.
-        let services_config = if served.enabled() {
-            watcher::Config::default()
-        } else {
-            watcher::Config::default().labels(&format!("{CLASS_LABEL}={}", opts.class))
-        };
-        let (services, t1) = watch(
-            &client,
-            ApiResource::erase::<Service>(&()),
-            services_config,
-            changed.clone(),
-        );
+        let (services, t1) = watch_services(&client, &served, &opts.class, &changed);
         let (node, t5) = watch(
             &client,
             ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&()),
@@ -239,36 +291,7 @@ impl Kube {
             changed.clone(),
         );
         let mut tasks = vec![t1, t3, t5];
-        let gateway = served.enabled().then(|| {
-            let mut w = |ar: ApiResource| {
-                let (store, task) = watch(&client, ar, watcher::Config::default(), changed.clone());
-                tasks.push(task);
-                store
-            };
-            GatewayWatch {
-                controller: opts.gateway_controller.clone(),
-                namespaces: w(ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(
-                    &(),
-                )),
-                classes: w(ApiResource::erase::<GatewayClass>(&())),
-                gateways: w(ApiResource::erase::<Gateway>(&())),
-                tcp: served.tcp.clone().map(|ar| (ar.clone(), w(ar))),
-                udp: served.udp.clone().map(|ar| (ar.clone(), w(ar))),
-                grants: served.grants.clone().map(&mut w),
-                watched: served.watched(),
-                last: gateway::Output::default(),
-                said: BTreeMap::new(),
-            }
-        });
-        if let Some(g) = &gateway {
-            info!(
-                controller = %g.controller,
-                tcproute = ?served.tcp.as_ref().map(|a| &a.version),
-                udproute = ?served.udp.as_ref().map(|a| &a.version),
-                referencegrant = ?served.grants.as_ref().map(|a| &a.version),
-                "the Gateway API is served: watching GatewayClasses, Gateways and routes"
-            );
-        }
+        let gateway = GatewayWatch::start(&client, &served, opts, &changed, &mut tasks);
         let records = Records::start(
             client.clone(),
             &opts.lease.namespace(client.default_namespace()),
@@ -306,21 +329,26 @@ impl Kube {
             skipped_now: Vec::new(),
             last_good: BTreeMap::new(),
         };
-        // EndpointSlices are watched for the Services served only: list those first.
-        if kube.services.wait_until_ready().await.is_err() {
+        kube.want_first_slices().await;
+        Ok(kube)
+    }
+
+    /// EndpointSlices are watched for the Services served only (and the Gateway routes'
+    /// backends): lists those first.
+    async fn want_first_slices(&mut self) {
+        if self.services.wait_until_ready().await.is_err() {
             warn!("the Services watcher ended before its first list");
         }
-        let services = kube.services.clone();
-        let all = kube.decode::<Service>(&services, "Service", None);
-        let served = kube.class_services(&all);
-        kube.want_slices_of("services", served);
+        let services = self.services.clone();
+        let all = self.decode::<Service>(&services, "Service", None);
+        let served = self.class_services(&all);
+        self.want_slices_of("services", served);
         // And those of the Gateway routes' backends.
-        if kube.gateway.is_some() {
-            kube.ready().await;
-            let g = kube.gateway_objects();
-            kube.want_slices_of("gateway", backend_names(&g));
+        if self.gateway.is_some() {
+            self.ready().await;
+            let g = self.gateway_objects();
+            self.want_slices_of("gateway", backend_names(&g));
         }
-        Ok(kube)
     }
 
     /// The names of the Services lb serves as Services (of its class, not a Gateway's own).

@@ -415,6 +415,20 @@ impl GatewayCtx<'_> {
                 health_threshold: effect.health_threshold,
             });
         }
+        self.admit(mine, &skipped, carrier.map(|(r, _)| r), room, out)
+    }
+
+    /// Takes `mine` (a listener's VIPs) into `out` if they fit the `room` left, and records them
+    /// as the VIPs of the route that carries their traffic (`carrier`); the listener's
+    /// `Programmed` condition, which names the addresses `skipped`.
+    fn admit(
+        &self,
+        mine: Vec<VipConfig>,
+        skipped: &[String],
+        carrier: Option<&Route>,
+        room: &mut Room,
+        out: &mut Output,
+    ) -> Cond {
         let members: usize = mine.iter().map(|v| v.spec.backends.len()).sum();
         if room.vips + mine.len() > self.settings.max_vips as usize
             || room.members + members > self.settings.max_backends as usize
@@ -441,7 +455,7 @@ impl GatewayCtx<'_> {
             room.taken.insert(v.spec.key());
         }
         out.vips.extend(mine);
-        if let Some((r, _)) = carrier {
+        if let Some(r) = carrier {
             let ns = r.meta.namespace.as_deref().unwrap_or_default();
             let name = r.meta.name.as_deref().unwrap_or_default();
             let vips = out
