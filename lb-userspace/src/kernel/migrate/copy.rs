@@ -599,9 +599,7 @@ pub fn merge_flows_live(
     buckets: u32,
     writes: &[super::convert::Write<u64, (u64, u32)>],
 ) -> Result<(u64, u64), CopyError> {
-    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-
-    use lb_common::flowtab::{self, EMPTY, FLOW_WAYS, LOCKED};
+    use lb_common::flowtab;
 
     let d = data(map).ok_or(CopyError::Unsupported {
         map: s.map.to_string(),
@@ -615,77 +613,128 @@ pub fn merge_flows_live(
                 source,
             }
         })?;
-    // SAFETY: bucket `i` (below `buckets`) lies inside the writable mapping, which is
-    // page-aligned, so its fields are naturally aligned; the program writes them with single
-    // stores and compare-and-exchanges, as the atomics here do.
-    let way = |i: u32, w: usize| unsafe {
-        let b = m.ptr().cast::<FlowBucket>().add(i as usize);
-        (
-            &*(&raw mut (*b).keys[w]).cast::<AtomicU64>(),
-            &*(&raw mut (*b).values[w]).cast::<AtomicU64>(),
-            &*(&raw mut (*b).seen[w]).cast::<AtomicU32>(),
-        )
-    };
-    // SAFETY: as above.
-    let confirmed = |i: u32| unsafe {
-        let b = m.ptr().cast::<FlowBucket>().add(i as usize);
-        &*(&raw mut (*b).confirmed).cast::<AtomicU32>()
-    };
-    let holds = |i: u32, k: u64| (0..FLOW_WAYS).any(|w| way(i, w).0.load(Ordering::Acquire) == k);
-    let empties = |i: u32| {
-        (0..FLOW_WAYS)
-            .filter(|&w| way(i, w).0.load(Ordering::Relaxed) == EMPTY)
-            .count()
-    };
+    let live = LiveBuckets { m: &m };
     let (mut written, mut lost) = (0, 0);
     for (k, v) in writes {
         let [a, b] = flowtab::buckets_of(*k, buckets);
         match v {
             Some((value, seen)) => {
-                if holds(a, *k) || holds(b, *k) {
+                if live.holds(a, *k) || live.holds(b, *k) {
                     continue;
                 }
-                // The bucket with more empty ways first, as the program chooses.
-                let order = if empties(a) >= empties(b) {
-                    [a, b]
-                } else {
-                    [b, a]
-                };
-                let claimed = order.into_iter().find_map(|i| {
-                    (0..FLOW_WAYS).find_map(|w| {
-                        let (key, val, sn) = way(i, w);
-                        key.compare_exchange(EMPTY, LOCKED, Ordering::AcqRel, Ordering::Relaxed)
-                            .ok()
-                            .map(|_| (i, w, key, val, sn))
-                    })
-                });
-                match claimed {
-                    Some((i, w, key, val, sn)) => {
-                        val.store(*value, Ordering::Relaxed);
-                        sn.store(*seen, Ordering::Relaxed);
-                        // A merged flow is unconfirmed, as a flow the program records is (the
-                        // way may keep the bit of a flow that was removed from it).
-                        confirmed(i).fetch_and(!(1 << w), Ordering::Relaxed);
-                        key.store(*k, Ordering::Release);
-                        written += 1;
-                    }
-                    None => lost += 1,
+                match live.insert(*k, *value, *seen, a, b) {
+                    true => written += 1,
+                    false => lost += 1,
                 }
             }
-            None => {
-                for i in [a, b] {
-                    for w in 0..FLOW_WAYS {
-                        let key = way(i, w).0;
-                        if key
-                            .compare_exchange(*k, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
-                            .is_ok()
-                        {
-                            written += 1;
-                        }
-                    }
-                }
-            }
+            None => written += live.remove(*k, a, b),
         }
     }
     Ok((written, lost))
+}
+
+/// The buckets of a flow table mapped writable while the new program writes it, way by way,
+/// with the program's own protocol (see [`merge_flows_live`]).
+struct LiveBuckets<'m> {
+    m: &'m Mapping,
+}
+
+impl LiveBuckets<'_> {
+    /// Way `w` of bucket `i`: its key, value and last-seen.
+    fn way(
+        &self,
+        i: u32,
+        w: usize,
+    ) -> (
+        &std::sync::atomic::AtomicU64,
+        &std::sync::atomic::AtomicU64,
+        &std::sync::atomic::AtomicU32,
+    ) {
+        use std::sync::atomic::{AtomicU32, AtomicU64};
+        // SAFETY: bucket `i` (below `buckets`) lies inside the writable mapping, which is
+        // page-aligned, so its fields are naturally aligned; the program writes them with single
+        // stores and compare-and-exchanges, as the atomics here do.
+        unsafe {
+            let b = self.m.ptr().cast::<FlowBucket>().add(i as usize);
+            (
+                &*(&raw mut (*b).keys[w]).cast::<AtomicU64>(),
+                &*(&raw mut (*b).values[w]).cast::<AtomicU64>(),
+                &*(&raw mut (*b).seen[w]).cast::<AtomicU32>(),
+            )
+        }
+    }
+
+    /// Bucket `i`'s confirmed bits.
+    fn confirmed(&self, i: u32) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: as in `way`.
+        unsafe {
+            let b = self.m.ptr().cast::<FlowBucket>().add(i as usize);
+            &*(&raw mut (*b).confirmed).cast::<std::sync::atomic::AtomicU32>()
+        }
+    }
+
+    /// Whether bucket `i` holds flow `k`.
+    fn holds(&self, i: u32, k: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        (0..lb_common::flowtab::FLOW_WAYS).any(|w| self.way(i, w).0.load(Ordering::Acquire) == k)
+    }
+
+    /// Bucket `i`'s empty ways.
+    fn empties(&self, i: u32) -> usize {
+        use std::sync::atomic::Ordering;
+        (0..lb_common::flowtab::FLOW_WAYS)
+            .filter(|&w| self.way(i, w).0.load(Ordering::Relaxed) == lb_common::flowtab::EMPTY)
+            .count()
+    }
+
+    /// Writes flow `k` (`value`, `seen`) into an empty way of its bucket `a` or `b` (the one
+    /// with more empty ways first, as the program chooses); false if neither has one.
+    fn insert(&self, k: u64, value: u64, seen: u32, a: u32, b: u32) -> bool {
+        use std::sync::atomic::Ordering;
+
+        use lb_common::flowtab::{EMPTY, FLOW_WAYS, LOCKED};
+        let order = if self.empties(a) >= self.empties(b) {
+            [a, b]
+        } else {
+            [b, a]
+        };
+        let claimed = order.into_iter().find_map(|i| {
+            (0..FLOW_WAYS).find_map(|w| {
+                let (key, val, sn) = self.way(i, w);
+                key.compare_exchange(EMPTY, LOCKED, Ordering::AcqRel, Ordering::Relaxed)
+                    .ok()
+                    .map(|_| (i, w, key, val, sn))
+            })
+        });
+        let Some((i, w, key, val, sn)) = claimed else {
+            return false;
+        };
+        val.store(value, Ordering::Relaxed);
+        sn.store(seen, Ordering::Relaxed);
+        // A merged flow is unconfirmed, as a flow the program records is (the way may keep the
+        // bit of a flow that was removed from it).
+        self.confirmed(i).fetch_and(!(1 << w), Ordering::Relaxed);
+        key.store(k, Ordering::Release);
+        true
+    }
+
+    /// Empties the ways of buckets `a` and `b` that hold flow `k`; how many it emptied.
+    fn remove(&self, k: u64, a: u32, b: u32) -> u64 {
+        use std::sync::atomic::Ordering;
+
+        use lb_common::flowtab::{EMPTY, FLOW_WAYS};
+        let mut emptied = 0;
+        for i in [a, b] {
+            for w in 0..FLOW_WAYS {
+                let key = self.way(i, w).0;
+                if key
+                    .compare_exchange(k, EMPTY, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    emptied += 1;
+                }
+            }
+        }
+        emptied
+    }
 }

@@ -227,26 +227,7 @@ pub fn load(
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let staged: Vec<(PathBuf, PathBuf)> = match migrates {
-        true => plan
-            .maps
-            .iter()
-            .filter(|m| m.action.is_new())
-            .map(|m| (m.staged(dir), m.pin(dir)))
-            .collect(),
-        false => Vec::new(),
-    };
-    let (relabel, obsolete): (Vec<_>, Vec<_>) = plan
-        .maps
-        .iter()
-        .filter_map(|m| m.found.as_ref().map(|f| (m, f)))
-        .filter(|(m, f)| f.pin != m.pin(dir))
-        .partition(|(m, _)| m.action == Action::Relabel);
-    let relabel = relabel
-        .into_iter()
-        .map(|(m, f)| (f.pin.clone(), m.pin(dir)))
-        .collect();
-    let obsolete = obsolete.into_iter().map(|(_, f)| f.pin.clone()).collect();
+    let (staged, relabel, obsolete) = pin_moves(&plan, dir, migrates);
     let mut pending = Pending {
         started,
         report: report_of(&plan, trigger, from_release),
@@ -290,6 +271,40 @@ pub fn load(
             })
         }
     }
+}
+
+/// A pin, and the path it is renamed to.
+type Rename = (PathBuf, PathBuf);
+
+/// The pins `plan` moves once a load in `dir` succeeds: the staged pins to rename over the old
+/// ones (when it `migrates`), the pins to rename to their new schema's name (maps taken over as
+/// they are) and the old schemas' pins to remove.
+fn pin_moves(
+    plan: &PinPlan,
+    dir: &Path,
+    migrates: bool,
+) -> (Vec<Rename>, Vec<Rename>, Vec<PathBuf>) {
+    let staged: Vec<(PathBuf, PathBuf)> = match migrates {
+        true => plan
+            .maps
+            .iter()
+            .filter(|m| m.action.is_new())
+            .map(|m| (m.staged(dir), m.pin(dir)))
+            .collect(),
+        false => Vec::new(),
+    };
+    let (relabel, obsolete): (Vec<_>, Vec<_>) = plan
+        .maps
+        .iter()
+        .filter_map(|m| m.found.as_ref().map(|f| (m, f)))
+        .filter(|(m, f)| f.pin != m.pin(dir))
+        .partition(|(m, _)| m.action == Action::Relabel);
+    let relabel: Vec<(PathBuf, PathBuf)> = relabel
+        .into_iter()
+        .map(|(m, f)| (f.pin.clone(), m.pin(dir)))
+        .collect();
+    let obsolete: Vec<PathBuf> = obsolete.into_iter().map(|(_, f)| f.pin.clone()).collect();
+    (staged, relabel, obsolete)
 }
 
 fn report_of(plan: &PinPlan, trigger: &str, from_release: Option<String>) -> Migration {
@@ -538,6 +553,30 @@ impl Pending {
         }
         // Renamed whatever else fails: the staged pins are the maps the program uses.
         self.done = true;
+        self.settle_pins(&mut errors);
+        for e in &errors {
+            error!("after the swap: {e}");
+        }
+        self.report.errors = errors;
+        if let Err(e) = program::write_meta(ebpf, &self.sizes) {
+            self.report.errors.push(crate::error_chain(&e));
+        }
+        self.report.duration_ms = ms(self.started);
+        self.report.at = now();
+        info!(
+            trigger = %self.report.trigger,
+            entries = self.report.entries,
+            merged = self.report.merged,
+            duration_ms = self.report.duration_ms,
+            "migrated the maps: {}",
+            self.report.summary()
+        );
+        Ok(self.report.clone())
+    }
+
+    /// The staged pins renamed over the old ones, the maps taken over as they are renamed to
+    /// their new schema's name, the old schema's pins removed; what failed goes into `errors`.
+    fn settle_pins(&self, errors: &mut Vec<String>) {
         for (staged, pin) in &self.staged {
             if let Err(e) = std::fs::rename(staged, pin) {
                 errors.push(format!(
@@ -567,24 +606,6 @@ impl Pending {
                 Err(e) => errors.push(format!("removing {}: {e}", pin.display())),
             }
         }
-        for e in &errors {
-            error!("after the swap: {e}");
-        }
-        self.report.errors = errors;
-        if let Err(e) = program::write_meta(ebpf, &self.sizes) {
-            self.report.errors.push(crate::error_chain(&e));
-        }
-        self.report.duration_ms = ms(self.started);
-        self.report.at = now();
-        info!(
-            trigger = %self.report.trigger,
-            entries = self.report.entries,
-            merged = self.report.merged,
-            duration_ms = self.report.duration_ms,
-            "migrated the maps: {}",
-            self.report.summary()
-        );
-        Ok(self.report.clone())
     }
 }
 
@@ -786,44 +807,7 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64, Snapshot), MigrateErr
     let old_now = converted_from(s, mv.from_schema, copy::read(&mv.old, s, mv.old_entries)?)?;
     let vs = s.value_size as usize;
     let (n, both) = match (&mv.base, &old_now) {
-        (Snapshot::Hash(base), Snapshot::Hash(old)) => {
-            // Only the entries the old program changed after the copy are looked up in the new
-            // map (few, against the whole table): the merge is the window in which they are
-            // missing from the maps the new program uses.
-            let changed = convert::changed(base, old);
-            let keys: Vec<&[u8]> = changed.iter().map(|k| k.as_slice()).collect();
-            let now: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = keys
-                .iter()
-                .zip(copy::hash_values(new, s, &keys)?)
-                .filter_map(|(k, v)| Some((k.to_vec(), v?)))
-                .collect();
-            let base: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
-                .iter()
-                .filter_map(|k| Some((k.clone(), base.get(k)?.clone())))
-                .collect();
-            let old: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
-                .iter()
-                .filter_map(|k| Some((k.clone(), old.get(k)?.clone())))
-                .collect();
-            // Both programs changed it: the new one's stands (for NAT_REV, a source port both
-            // handed out in the window; the old program's connection then lost it).
-            let both = changed
-                .iter()
-                .filter(|k| {
-                    let (b, o, n) = (base.get(*k), old.get(*k), now.get(*k));
-                    n != b && o != b && n != o
-                })
-                .count() as u64;
-            let writes: Vec<copy::MergeWrite> = convert::merge3(&base, &old, &now)
-                .into_iter()
-                .map(|(k, v)| {
-                    let existed = now.contains_key(&k);
-                    (k, v, existed)
-                })
-                .collect();
-            let (n, kept) = copy::write_hash_merge(new, s, &writes)?;
-            (n, both + kept)
-        }
+        (Snapshot::Hash(base), Snapshot::Hash(old)) => merge_hash(new, s, base, old)?,
         (Snapshot::Buckets(base_new), Snapshot::Buckets(old)) => {
             let entries = mv.new_entries;
             let Snapshot::Buckets(now) = copy::read(new, s, entries)? else {
@@ -879,6 +863,52 @@ fn merge(mv: &Moved, ebpf: &mut Ebpf) -> Result<(u64, u64, Snapshot), MigrateErr
         _ => (0, 0),
     };
     Ok((n, both, old_now))
+}
+
+/// [`merge`] of a hash map: the keys the old program changed since the first copy (`base` ->
+/// `old`) merged into the new map. The entries written, and those both programs changed.
+fn merge_hash(
+    new: &mut aya::maps::Map,
+    s: &Schema,
+    base: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    old: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Result<(u64, u64), MigrateError> {
+    // Only the entries the old program changed after the copy are looked up in the new
+    // map (few, against the whole table): the merge is the window in which they are
+    // missing from the maps the new program uses.
+    let changed = convert::changed(base, old);
+    let keys: Vec<&[u8]> = changed.iter().map(|k| k.as_slice()).collect();
+    let now: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = keys
+        .iter()
+        .zip(copy::hash_values(new, s, &keys)?)
+        .filter_map(|(k, v)| Some((k.to_vec(), v?)))
+        .collect();
+    let base: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+        .iter()
+        .filter_map(|k| Some((k.clone(), base.get(k)?.clone())))
+        .collect();
+    let old: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = changed
+        .iter()
+        .filter_map(|k| Some((k.clone(), old.get(k)?.clone())))
+        .collect();
+    // Both programs changed it: the new one's stands (for NAT_REV, a source port both
+    // handed out in the window; the old program's connection then lost it).
+    let both = changed
+        .iter()
+        .filter(|k| {
+            let (b, o, n) = (base.get(*k), old.get(*k), now.get(*k));
+            n != b && o != b && n != o
+        })
+        .count() as u64;
+    let writes: Vec<copy::MergeWrite> = convert::merge3(&base, &old, &now)
+        .into_iter()
+        .map(|(k, v)| {
+            let existed = now.contains_key(&k);
+            (k, v, existed)
+        })
+        .collect();
+    let (n, kept) = copy::write_hash_merge(new, s, &writes)?;
+    Ok((n, both + kept))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -945,29 +975,7 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
         warn!(pin = %p.display(), "removed a staged pin an earlier migration left");
     }
     // Check every map first, so that a rollback this release cannot do changes nothing.
-    let mut work = Vec::new();
-    for s in schema::current() {
-        let Some(found) = pins::find(dir, s)? else {
-            continue;
-        };
-        let theirs = release
-            .schemas
-            .iter()
-            .find(|(m, _)| *m == s.map)
-            .map_or(0, |(_, v)| *v);
-        if theirs == found.version {
-            continue;
-        }
-        if theirs != 0 && convert::values(s.map, found.version, theirs).is_none() {
-            return Err(RollbackError::NoConversion {
-                to: to_text,
-                map: s.map.to_string(),
-                theirs,
-                ours: found.version,
-            });
-        }
-        work.push((s, found, theirs));
-    }
+    let work = rollback_work(dir, release, &to_text)?;
     let mut done = Vec::new();
     for (s, found, theirs) in work {
         if theirs == 0 {
@@ -999,8 +1007,59 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
         .schemas
         .iter()
         .all(|m| schema::RELEASES[0].schemas.contains(m));
-    if layout_7
-        && let Some(meta) = crate::kernel::program::pinned_meta(dir)?
+    if layout_7 && let Some(d) = record_layout_7(dir)? {
+        done.push(d);
+    }
+    Ok(match done.is_empty() {
+        true => format!(
+            "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
+            dir.display()
+        ),
+        false => format!(
+            "left the pins in {} as {to_text} reads them: {}",
+            dir.display(),
+            done.join("; ")
+        ),
+    })
+}
+
+/// What a rollback to `release` (`to_text`) does to each pinned map: the map's schema, its pin,
+/// and the version `release` reads (0: none, the pin goes). Refused if a map cannot be converted.
+fn rollback_work(
+    dir: &Path,
+    release: &schema::Release,
+    to_text: &str,
+) -> Result<Vec<(&'static Schema, pins::Found, u32)>, RollbackError> {
+    let mut work = Vec::new();
+    for s in schema::current() {
+        let Some(found) = pins::find(dir, s)? else {
+            continue;
+        };
+        let theirs = release
+            .schemas
+            .iter()
+            .find(|(m, _)| *m == s.map)
+            .map_or(0, |(_, v)| *v);
+        if theirs == found.version {
+            continue;
+        }
+        if theirs != 0 && convert::values(s.map, found.version, theirs).is_none() {
+            return Err(RollbackError::NoConversion {
+                to: to_text.to_string(),
+                map: s.map.to_string(),
+                theirs,
+                ours: found.version,
+            });
+        }
+        work.push((s, found, theirs));
+    }
+    Ok(work)
+}
+
+/// Makes `LB_META` record layout 7's version, for a release that reads layout 7 (it checks
+/// only the version `LB_META` records). What it changed, if anything.
+fn record_layout_7(dir: &Path) -> Result<Option<String>, RollbackError> {
+    if let Some(meta) = crate::kernel::program::pinned_meta(dir)?
         && meta.version != schema::LAYOUT_7_VERSION
     {
         let map = crate::kernel::program::open_pinned(dir, maps::META)?;
@@ -1021,23 +1080,13 @@ pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, Roll
             what: "the layout record",
             source,
         })?;
-        done.push(format!(
+        return Ok(Some(format!(
             "LB_META records layout {} (was {})",
             schema::LAYOUT_7_VERSION,
             meta.version
-        ));
+        )));
     }
-    Ok(match done.is_empty() {
-        true => format!(
-            "nothing to convert: every map pinned in {} is at a schema {to_text} reads",
-            dir.display()
-        ),
-        false => format!(
-            "left the pins in {} as {to_text} reads them: {}",
-            dir.display(),
-            done.join("; ")
-        ),
-    })
+    Ok(None)
 }
 
 /// Rewrites every value of the hash map pinned at `pin` with `conv` (the same layout: a
