@@ -25,11 +25,13 @@ use crate::parse::{
     ICMPV6_TIME_EXCEED,
 };
 use crate::{
-    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, LB_VIPS, count,
-    forward::{Verdict, encap_and_forward},
-    nat::same_addr,
+    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, LB_VIPS,
+    addr::same_addr,
+    count,
+    forward::encap_and_forward,
     parse::{Icmp, Packet, ptr_at},
     select::maglev,
+    verdict::Verdict,
 };
 
 /// IPv4 fragment offset: a quoted fragment other than the first carries no ports.

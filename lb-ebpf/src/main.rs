@@ -11,6 +11,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod addr;
+#[cfg(target_arch = "bpf")]
 mod bench;
 #[cfg(target_arch = "bpf")]
 mod budget;
@@ -23,6 +25,8 @@ mod forward;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
+mod ipv4;
+#[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -33,9 +37,13 @@ mod reject;
 #[cfg(target_arch = "bpf")]
 mod reply_route;
 #[cfg(target_arch = "bpf")]
+mod route;
+#[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
 mod too_big;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 #[cfg(target_arch = "bpf")]
 pub use bench::{LB_GEN_FRAME, LB_PROBE_FLOWS};
@@ -62,10 +70,11 @@ mod program {
     };
 
     use crate::{
-        forward::{Verdict, encap_and_forward},
+        forward::encap_and_forward,
         nat::is_node_addr,
         parse::{Packet, Parsed, parse},
         select::select,
+        verdict::Verdict,
     };
 
     /// Maglev table size M, fixed when the agent loads the program (a constant to the verifier).

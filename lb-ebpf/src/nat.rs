@@ -39,11 +39,14 @@ use crate::parse::{
 };
 use crate::{
     LB_AFFINITY, LB_EVENTS, LB_FLOWS, LB_MEMBER_HOLD, LB_MEMBER_PASSIVE, LB_MEMBER_REPLY_STATS,
-    LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS, count,
-    forward::{Hop, Verdict, fib_params, lookup, next_hop, node_addr, send},
-    icmp,
+    LB_MEMBERS, LB_NAT, LB_NAT_HOLD, LB_NAT_JOB, LB_NAT_REV, LB_NODE, LB_VIP_REPLY_STATS,
+    addr::{node_addr, same_addr},
+    count, icmp,
     parse::{Icmp, Packet, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, ptr_at},
-    reply_route, too_big,
+    reply_route,
+    route::{Hop, fib_params, lookup, next_hop, send},
+    too_big,
+    verdict::Verdict,
 };
 
 const TCP_CHECK_OFF: usize = 16;
@@ -126,13 +129,6 @@ fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
     let a: [u64; 5] = unsafe { core::mem::transmute(*a) };
     let b: [u64; 5] = unsafe { core::mem::transmute(*b) };
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
-}
-
-#[inline(always)]
-pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let a: [u64; 2] = unsafe { core::mem::transmute(*a) };
-    let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
-    a[0] == b[0] && a[1] == b[1]
 }
 
 /// Whether `dst` is the node's NAT address of its family: only then can a packet be a reply.

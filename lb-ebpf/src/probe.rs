@@ -8,8 +8,8 @@ use lb_common::FlowValue;
 
 use crate::{
     LB_FLOWS, LB_PROBE_FLOWS, LB_VIPS,
-    forward::{fib_params, lookup},
     parse::{Packet, Parsed, parse},
+    route::{fib_params, lookup},
 };
 
 #[inline(always)]

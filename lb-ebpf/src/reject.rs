@@ -15,8 +15,8 @@ use lb_common::{
 };
 
 use crate::{
-    forward::Verdict,
     parse::{Packet, ptr_at},
+    verdict::Verdict,
 };
 
 const DROP: Verdict = Verdict::new(Counter::DropRejected, xdp_action::XDP_DROP);

@@ -8,7 +8,7 @@
 use aya_ebpf::bindings::BPF_FIB_LKUP_RET_SUCCESS;
 use lb_common::maps::{REPLY_ROUTE_SLOTS, REPLY_ROUTE_TTL_NS};
 
-use crate::{LB_REPLY_ROUTES, forward::Hop};
+use crate::{LB_REPLY_ROUTES, route::Hop};
 
 /// The slot of `dst` in this CPU's cache: its words folded and mixed (a multiplicative hash).
 #[inline(always)]

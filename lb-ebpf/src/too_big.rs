@@ -37,8 +37,10 @@ use crate::parse::{
 };
 use crate::{
     LB_ICMP_BUCKET, LB_PROGS, LB_TOO_BIG_JOB, count,
-    forward::{IPV4_DF, Verdict, fib_params, ipv4_checksum, route},
+    ipv4::{IPV4_DF, ipv4_checksum},
     parse::{ETH_P_IP, ETH_P_IPV6, Packet, ptr_at},
+    route::{fib_params, route},
+    verdict::Verdict,
 };
 
 /// Largest ICMPv4 error (RFC 1812 4.3.2.3) and ICMPv6 error (RFC 4443 2.4(c)), IP header included.

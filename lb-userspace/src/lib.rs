@@ -1,44 +1,18 @@
 //! The lb agent: loads the XDP program and owns its maps, and the `lb` command line.
 //!
-//! Pure parts (no kernel): [`maglev`], [`plan`], [`config`], [`model`], [`agent`] over the
-//! [`dataplane::Dataplane`] trait, the choice of XDP mode ([`xdpmode::decide`]). Kernel parts:
-//! [`program`], [`dataplane::kernel`], [`links`], [`inspect`], [`run`].
+//! The modules are folders per layer, from the bottom up; a layer uses the layers below it,
+//! never those above (`tests/tests/lints.rs` checks it, ARCHITECTURE.md draws it):
+//! [`model`] (pure: desired state, Maglev, plan), [`kernel`] (the program, its maps and links),
+//! [`sources`] (the config file, Kubernetes, the operator's overrides), [`status`] (the status
+//! file's schema), [`observe`] (`/metrics`, the inspecting commands), [`agent`] (reconcile and
+//! `lb run`'s event loop), [`cli`] (parses and dispatches).
 pub mod agent;
-pub mod announce;
-pub mod changes;
-pub mod check;
 pub mod cli;
-pub mod config;
-pub mod dataplane;
-pub mod decap;
-pub mod flowmap;
-pub mod health;
-pub mod inspect;
-pub mod k8s;
-pub mod life;
-pub mod links;
-pub mod maglev;
-pub mod mapmem;
-pub mod mapping;
-pub mod metrics;
-pub mod migrate;
+pub mod kernel;
 pub mod model;
-pub mod nexthop;
-pub mod overrides;
-pub mod pindir;
-pub mod plan;
-pub mod planner;
-pub mod privilege;
-pub mod program;
-pub mod ring;
-pub mod run;
-pub mod show;
+pub mod observe;
+pub mod sources;
 pub mod status;
-pub mod table;
-pub mod top;
-pub mod uplink;
-pub mod view;
-pub mod xdpmode;
 
 /// An error and its sources, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -139,7 +139,7 @@ impl Dirs {
 
 impl Drop for Dirs {
     fn drop(&mut self) {
-        let _ = lb_userspace::run::down(&self.pins, &self.state);
+        let _ = lb_userspace::agent::run::down(&self.pins, &self.state);
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }

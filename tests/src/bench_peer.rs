@@ -22,7 +22,7 @@ use std::{
 };
 
 use lb_common::{Counter, IPPROTO_UDP, MODE_NAT, VipValue};
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 use serde_json::{Value, json};
 
 use crate::{

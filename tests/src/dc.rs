@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 use crate::{harness::Lb, netns::NetNs};
 

@@ -15,7 +15,7 @@ use lb_common::{
     Member, NO_BACKEND, NODE_F_SRC_V4, NODE_F_SRC_V6, NatFlow, NatReverse, NodeConfig,
     PassiveHealth, RateBucket, VipAddr, VipKey, VipValue, flowtab, maps,
 };
-use lb_userspace::program::{self, Sizes};
+use lb_userspace::kernel::program::{self, Sizes};
 
 use crate::{
     netns::NetNs,
@@ -122,19 +122,20 @@ impl Lb {
         let flow_buckets = flowtab::buckets_for(sizes.flow_entries);
         let mut loader = aya::EbpfLoader::new();
         program::configure(&mut loader, &sizes, &flow_buckets);
-        let paths: Vec<(&str, std::path::PathBuf)> = lb_userspace::migrate::schema::current()
-            .iter()
-            .map(|s| {
-                let pinned = names.iter().find(|n| {
-                    lb_userspace::migrate::schema::parse_pin_name(n)
-                        .is_some_and(|(m, _)| m == s.map)
-                });
-                match pinned {
-                    Some(n) => (s.map, pin_dir.join(n)),
-                    None => (s.map, own.join(s.map)),
-                }
-            })
-            .collect();
+        let paths: Vec<(&str, std::path::PathBuf)> =
+            lb_userspace::kernel::migrate::schema::current()
+                .iter()
+                .map(|s| {
+                    let pinned = names.iter().find(|n| {
+                        lb_userspace::kernel::migrate::schema::parse_pin_name(n)
+                            .is_some_and(|(m, _)| m == s.map)
+                    });
+                    match pinned {
+                        Some(n) => (s.map, pin_dir.join(n)),
+                        None => (s.map, own.join(s.map)),
+                    }
+                })
+                .collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -467,7 +468,7 @@ impl Lb {
     /// namespace: `ns.run(|| lb.resolve_nexthops())`), so frames take the next-hop path.
     /// Returns the entries written; panics if the resolver cannot run.
     pub fn resolve_nexthops(&mut self) -> std::collections::BTreeMap<u32, lb_common::NextHop> {
-        use lb_userspace::nexthop;
+        use lb_userspace::kernel::nexthop;
         let members = self.live_members();
         let node = self.node();
         let r = nexthop::resolve_blocking(&nexthop::targets(&members), nexthop::sources(&node))
@@ -527,7 +528,7 @@ impl Lb {
         flowtab::get(
             [&b[0], &b[1]],
             k,
-            lb_userspace::inspect::monotonic_coarse_ns(),
+            lb_userspace::kernel::inspect::monotonic_coarse_ns(),
         )
     }
 
@@ -873,7 +874,7 @@ pub mod net {
 ///
 /// The peers (up0, dn1, dn2) run `lb_pass` in native mode, as a real next hop's NIC takes what
 /// is sent to it: a veth delivers XDP frames only to a peer with an XDP program, and an agent
-/// attaches in native mode only where they are delivered (see `lb_userspace::xdpmode`).
+/// attaches in native mode only where they are delivered (see `lb_userspace::kernel::xdpmode`).
 pub struct FibNet {
     pub ns: NetNs,
     pub lb0: u32,

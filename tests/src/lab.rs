@@ -26,7 +26,7 @@ use std::{
 
 use aya::programs::XdpMode;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, VipValue};
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 use crate::{
     harness::{Lb, vip_key},

@@ -52,8 +52,10 @@ pub fn sweep_leftovers() {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if owner_is_dead(&name) {
-                    let _ =
-                        lb_userspace::run::down(&e.path(), std::path::Path::new("/nonexistent"));
+                    let _ = lb_userspace::agent::run::down(
+                        &e.path(),
+                        std::path::Path::new("/nonexistent"),
+                    );
                 }
             }
         }

@@ -551,7 +551,7 @@ fn watch(stop: &AtomicBool, pins: &Path, dev: &str) -> WatchReport {
         }
     };
     while !stop.load(Ordering::Relaxed) {
-        let a = lb_userspace::links::attachment(pins, dev);
+        let a = lb_userspace::kernel::links::attachment(pins, dev);
         let now = Instant::now();
         r.max_gap = r.max_gap.max(now - last);
         last = now;
@@ -573,7 +573,7 @@ fn watch(stop: &AtomicBool, pins: &Path, dev: &str) -> WatchReport {
         } else if a.lb_program_id.is_some() && !a.ours() {
             // The link's program and the device's are read one after the other: a program
             // swapped in between makes them differ for one look. A second look settles it.
-            let again = lb_userspace::links::attachment(pins, dev);
+            let again = lb_userspace::kernel::links::attachment(pins, dev);
             if again.lb_program_id.is_some() && !again.ours() {
                 r.not_ours += 1;
                 problem(&mut r, format!("not lb's program on {dev}: {again:?}"));

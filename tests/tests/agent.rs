@@ -335,7 +335,8 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
 
     // Pins of a build before release 0.1.0 (layout version 6) are refused.
     {
-        let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
+        let map =
+            lb_userspace::kernel::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
         let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
             aya::maps::Array::try_from(map).unwrap();
         let mut m = meta.get(&0, 0).unwrap();
@@ -352,7 +353,8 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
     // Back to the layout this release records (8: LB_VIPS is at schema 2, which 0.1.0 cannot
     // read), for the rollback commands below.
     {
-        let map = lb_userspace::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
+        let map =
+            lb_userspace::kernel::program::open_pinned(&dirs.pins, lb_common::maps::META).unwrap();
         let mut meta: aya::maps::Array<_, lb_common::LayoutMeta> =
             aya::maps::Array::try_from(map).unwrap();
         let mut m = meta.get(&0, 0).unwrap();

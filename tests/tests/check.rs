@@ -761,7 +761,7 @@ fn a_pin_dir_an_agent_holds_passes_and_the_holder_is_named() {
     let dir = BpfDir(own_pin_dir("held"));
     std::fs::create_dir(&dir.0).unwrap();
     // What an agent holds for its life (this process stands in for it).
-    let _lock = lb_userspace::pindir::PinLock::try_lock(&dir.0)
+    let _lock = lb_userspace::kernel::pindir::PinLock::try_lock(&dir.0)
         .unwrap()
         .expect("the lock");
     let file = File::new(GOOD);

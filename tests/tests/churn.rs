@@ -13,11 +13,11 @@ use std::{
 use aya::maps::{Array, HashMap};
 use lb_common::{Member, NO_BACKEND, VipKey, VipValue, maps};
 use lb_userspace::{
-    dataplane::{Dataplane, kernel::KernelDataplane},
-    model::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
-    plan::State,
-    planner::Planner,
-    program::{self, Sizes},
+    kernel::dataplane::{Dataplane, kernel::KernelDataplane},
+    kernel::program::{self, Sizes},
+    model::desired::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
+    model::plan::State,
+    model::planner::Planner,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 

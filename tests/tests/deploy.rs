@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_tests::deploy_docs;
-use lb_userspace::k8s::{
+use lb_userspace::sources::k8s::{
     policy::UpstreamPolicy,
     translate::{Objects, Settings, Translator, evaluate},
 };
@@ -187,13 +187,13 @@ fn the_daemonset_runs_lb_as_docs_kubernetes_says() {
         node.contains(&format!("metrics_listen: 0.0.0.0:{port}")),
         "{node}"
     );
-    lb_userspace::config::Config::parse(node, "the ConfigMap's node.yaml")
+    lb_userspace::sources::config::Config::parse(node, "the ConfigMap's node.yaml")
         .expect("the ConfigMap is a valid node config");
 }
 
 #[test]
 fn the_gateway_example_is_served_by_the_gatewayclass_and_splits_two_to_one() {
-    use lb_userspace::k8s::gateway::{self, Objects as GatewayObjects, Room, types::*};
+    use lb_userspace::sources::k8s::gateway::{self, Objects as GatewayObjects, Room, types::*};
     let class: GatewayClass =
         serde_json::from_value(deploy_docs("gatewayclass.yaml")[0].clone()).unwrap();
     let docs = deploy_docs("gateway-example.yaml");

@@ -19,7 +19,7 @@ use lb_tests::{
     hex,
     packet::{self, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, ext},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 /// Maglev table size for these tests: prime, small enough to fill quickly.
 const M: u32 = 1009;

@@ -9,7 +9,7 @@ use lb_tests::{
     harness::{FibNet, Lb, XDP_TX, net::*, test_run, vip_key},
     packet::{L4, Pkt, TCP_ACK},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 const VIP: &str = "192.0.2.10";
 const BACKENDS: [&str; 4] = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
@@ -86,7 +86,7 @@ fn two_cpus_rewriting_one_bucket_never_send_a_flow_to_another_flows_backend() {
             "the flows must spread over backends"
         );
         let before = lb.counters();
-        let prog = lb.xdp(lb_userspace::program::PROGRAM);
+        let prog = lb.xdp(lb_userspace::kernel::program::PROGRAM);
         let wrong: usize = std::thread::scope(|sc| {
             let racers: Vec<_> = (0..2usize)
                 .map(|cpu| {
@@ -139,7 +139,7 @@ fn a_full_bucket_evicts_the_flow_seen_longest_ago_and_a_busy_flow_stays() {
     let ingress = net.lb0;
     net.ns.run(|| {
         let mut lb = setup();
-        let now = lb_userspace::inspect::monotonic_coarse_ns();
+        let now = lb_userspace::kernel::inspect::monotonic_coarse_ns();
         let s = 1_000_000_000u64;
         // Three flows fill the bucket: two seen 10 s ago, one 5 s ago.
         for (port, age) in [(1, 10), (2, 10), (3, 5)] {

@@ -22,7 +22,7 @@ use lb_tests::{
     packet::{L4, Pkt, ROUTER_MAC, TCP_ACK, TCP_SYN, ext},
     wellformed::{self, Role, check_forwarded},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const RANDOM_FRAMES: usize = 120_000;

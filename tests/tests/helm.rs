@@ -118,8 +118,9 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
     // The metrics port: one value for the agent's listener, its probes and the Service.
     let cm = r.one("ConfigMap");
     let node_yaml = cm["data"]["node.yaml"].as_str().unwrap();
-    let config = lb_userspace::config::Config::parse(node_yaml, "the ConfigMap's node.yaml")
-        .unwrap_or_else(|e| panic!("{name}: the ConfigMap is not a valid node config: {e:#}"));
+    let config =
+        lb_userspace::sources::config::Config::parse(node_yaml, "the ConfigMap's node.yaml")
+            .unwrap_or_else(|e| panic!("{name}: the ConfigMap is not a valid node config: {e:#}"));
     assert_eq!(
         config.node.metrics_listen.map(|a| a.port() as u64),
         Some(port),
@@ -131,7 +132,7 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
     if let Some(limit) = values["node"]["kernel_memory_limit"].as_str() {
         assert_eq!(
             Some(config.node.kernel_memory_limit),
-            lb_userspace::mapmem::parse_bytes(limit),
+            lb_userspace::kernel::mapmem::parse_bytes(limit),
             "{name}"
         );
     }
@@ -317,7 +318,7 @@ fn the_charts_node_schema_takes_every_node_key_of_the_config_types() {
     let chart = schema["properties"]["node"]["properties"]
         .as_object()
         .unwrap();
-    let config = lb_userspace::config::reference::node_keys();
+    let config = lb_userspace::sources::config::reference::node_keys();
     for (key, kind) in &config {
         if NODE_KEYS_SET_BY_THE_CHART.iter().any(|(k, _)| k == key) {
             continue;

@@ -20,7 +20,7 @@ use lb_tests::{
     packet::{L4, Pkt, TCP_ACK},
     release,
 };
-use lb_userspace::migrate::schema;
+use lb_userspace::kernel::migrate::schema;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");

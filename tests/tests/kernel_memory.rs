@@ -1,5 +1,5 @@
 //! The kernel memory `lb check` and `lb run` work out for a node's sizes before making any map
-//! (`lb_userspace::mapmem`), against the kernel's own count once the program is loaded with
+//! (`lb_userspace::kernel::mapmem`), against the kernel's own count once the program is loaded with
 //! those sizes: the `memlock` line in the fdinfo of every map it made.
 //!
 //! Tolerance: the estimate follows the kernel's own accounting formula for each map type; what
@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use lb_tests::harness::{Lb, map_memory};
-use lb_userspace::{mapmem, program::Sizes};
+use lb_userspace::{kernel::mapmem, kernel::program::Sizes};
 
 const PER_MAP_SLACK: u64 = 1024;
 
@@ -20,7 +20,7 @@ const PER_MAP_SLACK: u64 = 1024;
 fn estimate_matches_the_kernel(sizes: Sizes) {
     let lb = Lb::load(sizes.clone());
     let kernel = map_memory(&lb.ebpf);
-    let cpus = lb_userspace::program::possible_cpus();
+    let cpus = lb_userspace::kernel::program::possible_cpus();
     let estimated: BTreeMap<String, u64> = mapmem::maps_for(&sizes)
         .expect("the object's maps")
         .into_iter()

@@ -17,12 +17,12 @@ use lb_tests::{
     packet::{L4, Pkt, TCP_ACK},
 };
 use lb_userspace::{
-    agent::{Agent, Remembered},
-    config::Config,
-    dataplane::kernel::KernelDataplane,
-    metrics,
-    model::ip_of,
-    program,
+    agent::reconcile::{Agent, Remembered},
+    kernel::dataplane::kernel::KernelDataplane,
+    kernel::program,
+    model::desired::ip_of,
+    observe::metrics,
+    sources::config::Config,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -471,8 +471,10 @@ fn explain_agrees_with_the_program_on_idle_udp_flows_and_on_syns() {
         generation,
         last_seen_ns,
     };
-    node.lb
-        .set_flow(k, pinned(lb_userspace::inspect::monotonic_coarse_ns()));
+    node.lb.set_flow(
+        k,
+        pinned(lb_userspace::kernel::inspect::monotonic_coarse_ns()),
+    );
     let (said, went) = explain_then_send(&mut node, &net, &udp, false);
     assert_eq!(
         (said.as_str(), went.to_string().as_str()),

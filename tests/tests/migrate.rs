@@ -23,7 +23,7 @@ use lb_tests::{
     memcg::MemCgroup,
     packet::{L4, Pkt, TCP_ACK},
 };
-use lb_userspace::migrate::pins::STAGED;
+use lb_userspace::kernel::migrate::pins::STAGED;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
@@ -279,7 +279,7 @@ const FAILED: &str = "lb_map_migrations_total{result=\"failed\"}";
 
 /// The map a pin name stands for (`LB_VIPS@v2` -> `LB_VIPS`).
 fn map_of(pin: &str) -> &str {
-    lb_userspace::migrate::schema::parse_pin_name(pin).map_or(pin, |(m, _)| m)
+    lb_userspace::kernel::migrate::schema::parse_pin_name(pin).map_or(pin, |(m, _)| m)
 }
 
 /// The map's entry in a migration report.
@@ -825,7 +825,7 @@ fn flow_table(pin: &Path) -> (BTreeSet<u64>, usize) {
     let data =
         aya::maps::MapData::from_pin(pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
     let buckets = data.info().unwrap().max_entries() as usize;
-    let table = lb_userspace::flowmap::FlowMap::map(&data, buckets).unwrap();
+    let table = lb_userspace::kernel::flowmap::FlowMap::map(&data, buckets).unwrap();
     let ways: Vec<_> = table.ways().collect();
     (
         ways.iter().map(|w| w.key).collect(),

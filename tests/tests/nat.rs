@@ -26,7 +26,7 @@ use lb_tests::{
     hex,
     packet::{self, IcmpError, L4, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 const V4: &str = "192.0.2.10";
 const V6: &str = "2001:db8::10";
@@ -1405,7 +1405,7 @@ fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clien
         };
         let arrived = std::sync::atomic::AtomicU32::new(0);
         let before = lb.counters();
-        let prog = lb.xdp(lb_userspace::program::PROGRAM);
+        let prog = lb.xdp(lb_userspace::kernel::program::PROGRAM);
         let got: Vec<Vec<(u32, Pkt, u16)>> = std::thread::scope(|sc| {
             let racers: Vec<_> = (0..2)
                 .map(|cpu| {

@@ -19,7 +19,7 @@ use lb_tests::{
     hex,
     packet::{self, L4, Pkt, TCP_ACK},
 };
-use lb_userspace::{inspect::monotonic_coarse_ns, program::Sizes};
+use lb_userspace::{kernel::inspect::monotonic_coarse_ns, kernel::program::Sizes};
 
 const DSR4: &str = "192.0.2.10";
 const NAT4: &str = "192.0.2.19";

@@ -129,7 +129,7 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
     });
     let v = vip(&dirs.pins);
     assert_eq!(v.flags, VIP_F_NEW_FLOW_BUDGET);
-    let cpus = lb_userspace::program::online_cpus() as u64;
+    let cpus = lb_userspace::kernel::program::online_cpus() as u64;
     let share = NewFlowBudget {
         tokens: 0,
         last_ns: 0,

@@ -12,7 +12,7 @@ use lb_tests::{
     hex,
     packet::{self, Pkt},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 const DSR_VIP: &str = "192.0.2.10";
 const NAT_VIP: &str = "192.0.2.12";

@@ -102,7 +102,8 @@ impl NhLab {
 
     /// The agent's refresh count, from its status file.
     fn refreshes(&self) -> u64 {
-        lb_userspace::status::read_status(&self.dirs.state).map_or(0, |s| s.nexthops.refreshes)
+        lb_userspace::status::file::read_status(&self.dirs.state)
+            .map_or(0, |s| s.nexthops.refreshes)
     }
 
     /// Runs `change` (ip commands), then waits until the agent has refreshed since and the
@@ -141,7 +142,7 @@ fn member_of(lb: &mut Lb, backend: &str) -> (u32, u32) {
     let addr: std::net::IpAddr = backend.parse().unwrap();
     lb.live_members()
         .into_iter()
-        .find(|(_, m)| lb_userspace::model::ip_of(&m.addr, m.family) == addr)
+        .find(|(_, m)| lb_userspace::model::desired::ip_of(&m.addr, m.family) == addr)
         .map(|(id, m)| (id, m.generation))
         .unwrap_or_else(|| panic!("no member for {backend}"))
 }
@@ -494,7 +495,7 @@ fn a_route_the_resolver_cannot_take_is_left_to_the_route_lookup_and_counted() {
         let (id, generation) = member_of(lb, B4);
         let start = Instant::now();
         let status = loop {
-            let s = lb_userspace::status::read_status(&lab.dirs.state).map(|s| s.nexthops);
+            let s = lb_userspace::status::file::read_status(&lab.dirs.state).map(|s| s.nexthops);
             let nh = lb.nexthop(id);
             if let Some(s) = s.clone().filter(|s| s.unresolved == 1 && s.failures > 0)
                 && nh.action == lb_common::NH_UNRESOLVED
@@ -547,7 +548,7 @@ fn route_changes_are_applied_on_netlink_events_before_the_periodic_refresh() {
             lab.change(lb, B4, change);
             let took = start.elapsed();
             assert!(
-                took < lb_userspace::nexthop::REFRESH_INTERVAL / 2,
+                took < lb_userspace::kernel::nexthop::REFRESH_INTERVAL / 2,
                 "{change}: applied after {took:?}"
             );
         }
@@ -579,7 +580,7 @@ fn a_backend_added_by_a_reload_gets_its_next_hop_at_once() {
         let took = start.elapsed();
         assert_eq!(nh.action, NH_NO_NEIGH);
         assert!(
-            took < lb_userspace::nexthop::REFRESH_INTERVAL / 2,
+            took < lb_userspace::kernel::nexthop::REFRESH_INTERVAL / 2,
             "resolved {took:?} after the reload: not by the plan that made the member"
         );
     });

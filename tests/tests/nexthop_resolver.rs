@@ -11,7 +11,7 @@ use lb_tests::{
     harness::{FibNet, Lb, net::*, vip_key},
     packet::Pkt,
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 /// (backend, what the kernel's routes make of it).
 const CASES: &[(&str, u8)] = &[

@@ -259,7 +259,7 @@ fn an_agent_started_without_node_announce_withdraws_what_the_previous_one_announ
     }
     assert_eq!(lab.nodes[0].table_routes(), BTreeSet::new());
     assert_eq!(
-        lb_userspace::status::read_status(&lab.nodes[0].dirs.state).map(|s| s.announce),
+        lb_userspace::status::file::read_status(&lab.nodes[0].dirs.state).map(|s| s.announce),
         Some(None),
         "the status says announcement is off"
     );

@@ -19,11 +19,11 @@ use lb_common::{
     maps,
 };
 use lb_userspace::{
-    migrate::{
+    kernel::migrate::{
         convert,
         schema::{self, Moves, Schema},
     },
-    program::Sizes,
+    kernel::program::Sizes,
 };
 
 /// One key and one value of a map as 0.1.0 wrote them, in hex (spaces and `|` between fields

@@ -12,7 +12,7 @@ use lb_tests::{
     hex,
     packet::{self, L4, Pkt, TCP_ACK},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 const M: u32 = 1009;
 const VIP: &str = "192.0.2.10";

@@ -15,7 +15,7 @@ use lb_tests::{
     hex,
     packet::{self, Pkt},
 };
-use lb_userspace::program::Sizes;
+use lb_userspace::kernel::program::Sizes;
 
 const DSR4: &str = "192.0.2.10";
 const DSR6: &str = "2001:db8::10";

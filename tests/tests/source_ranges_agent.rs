@@ -117,7 +117,7 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
         0,
         "the flag 0.2.0 does not know"
     );
-    let meta = lb_userspace::program::pinned_meta(&dirs.pins)
+    let meta = lb_userspace::kernel::program::pinned_meta(&dirs.pins)
         .unwrap()
         .unwrap();
     assert_eq!(meta.version, 7, "pins 0.1.0 and 0.2.0 read");
@@ -164,7 +164,7 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
         vips_id,
         "the same map"
     );
-    let meta = lb_userspace::program::pinned_meta(&dirs.pins)
+    let meta = lb_userspace::kernel::program::pinned_meta(&dirs.pins)
         .unwrap()
         .unwrap();
     assert_eq!(meta.version, 8, "pins 0.1.0 cannot read");

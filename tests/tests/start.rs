@@ -279,7 +279,7 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
     let net = FibNet::new("busy");
     let dirs = Dirs::new(Path::new(BIN), "busy");
     // Another XDP program on lb1, attached by this test: lb's own object, loaded apart (no pins).
-    let sizes = lb_userspace::program::Sizes {
+    let sizes = lb_userspace::kernel::program::Sizes {
         maglev_m: 251,
         max_vips: 2,
         max_backends: 4,
@@ -287,9 +287,10 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
         affinity_entries: 16,
         nat_entries: 16,
     };
-    let mut other = lb_userspace::program::load(&sizes, None).expect("loading a second program");
+    let mut other =
+        lb_userspace::kernel::program::load(&sizes, None).expect("loading a second program");
     let prog: &mut aya::programs::Xdp = other
-        .program_mut(lb_userspace::program::PROGRAM)
+        .program_mut(lb_userspace::kernel::program::PROGRAM)
         .unwrap()
         .try_into()
         .unwrap();

@@ -177,7 +177,7 @@ fn lb_top_once_shows_the_flows_still_pinned_to_a_backend_set_to_weight_0() {
     dirs.write_config(&config(&left));
     // Applied once the status file has the new weight.
     let start = std::time::Instant::now();
-    while lb_userspace::status::read_status(&dirs.state).and_then(|s| {
+    while lb_userspace::status::file::read_status(&dirs.state).and_then(|s| {
         s.vips[0]
             .backends
             .iter()

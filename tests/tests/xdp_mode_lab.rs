@@ -1,6 +1,6 @@
 //! The XDP mode the agent takes in a lab of veths ([`lb_tests::veth_lab`]): native only where
 //! the peers take XDP frames, generic elsewhere, and an explicit `native` that cannot deliver
-//! refused, never a silent black hole (see `lb_userspace::xdpmode`).
+//! refused, never a silent black hole (see `lb_userspace::kernel::xdpmode`).
 
 use std::{path::Path, time::Duration};
 

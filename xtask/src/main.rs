@@ -62,39 +62,7 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup { build_only } => setup(build_only),
-        Cmd::Test { no_lint, args } => {
-            setup(false)?;
-            require_root("the tests load XDP programs and create network namespaces")?;
-            if !no_lint {
-                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-                run(cargo().args([
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))?;
-                // The XDP code only exists for the BPF target: lint it there too. (Plain
-                // `cargo`, not $CARGO, so that rustup honours `+nightly`.)
-                run(Command::new("cargo").current_dir(workspace_root()).args([
-                    "+nightly",
-                    "clippy",
-                    "--package",
-                    "lb-ebpf",
-                    "--release",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))?;
-            }
-            previous_release()?;
-            run(cargo().args(["test", "--workspace"]).arg("--").args(&args))
-        }
+        Cmd::Test { no_lint, args } => test(no_lint, &args),
         Cmd::Bench { smoke, only } => {
             setup(false)?;
             require_root("the benchmarks load XDP programs")?;
@@ -139,6 +107,41 @@ fn main() -> Result<()> {
                 .env("LB_BIN", workspace_root().join("target/debug/lb")))
         }
     }
+}
+
+/// `cargo xtask test`: the lints (unless `no_lint`), then the whole suite with `args`.
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    setup(false)?;
+    require_root("the tests load XDP programs and create network namespaces")?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        // The XDP code only exists for the BPF target: lint it there too. (Plain
+        // `cargo`, not $CARGO, so that rustup honours `+nightly`.)
+        run(Command::new("cargo").current_dir(workspace_root()).args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    previous_release()?;
+    run(cargo().args(["test", "--workspace"]).arg("--").args(args))
 }
 
 /// Tools the tests use: `ip`, `ethtool`, `capsh` (the DaemonSet's capability set is proven

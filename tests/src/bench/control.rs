@@ -257,7 +257,7 @@ pub fn memory(opts: &Options) -> Value {
     json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "flow_table_bytes_per_entry": per_entry, "v6_flow_entries": v6_entries, "v6_flow_table_bytes_per_entry": v6_per_entry, "sizes": format!("{sizes:?}")})
 }
 
-/// A migration that doubles the flow and NAT tables (see `lb_userspace::migrate`) holding
+/// A migration that doubles the flow and NAT tables (see `lb_userspace::kernel::migrate`) holding
 /// `opts.migration_entries` IPv4 flows and as many NAT translations (both directions), with 1 %
 /// more written to the old maps between the copy and the swap (late writes to merge). Reports
 /// the copy (while the old program would serve) and the finish (grace period, merge and pin
@@ -265,7 +265,7 @@ pub fn memory(opts: &Options) -> Value {
 pub fn migration(opts: &Options) -> Value {
     use aya::maps::{HashMap, MapData};
     use lb_common::{FlowKey, NatFlow, NatReverse, flowtab, maps};
-    use lb_userspace::migrate;
+    use lb_userspace::kernel::migrate;
     let dir = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/lb-bench-migrate-{}",
         std::process::id()
@@ -311,7 +311,7 @@ pub fn migration(opts: &Options) -> Value {
         let aya::maps::Map::Array(data) = map else {
             panic!("LB_FLOWS4 is an array")
         };
-        let mem = lb_userspace::mapping::Mapping::new(
+        let mem = lb_userspace::kernel::mapping::Mapping::new(
             data,
             buckets as usize * size_of::<flowtab::FlowBucket>(),
             true,

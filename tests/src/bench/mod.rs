@@ -9,12 +9,12 @@ use std::{
 
 use lb_common::{Counter, IPPROTO_TCP, MODE_DSR, MODE_NAT, VipValue};
 use lb_userspace::{
-    dataplane::{Dataplane, kernel::KernelDataplane},
-    maglev,
-    model::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
-    plan::State,
-    planner::Planner,
-    program::{self, Sizes},
+    kernel::dataplane::{Dataplane, kernel::KernelDataplane},
+    kernel::program::{self, Sizes},
+    model::desired::{BackendSpec, Desired, HashOn, Mode, NodeSpec, Protocol, VipSpec},
+    model::maglev,
+    model::plan::State,
+    model::planner::Planner,
 };
 use serde_json::{Value, json};
 

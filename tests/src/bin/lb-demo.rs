@@ -74,7 +74,7 @@ fn main() {
             .and_then(|p| p.lock().ok())
             .and_then(|p| p.clone())
         {
-            let _ = lb_userspace::run::down(&pins, &state);
+            let _ = lb_userspace::agent::run::down(&pins, &state);
             let _ = std::fs::remove_dir_all(state);
         }
         netns::remove_all_of_this_process();

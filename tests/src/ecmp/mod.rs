@@ -37,7 +37,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use lb_userspace::{inspect::Pinned, program::Sizes};
+use lb_userspace::{kernel::inspect::Pinned, kernel::program::Sizes};
 
 use crate::{
     agent::{Agent, Dirs},
@@ -142,7 +142,7 @@ impl Node {
     /// `lb down` inside the node's namespace (where its routes are).
     pub fn down(&self) -> Vec<String> {
         self.ns
-            .run(|| lb_userspace::run::down(&self.dirs.pins, &self.dirs.state))
+            .run(|| lb_userspace::agent::run::down(&self.dirs.pins, &self.dirs.state))
             .unwrap_or_else(|e| panic!("{}: lb down: {e:#}", self.name))
     }
 
@@ -153,7 +153,10 @@ impl Node {
             let o = Command::new("ip")
                 .args(["-n", &self.ns.name, "-j", fam, "route", "show", "table"])
                 .arg(TABLE.to_string())
-                .args(["proto", &lb_userspace::announce::RTPROT_LB.to_string()])
+                .args([
+                    "proto",
+                    &lb_userspace::kernel::announce::RTPROT_LB.to_string(),
+                ])
                 .output()
                 .expect("running ip");
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
@@ -168,7 +171,7 @@ impl Node {
 
     /// The `announce` part of the agent's status file.
     pub fn announced(&self) -> Vec<IpAddr> {
-        lb_userspace::status::read_status(&self.dirs.state)
+        lb_userspace::status::file::read_status(&self.dirs.state)
             .and_then(|s| s.announce)
             .map(|a| a.announced)
             .unwrap_or_default()
@@ -424,7 +427,7 @@ impl Ecmp {
     /// pinned maps: the VIP's id, the ring and the members).
     pub fn ring(&self, i: usize, vip: &str) -> Vec<Option<IpAddr>> {
         let p = self.nodes[i].pinned();
-        let (addr, family) = lb_userspace::model::addr16(vip.parse().unwrap());
+        let (addr, family) = lb_userspace::model::desired::addr16(vip.parse().unwrap());
         let vips = p.vips().expect("reading the VIPs");
         let (_, v) = vips
             .iter()
@@ -438,7 +441,7 @@ impl Ecmp {
         (0..p.table_size(v))
             .map(|s| {
                 p.member(p.ring_slot(v.id, s))
-                    .map(|m| lb_userspace::model::ip_of(&m.addr, m.family))
+                    .map(|m| lb_userspace::model::desired::ip_of(&m.addr, m.family))
             })
             .collect()
     }
@@ -457,7 +460,7 @@ impl Drop for Ecmp {
             // In the node's namespace, where its routes are (the pins' own drop runs in ours,
             // and then finds nothing left to withdraw).
             let _ =
-                n.ns.run(|| lb_userspace::run::down(&n.dirs.pins, &n.dirs.state));
+                n.ns.run(|| lb_userspace::agent::run::down(&n.dirs.pins, &n.dirs.state));
             n.bird = None;
         }
         self.router_bird = None;

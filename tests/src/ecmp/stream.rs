@@ -85,8 +85,8 @@ impl Conn {
 
     /// The key of this connection in the maps.
     pub fn flow_key(&self) -> lb_common::FlowKey {
-        let (src, family) = lb_userspace::model::addr16(self.local.ip());
-        let (dst, _) = lb_userspace::model::addr16(self.vip.ip());
+        let (src, family) = lb_userspace::model::desired::addr16(self.local.ip());
+        let (dst, _) = lb_userspace::model::desired::addr16(self.vip.ip());
         lb_common::FlowKey {
             src,
             dst,

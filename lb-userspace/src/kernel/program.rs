@@ -1,0 +1,388 @@
+//! The embedded XDP object, loading it with this node's sizes, and its pinned maps.
+//!
+//! With a pin directory, every map is pinned there by name (`<dir>/LB_FLOWS`, ...) and re-used
+//! if already pinned, so a restarted agent keeps the flow table, the counters and everything
+//! else. Before re-using pins, their `LB_META` is checked: maps made by another layout version or
+//! for other sizes are refused with an error saying how to start over.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, ProgramArray},
+    programs::Xdp,
+};
+use lb_common::{LayoutMeta, maps};
+
+/// The XDP program object, built by `build.rs` from `lb-ebpf`.
+/// Empty when built with `AYA_BUILD_SKIP=1` (for unit tests and lints): use [`object`].
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+/// The embedded object, or why there is none.
+pub fn object() -> Result<&'static [u8], LoadError> {
+    match OBJECT.is_empty() {
+        true => Err(LoadError::NoObject),
+        false => Ok(OBJECT),
+    }
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "lb";
+
+/// Where an agent pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+/// The CPUs online (read once): a VIP's new-flow budget is shared out over them (see
+/// `lb_common::budget`). At least 1.
+pub fn online_cpus() -> u32 {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        aya::util::online_cpus()
+            .map(|c| c.len() as u32)
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
+/// The CPUs the kernel may ever bring online (read once): what a per-CPU map holds a value
+/// for. At least [`online_cpus`].
+pub fn possible_cpus() -> u32 {
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        aya::util::nr_cpus()
+            .map(|n| n as u32)
+            .unwrap_or(0)
+            .max(online_cpus())
+    })
+}
+
+/// Sizes fixed when the program is loaded. Changing any of them means loading afresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Maglev table size M (prime).
+    pub maglev_m: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub flow_entries: u32,
+    pub affinity_entries: u32,
+    /// Size of each NAT table (forward and reverse).
+    pub nat_entries: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            maglev_m: maps::DEFAULT_MAGLEV_M,
+            max_vips: maps::DEFAULT_MAX_VIPS,
+            max_backends: maps::DEFAULT_MAX_BACKENDS,
+            flow_entries: maps::DEFAULT_FLOW_ENTRIES,
+            affinity_entries: maps::DEFAULT_AFFINITY_ENTRIES,
+            nat_entries: maps::DEFAULT_NAT_ENTRIES,
+        }
+    }
+}
+
+impl Sizes {
+    pub fn meta(&self) -> LayoutMeta {
+        LayoutMeta {
+            version: crate::kernel::migrate::schema::record_version(),
+            maglev_m: self.maglev_m,
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            flow_entries: self.flow_entries,
+            affinity_entries: self.affinity_entries,
+            nat_entries: self.nat_entries,
+            _pad: 0,
+        }
+    }
+
+    pub fn from_meta(m: &LayoutMeta) -> Self {
+        Self {
+            maglev_m: m.maglev_m,
+            max_vips: m.max_vips,
+            max_backends: m.max_backends,
+            flow_entries: m.flow_entries,
+            affinity_entries: m.affinity_entries,
+            nat_entries: m.nat_entries,
+        }
+    }
+
+    /// Entries of the IPv6 flow table (an LRU hash; IPv4 flows have the bucket table of
+    /// `flow_entries`): a quarter of `flow_entries`, at least 1,024.
+    pub fn flow_entries_v6(&self) -> u32 {
+        (self.flow_entries / 4).max(1024)
+    }
+
+    pub fn limits(&self) -> crate::model::plan::Limits {
+        crate::model::plan::Limits {
+            maglev_m: self.maglev_m,
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            cpus: online_cpus(),
+        }
+    }
+
+    /// Each size with the config key that sets it.
+    fn keyed(&self) -> [(&'static str, u32); Self::KEYS] {
+        let mut s = self.clone();
+        std::array::from_fn(|i| {
+            let (key, n) = s.key_mut(i);
+            (key, *n)
+        })
+    }
+
+    /// How many sizes [`Sizes::key_mut`] knows.
+    pub const KEYS: usize = 6;
+
+    /// Size `i` (0..[`Sizes::KEYS`]), with the config key that sets it, to change.
+    pub fn key_mut(&mut self, i: usize) -> (&'static str, &mut u32) {
+        match i {
+            0 => ("node.table_size", &mut self.maglev_m),
+            1 => ("node.max_vips", &mut self.max_vips),
+            2 => ("node.max_backends", &mut self.max_backends),
+            3 => ("node.flow_table_size", &mut self.flow_entries),
+            4 => ("node.affinity_table_size", &mut self.affinity_entries),
+            _ => ("node.nat_table_size", &mut self.nat_entries),
+        }
+    }
+
+    /// The sizes that differ in `new`, by config key: `node.table_size 1009 -> 1013`.
+    pub fn changes_to(&self, new: &Sizes) -> String {
+        self.keyed()
+            .iter()
+            .zip(new.keyed())
+            .filter(|((_, a), (_, b))| a != b)
+            .map(|((k, a), (_, b))| format!("{k} {a} -> {b}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn check(&self) -> Result<u32, LoadError> {
+        for (what, n) in self.keyed() {
+            if n == 0 {
+                return Err(LoadError::Zero { what });
+            }
+        }
+        self.max_vips
+            .checked_mul(self.maglev_m)
+            .ok_or(LoadError::RingTooLarge {
+                max_vips: self.max_vips,
+                maglev_m: self.maglev_m,
+            })
+    }
+}
+
+/// The sizes by config key: `node.table_size 65537, node.max_vips 64, ...`.
+impl std::fmt::Display for Sizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keyed = self.keyed();
+        for (i, (k, n)) in keyed.iter().enumerate() {
+            let sep = if i + 1 < keyed.len() { ", " } else { "" };
+            write!(f, "{k} {n}{sep}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "node.max_vips {max_vips} x node.table_size {maglev_m} slots does not fit one BPF array (at most {} slots)",
+        u32::MAX
+    )]
+    RingTooLarge { max_vips: u32, maglev_m: u32 },
+    #[error("{what} must be at least 1")]
+    Zero { what: &'static str },
+    #[error(
+        "the maps pinned in {dir} cannot be used as they are: {found}; `lb run` migrates them \
+         (keeping every connection)"
+    )]
+    Incompatible { dir: String, found: String },
+    #[error("pinning the map {name} in {dir} (is it on a bpffs? `mount -t bpf bpf /sys/fs/bpf`)")]
+    PinMap {
+        name: String,
+        dir: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("reading the pinned {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "this lb was built with AYA_BUILD_SKIP=1 and has no XDP program: build it again without it"
+    )]
+    NoObject,
+    #[error("loading the lb XDP object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the lb XDP object has no program named {PROGRAM}")]
+    NoProgram,
+    #[error("the program in the lb XDP object is not an XDP program")]
+    NotXdp(#[source] aya::programs::ProgramError),
+    #[error("verifying and loading the lb XDP program")]
+    Verify(#[source] aya::programs::ProgramError),
+    #[error("installing the NAT program")]
+    Install(#[source] std::io::Error),
+    #[error("writing {what}")]
+    Write {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Opens a pinned map.
+pub fn open_pinned(dir: &Path, name: &str) -> Result<Map, LoadError> {
+    // Pinned under its schema's name (`LB_VIPS@v2`); an older release's agent pins the first
+    // schema under the plain name (read as this release's where only a meaning was added).
+    let path = crate::kernel::migrate::schema::of(name)
+        .map(|s| dir.join(s.pin_name()))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| dir.join(name));
+    let pin = |source| LoadError::Pin {
+        path: path.display().to_string(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(pin)?;
+    Map::from_map_data(data).map_err(pin)
+}
+
+/// The layout recorded in `dir`, if it holds lb pins at all.
+pub fn pinned_meta(dir: &Path) -> Result<Option<LayoutMeta>, LoadError> {
+    if !dir.join(maps::META).exists() {
+        return Ok(None);
+    }
+    let map = open_pinned(dir, maps::META)?;
+    let arr: Array<_, LayoutMeta> = Array::try_from(map).map_err(|source| LoadError::Pin {
+        path: dir.join(maps::META).display().to_string(),
+        source,
+    })?;
+    arr.get(&0, 0).map(Some).map_err(|source| LoadError::Pin {
+        path: dir.join(maps::META).display().to_string(),
+        source,
+    })
+}
+
+/// Sets `sizes` on `loader`: the globals the verifier takes as constants and every sized map.
+/// `flow_buckets` is [`lb_common::flowtab::buckets_for`] of the flow table's size (borrowed by
+/// the loader, so the caller keeps it).
+pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets: &'a u32) {
+    loader
+        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
+        .override_global(maps::GLOBAL_FLOW_BUCKETS, flow_buckets, true);
+    for s in crate::kernel::migrate::schema::current() {
+        loader.map_max_entries(s.map, (s.entries)(sizes));
+    }
+}
+
+/// Loads the object with `sizes` and verifies the XDP program (it is not attached).
+/// With `pin_dir`, maps are pinned there by name, or re-used if already pinned with their
+/// schema and size (a load that would have to migrate them is refused: the agent migrates, see
+/// [`crate::kernel::migrate`]).
+pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    sizes.check()?;
+    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
+    let mut loader = EbpfLoader::new();
+    configure(&mut loader, sizes, &flow_buckets);
+    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => {
+            let plan = crate::kernel::migrate::pins::plan(dir, sizes).map_err(|e| {
+                LoadError::Incompatible {
+                    dir: dir.display().to_string(),
+                    found: crate::error_chain(&e),
+                }
+            })?;
+            if plan.migrates() {
+                return Err(LoadError::Incompatible {
+                    dir: dir.display().to_string(),
+                    found: format!("for other sizes or schemas ({})", plan.summary()),
+                });
+            }
+            plan.maps
+                .iter()
+                .map(|m| (m.schema.map, m.pin(dir)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(object()?)
+        .map_err(|e| object_error(e, pin_dir))?;
+    if pin_dir.is_some() {
+        write_meta(&mut ebpf, sizes)?;
+    }
+    verify(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// The error of [`EbpfLoader::load`], naming the map a pin failed for.
+pub fn object_error(e: aya::EbpfError, pin_dir: Option<&Path>) -> LoadError {
+    match e {
+        aya::EbpfError::MapError(aya::maps::MapError::PinError { name, error }) => {
+            LoadError::PinMap {
+                name: name.unwrap_or_default(),
+                dir: pin_dir.map(|d| d.display().to_string()).unwrap_or_default(),
+                source: error,
+            }
+        }
+        e => LoadError::Object(e),
+    }
+}
+
+/// Writes the layout record (`LB_META`) for `sizes`: what release 0.1.0 checks before it
+/// adopts pins, kept true while every map is at a schema 0.1.0 reads.
+pub fn write_meta(ebpf: &mut Ebpf, sizes: &Sizes) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(maps::META).ok_or(LoadError::NoProgram)?;
+    let mut meta: Array<_, LayoutMeta> =
+        Array::try_from(map).map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })?;
+    meta.set(0, sizes.meta(), 0)
+        .map_err(|source| LoadError::Write {
+            what: "the layout record",
+            source,
+        })
+}
+
+/// Verifies and loads the XDP programs of a loaded object, and fills its tail-call table.
+pub fn verify(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(LoadError::NotXdp)?;
+    prog.load().map_err(LoadError::Verify)?;
+    install_tail_call(ebpf, maps::TOO_BIG_PROGRAM, maps::TOO_BIG_PROG_INDEX)?;
+    install_tail_call(ebpf, maps::ICMP_PROGRAM, maps::ICMP_PROG_INDEX)?;
+    Ok(())
+}
+
+/// Loads program `name` and puts it where `lb` tail-calls it, at `index` of the tail-call table.
+fn install_tail_call(ebpf: &mut Ebpf, name: &str, index: u32) -> Result<(), LoadError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NoProgram)?
+        .try_into()
+        .map_err(LoadError::NotXdp)?;
+    prog.load().map_err(LoadError::Verify)?;
+    let fd = prog
+        .fd()
+        .map_err(LoadError::Verify)?
+        .try_clone()
+        .map_err(LoadError::Install)?;
+    let map = ebpf.map_mut(maps::PROGS).ok_or(LoadError::NoProgram)?;
+    let mut progs = ProgramArray::try_from(map).map_err(|source| LoadError::Write {
+        what: "the tail-call table",
+        source,
+    })?;
+    progs.set(index, &fd, 0).map_err(|source| LoadError::Write {
+        what: "the tail-call table",
+        source,
+    })
+}
