@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn every_map_of_the_object_is_counted_and_the_lb_maps_at_the_configured_sizes() {
         let sizes = Sizes {
-            nat_entries: 1 << 20,
+            nat_table_size: 1 << 20,
             ..Sizes::default()
         };
         let maps = maps_for(&sizes).unwrap();
@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn the_need_is_shared_out_by_the_config_keys_that_size_the_maps() {
         let sizes = Sizes {
-            nat_entries: 1 << 24,
+            nat_table_size: 1 << 24,
             ..Sizes::default()
         };
         let need = need_with(&sizes, 2).unwrap();

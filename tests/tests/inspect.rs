@@ -249,12 +249,12 @@ fn another_program_on_the_interface_is_not_taken_for_lbs() {
     // Another XDP program (the kernel's tiny "xdp_dummy" is not at hand: a second copy of lb's
     // own program, which has another id) attached in generic mode.
     let mut other = Lb::load(lb_userspace::program::Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 8,
         max_backends: 32,
-        flow_entries: 1024,
-        affinity_entries: 1024,
-        nat_entries: 1024,
+        flow_table_size: 1024,
+        affinity_table_size: 1024,
+        nat_table_size: 1024,
     });
     s.net.ns.run(|| {
         other

@@ -280,12 +280,12 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
     let dirs = Dirs::new(Path::new(BIN), "busy");
     // Another XDP program on lb1, attached by this test: lb's own object, loaded apart (no pins).
     let sizes = lb_userspace::program::Sizes {
-        maglev_m: 251,
+        table_size: 251,
         max_vips: 2,
         max_backends: 4,
-        flow_entries: 1024,
-        affinity_entries: 16,
-        nat_entries: 16,
+        flow_table_size: 1024,
+        affinity_table_size: 16,
+        nat_table_size: 16,
     };
     let mut other = lb_userspace::program::load(&sizes, None).expect("loading a second program");
     let prog: &mut aya::programs::Xdp = other
