@@ -26,6 +26,17 @@ pub fn object() -> Result<&'static [u8], LoadError> {
     }
 }
 
+/// For the unit tests that read the real object: fails the test, saying why, in a build with the
+/// stub (`AYA_BUILD_SKIP=1`), so that such a test never passes on it.
+#[cfg(test)]
+pub(crate) fn require_object() {
+    assert!(
+        !OBJECT.is_empty(),
+        "this test reads the XDP object, and this build has the empty stub (AYA_BUILD_SKIP=1): \
+         run it without AYA_BUILD_SKIP (docs/tests.md)"
+    );
+}
+
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb";
 
