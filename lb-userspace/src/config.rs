@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod reference;
 mod validate;
@@ -219,13 +219,14 @@ impl Config {
 
 // The `Raw*` structs are the config file's schema: their doc comments are the configuration
 // reference (docs/config-reference.md is generated from them, see [`reference`]). Each says what
-// the key does, its default and its range, in the file's words.
+// the key does, its default and its range, in the file's words. They serialize too: the tests
+// build their config files from them (tests/src/config.rs).
 
 /// How a duration is written (`500ms`, `2s`, `10m`, `1h`), for the schema.
 const DURATION: &str = r"^[0-9]+(ms|s|m|h)$";
 
 /// An lb config file.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// This node: where the program attaches, how large its maps are, NAT and metrics settings.
@@ -236,7 +237,7 @@ pub struct RawConfig {
 }
 
 /// `node`: settings of this node.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
     /// Interfaces the XDP program attaches to, each listed once. Default: the interface of the
@@ -321,7 +322,7 @@ pub struct RawNode {
 }
 
 /// `node.announce`: VIP routes for a routing daemon.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAnnounce {
     /// The routing table lb writes the VIP routes to, for the daemon to export; not 253, 254 or
@@ -331,7 +332,7 @@ pub struct RawAnnounce {
 }
 
 /// `vips[i]`: a virtual service.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawVip {
     /// What lb's commands and metrics call the VIP. Default `vip<i>`.
@@ -371,7 +372,7 @@ pub struct RawVip {
 
 /// `vips[i].new_flow_budget`: at most `rate` new flows a second, `burst` at once (the VIP's
 /// totals on a node, shared out over its CPUs).
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
     /// New flows per second, more than 0. Required.
@@ -381,7 +382,7 @@ pub struct RawBudget {
 }
 
 /// `vips[i].passive_health`: connection attempts the data path sees fail.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPassiveHealth {
     /// Failed attempts in a row (RST, ICMP unreachable, or a SYN unanswered for
@@ -398,7 +399,7 @@ pub struct RawPassiveHealth {
 pub const BACKUP_IN_CONFIG: &str = "backup: true in the config";
 
 /// `vips[i].backends[j]`: a backend.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     /// The backend's IP address (not the VIP's own; NAT: the VIP's family). Required.
@@ -416,7 +417,7 @@ pub struct RawBackend {
 }
 
 /// `vips[i].health_check`: active probes of each backend, in the spirit of Kong's active checks.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     /// `tcp` (a connection) or `http` (a GET). Default `tcp`.
