@@ -195,17 +195,17 @@ pub const RING_FLAGS: u32 = 1 << 10;
 pub const GLOBAL_MAGLEV_M: &str = "LB_MAGLEV_M";
 
 /// Default Maglev table size: prime, and large enough for 1 % balance with up to 655 backends.
-pub const DEFAULT_MAGLEV_M: u32 = 65_537;
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 /// Default number of VIPs (set at load time). The ring holds `max_vips * M` slots.
 pub const DEFAULT_MAX_VIPS: u32 = 64;
 /// Default number of member ids (set at load time): a backend serving two VIPs takes two.
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Default flow-table size (set at load time).
-pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// Default affinity-table size (set at load time).
-pub const DEFAULT_AFFINITY_ENTRIES: u32 = 1 << 16;
+pub const DEFAULT_AFFINITY_TABLE_SIZE: u32 = 1 << 16;
 /// Default size of each NAT table (forward and reverse; set at load time).
-pub const DEFAULT_NAT_ENTRIES: u32 = 1 << 18;
+pub const DEFAULT_NAT_TABLE_SIZE: u32 = 1 << 18;
 /// Default NAT source ports: below Linux's default ephemeral range (32768-60999), so the
 /// node's own connections never collide with translated ones.
 pub const DEFAULT_NAT_PORT_MIN: u16 = 1024;

@@ -94,11 +94,14 @@ pub fn maglev_hash(key: &FlowKey, vip: &VipValue) -> u32 {
 }
 
 /// The slot of `vip`'s own table that `hash` selects, and its index in the ring (every VIP has
-/// `maglev_m` slots of room there).
+/// `node_table_size` slots of room there).
 #[inline(always)]
-pub fn ring_index(hash: u32, vip: &VipValue, maglev_m: u32) -> (u32, u32) {
-    let slot = maglev_slot(hash, vip.table_size_of(maglev_m));
-    (slot, vip.id.wrapping_mul(maglev_m).wrapping_add(slot))
+pub fn ring_index(hash: u32, vip: &VipValue, node_table_size: u32) -> (u32, u32) {
+    let slot = maglev_slot(hash, vip.table_size_of(node_table_size));
+    (
+        slot,
+        vip.id.wrapping_mul(node_table_size).wrapping_add(slot),
+    )
 }
 
 /// Whether the member a ring slot names may take the packet. The table is the authority on who

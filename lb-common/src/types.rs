@@ -103,11 +103,11 @@ pub struct VipValue {
 }
 
 impl VipValue {
-    /// The VIP's Maglev table size, given the node's (`maglev_m`).
+    /// The VIP's Maglev table size, given the node's (`node.table_size`).
     #[inline(always)]
-    pub const fn table_size_of(&self, maglev_m: u32) -> u32 {
-        if self.table_size == 0 || self.table_size > maglev_m {
-            maglev_m
+    pub const fn table_size_of(&self, node_table_size: u32) -> u32 {
+        if self.table_size == 0 || self.table_size > node_table_size {
+            node_table_size
         } else {
             self.table_size
         }
@@ -279,7 +279,7 @@ pub const NAT_S_HALF_OPEN: u16 = 1 << 5;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatFlow {
     /// The member the flow is translated towards.
-    pub backend_id: u32,
+    pub member_id: u32,
     pub vip_id: u32,
     /// The node's source port towards the backend, network byte order.
     pub nat_port: u16,
@@ -297,7 +297,7 @@ pub struct NatReverse {
     /// The flow as the client sent it: where to send the reply, and the [`NatFlow`] key.
     pub client: FlowKey,
     /// The member the flow is translated towards.
-    pub backend_id: u32,
+    pub member_id: u32,
     pub vip_id: u32,
     /// `NAT_S_*`.
     pub state: u16,
@@ -331,7 +331,7 @@ pub struct PassiveHealth {
     pub consecutive_failures: u64,
 }
 
-/// `NatJob::kind`: translate a client's packet towards `backend_id`.
+/// `NatJob::kind`: translate a client's packet towards `member_id`.
 pub const NAT_JOB_FORWARD: u8 = 1;
 /// `NatJob::kind`: translate a reply to the node back to its client.
 pub const NAT_JOB_REVERSE: u8 = 2;
@@ -354,7 +354,7 @@ pub struct NatJob {
     pub l4_off: u16,
     pub ip_len: u32,
     pub vip_id: u32,
-    pub backend_id: u32,
+    pub member_id: u32,
     pub _pad2: u32,
 }
 
@@ -486,12 +486,12 @@ pub const NAT_REFRESH_NS: u64 = 1_000_000_000;
 pub struct LayoutMeta {
     /// [`LAYOUT_VERSION`] of the lb that created the maps.
     pub version: u32,
-    pub maglev_m: u32,
+    pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
-    pub flow_entries: u32,
-    pub affinity_entries: u32,
-    pub nat_entries: u32,
+    pub flow_table_size: u32,
+    pub affinity_table_size: u32,
+    pub nat_table_size: u32,
     pub _pad: u32,
 }
 

@@ -79,12 +79,12 @@ mod program {
 
     /// Maglev table size M, fixed when the agent loads the program (a constant to the verifier).
     #[unsafe(no_mangle)]
-    pub static LB_MAGLEV_M: Global<u32> = Global::new(DEFAULT_MAGLEV_M);
+    pub static LB_MAGLEV_M: Global<u32> = Global::new(DEFAULT_TABLE_SIZE);
 
     /// Buckets in `LB_FLOWS4`, fixed when the agent loads the program.
     #[unsafe(no_mangle)]
     pub static LB_FLOW_BUCKETS: Global<u32> =
-        Global::new(lb_common::flowtab::buckets_for(DEFAULT_FLOW_ENTRIES));
+        Global::new(lb_common::flowtab::buckets_for(DEFAULT_FLOW_TABLE_SIZE));
 
     #[map]
     pub static LB_VIPS: HashMap<VipKey, VipValue> =
@@ -97,28 +97,28 @@ mod program {
         Array::with_max_entries(lb_common::hash::VIP_FILTER_BITS / 64, 0);
     #[map]
     pub static LB_RING: Array<u32> =
-        Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_MAGLEV_M, RING_FLAGS);
+        Array::with_max_entries(DEFAULT_MAX_VIPS * DEFAULT_TABLE_SIZE, RING_FLAGS);
     #[map]
     pub static LB_MEMBERS: Array<Member> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
     #[map]
     pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
-        LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+        LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
     #[map]
     pub static LB_FLOWS4: Array<lb_common::flowtab::FlowBucket> = Array::with_max_entries(
-        lb_common::flowtab::buckets_for(DEFAULT_FLOW_ENTRIES),
+        lb_common::flowtab::buckets_for(DEFAULT_FLOW_TABLE_SIZE),
         FLOWS4_FLAGS,
     );
     #[map]
     pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-        LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+        LruHashMap::with_max_entries(DEFAULT_AFFINITY_TABLE_SIZE, 0);
     #[map]
     pub static LB_NAT: LruHashMap<FlowKey, NatFlow> =
-        LruHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+        LruHashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
     #[map]
     pub static LB_NAT_REV: LruHashMap<FlowKey, NatReverse> =
-        LruHashMap::with_max_entries(DEFAULT_NAT_ENTRIES, 0);
+        LruHashMap::with_max_entries(DEFAULT_NAT_TABLE_SIZE, 0);
     #[map]
     pub static LB_MEMBER_PASSIVE: Array<PassiveHealth> =
         Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -270,7 +270,7 @@ mod program {
     }
 
     #[inline(always)]
-    fn job(kind: u8, pkt: &Packet, vip_id: u32, backend_id: u32) -> NatJob {
+    fn job(kind: u8, pkt: &Packet, vip_id: u32, member_id: u32) -> NatJob {
         NatJob {
             key: pkt.key,
             kind,
@@ -281,7 +281,7 @@ mod program {
             l4_off: pkt.l4_off as u16,
             ip_len: pkt.ip_len as u32,
             vip_id,
-            backend_id,
+            member_id,
             _pad2: 0,
         }
     }

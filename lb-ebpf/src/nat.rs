@@ -100,7 +100,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                 tcp_flags: job.tcp_flags,
             };
             if kind == NAT_JOB_FORWARD {
-                nat_forward(ctx, &pkt, job.vip_id, &job.backend_id, node)
+                nat_forward(ctx, &pkt, job.vip_id, &job.member_id, node)
             } else {
                 nat_reverse(ctx, &pkt, node)
             }
@@ -153,10 +153,10 @@ fn bump(p: *mut u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
 }
 
-/// Records a passive health signal for `backend_id`.
+/// Records a passive health signal for `member_id`.
 #[inline(always)]
-fn signal(backend_id: &u32, s: Signal) {
-    let Some(p) = LB_MEMBER_PASSIVE.get_ptr_mut(*backend_id) else {
+fn signal(member_id: &u32, s: Signal) {
+    let Some(p) = LB_MEMBER_PASSIVE.get_ptr_mut(*member_id) else {
         return;
     };
     let p: *mut PassiveHealth = p;
@@ -183,12 +183,12 @@ fn signal(backend_id: &u32, s: Signal) {
             }
         }
         bump(&raw mut (*p).consecutive_failures);
-        note_crossing(backend_id, (*p).consecutive_failures);
+        note_crossing(member_id, (*p).consecutive_failures);
     }
     // A failure wakes the agent (see `maps::EVENTS`), once the streak counts it; a full ring
     // just skips the wake-up.
     if let Some(mut e) = LB_EVENTS.reserve::<u32>(0) {
-        e.write(*backend_id);
+        e.write(*member_id);
         e.submit(0);
     }
 }
@@ -198,7 +198,7 @@ fn signal(backend_id: &u32, s: Signal) {
 fn fail(r: &mut NatReverse, s: Signal) {
     if r.state & (NAT_S_ANSWERED | NAT_S_FAILED) == 0 {
         r.state |= NAT_S_FAILED;
-        signal(&r.backend_id, s);
+        signal(&r.member_id, s);
     }
 }
 
@@ -221,7 +221,7 @@ fn refused(r: &mut NatReverse, s: Signal) {
             vip_id: r.vip_id,
         };
         if let Some(a) = unsafe { LB_AFFINITY.get(akey) }
-            && a.member_id == r.backend_id
+            && a.member_id == r.member_id
             && a.generation == r.generation
         {
             let _ = LB_AFFINITY.remove(akey);
@@ -285,7 +285,7 @@ fn track_backend(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
     } else {
         if r.state & NAT_S_ANSWERED == 0 {
             r.state |= NAT_S_ANSWERED;
-            signal(&r.backend_id, Signal::Answered);
+            signal(&r.member_id, Signal::Answered);
         }
         if tcp && f & TCP_FLAG_FIN != 0 {
             close(r, NAT_S_FIN_BACKEND, t);
@@ -299,7 +299,7 @@ fn track_backend(r: &mut NatReverse, pkt: &Packet, t: u64, node: &NodeConfig) {
 #[inline(always)]
 fn belongs(r: &NatReverse, key: &FlowKey, member: (u32, u32), vip_id: u32) -> bool {
     same_flow(&r.client, key)
-        && r.backend_id == member.0
+        && r.member_id == member.0
         && r.generation == member.1
         && r.vip_id == vip_id
 }
@@ -319,7 +319,7 @@ fn translation(
 ) -> Option<u16> {
     let key = &pkt.key;
     let f = unsafe { LB_NAT.get(key) }?;
-    if f.backend_id != member.0 || f.generation != member.1 || f.vip_id != vip_id {
+    if f.member_id != member.0 || f.generation != member.1 || f.vip_id != vip_id {
         return None;
     }
     rkey.dst_port = f.nat_port;
@@ -421,7 +421,7 @@ fn try_port(s: &Search, node: &NodeConfig) -> Probe {
         }
         // Perhaps this very flow on another CPU, just now.
         return match unsafe { LB_NAT_REV.get(&s.rkey) } {
-            Some(r) if belongs(r, key, (s.rev.backend_id, s.rev.generation), s.rev.vip_id) => {
+            Some(r) if belongs(r, key, (s.rev.member_id, s.rev.generation), s.rev.vip_id) => {
                 Probe::Own
             }
             _ => Probe::Busy,
@@ -430,7 +430,7 @@ fn try_port(s: &Search, node: &NodeConfig) -> Probe {
     let r = unsafe { &mut *r };
     let last = unsafe { core::ptr::read_volatile(&r.last_ns) };
     let expired = r.expired_at(last, proto, t, node);
-    let own = belongs(r, key, (s.rev.backend_id, s.rev.generation), s.rev.vip_id);
+    let own = belongs(r, key, (s.rev.member_id, s.rev.generation), s.rev.vip_id);
     let reopen = own && s.syn && r.closed();
     if own && !expired && !reopen {
         return Probe::Own;
@@ -531,7 +531,7 @@ fn allocate(
     pkt: &Packet,
     rkey: &FlowKey,
     vip_id: u32,
-    (backend_id, generation): (u32, u32),
+    (member_id, generation): (u32, u32),
     t: u64,
 ) -> Option<(u16, bool)> {
     let key = &pkt.key;
@@ -539,7 +539,7 @@ fn allocate(
         rkey: *rkey,
         rev: NatReverse {
             client: *key,
-            backend_id,
+            member_id,
             vip_id,
             // Every TCP translation starts half-open, whatever packet made it.
             state: if key.proto == IPPROTO_TCP {
@@ -575,7 +575,7 @@ fn allocate(
         return None;
     }
     let flow = NatFlow {
-        backend_id,
+        member_id,
         vip_id,
         nat_port: s.rkey.dst_port,
         _pad: 0,
@@ -593,11 +593,11 @@ fn nat_forward(
     ctx: &XdpContext,
     pkt: &Packet,
     vip_id: u32,
-    backend_id: &u32,
+    member_id: &u32,
     node: &NodeConfig,
 ) -> Verdict {
     let key = &pkt.key;
-    let Some(backend) = LB_MEMBERS.get(*backend_id) else {
+    let Some(backend) = LB_MEMBERS.get(*member_id) else {
         return Verdict::new(Counter::DropNoBackend, xdp_action::XDP_DROP);
     };
     let Some(src) = node_addr(node, key.family) else {
@@ -622,11 +622,11 @@ fn nat_forward(
         _pad: [0; 2],
     };
     let t = now();
-    let member = (*backend_id, backend.generation);
+    let member = (*member_id, backend.generation);
     let port = match translation(pkt, &mut rkey, vip_id, member, t, node) {
         Some(p) => p,
         None if held() => return Verdict::new(Counter::DropNatHeld, xdp_action::XDP_DROP),
-        None if pkt.syn && failing(backend_id, t) => {
+        None if pkt.syn && failing(member_id, t) => {
             return Verdict::new(Counter::DropBackendFailing, xdp_action::XDP_DROP);
         }
         None => match allocate(pkt, &rkey, vip_id, member, t) {
@@ -643,7 +643,7 @@ fn nat_forward(
         },
     };
     count(Counter::NatForward);
-    let to = Via::Member(*backend_id, backend.generation);
+    let to = Via::Member(*member_id, backend.generation);
     rewrite_and_route(ctx, pkt, &src, &backend.addr, ports(port, bport), to, node)
 }
 
@@ -671,7 +671,7 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
     track_backend(r, pkt, t, node);
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_reply(&LB_VIP_REPLY_STATS, &r.vip_id, bytes);
-    count_reply(&LB_MEMBER_REPLY_STATS, &r.backend_id, bytes);
+    count_reply(&LB_MEMBER_REPLY_STATS, &r.member_id, bytes);
     let client = r.client;
     count(Counter::NatReverse);
     rewrite_and_route(

@@ -399,12 +399,12 @@ impl Rig {
         }
         enter(&node.name);
         let mut lb = Lb::load(Sizes {
-            maglev_m: 1009,
+            table_size: 1009,
             max_vips: 2,
             max_backends: 8,
-            flow_entries: 1024,
-            affinity_entries: 64,
-            nat_entries: 1024,
+            flow_table_size: 1024,
+            affinity_table_size: 64,
+            nat_table_size: 1024,
         });
         lb.set_node(Some(NODE_V4), None, 3600 * 1_000_000_000);
         for (i, b) in BACKENDS.iter().enumerate() {

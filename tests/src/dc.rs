@@ -316,12 +316,12 @@ impl Lab {
         }
 
         let mut programs = Lb::load(Sizes {
-            maglev_m: 13,
+            table_size: 13,
             max_vips: 1,
             max_backends: 1,
-            flow_entries: 1,
-            affinity_entries: 1,
-            nat_entries: 1,
+            flow_table_size: 1,
+            affinity_table_size: 1,
+            nat_table_size: 1,
         });
         // XDP_TX out of the lb's eth0 lands on p-lb, which must run NAPI to take XDP frames: an
         // XDP program turns it on (GRO alone did not, here).

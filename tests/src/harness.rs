@@ -119,7 +119,7 @@ impl Lb {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        let flow_buckets = flowtab::buckets_for(sizes.flow_entries);
+        let flow_buckets = flowtab::buckets_for(sizes.flow_table_size);
         let mut loader = aya::EbpfLoader::new();
         program::configure(&mut loader, &sizes, &flow_buckets);
         let paths: Vec<(&str, std::path::PathBuf)> =
@@ -481,7 +481,7 @@ impl Lb {
 
     /// Fills VIP `vip_id`'s table: slot `s` gets (the member of) backend `f(s)`, or none.
     pub fn set_ring(&mut self, vip_id: u32, f: impl Fn(u32) -> u32) {
-        let m = self.sizes.maglev_m;
+        let m = self.sizes.table_size;
         let slots: Vec<u32> = (0..m)
             .map(|s| match f(s) {
                 NO_BACKEND => NO_BACKEND,
@@ -501,7 +501,7 @@ impl Lb {
 
     /// The slot a flow hashes to, and the member there.
     pub fn ring_backend(&mut self, vip_id: u32, hash: u32) -> u32 {
-        let m = self.sizes.maglev_m;
+        let m = self.sizes.table_size;
         let slot = lb_common::maglev_slot(hash, m);
         self.array::<u32>(maps::RING)
             .get(&(vip_id * m + slot), 0)
@@ -535,7 +535,7 @@ impl Lb {
     /// Runs `f` on the IPv4 flow table mapped into this process (it is mmapable).
     fn with_flows4<R>(&mut self, f: impl FnOnce(&mut [flowtab::FlowBucket]) -> R) -> R {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let buckets = flowtab::buckets_for(self.sizes.flow_entries) as usize;
+        let buckets = flowtab::buckets_for(self.sizes.flow_table_size) as usize;
         let aya::maps::Map::Array(data) = self.map(maps::FLOWS4) else {
             panic!("LB_FLOWS4 is not an array");
         };
@@ -608,7 +608,7 @@ impl Lb {
             .id;
         let k = flowtab::pack_key(key, vip_id);
         (
-            flowtab::buckets_of(k, flowtab::buckets_for(self.sizes.flow_entries)),
+            flowtab::buckets_of(k, flowtab::buckets_for(self.sizes.flow_table_size)),
             k,
         )
     }
@@ -888,12 +888,12 @@ impl FibNet {
     pub fn new(tag: &str) -> Self {
         let mut net = Self::with_uplink_queues(tag, 1);
         let mut pass = Lb::load(Sizes {
-            maglev_m: 13,
+            table_size: 13,
             max_vips: 1,
             max_backends: 1,
-            flow_entries: 1,
-            affinity_entries: 1,
-            nat_entries: 1,
+            flow_table_size: 1,
+            affinity_table_size: 1,
+            nat_table_size: 1,
         });
         net.ns.run(|| {
             for peer in ["up0", "dn1", "dn2"] {

@@ -206,3 +206,74 @@ pub fn assert_refused_naming(values: &serde_json::Value, path: &str) {
         ),
     }
 }
+
+/// The chart's values schema, from the repository's root.
+pub const VALUES_SCHEMA: &str = "deploy/helm/lb/values.schema.json";
+
+/// The node keys the chart's schema leaves out, and why.
+pub const NODE_KEYS_SET_BY_THE_CHART: &[(&str, &str)] =
+    &[("metrics_listen", "the templates set it from metrics.port")];
+
+/// The `node` section of the chart's values schema, generated: the config types' schema of `node`
+/// ([`lb_userspace::sources::config::reference::node_schema`]) with what only the chart knows:
+/// - the keys of [`NODE_KEYS_SET_BY_THE_CHART`] left out;
+/// - the keys `values.yaml` sets are required: the templates compute the container's memory
+///   from the sizes, and a value set to `null` would drop them.
+pub fn node_schema() -> Value {
+    let mut node = lb_userspace::sources::config::reference::node_schema();
+    let props = node["properties"]
+        .as_object_mut()
+        .expect("node has properties");
+    for (key, _) in NODE_KEYS_SET_BY_THE_CHART {
+        props.remove(*key);
+    }
+    let defaults = chart_file("values.yaml");
+    let set: Vec<&String> = defaults["node"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    node["required"] = json!(set);
+    node
+}
+
+/// `text` (the values schema) with its `node` section replaced by `node`, the rest as it was.
+pub fn with_node_schema(text: &str, node: &Value) -> String {
+    const KEY: &str = "\n    \"node\": ";
+    let start = text
+        .find(KEY)
+        .expect("the values schema has a node section")
+        + KEY.len();
+    let end = start + json_value_len(&text[start..]);
+    let pretty = serde_json::to_string_pretty(node).expect("a JSON value");
+    format!(
+        "{}{}{}",
+        &text[..start],
+        pretty.replace('\n', "\n    "),
+        &text[end..]
+    )
+}
+
+/// The length of the JSON object or array `text` starts with.
+fn json_value_len(text: &str) -> usize {
+    let (mut depth, mut in_string, mut escaped) = (0i32, false, false);
+    for (i, c) in text.char_indices() {
+        match (in_string, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, '"') => in_string = true,
+            (false, _, '{' | '[') => depth += 1,
+            (false, _, '}' | ']') => {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("the values schema's node section does not end");
+}

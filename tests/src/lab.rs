@@ -129,12 +129,12 @@ impl MiniLab {
         }
 
         let mut lb = Lb::load(Sizes {
-            maglev_m: 1009,
+            table_size: 1009,
             max_vips: 4,
             max_backends: 16,
-            flow_entries: 65536,
-            affinity_entries: 1024,
-            nat_entries: 1024,
+            flow_table_size: 65536,
+            affinity_table_size: 1024,
+            nat_table_size: 1024,
         });
         lb.set_node(Some("10.10.0.1"), Some("fd10::1"), 0);
         for (i, (_, v4, v6)) in BACKENDS.iter().enumerate() {

@@ -7,6 +7,8 @@
 pub mod agent;
 pub mod bench;
 pub mod bench_peer;
+pub mod cluster;
+pub mod config;
 pub mod dc;
 pub mod ecmp;
 pub mod harness;

@@ -173,12 +173,12 @@ impl VethLab {
     pub fn pass_on(&mut self, c0: bool, b0: bool) {
         let pass = self.pass.get_or_insert_with(|| {
             Lb::load(Sizes {
-                maglev_m: 13,
+                table_size: 13,
                 max_vips: 1,
                 max_backends: 1,
-                flow_entries: 1,
-                affinity_entries: 1,
-                nat_entries: 1,
+                flow_table_size: 1,
+                affinity_table_size: 1,
+                nat_table_size: 1,
             })
         });
         for (on, ns, dev) in [(c0, &self.client, "c0"), (b0, &self.backend, "b0")] {

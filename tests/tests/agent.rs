@@ -17,6 +17,10 @@ use std::{
 use lb_common::Counter;
 use lb_tests::{
     agent::{Agent, Dirs, metric, xdp_attachment},
+    config::{
+        RawBackend, RawConfig, RawHealthCheck, RawNode, RawPassiveHealth, RawVip, backend,
+        lab_node, some, vip, weighted, yaml,
+    },
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     netns::NetNs,
     packet::{L4, Pkt, TCP_ACK},
@@ -29,30 +33,23 @@ const METRICS: &str = "127.0.0.1:19435";
 const XDP_ATTACHED_DRV: u64 = 1;
 const XDP_ATTACHED_SKB: u64 = 2;
 
-fn config(backends: &[(&str, u32)], extra_vips: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(a, w)| format!("      - {{ address: {a}, weight: {w} }}"))
-        .collect();
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-vips:
-  - name: web
-    address: 192.0.2.10
-    port: 80
-    protocol: tcp
-    backends:
-{}
-{extra_vips}",
-        list.join("\n")
-    )
+/// VIP web (192.0.2.10:80/tcp) on `backends` (address, weight).
+fn web(backends: &[(&str, u32)]) -> RawVip {
+    let list: Vec<RawBackend> = backends.iter().map(|(a, w)| weighted(a, *w)).collect();
+    vip("web", "192.0.2.10", 80, "tcp", &list)
+}
+
+/// `node` serving [`web`] on `backends`, then `extra_vips`.
+fn config_with(node: RawNode, backends: &[(&str, u32)], extra_vips: &[RawVip]) -> String {
+    yaml(&RawConfig {
+        node,
+        vips: [vec![web(backends)], extra_vips.to_vec()].concat(),
+    })
+}
+
+/// On lb0: [`web`] on `backends`, then `extra_vips`.
+fn config(backends: &[(&str, u32)], extra_vips: &[RawVip]) -> String {
+    config_with(lab_node(&["lb0"]), backends, extra_vips)
 }
 
 /// Runs `pkt` through the program on the agent's maps; returns the outer destination.
@@ -91,11 +88,21 @@ fn slots(dirs: &Dirs) -> BTreeMap<String, u64> {
 fn the_agent_programs_the_maps_and_packets_follow_them() {
     let net = FibNet::new("agent");
     let dirs = Dirs::new(Path::new(BIN), "agent");
-    let sticky = "  - name: sticky\n    address: 192.0.2.11\n    port: 80\n    protocol: tcp\n    affinity_timeout: 1h\n    backends: [{ address: 10.1.0.1 }, { address: 10.1.0.2 }]\n";
-    let cfg = config(&[(TX_V4, 200), (TX_V4_B, 100)], sticky).replace(
-        "  flow_table_size: 65536",
-        "  flow_table_size: 65536\n  metrics_listen: 127.0.0.1:19435",
-    );
+    let sticky = RawVip {
+        affinity_timeout: some("1h"),
+        ..vip(
+            "sticky",
+            "192.0.2.11",
+            80,
+            "tcp",
+            &[backend("10.1.0.1"), backend("10.1.0.2")],
+        )
+    };
+    let node = RawNode {
+        metrics_listen: some("127.0.0.1:19435"),
+        ..lab_node(&["lb0"])
+    };
+    let cfg = config_with(node, &[(TX_V4, 200), (TX_V4_B, 100)], &[sticky]);
     dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
@@ -179,7 +186,7 @@ fn the_agent_programs_the_maps_and_packets_follow_them() {
 fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
     let net = FibNet::new("restart");
     let dirs = Dirs::new(Path::new(BIN), "restart");
-    let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], "");
+    let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], &[]);
     dirs.write_config(&cfg);
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
@@ -226,7 +233,7 @@ fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
     agent.kill9();
 
     // A third backend changes the table; established flows keep their backends.
-    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1), (NO_NEIGH_V4, 1)], ""));
+    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1), (NO_NEIGH_V4, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     net.ns.run(|| {
@@ -260,12 +267,12 @@ fn kill9_and_restart_keeps_the_attachment_the_flows_and_their_backends() {
 fn a_bad_config_changes_nothing_and_a_good_one_applies() {
     let net = FibNet::new("reload");
     let dirs = Dirs::new(Path::new(BIN), "reload");
-    dirs.write_config(&config(&[(TX_V4, 2), (TX_V4_B, 1)], ""));
+    dirs.write_config(&config(&[(TX_V4, 2), (TX_V4_B, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     let before = dirs.json(&["backends"]);
 
-    dirs.write_config(&config(&[(TX_V4, 70000), (TX_V4_B, 1)], ""));
+    dirs.write_config(&config(&[(TX_V4, 70000), (TX_V4_B, 1)], &[]));
     let status = agent.wait_rejected(&net.ns, &dirs, 1, T);
     let why = &status["agent"]["last_reload"]["error"];
     assert!(
@@ -283,8 +290,11 @@ fn a_bad_config_changes_nothing_and_a_good_one_applies() {
         "a rejected config changed the maps"
     );
 
-    let extra = "  - address: 192.0.2.11\n    port: 53\n    protocol: udp\n    backends: [{ address: 10.1.0.1 }]\n";
-    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1)], extra));
+    let dns = RawVip {
+        name: None,
+        ..vip("", "192.0.2.11", 53, "udp", &[backend("10.1.0.1")])
+    };
+    dirs.write_config(&config(&[(TX_V4, 1), (TX_V4_B, 1)], &[dns]));
     agent.wait_applied(&net.ns, &dirs, 1, T);
     let after = dirs.json(&["backends"]);
     assert_eq!(after.as_array().unwrap().len(), 2, "{after}");
@@ -301,7 +311,7 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
  {
     let net = FibNet::new("down");
     let dirs = Dirs::new(Path::new(BIN), "down");
-    dirs.write_config(&config(&[(TX_V4, 1)], ""));
+    dirs.write_config(&config(&[(TX_V4, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
@@ -311,7 +321,11 @@ fn pins_of_other_sizes_are_migrated_pins_of_a_pre_release_layout_refused_and_dow
     );
 
     // Another Maglev table size: the ring is made anew and written before the swap.
-    dirs.write_config(&config(&[(TX_V4, 1)], "").replace("table_size: 1009", "table_size: 1013"));
+    let node = RawNode {
+        table_size: Some(1013),
+        ..lab_node(&["lb0"])
+    };
+    dirs.write_config(&config_with(node, &[(TX_V4, 1)], &[]));
     let mut migrated = Agent::start(&net.ns, &dirs);
     migrated.wait_serving(&net.ns, &dirs, T);
     let out = dirs.cli_in(&net.ns, &["status", "-o", "json"]);
@@ -467,18 +481,36 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
         net.ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
     }
     let dirs = Dirs::new(Path::new(BIN), "health");
-    let check = "interval: 200ms, timeout: 150ms, healthy_threshold: 1, unhealthy_threshold: 2";
-    let extra = format!(
-        "    health_check: {{ type: tcp, port: 8080, {check} }}
-  - name: api
-    address: 192.0.2.11
-    port: 80
-    protocol: tcp
-    backends: [{{ address: 10.9.0.3 }}, {{ address: 10.9.0.4 }}]
-    health_check: {{ type: http, port: 8081, path: /healthz, {check} }}
-"
-    );
-    dirs.write_config(&config(&[("10.9.0.1", 1), ("10.9.0.2", 1)], &extra));
+    let check = |kind: &str, port: i64, path: Option<&str>| {
+        Some(RawHealthCheck {
+            kind: some(kind),
+            port: Some(port),
+            path: path.map(str::to_string),
+            interval: some("200ms"),
+            timeout: some("150ms"),
+            healthy_threshold: Some(1),
+            unhealthy_threshold: Some(2),
+            ..RawHealthCheck::default()
+        })
+    };
+    let checked = RawVip {
+        health_check: check("tcp", 8080, None),
+        ..web(&[("10.9.0.1", 1), ("10.9.0.2", 1)])
+    };
+    let api = RawVip {
+        health_check: check("http", 8081, Some("/healthz")),
+        ..vip(
+            "api",
+            "192.0.2.11",
+            80,
+            "tcp",
+            &[backend("10.9.0.3"), backend("10.9.0.4")],
+        )
+    };
+    dirs.write_config(&yaml(&RawConfig {
+        node: lab_node(&["lb0"]),
+        vips: vec![checked, api],
+    }));
     let tcp1 = Server::start(&net.ns, "10.9.0.1", 8080, None);
     let tcp2 = Server::start(&net.ns, "10.9.0.2", 8080, None);
     let status3 = Arc::new(AtomicU16::new(200));
@@ -598,19 +630,20 @@ fn health_checks_take_failing_backends_out_and_put_them_back() {
     assert_eq!(agent.stop().code(), Some(0));
 }
 
-/// [`config`] serving metrics at [`METRICS`], on `interfaces` in `xdp_mode`.
+/// [`config`] serving metrics at [`METRICS`], on `interfaces` (`lb0, lb1`) in `xdp_mode`.
 fn config_on(
     interfaces: &str,
     xdp_mode: &str,
     backends: &[(&str, u32)],
-    extra_vips: &str,
+    extra_vips: &[RawVip],
 ) -> String {
-    config(backends, extra_vips).replace(
-        "  interfaces: [lb0]\n",
-        &format!(
-            "  interfaces: [{interfaces}]\n  xdp_mode: {xdp_mode}\n  metrics_listen: {METRICS}\n"
-        ),
-    )
+    let names: Vec<&str> = interfaces.split(", ").collect();
+    let node = RawNode {
+        xdp_mode: some(xdp_mode),
+        metrics_listen: some(METRICS),
+        ..lab_node(&names)
+    };
+    config_with(node, backends, extra_vips)
 }
 
 #[test]
@@ -621,7 +654,7 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
         "lb0, lb1",
         "native",
         &[(TX_V4, 2), (TX_V4_B, 1)],
-        "",
+        &[],
     ));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
@@ -639,7 +672,7 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
         "lb0, nope0, lb2",
         "native",
         &[(TX_V4, 1), (TX_V4_B, 1)],
-        "",
+        &[],
     ));
     agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_rejected_total", 1, T);
     assert_eq!(metric(&net.ns, METRICS, "lb_config_reloads_total"), Some(0));
@@ -657,7 +690,12 @@ fn a_bad_interface_list_changes_nothing_and_is_counted_as_rejected() {
 fn an_xdp_mode_change_on_reload_attaches_again_in_the_new_mode() {
     let net = FibNet::new("mode");
     let dirs = Dirs::new(Path::new(BIN), "mode");
-    dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1), (TX_V4_B, 1)], ""));
+    dirs.write_config(&config_on(
+        "lb0",
+        "native",
+        &[(TX_V4, 1), (TX_V4_B, 1)],
+        &[],
+    ));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     let (mode, prog) = xdp_attachment(&net.ns, "lb0").expect("attached");
@@ -668,7 +706,7 @@ fn an_xdp_mode_change_on_reload_attaches_again_in_the_new_mode() {
         "lb0",
         "generic",
         &[(TX_V4, 1), (TX_V4_B, 1)],
-        "",
+        &[],
     ));
     agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_total", 1, T);
     assert_eq!(
@@ -697,7 +735,7 @@ fn an_xdp_mode_change_on_reload_attaches_again_in_the_new_mode() {
 fn a_restart_with_another_xdp_mode_attaches_in_it() {
     let net = FibNet::new("remode");
     let dirs = Dirs::new(Path::new(BIN), "remode");
-    dirs.write_config(&config_on("lb0", "generic", &[(TX_V4, 1)], ""));
+    dirs.write_config(&config_on("lb0", "generic", &[(TX_V4, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(
@@ -706,7 +744,7 @@ fn a_restart_with_another_xdp_mode_attaches_in_it() {
     );
     agent.kill9();
 
-    dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1)], ""));
+    dirs.write_config(&config_on("lb0", "native", &[(TX_V4, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(
@@ -723,14 +761,14 @@ fn an_xdp_mode_one_interface_cannot_take_is_refused_and_changes_nothing() {
     net.ns.ip(&["link", "add", "br0", "type", "bridge"]);
     net.ns.ip(&["link", "set", "br0", "up"]);
     let dirs = Dirs::new(Path::new(BIN), "nomode");
-    dirs.write_config(&config_on("lb0, br0", "generic", &[(TX_V4, 1)], ""));
+    dirs.write_config(&config_on("lb0, br0", "generic", &[(TX_V4, 1)], &[]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     let attached = |ns: &NetNs| ["lb0", "br0"].map(|d| xdp_attachment(ns, d).map(|a| a.0));
     assert_eq!(attached(&net.ns), [Some(XDP_ATTACHED_SKB); 2]);
 
     // A bridge has no native XDP: lb0 (listed first) takes it, br0 cannot.
-    dirs.write_config(&config_on("lb0, br0", "native", &[(TX_V4, 1)], ""));
+    dirs.write_config(&config_on("lb0, br0", "native", &[(TX_V4, 1)], &[]));
     agent.wait_metric(&net.ns, METRICS, "lb_config_reloads_rejected_total", 1, T);
     assert_eq!(
         attached(&net.ns),
@@ -746,11 +784,19 @@ fn a_restarted_agent_keeps_out_the_backends_passive_health_took_out() {
     let net = FibNet::new("passive");
     let dirs = Dirs::new(Path::new(BIN), "passive");
     // Nothing answers at the backends' addresses: the recheck probes time out.
-    let cfg = config(&[(TX_V4, 1), (TX_V4_B, 1)], "").replace(
-        "    protocol: tcp\n",
-        "    protocol: tcp\n    mode: nat\n    passive_health: { failures: 3, recheck_interval: 1h, timeout: 200ms }\n",
-    );
-    dirs.write_config(&cfg);
+    let nat = RawVip {
+        mode: some("nat"),
+        passive_health: Some(RawPassiveHealth {
+            failures: Some(3),
+            recheck_interval: some("1h"),
+            timeout: some("200ms"),
+        }),
+        ..web(&[(TX_V4, 1), (TX_V4_B, 1)])
+    };
+    dirs.write_config(&yaml(&RawConfig {
+        node: lab_node(&["lb0"]),
+        vips: vec![nat],
+    }));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));
@@ -791,7 +837,12 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
     net.ns.ip(&["link", "add", "br0", "type", "bridge"]);
     net.ns.ip(&["link", "set", "br0", "up"]);
     let dirs = Dirs::new(Path::new(BIN), tag);
-    dirs.write_config(&config_on("lb0", xdp_mode, &[(TX_V4, 2), (TX_V4_B, 1)], ""));
+    dirs.write_config(&config_on(
+        "lb0",
+        xdp_mode,
+        &[(TX_V4, 2), (TX_V4_B, 1)],
+        &[],
+    ));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     agent.kill9();
@@ -805,7 +856,7 @@ fn refused_start_changes_nothing(tag: &str, interfaces: &str, xdp_mode: &str, ba
         interfaces,
         xdp_mode,
         &[(TX_V4, 1), (TX_V4_B, 1)],
-        "",
+        &[],
     ));
     let mut refused = Agent::start(&net.ns, &dirs);
     let said = refused.refusal(T);

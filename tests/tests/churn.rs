@@ -27,13 +27,13 @@ const CHANGES: usize = 300;
 
 fn sizes() -> Sizes {
     Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: VIPS as u32 + 4,
         // A VIP grows to BACKENDS + 2 backends at most (`change`).
         max_backends: (VIPS * (BACKENDS + 2)) as u32 + 16,
-        flow_entries: 1 << 12,
-        affinity_entries: 1 << 10,
-        nat_entries: 1 << 10,
+        flow_table_size: 1 << 12,
+        affinity_table_size: 1 << 10,
+        nat_table_size: 1 << 10,
     }
 }
 
@@ -111,7 +111,7 @@ type Backend = Option<(u8, [u8; 16], u16, u8)>;
 /// Each VIP's value (its id cleared) and, slot by slot, the backend its table sends to, read
 /// from the maps.
 fn tables(dp: &KernelDataplane) -> BTreeMap<VipKey, (VipValue, Vec<Backend>)> {
-    let m = sizes().maglev_m;
+    let m = sizes().table_size;
     let vips: HashMap<_, VipKey, VipValue> =
         HashMap::try_from(dp.ebpf.map(maps::VIPS).unwrap()).unwrap();
     let members: Array<_, Member> = Array::try_from(dp.ebpf.map(maps::MEMBERS).unwrap()).unwrap();

@@ -192,12 +192,12 @@ fn vips() -> Vec<Vip> {
 /// devmap resolves interface indexes there.
 fn setup(net: &FibNet) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: M,
+        table_size: M,
         max_vips: 32,
         max_backends: 64,
-        flow_entries: 4096,
-        affinity_entries: 1024,
-        nat_entries: 1024,
+        flow_table_size: 4096,
+        affinity_table_size: 1024,
+        nat_table_size: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
     for &(id, addr) in BACKENDS {

@@ -17,12 +17,12 @@ const BACKENDS: [&str; 4] = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
 /// One DSR VIP (id 0) on four backends, and a flow table of one bucket.
 fn setup() -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 2,
         max_backends: 8,
-        flow_entries: 3,
-        affinity_entries: 64,
-        nat_entries: 64,
+        flow_table_size: 3,
+        affinity_table_size: 64,
+        nat_table_size: 64,
     });
     assert_eq!(lb_common::flowtab::buckets_for(3), 1);
     lb.set_node(Some(NODE_V4), None, 0);

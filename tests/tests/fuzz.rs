@@ -61,12 +61,12 @@ const NAT_BACKENDS6: [(u32, &str, u16); 4] = [
 
 fn load(net: &FibNet) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 251,
+        table_size: 251,
         max_vips: 16,
         max_backends: 64,
-        flow_entries: 1024,
-        affinity_entries: 256,
-        nat_entries: 256,
+        flow_table_size: 1024,
+        affinity_table_size: 256,
+        nat_table_size: 256,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 1_000_000_000);
     for (id, a) in [

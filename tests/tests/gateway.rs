@@ -6,37 +6,20 @@
 //! not copied): each checks the status conditions with their reasons and, where traffic is
 //! involved, where packets go.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, TcpListener},
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use lb_common::Counter;
 use lb_tests::{
-    agent::{Agent, Dirs},
-    harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
+    cluster::{self, World},
+    harness::{XDP_DROP, action_name, net::*},
     kubeapi::{FakeApi, gateway_only, granted, rbac_of},
-    packet::{Pkt, TCP_ACK, TCP_RST},
+    packet::Pkt,
 };
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
-const T: Duration = Duration::from_secs(30);
 const CONTROLLER: &str = "lb.dev/gateway-controller";
 const GW_ADDR: &str = "192.0.2.10";
-
-const NODE_CONFIG: &str = "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 16
-  max_backends: 32
-  flow_table_size: 65536
-  nat_table_size: 4096
-";
 
 // --- Objects -----------------------------------------------------------------------------------
 
@@ -125,148 +108,14 @@ fn grant_for(kind: &str, to_ns: &str, from_ns: &str) -> Value {
 
 // --- The world ---------------------------------------------------------------------------------
 
-/// Fields drop in order: the agent first, the namespace last.
-struct World {
-    agent: Agent,
-    lb: Option<Lb>,
-    api: FakeApi,
-    dirs: Dirs,
-    net: FibNet,
-}
-
-impl World {
-    /// A namespace, the fake API server holding the GatewayClass and what `objects` adds, and
-    /// the agent started on them.
-    fn start(tag: &str, objects: impl FnOnce(&FakeApi)) -> Self {
-        let net = FibNet::new(tag);
-        let dirs = Dirs::new(Path::new(BIN), tag);
-        dirs.write_config(NODE_CONFIG);
-        let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
-        std::fs::write(dirs.state.join("kubeconfig"), api.kubeconfig()).unwrap();
-        api.apply(class());
-        objects(&api);
-        let kubeconfig = dirs.state.join("kubeconfig");
-        let mut agent = Agent::start_under(
-            &net.ns,
-            &dirs,
-            &[],
-            &["--kubernetes"],
-            &[
-                ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-                ("NODE_NAME", "node-a"),
-            ],
-        );
-        agent.wait_running(&net.ns, &dirs, T);
-        Self {
-            agent,
-            lb: None,
-            api,
-            dirs,
-            net,
-        }
-    }
-
-    /// Polls `what` until it gives Some, failing after `T` with the agent's log.
-    fn until<R>(&self, what: &str, f: impl Fn(&Self) -> Option<R>) -> R {
-        let start = Instant::now();
-        loop {
-            if let Some(r) = f(self) {
-                return r;
-            }
-            assert!(
-                start.elapsed() < T,
-                "waiting for {what}; agent log:\n{}",
-                self.agent.log_dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The status of `kind` `ns/name` once `pred` holds for it.
-    fn status(&self, kind: &str, ns: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.until(&format!("the status of {kind} {ns}/{name}"), |w| {
-            let s = w.api.get(kind, ns, name)?["status"].clone();
-            pred(&s).then_some(s)
-        })
-    }
-
-    /// `lb backends --json` once `pred` holds.
-    fn maps(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let last = std::sync::Mutex::new(Value::Null);
-        let start = Instant::now();
-        loop {
-            let out = self.dirs.cli(&["backends", "--json"]);
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if pred(&v) {
-                return v;
-            }
-            *last.lock().unwrap() = v;
-            assert!(
-                start.elapsed() < T,
-                "waiting for {what}: the maps show\n{:#}\nagent log:\n{}",
-                last.lock().unwrap(),
-                self.agent.log_dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn with_lb<R: Send>(&mut self, f: impl FnOnce(&mut Lb) -> R + Send) -> R {
-        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
-        self.net
-            .ns
-            .run(|| f(slot.get_or_insert_with(|| Lb::adopt(pins))))
-    }
-
-    /// What the program does with `pkt`: its action and output frame.
-    fn send(&mut self, pkt: &Pkt) -> (u32, Vec<u8>) {
-        let lb0 = self.net.lb0;
-        self.with_lb(|lb| {
-            let run = lb.run(&pkt.frame(), lb0);
-            (run.action, run.output)
-        })
-    }
-
-    /// The pod (address, port) `pkt` is translated to.
-    fn pod_of(&mut self, pkt: &Pkt) -> (IpAddr, u16) {
-        let (action, out) = self.send(pkt);
-        assert_eq!(
-            action_name(action),
-            action_name(XDP_TX),
-            "{pkt:?}; agent log:\n{}",
-            self.agent.log_dump()
-        );
-        (
-            IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),
-            u16::from_be_bytes([out[36], out[37]]),
-        )
-    }
-
-    /// Whether `pkt` is answered with a TCP reset back to its sender.
-    fn is_reset(&mut self, pkt: &Pkt) -> bool {
-        let (action, out) = self.send(pkt);
-        action == XDP_TX
-            && out[30..34] == pkt.src_v4()
-            && out[47] & TCP_RST != 0
-            && out[47] & TCP_ACK != 0
-    }
-
-    fn counter(&mut self, c: Counter) -> u64 {
-        self.with_lb(|lb| lb.counters()[&c])
-    }
-}
-
-trait V4 {
-    fn src_v4(&self) -> [u8; 4];
-}
-
-impl V4 for Pkt {
-    fn src_v4(&self) -> [u8; 4] {
-        match self.src {
-            IpAddr::V4(a) => a.octets(),
-            IpAddr::V6(_) => panic!("IPv4 only"),
-        }
-    }
+/// A namespace, the fake API server holding the GatewayClass and what `objects` adds, and the
+/// agent started on them.
+fn start(tag: &str, objects: impl FnOnce(&FakeApi)) -> World {
+    let (net, api, dirs) = cluster::setup(Path::new(BIN), tag);
+    api.apply(class());
+    objects(&api);
+    let agent = cluster::start_agent(&net, &dirs, &[]);
+    World::new(net, api, dirs, agent)
 }
 
 /// A SYN from client `i` (its own address and port) to `addr:port`.
@@ -370,7 +219,7 @@ fn pod(a: &str) -> (IpAddr, u16) {
 
 #[test]
 fn gatewayclass_of_lbs_controller_is_accepted_with_its_supported_version() {
-    let w = World::start("gw-class", |api| {
+    let w = start("gw-class", |api| {
         api.apply(json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
             "metadata": { "name": "someone-else" }, "spec": { "controllerName": "example.com/other" } }));
     });
@@ -402,7 +251,7 @@ fn gatewayclass_of_lbs_controller_is_accepted_with_its_supported_version() {
 
 #[test]
 fn parent_ref_port_and_section_name_select_the_listener() {
-    let mut w = World::start("gw-section", |api| {
+    let mut w = start("gw-section", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("a", 8001, "TCP"), listener("b", 8002, "TCP")]),
@@ -460,7 +309,7 @@ fn parent_ref_port_and_section_name_select_the_listener() {
 
 #[test]
 fn a_parent_ref_without_section_name_or_port_attaches_to_every_listener_of_its_kind() {
-    let mut w = World::start("gw-attach-all", |api| {
+    let mut w = start("gw-attach-all", |api| {
         api.apply(gateway(
             "gw",
             json!([
@@ -501,7 +350,7 @@ fn a_parent_ref_without_section_name_or_port_attaches_to_every_listener_of_its_k
 
 #[test]
 fn a_tcp_route_is_not_allowed_on_udp_or_http_listeners_nor_from_another_namespace() {
-    let w = World::start("gw-not-allowed", |api| {
+    let w = start("gw-not-allowed", |api| {
         api.apply(gateway(
             "gw",
             json!([
@@ -561,7 +410,7 @@ fn a_tcp_route_is_not_allowed_on_udp_or_http_listeners_nor_from_another_namespac
 
 #[test]
 fn a_backend_ref_to_a_missing_service_keeps_its_share_and_its_connections_are_reset() {
-    let mut w = World::start("gw-nonexistent", |api| {
+    let mut w = start("gw-nonexistent", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -606,7 +455,7 @@ fn a_backend_ref_to_a_missing_service_keeps_its_share_and_its_connections_are_re
 
 #[test]
 fn a_cross_namespace_backend_ref_without_a_reference_grant_is_not_permitted() {
-    let mut w = World::start("gw-cross-ns", |api| {
+    let mut w = start("gw-cross-ns", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -633,7 +482,7 @@ fn a_cross_namespace_backend_ref_without_a_reference_grant_is_not_permitted() {
 
 #[test]
 fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_it() {
-    let mut w = World::start("gw-grant", |api| {
+    let mut w = start("gw-grant", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -678,7 +527,7 @@ fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_i
 
 #[test]
 fn several_routes_on_one_listener_are_all_accepted_and_only_the_oldest_carries_traffic() {
-    let mut w = World::start("gw-multi", |api| {
+    let mut w = start("gw-multi", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -747,7 +596,7 @@ fn weighted_backend_refs_split_new_connections_70_30_and_weight_0_gets_none() {
 
 #[test]
 fn a_udp_route_reaches_its_udp_server() {
-    let mut w = World::start("gw-udp", |api| {
+    let mut w = start("gw-udp", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("dns", 53, "UDP")]),
@@ -782,7 +631,7 @@ fn a_udp_route_reaches_its_udp_server() {
 
 #[test]
 fn a_gateway_takes_its_addresses_from_spec_addresses() {
-    let w = World::start("gw-spec-addr", |api| {
+    let w = start("gw-spec-addr", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -811,7 +660,7 @@ fn a_gateway_takes_its_addresses_from_spec_addresses() {
 
 #[test]
 fn a_gateway_without_addresses_gets_them_from_the_load_balancer_service_lb_makes() {
-    let mut w = World::start("gw-lb-addr", |api| {
+    let mut w = start("gw-lb-addr", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP"), listener("dns", 53, "UDP")]),
@@ -879,7 +728,7 @@ fn a_gateway_without_addresses_gets_them_from_the_load_balancer_service_lb_makes
 
 #[test]
 fn listeners_sharing_a_port_and_transport_conflict_and_tcp_and_udp_on_one_port_do_not() {
-    let mut w = World::start("gw-conflict", |api| {
+    let mut w = start("gw-conflict", |api| {
         api.apply(gateway(
             "gw",
             json!([
@@ -948,7 +797,7 @@ fn differing_policies_of_one_rules_services_are_not_applied_and_say_conflicted()
         s["metadata"]["annotations"] = json!({ "lb.dev/upstream-policy": p });
         api.apply(s);
     };
-    let w = World::start("gw-policy", |api| {
+    let w = start("gw-policy", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -991,7 +840,7 @@ fn differing_policies_of_one_rules_services_are_not_applied_and_say_conflicted()
 
 /// A TCPRoute over Services `a` and `b`, both annotated with UpstreamPolicy `p` of `spec`.
 fn route_with_policy(tag: &str, spec: Value) -> World {
-    World::start(tag, |api| {
+    start(tag, |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -1065,7 +914,7 @@ fn session_persistence_by_cookie_is_refused_in_the_policys_status_and_not_progra
 
 #[test]
 fn the_agent_makes_only_requests_rbac_grants_and_uses_every_gateway_api_grant() {
-    let w = World::start("gw-rbac", |api| {
+    let w = start("gw-rbac", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP"), listener("dns", 53, "UDP")]),
@@ -1135,7 +984,7 @@ fn the_agent_makes_only_requests_rbac_grants_and_uses_every_gateway_api_grant() 
 
 #[test]
 fn routes_are_read_at_v1alpha2_where_v1_is_not_served() {
-    let mut w = World::start("gw-alpha", |api| {
+    let mut w = start("gw-alpha", |api| {
         api.hide("gateway.networking.k8s.io/v1", "tcproutes");
         api.apply(gateway(
             "gw",
@@ -1190,7 +1039,7 @@ fn programmed_notes(api: &FakeApi, name: &str) -> Vec<String> {
 
 #[test]
 fn the_route_carrying_a_listeners_traffic_gets_a_programmed_event_and_its_successor_one_too() {
-    let w = World::start("gw-event", |api| {
+    let w = start("gw-event", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -1239,7 +1088,7 @@ fn the_route_carrying_a_listeners_traffic_gets_a_programmed_event_and_its_succes
 
 #[test]
 fn gatewayclass_status_lists_exactly_the_features_lb_implements() {
-    let w = World::start("gw-features", |_| {});
+    let w = start("gw-features", |_| {});
     let s = w.status("GatewayClass", "", "lb", |s| {
         !s["supportedFeatures"].is_null()
     });
@@ -1253,7 +1102,7 @@ fn gatewayclass_status_lists_exactly_the_features_lb_implements() {
 
 #[test]
 fn gatewayclass_supported_version_names_reference_grant_v1_where_v1_is_served() {
-    let w = World::start("gw-grant-v1", |_| {});
+    let w = start("gw-grant-v1", |_| {});
     let s = w.status("GatewayClass", "", "lb", |s| {
         cond(&s["conditions"], "SupportedVersion").is_some()
     });
@@ -1271,7 +1120,7 @@ fn gatewayclass_supported_version_names_reference_grant_v1_where_v1_is_served() 
 
 #[test]
 fn gatewayclass_supported_version_names_reference_grant_v1beta1_where_only_it_is_served() {
-    let w = World::start("gw-grant-v1beta1", |api| {
+    let w = start("gw-grant-v1beta1", |api| {
         api.hide("gateway.networking.k8s.io/v1", "referencegrants");
     });
     let s = w.status("GatewayClass", "", "lb", |s| {
@@ -1287,7 +1136,7 @@ fn gatewayclass_supported_version_names_reference_grant_v1beta1_where_only_it_is
 /// Gateway of its namespaces must become Accepted and Programmed before any test runs.
 #[test]
 fn namespaces_must_be_ready_with_http_only_gateways_beside_a_served_tcp_route() {
-    let mut w = World::start("gw-ready", |api| {
+    let mut w = start("gw-ready", |api| {
         api.apply(gateway(
             "same-namespace",
             json!([listener("http", 80, "HTTP")]),
@@ -1345,7 +1194,7 @@ fn namespaces_must_be_ready_with_http_only_gateways_beside_a_served_tcp_route() 
 
 #[test]
 fn tcproute_invalid_non_tcp_listener_of_an_http_only_gateway_is_not_allowed_and_attaches_nothing() {
-    let w = World::start("gw-non-tcp", |api| {
+    let w = start("gw-non-tcp", |api| {
         let mut l = listener("only-allow-http-routes", 5300, "HTTP");
         l["allowedRoutes"]["kinds"] = json!([{ "kind": "HTTPRoute" }]);
         api.apply(gateway("gw", json!([l]), Value::Null));
@@ -1379,7 +1228,7 @@ fn tcproute_invalid_non_tcp_listener_of_an_http_only_gateway_is_not_allowed_and_
 #[test]
 fn gateway_listener_unsupported_protocol_with_no_defined_protocol_leaves_the_gateway_not_accepted()
 {
-    let w = World::start("gw-invalid-proto", |api| {
+    let w = start("gw-invalid-proto", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("invalid", 1111, "INVALID")]),
@@ -1403,7 +1252,7 @@ fn gateway_listener_unsupported_protocol_with_no_defined_protocol_leaves_the_gat
 
 #[test]
 fn route_parent_status_names_the_gateway_with_the_group_and_kind_the_spec_left_to_defaulting() {
-    let w = World::start("gw-parent-gk", |api| {
+    let w = start("gw-parent-gk", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -1433,7 +1282,7 @@ fn route_parent_status_names_the_gateway_with_the_group_and_kind_the_spec_left_t
 #[test]
 fn tcproute_invalid_cross_namespace_backend_ref_to_a_service_that_exists_nowhere_is_ref_not_permitted()
  {
-    let w = World::start("gw-cross-missing", |api| {
+    let w = start("gw-cross-missing", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tcp", 80, "TCP")]),
@@ -1494,7 +1343,7 @@ fn weighted_world(tag: &str, kind: &str, (a, b, c): (&str, &str, &str)) -> World
         "TCPRoute" => (listener("tcp", 80, "TCP"), 80),
         _ => (listener("udp", 53, "UDP"), 53),
     };
-    let w = World::start(tag, |api| {
+    let w = start(tag, |api| {
         api.apply(gateway("gw", json!([l]), at_gw_addr()));
         service(api, "apps", "seventy", &[a]);
         service(api, "apps", "thirty", &[b]);
@@ -1529,7 +1378,7 @@ fn assert_shares(counts: &BTreeMap<IpAddr, u32>, n: u32, (a, b, c): (&str, &str,
 
 #[test]
 fn udproute_parentref_attach_all_listeners_reaches_the_backend_on_every_udp_listener() {
-    let mut w = World::start("gw-udp-all", |api| {
+    let mut w = start("gw-udp-all", |api| {
         api.apply(gateway(
             "gw",
             json!([
@@ -1567,7 +1416,7 @@ fn udproute_parentref_attach_all_listeners_reaches_the_backend_on_every_udp_list
 
 #[test]
 fn udproute_parentref_port_and_section_name_select_the_udp_listener() {
-    let mut w = World::start("gw-udp-section", |api| {
+    let mut w = start("gw-udp-section", |api| {
         api.apply(gateway(
             "gw",
             json!([
@@ -1615,7 +1464,7 @@ fn udproute_parentref_port_and_section_name_select_the_udp_listener() {
 
 #[test]
 fn udproute_multiple_routes_attachment_accepts_both_and_only_the_oldest_answers() {
-    let mut w = World::start("gw-udp-multi", |api| {
+    let mut w = start("gw-udp-multi", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("udp", 5300, "UDP")]),
@@ -1657,7 +1506,7 @@ fn udproute_multiple_routes_attachment_accepts_both_and_only_the_oldest_answers(
 
 #[test]
 fn udproute_reference_grant_permits_a_cross_namespace_backend_and_its_removal_revokes_it() {
-    let mut w = World::start("gw-udp-grant", |api| {
+    let mut w = start("gw-udp-grant", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("udp", 5300, "UDP")]),
@@ -1708,7 +1557,7 @@ fn udproute_reference_grant_permits_a_cross_namespace_backend_and_its_removal_re
 /// support), and later tests wait for every Gateway of the namespace to be ready.
 #[test]
 fn udproute_not_allowed_by_listeners_of_a_tls_only_gateway_attaches_nothing_and_it_stays_ready() {
-    let w = World::start("gw-udp-tls", |api| {
+    let w = start("gw-udp-tls", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("tls", 443, "TLS")]),
@@ -1741,7 +1590,7 @@ fn udproute_not_allowed_by_listeners_of_a_tls_only_gateway_attaches_nothing_and_
 
 #[test]
 fn udproute_invalid_backendref_nonexistent_is_backend_not_found_and_its_datagrams_dropped() {
-    let mut w = World::start("gw-udp-missing", |api| {
+    let mut w = start("gw-udp-missing", |api| {
         api.apply(gateway(
             "gw",
             json!([listener("udp", 5300, "UDP")]),

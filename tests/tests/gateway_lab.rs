@@ -11,6 +11,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawNode, node_yaml, some, strings},
     dc::{LB_V4, LB_V6, Lab, NatServers, client_v4, errors, share},
     kubeapi::FakeApi,
 };
@@ -27,16 +28,15 @@ const PODS_B: [&str; 3] = ["10.20.0.11", "10.20.0.12", "10.20.0.13"];
 const PORT_B: u16 = 9002;
 
 fn node_config() -> String {
-    format!(
-        "node:
-  interfaces: [eth0]
-  source_v4: {LB_V4}
-  source_v6: {LB_V6}
-  table_size: 65537
-  max_vips: 16
-  max_backends: 64
-"
-    )
+    node_yaml(RawNode {
+        interfaces: strings(&["eth0"]),
+        source_v4: some(LB_V4),
+        source_v6: some(LB_V6),
+        table_size: Some(65_537),
+        max_vips: Some(16),
+        max_backends: Some(64),
+        ..RawNode::default()
+    })
 }
 
 /// Service `name` (TCP port 80) with `pods` ready on `target`.

@@ -138,7 +138,7 @@ fn check_meaning(name: &str, values: &Value, r: &Rendered) {
     }
     if let Some(sizes) = values["node"].as_object() {
         assert_eq!(
-            config.node.sizes.maglev_m as u64,
+            config.node.sizes.table_size as u64,
             sizes["table_size"].as_u64().unwrap(),
             "{name}"
         );
@@ -300,58 +300,32 @@ fn a_bad_value_is_refused_with_a_message_naming_its_path() {
     }
 }
 
-/// A release bumps the chart with the workspace: the chart's version and its appVersion (the
-/// image tag by default) are the agent's.
-/// The node keys the chart's schema need not list, and why.
-const NODE_KEYS_SET_BY_THE_CHART: &[(&str, &str)] =
-    &[("metrics_listen", "the templates set it from metrics.port")];
-
-/// The chart's `node` values become the agent's `node:` config: its schema takes every key of
-/// the config types (generated from them), each with a JSON type that holds the config's, and
-/// no key the agent would refuse.
+/// The chart's `node` values become the agent's `node:` config: the `node` section of its
+/// schema is generated from the config types (see [`helm::node_schema`]), so that it takes every
+/// key the agent takes, with the same ranges and patterns, and no other.
+/// `LB_BLESS=1 cargo test -p lb-tests --test helm node_schema` writes it again.
 #[test]
-fn the_charts_node_schema_takes_every_node_key_of_the_config_types() {
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(helm::root().join("deploy/helm/lb/values.schema.json")).unwrap(),
-    )
-    .unwrap();
-    let chart = schema["properties"]["node"]["properties"]
-        .as_object()
-        .unwrap();
-    let config = lb_userspace::sources::config::reference::node_keys();
-    for (key, kind) in &config {
-        if NODE_KEYS_SET_BY_THE_CHART.iter().any(|(k, _)| k == key) {
-            continue;
-        }
-        let Some(prop) = chart.get(key) else {
-            panic!("values.schema.json: node.{key} ({kind}) is a config key the chart refuses");
-        };
-        let json_type = match kind.as_str() {
-            "integer" => "integer",
-            "boolean" => "boolean",
-            "string" => "string",
-            k if k.starts_with("list") => "array",
-            _ => "object",
-        };
-        let types: Vec<&str> = match &prop["type"] {
-            Value::String(t) => vec![t.as_str()],
-            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-            // An enum of strings.
-            _ => prop["enum"].as_array().map_or(vec![], |_| vec!["string"]),
-        };
-        assert!(
-            types.contains(&json_type),
-            "values.schema.json: node.{key} takes {types:?}, the config a {kind}"
-        );
+fn the_charts_node_schema_is_what_the_config_types_generate() {
+    let path = helm::root().join(helm::VALUES_SCHEMA);
+    let generated = helm::node_schema();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    if std::env::var_os("LB_BLESS").is_some() {
+        text = helm::with_node_schema(&text, &generated);
+        std::fs::write(&path, &text).unwrap();
     }
-    for key in chart.keys() {
-        assert!(
-            config.iter().any(|(k, _)| k == key),
-            "values.schema.json: node.{key} is not a config key (the agent would refuse it)"
-        );
-    }
+    let on_disk: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        on_disk["properties"]["node"] == generated,
+        "{}: node is not what the config types generate: run \
+         `LB_BLESS=1 cargo test -p lb-tests --test helm node_schema` and commit it\n\
+         generated:\n{}",
+        helm::VALUES_SCHEMA,
+        serde_json::to_string_pretty(&generated).unwrap()
+    );
 }
 
+/// A release bumps the chart with the workspace: the chart's version and its appVersion (the
+/// image tag by default) are the agent's.
 #[test]
 fn the_charts_version_and_app_version_are_the_workspaces_version() {
     let chart = helm::chart_file("Chart.yaml");

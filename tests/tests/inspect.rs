@@ -15,6 +15,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs, http_status, xdp_attachment},
+    config::{RawBackend, RawConfig, RawNode, RawVip, backend, lab_node, some, vip, yaml},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     packet::{L4, Pkt, TCP_ACK, TCP_SYN},
 };
@@ -26,31 +27,30 @@ const METRICS: &str = "127.0.0.1:19436";
 const WEB: &str = "192.0.2.10";
 const API: &str = "192.0.2.11";
 
-/// Two DSR VIPs on port 80 (`web` on two backends, `api` on one), metrics served.
-fn config(extra_vips: &str) -> String {
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: {NODE_V4}
-  source_v6: {NODE_V6}
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-  metrics_listen: {METRICS}
-vips:
-  - name: web
-    address: {WEB}
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}]
-  - name: api
-    address: {API}
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V4} }}]
-{extra_vips}"
-    )
+/// Two DSR VIPs on port 80: `web` on two backends, `api` on one.
+fn vips() -> Vec<RawVip> {
+    vec![
+        vip("web", WEB, 80, "tcp", &[backend(TX_V4), backend(TX_V4_B)]),
+        vip("api", API, 80, "tcp", &[backend(TX_V4)]),
+    ]
+}
+
+/// `vips` on lb0, metrics served.
+fn config_of(vips: Vec<RawVip>) -> String {
+    yaml(&RawConfig {
+        node: RawNode {
+            source_v4: some(NODE_V4),
+            source_v6: some(NODE_V6),
+            metrics_listen: some(METRICS),
+            ..lab_node(&["lb0"])
+        },
+        vips,
+    })
+}
+
+/// [`vips`] and `extra`, metrics served.
+fn config(extra: &[RawVip]) -> String {
+    config_of([vips(), extra.to_vec()].concat())
 }
 
 /// An agent running `config` in a fresh namespace.
@@ -128,7 +128,7 @@ fn poll<R>(what: &str, mut f: impl FnMut() -> Option<R>) -> R {
 
 #[test]
 fn status_shows_the_running_agent_attached_its_sizes_and_the_flows_it_holds() {
-    let s = start("st-run", &config(""));
+    let s = start("st-run", &config(&[]));
     let flows = 120;
     s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
@@ -163,10 +163,10 @@ fn status_shows_the_running_agent_attached_its_sizes_and_the_flows_it_holds() {
 
 #[test]
 fn a_reload_rejected_and_one_applied_show_in_status() {
-    let s = start("st-reload", &config(""));
-    let heavy = format!("{{ address: {TX_V4}, weight: 70000 }}");
-    s.dirs
-        .write_config(&config("").replacen(&format!("{{ address: {TX_V4} }}"), &heavy, 1));
+    let s = start("st-reload", &config(&[]));
+    let mut heavy = vips();
+    heavy[0].backends[0].weight = Some(70000);
+    s.dirs.write_config(&config_of(heavy));
     let v = poll("the rejected reload in the status file", || {
         let (v, _) = status(&s);
         (v["agent"]["reloads_rejected"].as_u64() >= Some(1)).then_some(v)
@@ -178,8 +178,9 @@ fn a_reload_rejected_and_one_applied_show_in_status() {
     assert!(why.contains("vips[0].backends[0].weight"), "{why}");
     assert_eq!(v["agent"]["reloads_applied"], 0, "{v}");
 
-    s.dirs
-        .write_config(&config("").replace("name: api", "name: api2"));
+    let mut renamed = vips();
+    renamed[1].name = some("api2");
+    s.dirs.write_config(&config_of(renamed));
     let v = poll("the applied reload in the status file", || {
         let (v, _) = status(&s);
         (v["agent"]["reloads_applied"].as_u64() >= Some(1)).then_some(v)
@@ -190,7 +191,7 @@ fn a_reload_rejected_and_one_applied_show_in_status() {
 
 #[test]
 fn a_program_detached_behind_the_agents_back_shows_in_status_and_readyz() {
-    let s = start("st-detach", &config(""));
+    let s = start("st-detach", &config(&[]));
     poll("/readyz 200", || {
         (http_status(&s.net.ns, METRICS, "/readyz") == Some(200)).then_some(())
     });
@@ -212,7 +213,7 @@ fn a_program_detached_behind_the_agents_back_shows_in_status_and_readyz() {
 
 #[test]
 fn readyz_turns_503_after_lb_down_force_under_the_running_agent() {
-    let s = start("st-force", &config(""));
+    let s = start("st-force", &config(&[]));
     poll("/readyz 200", || {
         (http_status(&s.net.ns, METRICS, "/readyz") == Some(200)).then_some(())
     });
@@ -240,7 +241,7 @@ fn readyz_turns_503_after_lb_down_force_under_the_running_agent() {
 
 #[test]
 fn another_program_on_the_interface_is_not_taken_for_lbs() {
-    let s = start("st-other", &config(""));
+    let s = start("st-other", &config(&[]));
     let (_, ours) = xdp_attachment(&s.net.ns, "lb0").expect("attached");
     std::fs::remove_file(s.dirs.pins.join("link-lb0")).expect("removing lb0's link pin");
     poll("lb0 detached", || {
@@ -249,12 +250,12 @@ fn another_program_on_the_interface_is_not_taken_for_lbs() {
     // Another XDP program (the kernel's tiny "xdp_dummy" is not at hand: a second copy of lb's
     // own program, which has another id) attached in generic mode.
     let mut other = Lb::load(lb_userspace::kernel::program::Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 8,
         max_backends: 32,
-        flow_entries: 1024,
-        affinity_entries: 1024,
-        nat_entries: 1024,
+        flow_table_size: 1024,
+        affinity_table_size: 1024,
+        nat_table_size: 1024,
     });
     s.net.ns.run(|| {
         other
@@ -279,7 +280,7 @@ fn another_program_on_the_interface_is_not_taken_for_lbs() {
 
 #[test]
 fn a_dead_agents_status_is_shown_as_not_running() {
-    let mut s = start("st-dead", &config(""));
+    let mut s = start("st-dead", &config(&[]));
     let pid = s.agent.pid();
     s.agent.kill9();
     let (v, ok) = status(&s);
@@ -296,7 +297,7 @@ fn a_dead_agents_status_is_shown_as_not_running() {
 
 #[test]
 fn stats_backends_and_explain_json_count_the_frames_sent_per_vip_and_backend() {
-    let s = start("st-stats", &config(""));
+    let s = start("st-stats", &config(&[]));
     // What the test saw: frames per (VIP label, backend address:port).
     let mut seen: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut last = None;
@@ -382,7 +383,7 @@ fn stats_backends_and_explain_json_count_the_frames_sent_per_vip_and_backend() {
 
 #[test]
 fn flows_json_lists_every_flow_made_with_its_backend_and_counts_beyond_the_limit() {
-    let s = start("st-flows", &config(""));
+    let s = start("st-flows", &config(&[]));
     let n = 70;
     let made: BTreeSet<(String, String)> = s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
@@ -427,7 +428,7 @@ fn flows_json_lists_every_flow_made_with_its_backend_and_counts_beyond_the_limit
 
 #[test]
 fn flows_filter_by_backend_client_and_state_and_count_each_state() {
-    let s = start("st-flowsf", &config(""));
+    let s = start("st-flowsf", &config(&[]));
     let n = 60;
     // Client (address:port) -> backend, from the frames' outer headers.
     let made: BTreeMap<String, String> = s.net.ns.run(|| {
@@ -467,10 +468,8 @@ fn flows_filter_by_backend_client_and_state_and_count_each_state() {
 
 #[test]
 fn ipv6_flows_are_listed_and_counted_with_the_ipv4_ones() {
-    let v6 = format!(
-        "  - name: web6\n    address: 2001:db8::10\n    port: 80\n    protocol: tcp\n    backends: [{{ address: {TX_V6} }}]\n"
-    );
-    let s = start("st-flows6", &config(&v6));
+    let v6 = vip("web6", "2001:db8::10", 80, "tcp", &[backend(TX_V6)]);
+    let s = start("st-flows6", &config(&[v6]));
     let (n4, n6) = (12, 9);
     let made6: BTreeSet<String> = s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
@@ -516,7 +515,7 @@ fn ipv6_flows_are_listed_and_counted_with_the_ipv4_ones() {
 
 #[test]
 fn a_flow_to_a_backend_of_weight_0_is_listed_as_draining() {
-    let mut s = start("st-drain", &config(""));
+    let mut s = start("st-drain", &config(&[]));
     let flows: Vec<(String, String)> = s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
         (0..40)
@@ -533,10 +532,9 @@ fn a_flow_to_a_backend_of_weight_0_is_listed_as_draining() {
         flows.iter().any(|(_, b)| b == TX_V4_B),
         "no flow on {TX_V4_B}: {flows:?}"
     );
-    s.dirs.write_config(&config("").replace(
-        &format!("{{ address: {TX_V4_B} }}"),
-        &format!("{{ address: {TX_V4_B}, weight: 0 }}"),
-    ));
+    let mut drained = vips();
+    drained[0].backends[1].weight = Some(0);
+    s.dirs.write_config(&config_of(drained));
     s.agent.wait_applied(&s.net.ns, &s.dirs, 1, T);
     let v = s.dirs.json(&["flows", "--vip", "192.0.2.10:80"]);
     let states: BTreeMap<String, String> = v["flows"]
@@ -558,10 +556,15 @@ fn a_flow_to_a_backend_of_weight_0_is_listed_as_draining() {
 
 #[test]
 fn a_nat_flow_shows_the_source_port_its_translated_frame_carried() {
-    let nat = format!(
-        "  - name: nat\n    address: 192.0.2.12\n    port: 80\n    protocol: tcp\n    mode: nat\n    backends: [{{ address: {TX_V4}, port: 9000 }}]\n"
-    );
-    let s = start("st-nat", &config(&nat));
+    let to_9000 = RawBackend {
+        port: Some(9000),
+        ..backend(TX_V4)
+    };
+    let nat = RawVip {
+        mode: some("nat"),
+        ..vip("nat", "192.0.2.12", 80, "tcp", &[to_9000])
+    };
+    let s = start("st-nat", &config(&[nat]));
     let p = Pkt::tcp("198.51.100.9", 40001, "192.0.2.12", 80, LB0_MAC);
     let out = s.net.ns.run(|| {
         let mut lb = Lb::adopt(&s.dirs.pins);
@@ -615,7 +618,7 @@ fn a_nat_flow_shows_the_source_port_its_translated_frame_carried() {
 
 #[test]
 fn watch_json_lines_carry_per_vip_and_backend_rates_of_the_frames_sent() {
-    let s = start("st-watch", &config(""));
+    let s = start("st-watch", &config(&[]));
     let mut child = Command::new(BIN)
         .arg("--pin-dir")
         .arg(&s.dirs.pins)

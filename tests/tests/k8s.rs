@@ -6,7 +6,7 @@
 //! record of status patches and Events, the agent's log, and packets.
 
 use std::{
-    net::{IpAddr, TcpListener},
+    net::TcpListener,
     path::Path,
     time::{Duration, Instant},
 };
@@ -14,6 +14,8 @@ use std::{
 use lb_common::Counter;
 use lb_tests::{
     agent::{Agent, Dirs, metric, pinned_link_id, pinned_map_id, xdp_attachment},
+    cluster::{self, T, World, start_agent},
+    config::{RawNode, node_yaml, some, strings},
     deploy_docs,
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     kubeapi::{FakeApi, gateway_only, granted, on_exit_only, rbac_of},
@@ -24,20 +26,8 @@ use lb_userspace::kernel::migrate::schema;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
-const T: Duration = Duration::from_secs(30);
 const V4: &str = "192.0.2.10";
 const V6: &str = "2001:db8::10";
-
-const NODE_CONFIG: &str = "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 16
-  max_backends: 32
-  flow_table_size: 65536
-  nat_table_size: 4096
-";
 
 fn service(name: &str, extra: Value) -> Value {
     let mut v = json!({
@@ -82,103 +72,6 @@ fn slice_of(
 fn policy(spec: Value) -> Value {
     json!({ "apiVersion": "lb.dev/v1alpha1", "kind": "UpstreamPolicy",
             "metadata": { "namespace": "shop", "name": "sticky" }, "spec": spec })
-}
-
-/// Fields drop in order: the agent first, the namespace last.
-struct World {
-    agent: Agent,
-    /// The program, loaded once on the agent's pinned maps.
-    lb: Option<Lb>,
-    api: FakeApi,
-    dirs: Dirs,
-    net: FibNet,
-}
-
-impl World {
-    /// `lb backends --json` once the agent's maps satisfy `pred`.
-    fn wait(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        loop {
-            let out = self.dirs.cli(&["backends", "--json"]);
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if pred(&v) {
-                return v;
-            }
-            if start.elapsed() > T {
-                panic!(
-                    "waiting for {what}: the maps still show\n{v:#}\nagent log:\n{}",
-                    self.agent.log_dump()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until the agent's status says it skipped or kept the last good version of an
-    /// object as `message` says (`agent.kubernetes_skipped`).
-    fn wait_skipped(&mut self, message: &str) {
-        self.agent.wait_status(&self.net.ns, &self.dirs, T, |v| {
-            v["agent"]["kubernetes_skipped"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|m| m == message))
-        });
-    }
-
-    fn wait_api(&self, what: &str, pred: impl Fn(&lb_tests::kubeapi::State) -> bool) {
-        let start = Instant::now();
-        while !pred(&self.api.lock()) {
-            assert!(
-                start.elapsed() < T,
-                "waiting for {what}; agent log:\n{}",
-                self.agent.log_dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Where a packet goes: (action, destination address, destination port).
-    /// Runs `f` in the namespace on the program loaded (once) on the agent's pinned maps.
-    fn with_lb<T: Send>(&mut self, f: impl FnOnce(&mut Lb) -> T + Send) -> T {
-        let (pins, slot) = (&self.dirs.pins, &mut self.lb);
-        self.net
-            .ns
-            .run(|| f(slot.get_or_insert_with(|| Lb::adopt(pins))))
-    }
-
-    fn send(&mut self, pkt: &Pkt) -> (u32, Option<(IpAddr, u16)>) {
-        let lb0 = self.net.lb0;
-        self.with_lb(|lb| {
-            let run = lb.run(&pkt.frame(), lb0);
-            let out = &run.output;
-            let dst =
-                (run.action == XDP_TX).then(|| match u16::from_be_bytes([out[12], out[13]]) {
-                    0x0800 => (
-                        IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),
-                        u16::from_be_bytes([out[36], out[37]]),
-                    ),
-                    _ => (
-                        IpAddr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()),
-                        u16::from_be_bytes([out[56], out[57]]),
-                    ),
-                });
-            (run.action, dst)
-        })
-    }
-
-    fn pod_of(&mut self, pkt: &Pkt) -> (IpAddr, u16) {
-        let (action, dst) = self.send(pkt);
-        assert_eq!(
-            action_name(action),
-            action_name(XDP_TX),
-            "{pkt:?}; agent log:\n{}",
-            self.agent.log_dump()
-        );
-        dst.unwrap()
-    }
-
-    fn counter(&mut self, c: Counter) -> u64 {
-        self.with_lb(|lb| lb.counters()[&c])
-    }
 }
 
 fn vip<'a>(v: &'a Value, label: &str) -> Option<&'a Value> {
@@ -234,31 +127,12 @@ fn events(api: &lb_tests::kubeapi::State, reason: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The namespace, the fake API server and the agent's directories, without the agent.
+/// The namespace, the fake API server (without the Gateway API: tests/gateway.rs has one with
+/// it) and the agent's directories, without the agent.
 fn setup(tag: &str) -> (FibNet, FakeApi, Dirs) {
-    let net = FibNet::new(tag);
-    let dirs = Dirs::new(Path::new(BIN), tag);
-    dirs.write_config(NODE_CONFIG);
-    let api = FakeApi::new(net.ns.run(|| TcpListener::bind("127.0.0.1:0").unwrap()));
-    // A cluster without the Gateway API (tests/gateway.rs has one with it).
+    let (net, api, dirs) = cluster::setup(Path::new(BIN), tag);
     api.without_gateway_api();
-    std::fs::write(dirs.state.join("kubeconfig"), api.kubeconfig()).unwrap();
     (net, api, dirs)
-}
-
-/// Starts `lb run --kubernetes` as node-a, under `wrapper` if not empty.
-fn start_agent(net: &FibNet, dirs: &Dirs, wrapper: &[&str]) -> Agent {
-    let kubeconfig = dirs.state.join("kubeconfig");
-    Agent::start_under(
-        &net.ns,
-        dirs,
-        wrapper,
-        &["--kubernetes"],
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("NODE_NAME", "node-a"),
-        ],
-    )
 }
 
 #[test]
@@ -295,18 +169,11 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
     ));
 
     let agent = start_agent(&net, &dirs, &[]);
-    let mut w = World {
-        net,
-        dirs,
-        api,
-        agent,
-        lb: None,
-    };
-    w.agent.wait_running(&w.net.ns, &w.dirs, T);
+    let mut w = World::new(net, api, dirs, agent);
 
     // 1. Initial sync: 2 addresses x 2 ports, NAT to the pods' port; other classes ignored,
     //    the malformed Service skipped and named in the status file.
-    let v = w.wait("the initial sync", |v| {
+    let v = w.maps("the initial sync", |v| {
         rows(v, &format!("{V4}:80/tcp")).len() == 2
     });
     let labels: Vec<&str> = v
@@ -383,7 +250,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
             (TX_V4_B, "node-b", false, true, true),
         ],
     ));
-    w.wait("TX_V4_B draining", |v| {
+    w.maps("TX_V4_B draining", |v| {
         rows(v, &format!("{V4}:80/tcp")).contains(&(TX_V4_B.into(), 0, 0))
     });
     let established = on_b.clone().with(|p| p.l4 = L4::Tcp { flags: TCP_ACK });
@@ -415,13 +282,13 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         "IPv4",
         &[(TX_V4_B, "node-b", true, true, false)],
     ));
-    w.wait("the new Service", |v| {
+    w.maps("the new Service", |v| {
         rows(v, "192.0.2.20:443/tcp") == [(TX_V4_B.to_string(), 1, 1009)]
     });
     let to_api = Pkt::tcp("198.51.100.9", 7000, "192.0.2.20", 443, LB0_MAC);
     assert_eq!(w.pod_of(&to_api), (TX_V4_B.parse().unwrap(), 8080));
     w.api.delete("Service", "shop", "api");
-    w.wait("the Service gone", |v| {
+    w.maps("the Service gone", |v| {
         vip(v, "192.0.2.20:443/tcp").is_none()
     });
     w.api
@@ -480,7 +347,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         })
     });
     w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));
-    let v = w.wait("a 251-slot table", |v| {
+    let v = w.maps("a 251-slot table", |v| {
         vip(v, &format!("{V4}:80/tcp")).is_some_and(|x| x["table_size"] == 251)
     });
     assert_eq!(
@@ -505,7 +372,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
                     .contains("keep the last accepted version")
         })
     });
-    let v = w.wait("the table", |_| true);
+    let v = w.maps("the table", |_| true);
     assert_eq!(vip(&v, &format!("{V4}:80/tcp")).unwrap()["table_size"], 251);
     w.api.apply(policy(json!({ "algorithm": "consistent-hashing", "hashOn": { "header": "x-user" }, "hashOnFallback": { "input": "ip" }, "slots": 251 })));
 
@@ -515,13 +382,13 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
         "web",
         json!({ "spec": { "externalTrafficPolicy": "Local" } }),
     ));
-    w.wait("Local endpoints only", |v| {
+    w.maps("Local endpoints only", |v| {
         rows(v, &format!("{V4}:80/tcp")) == [(TX_V4.to_string(), 1, 251)]
             && rows(v, &format!("[{V6}]:53/udp")).is_empty()
     });
     let before = w.counter(Counter::DropNoBackend);
     assert_eq!(
-        action_name(w.send(&v6.clone().with(|p| p.sport = 4001)).0),
+        action_name(w.destination(&v6.clone().with(|p| p.sport = 4001)).0),
         action_name(XDP_DROP)
     );
     assert_eq!(w.counter(Counter::DropNoBackend), before + 1);
@@ -539,7 +406,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
             ],
         ));
     });
-    w.wait("the relist after 410", |v| {
+    w.maps("the relist after 410", |v| {
         rows(v, &format!("{V4}:80/tcp")).len() == 2 && rows(v, &format!("[{V6}]:53/udp")).len() == 1
     });
     assert!(
@@ -598,7 +465,7 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
             .ns
             .run(|| TcpListener::bind(("127.0.0.1", port)).unwrap()),
     );
-    w.wait("the resync after the outage", |v| {
+    w.maps("the resync after the outage", |v| {
         rows(v, &format!("{V4}:80/tcp")) == [(TX_V4_B.to_string(), 1, 251)]
     });
     // Bookmarks: after a change to Services only, the other watches are behind; a bookmark
@@ -636,18 +503,18 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
 
     // 7. Deletes: the policy (an Event; the defaults), then the slice, then the Service.
     w.api.delete("UpstreamPolicy", "shop", "sticky");
-    w.wait("the default table size", |v| {
+    w.maps("the default table size", |v| {
         vip(v, &format!("{V4}:80/tcp")).is_some_and(|x| x["table_size"] == 1009)
     });
     w.wait_api("PolicyNotFound", |s| {
         !events(s, "PolicyNotFound").is_empty()
     });
     w.api.delete("EndpointSlice", "shop", "web-v4");
-    w.wait("no IPv4 pods", |v| {
+    w.maps("no IPv4 pods", |v| {
         vip(v, &format!("{V4}:80/tcp")).is_some() && rows(v, &format!("{V4}:80/tcp")).is_empty()
     });
     w.api.delete("Service", "shop", "web");
-    w.wait("no VIPs", |v| v.as_array().is_some_and(|a| a.is_empty()));
+    w.maps("no VIPs", |v| v.as_array().is_some_and(|a| a.is_empty()));
     assert!(
         w.agent.exited().is_none(),
         "the agent exited:\n{}",
@@ -686,8 +553,11 @@ fn the_agent_serves_the_clusters_services_and_follows_every_change() {
 fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
     let (net, api, dirs) = setup("k8s-base");
     let metrics = "127.0.0.1:19436";
-    let node = format!("{NODE_CONFIG}  metrics_listen: {metrics}\n");
-    dirs.write_config(&node);
+    let node = RawNode {
+        metrics_listen: some(metrics),
+        ..cluster::node()
+    };
+    dirs.write_config(&node_yaml(node.clone()));
     api.apply(service("web", json!({})));
     api.apply(slice(
         "web-v4",
@@ -695,21 +565,16 @@ fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
         &[(TX_V4, "node-a", true, true, false)],
     ));
     let agent = start_agent(&net, &dirs, &[]);
-    let mut w = World {
-        net,
-        dirs,
-        api,
-        agent,
-        lb: None,
-    };
-    w.agent.wait_running(&w.net.ns, &w.dirs, T);
-    w.wait("the first pod", |v| {
+    let mut w = World::new(net, api, dirs, agent);
+    w.maps("the first pod", |v| {
         rows(v, &format!("{V4}:80/tcp")).len() == 1
     });
 
     // An interface this host lacks: this node config is refused (and is no base for what follows).
-    w.dirs
-        .write_config(&node.replace("interfaces: [lb0]", "interfaces: [lb0, nosuch0]"));
+    w.dirs.write_config(&node_yaml(RawNode {
+        interfaces: strings(&["lb0", "nosuch0"]),
+        ..node
+    }));
     w.agent
         .wait_metric(&w.net.ns, metrics, "lb_config_reloads_rejected_total", 1, T);
     w.api.apply(slice(
@@ -720,7 +585,7 @@ fn a_rejected_node_config_followed_by_a_cluster_change_applies_the_change() {
             (TX_V4_B, "node-a", true, true, false),
         ],
     ));
-    w.wait("the second pod", |v| {
+    w.maps("the second pod", |v| {
         rows(v, &format!("{V4}:80/tcp")).len() == 2
     });
     assert_eq!(
@@ -774,14 +639,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     let wrapper = capsh_keeping(&caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let agent = start_agent(&net, &dirs, &wrapper);
-    let mut w = World {
-        agent,
-        lb: None,
-        api,
-        dirs,
-        net,
-    };
-    w.agent.wait_running(&w.net.ns, &w.dirs, T);
+    let mut w = World::new(net, api, dirs, agent);
     let status = std::fs::read_to_string(format!("/proc/{}/status", w.agent.pid())).unwrap();
     let eff = status
         .lines()
@@ -794,7 +652,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         want,
         "the agent runs with exactly {caps:?}"
     );
-    w.wait("the VIP", |v| rows(v, &format!("{V4}:80/tcp")).len() == 1);
+    w.maps("the VIP", |v| rows(v, &format!("{V4}:80/tcp")).len() == 1);
     assert_eq!(w.pod_of(&client(1, 5555)), (TX_V4.parse().unwrap(), 8080));
     drop(w);
 
@@ -901,7 +759,10 @@ fn daemonset_at(tag: &str) -> Value {
 /// server, the pin dir (the chart's hostPath) with a node config that serves `/readyz`.
 fn rollout_node(tag: &str, image_tag: &str) -> (FibNet, FakeApi, Dirs) {
     let (net, api, dirs) = setup(tag);
-    dirs.write_config(&format!("{NODE_CONFIG}  metrics_listen: {METRICS}\n"));
+    dirs.write_config(&node_yaml(RawNode {
+        metrics_listen: some(METRICS),
+        ..cluster::node()
+    }));
     api.apply(daemonset_at(image_tag));
     api.apply(service("web", json!({})));
     api.apply(slice(
@@ -1109,7 +970,10 @@ fn wait_refused(dirs: &Dirs, src: &str, want: bool, what: &str) {
 fn a_services_load_balancer_source_ranges_and_the_annotation_reach_the_map() {
     let (net, api, dirs) = setup("k8s-src");
     let metrics = "127.0.0.1:19437";
-    dirs.write_config(&format!("{NODE_CONFIG}  metrics_listen: {metrics}\n"));
+    dirs.write_config(&node_yaml(RawNode {
+        metrics_listen: some(metrics),
+        ..cluster::node()
+    }));
     api.apply(service(
         "web",
         json!({ "spec": { "loadBalancerSourceRanges": ["198.51.100.0/24", "2001:db8:c::/48"] } }),

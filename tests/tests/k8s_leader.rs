@@ -14,6 +14,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawNode, lab_node, node_yaml},
     harness::FibNet,
     kubeapi::{FakeApi, State},
 };
@@ -26,17 +27,13 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// Node settings on `iface` with `table_size` slots per VIP.
 fn node_config(iface: &str, table_size: u32) -> String {
-    format!(
-        "node:
-  interfaces: [{iface}]
-  source_v4: 10.0.0.1
-  table_size: {table_size}
-  max_vips: 16
-  max_backends: 32
-  flow_table_size: 65536
-  nat_table_size: 4096
-"
-    )
+    node_yaml(RawNode {
+        source_v6: None,
+        table_size: Some(table_size.into()),
+        max_vips: Some(16),
+        nat_table_size: Some(4096),
+        ..lab_node(&[iface])
+    })
 }
 
 fn service(name: &str, ip: &str) -> Value {

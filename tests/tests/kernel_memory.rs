@@ -53,12 +53,12 @@ fn estimate_matches_the_kernel(sizes: Sizes) {
 #[test]
 fn the_estimate_matches_the_kernels_memlock_for_small_sizes() {
     estimate_matches_the_kernel(Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 8,
         max_backends: 256,
-        flow_entries: 65_536,
-        affinity_entries: 1024,
-        nat_entries: 4096,
+        flow_table_size: 65_536,
+        affinity_table_size: 1024,
+        nat_table_size: 4096,
     });
 }
 
@@ -71,11 +71,11 @@ fn the_estimate_matches_the_kernels_memlock_for_the_default_sizes() {
 fn the_estimate_matches_the_kernels_memlock_for_sizes_of_760_mib_that_are_no_powers_of_two() {
     // LRU buckets round up to a power of two; the Maglev ring and the flow buckets take pages.
     estimate_matches_the_kernel(Sizes {
-        maglev_m: 65_537,
+        table_size: 65_537,
         max_vips: 256,
         max_backends: 20_000,
-        flow_entries: 3_000_000,
-        affinity_entries: 300_000,
-        nat_entries: 1_500_000,
+        flow_table_size: 3_000_000,
+        affinity_table_size: 300_000,
+        nat_table_size: 1_500_000,
     });
 }

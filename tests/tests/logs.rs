@@ -5,6 +5,7 @@ use std::{path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawConfig, RawNode, RawVip, backend, lab_node, vip, yaml},
     netns::NetNs,
 };
 
@@ -23,13 +24,20 @@ fn net(tag: &str) -> NetNs {
 }
 
 fn config(dirs: &Dirs) {
-    dirs.write_config(
-        "node: { interfaces: [lb0], source_v4: 10.0.0.1, table_size: 1009, max_vips: 4,
-        max_backends: 8, flow_table_size: 4096 }
-vips:
-  - { address: 192.0.2.10, port: 80, protocol: tcp, backends: [{ address: 10.1.0.1 }] }
-",
-    );
+    let web = RawVip {
+        name: None,
+        ..vip("", "192.0.2.10", 80, "tcp", &[backend("10.1.0.1")])
+    };
+    dirs.write_config(&yaml(&RawConfig {
+        node: RawNode {
+            source_v6: None,
+            max_vips: Some(4),
+            max_backends: Some(8),
+            flow_table_size: Some(4096),
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![web],
+    }));
 }
 
 #[test]

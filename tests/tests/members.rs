@@ -12,6 +12,10 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
 use lb_common::{Counter, flow_hash, maglev_slot};
 use lb_tests::{
     agent::Dirs,
+    config::{
+        RawBackend, RawConfig, RawHealthCheck, RawNode, RawVip, backend, some, strings, vip,
+        weighted, yaml,
+    },
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     hex,
     packet::{L4, Pkt, TCP_ACK},
@@ -37,26 +41,43 @@ const CLIENT: &str = "198.51.100.7";
 /// A VIP: address, affinity timeout in seconds (0: none), backends with weights.
 type Vip<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
 
+/// The node: lb0, a table of `M` slots, 8 VIPs, 8 backends.
+fn node() -> RawNode {
+    RawNode {
+        interfaces: strings(&["lb0"]),
+        source_v4: some(NODE_V4),
+        table_size: Some(M.into()),
+        max_vips: Some(8),
+        max_backends: Some(8),
+        ..RawNode::default()
+    }
+}
+
+/// `config` read as the agent reads its file.
+fn parse(config: &RawConfig) -> Config {
+    let y = yaml(config);
+    Config::parse(&y, "test").unwrap_or_else(|e| panic!("config:\n{y}\n{e}"))
+}
+
 /// A config: the node, then `vips`.
 fn config(vips: &[Vip]) -> Config {
-    let mut y = format!(
-        "node:\n  interfaces: [lb0]\n  source_v4: {NODE_V4}\n  table_size: {M}\n  max_vips: 8\n  max_backends: 8\nvips:\n"
-    );
-    for (addr, affinity, backends) in vips {
-        y += &format!("  - address: {addr}\n    port: 80\n    protocol: tcp\n");
-        if *affinity > 0 {
-            y += &format!("    affinity_timeout: {affinity}s\n");
-        }
-        // Checked, so the tests may set health (the agent runs no probes in this process).
-        y += "    health_check: { type: tcp }\n    backends:\n";
-        for (b, w) in *backends {
-            y += &format!("      - {{ address: {b}, weight: {w} }}\n");
-        }
-    }
-    if vips.is_empty() {
-        y = y.replace("vips:\n", "vips: []\n");
-    }
-    Config::parse(&y, "test").unwrap_or_else(|e| panic!("config:\n{y}\n{e}"))
+    let vips = vips
+        .iter()
+        .map(|(addr, affinity, backends)| {
+            let list: Vec<RawBackend> = backends.iter().map(|(b, w)| weighted(b, *w)).collect();
+            RawVip {
+                name: None,
+                affinity_timeout: (*affinity > 0).then(|| format!("{affinity}s")),
+                // Checked, so the tests may set health (the agent runs no probes in this process).
+                health_check: Some(RawHealthCheck {
+                    kind: some("tcp"),
+                    ..RawHealthCheck::default()
+                }),
+                ..vip("", addr, 80, "tcp", &list)
+            }
+        })
+        .collect();
+    parse(&RawConfig { node: node(), vips })
 }
 
 /// The agent (in this process) and the program on its pins.
@@ -434,10 +455,18 @@ fn explain_then_send(node: &mut Node, net: &FibNet, pkt: &Pkt, syn: bool) -> (St
 #[test]
 fn explain_agrees_with_the_program_on_idle_udp_flows_and_on_syns() {
     let net = FibNet::new("m-explain");
-    let yaml = format!(
-        "node:\n  interfaces: [lb0]\n  source_v4: {NODE_V4}\n  table_size: {M}\n  max_vips: 8\n  max_backends: 8\n  udp_idle_timeout: 5s\nvips:\n  - address: {VIP_A}\n    port: 80\n    protocol: udp\n    backends:\n      - {{ address: {B1} }}\n      - {{ address: {B2} }}\n  - address: {VIP_A}\n    port: 80\n    protocol: tcp\n    backends:\n      - {{ address: {B1} }}\n      - {{ address: {B2} }}\n"
-    );
-    let mut node = Node::start("m-explain", Config::parse(&yaml, "test").unwrap());
+    let unnamed = |protocol: &str| RawVip {
+        name: None,
+        ..vip("", VIP_A, 80, protocol, &[backend(B1), backend(B2)])
+    };
+    let config = RawConfig {
+        node: RawNode {
+            udp_idle_timeout: some("5s"),
+            ..node()
+        },
+        vips: vec![unnamed("udp"), unnamed("tcp")],
+    };
+    let mut node = Node::start("m-explain", parse(&config));
     let udp_id = node
         .agent
         .state()

@@ -14,6 +14,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs, xdp_attachment},
+    config::{RawConfig, RawHealthCheck, RawNode, RawVip, backend, lab_node, some, vip, yaml},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     netns::NetNs,
     packet::Pkt,
@@ -36,27 +37,47 @@ const V6_FLOWS: u32 = 40;
 /// Three VIPs (IPv4, IPv4 with affinity, IPv6) of two backends each, and one VIP with a health
 /// check that no traffic reaches (so that `lb_backend_healthy` has series).
 fn config() -> String {
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-  metrics_listen: {METRICS}
-vips:
-  - {{ name: web, address: 192.0.2.10, port: 80, protocol: tcp,
-      backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}] }}
-  - {{ name: sticky, address: 192.0.2.11, port: 80, protocol: tcp, affinity_timeout: 1h,
-      backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}] }}
-  - {{ name: six, address: 2001:db8::10, port: 443, protocol: tcp,
-      backends: [{{ address: {TX_V6} }}, {{ address: {TX_V6_B} }}] }}
-  - {{ name: checked, address: 192.0.2.12, port: 8080, protocol: tcp,
-      backends: [{{ address: {TX_V4} }}], health_check: {{ type: tcp }} }}
-"
-    )
+    let sticky = RawVip {
+        affinity_timeout: some("1h"),
+        ..vip(
+            "sticky",
+            "192.0.2.11",
+            80,
+            "tcp",
+            &[backend(TX_V4), backend(TX_V4_B)],
+        )
+    };
+    let checked = RawVip {
+        health_check: Some(RawHealthCheck {
+            kind: some("tcp"),
+            ..RawHealthCheck::default()
+        }),
+        ..vip("checked", "192.0.2.12", 8080, "tcp", &[backend(TX_V4)])
+    };
+    yaml(&RawConfig {
+        node: RawNode {
+            metrics_listen: some(METRICS),
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![
+            vip(
+                "web",
+                "192.0.2.10",
+                80,
+                "tcp",
+                &[backend(TX_V4), backend(TX_V4_B)],
+            ),
+            sticky,
+            vip(
+                "six",
+                "2001:db8::10",
+                443,
+                "tcp",
+                &[backend(TX_V6), backend(TX_V6_B)],
+            ),
+            checked,
+        ],
+    })
 }
 
 /// Every (vip, backend) label pair the config gives, spelled as SHAPES.md says.

@@ -18,6 +18,7 @@ use aya::{
 use lb_common::Counter;
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawBackend, RawConfig, RawNode, RawVip, backend, lab_node, some, vip, yaml},
     harness::{FibNet, Lb, XDP_TX, action_name, affinity_key, net::*, vip_key},
     hex,
     memcg::MemCgroup,
@@ -41,45 +42,53 @@ const FLOWS: u32 = 16_384;
 const NATS: u32 = 4_096;
 
 /// A DSR VIP for each family, a DSR VIP with client affinity and a NAT VIP, on two backends
-/// each, with the given flow and NAT table sizes.
+/// each, with `node`'s settings.
+fn config_with(node: RawNode) -> String {
+    let to_9000 = |a: &str| RawBackend {
+        port: Some(9000),
+        ..backend(a)
+    };
+    let sticky = RawVip {
+        affinity_timeout: some("1h"),
+        ..vip(
+            "sticky",
+            STICKY,
+            80,
+            "tcp",
+            &[backend(TX_V4), backend(TX_V4_B)],
+        )
+    };
+    let nat = RawVip {
+        mode: some("nat"),
+        ..vip("nat", NAT, 80, "tcp", &[to_9000(TX_V4), to_9000(TX_V4_B)])
+    };
+    yaml(&RawConfig {
+        node,
+        vips: vec![
+            vip("web", WEB, 80, "tcp", &[backend(TX_V4), backend(TX_V4_B)]),
+            vip("web6", WEB6, 80, "tcp", &[backend(TX_V6), backend(TX_V6_B)]),
+            sticky,
+            nat,
+        ],
+    })
+}
+
+/// The node with the given flow and NAT table sizes, metrics served.
+fn node(flows: u32, nat: u32) -> RawNode {
+    RawNode {
+        source_v4: some(NODE_V4),
+        source_v6: some(NODE_V6),
+        flow_table_size: Some(flows.into()),
+        affinity_table_size: Some(4096),
+        nat_table_size: Some(nat.into()),
+        metrics_listen: some(METRICS),
+        ..lab_node(&["lb0"])
+    }
+}
+
+/// [`config_with`] the node of [`node`].
 fn config(flows: u32, nat: u32) -> String {
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: {NODE_V4}
-  source_v6: {NODE_V6}
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: {flows}
-  affinity_table_size: 4096
-  nat_table_size: {nat}
-  metrics_listen: {METRICS}
-vips:
-  - name: web
-    address: {WEB}
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}]
-  - name: web6
-    address: {WEB6}
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V6} }}, {{ address: {TX_V6_B} }}]
-  - name: sticky
-    address: {STICKY}
-    port: 80
-    protocol: tcp
-    affinity_timeout: 1h
-    backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}]
-  - name: nat
-    address: {NAT}
-    port: 80
-    protocol: tcp
-    mode: nat
-    backends: [{{ address: {TX_V4}, port: 9000 }}, {{ address: {TX_V4_B}, port: 9000 }}]
-"
-    )
+    config_with(node(flows, nat))
 }
 
 /// How many flows of each kind [`frames`] makes.
@@ -566,10 +575,10 @@ fn a_map_the_kernel_refuses_to_create_leaves_the_old_program_and_maps_serving() 
     let t = Instant::now();
     // These sizes need more than the default node.kernel_memory_limit, which would refuse them
     // before the kernel is asked: the limit is raised, so that the kernel's refusal is tested.
-    let big = config(FLOWS, 1 << 24).replace(
-        "  metrics_listen:",
-        "  kernel_memory_limit: 8GiB\n  metrics_listen:",
-    );
+    let big = config_with(RawNode {
+        kernel_memory_limit: some("8GiB"),
+        ..node(FLOWS, 1 << 24)
+    });
     dirs.write_config(&big);
     let v = poll_status(&net, &dirs, &agent, "the rejected reload", |v| {
         v["agent"]["reloads_rejected"] == 1
@@ -722,10 +731,10 @@ fn flows_the_attached_program_makes_while_a_reload_migrates_are_all_kept() {
 fn nat_translations_made_while_a_reload_migrates_keep_their_ports() {
     let (net, dirs, agent) = start("mig-live-nat");
     let narrow = |flows, nats| {
-        config(flows, nats).replace(
-            "  metrics_listen:",
-            "  nat_port_range: 20000-22999\n  metrics_listen:",
-        )
+        config_with(RawNode {
+            nat_port_range: some("20000-22999"),
+            ..node(flows, nats)
+        })
     };
     dirs.write_config(&narrow(FLOWS, NATS));
     poll_status(&net, &dirs, &agent, "the narrow port range", |v| {

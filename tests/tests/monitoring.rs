@@ -12,6 +12,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs, metrics_text},
+    config::{RawConfig, RawHealthCheck, RawNode, RawVip, backend, lab_node, some, vip, yaml},
     harness::{FibNet, net::*},
     helm::{self, Rendered},
     promql,
@@ -373,21 +374,26 @@ fn exported() -> Exported {
     lb_tests::require_root();
     let net = FibNet::new("mon-names");
     let dirs = Dirs::new(Path::new(BIN), "mon-names");
-    dirs.write_config(&format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-  metrics_listen: {METRICS}
-vips:
-  - {{ name: web, address: 192.0.2.10, port: 80, protocol: tcp,
-      backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B} }}], health_check: {{ type: tcp }} }}
-"
-    ));
+    let web = RawVip {
+        health_check: Some(RawHealthCheck {
+            kind: some("tcp"),
+            ..RawHealthCheck::default()
+        }),
+        ..vip(
+            "web",
+            "192.0.2.10",
+            80,
+            "tcp",
+            &[backend(TX_V4), backend(TX_V4_B)],
+        )
+    };
+    dirs.write_config(&yaml(&RawConfig {
+        node: RawNode {
+            metrics_listen: some(METRICS),
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![web],
+    }));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_serving(&net.ns, &dirs, T);
     // The status says it serves; /metrics answers once its listener is up.

@@ -41,12 +41,12 @@ const B6: (u32, &str, u16) = (4, TX_V6_B, 0);
 
 fn setup() -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 13,
+        table_size: 13,
         max_vips: 8,
         max_backends: 8,
-        flow_entries: 1024,
-        affinity_entries: 64,
-        nat_entries: 1024,
+        flow_table_size: 1024,
+        affinity_table_size: 64,
+        nat_table_size: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
     for (id, addr, port) in [B4_MAPPED, B4, B6_MAPPED, B6] {
@@ -1123,12 +1123,12 @@ fn random_addresses_and_ports_through_nat_both_ways_give_checksums_etherparse_ac
         .unwrap_or(0x0a7_c5e0);
     net.ns.run(|| {
         let mut lb = Lb::load(Sizes {
-            maglev_m: 13,
+            table_size: 13,
             max_vips: CASES,
             max_backends: CASES,
-            flow_entries: 4 * CASES,
-            affinity_entries: 64,
-            nat_entries: 4 * CASES,
+            flow_table_size: 4 * CASES,
+            affinity_table_size: 64,
+            nat_table_size: 4 * CASES,
         });
         lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -1341,13 +1341,13 @@ fn two_cpus_allocating_the_same_candidate_ports_never_give_one_port_to_two_clien
     let ingress = net.lb0;
     net.ns.run(|| {
         let mut lb = Lb::load(Sizes {
-            maglev_m: 13,
+            table_size: 13,
             max_vips: ROUNDS,
             // One member per VIP (each round's VIP has the one backend).
             max_backends: ROUNDS,
-            flow_entries: 8 * ROUNDS,
-            affinity_entries: 64,
-            nat_entries: 8 * ROUNDS,
+            flow_table_size: 8 * ROUNDS,
+            affinity_table_size: 64,
+            nat_table_size: 8 * ROUNDS,
         });
         lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
         // Two ports, no close grace: a closed translation is free once the clock ticks.

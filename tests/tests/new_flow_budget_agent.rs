@@ -10,6 +10,7 @@ use std::{path::Path, time::Duration};
 use lb_common::{Counter, NewFlowBudget, VIP_F_NEW_FLOW_BUDGET, VipKey, VipValue, maps};
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{self, RawBudget, RawConfig, RawNode, RawVip, backend, lab_node, yaml},
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*, pin_to_cpu},
     packet::{L4, Pkt, TCP_ACK},
 };
@@ -18,30 +19,32 @@ const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
 
 /// Two backends, so that a flow that kept its entry is told from one balanced afresh.
-fn config(budget: &str) -> String {
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-vips:
-  - name: web
-    address: 192.0.2.10
-    port: 80
-    protocol: tcp
-{budget}    backends:
-      - {{ address: {TX_V4} }}
-      - {{ address: {TX_V4_B} }}
-"
-    )
+fn config(budget: Option<RawBudget>) -> String {
+    let web = RawVip {
+        new_flow_budget: budget,
+        ..config::vip(
+            "web",
+            "192.0.2.10",
+            80,
+            "tcp",
+            &[backend(TX_V4), backend(TX_V4_B)],
+        )
+    };
+    yaml(&RawConfig {
+        node: RawNode {
+            source_v6: None,
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![web],
+    })
 }
 
 /// One new flow a second on the node, one at once: each CPU gets a burst of 1 (the burst
 /// rounded up) and a token every `cpus` seconds.
-const BUDGET: &str = "    new_flow_budget: { rate: 1, burst: 1 }\n";
+const BUDGET: RawBudget = RawBudget {
+    rate: Some(1),
+    burst: Some(1),
+};
 
 fn syn(src: &str) -> Pkt {
     Pkt::tcp(src, 40000, "192.0.2.10", 80, LB0_MAC)
@@ -88,7 +91,7 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
     let net = FibNet::new("budreload");
     let ingress = net.lb0;
     let dirs = Dirs::new(Path::new(BIN), "budreload");
-    dirs.write_config(&config(""));
+    dirs.write_config(&config(None));
     let mut agent = Agent::start(&net.ns, &dirs);
     // The config file is watched before the agent's status says it serves.
     agent.wait_serving(&net.ns, &dirs, T);
@@ -123,7 +126,7 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
     assert_eq!(vip(&dirs.pins).flags & VIP_F_NEW_FLOW_BUDGET, 0);
 
     // A budget added: the flag and the buckets, nothing else.
-    dirs.write_config(&config(BUDGET));
+    dirs.write_config(&config(Some(BUDGET)));
     agent.wait_status(&net.ns, &dirs, T, |v| {
         v["agent"]["reloads_applied"].as_u64() >= Some(1)
     });
@@ -181,7 +184,7 @@ fn a_reload_adding_then_removing_a_budget_keeps_every_established_flow_on_its_ba
     );
 
     // The budget taken away: the flag goes, then the buckets; new flows pass again.
-    dirs.write_config(&config(""));
+    dirs.write_config(&config(None));
     agent.wait_status(&net.ns, &dirs, T, |v| {
         v["agent"]["reloads_applied"].as_u64() >= Some(2)
     });
@@ -232,7 +235,7 @@ fn a_rollback_to_0_2_0_clears_the_budget_flag_and_unpins_the_budget_maps_and_an_
     let net = FibNet::new("budmig");
     let ingress = net.lb0;
     let dirs = Dirs::new(Path::new(BIN), "budmig");
-    dirs.write_config(&config(BUDGET));
+    dirs.write_config(&config(Some(BUDGET)));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_serving(&net.ns, &dirs, T);
     assert_eq!(agent.stop().code(), Some(0));

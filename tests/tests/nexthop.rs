@@ -25,12 +25,12 @@ const ENTRY_SRC_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x02];
 /// is the DSR VIP's, member 1 the NAT VIP's.
 fn setup(net: &FibNet) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 4,
         max_backends: 8,
-        flow_entries: 1024,
-        affinity_entries: 64,
-        nat_entries: 1024,
+        flow_table_size: 1024,
+        affinity_table_size: 64,
+        nat_table_size: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
     lb.set_backend(0, TX_V4, true);

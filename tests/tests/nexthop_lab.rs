@@ -18,6 +18,7 @@ use std::{path::Path, process::Command, time::Duration, time::Instant};
 use lb_common::{Counter, NH_FORWARD, NH_LOCAL, NH_NO_NEIGH, NH_UNREACHABLE, NextHop};
 use lb_tests::{
     agent::{Agent, Dirs, metric},
+    config::{RawBackend, RawConfig, RawNode, RawVip, backend, lab_node, some, vip, yaml},
     harness::Lb,
     netns::NetNs,
     packet::Pkt,
@@ -33,19 +34,30 @@ const SRC6: &str = "fd00::1";
 /// Where the agent serves metrics (in the test's namespace).
 const METRICS: &str = "127.0.0.1:19436";
 
-const CONFIG: &str = "node:
-  interfaces: [lb0, lb1]
-  source_v4: 10.0.0.1
-  source_v6: fd00::1
-  table_size: 1009
-  max_vips: 4
-  max_backends: 16
-  nexthop_check: true
-  metrics_listen: 127.0.0.1:19436
-vips:
-  - { address: 192.0.2.10, port: 80, protocol: udp, backends: [{ address: 10.1.0.1 }] }
-  - { address: 192.0.2.11, port: 80, protocol: udp, backends: [{ address: fd01::1 }] }
-";
+/// Two UDP VIPs, one on `v4_backends`, the other on an IPv6 backend; next hops checked.
+fn config(v4_backends: &[&str]) -> String {
+    let unnamed = |address: &str, backends: &[&str]| {
+        let list: Vec<RawBackend> = backends.iter().map(|b| backend(b)).collect();
+        RawVip {
+            name: None,
+            ..vip("", address, 80, "udp", &list)
+        }
+    };
+    yaml(&RawConfig {
+        node: RawNode {
+            max_vips: Some(4),
+            max_backends: Some(16),
+            flow_table_size: None,
+            nexthop_check: Some(true),
+            metrics_listen: some("127.0.0.1:19436"),
+            ..lab_node(&["lb0", "lb1"])
+        },
+        vips: vec![
+            unnamed("192.0.2.10", v4_backends),
+            unnamed("192.0.2.11", &["fd01::1"]),
+        ],
+    })
+}
 
 struct NhLab {
     // Dropped in this order: the agent stops before its dirs are removed (else it writes its
@@ -88,7 +100,7 @@ impl NhLab {
         // (No link-local addresses: their late arrival would make netlink events of its own,
         // and the path MTU test needs a quiet namespace.)
         let dirs = Dirs::new(Path::new(BIN), tag);
-        dirs.write_config(CONFIG);
+        dirs.write_config(&config(&["10.1.0.1"]));
         let mut agent = Agent::start(&ns, &dirs);
         agent.wait_running(&ns, &dirs, T);
         let lb0 = ns.ifindex("lb0");
@@ -560,10 +572,7 @@ fn a_backend_added_by_a_reload_gets_its_next_hop_at_once() {
     started("nh-reload", |lab, lb| {
         let before = lab.refreshes();
         let start = Instant::now();
-        lab.dirs.write_config(&CONFIG.replace(
-            "backends: [{ address: 10.1.0.1 }]",
-            "backends: [{ address: 10.1.0.1 }, { address: 10.0.1.7 }]",
-        ));
+        lab.dirs.write_config(&config(&["10.1.0.1", "10.0.1.7"]));
         while !lb
             .live_members()
             .values()

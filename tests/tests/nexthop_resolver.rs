@@ -36,12 +36,12 @@ fn vip(i: usize) -> String {
 /// One UDP VIP per case, each with its backend alone.
 fn setup(net: &FibNet) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 13,
+        table_size: 13,
         max_vips: 16,
         max_backends: 16,
-        flow_entries: 1024,
-        affinity_entries: 64,
-        nat_entries: 64,
+        flow_table_size: 1024,
+        affinity_table_size: 64,
+        nat_table_size: 64,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 0);
     for (i, (addr, _)) in CASES.iter().enumerate() {

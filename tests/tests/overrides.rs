@@ -12,6 +12,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs, metrics_text},
+    config::{RawConfig, RawNode, backend, lab_node, some, vip, weighted, yaml},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     packet::{L4, Pkt, TCP_ACK},
 };
@@ -23,25 +24,23 @@ const WEB: &str = "192.0.2.10";
 const LABEL: &str = "192.0.2.10:80/tcp";
 const METRICS: &str = "127.0.0.1:19436";
 
-/// One DSR VIP `web` on two backends of weight 100 (`weight_b`: the second's line).
-fn config(weight_b: &str) -> String {
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: {NODE_V4}
-  table_size: 1009
-  max_vips: 4
-  max_backends: 8
-  flow_table_size: 65536
-  metrics_listen: {METRICS}
-vips:
-  - name: web
-    address: {WEB}
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V4} }}, {{ address: {TX_V4_B}{weight_b} }}]
-"
-    )
+/// One DSR VIP `web` on two backends, the second of `weight_b` (the default 100 when None).
+fn config(weight_b: Option<u32>) -> String {
+    let b = match weight_b {
+        Some(w) => weighted(TX_V4_B, w),
+        None => backend(TX_V4_B),
+    };
+    yaml(&RawConfig {
+        node: RawNode {
+            source_v4: some(NODE_V4),
+            source_v6: None,
+            max_vips: Some(4),
+            max_backends: Some(8),
+            metrics_listen: some(METRICS),
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![vip("web", WEB, 80, "tcp", &[backend(TX_V4), b])],
+    })
 }
 
 struct Setup {
@@ -55,7 +54,7 @@ struct Setup {
 fn start(tag: &str) -> Setup {
     let net = FibNet::new(tag);
     let dirs = Dirs::new(Path::new(BIN), tag);
-    dirs.write_config(&config(""));
+    dirs.write_config(&config(None));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_serving(&net.ns, &dirs, T);
     Setup { net, dirs, agent }
@@ -177,7 +176,7 @@ fn a_weight_override_survives_an_agent_restart() {
 fn a_config_that_gives_the_backend_another_weight_clears_its_override() {
     let s = start("ov-config");
     lb(&s, &["drain", "web", TX_V4_B]);
-    s.dirs.write_config(&config(", weight: 50"));
+    s.dirs.write_config(&config(Some(50)));
     let deadline = Instant::now() + T;
     let row = loop {
         let row = backend_row(&s, TX_V4_B);

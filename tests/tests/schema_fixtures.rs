@@ -529,7 +529,7 @@ fn ipv6_flows_affinity_and_nat_translations_of_0_1_0_read_field_by_field() {
     let key: FlowKey = read(&k);
     assert_eq!(key, nat_client());
     let value: NatFlow = read(&v);
-    assert_eq!((value.backend_id, value.vip_id), (5, 3));
+    assert_eq!((value.member_id, value.vip_id), (5, 3));
     assert_eq!(u16::from_be(value.nat_port), 33333);
     assert_eq!((value._pad, value.generation), (0, 7));
 
@@ -542,7 +542,7 @@ fn ipv6_flows_affinity_and_nat_translations_of_0_1_0_read_field_by_field() {
     assert_eq!((key.proto, key.family), (6, 4));
     let r: NatReverse = read(&v);
     assert_eq!(r.client, nat_client());
-    assert_eq!((r.backend_id, r.vip_id), (5, 3));
+    assert_eq!((r.member_id, r.vip_id), (5, 3));
     assert_eq!(r.state, NAT_S_FIN_CLIENT | NAT_S_ANSWERED);
     assert!(!r.closed(), "one FIN is not closed");
     assert_eq!((r._pad, r.generation), (0, 7));
@@ -612,12 +612,12 @@ fn counters_and_the_layout_record_of_0_1_0_read_field_by_field() {
     assert_eq!(
         Sizes::from_meta(&m),
         Sizes {
-            maglev_m: 65537,
+            table_size: 65537,
             max_vips: 64,
             max_backends: 4096,
-            flow_entries: 1 << 20,
-            affinity_entries: 1 << 16,
-            nat_entries: 1 << 18,
+            flow_table_size: 1 << 20,
+            affinity_table_size: 1 << 16,
+            nat_table_size: 1 << 18,
         }
     );
     assert_eq!(m._pad, 0);

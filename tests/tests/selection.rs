@@ -29,12 +29,12 @@ fn backend_addr(id: u32) -> &'static str {
 
 fn load(affinity_timeout_s: u32, flags: u32, proto: u8, udp_idle_timeout_ns: u64) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: M,
+        table_size: M,
         max_vips: 4,
         max_backends: 16,
-        flow_entries: 4096,
-        affinity_entries: 1024,
-        nat_entries: 1024,
+        flow_table_size: 4096,
+        affinity_table_size: 1024,
+        nat_table_size: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), udp_idle_timeout_ns);
     for (id, addr) in BACKENDS {

@@ -42,12 +42,12 @@ fn ip(s: &str) -> IpAddr {
 /// one without the flag whose ranges are in the trie all the same.
 fn setup() -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 13,
+        table_size: 13,
         max_vips: 8,
         max_backends: 8,
-        flow_entries: 1024,
-        affinity_entries: 64,
-        nat_entries: 1024,
+        flow_table_size: 1024,
+        affinity_table_size: 64,
+        nat_table_size: 1024,
     });
     lb.set_node(Some(NODE_V4), Some(NODE_V6), 30_000_000_000);
     lb.set_backend_port(1, TX_V4, 0, true);

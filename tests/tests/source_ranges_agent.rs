@@ -14,6 +14,7 @@ use std::{path::Path, time::Duration};
 use lb_common::{Counter, VIP_F_SOURCE_RANGES, VipKey, VipValue};
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawConfig, RawNode, RawVip, backend, lab_node, strings, vip, yaml},
     harness::{FibNet, Lb, XDP_DROP, XDP_TX, action_name, net::*},
     packet::{L4, Pkt, TCP_ACK},
 };
@@ -21,22 +22,26 @@ use lb_tests::{
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
 
-const CONFIG: &str = "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-vips:
-  - name: web
-    address: 192.0.2.10
-    port: 80
-    protocol: tcp
-    source_ranges: [198.51.100.0/24]
-    backends:
-      - { address: 10.1.0.1 }
-";
+/// VIP web, DSR, open to `ranges` only, with `backends`.
+fn config(ranges: &[&str], backends: &[&str]) -> String {
+    let web = RawVip {
+        source_ranges: Some(strings(ranges)),
+        ..vip(
+            "web",
+            "192.0.2.10",
+            80,
+            "tcp",
+            &backends.iter().map(|b| backend(b)).collect::<Vec<_>>(),
+        )
+    };
+    yaml(&RawConfig {
+        node: RawNode {
+            source_v6: None,
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![web],
+    })
+}
 
 /// Runs a SYN from `src` through the program on the agent's pins: (action, drop_source_range
 /// counted).
@@ -76,7 +81,7 @@ fn lb_vips_converts_down_for_0_2_0_and_an_agent_of_this_build_converts_it_back_u
     let net = FibNet::new("srcmig");
     let ingress = net.lb0;
     let dirs = Dirs::new(Path::new(BIN), "srcmig");
-    dirs.write_config(CONFIG);
+    dirs.write_config(&config(&["198.51.100.0/24"], &["10.1.0.1"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     // The config file is watched before the agent's status says it serves.
     agent.wait_serving(&net.ns, &dirs, T);
@@ -182,13 +187,8 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
     let ingress = net.lb0;
     let dirs = Dirs::new(Path::new(BIN), "srcreload");
     // Two backends, so that a flow that kept its entry is told from one balanced afresh.
-    let config = |ranges: &str| {
-        CONFIG.replace("[198.51.100.0/24]", ranges).replace(
-            "      - { address: 10.1.0.1 }\n",
-            &format!("      - {{ address: {TX_V4} }}\n      - {{ address: {TX_V4_B} }}\n"),
-        )
-    };
-    dirs.write_config(&config("[198.51.100.0/24]"));
+    let config = |ranges: &[&str]| config(ranges, &[TX_V4, TX_V4_B]);
+    dirs.write_config(&config(&["198.51.100.0/24"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     // The config file is watched before the agent's status says it serves.
     agent.wait_serving(&net.ns, &dirs, T);
@@ -217,7 +217,7 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
     });
 
     // Another range added: nothing else is written.
-    dirs.write_config(&config("[198.51.100.0/24, 203.0.113.0/24]"));
+    dirs.write_config(&config(&["198.51.100.0/24", "203.0.113.0/24"]));
     agent.wait_status(&net.ns, &dirs, T, |v| {
         v["agent"]["reloads_applied"].as_u64() >= Some(1)
     });
@@ -240,7 +240,7 @@ fn a_reload_that_changes_the_ranges_keeps_the_flows_of_sources_still_allowed() {
     });
 
     // The first range taken away: its sources are refused from the next packet on, flows too.
-    dirs.write_config(&config("[203.0.113.0/24]"));
+    dirs.write_config(&config(&["203.0.113.0/24"]));
     agent.wait_status(&net.ns, &dirs, T, |v| {
         v["agent"]["reloads_applied"].as_u64() >= Some(2)
     });

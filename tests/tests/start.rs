@@ -14,6 +14,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, Dirs, xdp_attachment},
+    config::{RawConfig, RawNode, lab_node, node_yaml, some, vip, weighted, yaml},
     harness::{FibNet, net::*},
     netns::NetNs,
 };
@@ -21,24 +22,26 @@ use lb_tests::{
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
 
-fn config(interfaces: &str) -> String {
-    format!(
-        "node:
-  interfaces: [{interfaces}]
-  xdp_mode: generic
-  source_v4: 10.0.0.1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-vips:
-  - name: web
-    address: 192.0.2.10
-    port: 80
-    protocol: tcp
-    backends: [{{ address: {TX_V4}, weight: 2 }}, {{ address: {TX_V4_B}, weight: 1 }}]
-"
-    )
+/// Generic XDP on `interfaces`, VIP web weighted 2:1.
+fn node(interfaces: &[&str]) -> RawNode {
+    RawNode {
+        xdp_mode: some("generic"),
+        source_v6: None,
+        ..lab_node(interfaces)
+    }
+}
+
+fn config(interfaces: &[&str]) -> String {
+    yaml(&RawConfig {
+        node: node(interfaces),
+        vips: vec![vip(
+            "web",
+            "192.0.2.10",
+            80,
+            "tcp",
+            &[weighted(TX_V4, 2), weighted(TX_V4_B, 1)],
+        )],
+    })
 }
 
 fn attached(ns: &NetNs) -> [Option<(u64, u64)>; 2] {
@@ -49,7 +52,7 @@ fn attached(ns: &NetNs) -> [Option<(u64, u64)>; 2] {
 fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
     let net = FibNet::new("second");
     let dirs = Dirs::new(Path::new(BIN), "second");
-    dirs.write_config(&config("lb0"));
+    dirs.write_config(&config(&["lb0"]));
     let mut first = Agent::start(&net.ns, &dirs);
     first.wait_running(&net.ns, &dirs, T);
     let (maps, links, files) = (
@@ -59,7 +62,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
     );
 
     // The second one would attach lb1 too, and adopt the first one's maps.
-    dirs.write_config(&config("lb0, lb1"));
+    dirs.write_config(&config(&["lb0", "lb1"]));
     let mut second = Agent::start(&net.ns, &dirs);
     let said = second.refusal(T);
     assert!(
@@ -100,7 +103,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused_naming_the_first() {
 fn lb_down_is_refused_under_a_running_agent_and_force_removes_everything() {
     let net = FibNet::new("downrun");
     let dirs = Dirs::new(Path::new(BIN), "downrun");
-    dirs.write_config(&config("lb0"));
+    dirs.write_config(&config(&["lb0"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_running(&net.ns, &dirs, T);
     let (links, files) = (attached(&net.ns), dirs.pin_names());
@@ -140,7 +143,7 @@ fn lb_down_is_refused_under_a_running_agent_and_force_removes_everything() {
 fn a_first_start_with_a_missing_interface_leaves_no_pins_and_no_attachment() {
     let net = FibNet::new("fresh-if");
     let dirs = Dirs::new(Path::new(BIN), "fresh-if");
-    dirs.write_config(&config("lb0, lb1, nope0"));
+    dirs.write_config(&config(&["lb0", "lb1", "nope0"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     let said = agent.refusal(T);
     assert!(said.contains("no interface named nope0"), "{said}");
@@ -155,7 +158,7 @@ fn a_first_start_with_a_missing_interface_leaves_no_pins_and_no_attachment() {
 /// Starts `lb run --kubernetes` as node-a with KUBECONFIG at `kubeconfig`.
 fn start_kube(net: &FibNet, dirs: &Dirs, kubeconfig: &Path) -> Agent {
     // Node settings only: VIPs come from Services.
-    dirs.write_config(config("lb0").split("\nvips:").next().unwrap());
+    dirs.write_config(&node_yaml(node(&["lb0"])));
     Agent::start_under(
         &net.ns,
         dirs,
@@ -252,7 +255,7 @@ current-context: c
 fn without_capabilities_lb_run_says_what_it_needs_and_leaves_nothing() {
     let net = FibNet::new("nocaps");
     let dirs = Dirs::new(Path::new(BIN), "nocaps");
-    dirs.write_config(&config("lb0"));
+    dirs.write_config(&config(&["lb0"]));
     let mut agent = Agent::start_under(
         &net.ns,
         &dirs,
@@ -280,12 +283,12 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
     let dirs = Dirs::new(Path::new(BIN), "busy");
     // Another XDP program on lb1, attached by this test: lb's own object, loaded apart (no pins).
     let sizes = lb_userspace::kernel::program::Sizes {
-        maglev_m: 251,
+        table_size: 251,
         max_vips: 2,
         max_backends: 4,
-        flow_entries: 1024,
-        affinity_entries: 16,
-        nat_entries: 16,
+        flow_table_size: 1024,
+        affinity_table_size: 16,
+        nat_table_size: 16,
     };
     let mut other =
         lb_userspace::kernel::program::load(&sizes, None).expect("loading a second program");
@@ -302,7 +305,7 @@ fn an_interface_running_another_xdp_program_is_refused_naming_that_program() {
     let before = attached(&net.ns);
     assert_eq!(before[1].map(|a| a.1), Some(id as u64));
 
-    dirs.write_config(&config("lb0, lb1"));
+    dirs.write_config(&config(&["lb0", "lb1"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     let said = agent.refusal(T);
     assert!(
@@ -332,7 +335,7 @@ fn a_pin_dir_off_bpffs_is_refused_with_the_mount_command_and_nothing_made() {
     std::fs::create_dir_all(&base).unwrap();
     let (pins, config) = (base.join("pins"), base.join("lb.yaml"));
     // lo exists in every namespace: only the pin dir is wrong, and it is checked before anything.
-    std::fs::write(&config, self::config("lo")).unwrap();
+    std::fs::write(&config, self::config(&["lo"])).unwrap();
     let out = std::process::Command::new(BIN)
         .arg("--pin-dir")
         .arg(&pins)

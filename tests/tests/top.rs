@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs},
+    config::{RawBackend, RawConfig, RawNode, lab_node, vip, weighted, yaml},
     harness::{FibNet, Lb, XDP_TX, action_name, net::*},
     packet::Pkt,
     tmux::Tmux,
@@ -20,28 +21,16 @@ const BACKENDS: [(&str, u32); 3] = [("10.1.0.1", 200), ("10.1.0.2", 100), ("10.1
 const FLOWS: u32 = 400;
 
 fn config(backends: &[(&str, u32)]) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|(a, w)| format!("      - {{ address: {a}, weight: {w} }}"))
-        .collect();
-    format!(
-        "node:
-  interfaces: [lb0]
-  source_v4: 10.0.0.1
-  table_size: 1009
-  max_vips: 4
-  max_backends: 16
-  flow_table_size: 65536
-vips:
-  - name: web
-    address: {VIP}
-    port: 80
-    protocol: tcp
-    backends:
-{}
-",
-        list.join("\n")
-    )
+    let list: Vec<RawBackend> = backends.iter().map(|(a, w)| weighted(a, *w)).collect();
+    yaml(&RawConfig {
+        node: RawNode {
+            source_v6: None,
+            max_vips: Some(4),
+            max_backends: Some(16),
+            ..lab_node(&["lb0"])
+        },
+        vips: vec![vip("web", VIP, 80, "tcp", &list)],
+    })
 }
 
 /// A new connection (SYN) from a client of its own.

@@ -64,11 +64,12 @@ fn sa(s: &str) -> SocketAddr {
 
 /// The lab's config: two DSR VIPs and two NAT VIPs (IPv4 and IPv6) for the long-lived
 /// connections, a NAT VIP for the held ones; the IPv4 NAT VIP's third backend weighs `weight`.
-fn config(weight: u32, flow_entries: u32, nat_entries: u32) -> String {
+fn config(weight: u32, flow_table_size: u32, nat_table_size: u32) -> String {
     let all = [(0, 1), (1, 1), (2, 1)];
     let mut changing = all;
     changing[CHANGING_BACKEND].1 = weight;
-    let node = format!("  flow_table_size: {flow_entries}\n  nat_table_size: {nat_entries}\n");
+    let node =
+        format!("  flow_table_size: {flow_table_size}\n  nat_table_size: {nat_table_size}\n");
     let vips = [
         vip_yaml("192.0.2.10", 80, "tcp", "", &all, false, None),
         vip_yaml("2001:db8::10", 80, "tcp", "", &all, true, None),
@@ -618,7 +619,12 @@ fn upgrade_rollback_upgrade_keeps_every_connection_and_the_link() {
 
 /// Applies `config` by saving the config file (the agent watches it) and waits until a reload
 /// has been applied with those sizes; panics with the agent's reason if it is refused.
-fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) -> serde_json::Value {
+fn reload_sizes(
+    rig: &Rig,
+    config: &str,
+    flow_table_size: u32,
+    nat_table_size: u32,
+) -> serde_json::Value {
     let before = status(&rig.dirs, &rig.lab.lb);
     let counted = |s: &serde_json::Value| {
         s["agent"]["reloads_applied"].as_u64().unwrap_or(0)
@@ -633,13 +639,13 @@ fn reload_sizes(rig: &Rig, config: &str, flow_entries: u32, nat_entries: u32) ->
     let last = &s["agent"]["last_reload"];
     assert_eq!(
         last["ok"], true,
-        "the reload to flow_table_size {flow_entries}, nat_table_size {nat_entries} was refused: {}",
+        "the reload to flow_table_size {flow_table_size}, nat_table_size {nat_table_size} was refused: {}",
         last["error"]
     );
     let s = wait_status(&rig.dirs, &rig.lab.lb, &rig.agent, "the new sizes", |s| {
         let z = &s["maps"]["sizes"];
-        z["flow_entries"].as_u64() == Some(flow_entries as u64)
-            && z["nat_entries"].as_u64() == Some(nat_entries as u64)
+        z["flow_entries"].as_u64() == Some(flow_table_size as u64)
+            && z["nat_entries"].as_u64() == Some(nat_table_size as u64)
     });
     eprintln!(
         "  reloaded in {:.0} ms (config saved to sizes in the pinned maps)",

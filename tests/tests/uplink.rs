@@ -6,22 +6,21 @@ use std::{path::Path, time::Duration};
 
 use lb_tests::{
     agent::{Agent, Dirs, xdp_attachment},
+    config::{RawNode, lab_node, node_yaml, some},
     harness::FibNet,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_lb-under-test");
 const T: Duration = Duration::from_secs(20);
 
-/// A node config without interfaces (as the Helm chart renders it with `node.interfaces: []`).
-const CONFIG: &str = "node:
-  xdp_mode: generic
-  source_v4: 10.0.0.1
-  table_size: 1009
-  max_vips: 8
-  max_backends: 32
-  flow_table_size: 65536
-vips: []
-";
+/// A node on `interfaces` (none: as the Helm chart renders it with `node.interfaces: []`).
+fn config(interfaces: &[&str]) -> String {
+    node_yaml(RawNode {
+        xdp_mode: some("generic"),
+        source_v6: None,
+        ..lab_node(interfaces)
+    })
+}
 
 #[test]
 fn without_interfaces_the_agent_attaches_to_the_default_routes_interface_and_status_shows_it() {
@@ -31,7 +30,7 @@ fn without_interfaces_the_agent_attaches_to_the_default_routes_interface_and_sta
     net.ns
         .ip(&["route", "add", "default", "via", "10.0.1.2", "dev", "lb1"]);
     let dirs = Dirs::new(Path::new(BIN), "uplink");
-    dirs.write_config(CONFIG);
+    dirs.write_config(&config(&[]));
 
     let check = dirs.cli_in(
         &net.ns,
@@ -83,7 +82,7 @@ fn without_interfaces_or_a_default_route_the_start_is_refused_and_nothing_is_pin
     lb_tests::require_root();
     let net = FibNet::new("noroute");
     let dirs = Dirs::new(Path::new(BIN), "noroute");
-    dirs.write_config(CONFIG);
+    dirs.write_config(&config(&[]));
     let check = dirs.cli_in(
         &net.ns,
         &["check", "--config", dirs.config_path().to_str().unwrap()],
@@ -117,7 +116,7 @@ fn a_vlan_interface_is_attached_and_its_link_pinned_under_a_name_bpffs_takes() {
     net.ns.ip(&["link", "set", "pe100", "up"]);
     net.ns.ip(&["link", "set", "lb0.100", "up"]);
     let dirs = Dirs::new(Path::new(BIN), "vlan");
-    dirs.write_config(&CONFIG.replace("node:\n", "node:\n  interfaces: [lb0.100]\n"));
+    dirs.write_config(&config(&["lb0.100"]));
     let mut agent = Agent::start(&net.ns, &dirs);
     agent.wait_serving(&net.ns, &dirs, T);
     assert!(

@@ -608,7 +608,7 @@ vips:
         );
         assert_eq!(a.state(), &before);
         assert_eq!(a.dp.log.len(), writes);
-        assert_eq!(a.config().node.sizes.maglev_m, 1009);
+        assert_eq!(a.config().node.sizes.table_size, 1009);
     }
 
     #[test]

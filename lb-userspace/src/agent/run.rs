@@ -767,7 +767,7 @@ async fn first_list(k: &KubeOptions, file: &Config, changed: mpsc::Sender<()>) -
         class: k.class.clone(),
         node_name: k.node_name.clone(),
         zone: None,
-        table_size: sizes.maglev_m,
+        table_size: sizes.table_size,
         max_vips: sizes.max_vips,
         max_backends: sizes.max_backends,
         source_v4: file.node.spec.source_v4.is_some(),

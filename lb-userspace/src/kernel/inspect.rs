@@ -82,15 +82,19 @@ impl Pinned {
                 "LB_RING is not an array",
             )));
         };
-        let ring = Ring::map(ring_data, (sizes.max_vips * sizes.maglev_m) as usize, false)
-            .map_err(InspectError::Ring)?;
+        let ring = Ring::map(
+            ring_data,
+            (sizes.max_vips * sizes.table_size) as usize,
+            false,
+        )
+        .map_err(InspectError::Ring)?;
         let flows4 = open(maps::FLOWS4)?;
         let Map::Array(flows4_data) = &flows4 else {
             return Err(InspectError::FlowMap(std::io::Error::other(
                 "LB_FLOWS4 is not an array",
             )));
         };
-        let buckets = flowtab::buckets_for(sizes.flow_entries) as usize;
+        let buckets = flowtab::buckets_for(sizes.flow_table_size) as usize;
         let flows4_map = FlowMap::map(flows4_data, buckets).map_err(InspectError::FlowMap)?;
         Ok(Self {
             stats: PerCpuArray::try_from(open(maps::STATS)?).map_err(merr("stats"))?,
@@ -238,7 +242,7 @@ impl Pinned {
     /// The reverse entry a client flow's NAT pointer `n` leads to, if it is still the flow's:
     /// the translation's state lives there.
     pub fn nat_reverse(&self, k: &FlowKey, n: &NatFlow) -> Option<NatReverse> {
-        let b = self.member(n.backend_id)?;
+        let b = self.member(n.member_id)?;
         let node = self.node.get(&0, 0).ok()?;
         let mut dst = node.src_v6;
         if k.family == FAMILY_V4 {
@@ -295,12 +299,12 @@ impl Pinned {
     /// Slot -> member id of one VIP's table.
     pub fn ring_slot(&self, vip_id: u32, slot: u32) -> u32 {
         self.ring
-            .get((vip_id * self.sizes.maglev_m + slot) as usize)
+            .get((vip_id * self.sizes.table_size + slot) as usize)
     }
 
     /// The size of a VIP's table.
     pub fn table_size(&self, vip: &VipValue) -> u32 {
-        vip.table_size_of(self.sizes.maglev_m)
+        vip.table_size_of(self.sizes.table_size)
     }
 
     /// How many slots each member id holds in one VIP's table.
@@ -562,9 +566,9 @@ impl Pinned {
         let s = &self.sizes;
         let ways = self.flows4.len() as u64 * flowtab::FLOW_WAYS as u64;
         let (v6, aff, nat) = (
-            s.flow_entries_v6() as u64,
-            s.affinity_entries as u64,
-            s.nat_entries as u64,
+            s.flow_table_size_v6() as u64,
+            s.affinity_table_size as u64,
+            s.nat_table_size as u64,
         );
         let vips = self.vips()?;
         let mut connections = BTreeMap::new();
@@ -630,7 +634,7 @@ impl Pinned {
         for kv in self
             .flows
             .iter()
-            .take(self.sizes.flow_entries_v6() as usize)
+            .take(self.sizes.flow_table_size_v6() as usize)
         {
             let (k, v) = kv.map_err(merr("flows"))?;
             n += 1;
@@ -654,7 +658,7 @@ impl Pinned {
         let node = self.node()?;
         let now = monotonic_coarse_ns();
         let (mut entries, mut out) = (0, NatPorts::default());
-        for e in self.nat_rev.iter().take(self.sizes.nat_entries as usize) {
+        for e in self.nat_rev.iter().take(self.sizes.nat_table_size as usize) {
             let (k, r) = e.map_err(merr("NAT reverse entries"))?;
             entries += 1;
             let state = NatState::of(Some(&r), k.proto, now, &node);
@@ -662,7 +666,7 @@ impl Pinned {
             out.add(state, expired);
             if !expired && state != NatState::Gone {
                 let active = state == NatState::Established;
-                conns.entry(r.backend_id).or_default().add(active);
+                conns.entry(r.member_id).or_default().add(active);
             }
         }
         Ok((entries, out))

@@ -305,8 +305,9 @@ mod tests {
 
     #[test]
     fn every_map_of_the_object_is_counted_and_the_lb_maps_at_the_configured_sizes() {
+        crate::kernel::program::require_object();
         let sizes = Sizes {
-            nat_entries: 1 << 20,
+            nat_table_size: 1 << 20,
             ..Sizes::default()
         };
         let maps = maps_for(&sizes).unwrap();
@@ -330,8 +331,9 @@ mod tests {
 
     #[test]
     fn the_need_is_shared_out_by_the_config_keys_that_size_the_maps() {
+        crate::kernel::program::require_object();
         let sizes = Sizes {
-            nat_entries: 1 << 24,
+            nat_table_size: 1 << 24,
             ..Sizes::default()
         };
         let need = need_with(&sizes, 2).unwrap();
@@ -371,6 +373,7 @@ mod tests {
 
     #[test]
     fn per_cpu_maps_grow_with_the_cpus() {
+        crate::kernel::program::require_object();
         let s = Sizes::default();
         let (two, four) = (need_with(&s, 2).unwrap(), need_with(&s, 4).unwrap());
         assert!(four.total > two.total);

@@ -26,6 +26,17 @@ pub fn object() -> Result<&'static [u8], LoadError> {
     }
 }
 
+/// For the unit tests that read the real object: fails the test, saying why, in a build with the
+/// stub (`AYA_BUILD_SKIP=1`), so that such a test never passes on it.
+#[cfg(test)]
+pub(crate) fn require_object() {
+    assert!(
+        !OBJECT.is_empty(),
+        "this test reads the XDP object, and this build has the empty stub (AYA_BUILD_SKIP=1): \
+         run it without AYA_BUILD_SKIP (docs/tests.md)"
+    );
+}
+
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "lb";
 
@@ -56,28 +67,54 @@ pub fn possible_cpus() -> u32 {
     })
 }
 
-/// Sizes fixed when the program is loaded. Changing any of them means loading afresh.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Sizes fixed when the program is loaded, named as the config keys that set them
+/// (`node.table_size`, ...). Changing any of them means loading afresh.
+///
+/// In the status file and `lb status -o json` (`sizes`) the table sizes keep the names they had
+/// there since 0.1.0 (`flow_entries`, `affinity_entries`, `nat_entries`), beside the derived
+/// `flow_entries_v6`; see the `Serialize` impl.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct Sizes {
     /// Maglev table size M (prime).
-    pub maglev_m: u32,
+    pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
-    pub flow_entries: u32,
-    pub affinity_entries: u32,
+    /// Entries of the IPv4 flow table.
+    #[serde(rename = "flow_entries")]
+    pub flow_table_size: u32,
+    #[serde(rename = "affinity_entries")]
+    pub affinity_table_size: u32,
     /// Size of each NAT table (forward and reverse).
-    pub nat_entries: u32,
+    #[serde(rename = "nat_entries")]
+    pub nat_table_size: u32,
+}
+
+/// The status file's `sizes`: the fields under their serialized names, and `flow_entries_v6`
+/// ([`Sizes::flow_table_size_v6`]), which readers print beside them.
+impl serde::Serialize for Sizes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("Sizes", 7)?;
+        st.serialize_field("table_size", &self.table_size)?;
+        st.serialize_field("max_vips", &self.max_vips)?;
+        st.serialize_field("max_backends", &self.max_backends)?;
+        st.serialize_field("flow_entries", &self.flow_table_size)?;
+        st.serialize_field("flow_entries_v6", &self.flow_table_size_v6())?;
+        st.serialize_field("affinity_entries", &self.affinity_table_size)?;
+        st.serialize_field("nat_entries", &self.nat_table_size)?;
+        st.end()
+    }
 }
 
 impl Default for Sizes {
     fn default() -> Self {
         Self {
-            maglev_m: maps::DEFAULT_MAGLEV_M,
+            table_size: maps::DEFAULT_TABLE_SIZE,
             max_vips: maps::DEFAULT_MAX_VIPS,
             max_backends: maps::DEFAULT_MAX_BACKENDS,
-            flow_entries: maps::DEFAULT_FLOW_ENTRIES,
-            affinity_entries: maps::DEFAULT_AFFINITY_ENTRIES,
-            nat_entries: maps::DEFAULT_NAT_ENTRIES,
+            flow_table_size: maps::DEFAULT_FLOW_TABLE_SIZE,
+            affinity_table_size: maps::DEFAULT_AFFINITY_TABLE_SIZE,
+            nat_table_size: maps::DEFAULT_NAT_TABLE_SIZE,
         }
     }
 }
@@ -86,36 +123,36 @@ impl Sizes {
     pub fn meta(&self) -> LayoutMeta {
         LayoutMeta {
             version: crate::kernel::migrate::schema::record_version(),
-            maglev_m: self.maglev_m,
+            table_size: self.table_size,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
-            flow_entries: self.flow_entries,
-            affinity_entries: self.affinity_entries,
-            nat_entries: self.nat_entries,
+            flow_table_size: self.flow_table_size,
+            affinity_table_size: self.affinity_table_size,
+            nat_table_size: self.nat_table_size,
             _pad: 0,
         }
     }
 
     pub fn from_meta(m: &LayoutMeta) -> Self {
         Self {
-            maglev_m: m.maglev_m,
+            table_size: m.table_size,
             max_vips: m.max_vips,
             max_backends: m.max_backends,
-            flow_entries: m.flow_entries,
-            affinity_entries: m.affinity_entries,
-            nat_entries: m.nat_entries,
+            flow_table_size: m.flow_table_size,
+            affinity_table_size: m.affinity_table_size,
+            nat_table_size: m.nat_table_size,
         }
     }
 
     /// Entries of the IPv6 flow table (an LRU hash; IPv4 flows have the bucket table of
-    /// `flow_entries`): a quarter of `flow_entries`, at least 1,024.
-    pub fn flow_entries_v6(&self) -> u32 {
-        (self.flow_entries / 4).max(1024)
+    /// `flow_table_size`): a quarter of `flow_table_size`, at least 1,024.
+    pub fn flow_table_size_v6(&self) -> u32 {
+        (self.flow_table_size / 4).max(1024)
     }
 
     pub fn limits(&self) -> crate::model::plan::Limits {
         crate::model::plan::Limits {
-            maglev_m: self.maglev_m,
+            table_size: self.table_size,
             max_vips: self.max_vips,
             max_backends: self.max_backends,
             cpus: online_cpus(),
@@ -137,12 +174,12 @@ impl Sizes {
     /// Size `i` (0..[`Sizes::KEYS`]), with the config key that sets it, to change.
     pub fn key_mut(&mut self, i: usize) -> (&'static str, &mut u32) {
         match i {
-            0 => ("node.table_size", &mut self.maglev_m),
+            0 => ("node.table_size", &mut self.table_size),
             1 => ("node.max_vips", &mut self.max_vips),
             2 => ("node.max_backends", &mut self.max_backends),
-            3 => ("node.flow_table_size", &mut self.flow_entries),
-            4 => ("node.affinity_table_size", &mut self.affinity_entries),
-            _ => ("node.nat_table_size", &mut self.nat_entries),
+            3 => ("node.flow_table_size", &mut self.flow_table_size),
+            4 => ("node.affinity_table_size", &mut self.affinity_table_size),
+            _ => ("node.nat_table_size", &mut self.nat_table_size),
         }
     }
 
@@ -164,10 +201,10 @@ impl Sizes {
             }
         }
         self.max_vips
-            .checked_mul(self.maglev_m)
+            .checked_mul(self.table_size)
             .ok_or(LoadError::RingTooLarge {
                 max_vips: self.max_vips,
-                maglev_m: self.maglev_m,
+                table_size: self.table_size,
             })
     }
 }
@@ -187,10 +224,10 @@ impl std::fmt::Display for Sizes {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "node.max_vips {max_vips} x node.table_size {maglev_m} slots does not fit one BPF array (at most {} slots)",
+        "node.max_vips {max_vips} x node.table_size {table_size} slots does not fit one BPF array (at most {} slots)",
         u32::MAX
     )]
-    RingTooLarge { max_vips: u32, maglev_m: u32 },
+    RingTooLarge { max_vips: u32, table_size: u32 },
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
     #[error(
@@ -270,7 +307,7 @@ pub fn pinned_meta(dir: &Path) -> Result<Option<LayoutMeta>, LoadError> {
 /// the loader, so the caller keeps it).
 pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets: &'a u32) {
     loader
-        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.maglev_m, true)
+        .override_global(maps::GLOBAL_MAGLEV_M, &sizes.table_size, true)
         .override_global(maps::GLOBAL_FLOW_BUCKETS, flow_buckets, true);
     for s in crate::kernel::migrate::schema::current() {
         loader.map_max_entries(s.map, (s.entries)(sizes));
@@ -283,7 +320,7 @@ pub fn configure<'a>(loader: &mut EbpfLoader<'a>, sizes: &'a Sizes, flow_buckets
 /// [`crate::kernel::migrate`]).
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
     sizes.check()?;
-    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
+    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_table_size);
     let mut loader = EbpfLoader::new();
     configure(&mut loader, sizes, &flow_buckets);
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
@@ -385,4 +422,30 @@ fn install_tail_call(ebpf: &mut Ebpf, name: &str, index: u32) -> Result<(), Load
         what: "the tail-call table",
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status file's `sizes` keep the names of 0.1.0 (readers of older and newer files
+    /// alike, `lb status -o json` users), and read back.
+    #[test]
+    fn sizes_serialize_under_the_status_files_names_and_read_back() {
+        let sizes = Sizes {
+            table_size: 1009,
+            max_vips: 8,
+            max_backends: 64,
+            flow_table_size: 8192,
+            affinity_table_size: 512,
+            nat_table_size: 2048,
+        };
+        let v = serde_json::to_value(&sizes).unwrap();
+        let want = serde_json::json!({
+            "table_size": 1009, "max_vips": 8, "max_backends": 64, "flow_entries": 8192,
+            "flow_entries_v6": 2048, "affinity_entries": 512, "nat_entries": 2048,
+        });
+        assert_eq!(v, want);
+        assert_eq!(serde_json::from_value::<Sizes>(v).unwrap(), sizes);
+    }
 }

@@ -120,7 +120,7 @@ impl SrcRange {
 /// Sizes fixed at load time that a plan must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    pub maglev_m: u32,
+    pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
     /// CPUs that share a VIP's new-flow budget (the online CPUs).
@@ -358,12 +358,12 @@ pub(crate) fn plan_full(
         .vips
         .iter()
         .zip(&ids)
-        .map(|(v, ids)| TableJob::new(v, ids, limits.maglev_m))
+        .map(|(v, ids)| TableJob::new(v, ids, limits.table_size))
         .collect::<Result<_, _>>()?;
     let tables = build_tables(&jobs)?;
     for ((v, &id), table) in desired.vips.iter().zip(&vip_ids).zip(tables) {
         let key = v.key();
-        next.vips.insert(key, vip_value(v, id, limits.maglev_m));
+        next.vips.insert(key, vip_value(v, id, limits.table_size));
         *next.vip_addrs.entry(key.vip_addr()).or_insert(0) += 1;
         next.rings.insert(id, table);
         if let Some(b) = &v.new_flow_budget {
@@ -375,7 +375,7 @@ pub(crate) fn plan_full(
 }
 
 /// The `LB_VIPS` value of `v` as VIP id `id`.
-pub(crate) fn vip_value(v: &VipSpec, id: u32, maglev_m: u32) -> VipValue {
+pub(crate) fn vip_value(v: &VipSpec, id: u32, node_table_size: u32) -> VipValue {
     let flag = |on: bool, f: u32| if on { f } else { 0 };
     VipValue {
         id,
@@ -387,7 +387,7 @@ pub(crate) fn vip_value(v: &VipSpec, id: u32, maglev_m: u32) -> VipValue {
             Mode::Dsr => MODE_DSR,
             Mode::Nat => MODE_NAT,
         },
-        table_size: v.table_size.unwrap_or(maglev_m),
+        table_size: v.table_size.unwrap_or(node_table_size),
     }
 }
 
@@ -413,15 +413,19 @@ pub(crate) struct TableJob<'a> {
 }
 
 impl<'a> TableJob<'a> {
-    /// The table of `v` whose backends have member ids `ids`, in a ring of `maglev_m` slots a
+    /// The table of `v` whose backends have member ids `ids`, in a ring of `node_table_size` slots a
     /// VIP.
-    pub(crate) fn new(v: &'a VipSpec, ids: &[u32], maglev_m: u32) -> Result<Self, PlanError> {
-        let size = v.table_size.unwrap_or(maglev_m);
-        if size > maglev_m {
+    pub(crate) fn new(
+        v: &'a VipSpec,
+        ids: &[u32],
+        node_table_size: u32,
+    ) -> Result<Self, PlanError> {
+        let size = v.table_size.unwrap_or(node_table_size);
+        if size > node_table_size {
             return Err(PlanError::TableTooLarge {
                 vip: v.label(),
                 size,
-                max: maglev_m,
+                max: node_table_size,
             });
         }
         let entries = v
@@ -852,7 +856,7 @@ mod tests {
     use crate::model::desired::{BackendSpec, Protocol, VipSpec};
 
     const LIMITS: Limits = Limits {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 16,
         max_backends: 64,
         cpus: 2,
@@ -910,7 +914,7 @@ mod tests {
 
     fn apply(s: &mut State, p: &Plan) {
         for w in &p.writes {
-            apply_to_state(s, w, LIMITS.maglev_m);
+            apply_to_state(s, w, LIMITS.table_size);
             consistent(s).unwrap_or_else(|e| panic!("after {w:?}: {e}"));
         }
     }
@@ -1318,7 +1322,7 @@ mod tests {
             .collect();
         let (p, next) = plan(&cur, &after, limits).expect("replacing all at capacity");
         for w in &p.writes {
-            apply_to_state(&mut cur, w, limits.maglev_m);
+            apply_to_state(&mut cur, w, limits.table_size);
         }
         assert_eq!(cur, next);
         assert_eq!(next.members.len(), 4);

@@ -211,7 +211,7 @@ impl Planner {
             .changed
             .iter()
             .zip(&mp.ids)
-            .map(|((i, _, _), ids)| TableJob::new(&desired.vips[*i], ids, limits.maglev_m))
+            .map(|((i, _, _), ids)| TableJob::new(&desired.vips[*i], ids, limits.table_size))
             .collect::<Result<_, _>>()?;
         let tables = plan::build_tables(&jobs)?;
         let mut before = self.before(memo, &c);
@@ -223,7 +223,7 @@ impl Planner {
             let v = &desired.vips[*i];
             after
                 .vips
-                .insert(*key, plan::vip_value(v, *id, limits.maglev_m));
+                .insert(*key, plan::vip_value(v, *id, limits.table_size));
             after.rings.insert(*id, table);
             if let Some(b) = &v.new_flow_budget {
                 after.budgets.insert(*id, BudgetShare::of(b, limits.cpus));
@@ -480,7 +480,7 @@ mod tests {
     use crate::model::desired::{BackendSpec, Budget, Cidr, HashOn, Mode, NodeSpec, Protocol};
 
     const LIMITS: Limits = Limits {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 8,
         max_backends: 40,
         cpus: 2,

@@ -878,7 +878,7 @@ fn maglev_choice(
         return Err(ShowError::NeedsSourcePort);
     }
     let hash = maglev_hash(key, vip);
-    let (slot, index) = ring_index(hash, vip, p.sizes.maglev_m);
+    let (slot, index) = ring_index(hash, vip, p.sizes.table_size);
     let id = p.ring_at(index);
     let member = p.member(id).filter(|m| ring_member_ok(m, vip));
     steps.push(format!(
@@ -921,7 +921,7 @@ fn explain_nat(p: &Pinned, key: &FlowKey, e: &mut Explained) {
             e.step(format!(
                 "nat: translated with source port {} towards backend {}{}",
                 u16::from_be(n.nat_port),
-                describe(p, n.backend_id),
+                describe(p, n.member_id),
                 match p.nat_reverse(key, &n) {
                     Some(r) if r.closed() => " (closed)",
                     Some(_) => "",

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod reference;
 mod validate;
@@ -198,10 +198,14 @@ impl Config {
 
 // The `Raw*` structs are the config file's schema: their doc comments are the configuration
 // reference (docs/config-reference.md is generated from them, see [`reference`]). Each says what
-// the key does, its default and its range, in the file's words.
+// the key does, its default and its range, in the file's words. They serialize too: the tests
+// build their config files from them (tests/src/config.rs).
+
+/// How a duration is written (`500ms`, `2s`, `10m`, `1h`), for the schema.
+const DURATION: &str = r"^[0-9]+(ms|s|m|h)$";
 
 /// An lb config file.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// This node: where the program attaches, how large its maps are, NAT and metrics settings.
@@ -212,56 +216,72 @@ pub struct RawConfig {
 }
 
 /// `node`: settings of this node.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
     /// Interfaces the XDP program attaches to, each listed once. Default: the interface of the
     /// host's default route (IPv4, else IPv6).
     #[serde(default)]
+    #[schemars(extend("uniqueItems" = true), inner(length(min = 1, max = 15), pattern(r"^[^/\s:]+$")))]
     pub interfaces: Vec<String>,
     /// `auto`: native XDP (in the driver: the fast path) on each interface where what the
     /// program sends is delivered, generic (the kernel's generic hook: any interface, slower)
     /// elsewhere, saying which and why; `native`: native everywhere, refused where it cannot
     /// deliver (a veth whose peer runs no XDP program); `generic`. Default `auto`.
+    #[schemars(extend("enum" = ["auto", "native", "generic"]))]
     pub xdp_mode: Option<String>,
     /// Outer source address of IPIP packets to IPv4 backends (DSR). Needed by any VIP with an
     /// IPv4 backend in DSR mode.
+    #[schemars(ipv4)]
     pub source_v4: Option<String>,
     /// Outer source address of IP6IP6 packets to IPv6 backends (DSR). Needed by any VIP with an
     /// IPv6 backend in DSR mode.
+    #[schemars(ipv6)]
     pub source_v6: Option<String>,
     /// Maglev slots per VIP: a prime, 2..=16777216. Default 65537. Below 100 slots per backend
     /// lb warns (balance gets worse than 1 %).
+    #[schemars(range(min = 2, max = 16_777_216))]
     pub table_size: Option<i64>,
     /// VIPs the maps hold, 1..=65535 (`max_vips` x `table_size` at most 2^31). Default 64.
+    #[schemars(range(min = 1, max = 65_535))]
     pub max_vips: Option<i64>,
     /// Backend memberships the maps hold, 1..=1048576: a backend counts once per VIP it
     /// serves. Default 4096.
+    #[schemars(range(min = 1, max = 1_048_576))]
     pub max_backends: Option<i64>,
     /// Flows the flow table holds, 1..=134217728. Default 1048576.
+    #[schemars(range(min = 1, max = 134_217_728))]
     pub flow_table_size: Option<i64>,
     /// Clients the session-affinity table holds, 1..=134217728. Default 65536.
+    #[schemars(range(min = 1, max = 134_217_728))]
     pub affinity_table_size: Option<i64>,
     /// A UDP flow idle this long is forgotten (a duration like `30s`). Default `30s`.
+    #[schemars(pattern(DURATION))]
     pub udp_idle_timeout: Option<String>,
     /// Where the agent serves `/metrics` (`address:port`, like `127.0.0.1:9435`). Default: no
     /// metrics endpoint.
     pub metrics_listen: Option<String>,
     /// Translations each NAT table holds (forward and reverse), 1..=134217728. Default 262144.
+    #[schemars(range(min = 1, max = 134_217_728))]
     pub nat_table_size: Option<i64>,
     /// Source ports NAT takes, per backend (`first-last`, 1..=65535). Default `1024-32767`.
+    #[schemars(pattern(r"^[0-9]{1,5}-[0-9]{1,5}$"))]
     pub nat_port_range: Option<String>,
     /// A NAT translation is kept this long after its connection closed (FIN or RST). Default
     /// `10s`.
+    #[schemars(pattern(DURATION))]
     pub nat_close_grace: Option<String>,
     /// NAT: a SYN unanswered this long counts as a failed connection attempt (passive health).
     /// Default `2s`.
+    #[schemars(pattern(DURATION))]
     pub syn_timeout: Option<String>,
     /// A NAT translation whose handshake has not completed is reclaimed after this long, 1s..=10m.
     /// Default `10s`.
+    #[schemars(pattern(DURATION))]
     pub nat_half_open_timeout: Option<String>,
     /// An established NAT translation idle this long is reclaimed: 0 (never) or at least 1s.
     /// Default `600s`.
+    #[schemars(pattern(DURATION))]
     pub nat_tcp_idle_timeout: Option<String>,
     /// The program also runs the kernel's route lookup for each packet the agent resolved a next
     /// hop for, uses its answer, and counts `nexthop_mismatches` where the two disagree (a check,
@@ -273,20 +293,25 @@ pub struct RawNode {
     /// The most kernel memory the maps may take (`4GiB`, `512MiB`, or bytes): sizes whose maps
     /// need more are refused before any map is made (`lb check` prints what they need). Default
     /// `4GiB`.
+    #[schemars(
+        pattern(r"^[0-9]+ ?(B|KiB|Ki|MiB|Mi|GiB|Gi|TiB|Ti)?$"),
+        extend("type" = ["string", "integer", "null"])
+    )]
     pub kernel_memory_limit: Option<String>,
 }
 
 /// `node.announce`: VIP routes for a routing daemon.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAnnounce {
     /// The routing table lb writes the VIP routes to, for the daemon to export; not 253, 254 or
     /// 255 (the kernel's own). Default 100.
+    #[schemars(range(min = 1, max = u32::MAX), extend("not" = {"enum": [253, 254, 255]}))]
     pub table: Option<i64>,
 }
 
 /// `vips[i]`: a virtual service.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawVip {
     /// What lb's commands and metrics call the VIP. Default `vip<i>`.
@@ -326,7 +351,7 @@ pub struct RawVip {
 
 /// `vips[i].new_flow_budget`: at most `rate` new flows a second, `burst` at once (the VIP's
 /// totals on a node, shared out over its CPUs).
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBudget {
     /// New flows per second, more than 0. Required.
@@ -336,7 +361,7 @@ pub struct RawBudget {
 }
 
 /// `vips[i].passive_health`: connection attempts the data path sees fail.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPassiveHealth {
     /// Failed attempts in a row (RST, ICMP unreachable, or a SYN unanswered for
@@ -353,7 +378,7 @@ pub struct RawPassiveHealth {
 pub const BACKUP_IN_CONFIG: &str = "backup: true in the config";
 
 /// `vips[i].backends[j]`: a backend.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackend {
     /// The backend's IP address (not the VIP's own; NAT: the VIP's family). Required.
@@ -371,7 +396,7 @@ pub struct RawBackend {
 }
 
 /// `vips[i].health_check`: active probes of each backend, in the spirit of Kong's active checks.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     /// `tcp` (a connection) or `http` (a GET). Default `tcp`.
@@ -797,7 +822,7 @@ vips:
     fn the_sample_is_valid_and_means_what_it_says() {
         let c = Config::parse(GOOD, "test.yaml").unwrap();
         assert_eq!(c.node.interfaces, ["eth0"]);
-        assert_eq!(c.node.sizes.maglev_m, 65_537);
+        assert_eq!(c.node.sizes.table_size, 65_537);
         assert_eq!(c.vips.len(), 2);
         let web = &c.vips[0];
         assert_eq!(web.spec.name, "web");
@@ -1256,7 +1281,7 @@ vips:
         assert_eq!(nat.syn_timeout, Duration::from_millis(1500));
         assert_eq!(nat.half_open_timeout, Duration::from_secs(4));
         assert_eq!(nat.tcp_idle_timeout, Duration::from_secs(900));
-        assert_eq!(c.node.sizes.nat_entries, 4096);
+        assert_eq!(c.node.sizes.nat_table_size, 4096);
 
         let passive = GOOD
             .replace("    protocol: tcp", "    protocol: tcp\n    mode: nat\n    passive_health: { failures: 4, recheck_interval: 3s }")
@@ -1284,6 +1309,7 @@ vips:
 
     #[test]
     fn sizes_that_need_more_kernel_memory_than_the_limit_are_refused_naming_the_key() {
+        crate::kernel::program::require_object();
         // Two NAT tables of 2^25 entries, each entry at least 48 + 40 + 40 bytes: over 8 GiB.
         let big = GOOD.replace(
             "  table_size: 65537",

@@ -33,32 +33,6 @@ pub struct StartStatus {
     pub map_writes: u64,
 }
 
-/// The sizes the agent loaded the program with.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct SizesStatus {
-    pub table_size: u32,
-    pub max_vips: u32,
-    pub max_backends: u32,
-    pub flow_entries: u32,
-    pub flow_entries_v6: u32,
-    pub affinity_entries: u32,
-    pub nat_entries: u32,
-}
-
-impl From<&Sizes> for SizesStatus {
-    fn from(s: &Sizes) -> Self {
-        Self {
-            table_size: s.maglev_m,
-            max_vips: s.max_vips,
-            max_backends: s.max_backends,
-            flow_entries: s.flow_entries,
-            flow_entries_v6: s.flow_entries_v6(),
-            affinity_entries: s.affinity_entries,
-            nat_entries: s.nat_entries,
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct AgentStatus {
     /// The agent's release (`lb --version`); empty in the status files of 0.1.0, which had none.
@@ -88,7 +62,8 @@ pub struct AgentStatus {
     pub xdp: Vec<crate::kernel::xdpmode::Choice>,
     pub metrics_listen: Option<String>,
     pub kubernetes: bool,
-    pub sizes: SizesStatus,
+    /// The sizes the agent loaded the program with.
+    pub sizes: Sizes,
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
     pub last_reload: Option<ReloadStatus>,
@@ -202,7 +177,7 @@ impl Life {
             xdp: xdp.to_vec(),
             metrics_listen: node.metrics_listen.map(|a| a.to_string()),
             kubernetes,
-            sizes: SizesStatus::from(&node.sizes),
+            sizes: node.sizes.clone(),
             reloads_applied: reloads.0,
             reloads_rejected: reloads.1,
             last_reload: self.last_reload.clone(),

@@ -188,12 +188,12 @@ fn percentiles_ms(mut ns: Vec<u64>) -> Value {
 pub fn control_plane(opts: &Options) -> Value {
     let rss_before = rss_kib();
     let sizes = Sizes {
-        maglev_m: 65_537,
+        table_size: 65_537,
         max_vips: opts.vips as u32,
         max_backends: (opts.vips * opts.backends_per_vip) as u32,
-        flow_entries: 1 << 16,
-        affinity_entries: 1 << 10,
-        nat_entries: 1 << 10,
+        flow_table_size: 1 << 16,
+        affinity_table_size: 1 << 10,
+        nat_table_size: 1 << 10,
     };
     let ebpf = program::load(&sizes, None).expect("loading lb for the control-plane benchmark");
     let mut dp = KernelDataplane::new(ebpf, sizes.clone()).expect("kernel dataplane");
@@ -244,15 +244,15 @@ pub fn control_plane(opts: &Options) -> Value {
 
 pub fn memory(opts: &Options) -> Value {
     let sizes = Sizes {
-        flow_entries: opts.memory_flows,
+        flow_table_size: opts.memory_flows,
         ..Sizes::default()
     };
     let ebpf = program::load(&sizes, None).expect("loading lb for the memory figures");
     let maps = map_memory(&ebpf);
     let total: u64 = maps.values().sum();
-    // IPv4 flows live in the bucket table (`flow_entries` of them), IPv6 flows in the LRU hash.
+    // IPv4 flows live in the bucket table (`flow_table_size` of them), IPv6 flows in the LRU hash.
     let per_entry = maps.get("LB_FLOWS4").copied().unwrap_or(0) as f64 / opts.memory_flows as f64;
-    let v6_entries = sizes.flow_entries_v6();
+    let v6_entries = sizes.flow_table_size_v6();
     let v6_per_entry = maps.get("LB_FLOWS").copied().unwrap_or(0) as f64 / v6_entries as f64;
     json!({"flow_entries": opts.memory_flows, "kernel_map_bytes": maps, "kernel_map_bytes_total": total, "flow_table_bytes_per_entry": per_entry, "v6_flow_entries": v6_entries, "v6_flow_table_bytes_per_entry": v6_per_entry, "sizes": format!("{sizes:?}")})
 }
@@ -273,8 +273,8 @@ pub fn migration(opts: &Options) -> Value {
     std::fs::create_dir_all(&dir).expect("making the pin dir");
     let n = opts.migration_entries;
     let sizes = Sizes {
-        flow_entries: n * 3,
-        nat_entries: n + n / 4,
+        flow_table_size: n * 3,
+        nat_table_size: n + n / 4,
         ..Sizes::default()
     };
     let key = |i: u32| {
@@ -306,7 +306,7 @@ pub fn migration(opts: &Options) -> Value {
                 .expect("reverse entry");
         }
         let mut dp = KernelDataplane::new(first.ebpf, sizes.clone()).expect("dataplane");
-        let buckets = flowtab::buckets_for(sizes.flow_entries);
+        let buckets = flowtab::buckets_for(sizes.flow_table_size);
         let map = dp.ebpf.map_mut(maps::FLOWS4).unwrap();
         let aya::maps::Map::Array(data) = map else {
             panic!("LB_FLOWS4 is an array")
@@ -337,8 +337,8 @@ pub fn migration(opts: &Options) -> Value {
     }
     drop(first);
     let doubled = Sizes {
-        flow_entries: sizes.flow_entries * 2,
-        nat_entries: sizes.nat_entries * 2,
+        flow_table_size: sizes.flow_table_size * 2,
+        nat_table_size: sizes.nat_table_size * 2,
         ..sizes.clone()
     };
     let t = Instant::now();

@@ -15,15 +15,15 @@ const M: u32 = 65_537;
 /// IPv4 address (6, 192.0.2.15), one whose new-flow budget is spent (7, 192.0.2.16) and one
 /// that takes sources from 10.0.0.0/8 only (8, 192.0.2.17).
 /// Everything a case needs before its first packet is set here.
-fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
+fn load_instance(flow_table_size: u32, nat_table_size: u32, v6_source: bool) -> Lb {
     let mut lb = Lb::load(Sizes {
-        maglev_m: M,
+        table_size: M,
         max_vips: 9,
         // A member per (VIP, backend): seven VIPs of up to 100 backends.
         max_backends: 1024,
-        flow_entries,
-        affinity_entries: 1 << 16,
-        nat_entries,
+        flow_table_size,
+        affinity_table_size: 1 << 16,
+        nat_table_size,
     });
     lb.set_node(Some(NODE_V4), v6_source.then_some(NODE_V6), 0);
     for i in 0..100u32 {
@@ -110,9 +110,9 @@ fn clear_flows(lb: &mut Lb) {
 
 /// Kernel memory of `lb`'s flow table per entry it can hold.
 fn flow_table_figures(lb: &Lb) -> Value {
-    // IPv4 flows: the bucket table holds `flow_entries` of them.
+    // IPv4 flows: the bucket table holds `flow_table_size` of them.
     let bytes = map_memory(&lb.ebpf).get("LB_FLOWS4").copied().unwrap_or(0);
-    let entries = lb.sizes.flow_entries;
+    let entries = lb.sizes.flow_table_size;
     json!({"entries": entries, "kernel_bytes": bytes, "bytes_per_entry": bytes as f64 / entries as f64, "target_bytes_per_entry": TARGET_FLOW_BYTES_PER_ENTRY})
 }
 
@@ -182,7 +182,7 @@ fn prepare(lbs: &mut [Lb; 4], opts: &Options, ingress: u32) -> Vec<u8> {
     let nat = main
         .nat_flow(&syn("198.51.100.1", 1111, "192.0.2.12").flow_key())
         .expect("the NAT flow was translated");
-    let nat_backend = format!("10.1.0.{}", main.backend_of(nat.backend_id) + 1);
+    let nat_backend = format!("10.1.0.{}", main.backend_of(nat.member_id) + 1);
     let nat_reply = ack(Pkt::tcp(
         &nat_backend,
         80,
@@ -202,7 +202,7 @@ fn prepare(lbs: &mut [Lb; 4], opts: &Options, ingress: u32) -> Vec<u8> {
     assert_eq!(acked.action, XDP_TX, "the NAT flow's ACK");
     // The full table: more new flows than it holds.
     let full = &mut lbs[On::FullTable as usize];
-    let size = full.sizes.flow_entries as usize;
+    let size = full.sizes.flow_table_size as usize;
     // Twice its size: with two choices of bucket, a table fills its last ways slowly.
     for k in 0..(2 * size + 1024) {
         full.run(

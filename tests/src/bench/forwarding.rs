@@ -305,12 +305,12 @@ fn check_live_round(name: &str, r: &LiveRound, frames: u64, cpus: &[usize]) -> u
 /// pinned. Returns it with the generator's frame (an ACK of an established flow).
 fn forwarding_setup(ns: &str, ingress: u32, queues: usize) -> (Lb, Vec<u8>) {
     let mut lb = Lb::load(Sizes {
-        maglev_m: 1009,
+        table_size: 1009,
         max_vips: 2,
         max_backends: 8,
-        flow_entries: 1024,
-        affinity_entries: 64,
-        nat_entries: 64,
+        flow_table_size: 1024,
+        affinity_table_size: 64,
+        nat_table_size: 64,
     });
     lb.set_node(Some(NODE_V4), None, 0);
     lb.set_backend(0, TX_V4, true);

@@ -194,12 +194,12 @@ const MTU: &str = "1600";
 
 fn tiny() -> Sizes {
     Sizes {
-        maglev_m: 13,
+        table_size: 13,
         max_vips: 1,
         max_backends: 1,
-        flow_entries: 1,
-        affinity_entries: 1,
-        nat_entries: 1,
+        flow_table_size: 1,
+        affinity_table_size: 1,
+        nat_table_size: 1,
     }
 }
 

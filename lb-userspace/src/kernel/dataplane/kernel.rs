@@ -121,7 +121,7 @@ impl KernelDataplane {
                 source,
             },
         };
-        let m = self.sizes.maglev_m as usize;
+        let m = self.sizes.table_size as usize;
         if vip_id >= self.sizes.max_vips || len > m {
             return Err(err(io("beyond the ring (max_vips x table_size)")));
         }
@@ -409,7 +409,7 @@ impl Dataplane for KernelDataplane {
             }
         }
         for v in s.vips.values().filter(|v| v.id < self.sizes.max_vips) {
-            let ring = self.ring(v.id, v.table_size_of(self.sizes.maglev_m) as usize, false)?;
+            let ring = self.ring(v.id, v.table_size_of(self.sizes.table_size) as usize, false)?;
             let slots: Vec<u32> = (0..ring.len()).map(|i| ring.get(i)).collect();
             s.rings
                 .insert(v.id, std::sync::Arc::new(Table::new(&slots)));

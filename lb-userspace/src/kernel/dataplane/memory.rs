@@ -31,7 +31,7 @@ impl Dataplane for MemoryDataplane {
     }
 
     fn write(&mut self, w: &Write) -> Result<(), DataplaneError> {
-        apply_to_state(&mut self.state, w, self.limits.maglev_m);
+        apply_to_state(&mut self.state, w, self.limits.table_size);
         self.log.push(w.clone());
         Ok(())
     }

@@ -333,19 +333,19 @@ fn unpin(pin: &Path) -> Result<(), DecapError> {
 /// The sizes the object's maps are created with: the smallest there are (`lb_decap` uses none).
 fn smallest() -> Sizes {
     Sizes {
-        maglev_m: 13,
+        table_size: 13,
         max_vips: 1,
         max_backends: 1,
-        flow_entries: 1,
-        affinity_entries: 1,
-        nat_entries: 1,
+        flow_table_size: 1,
+        affinity_table_size: 1,
+        nat_table_size: 1,
     }
 }
 
 /// The object, loaded with [`smallest`] sizes and nothing pinned; only `lb_decap` is verified.
 fn load() -> Result<Ebpf, DecapError> {
     let sizes = smallest();
-    let buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
+    let buckets = lb_common::flowtab::buckets_for(sizes.flow_table_size);
     let mut loader = EbpfLoader::new();
     program::configure(&mut loader, &sizes, &buckets);
     let mut ebpf = loader

@@ -212,7 +212,7 @@ pub fn load(
     if migrates {
         check_ids(&plan, sizes)?;
     }
-    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_entries);
+    let flow_buckets = lb_common::flowtab::buckets_for(sizes.flow_table_size);
     let mut loader = EbpfLoader::new();
     program::configure(&mut loader, sizes, &flow_buckets);
     let paths: Vec<(&str, PathBuf)> = plan
@@ -725,7 +725,7 @@ fn resized(m: &MapPlan, snap: Snapshot, sizes: &Sizes) -> Result<Option<Snapshot
             Snapshot::Hash(h)
         }
         Snapshot::Buckets(b) => {
-            Snapshot::Buckets(convert::rehash_flows(&b, m.entries, sizes.flow_entries)?)
+            Snapshot::Buckets(convert::rehash_flows(&b, m.entries, sizes.flow_table_size)?)
         }
         Snapshot::Array(_) if s.map == maps::RING && !same_table_size(m, sizes) => return Ok(None),
         Snapshot::Array(a) => Snapshot::Array(convert::resize_array(&a, vs, m.entries)),
@@ -754,7 +754,7 @@ fn room(s: &Schema, max_entries: u32) -> u32 {
 /// number of VIPs changed, and VIP `v`'s table stays at `v * M`).
 fn same_table_size(m: &MapPlan, sizes: &Sizes) -> bool {
     let old = m.found.as_ref().map_or(0, |f| f.max_entries);
-    old.is_multiple_of(sizes.maglev_m) && m.entries.is_multiple_of(sizes.maglev_m)
+    old.is_multiple_of(sizes.table_size) && m.entries.is_multiple_of(sizes.table_size)
 }
 
 /// The config key that sizes `map`.

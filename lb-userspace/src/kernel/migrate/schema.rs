@@ -108,7 +108,7 @@ fn filter_words(_: &Sizes) -> u32 {
     lb_common::hash::VIP_FILTER_BITS / 64
 }
 fn ring(s: &Sizes) -> u32 {
-    s.max_vips.saturating_mul(s.maglev_m)
+    s.max_vips.saturating_mul(s.table_size)
 }
 fn max_vips(s: &Sizes) -> u32 {
     s.max_vips
@@ -117,16 +117,16 @@ fn max_backends(s: &Sizes) -> u32 {
     s.max_backends
 }
 fn flows_v6(s: &Sizes) -> u32 {
-    s.flow_entries_v6()
+    s.flow_table_size_v6()
 }
 fn flow_buckets(s: &Sizes) -> u32 {
-    lb_common::flowtab::buckets_for(s.flow_entries)
+    lb_common::flowtab::buckets_for(s.flow_table_size)
 }
 fn affinity(s: &Sizes) -> u32 {
-    s.affinity_entries
+    s.affinity_table_size
 }
 fn nat(s: &Sizes) -> u32 {
-    s.nat_entries
+    s.nat_table_size
 }
 fn counters(_: &Sizes) -> u32 {
     lb_common::Counter::COUNT

@@ -12,8 +12,9 @@ use super::Format;
 use crate::{
     kernel::inspect::{Fill, InspectError, Pinned},
     kernel::links,
+    kernel::program::Sizes,
     status::file::{read_status, status_path},
-    status::life::{ReloadStatus, SizesStatus},
+    status::life::ReloadStatus,
 };
 
 #[derive(Serialize, Debug)]
@@ -78,7 +79,7 @@ pub struct InterfaceView {
 #[derive(Serialize, Debug)]
 pub struct MapsView {
     pub pin_dir: String,
-    pub sizes: SizesStatus,
+    pub sizes: Sizes,
     pub vips: usize,
     /// Live members: backends of VIPs, one per (VIP, backend).
     pub backends: usize,
@@ -198,7 +199,7 @@ fn maps(p: &Pinned, pins: &Path) -> Result<MapsView> {
     let t = p.tables()?;
     Ok(MapsView {
         pin_dir: pins.display().to_string(),
-        sizes: SizesStatus::from(&p.sizes),
+        sizes: p.sizes.clone(),
         vips: p.vips()?.len(),
         backends: p.members()?.len(),
         tables: t.fill.into_iter().collect(),
@@ -367,7 +368,10 @@ fn print_maps(v: &StatusView, wide: bool) {
     );
     println!(
         "            flows {} (IPv6 {}), affinity {}, NAT {}",
-        s.flow_entries, s.flow_entries_v6, s.affinity_entries, s.nat_entries
+        s.flow_table_size,
+        s.flow_table_size_v6(),
+        s.affinity_table_size,
+        s.nat_table_size
     );
     println!("serving:    {} VIPs, {} backends", m.vips, m.backends);
     if wide && !a.schemas.is_empty() {

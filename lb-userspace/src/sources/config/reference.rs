@@ -41,17 +41,64 @@ pub fn markdown() -> String {
     out
 }
 
-/// The keys of `node` and the type of each in the file's words (`integer`, `string`,
-/// `boolean`, `list of strings`, `map (below)`): what a hand-written schema of the node config,
-/// such as the Helm chart's, must accept.
-pub fn node_keys() -> Vec<(String, String)> {
+/// The JSON schema of `node`, standalone: what the config types say of each key (type, range,
+/// pattern, doc comment), the nested maps written in place, an unset key being no value of its
+/// own (`null` is left out), Rust's integer widths dropped and each description on one line. The Helm chart's
+/// `values.schema.json` holds it as its `node` (tests/tests/helm.rs checks that it does).
+pub fn node_schema() -> Value {
     let (_, defs) = schema();
-    let node = defs.get("RawNode").and_then(|n| n.get("properties"));
-    node.and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .map(|(k, p)| (k.clone(), type_of(p, &defs).0))
-        .collect()
+    let mut node = defs.get("RawNode").cloned().unwrap_or(Value::Null);
+    standalone(&mut node, &defs);
+    node
+}
+
+/// `v` with its `$ref`s replaced by the definitions they name, `Option`'s `null` alternative
+/// dropped, and no `format: int64`.
+fn standalone(v: &mut Value, defs: &Value) {
+    let Some(map) = v.as_object_mut() else {
+        return;
+    };
+    if let Some(any) = map.get("anyOf").and_then(Value::as_array) {
+        let some: Vec<&Value> = any.iter().filter(|s| s["type"] != "null").collect();
+        if let [one] = some[..] {
+            let mut one = one.clone();
+            for (k, val) in map.iter().filter(|(k, _)| *k != "anyOf") {
+                one[k] = val.clone();
+            }
+            *v = one;
+            return standalone(v, defs);
+        }
+    }
+    if let Some(r) = map.remove("$ref") {
+        let name = r.as_str().unwrap_or("").trim_start_matches("#/$defs/");
+        for (k, val) in defs[name].as_object().into_iter().flatten() {
+            map.entry(k.clone()).or_insert_with(|| val.clone());
+        }
+    }
+    if let Some(Value::Array(types)) = map.get("type") {
+        let mut some: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+        let one = match some.len() {
+            1 => some.remove(0),
+            _ => Value::Array(some),
+        };
+        map.insert("type".into(), one);
+    }
+    if map
+        .get("format")
+        .and_then(Value::as_str)
+        .is_some_and(|f| f.contains("int"))
+    {
+        map.remove("format");
+    }
+    if let Some(Value::String(d)) = map.get_mut("description") {
+        *d = one_line(d);
+    }
+    for child in map.values_mut() {
+        match child {
+            Value::Array(items) => items.iter_mut().for_each(|i| standalone(i, defs)),
+            _ => standalone(child, defs),
+        }
+    }
 }
 
 const HEADER: &str = "# Configuration reference\n\n\

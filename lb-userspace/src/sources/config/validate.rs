@@ -117,7 +117,12 @@ fn sizes(c: &mut Checker, n: &RawNode) -> Sizes {
     let mut int = |key: &str, v: Option<i64>, default: u32, range| {
         c.int(&format!("node.{key}"), v, default as i64, range) as u32
     };
-    let maglev_m = int("table_size", n.table_size, defaults.maglev_m, 2..=(1 << 24));
+    let table_size = int(
+        "table_size",
+        n.table_size,
+        defaults.table_size,
+        2..=(1 << 24),
+    );
     let max_vips = int("max_vips", n.max_vips, defaults.max_vips, 1..=65_535);
     let max_backends = int(
         "max_backends",
@@ -125,37 +130,37 @@ fn sizes(c: &mut Checker, n: &RawNode) -> Sizes {
         defaults.max_backends,
         1..=(1 << 20),
     );
-    let flow_entries = int(
+    let flow_table_size = int(
         "flow_table_size",
         n.flow_table_size,
-        defaults.flow_entries,
+        defaults.flow_table_size,
         1..=(1 << 27),
     );
-    let affinity_entries = int(
+    let affinity_table_size = int(
         "affinity_table_size",
         n.affinity_table_size,
-        defaults.affinity_entries,
+        defaults.affinity_table_size,
         1..=(1 << 27),
     );
-    let nat_entries = int(
+    let nat_table_size = int(
         "nat_table_size",
         n.nat_table_size,
-        defaults.nat_entries,
+        defaults.nat_table_size,
         1..=(1 << 27),
     );
-    if !maglev::is_prime(maglev_m) {
-        c.bad("node.table_size", format!("{maglev_m} is not prime (Maglev needs a prime table size, e.g. 65537, 131071, 1000003)"));
+    if !maglev::is_prime(table_size) {
+        c.bad("node.table_size", format!("{table_size} is not prime (Maglev needs a prime table size, e.g. 65537, 131071, 1000003)"));
     }
-    if (max_vips as u64) * (maglev_m as u64) > (1u64 << 31) {
-        c.bad("node.max_vips", format!("{max_vips} VIPs x {maglev_m} slots is more than one BPF array can hold (2^31 slots)"));
+    if (max_vips as u64) * (table_size as u64) > (1u64 << 31) {
+        c.bad("node.max_vips", format!("{max_vips} VIPs x {table_size} slots is more than one BPF array can hold (2^31 slots)"));
     }
     Sizes {
-        maglev_m,
+        table_size,
         max_vips,
         max_backends,
-        flow_entries,
-        affinity_entries,
-        nat_entries,
+        flow_table_size,
+        affinity_table_size,
+        nat_table_size,
     }
 }
 
@@ -408,7 +413,7 @@ fn table_size(
     node: &NodeSettings,
     n: usize,
 ) -> Option<u32> {
-    let node_size = node.sizes.maglev_m;
+    let node_size = node.sizes.table_size;
     let vip_table = raw.map(|t| {
         let key = format!("{p}.table_size");
         let t = c.int(&key, Some(t), node_size as i64, 1..=node_size as i64) as u32;

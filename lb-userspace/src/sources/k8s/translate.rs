@@ -1576,7 +1576,7 @@ mod tests {
             }
         }
         let limits = Limits {
-            maglev_m: 1009,
+            table_size: 1009,
             max_vips: 64,
             max_backends: 64,
             cpus: 1,
