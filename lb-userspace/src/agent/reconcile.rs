@@ -15,7 +15,7 @@ use crate::{
     model::desired::{BackendSpec, Desired, ip_of},
     model::plan::{Plan, PlanError, State},
     model::planner::Planner,
-    sources::config::{Config, PassiveHealth},
+    sources::config::{Config, PassiveCheck},
 };
 
 /// A backend of a VIP, as health checking tracks it.
@@ -341,7 +341,7 @@ pub struct PassiveTarget {
     pub ids: Vec<u32>,
     /// Where the recheck probe connects: the backend's address and port.
     pub probe: SocketAddr,
-    pub check: PassiveHealth,
+    pub check: PassiveCheck,
 }
 
 /// Backups (see [`BackendSpec::backup`]) get no new flows while another backend takes them:

@@ -298,7 +298,7 @@ enum Command {
 #[derive(Args)]
 struct OverrideTarget {
     /// The VIP: its name, or ADDRESS:PORT, or the label lb prints (192.0.2.10:80/tcp).
-    vip: crate::cli::overrides::VipRef,
+    vip: crate::cli::overrides::VipQuery,
     /// The backend: ADDRESS (or ADDRESS:PORT).
     backend: show::flows::Endpoint,
     /// How long to wait for the agent to apply the change before taking it back: seconds (0.5)

@@ -26,12 +26,12 @@ pub enum Change {
 
 /// A VIP as a command names it: its name, or ADDRESS:PORT (with /tcp or /udp), as lb prints it.
 #[derive(Clone, Debug)]
-pub enum VipRef {
+pub enum VipQuery {
     Addr(VipArg),
     Name(String),
 }
 
-impl std::str::FromStr for VipRef {
+impl std::str::FromStr for VipQuery {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -42,7 +42,7 @@ impl std::str::FromStr for VipRef {
     }
 }
 
-impl VipRef {
+impl VipQuery {
     fn matches(&self, v: &VipStatus) -> bool {
         match self {
             Self::Name(n) => &v.name == n,
@@ -98,7 +98,7 @@ type Result<T, E = CommandError> = std::result::Result<T, E>;
 /// what to print.
 pub fn run(
     state_dir: &Path,
-    vip: &VipRef,
+    vip: &VipQuery,
     backend: Endpoint,
     change: Change,
     patience: Duration,
@@ -166,7 +166,7 @@ fn running(state_dir: &Path) -> Result<Status> {
     }
 }
 
-fn find_vip<'a>(status: &'a Status, vip: &VipRef) -> Result<&'a VipStatus> {
+fn find_vip<'a>(status: &'a Status, vip: &VipQuery) -> Result<&'a VipStatus> {
     let found: Vec<&VipStatus> = status.vips.iter().filter(|v| vip.matches(v)).collect();
     match found[..] {
         [v] => Ok(v),
@@ -196,10 +196,10 @@ fn find_backend(v: &VipStatus, e: Endpoint) -> Result<&BackendStatus> {
         })
 }
 
-fn show(vip: &VipRef) -> String {
+fn show(vip: &VipQuery) -> String {
     match vip {
-        VipRef::Name(n) => format!("named {n:?}"),
-        VipRef::Addr(a) => a.addr.to_string(),
+        VipQuery::Name(n) => format!("named {n:?}"),
+        VipQuery::Addr(a) => a.addr.to_string(),
     }
 }
 

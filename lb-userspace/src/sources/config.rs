@@ -137,7 +137,7 @@ impl HealthCheck {
 /// `node.syn_timeout`); after `failures` in a row the backend gets weight 0, and every
 /// `recheck_interval` a TCP connect probe (of up to `timeout`) checks whether it is back.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PassiveHealth {
+pub struct PassiveCheck {
     pub failures: u32,
     pub recheck_interval: Duration,
     pub timeout: Duration,
@@ -148,7 +148,7 @@ pub struct VipConfig {
     /// The VIP with its configured weights (health may lower them to 0).
     pub spec: VipSpec,
     pub health_check: Option<HealthCheck>,
-    pub passive_health: Option<PassiveHealth>,
+    pub passive_health: Option<PassiveCheck>,
     /// Kong's `healthchecks.threshold`, a percentage: while the backends health checks left in
     /// hold less than this share of the VIP's weight, health is ignored and the VIP balances
     /// over all its backends (at L4, failing open beats dropping every connection). 0: off.
@@ -1289,7 +1289,7 @@ vips:
         let c = Config::parse(&passive, "t").unwrap();
         assert_eq!(
             c.vips[0].passive_health,
-            Some(PassiveHealth {
+            Some(PassiveCheck {
                 failures: 4,
                 recheck_interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(1),

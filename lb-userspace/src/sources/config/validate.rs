@@ -540,7 +540,7 @@ fn passive(
     h: &RawPassiveHealth,
     mode: Mode,
     protocol: Protocol,
-) -> PassiveHealth {
+) -> PassiveCheck {
     if mode != Mode::Nat {
         c.bad(
             pp,
@@ -574,7 +574,7 @@ fn passive(
             "must not be longer than the recheck interval",
         );
     }
-    PassiveHealth {
+    PassiveCheck {
         failures,
         recheck_interval,
         timeout,

@@ -29,7 +29,7 @@ use super::policy::{
 use super::topology::{self, Place};
 use crate::{
     model::desired::{BackendSpec, HashOn, Mode, Protocol, VipSpec},
-    sources::config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveHealth, VipConfig},
+    sources::config::{CheckKind, HealthCheck, MAX_AFFINITY_TIMEOUT, PassiveCheck, VipConfig},
 };
 
 /// The label that puts a Service in an lb instance's care: `lb.dev/class: <class>`.
@@ -84,7 +84,7 @@ pub struct Effect {
     pub hash: HashOn,
     pub table_size: Option<u32>,
     pub health_check: Option<HealthCheck>,
-    pub passive_health: Option<PassiveHealth>,
+    pub passive_health: Option<PassiveCheck>,
     /// `healthchecks.threshold` (percent; 0: none).
     pub health_threshold: u8,
     /// `sessionPersistence` (`type: ClientIP`): the client affinity timeout, in seconds.
@@ -208,7 +208,7 @@ pub fn evaluate(
                 .flatten()
                 .filter(|n| *n > 0)
                 .min();
-            effect.passive_health = failures.map(|failures| PassiveHealth {
+            effect.passive_health = failures.map(|failures| PassiveCheck {
                 failures,
                 recheck_interval: Duration::from_secs(10),
                 timeout: Duration::from_secs(1),
