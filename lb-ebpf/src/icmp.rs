@@ -25,7 +25,7 @@ use crate::parse::{
     ICMPV6_TIME_EXCEED,
 };
 use crate::{
-    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, LB_VIPS, count,
+    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, count,
     forward::{Verdict, encap_and_forward},
     nat::same_addr,
     parse::{Icmp, Packet, ptr_at},
@@ -169,8 +169,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
 /// Maglev's choice. `None` if `key` is no DSR VIP's or the VIP has no member to choose.
 #[inline(always)]
 fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static Member)> {
-    let vip_key = key.vip_key();
-    let vip = unsafe { LB_VIPS.get(vip_key)? };
+    let vip = crate::vip_of(key)?;
     if vip.mode != MODE_DSR {
         return None;
     }
