@@ -314,8 +314,15 @@ pub struct RawVip {
     pub name: Option<String>,
     /// The virtual IP (IPv4 or IPv6, unicast; not loopback, multicast or unspecified). Required.
     pub address: Option<String>,
-    /// The port clients connect to, 1..=65535. Required.
+    /// The port clients connect to, 1..=65535; `0`: every port (a port range of all of them).
+    /// Required, unless `port_range` is given.
     pub port: Option<i64>,
+    /// A port-range VIP: `LO-HI` (like `10000-10999`), the ports it serves instead of `port`,
+    /// each to the same port of its backends (so its backends have no `port`, and its health
+    /// check needs one). A packet to a port of the range that an exact VIP (`port`) of the same
+    /// address and protocol has goes to that VIP. One range per address and protocol.
+    /// Default: none.
+    pub port_range: Option<String>,
     /// `tcp` or `udp`. Required.
     pub protocol: Option<String>,
     /// `dsr` (direct server return: IPIP/IP6IP6 to the backend, which answers the client) or

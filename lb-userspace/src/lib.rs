@@ -28,6 +28,7 @@ pub mod overrides;
 pub mod pindir;
 pub mod plan;
 pub mod planner;
+pub mod port_ranges;
 pub mod privilege;
 pub mod program;
 pub mod ring;

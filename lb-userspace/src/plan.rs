@@ -27,7 +27,7 @@ use lb_common::{
 
 use crate::{
     maglev::{self, Entry, MaglevError},
-    model::{Desired, HashOn, Mode, VipSpec, addr16},
+    model::{Desired, HashOn, Mode, PortRange, VipSpec, addr16},
     table::Table,
 };
 
@@ -49,6 +49,9 @@ pub struct State {
     /// Each CPU's share of the new-flow budget of the VIP ids with [`VIP_F_NEW_FLOW_BUDGET`]
     /// (`LB_NEW_FLOW_BUDGET`, the same on every CPU).
     pub budgets: BTreeMap<u32, BudgetShare>,
+    /// The ports of the port-range VIPs in `vips` (keyed with port 0): their `LB_VIP_RANGES`
+    /// blocks, where an exact VIP is in `LB_VIPS`.
+    pub port_ranges: BTreeMap<VipKey, PortRange>,
 }
 
 /// The settings of one CPU's bucket of a VIP's new-flow budget (the agent's half of a
@@ -167,6 +170,19 @@ pub enum Write {
     },
     RemoveVip {
         key: VipKey,
+    },
+    /// Publish (or update) port-range VIP `key` (port 0): `value` in the `LB_VIP_RANGES` blocks
+    /// of `range`, then the blocks of `old` (its range before) that `range` has not removed.
+    VipRange {
+        key: VipKey,
+        range: PortRange,
+        old: Option<PortRange>,
+        value: VipValue,
+    },
+    /// Remove port-range VIP `key`: the blocks of `range`.
+    RemoveVipRange {
+        key: VipKey,
+        range: PortRange,
     },
     /// Let a VIP take packets from a source range.
     SrcRange(SrcRange),
@@ -370,6 +386,9 @@ pub(crate) fn plan_full(
             next.budgets.insert(id, BudgetShare::of(b, limits.cpus));
         }
         next.src_ranges.extend(vip_ranges(v, id));
+        if let Some(r) = v.port_range {
+            next.port_ranges.insert(key, r);
+        }
     }
     Ok((diff(current, &next), next, ids))
 }
@@ -689,8 +708,17 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
     }
     // 5. VIPs: new and changed ones now that their tables are in place; then removals.
     for (k, v) in &next.vips {
-        if cur.vips.get(k) != Some(v) {
-            w.push(Write::Vip { key: *k, value: *v });
+        let (range, old) = (next.port_ranges.get(k), cur.port_ranges.get(k));
+        if cur.vips.get(k) != Some(v) || range != old {
+            w.push(match range {
+                Some(r) => Write::VipRange {
+                    key: *k,
+                    range: *r,
+                    old: old.copied(),
+                    value: *v,
+                },
+                None => Write::Vip { key: *k, value: *v },
+            });
         }
     }
     removals(cur, next, &mut w);
@@ -701,7 +729,13 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
 /// the members), in that order.
 fn removals(cur: &State, next: &State, w: &mut Vec<Write>) {
     for k in cur.vips.keys().filter(|k| !next.vips.contains_key(k)) {
-        w.push(Write::RemoveVip { key: *k });
+        w.push(match cur.port_ranges.get(k) {
+            Some(r) => Write::RemoveVipRange {
+                key: *k,
+                range: *r,
+            },
+            None => Write::RemoveVip { key: *k },
+        });
     }
     for a in cur
         .vip_addrs
@@ -807,6 +841,23 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
                 s.rings.insert(*vip_id, Arc::new(Table::new(&ring)));
             }
         }
+        Write::VipRange {
+            key, range, value, ..
+        } => {
+            s.port_ranges.insert(*key, *range);
+            apply_to_state(
+                s,
+                &Write::Vip {
+                    key: *key,
+                    value: *value,
+                },
+                m,
+            );
+        }
+        Write::RemoveVipRange { key, .. } => {
+            s.port_ranges.remove(key);
+            s.vips.remove(key);
+        }
         Write::Vip { key, value } => {
             // The table is the VIP's size from now on (what a reader of the maps would see).
             if let Some(ring) = s.rings.get_mut(&value.id) {
@@ -870,6 +921,7 @@ mod tests {
             table_size: None,
             source_ranges: None,
             new_flow_budget: None,
+            port_range: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))

@@ -48,6 +48,10 @@ pub const NEW_FLOW_BUDGET_ANNOTATION: &str = "lb.dev/new-flow-budget";
 /// The annotation that overrides the weight of some of a Service's endpoints, the cluster's
 /// `lb drain` / `lb weight`: `10.0.1.5=0, 10.0.1.6=50` (0 drains: established flows stay).
 pub const BACKEND_WEIGHTS_ANNOTATION: &str = "lb.dev/backend-weights";
+/// The annotation that gives a LoadBalancer Service a port-range VIP on each of its addresses,
+/// for each protocol of its ports (`"10000-10999"`): every port of the range goes to the same
+/// port of the Service's endpoints (see [`range_vips`]).
+pub const PORT_RANGE_ANNOTATION: &str = "lb.dev/port-range";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -689,6 +693,15 @@ fn service_vips(
                 }
             }
         }
+        if let Some(range) = port_range_of(svc, &mut event) {
+            let ports = spec.ports.as_deref().unwrap_or_default();
+            for v in range_vips(&shared, ports, range, &addresses, settings, &mut out.skipped) {
+                match v {
+                    Ok(v) => vips.push(v),
+                    Err((reason, message)) => event(true, reason, message),
+                }
+            }
+        }
     }
     out.events.extend(events);
     vips
@@ -886,6 +899,7 @@ impl Shared<'_> {
                 .clone()
                 .filter(|_| self.lb_addrs.contains(&addr)),
             new_flow_budget: self.new_flow_budget,
+            port_range: None,
         };
         let m = effect.table_size.unwrap_or(settings.table_size);
         if vip.backends.len() > m as usize {
@@ -1028,6 +1042,69 @@ pub fn source_ranges_of(
         );
     }
     Some(out)
+}
+
+/// A Service's port range, from [`PORT_RANGE_ANNOTATION`] (`LO-HI`). An annotation that does
+/// not read is ignored with a warning event: the Service's ports are served, the range is not.
+pub fn port_range_of(
+    svc: &Service,
+    event: &mut impl FnMut(bool, &str, String),
+) -> Option<crate::model::PortRange> {
+    let raw = svc.annotations().get(PORT_RANGE_ANNOTATION)?;
+    match raw.trim().parse() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            event(
+                true,
+                "InvalidPortRange",
+                format!("{PORT_RANGE_ANNOTATION}: {e}: no port range"),
+            );
+            None
+        }
+    }
+}
+
+/// The port-range VIPs of a Service with [`PORT_RANGE_ANNOTATION`]: on each of its addresses,
+/// one per protocol of its ports, whose backends are the endpoints of the first Service port of
+/// that protocol, each packet going to the port it was sent to (backend port 0). The Service's
+/// own ports stay exact VIPs, which win over the range. A health check that names no port of
+/// its own is left out (a range has no one port to check).
+fn range_vips(
+    shared: &Shared<'_>,
+    ports: &[ServicePort],
+    range: crate::model::PortRange,
+    addresses: &BTreeSet<IpAddr>,
+    settings: &Settings,
+    skipped: &mut Vec<String>,
+) -> Vec<Result<VipConfig, (&'static str, String)>> {
+    let mut done = BTreeSet::new();
+    let mut out = Vec::new();
+    for sp in ports {
+        let Ok(proto) = protocol_of(sp) else {
+            continue;
+        };
+        if !done.insert(proto) {
+            continue;
+        }
+        for addr in addresses {
+            out.push(
+                shared
+                    .vip(sp, (proto, 0), *addr, settings, skipped)
+                    .map(|mut v| {
+                        v.spec.port_range = Some(range);
+                        v.spec.name = format!("{}:{range}", v.spec.name);
+                        for b in &mut v.spec.backends {
+                            b.port = 0;
+                        }
+                        let mut seen = BTreeSet::new();
+                        v.spec.backends.retain(|b| seen.insert(b.address));
+                        v.health_check = v.health_check.filter(|h| h.port != 0);
+                        v
+                    }),
+            );
+        }
+    }
+    out
 }
 
 /// A Service's new-flow budget, from [`NEW_FLOW_BUDGET_ANNOTATION`] (`rate=N[,burst=M]`, both
