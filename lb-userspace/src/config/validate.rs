@@ -425,7 +425,12 @@ fn vip(
     }
     let (port, protocol, mode, hash, affinity) = vip_kind(c, &p, v);
     let port_range = port_range(c, all, &p, i, v, address, protocol);
-    if let Some(first) = address.and_then(|a| all.seen.insert((a, port, protocol), i)) {
+    // A range VIP's key has port 0: `port_range` checked it against the other ranges.
+    let exact = v.port_range.is_none() && port != 0;
+    if let Some(first) = address
+        .filter(|_| exact)
+        .and_then(|a| all.seen.insert((a, port, protocol), i))
+    {
         c.bad(
             p.clone(),
             format!("same address, port and protocol as vips[{first}]"),
