@@ -727,7 +727,11 @@ mod tests {
         for (first, bits) in PortPrefixes::new(lo, hi) {
             n += 1;
             let size = 1u32 << (16 - bits);
-            assert_eq!(u32::from(first) % size, 0, "block {first}/{bits} is not aligned");
+            assert_eq!(
+                u32::from(first) % size,
+                0,
+                "block {first}/{bits} is not aligned"
+            );
             for p in u32::from(first)..u32::from(first) + size {
                 assert!(!seen[p as usize], "port {p} in two blocks");
                 seen[p as usize] = true;
@@ -750,7 +754,11 @@ mod tests {
         ] {
             let (seen, n) = covered(lo, hi);
             for (p, s) in seen.iter().enumerate() {
-                assert_eq!(*s, (lo as usize..=hi as usize).contains(&p), "{lo}-{hi}: port {p}");
+                assert_eq!(
+                    *s,
+                    (lo as usize..=hi as usize).contains(&p),
+                    "{lo}-{hi}: port {p}"
+                );
             }
             assert!(n <= 30, "{lo}-{hi}: {n} blocks");
         }

@@ -1566,7 +1566,10 @@ vips:
                 hi: 10999
             })
         );
-        assert_eq!((range.port, range.label()), (0, "192.0.2.20:10000-10999/tcp".to_string()));
+        assert_eq!(
+            (range.port, range.label()),
+            (0, "192.0.2.20:10000-10999/tcp".to_string())
+        );
         assert_eq!(c.vips[3].spec.port_range, None, "the exact VIP inside");
         assert_eq!(c.vips[4].spec.port_range, Some(PortRange::ALL));
         assert_eq!(c.vips[4].spec.label(), "192.0.2.21:0-65535/udp");
@@ -1579,21 +1582,27 @@ vips:
         );
         assert_eq!(
             overlap.err().unwrap(),
-            ["vips[3].port_range: 10500-11999 overlaps vips[2]'s 10000-10999 on the same address and protocol"]
+            [
+                "vips[3].port_range: 10500-11999 overlaps vips[2]'s 10000-10999 on the same address and protocol"
+            ]
         );
         let second = with_vips(
             "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port: 0, protocol: tcp, backends: [] }\n",
         );
         assert_eq!(
             second.err().unwrap(),
-            ["vips[3].port_range: 0-65535 overlaps vips[2]'s 10000-10999 on the same address and protocol"]
+            [
+                "vips[3].port_range: 0-65535 overlaps vips[2]'s 10000-10999 on the same address and protocol"
+            ]
         );
         let apart = with_vips(
             "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port_range: 20000-20999, protocol: tcp, backends: [] }\n",
         );
         assert_eq!(
             apart.err().unwrap(),
-            ["vips[3].port_range: vips[2] has a port range (10000-10999) on this address and protocol already: one range per address and protocol (make it one range, or use another address)"]
+            [
+                "vips[3].port_range: vips[2] has a port range (10000-10999) on this address and protocol already: one range per address and protocol (make it one range, or use another address)"
+            ]
         );
         let other_protocol = with_vips(
             "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port_range: 10000-10999, protocol: udp, backends: [] }\n",
@@ -1605,20 +1614,36 @@ vips:
     fn bad_port_ranges_backend_ports_and_portless_health_checks_are_refused_with_their_keys() {
         let p = |v: &str| with_vips(v).err().unwrap_or_default();
         assert_eq!(
-            p("  - { address: 192.0.2.20, port_range: 10999-10000, protocol: tcp, backends: [] }\n"),
-            ["vips[2].port_range: \"10999-10000\" is not a port range (like 10000-10999, first port <= last)"]
+            p(
+                "  - { address: 192.0.2.20, port_range: 10999-10000, protocol: tcp, backends: [] }\n"
+            ),
+            [
+                "vips[2].port_range: \"10999-10000\" is not a port range (like 10000-10999, first port <= last)"
+            ]
         );
         assert_eq!(
-            p("  - { address: 192.0.2.20, port: 80, port_range: 1-2, protocol: tcp, backends: [] }\n"),
-            ["vips[2].port_range: a VIP has a port or a port_range, not both (port: 0 is every port)"]
+            p(
+                "  - { address: 192.0.2.20, port: 80, port_range: 1-2, protocol: tcp, backends: [] }\n"
+            ),
+            [
+                "vips[2].port_range: a VIP has a port or a port_range, not both (port: 0 is every port)"
+            ]
         );
         assert_eq!(
-            p("  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, mode: nat, backends: [{ address: 10.1.0.1, port: 8080 }] }\n"),
-            ["vips[2].backends[0].port: a port-range VIP sends each packet to the port it was sent to, on every backend: remove the port"]
+            p(
+                "  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, mode: nat, backends: [{ address: 10.1.0.1, port: 8080 }] }\n"
+            ),
+            [
+                "vips[2].backends[0].port: a port-range VIP sends each packet to the port it was sent to, on every backend: remove the port"
+            ]
         );
         assert_eq!(
-            p("  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, backends: [{ address: 10.1.0.1 }], health_check: { type: tcp, interval: 2s, timeout: 1s } }\n"),
-            ["vips[2].health_check.port: required for a port-range VIP (which port of the backends to check)"]
+            p(
+                "  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, backends: [{ address: 10.1.0.1 }], health_check: { type: tcp, interval: 2s, timeout: 1s } }\n"
+            ),
+            [
+                "vips[2].health_check.port: required for a port-range VIP (which port of the backends to check)"
+            ]
         );
     }
 

@@ -115,7 +115,10 @@ pub struct PortRange {
 
 impl PortRange {
     /// Every port.
-    pub const ALL: Self = Self { lo: 0, hi: u16::MAX };
+    pub const ALL: Self = Self {
+        lo: 0,
+        hi: u16::MAX,
+    };
 
     /// Whether `port` is in the range.
     pub fn contains(&self, port: u16) -> bool {

@@ -730,10 +730,7 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
 fn removals(cur: &State, next: &State, w: &mut Vec<Write>) {
     for k in cur.vips.keys().filter(|k| !next.vips.contains_key(k)) {
         w.push(match cur.port_ranges.get(k) {
-            Some(r) => Write::RemoveVipRange {
-                key: *k,
-                range: *r,
-            },
+            Some(r) => Write::RemoveVipRange { key: *k, range: *r },
             None => Write::RemoveVip { key: *k },
         });
     }

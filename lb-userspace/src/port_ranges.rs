@@ -72,10 +72,7 @@ pub fn of_blocks(
 
 /// The range VIP of `ranges` that serves `port`, if any (what the program finds after an exact
 /// miss).
-pub fn find(
-    ranges: &BTreeMap<VipKey, PortRange>,
-    exact: &VipKey,
-) -> Option<(VipKey, PortRange)> {
+pub fn find(ranges: &BTreeMap<VipKey, PortRange>, exact: &VipKey) -> Option<(VipKey, PortRange)> {
     let key = VipKey { port: 0, ..*exact };
     let r = ranges.get(&key)?;
     r.contains(u16::from_be(exact.port)).then_some((key, *r))
@@ -105,14 +102,22 @@ mod tests {
 
     #[test]
     fn ranges_written_as_blocks_read_back_as_the_same_ranges() {
-        let a = (key("192.0.2.1"), PortRange { lo: 10000, hi: 10999 });
+        let a = (
+            key("192.0.2.1"),
+            PortRange {
+                lo: 10000,
+                hi: 10999,
+            },
+        );
         let b = (key("2001:db8::1"), PortRange::ALL);
         let c = (key("192.0.2.2"), PortRange { lo: 1, hi: 65534 });
-        let entries = [(a, 1), (b, 2), (c, 3)].into_iter().flat_map(|((k, r), id)| {
-            blocks(&k, r)
-                .into_iter()
-                .map(move |(len, d)| (len, d, value(id)))
-        });
+        let entries = [(a, 1), (b, 2), (c, 3)]
+            .into_iter()
+            .flat_map(|((k, r), id)| {
+                blocks(&k, r)
+                    .into_iter()
+                    .map(move |(len, d)| (len, d, value(id)))
+            });
         let read = of_blocks(entries);
         assert_eq!(read.len(), 3);
         assert_eq!(read[&a.0], (a.1, value(1)));
@@ -123,19 +128,34 @@ mod tests {
     #[test]
     fn a_narrowed_range_removes_only_the_blocks_it_lost() {
         let k = key("192.0.2.1");
-        let old = PortRange { lo: 10000, hi: 10999 };
-        let new = PortRange { lo: 10000, hi: 10499 };
+        let old = PortRange {
+            lo: 10000,
+            hi: 10999,
+        };
+        let new = PortRange {
+            lo: 10000,
+            hi: 10499,
+        };
         let stale: Vec<_> = stale_blocks(&k, old, new).collect();
         let new_blocks: BTreeSet<_> = blocks(&k, new).into_iter().collect();
         assert!(stale.iter().all(|b| !new_blocks.contains(b)));
         let ports_left: u32 = stale.iter().map(|(len, _)| 1u32 << (160 - len)).sum();
-        assert!(ports_left >= 500, "the blocks removed cover 10500-10999 at least");
+        assert!(
+            ports_left >= 500,
+            "the blocks removed cover 10500-10999 at least"
+        );
     }
 
     #[test]
     fn find_gives_the_range_of_a_port_inside_and_none_outside() {
         let mut ranges = BTreeMap::new();
-        ranges.insert(key("192.0.2.1"), PortRange { lo: 10000, hi: 10999 });
+        ranges.insert(
+            key("192.0.2.1"),
+            PortRange {
+                lo: 10000,
+                hi: 10999,
+            },
+        );
         let at = |port: u16| VipKey {
             port: port.to_be(),
             ..key("192.0.2.1")

@@ -10,8 +10,7 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, MODE_NAT, VipValue, flow_hash,
-    nat_port_candidate,
+    Counter, IPPROTO_TCP, IPPROTO_UDP, MODE_DSR, MODE_NAT, VipValue, flow_hash, nat_port_candidate,
 };
 use lb_tests::{
     harness::{FibNet, Lb, XDP_PASS, XDP_TX, action_name, net::*, vip_key},
@@ -121,7 +120,11 @@ fn assert_encapsulated(lb: &mut Lb, ingress: u32, pkt: &Pkt, vip: u32, backend: 
     let src = if pkt.src.is_ipv4() { NODE_V4 } else { NODE_V6 };
     let want = packet::encapsulated(pkt, GW0_MAC, LB0_MAC, ip(src), ip(backend));
     assert_eq!(hex(&output), hex(&want), "port {}", pkt.dport);
-    assert_eq!((n, per_vip), (1, 1), "tx, and the packet counted for VIP {vip}");
+    assert_eq!(
+        (n, per_vip),
+        (1, 1),
+        "tx, and the packet counted for VIP {vip}"
+    );
 }
 
 /// A packet not balanced: passed as it came (`pass_not_for_vip`), counted for no VIP.
@@ -161,14 +164,12 @@ fn dsr_case(tag: &str, vip: &str, range_id: u32, exact_id: u32, backend: &str, e
 }
 
 #[test]
-fn dsr_ipv4_ports_in_the_range_go_to_the_range_vip_an_exact_vip_inside_wins_and_outside_passes()
-{
+fn dsr_ipv4_ports_in_the_range_go_to_the_range_vip_an_exact_vip_inside_wins_and_outside_passes() {
     dsr_case("rng-dsr4", DSR4, V_DSR4, V_EXACT4, TX_V4, TX_V4_B);
 }
 
 #[test]
-fn dsr_ipv6_ports_in_the_range_go_to_the_range_vip_an_exact_vip_inside_wins_and_outside_passes()
-{
+fn dsr_ipv6_ports_in_the_range_go_to_the_range_vip_an_exact_vip_inside_wins_and_outside_passes() {
     dsr_case("rng-dsr6", DSR6, V_DSR6, V_EXACT6, TX_V6, TX_V6_B);
 }
 
@@ -224,7 +225,10 @@ fn nat_case(tag: &str, vip: &str, range_id: u32, exact_id: u32, backend: &str, e
         for port in [LO - 1, HI + 1] {
             let p = Pkt::tcp(client, 40005, vip, port, LB0_MAC);
             assert_not_balanced(&mut lb, ingress, &p);
-            assert!(lb.nat_flow(&p.flow_key()).is_none(), "port {port} translated");
+            assert!(
+                lb.nat_flow(&p.flow_key()).is_none(),
+                "port {port} translated"
+            );
         }
     });
 }

@@ -326,7 +326,9 @@ fn port_range(
         let why = if theirs.overlaps(&range) {
             format!("{range} overlaps vips[{first}]'s {theirs} on the same address and protocol")
         } else {
-            format!("vips[{first}] has a port range ({theirs}) on this address and protocol already: one range per address and protocol (make it one range, or use another address)")
+            format!(
+                "vips[{first}] has a port range ({theirs}) on this address and protocol already: one range per address and protocol (make it one range, or use another address)"
+            )
         };
         c.bad(format!("{p}.port_range"), why);
         return None;

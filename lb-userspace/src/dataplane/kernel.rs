@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
 use lb_common::{
-    Member, NewFlowBudget, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey, VipRangeKey,
-    VipValue, hash::vip_filter_slot, maps,
+    Member, NewFlowBudget, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey,
+    VipRangeKey, VipValue, hash::vip_filter_slot, maps,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -94,7 +94,9 @@ impl KernelDataplane {
                 .map_err(werr(label.clone()))?;
         }
         match old {
-            Some(old) => self.remove_range_blocks(crate::port_ranges::stale_blocks(key, old, range)),
+            Some(old) => {
+                self.remove_range_blocks(crate::port_ranges::stale_blocks(key, old, range))
+            }
             None => Ok(()),
         }
     }

@@ -695,7 +695,14 @@ fn service_vips(
         }
         if let Some(range) = port_range_of(svc, &mut event) {
             let ports = spec.ports.as_deref().unwrap_or_default();
-            for v in range_vips(&shared, ports, range, &addresses, settings, &mut out.skipped) {
+            for v in range_vips(
+                &shared,
+                ports,
+                range,
+                &addresses,
+                settings,
+                &mut out.skipped,
+            ) {
                 match v {
                     Ok(v) => vips.push(v),
                     Err((reason, message)) => event(true, reason, message),
@@ -1842,6 +1849,50 @@ vips:
             Some(vec!["198.51.100.0/24".to_string()])
         );
         assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
+    }
+
+    #[test]
+    fn the_port_range_annotation_adds_a_range_vip_per_protocol_to_the_same_endpoint_ports() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { PORT_RANGE_ANNOTATION: " 10000-10999 " } }
+        }));
+        let want = Some(crate::model::PortRange {
+            lo: 10000,
+            hi: 10999,
+        });
+        for label in ["192.0.2.10:10000-10999/tcp", "192.0.2.10:10000-10999/udp"] {
+            let v = vip(&t, label);
+            assert_eq!(v.spec.port_range, want, "{label}");
+            assert!(!v.spec.backends.is_empty(), "{label}: no endpoints");
+            assert!(
+                v.spec.backends.iter().all(|b| b.port == 0),
+                "{label}: each packet keeps its port: {:?}",
+                v.spec.backends
+            );
+        }
+        // The Service's own ports stay exact VIPs (they win inside the range).
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.port_range, None);
+        assert!(t.events.is_empty(), "{:?}", t.events);
+    }
+
+    #[test]
+    fn an_invalid_port_range_annotation_is_a_warning_event_and_the_ports_stay_served() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { PORT_RANGE_ANNOTATION: "10999-10000" } }
+        }));
+        assert!(t.vips.iter().all(|v| v.spec.port_range.is_none()));
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.port, 80);
+        let e: Vec<_> = t
+            .events
+            .iter()
+            .map(|e| (e.warning, e.reason.as_str()))
+            .collect();
+        assert_eq!(e, [(true, "InvalidPortRange")], "{:?}", t.events);
+        assert!(
+            t.events[0].message.contains("lb.dev/port-range"),
+            "{}",
+            t.events[0].message
+        );
     }
 
     fn budget_of(t: &Translation, label: &str) -> Option<crate::model::Budget> {
