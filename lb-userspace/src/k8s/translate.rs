@@ -147,6 +147,9 @@ pub struct Translation {
 #[derive(Debug, Default)]
 pub struct Translator {
     last_good: BTreeMap<ObjectKey, Effect>,
+    /// Each Service's last port range that read (see [`PORT_RANGE_ANNOTATION`]), kept while
+    /// its annotation does not.
+    last_ranges: BTreeMap<ObjectKey, crate::model::PortRange>,
 }
 
 fn key_of(ns: Option<String>, name: String) -> ObjectKey {
@@ -530,13 +533,49 @@ impl Translator {
             };
             out.services.insert(skey.clone(), outcome);
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
-            let vips = service_vips(svc, &skey, svc_slices, &effects, settings, &mut out);
+            let range = self.port_range(svc, &skey, &mut out);
+            let vips = service_vips(svc, &skey, svc_slices, &effects, settings, &mut out, range);
             claims.claim(vips, &skey, settings, &mut out);
         }
+        self.last_ranges.retain(|k, _| out.services.contains_key(k));
         out.events.sort();
         out.events.dedup();
         out.effects = effects;
         out
+    }
+
+    /// Service `skey`'s port range ([`PORT_RANGE_ANNOTATION`]): the annotation's, else (it does
+    /// not read: a Warning Event says so) the last one that read, which keeps serving.
+    fn port_range(
+        &mut self,
+        svc: &Service,
+        skey: &ObjectKey,
+        out: &mut Translation,
+    ) -> Option<crate::model::PortRange> {
+        let Some(raw) = svc.annotations().get(PORT_RANGE_ANNOTATION) else {
+            self.last_ranges.remove(skey);
+            return None;
+        };
+        match raw.trim().parse::<crate::model::PortRange>() {
+            Ok(r) => {
+                self.last_ranges.insert(skey.clone(), r);
+                Some(r)
+            }
+            Err(e) => {
+                let last = self.last_ranges.get(skey).copied();
+                let keeps = match last {
+                    Some(r) => format!("the last good range, {r}, keeps serving"),
+                    None => "no port range".to_string(),
+                };
+                out.events.push(ServiceEvent {
+                    service: skey.clone(),
+                    warning: true,
+                    reason: "InvalidPortRange".into(),
+                    message: format!("{PORT_RANGE_ANNOTATION}: {e}: {keeps}"),
+                });
+                last
+            }
+        }
     }
 
     /// Every policy's verdict (into `out`) and the effect it has now: the last accepted one
@@ -653,6 +692,7 @@ fn service_vips(
     effects: &BTreeMap<ObjectKey, Option<Effect>>,
     settings: &Settings,
     out: &mut Translation,
+    range: Option<crate::model::PortRange>,
 ) -> Vec<VipConfig> {
     let Some(spec) = &svc.spec else {
         return Vec::new();
@@ -693,7 +733,7 @@ fn service_vips(
                 }
             }
         }
-        if let Some(range) = port_range_of(svc, &mut event) {
+        if let Some(range) = range {
             let ports = spec.ports.as_deref().unwrap_or_default();
             for v in range_vips(
                 &shared,
@@ -1049,26 +1089,6 @@ pub fn source_ranges_of(
         );
     }
     Some(out)
-}
-
-/// A Service's port range, from [`PORT_RANGE_ANNOTATION`] (`LO-HI`). An annotation that does
-/// not read is ignored with a warning event: the Service's ports are served, the range is not.
-pub fn port_range_of(
-    svc: &Service,
-    event: &mut impl FnMut(bool, &str, String),
-) -> Option<crate::model::PortRange> {
-    let raw = svc.annotations().get(PORT_RANGE_ANNOTATION)?;
-    match raw.trim().parse() {
-        Ok(r) => Some(r),
-        Err(e) => {
-            event(
-                true,
-                "InvalidPortRange",
-                format!("{PORT_RANGE_ANNOTATION}: {e}: no port range"),
-            );
-            None
-        }
-    }
 }
 
 /// The port-range VIPs of a Service with [`PORT_RANGE_ANNOTATION`]: on each of its addresses,
@@ -1888,11 +1908,42 @@ vips:
             .map(|e| (e.warning, e.reason.as_str()))
             .collect();
         assert_eq!(e, [(true, "InvalidPortRange")], "{:?}", t.events);
-        assert!(
-            t.events[0].message.contains("lb.dev/port-range"),
-            "{}",
-            t.events[0].message
+        assert_eq!(
+            t.events[0].message,
+            "lb.dev/port-range: \"10999-10000\" is not a port range (like 10000-10999, first port <= last): no port range"
         );
+    }
+
+    #[test]
+    fn a_port_range_annotation_that_stops_reading_keeps_the_last_good_range_serving() {
+        let mut o = objects();
+        let mut tr = Translator::default();
+        let with = |a: &str| {
+            service(
+                "web",
+                json!({ "metadata": { "annotations": { PORT_RANGE_ANNOTATION: a } } }),
+            )
+        };
+        let served = |t: &Translation| {
+            t.vips
+                .iter()
+                .any(|v| v.spec.label() == "192.0.2.10:10000-10999/tcp")
+        };
+        o.services = vec![with("10000-10999")];
+        assert!(served(&tr.translate(&o, &settings())));
+        o.services = vec![with("ten-thousand")];
+        let bad = tr.translate(&o, &settings());
+        assert!(served(&bad), "the last good range is no longer served");
+        let m: Vec<_> = bad.events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            m,
+            [
+                "lb.dev/port-range: \"ten-thousand\" is not a port range (like 10000-10999, first port <= last): the last good range, 10000-10999, keeps serving"
+            ]
+        );
+        // Taken away: no range.
+        o.services = vec![service("web", json!({}))];
+        assert!(!served(&tr.translate(&o, &settings())));
     }
 
     fn budget_of(t: &Translation, label: &str) -> Option<crate::model::Budget> {
