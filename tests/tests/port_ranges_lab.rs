@@ -2,7 +2,8 @@
 //! `port_range: 10000-10999` in front of plain TCP servers on the backends' own addresses. Real
 //! connections to three ports of the range reach the same port of a backend; an exact VIP
 //! inside the range keeps its own port; a port just outside the range is not balanced (the
-//! connection fails, though every backend listens there too). The inspecting commands name the
+//! connection fails, though every backend listens there too). The same with a DSR range VIP
+//! (servers on every address of the backends, the VIP on their loopback). The inspecting commands name the
 //! range VIP by its range; a rollback to 0.2.0 unpins `LB_VIP_RANGES` and the next start
 //! creates it again.
 
@@ -197,5 +198,39 @@ fn a_rollback_to_0_2_0_unpins_the_port_ranges_and_the_next_start_creates_and_ser
         .connect(client_v4(0), sa(10500))
         .expect("the range served after the upgrade");
     assert!(answer.ends_with(":10500"), "{answer}");
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+#[test]
+fn a_dsr_port_range_vip_serves_three_ports_of_its_range_and_not_one_outside() {
+    let lab = Lab::new();
+    // DSR backends answer from the VIP on their loopback: servers on every address.
+    let _servers: Vec<NatServers> = INSIDE
+        .into_iter()
+        .chain([OUTSIDE])
+        .map(|p| NatServers::start_as(&lab, p, &format!(":{p}"), true))
+        .collect();
+    let dsr_vip = "192.0.2.30";
+    let backends = [(0, 1), (1, 1), (2, 1)];
+    let range = vip_yaml(dsr_vip, 0, "tcp", "", &backends, false, None)
+        .replace("    port: 0\n", "    port_range: 10000-10999\n");
+    let dirs = Dirs::new(Path::new(BIN), "dsr-range");
+    dirs.write_config(&lab_config("", &range));
+    let mut agent = Agent::start(&lab.lb, &dirs);
+    agent.wait_running(&lab.lb, &dirs, T);
+    let at = |port| SocketAddr::new(dsr_vip.parse().unwrap(), port);
+    for port in INSIDE {
+        for c in 0..4 {
+            let answer = lab
+                .connect(client_v4(c), at(port))
+                .unwrap_or_else(|e| panic!("client {c} to port {port} of the range: {e}"));
+            assert!(
+                answer.ends_with(&format!(":{port}")) && answer.starts_with('b'),
+                "port {port} reached {answer:?}"
+            );
+        }
+    }
+    let outside = lab.connect(client_v4(0), at(OUTSIDE));
+    assert!(outside.is_err(), "port {OUTSIDE} was answered: {outside:?}");
     assert_eq!(agent.stop().code(), Some(0));
 }
