@@ -246,6 +246,10 @@ pub enum PlanError {
         "{wanted} source ranges over all VIPs, but the program holds at most {max} (LB_SRC_RANGES)"
     )]
     TooManySourceRanges { wanted: usize, max: u32 },
+    #[error(
+        "the port ranges take {wanted} keys (a range is up to 30 aligned blocks), but the program holds at most {max} (LB_VIP_RANGES): use fewer ranges, or ranges aligned on powers of two"
+    )]
+    TooManyPortRangeKeys { wanted: usize, max: u32 },
 }
 
 /// Who a member is: its VIP id, and its backend's family, address and port (network byte
@@ -537,6 +541,18 @@ pub(crate) fn check_counts(desired: &Desired, limits: Limits) -> Result<(), Plan
         return Err(PlanError::TooManyVips {
             wanted: desired.vips.len(),
             max: limits.max_vips,
+        });
+    }
+    let keys: usize = desired
+        .vips
+        .iter()
+        .filter_map(|v| v.port_range)
+        .map(|r| r.blocks().count())
+        .sum();
+    if keys > lb_common::maps::MAX_VIP_RANGE_KEYS as usize {
+        return Err(PlanError::TooManyPortRangeKeys {
+            wanted: keys,
+            max: lb_common::maps::MAX_VIP_RANGE_KEYS,
         });
     }
     // Only the ranges of a VIP's own family are written.
@@ -1481,6 +1497,96 @@ mod tests {
             VIP_F_SOURCE_RANGES
         );
         assert!(next.src_ranges.is_empty());
+    }
+
+    fn with_port_range(mut v: VipSpec, lo: u16, hi: u16) -> VipSpec {
+        v.port = 0;
+        v.port_range = Some(PortRange { lo, hi });
+        v
+    }
+
+    #[test]
+    fn a_port_range_vip_is_written_changed_and_removed_as_range_writes() {
+        let range = with_port_range(vip("192.0.2.1", &[("10.1.0.1", 1)]), 10000, 10999);
+        let key = range.key();
+        let (p, s1) = plan(&State::default(), &desired(vec![range.clone()]), LIMITS).unwrap();
+        assert!(
+            p.writes.iter().any(
+                |w| matches!(w, Write::VipRange { key: k, range: r, old: None, .. }
+                if *k == key && *r == PortRange { lo: 10000, hi: 10999 })
+            ),
+            "{:?}",
+            p.writes
+        );
+        assert!(!p.writes.iter().any(|w| matches!(w, Write::Vip { .. })));
+        assert_eq!(
+            s1.port_ranges.get(&key),
+            Some(&PortRange {
+                lo: 10000,
+                hi: 10999
+            })
+        );
+        // Narrowed: the same VIP (its id kept), its old range said.
+        let narrowed = with_port_range(range.clone(), 10000, 10499);
+        let (p, s2) = plan(&s1, &desired(vec![narrowed]), LIMITS).unwrap();
+        assert_eq!(s2.vips[&key].id, s1.vips[&key].id);
+        let vip_writes: Vec<&Write> = p
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::VipRange { .. } | Write::Vip { .. }))
+            .collect();
+        assert_eq!(
+            vip_writes,
+            [&Write::VipRange {
+                key,
+                range: PortRange {
+                    lo: 10000,
+                    hi: 10499
+                },
+                old: Some(PortRange {
+                    lo: 10000,
+                    hi: 10999
+                }),
+                value: s2.vips[&key],
+            }]
+        );
+        // Gone: removed as a range, and the state the writes lead to is the plan's.
+        let (p, s3) = plan(&s2, &desired(vec![]), LIMITS).unwrap();
+        assert!(p.writes.contains(&Write::RemoveVipRange {
+            key,
+            range: PortRange {
+                lo: 10000,
+                hi: 10499
+            }
+        }));
+        let mut applied = s2.clone();
+        for w in &p.writes {
+            apply_to_state(&mut applied, w, LIMITS.maglev_m);
+        }
+        assert!(applied.port_ranges.is_empty() && applied.vips.is_empty());
+        assert!(s3.port_ranges.is_empty());
+    }
+
+    #[test]
+    fn port_ranges_of_more_keys_than_the_trie_holds_are_an_error() {
+        // 1-65534 takes 30 keys: 137 of them take 4,110.
+        let vips: Vec<VipSpec> = (0..137)
+            .map(|i| {
+                let a = format!("192.0.{}.{}", 2 + i / 200, 1 + i % 200);
+                with_port_range(vip(&a, &[]), 1, 65534)
+            })
+            .collect();
+        let limits = Limits {
+            max_vips: 200,
+            ..LIMITS
+        };
+        assert_eq!(
+            plan(&State::default(), &desired(vips), limits).unwrap_err(),
+            PlanError::TooManyPortRangeKeys {
+                wanted: 137 * 30,
+                max: lb_common::maps::MAX_VIP_RANGE_KEYS
+            }
+        );
     }
 
     #[test]

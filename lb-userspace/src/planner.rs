@@ -533,7 +533,14 @@ mod tests {
                 rate: rng.random_range(1..4) * 100,
                 burst: 10,
             }),
-            port_range: None,
+            // Port 0: a port-range VIP, whose range may change under the same key.
+            port_range: (port == 0).then(|| {
+                let lo = rng.random_range(1000..2000);
+                crate::model::PortRange {
+                    lo,
+                    hi: lo + rng.random_range(0..500),
+                }
+            }),
         }
     }
 
@@ -543,7 +550,7 @@ mod tests {
         for _ in 0..rng.random_range(1..3) {
             let (addr, port) = (
                 VIPS[rng.random_range(0..VIPS.len())],
-                rng.random_range(80..82),
+                [0, 80][rng.random_range(0..2)],
             );
             let at = next
                 .vips
