@@ -119,6 +119,15 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// the VIP's ranges (`drop_source_range`).
 pub const VIP_DROPS: &str = "LB_VIP_DROPS";
 
+/// Port-range VIPs: an LPM trie, [`crate::VipRangeKey`] (after the prefix length) ->
+/// [`crate::VipValue`] (the range VIP's own id, flags and mode; every block of one range holds
+/// the same value). Looked up only when `LB_VIPS` misses for an address whose filter bit is set,
+/// so an exact VIP inside a range wins and packets to exact VIPs never look at it.
+pub const VIP_RANGES: &str = "LB_VIP_RANGES";
+/// Keys `LB_VIP_RANGES` holds, over all ranges (at most 30 per range; an LPM trie is not
+/// preallocated).
+pub const MAX_VIP_RANGE_KEYS: u32 = 4_096;
+
 /// New-flow budgets: per-CPU [`crate::NewFlowBudget`], indexed by VIP id (the agent's settings
 /// and the program's tokens side by side, one lookup). Looked up only for VIPs with
 /// [`crate::VIP_F_NEW_FLOW_BUDGET`].
@@ -185,6 +194,7 @@ pub const ALL: &[&str] = &[
     VIP_REPLY_STATS,
     MEMBER_REPLY_STATS,
     MEMBER_HOLD,
+    VIP_RANGES,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

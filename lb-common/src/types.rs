@@ -525,6 +525,90 @@ impl SrcRangeKey {
     }
 }
 
+/// The data of an `LB_VIP_RANGES` key (an LPM trie key is this after its prefix length): family,
+/// protocol, address, then the destination port, so that a prefix covers one address and
+/// protocol and the leading bits of the port. A port range is written as the aligned blocks it
+/// is made of ([`PortPrefixes`]): at most 30 keys, one (no port bits) for all ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipRangeKey {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Network byte order (big-endian, so its high bits come first in a prefix).
+    pub port: [u8; 2],
+}
+
+impl VipRangeKey {
+    /// Bits of a key before the port: family, protocol, address.
+    pub const ADDR_BITS: u32 = 8 + 8 + 128;
+
+    /// The key a packet of flow `k` is looked up with (all of its port's bits).
+    #[inline(always)]
+    pub const fn of_flow(k: &FlowKey) -> Self {
+        Self {
+            family: k.family,
+            proto: k.proto,
+            addr: k.dst,
+            port: k.dst_port.to_ne_bytes(),
+        }
+    }
+
+    /// The LPM prefix length of a block whose first `port_bits` bits of the port count.
+    pub const fn prefix_len(port_bits: u32) -> u32 {
+        Self::ADDR_BITS + port_bits
+    }
+
+    /// The port in host byte order.
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// The aligned blocks a port range `lo..=hi` is made of, as (first port, bits of the port that
+/// count), in increasing order: `10000..=10999` is 10000/12 (10000-10015), 10016/11, ... . A
+/// block of `b` bits covers `2^(16-b)` ports; the whole range 0-65535 is one block of 0 bits.
+/// At most 30 blocks (two per bit but the first and last).
+#[derive(Clone, Copy, Debug)]
+pub struct PortPrefixes {
+    next: u32,
+    end: u32,
+}
+
+impl PortPrefixes {
+    pub const fn new(lo: u16, hi: u16) -> Self {
+        Self {
+            next: lo as u32,
+            end: hi as u32 + 1,
+        }
+    }
+}
+
+impl Iterator for PortPrefixes {
+    type Item = (u16, u32);
+
+    fn next(&mut self) -> Option<(u16, u32)> {
+        if self.next >= self.end {
+            return None;
+        }
+        // The largest block aligned at `next` that stays within the range.
+        let mut size = if self.next == 0 {
+            1 << 16
+        } else {
+            1u32 << self.next.trailing_zeros().min(16)
+        };
+        while self.next + size > self.end {
+            size >>= 1;
+        }
+        let block = (self.next as u16, 16 - size.trailing_zeros());
+        self.next += size;
+        Some(block)
+    }
+}
+
 /// Bumped whenever a map's key or value layout, or a map's meaning, changes.
 pub const LAYOUT_VERSION: u32 = 7;
 
@@ -553,6 +637,7 @@ assert_size!(
     IcmpJob => 28,
     NextHop => 28,
     SrcRangeKey => 20,
+    VipRangeKey => 20,
     ReplyRoute => 56,
 );
 
@@ -626,6 +711,63 @@ mod pod {
     unsafe impl aya::Pod for IcmpJob {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for VipRangeKey {}
     unsafe impl aya::Pod for ReplyRoute {}
     unsafe impl aya::Pod for crate::flowtab::FlowBucket {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PortPrefixes;
+
+    /// The ports the blocks of `lo..=hi` cover, one by one, and the number of blocks.
+    fn covered(lo: u16, hi: u16) -> ([bool; 65536], usize) {
+        let mut seen = [false; 65536];
+        let mut n = 0;
+        for (first, bits) in PortPrefixes::new(lo, hi) {
+            n += 1;
+            let size = 1u32 << (16 - bits);
+            assert_eq!(
+                u32::from(first) % size,
+                0,
+                "block {first}/{bits} is not aligned"
+            );
+            for p in u32::from(first)..u32::from(first) + size {
+                assert!(!seen[p as usize], "port {p} in two blocks");
+                seen[p as usize] = true;
+            }
+        }
+        (seen, n)
+    }
+
+    #[test]
+    fn port_blocks_cover_exactly_the_range_in_at_most_30_keys() {
+        for (lo, hi) in [
+            (10000, 10999),
+            (0, 65535),
+            (1, 65535),
+            (0, 0),
+            (80, 80),
+            (1, 65534),
+            (32768, 65535),
+            (1023, 1024),
+        ] {
+            let (seen, n) = covered(lo, hi);
+            for (p, s) in seen.iter().enumerate() {
+                assert_eq!(
+                    *s,
+                    (lo as usize..=hi as usize).contains(&p),
+                    "{lo}-{hi}: port {p}"
+                );
+            }
+            assert!(n <= 30, "{lo}-{hi}: {n} blocks");
+        }
+    }
+
+    #[test]
+    fn all_ports_are_one_block_without_port_bits() {
+        let mut all = PortPrefixes::new(0, 65535);
+        assert_eq!((all.next(), all.next()), (Some((0, 0)), None));
+        assert_eq!(PortPrefixes::new(1, 65534).count(), 30);
+    }
 }

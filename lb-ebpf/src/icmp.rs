@@ -25,7 +25,7 @@ use crate::parse::{
     ICMPV6_TIME_EXCEED,
 };
 use crate::{
-    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS, LB_VIPS,
+    LB_FLOWS, LB_ICMP_JOB, LB_MEMBERS, LB_NODE, LB_PROGS,
     addr::same_addr,
     count,
     forward::encap_and_forward,
@@ -171,8 +171,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
 /// Maglev's choice. `None` if `key` is no DSR VIP's or the VIP has no member to choose.
 #[inline(always)]
 fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static Member)> {
-    let vip_key = key.vip_key();
-    let vip = unsafe { LB_VIPS.get(vip_key)? };
+    let vip = crate::vip_of(key)?;
     if vip.mode != MODE_DSR {
         return None;
     }

@@ -66,7 +66,7 @@ mod program {
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
         Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
         NextHop, NodeConfig, PassiveHealth, RateBucket, SrcRangeKey, TooBigJob, TrafficStats,
-        VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue, maps::*,
+        VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipRangeKey, VipValue, maps::*,
     };
 
     use crate::{
@@ -166,6 +166,9 @@ mod program {
     pub static LB_SRC_RANGES: LpmTrie<SrcRangeKey, u32> =
         LpmTrie::with_max_entries(MAX_SOURCE_RANGES, 0);
     #[map]
+    pub static LB_VIP_RANGES: LpmTrie<VipRangeKey, VipValue> =
+        LpmTrie::with_max_entries(MAX_VIP_RANGE_KEYS, 0);
+    #[map]
     pub static LB_VIP_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
     #[map]
     pub static LB_NEW_FLOW_BUDGET: PerCpuArray<lb_common::NewFlowBudget> =
@@ -180,6 +183,19 @@ mod program {
     fn source_allowed(vip_id: u32, src: &[u8; 16]) -> bool {
         let key = Key::new(SrcRangeKey::prefix_len(128), SrcRangeKey::new(vip_id, *src));
         LB_SRC_RANGES.get(&key).is_some()
+    }
+
+    /// The VIP of flow `key`: its exact VIP (`LB_VIPS`), else the port range its port is in
+    /// (`LB_VIP_RANGES`, one longest-prefix lookup, made only when the exact lookup misses).
+    #[inline(always)]
+    pub fn vip_of(key: &FlowKey) -> Option<&'static VipValue> {
+        match unsafe { LB_VIPS.get(key.vip_key()) } {
+            Some(v) => Some(v),
+            None => LB_VIP_RANGES.get(&Key::new(
+                VipRangeKey::prefix_len(16),
+                VipRangeKey::of_flow(key),
+            )),
+        }
     }
 
     #[inline(always)]
@@ -372,8 +388,7 @@ mod program {
         if !maybe_vip(&pkt.key.dst, pkt.key.family) {
             return not_for_vip(&pkt);
         }
-        let vip_key = pkt.key.vip_key();
-        let Some(vip) = (unsafe { LB_VIPS.get(vip_key) }) else {
+        let Some(vip) = vip_of(&pkt.key) else {
             return not_for_vip(&pkt);
         };
         let vip = *vip;

@@ -292,6 +292,49 @@ impl Lb {
             .expect("writing the VIP filter");
     }
 
+    /// Adds a port-range VIP: `LB_VIP_RANGES` entries for the blocks of `lo..=hi` (written
+    /// here from their definition: each block is the largest aligned one that fits), and its
+    /// address in the VIP-address set and filter, as the agent would write them.
+    pub fn add_vip_range(&mut self, addr: &str, proto: u8, lo: u16, hi: u16, value: VipValue) {
+        let (a, family) = lb_userspace::model::desired::addr16(addr.parse().expect("an address"));
+        let key = VipKey {
+            addr: a,
+            port: 0,
+            proto,
+            family,
+        };
+        {
+            let mut t: aya::maps::LpmTrie<&mut MapData, lb_common::VipRangeKey, VipValue> =
+                aya::maps::LpmTrie::try_from(self.map(maps::VIP_RANGES)).expect("LB_VIP_RANGES");
+            let (mut p, end) = (u32::from(lo), u32::from(hi) + 1);
+            while p < end {
+                let mut size = 1u32 << 16;
+                while p % size != 0 || p + size > end {
+                    size >>= 1;
+                }
+                let k = lb_common::VipRangeKey {
+                    family,
+                    proto,
+                    addr: a,
+                    port: (p as u16).to_be_bytes(),
+                };
+                let bits = 16 - size.trailing_zeros();
+                t.insert(&aya::maps::lpm_trie::Key::new(144 + bits, k), value, 0)
+                    .expect("writing a port range");
+                p += size;
+            }
+        }
+        self.hash::<VipAddr, u32>(maps::VIP_ADDRS)
+            .insert(key.vip_addr(), 1, 0)
+            .expect("writing VIP address");
+        let (word, bit) = lb_common::hash::vip_filter_slot(&key.addr, key.family);
+        let mut filter = self.array::<u64>(maps::VIP_FILTER);
+        let w = filter.get(&word, 0).expect("reading the VIP filter");
+        filter
+            .set(word, w | bit, 0)
+            .expect("writing the VIP filter");
+    }
+
     /// Lets VIP `vip_id` take packets from `ranges` (CIDRs): `LB_SRC_RANGES` entries. The
     /// program looks only if the VIP has `VIP_F_SOURCE_RANGES`.
     pub fn add_source_ranges(&mut self, vip_id: u32, ranges: &[&str]) {

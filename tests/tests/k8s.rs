@@ -914,7 +914,7 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
     // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2,
     // LB_NAT_REV@v2 and LB_FLOWS4@v2 converted down in place to schema 1's names, and the maps
     // 0.2.0 does not know (source ranges, new-flow budgets, NAT reply counters, the passive
-    // holds) unpinned.
+    // holds, the port ranges) unpinned.
     let mut want: Vec<String> = pins
         .iter()
         .filter(|p| {
@@ -926,6 +926,7 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
                 "LB_VIP_REPLY_STATS",
                 "LB_MEMBER_REPLY_STATS",
                 "LB_MEMBER_HOLD",
+                "LB_VIP_RANGES",
             ]
             .contains(&p.as_str())
         })
@@ -1360,5 +1361,101 @@ fn endpoints_hinted_for_this_node_are_preferred_over_the_zone() {
             .contains("other nodes than this one (node-a)"),
         "{rows:#}"
     );
+    assert_eq!(agent.stop().code(), Some(0));
+}
+
+/// `lb explain` of a SYN from a client to `V4:port`.
+fn explain_port(dirs: &Dirs, port: u16) -> Value {
+    dirs.json(&[
+        "explain",
+        "198.51.100.7:40000",
+        &format!("{V4}:{port}"),
+        "tcp",
+        "--syn",
+    ])
+}
+
+/// Waits until `lb explain` of port `port` names the VIP labelled `label`.
+fn wait_explained(dirs: &Dirs, agent: &Agent, port: u16, label: &str) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let v = explain_port(dirs, port);
+        if v["vip"]["label"] == label {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port {port} is not {label}'s: {v:#}\nagent log:\n{}",
+            agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_port_range_annotation_reaches_the_map_and_an_invalid_one_keeps_the_last_good_range() {
+    let (net, api, dirs) = setup("k8s-range");
+    let with = |range: &str| {
+        service(
+            "web",
+            json!({ "metadata": { "annotations": { "lb.dev/port-range": range } } }),
+        )
+    };
+    api.apply(with("10000-10999"));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[(TX_V4, "node-a", true, true, false)],
+    ));
+    let mut agent = start_agent(&net, &dirs, &[]);
+    agent.wait_serving(&net.ns, &dirs, T);
+    let range = format!("{V4}:10000-10999/tcp");
+    let e = wait_explained(&dirs, &agent, 10500, &range);
+    assert_eq!(e["verdict"], "forward", "{e:#}");
+    // The Service's own port stays an exact VIP.
+    assert_eq!(
+        explain_port(&dirs, 80)["vip"]["label"],
+        format!("{V4}:80/tcp")
+    );
+
+    // The program on the agent's maps: a SYN to port 10500 is translated to the endpoint's
+    // port 10500 (a Service's VIPs are NAT).
+    net.ns.run(|| {
+        let mut lb = Lb::adopt(&dirs.pins);
+        let syn = Pkt::tcp("198.51.100.7", 40000, V4, 10500, LB0_MAC);
+        let run = lb.run(&syn.frame(), net.lb0);
+        assert_eq!(action_name(run.action), action_name(XDP_TX));
+        let ip = &run.output[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        assert_eq!(
+            &ip[16..20],
+            &TX_V4.parse::<std::net::Ipv4Addr>().unwrap().octets()
+        );
+        let dport = u16::from_be_bytes([ip[ihl + 2], ip[ihl + 3]]);
+        assert_eq!(dport, 10500, "the endpoint's port is the packet's");
+    });
+
+    // An annotation that does not read: a Warning Event, and the last range keeps serving.
+    api.apply(with("10999-10000"));
+    let deadline = Instant::now() + T;
+    while events(&api.lock(), "InvalidPortRange").is_empty() {
+        assert!(Instant::now() < deadline, "no InvalidPortRange event");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = &events(&api.lock(), "InvalidPortRange")[0];
+    assert_eq!(e["type"], "Warning", "{e:#}");
+    assert!(
+        e["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the last good range, 10000-10999, keeps serving"),
+        "{e:#}"
+    );
+    assert_eq!(explain_port(&dirs, 10500)["vip"]["label"], range);
+
+    // A new range: the old one's ports outside it are no longer served.
+    api.apply(with("20000-20099"));
+    wait_explained(&dirs, &agent, 20050, &format!("{V4}:20000-20099/tcp"));
+    assert_eq!(explain_port(&dirs, 10500)["verdict"], "pass");
     assert_eq!(agent.stop().code(), Some(0));
 }

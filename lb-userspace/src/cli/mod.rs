@@ -442,7 +442,7 @@ fn inspect(
     match command {
         Command::Stats { out, watch } => {
             let p = Pinned::open(pins)?;
-            let names = show::VipNames::read(state_dir);
+            let names = show::VipNames::read(state_dir).with_ranges(&p);
             match watch {
                 Some(every) => show::watch::watch(&p, &names, every, out.format()),
                 None => stats(&p, &names, out.format()),
@@ -467,8 +467,9 @@ fn inspect(
                 state,
             };
             let limit = if limit == 0 { usize::MAX } else { limit };
-            let names = show::VipNames::read(state_dir);
-            show::flows::flows(&Pinned::open(pins)?, &names, filter, limit, out.format())
+            let p = Pinned::open(pins)?;
+            let names = show::VipNames::read(state_dir).with_ranges(&p);
+            show::flows::flows(&p, &names, filter, limit, out.format())
         }
         Command::Explain {
             source,
@@ -477,8 +478,8 @@ fn inspect(
             syn,
             out,
         } => {
-            let names = show::VipNames::read(state_dir);
             let p = Pinned::open(pins)?;
+            let names = show::VipNames::read(state_dir).with_ranges(&p);
             explain(
                 &p,
                 &source,

@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityKey, AffinityValue, Counter, FAMILY_V4, FlowKey, FlowValue, IPPROTO_TCP, MODE_NAT,
     Member, NAT_S_ANSWERED, NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NatFlow, NatReverse, NodeConfig,
-    PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipValue,
+    PassiveHealth, SrcRangeKey, TrafficStats, VipKey, VipRangeKey, VipValue,
     flowtab::{self, FlowBucket},
     maps,
 };
@@ -68,6 +68,8 @@ pub struct Pinned {
     /// None on pins of a release before 0.3.0 (no reply counters).
     vip_replies: Option<PerCpuArray<MapData, TrafficStats>>,
     member_replies: Option<PerCpuArray<MapData, TrafficStats>>,
+    /// None on pins of a release before 0.3.0 (no port ranges).
+    vip_ranges: Option<LpmTrie<MapData, VipRangeKey, VipValue>>,
 }
 
 impl Pinned {
@@ -132,6 +134,9 @@ impl Pinned {
             member_replies: open(maps::MEMBER_REPLY_STATS)
                 .ok()
                 .and_then(|m| PerCpuArray::try_from(m).ok()),
+            vip_ranges: open(maps::VIP_RANGES)
+                .ok()
+                .and_then(|m| LpmTrie::try_from(m).ok()),
             sizes,
         })
     }
@@ -261,12 +266,65 @@ impl Pinned {
         self.nat_rev.get(&rkey, 0).ok().filter(|r| r.client == *k)
     }
 
-    /// VIPs, ordered by key.
+    /// VIPs, ordered by key: the exact ones and the port-range ones (port 0, see
+    /// [`Pinned::port_ranges`]).
     pub fn vips(&self) -> Result<BTreeMap<VipKey, VipValue>, InspectError> {
-        self.vips
+        let mut out: BTreeMap<VipKey, VipValue> = self
+            .vips
             .iter()
             .map(|kv| kv.map_err(merr("VIPs")))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        out.extend(self.range_vips()?.into_iter().map(|(k, (_, v))| (k, v)));
+        Ok(out)
+    }
+
+    /// The port-range VIPs (`LB_VIP_RANGES`), by key (port 0), with their ranges.
+    fn range_vips(
+        &self,
+    ) -> Result<BTreeMap<VipKey, (crate::model::desired::PortRange, VipValue)>, InspectError> {
+        let Some(t) = &self.vip_ranges else {
+            return Ok(BTreeMap::new());
+        };
+        let mut blocks = Vec::new();
+        for kv in t.iter() {
+            let (k, v) = kv.map_err(merr("port ranges"))?;
+            blocks.push((k.prefix_len(), k.data(), v));
+        }
+        Ok(crate::model::port_ranges::of_blocks(blocks))
+    }
+
+    /// The ports of each port-range VIP, by key (port 0).
+    pub fn port_ranges(
+        &self,
+    ) -> Result<BTreeMap<VipKey, crate::model::desired::PortRange>, InspectError> {
+        Ok(self
+            .range_vips()?
+            .into_iter()
+            .map(|(k, (r, _))| (k, r))
+            .collect())
+    }
+
+    /// The VIP a packet to `exact` (address, port, protocol) is balanced by, as the program
+    /// finds it: the exact VIP, else the port range its port is in. The key returned is the
+    /// VIP's own (port 0 for a range).
+    pub fn vip_of(&self, exact: &VipKey) -> Option<(VipKey, VipValue)> {
+        if let Ok(v) = self.vips.get(exact, 0) {
+            return Some((*exact, v));
+        }
+        let t = self.vip_ranges.as_ref()?;
+        let probe = VipRangeKey {
+            family: exact.family,
+            proto: exact.proto,
+            addr: exact.addr,
+            port: exact.port.to_ne_bytes(),
+        };
+        let v = t
+            .get(
+                &aya::maps::lpm_trie::Key::new(VipRangeKey::prefix_len(16), probe),
+                0,
+            )
+            .ok()?;
+        Some((VipKey { port: 0, ..*exact }, v))
     }
 
     /// Live members by id.
@@ -375,8 +433,7 @@ impl Pinned {
         if !flowtab::in_table(k.family) {
             return self.flows.get(k, 0).ok();
         }
-        let vip = k.vip_key();
-        let vip_id = self.vips.get(&vip, 0).ok()?.id;
+        let vip_id = self.vip_of(&k.vip_key())?.1.id;
         let packed = flowtab::pack_key(k, vip_id);
         let at = flowtab::buckets_of(packed, self.flows4.len());
         let b0 = self.flows4.get(&at[0], 0).ok()?;

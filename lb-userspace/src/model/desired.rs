@@ -99,6 +99,76 @@ pub struct VipSpec {
     /// A limit on the new flows the VIP takes (None: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_flow_budget: Option<Budget>,
+    /// The ports a port-range VIP serves (then `port` is 0): a packet to one of them that no
+    /// exact VIP of the address and protocol takes. None: the VIP serves `port` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
+}
+
+/// The ports of a port-range VIP, `lo..=hi`: `0-65535` (all ports) or any part of it. NAT
+/// sends a packet to the same port of the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Every port.
+    pub const ALL: Self = Self {
+        lo: 0,
+        hi: u16::MAX,
+    };
+
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+
+    /// Its `LB_VIP_RANGES` blocks: (first port, bits of the port that count).
+    pub fn blocks(&self) -> lb_common::PortPrefixes {
+        lb_common::PortPrefixes::new(self.lo, self.hi)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    /// `10000-10999`, or one port (`8080`, a range of one).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a port range (like 10000-10999, first port <= last)");
+        let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo > hi {
+            return Err(bad());
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// A VIP's new-flow budget: at most `rate` new flows a second in the long run, `burst` at once
@@ -342,9 +412,13 @@ impl VipSpec {
         }
     }
 
-    /// `address:port/protocol`, as the CLI prints VIPs.
+    /// `address:port/protocol` (`address:lo-hi/protocol` for a port range), as the CLI
+    /// prints VIPs.
     pub fn label(&self) -> String {
-        vip_label(&self.key())
+        match self.port_range {
+            Some(r) => range_label(&self.key(), r),
+            None => vip_label(&self.key()),
+        }
     }
 
     /// Whether the VIP takes packets from `src` (see [`VipSpec::source_ranges`]).
@@ -352,6 +426,16 @@ impl VipSpec {
         self.source_ranges
             .as_ref()
             .is_none_or(|r| r.iter().any(|c| c.contains(src)))
+    }
+}
+
+/// `192.0.2.1:10000-10999/tcp` or `[2001:db8::1]:10000-10999/tcp`: port-range VIP `k` (its
+/// port is 0) serving `r`.
+pub fn range_label(k: &VipKey, r: PortRange) -> String {
+    let label = vip_label(k);
+    match label.rsplit_once(":0/") {
+        Some((addr, proto)) => format!("{addr}:{r}/{proto}"),
+        None => label,
     }
 }
 

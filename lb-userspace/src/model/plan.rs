@@ -26,7 +26,7 @@ use lb_common::{
 };
 
 use crate::{
-    model::desired::{Desired, HashOn, Mode, VipSpec, addr16},
+    model::desired::{Desired, HashOn, Mode, PortRange, VipSpec, addr16},
     model::maglev::{self, Entry, MaglevError},
     model::table::Table,
 };
@@ -49,6 +49,9 @@ pub struct State {
     /// Each CPU's share of the new-flow budget of the VIP ids with [`VIP_F_NEW_FLOW_BUDGET`]
     /// (`LB_NEW_FLOW_BUDGET`, the same on every CPU).
     pub budgets: BTreeMap<u32, BudgetShare>,
+    /// The ports of the port-range VIPs in `vips` (keyed with port 0): their `LB_VIP_RANGES`
+    /// blocks, where an exact VIP is in `LB_VIPS`.
+    pub port_ranges: BTreeMap<VipKey, PortRange>,
 }
 
 /// The settings of one CPU's bucket of a VIP's new-flow budget (the agent's half of a
@@ -168,6 +171,19 @@ pub enum Write {
     RemoveVip {
         key: VipKey,
     },
+    /// Publish (or update) port-range VIP `key` (port 0): `value` in the `LB_VIP_RANGES` blocks
+    /// of `range`, then the blocks of `old` (its range before) that `range` has not removed.
+    VipRange {
+        key: VipKey,
+        range: PortRange,
+        old: Option<PortRange>,
+        value: VipValue,
+    },
+    /// Remove port-range VIP `key`: the blocks of `range`.
+    RemoveVipRange {
+        key: VipKey,
+        range: PortRange,
+    },
     /// Let a VIP take packets from a source range.
     SrcRange(SrcRange),
     RemoveSrcRange(SrcRange),
@@ -230,6 +246,10 @@ pub enum PlanError {
         "{wanted} source ranges over all VIPs, but the program holds at most {max} (LB_SRC_RANGES)"
     )]
     TooManySourceRanges { wanted: usize, max: u32 },
+    #[error(
+        "the port ranges take {wanted} keys (a range is up to 30 aligned blocks), but the program holds at most {max} (LB_VIP_RANGES): use fewer ranges, or ranges aligned on powers of two"
+    )]
+    TooManyPortRangeKeys { wanted: usize, max: u32 },
 }
 
 /// Who a member is: its VIP id, and its backend's family, address and port (network byte
@@ -370,6 +390,9 @@ pub(crate) fn plan_full(
             next.budgets.insert(id, BudgetShare::of(b, limits.cpus));
         }
         next.src_ranges.extend(vip_ranges(v, id));
+        if let Some(r) = v.port_range {
+            next.port_ranges.insert(key, r);
+        }
     }
     Ok((diff(current, &next), next, ids))
 }
@@ -522,6 +545,18 @@ pub(crate) fn check_counts(desired: &Desired, limits: Limits) -> Result<(), Plan
         return Err(PlanError::TooManyVips {
             wanted: desired.vips.len(),
             max: limits.max_vips,
+        });
+    }
+    let keys: usize = desired
+        .vips
+        .iter()
+        .filter_map(|v| v.port_range)
+        .map(|r| r.blocks().count())
+        .sum();
+    if keys > lb_common::maps::MAX_VIP_RANGE_KEYS as usize {
+        return Err(PlanError::TooManyPortRangeKeys {
+            wanted: keys,
+            max: lb_common::maps::MAX_VIP_RANGE_KEYS,
         });
     }
     // Only the ranges of a VIP's own family are written.
@@ -693,8 +728,17 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
     }
     // 5. VIPs: new and changed ones now that their tables are in place; then removals.
     for (k, v) in &next.vips {
-        if cur.vips.get(k) != Some(v) {
-            w.push(Write::Vip { key: *k, value: *v });
+        let (range, old) = (next.port_ranges.get(k), cur.port_ranges.get(k));
+        if cur.vips.get(k) != Some(v) || range != old {
+            w.push(match range {
+                Some(r) => Write::VipRange {
+                    key: *k,
+                    range: *r,
+                    old: old.copied(),
+                    value: *v,
+                },
+                None => Write::Vip { key: *k, value: *v },
+            });
         }
     }
     removals(cur, next, &mut w);
@@ -705,7 +749,10 @@ pub(crate) fn diff(cur: &State, next: &State) -> Plan {
 /// the members), in that order.
 fn removals(cur: &State, next: &State, w: &mut Vec<Write>) {
     for k in cur.vips.keys().filter(|k| !next.vips.contains_key(k)) {
-        w.push(Write::RemoveVip { key: *k });
+        w.push(match cur.port_ranges.get(k) {
+            Some(r) => Write::RemoveVipRange { key: *k, range: *r },
+            None => Write::RemoveVip { key: *k },
+        });
     }
     for a in cur
         .vip_addrs
@@ -811,6 +858,23 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
                 s.rings.insert(*vip_id, Arc::new(Table::new(&ring)));
             }
         }
+        Write::VipRange {
+            key, range, value, ..
+        } => {
+            s.port_ranges.insert(*key, *range);
+            apply_to_state(
+                s,
+                &Write::Vip {
+                    key: *key,
+                    value: *value,
+                },
+                m,
+            );
+        }
+        Write::RemoveVipRange { key, .. } => {
+            s.port_ranges.remove(key);
+            s.vips.remove(key);
+        }
         Write::Vip { key, value } => {
             // The table is the VIP's size from now on (what a reader of the maps would see).
             if let Some(ring) = s.rings.get_mut(&value.id) {
@@ -874,6 +938,7 @@ mod tests {
             table_size: None,
             source_ranges: None,
             new_flow_budget: None,
+            port_range: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))
@@ -1436,6 +1501,96 @@ mod tests {
             VIP_F_SOURCE_RANGES
         );
         assert!(next.src_ranges.is_empty());
+    }
+
+    fn with_port_range(mut v: VipSpec, lo: u16, hi: u16) -> VipSpec {
+        v.port = 0;
+        v.port_range = Some(PortRange { lo, hi });
+        v
+    }
+
+    #[test]
+    fn a_port_range_vip_is_written_changed_and_removed_as_range_writes() {
+        let range = with_port_range(vip("192.0.2.1", &[("10.1.0.1", 1)]), 10000, 10999);
+        let key = range.key();
+        let (p, s1) = plan(&State::default(), &desired(vec![range.clone()]), LIMITS).unwrap();
+        assert!(
+            p.writes.iter().any(
+                |w| matches!(w, Write::VipRange { key: k, range: r, old: None, .. }
+                if *k == key && *r == PortRange { lo: 10000, hi: 10999 })
+            ),
+            "{:?}",
+            p.writes
+        );
+        assert!(!p.writes.iter().any(|w| matches!(w, Write::Vip { .. })));
+        assert_eq!(
+            s1.port_ranges.get(&key),
+            Some(&PortRange {
+                lo: 10000,
+                hi: 10999
+            })
+        );
+        // Narrowed: the same VIP (its id kept), its old range said.
+        let narrowed = with_port_range(range.clone(), 10000, 10499);
+        let (p, s2) = plan(&s1, &desired(vec![narrowed]), LIMITS).unwrap();
+        assert_eq!(s2.vips[&key].id, s1.vips[&key].id);
+        let vip_writes: Vec<&Write> = p
+            .writes
+            .iter()
+            .filter(|w| matches!(w, Write::VipRange { .. } | Write::Vip { .. }))
+            .collect();
+        assert_eq!(
+            vip_writes,
+            [&Write::VipRange {
+                key,
+                range: PortRange {
+                    lo: 10000,
+                    hi: 10499
+                },
+                old: Some(PortRange {
+                    lo: 10000,
+                    hi: 10999
+                }),
+                value: s2.vips[&key],
+            }]
+        );
+        // Gone: removed as a range, and the state the writes lead to is the plan's.
+        let (p, s3) = plan(&s2, &desired(vec![]), LIMITS).unwrap();
+        assert!(p.writes.contains(&Write::RemoveVipRange {
+            key,
+            range: PortRange {
+                lo: 10000,
+                hi: 10499
+            }
+        }));
+        let mut applied = s2.clone();
+        for w in &p.writes {
+            apply_to_state(&mut applied, w, LIMITS.table_size);
+        }
+        assert!(applied.port_ranges.is_empty() && applied.vips.is_empty());
+        assert!(s3.port_ranges.is_empty());
+    }
+
+    #[test]
+    fn port_ranges_of_more_keys_than_the_trie_holds_are_an_error() {
+        // 1-65534 takes 30 keys: 137 of them take 4,110.
+        let vips: Vec<VipSpec> = (0..137)
+            .map(|i| {
+                let a = format!("192.0.{}.{}", 2 + i / 200, 1 + i % 200);
+                with_port_range(vip(&a, &[]), 1, 65534)
+            })
+            .collect();
+        let limits = Limits {
+            max_vips: 200,
+            ..LIMITS
+        };
+        assert_eq!(
+            plan(&State::default(), &desired(vips), limits).unwrap_err(),
+            PlanError::TooManyPortRangeKeys {
+                wanted: 137 * 30,
+                max: lb_common::maps::MAX_VIP_RANGE_KEYS
+            }
+        );
     }
 
     #[test]

@@ -229,6 +229,9 @@ impl Planner {
                 after.budgets.insert(*id, BudgetShare::of(b, limits.cpus));
             }
             after.src_ranges.extend(plan::vip_ranges(v, *id));
+            if let Some(r) = v.port_range {
+                after.port_ranges.insert(*key, r);
+            }
             debug_assert_eq!(ids.len(), v.backends.len());
         }
         after.vip_addrs = self.vip_addrs(&before, &c);
@@ -397,6 +400,9 @@ impl Planner {
             if let Some(v) = s.vips.get(&key) {
                 before.vips.insert(key, *v);
             }
+            if let Some(r) = s.port_ranges.get(&key) {
+                before.port_ranges.insert(key, *r);
+            }
             let addr = key.vip_addr();
             if let Some(n) = s.vip_addrs.get(&addr) {
                 before.vip_addrs.insert(addr, *n);
@@ -464,6 +470,7 @@ fn patch(s: &mut State, before: State, after: State) {
     map(&mut s.retired, before.retired, after.retired);
     map(&mut s.rings, before.rings, after.rings);
     map(&mut s.budgets, before.budgets, after.budgets);
+    map(&mut s.port_ranges, before.port_ranges, after.port_ranges);
     for r in &before.src_ranges {
         s.src_ranges.remove(r);
     }
@@ -526,6 +533,14 @@ mod tests {
                 rate: rng.random_range(1..4) * 100,
                 burst: 10,
             }),
+            // Port 0: a port-range VIP, whose range may change under the same key.
+            port_range: (port == 0).then(|| {
+                let lo = rng.random_range(1000..2000);
+                crate::model::desired::PortRange {
+                    lo,
+                    hi: lo + rng.random_range(0..500),
+                }
+            }),
         }
     }
 
@@ -535,7 +550,7 @@ mod tests {
         for _ in 0..rng.random_range(1..3) {
             let (addr, port) = (
                 VIPS[rng.random_range(0..VIPS.len())],
-                rng.random_range(80..82),
+                [0, 80][rng.random_range(0..2)],
             );
             let at = next
                 .vips

@@ -35,6 +35,19 @@ impl VipRef {
         }
     }
 
+    /// VIP `k`, a port-range VIP (port 0) of `range` if given: its label says the range
+    /// (`192.0.2.20:10000-10999/tcp`).
+    pub fn of_range(k: &VipKey, range: Option<crate::model::desired::PortRange>) -> Self {
+        let r = Self::of(k);
+        match range {
+            Some(range) => Self {
+                label: crate::model::desired::range_label(k, range),
+                ..r
+            },
+            None => r,
+        }
+    }
+
     pub fn named(mut self, name: Option<String>) -> Self {
         self.name = name;
         self

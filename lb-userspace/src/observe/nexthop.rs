@@ -61,7 +61,7 @@ pub fn nexthops(p: &Pinned, pin_dir: &Path, state_dir: &Path, format: Format) ->
             source,
         })?;
     let mut rows = Vec::new();
-    for r in member_rows(p, &VipNames::read(state_dir))? {
+    for r in member_rows(p, &VipNames::read(state_dir).with_ranges(p))? {
         let nh = table.get(&r.id, 0).map_err(|source| ShowError::Map {
             what: maps::NEXTHOPS,
             source,

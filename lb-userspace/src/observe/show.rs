@@ -102,11 +102,19 @@ pub struct VipNames {
     names: BTreeMap<String, String>,
     /// VIP label -> (backend address, why it is a backup, whether it stands in now).
     backups: BTreeMap<String, Vec<(String, String, bool)>>,
+    /// The ports of the port-range VIPs (keyed with port 0), for their labels.
+    ranges: BTreeMap<VipKey, crate::model::desired::PortRange>,
 }
 
 impl VipNames {
     pub fn read(state_dir: &Path) -> Self {
         Self::of(read_status(state_dir).as_ref())
+    }
+
+    /// The same, with the port ranges of the VIPs in `p` (their labels say them).
+    pub fn with_ranges(mut self, p: &Pinned) -> Self {
+        self.ranges = p.port_ranges().unwrap_or_default();
+        self
     }
 
     fn of(status: Option<&Status>) -> Self {
@@ -124,12 +132,13 @@ impl VipNames {
                 .map(|v| (v.vip.clone(), v.name.clone()))
                 .collect(),
             backups: backups.filter(|(_, b)| !b.is_empty()).collect(),
+            ranges: BTreeMap::new(),
         }
     }
 
     /// The VIP `k` as every JSON output shows it.
     pub fn vip(&self, k: &VipKey) -> VipRef {
-        let r = VipRef::of(k);
+        let r = VipRef::of_range(k, self.ranges.get(k).copied());
         let name = self.names.get(&r.label).cloned();
         r.named(name)
     }
@@ -387,7 +396,7 @@ fn print_global(counters: &[(Counter, u64)]) {
 
 pub fn backends(p: &Pinned, state_dir: &Path, format: Format) -> Result<()> {
     let status: Option<Status> = read_status(state_dir);
-    let names = VipNames::of(status.as_ref());
+    let names = VipNames::of(status.as_ref()).with_ranges(p);
     let members = p.members()?;
     let conns = p.tables()?.connections;
     let mut out = Vec::new();
@@ -688,7 +697,11 @@ pub fn explain(
         result: json!(null),
         steps: Vec::new(),
     };
-    match p.vips()?.get(&vkey) {
+    let found = p.vip_of(&vkey);
+    // The VIP's own key: port 0 for a port range the packet's port is in.
+    let own = found.map_or(vkey, |(k, _)| k);
+    let label = names.vip(&own).label;
+    match found.as_ref().map(|(_, v)| v) {
         None => {
             e.step(format!(
                 "{} is not a VIP: the packet passes to the kernel untouched",
@@ -700,14 +713,14 @@ pub fn explain(
             if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
                 && p.source_range(vip.id, &key.src).is_none() =>
         {
-            e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            vip_step(&mut e, &vkey, &own, &label, vip.id);
             e.step(format!(
                 "source ranges: {src} is in none of the VIP's ranges: dropped (drop_source_range), before any flow, affinity or NAT state"
             ));
             e.result = json!({"verdict": "drop", "reason": "source range"});
         }
         Some(vip) => {
-            e.step(format!("{} is VIP id {}", vip_label(&vkey), vip.id));
+            vip_step(&mut e, &vkey, &own, &label, vip.id);
             if vip.flags & lb_common::VIP_F_SOURCE_RANGES != 0
                 && let Some((bits, a)) = p.source_range(vip.id, &key.src)
             {
@@ -721,7 +734,7 @@ pub fn explain(
             } else {
                 0
             };
-            for (addr, why, standing_in) in names.backups(&vip_label(&vkey)) {
+            for (addr, why, standing_in) in names.backups(&label) {
                 e.step(format!("{addr}: {}", backup_note(why, *standing_in)));
             }
             e.result = choose(p, &key, vip, sport.is_some(), tcp_flags, &mut e.steps)?;
@@ -732,7 +745,7 @@ pub fn explain(
     }
     if format == Format::Json {
         let mut r = e.result;
-        r["vip"] = json!(names.vip(&vkey));
+        r["vip"] = json!(names.vip(&own));
         r["steps"] = json!(e.steps);
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -741,6 +754,20 @@ pub fn explain(
         }
     }
     Ok(())
+}
+
+/// The step that says which VIP a packet to `exact` matched: VIP `own` (labelled `label`), the
+/// same key, or a port range (after the exact lookup missed).
+fn vip_step(e: &mut Explained, exact: &VipKey, own: &VipKey, label: &str, id: u32) {
+    if exact == own {
+        e.step(format!("{label} is VIP id {id}"));
+    } else {
+        e.step(format!(
+            "{} is no exact VIP; port {} is in the port range of {label}, VIP id {id}",
+            vip_label(exact),
+            u16::from_be(exact.port)
+        ));
+    }
 }
 
 /// Member `id`'s backend, if the member is live and its VIP known.

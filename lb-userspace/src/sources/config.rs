@@ -318,8 +318,15 @@ pub struct RawVip {
     pub name: Option<String>,
     /// The virtual IP (IPv4 or IPv6, unicast; not loopback, multicast or unspecified). Required.
     pub address: Option<String>,
-    /// The port clients connect to, 1..=65535. Required.
+    /// The port clients connect to, 1..=65535; `0`: every port (a port range of all of them).
+    /// Required, unless `port_range` is given.
     pub port: Option<i64>,
+    /// A port-range VIP: `LO-HI` (like `10000-10999`), the ports it serves instead of `port`,
+    /// each to the same port of its backends (so its backends have no `port`, and its health
+    /// check needs one). A packet to a port of the range that an exact VIP (`port`) of the same
+    /// address and protocol has goes to that VIP. One range per address and protocol.
+    /// Default: none.
+    pub port_range: Option<String>,
     /// `tcp` or `udp`. Required.
     pub protocol: Option<String>,
     /// `dsr` (direct server return: IPIP/IP6IP6 to the backend, which answers the client) or
@@ -772,6 +779,7 @@ fn check_kind(c: &mut Checker, p: &str, h: &RawHealthCheck, http: bool) -> Check
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::desired::PortRange;
 
     const GOOD: &str = r#"
 node:
@@ -955,8 +963,8 @@ vips:
                 "vips[0].address: \"192.0.2.300\" is not an IP address",
             ),
             (
-                Box::new(replace("    port: 80\n", "    port: 0\n")),
-                "vips[0].port: must be 1..=65535",
+                Box::new(replace("    port: 80\n", "    port: 65536\n")),
+                "vips[0].port: must be 0..=65535",
             ),
             (
                 Box::new(replace(
@@ -1540,6 +1548,112 @@ vips:
             Ok(_) => panic!("a misspelt key was taken"),
         };
         assert!(typo.contains("brust"), "{typo}");
+    }
+
+    /// GOOD with `vips` (YAML list items) added to its VIPs, and its problems.
+    fn with_vips(vips: &str) -> Result<Config, Vec<String>> {
+        match Config::parse(&format!("{GOOD}{vips}"), "t") {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                Err(problems.iter().map(|p| p.to_string()).collect())
+            }
+            Err(e) => Err(vec![format!("parse: {e}")]),
+        }
+    }
+
+    #[test]
+    fn a_port_range_and_port_0_are_range_vips_with_an_exact_vip_inside_allowed() {
+        let c = with_vips(
+            "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, mode: nat, backends: [{ address: 10.1.0.1 }] }\n  - { address: 192.0.2.20, port: 10080, protocol: tcp, mode: nat, backends: [{ address: 10.1.0.2, port: 8080 }] }\n  - { address: 192.0.2.21, port: 0, protocol: udp, backends: [{ address: 10.1.0.1 }] }\n",
+        )
+        .expect("valid");
+        let range = &c.vips[2].spec;
+        assert_eq!(
+            range.port_range,
+            Some(PortRange {
+                lo: 10000,
+                hi: 10999
+            })
+        );
+        assert_eq!(
+            (range.port, range.label()),
+            (0, "192.0.2.20:10000-10999/tcp".to_string())
+        );
+        assert_eq!(c.vips[3].spec.port_range, None, "the exact VIP inside");
+        assert_eq!(c.vips[4].spec.port_range, Some(PortRange::ALL));
+        assert_eq!(c.vips[4].spec.label(), "192.0.2.21:0-65535/udp");
+    }
+
+    #[test]
+    fn overlapping_or_second_port_ranges_on_one_address_and_protocol_are_refused_naming_both() {
+        let overlap = with_vips(
+            "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port_range: 10500-11999, protocol: tcp, backends: [] }\n",
+        );
+        assert_eq!(
+            overlap.err().unwrap(),
+            [
+                "vips[3].port_range: 10500-11999 overlaps vips[2]'s 10000-10999 on the same address and protocol"
+            ]
+        );
+        let second = with_vips(
+            "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port: 0, protocol: tcp, backends: [] }\n",
+        );
+        assert_eq!(
+            second.err().unwrap(),
+            [
+                "vips[3].port_range: 0-65535 overlaps vips[2]'s 10000-10999 on the same address and protocol"
+            ]
+        );
+        let apart = with_vips(
+            "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port_range: 20000-20999, protocol: tcp, backends: [] }\n",
+        );
+        assert_eq!(
+            apart.err().unwrap(),
+            [
+                "vips[3].port_range: vips[2] has a port range (10000-10999) on this address and protocol already: one range per address and protocol (make it one range, or use another address)"
+            ]
+        );
+        let other_protocol = with_vips(
+            "  - { address: 192.0.2.20, port_range: 10000-10999, protocol: tcp, backends: [] }\n  - { address: 192.0.2.20, port_range: 10000-10999, protocol: udp, backends: [] }\n",
+        );
+        assert!(other_protocol.is_ok(), "{other_protocol:?}");
+    }
+
+    #[test]
+    fn bad_port_ranges_backend_ports_and_portless_health_checks_are_refused_with_their_keys() {
+        let p = |v: &str| with_vips(v).err().unwrap_or_default();
+        assert_eq!(
+            p(
+                "  - { address: 192.0.2.20, port_range: 10999-10000, protocol: tcp, backends: [] }\n"
+            ),
+            [
+                "vips[2].port_range: \"10999-10000\" is not a port range (like 10000-10999, first port <= last)"
+            ]
+        );
+        assert_eq!(
+            p(
+                "  - { address: 192.0.2.20, port: 80, port_range: 1-2, protocol: tcp, backends: [] }\n"
+            ),
+            [
+                "vips[2].port_range: a VIP has a port or a port_range, not both (port: 0 is every port)"
+            ]
+        );
+        assert_eq!(
+            p(
+                "  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, mode: nat, backends: [{ address: 10.1.0.1, port: 8080 }] }\n"
+            ),
+            [
+                "vips[2].backends[0].port: a port-range VIP sends each packet to the port it was sent to, on every backend: remove the port"
+            ]
+        );
+        assert_eq!(
+            p(
+                "  - { address: 192.0.2.20, port_range: 1-2, protocol: tcp, backends: [{ address: 10.1.0.1 }], health_check: { type: tcp, interval: 2s, timeout: 1s } }\n"
+            ),
+            [
+                "vips[2].health_check.port: required for a port-range VIP (which port of the backends to check)"
+            ]
+        );
     }
 
     fn with_ranges(ranges: &str) -> String {

@@ -8,7 +8,7 @@ use aya::{
 };
 use lb_common::{
     Member, NewFlowBudget, NodeConfig, PassiveHealth, SrcRangeKey, TrafficStats, VipAddr, VipKey,
-    VipValue, hash::vip_filter_slot, maps,
+    VipRangeKey, VipValue, hash::vip_filter_slot, maps,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -76,6 +76,47 @@ impl KernelDataplane {
                 .into_iter()
                 .try_for_each(|h| h.join().expect("a table write panicked"))
         })
+    }
+
+    /// Range VIP `key`'s blocks of `range` with `value`, then the blocks of `old` it lost.
+    fn write_vip_range(
+        &mut self,
+        key: &VipKey,
+        range: crate::model::desired::PortRange,
+        old: Option<crate::model::desired::PortRange>,
+        value: &VipValue,
+    ) -> Result<(), DataplaneError> {
+        let label = crate::model::desired::range_label(key, range);
+        let mut t: LpmTrie<_, VipRangeKey, VipValue> =
+            LpmTrie::try_from(self.map_mut(maps::VIP_RANGES)?).map_err(werr(maps::VIP_RANGES))?;
+        for (len, data) in crate::model::port_ranges::blocks(key, range) {
+            t.insert(&Key::new(len, data), value, 0)
+                .map_err(werr(label.clone()))?;
+        }
+        match old {
+            Some(old) => {
+                self.remove_range_blocks(crate::model::port_ranges::stale_blocks(key, old, range))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Removes `LB_VIP_RANGES` blocks (gone already is no error: a retried plan).
+    fn remove_range_blocks(
+        &mut self,
+        blocks: impl Iterator<Item = (u32, VipRangeKey)>,
+    ) -> Result<(), DataplaneError> {
+        let mut t: LpmTrie<_, VipRangeKey, VipValue> =
+            LpmTrie::try_from(self.map_mut(maps::VIP_RANGES)?).map_err(werr(maps::VIP_RANGES))?;
+        for (len, data) in blocks {
+            match t.remove(&Key::new(len, data)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r.map_err(werr(maps::VIP_RANGES))?,
+            }
+        }
+        Ok(())
     }
 
     fn remove_src_range(&mut self, r: &SrcRange) -> Result<(), DataplaneError> {
@@ -374,6 +415,17 @@ impl Dataplane for KernelDataplane {
             let (k, v) = kv.map_err(rerr(maps::VIPS))?;
             s.vips.insert(k, v);
         }
+        let vip_ranges: LpmTrie<_, VipRangeKey, VipValue> =
+            LpmTrie::try_from(self.map(maps::VIP_RANGES)?).map_err(rerr(maps::VIP_RANGES))?;
+        let mut blocks = Vec::new();
+        for kv in vip_ranges.iter() {
+            let (k, v) = kv.map_err(rerr(maps::VIP_RANGES))?;
+            blocks.push((k.prefix_len(), k.data(), v));
+        }
+        for (key, (range, value)) in crate::model::port_ranges::of_blocks(blocks) {
+            s.vips.insert(key, value);
+            s.port_ranges.insert(key, range);
+        }
         let addrs: HashMap<_, VipAddr, u32> =
             HashMap::try_from(self.map(maps::VIP_ADDRS)?).map_err(rerr(maps::VIP_ADDRS))?;
         for kv in addrs.iter() {
@@ -500,6 +552,16 @@ impl Dataplane for KernelDataplane {
                     HashMap::try_from(self.map_mut(maps::VIPS)?).map_err(werr(maps::VIPS))?;
                 h.remove(key)
                     .map_err(werr(crate::model::desired::vip_label(key)))
+            }
+            Write::VipRange {
+                key,
+                range,
+                old,
+                value,
+            } => self.write_vip_range(key, *range, *old, value),
+            Write::RemoveVipRange { key, range } => {
+                let gone = crate::model::port_ranges::blocks(key, *range);
+                self.remove_range_blocks(gone.into_iter())
             }
             Write::SrcRange(r) => {
                 let (len, data) = r.key();

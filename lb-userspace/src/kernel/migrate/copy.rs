@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use aya::maps::{
     Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
 };
-use lb_common::{SrcRangeKey, flowtab::FlowBucket};
+use lb_common::flowtab::FlowBucket;
 
 use super::schema::{Schema, Shape};
 use crate::kernel::mapping::Mapping;
@@ -207,47 +207,49 @@ pub fn write_hash_entries(
     }
 }
 
-/// `LB_SRC_RANGES`' key: the prefix length, then [`SrcRangeKey`].
-type LpmKey = aya::maps::lpm_trie::Key<SrcRangeKey>;
+/// An LPM trie's key as lb writes them: the prefix length, then 20 bytes of data
+/// ([`lb_common::SrcRangeKey`] in `LB_SRC_RANGES`, [`lb_common::VipRangeKey`] in
+/// `LB_VIP_RANGES`), copied as bytes.
+type LpmKey = aya::maps::lpm_trie::Key<[u8; LPM_DATA]>;
+const LPM_DATA: usize = 20;
 
 fn lpm_key_bytes(k: &LpmKey) -> Vec<u8> {
-    let d = k.data();
     let mut out = k.prefix_len().to_ne_bytes().to_vec();
-    out.extend_from_slice(&d.vip_id);
-    out.extend_from_slice(&d.addr);
+    out.extend_from_slice(&k.data());
     out
 }
 
 fn lpm_key_of(b: &[u8]) -> Option<LpmKey> {
     let prefix_len = u32::from_ne_bytes(b.get(..4)?.try_into().ok()?);
-    Some(LpmKey::new(
-        prefix_len,
-        SrcRangeKey {
-            vip_id: b.get(4..8)?.try_into().ok()?,
-            addr: b.get(8..24)?.try_into().ok()?,
-        },
-    ))
+    Some(LpmKey::new(prefix_len, b.get(4..24)?.try_into().ok()?))
 }
 
-fn check_lpm(s: &Schema) -> Result<(), CopyError> {
-    match (s.key_size, s.value_size) {
-        (24, 4) => Ok(()),
-        (key, value) => Err(CopyError::Unsupported {
-            map: s.map.to_string(),
-            key,
-            value,
-        }),
-    }
+/// Runs `$f::<N>` for the trie's value size: 4 (`LB_SRC_RANGES`) or 20 (`LB_VIP_RANGES`).
+macro_rules! lpm_sizes {
+    ($s:expr, $f:ident ( $($arg:expr),* )) => {
+        match ($s.key_size, $s.value_size) {
+            (24, 4) => $f::<4>($($arg),*),
+            (24, 20) => $f::<20>($($arg),*),
+            (key, value) => Err(CopyError::Unsupported {
+                map: $s.map.to_string(),
+                key,
+                value,
+            }),
+        }
+    };
 }
 
 fn read_lpm(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
-    check_lpm(s)?;
-    let t: LpmTrie<_, SrcRangeKey, u32> =
+    lpm_sizes!(s, read_lpm_of(map, s))
+}
+
+fn read_lpm_of<const V: usize>(map: &Map, s: &Schema) -> Result<Snapshot, CopyError> {
+    let t: LpmTrie<_, [u8; LPM_DATA], [u8; V]> =
         LpmTrie::try_from(map).map_err(map_err(s.map, "opening"))?;
     let mut out = BTreeMap::new();
     for kv in t.iter() {
         let (k, v) = kv.map_err(map_err(s.map, "reading"))?;
-        out.insert(lpm_key_bytes(&k), v.to_ne_bytes().to_vec());
+        out.insert(lpm_key_bytes(&k), v.to_vec());
     }
     Ok(Snapshot::Hash(out))
 }
@@ -257,14 +259,21 @@ fn write_lpm(
     s: &Schema,
     writes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<u64, CopyError> {
-    check_lpm(s)?;
-    let mut t: LpmTrie<_, SrcRangeKey, u32> =
+    lpm_sizes!(s, write_lpm_of(map, s, writes))
+}
+
+fn write_lpm_of<const V: usize>(
+    map: &mut Map,
+    s: &Schema,
+    writes: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> Result<u64, CopyError> {
+    let mut t: LpmTrie<_, [u8; LPM_DATA], [u8; V]> =
         LpmTrie::try_from(map).map_err(map_err(s.map, "opening"))?;
     for (k, v) in writes {
         let key = lpm_key_of(k).expect("key size checked");
         match v {
             Some(v) => {
-                let value = u32::from_ne_bytes(v[..4].try_into().expect("value size checked"));
+                let value: [u8; V] = v[..V].try_into().expect("value size checked");
                 t.insert(&key, value, 0)
                     .map_err(map_err(s.map, "writing"))?;
             }

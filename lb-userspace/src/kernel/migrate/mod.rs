@@ -956,9 +956,10 @@ pub enum RollbackError {
 /// `VIP_F_NEW_FLOW_BUDGET` cleared (the layout is the same), `LB_FLOWS4@v2` becomes `LB_FLOWS4`
 /// with its confirmed bits cleared (word by word: the program may be recording flows), and `LB_SRC_RANGES`,
 /// `LB_VIP_DROPS`, `LB_NEW_FLOW_BUDGET`, `LB_VIP_BUDGET_DROPS` and the reply counters
-/// (`LB_VIP_REPLY_STATS`, `LB_MEMBER_REPLY_STATS`) are unpinned. A program of
-/// this release still attached then takes every source and every new flow until the older
-/// agent replaces it.
+/// (`LB_VIP_REPLY_STATS`, `LB_MEMBER_REPLY_STATS`) and the port-range VIPs (`LB_VIP_RANGES`)
+/// are unpinned. A program of this release still attached then takes every source and every
+/// new flow, and keeps serving its port ranges from the map it holds, until the older agent
+/// replaces it (0.2.0 has no port ranges: their ports are then not balanced).
 pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
     let to_text = to.to_string();
     let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {

@@ -25,7 +25,7 @@ pub enum Shape {
     /// `LB_FLOWS4`: an array of [`lb_common::flowtab::FlowBucket`]s, where a flow's place
     /// depends on the number of buckets.
     FlowBuckets,
-    /// `LB_SRC_RANGES`: a longest-prefix-match trie.
+    /// `LB_SRC_RANGES`, `LB_VIP_RANGES`: a longest-prefix-match trie.
     LpmTrie,
 }
 
@@ -134,6 +134,9 @@ fn counters(_: &Sizes) -> u32 {
 fn source_ranges(_: &Sizes) -> u32 {
     maps::MAX_SOURCE_RANGES
 }
+fn vip_range_keys(_: &Sizes) -> u32 {
+    maps::MAX_VIP_RANGE_KEYS
+}
 fn prog_slots(_: &Sizes) -> u32 {
     maps::PROG_SLOTS
 }
@@ -160,7 +163,7 @@ pub fn current() -> &'static [Schema] {
     use lb_common::{
         AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, NatFlow,
         NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth, SrcRangeKey,
-        TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
+        TooBigJob, TrafficStats, VipAddr, VipKey, VipRangeKey, VipValue, flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
@@ -362,6 +365,16 @@ pub fn current() -> &'static [Schema] {
             // The agent's thresholds and the program's times side by side: copied as they are,
             // then the agent writes every member's threshold.
             schema!(m::MEMBER_HOLD, 1, Array, U32, U64, Config, max_backends),
+            // New in 0.3.0: the port-range VIPs' blocks, each with its range VIP's value.
+            schema!(
+                m::VIP_RANGES,
+                1,
+                LpmTrie,
+                U32 + size_of::<VipRangeKey>(),
+                size_of::<VipValue>(),
+                Config,
+                vip_range_keys
+            ),
         ]
     })
 }
@@ -407,7 +420,8 @@ const LAYOUT_7: &[(&str, u32)] = &[
 /// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges and new-flow budget flags), `LB_NODE` and
 /// `LB_NAT_REV` at schema 2 (half-open translations), `LB_FLOWS4` at schema 2 (established flows
 /// confirmed, which a flood of new flows cannot evict), the source ranges and their per-VIP drop
-/// counters, the new-flow budgets and theirs, and the NAT replies per VIP and per member.
+/// counters, the new-flow budgets and theirs, the NAT replies per VIP and per member, and the
+/// port-range VIPs (`LB_VIP_RANGES`).
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -438,6 +452,7 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIP_REPLY_STATS, 1),
     (m::MEMBER_REPLY_STATS, 1),
     (m::MEMBER_HOLD, 1),
+    (m::VIP_RANGES, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.

@@ -94,11 +94,13 @@ fn traffic(
     conns: &crate::kernel::inspect::Conns,
 ) -> Result<Vec<Family>, InspectError> {
     let vips = p.vips()?;
+    let ranges = p.port_ranges()?;
+    let label = |k: &VipKey| VipRef::of_range(k, ranges.get(k).copied()).label;
     let (mut packets, mut bytes, mut flows, mut refused) = (vec![], vec![], vec![], vec![]);
     let (mut over_budget, mut reply_packets, mut reply_bytes) = (vec![], vec![], vec![]);
     for (k, v) in &vips {
         let s = p.vip_stats(v.id)?;
-        let l = vec![("vip", VipRef::of(k).label)];
+        let l = vec![("vip", label(k))];
         let r = p.vip_replies(v.id)?;
         reply_packets.push((l.clone(), r.packets));
         reply_bytes.push((l.clone(), r.bytes));
@@ -151,7 +153,7 @@ fn traffic(
             false => lb_common::NH_UNRESOLVED,
         };
         rows.push(
-            backend_labels(vip, &BackendRef::of(&m, vip)),
+            backend_labels(&label(vip), &BackendRef::of(&m, vip)),
             Member {
                 traffic: p.member_stats(id)?,
                 replies: p.member_replies(id)?,
@@ -271,12 +273,9 @@ impl MemberRows {
     }
 }
 
-/// The `vip` and `backend` labels of a backend of a VIP.
-pub fn backend_labels(vip: &VipKey, backend: &BackendRef) -> Labels {
-    vec![
-        ("vip", VipRef::of(vip).label),
-        ("backend", backend.label.clone()),
-    ]
+/// The `vip` and `backend` labels of a backend of the VIP labelled `vip`.
+pub fn backend_labels(vip: &str, backend: &BackendRef) -> Labels {
+    vec![("vip", vip.to_string()), ("backend", backend.label.clone())]
 }
 
 /// How full the flow, affinity and NAT tables are: `lb_table_entries / lb_table_capacity`.

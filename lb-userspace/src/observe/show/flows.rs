@@ -145,11 +145,20 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The VIP of flow `k`: its exact VIP, else the port-range VIP of its address and protocol
+    /// (keyed with port 0), as the program looked it up.
+    fn vip(&self, k: &FlowKey) -> Option<&(VipValue, VipRef)> {
+        let exact = k.vip_key();
+        self.vips
+            .get(&exact)
+            .or_else(|| self.vips.get(&VipKey { port: 0, ..exact }))
+    }
+
     /// The flow's state and backend (None: its member is gone), without the lookups a row
     /// adds (affinity, NAT); None if its VIP is gone.
     fn state(&self, k: &FlowKey, f: &FlowValue) -> Option<(FlowState, Option<BackendRef>)> {
         let vkey = k.vip_key();
-        let (vip, _) = self.vips.get(&vkey)?;
+        let (vip, _) = self.vip(k)?;
         let member = self.members.get(&f.member_id).copied();
         let check = check_flow(
             f,
@@ -179,7 +188,7 @@ impl Ctx<'_> {
         state: FlowState,
         backend: Option<BackendRef>,
     ) -> Option<FlowRow> {
-        let (vip, vref) = self.vips.get(&k.vip_key())?;
+        let (vip, vref) = self.vip(k)?;
         Some(FlowRow {
             client: SocketAddr::new(ip_of(&k.src, k.family), u16::from_be(k.src_port)),
             vip: vref.clone(),

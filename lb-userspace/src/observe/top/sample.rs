@@ -130,8 +130,9 @@ pub fn read(p: &Pinned, status: Option<&Status>) -> Result<Sample, InspectError>
         .sum();
     let members = p.members()?;
     let mut vips = Vec::new();
+    let ranges = p.port_ranges()?;
     for (k, v) in p.vips()? {
-        let vip = VipRef::of(&k);
+        let vip = VipRef::of_range(&k, ranges.get(&k).copied());
         let st = status.and_then(|s| s.vips.iter().find(|x| x.vip == vip.label));
         let mut rows = Vec::new();
         for (id, m) in members.iter().filter(|(_, m)| m.vip_id == v.id) {

@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::*;
+use crate::model::desired::PortRange;
 
 /// Checks a raw config, returning every problem found (and the warnings found meanwhile).
 pub fn validate(raw: &RawConfig) -> Result<Config, (Vec<Problem>, Vec<String>)> {
@@ -223,6 +224,8 @@ struct Vips<'a> {
     raw_node: &'a RawNode,
     /// (address, port, protocol) -> the first VIP that has it.
     seen: BTreeMap<(IpAddr, u16, Protocol), usize>,
+    /// (address, protocol) -> the VIP with a port range there, and its range.
+    ranges: BTreeMap<(IpAddr, Protocol), (usize, PortRange)>,
     names: BTreeMap<String, usize>,
     /// `max_backends` counts memberships: a backend takes one member id per VIP it serves.
     memberships: usize,
@@ -249,6 +252,7 @@ fn vips(
         node,
         raw_node: &raw.node,
         seen: BTreeMap::new(),
+        ranges: BTreeMap::new(),
         names: BTreeMap::new(),
         memberships: 0,
     };
@@ -293,14 +297,81 @@ fn vip_address(c: &mut Checker, p: &str, raw: Option<&str>) -> Option<IpAddr> {
     Some(a)
 }
 
+/// `vips[i].port_range` (or `port: 0`, every port): the VIP's range, the only one of its
+/// address and protocol.
+fn port_range(
+    c: &mut Checker,
+    all: &mut Vips,
+    p: &str,
+    i: usize,
+    v: &RawVip,
+    address: Option<IpAddr>,
+    protocol: Protocol,
+) -> Option<PortRange> {
+    let range = match (&v.port_range, v.port) {
+        (None, Some(0)) => PortRange::ALL,
+        (None, _) => return None,
+        (Some(_), Some(_)) => {
+            c.bad(
+                format!("{p}.port_range"),
+                "a VIP has a port or a port_range, not both (port: 0 is every port)",
+            );
+            return None;
+        }
+        (Some(r), None) => match r.parse::<PortRange>() {
+            Ok(r) => r,
+            Err(e) => {
+                c.bad(format!("{p}.port_range"), e);
+                return None;
+            }
+        },
+    };
+    let key = (address?, protocol);
+    if let Some((first, theirs)) = all.ranges.get(&key) {
+        let why = if theirs.overlaps(&range) {
+            format!("{range} overlaps vips[{first}]'s {theirs} on the same address and protocol")
+        } else {
+            format!(
+                "vips[{first}] has a port range ({theirs}) on this address and protocol already: one range per address and protocol (make it one range, or use another address)"
+            )
+        };
+        c.bad(format!("{p}.port_range"), why);
+        return None;
+    }
+    all.ranges.insert(key, (i, range));
+    Some(range)
+}
+
+/// A port-range VIP's backends and health check: each packet goes to the port it was sent to,
+/// so a backend port means nothing and a health check needs a port of its own.
+fn range_backends(c: &mut Checker, p: &str, v: &RawVip) {
+    for (j, b) in v.backends.iter().enumerate() {
+        if b.port.is_some() {
+            c.bad(
+                format!("{p}.backends[{j}].port"),
+                "a port-range VIP sends each packet to the port it was sent to, on every backend: remove the port",
+            );
+        }
+    }
+    if let Some(h) = &v.health_check
+        && h.port.is_none()
+    {
+        c.bad(
+            format!("{p}.health_check.port"),
+            "required for a port-range VIP (which port of the backends to check)",
+        );
+    }
+}
+
 /// `vips[i]`'s port, protocol, mode, hash and affinity timeout.
 fn vip_kind(c: &mut Checker, p: &str, v: &RawVip) -> (u16, Protocol, Mode, HashOn, Duration) {
     let port = match v.port {
+        None if v.port_range.is_some() => 0,
         None => {
-            c.bad(format!("{p}.port"), "missing");
+            c.bad(format!("{p}.port"), "missing (or a port_range)");
             0
         }
-        Some(_) => c.int(&format!("{p}.port"), v.port, 0, 1..=65_535) as u16,
+        Some(_) => c.int(&format!("{p}.port"), v.port, 0, 0..=65_535) as u16,
     };
     let protocol = match v.protocol.as_deref() {
         None => {
@@ -360,7 +431,13 @@ fn vip(
         ));
     }
     let (port, protocol, mode, hash, affinity) = vip_kind(c, &p, v);
-    if let Some(first) = address.and_then(|a| all.seen.insert((a, port, protocol), i)) {
+    let port_range = port_range(c, all, &p, i, v, address, protocol);
+    // A range VIP's key has port 0: `port_range` checked it against the other ranges.
+    let exact = v.port_range.is_none() && port != 0;
+    if let Some(first) = address
+        .filter(|_| exact)
+        .and_then(|a| all.seen.insert((a, port, protocol), i))
+    {
         c.bad(
             p.clone(),
             format!("same address, port and protocol as vips[{first}]"),
@@ -372,6 +449,9 @@ fn vip(
         .health_check
         .as_ref()
         .map(|h| check_health(c, &format!("{p}.health_check"), h));
+    if port_range.is_some() {
+        range_backends(c, &p, v);
+    }
     let passive_health = v
         .passive_health
         .as_ref()
@@ -396,6 +476,7 @@ fn vip(
             backends,
             source_ranges,
             new_flow_budget,
+            port_range,
         },
         health_check,
         passive_health,

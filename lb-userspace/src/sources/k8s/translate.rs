@@ -48,6 +48,10 @@ pub const NEW_FLOW_BUDGET_ANNOTATION: &str = "lb.dev/new-flow-budget";
 /// The annotation that overrides the weight of some of a Service's endpoints, the cluster's
 /// `lb drain` / `lb weight`: `10.0.1.5=0, 10.0.1.6=50` (0 drains: established flows stay).
 pub const BACKEND_WEIGHTS_ANNOTATION: &str = "lb.dev/backend-weights";
+/// The annotation that gives a LoadBalancer Service a port-range VIP on each of its addresses,
+/// for each protocol of its ports (`"10000-10999"`): every port of the range goes to the same
+/// port of the Service's endpoints (see [`range_vips`]).
+pub const PORT_RANGE_ANNOTATION: &str = "lb.dev/port-range";
 
 /// `namespace/name`.
 pub type ObjectKey = (String, String);
@@ -143,6 +147,9 @@ pub struct Translation {
 #[derive(Debug, Default)]
 pub struct Translator {
     last_good: BTreeMap<ObjectKey, Effect>,
+    /// Each Service's last port range that read (see [`PORT_RANGE_ANNOTATION`]), kept while
+    /// its annotation does not.
+    last_ranges: BTreeMap<ObjectKey, crate::model::desired::PortRange>,
 }
 
 fn key_of(ns: Option<String>, name: String) -> ObjectKey {
@@ -526,13 +533,49 @@ impl Translator {
             };
             out.services.insert(skey.clone(), outcome);
             let svc_slices = slices.get(&skey).unwrap_or(&no_slices);
-            let vips = service_vips(svc, &skey, svc_slices, &effects, settings, &mut out);
+            let range = self.port_range(svc, &skey, &mut out);
+            let vips = service_vips(svc, &skey, svc_slices, &effects, settings, &mut out, range);
             claims.claim(vips, &skey, settings, &mut out);
         }
+        self.last_ranges.retain(|k, _| out.services.contains_key(k));
         out.events.sort();
         out.events.dedup();
         out.effects = effects;
         out
+    }
+
+    /// Service `skey`'s port range ([`PORT_RANGE_ANNOTATION`]): the annotation's, else (it does
+    /// not read: a Warning Event says so) the last one that read, which keeps serving.
+    fn port_range(
+        &mut self,
+        svc: &Service,
+        skey: &ObjectKey,
+        out: &mut Translation,
+    ) -> Option<crate::model::desired::PortRange> {
+        let Some(raw) = svc.annotations().get(PORT_RANGE_ANNOTATION) else {
+            self.last_ranges.remove(skey);
+            return None;
+        };
+        match raw.trim().parse::<crate::model::desired::PortRange>() {
+            Ok(r) => {
+                self.last_ranges.insert(skey.clone(), r);
+                Some(r)
+            }
+            Err(e) => {
+                let last = self.last_ranges.get(skey).copied();
+                let keeps = match last {
+                    Some(r) => format!("the last good range, {r}, keeps serving"),
+                    None => "no port range".to_string(),
+                };
+                out.events.push(ServiceEvent {
+                    service: skey.clone(),
+                    warning: true,
+                    reason: "InvalidPortRange".into(),
+                    message: format!("{PORT_RANGE_ANNOTATION}: {e}: {keeps}"),
+                });
+                last
+            }
+        }
     }
 
     /// Every policy's verdict (into `out`) and the effect it has now: the last accepted one
@@ -649,6 +692,7 @@ fn service_vips(
     effects: &BTreeMap<ObjectKey, Option<Effect>>,
     settings: &Settings,
     out: &mut Translation,
+    range: Option<crate::model::desired::PortRange>,
 ) -> Vec<VipConfig> {
     let Some(spec) = &svc.spec else {
         return Vec::new();
@@ -683,6 +727,22 @@ fn service_vips(
             };
             for addr in &addresses {
                 let v = shared.vip(sp, (proto, port), *addr, settings, &mut out.skipped);
+                match v {
+                    Ok(v) => vips.push(v),
+                    Err((reason, message)) => event(true, reason, message),
+                }
+            }
+        }
+        if let Some(range) = range {
+            let ports = spec.ports.as_deref().unwrap_or_default();
+            for v in range_vips(
+                &shared,
+                ports,
+                range,
+                &addresses,
+                settings,
+                &mut out.skipped,
+            ) {
                 match v {
                     Ok(v) => vips.push(v),
                     Err((reason, message)) => event(true, reason, message),
@@ -886,6 +946,7 @@ impl Shared<'_> {
                 .clone()
                 .filter(|_| self.lb_addrs.contains(&addr)),
             new_flow_budget: self.new_flow_budget,
+            port_range: None,
         };
         let m = effect.table_size.unwrap_or(settings.table_size);
         if vip.backends.len() > m as usize {
@@ -1028,6 +1089,49 @@ pub fn source_ranges_of(
         );
     }
     Some(out)
+}
+
+/// The port-range VIPs of a Service with [`PORT_RANGE_ANNOTATION`]: on each of its addresses,
+/// one per protocol of its ports, whose backends are the endpoints of the first Service port of
+/// that protocol, each packet going to the port it was sent to (backend port 0). The Service's
+/// own ports stay exact VIPs, which win over the range. A health check that names no port of
+/// its own is left out (a range has no one port to check).
+fn range_vips(
+    shared: &Shared<'_>,
+    ports: &[ServicePort],
+    range: crate::model::desired::PortRange,
+    addresses: &BTreeSet<IpAddr>,
+    settings: &Settings,
+    skipped: &mut Vec<String>,
+) -> Vec<Result<VipConfig, (&'static str, String)>> {
+    let mut done = BTreeSet::new();
+    let mut out = Vec::new();
+    for sp in ports {
+        let Ok(proto) = protocol_of(sp) else {
+            continue;
+        };
+        if !done.insert(proto) {
+            continue;
+        }
+        for addr in addresses {
+            out.push(
+                shared
+                    .vip(sp, (proto, 0), *addr, settings, skipped)
+                    .map(|mut v| {
+                        v.spec.port_range = Some(range);
+                        v.spec.name = format!("{}:{range}", v.spec.name);
+                        for b in &mut v.spec.backends {
+                            b.port = 0;
+                        }
+                        let mut seen = BTreeSet::new();
+                        v.spec.backends.retain(|b| seen.insert(b.address));
+                        v.health_check = v.health_check.filter(|h| h.port != 0);
+                        v
+                    }),
+            );
+        }
+    }
+    out
 }
 
 /// A Service's new-flow budget, from [`NEW_FLOW_BUDGET_ANNOTATION`] (`rate=N[,burst=M]`, both
@@ -1765,6 +1869,81 @@ vips:
             Some(vec!["198.51.100.0/24".to_string()])
         );
         assert_eq!(ranges_of(&t, "192.0.2.77:80/tcp"), None);
+    }
+
+    #[test]
+    fn the_port_range_annotation_adds_a_range_vip_per_protocol_to_the_same_endpoint_ports() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { PORT_RANGE_ANNOTATION: " 10000-10999 " } }
+        }));
+        let want = Some(crate::model::desired::PortRange {
+            lo: 10000,
+            hi: 10999,
+        });
+        for label in ["192.0.2.10:10000-10999/tcp", "192.0.2.10:10000-10999/udp"] {
+            let v = vip(&t, label);
+            assert_eq!(v.spec.port_range, want, "{label}");
+            assert!(!v.spec.backends.is_empty(), "{label}: no endpoints");
+            assert!(
+                v.spec.backends.iter().all(|b| b.port == 0),
+                "{label}: each packet keeps its port: {:?}",
+                v.spec.backends
+            );
+        }
+        // The Service's own ports stay exact VIPs (they win inside the range).
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.port_range, None);
+        assert!(t.events.is_empty(), "{:?}", t.events);
+    }
+
+    #[test]
+    fn an_invalid_port_range_annotation_is_a_warning_event_and_the_ports_stay_served() {
+        let t = translate_with(json!({
+            "metadata": { "annotations": { PORT_RANGE_ANNOTATION: "10999-10000" } }
+        }));
+        assert!(t.vips.iter().all(|v| v.spec.port_range.is_none()));
+        assert_eq!(vip(&t, "192.0.2.10:80/tcp").spec.port, 80);
+        let e: Vec<_> = t
+            .events
+            .iter()
+            .map(|e| (e.warning, e.reason.as_str()))
+            .collect();
+        assert_eq!(e, [(true, "InvalidPortRange")], "{:?}", t.events);
+        assert_eq!(
+            t.events[0].message,
+            "lb.dev/port-range: \"10999-10000\" is not a port range (like 10000-10999, first port <= last): no port range"
+        );
+    }
+
+    #[test]
+    fn a_port_range_annotation_that_stops_reading_keeps_the_last_good_range_serving() {
+        let mut o = objects();
+        let mut tr = Translator::default();
+        let with = |a: &str| {
+            service(
+                "web",
+                json!({ "metadata": { "annotations": { PORT_RANGE_ANNOTATION: a } } }),
+            )
+        };
+        let served = |t: &Translation| {
+            t.vips
+                .iter()
+                .any(|v| v.spec.label() == "192.0.2.10:10000-10999/tcp")
+        };
+        o.services = vec![with("10000-10999")];
+        assert!(served(&tr.translate(&o, &settings())));
+        o.services = vec![with("ten-thousand")];
+        let bad = tr.translate(&o, &settings());
+        assert!(served(&bad), "the last good range is no longer served");
+        let m: Vec<_> = bad.events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            m,
+            [
+                "lb.dev/port-range: \"ten-thousand\" is not a port range (like 10000-10999, first port <= last): the last good range, 10000-10999, keeps serving"
+            ]
+        );
+        // Taken away: no range.
+        o.services = vec![service("web", json!({}))];
+        assert!(!served(&tr.translate(&o, &settings())));
     }
 
     fn budget_of(t: &Translation, label: &str) -> Option<crate::model::desired::Budget> {

@@ -398,6 +398,7 @@ impl GatewayCtx<'_> {
                 table_size: effect.table_size,
                 source_ranges: None,
                 new_flow_budget: None,
+                port_range: None,
                 backends,
             };
             if room.taken.contains(&spec.key()) {
