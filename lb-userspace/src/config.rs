@@ -24,7 +24,7 @@ pub use validate::validate;
 
 use crate::{
     maglev, mapmem,
-    model::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
+    model::{Algorithm, BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
     program::Sizes,
 };
 
@@ -343,6 +343,10 @@ pub struct RawVip {
     pub source_ranges: Option<Vec<String>>,
     /// A limit on new flows. Default: none.
     pub new_flow_budget: Option<RawBudget>,
+    /// How a new connection picks its backend: `maglev` (the flow's hash) or
+    /// `least-connections` (of a few Maglev-sampled backends, the one with the fewest open
+    /// connections for its weight). Default `maglev`.
+    pub algorithm: Option<String>,
 }
 
 /// `vips[i].new_flow_budget`: at most `rate` new flows a second, `burst` at once (the VIP's

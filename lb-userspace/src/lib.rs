@@ -15,6 +15,7 @@ pub mod flowmap;
 pub mod health;
 pub mod inspect;
 pub mod k8s;
+pub mod leastconn;
 pub mod life;
 pub mod links;
 pub mod maglev;

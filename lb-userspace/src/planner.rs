@@ -526,6 +526,10 @@ mod tests {
                 rate: rng.random_range(1..4) * 100,
                 burst: 10,
             }),
+            algorithm: match rng.random_bool(0.2) {
+                true => crate::model::Algorithm::LeastConnections,
+                false => crate::model::Algorithm::Maglev,
+            },
         }
     }
 

@@ -23,7 +23,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     agent::{Agent, Remembered, Target},
@@ -117,6 +117,48 @@ fn backend_passive(
         sum.consecutive_failures = sum.consecutive_failures.max(p.consecutive_failures);
     }
     Ok(sum)
+}
+
+/// Least connections: the weights of the members of least-connections VIPs in
+/// `LB_MEMBER_CONNS`, and their counts corrected from a recount of the live entries
+/// ([`crate::leastconn`]), every [`crate::leastconn::RECOUNT_INTERVAL`] and after each reload.
+/// Nothing is read while no VIP balances by least connections.
+#[derive(Default)]
+struct LeastConn {
+    /// The weights written, by member id.
+    written: BTreeMap<u32, u32>,
+}
+
+impl LeastConn {
+    fn round(&mut self, agent: &Agent<KernelDataplane>, pin_dir: &std::path::Path) {
+        let vips = crate::leastconn::vip_ids(agent.state());
+        if vips.is_empty() {
+            self.written.clear();
+            return;
+        }
+        let weights =
+            crate::leastconn::weights(agent.config().vips.iter().map(|v| &v.spec), agent.state());
+        let max = agent.config().node.sizes.max_backends;
+        let started = std::time::Instant::now();
+        let result = crate::leastconn::ConnsMap::open(pin_dir, max)
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|conns| {
+                let pinned =
+                    crate::inspect::Pinned::open(pin_dir).map_err(|e| crate::error_chain(&e))?;
+                crate::leastconn::round(&conns, &pinned, &weights, &vips, &mut self.written)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match result {
+            Ok(c) if c.members > 0 => debug!(
+                members = c.members,
+                drift = c.drift,
+                took_us = started.elapsed().as_micros() as u64,
+                "least connections: counts corrected from the live entries"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("least connections: recount: {e}"),
+        }
+    }
 }
 
 /// Passive health checking: watches each checked backend's failure streak in the maps, takes
@@ -903,6 +945,10 @@ async fn serve(
     let mut events = health::events::Events::take(&mut agent.dp);
     let mut passive_tick = tokio::time::interval(Duration::from_millis(250));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut least = LeastConn::default();
+    least.round(&agent, &opts.pin_dir);
+    let mut least_tick = tokio::time::interval(crate::leastconn::RECOUNT_INTERVAL);
+    least_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
     nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     nexthop_tick.reset();
@@ -927,6 +973,10 @@ async fn serve(
                 Reload::No
             }
             _ = nexthop_tick.tick() => { refresh = true; Reload::No }
+            _ = least_tick.tick() => {
+                least.round(&agent, &opts.pin_dir);
+                continue;
+            }
             Some(t) = hrx.recv() => {
                 if checks.is_current(&t) {
                     life.health_changed(crate::model::vip_label(&t.target.0), t.target.1, &t.reason);
@@ -1005,6 +1055,7 @@ async fn serve(
                     log_changes(&before, agent.config());
                     events.renew(&mut agent.dp);
                     passive.sync_holds(&mut agent);
+                    least.round(&agent, &opts.pin_dir);
                     for w in &agent.config().warnings {
                         warn!("{w}");
                     }

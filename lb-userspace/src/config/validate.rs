@@ -355,6 +355,15 @@ fn vip(
         ));
     }
     let (port, protocol, mode, hash, affinity) = vip_kind(c, &p, v);
+    let algorithm = c.choice(
+        &format!("{p}.algorithm"),
+        v.algorithm.as_deref(),
+        Algorithm::Maglev,
+        &[
+            ("maglev", Algorithm::Maglev),
+            ("least-connections", Algorithm::LeastConnections),
+        ],
+    );
     if let Some(first) = address.and_then(|a| all.seen.insert((a, port, protocol), i)) {
         c.bad(
             p.clone(),
@@ -391,6 +400,7 @@ fn vip(
             backends,
             source_ranges,
             new_flow_budget,
+            algorithm,
         },
         health_check,
         passive_health,

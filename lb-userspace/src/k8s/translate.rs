@@ -89,6 +89,8 @@ pub struct Effect {
     pub health_threshold: u8,
     /// `sessionPersistence` (`type: ClientIP`): the client affinity timeout, in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `algorithm: least-connections` gives least connections; every other accepted one Maglev.
+    pub algorithm: crate::model::Algorithm,
 }
 
 /// A status condition to publish: `type`, `status`, `reason`, `message`.
@@ -176,13 +178,13 @@ pub fn evaluate(
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
     match algorithm {
-        Algorithm::RoundRobin | Algorithm::ConsistentHashing => {}
+        Algorithm::RoundRobin | Algorithm::ConsistentHashing | Algorithm::LeastConnections => {}
         _ => {
             return Err((
                 "UnsupportedAlgorithm",
                 format!(
                     "algorithm {name} is not supported yet: lb balances by weighted Maglev hashing \
-                     (consistent-hashing, or round-robin over the 5-tuple)"
+                     (consistent-hashing, or round-robin over the 5-tuple) or least-connections"
                 ),
             ));
         }
@@ -191,6 +193,9 @@ pub fn evaluate(
         hash: hash_of(spec, &name, &mut notes)?,
         ..Effect::default()
     };
+    if algorithm == Algorithm::LeastConnections {
+        effect.algorithm = crate::model::Algorithm::LeastConnections;
+    }
     if let Some(slots) = spec.slots {
         let (used, note) = kong::slots(slots, table_size)?;
         notes.extend(note);
@@ -886,6 +891,7 @@ impl Shared<'_> {
                 .clone()
                 .filter(|_| self.lb_addrs.contains(&addr)),
             new_flow_budget: self.new_flow_budget,
+            algorithm: effect.algorithm,
         };
         let m = effect.table_size.unwrap_or(settings.table_size);
         if vip.backends.len() > m as usize {
@@ -1423,9 +1429,9 @@ mod tests {
                 "\"x bad\" is not a header name",
             ),
             (
-                json!({ "algorithm": "least-connections" }),
+                json!({ "algorithm": "latency" }),
                 "UnsupportedAlgorithm",
-                "least-connections is not supported yet",
+                "latency is not supported yet",
             ),
             (
                 json!({ "healthchecks": { "active": { "type": "grpc" } } }),

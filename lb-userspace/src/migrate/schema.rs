@@ -158,14 +158,16 @@ macro_rules! schema {
 /// The schema of every pinned map this release writes, in the order a migration copies them.
 pub fn current() -> &'static [Schema] {
     use lb_common::{
-        AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, NatFlow,
+        AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, MemberConns,
+        NatFlow,
         NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth, SrcRangeKey,
         TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
         vec![
-            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES and VIP_F_NEW_FLOW_BUDGET.
+            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES, VIP_F_NEW_FLOW_BUDGET and
+            // VIP_F_LEAST_CONN (0.3.0 is unreleased: a new bit stays schema 2).
             schema!(
                 m::VIPS,
                 2,
@@ -362,6 +364,18 @@ pub fn current() -> &'static [Schema] {
             // The agent's thresholds and the program's times side by side: copied as they are,
             // then the agent writes every member's threshold.
             schema!(m::MEMBER_HOLD, 1, Array, U32, U64, Config, max_backends),
+            // The agent's weights and the program's counts side by side: copied as they are
+            // (the counts of established connections carry over), then the agent writes the
+            // weights and corrects the counts from its recount.
+            schema!(
+                m::MEMBER_CONNS,
+                1,
+                Array,
+                U32,
+                size_of::<MemberConns>(),
+                Config,
+                max_backends
+            ),
         ]
     })
 }
@@ -407,7 +421,8 @@ const LAYOUT_7: &[(&str, u32)] = &[
 /// 0.3.0: `LB_VIPS` at schema 2 (the source-ranges and new-flow budget flags), `LB_NODE` and
 /// `LB_NAT_REV` at schema 2 (half-open translations), `LB_FLOWS4` at schema 2 (established flows
 /// confirmed, which a flood of new flows cannot evict), the source ranges and their per-VIP drop
-/// counters, the new-flow budgets and theirs, and the NAT replies per VIP and per member.
+/// counters, the new-flow budgets and theirs, the NAT replies per VIP and per member, and the
+/// open connections per member (least connections, `LB_MEMBER_CONNS`).
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -438,6 +453,7 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIP_REPLY_STATS, 1),
     (m::MEMBER_REPLY_STATS, 1),
     (m::MEMBER_HOLD, 1),
+    (m::MEMBER_CONNS, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.

@@ -398,6 +398,7 @@ impl GatewayCtx<'_> {
                 table_size: effect.table_size,
                 source_ranges: None,
                 new_flow_budget: None,
+                algorithm: effect.algorithm,
                 backends,
             };
             if room.taken.contains(&spec.key()) {
