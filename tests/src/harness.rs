@@ -156,6 +156,25 @@ impl Lb {
             .expect("writing LB_MEMBER_HOLD");
     }
 
+    /// Member `id`'s open-connection count and weight in `LB_MEMBER_CONNS` (least connections).
+    pub fn set_member_conns(&mut self, id: u32, conns: i64, weight: u32) {
+        let mut a = self.array::<lb_common::MemberConns>(maps::MEMBER_CONNS);
+        let v = lb_common::MemberConns {
+            conns,
+            weight,
+            _pad: 0,
+        };
+        a.set(id, v, 0).expect("writing LB_MEMBER_CONNS");
+    }
+
+    /// Member `id`'s open-connection count in `LB_MEMBER_CONNS`.
+    pub fn member_conns(&mut self, id: u32) -> i64 {
+        self.array::<lb_common::MemberConns>(maps::MEMBER_CONNS)
+            .get(&id, 0)
+            .expect("reading LB_MEMBER_CONNS")
+            .conns
+    }
+
     /// Entry `id` of the per-CPU traffic counters `map` (`LB_MEMBER_STATS`,
     /// `LB_VIP_REPLY_STATS`...), added up over the CPUs.
     pub fn traffic(&mut self, map: &str, id: u32) -> lb_common::TrafficStats {
