@@ -851,6 +851,7 @@ vips:
         );
         assert_eq!(c.vips[1].spec.hash, HashOn::SourceIp);
         assert_eq!(c.vips[1].spec.affinity_timeout_s, 600);
+        assert_eq!(c.vips[1].spec.algorithm, Algorithm::Maglev, "the default");
         assert_eq!(c.vips[1].spec.backends[0].weight, 100, "default weight");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         // And the repository's sample config too.
@@ -1087,6 +1088,10 @@ vips:
             (
                 Box::new(replace("hash: source-ip", "hash: random")),
                 "vips[1].hash: must be one of five-tuple, source-ip",
+            ),
+            (
+                Box::new(replace("hash: source-ip", "algorithm: round-robin")),
+                "vips[1].algorithm: must be one of maglev, least-connections",
             ),
             (
                 Box::new(replace("affinity_timeout: 10m", "affinity_timeout: 2d")),
@@ -1599,5 +1604,17 @@ vips:
             p("[10.0.0.0/8, 10.0.0.0/8]"),
             ["vips[0].source_ranges[1]: 10.0.0.0/8 is already source_ranges[0]"]
         );
+    }
+}
+
+#[cfg(test)]
+mod algorithm_tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_least_connections_is_read_into_the_vip() {
+        let yaml = "node:\n  interfaces: [eth0]\n  source_v4: 10.0.0.1\nvips:\n  - address: 192.0.2.1\n    port: 80\n    protocol: tcp\n    algorithm: least-connections\n    backends: [{ address: 10.1.0.1 }]\n";
+        let c = Config::parse(yaml, "test").unwrap();
+        assert_eq!(c.vips[0].spec.algorithm, Algorithm::LeastConnections);
     }
 }

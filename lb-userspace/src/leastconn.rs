@@ -134,27 +134,34 @@ pub struct Corrected {
     pub drift: u64,
 }
 
-/// Brings each counted member's count to `live` (its live entries, counted while the program
-/// went on counting), given `before`, the counts read just before the recount: adds
-/// `live - before`, so what the program counted since stays counted. Members of `weights`
-/// absent from `live` have no live entry. Returns what changed.
-pub fn correct(
-    conns: &ConnsMap,
+/// What to add to each counted member's count (the members of `weights`) to bring it to
+/// `live` (its live entries, counted while the program went on counting), given `before`, the
+/// counts read just before the recount: `live - before`, added atomically, so that what the
+/// program counted since stays counted. A member absent from `live` has no live entry.
+pub fn corrections(
     weights: &BTreeMap<u32, u32>,
     before: &BTreeMap<u32, i64>,
     live: &BTreeMap<u32, i64>,
-) -> Corrected {
-    let mut out = Corrected::default();
-    for id in weights.keys() {
-        let want = live.get(id).copied().unwrap_or(0);
-        let had = before.get(id).copied().unwrap_or(0);
-        if want != had {
-            conns.add(*id, want - had);
-            out.members += 1;
-            out.drift += want.abs_diff(had);
-        }
+) -> Vec<(u32, i64)> {
+    weights
+        .keys()
+        .filter_map(|id| {
+            let want = live.get(id).copied().unwrap_or(0);
+            let had = before.get(id).copied().unwrap_or(0);
+            (want != had).then_some((*id, want - had))
+        })
+        .collect()
+}
+
+/// Adds `corrections` to the counts; what changed.
+pub fn correct(conns: &ConnsMap, corrections: &[(u32, i64)]) -> Corrected {
+    for (id, d) in corrections {
+        conns.add(*id, *d);
     }
-    out
+    Corrected {
+        members: corrections.len(),
+        drift: corrections.iter().map(|(_, d)| d.unsigned_abs()).sum(),
+    }
 }
 
 /// One round: writes the weights that differ, reads the counts, recounts the live entries
@@ -175,5 +182,75 @@ pub fn round(
     written.retain(|id, _| weights.contains_key(id));
     let before: BTreeMap<u32, i64> = weights.keys().map(|id| (*id, conns.get(*id).conns)).collect();
     let live = pinned.live_connections(vips)?;
-    Ok(correct(conns, weights, &before, &live))
+    Ok(correct(conns, &corrections(weights, &before, &live)))
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{MEMBER_F_LIVE, Member, VipValue};
+
+    use super::*;
+    use crate::model::{BackendSpec, Mode, Protocol, VipSpec};
+
+    fn spec(addr: &str, algorithm: Algorithm, backends: &[(&str, u32)]) -> VipSpec {
+        VipSpec {
+            name: addr.into(),
+            address: addr.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            mode: Mode::Dsr,
+            hash: Default::default(),
+            affinity_timeout_s: 0,
+            table_size: None,
+            backends: backends
+                .iter()
+                .map(|(a, w)| BackendSpec::new(a.parse().unwrap(), 0, *w))
+                .collect(),
+            source_ranges: None,
+            new_flow_budget: None,
+            algorithm,
+        }
+    }
+
+    fn member(addr: &str, vip_id: u32) -> Member {
+        let (addr, family) = crate::model::addr16(addr.parse().unwrap());
+        Member {
+            addr,
+            port: 0,
+            family,
+            flags: MEMBER_F_LIVE,
+            vip_id,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn the_weights_are_those_of_least_connections_vips_members_only() {
+        let lc = spec("192.0.2.1", Algorithm::LeastConnections, &[("10.1.0.1", 1), ("10.1.0.2", 3)]);
+        let mg = spec("192.0.2.2", Algorithm::Maglev, &[("10.1.0.1", 5)]);
+        let mut state = State::default();
+        for (v, id, flags) in [(&lc, 0, VIP_F_LEAST_CONN), (&mg, 1, 0)] {
+            let value = VipValue {
+                id,
+                flags,
+                ..Default::default()
+            };
+            state.vips.insert(v.key(), value);
+        }
+        state.members.insert(4, member("10.1.0.1", 0));
+        state.members.insert(5, member("10.1.0.2", 0));
+        state.members.insert(6, member("10.1.0.1", 1));
+        let w = weights([&lc, &mg], &state);
+        assert_eq!(w, BTreeMap::from([(4, 1), (5, 3)]));
+        assert_eq!(vip_ids(&state), BTreeMap::from([(0, lb_common::MODE_DSR)]));
+    }
+
+    #[test]
+    fn corrections_bring_counts_to_the_live_entries_and_leave_right_ones_alone() {
+        let weights = BTreeMap::from([(1, 1), (2, 1), (3, 1)]);
+        // 1 drifted up (a lost FIN), 2 is right, 3 drifted below zero (no live entry).
+        let before = BTreeMap::from([(1, 12), (2, 4), (3, -2)]);
+        let live = BTreeMap::from([(1, 10), (2, 4), (9, 7)]);
+        assert_eq!(corrections(&weights, &before, &live), [(1, -2), (3, 2)]);
+    }
 }

@@ -1459,6 +1459,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn least_connections_sets_the_vip_flag_and_maglev_does_not() {
+        let mut lc = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        lc.algorithm = Algorithm::LeastConnections;
+        let d = desired(vec![lc, vip("192.0.2.2", &[("10.1.0.1", 1)])]);
+        let (_, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        let flags: Vec<u32> = next.vips.values().map(|v| v.flags).collect();
+        assert_eq!(flags, [VIP_F_LEAST_CONN, 0]);
+    }
+
     fn with_budget(mut v: VipSpec, rate: u64, burst: u64) -> VipSpec {
         v.new_flow_budget = Some(crate::model::Budget { rate, burst });
         v

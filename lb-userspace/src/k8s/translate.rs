@@ -1917,6 +1917,18 @@ mod persistence_tests {
     }
 
     #[test]
+    fn least_connections_is_accepted_and_gives_the_algorithm() {
+        let spec: UpstreamPolicySpec =
+            serde_json::from_value(json!({ "algorithm": "least-connections" })).unwrap();
+        let (e, notes) = evaluate(&spec, 1009).unwrap();
+        assert_eq!(e.algorithm, crate::model::Algorithm::LeastConnections);
+        assert!(notes.is_empty(), "{notes:?}");
+        let spec: UpstreamPolicySpec =
+            serde_json::from_value(json!({ "algorithm": "consistent-hashing" })).unwrap();
+        assert_eq!(evaluate(&spec, 1009).unwrap().0.algorithm, crate::model::Algorithm::Maglev);
+    }
+
+    #[test]
     fn client_ip_persistence_gives_its_idle_timeout_or_kubernetes_default() {
         let (e, notes) = judged(json!({ "type": "ClientIP", "idleTimeout": "1h30m" })).unwrap();
         assert_eq!((e.affinity_timeout_s, notes.len()), (Some(5400), 0));

@@ -548,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn nat_rev_v2_to_v1_clears_the_half_open_bit_and_nothing_else() {
+    fn nat_rev_v2_to_v1_clears_the_half_open_and_counted_bits_and_nothing_else() {
         let v2 = nat_rev_bytes(0x11, 0b10_1000, 77);
         assert_eq!(
             values("LB_NAT_REV", 2, 1).unwrap()(&v2),
@@ -557,7 +557,11 @@ mod tests {
         let all = nat_rev_bytes(0xff, u16::MAX, u64::MAX - 7);
         assert_eq!(
             nat_rev_v2_to_v1(&all),
-            nat_rev_bytes(0xff, !lb_common::NAT_S_HALF_OPEN, u64::MAX - 7)
+            nat_rev_bytes(
+                0xff,
+                !(lb_common::NAT_S_HALF_OPEN | lb_common::NAT_S_COUNTED),
+                u64::MAX - 7
+            )
         );
     }
 
