@@ -169,10 +169,19 @@ impl Lb {
 
     /// Member `id`'s open-connection count in `LB_MEMBER_CONNS`.
     pub fn member_conns(&mut self, id: u32) -> i64 {
+        self.member_load(id).conns
+    }
+
+    /// Member `id`'s entry in `LB_MEMBER_CONNS` (count and weight).
+    pub fn member_load(&mut self, id: u32) -> lb_common::MemberConns {
         self.array::<lb_common::MemberConns>(maps::MEMBER_CONNS)
             .get(&id, 0)
             .expect("reading LB_MEMBER_CONNS")
-            .conns
+    }
+
+    /// The VIP `key`'s entry in `LB_VIPS`, if any.
+    pub fn vip(&mut self, key: VipKey) -> Option<VipValue> {
+        self.hash::<VipKey, VipValue>(maps::VIPS).get(&key, 0).ok()
     }
 
     /// Entry `id` of the per-CPU traffic counters `map` (`LB_MEMBER_STATS`,
