@@ -12,13 +12,14 @@ const M: u32 = 65_537;
 /// backends (id 0, 192.0.2.10), one on 100 IPv6 backends (1, 2001:db8::10), one with affinity
 /// (2, 192.0.2.11), a NAT VIP (3, 192.0.2.12), one whose only backend's route lookup fails
 /// (4, 192.0.2.13), one without backends (5, 192.0.2.14) and one on the IPv6 backends for an
-/// IPv4 address (6, 192.0.2.15), one whose new-flow budget is spent (7, 192.0.2.16) and one
-/// that takes sources from 10.0.0.0/8 only (8, 192.0.2.17).
+/// IPv4 address (6, 192.0.2.15), one whose new-flow budget is spent (7, 192.0.2.16), one
+/// that takes sources from 10.0.0.0/8 only (8, 192.0.2.17) and one that balances by least
+/// connections (9, 192.0.2.18; its members' counts start at 0 and grow with the new flows).
 /// Everything a case needs before its first packet is set here.
 fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
     let mut lb = Lb::load(Sizes {
         maglev_m: M,
-        max_vips: 9,
+        max_vips: 10,
         // A member per (VIP, backend): seven VIPs of up to 100 backends.
         max_backends: 1024,
         flow_entries,
@@ -47,7 +48,7 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
     // NAT ports 1024-65535: 100 x 64k translations.
     lb.set_nat(1024, 65535, 10_000_000_000, 2_000_000_000);
     lb.set_backend(200, UNREACHABLE_V4, true);
-    let vips: [VipRow; 9] = [
+    let vips: [VipRow; 10] = [
         (0, "192.0.2.10", MODE_DSR, 0, Some(&t4)),
         (1, "2001:db8::10", MODE_DSR, 0, Some(&t6)),
         (2, "192.0.2.11", MODE_DSR, 3600, Some(&t4)),
@@ -57,6 +58,7 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
         (6, "192.0.2.15", MODE_DSR, 0, Some(&t6)),
         (7, "192.0.2.16", MODE_DSR, 0, Some(&t4)),
         (8, "192.0.2.17", MODE_DSR, 0, Some(&t4)),
+        (9, "192.0.2.18", MODE_DSR, 0, Some(&t4)),
     ];
     for (id, addr, mode, affinity, ring) in vips {
         lb.add_vip(
@@ -66,6 +68,7 @@ fn load_instance(flow_entries: u32, nat_entries: u32, v6_source: bool) -> Lb {
                 flags: match id {
                     7 => lb_common::VIP_F_NEW_FLOW_BUDGET,
                     8 => lb_common::VIP_F_SOURCE_RANGES,
+                    9 => lb_common::VIP_F_LEAST_CONN,
                     _ => 0,
                 },
                 affinity_timeout_s: affinity,
@@ -164,7 +167,7 @@ fn prepare(lbs: &mut [Lb; 4], opts: &Options, ingress: u32) -> Vec<u8> {
         );
         assert_eq!(r.action, XDP_TX, "creating established flow {k}");
     }
-    for vip in ["192.0.2.10", "192.0.2.12", "192.0.2.13"] {
+    for vip in ["192.0.2.10", "192.0.2.12", "192.0.2.13", "192.0.2.18"] {
         main.run(&syn("198.51.100.1", 1111, vip).frame(), ingress);
     }
     main.run(
@@ -292,6 +295,16 @@ fn cases(nat_reply: Vec<u8>) -> Vec<Case> {
                 &[],
             )
         },
+        Case {
+            note: "(a SYN at a least-connections VIP: as v4_tcp_new_flow, handed to the least subprogram, which reads four ring slots and their members' counts)",
+            ..case(
+                "v4_least_conn_new_flow",
+                On::EmptyTable,
+                from(syn(NEW_BASE, 40000, "192.0.2.18").frame(), NEW_BASE),
+                XDP_TX,
+                &b4,
+            )
+        },
         case(
             "v4_tcp_new_flow_full_table",
             On::FullTable,
@@ -313,6 +326,16 @@ fn cases(nat_reply: Vec<u8>) -> Vec<Case> {
             XDP_TX,
             &b4,
         ),
+        Case {
+            note: "(an established flow of a least-connections VIP: body hands it to the least subprogram, which looks the VIP up again. Compare v4_tcp_established_1flow)",
+            ..case(
+                "v4_least_conn_established_1flow",
+                On::Main,
+                same(at("192.0.2.18")),
+                XDP_TX,
+                &b4,
+            )
+        },
         case("v4_affinity_hit", On::Main, affinity, XDP_TX, &b4),
         Case {
             v6_outer: true,
@@ -467,7 +490,7 @@ fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
     }
     assert_eq!(
         d(On::Main, Counter::FlowHits),
-        est_calls + 4 * one_calls,
+        est_calls + 5 * one_calls,
         "established cases did not all hit the flow table"
     );
     assert_eq!(
@@ -515,15 +538,16 @@ fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
         one_calls,
         "NAT new-flow case did not go through Maglev"
     );
-    for on in [On::EmptyTable, On::FullTable] {
+    // The empty table takes the least-connections new flows too.
+    for (on, cases) in [(On::EmptyTable, 2), (On::FullTable, 1)] {
         assert_eq!(
             d(on, Counter::MaglevLookups),
-            one_calls,
+            cases * one_calls,
             "{on:?}: new flows did not go through Maglev"
         );
         assert_eq!(
             d(on, Counter::NewFlows),
-            one_calls,
+            cases * one_calls,
             "{on:?}: new flows were not all inserted"
         );
     }
