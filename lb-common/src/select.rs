@@ -193,10 +193,12 @@ mod least_conn_tests {
     fn the_least_loaded_candidate_wins_and_ineligible_ones_are_skipped() {
         // Candidates 1..: member 8 (0 open, but not eligible), then 9 (1 open), then 10 (1).
         let hashes: [u32; 3] = [1, 2, 3].map(|i| crate::candidate_hash(42, i));
-        let pick = least_conn_pick(42, (7, load(5, 1)), |h| match hashes.iter().position(|x| *x == h) {
-            Some(0) => None,
-            Some(1) => Some((9, load(1, 1))),
-            _ => Some((10, load(1, 1))),
+        let pick = least_conn_pick(42, (7, load(5, 1)), |h| {
+            match hashes.iter().position(|x| *x == h) {
+                Some(0) => None,
+                Some(1) => Some((9, load(1, 1))),
+                _ => Some((10, load(1, 1))),
+            }
         });
         assert_eq!(pick, 9);
     }

@@ -324,7 +324,11 @@ impl MemberConns {
     /// `weight`, 0 read as 1.
     #[inline(always)]
     pub const fn weight_or_one(&self) -> u64 {
-        if self.weight == 0 { 1 } else { self.weight as u64 }
+        if self.weight == 0 {
+            1
+        } else {
+            self.weight as u64
+        }
     }
 }
 

@@ -21,8 +21,7 @@ use lb_common::Counter;
 
 use crate::{
     LB_FLOWS, LB_MAGLEV_M, LB_MEMBER_CONNS, LB_MEMBERS, LB_NAT_JOB, LB_RING, LB_VIPS, flows,
-    forward::Verdict,
-    parse::Packet,
+    forward::Verdict, parse::Packet,
 };
 
 /// `lb`'s `least` subprogram: serves the packet `body` left in `LB_NAT_JOB` (a
@@ -132,7 +131,8 @@ pub fn follow_syn(key: &FlowKey, k4: u64, vip: &VipValue) -> u32 {
             return NO_BACKEND;
         };
         let m = LB_MEMBERS.get(flow.member_id);
-        if flow.last_seen_ns & FLOW_ENDED_NS != 0 || !m.is_some_and(|m| m.is(vip.id, flow.generation))
+        if flow.last_seen_ns & FLOW_ENDED_NS != 0
+            || !m.is_some_and(|m| m.is(vip.id, flow.generation))
         {
             return NO_BACKEND;
         }
@@ -154,9 +154,8 @@ pub fn ended(key: &FlowKey, k4: u64, mode: u32, member_id: u32) {
         match LB_FLOWS.get_ptr_mut(key) {
             Some(f) => {
                 let p = unsafe { &raw mut (*f).last_seen_ns };
-                let was = unsafe {
-                    atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, FLOW_ENDED_NS)
-                };
+                let was =
+                    unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, FLOW_ENDED_NS) };
                 was & FLOW_ENDED_NS == 0
             }
             None => false,

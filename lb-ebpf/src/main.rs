@@ -58,10 +58,10 @@ mod program {
     };
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
-        Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_LEAST_CONN, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        MemberConns, NAT_JOB_F_LEAST_CONN, NextHop, NodeConfig, PassiveHealth, RateBucket,
-        SrcRangeKey, TooBigJob, TrafficStats, VIP_F_LEAST_CONN, VIP_F_SOURCE_RANGES, VipAddr,
-        VipKey, VipValue, maps::*,
+        Member, MemberConns, NAT_JOB_F_LEAST_CONN, NAT_JOB_FORWARD, NAT_JOB_ICMP,
+        NAT_JOB_LEAST_CONN, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NextHop, NodeConfig,
+        PassiveHealth, RateBucket, SrcRangeKey, TooBigJob, TrafficStats, VIP_F_LEAST_CONN,
+        VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipValue, maps::*,
     };
 
     use crate::{
@@ -447,13 +447,7 @@ mod program {
             }
             return nat_job(j);
         }
-        encap_and_forward(
-            ctx,
-            pkt,
-            choice.member_id,
-            unsafe { &*choice.member },
-            node,
-        )
+        encap_and_forward(ctx, pkt, choice.member_id, unsafe { &*choice.member }, node)
     }
 
     #[cfg(not(test))]

@@ -23,10 +23,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
-    NAT_JOB_F_LEAST_CONN, NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_COUNTED, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
-    NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth,
-    TrafficStats, VipAddr, csum, flow_hash, maps::PASSIVE_HOLD_MS, nat_port_candidate,
+    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_F_LEAST_CONN,
+    NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_COUNTED, NAT_S_FAILED,
+    NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse,
+    NodeConfig, PassiveHealth, TrafficStats, VipAddr, csum, flow_hash, maps::PASSIVE_HOLD_MS,
+    nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,

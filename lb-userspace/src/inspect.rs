@@ -713,7 +713,11 @@ impl Pinned {
                     *out.entry(v.member_id).or_default() += 1;
                 }
             }
-            for kv in self.flows.iter().take(self.sizes.flow_entries_v6() as usize) {
+            for kv in self
+                .flows
+                .iter()
+                .take(self.sizes.flow_entries_v6() as usize)
+            {
                 let (k, v) = kv.map_err(merr("flows"))?;
                 let vip = VipKey {
                     addr: k.dst,
@@ -727,7 +731,9 @@ impl Pinned {
                     // A TCP entry records when it was made, not when last seen.
                     _ => 0,
                 };
-                if ours && v.last_seen_ns & lb_common::FLOW_ENDED_NS == 0 && live(k.proto, idle, &node)
+                if ours
+                    && v.last_seen_ns & lb_common::FLOW_ENDED_NS == 0
+                    && live(k.proto, idle, &node)
                 {
                     *out.entry(v.member_id).or_default() += 1;
                 }

@@ -82,8 +82,8 @@ impl ConnsMap {
             return Err(ConnsError::Open("not an array".into()));
         };
         let len = len as usize;
-        let mem = Mapping::new(data, len * size_of::<MemberConns>(), true)
-            .map_err(ConnsError::Map)?;
+        let mem =
+            Mapping::new(data, len * size_of::<MemberConns>(), true).map_err(ConnsError::Map)?;
         Ok(Self { mem, len })
     }
 
@@ -112,7 +112,9 @@ impl ConnsMap {
     pub fn set_weight(&self, id: u32, weight: u32) {
         if let Some(e) = self.entry(id) {
             // SAFETY: as in `get`.
-            unsafe { (*(&raw const (*e).weight).cast::<AtomicU32>()).store(weight, Ordering::Relaxed) };
+            unsafe {
+                (*(&raw const (*e).weight).cast::<AtomicU32>()).store(weight, Ordering::Relaxed)
+            };
         }
     }
 
@@ -180,7 +182,10 @@ pub fn round(
         }
     }
     written.retain(|id, _| weights.contains_key(id));
-    let before: BTreeMap<u32, i64> = weights.keys().map(|id| (*id, conns.get(*id).conns)).collect();
+    let before: BTreeMap<u32, i64> = weights
+        .keys()
+        .map(|id| (*id, conns.get(*id).conns))
+        .collect();
     let live = pinned.live_connections(vips)?;
     Ok(correct(conns, &corrections(weights, &before, &live)))
 }
@@ -226,7 +231,11 @@ mod tests {
 
     #[test]
     fn the_weights_are_those_of_least_connections_vips_members_only() {
-        let lc = spec("192.0.2.1", Algorithm::LeastConnections, &[("10.1.0.1", 1), ("10.1.0.2", 3)]);
+        let lc = spec(
+            "192.0.2.1",
+            Algorithm::LeastConnections,
+            &[("10.1.0.1", 1), ("10.1.0.2", 3)],
+        );
         let mg = spec("192.0.2.2", Algorithm::Maglev, &[("10.1.0.1", 5)]);
         let mut state = State::default();
         for (v, id, flags) in [(&lc, 0, VIP_F_LEAST_CONN), (&mg, 1, 0)] {

@@ -21,8 +21,8 @@ use std::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
     Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NewFlowBudget,
-    NodeConfig, VIP_F_HASH_SRC_ONLY, VIP_F_LEAST_CONN, VIP_F_NEW_FLOW_BUDGET, VIP_F_SOURCE_RANGES, VipAddr, VipKey,
-    VipValue,
+    NodeConfig, VIP_F_HASH_SRC_ONLY, VIP_F_LEAST_CONN, VIP_F_NEW_FLOW_BUDGET, VIP_F_SOURCE_RANGES,
+    VipAddr, VipKey, VipValue,
 };
 
 use crate::{
@@ -382,10 +382,7 @@ pub(crate) fn vip_value(v: &VipSpec, id: u32, maglev_m: u32) -> VipValue {
         flags: flag(v.hash == HashOn::SourceIp, VIP_F_HASH_SRC_ONLY)
             | flag(v.source_ranges.is_some(), VIP_F_SOURCE_RANGES)
             | flag(v.new_flow_budget.is_some(), VIP_F_NEW_FLOW_BUDGET)
-            | flag(
-                v.algorithm == Algorithm::LeastConnections,
-                VIP_F_LEAST_CONN,
-            ),
+            | flag(v.algorithm == Algorithm::LeastConnections, VIP_F_LEAST_CONN),
         affinity_timeout_s: v.affinity_timeout_s,
         mode: match v.mode {
             Mode::Dsr => MODE_DSR,

@@ -905,7 +905,14 @@ fn least_conn_choice(
     });
     let list: Vec<String> = seen
         .iter()
-        .map(|(id, l)| format!("{} ({} open, weight {})", describe(p, *id), l.open(), l.weight_or_one()))
+        .map(|(id, l)| {
+            format!(
+                "{} ({} open, weight {})",
+                describe(p, *id),
+                l.open(),
+                l.weight_or_one()
+            )
+        })
         .collect();
     steps.push(format!(
         "least connections: candidates {} -> backend {}",

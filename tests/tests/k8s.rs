@@ -1546,10 +1546,7 @@ fn a_least_connections_policy_reaches_the_vip_flag_and_the_member_weights() {
             && least_conn_rows(v, &label).1.len() == 2
     });
     let (_, rows) = least_conn_rows(&v, &label);
-    assert!(
-        rows.iter().all(|(_, _, open)| *open == Some(0)),
-        "{rows:?}"
-    );
+    assert!(rows.iter().all(|(_, _, open)| *open == Some(0)), "{rows:?}");
     // The map itself: the VIP's flag, and each member's weight as the status file has it.
     let want: std::collections::BTreeMap<String, u64> =
         rows.iter().map(|(a, w, _)| (a.clone(), *w)).collect();
@@ -1581,7 +1578,9 @@ fn a_least_connections_policy_reaches_the_vip_flag_and_the_member_weights() {
     }
     // Without the policy: Maglev again.
     w.api.delete("UpstreamPolicy", "shop", "sticky");
-    w.wait("maglev on the VIP", |v| least_conn_rows(v, &label).0 == "maglev");
+    w.wait("maglev on the VIP", |v| {
+        least_conn_rows(v, &label).0 == "maglev"
+    });
     let flags = w.with_lb(|lb| lb.vip(key).expect("the VIP").flags);
     assert_eq!(flags & lb_common::VIP_F_LEAST_CONN, 0);
     assert_eq!(w.agent.stop().code(), Some(0));

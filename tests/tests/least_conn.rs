@@ -113,13 +113,23 @@ fn load_counts(lb: &mut Lb, free: u32, (free_conns, free_weight): (i64, u32), bu
 
 /// New flows (SYNs) from 200 clients; for each, where it went and where the rule says: `free`
 /// if it is among the candidates, else Maglev's choice. Returns how many went to `free`.
-fn check_choices(lb: &mut Lb, ingress: u32, vip: &str, free: u32, counts: ((i64, u32), (i64, u32))) -> u32 {
+fn check_choices(
+    lb: &mut Lb,
+    ingress: u32,
+    vip: &str,
+    free: u32,
+    counts: ((i64, u32), (i64, u32)),
+) -> u32 {
     let mut to_free = 0;
     for i in 0..200 {
         load_counts(lb, free, counts.0, counts.1);
         let pkt = tcp(&client(vip, i), 20000 + i as u16, vip, TCP_SYN);
         let cands = candidates(lb, &pkt);
-        let want = if cands.contains(&free) { free } else { cands[0] };
+        let want = if cands.contains(&free) {
+            free
+        } else {
+            cands[0]
+        };
         let got = send(lb, ingress, &pkt);
         assert_eq!(got, want, "flow {i}: candidates {cands:?}, went to {got}");
         to_free += u32::from(got == free);
@@ -150,7 +160,10 @@ fn counts_are_compared_relative_to_the_weights() {
         let mut lb = load(V4, VIP_F_LEAST_CONN);
         // Backend 2: 30 connections at weight 10 (3 each) against 4 at weight 1 elsewhere.
         let to_free = check_choices(&mut lb, net.lb0, V4, 2, ((30, 10), (4, 1)));
-        assert!(to_free >= 100, "{to_free} of 200 new flows to the backend of weight 10");
+        assert!(
+            to_free >= 100,
+            "{to_free} of 200 new flows to the backend of weight 10"
+        );
     });
 }
 
@@ -187,7 +200,10 @@ fn a_mid_stream_packet_without_an_entry_gets_maglevs_choice() {
             assert_eq!(send(&mut lb, net.lb0, &pkt), cands[0], "flow {i}");
             lb.clear_flows();
         }
-        assert!(differs > 20, "only {differs} flows where the choices differ");
+        assert!(
+            differs > 20,
+            "only {differs} flows where the choices differ"
+        );
     });
 }
 
@@ -204,8 +220,15 @@ fn walk(lb: &mut Lb, ingress: u32, vip: &str, steps: &[(u8, i64)]) {
     assert_eq!(lb.member_conns(m), 1, "{vip}: after the SYN");
     for (i, (flags, want)) in steps.iter().enumerate() {
         let got = send(lb, ingress, &tcp(&src, 40000, vip, *flags));
-        assert_eq!(got, first, "{vip}: step {i} ({flags:#04x}) left the flow's backend");
-        assert_eq!(lb.member_conns(m), *want, "{vip}: after step {i} ({flags:#04x})");
+        assert_eq!(
+            got, first,
+            "{vip}: step {i} ({flags:#04x}) left the flow's backend"
+        );
+        assert_eq!(
+            lb.member_conns(m),
+            *want,
+            "{vip}: after step {i} ({flags:#04x})"
+        );
     }
 }
 
@@ -240,7 +263,12 @@ fn dsr_an_rst_alone_ends_the_count() {
     let net = FibNet::new("lc-rst");
     net.ns.run(|| {
         let mut lb = load(V4, VIP_F_LEAST_CONN);
-        walk(&mut lb, net.lb0, V4, &[(TCP_ACK, 1), (TCP_RST, 0), (TCP_RST, 0)]);
+        walk(
+            &mut lb,
+            net.lb0,
+            V4,
+            &[(TCP_ACK, 1), (TCP_RST, 0), (TCP_RST, 0)],
+        );
     });
 }
 
@@ -273,7 +301,12 @@ fn load_nat(vip: &str, backend: (u32, &str)) -> Lb {
 /// Runs `pkt` and returns the (source port, destination) of the translated output.
 fn nat_out(lb: &mut Lb, ingress: u32, pkt: &Pkt) -> (u16, IpAddr) {
     let run = lb.run(&pkt.frame(), ingress);
-    assert_eq!(action_name(run.action), action_name(XDP_TX), "input:\n{}", hex(&pkt.frame()));
+    assert_eq!(
+        action_name(run.action),
+        action_name(XDP_TX),
+        "input:\n{}",
+        hex(&pkt.frame())
+    );
     let h = etherparse::SlicedPacket::from_ethernet(&run.output).expect("output parses");
     let dst = match h.net.expect("an IP header") {
         etherparse::NetSlice::Ipv4(ip) => IpAddr::from(ip.header().destination_addr()),
@@ -300,19 +333,31 @@ fn nat_counts_a_translation_once_and_its_close_once_both_families() {
             assert_eq!(to, backend.1.parse::<IpAddr>().unwrap());
             assert_eq!(lb.member_conns(m), 1, "{vip}: after the SYN");
             nat_out(&mut lb, net.lb0, &tcp(&src, 41000, vip, TCP_SYN));
-            assert_eq!(lb.member_conns(m), 1, "{vip}: after the SYN's retransmission");
+            assert_eq!(
+                lb.member_conns(m),
+                1,
+                "{vip}: after the SYN's retransmission"
+            );
             let reply = |flags| {
                 Pkt::tcp(backend.1, 8080, node, port, LB0_MAC).with(|p| p.l4 = L4::Tcp { flags })
             };
             nat_out(&mut lb, net.lb0, &reply(TCP_SYN | TCP_ACK));
             nat_out(&mut lb, net.lb0, &tcp(&src, 41000, vip, TCP_ACK));
             nat_out(&mut lb, net.lb0, &tcp(&src, 41000, vip, TCP_FIN | TCP_ACK));
-            assert_eq!(lb.member_conns(m), 1, "{vip}: half closed (the client's FIN only)");
+            assert_eq!(
+                lb.member_conns(m),
+                1,
+                "{vip}: half closed (the client's FIN only)"
+            );
             nat_out(&mut lb, net.lb0, &reply(TCP_FIN | TCP_ACK));
             assert_eq!(lb.member_conns(m), 0, "{vip}: closed (both FINs)");
             nat_out(&mut lb, net.lb0, &reply(TCP_FIN | TCP_ACK));
             nat_out(&mut lb, net.lb0, &tcp(&src, 41000, vip, TCP_ACK));
-            assert_eq!(lb.member_conns(m), 0, "{vip}: a retransmitted FIN counted again");
+            assert_eq!(
+                lb.member_conns(m),
+                0,
+                "{vip}: a retransmitted FIN counted again"
+            );
         }
     });
 }
@@ -327,8 +372,11 @@ fn nat_an_rst_from_the_backend_ends_the_count_once() {
         let src = client(V4, 9);
         let (port, _) = nat_out(&mut lb, net.lb0, &tcp(&src, 41000, V4, TCP_SYN));
         assert_eq!(lb.member_conns(m), 1);
-        let rst = Pkt::tcp(TX_V4, 8080, NODE_V4, port, LB0_MAC)
-            .with(|p| p.l4 = L4::Tcp { flags: TCP_RST | TCP_ACK });
+        let rst = Pkt::tcp(TX_V4, 8080, NODE_V4, port, LB0_MAC).with(|p| {
+            p.l4 = L4::Tcp {
+                flags: TCP_RST | TCP_ACK,
+            }
+        });
         nat_out(&mut lb, net.lb0, &rst);
         assert_eq!(lb.member_conns(m), 0, "after the backend's RST");
         nat_out(&mut lb, net.lb0, &rst);

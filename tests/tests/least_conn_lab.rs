@@ -38,7 +38,10 @@ fn open_connections(dirs: &Dirs) -> BTreeMap<String, (u64, u64)> {
         let addr = b["backend"]["address"].as_str().unwrap_or("");
         if let Some((name, _, _)) = BACKENDS.iter().find(|(_, a, _)| *a == addr) {
             let n = |x: &serde_json::Value| x.as_u64().unwrap_or(u64::MAX);
-            out.insert(name.to_string(), (n(&b["weight"]), n(&b["open_connections"])));
+            out.insert(
+                name.to_string(),
+                (n(&b["weight"]), n(&b["open_connections"])),
+            );
         }
     }
     out
@@ -72,7 +75,10 @@ fn with_50_connections_held_on_one_backend_the_next_300_go_to_the_others() {
     let mut agent = Agent::start(&lab.lb, &dirs);
     agent.wait_serving(&lab.lb, &dirs, T);
     let streams = lab.streams(sa("192.0.2.10:80"), 50);
-    assert!(streams.iter().all(|s| s.backend == "b1"), "a stream not on b1");
+    assert!(
+        streams.iter().all(|s| s.backend == "b1"),
+        "a stream not on b1"
+    );
     dirs.write_config(&config([1, 1, 1]));
     agent.wait_applied(&lab.lb, &dirs, 1, T);
     wait_backends(&dirs, "50 open on b1, the weights equal", |b| {
@@ -126,11 +132,15 @@ fn connections_held_open_are_spread_in_proportion_to_the_weights() {
     eprintln!("60 connections held open at weights 1:2:3: {held:?}");
     for (name, want) in [("b1", 10), ("b2", 20), ("b3", 30)] {
         let got = held.get(name).copied().unwrap_or(0);
-        assert!(got.abs_diff(want) <= 4, "{name}: {got}, want {want} ± 4: {held:?}");
+        assert!(
+            got.abs_diff(want) <= 4,
+            "{name}: {got}, want {want} ± 4: {held:?}"
+        );
     }
     // What lb backends counts is what is held.
     wait_backends(&dirs, "the held connections counted", |b| {
-        b.iter().all(|(name, (_, open))| held.get(name).copied().unwrap_or(0) == *open)
+        b.iter()
+            .all(|(name, (_, open))| held.get(name).copied().unwrap_or(0) == *open)
     });
     for s in streams {
         assert_eq!(s.finish(), None, "a held connection broke");

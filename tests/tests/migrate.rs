@@ -893,7 +893,11 @@ fn a_rollback_to_the_previous_release_unpins_the_connection_counts_and_clears_th
     let web = vips
         .get(&vip_key(WEB, 80, lb_common::IPPROTO_TCP), 0)
         .expect("the web VIP kept");
-    assert_eq!(web.flags & lb_common::VIP_F_LEAST_CONN, 0, "the flag cleared");
+    assert_eq!(
+        web.flags & lb_common::VIP_F_LEAST_CONN,
+        0,
+        "the flag cleared"
+    );
     let (after, _) = flow_table(&dirs.pins.join("LB_FLOWS4"));
     assert_eq!(after, keys, "the same flows, in the same map");
 }

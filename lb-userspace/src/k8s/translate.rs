@@ -1925,7 +1925,10 @@ mod persistence_tests {
         assert!(notes.is_empty(), "{notes:?}");
         let spec: UpstreamPolicySpec =
             serde_json::from_value(json!({ "algorithm": "consistent-hashing" })).unwrap();
-        assert_eq!(evaluate(&spec, 1009).unwrap().0.algorithm, crate::model::Algorithm::Maglev);
+        assert_eq!(
+            evaluate(&spec, 1009).unwrap().0.algorithm,
+            crate::model::Algorithm::Maglev
+        );
     }
 
     #[test]

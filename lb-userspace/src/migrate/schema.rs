@@ -159,9 +159,8 @@ macro_rules! schema {
 pub fn current() -> &'static [Schema] {
     use lb_common::{
         AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, MemberConns,
-        NatFlow,
-        NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth, SrcRangeKey,
-        TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
+        NatFlow, NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth,
+        SrcRangeKey, TooBigJob, TrafficStats, VipAddr, VipKey, VipValue, flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
