@@ -10,14 +10,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    FLOW_ENDED_NS, FlowKey, MODE_NAT, MemberConns, NO_BACKEND, VipValue, candidate_hash,
+    Counter, FLOW_ENDED_NS, FlowKey, MODE_NAT, MemberConns, NO_BACKEND, VipValue, candidate_hash,
     flowtab::in_table,
     select::{LEAST_CONN_CANDIDATES, less_loaded, ring_index, ring_member_ok},
 };
-
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::Counter;
 
 use crate::{
     LB_FLOWS, LB_MAGLEV_M, LB_MEMBER_CONNS, LB_MEMBERS, LB_NAT_JOB, LB_RING, LB_VIPS, flows,
@@ -46,8 +44,9 @@ pub fn run(ctx: &XdpContext) -> Verdict {
         tcp_flags: job.tcp_flags,
         counted: false,
     };
+    // Gone since `body` looked (the agent removed it): as `body` treats a packet for no VIP.
     let Some(vip) = (unsafe { LB_VIPS.get(pkt.key.vip_key()) }) else {
-        return unavailable;
+        return Verdict::new(Counter::PassNotForVip, xdp_action::XDP_PASS);
     };
     let vip = *vip;
     let bytes = (ctx.data_end() - ctx.data()) as u64;

@@ -682,7 +682,9 @@ impl Pinned {
     }
 
     /// The live connections of the members of the least-connections VIPs `vips` (id -> mode),
-    /// by member id, counted as the program counts them: a DSR VIP's flow entries whose
+    /// by member id, counted as the program counts them (walking only the tables such VIPs use:
+    /// the IPv4 or IPv6 flow table for DSR VIPs of that family, the reverse NAT table for NAT
+    /// VIPs): a DSR VIP's flow entries whose
     /// connection has not ended (TCP: no FIN or RST seen, and seen within the node's TCP idle
     /// timeout where the entry records when; UDP: within its idle timeout); a NAT VIP's counted
     /// translations that are neither closed nor expired.
@@ -702,7 +704,8 @@ impl Pinned {
             .filter(|(_, v)| vips.get(&v.id).is_some_and(|m| *m != MODE_NAT))
             .map(|(k, v)| (v.id, *k))
             .collect();
-        if !dsr.is_empty() {
+        let family = |f: u8| dsr.values().any(|k| k.family == f);
+        if family(lb_common::FAMILY_V4) {
             for w in self.flows4_map.ways() {
                 let mut b = FlowBucket::default();
                 (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
@@ -713,6 +716,8 @@ impl Pinned {
                     *out.entry(v.member_id).or_default() += 1;
                 }
             }
+        }
+        if family(lb_common::FAMILY_V6) {
             for kv in self
                 .flows
                 .iter()
@@ -739,7 +744,9 @@ impl Pinned {
                 }
             }
         }
-        for e in self.nat_rev.iter().take(self.sizes.nat_entries as usize) {
+        let nat = vips.values().any(|m| *m == MODE_NAT);
+        let walk = if nat { self.sizes.nat_entries } else { 0 };
+        for e in self.nat_rev.iter().take(walk as usize) {
             let (k, r) = e.map_err(merr("NAT reverse entries"))?;
             if r.state & lb_common::NAT_S_COUNTED != 0
                 && vips.contains_key(&r.vip_id)
