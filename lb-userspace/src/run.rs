@@ -149,13 +149,12 @@ impl LeastConn {
                     .map_err(|e| crate::error_chain(&e))
             });
         match result {
-            Ok(c) if c.members > 0 => debug!(
-                members = c.members,
+            Ok(c) => debug!(
+                corrected = c.members,
                 drift = c.drift,
                 took_us = started.elapsed().as_micros() as u64,
-                "least connections: counts corrected from the live entries"
+                "least connections: recounted the live entries"
             ),
-            Ok(_) => {}
             Err(e) => warn!("least connections: recount: {e}"),
         }
     }
