@@ -55,11 +55,24 @@ pub struct FlowBucket {
     /// When each way's flow was last seen, in [`TIME_SHIFT`] units.
     pub seen: [u32; FLOW_WAYS],
     /// Bit `w` set: way `w`'s flow is confirmed, a packet of it found the entry (schema 2 of
-    /// `LB_FLOWS4`; padding in schema 1, which no release wrote). Cleared when a way is taken.
+    /// `LB_FLOWS4`; padding in schema 1, which no release wrote). Bit [`ENDED_SHIFT`] `+ w`
+    /// set: way `w`'s connection ended (a FIN or RST went by on a least-connections VIP, and was
+    /// counted off its member once; also schema 2, as 0.3.0 is unreleased). Both cleared when a
+    /// way is taken.
     pub confirmed: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<FlowBucket>() == 64);
+
+/// Where a way's "ended" bit is in [`FlowBucket::confirmed`]: bit `ENDED_SHIFT + w`.
+pub const ENDED_SHIFT: u32 = 8;
+
+/// The bits of [`FlowBucket::confirmed`] that belong to way `w` (confirmed and ended), which a
+/// new flow taking the way clears.
+#[inline(always)]
+pub const fn way_bits(w: usize) -> u32 {
+    (1 << w) | (1 << (ENDED_SHIFT as usize + w))
+}
 
 /// The table key of an IPv4 flow on VIP `vip_id` (below 65535): client address (as it lies in
 /// memory), client port (network byte order) and the VIP id plus one.
@@ -157,6 +170,11 @@ impl FlowBucket {
     /// Whether way `w`'s flow is confirmed.
     pub const fn is_confirmed(&self, w: usize) -> bool {
         self.confirmed & (1 << w) != 0
+    }
+
+    /// Whether way `w`'s connection ended (see [`ENDED_SHIFT`]).
+    pub const fn is_ended(&self, w: usize) -> bool {
+        self.confirmed & (1 << (ENDED_SHIFT as usize + w)) != 0
     }
 }
 
@@ -294,7 +312,7 @@ pub fn put(
     bucket.keys[w] = k;
     bucket.values[w] = pack_value(k, member_id, generation);
     bucket.seen[w] = seen;
-    bucket.confirmed &= !(1 << w);
+    bucket.confirmed &= !way_bits(w);
     Some(i)
 }
 

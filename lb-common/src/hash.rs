@@ -106,6 +106,18 @@ pub const fn nat_port_candidate(hash: u32, i: u32, min: u16, max: u16) -> u16 {
     min + maglev_slot(h, span) as u16
 }
 
+/// The hash of a flow's `i`-th least-connections candidate, from its Maglev hash `hash`: `hash`
+/// itself for the first (Maglev's own choice), a rehash for each other, so the candidates are
+/// independent ring slots, the same on every node.
+#[inline(always)]
+pub const fn candidate_hash(hash: u32, i: u32) -> u32 {
+    if i == 0 {
+        hash
+    } else {
+        finish(hash ^ i.wrapping_mul(0x85eb_ca77), 8)
+    }
+}
+
 /// The Maglev slot (in `0..m`) a hash selects. Multiply-shift instead of `%`: uniform over `0..m`
 /// for a uniform 32-bit hash, and a multiplication is cheaper than a division in the fast path.
 #[inline(always)]

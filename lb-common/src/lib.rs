@@ -16,6 +16,8 @@ pub mod stats;
 pub mod types;
 
 pub use budget::NewFlowBudget;
-pub use hash::{NAT_PORT_PROBES, flow_hash, maglev_slot, nat_port_candidate, source_hash};
+pub use hash::{
+    NAT_PORT_PROBES, candidate_hash, flow_hash, maglev_slot, nat_port_candidate, source_hash,
+};
 pub use stats::{Counter, TrafficStats};
 pub use types::*;

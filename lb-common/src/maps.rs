@@ -163,6 +163,15 @@ pub const MEMBER_HOLD: &str = "LB_MEMBER_HOLD";
 /// retransmission (3 s after the first), so that without an agent they are refused, not lost.
 pub const PASSIVE_HOLD_MS: u32 = 2_000;
 
+/// Per member id, [`crate::MemberConns`]: the program's count of the member's open connections
+/// and the agent's weight side by side (one lookup per candidate). Read and kept only for
+/// members of VIPs with [`crate::VIP_F_LEAST_CONN`].
+/// `BPF_F_MMAPABLE`, so that the agent writes a weight, and adds its correction to a count,
+/// in place (an atomic add, like the program's) rather than rewriting the whole value.
+pub const MEMBER_CONNS: &str = "LB_MEMBER_CONNS";
+/// [`MEMBER_CONNS`]' flags: `BPF_F_MMAPABLE`.
+pub const MEMBER_CONNS_FLAGS: u32 = RING_FLAGS;
+
 /// Every map, for pinning.
 pub const ALL: &[&str] = &[
     VIPS,
@@ -195,6 +204,7 @@ pub const ALL: &[&str] = &[
     MEMBER_REPLY_STATS,
     MEMBER_HOLD,
     VIP_RANGES,
+    MEMBER_CONNS,
 ];
 
 /// `BPF_F_MMAPABLE`: the ring is mapped into the agent's memory, so a table rewrite is a run of

@@ -30,6 +30,14 @@ pub const VIP_F_SOURCE_RANGES: u32 = 1 << 1;
 /// of the VIP, or is dropped (`drop_new_flow_budget`). Without it new flows never look at the
 /// budget. New in `LB_VIPS` schema 2 (release 0.3.0, like [`VIP_F_SOURCE_RANGES`]).
 pub const VIP_F_NEW_FLOW_BUDGET: u32 = 1 << 2;
+/// `VipValue::flags`: least connections. A new flow goes to the member with the fewest open
+/// connections for its weight (`LB_MEMBER_CONNS`) among [`crate::select::LEAST_CONN_CANDIDATES`]
+/// ring slots sampled with independent hashes of the flow, the first being Maglev's own choice;
+/// the program counts the VIP's connections per member. Without it no count is read or kept.
+/// New in `LB_VIPS` schema 2 (release 0.3.0, like [`VIP_F_SOURCE_RANGES`]); a release that does
+/// not know it balances new flows by Maglev alone, and established flows keep their entries.
+/// (Bit 6, not 3: bits 3 to 5 are left to the port-range work of the same release.)
+pub const VIP_F_LEAST_CONN: u32 = 1 << 6;
 
 /// `VipValue::mode`: encapsulate (IPIP / IP6IP6) for direct server return.
 pub const MODE_DSR: u32 = 0;
@@ -173,9 +181,16 @@ pub struct FlowValue {
     /// `Member::generation` of the member when the flow was balanced.
     pub generation: u32,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) when a UDP packet last used the entry;
-    /// the time of creation for TCP, which is not refreshed (an LRU keeps live TCP flows).
+    /// the time of creation for TCP, which is not refreshed (an LRU keeps live TCP flows). For
+    /// TCP its top bit is [`FLOW_ENDED_NS`].
     pub last_seen_ns: u64,
 }
+
+/// The top bit of a TCP [`FlowValue::last_seen_ns`] (`LB_FLOWS`, IPv6): the connection ended (a
+/// FIN or RST went by on a least-connections VIP and was counted off its member once). A clock
+/// never reaches it (2^63 ns is 292 years); readers of the time mask it off. The IPv4 table
+/// keeps the same mark in its buckets (`flowtab::ENDED_SHIFT`).
+pub const FLOW_ENDED_NS: u64 = 1 << 63;
 
 /// Session-affinity key: one client address on one VIP.
 #[repr(C)]
@@ -270,6 +285,52 @@ pub const NAT_S_FAILED: u16 = 1 << 4;
 /// over before any established translation, oldest first. A translation without the bit (every
 /// one schema 1 held) is established.
 pub const NAT_S_HALF_OPEN: u16 = 1 << 5;
+/// `NatReverse::state` (schema 2 of `LB_NAT_REV`): the translation is counted in its member's
+/// open connections (`LB_MEMBER_CONNS`, a least-connections VIP): when it closes (its first RST
+/// or second FIN, either way) the count goes down, once.
+pub const NAT_S_COUNTED: u16 = 1 << 6;
+
+/// `NatJob::flags`: the VIP balances by least connections, so a new translation is counted.
+pub const NAT_JOB_F_LEAST_CONN: u8 = 1 << 0;
+
+/// One member's open connections and weight (`LB_MEMBER_CONNS`, indexed by member id), read
+/// for a new flow of a least-connections VIP. The program adds to `conns` atomically (a flow
+/// entry or translation made: +1; ended: -1); the agent writes `weight`, and corrects `conns`
+/// from its recount of the live entries (what the program never sees end).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemberConns {
+    /// Open connections (signed: a decrement may briefly beat the increment it undoes, or the
+    /// agent's correction; below zero reads as zero).
+    pub conns: i64,
+    /// The member's weight (written by the agent; 0 reads as 1).
+    pub weight: u32,
+    pub _pad: u32,
+}
+
+impl MemberConns {
+    /// `conns`, at least 0 and at most `u32::MAX` (so that `conns * weight` fits a `u64`).
+    #[inline(always)]
+    pub const fn open(&self) -> u64 {
+        if self.conns <= 0 {
+            0
+        } else if self.conns > u32::MAX as i64 {
+            u32::MAX as u64
+        } else {
+            self.conns as u64
+        }
+    }
+
+    /// `weight`, 0 read as 1.
+    #[inline(always)]
+    pub const fn weight_or_one(&self) -> u64 {
+        if self.weight == 0 {
+            1
+        } else {
+            self.weight as u64
+        }
+    }
+}
 
 /// Where a client flow's translation is, keyed by its [`FlowKey`] as the client sent it
 /// (client -> VIP). Only a pointer: the translation is the [`NatReverse`] entry at (backend,
@@ -337,6 +398,10 @@ pub const NAT_JOB_FORWARD: u8 = 1;
 pub const NAT_JOB_REVERSE: u8 = 2;
 /// `NatJob::kind`: read an ICMP error sent to the node.
 pub const NAT_JOB_ICMP: u8 = 3;
+/// `NatJob::kind`: balance a packet for a least-connections VIP (`vip_id`; `member_id` unused).
+/// Such VIPs are served by a subprogram of their own (its own stack frame), which turns the job
+/// into a `NAT_JOB_FORWARD` for a NAT VIP.
+pub const NAT_JOB_LEAST_CONN: u8 = 4;
 
 /// What `lb` hands the NAT program when it tail-calls it (per-CPU scratch: a tail call starts
 /// with a fresh stack, which is why NAT runs as a program of its own).
@@ -349,7 +414,8 @@ pub struct NatJob {
     pub kind: u8,
     pub tos: u8,
     pub tcp_flags: u8,
-    pub _pad: u8,
+    /// `NAT_JOB_F_*`.
+    pub flags: u8,
     pub l3_off: u16,
     pub l4_off: u16,
     pub ip_len: u32,
@@ -639,6 +705,7 @@ assert_size!(
     SrcRangeKey => 20,
     VipRangeKey => 20,
     ReplyRoute => 56,
+    MemberConns => 16,
 );
 
 impl VipKey {
@@ -705,6 +772,7 @@ mod pod {
     unsafe impl aya::Pod for NatReverse {}
     unsafe impl aya::Pod for PassiveHealth {}
     unsafe impl aya::Pod for NatJob {}
+    unsafe impl aya::Pod for MemberConns {}
     unsafe impl aya::Pod for crate::TrafficStats {}
     unsafe impl aya::Pod for RateBucket {}
     unsafe impl aya::Pod for TooBigJob {}

@@ -10,8 +10,8 @@ use core::ptr::{read_volatile, write_volatile};
 
 use lb_common::FlowValue;
 use lb_common::flowtab::{
-    FLOW_WAYS, FlowBucket, LOCKED, REFRESH_UNITS, TIME_SHIFT, Ways, age, buckets_of, last_seen_ns,
-    pack_value, unpack_value, victim,
+    ENDED_SHIFT, FLOW_WAYS, FlowBucket, LOCKED, REFRESH_UNITS, TIME_SHIFT, Ways, age, buckets_of,
+    last_seen_ns, pack_value, unpack_value, victim, way_bits,
 };
 
 use crate::{LB_FLOW_BUCKETS, LB_FLOWS4};
@@ -114,6 +114,27 @@ pub fn confirm(hit: &Hit) {
     }
 }
 
+/// Whether `hit`'s connection ended (see `flowtab::ENDED_SHIFT`).
+#[inline(always)]
+pub fn is_ended(hit: &Hit) -> bool {
+    let bit = 1u32 << (ENDED_SHIFT as usize + hit.way);
+    unsafe { read_volatile(&raw const (*hit.bucket).confirmed) & bit != 0 }
+}
+
+/// Marks `hit`'s connection ended; whether this call did (one atomic fetch-OR: of CPUs that see
+/// the same FIN or its retransmission, exactly one gets `true`).
+#[inline(always)]
+pub fn end(hit: &Hit) -> bool {
+    let bit = (1u64 << (ENDED_SHIFT as usize + hit.way)) << 32;
+    if unsafe { read_volatile(&raw const (*hit.bucket).confirmed) } as u64 & (bit >> 32) != 0 {
+        return false;
+    }
+    let was = unsafe {
+        atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(confirmed_word(hit.bucket), bit)
+    };
+    was & bit == 0
+}
+
 /// The 64-bit word whose high half is `b`'s `confirmed` (its low half is `seen[2]`, which an OR
 /// of zero or an AND of ones leaves as it is): the BPF target's atomic OR and AND are 64-bit.
 #[inline(always)]
@@ -154,7 +175,7 @@ pub fn insert(k: u64, member_id: u32, generation: u32, now: u32) -> bool {
         write_volatile(&raw mut (*b).seen[way], now);
         atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(
             confirmed_word(b),
-            !((1u64 << way) << 32),
+            !((way_bits(way) as u64) << 32),
         );
         atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(key, k);
     }

@@ -150,6 +150,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
         tos: job.tos,
         syn: false,
         tcp_flags: 0,
+        counted: false,
     };
     if quote(ctx, job.family == FAMILY_V4, l4_off, l3_off + ip_len, &mut pkt.key).is_none()
         // Sent by a backend from the VIP the error is aimed at.
@@ -192,5 +193,5 @@ fn member_of(key: &FlowKey, udp_idle_timeout_ns: u64) -> Option<(u32, &'static M
             return Some((flow.member_id, m));
         }
     }
-    maglev(key, vip).ok()
+    maglev(key, vip, false).ok()
 }

@@ -27,6 +27,8 @@ mod icmp;
 #[cfg(target_arch = "bpf")]
 mod ipv4;
 #[cfg(target_arch = "bpf")]
+mod least_conn;
+#[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -64,8 +66,9 @@ mod program {
     };
     use lb_common::{
         AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IcmpJob, LayoutMeta, MODE_NAT,
-        Member, NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse,
-        NextHop, NodeConfig, PassiveHealth, RateBucket, SrcRangeKey, TooBigJob, TrafficStats,
+        Member, MemberConns, NAT_JOB_F_LEAST_CONN, NAT_JOB_FORWARD, NAT_JOB_ICMP,
+        NAT_JOB_LEAST_CONN, NAT_JOB_REVERSE, NatFlow, NatJob, NatReverse, NextHop, NodeConfig,
+        PassiveHealth, RateBucket, SrcRangeKey, TooBigJob, TrafficStats, VIP_F_LEAST_CONN,
         VIP_F_SOURCE_RANGES, VipAddr, VipKey, VipRangeKey, VipValue, maps::*,
     };
 
@@ -140,6 +143,9 @@ mod program {
     pub static LB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
     #[map]
     pub static LB_MEMBER_HOLD: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+    #[map]
+    pub static LB_MEMBER_CONNS: Array<MemberConns> =
+        Array::with_max_entries(DEFAULT_MAX_BACKENDS, MEMBER_CONNS_FLAGS);
     /// NAT replies (backend -> client) per VIP and per member (`new_flows` stays 0).
     #[map]
     pub static LB_VIP_REPLY_STATS: PerCpuArray<TrafficStats> =
@@ -223,9 +229,14 @@ mod program {
     /// Each subprogram counts its own verdict: counting here would take a stack slot (the
     /// counter's key) in this frame, on top of theirs. They return the verdict's bits, an
     /// integer: the verifier lets only functions that return one make tail calls.
+    /// A least-connections VIP's packet goes from [`body`] to [`least`] (a third subprogram
+    /// with a frame of its own), which may in turn leave a job for [`nat`].
     #[xdp]
     pub fn lb(ctx: XdpContext) -> u32 {
-        let v = Verdict::from_bits(body(XdpContext::new(ctx.ctx)));
+        let mut v = Verdict::from_bits(body(XdpContext::new(ctx.ctx)));
+        if v.is_least_conn() {
+            v = Verdict::from_bits(least(XdpContext::new(ctx.ctx)));
+        }
         if v.is_nat() {
             Verdict::from_bits(nat(XdpContext::new(ctx.ctx))).action()
         } else {
@@ -237,6 +248,16 @@ mod program {
     #[inline(never)]
     fn body(ctx: XdpContext) -> u64 {
         let v = process(&ctx);
+        if !v.is_nat() {
+            finish(v);
+        }
+        v.bits()
+    }
+
+    /// [`crate::least_conn::run`], its verdict counted unless it is NAT mode's to give.
+    #[inline(never)]
+    fn least(ctx: XdpContext) -> u64 {
+        let v = crate::least_conn::run(&ctx);
         if !v.is_nat() {
             finish(v);
         }
@@ -276,23 +297,29 @@ mod program {
     /// Leaves `job` for [`nat`] (see [`crate::nat`]), which `lb` calls once [`body`] returns.
     #[inline(always)]
     fn nat_job(job: NatJob) -> Verdict {
+        leave_job(job, Verdict::NAT)
+    }
+
+    /// Leaves `job` in `LB_NAT_JOB` for the subprogram `then` names.
+    #[inline(always)]
+    fn leave_job(job: NatJob, then: Verdict) -> Verdict {
         match LB_NAT_JOB.get_ptr_mut(0) {
             Some(j) => {
                 unsafe { *j = job };
-                Verdict::NAT
+                then
             }
             None => Verdict::new(Counter::DropNatUnavailable, xdp_action::XDP_DROP),
         }
     }
 
     #[inline(always)]
-    fn job(kind: u8, pkt: &Packet, vip_id: u32, member_id: u32) -> NatJob {
+    pub(crate) fn job(kind: u8, pkt: &Packet, vip_id: u32, member_id: u32) -> NatJob {
         NatJob {
             key: pkt.key,
             kind,
             tos: pkt.tos,
             tcp_flags: pkt.tcp_flags,
-            _pad: 0,
+            flags: 0,
             l3_off: pkt.l3_off as u16,
             l4_off: pkt.l4_off as u16,
             ip_len: pkt.ip_len as u32,
@@ -402,16 +429,35 @@ mod program {
             }
             return Verdict::new(Counter::DropSourceRange, xdp_action::XDP_DROP);
         }
+        if vip.flags & VIP_F_LEAST_CONN != 0 {
+            return leave_job(
+                job(NAT_JOB_LEAST_CONN, &pkt, vip.id, 0),
+                Verdict::LEAST_CONN,
+            );
+        }
+        serve::<false>(ctx, &pkt, &vip, bytes)
+    }
+
+    /// Chooses `pkt`'s member of `vip` and forwards it there (DSR) or leaves it to [`nat`].
+    /// `LC`: `vip` balances by least connections (only [`least`] serves such VIPs, so the
+    /// other VIPs' path in [`body`] has none of its code).
+    #[inline(always)]
+    pub(crate) fn serve<const LC: bool>(
+        ctx: &XdpContext,
+        pkt: &Packet,
+        vip: &VipValue,
+        bytes: u64,
+    ) -> Verdict {
         let Some(node) = LB_NODE.get(0) else {
             account(&LB_VIP_STATS, vip.id, bytes, false);
             return Verdict::new(Counter::DropNoSourceAddress, xdp_action::XDP_DROP);
         };
-        let choice = match select(&pkt.key, &vip, pkt.tcp_flags, node.udp_idle_timeout_ns) {
+        let choice = match select::<LC>(&pkt.key, vip, pkt.tcp_flags, node.udp_idle_timeout_ns) {
             Ok(c) => c,
             Err(counter) => {
                 account(&LB_VIP_STATS, vip.id, bytes, false);
                 if counter == Counter::DropRejected {
-                    return crate::reject::reject(ctx, &pkt);
+                    return crate::reject::reject(ctx, pkt);
                 }
                 return Verdict::new(counter, xdp_action::XDP_DROP);
             }
@@ -419,15 +465,13 @@ mod program {
         account(&LB_VIP_STATS, vip.id, bytes, choice.new_flow);
         account(&LB_MEMBER_STATS, choice.member_id, bytes, choice.new_flow);
         if vip.mode == MODE_NAT {
-            return nat_job(job(NAT_JOB_FORWARD, &pkt, vip.id, choice.member_id));
+            let mut j = job(NAT_JOB_FORWARD, pkt, vip.id, choice.member_id);
+            if LC {
+                j.flags = NAT_JOB_F_LEAST_CONN;
+            }
+            return nat_job(j);
         }
-        encap_and_forward(
-            ctx,
-            &pkt,
-            choice.member_id,
-            unsafe { &*choice.member },
-            node,
-        )
+        encap_and_forward(ctx, pkt, choice.member_id, unsafe { &*choice.member }, node)
     }
 
     #[cfg(not(test))]

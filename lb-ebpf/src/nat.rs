@@ -23,10 +23,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_FORWARD,
-    NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_FAILED, NAT_S_FIN_BACKEND,
-    NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse, NodeConfig, PassiveHealth,
-    TrafficStats, VipAddr, csum, flow_hash, maps::PASSIVE_HOLD_MS, nat_port_candidate,
+    AffinityKey, Counter, FAMILY_V4, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NAT_JOB_F_LEAST_CONN,
+    NAT_JOB_FORWARD, NAT_JOB_ICMP, NAT_PORT_PROBES, NAT_S_ANSWERED, NAT_S_COUNTED, NAT_S_FAILED,
+    NAT_S_FIN_BACKEND, NAT_S_FIN_CLIENT, NAT_S_HALF_OPEN, NAT_S_RST, NatFlow, NatReverse,
+    NodeConfig, PassiveHealth, TrafficStats, VipAddr, csum, flow_hash, maps::PASSIVE_HOLD_MS,
+    nat_port_candidate,
 };
 use network_types::{
     eth::EthHdr,
@@ -57,7 +58,7 @@ const NOEXIST: u64 = BPF_NOEXIST as u64;
 const EXIST: u64 = BPF_EXIST as u64;
 
 /// Upper bound of the L4 offset a job may carry (the verifier wants packet offsets bounded).
-const MAX_L4_OFF: u16 = 0x0fff;
+pub const MAX_L4_OFF: u16 = 0x0fff;
 
 /// NAT mode's subprogram of `lb`: does the job `lb`'s first subprogram left in `LB_NAT_JOB`.
 #[inline(always)]
@@ -98,6 +99,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
                 tos: job.tos,
                 syn: job.tcp_flags & TCP_FLAG_SYN != 0,
                 tcp_flags: job.tcp_flags,
+                counted: job.flags & NAT_JOB_F_LEAST_CONN != 0,
             };
             if kind == NAT_JOB_FORWARD {
                 nat_forward(ctx, &pkt, job.vip_id, &job.member_id, node)
@@ -112,7 +114,7 @@ pub fn run(ctx: &XdpContext) -> Verdict {
 /// loads, where an assignment is a call to a byte-at-a-time `memmove` (volatile, so that LLVM
 /// does not turn them back into one).
 #[inline(always)]
-fn copy_key(k: &FlowKey) -> FlowKey {
+pub fn copy_key(k: &FlowKey) -> FlowKey {
     let p = k as *const FlowKey as *const u64;
     let w = |i| unsafe { core::ptr::read_volatile(p.add(i)) };
     unsafe { core::mem::transmute::<[u64; 5], FlowKey>([w(0), w(1), w(2), w(3), w(4)]) }
@@ -236,6 +238,10 @@ fn close(r: &mut NatReverse, bit: u16, t: u64) {
     if !was && r.closed() {
         r.last_ns = t;
         count(Counter::NatClosed);
+        // A least-connections VIP's translation leaves its member's count, once.
+        if r.state & NAT_S_COUNTED != 0 {
+            crate::least_conn::add(&r.member_id, -1);
+        }
     }
 }
 
@@ -546,7 +552,7 @@ fn allocate(
                 NAT_S_HALF_OPEN
             } else {
                 0
-            },
+            } | if pkt.counted { NAT_S_COUNTED } else { 0 },
             _pad: 0,
             generation,
             created_ns: t,
@@ -573,6 +579,10 @@ fn allocate(
     }
     if !s.found {
         return None;
+    }
+    // A least-connections VIP's new translation counts for its member until it closes.
+    if s.new && pkt.counted {
+        crate::least_conn::add(&s.rev.member_id, 1);
     }
     let flow = NatFlow {
         member_id,
@@ -689,7 +699,7 @@ fn nat_reverse(ctx: &XdpContext, pkt: &Packet, node: &NodeConfig) -> Verdict {
 /// read where it is (in a map value or the job: a key need not be on the stack), not copied
 /// into NAT's full stack frame.
 #[inline(always)]
-fn entry_at<M, V>(map: &M, index: &u32) -> *mut V {
+pub fn entry_at<M, V>(map: &M, index: &u32) -> *mut V {
     let map = map as *const M as *mut c_void;
     let key = index as *const u32 as *const c_void;
     // SAFETY: `map` is a map definition (aya's array types are transparent over it) and `key`

@@ -77,6 +77,9 @@ pub struct Packet {
     pub syn: bool,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
+    /// NAT mode: the VIP balances by least connections, so a new translation is counted
+    /// (`NAT_JOB_F_LEAST_CONN`; in the padding after the flags, so it costs no stack).
+    pub counted: bool,
 }
 
 /// An ICMP (IPv4) or ICMPv6 (IPv6) message: errors about a VIP's flows are sent on to their
@@ -319,6 +322,7 @@ fn parse_l4(
         tos,
         syn: tcp_flags & TCP_FLAG_SYN != 0,
         tcp_flags,
+        counted: false,
     })
 }
 

@@ -4,17 +4,17 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, Member,
-    NO_BACKEND, VIP_F_NEW_FLOW_BUDGET, VipValue,
+    AffinityKey, AffinityValue, Counter, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MODE_NAT,
+    Member, NO_BACKEND, VIP_F_NEW_FLOW_BUDGET, VipValue,
     select::{
-        AffinityCheck, FlowCheck, check_affinity, check_flow, maglev_hash, opens_connection,
-        ring_index, ring_member_ok,
+        AffinityCheck, FlowCheck, check_affinity, check_flow, ends_connection, maglev_hash,
+        opens_connection, ring_index, ring_member_ok,
     },
 };
 
 use lb_common::flowtab::{in_table, pack_key};
 
-use crate::{LB_AFFINITY, LB_FLOWS, LB_MAGLEV_M, LB_MEMBERS, LB_RING, count, flows};
+use crate::{LB_AFFINITY, LB_FLOWS, LB_MAGLEV_M, LB_MEMBERS, LB_RING, count, flows, least_conn};
 
 /// The member chosen for a packet.
 pub struct Choice {
@@ -35,9 +35,10 @@ fn now() -> u64 {
 }
 
 /// Chooses the member for `key` on `vip`, recording new flows (and affinity) as it goes.
-/// `Err` carries the verdict when there is no member to choose.
+/// `Err` carries the verdict when there is no member to choose. `LC`: `vip` balances by least
+/// connections (`VIP_F_LEAST_CONN`; a constant, so that other VIPs' code has none of it).
 #[inline(always)]
-pub fn select(
+pub fn select<const LC: bool>(
     key: &FlowKey,
     vip: &VipValue,
     tcp_flags: u8,
@@ -53,7 +54,15 @@ pub fn select(
             follow_flow(key, vip, udp_idle_timeout_ns)
         };
         if let Some(c) = followed {
+            if LC && ends_connection(key.proto, tcp_flags) {
+                least_conn::ended(key, k4, vip.mode, c.member_id);
+            }
             return Ok(c);
+        }
+    } else if LC {
+        let id = least_conn::follow_syn(key, k4, vip);
+        if id != NO_BACKEND {
+            return flow_hit(id, member(id)).ok_or(Counter::DropNoBackend);
         }
     }
     if key.proto == IPPROTO_TCP && !syn {
@@ -68,10 +77,13 @@ pub fn select(
     if vip.flags & VIP_F_NEW_FLOW_BUDGET != 0 && !crate::budget::admit(vip.id, t) {
         return Err(Counter::DropNewFlowBudget);
     }
+    // Least connections balances new connections only: a mid-stream TCP packet without an
+    // entry gets Maglev's choice, the member every node would give.
+    let lc = LC && (syn || key.proto != IPPROTO_TCP);
     let (member_id, m) = if vip.affinity_timeout_s != 0 {
-        with_affinity(key, vip, t)?
+        with_affinity(key, vip, t, lc)?
     } else {
-        maglev(key, vip)?
+        maglev(key, vip, lc)?
     };
     let recorded = if v4 {
         flows::insert(k4, member_id, m.generation, flows::units(t))
@@ -85,6 +97,10 @@ pub fn select(
     };
     if recorded {
         count(Counter::NewFlows);
+        // A DSR VIP's count is of its flow entries (a NAT VIP's, of its translations).
+        if LC && vip.mode != MODE_NAT {
+            least_conn::opened(member_id);
+        }
     } else {
         count(Counter::FlowInsertFailed);
     }
@@ -159,7 +175,12 @@ fn follow_flow4(k4: u64, proto: u8, vip: &VipValue, udp_idle_timeout_ns: u64) ->
 /// A new flow on a VIP with session affinity: the client's member if the entry still holds,
 /// else a fresh Maglev choice that replaces it.
 #[inline(always)]
-fn with_affinity(key: &FlowKey, vip: &VipValue, t: u64) -> Result<(u32, &'static Member), Counter> {
+fn with_affinity(
+    key: &FlowKey,
+    vip: &VipValue,
+    t: u64,
+    lc: bool,
+) -> Result<(u32, &'static Member), Counter> {
     let akey = AffinityKey {
         addr: key.src,
         vip_id: vip.id,
@@ -179,7 +200,7 @@ fn with_affinity(key: &FlowKey, vip: &VipValue, t: u64) -> Result<(u32, &'static
             AffinityCheck::Stale => count(Counter::AffinityStale),
         }
     }
-    let (id, m) = maglev(key, vip)?;
+    let (id, m) = maglev(key, vip, lc)?;
     let value = AffinityValue {
         member_id: id,
         generation: m.generation,
@@ -190,14 +211,21 @@ fn with_affinity(key: &FlowKey, vip: &VipValue, t: u64) -> Result<(u32, &'static
     Ok((id, m))
 }
 
+/// Maglev's choice; with `lc` (a new connection on a least-connections VIP), the least loaded
+/// of the candidates of which Maglev's choice is the first (`least_conn::pick`, which keeps
+/// Maglev's choice when that is not eligible, so that it is refused here as without `lc`).
 #[inline(always)]
-pub fn maglev(key: &FlowKey, vip: &VipValue) -> Result<(u32, &'static Member), Counter> {
-    let (_, index) = ring_index(maglev_hash(key, vip), vip, LB_MAGLEV_M.load());
-    let id = *LB_RING.get(index).ok_or(Counter::DropNoBackend)?;
+pub fn maglev(key: &FlowKey, vip: &VipValue, lc: bool) -> Result<(u32, &'static Member), Counter> {
+    let hash = maglev_hash(key, vip);
+    let (_, index) = ring_index(hash, vip, LB_MAGLEV_M.load());
+    let mut id = *LB_RING.get(index).ok_or(Counter::DropNoBackend)?;
     if id == NO_BACKEND {
         return Err(Counter::DropNoBackend);
     }
     count(Counter::MaglevLookups);
+    if lc {
+        id = least_conn::pick(hash, vip, id);
+    }
     match member(id) {
         // A rejecting member is never recorded (no flow, no affinity): each attempt is
         // rejected on its own, and the check costs only new flows.

@@ -23,6 +23,10 @@ impl Verdict {
     /// Not a verdict yet: the packet is NAT mode's ([`crate::nat`]), its job in `LB_NAT_JOB`.
     pub const NAT: Self = Self(u64::MAX);
 
+    /// Not a verdict yet: the packet is for a least-connections VIP ([`crate::least_conn`]),
+    /// its job in `LB_NAT_JOB` (kind `NAT_JOB_LEAST_CONN`).
+    pub const LEAST_CONN: Self = Self(u64::MAX - 1);
+
     #[inline(always)]
     pub const fn bits(self) -> u64 {
         self.0
@@ -36,6 +40,11 @@ impl Verdict {
     #[inline(always)]
     pub const fn is_nat(self) -> bool {
         self.0 == u64::MAX
+    }
+
+    #[inline(always)]
+    pub const fn is_least_conn(self) -> bool {
+        self.0 == u64::MAX - 1
     }
 
     /// The counter's index in `LB_STATS`.

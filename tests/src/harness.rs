@@ -157,6 +157,34 @@ impl Lb {
             .expect("writing LB_MEMBER_HOLD");
     }
 
+    /// Member `id`'s open-connection count and weight in `LB_MEMBER_CONNS` (least connections).
+    pub fn set_member_conns(&mut self, id: u32, conns: i64, weight: u32) {
+        let mut a = self.array::<lb_common::MemberConns>(maps::MEMBER_CONNS);
+        let v = lb_common::MemberConns {
+            conns,
+            weight,
+            _pad: 0,
+        };
+        a.set(id, v, 0).expect("writing LB_MEMBER_CONNS");
+    }
+
+    /// Member `id`'s open-connection count in `LB_MEMBER_CONNS`.
+    pub fn member_conns(&mut self, id: u32) -> i64 {
+        self.member_load(id).conns
+    }
+
+    /// Member `id`'s entry in `LB_MEMBER_CONNS` (count and weight).
+    pub fn member_load(&mut self, id: u32) -> lb_common::MemberConns {
+        self.array::<lb_common::MemberConns>(maps::MEMBER_CONNS)
+            .get(&id, 0)
+            .expect("reading LB_MEMBER_CONNS")
+    }
+
+    /// The VIP `key`'s entry in `LB_VIPS`, if any.
+    pub fn vip(&mut self, key: VipKey) -> Option<VipValue> {
+        self.hash::<VipKey, VipValue>(maps::VIPS).get(&key, 0).ok()
+    }
+
     /// Entry `id` of the per-CPU traffic counters `map` (`LB_MEMBER_STATS`,
     /// `LB_VIP_REPLY_STATS`...), added up over the CPUs.
     pub fn traffic(&mut self, map: &str, id: u32) -> lb_common::TrafficStats {

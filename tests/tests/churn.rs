@@ -58,6 +58,7 @@ fn vip(i: usize) -> VipSpec {
         source_ranges: None,
         new_flow_budget: None,
         port_range: None,
+        algorithm: Default::default(),
         backends: (0..BACKENDS)
             .map(|b| BackendSpec::new(v4(10, 1, i as u8, b as u8), 0, 1))
             .collect(),

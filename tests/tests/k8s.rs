@@ -1459,3 +1459,84 @@ fn the_port_range_annotation_reaches_the_map_and_an_invalid_one_keeps_the_last_g
     assert_eq!(explain_port(&dirs, 10500)["verdict"], "pass");
     assert_eq!(agent.stop().code(), Some(0));
 }
+
+/// (algorithm, [(address, weight, open connections)]) of the VIP `label` in `lb backends`.
+fn least_conn_rows(v: &Value, label: &str) -> (String, Vec<(String, u64, Option<u64>)>) {
+    let Some(x) = vip(v, label) else {
+        return (String::new(), Vec::new());
+    };
+    let rows = x["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["backend"]["address"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap_or(0),
+                b["open_connections"].as_u64(),
+            )
+        })
+        .collect();
+    (x["algorithm"].as_str().unwrap_or("").to_string(), rows)
+}
+
+#[test]
+fn a_least_connections_policy_reaches_the_vip_flag_and_the_member_weights() {
+    let (net, api, dirs) = setup("k8s-lc");
+    api.apply(service("web", json!({})));
+    api.apply(slice(
+        "web-v4",
+        "IPv4",
+        &[
+            (TX_V4, "node-a", true, true, false),
+            (TX_V4_B, "node-b", true, true, false),
+        ],
+    ));
+    api.apply(policy(json!({ "algorithm": "least-connections" })));
+    let agent = start_agent(&net, &dirs, &[]);
+    let mut w = World::new(net, api, dirs, agent);
+    let label = format!("{V4}:80/tcp");
+    let v = w.maps("least connections on the VIP", |v| {
+        least_conn_rows(v, &label).0 == "least-connections"
+            && least_conn_rows(v, &label).1.len() == 2
+    });
+    let (_, rows) = least_conn_rows(&v, &label);
+    assert!(rows.iter().all(|(_, _, open)| *open == Some(0)), "{rows:?}");
+    // The map itself: the VIP's flag, and each member's weight as the status file has it.
+    let want: std::collections::BTreeMap<String, u64> =
+        rows.iter().map(|(a, w, _)| (a.clone(), *w)).collect();
+    let key = lb_tests::harness::vip_key(V4, 80, lb_common::IPPROTO_TCP);
+    let start = Instant::now();
+    loop {
+        let got = w.with_lb(|lb| {
+            let vip = lb.vip(key).expect("the VIP in LB_VIPS");
+            let weights: std::collections::BTreeMap<String, u64> = lb
+                .live_members()
+                .into_iter()
+                .filter(|(_, m)| m.vip_id == vip.id)
+                .map(|(id, m)| {
+                    let a = std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&m.addr[..4]).unwrap());
+                    (a.to_string(), u64::from(lb.member_load(id).weight))
+                })
+                .collect();
+            (vip.flags & lb_common::VIP_F_LEAST_CONN != 0, weights)
+        });
+        if got == (true, want.clone()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "LB_VIPS / LB_MEMBER_CONNS: {got:?}, want the flag and {want:?}; agent log:\n{}",
+            w.agent.log_dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Without the policy: Maglev again.
+    w.api.delete("UpstreamPolicy", "shop", "sticky");
+    w.maps("maglev on the VIP", |v| {
+        least_conn_rows(v, &label).0 == "maglev"
+    });
+    let flags = w.with_lb(|lb| lb.vip(key).expect("the VIP").flags);
+    assert_eq!(flags & lb_common::VIP_F_LEAST_CONN, 0);
+    assert_eq!(w.agent.stop().code(), Some(0));
+}

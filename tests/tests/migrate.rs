@@ -867,3 +867,46 @@ fn a_rollback_to_the_previous_release_clears_the_confirmed_bits_and_keeps_every_
     assert_eq!(after, keys, "the same flows, in the same map");
     assert_eq!(confirmed, 0, "{previous}'s padding is zero again");
 }
+
+#[test]
+fn a_rollback_to_the_previous_release_unpins_the_connection_counts_and_clears_the_least_connections_flag()
+ {
+    let net = FibNet::new("rb-lc");
+    let dirs = Dirs::new(Path::new(BIN), "rb-lc");
+    dirs.write_config(&config(FLOWS, NATS).replacen(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    algorithm: least-connections\n",
+        1,
+    ));
+    let mut agent = Agent::start(&net.ns, &dirs);
+    agent.wait_serving(&net.ns, &dirs, T);
+    make_flows(&net, &dirs);
+    assert_eq!(agent.stop().code(), Some(0));
+    assert!(dirs.pins.join("LB_MEMBER_CONNS").exists());
+    let (keys, _) = flow_table(&dirs.pins.join("LB_FLOWS4@v2"));
+
+    let previous = lb_tests::release::previous_version();
+    let out = dirs.cli(&["migrate", "--to-release", &previous]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dirs.pins.join("LB_MEMBER_CONNS").exists(),
+        "{previous} knows no LB_MEMBER_CONNS"
+    );
+    let data = aya::maps::MapData::from_pin(dirs.pins.join("LB_VIPS")).unwrap();
+    let vips: aya::maps::HashMap<_, lb_common::VipKey, lb_common::VipValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    let web = vips
+        .get(&vip_key(WEB, 80, lb_common::IPPROTO_TCP), 0)
+        .expect("the web VIP kept");
+    assert_eq!(
+        web.flags & lb_common::VIP_F_LEAST_CONN,
+        0,
+        "the flag cleared"
+    );
+    let (after, _) = flow_table(&dirs.pins.join("LB_FLOWS4"));
+    assert_eq!(after, keys, "the same flows, in the same map");
+}

@@ -22,7 +22,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     agent::health,
@@ -188,6 +188,49 @@ fn backend_passive(
         sum.consecutive_failures = sum.consecutive_failures.max(p.consecutive_failures);
     }
     Ok(sum)
+}
+
+/// Least connections: the weights of the members of least-connections VIPs in
+/// `LB_MEMBER_CONNS`, and their counts corrected from a recount of the live entries
+/// ([`crate::leastconn`]), every [`crate::kernel::leastconn::RECOUNT_INTERVAL`] and after each reload.
+/// Nothing is read while no VIP balances by least connections.
+#[derive(Default)]
+struct LeastConn {
+    /// The weights written, by member id.
+    written: BTreeMap<u32, u32>,
+}
+
+impl LeastConn {
+    fn round(&mut self, agent: &Agent<KernelDataplane>, pin_dir: &std::path::Path) {
+        let vips = crate::kernel::leastconn::vip_ids(agent.state());
+        if vips.is_empty() {
+            self.written.clear();
+            return;
+        }
+        let weights = crate::kernel::leastconn::weights(
+            agent.config().vips.iter().map(|v| &v.spec),
+            agent.state(),
+        );
+        let max = agent.config().node.sizes.max_backends;
+        let started = std::time::Instant::now();
+        let result = crate::kernel::leastconn::ConnsMap::open(pin_dir, max)
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|conns| {
+                let pinned = crate::kernel::inspect::Pinned::open(pin_dir)
+                    .map_err(|e| crate::error_chain(&e))?;
+                crate::kernel::leastconn::round(&conns, &pinned, &weights, &vips, &mut self.written)
+                    .map_err(|e| crate::error_chain(&e))
+            });
+        match result {
+            Ok(c) => debug!(
+                corrected = c.members,
+                drift = c.drift,
+                took_us = started.elapsed().as_micros() as u64,
+                "least connections: recounted the live entries"
+            ),
+            Err(e) => warn!("least connections: recount: {e}"),
+        }
+    }
 }
 
 /// Passive health checking: watches each checked backend's failure streak in the maps, takes
@@ -1006,6 +1049,8 @@ struct Inputs {
     prx: mpsc::Receiver<(Target, Result<(), String>)>,
     passive_tick: tokio::time::Interval,
     nexthop_tick: tokio::time::Interval,
+    /// Least connections' recount.
+    least_tick: tokio::time::Interval,
 }
 
 /// The event loop: [`Serve`] and what it keeps in step with the agent's config (the
@@ -1015,6 +1060,7 @@ struct Loop<'a> {
     announce: announce::Keeper,
     checks: health::Checks,
     passive: Passive,
+    least: LeastConn,
     events: health::events::Events,
     ptx: mpsc::Sender<(Target, Result<(), String>)>,
 }
@@ -1081,6 +1127,10 @@ impl<'a> Serve<'a> {
         let mut nexthop_tick = tokio::time::interval(nexthop::REFRESH_INTERVAL);
         nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         nexthop_tick.reset();
+        let mut least = LeastConn::default();
+        least.round(&self.agent, &self.opts.pin_dir);
+        let mut least_tick = tokio::time::interval(crate::kernel::leastconn::RECOUNT_INTERVAL);
+        least_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(
             "running; SIGHUP or saving {} reloads it",
             self.opts.config.display()
@@ -1094,12 +1144,14 @@ impl<'a> Serve<'a> {
             prx,
             passive_tick,
             nexthop_tick,
+            least_tick,
         };
         let lp = Loop {
             s: self,
             announce,
             checks,
             passive,
+            least,
             events,
             ptx,
         };
@@ -1117,6 +1169,7 @@ impl Loop<'_> {
             prx,
             passive_tick,
             nexthop_tick,
+            least_tick,
         } = inputs;
         let m = self.s.m;
         let s = &mut self.s;
@@ -1132,6 +1185,10 @@ impl Loop<'_> {
                 Wake::Round { reload: Reload::No, refresh: true }
             }
             _ = nexthop_tick.tick() => Wake::Round { reload: Reload::No, refresh: true },
+            _ = least_tick.tick() => {
+                self.least.round(&s.agent, &s.opts.pin_dir);
+                Wake::Quiet
+            }
             Some(t) = hrx.recv() => {
                 if self.checks.is_current(&t) {
                     s.life.health_changed(crate::model::desired::vip_label(&t.target.0), t.target.1, &t.reason);
@@ -1242,6 +1299,7 @@ impl Loop<'_> {
         log_changes(before, s.agent.config());
         self.events.renew(&mut s.agent.dp);
         self.passive.sync_holds(&mut s.agent);
+        self.least.round(&s.agent, &s.opts.pin_dir);
         for w in &s.agent.config().warnings {
             warn!("{w}");
         }
@@ -1271,6 +1329,7 @@ impl Loop<'_> {
             mut announce,
             checks,
             passive: _passive,
+            least: _least,
             events: _events,
             ptx: _ptx,
         } = self;

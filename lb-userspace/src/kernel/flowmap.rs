@@ -25,6 +25,8 @@ pub struct Way {
     pub seen: u32,
     /// A later packet of the flow found its entry (`FlowBucket::confirmed`).
     pub confirmed: bool,
+    /// Its connection ended (a FIN or RST on a least-connections VIP: `flowtab::ENDED_SHIFT`).
+    pub ended: bool,
 }
 
 pub struct FlowMap {
@@ -74,7 +76,9 @@ impl FlowMap {
                 continue;
             }
             let (v, s) = (value.load(Ordering::Relaxed), seen.load(Ordering::Relaxed));
-            let c = confirmed.load(Ordering::Relaxed) & (1 << w) != 0;
+            let bits = confirmed.load(Ordering::Relaxed);
+            let c = bits & (1 << w) != 0;
+            let ended = bits & (1 << (flowtab::ENDED_SHIFT as usize + w)) != 0;
             fence(Ordering::Acquire);
             if key.load(Ordering::Relaxed) == k {
                 return Some(Way {
@@ -82,6 +86,7 @@ impl FlowMap {
                     value: v,
                     seen: s,
                     confirmed: c,
+                    ended,
                 });
             }
         }

@@ -70,6 +70,8 @@ pub struct Pinned {
     member_replies: Option<PerCpuArray<MapData, TrafficStats>>,
     /// None on pins of a release before 0.3.0 (no port ranges).
     vip_ranges: Option<LpmTrie<MapData, VipRangeKey, VipValue>>,
+    /// None on pins of a release before 0.3.0 (no least connections).
+    member_conns: Option<Array<MapData, lb_common::MemberConns>>,
 }
 
 impl Pinned {
@@ -137,6 +139,9 @@ impl Pinned {
             vip_ranges: open(maps::VIP_RANGES)
                 .ok()
                 .and_then(|m| LpmTrie::try_from(m).ok()),
+            member_conns: open(maps::MEMBER_CONNS)
+                .ok()
+                .and_then(|m| Array::try_from(m).ok()),
             sizes,
         })
     }
@@ -728,6 +733,102 @@ impl Pinned {
         }
         Ok((entries, out))
     }
+}
+
+impl Pinned {
+    /// Member `id`'s open connections and weight as the program counts them for least
+    /// connections (`LB_MEMBER_CONNS`); None on pins without that map.
+    pub fn member_conns(&self, id: u32) -> Option<lb_common::MemberConns> {
+        self.member_conns.as_ref()?.get(&id, 0).ok()
+    }
+
+    /// The live connections of the members of the least-connections VIPs `vips` (id -> mode),
+    /// by member id, counted as the program counts them (walking only the tables such VIPs use:
+    /// the IPv4 or IPv6 flow table for DSR VIPs of that family, the reverse NAT table for NAT
+    /// VIPs): a DSR VIP's flow entries whose
+    /// connection has not ended (TCP: no FIN or RST seen, and seen within the node's TCP idle
+    /// timeout where the entry records when; UDP: within its idle timeout); a NAT VIP's counted
+    /// translations that are neither closed nor expired.
+    pub fn live_connections(
+        &self,
+        vips: &BTreeMap<u32, u32>,
+    ) -> Result<BTreeMap<u32, i64>, InspectError> {
+        let mut out = BTreeMap::new();
+        if vips.is_empty() {
+            return Ok(out);
+        }
+        let node = self.node()?;
+        let now = monotonic_coarse_ns();
+        let keys: BTreeMap<VipKey, VipValue> = self.vips()?;
+        let dsr: BTreeMap<u32, VipKey> = keys
+            .iter()
+            .filter(|(_, v)| vips.get(&v.id).is_some_and(|m| *m != MODE_NAT))
+            .map(|(k, v)| (v.id, *k))
+            .collect();
+        let family = |f: u8| dsr.values().any(|k| k.family == f);
+        if family(lb_common::FAMILY_V4) {
+            for w in self.flows4_map.ways() {
+                let mut b = FlowBucket::default();
+                (b.keys[0], b.values[0], b.seen[0]) = (w.key, w.value, w.seen);
+                let Some((k, v)) = Self::flow4(&dsr, &b, w.key, now) else {
+                    continue;
+                };
+                if !w.ended && live(k.proto, now.saturating_sub(v.last_seen_ns), &node) {
+                    *out.entry(v.member_id).or_default() += 1;
+                }
+            }
+        }
+        if family(lb_common::FAMILY_V6) {
+            for kv in self
+                .flows
+                .iter()
+                .take(self.sizes.flow_table_size_v6() as usize)
+            {
+                let (k, v) = kv.map_err(merr("flows"))?;
+                let vip = VipKey {
+                    addr: k.dst,
+                    port: k.dst_port,
+                    proto: k.proto,
+                    family: k.family,
+                };
+                let ours = keys.get(&vip).is_some_and(|x| dsr.contains_key(&x.id));
+                let idle = match k.proto {
+                    lb_common::IPPROTO_UDP => now.saturating_sub(v.last_seen_ns),
+                    // A TCP entry records when it was made, not when last seen.
+                    _ => 0,
+                };
+                if ours
+                    && v.last_seen_ns & lb_common::FLOW_ENDED_NS == 0
+                    && live(k.proto, idle, &node)
+                {
+                    *out.entry(v.member_id).or_default() += 1;
+                }
+            }
+        }
+        let nat = vips.values().any(|m| *m == MODE_NAT);
+        let walk = if nat { self.sizes.nat_table_size } else { 0 };
+        for e in self.nat_rev.iter().take(walk as usize) {
+            let (k, r) = e.map_err(merr("NAT reverse entries"))?;
+            if r.state & lb_common::NAT_S_COUNTED != 0
+                && vips.contains_key(&r.vip_id)
+                && !r.closed()
+                && !r.expired(k.proto, now, &node)
+            {
+                *out.entry(r.member_id).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether a DSR flow idle for `idle_ns` still counts as open: UDP within the node's UDP idle
+/// timeout, TCP within its TCP idle timeout (0: no timeout, either).
+fn live(proto: u8, idle_ns: u64, node: &NodeConfig) -> bool {
+    let limit = match proto {
+        lb_common::IPPROTO_UDP => node.udp_idle_timeout_ns,
+        _ => node.tcp_idle_timeout_ns,
+    };
+    limit == 0 || idle_ns <= limit
 }
 
 /// Keys of a hash map (one read each), at most `cap`. The program adds and evicts entries

@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod flowmap;
 pub mod inspect;
+pub mod leastconn;
 pub mod links;
 pub mod mapmem;
 pub mod mapping;

@@ -76,6 +76,28 @@ pub enum HashOn {
     SourceIp,
 }
 
+/// How a VIP picks the backend of a new connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Weighted Maglev: the flow's hash picks a slot of the VIP's table.
+    #[default]
+    Maglev,
+    /// Of a few Maglev-sampled candidates, the backend with the fewest open connections for
+    /// its weight (`VIP_F_LEAST_CONN`).
+    LeastConnections,
+}
+
+impl Algorithm {
+    /// The name the config and `lb explain` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Maglev => "maglev",
+            Algorithm::LeastConnections => "least-connections",
+        }
+    }
+}
+
 /// A VIP and the backends behind it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipSpec {
@@ -103,6 +125,13 @@ pub struct VipSpec {
     /// exact VIP of the address and protocol takes. None: the VIP serves `port` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_range: Option<PortRange>,
+    /// How new connections pick their backend.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub algorithm: Algorithm,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 /// The ports of a port-range VIP, `lo..=hi`: `0-65535` (all ports) or any part of it. NAT

@@ -21,12 +21,12 @@ use std::{
 use lb_common::{
     FAMILY_V4, FAMILY_V6, MEMBER_F_ACCEPTS, MEMBER_F_LIVE, MEMBER_F_REJECT, MODE_DSR, MODE_NAT,
     Member, NO_BACKEND, NODE_F_NEXTHOP_CHECK, NODE_F_SRC_V4, NODE_F_SRC_V6, NewFlowBudget,
-    NodeConfig, VIP_F_HASH_SRC_ONLY, VIP_F_NEW_FLOW_BUDGET, VIP_F_SOURCE_RANGES, VipAddr, VipKey,
-    VipValue,
+    NodeConfig, VIP_F_HASH_SRC_ONLY, VIP_F_LEAST_CONN, VIP_F_NEW_FLOW_BUDGET, VIP_F_SOURCE_RANGES,
+    VipAddr, VipKey, VipValue,
 };
 
 use crate::{
-    model::desired::{Desired, HashOn, Mode, PortRange, VipSpec, addr16},
+    model::desired::{Algorithm, Desired, HashOn, Mode, PortRange, VipSpec, addr16},
     model::maglev::{self, Entry, MaglevError},
     model::table::Table,
 };
@@ -404,7 +404,8 @@ pub(crate) fn vip_value(v: &VipSpec, id: u32, node_table_size: u32) -> VipValue 
         id,
         flags: flag(v.hash == HashOn::SourceIp, VIP_F_HASH_SRC_ONLY)
             | flag(v.source_ranges.is_some(), VIP_F_SOURCE_RANGES)
-            | flag(v.new_flow_budget.is_some(), VIP_F_NEW_FLOW_BUDGET),
+            | flag(v.new_flow_budget.is_some(), VIP_F_NEW_FLOW_BUDGET)
+            | flag(v.algorithm == Algorithm::LeastConnections, VIP_F_LEAST_CONN),
         affinity_timeout_s: v.affinity_timeout_s,
         mode: match v.mode {
             Mode::Dsr => MODE_DSR,
@@ -939,6 +940,7 @@ mod tests {
             source_ranges: None,
             new_flow_budget: None,
             port_range: None,
+            algorithm: Default::default(),
             backends: backends
                 .iter()
                 .map(|(a, w)| BackendSpec::new(a.parse::<IpAddr>().unwrap(), 0, *w))
@@ -1611,6 +1613,16 @@ mod tests {
                 max: max as u32
             }
         );
+    }
+
+    #[test]
+    fn least_connections_sets_the_vip_flag_and_maglev_does_not() {
+        let mut lc = vip("192.0.2.1", &[("10.1.0.1", 1)]);
+        lc.algorithm = Algorithm::LeastConnections;
+        let d = desired(vec![lc, vip("192.0.2.2", &[("10.1.0.1", 1)])]);
+        let (_, next) = plan(&State::default(), &d, LIMITS).unwrap();
+        let flags: Vec<u32> = next.vips.values().map(|v| v.flags).collect();
+        assert_eq!(flags, [VIP_F_LEAST_CONN, 0]);
     }
 
     fn with_budget(mut v: VipSpec, rate: u64, burst: u64) -> VipSpec {

@@ -541,6 +541,10 @@ mod tests {
                     hi: lo + rng.random_range(0..500),
                 }
             }),
+            algorithm: match rng.random_bool(0.2) {
+                true => crate::model::desired::Algorithm::LeastConnections,
+                false => crate::model::desired::Algorithm::Maglev,
+            },
         }
     }
 

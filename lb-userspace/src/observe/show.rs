@@ -436,8 +436,12 @@ fn vip_heading(v: &serde_json::Value, wide: bool) -> String {
     } else {
         String::new()
     };
+    let lc = match v["algorithm"].as_str() {
+        Some("least-connections") => " least connections",
+        _ => "",
+    };
     format!(
-        "{} {} [{}]{affinity}{ids}",
+        "{} {} [{}]{lc}{affinity}{ids}",
         v["vip"]["label"].as_str().unwrap_or(""),
         name.unwrap_or_default(),
         v["mode"].as_str().unwrap_or(""),
@@ -459,6 +463,10 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
         head.push("REPLIES");
     }
     head.extend(["NEW FLOWS", "ACTIVE", "INACTIVE"]);
+    let lc = v["algorithm"] == "least-connections";
+    if lc {
+        head.push("OPEN");
+    }
     if wide {
         head.insert(0, "MEMBER");
     }
@@ -481,6 +489,9 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
             opt(&b["connections"]["active"]),
             opt(&b["connections"]["inactive"]),
         ]);
+        if lc {
+            row.push(opt(&b["open_connections"]));
+        }
         if wide {
             row.insert(0, opt(&b["id"]));
         }
@@ -605,6 +616,7 @@ fn vip_backends(
                 .transpose()?
                 .map(|r| json!({"packets": r.packets, "bytes": r.bytes})),
             "connections": id.map(|id| conns.get(&id).copied().unwrap_or_default()),
+            "open_connections": open_connections(p, v, id),
             "passive": passive.map(|h| json!({
                 "answered": h.answered,
                 "refused": h.refused,
@@ -619,10 +631,29 @@ fn vip_backends(
         "id": v.id,
         "table_size": m as u32,
         "mode": mode_name(v),
+        "algorithm": algorithm_name(v),
         "affinity_timeout_s": v.affinity_timeout_s,
         "empty_slots": counts.get(&NO_BACKEND).copied().unwrap_or(0),
         "backends": rows,
     }))
+}
+
+/// `maglev` or `least-connections` (`VIP_F_LEAST_CONN`).
+pub(crate) fn algorithm_name(v: &VipValue) -> &'static str {
+    if v.flags & lb_common::VIP_F_LEAST_CONN != 0 {
+        crate::model::desired::Algorithm::LeastConnections.name()
+    } else {
+        crate::model::desired::Algorithm::Maglev.name()
+    }
+}
+
+/// A least-connections VIP's member's open connections as the program counts them for its
+/// choice (`LB_MEMBER_CONNS`); None for other VIPs.
+fn open_connections(p: &Pinned, v: &VipValue, id: Option<u32>) -> Option<u64> {
+    if v.flags & lb_common::VIP_F_LEAST_CONN == 0 {
+        return None;
+    }
+    p.member_conns(id?).map(|c| c.open())
 }
 
 pub(crate) fn mode_name(v: &VipValue) -> &'static str {
@@ -737,7 +768,14 @@ pub fn explain(
             for (addr, why, standing_in) in names.backups(&label) {
                 e.step(format!("{addr}: {}", backup_note(why, *standing_in)));
             }
+            if vip.flags & lb_common::VIP_F_LEAST_CONN != 0 {
+                e.step(
+                    "algorithm: least-connections (a new connection goes to the sampled backend \
+                     with the fewest open connections for its weight)",
+                );
+            }
             e.result = choose(p, &key, vip, sport.is_some(), tcp_flags, &mut e.steps)?;
+            e.result["algorithm"] = json!(algorithm_name(vip));
             if vip.mode == lb_common::MODE_NAT && sport.is_some() {
                 explain_nat(p, &key, &mut e);
             }
@@ -855,7 +893,60 @@ fn choose(
             },
         }
     }
-    maglev_choice(p, key, vip, have_port, steps)
+    let new_connection =
+        opens_connection(key.proto, tcp_flags) || key.proto != lb_common::IPPROTO_TCP;
+    let mut r = maglev_choice(p, key, vip, have_port, steps)?;
+    if vip.flags & lb_common::VIP_F_LEAST_CONN != 0
+        && new_connection
+        && let (Some(hash), Some(first)) = (r["hash"].as_u64(), r["member_id"].as_u64())
+        && r["by"] == "maglev"
+    {
+        let id = least_conn_choice(p, vip, hash as u32, first as u32, steps);
+        if id != first as u32 {
+            let (hash, slot) = (r["hash"].clone(), r["slot"].clone());
+            r = forward(p, "least-connections", id);
+            (r["hash"], r["slot"]) = (hash, slot);
+        }
+    }
+    Ok(r)
+}
+
+/// Least connections' pick among the sampled candidates (`lb_common::select::least_conn_pick`,
+/// as the program makes it), from the counts and weights in `LB_MEMBER_CONNS` now.
+fn least_conn_choice(
+    p: &Pinned,
+    vip: &VipValue,
+    hash: u32,
+    first: u32,
+    steps: &mut Vec<String>,
+) -> u32 {
+    let load = |id: u32| p.member_conns(id).unwrap_or_default();
+    let mut seen = vec![(first, load(first))];
+    let best = lb_common::select::least_conn_pick(hash, (first, load(first)), |h| {
+        let (_, index) = ring_index(h, vip, p.sizes.table_size);
+        let id = p.ring_at(index);
+        p.member(id)
+            .filter(|m| ring_member_ok(m, vip) && !m.rejects())?;
+        seen.push((id, load(id)));
+        Some((id, load(id)))
+    });
+    let list: Vec<String> = seen
+        .iter()
+        .map(|(id, l)| {
+            format!(
+                "{} ({} open, weight {})",
+                describe(p, *id),
+                l.open(),
+                l.weight_or_one()
+            )
+        })
+        .collect();
+    steps.push(format!(
+        "least connections: candidates {} -> backend {}",
+        list.join(", "),
+        describe(p, best)
+    ));
+    best
 }
 
 /// What the VIP's new-flow budget does to a new flow, with the tokens each CPU has now.

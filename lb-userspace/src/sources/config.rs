@@ -26,7 +26,9 @@ use crate::{
     kernel::mapmem,
     kernel::program::Sizes,
     kernel::xdpmode::XdpMode,
-    model::desired::{BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec},
+    model::desired::{
+        Algorithm, BackendSpec, Desired, HashOn, Mode, NatSpec, NodeSpec, Protocol, VipSpec,
+    },
     model::maglev,
 };
 
@@ -354,6 +356,10 @@ pub struct RawVip {
     pub source_ranges: Option<Vec<String>>,
     /// A limit on new flows. Default: none.
     pub new_flow_budget: Option<RawBudget>,
+    /// How a new connection picks its backend: `maglev` (the flow's hash) or
+    /// `least-connections` (of a few Maglev-sampled backends, the one with the fewest open
+    /// connections for its weight). Default `maglev`.
+    pub algorithm: Option<String>,
 }
 
 /// `vips[i].new_flow_budget`: at most `rate` new flows a second, `burst` at once (the VIP's
@@ -863,6 +869,7 @@ vips:
         );
         assert_eq!(c.vips[1].spec.hash, HashOn::SourceIp);
         assert_eq!(c.vips[1].spec.affinity_timeout_s, 600);
+        assert_eq!(c.vips[1].spec.algorithm, Algorithm::Maglev, "the default");
         assert_eq!(c.vips[1].spec.backends[0].weight, 100, "default weight");
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         // And the repository's sample config too.
@@ -1099,6 +1106,10 @@ vips:
             (
                 Box::new(replace("hash: source-ip", "hash: random")),
                 "vips[1].hash: must be one of five-tuple, source-ip",
+            ),
+            (
+                Box::new(replace("hash: source-ip", "algorithm: round-robin")),
+                "vips[1].algorithm: must be one of maglev, least-connections",
             ),
             (
                 Box::new(replace("affinity_timeout: 10m", "affinity_timeout: 2d")),
@@ -1718,5 +1729,17 @@ vips:
             p("[10.0.0.0/8, 10.0.0.0/8]"),
             ["vips[0].source_ranges[1]: 10.0.0.0/8 is already source_ranges[0]"]
         );
+    }
+}
+
+#[cfg(test)]
+mod algorithm_tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_least_connections_is_read_into_the_vip() {
+        let yaml = "node:\n  interfaces: [eth0]\n  source_v4: 10.0.0.1\nvips:\n  - address: 192.0.2.1\n    port: 80\n    protocol: tcp\n    algorithm: least-connections\n    backends: [{ address: 10.1.0.1 }]\n";
+        let c = Config::parse(yaml, "test").unwrap();
+        assert_eq!(c.vips[0].spec.algorithm, Algorithm::LeastConnections);
     }
 }

@@ -111,6 +111,7 @@ fn scale_vip(i: usize, backends: usize, weight_of: &dyn Fn(usize, usize) -> u32)
         source_ranges: None,
         new_flow_budget: None,
         port_range: None,
+        algorithm: Default::default(),
         backends: (0..backends)
             .map(|b| BackendSpec::new(v4([10, 0, 0, 0], i * backends + b), 0, weight_of(i, b)))
             .collect(),

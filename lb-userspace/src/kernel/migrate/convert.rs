@@ -260,13 +260,14 @@ pub fn same_bytes(value: &[u8]) -> Vec<u8> {
 /// Byte offset of `NatReverse::state` (after the client's flow key and two ids).
 const NAT_STATE_AT: usize = core::mem::offset_of!(lb_common::NatReverse, state);
 
-/// `LB_NAT_REV` v2 -> v1: the half-open bit cleared (a release before 0.3.0 knows no half-open
-/// state: its translations are judged by the idle timeout, as they were).
+/// `LB_NAT_REV` v2 -> v1: the half-open and counted bits cleared (a release before 0.3.0 knows
+/// no half-open state: its translations are judged by the idle timeout, as they were; nor
+/// least connections, whose count the counted bit is for).
 pub fn nat_rev_v2_to_v1(value: &[u8]) -> Vec<u8> {
     let mut out = value.to_vec();
     if let Some(f) = out.get_mut(NAT_STATE_AT..NAT_STATE_AT + 2) {
-        let state =
-            u16::from_ne_bytes((&*f).try_into().expect("2 bytes")) & !lb_common::NAT_S_HALF_OPEN;
+        let state = u16::from_ne_bytes((&*f).try_into().expect("2 bytes"))
+            & !(lb_common::NAT_S_HALF_OPEN | lb_common::NAT_S_COUNTED);
         f.copy_from_slice(&state.to_ne_bytes());
     }
     out
@@ -294,14 +295,17 @@ pub fn vips_v1_to_v2(value: &[u8]) -> Vec<u8> {
     value.to_vec()
 }
 
-/// `LB_VIPS` v2 -> v1: the source-ranges and new-flow budget flags cleared (a release before
-/// 0.3.0 has neither: the VIP takes every source and every new flow, and the bits would mean
-/// nothing to it). Flags are host-endian.
+/// `LB_VIPS` v2 -> v1: the source-ranges, new-flow budget and least-connections flags cleared
+/// (a release before 0.3.0 has none of them: the VIP takes every source and every new flow,
+/// and balances new flows by Maglev; its established flows keep their entries). Flags are
+/// host-endian.
 pub fn vips_v2_to_v1(value: &[u8]) -> Vec<u8> {
     let mut out = value.to_vec();
     if let Some(f) = out.get_mut(VIP_FLAGS_AT..VIP_FLAGS_AT + 4) {
         let flags = u32::from_ne_bytes((&*f).try_into().expect("4 bytes"))
-            & !(lb_common::VIP_F_SOURCE_RANGES | lb_common::VIP_F_NEW_FLOW_BUDGET);
+            & !(lb_common::VIP_F_SOURCE_RANGES
+                | lb_common::VIP_F_NEW_FLOW_BUDGET
+                | lb_common::VIP_F_LEAST_CONN);
         f.copy_from_slice(&flags.to_ne_bytes());
     }
     out
@@ -490,6 +494,21 @@ mod tests {
     }
 
     #[test]
+    fn vips_v2_to_v1_clears_the_least_connections_flag_and_nothing_else() {
+        let v2 = vip_bytes(3, lb_common::VIP_F_LEAST_CONN | 1, 60, 1, 251);
+        assert_eq!(vips_v2_to_v1(&v2), vip_bytes(3, 1, 60, 1, 251));
+    }
+
+    #[test]
+    fn nat_rev_v2_to_v1_clears_the_counted_bit() {
+        let counted = lb_common::NAT_S_COUNTED | lb_common::NAT_S_ANSWERED;
+        assert_eq!(
+            nat_rev_v2_to_v1(&nat_rev_bytes(1, counted, 5)),
+            nat_rev_bytes(1, lb_common::NAT_S_ANSWERED, 5)
+        );
+    }
+
+    #[test]
     fn vips_v2_to_v1_clears_the_new_flow_budget_flag_and_nothing_else() {
         // Flags 0b111: hash on the source only, source ranges, new-flow budget (bit 2, 0.3.0).
         let v2 = vip_bytes(9, 0b111, 60, 1, 251);
@@ -529,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn nat_rev_v2_to_v1_clears_the_half_open_bit_and_nothing_else() {
+    fn nat_rev_v2_to_v1_clears_the_half_open_and_counted_bits_and_nothing_else() {
         let v2 = nat_rev_bytes(0x11, 0b10_1000, 77);
         assert_eq!(
             values("LB_NAT_REV", 2, 1).unwrap()(&v2),
@@ -538,7 +557,11 @@ mod tests {
         let all = nat_rev_bytes(0xff, u16::MAX, u64::MAX - 7);
         assert_eq!(
             nat_rev_v2_to_v1(&all),
-            nat_rev_bytes(0xff, !lb_common::NAT_S_HALF_OPEN, u64::MAX - 7)
+            nat_rev_bytes(
+                0xff,
+                !(lb_common::NAT_S_HALF_OPEN | lb_common::NAT_S_COUNTED),
+                u64::MAX - 7
+            )
         );
     }
 

@@ -774,7 +774,8 @@ fn config_key(map: &str) -> &'static str {
         | maps::MEMBER_STATS
         | maps::MEMBER_PASSIVE
         | maps::MEMBER_REPLY_STATS
-        | maps::MEMBER_HOLD => "node.max_backends",
+        | maps::MEMBER_HOLD
+        | maps::MEMBER_CONNS => "node.max_backends",
         _ => "(a size fixed by the release)",
     }
 }
@@ -955,11 +956,11 @@ pub enum RollbackError {
 /// 0.3.0 -> 0.2.0 / 0.1.0: `LB_VIPS@v2` becomes `LB_VIPS` with `VIP_F_SOURCE_RANGES` and
 /// `VIP_F_NEW_FLOW_BUDGET` cleared (the layout is the same), `LB_FLOWS4@v2` becomes `LB_FLOWS4`
 /// with its confirmed bits cleared (word by word: the program may be recording flows), and `LB_SRC_RANGES`,
-/// `LB_VIP_DROPS`, `LB_NEW_FLOW_BUDGET`, `LB_VIP_BUDGET_DROPS` and the reply counters
-/// (`LB_VIP_REPLY_STATS`, `LB_MEMBER_REPLY_STATS`) and the port-range VIPs (`LB_VIP_RANGES`)
-/// are unpinned. A program of this release still attached then takes every source and every
-/// new flow, and keeps serving its port ranges from the map it holds, until the older agent
-/// replaces it (0.2.0 has no port ranges: their ports are then not balanced).
+/// `LB_VIP_DROPS`, `LB_NEW_FLOW_BUDGET`, `LB_VIP_BUDGET_DROPS`, `LB_MEMBER_CONNS`, the reply
+/// counters (`LB_VIP_REPLY_STATS`, `LB_MEMBER_REPLY_STATS`) and the port-range VIPs
+/// (`LB_VIP_RANGES`) are unpinned. A program of this release still attached then takes every
+/// source and every new flow, and keeps serving its port ranges from the map it holds, until the
+/// older agent replaces it (0.2.0 has no port ranges: their ports are then not balanced).
 pub fn prepare_rollback(dir: &Path, to: &semver::Version) -> Result<String, RollbackError> {
     let to_text = to.to_string();
     let release = schema::release(&to_text).ok_or_else(|| RollbackError::Unknown {

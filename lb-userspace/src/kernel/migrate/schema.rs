@@ -161,14 +161,16 @@ macro_rules! schema {
 /// The schema of every pinned map this release writes, in the order a migration copies them.
 pub fn current() -> &'static [Schema] {
     use lb_common::{
-        AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, NatFlow,
-        NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth, SrcRangeKey,
-        TooBigJob, TrafficStats, VipAddr, VipKey, VipRangeKey, VipValue, flowtab::FlowBucket,
+        AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, MemberConns,
+        NatFlow, NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth,
+        SrcRangeKey, TooBigJob, TrafficStats, VipAddr, VipKey, VipRangeKey, VipValue,
+        flowtab::FlowBucket,
     };
     static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
     ALL.get_or_init(|| {
         vec![
-            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES and VIP_F_NEW_FLOW_BUDGET.
+            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES, VIP_F_NEW_FLOW_BUDGET and
+            // VIP_F_LEAST_CONN (0.3.0 is unreleased: a new bit stays schema 2).
             schema!(
                 m::VIPS,
                 2,
@@ -375,6 +377,18 @@ pub fn current() -> &'static [Schema] {
                 Config,
                 vip_range_keys
             ),
+            // The agent's weights and the program's counts side by side: copied as they are
+            // (the counts of established connections carry over), then the agent writes the
+            // weights and corrects the counts from its recount.
+            schema!(
+                m::MEMBER_CONNS,
+                1,
+                Array,
+                U32,
+                size_of::<MemberConns>(),
+                Config,
+                max_backends
+            ),
         ]
     })
 }
@@ -421,7 +435,8 @@ const LAYOUT_7: &[(&str, u32)] = &[
 /// `LB_NAT_REV` at schema 2 (half-open translations), `LB_FLOWS4` at schema 2 (established flows
 /// confirmed, which a flood of new flows cannot evict), the source ranges and their per-VIP drop
 /// counters, the new-flow budgets and theirs, the NAT replies per VIP and per member, and the
-/// port-range VIPs (`LB_VIP_RANGES`).
+/// port-range VIPs (`LB_VIP_RANGES`) and the
+/// open connections per member (least connections, `LB_MEMBER_CONNS`).
 const RELEASE_0_3: &[(&str, u32)] = &[
     (m::VIPS, 2),
     (m::VIP_ADDRS, 1),
@@ -453,6 +468,7 @@ const RELEASE_0_3: &[(&str, u32)] = &[
     (m::MEMBER_REPLY_STATS, 1),
     (m::MEMBER_HOLD, 1),
     (m::VIP_RANGES, 1),
+    (m::MEMBER_CONNS, 1),
 ];
 
 /// The releases this one knows, oldest first; the last is this one.

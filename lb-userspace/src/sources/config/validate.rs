@@ -431,6 +431,15 @@ fn vip(
         ));
     }
     let (port, protocol, mode, hash, affinity) = vip_kind(c, &p, v);
+    let algorithm = c.choice(
+        &format!("{p}.algorithm"),
+        v.algorithm.as_deref(),
+        Algorithm::Maglev,
+        &[
+            ("maglev", Algorithm::Maglev),
+            ("least-connections", Algorithm::LeastConnections),
+        ],
+    );
     let port_range = port_range(c, all, &p, i, v, address, protocol);
     // A range VIP's key has port 0: `port_range` checked it against the other ranges.
     let exact = v.port_range.is_none() && port != 0;
@@ -477,6 +486,7 @@ fn vip(
             source_ranges,
             new_flow_budget,
             port_range,
+            algorithm,
         },
         health_check,
         passive_health,

@@ -837,7 +837,7 @@ vips:
                 "    protocol: tcp\n    colour: blue\n"
             )),
             [
-                "vips[0].colour: unknown key (the keys here are name, address, port, port_range, protocol, mode, hash, affinity_timeout, table_size, backends, health_check, passive_health, source_ranges, new_flow_budget)"
+                "vips[0].colour: unknown key (the keys here are name, address, port, port_range, protocol, mode, hash, affinity_timeout, table_size, backends, health_check, passive_health, source_ranges, new_flow_budget, algorithm)"
             ]
         );
     }

@@ -93,6 +93,8 @@ pub struct Effect {
     pub health_threshold: u8,
     /// `sessionPersistence` (`type: ClientIP`): the client affinity timeout, in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `algorithm: least-connections` gives least connections; every other accepted one Maglev.
+    pub algorithm: crate::model::desired::Algorithm,
 }
 
 /// A status condition to publish: `type`, `status`, `reason`, `message`.
@@ -183,13 +185,13 @@ pub fn evaluate(
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
     match algorithm {
-        Algorithm::RoundRobin | Algorithm::ConsistentHashing => {}
+        Algorithm::RoundRobin | Algorithm::ConsistentHashing | Algorithm::LeastConnections => {}
         _ => {
             return Err((
                 "UnsupportedAlgorithm",
                 format!(
                     "algorithm {name} is not supported yet: lb balances by weighted Maglev hashing \
-                     (consistent-hashing, or round-robin over the 5-tuple)"
+                     (consistent-hashing, or round-robin over the 5-tuple) or least-connections"
                 ),
             ));
         }
@@ -198,6 +200,9 @@ pub fn evaluate(
         hash: hash_of(spec, &name, &mut notes)?,
         ..Effect::default()
     };
+    if algorithm == Algorithm::LeastConnections {
+        effect.algorithm = crate::model::desired::Algorithm::LeastConnections;
+    }
     if let Some(slots) = spec.slots {
         let (used, note) = kong::slots(slots, table_size)?;
         notes.extend(note);
@@ -947,6 +952,7 @@ impl Shared<'_> {
                 .filter(|_| self.lb_addrs.contains(&addr)),
             new_flow_budget: self.new_flow_budget,
             port_range: None,
+            algorithm: effect.algorithm,
         };
         let m = effect.table_size.unwrap_or(settings.table_size);
         if vip.backends.len() > m as usize {
@@ -1527,9 +1533,9 @@ mod tests {
                 "\"x bad\" is not a header name",
             ),
             (
-                json!({ "algorithm": "least-connections" }),
+                json!({ "algorithm": "latency" }),
                 "UnsupportedAlgorithm",
-                "least-connections is not supported yet",
+                "latency is not supported yet",
             ),
             (
                 json!({ "healthchecks": { "active": { "type": "grpc" } } }),
@@ -2087,6 +2093,24 @@ mod persistence_tests {
         let spec: UpstreamPolicySpec =
             serde_json::from_value(json!({ "sessionPersistence": p })).unwrap();
         evaluate(&spec, 1009)
+    }
+
+    #[test]
+    fn least_connections_is_accepted_and_gives_the_algorithm() {
+        let spec: UpstreamPolicySpec =
+            serde_json::from_value(json!({ "algorithm": "least-connections" })).unwrap();
+        let (e, notes) = evaluate(&spec, 1009).unwrap();
+        assert_eq!(
+            e.algorithm,
+            crate::model::desired::Algorithm::LeastConnections
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+        let spec: UpstreamPolicySpec =
+            serde_json::from_value(json!({ "algorithm": "consistent-hashing" })).unwrap();
+        assert_eq!(
+            evaluate(&spec, 1009).unwrap().0.algorithm,
+            crate::model::desired::Algorithm::Maglev
+        );
     }
 
     #[test]

@@ -399,6 +399,7 @@ impl GatewayCtx<'_> {
                 source_ranges: None,
                 new_flow_budget: None,
                 port_range: None,
+                algorithm: effect.algorithm,
                 backends,
             };
             if room.taken.contains(&spec.key()) {
