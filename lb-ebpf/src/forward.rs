@@ -52,18 +52,7 @@ pub fn encap_and_forward(
         return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
     };
     let (rx_dst, rx_src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
-    let inner_proto = if pkt.key.family == FAMILY_V4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
-    // Version 6, the inner traffic class, and a flow label from the flow hash so that ECMP and
-    // RSS downstream can spread flows (RFC 6438).
-    let vcf = if outer_v4 {
-        0
-    } else {
-        (6u32 << 28) | ((pkt.tos as u32) << 20) | (flow_hash(&pkt.key) & 0x000f_ffff)
-    };
+    let (inner_proto, vcf) = tunnel_fields(pkt, outer_v4);
 
     // Route first, while the frame is still the client's packet: if the tunnel packet would not
     // fit the egress MTU, the client is told (quoting its packet) instead.
@@ -107,40 +96,91 @@ pub fn encap_and_forward(
     eth.dst_addr = rx_dst;
     eth.src_addr = rx_src;
 
-    if outer_v4 {
+    let written = if outer_v4 {
         eth.ether_type = ETH_P_IP.to_be();
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-            return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
-        };
-        let ip = unsafe { &mut *ip };
-        ip.vihl = 0x45;
-        ip.tos = pkt.tos;
-        ip.tot_len = (total_len as u16).to_be_bytes();
-        ip.id = [0, 0];
-        ip.frags = IPV4_DF.to_be_bytes();
-        ip.ttl = OUTER_TTL;
-        ip.proto = inner_proto;
-        ip.check = [0, 0];
-        ip.src_addr = node.src_v4;
-        ip.dst_addr = [
-            backend.addr[0],
-            backend.addr[1],
-            backend.addr[2],
-            backend.addr[3],
-        ];
-        ip.check = ipv4_checksum(ip).to_be_bytes();
+        write_outer_v4(ctx, pkt, backend, node, total_len, inner_proto)
     } else {
         eth.ether_type = ETH_P_IPV6.to_be();
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
-            return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
-        };
-        let ip = unsafe { &mut *ip };
-        ip.vcf = vcf.to_be_bytes();
-        ip.payload_len = (pkt.ip_len as u16).to_be_bytes();
-        ip.next_hdr = inner_proto;
-        ip.hop_limit = OUTER_TTL;
-        ip.src_addr = node.src_v6;
-        ip.dst_addr = backend.addr;
+        write_outer_v6(ctx, pkt, backend, node, vcf, inner_proto)
+    };
+    if !written {
+        return Verdict::new(Counter::DropEncapFailed, xdp_action::XDP_DROP);
     }
     send(ctx, &hop, ingress, rx_dst, rx_src)
+}
+
+/// The tunnel's inner protocol (IPIP or IPv6-in-IP: the inner packet's family) and, for an
+/// IPv6 outer header (`!outer_v4`), its first word: version 6, the inner traffic class, and a
+/// flow label from the flow hash so that ECMP and RSS downstream can spread flows (RFC 6438).
+#[inline(always)]
+fn tunnel_fields(pkt: &Packet, outer_v4: bool) -> (u8, u32) {
+    let inner_proto = if pkt.key.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    let vcf = if outer_v4 {
+        0
+    } else {
+        (6u32 << 28) | ((pkt.tos as u32) << 20) | (flow_hash(&pkt.key) & 0x000f_ffff)
+    };
+    (inner_proto, vcf)
+}
+
+/// Writes the outer IPv4 header of a tunnel packet of `total_len` bytes to `backend` after the
+/// Ethernet header; false if the frame is too short for it.
+#[inline(always)]
+fn write_outer_v4(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Member,
+    node: &NodeConfig,
+    total_len: usize,
+    inner_proto: u8,
+) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return false;
+    };
+    let ip = unsafe { &mut *ip };
+    ip.vihl = 0x45;
+    ip.tos = pkt.tos;
+    ip.tot_len = (total_len as u16).to_be_bytes();
+    ip.id = [0, 0];
+    ip.frags = IPV4_DF.to_be_bytes();
+    ip.ttl = OUTER_TTL;
+    ip.proto = inner_proto;
+    ip.check = [0, 0];
+    ip.src_addr = node.src_v4;
+    ip.dst_addr = [
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    ];
+    ip.check = ipv4_checksum(ip).to_be_bytes();
+    true
+}
+
+/// Writes the outer IPv6 header (first word `vcf`) of a tunnel to `backend` after the Ethernet
+/// header; false if the frame is too short for it.
+#[inline(always)]
+fn write_outer_v6(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Member,
+    node: &NodeConfig,
+    vcf: u32,
+    inner_proto: u8,
+) -> bool {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+        return false;
+    };
+    let ip = unsafe { &mut *ip };
+    ip.vcf = vcf.to_be_bytes();
+    ip.payload_len = (pkt.ip_len as u16).to_be_bytes();
+    ip.next_hdr = inner_proto;
+    ip.hop_limit = OUTER_TTL;
+    ip.src_addr = node.src_v6;
+    ip.dst_addr = backend.addr;
+    true
 }

@@ -1077,21 +1077,32 @@ fn rewrite_and_route(
         ip.dst_addr = *new_dst;
     }
 
-    let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else {
+    if rewrite_ports(ctx, pkt, new_ports, addrs, v4).is_none()
+        || !untag(ctx, pkt.l3_off, rx_dst, rx_src)
+    {
         return bad;
-    };
+    }
+    send(ctx, &hop, ingress, rx_dst, rx_src)
+}
+
+/// Rewrites the ports to `new_ports` and updates the L4 checksum by them and by `addrs` (the
+/// pseudo-header's change). None: the header is not in the frame.
+#[inline(always)]
+fn rewrite_ports(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    new_ports: [u8; 4],
+    addrs: u32,
+    v4: bool,
+) -> Option<()> {
+    let ports = ptr_at::<[u8; 4]>(ctx, pkt.l4_off)?;
     let acc = diff(ports, &new_ports, addrs);
     unsafe { *ports = new_ports };
     if pkt.key.proto == IPPROTO_TCP {
-        let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + TCP_CHECK_OFF) else {
-            return bad;
-        };
+        let c = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + TCP_CHECK_OFF)?;
         unsafe { *c = csum::updated(*c, acc) };
     } else {
-        let Some(c) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + UDP_CHECK_OFF) else {
-            return bad;
-        };
-        let c = unsafe { &mut *c };
+        let c = unsafe { &mut *ptr_at::<[u8; 2]>(ctx, pkt.l4_off + UDP_CHECK_OFF)? };
         // IPv4 UDP may go without a checksum (zero) and stays so; a computed zero is sent as
         // all ones (RFC 768).
         if !(v4 && *c == [0, 0]) {
@@ -1099,9 +1110,5 @@ fn rewrite_and_route(
             *c = if v == [0, 0] { [0xff, 0xff] } else { v };
         }
     }
-
-    if !untag(ctx, pkt.l3_off, rx_dst, rx_src) {
-        return bad;
-    }
-    send(ctx, &hop, ingress, rx_dst, rx_src)
+    Some(())
 }

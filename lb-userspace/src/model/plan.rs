@@ -833,32 +833,8 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
         Write::RemoveVipAddr { addr } => {
             s.vip_addrs.remove(addr);
         }
-        Write::Slots { vip_id, slots } => {
-            let mut ring = s
-                .rings
-                .get(vip_id)
-                .map_or_else(|| vec![NO_BACKEND; m as usize], |r| r.to_vec());
-            for (slot, b) in slots {
-                if ring.len() <= *slot as usize {
-                    ring.resize(*slot as usize + 1, NO_BACKEND); // a table growing
-                }
-                ring[*slot as usize] = *b;
-            }
-            s.rings.insert(*vip_id, Arc::new(Table::new(&ring)));
-        }
-        Write::Table { vip_id, table } => {
-            let mut ring = s
-                .rings
-                .get(vip_id)
-                .map_or_else(|| vec![NO_BACKEND; m as usize], |r| r.to_vec());
-            if ring.len() <= table.len() {
-                s.rings.insert(*vip_id, Arc::clone(table));
-            } else {
-                // A table shrinking: the slots past it keep what they held.
-                ring[..table.len()].copy_from_slice(&table.to_vec());
-                s.rings.insert(*vip_id, Arc::new(Table::new(&ring)));
-            }
-        }
+        Write::Slots { vip_id, slots } => apply_slots(s, *vip_id, slots, m),
+        Write::Table { vip_id, table } => apply_table(s, *vip_id, table, m),
         Write::VipRange {
             key, range, value, ..
         } => {
@@ -876,18 +852,7 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
             s.port_ranges.remove(key);
             s.vips.remove(key);
         }
-        Write::Vip { key, value } => {
-            // The table is the VIP's size from now on (what a reader of the maps would see).
-            if let Some(ring) = s.rings.get_mut(&value.id) {
-                let len = value.table_size_of(m) as usize;
-                if ring.len() != len {
-                    let mut slots = ring.to_vec();
-                    slots.resize(len, NO_BACKEND);
-                    *ring = Arc::new(Table::new(&slots));
-                }
-            }
-            s.vips.insert(*key, *value);
-        }
+        Write::Vip { key, value } => apply_vip(s, *key, *value, m),
         Write::RemoveVip { key } => {
             s.vips.remove(key);
         }
@@ -904,6 +869,48 @@ pub fn apply_to_state(s: &mut State, w: &Write, m: u32) {
             s.budgets.remove(vip_id);
         }
     }
+}
+
+/// A VIP's ring slots written one by one (a table growing takes the slots past its end).
+fn apply_slots(s: &mut State, vip_id: u32, slots: &[(u32, u32)], m: u32) {
+    let mut ring = s
+        .rings
+        .get(&vip_id)
+        .map_or_else(|| vec![NO_BACKEND; m as usize], |r| r.to_vec());
+    for (slot, b) in slots {
+        if ring.len() <= *slot as usize {
+            ring.resize(*slot as usize + 1, NO_BACKEND); // a table growing
+        }
+        ring[*slot as usize] = *b;
+    }
+    s.rings.insert(vip_id, Arc::new(Table::new(&ring)));
+}
+
+/// A VIP's whole table written; a table shrinking leaves the slots past it as they were.
+fn apply_table(s: &mut State, vip_id: u32, table: &Arc<Table>, m: u32) {
+    let mut ring = s
+        .rings
+        .get(&vip_id)
+        .map_or_else(|| vec![NO_BACKEND; m as usize], |r| r.to_vec());
+    if ring.len() <= table.len() {
+        s.rings.insert(vip_id, Arc::clone(table));
+    } else {
+        ring[..table.len()].copy_from_slice(&table.to_vec());
+        s.rings.insert(vip_id, Arc::new(Table::new(&ring)));
+    }
+}
+
+/// A VIP written: its table is the VIP's size from now on (what a reader of the maps would see).
+fn apply_vip(s: &mut State, key: VipKey, value: VipValue, m: u32) {
+    if let Some(ring) = s.rings.get_mut(&value.id) {
+        let len = value.table_size_of(m) as usize;
+        if ring.len() != len {
+            let mut slots = ring.to_vec();
+            slots.resize(len, NO_BACKEND);
+            *ring = Arc::new(Table::new(&slots));
+        }
+    }
+    s.vips.insert(key, value);
 }
 
 /// Whether a family byte is one lb knows.

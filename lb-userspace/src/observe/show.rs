@@ -503,31 +503,36 @@ fn print_vip_backends(v: &serde_json::Value, wide: bool) {
     println!("  {}", lines.next().unwrap_or(""));
     for (b, line) in backends.iter().zip(lines) {
         println!("  {line}");
-        let passive = &b["passive"];
-        if !passive.is_null() {
-            println!(
-                "      attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} in a row failed",
-                passive["answered"],
-                passive["refused"],
-                passive["unreachable"],
-                passive["syn_timeouts"],
-                passive["consecutive_failures"]
-            );
-        }
-        if let Ok(o) = serde_json::from_value(b["override"].clone()) {
-            println!("      {}", override_note(&o));
-        }
-        if let Some(why) = b["backup"]["why"].as_str() {
-            println!(
-                "      {}",
-                backup_note(why, b["backup"]["standing_in"] == true)
-            );
-        }
+        print_backend_notes(b);
     }
     if v["empty_slots"].as_u64() > Some(0) {
         println!(
             "  {} slots have no backend: new flows landing there are dropped",
             v["empty_slots"]
+        );
+    }
+}
+
+/// The lines under a backend's row: its passive health counts, its override, why it is a backup.
+fn print_backend_notes(b: &serde_json::Value) {
+    let passive = &b["passive"];
+    if !passive.is_null() {
+        println!(
+            "      attempts: {} answered, {} refused, {} unreachable, {} SYN timeouts; {} in a row failed",
+            passive["answered"],
+            passive["refused"],
+            passive["unreachable"],
+            passive["syn_timeouts"],
+            passive["consecutive_failures"]
+        );
+    }
+    if let Ok(o) = serde_json::from_value(b["override"].clone()) {
+        println!("      {}", override_note(&o));
+    }
+    if let Some(why) = b["backup"]["why"].as_str() {
+        println!(
+            "      {}",
+            backup_note(why, b["backup"]["standing_in"] == true)
         );
     }
 }
@@ -781,9 +786,14 @@ pub fn explain(
             }
         }
     }
+    print_explained(e, names.vip(&own), format)
+}
+
+/// The explanation as JSON (its result, the VIP and the steps) or as its steps, one a line.
+fn print_explained(e: Explained, vip: VipRef, format: Format) -> Result<()> {
     if format == Format::Json {
         let mut r = e.result;
-        r["vip"] = json!(names.vip(&own));
+        r["vip"] = json!(vip);
         r["steps"] = json!(e.steps);
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -838,60 +848,16 @@ fn choose(
     let udp_idle = p.node()?.udp_idle_timeout_ns;
     if opens_connection(key.proto, tcp_flags) {
         steps.push("a TCP SYN opens a new connection: it follows no flow entry".into());
-    } else if have_port {
-        match p.flow(key) {
-            None => steps.push("flow table: no entry (a new flow)".into()),
-            Some(f) => {
-                let m = p.member(f.member_id);
-                match check_flow(&f, m.as_ref(), vip, key.proto, now, udp_idle) {
-                    FlowCheck::Follow | FlowCheck::FollowAndRefresh => {
-                        steps.push(format!(
-                            "flow table: this flow is pinned to backend {}",
-                            describe(p, f.member_id)
-                        ));
-                        return Ok(forward(p, "flow", f.member_id));
-                    }
-                    FlowCheck::Stale => steps.push(
-                        "flow table: an entry exists but its member is gone or was re-allocated: balanced afresh"
-                            .into(),
-                    ),
-                    FlowCheck::IdleExpired => steps.push(format!(
-                        "flow table: the UDP flow was idle for longer than {:?}: balanced afresh",
-                        Duration::from_nanos(udp_idle)
-                    )),
-                }
-            }
-        }
+    } else if have_port && let Some(id) = flow_step(p, key, vip, now, udp_idle, steps) {
+        return Ok(forward(p, "flow", id));
     }
     if vip.flags & lb_common::VIP_F_NEW_FLOW_BUDGET != 0 {
         steps.push(budget_step(p, vip.id, now));
     }
-    if vip.affinity_timeout_s > 0 {
-        let akey = AffinityKey {
-            addr: key.src,
-            vip_id: vip.id,
-        };
-        match p.affinity(&akey) {
-            None => steps.push("affinity: no entry for this client".into()),
-            Some(a) => match check_affinity(&a, p.member(a.member_id).as_ref(), vip, now) {
-                AffinityCheck::Follow => {
-                    steps.push(format!(
-                        "affinity: client {} is held on backend {} (timeout {}s)",
-                        ip_of(&key.src, key.family),
-                        describe(p, a.member_id),
-                        vip.affinity_timeout_s
-                    ));
-                    return Ok(forward(p, "affinity", a.member_id));
-                }
-                AffinityCheck::Expired => {
-                    steps.push("affinity: the client's entry has expired".into())
-                }
-                AffinityCheck::Stale => steps.push(
-                    "affinity: the client's backend is gone or takes no new flows: chosen afresh"
-                        .into(),
-                ),
-            },
-        }
+    if vip.affinity_timeout_s > 0
+        && let Some(id) = affinity_step(p, key, vip, now, steps)
+    {
+        return Ok(forward(p, "affinity", id));
     }
     let new_connection =
         opens_connection(key.proto, tcp_flags) || key.proto != lb_common::IPPROTO_TCP;
@@ -909,6 +875,74 @@ fn choose(
         }
     }
     Ok(r)
+}
+
+/// The flow table's step: the member the flow is pinned to, if it follows its entry.
+fn flow_step(
+    p: &Pinned,
+    key: &FlowKey,
+    vip: &VipValue,
+    now: u64,
+    udp_idle: u64,
+    steps: &mut Vec<String>,
+) -> Option<u32> {
+    let Some(f) = p.flow(key) else {
+        steps.push("flow table: no entry (a new flow)".into());
+        return None;
+    };
+    let m = p.member(f.member_id);
+    match check_flow(&f, m.as_ref(), vip, key.proto, now, udp_idle) {
+        FlowCheck::Follow | FlowCheck::FollowAndRefresh => {
+            steps.push(format!(
+                "flow table: this flow is pinned to backend {}",
+                describe(p, f.member_id)
+            ));
+            return Some(f.member_id);
+        }
+        FlowCheck::Stale => steps.push(
+            "flow table: an entry exists but its member is gone or was re-allocated: balanced afresh"
+                .into(),
+        ),
+        FlowCheck::IdleExpired => steps.push(format!(
+            "flow table: the UDP flow was idle for longer than {:?}: balanced afresh",
+            Duration::from_nanos(udp_idle)
+        )),
+    }
+    None
+}
+
+/// The client affinity's step: the member the client is held on, if it is.
+fn affinity_step(
+    p: &Pinned,
+    key: &FlowKey,
+    vip: &VipValue,
+    now: u64,
+    steps: &mut Vec<String>,
+) -> Option<u32> {
+    let akey = AffinityKey {
+        addr: key.src,
+        vip_id: vip.id,
+    };
+    let Some(a) = p.affinity(&akey) else {
+        steps.push("affinity: no entry for this client".into());
+        return None;
+    };
+    match check_affinity(&a, p.member(a.member_id).as_ref(), vip, now) {
+        AffinityCheck::Follow => {
+            steps.push(format!(
+                "affinity: client {} is held on backend {} (timeout {}s)",
+                ip_of(&key.src, key.family),
+                describe(p, a.member_id),
+                vip.affinity_timeout_s
+            ));
+            return Some(a.member_id);
+        }
+        AffinityCheck::Expired => steps.push("affinity: the client's entry has expired".into()),
+        AffinityCheck::Stale => steps.push(
+            "affinity: the client's backend is gone or takes no new flows: chosen afresh".into(),
+        ),
+    }
+    None
 }
 
 /// Least connections' pick among the sampled candidates (`lb_common::select::least_conn_pick`,

@@ -94,7 +94,7 @@ pub fn parse_pin_name(name: &str) -> Option<(&str, u32)> {
 const U32: u32 = 4;
 const U64: u32 = 8;
 
-fn size_of<T>() -> u32 {
+const fn size_of<T>() -> u32 {
     std::mem::size_of::<T>() as u32
 }
 
@@ -160,238 +160,240 @@ macro_rules! schema {
 
 /// The schema of every pinned map this release writes, in the order a migration copies them.
 pub fn current() -> &'static [Schema] {
+    CURRENT
+}
+
+/// [`current`]'s list: data, one entry a map.
+static CURRENT: &[Schema] = {
     use lb_common::{
         AffinityKey, AffinityValue, FlowKey, FlowValue, IcmpJob, LayoutMeta, Member, MemberConns,
         NatFlow, NatJob, NatReverse, NewFlowBudget, NextHop, NodeConfig, PassiveHealth,
         SrcRangeKey, TooBigJob, TrafficStats, VipAddr, VipKey, VipRangeKey, VipValue,
         flowtab::FlowBucket,
     };
-    static ALL: std::sync::OnceLock<Vec<Schema>> = std::sync::OnceLock::new();
-    ALL.get_or_init(|| {
-        vec![
-            // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES, VIP_F_NEW_FLOW_BUDGET and
-            // VIP_F_LEAST_CONN (0.3.0 is unreleased: a new bit stays schema 2).
-            schema!(
-                m::VIPS,
-                2,
-                Hash,
-                size_of::<VipKey>(),
-                size_of::<VipValue>(),
-                Config,
-                vip_entries
-            ),
-            schema!(
-                m::VIP_ADDRS,
-                1,
-                Hash,
-                size_of::<VipAddr>(),
-                U32,
-                Config,
-                vip_entries
-            ),
-            schema!(m::VIP_FILTER, 1, Array, U32, U64, Config, filter_words),
-            schema!(m::RING, 1, Array, U32, U32, Config, ring),
-            schema!(
-                m::MEMBERS,
-                1,
-                Array,
-                U32,
-                size_of::<Member>(),
-                Config,
-                max_backends
-            ),
-            schema!(
-                m::NEXTHOPS,
-                1,
-                Array,
-                U32,
-                size_of::<NextHop>(),
-                Config,
-                max_backends
-            ),
-            // v2 (0.3.0): the half-open timeout, where v1 had padding.
-            schema!(m::NODE, 2, Array, U32, size_of::<NodeConfig>(), Config, one),
-            schema!(m::TX_PORTS, 1, DevMapHash, U32, U64, Config, tx_ports),
-            schema!(
-                m::FLOWS,
-                1,
-                LruHash,
-                size_of::<FlowKey>(),
-                size_of::<FlowValue>(),
-                State,
-                flows_v6
-            ),
-            schema!(
-                m::FLOWS4,
-                2,
-                FlowBuckets,
-                U32,
-                size_of::<FlowBucket>(),
-                State,
-                flow_buckets
-            ),
-            schema!(
-                m::AFFINITY,
-                1,
-                LruHash,
-                size_of::<AffinityKey>(),
-                size_of::<AffinityValue>(),
-                State,
-                affinity
-            ),
-            schema!(
-                m::NAT,
-                1,
-                LruHash,
-                size_of::<FlowKey>(),
-                size_of::<NatFlow>(),
-                State,
-                nat
-            ),
-            // v2 (0.3.0): `state` may hold NAT_S_HALF_OPEN.
-            schema!(
-                m::NAT_REV,
-                2,
-                LruHash,
-                size_of::<FlowKey>(),
-                size_of::<NatReverse>(),
-                State,
-                nat
-            ),
-            schema!(
-                m::MEMBER_PASSIVE,
-                1,
-                Array,
-                U32,
-                size_of::<PassiveHealth>(),
-                State,
-                max_backends
-            ),
-            schema!(m::STATS, 1, PerCpuArray, U32, U64, Counters, counters),
-            schema!(
-                m::VIP_STATS,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<TrafficStats>(),
-                Counters,
-                max_vips
-            ),
-            schema!(
-                m::MEMBER_STATS,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<TrafficStats>(),
-                Counters,
-                max_backends
-            ),
-            schema!(m::PROGS, 1, ProgArray, U32, U32, Program, prog_slots),
-            schema!(
-                m::NAT_JOB,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<NatJob>(),
-                Program,
-                one
-            ),
-            schema!(
-                m::TOO_BIG_JOB,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<TooBigJob>(),
-                Program,
-                one
-            ),
-            schema!(
-                m::ICMP_JOB,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<IcmpJob>(),
-                Program,
-                one
-            ),
-            schema!(m::META, 1, Array, U32, size_of::<LayoutMeta>(), Record, one),
-            schema!(
-                m::SRC_RANGES,
-                1,
-                LpmTrie,
-                U32 + size_of::<SrcRangeKey>(),
-                U32,
-                Config,
-                source_ranges
-            ),
-            schema!(m::VIP_DROPS, 1, PerCpuArray, U32, U64, Counters, max_vips),
-            // The agent's settings and the program's tokens in one entry per CPU: copied as
-            // they are (a resize keeps each VIP id's settings and tokens), then the agent
-            // writes the budgets that differ from its config.
-            schema!(
-                m::NEW_FLOW_BUDGET,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<NewFlowBudget>(),
-                Config,
-                max_vips
-            ),
-            schema!(
-                m::VIP_BUDGET_DROPS,
-                1,
-                PerCpuArray,
-                U32,
-                U64,
-                Counters,
-                max_vips
-            ),
-            schema!(
-                m::VIP_REPLY_STATS,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<TrafficStats>(),
-                Counters,
-                max_vips
-            ),
-            schema!(
-                m::MEMBER_REPLY_STATS,
-                1,
-                PerCpuArray,
-                U32,
-                size_of::<TrafficStats>(),
-                Counters,
-                max_backends
-            ),
-            // The agent's thresholds and the program's times side by side: copied as they are,
-            // then the agent writes every member's threshold.
-            schema!(m::MEMBER_HOLD, 1, Array, U32, U64, Config, max_backends),
-            // New in 0.3.0: the port-range VIPs' blocks, each with its range VIP's value.
-            schema!(
-                m::VIP_RANGES,
-                1,
-                LpmTrie,
-                U32 + size_of::<VipRangeKey>(),
-                size_of::<VipValue>(),
-                Config,
-                vip_range_keys
-            ),
-            // The agent's weights and the program's counts side by side: copied as they are
-            // (the counts of established connections carry over), then the agent writes the
-            // weights and corrects the counts from its recount.
-            schema!(
-                m::MEMBER_CONNS,
-                1,
-                Array,
-                U32,
-                size_of::<MemberConns>(),
-                Config,
-                max_backends
-            ),
-        ]
-    })
-}
+    &[
+        // v2 (0.3.0): `flags` may hold VIP_F_SOURCE_RANGES, VIP_F_NEW_FLOW_BUDGET and
+        // VIP_F_LEAST_CONN (0.3.0 is unreleased: a new bit stays schema 2).
+        schema!(
+            m::VIPS,
+            2,
+            Hash,
+            size_of::<VipKey>(),
+            size_of::<VipValue>(),
+            Config,
+            vip_entries
+        ),
+        schema!(
+            m::VIP_ADDRS,
+            1,
+            Hash,
+            size_of::<VipAddr>(),
+            U32,
+            Config,
+            vip_entries
+        ),
+        schema!(m::VIP_FILTER, 1, Array, U32, U64, Config, filter_words),
+        schema!(m::RING, 1, Array, U32, U32, Config, ring),
+        schema!(
+            m::MEMBERS,
+            1,
+            Array,
+            U32,
+            size_of::<Member>(),
+            Config,
+            max_backends
+        ),
+        schema!(
+            m::NEXTHOPS,
+            1,
+            Array,
+            U32,
+            size_of::<NextHop>(),
+            Config,
+            max_backends
+        ),
+        // v2 (0.3.0): the half-open timeout, where v1 had padding.
+        schema!(m::NODE, 2, Array, U32, size_of::<NodeConfig>(), Config, one),
+        schema!(m::TX_PORTS, 1, DevMapHash, U32, U64, Config, tx_ports),
+        schema!(
+            m::FLOWS,
+            1,
+            LruHash,
+            size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+            State,
+            flows_v6
+        ),
+        schema!(
+            m::FLOWS4,
+            2,
+            FlowBuckets,
+            U32,
+            size_of::<FlowBucket>(),
+            State,
+            flow_buckets
+        ),
+        schema!(
+            m::AFFINITY,
+            1,
+            LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<AffinityValue>(),
+            State,
+            affinity
+        ),
+        schema!(
+            m::NAT,
+            1,
+            LruHash,
+            size_of::<FlowKey>(),
+            size_of::<NatFlow>(),
+            State,
+            nat
+        ),
+        // v2 (0.3.0): `state` may hold NAT_S_HALF_OPEN.
+        schema!(
+            m::NAT_REV,
+            2,
+            LruHash,
+            size_of::<FlowKey>(),
+            size_of::<NatReverse>(),
+            State,
+            nat
+        ),
+        schema!(
+            m::MEMBER_PASSIVE,
+            1,
+            Array,
+            U32,
+            size_of::<PassiveHealth>(),
+            State,
+            max_backends
+        ),
+        schema!(m::STATS, 1, PerCpuArray, U32, U64, Counters, counters),
+        schema!(
+            m::VIP_STATS,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<TrafficStats>(),
+            Counters,
+            max_vips
+        ),
+        schema!(
+            m::MEMBER_STATS,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<TrafficStats>(),
+            Counters,
+            max_backends
+        ),
+        schema!(m::PROGS, 1, ProgArray, U32, U32, Program, prog_slots),
+        schema!(
+            m::NAT_JOB,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<NatJob>(),
+            Program,
+            one
+        ),
+        schema!(
+            m::TOO_BIG_JOB,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<TooBigJob>(),
+            Program,
+            one
+        ),
+        schema!(
+            m::ICMP_JOB,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<IcmpJob>(),
+            Program,
+            one
+        ),
+        schema!(m::META, 1, Array, U32, size_of::<LayoutMeta>(), Record, one),
+        schema!(
+            m::SRC_RANGES,
+            1,
+            LpmTrie,
+            U32 + size_of::<SrcRangeKey>(),
+            U32,
+            Config,
+            source_ranges
+        ),
+        schema!(m::VIP_DROPS, 1, PerCpuArray, U32, U64, Counters, max_vips),
+        // The agent's settings and the program's tokens in one entry per CPU: copied as
+        // they are (a resize keeps each VIP id's settings and tokens), then the agent
+        // writes the budgets that differ from its config.
+        schema!(
+            m::NEW_FLOW_BUDGET,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<NewFlowBudget>(),
+            Config,
+            max_vips
+        ),
+        schema!(
+            m::VIP_BUDGET_DROPS,
+            1,
+            PerCpuArray,
+            U32,
+            U64,
+            Counters,
+            max_vips
+        ),
+        schema!(
+            m::VIP_REPLY_STATS,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<TrafficStats>(),
+            Counters,
+            max_vips
+        ),
+        schema!(
+            m::MEMBER_REPLY_STATS,
+            1,
+            PerCpuArray,
+            U32,
+            size_of::<TrafficStats>(),
+            Counters,
+            max_backends
+        ),
+        // The agent's thresholds and the program's times side by side: copied as they are,
+        // then the agent writes every member's threshold.
+        schema!(m::MEMBER_HOLD, 1, Array, U32, U64, Config, max_backends),
+        // New in 0.3.0: the port-range VIPs' blocks, each with its range VIP's value.
+        schema!(
+            m::VIP_RANGES,
+            1,
+            LpmTrie,
+            U32 + size_of::<VipRangeKey>(),
+            size_of::<VipValue>(),
+            Config,
+            vip_range_keys
+        ),
+        // The agent's weights and the program's counts side by side: copied as they are
+        // (the counts of established connections carry over), then the agent writes the
+        // weights and corrects the counts from its recount.
+        schema!(
+            m::MEMBER_CONNS,
+            1,
+            Array,
+            U32,
+            size_of::<MemberConns>(),
+            Config,
+            max_backends
+        ),
+    ]
+};
 
 /// The schema of `map` in this release.
 pub fn of(map: &str) -> Option<&'static Schema> {
