@@ -197,7 +197,7 @@ mod program {
     pub fn vip_of(key: &FlowKey) -> Option<&'static VipValue> {
         match unsafe { LB_VIPS.get(key.vip_key()) } {
             Some(v) => Some(v),
-            None => LB_VIP_RANGES.get(&Key::new(
+            None => LB_VIP_RANGES.get(Key::new(
                 VipRangeKey::prefix_len(16),
                 VipRangeKey::of_flow(key),
             )),
