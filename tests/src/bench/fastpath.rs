@@ -535,7 +535,7 @@ fn check_paths(d: impl Fn(On, Counter) -> u64, est_calls: u64, one_calls: u64) {
     }
     assert_eq!(
         d(On::Main, Counter::FlowHits),
-        est_calls + 5 * one_calls,
+        est_calls + 6 * one_calls,
         "established cases did not all hit the flow table"
     );
     assert_eq!(
