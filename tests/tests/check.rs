@@ -153,7 +153,7 @@ fn every_kind_of_broken_config_is_refused_naming_its_path() {
         (
             "a VIP port out of range",
             edit("port: 80", "port: 70000"),
-            "vips[0].port: must be 1..=65535",
+            "vips[0].port: must be 0..=65535",
         ),
         (
             "an unknown protocol",
