@@ -914,7 +914,7 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
     // Every pin stays as the previous release reads it: 0.3.0's LB_VIPS@v2, LB_NODE@v2,
     // LB_NAT_REV@v2 and LB_FLOWS4@v2 converted down in place to schema 1's names, and the maps
     // 0.2.0 does not know (source ranges, new-flow budgets, NAT reply counters, the passive
-    // holds, the port ranges) unpinned.
+    // holds, the port ranges, the least-connections counts) unpinned.
     let mut want: Vec<String> = pins
         .iter()
         .filter(|p| {
@@ -927,6 +927,7 @@ fn an_agent_stopped_for_a_rollback_says_so_and_leaves_link_and_maps_in_place() {
                 "LB_MEMBER_REPLY_STATS",
                 "LB_MEMBER_HOLD",
                 "LB_VIP_RANGES",
+                "LB_MEMBER_CONNS",
             ]
             .contains(&p.as_str())
         })
